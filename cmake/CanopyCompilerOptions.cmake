@@ -1,0 +1,25 @@
+# Warnings and sanitizers for canopy's own targets (never for third-party code).
+add_library(canopy_options INTERFACE)
+target_compile_options(canopy_options INTERFACE -Wall -Wextra -Wpedantic -Wshadow=local
+  -Wnon-virtual-dtor -Wno-unused-parameter)
+if(CANOPY_WARNINGS_AS_ERRORS)
+  target_compile_options(canopy_options INTERFACE -Werror)
+endif()
+if(CANOPY_SANITIZE_ADDRESS)
+  target_compile_options(canopy_options INTERFACE -fsanitize=address,undefined -fno-omit-frame-pointer)
+  target_link_options(canopy_options INTERFACE -fsanitize=address,undefined)
+endif()
+if(CANOPY_SANITIZE_THREAD)
+  target_compile_options(canopy_options INTERFACE -fsanitize=thread)
+  target_link_options(canopy_options INTERFACE -fsanitize=thread)
+endif()
+
+# Create a module library: canopy_add_module(NAME SOURCES ... DEPS ...)
+function(canopy_add_module name)
+  cmake_parse_arguments(ARG "" "" "SOURCES;DEPS;PRIVATE_DEPS" ${ARGN})
+  add_library(canopy_${name} ${ARG_SOURCES})
+  add_library(canopy::${name} ALIAS canopy_${name})
+  target_include_directories(canopy_${name} PUBLIC
+    $<BUILD_INTERFACE:${CMAKE_CURRENT_SOURCE_DIR}/include>)
+  target_link_libraries(canopy_${name} PUBLIC ${ARG_DEPS} PRIVATE canopy_options ${ARG_PRIVATE_DEPS})
+endfunction()

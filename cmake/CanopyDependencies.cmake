@@ -1,0 +1,30 @@
+# Third-party dependencies. LibTorch comes from the pinned torch wheel in the venv made by
+# scripts/setup: pass -DCMAKE_PREFIX_PATH=$(python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)').
+# Nothing is downloaded at configure time.
+
+# The wheel is CUDA-enabled; its CMake config looks for the CUDA toolkit (installed here).
+find_package(Torch 2.0 REQUIRED CONFIG)
+# Torch's flags include -D_GLIBCXX_USE_CXX11_ABI; keep them for every consumer.
+add_library(canopy_torch INTERFACE)
+target_link_libraries(canopy_torch INTERFACE ${TORCH_LIBRARIES})
+target_compile_options(canopy_torch INTERFACE ${TORCH_CXX_FLAGS})
+# Torch headers are third-party: include them as system headers so our warnings stay ours.
+get_target_property(_torch_inc torch INTERFACE_INCLUDE_DIRECTORIES)
+if(_torch_inc)
+  target_include_directories(canopy_torch SYSTEM INTERFACE ${_torch_inc})
+endif()
+
+find_package(HDF5 REQUIRED COMPONENTS C)
+add_library(canopy_hdf5 INTERFACE)
+target_include_directories(canopy_hdf5 SYSTEM INTERFACE ${HDF5_INCLUDE_DIRS})
+target_link_libraries(canopy_hdf5 INTERFACE ${HDF5_LIBRARIES})
+target_compile_definitions(canopy_hdf5 INTERFACE ${HDF5_DEFINITIONS})
+
+find_package(TBB REQUIRED)
+find_package(Boost 1.71 REQUIRED COMPONENTS program_options)
+find_package(ZLIB REQUIRED)
+find_package(Threads REQUIRED)
+
+if(CANOPY_BUILD_TESTS)
+  find_package(GTest REQUIRED)
+endif()

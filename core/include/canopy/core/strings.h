@@ -1,0 +1,31 @@
+// Small string helpers shared by config parsing and reporting.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace canopy {
+
+std::string trim(std::string_view s);
+// Splits on `sep`, trimming each piece; an empty input gives an empty list.
+std::vector<std::string> split(std::string_view s, char sep);
+std::string join(const std::vector<std::string>& parts, std::string_view sep);
+
+// Parses a whole string as a number; `what` names the value in the error message.
+std::int64_t parse_int(std::string_view s, std::string_view what);
+double parse_double(std::string_view s, std::string_view what);
+bool parse_bool(std::string_view s, std::string_view what);
+std::vector<std::int64_t> parse_int_list(std::string_view s, std::string_view what);
+std::vector<double> parse_double_list(std::string_view s, std::string_view what);
+
+// Replaces ${VAR} and ${VAR:-default} with the environment's values. An unset variable
+// without a default is a ConfigError naming it.
+std::string expand_env(std::string_view s);
+
+// Formats seconds as "1m 05s" / "3.2s".
+std::string format_duration(double seconds);
+std::string json_escape(std::string_view s);
+
+}  // namespace canopy

@@ -1,0 +1,145 @@
+#include "canopy/core/strings.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+
+#include "canopy/core/error.h"
+
+namespace canopy {
+
+std::string trim(std::string_view s) {
+  const auto begin = s.find_first_not_of(" \t\r\n");
+  if (begin == std::string_view::npos) return {};
+  const auto end = s.find_last_not_of(" \t\r\n");
+  return std::string(s.substr(begin, end - begin + 1));
+}
+
+std::vector<std::string> split(std::string_view s, char sep) {
+  std::vector<std::string> out;
+  if (trim(s).empty()) return out;
+  std::size_t start = 0;
+  while (true) {
+    const auto pos = s.find(sep, start);
+    out.push_back(trim(s.substr(start, pos == std::string_view::npos ? pos : pos - start)));
+    if (pos == std::string_view::npos) break;
+    start = pos + 1;
+  }
+  return out;
+}
+
+std::string join(const std::vector<std::string>& parts, std::string_view sep) {
+  std::string out;
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    if (i) out += sep;
+    out += parts[i];
+  }
+  return out;
+}
+
+std::int64_t parse_int(std::string_view s, std::string_view what) {
+  const std::string t = trim(s);
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(t.c_str(), &end, 10);
+  CANOPY_CHECK(!t.empty() && end == t.c_str() + t.size() && errno == 0, ConfigError, what,
+               ": expected an integer, got '", t, "'");
+  return v;
+}
+
+double parse_double(std::string_view s, std::string_view what) {
+  const std::string t = trim(s);
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(t.c_str(), &end);
+  CANOPY_CHECK(!t.empty() && end == t.c_str() + t.size() && errno == 0 && std::isfinite(v),
+               ConfigError, what, ": expected a finite number, got '", t, "'");
+  return v;
+}
+
+bool parse_bool(std::string_view s, std::string_view what) {
+  const std::string t = trim(s);
+  if (t == "true" || t == "1" || t == "yes" || t == "on") return true;
+  if (t == "false" || t == "0" || t == "no" || t == "off") return false;
+  throw ConfigError(detail::str_cat(what, ": expected true or false, got '", t, "'"));
+}
+
+std::vector<std::int64_t> parse_int_list(std::string_view s, std::string_view what) {
+  std::vector<std::int64_t> out;
+  for (const auto& piece : split(s, ',')) out.push_back(parse_int(piece, what));
+  return out;
+}
+
+std::vector<double> parse_double_list(std::string_view s, std::string_view what) {
+  std::vector<double> out;
+  for (const auto& piece : split(s, ',')) out.push_back(parse_double(piece, what));
+  return out;
+}
+
+std::string expand_env(std::string_view s) {
+  std::string out;
+  std::size_t i = 0;
+  while (i < s.size()) {
+    if (s[i] == '$' && i + 1 < s.size() && s[i + 1] == '{') {
+      // Find the matching brace: defaults may hold ${...} themselves.
+      std::size_t close = i + 2;
+      for (int depth = 1; close < s.size(); ++close) {
+        if (s[close] == '{') ++depth;
+        if (s[close] == '}' && --depth == 0) break;
+      }
+      CANOPY_CHECK(close < s.size(), ConfigError, "unterminated ${ in '", s, "'");
+      const std::string_view body = s.substr(i + 2, close - i - 2);
+      const auto dflt = body.find(":-");
+      const std::string name(body.substr(0, dflt));
+      const char* value = std::getenv(name.c_str());
+      if (value && *value) {
+        out += value;
+      } else {
+        CANOPY_CHECK(dflt != std::string_view::npos, ConfigError, "environment variable ", name,
+                     " is not set (used in '", s, "'); set it or write ${", name,
+                     ":-default}");
+        out += expand_env(body.substr(dflt + 2));
+      }
+      i = close + 1;
+    } else {
+      out += s[i++];
+    }
+  }
+  return out;
+}
+
+std::string format_duration(double seconds) {
+  char buf[64];
+  if (seconds < 60) {
+    std::snprintf(buf, sizeof buf, "%.1fs", seconds);
+  } else if (seconds < 3600) {
+    std::snprintf(buf, sizeof buf, "%dm %02ds", int(seconds) / 60, int(seconds) % 60);
+  } else {
+    std::snprintf(buf, sizeof buf, "%dh %02dm", int(seconds) / 3600, (int(seconds) / 60) % 60);
+  }
+  return buf;
+}
+
+std::string json_escape(std::string_view s) {
+  std::string out;
+  for (char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out;
+}
+
+}  // namespace canopy

@@ -1,0 +1,194 @@
+#include "canopy/datasets/hdf5.h"
+
+#include "canopy/core/error.h"
+
+namespace canopy::datasets::h5 {
+
+Handle& Handle::operator=(Handle&& o) noexcept {
+  if (this != &o) {
+    reset();
+    id_ = o.id_;
+    closer_ = o.closer_;
+    o.id_ = H5I_INVALID_HID;
+  }
+  return *this;
+}
+
+void Handle::reset() {
+  if (id_ >= 0 && closer_) closer_(id_);
+  id_ = H5I_INVALID_HID;
+}
+
+void silence_errors() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+
+namespace {
+Handle checked(hid_t id, Handle::Closer closer, const std::string& what) {
+  CANOPY_CHECK(id >= 0, IoError, "HDF5: ", what, " failed");
+  return Handle(id, closer);
+}
+void check(herr_t rc, const std::string& what) { CANOPY_CHECK(rc >= 0, IoError, "HDF5: ", what, " failed"); }
+}  // namespace
+
+Handle create_file(const std::string& path) {
+  silence_errors();
+  return checked(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose,
+                 "creating file '" + path + "'");
+}
+
+Handle open_file(const std::string& path, bool writable) {
+  silence_errors();
+  const htri_t is_h5 = H5Fis_hdf5(path.c_str());
+  CANOPY_CHECK(is_h5 > 0, DataError, "'", path, "' ",
+               is_h5 == 0 ? "is not an HDF5 file" : "cannot be opened (missing or unreadable)");
+  const hid_t id = H5Fopen(path.c_str(), writable ? H5F_ACC_RDWR : H5F_ACC_RDONLY, H5P_DEFAULT);
+  CANOPY_CHECK(id >= 0, DataError, "cannot open HDF5 file '", path, "' (truncated or corrupt?)");
+  return Handle(id, H5Fclose);
+}
+
+Handle create_group(hid_t parent, const std::string& name) {
+  return checked(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose,
+                 "creating group '" + name + "'");
+}
+
+Handle open_group(hid_t parent, const std::string& name, const std::string& where) {
+  CANOPY_CHECK(exists(parent, name), DataError, where, ": no group '", name, "'");
+  return checked(H5Gopen2(parent, name.c_str(), H5P_DEFAULT), H5Gclose,
+                 where + ": opening group '" + name + "'");
+}
+
+bool exists(hid_t parent, const std::string& path) {
+  // Check each component so that a missing intermediate group is not an error.
+  std::string prefix;
+  std::size_t start = 0;
+  while (start <= path.size()) {
+    const auto slash = path.find('/', start);
+    prefix = path.substr(0, slash);
+    if (H5Lexists(parent, prefix.c_str(), H5P_DEFAULT) <= 0) return false;
+    if (slash == std::string::npos) break;
+    start = slash + 1;
+  }
+  return true;
+}
+
+std::vector<std::string> list(hid_t group) {
+  std::vector<std::string> names;
+  auto cb = [](hid_t, const char* name, const H5L_info_t*, void* op) -> herr_t {
+    static_cast<std::vector<std::string>*>(op)->emplace_back(name);
+    return 0;
+  };
+  check(H5Literate(group, H5_INDEX_NAME, H5_ITER_INC, nullptr, cb, &names), "listing a group");
+  return names;
+}
+
+Handle create_growable(hid_t parent, const std::string& name, hid_t type, std::int64_t cols,
+                       std::int64_t chunk_rows) {
+  const int rank = cols > 0 ? 2 : 1;
+  hsize_t dims[2] = {0, static_cast<hsize_t>(cols)};
+  hsize_t maxdims[2] = {H5S_UNLIMITED, static_cast<hsize_t>(cols)};
+  hsize_t chunk[2] = {static_cast<hsize_t>(std::max<std::int64_t>(1, chunk_rows)),
+                      static_cast<hsize_t>(cols)};
+  Handle space = checked(H5Screate_simple(rank, dims, maxdims), H5Sclose, "creating a dataspace");
+  Handle plist = checked(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, "creating a property list");
+  check(H5Pset_chunk(plist.get(), rank, chunk), "setting chunk size of '" + name + "'");
+  return checked(H5Dcreate2(parent, name.c_str(), type, space.get(), H5P_DEFAULT, plist.get(),
+                            H5P_DEFAULT),
+                 H5Dclose, "creating dataset '" + name + "'");
+}
+
+std::vector<std::int64_t> shape(hid_t dataset) {
+  Handle space = checked(H5Dget_space(dataset), H5Sclose, "getting a dataspace");
+  const int rank = H5Sget_simple_extent_ndims(space.get());
+  CANOPY_CHECK(rank >= 0 && rank <= 8, IoError, "HDF5: unexpected rank ", rank);
+  hsize_t dims[8];
+  H5Sget_simple_extent_dims(space.get(), dims, nullptr);
+  return std::vector<std::int64_t>(dims, dims + rank);
+}
+
+void append_rows(hid_t dataset, hid_t type, const void* data, std::int64_t rows, std::int64_t cols) {
+  if (rows == 0) return;
+  const auto current = shape(dataset);
+  const int rank = static_cast<int>(current.size());
+  hsize_t new_dims[2] = {static_cast<hsize_t>(current[0] + rows), static_cast<hsize_t>(cols)};
+  check(H5Dset_extent(dataset, new_dims), "growing a dataset");
+  Handle file_space = checked(H5Dget_space(dataset), H5Sclose, "getting a dataspace");
+  hsize_t start[2] = {static_cast<hsize_t>(current[0]), 0};
+  hsize_t count[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(cols)};
+  check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, count, nullptr),
+        "selecting rows");
+  Handle mem_space = checked(H5Screate_simple(rank, count, nullptr), H5Sclose, "creating a dataspace");
+  check(H5Dwrite(dataset, type, mem_space.get(), file_space.get(), H5P_DEFAULT, data), "writing rows");
+}
+
+Handle open_dataset(hid_t parent, const std::string& name, const std::string& where) {
+  CANOPY_CHECK(exists(parent, name), DataError, where, ": no dataset '", name, "'");
+  return checked(H5Dopen2(parent, name.c_str(), H5P_DEFAULT), H5Dclose,
+                 where + ": opening dataset '" + name + "'");
+}
+
+void read_rows(hid_t dataset, hid_t mem_type, std::int64_t begin, std::int64_t end, void* out) {
+  const auto dims = shape(dataset);
+  CANOPY_CHECK(begin >= 0 && begin <= end && end <= dims.at(0), DataError, "HDF5: rows [", begin,
+               ", ", end, ") out of range for a dataset of ", dims.at(0), " rows");
+  if (begin == end) return;
+  const int rank = static_cast<int>(dims.size());
+  Handle file_space = checked(H5Dget_space(dataset), H5Sclose, "getting a dataspace");
+  hsize_t start[2] = {static_cast<hsize_t>(begin), 0};
+  hsize_t count[2] = {static_cast<hsize_t>(end - begin), rank > 1 ? static_cast<hsize_t>(dims[1]) : 1};
+  check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, count, nullptr),
+        "selecting rows");
+  Handle mem_space = checked(H5Screate_simple(rank, count, nullptr), H5Sclose, "creating a dataspace");
+  CANOPY_CHECK(H5Dread(dataset, mem_type, mem_space.get(), file_space.get(), H5P_DEFAULT, out) >= 0,
+               DataError, "HDF5: reading rows [", begin, ", ", end, ") failed (corrupt file?)");
+}
+
+void write_attr(hid_t obj, const std::string& name, const std::string& value) {
+  Handle type = checked(H5Tcopy(H5T_C_S1), H5Tclose, "copying a string type");
+  check(H5Tset_size(type.get(), std::max<std::size_t>(1, value.size())), "sizing a string type");
+  check(H5Tset_cset(type.get(), H5T_CSET_UTF8), "setting a string's character set");
+  Handle space = checked(H5Screate(H5S_SCALAR), H5Sclose, "creating a scalar dataspace");
+  if (H5Aexists(obj, name.c_str()) > 0) H5Adelete(obj, name.c_str());
+  Handle attr = checked(H5Acreate2(obj, name.c_str(), type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                        H5Aclose, "creating attribute '" + name + "'");
+  const char* data = value.empty() ? "" : value.c_str();
+  check(H5Awrite(attr.get(), type.get(), data), "writing attribute '" + name + "'");
+}
+
+void write_attr(hid_t obj, const std::string& name, std::int64_t value) {
+  Handle space = checked(H5Screate(H5S_SCALAR), H5Sclose, "creating a scalar dataspace");
+  if (H5Aexists(obj, name.c_str()) > 0) H5Adelete(obj, name.c_str());
+  Handle attr = checked(H5Acreate2(obj, name.c_str(), H5T_STD_I64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                        H5Aclose, "creating attribute '" + name + "'");
+  check(H5Awrite(attr.get(), H5T_NATIVE_INT64, &value), "writing attribute '" + name + "'");
+}
+
+bool has_attr(hid_t obj, const std::string& name) { return H5Aexists(obj, name.c_str()) > 0; }
+
+std::string read_attr_string(hid_t obj, const std::string& name, const std::string& where) {
+  CANOPY_CHECK(has_attr(obj, name), DataError, where, ": missing attribute '", name, "'");
+  Handle attr = checked(H5Aopen(obj, name.c_str(), H5P_DEFAULT), H5Aclose, "opening attribute '" + name + "'");
+  Handle type = checked(H5Aget_type(attr.get()), H5Tclose, "getting an attribute type");
+  CANOPY_CHECK(H5Tget_class(type.get()) == H5T_STRING, DataError, where, ": attribute '", name,
+               "' is not a string");
+  if (H5Tis_variable_str(type.get()) > 0) {
+    char* value = nullptr;
+    check(H5Aread(attr.get(), type.get(), &value), "reading attribute '" + name + "'");
+    std::string out = value ? value : "";
+    H5free_memory(value);
+    return out;
+  }
+  const std::size_t size = H5Tget_size(type.get());
+  std::string out(size, '\0');
+  check(H5Aread(attr.get(), type.get(), out.data()), "reading attribute '" + name + "'");
+  out.resize(std::min(out.size(), out.find('\0')));
+  return out;
+}
+
+std::int64_t read_attr_int(hid_t obj, const std::string& name, const std::string& where) {
+  CANOPY_CHECK(has_attr(obj, name), DataError, where, ": missing attribute '", name, "'");
+  Handle attr = checked(H5Aopen(obj, name.c_str(), H5P_DEFAULT), H5Aclose, "opening attribute '" + name + "'");
+  std::int64_t value = 0;
+  check(H5Aread(attr.get(), H5T_NATIVE_INT64, &value), "reading attribute '" + name + "'");
+  return value;
+}
+
+}  // namespace canopy::datasets::h5

@@ -1,0 +1,64 @@
+// A thin RAII layer over the HDF5 C API: every hid_t is owned by an H5Handle whose
+// destructor closes it with the right H5?close. Errors become canopy::IoError/DataError
+// with the file and object named. Only datasets/ sources include this header.
+//
+// HDF5 serialises every call behind one global lock (thread-safe builds): call it from one
+// thread and hand data to workers, never read it from many TBB tasks at once.
+#pragma once
+
+#include <hdf5.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace canopy::datasets::h5 {
+
+class Handle {
+ public:
+  using Closer = herr_t (*)(hid_t);
+  Handle() = default;
+  Handle(hid_t id, Closer closer) : id_(id), closer_(closer) {}
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+  Handle(Handle&& o) noexcept : id_(o.id_), closer_(o.closer_) { o.id_ = H5I_INVALID_HID; }
+  Handle& operator=(Handle&& o) noexcept;
+  ~Handle() { reset(); }
+  hid_t get() const { return id_; }
+  explicit operator bool() const { return id_ >= 0; }
+  void reset();
+
+ private:
+  hid_t id_ = H5I_INVALID_HID;
+  Closer closer_ = nullptr;
+};
+
+// Turns off HDF5's own error printing (canopy reports errors itself). Idempotent.
+void silence_errors();
+
+Handle create_file(const std::string& path);             // truncates
+Handle open_file(const std::string& path, bool writable);  // DataError if not HDF5
+Handle create_group(hid_t parent, const std::string& name);
+Handle open_group(hid_t parent, const std::string& name, const std::string& where);
+bool exists(hid_t parent, const std::string& path);
+// Names of the links (groups, datasets) directly under `group`, in name order.
+std::vector<std::string> list(hid_t group);
+
+// A 2-D (rows unlimited) or 1-D chunked dataset of `type` that grows by appending rows.
+Handle create_growable(hid_t parent, const std::string& name, hid_t type, std::int64_t cols,
+                       std::int64_t chunk_rows);
+// Appends `rows` rows (each `cols` values of `type`) from `data` to a growable dataset.
+void append_rows(hid_t dataset, hid_t type, const void* data, std::int64_t rows, std::int64_t cols);
+
+Handle open_dataset(hid_t parent, const std::string& name, const std::string& where);
+std::vector<std::int64_t> shape(hid_t dataset);
+// Reads rows [begin, end) of a 1-D or 2-D dataset into `out`, converting to `mem_type`.
+void read_rows(hid_t dataset, hid_t mem_type, std::int64_t begin, std::int64_t end, void* out);
+
+void write_attr(hid_t obj, const std::string& name, const std::string& value);
+void write_attr(hid_t obj, const std::string& name, std::int64_t value);
+bool has_attr(hid_t obj, const std::string& name);
+std::string read_attr_string(hid_t obj, const std::string& name, const std::string& where);
+std::int64_t read_attr_int(hid_t obj, const std::string& name, const std::string& where);
+
+}  // namespace canopy::datasets::h5

@@ -1,0 +1,29 @@
+// Image preprocessing as the trunk expects it: scale to [0, 1], resize, replicate or check
+// channels, normalise per channel. Everything comes from the config and is part of the
+// description that the cache fingerprint hashes.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace canopy::datasets {
+
+struct PreprocessConfig {
+  std::int64_t resize = 0;     // output height and width; 0 keeps the input size
+  std::int64_t channels = 3;   // 1-channel input is replicated to this many channels
+  std::vector<double> mean{0.5};  // one value, or one per channel
+  std::vector<double> std{0.5};
+};
+
+void validate_preprocess_config(const PreprocessConfig& config);
+
+// uint8 [N, H, W] or [N, C, H, W] -> float32 [N, channels, resize, resize] (bilinear).
+at::Tensor preprocess_images(const at::Tensor& images, const PreprocessConfig& config);
+
+// A canonical one-line description, e.g. "scale=1/255;resize=64;channels=3;mean=0.5;std=0.5".
+std::string describe(const PreprocessConfig& config);
+
+}  // namespace canopy::datasets

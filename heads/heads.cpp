@@ -1,0 +1,74 @@
+#include <sstream>
+
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/dropout.h>
+
+#include "canopy/core/error.h"
+#include "canopy/heads/linear.h"
+#include "canopy/heads/mlp.h"
+
+namespace canopy::heads {
+
+LinearHead::LinearHead(const LinearHeadOptions& options) : options_(options) {
+  CANOPY_CHECK(options.in_features() > 0 && options.out_features() > 0, ConfigError,
+               "linear head: in_features and out_features must be > 0, got ",
+               options.in_features(), " and ", options.out_features());
+  linear_ = register_module(
+      "linear", torch::nn::Linear(torch::nn::LinearOptions(options.in_features(), options.out_features())
+                                      .bias(options.bias())));
+}
+
+torch::Tensor LinearHead::forward(const torch::Tensor& features) { return linear_->forward(features); }
+
+std::string LinearHead::describe() const {
+  std::ostringstream out;
+  out << "linear " << options_.in_features() << "-" << options_.out_features();
+  return out.str();
+}
+
+void validate_mlp_options(const MlpHeadOptions& o) {
+  CANOPY_CHECK(o.in_features() > 0 && o.out_features() > 0, ConfigError,
+               "mlp head: in_features and out_features must be > 0, got ", o.in_features(), " and ",
+               o.out_features());
+  CANOPY_CHECK(!o.hidden().empty(), ConfigError,
+               "mlp head: hidden must list at least one layer size (use head = linear for none)");
+  for (auto h : o.hidden()) {
+    CANOPY_CHECK(h > 0, ConfigError, "mlp head: every hidden size must be > 0, got ", h);
+  }
+  const auto& a = o.activation();
+  CANOPY_CHECK(a == "relu" || a == "gelu" || a == "tanh" || a == "silu", ConfigError,
+               "mlp head: activation must be relu, gelu, tanh or silu, got '", a, "'");
+  CANOPY_CHECK(o.dropout() >= 0.0 && o.dropout() < 1.0, ConfigError,
+               "mlp head: dropout must be in [0, 1), got ", o.dropout());
+}
+
+MlpHead::MlpHead(const MlpHeadOptions& options) : options_(options) {
+  validate_mlp_options(options);
+  torch::nn::Sequential seq;
+  std::int64_t in = options.in_features();
+  for (auto h : options.hidden()) {
+    seq->push_back(torch::nn::Linear(in, h));
+    const auto& a = options.activation();
+    if (a == "relu") seq->push_back(torch::nn::ReLU());
+    else if (a == "gelu") seq->push_back(torch::nn::GELU());
+    else if (a == "tanh") seq->push_back(torch::nn::Tanh());
+    else seq->push_back(torch::nn::SiLU());
+    if (options.dropout() > 0) seq->push_back(torch::nn::Dropout(options.dropout()));
+    in = h;
+  }
+  seq->push_back(torch::nn::Linear(in, options.out_features()));
+  layers_ = register_module("layers", seq);
+}
+
+torch::Tensor MlpHead::forward(const torch::Tensor& features) { return layers_->forward(features); }
+
+std::string MlpHead::describe() const {
+  std::ostringstream out;
+  out << "mlp " << options_.in_features();
+  for (auto h : options_.hidden()) out << "-" << h;
+  out << "-" << options_.out_features() << " " << options_.activation();
+  if (options_.dropout() > 0) out << " dropout=" << options_.dropout();
+  return out.str();
+}
+
+}  // namespace canopy::heads

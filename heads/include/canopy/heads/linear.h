@@ -1,0 +1,31 @@
+#pragma once
+
+#include <cstdint>
+
+#include <torch/nn/modules/linear.h>
+
+#include "canopy/heads/head.h"
+
+namespace canopy::heads {
+
+struct LinearHeadOptions {
+  LinearHeadOptions(std::int64_t in_features, std::int64_t out_features)
+      : in_features_(in_features), out_features_(out_features) {}
+  TORCH_ARG(std::int64_t, in_features);
+  TORCH_ARG(std::int64_t, out_features);
+  TORCH_ARG(bool, bias) = true;
+};
+
+// y = x W^T + b.
+class LinearHead : public Head {
+ public:
+  explicit LinearHead(const LinearHeadOptions& options);
+  torch::Tensor forward(const torch::Tensor& features) override;
+  std::string describe() const override;
+
+ private:
+  LinearHeadOptions options_;
+  torch::nn::Linear linear_{nullptr};
+};
+
+}  // namespace canopy::heads

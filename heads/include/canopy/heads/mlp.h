@@ -1,0 +1,37 @@
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <torch/nn/modules/container/sequential.h>
+
+#include "canopy/heads/head.h"
+
+namespace canopy::heads {
+
+struct MlpHeadOptions {
+  MlpHeadOptions(std::int64_t in_features, std::int64_t out_features)
+      : in_features_(in_features), out_features_(out_features) {}
+  TORCH_ARG(std::int64_t, in_features);
+  TORCH_ARG(std::int64_t, out_features);
+  TORCH_ARG(std::vector<std::int64_t>, hidden) = {256};
+  TORCH_ARG(std::string, activation) = "relu";  // relu | gelu | tanh | silu
+  TORCH_ARG(double, dropout) = 0.0;
+};
+
+void validate_mlp_options(const MlpHeadOptions& options);
+
+// Linear -> activation -> dropout for each hidden size, then a linear output layer.
+class MlpHead : public Head {
+ public:
+  explicit MlpHead(const MlpHeadOptions& options);
+  torch::Tensor forward(const torch::Tensor& features) override;
+  std::string describe() const override;
+
+ private:
+  MlpHeadOptions options_;
+  torch::nn::Sequential layers_{nullptr};
+};
+
+}  // namespace canopy::heads

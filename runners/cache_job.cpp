@@ -1,0 +1,181 @@
+#include "canopy/runners/cache_job.h"
+
+#include <sys/stat.h>
+
+#include <chrono>
+#include <filesystem>
+#include <sstream>
+
+#include <ATen/ops/cat.h>
+#include <torch/version.h>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+#include "canopy/core/sha256.h"
+#include "canopy/core/strings.h"
+#include "canopy/datasets/feature_cache.h"
+#include "canopy/datasets/mnist.h"
+#include "canopy/trunk/trunk.h"
+
+namespace canopy::runners {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+
+// The input data is identified by each file's name, size and modification time (hashing
+// 30 MB of idx files on every run would cost more than it protects against).
+std::string describe_input_files(const DataConfig& d) {
+  std::ostringstream out;
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(d.dir)) {
+    const auto name = entry.path().filename().string();
+    if (name.find("idx") != std::string::npos) names.push_back(name);
+  }
+  CANOPY_CHECK(!names.empty(), DataError, "data.dir '", d.dir, "' holds no idx files",
+               d.source == "fashion-mnist" ? " (install the Debian package dataset-fashion-mnist)" : "");
+  std::sort(names.begin(), names.end());
+  for (const auto& n : names) {
+    struct stat st {};
+    const std::string p = (std::filesystem::path(d.dir) / n).string();
+    CANOPY_CHECK(::stat(p.c_str(), &st) == 0, IoError, "cannot stat '", p, "'");
+    out << n << ":" << st.st_size << ":" << st.st_mtim.tv_sec << ";";
+  }
+  return out.str();
+}
+
+std::map<std::string, std::string> parse_description(const std::string& d) {
+  std::map<std::string, std::string> out;
+  std::istringstream in(d);
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto eq = line.find('=');
+    if (eq != std::string::npos) out[line.substr(0, eq)] = line.substr(eq + 1);
+  }
+  return out;
+}
+}  // namespace
+
+std::string cache_description(const JobConfig& c, const std::string& trunk_sha256) {
+  std::ostringstream out;
+  out << "schema=" << datasets::kCacheSchemaVersion << "\n"
+      << "trunk_sha256=" << trunk_sha256 << "\n"
+      << "tap=output\n"
+      << "pooling=" << c.trunk.pooling << "\n"
+      << "preprocess=" << datasets::describe(c.preprocess) << "\n"
+      << "data=" << c.data.source << ";train_limit=" << c.data.train_limit
+      << ";test_limit=" << c.data.test_limit << ";" << describe_input_files(c.data) << "\n"
+      << "dtype=float32\n"
+      << "torch=" << TORCH_VERSION << "\n";
+  return out.str();
+}
+
+std::vector<std::string> describe_changes(const std::string& old_description,
+                                          const std::string& new_description) {
+  const auto a = parse_description(old_description);
+  const auto b = parse_description(new_description);
+  std::vector<std::string> out;
+  for (const auto& [k, v] : b) {
+    const auto it = a.find(k);
+    if (it == a.end()) out.push_back(k + " (new)");
+    else if (it->second != v) out.push_back(k + " (" + it->second + " -> " + v + ")");
+  }
+  for (const auto& [k, v] : a) {
+    if (!b.count(k)) out.push_back(k + " (removed)");
+  }
+  return out;
+}
+
+CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, ProgressStyle style) {
+  const auto start = Clock::now();
+  CacheReport report;
+  report.path = config.cache.path;
+  validate_job_config(config);
+
+  // Hash the trunk file first: the description (and so the fingerprint) depends on it,
+  // and a pinned hash must be checked before anything loads the file.
+  const std::string trunk_sha = trunk ? trunk->sha256() : sha256_file(config.trunk.path);
+  CANOPY_CHECK(config.trunk.sha256.empty() || config.trunk.sha256 == trunk_sha, DataError, "trunk '",
+               config.trunk.path, "' has SHA-256 ", trunk_sha, " but the config pins ",
+               config.trunk.sha256, "; refusing to load it");
+  const std::string description = cache_description(config, trunk_sha);
+  report.fingerprint = sha256_hex(description);
+
+  if (!force && std::filesystem::exists(config.cache.path)) {
+    try {
+      const auto existing = datasets::FeatureCache::open(config.cache.path);
+      if (existing.meta().fingerprint == report.fingerprint) {
+        report.reason = "up to date (fingerprint " + report.fingerprint.substr(0, 12) + ")";
+        for (const auto& s : existing.splits()) report.rows[s] = existing.rows(s);
+        report.feature_dim = existing.feature_dim(existing.splits().at(0));
+        report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+        return report;
+      }
+      report.reason = "rebuilding: changed " + join(describe_changes(existing.meta().description, description), "; ");
+    } catch (const DataError& e) {
+      report.reason = std::string("rebuilding: existing file unusable (") + e.what() + ")";
+    }
+  } else {
+    report.reason = force ? "rebuilding (forced)" : "building (no cache yet)";
+  }
+  log_info("cache '" + config.cache.path + "': " + report.reason);
+
+  std::optional<trunk::Trunk> owned;
+  if (!trunk) {
+    owned.emplace(trunk::Trunk::load(config.trunk));
+    trunk = &*owned;
+  }
+  log_info("trunk on " + trunk->device().str() + ", sha256 " + trunk_sha.substr(0, 12) + "…");
+
+  std::map<std::string, datasets::ImageSplit> splits;
+  std::int64_t total = 0;
+  for (const std::string split : {"train", "test"}) {
+    splits[split] = datasets::read_mnist_split(
+        config.data.dir, split, split == "train" ? config.data.train_limit : config.data.test_limit);
+    total += splits[split].images.size(0);
+  }
+
+  const auto parent = std::filesystem::path(config.cache.path).parent_path();
+  if (!parent.empty()) make_dirs(parent.string());
+  datasets::CacheMeta meta;
+  meta.fingerprint = report.fingerprint;
+  meta.description = description;
+  meta.trunk_sha256 = trunk_sha;
+  meta.trunk_path = config.trunk.path;
+  meta.preprocessing = datasets::describe(config.preprocess);
+  meta.pooling = config.trunk.pooling;
+  meta.torch_version = TORCH_VERSION;
+  meta.label_sources = {"class"};
+  if (config.data.source == "fashion-mnist") meta.class_names = datasets::fashion_mnist_class_names();
+  datasets::FeatureCacheWriter writer(config.cache.path, meta);
+
+  Progress progress("cache", total, "img", style);
+  for (const std::string split : {"train", "test"}) {
+    const auto& data = splits[split];
+    const std::int64_t n = data.images.size(0);
+    bool begun = false;
+    for (std::int64_t i = 0; i < n; i += config.cache.batch_size) {
+      const std::int64_t end = std::min(n, i + config.cache.batch_size);
+      const at::Tensor x = datasets::preprocess_images(data.images.slice(0, i, end), config.preprocess);
+      const auto t0 = Clock::now();
+      const at::Tensor f = trunk->encode(x);
+      report.trunk_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+      if (!begun) {
+        writer.begin_split(split, f.size(1));
+        report.feature_dim = f.size(1);
+        begun = true;
+      }
+      writer.append(f, {{"class", data.labels.slice(0, i, end)}}, data.ids.slice(0, i, end));
+      progress.advance(end - i, split);
+    }
+    CANOPY_CHECK(begun, DataError, "split '", split, "' of '", config.data.dir, "' has no samples");
+    writer.end_split();
+    report.rows[split] = n;
+  }
+  writer.commit();
+  progress.finish();
+  report.rebuilt = true;
+  report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return report;
+}
+
+}  // namespace canopy::runners

@@ -1,0 +1,149 @@
+#include "canopy/runners/cli.h"
+
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include <boost/program_options.hpp>
+#include <torch/version.h>
+
+#include "canopy/core/device.h"
+#include "canopy/core/error.h"
+#include "canopy/core/strings.h"
+#include "canopy/runners/cache_job.h"
+#include "canopy/runners/config.h"
+#include "canopy/runners/train_job.h"
+
+namespace canopy::runners {
+namespace po = boost::program_options;
+
+namespace {
+
+const char* kUsage = R"(canopy: train many task heads at once over a frozen, cached trunk
+
+usage: canopy <command> [options]
+
+commands:
+  cache   run the frozen trunk once per sample and store features in the HDF5 cache
+  train   train every task's head concurrently on the cached features
+  run     cache (if needed), then train
+  heads   list the head types that can be named in a config
+  version print versions
+
+options for cache, train and run:
+  --config FILE        the job configuration (INI; see configs/)
+  --set KEY=VALUE      override a config value, e.g. --set train.epochs=5 (repeatable)
+  --dump-config        print the resolved configuration and exit
+  --force              cache: rebuild even if the cache is up to date
+  --progress MODE      auto (bar on a terminal, lines otherwise), bar, lines or quiet
+
+exit codes: 0 ok, 1 data or runtime error, 2 bad usage or config, 3 a head FAILED
+)";
+
+ProgressStyle parse_progress(const std::string& s) {
+  if (s == "auto") return ProgressStyle::kAuto;
+  if (s == "bar") return ProgressStyle::kBar;
+  if (s == "lines") return ProgressStyle::kLines;
+  if (s == "quiet") return ProgressStyle::kQuiet;
+  throw ConfigError("--progress: expected auto, bar, lines or quiet, got '" + s + "'");
+}
+
+void print_cache_report(const CacheReport& r, std::ostream& out) {
+  out << "cache " << r.path << ": " << (r.rebuilt ? "built" : r.reason) << "\n";
+  out << "  fingerprint " << r.fingerprint << "\n  features    " << r.feature_dim << " per sample\n";
+  for (const auto& [split, rows] : r.rows) out << "  " << std::left << std::setw(11) << split << " " << rows << " rows\n";
+  if (r.rebuilt) {
+    out << std::fixed << std::setprecision(1) << "  time        " << r.seconds << " s (trunk forward "
+        << r.trunk_seconds << " s)\n" << std::defaultfloat;
+  }
+}
+
+int run_command(const std::string& command, const std::vector<std::string>& rest,
+                const tasks::HeadRegistry& registry, std::ostream& out, std::ostream& err) {
+  if (command == "heads") {
+    out << "registered heads:\n";
+    for (const auto& [name, description] : registry.list()) {
+      out << "  " << std::left << std::setw(12) << name << description << "\n";
+    }
+    return kExitOk;
+  }
+  if (command == "version") {
+    out << "canopy 0.1.0\nLibTorch " << TORCH_VERSION << "\nCUDA available: "
+        << (cuda_available() ? "yes" : "no") << "\n";
+    return kExitOk;
+  }
+  if (command != "cache" && command != "train" && command != "run") {
+    throw ConfigError("unknown command '" + command + "' (commands: cache, train, run, heads, version)");
+  }
+  po::options_description desc("options");
+  desc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(
+      "dump-config", "")("force", "")("progress", po::value<std::string>()->default_value("auto"), "")("help,h", "");
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(rest).options(desc).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw ConfigError(std::string(e.what()) + " (see canopy --help)");
+  }
+  if (vm.count("help")) {
+    out << kUsage;
+    return kExitOk;
+  }
+  CANOPY_CHECK(vm.count("config"), ConfigError, "canopy ", command, ": --config FILE is required");
+  const auto overrides = vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  const JobConfig config = load_job_config(vm["config"].as<std::string>(), overrides);
+  if (vm.count("dump-config")) {
+    out << dump_config(config);
+    return kExitOk;
+  }
+  const ProgressStyle style = parse_progress(vm["progress"].as<std::string>());
+  if (command == "cache" || command == "run") {
+    print_cache_report(run_cache(config, vm.count("force") > 0, nullptr, style), out);
+  }
+  if (command == "train" || command == "run") {
+    for (const auto& t : config.tasks) {
+      CANOPY_CHECK(registry.contains(t.head), ConfigError, "task '", t.name, "': unknown head '", t.head,
+                   "' (see `canopy heads`)");
+    }
+    const TrainReport report = run_train(config, registry, style);
+    out << "\n" << format_summary(report);
+    out << "heads, metrics (metrics.jsonl, metrics.csv) and the resolved config are in " << report.out_dir << "\n";
+    if (report.any_failed()) {
+      err << "canopy: at least one head FAILED (see above); the others were trained and saved\n";
+      return kExitHeadFailed;
+    }
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& registry, std::ostream& out,
+            std::ostream& err) {
+  if (args.empty() || args[0] == "help" || args[0] == "--help" || args[0] == "-h") {
+    (args.empty() ? err : out) << kUsage;
+    return args.empty() ? kExitUsage : kExitOk;
+  }
+  try {
+    return run_command(args[0], std::vector<std::string>(args.begin() + 1, args.end()), registry, out, err);
+  } catch (const ConfigError& e) {
+    err << "canopy: config error: " << e.what() << "\n";
+    return kExitUsage;
+  } catch (const Error& e) {
+    err << "canopy: error: " << e.what() << "\n";
+    return kExitError;
+  } catch (const c10::Error& e) {
+    err << "canopy: LibTorch error: " << e.what_without_backtrace() << "\n";
+    return kExitError;
+  } catch (const std::exception& e) {
+    err << "canopy: unexpected error: " << e.what() << "\n";
+    return kExitError;
+  }
+}
+
+int run_cli(int argc, const char* const* argv, const tasks::HeadRegistry& registry) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  return run_cli(args, registry, std::cout, std::cerr);
+}
+
+}  // namespace canopy::runners

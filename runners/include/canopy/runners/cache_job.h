@@ -1,0 +1,43 @@
+// `canopy cache`: run the frozen trunk once per sample and store features and labels in
+// the HDF5 feature cache (format in canopy/datasets/feature_cache.h).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "canopy/core/progress.h"
+#include "canopy/runners/config.h"
+
+namespace canopy::trunk {
+class Trunk;
+}
+
+namespace canopy::runners {
+
+// The canonical description of everything that changes the cached features, one
+// `part=value` per line; its SHA-256 is the cache fingerprint.
+std::string cache_description(const JobConfig& config, const std::string& trunk_sha256);
+
+struct CacheReport {
+  std::string path;
+  bool rebuilt = false;
+  std::string reason;          // why it was (re)built or kept
+  std::string fingerprint;
+  std::int64_t feature_dim = 0;
+  std::map<std::string, std::int64_t> rows;  // per split
+  double seconds = 0.0;        // whole job
+  double trunk_seconds = 0.0;  // time inside the trunk's forward pass
+};
+
+// Builds the cache unless one with the same fingerprint exists (or `force`). Uses `trunk`
+// when given (already loaded from config.trunk), else loads it.
+CacheReport run_cache(const JobConfig& config, bool force = false, trunk::Trunk* trunk = nullptr,
+                      ProgressStyle style = ProgressStyle::kAuto);
+
+// Names the description parts that differ, e.g. "preprocess (resize=64 -> resize=96)".
+std::vector<std::string> describe_changes(const std::string& old_description,
+                                          const std::string& new_description);
+
+}  // namespace canopy::runners

@@ -1,0 +1,24 @@
+// The `canopy` command line. main() is three lines: make a registry, register the built-in
+// heads, call run_cli(). A program with its own heads does the same after registry.add().
+#pragma once
+
+#include <iosfwd>
+#include <string>
+#include <vector>
+
+#include "canopy/tasks/registry.h"
+
+namespace canopy::runners {
+
+// Exit codes.
+constexpr int kExitOk = 0;
+constexpr int kExitError = 1;        // data, file or runtime error
+constexpr int kExitUsage = 2;        // bad command line or config
+constexpr int kExitHeadFailed = 3;   // training finished but at least one head FAILED
+
+int run_cli(int argc, const char* const* argv, const tasks::HeadRegistry& registry);
+// The same, with arguments as strings and output streams (for tests).
+int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& registry,
+            std::ostream& out, std::ostream& err);
+
+}  // namespace canopy::runners

@@ -1,0 +1,63 @@
+// The job configuration: one INI file with sections [data] [preprocess] [trunk] [cache]
+// [train] and one [task.<name>] section per task. Keys are named by section
+// (`train.batch_size`). Precedence: built-in defaults < the config file < `--set key=value`
+// on the command line. `canopy <cmd> --dump-config` prints the resolved configuration,
+// and every training run saves it next to its outputs.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "canopy/datasets/preprocess.h"
+#include "canopy/tasks/task.h"
+#include "canopy/trunk/trunk.h"
+
+namespace canopy::runners {
+
+struct DataConfig {
+  std::string source = "fashion-mnist";  // the only reader so far: MNIST idx files
+  std::string dir = "/usr/share/datasets/fashion-mnist";
+  std::int64_t train_limit = 0;  // keep the first N training samples; 0: all
+  std::int64_t test_limit = 0;
+};
+
+struct CacheConfig {
+  std::string path = "runs/cache.h5";
+  std::int64_t batch_size = 128;  // trunk batch size
+};
+
+struct TrainConfig {
+  std::string out_dir = "runs/train";
+  std::string train_split = "train";
+  std::string eval_split = "test";
+  std::int64_t batch_size = 256;
+  std::int64_t epochs = 10;
+  std::uint64_t seed = 0;
+  std::int64_t workers = 0;           // TBB workers training heads concurrently; 0: one per core
+  std::int64_t intra_op_threads = 1;  // LibTorch threads inside each head's work
+  bool check_fingerprint = true;      // refuse a cache whose fingerprint does not match
+};
+
+struct JobConfig {
+  DataConfig data;
+  datasets::PreprocessConfig preprocess;
+  trunk::TrunkConfig trunk;
+  CacheConfig cache;
+  TrainConfig train;
+  std::vector<tasks::TaskConfig> tasks;
+  std::string source;  // the file it came from
+};
+
+// Reads `path`, applies `overrides` ("key=value"), validates and returns the config.
+// Unknown keys and bad values are ConfigErrors naming the key, the value and the file.
+JobConfig load_job_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// Builds a config from flat key/value pairs (what load_job_config does after reading).
+JobConfig job_config_from_values(const std::map<std::string, std::string>& values,
+                                 const std::string& source);
+// The resolved configuration in the same INI format.
+std::string dump_config(const JobConfig& config);
+void validate_job_config(const JobConfig& config);
+
+}  // namespace canopy::runners

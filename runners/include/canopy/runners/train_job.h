@@ -1,0 +1,48 @@
+// `canopy train`: read each batch of cached features once and train every task's head on
+// it at the same time, one TBB task per head. A head that throws or produces a non-finite
+// loss is marked FAILED with the reason; the others go on.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "canopy/core/progress.h"
+#include "canopy/runners/config.h"
+#include "canopy/tasks/registry.h"
+#include "canopy/tasks/task.h"
+
+namespace canopy::runners {
+
+struct TaskResult {
+  std::string name;
+  std::string head;          // architecture, e.g. "mlp 1280-256-10 relu"
+  std::string labels;        // e.g. "class" or "class -> 4 groups"
+  std::string optimizer;     // e.g. "adam lr=0.001"
+  tasks::TaskState state = tasks::TaskState::kTraining;
+  std::string failure;
+  std::int64_t epochs = 0;   // epochs completed
+  double train_loss = 0.0;   // mean loss of the last epoch
+  tasks::ClassificationMetrics eval;  // on train.eval_split after the last epoch
+  double seconds = 0.0;      // time spent in this head's steps
+  std::string weights_path;  // exported safetensors file
+};
+
+struct TrainReport {
+  std::vector<TaskResult> tasks;
+  std::int64_t train_rows = 0;
+  std::int64_t eval_rows = 0;
+  std::int64_t feature_dim = 0;
+  double load_seconds = 0.0;
+  double train_seconds = 0.0;
+  std::string out_dir;
+  bool any_failed() const;
+};
+
+TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry,
+                      ProgressStyle style = ProgressStyle::kAuto);
+
+// The final summary table as printed by the CLI.
+std::string format_summary(const TrainReport& report);
+
+}  // namespace canopy::runners

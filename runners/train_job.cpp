@@ -1,0 +1,350 @@
+#include "canopy/runners/train_job.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/randperm.h>
+#include <oneapi/tbb/blocked_range.h>
+#include <oneapi/tbb/parallel_for.h>
+#include <oneapi/tbb/task_arena.h>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+#include "canopy/core/sha256.h"
+#include "canopy/core/strings.h"
+#include "canopy/datasets/feature_cache.h"
+#include "canopy/heads/head.h"
+#include "canopy/runners/cache_job.h"
+#include "canopy/runners/export.h"
+
+namespace canopy::runners {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+const char* state_name(tasks::TaskState s) {
+  switch (s) {
+    case tasks::TaskState::kTraining: return "training";
+    case tasks::TaskState::kDone: return "done";
+    case tasks::TaskState::kFailed: return "FAILED";
+  }
+  return "?";
+}
+
+// Each thread that runs head work sets LibTorch's intra-op thread count once: a worker
+// keeps what it had when it first touched LibTorch otherwise, and more intra-op threads
+// than cores on top of the TBB workers oversubscribes the machine.
+void configure_thread(std::int64_t intra_op_threads) {
+  thread_local std::int64_t configured = -1;
+  if (configured != intra_op_threads) {
+    at::set_num_threads(static_cast<int>(intra_op_threads));
+    configured = intra_op_threads;
+  }
+}
+
+std::string expected_fingerprint(const JobConfig& config) {
+  std::string sha = config.trunk.sha256;
+  if (sha.empty()) {
+    CANOPY_CHECK(std::filesystem::exists(config.trunk.path), DataError, "cannot check the cache's ",
+                 "fingerprint: trunk file '", config.trunk.path, "' is missing; pin trunk.sha256 ",
+                 "or set train.check_fingerprint = false");
+    sha = sha256_file(config.trunk.path);
+  }
+  return cache_description(config, sha);
+}
+
+void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
+               std::int64_t in_features, const std::string& dir) {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& p : task.head().named_parameters(true)) tensors.emplace_back(p.key(), p.value());
+  for (const auto& b : task.head().named_buffers(true)) tensors.emplace_back(b.key(), b.value());
+  const auto& c = task.config();
+  std::map<std::string, std::string> md = {{"format", "pt"},
+                                           {"canopy.task", c.name},
+                                           {"canopy.head", c.head},
+                                           {"canopy.architecture", task.head().describe()}};
+  save_safetensors(dir + "/" + c.name + ".safetensors", tensors, md);
+
+  std::ostringstream card;
+  card.precision(10);
+  auto str_list = [](const std::vector<std::string>& xs) {
+    std::string o = "[";
+    for (std::size_t i = 0; i < xs.size(); ++i) o += (i ? ", \"" : "\"") + json_escape(xs[i]) + "\"";
+    return o + "]";
+  };
+  std::vector<std::string> class_names = c.class_names;
+  if (class_names.empty() && c.label_map.empty()) class_names = meta.class_names;
+  card << "{\n  \"task\": \"" << json_escape(c.name) << "\",\n"
+       << "  \"kind\": \"multiclass\",\n"
+       << "  \"head\": \"" << json_escape(c.head) << "\",\n"
+       << "  \"architecture\": \"" << json_escape(task.head().describe()) << "\",\n"
+       << "  \"in_features\": " << in_features << ",\n"
+       << "  \"out_features\": " << task.num_classes() << ",\n"
+       << "  \"head_params\": {";
+  bool first = true;
+  for (const auto& [k, v] : c.head_params) {
+    card << (first ? "" : ", ") << "\"" << json_escape(k) << "\": \"" << json_escape(v) << "\"";
+    first = false;
+  }
+  card << "},\n  \"label_source\": \"" << json_escape(c.labels) << "\",\n  \"label_map\": [";
+  for (std::size_t i = 0; i < c.label_map.size(); ++i) card << (i ? ", " : "") << c.label_map[i];
+  card << "],\n  \"class_names\": " << str_list(class_names) << ",\n"
+       << "  \"trunk_sha256\": \"" << meta.trunk_sha256 << "\",\n"
+       << "  \"cache_fingerprint\": \"" << meta.fingerprint << "\",\n"
+       << "  \"preprocessing\": \"" << json_escape(meta.preprocessing) << "\",\n"
+       << "  \"pooling\": \"" << json_escape(meta.pooling) << "\",\n"
+       << "  \"epochs\": " << r.epochs << ",\n"
+       << "  \"eval_accuracy\": " << r.eval.accuracy << ",\n"
+       << "  \"eval_macro_f1\": " << r.eval.macro_f1 << ",\n"
+       << "  \"weights\": \"" << json_escape(c.name) << ".safetensors\"\n}\n";
+  write_file_atomic(dir + "/" + c.name + ".json", card.str());
+}
+}  // namespace
+
+bool TrainReport::any_failed() const {
+  return std::any_of(tasks.begin(), tasks.end(),
+                     [](const TaskResult& t) { return t.state == tasks::TaskState::kFailed; });
+}
+
+TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry, ProgressStyle style) {
+  validate_job_config(config);
+  CANOPY_CHECK(!config.tasks.empty(), ConfigError, "no tasks in ", config.source,
+               ": add a [task.<name>] section with at least head = linear");
+  TrainReport report;
+  report.out_dir = config.train.out_dir;
+  const auto load_start = Clock::now();
+
+  const auto cache = datasets::FeatureCache::open(config.cache.path);
+  if (config.train.check_fingerprint) {
+    const std::string expected = expected_fingerprint(config);
+    if (sha256_hex(expected) != cache.meta().fingerprint) {
+      throw DataError(detail::str_cat(
+          "feature cache '", config.cache.path, "' was built from different inputs than ",
+          config.source, " describes; changed: ",
+          join(describe_changes(cache.meta().description, expected), "; "),
+          ". Run `canopy cache --config ", config.source, "` to rebuild it"));
+    }
+  }
+  const datasets::SplitData train = cache.load_split(config.train.train_split);
+  const datasets::SplitData eval = cache.load_split(config.train.eval_split);
+  report.train_rows = train.features.size(0);
+  report.eval_rows = eval.features.size(0);
+  report.feature_dim = train.features.size(1);
+  report.load_seconds = since(load_start);
+  CANOPY_CHECK(report.train_rows > 0, DataError, "split '", config.train.train_split, "' of '",
+               config.cache.path, "' is empty");
+
+  // Build every task (serially: seeding is global) and its targets for both splits.
+  std::vector<std::unique_ptr<tasks::Task>> all;
+  std::vector<at::Tensor> train_targets, eval_targets;
+  std::vector<TaskResult> results;
+  std::set<std::string> names;
+  for (std::size_t i = 0; i < config.tasks.size(); ++i) {
+    const auto& tc = config.tasks[i];
+    const auto src_train = train.labels.find(tc.labels);
+    CANOPY_CHECK(src_train != train.labels.end(), ConfigError, "task '", tc.name, "': labels = '",
+                 tc.labels, "' but the cache has label sources: ", join(cache.meta().label_sources, ", "));
+    std::int64_t source_classes = static_cast<std::int64_t>(cache.meta().class_names.size());
+    if (tc.labels != "class" || source_classes == 0) {
+      source_classes = src_train->second.max().item<std::int64_t>() + 1;
+    }
+    all.push_back(std::make_unique<tasks::Task>(tc, registry, report.feature_dim, source_classes,
+                                                config.train.seed + 7919 * (i + 1)));
+    train_targets.push_back(all.back()->targets(src_train->second));
+    eval_targets.push_back(all.back()->targets(eval.labels.at(tc.labels)));
+    TaskResult r;
+    r.name = tc.name;
+    r.head = all.back()->head().describe();
+    r.labels = tc.label_map.empty() ? tc.labels
+                                    : tc.labels + " -> " + std::to_string(all.back()->num_classes()) + " groups";
+    std::ostringstream opt;
+    opt << tc.optimizer << " lr=" << tc.lr;
+    r.optimizer = opt.str();
+    results.push_back(r);
+  }
+
+  make_dirs(config.train.out_dir + "/heads");
+  write_file_atomic(config.train.out_dir + "/config.ini", dump_config(config));
+  std::ofstream jsonl(config.train.out_dir + "/metrics.jsonl", std::ios::trunc);
+  std::ofstream csv(config.train.out_dir + "/metrics.csv", std::ios::trunc);
+  CANOPY_CHECK(jsonl && csv, IoError, "cannot write metrics in '", config.train.out_dir, "'");
+  csv << "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds\n";
+
+  const std::int64_t workers = config.train.workers > 0
+                                   ? config.train.workers
+                                   : std::max<std::int64_t>(1, std::thread::hardware_concurrency());
+  tbb::task_arena arena(static_cast<int>(workers));
+  const std::int64_t n = report.train_rows;
+  const std::int64_t bs = config.train.batch_size;
+  const std::int64_t steps_per_epoch = (n + bs - 1) / bs;
+  std::int64_t max_epochs = config.train.epochs;
+  for (const auto& t : config.tasks) max_epochs = std::max(max_epochs, t.epochs);
+  auto epochs_of = [&](std::size_t i) {
+    return config.tasks[i].epochs > 0 ? config.tasks[i].epochs : config.train.epochs;
+  };
+  std::vector<double> loss_sum(all.size()), seconds(all.size());
+  std::vector<std::int64_t> loss_count(all.size());
+
+  log_info("training " + std::to_string(all.size()) + " heads concurrently on " + std::to_string(n) +
+           " x " + std::to_string(report.feature_dim) + " features (" + std::to_string(workers) +
+           " TBB workers x " + std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
+  const auto train_start = Clock::now();
+  Progress progress("train", max_epochs * steps_per_epoch, "steps", style);
+  for (std::int64_t epoch = 0; epoch < max_epochs; ++epoch) {
+    std::vector<std::size_t> active;
+    for (std::size_t i = 0; i < all.size(); ++i) {
+      if (all[i]->state != tasks::TaskState::kTraining) continue;
+      if (epoch >= epochs_of(i)) {
+        all[i]->state = tasks::TaskState::kDone;
+        continue;
+      }
+      active.push_back(i);
+      loss_sum[i] = 0;
+      loss_count[i] = 0;
+    }
+    if (active.empty()) break;
+    auto gen = at::detail::createCPUGenerator(config.train.seed * 1000003ULL + static_cast<std::uint64_t>(epoch));
+    const at::Tensor order = at::randperm(n, gen, at::TensorOptions().dtype(at::kLong));
+    for (std::int64_t step = 0; step < steps_per_epoch; ++step) {
+      // The batch is gathered once and shared, read-only, by every head.
+      const at::Tensor idx = order.slice(0, step * bs, std::min(n, (step + 1) * bs));
+      const at::Tensor x = train.features.index_select(0, idx);
+      arena.execute([&] {
+        tbb::parallel_for(tbb::blocked_range<std::size_t>(0, active.size(), 1),
+                          [&](const tbb::blocked_range<std::size_t>& range) {
+          configure_thread(config.train.intra_op_threads);
+          for (std::size_t k = range.begin(); k != range.end(); ++k) {
+            const std::size_t i = active[k];
+            tasks::Task& task = *all[i];
+            if (task.state != tasks::TaskState::kTraining) continue;
+            const auto t0 = Clock::now();
+            try {
+              const at::Tensor y = train_targets[i].index_select(0, idx);
+              loss_sum[i] += task.train_step(x, y);
+              ++loss_count[i];
+            } catch (const std::exception& e) {
+              // Isolation: only this head fails; TBB must not see the exception, or it
+              // would cancel every other head's work in the group.
+              task.state = tasks::TaskState::kFailed;
+              task.failure = detail::str_cat("epoch ", epoch + 1, " step ", step + 1, ": ", e.what());
+            }
+            seconds[i] += since(t0);
+          }
+        });
+      });
+      progress.advance(1);
+    }
+    // Evaluate every head that trained this epoch, concurrently as well.
+    std::vector<tasks::ClassificationMetrics> metrics(all.size());
+    arena.execute([&] {
+      tbb::parallel_for(std::size_t(0), active.size(), [&](std::size_t k) {
+        configure_thread(config.train.intra_op_threads);
+        const std::size_t i = active[k];
+        if (all[i]->state == tasks::TaskState::kFailed) return;
+        try {
+          metrics[i] = tasks::classification_metrics(all[i]->predict(eval.features), eval_targets[i],
+                                                     all[i]->num_classes());
+        } catch (const std::exception& e) {
+          all[i]->state = tasks::TaskState::kFailed;
+          all[i]->failure = detail::str_cat("epoch ", epoch + 1, " evaluation: ", e.what());
+        }
+      });
+    });
+    std::ostringstream note;
+    note.precision(3);
+    for (std::size_t i : active) {
+      auto& r = results[i];
+      auto& task = *all[i];
+      if (task.state != tasks::TaskState::kFailed) {
+        r.epochs = epoch + 1;
+        r.train_loss = loss_count[i] ? loss_sum[i] / static_cast<double>(loss_count[i]) : 0.0;
+        r.eval = metrics[i];
+      }
+      jsonl << "{\"epoch\": " << epoch + 1 << ", \"task\": \"" << json_escape(r.name) << "\", \"state\": \""
+            << state_name(task.state) << "\", \"train_loss\": " << r.train_loss
+            << ", \"eval_accuracy\": " << r.eval.accuracy << ", \"eval_macro_f1\": " << r.eval.macro_f1
+            << ", \"seconds\": " << seconds[i] << "}\n";
+      csv << epoch + 1 << "," << r.name << "," << state_name(task.state) << "," << r.train_loss << ","
+          << r.eval.accuracy << "," << r.eval.macro_f1 << "," << seconds[i] << "\n";
+    }
+    jsonl.flush();
+    csv.flush();
+    {
+      std::ostringstream line;
+      line << "epoch " << epoch + 1 << "/" << max_epochs << ":";
+      for (std::size_t i : active) {
+        char buf[128];
+        if (all[i]->state == tasks::TaskState::kFailed) {
+          std::snprintf(buf, sizeof buf, " %s FAILED", results[i].name.c_str());
+        } else {
+          std::snprintf(buf, sizeof buf, " %s %.1f%%", results[i].name.c_str(), 100 * results[i].eval.accuracy);
+        }
+        line << buf;
+      }
+      progress.message(line.str());
+    }
+  }
+  for (auto& t : all) {
+    if (t->state == tasks::TaskState::kTraining) t->state = tasks::TaskState::kDone;
+  }
+  progress.finish();
+  report.train_seconds = since(train_start);
+
+  const std::string heads_dir = config.train.out_dir + "/heads";
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    auto& r = results[i];
+    r.state = all[i]->state;
+    r.failure = all[i]->failure;
+    r.seconds = seconds[i];
+    if (r.state == tasks::TaskState::kDone) {
+      save_head(*all[i], r, cache.meta(), report.feature_dim, heads_dir);
+      r.weights_path = heads_dir + "/" + r.name + ".safetensors";
+    }
+  }
+  report.tasks = std::move(results);
+  return report;
+}
+
+std::string format_summary(const TrainReport& report) {
+  std::ostringstream o;
+  std::size_t w_name = 4, w_head = 4, w_labels = 6;
+  for (const auto& t : report.tasks) {
+    w_name = std::max(w_name, t.name.size());
+    w_head = std::max(w_head, t.head.size());
+    w_labels = std::max(w_labels, t.labels.size());
+  }
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-16s  %6s  %8s  %8s  %7s\n", int(w_name), "task",
+                int(w_head), "head", int(w_labels), "labels", "optimizer", "epochs", "accuracy",
+                "macro-F1", "state");
+  o << buf;
+  for (const auto& t : report.tasks) {
+    std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-16s  %6lld  %7.2f%%  %8.4f  %7s\n", int(w_name),
+                  t.name.c_str(), int(w_head), t.head.c_str(), int(w_labels), t.labels.c_str(),
+                  t.optimizer.c_str(), static_cast<long long>(t.epochs), 100 * t.eval.accuracy,
+                  t.eval.macro_f1, state_name(t.state));
+    o << buf;
+  }
+  for (const auto& t : report.tasks) {
+    if (t.state == tasks::TaskState::kFailed) o << "task '" << t.name << "' FAILED at " << t.failure << "\n";
+  }
+  std::snprintf(buf, sizeof buf,
+                "%zu heads, %lld train rows x %lld features, evaluated on %lld rows; load %.1fs, train %.1fs\n",
+                report.tasks.size(), static_cast<long long>(report.train_rows),
+                static_cast<long long>(report.feature_dim), static_cast<long long>(report.eval_rows),
+                report.load_seconds, report.train_seconds);
+  o << buf;
+  return o.str();
+}
+
+}  // namespace canopy::runners

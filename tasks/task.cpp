@@ -1,0 +1,138 @@
+#include "canopy/tasks/task.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include <ATen/ops/argmax.h>
+#include <ATen/ops/bincount.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/nn/functional/loss.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
+#include <torch/optim/sgd.h>
+#include <torch/utils.h>
+
+#include "canopy/core/error.h"
+
+namespace canopy::tasks {
+
+void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
+  const std::string t = "task '" + c.name + "'";
+  CANOPY_CHECK(!c.name.empty(), ConfigError, "a task needs a name");
+  CANOPY_CHECK(c.optimizer == "sgd" || c.optimizer == "adam" || c.optimizer == "adamw", ConfigError,
+               t, ": optimizer must be sgd, adam or adamw, got '", c.optimizer, "'");
+  CANOPY_CHECK(c.lr > 0 && std::isfinite(c.lr), ConfigError, t, ": invalid learning rate: ", c.lr);
+  CANOPY_CHECK(c.weight_decay >= 0, ConfigError, t, ": invalid weight_decay: ", c.weight_decay);
+  CANOPY_CHECK(c.momentum >= 0 && c.momentum < 1, ConfigError, t, ": invalid momentum: ", c.momentum);
+  CANOPY_CHECK(c.epochs >= 0, ConfigError, t, ": epochs must be >= 0, got ", c.epochs);
+  if (!c.label_map.empty()) {
+    CANOPY_CHECK(source_classes <= 0 || static_cast<std::int64_t>(c.label_map.size()) == source_classes,
+                 ConfigError, t, ": label_map has ", c.label_map.size(), " entries, label source '",
+                 c.labels, "' has ", source_classes, " classes");
+    for (auto v : c.label_map) {
+      CANOPY_CHECK(v >= 0, ConfigError, t, ": label_map entries must be >= 0, got ", v);
+    }
+  }
+  const std::int64_t k = c.label_map.empty()
+                             ? source_classes
+                             : *std::max_element(c.label_map.begin(), c.label_map.end()) + 1;
+  CANOPY_CHECK(c.class_names.empty() || k <= 0 || static_cast<std::int64_t>(c.class_names.size()) == k,
+               ConfigError, t, ": class_names has ", c.class_names.size(), " names for ", k,
+               " classes");
+}
+
+ClassificationMetrics classification_metrics(const at::Tensor& predictions,
+                                             const at::Tensor& targets, std::int64_t k) {
+  CANOPY_CHECK(predictions.numel() == targets.numel(), DataError, predictions.numel(),
+               " predictions for ", targets.numel(), " targets");
+  ClassificationMetrics m;
+  m.count = targets.numel();
+  const at::Tensor p = predictions.to(at::kLong).flatten();
+  const at::Tensor t = targets.to(at::kLong).flatten();
+  m.confusion = at::bincount(t * k + p, {}, k * k).view({k, k}).to(at::kLong);
+  if (m.count == 0) return m;
+  const auto* c = m.confusion.data_ptr<std::int64_t>();
+  std::int64_t correct = 0;
+  double f1_sum = 0;
+  std::int64_t present = 0;
+  for (std::int64_t i = 0; i < k; ++i) {
+    correct += c[i * k + i];
+    std::int64_t row = 0, col = 0;
+    for (std::int64_t j = 0; j < k; ++j) {
+      row += c[i * k + j];
+      col += c[j * k + i];
+    }
+    if (row == 0 && col == 0) continue;  // class absent from truth and predictions
+    ++present;
+    const double tp = static_cast<double>(c[i * k + i]);
+    f1_sum += (row + col) > 0 ? 2 * tp / static_cast<double>(row + col) : 0.0;
+  }
+  m.accuracy = static_cast<double>(correct) / static_cast<double>(m.count);
+  m.macro_f1 = present ? f1_sum / static_cast<double>(present) : 0.0;
+  return m;
+}
+
+Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_features,
+           std::int64_t source_classes, std::uint64_t seed)
+    : config_(std::move(config)) {
+  validate_task_config(config_, source_classes);
+  if (config_.label_map.empty()) {
+    num_classes_ = source_classes;
+  } else {
+    num_classes_ = *std::max_element(config_.label_map.begin(), config_.label_map.end()) + 1;
+    map_ = at::tensor(config_.label_map, at::kLong);
+  }
+  CANOPY_CHECK(num_classes_ >= 2, ConfigError, "task '", config_.name, "': needs at least 2 classes, has ",
+               num_classes_);
+  torch::manual_seed(seed);  // per-task seed: heads start the same whatever the task order
+  HeadSpec spec{in_features, num_classes_, HeadParams(config_.name, config_.head_params)};
+  head_ = registry.create(config_.head, spec);
+  const auto params = head_->parameters();
+  if (config_.optimizer == "sgd") {
+    optimizer_ = std::make_unique<torch::optim::SGD>(
+        params, torch::optim::SGDOptions(config_.lr).momentum(config_.momentum).weight_decay(config_.weight_decay));
+  } else if (config_.optimizer == "adam") {
+    optimizer_ = std::make_unique<torch::optim::Adam>(
+        params, torch::optim::AdamOptions(config_.lr).weight_decay(config_.weight_decay));
+  } else {
+    optimizer_ = std::make_unique<torch::optim::AdamW>(
+        params, torch::optim::AdamWOptions(config_.lr).weight_decay(config_.weight_decay));
+  }
+}
+
+Task::~Task() = default;
+
+at::Tensor Task::targets(const at::Tensor& source_labels) const {
+  if (!map_.defined()) {
+    const auto max = source_labels.numel() ? source_labels.max().item<std::int64_t>() : 0;
+    const auto min = source_labels.numel() ? source_labels.min().item<std::int64_t>() : 0;
+    CANOPY_CHECK(min >= 0 && max < num_classes_, DataError, "task '", config_.name, "': labels of '",
+                 config_.labels, "' range over [", min, ", ", max, "], expected [0, ", num_classes_ - 1, "]");
+    return source_labels;
+  }
+  const auto max = source_labels.numel() ? source_labels.max().item<std::int64_t>() : 0;
+  CANOPY_CHECK(max < map_.numel(), DataError, "task '", config_.name, "': label ", max,
+               " has no entry in label_map (", map_.numel(), " entries)");
+  return map_.index_select(0, source_labels);
+}
+
+double Task::train_step(const at::Tensor& features, const at::Tensor& targets) {
+  head_->train();
+  optimizer_->zero_grad();
+  const at::Tensor logits = head_->forward(features);
+  const at::Tensor loss = torch::nn::functional::cross_entropy(logits, targets);
+  const double value = loss.item<double>();
+  CANOPY_CHECK(std::isfinite(value), Error, "loss is ", value);
+  loss.backward();
+  optimizer_->step();
+  return value;
+}
+
+at::Tensor Task::predict(const at::Tensor& features) {
+  torch::NoGradGuard no_grad;
+  head_->eval();
+  return head_->forward(features).argmax(1);
+}
+
+}  // namespace canopy::tasks
