@@ -1,18 +1,20 @@
 #include "canopy/core/fs.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <ftw.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
-#include <filesystem>
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
 #include "canopy/core/error.h"
 
 namespace canopy {
-namespace fs = std::filesystem;
 
 std::string temp_path_for(const std::string& path) {
   return path + ".tmp." + std::to_string(::getpid());
@@ -29,8 +31,8 @@ void fsync_fd_path(const std::string& path, int flags) {
 }
 
 std::string parent_dir(const std::string& path) {
-  const fs::path parent = fs::path(path).parent_path();
-  return parent.empty() ? std::string(".") : parent.string();
+  const std::string parent = parent_path(path);
+  return parent.empty() ? std::string(".") : parent;
 }
 }  // namespace
 
@@ -59,9 +61,61 @@ void write_file_atomic(const std::string& path, std::string_view contents) {
 }
 
 void make_dirs(const std::string& path) {
-  std::error_code ec;
-  fs::create_directories(path, ec);
-  CANOPY_CHECK(!ec, IoError, "cannot create directory '", path, "': ", ec.message());
+  if (path.empty() || is_directory(path)) return;
+  make_dirs(parent_path(path));
+  if (::mkdir(path.c_str(), 0777) != 0 && errno != EEXIST) {
+    throw IoError(detail::str_cat("cannot create directory '", path, "': ", std::strerror(errno)));
+  }
+  CANOPY_CHECK(is_directory(path), IoError, "'", path, "' exists and is not a directory");
+}
+
+bool path_exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+bool is_regular_file(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+bool is_directory(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+std::string parent_path(const std::string& path) {
+  std::string p = path;
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  const auto slash = p.rfind('/');
+  if (slash == std::string::npos) return "";
+  if (slash == 0) return "/";
+  return p.substr(0, slash);
+}
+
+std::string join_path(const std::string& dir, const std::string& name) {
+  if (dir.empty()) return name;
+  return dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
+std::vector<std::string> list_dir(const std::string& path) {
+  DIR* d = ::opendir(path.c_str());
+  CANOPY_CHECK(d != nullptr, IoError, "cannot list directory '", path, "': ", std::strerror(errno));
+  std::vector<std::string> names;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string n = e->d_name;
+    if (n != "." && n != "..") names.push_back(n);
+  }
+  ::closedir(d);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+void remove_tree(const std::string& path) {
+  if (!path_exists(path)) return;
+  auto unlink_cb = [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); };
+  CANOPY_CHECK(::nftw(path.c_str(), unlink_cb, 16, FTW_DEPTH | FTW_PHYS) == 0, IoError,
+               "cannot remove '", path, "': ", std::strerror(errno));
 }
 
 std::string read_file(const std::string& path) {

@@ -3,12 +3,12 @@
 #include <zlib.h>
 
 #include <cstring>
-#include <filesystem>
 
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 
 #include "canopy/core/error.h"
+#include "canopy/core/fs.h"
 
 namespace canopy::datasets {
 
@@ -35,8 +35,8 @@ std::uint32_t be32(const std::string& s, std::size_t at) {
 
 std::string find_file(const std::string& dir, const std::string& stem) {
   for (const std::string& name : {stem + ".gz", stem}) {
-    const auto p = std::filesystem::path(dir) / name;
-    if (std::filesystem::is_regular_file(p)) return p.string();
+    const std::string p = join_path(dir, name);
+    if (is_regular_file(p)) return p;
   }
   throw DataError(detail::str_cat("no '", stem, "' or '", stem, ".gz' in '", dir,
                                   "' (Fashion-MNIST comes from the Debian package dataset-fashion-mnist)"));

@@ -3,7 +3,8 @@
 #include <sys/stat.h>
 
 #include <chrono>
-#include <filesystem>
+#include <algorithm>
+#include <optional>
 #include <sstream>
 
 #include <ATen/ops/cat.h>
@@ -26,9 +27,10 @@ using Clock = std::chrono::steady_clock;
 // 30 MB of idx files on every run would cost more than it protects against).
 std::string describe_input_files(const DataConfig& d) {
   std::ostringstream out;
+  CANOPY_CHECK(is_directory(d.dir), DataError, "data.dir '", d.dir, "' is not a directory",
+               d.source == "fashion-mnist" ? " (install the Debian package dataset-fashion-mnist)" : "");
   std::vector<std::string> names;
-  for (const auto& entry : std::filesystem::directory_iterator(d.dir)) {
-    const auto name = entry.path().filename().string();
+  for (const auto& name : list_dir(d.dir)) {
     if (name.find("idx") != std::string::npos) names.push_back(name);
   }
   CANOPY_CHECK(!names.empty(), DataError, "data.dir '", d.dir, "' holds no idx files",
@@ -36,7 +38,7 @@ std::string describe_input_files(const DataConfig& d) {
   std::sort(names.begin(), names.end());
   for (const auto& n : names) {
     struct stat st {};
-    const std::string p = (std::filesystem::path(d.dir) / n).string();
+    const std::string p = join_path(d.dir, n);
     CANOPY_CHECK(::stat(p.c_str(), &st) == 0, IoError, "cannot stat '", p, "'");
     out << n << ":" << st.st_size << ":" << st.st_mtim.tv_sec << ";";
   }
@@ -100,7 +102,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   const std::string description = cache_description(config, trunk_sha);
   report.fingerprint = sha256_hex(description);
 
-  if (!force && std::filesystem::exists(config.cache.path)) {
+  if (!force && path_exists(config.cache.path)) {
     try {
       const auto existing = datasets::FeatureCache::open(config.cache.path);
       if (existing.meta().fingerprint == report.fingerprint) {
@@ -134,8 +136,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
     total += splits[split].images.size(0);
   }
 
-  const auto parent = std::filesystem::path(config.cache.path).parent_path();
-  if (!parent.empty()) make_dirs(parent.string());
+  make_dirs(parent_path(config.cache.path));
   datasets::CacheMeta meta;
   meta.fingerprint = report.fingerprint;
   meta.description = description;

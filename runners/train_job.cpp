@@ -4,7 +4,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -55,7 +54,7 @@ void configure_thread(std::int64_t intra_op_threads) {
 std::string expected_fingerprint(const JobConfig& config) {
   std::string sha = config.trunk.sha256;
   if (sha.empty()) {
-    CANOPY_CHECK(std::filesystem::exists(config.trunk.path), DataError, "cannot check the cache's ",
+    CANOPY_CHECK(path_exists(config.trunk.path), DataError, "cannot check the cache's ",
                  "fingerprint: trunk file '", config.trunk.path, "' is missing; pin trunk.sha256 ",
                  "or set train.check_fingerprint = false");
     sha = sha256_file(config.trunk.path);

@@ -1,6 +1,5 @@
 #include "canopy/trunk/trunk.h"
 
-#include <filesystem>
 
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/jit/api/module.h>
@@ -9,6 +8,7 @@
 
 #include "canopy/core/device.h"
 #include "canopy/core/error.h"
+#include "canopy/core/fs.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/sha256.h"
 
@@ -38,7 +38,7 @@ Trunk::~Trunk() = default;
 
 Trunk Trunk::load(const TrunkConfig& config) {
   validate_trunk_config(config);
-  CANOPY_CHECK(std::filesystem::is_regular_file(config.path), DataError, "trunk file '",
+  CANOPY_CHECK(is_regular_file(config.path), DataError, "trunk file '",
                config.path, "' does not exist (run scripts/setup to export the default trunk)");
   auto impl = std::make_unique<Impl>();
   impl->config = config;

@@ -1,13 +1,15 @@
 #include "test_support.h"
 
 #include <cstdlib>
-#include <filesystem>
+#include <cstring>
 
 #include <ATen/ops/ones.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/jit/api/module.h>
 #include <torch/utils.h>
+
+#include "canopy/core/fs.h"
 
 namespace canopy::testing {
 
@@ -20,8 +22,11 @@ TempDir::TempDir() {
 }
 
 TempDir::~TempDir() {
-  std::error_code ec;
-  std::filesystem::remove_all(path_, ec);
+  try {
+    remove_tree(path_);
+  } catch (const std::exception&) {
+    // best effort: a leftover temp dir must not fail a test
+  }
 }
 
 bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {

@@ -3,6 +3,7 @@
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace canopy {
 
@@ -21,6 +22,19 @@ void rename_durable(const std::string& from, const std::string& to);
 
 // Creates a directory and its parents; no error if it exists.
 void make_dirs(const std::string& path);
+
+// Plain POSIX path helpers. canopy does not use std::filesystem: the LibTorch shared
+// library exports its own copies of some std::filesystem symbols (remove_all among them)
+// that interpose on libstdc++'s and crash (see docs/decisions.md).
+bool path_exists(const std::string& path);
+bool is_regular_file(const std::string& path);
+bool is_directory(const std::string& path);
+std::string parent_path(const std::string& path);  // "" for a bare file name
+std::string join_path(const std::string& dir, const std::string& name);
+// Names of the entries in a directory (no "." or ".."), sorted.
+std::vector<std::string> list_dir(const std::string& path);
+// Removes a file or a directory tree; no error if it does not exist.
+void remove_tree(const std::string& path);
 
 std::string read_file(const std::string& path);
 

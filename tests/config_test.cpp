@@ -1,0 +1,81 @@
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+#include "canopy/runners/config.h"
+#include "support/test_support.h"
+
+namespace canopy::runners {
+namespace {
+
+const char* kConfig = R"(
+[data]
+train_limit = 100
+[trunk]
+path = /models/t.pt
+[train]
+epochs = 3
+[task.fine]
+head = mlp
+hidden = 64,32
+lr = 0.01
+[task.coarse]
+head = linear
+label_map = 0,0,1,1
+)";
+
+TEST(Config, ReadsSectionsTasksAndHeadParams) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("c.ini"), kConfig);
+  const JobConfig c = load_job_config(dir.file("c.ini"));
+  EXPECT_EQ(c.data.train_limit, 100);
+  EXPECT_EQ(c.train.epochs, 3);
+  EXPECT_EQ(c.train.batch_size, 256) << "default kept";
+  ASSERT_EQ(c.tasks.size(), 2u);
+  EXPECT_EQ(c.tasks[0].name, "coarse");  // tasks are ordered by name
+  EXPECT_EQ(c.tasks[0].label_map, (std::vector<std::int64_t>{0, 0, 1, 1}));
+  EXPECT_EQ(c.tasks[1].head, "mlp");
+  EXPECT_DOUBLE_EQ(c.tasks[1].lr, 0.01);
+  EXPECT_EQ(c.tasks[1].head_params.at("hidden"), "64,32");
+}
+
+TEST(Config, CommandLineOverridesFile) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("c.ini"), kConfig);
+  const JobConfig c = load_job_config(dir.file("c.ini"), {"train.epochs=7", "task.fine.lr = 0.5"});
+  EXPECT_EQ(c.train.epochs, 7);
+  EXPECT_DOUBLE_EQ(c.tasks[1].lr, 0.5);
+}
+
+TEST(Config, ErrorsNameKeyValueAndFile) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("c.ini"), kConfig);
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"train.epoch=3"}); },
+                                                {"unknown config key", "train.epoch", "c.ini"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"train.epochs=three"}); },
+                                                {"train.epochs", "'three'"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"train.batch_size=0"}); },
+                                                {"train.batch_size", "0"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"task.fine.optimizer=lbfgs"}); },
+                                                {"task 'fine'", "'lbfgs'"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("missing.ini")); }, {"missing.ini"}));
+  write_file_atomic(dir.file("dup.ini"), "[train]\nepochs = 1\nepochs = 2\n");
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("dup.ini")); }, {"train.epochs", "twice"}));
+}
+
+TEST(Config, DumpIsAFixedPoint) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("c.ini"), kConfig);
+  const JobConfig c = load_job_config(dir.file("c.ini"), {"train.seed=9"});
+  const std::string dumped = dump_config(c);
+  write_file_atomic(dir.file("dumped.ini"), dumped);
+  const JobConfig again = load_job_config(dir.file("dumped.ini"));
+  EXPECT_EQ(again.train.seed, 9u);
+  // Identical apart from the first line naming the source file.
+  EXPECT_EQ(dumped.substr(dumped.find('\n')), dump_config(again).substr(dump_config(again).find('\n')));
+}
+
+}  // namespace
+}  // namespace canopy::runners

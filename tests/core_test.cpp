@@ -1,0 +1,89 @@
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+#include "canopy/core/progress.h"
+#include "canopy/core/sha256.h"
+#include "canopy/core/strings.h"
+#include "support/test_support.h"
+
+namespace canopy {
+namespace {
+
+TEST(Sha256, KnownVectors) {
+  EXPECT_EQ(sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  Sha256 h;  // a million 'a' fed in uneven pieces
+  const std::string chunk(997, 'a');
+  std::size_t left = 1000000;
+  while (left) {
+    const std::size_t n = std::min(left, chunk.size());
+    h.update(chunk.data(), n);
+    left -= n;
+  }
+  EXPECT_EQ(h.hex_digest(), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+TEST(Sha256, FileMatchesString) {
+  testing::TempDir dir;
+  const std::string text = "canopy hashes trunk files\n";
+  write_file_atomic(dir.file("f.txt"), text);
+  EXPECT_EQ(sha256_file(dir.file("f.txt")), sha256_hex(text));
+  EXPECT_TRUE(testing::throws_with<IoError>([&] { sha256_file(dir.file("missing")); }, {"missing"}));
+}
+
+TEST(Fs, AtomicWriteReplacesAndLeavesNoTemp) {
+  testing::TempDir dir;
+  const std::string p = dir.file("a.json");
+  write_file_atomic(p, "one");
+  write_file_atomic(p, "two");
+  EXPECT_EQ(read_file(p), "two");
+  EXPECT_FALSE(std::ifstream(temp_path_for(p)).good());
+}
+
+TEST(Strings, ParseErrorsNameTheValue) {
+  EXPECT_EQ(parse_int(" 42 ", "x"), 42);
+  EXPECT_TRUE(testing::throws_with<ConfigError>([] { parse_int("4x", "train.epochs"); }, {"train.epochs", "'4x'"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([] { parse_double("nan", "lr"); }, {"lr", "'nan'"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([] { parse_bool("maybe", "b"); }, {"'maybe'"}));
+  EXPECT_EQ(parse_int_list("1, 2,3", "l"), (std::vector<std::int64_t>{1, 2, 3}));
+  EXPECT_EQ(split(" a , b ,c", ','), (std::vector<std::string>{"a", "b", "c"}));
+  EXPECT_TRUE(split("  ", ',').empty());
+}
+
+TEST(Strings, ExpandEnv) {
+  ::setenv("CANOPY_TEST_VAR", "/data", 1);
+  ::unsetenv("CANOPY_TEST_UNSET");
+  EXPECT_EQ(expand_env("${CANOPY_TEST_VAR}/x"), "/data/x");
+  EXPECT_EQ(expand_env("${CANOPY_TEST_UNSET:-/fallback}/x"), "/fallback/x");
+  EXPECT_EQ(expand_env("${CANOPY_TEST_UNSET:-${CANOPY_TEST_VAR}/y}/x"), "/data/y/x");
+  EXPECT_TRUE(testing::throws_with<ConfigError>([] { expand_env("${CANOPY_TEST_UNSET}"); }, {"CANOPY_TEST_UNSET"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([] { expand_env("${OOPS"); }, {"unterminated"}));
+}
+
+TEST(Progress, PlainLinesWhenNotATerminal) {
+  testing::TempDir dir;
+  std::FILE* f = std::fopen(dir.file("log").c_str(), "w+");
+  ASSERT_NE(f, nullptr);
+  {
+    Progress p("cache", 100, "img", ProgressStyle::kLines, f);
+    for (int i = 0; i < 10; ++i) p.advance(10);
+    p.message("epoch 1/1: done");
+  }
+  std::fclose(f);
+  const std::string log = read_file(dir.file("log"));
+  EXPECT_NE(log.find("cache: 0/100 img"), std::string::npos) << log;
+  EXPECT_NE(log.find("cache: 100/100 img (100%)"), std::string::npos) << log;
+  EXPECT_NE(log.find("epoch 1/1: done"), std::string::npos) << log;
+  EXPECT_EQ(log.find('\r'), std::string::npos) << "no carriage returns in plain-line mode";
+}
+
+}  // namespace
+}  // namespace canopy

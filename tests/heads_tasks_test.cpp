@@ -1,0 +1,98 @@
+#include <gtest/gtest.h>
+
+#include <ATen/ops/arange.h>
+#include <ATen/ops/randint.h>
+#include <ATen/ops/randn.h>
+#include <ATen/ops/tensor.h>
+#include <torch/utils.h>
+
+#include "canopy/core/error.h"
+#include "canopy/heads/linear.h"
+#include "canopy/heads/mlp.h"
+#include "canopy/tasks/registry.h"
+#include "canopy/tasks/task.h"
+#include "support/test_support.h"
+
+namespace canopy::tasks {
+namespace {
+
+HeadRegistry builtin() {
+  HeadRegistry r;
+  register_builtin_heads(r);
+  return r;
+}
+
+TEST(Heads, ShapesAndDescriptions) {
+  heads::LinearHead lin(heads::LinearHeadOptions(16, 4));
+  EXPECT_EQ(lin.forward(at::randn({3, 16})).sizes(), (std::vector<std::int64_t>{3, 4}));
+  heads::MlpHead mlp(heads::MlpHeadOptions(16, 4).hidden({32, 8}).activation("gelu").dropout(0.1));
+  EXPECT_EQ(mlp.forward(at::randn({3, 16})).sizes(), (std::vector<std::int64_t>{3, 4}));
+  EXPECT_EQ(mlp.describe(), "mlp 16-32-8-4 gelu dropout=0.1");
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [] { heads::MlpHead(heads::MlpHeadOptions(16, 4).activation("sigmoidish")); }, {"'sigmoidish'"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [] { heads::MlpHead(heads::MlpHeadOptions(16, 4).dropout(1.5)); }, {"dropout", "1.5"}));
+}
+
+TEST(Registry, BuiltinsAndErrors) {
+  HeadRegistry r = builtin();
+  ASSERT_EQ(r.list().size(), 2u);
+  EXPECT_EQ(r.list()[0].first, "linear");
+  EXPECT_EQ(r.list()[1].first, "mlp");
+  HeadSpec spec{8, 3, HeadParams("t", {{"hidden", "5,4"}})};
+  EXPECT_EQ(r.create("mlp", spec)->describe(), "mlp 8-5-4-3 relu");
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { r.create("conv", spec); }, {"unknown head 'conv'", "linear, mlp"}));
+  HeadSpec typo{8, 3, HeadParams("t", {{"hiden", "5"}})};
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { r.create("mlp", typo); }, {"task.t.hiden"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { r.add("mlp", [](const HeadSpec&) { return heads::HeadPtr(); }, ""); },
+                                                {"already registered"}));
+}
+
+TEST(Metrics, AccuracyAndMacroF1) {
+  const at::Tensor truth = at::tensor(std::vector<std::int64_t>{0, 0, 1, 1, 2, 2});
+  const at::Tensor pred = at::tensor(std::vector<std::int64_t>{0, 1, 1, 1, 2, 0});
+  const auto m = classification_metrics(pred, truth, 3);
+  EXPECT_NEAR(m.accuracy, 4.0 / 6.0, 1e-12);
+  // F1 per class: c0 tp=1 (2 true, 2 pred) -> 0.5; c1 tp=2 (2, 3) -> 0.8; c2 tp=1 (2, 1) -> 2/3.
+  EXPECT_NEAR(m.macro_f1, (0.5 + 0.8 + 2.0 / 3.0) / 3.0, 1e-12);
+  EXPECT_EQ(m.confusion[2][0].item<std::int64_t>(), 1);
+}
+
+TEST(Task, LabelMapAndValidation) {
+  HeadRegistry r = builtin();
+  TaskConfig c;
+  c.name = "group";
+  c.label_map = {0, 1, 0, 2};
+  Task t(c, r, 8, 4, 1);
+  EXPECT_EQ(t.num_classes(), 3);
+  const at::Tensor y = t.targets(at::tensor(std::vector<std::int64_t>{3, 2, 1}));
+  EXPECT_EQ(y[0].item<std::int64_t>(), 2);
+  EXPECT_EQ(y[1].item<std::int64_t>(), 0);
+  c.label_map = {0, 1, 0};
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 8, 4, 1); }, {"task 'group'", "3 entries", "4 classes"}));
+  c.label_map = {};
+  c.lr = -1;
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 8, 4, 1); }, {"learning rate", "-1"}));
+}
+
+TEST(Task, TrainingLowersLossAndNaNFails) {
+  HeadRegistry r = builtin();
+  torch::manual_seed(3);
+  const at::Tensor x = at::randn({256, 8});
+  const at::Tensor y = (x.select(1, 0) > 0).to(at::kLong);  // linearly separable
+  TaskConfig c;
+  c.name = "sep";
+  c.lr = 0.05;
+  Task t(c, r, 8, 2, 1);
+  const double first = t.train_step(x, y);
+  double last = first;
+  for (int i = 0; i < 50; ++i) last = t.train_step(x, y);
+  EXPECT_LT(last, 0.5 * first);
+  EXPECT_GT(classification_metrics(t.predict(x), y, 2).accuracy, 0.95);
+  at::Tensor bad = x.clone();
+  bad[0][0] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_TRUE(testing::throws_with<Error>([&] { t.train_step(bad, y); }, {"loss is nan"}));
+}
+
+}  // namespace
+}  // namespace canopy::tasks

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Reads canopy's outputs with the tools users read them with.
+
+Runs the real `canopy` binary on a tiny TorchScript trunk (scripted here) over a slice of
+Fashion-MNIST, then checks:
+  * the cache opens with h5py: features, labels, ids and the fingerprint attributes;
+  * the cached features equal what Python torch computes from the same images and trunk;
+  * `h5ls -r` lists the documented layout;
+  * every exported head loads with the `safetensors` package and, in plain torch,
+    reproduces the accuracy canopy reported for it;
+  * the example program registers its own head and trains it through the same CLI.
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+FMNIST = os.environ.get("CANOPY_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+TRAIN, TEST, SIZE = 1000, 300, 32
+D = 24 * 8 * 8  # the tiny trunk's [24, 8, 8] output, flattened
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.conv2 = torch.nn.Conv2d(16, 24, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.bn(self.conv(x))))
+
+
+def read_idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+failures = []
+
+
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what)
+    if not cond:
+        failures.append(what)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--canopy", required=True)
+    ap.add_argument("--custom", required=True)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    work = tempfile.mkdtemp(prefix="canopy-py-")
+    trunk_path = os.path.join(work, "tiny.pt")
+    model = Tiny()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    torch.jit.script(model.eval()).save(trunk_path)
+    sha = hashlib.sha256(open(trunk_path, "rb").read()).hexdigest()
+    cache = os.path.join(work, "cache.h5")
+    out_dir = os.path.join(work, "out")
+    config = os.path.join(work, "job.ini")
+    with open(config, "w") as f:
+        f.write(f"""[data]
+dir = {FMNIST}
+train_limit = {TRAIN}
+test_limit = {TEST}
+[preprocess]
+resize = {SIZE}
+mean = 0.485,0.456,0.406
+std = 0.229,0.224,0.225
+[trunk]
+path = {trunk_path}
+sha256 = {sha}
+device = cpu
+pooling = flatten
+[cache]
+path = {cache}
+batch_size = 100
+[train]
+out_dir = {out_dir}
+epochs = 5
+batch_size = 50
+[task.fine]
+head = linear
+lr = 0.01
+[task.coarse]
+head = mlp
+hidden = 32
+label_map = 0,1,0,0,0,2,0,2,3,2
+class_names = tops,bottoms,footwear,bags
+lr = 0.01
+""")
+    run = subprocess.run([a.canopy, "run", "--config", config, "--progress", "lines"],
+                         capture_output=True, text=True)
+    print(run.stdout)
+    check(run.returncode == 0, f"canopy run exits 0 (got {run.returncode}: {run.stderr[-2000:]})")
+    if run.returncode != 0:
+        return 1
+    check("[canopy] cache:" in run.stderr and "(100%)" in run.stderr, "plain progress lines when not a terminal")
+
+    # --- the cache, with h5py -------------------------------------------------
+    with h5py.File(cache, "r") as h:
+        attrs = dict(h.attrs)
+        check(int(attrs["canopy_schema"]) == 1, "canopy_schema attribute is 1")
+        fp = attrs["fingerprint"]
+        fp = fp.decode() if isinstance(fp, bytes) else fp
+        check(len(fp) == 64 and all(c in "0123456789abcdef" for c in fp), "fingerprint is a SHA-256")
+        desc = attrs["description"]
+        desc = desc.decode() if isinstance(desc, bytes) else desc
+        check(hashlib.sha256(desc.encode()).hexdigest() == fp, "fingerprint = SHA-256 of the description")
+        ts = attrs["trunk_sha256"]
+        check((ts.decode() if isinstance(ts, bytes) else ts) == sha, "trunk_sha256 matches the trunk file")
+        pre = attrs["preprocessing"]
+        check(f"resize={SIZE}" in (pre.decode() if isinstance(pre, bytes) else pre), "preprocessing recorded")
+        feats = h["train/features"]
+        check(feats.shape == (TRAIN, D) and feats.dtype == np.float32, f"train/features is float32 [{TRAIN}, {D}]: {feats.shape} {feats.dtype}")
+        labels = h["train/labels/class"][:]
+        truth = read_idx(f"{FMNIST}/train-labels-idx1-ubyte.gz")[:TRAIN]
+        check(labels.dtype == np.int64 and np.array_equal(labels, truth), "train/labels/class = the data set's labels")
+        check(np.array_equal(h["train/ids"][:], np.arange(TRAIN)), "train/ids are the sample indices")
+        check(h["test/features"].shape == (TEST, D), "test split present")
+        cached_test = h["test/features"][:]
+        test_labels = h["test/labels/class"][:]
+
+    # --- the same features computed by Python torch --------------------------
+    imgs = torch.from_numpy(read_idx(f"{FMNIST}/t10k-images-idx3-ubyte.gz")[:TEST].copy()).float().div(255)
+    x = F.interpolate(imgs.unsqueeze(1), size=(SIZE, SIZE), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    trunk = torch.jit.load(trunk_path).eval()
+    with torch.no_grad():
+        ref = trunk((x - mean) / std).flatten(1).numpy()
+    err = np.abs(ref - cached_test).max()
+    check(np.allclose(ref, cached_test, rtol=1e-4, atol=1e-4), f"cached features match Python torch (max abs diff {err:.2e})")
+
+    # --- h5ls -----------------------------------------------------------------
+    ls = subprocess.run(["h5ls", "-r", cache], capture_output=True, text=True).stdout
+    check(any(l.startswith("/train/features") and f"{{{TRAIN}/Inf, {D}}}" in l for l in ls.splitlines()),
+          f"h5ls lists /train/features as Dataset {{{TRAIN}/Inf, {D}}}")
+    check("/test/labels/class" in ls, "h5ls lists /test/labels/class")
+
+    # --- exported heads, with safetensors + torch ------------------------------
+    feats_t = torch.from_numpy(cached_test)
+    for name, remap in (("fine", None), ("coarse", [0, 1, 0, 0, 0, 2, 0, 2, 3, 2])):
+        card = json.load(open(os.path.join(out_dir, "heads", f"{name}.json")))
+        w = load_file(os.path.join(out_dir, "heads", card["weights"]))
+        check(card["in_features"] == D and card["trunk_sha256"] == sha, f"{name}: card names dims and trunk")
+        with torch.no_grad():
+            if card["head"] == "linear":
+                logits = feats_t @ w["linear.weight"].T + w["linear.bias"]
+            else:
+                h1 = F.relu(feats_t @ w["layers.0.weight"].T + w["layers.0.bias"])
+                logits = h1 @ w["layers.2.weight"].T + w["layers.2.bias"]
+        y = torch.from_numpy(test_labels)
+        if remap is not None:
+            y = torch.tensor(remap)[y]
+            check(card["class_names"] == ["tops", "bottoms", "footwear", "bags"], "coarse: class names in the card")
+        acc = (logits.argmax(1) == y).float().mean().item()
+        check(abs(acc - card["eval_accuracy"]) <= 1.0 / TEST,
+              f"{name}: torch reproduces canopy's accuracy ({acc:.4f} vs {card['eval_accuracy']:.4f})")
+        check(acc > 0.6, f"{name}: accuracy {acc:.3f} is far above chance")
+
+    # --- the example program with its own head ---------------------------------
+    heads = subprocess.run([a.custom, "heads"], capture_output=True, text=True).stdout
+    check("residual_mlp" in heads and "linear" in heads, "example program lists its own head next to the built-ins")
+    with open(config, "a") as f:
+        f.write("[task.residual]\nhead = residual_mlp\nwidth = 16\nlr = 0.01\n")
+    run = subprocess.run([a.custom, "train", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
+    check(run.returncode == 0 and f"residual_mlp {D}-(16)-10" in run.stdout,
+          f"example program trains its head through run_cli ({run.returncode}: {run.stderr[-500:]})")
+    print(f"\n{'all checks passed' if not failures else str(len(failures)) + ' check(s) failed'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
