@@ -96,6 +96,8 @@ void Progress::draw(bool final) {
   // Lines: one per tenth of the work, or every 10 s, and a final one.
   const int decile = static_cast<int>(frac * 10);
   if (!final && decile <= last_decile_ && now - last_draw_ < std::chrono::seconds(10)) return;
+  if (final && last_printed_ == done_) return;  // the last line already said it all
+  last_printed_ = done_;
   last_decile_ = decile;
   last_draw_ = now;
   std::fprintf(out_, "[canopy] %s: %lld/%lld %s (%d%%) %.0f %s/s elapsed %s%s%s%s\n",

@@ -39,6 +39,7 @@ class Progress {
   std::chrono::steady_clock::time_point start_;
   std::chrono::steady_clock::time_point last_draw_;
   int last_decile_ = 0;
+  std::int64_t last_printed_ = -1;  // done_ when the last plain line was printed
 };
 
 // Logs a line to stderr with a "[canopy] " prefix.
