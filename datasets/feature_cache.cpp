@@ -1,12 +1,22 @@
 #include "canopy/datasets/feature_cache.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
+#include <set>
+#include <sstream>
 
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <nlohmann/json.hpp>
+#include <oneapi/tbb/parallel_for.h>
 
+#include "canopy/core/crc32c.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
@@ -14,122 +24,499 @@
 
 namespace canopy::datasets {
 
-// ---------------------------------------------------------------- writer
-struct FeatureCacheWriter::Impl {
-  std::string path;
-  std::string tmp_path;
-  std::vector<std::string> label_sources;
-  h5::Handle file;
-  h5::Handle split_group;
-  h5::Handle features;
-  h5::Handle ids;
-  std::map<std::string, h5::Handle> labels;
-  std::string split;
-  std::int64_t dim = 0;
-  std::int64_t rows = 0;
-  bool committed = false;
+using nlohmann::json;
+
+// ---------------------------------------------------------------- dtypes
+const char* storage_dtype_name(StorageDtype d) {
+  switch (d) {
+    case StorageDtype::kFloat32: return "float32";
+    case StorageDtype::kFloat16: return "float16";
+    case StorageDtype::kBFloat16: return "bfloat16";
+  }
+  return "?";
+}
+
+StorageDtype parse_storage_dtype(const std::string& name) {
+  if (name == "float32" || name == "fp32") return StorageDtype::kFloat32;
+  if (name == "float16" || name == "fp16") return StorageDtype::kFloat16;
+  if (name == "bfloat16" || name == "bf16") return StorageDtype::kBFloat16;
+  throw ConfigError("cache.dtype: expected float32, float16 or bfloat16, got '" + name + "'");
+}
+
+ReadMethod parse_read_method(const std::string& name) {
+  if (name == "pread") return ReadMethod::kPread;
+  if (name == "hdf5") return ReadMethod::kHdf5;
+  throw ConfigError("cache.read_method: expected pread or hdf5, got '" + name + "'");
+}
+
+at::ScalarType scalar_type(StorageDtype d) {
+  switch (d) {
+    case StorageDtype::kFloat32: return at::kFloat;
+    case StorageDtype::kFloat16: return at::kHalf;
+    case StorageDtype::kBFloat16: return at::kBFloat16;
+  }
+  return at::kFloat;
+}
+
+namespace {
+std::uint64_t element_size(StorageDtype d) { return d == StorageDtype::kFloat32 ? 4 : 2; }
+
+// The HDF5 file type for a storage dtype. float16 is the IEEE half type h5py reads as
+// numpy float16; bfloat16 has no HDF5 or numpy type and is stored as its 16-bit words.
+h5::Handle file_type(StorageDtype d) {
+  switch (d) {
+    case StorageDtype::kFloat32: return h5::Handle(H5Tcopy(H5T_IEEE_F32LE), H5Tclose);
+    case StorageDtype::kBFloat16: return h5::Handle(H5Tcopy(H5T_STD_U16LE), H5Tclose);
+    case StorageDtype::kFloat16: {
+      h5::Handle t(H5Tcopy(H5T_IEEE_F32LE), H5Tclose);
+      CANOPY_CHECK(H5Tset_fields(t.get(), 15, 10, 5, 0, 10) >= 0 && H5Tset_size(t.get(), 2) >= 0 &&
+                       H5Tset_ebias(t.get(), 15) >= 0,
+                   IoError, "HDF5: cannot make the float16 type");
+      return t;
+    }
+  }
+  throw Error("unreachable");
+}
+
+std::string hex32(std::uint32_t v) {
+  char buf[9];
+  std::snprintf(buf, sizeof buf, "%08x", v);
+  return buf;
+}
+std::uint32_t parse_hex32(const std::string& s) { return static_cast<std::uint32_t>(std::stoul(s, nullptr, 16)); }
+
+std::vector<std::uint32_t> block_crcs(const std::uint8_t* p, std::uint64_t n) {
+  std::vector<std::uint32_t> out((n + kChecksumBlockBytes - 1) / kChecksumBlockBytes);
+  tbb::parallel_for(std::size_t(0), out.size(), [&](std::size_t b) {
+    const std::uint64_t begin = b * kChecksumBlockBytes;
+    out[b] = crc32c(p + begin, std::min(kChecksumBlockBytes, n - begin));
+  });
+  return out;
+}
+
+json meta_to_json(const CacheMeta& m) {
+  return json{{"fingerprint", m.fingerprint},     {"description", m.description},
+              {"trunk_sha256", m.trunk_sha256},   {"trunk_path", m.trunk_path},
+              {"preprocessing", m.preprocessing}, {"pooling", m.pooling},
+              {"torch_version", m.torch_version}, {"dtype", storage_dtype_name(m.dtype)},
+              {"feature_dim", m.feature_dim},     {"label_sources", m.label_sources},
+              {"class_names", m.class_names}};
+}
+
+CacheMeta meta_from_json(const json& j) {
+  CacheMeta m;
+  m.fingerprint = j.at("fingerprint");
+  m.description = j.at("description");
+  m.trunk_sha256 = j.at("trunk_sha256");
+  m.trunk_path = j.at("trunk_path");
+  m.preprocessing = j.at("preprocessing");
+  m.pooling = j.at("pooling");
+  m.torch_version = j.at("torch_version");
+  m.dtype = parse_storage_dtype(j.at("dtype"));
+  m.feature_dim = j.at("feature_dim");
+  m.label_sources = j.at("label_sources").get<std::vector<std::string>>();
+  m.class_names = j.at("class_names").get<std::vector<std::string>>();
+  return m;
+}
+
+// pread exactly n bytes at offset; DataError naming the file when it is short.
+void pread_all(int fd, void* dst, std::uint64_t n, std::uint64_t offset, const std::string& file) {
+  auto* p = static_cast<std::uint8_t*>(dst);
+  while (n > 0) {
+    const ssize_t got = ::pread(fd, p, n, static_cast<off_t>(offset));
+    CANOPY_CHECK(got >= 0 || errno == EINTR, IoError, "reading '", file, "': ", std::strerror(errno));
+    if (got < 0) continue;
+    CANOPY_CHECK(got > 0, DataError, "shard '", file, "' ends early at byte ", offset, " (truncated)");
+    p += got;
+    n -= static_cast<std::uint64_t>(got);
+    offset += static_cast<std::uint64_t>(got);
+  }
+}
+
+class Fd {
+ public:
+  explicit Fd(const std::string& path) : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
+    CANOPY_CHECK(fd_ >= 0, DataError, "cannot open shard '", path, "': ", std::strerror(errno));
+  }
+  ~Fd() { ::close(fd_); }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+
+ private:
+  int fd_;
 };
 
-FeatureCacheWriter::FeatureCacheWriter(std::string path, const CacheMeta& meta)
+std::uint64_t file_size(const std::string& path) {
+  struct stat st {};
+  CANOPY_CHECK(::stat(path.c_str(), &st) == 0, DataError, "shard '", path, "' is missing");
+  return static_cast<std::uint64_t>(st.st_size);
+}
+
+// Checks a shard's size and every checksum by reading its data regions.
+void verify_shard(const std::string& dir, const ShardInfo& s, const CacheMeta& meta);
+}  // namespace
+
+std::string manifest_path(const std::string& dir) { return join_path(dir, "manifest.json"); }
+std::string view_path(const std::string& dir) { return join_path(dir, "cache.h5"); }
+
+Manifest read_manifest(const std::string& dir) {
+  const std::string path = manifest_path(dir);
+  CANOPY_CHECK(is_regular_file(path), DataError, "feature cache '", dir,
+               "' does not exist (no manifest.json); run `canopy cache --config ...` first");
+  try {
+    const json j = json::parse(read_file(path));
+    const std::int64_t schema = j.at("schema");
+    CANOPY_CHECK(schema == kCacheSchemaVersion, DataError, "feature cache '", dir, "' has schema version ",
+                 schema, ", this canopy reads version ", kCacheSchemaVersion, "; rebuild it");
+    Manifest m;
+    m.meta = meta_from_json(j.at("meta"));
+    m.split_rows = j.at("splits").get<std::map<std::string, std::int64_t>>();
+    m.complete = j.at("complete");
+    for (const auto& s : j.at("shards")) {
+      ShardInfo si;
+      si.split = s.at("split");
+      si.index = s.at("index");
+      si.first_row = s.at("first_row");
+      si.rows = s.at("rows");
+      si.file = s.at("file");
+      si.bytes = s.at("bytes");
+      si.features_offset = s.at("features_offset");
+      for (const auto& c : s.at("features_crc32c")) si.features_crc32c.push_back(parse_hex32(c));
+      si.ids_offset = s.at("ids_offset");
+      si.ids_crc32c = parse_hex32(s.at("ids_crc32c"));
+      for (const auto& [src, v] : s.at("labels").items()) {
+        si.labels[src] = {v.at(0).get<std::uint64_t>(), parse_hex32(v.at(1))};
+      }
+      m.shards.push_back(std::move(si));
+    }
+    return m;
+  } catch (const json::exception& e) {
+    throw DataError(detail::str_cat("feature cache manifest '", path, "' is malformed: ", e.what()));
+  }
+}
+
+void write_manifest(const std::string& dir, const Manifest& m) {
+  json shards = json::array();
+  for (const auto& s : m.shards) {
+    json crcs = json::array();
+    for (auto c : s.features_crc32c) crcs.push_back(hex32(c));
+    json labels = json::object();
+    for (const auto& [src, v] : s.labels) labels[src] = json::array({v.first, hex32(v.second)});
+    shards.push_back(json{{"split", s.split},
+                          {"index", s.index},
+                          {"first_row", s.first_row},
+                          {"rows", s.rows},
+                          {"file", s.file},
+                          {"bytes", s.bytes},
+                          {"features_offset", s.features_offset},
+                          {"features_crc32c", crcs},
+                          {"ids_offset", s.ids_offset},
+                          {"ids_crc32c", hex32(s.ids_crc32c)},
+                          {"labels", labels}});
+  }
+  const json j{{"schema", kCacheSchemaVersion}, {"complete", m.complete}, {"meta", meta_to_json(m.meta)},
+               {"splits", m.split_rows},        {"shards", shards}};
+  write_file_atomic(manifest_path(dir), j.dump(1) + "\n");
+}
+
+// ---------------------------------------------------------------- shard reading
+namespace {
+
+struct RegionReader {
+  const std::string& dir;
+  const ShardInfo& s;
+  const CacheMeta& meta;
+
+  std::string file() const { return join_path(dir, s.file); }
+
+  void check_size() const {
+    const std::uint64_t size = file_size(file());
+    CANOPY_CHECK(size == s.bytes, DataError, "shard '", file(), "' has ", size, " bytes, the manifest says ",
+                 s.bytes, " (truncated or replaced); rebuild with `canopy cache --force`");
+  }
+
+  void check_crc(std::uint32_t got, std::uint32_t want, const std::string& region, std::uint64_t offset) const {
+    CANOPY_CHECK(got == want, DataError, "shard '", file(), "': checksum mismatch in ", region, " at byte ",
+                 offset, " (CRC-32C ", hex32(got), ", manifest ", hex32(want),
+                 "): the file is corrupt; rebuild with `canopy cache --force`");
+  }
+
+  // Reads the features region into dst (rows x D in the storage dtype), verifying blocks.
+  void features_into(void* dst) const {
+    const std::uint64_t n = static_cast<std::uint64_t>(s.rows) * meta.feature_dim * element_size(meta.dtype);
+    const std::size_t blocks = (n + kChecksumBlockBytes - 1) / kChecksumBlockBytes;
+    CANOPY_CHECK(blocks == s.features_crc32c.size(), DataError, "shard '", file(), "': manifest lists ",
+                 s.features_crc32c.size(), " feature checksums, expected ", blocks);
+    Fd fd(file());
+    auto* p = static_cast<std::uint8_t*>(dst);
+    tbb::parallel_for(std::size_t(0), blocks, [&](std::size_t b) {
+      const std::uint64_t begin = b * kChecksumBlockBytes;
+      const std::uint64_t len = std::min(kChecksumBlockBytes, n - begin);
+      pread_all(fd.get(), p + begin, len, s.features_offset + begin, file());
+      check_crc(crc32c(p + begin, len), s.features_crc32c[b], "features", s.features_offset + begin);
+    });
+  }
+
+  at::Tensor int64_region(std::uint64_t offset, std::uint32_t crc, const std::string& region) const {
+    at::Tensor t = at::empty({s.rows}, at::kLong);
+    Fd fd(file());
+    pread_all(fd.get(), t.data_ptr(), s.rows * 8, offset, file());
+    check_crc(crc32c(t.data_ptr(), s.rows * 8), crc, region, offset);
+    return t;
+  }
+};
+
+void verify_shard(const std::string& dir, const ShardInfo& s, const CacheMeta& meta) {
+  RegionReader r{dir, s, meta};
+  r.check_size();
+  at::Tensor buf = at::empty({s.rows, meta.feature_dim}, scalar_type(meta.dtype));
+  r.features_into(buf.data_ptr());
+  r.int64_region(s.ids_offset, s.ids_crc32c, "ids");
+  for (const auto& [src, v] : s.labels) r.int64_region(v.first, v.second, "labels/" + src);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- writer
+struct FeatureCacheWriter::Impl {
+  std::string dir;
+  Manifest manifest;
+  std::int64_t shard_rows = 4096;
+  // Rows buffered for the shard being filled, per split.
+  struct Pending {
+    std::vector<at::Tensor> features, ids;
+    std::map<std::string, std::vector<at::Tensor>> labels;
+    std::int64_t rows = 0;
+  };
+  std::map<std::string, Pending> pending;
+  std::map<std::string, std::int64_t> stored;  // rows in finished shards, per split
+
+  // Writes the first `rows` pending rows of `split` as the next shard.
+  void write_shard(const std::string& split, std::int64_t rows);
+  void write_view();
+};
+
+FeatureCacheWriter::FeatureCacheWriter(std::string dir, CacheMeta meta,
+                                       std::map<std::string, std::int64_t> split_rows,
+                                       std::int64_t shard_rows, bool resume, std::string* note)
     : impl_(std::make_unique<Impl>()) {
-  impl_->path = std::move(path);
-  impl_->tmp_path = temp_path_for(impl_->path);
-  impl_->label_sources = meta.label_sources;
-  impl_->file = h5::create_file(impl_->tmp_path);
-  const hid_t root = impl_->file.get();
-  h5::write_attr(root, "canopy_schema", kCacheSchemaVersion);
-  h5::write_attr(root, "fingerprint", meta.fingerprint);
-  h5::write_attr(root, "description", meta.description);
-  h5::write_attr(root, "trunk_sha256", meta.trunk_sha256);
-  h5::write_attr(root, "trunk_path", meta.trunk_path);
-  h5::write_attr(root, "preprocessing", meta.preprocessing);
-  h5::write_attr(root, "pooling", meta.pooling);
-  h5::write_attr(root, "torch_version", meta.torch_version);
-  h5::write_attr(root, "label_sources", join(meta.label_sources, ","));
-  h5::write_attr(root, "class_names", join(meta.class_names, ","));
-}
-
-FeatureCacheWriter::~FeatureCacheWriter() {
-  if (!impl_->committed) {
-    impl_->features.reset();
-    impl_->ids.reset();
-    impl_->labels.clear();
-    impl_->split_group.reset();
-    impl_->file.reset();
-    std::remove(impl_->tmp_path.c_str());
+  CANOPY_CHECK(shard_rows > 0, ConfigError, "cache.shard_rows must be > 0, got ", shard_rows);
+  CANOPY_CHECK(meta.feature_dim > 0, DataError, "feature dimension must be > 0, got ", meta.feature_dim);
+  impl_->dir = std::move(dir);
+  impl_->shard_rows = shard_rows;
+  make_dirs(join_path(impl_->dir, "shards"));
+  Manifest kept;
+  bool resumed = false;
+  if (resume && is_regular_file(manifest_path(impl_->dir))) {
+    try {
+      Manifest old = read_manifest(impl_->dir);
+      if (old.meta.fingerprint == meta.fingerprint && old.split_rows == split_rows) {
+        // Keep, per split, the leading run of shards that verify.
+        std::map<std::string, std::int64_t> next_row;
+        for (const auto& s : old.shards) {
+          if (s.first_row != next_row[s.split]) continue;
+          try {
+            verify_shard(impl_->dir, s, old.meta);
+          } catch (const Error&) {
+            continue;
+          }
+          next_row[s.split] += s.rows;
+          kept.shards.push_back(s);
+        }
+        resumed = true;
+      }
+    } catch (const DataError&) {
+      // unreadable manifest: start over
+    }
+  }
+  // Remove every shard file the kept manifest does not list (old runs, temporaries).
+  std::set<std::string> keep;
+  for (const auto& s : kept.shards) keep.insert(s.file);
+  for (const auto& name : list_dir(join_path(impl_->dir, "shards"))) {
+    if (!keep.count("shards/" + name)) std::remove(join_path(join_path(impl_->dir, "shards"), name).c_str());
+  }
+  std::remove(view_path(impl_->dir).c_str());
+  impl_->manifest.meta = std::move(meta);
+  impl_->manifest.split_rows = std::move(split_rows);
+  impl_->manifest.shards = kept.shards;
+  impl_->manifest.complete = false;
+  for (const auto& s : kept.shards) impl_->stored[s.split] += s.rows;
+  write_manifest(impl_->dir, impl_->manifest);
+  if (note) {
+    std::int64_t rows = 0;
+    for (const auto& [split, n] : impl_->stored) rows += n;
+    *note = resumed ? detail::str_cat("resuming: ", kept.shards.size(), " finished shard(s), ", rows,
+                                      " rows kept")
+                    : std::string("starting fresh");
   }
 }
 
-void FeatureCacheWriter::begin_split(const std::string& split, std::int64_t feature_dim) {
-  CANOPY_CHECK(impl_->split.empty(), Error, "begin_split('", split, "') while split '",
-               impl_->split, "' is still open");
-  CANOPY_CHECK(feature_dim > 0, DataError, "feature dimension must be > 0, got ", feature_dim);
-  impl_->split = split;
-  impl_->dim = feature_dim;
-  impl_->rows = 0;
-  impl_->split_group = h5::create_group(impl_->file.get(), split);
-  // Chunks of about 4 MiB of rows: large sequential reads, aligned with typical batches.
-  const std::int64_t chunk_rows =
-      std::clamp<std::int64_t>((4 << 20) / (4 * feature_dim), 64, 4096);
-  impl_->features = h5::create_growable(impl_->split_group.get(), "features", H5T_IEEE_F32LE,
-                                        feature_dim, chunk_rows);
-  impl_->ids = h5::create_growable(impl_->split_group.get(), "ids", H5T_STD_I64LE, 0, 4096);
-  h5::Handle labels_group = h5::create_group(impl_->split_group.get(), "labels");
-  for (const auto& src : impl_->label_sources) {
-    impl_->labels[src] = h5::create_growable(labels_group.get(), src, H5T_STD_I64LE, 0, 4096);
-  }
+FeatureCacheWriter::~FeatureCacheWriter() = default;
+
+std::int64_t FeatureCacheWriter::rows_done(const std::string& split) const {
+  const auto it = impl_->stored.find(split);
+  return it == impl_->stored.end() ? 0 : it->second;
 }
 
-void FeatureCacheWriter::append(const at::Tensor& features,
-                                const std::map<std::string, at::Tensor>& labels,
-                                const at::Tensor& ids) {
-  CANOPY_CHECK(!impl_->split.empty(), Error, "append() before begin_split()");
-  CANOPY_CHECK(features.dim() == 2 && features.size(1) == impl_->dim, DataError, "split '",
-               impl_->split, "': features must be [B, ", impl_->dim, "], got ", features.sizes());
+void FeatureCacheWriter::append(const std::string& split, const at::Tensor& features,
+                                const std::map<std::string, at::Tensor>& labels, const at::Tensor& ids) {
+  auto& m = impl_->manifest;
+  const auto total_it = m.split_rows.find(split);
+  CANOPY_CHECK(total_it != m.split_rows.end(), Error, "append to unknown split '", split, "'");
+  CANOPY_CHECK(features.dim() == 2 && features.size(1) == m.meta.feature_dim, DataError, "split '", split,
+               "': features must be [B, ", m.meta.feature_dim, "], got ", features.sizes());
   const std::int64_t b = features.size(0);
-  const at::Tensor f = features.to(at::kFloat).contiguous();
-  h5::append_rows(impl_->features.get(), H5T_NATIVE_FLOAT, f.data_ptr<float>(), b, impl_->dim);
-  const at::Tensor id = ids.to(at::kLong).contiguous();
-  CANOPY_CHECK(id.numel() == b, DataError, "split '", impl_->split, "': ", id.numel(), " ids for ",
-               b, " feature rows");
-  h5::append_rows(impl_->ids.get(), H5T_NATIVE_INT64, id.data_ptr<std::int64_t>(), b, 0);
-  for (auto& [src, handle] : impl_->labels) {
+  CANOPY_CHECK(ids.numel() == b, DataError, "split '", split, "': ", ids.numel(), " ids for ", b, " rows");
+  auto& p = impl_->pending[split];
+  CANOPY_CHECK(rows_done(split) + p.rows + b <= total_it->second, DataError, "split '", split, "': ",
+               rows_done(split) + p.rows + b, " rows appended, expected ", total_it->second);
+  p.features.push_back(features.to(scalar_type(m.meta.dtype)).contiguous());
+  p.ids.push_back(ids.to(at::kLong).contiguous());
+  for (const auto& src : m.meta.label_sources) {
     const auto it = labels.find(src);
-    CANOPY_CHECK(it != labels.end(), DataError, "split '", impl_->split, "': no labels for source '",
-                 src, "'");
-    const at::Tensor l = it->second.to(at::kLong).contiguous();
-    CANOPY_CHECK(l.numel() == b, DataError, "split '", impl_->split, "': ", l.numel(),
-                 " labels of '", src, "' for ", b, " feature rows");
-    h5::append_rows(handle.get(), H5T_NATIVE_INT64, l.data_ptr<std::int64_t>(), b, 0);
+    CANOPY_CHECK(it != labels.end(), DataError, "split '", split, "': no labels for source '", src, "'");
+    CANOPY_CHECK(it->second.numel() == b, DataError, "split '", split, "': ", it->second.numel(),
+                 " labels of '", src, "' for ", b, " rows");
+    p.labels[src].push_back(it->second.to(at::kLong).contiguous());
   }
-  impl_->rows += b;
+  p.rows += b;
+  // Shards hold exactly shard_rows rows (the last of a split may hold fewer), whatever the
+  // batch size: a resumed run then starts at the same row as the shard that follows.
+  while (p.rows >= impl_->shard_rows) impl_->write_shard(split, impl_->shard_rows);
+  if (p.rows > 0 && rows_done(split) + p.rows == total_it->second) impl_->write_shard(split, p.rows);
 }
 
-void FeatureCacheWriter::end_split() {
-  CANOPY_CHECK(!impl_->split.empty(), Error, "end_split() without begin_split()");
-  h5::write_attr(impl_->split_group.get(), "rows", impl_->rows);
-  impl_->features.reset();
-  impl_->ids.reset();
-  impl_->labels.clear();
-  impl_->split_group.reset();
-  impl_->split.clear();
+void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_t rows) {
+  auto& pend = pending[split];
+  // Split the pending rows into this shard's and the rest.
+  Pending p, rest;
+  const at::Tensor all_features = at::cat(pend.features), all_ids = at::cat(pend.ids);
+  p.features = {all_features.slice(0, 0, rows)};
+  p.ids = {all_ids.slice(0, 0, rows)};
+  p.rows = rows;
+  rest.rows = pend.rows - rows;
+  if (rest.rows > 0) {
+    rest.features = {all_features.slice(0, rows)};
+    rest.ids = {all_ids.slice(0, rows)};
+  }
+  for (auto& [src, ts] : pend.labels) {
+    const at::Tensor l = at::cat(ts);
+    p.labels[src] = {l.slice(0, 0, rows)};
+    if (rest.rows > 0) rest.labels[src] = {l.slice(0, rows)};
+  }
+  const CacheMeta& meta = manifest.meta;
+  std::int64_t index = 0;
+  for (const auto& s : manifest.shards) {
+    if (s.split == split) index = std::max(index, s.index + 1);
+  }
+  char name[64];
+  std::snprintf(name, sizeof name, "shards/%s-%05lld.h5", split.c_str(), static_cast<long long>(index));
+  const std::string final_path = join_path(dir, name);
+  const std::string tmp = temp_path_for(final_path);
+  const at::Tensor features = p.features.front().contiguous();
+  const at::Tensor ids = p.ids.front().contiguous();
+  ShardInfo info;
+  info.split = split;
+  info.index = index;
+  info.first_row = stored[split];
+  info.rows = p.rows;
+  info.file = name;
+  {
+    h5::silence_errors();
+    h5::Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+    // Every object 64-byte aligned: data regions can be read straight into tensors.
+    CANOPY_CHECK(H5Pset_alignment(fapl.get(), 0, 64) >= 0, IoError, "HDF5: set_alignment failed");
+    h5::Handle file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
+    CANOPY_CHECK(file, IoError, "HDF5: cannot create shard '", tmp, "'");
+    h5::write_attr(file.get(), "canopy_schema", kCacheSchemaVersion);
+    h5::write_attr(file.get(), "fingerprint", meta.fingerprint);
+    h5::write_attr(file.get(), "split", split);
+    h5::write_attr(file.get(), "first_row", info.first_row);
+    h5::Handle ftype = file_type(meta.dtype);
+    const hid_t mem_type = meta.dtype == StorageDtype::kFloat32 ? H5T_NATIVE_FLOAT : ftype.get();
+    h5::Handle fd = h5::write_contiguous(file.get(), "features", ftype.get(), mem_type, features.data_ptr(),
+                                          {p.rows, meta.feature_dim});
+    h5::write_attr(fd.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
+    info.features_offset = h5::data_offset(fd.get());
+    h5::Handle idd = h5::write_contiguous(file.get(), "ids", H5T_STD_I64LE, H5T_NATIVE_INT64, ids.data_ptr(), {p.rows});
+    info.ids_offset = h5::data_offset(idd.get());
+    info.ids_crc32c = crc32c(ids.data_ptr(), p.rows * 8);
+    h5::Handle lg = h5::create_group(file.get(), "labels");
+    for (const auto& src : meta.label_sources) {
+      const at::Tensor l = p.labels[src].front().contiguous();
+      h5::Handle ld = h5::write_contiguous(lg.get(), src, H5T_STD_I64LE, H5T_NATIVE_INT64, l.data_ptr(), {p.rows});
+      info.labels[src] = {h5::data_offset(ld.get()), crc32c(l.data_ptr(), p.rows * 8)};
+    }
+    info.features_crc32c = block_crcs(static_cast<const std::uint8_t*>(features.data_ptr()),
+                                      features.numel() * features.element_size());
+    CANOPY_CHECK(H5Fflush(file.get(), H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
+  }
+  fsync_path(tmp);
+  rename_durable(tmp, final_path);
+  info.bytes = file_size(final_path);
+  manifest.shards.push_back(info);
+  write_manifest(dir, manifest);  // the shard counts only from here on
+  stored[split] += p.rows;
+  pend = std::move(rest);
 }
 
-void FeatureCacheWriter::commit() {
-  CANOPY_CHECK(impl_->split.empty(), Error, "commit() while split '", impl_->split, "' is open");
-  CANOPY_CHECK(H5Fflush(impl_->file.get(), H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '",
-               impl_->tmp_path, "' failed");
-  impl_->file.reset();
-  fsync_path(impl_->tmp_path);
-  rename_durable(impl_->tmp_path, impl_->path);
-  impl_->committed = true;
+void FeatureCacheWriter::finish() {
+  for (const auto& [split, total] : impl_->manifest.split_rows) {
+    CANOPY_CHECK(rows_done(split) == total, Error, "finish(): split '", split, "' has ", rows_done(split),
+                 " of ", total, " rows");
+  }
+  impl_->write_view();
+  impl_->manifest.complete = true;
+  write_manifest(impl_->dir, impl_->manifest);
+}
+
+void FeatureCacheWriter::Impl::write_view() {
+  const CacheMeta& meta = manifest.meta;
+  const std::string path = view_path(dir);
+  const std::string tmp = temp_path_for(path);
+  {
+    h5::Handle file = h5::create_file(tmp);
+    const hid_t root = file.get();
+    h5::write_attr(root, "canopy_schema", kCacheSchemaVersion);
+    h5::write_attr(root, "fingerprint", meta.fingerprint);
+    h5::write_attr(root, "description", meta.description);
+    h5::write_attr(root, "trunk_sha256", meta.trunk_sha256);
+    h5::write_attr(root, "trunk_path", meta.trunk_path);
+    h5::write_attr(root, "preprocessing", meta.preprocessing);
+    h5::write_attr(root, "pooling", meta.pooling);
+    h5::write_attr(root, "torch_version", meta.torch_version);
+    h5::write_attr(root, "dtype", std::string(storage_dtype_name(meta.dtype)));
+    h5::write_attr(root, "label_sources", join(meta.label_sources, ","));
+    h5::write_attr(root, "class_names", join(meta.class_names, ","));
+    h5::Handle ftype = file_type(meta.dtype);
+    for (const auto& [split, total] : manifest.split_rows) {
+      std::vector<h5::VirtualSource> fsrc, isrc;
+      std::map<std::string, std::vector<h5::VirtualSource>> lsrc;
+      for (const auto& s : manifest.shards) {
+        if (s.split != split) continue;
+        // Source paths relative to the view file: HDF5 looks there first.
+        fsrc.push_back({s.file, "/features", s.first_row, s.rows});
+        isrc.push_back({s.file, "/ids", s.first_row, s.rows});
+        for (const auto& src : meta.label_sources) lsrc[src].push_back({s.file, "/labels/" + src, s.first_row, s.rows});
+      }
+      h5::Handle g = h5::create_group(root, split);
+      h5::write_attr(g.get(), "rows", total);
+      h5::Handle f = h5::create_virtual(g.get(), "features", ftype.get(), {total, meta.feature_dim}, fsrc);
+      h5::write_attr(f.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
+      h5::create_virtual(g.get(), "ids", H5T_STD_I64LE, {total}, isrc);
+      h5::Handle lg = h5::create_group(g.get(), "labels");
+      for (const auto& src : meta.label_sources) h5::create_virtual(lg.get(), src, H5T_STD_I64LE, {total}, lsrc[src]);
+    }
+  }
+  fsync_path(tmp);
+  rename_durable(tmp, path);
 }
 
 // ---------------------------------------------------------------- reader
 struct FeatureCache::Impl {
-  std::string path;
-  h5::Handle file;
-  CacheMeta meta;
+  std::string dir;
+  Manifest manifest;
 };
 
 FeatureCache::FeatureCache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -137,72 +524,120 @@ FeatureCache::FeatureCache(FeatureCache&&) noexcept = default;
 FeatureCache& FeatureCache::operator=(FeatureCache&&) noexcept = default;
 FeatureCache::~FeatureCache() = default;
 
-FeatureCache FeatureCache::open(const std::string& path) {
+FeatureCache FeatureCache::open(const std::string& dir) {
   auto impl = std::make_unique<Impl>();
-  impl->path = path;
-  CANOPY_CHECK(::access(path.c_str(), R_OK) == 0, DataError, "feature cache '", path,
-               "' does not exist; run `canopy cache --config ...` first");
-  impl->file = h5::open_file(path, false);
-  const hid_t root = impl->file.get();
-  const std::string where = "feature cache '" + path + "'";
-  CANOPY_CHECK(h5::has_attr(root, "canopy_schema"), DataError, where,
-               " has no canopy_schema attribute: not a canopy cache");
-  const std::int64_t schema = h5::read_attr_int(root, "canopy_schema", where);
-  CANOPY_CHECK(schema == kCacheSchemaVersion, DataError, where, " has schema version ", schema,
-               ", this canopy reads version ", kCacheSchemaVersion, "; rebuild it");
-  CacheMeta& m = impl->meta;
-  m.fingerprint = h5::read_attr_string(root, "fingerprint", where);
-  m.description = h5::read_attr_string(root, "description", where);
-  m.trunk_sha256 = h5::read_attr_string(root, "trunk_sha256", where);
-  m.trunk_path = h5::read_attr_string(root, "trunk_path", where);
-  m.preprocessing = h5::read_attr_string(root, "preprocessing", where);
-  m.pooling = h5::read_attr_string(root, "pooling", where);
-  m.torch_version = h5::read_attr_string(root, "torch_version", where);
-  m.label_sources = split(h5::read_attr_string(root, "label_sources", where), ',');
-  m.class_names = split(h5::read_attr_string(root, "class_names", where), ',');
+  impl->dir = dir;
+  impl->manifest = read_manifest(dir);
+  if (!impl->manifest.complete) {
+    std::int64_t done = 0, total = 0;
+    for (const auto& s : impl->manifest.shards) done += s.rows;
+    for (const auto& [split, n] : impl->manifest.split_rows) total += n;
+    throw DataError(detail::str_cat("feature cache '", dir, "' is unfinished (", done, " of ", total,
+                                    " rows written); run `canopy cache` again to resume it"));
+  }
   return FeatureCache(std::move(impl));
 }
 
-const CacheMeta& FeatureCache::meta() const { return impl_->meta; }
-const std::string& FeatureCache::path() const { return impl_->path; }
+const CacheMeta& FeatureCache::meta() const { return impl_->manifest.meta; }
+const Manifest& FeatureCache::manifest() const { return impl_->manifest; }
+const std::string& FeatureCache::path() const { return impl_->dir; }
 
-std::vector<std::string> FeatureCache::splits() const { return h5::list(impl_->file.get()); }
+std::vector<std::string> FeatureCache::splits() const {
+  std::vector<std::string> out;
+  for (const auto& kv : impl_->manifest.split_rows) out.push_back(kv.first);
+  return out;
+}
 
 std::int64_t FeatureCache::rows(const std::string& split) const {
-  const std::string where = "feature cache '" + impl_->path + "'";
-  h5::Handle g = h5::open_group(impl_->file.get(), split, where);
-  return h5::read_attr_int(g.get(), "rows", where + " split '" + split + "' (incomplete?)");
-}
-
-std::int64_t FeatureCache::feature_dim(const std::string& split) const {
-  const std::string where = "feature cache '" + impl_->path + "'";
-  h5::Handle d = h5::open_dataset(impl_->file.get(), split + "/features", where);
-  return h5::shape(d.get()).at(1);
-}
-
-SplitData FeatureCache::load_split(const std::string& split) const {
-  const std::string where = "feature cache '" + impl_->path + "' split '" + split + "'";
-  CANOPY_CHECK(h5::exists(impl_->file.get(), split), DataError, "feature cache '", impl_->path,
+  const auto it = impl_->manifest.split_rows.find(split);
+  CANOPY_CHECK(it != impl_->manifest.split_rows.end(), DataError, "feature cache '", impl_->dir,
                "' has no split '", split, "' (it has: ", join(splits(), ", "), ")");
-  const std::int64_t n = rows(split);
-  SplitData out;
-  h5::Handle f = h5::open_dataset(impl_->file.get(), split + "/features", where);
-  const auto fshape = h5::shape(f.get());
-  CANOPY_CHECK(fshape.size() == 2 && fshape[0] == n, DataError, where, ": features have shape [",
-               join({std::to_string(fshape.at(0)), std::to_string(fshape.size() > 1 ? fshape[1] : 0)}, ", "),
-               "], expected ", n, " rows");
-  out.features = at::empty({n, fshape[1]}, at::kFloat);
-  h5::read_rows(f.get(), H5T_NATIVE_FLOAT, 0, n, out.features.data_ptr<float>());
-  h5::Handle ids = h5::open_dataset(impl_->file.get(), split + "/ids", where);
-  out.ids = at::empty({n}, at::kLong);
-  h5::read_rows(ids.get(), H5T_NATIVE_INT64, 0, n, out.ids.data_ptr<std::int64_t>());
-  for (const auto& src : impl_->meta.label_sources) {
-    h5::Handle l = h5::open_dataset(impl_->file.get(), split + "/labels/" + src, where);
-    at::Tensor t = at::empty({n}, at::kLong);
-    h5::read_rows(l.get(), H5T_NATIVE_INT64, 0, n, t.data_ptr<std::int64_t>());
-    out.labels[src] = t;
+  return it->second;
+}
+
+std::int64_t FeatureCache::feature_dim() const { return impl_->manifest.meta.feature_dim; }
+
+std::vector<ShardInfo> FeatureCache::shards(const std::string& split) const {
+  rows(split);  // checks the split exists
+  std::vector<ShardInfo> out;
+  for (const auto& s : impl_->manifest.shards) {
+    if (s.split == split) out.push_back(s);
   }
+  std::sort(out.begin(), out.end(), [](const ShardInfo& a, const ShardInfo& b) { return a.first_row < b.first_row; });
   return out;
+}
+
+std::uint64_t FeatureCache::bytes_on_disk() const {
+  std::uint64_t total = 0;
+  for (const auto& s : impl_->manifest.shards) total += s.bytes;
+  if (is_regular_file(view_path(impl_->dir))) total += file_size(view_path(impl_->dir));
+  return total;
+}
+
+std::uint64_t FeatureCache::feature_bytes(const std::string& split) const {
+  return static_cast<std::uint64_t>(rows(split)) * feature_dim() * element_size(meta().dtype);
+}
+
+namespace {
+// Reads one shard into the given destination tensors (rows [0, s.rows) of each).
+void read_shard_into(const std::string& dir, const ShardInfo& s, const CacheMeta& meta, ReadMethod method,
+                     at::Tensor features, std::map<std::string, at::Tensor>& labels, at::Tensor ids) {
+  RegionReader r{dir, s, meta};
+  r.check_size();
+  if (method == ReadMethod::kPread) {
+    r.features_into(features.data_ptr());
+    ids.copy_(r.int64_region(s.ids_offset, s.ids_crc32c, "ids"));
+    for (const auto& [src, v] : s.labels) labels.at(src).copy_(r.int64_region(v.first, v.second, "labels/" + src));
+    return;
+  }
+  // Through the HDF5 library (one thread), checksums verified on what it returns.
+  h5::Handle file = h5::open_file(r.file(), false);
+  const std::string where = "shard '" + r.file() + "'";
+  auto read_ds = [&](const std::string& name, hid_t mem_type, at::Tensor dst) {
+    h5::Handle d = h5::open_dataset(file.get(), name, where);
+    h5::read_rows(d.get(), mem_type, 0, s.rows, dst.data_ptr());
+  };
+  h5::Handle ftype = file_type(meta.dtype);
+  read_ds("features", meta.dtype == StorageDtype::kFloat32 ? H5T_NATIVE_FLOAT : ftype.get(), features);
+  const auto crcs = block_crcs(static_cast<const std::uint8_t*>(features.data_ptr()),
+                               features.numel() * features.element_size());
+  for (std::size_t b = 0; b < crcs.size(); ++b) r.check_crc(crcs[b], s.features_crc32c.at(b), "features", s.features_offset + b * kChecksumBlockBytes);
+  read_ds("ids", H5T_NATIVE_INT64, ids);
+  r.check_crc(crc32c(ids.data_ptr(), s.rows * 8), s.ids_crc32c, "ids", s.ids_offset);
+  for (const auto& [src, v] : s.labels) {
+    read_ds("labels/" + src, H5T_NATIVE_INT64, labels.at(src));
+    r.check_crc(crc32c(labels.at(src).data_ptr(), s.rows * 8), v.second, "labels/" + src, v.first);
+  }
+}
+
+SplitData allocate(std::int64_t rows, const CacheMeta& meta) {
+  SplitData d;
+  d.features = at::empty({rows, meta.feature_dim}, scalar_type(meta.dtype));
+  d.ids = at::empty({rows}, at::kLong);
+  for (const auto& src : meta.label_sources) d.labels[src] = at::empty({rows}, at::kLong);
+  return d;
+}
+}  // namespace
+
+SplitData FeatureCache::read_shard(const ShardInfo& shard, ReadMethod method) const {
+  SplitData d = allocate(shard.rows, meta());
+  read_shard_into(impl_->dir, shard, meta(), method, d.features, d.labels, d.ids);
+  return d;
+}
+
+SplitData FeatureCache::load_split(const std::string& split, ReadMethod method) const {
+  SplitData d = allocate(rows(split), meta());
+  for (const auto& s : shards(split)) {
+    std::map<std::string, at::Tensor> labels;
+    for (const auto& [src, t] : d.labels) labels[src] = t.narrow(0, s.first_row, s.rows);
+    read_shard_into(impl_->dir, s, meta(), method, d.features.narrow(0, s.first_row, s.rows), labels,
+                    d.ids.narrow(0, s.first_row, s.rows));
+  }
+  return d;
+}
+
+void FeatureCache::verify() const {
+  for (const auto& s : impl_->manifest.shards) verify_shard(impl_->dir, s, meta());
 }
 
 }  // namespace canopy::datasets

@@ -80,19 +80,46 @@ std::vector<std::string> list(hid_t group) {
   return names;
 }
 
-Handle create_growable(hid_t parent, const std::string& name, hid_t type, std::int64_t cols,
-                       std::int64_t chunk_rows) {
-  const int rank = cols > 0 ? 2 : 1;
-  hsize_t dims[2] = {0, static_cast<hsize_t>(cols)};
-  hsize_t maxdims[2] = {H5S_UNLIMITED, static_cast<hsize_t>(cols)};
-  hsize_t chunk[2] = {static_cast<hsize_t>(std::max<std::int64_t>(1, chunk_rows)),
-                      static_cast<hsize_t>(cols)};
-  Handle space = checked(H5Screate_simple(rank, dims, maxdims), H5Sclose, "creating a dataspace");
+Handle write_contiguous(hid_t parent, const std::string& name, hid_t file_type, hid_t mem_type,
+                        const void* data, const std::vector<std::int64_t>& dims) {
+  std::vector<hsize_t> d(dims.begin(), dims.end());
+  Handle space = checked(H5Screate_simple(static_cast<int>(d.size()), d.data(), nullptr), H5Sclose,
+                         "creating a dataspace");
   Handle plist = checked(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, "creating a property list");
-  check(H5Pset_chunk(plist.get(), rank, chunk), "setting chunk size of '" + name + "'");
-  return checked(H5Dcreate2(parent, name.c_str(), type, space.get(), H5P_DEFAULT, plist.get(),
-                            H5P_DEFAULT),
-                 H5Dclose, "creating dataset '" + name + "'");
+  check(H5Pset_layout(plist.get(), H5D_CONTIGUOUS), "setting contiguous layout");
+  check(H5Pset_alloc_time(plist.get(), H5D_ALLOC_TIME_EARLY), "setting early allocation");
+  Handle ds = checked(H5Dcreate2(parent, name.c_str(), file_type, space.get(), H5P_DEFAULT, plist.get(), H5P_DEFAULT),
+                      H5Dclose, "creating dataset '" + name + "'");
+  check(H5Dwrite(ds.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), "writing dataset '" + name + "'");
+  return ds;
+}
+
+std::uint64_t data_offset(hid_t dataset) {
+  const haddr_t off = H5Dget_offset(dataset);
+  CANOPY_CHECK(off != HADDR_UNDEF, IoError, "HDF5: dataset has no contiguous data offset");
+  return static_cast<std::uint64_t>(off);
+}
+
+Handle create_virtual(hid_t parent, const std::string& name, hid_t type, const std::vector<std::int64_t>& dims,
+                      const std::vector<VirtualSource>& sources) {
+  const int rank = static_cast<int>(dims.size());
+  std::vector<hsize_t> d(dims.begin(), dims.end());
+  Handle vspace = checked(H5Screate_simple(rank, d.data(), nullptr), H5Sclose, "creating a dataspace");
+  Handle plist = checked(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, "creating a property list");
+  for (const auto& s : sources) {
+    std::vector<hsize_t> sd = d;
+    sd[0] = static_cast<hsize_t>(s.rows);
+    Handle sspace = checked(H5Screate_simple(rank, sd.data(), nullptr), H5Sclose, "creating a dataspace");
+    std::vector<hsize_t> start(rank, 0);
+    start[0] = static_cast<hsize_t>(s.first_row);
+    check(H5Sselect_hyperslab(vspace.get(), H5S_SELECT_SET, start.data(), nullptr, sd.data(), nullptr),
+          "selecting view rows");
+    check(H5Pset_virtual(plist.get(), vspace.get(), s.file.c_str(), s.dataset.c_str(), sspace.get()),
+          "mapping '" + s.file + "' into virtual dataset '" + name + "'");
+  }
+  H5Sselect_all(vspace.get());
+  return checked(H5Dcreate2(parent, name.c_str(), type, vspace.get(), H5P_DEFAULT, plist.get(), H5P_DEFAULT),
+                 H5Dclose, "creating virtual dataset '" + name + "'");
 }
 
 std::vector<std::int64_t> shape(hid_t dataset) {
@@ -102,21 +129,6 @@ std::vector<std::int64_t> shape(hid_t dataset) {
   hsize_t dims[8];
   H5Sget_simple_extent_dims(space.get(), dims, nullptr);
   return std::vector<std::int64_t>(dims, dims + rank);
-}
-
-void append_rows(hid_t dataset, hid_t type, const void* data, std::int64_t rows, std::int64_t cols) {
-  if (rows == 0) return;
-  const auto current = shape(dataset);
-  const int rank = static_cast<int>(current.size());
-  hsize_t new_dims[2] = {static_cast<hsize_t>(current[0] + rows), static_cast<hsize_t>(cols)};
-  check(H5Dset_extent(dataset, new_dims), "growing a dataset");
-  Handle file_space = checked(H5Dget_space(dataset), H5Sclose, "getting a dataspace");
-  hsize_t start[2] = {static_cast<hsize_t>(current[0]), 0};
-  hsize_t count[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(cols)};
-  check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, count, nullptr),
-        "selecting rows");
-  Handle mem_space = checked(H5Screate_simple(rank, count, nullptr), H5Sclose, "creating a dataspace");
-  check(H5Dwrite(dataset, type, mem_space.get(), file_space.get(), H5P_DEFAULT, data), "writing rows");
 }
 
 Handle open_dataset(hid_t parent, const std::string& name, const std::string& where) {

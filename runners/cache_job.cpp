@@ -6,10 +6,11 @@
 #include <algorithm>
 #include <optional>
 #include <sstream>
+#include <thread>
 
-#include <ATen/ops/cat.h>
 #include <torch/version.h>
 
+#include "canopy/core/bounded_queue.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/sha256.h"
@@ -66,7 +67,7 @@ std::string cache_description(const JobConfig& c, const std::string& trunk_sha25
       << "preprocess=" << datasets::describe(c.preprocess) << "\n"
       << "data=" << c.data.source << ";train_limit=" << c.data.train_limit
       << ";test_limit=" << c.data.test_limit << ";" << describe_input_files(c.data) << "\n"
-      << "dtype=float32\n"
+      << "dtype=" << datasets::storage_dtype_name(datasets::parse_storage_dtype(c.cache.dtype)) << "\n"
       << "torch=" << TORCH_VERSION << "\n";
   return out.str();
 }
@@ -102,41 +103,49 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   const std::string description = cache_description(config, trunk_sha);
   report.fingerprint = sha256_hex(description);
 
-  if (!force && path_exists(config.cache.path)) {
+  bool resume = false;
+  if (is_regular_file(datasets::manifest_path(config.cache.path))) {
     try {
-      const auto existing = datasets::FeatureCache::open(config.cache.path);
-      if (existing.meta().fingerprint == report.fingerprint) {
+      const datasets::Manifest old = datasets::read_manifest(config.cache.path);
+      if (old.meta.fingerprint != report.fingerprint) {
+        report.reason = "rebuilding: changed " + join(describe_changes(old.meta.description, description), "; ");
+      } else if (force) {
+        report.reason = "rebuilding (forced)";
+      } else if (old.complete) {
+        const auto existing = datasets::FeatureCache::open(config.cache.path);
         report.reason = "up to date (fingerprint " + report.fingerprint.substr(0, 12) + ")";
         for (const auto& s : existing.splits()) report.rows[s] = existing.rows(s);
-        report.feature_dim = existing.feature_dim(existing.splits().at(0));
+        report.feature_dim = existing.feature_dim();
         report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
         return report;
+      } else {
+        resume = true;
       }
-      report.reason = "rebuilding: changed " + join(describe_changes(existing.meta().description, description), "; ");
     } catch (const DataError& e) {
-      report.reason = std::string("rebuilding: existing file unusable (") + e.what() + ")";
+      report.reason = std::string("rebuilding: existing cache unusable (") + e.what() + ")";
     }
   } else {
-    report.reason = force ? "rebuilding (forced)" : "building (no cache yet)";
+    report.reason = "building (no cache yet)";
   }
-  log_info("cache '" + config.cache.path + "': " + report.reason);
 
   std::optional<trunk::Trunk> owned;
   if (!trunk) {
     owned.emplace(trunk::Trunk::load(config.trunk));
     trunk = &*owned;
   }
-  log_info("trunk on " + trunk->device().str() + ", sha256 " + trunk_sha.substr(0, 12) + "…");
 
   std::map<std::string, datasets::ImageSplit> splits;
-  std::int64_t total = 0;
+  std::map<std::string, std::int64_t> split_rows;
   for (const std::string split : {"train", "test"}) {
     splits[split] = datasets::read_mnist_split(
         config.data.dir, split, split == "train" ? config.data.train_limit : config.data.test_limit);
-    total += splits[split].images.size(0);
+    split_rows[split] = splits[split].images.size(0);
+    CANOPY_CHECK(split_rows[split] > 0, DataError, "split '", split, "' of '", config.data.dir, "' has no samples");
   }
+  // One sample tells the feature dimension (the writer needs it before the first shard).
+  const std::int64_t dim =
+      trunk->encode(datasets::preprocess_images(splits["train"].images.slice(0, 0, 1), config.preprocess)).size(1);
 
-  make_dirs(parent_path(config.cache.path));
   datasets::CacheMeta meta;
   meta.fingerprint = report.fingerprint;
   meta.description = description;
@@ -145,35 +154,64 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   meta.preprocessing = datasets::describe(config.preprocess);
   meta.pooling = config.trunk.pooling;
   meta.torch_version = TORCH_VERSION;
+  meta.dtype = datasets::parse_storage_dtype(config.cache.dtype);
+  meta.feature_dim = dim;
   meta.label_sources = {"class"};
   if (config.data.source == "fashion-mnist") meta.class_names = datasets::fashion_mnist_class_names();
-  datasets::FeatureCacheWriter writer(config.cache.path, meta);
+  std::string note;
+  datasets::FeatureCacheWriter writer(config.cache.path, meta, split_rows, config.cache.shard_rows, resume, &note);
+  if (resume) report.reason = note;
+  log_info("cache '" + config.cache.path + "': " + report.reason + "; trunk on " + trunk->device().str() +
+           ", sha256 " + trunk_sha.substr(0, 12) + "...");
 
-  Progress progress("cache", total, "img", style);
-  for (const std::string split : {"train", "test"}) {
-    const auto& data = splits[split];
-    const std::int64_t n = data.images.size(0);
-    bool begun = false;
-    for (std::int64_t i = 0; i < n; i += config.cache.batch_size) {
-      const std::int64_t end = std::min(n, i + config.cache.batch_size);
-      const at::Tensor x = datasets::preprocess_images(data.images.slice(0, i, end), config.preprocess);
-      const auto t0 = Clock::now();
-      const at::Tensor f = trunk->encode(x);
-      report.trunk_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
-      if (!begun) {
-        writer.begin_split(split, f.size(1));
-        report.feature_dim = f.size(1);
-        begun = true;
-      }
-      writer.append(f, {{"class", data.labels.slice(0, i, end)}}, data.ids.slice(0, i, end));
-      progress.advance(end - i, split);
+  std::int64_t todo = 0;
+  for (const auto& [split, n] : split_rows) todo += n - writer.rows_done(split);
+
+  // Double buffering: this thread preprocesses and runs the trunk while a writer thread
+  // stores the previous batch (HDF5 is only ever called from that one thread).
+  struct Item {
+    std::string split;
+    at::Tensor features, labels, ids;
+  };
+  BoundedQueue<Item> queue(2);
+  std::exception_ptr write_error;
+  std::thread writer_thread([&] {
+    try {
+      while (auto item = queue.pop()) writer.append(item->split, item->features, {{"class", item->labels}}, item->ids);
+    } catch (...) {
+      write_error = std::current_exception();
+      queue.close();
     }
-    CANOPY_CHECK(begun, DataError, "split '", split, "' of '", config.data.dir, "' has no samples");
-    writer.end_split();
-    report.rows[split] = n;
+  });
+  try {
+    Progress progress("cache", todo, "img", style);
+    for (const std::string split : {"train", "test"}) {
+      const auto& data = splits[split];
+      const std::int64_t n = split_rows[split];
+      for (std::int64_t i = writer.rows_done(split); i < n; i += config.cache.batch_size) {
+        const std::int64_t end = std::min(n, i + config.cache.batch_size);
+        const auto t0 = Clock::now();
+        const at::Tensor f = trunk->encode(datasets::preprocess_images(data.images.slice(0, i, end), config.preprocess));
+        const auto t1 = Clock::now();
+        report.trunk_seconds += std::chrono::duration<double>(t1 - t0).count();
+        if (!queue.push(Item{split, f, data.labels.slice(0, i, end), data.ids.slice(0, i, end)})) break;
+        report.write_wait_seconds += std::chrono::duration<double>(Clock::now() - t1).count();
+        report.rows_computed += end - i;
+        progress.advance(end - i, split);
+      }
+    }
+    queue.close();
+    writer_thread.join();
+    if (write_error) std::rethrow_exception(write_error);
+    progress.finish();
+  } catch (...) {
+    queue.close();
+    if (writer_thread.joinable()) writer_thread.join();
+    throw;
   }
-  writer.commit();
-  progress.finish();
+  writer.finish();
+  report.rows = split_rows;
+  report.feature_dim = dim;
   report.rebuilt = true;
   report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return report;

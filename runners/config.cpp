@@ -10,6 +10,7 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/strings.h"
+#include "canopy/datasets/feature_cache.h"
 
 namespace canopy::runners {
 namespace po = boost::program_options;
@@ -96,6 +97,10 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   v.boolean("trunk.optimize", c.trunk.optimize);
   v.str("cache.path", c.cache.path, true);
   v.i64("cache.batch_size", c.cache.batch_size);
+  v.i64("cache.shard_rows", c.cache.shard_rows);
+  v.str("cache.dtype", c.cache.dtype);
+  v.i64("cache.memory_cap_mb", c.cache.memory_cap_mb);
+  v.str("cache.read_method", c.cache.read_method);
   v.str("train.out_dir", c.train.out_dir, true);
   v.str("train.train_split", c.train.train_split);
   v.str("train.eval_split", c.train.eval_split);
@@ -157,6 +162,13 @@ void validate_job_config(const JobConfig& c) {
   trunk::validate_trunk_config(c.trunk);
   CANOPY_CHECK(c.cache.batch_size > 0, ConfigError, "cache.batch_size must be > 0, got ", c.cache.batch_size);
   CANOPY_CHECK(!c.cache.path.empty(), ConfigError, "cache.path is empty");
+  CANOPY_CHECK(c.cache.shard_rows > 0 && c.cache.shard_rows % c.cache.batch_size == 0, ConfigError,
+               "cache.shard_rows must be a positive multiple of cache.batch_size (", c.cache.batch_size,
+               "), got ", c.cache.shard_rows);
+  datasets::parse_storage_dtype(c.cache.dtype);
+  datasets::parse_read_method(c.cache.read_method);
+  CANOPY_CHECK(c.cache.memory_cap_mb >= 0, ConfigError, "cache.memory_cap_mb must be >= 0 (0: no cap), got ",
+               c.cache.memory_cap_mb);
   CANOPY_CHECK(c.train.batch_size > 0, ConfigError, "train.batch_size must be > 0, got ", c.train.batch_size);
   CANOPY_CHECK(c.train.epochs > 0, ConfigError, "train.epochs must be > 0, got ", c.train.epochs);
   CANOPY_CHECK(c.train.workers >= 0, ConfigError, "train.workers must be >= 0 (0: one per core), got ",
@@ -206,7 +218,9 @@ std::string dump_config(const JobConfig& c) {
   o << "[trunk]\npath = " << c.trunk.path << "\nsha256 = " << c.trunk.sha256
     << "\ndevice = " << c.trunk.device << "\npooling = " << c.trunk.pooling
     << "\noptimize = " << (c.trunk.optimize ? "true" : "false") << "\n\n";
-  o << "[cache]\npath = " << c.cache.path << "\nbatch_size = " << c.cache.batch_size << "\n\n";
+  o << "[cache]\npath = " << c.cache.path << "\nbatch_size = " << c.cache.batch_size
+    << "\nshard_rows = " << c.cache.shard_rows << "\ndtype = " << c.cache.dtype
+    << "\nmemory_cap_mb = " << c.cache.memory_cap_mb << "\nread_method = " << c.cache.read_method << "\n\n";
   o << "[train]\nout_dir = " << c.train.out_dir << "\ntrain_split = " << c.train.train_split
     << "\neval_split = " << c.train.eval_split << "\nbatch_size = " << c.train.batch_size
     << "\nepochs = " << c.train.epochs << "\nseed = " << c.train.seed << "\nworkers = " << c.train.workers

@@ -9,9 +9,7 @@
 #include <sstream>
 #include <thread>
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/randperm.h>
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/task_arena.h>
@@ -20,6 +18,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
+#include "canopy/datasets/batch_source.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/heads/head.h"
 #include "canopy/runners/cache_job.h"
@@ -134,32 +133,42 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
           ". Run `canopy cache --config ", config.source, "` to rebuild it"));
     }
   }
-  const datasets::SplitData train = cache.load_split(config.train.train_split);
-  const datasets::SplitData eval = cache.load_split(config.train.eval_split);
-  report.train_rows = train.features.size(0);
+  const auto method = datasets::parse_read_method(config.cache.read_method);
+  const datasets::SplitData eval = cache.load_split(config.train.eval_split, method);
+  report.train_rows = cache.rows(config.train.train_split);
   report.eval_rows = eval.features.size(0);
-  report.feature_dim = train.features.size(1);
-  report.load_seconds = since(load_start);
+  report.feature_dim = cache.feature_dim();
   CANOPY_CHECK(report.train_rows > 0, DataError, "split '", config.train.train_split, "' of '",
                config.cache.path, "' is empty");
+  // The train split is read whole when it fits under the cap, else streamed.
+  const std::uint64_t cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb) << 20;
+  std::unique_ptr<datasets::BatchSource> source;
+  if (cap == 0 || cache.feature_bytes(config.train.train_split) <= cap) {
+    source = datasets::make_in_memory_source(cache.load_split(config.train.train_split, method),
+                                             config.train.batch_size, config.train.seed);
+  } else {
+    source = datasets::make_streaming_source(cache, config.train.train_split, config.train.batch_size,
+                                             config.train.seed, cap, method);
+  }
+  const at::Tensor eval_features = eval.features.to(at::kFloat);
+  report.load_seconds = since(load_start);
 
-  // Build every task (serially: seeding is global) and its targets for both splits.
+  // Build every task (serially: seeding is global) and its evaluation targets.
   std::vector<std::unique_ptr<tasks::Task>> all;
-  std::vector<at::Tensor> train_targets, eval_targets;
+  std::vector<at::Tensor> eval_targets;
   std::vector<TaskResult> results;
   std::set<std::string> names;
   for (std::size_t i = 0; i < config.tasks.size(); ++i) {
     const auto& tc = config.tasks[i];
-    const auto src_train = train.labels.find(tc.labels);
-    CANOPY_CHECK(src_train != train.labels.end(), ConfigError, "task '", tc.name, "': labels = '",
+    const auto src_eval = eval.labels.find(tc.labels);
+    CANOPY_CHECK(src_eval != eval.labels.end(), ConfigError, "task '", tc.name, "': labels = '",
                  tc.labels, "' but the cache has label sources: ", join(cache.meta().label_sources, ", "));
     std::int64_t source_classes = static_cast<std::int64_t>(cache.meta().class_names.size());
     if (tc.labels != "class" || source_classes == 0) {
-      source_classes = src_train->second.max().item<std::int64_t>() + 1;
+      source_classes = src_eval->second.max().item<std::int64_t>() + 1;
     }
     all.push_back(std::make_unique<tasks::Task>(tc, registry, report.feature_dim, source_classes,
                                                 config.train.seed + 7919 * (i + 1)));
-    train_targets.push_back(all.back()->targets(src_train->second));
     eval_targets.push_back(all.back()->targets(eval.labels.at(tc.labels)));
     TaskResult r;
     r.name = tc.name;
@@ -195,8 +204,9 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   std::vector<std::int64_t> loss_count(all.size());
 
   log_info("training " + std::to_string(all.size()) + " heads concurrently on " + std::to_string(n) +
-           " x " + std::to_string(report.feature_dim) + " features (" + std::to_string(workers) +
-           " TBB workers x " + std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
+           " x " + std::to_string(report.feature_dim) + " features, " + source->describe() + " (" +
+           std::to_string(workers) + " TBB workers x " + std::to_string(config.train.intra_op_threads) +
+           " LibTorch thread(s))");
   const auto train_start = Clock::now();
   Progress progress("train", max_epochs * steps_per_epoch, "steps", style);
   for (std::int64_t epoch = 0; epoch < max_epochs; ++epoch) {
@@ -212,12 +222,11 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
       loss_count[i] = 0;
     }
     if (active.empty()) break;
-    auto gen = at::detail::createCPUGenerator(config.train.seed * 1000003ULL + static_cast<std::uint64_t>(epoch));
-    const at::Tensor order = at::randperm(n, gen, at::TensorOptions().dtype(at::kLong));
-    for (std::int64_t step = 0; step < steps_per_epoch; ++step) {
-      // The batch is gathered once and shared, read-only, by every head.
-      const at::Tensor idx = order.slice(0, step * bs, std::min(n, (step + 1) * bs));
-      const at::Tensor x = train.features.index_select(0, idx);
+    source->start_epoch(epoch);
+    datasets::Batch batch;
+    for (std::int64_t step = 0; source->next(batch); ++step) {
+      // The batch is read once and shared, read-only, by every head.
+      const at::Tensor& x = batch.features;
       arena.execute([&] {
         tbb::parallel_for(tbb::blocked_range<std::size_t>(0, active.size(), 1),
                           [&](const tbb::blocked_range<std::size_t>& range) {
@@ -228,7 +237,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
             if (task.state != tasks::TaskState::kTraining) continue;
             const auto t0 = Clock::now();
             try {
-              const at::Tensor y = train_targets[i].index_select(0, idx);
+              const at::Tensor y = task.targets(batch.labels.at(task.config().labels));
               loss_sum[i] += task.train_step(x, y);
               ++loss_count[i];
             } catch (const std::exception& e) {
@@ -251,7 +260,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
         const std::size_t i = active[k];
         if (all[i]->state == tasks::TaskState::kFailed) return;
         try {
-          metrics[i] = tasks::classification_metrics(all[i]->predict(eval.features), eval_targets[i],
+          metrics[i] = tasks::classification_metrics(all[i]->predict(eval_features), eval_targets[i],
                                                      all[i]->num_classes());
         } catch (const std::exception& e) {
           all[i]->state = tasks::TaskState::kFailed;
@@ -298,6 +307,8 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   }
   progress.finish();
   report.train_seconds = since(train_start);
+  report.source_peak_bytes = source->peak_bytes();
+  report.source = source->describe();
 
   const std::string heads_dir = config.train.out_dir + "/heads";
   for (std::size_t i = 0; i < all.size(); ++i) {

@@ -7,9 +7,13 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/randn.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/TensorOperators.h>
+#include <unistd.h>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/datasets/batch_source.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/datasets/mnist.h"
 #include "canopy/datasets/preprocess.h"
@@ -85,7 +89,7 @@ TEST(Preprocess, ResizesReplicatesAndNormalises) {
   EXPECT_NE(describe(c).find("resize=8"), std::string::npos);
 }
 
-CacheMeta test_meta() {
+CacheMeta test_meta(std::int64_t dim, StorageDtype dtype = StorageDtype::kFloat32) {
   CacheMeta m;
   m.fingerprint = "f";
   m.description = "d";
@@ -94,62 +98,153 @@ CacheMeta test_meta() {
   m.preprocessing = "p";
   m.pooling = "avg";
   m.torch_version = "2";
+  m.dtype = dtype;
+  m.feature_dim = dim;
   m.class_names = {"a", "b"};
   return m;
 }
 
-TEST(FeatureCache, RoundTripsSplitsAndMetadata) {
-  testing::TempDir dir;
-  const std::string path = dir.file("c.h5");
-  const at::Tensor f1 = at::randn({5, 6}), f2 = at::randn({3, 6});
-  {
-    FeatureCacheWriter w(path, test_meta());
-    w.begin_split("train", 6);
-    w.append(f1.slice(0, 0, 2), {{"class", at::arange(2, at::kLong)}}, at::arange(2, at::kLong));
-    w.append(f1.slice(0, 2, 5), {{"class", at::arange(3, at::kLong)}}, at::arange(2, 5, at::kLong));
-    w.end_split();
-    w.begin_split("test", 6);
-    w.append(f2, {{"class", at::arange(3, at::kLong)}}, at::arange(3, at::kLong));
-    w.end_split();
-    EXPECT_FALSE(path_exists(path)) << "nothing at the final path before commit";
-    w.commit();
+// Writes a cache of `train` rows (shards of 4) and 3 test rows, in batches of 2.
+void write_cache(const std::string& dir, const at::Tensor& train, const at::Tensor& test,
+                 StorageDtype dtype = StorageDtype::kFloat32) {
+  FeatureCacheWriter w(dir, test_meta(train.size(1), dtype), {{"train", train.size(0)}, {"test", test.size(0)}}, 4,
+                       false);
+  for (std::int64_t i = 0; i < train.size(0); i += 2) {
+    const std::int64_t e = std::min(train.size(0), i + 2);
+    w.append("train", train.slice(0, i, e), {{"class", at::arange(i, e, at::kLong) % 2}}, at::arange(i, e, at::kLong));
   }
-  const FeatureCache c = FeatureCache::open(path);
+  w.append("test", test, {{"class", at::arange(test.size(0), at::kLong)}}, at::arange(test.size(0), at::kLong));
+  w.finish();
+}
+
+TEST(FeatureCache, RoundTripsShardsAndMetadata) {
+  testing::TempDir dir;
+  const at::Tensor f1 = at::randn({10, 6}), f2 = at::randn({3, 6});
+  write_cache(dir.path(), f1, f2);
+  const FeatureCache c = FeatureCache::open(dir.path());
   EXPECT_EQ(c.splits(), (std::vector<std::string>{"test", "train"}));
-  EXPECT_EQ(c.rows("train"), 5);
+  EXPECT_EQ(c.rows("train"), 10);
+  EXPECT_EQ(c.shards("train").size(), 3u) << "10 rows in shards of 4";
   EXPECT_EQ(c.meta().class_names, (std::vector<std::string>{"a", "b"}));
-  EXPECT_EQ(c.meta().pooling, "avg");
-  const SplitData train = c.load_split("train");
-  EXPECT_TRUE(testing::bitwise_equal(train.features, f1));
-  EXPECT_EQ(train.labels.at("class")[4].item<std::int64_t>(), 2);
-  EXPECT_EQ(train.ids[4].item<std::int64_t>(), 4);
+  for (auto method : {ReadMethod::kPread, ReadMethod::kHdf5}) {
+    const SplitData train = c.load_split("train", method);
+    EXPECT_TRUE(testing::bitwise_equal(train.features, f1));
+    EXPECT_EQ(train.labels.at("class")[5].item<std::int64_t>(), 1);
+    EXPECT_EQ(train.ids[9].item<std::int64_t>(), 9);
+  }
+  EXPECT_NO_THROW(c.verify());
   EXPECT_TRUE(testing::throws_with<DataError>([&] { c.load_split("valid"); }, {"no split 'valid'", "test, train"}));
 }
 
-TEST(FeatureCache, UncommittedWriteLeavesNothing) {
+TEST(FeatureCache, StorageDtypesRoundTrip) {
   testing::TempDir dir;
-  const std::string path = dir.file("c.h5");
-  {
-    FeatureCacheWriter w(path, test_meta());
-    w.begin_split("train", 4);
-    w.append(at::randn({2, 4}), {{"class", at::arange(2, at::kLong)}}, at::arange(2, at::kLong));
-    // destroyed without commit(), as when a run fails midway
+  const at::Tensor f = at::randn({9, 5});
+  for (auto dtype : {StorageDtype::kFloat16, StorageDtype::kBFloat16}) {
+    const std::string sub = dir.file(storage_dtype_name(dtype));
+    write_cache(sub, f, f.slice(0, 0, 3), dtype);
+    const FeatureCache c = FeatureCache::open(sub);
+    for (auto method : {ReadMethod::kPread, ReadMethod::kHdf5}) {
+      const at::Tensor got = c.load_split("train", method).features;
+      EXPECT_EQ(got.scalar_type(), scalar_type(dtype));
+      // Exactly the rounding of the 16-bit type, nothing more.
+      EXPECT_TRUE(testing::bitwise_equal(got, f.to(scalar_type(dtype)))) << storage_dtype_name(dtype);
+    }
   }
-  EXPECT_TRUE(list_dir(dir.path()).empty());
+  EXPECT_TRUE(testing::throws_with<ConfigError>([] { parse_storage_dtype("int8"); }, {"cache.dtype", "'int8'"}));
+}
+
+TEST(FeatureCache, UnfinishedCacheIsRefusedAndResumed) {
+  testing::TempDir dir;
+  const at::Tensor f = at::randn({10, 4});
+  {
+    FeatureCacheWriter w(dir.path(), test_meta(4), {{"train", 10}, {"test", 2}}, 4, false);
+    w.append("train", f.slice(0, 0, 6), {{"class", at::zeros({6}, at::kLong)}}, at::arange(6, at::kLong));
+    // dropped here, as when a run is killed: one shard of 4 finished, 2 rows were pending
+  }
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.path()); }, {"unfinished", "4 of 12 rows"}));
+  std::string note;
+  FeatureCacheWriter w(dir.path(), test_meta(4), {{"train", 10}, {"test", 2}}, 4, true, &note);
+  EXPECT_EQ(w.rows_done("train"), 4);
+  EXPECT_NE(note.find("1 finished shard"), std::string::npos) << note;
+  w.append("train", f.slice(0, 4, 10), {{"class", at::zeros({6}, at::kLong)}}, at::arange(4, 10, at::kLong));
+  w.append("test", f.slice(0, 0, 2), {{"class", at::zeros({2}, at::kLong)}}, at::arange(2, at::kLong));
+  w.finish();
+  EXPECT_TRUE(testing::bitwise_equal(FeatureCache::open(dir.path()).load_split("train").features, f));
+}
+
+void flip_byte(const std::string& path, std::uint64_t offset) {
+  std::fstream io(path, std::ios::in | std::ios::out | std::ios::binary);
+  io.seekg(static_cast<std::streamoff>(offset));
+  char c = 0;
+  io.read(&c, 1);
+  c ^= 0x10;
+  io.seekp(static_cast<std::streamoff>(offset));
+  io.write(&c, 1);
+}
+
+TEST(FeatureCache, CorruptionAndTruncationAreDetected) {
+  testing::TempDir dir;
+  write_cache(dir.path(), at::randn({10, 6}), at::randn({3, 6}));
+  const FeatureCache c = FeatureCache::open(dir.path());
+  const ShardInfo s = c.shards("train").at(1);
+  const std::string file = join_path(dir.path(), s.file);
+  flip_byte(file, s.features_offset + 30);
+  for (auto method : {ReadMethod::kPread, ReadMethod::kHdf5}) {
+    EXPECT_TRUE(testing::throws_with<DataError>([&] { c.load_split("train", method); }, {s.file, "checksum mismatch", "features"}));
+  }
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { c.verify(); }, {s.file, "checksum"}));
+  flip_byte(file, s.features_offset + 30);  // repaired
+  EXPECT_NO_THROW(c.load_split("train"));
+  flip_byte(file, s.labels.at("class").first + 3);
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { c.load_split("train"); }, {"labels/class"}));
+  flip_byte(file, s.labels.at("class").first + 3);
+  ASSERT_EQ(::truncate(file.c_str(), static_cast<off_t>(s.bytes - 10)), 0);
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { c.load_split("train"); }, {s.file, "truncated"}));
 }
 
 TEST(FeatureCache, RefusesWhatIsNotACache) {
   testing::TempDir dir;
-  std::ofstream(dir.file("x.h5")) << "not hdf5";
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.file("x.h5")); }, {"x.h5", "not an HDF5 file"}));
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.file("none.h5")); }, {"does not exist", "canopy cache"}));
-  FeatureCacheWriter w(dir.file("wrong.h5"), test_meta());
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.file("none")); }, {"does not exist", "canopy cache"}));
+  make_dirs(dir.file("bad"));
+  write_file_atomic(dir.file("bad/manifest.json"), "{\"schema\": 2}");
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.file("bad")); }, {"malformed"}));
+  write_file_atomic(dir.file("bad/manifest.json"), "{\"schema\": 1}");
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.file("bad")); }, {"schema version 1", "rebuild"}));
+  FeatureCacheWriter w(dir.file("wrong"), test_meta(4), {{"train", 2}}, 4, false);
   EXPECT_TRUE(testing::throws_with<DataError>(
-      [&] {
-        w.begin_split("train", 4);
-        w.append(at::randn({2, 5}), {{"class", at::arange(2, at::kLong)}}, at::arange(2, at::kLong));
-      },
+      [&] { w.append("train", at::randn({2, 5}), {{"class", at::arange(2, at::kLong)}}, at::arange(2, at::kLong)); },
       {"[B, 4]", "[2, 5]"}));
+}
+
+TEST(BatchSource, StreamingServesEveryRowOncePerEpochUnderItsCap) {
+  testing::TempDir dir;
+  const std::int64_t n = 37;
+  const at::Tensor f = at::arange(n * 3, at::kFloat).view({n, 3});
+  write_cache(dir.path(), f, f.slice(0, 0, 3));
+  const FeatureCache c = FeatureCache::open(dir.path());
+  const std::uint64_t shard_bytes = 4 * (3 * 4 + 16);
+  // Batches of 5 over shards of 4: the carry may take 2 shards, so 5 shards is the least.
+  auto src = make_streaming_source(c, "train", 5, 7, 5 * shard_bytes, ReadMethod::kPread);
+  for (std::int64_t epoch = 0; epoch < 2; ++epoch) {
+    src->start_epoch(epoch);
+    std::vector<int> seen(n, 0);
+    Batch b;
+    std::int64_t batches = 0;
+    while (src->next(b)) {
+      ++batches;
+      for (std::int64_t r = 0; r < b.features.size(0); ++r) {
+        const auto row = static_cast<std::int64_t>(b.features[r][0].item<float>()) / 3;
+        ++seen[row];
+        EXPECT_EQ(b.labels.at("class")[r].item<std::int64_t>(), row % 2) << "labels travel with their rows";
+      }
+    }
+    EXPECT_EQ(batches, (n + 4) / 5);
+    for (std::int64_t r = 0; r < n; ++r) EXPECT_EQ(seen[r], 1) << "row " << r << " epoch " << epoch;
+  }
+  EXPECT_GT(src->peak_bytes(), 0u);
+  EXPECT_LE(src->peak_bytes(), 5 * shard_bytes);
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { make_streaming_source(c, "train", 5, 7, 4 * shard_bytes, ReadMethod::kPread); }, {"5 shards", "memory_cap_mb"}));
 }
 
 }  // namespace

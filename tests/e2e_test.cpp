@@ -27,7 +27,7 @@ class EndToEnd : public ::testing::Test {
     ini << "[data]\ndir = " << testing::fashion_mnist_dir() << "\ntrain_limit = 2000\ntest_limit = 500\n"
         << "[preprocess]\nresize = 28\nchannels = 3\nmean = 0.5\nstd = 0.5\n"
         << "[trunk]\npath = " << trunk_path_ << "\ndevice = cpu\n"
-        << "[cache]\npath = " << dir_.file("cache.h5") << "\nbatch_size = 256\n"
+        << "[cache]\npath = " << dir_.file("cache") << "\nbatch_size = 256\nshard_rows = 512\n"
         << "[train]\nout_dir = " << dir_.file("out") << "\nepochs = 8\nbatch_size = 64\n"
         << "[task.class_linear]\nhead = linear\nlr = 0.01\n"
         << "[task.class_mlp]\nhead = mlp\nhidden = 64\nlr = 0.003\n"

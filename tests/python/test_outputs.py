@@ -72,7 +72,8 @@ def main():
         model.bn.running_var.uniform_(0.5, 2.0)
     torch.jit.script(model.eval()).save(trunk_path)
     sha = hashlib.sha256(open(trunk_path, "rb").read()).hexdigest()
-    cache = os.path.join(work, "cache.h5")
+    cache = os.path.join(work, "cache")
+    view = os.path.join(cache, "cache.h5")
     out_dir = os.path.join(work, "out")
     config = os.path.join(work, "job.ini")
     with open(config, "w") as f:
@@ -92,6 +93,7 @@ pooling = flatten
 [cache]
 path = {cache}
 batch_size = 100
+shard_rows = 300
 [train]
 out_dir = {out_dir}
 epochs = 5
@@ -115,9 +117,12 @@ lr = 0.01
     check("[canopy] cache:" in run.stderr and "(100%)" in run.stderr, "plain progress lines when not a terminal")
 
     # --- the cache, with h5py -------------------------------------------------
-    with h5py.File(cache, "r") as h:
+    # The view reads its shards through HDF5 virtual datasets, from any working directory.
+    os.chdir("/")
+    with h5py.File(view, "r") as h:
+        check(h["train/features"].is_virtual, "train/features is a virtual dataset over the shards")
         attrs = dict(h.attrs)
-        check(int(attrs["canopy_schema"]) == 1, "canopy_schema attribute is 1")
+        check(int(attrs["canopy_schema"]) == 2, "canopy_schema attribute is 2")
         fp = attrs["fingerprint"]
         fp = fp.decode() if isinstance(fp, bytes) else fp
         check(len(fp) == 64 and all(c in "0123456789abcdef" for c in fp), "fingerprint is a SHA-256")
@@ -150,9 +155,9 @@ lr = 0.01
     check(np.allclose(ref, cached_test, rtol=1e-4, atol=1e-4), f"cached features match Python torch (max abs diff {err:.2e})")
 
     # --- h5ls -----------------------------------------------------------------
-    ls = subprocess.run(["h5ls", "-r", cache], capture_output=True, text=True).stdout
-    check(any(l.startswith("/train/features") and f"{{{TRAIN}/Inf, {D}}}" in l for l in ls.splitlines()),
-          f"h5ls lists /train/features as Dataset {{{TRAIN}/Inf, {D}}}")
+    ls = subprocess.run(["h5ls", "-r", view], capture_output=True, text=True).stdout
+    check(any(l.startswith("/train/features") and f"{{{TRAIN}, {D}}}" in l for l in ls.splitlines()),
+          f"h5ls lists /train/features as Dataset {{{TRAIN}, {D}}}")
     check("/test/labels/class" in ls, "h5ls lists /test/labels/class")
 
     # --- exported heads, with safetensors + torch ------------------------------

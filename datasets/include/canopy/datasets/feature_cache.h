@@ -1,24 +1,34 @@
-// The feature cache: one HDF5 file holding, per split, the trunk's features and the labels.
+// The feature cache: the trunk's features and the labels, written once, read every epoch.
 //
-// Format, schema version 1 (read it with h5py or h5ls as it is):
-//   /                      attributes:
-//       canopy_schema      int64, 1
-//       fingerprint        SHA-256 (hex) of the canonical description below
-//       description        the canonical description: every input that changes features
-//       trunk_sha256       SHA-256 of the trunk file
-//       trunk_path         the trunk file as given in the config
-//       preprocessing      e.g. "scale=1/255;resize=64;interp=bilinear;channels=3;mean=0.5;std=0.5"
-//       pooling            avg | flatten | none
-//       torch_version      the LibTorch version that computed the features
-//       label_sources      comma-separated names of the label columns, e.g. "class"
-//       class_names        comma-separated names of the "class" labels (when known)
-//   /<split>/features      float32 [N, D], chunked by rows, uncompressed
-//   /<split>/labels/<src>  int64 [N], one dataset per label source
-//   /<split>/ids           int64 [N], the sample's index in the input data set
-//   /<split>               attribute rows (int64): N, written when the split is complete
+// On-disk format, schema version 2. `cache.path` is a directory:
 //
-// The file is written under a temporary name, fsynced and renamed into place: a run killed
-// mid-write never leaves a file at the final path that looks complete.
+//   <dir>/manifest.json        the index, replaced atomically after every finished shard:
+//       schema                 2
+//       complete               true once every split is written
+//       meta                   fingerprint, description (the parts the fingerprint hashes),
+//                              trunk_sha256, trunk_path, preprocessing, pooling, torch_version,
+//                              dtype, feature_dim, label_sources, class_names
+//       splits                 {split: total rows}
+//       shards                 [{split, index, first_row, rows, file, bytes, data regions:
+//                              features_offset, features_crc32c (one CRC-32C per MiB of the
+//                              features region), ids_offset, ids_crc32c,
+//                              labels: {source: [offset, crc32c]}}]
+//   <dir>/shards/<split>-<index>.h5   one HDF5 file per shard (default 4096 rows):
+//       /features              [rows, D] contiguous, float32 | float16 | uint16 (bfloat16 bits)
+//       /features              attribute dtype = "float32" | "float16" | "bfloat16"
+//       /ids                   int64 [rows], the sample's index in the input data set
+//       /labels/<source>       int64 [rows], one dataset per label source
+//   <dir>/cache.h5             one view over all shards, for users: per split, HDF5 virtual
+//                              datasets /<split>/features [N, D], /<split>/ids,
+//                              /<split>/labels/<source>; the meta fields as root attributes
+//                              (canopy_schema, fingerprint, description, ...). Open it with
+//                              h5py or `h5ls -r` from any working directory.
+//
+// Crash safety: each shard is written under a temporary name, fsynced and renamed; only
+// then is it added to the manifest (itself written to a temporary file, fsynced, renamed).
+// A run killed at any moment leaves a manifest listing only complete shards, and a rerun
+// resumes after them. Every data region is checksummed (CRC-32C) in the manifest and the
+// file size recorded: a flipped byte or a truncated shard is reported, never used.
 #pragma once
 
 #include <cstdint>
@@ -31,7 +41,13 @@
 
 namespace canopy::datasets {
 
-constexpr std::int64_t kCacheSchemaVersion = 1;
+constexpr std::int64_t kCacheSchemaVersion = 2;
+constexpr std::uint64_t kChecksumBlockBytes = 1 << 20;
+
+enum class StorageDtype { kFloat32, kFloat16, kBFloat16 };
+const char* storage_dtype_name(StorageDtype dtype);
+StorageDtype parse_storage_dtype(const std::string& name);  // ConfigError naming the value
+at::ScalarType scalar_type(StorageDtype dtype);
 
 struct CacheMeta {
   std::string fingerprint;
@@ -41,52 +57,101 @@ struct CacheMeta {
   std::string preprocessing;
   std::string pooling;
   std::string torch_version;
+  StorageDtype dtype = StorageDtype::kFloat32;
+  std::int64_t feature_dim = 0;
   std::vector<std::string> label_sources{"class"};
   std::vector<std::string> class_names;
 };
 
+struct ShardInfo {
+  std::string split;
+  std::int64_t index = 0;
+  std::int64_t first_row = 0;
+  std::int64_t rows = 0;
+  std::string file;  // relative to the cache directory
+  std::uint64_t bytes = 0;
+  std::uint64_t features_offset = 0;
+  std::vector<std::uint32_t> features_crc32c;  // per kChecksumBlockBytes of the region
+  std::uint64_t ids_offset = 0;
+  std::uint32_t ids_crc32c = 0;
+  std::map<std::string, std::pair<std::uint64_t, std::uint32_t>> labels;  // offset, crc
+};
+
+struct Manifest {
+  CacheMeta meta;
+  std::map<std::string, std::int64_t> split_rows;
+  std::vector<ShardInfo> shards;
+  bool complete = false;
+};
+
+std::string manifest_path(const std::string& dir);
+std::string view_path(const std::string& dir);
+// Reads <dir>/manifest.json; DataError when missing or malformed.
+Manifest read_manifest(const std::string& dir);
+void write_manifest(const std::string& dir, const Manifest& manifest);
+
+struct SplitData {
+  at::Tensor features;                       // [N, D] in the storage dtype
+  std::map<std::string, at::Tensor> labels;  // int64 [N] per label source
+  at::Tensor ids;                            // int64 [N]
+};
+
 class FeatureCacheWriter {
  public:
-  // Starts writing `path` (under a temporary name until commit()).
-  FeatureCacheWriter(std::string path, const CacheMeta& meta);
+  // Writes the cache in `dir`. With `resume`, an unfinished cache of the same fingerprint
+  // keeps every shard that verifies (size and checksums); anything else is cleared.
+  // `note` (if given) says what was kept.
+  FeatureCacheWriter(std::string dir, CacheMeta meta, std::map<std::string, std::int64_t> split_rows,
+                     std::int64_t shard_rows, bool resume, std::string* note = nullptr);
   FeatureCacheWriter(const FeatureCacheWriter&) = delete;
   FeatureCacheWriter& operator=(const FeatureCacheWriter&) = delete;
-  ~FeatureCacheWriter();  // without commit(): removes the temporary file
+  ~FeatureCacheWriter();
 
-  void begin_split(const std::string& split, std::int64_t feature_dim);
-  // features: float32 [B, D]; labels: int64 [B] per label source; ids: int64 [B].
-  void append(const at::Tensor& features, const std::map<std::string, at::Tensor>& labels,
-              const at::Tensor& ids);
-  void end_split();
-  // Closes, fsyncs and renames the file into place.
-  void commit();
+  // Rows already stored for `split` (where a resumed run continues).
+  std::int64_t rows_done(const std::string& split) const;
+  // Appends rows, in order, to `split`; a shard is written whenever shard_rows are
+  // buffered or the split is complete. features: [B, D] float; labels int64 [B] per
+  // source; ids int64 [B].
+  void append(const std::string& split, const at::Tensor& features,
+              const std::map<std::string, at::Tensor>& labels, const at::Tensor& ids);
+  // Writes the view file and marks the manifest complete. Every split must be complete.
+  void finish();
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 
-struct SplitData {
-  at::Tensor features;                        // float32 [N, D]
-  std::map<std::string, at::Tensor> labels;   // int64 [N] per label source
-  at::Tensor ids;                             // int64 [N]
-};
+// How shards are read: pread of the recorded data regions (no HDF5 call, parallel over
+// blocks), or H5Dread through the HDF5 library (one thread).
+enum class ReadMethod { kPread, kHdf5 };
+ReadMethod parse_read_method(const std::string& name);
 
 class FeatureCache {
  public:
-  // Opens an existing cache; DataError for a missing, non-HDF5 or unknown-schema file.
-  static FeatureCache open(const std::string& path);
+  // Opens a complete cache; DataError for a missing, unfinished or unknown-schema cache.
+  static FeatureCache open(const std::string& dir);
   FeatureCache(FeatureCache&&) noexcept;
   FeatureCache& operator=(FeatureCache&&) noexcept;
   ~FeatureCache();
 
   const CacheMeta& meta() const;
+  const Manifest& manifest() const;
   const std::string& path() const;
   std::vector<std::string> splits() const;
   std::int64_t rows(const std::string& split) const;
-  std::int64_t feature_dim(const std::string& split) const;
-  // Reads a whole split into memory.
-  SplitData load_split(const std::string& split) const;
+  std::int64_t feature_dim() const;
+  std::vector<ShardInfo> shards(const std::string& split) const;
+  std::uint64_t bytes_on_disk() const;
+  // Bytes the features of a split take in memory.
+  std::uint64_t feature_bytes(const std::string& split) const;
+
+  // Reads one shard, verifying its size and checksums.
+  SplitData read_shard(const ShardInfo& shard, ReadMethod method = ReadMethod::kPread) const;
+  // Reads a whole split into memory (checksums verified).
+  SplitData load_split(const std::string& split, ReadMethod method = ReadMethod::kPread) const;
+  // Checks every shard's size and checksums; throws DataError naming the first bad one.
+  void verify() const;
 
  private:
   struct Impl;

@@ -44,11 +44,22 @@ bool exists(hid_t parent, const std::string& path);
 // Names of the links (groups, datasets) directly under `group`, in name order.
 std::vector<std::string> list(hid_t group);
 
-// A 2-D (rows unlimited) or 1-D chunked dataset of `type` that grows by appending rows.
-Handle create_growable(hid_t parent, const std::string& name, hid_t type, std::int64_t cols,
-                       std::int64_t chunk_rows);
-// Appends `rows` rows (each `cols` values of `type`) from `data` to a growable dataset.
-void append_rows(hid_t dataset, hid_t type, const void* data, std::int64_t rows, std::int64_t cols);
+// Creates a contiguous (unchunked) dataset of `dims` and writes `data` (of `mem_type`).
+Handle write_contiguous(hid_t parent, const std::string& name, hid_t file_type, hid_t mem_type,
+                        const void* data, const std::vector<std::int64_t>& dims);
+// Byte offset of a contiguous dataset's data in its file.
+std::uint64_t data_offset(hid_t dataset);
+
+// One source of a virtual dataset: rows [0, rows) of `dataset` in `file` (relative to the
+// virtual file's directory) map to rows [first_row, first_row + rows) of the view.
+struct VirtualSource {
+  std::string file;
+  std::string dataset;
+  std::int64_t first_row = 0;
+  std::int64_t rows = 0;
+};
+Handle create_virtual(hid_t parent, const std::string& name, hid_t type, const std::vector<std::int64_t>& dims,
+                      const std::vector<VirtualSource>& sources);
 
 Handle open_dataset(hid_t parent, const std::string& name, const std::string& where);
 std::vector<std::int64_t> shape(hid_t dataset);

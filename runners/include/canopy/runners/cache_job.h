@@ -1,5 +1,7 @@
 // `canopy cache`: run the frozen trunk once per sample and store features and labels in
-// the HDF5 feature cache (format in canopy/datasets/feature_cache.h).
+// the feature cache (format in canopy/datasets/feature_cache.h). Crash-safe: a killed run
+// resumes from its finished shards, and the result is bitwise the same as one that was
+// never interrupted.
 #pragma once
 
 #include <cstdint>
@@ -22,17 +24,19 @@ std::string cache_description(const JobConfig& config, const std::string& trunk_
 
 struct CacheReport {
   std::string path;
-  bool rebuilt = false;
-  std::string reason;          // why it was (re)built or kept
+  bool rebuilt = false;        // false: the cache was already up to date
+  std::string reason;          // why it was (re)built, resumed or kept
   std::string fingerprint;
   std::int64_t feature_dim = 0;
   std::map<std::string, std::int64_t> rows;  // per split
+  std::int64_t rows_computed = 0;            // rows the trunk ran on in this run
   double seconds = 0.0;        // whole job
-  double trunk_seconds = 0.0;  // time inside the trunk's forward pass
+  double trunk_seconds = 0.0;  // time inside preprocessing and the trunk's forward pass
+  double write_wait_seconds = 0.0;  // time the trunk waited for the writer (0 when overlapped)
 };
 
-// Builds the cache unless one with the same fingerprint exists (or `force`). Uses `trunk`
-// when given (already loaded from config.trunk), else loads it.
+// Builds the cache unless one with the same fingerprint is complete (or `force`). An
+// unfinished cache with the same fingerprint is resumed. Uses `trunk` when given.
 CacheReport run_cache(const JobConfig& config, bool force = false, trunk::Trunk* trunk = nullptr,
                       ProgressStyle style = ProgressStyle::kAuto);
 

@@ -35,6 +35,8 @@ struct TrainReport {
   std::int64_t feature_dim = 0;
   double load_seconds = 0.0;
   double train_seconds = 0.0;
+  std::string source;                  // how the train split was read
+  std::uint64_t source_peak_bytes = 0; // most feature/label bytes the reader held at once
   std::string out_dir;
   bool any_failed() const;
 };

@@ -1,0 +1,244 @@
+#include "canopy/datasets/batch_source.h"
+
+#include <algorithm>
+#include <deque>
+#include <exception>
+#include <thread>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/cat.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/randperm.h>
+
+#include "canopy/core/bounded_queue.h"
+#include "canopy/core/error.h"
+
+namespace canopy::datasets {
+
+namespace {
+
+at::Tensor epoch_permutation(std::int64_t n, std::uint64_t seed, std::int64_t epoch, std::uint64_t salt) {
+  auto gen = at::detail::createCPUGenerator(seed * 1000003ULL + static_cast<std::uint64_t>(epoch) * 7919ULL + salt);
+  return at::randperm(n, gen, at::TensorOptions().dtype(at::kLong));
+}
+
+std::uint64_t bytes_of(const SplitData& d) {
+  std::uint64_t b = d.features.numel() * d.features.element_size() + d.ids.numel() * 8;
+  for (const auto& [src, t] : d.labels) b += t.numel() * 8;
+  return b;
+}
+
+class InMemorySource : public BatchSource {
+ public:
+  InMemorySource(SplitData data, std::int64_t batch_size, std::uint64_t seed)
+      : data_(std::move(data)), batch_size_(batch_size), seed_(seed), bytes_(bytes_of(data_)) {}
+  void start_epoch(std::int64_t epoch) override {
+    order_ = epoch_permutation(rows(), seed_, epoch, 0);
+    pos_ = 0;
+  }
+  bool next(Batch& b) override {
+    if (pos_ >= rows()) return false;
+    const at::Tensor idx = order_.slice(0, pos_, std::min(rows(), pos_ + batch_size_));
+    pos_ += batch_size_;
+    b.features = data_.features.index_select(0, idx).to(at::kFloat);
+    b.labels.clear();
+    for (const auto& [src, t] : data_.labels) b.labels[src] = t.index_select(0, idx);
+    return true;
+  }
+  std::int64_t rows() const override { return data_.features.size(0); }
+  std::uint64_t peak_bytes() const override { return bytes_; }
+  std::string describe() const override { return "in memory"; }
+
+ private:
+  SplitData data_;
+  std::int64_t batch_size_;
+  std::uint64_t seed_;
+  std::uint64_t bytes_;
+  at::Tensor order_;
+  std::int64_t pos_ = 0;
+};
+
+class StreamingSource : public BatchSource {
+ public:
+  StreamingSource(const FeatureCache& cache, std::string split, std::int64_t batch_size, std::uint64_t seed,
+                  std::uint64_t cap, ReadMethod method)
+      : cache_(cache), split_(std::move(split)), shards_(cache.shards(split_)), batch_size_(batch_size),
+        seed_(seed), cap_(cap), method_(method) {
+    std::int64_t shard_rows = 1;
+    for (const auto& s : shards_) {
+      shard_bytes_ = std::max(shard_bytes_, bytes_of_shard(s));
+      shard_rows = std::max(shard_rows, s.rows);
+    }
+    // Memory, in shards: the window being served, the rows carried over from the previous
+    // window (less than one batch), one shard queued and one being read.
+    const std::uint64_t carry = static_cast<std::uint64_t>((batch_size + shard_rows - 1) / shard_rows);
+    const std::uint64_t fit = shard_bytes_ ? cap / shard_bytes_ : 0;
+    CANOPY_CHECK(fit >= 3 + carry, DataError, "streaming '", split_, "' needs room for ", 3 + carry,
+                 " shards of ", shard_bytes_, " bytes, cache.memory_cap_mb allows ", cap,
+                 " bytes; raise the cap or rebuild with a smaller cache.shard_rows");
+    window_ = fit - 2 - carry;
+  }
+  ~StreamingSource() override { stop(); }
+
+  void start_epoch(std::int64_t epoch) override {
+    stop();
+    epoch_ = epoch;
+    const at::Tensor order = epoch_permutation(static_cast<std::int64_t>(shards_.size()), seed_, epoch, 1);
+    std::vector<ShardInfo> ordered;
+    for (std::int64_t i = 0; i < order.numel(); ++i) ordered.push_back(shards_[order[i].item<std::int64_t>()]);
+    release_window();
+    queue_ = std::make_unique<BoundedQueue<SplitData>>(1);
+    error_ = nullptr;
+    window_count_ = 0;
+    reader_ = std::thread([this, ordered] {
+      try {
+        for (const auto& s : ordered) {
+          const std::uint64_t bytes = bytes_of_shard(s);
+          add_held(bytes);  // counted from allocation on
+          if (!queue_->push(cache_.read_shard(s, method_))) {
+            held_ -= bytes;
+            return;
+          }
+        }
+      } catch (...) {
+        error_ = std::current_exception();
+      }
+      queue_->close();
+    });
+  }
+
+  bool next(Batch& b) override {
+    // Top the window up until it holds a full batch or the epoch's shards are all in.
+    while (total_ - pos_ < batch_size_ && refill()) {
+    }
+    if (error_) std::rethrow_exception(error_);
+    if (pos_ >= total_) return false;
+    const std::int64_t take = std::min(total_ - pos_, batch_size_);
+    const at::Tensor idx = order_.slice(0, pos_, pos_ + take);
+    pos_ += take;
+    // Gather the batch's rows from each part of the window.
+    std::vector<at::Tensor> f;
+    std::map<std::string, std::vector<at::Tensor>> l;
+    for (std::size_t p = 0; p < parts_.size(); ++p) {
+      const at::Tensor in = idx.masked_select(idx.ge(offsets_[p]).logical_and(idx.lt(offsets_[p + 1])));
+      if (in.numel() == 0) continue;
+      const at::Tensor local = in - offsets_[p];
+      f.push_back(parts_[p].features.index_select(0, local));
+      for (const auto& [src, t] : parts_[p].labels) l[src].push_back(t.index_select(0, local));
+    }
+    b.features = at::cat(f).to(at::kFloat);
+    b.labels.clear();
+    for (auto& [src, ts] : l) b.labels[src] = at::cat(ts);
+    return true;
+  }
+
+  std::int64_t rows() const override { return cache_.rows(split_); }
+  std::uint64_t peak_bytes() const override { return peak_.load(); }
+  std::string describe() const override {
+    return "streaming (window of " + std::to_string(window_) + " shard(s), cap " + std::to_string(cap_ >> 20) + " MiB)";
+  }
+
+ private:
+  std::uint64_t bytes_of_shard(const ShardInfo& s) const {
+    return static_cast<std::uint64_t>(s.rows) *
+           (static_cast<std::uint64_t>(cache_.feature_dim()) * at::elementSize(scalar_type(cache_.meta().dtype)) +
+            8 * (1 + s.labels.size()));
+  }
+
+  void add_held(std::uint64_t b) {
+    const std::uint64_t now = held_.fetch_add(b) + b;
+    std::uint64_t p = peak_.load();
+    while (now > p && !peak_.compare_exchange_weak(p, now)) {
+    }
+  }
+
+  void release_window() {
+    for (const auto& p : parts_) held_ -= bytes_of(p);
+    parts_.clear();
+    offsets_ = {0};
+    total_ = pos_ = 0;
+  }
+
+  // Keeps the window's unserved rows (less than a batch) and adds up to `window_` shards;
+  // false when no shard was left to add.
+  bool refill() {
+    SplitData carry;
+    const bool has_carry = pos_ < total_;
+    if (has_carry) {
+      const at::Tensor rest = order_.slice(0, pos_);
+      std::vector<at::Tensor> f, ids;
+      std::map<std::string, std::vector<at::Tensor>> l;
+      for (std::size_t p = 0; p < parts_.size(); ++p) {
+        const at::Tensor in = rest.masked_select(rest.ge(offsets_[p]).logical_and(rest.lt(offsets_[p + 1])));
+        if (in.numel() == 0) continue;
+        const at::Tensor local = in - offsets_[p];
+        f.push_back(parts_[p].features.index_select(0, local));
+        ids.push_back(parts_[p].ids.index_select(0, local));
+        for (const auto& [src, t] : parts_[p].labels) l[src].push_back(t.index_select(0, local));
+      }
+      carry.features = at::cat(f);
+      carry.ids = at::cat(ids);
+      for (auto& [src, ts] : l) carry.labels[src] = at::cat(ts);
+      add_held(bytes_of(carry));
+    }
+    release_window();
+    if (has_carry) parts_.push_back(std::move(carry));
+    bool added = false;
+    for (std::uint64_t k = 0; k < window_; ++k) {
+      auto d = queue_->pop();
+      if (!d) break;
+      parts_.push_back(std::move(*d));
+      added = true;
+    }
+    for (const auto& p : parts_) offsets_.push_back(offsets_.back() + p.features.size(0));
+    total_ = offsets_.back();
+    pos_ = 0;
+    order_ = epoch_permutation(total_, seed_, epoch_, 2 + window_count_++);
+    return added;
+  }
+
+  void stop() {
+    if (queue_) queue_->close();
+    if (reader_.joinable()) reader_.join();
+    // Shards the reader counted but nobody will take.
+    if (queue_) {
+      while (auto d = queue_->pop()) held_ -= bytes_of(*d);
+    }
+  }
+
+  const FeatureCache& cache_;
+  std::string split_;
+  std::vector<ShardInfo> shards_;
+  std::int64_t batch_size_;
+  std::uint64_t seed_;
+  std::uint64_t cap_;
+  ReadMethod method_;
+  std::uint64_t shard_bytes_ = 0;
+  std::uint64_t window_ = 1;
+  std::int64_t epoch_ = 0;
+  std::unique_ptr<BoundedQueue<SplitData>> queue_;
+  std::thread reader_;
+  std::exception_ptr error_;
+  std::vector<SplitData> parts_;
+  std::vector<std::int64_t> offsets_{0};
+  at::Tensor order_;
+  std::int64_t total_ = 0;
+  std::int64_t pos_ = 0;
+  std::uint64_t window_count_ = 0;
+  std::atomic<std::uint64_t> held_{0};
+  std::atomic<std::uint64_t> peak_{0};
+};
+
+}  // namespace
+
+std::unique_ptr<BatchSource> make_in_memory_source(SplitData data, std::int64_t batch_size, std::uint64_t seed) {
+  return std::make_unique<InMemorySource>(std::move(data), batch_size, seed);
+}
+
+std::unique_ptr<BatchSource> make_streaming_source(const FeatureCache& cache, const std::string& split,
+                                                   std::int64_t batch_size, std::uint64_t seed,
+                                                   std::uint64_t memory_cap_bytes, ReadMethod method) {
+  return std::make_unique<StreamingSource>(cache, split, batch_size, seed, memory_cap_bytes, method);
+}
+
+}  // namespace canopy::datasets

@@ -1,0 +1,48 @@
+// Batches of cached features for training: every batch is read once and handed to every
+// head. Two sources:
+//   InMemorySource   the whole split in memory, rows shuffled per epoch;
+//   StreamingSource  bounded memory: a reader thread reads whole shards (sequential reads,
+//                    checksums verified) into a bounded queue in a shuffled shard order;
+//                    rows are shuffled within a window of shards. Peak memory stays under
+//                    the cap; the shuffle is coarser than InMemorySource's.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+
+#include "canopy/datasets/feature_cache.h"
+
+namespace canopy::datasets {
+
+struct Batch {
+  at::Tensor features;                       // float32 [B, D]
+  std::map<std::string, at::Tensor> labels;  // int64 [B] per label source
+};
+
+class BatchSource {
+ public:
+  virtual ~BatchSource() = default;
+  // Starts epoch `epoch` (0-based); the order depends only on (seed, epoch).
+  virtual void start_epoch(std::int64_t epoch) = 0;
+  // The next batch of the epoch; false at its end.
+  virtual bool next(Batch& batch) = 0;
+  virtual std::int64_t rows() const = 0;
+  // Most bytes of feature/label data held at once so far.
+  virtual std::uint64_t peak_bytes() const = 0;
+  virtual std::string describe() const = 0;
+};
+
+std::unique_ptr<BatchSource> make_in_memory_source(SplitData data, std::int64_t batch_size, std::uint64_t seed);
+
+// Streams `split` of `cache` within `memory_cap_bytes`; DataError when the cap cannot hold
+// the minimum of three shards (one being read, one queued, one being served).
+std::unique_ptr<BatchSource> make_streaming_source(const FeatureCache& cache, const std::string& split,
+                                                   std::int64_t batch_size, std::uint64_t seed,
+                                                   std::uint64_t memory_cap_bytes, ReadMethod method);
+
+}  // namespace canopy::datasets
