@@ -79,6 +79,12 @@ bool is_regular_file(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 
+std::uint64_t file_size(const std::string& path) {
+  struct stat st {};
+  CANOPY_CHECK(::stat(path.c_str(), &st) == 0, DataError, "'", path, "' is missing: ", std::strerror(errno));
+  return static_cast<std::uint64_t>(st.st_size);
+}
+
 bool is_directory(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);

@@ -1,5 +1,7 @@
 #include "canopy/datasets/batch_source.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <deque>
 #include <exception>
@@ -154,7 +156,11 @@ class StreamingSource : public BatchSource {
 
   void release_window() {
     for (const auto& p : parts_) held_ -= bytes_of(p);
+    const bool had = !parts_.empty();
     parts_.clear();
+    // glibc keeps freed blocks below its (self-raising) mmap threshold on the heap; give
+    // them back so the process's memory, not only canopy's count, stays under the cap.
+    if (had) ::malloc_trim(0);
     offsets_ = {0};
     total_ = pos_ = 0;
   }

@@ -147,12 +147,6 @@ class Fd {
   int fd_;
 };
 
-std::uint64_t file_size(const std::string& path) {
-  struct stat st {};
-  CANOPY_CHECK(::stat(path.c_str(), &st) == 0, DataError, "shard '", path, "' is missing");
-  return static_cast<std::uint64_t>(st.st_size);
-}
-
 // Checks a shard's size and every checksum by reading its data regions.
 void verify_shard(const std::string& dir, const ShardInfo& s, const CacheMeta& meta);
 }  // namespace
@@ -625,8 +619,11 @@ SplitData FeatureCache::read_shard(const ShardInfo& shard, ReadMethod method) co
   return d;
 }
 
-SplitData FeatureCache::load_split(const std::string& split, ReadMethod method) const {
-  SplitData d = allocate(rows(split), meta());
+SplitData FeatureCache::load_split(const std::string& split, ReadMethod method, SplitData* reuse) const {
+  const bool fits = reuse && reuse->features.defined() && reuse->features.size(0) == rows(split) &&
+                    reuse->features.size(1) == feature_dim() && reuse->features.scalar_type() == scalar_type(meta().dtype) &&
+                    reuse->ids.defined() && reuse->labels.size() == meta().label_sources.size();
+  SplitData d = fits ? *reuse : allocate(rows(split), meta());
   for (const auto& s : shards(split)) {
     std::map<std::string, at::Tensor> labels;
     for (const auto& [src, t] : d.labels) labels[src] = t.narrow(0, s.first_row, s.rows);

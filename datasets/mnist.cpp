@@ -2,6 +2,7 @@
 
 #include <zlib.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include <ATen/ops/arange.h>
@@ -13,20 +14,40 @@
 namespace canopy::datasets {
 
 namespace {
-std::string read_gz_or_raw(const std::string& path) {
-  gzFile f = gzopen(path.c_str(), "rb");  // reads plain files unchanged too
-  CANOPY_CHECK(f != nullptr, DataError, "cannot open '", path, "'");
-  std::string data;
-  char buf[1 << 16];
-  int n = 0;
-  while ((n = gzread(f, buf, sizeof buf)) > 0) data.append(buf, static_cast<std::size_t>(n));
-  int err = 0;
-  const char* msg = gzerror(f, &err);
-  const std::string message = msg ? msg : "";
-  gzclose(f);
-  CANOPY_CHECK(n == 0 && err == Z_OK, DataError, "error reading '", path, "': ", message);
-  return data;
-}
+class GzFile {
+ public:
+  explicit GzFile(const std::string& path) : path_(path), f_(gzopen(path.c_str(), "rb")) {  // plain files too
+    CANOPY_CHECK(f_ != nullptr, DataError, "cannot open '", path, "'");
+    gzbuffer(f_, 1 << 17);
+  }
+  ~GzFile() { gzclose(f_); }
+  GzFile(const GzFile&) = delete;
+  GzFile& operator=(const GzFile&) = delete;
+  // Reads up to n bytes; returns how many were read.
+  std::size_t read(char* dst, std::size_t n) {
+    std::size_t got = 0;
+    while (got < n) {
+      const unsigned chunk = static_cast<unsigned>(std::min<std::size_t>(n - got, 1u << 30));
+      const int r = gzread(f_, dst + got, chunk);
+      if (r < 0) {
+        int err = 0;
+        const char* msg = gzerror(f_, &err);
+        throw DataError(detail::str_cat("error reading '", path_, "': ", msg ? msg : "?"));
+      }
+      if (r == 0) break;
+      got += static_cast<std::size_t>(r);
+    }
+    return got;
+  }
+  bool at_end() {
+    char c;
+    return gzread(f_, &c, 1) == 0;
+  }
+
+ private:
+  std::string path_;
+  gzFile f_;
+};
 
 std::uint32_t be32(const std::string& s, std::size_t at) {
   const auto* p = reinterpret_cast<const unsigned char*>(s.data() + at);
@@ -43,30 +64,35 @@ std::string find_file(const std::string& dir, const std::string& stem) {
 }
 }  // namespace
 
-at::Tensor read_idx(const std::string& path) {
-  const std::string data = read_gz_or_raw(path);
-  CANOPY_CHECK(data.size() >= 4, DataError, "'", path, "' is too short to be an idx file (",
-               data.size(), " bytes)");
-  const auto* magic = reinterpret_cast<const unsigned char*>(data.data());
+at::Tensor read_idx(const std::string& path, std::int64_t limit) {
+  GzFile f(path);
+  std::string head(4, '\0');
+  CANOPY_CHECK(f.read(head.data(), 4) == 4, DataError, "'", path, "' is too short to be an idx file");
+  const auto* magic = reinterpret_cast<const unsigned char*>(head.data());
   CANOPY_CHECK(magic[0] == 0 && magic[1] == 0 && magic[2] == 0x08, DataError, "'", path,
                "' is not an unsigned-byte idx file (magic bytes ", int(magic[0]), ",", int(magic[1]),
                ",", int(magic[2]), ", expected 0,0,8)");
   const int ndim = magic[3];
-  CANOPY_CHECK(ndim >= 1 && ndim <= 4, DataError, "'", path, "' has ", ndim,
-               " dimensions; expected 1 to 4");
-  const std::size_t header = 4 + 4 * static_cast<std::size_t>(ndim);
-  CANOPY_CHECK(data.size() >= header, DataError, "'", path, "' is truncated in its header");
+  CANOPY_CHECK(ndim >= 1 && ndim <= 4, DataError, "'", path, "' has ", ndim, " dimensions; expected 1 to 4");
+  head.resize(4 + 4 * static_cast<std::size_t>(ndim));
+  CANOPY_CHECK(f.read(head.data() + 4, head.size() - 4) == head.size() - 4, DataError, "'", path,
+               "' is truncated in its header");
   std::vector<std::int64_t> dims;
-  std::size_t count = 1;
-  for (int i = 0; i < ndim; ++i) {
-    dims.push_back(be32(data, 4 + 4 * static_cast<std::size_t>(i)));
-    count *= static_cast<std::size_t>(dims.back());
-  }
-  CANOPY_CHECK(data.size() == header + count, DataError, "'", path, "' should hold ",
-               header + count, " bytes for dimensions ", at::IntArrayRef(dims), " but holds ",
-               data.size());
+  for (int i = 0; i < ndim; ++i) dims.push_back(be32(head, 4 + 4 * static_cast<std::size_t>(i)));
+  std::size_t item = 1;
+  for (int i = 1; i < ndim; ++i) item *= static_cast<std::size_t>(dims[i]);
+  const std::int64_t all = dims[0];
+  if (limit > 0 && limit < dims[0]) dims[0] = limit;
+  const std::size_t count = item * static_cast<std::size_t>(dims[0]);
   at::Tensor out = at::empty(dims, at::kByte);
-  std::memcpy(out.data_ptr<std::uint8_t>(), data.data() + header, count);
+  const std::size_t got = f.read(static_cast<char*>(out.data_ptr()), count);
+  std::vector<std::int64_t> full = dims;
+  full[0] = all;
+  CANOPY_CHECK(got == count, DataError, "'", path, "' should hold ", head.size() + item * all,
+               " bytes for dimensions ", at::IntArrayRef(full), " but holds ", head.size() + got);
+  if (dims[0] == all) {
+    CANOPY_CHECK(f.at_end(), DataError, "'", path, "' has bytes after its ", at::IntArrayRef(full), " items");
+  }
   return out;
 }
 
@@ -76,13 +102,13 @@ ImageSplit read_mnist_split(const std::string& dir, const std::string& split, st
   const std::string prefix = split == "train" ? "train" : "t10k";
   const std::string images_path = find_file(dir, prefix + "-images-idx3-ubyte");
   const std::string labels_path = find_file(dir, prefix + "-labels-idx1-ubyte");
-  at::Tensor images = read_idx(images_path);
-  at::Tensor labels = read_idx(labels_path);
+  at::Tensor images = read_idx(images_path, limit);
+  at::Tensor labels = read_idx(labels_path, limit);
   CANOPY_CHECK(images.dim() == 3, DataError, "'", images_path, "' should be [N, H, W], is ",
                images.sizes());
   CANOPY_CHECK(labels.dim() == 1 && labels.size(0) == images.size(0), DataError, "'", labels_path,
                "' has ", labels.numel(), " labels for ", images.size(0), " images");
-  const std::int64_t n = limit > 0 ? std::min<std::int64_t>(limit, images.size(0)) : images.size(0);
+  const std::int64_t n = images.size(0);
   ImageSplit out;
   out.images = images.slice(0, 0, n).contiguous();
   out.labels = labels.slice(0, 0, n).to(at::kLong);

@@ -88,6 +88,63 @@ std::vector<std::string> describe_changes(const std::string& old_description,
   return out;
 }
 
+std::string inspect_cache(const std::string& dir, const JobConfig* config, bool verify, bool* ok) {
+  const datasets::Manifest m = datasets::read_manifest(dir);
+  std::ostringstream o;
+  bool good = m.complete;
+  std::int64_t done = 0, total = 0;
+  for (const auto& sh : m.shards) done += sh.rows;
+  for (const auto& [split, n] : m.split_rows) total += n;
+  std::uint64_t bytes = 0;
+  for (const auto& sh : m.shards) bytes += sh.bytes;
+  if (is_regular_file(datasets::view_path(dir))) bytes += file_size(datasets::view_path(dir));
+  char size[64];
+  std::snprintf(size, sizeof size, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+  o << "cache " << dir << " (schema " << datasets::kCacheSchemaVersion << ", "
+    << (m.complete ? "complete" : "UNFINISHED: " + std::to_string(done) + " of " + std::to_string(total) + " rows") << ")\n"
+    << "  view          " << datasets::view_path(dir) << (m.complete ? "" : " (written when complete)") << "\n"
+    << "  size on disk  " << size << " in " << m.shards.size() << " shard(s)\n"
+    << "  features      " << m.meta.feature_dim << " x " << datasets::storage_dtype_name(m.meta.dtype) << "\n";
+  for (const auto& [split, n] : m.split_rows) {
+    std::int64_t shards = 0, rows = 0;
+    for (const auto& sh : m.shards) {
+      if (sh.split == split) {
+        ++shards;
+        rows += sh.rows;
+      }
+    }
+    o << "  split " << split << ": " << n << " rows in " << shards << " shard(s)"
+      << (rows == n ? "" : " (" + std::to_string(rows) + " written)") << "\n";
+  }
+  o << "  labels        " << join(m.meta.label_sources, ", ");
+  if (!m.meta.class_names.empty()) o << " (classes: " << join(m.meta.class_names, ", ") << ")";
+  o << "\n  fingerprint   " << m.meta.fingerprint << ", over:\n";
+  std::istringstream parts(m.meta.description);
+  for (std::string line; std::getline(parts, line);) o << "      " << line << "\n";
+  if (config) {
+    const std::string expected = cache_description(*config, config->trunk.sha256.empty()
+                                                                 ? sha256_file(config->trunk.path)
+                                                                 : config->trunk.sha256);
+    const auto changes = describe_changes(m.meta.description, expected);
+    o << "  matches " << config->source << ": " << (changes.empty() ? "yes" : "NO, changed " + join(changes, "; "))
+      << "\n";
+    good = good && changes.empty();
+  }
+  if (verify) {
+    const auto t0 = Clock::now();
+    try {
+      datasets::FeatureCache::open(dir).verify();
+      o << "  verified      sizes and checksums of " << m.shards.size() << " shard(s) in "
+        << format_duration(std::chrono::duration<double>(Clock::now() - t0).count()) << "\n";
+    } catch (const DataError& e) {
+      o << "  VERIFY FAILED " << e.what() << "\n";
+      good = false;
+    }
+  }
+  if (ok) *ok = good;
+  return o.str();
+}
+
 CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, ProgressStyle style) {
   const auto start = Clock::now();
   CacheReport report;

@@ -2,6 +2,7 @@
 
 #include <iomanip>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include <boost/program_options.hpp>
@@ -9,6 +10,7 @@
 
 #include "canopy/core/device.h"
 #include "canopy/core/error.h"
+#include "canopy/core/progress.h"
 #include "canopy/core/strings.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/config.h"
@@ -27,6 +29,9 @@ commands:
   cache   run the frozen trunk once per sample and store features in the HDF5 cache
   train   train every task's head concurrently on the cached features
   run     cache (if needed), then train
+  inspect PATH [--config FILE] [--verify]
+          describe a cache: splits, shapes, dtype, size, fingerprint parts, completeness,
+          whether it matches a config; --verify checks every shard's checksums
   heads   list the head types that can be named in a config
   version print versions
 
@@ -53,8 +58,9 @@ void print_cache_report(const CacheReport& r, std::ostream& out) {
   out << "  fingerprint " << r.fingerprint << "\n  features    " << r.feature_dim << " per sample\n";
   for (const auto& [split, rows] : r.rows) out << "  " << std::left << std::setw(11) << split << " " << rows << " rows\n";
   if (r.rebuilt) {
-    out << std::fixed << std::setprecision(1) << "  time        " << r.seconds << " s (trunk forward "
-        << r.trunk_seconds << " s)\n" << std::defaultfloat;
+    out << std::fixed << std::setprecision(1) << "  time        " << r.seconds << " s (" << r.rows_computed
+        << " rows through the trunk: " << r.trunk_seconds << " s; waiting on writes: " << r.write_wait_seconds
+        << " s)\n" << std::defaultfloat;
   }
 }
 
@@ -72,8 +78,31 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
         << (cuda_available() ? "yes" : "no") << "\n";
     return kExitOk;
   }
+  if (command == "inspect") {
+    po::options_description idesc("options");
+    idesc.add_options()("path", po::value<std::string>(), "")("config", po::value<std::string>(), "")(
+        "set", po::value<std::vector<std::string>>(), "")("verify", "");
+    po::positional_options_description pos;
+    pos.add("path", 1);
+    po::variables_map ivm;
+    try {
+      po::store(po::command_line_parser(rest).options(idesc).positional(pos).run(), ivm);
+    } catch (const po::error& e) {
+      throw ConfigError(std::string(e.what()) + " (usage: canopy inspect PATH [--config FILE] [--verify])");
+    }
+    std::optional<JobConfig> config;
+    if (ivm.count("config")) {
+      config = load_job_config(ivm["config"].as<std::string>(),
+                               ivm.count("set") ? ivm["set"].as<std::vector<std::string>>() : std::vector<std::string>{});
+    }
+    CANOPY_CHECK(ivm.count("path") || config, ConfigError, "canopy inspect: give a cache PATH or --config FILE");
+    const std::string path = ivm.count("path") ? ivm["path"].as<std::string>() : config->cache.path;
+    bool ok = false;
+    out << inspect_cache(path, config ? &*config : nullptr, ivm.count("verify") > 0, &ok);
+    return ok ? kExitOk : kExitError;
+  }
   if (command != "cache" && command != "train" && command != "run") {
-    throw ConfigError("unknown command '" + command + "' (commands: cache, train, run, heads, version)");
+    throw ConfigError("unknown command '" + command + "' (commands: cache, train, run, inspect, heads, version)");
   }
   po::options_description desc("options");
   desc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(

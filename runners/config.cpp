@@ -99,7 +99,7 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   v.i64("cache.batch_size", c.cache.batch_size);
   v.i64("cache.shard_rows", c.cache.shard_rows);
   v.str("cache.dtype", c.cache.dtype);
-  v.i64("cache.memory_cap_mb", c.cache.memory_cap_mb);
+  v.f64("cache.memory_cap_mb", c.cache.memory_cap_mb);
   v.str("cache.read_method", c.cache.read_method);
   v.str("train.out_dir", c.train.out_dir, true);
   v.str("train.train_split", c.train.train_split);

@@ -141,7 +141,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   CANOPY_CHECK(report.train_rows > 0, DataError, "split '", config.train.train_split, "' of '",
                config.cache.path, "' is empty");
   // The train split is read whole when it fits under the cap, else streamed.
-  const std::uint64_t cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb) << 20;
+  const auto cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb * 1024 * 1024);
   std::unique_ptr<datasets::BatchSource> source;
   if (cap == 0 || cache.feature_bytes(config.train.train_split) <= cap) {
     source = datasets::make_in_memory_source(cache.load_split(config.train.train_split, method),

@@ -97,6 +97,27 @@ TEST_F(EndToEnd, CacheIsReusedRebuiltOnChangeAndStaleCacheRefused) {
   EXPECT_NE(rebuilt.reason.find("resize=28"), std::string::npos) << rebuilt.reason;
 }
 
+TEST_F(EndToEnd, StreamingTrainingStaysUnderItsMemoryCap) {
+  // 2000 x 128 float features = 1 MiB; a 0.75 MiB cap forces streaming.
+  const JobConfig config = load_job_config(
+      config_path_, {"trunk.pooling=flatten", "cache.memory_cap_mb=0.75", "train.epochs=4",
+                     "cache.batch_size=64", "cache.shard_rows=128"});
+  run_cache(config, false, nullptr, ProgressStyle::kQuiet);
+  const TrainReport report = run_train(config, registry_, ProgressStyle::kQuiet);
+  EXPECT_NE(report.source.find("streaming"), std::string::npos) << report.source;
+  EXPECT_GT(report.source_peak_bytes, 0u);
+  EXPECT_LE(report.source_peak_bytes, static_cast<std::uint64_t>(0.75 * 1024 * 1024));
+  for (const auto& t : report.tasks) {
+    EXPECT_EQ(t.state, tasks::TaskState::kDone) << t.name << ": " << t.failure;
+    EXPECT_EQ(t.epochs, 4);
+  }
+  EXPECT_GT(report.tasks[0].eval.accuracy, 0.55) << "streamed batches train as well";
+  // The same cache read whole gives a report that says so.
+  const JobConfig whole = load_job_config(
+      config_path_, {"trunk.pooling=flatten", "train.epochs=1", "cache.batch_size=64", "cache.shard_rows=128"});
+  EXPECT_EQ(run_train(whole, registry_, ProgressStyle::kQuiet).source, "in memory");
+}
+
 TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
   // A head registered from outside the library, used from a config like a built-in.
   registry_.add("tiny_linear",

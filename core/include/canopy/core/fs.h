@@ -1,6 +1,7 @@
 // Crash-safe file helpers: write to a temporary name, fsync, rename into place.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -29,6 +30,8 @@ void make_dirs(const std::string& path);
 bool path_exists(const std::string& path);
 bool is_regular_file(const std::string& path);
 bool is_directory(const std::string& path);
+// Size in bytes; DataError naming the file when it does not exist.
+std::uint64_t file_size(const std::string& path);
 std::string parent_path(const std::string& path);  // "" for a bare file name
 std::string join_path(const std::string& dir, const std::string& name);
 // Names of the entries in a directory (no "." or ".."), sorted.

@@ -148,8 +148,10 @@ class FeatureCache {
 
   // Reads one shard, verifying its size and checksums.
   SplitData read_shard(const ShardInfo& shard, ReadMethod method = ReadMethod::kPread) const;
-  // Reads a whole split into memory (checksums verified).
-  SplitData load_split(const std::string& split, ReadMethod method = ReadMethod::kPread) const;
+  // Reads a whole split into memory (checksums verified). `reuse`, when it already holds
+  // tensors of the split's shapes and dtypes, is filled in place instead of allocating.
+  SplitData load_split(const std::string& split, ReadMethod method = ReadMethod::kPread,
+                       SplitData* reuse = nullptr) const;
   // Checks every shard's size and checksums; throws DataError naming the first bad one.
   void verify() const;
 

@@ -9,9 +9,11 @@
 
 namespace canopy::datasets {
 
-// Reads one idx file (".gz" or raw) into a uint8 tensor with the file's dimensions.
-// Throws DataError naming the file for a bad magic number, size mismatch or short read.
-at::Tensor read_idx(const std::string& path);
+// Reads one idx file (".gz" or raw) into a uint8 tensor with the file's dimensions; with
+// `limit` > 0 only the first `limit` items along the first dimension are read (and
+// decompressed). Throws DataError naming the file for a bad magic number, size mismatch or
+// short read.
+at::Tensor read_idx(const std::string& path, std::int64_t limit = 0);
 
 struct ImageSplit {
   at::Tensor images;  // uint8 [N, H, W]

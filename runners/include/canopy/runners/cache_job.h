@@ -40,6 +40,12 @@ struct CacheReport {
 CacheReport run_cache(const JobConfig& config, bool force = false, trunk::Trunk* trunk = nullptr,
                       ProgressStyle style = ProgressStyle::kAuto);
 
+// `canopy inspect`: splits, shapes, dtype, size on disk, the fingerprint's parts,
+// completeness, and — given a config — whether the cache matches it. With `verify`, every
+// shard's size and checksums are checked too. Returns the report; `matches` (if given) is
+// set to whether the cache is complete, verified when asked, and matches the config.
+std::string inspect_cache(const std::string& dir, const JobConfig* config, bool verify, bool* ok = nullptr);
+
 // Names the description parts that differ, e.g. "preprocess (resize=64 -> resize=96)".
 std::vector<std::string> describe_changes(const std::string& old_description,
                                           const std::string& new_description);

@@ -28,7 +28,7 @@ struct CacheConfig {
   std::int64_t batch_size = 128;     // trunk batch size
   std::int64_t shard_rows = 4096;    // rows per shard file; a multiple of batch_size
   std::string dtype = "float32";     // storage dtype: float32 | float16 | bfloat16
-  std::int64_t memory_cap_mb = 0;    // training reads the train split whole when it fits
+  double memory_cap_mb = 0;          // training reads the train split whole when it fits
                                      // under this cap, else streams it; 0: always whole
   std::string read_method = "pread"; // pread | hdf5 (see docs/decisions.md)
 };
