@@ -1,13 +1,42 @@
 #include <sstream>
 
 #include <torch/nn/modules/activation.h>
-#include <torch/nn/modules/dropout.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/TensorOperators.h>
+#include <torch/nn/modules/container/any.h>
+#include <mutex>
 
 #include "canopy/core/error.h"
 #include "canopy/heads/linear.h"
 #include "canopy/heads/mlp.h"
 
 namespace canopy::heads {
+
+Head::Head() : rng_(at::detail::createCPUGenerator(0)) {}
+
+void Head::seed(std::uint64_t seed) {
+  std::lock_guard<std::mutex> lock(rng_.mutex());
+  rng_.set_current_seed(seed);
+}
+
+namespace {
+// Inverted dropout drawing from the head's own generator.
+class SeededDropoutImpl : public torch::nn::Module {
+ public:
+  SeededDropoutImpl(double p, at::Generator rng) : p_(p), rng_(std::move(rng)) {}  // shares the head's generator
+  torch::Tensor forward(const torch::Tensor& x) {
+    if (!is_training() || p_ == 0.0) return x;
+    const torch::Tensor keep = at::empty_like(x).bernoulli_(1.0 - p_, rng_);
+    return x * keep / (1.0 - p_);
+  }
+
+ private:
+  double p_;
+  at::Generator rng_;
+};
+TORCH_MODULE(SeededDropout);
+}  // namespace
 
 LinearHead::LinearHead(const LinearHeadOptions& options) : options_(options) {
   CANOPY_CHECK(options.in_features() > 0 && options.out_features() > 0, ConfigError,
@@ -53,7 +82,7 @@ MlpHead::MlpHead(const MlpHeadOptions& options) : options_(options) {
     else if (a == "gelu") seq->push_back(torch::nn::GELU());
     else if (a == "tanh") seq->push_back(torch::nn::Tanh());
     else seq->push_back(torch::nn::SiLU());
-    if (options.dropout() > 0) seq->push_back(torch::nn::Dropout(options.dropout()));
+    if (options.dropout() > 0) seq->push_back(SeededDropout(options.dropout(), rng()));
     in = h;
   }
   seq->push_back(torch::nn::Linear(in, options.out_features()));

@@ -40,6 +40,8 @@ options for cache, train and run:
   --set KEY=VALUE      override a config value, e.g. --set train.epochs=5 (repeatable)
   --dump-config        print the resolved configuration and exit
   --force              cache: rebuild even if the cache is up to date
+  --resume             train: continue from the last checkpoint in <train.out_dir>/checkpoint
+  --fail-fast          train: stop every head when one fails (default: only that head stops)
   --progress MODE      auto (bar on a terminal, lines otherwise), bar, lines or quiet
 
 exit codes: 0 ok, 1 data or runtime error, 2 bad usage or config, 3 a head FAILED
@@ -106,7 +108,7 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
   }
   po::options_description desc("options");
   desc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(
-      "dump-config", "")("force", "")("progress", po::value<std::string>()->default_value("auto"), "")("help,h", "");
+      "dump-config", "")("force", "")("resume", "")("fail-fast", "")("progress", po::value<std::string>()->default_value("auto"), "")("help,h", "");
   po::variables_map vm;
   try {
     po::store(po::command_line_parser(rest).options(desc).run(), vm);
@@ -119,7 +121,8 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
     return kExitOk;
   }
   CANOPY_CHECK(vm.count("config"), ConfigError, "canopy ", command, ": --config FILE is required");
-  const auto overrides = vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  auto overrides = vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  if (vm.count("fail-fast")) overrides.push_back("train.fail_fast=true");
   const JobConfig config = load_job_config(vm["config"].as<std::string>(), overrides);
   if (vm.count("dump-config")) {
     out << dump_config(config);
@@ -134,9 +137,10 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
       CANOPY_CHECK(registry.contains(t.head), ConfigError, "task '", t.name, "': unknown head '", t.head,
                    "' (see `canopy heads`)");
     }
-    const TrainReport report = run_train(config, registry, style);
+    const TrainReport report = run_train(config, registry, style, vm.count("resume") > 0);
     out << "\n" << format_summary(report);
-    out << "heads, metrics (metrics.jsonl, metrics.csv) and the resolved config are in " << report.out_dir << "\n";
+    out << "heads, metrics (metrics.jsonl, metrics.csv, tensorboard/), checkpoints and the resolved config are in "
+        << report.out_dir << "\n";
     if (report.any_failed()) {
       err << "canopy: at least one head FAILED (see above); the others were trained and saved\n";
       return kExitHeadFailed;

@@ -110,6 +110,9 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   v.i64("train.workers", c.train.workers);
   v.i64("train.intra_op_threads", c.train.intra_op_threads);
   v.boolean("train.check_fingerprint", c.train.check_fingerprint);
+  v.i64("train.checkpoint_steps", c.train.checkpoint_steps);
+  v.boolean("train.fail_fast", c.train.fail_fast);
+  v.boolean("train.tensorboard", c.train.tensorboard);
 
   // Tasks: every key task.<name>.<key>; task names keep the order of first appearance
   // in the map (alphabetical), which is also the order results are reported in.
@@ -173,6 +176,8 @@ void validate_job_config(const JobConfig& c) {
   CANOPY_CHECK(c.train.epochs > 0, ConfigError, "train.epochs must be > 0, got ", c.train.epochs);
   CANOPY_CHECK(c.train.workers >= 0, ConfigError, "train.workers must be >= 0 (0: one per core), got ",
                c.train.workers);
+  CANOPY_CHECK(c.train.checkpoint_steps >= 0, ConfigError, "train.checkpoint_steps must be >= 0, got ",
+               c.train.checkpoint_steps);
   CANOPY_CHECK(c.train.intra_op_threads > 0, ConfigError, "train.intra_op_threads must be > 0, got ",
                c.train.intra_op_threads);
   for (const auto& t : c.tasks) tasks::validate_task_config(t, 0);
@@ -225,7 +230,9 @@ std::string dump_config(const JobConfig& c) {
     << "\neval_split = " << c.train.eval_split << "\nbatch_size = " << c.train.batch_size
     << "\nepochs = " << c.train.epochs << "\nseed = " << c.train.seed << "\nworkers = " << c.train.workers
     << "\nintra_op_threads = " << c.train.intra_op_threads
-    << "\ncheck_fingerprint = " << (c.train.check_fingerprint ? "true" : "false") << "\n";
+    << "\ncheck_fingerprint = " << (c.train.check_fingerprint ? "true" : "false")
+    << "\ncheckpoint_steps = " << c.train.checkpoint_steps << "\nfail_fast = " << (c.train.fail_fast ? "true" : "false")
+    << "\ntensorboard = " << (c.train.tensorboard ? "true" : "false") << "\n";
   for (const auto& t : c.tasks) {
     o << "\n[task." << t.name << "]\nhead = " << t.head << "\nlabels = " << t.labels << "\n";
     if (!t.label_map.empty()) o << "label_map = " << list(t.label_map) << "\n";

@@ -4,12 +4,14 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <set>
 #include <sstream>
 #include <thread>
 
 #include <ATen/Parallel.h>
+#include <nlohmann/json.hpp>
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/task_arena.h>
@@ -23,6 +25,7 @@
 #include "canopy/heads/head.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/export.h"
+#include "canopy/runners/tensorboard.h"
 
 namespace canopy::runners {
 
@@ -114,7 +117,39 @@ bool TrainReport::any_failed() const {
                      [](const TaskResult& t) { return t.state == tasks::TaskState::kFailed; });
 }
 
-TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry, ProgressStyle style) {
+namespace {
+std::string config_identity(const JobConfig& config) {
+  const std::string dump = dump_config(config);
+  return dump.substr(dump.find('\n') + 1);  // without the line naming the source file
+}
+
+// Keeps the metrics lines of epochs <= `epochs` (a resumed run rewrites the rest).
+void truncate_metrics(const std::string& path, std::int64_t epochs, bool csv) {
+  if (!is_regular_file(path)) return;
+  std::istringstream in(read_file(path));
+  std::string out, line;
+  bool header = csv;
+  while (std::getline(in, line)) {
+    if (header) {
+      out += line + "\n";
+      header = false;
+      continue;
+    }
+    std::int64_t epoch = 0;
+    if (csv) {
+      epoch = std::atoll(line.c_str());
+    } else {
+      const auto at = line.find("\"epoch\": ");
+      if (at != std::string::npos) epoch = std::atoll(line.c_str() + at + 10);
+    }
+    if (epoch <= epochs) out += line + "\n";
+  }
+  write_file_atomic(path, out);
+}
+}  // namespace
+
+TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry, ProgressStyle style,
+                      bool resume) {
   validate_job_config(config);
   CANOPY_CHECK(!config.tasks.empty(), ConfigError, "no tasks in ", config.source,
                ": add a [task.<name>] section with at least head = linear");
@@ -181,12 +216,95 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     results.push_back(r);
   }
 
+  const std::string ckpt_dir = config.train.out_dir + "/checkpoint";
+  const std::string state_path = ckpt_dir + "/state.json";
+  std::vector<double> loss_sum(all.size()), seconds(all.size());
+  std::vector<std::int64_t> loss_count(all.size());
+  std::int64_t start_epoch = 0, start_step = 0, generation = 0;
+  if (resume) {
+    CANOPY_CHECK(is_regular_file(state_path), DataError, "--resume: no checkpoint in '", ckpt_dir,
+                 "' (train without --resume to start)");
+    nlohmann::json st;
+    try {
+      st = nlohmann::json::parse(read_file(state_path));
+    } catch (const nlohmann::json::exception& e) {
+      throw DataError(detail::str_cat("checkpoint '", state_path, "' is malformed: ", e.what()));
+    }
+    CANOPY_CHECK(st.at("config").get<std::string>() == config_identity(config), ConfigError,
+                 "--resume: the configuration differs from the one that wrote '", state_path,
+                 "'; resume with the same config (see ", config.train.out_dir, "/config.ini)");
+    generation = st.at("generation");
+    start_epoch = st.at("epoch");
+    start_step = st.at("step");
+    for (std::size_t i = 0; i < all.size(); ++i) {
+      const auto& t = st.at("tasks").at(i);
+      CANOPY_CHECK(t.at("name").get<std::string>() == results[i].name, DataError, "checkpoint task ", i,
+                   " is '", t.at("name").get<std::string>(), "', config has '", results[i].name, "'");
+      all[i]->load_checkpoint(ckpt_dir + "/" + results[i].name + "." + std::to_string(generation) + ".pt");
+      all[i]->state = static_cast<tasks::TaskState>(t.at("state").get<int>());
+      all[i]->failure = t.at("failure");
+      results[i].epochs = t.at("epochs");
+      results[i].train_loss = t.at("train_loss");
+      results[i].eval.accuracy = t.at("eval_accuracy");
+      results[i].eval.macro_f1 = t.at("eval_macro_f1");
+      loss_sum[i] = t.at("loss_sum");
+      loss_count[i] = t.at("loss_count");
+      seconds[i] = t.at("seconds");
+    }
+    report.resumed_from = "epoch " + std::to_string(start_epoch + 1) + " step " + std::to_string(start_step);
+    log_info("resuming from the checkpoint at " + report.resumed_from);
+    truncate_metrics(config.train.out_dir + "/metrics.jsonl", start_epoch, false);
+    truncate_metrics(config.train.out_dir + "/metrics.csv", start_epoch, true);
+  }
   make_dirs(config.train.out_dir + "/heads");
+  make_dirs(ckpt_dir);
   write_file_atomic(config.train.out_dir + "/config.ini", dump_config(config));
-  std::ofstream jsonl(config.train.out_dir + "/metrics.jsonl", std::ios::trunc);
-  std::ofstream csv(config.train.out_dir + "/metrics.csv", std::ios::trunc);
+  const auto mode = resume ? std::ios::app : std::ios::trunc;
+  std::ofstream jsonl(config.train.out_dir + "/metrics.jsonl", mode);
+  std::ofstream csv(config.train.out_dir + "/metrics.csv", mode);
   CANOPY_CHECK(jsonl && csv, IoError, "cannot write metrics in '", config.train.out_dir, "'");
-  csv << "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds\n";
+  if (!resume) csv << "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds\n";
+  std::vector<std::unique_ptr<EventWriter>> tensorboard;
+  if (config.train.tensorboard) {
+    for (const auto& r : results) {
+      tensorboard.push_back(std::make_unique<EventWriter>(config.train.out_dir + "/tensorboard/" + r.name));
+    }
+  }
+
+  // A checkpoint is a generation of per-task files plus state.json, which names the
+  // generation and is replaced last: a run killed at any point leaves a usable one.
+  auto checkpoint = [&](std::int64_t epoch, std::int64_t step) {
+    ++generation;
+    nlohmann::json tasks_json = nlohmann::json::array();
+    for (std::size_t i = 0; i < all.size(); ++i) {
+      const std::string file = ckpt_dir + "/" + results[i].name + "." + std::to_string(generation) + ".pt";
+      const std::string tmp = temp_path_for(file);
+      all[i]->save_checkpoint(tmp);
+      fsync_path(tmp);
+      rename_durable(tmp, file);
+      tasks_json.push_back({{"name", results[i].name},
+                            {"state", static_cast<int>(all[i]->state)},
+                            {"failure", all[i]->failure},
+                            {"epochs", results[i].epochs},
+                            {"train_loss", results[i].train_loss},
+                            {"eval_accuracy", results[i].eval.accuracy},
+                            {"eval_macro_f1", results[i].eval.macro_f1},
+                            {"loss_sum", loss_sum[i]},
+                            {"loss_count", loss_count[i]},
+                            {"seconds", seconds[i]}});
+    }
+    const nlohmann::json st{{"generation", generation}, {"epoch", epoch},  {"step", step},
+                            {"config", config_identity(config)}, {"tasks", tasks_json}};
+    write_file_atomic(state_path, st.dump(1) + "\n");
+    for (const auto& name : list_dir(ckpt_dir)) {  // older generations
+      const auto dot = name.rfind(".pt");
+      if (dot == std::string::npos || name.find(".tmp.") != std::string::npos) continue;
+      const auto gen_dot = name.rfind('.', dot - 1);
+      if (gen_dot != std::string::npos && std::atoll(name.c_str() + gen_dot + 1) != generation) {
+        std::remove((ckpt_dir + "/" + name).c_str());
+      }
+    }
+  };
 
   const std::int64_t workers = config.train.workers > 0
                                    ? config.train.workers
@@ -200,16 +318,14 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   auto epochs_of = [&](std::size_t i) {
     return config.tasks[i].epochs > 0 ? config.tasks[i].epochs : config.train.epochs;
   };
-  std::vector<double> loss_sum(all.size()), seconds(all.size());
-  std::vector<std::int64_t> loss_count(all.size());
-
   log_info("training " + std::to_string(all.size()) + " heads concurrently on " + std::to_string(n) +
            " x " + std::to_string(report.feature_dim) + " features, " + source->describe() + " (" +
            std::to_string(workers) + " TBB workers x " + std::to_string(config.train.intra_op_threads) +
            " LibTorch thread(s))");
   const auto train_start = Clock::now();
-  Progress progress("train", max_epochs * steps_per_epoch, "steps", style);
-  for (std::int64_t epoch = 0; epoch < max_epochs; ++epoch) {
+  Progress progress("train", (max_epochs - start_epoch) * steps_per_epoch - start_step, "steps", style);
+  for (std::int64_t epoch = start_epoch; epoch < max_epochs; ++epoch) {
+    const bool resumed_epoch = resume && epoch == start_epoch;
     std::vector<std::size_t> active;
     for (std::size_t i = 0; i < all.size(); ++i) {
       if (all[i]->state != tasks::TaskState::kTraining) continue;
@@ -218,13 +334,20 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
         continue;
       }
       active.push_back(i);
-      loss_sum[i] = 0;
-      loss_count[i] = 0;
+      if (!resumed_epoch) {
+        loss_sum[i] = 0;
+        loss_count[i] = 0;
+      }
     }
     if (active.empty()) break;
     source->start_epoch(epoch);
     datasets::Batch batch;
-    for (std::int64_t step = 0; source->next(batch); ++step) {
+    std::int64_t step = 0;
+    if (resumed_epoch) {  // the data order depends only on (seed, epoch): skip what was done
+      for (; step < start_step && source->next(batch); ++step) {
+      }
+    }
+    for (; source->next(batch); ++step) {
       // The batch is read once and shared, read-only, by every head.
       const at::Tensor& x = batch.features;
       arena.execute([&] {
@@ -251,6 +374,17 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
         });
       });
       progress.advance(1);
+      if (config.train.fail_fast) {
+        for (std::size_t i : active) {
+          CANOPY_CHECK(all[i]->state != tasks::TaskState::kFailed, Error, "head '", results[i].name,
+                       "' FAILED at ", all[i]->failure, "; stopping every head (train.fail_fast / --fail-fast)");
+        }
+      }
+      const std::int64_t global_step = epoch * steps_per_epoch + step + 1;
+      if (config.train.checkpoint_steps > 0 && global_step % config.train.checkpoint_steps == 0 &&
+          step + 1 < steps_per_epoch) {
+        checkpoint(epoch, step + 1);
+      }
     }
     // Evaluate every head that trained this epoch, concurrently as well.
     std::vector<tasks::ClassificationMetrics> metrics(all.size());
@@ -284,9 +418,16 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
             << ", \"seconds\": " << seconds[i] << "}\n";
       csv << epoch + 1 << "," << r.name << "," << state_name(task.state) << "," << r.train_loss << ","
           << r.eval.accuracy << "," << r.eval.macro_f1 << "," << seconds[i] << "\n";
+      if (!tensorboard.empty() && task.state != tasks::TaskState::kFailed) {
+        tensorboard[i]->add_scalar("train/loss", static_cast<float>(r.train_loss), epoch + 1);
+        tensorboard[i]->add_scalar("eval/accuracy", static_cast<float>(r.eval.accuracy), epoch + 1);
+        tensorboard[i]->add_scalar("eval/macro_f1", static_cast<float>(r.eval.macro_f1), epoch + 1);
+        tensorboard[i]->flush();
+      }
     }
     jsonl.flush();
     csv.flush();
+    checkpoint(epoch + 1, 0);
     {
       std::ostringstream line;
       line << "epoch " << epoch + 1 << "/" << max_epochs << ":";

@@ -11,6 +11,8 @@
 #include <torch/optim/adam.h>
 #include <torch/optim/adamw.h>
 #include <torch/optim/sgd.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
 #include <torch/utils.h>
 
 #include "canopy/core/error.h"
@@ -88,6 +90,7 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
   torch::manual_seed(seed);  // per-task seed: heads start the same whatever the task order
   HeadSpec spec{in_features, num_classes_, HeadParams(config_.name, config_.head_params)};
   head_ = registry.create(config_.head, spec);
+  head_->seed(seed);
   const auto params = head_->parameters();
   if (config_.optimizer == "sgd") {
     optimizer_ = std::make_unique<torch::optim::SGD>(
@@ -127,6 +130,33 @@ double Task::train_step(const at::Tensor& features, const at::Tensor& targets) {
   loss.backward();
   optimizer_->step();
   return value;
+}
+
+void Task::save_checkpoint(const std::string& path) const {
+  torch::serialize::OutputArchive archive;
+  head_->save(archive);
+  torch::serialize::OutputArchive opt;
+  optimizer_->save(opt);
+  archive.write("canopy.optimizer", opt);
+  archive.write("canopy.rng_state", head_->rng().get_state());
+  archive.save_to(path);
+}
+
+void Task::load_checkpoint(const std::string& path) {
+  torch::serialize::InputArchive archive;
+  try {
+    archive.load_from(path);
+    head_->load(archive);
+    torch::serialize::InputArchive opt;
+    archive.read("canopy.optimizer", opt);
+    optimizer_->load(opt);
+    at::Tensor rng_state;
+    archive.read("canopy.rng_state", rng_state);
+    head_->rng().set_state(rng_state);
+  } catch (const c10::Error& e) {
+    throw DataError(detail::str_cat("task '", config_.name, "': cannot restore checkpoint '", path,
+                                    "': ", e.what_without_backtrace()));
+  }
 }
 
 at::Tensor Task::predict(const at::Tensor& features) {

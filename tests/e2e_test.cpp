@@ -9,6 +9,8 @@
 #include "canopy/core/fs.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/heads/linear.h"
+#include <torch/nn/modules/linear.h>
+#include <limits>
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/cli.h"
 #include "canopy/runners/config.h"
@@ -116,6 +118,70 @@ TEST_F(EndToEnd, StreamingTrainingStaysUnderItsMemoryCap) {
   const JobConfig whole = load_job_config(
       config_path_, {"trunk.pooling=flatten", "train.epochs=1", "cache.batch_size=64", "cache.shard_rows=128"});
   EXPECT_EQ(run_train(whole, registry_, ProgressStyle::kQuiet).source, "in memory");
+}
+
+// A head that throws at a chosen step, and one whose output becomes NaN.
+class FaultyHead : public heads::Head {
+ public:
+  FaultyHead(std::int64_t in, std::int64_t out, std::string mode, std::int64_t after)
+      : mode_(std::move(mode)), after_(after) {
+    linear_ = register_module("linear", torch::nn::Linear(in, out));
+  }
+  torch::Tensor forward(const torch::Tensor& x) override {
+    if (is_training() && ++calls_ > after_) {
+      if (mode_ == "throw") throw std::runtime_error("faulty head gave up");
+      return linear_->forward(x) * std::numeric_limits<float>::quiet_NaN();
+    }
+    return linear_->forward(x);
+  }
+  std::string describe() const override { return "faulty " + mode_; }
+
+ private:
+  std::string mode_;
+  std::int64_t after_;
+  std::int64_t calls_ = 0;
+  torch::nn::Linear linear_{nullptr};
+};
+
+TEST_F(EndToEnd, AFailingHeadDoesNotStopTheOthers) {
+  registry_.add("faulty",
+                [](const tasks::HeadSpec& s) {
+                  return std::make_shared<FaultyHead>(s.in_features, s.out_features, s.params.get_string("mode", "throw"),
+                                                      s.params.get_int("after", 5));
+                },
+                "test head that fails");
+  std::ofstream(config_path_, std::ios::app) << "[task.z_throws]\nhead = faulty\nmode = throw\nafter = 40\n"
+                                             << "[task.z_nan]\nhead = faulty\nmode = nan\nafter = 70\n";
+  const JobConfig config = load_job_config(config_path_, {"train.epochs=3"});
+  run_cache(config, false, nullptr, ProgressStyle::kQuiet);
+  const TrainReport report = run_train(config, registry_, ProgressStyle::kQuiet);
+  ASSERT_EQ(report.tasks.size(), 5u);
+  EXPECT_TRUE(report.any_failed());
+  for (const auto& t : report.tasks) {
+    if (t.name == "z_throws") {
+      EXPECT_EQ(t.state, tasks::TaskState::kFailed);
+      EXPECT_NE(t.failure.find("epoch 2 step 9: faulty head gave up"), std::string::npos) << t.failure;  // 32 steps/epoch
+    } else if (t.name == "z_nan") {
+      EXPECT_EQ(t.state, tasks::TaskState::kFailed);
+      EXPECT_NE(t.failure.find("epoch 3 step 7: loss is nan"), std::string::npos) << t.failure;
+    } else {
+      EXPECT_EQ(t.state, tasks::TaskState::kDone) << t.name;
+      EXPECT_EQ(t.epochs, 3) << t.name;
+      EXPECT_TRUE(path_exists(t.weights_path));
+    }
+  }
+  EXPECT_NE(format_summary(report).find("task 'z_throws' FAILED at epoch 2 step 9"), std::string::npos);
+
+  // The CLI exits 3 when a head failed; --fail-fast stops everything at the first failure.
+  std::ostringstream out, err;
+  EXPECT_EQ(run_cli({"train", "--config", config_path_, "--progress", "quiet", "--set", "train.epochs=3"}, registry_,
+                    out, err),
+            kExitHeadFailed);
+  err.str("");
+  EXPECT_EQ(run_cli({"train", "--config", config_path_, "--progress", "quiet", "--set", "train.epochs=3", "--fail-fast"},
+                    registry_, out, err),
+            kExitError);
+  EXPECT_NE(err.str().find("head 'z_throws' FAILED at epoch 2 step 9"), std::string::npos) << err.str();
 }
 
 TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {

@@ -181,6 +181,20 @@ lr = 0.01
               f"{name}: torch reproduces canopy's accuracy ({acc:.4f} vs {card['eval_accuracy']:.4f})")
         check(acc > 0.6, f"{name}: accuracy {acc:.3f} is far above chance")
 
+    # --- TensorBoard event files, read back with the tensorboard package ----------
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    for name in ("fine", "coarse"):
+        acc = EventAccumulator(os.path.join(out_dir, "tensorboard", name))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        check(sorted(tags) == ["eval/accuracy", "eval/macro_f1", "train/loss"], f"{name}: TensorBoard tags {sorted(tags)}")
+        events = acc.Scalars("eval/accuracy")
+        mine = [m for m in metrics if m["task"] == name]
+        check([e.step for e in events] == [1, 2, 3, 4, 5], f"{name}: one eval/accuracy point per epoch")
+        check(all(abs(e.value - m["eval_accuracy"]) < 1e-6 for e, m in zip(events, mine)),
+              f"{name}: TensorBoard values equal metrics.jsonl")
+
     # --- the example program with its own head ---------------------------------
     heads = subprocess.run([a.custom, "heads"], capture_output=True, text=True).stdout
     check("residual_mlp" in heads and "linear" in heads, "example program lists its own head next to the built-ins")

@@ -5,15 +5,26 @@
 #include <memory>
 #include <string>
 
+#include <ATen/core/Generator.h>
 #include <torch/nn/module.h>
 
 namespace canopy::heads {
 
 class Head : public torch::nn::Module {
  public:
+  Head();
   virtual torch::Tensor forward(const torch::Tensor& features) = 0;
   // A one-line description of the architecture, e.g. "mlp 1280-256-10 relu dropout=0.1".
   virtual std::string describe() const = 0;
+
+  // The head's own random generator, for dropout and anything else random in training.
+  // Heads train concurrently: a shared global generator would make results depend on
+  // thread timing. The task seeds it; checkpoints save and restore its state.
+  at::Generator& rng() { return rng_; }
+  void seed(std::uint64_t seed);
+
+ private:
+  at::Generator rng_;
 };
 
 using HeadPtr = std::shared_ptr<Head>;

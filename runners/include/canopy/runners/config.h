@@ -43,6 +43,9 @@ struct TrainConfig {
   std::int64_t workers = 0;           // TBB workers training heads concurrently; 0: one per core
   std::int64_t intra_op_threads = 1;  // LibTorch threads inside each head's work
   bool check_fingerprint = true;      // refuse a cache whose fingerprint does not match
+  std::int64_t checkpoint_steps = 0;  // also checkpoint every N steps (0: at epoch ends only)
+  bool fail_fast = false;             // stop everything when one head fails
+  bool tensorboard = true;            // write TensorBoard event files per head
 };
 
 struct JobConfig {

@@ -25,6 +25,7 @@ struct TaskResult {
   double train_loss = 0.0;   // mean loss of the last epoch
   tasks::ClassificationMetrics eval;  // on train.eval_split after the last epoch
   double seconds = 0.0;      // time spent in this head's steps
+  std::int64_t stopped_epoch = 0;  // the epoch it stopped at, when it failed
   std::string weights_path;  // exported safetensors file
 };
 
@@ -38,11 +39,15 @@ struct TrainReport {
   std::string source;                  // how the train split was read
   std::uint64_t source_peak_bytes = 0; // most feature/label bytes the reader held at once
   std::string out_dir;
+  std::string resumed_from;            // "epoch E step S" when resumed
   bool any_failed() const;
 };
 
+// With `resume`, continues from the last checkpoint in <out_dir>/checkpoint (refused when
+// the configuration differs from the one that wrote it). On the CPU the resumed run ends
+// with weights bitwise identical to a run that was never interrupted.
 TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry,
-                      ProgressStyle style = ProgressStyle::kAuto);
+                      ProgressStyle style = ProgressStyle::kAuto, bool resume = false);
 
 // The final summary table as printed by the CLI.
 std::string format_summary(const TrainReport& report);

@@ -73,6 +73,11 @@ class Task {
   // Predicted classes for a batch (eval mode, no grad).
   at::Tensor predict(const at::Tensor& features);
 
+  // Head weights and buffers, optimizer state and the head's RNG state, in one file
+  // (LibTorch's archive format); load restores all three exactly.
+  void save_checkpoint(const std::string& path) const;
+  void load_checkpoint(const std::string& path);
+
   TaskState state = TaskState::kTraining;
   std::string failure;  // why the task failed, with epoch and step
 
