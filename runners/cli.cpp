@@ -14,7 +14,9 @@
 #include "canopy/core/strings.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/config.h"
+#include "canopy/runners/predict_job.h"
 #include "canopy/runners/train_job.h"
+#include "canopy/core/fs.h"
 
 namespace canopy::runners {
 namespace po = boost::program_options;
@@ -29,6 +31,8 @@ commands:
   cache   run the frozen trunk once per sample and store features in the HDF5 cache
   train   train every task's head concurrently on the cached features
   run     cache (if needed), then train
+  predict --config FILE --input IMAGES [--output FILE] [--format csv|jsonl] [--limit N]
+          run the trunk and every trained head on new images (an idx file) in one pass
   inspect PATH [--config FILE] [--verify]
           describe a cache: splits, shapes, dtype, size, fingerprint parts, completeness,
           whether it matches a config; --verify checks every shard's checksums
@@ -103,8 +107,42 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
     out << inspect_cache(path, config ? &*config : nullptr, ivm.count("verify") > 0, &ok);
     return ok ? kExitOk : kExitError;
   }
+  if (command == "predict") {
+    po::options_description pdesc("options");
+    pdesc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(
+        "input", po::value<std::string>(), "")("output", po::value<std::string>(), "")(
+        "format", po::value<std::string>()->default_value("csv"), "")("limit", po::value<std::int64_t>()->default_value(0), "")(
+        "progress", po::value<std::string>()->default_value("auto"), "");
+    po::variables_map pvm;
+    try {
+      po::store(po::command_line_parser(rest).options(pdesc).run(), pvm);
+    } catch (const po::error& e) {
+      throw ConfigError(std::string(e.what()) + " (see canopy --help)");
+    }
+    CANOPY_CHECK(pvm.count("config") && pvm.count("input"), ConfigError,
+                 "canopy predict: --config FILE and --input IMAGES are required");
+    const JobConfig config = load_job_config(
+        pvm["config"].as<std::string>(),
+        pvm.count("set") ? pvm["set"].as<std::vector<std::string>>() : std::vector<std::string>{});
+    PredictOptions options;
+    options.input = pvm["input"].as<std::string>();
+    options.limit = pvm["limit"].as<std::int64_t>();
+    options.format = pvm["format"].as<std::string>();
+    const ProgressStyle style = parse_progress(pvm["progress"].as<std::string>());
+    if (pvm.count("output")) {
+      const std::string path = pvm["output"].as<std::string>();
+      std::ostringstream buffer;
+      const auto rows = run_predict(config, registry, options, buffer, style);
+      write_file_atomic(path, buffer.str());
+      err << "canopy: wrote " << rows << " predictions to " << path << "\n";
+    } else {
+      run_predict(config, registry, options, out, style);
+    }
+    return kExitOk;
+  }
   if (command != "cache" && command != "train" && command != "run") {
-    throw ConfigError("unknown command '" + command + "' (commands: cache, train, run, inspect, heads, version)");
+    throw ConfigError("unknown command '" + command +
+                      "' (commands: cache, train, run, predict, inspect, heads, version)");
   }
   po::options_description desc("options");
   desc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(

@@ -1,6 +1,9 @@
 #include "canopy/runners/export.h"
 
 #include <cstring>
+
+#include <ATen/ops/empty.h>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "canopy/core/error.h"
@@ -23,7 +26,48 @@ const char* safetensors_dtype(at::ScalarType t) {
     default: return nullptr;
   }
 }
+at::ScalarType from_safetensors_dtype(const std::string& d, const std::string& path) {
+  if (d == "F32") return at::kFloat;
+  if (d == "F16") return at::kHalf;
+  if (d == "BF16") return at::kBFloat16;
+  if (d == "F64") return at::kDouble;
+  if (d == "I64") return at::kLong;
+  if (d == "I32") return at::kInt;
+  if (d == "U8") return at::kByte;
+  if (d == "BOOL") return at::kBool;
+  throw DataError(detail::str_cat("safetensors '", path, "': unsupported dtype '", d, "'"));
+}
 }  // namespace
+
+std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
+  const std::string bytes = read_file(path);
+  CANOPY_CHECK(bytes.size() >= 8, DataError, "safetensors '", path, "' is too short (", bytes.size(), " bytes)");
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[static_cast<std::size_t>(i)]);
+  CANOPY_CHECK(8 + n <= bytes.size(), DataError, "safetensors '", path, "': header of ", n, " bytes in a file of ",
+               bytes.size());
+  std::map<std::string, at::Tensor> out;
+  try {
+    const auto header = nlohmann::json::parse(bytes.substr(8, n));
+    const std::size_t base = 8 + n;
+    for (const auto& [name, info] : header.items()) {
+      if (name == "__metadata__") continue;
+      std::vector<std::int64_t> shape = info.at("shape").get<std::vector<std::int64_t>>();
+      const auto offsets = info.at("data_offsets").get<std::vector<std::uint64_t>>();
+      const at::ScalarType dtype = from_safetensors_dtype(info.at("dtype"), path);
+      at::Tensor t = at::empty(shape, dtype);
+      const std::uint64_t len = offsets.at(1) - offsets.at(0);
+      CANOPY_CHECK(offsets.at(1) >= offsets.at(0) && base + offsets.at(1) <= bytes.size() &&
+                       len == static_cast<std::uint64_t>(t.numel()) * t.element_size(),
+                   DataError, "safetensors '", path, "': tensor '", name, "' has bad offsets");
+      std::memcpy(t.data_ptr(), bytes.data() + base + offsets.at(0), len);
+      out[name] = t;
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("safetensors '", path, "': malformed header: ", e.what()));
+  }
+  return out;
+}
 
 void save_safetensors(const std::string& path,
                       const std::vector<std::pair<std::string, at::Tensor>>& tensors,

@@ -181,6 +181,21 @@ lr = 0.01
               f"{name}: torch reproduces canopy's accuracy ({acc:.4f} vs {card['eval_accuracy']:.4f})")
         check(acc > 0.6, f"{name}: accuracy {acc:.3f} is far above chance")
 
+    # --- canopy predict: trunk + every head in one pass ---------------------------
+    pred_path = os.path.join(work, "pred.csv")
+    r = subprocess.run([a.canopy, "predict", "--config", config, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz",
+                        "--limit", str(TEST), "--output", pred_path, "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0, f"canopy predict exits 0 ({r.stderr[-300:]})")
+    rows = open(pred_path).read().splitlines()
+    check(rows[0] == "id,coarse,fine" and len(rows) == TEST + 1, f"predict writes a header and {TEST} rows")
+    with torch.no_grad():
+        w = load_file(os.path.join(out_dir, "heads", "fine.safetensors"))
+        expect = (feats_t @ w["linear.weight"].T + w["linear.bias"]).argmax(1)
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    agree = sum(row.split(",")[2] == names[int(e)] for row, e in zip(rows[1:], expect)) / TEST
+    check(agree >= 0.99, f"predict agrees with torch on the cached features for {100 * agree:.1f}% of rows")
+    check(all(row.split(",")[1] in ("tops", "bottoms", "footwear", "bags") for row in rows[1:]), "coarse predictions use its class names")
+
     # --- TensorBoard event files, read back with the tensorboard package ----------
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]

@@ -17,4 +17,7 @@ void save_safetensors(const std::string& path,
                       const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 
+// Reads a safetensors file (the dtypes above); DataError naming the file when malformed.
+std::map<std::string, at::Tensor> load_safetensors(const std::string& path);
+
 }  // namespace canopy::runners

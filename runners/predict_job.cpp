@@ -1,0 +1,115 @@
+#include "canopy/runners/predict_job.h"
+
+#include <ostream>
+
+#include <nlohmann/json.hpp>
+#include <torch/csrc/api/include/torch/utils.h>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+#include "canopy/core/strings.h"
+#include "canopy/datasets/mnist.h"
+#include "canopy/datasets/preprocess.h"
+#include "canopy/runners/export.h"
+#include "canopy/trunk/trunk.h"
+
+namespace canopy::runners {
+
+namespace {
+struct LoadedHead {
+  std::string task;
+  heads::HeadPtr head;
+  std::vector<std::string> class_names;
+};
+
+LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& registry, const std::string& dir,
+                     const trunk::Trunk& trunk, const JobConfig& config) {
+  const std::string card_path = join_path(dir, tc.name + ".json");
+  CANOPY_CHECK(is_regular_file(card_path), DataError, "task '", tc.name, "': no trained head '", card_path,
+               "'; run `canopy train --config ", config.source, "` first");
+  nlohmann::json card;
+  try {
+    card = nlohmann::json::parse(read_file(card_path));
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
+  }
+  const std::string trained_on = card.at("trunk_sha256");
+  CANOPY_CHECK(trained_on == trunk.sha256(), DataError, "task '", tc.name, "': head was trained on features of trunk ",
+               trained_on, ", the config's trunk is ", trunk.sha256(), "; retrain it");
+  const std::string pre = card.at("preprocessing");
+  CANOPY_CHECK(pre == datasets::describe(config.preprocess) && card.at("pooling") == config.trunk.pooling, DataError,
+               "task '", tc.name, "': head was trained with preprocessing '", pre, "' and pooling '",
+               card.at("pooling").get<std::string>(), "', the config has '", datasets::describe(config.preprocess),
+               "' and '", config.trunk.pooling, "'");
+  tasks::HeadSpec spec{card.at("in_features").get<std::int64_t>(), card.at("out_features").get<std::int64_t>(),
+                       tasks::HeadParams(tc.name, tc.head_params)};
+  LoadedHead out;
+  out.task = tc.name;
+  out.head = registry.create(tc.head, spec);
+  out.class_names = card.at("class_names").get<std::vector<std::string>>();
+  const auto weights = load_safetensors(join_path(dir, card.at("weights").get<std::string>()));
+  torch::NoGradGuard no_grad;
+  auto restore = [&](const std::string& name, at::Tensor& dst) {
+    const auto it = weights.find(name);
+    CANOPY_CHECK(it != weights.end() && it->second.sizes() == dst.sizes(), DataError, "task '", tc.name,
+                 "': weights file lacks '", name, "' of shape ", dst.sizes(), " (architecture changed?)");
+    dst.copy_(it->second);
+  };
+  for (auto& p : out.head->named_parameters(true)) restore(p.key(), p.value());
+  for (auto& b : out.head->named_buffers(true)) restore(b.key(), b.value());
+  out.head->eval();
+  return out;
+}
+}  // namespace
+
+std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& registry, const PredictOptions& options,
+                         std::ostream& out, ProgressStyle style) {
+  CANOPY_CHECK(options.format == "csv" || options.format == "jsonl", ConfigError,
+               "--format: expected csv or jsonl, got '", options.format, "'");
+  CANOPY_CHECK(!config.tasks.empty(), ConfigError, "no tasks in ", config.source);
+  trunk::Trunk trunk = trunk::Trunk::load(config.trunk);
+  const std::string dir = join_path(config.train.out_dir, "heads");
+  std::vector<LoadedHead> heads;
+  for (const auto& tc : config.tasks) heads.push_back(load_head(tc, registry, dir, trunk, config));
+
+  const at::Tensor images = datasets::read_idx(options.input, options.limit);
+  CANOPY_CHECK(images.dim() == 3 || images.dim() == 4, DataError, "'", options.input,
+               "' should hold images [N, H, W] or [N, C, H, W], holds ", images.sizes());
+  const std::int64_t n = images.size(0);
+  if (options.format == "csv") {
+    out << "id";
+    for (const auto& h : heads) out << "," << h.task;
+    out << "\n";
+  }
+  Progress progress("predict", n, "img", style);
+  torch::NoGradGuard no_grad;
+  for (std::int64_t i = 0; i < n; i += config.cache.batch_size) {
+    const std::int64_t end = std::min(n, i + config.cache.batch_size);
+    const at::Tensor f = trunk.encode(datasets::preprocess_images(images.slice(0, i, end), config.preprocess));
+    std::vector<at::Tensor> preds;
+    for (auto& h : heads) preds.push_back(h.head->forward(f).argmax(1));
+    for (std::int64_t r = 0; r < end - i; ++r) {
+      auto name = [&](std::size_t k) {
+        const auto c = preds[k][r].item<std::int64_t>();
+        const auto& names = heads[k].class_names;
+        return c < static_cast<std::int64_t>(names.size()) ? names[static_cast<std::size_t>(c)] : std::to_string(c);
+      };
+      if (options.format == "csv") {
+        out << i + r;
+        for (std::size_t k = 0; k < heads.size(); ++k) out << "," << name(k);
+        out << "\n";
+      } else {
+        out << "{\"id\": " << i + r;
+        for (std::size_t k = 0; k < heads.size(); ++k) {
+          out << ", \"" << json_escape(heads[k].task) << "\": \"" << json_escape(name(k)) << "\"";
+        }
+        out << "}\n";
+      }
+    }
+    progress.advance(end - i);
+  }
+  progress.finish();
+  return n;
+}
+
+}  // namespace canopy::runners
