@@ -17,9 +17,10 @@ namespace po = boost::program_options;
 
 namespace {
 
-const std::set<std::string> kTaskKeys = {"head",     "labels",       "label_map", "class_names",
-                                         "optimizer", "lr",          "weight_decay", "momentum",
-                                         "epochs"};
+const std::set<std::string> kTaskKeys = {
+    "head",     "labels", "label_map", "class_names", "optimizer",           "lr",
+    "weight_decay", "momentum", "epochs", "schedule", "step_size", "gamma", "early_stop_patience",
+    "label_smoothing", "class_weights"};
 
 class Values {
  public:
@@ -146,6 +147,12 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
     v.f64(p + "weight_decay", t.weight_decay);
     v.f64(p + "momentum", t.momentum);
     v.i64(p + "epochs", t.epochs);
+    v.str(p + "schedule", t.schedule);
+    v.i64(p + "step_size", t.step_size);
+    v.f64(p + "gamma", t.gamma);
+    v.i64(p + "early_stop_patience", t.early_stop_patience);
+    v.f64(p + "label_smoothing", t.label_smoothing);
+    v.f64_list(p + "class_weights", t.class_weights);
     c.tasks.push_back(t);
   }
   const auto unused = v.unused();
@@ -238,7 +245,10 @@ std::string dump_config(const JobConfig& c) {
     if (!t.label_map.empty()) o << "label_map = " << list(t.label_map) << "\n";
     if (!t.class_names.empty()) o << "class_names = " << list(t.class_names) << "\n";
     o << "optimizer = " << t.optimizer << "\nlr = " << t.lr << "\nweight_decay = " << t.weight_decay
-      << "\nmomentum = " << t.momentum << "\nepochs = " << t.epochs << "\n";
+      << "\nmomentum = " << t.momentum << "\nepochs = " << t.epochs << "\nschedule = " << t.schedule
+      << "\nstep_size = " << t.step_size << "\ngamma = " << t.gamma << "\nearly_stop_patience = " << t.early_stop_patience
+      << "\nlabel_smoothing = " << t.label_smoothing << "\n";
+    if (!t.class_weights.empty()) o << "class_weights = " << list(t.class_weights) << "\n";
     for (const auto& [k, val] : t.head_params) o << k << " = " << val << "\n";
   }
   return o.str();

@@ -211,7 +211,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     r.labels = tc.label_map.empty() ? tc.labels
                                     : tc.labels + " -> " + std::to_string(all.back()->num_classes()) + " groups";
     std::ostringstream opt;
-    opt << tc.optimizer << " lr=" << tc.lr;
+    opt << tc.optimizer << " lr=" << tc.lr << (tc.schedule == "constant" ? "" : " " + tc.schedule);
     r.optimizer = opt.str();
     results.push_back(r);
   }
@@ -250,6 +250,9 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
       loss_sum[i] = t.at("loss_sum");
       loss_count[i] = t.at("loss_count");
       seconds[i] = t.at("seconds");
+      all[i]->best_accuracy = t.at("best_accuracy");
+      all[i]->best_epoch = t.at("best_epoch");
+      all[i]->stop_note = t.at("stop_note");
     }
     report.resumed_from = "epoch " + std::to_string(start_epoch + 1) + " step " + std::to_string(start_step);
     log_info("resuming from the checkpoint at " + report.resumed_from);
@@ -291,7 +294,10 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
                             {"eval_macro_f1", results[i].eval.macro_f1},
                             {"loss_sum", loss_sum[i]},
                             {"loss_count", loss_count[i]},
-                            {"seconds", seconds[i]}});
+                            {"seconds", seconds[i]},
+                            {"best_accuracy", all[i]->best_accuracy},
+                            {"best_epoch", all[i]->best_epoch},
+                            {"stop_note", all[i]->stop_note}});
     }
     const nlohmann::json st{{"generation", generation}, {"epoch", epoch},  {"step", step},
                             {"config", config_identity(config)}, {"tasks", tasks_json}};
@@ -340,6 +346,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
       }
     }
     if (active.empty()) break;
+    for (std::size_t i : active) all[i]->start_epoch(epoch, epochs_of(i));
     source->start_epoch(epoch);
     datasets::Batch batch;
     std::int64_t step = 0;
@@ -411,6 +418,18 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
         r.epochs = epoch + 1;
         r.train_loss = loss_count[i] ? loss_sum[i] / static_cast<double>(loss_count[i]) : 0.0;
         r.eval = metrics[i];
+        if (r.eval.accuracy > task.best_accuracy) {
+          task.best_accuracy = r.eval.accuracy;
+          task.best_epoch = epoch + 1;
+        }
+        const auto patience = task.config().early_stop_patience;
+        if (patience > 0 && epoch + 1 - task.best_epoch >= patience && epoch + 1 < epochs_of(i)) {
+          task.state = tasks::TaskState::kDone;  // the others go on
+          char why[160];
+          std::snprintf(why, sizeof why, "stopped early at epoch %lld (best accuracy %.4f at epoch %lld)",
+                        static_cast<long long>(epoch + 1), task.best_accuracy, static_cast<long long>(task.best_epoch));
+          task.stop_note = why;
+        }
       }
       jsonl << "{\"epoch\": " << epoch + 1 << ", \"task\": \"" << json_escape(r.name) << "\", \"state\": \""
             << state_name(task.state) << "\", \"train_loss\": " << r.train_loss
@@ -457,6 +476,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     r.state = all[i]->state;
     r.failure = all[i]->failure;
     r.seconds = seconds[i];
+    r.note = all[i]->stop_note;
     if (r.state == tasks::TaskState::kDone) {
       save_head(*all[i], r, cache.meta(), report.feature_dim, heads_dir);
       r.weights_path = heads_dir + "/" + r.name + ".safetensors";
@@ -488,6 +508,7 @@ std::string format_summary(const TrainReport& report) {
   }
   for (const auto& t : report.tasks) {
     if (t.state == tasks::TaskState::kFailed) o << "task '" << t.name << "' FAILED at " << t.failure << "\n";
+    if (!t.note.empty()) o << "task '" << t.name << "' " << t.note << "\n";
   }
   std::snprintf(buf, sizeof buf,
                 "%zu heads, %lld train rows x %lld features, evaluated on %lld rows; load %.1fs, train %.1fs\n",

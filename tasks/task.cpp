@@ -28,6 +28,17 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
   CANOPY_CHECK(c.weight_decay >= 0, ConfigError, t, ": invalid weight_decay: ", c.weight_decay);
   CANOPY_CHECK(c.momentum >= 0 && c.momentum < 1, ConfigError, t, ": invalid momentum: ", c.momentum);
   CANOPY_CHECK(c.epochs >= 0, ConfigError, t, ": epochs must be >= 0, got ", c.epochs);
+  CANOPY_CHECK(c.schedule == "constant" || c.schedule == "cosine" || c.schedule == "step", ConfigError, t,
+               ": schedule must be constant, cosine or step, got '", c.schedule, "'");
+  CANOPY_CHECK(c.step_size > 0 && c.gamma > 0, ConfigError, t, ": step_size and gamma must be > 0, got ",
+               c.step_size, " and ", c.gamma);
+  CANOPY_CHECK(c.early_stop_patience >= 0, ConfigError, t, ": early_stop_patience must be >= 0, got ",
+               c.early_stop_patience);
+  CANOPY_CHECK(c.label_smoothing >= 0 && c.label_smoothing < 1, ConfigError, t,
+               ": label_smoothing must be in [0, 1), got ", c.label_smoothing);
+  for (double w : c.class_weights) {
+    CANOPY_CHECK(w >= 0 && std::isfinite(w), ConfigError, t, ": class_weights must be >= 0, got ", w);
+  }
   if (!c.label_map.empty()) {
     CANOPY_CHECK(source_classes <= 0 || static_cast<std::int64_t>(c.label_map.size()) == source_classes,
                  ConfigError, t, ": label_map has ", c.label_map.size(), " entries, label source '",
@@ -87,6 +98,12 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
   }
   CANOPY_CHECK(num_classes_ >= 2, ConfigError, "task '", config_.name, "': needs at least 2 classes, has ",
                num_classes_);
+  if (!config_.class_weights.empty()) {
+    CANOPY_CHECK(static_cast<std::int64_t>(config_.class_weights.size()) == num_classes_, ConfigError, "task '",
+                 config_.name, "': class_weights has ", config_.class_weights.size(), " values for ", num_classes_,
+                 " classes");
+    class_weights_ = at::tensor(config_.class_weights, at::kFloat);
+  }
   torch::manual_seed(seed);  // per-task seed: heads start the same whatever the task order
   HeadSpec spec{in_features, num_classes_, HeadParams(config_.name, config_.head_params)};
   head_ = registry.create(config_.head, spec);
@@ -120,11 +137,25 @@ at::Tensor Task::targets(const at::Tensor& source_labels) const {
   return map_.index_select(0, source_labels);
 }
 
+void Task::start_epoch(std::int64_t epoch, std::int64_t total) {
+  double factor = 1.0;
+  if (config_.schedule == "cosine") {
+    factor = 0.5 * (1.0 + std::cos(M_PI * static_cast<double>(epoch) / static_cast<double>(std::max<std::int64_t>(1, total))));
+  } else if (config_.schedule == "step") {
+    factor = std::pow(config_.gamma, static_cast<double>(epoch / config_.step_size));
+  }
+  for (auto& group : optimizer_->param_groups()) group.options().set_lr(config_.lr * factor);
+}
+
+double Task::current_lr() const { return optimizer_->param_groups().front().options().get_lr(); }
+
 double Task::train_step(const at::Tensor& features, const at::Tensor& targets) {
   head_->train();
   optimizer_->zero_grad();
   const at::Tensor logits = head_->forward(features);
-  const at::Tensor loss = torch::nn::functional::cross_entropy(logits, targets);
+  auto options = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(config_.label_smoothing);
+  if (class_weights_.defined()) options.weight(class_weights_);
+  const at::Tensor loss = torch::nn::functional::cross_entropy(logits, targets, options);
   const double value = loss.item<double>();
   CANOPY_CHECK(std::isfinite(value), Error, "loss is ", value);
   loss.backward();

@@ -184,6 +184,24 @@ TEST_F(EndToEnd, AFailingHeadDoesNotStopTheOthers) {
   EXPECT_NE(err.str().find("head 'z_throws' FAILED at epoch 2 step 9"), std::string::npos) << err.str();
 }
 
+TEST_F(EndToEnd, AHeadThatStopsEarlyLeavesTheOthersRunning) {
+  std::ofstream(config_path_, std::ios::app)
+      << "[task.frozen_lr]\nhead = linear\noptimizer = sgd\nmomentum = 0\nlr = 1e-12\nearly_stop_patience = 1\n";
+  const JobConfig config = load_job_config(config_path_, {"train.epochs=4", "task.class_mlp.schedule=cosine"});
+  run_cache(config, false, nullptr, ProgressStyle::kQuiet);
+  const TrainReport report = run_train(config, registry_, ProgressStyle::kQuiet);
+  for (const auto& t : report.tasks) {
+    EXPECT_EQ(t.state, tasks::TaskState::kDone) << t.name;
+    if (t.name == "frozen_lr") {
+      EXPECT_EQ(t.epochs, 2) << "no better accuracy after epoch 1: stops after epoch 2";
+      EXPECT_NE(t.note.find("stopped early at epoch 2"), std::string::npos) << t.note;
+    } else {
+      EXPECT_EQ(t.epochs, 4) << t.name;
+    }
+  }
+  EXPECT_NE(format_summary(report).find("task 'frozen_lr' stopped early at epoch 2"), std::string::npos);
+}
+
 TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
   // A head registered from outside the library, used from a config like a built-in.
   registry_.add("tiny_linear",

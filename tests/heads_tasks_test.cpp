@@ -4,6 +4,7 @@
 #include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/utils.h>
 
 #include "canopy/core/error.h"
@@ -92,6 +93,37 @@ TEST(Task, TrainingLowersLossAndNaNFails) {
   at::Tensor bad = x.clone();
   bad[0][0] = std::numeric_limits<float>::quiet_NaN();
   EXPECT_TRUE(testing::throws_with<Error>([&] { t.train_step(bad, y); }, {"loss is nan"}));
+}
+
+TEST(Task, ScheduleSmoothingAndWeights) {
+  HeadRegistry r = builtin();
+  TaskConfig c;
+  c.name = "s";
+  c.lr = 0.1;
+  c.schedule = "cosine";
+  Task cosine(c, r, 4, 3, 1);
+  cosine.start_epoch(0, 10);
+  EXPECT_DOUBLE_EQ(cosine.current_lr(), 0.1);
+  cosine.start_epoch(5, 10);
+  EXPECT_NEAR(cosine.current_lr(), 0.05, 1e-12);
+  c.schedule = "step";
+  c.step_size = 2;
+  c.gamma = 0.5;
+  Task step(c, r, 4, 3, 1);
+  step.start_epoch(5, 10);
+  EXPECT_NEAR(step.current_lr(), 0.1 * 0.25, 1e-12);  // epoch 5: two halvings (epochs 2 and 4)
+  c.schedule = "warmup";
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 3, 1); }, {"schedule", "'warmup'"}));
+  c.schedule = "constant";
+  c.class_weights = {1, 2};
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 3, 1); }, {"class_weights has 2 values for 3 classes"}));
+  // Label smoothing raises the loss of a confident correct prediction.
+  c.class_weights = {};
+  const at::Tensor x = at::randn({8, 4}), y = at::zeros({8}, at::kLong);
+  Task plain(c, r, 4, 3, 1);
+  c.label_smoothing = 0.3;
+  Task smooth(c, r, 4, 3, 1);  // same seed: same initial weights
+  EXPECT_GT(smooth.train_step(x, y), plain.train_step(x, y) - 1e-9);
 }
 
 }  // namespace

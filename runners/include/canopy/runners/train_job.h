@@ -25,7 +25,7 @@ struct TaskResult {
   double train_loss = 0.0;   // mean loss of the last epoch
   tasks::ClassificationMetrics eval;  // on train.eval_split after the last epoch
   double seconds = 0.0;      // time spent in this head's steps
-  std::int64_t stopped_epoch = 0;  // the epoch it stopped at, when it failed
+  std::string note;          // e.g. why it stopped early
   std::string weights_path;  // exported safetensors file
 };
 

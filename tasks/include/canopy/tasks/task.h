@@ -31,6 +31,13 @@ struct TaskConfig {
   double weight_decay = 0.0;
   double momentum = 0.9;                  // sgd only
   std::int64_t epochs = 0;                // 0: use train.epochs
+  std::string schedule = "constant";      // learning rate per epoch: constant | cosine | step
+  std::int64_t step_size = 5;             // step schedule: multiply by gamma every step_size epochs
+  double gamma = 0.1;
+  std::int64_t early_stop_patience = 0;   // stop after this many epochs without a better
+                                          // eval accuracy; 0: never
+  double label_smoothing = 0.0;
+  std::vector<double> class_weights;      // per task class, for the loss; empty: equal
   std::map<std::string, std::string> head_params;  // every other task.<name>.* key
 };
 
@@ -68,6 +75,9 @@ class Task {
 
   // Maps source labels to this task's classes.
   at::Tensor targets(const at::Tensor& source_labels) const;
+  // Sets the learning rate of epoch `epoch` (0-based) of `total` from the schedule.
+  void start_epoch(std::int64_t epoch, std::int64_t total);
+  double current_lr() const;
   // One optimisation step on a batch; returns the loss. Throws on a non-finite loss.
   double train_step(const at::Tensor& features, const at::Tensor& targets);
   // Predicted classes for a batch (eval mode, no grad).
@@ -80,11 +90,16 @@ class Task {
 
   TaskState state = TaskState::kTraining;
   std::string failure;  // why the task failed, with epoch and step
+  // Early stopping bookkeeping.
+  double best_accuracy = -1.0;
+  std::int64_t best_epoch = 0;
+  std::string stop_note;  // e.g. "stopped early at epoch 9 (best 0.8870 at epoch 6)"
 
  private:
   TaskConfig config_;
   std::int64_t num_classes_ = 0;
   at::Tensor map_;  // int64 [source_classes] or undefined
+  at::Tensor class_weights_;
   heads::HeadPtr head_;
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
 };
