@@ -488,20 +488,21 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
 
 std::string format_summary(const TrainReport& report) {
   std::ostringstream o;
-  std::size_t w_name = 4, w_head = 4, w_labels = 6;
+  std::size_t w_name = 4, w_head = 4, w_labels = 6, w_opt = 9;
   for (const auto& t : report.tasks) {
+    w_opt = std::max(w_opt, t.optimizer.size());
     w_name = std::max(w_name, t.name.size());
     w_head = std::max(w_head, t.head.size());
     w_labels = std::max(w_labels, t.labels.size());
   }
   char buf[512];
-  std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-16s  %6s  %8s  %8s  %7s\n", int(w_name), "task",
-                int(w_head), "head", int(w_labels), "labels", "optimizer", "epochs", "accuracy",
+  std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6s  %8s  %8s  %7s\n", int(w_name), "task",
+                int(w_head), "head", int(w_labels), "labels", int(w_opt), "optimizer", "epochs", "accuracy",
                 "macro-F1", "state");
   o << buf;
   for (const auto& t : report.tasks) {
-    std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-16s  %6lld  %7.2f%%  %8.4f  %7s\n", int(w_name),
-                  t.name.c_str(), int(w_head), t.head.c_str(), int(w_labels), t.labels.c_str(),
+    std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6lld  %7.2f%%  %8.4f  %7s\n", int(w_name),
+                  t.name.c_str(), int(w_head), t.head.c_str(), int(w_labels), t.labels.c_str(), int(w_opt),
                   t.optimizer.c_str(), static_cast<long long>(t.epochs), 100 * t.eval.accuracy,
                   t.eval.macro_f1, state_name(t.state));
     o << buf;
