@@ -18,7 +18,7 @@ namespace po = boost::program_options;
 namespace {
 
 const std::set<std::string> kTaskKeys = {
-    "head",     "labels", "label_map", "class_names", "optimizer",           "lr",
+    "kind", "head",     "labels", "label_map", "class_names", "optimizer",           "lr",
     "weight_decay", "momentum", "epochs", "schedule", "step_size", "gamma", "early_stop_patience",
     "label_smoothing", "class_weights"};
 
@@ -138,6 +138,7 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   for (const auto& name : order) {
     auto& t = by_name[name];
     const std::string p = "task." + name + ".";
+    v.str(p + "kind", t.kind);
     v.str(p + "head", t.head);
     v.str(p + "labels", t.labels);
     v.i64_list(p + "label_map", t.label_map);
@@ -241,7 +242,7 @@ std::string dump_config(const JobConfig& c) {
     << "\ncheckpoint_steps = " << c.train.checkpoint_steps << "\nfail_fast = " << (c.train.fail_fast ? "true" : "false")
     << "\ntensorboard = " << (c.train.tensorboard ? "true" : "false") << "\n";
   for (const auto& t : c.tasks) {
-    o << "\n[task." << t.name << "]\nhead = " << t.head << "\nlabels = " << t.labels << "\n";
+    o << "\n[task." << t.name << "]\nkind = " << t.kind << "\nhead = " << t.head << "\nlabels = " << t.labels << "\n";
     if (!t.label_map.empty()) o << "label_map = " << list(t.label_map) << "\n";
     if (!t.class_names.empty()) o << "class_names = " << list(t.class_names) << "\n";
     o << "optimizer = " << t.optimizer << "\nlr = " << t.lr << "\nweight_decay = " << t.weight_decay

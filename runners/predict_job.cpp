@@ -18,6 +18,7 @@ namespace canopy::runners {
 namespace {
 struct LoadedHead {
   std::string task;
+  bool multilabel = false;
   heads::HeadPtr head;
   std::vector<std::string> class_names;
 };
@@ -47,6 +48,7 @@ LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& reg
   out.task = tc.name;
   out.head = registry.create(tc.head, spec);
   out.class_names = card.at("class_names").get<std::vector<std::string>>();
+  out.multilabel = card.value("kind", "multiclass") == "multilabel";
   const auto weights = load_safetensors(join_path(dir, card.at("weights").get<std::string>()));
   torch::NoGradGuard no_grad;
   auto restore = [&](const std::string& name, at::Tensor& dst) {
@@ -87,9 +89,21 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
     const std::int64_t end = std::min(n, i + config.cache.batch_size);
     const at::Tensor f = trunk.encode(datasets::preprocess_images(images.slice(0, i, end), config.preprocess));
     std::vector<at::Tensor> preds;
-    for (auto& h : heads) preds.push_back(h.head->forward(f).argmax(1));
+    for (auto& h : heads) {
+      const at::Tensor logits = h.head->forward(f);
+      preds.push_back(h.multilabel ? logits.gt(0).to(at::kLong) : logits.argmax(1));
+    }
     for (std::int64_t r = 0; r < end - i; ++r) {
       auto name = [&](std::size_t k) {
+        if (heads[k].multilabel) {  // the labels it carries, joined by '|'
+          std::string labels;
+          for (std::int64_t j = 0; j < preds[k].size(1); ++j) {
+            if (preds[k][r][j].item<std::int64_t>()) {
+              labels += (labels.empty() ? "" : "|") + heads[k].class_names.at(static_cast<std::size_t>(j));
+            }
+          }
+          return labels;
+        }
         const auto c = preds[k][r].item<std::int64_t>();
         const auto& names = heads[k].class_names;
         return c < static_cast<std::int64_t>(names.size()) ? names[static_cast<std::size_t>(c)] : std::to_string(c);

@@ -86,7 +86,7 @@ void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta
   std::vector<std::string> class_names = c.class_names;
   if (class_names.empty() && c.label_map.empty()) class_names = meta.class_names;
   card << "{\n  \"task\": \"" << json_escape(c.name) << "\",\n"
-       << "  \"kind\": \"multiclass\",\n"
+       << "  \"kind\": \"" << c.kind << "\",\n"
        << "  \"head\": \"" << json_escape(c.head) << "\",\n"
        << "  \"architecture\": \"" << json_escape(task.head().describe()) << "\",\n"
        << "  \"in_features\": " << in_features << ",\n"
@@ -107,6 +107,7 @@ void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta
        << "  \"epochs\": " << r.epochs << ",\n"
        << "  \"eval_accuracy\": " << r.eval.accuracy << ",\n"
        << "  \"eval_macro_f1\": " << r.eval.macro_f1 << ",\n"
+       << "  \"eval_mean_ap\": " << (r.eval.mean_ap < 0 ? std::string("null") : std::to_string(r.eval.mean_ap)) << ",\n"
        << "  \"weights\": \"" << json_escape(c.name) << ".safetensors\"\n}\n";
   write_file_atomic(dir + "/" + c.name + ".json", card.str());
 }
@@ -208,8 +209,9 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     TaskResult r;
     r.name = tc.name;
     r.head = all.back()->head().describe();
-    r.labels = tc.label_map.empty() ? tc.labels
-                                    : tc.labels + " -> " + std::to_string(all.back()->num_classes()) + " groups";
+    r.labels = tc.kind == "multilabel" ? tc.labels + " -> " + std::to_string(all.back()->num_classes()) + " labels"
+               : tc.label_map.empty()  ? tc.labels
+                                       : tc.labels + " -> " + std::to_string(all.back()->num_classes()) + " groups";
     std::ostringstream opt;
     opt << tc.optimizer << " lr=" << tc.lr << (tc.schedule == "constant" ? "" : " " + tc.schedule);
     r.optimizer = opt.str();
@@ -401,8 +403,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
         const std::size_t i = active[k];
         if (all[i]->state == tasks::TaskState::kFailed) return;
         try {
-          metrics[i] = tasks::classification_metrics(all[i]->predict(eval_features), eval_targets[i],
-                                                     all[i]->num_classes());
+          metrics[i] = all[i]->evaluate(eval_features, eval_targets[i]);
         } catch (const std::exception& e) {
           all[i]->state = tasks::TaskState::kFailed;
           all[i]->failure = detail::str_cat("epoch ", epoch + 1, " evaluation: ", e.what());
@@ -434,6 +435,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
       jsonl << "{\"epoch\": " << epoch + 1 << ", \"task\": \"" << json_escape(r.name) << "\", \"state\": \""
             << state_name(task.state) << "\", \"train_loss\": " << r.train_loss
             << ", \"eval_accuracy\": " << r.eval.accuracy << ", \"eval_macro_f1\": " << r.eval.macro_f1
+            << (r.eval.mean_ap >= 0 ? ", \"eval_mean_ap\": " + std::to_string(r.eval.mean_ap) : std::string())
             << ", \"seconds\": " << seconds[i] << "}\n";
       csv << epoch + 1 << "," << r.name << "," << state_name(task.state) << "," << r.train_loss << ","
           << r.eval.accuracy << "," << r.eval.macro_f1 << "," << seconds[i] << "\n";
@@ -441,6 +443,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
         tensorboard[i]->add_scalar("train/loss", static_cast<float>(r.train_loss), epoch + 1);
         tensorboard[i]->add_scalar("eval/accuracy", static_cast<float>(r.eval.accuracy), epoch + 1);
         tensorboard[i]->add_scalar("eval/macro_f1", static_cast<float>(r.eval.macro_f1), epoch + 1);
+        if (r.eval.mean_ap >= 0) tensorboard[i]->add_scalar("eval/mean_ap", static_cast<float>(r.eval.mean_ap), epoch + 1);
         tensorboard[i]->flush();
       }
     }
@@ -450,12 +453,16 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     {
       std::ostringstream line;
       line << "epoch " << epoch + 1 << "/" << max_epochs << ":";
-      for (std::size_t i : active) {
-        char buf[128];
+      for (std::size_t i = 0; i < all.size(); ++i) {
+        char buf[160];
+        const bool ran = std::find(active.begin(), active.end(), i) != active.end();
         if (all[i]->state == tasks::TaskState::kFailed) {
           std::snprintf(buf, sizeof buf, " %s FAILED", results[i].name.c_str());
+        } else if (!ran) {
+          std::snprintf(buf, sizeof buf, " %s done", results[i].name.c_str());
         } else {
-          std::snprintf(buf, sizeof buf, " %s %.1f%%", results[i].name.c_str(), 100 * results[i].eval.accuracy);
+          std::snprintf(buf, sizeof buf, " %s %.1f%%%s", results[i].name.c_str(), 100 * results[i].eval.accuracy,
+                        all[i]->state == tasks::TaskState::kDone ? " (stopped)" : "");
         }
         line << buf;
       }

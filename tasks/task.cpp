@@ -4,6 +4,9 @@
 #include <cmath>
 
 #include <ATen/ops/argmax.h>
+#include <ATen/ops/arange.h>
+#include <ATen/TensorOperators.h>
+#include <torch/nn/functional/loss.h>
 #include <ATen/ops/bincount.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
@@ -22,6 +25,16 @@ namespace canopy::tasks {
 void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
   const std::string t = "task '" + c.name + "'";
   CANOPY_CHECK(!c.name.empty(), ConfigError, "a task needs a name");
+  CANOPY_CHECK(c.kind == "multiclass" || c.kind == "multilabel", ConfigError, t,
+               ": kind must be multiclass or multilabel, got '", c.kind, "'");
+  if (c.kind == "multilabel") {
+    CANOPY_CHECK(c.class_names.size() >= 1 && c.class_names.size() <= 62, ConfigError, t,
+                 ": a multilabel task names its labels in class_names (1 to 62), got ", c.class_names.size());
+    CANOPY_CHECK(!c.label_map.empty(), ConfigError, t,
+                 ": a multilabel task needs label_map, one bitmask of labels per source class");
+    CANOPY_CHECK(c.class_weights.empty() && c.label_smoothing == 0, ConfigError, t,
+                 ": class_weights and label_smoothing apply to multiclass tasks only");
+  }
   CANOPY_CHECK(c.optimizer == "sgd" || c.optimizer == "adam" || c.optimizer == "adamw", ConfigError,
                t, ": optimizer must be sgd, adam or adamw, got '", c.optimizer, "'");
   CANOPY_CHECK(c.lr > 0 && std::isfinite(c.lr), ConfigError, t, ": invalid learning rate: ", c.lr);
@@ -47,9 +60,15 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
       CANOPY_CHECK(v >= 0, ConfigError, t, ": label_map entries must be >= 0, got ", v);
     }
   }
-  const std::int64_t k = c.label_map.empty()
-                             ? source_classes
-                             : *std::max_element(c.label_map.begin(), c.label_map.end()) + 1;
+  const std::int64_t k = c.kind == "multilabel" ? static_cast<std::int64_t>(c.class_names.size())
+                         : c.label_map.empty()    ? source_classes
+                                                  : *std::max_element(c.label_map.begin(), c.label_map.end()) + 1;
+  if (c.kind == "multilabel") {
+    for (auto m : c.label_map) {
+      CANOPY_CHECK(m < (std::int64_t(1) << k), ConfigError, t, ": label_map bitmask ", m, " has bits beyond its ",
+                   k, " labels");
+    }
+  }
   CANOPY_CHECK(c.class_names.empty() || k <= 0 || static_cast<std::int64_t>(c.class_names.size()) == k,
                ConfigError, t, ": class_names has ", c.class_names.size(), " names for ", k,
                " classes");
@@ -90,14 +109,17 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
            std::int64_t source_classes, std::uint64_t seed)
     : config_(std::move(config)) {
   validate_task_config(config_, source_classes);
-  if (config_.label_map.empty()) {
+  if (config_.kind == "multilabel") {
+    num_classes_ = static_cast<std::int64_t>(config_.class_names.size());
+    map_ = at::tensor(config_.label_map, at::kLong);
+  } else if (config_.label_map.empty()) {
     num_classes_ = source_classes;
   } else {
     num_classes_ = *std::max_element(config_.label_map.begin(), config_.label_map.end()) + 1;
     map_ = at::tensor(config_.label_map, at::kLong);
   }
-  CANOPY_CHECK(num_classes_ >= 2, ConfigError, "task '", config_.name, "': needs at least 2 classes, has ",
-               num_classes_);
+  CANOPY_CHECK(num_classes_ >= 2 || multilabel(), ConfigError, "task '", config_.name,
+               "': needs at least 2 classes, has ", num_classes_);
   if (!config_.class_weights.empty()) {
     CANOPY_CHECK(static_cast<std::int64_t>(config_.class_weights.size()) == num_classes_, ConfigError, "task '",
                  config_.name, "': class_weights has ", config_.class_weights.size(), " values for ", num_classes_,
@@ -134,7 +156,11 @@ at::Tensor Task::targets(const at::Tensor& source_labels) const {
   const auto max = source_labels.numel() ? source_labels.max().item<std::int64_t>() : 0;
   CANOPY_CHECK(max < map_.numel(), DataError, "task '", config_.name, "': label ", max,
                " has no entry in label_map (", map_.numel(), " entries)");
-  return map_.index_select(0, source_labels);
+  const at::Tensor mapped = map_.index_select(0, source_labels);
+  if (!multilabel()) return mapped;
+  // Bitmask -> multi-hot float [B, K].
+  const at::Tensor bits = at::arange(num_classes_, at::kLong);
+  return mapped.unsqueeze(1).bitwise_right_shift(bits).bitwise_and(1).to(at::kFloat);
 }
 
 void Task::start_epoch(std::int64_t epoch, std::int64_t total) {
@@ -153,9 +179,14 @@ double Task::train_step(const at::Tensor& features, const at::Tensor& targets) {
   head_->train();
   optimizer_->zero_grad();
   const at::Tensor logits = head_->forward(features);
-  auto options = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(config_.label_smoothing);
-  if (class_weights_.defined()) options.weight(class_weights_);
-  const at::Tensor loss = torch::nn::functional::cross_entropy(logits, targets, options);
+  at::Tensor loss;
+  if (multilabel()) {
+    loss = torch::nn::functional::binary_cross_entropy_with_logits(logits, targets);
+  } else {
+    auto options = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(config_.label_smoothing);
+    if (class_weights_.defined()) options.weight(class_weights_);
+    loss = torch::nn::functional::cross_entropy(logits, targets, options);
+  }
   const double value = loss.item<double>();
   CANOPY_CHECK(std::isfinite(value), Error, "loss is ", value);
   loss.backward();
@@ -193,7 +224,45 @@ void Task::load_checkpoint(const std::string& path) {
 at::Tensor Task::predict(const at::Tensor& features) {
   torch::NoGradGuard no_grad;
   head_->eval();
-  return head_->forward(features).argmax(1);
+  const at::Tensor out = head_->forward(features);
+  return multilabel() ? out.gt(0).to(at::kLong) : out.argmax(1);
+}
+
+ClassificationMetrics Task::evaluate(const at::Tensor& features, const at::Tensor& targets) {
+  if (!multilabel()) return classification_metrics(predict(features), targets, num_classes_);
+  torch::NoGradGuard no_grad;
+  head_->eval();
+  return multilabel_metrics(head_->forward(features), targets);
+}
+
+ClassificationMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets) {
+  CANOPY_CHECK(scores.sizes() == targets.sizes() && scores.dim() == 2, DataError, "multilabel scores ",
+               scores.sizes(), " and targets ", targets.sizes(), " must both be [N, K]");
+  ClassificationMetrics m;
+  m.count = scores.size(0);
+  const std::int64_t k = scores.size(1);
+  const at::Tensor pred = scores.gt(0);
+  const at::Tensor truth = targets.gt(0.5);
+  m.accuracy = m.count ? pred.eq(truth).all(1).to(at::kDouble).mean().item<double>() : 0.0;
+  double f1 = 0, ap = 0;
+  std::int64_t with_positives = 0;
+  for (std::int64_t j = 0; j < k; ++j) {
+    const at::Tensor p = pred.select(1, j), t = truth.select(1, j);
+    const double tp = p.logical_and(t).sum().item<double>();
+    const double denom = p.sum().item<double>() + t.sum().item<double>();
+    f1 += denom > 0 ? 2 * tp / denom : 1.0;  // nothing to find and nothing claimed: perfect
+    // Average precision: mean of precision at each positive, ranking by score.
+    const double positives = t.sum().item<double>();
+    if (positives == 0) continue;
+    ++with_positives;
+    const at::Tensor order = scores.select(1, j).argsort(/*stable=*/true, /*dim=*/0, /*descending=*/true);
+    const at::Tensor hits = t.index_select(0, order).to(at::kDouble);
+    const at::Tensor precision = hits.cumsum(0) / at::arange(1, m.count + 1, at::kDouble);
+    ap += (precision * hits).sum().item<double>() / positives;
+  }
+  m.macro_f1 = k ? f1 / static_cast<double>(k) : 0.0;
+  m.mean_ap = with_positives ? ap / static_cast<double>(with_positives) : 0.0;
+  return m;
 }
 
 }  // namespace canopy::tasks

@@ -184,6 +184,24 @@ TEST_F(EndToEnd, AFailingHeadDoesNotStopTheOthers) {
   EXPECT_NE(err.str().find("head 'z_throws' FAILED at epoch 2 step 9"), std::string::npos) << err.str();
 }
 
+TEST_F(EndToEnd, MultilabelAttributesTrainNextToMulticlassHeads) {
+  // upper body, lower body, long sleeves, footwear, derived from the class.
+  std::ofstream(config_path_, std::ios::app) << "[task.attributes]\nkind = multilabel\nhead = mlp\nhidden = 64\n"
+                                             << "class_names = upper,lower,sleeves,footwear\n"
+                                             << "label_map = 1,2,5,3,5,8,5,8,0,8\nlr = 0.003\n";
+  const JobConfig config = load_job_config(config_path_, {"train.epochs=4"});
+  run_cache(config, false, nullptr, ProgressStyle::kQuiet);
+  const TrainReport report = run_train(config, registry_, ProgressStyle::kQuiet);
+  const auto& t = report.tasks.front();
+  ASSERT_EQ(t.name, "attributes");
+  EXPECT_EQ(t.state, tasks::TaskState::kDone) << t.failure;
+  EXPECT_EQ(t.labels, "class -> 4 labels");
+  EXPECT_GT(t.eval.mean_ap, 0.8) << "mean AP of real attributes";
+  EXPECT_GT(t.eval.accuracy, 0.5) << "exact-match ratio";
+  const std::string card = read_file(dir_.file("out/heads/attributes.json"));
+  EXPECT_NE(card.find("\"kind\": \"multilabel\""), std::string::npos);
+}
+
 TEST_F(EndToEnd, AHeadThatStopsEarlyLeavesTheOthersRunning) {
   std::ofstream(config_path_, std::ios::app)
       << "[task.frozen_lr]\nhead = linear\noptimizer = sgd\nmomentum = 0\nlr = 1e-12\nearly_stop_patience = 1\n";

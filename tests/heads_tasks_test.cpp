@@ -5,6 +5,7 @@
 #include <ATen/ops/randn.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/equal.h>
 #include <torch/utils.h>
 
 #include "canopy/core/error.h"
@@ -57,6 +58,35 @@ TEST(Metrics, AccuracyAndMacroF1) {
   // F1 per class: c0 tp=1 (2 true, 2 pred) -> 0.5; c1 tp=2 (2, 3) -> 0.8; c2 tp=1 (2, 1) -> 2/3.
   EXPECT_NEAR(m.macro_f1, (0.5 + 0.8 + 2.0 / 3.0) / 3.0, 1e-12);
   EXPECT_EQ(m.confusion[2][0].item<std::int64_t>(), 1);
+}
+
+TEST(Metrics, MultilabelAveragePrecision) {
+  // Label 0 ranked: hit, miss, hit, miss -> AP = (1 + 2/3) / 2. Label 1: all right.
+  const at::Tensor scores =
+      at::tensor(std::vector<float>{2.0f, 3.0f, 1.0f, -1.0f, 0.5f, -0.5f, -2.0f, -3.0f}).view({4, 2});
+  const at::Tensor truth = at::tensor(std::vector<float>{1, 1, 0, 0, 1, 1, 0, 0}).view({4, 2});
+  const auto m = multilabel_metrics(scores, truth);
+  EXPECT_NEAR(m.mean_ap, ((1.0 + 2.0 / 3.0) / 2.0 + 1.0) / 2.0, 1e-9);
+  // Predictions at threshold 0: rows (1,1) (1,0) (1,0) (0,0); truth (1,1) (0,0) (1,1) (0,0).
+  EXPECT_NEAR(m.accuracy, 2.0 / 4.0, 1e-9);
+}
+
+TEST(Task, MultilabelTargetsFromBitmasks) {
+  HeadRegistry r = builtin();
+  TaskConfig c;
+  c.name = "attrs";
+  c.kind = "multilabel";
+  c.class_names = {"upper", "lower", "sleeves"};
+  c.label_map = {1, 2, 5, 3};
+  Task t(c, r, 4, 4, 1);
+  EXPECT_EQ(t.num_classes(), 3);
+  const at::Tensor y = t.targets(at::tensor(std::vector<std::int64_t>{2, 3}));
+  EXPECT_TRUE(at::equal(y, at::tensor(std::vector<float>{1, 0, 1, 1, 1, 0}).view({2, 3})));
+  EXPECT_EQ(t.predict(at::randn({5, 4})).sizes(), (std::vector<std::int64_t>{5, 3}));
+  c.label_map = {1, 2, 8, 3};
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 4, 1); }, {"bitmask 8", "3 labels"}));
+  c.label_map = {};
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 4, 1); }, {"needs label_map"}));
 }
 
 TEST(Task, LabelMapAndValidation) {

@@ -22,9 +22,12 @@ namespace canopy::tasks {
 
 struct TaskConfig {
   std::string name;
+  std::string kind = "multiclass";        // multiclass (cross-entropy) | multilabel (BCE)
   std::string head = "linear";
   std::string labels = "class";           // label source in the cache
-  std::vector<std::int64_t> label_map;    // source class -> task class; empty: identity
+  std::vector<std::int64_t> label_map;    // multiclass: source class -> task class (empty:
+                                          // identity); multilabel: source class -> bitmask
+                                          // of the labels it carries (bit k = class_names[k])
   std::vector<std::string> class_names;   // names of the task's classes (optional)
   std::string optimizer = "adam";         // sgd | adam | adamw
   double lr = 1e-3;
@@ -47,13 +50,16 @@ void validate_task_config(const TaskConfig& config, std::int64_t source_classes)
 
 struct ClassificationMetrics {
   std::int64_t count = 0;
-  double accuracy = 0.0;
-  double macro_f1 = 0.0;
+  double accuracy = 0.0;   // multilabel: exact-match ratio (every label right)
+  double macro_f1 = 0.0;   // multilabel: mean over labels of F1 at threshold 0.5
+  double mean_ap = -1.0;   // multilabel only: mean over labels of average precision
   at::Tensor confusion;  // int64 [K, K], rows = truth, columns = prediction
 };
 
 ClassificationMetrics classification_metrics(const at::Tensor& predictions,
                                              const at::Tensor& targets, std::int64_t num_classes);
+// scores: [N, K] logits or probabilities; targets: [N, K] in {0, 1}.
+ClassificationMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets);
 
 enum class TaskState { kTraining, kDone, kFailed };
 
@@ -80,8 +86,12 @@ class Task {
   double current_lr() const;
   // One optimisation step on a batch; returns the loss. Throws on a non-finite loss.
   double train_step(const at::Tensor& features, const at::Tensor& targets);
-  // Predicted classes for a batch (eval mode, no grad).
+  // Predicted classes for a batch (eval mode, no grad): [B] class indices (multiclass) or
+  // [B, K] 0/1 label indicators (multilabel).
   at::Tensor predict(const at::Tensor& features);
+  // Metrics of the head on a whole split (eval mode).
+  ClassificationMetrics evaluate(const at::Tensor& features, const at::Tensor& targets);
+  bool multilabel() const { return config_.kind == "multilabel"; }
 
   // Head weights and buffers, optimizer state and the head's RNG state, in one file
   // (LibTorch's archive format); load restores all three exactly.
