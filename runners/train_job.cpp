@@ -203,8 +203,10 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     if (tc.labels != "class" || source_classes == 0) {
       source_classes = src_eval->second.max().item<std::int64_t>() + 1;
     }
+    // Seeded by name, not position: adding or removing a task changes no other task's run.
+    const std::uint64_t name_seed = std::stoull(sha256_hex(tc.name).substr(0, 15), nullptr, 16);
     all.push_back(std::make_unique<tasks::Task>(tc, registry, report.feature_dim, source_classes,
-                                                config.train.seed + 7919 * (i + 1)));
+                                                config.train.seed * 1000003ULL + name_seed));
     eval_targets.push_back(all.back()->targets(eval.labels.at(tc.labels)));
     TaskResult r;
     r.name = tc.name;
