@@ -116,21 +116,10 @@ class StreamingSource : public BatchSource {
     if (error_) std::rethrow_exception(error_);
     if (pos_ >= total_) return false;
     const std::int64_t take = std::min(total_ - pos_, batch_size_);
-    const at::Tensor idx = order_.slice(0, pos_, pos_ + take);
+    SplitData rows = gather(order_.slice(0, pos_, pos_ + take));
     pos_ += take;
-    // Gather the batch's rows from each part of the window.
-    std::vector<at::Tensor> f;
-    std::map<std::string, std::vector<at::Tensor>> l;
-    for (std::size_t p = 0; p < parts_.size(); ++p) {
-      const at::Tensor in = idx.masked_select(idx.ge(offsets_[p]).logical_and(idx.lt(offsets_[p + 1])));
-      if (in.numel() == 0) continue;
-      const at::Tensor local = in - offsets_[p];
-      f.push_back(parts_[p].features.index_select(0, local));
-      for (const auto& [src, t] : parts_[p].labels) l[src].push_back(t.index_select(0, local));
-    }
-    b.features = at::cat(f).to(at::kFloat);
-    b.labels.clear();
-    for (auto& [src, ts] : l) b.labels[src] = at::cat(ts);
+    b.features = rows.features.to(at::kFloat);
+    b.labels = std::move(rows.labels);
     return true;
   }
 
@@ -165,26 +154,32 @@ class StreamingSource : public BatchSource {
     total_ = pos_ = 0;
   }
 
+  // The rows `idx` (window positions) gathered from the parts of the window.
+  SplitData gather(const at::Tensor& idx) const {
+    std::vector<at::Tensor> f, ids;
+    std::map<std::string, std::vector<at::Tensor>> l;
+    for (std::size_t p = 0; p < parts_.size(); ++p) {
+      const at::Tensor in = idx.masked_select(idx.ge(offsets_[p]).logical_and(idx.lt(offsets_[p + 1])));
+      if (in.numel() == 0) continue;
+      const at::Tensor local = in - offsets_[p];
+      f.push_back(parts_[p].features.index_select(0, local));
+      ids.push_back(parts_[p].ids.index_select(0, local));
+      for (const auto& [src, t] : parts_[p].labels) l[src].push_back(t.index_select(0, local));
+    }
+    SplitData out;
+    out.features = at::cat(f);
+    out.ids = at::cat(ids);
+    for (auto& [src, ts] : l) out.labels[src] = at::cat(ts);
+    return out;
+  }
+
   // Keeps the window's unserved rows (less than a batch) and adds up to `window_` shards;
   // false when no shard was left to add.
   bool refill() {
     SplitData carry;
     const bool has_carry = pos_ < total_;
     if (has_carry) {
-      const at::Tensor rest = order_.slice(0, pos_);
-      std::vector<at::Tensor> f, ids;
-      std::map<std::string, std::vector<at::Tensor>> l;
-      for (std::size_t p = 0; p < parts_.size(); ++p) {
-        const at::Tensor in = rest.masked_select(rest.ge(offsets_[p]).logical_and(rest.lt(offsets_[p + 1])));
-        if (in.numel() == 0) continue;
-        const at::Tensor local = in - offsets_[p];
-        f.push_back(parts_[p].features.index_select(0, local));
-        ids.push_back(parts_[p].ids.index_select(0, local));
-        for (const auto& [src, t] : parts_[p].labels) l[src].push_back(t.index_select(0, local));
-      }
-      carry.features = at::cat(f);
-      carry.ids = at::cat(ids);
-      for (auto& [src, ts] : l) carry.labels[src] = at::cat(ts);
+      carry = gather(order_.slice(0, pos_));
       add_held(bytes_of(carry));
     }
     release_window();

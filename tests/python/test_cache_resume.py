@@ -17,14 +17,8 @@ import h5py
 import numpy as np
 import torch
 
-FMNIST = os.environ.get("CANOPY_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
-failures = []
+from support import FMNIST, check, finish
 
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        failures.append(what)
 
 
 class Slow(torch.nn.Module):
@@ -126,8 +120,7 @@ def main():
         check(same, f"{split}: features, labels and ids bitwise identical to the uninterrupted run "
                     f"({ref[split][0].shape})")
     check(kills == 2, "both kills landed mid-run")
-    print(f"\n{'all checks passed' if not failures else str(len(failures)) + ' check(s) failed'}")
-    return 1 if failures else 0
+    return finish()
 
 
 if __name__ == "__main__":

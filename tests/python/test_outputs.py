@@ -22,10 +22,11 @@ import tempfile
 import h5py
 import numpy as np
 import torch
+
+from support import FMNIST, check, finish
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-FMNIST = os.environ.get("CANOPY_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 TRAIN, TEST, SIZE = 1000, 300, 32
 D = 24 * 8 * 8  # the tiny trunk's [24, 8, 8] output, flattened
 
@@ -48,14 +49,6 @@ def read_idx(path):
     dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
-
-failures = []
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what)
-    if not cond:
-        failures.append(what)
 
 
 def main():
@@ -218,8 +211,7 @@ lr = 0.01
     run = subprocess.run([a.custom, "train", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
     check(run.returncode == 0 and f"residual_mlp {D}-(16)-10" in run.stdout,
           f"example program trains its head through run_cli ({run.returncode}: {run.stderr[-500:]})")
-    print(f"\n{'all checks passed' if not failures else str(len(failures)) + ' check(s) failed'}")
-    return 1 if failures else 0
+    return finish()
 
 
 if __name__ == "__main__":

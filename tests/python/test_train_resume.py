@@ -15,14 +15,8 @@ import time
 
 import torch
 
-FMNIST = os.environ.get("CANOPY_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
-failures = []
+from support import FMNIST, check, finish
 
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        failures.append(what)
 
 
 class Tiny(torch.nn.Module):
@@ -117,8 +111,7 @@ weight_decay = 0.01
     check(strip(ref_lines) == strip(cut_lines), f"metrics.jsonl has each epoch once, equal to the uninterrupted run ({len(cut_lines)} lines)")
     r = subprocess.run(cmd + ["--resume", "--set", "task.a_linear.lr=0.02"], capture_output=True, text=True)
     check(r.returncode == 2 and "configuration differs" in r.stderr, "--resume with a changed config is refused")
-    print(f"\n{'all checks passed' if not failures else str(len(failures)) + ' check(s) failed'}")
-    return 1 if failures else 0
+    return finish()
 
 
 if __name__ == "__main__":
