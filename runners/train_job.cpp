@@ -64,6 +64,34 @@ std::string expected_fingerprint(const JobConfig& config) {
   return cache_description(config, sha);
 }
 
+// Precision, recall, F1 and support of each class on the eval split (multiclass heads; an
+// empty list for multilabel ones), as JSON.
+std::string per_class_report(const tasks::ClassificationMetrics& m, const std::vector<std::string>& names) {
+  if (!m.confusion.defined() || m.confusion.dim() != 2) return "[]";
+  const std::int64_t k = m.confusion.size(0);
+  const auto* c = m.confusion.data_ptr<std::int64_t>();
+  std::ostringstream o;
+  o.precision(6);
+  o << "[";
+  for (std::int64_t i = 0; i < k; ++i) {
+    std::int64_t row = 0, col = 0;
+    for (std::int64_t j = 0; j < k; ++j) {
+      row += c[i * k + j];
+      col += c[j * k + i];
+    }
+    const double tp = static_cast<double>(c[i * k + i]);
+    const double precision = col ? tp / static_cast<double>(col) : 0.0;
+    const double recall = row ? tp / static_cast<double>(row) : 0.0;
+    const double f1 = precision + recall > 0 ? 2 * precision * recall / (precision + recall) : 0.0;
+    const std::string name = i < static_cast<std::int64_t>(names.size()) ? names[static_cast<std::size_t>(i)]
+                                                                         : std::to_string(i);
+    o << (i ? ", " : "") << "{\"class\": \"" << json_escape(name) << "\", \"precision\": " << precision
+      << ", \"recall\": " << recall << ", \"f1\": " << f1 << ", \"support\": " << row << "}";
+  }
+  o << "]";
+  return o.str();
+}
+
 void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
                std::int64_t in_features, const std::string& dir) {
   std::vector<std::pair<std::string, at::Tensor>> tensors;
@@ -108,6 +136,7 @@ void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta
        << "  \"eval_accuracy\": " << r.eval.accuracy << ",\n"
        << "  \"eval_macro_f1\": " << r.eval.macro_f1 << ",\n"
        << "  \"eval_mean_ap\": " << (r.eval.mean_ap < 0 ? std::string("null") : std::to_string(r.eval.mean_ap)) << ",\n"
+       << "  \"per_class\": " << per_class_report(r.eval, class_names) << ",\n"
        << "  \"weights\": \"" << json_escape(c.name) << ".safetensors\"\n}\n";
   write_file_atomic(dir + "/" + c.name + ".json", card.str());
 }

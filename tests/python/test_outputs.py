@@ -158,6 +158,9 @@ lr = 0.01
     for name, remap in (("fine", None), ("coarse", [0, 1, 0, 0, 0, 2, 0, 2, 3, 2])):
         card = json.load(open(os.path.join(out_dir, "heads", f"{name}.json")))
         w = load_file(os.path.join(out_dir, "heads", card["weights"]))
+        per_class = card["per_class"]
+        check(len(per_class) == (10 if remap is None else 4) and sum(c["support"] for c in per_class) == TEST,
+              f"{name}: the card has a per-class report over all {TEST} eval rows")
         check(card["in_features"] == D and card["trunk_sha256"] == sha, f"{name}: card names dims and trunk")
         with torch.no_grad():
             if card["head"] == "linear":
@@ -170,6 +173,10 @@ lr = 0.01
             y = torch.tensor(remap)[y]
             check(card["class_names"] == ["tops", "bottoms", "footwear", "bags"], "coarse: class names in the card")
         acc = (logits.argmax(1) == y).float().mean().item()
+        pred = logits.argmax(1)
+        recalls = [((pred == k) & (y == k)).sum().item() / max(1, (y == k).sum().item()) for k in range(len(per_class))]
+        check(all(abs(r - c["recall"]) <= 1e-5 for r, c in zip(recalls, per_class)),
+              f"{name}: per-class recall in the card matches torch")
         check(abs(acc - card["eval_accuracy"]) <= 1.0 / TEST,
               f"{name}: torch reproduces canopy's accuracy ({acc:.4f} vs {card['eval_accuracy']:.4f})")
         check(acc > 0.6, f"{name}: accuracy {acc:.3f} is far above chance")
