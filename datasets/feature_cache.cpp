@@ -146,9 +146,6 @@ class Fd {
  private:
   int fd_;
 };
-
-// Checks a shard's size and every checksum by reading its data regions.
-void verify_shard(const std::string& dir, const ShardInfo& s, const CacheMeta& meta);
 }  // namespace
 
 std::string manifest_path(const std::string& dir) { return join_path(dir, "manifest.json"); }
@@ -217,57 +214,110 @@ void write_manifest(const std::string& dir, const Manifest& m) {
 // ---------------------------------------------------------------- shard reading
 namespace {
 
-struct RegionReader {
-  const std::string& dir;
-  const ShardInfo& s;
-  const CacheMeta& meta;
-
-  std::string file() const { return join_path(dir, s.file); }
-
-  void check_size() const {
-    const std::uint64_t size = file_size(file());
-    CANOPY_CHECK(size == s.bytes, DataError, "shard '", file(), "' has ", size, " bytes, the manifest says ",
+// Reads one shard's data regions, checking the file's size and every checksum.
+class RegionReader {
+ public:
+  RegionReader(const std::string& dir, const ShardInfo& s, const CacheMeta& meta)
+      : file_(join_path(dir, s.file)), s_(s), meta_(meta) {
+    const std::uint64_t size = file_size(file_);
+    CANOPY_CHECK(size == s.bytes, DataError, "shard '", file_, "' has ", size, " bytes, the manifest says ",
                  s.bytes, " (truncated or replaced); rebuild with `canopy cache --force`");
   }
 
+  const std::string& file() const { return file_; }
+
   void check_crc(std::uint32_t got, std::uint32_t want, const std::string& region, std::uint64_t offset) const {
-    CANOPY_CHECK(got == want, DataError, "shard '", file(), "': checksum mismatch in ", region, " at byte ",
+    CANOPY_CHECK(got == want, DataError, "shard '", file_, "': checksum mismatch in ", region, " at byte ",
                  offset, " (CRC-32C ", hex32(got), ", manifest ", hex32(want),
                  "): the file is corrupt; rebuild with `canopy cache --force`");
   }
 
-  // Reads the features region into dst (rows x D in the storage dtype), verifying blocks.
-  void features_into(void* dst) const {
-    const std::uint64_t n = static_cast<std::uint64_t>(s.rows) * meta.feature_dim * element_size(meta.dtype);
+  // Checks the features already in `data` (rows x D in the storage dtype) block by block.
+  void check_features(const void* data) const {
+    const auto crcs = block_crcs(static_cast<const std::uint8_t*>(data), features_bytes());
+    CANOPY_CHECK(crcs.size() == s_.features_crc32c.size(), DataError, "shard '", file_, "': manifest lists ",
+                 s_.features_crc32c.size(), " feature checksums, expected ", crcs.size());
+    for (std::size_t b = 0; b < crcs.size(); ++b) {
+      check_crc(crcs[b], s_.features_crc32c[b], "features", s_.features_offset + b * kChecksumBlockBytes);
+    }
+  }
+
+  // Reads the features region into `dst` with pread, in parallel over checksum blocks.
+  void read_features(void* dst) {
+    const std::uint64_t n = features_bytes();
     const std::size_t blocks = (n + kChecksumBlockBytes - 1) / kChecksumBlockBytes;
-    CANOPY_CHECK(blocks == s.features_crc32c.size(), DataError, "shard '", file(), "': manifest lists ",
-                 s.features_crc32c.size(), " feature checksums, expected ", blocks);
-    Fd fd(file());
+    CANOPY_CHECK(blocks == s_.features_crc32c.size(), DataError, "shard '", file_, "': manifest lists ",
+                 s_.features_crc32c.size(), " feature checksums, expected ", blocks);
     auto* p = static_cast<std::uint8_t*>(dst);
     tbb::parallel_for(std::size_t(0), blocks, [&](std::size_t b) {
       const std::uint64_t begin = b * kChecksumBlockBytes;
       const std::uint64_t len = std::min(kChecksumBlockBytes, n - begin);
-      pread_all(fd.get(), p + begin, len, s.features_offset + begin, file());
-      check_crc(crc32c(p + begin, len), s.features_crc32c[b], "features", s.features_offset + begin);
+      pread_all(fd().get(), p + begin, len, s_.features_offset + begin, file_);
+      check_crc(crc32c(p + begin, len), s_.features_crc32c[b], "features", s_.features_offset + begin);
     });
   }
 
-  at::Tensor int64_region(std::uint64_t offset, std::uint32_t crc, const std::string& region) const {
-    at::Tensor t = at::empty({s.rows}, at::kLong);
-    Fd fd(file());
-    pread_all(fd.get(), t.data_ptr(), s.rows * 8, offset, file());
-    check_crc(crc32c(t.data_ptr(), s.rows * 8), crc, region, offset);
-    return t;
+  // Reads an int64 [rows] region (ids, a label column) into `dst` and checks it.
+  void read_int64(at::Tensor dst, std::uint64_t offset, std::uint32_t crc, const std::string& region) {
+    pread_all(fd().get(), dst.data_ptr(), s_.rows * 8, offset, file_);
+    check_crc(crc32c(dst.data_ptr(), s_.rows * 8), crc, region, offset);
   }
+
+ private:
+  std::uint64_t features_bytes() const {
+    return static_cast<std::uint64_t>(s_.rows) * meta_.feature_dim * element_size(meta_.dtype);
+  }
+  Fd& fd() {  // opened once, on first use
+    if (!fd_) fd_ = std::make_unique<Fd>(file_);
+    return *fd_;
+  }
+
+  std::string file_;
+  const ShardInfo& s_;
+  const CacheMeta& meta_;
+  std::unique_ptr<Fd> fd_;
 };
 
-void verify_shard(const std::string& dir, const ShardInfo& s, const CacheMeta& meta) {
-  RegionReader r{dir, s, meta};
-  r.check_size();
-  at::Tensor buf = at::empty({s.rows, meta.feature_dim}, scalar_type(meta.dtype));
-  r.features_into(buf.data_ptr());
-  r.int64_region(s.ids_offset, s.ids_crc32c, "ids");
-  for (const auto& [src, v] : s.labels) r.int64_region(v.first, v.second, "labels/" + src);
+// Reads one shard into the given destination tensors (rows [0, s.rows) of each).
+void read_shard_into(const std::string& dir, const ShardInfo& s, const CacheMeta& meta, ReadMethod method,
+                     at::Tensor features, std::map<std::string, at::Tensor>& labels, at::Tensor ids) {
+  RegionReader r(dir, s, meta);
+  if (method == ReadMethod::kPread) {
+    r.read_features(features.data_ptr());
+    r.read_int64(ids, s.ids_offset, s.ids_crc32c, "ids");
+    for (const auto& [src, v] : s.labels) r.read_int64(labels.at(src), v.first, v.second, "labels/" + src);
+    return;
+  }
+  // Through the HDF5 library (one thread), checksums verified on what it returns.
+  h5::Handle file = h5::open_file(r.file(), false);
+  const std::string where = "shard '" + r.file() + "'";
+  auto read_ds = [&](const std::string& name, hid_t mem_type, at::Tensor dst) {
+    h5::Handle d = h5::open_dataset(file.get(), name, where);
+    h5::read_rows(d.get(), mem_type, 0, s.rows, dst.data_ptr());
+  };
+  h5::Handle ftype = file_type(meta.dtype);
+  read_ds("features", meta.dtype == StorageDtype::kFloat32 ? H5T_NATIVE_FLOAT : ftype.get(), features);
+  r.check_features(features.data_ptr());
+  read_ds("ids", H5T_NATIVE_INT64, ids);
+  r.check_crc(crc32c(ids.data_ptr(), s.rows * 8), s.ids_crc32c, "ids", s.ids_offset);
+  for (const auto& [src, v] : s.labels) {
+    read_ds("labels/" + src, H5T_NATIVE_INT64, labels.at(src));
+    r.check_crc(crc32c(labels.at(src).data_ptr(), s.rows * 8), v.second, "labels/" + src, v.first);
+  }
+}
+
+SplitData allocate(std::int64_t rows, const CacheMeta& meta) {
+  SplitData d;
+  d.features = at::empty({rows, meta.feature_dim}, scalar_type(meta.dtype));
+  d.ids = at::empty({rows}, at::kLong);
+  for (const auto& src : meta.label_sources) d.labels[src] = at::empty({rows}, at::kLong);
+  return d;
+}
+
+SplitData read_shard_data(const std::string& dir, const ShardInfo& s, const CacheMeta& meta, ReadMethod method) {
+  SplitData d = allocate(s.rows, meta);
+  read_shard_into(dir, s, meta, method, d.features, d.labels, d.ids);
+  return d;
 }
 
 }  // namespace
@@ -311,7 +361,7 @@ FeatureCacheWriter::FeatureCacheWriter(std::string dir, CacheMeta meta,
         for (const auto& s : old.shards) {
           if (s.first_row != next_row[s.split]) continue;
           try {
-            verify_shard(impl_->dir, s, old.meta);
+            read_shard_data(impl_->dir, s, old.meta, ReadMethod::kPread);  // size and checksums
           } catch (const Error&) {
             continue;
           }
@@ -383,12 +433,12 @@ void FeatureCacheWriter::append(const std::string& split, const at::Tensor& feat
 
 void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_t rows) {
   auto& pend = pending[split];
-  // Split the pending rows into this shard's and the rest.
-  Pending p, rest;
+  // This shard's rows, and the rest that stays pending.
   const at::Tensor all_features = at::cat(pend.features), all_ids = at::cat(pend.ids);
-  p.features = {all_features.slice(0, 0, rows)};
-  p.ids = {all_ids.slice(0, 0, rows)};
-  p.rows = rows;
+  const at::Tensor features = all_features.slice(0, 0, rows).contiguous();
+  const at::Tensor ids = all_ids.slice(0, 0, rows).contiguous();
+  std::map<std::string, at::Tensor> labels;
+  Pending rest;
   rest.rows = pend.rows - rows;
   if (rest.rows > 0) {
     rest.features = {all_features.slice(0, rows)};
@@ -396,7 +446,7 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
   }
   for (auto& [src, ts] : pend.labels) {
     const at::Tensor l = at::cat(ts);
-    p.labels[src] = {l.slice(0, 0, rows)};
+    labels[src] = l.slice(0, 0, rows).contiguous();
     if (rest.rows > 0) rest.labels[src] = {l.slice(0, rows)};
   }
   const CacheMeta& meta = manifest.meta;
@@ -408,13 +458,11 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
   std::snprintf(name, sizeof name, "shards/%s-%05lld.h5", split.c_str(), static_cast<long long>(index));
   const std::string final_path = join_path(dir, name);
   const std::string tmp = temp_path_for(final_path);
-  const at::Tensor features = p.features.front().contiguous();
-  const at::Tensor ids = p.ids.front().contiguous();
   ShardInfo info;
   info.split = split;
   info.index = index;
   info.first_row = stored[split];
-  info.rows = p.rows;
+  info.rows = rows;
   info.file = name;
   {
     h5::silence_errors();
@@ -430,17 +478,17 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
     h5::Handle ftype = file_type(meta.dtype);
     const hid_t mem_type = meta.dtype == StorageDtype::kFloat32 ? H5T_NATIVE_FLOAT : ftype.get();
     h5::Handle fd = h5::write_contiguous(file.get(), "features", ftype.get(), mem_type, features.data_ptr(),
-                                          {p.rows, meta.feature_dim});
+                                          {rows, meta.feature_dim});
     h5::write_attr(fd.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
     info.features_offset = h5::data_offset(fd.get());
-    h5::Handle idd = h5::write_contiguous(file.get(), "ids", H5T_STD_I64LE, H5T_NATIVE_INT64, ids.data_ptr(), {p.rows});
+    h5::Handle idd = h5::write_contiguous(file.get(), "ids", H5T_STD_I64LE, H5T_NATIVE_INT64, ids.data_ptr(), {rows});
     info.ids_offset = h5::data_offset(idd.get());
-    info.ids_crc32c = crc32c(ids.data_ptr(), p.rows * 8);
+    info.ids_crc32c = crc32c(ids.data_ptr(), rows * 8);
     h5::Handle lg = h5::create_group(file.get(), "labels");
     for (const auto& src : meta.label_sources) {
-      const at::Tensor l = p.labels[src].front().contiguous();
-      h5::Handle ld = h5::write_contiguous(lg.get(), src, H5T_STD_I64LE, H5T_NATIVE_INT64, l.data_ptr(), {p.rows});
-      info.labels[src] = {h5::data_offset(ld.get()), crc32c(l.data_ptr(), p.rows * 8)};
+      const at::Tensor& l = labels.at(src);
+      h5::Handle ld = h5::write_contiguous(lg.get(), src, H5T_STD_I64LE, H5T_NATIVE_INT64, l.data_ptr(), {rows});
+      info.labels[src] = {h5::data_offset(ld.get()), crc32c(l.data_ptr(), rows * 8)};
     }
     info.features_crc32c = block_crcs(static_cast<const std::uint8_t*>(features.data_ptr()),
                                       features.numel() * features.element_size());
@@ -451,7 +499,7 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
   info.bytes = file_size(final_path);
   manifest.shards.push_back(info);
   write_manifest(dir, manifest);  // the shard counts only from here on
-  stored[split] += p.rows;
+  stored[split] += rows;
   pend = std::move(rest);
 }
 
@@ -533,7 +581,6 @@ FeatureCache FeatureCache::open(const std::string& dir) {
 }
 
 const CacheMeta& FeatureCache::meta() const { return impl_->manifest.meta; }
-const Manifest& FeatureCache::manifest() const { return impl_->manifest; }
 const std::string& FeatureCache::path() const { return impl_->dir; }
 
 std::vector<std::string> FeatureCache::splits() const {
@@ -561,62 +608,13 @@ std::vector<ShardInfo> FeatureCache::shards(const std::string& split) const {
   return out;
 }
 
-std::uint64_t FeatureCache::bytes_on_disk() const {
-  std::uint64_t total = 0;
-  for (const auto& s : impl_->manifest.shards) total += s.bytes;
-  if (is_regular_file(view_path(impl_->dir))) total += file_size(view_path(impl_->dir));
-  return total;
-}
-
 std::uint64_t FeatureCache::feature_bytes(const std::string& split) const {
   return static_cast<std::uint64_t>(rows(split)) * feature_dim() * element_size(meta().dtype);
 }
 
-namespace {
-// Reads one shard into the given destination tensors (rows [0, s.rows) of each).
-void read_shard_into(const std::string& dir, const ShardInfo& s, const CacheMeta& meta, ReadMethod method,
-                     at::Tensor features, std::map<std::string, at::Tensor>& labels, at::Tensor ids) {
-  RegionReader r{dir, s, meta};
-  r.check_size();
-  if (method == ReadMethod::kPread) {
-    r.features_into(features.data_ptr());
-    ids.copy_(r.int64_region(s.ids_offset, s.ids_crc32c, "ids"));
-    for (const auto& [src, v] : s.labels) labels.at(src).copy_(r.int64_region(v.first, v.second, "labels/" + src));
-    return;
-  }
-  // Through the HDF5 library (one thread), checksums verified on what it returns.
-  h5::Handle file = h5::open_file(r.file(), false);
-  const std::string where = "shard '" + r.file() + "'";
-  auto read_ds = [&](const std::string& name, hid_t mem_type, at::Tensor dst) {
-    h5::Handle d = h5::open_dataset(file.get(), name, where);
-    h5::read_rows(d.get(), mem_type, 0, s.rows, dst.data_ptr());
-  };
-  h5::Handle ftype = file_type(meta.dtype);
-  read_ds("features", meta.dtype == StorageDtype::kFloat32 ? H5T_NATIVE_FLOAT : ftype.get(), features);
-  const auto crcs = block_crcs(static_cast<const std::uint8_t*>(features.data_ptr()),
-                               features.numel() * features.element_size());
-  for (std::size_t b = 0; b < crcs.size(); ++b) r.check_crc(crcs[b], s.features_crc32c.at(b), "features", s.features_offset + b * kChecksumBlockBytes);
-  read_ds("ids", H5T_NATIVE_INT64, ids);
-  r.check_crc(crc32c(ids.data_ptr(), s.rows * 8), s.ids_crc32c, "ids", s.ids_offset);
-  for (const auto& [src, v] : s.labels) {
-    read_ds("labels/" + src, H5T_NATIVE_INT64, labels.at(src));
-    r.check_crc(crc32c(labels.at(src).data_ptr(), s.rows * 8), v.second, "labels/" + src, v.first);
-  }
-}
-
-SplitData allocate(std::int64_t rows, const CacheMeta& meta) {
-  SplitData d;
-  d.features = at::empty({rows, meta.feature_dim}, scalar_type(meta.dtype));
-  d.ids = at::empty({rows}, at::kLong);
-  for (const auto& src : meta.label_sources) d.labels[src] = at::empty({rows}, at::kLong);
-  return d;
-}
-}  // namespace
 
 SplitData FeatureCache::read_shard(const ShardInfo& shard, ReadMethod method) const {
-  SplitData d = allocate(shard.rows, meta());
-  read_shard_into(impl_->dir, shard, meta(), method, d.features, d.labels, d.ids);
-  return d;
+  return read_shard_data(impl_->dir, shard, meta(), method);
 }
 
 SplitData FeatureCache::load_split(const std::string& split, ReadMethod method, SplitData* reuse) const {
@@ -634,7 +632,7 @@ SplitData FeatureCache::load_split(const std::string& split, ReadMethod method, 
 }
 
 void FeatureCache::verify() const {
-  for (const auto& s : impl_->manifest.shards) verify_shard(impl_->dir, s, meta());
+  for (const auto& s : impl_->manifest.shards) read_shard_data(impl_->dir, s, meta(), ReadMethod::kPread);
 }
 
 }  // namespace canopy::datasets

@@ -50,12 +50,6 @@ Handle create_group(hid_t parent, const std::string& name) {
                  "creating group '" + name + "'");
 }
 
-Handle open_group(hid_t parent, const std::string& name, const std::string& where) {
-  CANOPY_CHECK(exists(parent, name), DataError, where, ": no group '", name, "'");
-  return checked(H5Gopen2(parent, name.c_str(), H5P_DEFAULT), H5Gclose,
-                 where + ": opening group '" + name + "'");
-}
-
 bool exists(hid_t parent, const std::string& path) {
   // Check each component so that a missing intermediate group is not an error.
   std::string prefix;
@@ -68,16 +62,6 @@ bool exists(hid_t parent, const std::string& path) {
     start = slash + 1;
   }
   return true;
-}
-
-std::vector<std::string> list(hid_t group) {
-  std::vector<std::string> names;
-  auto cb = [](hid_t, const char* name, const H5L_info_t*, void* op) -> herr_t {
-    static_cast<std::vector<std::string>*>(op)->emplace_back(name);
-    return 0;
-  };
-  check(H5Literate(group, H5_INDEX_NAME, H5_ITER_INC, nullptr, cb, &names), "listing a group");
-  return names;
 }
 
 Handle write_contiguous(hid_t parent, const std::string& name, hid_t file_type, hid_t mem_type,
@@ -171,36 +155,6 @@ void write_attr(hid_t obj, const std::string& name, std::int64_t value) {
   Handle attr = checked(H5Acreate2(obj, name.c_str(), H5T_STD_I64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),
                         H5Aclose, "creating attribute '" + name + "'");
   check(H5Awrite(attr.get(), H5T_NATIVE_INT64, &value), "writing attribute '" + name + "'");
-}
-
-bool has_attr(hid_t obj, const std::string& name) { return H5Aexists(obj, name.c_str()) > 0; }
-
-std::string read_attr_string(hid_t obj, const std::string& name, const std::string& where) {
-  CANOPY_CHECK(has_attr(obj, name), DataError, where, ": missing attribute '", name, "'");
-  Handle attr = checked(H5Aopen(obj, name.c_str(), H5P_DEFAULT), H5Aclose, "opening attribute '" + name + "'");
-  Handle type = checked(H5Aget_type(attr.get()), H5Tclose, "getting an attribute type");
-  CANOPY_CHECK(H5Tget_class(type.get()) == H5T_STRING, DataError, where, ": attribute '", name,
-               "' is not a string");
-  if (H5Tis_variable_str(type.get()) > 0) {
-    char* value = nullptr;
-    check(H5Aread(attr.get(), type.get(), &value), "reading attribute '" + name + "'");
-    std::string out = value ? value : "";
-    H5free_memory(value);
-    return out;
-  }
-  const std::size_t size = H5Tget_size(type.get());
-  std::string out(size, '\0');
-  check(H5Aread(attr.get(), type.get(), out.data()), "reading attribute '" + name + "'");
-  out.resize(std::min(out.size(), out.find('\0')));
-  return out;
-}
-
-std::int64_t read_attr_int(hid_t obj, const std::string& name, const std::string& where) {
-  CANOPY_CHECK(has_attr(obj, name), DataError, where, ": missing attribute '", name, "'");
-  Handle attr = checked(H5Aopen(obj, name.c_str(), H5P_DEFAULT), H5Aclose, "opening attribute '" + name + "'");
-  std::int64_t value = 0;
-  check(H5Aread(attr.get(), H5T_NATIVE_INT64, &value), "reading attribute '" + name + "'");
-  return value;
 }
 
 }  // namespace canopy::datasets::h5

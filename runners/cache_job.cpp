@@ -72,6 +72,13 @@ std::string cache_description(const JobConfig& c, const std::string& trunk_sha25
   return out.str();
 }
 
+std::string expected_cache_description(const JobConfig& c) {
+  if (!c.trunk.sha256.empty()) return cache_description(c, c.trunk.sha256);
+  CANOPY_CHECK(path_exists(c.trunk.path), DataError, "cannot check the cache's fingerprint: trunk file '",
+               c.trunk.path, "' is missing; pin trunk.sha256 or set train.check_fingerprint = false");
+  return cache_description(c, sha256_file(c.trunk.path));
+}
+
 std::vector<std::string> describe_changes(const std::string& old_description,
                                           const std::string& new_description) {
   const auto a = parse_description(old_description);
@@ -122,10 +129,7 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
   std::istringstream parts(m.meta.description);
   for (std::string line; std::getline(parts, line);) o << "      " << line << "\n";
   if (config) {
-    const std::string expected = cache_description(*config, config->trunk.sha256.empty()
-                                                                 ? sha256_file(config->trunk.path)
-                                                                 : config->trunk.sha256);
-    const auto changes = describe_changes(m.meta.description, expected);
+    const auto changes = describe_changes(m.meta.description, expected_cache_description(*config));
     o << "  matches " << config->source << ": " << (changes.empty() ? "yes" : "NO, changed " + join(changes, "; "))
       << "\n";
     good = good && changes.empty();

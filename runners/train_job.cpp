@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
-#include <set>
 #include <sstream>
 #include <thread>
 
@@ -51,17 +50,6 @@ void configure_thread(std::int64_t intra_op_threads) {
     at::set_num_threads(static_cast<int>(intra_op_threads));
     configured = intra_op_threads;
   }
-}
-
-std::string expected_fingerprint(const JobConfig& config) {
-  std::string sha = config.trunk.sha256;
-  if (sha.empty()) {
-    CANOPY_CHECK(path_exists(config.trunk.path), DataError, "cannot check the cache's ",
-                 "fingerprint: trunk file '", config.trunk.path, "' is missing; pin trunk.sha256 ",
-                 "or set train.check_fingerprint = false");
-    sha = sha256_file(config.trunk.path);
-  }
-  return cache_description(config, sha);
 }
 
 // Precision, recall, F1 and support of each class on the eval split (multiclass heads; an
@@ -189,7 +177,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
 
   const auto cache = datasets::FeatureCache::open(config.cache.path);
   if (config.train.check_fingerprint) {
-    const std::string expected = expected_fingerprint(config);
+    const std::string expected = expected_cache_description(config);
     if (sha256_hex(expected) != cache.meta().fingerprint) {
       throw DataError(detail::str_cat(
           "feature cache '", config.cache.path, "' was built from different inputs than ",
@@ -222,7 +210,6 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   std::vector<std::unique_ptr<tasks::Task>> all;
   std::vector<at::Tensor> eval_targets;
   std::vector<TaskResult> results;
-  std::set<std::string> names;
   for (std::size_t i = 0; i < config.tasks.size(); ++i) {
     const auto& tc = config.tasks[i];
     const auto src_eval = eval.labels.find(tc.labels);
@@ -441,8 +428,6 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
         }
       });
     });
-    std::ostringstream note;
-    note.precision(3);
     for (std::size_t i : active) {
       auto& r = results[i];
       auto& task = *all[i];
@@ -516,6 +501,9 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     r.seconds = seconds[i];
     r.note = all[i]->stop_note;
     if (r.state == tasks::TaskState::kDone) {
+      // The exported metrics come from the exported weights (a resumed run carries no
+      // confusion matrix over from before the interruption).
+      r.eval = all[i]->evaluate(eval_features, eval_targets[i]);
       save_head(*all[i], r, cache.meta(), report.feature_dim, heads_dir);
       r.weights_path = heads_dir + "/" + r.name + ".safetensors";
     }

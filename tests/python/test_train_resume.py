@@ -105,6 +105,10 @@ weight_decay = 0.01
         ref = open(f"{work}/ref/heads/{name}.safetensors", "rb").read()
         cut = open(f"{out}/heads/{name}.safetensors", "rb").read()
         check(ref == cut, f"{name}: weights bitwise identical to the uninterrupted run ({len(ref)} bytes)")
+        ref_card = json.load(open(f"{work}/ref/heads/{name}.json"))
+        cut_card = json.load(open(f"{out}/heads/{name}.json"))
+        check(ref_card == cut_card and len(cut_card["per_class"]) == 10,
+              f"{name}: card (metrics, per-class report) equal to the uninterrupted run's")
     ref_lines = [json.loads(l) for l in open(f"{work}/ref/metrics.jsonl")]
     cut_lines = [json.loads(l) for l in open(f"{out}/metrics.jsonl")]
     strip = lambda ls: [(l["epoch"], l["task"], l["eval_accuracy"], l["train_loss"]) for l in ls]

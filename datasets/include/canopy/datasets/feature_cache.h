@@ -136,13 +136,11 @@ class FeatureCache {
   ~FeatureCache();
 
   const CacheMeta& meta() const;
-  const Manifest& manifest() const;
   const std::string& path() const;
   std::vector<std::string> splits() const;
   std::int64_t rows(const std::string& split) const;
   std::int64_t feature_dim() const;
   std::vector<ShardInfo> shards(const std::string& split) const;
-  std::uint64_t bytes_on_disk() const;
   // Bytes the features of a split take in memory.
   std::uint64_t feature_bytes(const std::string& split) const;
 

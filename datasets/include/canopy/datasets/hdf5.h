@@ -39,10 +39,7 @@ void silence_errors();
 Handle create_file(const std::string& path);             // truncates
 Handle open_file(const std::string& path, bool writable);  // DataError if not HDF5
 Handle create_group(hid_t parent, const std::string& name);
-Handle open_group(hid_t parent, const std::string& name, const std::string& where);
 bool exists(hid_t parent, const std::string& path);
-// Names of the links (groups, datasets) directly under `group`, in name order.
-std::vector<std::string> list(hid_t group);
 
 // Creates a contiguous (unchunked) dataset of `dims` and writes `data` (of `mem_type`).
 Handle write_contiguous(hid_t parent, const std::string& name, hid_t file_type, hid_t mem_type,
@@ -68,8 +65,5 @@ void read_rows(hid_t dataset, hid_t mem_type, std::int64_t begin, std::int64_t e
 
 void write_attr(hid_t obj, const std::string& name, const std::string& value);
 void write_attr(hid_t obj, const std::string& name, std::int64_t value);
-bool has_attr(hid_t obj, const std::string& name);
-std::string read_attr_string(hid_t obj, const std::string& name, const std::string& where);
-std::int64_t read_attr_int(hid_t obj, const std::string& name, const std::string& where);
 
 }  // namespace canopy::datasets::h5

@@ -40,6 +40,10 @@ struct CacheReport {
 CacheReport run_cache(const JobConfig& config, bool force = false, trunk::Trunk* trunk = nullptr,
                       ProgressStyle style = ProgressStyle::kAuto);
 
+// The description a cache built from `config` must carry: the trunk's hash is the pinned
+// trunk.sha256 when there is one, else the trunk file's (DataError when it is missing).
+std::string expected_cache_description(const JobConfig& config);
+
 // `canopy inspect`: splits, shapes, dtype, size on disk, the fingerprint's parts,
 // completeness, and — given a config — whether the cache matches it. With `verify`, every
 // shard's size and checksums are checked too. Returns the report; `matches` (if given) is
