@@ -25,6 +25,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "canopy/core/crc32c.h"
+#include "bench_util.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/strings.h"
@@ -37,19 +38,9 @@
 #include "canopy/trunk/trunk.h"
 
 using namespace canopy;
-using Clock = std::chrono::steady_clock;
+using namespace canopy::bench;
 
 namespace {
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-struct Stats {
-  double min, median, max;
-};
-Stats stats(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return {v.front(), v[v.size() / 2], v.back()};
-}
-
 long rss_kb() {
   std::ifstream in("/proc/self/status");
   std::string key;
@@ -64,12 +55,6 @@ long rss_kb() {
   return 0;
 }
 
-std::string arg(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (argv[i] == name) return argv[i + 1];
-  }
-  return fallback;
-}
 }  // namespace
 
 int main(int argc, char** argv) {

@@ -15,6 +15,7 @@
 
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/progress.h"
 #include "canopy/runners/config.h"
@@ -22,24 +23,7 @@
 #include "canopy/tasks/registry.h"
 
 using namespace canopy;
-using Clock = std::chrono::steady_clock;
-
-namespace {
-std::string arg(int argc, char** argv, const std::string& name, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (argv[i] == name) return argv[i + 1];
-  }
-  return fallback;
-}
-struct Stats {
-  double min, median, max;
-};
-Stats stats(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return {v.front(), v[v.size() / 2], v.back()};
-}
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-}  // namespace
+using namespace canopy::bench;
 
 int main(int argc, char** argv) {
   const std::string config_path = arg(argc, argv, "--config", "configs/fmnist_lite0.ini");

@@ -59,6 +59,30 @@ ProgressStyle parse_progress(const std::string& s) {
   throw ConfigError("--progress: expected auto, bar, lines or quiet, got '" + s + "'");
 }
 
+// Parses a command's options; a malformed command line is a ConfigError ending with `hint`.
+po::variables_map parse_options(const po::options_description& desc, const std::vector<std::string>& args,
+                                const std::string& hint,
+                                const po::positional_options_description* positional = nullptr) {
+  po::variables_map vm;
+  try {
+    auto parser = po::command_line_parser(args).options(desc);
+    if (positional) parser.positional(*positional);
+    po::store(parser.run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw ConfigError(std::string(e.what()) + " (" + hint + ")");
+  }
+  return vm;
+}
+
+// The job config named by --config, with every --set applied.
+JobConfig config_from(const po::variables_map& vm, std::vector<std::string> extra_overrides = {}) {
+  std::vector<std::string> overrides = vm.count("set") ? vm["set"].as<std::vector<std::string>>()
+                                                       : std::vector<std::string>{};
+  overrides.insert(overrides.end(), extra_overrides.begin(), extra_overrides.end());
+  return load_job_config(vm["config"].as<std::string>(), overrides);
+}
+
 void print_cache_report(const CacheReport& r, std::ostream& out) {
   out << "cache " << r.path << ": " << (r.rebuilt ? "built" : r.reason) << "\n";
   out << "  fingerprint " << r.fingerprint << "\n  features    " << r.feature_dim << " per sample\n";
@@ -90,17 +114,9 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
         "set", po::value<std::vector<std::string>>(), "")("verify", "");
     po::positional_options_description pos;
     pos.add("path", 1);
-    po::variables_map ivm;
-    try {
-      po::store(po::command_line_parser(rest).options(idesc).positional(pos).run(), ivm);
-    } catch (const po::error& e) {
-      throw ConfigError(std::string(e.what()) + " (usage: canopy inspect PATH [--config FILE] [--verify])");
-    }
+    const auto ivm = parse_options(idesc, rest, "usage: canopy inspect PATH [--config FILE] [--verify]", &pos);
     std::optional<JobConfig> config;
-    if (ivm.count("config")) {
-      config = load_job_config(ivm["config"].as<std::string>(),
-                               ivm.count("set") ? ivm["set"].as<std::vector<std::string>>() : std::vector<std::string>{});
-    }
+    if (ivm.count("config")) config = config_from(ivm);
     CANOPY_CHECK(ivm.count("path") || config, ConfigError, "canopy inspect: give a cache PATH or --config FILE");
     const std::string path = ivm.count("path") ? ivm["path"].as<std::string>() : config->cache.path;
     bool ok = false;
@@ -113,17 +129,10 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
         "input", po::value<std::string>(), "")("output", po::value<std::string>(), "")(
         "format", po::value<std::string>()->default_value("csv"), "")("limit", po::value<std::int64_t>()->default_value(0), "")(
         "progress", po::value<std::string>()->default_value("auto"), "");
-    po::variables_map pvm;
-    try {
-      po::store(po::command_line_parser(rest).options(pdesc).run(), pvm);
-    } catch (const po::error& e) {
-      throw ConfigError(std::string(e.what()) + " (see canopy --help)");
-    }
+    const auto pvm = parse_options(pdesc, rest, "see canopy --help");
     CANOPY_CHECK(pvm.count("config") && pvm.count("input"), ConfigError,
                  "canopy predict: --config FILE and --input IMAGES are required");
-    const JobConfig config = load_job_config(
-        pvm["config"].as<std::string>(),
-        pvm.count("set") ? pvm["set"].as<std::vector<std::string>>() : std::vector<std::string>{});
+    const JobConfig config = config_from(pvm);
     PredictOptions options;
     options.input = pvm["input"].as<std::string>();
     options.limit = pvm["limit"].as<std::int64_t>();
@@ -147,21 +156,14 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
   po::options_description desc("options");
   desc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(
       "dump-config", "")("force", "")("resume", "")("fail-fast", "")("progress", po::value<std::string>()->default_value("auto"), "")("help,h", "");
-  po::variables_map vm;
-  try {
-    po::store(po::command_line_parser(rest).options(desc).run(), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    throw ConfigError(std::string(e.what()) + " (see canopy --help)");
-  }
+  const auto vm = parse_options(desc, rest, "see canopy --help");
   if (vm.count("help")) {
     out << kUsage;
     return kExitOk;
   }
   CANOPY_CHECK(vm.count("config"), ConfigError, "canopy ", command, ": --config FILE is required");
-  auto overrides = vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
-  if (vm.count("fail-fast")) overrides.push_back("train.fail_fast=true");
-  const JobConfig config = load_job_config(vm["config"].as<std::string>(), overrides);
+  const JobConfig config =
+      config_from(vm, vm.count("fail-fast") ? std::vector<std::string>{"train.fail_fast=true"} : std::vector<std::string>{});
   if (vm.count("dump-config")) {
     out << dump_config(config);
     return kExitOk;
