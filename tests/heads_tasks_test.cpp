@@ -5,6 +5,7 @@
 #include <ATen/ops/randn.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/ops/equal.h>
 #include <torch/utils.h>
 
@@ -147,13 +148,24 @@ TEST(Task, ScheduleSmoothingAndWeights) {
   c.schedule = "constant";
   c.class_weights = {1, 2};
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 3, 1); }, {"class_weights has 2 values for 3 classes"}));
-  // Label smoothing raises the loss of a confident correct prediction.
+  // The smoothed loss is (1 - e) * NLL + e * mean over classes of -log p.
   c.class_weights = {};
-  const at::Tensor x = at::randn({8, 4}), y = at::zeros({8}, at::kLong);
-  Task plain(c, r, 4, 3, 1);
   c.label_smoothing = 0.3;
-  Task smooth(c, r, 4, 3, 1);  // same seed: same initial weights
-  EXPECT_GT(smooth.train_step(x, y), plain.train_step(x, y) - 1e-9);
+  const at::Tensor x = at::randn({8, 4}), y = at::zeros({8}, at::kLong);
+  Task smooth(c, r, 4, 3, 1);
+  const at::Tensor logp = smooth.head().forward(x).detach().log_softmax(1);
+  const double expected = (logp.select(1, 0) * -0.7 - logp.mean(1) * 0.3).mean().item<double>();
+  EXPECT_NEAR(smooth.train_step(x, y), expected, 1e-5);
+  // Class weights: cross-entropy weighted by the target's class.
+  c.label_smoothing = 0;
+  c.class_weights = {2, 1, 1};
+  Task weighted(c, r, 4, 3, 1);
+  const at::Tensor y2 = at::tensor(std::vector<std::int64_t>{0, 0, 1, 2, 1, 0, 2, 2});
+  const at::Tensor lp = weighted.head().forward(x).detach().log_softmax(1);
+  const at::Tensor w = at::tensor(std::vector<float>{2, 1, 1}).index_select(0, y2);
+  const double expected_w =
+      (lp.gather(1, y2.unsqueeze(1)).squeeze(1) * w).sum().item<double>() * -1.0 / w.sum().item<double>();
+  EXPECT_NEAR(weighted.train_step(x, y2), expected_w, 1e-5);
 }
 
 }  // namespace

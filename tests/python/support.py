@@ -16,3 +16,29 @@ def finish():
     """Prints the closing line and returns the exit status."""
     print(f"\n{len(failures) == 0 and 'all checks passed' or str(len(failures)) + ' check(s) failed'}")
     return 1 if failures else 0
+
+
+def kill_when(cmd, json_path, reached, timeout=120, env=None):
+    """Starts `cmd`, polls the JSON file `json_path` until `reached(doc)` is true, then
+    SIGKILLs the process. Returns (returncode, the document that triggered the kill or None)."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + timeout
+    seen = None
+    while time.time() < deadline and p.poll() is None:
+        try:
+            with open(json_path) as f:
+                doc = json.load(f)
+            if reached(doc):
+                p.send_signal(signal.SIGKILL)
+                seen = doc
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.002)
+    p.communicate()
+    return p.returncode, seen

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from support import FMNIST, check, finish
+from support import FMNIST, check, finish, kill_when
 
 
 
@@ -82,21 +82,10 @@ weight_decay = 0.01
     cmd = [a.canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"]
     kills = []
     for target in ((1, 40), (2, 90)):  # (epoch, step) reached before each kill
-        p = subprocess.Popen(cmd + (["--resume"] if kills else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        seen = None
-        while time.time() < deadline and p.poll() is None:
-            try:
-                st = json.load(open(state))
-                if (st["epoch"], st["step"]) >= target:
-                    p.send_signal(signal.SIGKILL)
-                    seen = (st["epoch"], st["step"])
-                    break
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                pass
-            time.sleep(0.002)
-        p.wait()
-        check(p.returncode == -signal.SIGKILL and seen is not None, f"training killed by SIGKILL after checkpoint {seen}")
+        returncode, st = kill_when(cmd + (["--resume"] if kills else []), state,
+                                   lambda st: (st["epoch"], st["step"]) >= target)
+        seen = (st["epoch"], st["step"]) if st else None
+        check(returncode == -signal.SIGKILL and seen is not None, f"training killed by SIGKILL after checkpoint {seen}")
         kills.append(seen)
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     check(r.returncode == 0 and "resuming from the checkpoint" in r.stderr,
