@@ -157,10 +157,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
 
   // Hash the trunk file first: the description (and so the fingerprint) depends on it,
   // and a pinned hash must be checked before anything loads the file.
-  const std::string trunk_sha = trunk ? trunk->sha256() : sha256_file(config.trunk.path);
-  CANOPY_CHECK(config.trunk.sha256.empty() || config.trunk.sha256 == trunk_sha, DataError, "trunk '",
-               config.trunk.path, "' has SHA-256 ", trunk_sha, " but the config pins ",
-               config.trunk.sha256, "; refusing to load it");
+  const std::string trunk_sha = trunk ? trunk->sha256() : trunk::verified_trunk_sha256(config.trunk);
   const std::string description = cache_description(config, trunk_sha);
   report.fingerprint = sha256_hex(description);
 

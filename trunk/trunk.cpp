@@ -31,6 +31,15 @@ void validate_trunk_config(const TrunkConfig& c) {
                " characters)");
 }
 
+std::string verified_trunk_sha256(const TrunkConfig& config) {
+  CANOPY_CHECK(is_regular_file(config.path), DataError, "trunk file '", config.path,
+               "' does not exist (run scripts/setup to export the default trunk)");
+  const std::string sha = sha256_file(config.path);
+  CANOPY_CHECK(config.sha256.empty() || sha == config.sha256, DataError, "trunk '", config.path,
+               "' has SHA-256 ", sha, " but the config pins ", config.sha256, "; refusing to load it");
+  return sha;
+}
+
 Trunk::Trunk(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Trunk::Trunk(Trunk&&) noexcept = default;
 Trunk& Trunk::operator=(Trunk&&) noexcept = default;
@@ -38,17 +47,11 @@ Trunk::~Trunk() = default;
 
 Trunk Trunk::load(const TrunkConfig& config) {
   validate_trunk_config(config);
-  CANOPY_CHECK(is_regular_file(config.path), DataError, "trunk file '",
-               config.path, "' does not exist (run scripts/setup to export the default trunk)");
   auto impl = std::make_unique<Impl>();
   impl->config = config;
   // Hash before loading: the file is executable code and must be the one that was pinned.
-  impl->sha256 = sha256_file(config.path);
-  if (!config.sha256.empty()) {
-    CANOPY_CHECK(impl->sha256 == config.sha256, DataError, "trunk '", config.path,
-                 "' has SHA-256 ", impl->sha256, " but the config pins ", config.sha256,
-                 "; refusing to load it");
-  } else {
+  impl->sha256 = verified_trunk_sha256(config);
+  if (config.sha256.empty()) {
     log_info("trunk '" + config.path + "' is not pinned; to pin it add: sha256 = " + impl->sha256);
   }
   impl->device = choose_device(config.device);

@@ -30,6 +30,10 @@ struct TrunkConfig {
 
 void validate_trunk_config(const TrunkConfig& config);
 
+// The SHA-256 of the trunk file, refusing (DataError) a file that does not match the pinned
+// trunk.sha256. Reads the file without loading it.
+std::string verified_trunk_sha256(const TrunkConfig& config);
+
 class Trunk {
  public:
   static Trunk load(const TrunkConfig& config);
