@@ -87,9 +87,15 @@ MlpHead::MlpHead(const MlpHeadOptions& options) : options_(options) {
   }
   seq->push_back(torch::nn::Linear(in, options.out_features()));
   layers_ = register_module("layers", seq);
+  first_ = layers_->ptr<torch::nn::LinearImpl>(0);
 }
 
 torch::Tensor MlpHead::forward(const torch::Tensor& features) { return layers_->forward(features); }
+
+torch::Tensor MlpHead::forward_after_first(torch::Tensor x) {
+  for (auto it = layers_->begin() + 1; it != layers_->end(); ++it) x = it->forward(x);
+  return x;
+}
 
 std::string MlpHead::describe() const {
   std::ostringstream out;

@@ -46,6 +46,8 @@ options for cache, train and run:
   --force              cache: rebuild even if the cache is up to date
   --resume             train: continue from the last checkpoint in <train.out_dir>/checkpoint
   --fail-fast          train: stop every head when one fails (default: only that head stops)
+  --no-fuse            train: train every head on its own instead of fusing same-shape
+                       heads into batched operations (train.fuse = false)
   --progress MODE      auto (bar on a terminal, lines otherwise), bar, lines or quiet
 
 exit codes: 0 ok, 1 data or runtime error, 2 bad usage or config, 3 a head FAILED
@@ -155,15 +157,17 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
   }
   po::options_description desc("options");
   desc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(
-      "dump-config", "")("force", "")("resume", "")("fail-fast", "")("progress", po::value<std::string>()->default_value("auto"), "")("help,h", "");
+      "dump-config", "")("force", "")("resume", "")("fail-fast", "")("no-fuse", "")("progress", po::value<std::string>()->default_value("auto"), "")("help,h", "");
   const auto vm = parse_options(desc, rest, "see canopy --help");
   if (vm.count("help")) {
     out << kUsage;
     return kExitOk;
   }
   CANOPY_CHECK(vm.count("config"), ConfigError, "canopy ", command, ": --config FILE is required");
-  const JobConfig config =
-      config_from(vm, vm.count("fail-fast") ? std::vector<std::string>{"train.fail_fast=true"} : std::vector<std::string>{});
+  std::vector<std::string> flags;
+  if (vm.count("fail-fast")) flags.push_back("train.fail_fast=true");
+  if (vm.count("no-fuse")) flags.push_back("train.fuse=false");
+  const JobConfig config = config_from(vm, flags);
   if (vm.count("dump-config")) {
     out << dump_config(config);
     return kExitOk;

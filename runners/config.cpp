@@ -114,6 +114,8 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   v.i64("train.checkpoint_steps", c.train.checkpoint_steps);
   v.boolean("train.fail_fast", c.train.fail_fast);
   v.boolean("train.tensorboard", c.train.tensorboard);
+  v.boolean("train.fuse", c.train.fuse);
+  v.f64("train.fuse_kib", c.train.fuse_kib);
 
   // Tasks: every key task.<name>.<key>; task names keep the order of first appearance
   // in the map (alphabetical), which is also the order results are reported in.
@@ -186,6 +188,7 @@ void validate_job_config(const JobConfig& c) {
                c.train.workers);
   CANOPY_CHECK(c.train.checkpoint_steps >= 0, ConfigError, "train.checkpoint_steps must be >= 0, got ",
                c.train.checkpoint_steps);
+  CANOPY_CHECK(c.train.fuse_kib >= 0, ConfigError, "train.fuse_kib must be >= 0, got ", c.train.fuse_kib);
   CANOPY_CHECK(c.train.intra_op_threads > 0, ConfigError, "train.intra_op_threads must be > 0, got ",
                c.train.intra_op_threads);
   for (const auto& t : c.tasks) tasks::validate_task_config(t, 0);
@@ -240,7 +243,8 @@ std::string dump_config(const JobConfig& c) {
     << "\nintra_op_threads = " << c.train.intra_op_threads
     << "\ncheck_fingerprint = " << (c.train.check_fingerprint ? "true" : "false")
     << "\ncheckpoint_steps = " << c.train.checkpoint_steps << "\nfail_fast = " << (c.train.fail_fast ? "true" : "false")
-    << "\ntensorboard = " << (c.train.tensorboard ? "true" : "false") << "\n";
+    << "\ntensorboard = " << (c.train.tensorboard ? "true" : "false")
+    << "\nfuse = " << (c.train.fuse ? "true" : "false") << "\nfuse_kib = " << c.train.fuse_kib << "\n";
   for (const auto& t : c.tasks) {
     o << "\n[task." << t.name << "]\nkind = " << t.kind << "\nhead = " << t.head << "\nlabels = " << t.labels << "\n";
     if (!t.label_map.empty()) o << "label_map = " << list(t.label_map) << "\n";

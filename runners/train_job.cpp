@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <thread>
 
@@ -21,6 +22,7 @@
 #include "canopy/core/strings.h"
 #include "canopy/datasets/batch_source.h"
 #include "canopy/datasets/feature_cache.h"
+#include "canopy/heads/fused.h"
 #include "canopy/heads/head.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/export.h"
@@ -348,6 +350,110 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
            " x " + std::to_string(report.feature_dim) + " features, " + source->describe() + " (" +
            std::to_string(workers) + " TBB workers x " + std::to_string(config.train.intra_op_threads) +
            " LibTorch thread(s))");
+  // Fusion: heads with the same fusion key, in task order, in groups whose fused
+  // first-layer activations (batch x widths x 4 bytes) stay within train.fuse_kib.
+  std::vector<std::string> fusion_keys;
+  std::vector<std::int64_t> widths;
+  for (const auto& t : all) {
+    fusion_keys.push_back(config.train.fuse ? heads::fusion_key(t->head()) : "");
+    widths.push_back(heads::fused_width(t->head()));
+  }
+  const double fuse_bytes = config.train.fuse_kib * 1024.0;
+  // The work of one step: fused groups of the heads still training, and lone heads. With
+  // fewer units than workers, the largest group is halved until every worker has one.
+  auto plan_units = [&](const std::vector<std::size_t>& active) {
+    std::vector<std::vector<std::size_t>> units;
+    std::map<std::string, std::size_t> open_unit;  // key -> the unit still taking heads
+    std::map<std::size_t, double> unit_bytes;
+    for (std::size_t i : active) {
+      if (all[i]->state != tasks::TaskState::kTraining) continue;
+      const double bytes = static_cast<double>(config.train.batch_size * widths[i] * 4);
+      const auto it = open_unit.find(fusion_keys[i]);
+      if (!fusion_keys[i].empty() && it != open_unit.end() && unit_bytes[it->second] + bytes <= fuse_bytes) {
+        units[it->second].push_back(i);
+        unit_bytes[it->second] += bytes;
+        continue;
+      }
+      if (!fusion_keys[i].empty()) {
+        open_unit[fusion_keys[i]] = units.size();
+        unit_bytes[units.size()] = bytes;
+      }
+      units.push_back({i});
+    }
+    while (static_cast<std::int64_t>(units.size()) < workers) {
+      auto largest = std::max_element(units.begin(), units.end(),
+                                      [](const auto& a, const auto& b) { return a.size() < b.size(); });
+      if (largest == units.end() || largest->size() < 2) break;
+      const auto half = static_cast<std::ptrdiff_t>(largest->size() / 2);
+      std::vector<std::size_t> second(largest->begin() + half, largest->end());
+      largest->resize(static_cast<std::size_t>(half));
+      units.push_back(std::move(second));
+    }
+    return units;
+  };
+  {
+    std::vector<std::size_t> everyone;
+    for (std::size_t i = 0; i < all.size(); ++i) everyone.push_back(i);
+    for (const auto& unit : plan_units(everyone)) {
+      if (unit.size() < 2) continue;
+      std::string line;
+      for (std::size_t i : unit) line += (line.empty() ? "" : " + ") + results[i].name;
+      report.fused.push_back(line + " (" + fusion_keys[unit.front()] + ")");
+      log_info("fused " + std::to_string(unit.size()) + " heads: " + report.fused.back());
+    }
+  }
+  auto fail = [&](std::size_t i, std::int64_t epoch, std::int64_t step, const std::string& why) {
+    all[i]->state = tasks::TaskState::kFailed;
+    all[i]->failure = detail::str_cat("epoch ", epoch + 1, " step ", step + 1, ": ", why);
+  };
+  // Trains one unit on a batch. Isolation: an exception never leaves here (TBB would
+  // cancel every other unit's work); only the head it came from fails. A fused group that
+  // throws is retried head by head, which finds the culprit.
+  auto train_unit = [&](const std::vector<std::size_t>& unit, const at::Tensor& x, const datasets::Batch& batch,
+                        std::int64_t epoch, std::int64_t step) {
+    const auto t0 = Clock::now();
+    std::vector<tasks::Task*> group;
+    std::vector<at::Tensor> targets;
+    std::vector<std::size_t> members;
+    for (std::size_t i : unit) {
+      try {
+        targets.push_back(all[i]->targets(batch.labels.at(all[i]->config().labels)));
+        group.push_back(all[i].get());
+        members.push_back(i);
+      } catch (const std::exception& e) {
+        fail(i, epoch, step, e.what());
+      }
+    }
+    bool done = false;
+    if (group.size() >= 2) {
+      try {
+        const std::vector<double> losses = tasks::fused_train_step(group, x, targets);
+        for (std::size_t k = 0; k < members.size(); ++k) {
+          if (std::isfinite(losses[k])) {
+            loss_sum[members[k]] += losses[k];
+            ++loss_count[members[k]];
+          } else {
+            fail(members[k], epoch, step, detail::str_cat("loss is ", losses[k]));
+          }
+        }
+        done = true;
+      } catch (const std::exception&) {
+      }
+    }
+    if (!done) {
+      for (std::size_t k = 0; k < members.size(); ++k) {
+        try {
+          loss_sum[members[k]] += group[k]->train_step(x, targets[k]);
+          ++loss_count[members[k]];
+        } catch (const std::exception& e) {
+          fail(members[k], epoch, step, e.what());
+        }
+      }
+    }
+    const double share = since(t0) / static_cast<double>(std::max<std::size_t>(1, unit.size()));
+    for (std::size_t i : unit) seconds[i] += share;
+  };
+
   const auto train_start = Clock::now();
   Progress progress("train", (max_epochs - start_epoch) * steps_per_epoch - start_step, "steps", style);
   for (std::int64_t epoch = start_epoch; epoch < max_epochs; ++epoch) {
@@ -377,27 +483,12 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     for (; source->next(batch); ++step) {
       // The batch is read once and shared, read-only, by every head.
       const at::Tensor& x = batch.features;
+      const auto units = plan_units(active);
       arena.execute([&] {
-        tbb::parallel_for(tbb::blocked_range<std::size_t>(0, active.size(), 1),
+        tbb::parallel_for(tbb::blocked_range<std::size_t>(0, units.size(), 1),
                           [&](const tbb::blocked_range<std::size_t>& range) {
           configure_thread(config.train.intra_op_threads);
-          for (std::size_t k = range.begin(); k != range.end(); ++k) {
-            const std::size_t i = active[k];
-            tasks::Task& task = *all[i];
-            if (task.state != tasks::TaskState::kTraining) continue;
-            const auto t0 = Clock::now();
-            try {
-              const at::Tensor y = task.targets(batch.labels.at(task.config().labels));
-              loss_sum[i] += task.train_step(x, y);
-              ++loss_count[i];
-            } catch (const std::exception& e) {
-              // Isolation: only this head fails; TBB must not see the exception, or it
-              // would cancel every other head's work in the group.
-              task.state = tasks::TaskState::kFailed;
-              task.failure = detail::str_cat("epoch ", epoch + 1, " step ", step + 1, ": ", e.what());
-            }
-            seconds[i] += since(t0);
-          }
+          for (std::size_t u = range.begin(); u != range.end(); ++u) train_unit(units[u], x, batch, epoch, step);
         });
       });
       progress.advance(1);
@@ -533,6 +624,7 @@ std::string format_summary(const TrainReport& report) {
                   t.eval.macro_f1, state_name(t.state));
     o << buf;
   }
+  for (const auto& f : report.fused) o << "fused: " << f << "\n";
   for (const auto& t : report.tasks) {
     if (t.state == tasks::TaskState::kFailed) o << "task '" << t.name << "' FAILED at " << t.failure << "\n";
     if (!t.note.empty()) o << "task '" << t.name << "' " << t.note << "\n";

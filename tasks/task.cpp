@@ -10,7 +10,6 @@
 #include <ATen/ops/bincount.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
-#include <torch/nn/functional/loss.h>
 #include <torch/optim/adam.h>
 #include <torch/optim/adamw.h>
 #include <torch/optim/sgd.h>
@@ -19,6 +18,7 @@
 #include <torch/utils.h>
 
 #include "canopy/core/error.h"
+#include "canopy/heads/fused.h"
 
 namespace canopy::tasks {
 
@@ -175,23 +175,53 @@ void Task::start_epoch(std::int64_t epoch, std::int64_t total) {
 
 double Task::current_lr() const { return optimizer_->param_groups().front().options().get_lr(); }
 
-double Task::train_step(const at::Tensor& features, const at::Tensor& targets) {
+void Task::begin_step() {
   head_->train();
   optimizer_->zero_grad();
-  const at::Tensor logits = head_->forward(features);
-  at::Tensor loss;
-  if (multilabel()) {
-    loss = torch::nn::functional::binary_cross_entropy_with_logits(logits, targets);
-  } else {
-    auto options = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(config_.label_smoothing);
-    if (class_weights_.defined()) options.weight(class_weights_);
-    loss = torch::nn::functional::cross_entropy(logits, targets, options);
-  }
-  const double value = loss.item<double>();
+}
+
+at::Tensor Task::loss(const at::Tensor& outputs, const at::Tensor& targets) const {
+  if (multilabel()) return torch::nn::functional::binary_cross_entropy_with_logits(outputs, targets);
+  auto options = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(config_.label_smoothing);
+  if (class_weights_.defined()) options.weight(class_weights_);
+  return torch::nn::functional::cross_entropy(outputs, targets, options);
+}
+
+void Task::finish_step() { optimizer_->step(); }
+
+double Task::train_step(const at::Tensor& features, const at::Tensor& targets) {
+  begin_step();
+  const at::Tensor l = loss(head_->forward(features), targets);
+  const double value = l.item<double>();
   CANOPY_CHECK(std::isfinite(value), Error, "loss is ", value);
-  loss.backward();
-  optimizer_->step();
+  l.backward();
+  finish_step();
   return value;
+}
+
+std::vector<double> fused_train_step(const std::vector<Task*>& tasks, const at::Tensor& features,
+                                     const std::vector<at::Tensor>& targets) {
+  CANOPY_CHECK(tasks.size() == targets.size(), Error, tasks.size(), " tasks but ", targets.size(), " targets");
+  std::vector<heads::Head*> heads;
+  for (Task* t : tasks) {
+    t->begin_step();
+    heads.push_back(&t->head());
+  }
+  const std::vector<at::Tensor> outputs = heads::fused_forward(heads, features);
+  std::vector<double> values(tasks.size());
+  at::Tensor total;
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    const at::Tensor l = tasks[i]->loss(outputs[i], targets[i]);
+    values[i] = l.item<double>();
+    if (!std::isfinite(values[i])) continue;
+    total = total.defined() ? total + l : l;
+  }
+  if (!total.defined()) return values;
+  total.backward();
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    if (std::isfinite(values[i])) tasks[i]->finish_step();
+  }
+  return values;
 }
 
 void Task::save_checkpoint(const std::string& path) const {

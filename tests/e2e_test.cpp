@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <sstream>
 
 #include "canopy/core/error.h"
@@ -14,6 +16,7 @@
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/cli.h"
 #include "canopy/runners/config.h"
+#include "canopy/runners/export.h"
 #include "canopy/runners/train_job.h"
 #include "canopy/trunk/trunk.h"
 #include "support/test_support.h"
@@ -218,6 +221,92 @@ TEST_F(EndToEnd, AHeadThatStopsEarlyLeavesTheOthersRunning) {
     }
   }
   EXPECT_NE(format_summary(report).find("task 'frozen_lr' stopped early at epoch 2"), std::string::npos);
+}
+
+// A linear head that records every feature row it trains on, as raw bytes.
+class RecordingHead : public heads::Head {
+ public:
+  RecordingHead(std::int64_t in, std::int64_t out) { linear_ = register_module("linear", torch::nn::Linear(in, out)); }
+  torch::Tensor forward(const torch::Tensor& x) override {
+    if (is_training()) {
+      const at::Tensor c = x.contiguous();
+      const auto row_bytes = static_cast<std::size_t>(c.size(1)) * sizeof(float);
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (std::int64_t r = 0; r < c.size(0); ++r) {
+        rows_.emplace_back(reinterpret_cast<const char*>(c.data_ptr<float>() + r * c.size(1)), row_bytes);
+      }
+    }
+    return linear_->forward(x);
+  }
+  std::string describe() const override { return "recording"; }
+  std::vector<std::string> rows() const { return rows_; }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::string> rows_;
+  torch::nn::Linear linear_{nullptr};
+};
+
+TEST_F(EndToEnd, EveryHeadTrainsOnEveryRowExactlyOncePerEpoch) {
+  std::vector<std::shared_ptr<RecordingHead>> made;
+  std::mutex made_mutex;
+  registry_.add("recording",
+                [&](const tasks::HeadSpec& s) {
+                  auto h = std::make_shared<RecordingHead>(s.in_features, s.out_features);
+                  std::lock_guard<std::mutex> lock(made_mutex);
+                  made.push_back(h);
+                  return h;
+                },
+                "test head");
+  std::ofstream(config_path_, std::ios::app) << "[task.rec_a]\nhead = recording\n[task.rec_b]\nhead = recording\n"
+                                             << "label_map = 0,1,0,0,0,2,0,2,3,2\n";
+  const JobConfig config = load_job_config(config_path_, {"train.epochs=3", "train.batch_size=48"});
+  run_cache(config, false, nullptr, ProgressStyle::kQuiet);
+  const TrainReport report = run_train(config, registry_, ProgressStyle::kQuiet);
+  for (const auto& t : report.tasks) EXPECT_EQ(t.state, tasks::TaskState::kDone) << t.name << ": " << t.failure;
+  const auto train = datasets::FeatureCache::open(config.cache.path).load_split("train");
+  std::map<std::string, int> expected;
+  const at::Tensor f = train.features.contiguous();
+  for (std::int64_t r = 0; r < f.size(0); ++r) {
+    ++expected[std::string(reinterpret_cast<const char*>(f.data_ptr<float>() + r * f.size(1)), f.size(1) * sizeof(float))];
+  }
+  ASSERT_EQ(made.size(), 2u);
+  for (const auto& head : made) {
+    const auto rows = head->rows();
+    ASSERT_EQ(rows.size(), 3u * 2000u);
+    for (std::size_t epoch = 0; epoch < 3; ++epoch) {  // a head's steps run in order
+      std::map<std::string, int> seen;
+      for (std::size_t r = epoch * 2000; r < (epoch + 1) * 2000; ++r) ++seen[rows[r]];
+      EXPECT_EQ(seen, expected) << "epoch " << epoch + 1;
+    }
+    EXPECT_NE(rows[0], rows[2000]) << "each epoch is shuffled anew";
+  }
+  EXPECT_FALSE(report.fused.empty()) << "the built-in heads were fused next to the recording ones";
+}
+
+TEST_F(EndToEnd, FusedAndUnfusedTrainingAgree) {
+  const JobConfig fused = load_job_config(config_path_, {"train.epochs=3", "train.out_dir=" + dir_.file("fused")});
+  JobConfig alone = load_job_config(config_path_, {"train.epochs=3", "train.out_dir=" + dir_.file("alone"),
+                                                   "train.fuse=false"});
+  run_cache(fused, false, nullptr, ProgressStyle::kQuiet);
+  const TrainReport a = run_train(fused, registry_, ProgressStyle::kQuiet);
+  const TrainReport b = run_train(alone, registry_, ProgressStyle::kQuiet);
+  ASSERT_FALSE(a.fused.empty());
+  EXPECT_TRUE(b.fused.empty());
+  EXPECT_NE(format_summary(a).find("fused: "), std::string::npos);
+  ASSERT_EQ(a.tasks.size(), b.tasks.size());
+  for (std::size_t i = 0; i < a.tasks.size(); ++i) {
+    EXPECT_NEAR(a.tasks[i].eval.accuracy, b.tasks[i].eval.accuracy, 0.005) << a.tasks[i].name;
+    const auto wa = load_safetensors(a.tasks[i].weights_path), wb = load_safetensors(b.tasks[i].weights_path);
+    ASSERT_EQ(wa.size(), wb.size());
+    for (const auto& [name, t] : wa) {
+      EXPECT_LT((t - wb.at(name)).abs().max().item<double>(), 1e-4) << a.tasks[i].name << " " << name;
+    }
+  }
+  // A group budget too small for two heads fuses nothing.
+  alone.train.fuse = true;
+  alone.train.fuse_kib = 1;
+  EXPECT_TRUE(run_train(alone, registry_, ProgressStyle::kQuiet).fused.empty());
 }
 
 TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {

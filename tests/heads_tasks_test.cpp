@@ -1,5 +1,10 @@
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
+#include <map>
+#include <memory>
+
 #include <ATen/ops/arange.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
@@ -10,6 +15,7 @@
 #include <torch/utils.h>
 
 #include "canopy/core/error.h"
+#include "canopy/heads/fused.h"
 #include "canopy/heads/linear.h"
 #include "canopy/heads/mlp.h"
 #include "canopy/tasks/registry.h"
@@ -166,6 +172,116 @@ TEST(Task, ScheduleSmoothingAndWeights) {
   const double expected_w =
       (lp.gather(1, y2.unsqueeze(1)).squeeze(1) * w).sum().item<double>() * -1.0 / w.sum().item<double>();
   EXPECT_NEAR(weighted.train_step(x, y2), expected_w, 1e-5);
+}
+
+// Two identical sets of tasks (same seeds): one trained fused, one head by head.
+struct FusionFixture {
+  std::vector<std::unique_ptr<Task>> fused, alone;
+  FusionFixture() {
+    HeadRegistry r = builtin();
+    std::vector<TaskConfig> configs;
+    auto add = [&](const std::string& name, const std::string& head, const std::string& optimizer, double lr,
+                   std::map<std::string, std::string> params) {
+      TaskConfig c;
+      c.name = name;
+      c.head = head;
+      c.optimizer = optimizer;
+      c.lr = lr;
+      c.head_params = std::move(params);
+      configs.push_back(c);
+    };
+    add("lin_adam", "linear", "adam", 0.01, {});
+    add("lin_sgd", "linear", "sgd", 0.1, {});
+    add("mlp_dropout", "mlp", "adamw", 0.005, {{"hidden", "32,16"}, {"dropout", "0.3"}});
+    add("mlp_gelu", "mlp", "adam", 0.003, {{"hidden", "24"}, {"activation", "gelu"}});
+    configs[1].label_smoothing = 0.1;
+    for (std::uint64_t i = 0; i < configs.size(); ++i) {
+      fused.push_back(std::make_unique<Task>(configs[i], r, 16, 5, 100 + i));
+      alone.push_back(std::make_unique<Task>(configs[i], r, 16, 5, 100 + i));
+    }
+  }
+  std::vector<Task*> fused_ptrs() {
+    std::vector<Task*> out;
+    for (auto& t : fused) out.push_back(t.get());
+    return out;
+  }
+};
+
+double max_param_difference(Task& a, Task& b) {
+  double worst = 0;
+  const auto pa = a.head().parameters(), pb = b.head().parameters();
+  for (std::size_t i = 0; i < pa.size(); ++i) {
+    worst = std::max(worst, (pa[i] - pb[i]).abs().max().item<double>());
+  }
+  return worst;
+}
+
+TEST(Fusion, KeysAndWidths) {
+  heads::LinearHead lin(heads::LinearHeadOptions(16, 4));
+  heads::MlpHead mlp(heads::MlpHeadOptions(16, 4).hidden({32}));
+  heads::LinearHead nobias(heads::LinearHeadOptions(16, 4).bias(false));
+  heads::LinearHead other_width(heads::LinearHeadOptions(12, 4));
+  EXPECT_EQ(heads::fusion_key(lin), heads::fusion_key(mlp));
+  EXPECT_NE(heads::fusion_key(lin), heads::fusion_key(nobias));
+  EXPECT_NE(heads::fusion_key(lin), heads::fusion_key(other_width));
+  EXPECT_EQ(heads::fused_width(lin), 4);
+  EXPECT_EQ(heads::fused_width(mlp), 32);
+  // A subclass may override forward: never fused.
+  struct Shifted : heads::LinearHead {
+    Shifted() : heads::LinearHead(heads::LinearHeadOptions(16, 4)) {}
+    torch::Tensor forward(const torch::Tensor& x) override { return heads::LinearHead::forward(x) + 1; }
+  } shifted;
+  EXPECT_EQ(heads::fusion_key(shifted), "");
+  std::vector<heads::Head*> mixed{&lin, &other_width};
+  EXPECT_TRUE(testing::throws_with<Error>([&] { heads::fused_forward(mixed, at::randn({2, 16})); }, {"does not fuse"}));
+}
+
+TEST(Fusion, FusedTrainingMatchesHeadByHead) {
+  FusionFixture f;
+  torch::manual_seed(7);
+  const at::Tensor x = at::randn({64, 16});
+  const at::Tensor y = at::randint(0, 5, {64}, at::kLong);
+  std::vector<at::Tensor> ys(f.fused.size(), y);
+  // Same outputs in eval mode (no dropout) before training.
+  for (auto& t : f.fused) t->head().eval();
+  for (auto& t : f.alone) t->head().eval();
+  std::vector<heads::Head*> hs;
+  for (auto& t : f.fused) hs.push_back(&t->head());
+  const auto outs = heads::fused_forward(hs, x);
+  for (std::size_t i = 0; i < hs.size(); ++i) {
+    EXPECT_LT((outs[i] - f.alone[i]->head().forward(x)).abs().max().item<double>(), 1e-5) << i;
+  }
+  for (int step = 0; step < 30; ++step) {
+    const auto losses = fused_train_step(f.fused_ptrs(), x, ys);
+    for (std::size_t i = 0; i < f.alone.size(); ++i) {
+      const double alone = f.alone[i]->train_step(x, y);
+      EXPECT_NEAR(losses[i], alone, 1e-4) << f.alone[i]->name() << " step " << step;
+    }
+  }
+  for (std::size_t i = 0; i < f.alone.size(); ++i) {
+    // Tolerance: only the summation order inside the one fused multiply differs.
+    EXPECT_LT(max_param_difference(*f.fused[i], *f.alone[i]), 1e-4) << f.alone[i]->name();
+  }
+}
+
+TEST(Fusion, ANonFiniteHeadLeavesItsGroupUntouched) {
+  FusionFixture f;
+  const at::Tensor x = at::randn({32, 16});
+  const at::Tensor y = at::randint(0, 5, {32}, at::kLong);
+  {
+    torch::NoGradGuard no_grad;
+    f.fused[2]->head().parameters().front().fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  const auto before = f.fused[2]->head().parameters().back().clone();
+  for (int step = 0; step < 5; ++step) {
+    const auto losses = fused_train_step(f.fused_ptrs(), x, std::vector<at::Tensor>(4, y));
+    EXPECT_TRUE(std::isnan(losses[2]));
+    for (std::size_t i : {0, 1, 3}) {
+      EXPECT_NEAR(losses[i], f.alone[i]->train_step(x, y), 1e-4) << i;
+    }
+  }
+  for (std::size_t i : {0, 1, 3}) EXPECT_LT(max_param_difference(*f.fused[i], *f.alone[i]), 1e-4) << i;
+  EXPECT_TRUE(testing::bitwise_equal(f.fused[2]->head().parameters().back(), before)) << "no step for the NaN head";
 }
 
 }  // namespace

@@ -22,6 +22,8 @@ class LinearHead : public Head {
   explicit LinearHead(const LinearHeadOptions& options);
   torch::Tensor forward(const torch::Tensor& features) override;
   std::string describe() const override;
+  const LinearHeadOptions& options() const { return options_; }
+  const torch::nn::Linear& linear() const { return linear_; }
 
  private:
   LinearHeadOptions options_;

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/linear.h>
 
 #include "canopy/heads/head.h"
 
@@ -28,10 +29,16 @@ class MlpHead : public Head {
   explicit MlpHead(const MlpHeadOptions& options);
   torch::Tensor forward(const torch::Tensor& features) override;
   std::string describe() const override;
+  const MlpHeadOptions& options() const { return options_; }
+  // The first Linear layer, and the rest of the forward pass from its output (activation,
+  // dropout, further layers): forward(x) == forward_after_first(first()(x)).
+  const torch::nn::Linear& first() const { return first_; }
+  torch::Tensor forward_after_first(torch::Tensor first_output);
 
  private:
   MlpHeadOptions options_;
   torch::nn::Sequential layers_{nullptr};
+  torch::nn::Linear first_{nullptr};
 };
 
 }  // namespace canopy::heads

@@ -46,6 +46,10 @@ struct TrainConfig {
   std::int64_t checkpoint_steps = 0;  // also checkpoint every N steps (0: at epoch ends only)
   bool fail_fast = false;             // stop everything when one head fails
   bool tensorboard = true;            // write TensorBoard event files per head
+  bool fuse = true;                   // train same-shape heads in batched operations
+                                      // (canopy/heads/fused.h); false: each head alone
+  double fuse_kib = 256;              // most fused first-layer activations per group
+                                      // (batch x widths x 4 bytes), in KiB
 };
 
 struct JobConfig {

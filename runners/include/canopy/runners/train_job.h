@@ -1,6 +1,8 @@
 // `canopy train`: read each batch of cached features once and train every task's head on
-// it at the same time, one TBB task per head. A head that throws or produces a non-finite
-// loss is marked FAILED with the reason; the others go on.
+// it at the same time. Heads of the same shape are fused into batched operations
+// (canopy/heads/fused.h; train.fuse = false turns that off); each fused group or lone head
+// is one TBB task per batch. A head that throws or produces a non-finite loss is marked
+// FAILED with the reason; the others go on.
 #pragma once
 
 #include <cstdint>
@@ -40,6 +42,7 @@ struct TrainReport {
   std::uint64_t source_peak_bytes = 0; // most feature/label bytes the reader held at once
   std::string out_dir;
   std::string resumed_from;            // "epoch E step S" when resumed
+  std::vector<std::string> fused;      // fused groups, e.g. "a + b + c (linear in=1280)"
   bool any_failed() const;
 };
 

@@ -86,6 +86,11 @@ class Task {
   double current_lr() const;
   // One optimisation step on a batch; returns the loss. Throws on a non-finite loss.
   double train_step(const at::Tensor& features, const at::Tensor& targets);
+  // train_step in parts, for fused_train_step: begin (train mode, zero gradients), the
+  // loss of this head's outputs, and the optimizer step once the gradients are in.
+  void begin_step();
+  at::Tensor loss(const at::Tensor& outputs, const at::Tensor& targets) const;
+  void finish_step();
   // Predicted classes for a batch (eval mode, no grad): [B] class indices (multiclass) or
   // [B, K] 0/1 label indicators (multilabel).
   at::Tensor predict(const at::Tensor& features);
@@ -113,5 +118,12 @@ class Task {
   heads::HeadPtr head_;
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
 };
+
+// One training step of several tasks whose heads share a fusion key (heads::fusion_key):
+// one fused forward pass and one backward pass for all of them. Returns each task's loss;
+// a task whose loss is not finite gets no optimizer step (the caller marks it failed), and
+// since every head's gradient comes only from its own loss, the others are unaffected.
+std::vector<double> fused_train_step(const std::vector<Task*>& tasks, const at::Tensor& features,
+                                     const std::vector<at::Tensor>& targets);
 
 }  // namespace canopy::tasks

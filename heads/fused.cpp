@@ -1,0 +1,61 @@
+#include "canopy/heads/fused.h"
+
+#include <typeinfo>
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
+
+#include "canopy/core/error.h"
+#include "canopy/heads/linear.h"
+#include "canopy/heads/mlp.h"
+
+namespace canopy::heads {
+
+namespace {
+// The first Linear layer of a built-in head, or nullptr.
+const torch::nn::LinearImpl* first_layer(const Head& head) {
+  if (typeid(head) == typeid(LinearHead)) return static_cast<const LinearHead&>(head).linear().get();
+  if (typeid(head) == typeid(MlpHead)) return static_cast<const MlpHead&>(head).first().get();
+  return nullptr;
+}
+}  // namespace
+
+std::string fusion_key(const Head& head) {
+  const auto* first = first_layer(head);
+  if (first == nullptr) return {};
+  // Heads without a bias go in their own groups: addmm needs one for every column.
+  return "in=" + std::to_string(first->weight.size(1)) + (first->bias.defined() ? "" : " nobias");
+}
+
+std::int64_t fused_width(const Head& head) {
+  const auto* first = first_layer(head);
+  return first == nullptr ? 0 : first->weight.size(0);
+}
+
+std::vector<torch::Tensor> fused_forward(const std::vector<Head*>& heads, const torch::Tensor& x) {
+  CANOPY_CHECK(!heads.empty(), Error, "fused_forward: no heads");
+  const std::string key = fusion_key(*heads.front());
+  std::vector<at::Tensor> w, b;
+  std::vector<std::int64_t> widths;
+  for (const Head* h : heads) {
+    CANOPY_CHECK(!key.empty() && fusion_key(*h) == key, Error, "fused_forward: '", h->describe(),
+                 "' does not fuse with '", heads.front()->describe(), "'");
+    const auto* first = first_layer(*h);
+    w.push_back(first->weight);
+    if (first->bias.defined()) b.push_back(first->bias);
+    widths.push_back(first->weight.size(0));
+  }
+  const at::Tensor y = b.empty() ? x.matmul(at::cat(w).t()) : at::addmm(at::cat(b), x, at::cat(w).t());
+  std::vector<torch::Tensor> out;
+  const auto parts = y.split_with_sizes(widths, 1);
+  for (std::size_t i = 0; i < heads.size(); ++i) {
+    if (typeid(*heads[i]) == typeid(MlpHead)) {
+      out.push_back(static_cast<MlpHead*>(heads[i])->forward_after_first(parts[i]));
+    } else {
+      out.push_back(parts[i]);
+    }
+  }
+  return out;
+}
+
+}  // namespace canopy::heads
