@@ -100,7 +100,8 @@ json meta_to_json(const CacheMeta& m) {
               {"preprocessing", m.preprocessing}, {"pooling", m.pooling},
               {"torch_version", m.torch_version}, {"dtype", storage_dtype_name(m.dtype)},
               {"feature_dim", m.feature_dim},     {"label_sources", m.label_sources},
-              {"class_names", m.class_names}};
+              {"class_names", m.class_names},     {"float_labels", m.float_labels},
+              {"label_stats", m.label_stats}};
 }
 
 CacheMeta meta_from_json(const json& j) {
@@ -116,6 +117,8 @@ CacheMeta meta_from_json(const json& j) {
   m.feature_dim = j.at("feature_dim");
   m.label_sources = j.at("label_sources").get<std::vector<std::string>>();
   m.class_names = j.at("class_names").get<std::vector<std::string>>();
+  if (j.contains("float_labels")) m.float_labels = j.at("float_labels").get<std::vector<std::string>>();
+  if (j.contains("label_stats")) m.label_stats = j.at("label_stats").get<std::map<std::string, std::pair<double, double>>>();
   return m;
 }
 
@@ -147,6 +150,14 @@ class Fd {
   int fd_;
 };
 }  // namespace
+
+bool CacheMeta::is_float_label(const std::string& source) const {
+  return std::find(float_labels.begin(), float_labels.end(), source) != float_labels.end();
+}
+
+at::ScalarType CacheMeta::label_dtype(const std::string& source) const {
+  return is_float_label(source) ? at::kDouble : at::kLong;
+}
 
 std::string manifest_path(const std::string& dir) { return join_path(dir, "manifest.json"); }
 std::string view_path(const std::string& dir) { return join_path(dir, "cache.h5"); }
@@ -257,7 +268,7 @@ class RegionReader {
     });
   }
 
-  // Reads an int64 [rows] region (ids, a label column) into `dst` and checks it.
+  // Reads an 8-byte-per-row region (ids, a label column) into `dst` and checks it.
   void read_int64(at::Tensor dst, std::uint64_t offset, std::uint32_t crc, const std::string& region) {
     pread_all(fd().get(), dst.data_ptr(), s_.rows * 8, offset, file_);
     check_crc(crc32c(dst.data_ptr(), s_.rows * 8), crc, region, offset);
@@ -301,7 +312,7 @@ void read_shard_into(const std::string& dir, const ShardInfo& s, const CacheMeta
   read_ds("ids", H5T_NATIVE_INT64, ids);
   r.check_crc(crc32c(ids.data_ptr(), s.rows * 8), s.ids_crc32c, "ids", s.ids_offset);
   for (const auto& [src, v] : s.labels) {
-    read_ds("labels/" + src, H5T_NATIVE_INT64, labels.at(src));
+    read_ds("labels/" + src, meta.is_float_label(src) ? H5T_NATIVE_DOUBLE : H5T_NATIVE_INT64, labels.at(src));
     r.check_crc(crc32c(labels.at(src).data_ptr(), s.rows * 8), v.second, "labels/" + src, v.first);
   }
 }
@@ -310,7 +321,7 @@ SplitData allocate(std::int64_t rows, const CacheMeta& meta) {
   SplitData d;
   d.features = at::empty({rows, meta.feature_dim}, scalar_type(meta.dtype));
   d.ids = at::empty({rows}, at::kLong);
-  for (const auto& src : meta.label_sources) d.labels[src] = at::empty({rows}, at::kLong);
+  for (const auto& src : meta.label_sources) d.labels[src] = at::empty({rows}, meta.label_dtype(src));
   return d;
 }
 
@@ -422,7 +433,7 @@ void FeatureCacheWriter::append(const std::string& split, const at::Tensor& feat
     CANOPY_CHECK(it != labels.end(), DataError, "split '", split, "': no labels for source '", src, "'");
     CANOPY_CHECK(it->second.numel() == b, DataError, "split '", split, "': ", it->second.numel(),
                  " labels of '", src, "' for ", b, " rows");
-    p.labels[src].push_back(it->second.to(at::kLong).contiguous());
+    p.labels[src].push_back(it->second.to(m.meta.label_dtype(src)).contiguous());
   }
   p.rows += b;
   // Shards hold exactly shard_rows rows (the last of a split may hold fewer), whatever the
@@ -487,7 +498,9 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
     h5::Handle lg = h5::create_group(file.get(), "labels");
     for (const auto& src : meta.label_sources) {
       const at::Tensor& l = labels.at(src);
-      h5::Handle ld = h5::write_contiguous(lg.get(), src, H5T_STD_I64LE, H5T_NATIVE_INT64, l.data_ptr(), {rows});
+      const bool real = meta.is_float_label(src);
+      h5::Handle ld = h5::write_contiguous(lg.get(), src, real ? H5T_IEEE_F64LE : H5T_STD_I64LE,
+                                           real ? H5T_NATIVE_DOUBLE : H5T_NATIVE_INT64, l.data_ptr(), {rows});
       info.labels[src] = {h5::data_offset(ld.get()), crc32c(l.data_ptr(), rows * 8)};
     }
     info.features_crc32c = block_crcs(static_cast<const std::uint8_t*>(features.data_ptr()),
@@ -530,6 +543,7 @@ void FeatureCacheWriter::Impl::write_view() {
     h5::write_attr(root, "torch_version", meta.torch_version);
     h5::write_attr(root, "dtype", std::string(storage_dtype_name(meta.dtype)));
     h5::write_attr(root, "label_sources", join(meta.label_sources, ","));
+    h5::write_attr(root, "float_labels", join(meta.float_labels, ","));
     h5::write_attr(root, "class_names", join(meta.class_names, ","));
     h5::Handle ftype = file_type(meta.dtype);
     for (const auto& [split, total] : manifest.split_rows) {
@@ -548,7 +562,9 @@ void FeatureCacheWriter::Impl::write_view() {
       h5::write_attr(f.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
       h5::create_virtual(g.get(), "ids", H5T_STD_I64LE, {total}, isrc);
       h5::Handle lg = h5::create_group(g.get(), "labels");
-      for (const auto& src : meta.label_sources) h5::create_virtual(lg.get(), src, H5T_STD_I64LE, {total}, lsrc[src]);
+      for (const auto& src : meta.label_sources) {
+        h5::create_virtual(lg.get(), src, meta.is_float_label(src) ? H5T_IEEE_F64LE : H5T_STD_I64LE, {total}, lsrc[src]);
+      }
     }
   }
   fsync_path(tmp);

@@ -8,6 +8,7 @@
 #include <sstream>
 #include <thread>
 
+#include <ATen/TensorOperators.h>
 #include <torch/version.h>
 
 #include "canopy/core/bounded_queue.h"
@@ -67,6 +68,7 @@ std::string cache_description(const JobConfig& c, const std::string& trunk_sha25
       << "preprocess=" << datasets::describe(c.preprocess) << "\n"
       << "data=" << c.data.source << ";train_limit=" << c.data.train_limit
       << ";test_limit=" << c.data.test_limit << ";" << describe_input_files(c.data) << "\n"
+      << "labels=class;ink=mean pixel intensity/255 (float64, with its train mean and std)\n"
       << "dtype=" << datasets::storage_dtype_name(datasets::parse_storage_dtype(c.cache.dtype)) << "\n"
       << "torch=" << TORCH_VERSION << "\n";
   return out.str();
@@ -123,7 +125,9 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
     o << "  split " << split << ": " << n << " rows in " << shards << " shard(s)"
       << (rows == n ? "" : " (" + std::to_string(rows) + " written)") << "\n";
   }
-  o << "  labels        " << join(m.meta.label_sources, ", ");
+  std::vector<std::string> sources;
+  for (const auto& src : m.meta.label_sources) sources.push_back(src + (m.meta.is_float_label(src) ? " (float64)" : ""));
+  o << "  labels        " << join(sources, ", ");
   if (!m.meta.class_names.empty()) o << " (classes: " << join(m.meta.class_names, ", ") << ")";
   o << "\n  fingerprint   " << m.meta.fingerprint << ", over:\n";
   std::istringstream parts(m.meta.description);
@@ -214,7 +218,13 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   meta.torch_version = TORCH_VERSION;
   meta.dtype = datasets::parse_storage_dtype(config.cache.dtype);
   meta.feature_dim = dim;
-  meta.label_sources = {"class"};
+  // Label sources: the class, and a real-valued target for regression heads: the image's
+  // mean pixel intensity ("ink", 0 = blank, 1 = all white), computed from the raw image.
+  meta.label_sources = {"class", "ink"};
+  meta.float_labels = {"ink"};
+  std::map<std::string, at::Tensor> ink;
+  for (const auto& [split, data] : splits) ink[split] = data.images.to(at::kDouble).mean({1, 2}) / 255.0;
+  meta.label_stats["ink"] = {ink["train"].mean().item<double>(), ink["train"].std().item<double>()};
   if (config.data.source == "fashion-mnist") meta.class_names = datasets::fashion_mnist_class_names();
   std::string note;
   datasets::FeatureCacheWriter writer(config.cache.path, meta, split_rows, config.cache.shard_rows, resume, &note);
@@ -229,13 +239,15 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   // stores the previous batch (HDF5 is only ever called from that one thread).
   struct Item {
     std::string split;
-    at::Tensor features, labels, ids;
+    at::Tensor features, labels, ink, ids;
   };
   BoundedQueue<Item> queue(2);
   std::exception_ptr write_error;
   std::thread writer_thread([&] {
     try {
-      while (auto item = queue.pop()) writer.append(item->split, item->features, {{"class", item->labels}}, item->ids);
+      while (auto item = queue.pop()) {
+        writer.append(item->split, item->features, {{"class", item->labels}, {"ink", item->ink}}, item->ids);
+      }
     } catch (...) {
       write_error = std::current_exception();
       queue.close();
@@ -252,7 +264,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
         const at::Tensor f = trunk->encode(datasets::preprocess_images(data.images.slice(0, i, end), config.preprocess));
         const auto t1 = Clock::now();
         report.trunk_seconds += std::chrono::duration<double>(t1 - t0).count();
-        if (!queue.push(Item{split, f, data.labels.slice(0, i, end), data.ids.slice(0, i, end)})) break;
+        if (!queue.push(Item{split, f, data.labels.slice(0, i, end), ink[split].slice(0, i, end), data.ids.slice(0, i, end)})) break;
         report.write_wait_seconds += std::chrono::duration<double>(Clock::now() - t1).count();
         report.rows_computed += end - i;
         progress.advance(end - i, split);

@@ -20,7 +20,7 @@ namespace {
 const std::set<std::string> kTaskKeys = {
     "kind", "head",     "labels", "label_map", "class_names", "optimizer",           "lr",
     "weight_decay", "momentum", "epochs", "schedule", "step_size", "gamma", "early_stop_patience",
-    "label_smoothing", "class_weights"};
+    "label_smoothing", "class_weights", "loss"};
 
 class Values {
  public:
@@ -156,6 +156,7 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
     v.i64(p + "early_stop_patience", t.early_stop_patience);
     v.f64(p + "label_smoothing", t.label_smoothing);
     v.f64_list(p + "class_weights", t.class_weights);
+    v.str(p + "loss", t.loss);
     c.tasks.push_back(t);
   }
   const auto unused = v.unused();
@@ -254,6 +255,7 @@ std::string dump_config(const JobConfig& c) {
       << "\nstep_size = " << t.step_size << "\ngamma = " << t.gamma << "\nearly_stop_patience = " << t.early_stop_patience
       << "\nlabel_smoothing = " << t.label_smoothing << "\n";
     if (!t.class_weights.empty()) o << "class_weights = " << list(t.class_weights) << "\n";
+    if (!t.loss.empty()) o << "loss = " << t.loss << "\n";
     for (const auto& [k, val] : t.head_params) o << k << " = " << val << "\n";
   }
   return o.str();

@@ -1,5 +1,7 @@
 #include "canopy/runners/predict_job.h"
 
+#include <cstdio>
+
 #include <ostream>
 
 #include <nlohmann/json.hpp>
@@ -19,6 +21,8 @@ namespace {
 struct LoadedHead {
   std::string task;
   bool multilabel = false;
+  bool regression = false;
+  double target_mean = 0.0, target_std = 1.0;  // regression: value = output * std + mean
   heads::HeadPtr head;
   std::vector<std::string> class_names;
 };
@@ -49,6 +53,9 @@ LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& reg
   out.head = registry.create(tc.head, spec);
   out.class_names = card.at("class_names").get<std::vector<std::string>>();
   out.multilabel = card.value("kind", "multiclass") == "multilabel";
+  out.regression = card.value("kind", "multiclass") == "regression";
+  out.target_mean = card.value("target_mean", 0.0);
+  out.target_std = card.value("target_std", 1.0);
   const auto weights = load_safetensors(join_path(dir, card.at("weights").get<std::string>()));
   torch::NoGradGuard no_grad;
   auto restore = [&](const std::string& name, at::Tensor& dst) {
@@ -91,10 +98,15 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
     std::vector<at::Tensor> preds;
     for (auto& h : heads) {
       const at::Tensor logits = h.head->forward(f);
-      preds.push_back(h.multilabel ? logits.gt(0).to(at::kLong) : logits.argmax(1));
+      preds.push_back(h.regression ? logits.squeeze(1).to(at::kDouble) * h.target_std + h.target_mean : h.multilabel ? logits.gt(0).to(at::kLong) : logits.argmax(1));
     }
     for (std::int64_t r = 0; r < end - i; ++r) {
       auto name = [&](std::size_t k) {
+        if (heads[k].regression) {  // the predicted value
+          char v[32];
+          std::snprintf(v, sizeof v, "%.6g", preds[k][r].item<double>());
+          return std::string(v);
+        }
         if (heads[k].multilabel) {  // the labels it carries, joined by '|'
           std::string labels;
           for (std::int64_t j = 0; j < preds[k].size(1); ++j) {

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <iomanip>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -126,7 +128,13 @@ void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta
        << "  \"eval_accuracy\": " << r.eval.accuracy << ",\n"
        << "  \"eval_macro_f1\": " << r.eval.macro_f1 << ",\n"
        << "  \"eval_mean_ap\": " << (r.eval.mean_ap < 0 ? std::string("null") : std::to_string(r.eval.mean_ap)) << ",\n"
-       << "  \"per_class\": " << per_class_report(r.eval, class_names) << ",\n"
+       << "  \"per_class\": " << per_class_report(r.eval, class_names) << ",\n";
+  if (r.eval.regression) {
+    card << "  \"target_mean\": " << task.target_mean() << ",\n  \"target_std\": " << task.target_std()
+         << ",\n  \"eval_mae\": " << r.eval.mae << ",\n  \"eval_rmse\": " << r.eval.rmse << ",\n  \"eval_r2\": " << r.eval.r2
+         << ",\n";
+  }
+  card
        << "  \"weights\": \"" << json_escape(c.name) << ".safetensors\"\n}\n";
   write_file_atomic(dir + "/" + c.name + ".json", card.str());
 }
@@ -218,23 +226,40 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     CANOPY_CHECK(src_eval != eval.labels.end(), ConfigError, "task '", tc.name, "': labels = '",
                  tc.labels, "' but the cache has label sources: ", join(cache.meta().label_sources, ", "));
     std::int64_t source_classes = static_cast<std::int64_t>(cache.meta().class_names.size());
-    if (tc.labels != "class" || source_classes == 0) {
+    if (cache.meta().is_float_label(tc.labels)) {
+      CANOPY_CHECK(tc.kind == "regression", DataError, "task '", tc.name, "': label source '", tc.labels,
+                   "' holds real values; use kind = regression");
+      source_classes = 0;  // real values: a regression target
+    } else if (tc.labels != "class" || source_classes == 0) {
       source_classes = src_eval->second.max().item<std::int64_t>() + 1;
     }
     // Seeded by name, not position: adding or removing a task changes no other task's run.
     const std::uint64_t name_seed = std::stoull(sha256_hex(tc.name).substr(0, 15), nullptr, 16);
     all.push_back(std::make_unique<tasks::Task>(tc, registry, report.feature_dim, source_classes,
                                                 config.train.seed * 1000003ULL + name_seed));
+    const auto stats = cache.meta().label_stats.find(tc.labels);
+    if (tc.kind == "regression" && stats != cache.meta().label_stats.end()) {
+      all.back()->set_target_scale(stats->second.first, stats->second.second);
+    }
     eval_targets.push_back(all.back()->targets(eval.labels.at(tc.labels)));
     TaskResult r;
     r.name = tc.name;
     r.head = all.back()->head().describe();
-    r.labels = tc.kind == "multilabel" ? tc.labels + " -> " + std::to_string(all.back()->num_classes()) + " labels"
+    r.kind = tc.kind;
+    r.labels = tc.kind == "regression"   ? tc.labels + " (regression, " + (tc.loss.empty() ? "mse" : tc.loss) + ")"
+               : tc.kind == "multilabel" ? tc.labels + " -> " + std::to_string(all.back()->num_classes()) + " labels"
                : tc.label_map.empty()  ? tc.labels
                                        : tc.labels + " -> " + std::to_string(all.back()->num_classes()) + " groups";
     std::ostringstream opt;
     opt << tc.optimizer << " lr=" << tc.lr << (tc.schedule == "constant" ? "" : " " + tc.schedule);
     r.optimizer = opt.str();
+    if (tc.kind == "multiclass") {
+      r.class_names = tc.class_names;
+      if (r.class_names.empty() && tc.label_map.empty()) r.class_names = cache.meta().class_names;
+      for (auto k = static_cast<std::int64_t>(r.class_names.size()); k < all.back()->num_classes(); ++k) {
+        r.class_names.push_back(std::to_string(k));
+      }
+    }
     results.push_back(r);
   }
 
@@ -288,7 +313,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   std::ofstream jsonl(config.train.out_dir + "/metrics.jsonl", mode);
   std::ofstream csv(config.train.out_dir + "/metrics.csv", mode);
   CANOPY_CHECK(jsonl && csv, IoError, "cannot write metrics in '", config.train.out_dir, "'");
-  if (!resume) csv << "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds\n";
+  if (!resume) csv << "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds,eval_mae,eval_rmse,eval_r2\n";
   std::vector<std::unique_ptr<EventWriter>> tensorboard;
   if (config.train.tensorboard) {
     for (const auto& r : results) {
@@ -526,16 +551,17 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
         r.epochs = epoch + 1;
         r.train_loss = loss_count[i] ? loss_sum[i] / static_cast<double>(loss_count[i]) : 0.0;
         r.eval = metrics[i];
-        if (r.eval.accuracy > task.best_accuracy) {
-          task.best_accuracy = r.eval.accuracy;
+        if (r.eval.score() > task.best_accuracy) {
+          task.best_accuracy = r.eval.score();
           task.best_epoch = epoch + 1;
         }
         const auto patience = task.config().early_stop_patience;
         if (patience > 0 && epoch + 1 - task.best_epoch >= patience && epoch + 1 < epochs_of(i)) {
           task.state = tasks::TaskState::kDone;  // the others go on
           char why[160];
-          std::snprintf(why, sizeof why, "stopped early at epoch %lld (best accuracy %.4f at epoch %lld)",
-                        static_cast<long long>(epoch + 1), task.best_accuracy, static_cast<long long>(task.best_epoch));
+          std::snprintf(why, sizeof why, "stopped early at epoch %lld (best %s %.4f at epoch %lld)",
+                        static_cast<long long>(epoch + 1), r.eval.regression ? "R^2" : "accuracy", task.best_accuracy,
+                        static_cast<long long>(task.best_epoch));
           task.stop_note = why;
         }
       }
@@ -543,14 +569,27 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
             << state_name(task.state) << "\", \"train_loss\": " << r.train_loss
             << ", \"eval_accuracy\": " << r.eval.accuracy << ", \"eval_macro_f1\": " << r.eval.macro_f1
             << (r.eval.mean_ap >= 0 ? ", \"eval_mean_ap\": " + std::to_string(r.eval.mean_ap) : std::string())
+            << (r.eval.regression ? ", \"eval_mae\": " + std::to_string(r.eval.mae) + ", \"eval_rmse\": " +
+                                        std::to_string(r.eval.rmse) + ", \"eval_r2\": " + std::to_string(r.eval.r2)
+                                  : std::string())
             << ", \"seconds\": " << seconds[i] << "}\n";
       csv << epoch + 1 << "," << r.name << "," << state_name(task.state) << "," << r.train_loss << ","
-          << r.eval.accuracy << "," << r.eval.macro_f1 << "," << seconds[i] << "\n";
+          << r.eval.accuracy << "," << r.eval.macro_f1 << "," << seconds[i];
+      if (r.eval.regression) {
+        csv << "," << r.eval.mae << "," << r.eval.rmse << "," << r.eval.r2 << "\n";
+      } else {
+        csv << ",,,\n";
+      }
       if (!tensorboard.empty() && task.state != tasks::TaskState::kFailed) {
         tensorboard[i]->add_scalar("train/loss", static_cast<float>(r.train_loss), epoch + 1);
         tensorboard[i]->add_scalar("eval/accuracy", static_cast<float>(r.eval.accuracy), epoch + 1);
         tensorboard[i]->add_scalar("eval/macro_f1", static_cast<float>(r.eval.macro_f1), epoch + 1);
         if (r.eval.mean_ap >= 0) tensorboard[i]->add_scalar("eval/mean_ap", static_cast<float>(r.eval.mean_ap), epoch + 1);
+        if (r.eval.regression) {
+          tensorboard[i]->add_scalar("eval/mae", static_cast<float>(r.eval.mae), epoch + 1);
+          tensorboard[i]->add_scalar("eval/rmse", static_cast<float>(r.eval.rmse), epoch + 1);
+          tensorboard[i]->add_scalar("eval/r2", static_cast<float>(r.eval.r2), epoch + 1);
+        }
         tensorboard[i]->flush();
       }
     }
@@ -568,7 +607,9 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
         } else if (!ran) {
           std::snprintf(buf, sizeof buf, " %s done", results[i].name.c_str());
         } else {
-          std::snprintf(buf, sizeof buf, " %s %.1f%%%s", results[i].name.c_str(), 100 * results[i].eval.accuracy,
+          const auto& e = results[i].eval;
+          std::snprintf(buf, sizeof buf, e.regression ? " %s R^2 %.3f%s" : " %s %.1f%%%s", results[i].name.c_str(),
+                        e.regression ? e.r2 : 100 * e.accuracy,
                         all[i]->state == tasks::TaskState::kDone ? " (stopped)" : "");
         }
         line << buf;
@@ -603,6 +644,52 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   return report;
 }
 
+namespace {
+// Per-class F1 on the eval split: one table per set of classes, a column per multiclass
+// head that predicts them.
+std::string per_class_tables(const TrainReport& report) {
+  std::vector<std::vector<std::string>> sets;
+  for (const auto& t : report.tasks) {
+    if (t.kind == "multiclass" && t.eval.confusion.defined() &&
+        std::find(sets.begin(), sets.end(), t.class_names) == sets.end()) {
+      sets.push_back(t.class_names);
+    }
+  }
+  std::ostringstream o;
+  for (const auto& names : sets) {
+    std::vector<const TaskResult*> cols;
+    for (const auto& t : report.tasks) {
+      if (t.kind == "multiclass" && t.eval.confusion.defined() && t.class_names == names) cols.push_back(&t);
+    }
+    std::size_t w_class = 5;
+    for (const auto& n : names) w_class = std::max(w_class, n.size());
+    o << "\nper-class F1 on the eval split\n" << std::string(w_class, ' ');
+    for (const auto* t : cols) o << "  " << std::string(std::max<std::size_t>(t->name.size(), 6) - t->name.size(), ' ') << t->name;
+    o << "  support\n";
+    const auto k = static_cast<std::int64_t>(names.size());
+    for (std::int64_t c = 0; c < k; ++c) {
+      o << names[static_cast<std::size_t>(c)] << std::string(w_class - names[static_cast<std::size_t>(c)].size(), ' ');
+      std::int64_t support = 0;
+      for (const auto* t : cols) {
+        const auto* m = t->eval.confusion.data_ptr<std::int64_t>();
+        std::int64_t row = 0, col = 0;
+        for (std::int64_t j = 0; j < k; ++j) {
+          row += m[c * k + j];
+          col += m[j * k + c];
+        }
+        support = row;
+        const double f1 = row + col > 0 ? 2.0 * static_cast<double>(m[c * k + c]) / static_cast<double>(row + col) : 0.0;
+        char cell[32];
+        std::snprintf(cell, sizeof cell, "%.3f", f1);
+        o << "  " << std::string(std::max<std::size_t>(t->name.size(), 6) - std::strlen(cell), ' ') << cell;
+      }
+      o << "  " << std::setw(7) << support << "\n";
+    }
+  }
+  return o.str();
+}
+}  // namespace
+
 std::string format_summary(const TrainReport& report) {
   std::ostringstream o;
   std::size_t w_name = 4, w_head = 4, w_labels = 6, w_opt = 9;
@@ -618,12 +705,23 @@ std::string format_summary(const TrainReport& report) {
                 "macro-F1", "state");
   o << buf;
   for (const auto& t : report.tasks) {
-    std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6lld  %7.2f%%  %8.4f  %7s\n", int(w_name),
-                  t.name.c_str(), int(w_head), t.head.c_str(), int(w_labels), t.labels.c_str(), int(w_opt),
-                  t.optimizer.c_str(), static_cast<long long>(t.epochs), 100 * t.eval.accuracy,
-                  t.eval.macro_f1, state_name(t.state));
+    char acc[32] = "       -", f1[32] = "       -";  // regression: see the lines below
+    if (!t.eval.regression) {
+      std::snprintf(acc, sizeof acc, "%7.2f%%", 100 * t.eval.accuracy);
+      std::snprintf(f1, sizeof f1, "%8.4f", t.eval.macro_f1);
+    }
+    std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6lld  %8s  %8s  %7s\n", int(w_name), t.name.c_str(),
+                  int(w_head), t.head.c_str(), int(w_labels), t.labels.c_str(), int(w_opt), t.optimizer.c_str(),
+                  static_cast<long long>(t.epochs), acc, f1, state_name(t.state));
     o << buf;
   }
+  for (const auto& t : report.tasks) {
+    if (!t.eval.regression || t.state == tasks::TaskState::kFailed) continue;
+    std::snprintf(buf, sizeof buf, "task '%s' (regression): MAE %.4g, RMSE %.4g, R^2 %.4f on the eval split\n",
+                  t.name.c_str(), t.eval.mae, t.eval.rmse, t.eval.r2);
+    o << buf;
+  }
+  o << per_class_tables(report);
   for (const auto& f : report.fused) o << "fused: " << f << "\n";
   for (const auto& t : report.tasks) {
     if (t.state == tasks::TaskState::kFailed) o << "task '" << t.name << "' FAILED at " << t.failure << "\n";

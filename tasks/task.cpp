@@ -22,19 +22,8 @@
 
 namespace canopy::tasks {
 
-void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
-  const std::string t = "task '" + c.name + "'";
-  CANOPY_CHECK(!c.name.empty(), ConfigError, "a task needs a name");
-  CANOPY_CHECK(c.kind == "multiclass" || c.kind == "multilabel", ConfigError, t,
-               ": kind must be multiclass or multilabel, got '", c.kind, "'");
-  if (c.kind == "multilabel") {
-    CANOPY_CHECK(c.class_names.size() >= 1 && c.class_names.size() <= 62, ConfigError, t,
-                 ": a multilabel task names its labels in class_names (1 to 62), got ", c.class_names.size());
-    CANOPY_CHECK(!c.label_map.empty(), ConfigError, t,
-                 ": a multilabel task needs label_map, one bitmask of labels per source class");
-    CANOPY_CHECK(c.class_weights.empty() && c.label_smoothing == 0, ConfigError, t,
-                 ": class_weights and label_smoothing apply to multiclass tasks only");
-  }
+namespace {
+void validate_training(const TaskConfig& c, const std::string& t) {
   CANOPY_CHECK(c.optimizer == "sgd" || c.optimizer == "adam" || c.optimizer == "adamw", ConfigError,
                t, ": optimizer must be sgd, adam or adamw, got '", c.optimizer, "'");
   CANOPY_CHECK(c.lr > 0 && std::isfinite(c.lr), ConfigError, t, ": invalid learning rate: ", c.lr);
@@ -47,6 +36,33 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
                c.step_size, " and ", c.gamma);
   CANOPY_CHECK(c.early_stop_patience >= 0, ConfigError, t, ": early_stop_patience must be >= 0, got ",
                c.early_stop_patience);
+}
+}  // namespace
+
+void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
+  const std::string t = "task '" + c.name + "'";
+  CANOPY_CHECK(!c.name.empty(), ConfigError, "a task needs a name");
+  validate_training(c, t);
+  CANOPY_CHECK(c.kind == "multiclass" || c.kind == "multilabel" || c.kind == "regression", ConfigError, t,
+               ": kind must be multiclass, multilabel or regression, got '", c.kind, "'");
+  if (c.kind == "regression") {
+    CANOPY_CHECK(c.loss.empty() || c.loss == "mse" || c.loss == "l1", ConfigError, t,
+                 ": loss must be mse or l1, got '", c.loss, "'");
+    CANOPY_CHECK(c.label_map.empty() && c.class_names.empty() && c.class_weights.empty() && c.label_smoothing == 0,
+                 ConfigError, t, ": label_map, class_names, class_weights and label_smoothing apply to ",
+                 "classification tasks, not regression");
+    return;
+  }
+  CANOPY_CHECK(c.loss.empty(), ConfigError, t, ": loss = ", c.loss, " applies to regression tasks only (",
+               c.kind, " uses ", c.kind == "multilabel" ? "binary cross-entropy" : "cross-entropy", ")");
+  if (c.kind == "multilabel") {
+    CANOPY_CHECK(c.class_names.size() >= 1 && c.class_names.size() <= 62, ConfigError, t,
+                 ": a multilabel task names its labels in class_names (1 to 62), got ", c.class_names.size());
+    CANOPY_CHECK(!c.label_map.empty(), ConfigError, t,
+                 ": a multilabel task needs label_map, one bitmask of labels per source class");
+    CANOPY_CHECK(c.class_weights.empty() && c.label_smoothing == 0, ConfigError, t,
+                 ": class_weights and label_smoothing apply to multiclass tasks only");
+  }
   CANOPY_CHECK(c.label_smoothing >= 0 && c.label_smoothing < 1, ConfigError, t,
                ": label_smoothing must be in [0, 1), got ", c.label_smoothing);
   for (double w : c.class_weights) {
@@ -109,7 +125,9 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
            std::int64_t source_classes, std::uint64_t seed)
     : config_(std::move(config)) {
   validate_task_config(config_, source_classes);
-  if (config_.kind == "multilabel") {
+  if (regression()) {
+    num_classes_ = 1;  // one output: the predicted value
+  } else if (config_.kind == "multilabel") {
     num_classes_ = static_cast<std::int64_t>(config_.class_names.size());
     map_ = at::tensor(config_.label_map, at::kLong);
   } else if (config_.label_map.empty()) {
@@ -118,7 +136,7 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
     num_classes_ = *std::max_element(config_.label_map.begin(), config_.label_map.end()) + 1;
     map_ = at::tensor(config_.label_map, at::kLong);
   }
-  CANOPY_CHECK(num_classes_ >= 2 || multilabel(), ConfigError, "task '", config_.name,
+  CANOPY_CHECK(num_classes_ >= 2 || multilabel() || regression(), ConfigError, "task '", config_.name,
                "': needs at least 2 classes, has ", num_classes_);
   if (!config_.class_weights.empty()) {
     CANOPY_CHECK(static_cast<std::int64_t>(config_.class_weights.size()) == num_classes_, ConfigError, "task '",
@@ -146,6 +164,14 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
 Task::~Task() = default;
 
 at::Tensor Task::targets(const at::Tensor& source_labels) const {
+  if (regression()) {
+    CANOPY_CHECK(at::isFloatingType(source_labels.scalar_type()), DataError, "task '", config_.name,
+                 "': a regression task needs a real-valued label source; '", config_.labels, "' holds ",
+                 source_labels.scalar_type(), " class labels");
+    return ((source_labels.to(at::kDouble) - target_mean_) / target_std_).to(at::kFloat).unsqueeze(1);
+  }
+  CANOPY_CHECK(!at::isFloatingType(source_labels.scalar_type()), DataError, "task '", config_.name,
+               "': label source '", config_.labels, "' holds real values; use kind = regression");
   if (!map_.defined()) {
     const auto max = source_labels.numel() ? source_labels.max().item<std::int64_t>() : 0;
     const auto min = source_labels.numel() ? source_labels.min().item<std::int64_t>() : 0;
@@ -161,6 +187,13 @@ at::Tensor Task::targets(const at::Tensor& source_labels) const {
   // Bitmask -> multi-hot float [B, K].
   const at::Tensor bits = at::arange(num_classes_, at::kLong);
   return mapped.unsqueeze(1).bitwise_right_shift(bits).bitwise_and(1).to(at::kFloat);
+}
+
+void Task::set_target_scale(double mean, double std) {
+  CANOPY_CHECK(std::isfinite(mean) && std::isfinite(std) && std > 0, DataError, "task '", config_.name,
+               "': target scale needs a finite mean and a std > 0, got ", mean, " and ", std);
+  target_mean_ = mean;
+  target_std_ = std;
 }
 
 void Task::start_epoch(std::int64_t epoch, std::int64_t total) {
@@ -181,6 +214,10 @@ void Task::begin_step() {
 }
 
 at::Tensor Task::loss(const at::Tensor& outputs, const at::Tensor& targets) const {
+  if (regression()) {
+    return config_.loss == "l1" ? torch::nn::functional::l1_loss(outputs, targets)
+                                : torch::nn::functional::mse_loss(outputs, targets);
+  }
   if (multilabel()) return torch::nn::functional::binary_cross_entropy_with_logits(outputs, targets);
   auto options = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(config_.label_smoothing);
   if (class_weights_.defined()) options.weight(class_weights_);
@@ -255,14 +292,34 @@ at::Tensor Task::predict(const at::Tensor& features) {
   torch::NoGradGuard no_grad;
   head_->eval();
   const at::Tensor out = head_->forward(features);
+  if (regression()) return out.squeeze(1).to(at::kDouble) * target_std_ + target_mean_;
   return multilabel() ? out.gt(0).to(at::kLong) : out.argmax(1);
 }
 
 ClassificationMetrics Task::evaluate(const at::Tensor& features, const at::Tensor& targets) {
+  if (regression()) return regression_metrics(predict(features), targets.squeeze(1).to(at::kDouble) * target_std_ + target_mean_);
   if (!multilabel()) return classification_metrics(predict(features), targets, num_classes_);
   torch::NoGradGuard no_grad;
   head_->eval();
   return multilabel_metrics(head_->forward(features), targets);
+}
+
+ClassificationMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets) {
+  CANOPY_CHECK(predictions.numel() == targets.numel(), DataError, predictions.numel(), " predictions for ",
+               targets.numel(), " targets");
+  ClassificationMetrics m;
+  m.regression = true;
+  m.count = targets.numel();
+  if (m.count == 0) return m;
+  const at::Tensor p = predictions.to(at::kDouble).flatten(), t = targets.to(at::kDouble).flatten();
+  const at::Tensor err = p - t;
+  m.mae = err.abs().mean().item<double>();
+  const double sse = (err * err).sum().item<double>();
+  m.rmse = std::sqrt(sse / static_cast<double>(m.count));
+  const at::Tensor centred = t - t.mean();
+  const double sst = (centred * centred).sum().item<double>();
+  m.r2 = sst > 0 ? 1.0 - sse / sst : (sse == 0 ? 1.0 : 0.0);
+  return m;
 }
 
 ClassificationMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets) {

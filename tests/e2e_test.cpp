@@ -205,6 +205,41 @@ TEST_F(EndToEnd, MultilabelAttributesTrainNextToMulticlassHeads) {
   EXPECT_NE(card.find("\"kind\": \"multilabel\""), std::string::npos);
 }
 
+TEST_F(EndToEnd, RegressionHeadLearnsInkNextToClassifiers) {
+  std::ofstream(config_path_, std::ios::app) << "[task.ink]\nkind = regression\nlabels = ink\nhead = mlp\nhidden = 32\n"
+                                             << "lr = 0.003\n[task.ink_l1]\nkind = regression\nlabels = ink\nloss = l1\n";
+  const JobConfig config = load_job_config(config_path_, {"train.epochs=6"});
+  run_cache(config, false, nullptr, ProgressStyle::kQuiet);
+  const auto cache = datasets::FeatureCache::open(config.cache.path);
+  EXPECT_TRUE(cache.meta().is_float_label("ink"));
+  const auto test = cache.load_split("test");
+  ASSERT_EQ(test.labels.at("ink").scalar_type(), at::kDouble);
+  const TrainReport report = run_train(config, registry_, ProgressStyle::kQuiet);
+  for (const auto& t : report.tasks) {
+    EXPECT_EQ(t.state, tasks::TaskState::kDone) << t.name << ": " << t.failure;
+    if (t.name.rfind("ink", 0) != 0) continue;
+    EXPECT_TRUE(t.eval.regression);
+    // Predicting the mean gives R^2 = 0 and MAE = the mean absolute deviation.
+    const at::Tensor ink = test.labels.at("ink");
+    const double mad = (ink - ink.mean()).abs().mean().item<double>();
+    EXPECT_GT(t.eval.r2, 0.5) << t.name;
+    EXPECT_LT(t.eval.mae, 0.75 * mad) << t.name;
+  }
+  const std::string summary = format_summary(report);
+  EXPECT_NE(summary.find("task 'ink' (regression): MAE"), std::string::npos) << summary;
+  EXPECT_NE(summary.find("per-class F1 on the eval split"), std::string::npos) << summary;
+  EXPECT_NE(summary.find("Ankle boot"), std::string::npos) << summary;
+  const std::string card = read_file(dir_.file("out/heads/ink.json"));
+  EXPECT_NE(card.find("\"eval_r2\": "), std::string::npos);
+  // Values cannot be learned from class labels, nor classes from values: refused up front.
+  const JobConfig wrong = load_job_config(config_path_, {"train.epochs=1", "task.ink.labels=class"});
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { run_train(wrong, registry_, ProgressStyle::kQuiet); },
+                                              {"task 'ink'", "real-valued label source"}));
+  const JobConfig wrong2 = load_job_config(config_path_, {"train.epochs=1", "task.class_linear.labels=ink"});
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { run_train(wrong2, registry_, ProgressStyle::kQuiet); },
+                                              {"task 'class_linear'", "use kind = regression"}));
+}
+
 TEST_F(EndToEnd, AHeadThatStopsEarlyLeavesTheOthersRunning) {
   std::ofstream(config_path_, std::ios::app)
       << "[task.frozen_lr]\nhead = linear\noptimizer = sgd\nmomentum = 0\nlr = 1e-12\nearly_stop_patience = 1\n";

@@ -174,6 +174,64 @@ TEST(Task, ScheduleSmoothingAndWeights) {
   EXPECT_NEAR(weighted.train_step(x, y2), expected_w, 1e-5);
 }
 
+TEST(Metrics, Regression) {
+  const at::Tensor pred = at::tensor(std::vector<double>{1, 2, 3});
+  const at::Tensor truth = at::tensor(std::vector<double>{1, 2, 5});
+  const auto m = regression_metrics(pred, truth);
+  EXPECT_TRUE(m.regression);
+  EXPECT_NEAR(m.mae, 2.0 / 3.0, 1e-12);
+  EXPECT_NEAR(m.rmse, std::sqrt(4.0 / 3.0), 1e-12);
+  EXPECT_NEAR(m.r2, 1.0 - 4.0 / (78.0 / 9.0), 1e-12);  // SST around the mean 8/3
+  EXPECT_DOUBLE_EQ(m.score(), m.r2);
+}
+
+TEST(Task, RegressionLearnsARealTargetWithMseOrL1) {
+  HeadRegistry r = builtin();
+  torch::manual_seed(5);
+  const at::Tensor x = at::randn({256, 8});
+  const at::Tensor y = (x.select(1, 0) * 2 - x.select(1, 3) + 0.5).to(at::kDouble);  // float64, as the cache stores
+  for (const std::string loss : {"mse", "l1"}) {
+    TaskConfig c;
+    c.name = "value";
+    c.kind = "regression";
+    c.loss = loss;
+    c.lr = 0.05;
+    Task t(c, r, 8, 0, 1);
+    EXPECT_EQ(t.num_classes(), 1);
+    t.set_target_scale(y.mean().item<double>(), y.std().item<double>());
+    const at::Tensor target = t.targets(y);  // standardised for training
+    EXPECT_NEAR(target.mean().item<double>(), 0.0, 1e-5);
+    EXPECT_NEAR(target.std().item<double>(), 1.0, 1e-5);
+    EXPECT_EQ(target.sizes(), (std::vector<std::int64_t>{256, 1}));
+    const double first = t.train_step(x, target);
+    for (int i = 0; i < 300; ++i) t.train_step(x, target);
+    const auto m = t.evaluate(x, target);
+    EXPECT_GT(m.r2, 0.99) << loss;
+    // Predictions come back in the target's own units.
+    EXPECT_LT((t.predict(x) - y).abs().mean().item<double>(), 0.1) << loss;
+    EXPECT_LT(m.mae, 0.1) << loss;
+    EXPECT_LT(t.train_step(x, target), 0.1 * first) << loss;
+  }
+  TaskConfig c;
+  c.name = "value";
+  c.kind = "regression";
+  Task t(c, r, 8, 0, 1);
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { t.targets(at::zeros({4}, at::kLong)); },
+                                              {"real-valued label source", "class labels"}));
+  c.class_names = {"a"};
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 8, 0, 1); }, {"not regression"}));
+  c.class_names = {};
+  c.loss = "huber";
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 8, 0, 1); }, {"mse or l1", "'huber'"}));
+  TaskConfig k;
+  k.name = "cls";
+  k.loss = "l1";
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(k, r, 8, 3, 1); }, {"regression tasks only"}));
+  k.loss = "";
+  Task cls(k, r, 8, 3, 1);
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { cls.targets(at::zeros({4}, at::kDouble)); }, {"kind = regression"}));
+}
+
 // Two identical sets of tasks (same seeds): one trained fused, one head by head.
 struct FusionFixture {
   std::vector<std::unique_ptr<Task>> fused, alone;

@@ -100,6 +100,11 @@ hidden = 32
 label_map = 0,1,0,0,0,2,0,2,3,2
 class_names = tops,bottoms,footwear,bags
 lr = 0.01
+[task.ink]
+kind = regression
+labels = ink
+head = linear
+lr = 0.01
 """)
     run = subprocess.run([a.canopy, "run", "--config", config, "--progress", "lines"],
                          capture_output=True, text=True)
@@ -132,6 +137,11 @@ lr = 0.01
         truth = read_idx(f"{FMNIST}/train-labels-idx1-ubyte.gz")[:TRAIN]
         check(labels.dtype == np.int64 and np.array_equal(labels, truth), "train/labels/class = the data set's labels")
         check(np.array_equal(h["train/ids"][:], np.arange(TRAIN)), "train/ids are the sample indices")
+        ink = h["train/labels/ink"][:]
+        images = read_idx(f"{FMNIST}/train-images-idx3-ubyte.gz")[:TRAIN]
+        check(ink.dtype == np.float64 and np.allclose(ink, images.reshape(TRAIN, -1).mean(1) / 255, atol=1e-12),
+              "train/labels/ink is float64 = each image's mean pixel intensity / 255")
+        test_ink = h["test/labels/ink"][:]
         check(h["test/features"].shape == (TEST, D), "test split present")
         cached_test = h["test/features"][:]
         test_labels = h["test/labels/class"][:]
@@ -181,13 +191,28 @@ lr = 0.01
               f"{name}: torch reproduces canopy's accuracy ({acc:.4f} vs {card['eval_accuracy']:.4f})")
         check(acc > 0.6, f"{name}: accuracy {acc:.3f} is far above chance")
 
+    # A regression head: torch on the exported weights reproduces the card's MAE and R^2.
+    card = json.load(open(os.path.join(out_dir, "heads", "ink.json")))
+    w = load_file(os.path.join(out_dir, "heads", "ink.safetensors"))
+    with torch.no_grad():
+        out = (feats_t @ w["linear.weight"].T + w["linear.bias"]).squeeze(1).double().numpy()
+    pred_ink = out * card["target_std"] + card["target_mean"]  # the head predicts standardised ink
+    check(abs(card["target_mean"] - ink.mean()) < 1e-9 and abs(card["target_std"] - ink.std(ddof=1)) < 1e-9,
+          "ink: the card's target scale is the train split's mean and std")
+    mae = np.abs(pred_ink - test_ink).mean()
+    r2 = 1 - ((pred_ink - test_ink) ** 2).sum() / ((test_ink - test_ink.mean()) ** 2).sum()
+    check(card["kind"] == "regression" and card["out_features"] == 1, "ink: the card says regression, one output")
+    check(abs(mae - card["eval_mae"]) < 1e-6 and abs(r2 - card["eval_r2"]) < 1e-5,
+          f"ink: torch reproduces canopy's MAE {mae:.5f} (card {card['eval_mae']:.5f}) and R^2 {r2:.4f}")
+    check(r2 > 0.5, f"ink: R^2 {r2:.3f} is far better than predicting the mean")
+
     # --- canopy predict: trunk + every head in one pass ---------------------------
     pred_path = os.path.join(work, "pred.csv")
     r = subprocess.run([a.canopy, "predict", "--config", config, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz",
                         "--limit", str(TEST), "--output", pred_path, "--progress", "quiet"], capture_output=True, text=True)
     check(r.returncode == 0, f"canopy predict exits 0 ({r.stderr[-300:]})")
     rows = open(pred_path).read().splitlines()
-    check(rows[0] == "id,coarse,fine" and len(rows) == TEST + 1, f"predict writes a header and {TEST} rows")
+    check(rows[0] == "id,coarse,fine,ink" and len(rows) == TEST + 1, f"predict writes a header and {TEST} rows")
     with torch.no_grad():
         w = load_file(os.path.join(out_dir, "heads", "fine.safetensors"))
         expect = (feats_t @ w["linear.weight"].T + w["linear.bias"]).argmax(1)
@@ -195,6 +220,8 @@ lr = 0.01
     agree = sum(row.split(",")[2] == names[int(e)] for row, e in zip(rows[1:], expect)) / TEST
     check(agree >= 0.99, f"predict agrees with torch on the cached features for {100 * agree:.1f}% of rows")
     check(all(row.split(",")[1] in ("tops", "bottoms", "footwear", "bags") for row in rows[1:]), "coarse predictions use its class names")
+    got_ink = np.array([float(row.split(",")[3]) for row in rows[1:]])
+    check(np.abs(got_ink - pred_ink).max() < 1e-4, "predict writes the regression head's values")
 
     # --- TensorBoard event files, read back with the tensorboard package ----------
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -17,7 +17,7 @@
 //       /features              [rows, D] contiguous, float32 | float16 | uint16 (bfloat16 bits)
 //       /features              attribute dtype = "float32" | "float16" | "bfloat16"
 //       /ids                   int64 [rows], the sample's index in the input data set
-//       /labels/<source>       int64 [rows], one dataset per label source
+//       /labels/<source>       int64 [rows] (float64 for meta.float_labels), one per source
 //   <dir>/cache.h5             one view over all shards, for users: per split, HDF5 virtual
 //                              datasets /<split>/features [N, D], /<split>/ids,
 //                              /<split>/labels/<source>; the meta fields as root attributes
@@ -60,7 +60,14 @@ struct CacheMeta {
   StorageDtype dtype = StorageDtype::kFloat32;
   std::int64_t feature_dim = 0;
   std::vector<std::string> label_sources{"class"};
+  std::vector<std::string> float_labels;  // the label sources stored as float64 (regression
+                                          // targets); the others are int64 classes
   std::vector<std::string> class_names;
+  // Mean and standard deviation over the train split of each float label source (what a
+  // regression head standardises its targets with).
+  std::map<std::string, std::pair<double, double>> label_stats;
+  bool is_float_label(const std::string& source) const;
+  at::ScalarType label_dtype(const std::string& source) const;  // kDouble or kLong
 };
 
 struct ShardInfo {
@@ -92,7 +99,7 @@ void write_manifest(const std::string& dir, const Manifest& manifest);
 
 struct SplitData {
   at::Tensor features;                       // [N, D] in the storage dtype
-  std::map<std::string, at::Tensor> labels;  // int64 [N] per label source
+  std::map<std::string, at::Tensor> labels;  // [N] per label source, int64 or float64
   at::Tensor ids;                            // int64 [N]
 };
 
@@ -110,8 +117,8 @@ class FeatureCacheWriter {
   // Rows already stored for `split` (where a resumed run continues).
   std::int64_t rows_done(const std::string& split) const;
   // Appends rows, in order, to `split`; a shard is written whenever shard_rows are
-  // buffered or the split is complete. features: [B, D] float; labels int64 [B] per
-  // source; ids int64 [B].
+  // buffered or the split is complete. features: [B, D] float; labels [B] per source
+  // (converted to the source's dtype); ids int64 [B].
   void append(const std::string& split, const at::Tensor& features,
               const std::map<std::string, at::Tensor>& labels, const at::Tensor& ids);
   // Writes the view file and marks the manifest complete. Every split must be complete.

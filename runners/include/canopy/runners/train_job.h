@@ -19,7 +19,9 @@ namespace canopy::runners {
 struct TaskResult {
   std::string name;
   std::string head;          // architecture, e.g. "mlp 1280-256-10 relu"
-  std::string labels;        // e.g. "class" or "class -> 4 groups"
+  std::string labels;        // e.g. "class", "class -> 4 groups" or "ink (regression)"
+  std::string kind;          // multiclass | multilabel | regression
+  std::vector<std::string> class_names;  // of a multiclass task's classes (numbered if unnamed)
   std::string optimizer;     // e.g. "adam lr=0.001"
   tasks::TaskState state = tasks::TaskState::kTraining;
   std::string failure;

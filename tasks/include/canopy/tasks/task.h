@@ -22,7 +22,8 @@ namespace canopy::tasks {
 
 struct TaskConfig {
   std::string name;
-  std::string kind = "multiclass";        // multiclass (cross-entropy) | multilabel (BCE)
+  std::string kind = "multiclass";        // multiclass (cross-entropy) | multilabel (BCE) |
+                                          // regression (MSE or L1 on a float label source)
   std::string head = "linear";
   std::string labels = "class";           // label source in the cache
   std::vector<std::int64_t> label_map;    // multiclass: source class -> task class (empty:
@@ -41,6 +42,7 @@ struct TaskConfig {
                                           // eval accuracy; 0: never
   double label_smoothing = 0.0;
   std::vector<double> class_weights;      // per task class, for the loss; empty: equal
+  std::string loss;                       // regression: mse (default) | l1
   std::map<std::string, std::string> head_params;  // every other task.<name>.* key
 };
 
@@ -48,18 +50,29 @@ struct TaskConfig {
 // source (0 when unknown).
 void validate_task_config(const TaskConfig& config, std::int64_t source_classes);
 
+// The metrics of every task kind (the fields of the other kinds stay at their defaults).
 struct ClassificationMetrics {
   std::int64_t count = 0;
   double accuracy = 0.0;   // multilabel: exact-match ratio (every label right)
   double macro_f1 = 0.0;   // multilabel: mean over labels of F1 at threshold 0.5
   double mean_ap = -1.0;   // multilabel only: mean over labels of average precision
   at::Tensor confusion;  // int64 [K, K], rows = truth, columns = prediction
+  // Regression only (-1 otherwise): mean absolute error, root mean squared error, and the
+  // coefficient of determination R^2 = 1 - SSE / SST (1 perfect, 0 = predicting the mean).
+  double mae = -1.0;
+  double rmse = -1.0;
+  double r2 = -1.0;
+  bool regression = false;
+  // What early stopping maximises and the summary leads with: accuracy, or R^2.
+  double score() const { return regression ? r2 : accuracy; }
 };
 
 ClassificationMetrics classification_metrics(const at::Tensor& predictions,
                                              const at::Tensor& targets, std::int64_t num_classes);
 // scores: [N, K] logits or probabilities; targets: [N, K] in {0, 1}.
 ClassificationMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets);
+// predictions, targets: [N] real values.
+ClassificationMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets);
 
 enum class TaskState { kTraining, kDone, kFailed };
 
@@ -79,7 +92,13 @@ class Task {
   heads::Head& head() { return *head_; }
   const heads::HeadPtr& head_ptr() const { return head_; }
 
-  // Maps source labels to this task's classes.
+  // Regression: targets are standardised, (y - mean) / std, for training; predict and
+  // evaluate answer in the original units. Default: mean 0, std 1.
+  void set_target_scale(double mean, double std);
+  double target_mean() const { return target_mean_; }
+  double target_std() const { return target_std_; }
+  // Maps source labels to this task's targets: class indices, multi-hot rows, or
+  // standardised values [B, 1] (regression).
   at::Tensor targets(const at::Tensor& source_labels) const;
   // Sets the learning rate of epoch `epoch` (0-based) of `total` from the schedule.
   void start_epoch(std::int64_t epoch, std::int64_t total);
@@ -91,12 +110,13 @@ class Task {
   void begin_step();
   at::Tensor loss(const at::Tensor& outputs, const at::Tensor& targets) const;
   void finish_step();
-  // Predicted classes for a batch (eval mode, no grad): [B] class indices (multiclass) or
-  // [B, K] 0/1 label indicators (multilabel).
+  // Predictions for a batch (eval mode, no grad): [B] class indices (multiclass), [B, K]
+  // 0/1 label indicators (multilabel) or [B] values (regression).
   at::Tensor predict(const at::Tensor& features);
   // Metrics of the head on a whole split (eval mode).
   ClassificationMetrics evaluate(const at::Tensor& features, const at::Tensor& targets);
   bool multilabel() const { return config_.kind == "multilabel"; }
+  bool regression() const { return config_.kind == "regression"; }
 
   // Head weights and buffers, optimizer state and the head's RNG state, in one file
   // (LibTorch's archive format); load restores all three exactly.
@@ -105,8 +125,8 @@ class Task {
 
   TaskState state = TaskState::kTraining;
   std::string failure;  // why the task failed, with epoch and step
-  // Early stopping bookkeeping.
-  double best_accuracy = -1.0;
+  // Early stopping bookkeeping (on ClassificationMetrics::score()).
+  double best_accuracy = -1e300;
   std::int64_t best_epoch = 0;
   std::string stop_note;  // e.g. "stopped early at epoch 9 (best 0.8870 at epoch 6)"
 
@@ -115,6 +135,8 @@ class Task {
   std::int64_t num_classes_ = 0;
   at::Tensor map_;  // int64 [source_classes] or undefined
   at::Tensor class_weights_;
+  double target_mean_ = 0.0;
+  double target_std_ = 1.0;
   heads::HeadPtr head_;
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
 };
