@@ -384,6 +384,12 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     widths.push_back(heads::fused_width(t->head()));
   }
   const double fuse_bytes = config.train.fuse_kib * 1024.0;
+  std::vector<std::int64_t> cost;  // parameters per head
+  for (const auto& t : all) {
+    std::int64_t n = 0;
+    for (const auto& p : t->head().parameters()) n += p.numel();
+    cost.push_back(n);
+  }
   // The work of one step: fused groups of the heads still training, and lone heads. With
   // fewer units than workers, the largest group is halved until every worker has one.
   auto plan_units = [&](const std::vector<std::size_t>& active) {
@@ -405,6 +411,14 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
       }
       units.push_back({i});
     }
+    // Largest work first (by parameter count, a proxy for multiply-adds): each step ends
+    // when its slowest worker does, and starting the big units first balances the rest.
+    std::stable_sort(units.begin(), units.end(), [&](const auto& a, const auto& b) {
+      std::int64_t wa = 0, wb = 0;
+      for (std::size_t i : a) wa += cost[i];
+      for (std::size_t i : b) wb += cost[i];
+      return wa > wb;
+    });
     while (static_cast<std::int64_t>(units.size()) < workers) {
       auto largest = std::max_element(units.begin(), units.end(),
                                       [](const auto& a, const auto& b) { return a.size() < b.size(); });
