@@ -386,9 +386,9 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   const double fuse_bytes = config.train.fuse_kib * 1024.0;
   std::vector<std::int64_t> cost;  // parameters per head
   for (const auto& t : all) {
-    std::int64_t n = 0;
-    for (const auto& p : t->head().parameters()) n += p.numel();
-    cost.push_back(n);
+    std::int64_t params = 0;
+    for (const auto& p : t->head().parameters()) params += p.numel();
+    cost.push_back(params);
   }
   // The work of one step: fused groups of the heads still training, and lone heads. With
   // fewer units than workers, the largest group is halved until every worker has one.
