@@ -23,6 +23,7 @@ Python runs in this process with the venv's torch, the same build as canopy's Li
                    [--repeats 5] [--epochs 15]
 """
 import argparse
+import json
 import math
 import os
 import re
@@ -224,7 +225,6 @@ def step_compute_seconds(heads, data, batch_size, steps=60):
 
 
 def canopy_accuracies(out_dir, heads):
-    import json
     return [json.load(open(os.path.join(out_dir, "heads", h["name"] + ".json")))["eval_accuracy"] for h in heads]
 
 

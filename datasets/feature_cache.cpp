@@ -269,7 +269,7 @@ class RegionReader {
   }
 
   // Reads an 8-byte-per-row region (ids, a label column) into `dst` and checks it.
-  void read_int64(at::Tensor dst, std::uint64_t offset, std::uint32_t crc, const std::string& region) {
+  void read_column(at::Tensor dst, std::uint64_t offset, std::uint32_t crc, const std::string& region) {
     pread_all(fd().get(), dst.data_ptr(), s_.rows * 8, offset, file_);
     check_crc(crc32c(dst.data_ptr(), s_.rows * 8), crc, region, offset);
   }
@@ -295,8 +295,8 @@ void read_shard_into(const std::string& dir, const ShardInfo& s, const CacheMeta
   RegionReader r(dir, s, meta);
   if (method == ReadMethod::kPread) {
     r.read_features(features.data_ptr());
-    r.read_int64(ids, s.ids_offset, s.ids_crc32c, "ids");
-    for (const auto& [src, v] : s.labels) r.read_int64(labels.at(src), v.first, v.second, "labels/" + src);
+    r.read_column(ids, s.ids_offset, s.ids_crc32c, "ids");
+    for (const auto& [src, v] : s.labels) r.read_column(labels.at(src), v.first, v.second, "labels/" + src);
     return;
   }
   // Through the HDF5 library (one thread), checksums verified on what it returns.

@@ -12,35 +12,37 @@
 namespace canopy::heads {
 
 namespace {
-// The first Linear layer of a built-in head, or nullptr.
-const torch::nn::LinearImpl* first_layer(const Head& head) {
-  if (typeid(head) == typeid(LinearHead)) return static_cast<const LinearHead&>(head).linear().get();
-  if (typeid(head) == typeid(MlpHead)) return static_cast<const MlpHead&>(head).first().get();
+// The first Linear layer of a built-in head, or an empty holder.
+torch::nn::Linear first_layer(const Head& head) {
+  if (typeid(head) == typeid(LinearHead)) return static_cast<const LinearHead&>(head).linear();
+  if (typeid(head) == typeid(MlpHead)) return static_cast<const MlpHead&>(head).first();
   return nullptr;
 }
 }  // namespace
 
 std::string fusion_key(const Head& head) {
-  const auto* first = first_layer(head);
-  if (first == nullptr) return {};
+  const auto first = first_layer(head);
+  if (first.is_empty()) return {};
   // Heads without a bias go in their own groups: addmm needs one for every column.
   return "in=" + std::to_string(first->weight.size(1)) + (first->bias.defined() ? "" : " nobias");
 }
 
 std::int64_t fused_width(const Head& head) {
-  const auto* first = first_layer(head);
-  return first == nullptr ? 0 : first->weight.size(0);
+  const auto first = first_layer(head);
+  return first.is_empty() ? 0 : first->weight.size(0);
 }
 
 std::vector<torch::Tensor> fused_forward(const std::vector<Head*>& heads, const torch::Tensor& x) {
   CANOPY_CHECK(!heads.empty(), Error, "fused_forward: no heads");
-  const std::string key = fusion_key(*heads.front());
+  const auto lead = first_layer(*heads.front());
   std::vector<at::Tensor> w, b;
   std::vector<std::int64_t> widths;
   for (const Head* h : heads) {
-    CANOPY_CHECK(!key.empty() && fusion_key(*h) == key, Error, "fused_forward: '", h->describe(),
-                 "' does not fuse with '", heads.front()->describe(), "'");
-    const auto* first = first_layer(*h);
+    // What fusion_key compares, without building strings on every step.
+    const auto first = first_layer(*h);
+    CANOPY_CHECK(!lead.is_empty() && !first.is_empty() && first->weight.size(1) == lead->weight.size(1) &&
+                     first->bias.defined() == lead->bias.defined(),
+                 Error, "fused_forward: '", h->describe(), "' does not fuse with '", heads.front()->describe(), "'");
     w.push_back(first->weight);
     if (first->bias.defined()) b.push_back(first->bias);
     widths.push_back(first->weight.size(0));

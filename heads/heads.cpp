@@ -87,10 +87,11 @@ MlpHead::MlpHead(const MlpHeadOptions& options) : options_(options) {
   }
   seq->push_back(torch::nn::Linear(in, options.out_features()));
   layers_ = register_module("layers", seq);
-  first_ = layers_->ptr<torch::nn::LinearImpl>(0);
 }
 
 torch::Tensor MlpHead::forward(const torch::Tensor& features) { return layers_->forward(features); }
+
+torch::nn::Linear MlpHead::first() const { return torch::nn::Linear(layers_->ptr<torch::nn::LinearImpl>(0)); }
 
 torch::Tensor MlpHead::forward_after_first(torch::Tensor x) {
   for (auto it = layers_->begin() + 1; it != layers_->end(); ++it) x = it->forward(x);

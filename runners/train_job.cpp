@@ -60,28 +60,31 @@ void configure_thread(std::int64_t intra_op_threads) {
 // empty list for multilabel ones), as JSON.
 std::string per_class_report(const tasks::ClassificationMetrics& m, const std::vector<std::string>& names) {
   if (!m.confusion.defined() || m.confusion.dim() != 2) return "[]";
-  const std::int64_t k = m.confusion.size(0);
-  const auto* c = m.confusion.data_ptr<std::int64_t>();
+  const auto stats = tasks::per_class_stats(m.confusion);
   std::ostringstream o;
   o.precision(6);
   o << "[";
-  for (std::int64_t i = 0; i < k; ++i) {
-    std::int64_t row = 0, col = 0;
-    for (std::int64_t j = 0; j < k; ++j) {
-      row += c[i * k + j];
-      col += c[j * k + i];
-    }
-    const double tp = static_cast<double>(c[i * k + i]);
-    const double precision = col ? tp / static_cast<double>(col) : 0.0;
-    const double recall = row ? tp / static_cast<double>(row) : 0.0;
-    const double f1 = precision + recall > 0 ? 2 * precision * recall / (precision + recall) : 0.0;
-    const std::string name = i < static_cast<std::int64_t>(names.size()) ? names[static_cast<std::size_t>(i)]
-                                                                         : std::to_string(i);
-    o << (i ? ", " : "") << "{\"class\": \"" << json_escape(name) << "\", \"precision\": " << precision
-      << ", \"recall\": " << recall << ", \"f1\": " << f1 << ", \"support\": " << row << "}";
+  for (std::size_t i = 0; i < stats.size(); ++i) {
+    const auto& s = stats[i];
+    o << (i ? ", " : "") << "{\"class\": \"" << json_escape(i < names.size() ? names[i] : std::to_string(i))
+      << "\", \"precision\": " << s.precision << ", \"recall\": " << s.recall << ", \"f1\": " << s.f1
+      << ", \"support\": " << s.support << "}";
   }
   o << "]";
   return o.str();
+}
+
+// The eval metrics a head reports, by name: what metrics.jsonl (eval_<name>) and
+// TensorBoard (eval/<name>) carry.
+std::vector<std::pair<std::string, double>> eval_metrics(const tasks::ClassificationMetrics& m) {
+  std::vector<std::pair<std::string, double>> out{{"accuracy", m.accuracy}, {"macro_f1", m.macro_f1}};
+  if (m.mean_ap >= 0) out.emplace_back("mean_ap", m.mean_ap);
+  if (m.regression) {
+    out.emplace_back("mae", m.mae);
+    out.emplace_back("rmse", m.rmse);
+    out.emplace_back("r2", m.r2);
+  }
+  return out;
 }
 
 void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
@@ -103,8 +106,6 @@ void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta
     for (std::size_t i = 0; i < xs.size(); ++i) o += (i ? ", \"" : "\"") + json_escape(xs[i]) + "\"";
     return o + "]";
   };
-  std::vector<std::string> class_names = c.class_names;
-  if (class_names.empty() && c.label_map.empty()) class_names = meta.class_names;
   card << "{\n  \"task\": \"" << json_escape(c.name) << "\",\n"
        << "  \"kind\": \"" << c.kind << "\",\n"
        << "  \"head\": \"" << json_escape(c.head) << "\",\n"
@@ -119,7 +120,7 @@ void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta
   }
   card << "},\n  \"label_source\": \"" << json_escape(c.labels) << "\",\n  \"label_map\": [";
   for (std::size_t i = 0; i < c.label_map.size(); ++i) card << (i ? ", " : "") << c.label_map[i];
-  card << "],\n  \"class_names\": " << str_list(class_names) << ",\n"
+  card << "],\n  \"class_names\": " << str_list(r.class_names) << ",\n"
        << "  \"trunk_sha256\": \"" << meta.trunk_sha256 << "\",\n"
        << "  \"cache_fingerprint\": \"" << meta.fingerprint << "\",\n"
        << "  \"preprocessing\": \"" << json_escape(meta.preprocessing) << "\",\n"
@@ -128,7 +129,7 @@ void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta
        << "  \"eval_accuracy\": " << r.eval.accuracy << ",\n"
        << "  \"eval_macro_f1\": " << r.eval.macro_f1 << ",\n"
        << "  \"eval_mean_ap\": " << (r.eval.mean_ap < 0 ? std::string("null") : std::to_string(r.eval.mean_ap)) << ",\n"
-       << "  \"per_class\": " << per_class_report(r.eval, class_names) << ",\n";
+       << "  \"per_class\": " << per_class_report(r.eval, r.class_names) << ",\n";
   if (r.eval.regression) {
     card << "  \"target_mean\": " << task.target_mean() << ",\n  \"target_std\": " << task.target_std()
          << ",\n  \"eval_mae\": " << r.eval.mae << ",\n  \"eval_rmse\": " << r.eval.rmse << ",\n  \"eval_r2\": " << r.eval.r2
@@ -253,8 +254,8 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     std::ostringstream opt;
     opt << tc.optimizer << " lr=" << tc.lr << (tc.schedule == "constant" ? "" : " " + tc.schedule);
     r.optimizer = opt.str();
+    r.class_names = tc.class_names;  // multilabel: the labels; regression: none
     if (tc.kind == "multiclass") {
-      r.class_names = tc.class_names;
       if (r.class_names.empty() && tc.label_map.empty()) r.class_names = cache.meta().class_names;
       for (auto k = static_cast<std::int64_t>(r.class_names.size()); k < all.back()->num_classes(); ++k) {
         r.class_names.push_back(std::to_string(k));
@@ -297,7 +298,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
       loss_sum[i] = t.at("loss_sum");
       loss_count[i] = t.at("loss_count");
       seconds[i] = t.at("seconds");
-      all[i]->best_accuracy = t.at("best_accuracy");
+      all[i]->best_score = t.at("best_score");
       all[i]->best_epoch = t.at("best_epoch");
       all[i]->stop_note = t.at("stop_note");
     }
@@ -342,7 +343,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
                             {"loss_sum", loss_sum[i]},
                             {"loss_count", loss_count[i]},
                             {"seconds", seconds[i]},
-                            {"best_accuracy", all[i]->best_accuracy},
+                            {"best_score", all[i]->best_score},
                             {"best_epoch", all[i]->best_epoch},
                             {"stop_note", all[i]->stop_note}});
     }
@@ -565,8 +566,8 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
         r.epochs = epoch + 1;
         r.train_loss = loss_count[i] ? loss_sum[i] / static_cast<double>(loss_count[i]) : 0.0;
         r.eval = metrics[i];
-        if (r.eval.score() > task.best_accuracy) {
-          task.best_accuracy = r.eval.score();
+        if (r.eval.score() > task.best_score) {
+          task.best_score = r.eval.score();
           task.best_epoch = epoch + 1;
         }
         const auto patience = task.config().early_stop_patience;
@@ -574,19 +575,16 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
           task.state = tasks::TaskState::kDone;  // the others go on
           char why[160];
           std::snprintf(why, sizeof why, "stopped early at epoch %lld (best %s %.4f at epoch %lld)",
-                        static_cast<long long>(epoch + 1), r.eval.regression ? "R^2" : "accuracy", task.best_accuracy,
+                        static_cast<long long>(epoch + 1), r.eval.regression ? "R^2" : "accuracy", task.best_score,
                         static_cast<long long>(task.best_epoch));
           task.stop_note = why;
         }
       }
+      const auto named = eval_metrics(r.eval);
       jsonl << "{\"epoch\": " << epoch + 1 << ", \"task\": \"" << json_escape(r.name) << "\", \"state\": \""
-            << state_name(task.state) << "\", \"train_loss\": " << r.train_loss
-            << ", \"eval_accuracy\": " << r.eval.accuracy << ", \"eval_macro_f1\": " << r.eval.macro_f1
-            << (r.eval.mean_ap >= 0 ? ", \"eval_mean_ap\": " + std::to_string(r.eval.mean_ap) : std::string())
-            << (r.eval.regression ? ", \"eval_mae\": " + std::to_string(r.eval.mae) + ", \"eval_rmse\": " +
-                                        std::to_string(r.eval.rmse) + ", \"eval_r2\": " + std::to_string(r.eval.r2)
-                                  : std::string())
-            << ", \"seconds\": " << seconds[i] << "}\n";
+            << state_name(task.state) << "\", \"train_loss\": " << r.train_loss;
+      for (const auto& [name, value] : named) jsonl << ", \"eval_" << name << "\": " << value;
+      jsonl << ", \"seconds\": " << seconds[i] << "}\n";
       csv << epoch + 1 << "," << r.name << "," << state_name(task.state) << "," << r.train_loss << ","
           << r.eval.accuracy << "," << r.eval.macro_f1 << "," << seconds[i];
       if (r.eval.regression) {
@@ -596,13 +594,8 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
       }
       if (!tensorboard.empty() && task.state != tasks::TaskState::kFailed) {
         tensorboard[i]->add_scalar("train/loss", static_cast<float>(r.train_loss), epoch + 1);
-        tensorboard[i]->add_scalar("eval/accuracy", static_cast<float>(r.eval.accuracy), epoch + 1);
-        tensorboard[i]->add_scalar("eval/macro_f1", static_cast<float>(r.eval.macro_f1), epoch + 1);
-        if (r.eval.mean_ap >= 0) tensorboard[i]->add_scalar("eval/mean_ap", static_cast<float>(r.eval.mean_ap), epoch + 1);
-        if (r.eval.regression) {
-          tensorboard[i]->add_scalar("eval/mae", static_cast<float>(r.eval.mae), epoch + 1);
-          tensorboard[i]->add_scalar("eval/rmse", static_cast<float>(r.eval.rmse), epoch + 1);
-          tensorboard[i]->add_scalar("eval/r2", static_cast<float>(r.eval.r2), epoch + 1);
+        for (const auto& [name, value] : named) {
+          tensorboard[i]->add_scalar("eval/" + name, static_cast<float>(value), epoch + 1);
         }
         tensorboard[i]->flush();
       }
@@ -680,21 +673,18 @@ std::string per_class_tables(const TrainReport& report) {
     o << "\nper-class F1 on the eval split\n" << std::string(w_class, ' ');
     for (const auto* t : cols) o << "  " << std::string(std::max<std::size_t>(t->name.size(), 6) - t->name.size(), ' ') << t->name;
     o << "  support\n";
+    std::vector<std::vector<tasks::ClassStats>> stats;
+    for (const auto* t : cols) stats.push_back(tasks::per_class_stats(t->eval.confusion));
     const auto k = static_cast<std::int64_t>(names.size());
     for (std::int64_t c = 0; c < k; ++c) {
       o << names[static_cast<std::size_t>(c)] << std::string(w_class - names[static_cast<std::size_t>(c)].size(), ' ');
       std::int64_t support = 0;
-      for (const auto* t : cols) {
-        const auto* m = t->eval.confusion.data_ptr<std::int64_t>();
-        std::int64_t row = 0, col = 0;
-        for (std::int64_t j = 0; j < k; ++j) {
-          row += m[c * k + j];
-          col += m[j * k + c];
-        }
-        support = row;
-        const double f1 = row + col > 0 ? 2.0 * static_cast<double>(m[c * k + c]) / static_cast<double>(row + col) : 0.0;
+      for (std::size_t j = 0; j < cols.size(); ++j) {
+        const auto* t = cols[j];
+        const auto& s = stats[j][static_cast<std::size_t>(c)];
+        support = s.support;
         char cell[32];
-        std::snprintf(cell, sizeof cell, "%.3f", f1);
+        std::snprintf(cell, sizeof cell, "%.3f", s.f1);
         o << "  " << std::string(std::max<std::size_t>(t->name.size(), 6) - std::strlen(cell), ' ') << cell;
       }
       o << "  " << std::setw(7) << support << "\n";

@@ -90,6 +90,24 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
                " classes");
 }
 
+std::vector<ClassStats> per_class_stats(const at::Tensor& confusion) {
+  const std::int64_t k = confusion.size(0);
+  const auto* c = confusion.data_ptr<std::int64_t>();
+  std::vector<ClassStats> out(static_cast<std::size_t>(k));
+  for (std::int64_t i = 0; i < k; ++i) {
+    auto& s = out[static_cast<std::size_t>(i)];
+    for (std::int64_t j = 0; j < k; ++j) {
+      s.support += c[i * k + j];
+      s.predicted += c[j * k + i];
+    }
+    const double tp = static_cast<double>(c[i * k + i]);
+    s.precision = s.predicted ? tp / static_cast<double>(s.predicted) : 0.0;
+    s.recall = s.support ? tp / static_cast<double>(s.support) : 0.0;
+    s.f1 = s.support + s.predicted > 0 ? 2 * tp / static_cast<double>(s.support + s.predicted) : 0.0;
+  }
+  return out;
+}
+
 ClassificationMetrics classification_metrics(const at::Tensor& predictions,
                                              const at::Tensor& targets, std::int64_t k) {
   CANOPY_CHECK(predictions.numel() == targets.numel(), DataError, predictions.numel(),
@@ -104,17 +122,13 @@ ClassificationMetrics classification_metrics(const at::Tensor& predictions,
   std::int64_t correct = 0;
   double f1_sum = 0;
   std::int64_t present = 0;
+  const auto stats = per_class_stats(m.confusion);
   for (std::int64_t i = 0; i < k; ++i) {
     correct += c[i * k + i];
-    std::int64_t row = 0, col = 0;
-    for (std::int64_t j = 0; j < k; ++j) {
-      row += c[i * k + j];
-      col += c[j * k + i];
-    }
-    if (row == 0 && col == 0) continue;  // class absent from truth and predictions
+    const auto& s = stats[static_cast<std::size_t>(i)];
+    if (s.support == 0 && s.predicted == 0) continue;  // class absent from truth and predictions
     ++present;
-    const double tp = static_cast<double>(c[i * k + i]);
-    f1_sum += (row + col) > 0 ? 2 * tp / static_cast<double>(row + col) : 0.0;
+    f1_sum += s.f1;
   }
   m.accuracy = static_cast<double>(correct) / static_cast<double>(m.count);
   m.macro_f1 = present ? f1_sum / static_cast<double>(present) : 0.0;

@@ -18,6 +18,24 @@ def finish():
     return 1 if failures else 0
 
 
+def start(prefix, trunk_module, trunk_name):
+    """The common start of a check: parses --canopy, makes a work directory, and saves
+    `trunk_module` (made with torch's seed 0) there as TorchScript. Returns (canopy, work, trunk)."""
+    import argparse
+    import tempfile
+
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--canopy", required=True)
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix=prefix)
+    torch.manual_seed(0)
+    trunk = os.path.join(work, trunk_name)
+    torch.jit.script(trunk_module().eval()).save(trunk)
+    return a.canopy, work, trunk
+
+
 def kill_when(cmd, json_path, reached, timeout=120, env=None):
     """Starts `cmd`, polls the JSON file `json_path` until `reached(doc)` is true, then
     SIGKILLs the process. Returns (returncode, the document that triggered the kill or None)."""

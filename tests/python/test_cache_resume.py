@@ -4,20 +4,18 @@ cache is bitwise identical to one built without interruption (read back with h5p
 
     test_cache_resume.py --canopy build/runners/canopy
 """
-import argparse
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import h5py
 import numpy as np
 import torch
 
-from support import FMNIST, check, finish, kill_when
+from support import FMNIST, check, finish, kill_when, start
 
 
 
@@ -69,13 +67,7 @@ def read_all(cache):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--canopy", required=True)
-    a = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="canopy-resume-")
-    torch.manual_seed(0)
-    trunk = os.path.join(work, "slow.pt")
-    torch.jit.script(Slow().eval()).save(trunk)
+    canopy, work, trunk = start("canopy-resume-", Slow, "slow.pt")
     env = dict(os.environ, OMP_NUM_THREADS="2")
 
     ref_cfg, cut_cfg = os.path.join(work, "ref.ini"), os.path.join(work, "cut.ini")
@@ -83,13 +75,13 @@ def main():
     write_config(ref_cfg, trunk, ref_cache)
     write_config(cut_cfg, trunk, cut_cache)
     t = time.time()
-    r = subprocess.run([a.canopy, "cache", "--config", ref_cfg, "--progress", "quiet"], capture_output=True, text=True, env=env)
+    r = subprocess.run([canopy, "cache", "--config", ref_cfg, "--progress", "quiet"], capture_output=True, text=True, env=env)
     check(r.returncode == 0, f"uninterrupted run ({time.time() - t:.1f}s): {r.stderr[-300:]}")
 
     # Kill twice at different points, then let it finish.
     kills = 0
     for min_shards in (2, 7):
-        returncode, _ = kill_when([a.canopy, "cache", "--config", cut_cfg, "--progress", "quiet"],
+        returncode, _ = kill_when([canopy, "cache", "--config", cut_cfg, "--progress", "quiet"],
                                   os.path.join(cut_cache, "manifest.json"),
                                   lambda m: len(m["shards"]) >= min_shards, env=env)
         m = manifest(cut_cache)
@@ -97,14 +89,14 @@ def main():
         check(killed, f"run killed by SIGKILL with {len(m['shards']) if m else 0} finished shard(s), cache unfinished")
         kills += killed
         if kills == 1 and killed:
-            r = subprocess.run([a.canopy, "inspect", cut_cache], capture_output=True, text=True)
+            r = subprocess.run([canopy, "inspect", cut_cache], capture_output=True, text=True)
             check(r.returncode == 1 and "UNFINISHED" in r.stdout, "inspect reports the cache unfinished (exit 1)")
-            r = subprocess.run([a.canopy, "train", "--config", cut_cfg, "--set", "task.t.head=linear", "--progress", "quiet"],
+            r = subprocess.run([canopy, "train", "--config", cut_cfg, "--set", "task.t.head=linear", "--progress", "quiet"],
                                capture_output=True, text=True)
             check(r.returncode == 1 and "unfinished" in r.stderr, "training refuses an unfinished cache")
-    r = subprocess.run([a.canopy, "cache", "--config", cut_cfg, "--progress", "lines"], capture_output=True, text=True, env=env)
+    r = subprocess.run([canopy, "cache", "--config", cut_cfg, "--progress", "lines"], capture_output=True, text=True, env=env)
     check(r.returncode == 0 and "resuming" in r.stderr, f"rerun resumes: {r.stderr.strip().splitlines()[0] if r.stderr else ''}")
-    r = subprocess.run([a.canopy, "inspect", cut_cache, "--verify"], capture_output=True, text=True)
+    r = subprocess.run([canopy, "inspect", cut_cache, "--verify"], capture_output=True, text=True)
     check(r.returncode == 0 and "complete" in r.stdout and "verified" in r.stdout, "inspect --verify passes after resuming")
 
     ref, cut = read_all(ref_cache), read_all(cut_cache)

@@ -4,18 +4,16 @@ every exported head is bitwise identical to a run that was never interrupted (on
 
     test_train_resume.py --canopy build/runners/canopy
 """
-import argparse
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
-from support import FMNIST, check, finish, kill_when
+from support import FMNIST, check, finish, kill_when, start
 
 
 
@@ -29,13 +27,7 @@ class Tiny(torch.nn.Module):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--canopy", required=True)
-    a = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="canopy-train-resume-")
-    torch.manual_seed(0)
-    trunk = os.path.join(work, "tiny.pt")
-    torch.jit.script(Tiny().eval()).save(trunk)
+    canopy, work, trunk = start("canopy-train-resume-", Tiny, "tiny.pt")
     config = os.path.join(work, "job.ini")
     with open(config, "w") as f:
         f.write(f"""[data]
@@ -70,16 +62,16 @@ dropout = 0.1
 optimizer = adamw
 weight_decay = 0.01
 """)
-    r = subprocess.run([a.canopy, "cache", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
+    r = subprocess.run([canopy, "cache", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
     check(r.returncode == 0, f"cache built {r.stderr[-300:]}")
     t = time.time()
-    r = subprocess.run([a.canopy, "train", "--config", config, "--set", f"train.out_dir={work}/ref", "--progress", "quiet"],
+    r = subprocess.run([canopy, "train", "--config", config, "--set", f"train.out_dir={work}/ref", "--progress", "quiet"],
                        capture_output=True, text=True)
     check(r.returncode == 0, f"uninterrupted training ({time.time() - t:.1f}s) {r.stderr[-300:]}")
 
     out = f"{work}/cut"
     state = os.path.join(out, "checkpoint", "state.json")
-    cmd = [a.canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"]
+    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"]
     kills = []
     for target in ((1, 40), (2, 90)):  # (epoch, step) reached before each kill
         returncode, st = kill_when(cmd + (["--resume"] if kills else []), state,

@@ -10,11 +10,11 @@
 // code, so fused and unfused training differ only in the floating-point summation order
 // inside that one multiply.
 //
-// Why only the first layer: on the CPU a wide multiply pays off while the heads are small
-// (many thin [B, D] x [D, 10] products are overhead-bound), and stops paying once the fused
-// activations leave the core's cache; batched bmm over stacked later layers measured slower
-// than separate multiplies for narrow outputs. docs/decisions.md has the numbers; the
-// trainer sizes groups by fused_width (train.fuse_kib).
+// Why only the first layer: on the CPU one wide multiply pays off while the heads are
+// narrow (many thin [B, D] x [D, 10] products are overhead-bound) and loses once they are
+// wide; running the later layers as bmm over stacked weights measured slower still.
+// docs/decisions.md has the numbers (bench/fusion_variants.py); the trainer bounds groups
+// by fused_width (train.fuse_kib).
 #pragma once
 
 #include <cstdint>

@@ -32,13 +32,12 @@ class MlpHead : public Head {
   const MlpHeadOptions& options() const { return options_; }
   // The first Linear layer, and the rest of the forward pass from its output (activation,
   // dropout, further layers): forward(x) == forward_after_first(first()(x)).
-  const torch::nn::Linear& first() const { return first_; }
+  torch::nn::Linear first() const;
   torch::Tensor forward_after_first(torch::Tensor first_output);
 
  private:
   MlpHeadOptions options_;
   torch::nn::Sequential layers_{nullptr};
-  torch::nn::Linear first_{nullptr};
 };
 
 }  // namespace canopy::heads

@@ -67,6 +67,14 @@ struct ClassificationMetrics {
   double score() const { return regression ? r2 : accuracy; }
 };
 
+// Per-class counts and scores from a confusion matrix (rows = truth).
+struct ClassStats {
+  std::int64_t support = 0;    // rows of this class
+  std::int64_t predicted = 0;  // rows predicted as this class
+  double precision = 0.0, recall = 0.0, f1 = 0.0;
+};
+std::vector<ClassStats> per_class_stats(const at::Tensor& confusion);
+
 ClassificationMetrics classification_metrics(const at::Tensor& predictions,
                                              const at::Tensor& targets, std::int64_t num_classes);
 // scores: [N, K] logits or probabilities; targets: [N, K] in {0, 1}.
@@ -126,7 +134,7 @@ class Task {
   TaskState state = TaskState::kTraining;
   std::string failure;  // why the task failed, with epoch and step
   // Early stopping bookkeeping (on ClassificationMetrics::score()).
-  double best_accuracy = -1e300;
+  double best_score = -1e300;
   std::int64_t best_epoch = 0;
   std::string stop_note;  // e.g. "stopped early at epoch 9 (best 0.8870 at epoch 6)"
 
