@@ -223,7 +223,10 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   meta.label_sources = {"class", "ink"};
   meta.float_labels = {"ink"};
   std::map<std::string, at::Tensor> ink;
-  for (const auto& [split, data] : splits) ink[split] = data.images.to(at::kDouble).mean({1, 2}) / 255.0;
+  for (const auto& [split, data] : splits) {  // summed as integers: no float copy of the images
+    const double pixels = static_cast<double>(data.images.size(1) * data.images.size(2));
+    ink[split] = data.images.sum({1, 2}, false, at::kLong).to(at::kDouble) / (255.0 * pixels);
+  }
   meta.label_stats["ink"] = {ink["train"].mean().item<double>(), ink["train"].std().item<double>()};
   if (config.data.source == "fashion-mnist") meta.class_names = datasets::fashion_mnist_class_names();
   std::string note;
