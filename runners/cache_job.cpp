@@ -1,7 +1,5 @@
 #include "canopy/runners/cache_job.h"
 
-#include <sys/stat.h>
-
 #include <chrono>
 #include <algorithm>
 #include <optional>
@@ -17,35 +15,13 @@
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
-#include "canopy/datasets/mnist.h"
+#include "canopy/runners/input_data.h"
 #include "canopy/trunk/trunk.h"
 
 namespace canopy::runners {
 
 namespace {
 using Clock = std::chrono::steady_clock;
-
-// The input data is identified by each file's name, size and modification time (hashing
-// 30 MB of idx files on every run would cost more than it protects against).
-std::string describe_input_files(const DataConfig& d) {
-  std::ostringstream out;
-  CANOPY_CHECK(is_directory(d.dir), DataError, "data.dir '", d.dir, "' is not a directory",
-               d.source == "fashion-mnist" ? " (install the Debian package dataset-fashion-mnist)" : "");
-  std::vector<std::string> names;
-  for (const auto& name : list_dir(d.dir)) {
-    if (name.find("idx") != std::string::npos) names.push_back(name);
-  }
-  CANOPY_CHECK(!names.empty(), DataError, "data.dir '", d.dir, "' holds no idx files",
-               d.source == "fashion-mnist" ? " (install the Debian package dataset-fashion-mnist)" : "");
-  std::sort(names.begin(), names.end());
-  for (const auto& n : names) {
-    struct stat st {};
-    const std::string p = join_path(d.dir, n);
-    CANOPY_CHECK(::stat(p.c_str(), &st) == 0, IoError, "cannot stat '", p, "'");
-    out << n << ":" << st.st_size << ":" << st.st_mtim.tv_sec << ";";
-  }
-  return out.str();
-}
 
 std::map<std::string, std::string> parse_description(const std::string& d) {
   std::map<std::string, std::string> out;
@@ -63,12 +39,9 @@ std::string cache_description(const JobConfig& c, const std::string& trunk_sha25
   std::ostringstream out;
   out << "schema=" << datasets::kCacheSchemaVersion << "\n"
       << "trunk_sha256=" << trunk_sha256 << "\n"
-      << "tap=output\n"
+      << "tap=" << trunk::describe_taps(c.trunk) << "\n"
       << "pooling=" << c.trunk.pooling << "\n"
-      << "preprocess=" << datasets::describe(c.preprocess) << "\n"
-      << "data=" << c.data.source << ";train_limit=" << c.data.train_limit
-      << ";test_limit=" << c.data.test_limit << ";" << describe_input_files(c.data) << "\n"
-      << "labels=class;ink=mean pixel intensity/255 (float64, with its train mean and std)\n"
+      << describe_inputs(c)
       << "dtype=" << datasets::storage_dtype_name(datasets::parse_storage_dtype(c.cache.dtype)) << "\n"
       << "torch=" << TORCH_VERSION << "\n";
   return out.str();
@@ -196,17 +169,11 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
     trunk = &*owned;
   }
 
-  std::map<std::string, datasets::ImageSplit> splits;
+  const InputData data = load_input_data(config);
   std::map<std::string, std::int64_t> split_rows;
-  for (const std::string split : {"train", "test"}) {
-    splits[split] = datasets::read_mnist_split(
-        config.data.dir, split, split == "train" ? config.data.train_limit : config.data.test_limit);
-    split_rows[split] = splits[split].images.size(0);
-    CANOPY_CHECK(split_rows[split] > 0, DataError, "split '", split, "' of '", config.data.dir, "' has no samples");
-  }
+  for (const auto& [split, d] : data.splits) split_rows[split] = d.rows;
   // One sample tells the feature dimension (the writer needs it before the first shard).
-  const std::int64_t dim =
-      trunk->encode(datasets::preprocess_images(splits["train"].images.slice(0, 0, 1), config.preprocess)).size(1);
+  const std::int64_t dim = trunk->encode(data.splits.at("train").inputs(0, 1)).size(1);
 
   datasets::CacheMeta meta;
   meta.fingerprint = report.fingerprint;
@@ -218,17 +185,10 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   meta.torch_version = TORCH_VERSION;
   meta.dtype = datasets::parse_storage_dtype(config.cache.dtype);
   meta.feature_dim = dim;
-  // Label sources: the class, and a real-valued target for regression heads: the image's
-  // mean pixel intensity ("ink", 0 = blank, 1 = all white), computed from the raw image.
-  meta.label_sources = {"class", "ink"};
-  meta.float_labels = {"ink"};
-  std::map<std::string, at::Tensor> ink;
-  for (const auto& [split, data] : splits) {  // summed as integers: no float copy of the images
-    const double pixels = static_cast<double>(data.images.size(1) * data.images.size(2));
-    ink[split] = data.images.sum({1, 2}, false, at::kLong).to(at::kDouble) / (255.0 * pixels);
-  }
-  meta.label_stats["ink"] = {ink["train"].mean().item<double>(), ink["train"].std().item<double>()};
-  if (config.data.source == "fashion-mnist") meta.class_names = datasets::fashion_mnist_class_names();
+  meta.label_sources = data.label_sources;
+  meta.float_labels = data.float_labels;
+  meta.label_stats = data.label_stats;
+  meta.class_names = data.class_names;
   std::string note;
   datasets::FeatureCacheWriter writer(config.cache.path, meta, split_rows, config.cache.shard_rows, resume, &note);
   if (resume) report.reason = note;
@@ -242,14 +202,15 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   // stores the previous batch (HDF5 is only ever called from that one thread).
   struct Item {
     std::string split;
-    at::Tensor features, labels, ink, ids;
+    at::Tensor features, ids;
+    std::map<std::string, at::Tensor> labels;
   };
   BoundedQueue<Item> queue(2);
   std::exception_ptr write_error;
   std::thread writer_thread([&] {
     try {
       while (auto item = queue.pop()) {
-        writer.append(item->split, item->features, {{"class", item->labels}, {"ink", item->ink}}, item->ids);
+        writer.append(item->split, item->features, item->labels, item->ids);
       }
     } catch (...) {
       write_error = std::current_exception();
@@ -257,17 +218,19 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
     }
   });
   try {
-    Progress progress("cache", todo, "img", style);
+    Progress progress("cache", todo, data.unit, style);
     for (const std::string split : {"train", "test"}) {
-      const auto& data = splits[split];
-      const std::int64_t n = split_rows[split];
+      const InputSplit& in = data.splits.at(split);
+      const std::int64_t n = in.rows;
       for (std::int64_t i = writer.rows_done(split); i < n; i += config.cache.batch_size) {
         const std::int64_t end = std::min(n, i + config.cache.batch_size);
         const auto t0 = Clock::now();
-        const at::Tensor f = trunk->encode(datasets::preprocess_images(data.images.slice(0, i, end), config.preprocess));
+        const at::Tensor f = trunk->encode(in.inputs(i, end));
         const auto t1 = Clock::now();
         report.trunk_seconds += std::chrono::duration<double>(t1 - t0).count();
-        if (!queue.push(Item{split, f, data.labels.slice(0, i, end), ink[split].slice(0, i, end), data.ids.slice(0, i, end)})) break;
+        std::map<std::string, at::Tensor> labels;
+        for (const auto& [name, column] : in.labels) labels[name] = column.slice(0, i, end);
+        if (!queue.push(Item{split, f, in.ids.slice(0, i, end), std::move(labels)})) break;
         report.write_wait_seconds += std::chrono::duration<double>(Clock::now() - t1).count();
         report.rows_computed += end - i;
         progress.advance(end - i, split);

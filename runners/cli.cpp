@@ -1,22 +1,26 @@
 #include "canopy/runners/cli.h"
 
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <optional>
 #include <sstream>
 
 #include <boost/program_options.hpp>
+#include <nlohmann/json.hpp>
 #include <torch/version.h>
 
 #include "canopy/core/device.h"
 #include "canopy/core/error.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/strings.h"
+#include "canopy/datasets/text.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/predict_job.h"
 #include "canopy/runners/train_job.h"
 #include "canopy/core/fs.h"
+#include "canopy/trunk/trunk.h"
 
 namespace canopy::runners {
 namespace po = boost::program_options;
@@ -36,6 +40,13 @@ commands:
   inspect PATH [--config FILE] [--verify]
           describe a cache: splits, shapes, dtype, size, fingerprint parts, completeness,
           whether it matches a config; --verify checks every shard's checksums
+  trunk show --config FILE [--depth N]
+          load the trunk (hash checked first) and print its module tree: parameter
+          counts, frozen/trainable under the config's freeze policy, BatchNorm layers and
+          how they are pinned, blocks and tap points; runs no data
+  tokenize --vocab FILE [--max-length N] [--cased] (--arff FILE [--attribute NAME] | --input FILE)
+          WordPiece token ids of texts as JSON lines {"text": ..., "ids": [...]}; texts
+          from an ARFF string attribute (default Text) or one per line of FILE
   heads   list the head types that can be named in a config
   version print versions
 
@@ -151,9 +162,46 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
     }
     return kExitOk;
   }
+  if (command == "trunk") {
+    CANOPY_CHECK(!rest.empty() && rest[0] == "show", ConfigError, "usage: canopy trunk show --config FILE [--depth N]");
+    po::options_description tdesc("options");
+    tdesc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(
+        "depth", po::value<int>()->default_value(2), "");
+    const auto tvm = parse_options(tdesc, std::vector<std::string>(rest.begin() + 1, rest.end()),
+                                   "usage: canopy trunk show --config FILE [--depth N]");
+    CANOPY_CHECK(tvm.count("config"), ConfigError, "canopy trunk show: --config FILE is required");
+    const JobConfig config = config_from(tvm);
+    out << trunk::Trunk::load(config.trunk).show(tvm["depth"].as<int>());
+    return kExitOk;
+  }
+  if (command == "tokenize") {
+    po::options_description kdesc("options");
+    kdesc.add_options()("vocab", po::value<std::string>(), "")("max-length", po::value<std::int64_t>()->default_value(256), "")(
+        "cased", "")("arff", po::value<std::string>(), "")("attribute", po::value<std::string>()->default_value("Text"), "")(
+        "input", po::value<std::string>(), "");
+    const auto kvm = parse_options(kdesc, rest, "see canopy --help");
+    CANOPY_CHECK(kvm.count("vocab") && (kvm.count("arff") != kvm.count("input")), ConfigError,
+                 "canopy tokenize: --vocab FILE and one of --arff FILE or --input FILE are required");
+    datasets::TokenizerConfig tc;
+    tc.vocab = kvm["vocab"].as<std::string>();
+    tc.max_length = kvm["max-length"].as<std::int64_t>();
+    tc.lowercase = kvm.count("cased") == 0;
+    const datasets::WordPieceTokenizer tokenizer(tc);
+    std::vector<std::string> texts;
+    if (kvm.count("arff")) {
+      const auto arff = datasets::read_arff(kvm["arff"].as<std::string>());
+      texts = arff.strings[arff.attribute(kvm["attribute"].as<std::string>())];
+    } else {
+      std::ifstream in(kvm["input"].as<std::string>());
+      CANOPY_CHECK(in, DataError, "cannot open '", kvm["input"].as<std::string>(), "'");
+      for (std::string line; std::getline(in, line);) texts.push_back(line);
+    }
+    for (const auto& t : texts) out << nlohmann::json{{"text", t}, {"ids", tokenizer.encode(t)}}.dump() << "\n";
+    return kExitOk;
+  }
   if (command != "cache" && command != "train" && command != "run") {
     throw ConfigError("unknown command '" + command +
-                      "' (commands: cache, train, run, predict, inspect, heads, version)");
+                      "' (commands: cache, train, run, predict, inspect, trunk, tokenize, heads, version)");
   }
   po::options_description desc("options");
   desc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(

@@ -87,6 +87,15 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   v.str("data.dir", c.data.dir, true);
   v.i64("data.train_limit", c.data.train_limit);
   v.i64("data.test_limit", c.data.test_limit);
+  v.str_list("data.train_files", c.data.train_files);
+  v.str_list("data.test_files", c.data.test_files);
+  for (auto* files : {&c.data.train_files, &c.data.test_files}) {
+    for (auto& f : *files) f = expand_env(trim(f));
+  }
+  v.str("data.text_attribute", c.data.text_attribute);
+  v.str("text.vocab", c.text.vocab, true);
+  v.boolean("text.lowercase", c.text.lowercase);
+  v.i64("text.max_length", c.text.max_length);
   v.i64("preprocess.resize", c.preprocess.resize);
   v.i64("preprocess.channels", c.preprocess.channels);
   v.f64_list("preprocess.mean", c.preprocess.mean);
@@ -96,6 +105,11 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   v.str("trunk.device", c.trunk.device);
   v.str("trunk.pooling", c.trunk.pooling);
   v.boolean("trunk.optimize", c.trunk.optimize);
+  v.str_list("trunk.taps", c.trunk.taps);
+  for (auto& t : c.trunk.taps) t = trim(t);
+  v.str("trunk.freeze", c.trunk.freeze.freeze);
+  v.str("trunk.train_only", c.trunk.freeze.train_only);
+  v.boolean("trunk.batchnorm_affine_trainable", c.trunk.freeze.batchnorm_affine_trainable);
   v.str("cache.path", c.cache.path, true);
   v.i64("cache.batch_size", c.cache.batch_size);
   v.i64("cache.shard_rows", c.cache.shard_rows);
@@ -167,8 +181,13 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
 }
 
 void validate_job_config(const JobConfig& c) {
-  CANOPY_CHECK(c.data.source == "fashion-mnist" || c.data.source == "mnist", ConfigError,
-               "data.source: expected fashion-mnist or mnist, got '", c.data.source, "'");
+  CANOPY_CHECK(c.data.source == "fashion-mnist" || c.data.source == "mnist" || c.data.source == "arff", ConfigError,
+               "data.source: expected fashion-mnist, mnist or arff, got '", c.data.source, "'");
+  if (c.data.source == "arff") {
+    CANOPY_CHECK(!c.data.train_files.empty() && !c.data.test_files.empty(), ConfigError,
+                 "data.source = arff needs data.train_files and data.test_files (label_name:path.arff, ...)");
+    datasets::validate_tokenizer_config(c.text);
+  }
   CANOPY_CHECK(c.data.train_limit >= 0 && c.data.test_limit >= 0, ConfigError,
                "data.train_limit and data.test_limit must be >= 0, got ", c.data.train_limit, " and ",
                c.data.test_limit);
@@ -229,12 +248,21 @@ std::string dump_config(const JobConfig& c) {
   o.precision(10);
   o << "# resolved canopy configuration (from " << c.source << ")\n";
   o << "[data]\nsource = " << c.data.source << "\ndir = " << c.data.dir
-    << "\ntrain_limit = " << c.data.train_limit << "\ntest_limit = " << c.data.test_limit << "\n\n";
+    << "\ntrain_limit = " << c.data.train_limit << "\ntest_limit = " << c.data.test_limit << "\n";
+  if (!c.data.train_files.empty() || !c.data.test_files.empty()) {
+    o << "train_files = " << list(c.data.train_files) << "\ntest_files = " << list(c.data.test_files)
+      << "\ntext_attribute = " << c.data.text_attribute << "\n";
+  }
+  o << "\n";
+  o << "[text]\nvocab = " << c.text.vocab << "\nlowercase = " << (c.text.lowercase ? "true" : "false")
+    << "\nmax_length = " << c.text.max_length << "\n\n";
   o << "[preprocess]\nresize = " << c.preprocess.resize << "\nchannels = " << c.preprocess.channels
     << "\nmean = " << list(c.preprocess.mean) << "\nstd = " << list(c.preprocess.std) << "\n\n";
   o << "[trunk]\npath = " << c.trunk.path << "\nsha256 = " << c.trunk.sha256
     << "\ndevice = " << c.trunk.device << "\npooling = " << c.trunk.pooling
-    << "\noptimize = " << (c.trunk.optimize ? "true" : "false") << "\n\n";
+    << "\ntaps = " << list(c.trunk.taps) << "\noptimize = " << (c.trunk.optimize ? "true" : "false")
+    << "\nfreeze = " << c.trunk.freeze.freeze << "\ntrain_only = " << c.trunk.freeze.train_only
+    << "\nbatchnorm_affine_trainable = " << (c.trunk.freeze.batchnorm_affine_trainable ? "true" : "false") << "\n\n";
   o << "[cache]\npath = " << c.cache.path << "\nbatch_size = " << c.cache.batch_size
     << "\nshard_rows = " << c.cache.shard_rows << "\ndtype = " << c.cache.dtype
     << "\nmemory_cap_mb = " << c.cache.memory_cap_mb << "\nread_method = " << c.cache.read_method << "\n\n";

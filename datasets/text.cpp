@@ -1,0 +1,406 @@
+#include "canopy/datasets/text.h"
+
+#include <cctype>
+#include <fstream>
+#include <sstream>
+
+#include "canopy/core/error.h"
+#include "canopy/core/sha256.h"
+#include "canopy/core/strings.h"
+
+namespace canopy::datasets {
+
+namespace {
+
+// --- UTF-8 -------------------------------------------------------------------------
+// Decodes `s` into code points; an invalid byte becomes U+FFFD (which normalisation drops,
+// as the reference does for replacement characters).
+std::vector<char32_t> decode_utf8(const std::string& s) {
+  std::vector<char32_t> out;
+  out.reserve(s.size());
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const std::size_t n = s.size();
+  for (std::size_t i = 0; i < n;) {
+    const unsigned c = p[i];
+    int len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    char32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
+    bool ok = len > 0 && i + len <= n;
+    for (int k = 1; ok && k < len; ++k) {
+      ok = (p[i + k] & 0xC0) == 0x80;
+      cp = (cp << 6) | (p[i + k] & 0x3F);
+    }
+    if (!ok) {
+      out.push_back(0xFFFD);
+      ++i;
+      continue;
+    }
+    out.push_back(cp);
+    i += len;
+  }
+  return out;
+}
+
+void append_utf8(std::string& out, char32_t cp) {
+  if (cp < 0x80) {
+    out += static_cast<char>(cp);
+  } else if (cp < 0x800) {
+    out += static_cast<char>(0xC0 | (cp >> 6));
+    out += static_cast<char>(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {
+    out += static_cast<char>(0xE0 | (cp >> 12));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (cp & 0x3F));
+  } else {
+    out += static_cast<char>(0xF0 | (cp >> 18));
+    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (cp & 0x3F));
+  }
+}
+
+// --- character classes (Unicode categories, for the blocks named in text.h) ---------------
+bool in(char32_t c, char32_t lo, char32_t hi) { return c >= lo && c <= hi; }
+
+// Other (Cc, Cf) except \t \n \r: removed by normalisation.
+bool is_control(char32_t c) {
+  if (c == '\t' || c == '\n' || c == '\r') return false;
+  return c < 0x20 || in(c, 0x7F, 0x9F) || c == 0xAD || in(c, 0x600, 0x605) || c == 0x61C || c == 0x6DD ||
+         c == 0x70F || in(c, 0x200B, 0x200F) || in(c, 0x202A, 0x202E) || in(c, 0x2060, 0x2064) ||
+         in(c, 0x2066, 0x206F) || c == 0xFEFF || in(c, 0xFFF9, 0xFFFB) || in(c, 0xD800, 0xDFFF) ||
+         in(c, 0xE000, 0xF8FF);
+}
+
+bool is_whitespace(char32_t c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == 0xA0 || c == 0x1680 ||
+         in(c, 0x2000, 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+bool is_punctuation(char32_t c) {
+  if (in(c, 33, 47) || in(c, 58, 64) || in(c, 91, 96) || in(c, 123, 126)) return true;  // ASCII, as BERT
+  switch (c) {
+    case 0xA1: case 0xA7: case 0xAB: case 0xB6: case 0xB7: case 0xBB: case 0xBF:
+    case 0x37E: case 0x387: case 0x303D: case 0x30FB: case 0x3030:
+      return true;
+    default:
+      break;
+  }
+  return in(c, 0x2010, 0x2027) || in(c, 0x2030, 0x2043) || in(c, 0x2045, 0x2051) || in(c, 0x2053, 0x205E) ||
+         in(c, 0x3001, 0x3003) || in(c, 0x3008, 0x3011) || in(c, 0x3014, 0x301F) || in(c, 0xFF01, 0xFF03) ||
+         in(c, 0xFF05, 0xFF0A) || in(c, 0xFF0C, 0xFF0F) || in(c, 0xFF1A, 0xFF1B) || in(c, 0xFF1F, 0xFF20) ||
+         in(c, 0xFF3B, 0xFF3D) || c == 0xFF3F || c == 0xFF5B || c == 0xFF5D || in(c, 0xFF5F, 0xFF65);
+}
+
+bool is_cjk(char32_t c) {
+  return in(c, 0x4E00, 0x9FFF) || in(c, 0x3400, 0x4DBF) || in(c, 0x20000, 0x2A6DF) || in(c, 0x2A700, 0x2B73F) ||
+         in(c, 0x2B740, 0x2B81F) || in(c, 0x2B820, 0x2CEAF) || in(c, 0xF900, 0xFAFF) || in(c, 0x2F800, 0x2FA1F);
+}
+
+bool is_combining_mark(char32_t c) { return in(c, 0x300, 0x36F); }
+
+char32_t to_lower(char32_t c) {
+  if (c == 0x130) return 'i';  // İ lowercases to i + combining dot above, which is then stripped
+  if (in(c, 'A', 'Z') || (in(c, 0xC0, 0xDE) && c != 0xD7)) return c + 32;
+  if (in(c, 0x100, 0x137) || in(c, 0x14A, 0x177)) return (c % 2 == 0) ? c + 1 : c;  // pairs: upper even
+  if (in(c, 0x139, 0x148) || in(c, 0x179, 0x17E)) return (c % 2 == 1) ? c + 1 : c;  // pairs: upper odd
+  if (c == 0x178) return 0xFF;
+  if (in(c, 0x391, 0x3AB) && c != 0x3A2) return c + 32;
+  if (c == 0x386) return 0x3AC;
+  if (in(c, 0x388, 0x38A)) return c + 37;
+  if (c == 0x38C) return 0x3CC;
+  if (in(c, 0x38E, 0x38F)) return c + 63;
+  if (in(c, 0x410, 0x42F)) return c + 32;
+  if (in(c, 0x400, 0x40F)) return c + 80;
+  return c;
+}
+
+// The base letter of a lowercase letter whose canonical decomposition is letter + marks
+// (what NFD followed by removing nonspacing marks leaves); 0 when it has none.
+char32_t strip_accent(char32_t c) {
+  static const char kLatin1[] = "aaaaaa_ceeeeiiii_nooooo__uuuuy__";  // U+00E0..U+00FF
+  if (in(c, 0xE0, 0xFF)) {
+    const char b = c == 0xFF ? 'y' : kLatin1[c - 0xE0];
+    return b == '_' ? 0 : static_cast<char32_t>(b);
+  }
+  if (in(c, 0x100, 0x17F)) {
+    struct Range { char32_t lo, hi; char base; };
+    static const Range kExtA[] = {
+        {0x100, 0x105, 'a'}, {0x106, 0x10D, 'c'}, {0x10E, 0x10F, 'd'}, {0x112, 0x11B, 'e'},
+        {0x11C, 0x123, 'g'}, {0x124, 0x125, 'h'}, {0x128, 0x130, 'i'}, {0x134, 0x135, 'j'},
+        {0x136, 0x137, 'k'}, {0x139, 0x13E, 'l'}, {0x143, 0x148, 'n'}, {0x14C, 0x151, 'o'},
+        {0x154, 0x159, 'r'}, {0x15A, 0x161, 's'}, {0x162, 0x165, 't'}, {0x168, 0x173, 'u'},
+        {0x174, 0x175, 'w'}, {0x176, 0x178, 'y'}, {0x179, 0x17E, 'z'}};
+    for (const auto& r : kExtA) {
+      if (in(c, r.lo, r.hi)) return static_cast<char32_t>(r.base);
+    }
+    return 0;
+  }
+  switch (c) {
+    case 0x3AC: return 0x3B1;
+    case 0x3AD: return 0x3B5;
+    case 0x3AE: return 0x3B7;
+    case 0x3AF: case 0x3CA: case 0x390: return 0x3B9;
+    case 0x3CC: return 0x3BF;
+    case 0x3CD: case 0x3CB: case 0x3B0: return 0x3C5;
+    case 0x3CE: return 0x3C9;
+    case 0x450: case 0x451: return 0x435;
+    case 0x439: case 0x45D: return 0x438;
+    case 0x453: return 0x433;
+    case 0x457: return 0x456;
+    case 0x45C: return 0x43A;
+    case 0x45E: return 0x443;
+    default: return 0;
+  }
+}
+
+std::int64_t required_token(const std::unordered_map<std::string, std::int64_t>& vocab, const std::string& t,
+                            const std::string& path) {
+  const auto it = vocab.find(t);
+  CANOPY_CHECK(it != vocab.end(), DataError, "vocabulary '", path, "' has no ", t, " token");
+  return it->second;
+}
+
+}  // namespace
+
+void validate_tokenizer_config(const TokenizerConfig& c) {
+  CANOPY_CHECK(!c.vocab.empty(), ConfigError, "text.vocab is empty: give the trunk's vocab.txt");
+  CANOPY_CHECK(c.max_length >= 3 && c.max_length <= 4096, ConfigError,
+               "text.max_length must be in [3, 4096] (it counts [CLS] and [SEP]), got ", c.max_length);
+}
+
+std::string describe(const TokenizerConfig& c) {
+  return detail::str_cat("wordpiece;vocab_sha256=", sha256_file(c.vocab), ";lowercase=", c.lowercase ? 1 : 0,
+                         ";max_length=", c.max_length, ";strip_accents=", c.lowercase ? 1 : 0);
+}
+
+WordPieceTokenizer::WordPieceTokenizer(const TokenizerConfig& config) : config_(config) {
+  validate_tokenizer_config(config);
+  std::ifstream in(config.vocab);
+  CANOPY_CHECK(in, DataError, "cannot open vocabulary '", config.vocab, "'");
+  std::string line;
+  std::int64_t id = 0;
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    vocab_.emplace(line, id++);  // a duplicate keeps its first id, as the reference does
+  }
+  CANOPY_CHECK(id > 0, DataError, "vocabulary '", config.vocab, "' is empty");
+  cls_ = required_token(vocab_, "[CLS]", config.vocab);
+  sep_ = required_token(vocab_, "[SEP]", config.vocab);
+  unk_ = required_token(vocab_, "[UNK]", config.vocab);
+  pad_ = required_token(vocab_, "[PAD]", config.vocab);
+}
+
+std::vector<std::string> WordPieceTokenizer::words(const std::string& text) const {
+  std::vector<std::string> out;
+  std::string cur;
+  auto flush = [&] {
+    if (!cur.empty()) out.push_back(std::move(cur));
+    cur.clear();
+  };
+  for (char32_t c : decode_utf8(text)) {
+    if (c == 0 || c == 0xFFFD || is_control(c)) continue;
+    if (is_whitespace(c)) {
+      flush();
+      continue;
+    }
+    if (config_.lowercase) {
+      if (is_combining_mark(c)) continue;
+      c = to_lower(c);
+      if (const char32_t base = strip_accent(c)) c = base;
+    }
+    if (is_punctuation(c) || is_cjk(c)) {
+      flush();
+      append_utf8(cur, c);
+      flush();
+      continue;
+    }
+    append_utf8(cur, c);
+  }
+  flush();
+  return out;
+}
+
+void WordPieceTokenizer::wordpiece(const std::string& word, std::vector<std::int64_t>& out) const {
+  // Boundaries of code points: pieces never split a character.
+  std::vector<std::size_t> starts;
+  for (std::size_t i = 0; i < word.size(); ++i) {
+    if ((static_cast<unsigned char>(word[i]) & 0xC0) != 0x80) starts.push_back(i);
+  }
+  if (starts.size() > 100) {
+    out.push_back(unk_);
+    return;
+  }
+  starts.push_back(word.size());
+  const std::size_t first = out.size();
+  std::size_t s = 0;
+  std::string piece;
+  while (s + 1 < starts.size()) {
+    std::int64_t found = -1;
+    std::size_t e = starts.size() - 1;
+    for (; e > s; --e) {
+      piece.assign(s > 0 ? "##" : "");
+      piece.append(word, starts[s], starts[e] - starts[s]);
+      const auto it = vocab_.find(piece);
+      if (it != vocab_.end()) {
+        found = it->second;
+        break;
+      }
+    }
+    if (found < 0) {
+      out.resize(first);
+      out.push_back(unk_);
+      return;
+    }
+    out.push_back(found);
+    s = e;
+  }
+}
+
+std::vector<std::int64_t> WordPieceTokenizer::encode(const std::string& text) const {
+  std::vector<std::int64_t> ids{cls_};
+  const std::size_t limit = static_cast<std::size_t>(config_.max_length) - 1;
+  for (const auto& w : words(text)) {
+    wordpiece(w, ids);
+    if (ids.size() >= limit) break;
+  }
+  if (ids.size() > limit) ids.resize(limit);
+  ids.push_back(sep_);
+  return ids;
+}
+
+// --- ARFF ------------------------------------------------------------------------------
+namespace {
+
+// Splits one ARFF line into values: quoted ('...' or "...", with backslash escapes) or bare,
+// separated by commas. Stops at an unquoted '%' (a comment).
+std::vector<std::string> split_arff_values(const std::string& line, const std::string& where) {
+  std::vector<std::string> out;
+  std::size_t i = 0;
+  const std::size_t n = line.size();
+  while (i < n) {
+    while (i < n && (line[i] == ' ' || line[i] == '\t')) ++i;
+    if (i >= n || line[i] == '%') break;
+    std::string v;
+    if (line[i] == '\'' || line[i] == '"') {
+      const char q = line[i++];
+      bool closed = false;
+      while (i < n) {
+        const char c = line[i++];
+        if (c == '\\' && i < n) {
+          const char e = line[i++];
+          v += e == 'n' ? '\n' : e == 't' ? '\t' : e == 'r' ? '\r' : e;
+        } else if (c == q) {
+          closed = true;
+          break;
+        } else {
+          v += c;
+        }
+      }
+      CANOPY_CHECK(closed, DataError, where, ": unterminated quoted value");
+      while (i < n && (line[i] == ' ' || line[i] == '\t')) ++i;
+    } else {
+      const std::size_t start = i;
+      while (i < n && line[i] != ',') ++i;
+      v = trim(line.substr(start, i - start));
+    }
+    out.push_back(std::move(v));
+    if (i < n) {
+      CANOPY_CHECK(line[i] == ',', DataError, where, ": expected ',' after a value, found '", line[i], "'");
+      ++i;
+    }
+  }
+  return out;
+}
+
+std::string lower_ascii(std::string s) {
+  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+}  // namespace
+
+std::int64_t ArffData::attribute(const std::string& name) const {
+  for (std::size_t i = 0; i < attributes.size(); ++i) {
+    if (attributes[i] == name) return static_cast<std::int64_t>(i);
+  }
+  throw DataError(detail::str_cat("ARFF relation '", relation, "' has no attribute '", name, "' (it has: ",
+                                  join(attributes, ", "), ")"));
+}
+
+ArffData read_arff(const std::string& path) {
+  std::ifstream in(path);
+  CANOPY_CHECK(in, DataError, "cannot open ARFF file '", path, "'");
+  ArffData d;
+  std::string line;
+  std::int64_t line_no = 0;
+  bool data = false;
+  while (std::getline(in, line)) {
+    ++line_no;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    const std::string where = detail::str_cat(path, ":", line_no);
+    const std::string t = trim(line);
+    if (t.empty() || t[0] == '%') continue;
+    if (!data) {
+      const std::string head = lower_ascii(t.substr(0, t.find_first_of(" \t")));
+      if (head == "@relation") {
+        const auto v = split_arff_values(trim(t.substr(9)), where);
+        d.relation = v.empty() ? "" : v[0];
+      } else if (head == "@attribute") {
+        std::string rest = trim(t.substr(10));
+        std::string name;
+        if (!rest.empty() && (rest[0] == '\'' || rest[0] == '"')) {
+          const auto close = rest.find(rest[0], 1);
+          CANOPY_CHECK(close != std::string::npos, DataError, where, ": unterminated attribute name");
+          name = rest.substr(1, close - 1);
+          rest = trim(rest.substr(close + 1));
+        } else {
+          const auto sp = rest.find_first_of(" \t");
+          CANOPY_CHECK(sp != std::string::npos, DataError, where, ": @attribute needs a name and a type");
+          name = rest.substr(0, sp);
+          rest = trim(rest.substr(sp));
+        }
+        d.attributes.push_back(name);
+        if (!rest.empty() && rest[0] == '{') {
+          const auto close = rest.rfind('}');
+          CANOPY_CHECK(close != std::string::npos, DataError, where, ": unterminated nominal value list");
+          d.nominal_values.push_back(split_arff_values(rest.substr(1, close - 1), where));
+        } else {
+          CANOPY_CHECK(lower_ascii(rest) == "string", DataError, where, ": attribute '", name, "' has type '", rest,
+                       "'; only string and nominal ({a,b,...}) attributes are supported");
+          d.nominal_values.emplace_back();
+        }
+      } else if (head == "@data") {
+        CANOPY_CHECK(!d.attributes.empty(), DataError, where, ": @data before any @attribute");
+        data = true;
+        d.strings.resize(d.attributes.size());
+        d.nominals.resize(d.attributes.size());
+      } else {
+        throw DataError(detail::str_cat(where, ": expected @relation, @attribute or @data, found '",
+                                        t.substr(0, 40), "'"));
+      }
+      continue;
+    }
+    CANOPY_CHECK(t[0] != '{', DataError, where, ": sparse ARFF instances are not supported");
+    const auto values = split_arff_values(line, where);
+    CANOPY_CHECK(values.size() == d.attributes.size(), DataError, where, ": ", values.size(),
+                 " values for ", d.attributes.size(), " attributes");
+    for (std::size_t a = 0; a < values.size(); ++a) {
+      if (d.nominal_values[a].empty()) {
+        d.strings[a].push_back(values[a]);
+        continue;
+      }
+      const auto& allowed = d.nominal_values[a];
+      std::int64_t index = -1;
+      for (std::size_t k = 0; k < allowed.size(); ++k) {
+        if (allowed[k] == values[a]) index = static_cast<std::int64_t>(k);
+      }
+      CANOPY_CHECK(index >= 0, DataError, where, ": value '", values[a], "' of attribute '", d.attributes[a],
+                   "' is not one of {", join(allowed, ","), "}", values[a] == "?" ? " (missing values are not supported)" : "");
+      d.nominals[a].push_back(index);
+    }
+    ++d.rows;
+  }
+  CANOPY_CHECK(data, DataError, "ARFF file '", path, "' has no @data section");
+  return d;
+}
+
+}  // namespace canopy::datasets

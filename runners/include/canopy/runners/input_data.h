@@ -1,0 +1,45 @@
+// What the cache job feeds the trunk: every split's samples with their labels, whatever the
+// source (Fashion-MNIST/MNIST idx images, or texts with nominal labels from ARFF files),
+// and the trunk's inputs for any range of rows.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "canopy/runners/config.h"
+
+namespace canopy::runners {
+
+struct InputSplit {
+  std::int64_t rows = 0;
+  std::map<std::string, at::Tensor> labels;  // per label source: int64 (classes) or float64 [rows]
+  at::Tensor ids;                            // int64 [rows]: row in the source
+  // The trunk's inputs for rows [begin, end): one preprocessed image tensor, or token ids
+  // and attention mask (padded to the longest text in the range).
+  std::function<std::vector<at::Tensor>(std::int64_t begin, std::int64_t end)> inputs;
+};
+
+struct InputData {
+  std::map<std::string, InputSplit> splits;  // "train", "test"
+  std::vector<std::string> label_sources;
+  std::vector<std::string> float_labels;
+  std::map<std::string, std::pair<double, double>> label_stats;  // float sources: train mean, std
+  std::vector<std::string> class_names;                          // of the first source, if known
+  std::string unit = "img";                                      // for progress: img | doc
+};
+
+// Loads the data named by config.data (and config.text for text sources).
+InputData load_input_data(const JobConfig& config);
+
+// The fingerprint lines for the inputs: data files (name, size, mtime), limits, and the
+// preprocessing (images) or tokenizer (texts), plus what the labels are.
+std::string describe_inputs(const JobConfig& config);
+
+}  // namespace canopy::runners

@@ -1,0 +1,202 @@
+#include "canopy/runners/input_data.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <memory>
+#include <sstream>
+
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/zeros.h>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+#include "canopy/core/strings.h"
+#include "canopy/datasets/mnist.h"
+#include "canopy/datasets/preprocess.h"
+#include "canopy/datasets/text.h"
+
+namespace canopy::runners {
+
+namespace {
+
+std::string file_stamp(const std::string& path) {
+  struct stat st {};
+  CANOPY_CHECK(::stat(path.c_str(), &st) == 0, DataError, "cannot stat data file '", path, "'");
+  return detail::str_cat(path.substr(path.find_last_of('/') + 1), ":", st.st_size, ":", st.st_mtim.tv_sec);
+}
+
+// The input data is identified by each file's name, size and modification time (hashing
+// 30 MB of idx files on every run would cost more than it protects against).
+std::string describe_idx_files(const DataConfig& d) {
+  const char* hint = d.source == "fashion-mnist" ? " (install the Debian package dataset-fashion-mnist)" : "";
+  CANOPY_CHECK(is_directory(d.dir), DataError, "data.dir '", d.dir, "' is not a directory", hint);
+  std::vector<std::string> names;
+  for (const auto& name : list_dir(d.dir)) {
+    if (name.find("idx") != std::string::npos) names.push_back(name);
+  }
+  CANOPY_CHECK(!names.empty(), DataError, "data.dir '", d.dir, "' holds no idx files", hint);
+  std::sort(names.begin(), names.end());
+  std::ostringstream out;
+  for (const auto& n : names) out << file_stamp(join_path(d.dir, n)) << ";";
+  return out.str();
+}
+
+std::int64_t limit_for(const DataConfig& d, const std::string& split) {
+  return split == "train" ? d.train_limit : d.test_limit;
+}
+
+InputData load_images(const JobConfig& config) {
+  InputData data;
+  // Label sources: the class, and a real-valued target for regression heads: the image's
+  // mean pixel intensity ("ink", 0 = blank, 1 = all white), computed from the raw image.
+  data.label_sources = {"class", "ink"};
+  data.float_labels = {"ink"};
+  if (config.data.source == "fashion-mnist") data.class_names = datasets::fashion_mnist_class_names();
+  for (const std::string split : {"train", "test"}) {
+    auto images = std::make_shared<datasets::ImageSplit>(
+        datasets::read_mnist_split(config.data.dir, split, limit_for(config.data, split)));
+    InputSplit s;
+    s.rows = images->images.size(0);
+    CANOPY_CHECK(s.rows > 0, DataError, "split '", split, "' of '", config.data.dir, "' has no samples");
+    const double pixels = static_cast<double>(images->images.size(1) * images->images.size(2));
+    // Summed as integers: no float copy of the images.
+    s.labels["class"] = images->labels;
+    s.labels["ink"] = images->images.sum({1, 2}, false, at::kLong).to(at::kDouble) / (255.0 * pixels);
+    s.ids = images->ids;
+    const datasets::PreprocessConfig pre = config.preprocess;
+    s.inputs = [images, pre](std::int64_t b, std::int64_t e) {
+      return std::vector<at::Tensor>{datasets::preprocess_images(images->images.slice(0, b, e), pre)};
+    };
+    data.splits[split] = std::move(s);
+  }
+  const at::Tensor& ink = data.splits["train"].labels["ink"];
+  data.label_stats["ink"] = {ink.mean().item<double>(), ink.std().item<double>()};
+  return data;
+}
+
+// "name:path" -> {name, path}
+std::pair<std::string, std::string> named_file(const std::string& entry, const char* key) {
+  const auto colon = entry.find(':');
+  CANOPY_CHECK(colon != std::string::npos && colon > 0 && colon + 1 < entry.size(), ConfigError, key,
+               ": expected label_name:path.arff entries, got '", entry, "'");
+  return {trim(entry.substr(0, colon)), trim(entry.substr(colon + 1))};
+}
+
+// Token ids of texts [begin, end) padded to the longest: ids and attention mask, int64 [n, T].
+std::vector<at::Tensor> pad_tokens(const std::vector<std::vector<std::int64_t>>& tokens, std::int64_t begin,
+                                   std::int64_t end, std::int64_t pad_id) {
+  std::size_t longest = 1;
+  for (std::int64_t i = begin; i < end; ++i) longest = std::max(longest, tokens[i].size());
+  const auto n = end - begin;
+  at::Tensor ids = at::full({n, static_cast<std::int64_t>(longest)}, pad_id, at::kLong);
+  at::Tensor mask = at::zeros({n, static_cast<std::int64_t>(longest)}, at::kLong);
+  auto* id = ids.data_ptr<std::int64_t>();
+  auto* m = mask.data_ptr<std::int64_t>();
+  for (std::int64_t i = 0; i < n; ++i) {
+    const auto& t = tokens[begin + i];
+    std::copy(t.begin(), t.end(), id + i * longest);
+    std::fill(m + i * longest, m + i * longest + t.size(), 1);
+  }
+  return {ids, mask};
+}
+
+InputData load_texts(const JobConfig& config) {
+  InputData data;
+  data.unit = "doc";
+  auto tokenizer = std::make_shared<datasets::WordPieceTokenizer>(config.text);
+  for (const std::string split : {"train", "test"}) {
+    const auto& files = split == "train" ? config.data.train_files : config.data.test_files;
+    const char* key = split == "train" ? "data.train_files" : "data.test_files";
+    CANOPY_CHECK(!files.empty(), ConfigError, key, " is empty: list label_name:path.arff entries");
+    std::vector<std::string> texts;
+    InputSplit s;
+    std::vector<std::string> names;
+    for (const auto& entry : files) {
+      const auto [name, path] = named_file(entry, key);
+      const datasets::ArffData arff = datasets::read_arff(path);
+      const auto text_col = arff.attribute(config.data.text_attribute);
+      CANOPY_CHECK(arff.nominal_values[text_col].empty(), DataError, "attribute '", config.data.text_attribute,
+                   "' of '", path, "' is nominal, not a string");
+      std::int64_t label_col = -1;
+      for (std::size_t a = 0; a < arff.attributes.size(); ++a) {
+        if (!arff.nominal_values[a].empty()) label_col = static_cast<std::int64_t>(a);
+      }
+      CANOPY_CHECK(label_col >= 0, DataError, "'", path, "' has no nominal attribute to use as label '", name, "'");
+      if (texts.empty()) {
+        texts = arff.strings[text_col];
+      } else {
+        // The label files must describe the same documents in the same order.
+        CANOPY_CHECK(arff.strings[text_col].size() == texts.size(), DataError, "'", path, "' has ",
+                     arff.strings[text_col].size(), " documents but the first file of ", key, " has ", texts.size());
+        for (std::size_t i = 0; i < texts.size(); ++i) {
+          CANOPY_CHECK(arff.strings[text_col][i] == texts[i], DataError, "document ", i, " of '", path,
+                       "' differs from document ", i, " of the first file of ", key,
+                       "; label files must list the same documents in the same order");
+        }
+      }
+      CANOPY_CHECK(!s.labels.count(name), ConfigError, key, ": label name '", name, "' appears twice");
+      const auto& col = arff.nominals[label_col];
+      s.labels[name] = at::from_blob(const_cast<std::int64_t*>(col.data()), {static_cast<std::int64_t>(col.size())},
+                                     at::kLong).clone();
+      names.push_back(name);
+      if (data.class_names.empty()) data.class_names = arff.nominal_values[label_col];
+    }
+    std::int64_t n = static_cast<std::int64_t>(texts.size());
+    if (limit_for(config.data, split) > 0) n = std::min(n, limit_for(config.data, split));
+    CANOPY_CHECK(n > 0, DataError, "split '", split, "' has no documents");
+    for (auto& [name, t] : s.labels) t = t.slice(0, 0, n).clone();
+    // Every label file's class as a bit (set when the document has the label's second
+    // value, e.g. 1 of {0,1}): the multi-label view of the same documents.
+    at::Tensor bits = at::zeros({n}, at::kLong);
+    for (std::size_t k = 0; k < names.size(); ++k) bits += (s.labels[names[k]] == 1).to(at::kLong) * (1LL << k);
+    s.labels["all_labels"] = bits;
+    auto tokens = std::make_shared<std::vector<std::vector<std::int64_t>>>();
+    tokens->reserve(n);
+    for (std::int64_t i = 0; i < n; ++i) tokens->push_back(tokenizer->encode(texts[i]));
+    s.rows = n;
+    s.ids = at::arange(n, at::kLong);
+    const std::int64_t pad = tokenizer->pad_id();
+    s.inputs = [tokens, pad](std::int64_t b, std::int64_t e) { return pad_tokens(*tokens, b, e, pad); };
+    if (data.label_sources.empty()) {
+      data.label_sources = names;
+      data.label_sources.push_back("all_labels");
+    }
+    CANOPY_CHECK(names == std::vector<std::string>(data.label_sources.begin(), data.label_sources.end() - 1),
+                 ConfigError, "data.train_files and data.test_files must name the same labels in the same order");
+    data.splits[split] = std::move(s);
+  }
+  return data;
+}
+
+}  // namespace
+
+InputData load_input_data(const JobConfig& config) {
+  if (config.data.source == "arff") return load_texts(config);
+  return load_images(config);
+}
+
+std::string describe_inputs(const JobConfig& c) {
+  std::ostringstream out;
+  if (c.data.source == "arff") {
+    out << "preprocess=" << datasets::describe(c.text) << "\n"
+        << "data=arff;text_attribute=" << c.data.text_attribute << ";train_limit=" << c.data.train_limit
+        << ";test_limit=" << c.data.test_limit;
+    for (const auto* files : {&c.data.train_files, &c.data.test_files}) {
+      for (const auto& f : *files) {
+        const auto [name, path] = named_file(f, "data files");
+        out << ";" << name << "=" << file_stamp(path);
+      }
+    }
+    out << "\nlabels=one source per label file (nominal index);all_labels=bit k set when label k is 1\n";
+    return out.str();
+  }
+  out << "preprocess=" << datasets::describe(c.preprocess) << "\n"
+      << "data=" << c.data.source << ";train_limit=" << c.data.train_limit << ";test_limit=" << c.data.test_limit
+      << ";" << describe_idx_files(c.data) << "\n"
+      << "labels=class;ink=mean pixel intensity/255 (float64, with its train mean and std)\n";
+  return out.str();
+}
+
+}  // namespace canopy::runners
