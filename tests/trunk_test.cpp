@@ -3,9 +3,20 @@
 #include <ATen/Context.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/allclose.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
+#include <ATen/ops/tensor.h>
+#include <torch/csrc/jit/serialization/import.h>
+#include <torch/optim/sgd.h>
+
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <regex>
 
 #include "canopy/core/error.h"
+#include "canopy/core/fs.h"
 #include "canopy/core/sha256.h"
 #include "canopy/trunk/trunk.h"
 #include "support/test_support.h"
@@ -103,6 +114,242 @@ TEST(Trunk, EncodesOnGpu_CUDA) {
   EXPECT_TRUE(f.device().is_cpu());
   c.device = "cpu";
   EXPECT_TRUE(at::allclose(f, Trunk::load(c).encode(x), 1e-4, 1e-4));
+}
+
+// --- freeze policies, BatchNorm pinning, taps (convnet.pt from make_trunk_fixtures.py) ---
+
+// The scripted CNN: stem (Conv2d, BatchNorm2d, ReLU), blocks.0..2 (conv, bn). Made at test
+// time by tests/python/make_trunk_fixtures.py (ctest fixture trunk_fixtures).
+std::string convnet_path() {
+  const char* dir = std::getenv("CANOPY_TEST_FIXTURES");
+  return dir && *dir ? std::string(dir) + "/convnet.pt" : "";
+}
+
+#define REQUIRE_CONVNET()                                                                      \
+  if (!is_regular_file(convnet_path()))                                                        \
+  GTEST_SKIP() << "convnet.pt fixture missing (set CANOPY_TEST_FIXTURES; ctest makes it)"
+
+TrunkConfig convnet(const std::string& freeze, const std::string& train_only = "") {
+  TrunkConfig c = tiny(convnet_path());
+  c.freeze.freeze = freeze;
+  c.freeze.train_only = train_only;
+  return c;
+}
+
+TEST(Freeze, EveryPolicyFreezesExactlyWhatItNames) {
+  REQUIRE_CONVNET();
+  struct Case {
+    std::string freeze, train_only;
+    std::function<bool(const std::string&)> trainable;  // by parameter name
+  };
+  auto starts = [](const std::string& s, const char* p) { return s.rfind(p, 0) == 0; };
+  const std::vector<Case> cases = {
+      {"all", "", [](const std::string&) { return false; }},
+      {"none", "", [](const std::string&) { return true; }},
+      {"first:2", "", [&](const std::string& n) { return !starts(n, "stem.") && !starts(n, "blocks.0."); }},
+      {"match:^blocks\\.[12]\\.conv$", "", [&](const std::string& n) { return !std::regex_search(n, std::regex("^blocks\\.[12]\\.conv\\.")); }},
+      {"modules:stem blocks.2", "", [&](const std::string& n) { return !starts(n, "stem.") && !starts(n, "blocks.2."); }},
+      {"all", "modules:blocks.2", [&](const std::string& n) { return starts(n, "blocks.2."); }},
+      {"all", "first:1", [&](const std::string& n) { return starts(n, "stem."); }},
+      {"all", "match:bn$", [&](const std::string& n) { return n.find(".bn.") != std::string::npos; }},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE("freeze=" + c.freeze + " train_only=" + c.train_only);
+    Trunk t = Trunk::load(convnet(c.freeze, c.train_only));
+    std::int64_t expected_trainable = 0, total = 0;
+    for (const auto& [name, value] : t.state_snapshot()) {
+      if (name.rfind("param:", 0) != 0) continue;
+      const std::string pname = name.substr(6);
+      total += value.numel();
+      if (c.trainable(pname)) expected_trainable += value.numel();
+    }
+    EXPECT_EQ(t.parameter_counts(), std::make_pair(total, expected_trainable));
+    std::int64_t listed = 0;
+    for (const auto& p : t.trainable_parameters()) listed += p.numel();
+    EXPECT_EQ(listed, expected_trainable);
+    for (const auto& m : t.modules()) {
+      if (m.name.empty() || m.parameters == 0) continue;
+      bool all = true, none = true;
+      for (const auto& [name, value] : t.state_snapshot()) {
+        if (name.rfind("param:" + m.name + ".", 0) != 0) continue;
+        (c.trainable(name.substr(6)) ? none : all) = false;
+      }
+      if (all) {
+        EXPECT_EQ(m.trainable, m.parameters) << m.name;
+      }
+      if (none) {
+        EXPECT_EQ(m.trainable, 0) << m.name;
+      }
+    }
+  }
+  // The decision is reported.
+  const std::string shown = Trunk::load(convnet("first:2")).show(3);
+  for (const char* want : {"freeze      first:2", "blocks.0.bn", "BatchNorm pinned", "2 pinned in frozen regions",
+                           "stem, blocks.0, blocks.1, blocks.2", "[block, tap]"}) {
+    EXPECT_NE(shown.find(want), std::string::npos) << want << " not in\n" << shown;
+  }
+}
+
+TEST(Freeze, BadPoliciesAreClearErrors) {
+  REQUIRE_CONVNET();
+  using testing::throws_with;
+  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("first:9")); }, {"first:9", "has 4 blocks", "blocks.2"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("match:zzz")); }, {"matches no module"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("match:(")); }, {"not a regular expression"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("modules:stem nope")); }, {"'nope' is not a module"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("first:1", "modules:stem")); }, {"give one of them"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("some")); }, {"expected all, none, first:N", "'some'"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("all", "none")); }, {"train_only", "'none'"}));
+}
+
+// Trains the trunk's trainable parameters for a few SGD steps in training mode, with inputs
+// whose statistics differ from the stored ones (BatchNorm in train mode would move).
+void train_a_little(Trunk& t) {
+  t.train(true);
+  torch::optim::SGD opt(t.trainable_parameters(), torch::optim::SGDOptions(0.05));
+  for (int step = 0; step < 5; ++step) {
+    t.train(true);  // repeated, as user code and frameworks do: must not unpin anything
+    const at::Tensor x = at::randn({8, 3, 12, 12}) * 3 + 1;
+    const at::Tensor loss = t.features({x}).pow(2).mean();
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+  }
+  t.train(false);
+}
+
+TEST(BatchNorm, FrozenBuffersStayBitwiseUnchangedWhileTheRestTrains) {
+  REQUIRE_CONVNET();
+  Trunk t = Trunk::load(convnet("first:2"));  // stem and blocks.0 frozen, blocks.1-2 train
+  const auto before = t.state_snapshot();
+  train_a_little(t);
+  const auto after = t.state_snapshot();
+  ASSERT_EQ(before.size(), after.size());
+  int frozen_checked = 0, moved = 0;
+  for (std::size_t i = 0; i < before.size(); ++i) {
+    const std::string& name = before[i].first;
+    const bool in_frozen = name.find(":stem.") != std::string::npos || name.find(":blocks.0.") != std::string::npos;
+    const bool same = testing::bitwise_equal(before[i].second, after[i].second);
+    if (in_frozen) {
+      EXPECT_TRUE(same) << name << " changed inside the frozen region";
+      ++frozen_checked;
+    } else if (!same) {
+      ++moved;
+    }
+  }
+  // stem: conv weight and bias, bn weight and bias, 3 bn buffers; blocks.0: conv weight,
+  // bn weight and bias, 3 bn buffers.
+  EXPECT_EQ(frozen_checked, 7 + 6);
+  // The same training moves the unfrozen blocks' weights and BatchNorm statistics, so the
+  // check above could fail: blocks.1/2 conv, bn weight, bias, running_mean, running_var, count.
+  EXPECT_GE(moved, 2 * 6);
+  for (const auto& [name, value] : after) {
+    if (name == "buffer:blocks.1.bn.num_batches_tracked") {
+      EXPECT_EQ(value.item<std::int64_t>(), 5);
+    }
+    if (name == "buffer:blocks.0.bn.num_batches_tracked") {
+      EXPECT_EQ(value.item<std::int64_t>(), 0);
+    }
+  }
+}
+
+TEST(BatchNorm, AffineTrainableVariantLearnsWeightAndBiasWithStatisticsFixed) {
+  REQUIRE_CONVNET();
+  TrunkConfig c = convnet("all");
+  c.freeze.batchnorm_affine_trainable = true;
+  Trunk t = Trunk::load(c);
+  EXPECT_EQ(t.parameter_counts().second, 4 * 16) << "only the 4 BatchNorm layers' weight and bias";
+  const auto before = t.state_snapshot();
+  train_a_little(t);
+  const auto after = t.state_snapshot();
+  int weights_moved = 0;
+  for (std::size_t i = 0; i < before.size(); ++i) {
+    const std::string& name = before[i].first;
+    const bool same = testing::bitwise_equal(before[i].second, after[i].second);
+    const bool bn_affine = std::regex_search(name, std::regex("bn\\.(weight|bias)$|stem\\.1\\.(weight|bias)$"));
+    if (bn_affine) {
+      weights_moved += !same;
+    } else {
+      EXPECT_TRUE(same) << name << " changed; only BatchNorm weight and bias may";
+    }
+  }
+  EXPECT_GE(weights_moved, 4);
+}
+
+TEST(Taps, OneOrSeveralBlockOutputsFromOnePass) {
+  REQUIRE_CONVNET();
+  Trunk t = Trunk::load(convnet("all"));
+  EXPECT_EQ(t.tap_points(), (std::vector<std::string>{"stem", "blocks.0", "blocks.1", "blocks.2"}));
+  EXPECT_EQ(t.blocks(), t.tap_points());
+  // Reference: the submodules run one by one in eval mode.
+  torch::jit::Module m = torch::jit::load(convnet_path());
+  m.eval();
+  const at::Tensor x = at::randn({4, 3, 10, 10});
+  at::Tensor h = m.attr("stem").toModule().forward({x}).toTensor();
+  std::vector<at::Tensor> pooled{h.mean({2, 3})};
+  for (const char* b : {"0", "1", "2"}) {
+    h = m.attr("blocks").toModule().attr(b).toModule().forward({h}).toTensor();
+    pooled.push_back(h.mean({2, 3}));
+  }
+  for (bool optimize : {false, true}) {
+    SCOPED_TRACE(optimize ? "optimized" : "as loaded");
+    TrunkConfig c = convnet("all");
+    c.optimize = optimize;
+    EXPECT_TRUE(at::allclose(Trunk::load(c).encode(x), pooled[3], 1e-5, 1e-5)) << "no taps: the output";
+    c.taps = {"blocks.0"};
+    EXPECT_TRUE(at::allclose(Trunk::load(c).encode(x), pooled[1], 1e-5, 1e-5));
+    c.taps = {"stem", "blocks.1"};
+    const at::Tensor two = Trunk::load(c).encode(x);
+    EXPECT_EQ(two.sizes(), (std::vector<std::int64_t>{4, 16}));
+    EXPECT_TRUE(at::allclose(two, at::cat({pooled[0], pooled[2]}, 1), 1e-5, 1e-5));
+    c.pooling = "flatten";
+    c.taps = {"blocks.2"};
+    EXPECT_TRUE(at::allclose(Trunk::load(c).encode(x), h.flatten(1), 1e-5, 1e-5));
+  }
+  TrunkConfig bad = convnet("all");
+  bad.taps = {"blocks.7"};
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Trunk::load(bad); }, {"'blocks.7' is not a tap point", "blocks.2"}));
+}
+
+// A token model defined in TorchScript: (ids [N, T], mask [N, T]) -> embeddings [N, T, 4].
+std::string write_token_trunk(const std::string& path) {
+  torch::jit::Module m("TokenTrunk");
+  m.register_attribute("training", c10::BoolType::get(), false);
+  m.register_parameter("emb", at::randn({50, 4}), false);
+  m.define(R"JIT(
+def forward(self, ids, mask):
+    return torch.embedding(self.emb, ids)
+)JIT");
+  m.save(path);
+  return path;
+}
+
+TEST(Pooling, FirstTokenAndMaskedMeanOverTokens) {
+  testing::TempDir dir;
+  TrunkConfig c = tiny(write_token_trunk(dir.file("tok.pt")));
+  const at::Tensor ids = at::randint(0, 50, {3, 5}, at::kLong);
+  const at::Tensor mask = at::tensor({1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0}, at::kLong).view({3, 5});
+  const at::Tensor emb = torch::jit::load(c.path).attr("emb").toTensor();
+  c.pooling = "first_token";
+  EXPECT_TRUE(at::allclose(Trunk::load(c).encode({ids, mask}), emb.index_select(0, ids.select(1, 0))));
+  c.pooling = "masked_mean";
+  const at::Tensor got = Trunk::load(c).encode({ids, mask});
+  for (std::int64_t i = 0; i < 3; ++i) {
+    const std::int64_t n = mask[i].sum().item<std::int64_t>();
+    const at::Tensor want = emb.index_select(0, ids[i].slice(0, 0, n)).mean(0);
+    EXPECT_TRUE(at::allclose(got[i], want, 1e-6, 1e-6)) << "row " << i << " (" << n << " real tokens)";
+  }
+  // Changing only padded positions changes nothing.
+  at::Tensor other = ids.clone();
+  other.index_put_({0, 4}, (ids.index({0, 4}) + 1) % 50);
+  EXPECT_TRUE(testing::bitwise_equal(Trunk::load(c).encode({other, mask})[0], got[0]));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { Trunk::load(c).encode({ids, mask.slice(1, 0, 4)}); },
+                                              {"masked_mean needs the attention mask"}));
+  c.pooling = "avg";
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] {
+    c.pooling = "mean_tokens";
+    Trunk::load(c);
+  }, {"first_token or masked_mean", "'mean_tokens'"}));
 }
 
 }  // namespace

@@ -414,7 +414,7 @@ std::string Trunk::show(int max_depth) const {
     if (m.depth > max_depth || m.name.empty()) continue;
     std::string state = m.trainable == 0 ? "frozen" : m.trainable == m.parameters ? "trainable" : "partly trainable";
     if (m.parameters == 0) state = m.frozen ? "frozen (no parameters)" : "trainable (no parameters)";
-    if (m.batchnorm) state += m.frozen ? ", BatchNorm pinned (eval, statistics fixed)" : ", BatchNorm learning statistics";
+    if (m.batchnorm) state += m.frozen ? ", BatchNorm pinned (eval, statistics fixed)" : ", BatchNorm statistics update in train mode";
     std::vector<std::string> tags;
     if (m.block) tags.push_back("block");
     if (m.tap) tags.push_back("tap");

