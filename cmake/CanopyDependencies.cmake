@@ -23,6 +23,8 @@ target_compile_definitions(canopy_hdf5 INTERFACE ${HDF5_DEFINITIONS})
 find_package(TBB REQUIRED)
 find_package(Boost 1.71 REQUIRED COMPONENTS program_options)
 find_package(ZLIB REQUIRED)
+find_package(PNG REQUIRED)   # libpng-dev: image inputs
+find_package(JPEG REQUIRED)  # libjpeg-dev (libjpeg-turbo): image inputs
 find_package(Threads REQUIRED)
 
 if(CANOPY_BUILD_TESTS)

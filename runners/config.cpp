@@ -87,6 +87,8 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   v.str("data.dir", c.data.dir, true);
   v.i64("data.train_limit", c.data.train_limit);
   v.i64("data.test_limit", c.data.test_limit);
+  v.str("data.train", c.data.train, true);
+  v.str("data.test", c.data.test, true);
   v.str_list("data.train_files", c.data.train_files);
   v.str_list("data.test_files", c.data.test_files);
   for (auto* files : {&c.data.train_files, &c.data.test_files}) {
@@ -181,8 +183,13 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
 }
 
 void validate_job_config(const JobConfig& c) {
-  CANOPY_CHECK(c.data.source == "fashion-mnist" || c.data.source == "mnist" || c.data.source == "arff", ConfigError,
-               "data.source: expected fashion-mnist, mnist or arff, got '", c.data.source, "'");
+  const std::set<std::string> sources = {"fashion-mnist", "mnist", "arff", "image-csv", "image-folders"};
+  CANOPY_CHECK(sources.count(c.data.source), ConfigError,
+               "data.source: expected fashion-mnist, mnist, arff, image-csv or image-folders, got '", c.data.source, "'");
+  if (c.data.source == "image-csv" || c.data.source == "image-folders") {
+    CANOPY_CHECK(!c.data.train.empty() && !c.data.test.empty(), ConfigError, "data.source = ", c.data.source,
+                 " needs data.train and data.test (", c.data.source == "image-csv" ? "CSV manifests" : "class folders", ")");
+  }
   if (c.data.source == "arff") {
     CANOPY_CHECK(!c.data.train_files.empty() && !c.data.test_files.empty(), ConfigError,
                  "data.source = arff needs data.train_files and data.test_files (label_name:path.arff, ...)");
@@ -249,6 +256,9 @@ std::string dump_config(const JobConfig& c) {
   o << "# resolved canopy configuration (from " << c.source << ")\n";
   o << "[data]\nsource = " << c.data.source << "\ndir = " << c.data.dir
     << "\ntrain_limit = " << c.data.train_limit << "\ntest_limit = " << c.data.test_limit << "\n";
+  if (!c.data.train.empty() || !c.data.test.empty()) {
+    o << "train = " << c.data.train << "\ntest = " << c.data.test << "\n";
+  }
   if (!c.data.train_files.empty() || !c.data.test_files.empty()) {
     o << "train_files = " << list(c.data.train_files) << "\ntest_files = " << list(c.data.test_files)
       << "\ntext_attribute = " << c.data.text_attribute << "\n";

@@ -8,11 +8,15 @@
 
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
+#include "canopy/core/sha256.h"
+#include "canopy/datasets/images.h"
 #include "canopy/datasets/mnist.h"
 #include "canopy/datasets/preprocess.h"
 #include "canopy/datasets/text.h"
@@ -170,10 +174,79 @@ InputData load_texts(const JobConfig& config) {
   return data;
 }
 
+datasets::ImageList read_image_list(const JobConfig& config, const std::string& split) {
+  const std::string& where = split == "train" ? config.data.train : config.data.test;
+  if (config.data.source == "image-csv") return datasets::read_image_csv(where, config.data.train);
+  return datasets::read_image_folders(where, config.data.train);
+}
+
+// Decodes and preprocesses images one by one (they may differ in size and channels).
+at::Tensor load_image_batch(const std::vector<std::string>& paths, std::int64_t b, std::int64_t e,
+                            const datasets::PreprocessConfig& pre) {
+  std::vector<at::Tensor> out;
+  for (std::int64_t i = b; i < e; ++i) {
+    const at::Tensor x = datasets::preprocess_images(datasets::decode_image(paths[i]).unsqueeze(0), pre);
+    CANOPY_CHECK(out.empty() || x.sizes() == out[0].sizes(), DataError, "image '", paths[i], "' becomes ", x.sizes(),
+                 " after preprocessing but '", paths[b], "' becomes ", out[0].sizes(),
+                 "; set preprocess.resize to give every image one size");
+    out.push_back(x);
+  }
+  return at::cat(out, 0);
+}
+
+InputData load_image_files(const JobConfig& config) {
+  InputData data;
+  for (const std::string split : {"train", "test"}) {
+    datasets::ImageList list = read_image_list(config, split);
+    std::int64_t n = static_cast<std::int64_t>(list.paths.size());
+    if (limit_for(config.data, split) > 0) n = std::min(n, limit_for(config.data, split));
+    list.paths.resize(n);
+    InputSplit s;
+    s.rows = n;
+    s.ids = at::arange(n, at::kLong);
+    for (auto& [name, v] : list.labels) {
+      s.labels[name] = at::from_blob(v.data(), {static_cast<std::int64_t>(v.size())}, at::kLong).slice(0, 0, n).clone();
+    }
+    for (auto& [name, v] : list.float_labels) {
+      s.labels[name] = at::from_blob(v.data(), {static_cast<std::int64_t>(v.size())}, at::kDouble).slice(0, 0, n).clone();
+    }
+    if (split == "train") {
+      data.label_sources = list.label_order;
+      for (const auto& [name, v] : list.float_labels) {
+        data.float_labels.push_back(name);
+        const at::Tensor& t = s.labels[name];
+        data.label_stats[name] = {t.mean().item<double>(), n > 1 ? t.std().item<double>() : 0.0};
+      }
+      const auto names = list.class_names.find(list.label_order[0]);
+      if (names != list.class_names.end()) data.class_names = names->second;
+    } else {
+      CANOPY_CHECK(list.label_order == data.label_sources, DataError, "the test images' labels (",
+                   join(list.label_order, ", "), ") differ from the training images' (", join(data.label_sources, ", "), ")");
+    }
+    auto paths = std::make_shared<std::vector<std::string>>(std::move(list.paths));
+    const datasets::PreprocessConfig pre = config.preprocess;
+    s.inputs = [paths, pre](std::int64_t b, std::int64_t e) {
+      return std::vector<at::Tensor>{load_image_batch(*paths, b, e, pre)};
+    };
+    data.splits[split] = std::move(s);
+  }
+  return data;
+}
+
+// Every image file's name, size and modification time, hashed: the image set's identity.
+std::string describe_image_files(const JobConfig& c) {
+  std::ostringstream listing;
+  for (const std::string split : {"train", "test"}) {
+    for (const auto& p : read_image_list(c, split).paths) listing << p << "=" << file_stamp(p) << "\n";
+  }
+  return sha256_hex(listing.str());
+}
+
 }  // namespace
 
 InputData load_input_data(const JobConfig& config) {
   if (config.data.source == "arff") return load_texts(config);
+  if (config.data.source == "image-csv" || config.data.source == "image-folders") return load_image_files(config);
   return load_images(config);
 }
 
@@ -190,6 +263,15 @@ std::string describe_inputs(const JobConfig& c) {
       }
     }
     out << "\nlabels=one source per label file (nominal index);all_labels=bit k set when label k is 1\n";
+    return out.str();
+  }
+  if (c.data.source == "image-csv" || c.data.source == "image-folders") {
+    out << "preprocess=" << datasets::describe(c.preprocess) << "\n"
+        << "data=" << c.data.source << ";train_limit=" << c.data.train_limit << ";test_limit=" << c.data.test_limit
+        << ";train=" << (c.data.source == "image-csv" ? file_stamp(c.data.train) : c.data.train)
+        << ";test=" << (c.data.source == "image-csv" ? file_stamp(c.data.test) : c.data.test)
+        << ";images_sha256=" << describe_image_files(c) << "\n"
+        << "labels=" << (c.data.source == "image-csv" ? "the CSV's label columns" : "class (sorted folder names)") << "\n";
     return out.str();
   }
   out << "preprocess=" << datasets::describe(c.preprocess) << "\n"

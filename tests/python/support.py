@@ -6,6 +6,18 @@ FMNIST = os.environ.get("CANOPY_FASHION_MNIST_DIR", "/usr/share/datasets/fashion
 failures = []
 
 
+def read_idx(path):
+    """An idx file (gzip) as a uint8 numpy array with the file's dimensions."""
+    import gzip
+
+    import numpy as np
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
 def check(cond, what):
     print(("ok   " if cond else "FAIL ") + what, flush=True)
     if not cond:

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import torch
 
-from support import FMNIST, check, finish
+from support import FMNIST, check, finish, read_idx
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
@@ -40,15 +40,6 @@ class Tiny(torch.nn.Module):
 
     def forward(self, x):
         return self.conv2(F.relu(self.bn(self.conv(x))))
-
-
-def read_idx(path):
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
 
 
 def main():

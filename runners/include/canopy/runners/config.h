@@ -19,9 +19,13 @@ namespace canopy::runners {
 
 struct DataConfig {
   // fashion-mnist | mnist: idx files in `dir`;
-  // arff: texts with nominal labels, one ARFF file per label (train_files, test_files)
+  // arff: texts with nominal labels, one ARFF file per label (train_files, test_files);
+  // image-csv: PNG/JPEG files listed in CSV manifests (train, test: path,<label>,...);
+  // image-folders: PNG/JPEG files in class folders (train, test: <dir>/<class>/<image>)
   std::string source = "fashion-mnist";
   std::string dir = "/usr/share/datasets/fashion-mnist";
+  std::string train;  // image-csv: the training CSV; image-folders: the training folder
+  std::string test;
   std::vector<std::string> train_files;  // arff: label_name:path entries, same documents
   std::vector<std::string> test_files;
   std::string text_attribute = "Text";   // arff: the string attribute holding the text

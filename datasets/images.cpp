@@ -1,0 +1,291 @@
+#include "canopy/datasets/images.h"
+
+#include <png.h>
+#include <jpeglib.h>
+#include <jerror.h>
+
+#include <algorithm>
+#include <cctype>
+#include <csetjmp>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <set>
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+#include "canopy/core/strings.h"
+
+namespace canopy::datasets {
+
+namespace {
+
+// [H, W, C] interleaved bytes -> uint8 [C, H, W], keeping the first `keep` channels, in
+// memory of its own (clone, not contiguous(): a one-channel view already counts as
+// contiguous and would still point into `data`).
+at::Tensor to_chw(const std::uint8_t* data, std::int64_t h, std::int64_t w, std::int64_t c, std::int64_t keep) {
+  at::Tensor hwc = at::from_blob(const_cast<std::uint8_t*>(data), {h, w, c}, at::kByte);
+  return hwc.slice(2, 0, keep).permute({2, 0, 1}).clone(at::MemoryFormat::Contiguous);
+}
+
+at::Tensor decode_png(const std::string& path) {
+  png_image image;
+  std::memset(&image, 0, sizeof image);
+  image.version = PNG_IMAGE_VERSION;
+  CANOPY_CHECK(png_image_begin_read_from_file(&image, path.c_str()) != 0, DataError, "cannot decode PNG '", path,
+               "': ", image.message);
+  // 8-bit sRGB output, grey or RGB, with alpha when the file has it (dropped below, not
+  // composited: the colour values are kept as stored, as PIL's convert("RGB") does).
+  const bool color = (image.format & PNG_FORMAT_FLAG_COLOR) != 0;
+  const bool alpha = (image.format & PNG_FORMAT_FLAG_ALPHA) != 0;
+  image.format = color ? (alpha ? PNG_FORMAT_RGBA : PNG_FORMAT_RGB) : (alpha ? PNG_FORMAT_GA : PNG_FORMAT_GRAY);
+  std::vector<std::uint8_t> buffer(PNG_IMAGE_SIZE(image));
+  if (png_image_finish_read(&image, nullptr, buffer.data(), 0, nullptr) == 0) {
+    const std::string message = image.message;
+    png_image_free(&image);
+    throw DataError(detail::str_cat("cannot decode PNG '", path, "': ", message));
+  }
+  const std::int64_t channels = PNG_IMAGE_SAMPLE_CHANNELS(image.format);
+  return to_chw(buffer.data(), image.height, image.width, channels, color ? 3 : 1);
+}
+
+struct JpegError {
+  jpeg_error_mgr mgr;
+  std::jmp_buf jump;
+  char message[JMSG_LENGTH_MAX];
+};
+
+void jpeg_error_exit(j_common_ptr cinfo) {
+  auto* err = reinterpret_cast<JpegError*>(cinfo->err);
+  (*cinfo->err->format_message)(cinfo, err->message);
+  std::longjmp(err->jump, 1);
+}
+
+// Warnings (extraneous bytes, ...) are not errors, except a premature end of the data: libjpeg
+// would fill the missing rows with grey and carry on.
+void jpeg_warning(j_common_ptr cinfo, int level) {
+  if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF) jpeg_error_exit(cinfo);
+}
+
+at::Tensor decode_jpeg(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  CANOPY_CHECK(f, DataError, "cannot open image '", path, "'");
+  jpeg_decompress_struct cinfo;
+  JpegError err;
+  cinfo.err = jpeg_std_error(&err.mgr);
+  err.mgr.error_exit = jpeg_error_exit;
+  err.mgr.emit_message = jpeg_warning;
+  err.message[0] = '\0';
+  std::uint8_t* volatile pixels = nullptr;  // malloc'd: nothing with a destructor lives across setjmp
+  if (setjmp(err.jump)) {
+    jpeg_destroy_decompress(&cinfo);
+    std::fclose(f);
+    std::free(pixels);
+    throw DataError(detail::str_cat("cannot decode JPEG '", path, "': ", err.message));
+  }
+  jpeg_create_decompress(&cinfo);
+  jpeg_stdio_src(&cinfo, f);
+  jpeg_read_header(&cinfo, TRUE);
+  const bool grey = cinfo.jpeg_color_space == JCS_GRAYSCALE;
+  if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) {
+    std::strcpy(err.message, "CMYK JPEGs are not supported; convert the image to RGB");
+    std::longjmp(err.jump, 1);
+  }
+  cinfo.out_color_space = grey ? JCS_GRAYSCALE : JCS_RGB;
+  jpeg_start_decompress(&cinfo);
+  const std::size_t row = static_cast<std::size_t>(cinfo.output_width) * cinfo.output_components;
+  pixels = static_cast<std::uint8_t*>(std::malloc(row * cinfo.output_height));
+  if (!pixels) {
+    std::strcpy(err.message, "out of memory");
+    std::longjmp(err.jump, 1);
+  }
+  while (cinfo.output_scanline < cinfo.output_height) {
+    JSAMPROW r = pixels + row * cinfo.output_scanline;
+    jpeg_read_scanlines(&cinfo, &r, 1);
+  }
+  jpeg_finish_decompress(&cinfo);
+  const std::int64_t h = cinfo.output_height, w = cinfo.output_width, c = cinfo.output_components;
+  jpeg_destroy_decompress(&cinfo);
+  std::fclose(f);
+  at::Tensor out = to_chw(pixels, h, w, c, c);
+  std::free(pixels);
+  return out;
+}
+
+std::string lower(std::string s) {
+  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+bool is_image_name(const std::string& name) {
+  const auto dot = name.rfind('.');
+  if (dot == std::string::npos) return false;
+  const std::string ext = lower(name.substr(dot + 1));
+  return ext == "png" || ext == "jpg" || ext == "jpeg";
+}
+
+// One CSV line into fields; "quoted, fields" with "" for a quote.
+std::vector<std::string> csv_fields(const std::string& line) {
+  std::vector<std::string> out(1);
+  bool quoted = false;
+  for (std::size_t i = 0; i < line.size(); ++i) {
+    const char c = line[i];
+    if (quoted) {
+      if (c == '"' && i + 1 < line.size() && line[i + 1] == '"') {
+        out.back() += '"';
+        ++i;
+      } else if (c == '"') {
+        quoted = false;
+      } else {
+        out.back() += c;
+      }
+    } else if (c == '"') {
+      quoted = true;
+    } else if (c == ',') {
+      out.emplace_back();
+    } else {
+      out.back() += c;
+    }
+  }
+  for (auto& f : out) f = trim(f);
+  return out;
+}
+
+struct Csv {
+  std::vector<std::string> header;
+  std::vector<std::vector<std::string>> rows;
+};
+
+Csv read_csv(const std::string& path) {
+  std::ifstream in(path);
+  CANOPY_CHECK(in, DataError, "cannot open image list '", path, "'");
+  Csv csv;
+  std::string line;
+  std::int64_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (trim(line).empty()) continue;
+    auto fields = csv_fields(line);
+    if (csv.header.empty()) {
+      CANOPY_CHECK(fields.size() >= 2 && fields[0] == "path", DataError, path, ":", n,
+                   ": the header must be path,<label>[,<label>...], got '", line, "'");
+      csv.header = std::move(fields);
+      continue;
+    }
+    CANOPY_CHECK(fields.size() == csv.header.size(), DataError, path, ":", n, ": ", fields.size(), " fields, the header has ",
+                 csv.header.size());
+    CANOPY_CHECK(!fields[0].empty(), DataError, path, ":", n, ": empty path");
+    csv.rows.push_back(std::move(fields));
+  }
+  CANOPY_CHECK(!csv.header.empty(), DataError, "image list '", path, "' is empty");
+  return csv;
+}
+
+bool all_parse(const std::vector<std::vector<std::string>>& rows, std::size_t col, bool integer) {
+  for (const auto& r : rows) {
+    const std::string& v = r[col];
+    if (v.empty()) return false;
+    char* end = nullptr;
+    if (integer) {
+      const long long x = std::strtoll(v.c_str(), &end, 10);
+      if (*end != '\0' || x < 0) return false;
+    } else {
+      std::strtod(v.c_str(), &end);
+      if (*end != '\0') return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+at::Tensor decode_image(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  CANOPY_CHECK(f, DataError, "cannot open image '", path, "'");
+  unsigned char magic[8] = {0};
+  const std::size_t got = std::fread(magic, 1, sizeof magic, f);
+  std::fclose(f);
+  if (got == 8 && png_sig_cmp(magic, 0, 8) == 0) return decode_png(path);
+  if (got >= 3 && magic[0] == 0xFF && magic[1] == 0xD8 && magic[2] == 0xFF) return decode_jpeg(path);
+  throw DataError(detail::str_cat("image '", path, "' is neither PNG nor JPEG (", got, " byte(s) read)"));
+}
+
+ImageList read_image_csv(const std::string& path, const std::string& name_source) {
+  const Csv csv = read_csv(path);
+  CANOPY_CHECK(!csv.rows.empty(), DataError, "image list '", path, "' has a header but no rows");
+  const std::string base = parent_path(path);
+  ImageList out;
+  for (const auto& r : csv.rows) out.paths.push_back(r[0][0] == '/' || base.empty() ? r[0] : join_path(base, r[0]));
+  const Csv names = name_source.empty() || name_source == path ? csv : read_csv(name_source);
+  CANOPY_CHECK(names.header == csv.header, DataError, "image lists '", name_source, "' and '", path,
+               "' have different headers (", join(names.header, ","), " vs ", join(csv.header, ","), ")");
+  for (std::size_t col = 1; col < csv.header.size(); ++col) {
+    const std::string& label = csv.header[col];
+    CANOPY_CHECK(!label.empty() && !out.labels.count(label) && !out.float_labels.count(label), DataError, path,
+                 ": label column '", label, "' is empty or repeated");
+    out.label_order.push_back(label);
+    if (all_parse(names.rows, col, true) && all_parse(csv.rows, col, true)) {
+      auto& v = out.labels[label];
+      for (const auto& r : csv.rows) v.push_back(std::strtoll(r[col].c_str(), nullptr, 10));
+    } else if (all_parse(names.rows, col, false) && all_parse(csv.rows, col, false)) {
+      auto& v = out.float_labels[label];
+      for (const auto& r : csv.rows) v.push_back(std::strtod(r[col].c_str(), nullptr));
+    } else {
+      std::set<std::string> found;
+      for (const auto& r : names.rows) found.insert(r[col]);
+      std::vector<std::string> classes(found.begin(), found.end());
+      auto& v = out.labels[label];
+      for (std::size_t i = 0; i < csv.rows.size(); ++i) {
+        const auto it = std::lower_bound(classes.begin(), classes.end(), csv.rows[i][col]);
+        CANOPY_CHECK(it != classes.end() && *it == csv.rows[i][col], DataError, path, ": row ", i + 1, " has ", label,
+                     " '", csv.rows[i][col], "', which '", name_source, "' never uses (its classes: ", join(classes, ", "), ")");
+        v.push_back(it - classes.begin());
+      }
+      out.class_names[label] = classes;
+    }
+  }
+  return out;
+}
+
+ImageList read_image_folders(const std::string& dir, const std::string& class_dir) {
+  CANOPY_CHECK(is_directory(dir), DataError, "image folder '", dir, "' is not a directory");
+  const std::string names_dir = class_dir.empty() ? dir : class_dir;
+  std::vector<std::string> classes;
+  for (const auto& name : list_dir(names_dir)) {
+    if (is_directory(join_path(names_dir, name))) classes.push_back(name);
+  }
+  std::sort(classes.begin(), classes.end());
+  CANOPY_CHECK(!classes.empty(), DataError, "image folder '", names_dir, "' has no class sub-directories");
+  ImageList out;
+  out.label_order = {"class"};
+  out.class_names["class"] = classes;
+  auto& labels = out.labels["class"];
+  std::vector<std::string> here;
+  for (const auto& name : list_dir(dir)) {
+    if (is_directory(join_path(dir, name))) here.push_back(name);
+  }
+  std::sort(here.begin(), here.end());
+  for (const auto& cls : here) {
+    const auto it = std::lower_bound(classes.begin(), classes.end(), cls);
+    CANOPY_CHECK(it != classes.end() && *it == cls, DataError, "image folder '", join_path(dir, cls),
+                 "' is a class that '", names_dir, "' lacks (its classes: ", join(classes, ", "), ")");
+    std::vector<std::string> files;
+    for (const auto& f : list_dir(join_path(dir, cls))) {
+      if (is_image_name(f)) files.push_back(f);
+    }
+    std::sort(files.begin(), files.end());
+    for (const auto& f : files) {
+      out.paths.push_back(join_path(join_path(dir, cls), f));
+      labels.push_back(it - classes.begin());
+    }
+  }
+  CANOPY_CHECK(!out.paths.empty(), DataError, "image folder '", dir, "' holds no .png, .jpg or .jpeg files");
+  return out;
+}
+
+}  // namespace canopy::datasets

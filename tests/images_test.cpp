@@ -1,0 +1,163 @@
+// PNG and JPEG decoding against images encoded here with libpng and libjpeg, and the CSV
+// manifest and class-folder listings. The end-to-end check that an image set gives the same
+// features as the idx files it came from is in tests/python/test_images.py.
+#include <gtest/gtest.h>
+#include <png.h>
+#include <jpeglib.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/randint.h>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+#include "canopy/datasets/images.h"
+#include "support/test_support.h"
+
+namespace canopy::datasets {
+namespace {
+
+// Writes interleaved 8-bit pixels [H, W, C] (C = 1, 2, 3 or 4) as PNG.
+void write_png(const std::string& path, const std::vector<std::uint8_t>& hwc, int h, int w, int c) {
+  png_image image;
+  std::memset(&image, 0, sizeof image);
+  image.version = PNG_IMAGE_VERSION;
+  image.width = w;
+  image.height = h;
+  image.format = c == 1 ? PNG_FORMAT_GRAY : c == 2 ? PNG_FORMAT_GA : c == 3 ? PNG_FORMAT_RGB : PNG_FORMAT_RGBA;
+  ASSERT_NE(png_image_write_to_file(&image, path.c_str(), 0, hwc.data(), 0, nullptr), 0) << image.message;
+}
+
+void write_jpeg(const std::string& path, const std::vector<std::uint8_t>& hwc, int h, int w, int c) {
+  jpeg_compress_struct cinfo;
+  jpeg_error_mgr jerr;
+  cinfo.err = jpeg_std_error(&jerr);
+  jpeg_create_compress(&cinfo);
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  jpeg_stdio_dest(&cinfo, f);
+  cinfo.image_width = w;
+  cinfo.image_height = h;
+  cinfo.input_components = c;
+  cinfo.in_color_space = c == 1 ? JCS_GRAYSCALE : JCS_RGB;
+  jpeg_set_defaults(&cinfo);
+  jpeg_set_quality(&cinfo, 95, TRUE);
+  jpeg_start_compress(&cinfo, TRUE);
+  while (cinfo.next_scanline < cinfo.image_height) {
+    JSAMPROW row = const_cast<std::uint8_t*>(hwc.data()) + cinfo.next_scanline * w * c;
+    jpeg_write_scanlines(&cinfo, &row, 1);
+  }
+  jpeg_finish_compress(&cinfo);
+  jpeg_destroy_compress(&cinfo);
+  std::fclose(f);
+}
+
+// A smooth test picture (JPEG-friendly), [H, W, C].
+std::vector<std::uint8_t> picture(int h, int w, int c) {
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(h * w * c));
+  for (int y = 0; y < h; ++y) {
+    for (int x = 0; x < w; ++x) {
+      for (int k = 0; k < c; ++k) out[(y * w + x) * c + k] = static_cast<std::uint8_t>(20 + (x * 100) / w + (y * 80) / h + k * 30);
+    }
+  }
+  return out;
+}
+
+at::Tensor chw(const std::vector<std::uint8_t>& hwc, int h, int w, int c, int keep) {
+  at::Tensor t = at::empty({h, w, c}, at::kByte);
+  std::memcpy(t.data_ptr<std::uint8_t>(), hwc.data(), hwc.size());
+  return t.slice(2, 0, keep).permute({2, 0, 1}).contiguous();
+}
+
+TEST(Images, PngDecodesExactlyInEveryColourType) {
+  testing::TempDir dir;
+  for (int c : {1, 2, 3, 4}) {
+    SCOPED_TRACE("channels " + std::to_string(c));
+    const auto px = picture(9, 13, c);
+    write_png(dir.file("p.png"), px, 9, 13, c);
+    const at::Tensor got = decode_image(dir.file("p.png"));
+    const int keep = c <= 2 ? 1 : 3;  // alpha dropped, colour values kept as stored
+    const at::Tensor want = chw(px, 9, 13, c, keep);
+    ASSERT_EQ(got.sizes(), want.sizes());
+    EXPECT_TRUE(testing::bitwise_equal(got, want)) << (got.to(at::kInt) - want.to(at::kInt)).abs().max().item<int>();
+  }
+}
+
+TEST(Images, JpegDecodesCloseToWhatWasEncoded) {
+  testing::TempDir dir;
+  for (int c : {1, 3}) {
+    SCOPED_TRACE("channels " + std::to_string(c));
+    const auto px = picture(32, 40, c);
+    write_jpeg(dir.file("p.jpg"), px, 32, 40, c);
+    const at::Tensor got = decode_image(dir.file("p.jpg"));
+    const at::Tensor want = chw(px, 32, 40, c, c);
+    ASSERT_EQ(got.sizes(), want.sizes());
+    const double err = (got.to(at::kFloat) - want.to(at::kFloat)).abs().mean().item<double>();
+    EXPECT_LT(err, 3.0) << "quality-95 JPEG differs from its source by " << err << " per pixel on average";
+  }
+  // Told apart by content, not name.
+  std::rename(dir.file("p.jpg").c_str(), dir.file("p.png").c_str());
+  EXPECT_EQ(decode_image(dir.file("p.png")).size(0), 3);
+}
+
+TEST(Images, BrokenFilesAreClearErrors) {
+  testing::TempDir dir;
+  std::ofstream(dir.file("text.png")) << "not an image at all";
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file("text.png")); }, {"text.png", "neither PNG nor JPEG"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file("none.png")); }, {"cannot open", "none.png"}));
+  for (const char* name : {"cut.png", "cut.jpg"}) {
+    const auto px = picture(64, 64, 3);
+    if (std::string(name) == "cut.png") write_png(dir.file(name), px, 64, 64, 3);
+    else write_jpeg(dir.file(name), px, 64, 64, 3);
+    const std::string bytes = read_file(dir.file(name));
+    std::ofstream(dir.file(name), std::ios::binary) << bytes.substr(0, bytes.size() / 3);
+    EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file(name)); }, {"cannot decode", name})) << name;
+  }
+}
+
+TEST(Images, CsvManifestWithIndexNameAndRealLabels) {
+  testing::TempDir dir;
+  make_dirs(dir.file("img"));
+  std::ofstream(dir.file("train.csv")) << "path,kind,score,level\nimg/a.png,cat,0.5,2\n\"img/b, c.png\",dog,1.25,0\n"
+                                       << dir.file("img/d.png") << ",cat,2,1\n";
+  std::ofstream(dir.file("test.csv")) << "path,kind,score,level\nimg/e.png,dog,3,1\n";
+  const ImageList train = read_image_csv(dir.file("train.csv"));
+  EXPECT_EQ(train.paths, (std::vector<std::string>{dir.file("img/a.png"), dir.file("img/b, c.png"), dir.file("img/d.png")}));
+  EXPECT_EQ(train.label_order, (std::vector<std::string>{"kind", "score", "level"}));
+  EXPECT_EQ(train.labels.at("kind"), (std::vector<std::int64_t>{0, 1, 0}));
+  EXPECT_EQ(train.class_names.at("kind"), (std::vector<std::string>{"cat", "dog"}));
+  EXPECT_EQ(train.float_labels.at("score"), (std::vector<double>{0.5, 1.25, 2.0}));
+  EXPECT_EQ(train.labels.at("level"), (std::vector<std::int64_t>{2, 0, 1}));
+  const ImageList test = read_image_csv(dir.file("test.csv"), dir.file("train.csv"));
+  EXPECT_EQ(test.labels.at("kind"), (std::vector<std::int64_t>{1})) << "numbered by the training CSV's names";
+  std::ofstream(dir.file("bad.csv")) << "path,kind,score,level\nimg/e.png,bird,3,1\n";
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("bad.csv"), dir.file("train.csv")); },
+                                              {"'bird'", "cat, dog"}));
+  std::ofstream(dir.file("short.csv")) << "path,kind\nimg/a.png\n";
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("short.csv")); }, {"short.csv:2", "1 fields"}));
+  std::ofstream(dir.file("nohead.csv")) << "file,kind\na.png,x\n";
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("nohead.csv")); }, {"header must be path"}));
+}
+
+TEST(Images, ClassFoldersNumberClassesBySortedName) {
+  testing::TempDir dir;
+  for (const char* d : {"train/zebra", "train/ant", "test/ant"}) make_dirs(dir.file(d));
+  for (const char* f : {"train/zebra/1.PNG", "train/ant/b.jpg", "train/ant/a.jpeg", "train/ant/notes.txt", "test/ant/x.png"}) {
+    std::ofstream(dir.file(f)) << "x";
+  }
+  const ImageList train = read_image_folders(dir.file("train"));
+  EXPECT_EQ(train.paths, (std::vector<std::string>{dir.file("train/ant/a.jpeg"), dir.file("train/ant/b.jpg"),
+                                                   dir.file("train/zebra/1.PNG")}));
+  EXPECT_EQ(train.labels.at("class"), (std::vector<std::int64_t>{0, 0, 1}));
+  EXPECT_EQ(train.class_names.at("class"), (std::vector<std::string>{"ant", "zebra"}));
+  EXPECT_EQ(read_image_folders(dir.file("test"), dir.file("train")).labels.at("class"), (std::vector<std::int64_t>{0}));
+  make_dirs(dir.file("test/bee"));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_folders(dir.file("test"), dir.file("train")); },
+                                              {"bee", "ant, zebra"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_folders(dir.file("nope")); }, {"not a directory"}));
+}
+
+}  // namespace
+}  // namespace canopy::datasets
