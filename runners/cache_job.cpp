@@ -7,6 +7,8 @@
 #include <thread>
 
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/tensor.h>
 #include <torch/version.h>
 
 #include "canopy/core/bounded_queue.h"
@@ -173,7 +175,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   std::map<std::string, std::int64_t> split_rows;
   for (const auto& [split, d] : data.splits) split_rows[split] = d.rows;
   // One sample tells the feature dimension (the writer needs it before the first shard).
-  const std::int64_t dim = trunk->encode(data.splits.at("train").inputs(0, 1)).size(1);
+  const std::int64_t dim = trunk->encode(data.splits.at("train").inputs({0})).size(1);
 
   datasets::CacheMeta meta;
   meta.fingerprint = report.fingerprint;
@@ -219,21 +221,47 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   });
   try {
     Progress progress("cache", todo, data.unit, style);
+    bool stopped = false;
     for (const std::string split : {"train", "test"}) {
       const InputSplit& in = data.splits.at(split);
       const std::int64_t n = in.rows;
-      for (std::int64_t i = writer.rows_done(split); i < n; i += config.cache.batch_size) {
-        const std::int64_t end = std::min(n, i + config.cache.batch_size);
+      // Texts run in trunk batches of similar length, chosen within a window of 8 batches
+      // (a whole number of windows per shard, so a resumed run forms the same batches).
+      const std::int64_t bs = config.cache.batch_size;
+      const std::int64_t window = !in.lengths.empty() && config.cache.shard_rows % (8 * bs) == 0 ? 8 * bs : bs;
+      for (std::int64_t w = writer.rows_done(split); w < n && !stopped; w += window) {
+        const std::int64_t wend = std::min(n, w + window);
+        std::vector<std::int64_t> order = row_range(w, wend);
+        if (window > bs) {
+          std::stable_sort(order.begin(), order.end(),
+                           [&](std::int64_t a, std::int64_t b) { return in.lengths[a] < in.lengths[b]; });
+        }
         const auto t0 = Clock::now();
-        const at::Tensor f = trunk->encode(in.inputs(i, end));
-        const auto t1 = Clock::now();
-        report.trunk_seconds += std::chrono::duration<double>(t1 - t0).count();
-        std::map<std::string, at::Tensor> labels;
-        for (const auto& [name, column] : in.labels) labels[name] = column.slice(0, i, end);
-        if (!queue.push(Item{split, f, in.ids.slice(0, i, end), std::move(labels)})) break;
-        report.write_wait_seconds += std::chrono::duration<double>(Clock::now() - t1).count();
-        report.rows_computed += end - i;
-        progress.advance(end - i, split);
+        at::Tensor features;
+        for (std::size_t c = 0; c < order.size(); c += static_cast<std::size_t>(bs)) {
+          const std::vector<std::int64_t> rows(order.begin() + c, order.begin() + std::min(order.size(), c + bs));
+          const at::Tensor f = trunk->encode(in.inputs(rows));
+          if (window == bs) {
+            features = f;
+            break;
+          }
+          if (!features.defined()) features = at::empty({wend - w, f.size(1)}, f.options());
+          features.index_copy_(0, at::tensor(rows, at::kLong) - w, f);
+        }
+        report.trunk_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+        for (std::int64_t i = w; i < wend; i += bs) {
+          const std::int64_t end = std::min(wend, i + bs);
+          std::map<std::string, at::Tensor> labels;
+          for (const auto& [name, column] : in.labels) labels[name] = column.slice(0, i, end);
+          const auto t1 = Clock::now();
+          if (!queue.push(Item{split, features.slice(0, i - w, end - w), in.ids.slice(0, i, end), std::move(labels)})) {
+            stopped = true;  // the writer failed: its error is rethrown below
+            break;
+          }
+          report.write_wait_seconds += std::chrono::duration<double>(Clock::now() - t1).count();
+          report.rows_computed += end - i;
+          progress.advance(end - i, split);
+        }
       }
     }
     queue.close();

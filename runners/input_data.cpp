@@ -10,6 +10,8 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 
 #include "canopy/core/error.h"
@@ -70,8 +72,11 @@ InputData load_images(const JobConfig& config) {
     s.labels["ink"] = images->images.sum({1, 2}, false, at::kLong).to(at::kDouble) / (255.0 * pixels);
     s.ids = images->ids;
     const datasets::PreprocessConfig pre = config.preprocess;
-    s.inputs = [images, pre](std::int64_t b, std::int64_t e) {
-      return std::vector<at::Tensor>{datasets::preprocess_images(images->images.slice(0, b, e), pre)};
+    s.inputs = [images, pre](const std::vector<std::int64_t>& rows) {
+      const bool contiguous = rows.back() - rows.front() + 1 == static_cast<std::int64_t>(rows.size());
+      const at::Tensor x = contiguous ? images->images.slice(0, rows.front(), rows.back() + 1)
+                                      : images->images.index_select(0, at::tensor(rows, at::kLong));
+      return std::vector<at::Tensor>{datasets::preprocess_images(x, pre)};
     };
     data.splits[split] = std::move(s);
   }
@@ -88,18 +93,18 @@ std::pair<std::string, std::string> named_file(const std::string& entry, const c
   return {trim(entry.substr(0, colon)), trim(entry.substr(colon + 1))};
 }
 
-// Token ids of texts [begin, end) padded to the longest: ids and attention mask, int64 [n, T].
-std::vector<at::Tensor> pad_tokens(const std::vector<std::vector<std::int64_t>>& tokens, std::int64_t begin,
-                                   std::int64_t end, std::int64_t pad_id) {
+// Token ids of the texts `rows` padded to the longest: ids and attention mask, int64 [n, T].
+std::vector<at::Tensor> pad_tokens(const std::vector<std::vector<std::int64_t>>& tokens,
+                                   const std::vector<std::int64_t>& rows, std::int64_t pad_id) {
   std::size_t longest = 1;
-  for (std::int64_t i = begin; i < end; ++i) longest = std::max(longest, tokens[i].size());
-  const auto n = end - begin;
+  for (const auto r : rows) longest = std::max(longest, tokens[r].size());
+  const auto n = static_cast<std::int64_t>(rows.size());
   at::Tensor ids = at::full({n, static_cast<std::int64_t>(longest)}, pad_id, at::kLong);
   at::Tensor mask = at::zeros({n, static_cast<std::int64_t>(longest)}, at::kLong);
   auto* id = ids.data_ptr<std::int64_t>();
   auto* m = mask.data_ptr<std::int64_t>();
   for (std::int64_t i = 0; i < n; ++i) {
-    const auto& t = tokens[begin + i];
+    const auto& t = tokens[rows[i]];
     std::copy(t.begin(), t.end(), id + i * longest);
     std::fill(m + i * longest, m + i * longest + t.size(), 1);
   }
@@ -162,7 +167,8 @@ InputData load_texts(const JobConfig& config) {
     s.rows = n;
     s.ids = at::arange(n, at::kLong);
     const std::int64_t pad = tokenizer->pad_id();
-    s.inputs = [tokens, pad](std::int64_t b, std::int64_t e) { return pad_tokens(*tokens, b, e, pad); };
+    for (const auto& t : *tokens) s.lengths.push_back(static_cast<std::int64_t>(t.size()));
+    s.inputs = [tokens, pad](const std::vector<std::int64_t>& rows) { return pad_tokens(*tokens, rows, pad); };
     if (data.label_sources.empty()) {
       data.label_sources = names;
       data.label_sources.push_back("all_labels");
@@ -181,13 +187,13 @@ datasets::ImageList read_image_list(const JobConfig& config, const std::string& 
 }
 
 // Decodes and preprocesses images one by one (they may differ in size and channels).
-at::Tensor load_image_batch(const std::vector<std::string>& paths, std::int64_t b, std::int64_t e,
+at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::vector<std::int64_t>& rows,
                             const datasets::PreprocessConfig& pre) {
   std::vector<at::Tensor> out;
-  for (std::int64_t i = b; i < e; ++i) {
+  for (const auto i : rows) {
     const at::Tensor x = datasets::preprocess_images(datasets::decode_image(paths[i]).unsqueeze(0), pre);
     CANOPY_CHECK(out.empty() || x.sizes() == out[0].sizes(), DataError, "image '", paths[i], "' becomes ", x.sizes(),
-                 " after preprocessing but '", paths[b], "' becomes ", out[0].sizes(),
+                 " after preprocessing but '", paths[rows[0]], "' becomes ", out[0].sizes(),
                  "; set preprocess.resize to give every image one size");
     out.push_back(x);
   }
@@ -225,8 +231,8 @@ InputData load_image_files(const JobConfig& config) {
     }
     auto paths = std::make_shared<std::vector<std::string>>(std::move(list.paths));
     const datasets::PreprocessConfig pre = config.preprocess;
-    s.inputs = [paths, pre](std::int64_t b, std::int64_t e) {
-      return std::vector<at::Tensor>{load_image_batch(*paths, b, e, pre)};
+    s.inputs = [paths, pre](const std::vector<std::int64_t>& rows) {
+      return std::vector<at::Tensor>{load_image_batch(*paths, rows, pre)};
     };
     data.splits[split] = std::move(s);
   }
@@ -243,6 +249,12 @@ std::string describe_image_files(const JobConfig& c) {
 }
 
 }  // namespace
+
+std::vector<std::int64_t> row_range(std::int64_t begin, std::int64_t end) {
+  std::vector<std::int64_t> rows(static_cast<std::size_t>(end - begin));
+  for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = begin + static_cast<std::int64_t>(i);
+  return rows;
+}
 
 InputData load_input_data(const JobConfig& config) {
   if (config.data.source == "arff") return load_texts(config);

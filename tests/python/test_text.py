@@ -7,7 +7,8 @@
     characters and over-long words;
   * `canopy cache` on a slice of the stories through the real all-MiniLM-L6-v2 trunk stores
     the masked-mean sentence embeddings Python computes from the same ids and trunk (read
-    back with h5py), with the grain, corn and all_labels columns of the ARFF files;
+    back with h5py), in story order although the trunk ran them in batches grouped by
+    length, with the grain, corn and all_labels columns of the ARFF files;
   * `canopy train` trains heads on both labels concurrently from that cache.
 """
 import argparse
@@ -101,7 +102,8 @@ pooling = masked_mean
 [cache]
 path = {work}/cache
 batch_size = 16
-shard_rows = 64
+# 8 batches per shard: texts are grouped by length within windows of 128 rows.
+shard_rows = 128
 
 [train]
 out_dir = {work}/train

@@ -1,6 +1,6 @@
 // What the cache job feeds the trunk: every split's samples with their labels, whatever the
 // source (Fashion-MNIST/MNIST idx images, or texts with nominal labels from ARFF files),
-// and the trunk's inputs for any range of rows.
+// and the trunk's inputs for any set of rows.
 #pragma once
 
 #include <cstdint>
@@ -21,9 +21,12 @@ struct InputSplit {
   std::int64_t rows = 0;
   std::map<std::string, at::Tensor> labels;  // per label source: int64 (classes) or float64 [rows]
   at::Tensor ids;                            // int64 [rows]: row in the source
-  // The trunk's inputs for rows [begin, end): one preprocessed image tensor, or token ids
-  // and attention mask (padded to the longest text in the range).
-  std::function<std::vector<at::Tensor>(std::int64_t begin, std::int64_t end)> inputs;
+  // The trunk's inputs for the given rows: one preprocessed image tensor, or token ids and
+  // attention mask (padded to the longest of these texts).
+  std::function<std::vector<at::Tensor>(const std::vector<std::int64_t>& rows)> inputs;
+  // Texts: tokens per row. The cache job groups texts of similar length into one trunk
+  // batch (within a window of rows), so less of each batch is padding.
+  std::vector<std::int64_t> lengths;
 };
 
 struct InputData {
@@ -37,6 +40,9 @@ struct InputData {
 
 // Loads the data named by config.data (and config.text for text sources).
 InputData load_input_data(const JobConfig& config);
+
+// Rows begin .. end-1.
+std::vector<std::int64_t> row_range(std::int64_t begin, std::int64_t end);
 
 // The fingerprint lines for the inputs: data files (name, size, mtime), limits, and the
 // preprocessing (images) or tokenizer (texts), plus what the labels are.
