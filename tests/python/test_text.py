@@ -92,7 +92,7 @@ test_limit = 40
 
 [text]
 vocab = {VOCAB}
-max_length = 48
+max_length = 128
 
 [trunk]
 path = {TRUNK}
@@ -132,7 +132,7 @@ class_names = grain,corn
     if r.returncode != 0:
         return finish()
     trunk = torch.jit.load(TRUNK).eval()
-    reference.enable_truncation(max_length=48)
+    reference.enable_truncation(max_length=128)
     texts = [json.loads(l)["text"] for l in subprocess.run(
         [canopy, "tokenize", "--vocab", VOCAB, "--arff", f"{REUTERS}/ReutersGrain-train.arff"],
         check=True, capture_output=True, text=True).stdout.splitlines()][:96]
