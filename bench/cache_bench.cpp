@@ -87,6 +87,7 @@ int main(int argc, char** argv) {
   job.preprocess.resize = 64;
   job.trunk.path = trunk_path;
   job.trunk.device = "auto";
+  job.trunk.allow_unpinned = true;  // the file given on the command line
   job.cache.path = work + "/build";
   job.cache.batch_size = 128;
   job.cache.shard_rows = 1024;

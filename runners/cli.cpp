@@ -40,7 +40,7 @@ commands:
   inspect PATH [--config FILE] [--verify]
           describe a cache: splits, shapes, dtype, size, fingerprint parts, completeness,
           whether it matches a config; --verify checks every shard's checksums
-  trunk show --config FILE [--depth N]
+  trunk show --config FILE [--depth N] [--allow-unpinned]
           load the trunk (hash checked first) and print its module tree: parameter
           counts, frozen/trainable under the config's freeze policy, BatchNorm layers and
           how they are pinned, blocks and tap points; runs no data
@@ -56,6 +56,8 @@ options for cache, train and run:
   --dump-config        print the resolved configuration and exit
   --force              cache: rebuild even if the cache is up to date
   --resume             train: continue from the last checkpoint in <train.out_dir>/checkpoint
+  --allow-unpinned     load a trunk whose SHA-256 the config does not pin
+                       (trunk.allow_unpinned = true; the hash to pin is printed)
   --fail-fast          train: stop every head when one fails (default: only that head stops)
   --no-fuse            train: train every head on its own instead of fusing same-shape
                        heads into batched operations (train.fuse = false)
@@ -141,11 +143,12 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
     pdesc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(
         "input", po::value<std::string>(), "")("output", po::value<std::string>(), "")(
         "format", po::value<std::string>()->default_value("csv"), "")("limit", po::value<std::int64_t>()->default_value(0), "")(
-        "progress", po::value<std::string>()->default_value("auto"), "");
+        "progress", po::value<std::string>()->default_value("auto"), "")("allow-unpinned", "");
     const auto pvm = parse_options(pdesc, rest, "see canopy --help");
     CANOPY_CHECK(pvm.count("config") && pvm.count("input"), ConfigError,
                  "canopy predict: --config FILE and --input IMAGES are required");
-    const JobConfig config = config_from(pvm);
+    const JobConfig config = config_from(pvm, pvm.count("allow-unpinned") ? std::vector<std::string>{"trunk.allow_unpinned=true"}
+                                                                          : std::vector<std::string>{});
     PredictOptions options;
     options.input = pvm["input"].as<std::string>();
     options.limit = pvm["limit"].as<std::int64_t>();
@@ -166,11 +169,12 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
     CANOPY_CHECK(!rest.empty() && rest[0] == "show", ConfigError, "usage: canopy trunk show --config FILE [--depth N]");
     po::options_description tdesc("options");
     tdesc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(
-        "depth", po::value<int>()->default_value(2), "");
+        "depth", po::value<int>()->default_value(2), "")("allow-unpinned", "");
     const auto tvm = parse_options(tdesc, std::vector<std::string>(rest.begin() + 1, rest.end()),
                                    "usage: canopy trunk show --config FILE [--depth N]");
     CANOPY_CHECK(tvm.count("config"), ConfigError, "canopy trunk show: --config FILE is required");
-    const JobConfig config = config_from(tvm);
+    const JobConfig config = config_from(tvm, tvm.count("allow-unpinned") ? std::vector<std::string>{"trunk.allow_unpinned=true"}
+                                                                          : std::vector<std::string>{});
     out << trunk::Trunk::load(config.trunk).show(tvm["depth"].as<int>());
     return kExitOk;
   }
@@ -205,7 +209,7 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
   }
   po::options_description desc("options");
   desc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(
-      "dump-config", "")("force", "")("resume", "")("fail-fast", "")("no-fuse", "")("progress", po::value<std::string>()->default_value("auto"), "")("help,h", "");
+      "dump-config", "")("allow-unpinned", "")("force", "")("resume", "")("fail-fast", "")("no-fuse", "")("progress", po::value<std::string>()->default_value("auto"), "")("help,h", "");
   const auto vm = parse_options(desc, rest, "see canopy --help");
   if (vm.count("help")) {
     out << kUsage;
@@ -215,6 +219,7 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
   std::vector<std::string> flags;
   if (vm.count("fail-fast")) flags.push_back("train.fail_fast=true");
   if (vm.count("no-fuse")) flags.push_back("train.fuse=false");
+  if (vm.count("allow-unpinned")) flags.push_back("trunk.allow_unpinned=true");
   const JobConfig config = config_from(vm, flags);
   if (vm.count("dump-config")) {
     out << dump_config(config);

@@ -104,6 +104,7 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   v.f64_list("preprocess.std", c.preprocess.std);
   v.str("trunk.path", c.trunk.path, true);
   v.str("trunk.sha256", c.trunk.sha256);
+  v.boolean("trunk.allow_unpinned", c.trunk.allow_unpinned);
   v.str("trunk.device", c.trunk.device);
   v.str("trunk.pooling", c.trunk.pooling);
   v.boolean("trunk.optimize", c.trunk.optimize);
@@ -269,6 +270,7 @@ std::string dump_config(const JobConfig& c) {
   o << "[preprocess]\nresize = " << c.preprocess.resize << "\nchannels = " << c.preprocess.channels
     << "\nmean = " << list(c.preprocess.mean) << "\nstd = " << list(c.preprocess.std) << "\n\n";
   o << "[trunk]\npath = " << c.trunk.path << "\nsha256 = " << c.trunk.sha256
+    << "\nallow_unpinned = " << (c.trunk.allow_unpinned ? "true" : "false")
     << "\ndevice = " << c.trunk.device << "\npooling = " << c.trunk.pooling
     << "\ntaps = " << list(c.trunk.taps) << "\noptimize = " << (c.trunk.optimize ? "true" : "false")
     << "\nfreeze = " << c.trunk.freeze.freeze << "\ntrain_only = " << c.trunk.freeze.train_only

@@ -31,7 +31,7 @@ class EndToEnd : public ::testing::Test {
     std::ostringstream ini;
     ini << "[data]\ndir = " << testing::fashion_mnist_dir() << "\ntrain_limit = 2000\ntest_limit = 500\n"
         << "[preprocess]\nresize = 28\nchannels = 3\nmean = 0.5\nstd = 0.5\n"
-        << "[trunk]\npath = " << trunk_path_ << "\ndevice = cpu\n"
+        << "[trunk]\npath = " << trunk_path_ << "\ndevice = cpu\nallow_unpinned = true\n"
         << "[cache]\npath = " << dir_.file("cache") << "\nbatch_size = 256\nshard_rows = 512\n"
         << "[train]\nout_dir = " << dir_.file("out") << "\nepochs = 8\nbatch_size = 64\n"
         << "[task.class_linear]\nhead = linear\nlr = 0.01\n"

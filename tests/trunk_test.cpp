@@ -28,6 +28,7 @@ TrunkConfig tiny(const std::string& path) {
   TrunkConfig c;
   c.path = path;
   c.device = "cpu";
+  c.allow_unpinned = true;
   return c;
 }
 
@@ -82,6 +83,13 @@ TEST(Trunk, PinnedHashMismatchIsRefusedBeforeLoading) {
   c.sha256 = std::string(64, '0');
   EXPECT_TRUE(testing::throws_with<DataError>([&] { Trunk::load(c); }, {"refusing", std::string(64, '0'), sha256_file(c.path)}));
   c.sha256 = sha256_file(c.path);
+  c.allow_unpinned = false;
+  EXPECT_NO_THROW(Trunk::load(c));
+  // Unpinned: refused unless allowed, naming the hash to pin.
+  c.sha256.clear();
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Trunk::load(c); },
+                                                {"not pinned", "sha256 = " + sha256_file(c.path), "allow_unpinned"}));
+  c.allow_unpinned = true;
   EXPECT_NO_THROW(Trunk::load(c));
   c.sha256 = "abc";
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Trunk::load(c); }, {"64 hex digits", "'abc'"}));

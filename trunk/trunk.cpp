@@ -264,6 +264,9 @@ std::string verified_trunk_sha256(const TrunkConfig& config) {
   const std::string sha = sha256_file(config.path);
   CANOPY_CHECK(config.sha256.empty() || sha == config.sha256, DataError, "trunk '", config.path,
                "' has SHA-256 ", sha, " but the config pins ", config.sha256, "; refusing to load it");
+  CANOPY_CHECK(!config.sha256.empty() || config.allow_unpinned, ConfigError, "trunk '", config.path,
+               "' is not pinned, and a trunk file is code that runs: pin it by adding `sha256 = ", sha,
+               "` under [trunk] (its hash now), or load it unpinned with trunk.allow_unpinned = true (--allow-unpinned)");
   return sha;
 }
 
@@ -279,7 +282,7 @@ Trunk Trunk::load(const TrunkConfig& config) {
   // Hash before loading: the file is executable code and must be the one that was pinned.
   impl->sha256 = verified_trunk_sha256(config);
   if (config.sha256.empty()) {
-    log_info("trunk '" + config.path + "' is not pinned; to pin it add: sha256 = " + impl->sha256);
+    log_info("trunk '" + config.path + "' is loaded unpinned (allowed); to pin it add: sha256 = " + impl->sha256);
   }
   impl->device = choose_device(config.device);
   try {
@@ -304,6 +307,18 @@ Trunk Trunk::load(const TrunkConfig& config) {
   }
   impl->apply_policy();
   impl->set_training(false);
+  {  // What is frozen is decided here, once, and said.
+    std::int64_t total = 0, trainable = 0;
+    for (const auto& p : m.parameters(true)) {
+      total += p.numel();
+      if (p.requires_grad()) trainable += p.numel();
+    }
+    const auto& f = config.freeze;
+    log_info(detail::str_cat("trunk: ", total, " parameters, ", trainable, " trainable (freeze ",
+                             f.train_only.empty() ? f.freeze : "all but " + f.train_only,
+                             f.batchnorm_affine_trainable ? "; BatchNorm affine trainable" : "", "); ",
+                             impl->frozen.size(), " of ", m.named_modules().size(), " modules frozen"));
+  }
   if (!config.taps.empty()) add_taps_method(m, config.taps);
   impl->runner = m;
   if (config.optimize && impl->fully_frozen) {

@@ -41,6 +41,7 @@ test_limit = 500
 [preprocess]
 resize = 28
 [trunk]
+allow_unpinned = true
 path = {trunk}
 device = cpu
 [cache]

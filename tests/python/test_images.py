@@ -61,6 +61,7 @@ mean = 0.5
 std = 0.5
 
 [trunk]
+allow_unpinned = true
 path = {trunk}
 device = cpu
 pooling = avg

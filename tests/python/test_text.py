@@ -12,6 +12,7 @@
   * `canopy train` trains heads on both labels concurrently from that cache.
 """
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -96,6 +97,7 @@ max_length = 128
 
 [trunk]
 path = {TRUNK}
+sha256 = {hashlib.sha256(open(TRUNK, "rb").read()).hexdigest()}
 device = cpu
 pooling = masked_mean
 

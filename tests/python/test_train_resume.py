@@ -37,6 +37,7 @@ test_limit = 300
 [preprocess]
 resize = 28
 [trunk]
+allow_unpinned = true
 path = {trunk}
 device = cpu
 pooling = flatten

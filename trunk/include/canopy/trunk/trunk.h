@@ -52,7 +52,8 @@ struct FreezePolicy {
 //                (the trunk's second input, [N, T]) is non-zero (sentence encoders)
 struct TrunkConfig {
   std::string path;
-  std::string sha256;     // pinned hash of the file; empty: not pinned (the hash is logged)
+  std::string sha256;     // pinned hash of the file, checked before the file is loaded
+  bool allow_unpinned = false;  // load a trunk without sha256 (the hash to pin is logged)
   std::string device = "auto";
   std::string pooling = "avg";
   std::vector<std::string> taps;  // empty: the trunk's output
@@ -64,8 +65,9 @@ void validate_trunk_config(const TrunkConfig& config);
 // "output" or the taps joined by ',' (for descriptions and fingerprints).
 std::string describe_taps(const TrunkConfig& config);
 
-// The SHA-256 of the trunk file, refusing (DataError) a file that does not match the pinned
-// trunk.sha256. Reads the file without loading it.
+// The SHA-256 of the trunk file, refusing a file that does not match the pinned trunk.sha256
+// (DataError) and an unpinned one unless allow_unpinned (ConfigError, giving the hash to
+// pin). Reads the file without loading it.
 std::string verified_trunk_sha256(const TrunkConfig& config);
 
 // One module of the trunk as show() reports it.
