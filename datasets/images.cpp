@@ -121,12 +121,16 @@ std::string lower(std::string s) {
   return s;
 }
 
-bool is_image_name(const std::string& name) {
+}  // namespace
+
+bool is_image_file_name(const std::string& name) {
   const auto dot = name.rfind('.');
   if (dot == std::string::npos) return false;
   const std::string ext = lower(name.substr(dot + 1));
   return ext == "png" || ext == "jpg" || ext == "jpeg";
 }
+
+namespace {
 
 // One CSV line into fields; "quoted, fields" with "" for a quote.
 std::vector<std::string> csv_fields(const std::string& line) {
@@ -276,7 +280,7 @@ ImageList read_image_folders(const std::string& dir, const std::string& class_di
                  "' is a class that '", names_dir, "' lacks (its classes: ", join(classes, ", "), ")");
     std::vector<std::string> files;
     for (const auto& f : list_dir(join_path(dir, cls))) {
-      if (is_image_name(f)) files.push_back(f);
+      if (is_image_file_name(f)) files.push_back(f);
     }
     std::sort(files.begin(), files.end());
     for (const auto& f : files) {

@@ -182,7 +182,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   meta.description = description;
   meta.trunk_sha256 = trunk_sha;
   meta.trunk_path = config.trunk.path;
-  meta.preprocessing = datasets::describe(config.preprocess);
+  meta.preprocessing = describe_preprocessing(config);
   meta.pooling = config.trunk.pooling;
   meta.torch_version = TORCH_VERSION;
   meta.dtype = datasets::parse_storage_dtype(config.cache.dtype);

@@ -2,6 +2,8 @@
 
 #include <sys/stat.h>
 
+#include <fstream>
+
 #include <algorithm>
 #include <memory>
 #include <sstream>
@@ -249,6 +251,74 @@ std::string describe_image_files(const JobConfig& c) {
 }
 
 }  // namespace
+
+std::string describe_preprocessing(const JobConfig& c) {
+  return c.data.source == "arff" ? datasets::describe(c.text) : datasets::describe(c.preprocess);
+}
+
+InputSplit load_predict_input(const JobConfig& config, const std::string& path, std::int64_t limit) {
+  InputSplit s;
+  auto ends_with = [&](const char* ext) {
+    const std::string e(ext);
+    return path.size() >= e.size() && path.compare(path.size() - e.size(), e.size(), e) == 0;
+  };
+  if (config.data.source == "arff") {
+    std::vector<std::string> texts;
+    if (ends_with(".arff")) {
+      const auto arff = datasets::read_arff(path);
+      texts = arff.strings[arff.attribute(config.data.text_attribute)];
+    } else {
+      std::ifstream in(path);
+      CANOPY_CHECK(in, DataError, "cannot open '", path, "' (texts: an .arff file or one document per line)");
+      for (std::string line; std::getline(in, line);) texts.push_back(line);
+    }
+    if (limit > 0 && static_cast<std::int64_t>(texts.size()) > limit) texts.resize(limit);
+    const datasets::WordPieceTokenizer tokenizer(config.text);
+    auto tokens = std::make_shared<std::vector<std::vector<std::int64_t>>>();
+    for (const auto& t : texts) tokens->push_back(tokenizer.encode(t));
+    const std::int64_t pad = tokenizer.pad_id();
+    s.rows = static_cast<std::int64_t>(tokens->size());
+    s.inputs = [tokens, pad](const std::vector<std::int64_t>& rows) { return pad_tokens(*tokens, rows, pad); };
+  } else if (config.data.source == "image-csv" || config.data.source == "image-folders") {
+    auto paths = std::make_shared<std::vector<std::string>>();
+    if (is_directory(path)) {
+      std::vector<std::string> todo{path};
+      while (!todo.empty()) {
+        const std::string d = todo.back();
+        todo.pop_back();
+        for (const auto& name : list_dir(d)) {
+          const std::string p = join_path(d, name);
+          if (is_directory(p)) todo.push_back(p);
+          else if (datasets::is_image_file_name(name)) paths->push_back(p);
+        }
+      }
+      std::sort(paths->begin(), paths->end());
+    } else if (ends_with(".csv")) {
+      *paths = datasets::read_image_csv(path).paths;
+    } else {
+      paths->push_back(path);
+    }
+    CANOPY_CHECK(!paths->empty(), DataError, "'", path, "' holds no .png, .jpg or .jpeg images");
+    if (limit > 0 && static_cast<std::int64_t>(paths->size()) > limit) paths->resize(limit);
+    s.rows = static_cast<std::int64_t>(paths->size());
+    const datasets::PreprocessConfig pre = config.preprocess;
+    s.inputs = [paths, pre](const std::vector<std::int64_t>& rows) {
+      return std::vector<at::Tensor>{load_image_batch(*paths, rows, pre)};
+    };
+  } else {
+    auto images = std::make_shared<at::Tensor>(datasets::read_idx(path, limit));
+    CANOPY_CHECK(images->dim() == 3 || images->dim() == 4, DataError, "'", path,
+                 "' should hold images [N, H, W] or [N, C, H, W], holds ", images->sizes());
+    s.rows = images->size(0);
+    const datasets::PreprocessConfig pre = config.preprocess;
+    s.inputs = [images, pre](const std::vector<std::int64_t>& rows) {
+      return std::vector<at::Tensor>{
+          datasets::preprocess_images(images->slice(0, rows.front(), rows.back() + 1), pre)};
+    };
+  }
+  s.ids = at::arange(s.rows, at::kLong);
+  return s;
+}
 
 std::vector<std::int64_t> row_range(std::int64_t begin, std::int64_t end) {
   std::vector<std::int64_t> rows(static_cast<std::size_t>(end - begin));

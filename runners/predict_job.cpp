@@ -13,6 +13,7 @@
 #include "canopy/datasets/mnist.h"
 #include "canopy/datasets/preprocess.h"
 #include "canopy/runners/export.h"
+#include "canopy/runners/input_data.h"
 #include "canopy/trunk/trunk.h"
 
 namespace canopy::runners {
@@ -42,10 +43,13 @@ LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& reg
   CANOPY_CHECK(trained_on == trunk.sha256(), DataError, "task '", tc.name, "': head was trained on features of trunk ",
                trained_on, ", the config's trunk is ", trunk.sha256(), "; retrain it");
   const std::string pre = card.at("preprocessing");
-  CANOPY_CHECK(pre == datasets::describe(config.preprocess) && card.at("pooling") == config.trunk.pooling, DataError,
-               "task '", tc.name, "': head was trained with preprocessing '", pre, "' and pooling '",
-               card.at("pooling").get<std::string>(), "', the config has '", datasets::describe(config.preprocess),
-               "' and '", config.trunk.pooling, "'");
+  const std::string tap = card.value("tap", "output");
+  CANOPY_CHECK(pre == describe_preprocessing(config) && card.at("pooling") == config.trunk.pooling &&
+                   tap == trunk::describe_taps(config.trunk),
+               DataError, "task '", tc.name, "': head was trained with preprocessing '", pre, "', tap '", tap,
+               "' and pooling '", card.at("pooling").get<std::string>(), "', the config has '",
+               describe_preprocessing(config), "', '", trunk::describe_taps(config.trunk), "' and '",
+               config.trunk.pooling, "'");
   tasks::HeadSpec spec{card.at("in_features").get<std::int64_t>(), card.at("out_features").get<std::int64_t>(),
                        tasks::HeadParams(tc.name, tc.head_params)};
   LoadedHead out;
@@ -81,20 +85,18 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   std::vector<LoadedHead> heads;
   for (const auto& tc : config.tasks) heads.push_back(load_head(tc, registry, dir, trunk, config));
 
-  const at::Tensor images = datasets::read_idx(options.input, options.limit);
-  CANOPY_CHECK(images.dim() == 3 || images.dim() == 4, DataError, "'", options.input,
-               "' should hold images [N, H, W] or [N, C, H, W], holds ", images.sizes());
-  const std::int64_t n = images.size(0);
+  const InputSplit input = load_predict_input(config, options.input, options.limit);
+  const std::int64_t n = input.rows;
   if (options.format == "csv") {
     out << "id";
     for (const auto& h : heads) out << "," << h.task;
     out << "\n";
   }
-  Progress progress("predict", n, "img", style);
+  Progress progress("predict", n, config.data.source == "arff" ? "doc" : "img", style);
   torch::NoGradGuard no_grad;
   for (std::int64_t i = 0; i < n; i += config.cache.batch_size) {
     const std::int64_t end = std::min(n, i + config.cache.batch_size);
-    const at::Tensor f = trunk.encode(datasets::preprocess_images(images.slice(0, i, end), config.preprocess));
+    const at::Tensor f = trunk.encode(input.inputs(row_range(i, end)));
     std::vector<at::Tensor> preds;
     for (auto& h : heads) {
       const at::Tensor logits = h.head->forward(f);

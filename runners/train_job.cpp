@@ -33,6 +33,18 @@
 namespace canopy::runners {
 
 namespace {
+
+// One `part=value` line of a cache description ("" parts: `fallback`).
+std::string description_part(const std::string& description, const std::string& part, const std::string& fallback) {
+  const std::string key = part + "=";
+  std::size_t at = 0;
+  while (at < description.size()) {
+    const std::size_t end = std::min(description.find('\n', at), description.size());
+    if (description.compare(at, key.size(), key) == 0) return description.substr(at + key.size(), end - at - key.size());
+    at = end + 1;
+  }
+  return fallback;
+}
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -125,6 +137,7 @@ void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta
        << "  \"cache_fingerprint\": \"" << meta.fingerprint << "\",\n"
        << "  \"preprocessing\": \"" << json_escape(meta.preprocessing) << "\",\n"
        << "  \"pooling\": \"" << json_escape(meta.pooling) << "\",\n"
+       << "  \"tap\": \"" << json_escape(description_part(meta.description, "tap", "output")) << "\",\n"
        << "  \"epochs\": " << r.epochs << ",\n"
        << "  \"eval_accuracy\": " << r.eval.accuracy << ",\n"
        << "  \"eval_macro_f1\": " << r.eval.macro_f1 << ",\n"

@@ -169,6 +169,21 @@ class_names = grain,corn
         card_path = os.path.join(work, "train", "heads", task + ".json")
         card = json.load(open(card_path)) if os.path.exists(card_path) else {}
         check(card.get("in_features") == 384, f"{task} card written (in_features {card.get('in_features')})")
+
+    # --- canopy predict on stories: tokenizer, trunk and heads in one pass -----------------
+    r = subprocess.run([canopy, "predict", "--config", config, "--input", f"{REUTERS}/ReutersGrain-test.arff",
+                        "--limit", "40", "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0, "canopy predict on an ARFF file of stories" + ("" if r.returncode == 0 else ": " + r.stderr[-500:]))
+    rows = r.stdout.splitlines()
+    check(rows[:1] == ["id,both,corn,grain"] and len(rows) == 41, f"predict writes a header and 40 rows ({rows[:1]})")
+    from safetensors.torch import load_file
+    with h5py.File(os.path.join(work, "cache", "cache.h5"), "r") as h5:
+        test_features = torch.from_numpy(h5["test/features"][...])
+    w = load_file(os.path.join(work, "train", "heads", "grain.safetensors"))
+    expect = (test_features @ w["linear.weight"].T + w["linear.bias"]).argmax(1)
+    got = [row.split(",")[3] for row in rows[1:]]
+    agree = sum(g == str(int(e)) for g, e in zip(got, expect))
+    check(agree == 40, f"predict's grain column equals the head applied to the cached test features ({agree}/40)")
     return finish()
 
 

@@ -17,6 +17,9 @@ namespace canopy::datasets {
 // is a DataError naming it.
 at::Tensor decode_image(const std::string& path);
 
+// Whether a file name ends in .png, .jpg or .jpeg (any case).
+bool is_image_file_name(const std::string& name);
+
 // A labelled list of image files.
 struct ImageList {
   std::vector<std::string> paths;                      // absolute or relative to the cwd

@@ -41,6 +41,16 @@ struct InputData {
 // Loads the data named by config.data (and config.text for text sources).
 InputData load_input_data(const JobConfig& config);
 
+// New samples for `canopy predict`, from `path` (no labels; `limit` > 0 keeps the first
+// rows): an idx file for fashion-mnist/mnist configs; an ARFF file (its text attribute) or
+// a text file with one document per line for arff configs; for image configs a CSV
+// manifest (the path column), a folder (every PNG/JPEG below it, sorted) or one image.
+InputSplit load_predict_input(const JobConfig& config, const std::string& path, std::int64_t limit);
+
+// What the trunk's inputs went through before it: the image preprocessing or the
+// tokenizer, as one line (cards record it; predict checks it).
+std::string describe_preprocessing(const JobConfig& config);
+
 // Rows begin .. end-1.
 std::vector<std::int64_t> row_range(std::int64_t begin, std::int64_t end);
 
