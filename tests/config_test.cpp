@@ -77,5 +77,47 @@ TEST(Config, DumpIsAFixedPoint) {
   EXPECT_EQ(dumped.substr(dumped.find('\n')), dump_config(again).substr(dump_config(again).find('\n')));
 }
 
+TEST(Config, TrunkFreezeTapsAndTextAndImageSources) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("c.ini"), kConfig);
+  const JobConfig c = load_job_config(
+      dir.file("c.ini"),
+      {"trunk.taps=layers.4, layers.5", "trunk.freeze=first:3", "trunk.batchnorm_affine_trainable=true",
+       "trunk.pooling=masked_mean", "trunk.allow_unpinned=true", "data.source=arff",
+       "data.train_files=grain:/d/g.arff, corn:/d/c.arff", "data.test_files=grain:/d/gt.arff",
+       "text.vocab=/v.txt", "text.max_length=128", "text.lowercase=false"});
+  EXPECT_EQ(c.trunk.taps, (std::vector<std::string>{"layers.4", "layers.5"}));
+  EXPECT_EQ(c.trunk.freeze.freeze, "first:3");
+  EXPECT_TRUE(c.trunk.freeze.batchnorm_affine_trainable);
+  EXPECT_TRUE(c.trunk.allow_unpinned);
+  EXPECT_EQ(c.data.train_files, (std::vector<std::string>{"grain:/d/g.arff", "corn:/d/c.arff"}));
+  EXPECT_EQ(c.text.max_length, 128);
+  EXPECT_FALSE(c.text.lowercase);
+  // The dump reads back to the same configuration.
+  write_file_atomic(dir.file("dumped.ini"), dump_config(c));
+  const JobConfig again = load_job_config(dir.file("dumped.ini"));
+  EXPECT_EQ(again.trunk.taps, c.trunk.taps);
+  EXPECT_EQ(again.data.train_files, c.data.train_files);
+  EXPECT_EQ(again.trunk.freeze.freeze, "first:3");
+  const JobConfig images = load_job_config(dir.file("c.ini"), {"data.source=image-folders", "data.train=/img/train",
+                                                               "data.test=/img/test"});
+  EXPECT_EQ(images.data.train, "/img/train");
+  using testing::throws_with;
+  EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"data.source=image-csv"}); },
+                                       {"needs data.train and data.test"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"data.source=arff"}); },
+                                       {"needs data.train_files and data.test_files"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"data.source=webdataset"}); },
+                                       {"data.source", "image-folders", "'webdataset'"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"trunk.taps=a,a"}); },
+                                       {"trunk.taps", "listed twice"}));
+  EXPECT_TRUE(throws_with<ConfigError>(
+      [&] {
+        load_job_config(dir.file("c.ini"), {"data.source=arff", "data.train_files=g:/a", "data.test_files=g:/b",
+                                            "text.vocab=/v", "text.max_length=2"});
+      },
+      {"text.max_length", "got 2"}));
+}
+
 }  // namespace
 }  // namespace canopy::runners

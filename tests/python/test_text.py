@@ -170,6 +170,27 @@ class_names = grain,corn
         card = json.load(open(card_path)) if os.path.exists(card_path) else {}
         check(card.get("in_features") == 384, f"{task} card written (in_features {card.get('in_features')})")
 
+    # --- two taps from one pass: layers.4 and layers.5, pooled and concatenated ----------
+    r = subprocess.run([canopy, "cache", "--config", config, "--progress", "quiet", "--set", "trunk.taps=layers.4,layers.5",
+                        "--set", f"cache.path={work}/taps"], capture_output=True, text=True)
+    check(r.returncode == 0, "canopy cache with trunk.taps = layers.4,layers.5" + ("" if r.returncode == 0 else ": " + r.stderr[-500:]))
+    with torch.no_grad():
+        bias = (1.0 - mask.to(torch.float32))[:, None, None, :] * -10000.0
+        x = trunk.embeddings(ids)
+        pooled = []
+        for i in range(6):
+            x = getattr(trunk.layers, str(i))(x, bias)
+            if i in (4, 5):
+                pooled.append(((x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy())
+    with h5py.File(os.path.join(work, "taps", "cache.h5"), "r") as h5:
+        tapped = h5["train/features"][...]
+        description = h5.attrs["description"]
+        description = description.decode() if isinstance(description, bytes) else description
+    diff = float(np.abs(tapped - np.concatenate(pooled, 1)).max()) if tapped.shape == (96, 768) else float("inf")
+    check(diff < 1e-4, f"tapped features {tapped.shape} = [layers.4 | layers.5] pooled in Python (max diff {diff:.2e})")
+    check(np.abs(tapped[:, 384:] - got).max() < 1e-5, "the last layer's tap equals the trunk's output")
+    check("tap=layers.4,layers.5" in description.splitlines(), "the taps are part of the cache's description (fingerprint)")
+
     # --- canopy predict on stories: tokenizer, trunk and heads in one pass -----------------
     r = subprocess.run([canopy, "predict", "--config", config, "--input", f"{REUTERS}/ReutersGrain-test.arff",
                         "--limit", "40", "--progress", "quiet"], capture_output=True, text=True)
