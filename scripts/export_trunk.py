@@ -167,6 +167,28 @@ def all_minilm_l6_v2(random_init: bool):
 TRUNKS = {"efficientnet_lite0": efficientnet_lite0, "all_minilm_l6_v2": all_minilm_l6_v2}
 
 
+def save_reproducibly(module, out):
+    """torch.jit.save, minus the debug records (*.debug_pkl), which hold the absolute paths
+    of the Python files that defined the code (the venv's site-packages, this script). The
+    file's bytes, and so the SHA-256 the configs pin, then depend only on the weights, the
+    code and the torch version, not on where CANOPY_HOME or the checkout is."""
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        # The archive's inner folder is named after the file: keep the final name.
+        full = os.path.join(tmp, os.path.basename(out))
+        module.save(full)
+        reader = torch._C.PyTorchFileReader(full)
+        writer = torch._C.PyTorchFileWriter(out)
+        for name in reader.get_all_records():
+            if name.endswith(".debug_pkl") or name.startswith(".data/"):
+                continue  # .data/ records are rewritten by the writer itself
+            data = reader.get_record(name)
+            writer.write_record(name, data, len(data))
+        writer.write_end_of_file()
+        del writer
+
+
 def export_text(net, args):
     """Scripted (not traced): the module keeps its training flag and control flow, so canopy
     can run it in train mode when part of it is unfrozen. The vocabulary ships next to it."""
@@ -178,7 +200,7 @@ def export_text(net, args):
         ref, got = net(ids, mask), scripted(ids, mask)
     if not torch.allclose(ref, got, atol=1e-5):
         sys.exit(f"scripted trunk disagrees with eager: max diff {(ref - got).abs().max().item()}")
-    scripted.save(args.out)
+    save_reproducibly(scripted, args.out)
     vocab = args.out[:-3] + ".vocab.txt" if args.out.endswith(".pt") else args.out + ".vocab.txt"
     shutil.copyfile(minilm_model_dir() / "vocab.txt", vocab)
     print(f"exported all_minilm_l6_v2 ({'random init' if args.random_init else 'pretrained'}) to {args.out}, "
@@ -212,7 +234,7 @@ def main(argv):
         ref, got = trunk(x), traced(x)
         if not torch.allclose(ref, got, atol=1e-4, rtol=1e-4):
             sys.exit(f"traced trunk disagrees with eager: max diff {(ref - got).abs().max().item()}")
-    traced.save(args.out)
+    save_reproducibly(traced, args.out)
     print(f"exported {args.name} tap {args.tap} ({'random init' if args.random_init else 'pretrained'}) "
           f"to {args.out}: output {tuple(got.shape)} for input {tuple(x.shape)}")
 
