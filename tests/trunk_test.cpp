@@ -192,6 +192,7 @@ TEST(Freeze, EveryPolicyFreezesExactlyWhatItNames) {
   }
   // The decision is reported.
   const std::string shown = Trunk::load(convnet("first:2")).show(3);
+  EXPECT_EQ(shown.find("traced"), std::string::npos) << "convnet.pt is scripted";
   for (const char* want : {"freeze      first:2", "blocks.0.bn", "BatchNorm pinned", "2 pinned in frozen regions",
                            "stem, blocks.0, blocks.1, blocks.2", "[block, tap]"}) {
     EXPECT_NE(shown.find(want), std::string::npos) << want << " not in\n" << shown;

@@ -53,6 +53,19 @@ bool is_batchnorm(const torch::jit::Module& m) {
   return mean && var;
 }
 
+// Whether a BatchNorm module's forward passes training = false as a constant: a module
+// traced in eval mode, whose statistics no training mode can change.
+bool batchnorm_fixed_by_trace(const torch::jit::Module& m) {
+  for (torch::jit::Node* n : m.get_method("forward").graph()->nodes()) {
+    if (n->kind() == c10::aten::batch_norm && n->inputs().size() > 5) {
+      const torch::jit::Node* training = n->input(5)->node();
+      return training->kind() == c10::prim::Constant && training->hasAttribute(c10::attr::value) &&
+             training->i(c10::attr::value) == 0;
+    }
+  }
+  return false;
+}
+
 // Submodules called directly by `forward`, by qualified name, with the graph value each
 // call returns (attribute chains like self.layers.3 are followed).
 std::vector<std::pair<std::string, torch::jit::Value*>> forward_calls(const std::shared_ptr<torch::jit::Graph>& g) {
@@ -392,6 +405,7 @@ std::vector<ModuleInfo> Trunk::modules() const {
     }
     info.frozen = impl_->frozen.count(m.name) > 0;
     info.batchnorm = is_batchnorm(m.value);
+    info.batchnorm_traced_eval = info.batchnorm && batchnorm_fixed_by_trace(m.value);
     info.block = blocks.count(m.name) > 0;
     info.tap = taps.count(m.name) > 0;
     out.push_back(info);
@@ -420,16 +434,21 @@ std::string Trunk::show(int max_depth) const {
   const int tw = static_cast<int>(type_width);
   o << "\n  " << std::left << std::setw(static_cast<int>(width)) << "module" << "  " << std::setw(tw) << "type"
     << std::right << std::setw(10) << "params" << "  " << std::left << "state\n";
-  std::int64_t bn = 0, pinned = 0;
+  std::int64_t bn = 0, pinned = 0, traced = 0;
   for (const auto& m : mods) {
     if (m.batchnorm) {
       ++bn;
       if (m.frozen) ++pinned;
+      if (m.batchnorm_traced_eval) ++traced;
     }
     if (m.depth > max_depth || m.name.empty()) continue;
     std::string state = m.trainable == 0 ? "frozen" : m.trainable == m.parameters ? "trainable" : "partly trainable";
     if (m.parameters == 0) state = m.frozen ? "frozen (no parameters)" : "trainable (no parameters)";
-    if (m.batchnorm) state += m.frozen ? ", BatchNorm pinned (eval, statistics fixed)" : ", BatchNorm statistics update in train mode";
+    if (m.batchnorm) {
+      state += m.frozen ? ", BatchNorm pinned (eval, statistics fixed)"
+               : m.batchnorm_traced_eval ? ", BatchNorm traced in eval mode (statistics fixed)"
+                                         : ", BatchNorm statistics update in train mode";
+    }
     std::vector<std::string> tags;
     if (m.block) tags.push_back("block");
     if (m.tap) tags.push_back("tap");
@@ -439,6 +458,7 @@ std::string Trunk::show(int max_depth) const {
       << (tags.empty() ? "" : "  [" + join(tags, ", ") + "]") << "\n";
   }
   o << "\n  BatchNorm   " << bn << " layer(s), " << pinned << " pinned in frozen regions"
+    << (traced ? detail::str_cat(", ", traced, " traced in eval mode (fixed whatever the policy)") : "")
     << "\n  blocks      " << impl_->blocks.size() << " (what freeze = first:N counts): " << join(impl_->blocks, ", ")
     << "\n  tap points  " << join(impl_->tap_points, ", ") << "\n";
   return o.str();

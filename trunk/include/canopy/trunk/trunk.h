@@ -79,6 +79,7 @@ struct ModuleInfo {
   std::int64_t trainable = 0;
   bool frozen = true;
   bool batchnorm = false;       // has running_mean and running_var buffers
+  bool batchnorm_traced_eval = false;  // traced in eval mode: training is a constant false
   bool block = false;           // one of blocks() (what first:N counts)
   bool tap = false;             // can be named in trunk.taps
 };
