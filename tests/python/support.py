@@ -30,6 +30,21 @@ def finish():
     return 1 if failures else 0
 
 
+def tiny_conv_trunk():
+    """A small image trunk: Conv2d(3, 8, 3, stride 2) + ReLU, [N, 3, H, W] -> [N, 8, H/2, W/2]."""
+    import torch
+
+    class TinyConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x))
+
+    return TinyConv()
+
+
 def start(prefix, trunk_module, trunk_name):
     """The common start of a check: parses --canopy, makes a work directory, and saves
     `trunk_module` (made with torch's seed 0) there as TorchScript. Returns (canopy, work, trunk)."""

@@ -17,21 +17,12 @@ import zlib
 
 import h5py
 import numpy as np
-import torch
 
-from support import FMNIST, check, finish, read_idx, start
+from support import FMNIST, check, finish, read_idx, start, tiny_conv_trunk
 
 NAMES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TRAIN, TEST = 60, 30
 
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x))
 
 
 def write_png(path, img):
@@ -75,7 +66,7 @@ shard_rows = 32
 
 
 def main():
-    canopy, work, trunk = start("canopy-images-", Tiny, "tiny.pt")
+    canopy, work, trunk = start("canopy-images-", tiny_conv_trunk, "tiny.pt")
     images = {"train": read_idx(f"{FMNIST}/train-images-idx3-ubyte.gz")[:TRAIN],
               "test": read_idx(f"{FMNIST}/t10k-images-idx3-ubyte.gz")[:TEST]}
     labels = {"train": read_idx(f"{FMNIST}/train-labels-idx1-ubyte.gz")[:TRAIN],

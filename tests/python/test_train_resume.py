@@ -11,23 +11,14 @@ import subprocess
 import sys
 import time
 
-import torch
 
-from support import FMNIST, check, finish, kill_when, start
-
+from support import FMNIST, check, finish, kill_when, start, tiny_conv_trunk
 
 
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x))
 
 
 def main():
-    canopy, work, trunk = start("canopy-train-resume-", Tiny, "tiny.pt")
+    canopy, work, trunk = start("canopy-train-resume-", tiny_conv_trunk, "tiny.pt")
     config = os.path.join(work, "job.ini")
     with open(config, "w") as f:
         f.write(f"""[data]
