@@ -170,6 +170,12 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
     owned.emplace(trunk::Trunk::load(config.trunk));
     trunk = &*owned;
   }
+  if (trunk->parameter_counts().second > 0) {
+    log_info(detail::str_cat("note: trunk.freeze leaves ", trunk->parameter_counts().second,
+                             " trunk parameters trainable, but the cache runs the trunk in inference mode and the "
+                             "heads train on cached features: nothing in the trunk trains here (the C++ API "
+                             "Trunk::features / trainable_parameters trains the unfrozen part)"));
+  }
 
   const InputData data = load_input_data(config);
   std::map<std::string, std::int64_t> split_rows;
