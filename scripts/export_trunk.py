@@ -24,6 +24,7 @@ sentence encoder does, or the first token). Its WordPiece vocabulary is written 
 the control for showing that the pretrained features matter.
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -148,9 +149,9 @@ def all_minilm_l6_v2(random_init: bool):
     from safetensors.torch import load_file
     model_dir = minilm_model_dir()
     cfg = json.loads((model_dir / "config.json").read_text())
+    torch.manual_seed(0)  # --random-init: the same random weights every time
     net = Bert(cfg)
     if random_init:
-        torch.manual_seed(0)
         return net
     state = {}
     for name, tensor in load_file(str(model_dir / "model.safetensors")).items():
@@ -208,6 +209,10 @@ def export_text(net, args):
 
 
 def main(argv):
+    # TorchScript writes a scripted module's constants in Python set order, which depends on
+    # string hashing: with a random hash seed every export would differ in bytes (and hash).
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, PYTHONHASHSEED="0"))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", choices=sorted(TRUNKS))
     ap.add_argument("--out", required=True)
