@@ -188,6 +188,26 @@ datasets::ImageList read_image_list(const JobConfig& config, const std::string& 
   return datasets::read_image_folders(where, config.data.train);
 }
 
+// The rows a data limit keeps: a CSV's first `limit` rows; for class folders (listed class
+// by class) rows taken from each class in turn, in listing order, so that a limit keeps
+// every class instead of only the first ones.
+std::vector<std::int64_t> kept_rows(const datasets::ImageList& list, const std::string& source, std::int64_t limit) {
+  const auto n = static_cast<std::int64_t>(list.paths.size());
+  if (limit <= 0 || limit >= n) return row_range(0, n);
+  if (source != "image-folders") return row_range(0, limit);
+  std::map<std::int64_t, std::vector<std::int64_t>> by_class;
+  const auto& labels = list.labels.at("class");
+  for (std::int64_t r = 0; r < n; ++r) by_class[labels[r]].push_back(r);
+  std::vector<std::int64_t> out;
+  for (std::size_t i = 0; static_cast<std::int64_t>(out.size()) < limit; ++i) {
+    for (const auto& [cls, rows] : by_class) {
+      if (i < rows.size() && static_cast<std::int64_t>(out.size()) < limit) out.push_back(rows[i]);
+    }
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 // Decodes and preprocesses images one by one (they may differ in size and channels).
 at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::vector<std::int64_t>& rows,
                             const datasets::PreprocessConfig& pre) {
@@ -206,18 +226,24 @@ InputData load_image_files(const JobConfig& config) {
   InputData data;
   for (const std::string split : {"train", "test"}) {
     datasets::ImageList list = read_image_list(config, split);
-    std::int64_t n = static_cast<std::int64_t>(list.paths.size());
-    if (limit_for(config.data, split) > 0) n = std::min(n, limit_for(config.data, split));
-    list.paths.resize(n);
+    const std::vector<std::int64_t> keep = kept_rows(list, config.data.source, limit_for(config.data, split));
+    const auto n = static_cast<std::int64_t>(keep.size());
     InputSplit s;
     s.rows = n;
-    s.ids = at::arange(n, at::kLong);
+    s.ids = at::tensor(keep, at::kLong);  // the row in the CSV or the sorted folder listing
     for (auto& [name, v] : list.labels) {
-      s.labels[name] = at::from_blob(v.data(), {static_cast<std::int64_t>(v.size())}, at::kLong).slice(0, 0, n).clone();
+      std::vector<std::int64_t> kept;
+      for (const auto r : keep) kept.push_back(v[r]);
+      s.labels[name] = at::tensor(kept, at::kLong);
     }
     for (auto& [name, v] : list.float_labels) {
-      s.labels[name] = at::from_blob(v.data(), {static_cast<std::int64_t>(v.size())}, at::kDouble).slice(0, 0, n).clone();
+      std::vector<double> kept;
+      for (const auto r : keep) kept.push_back(v[r]);
+      s.labels[name] = at::tensor(kept, at::kDouble);
     }
+    std::vector<std::string> kept_paths;
+    for (const auto r : keep) kept_paths.push_back(list.paths[r]);
+    list.paths = std::move(kept_paths);
     if (split == "train") {
       data.label_sources = list.label_order;
       for (const auto& [name, v] : list.float_labels) {

@@ -5,6 +5,7 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/runners/config.h"
+#include "canopy/runners/input_data.h"
 #include "support/test_support.h"
 
 namespace canopy::runners {
@@ -117,6 +118,32 @@ TEST(Config, TrunkFreezeTapsAndTextAndImageSources) {
                                             "text.vocab=/v", "text.max_length=2"});
       },
       {"text.max_length", "got 2"}));
+}
+
+TEST(InputData, AFolderLimitKeepsEveryClass) {
+  testing::TempDir dir;
+  const std::map<std::string, int> files = {{"ant", 5}, {"bee", 1}, {"cat", 4}};
+  for (const char* split : {"train", "test"}) {
+    for (const auto& [cls, count] : files) {
+      make_dirs(dir.file(std::string(split) + "/" + cls));
+      for (int i = 0; i < count; ++i) write_file_atomic(dir.file(std::string(split) + "/" + cls + "/" + std::to_string(i) + ".png"), "x");
+    }
+  }
+  write_file_atomic(dir.file("c.ini"), kConfig);
+  const JobConfig c = load_job_config(dir.file("c.ini"), {"data.source=image-folders", "data.train=" + dir.file("train"),
+                                                          "data.test=" + dir.file("test"), "data.train_limit=6",
+                                                          "data.test_limit=0"});
+  const InputData data = load_input_data(c);  // lists and labels; nothing is decoded yet
+  const InputSplit& train = data.splits.at("train");
+  EXPECT_EQ(train.rows, 6);
+  // Classes in turn: ant 0, bee 0, cat 0, ant 1, cat 1, ant 2 — kept in listing order.
+  const std::vector<std::int64_t> ids(train.ids.data_ptr<std::int64_t>(), train.ids.data_ptr<std::int64_t>() + 6);
+  EXPECT_EQ(ids, (std::vector<std::int64_t>{0, 1, 2, 5, 6, 7}));
+  const at::Tensor& y = train.labels.at("class");
+  EXPECT_EQ(std::vector<std::int64_t>(y.data_ptr<std::int64_t>(), y.data_ptr<std::int64_t>() + 6),
+            (std::vector<std::int64_t>{0, 0, 0, 1, 2, 2}));
+  EXPECT_EQ(data.splits.at("test").rows, 10) << "no test limit";
+  EXPECT_EQ(data.class_names, (std::vector<std::string>{"ant", "bee", "cat"}));
 }
 
 }  // namespace
