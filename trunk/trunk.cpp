@@ -189,9 +189,9 @@ struct Trunk::Impl {
   bool fully_frozen = true;
 
   std::vector<at::Tensor> prepare(const std::vector<at::Tensor>& inputs) const {
-    CANOPY_CHECK(!inputs.empty() && inputs[0].dim() >= 1 && inputs[0].size(0) > 0, DataError,
-                 "trunk input batch must be non-empty, got ", inputs.empty() ? "no inputs" : "shape ",
-                 inputs.empty() ? c10::IntArrayRef{} : inputs[0].sizes());
+    CANOPY_CHECK(!inputs.empty(), DataError, "the trunk needs at least one input tensor, got none");
+    CANOPY_CHECK(inputs[0].dim() >= 1 && inputs[0].size(0) > 0, DataError,
+                 "trunk input batch must be non-empty, got shape ", inputs[0].sizes());
     std::vector<at::Tensor> out;
     for (const auto& x : inputs) out.push_back(x.is_floating_point() ? x.to(device, at::kFloat) : x.to(device));
     return out;
