@@ -375,5 +375,34 @@ TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
   EXPECT_EQ(run_cli({"frobnicate"}, registry_, out, err), kExitUsage);
 }
 
+TEST_F(EndToEnd, TrunkShowAndTokenizeFromTheCli) {
+  std::ostringstream out, err;
+  // The test config's trunk is not pinned but allows it; without the allowance it is refused.
+  EXPECT_EQ(run_cli({"trunk", "show", "--config", config_path_}, registry_, out, err), kExitOk) << err.str();
+  EXPECT_NE(out.str().find("parameters  "), std::string::npos) << out.str();
+  EXPECT_NE(out.str().find("freeze      all"), std::string::npos) << out.str();
+  err.str("");
+  EXPECT_EQ(run_cli({"trunk", "show", "--config", config_path_, "--set", "trunk.allow_unpinned=false"}, registry_, out, err),
+            kExitUsage);
+  EXPECT_NE(err.str().find("not pinned"), std::string::npos) << err.str();
+  err.str("");
+  EXPECT_EQ(run_cli({"trunk", "show", "--config", config_path_, "--set", "trunk.allow_unpinned=false", "--allow-unpinned"},
+                    registry_, out, err),
+            kExitOk)
+      << err.str();
+  EXPECT_EQ(run_cli({"trunk", "list"}, registry_, out, err), kExitUsage);
+
+  std::ofstream(dir_.file("vocab.txt")) << "[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\nworld\n";
+  std::ofstream(dir_.file("texts.txt")) << "Hello, world\nhello\n";
+  out.str("");
+  EXPECT_EQ(run_cli({"tokenize", "--vocab", dir_.file("vocab.txt"), "--input", dir_.file("texts.txt")}, registry_, out, err),
+            kExitOk)
+      << err.str();
+  EXPECT_EQ(out.str(), "{\"ids\":[2,4,1,5,3],\"text\":\"Hello, world\"}\n{\"ids\":[2,4,3],\"text\":\"hello\"}\n");
+  err.str("");
+  EXPECT_EQ(run_cli({"tokenize", "--input", dir_.file("texts.txt")}, registry_, out, err), kExitUsage);
+  EXPECT_NE(err.str().find("--vocab FILE"), std::string::npos) << err.str();
+}
+
 }  // namespace
 }  // namespace canopy::runners
