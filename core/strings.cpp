@@ -1,5 +1,7 @@
 #include "canopy/core/strings.h"
 
+#include <cctype>
+
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -27,6 +29,15 @@ std::vector<std::string> split(std::string_view s, char sep) {
     start = pos + 1;
   }
   return out;
+}
+
+std::string lower_ascii(std::string s) {
+  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+bool ends_with(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 std::string join(const std::vector<std::string>& parts, std::string_view sep) {

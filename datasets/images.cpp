@@ -5,7 +5,6 @@
 #include <jerror.h>
 
 #include <algorithm>
-#include <cctype>
 #include <csetjmp>
 #include <cstdio>
 #include <cstdlib>
@@ -116,17 +115,12 @@ at::Tensor decode_jpeg(const std::string& path) {
   return out;
 }
 
-std::string lower(std::string s) {
-  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
 }  // namespace
 
 bool is_image_file_name(const std::string& name) {
   const auto dot = name.rfind('.');
   if (dot == std::string::npos) return false;
-  const std::string ext = lower(name.substr(dot + 1));
+  const std::string ext = lower_ascii(name.substr(dot + 1));
   return ext == "png" || ext == "jpg" || ext == "jpeg";
 }
 

@@ -1,6 +1,5 @@
 #include "canopy/datasets/text.h"
 
-#include <cctype>
 #include <fstream>
 #include <sstream>
 
@@ -309,11 +308,6 @@ std::vector<std::string> split_arff_values(const std::string& line, const std::s
     }
   }
   return out;
-}
-
-std::string lower_ascii(std::string s) {
-  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
 }
 
 }  // namespace

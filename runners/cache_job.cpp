@@ -24,17 +24,6 @@ namespace canopy::runners {
 
 namespace {
 using Clock = std::chrono::steady_clock;
-
-std::map<std::string, std::string> parse_description(const std::string& d) {
-  std::map<std::string, std::string> out;
-  std::istringstream in(d);
-  std::string line;
-  while (std::getline(in, line)) {
-    const auto eq = line.find('=');
-    if (eq != std::string::npos) out[line.substr(0, eq)] = line.substr(eq + 1);
-  }
-  return out;
-}
 }  // namespace
 
 std::string cache_description(const JobConfig& c, const std::string& trunk_sha256) {
@@ -56,6 +45,16 @@ std::string expected_cache_description(const JobConfig& c) {
   return cache_description(c, sha256_file(c.trunk.path));
 }
 
+std::map<std::string, std::string> parse_description(const std::string& d) {
+  std::map<std::string, std::string> out;
+  std::istringstream in(d);
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto eq = line.find('=');
+    if (eq != std::string::npos) out[line.substr(0, eq)] = line.substr(eq + 1);
+  }
+  return out;
+}
 std::vector<std::string> describe_changes(const std::string& old_description,
                                           const std::string& new_description) {
   const auto a = parse_description(old_description);

@@ -90,10 +90,12 @@ po::variables_map parse_options(const po::options_description& desc, const std::
   return vm;
 }
 
-// The job config named by --config, with every --set applied.
+// The job config named by --config, with every --set applied (and --allow-unpinned, for the
+// commands that take it).
 JobConfig config_from(const po::variables_map& vm, std::vector<std::string> extra_overrides = {}) {
   std::vector<std::string> overrides = vm.count("set") ? vm["set"].as<std::vector<std::string>>()
                                                        : std::vector<std::string>{};
+  if (vm.count("allow-unpinned")) overrides.push_back("trunk.allow_unpinned=true");
   overrides.insert(overrides.end(), extra_overrides.begin(), extra_overrides.end());
   return load_job_config(vm["config"].as<std::string>(), overrides);
 }
@@ -147,8 +149,7 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
     const auto pvm = parse_options(pdesc, rest, "see canopy --help");
     CANOPY_CHECK(pvm.count("config") && pvm.count("input"), ConfigError,
                  "canopy predict: --config FILE and --input IMAGES are required");
-    const JobConfig config = config_from(pvm, pvm.count("allow-unpinned") ? std::vector<std::string>{"trunk.allow_unpinned=true"}
-                                                                          : std::vector<std::string>{});
+    const JobConfig config = config_from(pvm);
     PredictOptions options;
     options.input = pvm["input"].as<std::string>();
     options.limit = pvm["limit"].as<std::int64_t>();
@@ -173,8 +174,7 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
     const auto tvm = parse_options(tdesc, std::vector<std::string>(rest.begin() + 1, rest.end()),
                                    "usage: canopy trunk show --config FILE [--depth N]");
     CANOPY_CHECK(tvm.count("config"), ConfigError, "canopy trunk show: --config FILE is required");
-    const JobConfig config = config_from(tvm, tvm.count("allow-unpinned") ? std::vector<std::string>{"trunk.allow_unpinned=true"}
-                                                                          : std::vector<std::string>{});
+    const JobConfig config = config_from(tvm);
     out << trunk::Trunk::load(config.trunk).show(tvm["depth"].as<int>());
     return kExitOk;
   }
@@ -219,7 +219,6 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
   std::vector<std::string> flags;
   if (vm.count("fail-fast")) flags.push_back("train.fail_fast=true");
   if (vm.count("no-fuse")) flags.push_back("train.fuse=false");
-  if (vm.count("allow-unpinned")) flags.push_back("trunk.allow_unpinned=true");
   const JobConfig config = config_from(vm, flags);
   if (vm.count("dump-config")) {
     out << dump_config(config);

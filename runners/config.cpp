@@ -51,8 +51,13 @@ class Values {
   void i64_list(const std::string& key, std::vector<std::int64_t>& out) {
     if (auto it = take(key)) out = parse_int_list(**it, where(key));
   }
-  void str_list(const std::string& key, std::vector<std::string>& out) {
-    if (auto it = take(key)) out = split(**it, ',');
+  void str_list(const std::string& key, std::vector<std::string>& out, bool path = false) {
+    if (auto it = take(key)) {
+      out = split(**it, ',');  // split trims each item
+      if (path) {
+        for (auto& item : out) item = expand_env(item);
+      }
+    }
   }
   std::vector<std::string> unused() const {
     std::vector<std::string> out;
@@ -89,11 +94,8 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   v.i64("data.test_limit", c.data.test_limit);
   v.str("data.train", c.data.train, true);
   v.str("data.test", c.data.test, true);
-  v.str_list("data.train_files", c.data.train_files);
-  v.str_list("data.test_files", c.data.test_files);
-  for (auto* files : {&c.data.train_files, &c.data.test_files}) {
-    for (auto& f : *files) f = expand_env(trim(f));
-  }
+  v.str_list("data.train_files", c.data.train_files, true);
+  v.str_list("data.test_files", c.data.test_files, true);
   v.str("data.text_attribute", c.data.text_attribute);
   v.str("text.vocab", c.text.vocab, true);
   v.boolean("text.lowercase", c.text.lowercase);
@@ -109,7 +111,6 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   v.str("trunk.pooling", c.trunk.pooling);
   v.boolean("trunk.optimize", c.trunk.optimize);
   v.str_list("trunk.taps", c.trunk.taps);
-  for (auto& t : c.trunk.taps) t = trim(t);
   v.str("trunk.freeze", c.trunk.freeze.freeze);
   v.str("trunk.train_only", c.trunk.freeze.train_only);
   v.boolean("trunk.batchnorm_affine_trainable", c.trunk.freeze.batchnorm_affine_trainable);

@@ -34,17 +34,6 @@ namespace canopy::runners {
 
 namespace {
 
-// One `part=value` line of a cache description ("" parts: `fallback`).
-std::string description_part(const std::string& description, const std::string& part, const std::string& fallback) {
-  const std::string key = part + "=";
-  std::size_t at = 0;
-  while (at < description.size()) {
-    const std::size_t end = std::min(description.find('\n', at), description.size());
-    if (description.compare(at, key.size(), key) == 0) return description.substr(at + key.size(), end - at - key.size());
-    at = end + 1;
-  }
-  return fallback;
-}
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -99,6 +88,13 @@ std::vector<std::pair<std::string, double>> eval_metrics(const tasks::Classifica
   return out;
 }
 
+// The cached tap, from the cache's description (caches made before taps say nothing: the output).
+std::string tap_of(const datasets::CacheMeta& meta) {
+  const auto parts = parse_description(meta.description);
+  const auto it = parts.find("tap");
+  return it == parts.end() ? "output" : it->second;
+}
+
 void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
                std::int64_t in_features, const std::string& dir) {
   std::vector<std::pair<std::string, at::Tensor>> tensors;
@@ -137,7 +133,7 @@ void save_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta
        << "  \"cache_fingerprint\": \"" << meta.fingerprint << "\",\n"
        << "  \"preprocessing\": \"" << json_escape(meta.preprocessing) << "\",\n"
        << "  \"pooling\": \"" << json_escape(meta.pooling) << "\",\n"
-       << "  \"tap\": \"" << json_escape(description_part(meta.description, "tap", "output")) << "\",\n"
+       << "  \"tap\": \"" << json_escape(tap_of(meta)) << "\",\n"
        << "  \"epochs\": " << r.epochs << ",\n"
        << "  \"eval_accuracy\": " << r.eval.accuracy << ",\n"
        << "  \"eval_macro_f1\": " << r.eval.macro_f1 << ",\n"

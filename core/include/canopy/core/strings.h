@@ -12,6 +12,9 @@ std::string trim(std::string_view s);
 // Splits on `sep`, trimming each piece; an empty input gives an empty list.
 std::vector<std::string> split(std::string_view s, char sep);
 std::string join(const std::vector<std::string>& parts, std::string_view sep);
+// ASCII letters lowercased, other bytes unchanged (file extensions, format keywords).
+std::string lower_ascii(std::string s);
+bool ends_with(std::string_view s, std::string_view suffix);
 
 // Parses a whole string as a number; `what` names the value in the error message.
 std::int64_t parse_int(std::string_view s, std::string_view what);

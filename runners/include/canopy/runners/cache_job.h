@@ -50,6 +50,9 @@ std::string expected_cache_description(const JobConfig& config);
 // set to whether the cache is complete, verified when asked, and matches the config.
 std::string inspect_cache(const std::string& dir, const JobConfig* config, bool verify, bool* ok = nullptr);
 
+// A description's `part=value` lines as a map.
+std::map<std::string, std::string> parse_description(const std::string& description);
+
 // Names the description parts that differ, e.g. "preprocess (resize=64 -> resize=96)".
 std::vector<std::string> describe_changes(const std::string& old_description,
                                           const std::string& new_description);
