@@ -320,10 +320,18 @@ std::int64_t ArffData::attribute(const std::string& name) const {
                                   join(attributes, ", "), ")"));
 }
 
+std::int64_t ArffData::string_attribute(const std::string& name) const {
+  const auto col = attribute(name);
+  CANOPY_CHECK(nominal_values[col].empty(), DataError, "attribute '", name, "' of '", path,
+               "' is nominal, not a string");
+  return col;
+}
+
 ArffData read_arff(const std::string& path) {
   std::ifstream in(path);
   CANOPY_CHECK(in, DataError, "cannot open ARFF file '", path, "'");
   ArffData d;
+  d.path = path;
   std::string line;
   std::int64_t line_no = 0;
   bool data = false;
@@ -395,6 +403,22 @@ ArffData read_arff(const std::string& path) {
   }
   CANOPY_CHECK(data, DataError, "ARFF file '", path, "' has no @data section");
   return d;
+}
+
+std::vector<std::string> read_arff_texts(const std::string& path, const std::string& attribute) {
+  ArffData arff = read_arff(path);
+  return std::move(arff.strings[arff.string_attribute(attribute)]);
+}
+
+std::vector<std::string> read_text_lines(const std::string& path) {
+  std::ifstream in(path);
+  CANOPY_CHECK(in, DataError, "cannot open '", path, "' (texts: one per line)");
+  std::vector<std::string> out;
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    out.push_back(std::move(line));
+  }
+  return out;
 }
 
 }  // namespace canopy::datasets

@@ -1,6 +1,5 @@
 #include "canopy/runners/cli.h"
 
-#include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <optional>
@@ -191,15 +190,9 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
     tc.max_length = kvm["max-length"].as<std::int64_t>();
     tc.lowercase = kvm.count("cased") == 0;
     const datasets::WordPieceTokenizer tokenizer(tc);
-    std::vector<std::string> texts;
-    if (kvm.count("arff")) {
-      const auto arff = datasets::read_arff(kvm["arff"].as<std::string>());
-      texts = arff.strings[arff.attribute(kvm["attribute"].as<std::string>())];
-    } else {
-      std::ifstream in(kvm["input"].as<std::string>());
-      CANOPY_CHECK(in, DataError, "cannot open '", kvm["input"].as<std::string>(), "'");
-      for (std::string line; std::getline(in, line);) texts.push_back(line);
-    }
+    const std::vector<std::string> texts =
+        kvm.count("arff") ? datasets::read_arff_texts(kvm["arff"].as<std::string>(), kvm["attribute"].as<std::string>())
+                          : datasets::read_text_lines(kvm["input"].as<std::string>());
     for (const auto& t : texts) out << nlohmann::json{{"text", t}, {"ids", tokenizer.encode(t)}}.dump() << "\n";
     return kExitOk;
   }

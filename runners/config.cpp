@@ -188,7 +188,7 @@ void validate_job_config(const JobConfig& c) {
   const std::set<std::string> sources = {"fashion-mnist", "mnist", "arff", "image-csv", "image-folders"};
   CANOPY_CHECK(sources.count(c.data.source), ConfigError,
                "data.source: expected fashion-mnist, mnist, arff, image-csv or image-folders, got '", c.data.source, "'");
-  if (c.data.source == "image-csv" || c.data.source == "image-folders") {
+  if (reads_image_files(c.data)) {
     CANOPY_CHECK(!c.data.train.empty() && !c.data.test.empty(), ConfigError, "data.source = ", c.data.source,
                  " needs data.train and data.test (", c.data.source == "image-csv" ? "CSV manifests" : "class folders", ")");
   }

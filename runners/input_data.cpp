@@ -2,8 +2,6 @@
 
 #include <sys/stat.h>
 
-#include <fstream>
-
 #include <algorithm>
 #include <memory>
 #include <sstream>
@@ -55,6 +53,18 @@ std::int64_t limit_for(const DataConfig& d, const std::string& split) {
   return split == "train" ? d.train_limit : d.test_limit;
 }
 
+// Images held in memory, uint8 [N, H, W] or [N, C, H, W]: the trunk's input for a set of
+// rows is their preprocessed batch.
+void set_image_tensor_inputs(InputSplit& s, at::Tensor images, const datasets::PreprocessConfig& pre) {
+  s.rows = images.size(0);
+  s.inputs = [images = std::move(images), pre](const std::vector<std::int64_t>& rows) {
+    const bool contiguous = rows.back() - rows.front() + 1 == static_cast<std::int64_t>(rows.size());
+    const at::Tensor x = contiguous ? images.slice(0, rows.front(), rows.back() + 1)
+                                    : images.index_select(0, at::tensor(rows, at::kLong));
+    return std::vector<at::Tensor>{datasets::preprocess_images(x, pre)};
+  };
+}
+
 InputData load_images(const JobConfig& config) {
   InputData data;
   // Label sources: the class, and a real-valued target for regression heads: the image's
@@ -63,23 +73,16 @@ InputData load_images(const JobConfig& config) {
   data.float_labels = {"ink"};
   if (config.data.source == "fashion-mnist") data.class_names = datasets::fashion_mnist_class_names();
   for (const std::string split : {"train", "test"}) {
-    auto images = std::make_shared<datasets::ImageSplit>(
-        datasets::read_mnist_split(config.data.dir, split, limit_for(config.data, split)));
+    const datasets::ImageSplit images =
+        datasets::read_mnist_split(config.data.dir, split, limit_for(config.data, split));
     InputSplit s;
-    s.rows = images->images.size(0);
-    CANOPY_CHECK(s.rows > 0, DataError, "split '", split, "' of '", config.data.dir, "' has no samples");
-    const double pixels = static_cast<double>(images->images.size(1) * images->images.size(2));
+    CANOPY_CHECK(images.images.size(0) > 0, DataError, "split '", split, "' of '", config.data.dir, "' has no samples");
+    const double pixels = static_cast<double>(images.images.size(1) * images.images.size(2));
     // Summed as integers: no float copy of the images.
-    s.labels["class"] = images->labels;
-    s.labels["ink"] = images->images.sum({1, 2}, false, at::kLong).to(at::kDouble) / (255.0 * pixels);
-    s.ids = images->ids;
-    const datasets::PreprocessConfig pre = config.preprocess;
-    s.inputs = [images, pre](const std::vector<std::int64_t>& rows) {
-      const bool contiguous = rows.back() - rows.front() + 1 == static_cast<std::int64_t>(rows.size());
-      const at::Tensor x = contiguous ? images->images.slice(0, rows.front(), rows.back() + 1)
-                                      : images->images.index_select(0, at::tensor(rows, at::kLong));
-      return std::vector<at::Tensor>{datasets::preprocess_images(x, pre)};
-    };
+    s.labels["class"] = images.labels;
+    s.labels["ink"] = images.images.sum({1, 2}, false, at::kLong).to(at::kDouble) / (255.0 * pixels);
+    s.ids = images.ids;
+    set_image_tensor_inputs(s, images.images, config.preprocess);
     data.splits[split] = std::move(s);
   }
   const at::Tensor& ink = data.splits["train"].labels["ink"];
@@ -113,10 +116,23 @@ std::vector<at::Tensor> pad_tokens(const std::vector<std::vector<std::int64_t>>&
   return {ids, mask};
 }
 
+// Texts: tokenized once; the trunk's inputs for a set of rows are their padded ids and mask.
+void set_text_inputs(InputSplit& s, const std::vector<std::string>& texts, const datasets::WordPieceTokenizer& tokenizer) {
+  auto tokens = std::make_shared<std::vector<std::vector<std::int64_t>>>();
+  tokens->reserve(texts.size());
+  for (const auto& t : texts) {
+    tokens->push_back(tokenizer.encode(t));
+    s.lengths.push_back(static_cast<std::int64_t>(tokens->back().size()));
+  }
+  s.rows = static_cast<std::int64_t>(tokens->size());
+  const std::int64_t pad = tokenizer.pad_id();
+  s.inputs = [tokens, pad](const std::vector<std::int64_t>& rows) { return pad_tokens(*tokens, rows, pad); };
+}
+
 InputData load_texts(const JobConfig& config) {
   InputData data;
   data.unit = "doc";
-  auto tokenizer = std::make_shared<datasets::WordPieceTokenizer>(config.text);
+  const datasets::WordPieceTokenizer tokenizer(config.text);
   for (const std::string split : {"train", "test"}) {
     const auto& files = split == "train" ? config.data.train_files : config.data.test_files;
     const char* key = split == "train" ? "data.train_files" : "data.test_files";
@@ -127,9 +143,7 @@ InputData load_texts(const JobConfig& config) {
     for (const auto& entry : files) {
       const auto [name, path] = named_file(entry, key);
       const datasets::ArffData arff = datasets::read_arff(path);
-      const auto text_col = arff.attribute(config.data.text_attribute);
-      CANOPY_CHECK(arff.nominal_values[text_col].empty(), DataError, "attribute '", config.data.text_attribute,
-                   "' of '", path, "' is nominal, not a string");
+      const auto text_col = arff.string_attribute(config.data.text_attribute);
       std::int64_t label_col = -1;
       for (std::size_t a = 0; a < arff.attributes.size(); ++a) {
         if (!arff.nominal_values[a].empty()) label_col = static_cast<std::int64_t>(a);
@@ -157,20 +171,15 @@ InputData load_texts(const JobConfig& config) {
     std::int64_t n = static_cast<std::int64_t>(texts.size());
     if (limit_for(config.data, split) > 0) n = std::min(n, limit_for(config.data, split));
     CANOPY_CHECK(n > 0, DataError, "split '", split, "' has no documents");
+    texts.resize(static_cast<std::size_t>(n));
     for (auto& [name, t] : s.labels) t = t.slice(0, 0, n).clone();
     // Every label file's class as a bit (set when the document has the label's second
     // value, e.g. 1 of {0,1}): the multi-label view of the same documents.
     at::Tensor bits = at::zeros({n}, at::kLong);
     for (std::size_t k = 0; k < names.size(); ++k) bits += (s.labels[names[k]] == 1).to(at::kLong) * (1LL << k);
     s.labels["all_labels"] = bits;
-    auto tokens = std::make_shared<std::vector<std::vector<std::int64_t>>>();
-    tokens->reserve(n);
-    for (std::int64_t i = 0; i < n; ++i) tokens->push_back(tokenizer->encode(texts[i]));
-    s.rows = n;
+    set_text_inputs(s, texts, tokenizer);
     s.ids = at::arange(n, at::kLong);
-    const std::int64_t pad = tokenizer->pad_id();
-    for (const auto& t : *tokens) s.lengths.push_back(static_cast<std::int64_t>(t.size()));
-    s.inputs = [tokens, pad](const std::vector<std::int64_t>& rows) { return pad_tokens(*tokens, rows, pad); };
     if (data.label_sources.empty()) {
       data.label_sources = names;
       data.label_sources.push_back("all_labels");
@@ -208,7 +217,8 @@ std::vector<std::int64_t> kept_rows(const datasets::ImageList& list, const std::
   return out;
 }
 
-// Decodes and preprocesses images one by one (they may differ in size and channels).
+// Image files, decoded and preprocessed one by one when the trunk needs them (they may
+// differ in size and channels).
 at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::vector<std::int64_t>& rows,
                             const datasets::PreprocessConfig& pre) {
   std::vector<at::Tensor> out;
@@ -222,6 +232,13 @@ at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::ve
   return at::cat(out, 0);
 }
 
+void set_image_file_inputs(InputSplit& s, std::vector<std::string> paths, const datasets::PreprocessConfig& pre) {
+  s.rows = static_cast<std::int64_t>(paths.size());
+  s.inputs = [paths = std::move(paths), pre](const std::vector<std::int64_t>& rows) {
+    return std::vector<at::Tensor>{load_image_batch(paths, rows, pre)};
+  };
+}
+
 InputData load_image_files(const JobConfig& config) {
   InputData data;
   for (const std::string split : {"train", "test"}) {
@@ -229,7 +246,6 @@ InputData load_image_files(const JobConfig& config) {
     const std::vector<std::int64_t> keep = kept_rows(list, config.data.source, limit_for(config.data, split));
     const auto n = static_cast<std::int64_t>(keep.size());
     InputSplit s;
-    s.rows = n;
     s.ids = at::tensor(keep, at::kLong);  // the row in the CSV or the sorted folder listing
     for (auto& [name, v] : list.labels) {
       std::vector<std::int64_t> kept;
@@ -241,9 +257,6 @@ InputData load_image_files(const JobConfig& config) {
       for (const auto r : keep) kept.push_back(v[r]);
       s.labels[name] = at::tensor(kept, at::kDouble);
     }
-    std::vector<std::string> kept_paths;
-    for (const auto r : keep) kept_paths.push_back(list.paths[r]);
-    list.paths = std::move(kept_paths);
     if (split == "train") {
       data.label_sources = list.label_order;
       for (const auto& [name, v] : list.float_labels) {
@@ -257,11 +270,9 @@ InputData load_image_files(const JobConfig& config) {
       CANOPY_CHECK(list.label_order == data.label_sources, DataError, "the test images' labels (",
                    join(list.label_order, ", "), ") differ from the training images' (", join(data.label_sources, ", "), ")");
     }
-    auto paths = std::make_shared<std::vector<std::string>>(std::move(list.paths));
-    const datasets::PreprocessConfig pre = config.preprocess;
-    s.inputs = [paths, pre](const std::vector<std::int64_t>& rows) {
-      return std::vector<at::Tensor>{load_image_batch(*paths, rows, pre)};
-    };
+    std::vector<std::string> kept_paths;
+    for (const auto r : keep) kept_paths.push_back(list.paths[r]);
+    set_image_file_inputs(s, std::move(kept_paths), config.preprocess);
     data.splits[split] = std::move(s);
   }
   return data;
@@ -284,29 +295,16 @@ std::string describe_preprocessing(const JobConfig& c) {
 
 InputSplit load_predict_input(const JobConfig& config, const std::string& path, std::int64_t limit) {
   InputSplit s;
-  auto ends_with = [&](const char* ext) {
-    const std::string e(ext);
-    return path.size() >= e.size() && path.compare(path.size() - e.size(), e.size(), e) == 0;
+  const auto keep_first = [limit](auto& items) {
+    if (limit > 0 && static_cast<std::int64_t>(items.size()) > limit) items.resize(static_cast<std::size_t>(limit));
   };
   if (config.data.source == "arff") {
-    std::vector<std::string> texts;
-    if (ends_with(".arff")) {
-      const auto arff = datasets::read_arff(path);
-      texts = arff.strings[arff.attribute(config.data.text_attribute)];
-    } else {
-      std::ifstream in(path);
-      CANOPY_CHECK(in, DataError, "cannot open '", path, "' (texts: an .arff file or one document per line)");
-      for (std::string line; std::getline(in, line);) texts.push_back(line);
-    }
-    if (limit > 0 && static_cast<std::int64_t>(texts.size()) > limit) texts.resize(limit);
-    const datasets::WordPieceTokenizer tokenizer(config.text);
-    auto tokens = std::make_shared<std::vector<std::vector<std::int64_t>>>();
-    for (const auto& t : texts) tokens->push_back(tokenizer.encode(t));
-    const std::int64_t pad = tokenizer.pad_id();
-    s.rows = static_cast<std::int64_t>(tokens->size());
-    s.inputs = [tokens, pad](const std::vector<std::int64_t>& rows) { return pad_tokens(*tokens, rows, pad); };
-  } else if (config.data.source == "image-csv" || config.data.source == "image-folders") {
-    auto paths = std::make_shared<std::vector<std::string>>();
+    std::vector<std::string> texts = ends_with(path, ".arff") ? datasets::read_arff_texts(path, config.data.text_attribute)
+                                                              : datasets::read_text_lines(path);
+    keep_first(texts);
+    set_text_inputs(s, texts, datasets::WordPieceTokenizer(config.text));
+  } else if (reads_image_files(config.data)) {
+    std::vector<std::string> paths;
     if (is_directory(path)) {
       std::vector<std::string> todo{path};
       while (!todo.empty()) {
@@ -315,32 +313,23 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
         for (const auto& name : list_dir(d)) {
           const std::string p = join_path(d, name);
           if (is_directory(p)) todo.push_back(p);
-          else if (datasets::is_image_file_name(name)) paths->push_back(p);
+          else if (datasets::is_image_file_name(name)) paths.push_back(p);
         }
       }
-      std::sort(paths->begin(), paths->end());
-    } else if (ends_with(".csv")) {
-      *paths = datasets::read_image_csv(path).paths;
+      std::sort(paths.begin(), paths.end());
+    } else if (ends_with(path, ".csv")) {
+      paths = datasets::read_image_csv(path).paths;
     } else {
-      paths->push_back(path);
+      paths.push_back(path);
     }
-    CANOPY_CHECK(!paths->empty(), DataError, "'", path, "' holds no .png, .jpg or .jpeg images");
-    if (limit > 0 && static_cast<std::int64_t>(paths->size()) > limit) paths->resize(limit);
-    s.rows = static_cast<std::int64_t>(paths->size());
-    const datasets::PreprocessConfig pre = config.preprocess;
-    s.inputs = [paths, pre](const std::vector<std::int64_t>& rows) {
-      return std::vector<at::Tensor>{load_image_batch(*paths, rows, pre)};
-    };
+    CANOPY_CHECK(!paths.empty(), DataError, "'", path, "' holds no .png, .jpg or .jpeg images");
+    keep_first(paths);
+    set_image_file_inputs(s, std::move(paths), config.preprocess);
   } else {
-    auto images = std::make_shared<at::Tensor>(datasets::read_idx(path, limit));
-    CANOPY_CHECK(images->dim() == 3 || images->dim() == 4, DataError, "'", path,
-                 "' should hold images [N, H, W] or [N, C, H, W], holds ", images->sizes());
-    s.rows = images->size(0);
-    const datasets::PreprocessConfig pre = config.preprocess;
-    s.inputs = [images, pre](const std::vector<std::int64_t>& rows) {
-      return std::vector<at::Tensor>{
-          datasets::preprocess_images(images->slice(0, rows.front(), rows.back() + 1), pre)};
-    };
+    const at::Tensor images = datasets::read_idx(path, limit);
+    CANOPY_CHECK(images.dim() == 3 || images.dim() == 4, DataError, "'", path,
+                 "' should hold images [N, H, W] or [N, C, H, W], holds ", images.sizes());
+    set_image_tensor_inputs(s, images, config.preprocess);
   }
   s.ids = at::arange(s.rows, at::kLong);
   return s;
@@ -354,15 +343,15 @@ std::vector<std::int64_t> row_range(std::int64_t begin, std::int64_t end) {
 
 InputData load_input_data(const JobConfig& config) {
   if (config.data.source == "arff") return load_texts(config);
-  if (config.data.source == "image-csv" || config.data.source == "image-folders") return load_image_files(config);
+  if (reads_image_files(config.data)) return load_image_files(config);
   return load_images(config);
 }
 
 std::string describe_inputs(const JobConfig& c) {
   std::ostringstream out;
+  out << "preprocess=" << describe_preprocessing(c) << "\n";
   if (c.data.source == "arff") {
-    out << "preprocess=" << datasets::describe(c.text) << "\n"
-        << "data=arff;text_attribute=" << c.data.text_attribute << ";train_limit=" << c.data.train_limit
+    out << "data=arff;text_attribute=" << c.data.text_attribute << ";train_limit=" << c.data.train_limit
         << ";test_limit=" << c.data.test_limit;
     for (const auto* files : {&c.data.train_files, &c.data.test_files}) {
       for (const auto& f : *files) {
@@ -371,21 +360,17 @@ std::string describe_inputs(const JobConfig& c) {
       }
     }
     out << "\nlabels=one source per label file (nominal index);all_labels=bit k set when label k is 1\n";
-    return out.str();
+  } else if (reads_image_files(c.data)) {
+    const bool csv = c.data.source == "image-csv";
+    out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit << ";test_limit=" << c.data.test_limit
+        << ";train=" << (csv ? file_stamp(c.data.train) : c.data.train)
+        << ";test=" << (csv ? file_stamp(c.data.test) : c.data.test) << ";images_sha256=" << describe_image_files(c)
+        << "\nlabels=" << (csv ? "the CSV's label columns" : "class (sorted folder names)") << "\n";
+  } else {
+    out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit << ";test_limit=" << c.data.test_limit
+        << ";" << describe_idx_files(c.data) << "\n"
+        << "labels=class;ink=mean pixel intensity/255 (float64, with its train mean and std)\n";
   }
-  if (c.data.source == "image-csv" || c.data.source == "image-folders") {
-    out << "preprocess=" << datasets::describe(c.preprocess) << "\n"
-        << "data=" << c.data.source << ";train_limit=" << c.data.train_limit << ";test_limit=" << c.data.test_limit
-        << ";train=" << (c.data.source == "image-csv" ? file_stamp(c.data.train) : c.data.train)
-        << ";test=" << (c.data.source == "image-csv" ? file_stamp(c.data.test) : c.data.test)
-        << ";images_sha256=" << describe_image_files(c) << "\n"
-        << "labels=" << (c.data.source == "image-csv" ? "the CSV's label columns" : "class (sorted folder names)") << "\n";
-    return out.str();
-  }
-  out << "preprocess=" << datasets::describe(c.preprocess) << "\n"
-      << "data=" << c.data.source << ";train_limit=" << c.data.train_limit << ";test_limit=" << c.data.test_limit
-      << ";" << describe_idx_files(c.data) << "\n"
-      << "labels=class;ink=mean pixel intensity/255 (float64, with its train mean and std)\n";
   return out.str();
 }
 

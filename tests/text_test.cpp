@@ -96,6 +96,11 @@ TEST(Arff, ReadsStringAndNominalAttributesWithEscapes) {
   EXPECT_EQ(d.nominal_values[2], (std::vector<std::string>{"corn", "wheat flour"}));
   EXPECT_EQ(d.attribute("topic"), 2);
   EXPECT_TRUE(testing::throws_with<DataError>([&] { d.attribute("Body"); }, {"no attribute 'Body'", "Text, class-att, topic"}));
+  EXPECT_EQ(read_arff_texts(path, "Text"), d.strings[0]);
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_arff_texts(path, "topic"); },
+                                              {"attribute 'topic'", "docs.arff", "nominal, not a string"}));
+  EXPECT_EQ(read_text_lines(write(dir.file("lines.txt"), "one\r\ntwo\n\nfour")),
+            (std::vector<std::string>{"one", "two", "", "four"}));
 }
 
 TEST(Arff, BadFilesNameTheLine) {

@@ -60,7 +60,14 @@ struct ArffData {
   std::vector<std::vector<std::int64_t>> nominals;        // per attribute (nominal ones), per row
   std::int64_t rows = 0;
   std::int64_t attribute(const std::string& name) const;  // index; DataError when absent
+  std::int64_t string_attribute(const std::string& name) const;  // also DataError when nominal
+  std::string path;
 };
 ArffData read_arff(const std::string& path);
+
+// The texts of an ARFF file's string attribute `attribute` (DataError if it is nominal).
+std::vector<std::string> read_arff_texts(const std::string& path, const std::string& attribute);
+// One text per line of a plain file (a trailing \r is dropped).
+std::vector<std::string> read_text_lines(const std::string& path);
 
 }  // namespace canopy::datasets

@@ -34,6 +34,11 @@ struct DataConfig {
   std::int64_t test_limit = 0;
 };
 
+// Whether the source lists image files (CSV manifests or class folders).
+inline bool reads_image_files(const DataConfig& d) {
+  return d.source == "image-csv" || d.source == "image-folders";
+}
+
 struct CacheConfig {
   std::string path = "runs/cache";   // a directory (format: canopy/datasets/feature_cache.h)
   std::int64_t batch_size = 128;     // trunk batch size
