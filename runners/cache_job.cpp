@@ -169,8 +169,8 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
     owned.emplace(trunk::Trunk::load(config.trunk));
     trunk = &*owned;
   }
-  if (trunk->parameter_counts().second > 0) {
-    log_info(detail::str_cat("note: trunk.freeze leaves ", trunk->parameter_counts().second,
+  if (const auto trainable = trunk->parameter_counts().second; trainable > 0) {
+    log_info(detail::str_cat("note: trunk.freeze leaves ", trainable,
                              " trunk parameters trainable, but the cache runs the trunk in inference mode and the "
                              "heads train on cached features: nothing in the trunk trains here (the C++ API "
                              "Trunk::features / trainable_parameters trains the unfrozen part)"));
@@ -243,15 +243,14 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
         }
         const auto t0 = Clock::now();
         at::Tensor features;
-        for (std::size_t c = 0; c < order.size(); c += static_cast<std::size_t>(bs)) {
-          const std::vector<std::int64_t> rows(order.begin() + c, order.begin() + std::min(order.size(), c + bs));
-          const at::Tensor f = trunk->encode(in.inputs(rows));
-          if (window == bs) {
-            features = f;
-            break;
+        if (window == bs) {
+          features = trunk->encode(in.inputs(order));
+        } else {  // trunk batches of sorted rows, scattered back to row order
+          features = at::empty({wend - w, dim}, at::kFloat);
+          for (std::size_t c = 0; c < order.size(); c += static_cast<std::size_t>(bs)) {
+            const std::vector<std::int64_t> rows(order.begin() + c, order.begin() + std::min(order.size(), c + bs));
+            features.index_copy_(0, at::tensor(rows, at::kLong) - w, trunk->encode(in.inputs(rows)));
           }
-          if (!features.defined()) features = at::empty({wend - w, f.size(1)}, f.options());
-          features.index_copy_(0, at::tensor(rows, at::kLong) - w, f);
         }
         report.trunk_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
         for (std::int64_t i = w; i < wend; i += bs) {

@@ -29,7 +29,7 @@ struct LoadedHead {
 };
 
 LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& registry, const std::string& dir,
-                     const trunk::Trunk& trunk, const JobConfig& config) {
+                     const trunk::Trunk& trunk, const JobConfig& config, const std::string& preprocessing) {
   const std::string card_path = join_path(dir, tc.name + ".json");
   CANOPY_CHECK(is_regular_file(card_path), DataError, "task '", tc.name, "': no trained head '", card_path,
                "'; run `canopy train --config ", config.source, "` first");
@@ -44,11 +44,11 @@ LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& reg
                trained_on, ", the config's trunk is ", trunk.sha256(), "; retrain it");
   const std::string pre = card.at("preprocessing");
   const std::string tap = card.value("tap", "output");
-  CANOPY_CHECK(pre == describe_preprocessing(config) && card.at("pooling") == config.trunk.pooling &&
+  CANOPY_CHECK(pre == preprocessing && card.at("pooling") == config.trunk.pooling &&
                    tap == trunk::describe_taps(config.trunk),
                DataError, "task '", tc.name, "': head was trained with preprocessing '", pre, "', tap '", tap,
                "' and pooling '", card.at("pooling").get<std::string>(), "', the config has '",
-               describe_preprocessing(config), "', '", trunk::describe_taps(config.trunk), "' and '",
+               preprocessing, "', '", trunk::describe_taps(config.trunk), "' and '",
                config.trunk.pooling, "'");
   tasks::HeadSpec spec{card.at("in_features").get<std::int64_t>(), card.at("out_features").get<std::int64_t>(),
                        tasks::HeadParams(tc.name, tc.head_params)};
@@ -83,7 +83,8 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   trunk::Trunk trunk = trunk::Trunk::load(config.trunk);
   const std::string dir = join_path(config.train.out_dir, "heads");
   std::vector<LoadedHead> heads;
-  for (const auto& tc : config.tasks) heads.push_back(load_head(tc, registry, dir, trunk, config));
+  const std::string preprocessing = describe_preprocessing(config);  // hashes the vocabulary: once
+  for (const auto& tc : config.tasks) heads.push_back(load_head(tc, registry, dir, trunk, config, preprocessing));
 
   const InputSplit input = load_predict_input(config, options.input, options.limit);
   const std::int64_t n = input.rows;

@@ -664,33 +664,35 @@ namespace {
 // Per-class F1 on the eval split: one table per set of classes and per-class support
 // (heads on the same labels), a column per multiclass head that predicts them.
 std::string per_class_tables(const TrainReport& report) {
+  // Per task: its classes and per-class stats (empty for tasks without a table).
   using Key = std::pair<std::vector<std::string>, std::vector<std::int64_t>>;
-  auto key_of = [](const TaskResult& t) {
-    std::vector<std::int64_t> support;
-    for (const auto& s : tasks::per_class_stats(t.eval.confusion)) support.push_back(s.support);
-    return Key{t.class_names, support};
-  };
+  std::vector<Key> keys(report.tasks.size());
+  std::vector<std::vector<tasks::ClassStats>> all_stats(report.tasks.size());
   std::vector<Key> sets;
-  for (const auto& t : report.tasks) {
-    if (t.kind == "multiclass" && t.eval.confusion.defined() &&
-        std::find(sets.begin(), sets.end(), key_of(t)) == sets.end()) {
-      sets.push_back(key_of(t));
-    }
+  for (std::size_t i = 0; i < report.tasks.size(); ++i) {
+    const auto& t = report.tasks[i];
+    if (t.kind != "multiclass" || !t.eval.confusion.defined()) continue;
+    all_stats[i] = tasks::per_class_stats(t.eval.confusion);
+    keys[i].first = t.class_names;
+    for (const auto& s : all_stats[i]) keys[i].second.push_back(s.support);
+    if (std::find(sets.begin(), sets.end(), keys[i]) == sets.end()) sets.push_back(keys[i]);
   }
   std::ostringstream o;
   for (const auto& key : sets) {
     const auto& names = key.first;
     std::vector<const TaskResult*> cols;
-    for (const auto& t : report.tasks) {
-      if (t.kind == "multiclass" && t.eval.confusion.defined() && key_of(t) == key) cols.push_back(&t);
+    std::vector<std::vector<tasks::ClassStats>> stats;
+    for (std::size_t i = 0; i < report.tasks.size(); ++i) {
+      if (!all_stats[i].empty() && keys[i] == key) {
+        cols.push_back(&report.tasks[i]);
+        stats.push_back(all_stats[i]);
+      }
     }
     std::size_t w_class = 5;
     for (const auto& n : names) w_class = std::max(w_class, n.size());
     o << "\nper-class F1 on the eval split\n" << std::string(w_class, ' ');
     for (const auto* t : cols) o << "  " << std::string(std::max<std::size_t>(t->name.size(), 6) - t->name.size(), ' ') << t->name;
     o << "  support\n";
-    std::vector<std::vector<tasks::ClassStats>> stats;
-    for (const auto* t : cols) stats.push_back(tasks::per_class_stats(t->eval.confusion));
     const auto k = static_cast<std::int64_t>(names.size());
     for (std::int64_t c = 0; c < k; ++c) {
       o << names[static_cast<std::size_t>(c)] << std::string(w_class - names[static_cast<std::size_t>(c)].size(), ' ');

@@ -186,7 +186,6 @@ struct Trunk::Impl {
   torch::jit::Module runner;  // what encode() runs: `module` or its frozen, optimised clone
   std::vector<std::string> blocks, tap_points;
   std::set<std::string> frozen;  // qualified names of frozen modules
-  bool fully_frozen = true;
 
   std::vector<at::Tensor> prepare(const std::vector<at::Tensor>& inputs) const {
     CANOPY_CHECK(!inputs.empty(), DataError, "the trunk needs at least one input tensor, got none");
@@ -241,10 +240,7 @@ struct Trunk::Impl {
       const bool is_frozen = inside != invert;
       if (is_frozen) frozen.insert(m.name);
       const bool affine_learns = is_frozen && p.batchnorm_affine_trainable && is_batchnorm(m.value);
-      for (const auto& param : m.value.named_parameters(false)) {
-        param.value.set_requires_grad(!is_frozen || affine_learns);
-        fully_frozen = fully_frozen && !param.value.requires_grad();
-      }
+      for (const auto& param : m.value.named_parameters(false)) param.value.set_requires_grad(!is_frozen || affine_learns);
     }
   }
 
@@ -320,27 +316,23 @@ Trunk Trunk::load(const TrunkConfig& config) {
   }
   impl->apply_policy();
   impl->set_training(false);
-  {  // What is frozen is decided here, once, and said.
-    std::int64_t total = 0, trainable = 0;
-    for (const auto& p : m.parameters(true)) {
-      total += p.numel();
-      if (p.requires_grad()) trainable += p.numel();
-    }
-    const auto& f = config.freeze;
-    log_info(detail::str_cat("trunk: ", total, " parameters, ", trainable, " trainable (freeze ",
-                             f.train_only.empty() ? f.freeze : "all but " + f.train_only,
-                             f.batchnorm_affine_trainable ? "; BatchNorm affine trainable" : "", "); ",
-                             impl->frozen.size(), " of ", m.named_modules().size(), " modules frozen"));
-  }
   if (!config.taps.empty()) add_taps_method(m, config.taps);
   impl->runner = m;
-  if (config.optimize && impl->fully_frozen) {
+  Trunk trunk(std::move(impl));
+  // What is frozen is decided here, once, and said.
+  const auto [total, trainable] = trunk.parameter_counts();
+  const auto& f = config.freeze;
+  log_info(detail::str_cat("trunk: ", total, " parameters, ", trainable, " trainable (freeze ",
+                           f.train_only.empty() ? f.freeze : "all but " + f.train_only,
+                           f.batchnorm_affine_trainable ? "; BatchNorm affine trainable" : "", "); ",
+                           trunk.impl_->frozen.size(), " of ", m.named_modules().size(), " modules frozen"));
+  if (config.optimize && trainable == 0) {
     std::vector<std::string> methods;
     if (!config.taps.empty()) methods.push_back(kTapsMethod);
     torch::jit::Module frozen = torch::jit::freeze(m, methods);
-    impl->runner = torch::jit::optimize_for_inference(frozen, methods);
+    trunk.impl_->runner = torch::jit::optimize_for_inference(frozen, methods);
   }
-  return Trunk(std::move(impl));
+  return trunk;
 }
 
 at::Tensor Trunk::encode(const std::vector<at::Tensor>& inputs) {
