@@ -1,9 +1,9 @@
-// SHA-256 (FIPS 180-4), for trunk fingerprints and cache keys.
+// SHA-256 (FIPS 180-4), for trunk pins, fingerprints and cache keys. Computed by OpenSSL's
+// libcrypto (the EVP interface), which uses the CPU's SHA extensions where there are some.
 #pragma once
 
-#include <array>
 #include <cstddef>
-#include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -12,17 +12,17 @@ namespace canopy {
 class Sha256 {
  public:
   Sha256();
+  ~Sha256();
+  Sha256(const Sha256&) = delete;
+  Sha256& operator=(const Sha256&) = delete;
   void update(const void* data, std::size_t size);
   void update(std::string_view text) { update(text.data(), text.size()); }
   // Finishes the hash and returns it as 64 lowercase hex digits; the object is reset.
   std::string hex_digest();
 
  private:
-  void compress(const std::uint8_t* block);
-  std::array<std::uint32_t, 8> state_{};
-  std::array<std::uint8_t, 64> buffer_{};
-  std::size_t buffered_ = 0;
-  std::uint64_t total_bytes_ = 0;
+  struct Context;
+  std::unique_ptr<Context> ctx_;
 };
 
 std::string sha256_hex(std::string_view text);
