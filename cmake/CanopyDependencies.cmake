@@ -5,7 +5,9 @@
 # The wheel is CUDA-enabled; its CMake config looks for the CUDA toolkit (installed here).
 find_package(Torch 2.0 REQUIRED CONFIG)
 # Torch's flags include -D_GLIBCXX_USE_CXX11_ABI; keep them for every consumer.
+# Exported with canopy (canopy::torch): consumers get the same flags and libraries.
 add_library(canopy_torch INTERFACE)
+set_target_properties(canopy_torch PROPERTIES EXPORT_NAME torch)
 target_link_libraries(canopy_torch INTERFACE ${TORCH_LIBRARIES})
 target_compile_options(canopy_torch INTERFACE ${TORCH_CXX_FLAGS})
 # Torch headers are third-party: include them as system headers so our warnings stay ours.
@@ -14,18 +16,16 @@ if(_torch_inc)
   target_include_directories(canopy_torch SYSTEM INTERFACE ${_torch_inc})
 endif()
 
+# HDF5 is private to canopy::datasets (its RAII layer is not installed); HDF5::HDF5 is the
+# imported target of CMake's FindHDF5 (its headers are system headers, warnings stay ours).
 find_package(HDF5 REQUIRED COMPONENTS C)
-add_library(canopy_hdf5 INTERFACE)
-target_include_directories(canopy_hdf5 SYSTEM INTERFACE ${HDF5_INCLUDE_DIRS})
-target_link_libraries(canopy_hdf5 INTERFACE ${HDF5_LIBRARIES})
-target_compile_definitions(canopy_hdf5 INTERFACE ${HDF5_DEFINITIONS})
-
 find_package(TBB REQUIRED)
 find_package(Boost 1.71 REQUIRED COMPONENTS program_options)
 find_package(ZLIB REQUIRED)
 find_package(PNG REQUIRED)   # libpng-dev: image inputs
 find_package(JPEG REQUIRED)  # libjpeg-dev (libjpeg-turbo): image inputs
 find_package(Threads REQUIRED)
+find_package(OpenSSL 3.0 REQUIRED COMPONENTS Crypto)  # libssl-dev: SHA-256
 
 if(CANOPY_BUILD_TESTS)
   find_package(GTest REQUIRED)

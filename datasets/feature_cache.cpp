@@ -20,7 +20,7 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
-#include "canopy/datasets/hdf5.h"
+#include "hdf5_raii.h"
 
 namespace canopy::datasets {
 
@@ -476,7 +476,7 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
   info.rows = rows;
   info.file = name;
   {
-    h5::silence_errors();
+    h5::QuietErrors quiet;
     h5::Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
     // Every object 64-byte aligned: data regions can be read straight into tensors.
     CANOPY_CHECK(H5Pset_alignment(fapl.get(), 0, 64) >= 0, IoError, "HDF5: set_alignment failed");

@@ -1,6 +1,15 @@
-#include "canopy/datasets/hdf5.h"
+#include "hdf5_raii.h"
 
 #include "canopy/core/error.h"
+#include "canopy/datasets/feature_cache.h"
+
+namespace canopy::datasets {
+std::string hdf5_version() {
+  unsigned major = 0, minor = 0, release = 0;
+  H5get_libversion(&major, &minor, &release);
+  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(release);
+}
+}  // namespace canopy::datasets
 
 namespace canopy::datasets::h5 {
 
@@ -15,11 +24,19 @@ Handle& Handle::operator=(Handle&& o) noexcept {
 }
 
 void Handle::reset() {
+  QuietErrors quiet;
   if (id_ >= 0 && closer_) closer_(id_);
   id_ = H5I_INVALID_HID;
 }
 
-void silence_errors() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+QuietErrors::QuietErrors() {
+  saved_ = H5Eget_auto2(H5E_DEFAULT, &func_, &data_) >= 0;
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+}
+
+QuietErrors::~QuietErrors() {
+  if (saved_) H5Eset_auto2(H5E_DEFAULT, func_, data_);
+}
 
 namespace {
 Handle checked(hid_t id, Handle::Closer closer, const std::string& what) {
@@ -30,13 +47,13 @@ void check(herr_t rc, const std::string& what) { CANOPY_CHECK(rc >= 0, IoError, 
 }  // namespace
 
 Handle create_file(const std::string& path) {
-  silence_errors();
+  QuietErrors quiet;
   return checked(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose,
                  "creating file '" + path + "'");
 }
 
 Handle open_file(const std::string& path, bool writable) {
-  silence_errors();
+  QuietErrors quiet;
   const htri_t is_h5 = H5Fis_hdf5(path.c_str());
   CANOPY_CHECK(is_h5 > 0, DataError, "'", path, "' ",
                is_h5 == 0 ? "is not an HDF5 file" : "cannot be opened (missing or unreadable)");
@@ -46,11 +63,13 @@ Handle open_file(const std::string& path, bool writable) {
 }
 
 Handle create_group(hid_t parent, const std::string& name) {
+  QuietErrors quiet;
   return checked(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose,
                  "creating group '" + name + "'");
 }
 
 bool exists(hid_t parent, const std::string& path) {
+  QuietErrors quiet;
   // Check each component so that a missing intermediate group is not an error.
   std::string prefix;
   std::size_t start = 0;
@@ -66,6 +85,7 @@ bool exists(hid_t parent, const std::string& path) {
 
 Handle write_contiguous(hid_t parent, const std::string& name, hid_t file_type, hid_t mem_type,
                         const void* data, const std::vector<std::int64_t>& dims) {
+  QuietErrors quiet;
   std::vector<hsize_t> d(dims.begin(), dims.end());
   Handle space = checked(H5Screate_simple(static_cast<int>(d.size()), d.data(), nullptr), H5Sclose,
                          "creating a dataspace");
@@ -79,6 +99,7 @@ Handle write_contiguous(hid_t parent, const std::string& name, hid_t file_type, 
 }
 
 std::uint64_t data_offset(hid_t dataset) {
+  QuietErrors quiet;
   const haddr_t off = H5Dget_offset(dataset);
   CANOPY_CHECK(off != HADDR_UNDEF, IoError, "HDF5: dataset has no contiguous data offset");
   return static_cast<std::uint64_t>(off);
@@ -86,6 +107,7 @@ std::uint64_t data_offset(hid_t dataset) {
 
 Handle create_virtual(hid_t parent, const std::string& name, hid_t type, const std::vector<std::int64_t>& dims,
                       const std::vector<VirtualSource>& sources) {
+  QuietErrors quiet;
   const int rank = static_cast<int>(dims.size());
   std::vector<hsize_t> d(dims.begin(), dims.end());
   Handle vspace = checked(H5Screate_simple(rank, d.data(), nullptr), H5Sclose, "creating a dataspace");
@@ -107,6 +129,7 @@ Handle create_virtual(hid_t parent, const std::string& name, hid_t type, const s
 }
 
 std::vector<std::int64_t> shape(hid_t dataset) {
+  QuietErrors quiet;
   Handle space = checked(H5Dget_space(dataset), H5Sclose, "getting a dataspace");
   const int rank = H5Sget_simple_extent_ndims(space.get());
   CANOPY_CHECK(rank >= 0 && rank <= 8, IoError, "HDF5: unexpected rank ", rank);
@@ -116,12 +139,14 @@ std::vector<std::int64_t> shape(hid_t dataset) {
 }
 
 Handle open_dataset(hid_t parent, const std::string& name, const std::string& where) {
+  QuietErrors quiet;
   CANOPY_CHECK(exists(parent, name), DataError, where, ": no dataset '", name, "'");
   return checked(H5Dopen2(parent, name.c_str(), H5P_DEFAULT), H5Dclose,
                  where + ": opening dataset '" + name + "'");
 }
 
 void read_rows(hid_t dataset, hid_t mem_type, std::int64_t begin, std::int64_t end, void* out) {
+  QuietErrors quiet;
   const auto dims = shape(dataset);
   CANOPY_CHECK(begin >= 0 && begin <= end && end <= dims.at(0), DataError, "HDF5: rows [", begin,
                ", ", end, ") out of range for a dataset of ", dims.at(0), " rows");
@@ -138,6 +163,7 @@ void read_rows(hid_t dataset, hid_t mem_type, std::int64_t begin, std::int64_t e
 }
 
 void write_attr(hid_t obj, const std::string& name, const std::string& value) {
+  QuietErrors quiet;
   Handle type = checked(H5Tcopy(H5T_C_S1), H5Tclose, "copying a string type");
   check(H5Tset_size(type.get(), std::max<std::size_t>(1, value.size())), "sizing a string type");
   check(H5Tset_cset(type.get(), H5T_CSET_UTF8), "setting a string's character set");
@@ -150,6 +176,7 @@ void write_attr(hid_t obj, const std::string& name, const std::string& value) {
 }
 
 void write_attr(hid_t obj, const std::string& name, std::int64_t value) {
+  QuietErrors quiet;
   Handle space = checked(H5Screate(H5S_SCALAR), H5Sclose, "creating a scalar dataspace");
   if (H5Aexists(obj, name.c_str()) > 0) H5Adelete(obj, name.c_str());
   Handle attr = checked(H5Acreate2(obj, name.c_str(), H5T_STD_I64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),

@@ -1,6 +1,7 @@
 // A thin RAII layer over the HDF5 C API: every hid_t is owned by an H5Handle whose
 // destructor closes it with the right H5?close. Errors become canopy::IoError/DataError
-// with the file and object named. Only datasets/ sources include this header.
+// with the file and object named. Private to datasets/: not installed, and no public
+// header includes it, so HDF5 stays a private dependency of canopy.
 //
 // HDF5 serialises every call behind one global lock (thread-safe builds): call it from one
 // thread and hand data to workers, never read it from many TBB tasks at once.
@@ -33,8 +34,21 @@ class Handle {
   Closer closer_ = nullptr;
 };
 
-// Turns off HDF5's own error printing (canopy reports errors itself). Idempotent.
-void silence_errors();
+// Turns HDF5's own error printing off (canopy reports errors itself) for its lifetime, on
+// this thread, and puts back what was there before: a program that links canopy keeps its
+// own HDF5 error settings. Every function below holds one while it calls HDF5.
+class QuietErrors {
+ public:
+  QuietErrors();
+  ~QuietErrors();
+  QuietErrors(const QuietErrors&) = delete;
+  QuietErrors& operator=(const QuietErrors&) = delete;
+
+ private:
+  H5E_auto2_t func_ = nullptr;
+  void* data_ = nullptr;
+  bool saved_ = false;
+};
 
 Handle create_file(const std::string& path);             // truncates
 Handle open_file(const std::string& path, bool writable);  // DataError if not HDF5

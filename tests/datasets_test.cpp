@@ -15,6 +15,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/datasets/batch_source.h"
 #include "canopy/datasets/feature_cache.h"
+#include "hdf5_raii.h"  // datasets/ (private to the module)
 #include "canopy/datasets/mnist.h"
 #include "canopy/datasets/preprocess.h"
 #include "support/test_support.h"
@@ -115,6 +116,25 @@ void write_cache(const std::string& dir, const at::Tensor& train, const at::Tens
   }
   w.append("test", test, {{"class", at::arange(test.size(0), at::kLong)}}, at::arange(test.size(0), at::kLong));
   w.finish();
+}
+
+// canopy turns HDF5's error printing off only around its own calls: a program that links
+// it keeps the handler it installed, before and after canopy reads, writes or fails.
+TEST(Hdf5, ErrorPrintingStaysAsTheProgramSetIt) {
+  H5E_auto2_t before = nullptr;
+  void* before_data = nullptr;
+  ASSERT_GE(H5Eget_auto2(H5E_DEFAULT, &before, &before_data), 0);
+  ASSERT_NE(before, nullptr) << "HDF5 prints errors by default";
+  testing::TempDir dir;
+  write_cache(dir.path(), at::randn({10, 6}), at::randn({3, 6}));
+  FeatureCache::open(dir.path()).load_split("train", ReadMethod::kHdf5);
+  write_file_atomic(dir.file("not.h5"), "plain text");
+  EXPECT_THROW(h5::open_file(dir.file("not.h5"), false), DataError);
+  H5E_auto2_t after = nullptr;
+  void* after_data = nullptr;
+  ASSERT_GE(H5Eget_auto2(H5E_DEFAULT, &after, &after_data), 0);
+  EXPECT_EQ(after, before);
+  EXPECT_EQ(after_data, before_data);
 }
 
 TEST(FeatureCache, RoundTripsShardsAndMetadata) {

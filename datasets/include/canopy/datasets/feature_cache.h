@@ -41,6 +41,9 @@
 
 namespace canopy::datasets {
 
+// The HDF5 library canopy runs with, e.g. "1.10.8".
+std::string hdf5_version();
+
 constexpr std::int64_t kCacheSchemaVersion = 2;
 constexpr std::uint64_t kChecksumBlockBytes = 1 << 20;
 
