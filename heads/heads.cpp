@@ -49,6 +49,10 @@ LinearHead::LinearHead(const LinearHeadOptions& options) : options_(options) {
 
 torch::Tensor LinearHead::forward(const torch::Tensor& features) { return linear_->forward(features); }
 
+std::map<std::string, std::string> LinearHead::config_values() const {
+  return {{"bias", options_.bias() ? "true" : "false"}};
+}
+
 std::string LinearHead::describe() const {
   std::ostringstream out;
   out << "linear " << options_.in_features() << "-" << options_.out_features();
@@ -96,6 +100,14 @@ torch::nn::Linear MlpHead::first() const { return torch::nn::Linear(layers_->ptr
 torch::Tensor MlpHead::forward_after_first(torch::Tensor x) {
   for (auto it = layers_->begin() + 1; it != layers_->end(); ++it) x = it->forward(x);
   return x;
+}
+
+std::map<std::string, std::string> MlpHead::config_values() const {
+  std::string hidden;
+  for (auto h : options_.hidden()) hidden += (hidden.empty() ? "" : ",") + std::to_string(h);
+  std::ostringstream dropout;
+  dropout << options_.dropout();
+  return {{"hidden", hidden}, {"activation", options_.activation()}, {"dropout", dropout.str()}};
 }
 
 std::string MlpHead::describe() const {

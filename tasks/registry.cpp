@@ -7,7 +7,7 @@
 
 namespace canopy::tasks {
 
-std::string HeadParams::what(const std::string& key) const { return "task." + task_ + "." + key; }
+std::string HeadParams::what(const std::string& key) const { return "task." + task_ + ".head." + key; }
 
 bool HeadParams::has(const std::string& key) const { return values_.count(key) > 0; }
 
@@ -87,7 +87,7 @@ void register_builtin_heads(HeadRegistry& registry) {
         return std::make_shared<heads::LinearHead>(
             heads::LinearHeadOptions(s.in_features, s.out_features).bias(s.params.get_bool("bias", true)));
       },
-      "one linear layer (a linear probe); options: bias = true");
+      "one linear layer (a linear probe); options: head.bias = true");
   registry.add(
       "mlp",
       [](const HeadSpec& s) {
@@ -97,8 +97,8 @@ void register_builtin_heads(HeadRegistry& registry) {
             .dropout(s.params.get_double("dropout", o.dropout()));
         return std::make_shared<heads::MlpHead>(o);
       },
-      "multi-layer perceptron; options: hidden = 256 (comma-separated sizes), "
-      "activation = relu|gelu|tanh|silu, dropout = 0");
+      "multi-layer perceptron; options: head.hidden = 256 (comma-separated sizes), "
+      "head.activation = relu|gelu|tanh|silu, head.dropout = 0");
 }
 
 }  // namespace canopy::tasks

@@ -1,7 +1,11 @@
 #include "canopy/tasks/task.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <mutex>
+
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <ATen/ops/argmax.h>
 #include <ATen/ops/arange.h>
@@ -23,15 +27,65 @@
 namespace canopy::tasks {
 
 namespace {
+// torch::nn modules draw their initial weights from LibTorch's default CPU generator (their
+// reset_parameters take no generator). While a head is built, that generator is seeded with
+// the task's seed; afterwards its previous state is put back, so building a task changes
+// nothing the rest of the process sees. Builds are serialised by a lock of canopy's own
+// (the generator's own mutex is taken by every draw made while building).
+class SeededDefaultGenerator {
+ public:
+  explicit SeededDefaultGenerator(std::uint64_t seed) : lock_(mutex()), gen_(at::detail::getDefaultCPUGenerator()) {
+    std::lock_guard<std::mutex> gen_lock(gen_.mutex());
+    saved_ = gen_.get_state();
+    gen_.set_current_seed(seed);
+  }
+  ~SeededDefaultGenerator() {
+    std::lock_guard<std::mutex> gen_lock(gen_.mutex());
+    gen_.set_state(saved_);
+  }
+  SeededDefaultGenerator(const SeededDefaultGenerator&) = delete;
+  SeededDefaultGenerator& operator=(const SeededDefaultGenerator&) = delete;
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  std::lock_guard<std::mutex> lock_;
+  at::Generator gen_;
+  at::Tensor saved_;
+};
+
+template <typename E, std::size_t N>
+E parse_named(const std::array<std::pair<E, const char*>, N>& names, const std::string& name, const std::string& what) {
+  std::string choices;
+  for (const auto& [value, text] : names) {
+    if (name == text) return value;
+    choices += (choices.empty() ? "" : ", ") + std::string(text);
+  }
+  throw ConfigError(detail::str_cat(what, " must be one of ", choices, "; got '", name, "'"));
+}
+template <typename E, std::size_t N>
+const char* name_of(const std::array<std::pair<E, const char*>, N>& names, E value) {
+  for (const auto& [v, text] : names) {
+    if (v == value) return text;
+  }
+  return "?";
+}
+constexpr std::array<std::pair<TaskKind, const char*>, 3> kKinds{
+    {{TaskKind::kMulticlass, "multiclass"}, {TaskKind::kMultilabel, "multilabel"}, {TaskKind::kRegression, "regression"}}};
+constexpr std::array<std::pair<OptimizerKind, const char*>, 3> kOptimizers{
+    {{OptimizerKind::kSgd, "sgd"}, {OptimizerKind::kAdam, "adam"}, {OptimizerKind::kAdamW, "adamw"}}};
+constexpr std::array<std::pair<LrSchedule, const char*>, 3> kSchedules{
+    {{LrSchedule::kConstant, "constant"}, {LrSchedule::kCosine, "cosine"}, {LrSchedule::kStep, "step"}}};
+constexpr std::array<std::pair<RegressionLoss, const char*>, 2> kLosses{
+    {{RegressionLoss::kMse, "mse"}, {RegressionLoss::kL1, "l1"}}};
+
 void validate_training(const TaskConfig& c, const std::string& t) {
-  CANOPY_CHECK(c.optimizer == "sgd" || c.optimizer == "adam" || c.optimizer == "adamw", ConfigError,
-               t, ": optimizer must be sgd, adam or adamw, got '", c.optimizer, "'");
   CANOPY_CHECK(c.lr > 0 && std::isfinite(c.lr), ConfigError, t, ": invalid learning rate: ", c.lr);
   CANOPY_CHECK(c.weight_decay >= 0, ConfigError, t, ": invalid weight_decay: ", c.weight_decay);
   CANOPY_CHECK(c.momentum >= 0 && c.momentum < 1, ConfigError, t, ": invalid momentum: ", c.momentum);
   CANOPY_CHECK(c.epochs >= 0, ConfigError, t, ": epochs must be >= 0, got ", c.epochs);
-  CANOPY_CHECK(c.schedule == "constant" || c.schedule == "cosine" || c.schedule == "step", ConfigError, t,
-               ": schedule must be constant, cosine or step, got '", c.schedule, "'");
   CANOPY_CHECK(c.step_size > 0 && c.gamma > 0, ConfigError, t, ": step_size and gamma must be > 0, got ",
                c.step_size, " and ", c.gamma);
   CANOPY_CHECK(c.early_stop_patience >= 0, ConfigError, t, ": early_stop_patience must be >= 0, got ",
@@ -39,23 +93,35 @@ void validate_training(const TaskConfig& c, const std::string& t) {
 }
 }  // namespace
 
+const char* to_string(TaskKind kind) { return name_of(kKinds, kind); }
+const char* to_string(OptimizerKind optimizer) { return name_of(kOptimizers, optimizer); }
+const char* to_string(LrSchedule schedule) { return name_of(kSchedules, schedule); }
+const char* to_string(RegressionLoss loss) { return name_of(kLosses, loss); }
+TaskKind parse_task_kind(const std::string& name, const std::string& what) { return parse_named(kKinds, name, what); }
+OptimizerKind parse_optimizer(const std::string& name, const std::string& what) {
+  return parse_named(kOptimizers, name, what);
+}
+LrSchedule parse_schedule(const std::string& name, const std::string& what) {
+  return parse_named(kSchedules, name, what);
+}
+RegressionLoss parse_regression_loss(const std::string& name, const std::string& what) {
+  return parse_named(kLosses, name, what);
+}
+
 void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
   const std::string t = "task '" + c.name + "'";
   CANOPY_CHECK(!c.name.empty(), ConfigError, "a task needs a name");
   validate_training(c, t);
-  CANOPY_CHECK(c.kind == "multiclass" || c.kind == "multilabel" || c.kind == "regression", ConfigError, t,
-               ": kind must be multiclass, multilabel or regression, got '", c.kind, "'");
-  if (c.kind == "regression") {
-    CANOPY_CHECK(c.loss.empty() || c.loss == "mse" || c.loss == "l1", ConfigError, t,
-                 ": loss must be mse or l1, got '", c.loss, "'");
+  if (c.kind == TaskKind::kRegression) {
     CANOPY_CHECK(c.label_map.empty() && c.class_names.empty() && c.class_weights.empty() && c.label_smoothing == 0,
                  ConfigError, t, ": label_map, class_names, class_weights and label_smoothing apply to ",
                  "classification tasks, not regression");
     return;
   }
-  CANOPY_CHECK(c.loss.empty(), ConfigError, t, ": loss = ", c.loss, " applies to regression tasks only (",
-               c.kind, " uses ", c.kind == "multilabel" ? "binary cross-entropy" : "cross-entropy", ")");
-  if (c.kind == "multilabel") {
+  CANOPY_CHECK(!c.loss, ConfigError, t, ": loss = ", c.loss ? to_string(*c.loss) : "",
+               " applies to regression tasks only (", to_string(c.kind), " uses ",
+               c.kind == TaskKind::kMultilabel ? "binary cross-entropy" : "cross-entropy", ")");
+  if (c.kind == TaskKind::kMultilabel) {
     CANOPY_CHECK(c.class_names.size() >= 1 && c.class_names.size() <= 62, ConfigError, t,
                  ": a multilabel task names its labels in class_names (1 to 62), got ", c.class_names.size());
     CANOPY_CHECK(!c.label_map.empty(), ConfigError, t,
@@ -76,10 +142,10 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
       CANOPY_CHECK(v >= 0, ConfigError, t, ": label_map entries must be >= 0, got ", v);
     }
   }
-  const std::int64_t k = c.kind == "multilabel" ? static_cast<std::int64_t>(c.class_names.size())
+  const std::int64_t k = c.kind == TaskKind::kMultilabel ? static_cast<std::int64_t>(c.class_names.size())
                          : c.label_map.empty()    ? source_classes
                                                   : *std::max_element(c.label_map.begin(), c.label_map.end()) + 1;
-  if (c.kind == "multilabel") {
+  if (c.kind == TaskKind::kMultilabel) {
     for (auto m : c.label_map) {
       CANOPY_CHECK(m < (std::int64_t(1) << k), ConfigError, t, ": label_map bitmask ", m, " has bits beyond its ",
                    k, " labels");
@@ -141,7 +207,7 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
   validate_task_config(config_, source_classes);
   if (regression()) {
     num_classes_ = 1;  // one output: the predicted value
-  } else if (config_.kind == "multilabel") {
+  } else if (multilabel()) {
     num_classes_ = static_cast<std::int64_t>(config_.class_names.size());
     map_ = at::tensor(config_.label_map, at::kLong);
   } else if (config_.label_map.empty()) {
@@ -158,15 +224,17 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
                  " classes");
     class_weights_ = at::tensor(config_.class_weights, at::kFloat);
   }
-  torch::manual_seed(seed);  // per-task seed: heads start the same whatever the task order
   HeadSpec spec{in_features, num_classes_, HeadParams(config_.name, config_.head_params)};
-  head_ = registry.create(config_.head, spec);
+  {
+    SeededDefaultGenerator seeded(seed);  // per-task seed: heads start the same whatever the task order
+    head_ = registry.create(config_.head, spec);
+  }
   head_->seed(seed);
   const auto params = head_->parameters();
-  if (config_.optimizer == "sgd") {
+  if (config_.optimizer == OptimizerKind::kSgd) {
     optimizer_ = std::make_unique<torch::optim::SGD>(
         params, torch::optim::SGDOptions(config_.lr).momentum(config_.momentum).weight_decay(config_.weight_decay));
-  } else if (config_.optimizer == "adam") {
+  } else if (config_.optimizer == OptimizerKind::kAdam) {
     optimizer_ = std::make_unique<torch::optim::Adam>(
         params, torch::optim::AdamOptions(config_.lr).weight_decay(config_.weight_decay));
   } else {
@@ -212,9 +280,9 @@ void Task::set_target_scale(double mean, double std) {
 
 void Task::start_epoch(std::int64_t epoch, std::int64_t total) {
   double factor = 1.0;
-  if (config_.schedule == "cosine") {
+  if (config_.schedule == LrSchedule::kCosine) {
     factor = 0.5 * (1.0 + std::cos(M_PI * static_cast<double>(epoch) / static_cast<double>(std::max<std::int64_t>(1, total))));
-  } else if (config_.schedule == "step") {
+  } else if (config_.schedule == LrSchedule::kStep) {
     factor = std::pow(config_.gamma, static_cast<double>(epoch / config_.step_size));
   }
   for (auto& group : optimizer_->param_groups()) group.options().set_lr(config_.lr * factor);
@@ -229,7 +297,7 @@ void Task::begin_step() {
 
 at::Tensor Task::loss(const at::Tensor& outputs, const at::Tensor& targets) const {
   if (regression()) {
-    return config_.loss == "l1" ? torch::nn::functional::l1_loss(outputs, targets)
+    return config_.loss == RegressionLoss::kL1 ? torch::nn::functional::l1_loss(outputs, targets)
                                 : torch::nn::functional::mse_loss(outputs, targets);
   }
   if (multilabel()) return torch::nn::functional::binary_cross_entropy_with_logits(outputs, targets);

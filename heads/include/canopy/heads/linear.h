@@ -22,6 +22,7 @@ class LinearHead : public Head {
   explicit LinearHead(const LinearHeadOptions& options);
   torch::Tensor forward(const torch::Tensor& features) override;
   std::string describe() const override;
+  std::map<std::string, std::string> config_values() const override;
   const LinearHeadOptions& options() const { return options_; }
   const torch::nn::Linear& linear() const { return linear_; }
 

@@ -29,6 +29,7 @@ class MlpHead : public Head {
   explicit MlpHead(const MlpHeadOptions& options);
   torch::Tensor forward(const torch::Tensor& features) override;
   std::string describe() const override;
+  std::map<std::string, std::string> config_values() const override;
   const MlpHeadOptions& options() const { return options_; }
   // The first Linear layer, and the rest of the forward pass from its output (activation,
   // dropout, further layers): forward(x) == forward_after_first(first()(x)).

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,30 +21,50 @@ class Optimizer;
 
 namespace canopy::tasks {
 
+// What a task predicts, and with which loss.
+enum class TaskKind {
+  kMulticlass,  // one class per sample, cross-entropy
+  kMultilabel,  // a set of labels per sample, binary cross-entropy
+  kRegression,  // a real value (a float label source), MSE or L1
+};
+enum class OptimizerKind { kSgd, kAdam, kAdamW };
+enum class LrSchedule { kConstant, kCosine, kStep };  // the learning rate per epoch
+enum class RegressionLoss { kMse, kL1 };
+
+// Names as configs and cards spell them ("multiclass", "adamw", "cosine", "l1"), and back;
+// parsing an unknown name is a ConfigError naming `what`, the value and the choices.
+const char* to_string(TaskKind kind);
+const char* to_string(OptimizerKind optimizer);
+const char* to_string(LrSchedule schedule);
+const char* to_string(RegressionLoss loss);
+TaskKind parse_task_kind(const std::string& name, const std::string& what);
+OptimizerKind parse_optimizer(const std::string& name, const std::string& what);
+LrSchedule parse_schedule(const std::string& name, const std::string& what);
+RegressionLoss parse_regression_loss(const std::string& name, const std::string& what);
+
 struct TaskConfig {
   std::string name;
-  std::string kind = "multiclass";        // multiclass (cross-entropy) | multilabel (BCE) |
-                                          // regression (MSE or L1 on a float label source)
+  TaskKind kind = TaskKind::kMulticlass;
   std::string head = "linear";
   std::string labels = "class";           // label source in the cache
   std::vector<std::int64_t> label_map;    // multiclass: source class -> task class (empty:
                                           // identity); multilabel: source class -> bitmask
                                           // of the labels it carries (bit k = class_names[k])
   std::vector<std::string> class_names;   // names of the task's classes (optional)
-  std::string optimizer = "adam";         // sgd | adam | adamw
+  OptimizerKind optimizer = OptimizerKind::kAdam;
   double lr = 1e-3;
   double weight_decay = 0.0;
   double momentum = 0.9;                  // sgd only
   std::int64_t epochs = 0;                // 0: use train.epochs
-  std::string schedule = "constant";      // learning rate per epoch: constant | cosine | step
+  LrSchedule schedule = LrSchedule::kConstant;
   std::int64_t step_size = 5;             // step schedule: multiply by gamma every step_size epochs
   double gamma = 0.1;
   std::int64_t early_stop_patience = 0;   // stop after this many epochs without a better
                                           // eval accuracy; 0: never
   double label_smoothing = 0.0;
   std::vector<double> class_weights;      // per task class, for the loss; empty: equal
-  std::string loss;                       // regression: mse (default) | l1
-  std::map<std::string, std::string> head_params;  // every other task.<name>.* key
+  std::optional<RegressionLoss> loss;     // regression only; unset: mse
+  std::map<std::string, std::string> head_params;  // the head's options ([task.<name>.head])
 };
 
 // Checks values that need no data; `source_classes` is the number of classes of the label
@@ -82,12 +103,15 @@ ClassificationMetrics multilabel_metrics(const at::Tensor& scores, const at::Ten
 // predictions, targets: [N] real values.
 ClassificationMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets);
 
+// Where a head stands in a training run (the trainer keeps it, see runners/head_run.h).
 enum class TaskState { kTraining, kDone, kFailed };
 
 class Task {
  public:
   // Builds the head through the registry. `in_features` is the cache's feature dimension,
-  // `source_classes` the number of classes of the label source.
+  // `source_classes` the number of classes of the label source. The head's initial weights
+  // and its own generator (dropout) come from `seed` alone; LibTorch's default generator is
+  // left as it was (see task.cpp).
   Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_features,
        std::int64_t source_classes, std::uint64_t seed);
   ~Task();
@@ -98,6 +122,7 @@ class Task {
   const std::string& name() const { return config_.name; }
   std::int64_t num_classes() const { return num_classes_; }
   heads::Head& head() { return *head_; }
+  const heads::Head& head() const { return *head_; }
   const heads::HeadPtr& head_ptr() const { return head_; }
 
   // Regression: targets are standardised, (y - mean) / std, for training; predict and
@@ -123,20 +148,13 @@ class Task {
   at::Tensor predict(const at::Tensor& features);
   // Metrics of the head on a whole split (eval mode).
   ClassificationMetrics evaluate(const at::Tensor& features, const at::Tensor& targets);
-  bool multilabel() const { return config_.kind == "multilabel"; }
-  bool regression() const { return config_.kind == "regression"; }
+  bool multilabel() const { return config_.kind == TaskKind::kMultilabel; }
+  bool regression() const { return config_.kind == TaskKind::kRegression; }
 
   // Head weights and buffers, optimizer state and the head's RNG state, in one file
   // (LibTorch's archive format); load restores all three exactly.
   void save_checkpoint(const std::string& path) const;
   void load_checkpoint(const std::string& path);
-
-  TaskState state = TaskState::kTraining;
-  std::string failure;  // why the task failed, with epoch and step
-  // Early stopping bookkeeping (on ClassificationMetrics::score()).
-  double best_score = -1e300;
-  std::int64_t best_epoch = 0;
-  std::string stop_note;  // e.g. "stopped early at epoch 9 (best 0.8870 at epoch 6)"
 
  private:
   TaskConfig config_;
