@@ -4,11 +4,9 @@
 
 #include <ATen/ops/empty.h>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
-#include "canopy/core/strings.h"
 
 namespace canopy::runners {
 
@@ -72,34 +70,23 @@ std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
 void save_safetensors(const std::string& path,
                       const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata) {
-  std::ostringstream header;
-  header << "{";
-  bool first = true;
-  if (!metadata.empty()) {
-    header << "\"__metadata__\":{";
-    for (const auto& [k, v] : metadata) {
-      header << (first ? "" : ",") << "\"" << json_escape(k) << "\":\"" << json_escape(v) << "\"";
-      first = false;
-    }
-    header << "}";
-  }
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
   std::vector<at::Tensor> data;
   std::size_t offset = 0;
   for (const auto& [name, tensor] : tensors) {
     const char* dtype = safetensors_dtype(tensor.scalar_type());
     CANOPY_CHECK(dtype != nullptr, DataError, "safetensors: tensor '", name, "' has unsupported dtype ",
                  tensor.scalar_type());
+    CANOPY_CHECK(name != "__metadata__" && !header.contains(name), DataError, "safetensors '", path,
+                 "': tensor name '", name, "' is reserved or repeated");
     at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
     const std::size_t bytes = t.numel() * t.element_size();
-    header << (metadata.empty() && data.empty() ? "" : ",") << "\"" << json_escape(name)
-           << "\":{\"dtype\":\"" << dtype << "\",\"shape\":[";
-    for (int64_t d = 0; d < t.dim(); ++d) header << (d ? "," : "") << t.size(d);
-    header << "],\"data_offsets\":[" << offset << "," << offset + bytes << "]}";
+    header[name] = {{"dtype", dtype}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
     data.push_back(t);
   }
-  header << "}";
-  std::string h = header.str();
+  std::string h = header.dump();
   while (h.size() % 8 != 0) h.push_back(' ');  // align the data section to 8 bytes
   std::string out;
   out.reserve(8 + h.size() + offset);

@@ -128,11 +128,9 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
         for (std::size_t k = 0; k < heads.size(); ++k) out << "," << name(k);
         out << "\n";
       } else {
-        out << "{\"id\": " << i + r;
-        for (std::size_t k = 0; k < heads.size(); ++k) {
-          out << ", \"" << json_escape(heads[k].task) << "\": \"" << json_escape(name(k)) << "\"";
-        }
-        out << "}\n";
+        nlohmann::ordered_json row{{"id", i + r}};
+        for (std::size_t k = 0; k < heads.size(); ++k) row[heads[k].task] = name(k);
+        out << row.dump() << "\n";
       }
     }
     progress.advance(end - i);

@@ -9,6 +9,7 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/heads/linear.h"
 #include <torch/nn/modules/linear.h>
@@ -35,7 +36,7 @@ class EndToEnd : public ::testing::Test {
         << "[cache]\npath = " << dir_.file("cache") << "\nbatch_size = 256\nshard_rows = 512\n"
         << "[train]\nout_dir = " << dir_.file("out") << "\nepochs = 8\nbatch_size = 64\n"
         << "[task.class_linear]\nhead = linear\nlr = 0.01\n"
-        << "[task.class_mlp]\nhead = mlp\nhidden = 64\nlr = 0.003\n"
+        << "[task.class_mlp]\nhead = mlp\nhead.hidden = 64\nlr = 0.003\n"
         << "[task.group]\nhead = linear\nlabel_map = 0,1,0,0,0,2,0,2,3,2\nlr = 0.01\n";
     config_path_ = dir_.file("job.ini");
     write_file_atomic(config_path_, ini.str());
@@ -153,8 +154,8 @@ TEST_F(EndToEnd, AFailingHeadDoesNotStopTheOthers) {
                                                       s.params.get_int("after", 5));
                 },
                 "test head that fails");
-  std::ofstream(config_path_, std::ios::app) << "[task.z_throws]\nhead = faulty\nmode = throw\nafter = 40\n"
-                                             << "[task.z_nan]\nhead = faulty\nmode = nan\nafter = 70\n";
+  std::ofstream(config_path_, std::ios::app) << "[task.z_throws]\nhead = faulty\nhead.mode = throw\nhead.after = 40\n"
+                                             << "[task.z_nan]\nhead = faulty\nhead.mode = nan\nhead.after = 70\n";
   const JobConfig config = load_job_config(config_path_, {"train.epochs=3"});
   run_cache(config, false, nullptr, ProgressStyle::kQuiet);
   const TrainReport report = run_train(config, registry_, ProgressStyle::kQuiet);
@@ -189,7 +190,7 @@ TEST_F(EndToEnd, AFailingHeadDoesNotStopTheOthers) {
 
 TEST_F(EndToEnd, MultilabelAttributesTrainNextToMulticlassHeads) {
   // upper body, lower body, long sleeves, footwear, derived from the class.
-  std::ofstream(config_path_, std::ios::app) << "[task.attributes]\nkind = multilabel\nhead = mlp\nhidden = 64\n"
+  std::ofstream(config_path_, std::ios::app) << "[task.attributes]\nkind = multilabel\nhead = mlp\nhead.hidden = 64\n"
                                              << "class_names = upper,lower,sleeves,footwear\n"
                                              << "label_map = 1,2,5,3,5,8,5,8,0,8\nlr = 0.003\n";
   const JobConfig config = load_job_config(config_path_, {"train.epochs=4"});
@@ -206,7 +207,7 @@ TEST_F(EndToEnd, MultilabelAttributesTrainNextToMulticlassHeads) {
 }
 
 TEST_F(EndToEnd, RegressionHeadLearnsInkNextToClassifiers) {
-  std::ofstream(config_path_, std::ios::app) << "[task.ink]\nkind = regression\nlabels = ink\nhead = mlp\nhidden = 32\n"
+  std::ofstream(config_path_, std::ios::app) << "[task.ink]\nkind = regression\nlabels = ink\nhead = mlp\nhead.hidden = 32\n"
                                              << "lr = 0.003\n[task.ink_l1]\nkind = regression\nlabels = ink\nloss = l1\n";
   const JobConfig config = load_job_config(config_path_, {"train.epochs=6"});
   run_cache(config, false, nullptr, ProgressStyle::kQuiet);
@@ -295,7 +296,8 @@ TEST_F(EndToEnd, EveryHeadTrainsOnEveryRowExactlyOncePerEpoch) {
                 "test head");
   std::ofstream(config_path_, std::ios::app) << "[task.rec_a]\nhead = recording\n[task.rec_b]\nhead = recording\n"
                                              << "label_map = 0,1,0,0,0,2,0,2,3,2\n";
-  const JobConfig config = load_job_config(config_path_, {"train.epochs=3", "train.batch_size=48"});
+  const JobConfig config =
+      load_job_config(config_path_, {"train.epochs=3", "train.batch_size=48", "train.workers=2"});
   run_cache(config, false, nullptr, ProgressStyle::kQuiet);
   const TrainReport report = run_train(config, registry_, ProgressStyle::kQuiet);
   for (const auto& t : report.tasks) EXPECT_EQ(t.state, tasks::TaskState::kDone) << t.name << ": " << t.failure;
@@ -319,18 +321,30 @@ TEST_F(EndToEnd, EveryHeadTrainsOnEveryRowExactlyOncePerEpoch) {
   EXPECT_FALSE(report.fused.empty()) << "the built-in heads were fused next to the recording ones";
 }
 
-TEST_F(EndToEnd, FusedAndUnfusedTrainingAgree) {
-  const JobConfig fused = load_job_config(config_path_, {"train.epochs=3", "train.out_dir=" + dir_.file("fused")});
-  JobConfig alone = load_job_config(config_path_, {"train.epochs=3", "train.out_dir=" + dir_.file("alone"),
-                                                   "train.fuse=false"});
+// Fused and unfused training agree whatever the worker count: the planner splits fused
+// groups until every worker has a unit, so the count is pinned and varied here.
+class FusionWithWorkers : public EndToEnd, public ::testing::WithParamInterface<int> {};
+
+TEST_P(FusionWithWorkers, FusedAndUnfusedTrainingAgree) {
+  {
+    std::ofstream more(config_path_, std::ios::app);  // twelve fusable heads in all
+    for (int k = 0; k < 9; ++k) more << "[task.extra" << k << "]\nhead = linear\nlr = 0.00" << k + 1 << "\n";
+  }
+  const std::string workers = "train.workers=" + std::to_string(GetParam());
+  const JobConfig fused =
+      load_job_config(config_path_, {"train.epochs=3", "train.out_dir=" + dir_.file("fused"), workers});
+  JobConfig alone = load_job_config(
+      config_path_, {"train.epochs=3", "train.out_dir=" + dir_.file("alone"), "train.fuse=false", workers});
   run_cache(fused, false, nullptr, ProgressStyle::kQuiet);
   const TrainReport a = run_train(fused, registry_, ProgressStyle::kQuiet);
   const TrainReport b = run_train(alone, registry_, ProgressStyle::kQuiet);
   ASSERT_FALSE(a.fused.empty());
+  EXPECT_LE(a.fused.size(), static_cast<std::size_t>(GetParam())) << "no more groups than workers";
   EXPECT_TRUE(b.fused.empty());
   EXPECT_NE(format_summary(a).find("fused: "), std::string::npos);
   ASSERT_EQ(a.tasks.size(), b.tasks.size());
   for (std::size_t i = 0; i < a.tasks.size(); ++i) {
+    EXPECT_EQ(a.tasks[i].state, tasks::TaskState::kDone) << a.tasks[i].name << ": " << a.tasks[i].failure;
     EXPECT_NEAR(a.tasks[i].eval.accuracy, b.tasks[i].eval.accuracy, 0.005) << a.tasks[i].name;
     const auto wa = load_safetensors(a.tasks[i].weights_path), wb = load_safetensors(b.tasks[i].weights_path);
     ASSERT_EQ(wa.size(), wb.size());
@@ -344,6 +358,8 @@ TEST_F(EndToEnd, FusedAndUnfusedTrainingAgree) {
   EXPECT_TRUE(run_train(alone, registry_, ProgressStyle::kQuiet).fused.empty());
 }
 
+INSTANTIATE_TEST_SUITE_P(Workers, FusionWithWorkers, ::testing::Values(1, 2, 3, 8));
+
 TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
   // A head registered from outside the library, used from a config like a built-in.
   registry_.add("tiny_linear",
@@ -353,11 +369,16 @@ TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
                 "test head");
   std::ostringstream out, err;
   const std::vector<std::string> args = {"run", "--config", config_path_, "--progress", "quiet",
-                                         "--set", "task.class_mlp.head=tiny_linear",
-                                         "--set", "task.class_mlp.hidden=", "--set", "train.epochs=2"};
-  // hidden is not an option of tiny_linear: the run is refused, naming the key.
+                                         "--set", "task.class_mlp.head=tiny_linear", "--set", "train.epochs=2"};
+  // The config's head.hidden is not an option of tiny_linear: the run is refused, naming the key.
   EXPECT_EQ(run_cli(args, registry_, out, err), kExitUsage);
-  EXPECT_NE(err.str().find("task.class_mlp.hidden"), std::string::npos) << err.str();
+  EXPECT_NE(err.str().find("task.class_mlp.head.hidden"), std::string::npos) << err.str();
+  // A head option written as a task key cannot be taken for one: it is refused with the fix.
+  out.str("");
+  err.str("");
+  EXPECT_EQ(run_cli({"train", "--config", config_path_, "--set", "task.class_mlp.gamma_head=2"}, registry_, out, err),
+            kExitUsage);
+  EXPECT_NE(err.str().find("head.gamma_head = 2"), std::string::npos) << err.str();
 
   std::ofstream(config_path_, std::ios::app) << "[task.custom]\nhead = tiny_linear\n";
   out.str("");
@@ -402,6 +423,45 @@ TEST_F(EndToEnd, TrunkShowAndTokenizeFromTheCli) {
   err.str("");
   EXPECT_EQ(run_cli({"tokenize", "--input", dir_.file("texts.txt")}, registry_, out, err), kExitUsage);
   EXPECT_NE(err.str().find("--vocab FILE"), std::string::npos) << err.str();
+}
+
+TEST(Cli, EveryCommandAnswersHelpWithItsOwnUsage) {
+  tasks::HeadRegistry registry;
+  tasks::register_builtin_heads(registry);
+  ASSERT_GE(cli_commands().size(), 9u);
+  for (const auto& name : cli_commands()) {
+    for (const char* flag : {"--help", "-h"}) {
+      std::vector<std::string> args = split(name, ' ');
+      args.push_back(flag);
+      std::ostringstream out, err;
+      EXPECT_EQ(run_cli(args, registry, out, err), kExitOk) << name << " " << flag << ": " << err.str();
+      EXPECT_NE(out.str().find("usage: canopy " + name), std::string::npos) << name << ":\n" << out.str();
+      EXPECT_NE(out.str().find("--help"), std::string::npos) << name;
+      EXPECT_TRUE(err.str().empty()) << name << ": " << err.str();
+    }
+  }
+  std::ostringstream out, err;
+  ASSERT_EQ(run_cli({"train", "--help"}, registry, out, err), kExitOk);
+  for (const char* option : {"--config", "--set", "--resume", "--fail-fast", "--no-fuse", "--progress"}) {
+    EXPECT_NE(out.str().find(option), std::string::npos) << option;
+  }
+  EXPECT_EQ(out.str().find("--force"), std::string::npos) << "train has no --force";
+  std::ostringstream help;
+  ASSERT_EQ(run_cli({"--help"}, registry, help, err), kExitOk);
+  for (const auto& name : cli_commands()) EXPECT_NE(help.str().find(name), std::string::npos) << name;
+}
+
+TEST(Cli, VersionNamesCanopyLibTorchAndHdf5) {
+  tasks::HeadRegistry registry;
+  for (const char* flag : {"--version", "version"}) {
+    std::ostringstream out, err;
+    ASSERT_EQ(run_cli({flag}, registry, out, err), kExitOk);
+    EXPECT_NE(out.str().find("canopy 0.1.0"), std::string::npos) << out.str();
+    EXPECT_NE(out.str().find("LibTorch 2."), std::string::npos) << out.str();
+    EXPECT_NE(out.str().find("HDF5 1."), std::string::npos) << out.str();
+  }
+  std::ostringstream out, err;
+  EXPECT_EQ(run_cli({"inspect", "a", "b"}, registry, out, err), kExitUsage) << "an extra positional argument";
 }
 
 }  // namespace

@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 from support import FMNIST, check, finish, read_idx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+from rebuild_head import rebuild_head  # noqa: E402  (the snippet docs/training.md shows)
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
@@ -87,7 +90,7 @@ head = linear
 lr = 0.01
 [task.coarse]
 head = mlp
-hidden = 32
+head.hidden = 32
 label_map = 0,1,0,0,0,2,0,2,3,2
 class_names = tops,bottoms,footwear,bags
 lr = 0.01
@@ -174,6 +177,9 @@ lr = 0.01
             y = torch.tensor(remap)[y]
             check(card["class_names"] == ["tops", "bottoms", "footwear", "bags"], "coarse: class names in the card")
         acc = (logits.argmax(1) == y).float().mean().item()
+        with torch.no_grad():  # the documented snippet rebuilds the head from its card alone
+            rebuilt = rebuild_head(os.path.join(out_dir, "heads", f"{name}.json"))(feats_t)
+        check(torch.allclose(rebuilt, logits, atol=1e-5), f"{name}: scripts/rebuild_head.py rebuilds it from the card")
         pred = logits.argmax(1)
         recalls = [((pred == k) & (y == k)).sum().item() / max(1, (y == k).sum().item()) for k in range(len(per_class))]
         check(all(abs(r - c["recall"]) <= 1e-5 for r, c in zip(recalls, per_class)),
@@ -181,6 +187,10 @@ lr = 0.01
         check(abs(acc - card["eval_accuracy"]) <= 1.0 / TEST,
               f"{name}: torch reproduces canopy's accuracy ({acc:.4f} vs {card['eval_accuracy']:.4f})")
         check(acc > 0.6, f"{name}: accuracy {acc:.3f} is far above chance")
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "training.md")).read()
+    snippet = open(os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "rebuild_head.py")).read()
+    check(snippet.split('"""', 2)[2].strip() in doc, "docs/training.md shows scripts/rebuild_head.py as it is")
 
     # A regression head: torch on the exported weights reproduces the card's MAE and R^2.
     card = json.load(open(os.path.join(out_dir, "heads", "ink.json")))
@@ -232,7 +242,7 @@ lr = 0.01
     heads = subprocess.run([a.custom, "heads"], capture_output=True, text=True).stdout
     check("residual_mlp" in heads and "linear" in heads, "example program lists its own head next to the built-ins")
     with open(config, "a") as f:
-        f.write("[task.residual]\nhead = residual_mlp\nwidth = 16\nlr = 0.01\n")
+        f.write("[task.residual]\nhead = residual_mlp\nhead.width = 16\nlr = 0.01\n")
     run = subprocess.run([a.custom, "train", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
     check(run.returncode == 0 and f"residual_mlp {D}-(16)-10" in run.stdout,
           f"example program trains its head through run_cli ({run.returncode}: {run.stderr[-500:]})")

@@ -29,6 +29,5 @@ std::string expand_env(std::string_view s);
 
 // Formats seconds as "1m 05s" / "3.2s".
 std::string format_duration(double seconds);
-std::string json_escape(std::string_view s);
 
 }  // namespace canopy

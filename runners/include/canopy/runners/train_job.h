@@ -1,52 +1,21 @@
 // `canopy train`: read each batch of cached features once and train every task's head on
-// it at the same time. Heads of the same shape are fused into batched operations
-// (canopy/heads/fused.h; train.fuse = false turns that off); each fused group or lone head
-// is one TBB task per batch. A head that throws or produces a non-finite loss is marked
-// FAILED with the reason; the others go on.
+// it at the same time. The parts, each in its own file:
+//   fusion_plan.h       which heads run fused and which alone, per step (a pure function)
+//   step_runner.h       the units of a step on TBB workers, failures isolated per head
+//   head_run.h          per-head run state (state, losses, early stopping)
+//   checkpoint_store.h  crash-safe checkpoints and --resume
+//   metrics_sink.h      metrics.jsonl, metrics.csv, TensorBoard
+//   head_card.h         exported heads: safetensors + JSON card
+// A head that throws or produces a non-finite loss is marked FAILED with the reason; the
+// others go on.
 #pragma once
-
-#include <cstdint>
-#include <string>
-#include <vector>
 
 #include "canopy/core/progress.h"
 #include "canopy/runners/config.h"
+#include "canopy/runners/train_report.h"
 #include "canopy/tasks/registry.h"
-#include "canopy/tasks/task.h"
 
 namespace canopy::runners {
-
-struct TaskResult {
-  std::string name;
-  std::string head;          // architecture, e.g. "mlp 1280-256-10 relu"
-  std::string labels;        // e.g. "class", "class -> 4 groups" or "ink (regression)"
-  std::string kind;          // multiclass | multilabel | regression
-  std::vector<std::string> class_names;  // of a multiclass task's classes (numbered if unnamed)
-  std::string optimizer;     // e.g. "adam lr=0.001"
-  tasks::TaskState state = tasks::TaskState::kTraining;
-  std::string failure;
-  std::int64_t epochs = 0;   // epochs completed
-  double train_loss = 0.0;   // mean loss of the last epoch
-  tasks::ClassificationMetrics eval;  // on train.eval_split after the last epoch
-  double seconds = 0.0;      // time spent in this head's steps
-  std::string note;          // e.g. why it stopped early
-  std::string weights_path;  // exported safetensors file
-};
-
-struct TrainReport {
-  std::vector<TaskResult> tasks;
-  std::int64_t train_rows = 0;
-  std::int64_t eval_rows = 0;
-  std::int64_t feature_dim = 0;
-  double load_seconds = 0.0;
-  double train_seconds = 0.0;
-  std::string source;                  // how the train split was read
-  std::uint64_t source_peak_bytes = 0; // most feature/label bytes the reader held at once
-  std::string out_dir;
-  std::string resumed_from;            // "epoch E step S" when resumed
-  std::vector<std::string> fused;      // fused groups, e.g. "a + b + c (linear in=1280)"
-  bool any_failed() const;
-};
 
 // With `resume`, continues from the last checkpoint in <out_dir>/checkpoint (refused when
 // the configuration differs from the one that wrote it). On the CPU the resumed run ends
@@ -54,7 +23,7 @@ struct TrainReport {
 TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry,
                       ProgressStyle style = ProgressStyle::kAuto, bool resume = false);
 
-// The final summary table as printed by the CLI.
-std::string format_summary(const TrainReport& report);
+// The TBB workers a run uses: train.workers, or one per core when it is 0.
+std::int64_t resolve_workers(const TrainConfig& train);
 
 }  // namespace canopy::runners

@@ -1,0 +1,128 @@
+#include "canopy/runners/checkpoint_store.h"
+
+#include <cstdio>
+#include <cstdlib>
+
+#include <nlohmann/json.hpp>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+
+namespace canopy::runners {
+
+namespace {
+using nlohmann::ordered_json;
+
+ordered_json run_to_json(const std::string& name, const HeadRun& r) {
+  return {{"name", name},
+          {"state", static_cast<int>(r.state)},
+          {"failure", r.failure},
+          {"epochs", r.epochs},
+          {"train_loss", r.train_loss},
+          {"eval_accuracy", r.eval.accuracy},
+          {"eval_macro_f1", r.eval.macro_f1},
+          {"loss_sum", r.loss_sum},
+          {"loss_count", r.loss_count},
+          {"seconds", r.seconds},
+          {"best_score", r.best_score},
+          {"best_epoch", r.best_epoch},
+          {"stop_note", r.stop_note}};
+}
+
+void run_from_json(const ordered_json& j, HeadRun& r) {
+  const int state = j.at("state").get<int>();
+  CANOPY_CHECK(state >= 0 && state <= 2, DataError, "checkpoint: task state ", state, " is not 0, 1 or 2");
+  r.state = static_cast<tasks::TaskState>(state);
+  r.failure = j.at("failure").get<std::string>();
+  r.epochs = j.at("epochs").get<std::int64_t>();
+  r.train_loss = j.at("train_loss").get<double>();
+  r.eval.accuracy = j.at("eval_accuracy").get<double>();
+  r.eval.macro_f1 = j.at("eval_macro_f1").get<double>();
+  r.loss_sum = j.at("loss_sum").get<double>();
+  r.loss_count = j.at("loss_count").get<std::int64_t>();
+  r.seconds = j.at("seconds").get<double>();
+  r.best_score = j.at("best_score").get<double>();
+  r.best_epoch = j.at("best_epoch").get<std::int64_t>();
+  r.stop_note = j.at("stop_note").get<std::string>();
+}
+}  // namespace
+
+CheckpointStore::CheckpointStore(std::string dir, std::string config_identity)
+    : dir_(std::move(dir)), config_identity_(std::move(config_identity)) {}
+
+bool CheckpointStore::exists() const { return is_regular_file(state_path()); }
+
+std::string CheckpointStore::task_file(const std::string& task, std::int64_t generation) const {
+  return dir_ + "/" + task + "." + std::to_string(generation) + ".pt";
+}
+
+void CheckpointStore::save(const CheckpointPosition& position, const std::vector<tasks::Task*>& tasks,
+                           const std::vector<HeadRun>& runs) {
+  CANOPY_CHECK(tasks.size() == runs.size(), Error, "checkpoint: ", tasks.size(), " tasks, ", runs.size(), " runs");
+  make_dirs(dir_);
+  ++generation_;
+  ordered_json tasks_json = ordered_json::array();
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    const std::string file = task_file(tasks[i]->name(), generation_);
+    const std::string tmp = temp_path_for(file);
+    tasks[i]->save_checkpoint(tmp);
+    fsync_path(tmp);
+    rename_durable(tmp, file);
+    tasks_json.push_back(run_to_json(tasks[i]->name(), runs[i]));
+  }
+  const ordered_json state{{"generation", generation_},
+                           {"epoch", position.epoch},
+                           {"step", position.step},
+                           {"config", config_identity_},
+                           {"tasks", tasks_json}};
+  write_file_atomic(state_path(), state.dump(1) + "\n");
+  remove_other_generations();
+}
+
+void CheckpointStore::remove_other_generations() const {
+  for (const auto& name : list_dir(dir_)) {
+    const auto dot = name.rfind(".pt");
+    if (dot == std::string::npos || dot + 3 != name.size() || name.find(".tmp.") != std::string::npos) continue;
+    const auto gen_dot = name.rfind('.', dot - 1);
+    if (gen_dot != std::string::npos && std::atoll(name.c_str() + gen_dot + 1) != generation_) {
+      std::remove((dir_ + "/" + name).c_str());
+    }
+  }
+}
+
+CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs) {
+  const std::string path = state_path();
+  CANOPY_CHECK(exists(), DataError, "--resume: no checkpoint in '", dir_, "' (train without --resume to start)");
+  ordered_json st;
+  try {
+    st = ordered_json::parse(read_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("checkpoint '", path, "' is malformed: ", e.what()));
+  }
+  CheckpointPosition position;
+  try {
+    CANOPY_CHECK(st.at("config").get<std::string>() == config_identity_, ConfigError,
+                 "--resume: the configuration differs from the one that wrote '", path,
+                 "'; resume with the same config (see ", join_path(parent_path(dir_), "config.ini"), ")");
+    const auto& saved = st.at("tasks");
+    CANOPY_CHECK(saved.size() == tasks.size(), DataError, "checkpoint '", path, "' holds ", saved.size(),
+                 " tasks, the config has ", tasks.size());
+    generation_ = st.at("generation").get<std::int64_t>();
+    position.epoch = st.at("epoch").get<std::int64_t>();
+    position.step = st.at("step").get<std::int64_t>();
+    runs.assign(tasks.size(), HeadRun{});
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      const auto& t = saved.at(i);
+      const std::string name = t.at("name").get<std::string>();
+      CANOPY_CHECK(name == tasks[i]->name(), DataError, "checkpoint task ", i, " is '", name, "', config has '",
+                   tasks[i]->name(), "'");
+      tasks[i]->load_checkpoint(task_file(name, generation_));
+      run_from_json(t, runs[i]);
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("checkpoint '", path, "' is malformed: ", e.what()));
+  }
+  return position;
+}
+
+}  // namespace canopy::runners

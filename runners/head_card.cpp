@@ -1,0 +1,94 @@
+#include "canopy/runners/head_card.h"
+
+#include <map>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "canopy/core/fs.h"
+#include "canopy/runners/cache_job.h"
+#include "canopy/runners/export.h"
+
+namespace canopy::runners {
+
+namespace {
+using nlohmann::ordered_json;
+
+// Precision, recall, F1 and support of each class (multiclass heads; empty otherwise).
+ordered_json per_class_report(const tasks::ClassificationMetrics& m, const std::vector<std::string>& names) {
+  ordered_json out = ordered_json::array();
+  if (!m.confusion.defined() || m.confusion.dim() != 2) return out;
+  const auto stats = tasks::per_class_stats(m.confusion);
+  for (std::size_t i = 0; i < stats.size(); ++i) {
+    const auto& s = stats[i];
+    out.push_back({{"class", i < names.size() ? names[i] : std::to_string(i)},
+                   {"precision", s.precision},
+                   {"recall", s.recall},
+                   {"f1", s.f1},
+                   {"support", s.support}});
+  }
+  return out;
+}
+
+// The cached tap, from the cache's description (caches made before taps say nothing: the output).
+std::string tap_of(const datasets::CacheMeta& meta) {
+  const auto parts = parse_description(meta.description);
+  const auto it = parts.find("tap");
+  return it == parts.end() ? "output" : it->second;
+}
+}  // namespace
+
+ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
+                       std::int64_t in_features) {
+  const auto& c = task.config();
+  std::map<std::string, std::string> head_params = c.head_params;  // the head's own word wins
+  for (const auto& [k, v] : task.head().config_values()) head_params[k] = v;
+  ordered_json card{{"task", c.name},
+                    {"kind", tasks::to_string(c.kind)},
+                    {"head", c.head},
+                    {"architecture", task.head().describe()},
+                    {"in_features", in_features},
+                    {"out_features", task.num_classes()},
+                    {"head_params", head_params},
+                    {"label_source", c.labels},
+                    {"label_map", c.label_map},
+                    {"class_names", r.class_names},
+                    {"trunk_sha256", meta.trunk_sha256},
+                    {"cache_fingerprint", meta.fingerprint},
+                    {"preprocessing", meta.preprocessing},
+                    {"pooling", meta.pooling},
+                    {"tap", tap_of(meta)},
+                    {"epochs", r.epochs},
+                    {"eval_accuracy", r.eval.accuracy},
+                    {"eval_macro_f1", r.eval.macro_f1},
+                    {"eval_mean_ap", r.eval.mean_ap < 0 ? ordered_json() : ordered_json(r.eval.mean_ap)},
+                    {"per_class", per_class_report(r.eval, r.class_names)}};
+  if (r.eval.regression) {
+    card["target_mean"] = task.target_mean();
+    card["target_std"] = task.target_std();
+    card["eval_mae"] = r.eval.mae;
+    card["eval_rmse"] = r.eval.rmse;
+    card["eval_r2"] = r.eval.r2;
+  }
+  card["weights"] = c.name + ".safetensors";
+  return card;
+}
+
+std::string export_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
+                        std::int64_t in_features, const std::string& dir) {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& p : task.head().named_parameters(true)) tensors.emplace_back(p.key(), p.value());
+  for (const auto& b : task.head().named_buffers(true)) tensors.emplace_back(b.key(), b.value());
+  const auto& c = task.config();
+  const std::map<std::string, std::string> md = {{"format", "pt"},
+                                                 {"canopy.task", c.name},
+                                                 {"canopy.head", c.head},
+                                                 {"canopy.architecture", task.head().describe()}};
+  const std::string weights = join_path(dir, c.name + ".safetensors");
+  save_safetensors(weights, tensors, md);
+  write_file_atomic(join_path(dir, c.name + ".json"), head_card(task, r, meta, in_features).dump(2) + "\n");
+  return weights;
+}
+
+}  // namespace canopy::runners

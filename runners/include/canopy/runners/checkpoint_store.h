@@ -1,0 +1,51 @@
+// Checkpoints of a training run, in <out_dir>/checkpoint:
+//   <task>.<generation>.pt   each task's head, optimizer and RNG state (tasks::Task's format)
+//   state.json               the generation, the position (epoch, step), the configuration
+//                            that wrote it and every head's HeadRun (JSON, version 1)
+// A save writes every task file of a new generation (temporary name, fsync, rename), then
+// replaces state.json atomically, then removes older generations: a run killed at any point
+// leaves one complete, usable checkpoint.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "canopy/runners/head_run.h"
+#include "canopy/tasks/task.h"
+
+namespace canopy::runners {
+
+// Where training stands: `epoch` epochs done and `step` steps of the next.
+struct CheckpointPosition {
+  std::int64_t epoch = 0;
+  std::int64_t step = 0;
+};
+
+class CheckpointStore {
+ public:
+  // `config_identity` is the resolved configuration; a checkpoint written under another is
+  // refused on load.
+  CheckpointStore(std::string dir, std::string config_identity);
+
+  const std::string& dir() const { return dir_; }
+  std::string state_path() const { return dir_ + "/state.json"; }
+  bool exists() const;
+
+  // Writes a new generation holding `tasks` and `runs` (same length, task order).
+  void save(const CheckpointPosition& position, const std::vector<tasks::Task*>& tasks,
+            const std::vector<HeadRun>& runs);
+  // Restores every task and its run from the newest checkpoint. DataError when there is
+  // none or it is malformed or names other tasks; ConfigError when the configuration differs.
+  CheckpointPosition load(const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs);
+
+ private:
+  std::string task_file(const std::string& task, std::int64_t generation) const;
+  void remove_other_generations() const;
+
+  std::string dir_;
+  std::string config_identity_;
+  std::int64_t generation_ = 0;
+};
+
+}  // namespace canopy::runners

@@ -1,0 +1,42 @@
+// What the trainer knows about one head during a run: its state, why it failed, the loss
+// of the epoch in progress, time spent, the last evaluation and the early-stopping record.
+// The trainer owns one per task; a task itself holds only what it learns (head, optimizer).
+// A HeadRun is touched by one worker at a time (the one training its unit this step).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "canopy/tasks/task.h"
+
+namespace canopy::runners {
+
+const char* state_name(tasks::TaskState state);  // "training" | "done" | "FAILED"
+
+struct HeadRun {
+  tasks::TaskState state = tasks::TaskState::kTraining;
+  std::string failure;        // "epoch E step S: why" once FAILED
+  std::int64_t epochs = 0;    // epochs completed
+  double train_loss = 0.0;    // mean loss of the last completed epoch
+  double loss_sum = 0.0;      // the epoch in progress
+  std::int64_t loss_count = 0;
+  double seconds = 0.0;       // time spent in this head's steps
+  double best_score = -1e300; // ClassificationMetrics::score() of the best epoch so far
+  std::int64_t best_epoch = 0;
+  std::string stop_note;      // e.g. "stopped early at epoch 9 (best accuracy 0.8870 at epoch 6)"
+  tasks::ClassificationMetrics eval;  // of the last completed epoch
+
+  bool training() const { return state == tasks::TaskState::kTraining; }
+  bool failed() const { return state == tasks::TaskState::kFailed; }
+  void start_epoch();          // resets the epoch's loss
+  void add_loss(double loss);  // one step's loss
+  // Marks the head FAILED at a step (0-based epoch and step; the message counts from 1).
+  void fail(std::int64_t epoch, std::int64_t step, const std::string& why);
+  void fail_evaluation(std::int64_t epoch, const std::string& why);
+  // Records epoch `epoch` (0-based) of `total` with its evaluation. The head is done after
+  // its last epoch, or earlier when `patience` epochs (> 0) passed without a better score.
+  void finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::ClassificationMetrics& metrics,
+                    std::int64_t patience);
+};
+
+}  // namespace canopy::runners

@@ -1,0 +1,55 @@
+// Runs the heads' work of a step on a fixed set of TBB workers: one TBB task per work unit
+// (a fused group or a lone head, see fusion_plan.h), each with a fixed number of LibTorch
+// intra-op threads. Isolation: an exception never leaves a unit (TBB would cancel every
+// other unit's work); only the head it came from is marked FAILED in its HeadRun.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "canopy/datasets/batch_source.h"
+#include "canopy/runners/fusion_plan.h"
+#include "canopy/runners/head_run.h"
+#include "canopy/tasks/task.h"
+
+namespace canopy::runners {
+
+class StepRunner {
+ public:
+  // `workers` >= 1 TBB workers, `intra_op_threads` >= 1 LibTorch threads inside each.
+  StepRunner(std::int64_t workers, std::int64_t intra_op_threads);
+  ~StepRunner();
+  StepRunner(const StepRunner&) = delete;
+  StepRunner& operator=(const StepRunner&) = delete;
+
+  std::int64_t workers() const { return workers_; }
+
+  // One optimisation step of every unit on `batch` (read-only, shared), concurrently.
+  // `epoch` and `step` (0-based) go into failure messages. Each head's time is added to
+  // its run's seconds (a fused group's time split evenly among its heads).
+  void train(const std::vector<WorkUnit>& units, const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
+             const datasets::Batch& batch, std::int64_t epoch, std::int64_t step);
+
+  // Evaluates the heads `which` that have not failed on the eval split, concurrently; a head
+  // whose evaluation throws is failed. Returns metrics indexed like `tasks`.
+  std::vector<tasks::ClassificationMetrics> evaluate(const std::vector<std::size_t>& which,
+                                                     const std::vector<tasks::Task*>& tasks,
+                                                     std::vector<HeadRun>& runs, const at::Tensor& features,
+                                                     const std::vector<at::Tensor>& targets, std::int64_t epoch);
+
+ private:
+  struct Arena;
+  std::int64_t workers_;
+  std::int64_t intra_op_threads_;
+  std::unique_ptr<Arena> arena_;
+};
+
+// One unit's step on the calling thread (what StepRunner::train runs per unit). A fused
+// group that throws is retried head by head, which finds the culprit.
+void train_unit(const WorkUnit& unit, const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
+                const datasets::Batch& batch, std::int64_t epoch, std::int64_t step);
+
+}  // namespace canopy::runners

@@ -1,0 +1,110 @@
+#include "canopy/runners/metrics_sink.h"
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+#include "canopy/runners/tensorboard.h"
+
+namespace canopy::runners {
+
+std::vector<std::pair<std::string, double>> eval_metrics(const tasks::ClassificationMetrics& m) {
+  std::vector<std::pair<std::string, double>> out{{"accuracy", m.accuracy}, {"macro_f1", m.macro_f1}};
+  if (m.mean_ap >= 0) out.emplace_back("mean_ap", m.mean_ap);
+  if (m.regression) {
+    out.emplace_back("mae", m.mae);
+    out.emplace_back("rmse", m.rmse);
+    out.emplace_back("r2", m.r2);
+  }
+  return out;
+}
+
+namespace {
+std::int64_t epoch_of_row(const std::string& line, bool csv, const std::string& path, std::int64_t number) {
+  if (csv) {
+    char* end = nullptr;
+    const long long epoch = std::strtoll(line.c_str(), &end, 10);
+    CANOPY_CHECK(end != line.c_str() && *end == ',', DataError, "metrics file '", path, "' line ", number,
+                 ": no epoch in '", line, "'");
+    return epoch;
+  }
+  try {
+    return nlohmann::json::parse(line).at("epoch").get<std::int64_t>();
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("metrics file '", path, "' line ", number, ": ", e.what()));
+  }
+}
+}  // namespace
+
+void truncate_metrics(const std::string& path, std::int64_t epochs, bool csv) {
+  if (!is_regular_file(path)) return;
+  std::istringstream in(read_file(path));
+  std::string out, line;
+  std::int64_t number = 0;
+  while (std::getline(in, line)) {
+    ++number;
+    if (line.empty()) continue;
+    if ((csv && number == 1) || epoch_of_row(line, csv, path, number) <= epochs) out += line + "\n";
+  }
+  write_file_atomic(path, out);
+}
+
+MetricsSink::MetricsSink(const std::string& out_dir, const std::vector<std::string>& task_names, bool tensorboard,
+                         std::int64_t resume_epoch)
+    : out_dir_(out_dir), names_(task_names) {
+  const std::string jsonl_path = out_dir + "/metrics.jsonl", csv_path = out_dir + "/metrics.csv";
+  const bool resume = resume_epoch >= 0;
+  if (resume) {
+    truncate_metrics(jsonl_path, resume_epoch, false);
+    truncate_metrics(csv_path, resume_epoch, true);
+  }
+  const auto mode = resume ? std::ios::app : std::ios::trunc;
+  jsonl_.open(jsonl_path, mode);
+  csv_.open(csv_path, mode);
+  CANOPY_CHECK(jsonl_ && csv_, IoError, "cannot write metrics in '", out_dir, "': ", std::strerror(errno));
+  if (!resume || file_size(csv_path) == 0) {
+    csv_ << "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds,eval_mae,eval_rmse,eval_r2\n";
+  }
+  if (tensorboard) {
+    for (const auto& name : names_) tensorboard_.push_back(std::make_unique<EventWriter>(out_dir + "/tensorboard/" + name));
+  }
+}
+
+MetricsSink::~MetricsSink() = default;
+
+void MetricsSink::record(std::int64_t epoch, std::size_t task, const HeadRun& run) {
+  const auto named = eval_metrics(run.eval);
+  nlohmann::ordered_json row{{"epoch", epoch + 1},
+                             {"task", names_.at(task)},
+                             {"state", state_name(run.state)},
+                             {"train_loss", run.train_loss}};
+  for (const auto& [name, value] : named) row["eval_" + name] = value;
+  row["seconds"] = run.seconds;
+  jsonl_ << row.dump() << "\n";
+  csv_ << epoch + 1 << "," << names_[task] << "," << state_name(run.state) << "," << run.train_loss << ","
+       << run.eval.accuracy << "," << run.eval.macro_f1 << "," << run.seconds;
+  if (run.eval.regression) {
+    csv_ << "," << run.eval.mae << "," << run.eval.rmse << "," << run.eval.r2 << "\n";
+  } else {
+    csv_ << ",,,\n";
+  }
+  if (!tensorboard_.empty() && !run.failed()) {
+    EventWriter& tb = *tensorboard_[task];
+    tb.add_scalar("train/loss", static_cast<float>(run.train_loss), epoch + 1);
+    for (const auto& [name, value] : named) tb.add_scalar("eval/" + name, static_cast<float>(value), epoch + 1);
+    tb.flush();
+  }
+}
+
+void MetricsSink::flush() {
+  jsonl_.flush();
+  csv_.flush();
+  CANOPY_CHECK(jsonl_ && csv_, IoError, "writing metrics in '", out_dir_, "' failed: ", std::strerror(errno));
+}
+
+}  // namespace canopy::runners

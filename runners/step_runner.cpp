@@ -1,0 +1,124 @@
+#include "canopy/runners/step_runner.h"
+
+#include <chrono>
+#include <cmath>
+#include <exception>
+
+#include <ATen/Parallel.h>
+#include <oneapi/tbb/blocked_range.h>
+#include <oneapi/tbb/parallel_for.h>
+#include <oneapi/tbb/task_arena.h>
+
+#include "canopy/core/error.h"
+
+namespace canopy::runners {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+
+// Each thread that runs head work sets LibTorch's intra-op thread count once: a worker
+// keeps what it had when it first touched LibTorch otherwise, and more intra-op threads
+// than cores on top of the TBB workers oversubscribes the machine.
+void configure_thread(std::int64_t intra_op_threads) {
+  thread_local std::int64_t configured = -1;
+  if (configured != intra_op_threads) {
+    at::set_num_threads(static_cast<int>(intra_op_threads));
+    configured = intra_op_threads;
+  }
+}
+}  // namespace
+
+struct StepRunner::Arena {
+  explicit Arena(int workers) : arena(workers) {}
+  tbb::task_arena arena;
+};
+
+StepRunner::StepRunner(std::int64_t workers, std::int64_t intra_op_threads)
+    : workers_(workers), intra_op_threads_(intra_op_threads) {
+  CANOPY_CHECK(workers >= 1, ConfigError, "train.workers must be >= 1 once resolved, got ", workers);
+  CANOPY_CHECK(intra_op_threads >= 1, ConfigError, "train.intra_op_threads must be >= 1, got ", intra_op_threads);
+  arena_ = std::make_unique<Arena>(static_cast<int>(workers));
+}
+
+StepRunner::~StepRunner() = default;
+
+void train_unit(const WorkUnit& unit, const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
+                const datasets::Batch& batch, std::int64_t epoch, std::int64_t step) {
+  const auto t0 = Clock::now();
+  std::vector<tasks::Task*> group;
+  std::vector<at::Tensor> targets;
+  std::vector<std::size_t> members;
+  for (std::size_t i : unit) {
+    try {
+      targets.push_back(tasks[i]->targets(batch.labels.at(tasks[i]->config().labels)));
+      group.push_back(tasks[i]);
+      members.push_back(i);
+    } catch (const std::exception& e) {
+      runs[i].fail(epoch, step, e.what());
+    }
+  }
+  bool done = false;
+  if (group.size() >= 2) {
+    try {
+      const std::vector<double> losses = tasks::fused_train_step(group, batch.features, targets);
+      for (std::size_t k = 0; k < members.size(); ++k) {
+        if (std::isfinite(losses[k])) {
+          runs[members[k]].add_loss(losses[k]);
+        } else {
+          runs[members[k]].fail(epoch, step, detail::str_cat("loss is ", losses[k]));
+        }
+      }
+      done = true;
+    } catch (const std::exception&) {
+    }
+  }
+  if (!done) {
+    for (std::size_t k = 0; k < members.size(); ++k) {
+      try {
+        runs[members[k]].add_loss(group[k]->train_step(batch.features, targets[k]));
+      } catch (const std::exception& e) {
+        runs[members[k]].fail(epoch, step, e.what());
+      }
+    }
+  }
+  const double share = std::chrono::duration<double>(Clock::now() - t0).count() /
+                       static_cast<double>(std::max<std::size_t>(1, unit.size()));
+  for (std::size_t i : unit) runs[i].seconds += share;
+}
+
+void StepRunner::train(const std::vector<WorkUnit>& units, const std::vector<tasks::Task*>& tasks,
+                       std::vector<HeadRun>& runs, const datasets::Batch& batch, std::int64_t epoch,
+                       std::int64_t step) {
+  arena_->arena.execute([&] {
+    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, units.size(), 1),
+                      [&](const tbb::blocked_range<std::size_t>& range) {
+                        configure_thread(intra_op_threads_);
+                        for (std::size_t u = range.begin(); u != range.end(); ++u) {
+                          train_unit(units[u], tasks, runs, batch, epoch, step);
+                        }
+                      });
+  });
+}
+
+std::vector<tasks::ClassificationMetrics> StepRunner::evaluate(const std::vector<std::size_t>& which,
+                                                               const std::vector<tasks::Task*>& tasks,
+                                                               std::vector<HeadRun>& runs, const at::Tensor& features,
+                                                               const std::vector<at::Tensor>& targets,
+                                                               std::int64_t epoch) {
+  std::vector<tasks::ClassificationMetrics> metrics(tasks.size());
+  arena_->arena.execute([&] {
+    tbb::parallel_for(std::size_t(0), which.size(), [&](std::size_t k) {
+      configure_thread(intra_op_threads_);
+      const std::size_t i = which[k];
+      if (runs[i].failed()) return;
+      try {
+        metrics[i] = tasks[i]->evaluate(features, targets[i]);
+      } catch (const std::exception& e) {
+        runs[i].fail_evaluation(epoch, e.what());
+      }
+    });
+  });
+  return metrics;
+}
+
+}  // namespace canopy::runners

@@ -1,0 +1,117 @@
+// The summary a training run prints: one row per head, regression errors, per-class F1
+// tables, fused groups, failures and notes, and the run's totals.
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <iomanip>
+#include <sstream>
+
+#include "canopy/runners/head_run.h"
+#include "canopy/runners/train_report.h"
+
+namespace canopy::runners {
+
+bool TrainReport::any_failed() const {
+  return std::any_of(tasks.begin(), tasks.end(),
+                     [](const TaskResult& t) { return t.state == tasks::TaskState::kFailed; });
+}
+
+namespace {
+// Per-class F1 on the eval split: one table per set of classes and per-class support
+// (heads on the same labels), a column per multiclass head that predicts them.
+std::string per_class_tables(const TrainReport& report) {
+  // Per task: its classes and per-class stats (empty for tasks without a table).
+  using Key = std::pair<std::vector<std::string>, std::vector<std::int64_t>>;
+  std::vector<Key> keys(report.tasks.size());
+  std::vector<std::vector<tasks::ClassStats>> all_stats(report.tasks.size());
+  std::vector<Key> sets;
+  for (std::size_t i = 0; i < report.tasks.size(); ++i) {
+    const auto& t = report.tasks[i];
+    if (t.kind != tasks::TaskKind::kMulticlass || !t.eval.confusion.defined()) continue;
+    all_stats[i] = tasks::per_class_stats(t.eval.confusion);
+    keys[i].first = t.class_names;
+    for (const auto& s : all_stats[i]) keys[i].second.push_back(s.support);
+    if (std::find(sets.begin(), sets.end(), keys[i]) == sets.end()) sets.push_back(keys[i]);
+  }
+  std::ostringstream o;
+  for (const auto& key : sets) {
+    const auto& names = key.first;
+    std::vector<const TaskResult*> cols;
+    std::vector<std::vector<tasks::ClassStats>> stats;
+    for (std::size_t i = 0; i < report.tasks.size(); ++i) {
+      if (!all_stats[i].empty() && keys[i] == key) {
+        cols.push_back(&report.tasks[i]);
+        stats.push_back(all_stats[i]);
+      }
+    }
+    std::size_t w_class = 5;
+    for (const auto& n : names) w_class = std::max(w_class, n.size());
+    o << "\nper-class F1 on the eval split\n" << std::string(w_class, ' ');
+    for (const auto* t : cols) o << "  " << std::string(std::max<std::size_t>(t->name.size(), 6) - t->name.size(), ' ') << t->name;
+    o << "  support\n";
+    const auto k = static_cast<std::int64_t>(names.size());
+    for (std::int64_t c = 0; c < k; ++c) {
+      o << names[static_cast<std::size_t>(c)] << std::string(w_class - names[static_cast<std::size_t>(c)].size(), ' ');
+      std::int64_t support = 0;
+      for (std::size_t j = 0; j < cols.size(); ++j) {
+        const auto* t = cols[j];
+        const auto& s = stats[j][static_cast<std::size_t>(c)];
+        support = s.support;
+        char cell[32];
+        std::snprintf(cell, sizeof cell, "%.3f", s.f1);
+        o << "  " << std::string(std::max<std::size_t>(t->name.size(), 6) - std::strlen(cell), ' ') << cell;
+      }
+      o << "  " << std::setw(7) << support << "\n";
+    }
+  }
+  return o.str();
+}
+}  // namespace
+
+std::string format_summary(const TrainReport& report) {
+  std::ostringstream o;
+  std::size_t w_name = 4, w_head = 4, w_labels = 6, w_opt = 9;
+  for (const auto& t : report.tasks) {
+    w_opt = std::max(w_opt, t.optimizer.size());
+    w_name = std::max(w_name, t.name.size());
+    w_head = std::max(w_head, t.head.size());
+    w_labels = std::max(w_labels, t.labels.size());
+  }
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6s  %8s  %8s  %7s\n", int(w_name), "task",
+                int(w_head), "head", int(w_labels), "labels", int(w_opt), "optimizer", "epochs", "accuracy",
+                "macro-F1", "state");
+  o << buf;
+  for (const auto& t : report.tasks) {
+    char acc[32] = "       -", f1[32] = "       -";  // regression: see the lines below
+    if (!t.eval.regression) {
+      std::snprintf(acc, sizeof acc, "%7.2f%%", 100 * t.eval.accuracy);
+      std::snprintf(f1, sizeof f1, "%8.4f", t.eval.macro_f1);
+    }
+    std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6lld  %8s  %8s  %7s\n", int(w_name), t.name.c_str(),
+                  int(w_head), t.head.c_str(), int(w_labels), t.labels.c_str(), int(w_opt), t.optimizer.c_str(),
+                  static_cast<long long>(t.epochs), acc, f1, state_name(t.state));
+    o << buf;
+  }
+  for (const auto& t : report.tasks) {
+    if (!t.eval.regression || t.state == tasks::TaskState::kFailed) continue;
+    std::snprintf(buf, sizeof buf, "task '%s' (regression): MAE %.4g, RMSE %.4g, R^2 %.4f on the eval split\n",
+                  t.name.c_str(), t.eval.mae, t.eval.rmse, t.eval.r2);
+    o << buf;
+  }
+  o << per_class_tables(report);
+  for (const auto& f : report.fused) o << "fused: " << f << "\n";
+  for (const auto& t : report.tasks) {
+    if (t.state == tasks::TaskState::kFailed) o << "task '" << t.name << "' FAILED at " << t.failure << "\n";
+    if (!t.note.empty()) o << "task '" << t.name << "' " << t.note << "\n";
+  }
+  std::snprintf(buf, sizeof buf,
+                "%zu heads, %lld train rows x %lld features, evaluated on %lld rows; load %.1fs, train %.1fs\n",
+                report.tasks.size(), static_cast<long long>(report.train_rows),
+                static_cast<long long>(report.feature_dim), static_cast<long long>(report.eval_rows),
+                report.load_seconds, report.train_seconds);
+  o << buf;
+  return o.str();
+}
+
+}  // namespace canopy::runners

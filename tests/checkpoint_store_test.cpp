@@ -1,0 +1,115 @@
+// Checkpoints: a save and a load restore every task and its run state exactly; older
+// generations go; a different configuration, other tasks or a malformed state are refused.
+#include <gtest/gtest.h>
+
+#include <memory>
+
+#include <ATen/Context.h>
+#include <ATen/ops/randint.h>
+#include <ATen/ops/randn.h>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+#include "canopy/runners/checkpoint_store.h"
+#include "canopy/tasks/registry.h"
+#include "support/test_support.h"
+
+namespace canopy::runners {
+namespace {
+
+struct Tasks {
+  explicit Tasks(std::uint64_t seed) {
+    tasks::register_builtin_heads(registry);
+    tasks::TaskConfig lin;
+    lin.name = "lin";
+    tasks::TaskConfig mlp;
+    mlp.name = "mlp";
+    mlp.head = "mlp";
+    mlp.head_params = {{"hidden", "8"}, {"dropout", "0.2"}};
+    owned.push_back(std::make_unique<tasks::Task>(lin, registry, 6, 3, seed));
+    owned.push_back(std::make_unique<tasks::Task>(mlp, registry, 6, 3, seed + 1));
+    for (auto& t : owned) ptrs.push_back(t.get());
+  }
+  void train(int steps) {
+    for (int s = 0; s < steps; ++s) {
+      for (auto* t : ptrs) t->train_step(at::randn({16, 6}), at::randint(3, {16}));
+    }
+  }
+  tasks::HeadRegistry registry;
+  std::vector<std::unique_ptr<tasks::Task>> owned;
+  std::vector<tasks::Task*> ptrs;
+};
+
+void expect_same_weights(Tasks& a, Tasks& b) {
+  for (std::size_t i = 0; i < a.ptrs.size(); ++i) {
+    const auto pa = a.ptrs[i]->head().named_parameters(true), pb = b.ptrs[i]->head().named_parameters(true);
+    for (const auto& p : pa) EXPECT_TRUE(testing::bitwise_equal(p.value(), pb[p.key()])) << p.key();
+  }
+}
+
+TEST(CheckpointStore, SaveThenLoadRestoresTasksAndRunsExactly) {
+  testing::TempDir dir;
+  Tasks a(1);
+  a.train(3);
+  std::vector<HeadRun> runs(2);
+  runs[0].fail(1, 4, "loss is nan");
+  runs[1].add_loss(0.25);
+  runs[1].best_score = 0.75;
+  runs[1].best_epoch = 2;
+  runs[1].stop_note = "note";
+  CheckpointStore store(dir.file("checkpoint"), "config v1");
+  store.save({2, 5}, a.ptrs, runs);
+  EXPECT_TRUE(store.exists());
+
+  Tasks b(99);  // other initial weights
+  std::vector<HeadRun> loaded;
+  CheckpointStore reader(dir.file("checkpoint"), "config v1");
+  const CheckpointPosition at = reader.load(b.ptrs, loaded);
+  EXPECT_EQ(at.epoch, 2);
+  EXPECT_EQ(at.step, 5);
+  expect_same_weights(a, b);
+  ASSERT_EQ(loaded.size(), 2u);
+  EXPECT_TRUE(loaded[0].failed());
+  EXPECT_EQ(loaded[0].failure, "epoch 2 step 5: loss is nan");
+  EXPECT_EQ(loaded[1].loss_count, 1);
+  EXPECT_EQ(loaded[1].best_epoch, 2);
+  EXPECT_EQ(loaded[1].stop_note, "note");
+  // Optimizer and RNG state came along too: the same next steps give the same weights.
+  at::manual_seed(5);
+  a.train(2);
+  at::manual_seed(5);
+  b.train(2);
+  expect_same_weights(a, b);
+}
+
+TEST(CheckpointStore, OnlyTheNewestGenerationStays) {
+  testing::TempDir dir;
+  Tasks a(1);
+  std::vector<HeadRun> runs(2);
+  CheckpointStore store(dir.file("checkpoint"), "c");
+  for (int g = 0; g < 3; ++g) store.save({g, 0}, a.ptrs, runs);
+  EXPECT_EQ(list_dir(dir.file("checkpoint")), (std::vector<std::string>{"lin.3.pt", "mlp.3.pt", "state.json"}));
+}
+
+TEST(CheckpointStore, RefusesAnotherConfigOtherTasksAndMalformedState) {
+  testing::TempDir dir;
+  Tasks a(1);
+  std::vector<HeadRun> runs(2);
+  CheckpointStore(dir.file("checkpoint"), "config v1").save({1, 0}, a.ptrs, runs);
+  std::vector<HeadRun> out;
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { CheckpointStore(dir.file("checkpoint"), "config v2").load(a.ptrs, out); },
+      {"configuration differs", "state.json", "config.ini"}));
+  std::vector<tasks::Task*> reversed{a.ptrs[1], a.ptrs[0]};
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { CheckpointStore(dir.file("checkpoint"), "config v1").load(reversed, out); },
+      {"checkpoint task 0 is 'lin'", "config has 'mlp'"}));
+  write_file_atomic(dir.file("checkpoint/state.json"), "{\"generation\": 1, \"epo");
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { CheckpointStore(dir.file("checkpoint"), "config v1").load(a.ptrs, out); }, {"state.json", "malformed"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { CheckpointStore(dir.file("nowhere"), "config v1").load(a.ptrs, out); }, {"no checkpoint", "nowhere"}));
+}
+
+}  // namespace
+}  // namespace canopy::runners

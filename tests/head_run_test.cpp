@@ -1,0 +1,63 @@
+// Per-head run state: losses, failures, early stopping, and the state a finished head ends in.
+#include <gtest/gtest.h>
+
+#include "canopy/runners/head_run.h"
+
+namespace canopy::runners {
+namespace {
+
+tasks::ClassificationMetrics accuracy(double a) {
+  tasks::ClassificationMetrics m;
+  m.accuracy = a;
+  return m;
+}
+
+TEST(HeadRun, EpochLossIsTheMeanOfItsSteps) {
+  HeadRun r;
+  r.start_epoch();
+  r.add_loss(1.0);
+  r.add_loss(2.0);
+  r.finish_epoch(0, 3, accuracy(0.5), 0);
+  EXPECT_DOUBLE_EQ(r.train_loss, 1.5);
+  EXPECT_EQ(r.epochs, 1);
+  EXPECT_TRUE(r.training());
+  r.start_epoch();
+  r.add_loss(4.0);
+  r.finish_epoch(1, 3, accuracy(0.6), 0);
+  EXPECT_DOUBLE_EQ(r.train_loss, 4.0) << "each epoch starts its own mean";
+}
+
+TEST(HeadRun, AHeadIsDoneAfterItsLastEpochWithoutAStopNote) {
+  HeadRun r;
+  for (std::int64_t e = 0; e < 2; ++e) r.finish_epoch(e, 2, accuracy(0.1 * static_cast<double>(e)), 0);
+  EXPECT_EQ(r.state, tasks::TaskState::kDone);
+  EXPECT_STREQ(state_name(r.state), "done");
+  EXPECT_TRUE(r.stop_note.empty());
+}
+
+TEST(HeadRun, EarlyStoppingAfterPatienceEpochsWithoutImprovement) {
+  HeadRun r;
+  const double scores[] = {0.5, 0.7, 0.6, 0.65, 0.69, 0.9};
+  std::int64_t e = 0;
+  for (; e < 6 && r.training(); ++e) r.finish_epoch(e, 10, accuracy(scores[e]), 3);
+  EXPECT_EQ(e, 5) << "best at epoch 2, three epochs without better: stops after epoch 5";
+  EXPECT_EQ(r.state, tasks::TaskState::kDone);
+  EXPECT_EQ(r.best_epoch, 2);
+  EXPECT_EQ(r.stop_note, "stopped early at epoch 5 (best accuracy 0.7000 at epoch 2)");
+}
+
+TEST(HeadRun, FailuresNameEpochAndStepCountingFromOne) {
+  HeadRun r;
+  r.fail(1, 8, "loss is nan");
+  EXPECT_TRUE(r.failed());
+  EXPECT_EQ(r.failure, "epoch 2 step 9: loss is nan");
+  r.finish_epoch(1, 3, accuracy(0.9), 0);
+  EXPECT_EQ(r.epochs, 0) << "a failed head records no more epochs";
+  HeadRun e;
+  e.fail_evaluation(0, "bad shape");
+  EXPECT_EQ(e.failure, "epoch 1 evaluation: bad shape");
+  EXPECT_STREQ(state_name(e.state), "FAILED");
+}
+
+}  // namespace
+}  // namespace canopy::runners

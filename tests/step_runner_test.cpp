@@ -1,0 +1,127 @@
+// The step runner: a unit that throws fails only its own heads; fused and lone steps give
+// the same result; without fusion the weights do not depend on the worker count.
+#include <gtest/gtest.h>
+
+#include <memory>
+
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/randint.h>
+#include <ATen/ops/randn.h>
+#include <torch/nn/modules/linear.h>
+
+#include "canopy/core/error.h"
+#include "canopy/runners/step_runner.h"
+#include "canopy/tasks/registry.h"
+#include "support/test_support.h"
+
+namespace canopy::runners {
+namespace {
+
+// Throws on its third forward pass.
+class ThrowingHead : public heads::Head {
+ public:
+  ThrowingHead(std::int64_t in, std::int64_t out) { linear_ = register_module("linear", torch::nn::Linear(in, out)); }
+  torch::Tensor forward(const torch::Tensor& x) override {
+    if (++calls_ == 3) throw DataError("head gave up");
+    return linear_->forward(x);
+  }
+  std::string describe() const override { return "throwing"; }
+
+ private:
+  int calls_ = 0;
+  torch::nn::Linear linear_{nullptr};
+};
+
+struct Fixture {
+  explicit Fixture(std::size_t n, bool with_thrower) {
+    tasks::register_builtin_heads(registry);
+    registry.add("throwing", [](const tasks::HeadSpec& s) {
+      return std::make_shared<ThrowingHead>(s.in_features, s.out_features);
+    }, "test");
+    for (std::size_t i = 0; i < n; ++i) {
+      tasks::TaskConfig c;
+      c.name = "t" + std::to_string(i);
+      if (with_thrower && i == 1) c.head = "throwing";
+      owned.push_back(std::make_unique<tasks::Task>(c, registry, 8, 3, 11 + i));
+      ptrs.push_back(owned.back().get());
+    }
+    runs.resize(n);
+  }
+  tasks::HeadRegistry registry;
+  std::vector<std::unique_ptr<tasks::Task>> owned;
+  std::vector<tasks::Task*> ptrs;
+  std::vector<HeadRun> runs;
+};
+
+std::vector<datasets::Batch> batches(int n) {
+  std::vector<datasets::Batch> out(static_cast<std::size_t>(n));
+  for (auto& b : out) {
+    b.features = at::randn({16, 8});
+    b.labels["class"] = at::randint(3, {16});
+  }
+  return out;
+}
+
+TEST(StepRunner, AThrowingHeadFailsAloneAndTheOthersTrain) {
+  Fixture f(4, true);
+  StepRunner runner(2, 1);
+  const auto data = batches(4);
+  for (std::int64_t s = 0; s < 4; ++s) {
+    runner.train({{0, 2, 3}, {1}}, f.ptrs, f.runs, data[static_cast<std::size_t>(s)], 0, s);
+  }
+  EXPECT_TRUE(f.runs[1].failed());
+  EXPECT_EQ(f.runs[1].failure, "epoch 1 step 3: head gave up");
+  for (std::size_t i : {0u, 2u, 3u}) {
+    EXPECT_TRUE(f.runs[i].training()) << i;
+    EXPECT_EQ(f.runs[i].loss_count, 4) << i;
+    EXPECT_GT(f.runs[i].seconds, 0.0) << i;
+  }
+}
+
+TEST(StepRunner, WeightsDoNotDependOnTheWorkerCountOrOnFusion) {
+  const auto data = batches(5);
+  auto train = [&](std::int64_t workers, bool fused) {
+    auto f = std::make_unique<Fixture>(6, false);
+    StepRunner runner(workers, 1);
+    std::vector<WorkUnit> units;
+    if (fused) {
+      units = {{0, 1, 2, 3, 4, 5}};
+    } else {
+      for (std::size_t i = 0; i < 6; ++i) units.push_back({i});
+    }
+    for (std::size_t s = 0; s < data.size(); ++s) {
+      runner.train(units, f->ptrs, f->runs, data[s], 0, static_cast<std::int64_t>(s));
+    }
+    return f;
+  };
+  const auto one = train(1, false);
+  for (std::int64_t workers : {2, 3, 8}) {
+    const auto other = train(workers, false);
+    for (std::size_t i = 0; i < 6; ++i) {
+      auto pa = one->ptrs[i]->head().named_parameters(true), pb = other->ptrs[i]->head().named_parameters(true);
+      for (const auto& p : pa) EXPECT_TRUE(testing::bitwise_equal(p.value(), pb[p.key()])) << workers << " " << p.key();
+    }
+  }
+  const auto fused = train(2, true);
+  for (std::size_t i = 0; i < 6; ++i) {
+    EXPECT_EQ(fused->runs[i].loss_count, 5);
+    auto pa = one->ptrs[i]->head().named_parameters(true), pb = fused->ptrs[i]->head().named_parameters(true);
+    for (const auto& p : pa) EXPECT_LT((p.value() - pb[p.key()]).abs().max().item<double>(), 1e-5) << p.key();
+  }
+}
+
+TEST(StepRunner, EvaluationSkipsFailedHeads) {
+  Fixture f(3, false);
+  f.runs[2].fail(0, 0, "earlier");
+  StepRunner runner(3, 1);
+  const at::Tensor x = at::randn({40, 8});
+  const std::vector<at::Tensor> targets(3, at::randint(3, {40}));
+  const auto m = runner.evaluate({0, 1, 2}, f.ptrs, f.runs, x, targets, 0);
+  EXPECT_EQ(m[0].count, 40);
+  EXPECT_EQ(m[1].count, 40);
+  EXPECT_EQ(m[2].count, 0);
+  EXPECT_TRUE(testing::throws_with<ConfigError>([] { StepRunner(0, 1); }, {"train.workers", "0"}));
+}
+
+}  // namespace
+}  // namespace canopy::runners
