@@ -74,9 +74,12 @@ def write_config(path, base, out_dir, heads, epochs, extra=""):
     lines[0] = lines[0].replace("[train]\n", "[train]\ntensorboard = false\n" + extra)
     for h in heads:
         lines.append(f"[task.{h['name']}]\nhead = {h['head']}\noptimizer = {h['optimizer']}\nlr = {h['lr']}\n")
-        for key in ("hidden", "dropout", "activation", "weight_decay", "momentum", "schedule"):
+        for key in ("weight_decay", "momentum", "schedule"):
             if key in h:
                 lines.append(f"{key} = {h[key]}\n")
+        for key in ("hidden", "dropout", "activation"):  # the head's own options
+            if key in h:
+                lines.append(f"head.{key} = {h[key]}\n")
         if h.get("group"):
             lines.append("label_map = " + ",".join(map(str, GROUP)) + "\n")
         if h["optimizer"] == "sgd" and "momentum" not in h:

@@ -1,5 +1,6 @@
 #include "canopy/runners/cli.h"
 
+#include <functional>
 #include <iomanip>
 #include <iostream>
 #include <optional>
@@ -11,14 +12,15 @@
 
 #include "canopy/core/device.h"
 #include "canopy/core/error.h"
+#include "canopy/core/fs.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/strings.h"
+#include "canopy/datasets/feature_cache.h"
 #include "canopy/datasets/text.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/predict_job.h"
 #include "canopy/runners/train_job.h"
-#include "canopy/core/fs.h"
 #include "canopy/trunk/trunk.h"
 
 namespace canopy::runners {
@@ -26,44 +28,17 @@ namespace po = boost::program_options;
 
 namespace {
 
-const char* kUsage = R"(canopy: train many task heads at once over a frozen, cached trunk
+constexpr const char* kVersion = "0.1.0";
 
-usage: canopy <command> [options]
-
-commands:
-  cache   run the frozen trunk once per sample and store features in the HDF5 cache
-  train   train every task's head concurrently on the cached features
-  run     cache (if needed), then train
-  predict --config FILE --input IMAGES [--output FILE] [--format csv|jsonl] [--limit N]
-          run the trunk and every trained head on new images (an idx file) in one pass
-  inspect PATH [--config FILE] [--verify]
-          describe a cache: splits, shapes, dtype, size, fingerprint parts, completeness,
-          whether it matches a config; --verify checks every shard's checksums
-  trunk show --config FILE [--depth N] [--allow-unpinned]
-          load the trunk (hash checked first) and print its module tree: parameter
-          counts, frozen/trainable under the config's freeze policy, BatchNorm layers and
-          how they are pinned, blocks and tap points; runs no data
-  tokenize --vocab FILE [--max-length N] [--cased] (--arff FILE [--attribute NAME] | --input FILE)
-          WordPiece token ids of texts as JSON lines {"text": ..., "ids": [...]}; texts
-          from an ARFF string attribute (default Text) or one per line of FILE
-  heads   list the head types that can be named in a config
-  version print versions
-
-options for cache, train and run:
-  --config FILE        the job configuration (INI; see configs/)
-  --set KEY=VALUE      override a config value, e.g. --set train.epochs=5 (repeatable)
-  --dump-config        print the resolved configuration and exit
-  --force              cache: rebuild even if the cache is up to date
-  --resume             train: continue from the last checkpoint in <train.out_dir>/checkpoint
-  --allow-unpinned     load a trunk whose SHA-256 the config does not pin
-                       (trunk.allow_unpinned = true; the hash to pin is printed)
-  --fail-fast          train: stop every head when one fails (default: only that head stops)
-  --no-fuse            train: train every head on its own instead of fusing same-shape
-                       heads into batched operations (train.fuse = false)
-  --progress MODE      auto (bar on a terminal, lines otherwise), bar, lines or quiet
-
-exit codes: 0 ok, 1 data or runtime error, 2 bad usage or config, 3 a head FAILED
-)";
+// A command: its name, its usage line, what it does, its options (with their help texts,
+// which `canopy <command> --help` prints) and what it runs. One table, kCommands, lists them.
+struct Command {
+  const char* name;
+  const char* usage;
+  const char* summary;
+  std::function<void(po::options_description&, po::positional_options_description&)> options;
+  std::function<int(const po::variables_map&, const tasks::HeadRegistry&, std::ostream&, std::ostream&)> run;
+};
 
 ProgressStyle parse_progress(const std::string& s) {
   if (s == "auto") return ProgressStyle::kAuto;
@@ -73,25 +48,24 @@ ProgressStyle parse_progress(const std::string& s) {
   throw ConfigError("--progress: expected auto, bar, lines or quiet, got '" + s + "'");
 }
 
-// Parses a command's options; a malformed command line is a ConfigError ending with `hint`.
-po::variables_map parse_options(const po::options_description& desc, const std::vector<std::string>& args,
-                                const std::string& hint,
-                                const po::positional_options_description* positional = nullptr) {
-  po::variables_map vm;
-  try {
-    auto parser = po::command_line_parser(args).options(desc);
-    if (positional) parser.positional(*positional);
-    po::store(parser.run(), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    throw ConfigError(std::string(e.what()) + " (" + hint + ")");
-  }
-  return vm;
+// --config, --set and --allow-unpinned: how every command that reads a job config names it.
+void add_config_options(po::options_description& d) {
+  d.add_options()("config", po::value<std::string>()->value_name("FILE"), "the job configuration (INI; see configs/)")(
+      "set", po::value<std::vector<std::string>>()->value_name("KEY=VALUE"),
+      "override a config value, e.g. --set train.epochs=5 (repeatable)")(
+      "allow-unpinned", "load a trunk whose SHA-256 the config does not pin (the hash to pin is printed)");
 }
 
-// The job config named by --config, with every --set applied (and --allow-unpinned, for the
-// commands that take it).
-JobConfig config_from(const po::variables_map& vm, std::vector<std::string> extra_overrides = {}) {
+void add_progress_option(po::options_description& d) {
+  d.add_options()("progress", po::value<std::string>()->default_value("auto")->value_name("MODE"),
+                  "auto (bar on a terminal, lines otherwise), bar, lines or quiet");
+}
+
+// The job config named by --config, with every --set applied (and --allow-unpinned).
+JobConfig config_from(const po::variables_map& vm, const std::string& command,
+                      std::vector<std::string> extra_overrides = {}) {
+  CANOPY_CHECK(vm.count("config"), ConfigError, "canopy ", command, ": --config FILE is required (see canopy ",
+               command, " --help)");
   std::vector<std::string> overrides = vm.count("set") ? vm["set"].as<std::vector<std::string>>()
                                                        : std::vector<std::string>{};
   if (vm.count("allow-unpinned")) overrides.push_back("trunk.allow_unpinned=true");
@@ -110,109 +84,25 @@ void print_cache_report(const CacheReport& r, std::ostream& out) {
   }
 }
 
-int run_command(const std::string& command, const std::vector<std::string>& rest,
-                const tasks::HeadRegistry& registry, std::ostream& out, std::ostream& err) {
-  if (command == "heads") {
-    out << "registered heads:\n";
-    for (const auto& [name, description] : registry.list()) {
-      out << "  " << std::left << std::setw(12) << name << description << "\n";
-    }
-    return kExitOk;
+// cache, train and run: the job commands.
+void job_options(po::options_description& d, bool cache, bool train) {
+  add_config_options(d);
+  d.add_options()("dump-config", "print the resolved configuration and exit");
+  if (cache) d.add_options()("force", "rebuild the cache even if it is up to date");
+  if (train) {
+    d.add_options()("resume", "continue from the last checkpoint in <train.out_dir>/checkpoint")(
+        "fail-fast", "stop every head when one fails (default: only that head stops)")(
+        "no-fuse", "train every head on its own instead of fusing same-shape heads (train.fuse = false)");
   }
-  if (command == "version") {
-    out << "canopy 0.1.0\nLibTorch " << TORCH_VERSION << "\nCUDA available: "
-        << (cuda_available() ? "yes" : "no") << "\n";
-    return kExitOk;
-  }
-  if (command == "inspect") {
-    po::options_description idesc("options");
-    idesc.add_options()("path", po::value<std::string>(), "")("config", po::value<std::string>(), "")(
-        "set", po::value<std::vector<std::string>>(), "")("verify", "");
-    po::positional_options_description pos;
-    pos.add("path", 1);
-    const auto ivm = parse_options(idesc, rest, "usage: canopy inspect PATH [--config FILE] [--verify]", &pos);
-    std::optional<JobConfig> config;
-    if (ivm.count("config")) config = config_from(ivm);
-    CANOPY_CHECK(ivm.count("path") || config, ConfigError, "canopy inspect: give a cache PATH or --config FILE");
-    const std::string path = ivm.count("path") ? ivm["path"].as<std::string>() : config->cache.path;
-    bool ok = false;
-    out << inspect_cache(path, config ? &*config : nullptr, ivm.count("verify") > 0, &ok);
-    return ok ? kExitOk : kExitError;
-  }
-  if (command == "predict") {
-    po::options_description pdesc("options");
-    pdesc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(
-        "input", po::value<std::string>(), "")("output", po::value<std::string>(), "")(
-        "format", po::value<std::string>()->default_value("csv"), "")("limit", po::value<std::int64_t>()->default_value(0), "")(
-        "progress", po::value<std::string>()->default_value("auto"), "")("allow-unpinned", "");
-    const auto pvm = parse_options(pdesc, rest, "see canopy --help");
-    CANOPY_CHECK(pvm.count("config") && pvm.count("input"), ConfigError,
-                 "canopy predict: --config FILE and --input IMAGES are required");
-    const JobConfig config = config_from(pvm);
-    PredictOptions options;
-    options.input = pvm["input"].as<std::string>();
-    options.limit = pvm["limit"].as<std::int64_t>();
-    options.format = pvm["format"].as<std::string>();
-    const ProgressStyle style = parse_progress(pvm["progress"].as<std::string>());
-    if (pvm.count("output")) {
-      const std::string path = pvm["output"].as<std::string>();
-      std::ostringstream buffer;
-      const auto rows = run_predict(config, registry, options, buffer, style);
-      write_file_atomic(path, buffer.str());
-      err << "canopy: wrote " << rows << " predictions to " << path << "\n";
-    } else {
-      run_predict(config, registry, options, out, style);
-    }
-    return kExitOk;
-  }
-  if (command == "trunk") {
-    CANOPY_CHECK(!rest.empty() && rest[0] == "show", ConfigError, "usage: canopy trunk show --config FILE [--depth N]");
-    po::options_description tdesc("options");
-    tdesc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(
-        "depth", po::value<int>()->default_value(2), "")("allow-unpinned", "");
-    const auto tvm = parse_options(tdesc, std::vector<std::string>(rest.begin() + 1, rest.end()),
-                                   "usage: canopy trunk show --config FILE [--depth N]");
-    CANOPY_CHECK(tvm.count("config"), ConfigError, "canopy trunk show: --config FILE is required");
-    const JobConfig config = config_from(tvm);
-    out << trunk::Trunk::load(config.trunk).show(tvm["depth"].as<int>());
-    return kExitOk;
-  }
-  if (command == "tokenize") {
-    po::options_description kdesc("options");
-    kdesc.add_options()("vocab", po::value<std::string>(), "")("max-length", po::value<std::int64_t>()->default_value(256), "")(
-        "cased", "")("arff", po::value<std::string>(), "")("attribute", po::value<std::string>()->default_value("Text"), "")(
-        "input", po::value<std::string>(), "");
-    const auto kvm = parse_options(kdesc, rest, "see canopy --help");
-    CANOPY_CHECK(kvm.count("vocab") && (kvm.count("arff") != kvm.count("input")), ConfigError,
-                 "canopy tokenize: --vocab FILE and one of --arff FILE or --input FILE are required");
-    datasets::TokenizerConfig tc;
-    tc.vocab = kvm["vocab"].as<std::string>();
-    tc.max_length = kvm["max-length"].as<std::int64_t>();
-    tc.lowercase = kvm.count("cased") == 0;
-    const datasets::WordPieceTokenizer tokenizer(tc);
-    const std::vector<std::string> texts =
-        kvm.count("arff") ? datasets::read_arff_texts(kvm["arff"].as<std::string>(), kvm["attribute"].as<std::string>())
-                          : datasets::read_text_lines(kvm["input"].as<std::string>());
-    for (const auto& t : texts) out << nlohmann::json{{"text", t}, {"ids", tokenizer.encode(t)}}.dump() << "\n";
-    return kExitOk;
-  }
-  if (command != "cache" && command != "train" && command != "run") {
-    throw ConfigError("unknown command '" + command +
-                      "' (commands: cache, train, run, predict, inspect, trunk, tokenize, heads, version)");
-  }
-  po::options_description desc("options");
-  desc.add_options()("config", po::value<std::string>(), "")("set", po::value<std::vector<std::string>>(), "")(
-      "dump-config", "")("allow-unpinned", "")("force", "")("resume", "")("fail-fast", "")("no-fuse", "")("progress", po::value<std::string>()->default_value("auto"), "")("help,h", "");
-  const auto vm = parse_options(desc, rest, "see canopy --help");
-  if (vm.count("help")) {
-    out << kUsage;
-    return kExitOk;
-  }
-  CANOPY_CHECK(vm.count("config"), ConfigError, "canopy ", command, ": --config FILE is required");
+  add_progress_option(d);
+}
+
+int run_job(const std::string& command, const po::variables_map& vm, const tasks::HeadRegistry& registry,
+            std::ostream& out, std::ostream& err) {
   std::vector<std::string> flags;
   if (vm.count("fail-fast")) flags.push_back("train.fail_fast=true");
   if (vm.count("no-fuse")) flags.push_back("train.fuse=false");
-  const JobConfig config = config_from(vm, flags);
+  const JobConfig config = config_from(vm, command, flags);
   if (vm.count("dump-config")) {
     out << dump_config(config);
     return kExitOk;
@@ -221,33 +111,232 @@ int run_command(const std::string& command, const std::vector<std::string>& rest
   if (command == "cache" || command == "run") {
     print_cache_report(run_cache(config, vm.count("force") > 0, nullptr, style), out);
   }
-  if (command == "train" || command == "run") {
-    for (const auto& t : config.tasks) {
-      CANOPY_CHECK(registry.contains(t.head), ConfigError, "task '", t.name, "': unknown head '", t.head,
-                   "' (see `canopy heads`)");
-    }
-    const TrainReport report = run_train(config, registry, style, vm.count("resume") > 0);
-    out << "\n" << format_summary(report);
-    out << "heads, metrics (metrics.jsonl, metrics.csv, tensorboard/), checkpoints and the resolved config are in "
-        << report.out_dir << "\n";
-    if (report.any_failed()) {
-      err << "canopy: at least one head FAILED (see above); the others were trained and saved\n";
-      return kExitHeadFailed;
-    }
+  if (command == "cache") return kExitOk;
+  for (const auto& t : config.tasks) {
+    CANOPY_CHECK(registry.contains(t.head), ConfigError, "task '", t.name, "': unknown head '", t.head,
+                 "' (see `canopy heads`)");
+  }
+  const TrainReport report = run_train(config, registry, style, vm.count("resume") > 0);
+  out << "\n" << format_summary(report);
+  out << "heads, metrics (metrics.jsonl, metrics.csv, tensorboard/), checkpoints and the resolved config are in "
+      << report.out_dir << "\n";
+  if (report.any_failed()) {
+    err << "canopy: at least one head FAILED (see above); the others were trained and saved\n";
+    return kExitHeadFailed;
   }
   return kExitOk;
 }
 
+Command job_command(const char* name, const char* usage, const char* summary, bool cache, bool train) {
+  return {name, usage, summary,
+          [cache, train](po::options_description& d, po::positional_options_description&) {
+            job_options(d, cache, train);
+          },
+          [name](const po::variables_map& vm, const tasks::HeadRegistry& r, std::ostream& out, std::ostream& err) {
+            return run_job(name, vm, r, out, err);
+          }};
+}
+
+int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
+                        std::ostream& err) {
+  CANOPY_CHECK(vm.count("input"), ConfigError, "canopy predict: --input FILE is required (see canopy predict --help)");
+  const JobConfig config = config_from(vm, "predict");
+  PredictOptions options;
+  options.input = vm["input"].as<std::string>();
+  options.limit = vm["limit"].as<std::int64_t>();
+  options.format = vm["format"].as<std::string>();
+  const ProgressStyle style = parse_progress(vm["progress"].as<std::string>());
+  if (!vm.count("output")) {
+    run_predict(config, registry, options, out, style);
+    return kExitOk;
+  }
+  const std::string path = vm["output"].as<std::string>();
+  std::ostringstream buffer;
+  const auto rows = run_predict(config, registry, options, buffer, style);
+  write_file_atomic(path, buffer.str());
+  err << "canopy: wrote " << rows << " predictions to " << path << "\n";
+  return kExitOk;
+}
+
+int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
+  std::optional<JobConfig> config;
+  if (vm.count("config")) config = config_from(vm, "inspect");
+  CANOPY_CHECK(vm.count("path") || config, ConfigError, "canopy inspect: give a cache PATH or --config FILE");
+  const std::string path = vm.count("path") ? vm["path"].as<std::string>() : config->cache.path;
+  bool ok = false;
+  out << inspect_cache(path, config ? &*config : nullptr, vm.count("verify") > 0, &ok);
+  return ok ? kExitOk : kExitError;
+}
+
+int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
+  CANOPY_CHECK(vm.count("vocab") && (vm.count("arff") != vm.count("input")), ConfigError,
+               "canopy tokenize: --vocab FILE and one of --arff FILE or --input FILE are required");
+  datasets::TokenizerConfig tc;
+  tc.vocab = vm["vocab"].as<std::string>();
+  tc.max_length = vm["max-length"].as<std::int64_t>();
+  tc.lowercase = vm.count("cased") == 0;
+  const datasets::WordPieceTokenizer tokenizer(tc);
+  const std::vector<std::string> texts =
+      vm.count("arff") ? datasets::read_arff_texts(vm["arff"].as<std::string>(), vm["attribute"].as<std::string>())
+                       : datasets::read_text_lines(vm["input"].as<std::string>());
+  for (const auto& t : texts) out << nlohmann::json{{"text", t}, {"ids", tokenizer.encode(t)}}.dump() << "\n";
+  return kExitOk;
+}
+
+std::string version_text() {
+  return detail::str_cat("canopy ", kVersion, "\nLibTorch ", TORCH_VERSION, "\nHDF5 ", datasets::hdf5_version(),
+                         "\nCUDA available: ", cuda_available() ? "yes" : "no", "\n");
+}
+
+const std::vector<Command>& commands() {
+  static const std::vector<Command> kCommands = {
+      job_command("cache", "canopy cache --config FILE [options]",
+                  "run the frozen trunk once per sample and store its features in the HDF5 cache", true, false),
+      job_command("train", "canopy train --config FILE [options]",
+                  "train every task's head concurrently on the cached features", false, true),
+      job_command("run", "canopy run --config FILE [options]", "cache (if needed), then train", true, true),
+      {"predict", "canopy predict --config FILE --input FILE [options]",
+       "run the trunk and every trained head on new inputs (idx images, image files, texts) in one pass",
+       [](po::options_description& d, po::positional_options_description&) {
+         add_config_options(d);
+         d.add_options()("input", po::value<std::string>()->value_name("FILE"),
+                         "the inputs, in the form of the config's data source: an idx file, a CSV manifest, an "
+                         "image folder or file, an ARFF file or texts one per line")(
+             "output", po::value<std::string>()->value_name("FILE"), "write the predictions here (default: stdout)")(
+             "format", po::value<std::string>()->default_value("csv"), "csv or jsonl")(
+             "limit", po::value<std::int64_t>()->default_value(0)->value_name("N"), "the first N inputs only (0: all)");
+         add_progress_option(d);
+       },
+       run_predict_command},
+      {"inspect", "canopy inspect PATH [--config FILE] [--verify]",
+       "describe a cache: splits, shapes, dtype, size, fingerprint parts, completeness, whether it matches a config",
+       [](po::options_description& d, po::positional_options_description& p) {
+         add_config_options(d);
+         d.add_options()("path", po::value<std::string>()->value_name("PATH"), "the cache directory (positional)")(
+             "verify", "check every shard's checksums");
+         p.add("path", 1);
+       },
+       run_inspect_command},
+      {"trunk show", "canopy trunk show --config FILE [--depth N]",
+       "load the trunk (hash checked first) and print its module tree, frozen/trainable state, BatchNorm pinning, "
+       "blocks and taps; runs no data",
+       [](po::options_description& d, po::positional_options_description&) {
+         add_config_options(d);
+         d.add_options()("depth", po::value<int>()->default_value(2)->value_name("N"), "module tree depth");
+       },
+       [](const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
+         const JobConfig config = config_from(vm, "trunk show");
+         out << trunk::Trunk::load(config.trunk).show(vm["depth"].as<int>());
+         return kExitOk;
+       }},
+      {"tokenize", "canopy tokenize --vocab FILE (--arff FILE [--attribute NAME] | --input FILE) [options]",
+       "WordPiece token ids of texts as JSON lines {\"text\": ..., \"ids\": [...]}",
+       [](po::options_description& d, po::positional_options_description&) {
+         d.add_options()("vocab", po::value<std::string>()->value_name("FILE"), "the WordPiece vocabulary (vocab.txt)")(
+             "max-length", po::value<std::int64_t>()->default_value(256)->value_name("N"), "most tokens per text")(
+             "cased", "keep case (default: lowercase, as uncased models expect)")(
+             "arff", po::value<std::string>()->value_name("FILE"), "texts from an ARFF string attribute")(
+             "attribute", po::value<std::string>()->default_value("Text")->value_name("NAME"), "the ARFF attribute")(
+             "input", po::value<std::string>()->value_name("FILE"), "texts, one per line");
+       },
+       run_tokenize_command},
+      {"heads", "canopy heads", "list the head types that can be named in a config",
+       [](po::options_description&, po::positional_options_description&) {},
+       [](const po::variables_map&, const tasks::HeadRegistry& registry, std::ostream& out, std::ostream&) {
+         out << "registered heads:\n";
+         for (const auto& [name, description] : registry.list()) {
+           out << "  " << std::left << std::setw(12) << name << description << "\n";
+         }
+         return kExitOk;
+       }},
+      {"keys", "canopy keys", "print the reference of every config key: section, type, default, range, meaning",
+       [](po::options_description&, po::positional_options_description&) {},
+       [](const po::variables_map&, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
+         out << config_reference();
+         return kExitOk;
+       }},
+      {"version", "canopy version", "print the versions of canopy, LibTorch and HDF5",
+       [](po::options_description&, po::positional_options_description&) {},
+       [](const po::variables_map&, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
+         out << version_text();
+         return kExitOk;
+       }},
+  };
+  return kCommands;
+}
+
+std::string global_usage() {
+  std::ostringstream o;
+  o << "canopy: train many task heads at once over a frozen, cached trunk\n\n"
+    << "usage: canopy <command> [options]     canopy <command> --help     canopy --version\n\ncommands:\n";
+  for (const auto& c : commands()) o << "  " << std::left << std::setw(11) << c.name << " " << c.summary << "\n";
+  o << "\nexit codes: 0 ok, 1 data or runtime error, 2 bad usage or config, 3 a head FAILED\n";
+  return o.str();
+}
+
+// The command's options with their help texts, and its positional arguments.
+po::options_description describe(const Command& c, po::positional_options_description& positional) {
+  po::options_description d("options");
+  c.options(d, positional);
+  d.add_options()("help,h", "print this help and exit");
+  return d;
+}
+
+int run_command(const Command& c, const std::vector<std::string>& args, const tasks::HeadRegistry& registry,
+                std::ostream& out, std::ostream& err) {
+  po::positional_options_description positional;
+  const po::options_description desc = describe(c, positional);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(args).options(desc).positional(positional).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw ConfigError(detail::str_cat(e.what(), " (usage: ", c.usage, "; see canopy ", c.name, " --help)"));
+  }
+  if (vm.count("help")) {
+    out << "usage: " << c.usage << "\n\n" << c.summary << "\n\n" << desc;
+    return kExitOk;
+  }
+  return c.run(vm, registry, out, err);
+}
+
+// The command named by the first argument (two words for `trunk show`) and the rest.
+const Command& find_command(const std::vector<std::string>& args, std::size_t& consumed) {
+  std::string name = args[0];
+  consumed = 1;
+  if (name == "trunk") {
+    CANOPY_CHECK(args.size() >= 2 && args[1] == "show", ConfigError,
+                 "usage: canopy trunk show --config FILE [--depth N] (see canopy trunk show --help)");
+    name = "trunk show";
+    consumed = 2;
+  }
+  for (const auto& c : commands()) {
+    if (name == c.name) return c;
+  }
+  std::vector<std::string> names;
+  for (const auto& c : commands()) names.push_back(c.name);
+  throw ConfigError("unknown command '" + name + "' (commands: " + join(names, ", ") + ")");
+}
+
 }  // namespace
+
+std::string cli_usage() { return global_usage(); }
 
 int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& registry, std::ostream& out,
             std::ostream& err) {
   if (args.empty() || args[0] == "help" || args[0] == "--help" || args[0] == "-h") {
-    (args.empty() ? err : out) << kUsage;
+    (args.empty() ? err : out) << global_usage();
     return args.empty() ? kExitUsage : kExitOk;
   }
+  if (args[0] == "--version" || args[0] == "-V") {
+    out << version_text();
+    return kExitOk;
+  }
   try {
-    return run_command(args[0], std::vector<std::string>(args.begin() + 1, args.end()), registry, out, err);
+    std::size_t consumed = 0;
+    const Command& command = find_command(args, consumed);
+    return run_command(command, std::vector<std::string>(args.begin() + static_cast<std::ptrdiff_t>(consumed), args.end()),
+                       registry, out, err);
   } catch (const ConfigError& e) {
     err << "canopy: config error: " << e.what() << "\n";
     return kExitUsage;
@@ -266,6 +355,12 @@ int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& reg
 int run_cli(int argc, const char* const* argv, const tasks::HeadRegistry& registry) {
   std::vector<std::string> args(argv + 1, argv + argc);
   return run_cli(args, registry, std::cout, std::cerr);
+}
+
+std::vector<std::string> cli_commands() {
+  std::vector<std::string> names;
+  for (const auto& c : commands()) names.push_back(c.name);
+  return names;
 }
 
 }  // namespace canopy::runners

@@ -1,14 +1,19 @@
 #include "canopy/runners/config.h"
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
+#include <functional>
 #include <optional>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include <boost/program_options/options_description.hpp>
 #include <boost/program_options/parsers.hpp>
 
 #include "canopy/core/error.h"
+#include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
 
@@ -17,177 +22,390 @@ namespace po = boost::program_options;
 
 namespace {
 
-const std::set<std::string> kTaskKeys = {
-    "kind", "head",     "labels", "label_map", "class_names", "optimizer",           "lr",
-    "weight_decay", "momentum", "epochs", "schedule", "step_size", "gamma", "early_stop_patience",
-    "label_smoothing", "class_weights", "loss"};
+// --- values as strings --------------------------------------------------------------------
 
-class Values {
- public:
-  Values(const std::map<std::string, std::string>& v, std::string source) : v_(v), source_(std::move(source)) {}
-  std::string where(const std::string& key) const { return key + " (in " + source_ + ")"; }
-  void str(const std::string& key, std::string& out, bool path = false) {
-    if (auto it = take(key)) out = path ? expand_env(**it) : **it;
-  }
-  void i64(const std::string& key, std::int64_t& out) {
-    if (auto it = take(key)) out = parse_int(**it, where(key));
-  }
-  void u64(const std::string& key, std::uint64_t& out) {
-    if (auto it = take(key)) {
-      const auto v = parse_int(**it, where(key));
-      CANOPY_CHECK(v >= 0, ConfigError, where(key), ": expected a non-negative integer, got ", v);
-      out = static_cast<std::uint64_t>(v);
-    }
-  }
-  void f64(const std::string& key, double& out) {
-    if (auto it = take(key)) out = parse_double(**it, where(key));
-  }
-  void boolean(const std::string& key, bool& out) {
-    if (auto it = take(key)) out = parse_bool(**it, where(key));
-  }
-  void f64_list(const std::string& key, std::vector<double>& out) {
-    if (auto it = take(key)) out = parse_double_list(**it, where(key));
-  }
-  void i64_list(const std::string& key, std::vector<std::int64_t>& out) {
-    if (auto it = take(key)) out = parse_int_list(**it, where(key));
-  }
-  void str_list(const std::string& key, std::vector<std::string>& out, bool path = false) {
-    if (auto it = take(key)) {
-      out = split(**it, ',');  // split trims each item
-      if (path) {
-        for (auto& item : out) item = expand_env(item);
-      }
-    }
-  }
-  std::vector<std::string> unused() const {
-    std::vector<std::string> out;
-    for (const auto& kv : v_) {
-      if (!used_.count(kv.first)) out.push_back(kv.first);
-    }
-    return out;
-  }
-  const std::map<std::string, std::string>& all() const { return v_; }
-  void mark(const std::string& key) { used_.insert(key); }
+std::string format_value(const std::string& v) { return v; }
+std::string format_value(std::int64_t v) { return std::to_string(v); }
+std::string format_value(std::uint64_t v) { return std::to_string(v); }
+std::string format_value(bool v) { return v ? "true" : "false"; }
+std::string format_value(double v) {
+  std::ostringstream o;
+  o.precision(10);
+  o << v;
+  return o.str();
+}
+template <typename T>
+std::string format_value(const std::vector<T>& xs) {
+  std::string out;
+  for (std::size_t i = 0; i < xs.size(); ++i) out += (i ? "," : "") + format_value(xs[i]);
+  return out;
+}
 
- private:
-  std::optional<const std::string*> take(const std::string& key) {
-    const auto it = v_.find(key);
-    if (it == v_.end()) return std::nullopt;
-    used_.insert(key);
-    return &it->second;
+void parse_value(const std::string& s, const std::string& where, std::string& out) { out = s; }
+void parse_value(const std::string& s, const std::string& where, std::int64_t& out) { out = parse_int(s, where); }
+void parse_value(const std::string& s, const std::string& where, std::uint64_t& out) {
+  const auto v = parse_int(s, where);
+  CANOPY_CHECK(v >= 0, ConfigError, where, ": expected a non-negative integer, got ", v);
+  out = static_cast<std::uint64_t>(v);
+}
+void parse_value(const std::string& s, const std::string& where, double& out) { out = parse_double(s, where); }
+void parse_value(const std::string& s, const std::string& where, bool& out) { out = parse_bool(s, where); }
+void parse_value(const std::string& s, const std::string& where, std::vector<std::string>& out) { out = split(s, ','); }
+void parse_value(const std::string& s, const std::string& where, std::vector<std::int64_t>& out) {
+  out = parse_int_list(s, where);
+}
+void parse_value(const std::string& s, const std::string& where, std::vector<double>& out) {
+  out = parse_double_list(s, where);
+}
+
+template <typename T> const char* type_name();
+template <> const char* type_name<std::string>() { return "string"; }
+template <> const char* type_name<std::int64_t>() { return "integer"; }
+template <> const char* type_name<std::uint64_t>() { return "integer"; }
+template <> const char* type_name<double>() { return "number"; }
+template <> const char* type_name<bool>() { return "bool"; }
+template <> const char* type_name<std::vector<std::string>>() { return "list"; }
+template <> const char* type_name<std::vector<std::int64_t>>() { return "integer list"; }
+template <> const char* type_name<std::vector<double>>() { return "number list"; }
+
+template <typename T> std::vector<double> numbers_of(const T&) { return {}; }
+std::vector<double> numbers_of(std::int64_t v) { return {static_cast<double>(v)}; }
+std::vector<double> numbers_of(double v) { return {v}; }
+std::vector<double> numbers_of(const std::vector<double>& v) { return v; }
+std::vector<double> numbers_of(const std::vector<std::int64_t>& v) { return {v.begin(), v.end()}; }
+
+// --- the table ----------------------------------------------------------------------------
+
+// One config key: what parsing, validation, --dump-config and the key reference all use.
+// `Cfg` is JobConfig (keys section.name) or tasks::TaskConfig (keys task.<task>.name).
+template <typename Cfg>
+struct Key {
+  std::string section;
+  std::string name;
+  std::string type;
+  std::string help;
+  std::function<void(Cfg&, const std::string&, const std::string&)> set;  // value, where
+  std::function<std::string(const Cfg&)> get;
+  std::function<std::vector<double>(const Cfg&)> numbers;  // for range checks
+  std::optional<double> min, max;
+  bool min_open = false;               // min itself is refused
+  std::vector<std::string> choices;    // for strings: the accepted values
+  bool path = false;                   // ${VAR} expanded; must not be empty when `required`
+  bool required = false;               // must not be empty
+  bool omit_empty = false;             // dumped only when set
+
+  std::string full_name() const { return section + "." + name; }
+  Key& at_least(double v) { min = v; return *this; }
+  Key& above(double v) { min = v; min_open = true; return *this; }
+  Key& at_most(double v) { max = v; return *this; }
+  Key& one_of(std::vector<std::string> c) { choices = std::move(c); return *this; }
+  Key& not_empty() { required = true; return *this; }
+  Key& optional_in_dump() { omit_empty = true; return *this; }
+  std::string range() const {
+    if (!choices.empty()) return join(choices, " \\| ");
+    std::string r;
+    if (min) r += (min_open ? "> " : ">= ") + format_value(*min);
+    if (max) r += (r.empty() ? "<= " : ", <= ") + format_value(*max);
+    if (required) r += r.empty() ? "not empty" : ", not empty";
+    return r;
   }
-  const std::map<std::string, std::string>& v_;
-  std::string source_;
-  std::set<std::string> used_;
 };
 
-}  // namespace
+// A key bound to a member: `ref` maps a config to the member it sets.
+template <typename Cfg, typename Ref>
+Key<Cfg> member_key(std::string section, std::string name, Ref ref, std::string help, bool path = false) {
+  using T = std::decay_t<decltype(ref(std::declval<Cfg&>()))>;
+  Key<Cfg> k;
+  k.section = std::move(section);
+  k.name = std::move(name);
+  k.type = path ? (std::is_same_v<T, std::string> ? "path" : "path list") : type_name<T>();
+  k.help = std::move(help);
+  k.path = path;
+  k.set = [ref, path](Cfg& c, const std::string& value, const std::string& where) {
+    parse_value(value, where, ref(c));
+    if constexpr (std::is_same_v<T, std::string>) {
+      if (path) ref(c) = expand_env(ref(c));
+    } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+      if (path) {
+        for (auto& item : ref(c)) item = expand_env(item);
+      }
+    }
+  };
+  k.get = [ref](const Cfg& c) { return format_value(ref(const_cast<Cfg&>(c))); };
+  k.numbers = [ref](const Cfg& c) { return numbers_of(ref(const_cast<Cfg&>(c))); };
+  return k;
+}
 
-JobConfig job_config_from_values(const std::map<std::string, std::string>& values,
-                                 const std::string& source) {
-  JobConfig c;
-  c.source = source;
-  Values v(values, source);
-  v.str("data.source", c.data.source);
-  v.str("data.dir", c.data.dir, true);
-  v.i64("data.train_limit", c.data.train_limit);
-  v.i64("data.test_limit", c.data.test_limit);
-  v.str("data.train", c.data.train, true);
-  v.str("data.test", c.data.test, true);
-  v.str_list("data.train_files", c.data.train_files, true);
-  v.str_list("data.test_files", c.data.test_files, true);
-  v.str("data.text_attribute", c.data.text_attribute);
-  v.str("text.vocab", c.text.vocab, true);
-  v.boolean("text.lowercase", c.text.lowercase);
-  v.i64("text.max_length", c.text.max_length);
-  v.i64("preprocess.resize", c.preprocess.resize);
-  v.i64("preprocess.channels", c.preprocess.channels);
-  v.f64_list("preprocess.mean", c.preprocess.mean);
-  v.f64_list("preprocess.std", c.preprocess.std);
-  v.str("trunk.path", c.trunk.path, true);
-  v.str("trunk.sha256", c.trunk.sha256);
-  v.boolean("trunk.allow_unpinned", c.trunk.allow_unpinned);
-  v.str("trunk.device", c.trunk.device);
-  v.str("trunk.pooling", c.trunk.pooling);
-  v.boolean("trunk.optimize", c.trunk.optimize);
-  v.str_list("trunk.taps", c.trunk.taps);
-  v.str("trunk.freeze", c.trunk.freeze.freeze);
-  v.str("trunk.train_only", c.trunk.freeze.train_only);
-  v.boolean("trunk.batchnorm_affine_trainable", c.trunk.freeze.batchnorm_affine_trainable);
-  v.str("cache.path", c.cache.path, true);
-  v.i64("cache.batch_size", c.cache.batch_size);
-  v.i64("cache.shard_rows", c.cache.shard_rows);
-  v.str("cache.dtype", c.cache.dtype);
-  v.f64("cache.memory_cap_mb", c.cache.memory_cap_mb);
-  v.str("cache.read_method", c.cache.read_method);
-  v.str("train.out_dir", c.train.out_dir, true);
-  v.str("train.train_split", c.train.train_split);
-  v.str("train.eval_split", c.train.eval_split);
-  v.i64("train.batch_size", c.train.batch_size);
-  v.i64("train.epochs", c.train.epochs);
-  v.u64("train.seed", c.train.seed);
-  v.i64("train.workers", c.train.workers);
-  v.i64("train.intra_op_threads", c.train.intra_op_threads);
-  v.boolean("train.check_fingerprint", c.train.check_fingerprint);
-  v.i64("train.checkpoint_steps", c.train.checkpoint_steps);
-  v.boolean("train.fail_fast", c.train.fail_fast);
-  v.boolean("train.tensorboard", c.train.tensorboard);
-  v.boolean("train.fuse", c.train.fuse);
-  v.f64("train.fuse_kib", c.train.fuse_kib);
+// A key whose value is one of a set of names held as an enum (parsed once, here).
+template <typename Cfg, typename Ref, typename Parse, typename Name>
+Key<Cfg> choice(std::string section, std::string name, Ref ref, Parse parse, Name to_name,
+                std::vector<std::string> choices, std::string help) {
+  Key<Cfg> k;
+  k.section = std::move(section);
+  k.name = std::move(name);
+  k.type = "choice";
+  k.help = std::move(help);
+  k.set = [ref, parse](Cfg& c, const std::string& value, const std::string& where) { ref(c) = parse(value, where); };
+  k.get = [ref, to_name](const Cfg& c) { return std::string(to_name(ref(const_cast<Cfg&>(c)))); };
+  k.numbers = [](const Cfg&) { return std::vector<double>{}; };
+  k.choices = std::move(choices);
+  return k;
+}
 
-  // Tasks: every key task.<name>.<key>; task names keep the order of first appearance
-  // in the map (alphabetical), which is also the order results are reported in.
+#define CANOPY_JOB(member) [](JobConfig& c) -> auto& { return c.member; }
+#define CANOPY_TASK(member) [](tasks::TaskConfig& t) -> auto& { return t.member; }
+
+const std::vector<Key<JobConfig>>& job_keys() {
+  using K = JobConfig;
+  static const std::vector<Key<K>> keys = [] {
+    std::vector<Key<K>> v;
+    v.push_back(member_key<K>("data", "source", CANOPY_JOB(data.source), "where the samples come from")
+                    .one_of({"fashion-mnist", "mnist", "arff", "image-csv", "image-folders"}));
+    v.push_back(member_key<K>("data", "dir", CANOPY_JOB(data.dir), "fashion-mnist / mnist: the folder of idx files", true));
+    v.push_back(member_key<K>("data", "train_limit", CANOPY_JOB(data.train_limit),
+                        "keep the first N training samples (class folders: from each class in turn); 0: all")
+                    .at_least(0));
+    v.push_back(member_key<K>("data", "test_limit", CANOPY_JOB(data.test_limit), "the same for the test split; 0: all")
+                    .at_least(0));
+    v.push_back(member_key<K>("data", "train", CANOPY_JOB(data.train),
+                        "image-csv: the training CSV manifest; image-folders: the training folder", true)
+                    .optional_in_dump());
+    v.push_back(member_key<K>("data", "test", CANOPY_JOB(data.test), "the same for the test split", true).optional_in_dump());
+    v.push_back(member_key<K>("data", "train_files", CANOPY_JOB(data.train_files),
+                        "arff: label_name:path entries, one ARFF file per label, same documents", true)
+                    .optional_in_dump());
+    v.push_back(member_key<K>("data", "test_files", CANOPY_JOB(data.test_files), "the same for the test split", true)
+                    .optional_in_dump());
+    v.push_back(member_key<K>("data", "text_attribute", CANOPY_JOB(data.text_attribute),
+                        "arff: the string attribute holding the text"));
+    v.push_back(member_key<K>("text", "vocab", CANOPY_JOB(text.vocab), "WordPiece vocabulary (vocab.txt) for texts", true));
+    v.push_back(member_key<K>("text", "lowercase", CANOPY_JOB(text.lowercase), "lowercase and strip accents (uncased models)"));
+    v.push_back(member_key<K>("text", "max_length", CANOPY_JOB(text.max_length),
+                        "most tokens per text, [CLS] and [SEP] included"));
+    v.push_back(member_key<K>("preprocess", "resize", CANOPY_JOB(preprocess.resize),
+                        "images resized (bilinear, align_corners=false) to this height and width; 0: as they are")
+                    .at_least(0));
+    v.push_back(member_key<K>("preprocess", "channels", CANOPY_JOB(preprocess.channels),
+                        "channels the trunk expects; 1-channel images are replicated")
+                    .at_least(1));
+    v.push_back(member_key<K>("preprocess", "mean", CANOPY_JOB(preprocess.mean),
+                        "subtracted after scaling pixels to [0, 1]: one value or one per channel"));
+    v.push_back(member_key<K>("preprocess", "std", CANOPY_JOB(preprocess.std), "then divided by: one value or one per channel"));
+    v.push_back(member_key<K>("trunk", "path", CANOPY_JOB(trunk.path), "the TorchScript trunk file", true));
+    v.push_back(member_key<K>("trunk", "sha256", CANOPY_JOB(trunk.sha256),
+                        "the trunk file's pinned SHA-256, checked before it is loaded"));
+    v.push_back(member_key<K>("trunk", "allow_unpinned", CANOPY_JOB(trunk.allow_unpinned),
+                        "load a trunk without sha256 (the hash to pin is printed)"));
+    v.push_back(member_key<K>("trunk", "device", CANOPY_JOB(trunk.device), "where the trunk runs: auto (a GPU if present), cpu, cuda, cuda:N"));
+    v.push_back(member_key<K>("trunk", "pooling", CANOPY_JOB(trunk.pooling), "how tapped outputs become feature vectors")
+                    .one_of({"avg", "flatten", "none", "first_token", "masked_mean"}));
+    v.push_back(member_key<K>("trunk", "taps", CANOPY_JOB(trunk.taps), "blocks whose outputs are cached, concatenated; empty: the output"));
+    v.push_back(member_key<K>("trunk", "optimize", CANOPY_JOB(trunk.optimize),
+                        "torch::jit::freeze + optimize_for_inference when fully frozen"));
+    v.push_back(member_key<K>("trunk", "freeze", CANOPY_JOB(trunk.freeze.freeze),
+                        "all | none | first:N | match:REGEX | modules:A B ... (docs/trunk.md)"));
+    v.push_back(member_key<K>("trunk", "train_only", CANOPY_JOB(trunk.freeze.train_only),
+                        "the inverse of freeze: freeze everything except these"));
+    v.push_back(member_key<K>("trunk", "batchnorm_affine_trainable", CANOPY_JOB(trunk.freeze.batchnorm_affine_trainable),
+                        "BatchNorm weight and bias keep learning while their statistics stay fixed"));
+    v.push_back(member_key<K>("cache", "path", CANOPY_JOB(cache.path), "the cache directory (docs/cache-format.md)", true)
+                    .not_empty());
+    v.push_back(member_key<K>("cache", "batch_size", CANOPY_JOB(cache.batch_size), "trunk batch size").at_least(1));
+    v.push_back(member_key<K>("cache", "shard_rows", CANOPY_JOB(cache.shard_rows),
+                        "rows per shard file; a multiple of cache.batch_size")
+                    .at_least(1));
+    v.push_back(member_key<K>("cache", "dtype", CANOPY_JOB(cache.dtype), "storage dtype of the features")
+                    .one_of({"float32", "float16", "bfloat16"}));
+    v.push_back(member_key<K>("cache", "memory_cap_mb", CANOPY_JOB(cache.memory_cap_mb),
+                        "the train split is read whole when it fits under this cap, else streamed; 0: always whole")
+                    .at_least(0));
+    v.push_back(member_key<K>("cache", "read_method", CANOPY_JOB(cache.read_method), "how features are read")
+                    .one_of({"pread", "hdf5"}));
+    v.push_back(member_key<K>("train", "out_dir", CANOPY_JOB(train.out_dir),
+                        "heads, metrics, checkpoints and the resolved config go here", true)
+                    .not_empty());
+    v.push_back(member_key<K>("train", "train_split", CANOPY_JOB(train.train_split), "the cache split heads train on"));
+    v.push_back(member_key<K>("train", "eval_split", CANOPY_JOB(train.eval_split), "the cache split heads are evaluated on"));
+    v.push_back(member_key<K>("train", "batch_size", CANOPY_JOB(train.batch_size),
+                        "rows per step; the last batch of an epoch may be smaller (it is kept)")
+                    .at_least(1));
+    v.push_back(member_key<K>("train", "epochs", CANOPY_JOB(train.epochs), "epochs of every task without its own").at_least(1));
+    v.push_back(member_key<K>("train", "seed", CANOPY_JOB(train.seed), "data order and (with the task's name) each head's initial weights"));
+    v.push_back(member_key<K>("train", "workers", CANOPY_JOB(train.workers),
+                        "TBB workers training heads concurrently; 0: one per core; at most 4x the cores")
+                    .at_least(0));
+    v.push_back(member_key<K>("train", "intra_op_threads", CANOPY_JOB(train.intra_op_threads),
+                        "LibTorch threads inside each head's work; at most 4x the cores")
+                    .at_least(1));
+    v.push_back(member_key<K>("train", "check_fingerprint", CANOPY_JOB(train.check_fingerprint),
+                        "refuse a cache whose fingerprint does not match the config"));
+    v.push_back(member_key<K>("train", "checkpoint_steps", CANOPY_JOB(train.checkpoint_steps),
+                        "also checkpoint every N steps; 0: at epoch ends only")
+                    .at_least(0));
+    v.push_back(member_key<K>("train", "fail_fast", CANOPY_JOB(train.fail_fast), "stop every head when one fails"));
+    v.push_back(member_key<K>("train", "tensorboard", CANOPY_JOB(train.tensorboard), "write TensorBoard event files per head"));
+    v.push_back(member_key<K>("train", "fuse", CANOPY_JOB(train.fuse), "train same-input built-in heads in batched operations"));
+    v.push_back(member_key<K>("train", "fuse_kib", CANOPY_JOB(train.fuse_kib),
+                        "most fused first-layer activations per group (batch x widths x 4 bytes), KiB")
+                    .at_least(0));
+    return v;
+  }();
+  return keys;
+}
+
+const std::vector<Key<tasks::TaskConfig>>& task_keys() {
+  using T = tasks::TaskConfig;
+  static const std::vector<Key<T>> keys = [] {
+    std::vector<Key<T>> v;
+    v.push_back(choice<T>("task", "kind", CANOPY_TASK(kind), tasks::parse_task_kind,
+                          [](tasks::TaskKind k) { return tasks::to_string(k); },
+                          {"multiclass", "multilabel", "regression"},
+                          "multiclass (cross-entropy), multilabel (BCE; label_map holds bitmasks), regression"));
+    v.push_back(member_key<T>("task", "head", CANOPY_TASK(head), "a registered head type (canopy heads); its options go in "
+                        "[task.<name>.head]").not_empty());
+    v.push_back(member_key<T>("task", "labels", CANOPY_TASK(labels), "the label source in the cache"));
+    v.push_back(member_key<T>("task", "label_map", CANOPY_TASK(label_map),
+                        "source class -> task class (multilabel: -> bitmask of labels); empty: identity")
+                    .optional_in_dump()
+                    .at_least(0));
+    v.push_back(member_key<T>("task", "class_names", CANOPY_TASK(class_names), "names of the task's classes (labels)")
+                    .optional_in_dump());
+    v.push_back(choice<T>("task", "optimizer", CANOPY_TASK(optimizer), tasks::parse_optimizer,
+                          [](tasks::OptimizerKind o) { return tasks::to_string(o); }, {"sgd", "adam", "adamw"},
+                          "the head's optimizer"));
+    v.push_back(member_key<T>("task", "lr", CANOPY_TASK(lr), "learning rate").above(0));
+    v.push_back(member_key<T>("task", "weight_decay", CANOPY_TASK(weight_decay), "L2 penalty (adamw: decoupled)").at_least(0));
+    v.push_back(member_key<T>("task", "momentum", CANOPY_TASK(momentum), "sgd only").at_least(0).at_most(0.999999));
+    v.push_back(member_key<T>("task", "epochs", CANOPY_TASK(epochs), "this task's epochs; 0: train.epochs").at_least(0));
+    v.push_back(choice<T>("task", "schedule", CANOPY_TASK(schedule), tasks::parse_schedule,
+                          [](tasks::LrSchedule s) { return tasks::to_string(s); }, {"constant", "cosine", "step"},
+                          "learning rate per epoch"));
+    v.push_back(member_key<T>("task", "step_size", CANOPY_TASK(step_size), "step schedule: multiply by gamma every N epochs")
+                    .at_least(1));
+    v.push_back(member_key<T>("task", "gamma", CANOPY_TASK(gamma), "step schedule factor").above(0));
+    v.push_back(member_key<T>("task", "early_stop_patience", CANOPY_TASK(early_stop_patience),
+                        "stop after N epochs without a better eval score (accuracy; R^2 for regression); 0: never")
+                    .at_least(0));
+    v.push_back(member_key<T>("task", "label_smoothing", CANOPY_TASK(label_smoothing), "multiclass only")
+                    .at_least(0)
+                    .at_most(0.999999));
+    v.push_back(member_key<T>("task", "class_weights", CANOPY_TASK(class_weights), "one loss weight per class; empty: equal")
+                    .optional_in_dump()
+                    .at_least(0));
+    Key<T> loss;
+    loss.section = "task";
+    loss.name = "loss";
+    loss.type = "choice";
+    loss.help = "regression only; default mse";
+    loss.choices = {"mse", "l1"};
+    loss.omit_empty = true;
+    loss.set = [](T& t, const std::string& value, const std::string& where) {
+      t.loss = tasks::parse_regression_loss(value, where);
+    };
+    loss.get = [](const T& t) { return t.loss ? std::string(tasks::to_string(*t.loss)) : std::string(); };
+    loss.numbers = [](const T&) { return std::vector<double>{}; };
+    v.push_back(loss);
+    return v;
+  }();
+  return keys;
+}
+
+// Range and choice checks of one key on a parsed config.
+template <typename Cfg>
+void check_range(const Key<Cfg>& k, const Cfg& c, const std::string& where) {
+  if (k.required) {
+    CANOPY_CHECK(!k.get(c).empty(), ConfigError, where, " is empty; it must name ",
+                 k.path ? "a path" : "a value", " (", k.help, ")");
+  }
+  if (!k.choices.empty() && k.type != "choice") {
+    const std::string v = k.get(c);
+    CANOPY_CHECK(std::find(k.choices.begin(), k.choices.end(), v) != k.choices.end(), ConfigError, where,
+                 ": expected ", join(k.choices, ", "), ", got '", v, "'");
+  }
+  for (double x : k.numbers(c)) {
+    CANOPY_CHECK(std::isfinite(x), ConfigError, where, " must be finite, got ", x);
+    if (k.min) {
+      CANOPY_CHECK(k.min_open ? x > *k.min : x >= *k.min, ConfigError, where, " must be ", k.min_open ? "> " : ">= ",
+                   *k.min, ", got ", x);
+    }
+    if (k.max) CANOPY_CHECK(x <= *k.max, ConfigError, where, " must be <= ", *k.max, ", got ", x);
+  }
+}
+
+std::int64_t machine_thread_limit() {
+  return 4 * std::max<std::int64_t>(1, static_cast<std::int64_t>(std::thread::hardware_concurrency()));
+}
+
+// The head options of `name`: task.<name>.head.<option> keys.
+constexpr const char* kHeadPrefix = "head.";
+
+// Tasks: task.<name>.<key> and task.<name>.head.<option>; ordered by name.
+std::vector<tasks::TaskConfig> tasks_from_values(const std::map<std::string, std::string>& values,
+                                                 const std::string& source, std::set<std::string>& used) {
   std::map<std::string, tasks::TaskConfig> by_name;
-  std::vector<std::string> order;
   for (const auto& [key, value] : values) {
     if (key.rfind("task.", 0) != 0) continue;
     const auto dot = key.find('.', 5);
-    CANOPY_CHECK(dot != std::string::npos && dot > 5 && dot + 1 < key.size(), ConfigError,
-                 "config key '", key, "' (in ", source, "): task keys are task.<name>.<key>");
+    CANOPY_CHECK(dot != std::string::npos && dot > 5 && dot + 1 < key.size(), ConfigError, "config key '", key,
+                 "' (in ", source, "): task keys are task.<name>.<key>");
     const std::string name = key.substr(5, dot - 5);
     const std::string sub = key.substr(dot + 1);
-    if (!by_name.count(name)) {
-      order.push_back(name);
-      by_name[name].name = name;
-    }
-    if (!kTaskKeys.count(sub)) {
-      by_name[name].head_params[sub] = value;  // validated by the head factory
-      v.mark(key);
-    }
-  }
-  for (const auto& name : order) {
     auto& t = by_name[name];
-    const std::string p = "task." + name + ".";
-    v.str(p + "kind", t.kind);
-    v.str(p + "head", t.head);
-    v.str(p + "labels", t.labels);
-    v.i64_list(p + "label_map", t.label_map);
-    v.str_list(p + "class_names", t.class_names);
-    v.str(p + "optimizer", t.optimizer);
-    v.f64(p + "lr", t.lr);
-    v.f64(p + "weight_decay", t.weight_decay);
-    v.f64(p + "momentum", t.momentum);
-    v.i64(p + "epochs", t.epochs);
-    v.str(p + "schedule", t.schedule);
-    v.i64(p + "step_size", t.step_size);
-    v.f64(p + "gamma", t.gamma);
-    v.i64(p + "early_stop_patience", t.early_stop_patience);
-    v.f64(p + "label_smoothing", t.label_smoothing);
-    v.f64_list(p + "class_weights", t.class_weights);
-    v.str(p + "loss", t.loss);
-    c.tasks.push_back(t);
+    t.name = name;
+    if (sub.rfind(kHeadPrefix, 0) == 0 && sub.size() > 5) {
+      t.head_params[sub.substr(5)] = value;  // validated by the head's factory
+      used.insert(key);
+      continue;
+    }
+    const auto& keys = task_keys();
+    const auto k = std::find_if(keys.begin(), keys.end(), [&](const auto& x) { return x.name == sub; });
+    if (k == keys.end()) {
+      throw ConfigError(detail::str_cat("unknown key '", key, "' (in ", source, "): a task has the keys ",
+                                        join([&] {
+                                          std::vector<std::string> n;
+                                          for (const auto& x : keys) n.push_back(x.name);
+                                          return n;
+                                        }(), ", "),
+                                        "; a head option is written head.", sub, " = ", value, " (or ", sub, " = ", value,
+                                        " in a [task.", name, ".head] section)"));
+    }
+    k->set(t, value, key + " (in " + source + ")");
+    used.insert(key);
   }
-  const auto unused = v.unused();
-  CANOPY_CHECK(unused.empty(), ConfigError, "unknown config key(s) in ", source, ": ",
-               join(unused, ", "), " (see `canopy <command> --dump-config` for every key)");
+  std::vector<tasks::TaskConfig> out;
+  for (auto& [name, t] : by_name) {
+    for (const auto& k : task_keys()) check_range(k, t, "task." + name + "." + k.name + " (in " + source + ")");
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+}  // namespace
+
+JobConfig job_config_from_values(const std::map<std::string, std::string>& values, const std::string& source) {
+  JobConfig c;
+  c.source = source;
+  std::set<std::string> used;
+  for (const auto& k : job_keys()) {
+    const auto it = values.find(k.full_name());
+    if (it == values.end()) continue;
+    k.set(c, it->second, k.full_name() + " (in " + source + ")");
+    used.insert(it->first);
+  }
+  for (const auto& k : job_keys()) check_range(k, c, k.full_name() + " (in " + source + ")");
+  c.tasks = tasks_from_values(values, source, used);
+  std::vector<std::string> unknown;
+  for (const auto& kv : values) {
+    if (!used.count(kv.first)) unknown.push_back(kv.first);
+  }
+  CANOPY_CHECK(unknown.empty(), ConfigError, "unknown config key(s) in ", source, ": ", join(unknown, ", "),
+               " (`canopy keys` lists every key)");
   validate_job_config(c);
   return c;
 }
 
 void validate_job_config(const JobConfig& c) {
-  const std::set<std::string> sources = {"fashion-mnist", "mnist", "arff", "image-csv", "image-folders"};
-  CANOPY_CHECK(sources.count(c.data.source), ConfigError,
-               "data.source: expected fashion-mnist, mnist, arff, image-csv or image-folders, got '", c.data.source, "'");
+  for (const auto& k : job_keys()) check_range(k, c, k.full_name());
   if (reads_image_files(c.data)) {
     CANOPY_CHECK(!c.data.train.empty() && !c.data.test.empty(), ConfigError, "data.source = ", c.data.source,
                  " needs data.train and data.test (", c.data.source == "image-csv" ? "CSV manifests" : "class folders", ")");
@@ -197,33 +415,20 @@ void validate_job_config(const JobConfig& c) {
                  "data.source = arff needs data.train_files and data.test_files (label_name:path.arff, ...)");
     datasets::validate_tokenizer_config(c.text);
   }
-  CANOPY_CHECK(c.data.train_limit >= 0 && c.data.test_limit >= 0, ConfigError,
-               "data.train_limit and data.test_limit must be >= 0, got ", c.data.train_limit, " and ",
-               c.data.test_limit);
   datasets::validate_preprocess_config(c.preprocess);
   trunk::validate_trunk_config(c.trunk);
-  CANOPY_CHECK(c.cache.batch_size > 0, ConfigError, "cache.batch_size must be > 0, got ", c.cache.batch_size);
-  CANOPY_CHECK(!c.cache.path.empty(), ConfigError, "cache.path is empty");
-  CANOPY_CHECK(c.cache.shard_rows > 0 && c.cache.shard_rows % c.cache.batch_size == 0, ConfigError,
-               "cache.shard_rows must be a positive multiple of cache.batch_size (", c.cache.batch_size,
-               "), got ", c.cache.shard_rows);
-  datasets::parse_storage_dtype(c.cache.dtype);
-  datasets::parse_read_method(c.cache.read_method);
-  CANOPY_CHECK(c.cache.memory_cap_mb >= 0, ConfigError, "cache.memory_cap_mb must be >= 0 (0: no cap), got ",
-               c.cache.memory_cap_mb);
-  CANOPY_CHECK(c.train.batch_size > 0, ConfigError, "train.batch_size must be > 0, got ", c.train.batch_size);
-  CANOPY_CHECK(c.train.epochs > 0, ConfigError, "train.epochs must be > 0, got ", c.train.epochs);
-  CANOPY_CHECK(c.train.workers >= 0, ConfigError, "train.workers must be >= 0 (0: one per core), got ",
-               c.train.workers);
-  CANOPY_CHECK(c.train.checkpoint_steps >= 0, ConfigError, "train.checkpoint_steps must be >= 0, got ",
-               c.train.checkpoint_steps);
-  CANOPY_CHECK(c.train.fuse_kib >= 0, ConfigError, "train.fuse_kib must be >= 0, got ", c.train.fuse_kib);
-  CANOPY_CHECK(c.train.intra_op_threads > 0, ConfigError, "train.intra_op_threads must be > 0, got ",
-               c.train.intra_op_threads);
+  CANOPY_CHECK(c.cache.shard_rows % c.cache.batch_size == 0, ConfigError,
+               "cache.shard_rows must be a positive multiple of cache.batch_size (", c.cache.batch_size, "), got ",
+               c.cache.shard_rows);
+  const std::int64_t limit = machine_thread_limit();
+  CANOPY_CHECK(c.train.workers <= limit && c.train.intra_op_threads <= limit, ConfigError,
+               "train.workers and train.intra_op_threads must be at most ", limit,
+               " (4x this machine's cores), got ", c.train.workers, " and ", c.train.intra_op_threads);
   for (const auto& t : c.tasks) tasks::validate_task_config(t, 0);
 }
 
 JobConfig load_job_config(const std::string& path, const std::vector<std::string>& overrides) {
+  CANOPY_CHECK(!is_directory(path), ConfigError, "config file '", path, "' is a directory; give the .ini file");
   std::ifstream in(path);
   CANOPY_CHECK(in, ConfigError, "cannot open config file '", path, "'");
   std::map<std::string, std::string> values;
@@ -247,58 +452,53 @@ JobConfig load_job_config(const std::string& path, const std::vector<std::string
 }
 
 std::string dump_config(const JobConfig& c) {
-  auto list = [](const auto& xs) {
-    std::ostringstream o;
-    o.precision(10);
-    for (std::size_t i = 0; i < xs.size(); ++i) o << (i ? "," : "") << xs[i];
-    return o.str();
-  };
   std::ostringstream o;
-  o.precision(10);
   o << "# resolved canopy configuration (from " << c.source << ")\n";
-  o << "[data]\nsource = " << c.data.source << "\ndir = " << c.data.dir
-    << "\ntrain_limit = " << c.data.train_limit << "\ntest_limit = " << c.data.test_limit << "\n";
-  if (!c.data.train.empty() || !c.data.test.empty()) {
-    o << "train = " << c.data.train << "\ntest = " << c.data.test << "\n";
+  std::string section;
+  for (const auto& k : job_keys()) {
+    const std::string value = k.get(c);
+    if (k.omit_empty && value.empty()) continue;
+    if (k.section != section) {
+      o << (section.empty() ? "" : "\n") << "[" << k.section << "]\n";
+      section = k.section;
+    }
+    o << k.name << " = " << value << "\n";
   }
-  if (!c.data.train_files.empty() || !c.data.test_files.empty()) {
-    o << "train_files = " << list(c.data.train_files) << "\ntest_files = " << list(c.data.test_files)
-      << "\ntext_attribute = " << c.data.text_attribute << "\n";
-  }
-  o << "\n";
-  o << "[text]\nvocab = " << c.text.vocab << "\nlowercase = " << (c.text.lowercase ? "true" : "false")
-    << "\nmax_length = " << c.text.max_length << "\n\n";
-  o << "[preprocess]\nresize = " << c.preprocess.resize << "\nchannels = " << c.preprocess.channels
-    << "\nmean = " << list(c.preprocess.mean) << "\nstd = " << list(c.preprocess.std) << "\n\n";
-  o << "[trunk]\npath = " << c.trunk.path << "\nsha256 = " << c.trunk.sha256
-    << "\nallow_unpinned = " << (c.trunk.allow_unpinned ? "true" : "false")
-    << "\ndevice = " << c.trunk.device << "\npooling = " << c.trunk.pooling
-    << "\ntaps = " << list(c.trunk.taps) << "\noptimize = " << (c.trunk.optimize ? "true" : "false")
-    << "\nfreeze = " << c.trunk.freeze.freeze << "\ntrain_only = " << c.trunk.freeze.train_only
-    << "\nbatchnorm_affine_trainable = " << (c.trunk.freeze.batchnorm_affine_trainable ? "true" : "false") << "\n\n";
-  o << "[cache]\npath = " << c.cache.path << "\nbatch_size = " << c.cache.batch_size
-    << "\nshard_rows = " << c.cache.shard_rows << "\ndtype = " << c.cache.dtype
-    << "\nmemory_cap_mb = " << c.cache.memory_cap_mb << "\nread_method = " << c.cache.read_method << "\n\n";
-  o << "[train]\nout_dir = " << c.train.out_dir << "\ntrain_split = " << c.train.train_split
-    << "\neval_split = " << c.train.eval_split << "\nbatch_size = " << c.train.batch_size
-    << "\nepochs = " << c.train.epochs << "\nseed = " << c.train.seed << "\nworkers = " << c.train.workers
-    << "\nintra_op_threads = " << c.train.intra_op_threads
-    << "\ncheck_fingerprint = " << (c.train.check_fingerprint ? "true" : "false")
-    << "\ncheckpoint_steps = " << c.train.checkpoint_steps << "\nfail_fast = " << (c.train.fail_fast ? "true" : "false")
-    << "\ntensorboard = " << (c.train.tensorboard ? "true" : "false")
-    << "\nfuse = " << (c.train.fuse ? "true" : "false") << "\nfuse_kib = " << c.train.fuse_kib << "\n";
   for (const auto& t : c.tasks) {
-    o << "\n[task." << t.name << "]\nkind = " << t.kind << "\nhead = " << t.head << "\nlabels = " << t.labels << "\n";
-    if (!t.label_map.empty()) o << "label_map = " << list(t.label_map) << "\n";
-    if (!t.class_names.empty()) o << "class_names = " << list(t.class_names) << "\n";
-    o << "optimizer = " << t.optimizer << "\nlr = " << t.lr << "\nweight_decay = " << t.weight_decay
-      << "\nmomentum = " << t.momentum << "\nepochs = " << t.epochs << "\nschedule = " << t.schedule
-      << "\nstep_size = " << t.step_size << "\ngamma = " << t.gamma << "\nearly_stop_patience = " << t.early_stop_patience
-      << "\nlabel_smoothing = " << t.label_smoothing << "\n";
-    if (!t.class_weights.empty()) o << "class_weights = " << list(t.class_weights) << "\n";
-    if (!t.loss.empty()) o << "loss = " << t.loss << "\n";
-    for (const auto& [k, val] : t.head_params) o << k << " = " << val << "\n";
+    o << "\n[task." << t.name << "]\n";
+    for (const auto& k : task_keys()) {
+      const std::string value = k.get(t);
+      if (!(k.omit_empty && value.empty())) o << k.name << " = " << value << "\n";
+    }
+    for (const auto& [name, value] : t.head_params) o << kHeadPrefix << name << " = " << value << "\n";
   }
+  return o.str();
+}
+
+std::string config_reference() {
+  std::ostringstream o;
+  const JobConfig defaults;
+  std::string section;
+  auto row = [&](const std::string& name, const std::string& type, const std::string& def, const std::string& range,
+                 const std::string& help) {
+    o << "| `" << name << "` | " << type << " | " << (def.empty() ? "" : "`" + def + "`") << " | " << range << " | "
+      << help << " |\n";
+  };
+  for (const auto& k : job_keys()) {
+    if (k.section != section) {
+      o << (section.empty() ? "" : "\n") << "### [" << k.section << "]\n\n"
+        << "| key | type | default | range | meaning |\n|---|---|---|---|---|\n";
+      section = k.section;
+    }
+    row(k.full_name(), k.type, k.get(defaults), k.range(), k.help);
+  }
+  o << "\n### [task.NAME]\n\n| key | type | default | range | meaning |\n|---|---|---|---|---|\n";
+  const tasks::TaskConfig task_defaults;
+  for (const auto& k : task_keys()) row("task.NAME." + k.name, k.type, k.get(task_defaults), k.range(), k.help);
+  o << "\n### task.NAME.head.OPTION\n\nThe head's own options, written `head.OPTION = value` in the task's section "
+       "(or `OPTION = value` in a `[task.NAME.head]` section), read by its factory (`canopy heads` lists the types): "
+       "`linear` has none; `mlp` takes `hidden` (widths, e.g. `512,256`), `activation` (relu \\| gelu \\| tanh \\| "
+       "silu) and `dropout` (in [0, 1)). A head of your own reads what it declares (docs/adding-a-head.md).\n";
   return o.str();
 }
 

@@ -119,7 +119,7 @@ lr = 0.01
 
 [task.corn]
 head = mlp
-hidden = 32
+head.hidden = 32
 labels = corn
 
 [task.both]

@@ -44,13 +44,13 @@ optimizer = sgd
 lr = 0.01
 [task.b_mlp]
 head = mlp
-hidden = 64
-dropout = 0.3
+head.hidden = 64
+head.dropout = 0.3
 lr = 0.001
 [task.c_adamw]
 head = mlp
-hidden = 32,16
-dropout = 0.1
+head.hidden = 32,16
+head.dropout = 0.1
 optimizer = adamw
 weight_decay = 0.01
 """)

@@ -1,5 +1,6 @@
-// The job configuration: one INI file with sections [data] [preprocess] [trunk] [cache]
-// [train] and one [task.<name>] section per task. Keys are named by section
+// The job configuration: one INI file with sections [data] [text] [preprocess] [trunk]
+// [cache] [train], one [task.<name>] section per task and, for a head's own options, a
+// [task.<name>.head] section. Keys are named by section
 // (`train.batch_size`). Precedence: built-in defaults < the config file < `--set key=value`
 // on the command line. `canopy <cmd> --dump-config` prints the resolved configuration,
 // and every training run saves it next to its outputs.
@@ -85,8 +86,12 @@ JobConfig load_job_config(const std::string& path, const std::vector<std::string
 // Builds a config from flat key/value pairs (what load_job_config does after reading).
 JobConfig job_config_from_values(const std::map<std::string, std::string>& values,
                                  const std::string& source);
-// The resolved configuration in the same INI format.
+// The resolved configuration in the same INI format (every key, defaults included).
 std::string dump_config(const JobConfig& config);
+// The reference of every key (section, type, default, range, meaning) as Markdown tables:
+// what `canopy keys` prints and docs/configuration.md holds. One table in config.cpp drives
+// parsing, validation, dumping and this reference.
+std::string config_reference();
 void validate_job_config(const JobConfig& config);
 
 }  // namespace canopy::runners
