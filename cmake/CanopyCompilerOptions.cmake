@@ -13,13 +13,3 @@ if(CANOPY_SANITIZE_THREAD)
   target_compile_options(canopy_options INTERFACE -fsanitize=thread)
   target_link_options(canopy_options INTERFACE -fsanitize=thread)
 endif()
-
-# Create a module library: canopy_add_module(NAME SOURCES ... DEPS ...)
-function(canopy_add_module name)
-  cmake_parse_arguments(ARG "" "" "SOURCES;DEPS;PRIVATE_DEPS" ${ARGN})
-  add_library(canopy_${name} ${ARG_SOURCES})
-  add_library(canopy::${name} ALIAS canopy_${name})
-  target_include_directories(canopy_${name} PUBLIC
-    $<BUILD_INTERFACE:${CMAKE_CURRENT_SOURCE_DIR}/include>)
-  target_link_libraries(canopy_${name} PUBLIC ${ARG_DEPS} PRIVATE canopy_options ${ARG_PRIVATE_DEPS})
-endfunction()

@@ -6,7 +6,7 @@
 //
 //   [task.category_residual]
 //   head = residual_mlp
-//   width = 128
+//   head.width = 128
 //
 //   $ canopy_custom_head heads
 //   $ canopy_custom_head train --config my.ini
@@ -61,7 +61,7 @@ void register_example_heads(canopy::tasks::HeadRegistry& registry) {
                      "': residual_mlp width must be > 0, got ", width);
         return std::make_shared<ResidualMlpHead>(spec.in_features, spec.out_features, width);
       },
-      "example: a residual MLP block then a linear classifier; options: width = 128");
+      "example: a residual MLP block then a linear classifier; options: head.width = 128");
 }
 
 int main(int argc, char** argv) {
