@@ -52,9 +52,28 @@ TEST(Registry, BuiltinsAndErrors) {
   EXPECT_EQ(r.create("mlp", spec)->describe(), "mlp 8-5-4-3 relu");
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { r.create("conv", spec); }, {"unknown head 'conv'", "linear, mlp"}));
   HeadSpec typo{8, 3, HeadParams("t", {{"hiden", "5"}})};
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { r.create("mlp", typo); }, {"task.t.hiden"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { r.create("mlp", typo); }, {"task.t.head.hiden"}));
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { r.add("mlp", [](const HeadSpec&) { return heads::HeadPtr(); }, ""); },
                                                 {"already registered"}));
+}
+
+// Building a task seeds its head from its own seed and leaves LibTorch's default generator
+// where it was: the rest of the process draws the same numbers with or without it.
+TEST(Task, BuildingATaskLeavesTheDefaultGeneratorAlone) {
+  HeadRegistry r = builtin();
+  TaskConfig c;
+  c.name = "t";
+  c.head = "mlp";
+  torch::manual_seed(123);
+  const at::Tensor expected = at::randn({8});
+  torch::manual_seed(123);
+  Task a(c, r, 8, 3, 42);
+  EXPECT_TRUE(testing::bitwise_equal(at::randn({8}), expected));
+  torch::manual_seed(999);
+  Task b(c, r, 8, 3, 42);
+  for (const auto& p : a.head().named_parameters(true)) {
+    EXPECT_TRUE(testing::bitwise_equal(p.value(), b.head().named_parameters(true)[p.key()])) << p.key();
+  }
 }
 
 TEST(Metrics, AccuracyAndMacroF1) {
@@ -82,7 +101,7 @@ TEST(Task, MultilabelTargetsFromBitmasks) {
   HeadRegistry r = builtin();
   TaskConfig c;
   c.name = "attrs";
-  c.kind = "multilabel";
+  c.kind = TaskKind::kMultilabel;
   c.class_names = {"upper", "lower", "sleeves"};
   c.label_map = {1, 2, 5, 3};
   Task t(c, r, 4, 4, 1);
@@ -137,21 +156,22 @@ TEST(Task, ScheduleSmoothingAndWeights) {
   TaskConfig c;
   c.name = "s";
   c.lr = 0.1;
-  c.schedule = "cosine";
+  c.schedule = LrSchedule::kCosine;
   Task cosine(c, r, 4, 3, 1);
   cosine.start_epoch(0, 10);
   EXPECT_DOUBLE_EQ(cosine.current_lr(), 0.1);
   cosine.start_epoch(5, 10);
   EXPECT_NEAR(cosine.current_lr(), 0.05, 1e-12);
-  c.schedule = "step";
+  c.schedule = LrSchedule::kStep;
   c.step_size = 2;
   c.gamma = 0.5;
   Task step(c, r, 4, 3, 1);
   step.start_epoch(5, 10);
   EXPECT_NEAR(step.current_lr(), 0.1 * 0.25, 1e-12);  // epoch 5: two halvings (epochs 2 and 4)
-  c.schedule = "warmup";
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 3, 1); }, {"schedule", "'warmup'"}));
-  c.schedule = "constant";
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { parse_schedule("warmup", "task.s.schedule"); },
+                                                {"task.s.schedule", "constant, cosine, step", "'warmup'"}));
+  EXPECT_EQ(parse_schedule("cosine", "x"), LrSchedule::kCosine);
+  c.schedule = LrSchedule::kConstant;
   c.class_weights = {1, 2};
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 3, 1); }, {"class_weights has 2 values for 3 classes"}));
   // The smoothed loss is (1 - e) * NLL + e * mean over classes of -log p.
@@ -190,10 +210,10 @@ TEST(Task, RegressionLearnsARealTargetWithMseOrL1) {
   torch::manual_seed(5);
   const at::Tensor x = at::randn({256, 8});
   const at::Tensor y = (x.select(1, 0) * 2 - x.select(1, 3) + 0.5).to(at::kDouble);  // float64, as the cache stores
-  for (const std::string loss : {"mse", "l1"}) {
+  for (const RegressionLoss loss : {RegressionLoss::kMse, RegressionLoss::kL1}) {
     TaskConfig c;
     c.name = "value";
-    c.kind = "regression";
+    c.kind = TaskKind::kRegression;
     c.loss = loss;
     c.lr = 0.05;
     Task t(c, r, 8, 0, 1);
@@ -206,28 +226,28 @@ TEST(Task, RegressionLearnsARealTargetWithMseOrL1) {
     const double first = t.train_step(x, target);
     for (int i = 0; i < 300; ++i) t.train_step(x, target);
     const auto m = t.evaluate(x, target);
-    EXPECT_GT(m.r2, 0.99) << loss;
+    EXPECT_GT(m.r2, 0.99) << to_string(loss);
     // Predictions come back in the target's own units.
-    EXPECT_LT((t.predict(x) - y).abs().mean().item<double>(), 0.1) << loss;
-    EXPECT_LT(m.mae, 0.1) << loss;
-    EXPECT_LT(t.train_step(x, target), 0.1 * first) << loss;
+    EXPECT_LT((t.predict(x) - y).abs().mean().item<double>(), 0.1) << to_string(loss);
+    EXPECT_LT(m.mae, 0.1) << to_string(loss);
+    EXPECT_LT(t.train_step(x, target), 0.1 * first) << to_string(loss);
   }
   TaskConfig c;
   c.name = "value";
-  c.kind = "regression";
+  c.kind = TaskKind::kRegression;
   Task t(c, r, 8, 0, 1);
   EXPECT_TRUE(testing::throws_with<DataError>([&] { t.targets(at::zeros({4}, at::kLong)); },
                                               {"real-valued label source", "class labels"}));
   c.class_names = {"a"};
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 8, 0, 1); }, {"not regression"}));
   c.class_names = {};
-  c.loss = "huber";
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 8, 0, 1); }, {"mse or l1", "'huber'"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { parse_regression_loss("huber", "task.value.loss"); },
+                                                {"task.value.loss", "mse, l1", "'huber'"}));
   TaskConfig k;
   k.name = "cls";
-  k.loss = "l1";
+  k.loss = RegressionLoss::kL1;
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(k, r, 8, 3, 1); }, {"regression tasks only"}));
-  k.loss = "";
+  k.loss.reset();
   Task cls(k, r, 8, 3, 1);
   EXPECT_TRUE(testing::throws_with<DataError>([&] { cls.targets(at::zeros({4}, at::kDouble)); }, {"kind = regression"}));
 }
@@ -238,7 +258,7 @@ struct FusionFixture {
   FusionFixture() {
     HeadRegistry r = builtin();
     std::vector<TaskConfig> configs;
-    auto add = [&](const std::string& name, const std::string& head, const std::string& optimizer, double lr,
+    auto add = [&](const std::string& name, const std::string& head, OptimizerKind optimizer, double lr,
                    std::map<std::string, std::string> params) {
       TaskConfig c;
       c.name = name;
@@ -248,10 +268,10 @@ struct FusionFixture {
       c.head_params = std::move(params);
       configs.push_back(c);
     };
-    add("lin_adam", "linear", "adam", 0.01, {});
-    add("lin_sgd", "linear", "sgd", 0.1, {});
-    add("mlp_dropout", "mlp", "adamw", 0.005, {{"hidden", "32,16"}, {"dropout", "0.3"}});
-    add("mlp_gelu", "mlp", "adam", 0.003, {{"hidden", "24"}, {"activation", "gelu"}});
+    add("lin_adam", "linear", OptimizerKind::kAdam, 0.01, {});
+    add("lin_sgd", "linear", OptimizerKind::kSgd, 0.1, {});
+    add("mlp_dropout", "mlp", OptimizerKind::kAdamW, 0.005, {{"hidden", "32,16"}, {"dropout", "0.3"}});
+    add("mlp_gelu", "mlp", OptimizerKind::kAdam, 0.003, {{"hidden", "24"}, {"activation", "gelu"}});
     configs[1].label_smoothing = 0.1;
     for (std::uint64_t i = 0; i < configs.size(); ++i) {
       fused.push_back(std::make_unique<Task>(configs[i], r, 16, 5, 100 + i));
