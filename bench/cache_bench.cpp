@@ -22,14 +22,14 @@
 #include <string>
 #include <vector>
 
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/randperm.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/zeros.h>
 
-#include "canopy/core/crc32c.h"
 #include "bench_util.h"
+#include "canopy/core/crc32c.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/strings.h"
@@ -107,8 +107,8 @@ int main(int argc, char** argv) {
     ratio.push_back(build.back() / bare.back());
   }
   const Stats sb = stats(bare), sc = stats(build), sr = stats(ratio);
-  std::printf("\n[1] cache build vs bare inference (%s, %lld images at 64x64, batch 128)\n", trunk.device().str().c_str(),
-              static_cast<long long>(images + 1));
+  std::printf("\n[1] cache build vs bare inference (%s, %lld images at 64x64, batch 128)\n",
+              trunk.device().str().c_str(), static_cast<long long>(images + 1));
   std::printf("    bare inference  median %.2fs (min %.2f, max %.2f)\n", sb.median, sb.min, sb.max);
   std::printf("    cache build     median %.2fs (min %.2f, max %.2f)\n", sc.median, sc.min, sc.max);
   std::printf("    RATIO build/bare = %.3f (min %.3f, max %.3f)   goal <= 1.05\n", sr.median, sr.min, sr.max);
@@ -137,7 +137,8 @@ int main(int argc, char** argv) {
       const at::Tensor order = at::randperm(n, at::TensorOptions().dtype(at::kLong));
       for (std::int64_t i = 0; i < n; i += bs) {
         const at::Tensor idx = order.slice(0, i, std::min(n, i + bs));
-        const at::Tensor f = trunk.encode(datasets::preprocess_images(data.images.index_select(0, idx), job.preprocess));
+        const at::Tensor f =
+            trunk.encode(datasets::preprocess_images(data.images.index_select(0, idx), job.preprocess));
         // An inference-mode tensor cannot be saved for backward: a normal copy, as any
         // loop that runs a frozen trunk under inference mode must make.
         b.train_step(f.to(at::kCPU).clone(), data.labels.index_select(0, idx));
@@ -148,12 +149,13 @@ int main(int argc, char** argv) {
     const Stats so = stats(on_cache), sre = stats(recompute), sr1 = stats(ratio1);
     char buf[1024];
     std::snprintf(buf, sizeof buf,
-                  "\n[4] one epoch of a linear head over %lld images (batch %lld, %s): on the cache vs recomputing the trunk\n"
+                  "\n[4] one epoch of a linear head over %lld images (batch %lld, %s): on the cache vs "
+                  "recomputing the trunk\n"
                   "    on the cache (load + train)   median %.4fs (min %.4f, max %.4f)\n"
                   "    trunk per batch + train       median %.2fs (min %.2f, max %.2f)\n"
                   "    RATIO recompute/cache = %.0f (min %.0f, max %.0f)   goal >= 100\n",
-                  static_cast<long long>(n), static_cast<long long>(bs), trunk.device().str().c_str(), so.median,
-                  so.min, so.max, sre.median, sre.min, sre.max, sr1.median, sr1.min, sr1.max);
+                  static_cast<long long>(n), static_cast<long long>(bs), trunk.device().str().c_str(),
+                  so.median, so.min, so.max, sre.median, sre.min, sre.max, sr1.median, sr1.min, sr1.max);
     p1_report = buf;
   }
 
@@ -167,7 +169,8 @@ int main(int argc, char** argv) {
     datasets::FeatureCacheWriter w(read_dir, meta, {{"train", rows}}, 4096, false);
     for (std::int64_t i = 0; i < rows; i += 4096) {
       const auto n = std::min<std::int64_t>(4096, rows - i);
-      w.append("train", at::randn({n, dim}), {{"class", at::zeros({n}, at::kLong)}}, at::arange(i, i + n, at::kLong));
+      w.append("train", at::randn({n, dim}), {{"class", at::zeros({n}, at::kLong)}},
+               at::arange(i, i + n, at::kLong));
     }
     w.finish();
   }
@@ -223,13 +226,19 @@ int main(int argc, char** argv) {
     }
     const Stats s_raw = stats(raw_gbs), s_pr = stats(pread_gbs), s_h5 = stats(hdf5_gbs);
     const Stats r_pr = stats(pread_ratio), r_h5 = stats(hdf5_ratio);
-    std::printf("\n[2%s] reading %zu shards (%.0f MiB of features), warm page cache, checksums verified, into %s\n",
-                fresh ? "a" : "b", shards.size(), feature_bytes / (1 << 20),
-                fresh ? "freshly allocated memory (a user's load)" : "memory already faulted in (the read path alone)");
-    std::printf("    raw sequential read   median %.2f GB/s (min %.2f, max %.2f)\n", s_raw.median, s_raw.min, s_raw.max);
-    std::printf("    canopy pread          median %.2f GB/s (min %.2f, max %.2f)\n", s_pr.median, s_pr.min, s_pr.max);
-    std::printf("    canopy HDF5 H5Dread   median %.2f GB/s (min %.2f, max %.2f)\n", s_h5.median, s_h5.min, s_h5.max);
-    std::printf("    RATIO pread/raw = %.2f (min %.2f, max %.2f)   goal >= 0.80\n", r_pr.median, r_pr.min, r_pr.max);
+    std::printf(
+        "\n[2%s] reading %zu shards (%.0f MiB of features), warm page cache, checksums verified, into %s\n",
+        fresh ? "a" : "b", shards.size(), feature_bytes / (1 << 20),
+        fresh ? "freshly allocated memory (a user's load)"
+              : "memory already faulted in (the read path alone)");
+    std::printf("    raw sequential read   median %.2f GB/s (min %.2f, max %.2f)\n", s_raw.median, s_raw.min,
+                s_raw.max);
+    std::printf("    canopy pread          median %.2f GB/s (min %.2f, max %.2f)\n", s_pr.median, s_pr.min,
+                s_pr.max);
+    std::printf("    canopy HDF5 H5Dread   median %.2f GB/s (min %.2f, max %.2f)\n", s_h5.median, s_h5.min,
+                s_h5.max);
+    std::printf("    RATIO pread/raw = %.2f (min %.2f, max %.2f)   goal >= 0.80\n", r_pr.median, r_pr.min,
+                r_pr.max);
     std::printf("    RATIO hdf5/raw  = %.2f (min %.2f, max %.2f)\n", r_h5.median, r_h5.min, r_h5.max);
   }
   {

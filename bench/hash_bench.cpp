@@ -3,9 +3,9 @@
 //   hash_bench FILE...      prints seconds and MB/s per file, best of 5, and the ratio
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <functional>
-#include <cstdio>
 #include <string>
 
 #include "canopy/core/fs.h"
@@ -36,8 +36,8 @@ int main(int argc, char** argv) {
     const double ours = best_of(5, [&] { digest = canopy::sha256_file(path); });
     const std::string cmd = "sha256sum '" + path + "' > /dev/null";
     const double tool = best_of(5, [&] { (void)std::system(cmd.c_str()); });
-    std::printf("%-60s %10.1f %10.4f %10.4f %8.2f  (%.0f MB/s) %s\n", path.c_str(), mb, ours, tool, tool / ours,
-                mb / ours, digest.substr(0, 16).c_str());
+    std::printf("%-60s %10.1f %10.4f %10.4f %8.2f  (%.0f MB/s) %s\n", path.c_str(), mb, ours, tool,
+                tool / ours, mb / ours, digest.substr(0, 16).c_str());
   }
   return 0;
 }

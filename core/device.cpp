@@ -20,8 +20,8 @@ c10::Device choose_device(const std::string& spec) {
     } catch (const std::exception&) {
       throw ConfigError(detail::str_cat("device: expected auto, cpu, cuda or cuda:N, got '", spec, "'"));
     }
-    CANOPY_CHECK(d.index() < static_cast<int>(torch::cuda::device_count()), ConfigError, "device '",
-                 spec, "': only ", torch::cuda::device_count(), " GPU(s) present");
+    CANOPY_CHECK(d.index() < static_cast<int>(torch::cuda::device_count()), ConfigError, "device '", spec,
+                 "': only ", torch::cuda::device_count(), " GPU(s) present");
     return d;
   }
   throw ConfigError(detail::str_cat("device: expected auto, cpu, cuda or cuda:N, got '", spec, "'"));

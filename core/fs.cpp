@@ -6,9 +6,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <algorithm>
 #include <fstream>
 #include <sstream>
 
@@ -16,9 +16,7 @@
 
 namespace canopy {
 
-std::string temp_path_for(const std::string& path) {
-  return path + ".tmp." + std::to_string(::getpid());
-}
+std::string temp_path_for(const std::string& path) { return path + ".tmp." + std::to_string(::getpid()); }
 
 namespace {
 void fsync_fd_path(const std::string& path, int flags) {
@@ -42,8 +40,8 @@ void fsync_path(const std::string& path) {
 }
 
 void rename_durable(const std::string& from, const std::string& to) {
-  CANOPY_CHECK(::rename(from.c_str(), to.c_str()) == 0, IoError, "cannot rename '", from, "' to '",
-               to, "': ", std::strerror(errno));
+  CANOPY_CHECK(::rename(from.c_str(), to.c_str()) == 0, IoError, "cannot rename '", from, "' to '", to,
+               "': ", std::strerror(errno));
   fsync_fd_path(parent_dir(to), O_RDONLY | O_DIRECTORY);
 }
 
@@ -120,8 +118,8 @@ std::vector<std::string> list_dir(const std::string& path) {
 void remove_tree(const std::string& path) {
   if (!path_exists(path)) return;
   auto unlink_cb = [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); };
-  CANOPY_CHECK(::nftw(path.c_str(), unlink_cb, 16, FTW_DEPTH | FTW_PHYS) == 0, IoError,
-               "cannot remove '", path, "': ", std::strerror(errno));
+  CANOPY_CHECK(::nftw(path.c_str(), unlink_cb, 16, FTW_DEPTH | FTW_PHYS) == 0, IoError, "cannot remove '",
+               path, "': ", std::strerror(errno));
 }
 
 std::string read_file(const std::string& path) {

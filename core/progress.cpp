@@ -84,10 +84,9 @@ void Progress::draw(bool final) {
     const int filled = static_cast<int>(frac * kWidth);
     std::string bar(static_cast<std::size_t>(filled), '#');
     bar.resize(kWidth, '.');
-    std::fprintf(out_, "\r\033[K%s [%s] %3d%% %lld/%lld %s %.0f %s/s %s%s%s", label_.c_str(),
-                 bar.c_str(), static_cast<int>(frac * 100), static_cast<long long>(done_),
-                 static_cast<long long>(total_), unit_.c_str(), rate, unit_.c_str(),
-                 format_duration(elapsed).c_str(), eta.c_str(),
+    std::fprintf(out_, "\r\033[K%s [%s] %3d%% %lld/%lld %s %.0f %s/s %s%s%s", label_.c_str(), bar.c_str(),
+                 static_cast<int>(frac * 100), static_cast<long long>(done_), static_cast<long long>(total_),
+                 unit_.c_str(), rate, unit_.c_str(), format_duration(elapsed).c_str(), eta.c_str(),
                  note_.empty() ? "" : ("  " + note_).c_str());
     if (final) std::fputc('\n', out_);
     std::fflush(out_);
@@ -100,11 +99,10 @@ void Progress::draw(bool final) {
   last_printed_ = done_;
   last_decile_ = decile;
   last_draw_ = now;
-  std::fprintf(out_, "[canopy] %s: %lld/%lld %s (%d%%) %.0f %s/s elapsed %s%s%s%s\n",
-               label_.c_str(), static_cast<long long>(done_), static_cast<long long>(total_),
-               unit_.c_str(), static_cast<int>(frac * 100), rate, unit_.c_str(),
-               format_duration(elapsed).c_str(), eta.c_str(), note_.empty() ? "" : "  ",
-               note_.c_str());
+  std::fprintf(out_, "[canopy] %s: %lld/%lld %s (%d%%) %.0f %s/s elapsed %s%s%s%s\n", label_.c_str(),
+               static_cast<long long>(done_), static_cast<long long>(total_), unit_.c_str(),
+               static_cast<int>(frac * 100), rate, unit_.c_str(), format_duration(elapsed).c_str(),
+               eta.c_str(), note_.empty() ? "" : "  ", note_.c_str());
   std::fflush(out_);
 }
 

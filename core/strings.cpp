@@ -64,8 +64,8 @@ double parse_double(std::string_view s, std::string_view what) {
   char* end = nullptr;
   errno = 0;
   const double v = std::strtod(t.c_str(), &end);
-  CANOPY_CHECK(!t.empty() && end == t.c_str() + t.size() && errno == 0 && std::isfinite(v),
-               ConfigError, what, ": expected a finite number, got '", t, "'");
+  CANOPY_CHECK(!t.empty() && end == t.c_str() + t.size() && errno == 0 && std::isfinite(v), ConfigError, what,
+               ": expected a finite number, got '", t, "'");
   return v;
 }
 
@@ -108,8 +108,7 @@ std::string expand_env(std::string_view s) {
         out += value;
       } else {
         CANOPY_CHECK(dflt != std::string_view::npos, ConfigError, "environment variable ", name,
-                     " is not set (used in '", s, "'); set it or write ${", name,
-                     ":-default}");
+                     " is not set (used in '", s, "'); set it or write ${", name, ":-default}");
         out += expand_env(body.substr(dflt + 2));
       }
       i = close + 1;

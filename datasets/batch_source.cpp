@@ -8,8 +8,8 @@
 #include <thread>
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/ops/cat.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/randperm.h>
 
 #include "canopy/core/bounded_queue.h"
@@ -20,7 +20,8 @@ namespace canopy::datasets {
 namespace {
 
 at::Tensor epoch_permutation(std::int64_t n, std::uint64_t seed, std::int64_t epoch, std::uint64_t salt) {
-  auto gen = at::detail::createCPUGenerator(seed * 1000003ULL + static_cast<std::uint64_t>(epoch) * 7919ULL + salt);
+  auto gen =
+      at::detail::createCPUGenerator(seed * 1000003ULL + static_cast<std::uint64_t>(epoch) * 7919ULL + salt);
   return at::randperm(n, gen, at::TensorOptions().dtype(at::kLong));
 }
 
@@ -64,8 +65,13 @@ class StreamingSource : public BatchSource {
  public:
   StreamingSource(const FeatureCache& cache, std::string split, std::int64_t batch_size, std::uint64_t seed,
                   std::uint64_t cap, ReadMethod method)
-      : cache_(cache), split_(std::move(split)), shards_(cache.shards(split_)), batch_size_(batch_size),
-        seed_(seed), cap_(cap), method_(method) {
+      : cache_(cache),
+        split_(std::move(split)),
+        shards_(cache.shards(split_)),
+        batch_size_(batch_size),
+        seed_(seed),
+        cap_(cap),
+        method_(method) {
     std::int64_t shard_rows = 1;
     for (const auto& s : shards_) {
       shard_bytes_ = std::max(shard_bytes_, bytes_of_shard(s));
@@ -87,7 +93,8 @@ class StreamingSource : public BatchSource {
     epoch_ = epoch;
     const at::Tensor order = epoch_permutation(static_cast<std::int64_t>(shards_.size()), seed_, epoch, 1);
     std::vector<ShardInfo> ordered;
-    for (std::int64_t i = 0; i < order.numel(); ++i) ordered.push_back(shards_[order[i].item<std::int64_t>()]);
+    for (std::int64_t i = 0; i < order.numel(); ++i)
+      ordered.push_back(shards_[order[i].item<std::int64_t>()]);
     release_window();
     queue_ = std::make_unique<BoundedQueue<SplitData>>(1);
     error_ = nullptr;
@@ -126,14 +133,15 @@ class StreamingSource : public BatchSource {
   std::int64_t rows() const override { return cache_.rows(split_); }
   std::uint64_t peak_bytes() const override { return peak_.load(); }
   std::string describe() const override {
-    return "streaming (window of " + std::to_string(window_) + " shard(s), cap " + std::to_string(cap_ >> 20) + " MiB)";
+    return "streaming (window of " + std::to_string(window_) + " shard(s), cap " +
+           std::to_string(cap_ >> 20) + " MiB)";
   }
 
  private:
   std::uint64_t bytes_of_shard(const ShardInfo& s) const {
-    return static_cast<std::uint64_t>(s.rows) *
-           (static_cast<std::uint64_t>(cache_.feature_dim()) * at::elementSize(scalar_type(cache_.meta().dtype)) +
-            8 * (1 + s.labels.size()));
+    return static_cast<std::uint64_t>(s.rows) * (static_cast<std::uint64_t>(cache_.feature_dim()) *
+                                                     at::elementSize(scalar_type(cache_.meta().dtype)) +
+                                                 8 * (1 + s.labels.size()));
   }
 
   void add_held(std::uint64_t b) {
@@ -232,7 +240,8 @@ class StreamingSource : public BatchSource {
 
 }  // namespace
 
-std::unique_ptr<BatchSource> make_in_memory_source(SplitData data, std::int64_t batch_size, std::uint64_t seed) {
+std::unique_ptr<BatchSource> make_in_memory_source(SplitData data, std::int64_t batch_size,
+                                                   std::uint64_t seed) {
   return std::make_unique<InMemorySource>(std::move(data), batch_size, seed);
 }
 

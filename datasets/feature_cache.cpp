@@ -13,8 +13,8 @@
 
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <nlohmann/json.hpp>
 #include <oneapi/tbb/parallel_for.h>
+#include <nlohmann/json.hpp>
 
 #include "canopy/core/crc32c.h"
 #include "canopy/core/error.h"
@@ -29,9 +29,12 @@ using nlohmann::json;
 // ---------------------------------------------------------------- dtypes
 const char* storage_dtype_name(StorageDtype d) {
   switch (d) {
-    case StorageDtype::kFloat32: return "float32";
-    case StorageDtype::kFloat16: return "float16";
-    case StorageDtype::kBFloat16: return "bfloat16";
+    case StorageDtype::kFloat32:
+      return "float32";
+    case StorageDtype::kFloat16:
+      return "float16";
+    case StorageDtype::kBFloat16:
+      return "bfloat16";
   }
   return "?";
 }
@@ -51,9 +54,12 @@ ReadMethod parse_read_method(const std::string& name) {
 
 at::ScalarType scalar_type(StorageDtype d) {
   switch (d) {
-    case StorageDtype::kFloat32: return at::kFloat;
-    case StorageDtype::kFloat16: return at::kHalf;
-    case StorageDtype::kBFloat16: return at::kBFloat16;
+    case StorageDtype::kFloat32:
+      return at::kFloat;
+    case StorageDtype::kFloat16:
+      return at::kHalf;
+    case StorageDtype::kBFloat16:
+      return at::kBFloat16;
   }
   return at::kFloat;
 }
@@ -65,8 +71,10 @@ std::uint64_t element_size(StorageDtype d) { return d == StorageDtype::kFloat32 
 // numpy float16; bfloat16 has no HDF5 or numpy type and is stored as its 16-bit words.
 h5::Handle file_type(StorageDtype d) {
   switch (d) {
-    case StorageDtype::kFloat32: return h5::Handle(H5Tcopy(H5T_IEEE_F32LE), H5Tclose);
-    case StorageDtype::kBFloat16: return h5::Handle(H5Tcopy(H5T_STD_U16LE), H5Tclose);
+    case StorageDtype::kFloat32:
+      return h5::Handle(H5Tcopy(H5T_IEEE_F32LE), H5Tclose);
+    case StorageDtype::kBFloat16:
+      return h5::Handle(H5Tcopy(H5T_STD_U16LE), H5Tclose);
     case StorageDtype::kFloat16: {
       h5::Handle t(H5Tcopy(H5T_IEEE_F32LE), H5Tclose);
       CANOPY_CHECK(H5Tset_fields(t.get(), 15, 10, 5, 0, 10) >= 0 && H5Tset_size(t.get(), 2) >= 0 &&
@@ -83,7 +91,9 @@ std::string hex32(std::uint32_t v) {
   std::snprintf(buf, sizeof buf, "%08x", v);
   return buf;
 }
-std::uint32_t parse_hex32(const std::string& s) { return static_cast<std::uint32_t>(std::stoul(s, nullptr, 16)); }
+std::uint32_t parse_hex32(const std::string& s) {
+  return static_cast<std::uint32_t>(std::stoul(s, nullptr, 16));
+}
 
 std::vector<std::uint32_t> block_crcs(const std::uint8_t* p, std::uint64_t n) {
   std::vector<std::uint32_t> out((n + kChecksumBlockBytes - 1) / kChecksumBlockBytes);
@@ -118,7 +128,8 @@ CacheMeta meta_from_json(const json& j) {
   m.label_sources = j.at("label_sources").get<std::vector<std::string>>();
   m.class_names = j.at("class_names").get<std::vector<std::string>>();
   if (j.contains("float_labels")) m.float_labels = j.at("float_labels").get<std::vector<std::string>>();
-  if (j.contains("label_stats")) m.label_stats = j.at("label_stats").get<std::map<std::string, std::pair<double, double>>>();
+  if (j.contains("label_stats"))
+    m.label_stats = j.at("label_stats").get<std::map<std::string, std::pair<double, double>>>();
   return m;
 }
 
@@ -217,8 +228,11 @@ void write_manifest(const std::string& dir, const Manifest& m) {
                           {"ids_crc32c", hex32(s.ids_crc32c)},
                           {"labels", labels}});
   }
-  const json j{{"schema", kCacheSchemaVersion}, {"complete", m.complete}, {"meta", meta_to_json(m.meta)},
-               {"splits", m.split_rows},        {"shards", shards}};
+  const json j{{"schema", kCacheSchemaVersion},
+               {"complete", m.complete},
+               {"meta", meta_to_json(m.meta)},
+               {"splits", m.split_rows},
+               {"shards", shards}};
   write_file_atomic(manifest_path(dir), j.dump(1) + "\n");
 }
 
@@ -237,7 +251,8 @@ class RegionReader {
 
   const std::string& file() const { return file_; }
 
-  void check_crc(std::uint32_t got, std::uint32_t want, const std::string& region, std::uint64_t offset) const {
+  void check_crc(std::uint32_t got, std::uint32_t want, const std::string& region,
+                 std::uint64_t offset) const {
     CANOPY_CHECK(got == want, DataError, "shard '", file_, "': checksum mismatch in ", region, " at byte ",
                  offset, " (CRC-32C ", hex32(got), ", manifest ", hex32(want),
                  "): the file is corrupt; rebuild with `canopy cache --force`");
@@ -325,7 +340,8 @@ SplitData allocate(std::int64_t rows, const CacheMeta& meta) {
   return d;
 }
 
-SplitData read_shard_data(const std::string& dir, const ShardInfo& s, const CacheMeta& meta, ReadMethod method) {
+SplitData read_shard_data(const std::string& dir, const ShardInfo& s, const CacheMeta& meta,
+                          ReadMethod method) {
   SplitData d = allocate(s.rows, meta);
   read_shard_into(dir, s, meta, method, d.features, d.labels, d.ids);
   return d;
@@ -424,8 +440,8 @@ void FeatureCacheWriter::append(const std::string& split, const at::Tensor& feat
   const std::int64_t b = features.size(0);
   CANOPY_CHECK(ids.numel() == b, DataError, "split '", split, "': ", ids.numel(), " ids for ", b, " rows");
   auto& p = impl_->pending[split];
-  CANOPY_CHECK(rows_done(split) + p.rows + b <= total_it->second, DataError, "split '", split, "': ",
-               rows_done(split) + p.rows + b, " rows appended, expected ", total_it->second);
+  CANOPY_CHECK(rows_done(split) + p.rows + b <= total_it->second, DataError, "split '", split,
+               "': ", rows_done(split) + p.rows + b, " rows appended, expected ", total_it->second);
   p.features.push_back(features.to(scalar_type(m.meta.dtype)).contiguous());
   p.ids.push_back(ids.to(at::kLong).contiguous());
   for (const auto& src : m.meta.label_sources) {
@@ -489,10 +505,11 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
     h5::Handle ftype = file_type(meta.dtype);
     const hid_t mem_type = meta.dtype == StorageDtype::kFloat32 ? H5T_NATIVE_FLOAT : ftype.get();
     h5::Handle fd = h5::write_contiguous(file.get(), "features", ftype.get(), mem_type, features.data_ptr(),
-                                          {rows, meta.feature_dim});
+                                         {rows, meta.feature_dim});
     h5::write_attr(fd.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
     info.features_offset = h5::data_offset(fd.get());
-    h5::Handle idd = h5::write_contiguous(file.get(), "ids", H5T_STD_I64LE, H5T_NATIVE_INT64, ids.data_ptr(), {rows});
+    h5::Handle idd =
+        h5::write_contiguous(file.get(), "ids", H5T_STD_I64LE, H5T_NATIVE_INT64, ids.data_ptr(), {rows});
     info.ids_offset = h5::data_offset(idd.get());
     info.ids_crc32c = crc32c(ids.data_ptr(), rows * 8);
     h5::Handle lg = h5::create_group(file.get(), "labels");
@@ -554,7 +571,8 @@ void FeatureCacheWriter::Impl::write_view() {
         // Source paths relative to the view file: HDF5 looks there first.
         fsrc.push_back({s.file, "/features", s.first_row, s.rows});
         isrc.push_back({s.file, "/ids", s.first_row, s.rows});
-        for (const auto& src : meta.label_sources) lsrc[src].push_back({s.file, "/labels/" + src, s.first_row, s.rows});
+        for (const auto& src : meta.label_sources)
+          lsrc[src].push_back({s.file, "/labels/" + src, s.first_row, s.rows});
       }
       h5::Handle g = h5::create_group(root, split);
       h5::write_attr(g.get(), "rows", total);
@@ -563,7 +581,8 @@ void FeatureCacheWriter::Impl::write_view() {
       h5::create_virtual(g.get(), "ids", H5T_STD_I64LE, {total}, isrc);
       h5::Handle lg = h5::create_group(g.get(), "labels");
       for (const auto& src : meta.label_sources) {
-        h5::create_virtual(lg.get(), src, meta.is_float_label(src) ? H5T_IEEE_F64LE : H5T_STD_I64LE, {total}, lsrc[src]);
+        h5::create_virtual(lg.get(), src, meta.is_float_label(src) ? H5T_IEEE_F64LE : H5T_STD_I64LE, {total},
+                           lsrc[src]);
       }
     }
   }
@@ -620,7 +639,8 @@ std::vector<ShardInfo> FeatureCache::shards(const std::string& split) const {
   for (const auto& s : impl_->manifest.shards) {
     if (s.split == split) out.push_back(s);
   }
-  std::sort(out.begin(), out.end(), [](const ShardInfo& a, const ShardInfo& b) { return a.first_row < b.first_row; });
+  std::sort(out.begin(), out.end(),
+            [](const ShardInfo& a, const ShardInfo& b) { return a.first_row < b.first_row; });
   return out;
 }
 
@@ -628,15 +648,15 @@ std::uint64_t FeatureCache::feature_bytes(const std::string& split) const {
   return static_cast<std::uint64_t>(rows(split)) * feature_dim() * element_size(meta().dtype);
 }
 
-
 SplitData FeatureCache::read_shard(const ShardInfo& shard, ReadMethod method) const {
   return read_shard_data(impl_->dir, shard, meta(), method);
 }
 
 SplitData FeatureCache::load_split(const std::string& split, ReadMethod method, SplitData* reuse) const {
   const bool fits = reuse && reuse->features.defined() && reuse->features.size(0) == rows(split) &&
-                    reuse->features.size(1) == feature_dim() && reuse->features.scalar_type() == scalar_type(meta().dtype) &&
-                    reuse->ids.defined() && reuse->labels.size() == meta().label_sources.size();
+                    reuse->features.size(1) == feature_dim() &&
+                    reuse->features.scalar_type() == scalar_type(meta().dtype) && reuse->ids.defined() &&
+                    reuse->labels.size() == meta().label_sources.size();
   SplitData d = fits ? *reuse : allocate(rows(split), meta());
   for (const auto& s : shards(split)) {
     std::map<std::string, at::Tensor> labels;

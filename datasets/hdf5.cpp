@@ -92,8 +92,9 @@ Handle write_contiguous(hid_t parent, const std::string& name, hid_t file_type, 
   Handle plist = checked(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, "creating a property list");
   check(H5Pset_layout(plist.get(), H5D_CONTIGUOUS), "setting contiguous layout");
   check(H5Pset_alloc_time(plist.get(), H5D_ALLOC_TIME_EARLY), "setting early allocation");
-  Handle ds = checked(H5Dcreate2(parent, name.c_str(), file_type, space.get(), H5P_DEFAULT, plist.get(), H5P_DEFAULT),
-                      H5Dclose, "creating dataset '" + name + "'");
+  Handle ds =
+      checked(H5Dcreate2(parent, name.c_str(), file_type, space.get(), H5P_DEFAULT, plist.get(), H5P_DEFAULT),
+              H5Dclose, "creating dataset '" + name + "'");
   check(H5Dwrite(ds.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), "writing dataset '" + name + "'");
   return ds;
 }
@@ -105,8 +106,8 @@ std::uint64_t data_offset(hid_t dataset) {
   return static_cast<std::uint64_t>(off);
 }
 
-Handle create_virtual(hid_t parent, const std::string& name, hid_t type, const std::vector<std::int64_t>& dims,
-                      const std::vector<VirtualSource>& sources) {
+Handle create_virtual(hid_t parent, const std::string& name, hid_t type,
+                      const std::vector<std::int64_t>& dims, const std::vector<VirtualSource>& sources) {
   QuietErrors quiet;
   const int rank = static_cast<int>(dims.size());
   std::vector<hsize_t> d(dims.begin(), dims.end());
@@ -148,8 +149,8 @@ Handle open_dataset(hid_t parent, const std::string& name, const std::string& wh
 void read_rows(hid_t dataset, hid_t mem_type, std::int64_t begin, std::int64_t end, void* out) {
   QuietErrors quiet;
   const auto dims = shape(dataset);
-  CANOPY_CHECK(begin >= 0 && begin <= end && end <= dims.at(0), DataError, "HDF5: rows [", begin,
-               ", ", end, ") out of range for a dataset of ", dims.at(0), " rows");
+  CANOPY_CHECK(begin >= 0 && begin <= end && end <= dims.at(0), DataError, "HDF5: rows [", begin, ", ", end,
+               ") out of range for a dataset of ", dims.at(0), " rows");
   if (begin == end) return;
   const int rank = static_cast<int>(dims.size());
   Handle file_space = checked(H5Dget_space(dataset), H5Sclose, "getting a dataspace");

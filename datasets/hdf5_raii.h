@@ -50,7 +50,7 @@ class QuietErrors {
   bool saved_ = false;
 };
 
-Handle create_file(const std::string& path);             // truncates
+Handle create_file(const std::string& path);               // truncates
 Handle open_file(const std::string& path, bool writable);  // DataError if not HDF5
 Handle create_group(hid_t parent, const std::string& name);
 bool exists(hid_t parent, const std::string& path);
@@ -69,8 +69,8 @@ struct VirtualSource {
   std::int64_t first_row = 0;
   std::int64_t rows = 0;
 };
-Handle create_virtual(hid_t parent, const std::string& name, hid_t type, const std::vector<std::int64_t>& dims,
-                      const std::vector<VirtualSource>& sources);
+Handle create_virtual(hid_t parent, const std::string& name, hid_t type,
+                      const std::vector<std::int64_t>& dims, const std::vector<VirtualSource>& sources);
 
 Handle open_dataset(hid_t parent, const std::string& name, const std::string& where);
 std::vector<std::int64_t> shape(hid_t dataset);

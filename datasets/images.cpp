@@ -1,8 +1,8 @@
 #include "canopy/datasets/images.h"
 
-#include <png.h>
-#include <jpeglib.h>
 #include <jerror.h>
+#include <jpeglib.h>
+#include <png.h>
 
 #include <algorithm>
 #include <csetjmp>
@@ -26,7 +26,8 @@ namespace {
 // [H, W, C] interleaved bytes -> uint8 [C, H, W], keeping the first `keep` channels, in
 // memory of its own (clone, not contiguous(): a one-channel view already counts as
 // contiguous and would still point into `data`).
-at::Tensor to_chw(const std::uint8_t* data, std::int64_t h, std::int64_t w, std::int64_t c, std::int64_t keep) {
+at::Tensor to_chw(const std::uint8_t* data, std::int64_t h, std::int64_t w, std::int64_t c,
+                  std::int64_t keep) {
   at::Tensor hwc = at::from_blob(const_cast<std::uint8_t*>(data), {h, w, c}, at::kByte);
   return hwc.slice(2, 0, keep).permute({2, 0, 1}).clone(at::MemoryFormat::Contiguous);
 }
@@ -35,13 +36,14 @@ at::Tensor decode_png(const std::string& path) {
   png_image image;
   std::memset(&image, 0, sizeof image);
   image.version = PNG_IMAGE_VERSION;
-  CANOPY_CHECK(png_image_begin_read_from_file(&image, path.c_str()) != 0, DataError, "cannot decode PNG '", path,
-               "': ", image.message);
+  CANOPY_CHECK(png_image_begin_read_from_file(&image, path.c_str()) != 0, DataError, "cannot decode PNG '",
+               path, "': ", image.message);
   // 8-bit sRGB output, grey or RGB, with alpha when the file has it (dropped below, not
   // composited: the colour values are kept as stored, as PIL's convert("RGB") does).
   const bool color = (image.format & PNG_FORMAT_FLAG_COLOR) != 0;
   const bool alpha = (image.format & PNG_FORMAT_FLAG_ALPHA) != 0;
-  image.format = color ? (alpha ? PNG_FORMAT_RGBA : PNG_FORMAT_RGB) : (alpha ? PNG_FORMAT_GA : PNG_FORMAT_GRAY);
+  image.format =
+      color ? (alpha ? PNG_FORMAT_RGBA : PNG_FORMAT_RGB) : (alpha ? PNG_FORMAT_GA : PNG_FORMAT_GRAY);
   std::vector<std::uint8_t> buffer(PNG_IMAGE_SIZE(image));
   if (png_image_finish_read(&image, nullptr, buffer.data(), 0, nullptr) == 0) {
     const std::string message = image.message;
@@ -175,8 +177,8 @@ Csv read_csv(const std::string& path) {
       csv.header = std::move(fields);
       continue;
     }
-    CANOPY_CHECK(fields.size() == csv.header.size(), DataError, path, ":", n, ": ", fields.size(), " fields, the header has ",
-                 csv.header.size());
+    CANOPY_CHECK(fields.size() == csv.header.size(), DataError, path, ":", n, ": ", fields.size(),
+                 " fields, the header has ", csv.header.size());
     CANOPY_CHECK(!fields[0].empty(), DataError, path, ":", n, ": empty path");
     csv.rows.push_back(std::move(fields));
   }
@@ -218,14 +220,15 @@ ImageList read_image_csv(const std::string& path, const std::string& name_source
   CANOPY_CHECK(!csv.rows.empty(), DataError, "image list '", path, "' has a header but no rows");
   const std::string base = parent_path(path);
   ImageList out;
-  for (const auto& r : csv.rows) out.paths.push_back(r[0][0] == '/' || base.empty() ? r[0] : join_path(base, r[0]));
+  for (const auto& r : csv.rows)
+    out.paths.push_back(r[0][0] == '/' || base.empty() ? r[0] : join_path(base, r[0]));
   const Csv names = name_source.empty() || name_source == path ? csv : read_csv(name_source);
   CANOPY_CHECK(names.header == csv.header, DataError, "image lists '", name_source, "' and '", path,
                "' have different headers (", join(names.header, ","), " vs ", join(csv.header, ","), ")");
   for (std::size_t col = 1; col < csv.header.size(); ++col) {
     const std::string& label = csv.header[col];
-    CANOPY_CHECK(!label.empty() && !out.labels.count(label) && !out.float_labels.count(label), DataError, path,
-                 ": label column '", label, "' is empty or repeated");
+    CANOPY_CHECK(!label.empty() && !out.labels.count(label) && !out.float_labels.count(label), DataError,
+                 path, ": label column '", label, "' is empty or repeated");
     out.label_order.push_back(label);
     if (all_parse(names.rows, col, true) && all_parse(csv.rows, col, true)) {
       auto& v = out.labels[label];
@@ -240,8 +243,9 @@ ImageList read_image_csv(const std::string& path, const std::string& name_source
       auto& v = out.labels[label];
       for (std::size_t i = 0; i < csv.rows.size(); ++i) {
         const auto it = std::lower_bound(classes.begin(), classes.end(), csv.rows[i][col]);
-        CANOPY_CHECK(it != classes.end() && *it == csv.rows[i][col], DataError, path, ": row ", i + 1, " has ", label,
-                     " '", csv.rows[i][col], "', which '", name_source, "' never uses (its classes: ", join(classes, ", "), ")");
+        CANOPY_CHECK(it != classes.end() && *it == csv.rows[i][col], DataError, path, ": row ", i + 1,
+                     " has ", label, " '", csv.rows[i][col], "', which '", name_source,
+                     "' never uses (its classes: ", join(classes, ", "), ")");
         v.push_back(it - classes.begin());
       }
       out.class_names[label] = classes;

@@ -70,8 +70,8 @@ at::Tensor read_idx(const std::string& path, std::int64_t limit) {
   CANOPY_CHECK(f.read(head.data(), 4) == 4, DataError, "'", path, "' is too short to be an idx file");
   const auto* magic = reinterpret_cast<const unsigned char*>(head.data());
   CANOPY_CHECK(magic[0] == 0 && magic[1] == 0 && magic[2] == 0x08, DataError, "'", path,
-               "' is not an unsigned-byte idx file (magic bytes ", int(magic[0]), ",", int(magic[1]),
-               ",", int(magic[2]), ", expected 0,0,8)");
+               "' is not an unsigned-byte idx file (magic bytes ", int(magic[0]), ",", int(magic[1]), ",",
+               int(magic[2]), ", expected 0,0,8)");
   const int ndim = magic[3];
   CANOPY_CHECK(ndim >= 1 && ndim <= 4, DataError, "'", path, "' has ", ndim, " dimensions; expected 1 to 4");
   head.resize(4 + 4 * static_cast<std::size_t>(ndim));
@@ -97,17 +97,16 @@ at::Tensor read_idx(const std::string& path, std::int64_t limit) {
 }
 
 ImageSplit read_mnist_split(const std::string& dir, const std::string& split, std::int64_t limit) {
-  CANOPY_CHECK(split == "train" || split == "test", ConfigError,
-               "MNIST split must be train or test, got '", split, "'");
+  CANOPY_CHECK(split == "train" || split == "test", ConfigError, "MNIST split must be train or test, got '",
+               split, "'");
   const std::string prefix = split == "train" ? "train" : "t10k";
   const std::string images_path = find_file(dir, prefix + "-images-idx3-ubyte");
   const std::string labels_path = find_file(dir, prefix + "-labels-idx1-ubyte");
   at::Tensor images = read_idx(images_path, limit);
   at::Tensor labels = read_idx(labels_path, limit);
-  CANOPY_CHECK(images.dim() == 3, DataError, "'", images_path, "' should be [N, H, W], is ",
-               images.sizes());
-  CANOPY_CHECK(labels.dim() == 1 && labels.size(0) == images.size(0), DataError, "'", labels_path,
-               "' has ", labels.numel(), " labels for ", images.size(0), " images");
+  CANOPY_CHECK(images.dim() == 3, DataError, "'", images_path, "' should be [N, H, W], is ", images.sizes());
+  CANOPY_CHECK(labels.dim() == 1 && labels.size(0) == images.size(0), DataError, "'", labels_path, "' has ",
+               labels.numel(), " labels for ", images.size(0), " images");
   const std::int64_t n = images.size(0);
   ImageSplit out;
   out.images = images.slice(0, 0, n).contiguous();
@@ -117,9 +116,8 @@ ImageSplit read_mnist_split(const std::string& dir, const std::string& split, st
 }
 
 const std::vector<std::string>& fashion_mnist_class_names() {
-  static const std::vector<std::string> names = {"T-shirt/top", "Trouser", "Pullover", "Dress",
-                                                 "Coat",        "Sandal",  "Shirt",    "Sneaker",
-                                                 "Bag",         "Ankle boot"};
+  static const std::vector<std::string> names = {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                                 "Sandal",      "Shirt",   "Sneaker",  "Bag",   "Ankle boot"};
   return names;
 }
 

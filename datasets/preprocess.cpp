@@ -12,12 +12,12 @@ namespace canopy::datasets {
 void validate_preprocess_config(const PreprocessConfig& c) {
   CANOPY_CHECK(c.resize >= 0 && c.resize <= 4096, ConfigError,
                "preprocess.resize: expected 0 (keep) to 4096, got ", c.resize);
-  CANOPY_CHECK(c.channels == 1 || c.channels == 3, ConfigError,
-               "preprocess.channels: expected 1 or 3, got ", c.channels);
+  CANOPY_CHECK(c.channels == 1 || c.channels == 3, ConfigError, "preprocess.channels: expected 1 or 3, got ",
+               c.channels);
   for (const auto* v : {&c.mean, &c.std}) {
     const char* name = v == &c.mean ? "preprocess.mean" : "preprocess.std";
-    CANOPY_CHECK(v->size() == 1 || static_cast<std::int64_t>(v->size()) == c.channels,
-                 ConfigError, name, ": expected 1 or ", c.channels, " values, got ", v->size());
+    CANOPY_CHECK(v->size() == 1 || static_cast<std::int64_t>(v->size()) == c.channels, ConfigError, name,
+                 ": expected 1 or ", c.channels, " values, got ", v->size());
   }
   for (double s : c.std) {
     CANOPY_CHECK(s > 0, ConfigError, "preprocess.std: every value must be > 0, got ", s);

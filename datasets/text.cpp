@@ -77,8 +77,18 @@ bool is_whitespace(char32_t c) {
 bool is_punctuation(char32_t c) {
   if (in(c, 33, 47) || in(c, 58, 64) || in(c, 91, 96) || in(c, 123, 126)) return true;  // ASCII, as BERT
   switch (c) {
-    case 0xA1: case 0xA7: case 0xAB: case 0xB6: case 0xB7: case 0xBB: case 0xBF:
-    case 0x37E: case 0x387: case 0x303D: case 0x30FB: case 0x3030:
+    case 0xA1:
+    case 0xA7:
+    case 0xAB:
+    case 0xB6:
+    case 0xB7:
+    case 0xBB:
+    case 0xBF:
+    case 0x37E:
+    case 0x387:
+    case 0x303D:
+    case 0x30FB:
+    case 0x3030:
       return true;
     default:
       break;
@@ -90,8 +100,9 @@ bool is_punctuation(char32_t c) {
 }
 
 bool is_cjk(char32_t c) {
-  return in(c, 0x4E00, 0x9FFF) || in(c, 0x3400, 0x4DBF) || in(c, 0x20000, 0x2A6DF) || in(c, 0x2A700, 0x2B73F) ||
-         in(c, 0x2B740, 0x2B81F) || in(c, 0x2B820, 0x2CEAF) || in(c, 0xF900, 0xFAFF) || in(c, 0x2F800, 0x2FA1F);
+  return in(c, 0x4E00, 0x9FFF) || in(c, 0x3400, 0x4DBF) || in(c, 0x20000, 0x2A6DF) ||
+         in(c, 0x2A700, 0x2B73F) || in(c, 0x2B740, 0x2B81F) || in(c, 0x2B820, 0x2CEAF) ||
+         in(c, 0xF900, 0xFAFF) || in(c, 0x2F800, 0x2FA1F);
 }
 
 bool is_combining_mark(char32_t c) { return in(c, 0x300, 0x36F); }
@@ -121,7 +132,10 @@ char32_t strip_accent(char32_t c) {
     return b == '_' ? 0 : static_cast<char32_t>(b);
   }
   if (in(c, 0x100, 0x17F)) {
-    struct Range { char32_t lo, hi; char base; };
+    struct Range {
+      char32_t lo, hi;
+      char base;
+    };
     static const Range kExtA[] = {
         {0x100, 0x105, 'a'}, {0x106, 0x10D, 'c'}, {0x10E, 0x10F, 'd'}, {0x112, 0x11B, 'e'},
         {0x11C, 0x123, 'g'}, {0x124, 0x125, 'h'}, {0x128, 0x130, 'i'}, {0x134, 0x135, 'j'},
@@ -134,20 +148,40 @@ char32_t strip_accent(char32_t c) {
     return 0;
   }
   switch (c) {
-    case 0x3AC: return 0x3B1;
-    case 0x3AD: return 0x3B5;
-    case 0x3AE: return 0x3B7;
-    case 0x3AF: case 0x3CA: case 0x390: return 0x3B9;
-    case 0x3CC: return 0x3BF;
-    case 0x3CD: case 0x3CB: case 0x3B0: return 0x3C5;
-    case 0x3CE: return 0x3C9;
-    case 0x450: case 0x451: return 0x435;
-    case 0x439: case 0x45D: return 0x438;
-    case 0x453: return 0x433;
-    case 0x457: return 0x456;
-    case 0x45C: return 0x43A;
-    case 0x45E: return 0x443;
-    default: return 0;
+    case 0x3AC:
+      return 0x3B1;
+    case 0x3AD:
+      return 0x3B5;
+    case 0x3AE:
+      return 0x3B7;
+    case 0x3AF:
+    case 0x3CA:
+    case 0x390:
+      return 0x3B9;
+    case 0x3CC:
+      return 0x3BF;
+    case 0x3CD:
+    case 0x3CB:
+    case 0x3B0:
+      return 0x3C5;
+    case 0x3CE:
+      return 0x3C9;
+    case 0x450:
+    case 0x451:
+      return 0x435;
+    case 0x439:
+    case 0x45D:
+      return 0x438;
+    case 0x453:
+      return 0x433;
+    case 0x457:
+      return 0x456;
+    case 0x45C:
+      return 0x43A;
+    case 0x45E:
+      return 0x443;
+    default:
+      return 0;
   }
 }
 
@@ -316,8 +350,8 @@ std::int64_t ArffData::attribute(const std::string& name) const {
   for (std::size_t i = 0; i < attributes.size(); ++i) {
     if (attributes[i] == name) return static_cast<std::int64_t>(i);
   }
-  throw DataError(detail::str_cat("ARFF relation '", relation, "' has no attribute '", name, "' (it has: ",
-                                  join(attributes, ", "), ")"));
+  throw DataError(detail::str_cat("ARFF relation '", relation, "' has no attribute '", name,
+                                  "' (it has: ", join(attributes, ", "), ")"));
 }
 
 std::int64_t ArffData::string_attribute(const std::string& name) const {
@@ -366,8 +400,8 @@ ArffData read_arff(const std::string& path) {
           CANOPY_CHECK(close != std::string::npos, DataError, where, ": unterminated nominal value list");
           d.nominal_values.push_back(split_arff_values(rest.substr(1, close - 1), where));
         } else {
-          CANOPY_CHECK(lower_ascii(rest) == "string", DataError, where, ": attribute '", name, "' has type '", rest,
-                       "'; only string and nominal ({a,b,...}) attributes are supported");
+          CANOPY_CHECK(lower_ascii(rest) == "string", DataError, where, ": attribute '", name, "' has type '",
+                       rest, "'; only string and nominal ({a,b,...}) attributes are supported");
           d.nominal_values.emplace_back();
         }
       } else if (head == "@data") {
@@ -383,8 +417,8 @@ ArffData read_arff(const std::string& path) {
     }
     CANOPY_CHECK(t[0] != '{', DataError, where, ": sparse ARFF instances are not supported");
     const auto values = split_arff_values(line, where);
-    CANOPY_CHECK(values.size() == d.attributes.size(), DataError, where, ": ", values.size(),
-                 " values for ", d.attributes.size(), " attributes");
+    CANOPY_CHECK(values.size() == d.attributes.size(), DataError, where, ": ", values.size(), " values for ",
+                 d.attributes.size(), " attributes");
     for (std::size_t a = 0; a < values.size(); ++a) {
       if (d.nominal_values[a].empty()) {
         d.strings[a].push_back(values[a]);
@@ -396,7 +430,8 @@ ArffData read_arff(const std::string& path) {
         if (allowed[k] == values[a]) index = static_cast<std::int64_t>(k);
       }
       CANOPY_CHECK(index >= 0, DataError, where, ": value '", values[a], "' of attribute '", d.attributes[a],
-                   "' is not one of {", join(allowed, ","), "}", values[a] == "?" ? " (missing values are not supported)" : "");
+                   "' is not one of {", join(allowed, ","), "}",
+                   values[a] == "?" ? " (missing values are not supported)" : "");
       d.nominals[a].push_back(index);
     }
     ++d.rows;

@@ -42,7 +42,8 @@ std::vector<torch::Tensor> fused_forward(const std::vector<Head*>& heads, const 
     const auto first = first_layer(*h);
     CANOPY_CHECK(!lead.is_empty() && !first.is_empty() && first->weight.size(1) == lead->weight.size(1) &&
                      first->bias.defined() == lead->bias.defined(),
-                 Error, "fused_forward: '", h->describe(), "' does not fuse with '", heads.front()->describe(), "'");
+                 Error, "fused_forward: '", h->describe(), "' does not fuse with '",
+                 heads.front()->describe(), "'");
     w.push_back(first->weight);
     if (first->bias.defined()) b.push_back(first->bias);
     widths.push_back(first->weight.size(0));

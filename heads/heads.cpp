@@ -1,9 +1,9 @@
 #include <sstream>
 
-#include <torch/nn/modules/activation.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/container/any.h>
 #include <mutex>
 
@@ -24,7 +24,8 @@ namespace {
 // Inverted dropout drawing from the head's own generator.
 class SeededDropoutImpl : public torch::nn::Module {
  public:
-  SeededDropoutImpl(double p, at::Generator rng) : p_(p), rng_(std::move(rng)) {}  // shares the head's generator
+  SeededDropoutImpl(double p, at::Generator rng)
+      : p_(p), rng_(std::move(rng)) {}  // shares the head's generator
   torch::Tensor forward(const torch::Tensor& x) {
     if (!is_training() || p_ == 0.0) return x;
     const torch::Tensor keep = at::empty_like(x).bernoulli_(1.0 - p_, rng_);
@@ -40,11 +41,12 @@ TORCH_MODULE(SeededDropout);
 
 LinearHead::LinearHead(const LinearHeadOptions& options) : options_(options) {
   CANOPY_CHECK(options.in_features() > 0 && options.out_features() > 0, ConfigError,
-               "linear head: in_features and out_features must be > 0, got ",
-               options.in_features(), " and ", options.out_features());
+               "linear head: in_features and out_features must be > 0, got ", options.in_features(), " and ",
+               options.out_features());
   linear_ = register_module(
-      "linear", torch::nn::Linear(torch::nn::LinearOptions(options.in_features(), options.out_features())
-                                      .bias(options.bias())));
+      "linear",
+      torch::nn::Linear(
+          torch::nn::LinearOptions(options.in_features(), options.out_features()).bias(options.bias())));
 }
 
 torch::Tensor LinearHead::forward(const torch::Tensor& features) { return linear_->forward(features); }
@@ -82,10 +84,14 @@ MlpHead::MlpHead(const MlpHeadOptions& options) : options_(options) {
   for (auto h : options.hidden()) {
     seq->push_back(torch::nn::Linear(in, h));
     const auto& a = options.activation();
-    if (a == "relu") seq->push_back(torch::nn::ReLU());
-    else if (a == "gelu") seq->push_back(torch::nn::GELU());
-    else if (a == "tanh") seq->push_back(torch::nn::Tanh());
-    else seq->push_back(torch::nn::SiLU());
+    if (a == "relu")
+      seq->push_back(torch::nn::ReLU());
+    else if (a == "gelu")
+      seq->push_back(torch::nn::GELU());
+    else if (a == "tanh")
+      seq->push_back(torch::nn::Tanh());
+    else
+      seq->push_back(torch::nn::SiLU());
     if (options.dropout() > 0) seq->push_back(SeededDropout(options.dropout(), rng()));
     in = h;
   }

@@ -1,7 +1,7 @@
 #include "canopy/runners/cache_job.h"
 
-#include <chrono>
 #include <algorithm>
+#include <chrono>
 #include <optional>
 #include <sstream>
 #include <thread>
@@ -62,8 +62,10 @@ std::vector<std::string> describe_changes(const std::string& old_description,
   std::vector<std::string> out;
   for (const auto& [k, v] : b) {
     const auto it = a.find(k);
-    if (it == a.end()) out.push_back(k + " (new)");
-    else if (it->second != v) out.push_back(k + " (" + it->second + " -> " + v + ")");
+    if (it == a.end())
+      out.push_back(k + " (new)");
+    else if (it->second != v)
+      out.push_back(k + " (" + it->second + " -> " + v + ")");
   }
   for (const auto& [k, v] : a) {
     if (!b.count(k)) out.push_back(k + " (removed)");
@@ -84,10 +86,14 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
   char size[64];
   std::snprintf(size, sizeof size, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
   o << "cache " << dir << " (schema " << datasets::kCacheSchemaVersion << ", "
-    << (m.complete ? "complete" : "UNFINISHED: " + std::to_string(done) + " of " + std::to_string(total) + " rows") << ")\n"
-    << "  view          " << datasets::view_path(dir) << (m.complete ? "" : " (written when complete)") << "\n"
+    << (m.complete ? "complete"
+                   : "UNFINISHED: " + std::to_string(done) + " of " + std::to_string(total) + " rows")
+    << ")\n"
+    << "  view          " << datasets::view_path(dir) << (m.complete ? "" : " (written when complete)")
+    << "\n"
     << "  size on disk  " << size << " in " << m.shards.size() << " shard(s)\n"
-    << "  features      " << m.meta.feature_dim << " x " << datasets::storage_dtype_name(m.meta.dtype) << "\n";
+    << "  features      " << m.meta.feature_dim << " x " << datasets::storage_dtype_name(m.meta.dtype)
+    << "\n";
   for (const auto& [split, n] : m.split_rows) {
     std::int64_t shards = 0, rows = 0;
     for (const auto& sh : m.shards) {
@@ -100,7 +106,8 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
       << (rows == n ? "" : " (" + std::to_string(rows) + " written)") << "\n";
   }
   std::vector<std::string> sources;
-  for (const auto& src : m.meta.label_sources) sources.push_back(src + (m.meta.is_float_label(src) ? " (float64)" : ""));
+  for (const auto& src : m.meta.label_sources)
+    sources.push_back(src + (m.meta.is_float_label(src) ? " (float64)" : ""));
   o << "  labels        " << join(sources, ", ");
   if (!m.meta.class_names.empty()) o << " (classes: " << join(m.meta.class_names, ", ") << ")";
   o << "\n  fingerprint   " << m.meta.fingerprint << ", over:\n";
@@ -108,8 +115,8 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
   for (std::string line; std::getline(parts, line);) o << "      " << line << "\n";
   if (config) {
     const auto changes = describe_changes(m.meta.description, expected_cache_description(*config));
-    o << "  matches " << config->source << ": " << (changes.empty() ? "yes" : "NO, changed " + join(changes, "; "))
-      << "\n";
+    o << "  matches " << config->source << ": "
+      << (changes.empty() ? "yes" : "NO, changed " + join(changes, "; ")) << "\n";
     good = good && changes.empty();
   }
   if (verify) {
@@ -127,61 +134,43 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
   return o.str();
 }
 
-CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, ProgressStyle style) {
-  const auto start = Clock::now();
-  CacheReport report;
-  report.path = config.cache.path;
-  validate_job_config(config);
+namespace {
 
-  // Hash the trunk file first: the description (and so the fingerprint) depends on it,
-  // and a pinned hash must be checked before anything loads the file.
-  const std::string trunk_sha = trunk ? trunk->sha256() : trunk::verified_trunk_sha256(config.trunk);
-  const std::string description = cache_description(config, trunk_sha);
-  report.fingerprint = sha256_hex(description);
+// What an existing cache at config.cache.path means for this run.
+enum class CacheState { kUpToDate, kResume, kBuild };
 
-  bool resume = false;
-  if (is_regular_file(datasets::manifest_path(config.cache.path))) {
-    try {
-      const datasets::Manifest old = datasets::read_manifest(config.cache.path);
-      if (old.meta.fingerprint != report.fingerprint) {
-        report.reason = "rebuilding: changed " + join(describe_changes(old.meta.description, description), "; ");
-      } else if (force) {
-        report.reason = "rebuilding (forced)";
-      } else if (old.complete) {
-        const auto existing = datasets::FeatureCache::open(config.cache.path);
-        report.reason = "up to date (fingerprint " + report.fingerprint.substr(0, 12) + ")";
-        for (const auto& s : existing.splits()) report.rows[s] = existing.rows(s);
-        report.feature_dim = existing.feature_dim();
-        report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
-        return report;
-      } else {
-        resume = true;
-      }
-    } catch (const DataError& e) {
-      report.reason = std::string("rebuilding: existing cache unusable (") + e.what() + ")";
-    }
-  } else {
+CacheState existing_cache(const JobConfig& config, const std::string& description, bool force,
+                          CacheReport& report) {
+  if (!is_regular_file(datasets::manifest_path(config.cache.path))) {
     report.reason = "building (no cache yet)";
+    return CacheState::kBuild;
   }
-
-  std::optional<trunk::Trunk> owned;
-  if (!trunk) {
-    owned.emplace(trunk::Trunk::load(config.trunk));
-    trunk = &*owned;
+  try {
+    const datasets::Manifest old = datasets::read_manifest(config.cache.path);
+    if (old.meta.fingerprint != report.fingerprint) {
+      report.reason =
+          "rebuilding: changed " + join(describe_changes(old.meta.description, description), "; ");
+      return CacheState::kBuild;
+    }
+    if (force) {
+      report.reason = "rebuilding (forced)";
+      return CacheState::kBuild;
+    }
+    if (!old.complete) return CacheState::kResume;
+    const auto existing = datasets::FeatureCache::open(config.cache.path);
+    report.reason = "up to date (fingerprint " + report.fingerprint.substr(0, 12) + ")";
+    for (const auto& s : existing.splits()) report.rows[s] = existing.rows(s);
+    report.feature_dim = existing.feature_dim();
+    return CacheState::kUpToDate;
+  } catch (const DataError& e) {
+    report.reason = std::string("rebuilding: existing cache unusable (") + e.what() + ")";
+    return CacheState::kBuild;
   }
-  if (const auto trainable = trunk->parameter_counts().second; trainable > 0) {
-    log_info(detail::str_cat("note: trunk.freeze leaves ", trainable,
-                             " trunk parameters trainable, but the cache runs the trunk in inference mode and the "
-                             "heads train on cached features: nothing in the trunk trains here (the C++ API "
-                             "Trunk::features / trainable_parameters trains the unfrozen part)"));
-  }
+}
 
-  const InputData data = load_input_data(config);
-  std::map<std::string, std::int64_t> split_rows;
-  for (const auto& [split, d] : data.splits) split_rows[split] = d.rows;
-  // One sample tells the feature dimension (the writer needs it before the first shard).
-  const std::int64_t dim = trunk->encode(data.splits.at("train").inputs({0})).size(1);
-
+datasets::CacheMeta cache_meta(const JobConfig& config, const CacheReport& report,
+                               const std::string& description, const std::string& trunk_sha,
+                               const InputData& data, std::int64_t dim) {
   datasets::CacheMeta meta;
   meta.fingerprint = report.fingerprint;
   meta.description = description;
@@ -196,86 +185,142 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   meta.float_labels = data.float_labels;
   meta.label_stats = data.label_stats;
   meta.class_names = data.class_names;
-  std::string note;
-  datasets::FeatureCacheWriter writer(config.cache.path, meta, split_rows, config.cache.shard_rows, resume, &note);
-  if (resume) report.reason = note;
-  log_info("cache '" + config.cache.path + "': " + report.reason + "; trunk on " + trunk->device().str() +
-           ", sha256 " + trunk_sha.substr(0, 12) + "...");
+  return meta;
+}
 
-  std::int64_t todo = 0;
-  for (const auto& [split, n] : split_rows) todo += n - writer.rows_done(split);
-
-  // Double buffering: this thread preprocesses and runs the trunk while a writer thread
-  // stores the previous batch (HDF5 is only ever called from that one thread).
+// Double buffering: the caller preprocesses and runs the trunk while this thread stores the
+// previous batch (HDF5 is only ever called from this one thread).
+class WriteBehind {
+ public:
   struct Item {
     std::string split;
     at::Tensor features, ids;
     std::map<std::string, at::Tensor> labels;
   };
-  BoundedQueue<Item> queue(2);
-  std::exception_ptr write_error;
-  std::thread writer_thread([&] {
-    try {
-      while (auto item = queue.pop()) {
-        writer.append(item->split, item->features, item->labels, item->ids);
+  explicit WriteBehind(datasets::FeatureCacheWriter& writer)
+      : queue_(2), thread_([this, &writer] {
+          try {
+            while (auto item = queue_.pop())
+              writer.append(item->split, item->features, item->labels, item->ids);
+          } catch (...) {
+            error_ = std::current_exception();
+            queue_.close();
+          }
+        }) {}
+  ~WriteBehind() { stop(); }
+  // False when the writer failed (finish() rethrows its error).
+  bool push(Item item) { return queue_.push(std::move(item)); }
+  // Waits for every queued batch to be written; rethrows the writer's error.
+  void finish() {
+    stop();
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void stop() {
+    queue_.close();
+    if (thread_.joinable()) thread_.join();
+  }
+  BoundedQueue<Item> queue_;
+  std::exception_ptr error_;
+  std::thread thread_;
+};
+
+// Features of rows [w, wend) of `in`, in row order. Texts (`window` > batch) run in trunk
+// batches of sorted lengths, scattered back to row order.
+at::Tensor encode_window(trunk::Trunk& trunk, const InputSplit& in, std::int64_t w, std::int64_t wend,
+                         std::int64_t bs, std::int64_t window, std::int64_t dim) {
+  std::vector<std::int64_t> order = row_range(w, wend);
+  if (window == bs) return trunk.encode(in.inputs(order));
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::int64_t a, std::int64_t b) { return in.lengths[a] < in.lengths[b]; });
+  at::Tensor features = at::empty({wend - w, dim}, at::kFloat);
+  for (std::size_t c = 0; c < order.size(); c += static_cast<std::size_t>(bs)) {
+    const std::vector<std::int64_t> rows(order.begin() + c, order.begin() + std::min(order.size(), c + bs));
+    features.index_copy_(0, at::tensor(rows, at::kLong) - w, trunk.encode(in.inputs(rows)));
+  }
+  return features;
+}
+
+// Runs the trunk over every row not yet in the cache and hands the batches to `out`.
+void encode_missing(const JobConfig& config, trunk::Trunk& trunk, const InputData& data,
+                    const datasets::FeatureCacheWriter& writer, std::int64_t dim, WriteBehind& out,
+                    Progress& progress, CacheReport& report) {
+  for (const std::string split : {"train", "test"}) {
+    const InputSplit& in = data.splits.at(split);
+    // Texts run in trunk batches of similar length, chosen within a window of 8 batches
+    // (a whole number of windows per shard, so a resumed run forms the same batches).
+    const std::int64_t bs = config.cache.batch_size;
+    const std::int64_t window = !in.lengths.empty() && config.cache.shard_rows % (8 * bs) == 0 ? 8 * bs : bs;
+    for (std::int64_t w = writer.rows_done(split); w < in.rows; w += window) {
+      const std::int64_t wend = std::min(in.rows, w + window);
+      const auto t0 = Clock::now();
+      const at::Tensor features = encode_window(trunk, in, w, wend, bs, window, dim);
+      report.trunk_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+      for (std::int64_t i = w; i < wend; i += bs) {
+        const std::int64_t end = std::min(wend, i + bs);
+        std::map<std::string, at::Tensor> labels;
+        for (const auto& [name, column] : in.labels) labels[name] = column.slice(0, i, end);
+        const auto t1 = Clock::now();
+        if (!out.push(
+                {split, features.slice(0, i - w, end - w), in.ids.slice(0, i, end), std::move(labels)})) {
+          return;  // the writer failed: WriteBehind::finish rethrows its error
+        }
+        report.write_wait_seconds += std::chrono::duration<double>(Clock::now() - t1).count();
+        report.rows_computed += end - i;
+        progress.advance(end - i, split);
       }
-    } catch (...) {
-      write_error = std::current_exception();
-      queue.close();
     }
-  });
-  try {
+  }
+}
+
+}  // namespace
+
+CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, ProgressStyle style) {
+  const auto start = Clock::now();
+  CacheReport report;
+  report.path = config.cache.path;
+  validate_job_config(config);
+  // Hash the trunk file first: the description (and so the fingerprint) depends on it,
+  // and a pinned hash must be checked before anything loads the file.
+  const std::string trunk_sha = trunk ? trunk->sha256() : trunk::verified_trunk_sha256(config.trunk);
+  const std::string description = cache_description(config, trunk_sha);
+  report.fingerprint = sha256_hex(description);
+  const CacheState state = existing_cache(config, description, force, report);
+  if (state == CacheState::kUpToDate) {
+    report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    return report;
+  }
+  std::optional<trunk::Trunk> owned;
+  if (!trunk) trunk = &owned.emplace(trunk::Trunk::load(config.trunk));
+  if (const auto trainable = trunk->parameter_counts().second; trainable > 0) {
+    log_info(
+        detail::str_cat("note: trunk.freeze leaves ", trainable,
+                        " trunk parameters trainable, but the cache runs the trunk in inference mode and the "
+                        "heads train on cached features: nothing in the trunk trains here (the C++ API "
+                        "Trunk::features / trainable_parameters trains the unfrozen part)"));
+  }
+  const InputData data = load_input_data(config);
+  std::map<std::string, std::int64_t> split_rows;
+  for (const auto& [split, d] : data.splits) split_rows[split] = d.rows;
+  // One sample tells the feature dimension (the writer needs it before the first shard).
+  const std::int64_t dim = trunk->encode(data.splits.at("train").inputs({0})).size(1);
+  const bool resume = state == CacheState::kResume;
+  std::string note;
+  datasets::FeatureCacheWriter writer(config.cache.path,
+                                      cache_meta(config, report, description, trunk_sha, data, dim),
+                                      split_rows, config.cache.shard_rows, resume, &note);
+  if (resume) report.reason = note;
+  log_info("cache '" + config.cache.path + "': " + report.reason + "; trunk on " + trunk->device().str() +
+           ", sha256 " + trunk_sha.substr(0, 12) + "...");
+  std::int64_t todo = 0;
+  for (const auto& [split, n] : split_rows) todo += n - writer.rows_done(split);
+  {
     Progress progress("cache", todo, data.unit, style);
-    bool stopped = false;
-    for (const std::string split : {"train", "test"}) {
-      const InputSplit& in = data.splits.at(split);
-      const std::int64_t n = in.rows;
-      // Texts run in trunk batches of similar length, chosen within a window of 8 batches
-      // (a whole number of windows per shard, so a resumed run forms the same batches).
-      const std::int64_t bs = config.cache.batch_size;
-      const std::int64_t window = !in.lengths.empty() && config.cache.shard_rows % (8 * bs) == 0 ? 8 * bs : bs;
-      for (std::int64_t w = writer.rows_done(split); w < n && !stopped; w += window) {
-        const std::int64_t wend = std::min(n, w + window);
-        std::vector<std::int64_t> order = row_range(w, wend);
-        if (window > bs) {
-          std::stable_sort(order.begin(), order.end(),
-                           [&](std::int64_t a, std::int64_t b) { return in.lengths[a] < in.lengths[b]; });
-        }
-        const auto t0 = Clock::now();
-        at::Tensor features;
-        if (window == bs) {
-          features = trunk->encode(in.inputs(order));
-        } else {  // trunk batches of sorted rows, scattered back to row order
-          features = at::empty({wend - w, dim}, at::kFloat);
-          for (std::size_t c = 0; c < order.size(); c += static_cast<std::size_t>(bs)) {
-            const std::vector<std::int64_t> rows(order.begin() + c, order.begin() + std::min(order.size(), c + bs));
-            features.index_copy_(0, at::tensor(rows, at::kLong) - w, trunk->encode(in.inputs(rows)));
-          }
-        }
-        report.trunk_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
-        for (std::int64_t i = w; i < wend; i += bs) {
-          const std::int64_t end = std::min(wend, i + bs);
-          std::map<std::string, at::Tensor> labels;
-          for (const auto& [name, column] : in.labels) labels[name] = column.slice(0, i, end);
-          const auto t1 = Clock::now();
-          if (!queue.push(Item{split, features.slice(0, i - w, end - w), in.ids.slice(0, i, end), std::move(labels)})) {
-            stopped = true;  // the writer failed: its error is rethrown below
-            break;
-          }
-          report.write_wait_seconds += std::chrono::duration<double>(Clock::now() - t1).count();
-          report.rows_computed += end - i;
-          progress.advance(end - i, split);
-        }
-      }
-    }
-    queue.close();
-    writer_thread.join();
-    if (write_error) std::rethrow_exception(write_error);
+    WriteBehind out(writer);
+    encode_missing(config, *trunk, data, writer, dim, out, progress, report);
+    out.finish();
     progress.finish();
-  } catch (...) {
-    queue.close();
-    if (writer_thread.joinable()) writer_thread.join();
-    throw;
   }
   writer.finish();
   report.rows = split_rows;

@@ -58,7 +58,8 @@ std::string CheckpointStore::task_file(const std::string& task, std::int64_t gen
 
 void CheckpointStore::save(const CheckpointPosition& position, const std::vector<tasks::Task*>& tasks,
                            const std::vector<HeadRun>& runs) {
-  CANOPY_CHECK(tasks.size() == runs.size(), Error, "checkpoint: ", tasks.size(), " tasks, ", runs.size(), " runs");
+  CANOPY_CHECK(tasks.size() == runs.size(), Error, "checkpoint: ", tasks.size(), " tasks, ", runs.size(),
+               " runs");
   make_dirs(dir_);
   ++generation_;
   ordered_json tasks_json = ordered_json::array();
@@ -82,7 +83,8 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
 void CheckpointStore::remove_other_generations() const {
   for (const auto& name : list_dir(dir_)) {
     const auto dot = name.rfind(".pt");
-    if (dot == std::string::npos || dot + 3 != name.size() || name.find(".tmp.") != std::string::npos) continue;
+    if (dot == std::string::npos || dot + 3 != name.size() || name.find(".tmp.") != std::string::npos)
+      continue;
     const auto gen_dot = name.rfind('.', dot - 1);
     if (gen_dot != std::string::npos && std::atoll(name.c_str() + gen_dot + 1) != generation_) {
       std::remove((dir_ + "/" + name).c_str());
@@ -92,7 +94,8 @@ void CheckpointStore::remove_other_generations() const {
 
 CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs) {
   const std::string path = state_path();
-  CANOPY_CHECK(exists(), DataError, "--resume: no checkpoint in '", dir_, "' (train without --resume to start)");
+  CANOPY_CHECK(exists(), DataError, "--resume: no checkpoint in '", dir_,
+               "' (train without --resume to start)");
   ordered_json st;
   try {
     st = ordered_json::parse(read_file(path));
@@ -114,8 +117,8 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
     for (std::size_t i = 0; i < tasks.size(); ++i) {
       const auto& t = saved.at(i);
       const std::string name = t.at("name").get<std::string>();
-      CANOPY_CHECK(name == tasks[i]->name(), DataError, "checkpoint task ", i, " is '", name, "', config has '",
-                   tasks[i]->name(), "'");
+      CANOPY_CHECK(name == tasks[i]->name(), DataError, "checkpoint task ", i, " is '", name,
+                   "', config has '", tasks[i]->name(), "'");
       tasks[i]->load_checkpoint(task_file(name, generation_));
       run_from_json(t, runs[i]);
     }

@@ -6,9 +6,9 @@
 #include <optional>
 #include <sstream>
 
+#include <torch/version.h>
 #include <boost/program_options.hpp>
 #include <nlohmann/json.hpp>
-#include <torch/version.h>
 
 #include "canopy/core/device.h"
 #include "canopy/core/error.h"
@@ -50,7 +50,8 @@ ProgressStyle parse_progress(const std::string& s) {
 
 // --config, --set and --allow-unpinned: how every command that reads a job config names it.
 void add_config_options(po::options_description& d) {
-  d.add_options()("config", po::value<std::string>()->value_name("FILE"), "the job configuration (INI; see configs/)")(
+  d.add_options()("config", po::value<std::string>()->value_name("FILE"),
+                  "the job configuration (INI; see configs/)")(
       "set", po::value<std::vector<std::string>>()->value_name("KEY=VALUE"),
       "override a config value, e.g. --set train.epochs=5 (repeatable)")(
       "allow-unpinned", "load a trunk whose SHA-256 the config does not pin (the hash to pin is printed)");
@@ -64,10 +65,10 @@ void add_progress_option(po::options_description& d) {
 // The job config named by --config, with every --set applied (and --allow-unpinned).
 JobConfig config_from(const po::variables_map& vm, const std::string& command,
                       std::vector<std::string> extra_overrides = {}) {
-  CANOPY_CHECK(vm.count("config"), ConfigError, "canopy ", command, ": --config FILE is required (see canopy ",
-               command, " --help)");
-  std::vector<std::string> overrides = vm.count("set") ? vm["set"].as<std::vector<std::string>>()
-                                                       : std::vector<std::string>{};
+  CANOPY_CHECK(vm.count("config"), ConfigError, "canopy ", command,
+               ": --config FILE is required (see canopy ", command, " --help)");
+  std::vector<std::string> overrides =
+      vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
   if (vm.count("allow-unpinned")) overrides.push_back("trunk.allow_unpinned=true");
   overrides.insert(overrides.end(), extra_overrides.begin(), extra_overrides.end());
   return load_job_config(vm["config"].as<std::string>(), overrides);
@@ -76,11 +77,13 @@ JobConfig config_from(const po::variables_map& vm, const std::string& command,
 void print_cache_report(const CacheReport& r, std::ostream& out) {
   out << "cache " << r.path << ": " << (r.rebuilt ? "built" : r.reason) << "\n";
   out << "  fingerprint " << r.fingerprint << "\n  features    " << r.feature_dim << " per sample\n";
-  for (const auto& [split, rows] : r.rows) out << "  " << std::left << std::setw(11) << split << " " << rows << " rows\n";
+  for (const auto& [split, rows] : r.rows)
+    out << "  " << std::left << std::setw(11) << split << " " << rows << " rows\n";
   if (r.rebuilt) {
     out << std::fixed << std::setprecision(1) << "  time        " << r.seconds << " s (" << r.rows_computed
         << " rows through the trunk: " << r.trunk_seconds << " s; waiting on writes: " << r.write_wait_seconds
-        << " s)\n" << std::defaultfloat;
+        << " s)\n"
+        << std::defaultfloat;
   }
 }
 
@@ -118,7 +121,8 @@ int run_job(const std::string& command, const po::variables_map& vm, const tasks
   }
   const TrainReport report = run_train(config, registry, style, vm.count("resume") > 0);
   out << "\n" << format_summary(report);
-  out << "heads, metrics (metrics.jsonl, metrics.csv, tensorboard/), checkpoints and the resolved config are in "
+  out << "heads, metrics (metrics.jsonl, metrics.csv, tensorboard/), checkpoints and the resolved config are "
+         "in "
       << report.out_dir << "\n";
   if (report.any_failed()) {
     err << "canopy: at least one head FAILED (see above); the others were trained and saved\n";
@@ -132,19 +136,20 @@ Command job_command(const char* name, const char* usage, const char* summary, bo
           [cache, train](po::options_description& d, po::positional_options_description&) {
             job_options(d, cache, train);
           },
-          [name](const po::variables_map& vm, const tasks::HeadRegistry& r, std::ostream& out, std::ostream& err) {
-            return run_job(name, vm, r, out, err);
-          }};
+          [name](const po::variables_map& vm, const tasks::HeadRegistry& r, std::ostream& out,
+                 std::ostream& err) { return run_job(name, vm, r, out, err); }};
 }
 
 int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
                         std::ostream& err) {
-  CANOPY_CHECK(vm.count("input"), ConfigError, "canopy predict: --input FILE is required (see canopy predict --help)");
+  CANOPY_CHECK(vm.count("input"), ConfigError,
+               "canopy predict: --input FILE is required (see canopy predict --help)");
   const JobConfig config = config_from(vm, "predict");
   PredictOptions options;
   options.input = vm["input"].as<std::string>();
   options.limit = vm["limit"].as<std::int64_t>();
   options.format = vm["format"].as<std::string>();
+  options.scores = vm.count("scores") > 0;
   const ProgressStyle style = parse_progress(vm["progress"].as<std::string>());
   if (!vm.count("output")) {
     run_predict(config, registry, options, out, style);
@@ -158,7 +163,8 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   return kExitOk;
 }
 
-int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
+int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out,
+                        std::ostream&) {
   std::optional<JobConfig> config;
   if (vm.count("config")) config = config_from(vm, "inspect");
   CANOPY_CHECK(vm.count("path") || config, ConfigError, "canopy inspect: give a cache PATH or --config FILE");
@@ -168,7 +174,8 @@ int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&,
   return ok ? kExitOk : kExitError;
 }
 
-int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
+int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out,
+                         std::ostream&) {
   CANOPY_CHECK(vm.count("vocab") && (vm.count("arff") != vm.count("input")), ConfigError,
                "canopy tokenize: --vocab FILE and one of --arff FILE or --input FILE are required");
   datasets::TokenizerConfig tc;
@@ -177,21 +184,24 @@ int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&
   tc.lowercase = vm.count("cased") == 0;
   const datasets::WordPieceTokenizer tokenizer(tc);
   const std::vector<std::string> texts =
-      vm.count("arff") ? datasets::read_arff_texts(vm["arff"].as<std::string>(), vm["attribute"].as<std::string>())
-                       : datasets::read_text_lines(vm["input"].as<std::string>());
+      vm.count("arff")
+          ? datasets::read_arff_texts(vm["arff"].as<std::string>(), vm["attribute"].as<std::string>())
+          : datasets::read_text_lines(vm["input"].as<std::string>());
   for (const auto& t : texts) out << nlohmann::json{{"text", t}, {"ids", tokenizer.encode(t)}}.dump() << "\n";
   return kExitOk;
 }
 
 std::string version_text() {
-  return detail::str_cat("canopy ", kVersion, "\nLibTorch ", TORCH_VERSION, "\nHDF5 ", datasets::hdf5_version(),
-                         "\nCUDA available: ", cuda_available() ? "yes" : "no", "\n");
+  return detail::str_cat("canopy ", kVersion, "\nLibTorch ", TORCH_VERSION, "\nHDF5 ",
+                         datasets::hdf5_version(), "\nCUDA available: ", cuda_available() ? "yes" : "no",
+                         "\n");
 }
 
 const std::vector<Command>& commands() {
   static const std::vector<Command> kCommands = {
       job_command("cache", "canopy cache --config FILE [options]",
-                  "run the frozen trunk once per sample and store its features in the HDF5 cache", true, false),
+                  "run the frozen trunk once per sample and store its features in the HDF5 cache", true,
+                  false),
       job_command("train", "canopy train --config FILE [options]",
                   "train every task's head concurrently on the cached features", false, true),
       job_command("run", "canopy run --config FILE [options]", "cache (if needed), then train", true, true),
@@ -199,26 +209,33 @@ const std::vector<Command>& commands() {
        "run the trunk and every trained head on new inputs (idx images, image files, texts) in one pass",
        [](po::options_description& d, po::positional_options_description&) {
          add_config_options(d);
-         d.add_options()("input", po::value<std::string>()->value_name("FILE"),
-                         "the inputs, in the form of the config's data source: an idx file, a CSV manifest, an "
-                         "image folder or file, an ARFF file or texts one per line")(
-             "output", po::value<std::string>()->value_name("FILE"), "write the predictions here (default: stdout)")(
+         d.add_options()(
+             "input", po::value<std::string>()->value_name("FILE"),
+             "the inputs, in the form of the config's data source: an idx file, a CSV manifest, an "
+             "image folder or file, an ARFF file or texts one per line")(
+             "output", po::value<std::string>()->value_name("FILE"),
+             "write the predictions here (default: stdout)")(
              "format", po::value<std::string>()->default_value("csv"), "csv or jsonl")(
-             "limit", po::value<std::int64_t>()->default_value(0)->value_name("N"), "the first N inputs only (0: all)");
+             "limit", po::value<std::int64_t>()->default_value(0)->value_name("N"),
+             "the first N inputs only (0: all)")("scores",
+                                                 "also write each class's probability (softmax) and each "
+                                                 "label's (sigmoid), columns <task>:<class>");
          add_progress_option(d);
        },
        run_predict_command},
       {"inspect", "canopy inspect PATH [--config FILE] [--verify]",
-       "describe a cache: splits, shapes, dtype, size, fingerprint parts, completeness, whether it matches a config",
+       "describe a cache: splits, shapes, dtype, size, fingerprint parts, completeness, whether it matches a "
+       "config",
        [](po::options_description& d, po::positional_options_description& p) {
          add_config_options(d);
-         d.add_options()("path", po::value<std::string>()->value_name("PATH"), "the cache directory (positional)")(
-             "verify", "check every shard's checksums");
+         d.add_options()("path", po::value<std::string>()->value_name("PATH"),
+                         "the cache directory (positional)")("verify", "check every shard's checksums");
          p.add("path", 1);
        },
        run_inspect_command},
       {"trunk show", "canopy trunk show --config FILE [--depth N]",
-       "load the trunk (hash checked first) and print its module tree, frozen/trainable state, BatchNorm pinning, "
+       "load the trunk (hash checked first) and print its module tree, frozen/trainable state, BatchNorm "
+       "pinning, "
        "blocks and taps; runs no data",
        [](po::options_description& d, po::positional_options_description&) {
          add_config_options(d);
@@ -232,12 +249,14 @@ const std::vector<Command>& commands() {
       {"tokenize", "canopy tokenize --vocab FILE (--arff FILE [--attribute NAME] | --input FILE) [options]",
        "WordPiece token ids of texts as JSON lines {\"text\": ..., \"ids\": [...]}",
        [](po::options_description& d, po::positional_options_description&) {
-         d.add_options()("vocab", po::value<std::string>()->value_name("FILE"), "the WordPiece vocabulary (vocab.txt)")(
-             "max-length", po::value<std::int64_t>()->default_value(256)->value_name("N"), "most tokens per text")(
-             "cased", "keep case (default: lowercase, as uncased models expect)")(
+         d.add_options()("vocab", po::value<std::string>()->value_name("FILE"),
+                         "the WordPiece vocabulary (vocab.txt)")(
+             "max-length", po::value<std::int64_t>()->default_value(256)->value_name("N"),
+             "most tokens per text")("cased", "keep case (default: lowercase, as uncased models expect)")(
              "arff", po::value<std::string>()->value_name("FILE"), "texts from an ARFF string attribute")(
-             "attribute", po::value<std::string>()->default_value("Text")->value_name("NAME"), "the ARFF attribute")(
-             "input", po::value<std::string>()->value_name("FILE"), "texts, one per line");
+             "attribute", po::value<std::string>()->default_value("Text")->value_name("NAME"),
+             "the ARFF attribute")("input", po::value<std::string>()->value_name("FILE"),
+                                   "texts, one per line");
        },
        run_tokenize_command},
       {"heads", "canopy heads", "list the head types that can be named in a config",
@@ -249,7 +268,8 @@ const std::vector<Command>& commands() {
          }
          return kExitOk;
        }},
-      {"keys", "canopy keys", "print the reference of every config key: section, type, default, range, meaning",
+      {"keys", "canopy keys",
+       "print the reference of every config key: section, type, default, range, meaning",
        [](po::options_description&, po::positional_options_description&) {},
        [](const po::variables_map&, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
          out << config_reference();
@@ -269,7 +289,8 @@ std::string global_usage() {
   std::ostringstream o;
   o << "canopy: train many task heads at once over a frozen, cached trunk\n\n"
     << "usage: canopy <command> [options]     canopy <command> --help     canopy --version\n\ncommands:\n";
-  for (const auto& c : commands()) o << "  " << std::left << std::setw(11) << c.name << " " << c.summary << "\n";
+  for (const auto& c : commands())
+    o << "  " << std::left << std::setw(11) << c.name << " " << c.summary << "\n";
   o << "\nexit codes: 0 ok, 1 data or runtime error, 2 bad usage or config, 3 a head FAILED\n";
   return o.str();
 }
@@ -335,8 +356,9 @@ int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& reg
   try {
     std::size_t consumed = 0;
     const Command& command = find_command(args, consumed);
-    return run_command(command, std::vector<std::string>(args.begin() + static_cast<std::ptrdiff_t>(consumed), args.end()),
-                       registry, out, err);
+    return run_command(
+        command, std::vector<std::string>(args.begin() + static_cast<std::ptrdiff_t>(consumed), args.end()),
+        registry, out, err);
   } catch (const ConfigError& e) {
     err << "canopy: config error: " << e.what() << "\n";
     return kExitUsage;

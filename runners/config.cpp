@@ -42,15 +42,21 @@ std::string format_value(const std::vector<T>& xs) {
 }
 
 void parse_value(const std::string& s, const std::string& where, std::string& out) { out = s; }
-void parse_value(const std::string& s, const std::string& where, std::int64_t& out) { out = parse_int(s, where); }
+void parse_value(const std::string& s, const std::string& where, std::int64_t& out) {
+  out = parse_int(s, where);
+}
 void parse_value(const std::string& s, const std::string& where, std::uint64_t& out) {
   const auto v = parse_int(s, where);
   CANOPY_CHECK(v >= 0, ConfigError, where, ": expected a non-negative integer, got ", v);
   out = static_cast<std::uint64_t>(v);
 }
-void parse_value(const std::string& s, const std::string& where, double& out) { out = parse_double(s, where); }
+void parse_value(const std::string& s, const std::string& where, double& out) {
+  out = parse_double(s, where);
+}
 void parse_value(const std::string& s, const std::string& where, bool& out) { out = parse_bool(s, where); }
-void parse_value(const std::string& s, const std::string& where, std::vector<std::string>& out) { out = split(s, ','); }
+void parse_value(const std::string& s, const std::string& where, std::vector<std::string>& out) {
+  out = split(s, ',');
+}
 void parse_value(const std::string& s, const std::string& where, std::vector<std::int64_t>& out) {
   out = parse_int_list(s, where);
 }
@@ -58,17 +64,45 @@ void parse_value(const std::string& s, const std::string& where, std::vector<dou
   out = parse_double_list(s, where);
 }
 
-template <typename T> const char* type_name();
-template <> const char* type_name<std::string>() { return "string"; }
-template <> const char* type_name<std::int64_t>() { return "integer"; }
-template <> const char* type_name<std::uint64_t>() { return "integer"; }
-template <> const char* type_name<double>() { return "number"; }
-template <> const char* type_name<bool>() { return "bool"; }
-template <> const char* type_name<std::vector<std::string>>() { return "list"; }
-template <> const char* type_name<std::vector<std::int64_t>>() { return "integer list"; }
-template <> const char* type_name<std::vector<double>>() { return "number list"; }
+template <typename T>
+const char* type_name();
+template <>
+const char* type_name<std::string>() {
+  return "string";
+}
+template <>
+const char* type_name<std::int64_t>() {
+  return "integer";
+}
+template <>
+const char* type_name<std::uint64_t>() {
+  return "integer";
+}
+template <>
+const char* type_name<double>() {
+  return "number";
+}
+template <>
+const char* type_name<bool>() {
+  return "bool";
+}
+template <>
+const char* type_name<std::vector<std::string>>() {
+  return "list";
+}
+template <>
+const char* type_name<std::vector<std::int64_t>>() {
+  return "integer list";
+}
+template <>
+const char* type_name<std::vector<double>>() {
+  return "number list";
+}
 
-template <typename T> std::vector<double> numbers_of(const T&) { return {}; }
+template <typename T>
+std::vector<double> numbers_of(const T&) {
+  return {};
+}
 std::vector<double> numbers_of(std::int64_t v) { return {static_cast<double>(v)}; }
 std::vector<double> numbers_of(double v) { return {v}; }
 std::vector<double> numbers_of(const std::vector<double>& v) { return v; }
@@ -88,19 +122,44 @@ struct Key {
   std::function<std::string(const Cfg&)> get;
   std::function<std::vector<double>(const Cfg&)> numbers;  // for range checks
   std::optional<double> min, max;
-  bool min_open = false;               // min itself is refused
-  std::vector<std::string> choices;    // for strings: the accepted values
-  bool path = false;                   // ${VAR} expanded; must not be empty when `required`
-  bool required = false;               // must not be empty
-  bool omit_empty = false;             // dumped only when set
+  bool min_open = false;                    // min itself is refused
+  std::vector<std::string> choices;         // for strings: the accepted values
+  bool path = false;                        // ${VAR} expanded; must not be empty when `required`
+  bool required = false;                    // must not be empty
+  bool omit_empty = false;                  // dumped only when set
+  std::function<bool(const Cfg&)> applies;  // dumped only when it applies (unset: always)
 
   std::string full_name() const { return section + "." + name; }
-  Key& at_least(double v) { min = v; return *this; }
-  Key& above(double v) { min = v; min_open = true; return *this; }
-  Key& at_most(double v) { max = v; return *this; }
-  Key& one_of(std::vector<std::string> c) { choices = std::move(c); return *this; }
-  Key& not_empty() { required = true; return *this; }
-  Key& optional_in_dump() { omit_empty = true; return *this; }
+  Key& at_least(double v) {
+    min = v;
+    return *this;
+  }
+  Key& above(double v) {
+    min = v;
+    min_open = true;
+    return *this;
+  }
+  Key& at_most(double v) {
+    max = v;
+    return *this;
+  }
+  Key& one_of(std::vector<std::string> c) {
+    choices = std::move(c);
+    return *this;
+  }
+  Key& not_empty() {
+    required = true;
+    return *this;
+  }
+  Key& optional_in_dump() {
+    omit_empty = true;
+    return *this;
+  }
+  Key& only_when(std::function<bool(const Cfg&)> f) {
+    applies = std::move(f);
+    return *this;
+  }
+  bool dumped(const Cfg& c) const { return (!omit_empty || !get(c).empty()) && (!applies || applies(c)); }
   std::string range() const {
     if (!choices.empty()) return join(choices, " \\| ");
     std::string r;
@@ -145,109 +204,162 @@ Key<Cfg> choice(std::string section, std::string name, Ref ref, Parse parse, Nam
   k.name = std::move(name);
   k.type = "choice";
   k.help = std::move(help);
-  k.set = [ref, parse](Cfg& c, const std::string& value, const std::string& where) { ref(c) = parse(value, where); };
+  k.set = [ref, parse](Cfg& c, const std::string& value, const std::string& where) {
+    ref(c) = parse(value, where);
+  };
   k.get = [ref, to_name](const Cfg& c) { return std::string(to_name(ref(const_cast<Cfg&>(c)))); };
   k.numbers = [](const Cfg&) { return std::vector<double>{}; };
   k.choices = std::move(choices);
   return k;
 }
 
-#define CANOPY_JOB(member) [](JobConfig& c) -> auto& { return c.member; }
-#define CANOPY_TASK(member) [](tasks::TaskConfig& t) -> auto& { return t.member; }
+#define CANOPY_JOB(member) \
+  [](JobConfig & c) -> auto& { return c.member; }
+#define CANOPY_TASK(member) \
+  [](tasks::TaskConfig & t) -> auto& { return t.member; }
+
+bool reads_idx(const JobConfig& c) { return c.data.source == "fashion-mnist" || c.data.source == "mnist"; }
+bool reads_texts(const JobConfig& c) { return c.data.source == "arff"; }
+
+// [data], [text], [preprocess]: what the samples are and how they are prepared.
+void add_input_keys(std::vector<Key<JobConfig>>& v) {
+  using K = JobConfig;
+  v.push_back(member_key<K>("data", "source", CANOPY_JOB(data.source), "where the samples come from")
+                  .one_of({"fashion-mnist", "mnist", "arff", "image-csv", "image-folders"}));
+  v.push_back(member_key<K>("data", "dir", CANOPY_JOB(data.dir),
+                            "fashion-mnist / mnist: the folder of idx files", true)
+                  .only_when(reads_idx));
+  v.push_back(
+      member_key<K>("data", "train_limit", CANOPY_JOB(data.train_limit),
+                    "keep the first N training samples (class folders: from each class in turn); 0: all")
+          .at_least(0));
+  v.push_back(
+      member_key<K>("data", "test_limit", CANOPY_JOB(data.test_limit), "the same for the test split; 0: all")
+          .at_least(0));
+  v.push_back(member_key<K>("data", "train", CANOPY_JOB(data.train),
+                            "image-csv: the training CSV manifest; image-folders: the training folder", true)
+                  .optional_in_dump());
+  v.push_back(member_key<K>("data", "test", CANOPY_JOB(data.test), "the same for the test split", true)
+                  .optional_in_dump());
+  v.push_back(member_key<K>("data", "train_files", CANOPY_JOB(data.train_files),
+                            "arff: label_name:path entries, one ARFF file per label, same documents", true)
+                  .optional_in_dump());
+  v.push_back(
+      member_key<K>("data", "test_files", CANOPY_JOB(data.test_files), "the same for the test split", true)
+          .optional_in_dump());
+  v.push_back(member_key<K>("data", "text_attribute", CANOPY_JOB(data.text_attribute),
+                            "arff: the string attribute holding the text")
+                  .only_when(reads_texts));
+  v.push_back(member_key<K>("text", "vocab", CANOPY_JOB(text.vocab),
+                            "WordPiece vocabulary (vocab.txt) for texts", true)
+                  .only_when(reads_texts));
+  v.push_back(member_key<K>("text", "lowercase", CANOPY_JOB(text.lowercase),
+                            "lowercase and strip accents (uncased models)")
+                  .only_when(reads_texts));
+  v.push_back(member_key<K>("text", "max_length", CANOPY_JOB(text.max_length),
+                            "most tokens per text, [CLS] and [SEP] included")
+                  .only_when(reads_texts));
+  v.push_back(
+      member_key<K>("preprocess", "resize", CANOPY_JOB(preprocess.resize),
+                    "images resized (bilinear, align_corners=false) to this height and width; 0: as they are")
+          .at_least(0));
+  v.push_back(member_key<K>("preprocess", "channels", CANOPY_JOB(preprocess.channels),
+                            "channels the trunk expects; 1-channel images are replicated")
+                  .at_least(1));
+  v.push_back(member_key<K>("preprocess", "mean", CANOPY_JOB(preprocess.mean),
+                            "subtracted after scaling pixels to [0, 1]: one value or one per channel"));
+  v.push_back(member_key<K>("preprocess", "std", CANOPY_JOB(preprocess.std),
+                            "then divided by: one value or one per channel"));
+}
+
+// [trunk]: the encoder, its pin, freezing, taps and pooling.
+void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
+  using K = JobConfig;
+  v.push_back(member_key<K>("trunk", "path", CANOPY_JOB(trunk.path), "the TorchScript trunk file", true));
+  v.push_back(member_key<K>("trunk", "sha256", CANOPY_JOB(trunk.sha256),
+                            "the trunk file's pinned SHA-256, checked before it is loaded"));
+  v.push_back(member_key<K>("trunk", "allow_unpinned", CANOPY_JOB(trunk.allow_unpinned),
+                            "load a trunk without sha256 (the hash to pin is printed)"));
+  v.push_back(member_key<K>("trunk", "device", CANOPY_JOB(trunk.device),
+                            "where the trunk runs: auto (a GPU if present), cpu, cuda, cuda:N"));
+  v.push_back(member_key<K>("trunk", "pooling", CANOPY_JOB(trunk.pooling),
+                            "how tapped outputs become feature vectors")
+                  .one_of({"avg", "flatten", "none", "first_token", "masked_mean"}));
+  v.push_back(member_key<K>("trunk", "taps", CANOPY_JOB(trunk.taps),
+                            "blocks whose outputs are cached, concatenated; empty: the output"));
+  v.push_back(member_key<K>("trunk", "optimize", CANOPY_JOB(trunk.optimize),
+                            "torch::jit::freeze + optimize_for_inference when fully frozen"));
+  v.push_back(member_key<K>("trunk", "freeze", CANOPY_JOB(trunk.freeze.freeze),
+                            "all | none | first:N | match:REGEX | modules:A B ... (docs/trunk.md)"));
+  v.push_back(member_key<K>("trunk", "train_only", CANOPY_JOB(trunk.freeze.train_only),
+                            "the inverse of freeze: freeze everything except these"));
+  v.push_back(member_key<K>("trunk", "batchnorm_affine_trainable",
+                            CANOPY_JOB(trunk.freeze.batchnorm_affine_trainable),
+                            "BatchNorm weight and bias keep learning while their statistics stay fixed"));
+}
+
+// [cache] and [train].
+void add_cache_and_train_keys(std::vector<Key<JobConfig>>& v) {
+  using K = JobConfig;
+  v.push_back(member_key<K>("cache", "path", CANOPY_JOB(cache.path),
+                            "the cache directory (docs/cache-format.md)", true)
+                  .not_empty());
+  v.push_back(
+      member_key<K>("cache", "batch_size", CANOPY_JOB(cache.batch_size), "trunk batch size").at_least(1));
+  v.push_back(member_key<K>("cache", "shard_rows", CANOPY_JOB(cache.shard_rows),
+                            "rows per shard file; a multiple of cache.batch_size")
+                  .at_least(1));
+  v.push_back(member_key<K>("cache", "dtype", CANOPY_JOB(cache.dtype), "storage dtype of the features")
+                  .one_of({"float32", "float16", "bfloat16"}));
+  v.push_back(member_key<K>(
+                  "cache", "memory_cap_mb", CANOPY_JOB(cache.memory_cap_mb),
+                  "the train split is read whole when it fits under this cap, else streamed; 0: always whole")
+                  .at_least(0));
+  v.push_back(member_key<K>("cache", "read_method", CANOPY_JOB(cache.read_method), "how features are read")
+                  .one_of({"pread", "hdf5"}));
+  v.push_back(member_key<K>("train", "out_dir", CANOPY_JOB(train.out_dir),
+                            "heads, metrics, checkpoints and the resolved config go here", true)
+                  .not_empty());
+  v.push_back(
+      member_key<K>("train", "train_split", CANOPY_JOB(train.train_split), "the cache split heads train on"));
+  v.push_back(member_key<K>("train", "eval_split", CANOPY_JOB(train.eval_split),
+                            "the cache split heads are evaluated on"));
+  v.push_back(member_key<K>("train", "batch_size", CANOPY_JOB(train.batch_size),
+                            "rows per step; the last batch of an epoch may be smaller (it is kept)")
+                  .at_least(1));
+  v.push_back(
+      member_key<K>("train", "epochs", CANOPY_JOB(train.epochs), "epochs of every task without its own")
+          .at_least(1));
+  v.push_back(member_key<K>("train", "seed", CANOPY_JOB(train.seed),
+                            "data order and (with the task's name) each head's initial weights"));
+  v.push_back(member_key<K>("train", "workers", CANOPY_JOB(train.workers),
+                            "TBB workers training heads concurrently; 0: one per core; at most 4x the cores")
+                  .at_least(0));
+  v.push_back(member_key<K>("train", "intra_op_threads", CANOPY_JOB(train.intra_op_threads),
+                            "LibTorch threads inside each head's work; at most 4x the cores")
+                  .at_least(1));
+  v.push_back(member_key<K>("train", "check_fingerprint", CANOPY_JOB(train.check_fingerprint),
+                            "refuse a cache whose fingerprint does not match the config"));
+  v.push_back(member_key<K>("train", "checkpoint_steps", CANOPY_JOB(train.checkpoint_steps),
+                            "also checkpoint every N steps; 0: at epoch ends only")
+                  .at_least(0));
+  v.push_back(
+      member_key<K>("train", "fail_fast", CANOPY_JOB(train.fail_fast), "stop every head when one fails"));
+  v.push_back(member_key<K>("train", "tensorboard", CANOPY_JOB(train.tensorboard),
+                            "write TensorBoard event files per head"));
+  v.push_back(member_key<K>("train", "fuse", CANOPY_JOB(train.fuse),
+                            "train same-input built-in heads in batched operations"));
+  v.push_back(member_key<K>("train", "fuse_kib", CANOPY_JOB(train.fuse_kib),
+                            "most fused first-layer activations per group (batch x widths x 4 bytes), KiB")
+                  .at_least(0));
+}
 
 const std::vector<Key<JobConfig>>& job_keys() {
-  using K = JobConfig;
-  static const std::vector<Key<K>> keys = [] {
-    std::vector<Key<K>> v;
-    v.push_back(member_key<K>("data", "source", CANOPY_JOB(data.source), "where the samples come from")
-                    .one_of({"fashion-mnist", "mnist", "arff", "image-csv", "image-folders"}));
-    v.push_back(member_key<K>("data", "dir", CANOPY_JOB(data.dir), "fashion-mnist / mnist: the folder of idx files", true));
-    v.push_back(member_key<K>("data", "train_limit", CANOPY_JOB(data.train_limit),
-                        "keep the first N training samples (class folders: from each class in turn); 0: all")
-                    .at_least(0));
-    v.push_back(member_key<K>("data", "test_limit", CANOPY_JOB(data.test_limit), "the same for the test split; 0: all")
-                    .at_least(0));
-    v.push_back(member_key<K>("data", "train", CANOPY_JOB(data.train),
-                        "image-csv: the training CSV manifest; image-folders: the training folder", true)
-                    .optional_in_dump());
-    v.push_back(member_key<K>("data", "test", CANOPY_JOB(data.test), "the same for the test split", true).optional_in_dump());
-    v.push_back(member_key<K>("data", "train_files", CANOPY_JOB(data.train_files),
-                        "arff: label_name:path entries, one ARFF file per label, same documents", true)
-                    .optional_in_dump());
-    v.push_back(member_key<K>("data", "test_files", CANOPY_JOB(data.test_files), "the same for the test split", true)
-                    .optional_in_dump());
-    v.push_back(member_key<K>("data", "text_attribute", CANOPY_JOB(data.text_attribute),
-                        "arff: the string attribute holding the text"));
-    v.push_back(member_key<K>("text", "vocab", CANOPY_JOB(text.vocab), "WordPiece vocabulary (vocab.txt) for texts", true));
-    v.push_back(member_key<K>("text", "lowercase", CANOPY_JOB(text.lowercase), "lowercase and strip accents (uncased models)"));
-    v.push_back(member_key<K>("text", "max_length", CANOPY_JOB(text.max_length),
-                        "most tokens per text, [CLS] and [SEP] included"));
-    v.push_back(member_key<K>("preprocess", "resize", CANOPY_JOB(preprocess.resize),
-                        "images resized (bilinear, align_corners=false) to this height and width; 0: as they are")
-                    .at_least(0));
-    v.push_back(member_key<K>("preprocess", "channels", CANOPY_JOB(preprocess.channels),
-                        "channels the trunk expects; 1-channel images are replicated")
-                    .at_least(1));
-    v.push_back(member_key<K>("preprocess", "mean", CANOPY_JOB(preprocess.mean),
-                        "subtracted after scaling pixels to [0, 1]: one value or one per channel"));
-    v.push_back(member_key<K>("preprocess", "std", CANOPY_JOB(preprocess.std), "then divided by: one value or one per channel"));
-    v.push_back(member_key<K>("trunk", "path", CANOPY_JOB(trunk.path), "the TorchScript trunk file", true));
-    v.push_back(member_key<K>("trunk", "sha256", CANOPY_JOB(trunk.sha256),
-                        "the trunk file's pinned SHA-256, checked before it is loaded"));
-    v.push_back(member_key<K>("trunk", "allow_unpinned", CANOPY_JOB(trunk.allow_unpinned),
-                        "load a trunk without sha256 (the hash to pin is printed)"));
-    v.push_back(member_key<K>("trunk", "device", CANOPY_JOB(trunk.device), "where the trunk runs: auto (a GPU if present), cpu, cuda, cuda:N"));
-    v.push_back(member_key<K>("trunk", "pooling", CANOPY_JOB(trunk.pooling), "how tapped outputs become feature vectors")
-                    .one_of({"avg", "flatten", "none", "first_token", "masked_mean"}));
-    v.push_back(member_key<K>("trunk", "taps", CANOPY_JOB(trunk.taps), "blocks whose outputs are cached, concatenated; empty: the output"));
-    v.push_back(member_key<K>("trunk", "optimize", CANOPY_JOB(trunk.optimize),
-                        "torch::jit::freeze + optimize_for_inference when fully frozen"));
-    v.push_back(member_key<K>("trunk", "freeze", CANOPY_JOB(trunk.freeze.freeze),
-                        "all | none | first:N | match:REGEX | modules:A B ... (docs/trunk.md)"));
-    v.push_back(member_key<K>("trunk", "train_only", CANOPY_JOB(trunk.freeze.train_only),
-                        "the inverse of freeze: freeze everything except these"));
-    v.push_back(member_key<K>("trunk", "batchnorm_affine_trainable", CANOPY_JOB(trunk.freeze.batchnorm_affine_trainable),
-                        "BatchNorm weight and bias keep learning while their statistics stay fixed"));
-    v.push_back(member_key<K>("cache", "path", CANOPY_JOB(cache.path), "the cache directory (docs/cache-format.md)", true)
-                    .not_empty());
-    v.push_back(member_key<K>("cache", "batch_size", CANOPY_JOB(cache.batch_size), "trunk batch size").at_least(1));
-    v.push_back(member_key<K>("cache", "shard_rows", CANOPY_JOB(cache.shard_rows),
-                        "rows per shard file; a multiple of cache.batch_size")
-                    .at_least(1));
-    v.push_back(member_key<K>("cache", "dtype", CANOPY_JOB(cache.dtype), "storage dtype of the features")
-                    .one_of({"float32", "float16", "bfloat16"}));
-    v.push_back(member_key<K>("cache", "memory_cap_mb", CANOPY_JOB(cache.memory_cap_mb),
-                        "the train split is read whole when it fits under this cap, else streamed; 0: always whole")
-                    .at_least(0));
-    v.push_back(member_key<K>("cache", "read_method", CANOPY_JOB(cache.read_method), "how features are read")
-                    .one_of({"pread", "hdf5"}));
-    v.push_back(member_key<K>("train", "out_dir", CANOPY_JOB(train.out_dir),
-                        "heads, metrics, checkpoints and the resolved config go here", true)
-                    .not_empty());
-    v.push_back(member_key<K>("train", "train_split", CANOPY_JOB(train.train_split), "the cache split heads train on"));
-    v.push_back(member_key<K>("train", "eval_split", CANOPY_JOB(train.eval_split), "the cache split heads are evaluated on"));
-    v.push_back(member_key<K>("train", "batch_size", CANOPY_JOB(train.batch_size),
-                        "rows per step; the last batch of an epoch may be smaller (it is kept)")
-                    .at_least(1));
-    v.push_back(member_key<K>("train", "epochs", CANOPY_JOB(train.epochs), "epochs of every task without its own").at_least(1));
-    v.push_back(member_key<K>("train", "seed", CANOPY_JOB(train.seed), "data order and (with the task's name) each head's initial weights"));
-    v.push_back(member_key<K>("train", "workers", CANOPY_JOB(train.workers),
-                        "TBB workers training heads concurrently; 0: one per core; at most 4x the cores")
-                    .at_least(0));
-    v.push_back(member_key<K>("train", "intra_op_threads", CANOPY_JOB(train.intra_op_threads),
-                        "LibTorch threads inside each head's work; at most 4x the cores")
-                    .at_least(1));
-    v.push_back(member_key<K>("train", "check_fingerprint", CANOPY_JOB(train.check_fingerprint),
-                        "refuse a cache whose fingerprint does not match the config"));
-    v.push_back(member_key<K>("train", "checkpoint_steps", CANOPY_JOB(train.checkpoint_steps),
-                        "also checkpoint every N steps; 0: at epoch ends only")
-                    .at_least(0));
-    v.push_back(member_key<K>("train", "fail_fast", CANOPY_JOB(train.fail_fast), "stop every head when one fails"));
-    v.push_back(member_key<K>("train", "tensorboard", CANOPY_JOB(train.tensorboard), "write TensorBoard event files per head"));
-    v.push_back(member_key<K>("train", "fuse", CANOPY_JOB(train.fuse), "train same-input built-in heads in batched operations"));
-    v.push_back(member_key<K>("train", "fuse_kib", CANOPY_JOB(train.fuse_kib),
-                        "most fused first-layer activations per group (batch x widths x 4 bytes), KiB")
-                    .at_least(0));
+  static const std::vector<Key<JobConfig>> keys = [] {
+    std::vector<Key<JobConfig>> v;
+    add_input_keys(v);
+    add_trunk_keys(v);
+    add_cache_and_train_keys(v);
     return v;
   }();
   return keys;
@@ -257,39 +369,53 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
   using T = tasks::TaskConfig;
   static const std::vector<Key<T>> keys = [] {
     std::vector<Key<T>> v;
-    v.push_back(choice<T>("task", "kind", CANOPY_TASK(kind), tasks::parse_task_kind,
-                          [](tasks::TaskKind k) { return tasks::to_string(k); },
-                          {"multiclass", "multilabel", "regression"},
-                          "multiclass (cross-entropy), multilabel (BCE; label_map holds bitmasks), regression"));
-    v.push_back(member_key<T>("task", "head", CANOPY_TASK(head), "a registered head type (canopy heads); its options go in "
-                        "[task.<name>.head]").not_empty());
+    v.push_back(choice<T>(
+        "task", "kind", CANOPY_TASK(kind), tasks::parse_task_kind,
+        [](tasks::TaskKind k) { return tasks::to_string(k); }, {"multiclass", "multilabel", "regression"},
+        "multiclass (cross-entropy), multilabel (BCE; label_map holds bitmasks), regression"));
+    v.push_back(member_key<T>("task", "head", CANOPY_TASK(head),
+                              "a registered head type (canopy heads); its options go in "
+                              "[task.<name>.head]")
+                    .not_empty());
     v.push_back(member_key<T>("task", "labels", CANOPY_TASK(labels), "the label source in the cache"));
-    v.push_back(member_key<T>("task", "label_map", CANOPY_TASK(label_map),
-                        "source class -> task class (multilabel: -> bitmask of labels); empty: identity")
-                    .optional_in_dump()
-                    .at_least(0));
-    v.push_back(member_key<T>("task", "class_names", CANOPY_TASK(class_names), "names of the task's classes (labels)")
-                    .optional_in_dump());
-    v.push_back(choice<T>("task", "optimizer", CANOPY_TASK(optimizer), tasks::parse_optimizer,
-                          [](tasks::OptimizerKind o) { return tasks::to_string(o); }, {"sgd", "adam", "adamw"},
-                          "the head's optimizer"));
+    v.push_back(
+        member_key<T>("task", "label_map", CANOPY_TASK(label_map),
+                      "source class -> task class (multilabel: -> bitmask of labels); empty: identity")
+            .optional_in_dump()
+            .at_least(0));
+    v.push_back(
+        member_key<T>("task", "class_names", CANOPY_TASK(class_names), "names of the task's classes (labels)")
+            .optional_in_dump());
+    v.push_back(choice<T>(
+        "task", "optimizer", CANOPY_TASK(optimizer), tasks::parse_optimizer,
+        [](tasks::OptimizerKind o) { return tasks::to_string(o); }, {"sgd", "adam", "adamw"},
+        "the head's optimizer"));
     v.push_back(member_key<T>("task", "lr", CANOPY_TASK(lr), "learning rate").above(0));
-    v.push_back(member_key<T>("task", "weight_decay", CANOPY_TASK(weight_decay), "L2 penalty (adamw: decoupled)").at_least(0));
-    v.push_back(member_key<T>("task", "momentum", CANOPY_TASK(momentum), "sgd only").at_least(0).at_most(0.999999));
-    v.push_back(member_key<T>("task", "epochs", CANOPY_TASK(epochs), "this task's epochs; 0: train.epochs").at_least(0));
-    v.push_back(choice<T>("task", "schedule", CANOPY_TASK(schedule), tasks::parse_schedule,
-                          [](tasks::LrSchedule s) { return tasks::to_string(s); }, {"constant", "cosine", "step"},
-                          "learning rate per epoch"));
-    v.push_back(member_key<T>("task", "step_size", CANOPY_TASK(step_size), "step schedule: multiply by gamma every N epochs")
+    v.push_back(
+        member_key<T>("task", "weight_decay", CANOPY_TASK(weight_decay), "L2 penalty (adamw: decoupled)")
+            .at_least(0));
+    v.push_back(
+        member_key<T>("task", "momentum", CANOPY_TASK(momentum), "sgd only").at_least(0).at_most(0.999999));
+    v.push_back(member_key<T>("task", "epochs", CANOPY_TASK(epochs), "this task's epochs; 0: train.epochs")
+                    .at_least(0));
+    v.push_back(choice<T>(
+        "task", "schedule", CANOPY_TASK(schedule), tasks::parse_schedule,
+        [](tasks::LrSchedule s) { return tasks::to_string(s); }, {"constant", "cosine", "step"},
+        "learning rate per epoch"));
+    v.push_back(member_key<T>("task", "step_size", CANOPY_TASK(step_size),
+                              "step schedule: multiply by gamma every N epochs")
                     .at_least(1));
     v.push_back(member_key<T>("task", "gamma", CANOPY_TASK(gamma), "step schedule factor").above(0));
-    v.push_back(member_key<T>("task", "early_stop_patience", CANOPY_TASK(early_stop_patience),
-                        "stop after N epochs without a better eval score (accuracy; R^2 for regression); 0: never")
-                    .at_least(0));
+    v.push_back(
+        member_key<T>(
+            "task", "early_stop_patience", CANOPY_TASK(early_stop_patience),
+            "stop after N epochs without a better eval score (accuracy; R^2 for regression); 0: never")
+            .at_least(0));
     v.push_back(member_key<T>("task", "label_smoothing", CANOPY_TASK(label_smoothing), "multiclass only")
                     .at_least(0)
                     .at_most(0.999999));
-    v.push_back(member_key<T>("task", "class_weights", CANOPY_TASK(class_weights), "one loss weight per class; empty: equal")
+    v.push_back(member_key<T>("task", "class_weights", CANOPY_TASK(class_weights),
+                              "one loss weight per class; empty: equal")
                     .optional_in_dump()
                     .at_least(0));
     Key<T> loss;
@@ -325,8 +451,8 @@ void check_range(const Key<Cfg>& k, const Cfg& c, const std::string& where) {
   for (double x : k.numbers(c)) {
     CANOPY_CHECK(std::isfinite(x), ConfigError, where, " must be finite, got ", x);
     if (k.min) {
-      CANOPY_CHECK(k.min_open ? x > *k.min : x >= *k.min, ConfigError, where, " must be ", k.min_open ? "> " : ">= ",
-                   *k.min, ", got ", x);
+      CANOPY_CHECK(k.min_open ? x > *k.min : x >= *k.min, ConfigError, where, " must be ",
+                   k.min_open ? "> " : ">= ", *k.min, ", got ", x);
     }
     if (k.max) CANOPY_CHECK(x <= *k.max, ConfigError, where, " must be <= ", *k.max, ", got ", x);
   }
@@ -346,8 +472,8 @@ std::vector<tasks::TaskConfig> tasks_from_values(const std::map<std::string, std
   for (const auto& [key, value] : values) {
     if (key.rfind("task.", 0) != 0) continue;
     const auto dot = key.find('.', 5);
-    CANOPY_CHECK(dot != std::string::npos && dot > 5 && dot + 1 < key.size(), ConfigError, "config key '", key,
-                 "' (in ", source, "): task keys are task.<name>.<key>");
+    CANOPY_CHECK(dot != std::string::npos && dot > 5 && dot + 1 < key.size(), ConfigError, "config key '",
+                 key, "' (in ", source, "): task keys are task.<name>.<key>");
     const std::string name = key.substr(5, dot - 5);
     const std::string sub = key.substr(dot + 1);
     auto& t = by_name[name];
@@ -361,20 +487,23 @@ std::vector<tasks::TaskConfig> tasks_from_values(const std::map<std::string, std
     const auto k = std::find_if(keys.begin(), keys.end(), [&](const auto& x) { return x.name == sub; });
     if (k == keys.end()) {
       throw ConfigError(detail::str_cat("unknown key '", key, "' (in ", source, "): a task has the keys ",
-                                        join([&] {
-                                          std::vector<std::string> n;
-                                          for (const auto& x : keys) n.push_back(x.name);
-                                          return n;
-                                        }(), ", "),
-                                        "; a head option is written head.", sub, " = ", value, " (or ", sub, " = ", value,
-                                        " in a [task.", name, ".head] section)"));
+                                        join(
+                                            [&] {
+                                              std::vector<std::string> n;
+                                              for (const auto& x : keys) n.push_back(x.name);
+                                              return n;
+                                            }(),
+                                            ", "),
+                                        "; a head option is written head.", sub, " = ", value, " (or ", sub,
+                                        " = ", value, " in a [task.", name, ".head] section)"));
     }
     k->set(t, value, key + " (in " + source + ")");
     used.insert(key);
   }
   std::vector<tasks::TaskConfig> out;
   for (auto& [name, t] : by_name) {
-    for (const auto& k : task_keys()) check_range(k, t, "task." + name + "." + k.name + " (in " + source + ")");
+    for (const auto& k : task_keys())
+      check_range(k, t, "task." + name + "." + k.name + " (in " + source + ")");
     out.push_back(std::move(t));
   }
   return out;
@@ -382,7 +511,8 @@ std::vector<tasks::TaskConfig> tasks_from_values(const std::map<std::string, std
 
 }  // namespace
 
-JobConfig job_config_from_values(const std::map<std::string, std::string>& values, const std::string& source) {
+JobConfig job_config_from_values(const std::map<std::string, std::string>& values,
+                                 const std::string& source) {
   JobConfig c;
   c.source = source;
   std::set<std::string> used;
@@ -408,7 +538,8 @@ void validate_job_config(const JobConfig& c) {
   for (const auto& k : job_keys()) check_range(k, c, k.full_name());
   if (reads_image_files(c.data)) {
     CANOPY_CHECK(!c.data.train.empty() && !c.data.test.empty(), ConfigError, "data.source = ", c.data.source,
-                 " needs data.train and data.test (", c.data.source == "image-csv" ? "CSV manifests" : "class folders", ")");
+                 " needs data.train and data.test (",
+                 c.data.source == "image-csv" ? "CSV manifests" : "class folders", ")");
   }
   if (c.data.source == "arff") {
     CANOPY_CHECK(!c.data.train_files.empty() && !c.data.test_files.empty(), ConfigError,
@@ -418,8 +549,8 @@ void validate_job_config(const JobConfig& c) {
   datasets::validate_preprocess_config(c.preprocess);
   trunk::validate_trunk_config(c.trunk);
   CANOPY_CHECK(c.cache.shard_rows % c.cache.batch_size == 0, ConfigError,
-               "cache.shard_rows must be a positive multiple of cache.batch_size (", c.cache.batch_size, "), got ",
-               c.cache.shard_rows);
+               "cache.shard_rows must be a positive multiple of cache.batch_size (", c.cache.batch_size,
+               "), got ", c.cache.shard_rows);
   const std::int64_t limit = machine_thread_limit();
   CANOPY_CHECK(c.train.workers <= limit && c.train.intra_op_threads <= limit, ConfigError,
                "train.workers and train.intra_op_threads must be at most ", limit,
@@ -428,7 +559,8 @@ void validate_job_config(const JobConfig& c) {
 }
 
 JobConfig load_job_config(const std::string& path, const std::vector<std::string>& overrides) {
-  CANOPY_CHECK(!is_directory(path), ConfigError, "config file '", path, "' is a directory; give the .ini file");
+  CANOPY_CHECK(!is_directory(path), ConfigError, "config file '", path,
+               "' is a directory; give the .ini file");
   std::ifstream in(path);
   CANOPY_CHECK(in, ConfigError, "cannot open config file '", path, "'");
   std::map<std::string, std::string> values;
@@ -456,8 +588,8 @@ std::string dump_config(const JobConfig& c) {
   o << "# resolved canopy configuration (from " << c.source << ")\n";
   std::string section;
   for (const auto& k : job_keys()) {
+    if (!k.dumped(c)) continue;
     const std::string value = k.get(c);
-    if (k.omit_empty && value.empty()) continue;
     if (k.section != section) {
       o << (section.empty() ? "" : "\n") << "[" << k.section << "]\n";
       section = k.section;
@@ -467,8 +599,7 @@ std::string dump_config(const JobConfig& c) {
   for (const auto& t : c.tasks) {
     o << "\n[task." << t.name << "]\n";
     for (const auto& k : task_keys()) {
-      const std::string value = k.get(t);
-      if (!(k.omit_empty && value.empty())) o << k.name << " = " << value << "\n";
+      if (k.dumped(t)) o << k.name << " = " << k.get(t) << "\n";
     }
     for (const auto& [name, value] : t.head_params) o << kHeadPrefix << name << " = " << value << "\n";
   }
@@ -479,10 +610,10 @@ std::string config_reference() {
   std::ostringstream o;
   const JobConfig defaults;
   std::string section;
-  auto row = [&](const std::string& name, const std::string& type, const std::string& def, const std::string& range,
-                 const std::string& help) {
-    o << "| `" << name << "` | " << type << " | " << (def.empty() ? "" : "`" + def + "`") << " | " << range << " | "
-      << help << " |\n";
+  auto row = [&](const std::string& name, const std::string& type, const std::string& def,
+                 const std::string& range, const std::string& help) {
+    o << "| `" << name << "` | " << type << " | " << (def.empty() ? "" : "`" + def + "`") << " | " << range
+      << " | " << help << " |\n";
   };
   for (const auto& k : job_keys()) {
     if (k.section != section) {
@@ -494,11 +625,16 @@ std::string config_reference() {
   }
   o << "\n### [task.NAME]\n\n| key | type | default | range | meaning |\n|---|---|---|---|---|\n";
   const tasks::TaskConfig task_defaults;
-  for (const auto& k : task_keys()) row("task.NAME." + k.name, k.type, k.get(task_defaults), k.range(), k.help);
-  o << "\n### task.NAME.head.OPTION\n\nThe head's own options, written `head.OPTION = value` in the task's section "
-       "(or `OPTION = value` in a `[task.NAME.head]` section), read by its factory (`canopy heads` lists the types): "
-       "`linear` has none; `mlp` takes `hidden` (widths, e.g. `512,256`), `activation` (relu \\| gelu \\| tanh \\| "
-       "silu) and `dropout` (in [0, 1)). A head of your own reads what it declares (docs/adding-a-head.md).\n";
+  for (const auto& k : task_keys())
+    row("task.NAME." + k.name, k.type, k.get(task_defaults), k.range(), k.help);
+  o << "\n### task.NAME.head.OPTION\n\nThe head's own options, written `head.OPTION = value` in the task's "
+       "section "
+       "(or `OPTION = value` in a `[task.NAME.head]` section), read by its factory (`canopy heads` lists the "
+       "types): "
+       "`linear` has none; `mlp` takes `hidden` (widths, e.g. `512,256`), `activation` (relu \\| gelu \\| "
+       "tanh \\| "
+       "silu) and `dropout` (in [0, 1)). A head of your own reads what it declares "
+       "(docs/adding-a-head.md).\n";
   return o.str();
 }
 

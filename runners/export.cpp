@@ -13,15 +13,24 @@ namespace canopy::runners {
 namespace {
 const char* safetensors_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return "F32";
-    case at::kHalf: return "F16";
-    case at::kBFloat16: return "BF16";
-    case at::kDouble: return "F64";
-    case at::kLong: return "I64";
-    case at::kInt: return "I32";
-    case at::kByte: return "U8";
-    case at::kBool: return "BOOL";
-    default: return nullptr;
+    case at::kFloat:
+      return "F32";
+    case at::kHalf:
+      return "F16";
+    case at::kBFloat16:
+      return "BF16";
+    case at::kDouble:
+      return "F64";
+    case at::kLong:
+      return "I64";
+    case at::kInt:
+      return "I32";
+    case at::kByte:
+      return "U8";
+    case at::kBool:
+      return "BOOL";
+    default:
+      return nullptr;
   }
 }
 at::ScalarType from_safetensors_dtype(const std::string& d, const std::string& path) {
@@ -39,11 +48,12 @@ at::ScalarType from_safetensors_dtype(const std::string& d, const std::string& p
 
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
   const std::string bytes = read_file(path);
-  CANOPY_CHECK(bytes.size() >= 8, DataError, "safetensors '", path, "' is too short (", bytes.size(), " bytes)");
+  CANOPY_CHECK(bytes.size() >= 8, DataError, "safetensors '", path, "' is too short (", bytes.size(),
+               " bytes)");
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[static_cast<std::size_t>(i)]);
-  CANOPY_CHECK(8 + n <= bytes.size(), DataError, "safetensors '", path, "': header of ", n, " bytes in a file of ",
-               bytes.size());
+  CANOPY_CHECK(8 + n <= bytes.size(), DataError, "safetensors '", path, "': header of ", n,
+               " bytes in a file of ", bytes.size());
   std::map<std::string, at::Tensor> out;
   try {
     const auto header = nlohmann::json::parse(bytes.substr(8, n));
@@ -67,8 +77,7 @@ std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
   return out;
 }
 
-void save_safetensors(const std::string& path,
-                      const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;

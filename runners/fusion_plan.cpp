@@ -17,7 +17,8 @@ std::int64_t unit_cost(const WorkUnit& unit, const std::vector<PlanHead>& heads)
 
 std::vector<WorkUnit> plan_units(const std::vector<PlanHead>& heads, const std::vector<std::size_t>& active,
                                  const FusionPlanOptions& options) {
-  CANOPY_CHECK(options.workers >= 1, ConfigError, "the planner needs at least 1 worker, got ", options.workers);
+  CANOPY_CHECK(options.workers >= 1, ConfigError, "the planner needs at least 1 worker, got ",
+               options.workers);
   std::vector<WorkUnit> units;
   std::map<std::string, std::size_t> open_unit;  // key -> the unit still taking heads
   std::vector<double> unit_bytes;
@@ -26,7 +27,8 @@ std::vector<WorkUnit> plan_units(const std::vector<PlanHead>& heads, const std::
     const PlanHead& h = heads[i];
     const double bytes = static_cast<double>(options.batch_size * h.width * 4);
     const auto it = open_unit.find(h.fusion_key);
-    if (!h.fusion_key.empty() && it != open_unit.end() && unit_bytes[it->second] + bytes <= options.fuse_bytes) {
+    if (!h.fusion_key.empty() && it != open_unit.end() &&
+        unit_bytes[it->second] + bytes <= options.fuse_bytes) {
       units[it->second].push_back(i);
       unit_bytes[it->second] += bytes;
       continue;

@@ -16,7 +16,7 @@ namespace {
 using nlohmann::ordered_json;
 
 // Precision, recall, F1 and support of each class (multiclass heads; empty otherwise).
-ordered_json per_class_report(const tasks::ClassificationMetrics& m, const std::vector<std::string>& names) {
+ordered_json per_class_report(const tasks::EvalMetrics& m, const std::vector<std::string>& names) {
   ordered_json out = ordered_json::array();
   if (!m.confusion.defined() || m.confusion.dim() != 2) return out;
   const auto stats = tasks::per_class_stats(m.confusion);
@@ -62,14 +62,14 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
                     {"epochs", r.epochs},
                     {"eval_accuracy", r.eval.accuracy},
                     {"eval_macro_f1", r.eval.macro_f1},
-                    {"eval_mean_ap", r.eval.mean_ap < 0 ? ordered_json() : ordered_json(r.eval.mean_ap)},
+                    {"eval_mean_ap", r.eval.mean_ap ? ordered_json(*r.eval.mean_ap) : ordered_json()},
                     {"per_class", per_class_report(r.eval, r.class_names)}};
-  if (r.eval.regression) {
+  if (const auto& e = r.eval.regression) {
     card["target_mean"] = task.target_mean();
     card["target_std"] = task.target_std();
-    card["eval_mae"] = r.eval.mae;
-    card["eval_rmse"] = r.eval.rmse;
-    card["eval_r2"] = r.eval.r2;
+    card["eval_mae"] = e->mae;
+    card["eval_rmse"] = e->rmse;
+    card["eval_r2"] = e->r2;
   }
   card["weights"] = c.name + ".safetensors";
   return card;

@@ -8,9 +8,12 @@ namespace canopy::runners {
 
 const char* state_name(tasks::TaskState state) {
   switch (state) {
-    case tasks::TaskState::kTraining: return "training";
-    case tasks::TaskState::kDone: return "done";
-    case tasks::TaskState::kFailed: return "FAILED";
+    case tasks::TaskState::kTraining:
+      return "training";
+    case tasks::TaskState::kDone:
+      return "done";
+    case tasks::TaskState::kFailed:
+      return "FAILED";
   }
   return "?";
 }
@@ -35,7 +38,7 @@ void HeadRun::fail_evaluation(std::int64_t epoch, const std::string& why) {
   failure = detail::str_cat("epoch ", epoch + 1, " evaluation: ", why);
 }
 
-void HeadRun::finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::ClassificationMetrics& metrics,
+void HeadRun::finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::EvalMetrics& metrics,
                            std::int64_t patience) {
   if (failed()) return;
   epochs = epoch + 1;

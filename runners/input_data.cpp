@@ -6,9 +6,9 @@
 #include <memory>
 #include <sstream>
 
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/tensor.h>
@@ -16,8 +16,8 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
-#include "canopy/core/strings.h"
 #include "canopy/core/sha256.h"
+#include "canopy/core/strings.h"
 #include "canopy/datasets/images.h"
 #include "canopy/datasets/mnist.h"
 #include "canopy/datasets/preprocess.h"
@@ -76,7 +76,8 @@ InputData load_images(const JobConfig& config) {
     const datasets::ImageSplit images =
         datasets::read_mnist_split(config.data.dir, split, limit_for(config.data, split));
     InputSplit s;
-    CANOPY_CHECK(images.images.size(0) > 0, DataError, "split '", split, "' of '", config.data.dir, "' has no samples");
+    CANOPY_CHECK(images.images.size(0) > 0, DataError, "split '", split, "' of '", config.data.dir,
+                 "' has no samples");
     const double pixels = static_cast<double>(images.images.size(1) * images.images.size(2));
     // Summed as integers: no float copy of the images.
     s.labels["class"] = images.labels;
@@ -117,7 +118,8 @@ std::vector<at::Tensor> pad_tokens(const std::vector<std::vector<std::int64_t>>&
 }
 
 // Texts: tokenized once; the trunk's inputs for a set of rows are their padded ids and mask.
-void set_text_inputs(InputSplit& s, const std::vector<std::string>& texts, const datasets::WordPieceTokenizer& tokenizer) {
+void set_text_inputs(InputSplit& s, const std::vector<std::string>& texts,
+                     const datasets::WordPieceTokenizer& tokenizer) {
   auto tokens = std::make_shared<std::vector<std::vector<std::int64_t>>>();
   tokens->reserve(texts.size());
   for (const auto& t : texts) {
@@ -148,13 +150,15 @@ InputData load_texts(const JobConfig& config) {
       for (std::size_t a = 0; a < arff.attributes.size(); ++a) {
         if (!arff.nominal_values[a].empty()) label_col = static_cast<std::int64_t>(a);
       }
-      CANOPY_CHECK(label_col >= 0, DataError, "'", path, "' has no nominal attribute to use as label '", name, "'");
+      CANOPY_CHECK(label_col >= 0, DataError, "'", path, "' has no nominal attribute to use as label '", name,
+                   "'");
       if (texts.empty()) {
         texts = arff.strings[text_col];
       } else {
         // The label files must describe the same documents in the same order.
         CANOPY_CHECK(arff.strings[text_col].size() == texts.size(), DataError, "'", path, "' has ",
-                     arff.strings[text_col].size(), " documents but the first file of ", key, " has ", texts.size());
+                     arff.strings[text_col].size(), " documents but the first file of ", key, " has ",
+                     texts.size());
         for (std::size_t i = 0; i < texts.size(); ++i) {
           CANOPY_CHECK(arff.strings[text_col][i] == texts[i], DataError, "document ", i, " of '", path,
                        "' differs from document ", i, " of the first file of ", key,
@@ -163,8 +167,9 @@ InputData load_texts(const JobConfig& config) {
       }
       CANOPY_CHECK(!s.labels.count(name), ConfigError, key, ": label name '", name, "' appears twice");
       const auto& col = arff.nominals[label_col];
-      s.labels[name] = at::from_blob(const_cast<std::int64_t*>(col.data()), {static_cast<std::int64_t>(col.size())},
-                                     at::kLong).clone();
+      s.labels[name] = at::from_blob(const_cast<std::int64_t*>(col.data()),
+                                     {static_cast<std::int64_t>(col.size())}, at::kLong)
+                           .clone();
       names.push_back(name);
       if (data.class_names.empty()) data.class_names = arff.nominal_values[label_col];
     }
@@ -176,7 +181,8 @@ InputData load_texts(const JobConfig& config) {
     // Every label file's class as a bit (set when the document has the label's second
     // value, e.g. 1 of {0,1}): the multi-label view of the same documents.
     at::Tensor bits = at::zeros({n}, at::kLong);
-    for (std::size_t k = 0; k < names.size(); ++k) bits += (s.labels[names[k]] == 1).to(at::kLong) * (1LL << k);
+    for (std::size_t k = 0; k < names.size(); ++k)
+      bits += (s.labels[names[k]] == 1).to(at::kLong) * (1LL << k);
     s.labels["all_labels"] = bits;
     set_text_inputs(s, texts, tokenizer);
     s.ids = at::arange(n, at::kLong);
@@ -185,7 +191,8 @@ InputData load_texts(const JobConfig& config) {
       data.label_sources.push_back("all_labels");
     }
     CANOPY_CHECK(names == std::vector<std::string>(data.label_sources.begin(), data.label_sources.end() - 1),
-                 ConfigError, "data.train_files and data.test_files must name the same labels in the same order");
+                 ConfigError,
+                 "data.train_files and data.test_files must name the same labels in the same order");
     data.splits[split] = std::move(s);
   }
   return data;
@@ -200,7 +207,8 @@ datasets::ImageList read_image_list(const JobConfig& config, const std::string& 
 // The rows a data limit keeps: a CSV's first `limit` rows; for class folders (listed class
 // by class) rows taken from each class in turn, in listing order, so that a limit keeps
 // every class instead of only the first ones.
-std::vector<std::int64_t> kept_rows(const datasets::ImageList& list, const std::string& source, std::int64_t limit) {
+std::vector<std::int64_t> kept_rows(const datasets::ImageList& list, const std::string& source,
+                                    std::int64_t limit) {
   const auto n = static_cast<std::int64_t>(list.paths.size());
   if (limit <= 0 || limit >= n) return row_range(0, n);
   if (source != "image-folders") return row_range(0, limit);
@@ -224,15 +232,16 @@ at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::ve
   std::vector<at::Tensor> out;
   for (const auto i : rows) {
     const at::Tensor x = datasets::preprocess_images(datasets::decode_image(paths[i]).unsqueeze(0), pre);
-    CANOPY_CHECK(out.empty() || x.sizes() == out[0].sizes(), DataError, "image '", paths[i], "' becomes ", x.sizes(),
-                 " after preprocessing but '", paths[rows[0]], "' becomes ", out[0].sizes(),
+    CANOPY_CHECK(out.empty() || x.sizes() == out[0].sizes(), DataError, "image '", paths[i], "' becomes ",
+                 x.sizes(), " after preprocessing but '", paths[rows[0]], "' becomes ", out[0].sizes(),
                  "; set preprocess.resize to give every image one size");
     out.push_back(x);
   }
   return at::cat(out, 0);
 }
 
-void set_image_file_inputs(InputSplit& s, std::vector<std::string> paths, const datasets::PreprocessConfig& pre) {
+void set_image_file_inputs(InputSplit& s, std::vector<std::string> paths,
+                           const datasets::PreprocessConfig& pre) {
   s.rows = static_cast<std::int64_t>(paths.size());
   s.inputs = [paths = std::move(paths), pre](const std::vector<std::int64_t>& rows) {
     return std::vector<at::Tensor>{load_image_batch(paths, rows, pre)};
@@ -268,7 +277,8 @@ InputData load_image_files(const JobConfig& config) {
       if (names != list.class_names.end()) data.class_names = names->second;
     } else {
       CANOPY_CHECK(list.label_order == data.label_sources, DataError, "the test images' labels (",
-                   join(list.label_order, ", "), ") differ from the training images' (", join(data.label_sources, ", "), ")");
+                   join(list.label_order, ", "), ") differ from the training images' (",
+                   join(data.label_sources, ", "), ")");
     }
     std::vector<std::string> kept_paths;
     for (const auto r : keep) kept_paths.push_back(list.paths[r]);
@@ -296,11 +306,13 @@ std::string describe_preprocessing(const JobConfig& c) {
 InputSplit load_predict_input(const JobConfig& config, const std::string& path, std::int64_t limit) {
   InputSplit s;
   const auto keep_first = [limit](auto& items) {
-    if (limit > 0 && static_cast<std::int64_t>(items.size()) > limit) items.resize(static_cast<std::size_t>(limit));
+    if (limit > 0 && static_cast<std::int64_t>(items.size()) > limit)
+      items.resize(static_cast<std::size_t>(limit));
   };
   if (config.data.source == "arff") {
-    std::vector<std::string> texts = ends_with(path, ".arff") ? datasets::read_arff_texts(path, config.data.text_attribute)
-                                                              : datasets::read_text_lines(path);
+    std::vector<std::string> texts = ends_with(path, ".arff")
+                                         ? datasets::read_arff_texts(path, config.data.text_attribute)
+                                         : datasets::read_text_lines(path);
     keep_first(texts);
     set_text_inputs(s, texts, datasets::WordPieceTokenizer(config.text));
   } else if (reads_image_files(config.data)) {
@@ -312,8 +324,10 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
         todo.pop_back();
         for (const auto& name : list_dir(d)) {
           const std::string p = join_path(d, name);
-          if (is_directory(p)) todo.push_back(p);
-          else if (datasets::is_image_file_name(name)) paths.push_back(p);
+          if (is_directory(p))
+            todo.push_back(p);
+          else if (datasets::is_image_file_name(name))
+            paths.push_back(p);
         }
       }
       std::sort(paths.begin(), paths.end());
@@ -362,13 +376,14 @@ std::string describe_inputs(const JobConfig& c) {
     out << "\nlabels=one source per label file (nominal index);all_labels=bit k set when label k is 1\n";
   } else if (reads_image_files(c.data)) {
     const bool csv = c.data.source == "image-csv";
-    out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit << ";test_limit=" << c.data.test_limit
-        << ";train=" << (csv ? file_stamp(c.data.train) : c.data.train)
-        << ";test=" << (csv ? file_stamp(c.data.test) : c.data.test) << ";images_sha256=" << describe_image_files(c)
+    out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit
+        << ";test_limit=" << c.data.test_limit << ";train=" << (csv ? file_stamp(c.data.train) : c.data.train)
+        << ";test=" << (csv ? file_stamp(c.data.test) : c.data.test)
+        << ";images_sha256=" << describe_image_files(c)
         << "\nlabels=" << (csv ? "the CSV's label columns" : "class (sorted folder names)") << "\n";
   } else {
-    out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit << ";test_limit=" << c.data.test_limit
-        << ";" << describe_idx_files(c.data) << "\n"
+    out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit
+        << ";test_limit=" << c.data.test_limit << ";" << describe_idx_files(c.data) << "\n"
         << "labels=class;ink=mean pixel intensity/255 (float64, with its train mean and std)\n";
   }
   return out.str();

@@ -13,13 +13,13 @@
 
 namespace canopy::runners {
 
-std::vector<std::pair<std::string, double>> eval_metrics(const tasks::ClassificationMetrics& m) {
+std::vector<std::pair<std::string, double>> eval_metrics(const tasks::EvalMetrics& m) {
   std::vector<std::pair<std::string, double>> out{{"accuracy", m.accuracy}, {"macro_f1", m.macro_f1}};
-  if (m.mean_ap >= 0) out.emplace_back("mean_ap", m.mean_ap);
+  if (m.mean_ap) out.emplace_back("mean_ap", *m.mean_ap);
   if (m.regression) {
-    out.emplace_back("mae", m.mae);
-    out.emplace_back("rmse", m.rmse);
-    out.emplace_back("r2", m.r2);
+    out.emplace_back("mae", m.regression->mae);
+    out.emplace_back("rmse", m.regression->rmse);
+    out.emplace_back("r2", m.regression->r2);
   }
   return out;
 }
@@ -54,8 +54,8 @@ void truncate_metrics(const std::string& path, std::int64_t epochs, bool csv) {
   write_file_atomic(path, out);
 }
 
-MetricsSink::MetricsSink(const std::string& out_dir, const std::vector<std::string>& task_names, bool tensorboard,
-                         std::int64_t resume_epoch)
+MetricsSink::MetricsSink(const std::string& out_dir, const std::vector<std::string>& task_names,
+                         bool tensorboard, std::int64_t resume_epoch)
     : out_dir_(out_dir), names_(task_names) {
   const std::string jsonl_path = out_dir + "/metrics.jsonl", csv_path = out_dir + "/metrics.csv";
   const bool resume = resume_epoch >= 0;
@@ -71,7 +71,8 @@ MetricsSink::MetricsSink(const std::string& out_dir, const std::vector<std::stri
     csv_ << "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds,eval_mae,eval_rmse,eval_r2\n";
   }
   if (tensorboard) {
-    for (const auto& name : names_) tensorboard_.push_back(std::make_unique<EventWriter>(out_dir + "/tensorboard/" + name));
+    for (const auto& name : names_)
+      tensorboard_.push_back(std::make_unique<EventWriter>(out_dir + "/tensorboard/" + name));
   }
 }
 
@@ -88,15 +89,16 @@ void MetricsSink::record(std::int64_t epoch, std::size_t task, const HeadRun& ru
   jsonl_ << row.dump() << "\n";
   csv_ << epoch + 1 << "," << names_[task] << "," << state_name(run.state) << "," << run.train_loss << ","
        << run.eval.accuracy << "," << run.eval.macro_f1 << "," << run.seconds;
-  if (run.eval.regression) {
-    csv_ << "," << run.eval.mae << "," << run.eval.rmse << "," << run.eval.r2 << "\n";
+  if (const auto& e = run.eval.regression) {
+    csv_ << "," << e->mae << "," << e->rmse << "," << e->r2 << "\n";
   } else {
     csv_ << ",,,\n";
   }
   if (!tensorboard_.empty() && !run.failed()) {
     EventWriter& tb = *tensorboard_[task];
     tb.add_scalar("train/loss", static_cast<float>(run.train_loss), epoch + 1);
-    for (const auto& [name, value] : named) tb.add_scalar("eval/" + name, static_cast<float>(value), epoch + 1);
+    for (const auto& [name, value] : named)
+      tb.add_scalar("eval/" + name, static_cast<float>(value), epoch + 1);
     tb.flush();
   }
 }

@@ -4,8 +4,8 @@
 
 #include <ostream>
 
-#include <nlohmann/json.hpp>
 #include <torch/csrc/api/include/torch/utils.h>
+#include <nlohmann/json.hpp>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
@@ -40,17 +40,18 @@ LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& reg
     throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
   }
   const std::string trained_on = card.at("trunk_sha256");
-  CANOPY_CHECK(trained_on == trunk.sha256(), DataError, "task '", tc.name, "': head was trained on features of trunk ",
-               trained_on, ", the config's trunk is ", trunk.sha256(), "; retrain it");
+  CANOPY_CHECK(trained_on == trunk.sha256(), DataError, "task '", tc.name,
+               "': head was trained on features of trunk ", trained_on, ", the config's trunk is ",
+               trunk.sha256(), "; retrain it");
   const std::string pre = card.at("preprocessing");
   const std::string tap = card.value("tap", "output");
   CANOPY_CHECK(pre == preprocessing && card.at("pooling") == config.trunk.pooling &&
                    tap == trunk::describe_taps(config.trunk),
                DataError, "task '", tc.name, "': head was trained with preprocessing '", pre, "', tap '", tap,
-               "' and pooling '", card.at("pooling").get<std::string>(), "', the config has '",
-               preprocessing, "', '", trunk::describe_taps(config.trunk), "' and '",
-               config.trunk.pooling, "'");
-  tasks::HeadSpec spec{card.at("in_features").get<std::int64_t>(), card.at("out_features").get<std::int64_t>(),
+               "' and pooling '", card.at("pooling").get<std::string>(), "', the config has '", preprocessing,
+               "', '", trunk::describe_taps(config.trunk), "' and '", config.trunk.pooling, "'");
+  tasks::HeadSpec spec{card.at("in_features").get<std::int64_t>(),
+                       card.at("out_features").get<std::int64_t>(),
                        tasks::HeadParams(tc.name, tc.head_params)};
   LoadedHead out;
   out.task = tc.name;
@@ -73,10 +74,50 @@ LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& reg
   out.head->eval();
   return out;
 }
+
+// Each row's prediction as written: a class name, '|'-joined label names, or a value.
+std::vector<std::string> prediction_names(const LoadedHead& h, const at::Tensor& outputs) {
+  std::vector<std::string> out;
+  if (h.regression) {
+    const at::Tensor v = (outputs.squeeze(1).to(at::kDouble) * h.target_std + h.target_mean).contiguous();
+    for (std::int64_t r = 0; r < v.size(0); ++r) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%.6g", v.data_ptr<double>()[r]);
+      out.emplace_back(buf);
+    }
+    return out;
+  }
+  if (h.multilabel) {
+    const at::Tensor on = outputs.gt(0).contiguous();
+    for (std::int64_t r = 0; r < on.size(0); ++r) {
+      std::string labels;
+      for (std::int64_t j = 0; j < on.size(1); ++j) {
+        if (on[r][j].item<bool>())
+          labels += (labels.empty() ? "" : "|") + h.class_names.at(static_cast<std::size_t>(j));
+      }
+      out.push_back(labels);
+    }
+    return out;
+  }
+  const at::Tensor best = outputs.argmax(1).contiguous();
+  for (std::int64_t r = 0; r < best.size(0); ++r) {
+    const auto c = best.data_ptr<std::int64_t>()[r];
+    out.push_back(c < static_cast<std::int64_t>(h.class_names.size())
+                      ? h.class_names[static_cast<std::size_t>(c)]
+                      : std::to_string(c));
+  }
+  return out;
+}
+
+std::string format_score(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.6g", v);
+  return buf;
+}
 }  // namespace
 
-std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& registry, const PredictOptions& options,
-                         std::ostream& out, ProgressStyle style) {
+std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& registry,
+                         const PredictOptions& options, std::ostream& out, ProgressStyle style) {
   CANOPY_CHECK(options.format == "csv" || options.format == "jsonl", ConfigError,
                "--format: expected csv or jsonl, got '", options.format, "'");
   CANOPY_CHECK(!config.tasks.empty(), ConfigError, "no tasks in ", config.source);
@@ -84,13 +125,23 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   const std::string dir = join_path(config.train.out_dir, "heads");
   std::vector<LoadedHead> heads;
   const std::string preprocessing = describe_preprocessing(config);  // hashes the vocabulary: once
-  for (const auto& tc : config.tasks) heads.push_back(load_head(tc, registry, dir, trunk, config, preprocessing));
+  for (const auto& tc : config.tasks)
+    heads.push_back(load_head(tc, registry, dir, trunk, config, preprocessing));
 
   const InputSplit input = load_predict_input(config, options.input, options.limit);
   const std::int64_t n = input.rows;
+  // Column names: one per task, then (with scores) one per class or label of each classifier.
+  std::vector<std::string> score_columns;
+  if (options.scores) {
+    for (const auto& h : heads) {
+      for (const auto& c : h.regression ? std::vector<std::string>{} : h.class_names)
+        score_columns.push_back(h.task + ":" + c);
+    }
+  }
   if (options.format == "csv") {
     out << "id";
     for (const auto& h : heads) out << "," << h.task;
+    for (const auto& c : score_columns) out << "," << c;
     out << "\n";
   }
   Progress progress("predict", n, config.data.source == "arff" ? "doc" : "img", style);
@@ -98,39 +149,34 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   for (std::int64_t i = 0; i < n; i += config.cache.batch_size) {
     const std::int64_t end = std::min(n, i + config.cache.batch_size);
     const at::Tensor f = trunk.encode(input.inputs(row_range(i, end)));
-    std::vector<at::Tensor> preds;
+    std::vector<std::vector<std::string>> cells(static_cast<std::size_t>(end - i));
+    std::vector<std::vector<double>> scores(static_cast<std::size_t>(end - i));
     for (auto& h : heads) {
-      const at::Tensor logits = h.head->forward(f);
-      preds.push_back(h.regression ? logits.squeeze(1).to(at::kDouble) * h.target_std + h.target_mean : h.multilabel ? logits.gt(0).to(at::kLong) : logits.argmax(1));
+      const at::Tensor out_h = h.head->forward(f);
+      const auto names = prediction_names(h, out_h);
+      for (std::size_t r = 0; r < names.size(); ++r) cells[r].push_back(names[r]);
+      if (options.scores && !h.regression) {
+        const at::Tensor p = (h.multilabel ? out_h.sigmoid() : out_h.softmax(1)).to(at::kDouble).contiguous();
+        const double* v = p.data_ptr<double>();
+        for (std::int64_t r = 0; r < p.size(0); ++r) {
+          scores[static_cast<std::size_t>(r)].insert(scores[static_cast<std::size_t>(r)].end(),
+                                                     v + r * p.size(1), v + (r + 1) * p.size(1));
+        }
+      }
     }
     for (std::int64_t r = 0; r < end - i; ++r) {
-      auto name = [&](std::size_t k) {
-        if (heads[k].regression) {  // the predicted value
-          char v[32];
-          std::snprintf(v, sizeof v, "%.6g", preds[k][r].item<double>());
-          return std::string(v);
-        }
-        if (heads[k].multilabel) {  // the labels it carries, joined by '|'
-          std::string labels;
-          for (std::int64_t j = 0; j < preds[k].size(1); ++j) {
-            if (preds[k][r][j].item<std::int64_t>()) {
-              labels += (labels.empty() ? "" : "|") + heads[k].class_names.at(static_cast<std::size_t>(j));
-            }
-          }
-          return labels;
-        }
-        const auto c = preds[k][r].item<std::int64_t>();
-        const auto& names = heads[k].class_names;
-        return c < static_cast<std::int64_t>(names.size()) ? names[static_cast<std::size_t>(c)] : std::to_string(c);
-      };
+      const auto& row = cells[static_cast<std::size_t>(r)];
+      const auto& sc = scores[static_cast<std::size_t>(r)];
       if (options.format == "csv") {
         out << i + r;
-        for (std::size_t k = 0; k < heads.size(); ++k) out << "," << name(k);
+        for (const auto& cell : row) out << "," << cell;
+        for (double v : sc) out << "," << format_score(v);
         out << "\n";
       } else {
-        nlohmann::ordered_json row{{"id", i + r}};
-        for (std::size_t k = 0; k < heads.size(); ++k) row[heads[k].task] = name(k);
-        out << row.dump() << "\n";
+        nlohmann::ordered_json line{{"id", i + r}};
+        for (std::size_t k = 0; k < heads.size(); ++k) line[heads[k].task] = row[k];
+        for (std::size_t k = 0; k < sc.size(); ++k) line[score_columns[k]] = sc[k];
+        out << line.dump() << "\n";
       }
     }
     progress.advance(end - i);

@@ -36,7 +36,8 @@ struct StepRunner::Arena {
 StepRunner::StepRunner(std::int64_t workers, std::int64_t intra_op_threads)
     : workers_(workers), intra_op_threads_(intra_op_threads) {
   CANOPY_CHECK(workers >= 1, ConfigError, "train.workers must be >= 1 once resolved, got ", workers);
-  CANOPY_CHECK(intra_op_threads >= 1, ConfigError, "train.intra_op_threads must be >= 1, got ", intra_op_threads);
+  CANOPY_CHECK(intra_op_threads >= 1, ConfigError, "train.intra_op_threads must be >= 1, got ",
+               intra_op_threads);
   arena_ = std::make_unique<Arena>(static_cast<int>(workers));
 }
 
@@ -100,12 +101,12 @@ void StepRunner::train(const std::vector<WorkUnit>& units, const std::vector<tas
   });
 }
 
-std::vector<tasks::ClassificationMetrics> StepRunner::evaluate(const std::vector<std::size_t>& which,
-                                                               const std::vector<tasks::Task*>& tasks,
-                                                               std::vector<HeadRun>& runs, const at::Tensor& features,
-                                                               const std::vector<at::Tensor>& targets,
-                                                               std::int64_t epoch) {
-  std::vector<tasks::ClassificationMetrics> metrics(tasks.size());
+std::vector<tasks::EvalMetrics> StepRunner::evaluate(const std::vector<std::size_t>& which,
+                                                     const std::vector<tasks::Task*>& tasks,
+                                                     std::vector<HeadRun>& runs, const at::Tensor& features,
+                                                     const std::vector<at::Tensor>& targets,
+                                                     std::int64_t epoch) {
+  std::vector<tasks::EvalMetrics> metrics(tasks.size());
   arena_->arena.execute([&] {
     tbb::parallel_for(std::size_t(0), which.size(), [&](std::size_t k) {
       configure_thread(intra_op_threads_);

@@ -47,11 +47,13 @@ std::string per_class_tables(const TrainReport& report) {
     std::size_t w_class = 5;
     for (const auto& n : names) w_class = std::max(w_class, n.size());
     o << "\nper-class F1 on the eval split\n" << std::string(w_class, ' ');
-    for (const auto* t : cols) o << "  " << std::string(std::max<std::size_t>(t->name.size(), 6) - t->name.size(), ' ') << t->name;
+    for (const auto* t : cols)
+      o << "  " << std::string(std::max<std::size_t>(t->name.size(), 6) - t->name.size(), ' ') << t->name;
     o << "  support\n";
     const auto k = static_cast<std::int64_t>(names.size());
     for (std::int64_t c = 0; c < k; ++c) {
-      o << names[static_cast<std::size_t>(c)] << std::string(w_class - names[static_cast<std::size_t>(c)].size(), ' ');
+      o << names[static_cast<std::size_t>(c)]
+        << std::string(w_class - names[static_cast<std::size_t>(c)].size(), ' ');
       std::int64_t support = 0;
       for (std::size_t j = 0; j < cols.size(); ++j) {
         const auto* t = cols[j];
@@ -84,19 +86,20 @@ std::string format_summary(const TrainReport& report) {
   o << buf;
   for (const auto& t : report.tasks) {
     char acc[32] = "       -", f1[32] = "       -";  // regression: see the lines below
-    if (!t.eval.regression) {
+    if (t.kind != tasks::TaskKind::kRegression) {
       std::snprintf(acc, sizeof acc, "%7.2f%%", 100 * t.eval.accuracy);
       std::snprintf(f1, sizeof f1, "%8.4f", t.eval.macro_f1);
     }
-    std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6lld  %8s  %8s  %7s\n", int(w_name), t.name.c_str(),
-                  int(w_head), t.head.c_str(), int(w_labels), t.labels.c_str(), int(w_opt), t.optimizer.c_str(),
-                  static_cast<long long>(t.epochs), acc, f1, state_name(t.state));
+    std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6lld  %8s  %8s  %7s\n", int(w_name),
+                  t.name.c_str(), int(w_head), t.head.c_str(), int(w_labels), t.labels.c_str(), int(w_opt),
+                  t.optimizer.c_str(), static_cast<long long>(t.epochs), acc, f1, state_name(t.state));
     o << buf;
   }
   for (const auto& t : report.tasks) {
     if (!t.eval.regression || t.state == tasks::TaskState::kFailed) continue;
-    std::snprintf(buf, sizeof buf, "task '%s' (regression): MAE %.4g, RMSE %.4g, R^2 %.4f on the eval split\n",
-                  t.name.c_str(), t.eval.mae, t.eval.rmse, t.eval.r2);
+    std::snprintf(buf, sizeof buf,
+                  "task '%s' (regression): MAE %.4g, RMSE %.4g, R^2 %.4f on the eval split\n", t.name.c_str(),
+                  t.eval.regression->mae, t.eval.regression->rmse, t.eval.regression->r2);
     o << buf;
   }
   o << per_class_tables(report);
@@ -105,11 +108,12 @@ std::string format_summary(const TrainReport& report) {
     if (t.state == tasks::TaskState::kFailed) o << "task '" << t.name << "' FAILED at " << t.failure << "\n";
     if (!t.note.empty()) o << "task '" << t.name << "' " << t.note << "\n";
   }
-  std::snprintf(buf, sizeof buf,
-                "%zu heads, %lld train rows x %lld features, evaluated on %lld rows; load %.1fs, train %.1fs\n",
-                report.tasks.size(), static_cast<long long>(report.train_rows),
-                static_cast<long long>(report.feature_dim), static_cast<long long>(report.eval_rows),
-                report.load_seconds, report.train_seconds);
+  std::snprintf(
+      buf, sizeof buf,
+      "%zu heads, %lld train rows x %lld features, evaluated on %lld rows; load %.1fs, train %.1fs\n",
+      report.tasks.size(), static_cast<long long>(report.train_rows),
+      static_cast<long long>(report.feature_dim), static_cast<long long>(report.eval_rows),
+      report.load_seconds, report.train_seconds);
   o << buf;
   return o.str();
 }

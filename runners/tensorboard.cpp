@@ -24,7 +24,9 @@ void put_varint(std::string& out, std::uint64_t v) {
   }
   out.push_back(static_cast<char>(v));
 }
-void put_tag(std::string& out, int field, int wire) { put_varint(out, static_cast<std::uint64_t>(field << 3 | wire)); }
+void put_tag(std::string& out, int field, int wire) {
+  put_varint(out, static_cast<std::uint64_t>(field << 3 | wire));
+}
 template <typename T>
 void put_fixed(std::string& out, T v) {
   char b[sizeof(T)];
@@ -57,7 +59,8 @@ EventWriter::EventWriter(const std::string& dir) {
   make_dirs(dir);
   char host[256] = "localhost";
   ::gethostname(host, sizeof host - 1);
-  path_ = join_path(dir, "events.out.tfevents." + std::to_string(static_cast<long long>(now_seconds())) + "." + host);
+  path_ = join_path(
+      dir, "events.out.tfevents." + std::to_string(static_cast<long long>(now_seconds())) + "." + host);
   out_.open(path_, std::ios::binary | std::ios::app);
   CANOPY_CHECK(out_, IoError, "cannot write TensorBoard events '", path_, "'");
   std::string e = event_header(now_seconds(), 0);

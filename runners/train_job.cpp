@@ -45,16 +45,17 @@ datasets::FeatureCache open_checked_cache(const JobConfig& config) {
   if (!config.train.check_fingerprint) return cache;
   const std::string expected = expected_cache_description(config);
   if (sha256_hex(expected) != cache.meta().fingerprint) {
-    throw DataError(detail::str_cat("feature cache '", config.cache.path, "' was built from different inputs than ",
-                                    config.source, " describes; changed: ",
-                                    join(describe_changes(cache.meta().description, expected), "; "),
-                                    ". Run `canopy cache --config ", config.source, "` to rebuild it"));
+    throw DataError(detail::str_cat(
+        "feature cache '", config.cache.path, "' was built from different inputs than ", config.source,
+        " describes; changed: ", join(describe_changes(cache.meta().description, expected), "; "),
+        ". Run `canopy cache --config ", config.source, "` to rebuild it"));
   }
   return cache;
 }
 
 // The train split, read whole when it fits under cache.memory_cap_mb, else streamed.
-std::unique_ptr<datasets::BatchSource> make_train_source(const datasets::FeatureCache& cache, const JobConfig& config,
+std::unique_ptr<datasets::BatchSource> make_train_source(const datasets::FeatureCache& cache,
+                                                         const JobConfig& config,
                                                          datasets::ReadMethod method) {
   const auto& t = config.train;
   const auto cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb * 1024 * 1024);
@@ -68,8 +69,8 @@ std::unique_ptr<datasets::BatchSource> make_train_source(const datasets::Feature
 std::int64_t source_classes_of(const tasks::TaskConfig& tc, const datasets::CacheMeta& meta,
                                const at::Tensor& eval_labels) {
   if (meta.is_float_label(tc.labels)) {
-    CANOPY_CHECK(tc.kind == tasks::TaskKind::kRegression, DataError, "task '", tc.name, "': label source '", tc.labels,
-                 "' holds real values; use kind = regression");
+    CANOPY_CHECK(tc.kind == tasks::TaskKind::kRegression, DataError, "task '", tc.name, "': label source '",
+                 tc.labels, "' holds real values; use kind = regression");
     return 0;
   }
   const auto named = static_cast<std::int64_t>(meta.class_names.size());
@@ -78,18 +79,20 @@ std::int64_t source_classes_of(const tasks::TaskConfig& tc, const datasets::Cach
 }
 
 // How the report and summary describe a task before it trains.
-TaskResult describe_task(const tasks::TaskConfig& tc, const tasks::Task& task, const datasets::CacheMeta& meta) {
+TaskResult describe_task(const tasks::TaskConfig& tc, const tasks::Task& task,
+                         const datasets::CacheMeta& meta) {
   TaskResult r;
   r.name = tc.name;
   r.head = task.head().describe();
   r.kind = tc.kind;
   const std::string k = std::to_string(task.num_classes());
   using tasks::TaskKind;
-  r.labels = tc.kind == TaskKind::kRegression
-                 ? tc.labels + " (regression, " + to_string(tc.loss.value_or(tasks::RegressionLoss::kMse)) + ")"
-             : tc.kind == TaskKind::kMultilabel ? tc.labels + " -> " + k + " labels"
-             : tc.label_map.empty()              ? tc.labels
-                                                 : tc.labels + " -> " + k + " groups";
+  r.labels =
+      tc.kind == TaskKind::kRegression
+          ? tc.labels + " (regression, " + to_string(tc.loss.value_or(tasks::RegressionLoss::kMse)) + ")"
+      : tc.kind == TaskKind::kMultilabel ? tc.labels + " -> " + k + " labels"
+      : tc.label_map.empty()             ? tc.labels
+                                         : tc.labels + " -> " + k + " groups";
   std::ostringstream opt;
   opt << to_string(tc.optimizer) << " lr=" << tc.lr
       << (tc.schedule == tasks::LrSchedule::kConstant ? "" : std::string(" ") + to_string(tc.schedule));
@@ -109,13 +112,14 @@ struct TaskSet {
   std::vector<std::unique_ptr<tasks::Task>> owned;
   std::vector<tasks::Task*> tasks;
   std::vector<at::Tensor> eval_targets;
-  std::vector<TaskResult> results;  // descriptions; the run's outcome is filled in at the end
+  std::vector<TaskResult> results;   // descriptions; the run's outcome is filled in at the end
   std::vector<std::int64_t> epochs;  // per task
   std::vector<PlanHead> plan_heads;
 };
 
-TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry, const datasets::CacheMeta& meta,
-                    const datasets::SplitData& eval, std::int64_t feature_dim) {
+TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry,
+                    const datasets::CacheMeta& meta, const datasets::SplitData& eval,
+                    std::int64_t feature_dim) {
   TaskSet set;
   for (const auto& tc : config.tasks) {
     const auto src_eval = eval.labels.find(tc.labels);
@@ -123,7 +127,8 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
                  "' but the cache has label sources: ", join(meta.label_sources, ", "));
     // Seeded by name, not position: adding or removing a task changes no other task's run.
     const std::uint64_t name_seed = std::stoull(sha256_hex(tc.name).substr(0, 15), nullptr, 16);
-    auto task = std::make_unique<tasks::Task>(tc, registry, feature_dim, source_classes_of(tc, meta, src_eval->second),
+    auto task = std::make_unique<tasks::Task>(tc, registry, feature_dim,
+                                              source_classes_of(tc, meta, src_eval->second),
                                               config.train.seed * 1000003ULL + name_seed);
     const auto stats = meta.label_stats.find(tc.labels);
     if (tc.kind == tasks::TaskKind::kRegression && stats != meta.label_stats.end()) {
@@ -134,8 +139,8 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
     set.epochs.push_back(tc.epochs > 0 ? tc.epochs : config.train.epochs);
     std::int64_t params = 0;
     for (const auto& p : task->head().parameters()) params += p.numel();
-    set.plan_heads.push_back({config.train.fuse ? heads::fusion_key(task->head()) : "",
-                              heads::fused_width(task->head()), params});
+    set.plan_heads.push_back(
+        {config.train.fuse ? heads::fusion_key(task->head()) : "", heads::fused_width(task->head()), params});
     set.tasks.push_back(task.get());
     set.owned.push_back(std::move(task));
   }
@@ -146,10 +151,17 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
 // and a checkpoint at each epoch's end.
 class EpochLoop {
  public:
-  EpochLoop(const JobConfig& config, TaskSet& set, datasets::BatchSource& source, const at::Tensor& eval_features,
-            CheckpointStore& store, MetricsSink& metrics, StepRunner& runner, std::vector<HeadRun>& runs)
-      : config_(config), set_(set), source_(source), eval_features_(eval_features), store_(store),
-        metrics_(metrics), runner_(runner), runs_(runs) {
+  EpochLoop(const JobConfig& config, TaskSet& set, datasets::BatchSource& source,
+            const at::Tensor& eval_features, CheckpointStore& store, MetricsSink& metrics, StepRunner& runner,
+            std::vector<HeadRun>& runs)
+      : config_(config),
+        set_(set),
+        source_(source),
+        eval_features_(eval_features),
+        store_(store),
+        metrics_(metrics),
+        runner_(runner),
+        runs_(runs) {
     steps_per_epoch_ = (source.rows() + config.train.batch_size - 1) / config.train.batch_size;
     max_epochs_ = *std::max_element(set.epochs.begin(), set.epochs.end());
   }
@@ -204,7 +216,8 @@ class EpochLoop {
       for (std::size_t i : active) {
         if (runs_[i].training()) training.push_back(i);
       }
-      runner_.train(plan_units(set_.plan_heads, training, plan_options()), set_.tasks, runs_, batch, epoch, step);
+      runner_.train(plan_units(set_.plan_heads, training, plan_options()), set_.tasks, runs_, batch, epoch,
+                    step);
       progress.advance(1);
       if (config_.train.fail_fast) check_none_failed(active);
       const std::int64_t global_step = epoch * steps_per_epoch_ + step + 1;
@@ -217,13 +230,14 @@ class EpochLoop {
 
   void check_none_failed(const std::vector<std::size_t>& active) const {
     for (std::size_t i : active) {
-      CANOPY_CHECK(!runs_[i].failed(), Error, "head '", set_.results[i].name, "' FAILED at ", runs_[i].failure,
-                   "; stopping every head (train.fail_fast / --fail-fast)");
+      CANOPY_CHECK(!runs_[i].failed(), Error, "head '", set_.results[i].name, "' FAILED at ",
+                   runs_[i].failure, "; stopping every head (train.fail_fast / --fail-fast)");
     }
   }
 
   void finish_epoch(std::int64_t epoch, const std::vector<std::size_t>& active) {
-    const auto metrics = runner_.evaluate(active, set_.tasks, runs_, eval_features_, set_.eval_targets, epoch);
+    const auto metrics =
+        runner_.evaluate(active, set_.tasks, runs_, eval_features_, set_.eval_targets, epoch);
     for (std::size_t i : active) {
       runs_[i].finish_epoch(epoch, set_.epochs[i], metrics[i], set_.tasks[i]->config().early_stop_patience);
       metrics_.record(epoch, i, runs_[i]);
@@ -245,7 +259,8 @@ class EpochLoop {
         std::snprintf(buf, sizeof buf, " %s done", name);
       } else {
         std::snprintf(buf, sizeof buf, r.eval.regression ? " %s R^2 %.3f%s" : " %s %.1f%%%s", name,
-                      r.eval.regression ? r.eval.r2 : 100 * r.eval.accuracy, r.stop_note.empty() ? "" : " (stopped)");
+                      r.eval.regression ? r.eval.regression->r2 : 100 * r.eval.accuracy,
+                      r.stop_note.empty() ? "" : " (stopped)");
       }
       line << buf;
     }
@@ -318,8 +333,8 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   report.train_rows = cache.rows(config.train.train_split);
   report.eval_rows = eval.features.size(0);
   report.feature_dim = cache.feature_dim();
-  CANOPY_CHECK(report.train_rows > 0, DataError, "split '", config.train.train_split, "' of '", config.cache.path,
-               "' is empty");
+  CANOPY_CHECK(report.train_rows > 0, DataError, "split '", config.train.train_split, "' of '",
+               config.cache.path, "' is empty");
   const auto source = make_train_source(cache, config, method);
   const at::Tensor eval_features = eval.features.to(at::kFloat);
   report.load_seconds = since(load_start);

@@ -47,8 +47,7 @@ void HeadParams::check_all_used(const std::string& head) const {
   for (const auto& kv : values_) {
     if (!used_.count(kv.first)) unused.push_back(what(kv.first));
   }
-  CANOPY_CHECK(unused.empty(), ConfigError, "unknown option(s) for head '", head, "': ",
-               join(unused, ", "));
+  CANOPY_CHECK(unused.empty(), ConfigError, "unknown option(s) for head '", head, "': ", join(unused, ", "));
 }
 
 void HeadRegistry::add(const std::string& name, HeadFactory factory, std::string description) {

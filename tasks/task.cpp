@@ -7,13 +7,13 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
-#include <ATen/ops/argmax.h>
-#include <ATen/ops/arange.h>
 #include <ATen/TensorOperators.h>
-#include <torch/nn/functional/loss.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/argmax.h>
 #include <ATen/ops/bincount.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
+#include <torch/nn/functional/loss.h>
 #include <torch/optim/adam.h>
 #include <torch/optim/adamw.h>
 #include <torch/optim/sgd.h>
@@ -34,7 +34,8 @@ namespace {
 // (the generator's own mutex is taken by every draw made while building).
 class SeededDefaultGenerator {
  public:
-  explicit SeededDefaultGenerator(std::uint64_t seed) : lock_(mutex()), gen_(at::detail::getDefaultCPUGenerator()) {
+  explicit SeededDefaultGenerator(std::uint64_t seed)
+      : lock_(mutex()), gen_(at::detail::getDefaultCPUGenerator()) {
     std::lock_guard<std::mutex> gen_lock(gen_.mutex());
     saved_ = gen_.get_state();
     gen_.set_current_seed(seed);
@@ -57,7 +58,8 @@ class SeededDefaultGenerator {
 };
 
 template <typename E, std::size_t N>
-E parse_named(const std::array<std::pair<E, const char*>, N>& names, const std::string& name, const std::string& what) {
+E parse_named(const std::array<std::pair<E, const char*>, N>& names, const std::string& name,
+              const std::string& what) {
   std::string choices;
   for (const auto& [value, text] : names) {
     if (name == text) return value;
@@ -72,8 +74,9 @@ const char* name_of(const std::array<std::pair<E, const char*>, N>& names, E val
   }
   return "?";
 }
-constexpr std::array<std::pair<TaskKind, const char*>, 3> kKinds{
-    {{TaskKind::kMulticlass, "multiclass"}, {TaskKind::kMultilabel, "multilabel"}, {TaskKind::kRegression, "regression"}}};
+constexpr std::array<std::pair<TaskKind, const char*>, 3> kKinds{{{TaskKind::kMulticlass, "multiclass"},
+                                                                  {TaskKind::kMultilabel, "multilabel"},
+                                                                  {TaskKind::kRegression, "regression"}}};
 constexpr std::array<std::pair<OptimizerKind, const char*>, 3> kOptimizers{
     {{OptimizerKind::kSgd, "sgd"}, {OptimizerKind::kAdam, "adam"}, {OptimizerKind::kAdamW, "adamw"}}};
 constexpr std::array<std::pair<LrSchedule, const char*>, 3> kSchedules{
@@ -97,7 +100,9 @@ const char* to_string(TaskKind kind) { return name_of(kKinds, kind); }
 const char* to_string(OptimizerKind optimizer) { return name_of(kOptimizers, optimizer); }
 const char* to_string(LrSchedule schedule) { return name_of(kSchedules, schedule); }
 const char* to_string(RegressionLoss loss) { return name_of(kLosses, loss); }
-TaskKind parse_task_kind(const std::string& name, const std::string& what) { return parse_named(kKinds, name, what); }
+TaskKind parse_task_kind(const std::string& name, const std::string& what) {
+  return parse_named(kKinds, name, what);
+}
 OptimizerKind parse_optimizer(const std::string& name, const std::string& what) {
   return parse_named(kOptimizers, name, what);
 }
@@ -113,9 +118,10 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
   CANOPY_CHECK(!c.name.empty(), ConfigError, "a task needs a name");
   validate_training(c, t);
   if (c.kind == TaskKind::kRegression) {
-    CANOPY_CHECK(c.label_map.empty() && c.class_names.empty() && c.class_weights.empty() && c.label_smoothing == 0,
-                 ConfigError, t, ": label_map, class_names, class_weights and label_smoothing apply to ",
-                 "classification tasks, not regression");
+    CANOPY_CHECK(
+        c.label_map.empty() && c.class_names.empty() && c.class_weights.empty() && c.label_smoothing == 0,
+        ConfigError, t, ": label_map, class_names, class_weights and label_smoothing apply to ",
+        "classification tasks, not regression");
     return;
   }
   CANOPY_CHECK(!c.loss, ConfigError, t, ": loss = ", c.loss ? to_string(*c.loss) : "",
@@ -136,24 +142,24 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
   }
   if (!c.label_map.empty()) {
     CANOPY_CHECK(source_classes <= 0 || static_cast<std::int64_t>(c.label_map.size()) == source_classes,
-                 ConfigError, t, ": label_map has ", c.label_map.size(), " entries, label source '",
-                 c.labels, "' has ", source_classes, " classes");
+                 ConfigError, t, ": label_map has ", c.label_map.size(), " entries, label source '", c.labels,
+                 "' has ", source_classes, " classes");
     for (auto v : c.label_map) {
       CANOPY_CHECK(v >= 0, ConfigError, t, ": label_map entries must be >= 0, got ", v);
     }
   }
   const std::int64_t k = c.kind == TaskKind::kMultilabel ? static_cast<std::int64_t>(c.class_names.size())
-                         : c.label_map.empty()    ? source_classes
-                                                  : *std::max_element(c.label_map.begin(), c.label_map.end()) + 1;
+                         : c.label_map.empty()
+                             ? source_classes
+                             : *std::max_element(c.label_map.begin(), c.label_map.end()) + 1;
   if (c.kind == TaskKind::kMultilabel) {
     for (auto m : c.label_map) {
-      CANOPY_CHECK(m < (std::int64_t(1) << k), ConfigError, t, ": label_map bitmask ", m, " has bits beyond its ",
-                   k, " labels");
+      CANOPY_CHECK(m < (std::int64_t(1) << k), ConfigError, t, ": label_map bitmask ", m,
+                   " has bits beyond its ", k, " labels");
     }
   }
   CANOPY_CHECK(c.class_names.empty() || k <= 0 || static_cast<std::int64_t>(c.class_names.size()) == k,
-               ConfigError, t, ": class_names has ", c.class_names.size(), " names for ", k,
-               " classes");
+               ConfigError, t, ": class_names has ", c.class_names.size(), " names for ", k, " classes");
 }
 
 std::vector<ClassStats> per_class_stats(const at::Tensor& confusion) {
@@ -174,11 +180,10 @@ std::vector<ClassStats> per_class_stats(const at::Tensor& confusion) {
   return out;
 }
 
-ClassificationMetrics classification_metrics(const at::Tensor& predictions,
-                                             const at::Tensor& targets, std::int64_t k) {
-  CANOPY_CHECK(predictions.numel() == targets.numel(), DataError, predictions.numel(),
-               " predictions for ", targets.numel(), " targets");
-  ClassificationMetrics m;
+EvalMetrics classification_metrics(const at::Tensor& predictions, const at::Tensor& targets, std::int64_t k) {
+  CANOPY_CHECK(predictions.numel() == targets.numel(), DataError, predictions.numel(), " predictions for ",
+               targets.numel(), " targets");
+  EvalMetrics m;
   m.count = targets.numel();
   const at::Tensor p = predictions.to(at::kLong).flatten();
   const at::Tensor t = targets.to(at::kLong).flatten();
@@ -219,9 +224,9 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
   CANOPY_CHECK(num_classes_ >= 2 || multilabel() || regression(), ConfigError, "task '", config_.name,
                "': needs at least 2 classes, has ", num_classes_);
   if (!config_.class_weights.empty()) {
-    CANOPY_CHECK(static_cast<std::int64_t>(config_.class_weights.size()) == num_classes_, ConfigError, "task '",
-                 config_.name, "': class_weights has ", config_.class_weights.size(), " values for ", num_classes_,
-                 " classes");
+    CANOPY_CHECK(static_cast<std::int64_t>(config_.class_weights.size()) == num_classes_, ConfigError,
+                 "task '", config_.name, "': class_weights has ", config_.class_weights.size(),
+                 " values for ", num_classes_, " classes");
     class_weights_ = at::tensor(config_.class_weights, at::kFloat);
   }
   HeadSpec spec{in_features, num_classes_, HeadParams(config_.name, config_.head_params)};
@@ -233,7 +238,8 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
   const auto params = head_->parameters();
   if (config_.optimizer == OptimizerKind::kSgd) {
     optimizer_ = std::make_unique<torch::optim::SGD>(
-        params, torch::optim::SGDOptions(config_.lr).momentum(config_.momentum).weight_decay(config_.weight_decay));
+        params,
+        torch::optim::SGDOptions(config_.lr).momentum(config_.momentum).weight_decay(config_.weight_decay));
   } else if (config_.optimizer == OptimizerKind::kAdam) {
     optimizer_ = std::make_unique<torch::optim::Adam>(
         params, torch::optim::AdamOptions(config_.lr).weight_decay(config_.weight_decay));
@@ -281,7 +287,8 @@ void Task::set_target_scale(double mean, double std) {
 void Task::start_epoch(std::int64_t epoch, std::int64_t total) {
   double factor = 1.0;
   if (config_.schedule == LrSchedule::kCosine) {
-    factor = 0.5 * (1.0 + std::cos(M_PI * static_cast<double>(epoch) / static_cast<double>(std::max<std::int64_t>(1, total))));
+    factor = 0.5 * (1.0 + std::cos(M_PI * static_cast<double>(epoch) /
+                                   static_cast<double>(std::max<std::int64_t>(1, total))));
   } else if (config_.schedule == LrSchedule::kStep) {
     factor = std::pow(config_.gamma, static_cast<double>(epoch / config_.step_size));
   }
@@ -298,7 +305,7 @@ void Task::begin_step() {
 at::Tensor Task::loss(const at::Tensor& outputs, const at::Tensor& targets) const {
   if (regression()) {
     return config_.loss == RegressionLoss::kL1 ? torch::nn::functional::l1_loss(outputs, targets)
-                                : torch::nn::functional::mse_loss(outputs, targets);
+                                               : torch::nn::functional::mse_loss(outputs, targets);
   }
   if (multilabel()) return torch::nn::functional::binary_cross_entropy_with_logits(outputs, targets);
   auto options = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(config_.label_smoothing);
@@ -320,7 +327,8 @@ double Task::train_step(const at::Tensor& features, const at::Tensor& targets) {
 
 std::vector<double> fused_train_step(const std::vector<Task*>& tasks, const at::Tensor& features,
                                      const std::vector<at::Tensor>& targets) {
-  CANOPY_CHECK(tasks.size() == targets.size(), Error, tasks.size(), " tasks but ", targets.size(), " targets");
+  CANOPY_CHECK(tasks.size() == targets.size(), Error, tasks.size(), " tasks but ", targets.size(),
+               " targets");
   std::vector<heads::Head*> heads;
   for (Task* t : tasks) {
     t->begin_step();
@@ -378,36 +386,38 @@ at::Tensor Task::predict(const at::Tensor& features) {
   return multilabel() ? out.gt(0).to(at::kLong) : out.argmax(1);
 }
 
-ClassificationMetrics Task::evaluate(const at::Tensor& features, const at::Tensor& targets) {
-  if (regression()) return regression_metrics(predict(features), targets.squeeze(1).to(at::kDouble) * target_std_ + target_mean_);
+EvalMetrics Task::evaluate(const at::Tensor& features, const at::Tensor& targets) {
+  if (regression())
+    return regression_metrics(predict(features),
+                              targets.squeeze(1).to(at::kDouble) * target_std_ + target_mean_);
   if (!multilabel()) return classification_metrics(predict(features), targets, num_classes_);
   torch::NoGradGuard no_grad;
   head_->eval();
   return multilabel_metrics(head_->forward(features), targets);
 }
 
-ClassificationMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets) {
+EvalMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets) {
   CANOPY_CHECK(predictions.numel() == targets.numel(), DataError, predictions.numel(), " predictions for ",
                targets.numel(), " targets");
-  ClassificationMetrics m;
-  m.regression = true;
+  EvalMetrics m;
+  m.regression = RegressionErrors{};
   m.count = targets.numel();
   if (m.count == 0) return m;
   const at::Tensor p = predictions.to(at::kDouble).flatten(), t = targets.to(at::kDouble).flatten();
   const at::Tensor err = p - t;
-  m.mae = err.abs().mean().item<double>();
+  m.regression->mae = err.abs().mean().item<double>();
   const double sse = (err * err).sum().item<double>();
-  m.rmse = std::sqrt(sse / static_cast<double>(m.count));
+  m.regression->rmse = std::sqrt(sse / static_cast<double>(m.count));
   const at::Tensor centred = t - t.mean();
   const double sst = (centred * centred).sum().item<double>();
-  m.r2 = sst > 0 ? 1.0 - sse / sst : (sse == 0 ? 1.0 : 0.0);
+  m.regression->r2 = sst > 0 ? 1.0 - sse / sst : (sse == 0 ? 1.0 : 0.0);
   return m;
 }
 
-ClassificationMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets) {
+EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets) {
   CANOPY_CHECK(scores.sizes() == targets.sizes() && scores.dim() == 2, DataError, "multilabel scores ",
                scores.sizes(), " and targets ", targets.sizes(), " must both be [N, K]");
-  ClassificationMetrics m;
+  EvalMetrics m;
   m.count = scores.size(0);
   const std::int64_t k = scores.size(1);
   const at::Tensor pred = scores.gt(0);

@@ -88,7 +88,8 @@ TEST(CheckpointStore, OnlyTheNewestGenerationStays) {
   std::vector<HeadRun> runs(2);
   CheckpointStore store(dir.file("checkpoint"), "c");
   for (int g = 0; g < 3; ++g) store.save({g, 0}, a.ptrs, runs);
-  EXPECT_EQ(list_dir(dir.file("checkpoint")), (std::vector<std::string>{"lin.3.pt", "mlp.3.pt", "state.json"}));
+  EXPECT_EQ(list_dir(dir.file("checkpoint")),
+            (std::vector<std::string>{"lin.3.pt", "mlp.3.pt", "state.json"}));
 }
 
 TEST(CheckpointStore, RefusesAnotherConfigOtherTasksAndMalformedState) {
@@ -106,9 +107,11 @@ TEST(CheckpointStore, RefusesAnotherConfigOtherTasksAndMalformedState) {
       {"checkpoint task 0 is 'lin'", "config has 'mlp'"}));
   write_file_atomic(dir.file("checkpoint/state.json"), "{\"generation\": 1, \"epo");
   EXPECT_TRUE(testing::throws_with<DataError>(
-      [&] { CheckpointStore(dir.file("checkpoint"), "config v1").load(a.ptrs, out); }, {"state.json", "malformed"}));
+      [&] { CheckpointStore(dir.file("checkpoint"), "config v1").load(a.ptrs, out); },
+      {"state.json", "malformed"}));
   EXPECT_TRUE(testing::throws_with<DataError>(
-      [&] { CheckpointStore(dir.file("nowhere"), "config v1").load(a.ptrs, out); }, {"no checkpoint", "nowhere"}));
+      [&] { CheckpointStore(dir.file("nowhere"), "config v1").load(a.ptrs, out); },
+      {"no checkpoint", "nowhere"}));
 }
 
 }  // namespace

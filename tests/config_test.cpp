@@ -53,25 +53,30 @@ TEST(Config, CommandLineOverridesFile) {
 TEST(Config, ErrorsNameKeyValueAndFile) {
   testing::TempDir dir;
   write_file_atomic(dir.file("c.ini"), kConfig);
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"train.epoch=3"}); },
-                                                {"unknown config key", "train.epoch", "c.ini"}));
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"train.epochs=three"}); },
-                                                {"train.epochs", "'three'"}));
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"train.batch_size=0"}); },
-                                                {"train.batch_size", "0"}));
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"task.fine.optimizer=lbfgs"}); },
-                                                {"task.fine.optimizer", "sgd, adam, adamw", "'lbfgs'"}));
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("missing.ini")); }, {"missing.ini"}));
+  EXPECT_TRUE(
+      testing::throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"train.epoch=3"}); },
+                                        {"unknown config key", "train.epoch", "c.ini"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { load_job_config(dir.file("c.ini"), {"train.epochs=three"}); }, {"train.epochs", "'three'"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { load_job_config(dir.file("c.ini"), {"train.batch_size=0"}); }, {"train.batch_size", "0"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { load_job_config(dir.file("c.ini"), {"task.fine.optimizer=lbfgs"}); },
+      {"task.fine.optimizer", "sgd, adam, adamw", "'lbfgs'"}));
+  EXPECT_TRUE(
+      testing::throws_with<ConfigError>([&] { load_job_config(dir.file("missing.ini")); }, {"missing.ini"}));
   write_file_atomic(dir.file("dup.ini"), "[train]\nepochs = 1\nepochs = 2\n");
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("dup.ini")); }, {"train.epochs", "twice"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { load_job_config(dir.file("dup.ini")); },
+                                                {"train.epochs", "twice"}));
 }
 
 // Head options live under head.: a task key and a head option of the same name never meet.
 TEST(Config, HeadOptionsHaveTheirOwnNamespace) {
   testing::TempDir dir;
-  write_file_atomic(dir.file("c.ini"), std::string(kConfig) +
-                                           "[task.custom]\nhead = mine\nhead.gamma = 3\nhead.epochs = 9\ngamma = 0.5\n"
-                                           "[task.sectioned.head]\nwidth = 7\n[task.sectioned]\nhead = mine\n");
+  write_file_atomic(dir.file("c.ini"),
+                    std::string(kConfig) +
+                        "[task.custom]\nhead = mine\nhead.gamma = 3\nhead.epochs = 9\ngamma = 0.5\n"
+                        "[task.sectioned.head]\nwidth = 7\n[task.sectioned]\nhead = mine\n");
   const JobConfig c = load_job_config(dir.file("c.ini"));
   const auto& custom = c.tasks[1];
   ASSERT_EQ(custom.name, "custom");
@@ -96,11 +101,13 @@ TEST(Config, RangesComeFromTheKeyTable) {
                                        {"train.out_dir", "is empty"}));
   EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"cache.dtype=int8"}); },
                                        {"cache.dtype", "float32, float16, bfloat16", "'int8'"}));
-  EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"train.intra_op_threads=100000"}); },
-                                       {"train.intra_op_threads", "4x this machine's cores", "100000"}));
+  EXPECT_TRUE(
+      throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"train.intra_op_threads=100000"}); },
+                               {"train.intra_op_threads", "4x this machine's cores", "100000"}));
   EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.path()); }, {"is a directory"}));
-  EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"task.fine.kind=ordinal"}); },
-                                       {"task.fine.kind", "multiclass, multilabel, regression", "'ordinal'"}));
+  EXPECT_TRUE(
+      throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"task.fine.kind=ordinal"}); },
+                               {"task.fine.kind", "multiclass, multilabel, regression", "'ordinal'"}));
 }
 
 // docs/configuration.md holds the key reference the table generates (`canopy keys`): a key
@@ -149,22 +156,26 @@ TEST(Config, TrunkFreezeTapsAndTextAndImageSources) {
   EXPECT_EQ(again.trunk.taps, c.trunk.taps);
   EXPECT_EQ(again.data.train_files, c.data.train_files);
   EXPECT_EQ(again.trunk.freeze.freeze, "first:3");
-  const JobConfig images = load_job_config(dir.file("c.ini"), {"data.source=image-folders", "data.train=/img/train",
-                                                               "data.test=/img/test"});
+  const JobConfig images = load_job_config(
+      dir.file("c.ini"), {"data.source=image-folders", "data.train=/img/train", "data.test=/img/test"});
   EXPECT_EQ(images.data.train, "/img/train");
+  EXPECT_EQ(dump_config(images).find("\ndir = "), std::string::npos) << "an image-folders run has no idx dir";
+  EXPECT_EQ(dump_config(images).find("[text]"), std::string::npos) << "nor text settings";
+  EXPECT_NE(dump_config(again).find("[text]\nvocab = /v.txt"), std::string::npos);
   using testing::throws_with;
   EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"data.source=image-csv"}); },
                                        {"needs data.train and data.test"}));
   EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"data.source=arff"}); },
                                        {"needs data.train_files and data.test_files"}));
-  EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"data.source=webdataset"}); },
-                                       {"data.source", "image-folders", "'webdataset'"}));
+  EXPECT_TRUE(
+      throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"data.source=webdataset"}); },
+                               {"data.source", "image-folders", "'webdataset'"}));
   EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"trunk.taps=a,a"}); },
                                        {"trunk.taps", "listed twice"}));
   EXPECT_TRUE(throws_with<ConfigError>(
       [&] {
-        load_job_config(dir.file("c.ini"), {"data.source=arff", "data.train_files=g:/a", "data.test_files=g:/b",
-                                            "text.vocab=/v", "text.max_length=2"});
+        load_job_config(dir.file("c.ini"), {"data.source=arff", "data.train_files=g:/a",
+                                            "data.test_files=g:/b", "text.vocab=/v", "text.max_length=2"});
       },
       {"text.max_length", "got 2"}));
 }
@@ -175,18 +186,20 @@ TEST(InputData, AFolderLimitKeepsEveryClass) {
   for (const char* split : {"train", "test"}) {
     for (const auto& [cls, count] : files) {
       make_dirs(dir.file(std::string(split) + "/" + cls));
-      for (int i = 0; i < count; ++i) write_file_atomic(dir.file(std::string(split) + "/" + cls + "/" + std::to_string(i) + ".png"), "x");
+      for (int i = 0; i < count; ++i)
+        write_file_atomic(dir.file(std::string(split) + "/" + cls + "/" + std::to_string(i) + ".png"), "x");
     }
   }
   write_file_atomic(dir.file("c.ini"), kConfig);
-  const JobConfig c = load_job_config(dir.file("c.ini"), {"data.source=image-folders", "data.train=" + dir.file("train"),
-                                                          "data.test=" + dir.file("test"), "data.train_limit=6",
-                                                          "data.test_limit=0"});
+  const JobConfig c = load_job_config(
+      dir.file("c.ini"), {"data.source=image-folders", "data.train=" + dir.file("train"),
+                          "data.test=" + dir.file("test"), "data.train_limit=6", "data.test_limit=0"});
   const InputData data = load_input_data(c);  // lists and labels; nothing is decoded yet
   const InputSplit& train = data.splits.at("train");
   EXPECT_EQ(train.rows, 6);
   // Classes in turn: ant 0, bee 0, cat 0, ant 1, cat 1, ant 2 — kept in listing order.
-  const std::vector<std::int64_t> ids(train.ids.data_ptr<std::int64_t>(), train.ids.data_ptr<std::int64_t>() + 6);
+  const std::vector<std::int64_t> ids(train.ids.data_ptr<std::int64_t>(),
+                                      train.ids.data_ptr<std::int64_t>() + 6);
   EXPECT_EQ(ids, (std::vector<std::int64_t>{0, 1, 2, 5, 6, 7}));
   const at::Tensor& y = train.labels.at("class");
   EXPECT_EQ(std::vector<std::int64_t>(y.data_ptr<std::int64_t>(), y.data_ptr<std::int64_t>() + 6),

@@ -50,7 +50,8 @@ TEST(Fs, AtomicWriteReplacesAndLeavesNoTemp) {
 
 TEST(Strings, ParseErrorsNameTheValue) {
   EXPECT_EQ(parse_int(" 42 ", "x"), 42);
-  EXPECT_TRUE(testing::throws_with<ConfigError>([] { parse_int("4x", "train.epochs"); }, {"train.epochs", "'4x'"}));
+  EXPECT_TRUE(
+      testing::throws_with<ConfigError>([] { parse_int("4x", "train.epochs"); }, {"train.epochs", "'4x'"}));
   EXPECT_TRUE(testing::throws_with<ConfigError>([] { parse_double("nan", "lr"); }, {"lr", "'nan'"}));
   EXPECT_TRUE(testing::throws_with<ConfigError>([] { parse_bool("maybe", "b"); }, {"'maybe'"}));
   EXPECT_EQ(parse_int_list("1, 2,3", "l"), (std::vector<std::int64_t>{1, 2, 3}));
@@ -64,7 +65,8 @@ TEST(Strings, ExpandEnv) {
   EXPECT_EQ(expand_env("${CANOPY_TEST_VAR}/x"), "/data/x");
   EXPECT_EQ(expand_env("${CANOPY_TEST_UNSET:-/fallback}/x"), "/fallback/x");
   EXPECT_EQ(expand_env("${CANOPY_TEST_UNSET:-${CANOPY_TEST_VAR}/y}/x"), "/data/y/x");
-  EXPECT_TRUE(testing::throws_with<ConfigError>([] { expand_env("${CANOPY_TEST_UNSET}"); }, {"CANOPY_TEST_UNSET"}));
+  EXPECT_TRUE(
+      testing::throws_with<ConfigError>([] { expand_env("${CANOPY_TEST_UNSET}"); }, {"CANOPY_TEST_UNSET"}));
   EXPECT_TRUE(testing::throws_with<ConfigError>([] { expand_env("${OOPS"); }, {"unterminated"}));
 }
 

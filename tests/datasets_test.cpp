@@ -3,21 +3,21 @@
 
 #include <fstream>
 
+#include <ATen/TensorOperators.h>
 #include <ATen/ops/allclose.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/TensorOperators.h>
 #include <unistd.h>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/datasets/batch_source.h"
 #include "canopy/datasets/feature_cache.h"
-#include "hdf5_raii.h"  // datasets/ (private to the module)
 #include "canopy/datasets/mnist.h"
 #include "canopy/datasets/preprocess.h"
+#include "hdf5_raii.h"  // datasets/ (private to the module)
 #include "support/test_support.h"
 
 namespace canopy::datasets {
@@ -56,11 +56,13 @@ TEST(Idx, ReadsPlainAndGzip) {
 TEST(Idx, BadFilesGiveClearErrors) {
   testing::TempDir dir;
   std::ofstream(dir.file("bad_magic"), std::ios::binary) << std::string("\x01\x02\x03\x04", 4);
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_idx(dir.file("bad_magic")); }, {"bad_magic", "magic"}));
+  EXPECT_TRUE(
+      testing::throws_with<DataError>([&] { read_idx(dir.file("bad_magic")); }, {"bad_magic", "magic"}));
   std::string truncated = idx_bytes({10, 2}, std::vector<std::uint8_t>(20));
   truncated.resize(truncated.size() - 5);
   std::ofstream(dir.file("short"), std::ios::binary) << truncated;
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_idx(dir.file("short")); }, {"short", "should hold 32 bytes", "holds 27"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_idx(dir.file("short")); },
+                                              {"short", "should hold 32 bytes", "holds 27"}));
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_mnist_split(dir.path(), "train", 0); },
                                               {"train-images-idx3-ubyte", "dataset-fashion-mnist"}));
 }
@@ -86,7 +88,8 @@ TEST(Preprocess, ResizesReplicatesAndNormalises) {
   ASSERT_EQ(x.sizes(), (std::vector<std::int64_t>{2, 3, 8, 8}));
   EXPECT_TRUE(at::allclose(x, at::full({2, 3, 8, 8}, 2.0f)));  // (1 - 0.5) / 0.25
   c.mean = {0.1, 0.2};
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { validate_preprocess_config(c); }, {"preprocess.mean", "got 2"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { validate_preprocess_config(c); },
+                                                {"preprocess.mean", "got 2"}));
   EXPECT_NE(describe(c).find("resize=8"), std::string::npos);
 }
 
@@ -108,13 +111,15 @@ CacheMeta test_meta(std::int64_t dim, StorageDtype dtype = StorageDtype::kFloat3
 // Writes a cache of `train` rows (shards of 4) and 3 test rows, in batches of 2.
 void write_cache(const std::string& dir, const at::Tensor& train, const at::Tensor& test,
                  StorageDtype dtype = StorageDtype::kFloat32) {
-  FeatureCacheWriter w(dir, test_meta(train.size(1), dtype), {{"train", train.size(0)}, {"test", test.size(0)}}, 4,
-                       false);
+  FeatureCacheWriter w(dir, test_meta(train.size(1), dtype),
+                       {{"train", train.size(0)}, {"test", test.size(0)}}, 4, false);
   for (std::int64_t i = 0; i < train.size(0); i += 2) {
     const std::int64_t e = std::min(train.size(0), i + 2);
-    w.append("train", train.slice(0, i, e), {{"class", at::arange(i, e, at::kLong) % 2}}, at::arange(i, e, at::kLong));
+    w.append("train", train.slice(0, i, e), {{"class", at::arange(i, e, at::kLong) % 2}},
+             at::arange(i, e, at::kLong));
   }
-  w.append("test", test, {{"class", at::arange(test.size(0), at::kLong)}}, at::arange(test.size(0), at::kLong));
+  w.append("test", test, {{"class", at::arange(test.size(0), at::kLong)}},
+           at::arange(test.size(0), at::kLong));
   w.finish();
 }
 
@@ -153,7 +158,8 @@ TEST(FeatureCache, RoundTripsShardsAndMetadata) {
     EXPECT_EQ(train.ids[9].item<std::int64_t>(), 9);
   }
   EXPECT_NO_THROW(c.verify());
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { c.load_split("valid"); }, {"no split 'valid'", "test, train"}));
+  EXPECT_TRUE(
+      testing::throws_with<DataError>([&] { c.load_split("valid"); }, {"no split 'valid'", "test, train"}));
 }
 
 TEST(FeatureCache, StorageDtypesRoundTrip) {
@@ -170,7 +176,8 @@ TEST(FeatureCache, StorageDtypesRoundTrip) {
       EXPECT_TRUE(testing::bitwise_equal(got, f.to(scalar_type(dtype)))) << storage_dtype_name(dtype);
     }
   }
-  EXPECT_TRUE(testing::throws_with<ConfigError>([] { parse_storage_dtype("int8"); }, {"cache.dtype", "'int8'"}));
+  EXPECT_TRUE(
+      testing::throws_with<ConfigError>([] { parse_storage_dtype("int8"); }, {"cache.dtype", "'int8'"}));
 }
 
 TEST(FeatureCache, UnfinishedCacheIsRefusedAndResumed) {
@@ -181,7 +188,8 @@ TEST(FeatureCache, UnfinishedCacheIsRefusedAndResumed) {
     w.append("train", f.slice(0, 0, 6), {{"class", at::zeros({6}, at::kLong)}}, at::arange(6, at::kLong));
     // dropped here, as when a run is killed: one shard of 4 finished, 2 rows were pending
   }
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.path()); }, {"unfinished", "4 of 12 rows"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.path()); },
+                                              {"unfinished", "4 of 12 rows"}));
   std::string note;
   FeatureCacheWriter w(dir.path(), test_meta(4), {{"train", 10}, {"test", 2}}, 4, true, &note);
   EXPECT_EQ(w.rows_done("train"), 4);
@@ -210,7 +218,8 @@ TEST(FeatureCache, CorruptionAndTruncationAreDetected) {
   const std::string file = join_path(dir.path(), s.file);
   flip_byte(file, s.features_offset + 30);
   for (auto method : {ReadMethod::kPread, ReadMethod::kHdf5}) {
-    EXPECT_TRUE(testing::throws_with<DataError>([&] { c.load_split("train", method); }, {s.file, "checksum mismatch", "features"}));
+    EXPECT_TRUE(testing::throws_with<DataError>([&] { c.load_split("train", method); },
+                                                {s.file, "checksum mismatch", "features"}));
   }
   EXPECT_TRUE(testing::throws_with<DataError>([&] { c.verify(); }, {s.file, "checksum"}));
   flip_byte(file, s.features_offset + 30);  // repaired
@@ -224,15 +233,19 @@ TEST(FeatureCache, CorruptionAndTruncationAreDetected) {
 
 TEST(FeatureCache, RefusesWhatIsNotACache) {
   testing::TempDir dir;
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.file("none")); }, {"does not exist", "canopy cache"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.file("none")); },
+                                              {"does not exist", "canopy cache"}));
   make_dirs(dir.file("bad"));
   write_file_atomic(dir.file("bad/manifest.json"), "{\"schema\": 2}");
   EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.file("bad")); }, {"malformed"}));
   write_file_atomic(dir.file("bad/manifest.json"), "{\"schema\": 1}");
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.file("bad")); }, {"schema version 1", "rebuild"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { FeatureCache::open(dir.file("bad")); },
+                                              {"schema version 1", "rebuild"}));
   FeatureCacheWriter w(dir.file("wrong"), test_meta(4), {{"train", 2}}, 4, false);
   EXPECT_TRUE(testing::throws_with<DataError>(
-      [&] { w.append("train", at::randn({2, 5}), {{"class", at::arange(2, at::kLong)}}, at::arange(2, at::kLong)); },
+      [&] {
+        w.append("train", at::randn({2, 5}), {{"class", at::arange(2, at::kLong)}}, at::arange(2, at::kLong));
+      },
       {"[B, 4]", "[2, 5]"}));
 }
 
@@ -264,7 +277,8 @@ TEST(BatchSource, StreamingServesEveryRowOncePerEpochUnderItsCap) {
   EXPECT_GT(src->peak_bytes(), 0u);
   EXPECT_LE(src->peak_bytes(), 5 * shard_bytes);
   EXPECT_TRUE(testing::throws_with<DataError>(
-      [&] { make_streaming_source(c, "train", 5, 7, 4 * shard_bytes, ReadMethod::kPread); }, {"5 shards", "memory_cap_mb"}));
+      [&] { make_streaming_source(c, "train", 5, 7, 4 * shard_bytes, ReadMethod::kPread); },
+      {"5 shards", "memory_cap_mb"}));
 }
 
 }  // namespace

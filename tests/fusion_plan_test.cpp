@@ -25,8 +25,11 @@ void expect_partition(const std::vector<WorkUnit>& units, const std::vector<std:
 }
 
 TEST(FusionPlan, SameKeyHeadsFuseAndOthersRunAlone) {
-  const std::vector<PlanHead> heads{{"linear in=64", 10, 650}, {"", 0, 5000}, {"linear in=64", 64, 4800},
-                                    {"linear in=32", 10, 330}, {"linear in=64", 4, 260}};
+  const std::vector<PlanHead> heads{{"linear in=64", 10, 650},
+                                    {"", 0, 5000},
+                                    {"linear in=64", 64, 4800},
+                                    {"linear in=32", 10, 330},
+                                    {"linear in=64", 4, 260}};
   const auto units = plan_units(heads, all_of(5), {64, 1e9, 1});
   expect_partition(units, all_of(5));
   ASSERT_EQ(units.size(), 3u);
@@ -50,11 +53,12 @@ TEST(FusionPlan, GroupsAreHalvedUntilEveryWorkerHasAUnit) {
   for (std::int64_t workers : {1, 2, 3, 8, 12, 16}) {
     const auto units = plan_units(heads, all_of(12), {64, 1e9, workers});
     expect_partition(units, all_of(12));
-    EXPECT_EQ(static_cast<std::int64_t>(units.size()), std::min<std::int64_t>(workers, 12)) << workers << " workers";
-    const auto largest = std::max_element(units.begin(), units.end(),
-                                          [](const WorkUnit& a, const WorkUnit& b) { return a.size() < b.size(); });
-    const auto smallest = std::min_element(units.begin(), units.end(),
-                                           [](const WorkUnit& a, const WorkUnit& b) { return a.size() < b.size(); });
+    EXPECT_EQ(static_cast<std::int64_t>(units.size()), std::min<std::int64_t>(workers, 12))
+        << workers << " workers";
+    const auto largest = std::max_element(
+        units.begin(), units.end(), [](const WorkUnit& a, const WorkUnit& b) { return a.size() < b.size(); });
+    const auto smallest = std::min_element(
+        units.begin(), units.end(), [](const WorkUnit& a, const WorkUnit& b) { return a.size() < b.size(); });
     EXPECT_LE(largest->size(), 2 * smallest->size()) << workers << " workers: halving keeps units balanced";
   }
 }
@@ -70,8 +74,11 @@ TEST(FusionPlan, OnlyActiveHeadsArePlannedAndThePlanIsDeterministic) {
 
 TEST(FusionPlan, BadInputsAreErrors) {
   const std::vector<PlanHead> heads(2, PlanHead{"k", 1, 1});
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { plan_units(heads, all_of(2), {8, 1e9, 0}); },
-                                                {"at least 1 worker", "0"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        plan_units(heads, all_of(2), {8, 1e9, 0});
+      },
+      {"at least 1 worker", "0"}));
   EXPECT_TRUE(testing::throws_with<Error>([&] { plan_units(heads, {0, 5}, {8, 1e9, 1}); }, {"head 5 of 2"}));
 }
 

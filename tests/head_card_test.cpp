@@ -49,7 +49,8 @@ TEST(HeadCard, WeightsAndCardReadBack) {
   EXPECT_EQ(card.at("architecture"), "mlp 6-8-2 relu");
   EXPECT_EQ(card.at("in_features"), 6);
   EXPECT_EQ(card.at("out_features"), 2);
-  EXPECT_EQ(card.at("head_params"), nlohmann::json({{"hidden", "8"}, {"activation", "relu"}, {"dropout", "0"}}))
+  EXPECT_EQ(card.at("head_params"),
+            nlohmann::json({{"hidden", "8"}, {"activation", "relu"}, {"dropout", "0"}}))
       << "every option, defaults included";
   EXPECT_EQ(card.at("label_map"), nlohmann::json::array({0, 1, 1}));
   EXPECT_EQ(card.at("class_names"), nlohmann::json::array({"zero", "one"}));

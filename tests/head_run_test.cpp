@@ -6,8 +6,8 @@
 namespace canopy::runners {
 namespace {
 
-tasks::ClassificationMetrics accuracy(double a) {
-  tasks::ClassificationMetrics m;
+tasks::EvalMetrics accuracy(double a) {
+  tasks::EvalMetrics m;
   m.accuracy = a;
   return m;
 }

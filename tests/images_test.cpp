@@ -2,8 +2,8 @@
 // manifest and class-folder listings. The end-to-end check that an image set gives the same
 // features as the idx files it came from is in tests/python/test_images.py.
 #include <gtest/gtest.h>
-#include <png.h>
 #include <jpeglib.h>
+#include <png.h>
 
 #include <cstdio>
 #include <cstring>
@@ -27,7 +27,10 @@ void write_png(const std::string& path, const std::vector<std::uint8_t>& hwc, in
   image.version = PNG_IMAGE_VERSION;
   image.width = w;
   image.height = h;
-  image.format = c == 1 ? PNG_FORMAT_GRAY : c == 2 ? PNG_FORMAT_GA : c == 3 ? PNG_FORMAT_RGB : PNG_FORMAT_RGBA;
+  image.format = c == 1   ? PNG_FORMAT_GRAY
+                 : c == 2 ? PNG_FORMAT_GA
+                 : c == 3 ? PNG_FORMAT_RGB
+                          : PNG_FORMAT_RGBA;
   ASSERT_NE(png_image_write_to_file(&image, path.c_str(), 0, hwc.data(), 0, nullptr), 0) << image.message;
 }
 
@@ -59,7 +62,8 @@ std::vector<std::uint8_t> picture(int h, int w, int c) {
   std::vector<std::uint8_t> out(static_cast<std::size_t>(h * w * c));
   for (int y = 0; y < h; ++y) {
     for (int x = 0; x < w; ++x) {
-      for (int k = 0; k < c; ++k) out[(y * w + x) * c + k] = static_cast<std::uint8_t>(20 + (x * 100) / w + (y * 80) / h + k * 30);
+      for (int k = 0; k < c; ++k)
+        out[(y * w + x) * c + k] = static_cast<std::uint8_t>(20 + (x * 100) / w + (y * 80) / h + k * 30);
     }
   }
   return out;
@@ -81,7 +85,8 @@ TEST(Images, PngDecodesExactlyInEveryColourType) {
     const int keep = c <= 2 ? 1 : 3;  // alpha dropped, colour values kept as stored
     const at::Tensor want = chw(px, 9, 13, c, keep);
     ASSERT_EQ(got.sizes(), want.sizes());
-    EXPECT_TRUE(testing::bitwise_equal(got, want)) << (got.to(at::kInt) - want.to(at::kInt)).abs().max().item<int>();
+    EXPECT_TRUE(testing::bitwise_equal(got, want))
+        << (got.to(at::kInt) - want.to(at::kInt)).abs().max().item<int>();
   }
 }
 
@@ -105,26 +110,34 @@ TEST(Images, JpegDecodesCloseToWhatWasEncoded) {
 TEST(Images, BrokenFilesAreClearErrors) {
   testing::TempDir dir;
   std::ofstream(dir.file("text.png")) << "not an image at all";
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file("text.png")); }, {"text.png", "neither PNG nor JPEG"}));
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file("none.png")); }, {"cannot open", "none.png"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file("text.png")); },
+                                              {"text.png", "neither PNG nor JPEG"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file("none.png")); },
+                                              {"cannot open", "none.png"}));
   for (const char* name : {"cut.png", "cut.jpg"}) {
     const auto px = picture(64, 64, 3);
-    if (std::string(name) == "cut.png") write_png(dir.file(name), px, 64, 64, 3);
-    else write_jpeg(dir.file(name), px, 64, 64, 3);
+    if (std::string(name) == "cut.png")
+      write_png(dir.file(name), px, 64, 64, 3);
+    else
+      write_jpeg(dir.file(name), px, 64, 64, 3);
     const std::string bytes = read_file(dir.file(name));
     std::ofstream(dir.file(name), std::ios::binary) << bytes.substr(0, bytes.size() / 3);
-    EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file(name)); }, {"cannot decode", name})) << name;
+    EXPECT_TRUE(
+        testing::throws_with<DataError>([&] { decode_image(dir.file(name)); }, {"cannot decode", name}))
+        << name;
   }
 }
 
 TEST(Images, CsvManifestWithIndexNameAndRealLabels) {
   testing::TempDir dir;
   make_dirs(dir.file("img"));
-  std::ofstream(dir.file("train.csv")) << "path,kind,score,level\nimg/a.png,cat,0.5,2\n\"img/b, c.png\",dog,1.25,0\n"
-                                       << dir.file("img/d.png") << ",cat,2,1\n";
+  std::ofstream(dir.file("train.csv"))
+      << "path,kind,score,level\nimg/a.png,cat,0.5,2\n\"img/b, c.png\",dog,1.25,0\n"
+      << dir.file("img/d.png") << ",cat,2,1\n";
   std::ofstream(dir.file("test.csv")) << "path,kind,score,level\nimg/e.png,dog,3,1\n";
   const ImageList train = read_image_csv(dir.file("train.csv"));
-  EXPECT_EQ(train.paths, (std::vector<std::string>{dir.file("img/a.png"), dir.file("img/b, c.png"), dir.file("img/d.png")}));
+  EXPECT_EQ(train.paths, (std::vector<std::string>{dir.file("img/a.png"), dir.file("img/b, c.png"),
+                                                   dir.file("img/d.png")}));
   EXPECT_EQ(train.label_order, (std::vector<std::string>{"kind", "score", "level"}));
   EXPECT_EQ(train.labels.at("kind"), (std::vector<std::int64_t>{0, 1, 0}));
   EXPECT_EQ(train.class_names.at("kind"), (std::vector<std::string>{"cat", "dog"}));
@@ -133,18 +146,21 @@ TEST(Images, CsvManifestWithIndexNameAndRealLabels) {
   const ImageList test = read_image_csv(dir.file("test.csv"), dir.file("train.csv"));
   EXPECT_EQ(test.labels.at("kind"), (std::vector<std::int64_t>{1})) << "numbered by the training CSV's names";
   std::ofstream(dir.file("bad.csv")) << "path,kind,score,level\nimg/e.png,bird,3,1\n";
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("bad.csv"), dir.file("train.csv")); },
-                                              {"'bird'", "cat, dog"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { read_image_csv(dir.file("bad.csv"), dir.file("train.csv")); }, {"'bird'", "cat, dog"}));
   std::ofstream(dir.file("short.csv")) << "path,kind\nimg/a.png\n";
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("short.csv")); }, {"short.csv:2", "1 fields"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("short.csv")); },
+                                              {"short.csv:2", "1 fields"}));
   std::ofstream(dir.file("nohead.csv")) << "file,kind\na.png,x\n";
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("nohead.csv")); }, {"header must be path"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("nohead.csv")); },
+                                              {"header must be path"}));
 }
 
 TEST(Images, ClassFoldersNumberClassesBySortedName) {
   testing::TempDir dir;
   for (const char* d : {"train/zebra", "train/ant", "test/ant"}) make_dirs(dir.file(d));
-  for (const char* f : {"train/zebra/1.PNG", "train/ant/b.jpg", "train/ant/a.jpeg", "train/ant/notes.txt", "test/ant/x.png"}) {
+  for (const char* f : {"train/zebra/1.PNG", "train/ant/b.jpg", "train/ant/a.jpeg", "train/ant/notes.txt",
+                        "test/ant/x.png"}) {
     std::ofstream(dir.file(f)) << "x";
   }
   const ImageList train = read_image_folders(dir.file("train"));
@@ -152,11 +168,13 @@ TEST(Images, ClassFoldersNumberClassesBySortedName) {
                                                    dir.file("train/zebra/1.PNG")}));
   EXPECT_EQ(train.labels.at("class"), (std::vector<std::int64_t>{0, 0, 1}));
   EXPECT_EQ(train.class_names.at("class"), (std::vector<std::string>{"ant", "zebra"}));
-  EXPECT_EQ(read_image_folders(dir.file("test"), dir.file("train")).labels.at("class"), (std::vector<std::int64_t>{0}));
+  EXPECT_EQ(read_image_folders(dir.file("test"), dir.file("train")).labels.at("class"),
+            (std::vector<std::int64_t>{0}));
   make_dirs(dir.file("test/bee"));
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_folders(dir.file("test"), dir.file("train")); },
-                                              {"bee", "ant, zebra"}));
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_folders(dir.file("nope")); }, {"not a directory"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { read_image_folders(dir.file("test"), dir.file("train")); }, {"bee", "ant, zebra"}));
+  EXPECT_TRUE(
+      testing::throws_with<DataError>([&] { read_image_folders(dir.file("nope")); }, {"not a directory"}));
 }
 
 }  // namespace

@@ -25,12 +25,7 @@ HeadRun run_with(double loss, double acc, bool regression = false) {
   HeadRun r;
   r.train_loss = loss;
   r.eval.accuracy = acc;
-  r.eval.regression = regression;
-  if (regression) {
-    r.eval.mae = 0.25;
-    r.eval.rmse = 0.5;
-    r.eval.r2 = 0.75;
-  }
+  if (regression) r.eval.regression = tasks::RegressionErrors{0.25, 0.5, 0.75};
   return r;
 }
 
@@ -54,7 +49,8 @@ TEST(MetricsSink, RowsReadBackAsJsonAndCsv) {
   EXPECT_EQ(row.at("task"), "b");
   EXPECT_EQ(row.at("state"), "training");
   EXPECT_DOUBLE_EQ(row.at("eval_r2").get<double>(), 0.75);
-  EXPECT_FALSE(nlohmann::json::parse(jsonl[0]).contains("eval_r2")) << "classifiers carry no regression metrics";
+  EXPECT_FALSE(nlohmann::json::parse(jsonl[0]).contains("eval_r2"))
+      << "classifiers carry no regression metrics";
   const auto csv = lines_of(dir.file("metrics.csv"));
   ASSERT_EQ(csv.size(), 5u);
   EXPECT_EQ(csv[0].rfind("epoch,task,state,train_loss", 0), 0u);
@@ -73,7 +69,8 @@ TEST(MetricsSink, TruncationKeepsExactlyTheEpochsUpToTheCheckpoint) {
     ASSERT_EQ(jsonl.size(), static_cast<std::size_t>(2 * keep)) << "keep " << keep;
     ASSERT_EQ(csv.size(), static_cast<std::size_t>(2 * keep + 1)) << "keep " << keep;
     for (std::size_t i = 0; i < jsonl.size(); ++i) {
-      EXPECT_EQ(nlohmann::json::parse(jsonl[i]).at("epoch").get<std::int64_t>(), static_cast<std::int64_t>(i / 2 + 1));
+      EXPECT_EQ(nlohmann::json::parse(jsonl[i]).at("epoch").get<std::int64_t>(),
+                static_cast<std::int64_t>(i / 2 + 1));
       EXPECT_EQ(std::stoll(csv[i + 1]), static_cast<std::int64_t>(i / 2 + 1));
     }
   }

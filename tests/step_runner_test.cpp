@@ -20,7 +20,9 @@ namespace {
 // Throws on its third forward pass.
 class ThrowingHead : public heads::Head {
  public:
-  ThrowingHead(std::int64_t in, std::int64_t out) { linear_ = register_module("linear", torch::nn::Linear(in, out)); }
+  ThrowingHead(std::int64_t in, std::int64_t out) {
+    linear_ = register_module("linear", torch::nn::Linear(in, out));
+  }
   torch::Tensor forward(const torch::Tensor& x) override {
     if (++calls_ == 3) throw DataError("head gave up");
     return linear_->forward(x);
@@ -35,9 +37,12 @@ class ThrowingHead : public heads::Head {
 struct Fixture {
   explicit Fixture(std::size_t n, bool with_thrower) {
     tasks::register_builtin_heads(registry);
-    registry.add("throwing", [](const tasks::HeadSpec& s) {
-      return std::make_shared<ThrowingHead>(s.in_features, s.out_features);
-    }, "test");
+    registry.add(
+        "throwing",
+        [](const tasks::HeadSpec& s) {
+          return std::make_shared<ThrowingHead>(s.in_features, s.out_features);
+        },
+        "test");
     for (std::size_t i = 0; i < n; ++i) {
       tasks::TaskConfig c;
       c.name = "t" + std::to_string(i);
@@ -98,8 +103,10 @@ TEST(StepRunner, WeightsDoNotDependOnTheWorkerCountOrOnFusion) {
   for (std::int64_t workers : {2, 3, 8}) {
     const auto other = train(workers, false);
     for (std::size_t i = 0; i < 6; ++i) {
-      auto pa = one->ptrs[i]->head().named_parameters(true), pb = other->ptrs[i]->head().named_parameters(true);
-      for (const auto& p : pa) EXPECT_TRUE(testing::bitwise_equal(p.value(), pb[p.key()])) << workers << " " << p.key();
+      auto pa = one->ptrs[i]->head().named_parameters(true),
+           pb = other->ptrs[i]->head().named_parameters(true);
+      for (const auto& p : pa)
+        EXPECT_TRUE(testing::bitwise_equal(p.value(), pb[p.key()])) << workers << " " << p.key();
     }
   }
   const auto fused = train(2, true);

@@ -17,7 +17,8 @@ std::string write(const std::string& path, const std::string& content) {
 }
 
 // ids: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 then the words in order from 4.
-const char* kVocab = "[PAD]\n[UNK]\n[CLS]\n[SEP]\nun\n##aff\n##able\nhello\n,\nworld\n!\ncafe\n##s\n\xe4\xb8\xad\n";
+const char* kVocab =
+    "[PAD]\n[UNK]\n[CLS]\n[SEP]\nun\n##aff\n##able\nhello\n,\nworld\n!\ncafe\n##s\n\xe4\xb8\xad\n";
 
 TokenizerConfig config(const testing::TempDir& dir, std::int64_t max_length = 16) {
   TokenizerConfig c;
@@ -45,11 +46,17 @@ TEST(WordPiece, NormalisesLikeBert) {
   const WordPieceTokenizer t(config(dir));
   EXPECT_EQ(t.encode("CAF\xc3\x89"), (Ids{2, 11, 3})) << "É lowercased and its accent stripped";
   EXPECT_EQ(t.encode("cafe\xcc\x81"), (Ids{2, 11, 3})) << "a combining accent is dropped";
-  EXPECT_EQ(t.words("a\tb\nc\x01" "d\xe2\x80\x8b" "e\xc2\xa0" "f"), (std::vector<std::string>{"a", "b", "cde", "f"}))
+  EXPECT_EQ(t.words("a\tb\nc\x01"
+                    "d\xe2\x80\x8b"
+                    "e\xc2\xa0"
+                    "f"),
+            (std::vector<std::string>{"a", "b", "cde", "f"}))
       << "whitespace splits, control and zero-width characters vanish";
-  EXPECT_EQ(t.words("x\xe4\xb8\xad\xe4\xb8\xady"), (std::vector<std::string>{"x", "\xe4\xb8\xad", "\xe4\xb8\xad", "y"}))
+  EXPECT_EQ(t.words("x\xe4\xb8\xad\xe4\xb8\xady"),
+            (std::vector<std::string>{"x", "\xe4\xb8\xad", "\xe4\xb8\xad", "y"}))
       << "CJK ideographs are words of their own";
-  EXPECT_EQ(t.words("\xc2\xbfqu\xc3\xa9?\xe2\x80\x94ok"), (std::vector<std::string>{"\xc2\xbf", "que", "?", "\xe2\x80\x94", "ok"}))
+  EXPECT_EQ(t.words("\xc2\xbfqu\xc3\xa9?\xe2\x80\x94ok"),
+            (std::vector<std::string>{"\xc2\xbf", "que", "?", "\xe2\x80\x94", "ok"}))
       << "Unicode punctuation splits like ASCII";
   EXPECT_EQ(t.words("\xc4\xb0stanbul"), (std::vector<std::string>{"istanbul"}));
   EXPECT_EQ(t.words("\xff\xfeok"), (std::vector<std::string>{"ok"})) << "invalid UTF-8 bytes are dropped";
@@ -75,27 +82,31 @@ TEST(WordPiece, BadVocabulariesAndSettingsAreClearErrors) {
   c.vocab = dir.file("missing.txt");
   EXPECT_TRUE(testing::throws_with<DataError>([&] { WordPieceTokenizer t(c); }, {"missing.txt"}));
   c = config(dir, 2);
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { WordPieceTokenizer t(c); }, {"text.max_length", "got 2"}));
+  EXPECT_TRUE(
+      testing::throws_with<ConfigError>([&] { WordPieceTokenizer t(c); }, {"text.max_length", "got 2"}));
 }
 
 TEST(Arff, ReadsStringAndNominalAttributesWithEscapes) {
   testing::TempDir dir;
-  const std::string path = write(dir.file("docs.arff"),
-                                 "% a comment\n@relation 'two docs'\n\n@attribute Text string\n"
-                                 "@attribute 'class-att' {0,1}\n@ATTRIBUTE topic {corn, 'wheat flour'}\n\n@data\n"
-                                 "'first\\nline \\'quoted\\' and \\\"double\\\"',1,corn\n"
-                                 "% between rows\n"
-                                 "\"second, with comma\",0,'wheat flour'\n");
+  const std::string path =
+      write(dir.file("docs.arff"),
+            "% a comment\n@relation 'two docs'\n\n@attribute Text string\n"
+            "@attribute 'class-att' {0,1}\n@ATTRIBUTE topic {corn, 'wheat flour'}\n\n@data\n"
+            "'first\\nline \\'quoted\\' and \\\"double\\\"',1,corn\n"
+            "% between rows\n"
+            "\"second, with comma\",0,'wheat flour'\n");
   const ArffData d = read_arff(path);
   EXPECT_EQ(d.relation, "two docs");
   EXPECT_EQ(d.attributes, (std::vector<std::string>{"Text", "class-att", "topic"}));
   ASSERT_EQ(d.rows, 2);
-  EXPECT_EQ(d.strings[0], (std::vector<std::string>{"first\nline 'quoted' and \"double\"", "second, with comma"}));
+  EXPECT_EQ(d.strings[0],
+            (std::vector<std::string>{"first\nline 'quoted' and \"double\"", "second, with comma"}));
   EXPECT_EQ(d.nominals[1], (std::vector<std::int64_t>{1, 0}));
   EXPECT_EQ(d.nominals[2], (std::vector<std::int64_t>{0, 1}));
   EXPECT_EQ(d.nominal_values[2], (std::vector<std::string>{"corn", "wheat flour"}));
   EXPECT_EQ(d.attribute("topic"), 2);
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { d.attribute("Body"); }, {"no attribute 'Body'", "Text, class-att, topic"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { d.attribute("Body"); },
+                                              {"no attribute 'Body'", "Text, class-att, topic"}));
   EXPECT_EQ(read_arff_texts(path, "Text"), d.strings[0]);
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_arff_texts(path, "topic"); },
                                               {"attribute 'topic'", "docs.arff", "nominal, not a string"}));
@@ -109,13 +120,18 @@ TEST(Arff, BadFilesNameTheLine) {
     const std::string p = write(dir.file("bad.arff"), body);
     return testing::throws_with<DataError>([&] { read_arff(p); }, fragments);
   };
-  EXPECT_TRUE(bad("@relation r\n@attribute x numeric\n@data\n1\n", {"bad.arff:2", "numeric", "only string and nominal"}));
-  EXPECT_TRUE(bad("@relation r\n@attribute t string\n@attribute c {0,1}\n@data\n'a',2\n", {"bad.arff:5", "'2'", "{0,1}"}));
-  EXPECT_TRUE(bad("@relation r\n@attribute t string\n@attribute c {0,1}\n@data\n'a'\n", {"bad.arff:5", "1 values for 2 attributes"}));
+  EXPECT_TRUE(bad("@relation r\n@attribute x numeric\n@data\n1\n",
+                  {"bad.arff:2", "numeric", "only string and nominal"}));
+  EXPECT_TRUE(bad("@relation r\n@attribute t string\n@attribute c {0,1}\n@data\n'a',2\n",
+                  {"bad.arff:5", "'2'", "{0,1}"}));
+  EXPECT_TRUE(bad("@relation r\n@attribute t string\n@attribute c {0,1}\n@data\n'a'\n",
+                  {"bad.arff:5", "1 values for 2 attributes"}));
   EXPECT_TRUE(bad("@relation r\n@attribute t string\n@data\n'open\n", {"bad.arff:4", "unterminated"}));
   EXPECT_TRUE(bad("@relation r\n@attribute t string\n", {"no @data"}));
-  EXPECT_TRUE(bad("@relation r\n@attribute t string\n@attribute c {0,1}\n@data\n'a',?\n", {"missing values are not supported"}));
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_arff(dir.file("none.arff")); }, {"cannot open", "none.arff"}));
+  EXPECT_TRUE(bad("@relation r\n@attribute t string\n@attribute c {0,1}\n@data\n'a',?\n",
+                  {"missing values are not supported"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_arff(dir.file("none.arff")); },
+                                              {"cannot open", "none.arff"}));
 }
 
 }  // namespace

@@ -52,8 +52,11 @@ TEST(Trunk, PoolingChoices) {
   c.pooling = "flatten";
   EXPECT_EQ(Trunk::load(c).encode(at::randn({2, 3, 16, 16})).sizes(), (std::vector<std::int64_t>{2, 128}));
   c.pooling = "none";
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { Trunk::load(c).encode(at::randn({2, 3, 16, 16})); },
-                                              {"pooling = none", "[2, 32, 2, 2]"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        Trunk::load(c).encode(at::randn({2, 3, 16, 16}));
+      },
+      {"pooling = none", "[2, 32, 2, 2]"}));
   c.pooling = "max";
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Trunk::load(c); }, {"trunk.pooling", "'max'"}));
 }
@@ -67,7 +70,8 @@ TEST(Trunk, EncodeInEvalModeLeavesStateBitwiseUnchanged) {
     const auto before = t.state_snapshot();
     const at::Tensor probe = at::randn({4, 3, 20, 20});
     const at::Tensor out_before = t.encode(probe);
-    for (int i = 0; i < 5; ++i) t.encode(at::randn({16, 3, 20, 20}) * 3 + 1);  // would move BN stats in train mode
+    for (int i = 0; i < 5; ++i)
+      t.encode(at::randn({16, 3, 20, 20}) * 3 + 1);  // would move BN stats in train mode
     const auto after = t.state_snapshot();
     ASSERT_EQ(before.size(), after.size());
     for (std::size_t i = 0; i < before.size(); ++i) {
@@ -81,14 +85,15 @@ TEST(Trunk, PinnedHashMismatchIsRefusedBeforeLoading) {
   testing::TempDir dir;
   auto c = tiny(testing::write_tiny_trunk(dir.file("t.pt")));
   c.sha256 = std::string(64, '0');
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { Trunk::load(c); }, {"refusing", std::string(64, '0'), sha256_file(c.path)}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { Trunk::load(c); },
+                                              {"refusing", std::string(64, '0'), sha256_file(c.path)}));
   c.sha256 = sha256_file(c.path);
   c.allow_unpinned = false;
   EXPECT_NO_THROW(Trunk::load(c));
   // Unpinned: refused unless allowed, naming the hash to pin.
   c.sha256.clear();
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Trunk::load(c); },
-                                                {"not pinned", "sha256 = " + sha256_file(c.path), "allow_unpinned"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { Trunk::load(c); }, {"not pinned", "sha256 = " + sha256_file(c.path), "allow_unpinned"}));
   c.allow_unpinned = true;
   EXPECT_NO_THROW(Trunk::load(c));
   c.sha256 = "abc";
@@ -97,11 +102,13 @@ TEST(Trunk, PinnedHashMismatchIsRefusedBeforeLoading) {
 
 TEST(Trunk, MissingOrBadFiles) {
   testing::TempDir dir;
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { Trunk::load(tiny(dir.file("nope.pt"))); }, {"nope.pt", "does not exist"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { Trunk::load(tiny(dir.file("nope.pt"))); },
+                                              {"nope.pt", "does not exist"}));
   std::FILE* f = std::fopen(dir.file("junk.pt").c_str(), "w");
   std::fputs("not a zip archive", f);
   std::fclose(f);
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { Trunk::load(tiny(dir.file("junk.pt"))); }, {"junk.pt", "TorchScript"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { Trunk::load(tiny(dir.file("junk.pt"))); },
+                                              {"junk.pt", "TorchScript"}));
   if (!at::hasCUDA()) {
     auto c = tiny(testing::write_tiny_trunk(dir.file("t.pt")));
     c.device = "cuda:7";
@@ -140,11 +147,12 @@ bool in_ci() {
   return ci && (std::string(ci) == "true" || std::string(ci) == "1");
 }
 
-#define REQUIRE_CONVNET()                                                                           \
-  if (!is_regular_file(convnet_path())) {                                                           \
-    if (in_ci()) FAIL() << "convnet.pt fixture missing under CI=true (ctest's make_trunk_fixtures " \
-                           "makes it; it needs CANOPY_PYTHON)";                                     \
-    GTEST_SKIP() << "convnet.pt fixture missing (set CANOPY_TEST_FIXTURES; ctest makes it)";        \
+#define REQUIRE_CONVNET()                                                                    \
+  if (!is_regular_file(convnet_path())) {                                                    \
+    if (in_ci())                                                                             \
+      FAIL() << "convnet.pt fixture missing under CI=true (ctest's make_trunk_fixtures "     \
+                "makes it; it needs CANOPY_PYTHON)";                                         \
+    GTEST_SKIP() << "convnet.pt fixture missing (set CANOPY_TEST_FIXTURES; ctest makes it)"; \
   }
 
 TrunkConfig convnet(const std::string& freeze, const std::string& train_only = "") {
@@ -165,8 +173,10 @@ TEST(Freeze, EveryPolicyFreezesExactlyWhatItNames) {
       {"all", "", [](const std::string&) { return false; }},
       {"none", "", [](const std::string&) { return true; }},
       {"first:2", "", [&](const std::string& n) { return !starts(n, "stem.") && !starts(n, "blocks.0."); }},
-      {"match:^blocks\\.[12]\\.conv$", "", [&](const std::string& n) { return !std::regex_search(n, std::regex("^blocks\\.[12]\\.conv\\.")); }},
-      {"modules:stem blocks.2", "", [&](const std::string& n) { return !starts(n, "stem.") && !starts(n, "blocks.2."); }},
+      {"match:^blocks\\.[12]\\.conv$", "",
+       [&](const std::string& n) { return !std::regex_search(n, std::regex("^blocks\\.[12]\\.conv\\.")); }},
+      {"modules:stem blocks.2", "",
+       [&](const std::string& n) { return !starts(n, "stem.") && !starts(n, "blocks.2."); }},
       {"all", "modules:blocks.2", [&](const std::string& n) { return starts(n, "blocks.2."); }},
       {"all", "first:1", [&](const std::string& n) { return starts(n, "stem."); }},
       {"all", "match:bn$", [&](const std::string& n) { return n.find(".bn.") != std::string::npos; }},
@@ -203,8 +213,9 @@ TEST(Freeze, EveryPolicyFreezesExactlyWhatItNames) {
   // The decision is reported.
   const std::string shown = Trunk::load(convnet("first:2")).show(3);
   EXPECT_EQ(shown.find("traced"), std::string::npos) << "convnet.pt is scripted";
-  for (const char* want : {"freeze      first:2", "blocks.0.bn", "BatchNorm pinned", "2 pinned in frozen regions",
-                           "stem, blocks.0, blocks.1, blocks.2", "[block, tap]"}) {
+  for (const char* want :
+       {"freeze      first:2", "blocks.0.bn", "BatchNorm pinned", "2 pinned in frozen regions",
+        "stem, blocks.0, blocks.1, blocks.2", "[block, tap]"}) {
     EXPECT_NE(shown.find(want), std::string::npos) << want << " not in\n" << shown;
   }
 }
@@ -212,13 +223,19 @@ TEST(Freeze, EveryPolicyFreezesExactlyWhatItNames) {
 TEST(Freeze, BadPoliciesAreClearErrors) {
   REQUIRE_CONVNET();
   using testing::throws_with;
-  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("first:9")); }, {"first:9", "has 4 blocks", "blocks.2"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("first:9")); },
+                                       {"first:9", "has 4 blocks", "blocks.2"}));
   EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("match:zzz")); }, {"matches no module"}));
-  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("match:(")); }, {"not a regular expression"}));
-  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("modules:stem nope")); }, {"'nope' is not a module"}));
-  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("first:1", "modules:stem")); }, {"give one of them"}));
-  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("some")); }, {"expected all, none, first:N", "'some'"}));
-  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("all", "none")); }, {"train_only", "'none'"}));
+  EXPECT_TRUE(
+      throws_with<ConfigError>([&] { Trunk::load(convnet("match:(")); }, {"not a regular expression"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("modules:stem nope")); },
+                                       {"'nope' is not a module"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("first:1", "modules:stem")); },
+                                       {"give one of them"}));
+  EXPECT_TRUE(throws_with<ConfigError>([&] { Trunk::load(convnet("some")); },
+                                       {"expected all, none, first:N", "'some'"}));
+  EXPECT_TRUE(
+      throws_with<ConfigError>([&] { Trunk::load(convnet("all", "none")); }, {"train_only", "'none'"}));
 }
 
 // Trains the trunk's trainable parameters for a few SGD steps in training mode, with inputs
@@ -247,7 +264,8 @@ TEST(BatchNorm, FrozenBuffersStayBitwiseUnchangedWhileTheRestTrains) {
   int frozen_checked = 0, moved = 0;
   for (std::size_t i = 0; i < before.size(); ++i) {
     const std::string& name = before[i].first;
-    const bool in_frozen = name.find(":stem.") != std::string::npos || name.find(":blocks.0.") != std::string::npos;
+    const bool in_frozen =
+        name.find(":stem.") != std::string::npos || name.find(":blocks.0.") != std::string::npos;
     const bool same = testing::bitwise_equal(before[i].second, after[i].second);
     if (in_frozen) {
       EXPECT_TRUE(same) << name << " changed inside the frozen region";
@@ -285,7 +303,8 @@ TEST(BatchNorm, AffineTrainableVariantLearnsWeightAndBiasWithStatisticsFixed) {
   for (std::size_t i = 0; i < before.size(); ++i) {
     const std::string& name = before[i].first;
     const bool same = testing::bitwise_equal(before[i].second, after[i].second);
-    const bool bn_affine = std::regex_search(name, std::regex("bn\\.(weight|bias)$|stem\\.1\\.(weight|bias)$"));
+    const bool bn_affine =
+        std::regex_search(name, std::regex("bn\\.(weight|bias)$|stem\\.1\\.(weight|bias)$"));
     if (bn_affine) {
       weights_moved += !same;
     } else {
@@ -327,7 +346,8 @@ TEST(Taps, OneOrSeveralBlockOutputsFromOnePass) {
   }
   TrunkConfig bad = convnet("all");
   bad.taps = {"blocks.7"};
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Trunk::load(bad); }, {"'blocks.7' is not a tap point", "blocks.2"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Trunk::load(bad); },
+                                                {"'blocks.7' is not a tap point", "blocks.2"}));
 }
 
 // A token model defined in TorchScript: (ids [N, T], mask [N, T]) -> embeddings [N, T, 4].
@@ -362,10 +382,14 @@ TEST(Pooling, FirstTokenAndMaskedMeanOverTokens) {
   at::Tensor other = ids.clone();
   other.index_put_({0, 4}, (ids.index({0, 4}) + 1) % 50);
   EXPECT_TRUE(testing::bitwise_equal(Trunk::load(c).encode({other, mask})[0], got[0]));
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { Trunk::load(c).encode({ids, mask.slice(1, 0, 4)}); },
-                                              {"masked_mean needs the attention mask"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        Trunk::load(c).encode({ids, mask.slice(1, 0, 4)});
+      },
+      {"masked_mean needs the attention mask"}));
   c.pooling = "mean_tokens";
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Trunk::load(c); }, {"first_token or masked_mean", "'mean_tokens'"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Trunk::load(c); },
+                                                {"first_token or masked_mean", "'mean_tokens'"}));
 }
 
 }  // namespace

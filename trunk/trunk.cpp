@@ -35,8 +35,8 @@ std::string qualified(const std::string& parent, const std::string& child) {
 }
 
 bool is_within(const std::string& name, const std::string& root) {
-  return root.empty() || name == root || (name.size() > root.size() && name.compare(0, root.size(), root) == 0 &&
-                                          name[root.size()] == '.');
+  return root.empty() || name == root ||
+         (name.size() > root.size() && name.compare(0, root.size(), root) == 0 && name[root.size()] == '.');
 }
 
 std::string type_name(const torch::jit::Module& m) {
@@ -68,7 +68,8 @@ bool batchnorm_fixed_by_trace(const torch::jit::Module& m) {
 
 // Submodules called directly by `forward`, by qualified name, with the graph value each
 // call returns (attribute chains like self.layers.3 are followed).
-std::vector<std::pair<std::string, torch::jit::Value*>> forward_calls(const std::shared_ptr<torch::jit::Graph>& g) {
+std::vector<std::pair<std::string, torch::jit::Value*>> forward_calls(
+    const std::shared_ptr<torch::jit::Graph>& g) {
   std::map<const torch::jit::Value*, std::string> path{{g->inputs()[0], ""}};
   std::vector<std::pair<std::string, torch::jit::Value*>> out;
   std::set<std::string> seen;
@@ -76,7 +77,8 @@ std::vector<std::pair<std::string, torch::jit::Value*>> forward_calls(const std:
     if (n->kind() == c10::prim::GetAttr) {
       const auto it = path.find(n->input(0));
       const auto cls = n->output()->type()->cast<c10::ClassType>();
-      if (it != path.end() && cls && cls->is_module()) path[n->output()] = qualified(it->second, n->s(c10::attr::name));
+      if (it != path.end() && cls && cls->is_module())
+        path[n->output()] = qualified(it->second, n->s(c10::attr::name));
     } else if (n->kind() == c10::prim::CallMethod && n->s(c10::attr::name) == "forward") {
       const auto it = path.find(n->input(0));
       if (it != path.end() && !it->second.empty() && seen.insert(it->second).second) {
@@ -108,7 +110,8 @@ void add_taps_method(torch::jit::Module& module, const std::vector<std::string>&
 at::Tensor pool(const at::Tensor& out, const std::string& pooling, const std::vector<at::Tensor>& inputs,
                 const std::string& what) {
   if (pooling == "avg") {
-    CANOPY_CHECK(out.dim() >= 2, DataError, "trunk.pooling = avg needs ", what, " [N, C, ...], got ", out.sizes());
+    CANOPY_CHECK(out.dim() >= 2, DataError, "trunk.pooling = avg needs ", what, " [N, C, ...], got ",
+                 out.sizes());
     return out.dim() > 2 ? out.flatten(2).mean(2) : out;
   }
   if (pooling == "flatten") return out.flatten(1);
@@ -122,7 +125,8 @@ at::Tensor pool(const at::Tensor& out, const std::string& pooling, const std::ve
   if (pooling == "first_token") return out.select(1, 0);
   CANOPY_CHECK(inputs.size() >= 2 && inputs[1].dim() == 2 && inputs[1].size(0) == out.size(0) &&
                    inputs[1].size(1) == out.size(1),
-               DataError, "trunk.pooling = masked_mean needs the attention mask [N, T] as the trunk's second input ",
+               DataError,
+               "trunk.pooling = masked_mean needs the attention mask [N, T] as the trunk's second input ",
                "matching ", what, " ", out.sizes());
   const at::Tensor mask = inputs[1].to(out.device(), out.scalar_type()).unsqueeze(2);
   return (out * mask).sum(1) / mask.sum(1).clamp_min(1.0);
@@ -151,7 +155,8 @@ std::vector<std::string> select_modules(const std::string& spec, const std::vect
     for (const auto& n : names) {
       if (!n.empty() && std::regex_search(n, re)) out.push_back(n);
     }
-    CANOPY_CHECK(!out.empty(), ConfigError, key, " = ", spec, ": matches no module (see `canopy trunk show`)");
+    CANOPY_CHECK(!out.empty(), ConfigError, key, " = ", spec,
+                 ": matches no module (see `canopy trunk show`)");
     return out;
   }
   if (kind == "modules" && colon != std::string::npos) {
@@ -167,13 +172,14 @@ std::vector<std::string> select_modules(const std::string& spec, const std::vect
     }
     CANOPY_CHECK(!out.empty(), ConfigError, key, " = ", spec, ": names no module");
     for (const auto& m : out) {
-      CANOPY_CHECK(std::find(names.begin(), names.end(), m) != names.end() && !m.empty(), ConfigError, key, ": '", m,
-                   "' is not a module of the trunk (see `canopy trunk show`; blocks: ", join(blocks, ", "), ")");
+      CANOPY_CHECK(
+          std::find(names.begin(), names.end(), m) != names.end() && !m.empty(), ConfigError, key, ": '", m,
+          "' is not a module of the trunk (see `canopy trunk show`; blocks: ", join(blocks, ", "), ")");
     }
     return out;
   }
-  throw ConfigError(detail::str_cat(key, ": expected all, none, first:N, match:REGEX or modules:NAME ..., got '",
-                                    spec, "'"));
+  throw ConfigError(detail::str_cat(
+      key, ": expected all, none, first:N, match:REGEX or modules:NAME ..., got '", spec, "'"));
 }
 
 }  // namespace
@@ -192,14 +198,16 @@ struct Trunk::Impl {
     CANOPY_CHECK(inputs[0].dim() >= 1 && inputs[0].size(0) > 0, DataError,
                  "trunk input batch must be non-empty, got shape ", inputs[0].sizes());
     std::vector<at::Tensor> out;
-    for (const auto& x : inputs) out.push_back(x.is_floating_point() ? x.to(device, at::kFloat) : x.to(device));
+    for (const auto& x : inputs)
+      out.push_back(x.is_floating_point() ? x.to(device, at::kFloat) : x.to(device));
     return out;
   }
 
   at::Tensor run(torch::jit::Module& m, const std::vector<at::Tensor>& inputs) const {
     std::vector<c10::IValue> args(inputs.begin(), inputs.end());
     try {
-      if (config.taps.empty()) return pool(m.forward(args).toTensor(), config.pooling, inputs, "the trunk's output");
+      if (config.taps.empty())
+        return pool(m.forward(args).toTensor(), config.pooling, inputs, "the trunk's output");
       const auto outs = m.get_method(kTapsMethod)(args).toTuple()->elements();
       std::vector<at::Tensor> pooled;
       for (std::size_t i = 0; i < outs.size(); ++i) {
@@ -209,8 +217,8 @@ struct Trunk::Impl {
     } catch (const c10::Error& e) {
       std::ostringstream shapes;
       for (const auto& x : inputs) shapes << x.sizes() << " ";
-      throw DataError(detail::str_cat("trunk '", config.path, "' failed on input of shape ", shapes.str(), ": ",
-                                      e.what_without_backtrace()));
+      throw DataError(detail::str_cat("trunk '", config.path, "' failed on input of shape ", shapes.str(),
+                                      ": ", e.what_without_backtrace()));
     }
   }
 
@@ -218,8 +226,8 @@ struct Trunk::Impl {
     std::vector<std::string> names;
     for (const auto& m : module.named_modules()) names.push_back(m.name);
     const FreezePolicy& p = config.freeze;
-    CANOPY_CHECK(p.train_only.empty() || p.freeze == "all", ConfigError,
-                 "trunk.freeze = ", p.freeze, " and trunk.train_only = ", p.train_only,
+    CANOPY_CHECK(p.train_only.empty() || p.freeze == "all", ConfigError, "trunk.freeze = ", p.freeze,
+                 " and trunk.train_only = ", p.train_only,
                  ": give one of them (train_only freezes everything else)");
     std::vector<std::string> roots;
     bool invert = false;
@@ -240,7 +248,8 @@ struct Trunk::Impl {
       const bool is_frozen = inside != invert;
       if (is_frozen) frozen.insert(m.name);
       const bool affine_learns = is_frozen && p.batchnorm_affine_trainable && is_batchnorm(m.value);
-      for (const auto& param : m.value.named_parameters(false)) param.value.set_requires_grad(!is_frozen || affine_learns);
+      for (const auto& param : m.value.named_parameters(false))
+        param.value.set_requires_grad(!is_frozen || affine_learns);
     }
   }
 
@@ -254,7 +263,8 @@ struct Trunk::Impl {
 void validate_trunk_config(const TrunkConfig& c) {
   CANOPY_CHECK(!c.path.empty(), ConfigError, "trunk.path is empty: give a TorchScript file");
   CANOPY_CHECK(kPoolings.count(c.pooling), ConfigError,
-               "trunk.pooling: expected avg, flatten, none, first_token or masked_mean, got '", c.pooling, "'");
+               "trunk.pooling: expected avg, flatten, none, first_token or masked_mean, got '", c.pooling,
+               "'");
   CANOPY_CHECK(c.sha256.empty() || c.sha256.size() == 64, ConfigError,
                "trunk.sha256: expected 64 hex digits, got '", c.sha256, "' (", c.sha256.size(),
                " characters)");
@@ -275,7 +285,8 @@ std::string verified_trunk_sha256(const TrunkConfig& config) {
                "' has SHA-256 ", sha, " but the config pins ", config.sha256, "; refusing to load it");
   CANOPY_CHECK(!config.sha256.empty() || config.allow_unpinned, ConfigError, "trunk '", config.path,
                "' is not pinned, and a trunk file is code that runs: pin it by adding `sha256 = ", sha,
-               "` under [trunk] (its hash now), or load it unpinned with trunk.allow_unpinned = true (--allow-unpinned)");
+               "` under [trunk] (its hash now), or load it unpinned with trunk.allow_unpinned = true "
+               "(--allow-unpinned)");
   return sha;
 }
 
@@ -291,7 +302,8 @@ Trunk Trunk::load(const TrunkConfig& config) {
   // Hash before loading: the file is executable code and must be the one that was pinned.
   impl->sha256 = verified_trunk_sha256(config);
   if (config.sha256.empty()) {
-    log_info("trunk '" + config.path + "' is loaded unpinned (allowed); to pin it add: sha256 = " + impl->sha256);
+    log_info("trunk '" + config.path +
+             "' is loaded unpinned (allowed); to pin it add: sha256 = " + impl->sha256);
   }
   impl->device = choose_device(config.device);
   try {
@@ -303,16 +315,18 @@ Trunk Trunk::load(const TrunkConfig& config) {
   torch::jit::Module& m = impl->module;
   for (const auto& child : m.named_children()) {
     if (type_name(child.value) == "ModuleList") {
-      for (const auto& item : child.value.named_children()) impl->blocks.push_back(child.name + "." + item.name);
+      for (const auto& item : child.value.named_children())
+        impl->blocks.push_back(child.name + "." + item.name);
     } else {
       impl->blocks.push_back(child.name);
     }
   }
-  for (const auto& call : forward_calls(m.get_method("forward").graph())) impl->tap_points.push_back(call.first);
+  for (const auto& call : forward_calls(m.get_method("forward").graph()))
+    impl->tap_points.push_back(call.first);
   for (const auto& t : config.taps) {
     CANOPY_CHECK(std::find(impl->tap_points.begin(), impl->tap_points.end(), t) != impl->tap_points.end(),
-                 ConfigError, "trunk.taps: '", t, "' is not a tap point of '", config.path, "' (tap points: ",
-                 join(impl->tap_points, ", "), ")");
+                 ConfigError, "trunk.taps: '", t, "' is not a tap point of '", config.path,
+                 "' (tap points: ", join(impl->tap_points, ", "), ")");
   }
   impl->apply_policy();
   impl->set_training(false);
@@ -411,7 +425,8 @@ std::string Trunk::show(int max_depth) const {
   const auto mods = modules();
   std::ostringstream o;
   o << "trunk " << c.path << "\n"
-    << "  sha256      " << impl_->sha256 << (c.sha256.empty() ? " (not pinned: add trunk.sha256 to pin it)" : " (pinned, verified)")
+    << "  sha256      " << impl_->sha256
+    << (c.sha256.empty() ? " (not pinned: add trunk.sha256 to pin it)" : " (pinned, verified)")
     << "\n  parameters  " << total << ", trainable " << trainable << "\n"
     << "  freeze      "
     << (c.freeze.train_only.empty() ? c.freeze.freeze : "everything except " + c.freeze.train_only)
@@ -424,8 +439,9 @@ std::string Trunk::show(int max_depth) const {
     type_width = std::max(type_width, m.type.size());
   }
   const int tw = static_cast<int>(type_width);
-  o << "\n  " << std::left << std::setw(static_cast<int>(width)) << "module" << "  " << std::setw(tw) << "type"
-    << std::right << std::setw(10) << "params" << "  " << std::left << "state\n";
+  o << "\n  " << std::left << std::setw(static_cast<int>(width)) << "module"
+    << "  " << std::setw(tw) << "type" << std::right << std::setw(10) << "params"
+    << "  " << std::left << "state\n";
   std::int64_t bn = 0, pinned = 0, traced = 0;
   for (const auto& m : mods) {
     if (m.batchnorm) {
@@ -434,10 +450,12 @@ std::string Trunk::show(int max_depth) const {
       if (m.batchnorm_traced_eval) ++traced;
     }
     if (m.depth > max_depth || m.name.empty()) continue;
-    std::string state = m.trainable == 0 ? "frozen" : m.trainable == m.parameters ? "trainable" : "partly trainable";
+    std::string state = m.trainable == 0              ? "frozen"
+                        : m.trainable == m.parameters ? "trainable"
+                                                      : "partly trainable";
     if (m.parameters == 0) state = m.frozen ? "frozen (no parameters)" : "trainable (no parameters)";
     if (m.batchnorm) {
-      state += m.frozen ? ", BatchNorm pinned (eval, statistics fixed)"
+      state += m.frozen                  ? ", BatchNorm pinned (eval, statistics fixed)"
                : m.batchnorm_traced_eval ? ", BatchNorm traced in eval mode (statistics fixed)"
                                          : ", BatchNorm statistics update in train mode";
     }
@@ -451,8 +469,9 @@ std::string Trunk::show(int max_depth) const {
   }
   o << "\n  BatchNorm   " << bn << " layer(s), " << pinned << " pinned in frozen regions"
     << (traced ? detail::str_cat(", ", traced, " traced in eval mode (fixed whatever the policy)") : "")
-    << "\n  blocks      " << impl_->blocks.size() << " (what freeze = first:N counts): " << join(impl_->blocks, ", ")
-    << "\n  tap points  " << join(impl_->tap_points, ", ") << "\n";
+    << "\n  blocks      " << impl_->blocks.size()
+    << " (what freeze = first:N counts): " << join(impl_->blocks, ", ") << "\n  tap points  "
+    << join(impl_->tap_points, ", ") << "\n";
   return o.str();
 }
 

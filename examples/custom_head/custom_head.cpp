@@ -26,8 +26,7 @@ namespace {
 // x -> LayerNorm -> Linear(width) -> GELU -> Linear(D) added to x -> Linear(K).
 class ResidualMlpHead : public canopy::heads::Head {
  public:
-  ResidualMlpHead(std::int64_t in, std::int64_t out, std::int64_t width)
-      : in_(in), out_(out), width_(width) {
+  ResidualMlpHead(std::int64_t in, std::int64_t out, std::int64_t width) : in_(in), out_(out), width_(width) {
     norm_ = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({in})));
     up_ = register_module("up", torch::nn::Linear(in, width));
     down_ = register_module("down", torch::nn::Linear(width, in));

@@ -223,6 +223,22 @@ lr = 0.01
     check(all(row.split(",")[1] in ("tops", "bottoms", "footwear", "bags") for row in rows[1:]), "coarse predictions use its class names")
     got_ink = np.array([float(row.split(",")[3]) for row in rows[1:]])
     check(np.abs(got_ink - pred_ink).max() < 1e-4, "predict writes the regression head's values")
+    # With --scores (JSON lines): each class's softmax probability next to the prediction.
+    r = subprocess.run([a.canopy, "predict", "--config", config, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz",
+                        "--limit", "50", "--format", "jsonl", "--scores", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    check(r.returncode == 0, f"canopy predict --scores exits 0 ({r.stderr[-300:]})")
+    lines = [json.loads(l) for l in r.stdout.splitlines()]
+    fine_cols = [f"fine:{n}" for n in names]
+    check(len(lines) == 50 and all(c in lines[0] for c in fine_cols) and "ink:" not in "".join(lines[0]),
+          "predict --scores adds one column per class of each classifier (none for regression)")
+    with torch.no_grad():
+        probs = (feats_t[:50] @ w["linear.weight"].T + w["linear.bias"]).softmax(1).numpy()
+    got = np.array([[l[c] for c in fine_cols] for l in lines])
+    check(np.abs(got - probs).max() < 1e-4 and np.allclose(got.sum(1), 1, atol=1e-4),
+          f"the scores are torch's softmax of the head (max diff {np.abs(got - probs).max():.1e})")
+    check(all(l["fine"] == names[int(np.argmax([l[c] for c in fine_cols]))] for l in lines),
+          "each prediction is the class with the highest score")
 
     # --- TensorBoard event files, read back with the tensorboard package ----------
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -44,9 +44,9 @@ std::string str_cat(Args&&... args) {
 }  // namespace canopy
 
 // CANOPY_CHECK(cond, ErrorType, message parts...): throw ErrorType(message) unless cond.
-#define CANOPY_CHECK(cond, ErrorType, ...)                             \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      throw ErrorType(::canopy::detail::str_cat(__VA_ARGS__));         \
-    }                                                                  \
+#define CANOPY_CHECK(cond, ErrorType, ...)                     \
+  do {                                                         \
+    if (!(cond)) {                                             \
+      throw ErrorType(::canopy::detail::str_cat(__VA_ARGS__)); \
+    }                                                          \
   } while (false)

@@ -37,7 +37,8 @@ class BatchSource {
   virtual std::string describe() const = 0;
 };
 
-std::unique_ptr<BatchSource> make_in_memory_source(SplitData data, std::int64_t batch_size, std::uint64_t seed);
+std::unique_ptr<BatchSource> make_in_memory_source(SplitData data, std::int64_t batch_size,
+                                                   std::uint64_t seed);
 
 // Streams `split` of `cache` within `memory_cap_bytes`; DataError when the cap cannot hold
 // the minimum of three shards (one being read, one queued, one being served).

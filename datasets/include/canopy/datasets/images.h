@@ -22,11 +22,11 @@ bool is_image_file_name(const std::string& name);
 
 // A labelled list of image files.
 struct ImageList {
-  std::vector<std::string> paths;                      // absolute or relative to the cwd
-  std::map<std::string, std::vector<std::int64_t>> labels;  // per label source, class index
-  std::map<std::string, std::vector<double>> float_labels;  // per real-valued label source
+  std::vector<std::string> paths;                               // absolute or relative to the cwd
+  std::map<std::string, std::vector<std::int64_t>> labels;      // per label source, class index
+  std::map<std::string, std::vector<double>> float_labels;      // per real-valued label source
   std::map<std::string, std::vector<std::string>> class_names;  // per class label source
-  std::vector<std::string> label_order;                // label sources as listed
+  std::vector<std::string> label_order;                         // label sources as listed
 };
 
 // A CSV manifest: a header `path,<label>,<label>,...` then one row per image. Paths are

@@ -12,8 +12,8 @@
 namespace canopy::datasets {
 
 struct PreprocessConfig {
-  std::int64_t resize = 0;     // output height and width; 0 keeps the input size
-  std::int64_t channels = 3;   // 1-channel input is replicated to this many channels
+  std::int64_t resize = 0;        // output height and width; 0 keeps the input size
+  std::int64_t channels = 3;      // 1-channel input is replicated to this many channels
   std::vector<double> mean{0.5};  // one value, or one per channel
   std::vector<double> std{0.5};
 };

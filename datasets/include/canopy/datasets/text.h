@@ -21,9 +21,9 @@
 namespace canopy::datasets {
 
 struct TokenizerConfig {
-  std::string vocab;             // vocab.txt: one token per line, the line number is its id
-  bool lowercase = true;         // uncased models (and strip accents with it)
-  std::int64_t max_length = 256; // tokens per text including [CLS] and [SEP]
+  std::string vocab;              // vocab.txt: one token per line, the line number is its id
+  bool lowercase = true;          // uncased models (and strip accents with it)
+  std::int64_t max_length = 256;  // tokens per text including [CLS] and [SEP]
 };
 
 void validate_tokenizer_config(const TokenizerConfig& config);
@@ -54,12 +54,12 @@ class WordPieceTokenizer {
 // the value in the declared list. Numeric attributes are not supported (DataError).
 struct ArffData {
   std::string relation;
-  std::vector<std::string> attributes;                    // in declaration order
-  std::vector<std::vector<std::string>> nominal_values;   // empty for a string attribute
-  std::vector<std::vector<std::string>> strings;          // per attribute (string ones), per row
-  std::vector<std::vector<std::int64_t>> nominals;        // per attribute (nominal ones), per row
+  std::vector<std::string> attributes;                   // in declaration order
+  std::vector<std::vector<std::string>> nominal_values;  // empty for a string attribute
+  std::vector<std::vector<std::string>> strings;         // per attribute (string ones), per row
+  std::vector<std::vector<std::int64_t>> nominals;       // per attribute (nominal ones), per row
   std::int64_t rows = 0;
-  std::int64_t attribute(const std::string& name) const;  // index; DataError when absent
+  std::int64_t attribute(const std::string& name) const;         // index; DataError when absent
   std::int64_t string_attribute(const std::string& name) const;  // also DataError when nominal
   std::string path;
 };

@@ -24,15 +24,15 @@ std::string cache_description(const JobConfig& config, const std::string& trunk_
 
 struct CacheReport {
   std::string path;
-  bool rebuilt = false;        // false: the cache was already up to date
-  std::string reason;          // why it was (re)built, resumed or kept
+  bool rebuilt = false;  // false: the cache was already up to date
+  std::string reason;    // why it was (re)built, resumed or kept
   std::string fingerprint;
   std::int64_t feature_dim = 0;
   std::map<std::string, std::int64_t> rows;  // per split
   std::int64_t rows_computed = 0;            // rows the trunk ran on in this run
-  double seconds = 0.0;        // whole job
-  double trunk_seconds = 0.0;  // time inside preprocessing and the trunk's forward pass
-  double write_wait_seconds = 0.0;  // time the trunk waited for the writer (0 when overlapped)
+  double seconds = 0.0;                      // whole job
+  double trunk_seconds = 0.0;                // time inside preprocessing and the trunk's forward pass
+  double write_wait_seconds = 0.0;           // time the trunk waited for the writer (0 when overlapped)
 };
 
 // Builds the cache unless one with the same fingerprint is complete (or `force`). An

@@ -12,14 +12,14 @@ namespace canopy::runners {
 
 // Exit codes.
 constexpr int kExitOk = 0;
-constexpr int kExitError = 1;        // data, file or runtime error
-constexpr int kExitUsage = 2;        // bad command line or config
-constexpr int kExitHeadFailed = 3;   // training finished but at least one head FAILED
+constexpr int kExitError = 1;       // data, file or runtime error
+constexpr int kExitUsage = 2;       // bad command line or config
+constexpr int kExitHeadFailed = 3;  // training finished but at least one head FAILED
 
 int run_cli(int argc, const char* const* argv, const tasks::HeadRegistry& registry);
 // The same, with arguments as strings and output streams (for tests).
-int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& registry,
-            std::ostream& out, std::ostream& err);
+int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& registry, std::ostream& out,
+            std::ostream& err);
 
 // The commands run_cli knows ("trunk show" is two words); each answers --help / -h with its
 // own usage and options (exit 0). `canopy --version` prints canopy's, LibTorch's and HDF5's.

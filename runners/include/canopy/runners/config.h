@@ -29,9 +29,9 @@ struct DataConfig {
   std::string test;
   std::vector<std::string> train_files;  // arff: label_name:path entries, same documents
   std::vector<std::string> test_files;
-  std::string text_attribute = "Text";   // arff: the string attribute holding the text
-  std::int64_t train_limit = 0;  // keep the first N training samples (class folders: taken
-                                 // from each class in turn, so every class stays); 0: all
+  std::string text_attribute = "Text";  // arff: the string attribute holding the text
+  std::int64_t train_limit = 0;         // keep the first N training samples (class folders: taken
+                                        // from each class in turn, so every class stays); 0: all
   std::int64_t test_limit = 0;
 };
 
@@ -41,13 +41,13 @@ inline bool reads_image_files(const DataConfig& d) {
 }
 
 struct CacheConfig {
-  std::string path = "runs/cache";   // a directory (format: canopy/datasets/feature_cache.h)
-  std::int64_t batch_size = 128;     // trunk batch size
-  std::int64_t shard_rows = 4096;    // rows per shard file; a multiple of batch_size
-  std::string dtype = "float32";     // storage dtype: float32 | float16 | bfloat16
-  double memory_cap_mb = 0;          // training reads the train split whole when it fits
-                                     // under this cap, else streams it; 0: always whole
-  std::string read_method = "pread"; // pread | hdf5 (see docs/decisions.md)
+  std::string path = "runs/cache";    // a directory (format: canopy/datasets/feature_cache.h)
+  std::int64_t batch_size = 128;      // trunk batch size
+  std::int64_t shard_rows = 4096;     // rows per shard file; a multiple of batch_size
+  std::string dtype = "float32";      // storage dtype: float32 | float16 | bfloat16
+  double memory_cap_mb = 0;           // training reads the train split whole when it fits
+                                      // under this cap, else streams it; 0: always whole
+  std::string read_method = "pread";  // pread | hdf5 (see docs/decisions.md)
 };
 
 struct TrainConfig {
@@ -84,8 +84,7 @@ struct JobConfig {
 // Unknown keys and bad values are ConfigErrors naming the key, the value and the file.
 JobConfig load_job_config(const std::string& path, const std::vector<std::string>& overrides = {});
 // Builds a config from flat key/value pairs (what load_job_config does after reading).
-JobConfig job_config_from_values(const std::map<std::string, std::string>& values,
-                                 const std::string& source);
+JobConfig job_config_from_values(const std::map<std::string, std::string>& values, const std::string& source);
 // The resolved configuration in the same INI format (every key, defaults included).
 std::string dump_config(const JobConfig& config);
 // The reference of every key (section, type, default, range, meaning) as Markdown tables:

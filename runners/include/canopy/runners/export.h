@@ -13,8 +13,7 @@ namespace canopy::runners {
 
 // Writes tensors (float32/float16/bfloat16/int64/int32/uint8/bool, any device) in the
 // safetensors format, atomically. `metadata` goes into the header's __metadata__.
-void save_safetensors(const std::string& path,
-                      const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 
 // Reads a safetensors file (the dtypes above); DataError naming the file when malformed.

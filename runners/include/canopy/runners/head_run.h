@@ -15,16 +15,16 @@ const char* state_name(tasks::TaskState state);  // "training" | "done" | "FAILE
 
 struct HeadRun {
   tasks::TaskState state = tasks::TaskState::kTraining;
-  std::string failure;        // "epoch E step S: why" once FAILED
-  std::int64_t epochs = 0;    // epochs completed
-  double train_loss = 0.0;    // mean loss of the last completed epoch
-  double loss_sum = 0.0;      // the epoch in progress
+  std::string failure;      // "epoch E step S: why" once FAILED
+  std::int64_t epochs = 0;  // epochs completed
+  double train_loss = 0.0;  // mean loss of the last completed epoch
+  double loss_sum = 0.0;    // the epoch in progress
   std::int64_t loss_count = 0;
-  double seconds = 0.0;       // time spent in this head's steps
-  double best_score = -1e300; // ClassificationMetrics::score() of the best epoch so far
+  double seconds = 0.0;        // time spent in this head's steps
+  double best_score = -1e300;  // EvalMetrics::score() of the best epoch so far
   std::int64_t best_epoch = 0;
-  std::string stop_note;      // e.g. "stopped early at epoch 9 (best accuracy 0.8870 at epoch 6)"
-  tasks::ClassificationMetrics eval;  // of the last completed epoch
+  std::string stop_note;    // e.g. "stopped early at epoch 9 (best accuracy 0.8870 at epoch 6)"
+  tasks::EvalMetrics eval;  // of the last completed epoch
 
   bool training() const { return state == tasks::TaskState::kTraining; }
   bool failed() const { return state == tasks::TaskState::kFailed; }
@@ -35,7 +35,7 @@ struct HeadRun {
   void fail_evaluation(std::int64_t epoch, const std::string& why);
   // Records epoch `epoch` (0-based) of `total` with its evaluation. The head is done after
   // its last epoch, or earlier when `patience` epochs (> 0) passed without a better score.
-  void finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::ClassificationMetrics& metrics,
+  void finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::EvalMetrics& metrics,
                     std::int64_t patience);
 };
 

@@ -1,6 +1,11 @@
 // `canopy predict`: the trunk and every trained head as one multi-task model. Runs new
 // inputs through the trunk once and through every head, and writes one row per sample
-// with every task's prediction.
+// with every task's prediction (docs/training.md: the columns):
+//   csv    id,<task>,... [,<task>:<class>,... with scores]
+//   jsonl  {"id": 0, "<task>": "<prediction>", ... [, "<task>:<class>": score, ...]}
+// A multiclass prediction is its class name, a multilabel one the names of the labels it
+// predicts joined by '|', a regression one the value in the target's units. With scores,
+// each class's softmax probability (multiclass) or each label's sigmoid (multilabel).
 #pragma once
 
 #include <cstdint>
@@ -14,15 +19,17 @@
 namespace canopy::runners {
 
 struct PredictOptions {
-  std::string input;            // an idx image file (MNIST format, .gz or raw)
-  std::int64_t limit = 0;       // first N images; 0: all
-  std::string format = "csv";   // csv | jsonl
+  std::string input;           // inputs in the form of the config's data source
+  std::int64_t limit = 0;      // first N inputs; 0: all
+  std::string format = "csv";  // csv | jsonl
+  bool scores = false;         // also every class's (label's) probability
 };
 
 // Loads the heads exported by `canopy train` (<train.out_dir>/heads), refusing any head
 // trained on another trunk or preprocessing, and writes predictions to `out`. Returns the
 // number of rows written.
-std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& registry, const PredictOptions& options,
-                         std::ostream& out, ProgressStyle style = ProgressStyle::kAuto);
+std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& registry,
+                         const PredictOptions& options, std::ostream& out,
+                         ProgressStyle style = ProgressStyle::kAuto);
 
 }  // namespace canopy::runners

@@ -30,15 +30,15 @@ class StepRunner {
   // One optimisation step of every unit on `batch` (read-only, shared), concurrently.
   // `epoch` and `step` (0-based) go into failure messages. Each head's time is added to
   // its run's seconds (a fused group's time split evenly among its heads).
-  void train(const std::vector<WorkUnit>& units, const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
-             const datasets::Batch& batch, std::int64_t epoch, std::int64_t step);
+  void train(const std::vector<WorkUnit>& units, const std::vector<tasks::Task*>& tasks,
+             std::vector<HeadRun>& runs, const datasets::Batch& batch, std::int64_t epoch, std::int64_t step);
 
   // Evaluates the heads `which` that have not failed on the eval split, concurrently; a head
   // whose evaluation throws is failed. Returns metrics indexed like `tasks`.
-  std::vector<tasks::ClassificationMetrics> evaluate(const std::vector<std::size_t>& which,
-                                                     const std::vector<tasks::Task*>& tasks,
-                                                     std::vector<HeadRun>& runs, const at::Tensor& features,
-                                                     const std::vector<at::Tensor>& targets, std::int64_t epoch);
+  std::vector<tasks::EvalMetrics> evaluate(const std::vector<std::size_t>& which,
+                                           const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
+                                           const at::Tensor& features, const std::vector<at::Tensor>& targets,
+                                           std::int64_t epoch);
 
  private:
   struct Arena;

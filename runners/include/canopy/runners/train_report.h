@@ -11,16 +11,16 @@ namespace canopy::runners {
 
 struct TaskResult {
   std::string name;
-  std::string head;          // architecture, e.g. "mlp 1280-256-10 relu"
-  std::string labels;        // e.g. "class", "class -> 4 groups" or "ink (regression)"
+  std::string head;    // architecture, e.g. "mlp 1280-256-10 relu"
+  std::string labels;  // e.g. "class", "class -> 4 groups" or "ink (regression)"
   tasks::TaskKind kind = tasks::TaskKind::kMulticlass;
   std::vector<std::string> class_names;  // of a multiclass task's classes (numbered if unnamed)
-  std::string optimizer;     // e.g. "adam lr=0.001"
+  std::string optimizer;                 // e.g. "adam lr=0.001"
   tasks::TaskState state = tasks::TaskState::kTraining;
   std::string failure;
   std::int64_t epochs = 0;   // epochs completed
   double train_loss = 0.0;   // mean loss of the last epoch
-  tasks::ClassificationMetrics eval;  // on train.eval_split after the last epoch
+  tasks::EvalMetrics eval;   // on train.eval_split after the last epoch
   double seconds = 0.0;      // time spent in this head's steps
   std::string note;          // e.g. why it stopped early
   std::string weights_path;  // exported safetensors file
@@ -33,11 +33,11 @@ struct TrainReport {
   std::int64_t feature_dim = 0;
   double load_seconds = 0.0;
   double train_seconds = 0.0;
-  std::string source;                  // how the train split was read
-  std::uint64_t source_peak_bytes = 0; // most feature/label bytes the reader held at once
+  std::string source;                   // how the train split was read
+  std::uint64_t source_peak_bytes = 0;  // most feature/label bytes the reader held at once
   std::string out_dir;
-  std::string resumed_from;            // "epoch E step S" when resumed
-  std::vector<std::string> fused;      // fused groups, e.g. "a + b + c (linear in=1280)"
+  std::string resumed_from;        // "epoch E step S" when resumed
+  std::vector<std::string> fused;  // fused groups, e.g. "a + b + c (linear in=1280)"
   bool any_failed() const;
 };
 

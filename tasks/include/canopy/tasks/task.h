@@ -46,24 +46,24 @@ struct TaskConfig {
   std::string name;
   TaskKind kind = TaskKind::kMulticlass;
   std::string head = "linear";
-  std::string labels = "class";           // label source in the cache
-  std::vector<std::int64_t> label_map;    // multiclass: source class -> task class (empty:
-                                          // identity); multilabel: source class -> bitmask
-                                          // of the labels it carries (bit k = class_names[k])
-  std::vector<std::string> class_names;   // names of the task's classes (optional)
+  std::string labels = "class";          // label source in the cache
+  std::vector<std::int64_t> label_map;   // multiclass: source class -> task class (empty:
+                                         // identity); multilabel: source class -> bitmask
+                                         // of the labels it carries (bit k = class_names[k])
+  std::vector<std::string> class_names;  // names of the task's classes (optional)
   OptimizerKind optimizer = OptimizerKind::kAdam;
   double lr = 1e-3;
   double weight_decay = 0.0;
-  double momentum = 0.9;                  // sgd only
-  std::int64_t epochs = 0;                // 0: use train.epochs
+  double momentum = 0.9;    // sgd only
+  std::int64_t epochs = 0;  // 0: use train.epochs
   LrSchedule schedule = LrSchedule::kConstant;
-  std::int64_t step_size = 5;             // step schedule: multiply by gamma every step_size epochs
+  std::int64_t step_size = 5;  // step schedule: multiply by gamma every step_size epochs
   double gamma = 0.1;
-  std::int64_t early_stop_patience = 0;   // stop after this many epochs without a better
-                                          // eval accuracy; 0: never
+  std::int64_t early_stop_patience = 0;  // stop after this many epochs without a better
+                                         // eval accuracy; 0: never
   double label_smoothing = 0.0;
-  std::vector<double> class_weights;      // per task class, for the loss; empty: equal
-  std::optional<RegressionLoss> loss;     // regression only; unset: mse
+  std::vector<double> class_weights;               // per task class, for the loss; empty: equal
+  std::optional<RegressionLoss> loss;              // regression only; unset: mse
   std::map<std::string, std::string> head_params;  // the head's options ([task.<name>.head])
 };
 
@@ -71,21 +71,24 @@ struct TaskConfig {
 // source (0 when unknown).
 void validate_task_config(const TaskConfig& config, std::int64_t source_classes);
 
-// The metrics of every task kind (the fields of the other kinds stay at their defaults).
-struct ClassificationMetrics {
+// A regression head's errors on a split: mean absolute error, root mean squared error, and
+// the coefficient of determination R^2 = 1 - SSE / SST (1 perfect, 0 = predicting the mean).
+struct RegressionErrors {
+  double mae = 0.0;
+  double rmse = 0.0;
+  double r2 = 0.0;
+};
+
+// How a head did on a split: one type for every task kind; what only one kind has is optional.
+struct EvalMetrics {
   std::int64_t count = 0;
-  double accuracy = 0.0;   // multilabel: exact-match ratio (every label right)
-  double macro_f1 = 0.0;   // multilabel: mean over labels of F1 at threshold 0.5
-  double mean_ap = -1.0;   // multilabel only: mean over labels of average precision
-  at::Tensor confusion;  // int64 [K, K], rows = truth, columns = prediction
-  // Regression only (-1 otherwise): mean absolute error, root mean squared error, and the
-  // coefficient of determination R^2 = 1 - SSE / SST (1 perfect, 0 = predicting the mean).
-  double mae = -1.0;
-  double rmse = -1.0;
-  double r2 = -1.0;
-  bool regression = false;
+  double accuracy = 0.0;          // multilabel: exact-match ratio (every label right); regression: 0
+  double macro_f1 = 0.0;          // multilabel: mean over labels of F1 at threshold 0.5; regression: 0
+  at::Tensor confusion;           // multiclass: int64 [K, K], rows = truth, columns = prediction
+  std::optional<double> mean_ap;  // multilabel: mean over labels of average precision
+  std::optional<RegressionErrors> regression;  // regression
   // What early stopping maximises and the summary leads with: accuracy, or R^2.
-  double score() const { return regression ? r2 : accuracy; }
+  double score() const { return regression ? regression->r2 : accuracy; }
 };
 
 // Per-class counts and scores from a confusion matrix (rows = truth).
@@ -96,12 +99,12 @@ struct ClassStats {
 };
 std::vector<ClassStats> per_class_stats(const at::Tensor& confusion);
 
-ClassificationMetrics classification_metrics(const at::Tensor& predictions,
-                                             const at::Tensor& targets, std::int64_t num_classes);
+EvalMetrics classification_metrics(const at::Tensor& predictions, const at::Tensor& targets,
+                                   std::int64_t num_classes);
 // scores: [N, K] logits or probabilities; targets: [N, K] in {0, 1}.
-ClassificationMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets);
+EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets);
 // predictions, targets: [N] real values.
-ClassificationMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets);
+EvalMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets);
 
 // Where a head stands in a training run (the trainer keeps it, see runners/head_run.h).
 enum class TaskState { kTraining, kDone, kFailed };
@@ -112,8 +115,8 @@ class Task {
   // `source_classes` the number of classes of the label source. The head's initial weights
   // and its own generator (dropout) come from `seed` alone; LibTorch's default generator is
   // left as it was (see task.cpp).
-  Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_features,
-       std::int64_t source_classes, std::uint64_t seed);
+  Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_features, std::int64_t source_classes,
+       std::uint64_t seed);
   ~Task();
   Task(const Task&) = delete;
   Task& operator=(const Task&) = delete;
@@ -147,7 +150,7 @@ class Task {
   // 0/1 label indicators (multilabel) or [B] values (regression).
   at::Tensor predict(const at::Tensor& features);
   // Metrics of the head on a whole split (eval mode).
-  ClassificationMetrics evaluate(const at::Tensor& features, const at::Tensor& targets);
+  EvalMetrics evaluate(const at::Tensor& features, const at::Tensor& targets);
   bool multilabel() const { return config_.kind == TaskKind::kMultilabel; }
   bool regression() const { return config_.kind == TaskKind::kRegression; }
 

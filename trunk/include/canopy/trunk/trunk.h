@@ -52,12 +52,12 @@ struct FreezePolicy {
 //                (the trunk's second input, [N, T]) is non-zero (sentence encoders)
 struct TrunkConfig {
   std::string path;
-  std::string sha256;     // pinned hash of the file, checked before the file is loaded
+  std::string sha256;           // pinned hash of the file, checked before the file is loaded
   bool allow_unpinned = false;  // load a trunk without sha256 (the hash to pin is logged)
   std::string device = "auto";
   std::string pooling = "avg";
   std::vector<std::string> taps;  // empty: the trunk's output
-  bool optimize = true;   // torch::jit::freeze + optimize_for_inference when fully frozen
+  bool optimize = true;           // torch::jit::freeze + optimize_for_inference when fully frozen
   FreezePolicy freeze;
 };
 
@@ -72,16 +72,16 @@ std::string verified_trunk_sha256(const TrunkConfig& config);
 
 // One module of the trunk as show() reports it.
 struct ModuleInfo {
-  std::string name;   // qualified ("" for the root)
-  std::string type;   // class name, e.g. Conv2d, BatchNorm2d, BertLayer
+  std::string name;  // qualified ("" for the root)
+  std::string type;  // class name, e.g. Conv2d, BatchNorm2d, BertLayer
   int depth = 0;
   std::int64_t parameters = 0;  // including submodules
   std::int64_t trainable = 0;
   bool frozen = true;
-  bool batchnorm = false;       // has running_mean and running_var buffers
+  bool batchnorm = false;              // has running_mean and running_var buffers
   bool batchnorm_traced_eval = false;  // traced in eval mode: training is a constant false
-  bool block = false;           // one of blocks() (what first:N counts)
-  bool tap = false;             // can be named in trunk.taps
+  bool block = false;                  // one of blocks() (what first:N counts)
+  bool tap = false;                    // can be named in trunk.taps
 };
 
 class Trunk {
