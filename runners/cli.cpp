@@ -197,6 +197,39 @@ std::string version_text() {
                          "\n");
 }
 
+void predict_options(po::options_description& d, po::positional_options_description&) {
+  add_config_options(d);
+  d.add_options()("input", po::value<std::string>()->value_name("FILE"),
+                  "the inputs, in the form of the config's data source: an idx file, a CSV manifest, an "
+                  "image folder or file, an ARFF file or texts one per line")(
+      "output", po::value<std::string>()->value_name("FILE"), "write the predictions here (default: stdout)")(
+      "format", po::value<std::string>()->default_value("csv"), "csv or jsonl")(
+      "limit", po::value<std::int64_t>()->default_value(0)->value_name("N"),
+      "the first N inputs only (0: all)")("scores",
+                                          "also write each class's probability (softmax) and each "
+                                          "label's (sigmoid), columns <task>:<class>");
+  add_progress_option(d);
+}
+
+void tokenize_options(po::options_description& d, po::positional_options_description&) {
+  d.add_options()("vocab", po::value<std::string>()->value_name("FILE"),
+                  "the WordPiece vocabulary (vocab.txt)")(
+      "max-length", po::value<std::int64_t>()->default_value(256)->value_name("N"), "most tokens per text")(
+      "cased", "keep case (default: lowercase, as uncased models expect)")(
+      "arff", po::value<std::string>()->value_name("FILE"), "texts from an ARFF string attribute")(
+      "attribute", po::value<std::string>()->default_value("Text")->value_name("NAME"), "the ARFF attribute")(
+      "input", po::value<std::string>()->value_name("FILE"), "texts, one per line");
+}
+
+int run_heads_command(const po::variables_map&, const tasks::HeadRegistry& registry, std::ostream& out,
+                      std::ostream&) {
+  out << "registered heads:\n";
+  for (const auto& [name, description] : registry.list()) {
+    out << "  " << std::left << std::setw(12) << name << description << "\n";
+  }
+  return kExitOk;
+}
+
 const std::vector<Command>& commands() {
   static const std::vector<Command> kCommands = {
       job_command("cache", "canopy cache --config FILE [options]",
@@ -207,22 +240,7 @@ const std::vector<Command>& commands() {
       job_command("run", "canopy run --config FILE [options]", "cache (if needed), then train", true, true),
       {"predict", "canopy predict --config FILE --input FILE [options]",
        "run the trunk and every trained head on new inputs (idx images, image files, texts) in one pass",
-       [](po::options_description& d, po::positional_options_description&) {
-         add_config_options(d);
-         d.add_options()(
-             "input", po::value<std::string>()->value_name("FILE"),
-             "the inputs, in the form of the config's data source: an idx file, a CSV manifest, an "
-             "image folder or file, an ARFF file or texts one per line")(
-             "output", po::value<std::string>()->value_name("FILE"),
-             "write the predictions here (default: stdout)")(
-             "format", po::value<std::string>()->default_value("csv"), "csv or jsonl")(
-             "limit", po::value<std::int64_t>()->default_value(0)->value_name("N"),
-             "the first N inputs only (0: all)")("scores",
-                                                 "also write each class's probability (softmax) and each "
-                                                 "label's (sigmoid), columns <task>:<class>");
-         add_progress_option(d);
-       },
-       run_predict_command},
+       predict_options, run_predict_command},
       {"inspect", "canopy inspect PATH [--config FILE] [--verify]",
        "describe a cache: splits, shapes, dtype, size, fingerprint parts, completeness, whether it matches a "
        "config",
@@ -247,27 +265,10 @@ const std::vector<Command>& commands() {
          return kExitOk;
        }},
       {"tokenize", "canopy tokenize --vocab FILE (--arff FILE [--attribute NAME] | --input FILE) [options]",
-       "WordPiece token ids of texts as JSON lines {\"text\": ..., \"ids\": [...]}",
-       [](po::options_description& d, po::positional_options_description&) {
-         d.add_options()("vocab", po::value<std::string>()->value_name("FILE"),
-                         "the WordPiece vocabulary (vocab.txt)")(
-             "max-length", po::value<std::int64_t>()->default_value(256)->value_name("N"),
-             "most tokens per text")("cased", "keep case (default: lowercase, as uncased models expect)")(
-             "arff", po::value<std::string>()->value_name("FILE"), "texts from an ARFF string attribute")(
-             "attribute", po::value<std::string>()->default_value("Text")->value_name("NAME"),
-             "the ARFF attribute")("input", po::value<std::string>()->value_name("FILE"),
-                                   "texts, one per line");
-       },
+       "WordPiece token ids of texts as JSON lines {\"text\": ..., \"ids\": [...]}", tokenize_options,
        run_tokenize_command},
       {"heads", "canopy heads", "list the head types that can be named in a config",
-       [](po::options_description&, po::positional_options_description&) {},
-       [](const po::variables_map&, const tasks::HeadRegistry& registry, std::ostream& out, std::ostream&) {
-         out << "registered heads:\n";
-         for (const auto& [name, description] : registry.list()) {
-           out << "  " << std::left << std::setw(12) << name << description << "\n";
-         }
-         return kExitOk;
-       }},
+       [](po::options_description&, po::positional_options_description&) {}, run_heads_command},
       {"keys", "canopy keys",
        "print the reference of every config key: section, type, default, range, meaning",
        [](po::options_description&, po::positional_options_description&) {},
