@@ -45,17 +45,51 @@ void rename_durable(const std::string& from, const std::string& to) {
   fsync_fd_path(parent_dir(to), O_RDONLY | O_DIRECTORY);
 }
 
+std::string describe_errno(int err) {
+  if (err == ENOSPC || err == EDQUOT) {
+    return detail::str_cat("the disk is full (", err == ENOSPC ? "ENOSPC" : "EDQUOT", ": ",
+                           std::strerror(err), ")");
+  }
+  return std::strerror(err);
+}
+
 void write_file_atomic(const std::string& path, std::string_view contents) {
   const std::string tmp = temp_path_for(path);
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    CANOPY_CHECK(out, IoError, "cannot write '", tmp, "': ", std::strerror(errno));
-    out.write(contents.data(), static_cast<std::streamsize>(contents.size()));
-    out.flush();
-    CANOPY_CHECK(out, IoError, "error writing '", tmp, "'");
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  CANOPY_CHECK(fd >= 0, IoError, "cannot write '", path, "': ", describe_errno(errno));
+  // Any failure removes the temporary file: the old `path`, if any, stays as it was.
+  auto fail = [&](int err, const char* what) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw IoError(detail::str_cat(what, " '", path, "' failed: ", describe_errno(err), "; '", path,
+                                  "' was not replaced"));
+  };
+  std::size_t done = 0;
+  while (done < contents.size()) {
+    const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) fail(errno, "writing");
+    done += static_cast<std::size_t>(n);
   }
-  fsync_fd_path(tmp, O_RDONLY);
-  rename_durable(tmp, path);
+  if (::fsync(fd) != 0) fail(errno, "syncing");
+  if (::close(fd) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    throw IoError(detail::str_cat("closing '", path, "' failed: ", describe_errno(err)));
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    throw IoError(detail::str_cat("cannot rename '", tmp, "' to '", path, "': ", describe_errno(err)));
+  }
+  fsync_fd_path(parent_dir(path), O_RDONLY | O_DIRECTORY);
+}
+
+void remove_temporaries(const std::string& dir) {
+  if (!is_directory(dir)) return;
+  for (const auto& name : list_dir(dir)) {
+    if (name.find(".tmp.") != std::string::npos) ::unlink(join_path(dir, name).c_str());
+  }
 }
 
 void make_dirs(const std::string& path) {

@@ -12,6 +12,7 @@
 #include <torch/version.h>
 
 #include "canopy/core/bounded_queue.h"
+#include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/sha256.h"
@@ -281,6 +282,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   CacheReport report;
   report.path = config.cache.path;
   validate_job_config(config);
+  const DirLock lock(config.cache.path, DirLock::Mode::kWrite, "canopy cache");  // one writer at a time
   // Hash the trunk file first: the description (and so the fingerprint) depends on it,
   // and a pinned hash must be checked before anything loads the file.
   const std::string trunk_sha = trunk ? trunk->sha256() : trunk::verified_trunk_sha256(config.trunk);

@@ -64,11 +64,7 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
   ++generation_;
   ordered_json tasks_json = ordered_json::array();
   for (std::size_t i = 0; i < tasks.size(); ++i) {
-    const std::string file = task_file(tasks[i]->name(), generation_);
-    const std::string tmp = temp_path_for(file);
-    tasks[i]->save_checkpoint(tmp);
-    fsync_path(tmp);
-    rename_durable(tmp, file);
+    tasks[i]->save_checkpoint(task_file(tasks[i]->name(), generation_));  // atomic
     tasks_json.push_back(run_to_json(tasks[i]->name(), runs[i]));
   }
   const ordered_json state{{"generation", generation_},

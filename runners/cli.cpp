@@ -156,6 +156,8 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
     return kExitOk;
   }
   const std::string path = vm["output"].as<std::string>();
+  CANOPY_CHECK(!path.empty() && !is_directory(path), ConfigError,
+               "canopy predict: --output must name a file, got '", path, "'");
   std::ostringstream buffer;
   const auto rows = run_predict(config, registry, options, buffer, style);
   write_file_atomic(path, buffer.str());

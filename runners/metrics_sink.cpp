@@ -106,7 +106,8 @@ void MetricsSink::record(std::int64_t epoch, std::size_t task, const HeadRun& ru
 void MetricsSink::flush() {
   jsonl_.flush();
   csv_.flush();
-  CANOPY_CHECK(jsonl_ && csv_, IoError, "writing metrics in '", out_dir_, "' failed: ", std::strerror(errno));
+  CANOPY_CHECK(jsonl_ && csv_, IoError, "writing metrics in '", out_dir_,
+               "' failed: ", describe_errno(errno));
 }
 
 }  // namespace canopy::runners

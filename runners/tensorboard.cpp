@@ -93,7 +93,7 @@ void EventWriter::write_record(const std::string& event) {
 
 void EventWriter::flush() {
   out_.flush();
-  CANOPY_CHECK(out_, IoError, "error writing TensorBoard events '", path_, "'");
+  CANOPY_CHECK(out_, IoError, "writing TensorBoard events '", path_, "' failed: ", describe_errno(errno));
 }
 
 }  // namespace canopy::runners

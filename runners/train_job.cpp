@@ -7,6 +7,7 @@
 #include <sstream>
 #include <thread>
 
+#include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/sha256.h"
@@ -327,6 +328,11 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   TrainReport report;
   report.out_dir = config.train.out_dir;
   const auto load_start = Clock::now();
+  // The cache is read while no `canopy cache` writes it; the run has its out_dir alone, and
+  // what a failed or killed run left half-written there goes.
+  const DirLock cache_lock(config.cache.path, DirLock::Mode::kRead, "canopy train");
+  const DirLock out_lock(config.train.out_dir, DirLock::Mode::kWrite, "canopy train");
+  for (const char* sub : {"", "/checkpoint", "/heads"}) remove_temporaries(config.train.out_dir + sub);
   const auto cache = open_checked_cache(config);
   const auto method = datasets::parse_read_method(config.cache.read_method);
   const datasets::SplitData eval = cache.load_split(config.train.eval_split, method);

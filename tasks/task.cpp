@@ -4,6 +4,7 @@
 #include <array>
 #include <cmath>
 #include <mutex>
+#include <sstream>
 
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -22,6 +23,7 @@
 #include <torch/utils.h>
 
 #include "canopy/core/error.h"
+#include "canopy/core/fs.h"
 #include "canopy/heads/fused.h"
 
 namespace canopy::tasks {
@@ -358,7 +360,11 @@ void Task::save_checkpoint(const std::string& path) const {
   optimizer_->save(opt);
   archive.write("canopy.optimizer", opt);
   archive.write("canopy.rng_state", head_->rng().get_state());
-  archive.save_to(path);
+  // Serialised in memory, then written by canopy: a full disk is an IoError naming the
+  // file (LibTorch's own writer aborts with "unexpected pos"), and no temporary file stays.
+  std::ostringstream bytes;
+  archive.save_to(bytes);
+  write_file_atomic(path, bytes.str());
 }
 
 void Task::load_checkpoint(const std::string& path) {

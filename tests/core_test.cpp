@@ -1,10 +1,14 @@
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <string>
 
+#include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/progress.h"
@@ -46,6 +50,45 @@ TEST(Fs, AtomicWriteReplacesAndLeavesNoTemp) {
   write_file_atomic(p, "two");
   EXPECT_EQ(read_file(p), "two");
   EXPECT_FALSE(std::ifstream(temp_path_for(p)).good());
+}
+
+// flock locks belong to open files, so a second DirLock in this process meets the first
+// exactly as a second process would (tests/python/test_faults.py runs two processes).
+TEST(DirLock, OneWriterOrManyReaders) {
+  testing::TempDir dir;
+  {
+    const DirLock writer(dir.file("cache"), DirLock::Mode::kWrite, "canopy cache");
+    EXPECT_NE(read_file(DirLock::lock_path(dir.file("cache"))).find("canopy cache, pid "), std::string::npos);
+    EXPECT_TRUE(testing::throws_with<DataError>(
+        [&] { DirLock(dir.file("cache"), DirLock::Mode::kWrite, "canopy train"); },
+        {"in use by another canopy process", "canopy cache, pid", "canopy train needs it alone"}));
+    EXPECT_TRUE(testing::throws_with<DataError>(
+        [&] { DirLock(dir.file("cache"), DirLock::Mode::kRead, "canopy train"); },
+        {"while it is being written"}));
+  }
+  EXPECT_EQ(read_file(DirLock::lock_path(dir.file("cache"))), "") << "a released lock names no holder";
+  {
+    const DirLock a(dir.file("cache"), DirLock::Mode::kRead, "canopy train");
+    const DirLock b(dir.file("cache"), DirLock::Mode::kRead, "canopy inspect");
+    EXPECT_THROW(DirLock(dir.file("cache"), DirLock::Mode::kWrite, "canopy cache"), DataError);
+  }
+  const DirLock again(dir.file("cache"), DirLock::Mode::kWrite, "canopy cache");
+  EXPECT_NO_THROW(DirLock(dir.file("never-written"), DirLock::Mode::kRead, "canopy train"));
+  EXPECT_FALSE(path_exists(dir.file("never-written"))) << "a reader creates nothing";
+}
+
+// A failed write leaves the old file and no temporary (the disk-full case is in test_faults.py).
+TEST(Fs, AFailedAtomicWriteKeepsTheOldFileAndNoTemporary) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("f"), "old");
+  make_dirs(dir.file("f.tmp." + std::to_string(::getpid())));  // the temporary name is taken by a directory
+  EXPECT_THROW(write_file_atomic(dir.file("f"), "new"), IoError);
+  EXPECT_EQ(read_file(dir.file("f")), "old");
+  remove_tree(dir.file("f.tmp." + std::to_string(::getpid())));
+  write_file_atomic(dir.file("g.tmp.123"), "left by a killed writer");
+  remove_temporaries(dir.path());
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"f"}));
+  EXPECT_NE(describe_errno(ENOSPC).find("the disk is full (ENOSPC"), std::string::npos);
 }
 
 TEST(Strings, ParseErrorsNameTheValue) {

@@ -15,6 +15,13 @@ void write_file_atomic(const std::string& path, std::string_view contents);
 // The temporary name used while `path` is being written (same directory, so rename is atomic).
 std::string temp_path_for(const std::string& path);
 
+// Removes the temporary files (temp_path_for names) a failed or killed writer left in `dir`.
+// Only for a directory the caller holds the lock of (canopy/core/dir_lock.h).
+void remove_temporaries(const std::string& dir);
+
+// strerror, and for ENOSPC/EDQUOT a plain "the disk is full (ENOSPC: ...)".
+std::string describe_errno(int err);
+
 // fsync a file (by path) and then its directory; throws IoError on failure.
 void fsync_path(const std::string& path);
 

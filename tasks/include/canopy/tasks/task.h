@@ -155,7 +155,8 @@ class Task {
   bool regression() const { return config_.kind == TaskKind::kRegression; }
 
   // Head weights and buffers, optimizer state and the head's RNG state, in one file
-  // (LibTorch's archive format); load restores all three exactly.
+  // (LibTorch's archive format), written atomically (IoError naming the file, e.g. when the
+  // disk is full; the previous file stays); load restores all three exactly.
   void save_checkpoint(const std::string& path) const;
   void load_checkpoint(const std::string& path);
 

@@ -1,0 +1,54 @@
+#include "canopy/core/dir_lock.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+
+namespace canopy {
+
+std::string DirLock::lock_path(const std::string& dir) { return join_path(dir, "canopy.lock"); }
+
+DirLock::DirLock(const std::string& dir, Mode mode, const std::string& what) : mode_(mode) {
+  if (mode == Mode::kWrite) make_dirs(dir);
+  const std::string path = lock_path(dir);
+  // A reader of a directory that nothing ever wrote has nothing to lock.
+  const int flags = mode == Mode::kWrite ? O_RDWR | O_CREAT | O_CLOEXEC : O_RDWR | O_CLOEXEC;
+  fd_ = ::open(path.c_str(), flags, 0666);
+  if (fd_ < 0 && mode == Mode::kRead && errno == ENOENT) return;
+  CANOPY_CHECK(fd_ >= 0, IoError, "cannot open the lock file '", path, "': ", std::strerror(errno));
+  if (::flock(fd_, (mode == Mode::kWrite ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0) {
+    const int err = errno;
+    char holder[64] = {0};
+    const ssize_t n = ::pread(fd_, holder, sizeof holder - 1, 0);
+    ::close(fd_);
+    fd_ = -1;
+    CANOPY_CHECK(err == EWOULDBLOCK, IoError, "cannot lock '", path, "': ", std::strerror(err));
+    std::string who(holder, n > 0 ? static_cast<std::size_t>(n) : 0);
+    while (!who.empty() && (who.back() == '\n' || who.back() == ' ')) who.pop_back();
+    throw DataError(detail::str_cat(
+        "'", dir, "' is in use by another canopy process", who.empty() ? "" : " (" + who + ")", ": ", what,
+        mode == Mode::kWrite ? " needs it alone" : " cannot read it while it is being written",
+        "; wait for that process to finish, or use another directory (the lock goes when the process ends)"));
+  }
+  if (mode == Mode::kWrite) {  // record the holder: `what`, pid
+    const std::string me = detail::str_cat(what, ", pid ", ::getpid(), "\n");
+    if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, me.data(), me.size(), 0) < 0) {
+      errno = 0;  // the name is for messages only; the lock is what counts
+    }
+  }
+}
+
+DirLock::~DirLock() {
+  if (fd_ < 0) return;
+  // No holder any more: the file says so (a failure here only leaves an old name in it).
+  if (mode_ == Mode::kWrite && ::ftruncate(fd_, 0) != 0) errno = 0;
+  ::close(fd_);  // releases the flock
+}
+
+}  // namespace canopy

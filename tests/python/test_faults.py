@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Real faults, from outside, as a user meets them:
+
+  * two `canopy cache` processes on one cache directory: the second is refused at once,
+    naming the first one's pid; the first finishes and its cache verifies;
+  * two `canopy train` processes into one out_dir: the second is refused; `canopy cache`
+    cannot rebuild a cache a training run is reading;
+  * a training run SIGKILLed while it holds its locks leaves no stale lock: the next run
+    starts;
+  * a full disk under out_dir (a 1 MiB tmpfs, mounted here; needs root): `canopy train` exits 1
+    (not a LibTorch abort) with an error that says the disk is full and names the file, and
+    leaves no temporary file behind.
+
+    test_faults.py --canopy build/runners/canopy
+"""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from support import FMNIST, check, finish, start, tiny_conv_trunk
+
+
+def write_config(path, work, trunk, train_limit, epochs=3, extra=""):
+    with open(path, "w") as f:
+        f.write(f"""[data]
+dir = {FMNIST}
+train_limit = {train_limit}
+test_limit = 200
+[preprocess]
+resize = 28
+[trunk]
+allow_unpinned = true
+path = {trunk}
+device = cpu
+pooling = flatten
+[cache]
+path = {work}/cache
+[train]
+out_dir = {work}/out
+batch_size = 64
+epochs = {epochs}
+tensorboard = false
+{extra}
+[task.linear]
+head = linear
+""")
+
+
+def wait_for_holder(lock, timeout=60):
+    """Waits until a writer has recorded itself in the lock file."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if "pid" in open(lock).read():
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    return False
+
+
+def second_writer_is_refused(canopy, work, trunk):
+    config = os.path.join(work, "job.ini")
+    write_config(config, work, trunk, 60000)
+    lock = os.path.join(work, "cache", "canopy.lock")
+    first = subprocess.Popen([canopy, "cache", "--config", config, "--progress", "quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    check(wait_for_holder(lock), "the first `canopy cache` holds the cache's lock")
+    # The second writer: another trunk, same cache directory (the corruption issue 17 found).
+    other = os.path.join(work, "other.pt")
+    import torch
+    torch.manual_seed(1)
+    torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval()).save(other)
+    t = time.time()
+    r = subprocess.run([canopy, "cache", "--config", config, "--set", f"trunk.path={other}", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    took = time.time() - t
+    running = first.poll() is None
+    check(r.returncode == 1 and "in use by another canopy process" in r.stderr and f"pid {first.pid}" in r.stderr,
+          f"a second `canopy cache` is refused naming the first one's pid {first.pid}: {r.stderr.strip()[-300:]}")
+    check(running and took < 10, f"... at once ({took:.2f} s), while the first still runs")
+    out, err = first.communicate()
+    check(first.returncode == 0 and "built" in out, f"the first `canopy cache` finishes ({err[-300:]})")
+    r = subprocess.run([canopy, "inspect", os.path.join(work, "cache"), "--config", config, "--verify"],
+                       capture_output=True, text=True)
+    check(r.returncode == 0 and "matches" in r.stdout and "yes" in r.stdout,
+          f"its cache verifies and matches its config ({r.stdout[-200:]})")
+    return config
+
+
+def train_locks(canopy, work, config):
+    lock = os.path.join(work, "out", "canopy.lock")
+    first = subprocess.Popen([canopy, "train", "--config", config, "--set", "train.epochs=400",
+                              "--set", "data.train_limit=60000", "--progress", "quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    check(wait_for_holder(lock), "`canopy train` holds its out_dir's lock")
+    r = subprocess.run([canopy, "train", "--config", config, "--set", "data.train_limit=60000", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    check(r.returncode == 1 and "in use by another canopy process" in r.stderr and f"pid {first.pid}" in r.stderr,
+          f"a second `canopy train` into the same out_dir is refused ({r.stderr.strip()[-200:]})")
+    r = subprocess.run([canopy, "cache", "--config", config, "--force", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    check(r.returncode == 1 and "in use by another canopy process" in r.stderr,
+          f"`canopy cache --force` cannot rebuild the cache a run is reading ({r.stderr.strip()[-200:]})")
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    r = subprocess.run([canopy, "train", "--config", config, "--set", "data.train_limit=60000",
+                        "--set", "train.epochs=1", "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0, f"after a SIGKILL no stale lock remains: the next run trains ({r.stderr[-200:]})")
+
+
+def disk_full(canopy, work, config):
+    out = os.path.join(work, "small")
+    os.makedirs(out)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", out], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        # Without the right to mount there is no real full disk to test with; under CI that is a failure.
+        check(os.environ.get("CI") != "true", f"a 1 MiB tmpfs can be mounted for the full-disk test ({mounted.stderr.strip()})")
+        return
+    try:
+        # An MLP whose checkpoint (weights + Adam's two moments, ~3 MB) cannot fit in 1 MiB.
+        r = subprocess.run([canopy, "train", "--config", config, "--set", f"train.out_dir={out}",
+                            "--set", "data.train_limit=60000", "--set", "train.epochs=2",
+                            "--set", "task.linear.head=mlp", "--set", "task.linear.head.hidden=512",
+                            "--progress", "quiet"], capture_output=True, text=True)
+        check(r.returncode == 1, f"on a full disk `canopy train` exits 1, not with a signal ({r.returncode})")
+        check("terminate called" not in r.stderr and "disk is full" in r.stderr and "linear." in r.stderr,
+              f"... saying the disk is full and naming the file: {r.stderr.strip()[-300:]}")
+        leftovers = [p for p in glob.glob(os.path.join(out, "**", "*"), recursive=True) if ".tmp." in p]
+        check(not leftovers, f"... and leaving no temporary file ({leftovers})")
+    finally:
+        subprocess.run(["umount", out])
+
+
+def main():
+    canopy, work, trunk = start("canopy-faults-", tiny_conv_trunk, "tiny.pt")
+    config = second_writer_is_refused(canopy, work, trunk)
+    train_locks(canopy, work, config)
+    disk_full(canopy, work, config)
+    subprocess.run(["rm", "-rf", work])
+    return finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
