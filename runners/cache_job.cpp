@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <optional>
 #include <sstream>
 #include <thread>
@@ -243,10 +244,26 @@ at::Tensor encode_window(trunk::Trunk& trunk, const InputSplit& in, std::int64_t
   return features;
 }
 
+// Rows whose features are not all finite, counted while caching.
+struct NonFinite {
+  std::int64_t rows = 0;
+  std::vector<std::string> first;  // "split id", at most 8
+
+  void count(const std::string& split, const at::Tensor& features, const at::Tensor& ids) {
+    const at::Tensor bad = features.isfinite().all(1).logical_not();
+    if (!bad.any().item<bool>()) return;
+    const at::Tensor where = bad.nonzero().flatten();
+    rows += where.numel();
+    for (std::int64_t k = 0; k < where.numel() && first.size() < 8; ++k) {
+      first.push_back(split + " " + std::to_string(ids[where[k].item<std::int64_t>()].item<std::int64_t>()));
+    }
+  }
+};
+
 // Runs the trunk over every row not yet in the cache and hands the batches to `out`.
 void encode_missing(const JobConfig& config, trunk::Trunk& trunk, const InputData& data,
                     const datasets::FeatureCacheWriter& writer, std::int64_t dim, WriteBehind& out,
-                    Progress& progress, CacheReport& report) {
+                    Progress& progress, CacheReport& report, NonFinite& nonfinite) {
   for (const std::string split : {"train", "test"}) {
     const InputSplit& in = data.splits.at(split);
     // Texts run in trunk batches of similar length, chosen within a window of 8 batches
@@ -258,6 +275,7 @@ void encode_missing(const JobConfig& config, trunk::Trunk& trunk, const InputDat
       const auto t0 = Clock::now();
       const at::Tensor features = encode_window(trunk, in, w, wend, bs, window, dim);
       report.trunk_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+      nonfinite.count(split, features, in.ids.slice(0, w, wend));
       for (std::int64_t i = w; i < wend; i += bs) {
         const std::int64_t end = std::min(wend, i + bs);
         std::map<std::string, at::Tensor> labels;
@@ -317,12 +335,21 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
            ", sha256 " + trunk_sha.substr(0, 12) + "...");
   std::int64_t todo = 0;
   for (const auto& [split, n] : split_rows) todo += n - writer.rows_done(split);
+  NonFinite nonfinite;
   {
     Progress progress("cache", todo, data.unit, style);
     WriteBehind out(writer);
-    encode_missing(config, *trunk, data, writer, dim, out, progress, report);
+    encode_missing(config, *trunk, data, writer, dim, out, progress, report, nonfinite);
     out.finish();
     progress.finish();
+  }
+  if (nonfinite.rows > 0) {  // never a finished cache that passes --verify and fails every head
+    std::remove(datasets::manifest_path(config.cache.path).c_str());
+    throw DataError(detail::str_cat("the trunk gave non-finite features (NaN or Inf) for ", nonfinite.rows,
+                                    " of ", todo, " rows (first: ", join(nonfinite.first, ", "),
+                                    "); the cache at '", config.cache.path,
+                                    "' was not finished. Check the trunk and the preprocessing "
+                                    "(preprocess.mean, preprocess.std) for these inputs"));
   }
   writer.finish();
   report.rows = split_rows;

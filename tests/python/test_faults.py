@@ -7,6 +7,8 @@
     cannot rebuild a cache a training run is reading;
   * a training run SIGKILLed while it holds its locks leaves no stale lock: the next run
     starts;
+  * a trunk that gives NaN for some inputs: `canopy cache` fails, naming how many rows and
+    the first ids, and leaves no finished cache that training would accept;
   * a full disk under out_dir (a 1 MiB tmpfs, mounted here; needs root): `canopy train` exits 1
     (not a LibTorch abort) with an error that says the disk is full and names the file, and
     leaves no temporary file behind.
@@ -21,6 +23,22 @@ import sys
 import time
 
 from support import FMNIST, check, finish, start, tiny_conv_trunk
+
+
+import torch
+
+
+class NanForBrightImages(torch.nn.Module):
+    """The tiny conv trunk, but NaN for every image brighter than average."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        bright = x.mean(dim=[1, 2, 3]) > -0.4
+        return torch.where(bright.view(-1, 1, 1, 1), torch.full_like(y, float("nan")), y)
 
 
 def write_config(path, work, trunk, train_limit, epochs=3, extra=""):
@@ -112,6 +130,22 @@ def train_locks(canopy, work, config):
     check(r.returncode == 0, f"after a SIGKILL no stale lock remains: the next run trains ({r.stderr[-200:]})")
 
 
+def non_finite_features(canopy, work):
+    trunk = os.path.join(work, "nan.pt")
+    torch.manual_seed(0)
+    torch.jit.script(NanForBrightImages().eval()).save(trunk)
+    nan_work = os.path.join(work, "nan")
+    os.makedirs(nan_work)
+    config = os.path.join(nan_work, "job.ini")
+    write_config(config, nan_work, trunk, 1000)
+    r = subprocess.run([canopy, "cache", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 1 and "non-finite features (NaN or Inf) for" in r.stderr and "(first: train " in r.stderr,
+          f"a trunk that gives NaN: `canopy cache` fails naming the rows ({r.stderr.strip()[-260:]})")
+    r = subprocess.run([canopy, "train", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 1 and "loss is nan" not in r.stderr,
+          f"... and `canopy train` finds no cache to train on ({r.stderr.strip()[-160:]})")
+
+
 def disk_full(canopy, work, config):
     out = os.path.join(work, "small")
     os.makedirs(out)
@@ -139,6 +173,7 @@ def main():
     canopy, work, trunk = start("canopy-faults-", tiny_conv_trunk, "tiny.pt")
     config = second_writer_is_refused(canopy, work, trunk)
     train_locks(canopy, work, config)
+    non_finite_features(canopy, work)
     disk_full(canopy, work, config)
     subprocess.run(["rm", "-rf", work])
     return finish()

@@ -36,7 +36,10 @@ struct CacheReport {
 };
 
 // Builds the cache unless one with the same fingerprint is complete (or `force`). An
-// unfinished cache with the same fingerprint is resumed. Uses `trunk` when given.
+// unfinished cache with the same fingerprint is resumed. Uses `trunk` when given. A trunk
+// that gives non-finite features (NaN, Inf) for any row is a DataError naming how many rows
+// and the first ids, and the cache is not finished (its manifest is removed: the next run
+// starts over).
 CacheReport run_cache(const JobConfig& config, bool force = false, trunk::Trunk* trunk = nullptr,
                       ProgressStyle style = ProgressStyle::kAuto);
 
