@@ -170,6 +170,14 @@ at::ScalarType CacheMeta::label_dtype(const std::string& source) const {
   return is_float_label(source) ? at::kDouble : at::kLong;
 }
 
+namespace {
+std::string join_ints(const std::vector<std::int64_t>& v) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+  return out + "]";
+}
+}  // namespace
+
 std::string manifest_path(const std::string& dir) { return join_path(dir, "manifest.json"); }
 std::string view_path(const std::string& dir) { return join_path(dir, "cache.h5"); }
 
@@ -669,6 +677,35 @@ SplitData FeatureCache::load_split(const std::string& split, ReadMethod method, 
 
 void FeatureCache::verify() const {
   for (const auto& s : impl_->manifest.shards) read_shard_data(impl_->dir, s, meta(), ReadMethod::kPread);
+  const std::string path = view_path(impl_->dir);
+  CANOPY_CHECK(is_regular_file(path), DataError, "cache view '", path,
+               "' is missing; `canopy cache` rebuilds it");
+  h5::Handle file = h5::open_file(path, false);
+  for (const auto& [split, rows] : impl_->manifest.split_rows) {
+    const std::vector<std::pair<std::string, std::vector<std::int64_t>>> expected = {
+        {split + "/features", {rows, meta().feature_dim}}, {split + "/ids", {rows}}};
+    for (const auto& [name, dims] : expected) {
+      h5::Handle d = h5::open_dataset(file.get(), name, path);
+      const auto got = h5::shape(d.get());
+      CANOPY_CHECK(got == dims, DataError, "cache view '", path, "': ", name, " has shape ", join_ints(got),
+                   ", the manifest says ", join_ints(dims), "; `canopy cache --force` rebuilds it");
+    }
+  }
+}
+
+std::vector<std::string> FeatureCache::quick_check() const {
+  std::vector<std::string> problems;
+  for (const auto& s : impl_->manifest.shards) {
+    const std::string path = join_path(impl_->dir, s.file);
+    if (!is_regular_file(path)) {
+      problems.push_back("shard '" + s.file + "' is missing");
+    } else if (file_size(path) != s.bytes) {
+      problems.push_back(
+          detail::str_cat("shard '", s.file, "' has ", file_size(path), " bytes, not ", s.bytes));
+    }
+  }
+  if (!is_regular_file(view_path(impl_->dir))) problems.push_back("the view cache.h5 is missing");
+  return problems;
 }
 
 }  // namespace canopy::datasets

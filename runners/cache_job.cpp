@@ -160,6 +160,12 @@ CacheState existing_cache(const JobConfig& config, const std::string& descriptio
     }
     if (!old.complete) return CacheState::kResume;
     const auto existing = datasets::FeatureCache::open(config.cache.path);
+    // A complete cache whose files are not what its manifest records is repaired: the shards
+    // that verify are kept, the others recomputed, the view written again.
+    if (const auto problems = existing.quick_check(); !problems.empty()) {
+      report.reason = "repairing: " + join(problems, "; ");
+      return CacheState::kResume;
+    }
     report.reason = "up to date (fingerprint " + report.fingerprint.substr(0, 12) + ")";
     for (const auto& s : existing.splits()) report.rows[s] = existing.rows(s);
     report.feature_dim = existing.feature_dim();
@@ -330,7 +336,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   datasets::FeatureCacheWriter writer(config.cache.path,
                                       cache_meta(config, report, description, trunk_sha, data, dim),
                                       split_rows, config.cache.shard_rows, resume, &note);
-  if (resume) report.reason = note;
+  if (resume) report.reason = report.reason.empty() ? note : report.reason + "; " + note;
   log_info("cache '" + config.cache.path + "': " + report.reason + "; trunk on " + trunk->device().str() +
            ", sha256 " + trunk_sha.substr(0, 12) + "...");
   std::int64_t todo = 0;

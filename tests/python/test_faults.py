@@ -7,6 +7,8 @@
     cannot rebuild a cache a training run is reading;
   * a training run SIGKILLed while it holds its locks leaves no stale lock: the next run
     starts;
+  * a complete cache with its view (cache.h5) or a shard deleted: `inspect --verify` fails,
+    and `canopy cache` repairs it instead of calling it up to date, to the same bytes;
   * a trunk that gives NaN for some inputs: `canopy cache` fails, naming how many rows and
     the first ids, and leaves no finished cache that training would accept;
   * a full disk under out_dir (a 1 MiB tmpfs, mounted here; needs root): `canopy train` exits 1
@@ -109,6 +111,42 @@ def second_writer_is_refused(canopy, work, trunk):
     return config
 
 
+def features_digest(work):
+    import hashlib
+
+    import h5py
+    with h5py.File(os.path.join(work, "cache", "cache.h5"), "r") as f:
+        return hashlib.sha256(f["train/features"][...].tobytes() + f["test/features"][...].tobytes()).hexdigest()
+
+
+def repair(canopy, work, config):
+    cache = os.path.join(work, "cache")
+    before = features_digest(work)
+    verify = [canopy, "inspect", cache, "--verify"]
+    os.remove(os.path.join(cache, "cache.h5"))
+    r = subprocess.run(verify, capture_output=True, text=True)
+    check(r.returncode == 1 and "cache.h5" in r.stdout and "missing" in r.stdout,
+          f"inspect --verify reports the deleted view ({r.stdout.strip()[-160:]})")
+    r = subprocess.run([canopy, "cache", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
+    said = [l for l in r.stderr.splitlines() if "repairing" in l]
+    check(r.returncode == 0 and "up to date" not in r.stdout and os.path.exists(os.path.join(cache, "cache.h5")) and
+          said and "the view cache.h5 is missing" in said[0],
+          f"`canopy cache` rebuilds a deleted view, not 'up to date' ({said[:1]})")
+    shard = sorted(glob.glob(os.path.join(cache, "shards", "train-*.h5")))[3]
+    os.remove(shard)
+    r = subprocess.run(verify, capture_output=True, text=True)
+    check(r.returncode == 1, "inspect --verify reports the deleted shard")
+    r = subprocess.run([canopy, "cache", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
+    said = [l for l in r.stderr.splitlines() if "repairing" in l]
+    # The shards before the deleted one (3 train, 1 test) are kept; the train split resumes there.
+    check(r.returncode == 0 and said and "shard 'shards/train-00003.h5' is missing" in said[0] and
+          "resuming: 4 finished shard(s)" in said[0],
+          f"`canopy cache` resumes at the deleted shard ({said[:1]})")
+    r = subprocess.run(verify, capture_output=True, text=True)
+    check(r.returncode == 0 and features_digest(work) == before,
+          "after the repairs the cache verifies and its features are the same bytes as before")
+
+
 def train_locks(canopy, work, config):
     lock = os.path.join(work, "out", "canopy.lock")
     first = subprocess.Popen([canopy, "train", "--config", config, "--set", "train.epochs=400",
@@ -172,6 +210,7 @@ def disk_full(canopy, work, config):
 def main():
     canopy, work, trunk = start("canopy-faults-", tiny_conv_trunk, "tiny.pt")
     config = second_writer_is_refused(canopy, work, trunk)
+    repair(canopy, work, config)
     train_locks(canopy, work, config)
     non_finite_features(canopy, work)
     disk_full(canopy, work, config)

@@ -160,8 +160,13 @@ class FeatureCache {
   // tensors of the split's shapes and dtypes, is filled in place instead of allocating.
   SplitData load_split(const std::string& split, ReadMethod method = ReadMethod::kPread,
                        SplitData* reuse = nullptr) const;
-  // Checks every shard's size and checksums; throws DataError naming the first bad one.
+  // Checks every shard's size and checksums, and the view users open (cache.h5: present,
+  // an HDF5 file, every split's datasets of the manifest's shapes); throws DataError
+  // naming the first bad part.
   void verify() const;
+  // What a cheap look finds wrong, without reading data: shards missing or of another size
+  // than the manifest records, a missing view. Empty when nothing is.
+  std::vector<std::string> quick_check() const;
 
  private:
   struct Impl;
