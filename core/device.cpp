@@ -1,5 +1,8 @@
 #include "canopy/core/device.h"
 
+#include <algorithm>
+#include <thread>
+
 #include <torch/cuda.h>
 
 #include "canopy/core/error.h"
@@ -7,6 +10,10 @@
 namespace canopy {
 
 bool cuda_available() { return torch::cuda::is_available(); }
+
+std::int64_t machine_cores() {
+  return std::max<std::int64_t>(1, static_cast<std::int64_t>(std::thread::hardware_concurrency()));
+}
 
 c10::Device choose_device(const std::string& spec) {
   if (spec == "auto") return cuda_available() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);

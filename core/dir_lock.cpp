@@ -39,7 +39,7 @@ DirLock::DirLock(const std::string& dir, Mode mode, const std::string& what) : m
   if (mode == Mode::kWrite) {  // record the holder: `what`, pid
     const std::string me = detail::str_cat(what, ", pid ", ::getpid(), "\n");
     if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, me.data(), me.size(), 0) < 0) {
-      errno = 0;  // the name is for messages only; the lock is what counts
+      // nothing to do: the name is for messages only; the lock is what counts
     }
   }
 }
@@ -47,7 +47,9 @@ DirLock::DirLock(const std::string& dir, Mode mode, const std::string& what) : m
 DirLock::~DirLock() {
   if (fd_ < 0) return;
   // No holder any more: the file says so (a failure here only leaves an old name in it).
-  if (mode_ == Mode::kWrite && ::ftruncate(fd_, 0) != 0) errno = 0;
+  if (mode_ == Mode::kWrite && ::ftruncate(fd_, 0) != 0) {
+    // nothing to do: the name is for messages only
+  }
   ::close(fd_);  // releases the flock
 }
 

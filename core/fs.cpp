@@ -55,33 +55,26 @@ std::string describe_errno(int err) {
 
 void write_file_atomic(const std::string& path, std::string_view contents) {
   const std::string tmp = temp_path_for(path);
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
   CANOPY_CHECK(fd >= 0, IoError, "cannot write '", path, "': ", describe_errno(errno));
   // Any failure removes the temporary file: the old `path`, if any, stays as it was.
   auto fail = [&](int err, const char* what) {
-    ::close(fd);
+    if (fd >= 0) ::close(fd);
     ::unlink(tmp.c_str());
     throw IoError(detail::str_cat(what, " '", path, "' failed: ", describe_errno(err), "; '", path,
                                   "' was not replaced"));
   };
-  std::size_t done = 0;
-  while (done < contents.size()) {
+  for (std::size_t done = 0; done < contents.size();) {
     const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) fail(errno, "writing");
     done += static_cast<std::size_t>(n);
   }
   if (::fsync(fd) != 0) fail(errno, "syncing");
-  if (::close(fd) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    throw IoError(detail::str_cat("closing '", path, "' failed: ", describe_errno(err)));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    throw IoError(detail::str_cat("cannot rename '", tmp, "' to '", path, "': ", describe_errno(err)));
-  }
+  const int closed = ::close(fd);
+  fd = -1;
+  if (closed != 0) fail(errno, "closing");
+  if (::rename(tmp.c_str(), path.c_str()) != 0) fail(errno, "renaming the new file over");
   fsync_fd_path(parent_dir(path), O_RDONLY | O_DIRECTORY);
 }
 

@@ -693,18 +693,17 @@ void FeatureCache::verify() const {
   }
 }
 
-std::vector<std::string> FeatureCache::quick_check() const {
+std::vector<std::string> files_out_of_step(const std::string& dir, const Manifest& manifest) {
   std::vector<std::string> problems;
-  for (const auto& s : impl_->manifest.shards) {
-    const std::string path = join_path(impl_->dir, s.file);
+  for (const auto& s : manifest.shards) {
+    const std::string path = join_path(dir, s.file);
     if (!is_regular_file(path)) {
       problems.push_back("shard '" + s.file + "' is missing");
-    } else if (file_size(path) != s.bytes) {
-      problems.push_back(
-          detail::str_cat("shard '", s.file, "' has ", file_size(path), " bytes, not ", s.bytes));
+    } else if (const auto size = file_size(path); size != s.bytes) {
+      problems.push_back(detail::str_cat("shard '", s.file, "' has ", size, " bytes, not ", s.bytes));
     }
   }
-  if (!is_regular_file(view_path(impl_->dir))) problems.push_back("the view cache.h5 is missing");
+  if (!is_regular_file(view_path(dir))) problems.push_back("the view cache.h5 is missing");
   return problems;
 }
 

@@ -159,16 +159,15 @@ CacheState existing_cache(const JobConfig& config, const std::string& descriptio
       return CacheState::kBuild;
     }
     if (!old.complete) return CacheState::kResume;
-    const auto existing = datasets::FeatureCache::open(config.cache.path);
     // A complete cache whose files are not what its manifest records is repaired: the shards
     // that verify are kept, the others recomputed, the view written again.
-    if (const auto problems = existing.quick_check(); !problems.empty()) {
+    if (const auto problems = datasets::files_out_of_step(config.cache.path, old); !problems.empty()) {
       report.reason = "repairing: " + join(problems, "; ");
       return CacheState::kResume;
     }
     report.reason = "up to date (fingerprint " + report.fingerprint.substr(0, 12) + ")";
-    for (const auto& s : existing.splits()) report.rows[s] = existing.rows(s);
-    report.feature_dim = existing.feature_dim();
+    report.rows = old.split_rows;
+    report.feature_dim = old.meta.feature_dim;
     return CacheState::kUpToDate;
   } catch (const DataError& e) {
     report.reason = std::string("rebuilding: existing cache unusable (") + e.what() + ")";

@@ -28,8 +28,6 @@ namespace po = boost::program_options;
 
 namespace {
 
-constexpr const char* kVersion = "0.1.0";
-
 // A command: its name, its usage line, what it does, its options (with their help texts,
 // which `canopy <command> --help` prints) and what it runs. One table, kCommands, lists them.
 struct Command {
@@ -194,7 +192,8 @@ int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&
 }
 
 std::string version_text() {
-  return detail::str_cat("canopy ", kVersion, "\nLibTorch ", TORCH_VERSION, "\nHDF5 ",
+  // CANOPY_VERSION is the CMake project's version (runners/CMakeLists.txt).
+  return detail::str_cat("canopy ", CANOPY_VERSION, "\nLibTorch ", TORCH_VERSION, "\nHDF5 ",
                          datasets::hdf5_version(), "\nCUDA available: ", cuda_available() ? "yes" : "no",
                          "\n");
 }
@@ -337,14 +336,10 @@ const Command& find_command(const std::vector<std::string>& args, std::size_t& c
   for (const auto& c : commands()) {
     if (name == c.name) return c;
   }
-  std::vector<std::string> names;
-  for (const auto& c : commands()) names.push_back(c.name);
-  throw ConfigError("unknown command '" + name + "' (commands: " + join(names, ", ") + ")");
+  throw ConfigError("unknown command '" + name + "' (commands: " + join(cli_commands(), ", ") + ")");
 }
 
 }  // namespace
-
-std::string cli_usage() { return global_usage(); }
 
 int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& registry, std::ostream& out,
             std::ostream& err) {

@@ -7,11 +7,11 @@
 #include <optional>
 #include <set>
 #include <sstream>
-#include <thread>
 
 #include <boost/program_options/options_description.hpp>
 #include <boost/program_options/parsers.hpp>
 
+#include "canopy/core/device.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
@@ -371,7 +371,7 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
     std::vector<Key<T>> v;
     v.push_back(choice<T>(
         "task", "kind", CANOPY_TASK(kind), tasks::parse_task_kind,
-        [](tasks::TaskKind k) { return tasks::to_string(k); }, {"multiclass", "multilabel", "regression"},
+        [](tasks::TaskKind k) { return tasks::to_string(k); }, tasks::task_kind_names(),
         "multiclass (cross-entropy), multilabel (BCE; label_map holds bitmasks), regression"));
     v.push_back(member_key<T>("task", "head", CANOPY_TASK(head),
                               "a registered head type (canopy heads); its options go in "
@@ -388,7 +388,7 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
             .optional_in_dump());
     v.push_back(choice<T>(
         "task", "optimizer", CANOPY_TASK(optimizer), tasks::parse_optimizer,
-        [](tasks::OptimizerKind o) { return tasks::to_string(o); }, {"sgd", "adam", "adamw"},
+        [](tasks::OptimizerKind o) { return tasks::to_string(o); }, tasks::optimizer_names(),
         "the head's optimizer"));
     v.push_back(member_key<T>("task", "lr", CANOPY_TASK(lr), "learning rate").above(0));
     v.push_back(
@@ -400,7 +400,7 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
                     .at_least(0));
     v.push_back(choice<T>(
         "task", "schedule", CANOPY_TASK(schedule), tasks::parse_schedule,
-        [](tasks::LrSchedule s) { return tasks::to_string(s); }, {"constant", "cosine", "step"},
+        [](tasks::LrSchedule s) { return tasks::to_string(s); }, tasks::schedule_names(),
         "learning rate per epoch"));
     v.push_back(member_key<T>("task", "step_size", CANOPY_TASK(step_size),
                               "step schedule: multiply by gamma every N epochs")
@@ -418,19 +418,15 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
                               "one loss weight per class; empty: equal")
                     .optional_in_dump()
                     .at_least(0));
-    Key<T> loss;
-    loss.section = "task";
-    loss.name = "loss";
-    loss.type = "choice";
-    loss.help = "regression only; default mse";
-    loss.choices = {"mse", "l1"};
-    loss.omit_empty = true;
-    loss.set = [](T& t, const std::string& value, const std::string& where) {
-      t.loss = tasks::parse_regression_loss(value, where);
-    };
-    loss.get = [](const T& t) { return t.loss ? std::string(tasks::to_string(*t.loss)) : std::string(); };
-    loss.numbers = [](const T&) { return std::vector<double>{}; };
-    v.push_back(loss);
+    v.push_back(
+        choice<T>(
+            "task", "loss", CANOPY_TASK(loss),
+            [](const std::string& s, const std::string& where) {
+              return std::optional(tasks::parse_regression_loss(s, where));
+            },
+            [](const std::optional<tasks::RegressionLoss>& l) { return l ? tasks::to_string(*l) : ""; },
+            tasks::regression_loss_names(), "regression only; default mse")
+            .optional_in_dump());
     return v;
   }();
   return keys;
@@ -458,12 +454,8 @@ void check_range(const Key<Cfg>& k, const Cfg& c, const std::string& where) {
   }
 }
 
-std::int64_t machine_thread_limit() {
-  return 4 * std::max<std::int64_t>(1, static_cast<std::int64_t>(std::thread::hardware_concurrency()));
-}
-
 // The head options of `name`: task.<name>.head.<option> keys.
-constexpr const char* kHeadPrefix = "head.";
+constexpr std::string_view kHeadPrefix = "head.";
 
 // Tasks: task.<name>.<key> and task.<name>.head.<option>; ordered by name.
 std::vector<tasks::TaskConfig> tasks_from_values(const std::map<std::string, std::string>& values,
@@ -478,8 +470,8 @@ std::vector<tasks::TaskConfig> tasks_from_values(const std::map<std::string, std
     const std::string sub = key.substr(dot + 1);
     auto& t = by_name[name];
     t.name = name;
-    if (sub.rfind(kHeadPrefix, 0) == 0 && sub.size() > 5) {
-      t.head_params[sub.substr(5)] = value;  // validated by the head's factory
+    if (sub.size() > kHeadPrefix.size() && sub.compare(0, kHeadPrefix.size(), kHeadPrefix) == 0) {
+      t.head_params[sub.substr(kHeadPrefix.size())] = value;  // validated by the head's factory
       used.insert(key);
       continue;
     }
@@ -501,11 +493,7 @@ std::vector<tasks::TaskConfig> tasks_from_values(const std::map<std::string, std
     used.insert(key);
   }
   std::vector<tasks::TaskConfig> out;
-  for (auto& [name, t] : by_name) {
-    for (const auto& k : task_keys())
-      check_range(k, t, "task." + name + "." + k.name + " (in " + source + ")");
-    out.push_back(std::move(t));
-  }
+  for (auto& [name, t] : by_name) out.push_back(std::move(t));
   return out;
 }
 
@@ -522,7 +510,6 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
     k.set(c, it->second, k.full_name() + " (in " + source + ")");
     used.insert(it->first);
   }
-  for (const auto& k : job_keys()) check_range(k, c, k.full_name() + " (in " + source + ")");
   c.tasks = tasks_from_values(values, source, used);
   std::vector<std::string> unknown;
   for (const auto& kv : values) {
@@ -535,7 +522,12 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
 }
 
 void validate_job_config(const JobConfig& c) {
-  for (const auto& k : job_keys()) check_range(k, c, k.full_name());
+  // Every key's range from the table, named as the file spells it.
+  const std::string in = c.source.empty() ? "" : " (in " + c.source + ")";
+  for (const auto& k : job_keys()) check_range(k, c, k.full_name() + in);
+  for (const auto& t : c.tasks) {
+    for (const auto& k : task_keys()) check_range(k, t, "task." + t.name + "." + k.name + in);
+  }
   if (reads_image_files(c.data)) {
     CANOPY_CHECK(!c.data.train.empty() && !c.data.test.empty(), ConfigError, "data.source = ", c.data.source,
                  " needs data.train and data.test (",
@@ -551,7 +543,7 @@ void validate_job_config(const JobConfig& c) {
   CANOPY_CHECK(c.cache.shard_rows % c.cache.batch_size == 0, ConfigError,
                "cache.shard_rows must be a positive multiple of cache.batch_size (", c.cache.batch_size,
                "), got ", c.cache.shard_rows);
-  const std::int64_t limit = machine_thread_limit();
+  const std::int64_t limit = 4 * machine_cores();
   CANOPY_CHECK(c.train.workers <= limit && c.train.intra_op_threads <= limit, ConfigError,
                "train.workers and train.intra_op_threads must be at most ", limit,
                " (4x this machine's cores), got ", c.train.workers, " and ", c.train.intra_op_threads);
@@ -631,7 +623,8 @@ std::string config_reference() {
        "section "
        "(or `OPTION = value` in a `[task.NAME.head]` section), read by its factory (`canopy heads` lists the "
        "types): "
-       "`linear` has none; `mlp` takes `hidden` (widths, e.g. `512,256`), `activation` (relu \\| gelu \\| "
+       "`linear` takes `bias` (true \\| false); `mlp` takes `hidden` (widths, e.g. `512,256`), `activation` "
+       "(relu \\| gelu \\| "
        "tanh \\| "
        "silu) and `dropout` (in [0, 1)). A head of your own reads what it declares "
        "(docs/adding-a-head.md).\n";

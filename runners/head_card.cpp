@@ -37,8 +37,8 @@ std::string tap_of(const datasets::CacheMeta& meta) {
   const auto it = parts.find("tap");
   return it == parts.end() ? "output" : it->second;
 }
-}  // namespace
 
+// The card of `task` trained with `r` on features of `meta`'s cache.
 ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
                        std::int64_t in_features) {
   const auto& c = task.config();
@@ -74,6 +74,7 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
   card["weights"] = c.name + ".safetensors";
   return card;
 }
+}  // namespace
 
 std::string export_head(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
                         std::int64_t in_features, const std::string& dir) {

@@ -13,6 +13,8 @@
 
 namespace canopy::runners {
 
+namespace {
+// The eval metrics a head reports, by name (what eval_<name> and eval/<name> carry).
 std::vector<std::pair<std::string, double>> eval_metrics(const tasks::EvalMetrics& m) {
   std::vector<std::pair<std::string, double>> out{{"accuracy", m.accuracy}, {"macro_f1", m.macro_f1}};
   if (m.mean_ap) out.emplace_back("mean_ap", *m.mean_ap);
@@ -24,7 +26,6 @@ std::vector<std::pair<std::string, double>> eval_metrics(const tasks::EvalMetric
   return out;
 }
 
-namespace {
 std::int64_t epoch_of_row(const std::string& line, bool csv, const std::string& path, std::int64_t number) {
   if (csv) {
     char* end = nullptr;
@@ -66,7 +67,7 @@ MetricsSink::MetricsSink(const std::string& out_dir, const std::vector<std::stri
   const auto mode = resume ? std::ios::app : std::ios::trunc;
   jsonl_.open(jsonl_path, mode);
   csv_.open(csv_path, mode);
-  CANOPY_CHECK(jsonl_ && csv_, IoError, "cannot write metrics in '", out_dir, "': ", std::strerror(errno));
+  CANOPY_CHECK(jsonl_ && csv_, IoError, "cannot write metrics in '", out_dir, "': ", describe_errno(errno));
   if (!resume || file_size(csv_path) == 0) {
     csv_ << "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds,eval_mae,eval_rmse,eval_r2\n";
   }

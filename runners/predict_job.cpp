@@ -21,8 +21,7 @@ namespace canopy::runners {
 namespace {
 struct LoadedHead {
   std::string task;
-  bool multilabel = false;
-  bool regression = false;
+  tasks::TaskKind kind = tasks::TaskKind::kMulticlass;
   double target_mean = 0.0, target_std = 1.0;  // regression: value = output * std + mean
   heads::HeadPtr head;
   std::vector<std::string> class_names;
@@ -57,8 +56,7 @@ LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& reg
   out.task = tc.name;
   out.head = registry.create(tc.head, spec);
   out.class_names = card.at("class_names").get<std::vector<std::string>>();
-  out.multilabel = card.value("kind", "multiclass") == "multilabel";
-  out.regression = card.value("kind", "multiclass") == "regression";
+  out.kind = tasks::parse_task_kind(card.value("kind", "multiclass"), "head card '" + card_path + "': kind");
   out.target_mean = card.value("target_mean", 0.0);
   out.target_std = card.value("target_std", 1.0);
   const auto weights = load_safetensors(join_path(dir, card.at("weights").get<std::string>()));
@@ -75,25 +73,28 @@ LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& reg
   return out;
 }
 
+// A number as predictions and scores are written (6 significant digits).
+std::string format_number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.6g", v);
+  return buf;
+}
+
 // Each row's prediction as written: a class name, '|'-joined label names, or a value.
 std::vector<std::string> prediction_names(const LoadedHead& h, const at::Tensor& outputs) {
   std::vector<std::string> out;
-  if (h.regression) {
+  if (h.kind == tasks::TaskKind::kRegression) {
     const at::Tensor v = (outputs.squeeze(1).to(at::kDouble) * h.target_std + h.target_mean).contiguous();
-    for (std::int64_t r = 0; r < v.size(0); ++r) {
-      char buf[32];
-      std::snprintf(buf, sizeof buf, "%.6g", v.data_ptr<double>()[r]);
-      out.emplace_back(buf);
-    }
+    for (std::int64_t r = 0; r < v.size(0); ++r) out.push_back(format_number(v.data_ptr<double>()[r]));
     return out;
   }
-  if (h.multilabel) {
+  if (h.kind == tasks::TaskKind::kMultilabel) {
     const at::Tensor on = outputs.gt(0).contiguous();
+    const auto a = on.accessor<bool, 2>();
     for (std::int64_t r = 0; r < on.size(0); ++r) {
       std::string labels;
       for (std::int64_t j = 0; j < on.size(1); ++j) {
-        if (on[r][j].item<bool>())
-          labels += (labels.empty() ? "" : "|") + h.class_names.at(static_cast<std::size_t>(j));
+        if (a[r][j]) labels += (labels.empty() ? "" : "|") + h.class_names.at(static_cast<std::size_t>(j));
       }
       out.push_back(labels);
     }
@@ -107,12 +108,6 @@ std::vector<std::string> prediction_names(const LoadedHead& h, const at::Tensor&
                       : std::to_string(c));
   }
   return out;
-}
-
-std::string format_score(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.6g", v);
-  return buf;
 }
 }  // namespace
 
@@ -134,8 +129,8 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   std::vector<std::string> score_columns;
   if (options.scores) {
     for (const auto& h : heads) {
-      for (const auto& c : h.regression ? std::vector<std::string>{} : h.class_names)
-        score_columns.push_back(h.task + ":" + c);
+      if (h.kind == tasks::TaskKind::kRegression) continue;
+      for (const auto& c : h.class_names) score_columns.push_back(h.task + ":" + c);
     }
   }
   if (options.format == "csv") {
@@ -155,8 +150,10 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
       const at::Tensor out_h = h.head->forward(f);
       const auto names = prediction_names(h, out_h);
       for (std::size_t r = 0; r < names.size(); ++r) cells[r].push_back(names[r]);
-      if (options.scores && !h.regression) {
-        const at::Tensor p = (h.multilabel ? out_h.sigmoid() : out_h.softmax(1)).to(at::kDouble).contiguous();
+      if (options.scores && h.kind != tasks::TaskKind::kRegression) {
+        const at::Tensor p = (h.kind == tasks::TaskKind::kMultilabel ? out_h.sigmoid() : out_h.softmax(1))
+                                 .to(at::kDouble)
+                                 .contiguous();
         const double* v = p.data_ptr<double>();
         for (std::int64_t r = 0; r < p.size(0); ++r) {
           scores[static_cast<std::size_t>(r)].insert(scores[static_cast<std::size_t>(r)].end(),
@@ -170,7 +167,7 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
       if (options.format == "csv") {
         out << i + r;
         for (const auto& cell : row) out << "," << cell;
-        for (double v : sc) out << "," << format_score(v);
+        for (double v : sc) out << "," << format_number(v);
         out << "\n";
       } else {
         nlohmann::ordered_json line{{"id", i + r}};

@@ -43,6 +43,9 @@ StepRunner::StepRunner(std::int64_t workers, std::int64_t intra_op_threads)
 
 StepRunner::~StepRunner() = default;
 
+namespace {
+// One unit's step on the calling thread. A fused group that throws is retried head by head,
+// which finds the culprit.
 void train_unit(const WorkUnit& unit, const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
                 const datasets::Batch& batch, std::int64_t epoch, std::int64_t step) {
   const auto t0 = Clock::now();
@@ -86,6 +89,7 @@ void train_unit(const WorkUnit& unit, const std::vector<tasks::Task*>& tasks, st
                        static_cast<double>(std::max<std::size_t>(1, unit.size()));
   for (std::size_t i : unit) runs[i].seconds += share;
 }
+}  // namespace
 
 void StepRunner::train(const std::vector<WorkUnit>& units, const std::vector<tasks::Task*>& tasks,
                        std::vector<HeadRun>& runs, const datasets::Batch& batch, std::int64_t epoch,

@@ -5,8 +5,8 @@
 #include <cstdio>
 #include <memory>
 #include <sstream>
-#include <thread>
 
+#include "canopy/core/device.h"
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
@@ -26,8 +26,7 @@
 namespace canopy::runners {
 
 std::int64_t resolve_workers(const TrainConfig& train) {
-  if (train.workers > 0) return train.workers;
-  return std::max<std::int64_t>(1, static_cast<std::int64_t>(std::thread::hardware_concurrency()));
+  return train.workers > 0 ? train.workers : machine_cores();
 }
 
 namespace {
@@ -35,10 +34,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-std::string config_identity(const JobConfig& config) {
-  const std::string dump = dump_config(config);
-  return dump.substr(dump.find('\n') + 1);  // without the line naming the source file
-}
+// The resolved configuration without its first line (which names the source file).
+std::string config_identity(const std::string& dump) { return dump.substr(dump.find('\n') + 1); }
 
 // The cache the config names, refused when its fingerprint says other inputs made it.
 datasets::FeatureCache open_checked_cache(const JobConfig& config) {
@@ -212,13 +209,18 @@ class EpochLoop {
     // The data order depends only on (seed, epoch): a resumed run skips what was done.
     for (; step < first_step && source_.next(batch); ++step) {
     }
+    std::vector<std::size_t> planned_for;  // the heads `units` were planned for
+    std::vector<WorkUnit> units;
     for (; source_.next(batch); ++step) {
       std::vector<std::size_t> training;
       for (std::size_t i : active) {
         if (runs_[i].training()) training.push_back(i);
       }
-      runner_.train(plan_units(set_.plan_heads, training, plan_options()), set_.tasks, runs_, batch, epoch,
-                    step);
+      if (units.empty() || training != planned_for) {  // a head failed, or a new epoch
+        units = plan_units(set_.plan_heads, training, plan_options());
+        planned_for = std::move(training);
+      }
+      runner_.train(units, set_.tasks, runs_, batch, epoch, step);
       progress.advance(1);
       if (config_.train.fail_fast) check_none_failed(active);
       const std::int64_t global_step = epoch * steps_per_epoch_ + step + 1;
@@ -347,7 +349,8 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
 
   TaskSet set = build_tasks(config, registry, cache.meta(), eval, report.feature_dim);
   std::vector<HeadRun> runs(set.tasks.size());
-  CheckpointStore store(config.train.out_dir + "/checkpoint", config_identity(config));
+  const std::string resolved = dump_config(config);
+  CheckpointStore store(config.train.out_dir + "/checkpoint", config_identity(resolved));
   CheckpointPosition from;
   if (resume) {
     from = store.load(set.tasks, runs);
@@ -355,8 +358,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     log_info("resuming from the checkpoint at " + report.resumed_from);
   }
   make_dirs(config.train.out_dir + "/heads");
-  make_dirs(store.dir());
-  write_file_atomic(config.train.out_dir + "/config.ini", dump_config(config));
+  write_file_atomic(config.train.out_dir + "/config.ini", resolved);
   std::vector<std::string> names;
   for (const auto& r : set.results) names.push_back(r.name);
   MetricsSink metrics(config.train.out_dir, names, config.train.tensorboard, resume ? from.epoch : -1);

@@ -24,6 +24,7 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/strings.h"
 #include "canopy/heads/fused.h"
 
 namespace canopy::tasks {
@@ -60,14 +61,19 @@ class SeededDefaultGenerator {
 };
 
 template <typename E, std::size_t N>
+std::vector<std::string> all_names(const std::array<std::pair<E, const char*>, N>& names) {
+  std::vector<std::string> out;
+  for (const auto& [value, text] : names) out.emplace_back(text);
+  return out;
+}
+template <typename E, std::size_t N>
 E parse_named(const std::array<std::pair<E, const char*>, N>& names, const std::string& name,
               const std::string& what) {
-  std::string choices;
   for (const auto& [value, text] : names) {
     if (name == text) return value;
-    choices += (choices.empty() ? "" : ", ") + std::string(text);
   }
-  throw ConfigError(detail::str_cat(what, " must be one of ", choices, "; got '", name, "'"));
+  throw ConfigError(
+      detail::str_cat(what, " must be one of ", join(all_names(names), ", "), "; got '", name, "'"));
 }
 template <typename E, std::size_t N>
 const char* name_of(const std::array<std::pair<E, const char*>, N>& names, E value) {
@@ -114,6 +120,10 @@ LrSchedule parse_schedule(const std::string& name, const std::string& what) {
 RegressionLoss parse_regression_loss(const std::string& name, const std::string& what) {
   return parse_named(kLosses, name, what);
 }
+std::vector<std::string> task_kind_names() { return all_names(kKinds); }
+std::vector<std::string> optimizer_names() { return all_names(kOptimizers); }
+std::vector<std::string> schedule_names() { return all_names(kSchedules); }
+std::vector<std::string> regression_loss_names() { return all_names(kLosses); }
 
 void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
   const std::string t = "task '" + c.name + "'";

@@ -45,6 +45,23 @@ def tiny_conv_trunk():
     return TinyConv()
 
 
+def tiny_trunk_sections(trunk, train_limit, test_limit, pooling="avg"):
+    """The [data], [preprocess] and [trunk] sections of a job over a slice of Fashion-MNIST at
+    28x28 through the unpinned TorchScript trunk `trunk` on the CPU."""
+    return f"""[data]
+dir = {FMNIST}
+train_limit = {train_limit}
+test_limit = {test_limit}
+[preprocess]
+resize = 28
+[trunk]
+allow_unpinned = true
+path = {trunk}
+device = cpu
+pooling = {pooling}
+"""
+
+
 def start(prefix, trunk_module, trunk_name):
     """The common start of a check: parses --canopy, makes a work directory, and saves
     `trunk_module` (made with torch's seed 0) there as TorchScript. Returns (canopy, work, trunk)."""

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import torch
 
-from support import FMNIST, check, finish, kill_when, start
+from support import check, finish, kill_when, start, tiny_trunk_sections
 
 
 
@@ -34,17 +34,7 @@ class Slow(torch.nn.Module):
 
 def write_config(path, trunk, cache):
     with open(path, "w") as f:
-        f.write(f"""[data]
-dir = {FMNIST}
-train_limit = 3000
-test_limit = 500
-[preprocess]
-resize = 28
-[trunk]
-allow_unpinned = true
-path = {trunk}
-device = cpu
-[cache]
+        f.write(tiny_trunk_sections(trunk, 3000, 500) + f"""[cache]
 path = {cache}
 batch_size = 50
 shard_rows = 250

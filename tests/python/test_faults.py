@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from support import FMNIST, check, finish, start, tiny_conv_trunk
+from support import check, finish, start, tiny_conv_trunk, tiny_trunk_sections
 
 
 import torch
@@ -45,18 +45,7 @@ class NanForBrightImages(torch.nn.Module):
 
 def write_config(path, work, trunk, train_limit, epochs=3, extra=""):
     with open(path, "w") as f:
-        f.write(f"""[data]
-dir = {FMNIST}
-train_limit = {train_limit}
-test_limit = 200
-[preprocess]
-resize = 28
-[trunk]
-allow_unpinned = true
-path = {trunk}
-device = cpu
-pooling = flatten
-[cache]
+        f.write(tiny_trunk_sections(trunk, train_limit, 200, pooling="flatten") + f"""[cache]
 path = {work}/cache
 [train]
 out_dir = {work}/out

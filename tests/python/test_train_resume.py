@@ -12,7 +12,7 @@ import sys
 import time
 
 
-from support import FMNIST, check, finish, kill_when, start, tiny_conv_trunk
+from support import check, finish, kill_when, start, tiny_conv_trunk, tiny_trunk_sections
 
 
 
@@ -21,18 +21,7 @@ def main():
     canopy, work, trunk = start("canopy-train-resume-", tiny_conv_trunk, "tiny.pt")
     config = os.path.join(work, "job.ini")
     with open(config, "w") as f:
-        f.write(f"""[data]
-dir = {FMNIST}
-train_limit = 3000
-test_limit = 300
-[preprocess]
-resize = 28
-[trunk]
-allow_unpinned = true
-path = {trunk}
-device = cpu
-pooling = flatten
-[cache]
+        f.write(tiny_trunk_sections(trunk, 3000, 300, pooling="flatten") + f"""[cache]
 path = {work}/cache
 [train]
 batch_size = 16

@@ -96,6 +96,9 @@ struct Manifest {
 
 std::string manifest_path(const std::string& dir);
 std::string view_path(const std::string& dir);
+// What a cheap look at the cache in `dir` finds wrong against its manifest, without reading
+// data: shards missing or of another size than recorded, a missing view. Empty when nothing.
+std::vector<std::string> files_out_of_step(const std::string& dir, const Manifest& manifest);
 // Reads <dir>/manifest.json; DataError when missing or malformed.
 Manifest read_manifest(const std::string& dir);
 void write_manifest(const std::string& dir, const Manifest& manifest);
@@ -164,9 +167,6 @@ class FeatureCache {
   // an HDF5 file, every split's datasets of the manifest's shapes); throws DataError
   // naming the first bad part.
   void verify() const;
-  // What a cheap look finds wrong, without reading data: shards missing or of another size
-  // than the manifest records, a missing view. Empty when nothing is.
-  std::vector<std::string> quick_check() const;
 
  private:
   struct Impl;

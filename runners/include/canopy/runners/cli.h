@@ -24,7 +24,5 @@ int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& reg
 // The commands run_cli knows ("trunk show" is two words); each answers --help / -h with its
 // own usage and options (exit 0). `canopy --version` prints canopy's, LibTorch's and HDF5's.
 std::vector<std::string> cli_commands();
-// The global help text (`canopy --help`).
-std::string cli_usage();
 
 }  // namespace canopy::runners

@@ -19,9 +19,6 @@ namespace canopy::runners {
 
 class EventWriter;
 
-// The eval metrics a head reports, by name (what eval_<name> and eval/<name> carry).
-std::vector<std::pair<std::string, double>> eval_metrics(const tasks::EvalMetrics& metrics);
-
 // Keeps the rows of epochs <= `epochs` of a metrics file (JSONL, or CSV with its header).
 // DataError naming the file and line when a row has no readable epoch.
 void truncate_metrics(const std::string& path, std::int64_t epochs, bool csv);

@@ -47,9 +47,4 @@ class StepRunner {
   std::unique_ptr<Arena> arena_;
 };
 
-// One unit's step on the calling thread (what StepRunner::train runs per unit). A fused
-// group that throws is retried head by head, which finds the culprit.
-void train_unit(const WorkUnit& unit, const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
-                const datasets::Batch& batch, std::int64_t epoch, std::int64_t step);
-
 }  // namespace canopy::runners

@@ -41,6 +41,11 @@ TaskKind parse_task_kind(const std::string& name, const std::string& what);
 OptimizerKind parse_optimizer(const std::string& name, const std::string& what);
 LrSchedule parse_schedule(const std::string& name, const std::string& what);
 RegressionLoss parse_regression_loss(const std::string& name, const std::string& what);
+// Every name each enum accepts, in declaration order (config reference, choices).
+std::vector<std::string> task_kind_names();
+std::vector<std::string> optimizer_names();
+std::vector<std::string> schedule_names();
+std::vector<std::string> regression_loss_names();
 
 struct TaskConfig {
   std::string name;
