@@ -105,13 +105,20 @@ std::vector<std::uint32_t> block_crcs(const std::uint8_t* p, std::uint64_t n) {
 }
 
 json meta_to_json(const CacheMeta& m) {
-  return json{{"fingerprint", m.fingerprint},     {"description", m.description},
-              {"trunk_sha256", m.trunk_sha256},   {"trunk_path", m.trunk_path},
-              {"preprocessing", m.preprocessing}, {"pooling", m.pooling},
-              {"torch_version", m.torch_version}, {"dtype", storage_dtype_name(m.dtype)},
-              {"feature_dim", m.feature_dim},     {"label_sources", m.label_sources},
-              {"class_names", m.class_names},     {"float_labels", m.float_labels},
-              {"label_stats", m.label_stats}};
+  json j{{"fingerprint", m.fingerprint},     {"description", m.description},
+         {"trunk_sha256", m.trunk_sha256},   {"trunk_path", m.trunk_path},
+         {"preprocessing", m.preprocessing}, {"pooling", m.pooling},
+         {"torch_version", m.torch_version}, {"dtype", storage_dtype_name(m.dtype)},
+         {"feature_dim", m.feature_dim},     {"label_sources", m.label_sources},
+         {"class_names", m.class_names},     {"float_labels", m.float_labels},
+         {"label_stats", m.label_stats}};
+  if (!m.row_parts.empty()) {
+    j["boundary"] = m.boundary;
+    json parts = json::array();
+    for (const auto& p : m.row_parts) parts.push_back({{"name", p.name}, {"shape", p.shape}});
+    j["row_parts"] = parts;
+  }
+  return j;
 }
 
 CacheMeta meta_from_json(const json& j) {
@@ -130,6 +137,16 @@ CacheMeta meta_from_json(const json& j) {
   if (j.contains("float_labels")) m.float_labels = j.at("float_labels").get<std::vector<std::string>>();
   if (j.contains("label_stats"))
     m.label_stats = j.at("label_stats").get<std::map<std::string, std::pair<double, double>>>();
+  if (j.contains("row_parts")) {
+    m.boundary = j.at("boundary");
+    std::int64_t total = 0;
+    for (const auto& p : j.at("row_parts")) {
+      m.row_parts.push_back({p.at("name"), p.at("shape").get<std::vector<std::int64_t>>()});
+      total += m.row_parts.back().numel();
+    }
+    CANOPY_CHECK(total == m.feature_dim, DataError, "manifest: row_parts hold ", total,
+                 " values per row but feature_dim is ", m.feature_dim);
+  }
   return m;
 }
 
@@ -164,6 +181,12 @@ class Fd {
 
 bool CacheMeta::is_float_label(const std::string& source) const {
   return std::find(float_labels.begin(), float_labels.end(), source) != float_labels.end();
+}
+
+std::int64_t RowPart::numel() const {
+  std::int64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
 }
 
 at::ScalarType CacheMeta::label_dtype(const std::string& source) const {
@@ -570,6 +593,12 @@ void FeatureCacheWriter::Impl::write_view() {
     h5::write_attr(root, "label_sources", join(meta.label_sources, ","));
     h5::write_attr(root, "float_labels", join(meta.float_labels, ","));
     h5::write_attr(root, "class_names", join(meta.class_names, ","));
+    if (!meta.row_parts.empty()) {
+      std::vector<std::string> parts;
+      for (const auto& p : meta.row_parts) parts.push_back(p.name + " " + join_ints(p.shape));
+      h5::write_attr(root, "boundary", meta.boundary);
+      h5::write_attr(root, "row_parts", join(parts, "; "));
+    }
     h5::Handle ftype = file_type(meta.dtype);
     for (const auto& [split, total] : manifest.split_rows) {
       std::vector<h5::VirtualSource> fsrc, isrc;

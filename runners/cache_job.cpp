@@ -8,6 +8,8 @@
 #include <thread>
 
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/tensor.h>
 #include <torch/version.h>
@@ -33,8 +35,15 @@ std::string cache_description(const JobConfig& c, const std::string& trunk_sha25
   out << "schema=" << datasets::kCacheSchemaVersion << "\n"
       << "trunk_sha256=" << trunk_sha256 << "\n"
       << "tap=" << trunk::describe_taps(c.trunk) << "\n"
-      << "pooling=" << c.trunk.pooling << "\n"
-      << describe_inputs(c)
+      << "pooling=" << c.trunk.pooling << "\n";
+  // A policy that leaves a top makes a cache of the frozen prefix's output: which prefix is
+  // part of what the cache holds. (A frozen trunk's caches keep the key they always had.)
+  const auto& f = c.trunk.freeze;
+  if (f.freeze != "all" || !f.train_only.empty()) {
+    out << "freeze=" << (f.train_only.empty() ? f.freeze : "all but " + f.train_only)
+        << (f.batchnorm_affine_trainable ? " (BatchNorm affine trainable)" : "") << "\n";
+  }
+  out << describe_inputs(c)
       << "dtype=" << datasets::storage_dtype_name(datasets::parse_storage_dtype(c.cache.dtype)) << "\n"
       << "torch=" << TORCH_VERSION << "\n";
   return out.str();
@@ -233,18 +242,76 @@ class WriteBehind {
   std::thread thread_;
 };
 
+// What the cache stores per row: the trunk's pooled features, or, when the freeze policy
+// leaves a trainable top, the frozen prefix's output and the inputs the top reads, each
+// flattened (a text's token dimension padded to text.max_length first) and concatenated.
+class RowEncoder {
+ public:
+  RowEncoder(trunk::Trunk& trunk, std::int64_t pad_tokens_to)
+      : trunk_(trunk), prefix_(trunk.split().tunes), pad_to_(pad_tokens_to) {
+    trunk.check_cacheable();
+  }
+  bool prefix() const { return prefix_; }
+
+  at::Tensor operator()(const std::vector<at::Tensor>& inputs) const {
+    if (!prefix_) return trunk_.encode(inputs);
+    std::vector<at::Tensor> flat;
+    for (const auto& p : parts(inputs)) flat.push_back(p.flatten(1));
+    return at::cat(flat, 1);
+  }
+
+  // The layout of a row, from one sample's parts.
+  std::vector<datasets::RowPart> layout(const std::vector<at::Tensor>& sample) const {
+    std::vector<datasets::RowPart> out;
+    const auto ps = parts(sample);
+    const auto& split = trunk_.split();
+    for (std::size_t k = 0; k < ps.size(); ++k) {
+      const auto sizes = ps[k].sizes();
+      out.push_back({k == 0 ? "boundary" : "input " + std::to_string(split.top_inputs[k - 1]),
+                     std::vector<std::int64_t>(sizes.begin() + 1, sizes.end())});
+    }
+    return out;
+  }
+
+ private:
+  std::vector<at::Tensor> parts(const std::vector<at::Tensor>& inputs) const {
+    auto ps = trunk_.encode_prefix(inputs);
+    const auto& split = trunk_.split();
+    for (std::size_t k = 0; k < ps.size(); ++k) {
+      if (k > 0) {
+        const std::int64_t i = split.top_inputs[k - 1];
+        const bool binary = ps[k].eq(0).logical_or(ps[k].eq(1)).all().item<bool>();
+        CANOPY_CHECK(binary || at::isFloatingType(inputs[static_cast<std::size_t>(i)].scalar_type()),
+                     ConfigError, "the trunk's top reads input ", i,
+                     ", which holds integers beyond 0 and 1 (token ids?) that "
+                     "the cache cannot store exactly; cut the trunk above the block that reads it");
+      }
+      if (pad_to_ > 0 && ps[k].dim() >= 2 && ps[k].size(1) < pad_to_) {
+        std::vector<std::int64_t> pad(2 * static_cast<std::size_t>(ps[k].dim() - 1), 0);
+        pad.back() = pad_to_ - ps[k].size(1);  // (last dim first) ... dim 1: after
+        ps[k] = at::constant_pad_nd(ps[k], pad, 0.0);
+      }
+    }
+    return ps;
+  }
+
+  trunk::Trunk& trunk_;
+  bool prefix_;
+  std::int64_t pad_to_;
+};
+
 // Features of rows [w, wend) of `in`, in row order. Texts (`window` > batch) run in trunk
 // batches of sorted lengths, scattered back to row order.
-at::Tensor encode_window(trunk::Trunk& trunk, const InputSplit& in, std::int64_t w, std::int64_t wend,
+at::Tensor encode_window(const RowEncoder& trunk, const InputSplit& in, std::int64_t w, std::int64_t wend,
                          std::int64_t bs, std::int64_t window, std::int64_t dim) {
   std::vector<std::int64_t> order = row_range(w, wend);
-  if (window == bs) return trunk.encode(in.inputs(order));
+  if (window == bs) return trunk(in.inputs(order));
   std::stable_sort(order.begin(), order.end(),
                    [&](std::int64_t a, std::int64_t b) { return in.lengths[a] < in.lengths[b]; });
   at::Tensor features = at::empty({wend - w, dim}, at::kFloat);
   for (std::size_t c = 0; c < order.size(); c += static_cast<std::size_t>(bs)) {
     const std::vector<std::int64_t> rows(order.begin() + c, order.begin() + std::min(order.size(), c + bs));
-    features.index_copy_(0, at::tensor(rows, at::kLong) - w, trunk.encode(in.inputs(rows)));
+    features.index_copy_(0, at::tensor(rows, at::kLong) - w, trunk(in.inputs(rows)));
   }
   return features;
 }
@@ -266,7 +333,7 @@ struct NonFinite {
 };
 
 // Runs the trunk over every row not yet in the cache and hands the batches to `out`.
-void encode_missing(const JobConfig& config, trunk::Trunk& trunk, const InputData& data,
+void encode_missing(const JobConfig& config, const RowEncoder& trunk, const InputData& data,
                     const datasets::FeatureCacheWriter& writer, std::int64_t dim, WriteBehind& out,
                     Progress& progress, CacheReport& report, NonFinite& nonfinite) {
   for (const std::string split : {"train", "test"}) {
@@ -318,23 +385,24 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   }
   std::optional<trunk::Trunk> owned;
   if (!trunk) trunk = &owned.emplace(trunk::Trunk::load(config.trunk));
-  if (const auto trainable = trunk->parameter_counts().second; trainable > 0) {
-    log_info(
-        detail::str_cat("note: trunk.freeze leaves ", trainable,
-                        " trunk parameters trainable, but the cache runs the trunk in inference mode and the "
-                        "heads train on cached features: nothing in the trunk trains here (the C++ API "
-                        "Trunk::features / trainable_parameters trains the unfrozen part)"));
-  }
   const InputData data = load_input_data(config);
+  const RowEncoder encoder(*trunk, data.splits.at("train").lengths.empty() ? 0 : config.text.max_length);
   std::map<std::string, std::int64_t> split_rows;
   for (const auto& [split, d] : data.splits) split_rows[split] = d.rows;
   // One sample tells the feature dimension (the writer needs it before the first shard).
-  const std::int64_t dim = trunk->encode(data.splits.at("train").inputs({0})).size(1);
+  const auto sample = data.splits.at("train").inputs({0});
+  const std::int64_t dim = encoder(sample).size(1);
+  auto meta = cache_meta(config, report, description, trunk_sha, data, dim);
+  if (encoder.prefix()) {
+    meta.boundary = trunk->split().boundary;
+    meta.row_parts = encoder.layout(sample);
+    log_info("cache holds the output of the frozen prefix (blocks up to " + meta.boundary +
+             ") for the trainable top: " + std::to_string(dim) + " values per row");
+  }
   const bool resume = state == CacheState::kResume;
   std::string note;
-  datasets::FeatureCacheWriter writer(config.cache.path,
-                                      cache_meta(config, report, description, trunk_sha, data, dim),
-                                      split_rows, config.cache.shard_rows, resume, &note);
+  datasets::FeatureCacheWriter writer(config.cache.path, meta, split_rows, config.cache.shard_rows, resume,
+                                      &note);
   if (resume) report.reason = report.reason.empty() ? note : report.reason + "; " + note;
   log_info("cache '" + config.cache.path + "': " + report.reason + "; trunk on " + trunk->device().str() +
            ", sha256 " + trunk_sha.substr(0, 12) + "...");
@@ -344,7 +412,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   {
     Progress progress("cache", todo, data.unit, style);
     WriteBehind out(writer);
-    encode_missing(config, *trunk, data, writer, dim, out, progress, report, nonfinite);
+    encode_missing(config, encoder, data, writer, dim, out, progress, report, nonfinite);
     out.finish();
     progress.finish();
   }

@@ -57,7 +57,7 @@ std::string CheckpointStore::task_file(const std::string& task, std::int64_t gen
 }
 
 void CheckpointStore::save(const CheckpointPosition& position, const std::vector<tasks::Task*>& tasks,
-                           const std::vector<HeadRun>& runs) {
+                           const std::vector<HeadRun>& runs, const SharedTop* top) {
   CANOPY_CHECK(tasks.size() == runs.size(), Error, "checkpoint: ", tasks.size(), " tasks, ", runs.size(),
                " runs");
   make_dirs(dir_);
@@ -67,11 +67,9 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
     tasks[i]->save_checkpoint(task_file(tasks[i]->name(), generation_));  // atomic
     tasks_json.push_back(run_to_json(tasks[i]->name(), runs[i]));
   }
-  const ordered_json state{{"generation", generation_},
-                           {"epoch", position.epoch},
-                           {"step", position.step},
-                           {"config", config_identity_},
-                           {"tasks", tasks_json}};
+  if (top) top->save_checkpoint(task_file("@top", generation_));
+  const ordered_json state{{"generation", generation_},  {"epoch", position.epoch}, {"step", position.step},
+                           {"config", config_identity_}, {"top", top != nullptr},   {"tasks", tasks_json}};
   write_file_atomic(state_path(), state.dump(1) + "\n");
   remove_other_generations();
 }
@@ -88,7 +86,8 @@ void CheckpointStore::remove_other_generations() const {
   }
 }
 
-CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs) {
+CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
+                                         SharedTop* top) {
   const std::string path = state_path();
   CANOPY_CHECK(exists(), DataError, "--resume: no checkpoint in '", dir_,
                "' (train without --resume to start)");
@@ -118,6 +117,11 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
       tasks[i]->load_checkpoint(task_file(name, generation_));
       run_from_json(t, runs[i]);
     }
+    const bool has_top = st.contains("top") && st.at("top").get<bool>();
+    CANOPY_CHECK(has_top == (top != nullptr), DataError, "checkpoint '", path, "' ",
+                 has_top ? "holds a trained trunk top but this run has none"
+                         : "holds no trunk top but this run trains one");
+    if (top) top->load_checkpoint(task_file("@top", generation_));
   } catch (const nlohmann::json::exception& e) {
     throw DataError(detail::str_cat("checkpoint '", path, "' is malformed: ", e.what()));
   }

@@ -296,6 +296,23 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(member_key<K>("trunk", "batchnorm_affine_trainable",
                             CANOPY_JOB(trunk.freeze.batchnorm_affine_trainable),
                             "BatchNorm weight and bias keep learning while their statistics stay fixed"));
+  v.push_back(choice<K>(
+      "trunk", "optimizer", CANOPY_JOB(top.optimizer), tasks::parse_optimizer,
+      [](tasks::OptimizerKind o) { return tasks::to_string(o); }, tasks::optimizer_names(),
+      "the trainable top's optimizer (when the freeze policy leaves a top over a cached prefix)"));
+  v.push_back(member_key<K>("trunk", "lr", CANOPY_JOB(top.lr),
+                            "the top block's learning rate; 0: 0.1 x the mean of the tasks' lr")
+                  .at_least(0));
+  v.push_back(member_key<K>("trunk", "lr_decay", CANOPY_JOB(top.lr_decay),
+                            "each block further down learns at lr / lr_decay^depth (1: one rate)")
+                  .at_least(1));
+  v.push_back(member_key<K>("trunk", "weight_decay", CANOPY_JOB(top.weight_decay),
+                            "the top's L2 penalty (adamw: decoupled)")
+                  .at_least(0));
+  v.push_back(choice<K>(
+      "trunk", "schedule", CANOPY_JOB(top.schedule), tasks::parse_schedule,
+      [](tasks::LrSchedule s) { return tasks::to_string(s); }, tasks::schedule_names(),
+      "the top's learning rate per epoch, over train.epochs"));
 }
 
 // [cache] and [train].
@@ -391,6 +408,9 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
         [](tasks::OptimizerKind o) { return tasks::to_string(o); }, tasks::optimizer_names(),
         "the head's optimizer"));
     v.push_back(member_key<T>("task", "lr", CANOPY_TASK(lr), "learning rate").above(0));
+    v.push_back(member_key<T>("task", "loss_weight", CANOPY_TASK(loss_weight),
+                              "the loss's weight in the gradient reaching a trainable top (and the head)")
+                    .at_least(0));
     v.push_back(
         member_key<T>("task", "weight_decay", CANOPY_TASK(weight_decay), "L2 penalty (adamw: decoupled)")
             .at_least(0));

@@ -71,6 +71,10 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
     card["eval_rmse"] = e->rmse;
     card["eval_r2"] = e->r2;
   }
+  if (!meta.row_parts.empty()) {  // the heads read the fine-tuned trunk's features
+    card["trunk_file"] = meta.trunk_path;
+    card["trunk_boundary"] = meta.boundary;
+  }
   card["weights"] = c.name + ".safetensors";
   return card;
 }

@@ -109,6 +109,27 @@ std::vector<std::string> prediction_names(const LoadedHead& h, const at::Tensor&
   }
   return out;
 }
+// The trunk predictions run: the config's, or, when its freeze policy trained the top, the
+// fine-tuned trunk the run exported (out_dir/trunk.pt), pinned by the SHA-256 in the cards
+// and run frozen whole.
+trunk::TrunkConfig predict_trunk(const JobConfig& config, const std::string& heads_dir) {
+  const auto& f = config.trunk.freeze;
+  if (f.freeze == "all" && f.train_only.empty()) return config.trunk;
+  trunk::TrunkConfig tuned = config.trunk;
+  tuned.path = join_path(config.train.out_dir, "trunk.pt");
+  tuned.freeze = trunk::FreezePolicy{};
+  const std::string card_path = join_path(heads_dir, config.tasks.front().name + ".json");
+  CANOPY_CHECK(is_regular_file(tuned.path) && is_regular_file(card_path), DataError,
+               "trunk.freeze = ", f.freeze, " trains the trunk's top, but '", tuned.path, "' or '", card_path,
+               "' is missing; run `canopy train --config ", config.source, "` first");
+  try {
+    tuned.sha256 = nlohmann::json::parse(read_file(card_path)).at("trunk_sha256").get<std::string>();
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
+  }
+  log_info("predicting with the fine-tuned trunk " + tuned.path + " (sha256 " + tuned.sha256 + ")");
+  return tuned;
+}
 }  // namespace
 
 std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& registry,
@@ -116,8 +137,8 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   CANOPY_CHECK(options.format == "csv" || options.format == "jsonl", ConfigError,
                "--format: expected csv or jsonl, got '", options.format, "'");
   CANOPY_CHECK(!config.tasks.empty(), ConfigError, "no tasks in ", config.source);
-  trunk::Trunk trunk = trunk::Trunk::load(config.trunk);
   const std::string dir = join_path(config.train.out_dir, "heads");
+  trunk::Trunk trunk = trunk::Trunk::load(predict_trunk(config, dir));
   std::vector<LoadedHead> heads;
   const std::string preprocessing = describe_preprocessing(config);  // hashes the vocabulary: once
   for (const auto& tc : config.tasks)

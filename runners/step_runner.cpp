@@ -5,9 +5,11 @@
 #include <exception>
 
 #include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/task_arena.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include "canopy/core/error.h"
 
@@ -45,10 +47,13 @@ StepRunner::~StepRunner() = default;
 
 namespace {
 // One unit's step on the calling thread. A fused group that throws is retried head by head,
-// which finds the culprit.
+// which finds the culprit. With `top_grad`, the heads train on `features` as a shared top's
+// output: *top_grad receives the sum of the gradients w.r.t. it of the heads that stepped
+// (undefined when none did); a head whose loss or gradient is not finite adds nothing.
 void train_unit(const WorkUnit& unit, const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
-                const datasets::Batch& batch, std::int64_t epoch, std::int64_t step) {
+                const datasets::Batch& batch, std::int64_t epoch, std::int64_t step, at::Tensor* top_grad) {
   const auto t0 = Clock::now();
+  const bool shared = top_grad != nullptr;
   std::vector<tasks::Task*> group;
   std::vector<at::Tensor> targets;
   std::vector<std::size_t> members;
@@ -61,30 +66,67 @@ void train_unit(const WorkUnit& unit, const std::vector<tasks::Task*>& tasks, st
       runs[i].fail(epoch, step, e.what());
     }
   }
+  at::Tensor grad;
   bool done = false;
   if (group.size() >= 2) {
     try {
-      const std::vector<double> losses = tasks::fused_train_step(group, batch.features, targets);
-      for (std::size_t k = 0; k < members.size(); ++k) {
-        if (std::isfinite(losses[k])) {
-          runs[members[k]].add_loss(losses[k]);
-        } else {
-          runs[members[k]].fail(epoch, step, detail::str_cat("loss is ", losses[k]));
+      const at::Tensor x = shared ? batch.features.detach().requires_grad_(true) : batch.features;
+      std::vector<std::string> failures(group.size());
+      const std::vector<double> losses =
+          tasks::fused_train_step(group, x, targets, shared ? &failures : nullptr);
+      bool any_failed = false;
+      for (const auto& f : failures) any_failed = any_failed || !f.empty();
+      if (any_failed) {
+        // Nothing stepped: the culprits fail, the others step alone below, their gradients
+        // w.r.t. the shared top's output free of the culprits' part.
+        std::vector<tasks::Task*> rest;
+        std::vector<at::Tensor> rest_targets;
+        std::vector<std::size_t> rest_members;
+        for (std::size_t k = 0; k < members.size(); ++k) {
+          if (!failures[k].empty()) {
+            runs[members[k]].fail(epoch, step, failures[k]);
+          } else {
+            rest.push_back(group[k]);
+            rest_targets.push_back(targets[k]);
+            rest_members.push_back(members[k]);
+          }
         }
+        group = std::move(rest);
+        targets = std::move(rest_targets);
+        members = std::move(rest_members);
+      } else {
+        for (std::size_t k = 0; k < members.size(); ++k) {
+          if (std::isfinite(losses[k])) {
+            runs[members[k]].add_loss(losses[k]);
+          } else {
+            runs[members[k]].fail(epoch, step, detail::str_cat("loss is ", losses[k]));
+          }
+        }
+        if (shared) grad = x.grad();
+        done = true;
       }
-      done = true;
     } catch (const std::exception&) {
     }
   }
   if (!done) {
     for (std::size_t k = 0; k < members.size(); ++k) {
       try {
-        runs[members[k]].add_loss(group[k]->train_step(batch.features, targets[k]));
+        const at::Tensor x = shared ? batch.features.detach().requires_grad_(true) : batch.features;
+        runs[members[k]].add_loss(group[k]->train_step(x, targets[k], shared));
+        if (shared && x.grad().defined()) grad = grad.defined() ? grad + x.grad() : x.grad();
       } catch (const std::exception& e) {
         runs[members[k]].fail(epoch, step, e.what());
       }
     }
   }
+  if (shared && grad.defined() && !grad.isfinite().all().item<bool>()) {
+    for (std::size_t i : members) {
+      if (!runs[i].failed())
+        runs[i].fail(epoch, step, "its gradient w.r.t. the shared top's output is not finite");
+    }
+    grad = at::Tensor();
+  }
+  if (shared) *top_grad = grad;
   const double share = std::chrono::duration<double>(Clock::now() - t0).count() /
                        static_cast<double>(std::max<std::size_t>(1, unit.size()));
   for (std::size_t i : unit) runs[i].seconds += share;
@@ -93,13 +135,15 @@ void train_unit(const WorkUnit& unit, const std::vector<tasks::Task*>& tasks, st
 
 void StepRunner::train(const std::vector<WorkUnit>& units, const std::vector<tasks::Task*>& tasks,
                        std::vector<HeadRun>& runs, const datasets::Batch& batch, std::int64_t epoch,
-                       std::int64_t step) {
+                       std::int64_t step, std::vector<at::Tensor>* top_grads) {
+  if (top_grads) top_grads->assign(units.size(), at::Tensor());
   arena_->arena.execute([&] {
     tbb::parallel_for(tbb::blocked_range<std::size_t>(0, units.size(), 1),
                       [&](const tbb::blocked_range<std::size_t>& range) {
                         configure_thread(intra_op_threads_);
                         for (std::size_t u = range.begin(); u != range.end(); ++u) {
-                          train_unit(units[u], tasks, runs, batch, epoch, step);
+                          train_unit(units[u], tasks, runs, batch, epoch, step,
+                                     top_grads ? &(*top_grads)[u] : nullptr);
                         }
                       });
   });

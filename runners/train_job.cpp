@@ -21,6 +21,7 @@
 #include "canopy/runners/head_card.h"
 #include "canopy/runners/head_run.h"
 #include "canopy/runners/metrics_sink.h"
+#include "canopy/runners/shared_top.h"
 #include "canopy/runners/step_runner.h"
 
 namespace canopy::runners {
@@ -149,19 +150,27 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
 // and a checkpoint at each epoch's end.
 class EpochLoop {
  public:
-  EpochLoop(const JobConfig& config, TaskSet& set, datasets::BatchSource& source,
-            const at::Tensor& eval_features, CheckpointStore& store, MetricsSink& metrics, StepRunner& runner,
+  // `eval_rows`: the eval split as cached: features, or (with `top`) the prefix's output.
+  EpochLoop(const JobConfig& config, TaskSet& set, datasets::BatchSource& source, const at::Tensor& eval_rows,
+            SharedTop* top, CheckpointStore& store, MetricsSink& metrics, StepRunner& runner,
             std::vector<HeadRun>& runs)
       : config_(config),
         set_(set),
         source_(source),
-        eval_features_(eval_features),
+        eval_rows_(eval_rows),
+        top_(top),
         store_(store),
         metrics_(metrics),
         runner_(runner),
         runs_(runs) {
     steps_per_epoch_ = (source.rows() + config.train.batch_size - 1) / config.train.batch_size;
     max_epochs_ = *std::max_element(set.epochs.begin(), set.epochs.end());
+  }
+
+  // What the heads are evaluated on: the cached features, or the top's output on the
+  // cached prefix (computed again after every epoch, as the top changes).
+  at::Tensor eval_features() const {
+    return top_ ? top_->features(eval_rows_, config_.train.batch_size) : eval_rows_;
   }
 
   FusionPlanOptions plan_options() const {
@@ -198,6 +207,7 @@ class EpochLoop {
       if (first_step == 0) runs_[i].start_epoch();
       set_.tasks[i]->start_epoch(epoch, set_.epochs[i]);
     }
+    if (top_) top_->start_epoch(epoch, max_epochs_);
     return active;
   }
 
@@ -220,14 +230,43 @@ class EpochLoop {
         units = plan_units(set_.plan_heads, training, plan_options());
         planned_for = std::move(training);
       }
-      runner_.train(units, set_.tasks, runs_, batch, epoch, step);
+      if (top_) {
+        train_shared_step(units, batch, epoch, step);
+      } else {
+        runner_.train(units, set_.tasks, runs_, batch, epoch, step);
+      }
       progress.advance(1);
       if (config_.train.fail_fast) check_none_failed(active);
       const std::int64_t global_step = epoch * steps_per_epoch_ + step + 1;
       const auto every = config_.train.checkpoint_steps;
       if (every > 0 && global_step % every == 0 && step + 1 < steps_per_epoch_) {
-        store_.save({epoch, step + 1}, set_.tasks, runs_);
+        store_.save({epoch, step + 1}, set_.tasks, runs_, top_);
       }
+    }
+  }
+
+  // One step with the trunk's top shared by every head: its forward once, the heads
+  // concurrently on its output, their gradients w.r.t. it summed, one backward through it.
+  void train_shared_step(const std::vector<WorkUnit>& units, const datasets::Batch& batch, std::int64_t epoch,
+                         std::int64_t step) {
+    const at::Tensor z = top_->forward(batch.features, true);
+    CANOPY_CHECK(z.isfinite().all().item<bool>(), Error, "the shared top's output is not finite at epoch ",
+                 epoch + 1, " step ", step + 1,
+                 " (its weights diverged; lower trunk.lr). The last checkpoint in ", store_.dir(),
+                 " is the last good state");
+    datasets::Batch shared{z.detach(), batch.labels};
+    std::vector<at::Tensor> grads;
+    runner_.train(units, set_.tasks, runs_, shared, epoch, step, &grads);
+    at::Tensor total;
+    for (const auto& g : grads) {
+      if (g.defined()) total = total.defined() ? total + g : g;
+    }
+    if (!total.defined()) return;  // every head failed: nothing to learn from
+    try {
+      top_->step(z, total);
+    } catch (const Error& e) {
+      throw Error(detail::str_cat(e.what(), " at epoch ", epoch + 1, " step ", step + 1,
+                                  "; the last checkpoint in ", store_.dir(), " is the last good state"));
     }
   }
 
@@ -240,13 +279,13 @@ class EpochLoop {
 
   void finish_epoch(std::int64_t epoch, const std::vector<std::size_t>& active) {
     const auto metrics =
-        runner_.evaluate(active, set_.tasks, runs_, eval_features_, set_.eval_targets, epoch);
+        runner_.evaluate(active, set_.tasks, runs_, eval_features(), set_.eval_targets, epoch);
     for (std::size_t i : active) {
       runs_[i].finish_epoch(epoch, set_.epochs[i], metrics[i], set_.tasks[i]->config().early_stop_patience);
       metrics_.record(epoch, i, runs_[i]);
     }
     metrics_.flush();
-    store_.save({epoch + 1, 0}, set_.tasks, runs_);
+    store_.save({epoch + 1, 0}, set_.tasks, runs_, top_);
   }
 
   std::string epoch_line(std::int64_t epoch, const std::vector<std::size_t>& active) const {
@@ -273,7 +312,8 @@ class EpochLoop {
   const JobConfig& config_;
   TaskSet& set_;
   datasets::BatchSource& source_;
-  const at::Tensor& eval_features_;
+  const at::Tensor& eval_rows_;
+  SharedTop* top_;
   CheckpointStore& store_;
   MetricsSink& metrics_;
   StepRunner& runner_;
@@ -344,7 +384,18 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   CANOPY_CHECK(report.train_rows > 0, DataError, "split '", config.train.train_split, "' of '",
                config.cache.path, "' is empty");
   const auto source = make_train_source(cache, config, method);
-  const at::Tensor eval_features = eval.features.to(at::kFloat);
+  const at::Tensor eval_rows = eval.features.to(at::kFloat);
+  // A cache of a frozen prefix: the trunk's top trains too, shared by every head.
+  std::unique_ptr<SharedTop> top;
+  if (!cache.meta().row_parts.empty()) {
+    double mean_lr = 0.0;
+    for (const auto& t : config.tasks) mean_lr += t.lr / static_cast<double>(config.tasks.size());
+    top = std::make_unique<SharedTop>(trunk::Trunk::load(config.trunk), config.top, cache.meta(), mean_lr);
+    report.feature_dim = top->feature_dim();
+    report.top = top->describe();
+    log_info("fine-tuning the trunk's top over the cached prefix (output of " + cache.meta().boundary +
+             "): " + report.top);
+  }
   report.load_seconds = since(load_start);
 
   TaskSet set = build_tasks(config, registry, cache.meta(), eval, report.feature_dim);
@@ -353,7 +404,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   CheckpointStore store(config.train.out_dir + "/checkpoint", config_identity(resolved));
   CheckpointPosition from;
   if (resume) {
-    from = store.load(set.tasks, runs);
+    from = store.load(set.tasks, runs, top.get());
     report.resumed_from = "epoch " + std::to_string(from.epoch + 1) + " step " + std::to_string(from.step);
     log_info("resuming from the checkpoint at " + report.resumed_from);
   }
@@ -368,7 +419,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
            std::to_string(report.train_rows) + " x " + std::to_string(report.feature_dim) + " features, " +
            source->describe() + " (" + std::to_string(runner.workers()) + " TBB workers x " +
            std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
-  EpochLoop loop(config, set, *source, eval_features, store, metrics, runner, runs);
+  EpochLoop loop(config, set, *source, eval_rows, top.get(), store, metrics, runner, runs);
   report.fused = describe_fusion(set, loop.plan_options());
 
   const auto train_start = Clock::now();
@@ -376,7 +427,13 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   report.train_seconds = since(train_start);
   report.source_peak_bytes = source->peak_bytes();
   report.source = source->describe();
-  export_heads(set, runs, cache.meta(), eval_features, config.train.out_dir + "/heads", report);
+  datasets::CacheMeta meta = cache.meta();
+  if (top) {  // the heads' trunk is the fine-tuned one, pinned in every card
+    meta.trunk_path = join_path(config.train.out_dir, "trunk.pt");
+    meta.trunk_sha256 = top->export_trunk(meta.trunk_path);
+    log_info("fine-tuned trunk written to " + meta.trunk_path + " (sha256 " + meta.trunk_sha256 + ")");
+  }
+  export_heads(set, runs, meta, loop.eval_features(), config.train.out_dir + "/heads", report);
   return report;
 }
 

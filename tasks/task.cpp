@@ -327,18 +327,31 @@ at::Tensor Task::loss(const at::Tensor& outputs, const at::Tensor& targets) cons
 
 void Task::finish_step() { optimizer_->step(); }
 
-double Task::train_step(const at::Tensor& features, const at::Tensor& targets) {
+namespace {
+at::Tensor weighted(const at::Tensor& loss, double weight) { return weight == 1.0 ? loss : loss * weight; }
+}  // namespace
+
+double Task::train_step(const at::Tensor& features, const at::Tensor& targets, bool check_gradients) {
   begin_step();
   const at::Tensor l = loss(head_->forward(features), targets);
   const double value = l.item<double>();
   CANOPY_CHECK(std::isfinite(value), Error, "loss is ", value);
-  l.backward();
+  weighted(l, config_.loss_weight).backward();
+  CANOPY_CHECK(!check_gradients || gradients_finite(), Error, "gradient is not finite (loss ", value, ")");
   finish_step();
   return value;
 }
 
+bool Task::gradients_finite() const {
+  for (const auto& p : head_->parameters()) {
+    if (p.grad().defined() && !p.grad().isfinite().all().item<bool>()) return false;
+  }
+  return true;
+}
+
 std::vector<double> fused_train_step(const std::vector<Task*>& tasks, const at::Tensor& features,
-                                     const std::vector<at::Tensor>& targets) {
+                                     const std::vector<at::Tensor>& targets,
+                                     std::vector<std::string>* failures) {
   CANOPY_CHECK(tasks.size() == targets.size(), Error, tasks.size(), " tasks but ", targets.size(),
                " targets");
   std::vector<heads::Head*> heads;
@@ -352,11 +365,26 @@ std::vector<double> fused_train_step(const std::vector<Task*>& tasks, const at::
   for (std::size_t i = 0; i < tasks.size(); ++i) {
     const at::Tensor l = tasks[i]->loss(outputs[i], targets[i]);
     values[i] = l.item<double>();
-    if (!std::isfinite(values[i])) continue;
-    total = total.defined() ? total + l : l;
+    if (!std::isfinite(values[i])) {
+      if (failures) (*failures)[i] = detail::str_cat("loss is ", values[i]);
+      continue;
+    }
+    const at::Tensor w = weighted(l, tasks[i]->config().loss_weight);
+    total = total.defined() ? total + w : w;
   }
-  if (!total.defined()) return values;
+  const auto any_failed = [&] {
+    return failures &&
+           std::any_of(failures->begin(), failures->end(), [](const auto& f) { return !f.empty(); });
+  };
+  if (!total.defined() || any_failed()) return values;
   total.backward();
+  if (failures) {
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      if (!tasks[i]->gradients_finite())
+        (*failures)[i] = detail::str_cat("gradient is not finite (loss ", values[i], ")");
+    }
+    if (any_failed()) return values;
+  }
   for (std::size_t i = 0; i < tasks.size(); ++i) {
     if (std::isfinite(values[i])) tasks[i]->finish_step();
   }

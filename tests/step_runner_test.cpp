@@ -2,11 +2,14 @@
 // the same result; without fusion the weights do not depend on the worker count.
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <memory>
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/nn/modules/linear.h>
 
 #include "canopy/core/error.h"
@@ -128,6 +131,55 @@ TEST(StepRunner, EvaluationSkipsFailedHeads) {
   EXPECT_EQ(m[1].count, 40);
   EXPECT_EQ(m[2].count, 0);
   EXPECT_TRUE(testing::throws_with<ConfigError>([] { StepRunner(0, 1); }, {"train.workers", "0"}));
+}
+
+// With a shared top, each unit hands back dL/dz of its heads: summed over units this must
+// be the sum of every head's loss_weight x gradient, whether the heads are fused or not; a
+// head whose loss is not finite (here: NaN weights) is failed and adds nothing.
+TEST(StepRunner, EveryHeadsGradientReachesTheSharedTopAndANonFiniteOneNever) {
+  for (const bool poisoned : {false, true}) {
+    for (const bool fused : {true, false}) {
+      Fixture f(3, false);
+      f.owned[2] = std::make_unique<tasks::Task>(
+          [] {
+            tasks::TaskConfig c;
+            c.name = "t2";
+            c.loss_weight = 0.5;
+            return c;
+          }(),
+          f.registry, 8, 3, 13);
+      f.ptrs[2] = f.owned[2].get();
+      if (poisoned) {
+        torch::NoGradGuard no_grad;
+        for (auto& p : f.ptrs[1]->head().parameters()) p.fill_(std::numeric_limits<float>::quiet_NaN());
+      }
+      const auto data = batches(1)[0];
+      // The expected gradient, from the heads as they are before the step.
+      at::Tensor expected = at::zeros_like(data.features);
+      for (std::size_t i = 0; i < 3; ++i) {
+        if (poisoned && i == 1) continue;
+        const at::Tensor x = data.features.detach().requires_grad_(true);
+        tasks::Task& t = *f.ptrs[i];
+        const at::Tensor l = t.loss(t.head().forward(x), data.labels.at("class")) * t.config().loss_weight;
+        expected += torch::autograd::grad({l}, {x})[0];
+      }
+      StepRunner runner(2, 1);
+      std::vector<at::Tensor> grads;
+      const std::vector<WorkUnit> units =
+          fused ? std::vector<WorkUnit>{{0, 1, 2}} : std::vector<WorkUnit>{{0}, {1}, {2}};
+      runner.train(units, f.ptrs, f.runs, data, 0, 0, &grads);
+      at::Tensor total = at::zeros_like(data.features);
+      for (const auto& g : grads) {
+        if (g.defined()) total += g;
+      }
+      EXPECT_EQ(f.runs[1].failed(), poisoned) << fused;
+      EXPECT_TRUE(f.runs[0].training() && f.runs[2].training()) << fused;
+      EXPECT_TRUE(total.isfinite().all().item<bool>()) << fused << poisoned;
+      EXPECT_LT((total - expected).abs().max().item<double>(), 1e-6)
+          << "fused " << fused << " poisoned " << poisoned;
+      EXPECT_GT(expected.abs().max().item<double>(), 1e-4);
+    }
+  }
 }
 
 }  // namespace

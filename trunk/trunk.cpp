@@ -28,6 +28,8 @@ namespace canopy::trunk {
 namespace {
 
 constexpr const char* kTapsMethod = "canopy_taps";
+constexpr const char* kPrefixMethod = "canopy_prefix";
+constexpr const char* kTopMethod = "canopy_top";
 const std::set<std::string> kPoolings = {"avg", "flatten", "none", "first_token", "masked_mean"};
 
 std::string qualified(const std::string& parent, const std::string& child) {
@@ -89,6 +91,39 @@ std::vector<std::pair<std::string, torch::jit::Value*>> forward_calls(
   return out;
 }
 
+// Dead code elimination that also drops submodule calls whose result nobody uses (the
+// default pass keeps every call, as it might have side effects; a trunk's blocks have none).
+void eliminate_dead_code(const std::shared_ptr<torch::jit::Graph>& g) {
+  for (bool changed = true; changed;) {
+    changed = false;
+    torch::jit::EliminateDeadCode(g);
+    for (auto it = g->nodes().rbegin(); it != g->nodes().rend(); ++it) {
+      torch::jit::Node* n = *it;
+      if (n->kind() == c10::prim::CallMethod && !n->hasUses()) {
+        n->destroy();
+        changed = true;
+        break;
+      }
+    }
+  }
+}
+
+void add_method(torch::jit::Module& module, const char* name, const std::shared_ptr<torch::jit::Graph>& g) {
+  auto cu = module._ivalue()->compilation_unit();
+  auto* fn = cu->create_function(c10::QualifiedName(*module.type()->name(), name), g);
+  module.type()->addMethod(fn);
+}
+
+// Replaces the graph's outputs by `values` (one value, or a tuple of several).
+void set_outputs(const std::shared_ptr<torch::jit::Graph>& g, const std::vector<torch::jit::Value*>& values,
+                 bool tuple) {
+  torch::jit::WithInsertPoint guard(g->return_node());
+  torch::jit::Value* out = values.front();
+  if (tuple) out = g->insertNode(g->createTuple(values))->output();
+  while (!g->outputs().empty()) g->eraseOutput(0);
+  g->registerOutput(out);
+}
+
 // Adds a method returning the tapped outputs as a tuple, computed in one pass; whatever
 // comes after the last tap is removed from it.
 void add_taps_method(torch::jit::Module& module, const std::vector<std::string>& taps) {
@@ -97,14 +132,55 @@ void add_taps_method(torch::jit::Module& module, const std::vector<std::string>&
   for (const auto& [name, value] : forward_calls(g)) calls[name] = value;
   std::vector<torch::jit::Value*> values;
   for (const auto& t : taps) values.push_back(calls.at(t));
-  torch::jit::WithInsertPoint guard(g->return_node());
-  torch::jit::Node* tuple = g->insertNode(g->createTuple(values));
-  g->eraseOutput(0);
-  g->registerOutput(tuple->output());
-  torch::jit::EliminateDeadCode(g);
-  auto cu = module._ivalue()->compilation_unit();
-  auto* fn = cu->create_function(c10::QualifiedName(*module.type()->name(), kTapsMethod), g);
-  module.type()->addMethod(fn);
+  set_outputs(g, values, true);
+  eliminate_dead_code(g);
+  add_method(module, kTapsMethod, g);
+}
+
+// Cuts the trunk at the output of block `split.boundary`: canopy_prefix(inputs) returns it;
+// canopy_top(inputs..., boundary) computes the rest (the taps' tuple, or the output) from it.
+// Fills split.top_inputs, or split.problem when the top would still need a prefix block.
+void add_split_methods(torch::jit::Module& module, const std::vector<std::string>& taps, TopSplit& split,
+                       const std::vector<std::string>& prefix_blocks) {
+  const auto forward = module.get_method("forward").graph();
+  {
+    auto g = forward->copy();
+    std::map<std::string, torch::jit::Value*> calls;
+    for (const auto& [name, value] : forward_calls(g)) calls[name] = value;
+    if (!calls.count(split.boundary)) {
+      split.problem = "block " + split.boundary +
+                      " is not called by the trunk's forward directly, so its output cannot be cached";
+      return;
+    }
+    set_outputs(g, {calls.at(split.boundary)}, false);
+    eliminate_dead_code(g);
+    add_method(module, kPrefixMethod, g);
+  }
+  auto g = forward->copy();
+  std::map<std::string, torch::jit::Value*> calls;
+  for (const auto& [name, value] : forward_calls(g)) calls[name] = value;
+  torch::jit::Value* boundary = calls.at(split.boundary);
+  torch::jit::Value* input = g->addInput("boundary");
+  input->setType(boundary->type());
+  boundary->replaceAllUsesWith(input);
+  if (!taps.empty()) {
+    std::vector<torch::jit::Value*> values;
+    for (const auto& t : taps) values.push_back(t == split.boundary ? input : calls.at(t));
+    set_outputs(g, values, true);
+  }
+  eliminate_dead_code(g);
+  for (const auto& [name, value] : forward_calls(g)) {
+    if (std::find(prefix_blocks.begin(), prefix_blocks.end(), name) != prefix_blocks.end()) {
+      split.problem = "the top still reads block " + name + " (a tap below the boundary, or a connection " +
+                      "that skips it), so the prefix's output alone cannot feed it";
+      return;
+    }
+  }
+  // Graph inputs: self, the trunk's inputs, then the boundary.
+  for (std::size_t i = 1; i + 1 < g->inputs().size(); ++i) {
+    if (g->inputs()[i]->hasUses()) split.top_inputs.push_back(static_cast<std::int64_t>(i - 1));
+  }
+  add_method(module, kTopMethod, g);
 }
 
 at::Tensor pool(const at::Tensor& out, const std::string& pooling, const std::vector<at::Tensor>& inputs,
@@ -188,10 +264,54 @@ struct Trunk::Impl {
   TrunkConfig config;
   std::string sha256;
   c10::Device device{c10::kCPU};
-  torch::jit::Module module;  // as loaded, with the freeze policy applied
-  torch::jit::Module runner;  // what encode() runs: `module` or its frozen, optimised clone
+  torch::jit::Module module;         // as loaded, with the freeze policy applied
+  torch::jit::Module runner;         // what encode() runs: `module` or its frozen, optimised clone
+  torch::jit::Module prefix_runner;  // what encode_prefix() runs (idem)
   std::vector<std::string> blocks, tap_points;
   std::set<std::string> frozen;  // qualified names of frozen modules
+  TopSplit split;
+
+  // Where the policy cuts the trunk; adds canopy_prefix and canopy_top when it leaves a top
+  // over a frozen prefix.
+  void compute_split() {
+    std::map<std::string, torch::jit::Module> by_name;
+    for (const auto& m : module.named_modules()) by_name.emplace(m.name, m.value);
+    for (const auto& p : module.parameters(true)) split.tunes = split.tunes || p.requires_grad();
+    if (!split.tunes) return;
+    for (const auto& b : blocks) {
+      bool whole = frozen.count(b) > 0;
+      for (const auto& p : by_name.at(b).parameters(true)) whole = whole && !p.requires_grad();
+      if (!whole) break;
+      ++split.prefix_blocks;
+    }
+    const auto k = static_cast<std::size_t>(split.prefix_blocks);
+    split.top_blocks.assign(blocks.begin() + k, blocks.end());
+    if (k == 0) {
+      split.problem = blocks.empty()
+                          ? "the trunk has no blocks"
+                          : "the first block (" + blocks.front() + ") trains, so no frozen prefix is left";
+      return;
+    }
+    split.boundary = blocks[k - 1];
+    add_split_methods(module, config.taps, split,
+                      std::vector<std::string>(blocks.begin(), blocks.begin() + k));
+    if (split.problem.empty() && config.pooling == "masked_mean" &&
+        std::find(split.top_inputs.begin(), split.top_inputs.end(), 1) == split.top_inputs.end()) {
+      split.top_inputs.push_back(1);  // the pooling reads the attention mask
+      std::sort(split.top_inputs.begin(), split.top_inputs.end());
+    }
+  }
+
+  // The tapped outputs of a method's result, pooled and concatenated.
+  at::Tensor pooled(const c10::IValue& result, const std::vector<at::Tensor>& inputs) const {
+    if (config.taps.empty()) return pool(result.toTensor(), config.pooling, inputs, "the trunk's output");
+    const auto outs = result.toTuple()->elements();
+    std::vector<at::Tensor> pooled;
+    for (std::size_t i = 0; i < outs.size(); ++i) {
+      pooled.push_back(pool(outs[i].toTensor(), config.pooling, inputs, "tap " + config.taps[i]));
+    }
+    return pooled.size() == 1 ? pooled[0] : at::cat(pooled, 1);
+  }
 
   std::vector<at::Tensor> prepare(const std::vector<at::Tensor>& inputs) const {
     CANOPY_CHECK(!inputs.empty(), DataError, "the trunk needs at least one input tensor, got none");
@@ -206,14 +326,7 @@ struct Trunk::Impl {
   at::Tensor run(torch::jit::Module& m, const std::vector<at::Tensor>& inputs) const {
     std::vector<c10::IValue> args(inputs.begin(), inputs.end());
     try {
-      if (config.taps.empty())
-        return pool(m.forward(args).toTensor(), config.pooling, inputs, "the trunk's output");
-      const auto outs = m.get_method(kTapsMethod)(args).toTuple()->elements();
-      std::vector<at::Tensor> pooled;
-      for (std::size_t i = 0; i < outs.size(); ++i) {
-        pooled.push_back(pool(outs[i].toTensor(), config.pooling, inputs, "tap " + config.taps[i]));
-      }
-      return pooled.size() == 1 ? pooled[0] : at::cat(pooled, 1);
+      return pooled(config.taps.empty() ? m.forward(args) : m.get_method(kTapsMethod)(args), inputs);
     } catch (const c10::Error& e) {
       std::ostringstream shapes;
       for (const auto& x : inputs) shapes << x.sizes() << " ";
@@ -253,9 +366,10 @@ struct Trunk::Impl {
     }
   }
 
+  // BatchNorm stays in eval mode everywhere: statistics fixed, in the trainable top too.
   void set_training(bool on) {
     for (const auto& m : module.named_modules()) {
-      m.value._ivalue()->setAttr("training", on && !frozen.count(m.name));
+      m.value._ivalue()->setAttr("training", on && !frozen.count(m.name) && !is_batchnorm(m.value));
     }
   }
 };
@@ -331,7 +445,9 @@ Trunk Trunk::load(const TrunkConfig& config) {
   impl->apply_policy();
   impl->set_training(false);
   if (!config.taps.empty()) add_taps_method(m, config.taps);
+  impl->compute_split();
   impl->runner = m;
+  impl->prefix_runner = m;
   Trunk trunk(std::move(impl));
   // What is frozen is decided here, once, and said.
   const auto [total, trainable] = trunk.parameter_counts();
@@ -345,6 +461,11 @@ Trunk Trunk::load(const TrunkConfig& config) {
     if (!config.taps.empty()) methods.push_back(kTapsMethod);
     torch::jit::Module frozen = torch::jit::freeze(m, methods);
     trunk.impl_->runner = torch::jit::optimize_for_inference(frozen, methods);
+  }
+  if (config.optimize && trunk.impl_->split.problem.empty() && trunk.impl_->split.prefix_blocks > 0) {
+    const std::vector<std::string> methods{kPrefixMethod};
+    torch::jit::Module frozen = torch::jit::freeze(m, methods);
+    trunk.impl_->prefix_runner = torch::jit::optimize_for_inference(frozen, methods);
   }
   return trunk;
 }
@@ -360,6 +481,94 @@ at::Tensor Trunk::features(const std::vector<at::Tensor>& inputs) {
 }
 
 void Trunk::train(bool on) { impl_->set_training(on); }
+
+const TopSplit& Trunk::split() const { return impl_->split; }
+
+void Trunk::check_cacheable() const {
+  const TopSplit& s = impl_->split;
+  if (!s.tunes || (s.problem.empty() && s.prefix_blocks > 0)) return;
+  const auto& f = impl_->config.freeze;
+  throw ConfigError(detail::str_cat(
+      "trunk.", f.train_only.empty() ? "freeze = " + f.freeze : "train_only = " + f.train_only,
+      " leaves part of the trunk trainable but no frozen prefix to cache: ", s.problem,
+      ". A cache stores the output of frozen leading blocks, and the trainable top runs on it; freeze a "
+      "prefix with trunk.freeze = first:N (N from 1 to ",
+      impl_->blocks.size() - 1, "; blocks: ", join(impl_->blocks, ", "),
+      "), or freeze = all to train heads on frozen features"));
+}
+
+std::vector<at::Tensor> Trunk::encode_prefix(const std::vector<at::Tensor>& inputs) {
+  check_cacheable();
+  const TopSplit& s = impl_->split;
+  CANOPY_CHECK(s.tunes, Error, "encode_prefix: the trunk is frozen whole; use encode()");
+  c10::InferenceMode guard;
+  const auto prepared = impl_->prepare(inputs);
+  std::vector<c10::IValue> args(prepared.begin(), prepared.end());
+  std::vector<at::Tensor> parts;
+  try {
+    parts.push_back(impl_->prefix_runner.get_method(kPrefixMethod)(args).toTensor());
+  } catch (const c10::Error& e) {
+    throw DataError(detail::str_cat("trunk '", impl_->config.path, "' failed in its prefix (blocks up to ",
+                                    s.boundary, "): ", e.what_without_backtrace()));
+  }
+  for (std::int64_t i : s.top_inputs) {
+    CANOPY_CHECK(i < static_cast<std::int64_t>(inputs.size()), DataError, "the trunk's top reads input ", i,
+                 " but the batch has ", inputs.size(), " input(s)");
+    parts.push_back(prepared[static_cast<std::size_t>(i)]);
+  }
+  for (auto& p : parts) p = p.to(c10::kCPU, at::kFloat).contiguous();
+  return parts;
+}
+
+at::Tensor Trunk::top_features(const std::vector<at::Tensor>& parts) {
+  check_cacheable();
+  const TopSplit& s = impl_->split;
+  CANOPY_CHECK(s.tunes && parts.size() == 1 + s.top_inputs.size(), Error, "top_features: expected ",
+               1 + s.top_inputs.size(), " parts (the boundary and the inputs the top reads), got ",
+               parts.size());
+  // The trunk's inputs as the top's graph takes them: those it reads from the parts (a mask
+  // is given back its integer type), the others empty.
+  const std::size_t n_inputs = impl_->module.get_method("forward").graph()->inputs().size() - 1;
+  std::vector<at::Tensor> inputs(n_inputs);
+  for (std::size_t k = 0; k < s.top_inputs.size(); ++k) {
+    inputs[static_cast<std::size_t>(s.top_inputs[k])] = parts[k + 1].to(impl_->device);
+  }
+  std::vector<c10::IValue> args;
+  for (auto& x : inputs) args.emplace_back(x.defined() ? x : at::empty({0}));
+  args.emplace_back(parts[0].to(impl_->device, at::kFloat));
+  c10::AutoGradMode grad(true);
+  try {
+    return impl_->pooled(impl_->module.get_method(kTopMethod)(args), inputs);
+  } catch (const c10::Error& e) {
+    throw DataError(detail::str_cat("trunk '", impl_->config.path, "' failed in its top (",
+                                    join(s.top_blocks, ", "), ") on a boundary of shape ", parts[0].sizes(),
+                                    ": ", e.what_without_backtrace()));
+  }
+}
+
+std::vector<std::pair<std::string, at::Tensor>> Trunk::trainable_parameters(const std::string& module) const {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& p : impl_->module.named_parameters(true)) {
+    if (p.value.requires_grad() && is_within(p.name, module)) out.emplace_back(p.name, p.value);
+  }
+  return out;
+}
+
+void Trunk::save(const std::string& path) const {
+  try {
+    verified_trunk_sha256(impl_->config);  // the file the weights go back into is the pinned one
+    torch::jit::Module clean = torch::jit::load(impl_->config.path, c10::kCPU);
+    std::map<std::string, at::Tensor> trained;
+    for (const auto& p : impl_->module.named_parameters(true)) trained.emplace(p.name, p.value);
+    c10::NoGradGuard no_grad;
+    for (const auto& p : clean.named_parameters(true)) p.value.copy_(trained.at(p.name));
+    std::ostringstream bytes;
+    clean.save(bytes);
+    write_file_atomic(path, bytes.str());  // IoError naming the file (a full disk, ...)
+  } catch (const c10::Error& e) {
+    throw IoError(detail::str_cat("cannot write trunk '", path, "': ", e.what_without_backtrace()));
+  }
+}
 
 std::vector<at::Tensor> Trunk::trainable_parameters() const {
   std::vector<at::Tensor> out;
@@ -432,6 +641,19 @@ std::string Trunk::show(int max_depth) const {
     << (c.freeze.train_only.empty() ? c.freeze.freeze : "everything except " + c.freeze.train_only)
     << (c.freeze.batchnorm_affine_trainable ? "; BatchNorm weight and bias trainable" : "") << "\n"
     << "  features    tap " << describe_taps(c) << ", pooling " << c.pooling << "\n";
+  const TopSplit& sp = impl_->split;
+  if (!sp.tunes) {
+    o << "  trains      heads only: the cache holds pooled features of the frozen trunk\n";
+  } else if (!sp.problem.empty() || sp.prefix_blocks == 0) {
+    o << "  trains      NOT CACHEABLE: " << sp.problem << " (freeze a prefix: first:N)\n";
+  } else {
+    o << "  trains      the top (" << join(sp.top_blocks, ", ")
+      << ", then the pooling) and the heads; the cache "
+      << "holds the output of " << sp.boundary << " (the first " << sp.prefix_blocks << " blocks, frozen)";
+    std::vector<std::string> extra;
+    for (auto i : sp.top_inputs) extra.push_back("input " + std::to_string(i));
+    o << (extra.empty() ? "" : " and " + join(extra, ", ")) << "\n";
+  }
   std::size_t width = 6, type_width = 4;
   for (const auto& m : mods) {
     if (m.depth > max_depth) continue;

@@ -45,6 +45,46 @@ def tiny_conv_trunk():
     return TinyConv()
 
 
+def tiny_block_trunk():
+    """A small image trunk with blocks, for fine-tuning: stem = Sequential(Conv2d(3, 8, 3,
+    stride 2), BatchNorm2d, ReLU), then blocks.0 .. blocks.2, each Sequential(Conv2d(8, 8, 3),
+    BatchNorm2d, ReLU) with non-trivial running statistics. [N, 3, H, W] -> [N, 8, H/2, W/2]."""
+    import torch
+    from torch import nn
+
+    def conv_bn(c_in, stride):
+        return nn.Sequential(nn.Conv2d(c_in, 8, 3, stride=stride, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+    class TinyBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = conv_bn(3, 2)
+            self.blocks = nn.ModuleList([conv_bn(8, 1) for _ in range(3)])
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.3, 0.3)
+                    m.running_var.uniform_(0.5, 2.0)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    return TinyBlocks()
+
+
+def fmnist_test_inputs(n, size=28):
+    """The first n Fashion-MNIST test images as canopy's default preprocessing makes them
+    ([n, 3, size, size], (x - 0.5) / 0.5), and their labels."""
+    import torch
+    import torch.nn.functional as F
+    imgs = torch.from_numpy(read_idx(f"{FMNIST}/t10k-images-idx3-ubyte.gz")[:n].copy()).float().div(255)
+    x = F.interpolate(imgs.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+    labels = torch.from_numpy(read_idx(f"{FMNIST}/t10k-labels-idx1-ubyte.gz")[:n].astype("int64"))
+    return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous(), labels
+
+
 def tiny_trunk_sections(trunk, train_limit, test_limit, pooling="avg"):
     """The [data], [preprocess] and [trunk] sections of a job over a slice of Fashion-MNIST at
     28x28 through the unpinned TorchScript trunk `trunk` on the CPU."""

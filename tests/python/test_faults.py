@@ -115,7 +115,7 @@ def repair(canopy, work, config):
     os.remove(os.path.join(cache, "cache.h5"))
     r = subprocess.run(verify, capture_output=True, text=True)
     check(r.returncode == 1 and "cache.h5" in r.stdout and "missing" in r.stdout,
-          f"inspect --verify reports the deleted view ({r.stdout.strip()[-160:]})")
+          f"inspect --verify reports the deleted view ({r.returncode} {r.stdout.strip()[-160:]} {r.stderr.strip()[-300:]})")
     r = subprocess.run([canopy, "cache", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
     said = [l for l in r.stderr.splitlines() if "repairing" in l]
     check(r.returncode == 0 and "up to date" not in r.stdout and os.path.exists(os.path.join(cache, "cache.h5")) and

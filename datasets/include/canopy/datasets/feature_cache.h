@@ -7,7 +7,9 @@
 //       complete               true once every split is written
 //       meta                   fingerprint, description (the parts the fingerprint hashes),
 //                              trunk_sha256, trunk_path, preprocessing, pooling, torch_version,
-//                              dtype, feature_dim, label_sources, class_names
+//                              dtype, feature_dim, label_sources, class_names; for a cache of
+//                              a frozen prefix also boundary (the last frozen block) and
+//                              row_parts [{name, shape}] (how a row of /features splits)
 //       splits                 {split: total rows}
 //       shards                 [{split, index, first_row, rows, file, bytes, data regions:
 //                              features_offset, features_crc32c (one CRC-32C per MiB of the
@@ -52,6 +54,14 @@ const char* storage_dtype_name(StorageDtype dtype);
 StorageDtype parse_storage_dtype(const std::string& name);  // ConfigError naming the value
 at::ScalarType scalar_type(StorageDtype dtype);
 
+// One part of a cached row when the cache holds a frozen prefix's output (its boundary)
+// rather than pooled features: the row is the parts flattened and concatenated, in order.
+struct RowPart {
+  std::string name;                 // "boundary", or the trunk input the top also reads ("input 1")
+  std::vector<std::int64_t> shape;  // per sample, e.g. {192, 2, 2} or {256, 384}
+  std::int64_t numel() const;
+};
+
 struct CacheMeta {
   std::string fingerprint;
   std::string description;
@@ -66,6 +76,10 @@ struct CacheMeta {
   std::vector<std::string> float_labels;  // the label sources stored as float64 (regression
                                           // targets); the others are int64 classes
   std::vector<std::string> class_names;
+  // A cache of a frozen prefix: the last frozen block, and the layout of each row. Empty for
+  // a cache of pooled features.
+  std::string boundary;
+  std::vector<RowPart> row_parts;
   // Mean and standard deviation over the train split of each float label source (what a
   // regression head standardises its targets with).
   std::map<std::string, std::pair<double, double>> label_stats;

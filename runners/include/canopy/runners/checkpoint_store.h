@@ -1,5 +1,6 @@
 // Checkpoints of a training run, in <out_dir>/checkpoint:
 //   <task>.<generation>.pt   each task's head, optimizer and RNG state (tasks::Task's format)
+//   @top.<generation>.pt     the trunk's shared top, when one trains (SharedTop's format)
 //   state.json               the generation, the position (epoch, step), the configuration
 //                            that wrote it and every head's HeadRun (JSON, version 1)
 // A save writes every task file of a new generation (temporary name, fsync, rename), then
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "canopy/runners/head_run.h"
+#include "canopy/runners/shared_top.h"
 #include "canopy/tasks/task.h"
 
 namespace canopy::runners {
@@ -34,10 +36,12 @@ class CheckpointStore {
 
   // Writes a new generation holding `tasks` and `runs` (same length, task order).
   void save(const CheckpointPosition& position, const std::vector<tasks::Task*>& tasks,
-            const std::vector<HeadRun>& runs);
+            const std::vector<HeadRun>& runs, const SharedTop* top = nullptr);
   // Restores every task and its run from the newest checkpoint. DataError when there is
   // none or it is malformed or names other tasks; ConfigError when the configuration differs.
-  CheckpointPosition load(const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs);
+  // With `top`, the checkpoint must hold a shared top, which is restored too.
+  CheckpointPosition load(const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
+                          SharedTop* top = nullptr);
 
  private:
   std::string task_file(const std::string& task, std::int64_t generation) const;

@@ -69,11 +69,22 @@ struct TrainConfig {
                                       // (batch x widths x 4 bytes), in KiB
 };
 
+// How the trunk's trainable top learns, when the freeze policy leaves one over a cached
+// frozen prefix ([trunk] lr, lr_decay, optimizer, weight_decay, schedule).
+struct TopConfig {
+  tasks::OptimizerKind optimizer = tasks::OptimizerKind::kAdam;
+  double lr = 0.0;        // of the top block; 0: 0.1 x the mean of the tasks' learning rates
+  double lr_decay = 2.6;  // each block further down learns at lr / lr_decay^depth (ULMFiT)
+  double weight_decay = 0.0;
+  tasks::LrSchedule schedule = tasks::LrSchedule::kConstant;  // over train.epochs
+};
+
 struct JobConfig {
   DataConfig data;
   datasets::PreprocessConfig preprocess;  // images
   datasets::TokenizerConfig text;         // texts ([text] vocab, lowercase, max_length)
   trunk::TrunkConfig trunk;
+  TopConfig top;
   CacheConfig cache;
   TrainConfig train;
   std::vector<tasks::TaskConfig> tasks;

@@ -30,8 +30,13 @@ class StepRunner {
   // One optimisation step of every unit on `batch` (read-only, shared), concurrently.
   // `epoch` and `step` (0-based) go into failure messages. Each head's time is added to
   // its run's seconds (a fused group's time split evenly among its heads).
+  // With `top_grads`, batch.features is the output of a trainable top shared by every head
+  // (see shared_top.h): each unit trains on its own leaf copy and (*top_grads)[u] receives
+  // the gradient of its heads' weighted losses w.r.t. it, only from heads whose loss and
+  // gradient were finite (undefined when none).
   void train(const std::vector<WorkUnit>& units, const std::vector<tasks::Task*>& tasks,
-             std::vector<HeadRun>& runs, const datasets::Batch& batch, std::int64_t epoch, std::int64_t step);
+             std::vector<HeadRun>& runs, const datasets::Batch& batch, std::int64_t epoch, std::int64_t step,
+             std::vector<at::Tensor>* top_grads = nullptr);
 
   // Evaluates the heads `which` that have not failed on the eval split, concurrently; a head
   // whose evaluation throws is failed. Returns metrics indexed like `tasks`.

@@ -37,6 +37,7 @@ struct TrainReport {
   std::uint64_t source_peak_bytes = 0;  // most feature/label bytes the reader held at once
   std::string out_dir;
   std::string resumed_from;        // "epoch E step S" when resumed
+  std::string top;                 // the trunk's trained top, when one trained (SharedTop::describe)
   std::vector<std::string> fused;  // fused groups, e.g. "a + b + c (linear in=1280)"
   bool any_failed() const;
 };

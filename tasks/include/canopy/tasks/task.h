@@ -58,6 +58,7 @@ struct TaskConfig {
   std::vector<std::string> class_names;  // names of the task's classes (optional)
   OptimizerKind optimizer = OptimizerKind::kAdam;
   double lr = 1e-3;
+  double loss_weight = 1.0;  // scales the loss's gradient (what reaches a shared top, and the head's)
   double weight_decay = 0.0;
   double momentum = 0.9;    // sgd only
   std::int64_t epochs = 0;  // 0: use train.epochs
@@ -144,8 +145,13 @@ class Task {
   // Sets the learning rate of epoch `epoch` (0-based) of `total` from the schedule.
   void start_epoch(std::int64_t epoch, std::int64_t total);
   double current_lr() const;
-  // One optimisation step on a batch; returns the loss. Throws on a non-finite loss.
-  double train_step(const at::Tensor& features, const at::Tensor& targets);
+  // One optimisation step on a batch; returns the loss (unweighted). Throws on a non-finite
+  // loss, and with `check_gradients` on a non-finite gradient, before stepping. The
+  // backward pass is of loss_weight x loss (gradients also reach `features` if it requires
+  // them: a shared top's output).
+  double train_step(const at::Tensor& features, const at::Tensor& targets, bool check_gradients = false);
+  // Whether every gradient of the head's parameters is finite.
+  bool gradients_finite() const;
   // train_step in parts, for fused_train_step: begin (train mode, zero gradients), the
   // loss of this head's outputs, and the optimizer step once the gradients are in.
   void begin_step();
@@ -180,7 +186,11 @@ class Task {
 // one fused forward pass and one backward pass for all of them. Returns each task's loss;
 // a task whose loss is not finite gets no optimizer step (the caller marks it failed), and
 // since every head's gradient comes only from its own loss, the others are unaffected.
+// With `failures` (sized like tasks), a failing head stops the whole group: when a loss or a
+// head's gradient is not finite, failures[i] says so for each culprit and NO head steps (a
+// shared input's gradient would carry the culprit's part; the caller retries the others).
 std::vector<double> fused_train_step(const std::vector<Task*>& tasks, const at::Tensor& features,
-                                     const std::vector<at::Tensor>& targets);
+                                     const std::vector<at::Tensor>& targets,
+                                     std::vector<std::string>* failures = nullptr);
 
 }  // namespace canopy::tasks

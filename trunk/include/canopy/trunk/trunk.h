@@ -84,6 +84,19 @@ struct ModuleInfo {
   bool tap = false;                    // can be named in trunk.taps
 };
 
+// Where a freeze policy cuts the trunk: blocks [0, prefix_blocks) are frozen whole (the
+// prefix a cache stores the output of); the top is every block from there on. A trunk
+// with nothing trainable has an empty top (`tunes` false): the cache holds pooled features.
+struct TopSplit {
+  bool tunes = false;              // some trunk parameter is trainable
+  std::int64_t prefix_blocks = 0;  // leading blocks frozen whole
+  std::string boundary;            // the last prefix block ("" when prefix_blocks == 0)
+  std::vector<std::string> top_blocks;
+  std::vector<std::int64_t> top_inputs;  // indices of trunk inputs the top also reads
+                                         // (e.g. 1: the attention mask of a text trunk)
+  std::string problem;                   // why the top cannot run over a cached prefix
+};
+
 class Trunk {
  public:
   static Trunk load(const TrunkConfig& config);
@@ -99,10 +112,28 @@ class Trunk {
 
   // Fine-tuning. features() runs with autograd (gradients reach trainable_parameters())
   // and returns pooled features on the trunk's device. train(true) puts only unfrozen
-  // modules in training mode: frozen modules and pinned BatchNorm stay in eval.
+  // modules in training mode: frozen modules and every BatchNorm (statistics fixed, in a
+  // trainable top too) stay in eval.
   at::Tensor features(const std::vector<at::Tensor>& inputs);
   void train(bool on);
   std::vector<at::Tensor> trainable_parameters() const;
+
+  // The frozen prefix and the trainable top a freeze policy leaves (see TopSplit).
+  const TopSplit& split() const;
+  // Refuses (ConfigError, saying why and what to write) a policy that leaves part of the
+  // trunk trainable but no frozen prefix to cache. Fully frozen trunks pass.
+  void check_cacheable() const;
+  // The boundary parts for a batch, in inference mode, on the CPU, float32, contiguous:
+  // the prefix's output, then the trunk inputs the top needs (TopSplit::top_inputs).
+  std::vector<at::Tensor> encode_prefix(const std::vector<at::Tensor>& inputs);
+  // The top (blocks [prefix_blocks, end), taps, pooling) on boundary parts as encode_prefix
+  // returns them, with autograd: pooled features [N, D] on the trunk's device.
+  at::Tensor top_features(const std::vector<at::Tensor>& parts);
+  // The trainable parameters inside one module (a block), by qualified name.
+  std::vector<std::pair<std::string, at::Tensor>> trainable_parameters(const std::string& module) const;
+  // Writes the trunk with its current weights (the frozen prefix unchanged, the trained top)
+  // as one TorchScript file: the original file's code, nothing canopy added.
+  void save(const std::string& path) const;
 
   const std::string& sha256() const;
   const TrunkConfig& config() const;

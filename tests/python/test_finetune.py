@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Fine-tuning the trunk's top over a cached frozen prefix, checked from outside with torch,
+h5py and safetensors, on a slice of Fashion-MNIST through a small trunk with blocks:
+
+- the cache holds the prefix's output (unpooled) and says so; the fingerprint covers the cut
+- the prefix's weights and every BatchNorm statistic are bitwise unchanged in the exported
+  trunk, the top's weights changed; every card pins the exported trunk's SHA-256
+- Python loads the exported trunk and a head's safetensors and reproduces canopy's accuracy
+- fused and unfused heads give the same top; SIGKILL + --resume ends bitwise identical
+- a policy that leaves no frozen prefix is refused with a message saying what to write
+
+    test_finetune.py --canopy build/runners/canopy
+"""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from support import check, finish, fmnist_test_inputs, kill_when, start, tiny_block_trunk, tiny_trunk_sections
+
+TRAIN, TEST = 1200, 300
+
+
+def run(canopy, *args):
+    return subprocess.run([canopy, *args, "--progress", "quiet"], capture_output=True, text=True)
+
+
+def state(path):
+    import torch
+    return {k: v.clone() for k, v in torch.jit.load(path).state_dict().items()}
+
+
+def main():
+    import h5py
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    canopy, work, trunk = start("canopy-finetune-", tiny_block_trunk, "blocks.pt")
+    config = os.path.join(work, "job.ini")
+    with open(config, "w") as f:
+        f.write(tiny_trunk_sections(trunk, TRAIN, TEST) + f"""freeze = first:2
+lr = 0.01
+[cache]
+path = {work}/cache
+[train]
+out_dir = {work}/out
+batch_size = 32
+epochs = 3
+checkpoint_steps = 20
+[task.a_linear]
+head = linear
+lr = 0.01
+[task.b_linear]
+head = linear
+lr = 0.005
+loss_weight = 0.5
+[task.c_mlp]
+head = mlp
+head.hidden = 32
+lr = 0.003
+""")
+    r = run(canopy, "cache", "--config", config)
+    check(r.returncode == 0, f"cache of the prefix built ({r.stderr[-400:]})")
+    manifest = json.load(open(f"{work}/cache/manifest.json"))["meta"]
+    check(manifest.get("boundary") == "blocks.0" and manifest["row_parts"] == [{"name": "boundary", "shape": [8, 14, 14]}],
+          f"the manifest names the boundary and the row layout: {manifest.get('boundary')} {manifest.get('row_parts')}")
+    check("freeze=first:2" in manifest["description"], "the fingerprint's description holds the cut")
+    with h5py.File(f"{work}/cache/cache.h5", "r") as h:
+        cached = h["test/features"][:16]
+        check(h["train/features"].shape == (TRAIN, 8 * 14 * 14), f"the view holds [rows, 8*14*14]: {h['train/features'].shape}")
+    x, y = fmnist_test_inputs(TEST)
+    base = torch.jit.load(trunk).eval()
+    with torch.no_grad():  # a scripted ModuleList is not indexable from Python
+        prefix = getattr(base.blocks, "0")(base.stem(x[:16]))
+    err = np.abs(prefix.flatten(1).numpy() - cached).max()
+    check(err < 1e-5, f"the cached rows are the prefix's output as Python torch computes it (max diff {err:.1e})")
+
+    r = run(canopy, "train", "--config", config)
+    check(r.returncode == 0, f"training with a shared top finishes ({r.stderr[-600:]})")
+    check("fine-tuning the trunk's top" in r.stderr and "blocks.1, blocks.2" in r.stderr, "the log says what trains")
+    tuned_path = f"{work}/out/trunk.pt"
+    tuned, before = state(tuned_path), state(trunk)
+    prefix_keys = [k for k in before if k.startswith(("stem.", "blocks.0."))]
+    check(len(prefix_keys) >= 10 and all(torch.equal(before[k], tuned[k]) for k in prefix_keys),
+          f"the prefix's {len(prefix_keys)} tensors are bitwise unchanged")
+    stats = [k for k in before if "running_" in k]
+    check(len(stats) == 8 and all(torch.equal(before[k], tuned[k]) for k in stats),
+          "every BatchNorm's running statistics are unchanged (the top's too)")
+    moved = [k for k in before if k.startswith(("blocks.1.", "blocks.2.")) and "running_" not in k and "num_batches" not in k]
+    check(all(not torch.equal(before[k], tuned[k]) for k in moved), f"all {len(moved)} weights of the top changed")
+    sha = hashlib.sha256(open(tuned_path, "rb").read()).hexdigest()
+
+    # Python: the exported trunk, average pooling, each head's safetensors.
+    model = torch.jit.load(tuned_path).eval()
+    with torch.no_grad():
+        feats = model(x).mean((2, 3))
+    accs = {}
+    for name in ("a_linear", "b_linear", "c_mlp"):
+        card = json.load(open(f"{work}/out/heads/{name}.json"))
+        check(card["trunk_sha256"] == sha and card["trunk_file"] == tuned_path and card["trunk_boundary"] == "blocks.0",
+              f"{name}: the card pins the fine-tuned trunk by its SHA-256")
+        w = load_file(f"{work}/out/heads/{card['weights']}")
+        with torch.no_grad():
+            if card["head"] == "linear":
+                logits = feats @ w["linear.weight"].T + w["linear.bias"]
+            else:
+                logits = torch.relu(feats @ w["layers.0.weight"].T + w["layers.0.bias"]) @ w["layers.2.weight"].T + w["layers.2.bias"]
+        acc = (logits.argmax(1) == y).float().mean().item()
+        check(abs(acc - card["eval_accuracy"]) <= 1.0 / TEST + 1e-9,
+              f"{name}: Python reproduces canopy's accuracy ({acc:.4f} vs {card['eval_accuracy']:.4f})")
+        accs[name] = card["eval_accuracy"]
+
+    # This trunk's frozen features are near chance; what its top learns is not.
+    r = run(canopy, "run", "--config", config, "--set", "trunk.freeze=all", "--set", f"cache.path={work}/frozen-cache",
+            "--set", f"train.out_dir={work}/frozen")
+    frozen = {n: json.load(open(f"{work}/frozen/heads/{n}.json"))["eval_accuracy"] for n in accs} if r.returncode == 0 else {}
+    check(frozen and all(accs[n] > frozen[n] + 0.03 for n in accs),
+          f"every head does better with the trained top: {accs} vs frozen {frozen}")
+
+    # canopy predict runs the fine-tuned trunk it exported.
+    from support import FMNIST
+    r = run(canopy, "predict", "--config", config, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz",
+            "--limit", str(TEST), "--output", f"{work}/pred.csv")
+    check(r.returncode == 0 and "fine-tuned trunk" in r.stderr, f"canopy predict uses the fine-tuned trunk ({r.stderr[-300:]})")
+    rows = open(f"{work}/pred.csv").read().splitlines()[1:] if r.returncode == 0 else []
+    card = json.load(open(f"{work}/out/heads/a_linear.json"))
+    names = card["class_names"]
+    hits = sum(row.split(",")[1] == names[int(t)] for row, t in zip(rows, y))
+    check(len(rows) == TEST and abs(hits / TEST - card["eval_accuracy"]) <= 1.0 / TEST + 1e-9,
+          f"predict's a_linear accuracy {hits / max(1, TEST):.4f} is the card's {card['eval_accuracy']:.4f}")
+
+    # The heads one by one instead of fused: the same top, to float rounding, over one epoch
+    # at a small learning rate (Adam turns rounding-level differences of tiny gradients into
+    # lr-sized steps, so long runs drift apart; step_runner_test checks the gradients exactly).
+    short = ["--set", "train.epochs=1", "--set", "trunk.lr=0.0005"]
+    r1 = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/fused1", *short)
+    r2 = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/unfused1", "--set", "train.fuse=false", *short)
+    check(r1.returncode == 0 and r2.returncode == 0 and "fused 2 heads" in r1.stderr and "fused 2 heads" not in r2.stderr,
+          "fused and unfused training finish")
+    one, other = state(f"{work}/fused1/trunk.pt"), state(f"{work}/unfused1/trunk.pt")
+    diff = max((one[k] - other[k]).abs().max().item() for k in moved)
+    moved_by = max((one[k] - before[k]).abs().max().item() for k in moved)
+    check(diff < 1e-5 < moved_by, f"fused and unfused heads train the same top (max difference {diff:.1e}; moved {moved_by:.1e})")
+
+    # SIGKILL twice, resume: bitwise the uninterrupted run.
+    out = f"{work}/cut"
+    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"]
+    for target, extra in (((0, 20), []), ((1, 20), ["--resume"])):
+        rc, st = kill_when(cmd + extra, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= target)
+        check(rc == -signal.SIGKILL and st is not None, f"training with a top killed by SIGKILL at {st and (st['epoch'], st['step'])}")
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    check(r.returncode == 0, f"--resume finishes ({r.stderr[-300:]})")
+    resumed = state(f"{out}/trunk.pt")
+    check(all(torch.equal(resumed[k], tuned[k]) for k in tuned), "the resumed run's trunk is bitwise the uninterrupted one's")
+    for name in ("a_linear", "b_linear", "c_mlp"):
+        same = open(f"{out}/heads/{name}.safetensors", "rb").read() == open(f"{work}/out/heads/{name}.safetensors", "rb").read()
+        check(same, f"{name}: resumed head bitwise identical")
+
+    # The cut is part of the fingerprint; a policy with no frozen prefix is refused.
+    r = run(canopy, "train", "--config", config, "--set", "trunk.freeze=first:3", "--set", f"train.out_dir={work}/x")
+    check(r.returncode != 0 and "freeze (first:2 -> first:3)" in r.stderr,
+          f"a cache cut elsewhere is refused, naming the change: {r.stderr.strip()[-200:]}")
+    r = run(canopy, "cache", "--config", config, "--set", "trunk.freeze=none", "--set", f"cache.path={work}/c2")
+    check(r.returncode != 0 and "no frozen prefix" in r.stderr and "first:N" in r.stderr,
+          f"freeze = none is refused, saying what to write: {r.stderr.strip()[-300:]}")
+    return finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
