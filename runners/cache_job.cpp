@@ -39,10 +39,7 @@ std::string cache_description(const JobConfig& c, const std::string& trunk_sha25
   // A policy that leaves a top makes a cache of the frozen prefix's output: which prefix is
   // part of what the cache holds. (A frozen trunk's caches keep the key they always had.)
   const auto& f = c.trunk.freeze;
-  if (f.freeze != "all" || !f.train_only.empty()) {
-    out << "freeze=" << (f.train_only.empty() ? f.freeze : "all but " + f.train_only)
-        << (f.batchnorm_affine_trainable ? " (BatchNorm affine trainable)" : "") << "\n";
-  }
+  if (f.freeze != "all" || !f.train_only.empty()) out << "freeze=" << trunk::describe(f) << "\n";
   out << describe_inputs(c)
       << "dtype=" << datasets::storage_dtype_name(datasets::parse_storage_dtype(c.cache.dtype)) << "\n"
       << "torch=" << TORCH_VERSION << "\n";
@@ -391,11 +388,13 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   for (const auto& [split, d] : data.splits) split_rows[split] = d.rows;
   // One sample tells the feature dimension (the writer needs it before the first shard).
   const auto sample = data.splits.at("train").inputs({0});
-  const std::int64_t dim = encoder(sample).size(1);
+  const auto parts = encoder.prefix() ? encoder.layout(sample) : std::vector<datasets::RowPart>{};
+  std::int64_t dim = parts.empty() ? encoder(sample).size(1) : 0;
+  for (const auto& p : parts) dim += p.numel();
   auto meta = cache_meta(config, report, description, trunk_sha, data, dim);
   if (encoder.prefix()) {
     meta.boundary = trunk->split().boundary;
-    meta.row_parts = encoder.layout(sample);
+    meta.row_parts = parts;
     log_info("cache holds the output of the frozen prefix (blocks up to " + meta.boundary +
              ") for the trainable top: " + std::to_string(dim) + " values per row");
   }

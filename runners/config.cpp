@@ -310,8 +310,15 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
                             "the top's L2 penalty (adamw: decoupled)")
                   .at_least(0));
   v.push_back(choice<K>(
-      "trunk", "schedule", CANOPY_JOB(top.schedule), tasks::parse_schedule,
-      [](tasks::LrSchedule s) { return tasks::to_string(s); }, tasks::schedule_names(),
+      "trunk", "schedule", CANOPY_JOB(top.schedule),
+      [](const std::string& value, const std::string& where) {
+        const tasks::LrSchedule s = tasks::parse_schedule(value, where);
+        CANOPY_CHECK(s != tasks::LrSchedule::kStep, ConfigError, where,
+                     ": the top takes constant or cosine (step is a task schedule, with its step_size and "
+                     "gamma), got 'step'");
+        return s;
+      },
+      [](tasks::LrSchedule s) { return tasks::to_string(s); }, std::vector<std::string>{"constant", "cosine"},
       "the top's learning rate per epoch, over train.epochs"));
 }
 

@@ -109,24 +109,26 @@ std::vector<std::string> prediction_names(const LoadedHead& h, const at::Tensor&
   }
   return out;
 }
-// The trunk predictions run: the config's, or, when its freeze policy trained the top, the
-// fine-tuned trunk the run exported (out_dir/trunk.pt), pinned by the SHA-256 in the cards
-// and run frozen whole.
+// The trunk predictions run: the config's, or, when the heads were trained with the trunk's
+// top (their cards name a `trunk_file`), the fine-tuned trunk that run exported
+// (out_dir/trunk.pt), pinned by the cards' SHA-256 and run frozen whole.
 trunk::TrunkConfig predict_trunk(const JobConfig& config, const std::string& heads_dir) {
-  const auto& f = config.trunk.freeze;
-  if (f.freeze == "all" && f.train_only.empty()) return config.trunk;
-  trunk::TrunkConfig tuned = config.trunk;
-  tuned.path = join_path(config.train.out_dir, "trunk.pt");
-  tuned.freeze = trunk::FreezePolicy{};
   const std::string card_path = join_path(heads_dir, config.tasks.front().name + ".json");
-  CANOPY_CHECK(is_regular_file(tuned.path) && is_regular_file(card_path), DataError,
-               "trunk.freeze = ", f.freeze, " trains the trunk's top, but '", tuned.path, "' or '", card_path,
-               "' is missing; run `canopy train --config ", config.source, "` first");
+  if (!is_regular_file(card_path)) return config.trunk;  // load_head says what is missing
+  nlohmann::json card;
   try {
-    tuned.sha256 = nlohmann::json::parse(read_file(card_path)).at("trunk_sha256").get<std::string>();
+    card = nlohmann::json::parse(read_file(card_path));
   } catch (const nlohmann::json::exception& e) {
     throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
   }
+  if (!card.contains("trunk_file")) return config.trunk;
+  trunk::TrunkConfig tuned = config.trunk;
+  tuned.path = join_path(config.train.out_dir, "trunk.pt");
+  tuned.sha256 = card.at("trunk_sha256").get<std::string>();
+  tuned.freeze = trunk::FreezePolicy{};
+  CANOPY_CHECK(is_regular_file(tuned.path), DataError, "the heads in '", heads_dir,
+               "' were trained with the trunk's top, but the fine-tuned trunk '", tuned.path,
+               "' is missing; run `canopy train --config ", config.source, "` again");
   log_info("predicting with the fine-tuned trunk " + tuned.path + " (sha256 " + tuned.sha256 + ")");
   return tuned;
 }

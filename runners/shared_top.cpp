@@ -11,45 +11,17 @@
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
-#include <torch/optim/adam.h>
-#include <torch/optim/adamw.h>
-#include <torch/optim/sgd.h>
+#include <torch/optim/optimizer.h>
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
-#include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 
 namespace canopy::runners {
 
 namespace {
-
-std::unique_ptr<torch::optim::Optimizer> make_optimizer(tasks::OptimizerKind kind,
-                                                        std::vector<torch::optim::OptimizerParamGroup> groups,
-                                                        const std::vector<double>& lrs, double weight_decay) {
-  for (std::size_t g = 0; g < groups.size(); ++g) {
-    if (kind == tasks::OptimizerKind::kSgd) {
-      groups[g].set_options(std::make_unique<torch::optim::SGDOptions>(
-          torch::optim::SGDOptions(lrs[g]).momentum(0.9).weight_decay(weight_decay)));
-    } else if (kind == tasks::OptimizerKind::kAdam) {
-      groups[g].set_options(std::make_unique<torch::optim::AdamOptions>(
-          torch::optim::AdamOptions(lrs[g]).weight_decay(weight_decay)));
-    } else {
-      groups[g].set_options(std::make_unique<torch::optim::AdamWOptions>(
-          torch::optim::AdamWOptions(lrs[g]).weight_decay(weight_decay)));
-    }
-  }
-  const double lr = lrs.empty() ? 1e-3 : lrs.front();
-  if (kind == tasks::OptimizerKind::kSgd) {
-    return std::make_unique<torch::optim::SGD>(groups, torch::optim::SGDOptions(lr).momentum(0.9));
-  }
-  if (kind == tasks::OptimizerKind::kAdam) {
-    return std::make_unique<torch::optim::Adam>(groups, torch::optim::AdamOptions(lr));
-  }
-  return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(lr));
-}
 
 bool all_finite(const at::Tensor& t) { return t.isfinite().all().item<bool>(); }
 
@@ -68,7 +40,7 @@ SharedTop::SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets
                parts_.size(), " part(s) but the top reads ", 1 + split.top_inputs.size());
   if (config_.lr == 0.0) config_.lr = 0.1 * default_lr;
   // One group per top block, the top-most first at config.lr, each further down / lr_decay.
-  std::vector<torch::optim::OptimizerParamGroup> groups;
+  std::vector<std::vector<at::Tensor>> groups;
   const auto& blocks = split.top_blocks;
   for (std::size_t d = 0; d < blocks.size(); ++d) {
     const auto named = trunk_.trainable_parameters(blocks[blocks.size() - 1 - d]);
@@ -78,7 +50,7 @@ SharedTop::SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets
       params_.emplace_back(name, p);
       ps.push_back(p);
     }
-    groups.emplace_back(ps);
+    groups.push_back(std::move(ps));
     base_lrs_.push_back(config_.lr / std::pow(config_.lr_decay, static_cast<double>(d)));
   }
   std::int64_t counted = 0;
@@ -86,8 +58,9 @@ SharedTop::SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets
   CANOPY_CHECK(counted == trunk_.parameter_counts().second, ConfigError, "the trunk has ",
                trunk_.parameter_counts().second, " trainable parameters, ", counted,
                " of them in the top's blocks (", join(blocks, ", "),
-               "): trainable modules inside the frozen prefix cannot train over a cache");
-  optimizer_ = make_optimizer(config_.optimizer, std::move(groups), base_lrs_, config_.weight_decay);
+               "): trainable parameters outside the trunk's blocks cannot train over a cache");
+  optimizer_ = tasks::make_optimizer(config_.optimizer, groups, config_.lr, config_.weight_decay, 0.9);
+  start_epoch(0, 1);  // each group's own rate
   feature_dim_ = forward(at::zeros({1, meta.feature_dim}, at::kFloat), false).size(1);
 }
 
@@ -151,11 +124,8 @@ void SharedTop::step(const at::Tensor& z, const at::Tensor& grad) {
 }
 
 void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total) {
-  double factor = 1.0;
-  if (config_.schedule == tasks::LrSchedule::kCosine) {
-    factor = 0.5 * (1.0 + std::cos(M_PI * static_cast<double>(epoch) /
-                                   static_cast<double>(std::max<std::int64_t>(1, total))));
-  }
+  // Constant or cosine (validate_job_config refuses step for the top).
+  const double factor = tasks::lr_factor(config_.schedule, epoch, total, 1, 1.0);
   auto& groups = optimizer_->param_groups();
   for (std::size_t g = 0; g < groups.size(); ++g) groups[g].options().set_lr(base_lrs_[g] * factor);
 }
@@ -213,9 +183,6 @@ void SharedTop::load_checkpoint(const std::string& path) {
   }
 }
 
-std::string SharedTop::export_trunk(const std::string& path) const {
-  trunk_.save(path);
-  return sha256_file(path);
-}
+std::string SharedTop::export_trunk(const std::string& path) const { return trunk_.save(path); }
 
 }  // namespace canopy::runners

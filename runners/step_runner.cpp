@@ -9,7 +9,6 @@
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/task_arena.h>
-#include <torch/csrc/autograd/autograd.h>
 
 #include "canopy/core/error.h"
 

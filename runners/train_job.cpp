@@ -168,9 +168,12 @@ class EpochLoop {
   }
 
   // What the heads are evaluated on: the cached features, or the top's output on the
-  // cached prefix (computed again after every epoch, as the top changes).
-  at::Tensor eval_features() const {
-    return top_ ? top_->features(eval_rows_, config_.train.batch_size) : eval_rows_;
+  // cached prefix (computed again when the top has stepped since the last time).
+  const at::Tensor& eval_features() {
+    if (!top_) return eval_rows_;
+    if (top_moved_ || !top_eval_.defined()) top_eval_ = top_->features(eval_rows_, config_.train.batch_size);
+    top_moved_ = false;
+    return top_eval_;
   }
 
   FusionPlanOptions plan_options() const {
@@ -262,6 +265,7 @@ class EpochLoop {
       if (g.defined()) total = total.defined() ? total + g : g;
     }
     if (!total.defined()) return;  // every head failed: nothing to learn from
+    top_moved_ = true;
     try {
       top_->step(z, total);
     } catch (const Error& e) {
@@ -314,6 +318,8 @@ class EpochLoop {
   datasets::BatchSource& source_;
   const at::Tensor& eval_rows_;
   SharedTop* top_;
+  at::Tensor top_eval_;    // the top's output on eval_rows_ ...
+  bool top_moved_ = true;  // ... unless the top stepped since
   CheckpointStore& store_;
   MetricsSink& metrics_;
   StepRunner& runner_;

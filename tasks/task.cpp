@@ -218,6 +218,30 @@ EvalMetrics classification_metrics(const at::Tensor& predictions, const at::Tens
   return m;
 }
 
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(OptimizerKind kind,
+                                                        const std::vector<std::vector<at::Tensor>>& groups,
+                                                        double lr, double weight_decay, double momentum) {
+  std::vector<torch::optim::OptimizerParamGroup> g(groups.begin(), groups.end());
+  if (kind == OptimizerKind::kSgd) {
+    return std::make_unique<torch::optim::SGD>(
+        g, torch::optim::SGDOptions(lr).momentum(momentum).weight_decay(weight_decay));
+  }
+  if (kind == OptimizerKind::kAdam) {
+    return std::make_unique<torch::optim::Adam>(g, torch::optim::AdamOptions(lr).weight_decay(weight_decay));
+  }
+  return std::make_unique<torch::optim::AdamW>(g, torch::optim::AdamWOptions(lr).weight_decay(weight_decay));
+}
+
+double lr_factor(LrSchedule schedule, std::int64_t epoch, std::int64_t total, std::int64_t step_size,
+                 double gamma) {
+  if (schedule == LrSchedule::kCosine) {
+    return 0.5 * (1.0 + std::cos(M_PI * static_cast<double>(epoch) /
+                                 static_cast<double>(std::max<std::int64_t>(1, total))));
+  }
+  if (schedule == LrSchedule::kStep) return std::pow(gamma, static_cast<double>(epoch / step_size));
+  return 1.0;
+}
+
 Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_features,
            std::int64_t source_classes, std::uint64_t seed)
     : config_(std::move(config)) {
@@ -247,18 +271,8 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
     head_ = registry.create(config_.head, spec);
   }
   head_->seed(seed);
-  const auto params = head_->parameters();
-  if (config_.optimizer == OptimizerKind::kSgd) {
-    optimizer_ = std::make_unique<torch::optim::SGD>(
-        params,
-        torch::optim::SGDOptions(config_.lr).momentum(config_.momentum).weight_decay(config_.weight_decay));
-  } else if (config_.optimizer == OptimizerKind::kAdam) {
-    optimizer_ = std::make_unique<torch::optim::Adam>(
-        params, torch::optim::AdamOptions(config_.lr).weight_decay(config_.weight_decay));
-  } else {
-    optimizer_ = std::make_unique<torch::optim::AdamW>(
-        params, torch::optim::AdamWOptions(config_.lr).weight_decay(config_.weight_decay));
-  }
+  optimizer_ = make_optimizer(config_.optimizer, {head_->parameters()}, config_.lr, config_.weight_decay,
+                              config_.momentum);
 }
 
 Task::~Task() = default;
@@ -297,13 +311,7 @@ void Task::set_target_scale(double mean, double std) {
 }
 
 void Task::start_epoch(std::int64_t epoch, std::int64_t total) {
-  double factor = 1.0;
-  if (config_.schedule == LrSchedule::kCosine) {
-    factor = 0.5 * (1.0 + std::cos(M_PI * static_cast<double>(epoch) /
-                                   static_cast<double>(std::max<std::int64_t>(1, total))));
-  } else if (config_.schedule == LrSchedule::kStep) {
-    factor = std::pow(config_.gamma, static_cast<double>(epoch / config_.step_size));
-  }
+  const double factor = lr_factor(config_.schedule, epoch, total, config_.step_size, config_.gamma);
   for (auto& group : optimizer_->param_groups()) group.options().set_lr(config_.lr * factor);
 }
 

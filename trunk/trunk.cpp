@@ -91,6 +91,13 @@ std::vector<std::pair<std::string, torch::jit::Value*>> forward_calls(
   return out;
 }
 
+// forward_calls as a map from the submodule's name to the value its call returns.
+std::map<std::string, torch::jit::Value*> call_values(const std::shared_ptr<torch::jit::Graph>& g) {
+  std::map<std::string, torch::jit::Value*> out;
+  for (const auto& [name, value] : forward_calls(g)) out[name] = value;
+  return out;
+}
+
 // Dead code elimination that also drops submodule calls whose result nobody uses (the
 // default pass keeps every call, as it might have side effects; a trunk's blocks have none).
 void eliminate_dead_code(const std::shared_ptr<torch::jit::Graph>& g) {
@@ -128,8 +135,7 @@ void set_outputs(const std::shared_ptr<torch::jit::Graph>& g, const std::vector<
 // comes after the last tap is removed from it.
 void add_taps_method(torch::jit::Module& module, const std::vector<std::string>& taps) {
   auto g = module.get_method("forward").graph()->copy();
-  std::map<std::string, torch::jit::Value*> calls;
-  for (const auto& [name, value] : forward_calls(g)) calls[name] = value;
+  const auto calls = call_values(g);
   std::vector<torch::jit::Value*> values;
   for (const auto& t : taps) values.push_back(calls.at(t));
   set_outputs(g, values, true);
@@ -145,8 +151,7 @@ void add_split_methods(torch::jit::Module& module, const std::vector<std::string
   const auto forward = module.get_method("forward").graph();
   {
     auto g = forward->copy();
-    std::map<std::string, torch::jit::Value*> calls;
-    for (const auto& [name, value] : forward_calls(g)) calls[name] = value;
+    const auto calls = call_values(g);
     if (!calls.count(split.boundary)) {
       split.problem = "block " + split.boundary +
                       " is not called by the trunk's forward directly, so its output cannot be cached";
@@ -157,8 +162,7 @@ void add_split_methods(torch::jit::Module& module, const std::vector<std::string
     add_method(module, kPrefixMethod, g);
   }
   auto g = forward->copy();
-  std::map<std::string, torch::jit::Value*> calls;
-  for (const auto& [name, value] : forward_calls(g)) calls[name] = value;
+  const auto calls = call_values(g);
   torch::jit::Value* boundary = calls.at(split.boundary);
   torch::jit::Value* input = g->addInput("boundary");
   input->setType(boundary->type());
@@ -270,6 +274,7 @@ struct Trunk::Impl {
   std::vector<std::string> blocks, tap_points;
   std::set<std::string> frozen;  // qualified names of frozen modules
   TopSplit split;
+  bool training = false;  // the mode set_training last set
 
   // Where the policy cuts the trunk; adds canopy_prefix and canopy_top when it leaves a top
   // over a frozen prefix.
@@ -287,9 +292,13 @@ struct Trunk::Impl {
     const auto k = static_cast<std::size_t>(split.prefix_blocks);
     split.top_blocks.assign(blocks.begin() + k, blocks.end());
     if (k == 0) {
-      split.problem = blocks.empty()
-                          ? "the trunk has no blocks"
-                          : "the first block (" + blocks.front() + ") trains, so no frozen prefix is left";
+      split.problem =
+          blocks.empty() ? "the trunk has no blocks"
+          : frozen.count(blocks.front()) && config.freeze.batchnorm_affine_trainable
+              ? "trunk.batchnorm_affine_trainable = true makes the BatchNorm weights of the frozen blocks "
+                "trainable, and a cached prefix cannot train (set it to false; the top's own BatchNorm "
+                "weights train anyway)"
+              : "the first block (" + blocks.front() + ") trains, so no frozen prefix is left";
       return;
     }
     split.boundary = blocks[k - 1];
@@ -368,6 +377,7 @@ struct Trunk::Impl {
 
   // BatchNorm stays in eval mode everywhere: statistics fixed, in the trainable top too.
   void set_training(bool on) {
+    training = on;
     for (const auto& m : module.named_modules()) {
       m.value._ivalue()->setAttr("training", on && !frozen.count(m.name) && !is_batchnorm(m.value));
     }
@@ -387,6 +397,11 @@ void validate_trunk_config(const TrunkConfig& c) {
     CANOPY_CHECK(!t.empty() && seen.insert(t).second, ConfigError, "trunk.taps: '", t,
                  "' is empty or listed twice");
   }
+}
+
+std::string describe(const FreezePolicy& p) {
+  return (p.train_only.empty() ? p.freeze : "all but " + p.train_only) +
+         (p.batchnorm_affine_trainable ? "; BatchNorm affine trainable" : "");
 }
 
 std::string describe_taps(const TrunkConfig& c) { return c.taps.empty() ? "output" : join(c.taps, ","); }
@@ -451,11 +466,9 @@ Trunk Trunk::load(const TrunkConfig& config) {
   Trunk trunk(std::move(impl));
   // What is frozen is decided here, once, and said.
   const auto [total, trainable] = trunk.parameter_counts();
-  const auto& f = config.freeze;
   log_info(detail::str_cat("trunk: ", total, " parameters, ", trainable, " trainable (freeze ",
-                           f.train_only.empty() ? f.freeze : "all but " + f.train_only,
-                           f.batchnorm_affine_trainable ? "; BatchNorm affine trainable" : "", "); ",
-                           trunk.impl_->frozen.size(), " of ", m.named_modules().size(), " modules frozen"));
+                           describe(config.freeze), "); ", trunk.impl_->frozen.size(), " of ",
+                           m.named_modules().size(), " modules frozen"));
   if (config.optimize && trainable == 0) {
     std::vector<std::string> methods;
     if (!config.taps.empty()) methods.push_back(kTapsMethod);
@@ -480,7 +493,9 @@ at::Tensor Trunk::features(const std::vector<at::Tensor>& inputs) {
   return impl_->run(impl_->module, impl_->prepare(inputs));
 }
 
-void Trunk::train(bool on) { impl_->set_training(on); }
+void Trunk::train(bool on) {
+  if (on != impl_->training) impl_->set_training(on);  // a walk over every module: only on a change
+}
 
 const TopSplit& Trunk::split() const { return impl_->split; }
 
@@ -526,8 +541,8 @@ at::Tensor Trunk::top_features(const std::vector<at::Tensor>& parts) {
   CANOPY_CHECK(s.tunes && parts.size() == 1 + s.top_inputs.size(), Error, "top_features: expected ",
                1 + s.top_inputs.size(), " parts (the boundary and the inputs the top reads), got ",
                parts.size());
-  // The trunk's inputs as the top's graph takes them: those it reads from the parts (a mask
-  // is given back its integer type), the others empty.
+  // The trunk's inputs as the top's graph takes them: those it reads from the parts (float,
+  // as cached), the others empty.
   const std::size_t n_inputs = impl_->module.get_method("forward").graph()->inputs().size() - 1;
   std::vector<at::Tensor> inputs(n_inputs);
   for (std::size_t k = 0; k < s.top_inputs.size(); ++k) {
@@ -554,7 +569,7 @@ std::vector<std::pair<std::string, at::Tensor>> Trunk::trainable_parameters(cons
   return out;
 }
 
-void Trunk::save(const std::string& path) const {
+std::string Trunk::save(const std::string& path) const {
   try {
     verified_trunk_sha256(impl_->config);  // the file the weights go back into is the pinned one
     torch::jit::Module clean = torch::jit::load(impl_->config.path, c10::kCPU);
@@ -564,7 +579,9 @@ void Trunk::save(const std::string& path) const {
     for (const auto& p : clean.named_parameters(true)) p.value.copy_(trained.at(p.name));
     std::ostringstream bytes;
     clean.save(bytes);
-    write_file_atomic(path, bytes.str());  // IoError naming the file (a full disk, ...)
+    const std::string written = bytes.str();
+    write_file_atomic(path, written);  // IoError naming the file (a full disk, ...)
+    return sha256_hex(written);
   } catch (const c10::Error& e) {
     throw IoError(detail::str_cat("cannot write trunk '", path, "': ", e.what_without_backtrace()));
   }
@@ -637,9 +654,7 @@ std::string Trunk::show(int max_depth) const {
     << "  sha256      " << impl_->sha256
     << (c.sha256.empty() ? " (not pinned: add trunk.sha256 to pin it)" : " (pinned, verified)")
     << "\n  parameters  " << total << ", trainable " << trainable << "\n"
-    << "  freeze      "
-    << (c.freeze.train_only.empty() ? c.freeze.freeze : "everything except " + c.freeze.train_only)
-    << (c.freeze.batchnorm_affine_trainable ? "; BatchNorm weight and bias trainable" : "") << "\n"
+    << "  freeze      " << describe(c.freeze) << "\n"
     << "  features    tap " << describe_taps(c) << ", pooling " << c.pooling << "\n";
   const TopSplit& sp = impl_->split;
   if (!sp.tunes) {

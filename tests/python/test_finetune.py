@@ -166,6 +166,21 @@ lr = 0.003
     r = run(canopy, "cache", "--config", config, "--set", "trunk.freeze=none", "--set", f"cache.path={work}/c2")
     check(r.returncode != 0 and "no frozen prefix" in r.stderr and "first:N" in r.stderr,
           f"freeze = none is refused, saying what to write: {r.stderr.strip()[-300:]}")
+    r = run(canopy, "cache", "--config", config, "--set", "trunk.batchnorm_affine_trainable=true",
+            "--set", f"cache.path={work}/c3")
+    check(r.returncode != 0 and "batchnorm_affine_trainable" in r.stderr and "no frozen prefix" in r.stderr,
+          f"BatchNorm weights made trainable inside the prefix are refused, naming the key: {r.stderr.strip()[-250:]}")
+    r = run(canopy, "train", "--config", config, "--set", "trunk.schedule=step")
+    check(r.returncode != 0 and "trunk.schedule" in r.stderr and "constant or cosine" in r.stderr,
+          f"trunk.schedule = step is refused: {r.stderr.strip()[-200:]}")
+    # A policy that freezes every block leaves no top: pooled features, and predict runs the
+    # config's trunk as with freeze = all.
+    every = ["--set", "trunk.freeze=first:4", "--set", f"cache.path={work}/all4", "--set", f"train.out_dir={work}/all4-out"]
+    r = run(canopy, "run", "--config", config, *every)
+    ok = r.returncode == 0 and "row_parts" not in json.load(open(f"{work}/all4/manifest.json"))["meta"]
+    r = run(canopy, "predict", "--config", config, *every, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz", "--limit", "20")
+    check(ok and r.returncode == 0 and "fine-tuned" not in r.stderr and len(r.stdout.splitlines()) == 21,
+          f"freeze = first:4 (every block) caches features and predicts with the trunk file ({r.stderr.strip()[-200:]})")
     return finish()
 
 

@@ -47,6 +47,16 @@ std::vector<std::string> optimizer_names();
 std::vector<std::string> schedule_names();
 std::vector<std::string> regression_loss_names();
 
+// An optimizer over parameter groups (each group starts at `lr`; change a group's rate
+// through param_groups()), as tasks and the trunk's trainable top configure them.
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(OptimizerKind kind,
+                                                        const std::vector<std::vector<at::Tensor>>& groups,
+                                                        double lr, double weight_decay, double momentum);
+// The factor a schedule applies to the learning rate in epoch `epoch` (0-based) of `total`:
+// 1 (constant), half a cosine from 1 to 0 (cosine), gamma^(epoch / step_size) (step).
+double lr_factor(LrSchedule schedule, std::int64_t epoch, std::int64_t total, std::int64_t step_size,
+                 double gamma);
+
 struct TaskConfig {
   std::string name;
   TaskKind kind = TaskKind::kMulticlass;

@@ -62,6 +62,9 @@ struct TrunkConfig {
 };
 
 void validate_trunk_config(const TrunkConfig& config);
+// A policy as logs, `trunk show` and the cache's description name it: "first:13", "all" or,
+// for train_only, "all but first:2" (with "; BatchNorm affine trainable" when set).
+std::string describe(const FreezePolicy& policy);
 // "output" or the taps joined by ',' (for descriptions and fingerprints).
 std::string describe_taps(const TrunkConfig& config);
 
@@ -132,8 +135,9 @@ class Trunk {
   // The trainable parameters inside one module (a block), by qualified name.
   std::vector<std::pair<std::string, at::Tensor>> trainable_parameters(const std::string& module) const;
   // Writes the trunk with its current weights (the frozen prefix unchanged, the trained top)
-  // as one TorchScript file: the original file's code, nothing canopy added.
-  void save(const std::string& path) const;
+  // as one TorchScript file: the original file's code, nothing canopy added. Returns the
+  // written file's SHA-256.
+  std::string save(const std::string& path) const;
 
   const std::string& sha256() const;
   const TrunkConfig& config() const;
