@@ -24,7 +24,6 @@ import argparse
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,8 @@ TRUNK = os.path.join(HOME, "trunks", "efficientnet_lite0.pt")
 FMNIST = os.environ.get("CANOPY_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
 from support import read_idx  # noqa: E402
+
+from canopy_runs import cache_then_train  # noqa: E402
 
 HEAD_LR, TOP_LR, DECAY, BATCH = 1e-3, 1e-4, 2.6, 256
 
@@ -71,26 +72,16 @@ lr = {HEAD_LR}
 
 def run_canopy(a, work, freeze):
     """Per seed: (accuracy, seconds per epoch, total seconds); the cache is built once."""
-    config = os.path.join(work, f"{freeze.replace(':', '')}.ini")
+    tag = freeze.replace(":", "")
+    config = os.path.join(work, f"{tag}.ini")
     with open(config, "w") as f:
         f.write(canopy_config(work, a, freeze))
-    t = time.time()
-    r = subprocess.run([a.canopy, "cache", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"canopy cache ({freeze}) failed: {r.stderr[-800:]}")
-    cache_s = time.time() - t
     out = []
-    for seed in a.seeds:
-        t = time.time()
-        r = subprocess.run([a.canopy, "train", "--config", config, "--progress", "quiet", "--set", f"train.seed={seed}",
-                            "--set", f"train.out_dir={work}/out-{freeze.replace(':', '')}-{seed}"], capture_output=True, text=True)
-        if r.returncode:
-            sys.exit(f"canopy train ({freeze}) failed: {r.stderr[-800:]}")
-        total = cache_s + time.time() - t
-        train_s = float(re.search(r"train ([\d.]+)s", r.stdout).group(1))
-        acc = float(re.search(r"^probe .*? ([\d.]+)%", r.stdout, re.M).group(1)) / 100
-        out.append((acc, train_s / a.epochs, total))
-        print(f"  canopy {freeze} seed {seed}: {100 * acc:.2f}%, {train_s / a.epochs:.1f} s/epoch, total {total:.1f} s",
+    for seed, _, stdout, per_epoch, total in cache_then_train(a.canopy, ["--config", config], a.seeds,
+                                                              f"{work}/out-{tag}", a.epochs):
+        acc = float(re.search(r"^probe .*? ([\d.]+)%", stdout, re.M).group(1)) / 100
+        out.append((acc, per_epoch, total))
+        print(f"  canopy {freeze} seed {seed}: {100 * acc:.2f}%, {per_epoch:.1f} s/epoch, total {total:.1f} s",
               file=sys.stderr, flush=True)
     return out
 

@@ -1,6 +1,7 @@
 #include "canopy/runners/export.h"
 
 #include <cstring>
+#include <utility>
 
 #include <ATen/ops/empty.h>
 #include <nlohmann/json.hpp>
@@ -11,37 +12,21 @@
 namespace canopy::runners {
 
 namespace {
+// The dtypes canopy reads and writes, with the names the safetensors header gives them.
+constexpr std::pair<at::ScalarType, const char*> kSafetensorsDtypes[] = {
+    {at::kFloat, "F32"}, {at::kHalf, "F16"}, {at::kBFloat16, "BF16"}, {at::kDouble, "F64"},
+    {at::kLong, "I64"},  {at::kInt, "I32"},  {at::kByte, "U8"},       {at::kBool, "BOOL"}};
+
 const char* safetensors_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return "F32";
-    case at::kHalf:
-      return "F16";
-    case at::kBFloat16:
-      return "BF16";
-    case at::kDouble:
-      return "F64";
-    case at::kLong:
-      return "I64";
-    case at::kInt:
-      return "I32";
-    case at::kByte:
-      return "U8";
-    case at::kBool:
-      return "BOOL";
-    default:
-      return nullptr;
+  for (const auto& [type, name] : kSafetensorsDtypes) {
+    if (type == t) return name;
   }
+  return nullptr;
 }
 at::ScalarType from_safetensors_dtype(const std::string& d, const std::string& path) {
-  if (d == "F32") return at::kFloat;
-  if (d == "F16") return at::kHalf;
-  if (d == "BF16") return at::kBFloat16;
-  if (d == "F64") return at::kDouble;
-  if (d == "I64") return at::kLong;
-  if (d == "I32") return at::kInt;
-  if (d == "U8") return at::kByte;
-  if (d == "BOOL") return at::kBool;
+  for (const auto& [type, name] : kSafetensorsDtypes) {
+    if (d == name) return type;
+  }
   throw DataError(detail::str_cat("safetensors '", path, "': unsupported dtype '", d, "'"));
 }
 }  // namespace

@@ -1,0 +1,26 @@
+"""Running canopy from the Python benchmarks: one `canopy cache`, then one `canopy train` per seed."""
+import re
+import subprocess
+import sys
+import time
+
+
+def cache_then_train(canopy, common, seeds, out_prefix, epochs):
+    """`canopy cache` with the arguments `common` (config and --set overrides), then `canopy
+    train` per seed into out_prefix-<seed>. Yields (seed, out_dir, train stdout, seconds per
+    epoch as canopy reports its training time, total wall seconds including the cache build)."""
+    t = time.time()
+    r = subprocess.run([canopy, "cache", *common, "--progress", "quiet"], capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"canopy cache {' '.join(common)} failed: {r.stderr[-800:]}")
+    cache_s = time.time() - t
+    for seed in seeds:
+        out_dir = f"{out_prefix}-{seed}"
+        t = time.time()
+        r = subprocess.run([canopy, "train", *common, "--progress", "quiet", "--set", f"train.seed={seed}",
+                            "--set", f"train.out_dir={out_dir}"], capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"canopy train {' '.join(common)} failed: {r.stderr[-800:]}")
+        total = cache_s + time.time() - t
+        per_epoch = float(re.search(r"train ([\d.]+)s", r.stdout).group(1)) / epochs
+        yield seed, out_dir, r.stdout, per_epoch, total
