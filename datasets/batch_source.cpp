@@ -44,6 +44,7 @@ class InMemorySource : public BatchSource {
     const at::Tensor idx = order_.slice(0, pos_, std::min(rows(), pos_ + batch_size_));
     pos_ += batch_size_;
     b.features = data_.features.index_select(0, idx).to(at::kFloat);
+    b.index = idx;
     b.labels.clear();
     for (const auto& [src, t] : data_.labels) b.labels[src] = t.index_select(0, idx);
     return true;

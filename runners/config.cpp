@@ -310,7 +310,7 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
                             "the top's L2 penalty (adamw: decoupled)")
                   .at_least(0));
   v.push_back(choice<K>(
-      "trunk", "schedule", CANOPY_JOB(top.schedule),
+      "trunk", "lr_schedule", CANOPY_JOB(top.lr_schedule),
       [](const std::string& value, const std::string& where) {
         const tasks::LrSchedule s = tasks::parse_schedule(value, where);
         CANOPY_CHECK(s != tasks::LrSchedule::kStep, ConfigError, where,
@@ -320,6 +320,31 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
       },
       [](tasks::LrSchedule s) { return tasks::to_string(s); }, std::vector<std::string>{"constant", "cosine"},
       "the top's learning rate per epoch, over train.epochs"));
+  v.push_back(choice<K>(
+      "trunk", "schedule", CANOPY_JOB(top.schedule), parse_freeze_schedule,
+      [](FreezeSchedule s) { return std::string(to_string(s)); },
+      std::vector<std::string>{"static", "gradual", "autofreeze"},
+      "which of the top's blocks train when (docs/fine-tuning.md)"));
+  v.push_back(member_key<K>("trunk", "unfreeze_to", CANOPY_JOB(trunk.freeze.unfreeze_to),
+                            "the lowest block that ever trains: every block before it is frozen and cached "
+                            "(instead of freeze)"));
+  v.push_back(member_key<K>("trunk", "warmup_epochs", CANOPY_JOB(top.warmup_epochs),
+                            "gradual: epochs with only the heads training")
+                  .at_least(0));
+  v.push_back(member_key<K>("trunk", "unfreeze_every", CANOPY_JOB(top.unfreeze_every),
+                            "gradual: epochs between unfreezing one more block, from the top down")
+                  .at_least(1));
+  v.push_back(member_key<K>("trunk", "freeze_interval", CANOPY_JOB(top.freeze_interval),
+                            "autofreeze: steps between freezing decisions; 0: one epoch's steps")
+                  .at_least(0));
+  v.push_back(member_key<K>("trunk", "percentile", CANOPY_JOB(top.percentile),
+                            "autofreeze: blocks whose gradient-norm change rate is below this percentile "
+                            "freeze (from the lowest up)")
+                  .at_least(0)
+                  .at_most(100));
+  v.push_back(member_key<K>("trunk", "min_trainable", CANOPY_JOB(top.min_trainable),
+                            "autofreeze: blocks that never freeze")
+                  .at_least(1));
 }
 
 // [cache] and [train].
@@ -373,6 +398,14 @@ void add_cache_and_train_keys(std::vector<Key<JobConfig>>& v) {
                             "write TensorBoard event files per head"));
   v.push_back(member_key<K>("train", "fuse", CANOPY_JOB(train.fuse),
                             "train same-input built-in heads in batched operations"));
+  v.push_back(choice<K>(
+      "train", "weighting", CANOPY_JOB(train.weighting), parse_weighting,
+      [](Weighting w) { return std::string(to_string(w)); },
+      std::vector<std::string>{"sum", "static", "uncertainty", "dwa", "famo", "pcgrad"},
+      "how the tasks' losses combine in the gradient reaching a trainable top (docs/fine-tuning.md)"));
+  v.push_back(member_key<K>("train", "weighting_lr", CANOPY_JOB(train.weighting_lr),
+                            "the learning rate of uncertainty's log-variances and famo's logits")
+                  .above(0));
   v.push_back(member_key<K>("train", "fuse_kib", CANOPY_JOB(train.fuse_kib),
                             "most fused first-layer activations per group (batch x widths x 4 bytes), KiB")
                   .at_least(0));
@@ -574,7 +607,12 @@ void validate_job_config(const JobConfig& c) {
   CANOPY_CHECK(c.train.workers <= limit && c.train.intra_op_threads <= limit, ConfigError,
                "train.workers and train.intra_op_threads must be at most ", limit,
                " (4x this machine's cores), got ", c.train.workers, " and ", c.train.intra_op_threads);
-  for (const auto& t : c.tasks) tasks::validate_task_config(t, 0);
+  for (const auto& t : c.tasks) {
+    tasks::validate_task_config(t, 0);
+    CANOPY_CHECK(t.loss_weight == 1.0 || c.train.weighting == Weighting::kStatic, ConfigError, "task.",
+                 t.name, ".loss_weight = ", t.loss_weight,
+                 " takes effect with train.weighting = static, not ", to_string(c.train.weighting));
+  }
 }
 
 JobConfig load_job_config(const std::string& path, const std::vector<std::string>& overrides) {

@@ -26,6 +26,7 @@ void HeadRun::start_epoch() {
 void HeadRun::add_loss(double loss) {
   loss_sum += loss;
   ++loss_count;
+  last_loss = loss;
 }
 
 void HeadRun::fail(std::int64_t epoch, std::int64_t step, const std::string& why) {

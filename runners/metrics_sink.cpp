@@ -1,6 +1,7 @@
 #include "canopy/runners/metrics_sink.h"
 
 #include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -102,6 +103,35 @@ void MetricsSink::record(std::int64_t epoch, std::size_t task, const HeadRun& ru
       tb.add_scalar("eval/" + name, static_cast<float>(value), epoch + 1);
     tb.flush();
   }
+}
+
+void MetricsSink::record_top(std::int64_t epoch, const TopEpoch& top, const std::vector<double>& weights) {
+  nlohmann::ordered_json row{
+      {"epoch", epoch + 1},
+      {"task", "@trunk"},
+      {"training", top.training},
+      {"level", top.level.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(top.level)}};
+  if (!top.rates.empty()) {
+    nlohmann::ordered_json rates = nlohmann::ordered_json::object();
+    for (const auto& [block, r] : top.rates)
+      rates[block] = std::isfinite(r) ? nlohmann::ordered_json(r) : nullptr;
+    row["change_rates"] = rates;
+  }
+  nlohmann::ordered_json w = nlohmann::ordered_json::object();
+  for (std::size_t i = 0; i < weights.size() && i < names_.size(); ++i) w[names_[i]] = weights[i];
+  row["loss_weights"] = w;
+  jsonl_ << row.dump() << "\n";
+  if (tensorboard_.empty()) return;
+  if (!top_tensorboard_) top_tensorboard_ = std::make_unique<EventWriter>(out_dir_ + "/tensorboard/@trunk");
+  EventWriter& tb = *top_tensorboard_;
+  tb.add_scalar("trunk/trainable_blocks", static_cast<float>(top.training.size()), epoch + 1);
+  for (const auto& [block, r] : top.rates) {
+    if (std::isfinite(r)) tb.add_scalar("trunk/change_rate/" + block, static_cast<float>(r), epoch + 1);
+  }
+  for (std::size_t i = 0; i < weights.size() && i < names_.size(); ++i) {
+    tb.add_scalar("loss_weight/" + names_[i], static_cast<float>(weights[i]), epoch + 1);
+  }
+  tb.flush();
 }
 
 void MetricsSink::flush() {

@@ -1,12 +1,16 @@
 #include "canopy/runners/shared_top.h"
 
 #include <cmath>
+#include <cstdio>
+#include <limits>
 #include <mutex>
 #include <sstream>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -17,7 +21,10 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/progress.h"
+#include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
+#include "canopy/datasets/level_file.h"
 
 namespace canopy::runners {
 
@@ -28,8 +35,14 @@ bool all_finite(const at::Tensor& t) { return t.isfinite().all().item<bool>(); }
 }  // namespace
 
 SharedTop::SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets::CacheMeta& meta,
-                     double default_lr)
-    : trunk_(std::move(trunk)), config_(config), parts_(meta.row_parts) {
+                     double default_lr, std::int64_t train_rows, std::int64_t steps_per_epoch,
+                     std::string level_dir)
+    : trunk_(std::move(trunk)),
+      config_(config),
+      parts_(meta.row_parts),
+      cache_fingerprint_(meta.fingerprint),
+      train_rows_(train_rows),
+      level_dir_(std::move(level_dir)) {
   trunk_.check_cacheable();
   const trunk::TopSplit& split = trunk_.split();
   CANOPY_CHECK(split.tunes && split.boundary == meta.boundary, ConfigError, "the cache holds the output of ",
@@ -60,13 +73,36 @@ SharedTop::SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets
                " of them in the top's blocks (", join(blocks, ", "),
                "): trainable parameters outside the trunk's blocks cannot train over a cache");
   optimizer_ = tasks::make_optimizer(config_.optimizer, groups, config_.lr, config_.weight_decay, 0.9);
-  start_epoch(0, 1);  // each group's own rate
+  top_blocks_ = blocks;
+  for (const auto& b : top_blocks_) {
+    std::vector<at::Tensor> ps;
+    for (const auto& named : trunk_.trainable_parameters(b)) ps.push_back(named.second);
+    block_params_.push_back(std::move(ps));
+  }
+  const auto n = static_cast<std::int64_t>(top_blocks_.size());
+  norm_sum_.assign(top_blocks_.size(), 0.0);
+  rates_.assign(top_blocks_.size(), std::numeric_limits<double>::quiet_NaN());
+  interval_ =
+      config_.freeze_interval > 0 ? config_.freeze_interval : std::max<std::int64_t>(1, steps_per_epoch);
+  text_ = parts_.size() >= 2 && parts_[1].shape.size() == 1 && !parts_[0].shape.empty() &&
+          parts_[0].shape[0] == parts_[1].shape[0];
+  if (config_.schedule == FreezeSchedule::kAutofreeze) {
+    CANOPY_CHECK(n > config_.min_trainable, ConfigError, "trunk.schedule = autofreeze over a top of ", n,
+                 " block(s) (", join(blocks, ", "), ") with trunk.min_trainable = ", config_.min_trainable,
+                 " can freeze nothing; train more blocks (trunk.freeze = first:N) or lower min_trainable");
+    // Every place a level may sit must be a clean cut of the trunk.
+    for (std::int64_t b = 0; b + config_.min_trainable < n; ++b) {
+      const std::string problem = trunk_.cut_problem(top_blocks_[static_cast<std::size_t>(b)]);
+      CANOPY_CHECK(problem.empty(), ConfigError, "trunk.schedule = autofreeze: ", problem);
+    }
+  }
+  start_epoch(0, 1);  // each group's own rate, and the first epoch's frozen blocks
   feature_dim_ = forward(at::zeros({1, meta.feature_dim}, at::kFloat), false).size(1);
 }
 
 SharedTop::~SharedTop() = default;
 
-std::vector<at::Tensor> SharedTop::unpack(const at::Tensor& rows) const {
+std::vector<at::Tensor> SharedTop::unpack(const at::Tensor& rows, std::int64_t* len_out) const {
   const at::Tensor x = rows.to(at::kFloat);
   std::vector<at::Tensor> parts;
   std::int64_t at = 0;
@@ -78,25 +114,74 @@ std::vector<at::Tensor> SharedTop::unpack(const at::Tensor& rows) const {
   }
   CANOPY_CHECK(at == x.size(1), DataError, "cached rows hold ", x.size(1), " values, the layout ", at);
   // Texts: positions past the longest mask in the batch change nothing; leave them out.
-  if (parts.size() >= 2 && parts[1].dim() == 2 && parts[0].dim() >= 2 &&
-      parts[0].size(1) == parts[1].size(1)) {
+  if (len_out) *len_out = -1;
+  if (text_) {
     const at::Tensor used = parts[1].ne(0).any(0).nonzero();
     const std::int64_t len = used.numel() ? used.max().item<std::int64_t>() + 1 : 1;
     parts[0] = parts[0].slice(1, 0, len);
     parts[1] = parts[1].slice(1, 0, len);
+    if (len_out) *len_out = len;
   }
   return parts;
 }
 
-at::Tensor SharedTop::forward(const at::Tensor& rows, bool training) {
+std::string SharedTop::feed(std::vector<at::Tensor>& parts, std::int64_t len, const at::Tensor& index) {
+  std::string from = trunk_.split().boundary;
+  if (level_ < 0 && pending_ < 0) return from;
+  CANOPY_CHECK(
+      index.defined(), Error,
+      "trunk.schedule = autofreeze reads and writes cache levels by row, which needs the train split "
+      "in memory; raise cache.memory_cap_mb (or set it to 0)");
+  if (level_ >= 0) {
+    std::vector<std::int64_t> shape{index.size(0)};
+    shape.insert(shape.end(), level_shape_.begin(), level_shape_.end());
+    parts[0] = level_rows_.index_select(0, index).reshape(shape);
+    if (len >= 0) parts[0] = parts[0].slice(1, 0, len);
+    from = top_blocks_[static_cast<std::size_t>(level_)];
+  }
+  if (pending_ >= 0) {
+    const std::string& to = top_blocks_[static_cast<std::size_t>(pending_)];
+    at::Tensor out;
+    {
+      c10::NoGradGuard no_grad;  // every block up to `to` is frozen
+      out = trunk_.span(from, to, parts).to(c10::kCPU, at::kFloat);
+    }
+    at::Tensor stored = out;
+    if (len >= 0) stored = at::constant_pad_nd(out, {0, 0, 0, parts_[1].shape[0] - out.size(1)});
+    if (!pending_rows_.defined()) {
+      pending_shape_.assign(stored.sizes().begin() + 1, stored.sizes().end());
+      pending_rows_ = at::zeros({train_rows_, stored[0].numel()}, at::kFloat);
+    }
+    pending_rows_.index_copy_(0, index, stored.flatten(1));
+    parts[0] = out;
+    from = to;
+  }
+  return from;
+}
+
+at::Tensor SharedTop::forward(const at::Tensor& rows, bool training, const at::Tensor& index) {
   // The graph executor's profiling passes could swap in other kernels after a few runs; a
   // resumed run must compute what an uninterrupted one did.
   torch::jit::GraphOptimizerEnabledGuard plain(false);
   trunk_.train(training);
-  const auto parts = unpack(rows);
-  if (training) return trunk_.top_features(parts).to(c10::kCPU);
+  std::int64_t len = -1;
+  auto parts = unpack(rows, &len);
+  if (training) {
+    const std::string from = feed(parts, len, index);
+    return trunk_.top_features_from(from, parts).to(c10::kCPU);
+  }
+  // Evaluation computes the whole top from the cache: its frozen blocks give what a level holds.
   c10::NoGradGuard no_grad;
   return trunk_.top_features(parts).to(c10::kCPU);
+}
+
+void SharedTop::replay(const at::Tensor& rows, const at::Tensor& index) {
+  if (pending_ < 0) return;
+  torch::jit::GraphOptimizerEnabledGuard plain(false);
+  trunk_.train(true);
+  std::int64_t len = -1;
+  auto parts = unpack(rows, &len);
+  feed(parts, len, index);
 }
 
 at::Tensor SharedTop::features(const at::Tensor& rows, std::int64_t batch) {
@@ -108,6 +193,7 @@ at::Tensor SharedTop::features(const at::Tensor& rows, std::int64_t batch) {
 }
 
 void SharedTop::step(const at::Tensor& z, const at::Tensor& grad) {
+  if (!z.requires_grad()) return;  // every block held frozen (gradual's warm-up)
   torch::jit::GraphOptimizerEnabledGuard plain(false);
   optimizer_->zero_grad();
   torch::autograd::backward({z}, {grad.to(z.device())});
@@ -116,6 +202,7 @@ void SharedTop::step(const at::Tensor& z, const at::Tensor& grad) {
                  "the shared top's gradient is not finite in ", name,
                  " (every head's own gradient was finite)");
   }
+  if (config_.schedule == FreezeSchedule::kAutofreeze) track_gradients();
   optimizer_->step();
   for (const auto& [name, p] : params_) {
     CANOPY_CHECK(all_finite(p), Error, "the shared top's weights are not finite after the step (", name,
@@ -125,9 +212,134 @@ void SharedTop::step(const at::Tensor& z, const at::Tensor& grad) {
 
 void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total) {
   // Constant or cosine (validate_job_config refuses step for the top).
-  const double factor = tasks::lr_factor(config_.schedule, epoch, total, 1, 1.0);
+  const double factor = tasks::lr_factor(config_.lr_schedule, epoch, total, 1, 1.0);
   auto& groups = optimizer_->param_groups();
   for (std::size_t g = 0; g < groups.size(); ++g) groups[g].options().set_lr(base_lrs_[g] * factor);
+  const auto n = static_cast<std::int64_t>(top_blocks_.size());
+  if (config_.schedule == FreezeSchedule::kGradual) {
+    hold(n - gradual_trainable(epoch, n, config_.warmup_epochs, config_.unfreeze_every));
+  } else {
+    hold(frozen_);
+  }
+  // Autofreeze: the highest frozen block's output is stored during this epoch.
+  if (config_.schedule == FreezeSchedule::kAutofreeze && frozen_ - 1 > level_ && pending_ < 0) {
+    pending_ = frozen_ - 1;
+    pending_rows_ = at::Tensor();
+    log_info("autofreeze: storing the output of " + top_blocks_[static_cast<std::size_t>(pending_)] +
+             " during this epoch's forward passes (a cache level read from the next epoch on)");
+  }
+}
+
+void SharedTop::hold(std::int64_t frozen) {
+  frozen_ = frozen;
+  trunk_.hold_frozen(std::vector<std::string>(top_blocks_.begin(), top_blocks_.begin() + frozen_));
+}
+
+void SharedTop::track_gradients() {
+  const auto n = static_cast<std::int64_t>(top_blocks_.size());
+  for (std::int64_t b = frozen_; b < n; ++b) {
+    double sq = 0;
+    for (const auto& p : block_params_[static_cast<std::size_t>(b)]) {
+      if (p.grad().defined()) sq += p.grad().to(at::kDouble).pow(2).sum().item<double>();
+    }
+    norm_sum_[static_cast<std::size_t>(b)] += std::sqrt(sq);
+  }
+  if (++interval_steps_ < interval_) return;
+  std::vector<double> mean(norm_sum_.size());
+  for (std::size_t b = 0; b < mean.size(); ++b) mean[b] = norm_sum_[b] / static_cast<double>(interval_steps_);
+  if (!norm_prev_.empty()) {
+    const auto all = change_rates(norm_prev_, mean);
+    const std::vector<double> trainable(all.begin() + frozen_, all.end());
+    for (std::int64_t b = frozen_; b < n; ++b)
+      rates_[static_cast<std::size_t>(b)] = all[static_cast<std::size_t>(b)];
+    const std::int64_t k = blocks_to_freeze(trainable, config_.percentile, config_.min_trainable);
+    if (k > 0) {
+      log_info(
+          "autofreeze: freezing " +
+          join(std::vector<std::string>(top_blocks_.begin() + frozen_, top_blocks_.begin() + frozen_ + k),
+               ", ") +
+          " (gradient-norm change rate below the " + std::to_string(config_.percentile) +
+          "th percentile of the trainable blocks')");
+      hold(frozen_ + k);
+    }
+  }
+  norm_prev_ = mean;
+  norm_sum_.assign(norm_sum_.size(), 0.0);
+  interval_steps_ = 0;
+}
+
+std::string SharedTop::level_path(std::int64_t level) const {
+  return join_path(level_dir_, top_blocks_[static_cast<std::size_t>(level)] + ".h5");
+}
+
+// What a level's rows depend on: the cache, and the weights of the top's blocks up to it
+// (frozen since before it was written).
+std::string SharedTop::level_fingerprint(std::int64_t level) const {
+  std::string bytes = cache_fingerprint_ + "|" + top_blocks_[static_cast<std::size_t>(level)];
+  for (std::int64_t b = 0; b <= level; ++b) {
+    for (const auto& p : block_params_[static_cast<std::size_t>(b)]) {
+      const at::Tensor c = p.detach().contiguous();
+      bytes.append(static_cast<const char*>(c.const_data_ptr()), c.numel() * c.element_size());
+    }
+  }
+  return sha256_hex(bytes);
+}
+
+void SharedTop::load_level(std::int64_t level) {
+  auto file = datasets::read_level(level_path(level));
+  CANOPY_CHECK(file.fingerprint == level_fingerprint(level) && file.rows.size(0) == train_rows_, DataError,
+               "cache level '", level_path(level),
+               "' was not made by this run's frozen blocks over this cache ", "(fingerprint ",
+               file.fingerprint.substr(0, 12), ", expected ", level_fingerprint(level).substr(0, 12),
+               "); train again without --resume");
+  level_rows_ = file.rows;
+  level_shape_ = level_shape(level);
+}
+
+// One row's shape of a level (texts: padded to the cache's length), from a pass on one row.
+std::vector<std::int64_t> SharedTop::level_shape(std::int64_t level) {
+  std::int64_t width = 0;
+  for (const auto& p : parts_) width += p.numel();
+  std::int64_t len = -1;
+  const auto parts = unpack(at::zeros({1, width}, at::kFloat), &len);
+  c10::NoGradGuard no_grad;
+  const at::Tensor out =
+      trunk_.span(trunk_.split().boundary, top_blocks_[static_cast<std::size_t>(level)], parts);
+  std::vector<std::int64_t> shape(out.sizes().begin() + 1, out.sizes().end());
+  if (len >= 0) shape[0] = parts_[1].shape[0];
+  std::int64_t values = 1;
+  for (auto d : shape) values *= d;
+  CANOPY_CHECK(level_rows_.size(1) == values, DataError, "cache level '", level_path(level), "' holds ",
+               level_rows_.size(1), " values per row, the block's output ", shape);
+  return shape;
+}
+
+TopEpoch SharedTop::end_epoch() {
+  if (pending_ >= 0 && pending_rows_.defined()) {
+    level_ = pending_;
+    level_rows_ = pending_rows_;
+    level_shape_ = pending_shape_;
+    datasets::write_level(level_path(level_), {level_rows_, top_blocks_[static_cast<std::size_t>(level_)],
+                                               level_fingerprint(level_)});
+    log_info("autofreeze: cache level " + level_path(level_) + " written (" + std::to_string(train_rows_) +
+             " rows); the blocks up to " + top_blocks_[static_cast<std::size_t>(level_)] +
+             " are no longer computed");
+  }
+  pending_ = -1;
+  pending_rows_ = at::Tensor();
+  TopEpoch e;
+  e.training.assign(top_blocks_.begin() + frozen_, top_blocks_.end());
+  e.level = level_ >= 0 ? top_blocks_[static_cast<std::size_t>(level_)] : "";
+  if (config_.schedule == FreezeSchedule::kAutofreeze) {
+    for (std::size_t b = 0; b < top_blocks_.size(); ++b) e.rates.emplace_back(top_blocks_[b], rates_[b]);
+  }
+  return e;
+}
+
+void SharedTop::prune_levels() const {
+  for (std::int64_t b = 0; b < static_cast<std::int64_t>(top_blocks_.size()); ++b) {
+    if (b != level_ && is_regular_file(level_path(b))) std::remove(level_path(b).c_str());
+  }
 }
 
 std::string SharedTop::describe() const {
@@ -137,6 +349,13 @@ std::string SharedTop::describe() const {
   o << join(blocks(), ", ") << " (" << n << " parameters; " << tasks::to_string(config_.optimizer) << " lr "
     << config_.lr << " for the top block";
   if (base_lrs_.size() > 1) o << ", / " << config_.lr_decay << " per block down";
+  if (config_.schedule == FreezeSchedule::kGradual) {
+    o << "; gradual: heads alone for " << config_.warmup_epochs << " epoch(s), then one more block every "
+      << config_.unfreeze_every << " epoch(s) from the top";
+  } else if (config_.schedule == FreezeSchedule::kAutofreeze) {
+    o << "; autofreeze every " << interval_ << " steps below the " << config_.percentile << "th percentile, "
+      << config_.min_trainable << " block(s) always training";
+  }
   o << ")";
   return o.str();
 }
@@ -147,6 +366,15 @@ void SharedTop::save_checkpoint(const std::string& path) const {
   torch::serialize::OutputArchive opt;
   optimizer_->save(opt);
   archive.write("canopy.optimizer", opt);
+  archive.write("canopy.schedule",
+                at::tensor(std::vector<std::int64_t>{frozen_, level_, pending_, interval_steps_}));
+  archive.write("canopy.norm_sum", at::tensor(norm_sum_, at::kDouble));
+  archive.write("canopy.norm_prev",
+                at::tensor(norm_prev_.empty() ? std::vector<double>{} : norm_prev_, at::kDouble));
+  archive.write("canopy.rates", at::tensor(rates_, at::kDouble));
+  if (weighting_) {
+    for (const auto& [k, v] : weighting_->state()) archive.write("canopy.weighting." + k, v);
+  }
   {
     at::Generator gen = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(gen.mutex());
@@ -172,6 +400,34 @@ void SharedTop::load_checkpoint(const std::string& path) {
     torch::serialize::InputArchive opt;
     archive.read("canopy.optimizer", opt);
     optimizer_->load(opt);
+    at::Tensor sched, sum, prev, rates;
+    archive.read("canopy.schedule", sched);
+    archive.read("canopy.norm_sum", sum);
+    archive.read("canopy.norm_prev", prev);
+    archive.read("canopy.rates", rates);
+    const auto as_vector = [](const at::Tensor& t) {
+      const at::Tensor c = t.to(at::kDouble).contiguous();
+      return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+    };
+    CANOPY_CHECK(sched.numel() == 4 && sum.numel() == static_cast<std::int64_t>(top_blocks_.size()),
+                 DataError, "checkpoint '", path, "': the freezing schedule's state does not fit this top");
+    const auto* st = sched.to(at::kLong).contiguous().data_ptr<std::int64_t>();
+    hold(st[0]);
+    level_ = st[1];
+    pending_ = st[2];
+    interval_steps_ = st[3];
+    norm_sum_ = as_vector(sum);
+    norm_prev_ = as_vector(prev);
+    rates_ = as_vector(rates);
+    pending_rows_ = at::Tensor();
+    if (level_ >= 0) load_level(level_);
+    if (weighting_) {
+      std::map<std::string, at::Tensor> w;
+      for (const char* k : {"params", "m", "v", "t", "prev_losses", "epoch_losses"}) {
+        archive.read(std::string("canopy.weighting.") + k, w[k]);
+      }
+      weighting_->load_state(w);
+    }
     at::Tensor rng;
     archive.read("canopy.default_rng", rng);
     at::Generator gen = at::detail::getDefaultCPUGenerator();

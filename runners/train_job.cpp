@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <memory>
 #include <sstream>
 
@@ -138,8 +140,10 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
     set.epochs.push_back(tc.epochs > 0 ? tc.epochs : config.train.epochs);
     std::int64_t params = 0;
     for (const auto& p : task->head().parameters()) params += p.numel();
-    set.plan_heads.push_back(
-        {config.train.fuse ? heads::fusion_key(task->head()) : "", heads::fused_width(task->head()), params});
+    set.plan_heads.push_back({config.train.fuse && config.train.weighting != Weighting::kPcgrad
+                                  ? heads::fusion_key(task->head())
+                                  : "",
+                              heads::fused_width(task->head()), params});
     set.tasks.push_back(task.get());
     set.owned.push_back(std::move(task));
   }
@@ -152,13 +156,14 @@ class EpochLoop {
  public:
   // `eval_rows`: the eval split as cached: features, or (with `top`) the prefix's output.
   EpochLoop(const JobConfig& config, TaskSet& set, datasets::BatchSource& source, const at::Tensor& eval_rows,
-            SharedTop* top, CheckpointStore& store, MetricsSink& metrics, StepRunner& runner,
-            std::vector<HeadRun>& runs)
+            SharedTop* top, LossWeighting* weighting, CheckpointStore& store, MetricsSink& metrics,
+            StepRunner& runner, std::vector<HeadRun>& runs)
       : config_(config),
         set_(set),
         source_(source),
         eval_rows_(eval_rows),
         top_(top),
+        weighting_(weighting),
         store_(store),
         metrics_(metrics),
         runner_(runner),
@@ -187,8 +192,9 @@ class EpochLoop {
       const auto active = start_epoch(epoch, first_step);
       if (active.empty()) break;
       train_epoch(epoch, first_step, active, progress);
-      finish_epoch(epoch, active);
-      progress.message(epoch_line(epoch, active));
+      const TopEpoch top_epoch = top_ ? top_->end_epoch() : TopEpoch{};
+      finish_epoch(epoch, active, top_epoch);
+      progress.message(epoch_line(epoch, active) + top_line(top_epoch));
     }
     for (auto& r : runs_) {
       if (r.training()) r.state = tasks::TaskState::kDone;
@@ -221,6 +227,7 @@ class EpochLoop {
     std::int64_t step = 0;
     // The data order depends only on (seed, epoch): a resumed run skips what was done.
     for (; step < first_step && source_.next(batch); ++step) {
+      if (top_) top_->replay(batch.features, batch.index);  // the cache level rows it stored
     }
     std::vector<std::size_t> planned_for;  // the heads `units` were planned for
     std::vector<WorkUnit> units;
@@ -252,18 +259,26 @@ class EpochLoop {
   // concurrently on its output, their gradients w.r.t. it summed, one backward through it.
   void train_shared_step(const std::vector<WorkUnit>& units, const datasets::Batch& batch, std::int64_t epoch,
                          std::int64_t step) {
-    const at::Tensor z = top_->forward(batch.features, true);
+    const at::Tensor z = top_->forward(batch.features, true, batch.index);
     CANOPY_CHECK(z.isfinite().all().item<bool>(), Error, "the shared top's output is not finite at epoch ",
                  epoch + 1, " step ", step + 1,
                  " (its weights diverged; lower trunk.lr). The last checkpoint in ", store_.dir(),
                  " is the last good state");
-    datasets::Batch shared{z.detach(), batch.labels};
-    std::vector<at::Tensor> grads;
-    runner_.train(units, set_.tasks, runs_, shared, epoch, step, &grads);
-    at::Tensor total;
-    for (const auto& g : grads) {
-      if (g.defined()) total = total.defined() ? total + g : g;
+    datasets::Batch shared{z.detach(), batch.labels, batch.index};
+    last_weights_ = weighting_->weights();
+    for (std::size_t i = 0; i < set_.tasks.size(); ++i) {
+      set_.tasks[i]->set_loss_weight(last_weights_[i]);
+      runs_[i].last_loss = std::numeric_limits<double>::quiet_NaN();
     }
+    std::vector<at::Tensor> grads;
+    const bool learns = top_->trains();
+    runner_.train(units, set_.tasks, runs_, shared, epoch, step, learns ? &grads : nullptr);
+    std::vector<double> losses;
+    for (const auto& r : runs_)
+      losses.push_back(r.failed() ? std::numeric_limits<double>::quiet_NaN() : r.last_loss);
+    weighting_->after_step(losses);
+    if (!learns) return;  // gradual's warm-up: the heads alone
+    const at::Tensor total = weighting_->combine(grads, epoch * steps_per_epoch_ + step);
     if (!total.defined()) return;  // every head failed: nothing to learn from
     top_moved_ = true;
     try {
@@ -281,15 +296,39 @@ class EpochLoop {
     }
   }
 
-  void finish_epoch(std::int64_t epoch, const std::vector<std::size_t>& active) {
+  void finish_epoch(std::int64_t epoch, const std::vector<std::size_t>& active, const TopEpoch& top_epoch) {
     const auto metrics =
         runner_.evaluate(active, set_.tasks, runs_, eval_features(), set_.eval_targets, epoch);
+    std::vector<double> means(runs_.size(), std::numeric_limits<double>::quiet_NaN());
     for (std::size_t i : active) {
       runs_[i].finish_epoch(epoch, set_.epochs[i], metrics[i], set_.tasks[i]->config().early_stop_patience);
       metrics_.record(epoch, i, runs_[i]);
+      if (!runs_[i].failed()) means[i] = runs_[i].train_loss;
+    }
+    if (top_) {
+      weighting_->end_epoch(means);
+      metrics_.record_top(epoch, top_epoch, last_weights_.empty() ? weighting_->weights() : last_weights_);
     }
     metrics_.flush();
     store_.save({epoch + 1, 0}, set_.tasks, runs_, top_);
+    if (top_) top_->prune_levels();
+  }
+
+  // What the top did, for the progress line: " | top: blocks.12, blocks.13 train (level blocks.11)".
+  std::string top_line(const TopEpoch& e) const {
+    if (!top_) return "";
+    std::ostringstream o;
+    o << " | top: " << (e.training.empty() ? std::string("frozen") : join(e.training, ", ") + " train");
+    if (!e.level.empty()) o << " (reads " << e.level << "'s cached output)";
+    bool any = false;
+    for (const auto& [block, r] : e.rates) {
+      if (!std::isfinite(r)) continue;
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%s%s %.3f", any ? ", " : "; change rates ", block.c_str(), r);
+      o << buf;
+      any = true;
+    }
+    return o.str();
   }
 
   std::string epoch_line(std::int64_t epoch, const std::vector<std::size_t>& active) const {
@@ -318,8 +357,10 @@ class EpochLoop {
   datasets::BatchSource& source_;
   const at::Tensor& eval_rows_;
   SharedTop* top_;
-  at::Tensor top_eval_;    // the top's output on eval_rows_ ...
-  bool top_moved_ = true;  // ... unless the top stepped since
+  LossWeighting* weighting_;
+  std::vector<double> last_weights_;  // each task's loss weight in the last step
+  at::Tensor top_eval_;               // the top's output on eval_rows_ ...
+  bool top_moved_ = true;             // ... unless the top stepped since
   CheckpointStore& store_;
   MetricsSink& metrics_;
   StepRunner& runner_;
@@ -380,7 +421,10 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   // what a failed or killed run left half-written there goes.
   const DirLock cache_lock(config.cache.path, DirLock::Mode::kRead, "canopy train");
   const DirLock out_lock(config.train.out_dir, DirLock::Mode::kWrite, "canopy train");
-  for (const char* sub : {"", "/checkpoint", "/heads"}) remove_temporaries(config.train.out_dir + sub);
+  for (const char* sub : {"", "/checkpoint", "/heads", "/levels"})
+    remove_temporaries(config.train.out_dir + sub);
+  if (!resume && is_directory(config.train.out_dir + "/levels"))
+    remove_tree(config.train.out_dir + "/levels");
   const auto cache = open_checked_cache(config);
   const auto method = datasets::parse_read_method(config.cache.read_method);
   const datasets::SplitData eval = cache.load_split(config.train.eval_split, method);
@@ -393,10 +437,33 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   const at::Tensor eval_rows = eval.features.to(at::kFloat);
   // A cache of a frozen prefix: the trunk's top trains too, shared by every head.
   std::unique_ptr<SharedTop> top;
+  std::unique_ptr<LossWeighting> weighting;
+  const auto w = config.train.weighting;
+  CANOPY_CHECK(!cache.meta().row_parts.empty() || w == Weighting::kSum || w == Weighting::kStatic,
+               ConfigError, "train.weighting = ", to_string(w),
+               " weights the gradient that reaches a shared trainable top, ",
+               "and the trunk is frozen whole (trunk.freeze = ", trunk::describe(config.trunk.freeze),
+               "): each head learns from its own loss alone; use sum");
   if (!cache.meta().row_parts.empty()) {
     double mean_lr = 0.0;
     for (const auto& t : config.tasks) mean_lr += t.lr / static_cast<double>(config.tasks.size());
-    top = std::make_unique<SharedTop>(trunk::Trunk::load(config.trunk), config.top, cache.meta(), mean_lr);
+    if (config.top.schedule == FreezeSchedule::kAutofreeze) {
+      const auto cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb * 1024 * 1024);
+      CANOPY_CHECK(
+          cap == 0 || cache.feature_bytes(config.train.train_split) <= cap, ConfigError,
+          "trunk.schedule = autofreeze keeps its cache levels by row, which needs the train split in "
+          "memory (",
+          cache.feature_bytes(config.train.train_split) / (1024 * 1024), " MiB); raise cache.memory_cap_mb (",
+          config.cache.memory_cap_mb, ") or set it to 0");
+    }
+    const std::int64_t steps = (report.train_rows + config.train.batch_size - 1) / config.train.batch_size;
+    top = std::make_unique<SharedTop>(trunk::Trunk::load(config.trunk), config.top, cache.meta(), mean_lr,
+                                      report.train_rows, steps, join_path(config.train.out_dir, "levels"));
+    std::vector<double> static_weights;
+    for (const auto& t : config.tasks) static_weights.push_back(t.loss_weight);
+    weighting =
+        std::make_unique<LossWeighting>(w, static_weights, config.train.weighting_lr, config.train.seed);
+    top->set_weighting(weighting.get());
     report.feature_dim = top->feature_dim();
     report.top = top->describe();
     log_info("fine-tuning the trunk's top over the cached prefix (output of " + cache.meta().boundary +
@@ -425,7 +492,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
            std::to_string(report.train_rows) + " x " + std::to_string(report.feature_dim) + " features, " +
            source->describe() + " (" + std::to_string(runner.workers()) + " TBB workers x " +
            std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
-  EpochLoop loop(config, set, *source, eval_rows, top.get(), store, metrics, runner, runs);
+  EpochLoop loop(config, set, *source, eval_rows, top.get(), weighting.get(), store, metrics, runner, runs);
   report.fused = describe_fusion(set, loop.plan_options());
 
   const auto train_start = Clock::now();

@@ -244,7 +244,7 @@ double lr_factor(LrSchedule schedule, std::int64_t epoch, std::int64_t total, st
 
 Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_features,
            std::int64_t source_classes, std::uint64_t seed)
-    : config_(std::move(config)) {
+    : config_(std::move(config)), loss_weight_(config_.loss_weight) {
   validate_task_config(config_, source_classes);
   if (regression()) {
     num_classes_ = 1;  // one output: the predicted value
@@ -344,7 +344,7 @@ double Task::train_step(const at::Tensor& features, const at::Tensor& targets, b
   const at::Tensor l = loss(head_->forward(features), targets);
   const double value = l.item<double>();
   CANOPY_CHECK(std::isfinite(value), Error, "loss is ", value);
-  weighted(l, config_.loss_weight).backward();
+  weighted(l, loss_weight_).backward();
   CANOPY_CHECK(!check_gradients || gradients_finite(), Error, "gradient is not finite (loss ", value, ")");
   finish_step();
   return value;
@@ -377,7 +377,7 @@ std::vector<double> fused_train_step(const std::vector<Task*>& tasks, const at::
       if (failures) (*failures)[i] = detail::str_cat("loss is ", values[i]);
       continue;
     }
-    const at::Tensor w = weighted(l, tasks[i]->config().loss_weight);
+    const at::Tensor w = weighted(l, tasks[i]->loss_weight());
     total = total.defined() ? total + w : w;
   }
   const auto any_failed = [&] {

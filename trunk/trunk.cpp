@@ -143,14 +143,53 @@ void add_taps_method(torch::jit::Module& module, const std::vector<std::string>&
   add_method(module, kTapsMethod, g);
 }
 
+// The trunk's forward from block `from`'s output (a new last graph input, "boundary") to
+// block `to`'s output, or with `to` empty to its end (the taps' tuple, or the output).
+// Returns the graph, or fills `problem` when a block up to `from` is still read.
+std::shared_ptr<torch::jit::Graph> cut_graph(const torch::jit::Module& module,
+                                             const std::vector<std::string>& taps,
+                                             const std::vector<std::string>& blocks, const std::string& from,
+                                             const std::string& to, std::string& problem) {
+  auto g = module.get_method("forward").graph()->copy();
+  const auto calls = call_values(g);
+  for (const auto& b : {from, to}) {
+    if (!b.empty() && !calls.count(b)) {
+      problem =
+          "block " + b + " is not called by the trunk's forward directly, so its output cannot be cached";
+      return nullptr;
+    }
+  }
+  torch::jit::Value* boundary = calls.at(from);
+  torch::jit::Value* input = g->addInput("boundary");
+  input->setType(boundary->type());
+  boundary->replaceAllUsesWith(input);
+  if (!to.empty()) {
+    set_outputs(g, {calls.at(to)}, false);
+  } else if (!taps.empty()) {
+    std::vector<torch::jit::Value*> values;
+    for (const auto& t : taps) values.push_back(t == from ? input : calls.at(t));
+    set_outputs(g, values, true);
+  }
+  eliminate_dead_code(g);
+  const auto at = std::find(blocks.begin(), blocks.end(), from);
+  const std::set<std::string> upto(blocks.begin(), at == blocks.end() ? at : at + 1);
+  for (const auto& [name, value] : forward_calls(g)) {
+    if (upto.count(name)) {
+      problem = "the top still reads block " + name + " (a tap below the boundary, or a connection " +
+                "that skips it), so the prefix's output alone cannot feed it";
+      return nullptr;
+    }
+  }
+  return g;
+}
+
 // Cuts the trunk at the output of block `split.boundary`: canopy_prefix(inputs) returns it;
 // canopy_top(inputs..., boundary) computes the rest (the taps' tuple, or the output) from it.
 // Fills split.top_inputs, or split.problem when the top would still need a prefix block.
 void add_split_methods(torch::jit::Module& module, const std::vector<std::string>& taps, TopSplit& split,
-                       const std::vector<std::string>& prefix_blocks) {
-  const auto forward = module.get_method("forward").graph();
+                       const std::vector<std::string>& blocks) {
   {
-    auto g = forward->copy();
+    auto g = module.get_method("forward").graph()->copy();
     const auto calls = call_values(g);
     if (!calls.count(split.boundary)) {
       split.problem = "block " + split.boundary +
@@ -161,25 +200,8 @@ void add_split_methods(torch::jit::Module& module, const std::vector<std::string
     eliminate_dead_code(g);
     add_method(module, kPrefixMethod, g);
   }
-  auto g = forward->copy();
-  const auto calls = call_values(g);
-  torch::jit::Value* boundary = calls.at(split.boundary);
-  torch::jit::Value* input = g->addInput("boundary");
-  input->setType(boundary->type());
-  boundary->replaceAllUsesWith(input);
-  if (!taps.empty()) {
-    std::vector<torch::jit::Value*> values;
-    for (const auto& t : taps) values.push_back(t == split.boundary ? input : calls.at(t));
-    set_outputs(g, values, true);
-  }
-  eliminate_dead_code(g);
-  for (const auto& [name, value] : forward_calls(g)) {
-    if (std::find(prefix_blocks.begin(), prefix_blocks.end(), name) != prefix_blocks.end()) {
-      split.problem = "the top still reads block " + name + " (a tap below the boundary, or a connection " +
-                      "that skips it), so the prefix's output alone cannot feed it";
-      return;
-    }
-  }
+  const auto g = cut_graph(module, taps, blocks, split.boundary, "", split.problem);
+  if (!g) return;
   // Graph inputs: self, the trunk's inputs, then the boundary.
   for (std::size_t i = 1; i + 1 < g->inputs().size(); ++i) {
     if (g->inputs()[i]->hasUses()) split.top_inputs.push_back(static_cast<std::int64_t>(i - 1));
@@ -274,7 +296,10 @@ struct Trunk::Impl {
   std::vector<std::string> blocks, tap_points;
   std::set<std::string> frozen;  // qualified names of frozen modules
   TopSplit split;
-  bool training = false;  // the mode set_training last set
+  bool training = false;                    // the mode set_training last set
+  std::set<std::string> held;               // top blocks a schedule holds frozen for now
+  std::set<std::string> policy_trainable;   // parameters the policy leaves trainable
+  std::map<std::string, std::string> cuts;  // "from>to" -> the method computing it
 
   // Where the policy cuts the trunk; adds canopy_prefix and canopy_top when it leaves a top
   // over a frozen prefix.
@@ -302,8 +327,7 @@ struct Trunk::Impl {
       return;
     }
     split.boundary = blocks[k - 1];
-    add_split_methods(module, config.taps, split,
-                      std::vector<std::string>(blocks.begin(), blocks.begin() + k));
+    add_split_methods(module, config.taps, split, blocks);
     if (split.problem.empty() && config.pooling == "masked_mean" &&
         std::find(split.top_inputs.begin(), split.top_inputs.end(), 1) == split.top_inputs.end()) {
       split.top_inputs.push_back(1);  // the pooling reads the attention mask
@@ -359,6 +383,15 @@ struct Trunk::Impl {
                    "' (use trunk.freeze = none or all)");
       roots = select_modules(p.train_only, names, blocks, "trunk.train_only");
       invert = true;
+    } else if (!p.unfreeze_to.empty()) {
+      CANOPY_CHECK(p.freeze == "all", ConfigError, "trunk.freeze = ", p.freeze,
+                   " and trunk.unfreeze_to = ", p.unfreeze_to,
+                   ": give one of them (unfreeze_to freezes every block before it)");
+      const auto at = std::find(blocks.begin(), blocks.end(), p.unfreeze_to);
+      CANOPY_CHECK(at != blocks.end(), ConfigError, "trunk.unfreeze_to: '", p.unfreeze_to,
+                   "' is not a block of the trunk (blocks: ", join(blocks, ", "), ")");
+      roots.assign(blocks.begin(), at);
+      if (roots.empty()) roots.push_back("\x01");  // nothing frozen (a name no module has)
     } else if (p.freeze == "all") {
       roots = {""};
     } else if (p.freeze != "none") {
@@ -370,8 +403,68 @@ struct Trunk::Impl {
       const bool is_frozen = inside != invert;
       if (is_frozen) frozen.insert(m.name);
       const bool affine_learns = is_frozen && p.batchnorm_affine_trainable && is_batchnorm(m.value);
-      for (const auto& param : m.value.named_parameters(false))
+      for (const auto& param : m.value.named_parameters(false)) {
         param.value.set_requires_grad(!is_frozen || affine_learns);
+        if (!is_frozen || affine_learns) policy_trainable.insert(qualified(m.name, param.name));
+      }
+    }
+  }
+
+  bool is_held(const std::string& name) const {
+    for (const auto& b : held) {
+      if (is_within(name, b)) return true;
+    }
+    return false;
+  }
+
+  // The method computing block `to`'s output (or, `to` empty, the end) from block `from`'s,
+  // added on first use; ConfigError when the trunk cannot be cut there.
+  const std::string& cut_method(const std::string& from, const std::string& to) {
+    const std::string key = from + ">" + to;
+    const auto it = cuts.find(key);
+    if (it != cuts.end()) return it->second;
+    if (from == split.boundary && to.empty()) return cuts[key] = kTopMethod;
+    CANOPY_CHECK(
+        std::find(split.top_blocks.begin(), split.top_blocks.end(), from) != split.top_blocks.end() ||
+            from == split.boundary,
+        Error, "cannot cut the trunk at ", from, ": not the boundary or a block of the top");
+    std::string problem;
+    const auto g = cut_graph(module, config.taps, blocks, from, to, problem);
+    CANOPY_CHECK(g, ConfigError, "cannot cache the output of ", from, ": ", problem);
+    for (std::size_t i = 1; i + 1 < g->inputs().size(); ++i) {
+      const auto input = static_cast<std::int64_t>(i - 1);
+      CANOPY_CHECK(!g->inputs()[i]->hasUses() || std::find(split.top_inputs.begin(), split.top_inputs.end(),
+                                                           input) != split.top_inputs.end(),
+                   ConfigError, "cannot cache the output of ", from, ": the trunk after it reads input ",
+                   input, ", which the cache does not hold");
+    }
+    std::string name = "canopy_cut_" + from + "_to_" + (to.empty() ? std::string("end") : to);
+    std::replace(name.begin(), name.end(), '.', '_');
+    add_method(module, name.c_str(), g);
+    return cuts[key] = name;
+  }
+
+  // Runs a cut method on parts (the cut's input first, then the top's inputs as cached).
+  c10::IValue run_cut(const std::string& method, const std::vector<at::Tensor>& parts,
+                      std::vector<at::Tensor>& inputs) {
+    CANOPY_CHECK(parts.size() == 1 + split.top_inputs.size(), Error, "the top expected ",
+                 1 + split.top_inputs.size(), " parts (the boundary and the inputs the top reads), got ",
+                 parts.size());
+    // The trunk's inputs as the graph takes them: those the top reads from the parts (float,
+    // as cached), the others empty.
+    inputs.assign(module.get_method("forward").graph()->inputs().size() - 1, at::Tensor());
+    for (std::size_t k = 0; k < split.top_inputs.size(); ++k) {
+      inputs[static_cast<std::size_t>(split.top_inputs[k])] = parts[k + 1].to(device);
+    }
+    std::vector<c10::IValue> args;
+    for (auto& x : inputs) args.emplace_back(x.defined() ? x : at::empty({0}));
+    args.emplace_back(parts[0].to(device, at::kFloat));
+    try {
+      return module.get_method(method)(args);
+    } catch (const c10::Error& e) {
+      throw DataError(detail::str_cat("trunk '", config.path, "' failed in its top (",
+                                      join(split.top_blocks, ", "), ") on an input of shape ",
+                                      parts[0].sizes(), ": ", e.what_without_backtrace()));
     }
   }
 
@@ -379,7 +472,8 @@ struct Trunk::Impl {
   void set_training(bool on) {
     training = on;
     for (const auto& m : module.named_modules()) {
-      m.value._ivalue()->setAttr("training", on && !frozen.count(m.name) && !is_batchnorm(m.value));
+      m.value._ivalue()->setAttr("training",
+                                 on && !frozen.count(m.name) && !is_held(m.name) && !is_batchnorm(m.value));
     }
   }
 };
@@ -400,7 +494,9 @@ void validate_trunk_config(const TrunkConfig& c) {
 }
 
 std::string describe(const FreezePolicy& p) {
-  return (p.train_only.empty() ? p.freeze : "all but " + p.train_only) +
+  return (!p.unfreeze_to.empty() ? "below " + p.unfreeze_to
+          : p.train_only.empty() ? p.freeze
+                                 : "all but " + p.train_only) +
          (p.batchnorm_affine_trainable ? "; BatchNorm affine trainable" : "");
 }
 
@@ -537,34 +633,46 @@ std::vector<at::Tensor> Trunk::encode_prefix(const std::vector<at::Tensor>& inpu
 
 at::Tensor Trunk::top_features(const std::vector<at::Tensor>& parts) {
   check_cacheable();
-  const TopSplit& s = impl_->split;
-  CANOPY_CHECK(s.tunes && parts.size() == 1 + s.top_inputs.size(), Error, "top_features: expected ",
-               1 + s.top_inputs.size(), " parts (the boundary and the inputs the top reads), got ",
-               parts.size());
-  // The trunk's inputs as the top's graph takes them: those it reads from the parts (float,
-  // as cached), the others empty.
-  const std::size_t n_inputs = impl_->module.get_method("forward").graph()->inputs().size() - 1;
-  std::vector<at::Tensor> inputs(n_inputs);
-  for (std::size_t k = 0; k < s.top_inputs.size(); ++k) {
-    inputs[static_cast<std::size_t>(s.top_inputs[k])] = parts[k + 1].to(impl_->device);
-  }
-  std::vector<c10::IValue> args;
-  for (auto& x : inputs) args.emplace_back(x.defined() ? x : at::empty({0}));
-  args.emplace_back(parts[0].to(impl_->device, at::kFloat));
+  CANOPY_CHECK(impl_->split.tunes, Error, "top_features: the trunk is frozen whole");
+  return top_features_from(impl_->split.boundary, parts);
+}
+
+at::Tensor Trunk::top_features_from(const std::string& from, const std::vector<at::Tensor>& parts) {
+  const std::string& method = impl_->cut_method(from, "");
   c10::AutoGradMode grad(true);
+  std::vector<at::Tensor> inputs;
+  const c10::IValue out = impl_->run_cut(method, parts, inputs);
+  return impl_->pooled(out, inputs);
+}
+
+at::Tensor Trunk::span(const std::string& from, const std::string& to, const std::vector<at::Tensor>& parts) {
+  const std::string& method = impl_->cut_method(from, to);
+  std::vector<at::Tensor> inputs;
+  return impl_->run_cut(method, parts, inputs).toTensor();
+}
+
+std::string Trunk::cut_problem(const std::string& block) {
   try {
-    return impl_->pooled(impl_->module.get_method(kTopMethod)(args), inputs);
-  } catch (const c10::Error& e) {
-    throw DataError(detail::str_cat("trunk '", impl_->config.path, "' failed in its top (",
-                                    join(s.top_blocks, ", "), ") on a boundary of shape ", parts[0].sizes(),
-                                    ": ", e.what_without_backtrace()));
+    impl_->cut_method(block, "");
+    impl_->cut_method(impl_->split.boundary, block);
+  } catch (const ConfigError& e) {
+    return e.what();
   }
+  return "";
+}
+
+void Trunk::hold_frozen(const std::vector<std::string>& blocks) {
+  impl_->held = std::set<std::string>(blocks.begin(), blocks.end());
+  for (const auto& p : impl_->module.named_parameters(true)) {
+    if (impl_->policy_trainable.count(p.name)) p.value.set_requires_grad(!impl_->is_held(p.name));
+  }
+  impl_->set_training(impl_->training);
 }
 
 std::vector<std::pair<std::string, at::Tensor>> Trunk::trainable_parameters(const std::string& module) const {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& p : impl_->module.named_parameters(true)) {
-    if (p.value.requires_grad() && is_within(p.name, module)) out.emplace_back(p.name, p.value);
+    if (impl_->policy_trainable.count(p.name) && is_within(p.name, module)) out.emplace_back(p.name, p.value);
   }
   return out;
 }

@@ -50,6 +50,7 @@ out_dir = {work}/out
 batch_size = 32
 epochs = 3
 checkpoint_steps = 20
+weighting = static
 [task.a_linear]
 head = linear
 lr = 0.01
@@ -170,9 +171,9 @@ lr = 0.003
             "--set", f"cache.path={work}/c3")
     check(r.returncode != 0 and "batchnorm_affine_trainable" in r.stderr and "no frozen prefix" in r.stderr,
           f"BatchNorm weights made trainable inside the prefix are refused, naming the key: {r.stderr.strip()[-250:]}")
-    r = run(canopy, "train", "--config", config, "--set", "trunk.schedule=step")
-    check(r.returncode != 0 and "trunk.schedule" in r.stderr and "constant or cosine" in r.stderr,
-          f"trunk.schedule = step is refused: {r.stderr.strip()[-200:]}")
+    r = run(canopy, "train", "--config", config, "--set", "trunk.lr_schedule=step")
+    check(r.returncode != 0 and "trunk.lr_schedule" in r.stderr and "constant or cosine" in r.stderr,
+          f"trunk.lr_schedule = step is refused: {r.stderr.strip()[-200:]}")
     # A policy that freezes every block leaves no top: pooled features, and predict runs the
     # config's trunk as with freeze = all.
     every = ["--set", "trunk.freeze=first:4", "--set", f"cache.path={work}/all4", "--set", f"train.out_dir={work}/all4-out"]

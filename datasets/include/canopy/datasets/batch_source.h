@@ -22,6 +22,8 @@ namespace canopy::datasets {
 struct Batch {
   at::Tensor features;                       // float32 [B, D]
   std::map<std::string, at::Tensor> labels;  // int64 [B] per label source
+  at::Tensor index;                          // int64 [B]: the rows' positions in the split
+                                             // (in-memory sources; undefined when streamed)
 };
 
 class BatchSource {

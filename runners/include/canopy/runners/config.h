@@ -13,6 +13,8 @@
 
 #include "canopy/datasets/preprocess.h"
 #include "canopy/datasets/text.h"
+#include "canopy/runners/freeze_schedule.h"
+#include "canopy/runners/weighting.h"
 #include "canopy/tasks/task.h"
 #include "canopy/trunk/trunk.h"
 
@@ -57,16 +59,18 @@ struct TrainConfig {
   std::int64_t batch_size = 256;
   std::int64_t epochs = 10;
   std::uint64_t seed = 0;
-  std::int64_t workers = 0;           // TBB workers training heads concurrently; 0: one per core
-  std::int64_t intra_op_threads = 1;  // LibTorch threads inside each head's work
-  bool check_fingerprint = true;      // refuse a cache whose fingerprint does not match
-  std::int64_t checkpoint_steps = 0;  // also checkpoint every N steps (0: at epoch ends only)
-  bool fail_fast = false;             // stop everything when one head fails
-  bool tensorboard = true;            // write TensorBoard event files per head
-  bool fuse = true;                   // train same-shape heads in batched operations
-                                      // (canopy/heads/fused.h); false: each head alone
-  double fuse_kib = 256;              // most fused first-layer activations per group
-                                      // (batch x widths x 4 bytes), in KiB
+  std::int64_t workers = 0;               // TBB workers training heads concurrently; 0: one per core
+  std::int64_t intra_op_threads = 1;      // LibTorch threads inside each head's work
+  bool check_fingerprint = true;          // refuse a cache whose fingerprint does not match
+  std::int64_t checkpoint_steps = 0;      // also checkpoint every N steps (0: at epoch ends only)
+  bool fail_fast = false;                 // stop everything when one head fails
+  bool tensorboard = true;                // write TensorBoard event files per head
+  bool fuse = true;                       // train same-shape heads in batched operations
+                                          // (canopy/heads/fused.h); false: each head alone
+  double fuse_kib = 256;                  // most fused first-layer activations per group
+                                          // (batch x widths x 4 bytes), in KiB
+  Weighting weighting = Weighting::kSum;  // how the losses reach a shared top (weighting.h)
+  double weighting_lr = 0.025;            // uncertainty's and famo's own learning rate
 };
 
 // How the trunk's trainable top learns, when the freeze policy leaves one over a cached
@@ -76,7 +80,14 @@ struct TopConfig {
   double lr = 0.0;        // of the top block; 0: 0.1 x the mean of the tasks' learning rates
   double lr_decay = 2.6;  // each block further down learns at lr / lr_decay^depth (ULMFiT)
   double weight_decay = 0.0;
-  tasks::LrSchedule schedule = tasks::LrSchedule::kConstant;  // over train.epochs
+  tasks::LrSchedule lr_schedule = tasks::LrSchedule::kConstant;  // over train.epochs
+  // Which of the top's blocks train when (freeze_schedule.h).
+  FreezeSchedule schedule = FreezeSchedule::kStatic;
+  std::int64_t warmup_epochs = 1;    // gradual: epochs with only the heads training
+  std::int64_t unfreeze_every = 1;   // gradual: epochs between unfreezing one more block
+  std::int64_t freeze_interval = 0;  // autofreeze: steps between decisions; 0: one epoch's
+  double percentile = 50;            // autofreeze: freeze blocks below this percentile's rate
+  std::int64_t min_trainable = 1;    // autofreeze: blocks that always keep training
 };
 
 struct JobConfig {

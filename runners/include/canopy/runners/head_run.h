@@ -20,6 +20,7 @@ struct HeadRun {
   double train_loss = 0.0;  // mean loss of the last completed epoch
   double loss_sum = 0.0;    // the epoch in progress
   std::int64_t loss_count = 0;
+  double last_loss = 0.0;      // the last step's loss (NaN when it did not train in it)
   double seconds = 0.0;        // time spent in this head's steps
   double best_score = -1e300;  // EvalMetrics::score() of the best epoch so far
   std::int64_t best_epoch = 0;

@@ -3,6 +3,9 @@
 //   <out_dir>/metrics.csv     epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds,
 //                             eval_mae,eval_rmse,eval_r2 (the last three empty for classifiers)
 //   <out_dir>/tensorboard/<task>/events.out.tfevents.*   train/loss and eval/<metric>
+// With a trainable top, one more row per epoch, task "@trunk" (JSONL and TensorBoard's
+// "@trunk" run only): the blocks that trained, the cache level read, autofreeze's change
+// rates and each task's loss weight.
 // A resumed run first drops the rows of epochs after the checkpoint, then appends.
 #pragma once
 
@@ -13,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "canopy/runners/freeze_schedule.h"
 #include "canopy/runners/head_run.h"
 
 namespace canopy::runners {
@@ -35,6 +39,8 @@ class MetricsSink {
 
   // One row for task `task` (index into task_names) after epoch `epoch` (0-based).
   void record(std::int64_t epoch, std::size_t task, const HeadRun& run);
+  // The top's row after epoch `epoch`; `weights`: each task's loss weight in its last step.
+  void record_top(std::int64_t epoch, const TopEpoch& top, const std::vector<double>& weights);
   // Makes the rows written so far durable enough to survive the process (flushes them).
   void flush();
 
@@ -44,6 +50,7 @@ class MetricsSink {
   std::ofstream jsonl_;
   std::ofstream csv_;
   std::vector<std::unique_ptr<EventWriter>> tensorboard_;
+  std::unique_ptr<EventWriter> top_tensorboard_;
 };
 
 }  // namespace canopy::runners

@@ -6,6 +6,13 @@
 // their weighted losses with respect to it; step() back-propagates their sum through the
 // top once and steps the top's optimizer. Blocks further down learn more slowly
 // (TopConfig::lr_decay, one parameter group per block).
+//
+// Freezing schedules (TopConfig::schedule, freeze_schedule.h) hold the lowest blocks of the
+// top frozen for a while: they run without autograd and in eval mode. Under autofreeze,
+// blocks frozen for good become a cache level: during the next epoch's forward passes the
+// output of the highest frozen block is stored for every training row (it is computed
+// anyway), and from the epoch after it is read instead of computed
+// (<level_dir>/<block>.h5, datasets/level_file.h). The schedule's state is in the checkpoint.
 #pragma once
 
 #include <cstdint>
@@ -29,22 +36,39 @@ class SharedTop {
  public:
   // `trunk` loaded with the policy that made the cache (`meta`): its boundary must be the
   // cache's. `default_lr` is used when config.lr is 0.
-  SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets::CacheMeta& meta, double default_lr);
+  // `train_rows` and `steps_per_epoch` size the cache levels and autofreeze's interval;
+  // levels are kept in `level_dir`.
+  SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets::CacheMeta& meta, double default_lr,
+            std::int64_t train_rows, std::int64_t steps_per_epoch, std::string level_dir);
   ~SharedTop();
   SharedTop(const SharedTop&) = delete;
   SharedTop& operator=(const SharedTop&) = delete;
 
   // The top's output on cached rows [B, row values] (storage dtype): with autograd and the
   // trunk in training mode when `training`, else without (eval mode). [B, D] float32, CPU.
-  at::Tensor forward(const at::Tensor& rows, bool training);
+  // Training rows read a cache level by `index` (their positions in the split; needed once
+  // autofreeze has frozen a block).
+  at::Tensor forward(const at::Tensor& rows, bool training, const at::Tensor& index = at::Tensor());
+  // A step skipped on resume: stores the cache level rows that step would have written.
+  void replay(const at::Tensor& rows, const at::Tensor& index);
   // forward(rows, false) over a whole split, `batch` rows at a time.
   at::Tensor features(const at::Tensor& rows, std::int64_t batch);
   // Back-propagates `grad` (the heads' combined dL/dz, [B, D]) through the top from its
   // output `z` and steps the optimizer. Throws Error when the top's gradient is not finite
   // (nothing is stepped) or its weights are not finite afterwards.
   void step(const at::Tensor& z, const at::Tensor& grad);
-  // Sets the learning rates of epoch `epoch` (0-based) of `total` from the schedule.
+  // Whether any block of the top trains now (gradual: not during the warm-up).
+  bool trains() const { return frozen_ < static_cast<std::int64_t>(top_blocks_.size()); }
+  // Sets the learning rates of epoch `epoch` (0-based) of `total` from the schedule, and
+  // which blocks train.
   void start_epoch(std::int64_t epoch, std::int64_t total);
+  // After an epoch's steps: a cache level written during it is complete, saved, and read
+  // from now on. Returns what the epoch did.
+  TopEpoch end_epoch();
+  // Removes level files no checkpoint needs any more (call after a checkpoint is saved).
+  void prune_levels() const;
+  // How the tasks' losses reach the top (weighting.h); its state is checkpointed with the top.
+  void set_weighting(LossWeighting* weighting) { weighting_ = weighting; }
 
   std::int64_t feature_dim() const { return feature_dim_; }
   // e.g. "blocks.12, blocks.13 (952320 parameters; adam lr 0.0001 top block, /2.6 per block down)"
@@ -61,7 +85,17 @@ class SharedTop {
   std::string export_trunk(const std::string& path) const;
 
  private:
-  std::vector<at::Tensor> unpack(const at::Tensor& rows) const;
+  // The cached parts of a batch; texts cut to the batch's longest mask (*len; -1 otherwise).
+  std::vector<at::Tensor> unpack(const at::Tensor& rows, std::int64_t* len = nullptr) const;
+  // The block whose output feeds the top now, with parts[0] replaced by it (a cache level,
+  // and the pending level computed and stored).
+  std::string feed(std::vector<at::Tensor>& parts, std::int64_t len, const at::Tensor& index);
+  void hold(std::int64_t frozen);
+  void track_gradients();
+  std::string level_path(std::int64_t level) const;
+  std::string level_fingerprint(std::int64_t level) const;
+  void load_level(std::int64_t level);
+  std::vector<std::int64_t> level_shape(std::int64_t level);
 
   trunk::Trunk trunk_;
   TopConfig config_;
@@ -70,6 +104,24 @@ class SharedTop {
   std::vector<double> base_lrs_;                            // per parameter group (block)
   std::int64_t feature_dim_ = 0;
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
+  std::string cache_fingerprint_;
+  std::vector<std::string> top_blocks_;                // lowest first
+  std::vector<std::vector<at::Tensor>> block_params_;  // per top block
+  std::int64_t train_rows_ = 0;
+  std::int64_t interval_ = 1;  // autofreeze: steps per decision
+  std::string level_dir_;
+  bool text_ = false;  // parts[0] is [T, D] per row with the mask as parts[1]
+  // The schedule's state (checkpointed):
+  std::int64_t frozen_ = 0;               // the lowest top blocks held frozen
+  std::int64_t level_ = -1;               // the top block whose output is read (-1: the cache's)
+  std::int64_t pending_ = -1;             // the top block whose output this epoch stores
+  std::int64_t interval_steps_ = 0;       // autofreeze: steps into the current interval
+  std::vector<double> norm_sum_;          // per top block, over the interval
+  std::vector<double> norm_prev_;         // the last interval's mean (empty before the first)
+  std::vector<double> rates_;             // the last change rates (NaN: not measured)
+  at::Tensor level_rows_, pending_rows_;  // float32 [train_rows, values]
+  std::vector<std::int64_t> level_shape_, pending_shape_;
+  LossWeighting* weighting_ = nullptr;
 };
 
 }  // namespace canopy::runners

@@ -138,6 +138,10 @@ class Task {
   Task& operator=(const Task&) = delete;
 
   const TaskConfig& config() const { return config_; }
+  // What the loss is scaled by in the backward pass: config().loss_weight until set (a
+  // loss weighting sets it before each step; see runners/weighting.h).
+  double loss_weight() const { return loss_weight_; }
+  void set_loss_weight(double w) { loss_weight_ = w; }
   const std::string& name() const { return config_.name; }
   std::int64_t num_classes() const { return num_classes_; }
   heads::Head& head() { return *head_; }
@@ -183,6 +187,7 @@ class Task {
 
  private:
   TaskConfig config_;
+  double loss_weight_ = 1.0;
   std::int64_t num_classes_ = 0;
   at::Tensor map_;  // int64 [source_classes] or undefined
   at::Tensor class_weights_;

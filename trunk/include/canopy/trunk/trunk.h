@@ -41,6 +41,9 @@ struct FreezePolicy {
   std::string freeze = "all";
   std::string train_only;
   bool batchnorm_affine_trainable = false;
+  // A block name: freeze exactly the blocks before it (the lowest block that ever trains,
+  // e.g. under gradual unfreezing); replaces freeze, which must then be left at all.
+  std::string unfreeze_to;
 };
 
 // How each tapped output becomes one feature vector per sample.
@@ -132,7 +135,19 @@ class Trunk {
   // The top (blocks [prefix_blocks, end), taps, pooling) on boundary parts as encode_prefix
   // returns them, with autograd: pooled features [N, D] on the trunk's device.
   at::Tensor top_features(const std::vector<at::Tensor>& parts);
-  // The trainable parameters inside one module (a block), by qualified name.
+  // The top from block `from`'s output (a top block or the boundary) on parts laid out as
+  // encode_prefix returns them with parts[0] that output: pooled features, with autograd.
+  at::Tensor top_features_from(const std::string& from, const std::vector<at::Tensor>& parts);
+  // The output of block `to` from block `from`'s output (parts as for top_features_from).
+  at::Tensor span(const std::string& from, const std::string& to, const std::vector<at::Tensor>& parts);
+  // Why the trunk cannot be cut at block `block` for the top (empty when it can): a later
+  // block or tap still reads an earlier one, or the top would need an uncached input.
+  std::string cut_problem(const std::string& block);
+  // Holds top blocks frozen for a while (a freezing schedule): their parameters stop
+  // requiring gradients and their modules run in eval mode; the others return to the policy.
+  void hold_frozen(const std::vector<std::string>& blocks);
+  // The trainable parameters inside one module (a block), by qualified name, as the policy
+  // left them (whether held or not).
   std::vector<std::pair<std::string, at::Tensor>> trainable_parameters(const std::string& module) const;
   // Writes the trunk with its current weights (the frozen prefix unchanged, the trained top)
   // as one TorchScript file: the original file's code, nothing canopy added. Returns the

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Freezing that moves vs static freezing, side by side in one run, on the demo's
+Fashion-MNIST subset (64x64, EfficientNet-Lite0), one linear head (Adam lr 1e-3), the
+trunk's top at lr 1e-4 for the top block (/2.6 per block down), batch 256, each seed:
+
+  static top-2      trunk.freeze = first:13: blocks.12-13 train every step
+  static top-4      trunk.freeze = first:11: blocks.10-13 train every step
+  gradual top-4     first:11, trunk.schedule = gradual: the head alone for one epoch, then one
+                    more block per epoch from the top down
+  autofreeze top-4  first:11, trunk.schedule = autofreeze: every quarter epoch the blocks whose
+                    gradient-norm change rate is below the median freeze (from the lowest up),
+                    and the highest frozen block's output becomes a cache level
+
+Columns: test accuracy (mean over seeds, with min and max), wall time per epoch as `canopy
+train` reports it, total wall time of `canopy cache` plus `canopy train`, and how many of the
+top's blocks were frozen at the end (from metrics.jsonl's "@trunk" rows).
+
+  schedules_compare.py --canopy BUILD/runners/canopy [--train 4000] [--test 1000] [--epochs 4] [--seeds 0,1,2]
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+
+from canopy_runs import cache_then_train
+
+from finetune_compare import BATCH, canopy_config  # the same trunk, data, head and rates
+
+
+def run_rows(a, work, freeze, extra, tag):
+    path = os.path.join(work, f"{tag}.ini")
+    with open(path, "w") as f:
+        f.write(canopy_config(work, a, freeze))
+    common = ["--config", path] + [x for kv in extra for x in ("--set", kv)]
+    out = []
+    for seed, out_dir, stdout, per_epoch, total in cache_then_train(a.canopy, common, a.seeds, f"{work}/out-{tag}",
+                                                                    a.epochs):
+        acc = float(re.search(r"^probe .*? ([\d.]+)%", stdout, re.M).group(1)) / 100
+        rows = [json.loads(line) for line in open(f"{out_dir}/metrics.jsonl")]
+        top = [r for r in rows if r["task"] == "@trunk"]
+        blocks = 15 - int(freeze.split(":")[1])
+        frozen = blocks - len(top[-1]["training"])
+        out.append((acc, per_epoch, total, frozen))
+        print(f"  {tag} seed {seed}: {100 * acc:.2f}%, {per_epoch:.1f} s/epoch, total {total:.1f} s, "
+              f"frozen at the end {frozen} of {blocks}; per epoch {[r['training'] for r in top]}",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--canopy", required=True)
+    ap.add_argument("--train", type=int, default=4000)
+    ap.add_argument("--test", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--seeds", default="0,1,2")
+    a = ap.parse_args()
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    work = tempfile.mkdtemp(prefix="canopy-schedules-bench-")
+    steps = (a.train + BATCH - 1) // BATCH
+    rows = [
+        ("static top-2", run_rows(a, work, "first:13", [], "static2")),
+        ("static top-4", run_rows(a, work, "first:11", [], "static4")),
+        ("gradual top-4", run_rows(a, work, "first:11", ["trunk.schedule=gradual", "trunk.warmup_epochs=1",
+                                                          "trunk.unfreeze_every=1"], "gradual4")),
+        ("autofreeze top-4", run_rows(a, work, "first:11", ["trunk.schedule=autofreeze",
+                                                             f"trunk.freeze_interval={max(1, steps // 4)}",
+                                                             "trunk.percentile=50"], "auto4")),
+    ]
+    print(f"{a.train} train / {a.test} test images at 64x64, {a.epochs} epochs, seeds "
+          f"{','.join(map(str, a.seeds))}; autofreeze decides every {max(1, steps // 4)} of {steps} steps per epoch; "
+          f"{os.cpu_count()} cores\n")
+    print("| rows | test accuracy (mean, min-max) | s per epoch | total s (with cache build) | frozen at the end |")
+    print("|---|---|---|---|---|")
+    s = {}
+    for name, res in rows:
+        acc, per_epoch, total, frozen = zip(*res)
+        s[name] = (statistics.mean(acc), statistics.mean(per_epoch), statistics.mean(total))
+        print(f"| {name} | {100 * statistics.mean(acc):.2f}% ({100 * min(acc):.2f}-{100 * max(acc):.2f}) | "
+              f"{statistics.mean(per_epoch):.1f} | {statistics.mean(total):.1f} | "
+              f"{'/'.join(str(f) for f in frozen)} of 4 |")
+    best = max(s["static top-2"][0], s["static top-4"][0])
+    print()
+    print(f"RATIO static top-4 / autofreeze top-4, total time = {s['static top-4'][2] / s['autofreeze top-4'][2]:.2f}"
+          "   goal >= 2")
+    print(f"DIFF accuracy autofreeze - static top-4 = {100 * (s['autofreeze top-4'][0] - s['static top-4'][0]):+.2f}"
+          " points   goal within -0.5")
+    print(f"DIFF accuracy gradual - best static = {100 * (s['gradual top-4'][0] - best):+.2f} points   goal within -0.5")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+// Freezing schedules for the trunk's top (see docs/fine-tuning.md): which of the top's
+// blocks train when. Pure functions; SharedTop applies them.
+//   static      every block of the top trains from the first step to the last
+//   gradual     ULMFiT / fastai freeze_to: only the heads for warmup_epochs, then one more
+//               block every unfreeze_every epochs, from the top down
+//   autofreeze  AutoFreeze (arXiv 2102.01386): every freeze_interval steps, each trainable
+//               block's gradient-norm change rate |g_prev - g_cur| / g_prev is measured, and the
+//               lowest blocks whose rate is below the percentile-th percentile of the trainable
+//               blocks' rates freeze for good, keeping min_trainable blocks trainable
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace canopy::runners {
+
+// What the top did in an epoch, for metrics.jsonl, TensorBoard and the progress line.
+struct TopEpoch {
+  std::vector<std::string> training;                  // the blocks that trained at the epoch's end
+  std::string level;                                  // the block whose output was read ("": the cache's)
+  std::vector<std::pair<std::string, double>> rates;  // autofreeze: each block's last change rate
+};
+
+enum class FreezeSchedule { kStatic, kGradual, kAutofreeze };
+FreezeSchedule parse_freeze_schedule(const std::string& name, const std::string& where);
+const char* to_string(FreezeSchedule schedule);
+
+// gradual: how many of the top's `top_blocks` blocks (counted from the top) train in `epoch`.
+std::int64_t gradual_trainable(std::int64_t epoch, std::int64_t top_blocks, std::int64_t warmup_epochs,
+                               std::int64_t unfreeze_every);
+
+// |prev - cur| / prev per block (0 where prev is 0).
+std::vector<double> change_rates(const std::vector<double>& prev, const std::vector<double>& cur);
+// The p-th percentile (0..100) with linear interpolation between order statistics, as
+// numpy.percentile computes it by default.
+double percentile(std::vector<double> values, double p);
+// autofreeze: how many of the trainable blocks, from the lowest up, freeze now, given their
+// change rates in that order: the longest run from the lowest whose rates are below the
+// percentile of all of them, keeping at least `min_trainable` trainable.
+std::int64_t blocks_to_freeze(const std::vector<double>& rates, double percentile_p,
+                              std::int64_t min_trainable);
+
+}  // namespace canopy::runners

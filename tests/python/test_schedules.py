@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Freezing that moves, checked from outside with torch and h5py, on a slice of
+Fashion-MNIST through a small trunk with blocks (stem, blocks.0 .. blocks.2):
+
+- gradual: heads alone for the warm-up epoch, then one more block per epoch from the top
+  down (metrics.jsonl says which); the cache sits below the lowest block that ever trains;
+  blocks not yet unfrozen are bitwise unchanged while held
+- autofreeze: blocks freeze from the bottom up; the highest frozen block's output becomes a
+  cache level, written once (an HDF5 file h5py reads), equal to what Python computes from
+  the cached prefix with the exported trunk's blocks
+- SIGKILL + --resume in the middle of either schedule ends bitwise identical to an
+  uninterrupted run (heads, trunk, cache level)
+- every loss weighting trains, and says its weights per epoch
+
+    test_schedules.py --canopy build/runners/canopy
+"""
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+
+from support import check, finish, kill_when, start, tiny_block_trunk, tiny_trunk_sections
+
+TRAIN, TEST = 960, 200
+
+
+def run(canopy, *args):
+    return subprocess.run([canopy, *args, "--progress", "quiet"], capture_output=True, text=True)
+
+
+def state(path):
+    import torch
+    return {k: v.clone() for k, v in torch.jit.load(path).state_dict().items()}
+
+
+def trunk_rows(out):
+    rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    return [r for r in rows if r["task"] == "@trunk"]
+
+
+def same_files(a, b, names):
+    return all(open(f"{a}/{n}", "rb").read() == open(f"{b}/{n}", "rb").read() for n in names)
+
+
+def resume_matches(canopy, config, out, reference, targets, what, extra_files=()):
+    """SIGKILLs `canopy train` at each (epoch, step) in `targets`, resumes to the end, and
+    checks that heads, trunk and `extra_files` are bitwise those of `reference`."""
+    import torch
+    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"]
+    for i, target in enumerate(targets):
+        rc, st = kill_when(cmd + (["--resume"] if i else []), f"{out}/checkpoint/state.json",
+                           lambda s: (s["epoch"], s["step"]) >= target)
+        check(rc == -signal.SIGKILL and st is not None, f"{what}: killed by SIGKILL at {st and (st['epoch'], st['step'])}")
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    check(r.returncode == 0, f"{what}: --resume finishes ({r.stderr[-300:]})")
+    a, b = state(f"{out}/trunk.pt"), state(f"{reference}/trunk.pt")
+    check(all(torch.equal(a[k], b[k]) for k in b), f"{what}: the resumed trunk is bitwise the uninterrupted one's")
+    heads = [f"heads/{n}.safetensors" for n in ("a_linear", "b_mlp")]
+    check(same_files(out, reference, heads), f"{what}: resumed heads bitwise identical")
+    for level in extra_files:  # HDF5 files carry times: compare what they hold
+        import h5py
+        import numpy as np
+        with h5py.File(f"{out}/{level}", "r") as a, h5py.File(f"{reference}/{level}", "r") as b:
+            check(np.array_equal(a["rows"][:], b["rows"][:]) and a["rows"].attrs["fingerprint"] == b["rows"].attrs["fingerprint"],
+                  f"{what}: the resumed run's cache level {level} is bitwise the uninterrupted one's")
+    check([r["training"] for r in trunk_rows(out)] == [r["training"] for r in trunk_rows(reference)],
+          f"{what}: the resumed run froze the same blocks at the same epochs")
+
+
+def write_config(path, base, trunk_keys, cache, out):
+    """The slice, `trunk_keys` under [trunk], and the two heads every run here trains."""
+    with open(path, "w") as f:
+        f.write(base + trunk_keys + f"""lr = 0.002
+[cache]
+path = {cache}
+[train]
+out_dir = {out}
+batch_size = 32
+epochs = 4
+checkpoint_steps = 10
+[task.a_linear]
+head = linear
+lr = 0.01
+[task.b_mlp]
+head = mlp
+head.hidden = 32
+lr = 0.003
+""")
+
+
+def main():
+    import h5py
+    import numpy as np
+    import torch
+
+    canopy, work, trunk = start("canopy-schedules-", tiny_block_trunk, "blocks.pt")
+    base = tiny_trunk_sections(trunk, TRAIN, TEST)
+
+    # --- gradual: the cache below blocks.0, everything above it unfrozen one block per epoch.
+    gradual = os.path.join(work, "gradual.ini")
+    write_config(gradual, base, "unfreeze_to = blocks.0\nschedule = gradual\nwarmup_epochs = 1\nunfreeze_every = 1\n",
+                 f"{work}/gcache", f"{work}/gout")
+    r = run(canopy, "cache", "--config", gradual)
+    check(r.returncode == 0, f"gradual: the cache is built ({r.stderr[-300:]})")
+    meta = json.load(open(f"{work}/gcache/manifest.json"))["meta"]
+    check(meta.get("boundary") == "stem", f"gradual: the cache sits below the lowest block that ever trains: {meta.get('boundary')}")
+    r = subprocess.run([canopy, "train", "--config", gradual, "--progress", "lines"], capture_output=True, text=True)
+    check(r.returncode == 0, f"gradual: training finishes ({r.stderr[-400:]})")
+    rows = trunk_rows(f"{work}/gout")
+    got = [row["training"] for row in rows]
+    want = [[], ["blocks.2"], ["blocks.1", "blocks.2"], ["blocks.0", "blocks.1", "blocks.2"]]
+    check(got == want, f"gradual: metrics.jsonl says which blocks train per epoch: {got}")
+    check("top: frozen" in r.stderr and "top: blocks.2 train" in r.stderr, "gradual: the progress line says it too")
+    tuned, before = state(f"{work}/gout/trunk.pt"), state(trunk)
+    moved = [k for k in before if k.startswith("blocks.") and "running_" not in k and "num_batches" not in k]
+    check(all(not torch.equal(before[k], tuned[k]) for k in moved), "gradual: every block of the top trained by the end")
+    check(all(torch.equal(before[k], tuned[k]) for k in before if k.startswith("stem.")), "gradual: the cached stem is unchanged")
+    # Held blocks do not move: after two epochs (one unfrozen) blocks.0 and blocks.1 are as loaded.
+    r = run(canopy, "train", "--config", gradual, "--set", "train.epochs=2", "--set", f"train.out_dir={work}/g2")
+    two = state(f"{work}/g2/trunk.pt") if r.returncode == 0 else {}
+    held = [k for k in moved if k.startswith(("blocks.0.", "blocks.1."))]
+    check(two and all(torch.equal(before[k], two[k]) for k in held) and
+          any(not torch.equal(before[k], two[k]) for k in moved if k.startswith("blocks.2.")),
+          "gradual: blocks still held are bitwise unchanged, the unfrozen one moved")
+    resume_matches(canopy, gradual, f"{work}/gcut", f"{work}/gout", [(1, 10), (2, 20)], "gradual")
+
+    # --- autofreeze over the same trainable range.
+    auto = os.path.join(work, "auto.ini")
+    write_config(auto, base, "freeze = first:1\nschedule = autofreeze\nfreeze_interval = 10\npercentile = 100\n"
+                 "min_trainable = 1\n", f"{work}/gcache", f"{work}/aout")
+    r = run(canopy, "cache", "--config", auto)
+    check(r.returncode == 0, f"autofreeze: the cache is built ({r.stderr[-300:]})")
+    r = run(canopy, "train", "--config", auto)
+    check(r.returncode == 0, f"autofreeze: training finishes ({r.stderr[-400:]})")
+    rows = trunk_rows(f"{work}/aout")
+    depth = [3 - len(row["training"]) for row in rows]
+    check(depth == sorted(depth) and depth[-1] >= 1 and all(len(row["training"]) >= 1 for row in rows),
+          f"autofreeze: blocks freeze from the bottom up and one always trains (frozen per epoch: {depth})")
+    check(all(set(row["change_rates"]) == {"blocks.0", "blocks.1", "blocks.2"} for row in rows) and
+          any(v is not None for v in rows[-1]["change_rates"].values()),
+          f"autofreeze: each epoch's row has the blocks' change rates: {rows[-1].get('change_rates')}")
+    written = len(re.findall(r"cache level \S+ written", r.stderr))
+    levels = [row["level"] for row in rows if row["level"]]
+    check(levels and written == len(set(levels)),
+          f"autofreeze: each cache level is written once ({written} writes for levels {sorted(set(levels))}) and read after")
+    level = levels[-1] if levels else "blocks.0"
+    path = f"{work}/aout/levels/{level}.h5"
+    check(os.listdir(f"{work}/aout/levels") == [f"{level}.h5"], f"autofreeze: only the current level is kept: {os.listdir(f'{work}/aout/levels')}")
+    with h5py.File(path, "r") as h:
+        stored = h["rows"][:]
+        block = h["rows"].attrs["block"]
+        check((block.decode() if isinstance(block, bytes) else block) == level, f"autofreeze: the level file names its block ({block})")
+    with h5py.File(f"{work}/gcache/cache.h5", "r") as h:
+        prefix = torch.from_numpy(h["train/features"][:].astype("float32")).reshape(-1, 8, 14, 14)
+    model = torch.jit.load(f"{work}/aout/trunk.pt").eval()
+    with torch.no_grad():
+        x = prefix
+        for b in range(int(level.split(".")[1]) + 1):
+            x = getattr(model.blocks, str(b))(x)
+    err = np.abs(x.flatten(1).numpy() - stored).max()
+    check(stored.shape == (TRAIN, 8 * 14 * 14) and err < 1e-4,
+          f"autofreeze: the level holds the frozen blocks' output as Python computes it (max diff {err:.1e})")
+    first = next(i for i, row in enumerate(rows) if row["level"])
+    resume_matches(canopy, auto, f"{work}/acut", f"{work}/aout", [(first - 1, 15), (first, 10)], "autofreeze",
+                   [f"levels/{level}.h5"])
+
+    # --- every weighting trains over the shared top and says its weights.
+    for w in ("sum", "static", "uncertainty", "dwa", "famo", "pcgrad"):
+        out = f"{work}/w-{w}"
+        r = run(canopy, "train", "--config", auto, "--set", "trunk.schedule=static", "--set", f"train.weighting={w}",
+                "--set", "train.epochs=3", "--set", f"train.out_dir={out}")
+        rows = trunk_rows(out) if r.returncode == 0 else []
+        weights = [row["loss_weights"] for row in rows]
+        ok = r.returncode == 0 and len(weights) == 3 and all(set(x) == {"a_linear", "b_mlp"} for x in weights)
+        if w in ("sum", "static", "pcgrad"):
+            ok = ok and all(v == 1.0 for x in weights for v in x.values())
+        if w == "uncertainty":
+            ok = ok and weights[-1]["a_linear"] != 0.5 and weights[-1]["b_mlp"] != weights[-1]["a_linear"]
+        if w == "dwa":  # 1 until two epochs' losses exist, then K softmax: summing to 2
+            ok = ok and weights[0] == {"a_linear": 1.0, "b_mlp": 1.0} and abs(sum(weights[2].values()) - 2) < 1e-9 \
+                and weights[2]["a_linear"] != 1.0
+        if w == "famo":
+            ok = ok and weights[-1]["a_linear"] != weights[-1]["b_mlp"]
+        check(ok, f"train.weighting = {w} trains; weights per epoch {weights} ({r.stderr.strip()[-200:]})")
+    check("fused" not in run(canopy, "train", "--config", auto, "--set", "train.weighting=pcgrad", "--set", "train.epochs=1",
+                             "--set", f"train.out_dir={work}/pc1").stderr.replace("unfused", ""),
+          "pcgrad trains every head alone (each task's gradient apart)")
+    r = run(canopy, "run", "--config", auto, "--set", "train.weighting=dwa", "--set", "trunk.freeze=all",
+            "--set", "trunk.schedule=static", "--set", f"train.out_dir={work}/wx", "--set", f"cache.path={work}/wxc")
+    check(r.returncode != 0 and "train.weighting = dwa" in r.stderr and "frozen whole" in r.stderr,
+          f"a weighting with no shared top is refused: {r.stderr.strip()[-200:]}")
+    r = run(canopy, "train", "--config", auto, "--set", "task.a_linear.loss_weight=2", "--set", f"train.out_dir={work}/wy")
+    check(r.returncode != 0 and "loss_weight" in r.stderr and "weighting = static" in r.stderr,
+          f"a loss_weight without weighting = static is refused: {r.stderr.strip()[-200:]}")
+    r = run(canopy, "train", "--config", auto, "--set", "trunk.schedule=cosine", "--set", f"train.out_dir={work}/wz")
+    check(r.returncode != 0 and "trunk.lr_schedule" in r.stderr, f"trunk.schedule = cosine points to lr_schedule: {r.stderr.strip()[-200:]}")
+    return finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
