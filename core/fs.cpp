@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -51,6 +52,12 @@ std::string describe_errno(int err) {
                            std::strerror(err), ")");
   }
   return std::strerror(err);
+}
+
+bool short_of_space(const std::string& path, std::uint64_t bytes) {
+  struct statvfs st {};
+  if (::statvfs(path.c_str(), &st) != 0) return false;
+  return static_cast<std::uint64_t>(st.f_bavail) * st.f_frsize < bytes;
 }
 
 void write_file_atomic(const std::string& path, std::string_view contents) {

@@ -112,6 +112,7 @@ json meta_to_json(const CacheMeta& m) {
          {"feature_dim", m.feature_dim},     {"label_sources", m.label_sources},
          {"class_names", m.class_names},     {"float_labels", m.float_labels},
          {"label_stats", m.label_stats}};
+  if (!m.label_classes.empty()) j["label_classes"] = m.label_classes;
   if (!m.row_parts.empty()) {
     j["boundary"] = m.boundary;
     json parts = json::array();
@@ -135,6 +136,8 @@ CacheMeta meta_from_json(const json& j) {
   m.label_sources = j.at("label_sources").get<std::vector<std::string>>();
   m.class_names = j.at("class_names").get<std::vector<std::string>>();
   if (j.contains("float_labels")) m.float_labels = j.at("float_labels").get<std::vector<std::string>>();
+  if (j.contains("label_classes"))
+    m.label_classes = j.at("label_classes").get<std::map<std::string, std::int64_t>>();
   if (j.contains("label_stats"))
     m.label_stats = j.at("label_stats").get<std::map<std::string, std::pair<double, double>>>();
   if (j.contains("row_parts")) {
@@ -522,7 +525,7 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
   info.first_row = stored[split];
   info.rows = rows;
   info.file = name;
-  {
+  try {
     h5::QuietErrors quiet;
     h5::Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
     // Every object 64-byte aligned: data regions can be read straight into tensors.
@@ -554,6 +557,18 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
     info.features_crc32c = block_crcs(static_cast<const std::uint8_t*>(features.data_ptr()),
                                       features.numel() * features.element_size());
     CANOPY_CHECK(H5Fflush(file.get(), H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
+  } catch (const IoError& e) {
+    // HDF5 does not say why a write failed; a filesystem without room for the shard is the
+    // likely reason, and the one the user can act on. The partial file goes.
+    std::remove(tmp.c_str());
+    const auto need = static_cast<std::uint64_t>(features.numel() * features.element_size()) + 1024 * 1024;
+    if (short_of_space(dir, need)) {
+      throw IoError(
+          detail::str_cat("writing shard '", final_path, "' failed: the disk is full (ENOSPC: fewer than ",
+                          need, " bytes free under '", dir, "'); free space and run `canopy cache` again ",
+                          "(the finished shards are kept)"));
+    }
+    throw;
   }
   fsync_path(tmp);
   rename_durable(tmp, final_path);
@@ -720,6 +735,18 @@ void FeatureCache::verify() const {
                    ", the manifest says ", join_ints(dims), "; `canopy cache --force` rebuilds it");
     }
   }
+}
+
+void replace_cache(const std::string& dir, const std::string& staged) {
+  CANOPY_CHECK(read_manifest(staged).complete, Error, "replace_cache: the cache in '", staged,
+               "' is not complete");
+  std::remove(manifest_path(dir).c_str());
+  fsync_path(dir);
+  remove_tree(join_path(dir, "shards"));
+  rename_durable(join_path(staged, "shards"), join_path(dir, "shards"));
+  rename_durable(view_path(staged), view_path(dir));
+  rename_durable(manifest_path(staged), manifest_path(dir));
+  remove_tree(staged);
 }
 
 std::vector<std::string> files_out_of_step(const std::string& dir, const Manifest& manifest) {

@@ -1,6 +1,10 @@
 #include "canopy/datasets/text.h"
 
+#include <algorithm>
+#include <cctype>
+#include <cstdint>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "canopy/core/error.h"
@@ -303,44 +307,107 @@ std::vector<std::int64_t> WordPieceTokenizer::encode(const std::string& text) co
 // --- ARFF ------------------------------------------------------------------------------
 namespace {
 
+// The character a backslash escape inside a quoted ARFF value stands for, as Weka's reader
+// and liac-arff decode them: \n \t \r \b \f \a \v, octal \ooo (1 to 3 digits), \uXXXX
+// (as UTF-8), and any other character for itself (\\ \' \" \%). `i` is just past the
+// backslash and ends past the escape.
+std::string arff_escape(const std::string& line, std::size_t& i) {
+  const char e = line[i++];
+  switch (e) {
+    case 'n':
+      return "\n";
+    case 't':
+      return "\t";
+    case 'r':
+      return "\r";
+    case 'b':
+      return "\b";
+    case 'f':
+      return "\f";
+    case 'a':
+      return "\a";
+    case 'v':
+      return "\v";
+    default:
+      break;
+  }
+  if (e >= '0' && e <= '7') {
+    int code = e - '0';
+    for (int k = 0; k < 2 && i < line.size() && line[i] >= '0' && line[i] <= '7'; ++k)
+      code = code * 8 + (line[i++] - '0');
+    return std::string(1, static_cast<char>(code));
+  }
+  if (e == 'u' && i + 4 <= line.size() &&
+      std::all_of(line.begin() + static_cast<std::ptrdiff_t>(i),
+                  line.begin() + static_cast<std::ptrdiff_t>(i + 4),
+                  [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; })) {
+    const auto cp = static_cast<std::uint32_t>(std::stoul(line.substr(i, 4), nullptr, 16));
+    i += 4;
+    std::string out;
+    if (cp < 0x80) {
+      out += static_cast<char>(cp);
+    } else if (cp < 0x800) {
+      out += static_cast<char>(0xC0 | (cp >> 6));
+      out += static_cast<char>(0x80 | (cp & 0x3F));
+    } else {
+      out += static_cast<char>(0xE0 | (cp >> 12));
+      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (cp & 0x3F));
+    }
+    return out;
+  }
+  return std::string(1, e);
+}
+
 // Splits one ARFF line into values: quoted ('...' or "...", with backslash escapes) or bare,
-// separated by commas. Stops at an unquoted '%' (a comment).
-std::vector<std::string> split_arff_values(const std::string& line, const std::string& where) {
-  std::vector<std::string> out;
+// separated by commas. Stops at an unquoted '%' (a comment, also right after a bare value).
+// An unquoted ? (ARFF's missing value) comes back as std::nullopt.
+std::vector<std::optional<std::string>> split_arff_values(const std::string& line, const std::string& where) {
+  std::vector<std::optional<std::string>> out;
   std::size_t i = 0;
   const std::size_t n = line.size();
   while (i < n) {
     while (i < n && (line[i] == ' ' || line[i] == '\t')) ++i;
     if (i >= n || line[i] == '%') break;
-    std::string v;
+    std::optional<std::string> v;
     if (line[i] == '\'' || line[i] == '"') {
       const char q = line[i++];
       bool closed = false;
+      std::string text;
       while (i < n) {
         const char c = line[i++];
         if (c == '\\' && i < n) {
-          const char e = line[i++];
-          v += e == 'n' ? '\n' : e == 't' ? '\t' : e == 'r' ? '\r' : e;
+          text += arff_escape(line, i);
         } else if (c == q) {
           closed = true;
           break;
         } else {
-          v += c;
+          text += c;
         }
       }
       CANOPY_CHECK(closed, DataError, where, ": unterminated quoted value");
+      v = std::move(text);
       while (i < n && (line[i] == ' ' || line[i] == '\t')) ++i;
     } else {
       const std::size_t start = i;
-      while (i < n && line[i] != ',') ++i;
-      v = trim(line.substr(start, i - start));
+      while (i < n && line[i] != ',' && line[i] != '%') ++i;
+      const std::string bare = trim(line.substr(start, i - start));
+      if (bare != "?") v = bare;
     }
     out.push_back(std::move(v));
+    if (i < n && line[i] == '%') break;
     if (i < n) {
       CANOPY_CHECK(line[i] == ',', DataError, where, ": expected ',' after a value, found '", line[i], "'");
       ++i;
     }
   }
+  return out;
+}
+
+// The values of a header line, where ? has no special meaning.
+std::vector<std::string> header_values(const std::string& line, const std::string& where) {
+  std::vector<std::string> out;
+  for (auto& v : split_arff_values(line, where)) out.push_back(v ? std::move(*v) : "?");
   return out;
 }
 
@@ -378,7 +445,7 @@ ArffData read_arff(const std::string& path) {
     if (!data) {
       const std::string head = lower_ascii(t.substr(0, t.find_first_of(" \t")));
       if (head == "@relation") {
-        const auto v = split_arff_values(trim(t.substr(9)), where);
+        const auto v = header_values(trim(t.substr(9)), where);
         d.relation = v.empty() ? "" : v[0];
       } else if (head == "@attribute") {
         std::string rest = trim(t.substr(10));
@@ -398,7 +465,7 @@ ArffData read_arff(const std::string& path) {
         if (!rest.empty() && rest[0] == '{') {
           const auto close = rest.rfind('}');
           CANOPY_CHECK(close != std::string::npos, DataError, where, ": unterminated nominal value list");
-          d.nominal_values.push_back(split_arff_values(rest.substr(1, close - 1), where));
+          d.nominal_values.push_back(header_values(rest.substr(1, close - 1), where));
         } else {
           CANOPY_CHECK(lower_ascii(rest) == "string", DataError, where, ": attribute '", name, "' has type '",
                        rest, "'; only string and nominal ({a,b,...}) attributes are supported");
@@ -420,18 +487,21 @@ ArffData read_arff(const std::string& path) {
     CANOPY_CHECK(values.size() == d.attributes.size(), DataError, where, ": ", values.size(), " values for ",
                  d.attributes.size(), " attributes");
     for (std::size_t a = 0; a < values.size(); ++a) {
+      CANOPY_CHECK(
+          values[a].has_value(), DataError, where, ": attribute '", d.attributes[a],
+          "' is missing (an unquoted ?); canopy needs every text and label (quote it, '?', for a text "
+          "that is a question mark)");
       if (d.nominal_values[a].empty()) {
-        d.strings[a].push_back(values[a]);
+        d.strings[a].push_back(*values[a]);
         continue;
       }
       const auto& allowed = d.nominal_values[a];
       std::int64_t index = -1;
       for (std::size_t k = 0; k < allowed.size(); ++k) {
-        if (allowed[k] == values[a]) index = static_cast<std::int64_t>(k);
+        if (allowed[k] == *values[a]) index = static_cast<std::int64_t>(k);
       }
-      CANOPY_CHECK(index >= 0, DataError, where, ": value '", values[a], "' of attribute '", d.attributes[a],
-                   "' is not one of {", join(allowed, ","), "}",
-                   values[a] == "?" ? " (missing values are not supported)" : "");
+      CANOPY_CHECK(index >= 0, DataError, where, ": value '", *values[a], "' of attribute '", d.attributes[a],
+                   "' is not one of {", join(allowed, ","), "}");
       d.nominals[a].push_back(index);
     }
     ++d.rows;

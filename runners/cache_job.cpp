@@ -39,7 +39,9 @@ std::string cache_description(const JobConfig& c, const std::string& trunk_sha25
   // A policy that leaves a top makes a cache of the frozen prefix's output: which prefix is
   // part of what the cache holds. (A frozen trunk's caches keep the key they always had.)
   const auto& f = c.trunk.freeze;
-  if (f.freeze != "all" || !f.train_only.empty()) out << "freeze=" << trunk::describe(f) << "\n";
+  if (f.freeze != "all" || !f.train_only.empty() || !f.unfreeze_to.empty()) {
+    out << "freeze=" << trunk::describe(f) << "\n";
+  }
   out << describe_inputs(c)
       << "dtype=" << datasets::storage_dtype_name(datasets::parse_storage_dtype(c.cache.dtype)) << "\n"
       << "torch=" << TORCH_VERSION << "\n";
@@ -47,7 +49,18 @@ std::string cache_description(const JobConfig& c, const std::string& trunk_sha25
 }
 
 std::string expected_cache_description(const JobConfig& c) {
-  if (!c.trunk.sha256.empty()) return cache_description(c, c.trunk.sha256);
+  if (!c.trunk.sha256.empty()) {
+    // The file at trunk.path must still be the pinned one (a replaced file is refused here,
+    // not at predict time); without it, the cache is used on the strength of the pin.
+    if (is_regular_file(c.trunk.path)) {
+      trunk::verified_trunk_sha256(c.trunk);
+    } else {
+      log_info("trunk file '" + c.trunk.path +
+               "' is absent: the cache is checked against the pinned SHA-256 " +
+               "alone (training needs only the cache when the trunk is frozen whole)");
+    }
+    return cache_description(c, c.trunk.sha256);
+  }
   CANOPY_CHECK(path_exists(c.trunk.path), DataError, "cannot check the cache's fingerprint: trunk file '",
                c.trunk.path, "' is missing; pin trunk.sha256 or set train.check_fingerprint = false");
   return cache_description(c, sha256_file(c.trunk.path));
@@ -147,14 +160,17 @@ namespace {
 // What an existing cache at config.cache.path means for this run.
 enum class CacheState { kUpToDate, kResume, kBuild };
 
+// *replaces is set when a complete cache is there to be replaced (built beside it).
 CacheState existing_cache(const JobConfig& config, const std::string& description, bool force,
-                          CacheReport& report) {
+                          CacheReport& report, bool* replaces) {
+  *replaces = false;
   if (!is_regular_file(datasets::manifest_path(config.cache.path))) {
     report.reason = "building (no cache yet)";
     return CacheState::kBuild;
   }
   try {
     const datasets::Manifest old = datasets::read_manifest(config.cache.path);
+    *replaces = old.complete && datasets::files_out_of_step(config.cache.path, old).empty();
     if (old.meta.fingerprint != report.fingerprint) {
       report.reason =
           "rebuilding: changed " + join(describe_changes(old.meta.description, description), "; ");
@@ -198,6 +214,7 @@ datasets::CacheMeta cache_meta(const JobConfig& config, const CacheReport& repor
   meta.float_labels = data.float_labels;
   meta.label_stats = data.label_stats;
   meta.class_names = data.class_names;
+  meta.label_classes = data.label_classes;
   return meta;
 }
 
@@ -370,12 +387,16 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   report.path = config.cache.path;
   validate_job_config(config);
   const DirLock lock(config.cache.path, DirLock::Mode::kWrite, "canopy cache");  // one writer at a time
+  // What a killed or failed run left half-written goes (the manifest never lists it).
+  for (const char* sub : {"", "/shards", "/rebuild", "/rebuild/shards"})
+    remove_temporaries(config.cache.path + sub);
   // Hash the trunk file first: the description (and so the fingerprint) depends on it,
   // and a pinned hash must be checked before anything loads the file.
   const std::string trunk_sha = trunk ? trunk->sha256() : trunk::verified_trunk_sha256(config.trunk);
   const std::string description = cache_description(config, trunk_sha);
   report.fingerprint = sha256_hex(description);
-  const CacheState state = existing_cache(config, description, force, report);
+  bool replaces = false;
+  const CacheState state = existing_cache(config, description, force, report, &replaces);
   if (state == CacheState::kUpToDate) {
     report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
     return report;
@@ -398,11 +419,16 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
     log_info("cache holds the output of the frozen prefix (blocks up to " + meta.boundary +
              ") for the trainable top: " + std::to_string(dim) + " values per row");
   }
-  const bool resume = state == CacheState::kResume;
+  // A complete cache being replaced (other inputs, or --force) is rebuilt beside it, in
+  // <path>/rebuild, and swapped in only when complete: a failed rebuild leaves it usable. A
+  // rebuild killed earlier resumes there when its fingerprint matches.
+  const bool beside = state == CacheState::kBuild && replaces;
+  const std::string target = beside ? join_path(config.cache.path, "rebuild") : config.cache.path;
+  const bool resume = state == CacheState::kResume || beside;
   std::string note;
-  datasets::FeatureCacheWriter writer(config.cache.path, meta, split_rows, config.cache.shard_rows, resume,
-                                      &note);
-  if (resume) report.reason = report.reason.empty() ? note : report.reason + "; " + note;
+  datasets::FeatureCacheWriter writer(target, meta, split_rows, config.cache.shard_rows, resume, &note);
+  if (beside) note = "built beside the old cache, which stays usable until this one is complete; " + note;
+  if (resume && !note.empty()) report.reason = report.reason.empty() ? note : report.reason + "; " + note;
   log_info("cache '" + config.cache.path + "': " + report.reason + "; trunk on " + trunk->device().str() +
            ", sha256 " + trunk_sha.substr(0, 12) + "...");
   std::int64_t todo = 0;
@@ -416,7 +442,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
     progress.finish();
   }
   if (nonfinite.rows > 0) {  // never a finished cache that passes --verify and fails every head
-    std::remove(datasets::manifest_path(config.cache.path).c_str());
+    std::remove(datasets::manifest_path(target).c_str());
     throw DataError(detail::str_cat("the trunk gave non-finite features (NaN or Inf) for ", nonfinite.rows,
                                     " of ", todo, " rows (first: ", join(nonfinite.first, ", "),
                                     "); the cache at '", config.cache.path,
@@ -424,6 +450,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
                                     "(preprocess.mean, preprocess.std) for these inputs"));
   }
   writer.finish();
+  if (beside) datasets::replace_cache(config.cache.path, target);
   report.rows = split_rows;
   report.feature_dim = dim;
   report.rebuilt = true;

@@ -250,6 +250,8 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(member_key<K>("data", "text_attribute", CANOPY_JOB(data.text_attribute),
                             "arff: the string attribute holding the text")
                   .only_when(reads_texts));
+  v.push_back(member_key<K>("data", "positive_value", CANOPY_JOB(data.positive_value),
+                            "arff: the label value that sets its bit in all_labels; empty: yes, 1 or true"));
   v.push_back(member_key<K>("text", "vocab", CANOPY_JOB(text.vocab),
                             "WordPiece vocabulary (vocab.txt) for texts", true)
                   .only_when(reads_texts));

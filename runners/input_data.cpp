@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <sstream>
 
 #include <ATen/ops/arange.h>
@@ -16,6 +17,7 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/progress.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/images.h"
@@ -65,6 +67,35 @@ void set_image_tensor_inputs(InputSplit& s, at::Tensor images, const datasets::P
   };
 }
 
+// The index of the value of a label file's nominal values that counts as its label being
+// present (all_labels' bit): `chosen` (data.positive_value) when given, else whichever of
+// yes, 1, true the file declares; none when it declares none of them (or several).
+std::optional<std::int64_t> positive_value(const std::vector<std::string>& values, const std::string& chosen,
+                                           const std::string& path) {
+  const auto find = [&](const std::string& v) -> std::optional<std::int64_t> {
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      if (lower_ascii(values[i]) == lower_ascii(v)) return static_cast<std::int64_t>(i);
+    }
+    return std::nullopt;
+  };
+  if (!chosen.empty()) {
+    const auto i = find(chosen);
+    CANOPY_CHECK(i, ConfigError, "data.positive_value = ", chosen, " is not a value of the label in '", path,
+                 "' {", join(values, ","), "}");
+    return i;
+  }
+  std::optional<std::int64_t> found;
+  for (const char* v : {"yes", "1", "true"}) {
+    const auto i = find(v);
+    if (!i) continue;
+    CANOPY_CHECK(
+        !found, ConfigError, "the label in '", path, "' {", join(values, ","),
+        "} declares more than one of yes, 1, true: say which one is positive with data.positive_value");
+    found = i;
+  }
+  return found;
+}
+
 InputData load_images(const JobConfig& config) {
   InputData data;
   // Label sources: the class, and a real-valued target for regression heads: the image's
@@ -72,6 +103,7 @@ InputData load_images(const JobConfig& config) {
   data.label_sources = {"class", "ink"};
   data.float_labels = {"ink"};
   if (config.data.source == "fashion-mnist") data.class_names = datasets::fashion_mnist_class_names();
+  data.label_classes["class"] = 10;  // both idx data sets have ten classes, whatever a split holds
   for (const std::string split : {"train", "test"}) {
     const datasets::ImageSplit images =
         datasets::read_mnist_split(config.data.dir, split, limit_for(config.data, split));
@@ -142,6 +174,7 @@ InputData load_texts(const JobConfig& config) {
     std::vector<std::string> texts;
     InputSplit s;
     std::vector<std::string> names;
+    std::vector<std::optional<std::int64_t>> positive;  // per label file: the value setting its bit
     for (const auto& entry : files) {
       const auto [name, path] = named_file(entry, key);
       const datasets::ArffData arff = datasets::read_arff(path);
@@ -171,6 +204,8 @@ InputData load_texts(const JobConfig& config) {
                                      {static_cast<std::int64_t>(col.size())}, at::kLong)
                            .clone();
       names.push_back(name);
+      positive.push_back(positive_value(arff.nominal_values[label_col], config.data.positive_value, path));
+      data.label_classes[name] = static_cast<std::int64_t>(arff.nominal_values[label_col].size());
       if (data.class_names.empty()) data.class_names = arff.nominal_values[label_col];
     }
     std::int64_t n = static_cast<std::int64_t>(texts.size());
@@ -178,19 +213,31 @@ InputData load_texts(const JobConfig& config) {
     CANOPY_CHECK(n > 0, DataError, "split '", split, "' has no documents");
     texts.resize(static_cast<std::size_t>(n));
     for (auto& [name, t] : s.labels) t = t.slice(0, 0, n).clone();
-    // Every label file's class as a bit (set when the document has the label's second
-    // value, e.g. 1 of {0,1}): the multi-label view of the same documents.
-    at::Tensor bits = at::zeros({n}, at::kLong);
-    for (std::size_t k = 0; k < names.size(); ++k)
-      bits += (s.labels[names[k]] == 1).to(at::kLong) * (1LL << k);
-    s.labels["all_labels"] = bits;
+    // Every label file as a bit, set when the document has the label's positive value (yes,
+    // 1 or true as declared, or data.positive_value): the multi-label view of the documents.
+    // Without a positive value for every file there is no such view.
+    const bool all_labels =
+        std::all_of(positive.begin(), positive.end(), [](const auto& p) { return p.has_value(); });
+    if (all_labels) {
+      at::Tensor bits = at::zeros({n}, at::kLong);
+      for (std::size_t k = 0; k < names.size(); ++k)
+        bits += (s.labels[names[k]] == *positive[k]).to(at::kLong) * (1LL << k);
+      s.labels["all_labels"] = bits;
+      data.label_classes["all_labels"] = std::int64_t{1} << names.size();
+    } else if (split == "train") {
+      log_info(
+          "no all_labels label source: a label file declares none of yes, 1, true; name its positive value "
+          "with data.positive_value");
+    }
     set_text_inputs(s, texts, tokenizer);
     s.ids = at::arange(n, at::kLong);
     if (data.label_sources.empty()) {
       data.label_sources = names;
-      data.label_sources.push_back("all_labels");
+      if (all_labels) data.label_sources.push_back("all_labels");
     }
-    CANOPY_CHECK(names == std::vector<std::string>(data.label_sources.begin(), data.label_sources.end() - 1),
+    CANOPY_CHECK(names == std::vector<std::string>(
+                              data.label_sources.begin(),
+                              data.label_sources.begin() + static_cast<std::ptrdiff_t>(names.size())),
                  ConfigError,
                  "data.train_files and data.test_files must name the same labels in the same order");
     data.splits[split] = std::move(s);
@@ -275,6 +322,9 @@ InputData load_image_files(const JobConfig& config) {
       }
       const auto names = list.class_names.find(list.label_order[0]);
       if (names != list.class_names.end()) data.class_names = names->second;
+      for (const auto& [source, classes] : list.class_names) {
+        data.label_classes[source] = static_cast<std::int64_t>(classes.size());
+      }
     } else {
       CANOPY_CHECK(list.label_order == data.label_sources, DataError, "the test images' labels (",
                    join(list.label_order, ", "), ") differ from the training images' (",
@@ -365,15 +415,17 @@ std::string describe_inputs(const JobConfig& c) {
   std::ostringstream out;
   out << "preprocess=" << describe_preprocessing(c) << "\n";
   if (c.data.source == "arff") {
-    out << "data=arff;text_attribute=" << c.data.text_attribute << ";train_limit=" << c.data.train_limit
-        << ";test_limit=" << c.data.test_limit;
+    out << "data=arff;text_attribute=" << c.data.text_attribute
+        << (c.data.positive_value.empty() ? "" : ";positive_value=" + c.data.positive_value)
+        << ";train_limit=" << c.data.train_limit << ";test_limit=" << c.data.test_limit;
     for (const auto* files : {&c.data.train_files, &c.data.test_files}) {
       for (const auto& f : *files) {
         const auto [name, path] = named_file(f, "data files");
         out << ";" << name << "=" << file_stamp(path);
       }
     }
-    out << "\nlabels=one source per label file (nominal index);all_labels=bit k set when label k is 1\n";
+    out << "\nlabels=one source per label file (nominal index);all_labels=bit k set when label k has its "
+           "positive value (data.positive_value, or yes, 1 or true as declared)\n";
   } else if (reads_image_files(c.data)) {
     const bool csv = c.data.source == "image-csv";
     out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit

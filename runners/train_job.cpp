@@ -74,6 +74,9 @@ std::int64_t source_classes_of(const tasks::TaskConfig& tc, const datasets::Cach
                  tc.labels, "' holds real values; use kind = regression");
     return 0;
   }
+  const auto declared = meta.label_classes.find(tc.labels);
+  if (declared != meta.label_classes.end()) return declared->second;
+  // A cache from before label_classes was recorded: what it tells.
   const auto named = static_cast<std::int64_t>(meta.class_names.size());
   if (tc.labels == "class" && named > 0) return named;
   return eval_labels.max().item<std::int64_t>() + 1;

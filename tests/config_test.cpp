@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <random>
+#include <sstream>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
@@ -178,6 +180,98 @@ TEST(Config, TrunkFreezeTapsAndTextAndImageSources) {
                                             "data.test_files=g:/b", "text.vocab=/v", "text.max_length=2"});
       },
       {"text.max_length", "got 2"}));
+}
+
+// Seeded mutations of the shipped configs (seed 20261130, 150 per config): a value emptied,
+// replaced by a hostile one, a line dropped, duplicated or cut, a section header broken,
+// unknown keys. Loading and validating must end in the config or the data being refused
+// with a canopy error, or in a valid config, never in another exception or a crash.
+TEST(Config, FuzzedConfigsAreRefusedCleanlyOrValid) {
+  const std::vector<std::string> hostile = {"",
+                                            "  ",
+                                            "-1",
+                                            "0",
+                                            "1",
+                                            "1e308",
+                                            "-1e308",
+                                            "nan",
+                                            "inf",
+                                            "0x10",
+                                            "abc",
+                                            "999999999999999999999",
+                                            "9223372036854775807",
+                                            "first:99",
+                                            "first:-1",
+                                            "match:(",
+                                            "modules:nowhere",
+                                            "a,a,a,a",
+                                            "/",
+                                            "../../etc",
+                                            "true",
+                                            "maybe",
+                                            "cosine",
+                                            "step",
+                                            "gradual",
+                                            "autofreeze",
+                                            "pcgrad",
+                                            "0,1,2",
+                                            "\xc3\x28",
+                                            std::string(3000, 'x'),
+                                            "12 34",
+                                            "=",
+                                            "[x]",
+                                            "%"};
+  testing::TempDir dir;
+  std::mt19937_64 rng(20261130);
+  std::int64_t refused = 0, valid = 0;
+  for (const char* name : {"fmnist_lite0_tune.ini", "reuters_minilm_tune.ini"}) {
+    const std::string text = read_file(std::string(CANOPY_SOURCE_DIR) + "/configs/" + name);
+    std::vector<std::string> lines;
+    std::istringstream in(text);
+    for (std::string l; std::getline(in, l);) lines.push_back(l);
+    for (int round = 0; round < 150; ++round) {
+      std::vector<std::string> m = lines;
+      const int edits = 1 + static_cast<int>(rng() % 3);
+      for (int e = 0; e < edits; ++e) {
+        const std::size_t at = rng() % m.size();
+        std::string& line = m[at];
+        const auto eq = line.find('=');
+        switch (rng() % 7) {
+          case 0:
+          case 1:
+          case 2:  // a value replaced
+            if (eq != std::string::npos)
+              line = line.substr(0, eq + 1) + " " + hostile[rng() % hostile.size()];
+            break;
+          case 3:  // a line dropped
+            m.erase(m.begin() + static_cast<std::ptrdiff_t>(at));
+            break;
+          case 4:  // a line duplicated
+            m.insert(m.begin() + static_cast<std::ptrdiff_t>(at), line);
+            break;
+          case 5:  // a line cut short
+            line = line.substr(0, rng() % (line.size() + 1));
+            break;
+          default:  // an unknown key, or a broken header
+            line = rng() % 2 ? "no_such_key = 3" : "[task.";
+        }
+      }
+      std::string body;
+      for (const auto& l : m) body += l + "\n";
+      const std::string path = dir.file("fuzz.ini");
+      std::ofstream(path) << body;
+      try {
+        validate_job_config(load_job_config(path));
+        ++valid;
+      } catch (const Error&) {
+        ++refused;
+      } catch (const std::exception& e) {
+        ADD_FAILURE() << name << " round " << round << ": not a canopy error: " << e.what() << "\n" << body;
+      }
+    }
+  }
+  EXPECT_EQ(refused + valid, 300);
+  EXPECT_GT(refused, 100);  // the mutations mostly break something, and each is refused by name
 }
 
 TEST(InputData, AFolderLimitKeepsEveryClass) {

@@ -114,6 +114,19 @@ TEST(Arff, ReadsStringAndNominalAttributesWithEscapes) {
             (std::vector<std::string>{"one", "two", "", "four"}));
 }
 
+TEST(Arff, EscapesCommentsAndQuestionMarksAsWekaReadsThem) {
+  testing::TempDir dir;
+  const std::string path = write(dir.file("esc.arff"),
+                                 "@relation r\n@attribute t string\n@attribute c {no,yes}\n@data\n"
+                                 "'\\a\\b\\f\\v|\\007\\12\\101|\\u00e9|\\%\\q',yes % note\n"
+                                 "'?',no%x\n");
+  const ArffData d = read_arff(path);
+  ASSERT_EQ(d.rows, 2);
+  EXPECT_EQ(d.strings[0][0], std::string("\a\b\f\v|\a\nA|\xC3\xA9|%q"));
+  EXPECT_EQ(d.strings[0][1], "?");  // quoted: a text that is a question mark
+  EXPECT_EQ(d.nominals[1], (std::vector<std::int64_t>{1, 0}));
+}
+
 TEST(Arff, BadFilesNameTheLine) {
   testing::TempDir dir;
   auto bad = [&](const std::string& body, std::initializer_list<std::string> fragments) {
@@ -129,7 +142,9 @@ TEST(Arff, BadFilesNameTheLine) {
   EXPECT_TRUE(bad("@relation r\n@attribute t string\n@data\n'open\n", {"bad.arff:4", "unterminated"}));
   EXPECT_TRUE(bad("@relation r\n@attribute t string\n", {"no @data"}));
   EXPECT_TRUE(bad("@relation r\n@attribute t string\n@attribute c {0,1}\n@data\n'a',?\n",
-                  {"missing values are not supported"}));
+                  {"bad.arff:5", "attribute 'c' is missing"}));
+  EXPECT_TRUE(
+      bad("@relation r\n@attribute t string\n@data\n?\n", {"bad.arff:4", "attribute 't' is missing"}));
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_arff(dir.file("none.arff")); },
                                               {"cannot open", "none.arff"}));
 }

@@ -192,8 +192,72 @@ def disk_full(canopy, work, config):
               f"... saying the disk is full and naming the file: {r.stderr.strip()[-300:]}")
         leftovers = [p for p in glob.glob(os.path.join(out, "**", "*"), recursive=True) if ".tmp." in p]
         check(not leftovers, f"... and leaving no temporary file ({leftovers})")
+        # The cache on a full disk: 60 000 rows of 1568 floats (376 MB) into 1 MiB.
+        r = subprocess.run([canopy, "cache", "--config", config, "--set", f"cache.path={out}/cache",
+                            "--progress", "quiet"], capture_output=True, text=True)
+        leftovers = [p for p in glob.glob(os.path.join(out, "cache", "**", "*"), recursive=True) if ".tmp." in p]
+        check(r.returncode == 1 and "terminate called" not in r.stderr and "disk is full" in r.stderr and
+              "shard" in r.stderr and not leftovers,
+              f"on a full disk `canopy cache` exits 1 saying so, leaving no temporary file ({r.stderr.strip()[-260:]}; {leftovers})")
     finally:
         subprocess.run(["umount", out])
+
+
+def rebuild_beside(canopy, work, config):
+    """A rebuild (--force, or other inputs) runs beside the complete cache and replaces it only
+    once complete: killed or failed, it leaves the old cache usable."""
+    cache = os.path.join(work, "cache")
+    before = features_digest(work)
+    verify = [canopy, "inspect", cache, "--verify"]
+    staged = os.path.join(cache, "rebuild", "manifest.json")
+    p = subprocess.Popen([canopy, "cache", "--config", config, "--force", "--set", "trunk.pooling=avg",
+                          "--progress", "quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None and not os.path.exists(staged):
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    r = subprocess.run(verify, capture_output=True, text=True)
+    check(p.returncode == -signal.SIGKILL and r.returncode == 0 and features_digest(work) == before,
+          f"a rebuild killed by SIGKILL leaves the old cache verified and unchanged ({p.returncode}, {r.stdout.strip()[-120:]})")
+    r = subprocess.run([canopy, "train", "--config", config, "--set", "train.epochs=1", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    check(r.returncode == 0, f"... and `canopy train` still trains on it ({r.stderr.strip()[-200:]})")
+    nan = os.path.join(work, "nan.pt")
+    r = subprocess.run([canopy, "cache", "--config", config, "--force", "--set", f"trunk.path={nan}",
+                        "--progress", "quiet"], capture_output=True, text=True)
+    v = subprocess.run(verify, capture_output=True, text=True)
+    check(r.returncode == 1 and "non-finite" in r.stderr and v.returncode == 0 and features_digest(work) == before,
+          f"a rebuild that fails leaves the old cache verified and unchanged ({r.stderr.strip()[-160:]})")
+    r = subprocess.run([canopy, "cache", "--config", config, "--force", "--progress", "quiet"], capture_output=True, text=True)
+    v = subprocess.run(verify, capture_output=True, text=True)
+    check(r.returncode == 0 and "built beside the old cache" in r.stderr and v.returncode == 0 and
+          not os.path.exists(os.path.join(cache, "rebuild")) and features_digest(work) == before,
+          f"a rebuild that finishes replaces the cache and cleans up ({r.stderr.strip()[-200:]})")
+
+
+def replaced_trunk(canopy, work, config):
+    """A trunk file replaced at its pinned path is refused by train and inspect too."""
+    import hashlib
+    import shutil
+    pinned = os.path.join(work, "pinned.pt")
+    shutil.copy(os.path.join(work, "tiny.pt"), pinned)
+    sha = hashlib.sha256(open(pinned, "rb").read()).hexdigest()
+    pin = ["--set", f"trunk.path={pinned}", "--set", f"trunk.sha256={sha}", "--set", f"cache.path={work}/pcache",
+           "--set", "train.epochs=1", "--progress", "quiet"]
+    r = subprocess.run([canopy, "run", "--config", config, *pin], capture_output=True, text=True)
+    check(r.returncode == 0, f"a pinned trunk caches and trains ({r.stderr.strip()[-200:]})")
+    shutil.copy(os.path.join(work, "other.pt"), pinned)
+    r = subprocess.run([canopy, "train", "--config", config, *pin], capture_output=True, text=True)
+    check(r.returncode == 1 and "refusing to load it" in r.stderr and sha in r.stderr,
+          f"`canopy train` refuses a trunk file that no longer matches its pin ({r.stderr.strip()[-220:]})")
+    r = subprocess.run([canopy, "inspect", f"{work}/pcache", "--config", config, *pin[:4]], capture_output=True, text=True)
+    check(r.returncode != 0 and "refusing to load it" in r.stderr,
+          f"... and so does `canopy inspect --config` ({r.stderr.strip()[-200:]})")
+    os.remove(pinned)
+    r = subprocess.run([canopy, "train", "--config", config, *pin], capture_output=True, text=True)
+    check(r.returncode == 0 and "is absent" in r.stderr and "pinned SHA-256 alone" in r.stderr,
+          f"without the file, training on the cache says the pin alone is checked ({r.stderr.strip()[-200:]})")
 
 
 def main():
@@ -202,6 +266,8 @@ def main():
     repair(canopy, work, config)
     train_locks(canopy, work, config)
     non_finite_features(canopy, work)
+    rebuild_beside(canopy, work, config)
+    replaced_trunk(canopy, work, config)
     disk_full(canopy, work, config)
     subprocess.run(["rm", "-rf", work])
     return finish()

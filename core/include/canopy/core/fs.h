@@ -21,6 +21,9 @@ void remove_temporaries(const std::string& dir);
 
 // strerror, and for ENOSPC/EDQUOT a plain "the disk is full (ENOSPC: ...)".
 std::string describe_errno(int err);
+// Whether the filesystem holding `path` has fewer than `bytes` bytes free for this user
+// (statvfs): what a library error that does not keep errno (HDF5's) most likely meant.
+bool short_of_space(const std::string& path, std::uint64_t bytes);
 
 // fsync a file (by path) and then its directory; throws IoError on failure.
 void fsync_path(const std::string& path);

@@ -76,6 +76,10 @@ struct CacheMeta {
   std::vector<std::string> float_labels;  // the label sources stored as float64 (regression
                                           // targets); the others are int64 classes
   std::vector<std::string> class_names;
+  // The number of classes each integer label source declares (ARFF nominal values, class
+  // folders, the idx data sets' 10, 2^k for all_labels): a task's class count comes from
+  // here, never from which values a split happens to hold. Absent: not declared.
+  std::map<std::string, std::int64_t> label_classes;
   // A cache of a frozen prefix: the last frozen block, and the layout of each row. Empty for
   // a cache of pooled features.
   std::string boundary;
@@ -113,6 +117,11 @@ std::string view_path(const std::string& dir);
 // What a cheap look at the cache in `dir` finds wrong against its manifest, without reading
 // data: shards missing or of another size than recorded, a missing view. Empty when nothing.
 std::vector<std::string> files_out_of_step(const std::string& dir, const Manifest& manifest);
+// A complete cache built beside the one in `dir` (in `staged`, a subdirectory of it) takes
+// its place: the old manifest goes first (from then until the new one is in place, a crash
+// leaves no manifest and the next run builds again), then the shards, the view and last the
+// manifest move in; `staged` is removed.
+void replace_cache(const std::string& dir, const std::string& staged);
 // Reads <dir>/manifest.json; DataError when missing or malformed.
 Manifest read_manifest(const std::string& dir);
 void write_manifest(const std::string& dir, const Manifest& manifest);

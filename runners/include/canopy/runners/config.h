@@ -32,6 +32,8 @@ struct DataConfig {
   std::vector<std::string> train_files;  // arff: label_name:path entries, same documents
   std::vector<std::string> test_files;
   std::string text_attribute = "Text";  // arff: the string attribute holding the text
+  std::string positive_value;           // arff: the value that sets a label's bit in all_labels;
+                                        // empty: yes, 1 or true, whichever is declared
   std::int64_t train_limit = 0;         // keep the first N training samples (class folders: taken
                                         // from each class in turn, so every class stays); 0: all
   std::int64_t test_limit = 0;

@@ -35,6 +35,7 @@ struct InputData {
   std::vector<std::string> float_labels;
   std::map<std::string, std::pair<double, double>> label_stats;  // float sources: train mean, std
   std::vector<std::string> class_names;                          // of the first source, if known
+  std::map<std::string, std::int64_t> label_classes;             // declared class counts (CacheMeta)
   std::string unit = "img";                                      // for progress: img | doc
 };
 
