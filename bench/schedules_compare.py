@@ -34,7 +34,7 @@ def run_rows(a, work, freeze, extra, tag):
     path = os.path.join(work, f"{tag}.ini")
     with open(path, "w") as f:
         f.write(canopy_config(work, a, freeze))
-    common = ["--config", path] + [x for kv in extra for x in ("--set", kv)]
+    common = ["--config", path, "--set", f"cache.path={work}/cache-{tag}"] + [x for kv in extra for x in ("--set", kv)]
     out = []
     for seed, out_dir, stdout, per_epoch, total in cache_then_train(a.canopy, common, a.seeds, f"{work}/out-{tag}",
                                                                     a.epochs):
@@ -43,7 +43,7 @@ def run_rows(a, work, freeze, extra, tag):
         top = [r for r in rows if r["task"] == "@trunk"]
         blocks = 15 - int(freeze.split(":")[1])
         frozen = blocks - len(top[-1]["training"])
-        out.append((acc, per_epoch, total, frozen))
+        out.append((acc, per_epoch, total, frozen, blocks))
         print(f"  {tag} seed {seed}: {100 * acc:.2f}%, {per_epoch:.1f} s/epoch, total {total:.1f} s, "
               f"frozen at the end {frozen} of {blocks}; per epoch {[r['training'] for r in top]}",
               file=sys.stderr, flush=True)
@@ -77,11 +77,11 @@ def main():
     print("|---|---|---|---|---|")
     s = {}
     for name, res in rows:
-        acc, per_epoch, total, frozen = zip(*res)
+        acc, per_epoch, total, frozen, blocks = zip(*res)
         s[name] = (statistics.mean(acc), statistics.mean(per_epoch), statistics.mean(total))
         print(f"| {name} | {100 * statistics.mean(acc):.2f}% ({100 * min(acc):.2f}-{100 * max(acc):.2f}) | "
               f"{statistics.mean(per_epoch):.1f} | {statistics.mean(total):.1f} | "
-              f"{'/'.join(str(f) for f in frozen)} of 4 |")
+              f"{'/'.join(str(f) for f in frozen)} of {blocks[0]} |")
     best = max(s["static top-2"][0], s["static top-4"][0])
     print()
     print(f"RATIO static top-4 / autofreeze top-4, total time = {s['static top-4'][2] / s['autofreeze top-4'][2]:.2f}"

@@ -262,13 +262,16 @@ class EpochLoop {
   // concurrently on its output, their gradients w.r.t. it summed, one backward through it.
   void train_shared_step(const std::vector<WorkUnit>& units, const datasets::Batch& batch, std::int64_t epoch,
                          std::int64_t step) {
+    const auto step_start = Clock::now();
     const at::Tensor z = top_->forward(batch.features, true, batch.index);
     CANOPY_CHECK(z.isfinite().all().item<bool>(), Error, "the shared top's output is not finite at epoch ",
                  epoch + 1, " step ", step + 1,
                  " (its weights diverged; lower trunk.lr). The last checkpoint in ", store_.dir(),
                  " is the last good state");
     datasets::Batch shared{z.detach(), batch.labels, batch.index};
+    auto t = Clock::now();
     last_weights_ = weighting_->weights();
+    weighting_seconds_ += since(t);
     for (std::size_t i = 0; i < set_.tasks.size(); ++i) {
       set_.tasks[i]->set_loss_weight(last_weights_[i]);
       runs_[i].last_loss = std::numeric_limits<double>::quiet_NaN();
@@ -279,9 +282,16 @@ class EpochLoop {
     std::vector<double> losses;
     for (const auto& r : runs_)
       losses.push_back(r.failed() ? std::numeric_limits<double>::quiet_NaN() : r.last_loss);
+    t = Clock::now();
     weighting_->after_step(losses);
-    if (!learns) return;  // gradual's warm-up: the heads alone
+    weighting_seconds_ += since(t);
+    if (!learns) {  // gradual's warm-up: the heads alone
+      step_seconds_ += since(step_start);
+      return;
+    }
+    t = Clock::now();
     const at::Tensor total = weighting_->combine(grads, epoch * steps_per_epoch_ + step);
+    weighting_seconds_ += since(t);
     if (!total.defined()) return;  // every head failed: nothing to learn from
     top_moved_ = true;
     try {
@@ -290,8 +300,15 @@ class EpochLoop {
       throw Error(detail::str_cat(e.what(), " at epoch ", epoch + 1, " step ", step + 1,
                                   "; the last checkpoint in ", store_.dir(), " is the last good state"));
     }
+    step_seconds_ += since(step_start);
   }
 
+ public:
+  // The loss weighting's own time (its weights, its update, combining the gradients) and the
+  // shared steps' whole time, in this process.
+  std::pair<double, double> weighting_share() const { return {weighting_seconds_, step_seconds_}; }
+
+ private:
   void check_none_failed(const std::vector<std::size_t>& active) const {
     for (std::size_t i : active) {
       CANOPY_CHECK(!runs_[i].failed(), Error, "head '", set_.results[i].name, "' FAILED at ",
@@ -362,8 +379,9 @@ class EpochLoop {
   SharedTop* top_;
   LossWeighting* weighting_;
   std::vector<double> last_weights_;  // each task's loss weight in the last step
-  at::Tensor top_eval_;               // the top's output on eval_rows_ ...
-  bool top_moved_ = true;             // ... unless the top stepped since
+  double weighting_seconds_ = 0, step_seconds_ = 0;
+  at::Tensor top_eval_;    // the top's output on eval_rows_ ...
+  bool top_moved_ = true;  // ... unless the top stepped since
   CheckpointStore& store_;
   MetricsSink& metrics_;
   StepRunner& runner_;
@@ -501,6 +519,14 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   const auto train_start = Clock::now();
   loop.run(from, style);
   report.train_seconds = since(train_start);
+  if (top) {
+    const auto [spent, steps] = loop.weighting_share();
+    char line[200];
+    std::snprintf(line, sizeof line, "loss weighting (%s): %.1f ms of %.1f s in the shared steps (%.3f%%)",
+                  to_string(config.train.weighting), 1000 * spent, steps,
+                  steps > 0 ? 100 * spent / steps : 0.0);
+    log_info(line);
+  }
   report.source_peak_bytes = source->peak_bytes();
   report.source = source->describe();
   datasets::CacheMeta meta = cache.meta();
