@@ -54,13 +54,19 @@ datasets::FeatureCache open_checked_cache(const JobConfig& config) {
   return cache;
 }
 
+// Whether the train split is read whole: it fits under cache.memory_cap_mb (0: no cap).
+bool train_split_in_memory(const datasets::FeatureCache& cache, const JobConfig& config) {
+  const auto cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb * 1024 * 1024);
+  return cap == 0 || cache.feature_bytes(config.train.train_split) <= cap;
+}
+
 // The train split, read whole when it fits under cache.memory_cap_mb, else streamed.
 std::unique_ptr<datasets::BatchSource> make_train_source(const datasets::FeatureCache& cache,
                                                          const JobConfig& config,
                                                          datasets::ReadMethod method) {
   const auto& t = config.train;
   const auto cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb * 1024 * 1024);
-  if (cap == 0 || cache.feature_bytes(t.train_split) <= cap) {
+  if (train_split_in_memory(cache, config)) {
     return datasets::make_in_memory_source(cache.load_split(t.train_split, method), t.batch_size, t.seed);
   }
   return datasets::make_streaming_source(cache, t.train_split, t.batch_size, t.seed, cap, method);
@@ -428,6 +434,53 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
   report.tasks = std::move(set.results);
 }
 
+// The trunk's shared top and how the tasks' losses reach it, when the cache holds a frozen
+// prefix's output (both empty for a cache of pooled features).
+struct SharedTraining {
+  std::unique_ptr<SharedTop> top;
+  std::unique_ptr<LossWeighting> weighting;
+};
+
+SharedTraining make_shared_training(const JobConfig& config, const datasets::FeatureCache& cache,
+                                    std::int64_t train_rows) {
+  const auto w = config.train.weighting;
+  const bool shared = !cache.meta().row_parts.empty();
+  CANOPY_CHECK(shared || w == Weighting::kSum || w == Weighting::kStatic, ConfigError,
+               "train.weighting = ", to_string(w),
+               " weights the gradient that reaches a shared trainable top, ",
+               "and the trunk is frozen whole (trunk.freeze = ", trunk::describe(config.trunk.freeze),
+               "): each head learns from its own loss alone; use sum");
+  SharedTraining out;
+  if (!shared) return out;
+  CANOPY_CHECK(
+      config.top.schedule != FreezeSchedule::kAutofreeze || train_split_in_memory(cache, config), ConfigError,
+      "trunk.schedule = autofreeze keeps its cache levels by row, which needs the train split in memory (",
+      cache.feature_bytes(config.train.train_split) / (1024 * 1024), " MiB); raise cache.memory_cap_mb (",
+      config.cache.memory_cap_mb, ") or set it to 0");
+  double mean_lr = 0.0;
+  std::vector<double> static_weights;
+  for (const auto& t : config.tasks) {
+    mean_lr += t.lr / static_cast<double>(config.tasks.size());
+    static_weights.push_back(t.loss_weight);
+  }
+  const std::int64_t steps = (train_rows + config.train.batch_size - 1) / config.train.batch_size;
+  out.top = std::make_unique<SharedTop>(trunk::Trunk::load(config.trunk), config.top, cache.meta(), mean_lr,
+                                        train_rows, steps, join_path(config.train.out_dir, "levels"));
+  out.weighting =
+      std::make_unique<LossWeighting>(w, static_weights, config.train.weighting_lr, config.train.seed);
+  out.top->set_weighting(out.weighting.get());
+  return out;
+}
+
+// The weighting's own time against the shared steps', for the log.
+void log_weighting_share(Weighting weighting, std::pair<double, double> share) {
+  const auto [spent, steps] = share;
+  char line[200];
+  std::snprintf(line, sizeof line, "loss weighting (%s): %.1f ms of %.1f s in the shared steps (%.3f%%)",
+                to_string(weighting), 1000 * spent, steps, steps > 0 ? 100 * spent / steps : 0.0);
+  log_info(line);
+}
+
 }  // namespace
 
 TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry, ProgressStyle style,
@@ -457,34 +510,9 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   const auto source = make_train_source(cache, config, method);
   const at::Tensor eval_rows = eval.features.to(at::kFloat);
   // A cache of a frozen prefix: the trunk's top trains too, shared by every head.
-  std::unique_ptr<SharedTop> top;
-  std::unique_ptr<LossWeighting> weighting;
-  const auto w = config.train.weighting;
-  CANOPY_CHECK(!cache.meta().row_parts.empty() || w == Weighting::kSum || w == Weighting::kStatic,
-               ConfigError, "train.weighting = ", to_string(w),
-               " weights the gradient that reaches a shared trainable top, ",
-               "and the trunk is frozen whole (trunk.freeze = ", trunk::describe(config.trunk.freeze),
-               "): each head learns from its own loss alone; use sum");
-  if (!cache.meta().row_parts.empty()) {
-    double mean_lr = 0.0;
-    for (const auto& t : config.tasks) mean_lr += t.lr / static_cast<double>(config.tasks.size());
-    if (config.top.schedule == FreezeSchedule::kAutofreeze) {
-      const auto cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb * 1024 * 1024);
-      CANOPY_CHECK(
-          cap == 0 || cache.feature_bytes(config.train.train_split) <= cap, ConfigError,
-          "trunk.schedule = autofreeze keeps its cache levels by row, which needs the train split in "
-          "memory (",
-          cache.feature_bytes(config.train.train_split) / (1024 * 1024), " MiB); raise cache.memory_cap_mb (",
-          config.cache.memory_cap_mb, ") or set it to 0");
-    }
-    const std::int64_t steps = (report.train_rows + config.train.batch_size - 1) / config.train.batch_size;
-    top = std::make_unique<SharedTop>(trunk::Trunk::load(config.trunk), config.top, cache.meta(), mean_lr,
-                                      report.train_rows, steps, join_path(config.train.out_dir, "levels"));
-    std::vector<double> static_weights;
-    for (const auto& t : config.tasks) static_weights.push_back(t.loss_weight);
-    weighting =
-        std::make_unique<LossWeighting>(w, static_weights, config.train.weighting_lr, config.train.seed);
-    top->set_weighting(weighting.get());
+  SharedTraining shared = make_shared_training(config, cache, report.train_rows);
+  SharedTop* top = shared.top.get();
+  if (top) {
     report.feature_dim = top->feature_dim();
     report.top = top->describe();
     log_info("fine-tuning the trunk's top over the cached prefix (output of " + cache.meta().boundary +
@@ -498,7 +526,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   CheckpointStore store(config.train.out_dir + "/checkpoint", config_identity(resolved));
   CheckpointPosition from;
   if (resume) {
-    from = store.load(set.tasks, runs, top.get());
+    from = store.load(set.tasks, runs, top);
     report.resumed_from = "epoch " + std::to_string(from.epoch + 1) + " step " + std::to_string(from.step);
     log_info("resuming from the checkpoint at " + report.resumed_from);
   }
@@ -513,20 +541,13 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
            std::to_string(report.train_rows) + " x " + std::to_string(report.feature_dim) + " features, " +
            source->describe() + " (" + std::to_string(runner.workers()) + " TBB workers x " +
            std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
-  EpochLoop loop(config, set, *source, eval_rows, top.get(), weighting.get(), store, metrics, runner, runs);
+  EpochLoop loop(config, set, *source, eval_rows, top, shared.weighting.get(), store, metrics, runner, runs);
   report.fused = describe_fusion(set, loop.plan_options());
 
   const auto train_start = Clock::now();
   loop.run(from, style);
   report.train_seconds = since(train_start);
-  if (top) {
-    const auto [spent, steps] = loop.weighting_share();
-    char line[200];
-    std::snprintf(line, sizeof line, "loss weighting (%s): %.1f ms of %.1f s in the shared steps (%.3f%%)",
-                  to_string(config.train.weighting), 1000 * spent, steps,
-                  steps > 0 ? 100 * spent / steps : 0.0);
-    log_info(line);
-  }
+  if (top) log_weighting_share(config.train.weighting, loop.weighting_share());
   report.source_peak_bytes = source->peak_bytes();
   report.source = source->describe();
   datasets::CacheMeta meta = cache.meta();
