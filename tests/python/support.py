@@ -120,6 +120,12 @@ def start(prefix, trunk_module, trunk_name):
     return a.canopy, work, trunk
 
 
+def slowdown():
+    """How many times slower than usual canopy runs here (a sanitizer build sets
+    CANOPY_TEST_SLOWDOWN); waits scale by it."""
+    return float(os.environ.get("CANOPY_TEST_SLOWDOWN", "1"))
+
+
 def kill_when(cmd, json_path, reached, timeout=120, env=None):
     """Starts `cmd`, polls the JSON file `json_path` until `reached(doc)` is true, then
     SIGKILLs the process. Returns (returncode, the document that triggered the kill or None)."""
@@ -129,7 +135,7 @@ def kill_when(cmd, json_path, reached, timeout=120, env=None):
     import time
 
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + timeout
+    deadline = time.time() + timeout * slowdown()
     seen = None
     while time.time() < deadline and p.poll() is None:
         try:
