@@ -289,8 +289,9 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
                   .one_of({"avg", "flatten", "none", "first_token", "masked_mean"}));
   v.push_back(member_key<K>("trunk", "taps", CANOPY_JOB(trunk.taps),
                             "blocks whose outputs are cached, concatenated; empty: the output"));
-  v.push_back(member_key<K>("trunk", "optimize", CANOPY_JOB(trunk.optimize),
-                            "torch::jit::freeze + optimize_for_inference when fully frozen"));
+  v.push_back(
+      member_key<K>("trunk", "optimize", CANOPY_JOB(trunk.optimize),
+                    "inference passes run a frozen (torch::jit::freeze), channels-last copy of the trunk"));
   v.push_back(member_key<K>("trunk", "freeze", CANOPY_JOB(trunk.freeze.freeze),
                             "all | none | first:N | match:REGEX | modules:A B ... (docs/trunk.md)"));
   v.push_back(member_key<K>("trunk", "train_only", CANOPY_JOB(trunk.freeze.train_only),

@@ -22,6 +22,16 @@ sentence encoder does, or the first token). Its WordPiece vocabulary is written 
 
 --random-init exports the same architecture with freshly initialised weights (seeded):
 the control for showing that the pretrained features matter.
+
+--format pt2 compiles the same module ahead of time with AOTInductor instead
+(torch.export with a dynamic batch dimension, then torch._inductor.aoti_compile_and_package):
+a .pt2 package of native code for this machine's CPU, for inference only. Its input size is
+fixed (--size, default 64; images must be --size x --size; texts: --size tokens at most, the
+length dynamic) and its outputs are named in its metadata (canopy.outputs), with the input
+shape, the source and the torch version. Compiling takes a minute or two. The bytes depend on
+the compiler and the CPU, so its SHA-256 is pinned where it is compiled: it is written next to
+the file as <out>.sha256. --compare-with TRUNK.pt times both forms here and writes
+<out>.timing.json (scripts/setup uses it to run the demos on the faster one).
 """
 import argparse
 import os
@@ -190,6 +200,74 @@ def save_reproducibly(module, out):
         del writer
 
 
+def images_per_second(run, inputs, repeats=5):
+    """Median rows per second of `run(*inputs)` over `repeats` timed calls after two warm-ups."""
+    import time
+    with torch.inference_mode():
+        run(*inputs)
+        run(*inputs)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(*inputs)
+            times.append(time.perf_counter() - start)
+    return inputs[0].shape[0] / sorted(times)[len(times) // 2]
+
+
+def compare_with_torchscript(compiled, torchscript, inputs, out):
+    """Times the compiled package against the TorchScript trunk as canopy runs it (frozen,
+    optimised for inference) on the same batch, and writes <out>.timing.json: which is faster
+    on this machine, with the rates."""
+    import json
+    script = torch.jit.load(torchscript).eval()
+    script = torch.jit.optimize_for_inference(torch.jit.freeze(script))
+    rates = {"torchscript": images_per_second(script, inputs), "pt2": images_per_second(compiled, inputs)}
+    faster = max(rates, key=rates.get)
+    with open(out + ".timing.json", "w") as f:
+        json.dump({"faster": faster, "rows_per_second": rates, "batch": list(inputs[0].shape),
+                   "threads": torch.get_num_threads()}, f, indent=1)
+    print(f"on this machine ({torch.get_num_threads()} threads, batch {tuple(inputs[0].shape)}): "
+          f"TorchScript {rates['torchscript']:.0f} rows/s, compiled {rates['pt2']:.0f} rows/s: {faster} is faster")
+
+
+def export_compiled(module, example, dynamic, inputs, output, args, check_inputs, timing_inputs):
+    """AOTInductor package of `module`; checks it against eager on `check_inputs`. `inputs`
+    describes what the package accepts, for canopy to check before it runs it (compiled code
+    does not check shapes): per input `dtype dim,dim,...`, separated by ';', a dim being a
+    number (fixed), N (any batch) or NAME<=MAX (dynamic up to MAX, equal wherever NAME
+    appears)."""
+    import time
+    start = time.time()
+    with torch.no_grad():
+        program = torch.export.export(module, example, dynamic_shapes=dynamic)
+    metadata = {
+        "canopy.outputs": output,
+        "canopy.inputs": inputs,
+        "canopy.source": f"{args.name} ({'random init' if args.random_init else 'pretrained'})",
+        "canopy.torch_version": torch.__version__,
+    }
+    tmp = args.out[:-4] + ".tmp.pt2" if args.out.endswith(".pt2") else args.out + ".tmp.pt2"
+    torch._inductor.aoti_compile_and_package(program, package_path=tmp,
+                                              inductor_configs={"aot_inductor.metadata": metadata})
+    compiled = torch._inductor.aoti_load_package(tmp)
+    with torch.no_grad():
+        ref, got = module(*check_inputs), compiled(*check_inputs)
+    diff = (ref - got).abs().max().item()
+    if diff > 1e-3 * max(1.0, ref.abs().max().item()):
+        os.remove(tmp)
+        sys.exit(f"compiled trunk disagrees with eager: max diff {diff}")
+    os.replace(tmp, args.out)
+    import hashlib
+    with open(args.out, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    with open(args.out + ".sha256", "w") as f:
+        f.write(digest + "\n")
+    if args.compare_with:
+        compare_with_torchscript(compiled, args.compare_with, timing_inputs, args.out)
+    print(f"compiled {args.name} output {output} to {args.out} in {time.time() - start:.0f} s (AOTInductor, "
+          f"inputs {inputs}, max diff to eager {diff:.2e})")
+
+
 def export_text(net, args):
     """Scripted (not traced): the module keeps its training flag and control flow, so canopy
     can run it in train mode when part of it is unfrozen. The vocabulary ships next to it."""
@@ -218,11 +296,29 @@ def main(argv):
     ap.add_argument("--out", required=True)
     ap.add_argument("--random-init", action="store_true")
     ap.add_argument("--tap", default="blocks.13", help="blocks.N or final (default blocks.13)")
+    ap.add_argument("--format", choices=["torchscript", "pt2"], default="torchscript",
+                    help="torchscript (default) or pt2: an AOTInductor package compiled for this machine")
+    ap.add_argument("--compare-with", metavar="TRUNK.pt",
+                    help="pt2: time it against this TorchScript export of the same trunk and write "
+                         "<out>.timing.json (which is faster here)")
+    ap.add_argument("--size", type=int, default=0,
+                    help="pt2: the image size (default 64) or the most tokens of a text (default 256)")
     args = ap.parse_args(argv)
 
     net = TRUNKS[args.name](args.random_init)
     net.eval()
     if args.name == "all_minilm_l6_v2":
+        if args.format == "pt2":
+            t = args.size or 256
+            ids = torch.randint(1000, 5000, (4, t))
+            mask = torch.ones_like(ids)
+            mask[1, t // 2:] = 0
+            batch, tokens = torch.export.Dim("batch", min=1, max=65536), torch.export.Dim("tokens", min=2, max=t)
+            export_compiled(net, (ids, mask), ({0: batch, 1: tokens}, {0: batch, 1: tokens}),
+                            f"int64 N,T<={t}; int64 N,T<={t}", "output", args,
+                            (ids[:3, : t // 2].contiguous(), mask[:3, : t // 2].contiguous()),
+                            (torch.randint(1000, 5000, (32, t)), torch.ones(32, t, dtype=torch.int64)))
+            return
         export_text(net, args)
         return
     if args.tap == "final":
@@ -231,6 +327,14 @@ def main(argv):
         trunk = BlockFeatures(net, int(args.tap[7:])).eval()
     else:
         sys.exit(f"--tap: expected final or blocks.0 .. blocks.{len(net._blocks) - 1}, got {args.tap!r}")
+    if args.format == "pt2":
+        size = args.size or 64
+        if size % 32:
+            sys.exit(f"--size: a multiple of 32, got {size}")
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        export_compiled(trunk, (torch.randn(2, 3, size, size),), ({0: batch},), f"float32 N,3,{size},{size}",
+                        args.tap, args, (torch.randn(5, 3, size, size),), (torch.randn(128, 3, size, size),))
+        return
     example = torch.zeros(2, 3, 224, 224)
     with torch.no_grad():
         traced = torch.jit.trace(trunk, example, check_trace=False)

@@ -10,11 +10,12 @@
 #include <ATen/ops/cat.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 #include <torch/csrc/jit/serialization/import.h>
-#include <torch/script.h>  // torch::jit::freeze, optimize_for_inference
+#include <torch/script.h>  // torch::jit::freeze
 
 #include "canopy/core/device.h"
 #include "canopy/core/error.h"
@@ -234,6 +235,33 @@ at::Tensor pool(const at::Tensor& out, const std::string& pooling, const std::ve
   return (out * mask).sum(1) / mask.sum(1).clamp_min(1.0);
 }
 
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// What encode() and encode_prefix() run when trunk.optimize is on: a clone of the module
+// with its 4-D weights (convolutions) in channels-last memory format, frozen (weights become
+// constants, Conv+BatchNorm fold). Channels-last convolutions are twice as fast on the CPU
+// (docs/performance.md); optimize_for_inference (MKL-DNN conversion) is left out: after
+// freezing it made both demo trunks slower. Sets `channels_last` when a weight was converted:
+// 4-D inputs are then given channels-last too.
+torch::jit::Module inference_runner(const torch::jit::Module& module, const std::vector<std::string>& methods,
+                                    bool& channels_last) {
+  torch::jit::Module clone = module.clone();
+  {
+    c10::NoGradGuard no_grad;
+    for (const auto& p : clone.parameters(true)) {
+      if (p.dim() != 4) continue;
+      at::Tensor w = p;
+      w.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
+      channels_last = true;
+    }
+  }
+  return torch::jit::freeze(clone, methods);
+}
+
 // The modules a selection names (see FreezePolicy), as subtree roots.
 std::vector<std::string> select_modules(const std::string& spec, const std::vector<std::string>& names,
                                         const std::vector<std::string>& blocks, const char* key) {
@@ -300,6 +328,12 @@ struct Trunk::Impl {
   std::set<std::string> held;               // top blocks a schedule holds frozen for now
   std::set<std::string> policy_trainable;   // parameters the policy leaves trainable
   std::map<std::string, std::string> cuts;  // "from>to" -> the method computing it
+  bool channels_last = false;               // the optimised runners hold channels-last weights
+  // A compiled (AOTInductor, .pt2) trunk: inference only, its outputs fixed when it was
+  // exported (metadata canopy.outputs names them).
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> compiled;
+  std::unordered_map<std::string, std::string> compiled_meta;
+  std::vector<std::string> compiled_outputs;
 
   // Where the policy cuts the trunk; adds canopy_prefix and canopy_top when it leaves a top
   // over a frozen prefix.
@@ -346,13 +380,16 @@ struct Trunk::Impl {
     return pooled.size() == 1 ? pooled[0] : at::cat(pooled, 1);
   }
 
-  std::vector<at::Tensor> prepare(const std::vector<at::Tensor>& inputs) const {
+  std::vector<at::Tensor> prepare(const std::vector<at::Tensor>& inputs, bool optimised = false) const {
     CANOPY_CHECK(!inputs.empty(), DataError, "the trunk needs at least one input tensor, got none");
     CANOPY_CHECK(inputs[0].dim() >= 1 && inputs[0].size(0) > 0, DataError,
                  "trunk input batch must be non-empty, got shape ", inputs[0].sizes());
     std::vector<at::Tensor> out;
-    for (const auto& x : inputs)
+    for (const auto& x : inputs) {
       out.push_back(x.is_floating_point() ? x.to(device, at::kFloat) : x.to(device));
+      if (optimised && channels_last && out.back().dim() == 4)
+        out.back() = out.back().contiguous(at::MemoryFormat::ChannelsLast);
+    }
     return out;
   }
 
@@ -366,6 +403,75 @@ struct Trunk::Impl {
       throw DataError(detail::str_cat("trunk '", config.path, "' failed on input of shape ", shapes.str(),
                                       ": ", e.what_without_backtrace()));
     }
+  }
+
+  // Compiled code does not check what it is given (a wrong size is read out of bounds): the
+  // inputs are checked here against what the package says it accepts (canopy.inputs).
+  void check_compiled_inputs(const std::vector<at::Tensor>& inputs) const {
+    const auto spec = compiled_meta.at("canopy.inputs");
+    const auto wanted = canopy::split(spec, ';');
+    std::ostringstream shapes;
+    for (const auto& x : inputs) shapes << x.scalar_type() << x.sizes() << " ";
+    const auto refuse = [&](const std::string& why) {
+      throw DataError(
+          detail::str_cat("compiled trunk '", config.path, "' accepts ", spec, "; got ", shapes.str(), "(",
+                          why, "). A .pt2 is compiled for one input size: export it for this ",
+                          "one (scripts/export_trunk.py --format pt2 --size), or use the TorchScript trunk"));
+    };
+    if (wanted.size() != inputs.size()) refuse(detail::str_cat(inputs.size(), " input(s)"));
+    std::map<std::string, std::int64_t> named;
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+      const auto parts = canopy::split(trim(wanted[i]), ' ');
+      CANOPY_CHECK(parts.size() == 2, DataError, "compiled trunk '", config.path,
+                   "': metadata canopy.inputs '", spec, "' is not `dtype dim,dim,...` per input");
+      const at::ScalarType type = parts[0] == "float32" ? at::kFloat
+                                  : parts[0] == "int64" ? at::kLong
+                                                        : at::kByte;
+      if (inputs[i].scalar_type() != type) refuse(detail::str_cat("input ", i, " is not ", parts[0]));
+      const auto dims = canopy::split(parts[1], ',');
+      if (static_cast<std::int64_t>(dims.size()) != inputs[i].dim())
+        refuse(detail::str_cat("input ", i, " has ", inputs[i].dim(), " dimensions"));
+      for (std::size_t d = 0; d < dims.size(); ++d) {
+        const std::int64_t got = inputs[i].size(static_cast<std::int64_t>(d));
+        const auto le = dims[d].find("<=");
+        if (dims[d] == "N") continue;
+        if (le == std::string::npos) {
+          if (got != parse_int(dims[d], "canopy.inputs"))
+            refuse(detail::str_cat("dimension ", d, " of input ", i));
+          continue;
+        }
+        const std::string name = dims[d].substr(0, le);
+        if (got < 2 || got > parse_int(dims[d].substr(le + 2), "canopy.inputs"))
+          refuse(detail::str_cat(name, " = ", got, " is outside 2..", dims[d].substr(le + 2)));
+        if (named.emplace(name, got).first->second != got) refuse(name + " differs between inputs");
+      }
+    }
+  }
+
+  // A compiled trunk's outputs, pooled and concatenated as taps are.
+  at::Tensor run_compiled(const std::vector<at::Tensor>& inputs) const {
+    std::vector<at::Tensor> outs;
+    // Compiled code assumes the strides it was exported with (contiguous): a sliced input
+    // would be read wrongly, not refused.
+    check_compiled_inputs(inputs);
+    std::vector<at::Tensor> dense;
+    for (const auto& x : inputs) dense.push_back(x.contiguous());
+    try {
+      outs = compiled->run(dense);
+    } catch (const std::exception& e) {
+      std::ostringstream shapes;
+      for (const auto& x : inputs) shapes << x.sizes() << " ";
+      throw DataError(detail::str_cat("compiled trunk '", config.path, "' failed on input of shape ",
+                                      shapes.str(), ": ", first_line(e.what())));
+    }
+    CANOPY_CHECK(outs.size() == compiled_outputs.size(), DataError, "compiled trunk '", config.path,
+                 "' returned ", outs.size(), " outputs, its metadata names ", compiled_outputs.size(), " (",
+                 join(compiled_outputs, ", "), ")");
+    std::vector<at::Tensor> pooled;
+    for (std::size_t i = 0; i < outs.size(); ++i) {
+      pooled.push_back(pool(outs[i], config.pooling, inputs, "output " + compiled_outputs[i]));
+    }
+    return pooled.size() == 1 ? pooled[0] : at::cat(pooled, 1);
   }
 
   void apply_policy() {
@@ -515,6 +621,54 @@ std::string verified_trunk_sha256(const TrunkConfig& config) {
   return sha;
 }
 
+bool is_compiled_trunk(const std::string& path) { return ends_with(path, ".pt2"); }
+
+Trunk Trunk::load_compiled(std::unique_ptr<Impl> impl) {
+  const TrunkConfig& c = impl->config;
+  const FreezePolicy& p = c.freeze;
+  CANOPY_CHECK(
+      p.freeze == "all" && p.train_only.empty() && p.unfreeze_to.empty() && !p.batchnorm_affine_trainable,
+      ConfigError, "trunk '", c.path, "' is compiled (AOTInductor .pt2): it runs inference only and ",
+      "cannot be fine-tuned (freeze ", describe(p), "); train the top with the TorchScript trunk (.pt)");
+  try {
+    impl->compiled_meta =
+        torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(c.path, "model");
+  } catch (const std::exception& e) {
+    throw DataError(detail::str_cat("cannot read trunk '", c.path,
+                                    "' as an AOTInductor package: ", first_line(e.what())));
+  }
+  const auto meta = [&](const char* key) {
+    const auto it = impl->compiled_meta.find(key);
+    return it == impl->compiled_meta.end() ? std::string() : it->second;
+  };
+  impl->compiled_outputs = canopy::split(meta("canopy.outputs"), ',');
+  CANOPY_CHECK(!meta("canopy.outputs").empty() && !meta("canopy.inputs").empty(), DataError,
+               "compiled trunk '", c.path,
+               "' does not say what it takes and returns (metadata canopy.inputs, canopy.outputs): ",
+               "export it with scripts/export_trunk.py --format pt2");
+  CANOPY_CHECK(c.taps.empty() || c.taps == impl->compiled_outputs, ConfigError,
+               "trunk.taps = ", join(c.taps, ","), ", but compiled trunk '", c.path,
+               "' was exported with the outputs ", join(impl->compiled_outputs, ","),
+               " (a .pt2's taps are fixed at export: leave trunk.taps empty, or export it with these taps)");
+  const std::string device = meta("AOTI_DEVICE_KEY").empty() ? "cpu" : meta("AOTI_DEVICE_KEY");
+  if (impl->device.type() != c10::Device(device).type()) {
+    CANOPY_CHECK(c.device == "auto", ConfigError, "trunk.device = ", c.device, ", but compiled trunk '",
+                 c.path, "' was compiled for ", device, " (a .pt2 runs where it was compiled for)");
+    log_info("trunk '" + c.path + "' was compiled for " + device + ": it runs there");
+    impl->device = c10::Device(device);
+  }
+  try {
+    impl->compiled = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+        c.path, "model", false, 1, impl->device.is_cuda() ? impl->device.index() : c10::DeviceIndex(-1));
+  } catch (const std::exception& e) {
+    throw DataError(detail::str_cat("cannot load compiled trunk '", c.path, "': ", first_line(e.what())));
+  }
+  impl->tap_points = impl->compiled_outputs;
+  log_info(detail::str_cat("trunk: compiled (AOTInductor) for ", device, ", inputs ", meta("canopy.inputs"),
+                           ", outputs ", join(impl->compiled_outputs, ", "), "; inference only"));
+  return Trunk(std::move(impl));
+}
+
 Trunk::Trunk(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Trunk::Trunk(Trunk&&) noexcept = default;
 Trunk& Trunk::operator=(Trunk&&) noexcept = default;
@@ -531,6 +685,7 @@ Trunk Trunk::load(const TrunkConfig& config) {
              "' is loaded unpinned (allowed); to pin it add: sha256 = " + impl->sha256);
   }
   impl->device = choose_device(config.device);
+  if (is_compiled_trunk(config.path)) return load_compiled(std::move(impl));
   try {
     impl->module = torch::jit::load(config.path, impl->device);
   } catch (const c10::Error& e) {
@@ -568,28 +723,32 @@ Trunk Trunk::load(const TrunkConfig& config) {
   if (config.optimize && trainable == 0) {
     std::vector<std::string> methods;
     if (!config.taps.empty()) methods.push_back(kTapsMethod);
-    torch::jit::Module frozen = torch::jit::freeze(m, methods);
-    trunk.impl_->runner = torch::jit::optimize_for_inference(frozen, methods);
+    trunk.impl_->runner = inference_runner(m, methods, trunk.impl_->channels_last);
   }
   if (config.optimize && trunk.impl_->split.problem.empty() && trunk.impl_->split.prefix_blocks > 0) {
-    const std::vector<std::string> methods{kPrefixMethod};
-    torch::jit::Module frozen = torch::jit::freeze(m, methods);
-    trunk.impl_->prefix_runner = torch::jit::optimize_for_inference(frozen, methods);
+    trunk.impl_->prefix_runner = inference_runner(m, {kPrefixMethod}, trunk.impl_->channels_last);
   }
   return trunk;
 }
 
 at::Tensor Trunk::encode(const std::vector<at::Tensor>& inputs) {
   c10::InferenceMode guard;
-  return impl_->run(impl_->runner, impl_->prepare(inputs)).to(c10::kCPU, at::kFloat).contiguous();
+  if (impl_->compiled)
+    return impl_->run_compiled(impl_->prepare(inputs)).to(c10::kCPU, at::kFloat).contiguous();
+  return impl_->run(impl_->runner, impl_->prepare(inputs, impl_->runner._ivalue() != impl_->module._ivalue()))
+      .to(c10::kCPU, at::kFloat)
+      .contiguous();
 }
 
 at::Tensor Trunk::features(const std::vector<at::Tensor>& inputs) {
+  CANOPY_CHECK(!impl_->compiled, ConfigError, "compiled trunk '", impl_->config.path,
+               "' runs inference only");
   c10::AutoGradMode grad(true);
   return impl_->run(impl_->module, impl_->prepare(inputs));
 }
 
 void Trunk::train(bool on) {
+  if (impl_->compiled) return;                         // nothing in it trains
   if (on != impl_->training) impl_->set_training(on);  // a walk over every module: only on a change
 }
 
@@ -613,7 +772,7 @@ std::vector<at::Tensor> Trunk::encode_prefix(const std::vector<at::Tensor>& inpu
   const TopSplit& s = impl_->split;
   CANOPY_CHECK(s.tunes, Error, "encode_prefix: the trunk is frozen whole; use encode()");
   c10::InferenceMode guard;
-  const auto prepared = impl_->prepare(inputs);
+  const auto prepared = impl_->prepare(inputs, impl_->prefix_runner._ivalue() != impl_->module._ivalue());
   std::vector<c10::IValue> args(prepared.begin(), prepared.end());
   std::vector<at::Tensor> parts;
   try {
@@ -697,6 +856,7 @@ std::string Trunk::save(const std::string& path) const {
 
 std::vector<at::Tensor> Trunk::trainable_parameters() const {
   std::vector<at::Tensor> out;
+  if (impl_->compiled) return out;
   for (const auto& p : impl_->module.parameters(true)) {
     if (p.requires_grad()) out.push_back(p);
   }
@@ -709,6 +869,7 @@ c10::Device Trunk::device() const { return impl_->device; }
 
 std::vector<std::pair<std::string, at::Tensor>> Trunk::state_snapshot() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
+  if (impl_->compiled) return out;  // its weights are inside the compiled code
   for (const auto& p : impl_->module.named_parameters(true)) {
     out.emplace_back("param:" + p.name, p.value.detach().clone());
   }
@@ -720,6 +881,7 @@ std::vector<std::pair<std::string, at::Tensor>> Trunk::state_snapshot() const {
 
 std::pair<std::int64_t, std::int64_t> Trunk::parameter_counts() const {
   std::int64_t total = 0, trainable = 0;
+  if (impl_->compiled) return {0, 0};  // its weights are constants of the compiled code
   for (const auto& p : impl_->module.parameters(true)) {
     total += p.numel();
     if (p.requires_grad()) trainable += p.numel();
@@ -732,6 +894,7 @@ std::vector<std::string> Trunk::tap_points() const { return impl_->tap_points; }
 
 std::vector<ModuleInfo> Trunk::modules() const {
   std::vector<ModuleInfo> out;
+  if (impl_->compiled) return out;
   const std::set<std::string> blocks(impl_->blocks.begin(), impl_->blocks.end());
   const std::set<std::string> taps(impl_->tap_points.begin(), impl_->tap_points.end());
   for (const auto& m : impl_->module.named_modules()) {
@@ -755,6 +918,28 @@ std::vector<ModuleInfo> Trunk::modules() const {
 
 std::string Trunk::show(int max_depth) const {
   const auto& c = impl_->config;
+  if (impl_->compiled) {
+    // What a compiled package can say: its metadata and the names of its constants.
+    std::ostringstream o;
+    const auto meta = [&](const char* key) {
+      const auto it = impl_->compiled_meta.find(key);
+      return it == impl_->compiled_meta.end() ? std::string("(not recorded)") : it->second;
+    };
+    o << "trunk " << c.path << "\n"
+      << "  sha256      " << impl_->sha256
+      << (c.sha256.empty() ? " (not pinned: add trunk.sha256 to pin it)" : " (pinned, verified)") << "\n"
+      << "  format      AOTInductor package (compiled native code), inference only\n"
+      << "  compiled    for " << meta("AOTI_DEVICE_KEY") << " by torch " << meta("canopy.torch_version")
+      << "\n"
+      << "  inputs      " << meta("canopy.inputs") << " (N: any batch; T<=M: up to M)\n"
+      << "  exported    from " << meta("canopy.source") << "\n"
+      << "  constants   " << impl_->compiled->get_constant_fqns().size()
+      << " (parameters and buffers, frozen into the package)\n"
+      << "  freeze      all (a compiled trunk cannot be fine-tuned)\n"
+      << "  features    outputs " << join(impl_->compiled_outputs, ", ") << ", pooling " << c.pooling << "\n"
+      << "  trains      heads only: the cache holds pooled features of the frozen trunk\n";
+    return o.str();
+  }
   const auto [total, trainable] = parameter_counts();
   const auto mods = modules();
   std::ostringstream o;

@@ -60,7 +60,7 @@ struct TrunkConfig {
   std::string device = "auto";
   std::string pooling = "avg";
   std::vector<std::string> taps;  // empty: the trunk's output
-  bool optimize = true;           // torch::jit::freeze + optimize_for_inference when fully frozen
+  bool optimize = true;           // inference passes on a frozen, channels-last clone
   FreezePolicy freeze;
 };
 
@@ -75,6 +75,11 @@ std::string describe_taps(const TrunkConfig& config);
 // (DataError) and an unpinned one unless allow_unpinned (ConfigError, giving the hash to
 // pin). Reads the file without loading it.
 std::string verified_trunk_sha256(const TrunkConfig& config);
+
+// A trunk file ending in .pt2 is an AOTInductor package (scripts/export_trunk.py --format pt2):
+// compiled native code for one device, run for inference only, its outputs (taps) fixed at
+// export and named in its metadata. Loaded with the same pin check as a TorchScript file.
+bool is_compiled_trunk(const std::string& path);
 
 // One module of the trunk as show() reports it.
 struct ModuleInfo {
@@ -172,6 +177,7 @@ class Trunk {
  private:
   struct Impl;
   explicit Trunk(std::unique_ptr<Impl> impl);
+  static Trunk load_compiled(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
 

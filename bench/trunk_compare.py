@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""P2b: canopy's cache build against the fastest Python inference of the same weights.
+
+For each image size (the demo's 64x64, and 224x224): the pretrained EfficientNet-Lite0 up to
+blocks.13 (the demo's trunk), on the demo's Fashion-MNIST images preprocessed as canopy does
+(bilinear resize, grey replicated to 3 channels, (x - 0.5) / 0.5), same thread count.
+
+  canopy TorchScript   `canopy cache` with the TorchScript trunk (the time canopy reports for
+                        the build: decode, trunk, HDF5 writes)
+  canopy pt2           `canopy cache` with an AOTInductor package compiled for this size here
+  python eager         the module in inference mode, batch = cache.batch_size
+  python channels-last the same with channels-last weights and inputs
+  python compile       torch.compile (Inductor) of the eager module, after its compile
+
+Rates are rows per second, the median of interleaved repeats. Compile times (torch.compile's
+first call, AOTInductor's package build) are reported apart, with the data set size from which
+each pays for itself against the fastest form that needs no compile.
+
+    trunk_compare.py --canopy build/runners/canopy [--sizes 64,224] [--images 2048,512] [--repeats 3]
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
+import export_trunk  # noqa: E402
+from support import FMNIST, read_idx  # noqa: E402
+
+HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
+CONFIG = os.path.join(ROOT, "configs", "fmnist_lite0.ini")
+
+
+def images(n, size):
+    x = torch.from_numpy(read_idx(os.path.join(FMNIST, "train-images-idx3-ubyte.gz"))[:n].astype(np.float32) / 255)
+    x = torch.nn.functional.interpolate(x[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+
+
+def python_rate(run, x, batch):
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for i in range(0, x.shape[0], batch):
+            run(x[i:i + batch].contiguous())
+        return x.shape[0] / (time.perf_counter() - start)
+
+
+def canopy_rate(canopy, work, n, size, trunk, sha, tag):
+    cache = os.path.join(work, f"cache-{size}-{tag}")
+    r = subprocess.run([canopy, "cache", "--config", CONFIG, "--force", "--progress", "quiet",
+                        "--set", f"data.train_limit={n}", "--set", "data.test_limit=1", "--set",
+                        f"preprocess.resize={size}", "--set", f"cache.path={cache}", "--set", f"trunk.path={trunk}",
+                        "--set", f"trunk.sha256={sha}"], capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"canopy cache ({tag}, {size}) failed: {r.stderr[-800:]}")
+    seconds = float(re.search(r"time\s+([\d.]+) s", r.stdout + r.stderr).group(1))
+    return (n + 1) / seconds
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--canopy", required=True)
+    ap.add_argument("--sizes", default="64,224")
+    ap.add_argument("--images", default="2048,512", help="images per size")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=128, help="the demo's cache.batch_size")
+    a = ap.parse_args()
+    threads = os.cpu_count()
+    torch.set_num_threads(threads)
+    work = tempfile.mkdtemp(prefix="canopy-trunk-bench-")
+    ts_path = os.path.join(HOME, "trunks", "efficientnet_lite0.pt")
+    ts_sha = re.search(r"sha256 = (\w+)", open(CONFIG).read()).group(1)
+    net = export_trunk.efficientnet_lite0(False).eval()
+    module = export_trunk.BlockFeatures(net, 13).eval()
+    print(f"{threads} threads, batch {a.batch}, EfficientNet-Lite0 to blocks.13, Fashion-MNIST images")
+    for size, n in zip(map(int, a.sizes.split(",")), map(int, a.images.split(","))):
+        x = images(n, size)
+        # The .pt2 for this size, compiled here (timed).
+        pt2 = os.path.join(work, f"lite0_{size}.pt2")
+        start = time.time()
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export_trunk.py"), "efficientnet_lite0",
+                            "--format", "pt2", "--size", str(size), "--out", pt2], capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"export --format pt2 --size {size} failed: {r.stderr[-800:]}")
+        aoti_compile = time.time() - start
+        pt2_sha = open(pt2 + ".sha256").read().strip()
+        channels_last = export_trunk.BlockFeatures(export_trunk.efficientnet_lite0(False).eval(), 13).eval()
+        channels_last = channels_last.to(memory_format=torch.channels_last)
+        compiled = torch.compile(module)
+        start = time.time()
+        with torch.inference_mode():
+            compiled(x[:a.batch])
+        torch_compile = time.time() - start
+        runs = {
+            "canopy TorchScript": lambda: canopy_rate(a.canopy, work, n, size, ts_path, ts_sha, "ts"),
+            "canopy pt2": lambda: canopy_rate(a.canopy, work, n, size, pt2, pt2_sha, "pt2"),
+            "python eager": lambda: python_rate(module, x, a.batch),
+            "python channels-last": lambda: python_rate(
+                lambda b: channels_last(b.contiguous(memory_format=torch.channels_last)), x, a.batch),
+            "python compile": lambda: python_rate(compiled, x, a.batch),
+        }
+        python_rate(module, x[:a.batch], a.batch)  # warm-up
+        python_rate(lambda b: channels_last(b.contiguous(memory_format=torch.channels_last)), x[:a.batch], a.batch)
+        rates = {k: [] for k in runs}
+        for _ in range(a.repeats):  # interleaved
+            for k, run in runs.items():
+                rates[k].append(run())
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        print(f"\n{size}x{size}, {n} images (median of {a.repeats}, rows/s; min-max):")
+        for k, v in rates.items():
+            print(f"  {k:22s} {med[k]:8.1f}   ({min(v):.1f}-{max(v):.1f})")
+        print(f"  compile: torch.compile {torch_compile:.1f} s (first call), AOTInductor package {aoti_compile:.1f} s")
+        py_best = max(("python eager", "python channels-last", "python compile"), key=med.get)
+        no_compile = max(("python eager", "python channels-last"), key=med.get)
+        if med["python compile"] > med[no_compile]:
+            pays = torch_compile / (1 / med[no_compile] - 1 / med["python compile"])
+            print(f"  torch.compile pays for its compile from {pays:.0f} images on (against {no_compile})")
+        if med["canopy pt2"] > med["canopy TorchScript"]:
+            pays = aoti_compile / (1 / med["canopy TorchScript"] - 1 / med["canopy pt2"])
+            print(f"  the pt2 package pays for its compile from {pays:.0f} images on (against canopy TorchScript)")
+        for form in ("pt2", "TorchScript"):
+            ratios = [c / p for c, p in zip(rates[f"canopy {form}"], rates[py_best])]
+            print(f"    RATIO canopy {form} cache build / fastest python ({py_best}) at {size}x{size} = "
+                  f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})   "
+                  f"goal {'>= 1.0' if form == 'pt2' else '(reported)'}")
+        with open(os.path.join(work, f"rates-{size}.json"), "w") as f:
+            json.dump(rates, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Compiled (AOTInductor .pt2) trunks as scripts/setup makes them for this machine, against
+the TorchScript trunks they were compiled from, through the real binary, read with h5py:
+
+- the cache of the pt2 trunk holds the TorchScript trunk's features within the documented
+  tolerance (|a - b| <= 1e-3 + 1e-4 |a| elementwise; docs/trunks.md), on Fashion-MNIST
+  (EfficientNet-Lite0, 64x64) and on Reuters (MiniLM, texts of any length up to 256 tokens)
+- heads train on it end to end
+- what a compiled trunk cannot do is refused with a clear error, never a crash: another
+  input size (compiled code would read out of bounds), fine-tuning, other taps, an unpinned
+  or wrongly pinned file, a truncated package
+- `canopy trunk show` says what the package is
+
+    test_compiled_trunk.py --canopy build/runners/canopy
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import h5py
+import numpy as np
+
+from support import check, finish
+
+HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
+SOURCE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ATOL, RTOL = 1e-3, 1e-4
+
+
+def canopy_run(canopy, *args):
+    quiet = ["--progress", "quiet"] if args[0] in ("cache", "train", "run") else []
+    p = subprocess.run([canopy, *args, *quiet], capture_output=True, text=True)
+    return p.returncode, p.stdout + p.stderr
+
+
+def features(cache):
+    with h5py.File(os.path.join(cache, "cache.h5"), "r") as f:
+        return {s: f[s]["features"][:] for s in ("train", "test")}
+
+
+def compare(canopy, work, demo, pt2, limits, what):
+    config = os.path.join(SOURCE, "configs", demo)
+    sha = open(pt2 + ".sha256").read().strip()
+    caches = {}
+    for form, extra in (("torchscript", []), ("pt2", ["--set", f"trunk.path={pt2}", "--set", f"trunk.sha256={sha}"])):
+        cache = os.path.join(work, f"{demo}-{form}")
+        rc, out = canopy_run(canopy, "cache", "--config", config, "--set", f"cache.path={cache}", *limits, *extra)
+        check(rc == 0, f"{what}: canopy cache with the {form} trunk (exit {rc}) {out[-300:] if rc else ''}")
+        caches[form] = cache
+    a, b = features(caches["torchscript"]), features(caches["pt2"])
+    for split in ("train", "test"):
+        diff = np.abs(a[split] - b[split])
+        worst = float((diff - RTOL * np.abs(a[split])).max())
+        check(a[split].shape == b[split].shape and worst <= ATOL,
+              f"{what} {split}: {a[split].shape} features agree (max |a-b| {diff.max():.2e}, "
+              f"scale {np.abs(a[split]).max():.1f}; tolerance 1e-3 + 1e-4|a|)")
+    return config, sha, caches["pt2"]
+
+
+def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--canopy", required=True)
+    canopy = ap.parse_args().canopy
+    work = tempfile.mkdtemp(prefix="canopy-compiled-")
+    lite = os.path.join(HOME, "trunks", "efficientnet_lite0_64.pt2")
+    minilm = os.path.join(HOME, "trunks", "all_minilm_l6_v2_256.pt2")
+    for pt2 in (lite, minilm):
+        present = os.path.isfile(pt2) and os.path.isfile(pt2 + ".sha256")
+        check(present, f"scripts/setup compiled {os.path.basename(pt2)} and recorded its pin "
+                       f"({'see ' + pt2 + '.log' if not present else 'present'})")
+        if not present:
+            return finish()
+
+    config, sha, cache = compare(canopy, work, "fmnist_lite0.ini", lite,
+                                 ["--set", "data.train_limit=512", "--set", "data.test_limit=128"], "EfficientNet-Lite0")
+    compare(canopy, work, "reuters_minilm.ini", minilm,
+            ["--set", "data.train_limit=96", "--set", "data.test_limit=32"], "MiniLM")
+    pinned = ["--set", f"trunk.path={lite}", "--set", f"trunk.sha256={sha}"]
+    small = ["--set", "data.train_limit=512", "--set", "data.test_limit=128", "--set", f"cache.path={cache}"]
+
+    rc, out = canopy_run(canopy, "train", "--config", config, *small, *pinned, "--set", "train.epochs=1",
+                         "--set", f"train.out_dir={work}/out")
+    check(rc == 0 and os.path.isfile(f"{work}/out/heads/class_linear.safetensors"),
+          f"ten heads train on the compiled trunk's cache (exit {rc})")
+
+    rc, out = canopy_run(canopy, "trunk", "show", "--config", config, *pinned)
+    check(rc == 0 and "AOTInductor package" in out and "float32 N,3,64,64" in out and "blocks.13" in out,
+          "trunk show names the package, its inputs and its output")
+
+    # Refusals: each a clear error (exit 1, or 2 for the config), none a crash.
+    cases = [
+        ("another image size", ["--set", "preprocess.resize=32", "--set", f"cache.path={work}/c32"],
+         "accepts float32 N,3,64,64"),
+        ("fine-tuning", ["--set", "trunk.freeze=first:12", "--set", f"cache.path={work}/ft"], "cannot be fine-tuned"),
+        ("other taps", ["--set", "trunk.taps=blocks.12", "--set", f"cache.path={work}/taps"], "taps are fixed"),
+    ]
+    for what, extra, expect in cases:
+        rc, out = canopy_run(canopy, "run", "--config", config, *small[:4], *pinned, *extra, "--set",
+                             f"train.out_dir={work}/refused")
+        check(rc in (1, 2) and expect in out,
+              f"{what} is refused: '{expect}' (exit {rc}) {out[-200:] if rc not in (1, 2) else ''}")
+    rc, out = canopy_run(canopy, "trunk", "show", "--config", config, "--set", f"trunk.path={lite}",
+                         "--set", "trunk.sha256=")
+    check(rc == 2 and "not pinned" in out, f"an unpinned compiled trunk is refused (exit {rc})")
+    flipped = os.path.join(work, "flipped.pt2")
+    shutil.copyfile(lite, flipped)
+    with open(flipped, "r+b") as f:
+        f.seek(os.path.getsize(flipped) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    rc, out = canopy_run(canopy, "trunk", "show", "--config", config, "--set", f"trunk.path={flipped}",
+                         "--set", f"trunk.sha256={sha}")
+    check(rc == 1 and "refusing to load it" in out, f"a flipped byte is refused by the pin before loading (exit {rc})")
+    truncated = os.path.join(work, "truncated.pt2")
+    with open(lite, "rb") as f, open(truncated, "wb") as g:
+        g.write(f.read(os.path.getsize(lite) // 2))
+    rc, out = canopy_run(canopy, "trunk", "show", "--config", config, "--set", f"trunk.path={truncated}",
+                         "--set", "trunk.sha256=", "--set", "trunk.allow_unpinned=true")
+    check(rc == 1 and ("compiled trunk" in out or "AOTInductor" in out),
+          f"a truncated package is refused with a message (exit {rc}): {out.strip().splitlines()[-1][:160]}")
+    shutil.rmtree(work, ignore_errors=True)
+    return finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
