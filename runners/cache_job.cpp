@@ -18,6 +18,7 @@
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/heap.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
@@ -437,6 +438,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   {
     Progress progress("cache", todo, data.unit, style);
     WriteBehind out(writer);
+    const KeepFreedMemory reuse_activations;  // no page faults for every batch's buffers
     encode_missing(config, encoder, data, writer, dim, out, progress, report, nonfinite);
     out.finish();
     progress.finish();
