@@ -348,8 +348,10 @@ struct NonFinite {
 };
 
 // Runs the trunk over every row not yet in the cache and hands the batches to `out`.
+// `done`: the rows each split already has, read before the write-behind thread starts (the
+// writer's own count changes under it while it writes).
 void encode_missing(const JobConfig& config, const RowEncoder& trunk, const InputData& data,
-                    const datasets::FeatureCacheWriter& writer, std::int64_t dim, WriteBehind& out,
+                    const std::map<std::string, std::int64_t>& done, std::int64_t dim, WriteBehind& out,
                     Progress& progress, CacheReport& report, NonFinite& nonfinite) {
   for (const std::string split : {"train", "test"}) {
     const InputSplit& in = data.splits.at(split);
@@ -357,7 +359,7 @@ void encode_missing(const JobConfig& config, const RowEncoder& trunk, const Inpu
     // (a whole number of windows per shard, so a resumed run forms the same batches).
     const std::int64_t bs = config.cache.batch_size;
     const std::int64_t window = !in.lengths.empty() && config.cache.shard_rows % (8 * bs) == 0 ? 8 * bs : bs;
-    for (std::int64_t w = writer.rows_done(split); w < in.rows; w += window) {
+    for (std::int64_t w = done.at(split); w < in.rows; w += window) {
       const std::int64_t wend = std::min(in.rows, w + window);
       const auto t0 = Clock::now();
       const at::Tensor features = encode_window(trunk, in, w, wend, bs, window, dim);
@@ -433,13 +435,17 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   log_info("cache '" + config.cache.path + "': " + report.reason + "; trunk on " + trunk->device().str() +
            ", sha256 " + trunk_sha.substr(0, 12) + "...");
   std::int64_t todo = 0;
-  for (const auto& [split, n] : split_rows) todo += n - writer.rows_done(split);
+  std::map<std::string, std::int64_t> done;
+  for (const auto& [split, n] : split_rows) {
+    done[split] = writer.rows_done(split);
+    todo += n - done[split];
+  }
   NonFinite nonfinite;
   {
     Progress progress("cache", todo, data.unit, style);
     WriteBehind out(writer);
     const KeepFreedMemory reuse_activations;  // no page faults for every batch's buffers
-    encode_missing(config, encoder, data, writer, dim, out, progress, report, nonfinite);
+    encode_missing(config, encoder, data, done, dim, out, progress, report, nonfinite);
     out.finish();
     progress.finish();
   }
