@@ -208,8 +208,12 @@ def images_per_second(run, inputs, repeats=5):
         run(*inputs)
         times = []
         for _ in range(repeats):
+            if inputs[0].is_cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             run(*inputs)
+            if inputs[0].is_cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     return inputs[0].shape[0] / sorted(times)[len(times) // 2]
 
@@ -219,7 +223,7 @@ def compare_with_torchscript(compiled, torchscript, inputs, out):
     optimised for inference) on the same batch, and writes <out>.timing.json: which is faster
     on this machine, with the rates."""
     import json
-    script = torch.jit.load(torchscript).eval()
+    script = torch.jit.load(torchscript, map_location=inputs[0].device).eval()
     script = torch.jit.optimize_for_inference(torch.jit.freeze(script))
     rates = {"torchscript": images_per_second(script, inputs), "pt2": images_per_second(compiled, inputs)}
     faster = max(rates, key=rates.get)
@@ -238,6 +242,10 @@ def export_compiled(module, example, dynamic, inputs, output, args, check_inputs
     appears)."""
     import time
     start = time.time()
+    device = torch.device(args.device)
+    module = module.to(device)
+    example, check_inputs, timing_inputs = (tuple(x.to(device) for x in xs)
+                                            for xs in (example, check_inputs, timing_inputs))
     with torch.no_grad():
         program = torch.export.export(module, example, dynamic_shapes=dynamic)
     metadata = {
@@ -301,6 +309,7 @@ def main(argv):
     ap.add_argument("--compare-with", metavar="TRUNK.pt",
                     help="pt2: time it against this TorchScript export of the same trunk and write "
                          "<out>.timing.json (which is faster here)")
+    ap.add_argument("--device", default="cpu", help="pt2: compile for this device (cpu, cuda)")
     ap.add_argument("--size", type=int, default=0,
                     help="pt2: the image size (default 64) or the most tokens of a text (default 256)")
     args = ap.parse_args(argv)
