@@ -18,6 +18,7 @@
 
 #include "canopy/core/crc32c.h"
 #include "canopy/core/error.h"
+#include "canopy/core/fork_join.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
 #include "hdf5_raii.h"
@@ -97,10 +98,13 @@ std::uint32_t parse_hex32(const std::string& s) {
 
 std::vector<std::uint32_t> block_crcs(const std::uint8_t* p, std::uint64_t n) {
   std::vector<std::uint32_t> out((n + kChecksumBlockBytes - 1) / kChecksumBlockBytes);
+  ForkJoin edges;
   tbb::parallel_for(std::size_t(0), out.size(), [&](std::size_t b) {
+    [[maybe_unused]] const auto in = edges.body();
     const std::uint64_t begin = b * kChecksumBlockBytes;
     out[b] = crc32c(p + begin, std::min(kChecksumBlockBytes, n - begin));
   });
+  edges.join();
   return out;
 }
 
@@ -309,12 +313,15 @@ class RegionReader {
     CANOPY_CHECK(blocks == s_.features_crc32c.size(), DataError, "shard '", file_, "': manifest lists ",
                  s_.features_crc32c.size(), " feature checksums, expected ", blocks);
     auto* p = static_cast<std::uint8_t*>(dst);
+    ForkJoin edges;
     tbb::parallel_for(std::size_t(0), blocks, [&](std::size_t b) {
+      [[maybe_unused]] const auto in = edges.body();
       const std::uint64_t begin = b * kChecksumBlockBytes;
       const std::uint64_t len = std::min(kChecksumBlockBytes, n - begin);
       pread_all(fd().get(), p + begin, len, s_.features_offset + begin, file_);
       check_crc(crc32c(p + begin, len), s_.features_crc32c[b], "features", s_.features_offset + begin);
     });
+    edges.join();
   }
 
   // Reads an 8-byte-per-row region (ids, a label column) into `dst` and checks it.

@@ -11,6 +11,7 @@
 #include <oneapi/tbb/task_arena.h>
 
 #include "canopy/core/error.h"
+#include "canopy/core/fork_join.h"
 
 namespace canopy::runners {
 
@@ -136,9 +137,11 @@ void StepRunner::train(const std::vector<WorkUnit>& units, const std::vector<tas
                        std::vector<HeadRun>& runs, const datasets::Batch& batch, std::int64_t epoch,
                        std::int64_t step, std::vector<at::Tensor>* top_grads) {
   if (top_grads) top_grads->assign(units.size(), at::Tensor());
+  ForkJoin edges;
   arena_->arena.execute([&] {
     tbb::parallel_for(tbb::blocked_range<std::size_t>(0, units.size(), 1),
                       [&](const tbb::blocked_range<std::size_t>& range) {
+                        [[maybe_unused]] const auto in = edges.body();
                         configure_thread(intra_op_threads_);
                         for (std::size_t u = range.begin(); u != range.end(); ++u) {
                           train_unit(units[u], tasks, runs, batch, epoch, step,
@@ -146,6 +149,7 @@ void StepRunner::train(const std::vector<WorkUnit>& units, const std::vector<tas
                         }
                       });
   });
+  edges.join();
 }
 
 std::vector<tasks::EvalMetrics> StepRunner::evaluate(const std::vector<std::size_t>& which,
@@ -154,8 +158,10 @@ std::vector<tasks::EvalMetrics> StepRunner::evaluate(const std::vector<std::size
                                                      const std::vector<at::Tensor>& targets,
                                                      std::int64_t epoch) {
   std::vector<tasks::EvalMetrics> metrics(tasks.size());
+  ForkJoin edges;
   arena_->arena.execute([&] {
     tbb::parallel_for(std::size_t(0), which.size(), [&](std::size_t k) {
+      [[maybe_unused]] const auto in = edges.body();
       configure_thread(intra_op_threads_);
       const std::size_t i = which[k];
       if (runs[i].failed()) return;
@@ -166,6 +172,7 @@ std::vector<tasks::EvalMetrics> StepRunner::evaluate(const std::vector<std::size
       }
     });
   });
+  edges.join();
   return metrics;
 }
 
