@@ -50,25 +50,9 @@ def images(n, size):
     return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
 
 
-class KeptHeap:
-    """glibc malloc keeping freed memory while it lives (what canopy's KeepFreedMemory does)."""
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-
-    def __enter__(self):
-        import ctypes
-        self.libc = ctypes.CDLL("libc.so.6")
-        self.libc.mallopt(self.M_MMAP_MAX, 0)
-        self.libc.mallopt(self.M_TRIM_THRESHOLD, 2**31 - 1)
-
-    def __exit__(self, *exc):
-        self.libc.mallopt(self.M_MMAP_MAX, 65536)
-        self.libc.mallopt(self.M_TRIM_THRESHOLD, 128 * 1024)
-        self.libc.malloc_trim(0)
-
-
 def python_rate(run, x, batch, kept_heap=False):
     if kept_heap:
-        with KeptHeap():
+        with export_trunk.KeptHeap():
             return python_rate(run, x, batch)
     with torch.inference_mode():
         start = time.perf_counter()

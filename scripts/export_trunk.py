@@ -200,6 +200,23 @@ def save_reproducibly(module, out):
         del writer
 
 
+class KeptHeap:
+    """glibc's malloc keeping freed memory while it lives: no mmap, no trimming (what canopy's
+    KeepFreedMemory does around a trunk pass), then its defaults back and the heap trimmed."""
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+    def __enter__(self):
+        import ctypes
+        self.libc = ctypes.CDLL("libc.so.6")
+        self.libc.mallopt(self.M_MMAP_MAX, 0)
+        self.libc.mallopt(self.M_TRIM_THRESHOLD, 2**31 - 1)
+
+    def __exit__(self, *exc):
+        self.libc.mallopt(self.M_MMAP_MAX, 65536)
+        self.libc.mallopt(self.M_TRIM_THRESHOLD, 128 * 1024)
+        self.libc.malloc_trim(0)
+
+
 def images_per_second(run, inputs, repeats=5):
     """Median rows per second of `run(*inputs)` over `repeats` timed calls after two warm-ups."""
     import time
@@ -223,7 +240,6 @@ def compare_with_torchscript(compiled, torchscript, inputs, out):
     clone with channels-last convolution weights, image inputs channels-last, glibc's malloc
     keeping freed memory) on the same batch, and writes <out>.timing.json: which is faster on
     this machine, with the rates."""
-    import ctypes
     import json
     script = torch.jit.load(torchscript, map_location=inputs[0].device).eval()
     with torch.no_grad():
@@ -232,10 +248,9 @@ def compare_with_torchscript(compiled, torchscript, inputs, out):
                 p.data = p.data.contiguous(memory_format=torch.channels_last)
     script = torch.jit.freeze(script)
     script_inputs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs)
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-4, 0)  # M_MMAP_MAX: as canopy's KeepFreedMemory during a trunk pass
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
-    rates = {"torchscript": images_per_second(script, script_inputs), "pt2": images_per_second(compiled, inputs)}
+    with KeptHeap():  # as canopy's trunk pass runs
+        rates = {"torchscript": images_per_second(script, script_inputs),
+                 "pt2": images_per_second(compiled, inputs)}
     faster = max(rates, key=rates.get)
     with open(out + ".timing.json", "w") as f:
         json.dump({"faster": faster, "rows_per_second": rates, "batch": list(inputs[0].shape),

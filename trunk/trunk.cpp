@@ -237,10 +237,6 @@ at::Tensor pool(const at::Tensor& out, const std::string& pooling, const std::ve
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
-bool ends_with(const std::string& s, const std::string& tail) {
-  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
-}
-
 // What encode() and encode_prefix() run when trunk.optimize is on: a clone of the module
 // with its 4-D weights (convolutions) in channels-last memory format, frozen (weights become
 // constants, Conv+BatchNorm fold). Channels-last convolutions are twice as fast on the CPU
@@ -372,10 +368,17 @@ struct Trunk::Impl {
   // The tapped outputs of a method's result, pooled and concatenated.
   at::Tensor pooled(const c10::IValue& result, const std::vector<at::Tensor>& inputs) const {
     if (config.taps.empty()) return pool(result.toTensor(), config.pooling, inputs, "the trunk's output");
-    const auto outs = result.toTuple()->elements();
+    std::vector<at::Tensor> outs;
+    for (const auto& o : result.toTuple()->elements()) outs.push_back(o.toTensor());
+    return pool_all(outs, config.taps, "tap ", inputs);
+  }
+
+  // Several outputs (taps), each pooled, concatenated in order.
+  at::Tensor pool_all(const std::vector<at::Tensor>& outs, const std::vector<std::string>& names,
+                      const char* what, const std::vector<at::Tensor>& inputs) const {
     std::vector<at::Tensor> pooled;
     for (std::size_t i = 0; i < outs.size(); ++i) {
-      pooled.push_back(pool(outs[i].toTensor(), config.pooling, inputs, "tap " + config.taps[i]));
+      pooled.push_back(pool(outs[i], config.pooling, inputs, what + names[i]));
     }
     return pooled.size() == 1 ? pooled[0] : at::cat(pooled, 1);
   }
@@ -467,11 +470,7 @@ struct Trunk::Impl {
     CANOPY_CHECK(outs.size() == compiled_outputs.size(), DataError, "compiled trunk '", config.path,
                  "' returned ", outs.size(), " outputs, its metadata names ", compiled_outputs.size(), " (",
                  join(compiled_outputs, ", "), ")");
-    std::vector<at::Tensor> pooled;
-    for (std::size_t i = 0; i < outs.size(); ++i) {
-      pooled.push_back(pool(outs[i], config.pooling, inputs, "output " + compiled_outputs[i]));
-    }
-    return pooled.size() == 1 ? pooled[0] : at::cat(pooled, 1);
+    return pool_all(outs, compiled_outputs, "output ", inputs);
   }
 
   void apply_policy() {

@@ -139,7 +139,7 @@ def expected_refusals(text, keys):
     return reasons
 
 
-def base_config(name, scratch):
+def base_config(name):
     """The demo config at tiny limits, with its cache and out_dir inside the scratch folder."""
     text = open(os.path.join(SOURCE, "configs", name), encoding="utf-8").read()
     text = re.sub(r"(?m)^train_limit = .*$", "train_limit = 48", text)
@@ -188,7 +188,7 @@ def tail(b, n=600):
     return b.decode(errors="replace")[-n:]
 
 
-def run_mutant(canopy, keys, index, name, body, scratch, limit):
+def run_mutant(canopy, keys, index, body, scratch, limit):
     """Runs one mutant in its worker's scratch folder; returns (index, problems, accepted, ran)."""
     os.makedirs(scratch, exist_ok=True)
     config = os.path.join(scratch, "job.ini")
@@ -244,7 +244,7 @@ def main():
     mutants = []
     share = {n: round(a.count * c / sum(DEMOS.values())) for n, c in DEMOS.items()}
     for name, n in share.items():
-        lines = base_config(name, work).split(b"\n")
+        lines = base_config(name).split(b"\n")
         mutants += [(name, mutate(lines, rng)) for _ in range(n)]
     print(f"seed {a.seed}: {len(mutants)} mutants of {', '.join(DEMOS)} (replay one with --seed {a.seed} --only N)",
           flush=True)
@@ -263,7 +263,7 @@ def main():
             while pending and free:
                 i = pending.pop(0)
                 scratch = free.pop()
-                futures[pool.submit(run_mutant, canopy, keys, i, mutants[i][0], mutants[i][1], scratch, limit)] = scratch
+                futures[pool.submit(run_mutant, canopy, keys, i, mutants[i][1], scratch, limit)] = scratch
             done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
             for f in done:
                 free.append(futures.pop(f))
