@@ -6,9 +6,12 @@
 find_package(Torch 2.0 REQUIRED CONFIG)
 # Torch's flags include -D_GLIBCXX_USE_CXX11_ABI; keep them for every consumer.
 # Exported with canopy (canopy::torch): consumers get the same flags and libraries.
+# LibTorch's CPU half only: canopy loads the CUDA half (libtorch_cuda.so) at run time when
+# the machine has an NVIDIA driver (core/device.cpp), which saves every start ~0.25 s of
+# loading CUDA libraries on machines without a GPU.
 add_library(canopy_torch INTERFACE)
 set_target_properties(canopy_torch PROPERTIES EXPORT_NAME torch)
-target_link_libraries(canopy_torch INTERFACE ${TORCH_LIBRARIES})
+target_link_libraries(canopy_torch INTERFACE torch_cpu_library c10 ${CMAKE_DL_LIBS})
 target_compile_options(canopy_torch INTERFACE ${TORCH_CXX_FLAGS})
 # Torch headers are third-party: include them as system headers so our warnings stay ours.
 get_target_property(_torch_inc torch INTERFACE_INCLUDE_DIRECTORIES)

@@ -1,15 +1,59 @@
 #include "canopy/core/device.h"
 
+#include <dlfcn.h>
+
 #include <algorithm>
+#include <mutex>
+#include <string>
 #include <thread>
 
+#include <ATen/Context.h>
 #include <torch/cuda.h>
 
 #include "canopy/core/error.h"
 
 namespace canopy {
 
-bool cuda_available() { return torch::cuda::is_available(); }
+namespace {
+// LibTorch's CUDA half (libtorch_cuda.so and the CUDA libraries it needs, ~2 GB of them)
+// costs a quarter of a second at every start when linked in, on machines that have no GPU
+// as much as on those that do. canopy links LibTorch's CPU half only and loads the CUDA
+// half here, the first time a device is chosen, when the machine has an NVIDIA driver
+// (libcuda.so.1, without which CUDA cannot run). Its static initialisers register the CUDA
+// kernels, hooks and AOTInductor runner exactly as when it is linked.
+std::string load_cuda_library() {
+  void* driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+  if (driver == nullptr) return "no NVIDIA driver (libcuda.so.1) on this machine";
+  return detail::load_torch_cuda_library();
+}
+}  // namespace
+
+namespace detail {
+std::string load_torch_cuda_library() { return load_torch_library("libtorch_cuda.so"); }
+
+std::string load_torch_library(const std::string& file) {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&at::globalContext), &info) == 0 || info.dli_fname == nullptr)
+    return "cannot locate LibTorch's libraries";
+  std::string dir = info.dli_fname;
+  dir = dir.substr(0, dir.find_last_of('/') + 1);
+  const std::string path = dir + file;
+  if (dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+    const char* why = dlerror();
+    return str_cat("loading ", path, " failed: ", why ? why : "(no reason given)");
+  }
+  return {};
+}
+}  // namespace detail
+
+const std::string& cuda_backend_status() {
+  static std::once_flag once;
+  static std::string status;
+  std::call_once(once, [] { status = load_cuda_library(); });
+  return status;
+}
+
+bool cuda_available() { return cuda_backend_status().empty() && torch::cuda::is_available(); }
 
 std::int64_t machine_cores() {
   return std::max<std::int64_t>(1, static_cast<std::int64_t>(std::thread::hardware_concurrency()));

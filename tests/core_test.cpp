@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <dlfcn.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -8,6 +9,10 @@
 #include <fstream>
 #include <string>
 
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/inductor/aoti_runner/model_container_runner.h>
+
+#include "canopy/core/device.h"
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
@@ -18,6 +23,25 @@
 
 namespace canopy {
 namespace {
+
+// canopy links LibTorch's CPU half only (a faster start) and loads the CUDA half when a
+// device is chosen on a machine with a driver: before the load nothing of CUDA is there;
+// after it, the CUDA device guard and AOTInductor's CUDA runner are registered as when linked.
+TEST(Device, LibTorchCudaIsLoadedAtRunTime) {
+  EXPECT_FALSE(c10::impl::hasDeviceGuardImpl(c10::kCUDA));
+  EXPECT_EQ(torch::inductor::getAOTIModelRunnerRegistry().count("cuda"), 0u);
+  ASSERT_EQ(detail::load_torch_cuda_library(), "");
+  EXPECT_TRUE(c10::impl::hasDeviceGuardImpl(c10::kCUDA));
+  EXPECT_EQ(torch::inductor::getAOTIModelRunnerRegistry().count("cuda"), 1u);
+  // Without a driver no GPU is reported and the reason names it; with one, the load succeeded.
+  if (dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD) == nullptr &&
+      dlopen("libcuda.so.1", RTLD_LAZY) == nullptr) {
+    EXPECT_FALSE(cuda_available());
+    EXPECT_NE(cuda_backend_status().find("libcuda.so.1"), std::string::npos) << cuda_backend_status();
+  } else {
+    EXPECT_EQ(cuda_backend_status(), "");
+  }
+}
 
 TEST(Sha256, KnownVectors) {
   EXPECT_EQ(sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");

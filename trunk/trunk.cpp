@@ -656,6 +656,10 @@ Trunk Trunk::load_compiled(std::unique_ptr<Impl> impl) {
     log_info("trunk '" + c.path + "' was compiled for " + device + ": it runs there");
     impl->device = c10::Device(device);
   }
+  // The package's compiled library links libtorch.so, which canopy itself does not (it
+  // pulls in LibTorch's CUDA half, core/device.cpp): loaded here, for compiled trunks only.
+  const std::string not_loaded = detail::load_torch_library("libtorch.so");
+  CANOPY_CHECK(not_loaded.empty(), DataError, "cannot load compiled trunk '", c.path, "': ", not_loaded);
   try {
     impl->compiled = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
         c.path, "model", false, 1, impl->device.is_cuda() ? impl->device.index() : c10::DeviceIndex(-1));

@@ -10,7 +10,19 @@ namespace canopy {
 
 // Parses "auto", "cpu", "cuda", "cuda:N". "cuda" without a GPU is a ConfigError.
 c10::Device choose_device(const std::string& spec);
+// Whether a CUDA GPU can be used. The first call loads LibTorch's CUDA libraries when the
+// machine has an NVIDIA driver (canopy does not link them: see device.cpp).
 bool cuda_available();
+// Empty once LibTorch's CUDA libraries are loaded; otherwise why they are not.
+const std::string& cuda_backend_status();
+
+namespace detail {
+// Loads libtorch_cuda.so from LibTorch's directory whether or not a driver is present
+// (cuda_available checks first); empty on success, else why not. For tests.
+std::string load_torch_cuda_library();
+// Loads `file` (e.g. "libtorch.so") from LibTorch's directory, RTLD_GLOBAL; "" or why not.
+std::string load_torch_library(const std::string& file);
+}  // namespace detail
 // The CPU cores this process may use (std::thread::hardware_concurrency, at least 1).
 std::int64_t machine_cores();
 
