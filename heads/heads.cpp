@@ -2,12 +2,12 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/TensorOperators.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/container/any.h>
 #include <mutex>
 
 #include "canopy/core/error.h"
+#include "canopy/heads/dropout.h"
 #include "canopy/heads/linear.h"
 #include "canopy/heads/mlp.h"
 
@@ -21,15 +21,14 @@ void Head::seed(std::uint64_t seed) {
 }
 
 namespace {
-// Inverted dropout drawing from the head's own generator.
+// Inverted dropout keyed by the head's own generator (canopy/heads/dropout.h).
 class SeededDropoutImpl : public torch::nn::Module {
  public:
   SeededDropoutImpl(double p, at::Generator rng)
       : p_(p), rng_(std::move(rng)) {}  // shares the head's generator
   torch::Tensor forward(const torch::Tensor& x) {
     if (!is_training() || p_ == 0.0) return x;
-    const torch::Tensor keep = at::empty_like(x).bernoulli_(1.0 - p_, rng_);
-    return x * keep / (1.0 - p_);
+    return hashed_dropout(x, p_, rng_);
   }
 
  private:

@@ -5,9 +5,13 @@
 #include <map>
 #include <memory>
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/TensorIndexing.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/allclose.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/equal.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/tensor.h>
@@ -15,6 +19,7 @@
 #include <torch/utils.h>
 
 #include "canopy/core/error.h"
+#include "canopy/heads/dropout.h"
 #include "canopy/heads/fused.h"
 #include "canopy/heads/linear.h"
 #include "canopy/heads/mlp.h"
@@ -41,6 +46,56 @@ TEST(Heads, ShapesAndDescriptions) {
       [] { heads::MlpHead(heads::MlpHeadOptions(16, 4).activation("sigmoidish")); }, {"'sigmoidish'"}));
   EXPECT_TRUE(testing::throws_with<ConfigError>(
       [] { heads::MlpHead(heads::MlpHeadOptions(16, 4).dropout(1.5)); }, {"dropout", "1.5"}));
+}
+
+// Dropout masks: the right keep rate, values 0 or 1/(1-p), a function of the key alone, and
+// no visible dependence between neighbouring elements or between keys. Bounds are 5 standard
+// deviations of the binomial counts.
+TEST(Dropout, MasksKeepTheRightShareIndependently) {
+  const std::int64_t rows = 1024, cols = 1024, n = rows * cols;
+  for (double p : {0.1, 0.5, 0.9}) {
+    const double q = 1.0 - p;
+    const at::Tensor m = heads::dropout_mask({rows, cols}, p, 0x1234567890abcdefULL);
+    const at::Tensor kept = m.ne(0).to(at::kDouble);
+    EXPECT_TRUE(at::equal(m.eq(0) | m.eq(static_cast<float>(1.0 / q)), at::ones({rows, cols}, at::kBool)));
+    const double sd = std::sqrt(q * p / n);
+    EXPECT_NEAR(kept.mean().item<double>(), q, 5 * sd) << "p " << p;
+    // Neighbours along a row and down a column are kept together q^2 of the time.
+    const double both_sd = std::sqrt(q * q * (1 - q * q) / n);
+    using at::indexing::Slice;
+    const at::Tensor along = kept.index({Slice(), Slice(1)}) * kept.index({Slice(), Slice(0, -1)});
+    const at::Tensor down = kept.index({Slice(1)}) * kept.index({Slice(0, -1)});
+    EXPECT_NEAR(along.mean().item<double>(), q * q, 5 * both_sd) << "p " << p;
+    EXPECT_NEAR(down.mean().item<double>(), q * q, 5 * both_sd) << "p " << p;
+    // The same key gives the same mask; the next key an independent one.
+    EXPECT_TRUE(at::equal(m, heads::dropout_mask({rows, cols}, p, 0x1234567890abcdefULL)));
+    const at::Tensor other =
+        heads::dropout_mask({rows, cols}, p, 0x1234567890abcdf0ULL).ne(0).to(at::kDouble);
+    EXPECT_NEAR((kept * other).mean().item<double>(), q * q, 5 * both_sd) << "p " << p;
+  }
+  // Element i depends on i and the key alone: the vector loop and the scalar tail agree.
+  const at::Tensor vector_only = heads::dropout_mask({64}, 0.5, 99);
+  for (std::int64_t size : {1, 7, 13, 63})
+    EXPECT_TRUE(at::equal(heads::dropout_mask({size}, 0.5, 99), vector_only.narrow(0, 0, size))) << size;
+  EXPECT_EQ(heads::dropout_mask({3, 5}, 0.0, 7).ne(1).sum().item<std::int64_t>(), 0);
+  EXPECT_THROW(heads::dropout_mask({3}, 1.0, 7), Error);
+  EXPECT_THROW(heads::dropout_mask({3}, -0.1, 7), Error);
+}
+
+// Dropout draws one key from the head's generator: the same generator state gives the same
+// output, the gradient is the mask, and evaluation mode is the identity.
+TEST(Dropout, FollowsTheGeneratorAndBackpropagatesTheMask) {
+  at::Generator a = at::detail::createCPUGenerator(42), b = at::detail::createCPUGenerator(42);
+  const at::Tensor x = at::randn({64, 32}).requires_grad_(true);
+  const at::Tensor ya = heads::hashed_dropout(x, 0.3, a);
+  const at::Tensor yb = heads::hashed_dropout(x, 0.3, b);
+  EXPECT_TRUE(at::equal(ya, yb));
+  EXPECT_FALSE(at::equal(ya, heads::hashed_dropout(x, 0.3, a)));  // the generator moved on
+  ya.sum().backward();
+  EXPECT_TRUE(at::allclose(x.grad() * x, ya.detach(), 0, 0));
+  heads::MlpHead mlp(heads::MlpHeadOptions(32, 4).hidden({16}).dropout(0.5));
+  mlp.eval();
+  EXPECT_TRUE(at::equal(mlp.forward(x.detach()), mlp.forward(x.detach())));
 }
 
 TEST(Registry, BuiltinsAndErrors) {
