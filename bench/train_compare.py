@@ -14,8 +14,9 @@ On the demo cache (configs/fmnist_lite0.ini; build it first with `canopy cache`)
   P5  8 same-shape heads: canopy (fused) vs torch.func.stack_module_state + vmap in
       Python, again canopy's whole process vs Python's loop alone.     goal >= 1.0x
   P7  the one-run trainer with 1 and 2 TBB workers: speed-up and peak RSS of each run.
-  fusion: 8 same-input heads (linear, narrow MLPs, wide MLPs) trained fused and with
-      --no-fuse, by the training time canopy reports (start-up and loading aside).
+  fusion: 8 same-input heads (linear, narrow MLPs, wide MLPs) trained as canopy decides
+      (train.fuse = auto: each group timed fused and alone) and with --no-fuse, by the
+      training time canopy reports (start-up and loading aside).
 
 Python runs in this process with the venv's torch, the same build as canopy's LibTorch.
 
@@ -240,6 +241,10 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
     work = tempfile.mkdtemp(prefix="canopy-train-compare-")
+    # train.fuse = auto times each group once per machine and records it: a fresh record here,
+    # so the decisions are the ones this machine makes now (the first run of each config measures).
+    calibration = os.path.join(work, "fusion.tsv")
+    os.environ["CANOPY_FUSION_CALIBRATION"] = calibration
     base = base_sections(a.config)
     cache_dir = re.search(r"(?m)^path = (.*)$", base[base.index("[cache]"):]).group(1).strip()
     batch_size = int(re.search(r"(?m)^batch_size = (\d+)$", base[base.index("[train]"):]).group(1))
@@ -349,6 +354,11 @@ def main():
     print(f"    1 worker         {fmt(w1)}, peak RSS {fmt(rss1, ' MiB', 0)}")
     print(f"    2 workers        {fmt(w2)}, peak RSS {fmt(rss2, ' MiB', 0)}")
     print(ratio_line("speed-up 1->2 cores", p7, "(2 cores: <= 2)"))
+    print("\n[fusion decisions] train.fuse = auto on this machine (group shape: fused, alone per forward+backward):")
+    for line in open(calibration) if os.path.exists(calibration) else []:
+        f = line.rstrip("\n").split("\t")
+        shape = f[1][f[1].index(" batch=") + 1:]
+        print(f"    {shape:<48} {f[2]:<6} fused {float(f[3]) / 1e3:.2f} ms, alone {float(f[4]) / 1e3:.2f} ms")
     subprocess.run(["rm", "-rf", work])
     return 0
 

@@ -93,7 +93,7 @@ void job_options(po::options_description& d, bool cache, bool train) {
   if (train) {
     d.add_options()("resume", "continue from the last checkpoint in <train.out_dir>/checkpoint")(
         "fail-fast", "stop every head when one fails (default: only that head stops)")(
-        "no-fuse", "train every head on its own instead of fusing same-shape heads (train.fuse = false)");
+        "no-fuse", "train every head on its own instead of fusing same-shape heads (train.fuse = never)");
   }
   add_progress_option(d);
 }
@@ -102,7 +102,7 @@ int run_job(const std::string& command, const po::variables_map& vm, const tasks
             std::ostream& out, std::ostream& err) {
   std::vector<std::string> flags;
   if (vm.count("fail-fast")) flags.push_back("train.fail_fast=true");
-  if (vm.count("no-fuse")) flags.push_back("train.fuse=false");
+  if (vm.count("no-fuse")) flags.push_back("train.fuse=never");
   const JobConfig config = config_from(vm, command, flags);
   if (vm.count("dump-config")) {
     out << dump_config(config);

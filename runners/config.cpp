@@ -399,8 +399,12 @@ void add_cache_and_train_keys(std::vector<Key<JobConfig>>& v) {
       member_key<K>("train", "fail_fast", CANOPY_JOB(train.fail_fast), "stop every head when one fails"));
   v.push_back(member_key<K>("train", "tensorboard", CANOPY_JOB(train.tensorboard),
                             "write TensorBoard event files per head"));
-  v.push_back(member_key<K>("train", "fuse", CANOPY_JOB(train.fuse),
-                            "train same-input built-in heads in batched operations"));
+  v.push_back(choice<K>(
+      "train", "fuse", CANOPY_JOB(train.fuse), parse_fuse_mode,
+      [](FuseMode m) { return std::string(to_string(m)); },
+      std::vector<std::string>{"auto", "always", "never"},
+      "same-input built-in heads in batched operations: auto (where timed faster on this machine, "
+      "recorded in ~/.cache/canopy/calibration), always, never"));
   v.push_back(choice<K>(
       "train", "weighting", CANOPY_JOB(train.weighting), parse_weighting,
       [](Weighting w) { return std::string(to_string(w)); },
@@ -697,6 +701,27 @@ std::string config_reference() {
        "silu) and `dropout` (in [0, 1)). A head of your own reads what it declares "
        "(docs/adding-a-head.md).\n";
   return o.str();
+}
+
+FuseMode parse_fuse_mode(const std::string& name, const std::string& where) {
+  if (name == "auto") return FuseMode::kAuto;
+  if (name == "always") return FuseMode::kAlways;
+  if (name == "never") return FuseMode::kNever;
+  throw ConfigError(
+      detail::str_cat(where, ": expected auto, always or never, got '", name, "'",
+                      name == "true" || name == "false" ? " (true is now always, false never)" : ""));
+}
+
+const char* to_string(FuseMode mode) {
+  switch (mode) {
+    case FuseMode::kAlways:
+      return "always";
+    case FuseMode::kNever:
+      return "never";
+    case FuseMode::kAuto:
+      break;
+  }
+  return "auto";
 }
 
 }  // namespace canopy::runners

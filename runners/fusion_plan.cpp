@@ -16,7 +16,8 @@ std::int64_t unit_cost(const WorkUnit& unit, const std::vector<PlanHead>& heads)
 }  // namespace
 
 std::vector<WorkUnit> plan_units(const std::vector<PlanHead>& heads, const std::vector<std::size_t>& active,
-                                 const FusionPlanOptions& options) {
+                                 const FusionPlanOptions& options,
+                                 const std::function<bool(const WorkUnit&)>& fuse_unit) {
   CANOPY_CHECK(options.workers >= 1, ConfigError, "the planner needs at least 1 worker, got ",
                options.workers);
   std::vector<WorkUnit> units;
@@ -48,6 +49,24 @@ std::vector<WorkUnit> plan_units(const std::vector<PlanHead>& heads, const std::
     WorkUnit second(largest->begin() + half, largest->end());
     largest->resize(static_cast<std::size_t>(half));
     units.push_back(std::move(second));
+  }
+  if (fuse_unit) {
+    std::vector<WorkUnit> decided;
+    bool split_any = false;
+    for (auto& unit : units) {
+      if (unit.size() < 2 || fuse_unit(unit)) {
+        decided.push_back(std::move(unit));
+        continue;
+      }
+      split_any = true;
+      for (std::size_t i : unit) decided.push_back({i});
+    }
+    units = std::move(decided);
+    if (split_any) {
+      std::stable_sort(units.begin(), units.end(), [&](const WorkUnit& a, const WorkUnit& b) {
+        return unit_cost(a, heads) > unit_cost(b, heads);
+      });
+    }
   }
   return units;
 }

@@ -104,6 +104,7 @@ std::string format_summary(const TrainReport& report) {
   }
   o << per_class_tables(report);
   for (const auto& f : report.fused) o << "fused: " << f << "\n";
+  for (const auto& f : report.not_fused) o << "not fused (slower fused here): " << f << "\n";
   for (const auto& t : report.tasks) {
     if (t.state == tasks::TaskState::kFailed) o << "task '" << t.name << "' FAILED at " << t.failure << "\n";
     if (!t.note.empty()) o << "task '" << t.name << "' " << t.note << "\n";

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <sstream>
@@ -19,6 +20,7 @@
 #include "canopy/heads/fused.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/checkpoint_store.h"
+#include "canopy/runners/fusion_choice.h"
 #include "canopy/runners/fusion_plan.h"
 #include "canopy/runners/head_card.h"
 #include "canopy/runners/head_run.h"
@@ -149,10 +151,11 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
     set.epochs.push_back(tc.epochs > 0 ? tc.epochs : config.train.epochs);
     std::int64_t params = 0;
     for (const auto& p : task->head().parameters()) params += p.numel();
-    set.plan_heads.push_back({config.train.fuse && config.train.weighting != Weighting::kPcgrad
-                                  ? heads::fusion_key(task->head())
-                                  : "",
-                              heads::fused_width(task->head()), params});
+    set.plan_heads.push_back(
+        {config.train.fuse != FuseMode::kNever && config.train.weighting != Weighting::kPcgrad
+             ? heads::fusion_key(task->head())
+             : "",
+         heads::fused_width(task->head()), params});
     set.tasks.push_back(task.get());
     set.owned.push_back(std::move(task));
   }
@@ -166,8 +169,9 @@ class EpochLoop {
   // `eval_rows`: the eval split as cached: features, or (with `top`) the prefix's output.
   EpochLoop(const JobConfig& config, TaskSet& set, datasets::BatchSource& source, const at::Tensor& eval_rows,
             SharedTop* top, LossWeighting* weighting, CheckpointStore& store, MetricsSink& metrics,
-            StepRunner& runner, std::vector<HeadRun>& runs)
-      : config_(config),
+            StepRunner& runner, std::vector<HeadRun>& runs, std::function<bool(const WorkUnit&)> fuse_unit)
+      : fuse_unit_(std::move(fuse_unit)),
+        config_(config),
         set_(set),
         source_(source),
         eval_rows_(eval_rows),
@@ -246,7 +250,7 @@ class EpochLoop {
         if (runs_[i].training()) training.push_back(i);
       }
       if (units.empty() || training != planned_for) {  // a head failed, or a new epoch
-        units = plan_units(set_.plan_heads, training, plan_options());
+        units = plan_units(set_.plan_heads, training, plan_options(), fuse_unit_);
         planned_for = std::move(training);
       }
       if (top_) {
@@ -378,6 +382,7 @@ class EpochLoop {
     return line.str();
   }
 
+  std::function<bool(const WorkUnit&)> fuse_unit_;  // train.fuse = auto: FusionChooser; else none
   const JobConfig& config_;
   TaskSet& set_;
   datasets::BatchSource& source_;
@@ -396,17 +401,37 @@ class EpochLoop {
   std::int64_t max_epochs_ = 0;
 };
 
-// The fused groups of the first step, as the report and the log name them.
-std::vector<std::string> describe_fusion(const TaskSet& set, const FusionPlanOptions& options) {
+// The fused groups of the first step, as the report and the log name them; with a chooser
+// (train.fuse = auto) also the groups it timed and left unfused, with its numbers.
+std::vector<std::string> describe_fusion(const TaskSet& set, const FusionPlanOptions& options,
+                                         FusionChooser* chooser) {
   std::vector<std::size_t> everyone(set.tasks.size());
   for (std::size_t i = 0; i < everyone.size(); ++i) everyone[i] = i;
+  std::function<bool(const WorkUnit&)> fuse_unit;
+  if (chooser) fuse_unit = [chooser](const WorkUnit& u) { return (*chooser)(u); };
+  const auto units = plan_units(set.plan_heads, everyone, options, fuse_unit);
   std::vector<std::string> out;
-  for (const auto& unit : plan_units(set.plan_heads, everyone, options)) {
-    if (unit.size() < 2) continue;
+  const auto name_of = [&](const WorkUnit& unit) {
     std::string line;
     for (std::size_t i : unit) line += (line.empty() ? "" : " + ") + set.results[i].name;
-    out.push_back(line + " (" + set.plan_heads[unit.front()].fusion_key + ")");
+    return line;
+  };
+  for (const auto& unit : units) {
+    if (unit.size() < 2) continue;
+    const std::string group = name_of(unit);
+    const std::string key = set.plan_heads[unit.front()].fusion_key;
+    if (chooser && chooser->decisions().count(group)) {
+      out.push_back(describe_decision(group, key, chooser->decisions().at(group)));
+    } else {
+      out.push_back(group + " (" + key + ")");
+    }
     log_info("fused " + std::to_string(unit.size()) + " heads: " + out.back());
+  }
+  if (chooser) {
+    for (const auto& [group, d] : chooser->decisions()) {
+      if (d.fuse) continue;
+      log_info("not fused: " + describe_decision(group, "", d));
+    }
   }
   return out;
 }
@@ -541,8 +566,22 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
            std::to_string(report.train_rows) + " x " + std::to_string(report.feature_dim) + " features, " +
            source->describe() + " (" + std::to_string(runner.workers()) + " TBB workers x " +
            std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
-  EpochLoop loop(config, set, *source, eval_rows, top, shared.weighting.get(), store, metrics, runner, runs);
-  report.fused = describe_fusion(set, loop.plan_options());
+  std::unique_ptr<FusionChooser> chooser;
+  std::function<bool(const WorkUnit&)> fuse_unit;
+  if (config.train.fuse == FuseMode::kAuto) {
+    chooser = std::make_unique<FusionChooser>(set.tasks, set.eval_targets, report.feature_dim,
+                                              config.train.batch_size, config.train.intra_op_threads,
+                                              FusionChooser::default_file());
+    fuse_unit = [c = chooser.get()](const WorkUnit& u) { return (*c)(u); };
+  }
+  EpochLoop loop(config, set, *source, eval_rows, top, shared.weighting.get(), store, metrics, runner, runs,
+                 fuse_unit);
+  report.fused = describe_fusion(set, loop.plan_options(), chooser.get());
+  if (chooser) {
+    for (const auto& [group, d] : chooser->decisions()) {
+      if (!d.fuse) report.not_fused.push_back(describe_decision(group, "", d));
+    }
+  }
 
   const auto train_start = Clock::now();
   loop.run(from, style);

@@ -2,6 +2,7 @@
 // made at test time -> HDF5 cache -> three heads trained concurrently -> metrics, exports.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <mutex>
@@ -9,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <ATen/ops/equal.h>
 #include <torch/nn/modules/linear.h>
 #include <limits>
 #include "canopy/core/error.h"
@@ -327,7 +329,7 @@ TEST_F(EndToEnd, EveryHeadTrainsOnEveryRowExactlyOncePerEpoch) {
       << "[task.rec_a]\nhead = recording\n[task.rec_b]\nhead = recording\n"
       << "label_map = 0,1,0,0,0,2,0,2,3,2\n";
   const JobConfig config =
-      load_job_config(config_path_, {"train.epochs=3", "train.batch_size=48", "train.workers=2"});
+      load_job_config(config_path_, {"train.epochs=3", "train.batch_size=48", "train.workers=2", "train.fuse=always"});
   run_cache(config, false, nullptr, ProgressStyle::kQuiet);
   const TrainReport report = run_train(config, registry_, ProgressStyle::kQuiet);
   for (const auto& t : report.tasks)
@@ -363,10 +365,10 @@ TEST_P(FusionWithWorkers, FusedAndUnfusedTrainingAgree) {
     for (int k = 0; k < 9; ++k) more << "[task.extra" << k << "]\nhead = linear\nlr = 0.00" << k + 1 << "\n";
   }
   const std::string workers = "train.workers=" + std::to_string(GetParam());
-  const JobConfig fused =
-      load_job_config(config_path_, {"train.epochs=3", "train.out_dir=" + dir_.file("fused"), workers});
+  const JobConfig fused = load_job_config(
+      config_path_, {"train.epochs=3", "train.out_dir=" + dir_.file("fused"), "train.fuse=always", workers});
   JobConfig alone = load_job_config(
-      config_path_, {"train.epochs=3", "train.out_dir=" + dir_.file("alone"), "train.fuse=false", workers});
+      config_path_, {"train.epochs=3", "train.out_dir=" + dir_.file("alone"), "train.fuse=never", workers});
   run_cache(fused, false, nullptr, ProgressStyle::kQuiet);
   const TrainReport a = run_train(fused, registry_, ProgressStyle::kQuiet);
   const TrainReport b = run_train(alone, registry_, ProgressStyle::kQuiet);
@@ -385,12 +387,58 @@ TEST_P(FusionWithWorkers, FusedAndUnfusedTrainingAgree) {
     }
   }
   // A group budget too small for two heads fuses nothing.
-  alone.train.fuse = true;
+  alone.train.fuse = FuseMode::kAlways;
   alone.train.fuse_kib = 1;
   EXPECT_TRUE(run_train(alone, registry_, ProgressStyle::kQuiet).fused.empty());
 }
 
 INSTANTIATE_TEST_SUITE_P(Workers, FusionWithWorkers, ::testing::Values(1, 2, 3, 8));
+
+// train.fuse = auto: the group is timed fused and alone once, the decision recorded in the
+// calibration file; the timing leaves no trace (the run equals the same decision forced,
+// bitwise, dropout included); a later run reads the file instead of measuring.
+TEST_F(EndToEnd, FusionDecidedByMeasuredCostAndRecorded) {
+  {
+    std::ofstream more(config_path_, std::ios::app);  // 7 same-input heads: one group, one shape
+    for (int k = 0; k < 4; ++k)
+      more << "[task.drop" << k << "]\nhead = mlp\nhead.hidden = 16\nhead.dropout = 0.3\n";
+  }
+  const std::string file = dir_.file("calibration/fusion.tsv");
+  ASSERT_EQ(setenv("CANOPY_FUSION_CALIBRATION", file.c_str(), 1), 0);
+  const auto job = [&](const std::string& out, const std::string& fuse) {
+    return load_job_config(config_path_, {"train.epochs=2", "train.workers=1",
+                                          "train.out_dir=" + dir_.file(out), "train.fuse=" + fuse});
+  };
+  run_cache(job("auto", "auto"), false, nullptr, ProgressStyle::kQuiet);
+  const TrainReport a = run_train(job("auto", "auto"), registry_, ProgressStyle::kQuiet);
+  ASSERT_TRUE(path_exists(file));
+  const auto lines = split(trim(read_file(file)), '\n');
+  ASSERT_EQ(lines.size(), 1u) << read_file(file);
+  const bool fused = lines[0].find("\tfused\t") != std::string::npos;
+  ASSERT_EQ(a.fused.size() + a.not_fused.size(), 1u);
+  const std::string said = fused ? a.fused.at(0) : a.not_fused.at(0);
+  EXPECT_NE(said.find("measured now"), std::string::npos) << said;
+  EXPECT_NE(said.find("drop3"), std::string::npos) << said;
+
+  const TrainReport b =
+      run_train(job("forced", fused ? "always" : "never"), registry_, ProgressStyle::kQuiet);
+  ASSERT_EQ(a.tasks.size(), b.tasks.size());
+  for (std::size_t i = 0; i < a.tasks.size(); ++i) {
+    const auto wa = load_safetensors(a.tasks[i].weights_path), wb = load_safetensors(b.tasks[i].weights_path);
+    for (const auto& [name, t] : wa) EXPECT_TRUE(at::equal(t, wb.at(name))) << a.tasks[i].name << " " << name;
+  }
+
+  // The recorded decision rules later runs: flipped by hand, it is followed and not re-measured.
+  std::string flipped = lines[0];
+  const std::string from = fused ? "\tfused\t" : "\talone\t", to = fused ? "\talone\t" : "\tfused\t";
+  flipped.replace(flipped.find(from), from.size(), to);
+  write_file_atomic(file, flipped + "\n");
+  const TrainReport c = run_train(job("again", "auto"), registry_, ProgressStyle::kQuiet);
+  ASSERT_EQ((fused ? c.not_fused : c.fused).size(), 1u);
+  EXPECT_NE((fused ? c.not_fused : c.fused).at(0).find("measured before"), std::string::npos);
+  EXPECT_EQ(read_file(file), flipped + "\n");
+  unsetenv("CANOPY_FUSION_CALIBRATION");
+}
 
 TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
   // A head registered from outside the library, used from a config like a built-in.

@@ -38,6 +38,21 @@ TEST(FusionPlan, SameKeyHeadsFuseAndOthersRunAlone) {
   EXPECT_EQ(units[2], (WorkUnit{3}));
 }
 
+// train.fuse = auto: a group the chooser turns down runs as one unit per head, ordered by
+// cost with the rest; a group it accepts stays as planned; single heads are never asked.
+TEST(FusionPlan, AGroupTurnedDownRunsHeadByHead) {
+  const std::vector<PlanHead> heads{
+      {"in=64", 10, 650}, {"in=64", 64, 4800}, {"", 0, 5000}, {"in=32", 10, 330}, {"in=32", 10, 340}};
+  std::vector<WorkUnit> asked;
+  const auto units = plan_units(heads, all_of(5), {64, 1e9, 1}, [&](const WorkUnit& u) {
+    asked.push_back(u);
+    return u.front() == 3;  // the in=32 pair fuses, the in=64 pair does not
+  });
+  expect_partition(units, all_of(5));
+  EXPECT_EQ(asked, (std::vector<WorkUnit>{{0, 1}, {3, 4}}));
+  EXPECT_EQ(units, (std::vector<WorkUnit>{{2}, {1}, {3, 4}, {0}})) << "by cost: 5000, 4800, 670, 650";
+}
+
 TEST(FusionPlan, TheBudgetBoundsEachGroup) {
   // 64 rows x 10 columns x 4 bytes = 2560 bytes per head; a 6000-byte budget takes two.
   const std::vector<PlanHead> heads(5, PlanHead{"linear in=8", 10, 90});

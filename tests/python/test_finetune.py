@@ -137,8 +137,8 @@ lr = 0.003
     # at a small learning rate (Adam turns rounding-level differences of tiny gradients into
     # lr-sized steps, so long runs drift apart; step_runner_test checks the gradients exactly).
     short = ["--set", "train.epochs=1", "--set", "trunk.lr=0.0005"]
-    r1 = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/fused1", *short)
-    r2 = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/unfused1", "--set", "train.fuse=false", *short)
+    r1 = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/fused1", "--set", "train.fuse=always", *short)
+    r2 = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/unfused1", "--set", "train.fuse=never", *short)
     check(r1.returncode == 0 and r2.returncode == 0 and "fused 2 heads" in r1.stderr and "fused 2 heads" not in r2.stderr,
           "fused and unfused training finish")
     one, other = state(f"{work}/fused1/trunk.pt"), state(f"{work}/unfused1/trunk.pt")

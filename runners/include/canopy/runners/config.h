@@ -20,6 +20,11 @@
 
 namespace canopy::runners {
 
+// train.fuse: fuse a group where timing says it is faster, always, or never.
+enum class FuseMode { kAuto, kAlways, kNever };
+FuseMode parse_fuse_mode(const std::string& name, const std::string& where);
+const char* to_string(FuseMode mode);
+
 struct DataConfig {
   // fashion-mnist | mnist: idx files in `dir`;
   // arff: texts with nominal labels, one ARFF file per label (train_files, test_files);
@@ -67,8 +72,9 @@ struct TrainConfig {
   std::int64_t checkpoint_steps = 0;      // also checkpoint every N steps (0: at epoch ends only)
   bool fail_fast = false;                 // stop everything when one head fails
   bool tensorboard = true;                // write TensorBoard event files per head
-  bool fuse = true;                       // train same-shape heads in batched operations
-                                          // (canopy/heads/fused.h); false: each head alone
+  FuseMode fuse = FuseMode::kAuto;        // same-input heads in batched operations
+                                          // (canopy/heads/fused.h): where measured faster
+                                          // (fusion_choice.h), always, or never
   double fuse_kib = 256;                  // most fused first-layer activations per group
                                           // (batch x widths x 4 bytes), in KiB
   Weighting weighting = Weighting::kSum;  // how the losses reach a shared top (weighting.h)

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -31,8 +32,12 @@ using WorkUnit = std::vector<std::size_t>;  // indices into the heads, in task o
 //      key while the group's activations stay within fuse_bytes; others run alone;
 //   2. units are ordered by cost, largest first (a step ends when its slowest worker does);
 //   3. with fewer units than workers, the unit with the most heads is halved until every
-//      worker has one or no unit has two heads.
+//      worker has one or no unit has two heads;
+//   4. with `fuse_unit`, a unit of two or more heads for which it says false becomes one
+//      unit per head, and the units are ordered by cost again (train.fuse = auto asks
+//      FusionChooser, which times the group fused and alone).
 std::vector<WorkUnit> plan_units(const std::vector<PlanHead>& heads, const std::vector<std::size_t>& active,
-                                 const FusionPlanOptions& options);
+                                 const FusionPlanOptions& options,
+                                 const std::function<bool(const WorkUnit&)>& fuse_unit = {});
 
 }  // namespace canopy::runners

@@ -36,9 +36,10 @@ struct TrainReport {
   std::string source;                   // how the train split was read
   std::uint64_t source_peak_bytes = 0;  // most feature/label bytes the reader held at once
   std::string out_dir;
-  std::string resumed_from;        // "epoch E step S" when resumed
-  std::string top;                 // the trunk's trained top, when one trained (SharedTop::describe)
-  std::vector<std::string> fused;  // fused groups, e.g. "a + b + c (linear in=1280)"
+  std::string resumed_from;            // "epoch E step S" when resumed
+  std::string top;                     // the trunk's trained top, when one trained (SharedTop::describe)
+  std::vector<std::string> fused;      // fused groups, e.g. "a + b + c (linear in=1280)"
+  std::vector<std::string> not_fused;  // groups train.fuse = auto timed slower fused, with the times
   bool any_failed() const;
 };
 

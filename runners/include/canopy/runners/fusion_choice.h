@@ -1,0 +1,78 @@
+// Fusion decided by measured cost (train.fuse = auto).
+//
+// Whether one batched first-layer multiply beats the heads' own multiplies depends on the
+// CPU, the batch, the widths and the thread count: on this project's 2-core Xeon it wins
+// for narrow linear heads and breaks even for MLPs (docs/performance.md). So for each group
+// the planner would fuse, canopy times a forward and backward pass of the group fused and
+// of its heads alone (no optimizer step: that costs the same either way; the heads'
+// weights, gradients and generators are left as they were), on a batch of the run's size,
+// and fuses only when fused is not slower.
+//
+// A decision is a property of the machine, not of the run: it is kept in a calibration
+// file, `${CANOPY_HOME:-~/.cache/canopy}/calibration/fusion.tsv` (or $CANOPY_FUSION_CALIBRATION;
+// the tests use their own, in the build tree), one line per group shape
+// (CPU model, LibTorch version, threads, batch, input width, the group's first-layer
+// widths), never rewritten. Every later run on the machine reads it, so runs repeat exactly
+// and `--resume` stays bitwise; delete the file to measure again. Processes that need the
+// same decision at once take turns (flock): the first measures, the rest read.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "canopy/runners/fusion_plan.h"
+#include "canopy/tasks/task.h"
+
+namespace canopy::runners {
+
+struct FusionDecision {
+  bool fuse = true;
+  double fused_seconds = 0;  // median of one fused forward+backward
+  double alone_seconds = 0;  // median of the heads' own, summed
+  bool measured_now = false;
+};
+
+class FusionChooser {
+ public:
+  // `tasks` as the planner indexes them; `eval_targets[i]`: task i's targets on the eval
+  // split (the timing batch takes its first `batch_size` rows, repeating them if fewer).
+  // `file`: the calibration file ("" keeps decisions in memory only).
+  FusionChooser(std::vector<tasks::Task*> tasks, std::vector<at::Tensor> eval_targets,
+                std::int64_t feature_dim, std::int64_t batch_size, std::int64_t intra_op_threads,
+                std::string file);
+
+  // Whether `unit` (heads with one fusion key, two or more) runs fused: read from the
+  // calibration file, or measured and recorded there.
+  bool operator()(const WorkUnit& unit);
+
+  // Every decision this run used, by the group's description ("a + b + c").
+  const std::map<std::string, FusionDecision>& decisions() const { return decisions_; }
+  const std::string& file() const { return file_; }
+
+  // The calibration file: $CANOPY_FUSION_CALIBRATION, else under CANOPY_HOME or ~/.cache/canopy.
+  static std::string default_file();
+  // The key a group is recorded under.
+  std::string signature(const WorkUnit& unit) const;
+
+ private:
+  FusionDecision measure(const WorkUnit& unit);
+
+  std::vector<tasks::Task*> tasks_;
+  std::vector<at::Tensor> eval_targets_;
+  std::int64_t feature_dim_;
+  std::int64_t batch_size_;
+  std::int64_t threads_;
+  std::string file_;
+  std::map<std::string, FusionDecision> by_signature_;
+  std::map<std::string, FusionDecision> decisions_;
+};
+
+// One line for the log and the run's summary: "a + b (in=192): fused 1.2 ms, alone 1.5 ms
+// per step -> fused (measured now)".
+std::string describe_decision(const std::string& group, const std::string& key, const FusionDecision& d);
+
+}  // namespace canopy::runners
