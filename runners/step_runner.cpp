@@ -1,5 +1,7 @@
 #include "canopy/runners/step_runner.h"
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <exception>
@@ -8,6 +10,7 @@
 #include <ATen/TensorOperators.h>
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/parallel_for.h>
+#include <oneapi/tbb/partitioner.h>
 #include <oneapi/tbb/task_arena.h>
 
 #include "canopy/core/error.h"
@@ -137,17 +140,25 @@ void StepRunner::train(const std::vector<WorkUnit>& units, const std::vector<tas
                        std::vector<HeadRun>& runs, const datasets::Batch& batch, std::int64_t epoch,
                        std::int64_t step, std::vector<at::Tensor>* top_grads) {
   if (top_grads) top_grads->assign(units.size(), at::Tensor());
+  // Greedy list scheduling: one lane per worker, each taking the next unit (the planner
+  // ordered them by cost, largest first) as soon as it is free. Splitting the range in
+  // halves instead (TBB's partitioners) put the three largest MLPs of the 8-head demo in one
+  // half: 2 workers ran 1.48x faster than 1 instead of close to 2x.
+  std::atomic<std::size_t> next{0};
+  const auto lanes =
+      static_cast<std::size_t>(std::min<std::int64_t>(workers_, std::max<std::size_t>(1, units.size())));
   ForkJoin edges;
   arena_->arena.execute([&] {
-    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, units.size(), 1),
-                      [&](const tbb::blocked_range<std::size_t>& range) {
-                        [[maybe_unused]] const auto in = edges.body();
-                        configure_thread(intra_op_threads_);
-                        for (std::size_t u = range.begin(); u != range.end(); ++u) {
-                          train_unit(units[u], tasks, runs, batch, epoch, step,
-                                     top_grads ? &(*top_grads)[u] : nullptr);
-                        }
-                      });
+    tbb::parallel_for(
+        tbb::blocked_range<std::size_t>(0, lanes, 1),
+        [&](const tbb::blocked_range<std::size_t>&) {
+          [[maybe_unused]] const auto in = edges.body();
+          configure_thread(intra_op_threads_);
+          for (std::size_t u = next++; u < units.size(); u = next++) {
+            train_unit(units[u], tasks, runs, batch, epoch, step, top_grads ? &(*top_grads)[u] : nullptr);
+          }
+        },
+        tbb::simple_partitioner());
   });
   edges.join();
 }

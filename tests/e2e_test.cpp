@@ -328,8 +328,8 @@ TEST_F(EndToEnd, EveryHeadTrainsOnEveryRowExactlyOncePerEpoch) {
   std::ofstream(config_path_, std::ios::app)
       << "[task.rec_a]\nhead = recording\n[task.rec_b]\nhead = recording\n"
       << "label_map = 0,1,0,0,0,2,0,2,3,2\n";
-  const JobConfig config =
-      load_job_config(config_path_, {"train.epochs=3", "train.batch_size=48", "train.workers=2", "train.fuse=always"});
+  const JobConfig config = load_job_config(
+      config_path_, {"train.epochs=3", "train.batch_size=48", "train.workers=2", "train.fuse=always"});
   run_cache(config, false, nullptr, ProgressStyle::kQuiet);
   const TrainReport report = run_train(config, registry_, ProgressStyle::kQuiet);
   for (const auto& t : report.tasks)
