@@ -111,7 +111,7 @@ std::string format_summary(const TrainReport& report) {
   }
   std::snprintf(
       buf, sizeof buf,
-      "%zu heads, %lld train rows x %lld features, evaluated on %lld rows; load %.1fs, train %.1fs\n",
+      "%zu heads, %lld train rows x %lld features, evaluated on %lld rows; load %.2fs, train %.2fs\n",
       report.tasks.size(), static_cast<long long>(report.train_rows),
       static_cast<long long>(report.feature_dim), static_cast<long long>(report.eval_rows),
       report.load_seconds, report.train_seconds);
