@@ -26,14 +26,14 @@ inline std::uint32_t mix(std::uint32_t x) {
 }
 
 // The hot loop in 8-lane vectors (GCC vector extensions), compiled for AVX2 too and picked
-// at load time (function multiversioning): one instruction per 8 elements where the CPU
-// has AVX2, two SSE2 halves otherwise. The same arithmetic either way, so the same mask.
+// at run time: one instruction per 8 elements where the CPU has AVX2, two SSE2 halves
+// otherwise. The same arithmetic either way, so the same mask.
 using U32x8 = std::uint32_t __attribute__((vector_size(32)));
 using I32x8 = std::int32_t __attribute__((vector_size(32)));
 
-__attribute__((target_clones("avx2", "default"))) void fill_mask(float* out, std::int64_t n, std::uint32_t k0,
-                                                                 std::uint32_t k1, std::uint32_t keep_below,
-                                                                 float scale) {
+inline __attribute__((always_inline)) void fill_mask_body(float* out, std::int64_t n, std::uint32_t k0,
+                                                          std::uint32_t k1, std::uint32_t keep_below,
+                                                          float scale) {
   std::int32_t scale_bits = 0;
   std::memcpy(&scale_bits, &scale, sizeof scale_bits);
   std::int64_t i = 0;
@@ -55,6 +55,25 @@ __attribute__((target_clones("avx2", "default"))) void fill_mask(float* out, std
     const std::uint32_t h = mix(mix(static_cast<std::uint32_t>(i) ^ k0) + k1);
     out[i] = h < keep_below ? scale : 0.0f;
   }
+}
+
+// Picked once at run time, not by an ifunc (GCC's target_clones): an ifunc resolver runs
+// while the dynamic loader relocates, before ThreadSanitizer's runtime is up, and crashed
+// every TSan build at start.
+__attribute__((target("avx2"))) void fill_mask_avx2(float* out, std::int64_t n, std::uint32_t k0,
+                                                    std::uint32_t k1, std::uint32_t keep_below, float scale) {
+  fill_mask_body(out, n, k0, k1, keep_below, scale);
+}
+
+void fill_mask_generic(float* out, std::int64_t n, std::uint32_t k0, std::uint32_t k1,
+                       std::uint32_t keep_below, float scale) {
+  fill_mask_body(out, n, k0, k1, keep_below, scale);
+}
+
+void fill_mask(float* out, std::int64_t n, std::uint32_t k0, std::uint32_t k1, std::uint32_t keep_below,
+               float scale) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  (avx2 ? fill_mask_avx2 : fill_mask_generic)(out, n, k0, k1, keep_below, scale);
 }
 }  // namespace
 
