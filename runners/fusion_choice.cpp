@@ -68,12 +68,11 @@ class FileLock {
   int fd_;
 };
 
-// "v1 <tab> signature <tab> fused|alone <tab> fused_us <tab> alone_us" lines; others ignored.
-std::map<std::string, FusionDecision> read_file(const std::string& path, std::string* contents) {
+// The calibration file's "v1 <tab> signature <tab> fused|alone <tab> fused_us <tab> alone_us"
+// lines (others are ignored); `kept` receives the lines read, to be written back with a new one.
+std::map<std::string, FusionDecision> parse_records(const std::string& text, std::string* kept) {
   std::map<std::string, FusionDecision> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
+  for (const std::string& line : split(text, '\n')) {
     const auto f = split(line, '\t');
     if (f.size() != 5 || f[0] != "v1" || (f[2] != "fused" && f[2] != "alone")) continue;
     FusionDecision d;
@@ -85,7 +84,7 @@ std::map<std::string, FusionDecision> read_file(const std::string& path, std::st
       continue;
     }
     out.emplace(f[1], d);  // the first line for a shape wins
-    if (contents) *contents += line + "\n";
+    *kept += line + "\n";
   }
   return out;
 }
@@ -142,7 +141,7 @@ bool FusionChooser::operator()(const WorkUnit& unit) {
       make_dirs(file_.substr(0, file_.find_last_of('/')));
       FileLock lock(file_ + ".lock");
       std::string contents;
-      auto recorded = read_file(file_, &contents);
+      const auto recorded = parse_records(path_exists(file_) ? read_file(file_) : std::string(), &contents);
       const auto it = recorded.find(sig);
       if (it != recorded.end()) {
         d = it->second;

@@ -401,39 +401,32 @@ class EpochLoop {
   std::int64_t max_epochs_ = 0;
 };
 
-// The fused groups of the first step, as the report and the log name them; with a chooser
-// (train.fuse = auto) also the groups it timed and left unfused, with its numbers.
-std::vector<std::string> describe_fusion(const TaskSet& set, const FusionPlanOptions& options,
-                                         FusionChooser* chooser) {
+// The groups of the first step, as the report and the log name them: the fused ones, and
+// with a chooser (train.fuse = auto) those it timed slower fused, with its numbers.
+void describe_fusion(const TaskSet& set, const FusionPlanOptions& options,
+                     const std::function<bool(const WorkUnit&)>& fuse_unit, const FusionChooser* chooser,
+                     TrainReport& report) {
   std::vector<std::size_t> everyone(set.tasks.size());
   for (std::size_t i = 0; i < everyone.size(); ++i) everyone[i] = i;
-  std::function<bool(const WorkUnit&)> fuse_unit;
-  if (chooser) fuse_unit = [chooser](const WorkUnit& u) { return (*chooser)(u); };
-  const auto units = plan_units(set.plan_heads, everyone, options, fuse_unit);
-  std::vector<std::string> out;
-  const auto name_of = [&](const WorkUnit& unit) {
-    std::string line;
-    for (std::size_t i : unit) line += (line.empty() ? "" : " + ") + set.results[i].name;
-    return line;
-  };
-  for (const auto& unit : units) {
+  for (const auto& unit : plan_units(set.plan_heads, everyone, options, fuse_unit)) {
     if (unit.size() < 2) continue;
-    const std::string group = name_of(unit);
+    std::string group;
+    for (std::size_t i : unit) group += (group.empty() ? "" : " + ") + set.results[i].name;
     const std::string key = set.plan_heads[unit.front()].fusion_key;
-    if (chooser && chooser->decisions().count(group)) {
-      out.push_back(describe_decision(group, key, chooser->decisions().at(group)));
-    } else {
-      out.push_back(group + " (" + key + ")");
+    const FusionDecision* decided = nullptr;
+    if (chooser) {
+      const auto it = chooser->decisions().find(group);
+      if (it != chooser->decisions().end()) decided = &it->second;
     }
-    log_info("fused " + std::to_string(unit.size()) + " heads: " + out.back());
+    report.fused.push_back(decided ? describe_decision(group, key, *decided) : group + " (" + key + ")");
+    log_info("fused " + std::to_string(unit.size()) + " heads: " + report.fused.back());
   }
-  if (chooser) {
-    for (const auto& [group, d] : chooser->decisions()) {
-      if (d.fuse) continue;
-      log_info("not fused: " + describe_decision(group, "", d));
-    }
+  if (!chooser) return;
+  for (const auto& [group, d] : chooser->decisions()) {
+    if (d.fuse) continue;
+    report.not_fused.push_back(describe_decision(group, "", d));
+    log_info("not fused: " + report.not_fused.back());
   }
-  return out;
 }
 
 // Final evaluation and export of every head that finished; the report's per-task results.
@@ -572,16 +565,11 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     chooser = std::make_unique<FusionChooser>(set.tasks, set.eval_targets, report.feature_dim,
                                               config.train.batch_size, config.train.intra_op_threads,
                                               FusionChooser::default_file());
-    fuse_unit = [c = chooser.get()](const WorkUnit& u) { return (*c)(u); };
+    fuse_unit = std::ref(*chooser);
   }
   EpochLoop loop(config, set, *source, eval_rows, top, shared.weighting.get(), store, metrics, runner, runs,
                  fuse_unit);
-  report.fused = describe_fusion(set, loop.plan_options(), chooser.get());
-  if (chooser) {
-    for (const auto& [group, d] : chooser->decisions()) {
-      if (!d.fuse) report.not_fused.push_back(describe_decision(group, "", d));
-    }
-  }
+  describe_fusion(set, loop.plan_options(), fuse_unit, chooser.get(), report);
 
   const auto train_start = Clock::now();
   loop.run(from, style);

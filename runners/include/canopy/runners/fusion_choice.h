@@ -2,7 +2,7 @@
 //
 // Whether one batched first-layer multiply beats the heads' own multiplies depends on the
 // CPU, the batch, the widths and the thread count: on this project's 2-core Xeon it wins
-// for narrow linear heads and breaks even for MLPs (docs/performance.md). So for each group
+// for groups of linear heads and loses for groups with MLPs (docs/performance.md). So for each group
 // the planner would fuse, canopy times a forward and backward pass of the group fused and
 // of its heads alone (no optimizer step: that costs the same either way; the heads'
 // weights, gradients and generators are left as they were), on a batch of the run's size,
