@@ -14,6 +14,7 @@
 
 #include "canopy/core/bounded_queue.h"
 #include "canopy/core/error.h"
+#include "canopy/datasets/holdout.h"
 
 namespace canopy::datasets {
 
@@ -65,14 +66,16 @@ class InMemorySource : public BatchSource {
 class StreamingSource : public BatchSource {
  public:
   StreamingSource(const FeatureCache& cache, std::string split, std::int64_t batch_size, std::uint64_t seed,
-                  std::uint64_t cap, ReadMethod method)
+                  std::uint64_t cap, ReadMethod method, at::Tensor keep)
       : cache_(cache),
         split_(std::move(split)),
         shards_(cache.shards(split_)),
         batch_size_(batch_size),
         seed_(seed),
         cap_(cap),
-        method_(method) {
+        method_(method),
+        keep_(std::move(keep)) {
+    rows_ = keep_.defined() ? keep_.sum().item<std::int64_t>() : cache_.rows(split_);
     std::int64_t shard_rows = 1;
     for (const auto& s : shards_) {
       shard_bytes_ = std::max(shard_bytes_, bytes_of_shard(s));
@@ -105,8 +108,17 @@ class StreamingSource : public BatchSource {
         for (const auto& s : ordered) {
           const std::uint64_t bytes = bytes_of_shard(s);
           add_held(bytes);  // counted from allocation on
-          if (!queue_->push(cache_.read_shard(s, method_))) {
-            held_ -= bytes;
+          SplitData d = cache_.read_shard(s, method_);
+          if (keep_.defined()) {  // rows held out (a validation split) never train
+            const at::Tensor local = keep_.slice(0, s.first_row, s.first_row + s.rows).nonzero().flatten();
+            if (local.numel() < s.rows) {
+              d = select_rows(d, local);
+              held_ -= bytes - bytes_of(d);
+            }
+          }
+          const std::uint64_t kept = bytes_of(d);
+          if (!queue_->push(std::move(d))) {
+            held_ -= kept;
             return;
           }
         }
@@ -131,7 +143,7 @@ class StreamingSource : public BatchSource {
     return true;
   }
 
-  std::int64_t rows() const override { return cache_.rows(split_); }
+  std::int64_t rows() const override { return rows_; }
   std::uint64_t peak_bytes() const override { return peak_.load(); }
   std::string describe() const override {
     return "streaming (window of " + std::to_string(window_) + " shard(s), cap " +
@@ -223,6 +235,8 @@ class StreamingSource : public BatchSource {
   std::uint64_t seed_;
   std::uint64_t cap_;
   ReadMethod method_;
+  at::Tensor keep_;  // bool [split rows]: the rows served; undefined: all
+  std::int64_t rows_ = 0;
   std::uint64_t shard_bytes_ = 0;
   std::uint64_t window_ = 1;
   std::int64_t epoch_ = 0;
@@ -248,8 +262,10 @@ std::unique_ptr<BatchSource> make_in_memory_source(SplitData data, std::int64_t 
 
 std::unique_ptr<BatchSource> make_streaming_source(const FeatureCache& cache, const std::string& split,
                                                    std::int64_t batch_size, std::uint64_t seed,
-                                                   std::uint64_t memory_cap_bytes, ReadMethod method) {
-  return std::make_unique<StreamingSource>(cache, split, batch_size, seed, memory_cap_bytes, method);
+                                                   std::uint64_t memory_cap_bytes, ReadMethod method,
+                                                   at::Tensor keep) {
+  return std::make_unique<StreamingSource>(cache, split, batch_size, seed, memory_cap_bytes, method,
+                                           std::move(keep));
 }
 
 }  // namespace canopy::datasets

@@ -11,6 +11,7 @@
 #include <set>
 #include <sstream>
 
+#include <ATen/TensorOperators.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <oneapi/tbb/parallel_for.h>
@@ -724,6 +725,49 @@ SplitData FeatureCache::load_split(const std::string& split, ReadMethod method, 
                     d.ids.narrow(0, s.first_row, s.rows));
   }
   return d;
+}
+
+SplitData FeatureCache::load_rows(const std::string& split, const at::Tensor& rows, ReadMethod method) const {
+  const std::int64_t n = this->rows(split);
+  CANOPY_CHECK(
+      rows.numel() == 0 || (rows.min().item<std::int64_t>() >= 0 && rows.max().item<std::int64_t>() < n),
+      DataError, "rows of split '", split, "' must lie in [0, ", n, ")");
+  std::vector<at::Tensor> f, ids;
+  std::map<std::string, std::vector<at::Tensor>> l;
+  for (const auto& s : shards(split)) {
+    const at::Tensor in = rows.masked_select(rows.ge(s.first_row).logical_and(rows.lt(s.first_row + s.rows)));
+    if (in.numel() == 0) continue;
+    const SplitData d = read_shard_data(impl_->dir, s, meta(), method);
+    const at::Tensor local = in - s.first_row;
+    f.push_back(d.features.index_select(0, local));
+    ids.push_back(d.ids.index_select(0, local));
+    for (const auto& [src, t] : d.labels) l[src].push_back(t.index_select(0, local));
+  }
+  if (f.empty()) {
+    SplitData empty = allocate(0, meta());
+    return empty;
+  }
+  SplitData out;
+  out.features = at::cat(f);
+  out.ids = at::cat(ids);
+  for (auto& [src, ts] : l) out.labels[src] = at::cat(ts);
+  return out;
+}
+
+at::Tensor FeatureCache::load_labels(const std::string& split, const std::string& source) const {
+  CANOPY_CHECK(std::find(meta().label_sources.begin(), meta().label_sources.end(), source) !=
+                   meta().label_sources.end(),
+               DataError, "feature cache '", impl_->dir, "' has no label source '", source,
+               "' (it has: ", join(meta().label_sources, ", "), ")");
+  at::Tensor out = at::empty({rows(split)}, meta().label_dtype(source));
+  for (const auto& s : shards(split)) {
+    const auto it = s.labels.find(source);
+    CANOPY_CHECK(it != s.labels.end(), DataError, "shard '", s.file, "' has no labels/", source);
+    RegionReader r(impl_->dir, s, meta());
+    r.read_column(out.narrow(0, s.first_row, s.rows), it->second.first, it->second.second,
+                  "labels/" + source);
+  }
+  return out;
 }
 
 void FeatureCache::verify() const {

@@ -376,6 +376,18 @@ void add_cache_and_train_keys(std::vector<Key<JobConfig>>& v) {
       member_key<K>("train", "train_split", CANOPY_JOB(train.train_split), "the cache split heads train on"));
   v.push_back(member_key<K>("train", "eval_split", CANOPY_JOB(train.eval_split),
                             "the cache split heads are evaluated on"));
+  v.push_back(member_key<K>("train", "validation_fraction", CANOPY_JOB(train.validation_fraction),
+                            "held out of train_split at training time (stratified by class, seeded by "
+                            "train.seed) to choose epochs and grid winners on; the test split is then used "
+                            "once, for the exported heads; 0: none")
+                  .at_least(0)
+                  .at_most(0.9));
+  v.push_back(choice<K>(
+      "train", "export", CANOPY_JOB(train.export_mode), parse_export_mode,
+      [](ExportMode m) { return std::string(to_string(m)); },
+      std::vector<std::string>{"auto", "best", "last"},
+      "the epoch each head exports: best (on the validation split), last; auto: best when there is a "
+      "validation split, else last"));
   v.push_back(member_key<K>("train", "batch_size", CANOPY_JOB(train.batch_size),
                             "rows per step; the last batch of an epoch may be smaller (it is kept)")
                   .at_least(1));
@@ -524,43 +536,134 @@ void check_range(const Key<Cfg>& k, const Cfg& c, const std::string& where) {
 // The head options of `name`: task.<name>.head.<option> keys.
 constexpr std::string_view kHeadPrefix = "head.";
 
-// Tasks: task.<name>.<key> and task.<name>.head.<option>; ordered by name.
+// One task's configuration from its keys (`subs`: key within the task -> value), named
+// `name`; messages name the keys as the file spells them, under `section`.
+tasks::TaskConfig task_from_keys(const std::string& name, const std::string& section,
+                                 const std::map<std::string, std::string>& subs, const std::string& source) {
+  tasks::TaskConfig t;
+  t.name = name;
+  const auto& keys = task_keys();
+  for (const auto& [sub, value] : subs) {
+    const std::string key = "task." + section + "." + sub;
+    if (sub.size() > kHeadPrefix.size() && sub.compare(0, kHeadPrefix.size(), kHeadPrefix) == 0) {
+      t.head_params[sub.substr(kHeadPrefix.size())] = value;  // validated by the head's factory
+      continue;
+    }
+    const auto k = std::find_if(keys.begin(), keys.end(), [&](const auto& x) { return x.name == sub; });
+    if (k == keys.end()) {
+      std::vector<std::string> names;
+      for (const auto& x : keys) names.push_back(x.name);
+      throw ConfigError(detail::str_cat("unknown key '", key, "' (in ", source, "): a task has the keys ",
+                                        join(names, ", "), "; a head option is written head.", sub, " = ",
+                                        value, " (or ", sub, " = ", value, " in a [task.", section,
+                                        ".head] section)"));
+    }
+    k->set(t, value, key + " (in " + source + ")");
+  }
+  return t;
+}
+
+// The values a grid key takes: `a | b | c` anywhere, or `a, b, c` where the key takes one
+// value (a number, a name); one value otherwise.
+std::vector<std::string> grid_values(const std::string& sub, const std::string& value) {
+  std::vector<std::string> out;
+  if (value.find('|') != std::string::npos) {
+    for (auto& v : split(value, '|')) out.push_back(trim(v));
+    return out;
+  }
+  const auto& keys = task_keys();
+  const auto k = std::find_if(keys.begin(), keys.end(), [&](const auto& x) { return x.name == sub; });
+  const bool single = k != keys.end() && (k->type == "integer" || k->type == "number" ||
+                                          k->type == "choice" || k->type == "string" || k->type == "bool");
+  if (single && value.find(',') != std::string::npos) {
+    for (auto& v : split(value, ',')) out.push_back(trim(v));
+    return out;
+  }
+  return {value};
+}
+
+// How a grid member's name spells one of its values: `head.hidden = 512, 256` -> hidden=512,256.
+std::string grid_label(const std::string& sub, const std::string& value) {
+  std::string name =
+      sub.compare(0, kHeadPrefix.size(), kHeadPrefix) == 0 ? sub.substr(kHeadPrefix.size()) : sub;
+  std::string v;
+  for (char c : value) {
+    if (c == ' ' || c == '\t') continue;
+    v += c == '/' ? '_' : c;
+  }
+  return name + "=" + v;
+}
+
+constexpr std::size_t kMaxGridMembers = 4096;
+
+// Tasks: task.<name>.<key> and task.<name>.head.<option>; ordered by name. A task whose keys
+// hold lists (grid_values) becomes a grid: one task per combination, named
+// <name>@<key>=<value>@..., its members in the order of the combinations.
 std::vector<tasks::TaskConfig> tasks_from_values(const std::map<std::string, std::string>& values,
                                                  const std::string& source, std::set<std::string>& used) {
-  std::map<std::string, tasks::TaskConfig> by_name;
+  std::map<std::string, std::map<std::string, std::string>> by_name;
   for (const auto& [key, value] : values) {
     if (key.rfind("task.", 0) != 0) continue;
     const auto dot = key.find('.', 5);
     CANOPY_CHECK(dot != std::string::npos && dot > 5 && dot + 1 < key.size(), ConfigError, "config key '",
                  key, "' (in ", source, "): task keys are task.<name>.<key>");
     const std::string name = key.substr(5, dot - 5);
-    const std::string sub = key.substr(dot + 1);
-    auto& t = by_name[name];
-    t.name = name;
-    if (sub.size() > kHeadPrefix.size() && sub.compare(0, kHeadPrefix.size(), kHeadPrefix) == 0) {
-      t.head_params[sub.substr(kHeadPrefix.size())] = value;  // validated by the head's factory
-      used.insert(key);
-      continue;
-    }
-    const auto& keys = task_keys();
-    const auto k = std::find_if(keys.begin(), keys.end(), [&](const auto& x) { return x.name == sub; });
-    if (k == keys.end()) {
-      throw ConfigError(detail::str_cat("unknown key '", key, "' (in ", source, "): a task has the keys ",
-                                        join(
-                                            [&] {
-                                              std::vector<std::string> n;
-                                              for (const auto& x : keys) n.push_back(x.name);
-                                              return n;
-                                            }(),
-                                            ", "),
-                                        "; a head option is written head.", sub, " = ", value, " (or ", sub,
-                                        " = ", value, " in a [task.", name, ".head] section)"));
-    }
-    k->set(t, value, key + " (in " + source + ")");
+    CANOPY_CHECK(name.find_first_of("@/") == std::string::npos, ConfigError, "task name '", name, "' (in ",
+                 source, "): '@' and '/' are not allowed in task names ('@' names a grid's members)");
+    by_name[name][key.substr(dot + 1)] = value;
     used.insert(key);
   }
   std::vector<tasks::TaskConfig> out;
-  for (auto& [name, t] : by_name) out.push_back(std::move(t));
+  for (const auto& [name, subs] : by_name) {
+    std::vector<std::pair<std::string, std::vector<std::string>>> axes;
+    for (const auto& [sub, value] : subs) {
+      auto vs = grid_values(sub, value);
+      if (vs.size() < 2) continue;
+      for (const auto& v : vs) {
+        CANOPY_CHECK(!v.empty(), ConfigError, "task.", name, ".", sub, " = ", value, " (in ", source,
+                     "): a grid's values must not be empty");
+      }
+      CANOPY_CHECK(sub != "kind" && sub != "labels" && sub != "label_map" && sub != "class_names",
+                   ConfigError, "task.", name, ".", sub, " = ", value, " (in ", source,
+                   "): a grid's members learn the same labels; vary the head, its options or the optimizer "
+                   "(for other labels, write another task)");
+      axes.emplace_back(sub, std::move(vs));
+    }
+    if (axes.empty()) {
+      out.push_back(task_from_keys(name, name, subs, source));
+      continue;
+    }
+    std::size_t members = 1;
+    for (const auto& a : axes) {
+      members *= a.second.size();
+      CANOPY_CHECK(members <= kMaxGridMembers, ConfigError, "task.", name, " (in ", source,
+                   ") is a grid of more than ", kMaxGridMembers, " heads; split it");
+    }
+    std::map<std::string, std::string> raw;
+    for (const auto& a : axes) raw[a.first] = subs.at(a.first);
+    // Every combination, the last key varying fastest.
+    std::vector<std::size_t> at(axes.size(), 0);
+    for (std::size_t m = 0; m < members; ++m) {
+      auto member_subs = subs;
+      std::string member = name;
+      std::map<std::string, std::string> point;
+      for (std::size_t a = 0; a < axes.size(); ++a) {
+        const std::string& v = axes[a].second[at[a]];
+        member_subs[axes[a].first] = v;
+        point[axes[a].first] = v;
+        member += "@" + grid_label(axes[a].first, v);
+      }
+      auto t = task_from_keys(member, name, member_subs, source);
+      t.grid = name;
+      t.grid_axes = raw;
+      t.grid_point = std::move(point);
+      out.push_back(std::move(t));
+      for (std::size_t a = axes.size(); a-- > 0;) {
+        if (++at[a] < axes[a].second.size()) break;
+        at[a] = 0;
+      }
+    }
+  }
   return out;
 }
 
@@ -614,6 +717,22 @@ void validate_job_config(const JobConfig& c) {
   CANOPY_CHECK(c.train.workers <= limit && c.train.intra_op_threads <= limit, ConfigError,
                "train.workers and train.intra_op_threads must be at most ", limit,
                " (4x this machine's cores), got ", c.train.workers, " and ", c.train.intra_op_threads);
+  std::string grid;  // the first grid, for the message below
+  std::size_t grid_size = 0;
+  for (const auto& t : c.tasks) {
+    if (!t.grid.empty() && (grid.empty() || grid == t.grid)) {
+      grid = t.grid;
+      ++grid_size;
+    }
+  }
+  CANOPY_CHECK(grid.empty() || has_validation(c.train), ConfigError, "task.", grid, in, " is a grid of ",
+               grid_size,
+               " heads; its winner is chosen on a validation split held out of the training data, never on "
+               "the test split: set train.validation_fraction (e.g. 0.1)");
+  CANOPY_CHECK(c.train.export_mode != ExportMode::kBest || has_validation(c.train), ConfigError,
+               "train.export = best", in,
+               " chooses each head's epoch on a validation split: set train.validation_fraction (e.g. 0.1), "
+               "or export = last");
   for (const auto& t : c.tasks) {
     tasks::validate_task_config(t, 0);
     CANOPY_CHECK(t.loss_weight == 1.0 || c.train.weighting == Weighting::kStatic, ConfigError, "task.",
@@ -660,12 +779,23 @@ std::string dump_config(const JobConfig& c) {
     }
     o << k.name << " = " << value << "\n";
   }
+  std::set<std::string> grids_written;
   for (const auto& t : c.tasks) {
-    o << "\n[task." << t.name << "]\n";
+    // A grid as written: its first member's keys, with the lists where they vary.
+    if (!t.grid.empty() && !grids_written.insert(t.grid).second) continue;
+    const auto& axes = t.grid_axes;
+    auto value_of = [&](const std::string& key, const std::string& v) {
+      const auto a = axes.find(key);
+      return a == axes.end() ? v : a->second;
+    };
+    o << "\n[task." << (t.grid.empty() ? t.name : t.grid) << "]\n";
     for (const auto& k : task_keys()) {
-      if (k.dumped(t)) o << k.name << " = " << k.get(t) << "\n";
+      if (k.dumped(t) || axes.count(k.name)) o << k.name << " = " << value_of(k.name, k.get(t)) << "\n";
     }
-    for (const auto& [name, value] : t.head_params) o << kHeadPrefix << name << " = " << value << "\n";
+    for (const auto& [name, value] : t.head_params) {
+      const std::string key = std::string(kHeadPrefix) + name;
+      o << key << " = " << value_of(key, value) << "\n";
+    }
   }
   return o.str();
 }
@@ -701,6 +831,25 @@ std::string config_reference() {
        "silu) and `dropout` (in [0, 1)). A head of your own reads what it declares "
        "(docs/adding-a-head.md).\n";
   return o.str();
+}
+
+ExportMode parse_export_mode(const std::string& name, const std::string& where) {
+  if (name == "auto") return ExportMode::kAuto;
+  if (name == "best") return ExportMode::kBest;
+  if (name == "last") return ExportMode::kLast;
+  throw ConfigError(detail::str_cat(where, ": expected auto, best or last, got '", name, "'"));
+}
+
+const char* to_string(ExportMode mode) {
+  switch (mode) {
+    case ExportMode::kBest:
+      return "best";
+    case ExportMode::kLast:
+      return "last";
+    case ExportMode::kAuto:
+      break;
+  }
+  return "auto";
 }
 
 FuseMode parse_fuse_mode(const std::string& name, const std::string& where) {

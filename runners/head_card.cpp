@@ -9,6 +9,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/export.h"
+#include "canopy/runners/head_run.h"
 
 namespace canopy::runners {
 
@@ -44,7 +45,7 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
   const auto& c = task.config();
   std::map<std::string, std::string> head_params = c.head_params;  // the head's own word wins
   for (const auto& [k, v] : task.head().config_values()) head_params[k] = v;
-  ordered_json card{{"task", c.name},
+  ordered_json card{{"task", r.name},
                     {"kind", tasks::to_string(c.kind)},
                     {"head", c.head},
                     {"architecture", task.head().describe()},
@@ -75,7 +76,27 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
     card["trunk_file"] = meta.trunk_path;
     card["trunk_boundary"] = meta.boundary;
   }
-  card["weights"] = c.name + ".safetensors";
+  card["exported_epoch"] = r.exported_epoch;
+  if (const auto& v = r.validation) {  // what the epoch (and a grid's winner) was chosen on
+    ordered_json val{{"rows", v->count}, {"accuracy", v->accuracy}, {"macro_f1", v->macro_f1}};
+    if (v->regression) val["r2"] = v->regression->r2;
+    card["validation"] = val;
+  }
+  if (!r.grid.empty()) {
+    ordered_json members = ordered_json::array();
+    for (const auto& m : r.grid) {
+      members.push_back({{"name", m.name},
+                         {"values", m.point},
+                         {"state", state_name(m.state)},
+                         {"epochs", m.epochs},
+                         {"exported_epoch", m.exported_epoch},
+                         {"validation_score", m.validation_score},
+                         {"seconds", m.seconds}});
+    }
+    card["grid"] = {
+        {"winner", r.winner}, {"values", c.grid_point}, {"keys", c.grid_axes}, {"members", members}};
+  }
+  card["weights"] = r.name + ".safetensors";
   return card;
 }
 }  // namespace
@@ -87,12 +108,12 @@ std::string export_head(tasks::Task& task, const TaskResult& r, const datasets::
   for (const auto& b : task.head().named_buffers(true)) tensors.emplace_back(b.key(), b.value());
   const auto& c = task.config();
   const std::map<std::string, std::string> md = {{"format", "pt"},
-                                                 {"canopy.task", c.name},
+                                                 {"canopy.task", r.name},
                                                  {"canopy.head", c.head},
                                                  {"canopy.architecture", task.head().describe()}};
-  const std::string weights = join_path(dir, c.name + ".safetensors");
+  const std::string weights = join_path(dir, r.name + ".safetensors");
   save_safetensors(weights, tensors, md);
-  write_file_atomic(join_path(dir, c.name + ".json"), head_card(task, r, meta, in_features).dump(2) + "\n");
+  write_file_atomic(join_path(dir, r.name + ".json"), head_card(task, r, meta, in_features).dump(2) + "\n");
   return weights;
 }
 

@@ -39,13 +39,14 @@ void HeadRun::fail_evaluation(std::int64_t epoch, const std::string& why) {
   failure = detail::str_cat("epoch ", epoch + 1, " evaluation: ", why);
 }
 
-void HeadRun::finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::EvalMetrics& metrics,
+bool HeadRun::finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::EvalMetrics& metrics,
                            std::int64_t patience) {
-  if (failed()) return;
+  if (failed()) return false;
   epochs = epoch + 1;
   train_loss = loss_count ? loss_sum / static_cast<double>(loss_count) : 0.0;
   eval = metrics;
-  if (eval.score() > best_score) {
+  const bool improved = eval.score() > best_score;
+  if (improved) {
     best_score = eval.score();
     best_epoch = epochs;
   }
@@ -59,6 +60,7 @@ void HeadRun::finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::
                   static_cast<long long>(best_epoch));
     stop_note = why;
   }
+  return improved;
 }
 
 }  // namespace canopy::runners

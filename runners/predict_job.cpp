@@ -1,5 +1,6 @@
 #include "canopy/runners/predict_job.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include <ostream>
@@ -27,17 +28,20 @@ struct LoadedHead {
   std::vector<std::string> class_names;
 };
 
+nlohmann::json read_card(const std::string& card_path) {
+  try {
+    return nlohmann::json::parse(read_file(card_path));
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
+  }
+}
+
 LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& registry, const std::string& dir,
                      const trunk::Trunk& trunk, const JobConfig& config, const std::string& preprocessing) {
   const std::string card_path = join_path(dir, tc.name + ".json");
   CANOPY_CHECK(is_regular_file(card_path), DataError, "task '", tc.name, "': no trained head '", card_path,
                "'; run `canopy train --config ", config.source, "` first");
-  nlohmann::json card;
-  try {
-    card = nlohmann::json::parse(read_file(card_path));
-  } catch (const nlohmann::json::exception& e) {
-    throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
-  }
+  const nlohmann::json card = read_card(card_path);
   const std::string trained_on = card.at("trunk_sha256");
   CANOPY_CHECK(trained_on == trunk.sha256(), DataError, "task '", tc.name,
                "': head was trained on features of trunk ", trained_on, ", the config's trunk is ",
@@ -52,6 +56,7 @@ LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& reg
   tasks::HeadSpec spec{card.at("in_features").get<std::int64_t>(),
                        card.at("out_features").get<std::int64_t>(),
                        tasks::HeadParams(tc.name, tc.head_params)};
+  if (tc.grid_axes.count("head")) spec.params.leave_out_unused();  // as in training
   LoadedHead out;
   out.task = tc.name;
   out.head = registry.create(tc.head, spec);
@@ -109,18 +114,42 @@ std::vector<std::string> prediction_names(const LoadedHead& h, const at::Tensor&
   }
   return out;
 }
+// The heads a training run exported, as configured: each task, and for a grid the member
+// that won (its card names it), under the grid's name.
+std::vector<tasks::TaskConfig> exported_tasks(const JobConfig& config, const std::string& dir) {
+  std::vector<tasks::TaskConfig> out;
+  for (std::size_t i = 0; i < config.tasks.size(); ++i) {
+    const auto& tc = config.tasks[i];
+    if (tc.grid.empty()) {
+      out.push_back(tc);
+      continue;
+    }
+    if (i > 0 && config.tasks[i - 1].grid == tc.grid) continue;
+    tasks::TaskConfig chosen = tc;  // without a card, load_head says what is missing
+    const std::string card_path = join_path(dir, tc.grid + ".json");
+    if (is_regular_file(card_path)) {
+      const auto card = read_card(card_path);
+      const std::string winner = card.contains("grid") ? card.at("grid").value("winner", "") : "";
+      const auto it = std::find_if(config.tasks.begin(), config.tasks.end(),
+                                   [&](const tasks::TaskConfig& m) { return m.name == winner; });
+      CANOPY_CHECK(it != config.tasks.end(), DataError, "head card '", card_path, "' names grid winner '",
+                   winner, "', which grid '", tc.grid, "' in ", config.source, " does not have; retrain it");
+      chosen = *it;
+    }
+    chosen.name = tc.grid;
+    out.push_back(std::move(chosen));
+  }
+  return out;
+}
+
 // The trunk predictions run: the config's, or, when the heads were trained with the trunk's
 // top (their cards name a `trunk_file`), the fine-tuned trunk that run exported
 // (out_dir/trunk.pt), pinned by the cards' SHA-256 and run frozen whole.
 trunk::TrunkConfig predict_trunk(const JobConfig& config, const std::string& heads_dir) {
-  const std::string card_path = join_path(heads_dir, config.tasks.front().name + ".json");
+  const std::string card_path =
+      join_path(heads_dir, exported_tasks(config, heads_dir).front().name + ".json");
   if (!is_regular_file(card_path)) return config.trunk;  // load_head says what is missing
-  nlohmann::json card;
-  try {
-    card = nlohmann::json::parse(read_file(card_path));
-  } catch (const nlohmann::json::exception& e) {
-    throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
-  }
+  const nlohmann::json card = read_card(card_path);
   if (!card.contains("trunk_file")) return config.trunk;
   trunk::TrunkConfig tuned = config.trunk;
   tuned.path = join_path(config.train.out_dir, "trunk.pt");
@@ -143,7 +172,7 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   trunk::Trunk trunk = trunk::Trunk::load(predict_trunk(config, dir));
   std::vector<LoadedHead> heads;
   const std::string preprocessing = describe_preprocessing(config);  // hashes the vocabulary: once
-  for (const auto& tc : config.tasks)
+  for (const auto& tc : exported_tasks(config, dir))
     heads.push_back(load_head(tc, registry, dir, trunk, config, preprocessing));
 
   const InputSplit input = load_predict_input(config, options.input, options.limit);

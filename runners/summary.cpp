@@ -79,21 +79,52 @@ std::string format_summary(const TrainReport& report) {
     w_head = std::max(w_head, t.head.size());
     w_labels = std::max(w_labels, t.labels.size());
   }
+  const bool validation = report.validation_rows > 0;
   char buf[512];
-  std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6s  %8s  %8s  %7s\n", int(w_name), "task",
+  std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6s  %8s%s  %8s  %7s\n", int(w_name), "task",
                 int(w_head), "head", int(w_labels), "labels", int(w_opt), "optimizer", "epochs", "accuracy",
-                "macro-F1", "state");
+                validation ? "  val-acc." : "", "macro-F1", "state");
   o << buf;
   for (const auto& t : report.tasks) {
-    char acc[32] = "       -", f1[32] = "       -";  // regression: see the lines below
+    char acc[32] = "       -", f1[32] = "       -", val[32] = "";  // regression: see the lines below
     if (t.kind != tasks::TaskKind::kRegression) {
       std::snprintf(acc, sizeof acc, "%7.2f%%", 100 * t.eval.accuracy);
       std::snprintf(f1, sizeof f1, "%8.4f", t.eval.macro_f1);
     }
-    std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6lld  %8s  %8s  %7s\n", int(w_name),
+    if (validation) {
+      if (t.validation && t.kind != tasks::TaskKind::kRegression) {
+        std::snprintf(val, sizeof val, "  %8.2f%%", 100 * t.validation->accuracy);
+      } else {
+        std::snprintf(val, sizeof val, "  %9s", "-");
+      }
+    }
+    std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6lld  %8s%s  %8s  %7s\n", int(w_name),
                   t.name.c_str(), int(w_head), t.head.c_str(), int(w_labels), t.labels.c_str(), int(w_opt),
-                  t.optimizer.c_str(), static_cast<long long>(t.epochs), acc, f1, state_name(t.state));
+                  t.optimizer.c_str(), static_cast<long long>(t.epochs), acc, val, f1, state_name(t.state));
     o << buf;
+  }
+  for (const auto& t : report.tasks) {
+    if (t.grid.empty()) continue;
+    std::vector<const GridMember*> ranked;
+    for (const auto& m : t.grid) {
+      if (m.state == tasks::TaskState::kDone) ranked.push_back(&m);
+    }
+    std::stable_sort(ranked.begin(), ranked.end(), [](const GridMember* a, const GridMember* b) {
+      return a->validation_score > b->validation_score;
+    });
+    const bool r2 = t.kind == tasks::TaskKind::kRegression;
+    o << "grid '" << t.name << "': " << t.grid.size() << " heads, " << ranked.size()
+      << " finished; best on the validation split:";
+    for (std::size_t k = 0; k < ranked.size() && k < 3; ++k) {
+      std::snprintf(buf, sizeof buf, r2 ? "%s %s (R^2 %.4f, epoch %lld)" : "%s %s (%.2f%%, epoch %lld)",
+                    k ? ";" : "", ranked[k]->name.c_str(),
+                    r2 ? ranked[k]->validation_score : 100 * ranked[k]->validation_score,
+                    static_cast<long long>(ranked[k]->exported_epoch));
+      o << buf;
+    }
+    o << (t.state == tasks::TaskState::kDone ? "; exported as '" + t.name + "' (card lists every member)"
+                                             : "")
+      << "\n";
   }
   for (const auto& t : report.tasks) {
     if (!t.eval.regression || t.state == tasks::TaskState::kFailed) continue;
@@ -108,13 +139,21 @@ std::string format_summary(const TrainReport& report) {
   for (const auto& t : report.tasks) {
     if (t.state == tasks::TaskState::kFailed) o << "task '" << t.name << "' FAILED at " << t.failure << "\n";
     if (!t.note.empty()) o << "task '" << t.name << "' " << t.note << "\n";
+    if (t.state == tasks::TaskState::kDone && t.exported_epoch > 0 && t.exported_epoch != t.epochs)
+      o << "task '" << t.name << "' exported epoch " << t.exported_epoch << " of " << t.epochs
+        << " (its best on the validation split)\n";
   }
+  std::size_t heads = 0;
+  for (const auto& t : report.tasks) heads += t.grid.empty() ? 1 : t.grid.size();
+  char chosen[96] = "";
+  if (validation)
+    std::snprintf(chosen, sizeof chosen, "chosen on %lld validation rows, ",
+                  static_cast<long long>(report.validation_rows));
   std::snprintf(
       buf, sizeof buf,
-      "%zu heads, %lld train rows x %lld features, evaluated on %lld rows; load %.2fs, train %.2fs\n",
-      report.tasks.size(), static_cast<long long>(report.train_rows),
-      static_cast<long long>(report.feature_dim), static_cast<long long>(report.eval_rows),
-      report.load_seconds, report.train_seconds);
+      "%zu heads, %lld train rows x %lld features, %sevaluated on %lld rows; load %.2fs, train %.2fs\n",
+      heads, static_cast<long long>(report.train_rows), static_cast<long long>(report.feature_dim), chosen,
+      static_cast<long long>(report.eval_rows), report.load_seconds, report.train_seconds);
   o << buf;
   return o.str();
 }

@@ -6,8 +6,12 @@
 #include <cstdio>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
+#include <optional>
 #include <sstream>
+
+#include <ATen/ops/zeros.h>
 
 #include "canopy/core/device.h"
 #include "canopy/core/dir_lock.h"
@@ -17,6 +21,7 @@
 #include "canopy/core/strings.h"
 #include "canopy/datasets/batch_source.h"
 #include "canopy/datasets/feature_cache.h"
+#include "canopy/datasets/holdout.h"
 #include "canopy/heads/fused.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/checkpoint_store.h"
@@ -62,16 +67,54 @@ bool train_split_in_memory(const datasets::FeatureCache& cache, const JobConfig&
   return cap == 0 || cache.feature_bytes(config.train.train_split) <= cap;
 }
 
-// The train split, read whole when it fits under cache.memory_cap_mb, else streamed.
-std::unique_ptr<datasets::BatchSource> make_train_source(const datasets::FeatureCache& cache,
-                                                         const JobConfig& config,
-                                                         datasets::ReadMethod method) {
+// The label source a validation split is stratified by: `class` when the cache has it as
+// classes, else its first class-valued source; empty when every source is real-valued.
+std::string stratifying_source(const datasets::CacheMeta& meta) {
+  std::string first;
+  for (const auto& s : meta.label_sources) {
+    if (meta.is_float_label(s)) continue;
+    if (s == "class") return s;
+    if (first.empty()) first = s;
+  }
+  return first;
+}
+
+// The training rows and, with train.validation_fraction, the rows held out of them.
+struct TrainSplit {
+  std::unique_ptr<datasets::BatchSource> source;
+  std::optional<datasets::SplitData> validation;
+};
+
+// The train split, read whole when it fits under cache.memory_cap_mb, else streamed; a
+// validation split held out of it is read into memory and never trains.
+TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig& config,
+                            datasets::ReadMethod method) {
   const auto& t = config.train;
   const auto cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb * 1024 * 1024);
-  if (train_split_in_memory(cache, config)) {
-    return datasets::make_in_memory_source(cache.load_split(t.train_split, method), t.batch_size, t.seed);
+  TrainSplit out;
+  std::optional<datasets::Holdout> holdout;
+  if (has_validation(t)) {
+    const std::string by = stratifying_source(cache.meta());
+    holdout = datasets::stratified_holdout(by.empty() ? at::Tensor() : cache.load_labels(t.train_split, by),
+                                           cache.rows(t.train_split), t.validation_fraction, t.seed);
   }
-  return datasets::make_streaming_source(cache, t.train_split, t.batch_size, t.seed, cap, method);
+  if (train_split_in_memory(cache, config)) {
+    datasets::SplitData all = cache.load_split(t.train_split, method);
+    if (holdout) {
+      out.validation = datasets::select_rows(all, holdout->validation_rows);
+      all = datasets::select_rows(all, holdout->train_rows);
+    }
+    out.source = datasets::make_in_memory_source(std::move(all), t.batch_size, t.seed);
+    return out;
+  }
+  at::Tensor keep;
+  if (holdout) {
+    out.validation = cache.load_rows(t.train_split, holdout->validation_rows, method);
+    keep = at::zeros({cache.rows(t.train_split)}, at::TensorOptions().dtype(at::kBool));
+    keep.index_fill_(0, holdout->train_rows, true);
+  }
+  out.source = datasets::make_streaming_source(cache, t.train_split, t.batch_size, t.seed, cap, method, keep);
+  return out;
 }
 
 // The classes of a task's label source (0 for real-valued labels).
@@ -129,6 +172,16 @@ struct TaskSet {
   std::vector<PlanHead> plan_heads;
 };
 
+// The head types a grid's members use, for messages.
+std::string config_grid_heads(const JobConfig& config, const std::string& grid) {
+  std::vector<std::string> heads;
+  for (const auto& t : config.tasks) {
+    if (t.grid == grid && std::find(heads.begin(), heads.end(), t.head) == heads.end())
+      heads.push_back(t.head);
+  }
+  return join(heads, ", ");
+}
+
 TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry,
                     const datasets::CacheMeta& meta, const datasets::SplitData& eval,
                     std::int64_t feature_dim) {
@@ -159,6 +212,21 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
     set.tasks.push_back(task.get());
     set.owned.push_back(std::move(task));
   }
+  // A grid over head types leaves out, per member, the options its head does not take; an
+  // option no member takes is a mistake (a typo) and refused.
+  std::map<std::string, std::map<std::string, std::size_t>> left_out;  // grid -> option -> members
+  std::map<std::string, std::size_t> members;
+  for (const auto* t : set.tasks) {
+    if (!t->config().grid_axes.count("head")) continue;
+    ++members[t->config().grid];
+    for (const auto& o : t->unused_head_options()) ++left_out[t->config().grid][o];
+  }
+  for (const auto& [grid, options] : left_out) {
+    for (const auto& [option, count] : options) {
+      CANOPY_CHECK(count < members[grid], ConfigError, "task.", grid, ".head.", option,
+                   ": no head of the grid takes this option (heads: ", config_grid_heads(config, grid), ")");
+    }
+  }
   return set;
 }
 
@@ -172,6 +240,7 @@ class EpochLoop {
             StepRunner& runner, std::vector<HeadRun>& runs, std::function<bool(const WorkUnit&)> fuse_unit)
       : fuse_unit_(std::move(fuse_unit)),
         config_(config),
+        keep_best_(exports_best(config.train) && top == nullptr),
         set_(set),
         source_(source),
         eval_rows_(eval_rows),
@@ -331,7 +400,9 @@ class EpochLoop {
         runner_.evaluate(active, set_.tasks, runs_, eval_features(), set_.eval_targets, epoch);
     std::vector<double> means(runs_.size(), std::numeric_limits<double>::quiet_NaN());
     for (std::size_t i : active) {
-      runs_[i].finish_epoch(epoch, set_.epochs[i], metrics[i], set_.tasks[i]->config().early_stop_patience);
+      const bool best = runs_[i].finish_epoch(epoch, set_.epochs[i], metrics[i],
+                                              set_.tasks[i]->config().early_stop_patience);
+      if (best && keep_best_) set_.tasks[i]->keep_best();
       metrics_.record(epoch, i, runs_[i]);
       if (!runs_[i].failed()) means[i] = runs_[i].train_loss;
     }
@@ -384,6 +455,7 @@ class EpochLoop {
 
   std::function<bool(const WorkUnit&)> fuse_unit_;  // train.fuse = auto: FusionChooser; else none
   const JobConfig& config_;
+  bool keep_best_ = false;  // each head keeps its best epoch's weights (train.export = best)
   TaskSet& set_;
   datasets::BatchSource& source_;
   const at::Tensor& eval_rows_;
@@ -429,9 +501,20 @@ void describe_fusion(const TaskSet& set, const FusionPlanOptions& options,
   }
 }
 
-// Final evaluation and export of every head that finished; the report's per-task results.
+// What the trainer chose each head on and tests it on at the end.
+struct FinalSplits {
+  at::Tensor selection_features;  // the split epochs were scored on (validation, else test)
+  bool validation = false;        // whether that is a held-out validation split
+  at::Tensor test_features;
+  const datasets::SplitData* test = nullptr;  // its labels
+};
+
+// Final evaluation and export. Each head that finished takes its exported epoch's weights
+// (train.export: best on the validation split, or the last); with a validation split it is
+// scored there again. A grid's members are compared on the validation split alone, and only
+// its winner is evaluated on the test split, once, and exported under the grid's name.
 void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets::CacheMeta& meta,
-                  const at::Tensor& eval_features, const std::string& dir, TrainReport& report) {
+                  const FinalSplits& splits, const std::string& dir, TrainReport& report) {
   for (std::size_t i = 0; i < set.tasks.size(); ++i) {
     TaskResult& r = set.results[i];
     const HeadRun& run = runs[i];
@@ -442,14 +525,57 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
     r.eval = run.eval;
     r.seconds = run.seconds;
     r.note = run.stop_note;
-    if (r.state == tasks::TaskState::kDone) {
-      // The exported metrics come from the exported weights (a resumed run carries no
-      // confusion matrix over from before the interruption).
-      r.eval = set.tasks[i]->evaluate(eval_features, set.eval_targets[i]);
-      r.weights_path = export_head(*set.tasks[i], r, meta, report.feature_dim, dir);
-    }
+    if (r.state != tasks::TaskState::kDone) continue;
+    r.exported_epoch = set.tasks[i]->restore_best() ? run.best_epoch : run.epochs;
+    if (splits.validation)
+      r.validation = set.tasks[i]->evaluate(splits.selection_features, set.eval_targets[i]);
   }
-  report.tasks = std::move(set.results);
+  // The test split, once per exported head. (A resumed run carries no confusion matrix over
+  // from before the interruption, so the exported metrics come from the exported weights.)
+  auto test_and_export = [&](std::size_t i, TaskResult& r) {
+    auto& task = *set.tasks[i];
+    r.eval = task.evaluate(splits.test_features, task.targets(splits.test->labels.at(task.config().labels)));
+    r.weights_path = export_head(task, r, meta, report.feature_dim, dir);
+  };
+  std::vector<TaskResult> out;
+  for (std::size_t i = 0; i < set.tasks.size(); ++i) {
+    const auto& tc = set.tasks[i]->config();
+    if (tc.grid.empty()) {
+      if (set.results[i].state == tasks::TaskState::kDone) test_and_export(i, set.results[i]);
+      out.push_back(std::move(set.results[i]));
+      continue;
+    }
+    if (i > 0 && set.tasks[i - 1]->config().grid == tc.grid) continue;  // members are adjacent
+    std::vector<std::size_t> members;
+    for (std::size_t j = i; j < set.tasks.size() && set.tasks[j]->config().grid == tc.grid; ++j)
+      members.push_back(j);
+    std::optional<std::size_t> winner;
+    std::vector<GridMember> listed;
+    for (std::size_t j : members) {
+      const TaskResult& m = set.results[j];
+      GridMember g{
+          m.name,           set.tasks[j]->config().grid_point,          m.state,  m.failure, m.epochs,
+          m.exported_epoch, m.validation ? m.validation->score() : 0.0, m.seconds};
+      listed.push_back(g);
+      if (m.state == tasks::TaskState::kDone && m.validation &&
+          (!winner || g.validation_score > set.results[*winner].validation->score()))
+        winner = j;
+    }
+    TaskResult r = std::move(set.results[winner ? *winner : members.front()]);
+    r.winner = r.name;
+    r.name = tc.grid;
+    r.grid = std::move(listed);
+    if (winner) {
+      test_and_export(*winner, r);
+      log_info("grid '" + tc.grid + "': " + r.winner + " won on the validation split (" +
+               std::to_string(members.size()) + " heads)");
+    } else {
+      r.state = tasks::TaskState::kFailed;
+      r.failure = "every member of the grid failed (the first: " + r.failure + ")";
+    }
+    out.push_back(std::move(r));
+  }
+  report.tasks = std::move(out);
 }
 
 // The trunk's shared top and how the tasks' losses reach it, when the cache holds a frozen
@@ -519,17 +645,33 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     remove_tree(config.train.out_dir + "/levels");
   const auto cache = open_checked_cache(config);
   const auto method = datasets::parse_read_method(config.cache.read_method);
-  const datasets::SplitData eval = cache.load_split(config.train.eval_split, method);
-  report.train_rows = cache.rows(config.train.train_split);
-  report.eval_rows = eval.features.size(0);
+  const datasets::SplitData test = cache.load_split(config.train.eval_split, method);
+  report.eval_rows = test.features.size(0);
   report.feature_dim = cache.feature_dim();
-  CANOPY_CHECK(report.train_rows > 0, DataError, "split '", config.train.train_split, "' of '",
-               config.cache.path, "' is empty");
-  const auto source = make_train_source(cache, config, method);
+  CANOPY_CHECK(cache.rows(config.train.train_split) > 0, DataError, "split '", config.train.train_split,
+               "' of '", config.cache.path, "' is empty");
+  TrainSplit train = open_train_split(cache, config, method);
+  const auto& source = train.source;
+  report.train_rows = source->rows();
+  // Epochs (and grid winners) are scored on the validation split when one is held out; the
+  // test split is then used once, at the end. Without one, on the test split, as always.
+  const datasets::SplitData& eval = train.validation ? *train.validation : test;
+  if (train.validation) {
+    report.validation_rows = train.validation->features.size(0);
+    log_info("validation split: " + std::to_string(report.validation_rows) + " rows held out of '" +
+             config.train.train_split + "' (train.validation_fraction = " +
+             std::to_string(config.train.validation_fraction) + ", stratified by " +
+             (stratifying_source(cache.meta()).empty() ? std::string("nothing: real-valued labels")
+                                                       : "'" + stratifying_source(cache.meta()) + "'") +
+             "); '" + config.train.eval_split + "' is evaluated once, at the end");
+  }
   const at::Tensor eval_rows = eval.features.to(at::kFloat);
   // A cache of a frozen prefix: the trunk's top trains too, shared by every head.
   SharedTraining shared = make_shared_training(config, cache, report.train_rows);
   SharedTop* top = shared.top.get();
+  CANOPY_CHECK(!top || config.train.export_mode != ExportMode::kBest, ConfigError,
+               "train.export = best keeps each head's best epoch, but with the trunk's top training every "
+               "head reads the top of the last epoch; use export = last (auto does so)");
   if (top) {
     report.feature_dim = top->feature_dim();
     report.top = top->describe();
@@ -583,7 +725,11 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     meta.trunk_sha256 = top->export_trunk(meta.trunk_path);
     log_info("fine-tuned trunk written to " + meta.trunk_path + " (sha256 " + meta.trunk_sha256 + ")");
   }
-  export_heads(set, runs, meta, loop.eval_features(), config.train.out_dir + "/heads", report);
+  FinalSplits splits{loop.eval_features(), train.validation.has_value(), {}, &test};
+  splits.test_features = !train.validation ? splits.selection_features
+                         : top ? top->features(test.features.to(at::kFloat), config.train.batch_size)
+                               : test.features.to(at::kFloat);
+  export_heads(set, runs, meta, splits, config.train.out_dir + "/heads", report);
   return report;
 }
 

@@ -44,9 +44,13 @@ std::vector<std::int64_t> HeadParams::get_int_list(const std::string& key,
 
 void HeadParams::check_all_used(const std::string& head) const {
   std::vector<std::string> unused;
+  unused_.clear();
   for (const auto& kv : values_) {
-    if (!used_.count(kv.first)) unused.push_back(what(kv.first));
+    if (used_.count(kv.first)) continue;
+    unused.push_back(what(kv.first));
+    unused_.push_back(kv.first);
   }
+  if (leave_out_unused_) return;
   CANOPY_CHECK(unused.empty(), ConfigError, "unknown option(s) for head '", head, "': ", join(unused, ", "));
 }
 

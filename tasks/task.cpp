@@ -266,10 +266,14 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
     class_weights_ = at::tensor(config_.class_weights, at::kFloat);
   }
   HeadSpec spec{in_features, num_classes_, HeadParams(config_.name, config_.head_params)};
+  // A grid over head types: each member reads the options its head takes (the trainer
+  // refuses an option no member reads).
+  if (config_.grid_axes.count("head")) spec.params.leave_out_unused();
   {
     SeededDefaultGenerator seeded(seed);  // per-task seed: heads start the same whatever the task order
     head_ = registry.create(config_.head, spec);
   }
+  unused_head_options_ = spec.params.unused();
   head_->seed(seed);
   optimizer_ = make_optimizer(config_.optimizer, {head_->parameters()}, config_.lr, config_.weight_decay,
                               config_.momentum);
@@ -399,6 +403,31 @@ std::vector<double> fused_train_step(const std::vector<Task*>& tasks, const at::
   return values;
 }
 
+namespace {
+// The tensors keep_best copies: every parameter, then every buffer.
+std::vector<at::Tensor> state_tensors(const heads::Head& head) {
+  std::vector<at::Tensor> out = head.parameters();
+  for (const auto& b : head.buffers()) out.push_back(b);
+  return out;
+}
+}  // namespace
+
+void Task::keep_best() {
+  torch::NoGradGuard no_grad;
+  best_.clear();
+  for (const auto& t : state_tensors(*head_)) best_.push_back(t.detach().clone());
+}
+
+bool Task::restore_best() {
+  if (best_.empty()) return false;
+  torch::NoGradGuard no_grad;
+  const auto now = state_tensors(*head_);
+  CANOPY_CHECK(now.size() == best_.size(), Error, "task '", config_.name, "': ", best_.size(),
+               " kept tensors for ", now.size());
+  for (std::size_t i = 0; i < now.size(); ++i) now[i].copy_(best_[i]);
+  return true;
+}
+
 void Task::save_checkpoint(const std::string& path) const {
   torch::serialize::OutputArchive archive;
   head_->save(archive);
@@ -406,6 +435,7 @@ void Task::save_checkpoint(const std::string& path) const {
   optimizer_->save(opt);
   archive.write("canopy.optimizer", opt);
   archive.write("canopy.rng_state", head_->rng().get_state());
+  for (std::size_t i = 0; i < best_.size(); ++i) archive.write("canopy.best." + std::to_string(i), best_[i]);
   // Serialised in memory, then written by canopy: a full disk is an IoError naming the
   // file (LibTorch's own writer aborts with "unexpected pos"), and no temporary file stays.
   std::ostringstream bytes;
@@ -424,6 +454,9 @@ void Task::load_checkpoint(const std::string& path) {
     at::Tensor rng_state;
     archive.read("canopy.rng_state", rng_state);
     head_->rng().set_state(rng_state);
+    best_.clear();
+    for (at::Tensor t; archive.try_read("canopy.best." + std::to_string(best_.size()), t); t = at::Tensor())
+      best_.push_back(t);
   } catch (const c10::Error& e) {
     throw DataError(detail::str_cat("task '", config_.name, "': cannot restore checkpoint '", path,
                                     "': ", e.what_without_backtrace()));

@@ -274,6 +274,80 @@ TEST(Config, FuzzedConfigsAreRefusedCleanlyOrValid) {
   EXPECT_GT(refused, 100);  // the mutations mostly break something, and each is refused by name
 }
 
+// Lists where one value is expected make a grid: one head per combination, named by its
+// values, the grid written back as it was (the dump reloads to the same heads).
+TEST(Config, ListsInATaskExpandToAGridOfHeads) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("c.ini"), std::string(kConfig) + R"(
+[task.probe]
+head = mlp
+lr = 1e-3, 1e-2
+weight_decay = 0 | 1e-4
+head.hidden = 128 | 512, 256
+)");
+  const JobConfig c = load_job_config(dir.file("c.ini"), {"train.validation_fraction=0.1"});
+  ASSERT_EQ(c.tasks.size(), 2u + 8u);
+  std::vector<std::string> members;
+  for (const auto& t : c.tasks) {
+    if (t.grid == "probe") members.push_back(t.name);
+  }
+  ASSERT_EQ(members.size(), 8u);
+  EXPECT_EQ(members.front(), "probe@hidden=128@lr=1e-3@weight_decay=0");
+  EXPECT_EQ(members[1], "probe@hidden=128@lr=1e-3@weight_decay=1e-4") << "the last key varies fastest";
+  EXPECT_EQ(members.back(), "probe@hidden=512,256@lr=1e-2@weight_decay=1e-4");
+  const auto& last = c.tasks[9];
+  EXPECT_EQ(last.name, members.back());
+  EXPECT_DOUBLE_EQ(last.lr, 1e-2);
+  EXPECT_DOUBLE_EQ(last.weight_decay, 1e-4);
+  EXPECT_EQ(last.head_params.at("hidden"), "512, 256") << "a list value of a head option, whole";
+  EXPECT_EQ(last.grid_point.at("lr"), "1e-2");
+  EXPECT_EQ(last.grid_axes.at("head.hidden"), "128 | 512, 256");
+  EXPECT_TRUE(c.tasks[0].grid.empty()) << "other tasks stay single heads";
+  const std::string dumped = dump_config(c);
+  EXPECT_NE(dumped.find("lr = 1e-3, 1e-2"), std::string::npos) << dumped;
+  EXPECT_EQ(dumped.find("probe@"), std::string::npos) << "members are not written out";
+  write_file_atomic(dir.file("d.ini"), dumped);
+  const JobConfig again = load_job_config(dir.file("d.ini"));
+  ASSERT_EQ(again.tasks.size(), c.tasks.size());
+  for (std::size_t i = 0; i < c.tasks.size(); ++i) EXPECT_EQ(again.tasks[i].name, c.tasks[i].name);
+  EXPECT_EQ(dump_config(again).substr(dumped.find('\n')), dumped.substr(dumped.find('\n')));
+}
+
+TEST(Config, GridsAndBestExportNeedAValidationSplit) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("c.ini"),
+                    std::string(kConfig) + "[task.probe]\nhead = linear\nlr = 1e-3, 1e-2\n");
+  EXPECT_TRUE(
+      testing::throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini")); },
+                                        {"task.probe", "grid of 2 heads", "train.validation_fraction"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        load_job_config(dir.file("c.ini"), {"task.probe.lr=0.1", "train.export=best"});
+      },
+      {"train.export = best", "validation_fraction"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        load_job_config(dir.file("c.ini"), {"train.validation_fraction=0.1", "task.probe.labels=a|b"});
+      },
+      {"task.probe.labels", "same labels"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        load_job_config(dir.file("c.ini"), {"train.validation_fraction=0.1", "task.probe.lr=1e-3,,1e-2"});
+      },
+      {"task.probe.lr", "must not be empty"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        load_job_config(dir.file("c.ini"), {"train.validation_fraction=0.1", "task.a@b.head=linear"});
+      },
+      {"a@b", "not allowed"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { load_job_config(dir.file("c.ini"), {"train.validation_fraction=0.95"}); },
+      {"train.validation_fraction", "<= 0.9"}));
+  const JobConfig ok = load_job_config(dir.file("c.ini"), {"train.validation_fraction=0.1"});
+  EXPECT_TRUE(exports_best(ok.train)) << "auto: best with a validation split";
+  EXPECT_FALSE(exports_best(load_job_config(dir.file("c.ini"), {"task.probe.lr=0.1"}).train));
+}
+
 TEST(InputData, AFolderLimitKeepsEveryClass) {
   testing::TempDir dir;
   const std::map<std::string, int> files = {{"ant", 5}, {"bee", 1}, {"cat", 4}};

@@ -6,6 +6,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/allclose.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/zeros.h>
@@ -15,6 +16,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/datasets/batch_source.h"
 #include "canopy/datasets/feature_cache.h"
+#include "canopy/datasets/holdout.h"
 #include "canopy/datasets/mnist.h"
 #include "canopy/datasets/preprocess.h"
 #include "hdf5_raii.h"  // datasets/ (private to the module)
@@ -279,6 +281,57 @@ TEST(BatchSource, StreamingServesEveryRowOncePerEpochUnderItsCap) {
   EXPECT_TRUE(testing::throws_with<DataError>(
       [&] { make_streaming_source(c, "train", 5, 7, 4 * shard_bytes, ReadMethod::kPread); },
       {"5 shards", "memory_cap_mb"}));
+}
+
+// The validation split: stratified (each class gives round(fraction x its rows)), disjoint
+// from the rows that train, together all of them, and fixed by the seed alone.
+TEST(Holdout, StratifiedDisjointAndSeeded) {
+  const std::int64_t n = 1000;
+  // Classes of unequal size: 0 has 600 rows, 1 has 300, 2 has 100.
+  const at::Tensor classes = at::arange(n, at::kLong).lt(600).logical_not().to(at::kLong) +
+                             at::arange(n, at::kLong).ge(900).to(at::kLong);
+  const Holdout h = stratified_holdout(classes, n, 0.1, 3);
+  ASSERT_EQ(h.validation_rows.numel(), 100);
+  for (std::int64_t k = 0; k < 3; ++k) {
+    const auto held = classes.index_select(0, h.validation_rows).eq(k).sum().item<std::int64_t>();
+    const std::int64_t want[] = {60, 30, 10};
+    EXPECT_EQ(held, want[k]) << "class " << k;
+  }
+  EXPECT_EQ(h.train_rows.numel() + h.validation_rows.numel(), n);
+  const at::Tensor all = at::cat({h.train_rows, h.validation_rows});
+  EXPECT_TRUE(std::get<0>(all.sort()).equal(at::arange(n, at::kLong)))
+      << "disjoint, and every row on one side";
+  EXPECT_TRUE(stratified_holdout(classes, n, 0.1, 3).validation_rows.equal(h.validation_rows));
+  EXPECT_FALSE(stratified_holdout(classes, n, 0.1, 4).validation_rows.equal(h.validation_rows));
+  EXPECT_EQ(stratified_holdout(at::Tensor(), n, 0.25, 3).validation_rows.numel(), 250) << "unstratified";
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { stratified_holdout(classes.slice(0, 0, 3), 3, 0.1, 0); },
+                                              {"holds out none", "0.1"}));
+}
+
+// A streamed split skips the held-out rows, and load_rows reads exactly those.
+TEST(Holdout, StreamingServesOnlyTheKeptRowsAndLoadRowsTheOthers) {
+  testing::TempDir dir;
+  const std::int64_t n = 37;
+  const at::Tensor f = at::arange(n * 3, at::kFloat).view({n, 3});
+  write_cache(dir.path(), f, f.slice(0, 0, 3));
+  const FeatureCache c = FeatureCache::open(dir.path());
+  const Holdout h = stratified_holdout(c.load_labels("train", "class"), n, 0.3, 1);
+  EXPECT_TRUE(c.load_labels("train", "class").equal(at::arange(n, at::kLong) % 2));
+  at::Tensor keep = at::zeros({n}, at::kBool);
+  keep.index_fill_(0, h.train_rows, true);
+  auto src = make_streaming_source(c, "train", 5, 7, 1 << 20, ReadMethod::kPread, keep);
+  EXPECT_EQ(src->rows(), h.train_rows.numel());
+  src->start_epoch(0);
+  std::vector<int> seen(n, 0);
+  Batch b;
+  while (src->next(b)) {
+    for (std::int64_t r = 0; r < b.features.size(0); ++r) ++seen[b.features[r][0].item<float>() / 3];
+  }
+  for (std::int64_t r = 0; r < n; ++r) EXPECT_EQ(seen[r], keep[r].item<bool>() ? 1 : 0) << "row " << r;
+  const SplitData v = c.load_rows("train", h.validation_rows);
+  EXPECT_TRUE(v.ids.equal(h.validation_rows));
+  EXPECT_TRUE(v.features.equal(f.index_select(0, h.validation_rows)));
+  EXPECT_TRUE(v.labels.at("class").equal(h.validation_rows % 2));
 }
 
 }  // namespace

@@ -34,6 +34,7 @@ TEST(HeadCard, WeightsAndCardReadBack) {
   meta.pooling = "avg";
   meta.description = "tap=blocks.13\n";
   TaskResult r;
+  r.name = c.name;  // the files are named by the result (a grid exports its winner under its name)
   r.class_names = {"zero", "one"};
   r.epochs = 3;
   r.eval = tasks::classification_metrics(at::randint(2, {20}), at::randint(2, {20}), 2);

@@ -43,9 +43,11 @@ std::unique_ptr<BatchSource> make_in_memory_source(SplitData data, std::int64_t 
                                                    std::uint64_t seed);
 
 // Streams `split` of `cache` within `memory_cap_bytes`; DataError when the cap cannot hold
-// the minimum of three shards (one being read, one queued, one being served).
+// the minimum of three shards (one being read, one queued, one being served). `keep`
+// (bool [rows of the split]), when given, names the rows served; the others are skipped.
 std::unique_ptr<BatchSource> make_streaming_source(const FeatureCache& cache, const std::string& split,
                                                    std::int64_t batch_size, std::uint64_t seed,
-                                                   std::uint64_t memory_cap_bytes, ReadMethod method);
+                                                   std::uint64_t memory_cap_bytes, ReadMethod method,
+                                                   at::Tensor keep = {});
 
 }  // namespace canopy::datasets

@@ -186,6 +186,12 @@ class FeatureCache {
   // tensors of the split's shapes and dtypes, is filled in place instead of allocating.
   SplitData load_split(const std::string& split, ReadMethod method = ReadMethod::kPread,
                        SplitData* reuse = nullptr) const;
+  // The rows `rows` (int64, ascending positions in the split) of a split, read shard by
+  // shard (checksums verified), so memory holds one shard beside the result.
+  SplitData load_rows(const std::string& split, const at::Tensor& rows,
+                      ReadMethod method = ReadMethod::kPread) const;
+  // One label source of a whole split, read without its features (checksums verified).
+  at::Tensor load_labels(const std::string& split, const std::string& source) const;
   // Checks every shard's size and checksums, and the view users open (cache.h5: present,
   // an HDF5 file, every split's datasets of the manifest's shapes); throws DataError
   // naming the first bad part.

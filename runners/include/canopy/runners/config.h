@@ -25,6 +25,11 @@ enum class FuseMode { kAuto, kAlways, kNever };
 FuseMode parse_fuse_mode(const std::string& name, const std::string& where);
 const char* to_string(FuseMode mode);
 
+// train.export: which epoch of each head is exported.
+enum class ExportMode { kAuto, kBest, kLast };  // auto: best with a validation split, else last
+ExportMode parse_export_mode(const std::string& name, const std::string& where);
+const char* to_string(ExportMode mode);
+
 struct DataConfig {
   // fashion-mnist | mnist: idx files in `dir`;
   // arff: texts with nominal labels, one ARFF file per label (train_files, test_files);
@@ -63,6 +68,9 @@ struct TrainConfig {
   std::string out_dir = "runs/train";
   std::string train_split = "train";
   std::string eval_split = "test";
+  double validation_fraction = 0;  // held out of train_split (stratified, seeded) to choose
+                                   // epochs and grid winners on; 0: none
+  ExportMode export_mode = ExportMode::kAuto;
   std::int64_t batch_size = 256;
   std::int64_t epochs = 10;
   std::uint64_t seed = 0;
@@ -106,8 +114,8 @@ struct JobConfig {
   TopConfig top;
   CacheConfig cache;
   TrainConfig train;
-  std::vector<tasks::TaskConfig> tasks;
-  std::string source;  // the file it came from
+  std::vector<tasks::TaskConfig> tasks;  // grids expanded: one per head, a grid's members together
+  std::string source;                    // the file it came from
 };
 
 // Reads `path`, applies `overrides` ("key=value"), validates and returns the config.
@@ -122,5 +130,11 @@ std::string dump_config(const JobConfig& config);
 // parsing, validation, dumping and this reference.
 std::string config_reference();
 void validate_job_config(const JobConfig& config);
+// Whether heads are chosen on a validation split (train.validation_fraction > 0).
+inline bool has_validation(const TrainConfig& t) { return t.validation_fraction > 0; }
+// Whether each head exports its best epoch on the validation split (train.export resolved).
+inline bool exports_best(const TrainConfig& t) {
+  return t.export_mode == ExportMode::kBest || (t.export_mode == ExportMode::kAuto && has_validation(t));
+}
 
 }  // namespace canopy::runners

@@ -1,6 +1,7 @@
-// A trained head as users read it: <dir>/<task>.safetensors (the head's parameters and
+// A trained head as users read it: <dir>/<name>.safetensors (the head's parameters and
 // buffers under their module names, __metadata__ naming task, head and architecture) and
-// <dir>/<task>.json, the card (docs/training.md lists its fields).
+// <dir>/<name>.json, the card (docs/training.md lists its fields). <name> is the result's:
+// the task's, or for a grid of heads the grid's (its winner exported under it).
 #pragma once
 
 #include <cstdint>

@@ -36,7 +36,8 @@ struct HeadRun {
   void fail_evaluation(std::int64_t epoch, const std::string& why);
   // Records epoch `epoch` (0-based) of `total` with its evaluation. The head is done after
   // its last epoch, or earlier when `patience` epochs (> 0) passed without a better score.
-  void finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::EvalMetrics& metrics,
+  // True when this epoch scored better than every one before it.
+  bool finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::EvalMetrics& metrics,
                     std::int64_t patience);
 };
 

@@ -2,12 +2,26 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "canopy/tasks/task.h"
 
 namespace canopy::runners {
+
+// One member of a grid of heads, as the report and the winner's card list it.
+struct GridMember {
+  std::string name;                          // <grid>@<key>=<value>...
+  std::map<std::string, std::string> point;  // the grid's keys and this member's values
+  tasks::TaskState state = tasks::TaskState::kTraining;
+  std::string failure;
+  std::int64_t epochs = 0;          // epochs trained
+  std::int64_t exported_epoch = 0;  // the epoch its score is of
+  double validation_score = 0.0;    // accuracy (R^2 for regression) on the validation split
+  double seconds = 0.0;
+};
 
 struct TaskResult {
   std::string name;
@@ -24,12 +38,21 @@ struct TaskResult {
   double seconds = 0.0;      // time spent in this head's steps
   std::string note;          // e.g. why it stopped early
   std::string weights_path;  // exported safetensors file
+  // With a validation split (train.validation_fraction): the exported weights' metrics on it,
+  // and which epoch they are of (train.export: the best on it, or the last).
+  std::optional<tasks::EvalMetrics> validation;
+  std::int64_t exported_epoch = 0;
+  // A grid's result (name: the grid's): the member that won on the validation split, and
+  // every member with its score. `eval` is the winner's, on the test split, evaluated once.
+  std::string winner;
+  std::vector<GridMember> grid;
 };
 
 struct TrainReport {
   std::vector<TaskResult> tasks;
   std::int64_t train_rows = 0;
   std::int64_t eval_rows = 0;
+  std::int64_t validation_rows = 0;  // held out of the train split (0: none)
   std::int64_t feature_dim = 0;
   double load_seconds = 0.0;
   double train_seconds = 0.0;

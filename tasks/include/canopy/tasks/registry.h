@@ -29,7 +29,11 @@ class HeadParams {
   bool get_bool(const std::string& key, bool fallback) const;
   std::vector<std::int64_t> get_int_list(const std::string& key,
                                          const std::vector<std::int64_t>& fallback) const;
+  // ConfigError naming the options the head did not read; with leave_out_unused() (a grid
+  // whose members are of several head types) they are only recorded, in unused().
   void check_all_used(const std::string& head) const;
+  void leave_out_unused() { leave_out_unused_ = true; }
+  const std::vector<std::string>& unused() const { return unused_; }
   const std::string& task() const { return task_; }
 
  private:
@@ -37,6 +41,8 @@ class HeadParams {
   std::string task_;
   std::map<std::string, std::string> values_;
   mutable std::set<std::string> used_;
+  bool leave_out_unused_ = false;
+  mutable std::vector<std::string> unused_;  // option names
 };
 
 struct HeadSpec {

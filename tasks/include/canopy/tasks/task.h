@@ -59,6 +59,12 @@ double lr_factor(LrSchedule schedule, std::int64_t epoch, std::int64_t total, st
 
 struct TaskConfig {
   std::string name;
+  // A grid member ([task.<grid>] with lists of values, expanded by the config; see
+  // docs/training.md): the grid's name, the keys that vary as written there (`lr` ->
+  // "1e-4, 1e-3") and this member's value of each. Empty for a task of its own.
+  std::string grid;
+  std::map<std::string, std::string> grid_axes;
+  std::map<std::string, std::string> grid_point;
   TaskKind kind = TaskKind::kMulticlass;
   std::string head = "linear";
   std::string labels = "class";          // label source in the cache
@@ -147,6 +153,8 @@ class Task {
   heads::Head& head() { return *head_; }
   const heads::Head& head() const { return *head_; }
   const heads::HeadPtr& head_ptr() const { return head_; }
+  // A member of a grid over head types: the head options its head did not take.
+  const std::vector<std::string>& unused_head_options() const { return unused_head_options_; }
 
   // Regression: targets are standardised, (y - mean) / std, for training; predict and
   // evaluate answer in the original units. Default: mean 0, std 1.
@@ -179,9 +187,15 @@ class Task {
   bool multilabel() const { return config_.kind == TaskKind::kMultilabel; }
   bool regression() const { return config_.kind == TaskKind::kRegression; }
 
-  // Head weights and buffers, optimizer state and the head's RNG state, in one file
-  // (LibTorch's archive format), written atomically (IoError naming the file, e.g. when the
-  // disk is full; the previous file stays); load restores all three exactly.
+  // The head's weights at its best epoch (train.export = best): keep_best copies its
+  // parameters and buffers, restore_best puts them back (false when none were kept).
+  void keep_best();
+  bool restore_best();
+  bool has_best() const { return !best_.empty(); }
+
+  // Head weights and buffers, optimizer state, the head's RNG state and the kept best
+  // weights, in one file (LibTorch's archive format), written atomically (IoError naming the
+  // file, e.g. when the disk is full; the previous file stays); load restores all exactly.
   void save_checkpoint(const std::string& path) const;
   void load_checkpoint(const std::string& path);
 
@@ -195,6 +209,8 @@ class Task {
   double target_std_ = 1.0;
   heads::HeadPtr head_;
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
+  std::vector<at::Tensor> best_;  // parameters then buffers, in the head's order
+  std::vector<std::string> unused_head_options_;
 };
 
 // One training step of several tasks whose heads share a fusion key (heads::fusion_key):

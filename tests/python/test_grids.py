@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Grids of heads, chosen on a validation split held out of the training data.
+
+1. Winner chosen on validation, not on test. Real Fashion-MNIST images written as PNG files
+   and listed in CSV manifests with a binary label `skew`: 80% of the training rows are 0,
+   80% of the test rows are 1. A two-head grid over `class_weights` makes one head that
+   always answers 0 and one that always answers 1. On the validation split (held out of
+   train) the first wins; on the test split the second would. canopy must export the first.
+2. No test row is used in selection: the same run with every test label changed (skew
+   flipped, classes rotated) chooses the same winner with the same validation scores and
+   exports bitwise the same weights.
+3. A grid's best epochs survive SIGKILL: a grid with train.export = best, killed twice after
+   checkpoints and resumed, exports bitwise the weights and card of an uninterrupted run.
+
+    test_grids.py --canopy build/runners/canopy
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+from support import FMNIST, check, finish, kill_when, read_idx, start, tiny_conv_trunk, tiny_trunk_sections
+from test_images import write_png
+
+TRAIN, TEST = 300, 100
+
+
+def run(cmd):
+    r = subprocess.run(cmd + ["--progress", "quiet"], capture_output=True, text=True)
+    return r.returncode, r.stdout, r.stderr
+
+
+def write_manifests(work, images, classes, flip_test):
+    rng = random.Random(7)
+    for split in ("train", "test"):
+        n = len(images[split])
+        ones = set(rng.sample(range(n), n // 5))  # 20% of the rows
+        rows = ["path,class,skew"]
+        for i in range(n):
+            rel = os.path.join("png", split, f"{i:05d}.png")
+            if not os.path.exists(os.path.join(work, rel)):
+                os.makedirs(os.path.dirname(os.path.join(work, rel)), exist_ok=True)
+                write_png(os.path.join(work, rel), images[split][i])
+            skew = int(i in ones) if split == "train" else int(i not in ones)
+            cls = int(classes[split][i])
+            if split == "test" and flip_test:
+                skew, cls = 1 - skew, (cls + 3) % 10
+            rows.append(f"{rel},{cls},{skew}")
+        with open(os.path.join(work, f"{split}{'_flipped' if flip_test and split == 'test' else ''}.csv"), "w") as f:
+            f.write("\n".join(rows) + "\n")
+
+
+def skew_config(work, trunk, name, test_csv):
+    path = os.path.join(work, name + ".ini")
+    with open(path, "w") as f:
+        f.write(f"""[data]
+source = image-csv
+train = {work}/train.csv
+test = {work}/{test_csv}
+[preprocess]
+resize = 28
+[trunk]
+allow_unpinned = true
+path = {trunk}
+device = cpu
+[cache]
+path = {work}/{name}/cache
+batch_size = 50
+shard_rows = 100
+[train]
+out_dir = {work}/{name}/out
+batch_size = 32
+epochs = 3
+validation_fraction = 0.2
+[task.skew]
+head = linear
+labels = skew
+lr = 0.01
+class_weights = 1,0.0001 | 0.0001,1
+""")
+    return path
+
+
+def main():
+    canopy, work, trunk = start("canopy-grids-", tiny_conv_trunk, "tiny.pt")
+    images = {"train": read_idx(f"{FMNIST}/train-images-idx3-ubyte.gz")[:TRAIN],
+              "test": read_idx(f"{FMNIST}/t10k-images-idx3-ubyte.gz")[:TEST]}
+    classes = {"train": read_idx(f"{FMNIST}/train-labels-idx1-ubyte.gz")[:TRAIN],
+               "test": read_idx(f"{FMNIST}/t10k-labels-idx1-ubyte.gz")[:TEST]}
+    write_manifests(work, images, classes, flip_test=False)
+    write_manifests(work, images, classes, flip_test=True)
+
+    # 1. The validation winner, not the test winner.
+    cards = {}
+    for name, test_csv in (("plain", "test.csv"), ("flipped", "test_flipped.csv")):
+        code, out, err = run([canopy, "run", "--config", skew_config(work, trunk, name, test_csv)])
+        check(code == 0, f"{name}: canopy run with a 2-head grid" + ("" if code == 0 else ": " + err[-800:]))
+        if code != 0:
+            return finish()
+        cards[name] = json.load(open(f"{work}/{name}/out/heads/skew.json"))
+    card = cards["plain"]
+    members = {m["name"]: m for m in card["grid"]["members"]}
+    says_zero = "skew@class_weights=1,0.0001"
+    says_one = "skew@class_weights=0.0001,1"
+    check(set(members) == {says_zero, says_one}, f"the grid's members are named by their values: {sorted(members)}")
+    check(members[says_zero]["validation_score"] > 0.7 > 0.3 > members[says_one]["validation_score"],
+          f"on the validation split the always-0 head leads ({members[says_zero]['validation_score']:.3f} vs "
+          f"{members[says_one]['validation_score']:.3f})")
+    check(card["grid"]["winner"] == says_zero, f"the validation winner is exported: {card['grid']['winner']}")
+    check(card["eval_accuracy"] < 0.3,
+          f"its test accuracy is what it is ({card['eval_accuracy']:.3f}): the test split's best "
+          f"(the always-1 head, about 0.8 there) was not chosen")
+    held = card["validation"]["rows"]
+    check(held == 60, f"validation rows held out: {held} (0.2 of 300, stratified by class)")
+    check(sorted(os.listdir(f"{work}/plain/out/heads")) == ["skew.json", "skew.safetensors"],
+          "only the winner is exported, under the grid's name")
+
+    # 2. Test labels play no part in the choice.
+    flipped = cards["flipped"]
+    same = (flipped["grid"]["winner"] == card["grid"]["winner"] and
+            [m["validation_score"] for m in flipped["grid"]["members"]] ==
+            [m["validation_score"] for m in card["grid"]["members"]] and
+            open(f"{work}/flipped/out/heads/skew.safetensors", "rb").read() ==
+            open(f"{work}/plain/out/heads/skew.safetensors", "rb").read())
+    check(same, "with every test label changed: the same winner, validation scores and weights, bitwise")
+    check(abs(flipped["eval_accuracy"] - (1 - card["eval_accuracy"])) < 1e-9,
+          f"... and only the test accuracy moves ({card['eval_accuracy']:.3f} -> {flipped['eval_accuracy']:.3f})")
+
+    # 3. Best epochs across SIGKILL and --resume.
+    config = os.path.join(work, "resume.ini")
+    with open(config, "w") as f:
+        f.write(tiny_trunk_sections(trunk, 3000, 300, pooling="flatten") + f"""[cache]
+path = {work}/resume/cache
+[train]
+batch_size = 16
+epochs = 4
+checkpoint_steps = 25
+validation_fraction = 0.1
+export = best
+[task.probe]
+head = linear | mlp
+head.dropout = 0.3
+optimizer = sgd
+lr = 0.003, 0.03
+""")
+    code, _, err = run([canopy, "cache", "--config", config])
+    check(code == 0, f"cache for the resume check {err[-300:]}")
+    code, _, err = run([canopy, "train", "--config", config, "--set", f"train.out_dir={work}/resume/ref"])
+    check(code == 0, f"uninterrupted grid run {err[-300:]}")
+    out = f"{work}/resume/cut"
+    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"]
+    kills = []
+    # The second kill comes after the linear members' best epoch (3 of 4): their best weights
+    # must come back from the checkpoint.
+    for target in ((1, 40), (3, 90)):
+        returncode, st = kill_when(cmd + (["--resume"] if kills else []), os.path.join(out, "checkpoint", "state.json"),
+                                   lambda st: (st["epoch"], st["step"]) >= target)
+        seen = (st["epoch"], st["step"]) if st else None
+        check(returncode == -signal.SIGKILL and seen is not None, f"grid training killed by SIGKILL after checkpoint {seen}")
+        kills.append(seen)
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    check(r.returncode == 0, f"--resume finishes {r.stderr[-300:]}")
+    ref_card = json.load(open(f"{work}/resume/ref/heads/probe.json"))
+    cut_card = json.load(open(f"{out}/heads/probe.json"))
+    for c in (ref_card, cut_card):
+        for m in c["grid"]["members"]:
+            del m["seconds"]  # time spent, the one field that differs between runs
+    check(ref_card == cut_card, f"the grid's card (winner {cut_card['grid']['winner']}, epoch "
+          f"{cut_card['exported_epoch']} of 4, every member's score) equals the uninterrupted run's")
+    check(open(f"{work}/resume/ref/heads/probe.safetensors", "rb").read() ==
+          open(f"{out}/heads/probe.safetensors", "rb").read(), "the winner's weights are bitwise the uninterrupted run's")
+    epochs = [m["exported_epoch"] for m in cut_card["grid"]["members"]]
+    print(f"     exported epochs of the 4 members: {epochs}")
+    return finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
