@@ -45,6 +45,7 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
   const auto& c = task.config();
   std::map<std::string, std::string> head_params = c.head_params;  // the head's own word wins
   for (const auto& [k, v] : task.head().config_values()) head_params[k] = v;
+  for (const auto& k : task.unused_head_options()) head_params.erase(k);  // a grid's, for other heads
   ordered_json card{{"task", r.name},
                     {"kind", tasks::to_string(c.kind)},
                     {"head", c.head},

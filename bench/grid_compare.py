@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""A grid of heads in one pass against training its winner alone, side by side in one run.
+
+On the demo cache (configs/fmnist_lite0.ini: its data, trunk and cache, its tasks replaced;
+build it first with `canopy cache`), with train.validation_fraction = 0.1:
+
+  grid    one `canopy train` of a 48-head grid: 12 learning rates x 2 weight decays x
+          {linear, MLP 256}, the winner chosen on the validation split;
+  single  one `canopy train` of that winner alone (same values, same held-out rows).
+
+Prints, per repeat, each run's training time as canopy reports it and its wall time (process
+start, loading, training, evaluation, export), and the ratio grid / single (goal <= 4x);
+then the winner's test accuracy against the demo's hand-picked heads (the demo config as
+shipped, same epochs). A one-epoch grid run first records the fusion decisions in a
+scratch calibration file, so the timed runs read them as later runs on a machine do.
+
+  grid_compare.py --canopy BUILD/runners/canopy [--config configs/fmnist_lite0.ini]
+                  [--repeats 3] [--epochs 15]
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+LRS = "1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1"
+
+
+def base_sections(config):
+    """The config's text without its [task.*] sections."""
+    out, keep = [], True
+    for line in open(config):
+        s = line.strip()
+        if s.startswith("[") and s.endswith("]"):
+            keep = not s.startswith("[task.")
+        if keep:
+            out.append(line)
+    return "".join(out)
+
+
+def train(canopy, config, out_dir, extra=()):
+    t = time.time()
+    r = subprocess.run([canopy, "train", "--config", config, "--progress", "quiet", "--set",
+                        f"train.out_dir={out_dir}", *extra], capture_output=True, text=True)
+    wall = time.time() - t
+    if r.returncode:
+        sys.exit(f"canopy train {config} failed: {r.stderr[-1500:]}")
+    return float(re.search(r"train ([\d.]+)s", r.stdout).group(1)), wall, r.stdout
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--canopy", required=True)
+    ap.add_argument("--config", default="configs/fmnist_lite0.ini")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=15)
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="canopy-grid-bench-")
+    os.environ["CANOPY_FUSION_CALIBRATION"] = os.path.join(work, "fusion.tsv")
+    base = base_sections(a.config)
+    common = f"""
+validation_fraction = 0.1
+epochs = {a.epochs}
+"""
+    base = base.replace("[train]\n", "[train]" + common, 1)
+    grid_ini = os.path.join(work, "grid.ini")
+    with open(grid_ini, "w") as f:
+        f.write(base + f"""
+[task.grid]
+head = linear | mlp
+head.hidden = 256
+optimizer = adam
+lr = {LRS}
+weight_decay = 0, 1e-4
+""")
+    train(a.canopy, grid_ini, os.path.join(work, "warm"), ["--set", "train.epochs=1"])  # fusion decisions
+    rows = []
+    single_ini = os.path.join(work, "single.ini")
+    for rep in range(a.repeats):
+        g_train, g_wall, g_out = train(a.canopy, grid_ini, os.path.join(work, f"grid-{rep}"))
+        card = json.load(open(os.path.join(work, f"grid-{rep}", "heads", "grid.json")))
+        values = card["grid"]["values"]
+        with open(single_ini, "w") as f:
+            f.write(base + "\n[task.grid]\noptimizer = adam\n" + "".join(
+                f"{'head.' if k == 'hidden' else ''}{k} = {v}\n" for k, v in values.items()))
+            if values.get("head") == "mlp":
+                f.write("head.hidden = 256\n")
+        s_train, s_wall, _ = train(a.canopy, single_ini, os.path.join(work, f"single-{rep}"))
+        single = json.load(open(os.path.join(work, f"single-{rep}", "heads", "grid.json")))
+        rows.append((g_train, g_wall, s_train, s_wall, card, single))
+        print(f"repeat {rep + 1}: grid of {len(card['grid']['members'])} heads train {g_train:.2f}s wall {g_wall:.2f}s; "
+              f"winner alone train {s_train:.2f}s wall {s_wall:.2f}s; winner {card['grid']['winner']}", flush=True)
+
+    def med(xs):
+        return statistics.median(xs), min(xs), max(xs)
+    t = med([r[0] / r[2] for r in rows])
+    w = med([r[1] / r[3] for r in rows])
+    print(f"\n[grid] 48-head grid / its winner alone, training time: {t[0]:.2f}x (min {t[1]:.2f}, max {t[2]:.2f})  goal <= 4")
+    print(f"[grid] 48-head grid / its winner alone, wall time:     {w[0]:.2f}x (min {w[1]:.2f}, max {w[2]:.2f})")
+    card, single = rows[-1][4], rows[-1][5]
+    print(f"[grid] winner {card['grid']['winner']}: validation {100 * card['validation']['accuracy']:.2f}%, "
+          f"test {100 * card['eval_accuracy']:.2f}% (epoch {card['exported_epoch']}); "
+          f"trained alone: test {100 * single['eval_accuracy']:.2f}%")
+    ranked = sorted(card["grid"]["members"], key=lambda m: -m["validation_score"])
+    print("[grid] best five on validation: " + "; ".join(
+        f"{m['name'].split('@', 1)[1]} {100 * m['validation_score']:.2f}%" for m in ranked[:5]))
+    print("[grid] worst on validation: " + f"{ranked[-1]['name'].split('@', 1)[1]} {100 * ranked[-1]['validation_score']:.2f}%")
+
+    # The demo's hand-picked heads (its config as shipped: no validation split, last epoch).
+    demo_out = os.path.join(work, "demo")
+    _, _, out = train(a.canopy, a.config, demo_out, ["--set", f"train.epochs={a.epochs}"])
+    demo = []
+    for name in sorted(os.listdir(os.path.join(demo_out, "heads"))):
+        if name.endswith(".json") and name.startswith("class_"):
+            c = json.load(open(os.path.join(demo_out, "heads", name)))
+            demo.append((c["task"], c["eval_accuracy"]))
+    print("[grid] the demo's hand-picked class heads, test accuracy: " +
+          ", ".join(f"{n} {100 * acc:.2f}%" for n, acc in demo))
+    best = max(demo, key=lambda d: d[1])
+    print(f"[grid] winner vs the demo's best hand-picked head ({best[0]}): "
+          f"{100 * (card['eval_accuracy'] - best[1]):+.2f} points on the test split")
+
+
+if __name__ == "__main__":
+    main()
