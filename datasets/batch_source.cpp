@@ -10,6 +10,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/randint.h>
 #include <ATen/ops/randperm.h>
 
 #include "canopy/core/bounded_queue.h"
@@ -34,17 +35,35 @@ std::uint64_t bytes_of(const SplitData& d) {
 
 class InMemorySource : public BatchSource {
  public:
-  InMemorySource(SplitData data, std::int64_t batch_size, std::uint64_t seed)
-      : data_(std::move(data)), batch_size_(batch_size), seed_(seed), bytes_(bytes_of(data_)) {}
+  InMemorySource(SplitData data, std::int64_t batch_size, std::uint64_t seed, std::vector<at::Tensor> views)
+      : data_(std::move(data)), batch_size_(batch_size), seed_(seed), views_(1 + views.size()) {
+    if (!views.empty()) {  // every view's rows in one tensor: view v of row r is row v * N + r
+      views.insert(views.begin(), data_.features);
+      for (const auto& v : views) {
+        CANOPY_CHECK(v.sizes() == data_.features.sizes(), DataError, "view of ", v.size(0), " rows for ",
+                     data_.features.size(0));
+      }
+      all_views_ = at::cat(views);
+      data_.features = all_views_.narrow(0, 0, data_.features.size(0));
+    }
+    bytes_ = bytes_of(data_) + (all_views_.defined() ? (views_ - 1) * data_.features.nbytes() : 0);
+  }
   void start_epoch(std::int64_t epoch) override {
     order_ = epoch_permutation(rows(), seed_, epoch, 0);
+    if (views_ > 1) {  // the view each row is served as this epoch
+      auto gen = at::detail::createCPUGenerator(seed_ * 1000003ULL +
+                                                static_cast<std::uint64_t>(epoch) * 7919ULL + 0x71e3ULL);
+      view_ = at::randint(views_, {rows()}, gen, at::TensorOptions().dtype(at::kLong));
+    }
     pos_ = 0;
   }
   bool next(Batch& b) override {
     if (pos_ >= rows()) return false;
     const at::Tensor idx = order_.slice(0, pos_, std::min(rows(), pos_ + batch_size_));
     pos_ += batch_size_;
-    b.features = data_.features.index_select(0, idx).to(at::kFloat);
+    b.features = views_ > 1
+                     ? all_views_.index_select(0, idx + view_.index_select(0, idx) * rows()).to(at::kFloat)
+                     : data_.features.index_select(0, idx).to(at::kFloat);
     b.index = idx;
     b.labels.clear();
     for (const auto& [src, t] : data_.labels) b.labels[src] = t.index_select(0, idx);
@@ -52,13 +71,19 @@ class InMemorySource : public BatchSource {
   }
   std::int64_t rows() const override { return data_.features.size(0); }
   std::uint64_t peak_bytes() const override { return bytes_; }
-  std::string describe() const override { return "in memory"; }
+  std::string describe() const override {
+    return views_ > 1 ? "in memory, one of " + std::to_string(views_) + " views per row each epoch"
+                      : "in memory";
+  }
 
  private:
   SplitData data_;
   std::int64_t batch_size_;
   std::uint64_t seed_;
-  std::uint64_t bytes_;
+  std::int64_t views_;
+  at::Tensor all_views_;  // [views x N, D] when views_ > 1
+  at::Tensor view_;       // int64 [N]: this epoch's view of each row
+  std::uint64_t bytes_ = 0;
   at::Tensor order_;
   std::int64_t pos_ = 0;
 };
@@ -256,8 +281,8 @@ class StreamingSource : public BatchSource {
 }  // namespace
 
 std::unique_ptr<BatchSource> make_in_memory_source(SplitData data, std::int64_t batch_size,
-                                                   std::uint64_t seed) {
-  return std::make_unique<InMemorySource>(std::move(data), batch_size, seed);
+                                                   std::uint64_t seed, std::vector<at::Tensor> views) {
+  return std::make_unique<InMemorySource>(std::move(data), batch_size, seed, std::move(views));
 }
 
 std::unique_ptr<BatchSource> make_streaming_source(const FeatureCache& cache, const std::string& split,

@@ -109,6 +109,10 @@ std::vector<std::uint32_t> block_crcs(const std::uint8_t* p, std::uint64_t n) {
   return out;
 }
 
+std::int64_t schema_of(const CacheMeta& m) {
+  return m.views > 1 ? kCacheSchemaVersionViews : kCacheSchemaVersion;
+}
+
 json meta_to_json(const CacheMeta& m) {
   json j{{"fingerprint", m.fingerprint},     {"description", m.description},
          {"trunk_sha256", m.trunk_sha256},   {"trunk_path", m.trunk_path},
@@ -118,6 +122,7 @@ json meta_to_json(const CacheMeta& m) {
          {"class_names", m.class_names},     {"float_labels", m.float_labels},
          {"label_stats", m.label_stats}};
   if (!m.label_classes.empty()) j["label_classes"] = m.label_classes;
+  if (m.views > 1) j["views"] = m.views;
   if (!m.row_parts.empty()) {
     j["boundary"] = m.boundary;
     json parts = json::array();
@@ -145,6 +150,8 @@ CacheMeta meta_from_json(const json& j) {
     m.label_classes = j.at("label_classes").get<std::map<std::string, std::int64_t>>();
   if (j.contains("label_stats"))
     m.label_stats = j.at("label_stats").get<std::map<std::string, std::pair<double, double>>>();
+  if (j.contains("views")) m.views = j.at("views");
+  CANOPY_CHECK(m.views >= 1, DataError, "manifest: views = ", m.views);
   if (j.contains("row_parts")) {
     m.boundary = j.at("boundary");
     std::int64_t total = 0;
@@ -219,10 +226,13 @@ Manifest read_manifest(const std::string& dir) {
   try {
     const json j = json::parse(read_file(path));
     const std::int64_t schema = j.at("schema");
-    CANOPY_CHECK(schema == kCacheSchemaVersion, DataError, "feature cache '", dir, "' has schema version ",
-                 schema, ", this canopy reads version ", kCacheSchemaVersion, "; rebuild it");
+    CANOPY_CHECK(schema == kCacheSchemaVersion || schema == kCacheSchemaVersionViews, DataError,
+                 "feature cache '", dir, "' has schema version ", schema, ", this canopy reads versions ",
+                 kCacheSchemaVersion, " and ", kCacheSchemaVersionViews, "; rebuild it");
     Manifest m;
     m.meta = meta_from_json(j.at("meta"));
+    CANOPY_CHECK((schema == kCacheSchemaVersionViews) == (m.meta.views > 1), DataError, "feature cache '",
+                 dir, "': schema ", schema, " with ", m.meta.views, " view(s)");
     m.split_rows = j.at("splits").get<std::map<std::string, std::int64_t>>();
     m.complete = j.at("complete");
     for (const auto& s : j.at("shards")) {
@@ -267,7 +277,7 @@ void write_manifest(const std::string& dir, const Manifest& m) {
                           {"ids_crc32c", hex32(s.ids_crc32c)},
                           {"labels", labels}});
   }
-  const json j{{"schema", kCacheSchemaVersion},
+  const json j{{"schema", schema_of(m.meta)},
                {"complete", m.complete},
                {"meta", meta_to_json(m.meta)},
                {"splits", m.split_rows},
@@ -540,7 +550,7 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
     CANOPY_CHECK(H5Pset_alignment(fapl.get(), 0, 64) >= 0, IoError, "HDF5: set_alignment failed");
     h5::Handle file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
     CANOPY_CHECK(file, IoError, "HDF5: cannot create shard '", tmp, "'");
-    h5::write_attr(file.get(), "canopy_schema", kCacheSchemaVersion);
+    h5::write_attr(file.get(), "canopy_schema", schema_of(meta));
     h5::write_attr(file.get(), "fingerprint", meta.fingerprint);
     h5::write_attr(file.get(), "split", split);
     h5::write_attr(file.get(), "first_row", info.first_row);
@@ -604,7 +614,7 @@ void FeatureCacheWriter::Impl::write_view() {
   {
     h5::Handle file = h5::create_file(tmp);
     const hid_t root = file.get();
-    h5::write_attr(root, "canopy_schema", kCacheSchemaVersion);
+    h5::write_attr(root, "canopy_schema", schema_of(meta));
     h5::write_attr(root, "fingerprint", meta.fingerprint);
     h5::write_attr(root, "description", meta.description);
     h5::write_attr(root, "trunk_sha256", meta.trunk_sha256);
@@ -725,6 +735,10 @@ SplitData FeatureCache::load_split(const std::string& split, ReadMethod method, 
                     d.ids.narrow(0, s.first_row, s.rows));
   }
   return d;
+}
+
+std::string view_split(const std::string& split, std::int64_t v) {
+  return split + ".view" + std::to_string(v);
 }
 
 SplitData FeatureCache::load_rows(const std::string& split, const at::Tensor& rows, ReadMethod method) const {

@@ -33,7 +33,8 @@ using Clock = std::chrono::steady_clock;
 
 std::string cache_description(const JobConfig& c, const std::string& trunk_sha256) {
   std::ostringstream out;
-  out << "schema=" << datasets::kCacheSchemaVersion << "\n"
+  const bool views = c.cache.views > 1;
+  out << "schema=" << (views ? datasets::kCacheSchemaVersionViews : datasets::kCacheSchemaVersion) << "\n"
       << "trunk_sha256=" << trunk_sha256 << "\n"
       << "tap=" << trunk::describe_taps(c.trunk) << "\n"
       << "pooling=" << c.trunk.pooling << "\n";
@@ -43,6 +44,7 @@ std::string cache_description(const JobConfig& c, const std::string& trunk_sha25
   if (f.freeze != "all" || !f.train_only.empty() || !f.unfreeze_to.empty()) {
     out << "freeze=" << trunk::describe(f) << "\n";
   }
+  if (views) out << "views=" << c.cache.views << "\naugment=" << datasets::describe(c.augment) << "\n";
   out << describe_inputs(c)
       << "dtype=" << datasets::storage_dtype_name(datasets::parse_storage_dtype(c.cache.dtype)) << "\n"
       << "torch=" << TORCH_VERSION << "\n";
@@ -107,7 +109,8 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
   if (is_regular_file(datasets::view_path(dir))) bytes += file_size(datasets::view_path(dir));
   char size[64];
   std::snprintf(size, sizeof size, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
-  o << "cache " << dir << " (schema " << datasets::kCacheSchemaVersion << ", "
+  o << "cache " << dir << " (schema "
+    << (m.meta.views > 1 ? datasets::kCacheSchemaVersionViews : datasets::kCacheSchemaVersion) << ", "
     << (m.complete ? "complete"
                    : "UNFINISHED: " + std::to_string(done) + " of " + std::to_string(total) + " rows")
     << ")\n"
@@ -216,6 +219,7 @@ datasets::CacheMeta cache_meta(const JobConfig& config, const CacheReport& repor
   meta.label_stats = data.label_stats;
   meta.class_names = data.class_names;
   meta.label_classes = data.label_classes;
+  meta.views = config.cache.views;
   return meta;
 }
 
@@ -353,7 +357,11 @@ struct NonFinite {
 void encode_missing(const JobConfig& config, const RowEncoder& trunk, const InputData& data,
                     const std::map<std::string, std::int64_t>& done, std::int64_t dim, WriteBehind& out,
                     Progress& progress, CacheReport& report, NonFinite& nonfinite) {
-  for (const std::string split : {"train", "test"}) {
+  std::vector<std::string> splits{"train", "test"};  // then any augmented views of train
+  for (const auto& kv : data.splits) {
+    if (kv.first != "train" && kv.first != "test") splits.push_back(kv.first);
+  }
+  for (const std::string& split : splits) {
     const InputSplit& in = data.splits.at(split);
     // Texts run in trunk batches of similar length, chosen within a window of 8 batches
     // (a whole number of windows per shard, so a resumed run forms the same batches).
@@ -406,8 +414,23 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   }
   std::optional<trunk::Trunk> owned;
   if (!trunk) trunk = &owned.emplace(trunk::Trunk::load(config.trunk));
-  const InputData data = load_input_data(config);
+  InputData data = load_input_data(config);
   const RowEncoder encoder(*trunk, data.splits.at("train").lengths.empty() ? 0 : config.text.max_length);
+  CANOPY_CHECK(config.cache.views == 1 || !encoder.prefix(), ConfigError,
+               "cache.views = ", config.cache.views,
+               " caches augmented views of the trunk's features, but trunk.freeze = ",
+               trunk::describe(config.trunk.freeze),
+               " leaves a top to train over the cached prefix; use views with a trunk frozen whole");
+  for (std::int64_t v = 1; v < config.cache.views; ++v) {
+    InputSplit view = data.splits.at("train");  // the same rows, ids and labels
+    view.inputs = [base = view.inputs, ids = view.ids, v, aug = config.augment,
+                   pre = config.preprocess](const std::vector<std::int64_t>& rows) {
+      auto in = base(rows);
+      in.at(0) = datasets::augment_view(in[0], ids.index_select(0, at::tensor(rows, at::kLong)), v, aug, pre);
+      return in;
+    };
+    data.splits[datasets::view_split("train", v)] = std::move(view);
+  }
   std::map<std::string, std::int64_t> split_rows;
   for (const auto& [split, d] : data.splits) split_rows[split] = d.rows;
   // One sample tells the feature dimension (the writer needs it before the first shard).

@@ -369,6 +369,25 @@ void add_cache_and_train_keys(std::vector<Key<JobConfig>>& v) {
                   .at_least(0));
   v.push_back(member_key<K>("cache", "read_method", CANOPY_JOB(cache.read_method), "how features are read")
                   .one_of({"pread", "hdf5"}));
+  v.push_back(member_key<K>("cache", "views", CANOPY_JOB(cache.views),
+                            "views cached per training image: the plain one, then views-1 augmented "
+                            "([augment], seeded by sample and view); each epoch a head sees one per sample, "
+                            "evaluation the plain one (images only)")
+                  .at_least(1)
+                  .at_most(64));
+  auto with_views = [](const JobConfig& c) { return c.cache.views > 1; };
+  v.push_back(member_key<K>("augment", "crop_scale", CANOPY_JOB(augment.crop_scale),
+                            "random resized crop: the area fraction kept, min,max (aspect ratio 3/4 to 4/3)")
+                  .above(0)
+                  .at_most(1)
+                  .only_when(with_views));
+  v.push_back(member_key<K>("augment", "flip", CANOPY_JOB(augment.flip), "horizontal flip, half of the views")
+                  .only_when(with_views));
+  v.push_back(member_key<K>("augment", "jitter", CANOPY_JOB(augment.jitter),
+                            "brightness and contrast each scaled by a factor in [1 - jitter, 1 + jitter]")
+                  .at_least(0)
+                  .at_most(0.99)
+                  .only_when(with_views));
   v.push_back(member_key<K>("train", "out_dir", CANOPY_JOB(train.out_dir),
                             "heads, metrics, checkpoints and the resolved config go here", true)
                   .not_empty());
@@ -709,6 +728,11 @@ void validate_job_config(const JobConfig& c) {
     datasets::validate_tokenizer_config(c.text);
   }
   datasets::validate_preprocess_config(c.preprocess);
+  if (c.cache.views > 1) {
+    CANOPY_CHECK(c.data.source != "arff", ConfigError, "cache.views = ", c.cache.views, in,
+                 ": augmented views are for images; texts have none yet (set cache.views = 1)");
+    datasets::validate_augment_config(c.augment);
+  }
   trunk::validate_trunk_config(c.trunk);
   CANOPY_CHECK(c.cache.shard_rows % c.cache.batch_size == 0, ConfigError,
                "cache.shard_rows must be a positive multiple of cache.batch_size (", c.cache.batch_size,

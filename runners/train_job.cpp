@@ -64,7 +64,9 @@ datasets::FeatureCache open_checked_cache(const JobConfig& config) {
 // Whether the train split is read whole: it fits under cache.memory_cap_mb (0: no cap).
 bool train_split_in_memory(const datasets::FeatureCache& cache, const JobConfig& config) {
   const auto cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb * 1024 * 1024);
-  return cap == 0 || cache.feature_bytes(config.train.train_split) <= cap;
+  return cap == 0 ||
+         static_cast<std::uint64_t>(cache.meta().views) * cache.feature_bytes(config.train.train_split) <=
+             cap;
 }
 
 // The label source a validation split is stratified by: `class` when the cache has it as
@@ -98,15 +100,27 @@ TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig
     holdout = datasets::stratified_holdout(by.empty() ? at::Tensor() : cache.load_labels(t.train_split, by),
                                            cache.rows(t.train_split), t.validation_fraction, t.seed);
   }
+  const std::int64_t views = cache.meta().views;
   if (train_split_in_memory(cache, config)) {
     datasets::SplitData all = cache.load_split(t.train_split, method);
+    // Augmented views: the same rows, drawn from per epoch; validation reads view 0 alone.
+    std::vector<at::Tensor> extra;
+    for (std::int64_t v = 1; v < views; ++v) {
+      at::Tensor f = cache.load_split(datasets::view_split(t.train_split, v), method).features;
+      extra.push_back(holdout ? f.index_select(0, holdout->train_rows) : f);
+    }
     if (holdout) {
       out.validation = datasets::select_rows(all, holdout->validation_rows);
       all = datasets::select_rows(all, holdout->train_rows);
     }
-    out.source = datasets::make_in_memory_source(std::move(all), t.batch_size, t.seed);
+    out.source = datasets::make_in_memory_source(std::move(all), t.batch_size, t.seed, std::move(extra));
     return out;
   }
+  CANOPY_CHECK(views == 1, ConfigError, "the cache holds ", views,
+               " views per training image, which training reads in memory (",
+               static_cast<double>(views * cache.feature_bytes(t.train_split)) / (1024 * 1024),
+               " MiB in all), over cache.memory_cap_mb = ", config.cache.memory_cap_mb,
+               "; raise the cap or set it to 0");
   at::Tensor keep;
   if (holdout) {
     out.validation = cache.load_rows(t.train_split, holdout->validation_rows, method);

@@ -334,5 +334,42 @@ TEST(Holdout, StreamingServesOnlyTheKeptRowsAndLoadRowsTheOthers) {
   EXPECT_TRUE(v.labels.at("class").equal(h.validation_rows % 2));
 }
 
+// With views, every row is served once per epoch, as one of its views, drawn per (seed,
+// epoch, row): reproducible, and every view in use.
+TEST(BatchSource, InMemoryViewsServeEachRowOnceAsOneOfItsViews) {
+  const std::int64_t n = 300, views = 4;
+  SplitData d;
+  d.features = at::arange(n, at::kFloat).view({n, 1});
+  d.ids = at::arange(n, at::kLong);
+  d.labels["class"] = at::arange(n, at::kLong) % 3;
+  std::vector<at::Tensor> extra;
+  for (std::int64_t v = 1; v < views; ++v) extra.push_back(d.features + 1000.0 * static_cast<double>(v));
+  auto draw = [&](std::int64_t epoch) {
+    auto src = make_in_memory_source(d, 64, 5, extra);
+    src->start_epoch(epoch);
+    std::vector<std::int64_t> view_of(n, -1);
+    Batch b;
+    while (src->next(b)) {
+      for (std::int64_t r = 0; r < b.features.size(0); ++r) {
+        const auto value = static_cast<std::int64_t>(b.features[r][0].item<float>());
+        const std::int64_t row = value % 1000, v = value / 1000;
+        EXPECT_EQ(view_of[row], -1) << "row " << row << " served twice";
+        view_of[row] = v;
+        EXPECT_EQ(b.labels.at("class")[r].item<std::int64_t>(), row % 3) << "labels travel with their rows";
+      }
+    }
+    return view_of;
+  };
+  const auto e0 = draw(0);
+  std::vector<std::int64_t> count(views, 0);
+  for (auto v : e0) {
+    ASSERT_GE(v, 0);
+    ++count[static_cast<std::size_t>(v)];
+  }
+  for (std::int64_t v = 0; v < views; ++v) EXPECT_GT(count[v], n / views / 2) << "view " << v;
+  EXPECT_EQ(draw(0), e0) << "the draw depends on (seed, epoch) alone";
+  EXPECT_NE(draw(1), e0) << "each epoch draws anew";
+}
+
 }  // namespace
 }  // namespace canopy::datasets

@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -39,8 +40,10 @@ class BatchSource {
   virtual std::string describe() const = 0;
 };
 
+// `views`: augmented copies of the rows' features (views 1.., each [N, D] in data's row
+// order); each epoch every row is then served once, as one view drawn per (seed, epoch, row).
 std::unique_ptr<BatchSource> make_in_memory_source(SplitData data, std::int64_t batch_size,
-                                                   std::uint64_t seed);
+                                                   std::uint64_t seed, std::vector<at::Tensor> views = {});
 
 // Streams `split` of `cache` within `memory_cap_bytes`; DataError when the cap cannot hold
 // the minimum of three shards (one being read, one queued, one being served). `keep`

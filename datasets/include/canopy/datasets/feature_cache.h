@@ -47,6 +47,11 @@ namespace canopy::datasets {
 std::string hdf5_version();
 
 constexpr std::int64_t kCacheSchemaVersion = 2;
+// A cache with augmented views (meta.views > 1): split `train` holds view 0, splits
+// `train.view1` ... hold the others, row for row. Readers before it refuse it by this number.
+constexpr std::int64_t kCacheSchemaVersionViews = 3;
+// The split that holds view `v` (> 0) of `split`.
+std::string view_split(const std::string& split, std::int64_t v);
 constexpr std::uint64_t kChecksumBlockBytes = 1 << 20;
 
 enum class StorageDtype { kFloat32, kFloat16, kBFloat16 };
@@ -72,6 +77,7 @@ struct CacheMeta {
   std::string torch_version;
   StorageDtype dtype = StorageDtype::kFloat32;
   std::int64_t feature_dim = 0;
+  std::int64_t views = 1;  // views per training sample (cache.views); view 0 is the plain one
   std::vector<std::string> label_sources{"class"};
   std::vector<std::string> float_labels;  // the label sources stored as float64 (regression
                                           // targets); the others are int64 classes

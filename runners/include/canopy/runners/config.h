@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "canopy/datasets/augment.h"
 #include "canopy/datasets/preprocess.h"
 #include "canopy/datasets/text.h"
 #include "canopy/runners/freeze_schedule.h"
@@ -62,6 +63,8 @@ struct CacheConfig {
   double memory_cap_mb = 0;           // training reads the train split whole when it fits
                                       // under this cap, else streams it; 0: always whole
   std::string read_method = "pread";  // pread | hdf5 (see docs/decisions.md)
+  std::int64_t views = 1;             // views per training image: the plain one, then augmented
+                                      // ([augment]); each epoch a head sees one per sample
 };
 
 struct TrainConfig {
@@ -109,6 +112,7 @@ struct TopConfig {
 struct JobConfig {
   DataConfig data;
   datasets::PreprocessConfig preprocess;  // images
+  datasets::AugmentConfig augment;        // images, when cache.views > 1
   datasets::TokenizerConfig text;         // texts ([text] vocab, lowercase, max_length)
   trunk::TrunkConfig trunk;
   TopConfig top;
