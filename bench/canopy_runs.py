@@ -24,3 +24,16 @@ def cache_then_train(canopy, common, seeds, out_prefix, epochs):
         total = cache_s + time.time() - t
         per_epoch = float(re.search(r"train ([\d.]+)s", r.stdout).group(1)) / epochs
         yield seed, out_dir, r.stdout, per_epoch, total
+
+
+def base_sections(config):
+    """The text of `config` without its [task.*] sections: the data, trunk, cache and train
+    settings a benchmark reuses with tasks of its own."""
+    out, keep = [], True
+    for line in open(config):
+        s = line.strip()
+        if s.startswith("[") and s.endswith("]"):
+            keep = not s.startswith("[task.")
+        if keep:
+            out.append(line)
+    return "".join(out)

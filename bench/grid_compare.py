@@ -27,19 +27,9 @@ import sys
 import tempfile
 import time
 
+from canopy_runs import base_sections
+
 LRS = "1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1"
-
-
-def base_sections(config):
-    """The config's text without its [task.*] sections."""
-    out, keep = [], True
-    for line in open(config):
-        s = line.strip()
-        if s.startswith("[") and s.endswith("]"):
-            keep = not s.startswith("[task.")
-        if keep:
-            out.append(line)
-    return "".join(out)
 
 
 def train(canopy, config, out_dir, extra=()):

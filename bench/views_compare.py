@@ -24,16 +24,7 @@ import sys
 import tempfile
 import time
 
-
-def base_sections(config):
-    out, keep = [], True
-    for line in open(config):
-        s = line.strip()
-        if s.startswith("[") and s.endswith("]"):
-            keep = not s.startswith("[task.")
-        if keep:
-            out.append(line)
-    return "".join(out)
+from canopy_runs import base_sections
 
 
 def main():

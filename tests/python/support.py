@@ -45,6 +45,24 @@ def tiny_conv_trunk():
     return TinyConv()
 
 
+def slow_conv_trunk():
+    """A conv trunk heavy enough that caching a few thousand 28x28 images takes seconds on 2
+    cores (room to SIGKILL a build midway): 3 -> 48 -> 48 -> 16 channels, the last stride 2."""
+    import torch
+
+    class Slow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 48, 3, padding=1)
+            self.b = torch.nn.Conv2d(48, 48, 3, padding=1)
+            self.c = torch.nn.Conv2d(48, 16, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    return Slow()
+
+
 def tiny_block_trunk():
     """A small image trunk with blocks, for fine-tuning: stem = Sequential(Conv2d(3, 8, 3,
     stride 2), BatchNorm2d, ReLU), then blocks.0 .. blocks.2, each Sequential(Conv2d(8, 8, 3),

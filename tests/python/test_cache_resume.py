@@ -13,23 +13,9 @@ import time
 
 import h5py
 import numpy as np
-import torch
 
-from support import check, finish, kill_when, start, tiny_trunk_sections
+from support import check, finish, kill_when, slow_conv_trunk, start, tiny_trunk_sections
 
-
-
-class Slow(torch.nn.Module):
-    """Heavy enough that caching 3000 images takes a few seconds on 2 cores."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Conv2d(3, 48, 3, padding=1)
-        self.b = torch.nn.Conv2d(48, 48, 3, padding=1)
-        self.c = torch.nn.Conv2d(48, 16, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
 def write_config(path, trunk, cache):
@@ -58,7 +44,7 @@ def read_all(cache):
 
 
 def main():
-    canopy, work, trunk = start("canopy-resume-", Slow, "slow.pt")
+    canopy, work, trunk = start("canopy-resume-", slow_conv_trunk, "slow.pt")
     env = dict(os.environ, OMP_NUM_THREADS="2")
 
     ref_cfg, cut_cfg = os.path.join(work, "ref.ini"), os.path.join(work, "cut.ini")

@@ -21,22 +21,8 @@ import sys
 
 import h5py
 import numpy as np
-import torch
 
-from support import check, finish, kill_when, start, tiny_trunk_sections
-
-
-class Slow(torch.nn.Module):
-    """Heavy enough that caching 3 views of 1500 images takes a few seconds on 2 cores."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Conv2d(3, 48, 3, padding=1)
-        self.b = torch.nn.Conv2d(48, 48, 3, padding=1)
-        self.c = torch.nn.Conv2d(48, 16, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+from support import check, finish, kill_when, slow_conv_trunk, start, tiny_trunk_sections
 
 
 def write_config(path, trunk, cache, views, extra=""):
@@ -69,7 +55,7 @@ def run(args, env=None):
 
 
 def main():
-    canopy, work, trunk = start("canopy-views-", Slow, "slow.pt")
+    canopy, work, trunk = start("canopy-views-", slow_conv_trunk, "slow.pt")
     env = dict(os.environ, OMP_NUM_THREADS="2")
     plain_cfg = write_config(os.path.join(work, "plain.ini"), trunk, os.path.join(work, "plain"), 1)
     ref_cfg = write_config(os.path.join(work, "ref.ini"), trunk, os.path.join(work, "ref"), 3)
