@@ -41,6 +41,14 @@ std::int64_t epoch_of_row(const std::string& line, bool csv, const std::string& 
     throw DataError(detail::str_cat("metrics file '", path, "' line ", number, ": ", e.what()));
   }
 }
+// A CSV field as RFC 4180 writes it: quoted (quotes doubled) when it holds a comma, a quote
+// or a line break, as a grid member's name can (`probe@hidden=512,256`).
+std::string csv_field(const std::string& v) {
+  if (v.find_first_of(",\"\r\n") == std::string::npos) return v;
+  std::string out = "\"";
+  for (char c : v) out += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return out + "\"";
+}
 }  // namespace
 
 void truncate_metrics(const std::string& path, std::int64_t epochs, bool csv) {
@@ -89,8 +97,8 @@ void MetricsSink::record(std::int64_t epoch, std::size_t task, const HeadRun& ru
   for (const auto& [name, value] : named) row["eval_" + name] = value;
   row["seconds"] = run.seconds;
   jsonl_ << row.dump() << "\n";
-  csv_ << epoch + 1 << "," << names_[task] << "," << state_name(run.state) << "," << run.train_loss << ","
-       << run.eval.accuracy << "," << run.eval.macro_f1 << "," << run.seconds;
+  csv_ << epoch + 1 << "," << csv_field(names_[task]) << "," << state_name(run.state) << "," << run.train_loss
+       << "," << run.eval.accuracy << "," << run.eval.macro_f1 << "," << run.seconds;
   if (const auto& e = run.eval.regression) {
     csv_ << "," << e->mae << "," << e->rmse << "," << e->r2 << "\n";
   } else {

@@ -58,6 +58,23 @@ TEST(MetricsSink, RowsReadBackAsJsonAndCsv) {
   EXPECT_EQ(csv[4], "2,b,training,0.5,0.1,0,0,0.25,0.5,0.75");
 }
 
+// A grid member's name can hold commas and the CSV stays one field per column (RFC 4180).
+TEST(MetricsSink, NamesWithCommasAreQuotedInTheCsv) {
+  testing::TempDir dir;
+  {
+    MetricsSink sink(dir.path(), {"probe@hidden=512,256", "say \"hi\""}, false, -1);
+    sink.record(0, 0, run_with(1.0, 0.5));
+    sink.record(0, 1, run_with(1.0, 0.5));
+    sink.flush();
+  }
+  const auto csv = lines_of(dir.file("metrics.csv"));
+  ASSERT_EQ(csv.size(), 3u);
+  EXPECT_EQ(csv[1], "1,\"probe@hidden=512,256\",training,1,0.5,0,0,,,");
+  EXPECT_EQ(csv[2], "1,\"say \"\"hi\"\"\",training,1,0.5,0,0,,,");
+  truncate_metrics(dir.file("metrics.csv"), 1, true);  // the epoch is still the first field
+  EXPECT_EQ(lines_of(dir.file("metrics.csv")).size(), 3u);
+}
+
 TEST(MetricsSink, TruncationKeepsExactlyTheEpochsUpToTheCheckpoint) {
   for (std::int64_t keep = 0; keep <= 12; ++keep) {
     testing::TempDir dir;

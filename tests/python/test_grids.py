@@ -14,6 +14,7 @@
 
     test_grids.py --canopy build/runners/canopy
 """
+import csv
 import json
 import os
 import random
@@ -116,6 +117,11 @@ def main():
     check(held == 60, f"validation rows held out: {held} (0.2 of 300, stratified by class)")
     check(sorted(os.listdir(f"{work}/plain/out/heads")) == ["skew.json", "skew.safetensors"],
           "only the winner is exported, under the grid's name")
+
+    with open(f"{work}/plain/out/metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    check({r["task"] for r in rows} == set(members) and all(len(r) == 10 for r in rows),
+          f"metrics.csv reads back with Python's csv module: a row per member and epoch ({len(rows)} rows)")
 
     # 2. Test labels play no part in the choice.
     flipped = cards["flipped"]
