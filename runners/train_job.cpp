@@ -452,7 +452,32 @@ class EpochLoop {
     for (std::size_t i = 0; i < runs_.size(); ++i) {
       const auto& r = runs_[i];
       const char* name = set_.results[i].name.c_str();
-      char buf[160];
+      char buf[320];
+      const std::string& grid = set_.tasks[i]->config().grid;
+      if (!grid.empty()) {  // a grid: its best member this epoch, not every member
+        if (i > 0 && set_.tasks[i - 1]->config().grid == grid) continue;
+        std::size_t members = 0, training = 0, best = i;
+        bool any = false;
+        for (std::size_t j = i; j < runs_.size() && set_.tasks[j]->config().grid == grid; ++j) {
+          ++members;
+          if (runs_[j].failed() || std::find(active.begin(), active.end(), j) == active.end()) continue;
+          ++training;
+          if (!any || runs_[j].eval.score() > runs_[best].eval.score()) best = j;
+          any = true;
+        }
+        const auto& b = runs_[best];
+        if (!any) {
+          std::snprintf(buf, sizeof buf, " %s: %zu heads, none training", grid.c_str(), members);
+        } else {
+          std::snprintf(buf, sizeof buf,
+                        b.eval.regression ? " %s: best R^2 %.3f (%s; %zu of %zu heads training)"
+                                          : " %s: best %.1f%% (%s; %zu of %zu heads training)",
+                        grid.c_str(), b.eval.regression ? b.eval.regression->r2 : 100 * b.eval.accuracy,
+                        set_.results[best].name.c_str() + grid.size() + 1, training, members);
+        }
+        line << buf;
+        continue;
+      }
       if (r.failed()) {
         std::snprintf(buf, sizeof buf, " %s FAILED", name);
       } else if (std::find(active.begin(), active.end(), i) == active.end()) {
