@@ -635,6 +635,9 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
                "): each head learns from its own loss alone; use sum");
   SharedTraining out;
   if (!shared) return out;
+  CANOPY_CHECK(config.train.export_mode != ExportMode::kBest, ConfigError,
+               "train.export = best keeps each head's best epoch, but with the trunk's top training every "
+               "head reads the top of the last epoch; use export = last (auto does so)");
   CANOPY_CHECK(
       config.top.schedule != FreezeSchedule::kAutofreeze || train_split_in_memory(cache, config), ConfigError,
       "trunk.schedule = autofreeze keeps its cache levels by row, which needs the train split in memory (",
@@ -664,6 +667,88 @@ void log_weighting_share(Weighting weighting, std::pair<double, double> share) {
   log_info(line);
 }
 
+// What a failed or killed run left half-written in out_dir goes; a fresh run also drops the
+// cache levels an earlier one kept.
+void clean_out_dir(const std::string& out_dir, bool resume) {
+  for (const char* sub : {"", "/checkpoint", "/heads", "/levels"}) remove_temporaries(out_dir + sub);
+  if (!resume && is_directory(out_dir + "/levels")) remove_tree(out_dir + "/levels");
+}
+
+void log_validation_split(const JobConfig& config, const datasets::CacheMeta& meta, std::int64_t rows) {
+  const std::string by = stratifying_source(meta);
+  log_info("validation split: " + std::to_string(rows) + " rows held out of '" + config.train.train_split +
+           "' (train.validation_fraction = " + std::to_string(config.train.validation_fraction) +
+           ", stratified by " + (by.empty() ? std::string("nothing: real-valued labels") : "'" + by + "'") +
+           "); '" + config.train.eval_split + "' is evaluated once, at the end");
+}
+
+// What a run reads before it trains, beside the cache: the test split, the training rows
+// (and a validation split held out of them), and the trunk's top when the cache holds a prefix.
+struct TrainInputs {
+  datasets::SplitData test;
+  TrainSplit train;
+  SharedTraining shared;
+  // Epochs (and grid winners) are scored on the validation split when one is held out; the
+  // test split is then used once, at the end. Without one, on the test split, as always.
+  const datasets::SplitData& selection() const { return train.validation ? *train.validation : test; }
+};
+
+TrainInputs open_inputs(const datasets::FeatureCache& cache, const JobConfig& config, TrainReport& report) {
+  const auto method = datasets::parse_read_method(config.cache.read_method);
+  TrainInputs in;
+  in.test = cache.load_split(config.train.eval_split, method);
+  report.eval_rows = in.test.features.size(0);
+  report.feature_dim = cache.feature_dim();
+  CANOPY_CHECK(cache.rows(config.train.train_split) > 0, DataError, "split '", config.train.train_split,
+               "' of '", config.cache.path, "' is empty");
+  in.train = open_train_split(cache, config, method);
+  report.train_rows = in.train.source->rows();
+  if (in.train.validation) {
+    report.validation_rows = in.train.validation->features.size(0);
+    log_validation_split(config, cache.meta(), report.validation_rows);
+  }
+  // A cache of a frozen prefix: the trunk's top trains too, shared by every head.
+  in.shared = make_shared_training(config, cache, report.train_rows);
+  if (const SharedTop* top = in.shared.top.get()) {
+    report.feature_dim = top->feature_dim();
+    report.top = top->describe();
+    log_info("fine-tuning the trunk's top over the cached prefix (output of " + cache.meta().boundary +
+             "): " + report.top);
+  }
+  return in;
+}
+
+// train.fuse = auto: the chooser that times each group fused and alone (none otherwise).
+std::unique_ptr<FusionChooser> make_fusion_chooser(const JobConfig& config, const TaskSet& set,
+                                                   std::int64_t feature_dim) {
+  if (config.train.fuse != FuseMode::kAuto) return nullptr;
+  return std::make_unique<FusionChooser>(set.tasks, set.eval_targets, feature_dim, config.train.batch_size,
+                                         config.train.intra_op_threads, FusionChooser::default_file());
+}
+
+// The heads' trunk when the top trained: the fine-tuned one, written to out_dir/trunk.pt and
+// pinned in every card; the cache's otherwise.
+datasets::CacheMeta trained_trunk_meta(const datasets::CacheMeta& cache_meta, SharedTop* top,
+                                       const std::string& out_dir) {
+  datasets::CacheMeta meta = cache_meta;
+  if (!top) return meta;
+  meta.trunk_path = join_path(out_dir, "trunk.pt");
+  meta.trunk_sha256 = top->export_trunk(meta.trunk_path);
+  log_info("fine-tuned trunk written to " + meta.trunk_path + " (sha256 " + meta.trunk_sha256 + ")");
+  return meta;
+}
+
+// The features the heads are scored on at the end: the selection split's (as the loop last
+// computed them) and the test split's, through the trained top when there is one.
+FinalSplits final_splits(EpochLoop& loop, bool validation, const datasets::SplitData& test, SharedTop* top,
+                         std::int64_t batch_size) {
+  FinalSplits s{loop.eval_features(), validation, {}, &test};
+  s.test_features = !validation ? s.selection_features
+                    : top       ? top->features(test.features.to(at::kFloat), batch_size)
+                                : test.features.to(at::kFloat);
+  return s;
+}
+
 }  // namespace
 
 TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry, ProgressStyle style,
@@ -678,48 +763,15 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   // what a failed or killed run left half-written there goes.
   const DirLock cache_lock(config.cache.path, DirLock::Mode::kRead, "canopy train");
   const DirLock out_lock(config.train.out_dir, DirLock::Mode::kWrite, "canopy train");
-  for (const char* sub : {"", "/checkpoint", "/heads", "/levels"})
-    remove_temporaries(config.train.out_dir + sub);
-  if (!resume && is_directory(config.train.out_dir + "/levels"))
-    remove_tree(config.train.out_dir + "/levels");
+  clean_out_dir(config.train.out_dir, resume);
   const auto cache = open_checked_cache(config);
-  const auto method = datasets::parse_read_method(config.cache.read_method);
-  const datasets::SplitData test = cache.load_split(config.train.eval_split, method);
-  report.eval_rows = test.features.size(0);
-  report.feature_dim = cache.feature_dim();
-  CANOPY_CHECK(cache.rows(config.train.train_split) > 0, DataError, "split '", config.train.train_split,
-               "' of '", config.cache.path, "' is empty");
-  TrainSplit train = open_train_split(cache, config, method);
-  const auto& source = train.source;
-  report.train_rows = source->rows();
-  // Epochs (and grid winners) are scored on the validation split when one is held out; the
-  // test split is then used once, at the end. Without one, on the test split, as always.
-  const datasets::SplitData& eval = train.validation ? *train.validation : test;
-  if (train.validation) {
-    report.validation_rows = train.validation->features.size(0);
-    log_info("validation split: " + std::to_string(report.validation_rows) + " rows held out of '" +
-             config.train.train_split + "' (train.validation_fraction = " +
-             std::to_string(config.train.validation_fraction) + ", stratified by " +
-             (stratifying_source(cache.meta()).empty() ? std::string("nothing: real-valued labels")
-                                                       : "'" + stratifying_source(cache.meta()) + "'") +
-             "); '" + config.train.eval_split + "' is evaluated once, at the end");
-  }
-  const at::Tensor eval_rows = eval.features.to(at::kFloat);
-  // A cache of a frozen prefix: the trunk's top trains too, shared by every head.
-  SharedTraining shared = make_shared_training(config, cache, report.train_rows);
-  SharedTop* top = shared.top.get();
-  CANOPY_CHECK(!top || config.train.export_mode != ExportMode::kBest, ConfigError,
-               "train.export = best keeps each head's best epoch, but with the trunk's top training every "
-               "head reads the top of the last epoch; use export = last (auto does so)");
-  if (top) {
-    report.feature_dim = top->feature_dim();
-    report.top = top->describe();
-    log_info("fine-tuning the trunk's top over the cached prefix (output of " + cache.meta().boundary +
-             "): " + report.top);
-  }
+  TrainInputs in = open_inputs(cache, config, report);
+  const auto& source = in.train.source;
+  SharedTop* top = in.shared.top.get();
+  const at::Tensor eval_rows = in.selection().features.to(at::kFloat);
   report.load_seconds = since(load_start);
 
-  TaskSet set = build_tasks(config, registry, cache.meta(), eval, report.feature_dim);
+  TaskSet set = build_tasks(config, registry, cache.meta(), in.selection(), report.feature_dim);
   std::vector<HeadRun> runs(set.tasks.size());
   const std::string resolved = dump_config(config);
   CheckpointStore store(config.train.out_dir + "/checkpoint", config_identity(resolved));
@@ -740,16 +792,11 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
            std::to_string(report.train_rows) + " x " + std::to_string(report.feature_dim) + " features, " +
            source->describe() + " (" + std::to_string(runner.workers()) + " TBB workers x " +
            std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
-  std::unique_ptr<FusionChooser> chooser;
+  const auto chooser = make_fusion_chooser(config, set, report.feature_dim);
   std::function<bool(const WorkUnit&)> fuse_unit;
-  if (config.train.fuse == FuseMode::kAuto) {
-    chooser = std::make_unique<FusionChooser>(set.tasks, set.eval_targets, report.feature_dim,
-                                              config.train.batch_size, config.train.intra_op_threads,
-                                              FusionChooser::default_file());
-    fuse_unit = std::ref(*chooser);
-  }
-  EpochLoop loop(config, set, *source, eval_rows, top, shared.weighting.get(), store, metrics, runner, runs,
-                 fuse_unit);
+  if (chooser) fuse_unit = std::ref(*chooser);
+  EpochLoop loop(config, set, *source, eval_rows, top, in.shared.weighting.get(), store, metrics, runner,
+                 runs, fuse_unit);
   describe_fusion(set, loop.plan_options(), fuse_unit, chooser.get(), report);
 
   const auto train_start = Clock::now();
@@ -758,17 +805,10 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   if (top) log_weighting_share(config.train.weighting, loop.weighting_share());
   report.source_peak_bytes = source->peak_bytes();
   report.source = source->describe();
-  datasets::CacheMeta meta = cache.meta();
-  if (top) {  // the heads' trunk is the fine-tuned one, pinned in every card
-    meta.trunk_path = join_path(config.train.out_dir, "trunk.pt");
-    meta.trunk_sha256 = top->export_trunk(meta.trunk_path);
-    log_info("fine-tuned trunk written to " + meta.trunk_path + " (sha256 " + meta.trunk_sha256 + ")");
-  }
-  FinalSplits splits{loop.eval_features(), train.validation.has_value(), {}, &test};
-  splits.test_features = !train.validation ? splits.selection_features
-                         : top ? top->features(test.features.to(at::kFloat), config.train.batch_size)
-                               : test.features.to(at::kFloat);
-  export_heads(set, runs, meta, splits, config.train.out_dir + "/heads", report);
+  const datasets::CacheMeta meta = trained_trunk_meta(cache.meta(), top, config.train.out_dir);
+  export_heads(set, runs, meta,
+               final_splits(loop, in.train.validation.has_value(), in.test, top, config.train.batch_size),
+               config.train.out_dir + "/heads", report);
   return report;
 }
 
