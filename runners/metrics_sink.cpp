@@ -10,6 +10,7 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/strings.h"
 #include "canopy/runners/tensorboard.h"
 
 namespace canopy::runners {
@@ -40,14 +41,6 @@ std::int64_t epoch_of_row(const std::string& line, bool csv, const std::string& 
   } catch (const nlohmann::json::exception& e) {
     throw DataError(detail::str_cat("metrics file '", path, "' line ", number, ": ", e.what()));
   }
-}
-// A CSV field as RFC 4180 writes it: quoted (quotes doubled) when it holds a comma, a quote
-// or a line break, as a grid member's name can (`probe@hidden=512,256`).
-std::string csv_field(const std::string& v) {
-  if (v.find_first_of(",\"\r\n") == std::string::npos) return v;
-  std::string out = "\"";
-  for (char c : v) out += c == '"' ? std::string("\"\"") : std::string(1, c);
-  return out + "\"";
 }
 }  // namespace
 

@@ -187,8 +187,8 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   }
   if (options.format == "csv") {
     out << "id";
-    for (const auto& h : heads) out << "," << h.task;
-    for (const auto& c : score_columns) out << "," << c;
+    for (const auto& h : heads) out << "," << csv_field(h.task);
+    for (const auto& c : score_columns) out << "," << csv_field(c);
     out << "\n";
   }
   Progress progress("predict", n, config.data.source == "arff" ? "doc" : "img", style);
@@ -218,7 +218,7 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
       const auto& sc = scores[static_cast<std::size_t>(r)];
       if (options.format == "csv") {
         out << i + r;
-        for (const auto& cell : row) out << "," << cell;
+        for (const auto& cell : row) out << "," << csv_field(cell);  // class names may hold commas
         for (double v : sc) out << "," << format_number(v);
         out << "\n";
       } else {

@@ -126,6 +126,13 @@ TEST(Strings, ParseErrorsNameTheValue) {
   EXPECT_TRUE(split("  ", ',').empty());
 }
 
+TEST(Strings, CsvFieldQuotesOnlyWhatNeedsIt) {
+  EXPECT_EQ(csv_field("class_linear"), "class_linear");
+  EXPECT_EQ(csv_field("probe@hidden=512,256"), "\"probe@hidden=512,256\"");
+  EXPECT_EQ(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+  EXPECT_EQ(csv_field("two\nlines"), "\"two\nlines\"");
+}
+
 TEST(Strings, ExpandEnv) {
   ::setenv("CANOPY_TEST_VAR", "/data", 1);
   ::unsetenv("CANOPY_TEST_UNSET");

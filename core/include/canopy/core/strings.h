@@ -12,6 +12,9 @@ std::string trim(std::string_view s);
 // Splits on `sep`, trimming each piece; an empty input gives an empty list.
 std::vector<std::string> split(std::string_view s, char sep);
 std::string join(const std::vector<std::string>& parts, std::string_view sep);
+// A CSV field as RFC 4180 writes it: quoted, quotes doubled, when it holds a comma, a quote
+// or a line break; as it is otherwise.
+std::string csv_field(std::string_view v);
 // ASCII letters lowercased, other bytes unchanged (file extensions, format keywords).
 std::string lower_ascii(std::string s);
 bool ends_with(std::string_view s, std::string_view suffix);
