@@ -103,13 +103,13 @@ def fmnist_test_inputs(n, size=28):
     return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous(), labels
 
 
-def tiny_trunk_sections(trunk, train_limit, test_limit, pooling="avg"):
+def tiny_trunk_sections(trunk, train_limit, test_limit, pooling="avg", data=None):
     """The [data], [preprocess] and [trunk] sections of a job over a slice of Fashion-MNIST at
-    28x28 through the unpinned TorchScript trunk `trunk` on the CPU."""
+    28x28 through the unpinned TorchScript trunk `trunk` on the CPU. `data`, when given, is the
+    [data] section's body instead (other images at 28x28; the limits are then not written)."""
+    data = data or f"dir = {FMNIST}\ntrain_limit = {train_limit}\ntest_limit = {test_limit}"
     return f"""[data]
-dir = {FMNIST}
-train_limit = {train_limit}
-test_limit = {test_limit}
+{data}
 [preprocess]
 resize = 28
 [trunk]

@@ -56,17 +56,8 @@ def write_manifests(work, images, classes, flip_test):
 def skew_config(work, trunk, name, test_csv):
     path = os.path.join(work, name + ".ini")
     with open(path, "w") as f:
-        f.write(f"""[data]
-source = image-csv
-train = {work}/train.csv
-test = {work}/{test_csv}
-[preprocess]
-resize = 28
-[trunk]
-allow_unpinned = true
-path = {trunk}
-device = cpu
-[cache]
+        f.write(tiny_trunk_sections(trunk, 0, 0, data=f"source = image-csv\ntrain = {work}/train.csv\n"
+                                                      f"test = {work}/{test_csv}") + f"""[cache]
 path = {work}/{name}/cache
 batch_size = 50
 shard_rows = 100
