@@ -73,8 +73,7 @@ weight_decay = 0, 1e-4
         card = json.load(open(os.path.join(work, f"grid-{rep}", "heads", "grid.json")))
         values = card["grid"]["values"]
         with open(single_ini, "w") as f:
-            f.write(base + "\n[task.grid]\noptimizer = adam\n" + "".join(
-                f"{'head.' if k == 'hidden' else ''}{k} = {v}\n" for k, v in values.items()))
+            f.write(base + "\n[task.grid]\noptimizer = adam\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
             if values.get("head") == "mlp":
                 f.write("head.hidden = 256\n")
         s_train, s_wall, _ = train(a.canopy, single_ini, os.path.join(work, f"single-{rep}"))

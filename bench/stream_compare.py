@@ -35,18 +35,14 @@ LRS = ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "5e-4", "5e-3"]
 
 
 def evict(directory):
-    """Drops the files under `directory` from the page cache; returns their bytes."""
-    total = 0
+    """Drops the files under `directory` from the page cache."""
     for base, _, files in os.walk(directory):
         for name in files:
-            path = os.path.join(base, name)
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(os.path.join(base, name), os.O_RDONLY)
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                total += os.fstat(fd).st_size
             finally:
                 os.close(fd)
-    return total
 
 
 def read_speed(directory):

@@ -757,10 +757,7 @@ SplitData FeatureCache::load_rows(const std::string& split, const at::Tensor& ro
     ids.push_back(d.ids.index_select(0, local));
     for (const auto& [src, t] : d.labels) l[src].push_back(t.index_select(0, local));
   }
-  if (f.empty()) {
-    SplitData empty = allocate(0, meta());
-    return empty;
-  }
+  if (f.empty()) return allocate(0, meta());
   SplitData out;
   out.features = at::cat(f);
   out.ids = at::cat(ids);
