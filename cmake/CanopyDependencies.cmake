@@ -29,6 +29,12 @@ find_package(PNG REQUIRED)   # libpng-dev: image inputs
 find_package(JPEG REQUIRED)  # libjpeg-dev (libjpeg-turbo): image inputs
 find_package(Threads REQUIRED)
 find_package(OpenSSL 3.0 REQUIRED COMPONENTS Crypto)  # libssl-dev: SHA-256
+# Open MPI (libopenmpi-dev): `mpirun -np K canopy ...` spreads the cache pass and training over
+# K ranks. A process started without mpirun never calls it.
+option(CANOPY_WITH_MPI "Build with MPI (scale-out over mpirun ranks)" ON)
+if(CANOPY_WITH_MPI)
+  find_package(MPI REQUIRED COMPONENTS C)
+endif()
 
 if(CANOPY_BUILD_TESTS)
   find_package(GTest REQUIRED)

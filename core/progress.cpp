@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "canopy/core/mpi.h"
 #include "canopy/core/strings.h"
 
 namespace canopy {
@@ -24,7 +25,8 @@ Progress::Progress(std::string label, std::int64_t total, std::string unit, Prog
     : label_(std::move(label)),
       total_(std::max<std::int64_t>(total, 0)),
       unit_(std::move(unit)),
-      style_(resolve(style, out)),
+      // Over MPI ranks, rank 0 alone reports progress.
+      style_(mpi::rank() == 0 ? resolve(style, out) : ProgressStyle::kQuiet),
       out_(out),
       start_(std::chrono::steady_clock::now()),
       last_draw_(start_) {
@@ -107,6 +109,11 @@ void Progress::draw(bool final) {
 }
 
 void log_info(const std::string& line) {
+  if (mpi::distributed()) {  // every rank logs; each line says which
+    std::fprintf(stderr, "[canopy %d/%d] %s\n", mpi::rank(), mpi::size(), line.c_str());
+    std::fflush(stderr);
+    return;
+  }
   std::fprintf(stderr, "[canopy] %s\n", line.c_str());
   std::fflush(stderr);
 }

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/cat.h>
@@ -219,10 +220,36 @@ std::string join_ints(const std::vector<std::int64_t>& v) {
 std::string manifest_path(const std::string& dir) { return join_path(dir, "manifest.json"); }
 std::string view_path(const std::string& dir) { return join_path(dir, "cache.h5"); }
 
+namespace {
+Manifest read_manifest_file(const std::string& dir, const std::string& path);
+void write_manifest_file(const std::string& path, const Manifest& m);
+
+// Shards in the order a one-process run writes them: train, test, then the other splits by
+// name; by row within a split. Every manifest is written in it, whatever wrote the shards.
+void sort_shards(std::vector<ShardInfo>& shards) {
+  auto rank = [](const std::string& split) { return split == "train" ? 0 : split == "test" ? 1 : 2; };
+  std::stable_sort(shards.begin(), shards.end(), [&](const ShardInfo& a, const ShardInfo& b) {
+    return std::make_tuple(rank(a.split), a.split, a.first_row) <
+           std::make_tuple(rank(b.split), b.split, b.first_row);
+  });
+}
+}  // namespace
+
+std::string helper_manifest_path(const std::string& dir, int rank) {
+  return join_path(dir, "manifest.rank" + std::to_string(rank) + ".json");
+}
+
 Manifest read_manifest(const std::string& dir) {
   const std::string path = manifest_path(dir);
   CANOPY_CHECK(is_regular_file(path), DataError, "feature cache '", dir,
                "' does not exist (no manifest.json); run `canopy cache --config ...` first");
+  return read_manifest_file(dir, path);
+}
+
+void write_manifest(const std::string& dir, const Manifest& m) { write_manifest_file(manifest_path(dir), m); }
+
+namespace {
+Manifest read_manifest_file(const std::string& dir, const std::string& path) {
   try {
     const json j = json::parse(read_file(path));
     const std::int64_t schema = j.at("schema");
@@ -258,7 +285,7 @@ Manifest read_manifest(const std::string& dir) {
   }
 }
 
-void write_manifest(const std::string& dir, const Manifest& m) {
+void write_manifest_file(const std::string& path, const Manifest& m) {
   json shards = json::array();
   for (const auto& s : m.shards) {
     json crcs = json::array();
@@ -282,8 +309,9 @@ void write_manifest(const std::string& dir, const Manifest& m) {
                {"meta", meta_to_json(m.meta)},
                {"splits", m.split_rows},
                {"shards", shards}};
-  write_file_atomic(manifest_path(dir), j.dump(1) + "\n");
+  write_file_atomic(path, j.dump(1) + "\n");
 }
+}  // namespace
 
 // ---------------------------------------------------------------- shard reading
 namespace {
@@ -404,6 +432,8 @@ SplitData read_shard_data(const std::string& dir, const ShardInfo& s, const Cach
 // ---------------------------------------------------------------- writer
 struct FeatureCacheWriter::Impl {
   std::string dir;
+  std::string manifest_file;  // manifest.json, or a helper rank's manifest.rank<R>.json
+  bool owner = true;
   Manifest manifest;
   std::int64_t shard_rows = 4096;
   // Rows buffered for the shard being filled, per split.
@@ -414,58 +444,117 @@ struct FeatureCacheWriter::Impl {
   };
   std::map<std::string, Pending> pending;
   std::map<std::string, std::int64_t> stored;  // rows in finished shards, per split
+  std::map<std::string, std::int64_t> cursor;  // the row the next append starts at, per split
 
-  // Writes the first `rows` pending rows of `split` as the next shard.
+  bool has_shard(const std::string& split, std::int64_t first_row) const {
+    for (const auto& s : manifest.shards) {
+      if (s.split == split && s.first_row == first_row) return true;
+    }
+    return false;
+  }
+  // Writes the first `rows` pending rows of `split` as the shard at its cursor.
   void write_shard(const std::string& split, std::int64_t rows);
   void write_view();
 };
 
+namespace {
+// The manifests a run of the same fingerprint and splits left in `dir`: manifest.json and the
+// helper ranks' manifest.rank<R>.json (read when present and readable; others are ignored).
+std::vector<Manifest> earlier_manifests(const std::string& dir, const CacheMeta& meta,
+                                        const std::map<std::string, std::int64_t>& split_rows) {
+  std::vector<std::string> files;
+  if (is_regular_file(manifest_path(dir))) files.push_back(manifest_path(dir));
+  for (const auto& name : list_dir(dir)) {
+    if (name.rfind("manifest.rank", 0) == 0 && name.size() > 5 &&
+        name.compare(name.size() - 5, 5, ".json") == 0)
+      files.push_back(join_path(dir, name));
+  }
+  std::vector<Manifest> out;
+  for (const auto& f : files) {
+    try {
+      Manifest m = read_manifest_file(dir, f);
+      if (m.meta.fingerprint == meta.fingerprint && m.split_rows == split_rows) out.push_back(std::move(m));
+    } catch (const DataError&) {
+      // unreadable: its shards are computed again
+    }
+  }
+  return out;
+}
+
+void remove_helper_manifests(const std::string& dir) {
+  for (const auto& name : list_dir(dir)) {
+    if (name.rfind("manifest.rank", 0) == 0) std::remove(join_path(dir, name).c_str());
+  }
+}
+}  // namespace
+
 FeatureCacheWriter::FeatureCacheWriter(std::string dir, CacheMeta meta,
                                        std::map<std::string, std::int64_t> split_rows,
-                                       std::int64_t shard_rows, bool resume, std::string* note)
+                                       std::int64_t shard_rows, bool resume, std::string* note,
+                                       int helper_rank)
     : impl_(std::make_unique<Impl>()) {
   CANOPY_CHECK(shard_rows > 0, ConfigError, "cache.shard_rows must be > 0, got ", shard_rows);
   CANOPY_CHECK(meta.feature_dim > 0, DataError, "feature dimension must be > 0, got ", meta.feature_dim);
   impl_->dir = std::move(dir);
   impl_->shard_rows = shard_rows;
-  make_dirs(join_path(impl_->dir, "shards"));
+  impl_->owner = helper_rank < 0;
+  impl_->manifest_file =
+      impl_->owner ? manifest_path(impl_->dir) : helper_manifest_path(impl_->dir, helper_rank);
   Manifest kept;
   bool resumed = false;
-  if (resume && is_regular_file(manifest_path(impl_->dir))) {
-    try {
-      Manifest old = read_manifest(impl_->dir);
-      if (old.meta.fingerprint == meta.fingerprint && old.split_rows == split_rows) {
-        // Keep, per split, the leading run of shards that verify.
-        std::map<std::string, std::int64_t> next_row;
+  if (!impl_->owner) {
+    // A helper rank starts from what the owner kept (it has cleaned up and written
+    // manifest.json before any helper starts) and lists its own shards apart.
+    kept = read_manifest(impl_->dir);
+    CANOPY_CHECK(kept.meta.fingerprint == meta.fingerprint && kept.split_rows == split_rows, DataError,
+                 "feature cache '", impl_->dir, "': rank 0's manifest is not of this cache");
+  } else {
+    make_dirs(join_path(impl_->dir, "shards"));
+    if (resume) {
+      // Keep every shard that verifies (size and checksums) and sits where this run would put
+      // it: shards of shard_rows rows from row 0 (whichever process wrote them, in any order).
+      std::set<std::string> seen;
+      for (const Manifest& old : earlier_manifests(impl_->dir, meta, split_rows)) {
+        resumed = true;
         for (const auto& s : old.shards) {
-          if (s.first_row != next_row[s.split]) continue;
+          const auto total = split_rows.find(s.split);
+          if (total == split_rows.end() || s.first_row % shard_rows != 0 ||
+              s.rows != std::min(shard_rows, total->second - s.first_row) ||
+              !seen.insert(s.split + "/" + std::to_string(s.first_row)).second)
+            continue;
           try {
             read_shard_data(impl_->dir, s, old.meta, ReadMethod::kPread);  // size and checksums
           } catch (const Error&) {
+            seen.erase(s.split + "/" + std::to_string(s.first_row));  // another record may be good
             continue;
           }
-          next_row[s.split] += s.rows;
           kept.shards.push_back(s);
         }
-        resumed = true;
       }
-    } catch (const DataError&) {
-      // unreadable manifest: start over
     }
+    // Remove every shard file the kept manifest does not list (old runs, temporaries).
+    std::set<std::string> keep;
+    for (const auto& s : kept.shards) keep.insert(s.file);
+    for (const auto& name : list_dir(join_path(impl_->dir, "shards"))) {
+      if (!keep.count("shards/" + name))
+        std::remove(join_path(join_path(impl_->dir, "shards"), name).c_str());
+    }
+    std::remove(view_path(impl_->dir).c_str());
+    sort_shards(kept.shards);
   }
-  // Remove every shard file the kept manifest does not list (old runs, temporaries).
-  std::set<std::string> keep;
-  for (const auto& s : kept.shards) keep.insert(s.file);
-  for (const auto& name : list_dir(join_path(impl_->dir, "shards"))) {
-    if (!keep.count("shards/" + name)) std::remove(join_path(join_path(impl_->dir, "shards"), name).c_str());
-  }
-  std::remove(view_path(impl_->dir).c_str());
   impl_->manifest.meta = std::move(meta);
   impl_->manifest.split_rows = std::move(split_rows);
   impl_->manifest.shards = kept.shards;
   impl_->manifest.complete = false;
   for (const auto& s : kept.shards) impl_->stored[s.split] += s.rows;
-  write_manifest(impl_->dir, impl_->manifest);
+  for (const auto& [split, total] : impl_->manifest.split_rows) {  // appends continue after the leading run
+    std::int64_t& at = impl_->cursor[split];
+    while (at < total && impl_->has_shard(split, at)) at += shard_rows;
+  }
+  if (impl_->owner) {
+    write_manifest(impl_->dir, impl_->manifest);
+    remove_helper_manifests(impl_->dir);  // what they listed is in manifest.json now
+  }
   if (note) {
     std::int64_t rows = 0;
     for (const auto& [split, n] : impl_->stored) rows += n;
@@ -482,6 +571,31 @@ std::int64_t FeatureCacheWriter::rows_done(const std::string& split) const {
   return it == impl_->stored.end() ? 0 : it->second;
 }
 
+std::vector<ShardSlot> FeatureCacheWriter::missing_shards() const {
+  std::vector<ShardInfo> all;
+  for (const auto& [split, total] : impl_->manifest.split_rows) {
+    for (std::int64_t row = 0; row < total; row += impl_->shard_rows) {
+      if (impl_->has_shard(split, row)) continue;
+      ShardInfo s;
+      s.split = split;
+      s.first_row = row;
+      s.rows = std::min(impl_->shard_rows, total - row);
+      all.push_back(s);
+    }
+  }
+  sort_shards(all);
+  std::vector<ShardSlot> out;
+  for (const auto& s : all) out.push_back({s.split, s.first_row, s.rows});
+  return out;
+}
+
+void FeatureCacheWriter::seek(const std::string& split, std::int64_t row) {
+  CANOPY_CHECK(impl_->pending[split].rows == 0, Error, "seek(", split, ", ", row,
+               "): ", impl_->pending[split].rows, " rows are still pending");
+  CANOPY_CHECK(row % impl_->shard_rows == 0, Error, "seek(", split, ", ", row, "): not at a shard start");
+  impl_->cursor[split] = row;
+}
+
 void FeatureCacheWriter::append(const std::string& split, const at::Tensor& features,
                                 const std::map<std::string, at::Tensor>& labels, const at::Tensor& ids) {
   auto& m = impl_->manifest;
@@ -492,8 +606,9 @@ void FeatureCacheWriter::append(const std::string& split, const at::Tensor& feat
   const std::int64_t b = features.size(0);
   CANOPY_CHECK(ids.numel() == b, DataError, "split '", split, "': ", ids.numel(), " ids for ", b, " rows");
   auto& p = impl_->pending[split];
-  CANOPY_CHECK(rows_done(split) + p.rows + b <= total_it->second, DataError, "split '", split,
-               "': ", rows_done(split) + p.rows + b, " rows appended, expected ", total_it->second);
+  const std::int64_t at = impl_->cursor[split];
+  CANOPY_CHECK(at + p.rows + b <= total_it->second, DataError, "split '", split, "': ", at + p.rows + b,
+               " rows appended, expected ", total_it->second);
   p.features.push_back(features.to(scalar_type(m.meta.dtype)).contiguous());
   p.ids.push_back(ids.to(at::kLong).contiguous());
   for (const auto& src : m.meta.label_sources) {
@@ -507,7 +622,7 @@ void FeatureCacheWriter::append(const std::string& split, const at::Tensor& feat
   // Shards hold exactly shard_rows rows (the last of a split may hold fewer), whatever the
   // batch size: a resumed run then starts at the same row as the shard that follows.
   while (p.rows >= impl_->shard_rows) impl_->write_shard(split, impl_->shard_rows);
-  if (p.rows > 0 && rows_done(split) + p.rows == total_it->second) impl_->write_shard(split, p.rows);
+  if (p.rows > 0 && impl_->cursor[split] + p.rows == total_it->second) impl_->write_shard(split, p.rows);
 }
 
 void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_t rows) {
@@ -529,10 +644,10 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
     if (rest.rows > 0) rest.labels[src] = {l.slice(0, rows)};
   }
   const CacheMeta& meta = manifest.meta;
-  std::int64_t index = 0;
-  for (const auto& s : manifest.shards) {
-    if (s.split == split) index = std::max(index, s.index + 1);
-  }
+  const std::int64_t first_row = cursor[split];
+  CANOPY_CHECK(!has_shard(split, first_row), Error, "split '", split, "': the shard at row ", first_row,
+               " is already written");
+  const std::int64_t index = first_row / shard_rows;
   char name[64];
   std::snprintf(name, sizeof name, "shards/%s-%05lld.h5", split.c_str(), static_cast<long long>(index));
   const std::string final_path = join_path(dir, name);
@@ -540,7 +655,7 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
   ShardInfo info;
   info.split = split;
   info.index = index;
-  info.first_row = stored[split];
+  info.first_row = first_row;
   info.rows = rows;
   info.file = name;
   try {
@@ -592,12 +707,32 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
   rename_durable(tmp, final_path);
   info.bytes = file_size(final_path);
   manifest.shards.push_back(info);
-  write_manifest(dir, manifest);  // the shard counts only from here on
+  sort_shards(manifest.shards);
+  write_manifest_file(manifest_file, manifest);  // the shard counts only from here on
   stored[split] += rows;
+  cursor[split] += rows;
   pend = std::move(rest);
 }
 
+void FeatureCacheWriter::adopt_helper_shards() {
+  CANOPY_CHECK(impl_->owner, Error, "adopt_helper_shards(): only the owner (rank 0) adopts");
+  for (const Manifest& m : earlier_manifests(impl_->dir, impl_->manifest.meta, impl_->manifest.split_rows)) {
+    for (const auto& s : m.shards) {
+      if (impl_->has_shard(s.split, s.first_row)) continue;
+      CANOPY_CHECK(file_size(join_path(impl_->dir, s.file)) == s.bytes, DataError, "shard '", s.file,
+                   "' listed by a helper rank has ", file_size(join_path(impl_->dir, s.file)),
+                   " bytes, its manifest says ", s.bytes);
+      impl_->manifest.shards.push_back(s);
+      impl_->stored[s.split] += s.rows;
+    }
+  }
+  sort_shards(impl_->manifest.shards);
+  write_manifest(impl_->dir, impl_->manifest);
+  remove_helper_manifests(impl_->dir);
+}
+
 void FeatureCacheWriter::finish() {
+  CANOPY_CHECK(impl_->owner, Error, "finish(): only the owner (rank 0) finishes a cache");
   for (const auto& [split, total] : impl_->manifest.split_rows) {
     CANOPY_CHECK(rows_done(split) == total, Error, "finish(): split '", split, "' has ", rows_done(split),
                  " of ", total, " rows");

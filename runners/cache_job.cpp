@@ -19,6 +19,7 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/heap.h"
+#include "canopy/core/mpi.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
@@ -231,12 +232,15 @@ class WriteBehind {
     std::string split;
     at::Tensor features, ids;
     std::map<std::string, at::Tensor> labels;
+    std::int64_t seek = -1;  // >= 0: the first batch of the shard that starts at this row
   };
   explicit WriteBehind(datasets::FeatureCacheWriter& writer)
       : queue_(2), thread_([this, &writer] {
           try {
-            while (auto item = queue_.pop())
+            while (auto item = queue_.pop()) {
+              if (item->seek >= 0) writer.seek(item->split, item->seek);
               writer.append(item->split, item->features, item->labels, item->ids);
+            }
           } catch (...) {
             error_ = std::current_exception();
             queue_.close();
@@ -351,43 +355,60 @@ struct NonFinite {
   }
 };
 
-// Runs the trunk over every row not yet in the cache and hands the batches to `out`.
-// `done`: the rows each split already has, read before the write-behind thread starts (the
-// writer's own count changes under it while it writes).
-void encode_missing(const JobConfig& config, const RowEncoder& trunk, const InputData& data,
-                    const std::map<std::string, std::int64_t>& done, std::int64_t dim, WriteBehind& out,
-                    Progress& progress, CacheReport& report, NonFinite& nonfinite) {
-  std::vector<std::string> splits{"train", "test"};  // then any augmented views of train
-  for (const auto& kv : data.splits) {
-    if (kv.first != "train" && kv.first != "test") splits.push_back(kv.first);
-  }
-  for (const std::string& split : splits) {
-    const InputSplit& in = data.splits.at(split);
+// Runs the trunk over the rows of `slots` (shards not yet in the cache) and hands the batches
+// to `out`. Trunk batches never cross a shard's start, so a shard's contents are the same
+// whichever process computes it and whatever ran before.
+void encode_shards(const JobConfig& config, const RowEncoder& trunk, const InputData& data,
+                   const std::vector<datasets::ShardSlot>& slots, std::int64_t dim, WriteBehind& out,
+                   Progress& progress, CacheReport& report, NonFinite& nonfinite) {
+  for (const auto& slot : slots) {
+    const InputSplit& in = data.splits.at(slot.split);
     // Texts run in trunk batches of similar length, chosen within a window of 8 batches
     // (a whole number of windows per shard, so a resumed run forms the same batches).
     const std::int64_t bs = config.cache.batch_size;
     const std::int64_t window = !in.lengths.empty() && config.cache.shard_rows % (8 * bs) == 0 ? 8 * bs : bs;
-    for (std::int64_t w = done.at(split); w < in.rows; w += window) {
-      const std::int64_t wend = std::min(in.rows, w + window);
+    const std::int64_t slot_end = slot.first_row + slot.rows;
+    for (std::int64_t w = slot.first_row; w < slot_end; w += window) {
+      const std::int64_t wend = std::min(slot_end, w + window);
       const auto t0 = Clock::now();
       const at::Tensor features = encode_window(trunk, in, w, wend, bs, window, dim);
       report.trunk_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
-      nonfinite.count(split, features, in.ids.slice(0, w, wend));
+      nonfinite.count(slot.split, features, in.ids.slice(0, w, wend));
       for (std::int64_t i = w; i < wend; i += bs) {
         const std::int64_t end = std::min(wend, i + bs);
         std::map<std::string, at::Tensor> labels;
         for (const auto& [name, column] : in.labels) labels[name] = column.slice(0, i, end);
         const auto t1 = Clock::now();
-        if (!out.push(
-                {split, features.slice(0, i - w, end - w), in.ids.slice(0, i, end), std::move(labels)})) {
+        if (!out.push({slot.split, features.slice(0, i - w, end - w), in.ids.slice(0, i, end),
+                       std::move(labels), i == slot.first_row ? slot.first_row : -1})) {
           return;  // the writer failed: WriteBehind::finish rethrows its error
         }
         report.write_wait_seconds += std::chrono::duration<double>(Clock::now() - t1).count();
         report.rows_computed += end - i;
-        progress.advance(end - i, split);
+        progress.advance(end - i, slot.split);
       }
     }
   }
+}
+
+// Under mpirun, this rank's share of the shards still to write: every K-th, from its rank.
+std::vector<datasets::ShardSlot> my_share(const std::vector<datasets::ShardSlot>& missing) {
+  std::vector<datasets::ShardSlot> out;
+  for (std::size_t k = 0; k < missing.size(); ++k) {
+    if (static_cast<int>(k % static_cast<std::size_t>(mpi::size())) == mpi::rank()) out.push_back(missing[k]);
+  }
+  return out;
+}
+
+// What rank 0 found of an existing cache, on every rank (the others must not read a manifest
+// rank 0 may be rewriting).
+CacheState shared_state(CacheState state, bool& replaces, CacheReport& report) {
+  if (!mpi::distributed()) return state;
+  const std::string told =
+      mpi::broadcast(std::to_string(static_cast<int>(state)) + (replaces ? "1" : "0") + report.reason);
+  replaces = told.at(1) == '1';
+  report.reason = told.substr(2);
+  return static_cast<CacheState>(told.at(0) - '0');
 }
 
 }  // namespace
@@ -397,17 +418,24 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   CacheReport report;
   report.path = config.cache.path;
   validate_job_config(config);
-  const DirLock lock(config.cache.path, DirLock::Mode::kWrite, "canopy cache");  // one writer at a time
-  // What a killed or failed run left half-written goes (the manifest never lists it).
-  for (const char* sub : {"", "/shards", "/rebuild", "/rebuild/shards"})
-    remove_temporaries(config.cache.path + sub);
+  // One writer at a time: one job (its rank 0 holds the lock; under mpirun the other ranks
+  // write only the shards rank 0 hands them). What a killed or failed run left half-written
+  // goes (no manifest lists it).
+  std::optional<DirLock> lock;
+  if (mpi::rank() == 0) {
+    lock.emplace(config.cache.path, DirLock::Mode::kWrite, "canopy cache");
+    for (const char* sub : {"", "/shards", "/rebuild", "/rebuild/shards"})
+      remove_temporaries(config.cache.path + sub);
+  }
   // Hash the trunk file first: the description (and so the fingerprint) depends on it,
   // and a pinned hash must be checked before anything loads the file.
   const std::string trunk_sha = trunk ? trunk->sha256() : trunk::verified_trunk_sha256(config.trunk);
   const std::string description = cache_description(config, trunk_sha);
   report.fingerprint = sha256_hex(description);
   bool replaces = false;
-  const CacheState state = existing_cache(config, description, force, report, &replaces);
+  CacheState state =
+      mpi::rank() == 0 ? existing_cache(config, description, force, report, &replaces) : CacheState::kBuild;
+  state = shared_state(state, replaces, report);
   if (state == CacheState::kUpToDate) {
     report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
     return report;
@@ -452,39 +480,62 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   const std::string target = beside ? join_path(config.cache.path, "rebuild") : config.cache.path;
   const bool resume = state == CacheState::kResume || beside;
   std::string note;
-  datasets::FeatureCacheWriter writer(target, meta, split_rows, config.cache.shard_rows, resume, &note);
+  // Rank 0 (the owner) keeps what verifies and writes manifest.json; only then do the other
+  // ranks start, from that manifest, each listing its shards in its own manifest.rank<R>.json.
+  std::optional<datasets::FeatureCacheWriter> owner;
+  if (mpi::rank() == 0) owner.emplace(target, meta, split_rows, config.cache.shard_rows, resume, &note);
+  mpi::barrier();
+  std::optional<datasets::FeatureCacheWriter> helper;
+  if (mpi::rank() != 0)
+    helper.emplace(target, meta, split_rows, config.cache.shard_rows, true, nullptr, mpi::rank());
+  datasets::FeatureCacheWriter& writer = owner ? *owner : *helper;
   if (beside) note = "built beside the old cache, which stays usable until this one is complete; " + note;
   if (resume && !note.empty()) report.reason = report.reason.empty() ? note : report.reason + "; " + note;
-  log_info("cache '" + config.cache.path + "': " + report.reason + "; trunk on " + trunk->device().str() +
-           ", sha256 " + trunk_sha.substr(0, 12) + "...");
+  const auto missing = writer.missing_shards();
+  const auto mine = my_share(missing);
   std::int64_t todo = 0;
-  std::map<std::string, std::int64_t> done;
-  for (const auto& [split, n] : split_rows) {
-    done[split] = writer.rows_done(split);
-    todo += n - done[split];
+  for (const auto& slot : mine) todo += slot.rows;
+  if (mpi::distributed()) {
+    log_info("cache '" + config.cache.path + "': " + std::to_string(mine.size()) + " of the " +
+             std::to_string(missing.size()) + " shards to write are this rank's (" + std::to_string(todo) +
+             " rows)");
+  }
+  if (mpi::rank() == 0) {
+    log_info("cache '" + config.cache.path + "': " + report.reason + "; trunk on " + trunk->device().str() +
+             ", sha256 " + trunk_sha.substr(0, 12) + "...");
   }
   NonFinite nonfinite;
   {
     Progress progress("cache", todo, data.unit, style);
     WriteBehind out(writer);
     const KeepFreedMemory reuse_activations;  // no page faults for every batch's buffers
-    encode_missing(config, encoder, data, done, dim, out, progress, report, nonfinite);
+    encode_shards(config, encoder, data, mine, dim, out, progress, report, nonfinite);
     out.finish();
     progress.finish();
   }
-  if (nonfinite.rows > 0) {  // never a finished cache that passes --verify and fails every head
-    std::remove(datasets::manifest_path(target).c_str());
-    throw DataError(detail::str_cat("the trunk gave non-finite features (NaN or Inf) for ", nonfinite.rows,
-                                    " of ", todo, " rows (first: ", join(nonfinite.first, ", "),
+  double bad_rows = static_cast<double>(nonfinite.rows);  // every rank's
+  mpi::all_reduce_sum(&bad_rows, 1);
+  if (bad_rows > 0) {  // never a finished cache that passes --verify and fails every head
+    if (mpi::rank() == 0) std::remove(datasets::manifest_path(target).c_str());
+    throw DataError(detail::str_cat("the trunk gave non-finite features (NaN or Inf) for ",
+                                    static_cast<std::int64_t>(bad_rows), " rows (first",
+                                    mpi::distributed() ? " on " + mpi::describe_rank() : "", ": ",
+                                    nonfinite.first.empty() ? "none" : join(nonfinite.first, ", "),
                                     "); the cache at '", config.cache.path,
                                     "' was not finished. Check the trunk and the preprocessing "
                                     "(preprocess.mean, preprocess.std) for these inputs"));
   }
-  writer.finish();
-  if (beside) datasets::replace_cache(config.cache.path, target);
+  mpi::barrier();  // every rank's shards are written and listed
   report.rows = split_rows;
   report.feature_dim = dim;
   report.rebuilt = true;
+  if (mpi::rank() != 0) {
+    report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    return report;
+  }
+  writer.adopt_helper_shards();
+  writer.finish();
+  if (beside) datasets::replace_cache(config.cache.path, target);
   report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return report;
 }

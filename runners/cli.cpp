@@ -13,6 +13,7 @@
 #include "canopy/core/device.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/mpi.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
@@ -109,8 +110,11 @@ int run_job(const std::string& command, const po::variables_map& vm, const tasks
     return kExitOk;
   }
   const ProgressStyle style = parse_progress(vm["progress"].as<std::string>());
+  // Under mpirun, rank 0 prints the reports (every rank logs its own lines to stderr).
+  std::ostringstream elsewhere;
+  std::ostream& report_out = mpi::rank() == 0 ? out : elsewhere;
   if (command == "cache" || command == "run") {
-    print_cache_report(run_cache(config, vm.count("force") > 0, nullptr, style), out);
+    print_cache_report(run_cache(config, vm.count("force") > 0, nullptr, style), report_out);
   }
   if (command == "cache") return kExitOk;
   for (const auto& t : config.tasks) {
@@ -118,6 +122,7 @@ int run_job(const std::string& command, const po::variables_map& vm, const tasks
                  "' (see `canopy heads`)");
   }
   const TrainReport report = run_train(config, registry, style, vm.count("resume") > 0);
+  if (mpi::rank() != 0) return kExitOk;  // rank 0 reports every head
   out << "\n" << format_summary(report);
   out << "heads, metrics (metrics.jsonl, metrics.csv, tensorboard/), checkpoints and the resolved config are "
          "in "
@@ -326,6 +331,9 @@ int run_command(const Command& c, const std::vector<std::string>& args, const ta
   return c.run(vm, registry, out, err);
 }
 
+// " on rank 1 of 3" under mpirun, for error messages; empty otherwise.
+std::string on_rank() { return mpi::distributed() ? " on " + mpi::describe_rank() : std::string(); }
+
 // The command named by the first argument (two words for `trunk show`) and the rest.
 const Command& find_command(const std::vector<std::string>& args, std::size_t& consumed) {
   std::string name = args[0];
@@ -361,23 +369,32 @@ int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& reg
         command, std::vector<std::string>(args.begin() + static_cast<std::ptrdiff_t>(consumed), args.end()),
         registry, out, err);
   } catch (const ConfigError& e) {
-    err << "canopy: config error: " << e.what() << "\n";
+    err << "canopy: config error" << on_rank() << ": " << e.what() << "\n";
     return kExitUsage;
   } catch (const Error& e) {
-    err << "canopy: error: " << e.what() << "\n";
+    err << "canopy: error" << on_rank() << ": " << e.what() << "\n";
     return kExitError;
   } catch (const c10::Error& e) {
-    err << "canopy: LibTorch error: " << e.what_without_backtrace() << "\n";
+    err << "canopy: LibTorch error" << on_rank() << ": " << e.what_without_backtrace() << "\n";
     return kExitError;
   } catch (const std::exception& e) {
-    err << "canopy: unexpected error: " << e.what() << "\n";
+    err << "canopy: unexpected error" << on_rank() << ": " << e.what() << "\n";
     return kExitError;
   }
 }
 
 int run_cli(int argc, const char* const* argv, const tasks::HeadRegistry& registry) {
+  // Under mpirun, one rank of a job; a rank that fails ends every rank at once (the others
+  // would wait for it in their next collective call), its error printed first.
+  const mpi::Session session;
   std::vector<std::string> args(argv + 1, argv + argc);
-  return run_cli(args, registry, std::cout, std::cerr);
+  const int rc = run_cli(args, registry, std::cout, std::cerr);
+  if (rc != kExitOk && mpi::distributed()) {
+    std::cout.flush();
+    std::cerr.flush();
+    mpi::abort_job(rc);
+  }
+  return rc;
 }
 
 std::vector<std::string> cli_commands() {

@@ -202,6 +202,53 @@ TEST(FeatureCache, UnfinishedCacheIsRefusedAndResumed) {
   EXPECT_TRUE(testing::bitwise_equal(FeatureCache::open(dir.path()).load_split("train").features, f));
 }
 
+// Two writers of one cache, as two MPI ranks: the owner and a helper write different shards,
+// in any order; a killed run keeps what either listed, and the owner adopts the helper's.
+TEST(FeatureCache, ShardsOfTwoWritersAreKeptOnResumeAndAdopted) {
+  testing::TempDir dir;
+  const at::Tensor f = at::randn({12, 4});
+  const std::map<std::string, std::int64_t> rows{{"train", 12}, {"test", 2}};
+  auto append = [&](FeatureCacheWriter& w, std::int64_t a, std::int64_t b) {
+    w.seek("train", a);
+    w.append("train", f.slice(0, a, b), {{"class", at::zeros({b - a}, at::kLong)}},
+             at::arange(a, b, at::kLong));
+  };
+  {
+    FeatureCacheWriter owner(dir.path(), test_meta(4), rows, 4, false);
+    FeatureCacheWriter helper(dir.path(), test_meta(4), rows, 4, true, nullptr, 1);
+    append(helper, 8, 12);  // the last shard first, by the helper
+    EXPECT_TRUE(is_regular_file(helper_manifest_path(dir.path(), 1)));
+    // killed here: the owner listed nothing, the helper one shard
+  }
+  std::string note;
+  FeatureCacheWriter owner(dir.path(), test_meta(4), rows, 4, true, &note);
+  EXPECT_NE(note.find("1 finished shard"), std::string::npos) << note;
+  EXPECT_FALSE(is_regular_file(helper_manifest_path(dir.path(), 1)));  // now in manifest.json
+  const auto missing = owner.missing_shards();
+  ASSERT_EQ(missing.size(), 3U);
+  EXPECT_EQ(missing[0].split, "train");
+  EXPECT_EQ(missing[0].first_row, 0);
+  EXPECT_EQ(missing[1].first_row, 4);
+  EXPECT_EQ(missing[2].split, "test");
+  {
+    FeatureCacheWriter helper(dir.path(), test_meta(4), rows, 4, true, nullptr, 2);
+    append(helper, 4, 8);
+  }
+  append(owner, 0, 4);
+  owner.seek("test", 0);
+  owner.append("test", f.slice(0, 0, 2), {{"class", at::zeros({2}, at::kLong)}}, at::arange(2, at::kLong));
+  EXPECT_TRUE(testing::throws_with<Error>([&] { owner.finish(); }, {"'train' has 8 of 12 rows"}));
+  owner.adopt_helper_shards();
+  owner.finish();
+  const auto cache = FeatureCache::open(dir.path());
+  EXPECT_TRUE(testing::bitwise_equal(cache.load_split("train").features, f));
+  const auto shards = cache.shards("train");
+  ASSERT_EQ(shards.size(), 3U);
+  for (std::size_t k = 0; k < shards.size(); ++k)
+    EXPECT_EQ(shards[k].first_row, 4 * static_cast<std::int64_t>(k));
+  cache.verify();
+}
+
 void flip_byte(const std::string& path, std::uint64_t offset) {
   std::fstream io(path, std::ios::in | std::ios::out | std::ios::binary);
   io.seekg(static_cast<std::streamoff>(offset));

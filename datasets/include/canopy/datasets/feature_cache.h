@@ -138,25 +138,45 @@ struct SplitData {
   at::Tensor ids;                            // int64 [N]
 };
 
+// A shard not yet written: rows [first_row, first_row + rows) of `split`.
+struct ShardSlot {
+  std::string split;
+  std::int64_t first_row = 0;
+  std::int64_t rows = 0;
+};
+
+// The manifest in which helper rank `rank` of an MPI job lists the shards it wrote.
+std::string helper_manifest_path(const std::string& dir, int rank);
+
+// Writes a cache shard by shard. Alone (or as rank 0 of an MPI job, the owner) it cleans up,
+// resumes and finishes the cache; helper ranks (helper_rank >= 0) write the shards they are
+// given beside it, each listing them in its own manifest.rank<R>.json, which the owner adopts.
 class FeatureCacheWriter {
  public:
   // Writes the cache in `dir`. With `resume`, an unfinished cache of the same fingerprint
-  // keeps every shard that verifies (size and checksums); anything else is cleared.
-  // `note` (if given) says what was kept.
+  // keeps every shard that verifies (size and checksums) wherever it sits in its split, as
+  // listed by manifest.json or a helper's manifest; anything else is cleared. `note` (if
+  // given) says what was kept. A helper starts from the manifest.json the owner wrote.
   FeatureCacheWriter(std::string dir, CacheMeta meta, std::map<std::string, std::int64_t> split_rows,
-                     std::int64_t shard_rows, bool resume, std::string* note = nullptr);
+                     std::int64_t shard_rows, bool resume, std::string* note = nullptr, int helper_rank = -1);
   FeatureCacheWriter(const FeatureCacheWriter&) = delete;
   FeatureCacheWriter& operator=(const FeatureCacheWriter&) = delete;
   ~FeatureCacheWriter();
 
-  // Rows already stored for `split` (where a resumed run continues).
+  // Rows already stored for `split`.
   std::int64_t rows_done(const std::string& split) const;
-  // Appends rows, in order, to `split`; a shard is written whenever shard_rows are
-  // buffered or the split is complete. features: [B, D] float; labels [B] per source
-  // (converted to the source's dtype); ids int64 [B].
+  // The shards still to write: train's, test's, then the other splits' (by name), by row.
+  std::vector<ShardSlot> missing_shards() const;
+  // The next append to `split` starts at `row` (a shard's first row; nothing pending).
+  void seek(const std::string& split, std::int64_t row);
+  // Appends rows, in order, to `split` at its position (row 0 unless seek() moved it); a
+  // shard is written whenever shard_rows are buffered or the split's end is reached.
+  // features: [B, D] float; labels [B] per source (converted to the source's dtype); ids int64 [B].
   void append(const std::string& split, const at::Tensor& features,
               const std::map<std::string, at::Tensor>& labels, const at::Tensor& ids);
-  // Writes the view file and marks the manifest complete. Every split must be complete.
+  // The owner: adds the shards the helper ranks listed (once they have all finished).
+  void adopt_helper_shards();
+  // The owner: writes the view file and marks the manifest complete. Every split must be complete.
   void finish();
 
  private:
