@@ -7,6 +7,7 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/mpi.h"
 
 namespace canopy::runners {
 
@@ -64,14 +65,21 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
   ++generation_;
   ordered_json tasks_json = ordered_json::array();
   for (std::size_t i = 0; i < tasks.size(); ++i) {
-    tasks[i]->save_checkpoint(task_file(tasks[i]->name(), generation_));  // atomic
+    if (owned_.empty() || owned_.at(i))
+      tasks[i]->save_checkpoint(task_file(tasks[i]->name(), generation_));  // atomic
     tasks_json.push_back(run_to_json(tasks[i]->name(), runs[i]));
   }
-  if (top) top->save_checkpoint(task_file("@top", generation_));
+  if (top && mpi::rank() == 0) top->save_checkpoint(task_file("@top", generation_));
+  mpi::barrier();  // every rank's files of this generation are written
+  if (mpi::rank() != 0) {
+    mpi::barrier();  // rank 0 has committed it and removed the others
+    return;
+  }
   const ordered_json state{{"generation", generation_},  {"epoch", position.epoch}, {"step", position.step},
                            {"config", config_identity_}, {"top", top != nullptr},   {"tasks", tasks_json}};
   write_file_atomic(state_path(), state.dump(1) + "\n");
   remove_other_generations();
+  mpi::barrier();
 }
 
 void CheckpointStore::remove_other_generations() const {
@@ -84,6 +92,10 @@ void CheckpointStore::remove_other_generations() const {
       std::remove((dir_ + "/" + name).c_str());
     }
   }
+}
+
+void CheckpointStore::load_task(tasks::Task& task) const {
+  task.load_checkpoint(task_file(task.name(), generation_));
 }
 
 CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,

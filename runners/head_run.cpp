@@ -1,6 +1,11 @@
 #include "canopy/runners/head_run.h"
 
 #include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include <ATen/ops/from_blob.h>
+#include <nlohmann/json.hpp>
 
 #include "canopy/core/error.h"
 
@@ -16,6 +21,77 @@ const char* state_name(tasks::TaskState state) {
       return "FAILED";
   }
   return "?";
+}
+
+namespace {
+// Doubles travel as their bits: exact, and NaN (a step a head sat out) is not JSON.
+std::uint64_t bits(double x) {
+  std::uint64_t b = 0;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+double real(const nlohmann::json& j) {
+  const auto b = j.get<std::uint64_t>();
+  double x = 0;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+}  // namespace
+
+std::string encode_run(const HeadRun& r) {
+  nlohmann::json e{
+      {"count", r.eval.count}, {"accuracy", bits(r.eval.accuracy)}, {"macro_f1", bits(r.eval.macro_f1)}};
+  if (r.eval.confusion.defined()) {
+    const at::Tensor c = r.eval.confusion.to(at::kLong).contiguous();
+    e["confusion"] =
+        std::vector<std::int64_t>(c.data_ptr<std::int64_t>(), c.data_ptr<std::int64_t>() + c.numel());
+    e["classes"] = c.size(0);
+  }
+  if (r.eval.mean_ap) e["mean_ap"] = bits(*r.eval.mean_ap);
+  if (const auto& g = r.eval.regression) e["regression"] = {bits(g->mae), bits(g->rmse), bits(g->r2)};
+  const nlohmann::json j{{"state", static_cast<int>(r.state)},
+                         {"failure", r.failure},
+                         {"epochs", r.epochs},
+                         {"train_loss", bits(r.train_loss)},
+                         {"loss_sum", bits(r.loss_sum)},
+                         {"loss_count", r.loss_count},
+                         {"last_loss", bits(r.last_loss)},
+                         {"seconds", bits(r.seconds)},
+                         {"best_score", bits(r.best_score)},
+                         {"best_epoch", r.best_epoch},
+                         {"stop_note", r.stop_note},
+                         {"eval", e}};
+  return j.dump();
+}
+
+void decode_run(const std::string& text, HeadRun& r) {
+  const auto j = nlohmann::json::parse(text);
+  r.state = static_cast<tasks::TaskState>(j.at("state").get<int>());
+  r.failure = j.at("failure").get<std::string>();
+  r.epochs = j.at("epochs").get<std::int64_t>();
+  r.train_loss = real(j.at("train_loss"));
+  r.loss_sum = real(j.at("loss_sum"));
+  r.loss_count = j.at("loss_count").get<std::int64_t>();
+  r.last_loss = real(j.at("last_loss"));
+  r.seconds = real(j.at("seconds"));
+  r.best_score = real(j.at("best_score"));
+  r.best_epoch = j.at("best_epoch").get<std::int64_t>();
+  r.stop_note = j.at("stop_note").get<std::string>();
+  const auto& e = j.at("eval");
+  r.eval = tasks::EvalMetrics{};
+  r.eval.count = e.at("count").get<std::int64_t>();
+  r.eval.accuracy = real(e.at("accuracy"));
+  r.eval.macro_f1 = real(e.at("macro_f1"));
+  if (e.contains("confusion")) {
+    auto values = e.at("confusion").get<std::vector<std::int64_t>>();
+    const std::int64_t k = e.at("classes").get<std::int64_t>();
+    r.eval.confusion = at::from_blob(values.data(), {k, k}, at::kLong).clone();
+  }
+  if (e.contains("mean_ap")) r.eval.mean_ap = real(e.at("mean_ap"));
+  if (e.contains("regression")) {
+    const auto& g = e.at("regression");
+    r.eval.regression = tasks::RegressionErrors{real(g.at(0)), real(g.at(1)), real(g.at(2))};
+  }
 }
 
 void HeadRun::start_epoch() {

@@ -17,6 +17,7 @@
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/mpi.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/batch_source.h"
@@ -244,13 +245,59 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
   return set;
 }
 
+// Under mpirun with a frozen trunk: the heads each rank trains in an epoch. Rank 0 plans the
+// work units one process would train for `heads` (the same fusion groups, so every head's
+// arithmetic is a one-process run's) and deals them out, the costliest first, each to the rank
+// with the least work so far. A head not in `heads` (done, failed) stays with `owner`, its
+// last rank (0 when it has none), which keeps writing it into each checkpoint.
+struct HeadShare {
+  std::vector<int> owner;       // every head's rank
+  std::vector<WorkUnit> units;  // this rank's
+  std::string line;             // what this rank trains, for the log
+};
+
+HeadShare share_heads(const TaskSet& set, const std::vector<std::size_t>& heads, std::vector<int> owner,
+                      const FusionPlanOptions& options,
+                      const std::function<bool(const WorkUnit&)>& fuse_unit) {
+  std::string plan;  // "rank:head,head;..." per unit
+  if (mpi::rank() == 0) {
+    std::vector<std::int64_t> load(static_cast<std::size_t>(mpi::size()), 0);
+    for (const auto& unit : plan_units(set.plan_heads, heads, options, fuse_unit)) {
+      const auto r = static_cast<std::size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+      for (std::size_t i : unit) load[r] += std::max<std::int64_t>(1, set.plan_heads[i].cost);
+      std::vector<std::string> members;
+      for (std::size_t i : unit) members.push_back(std::to_string(i));
+      plan += std::to_string(r) + ":" + join(members, ",") + ";";
+    }
+  }
+  plan = mpi::broadcast(plan);
+  HeadShare share;
+  share.owner = owner.empty() ? std::vector<int>(set.tasks.size(), 0) : std::move(owner);
+  std::vector<std::string> names;
+  for (const auto& item : split(plan, ';')) {
+    if (item.empty()) continue;
+    const auto colon = item.find(':');
+    const int r = std::stoi(item.substr(0, colon));
+    WorkUnit unit;
+    for (const auto& h : split(item.substr(colon + 1), ',')) unit.push_back(std::stoul(h));
+    for (std::size_t i : unit) share.owner.at(i) = r;
+    if (r != mpi::rank()) continue;
+    for (std::size_t i : unit) names.push_back(set.results[i].name);
+    share.units.push_back(std::move(unit));
+  }
+  share.line = "this rank trains " + std::to_string(names.size()) + " of the " +
+               std::to_string(heads.size()) + " heads still training" +
+               (names.empty() ? std::string() : ": " + join(names, ", "));
+  return share;
+}
+
 // The epoch loop: every batch once, every training head on it, then evaluation, metrics
 // and a checkpoint at each epoch's end.
 class EpochLoop {
  public:
   // `eval_rows`: the eval split as cached: features, or (with `top`) the prefix's output.
   EpochLoop(const JobConfig& config, TaskSet& set, datasets::BatchSource& source, const at::Tensor& eval_rows,
-            SharedTop* top, LossWeighting* weighting, CheckpointStore& store, MetricsSink& metrics,
+            SharedTop* top, LossWeighting* weighting, CheckpointStore& store, MetricsSink* metrics,
             StepRunner& runner, std::vector<HeadRun>& runs, std::function<bool(const WorkUnit&)> fuse_unit)
       : fuse_unit_(std::move(fuse_unit)),
         config_(config),
@@ -313,7 +360,28 @@ class EpochLoop {
       set_.tasks[i]->start_epoch(epoch, set_.epochs[i]);
     }
     if (top_) top_->start_epoch(epoch, max_epochs_);
+    if (mpi::distributed()) take_share(active);
     return active;
+  }
+
+  // Under mpirun, at each epoch's start: the units of the plan one process would make for
+  // `active`, this rank's share of them. A head that moves to this rank continues from the
+  // checkpoint its last rank wrote at the epoch's end (every rank holds every head's state
+  // when the run starts: made from the same seeds, or loaded from the checkpoint). The runs of
+  // the heads other ranks train come from them at every epoch's end (sync_runs).
+  void take_share(const std::vector<std::size_t>& active) {
+    HeadShare share = share_heads(set_, active, owner_, plan_options(), fuse_unit_);
+    std::vector<bool> mine(share.owner.size());
+    for (std::size_t i = 0; i < mine.size(); ++i) {
+      mine[i] = share.owner[i] == mpi::rank();
+      if (mine[i] && !mine_.empty() && !mine_[i]) store_.load_task(*set_.tasks[i]);
+    }
+    if (share.line != share_line_) log_info(share.line);
+    share_line_ = share.line;
+    owner_ = std::move(share.owner);
+    mine_ = std::move(mine);
+    assigned_ = std::move(share.units);
+    store_.set_owned(mine_);
   }
 
   void train_epoch(std::int64_t epoch, std::int64_t first_step, const std::vector<std::size_t>& active,
@@ -330,10 +398,12 @@ class EpochLoop {
     for (; source_.next(batch); ++step) {
       std::vector<std::size_t> training;
       for (std::size_t i : active) {
-        if (runs_[i].training()) training.push_back(i);
+        if (runs_[i].training() && mine(i)) training.push_back(i);
       }
-      if (units.empty() || training != planned_for) {  // a head failed, or a new epoch
-        units = plan_units(set_.plan_heads, training, plan_options(), fuse_unit_);
+      if (planned_for.empty() || training != planned_for) {  // a head failed, or a new epoch
+        units = training == assigned_heads()
+                    ? assigned_
+                    : plan_units(set_.plan_heads, training, plan_options(), fuse_unit_);
         planned_for = std::move(training);
       }
       if (top_) {
@@ -346,6 +416,7 @@ class EpochLoop {
       const std::int64_t global_step = epoch * steps_per_epoch_ + step + 1;
       const auto every = config_.train.checkpoint_steps;
       if (every > 0 && global_step % every == 0 && step + 1 < steps_per_epoch_) {
+        sync_runs();
         store_.save({epoch, step + 1}, set_.tasks, runs_, top_);
       }
     }
@@ -409,22 +480,51 @@ class EpochLoop {
     }
   }
 
+  bool mine(std::size_t i) const { return mine_.empty() || mine_[i]; }
+  std::vector<std::size_t> assigned_heads() const {
+    std::vector<std::size_t> heads;
+    for (const auto& u : assigned_) heads.insert(heads.end(), u.begin(), u.end());
+    std::sort(heads.begin(), heads.end());
+    return heads;
+  }
+
+  // Under mpirun: every rank's runs of the heads it trains, on every rank.
+  void sync_runs() {
+    if (mine_.empty()) return;
+    std::string own;
+    for (std::size_t i = 0; i < runs_.size(); ++i) {
+      if (mine_[i]) own += std::to_string(i) + " " + encode_run(runs_[i]) + "\n";
+    }
+    for (const auto& theirs : mpi::all_gather(own)) {
+      std::istringstream in(theirs);
+      std::size_t i = 0;
+      for (std::string line; in >> i && std::getline(in, line);) decode_run(line, runs_.at(i));
+    }
+  }
+
   void finish_epoch(std::int64_t epoch, const std::vector<std::size_t>& active, const TopEpoch& top_epoch) {
-    const auto metrics =
-        runner_.evaluate(active, set_.tasks, runs_, eval_features(), set_.eval_targets, epoch);
-    std::vector<double> means(runs_.size(), std::numeric_limits<double>::quiet_NaN());
+    std::vector<std::size_t> own;
     for (std::size_t i : active) {
+      if (mine(i)) own.push_back(i);
+    }
+    const auto metrics = runner_.evaluate(own, set_.tasks, runs_, eval_features(), set_.eval_targets, epoch);
+    for (std::size_t i : own) {
       const bool best = runs_[i].finish_epoch(epoch, set_.epochs[i], metrics[i],
                                               set_.tasks[i]->config().early_stop_patience);
       if (best && keep_best_) set_.tasks[i]->keep_best();
-      metrics_.record(epoch, i, runs_[i]);
+    }
+    sync_runs();
+    std::vector<double> means(runs_.size(), std::numeric_limits<double>::quiet_NaN());
+    for (std::size_t i : active) {
+      if (metrics_) metrics_->record(epoch, i, runs_[i]);
       if (!runs_[i].failed()) means[i] = runs_[i].train_loss;
     }
     if (top_) {
       weighting_->end_epoch(means);
-      metrics_.record_top(epoch, top_epoch, last_weights_.empty() ? weighting_->weights() : last_weights_);
+      if (metrics_)
+        metrics_->record_top(epoch, top_epoch, last_weights_.empty() ? weighting_->weights() : last_weights_);
     }
-    metrics_.flush();
+    if (metrics_) metrics_->flush();
     store_.save({epoch + 1, 0}, set_.tasks, runs_, top_);
     if (top_) top_->prune_levels();
   }
@@ -505,7 +605,11 @@ class EpochLoop {
   at::Tensor top_eval_;    // the top's output on eval_rows_ ...
   bool top_moved_ = true;  // ... unless the top stepped since
   CheckpointStore& store_;
-  MetricsSink& metrics_;
+  MetricsSink* metrics_;            // rank 0's (none on the other ranks)
+  std::vector<bool> mine_;          // under mpirun, the heads this rank trains (empty: all)
+  std::vector<WorkUnit> assigned_;  // ... in the units rank 0 planned
+  std::vector<int> owner_;          // ... and every head's rank
+  std::string share_line_;
   StepRunner& runner_;
   std::vector<HeadRun>& runs_;
   std::int64_t steps_per_epoch_ = 0;
@@ -761,11 +865,22 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   const auto load_start = Clock::now();
   // The cache is read while no `canopy cache` writes it; the run has its out_dir alone, and
   // what a failed or killed run left half-written there goes.
+  // Under mpirun, rank 0 holds out_dir for the job and writes all in it but the checkpoint
+  // files of the heads other ranks train.
   const DirLock cache_lock(config.cache.path, DirLock::Mode::kRead, "canopy train");
-  const DirLock out_lock(config.train.out_dir, DirLock::Mode::kWrite, "canopy train");
-  clean_out_dir(config.train.out_dir, resume);
+  std::optional<DirLock> out_lock;
+  if (mpi::rank() == 0) {
+    out_lock.emplace(config.train.out_dir, DirLock::Mode::kWrite, "canopy train");
+    clean_out_dir(config.train.out_dir, resume);
+  }
+  mpi::barrier();
   const auto cache = open_checked_cache(config);
   TrainInputs in = open_inputs(cache, config, report);
+  CANOPY_CHECK(!mpi::distributed() || !in.shared.top, ConfigError,
+               "trunk.freeze = ", trunk::describe(config.trunk.freeze),
+               " trains the trunk's top, shared by every head, which ", mpi::size(),
+               " MPI ranks would train data-parallel; that is not built yet: run it in one process "
+               "(without mpirun), or freeze the trunk whole to spread the heads over ranks");
   const auto& source = in.train.source;
   SharedTop* top = in.shared.top.get();
   const at::Tensor eval_rows = in.selection().features.to(at::kFloat);
@@ -781,11 +896,14 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     report.resumed_from = "epoch " + std::to_string(from.epoch + 1) + " step " + std::to_string(from.step);
     log_info("resuming from the checkpoint at " + report.resumed_from);
   }
-  make_dirs(config.train.out_dir + "/heads");
-  write_file_atomic(config.train.out_dir + "/config.ini", resolved);
-  std::vector<std::string> names;
-  for (const auto& r : set.results) names.push_back(r.name);
-  MetricsSink metrics(config.train.out_dir, names, config.train.tensorboard, resume ? from.epoch : -1);
+  std::optional<MetricsSink> metrics;
+  if (mpi::rank() == 0) {
+    make_dirs(config.train.out_dir + "/heads");
+    write_file_atomic(config.train.out_dir + "/config.ini", resolved);
+    std::vector<std::string> names;
+    for (const auto& r : set.results) names.push_back(r.name);
+    metrics.emplace(config.train.out_dir, names, config.train.tensorboard, resume ? from.epoch : -1);
+  }
 
   StepRunner runner(resolve_workers(config.train), config.train.intra_op_threads);
   log_info("training " + std::to_string(set.tasks.size()) + " heads concurrently on " +
@@ -795,13 +913,20 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   const auto chooser = make_fusion_chooser(config, set, report.feature_dim);
   std::function<bool(const WorkUnit&)> fuse_unit;
   if (chooser) fuse_unit = std::ref(*chooser);
-  EpochLoop loop(config, set, *source, eval_rows, top, in.shared.weighting.get(), store, metrics, runner,
-                 runs, fuse_unit);
-  describe_fusion(set, loop.plan_options(), fuse_unit, chooser.get(), report);
+  EpochLoop loop(config, set, *source, eval_rows, top, in.shared.weighting.get(), store,
+                 metrics ? &*metrics : nullptr, runner, runs, fuse_unit);
+  if (mpi::rank() == 0) describe_fusion(set, loop.plan_options(), fuse_unit, chooser.get(), report);
 
   const auto train_start = Clock::now();
   loop.run(from, style);
   report.train_seconds = since(train_start);
+  if (mpi::distributed()) {
+    // Rank 0 exports every head: the others' weights (and best epochs) from the checkpoint
+    // all ranks wrote at the last epoch's end.
+    if (mpi::rank() != 0) return report;
+    store.set_owned({});
+    if (store.exists()) store.load(set.tasks, runs, top);
+  }
   if (top) log_weighting_share(config.train.weighting, loop.weighting_share());
   report.source_peak_bytes = source->peak_bytes();
   report.source = source->describe();

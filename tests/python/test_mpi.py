@@ -6,8 +6,10 @@
   - a rank SIGKILLed mid-build ends the whole job within seconds, non-zero; the rerun with a
     different number of ranks (2) resumes, keeping the shards already written, and gives the
     same cache;
-  - 3-rank training of frozen-trunk heads exports heads bitwise identical to a one-process run,
-    and the same metrics;
+  - 3-rank training of frozen-trunk heads (fused in 3 units, one per rank) exports heads
+    bitwise identical to a one-process run's, with the same metrics, cards and grid winner;
+  - a rank SIGKILLed mid-training ends the job within seconds; 2 ranks resume it (heads move
+    between ranks through the checkpoint) to the same heads.
 
     test_mpi.py --canopy build/runners/canopy
 """
@@ -144,7 +146,125 @@ def main():
           f"2 ranks resume the killed 3-rank build: {(r.stdout + r.stderr)[-500:]}")
     check(same_cache(ref_cache, cut_cache) and shard_records(ref_cache) == shard_records(cut_cache),
           f"the resumed cache is bitwise the one-process cache ({kept_before} shard files were there)")
+    # --- frozen-trunk heads spread over 3 ranks ------------------------------------------
+    check_training(canopy, work, trunk, ref_cache, env)
     return finish()
+
+
+TASKS = """validation_fraction = 0.1
+fuse = always
+workers = 3
+checkpoint_steps = 7
+[task.a]
+head = linear
+lr = 0.05
+[task.b]
+head = linear
+lr = 0.02
+weight_decay = 1e-4
+[task.deep]
+head = mlp
+head.hidden = 64
+head.dropout = 0.2
+lr = 0.01
+[task.wide]
+head = mlp
+head.hidden = 128
+lr = 0.005
+[task.g]
+head = linear
+lr = 0.1 | 0.01
+epochs = 2
+"""
+
+
+def metrics_rows(out):
+    """metrics.csv without the seconds column (time differs between runs)."""
+    import csv
+    with open(os.path.join(out, "metrics.csv")) as f:
+        rows = list(csv.reader(f))
+    col = rows[0].index("seconds")
+    return [r[:col] + r[col + 1:] for r in rows]
+
+
+def same_heads(a, b):
+    files = sorted(n for n in os.listdir(os.path.join(a, "heads")) if n.endswith(".safetensors"))
+    if not files or files != sorted(n for n in os.listdir(os.path.join(b, "heads")) if n.endswith(".safetensors")):
+        return False, files
+    for n in files:
+        with open(os.path.join(a, "heads", n), "rb") as fa, open(os.path.join(b, "heads", n), "rb") as fb:
+            if fa.read() != fb.read():
+                return False, n
+    return True, files
+
+
+def check_training(canopy, work, trunk, cache, env):
+    env = dict(env, CANOPY_FUSION_CALIBRATION=os.path.join(work, "fusion.tsv"))
+    outs = {}
+    for name in ("one", "three", "cut"):
+        cfg = os.path.join(work, f"train-{name}.ini")
+        write_config(cfg, trunk, cache, out=os.path.join(work, f"out-{name}"), tasks=TASKS)
+        outs[name] = (cfg, os.path.join(work, f"out-{name}"))
+    t = time.time()
+    r = subprocess.run([canopy, "train", "--config", outs["one"][0], "--progress", "quiet"],
+                       capture_output=True, text=True, env=env)
+    check(r.returncode == 0, f"one-process training ({time.time() - t:.1f} s): {r.stderr[-400:]}")
+    t = time.time()
+    r = subprocess.run(mpirun(3, "-x", "CANOPY_FUSION_CALIBRATION", canopy, "train", "--config", outs["three"][0],
+                              "--progress", "lines"), capture_output=True, text=True, env=env)
+    check(r.returncode == 0, f"3-rank training ({time.time() - t:.1f} s): {r.stderr[-800:]}")
+    spread = [l for l in r.stderr.splitlines() if "this rank trains" in l][:3]
+    counts = [int(l.split("trains ")[1].split()[0]) for l in spread]
+    check(len(spread) == 3 and sum(counts) == 6 and min(counts) >= 1,
+          f"the 6 heads are spread over the 3 ranks: {spread}")
+    check(r.stdout.count("heads, metrics") == 1, "rank 0 alone prints the summary")
+    check(sum(1 for l in r.stderr.splitlines() if l.startswith("[canopy] epoch")) == 3,
+          "rank 0 alone prints the epoch lines (3 epochs)")
+    ok, what = same_heads(outs["one"][1], outs["three"][1])
+    check(ok, f"3-rank heads bitwise identical to the one-process run's ({what})")
+    check(metrics_rows(outs["one"][1]) == metrics_rows(outs["three"][1]),
+          "3-rank metrics.csv equal to the one-process run's (every head, every epoch; seconds aside)")
+    for card in ("g.json", "deep.json"):
+        with open(os.path.join(outs["one"][1], "heads", card)) as f1, open(os.path.join(outs["three"][1], "heads", card)) as f3:
+            c1, c3 = json.load(f1), json.load(f3)
+        check(all(c1[k] == c3[k] for k in ("exported_epoch", "eval_accuracy", "eval_macro_f1", "validation")),
+              f"card {card}: same exported epoch and test metrics")
+
+    # A rank SIGKILLed mid-training ends the job; 2 ranks resume it to the same heads.
+    cfg, out = outs["cut"]
+    p = subprocess.Popen(mpirun(3, "-x", "CANOPY_FUSION_CALIBRATION", canopy, "train", "--config", cfg, "--progress",
+                                "quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    state = os.path.join(out, "checkpoint", "state.json")
+    killed_at = None
+    deadline = time.time() + 120 * slowdown()
+    while time.time() < deadline and p.poll() is None:
+        try:
+            with open(state) as f:
+                st = json.load(f)
+            if st["epoch"] >= 1:
+                pids = rank_pids(p.pid)
+                if 2 in pids:
+                    os.kill(pids[2], signal.SIGKILL)
+                    killed_at = time.time()
+                    break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.005)
+    check(killed_at is not None, "rank 2 SIGKILLed after the first epoch's checkpoint")
+    try:
+        p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+    ended = time.time() - (killed_at or time.time())
+    check(p.returncode != 0 and ended < 10 * slowdown(), f"training job ended {ended:.1f} s after the kill, exit {p.returncode}")
+    r = subprocess.run(mpirun(2, "-x", "CANOPY_FUSION_CALIBRATION", canopy, "train", "--config", cfg, "--resume",
+                              "--progress", "quiet"), capture_output=True, text=True, env=env)
+    check(r.returncode == 0 and "resuming from the checkpoint" in r.stderr,
+          f"2 ranks resume the killed 3-rank training: {r.stderr[-500:]}")
+    ok, what = same_heads(outs["one"][1], out)
+    check(ok, f"resumed heads bitwise identical to the one-process run's ({what})")
+    check(metrics_rows(outs["one"][1]) == metrics_rows(out), "resumed metrics.csv equal to the one-process run's")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ class CheckpointStore {
   std::string state_path() const { return dir_ + "/state.json"; }
   bool exists() const;
 
+  // Under mpirun, the tasks this rank trains (and writes; empty: all). Every rank calls
+  // save() together: each writes its tasks' files, then rank 0 commits the generation
+  // (state.json, which lists every task's run) once all are written.
+  void set_owned(std::vector<bool> owned) { owned_ = std::move(owned); }
+
   // Writes a new generation holding `tasks` and `runs` (same length, task order).
   void save(const CheckpointPosition& position, const std::vector<tasks::Task*>& tasks,
             const std::vector<HeadRun>& runs, const SharedTop* top = nullptr);
@@ -42,6 +47,9 @@ class CheckpointStore {
   // With `top`, the checkpoint must hold a shared top, which is restored too.
   CheckpointPosition load(const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
                           SharedTop* top = nullptr);
+  // Restores one task from the generation this store last wrote or loaded (under mpirun, a
+  // head another rank trained until then).
+  void load_task(tasks::Task& task) const;
 
  private:
   std::string task_file(const std::string& task, std::int64_t generation) const;
@@ -50,6 +58,7 @@ class CheckpointStore {
   std::string dir_;
   std::string config_identity_;
   std::int64_t generation_ = 0;
+  std::vector<bool> owned_;
 };
 
 }  // namespace canopy::runners

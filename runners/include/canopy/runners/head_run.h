@@ -13,6 +13,12 @@ namespace canopy::runners {
 
 const char* state_name(tasks::TaskState state);  // "training" | "done" | "FAILED"
 
+struct HeadRun;
+// A run as text and back, every field exactly (doubles round-trip), the last evaluation's
+// confusion matrix included: how MPI ranks tell rank 0 about the heads they train.
+std::string encode_run(const HeadRun& run);
+void decode_run(const std::string& text, HeadRun& run);
+
 struct HeadRun {
   tasks::TaskState state = tasks::TaskState::kTraining;
   std::string failure;      // "epoch E step S: why" once FAILED
