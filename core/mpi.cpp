@@ -128,6 +128,18 @@ std::vector<std::string> all_gather(const std::string& mine) {
   return g_active ? collect(mine, -1) : std::vector{mine};
 }
 
+void all_gather(const float* mine, const std::vector<int>& counts, float* out) {
+  if (!g_active) {
+    std::copy(mine, mine + counts.at(0), out);
+    return;
+  }
+  std::vector<int> offsets(counts.size(), 0);
+  std::partial_sum(counts.begin(), counts.end() - 1, offsets.begin() + 1);
+  check(MPI_Allgatherv(mine, counts.at(static_cast<std::size_t>(g_rank)), MPI_FLOAT, out, counts.data(),
+                       offsets.data(), MPI_FLOAT, MPI_COMM_WORLD),
+        "MPI_Allgatherv");
+}
+
 void all_reduce_sum(float* data, std::int64_t n) {
   if (!g_active) return;
   for (std::int64_t done = 0; done < n;) {  // counts are ints: in pieces of at most 2^30
@@ -162,6 +174,9 @@ void barrier() {}
 std::string broadcast(const std::string& s) { return s; }
 std::vector<std::string> gather(const std::string& mine) { return {mine}; }
 std::vector<std::string> all_gather(const std::string& mine) { return {mine}; }
+void all_gather(const float* mine, const std::vector<int>& counts, float* out) {
+  std::copy(mine, mine + counts.at(0), out);
+}
 void all_reduce_sum(float*, std::int64_t) {}
 void all_reduce_sum(double*, std::int64_t) {}
 bool all_equal(std::uint64_t) { return true; }

@@ -391,11 +391,24 @@ void encode_shards(const JobConfig& config, const RowEncoder& trunk, const Input
   }
 }
 
-// Under mpirun, this rank's share of the shards still to write: every K-th, from its rank.
+// Under mpirun, this rank's share of the shards still to write: each shard, the largest first,
+// goes to the rank with the fewest rows so far (every rank computes the same deal); a rank
+// writes its shards in cache order.
 std::vector<datasets::ShardSlot> my_share(const std::vector<datasets::ShardSlot>& missing) {
+  std::vector<std::size_t> order(missing.size());
+  for (std::size_t k = 0; k < order.size(); ++k) order[k] = k;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::size_t a, std::size_t b) { return missing[a].rows > missing[b].rows; });
+  std::vector<std::int64_t> rows(static_cast<std::size_t>(mpi::size()), 0);
+  std::vector<bool> mine(missing.size(), false);
+  for (std::size_t k : order) {
+    const auto r = static_cast<std::size_t>(std::min_element(rows.begin(), rows.end()) - rows.begin());
+    rows[r] += missing[k].rows;
+    mine[k] = static_cast<int>(r) == mpi::rank();
+  }
   std::vector<datasets::ShardSlot> out;
   for (std::size_t k = 0; k < missing.size(); ++k) {
-    if (static_cast<int>(k % static_cast<std::size_t>(mpi::size())) == mpi::rank()) out.push_back(missing[k]);
+    if (mine[k]) out.push_back(missing[k]);
   }
   return out;
 }

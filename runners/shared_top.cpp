@@ -1,5 +1,7 @@
 #include "canopy/runners/shared_top.h"
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -12,6 +14,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
@@ -19,8 +22,10 @@
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
+#include "canopy/core/crc32c.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/mpi.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
@@ -192,11 +197,53 @@ at::Tensor SharedTop::features(const at::Tensor& rows, std::int64_t batch) {
   return out.empty() ? at::empty({0, feature_dim_}, at::kFloat) : at::cat(out, 0).contiguous();
 }
 
+void SharedTop::all_reduce_gradients() {
+  const auto t0 = std::chrono::steady_clock::now();
+  // Every rank trains the same blocks, so the same parameters (in the same order) take part;
+  // one that has no gradient on this rank (no rows in its slice) adds zeros.
+  std::vector<at::Tensor> grads;
+  for (const auto& [name, p] : params_) {
+    if (!p.requires_grad()) continue;
+    if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+    grads.push_back(p.grad());
+  }
+  const std::int64_t bucket = std::max<std::int64_t>(1, allreduce_bucket_bytes_ / 4);
+  for (std::size_t k = 0; k < grads.size();) {
+    // A bucket: consecutive gradients up to `bucket` floats (a larger one goes alone).
+    std::size_t end = k;
+    std::int64_t n = 0;
+    while (end < grads.size() && (end == k || n + grads[end].numel() <= bucket)) n += grads[end++].numel();
+    std::vector<at::Tensor> flat;
+    for (std::size_t i = k; i < end; ++i) flat.push_back(grads[i].to(at::kFloat).reshape({-1}));
+    at::Tensor buffer = at::cat(flat).contiguous();
+    mpi::all_reduce_sum(buffer.data_ptr<float>(), buffer.numel());
+    std::int64_t at = 0;
+    for (std::size_t i = k; i < end; ++i) {
+      grads[i].copy_(buffer.slice(0, at, at + grads[i].numel()).view(grads[i].sizes()));
+      at += grads[i].numel();
+    }
+    k = end;
+  }
+  allreduce_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ++allreduce_steps_;
+}
+
+std::uint64_t SharedTop::weights_hash() const {
+  std::uint64_t h = 0;
+  for (const auto& [name, p] : params_) {
+    const at::Tensor c = p.detach().to(at::kCPU).contiguous();
+    h = h * 1000003ULL + crc32c(c.data_ptr(), static_cast<std::size_t>(c.numel() * c.element_size()));
+  }
+  return h;
+}
+
 void SharedTop::step(const at::Tensor& z, const at::Tensor& grad) {
-  if (!z.requires_grad()) return;  // every block held frozen (gradual's warm-up)
+  if (allreduce_bucket_bytes_ == 0 && !z.requires_grad())
+    return;  // every block held frozen (gradual's warm-up)
   torch::jit::GraphOptimizerEnabledGuard plain(false);
   optimizer_->zero_grad();
-  torch::autograd::backward({z}, {grad.to(z.device())});
+  if (z.requires_grad() && z.numel() > 0) torch::autograd::backward({z}, {grad.to(z.device())});
+  if (allreduce_bucket_bytes_ > 0) all_reduce_gradients();
   for (const auto& [name, p] : params_) {
     CANOPY_CHECK(!p.grad().defined() || all_finite(p.grad()), Error,
                  "the shared top's gradient is not finite in ", name,

@@ -13,6 +13,7 @@
 
 #include <ATen/ops/zeros.h>
 
+#include "canopy/core/crc32c.h"
 #include "canopy/core/device.h"
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
@@ -42,6 +43,8 @@ std::int64_t resolve_workers(const TrainConfig& train) {
 
 namespace {
 
+// Data parallel over MPI ranks: the top's gradients are summed in buckets of this size.
+constexpr std::int64_t kAllreduceBucketBytes = 4 << 20;
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -360,7 +363,7 @@ class EpochLoop {
       set_.tasks[i]->start_epoch(epoch, set_.epochs[i]);
     }
     if (top_) top_->start_epoch(epoch, max_epochs_);
-    if (mpi::distributed()) take_share(active);
+    if (mpi::distributed() && !top_) take_share(active);
     return active;
   }
 
@@ -427,7 +430,17 @@ class EpochLoop {
   void train_shared_step(const std::vector<WorkUnit>& units, const datasets::Batch& batch, std::int64_t epoch,
                          std::int64_t step) {
     const auto step_start = Clock::now();
-    const at::Tensor z = top_->forward(batch.features, true, batch.index);
+    // Under mpirun, data parallel: this rank runs the top on its slice of the batch, every rank
+    // gets every slice's output, trains every head on all of it (as one process does), and
+    // back-propagates through the top its slice's part of the heads' gradient; the top's
+    // gradients are summed over the ranks before its step (SharedTop::step).
+    const auto [lo, hi] = my_rows(batch.features.size(0));
+    const at::Tensor z_own =
+        !mpi::distributed() ? top_->forward(batch.features, true, batch.index)
+        : hi > lo           ? top_->forward(batch.features.slice(0, lo, hi), true,
+                                  batch.index.defined() ? batch.index.slice(0, lo, hi) : batch.index)
+                            : at::empty({0, top_->feature_dim()}, at::kFloat);
+    const at::Tensor z = mpi::distributed() ? gather_rows(z_own, batch.features.size(0)) : z_own;
     CANOPY_CHECK(z.isfinite().all().item<bool>(), Error, "the shared top's output is not finite at epoch ",
                  epoch + 1, " step ", step + 1,
                  " (its weights diverged; lower trunk.lr). The last checkpoint in ", store_.dir(),
@@ -459,7 +472,7 @@ class EpochLoop {
     if (!total.defined()) return;  // every head failed: nothing to learn from
     top_moved_ = true;
     try {
-      top_->step(z, total);
+      top_->step(z_own, mpi::distributed() ? total.slice(0, lo, hi) : total);
     } catch (const Error& e) {
       throw Error(detail::str_cat(e.what(), " at epoch ", epoch + 1, " step ", step + 1,
                                   "; the last checkpoint in ", store_.dir(), " is the last good state"));
@@ -481,11 +494,44 @@ class EpochLoop {
   }
 
   bool mine(std::size_t i) const { return mine_.empty() || mine_[i]; }
+
+  // Under mpirun with a trainable top: the rows [lo, hi) of a batch of `rows` this rank's top
+  // pass takes (contiguous, as even as can be).
+  std::pair<std::int64_t, std::int64_t> my_rows(std::int64_t rows) const {
+    const std::int64_t k = mpi::size(), r = mpi::rank();
+    return {rows * r / k, rows * (r + 1) / k};
+  }
+  // Every rank's top output, in row order: the batch's [rows, D].
+  at::Tensor gather_rows(const at::Tensor& own, std::int64_t rows) const {
+    const std::int64_t d = top_->feature_dim();
+    std::vector<int> counts;
+    for (int r = 0; r < mpi::size(); ++r)
+      counts.push_back(static_cast<int>((rows * (r + 1) / mpi::size() - rows * r / mpi::size()) * d));
+    const at::Tensor mine = own.detach().to(at::kFloat).contiguous();
+    at::Tensor all = at::empty({rows, d}, at::kFloat);
+    mpi::all_gather(mine.data_ptr<float>(), counts, all.data_ptr<float>());
+    return all;
+  }
   std::vector<std::size_t> assigned_heads() const {
     std::vector<std::size_t> heads;
     for (const auto& u : assigned_) heads.insert(heads.end(), u.begin(), u.end());
     std::sort(heads.begin(), heads.end());
     return heads;
+  }
+
+  // Data parallel: every rank holds the same top and heads; a hash of all their weights,
+  // compared over the ranks at each epoch's end, says they still do.
+  void check_replicas_agree(std::int64_t epoch) const {
+    std::uint64_t h = top_->weights_hash();
+    for (const auto* t : set_.tasks) {
+      for (const auto& p : t->head().parameters()) {
+        const at::Tensor c = p.detach().contiguous();
+        h = h * 1000003ULL + crc32c(c.data_ptr(), static_cast<std::size_t>(c.numel() * c.element_size()));
+      }
+    }
+    CANOPY_CHECK(mpi::all_equal(h), Error, "the ranks' weights differ after epoch ", epoch + 1, " (",
+                 mpi::describe_rank(), " hashes them to ", h,
+                 "): the data-parallel replicas diverged; nothing of this epoch is saved");
   }
 
   // Under mpirun: every rank's runs of the heads it trains, on every rank.
@@ -514,6 +560,7 @@ class EpochLoop {
       if (best && keep_best_) set_.tasks[i]->keep_best();
     }
     sync_runs();
+    if (top_ && mpi::distributed()) check_replicas_agree(epoch);
     std::vector<double> means(runs_.size(), std::numeric_limits<double>::quiet_NaN());
     for (std::size_t i : active) {
       if (metrics_) metrics_->record(epoch, i, runs_[i]);
@@ -876,11 +923,18 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   mpi::barrier();
   const auto cache = open_checked_cache(config);
   TrainInputs in = open_inputs(cache, config, report);
-  CANOPY_CHECK(!mpi::distributed() || !in.shared.top, ConfigError,
-               "trunk.freeze = ", trunk::describe(config.trunk.freeze),
-               " trains the trunk's top, shared by every head, which ", mpi::size(),
-               " MPI ranks would train data-parallel; that is not built yet: run it in one process "
-               "(without mpirun), or freeze the trunk whole to spread the heads over ranks");
+  if (mpi::distributed() && in.shared.top) {
+    // Data parallel over the ranks (EpochLoop::train_shared_step).
+    CANOPY_CHECK(config.top.schedule == FreezeSchedule::kStatic, ConfigError,
+                 "trunk.schedule = ", to_string(config.top.schedule),
+                 " keeps cache levels of the train split in out_dir, which ", mpi::size(),
+                 " MPI ranks would each write; under mpirun use schedule = static, or run it in one "
+                 "process");
+    in.shared.top->set_data_parallel(kAllreduceBucketBytes);
+    log_info("the trunk's top trains data parallel over " + std::to_string(mpi::size()) +
+             " ranks: each takes a slice of every batch; gradients summed in buckets of " +
+             std::to_string(kAllreduceBucketBytes >> 20) + " MiB");
+  }
   const auto& source = in.train.source;
   SharedTop* top = in.shared.top.get();
   const at::Tensor eval_rows = in.selection().features.to(at::kFloat);
@@ -913,6 +967,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   const auto chooser = make_fusion_chooser(config, set, report.feature_dim);
   std::function<bool(const WorkUnit&)> fuse_unit;
   if (chooser) fuse_unit = std::ref(*chooser);
+  if (mpi::distributed() && top) store.set_owned(std::vector<bool>(set.tasks.size(), mpi::rank() == 0));
   EpochLoop loop(config, set, *source, eval_rows, top, in.shared.weighting.get(), store,
                  metrics ? &*metrics : nullptr, runner, runs, fuse_unit);
   if (mpi::rank() == 0) describe_fusion(set, loop.plan_options(), fuse_unit, chooser.get(), report);
@@ -920,7 +975,15 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   const auto train_start = Clock::now();
   loop.run(from, style);
   report.train_seconds = since(train_start);
-  if (mpi::distributed()) {
+  if (mpi::distributed() && top) {
+    char line[160];
+    const auto steps = std::max<std::int64_t>(1, top->allreduce_steps());
+    std::snprintf(line, sizeof line, "all-reduce of the top's gradients: %.3f ms per step over %lld steps",
+                  1000 * top->allreduce_seconds() / static_cast<double>(steps),
+                  static_cast<long long>(top->allreduce_steps()));
+    log_info(line);
+    if (mpi::rank() != 0) return report;  // rank 0 holds the same top and heads
+  } else if (mpi::distributed()) {
     // Rank 0 exports every head: the others' weights (and best epochs) from the checkpoint
     // all ranks wrote at the last epoch's end.
     if (mpi::rank() != 0) return report;

@@ -1,6 +1,11 @@
 // Per-head run state: losses, failures, early stopping, and the state a finished head ends in.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
+
+#include <ATen/ops/arange.h>
+
 #include "canopy/runners/head_run.h"
 
 namespace canopy::runners {
@@ -57,6 +62,37 @@ TEST(HeadRun, FailuresNameEpochAndStepCountingFromOne) {
   e.fail_evaluation(0, "bad shape");
   EXPECT_EQ(e.failure, "epoch 1 evaluation: bad shape");
   EXPECT_STREQ(state_name(e.state), "FAILED");
+}
+
+// How MPI ranks send runs to each other: every field exactly, NaN and the confusion matrix too.
+TEST(HeadRun, EncodedRunsDecodeToTheSameRun) {
+  HeadRun r;
+  r.finish_epoch(0, 5, accuracy(0.1 + 0.2), 0);  // a double with no short decimal form
+  r.add_loss(std::numeric_limits<double>::quiet_NaN());
+  r.add_loss(1.0 / 3.0);
+  r.seconds = 12.345678901234567;
+  r.eval.confusion = at::arange(9, at::kLong).reshape({3, 3});
+  r.eval.mean_ap = 0.7;
+  r.stop_note = "stopped, \"quoted\"\n";
+  HeadRun back;
+  decode_run(encode_run(r), back);
+  EXPECT_EQ(back.state, r.state);
+  EXPECT_EQ(back.epochs, 1);
+  EXPECT_EQ(back.eval.accuracy, 0.1 + 0.2);
+  EXPECT_TRUE(std::isnan(back.loss_sum));
+  EXPECT_EQ(back.loss_count, 2);
+  EXPECT_EQ(back.last_loss, 1.0 / 3.0);
+  EXPECT_EQ(back.seconds, r.seconds);
+  EXPECT_EQ(back.best_score, r.best_score);
+  EXPECT_EQ(back.stop_note, r.stop_note);
+  ASSERT_TRUE(back.eval.confusion.defined());
+  EXPECT_TRUE(back.eval.confusion.equal(r.eval.confusion));
+  EXPECT_EQ(back.eval.mean_ap, 0.7);
+  EXPECT_FALSE(back.eval.regression.has_value());
+  r.eval.regression = tasks::RegressionErrors{0.5, 0.25, -1.5};
+  decode_run(encode_run(r), back);
+  ASSERT_TRUE(back.eval.regression.has_value());
+  EXPECT_EQ(back.eval.regression->r2, -1.5);
 }
 
 }  // namespace

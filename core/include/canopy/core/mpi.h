@@ -42,6 +42,9 @@ std::string broadcast(const std::string& s);
 std::vector<std::string> gather(const std::string& mine);
 // Every rank's string, in rank order, on every rank.
 std::vector<std::string> all_gather(const std::string& mine);
+// Every rank's `counts[rank]` floats, concatenated in rank order, on every rank (`out` holds
+// the sum of counts).
+void all_gather(const float* mine, const std::vector<int>& counts, float* out);
 // In place: the element-wise sum over ranks.
 void all_reduce_sum(float* data, std::int64_t n);
 void all_reduce_sum(double* data, std::int64_t n);

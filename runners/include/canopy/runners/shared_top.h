@@ -57,6 +57,14 @@ class SharedTop {
   // output `z` and steps the optimizer. Throws Error when the top's gradient is not finite
   // (nothing is stepped) or its weights are not finite afterwards.
   void step(const at::Tensor& z, const at::Tensor& grad);
+  // Under mpirun (data parallel): the element-wise sum over ranks of every trainable
+  // parameter's gradient, in buckets of `bucket_bytes`, between the backward pass and the
+  // optimizer's step in step(); the seconds spent in it so far.
+  void set_data_parallel(std::int64_t bucket_bytes) { allreduce_bucket_bytes_ = bucket_bytes; }
+  double allreduce_seconds() const { return allreduce_seconds_; }
+  std::int64_t allreduce_steps() const { return allreduce_steps_; }
+  // A hash of the top's weights (every parameter's bytes), to check that ranks agree.
+  std::uint64_t weights_hash() const;
   // Whether any block of the top trains now (gradual: not during the warm-up).
   bool trains() const { return frozen_ < static_cast<std::int64_t>(top_blocks_.size()); }
   // Sets the learning rates of epoch `epoch` (0-based) of `total` from the schedule, and
@@ -91,6 +99,10 @@ class SharedTop {
   // and the pending level computed and stored).
   std::string feed(std::vector<at::Tensor>& parts, std::int64_t len, const at::Tensor& index);
   void hold(std::int64_t frozen);
+  void all_reduce_gradients();
+  std::int64_t allreduce_bucket_bytes_ = 0;  // 0: one process
+  double allreduce_seconds_ = 0;
+  std::int64_t allreduce_steps_ = 0;
   void track_gradients();
   std::string level_path(std::int64_t level) const;
   std::string level_fingerprint(std::int64_t level) const;
