@@ -71,6 +71,19 @@ bool built_with_mpi() {
 #endif
 }
 
+std::string library_version() {
+#ifdef CANOPY_WITH_MPI
+  char text[MPI_MAX_LIBRARY_VERSION_STRING];
+  int len = 0;
+  MPI_Get_library_version(text, &len);
+  std::string v(text, static_cast<std::size_t>(len));
+  const auto comma = v.find(',');  // "Open MPI v4.1.4, package: ..."
+  return comma == std::string::npos ? v : v.substr(0, comma);
+#else
+  return "none";
+#endif
+}
+
 int rank() { return g_rank; }
 int size() { return g_size; }
 

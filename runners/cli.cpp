@@ -199,7 +199,7 @@ int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&
 std::string version_text() {
   // CANOPY_VERSION is the CMake project's version (runners/CMakeLists.txt).
   return detail::str_cat("canopy ", CANOPY_VERSION, "\nLibTorch ", TORCH_VERSION, "\nHDF5 ",
-                         datasets::hdf5_version(), "\nCUDA available: ",
+                         datasets::hdf5_version(), "\nMPI ", mpi::library_version(), "\nCUDA available: ",
                          cuda_available()                ? std::string("yes")
                          : cuda_backend_status().empty() ? std::string("no (no GPU found)")
                                                          : "no (" + cuda_backend_status() + ")",

@@ -27,6 +27,8 @@ class Session {
 
 // Whether this build has MPI at all (CANOPY_WITH_MPI).
 bool built_with_mpi();
+// The MPI library, e.g. "Open MPI v4.1.4" ("none" without MPI). Local; needs no Session.
+std::string library_version();
 // This process's rank and the number of ranks (0 and 1 outside a launched job). Local.
 int rank();
 int size();
