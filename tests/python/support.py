@@ -18,6 +18,17 @@ def read_idx(path):
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def read_cache_view(cache):
+    """The train and test splits of a cache as users read them (cache.h5 through h5py):
+    {split: (features, class labels, ids)}."""
+    import h5py
+    out = {}
+    with h5py.File(os.path.join(cache, "cache.h5"), "r") as h:
+        for split in ("train", "test"):
+            out[split] = (h[f"{split}/features"][:], h[f"{split}/labels/class"][:], h[f"{split}/ids"][:])
+    return out
+
+
 def check(cond, what):
     print(("ok   " if cond else "FAIL ") + what, flush=True)
     if not cond:

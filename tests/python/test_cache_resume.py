@@ -11,10 +11,9 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 
-from support import check, finish, kill_when, slow_conv_trunk, start, tiny_trunk_sections
+from support import check, finish, read_cache_view, kill_when, slow_conv_trunk, start, tiny_trunk_sections
 
 
 
@@ -33,14 +32,6 @@ def manifest(cache):
             return json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def read_all(cache):
-    out = {}
-    with h5py.File(os.path.join(cache, "cache.h5"), "r") as h:
-        for split in ("train", "test"):
-            out[split] = (h[f"{split}/features"][:], h[f"{split}/labels/class"][:], h[f"{split}/ids"][:])
-    return out
 
 
 def main():
@@ -76,7 +67,7 @@ def main():
     r = subprocess.run([canopy, "inspect", cut_cache, "--verify"], capture_output=True, text=True)
     check(r.returncode == 0 and "complete" in r.stdout and "verified" in r.stdout, "inspect --verify passes after resuming")
 
-    ref, cut = read_all(ref_cache), read_all(cut_cache)
+    ref, cut = read_cache_view(ref_cache), read_cache_view(cut_cache)
     for split in ("train", "test"):
         same = all(np.array_equal(x, y) and x.dtype == y.dtype for x, y in zip(ref[split], cut[split]))
         check(same, f"{split}: features, labels and ids bitwise identical to the uninterrupted run "

@@ -29,8 +29,10 @@
 // Crash safety: each shard is written under a temporary name, fsynced and renamed; only
 // then is it added to the manifest (itself written to a temporary file, fsynced, renamed).
 // A run killed at any moment leaves a manifest listing only complete shards, and a rerun
-// resumes after them. Every data region is checksummed (CRC-32C) in the manifest and the
-// file size recorded: a flipped byte or a truncated shard is reported, never used.
+// computes only the shards no manifest lists. Under mpirun the other ranks list theirs in
+// <dir>/manifest.rank<R>.json, adopted into manifest.json when the cache is finished.
+// Every data region is checksummed (CRC-32C) in the manifest and the file size recorded: a
+// flipped byte or a truncated shard is reported, never used.
 #pragma once
 
 #include <cstdint>
