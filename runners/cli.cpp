@@ -1,10 +1,12 @@
 #include "canopy/runners/cli.h"
 
+#include <chrono>
 #include <functional>
 #include <iomanip>
 #include <iostream>
 #include <optional>
 #include <sstream>
+#include <thread>
 
 #include <torch/version.h>
 #include <boost/program_options.hpp>
@@ -15,6 +17,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/core/mpi.h"
 #include "canopy/core/progress.h"
+#include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/datasets/text.h"
@@ -105,6 +108,14 @@ int run_job(const std::string& command, const po::variables_map& vm, const tasks
   if (vm.count("fail-fast")) flags.push_back("train.fail_fast=true");
   if (vm.count("no-fuse")) flags.push_back("train.fuse=never");
   const JobConfig config = config_from(vm, command, flags);
+  // Every rank must run the same job (an MPMD launch, or files that differ between nodes):
+  // the resolved configuration, after its first line (which names the file it came from).
+  const std::string resolved = dump_config(config);
+  CANOPY_CHECK(
+      mpi::all_equal(std::stoull(
+          sha256_hex(std::string_view(resolved).substr(resolved.find('\n') + 1)).substr(0, 15), nullptr, 16)),
+      ConfigError, "the ranks of this mpirun job were given different configurations (", config.source,
+      " resolves to another job on some rank): every rank must read the same one");
   if (vm.count("dump-config")) {
     out << dump_config(config);
     return kExitOk;
@@ -328,6 +339,10 @@ int run_command(const Command& c, const std::vector<std::string>& args, const ta
     out << "usage: " << c.usage << "\n\n" << c.summary << "\n\n" << desc;
     return kExitOk;
   }
+  const std::string name = c.name;
+  CANOPY_CHECK(!mpi::distributed() || name == "cache" || name == "train" || name == "run", ConfigError,
+               "canopy ", c.name, " runs in one process; under mpirun (", mpi::size(),
+               " ranks) only cache, train and run spread their work: start it without mpirun");
   return c.run(vm, registry, out, err);
 }
 
@@ -392,6 +407,9 @@ int run_cli(int argc, const char* const* argv, const tasks::HeadRegistry& regist
   if (rc != kExitOk && mpi::distributed()) {
     std::cout.flush();
     std::cerr.flush();
+    // mpirun forwards a rank's output asynchronously and drops what it has not read when the
+    // job ends: a moment for the error to reach the user first.
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
     mpi::abort_job(rc);
   }
   return rc;

@@ -3,8 +3,9 @@
 
   - the 3-rank cache is bitwise identical to the one-process cache (read back with h5py, and
     the manifests list the same shards with the same checksums);
-  - a rank that throws (an MPMD launch giving rank 1 a missing trunk) ends the job at once,
-    naming itself; rank 0's cache stays as it was;
+  - a rank that throws (an MPMD launch starting rank 1 where the config's relative trunk path
+    finds nothing) ends the job at once, naming itself; ranks given different configurations
+    are refused;
   - a rank SIGKILLed mid-build ends the whole job within seconds, non-zero; the rerun with a
     different number of ranks (2) resumes, keeping the shards already written, and gives the
     same cache;
@@ -94,6 +95,7 @@ def rank_pids(parent):
 
 def main():
     canopy, work, trunk = start("canopy-mpi-", slow_conv_trunk, "slow.pt")
+    canopy = os.path.abspath(canopy)  # one of the launches below starts in another directory
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     # --- the cache: one process, then 3 ranks -----------------------------------------
@@ -152,22 +154,29 @@ def main():
           f"2 ranks resume the killed 3-rank build: {(r.stdout + r.stderr)[-500:]}")
     check(same_cache(ref_cache, cut_cache) and shard_records(ref_cache) == shard_records(cut_cache),
           f"the resumed cache is bitwise the one-process cache ({kept_before} shard files were there)")
-    # --- a rank that throws ends the job: rank 1 is given a trunk that is not there (an MPMD
-    # launch), rank 0 waits for it in a collective call until MPI_Abort ends it.
+    # --- a rank that throws ends the job: the config names its trunk by a relative path and
+    # rank 1 starts in another directory (an MPMD launch), so it alone cannot find it; rank 0
+    # waits for it in a collective call until MPI_Abort ends it.
+    rel_cfg, rel_cache = os.path.join(work, "rel.ini"), os.path.join(work, "rel")
+    write_config(rel_cfg, os.path.basename(trunk), rel_cache)
     bad_cfg = os.path.join(work, "bad.ini")
-    write_config(bad_cfg, os.path.join(work, "missing.pt"), os.path.join(work, "bad"))
-    t = time.time()
-    try:
-        r = subprocess.run(MPIRUN + ["-np", "1", canopy, "cache", "--config", mpi_cfg, "--force", "--progress",
-                                     "quiet", ":", "-np", "1", canopy, "cache", "--config", bad_cfg, "--progress",
-                                     "quiet"], capture_output=True, text=True, timeout=60 * slowdown(), env=mpi_env())
-        took = time.time() - t
-        check(r.returncode != 0 and took < 20 * slowdown() and "error on rank 1 of 2" in r.stderr,
-              f"a rank that throws ends the job in {took:.1f} s, exit {r.returncode}, naming itself: "
-              f"{[l for l in r.stderr.splitlines() if 'rank 1 of 2' in l][:1]}")
-    except subprocess.TimeoutExpired:
-        check(False, "a rank that throws ends the job (it hung for 60 s)")
-    check(same_cache(ref_cache, mpi_cache), "... and the cache rank 0 was rebuilding beside is still the good one")
+    write_config(bad_cfg, trunk, os.path.join(work, "bad"))
+    for what, second, said in (("a rank that throws", ["-wdir", "/", canopy, "cache", "--config", rel_cfg],
+                                "error on rank 1 of 2: trunk file 'slow.pt' does not exist"),
+                               ("ranks given different configurations", [canopy, "cache", "--config", bad_cfg],
+                                "were given different configurations")):
+        t = time.time()
+        try:
+            r = subprocess.run(MPIRUN + ["-np", "1", canopy, "cache", "--config", rel_cfg, "--progress", "quiet", ":",
+                                         "-np", "1", *second, "--progress", "quiet"], capture_output=True, text=True,
+                               timeout=60 * slowdown(), env=mpi_env(), cwd=work)
+            took = time.time() - t
+            check(r.returncode != 0 and took < 20 * slowdown() and said in r.stderr,
+                  f"{what} ends the job in {took:.1f} s, exit {r.returncode}, saying so: "
+                  f"{[l for l in r.stderr.splitlines() if 'rank' in l and 'error' in l][:2] or r.stderr[-300:]}")
+        except subprocess.TimeoutExpired:
+            check(False, f"{what} ends the job (it hung for 60 s)")
+        check(not os.path.exists(os.path.join(rel_cache, "cache.h5")), "... leaving no finished cache")
 
     # --- frozen-trunk heads spread over 3 ranks ------------------------------------------
     check_training(canopy, work, trunk, ref_cache, env)
