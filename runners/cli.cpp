@@ -296,7 +296,7 @@ const std::vector<Command>& commands() {
          out << config_reference();
          return kExitOk;
        }},
-      {"version", "canopy version", "print the versions of canopy, LibTorch and HDF5",
+      {"version", "canopy version", "print the versions of canopy, LibTorch, HDF5 and MPI",
        [](po::options_description&, po::positional_options_description&) {},
        [](const po::variables_map&, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
          out << version_text();
