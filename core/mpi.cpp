@@ -153,22 +153,21 @@ void all_gather(const float* mine, const std::vector<int>& counts, float* out) {
         "MPI_Allgatherv");
 }
 
-void all_reduce_sum(float* data, std::int64_t n) {
-  if (!g_active) return;
-  for (std::int64_t done = 0; done < n;) {  // counts are ints: in pieces of at most 2^30
-    const int k = static_cast<int>(std::min<std::int64_t>(n - done, 1 << 30));
-    check(MPI_Allreduce(MPI_IN_PLACE, data + done, k, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
-    done += k;
-  }
-}
-void all_reduce_sum(double* data, std::int64_t n) {
+namespace {
+// Counts are ints: in pieces of at most 2^30 elements.
+template <typename T>
+void sum_in_place(T* data, std::int64_t n, MPI_Datatype type) {
   if (!g_active) return;
   for (std::int64_t done = 0; done < n;) {
     const int k = static_cast<int>(std::min<std::int64_t>(n - done, 1 << 30));
-    check(MPI_Allreduce(MPI_IN_PLACE, data + done, k, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
+    check(MPI_Allreduce(MPI_IN_PLACE, data + done, k, type, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
     done += k;
   }
 }
+}  // namespace
+
+void all_reduce_sum(float* data, std::int64_t n) { sum_in_place(data, n, MPI_FLOAT); }
+void all_reduce_sum(double* data, std::int64_t n) { sum_in_place(data, n, MPI_DOUBLE); }
 
 bool all_equal(std::uint64_t value) {
   if (!g_active) return true;

@@ -564,6 +564,8 @@ FeatureCacheWriter::FeatureCacheWriter(std::string dir, CacheMeta meta,
   }
 }
 
+FeatureCacheWriter::FeatureCacheWriter(FeatureCacheWriter&&) noexcept = default;
+FeatureCacheWriter& FeatureCacheWriter::operator=(FeatureCacheWriter&&) noexcept = default;
 FeatureCacheWriter::~FeatureCacheWriter() = default;
 
 std::int64_t FeatureCacheWriter::rows_done(const std::string& split) const {

@@ -202,9 +202,9 @@ CacheState existing_cache(const JobConfig& config, const std::string& descriptio
   }
 }
 
-datasets::CacheMeta cache_meta(const JobConfig& config, const CacheReport& report,
-                               const std::string& description, const std::string& trunk_sha,
-                               const InputData& data, std::int64_t dim) {
+datasets::CacheMeta base_meta(const JobConfig& config, const CacheReport& report,
+                              const std::string& description, const std::string& trunk_sha,
+                              const InputData& data, std::int64_t dim) {
   datasets::CacheMeta meta;
   meta.fingerprint = report.fingerprint;
   meta.description = description;
@@ -323,6 +323,25 @@ class RowEncoder {
   std::int64_t pad_to_;
 };
 
+// What the cache's manifest says of it; one sample tells the feature dimension (the writer
+// needs it before the first shard), and a cache of a frozen prefix records its row layout.
+datasets::CacheMeta cache_meta(const JobConfig& config, const CacheReport& report,
+                               const std::string& description, const std::string& trunk_sha,
+                               const InputData& data, const RowEncoder& encoder, const trunk::Trunk& trunk) {
+  const auto sample = data.splits.at("train").inputs({0});
+  const auto parts = encoder.prefix() ? encoder.layout(sample) : std::vector<datasets::RowPart>{};
+  std::int64_t dim = parts.empty() ? encoder(sample).size(1) : 0;
+  for (const auto& p : parts) dim += p.numel();
+  auto meta = base_meta(config, report, description, trunk_sha, data, dim);
+  if (encoder.prefix()) {
+    meta.boundary = trunk.split().boundary;
+    meta.row_parts = parts;
+    log_info("cache holds the output of the frozen prefix (blocks up to " + meta.boundary +
+             ") for the trainable top: " + std::to_string(dim) + " values per row");
+  }
+  return meta;
+}
+
 // Features of rows [w, wend) of `in`, in row order. Texts (`window` > batch) run in trunk
 // batches of sorted lengths, scattered back to row order.
 at::Tensor encode_window(const RowEncoder& trunk, const InputSplit& in, std::int64_t w, std::int64_t wend,
@@ -424,6 +443,51 @@ CacheState shared_state(CacheState state, bool& replaces, CacheReport& report) {
   return static_cast<CacheState>(told.at(0) - '0');
 }
 
+// The augmented views of train (cache.views > 1): splits train.view1 ..., the same rows, ids
+// and labels, each view's images drawn by datasets::augment_view.
+void add_view_splits(const JobConfig& config, InputData& data) {
+  for (std::int64_t v = 1; v < config.cache.views; ++v) {
+    InputSplit view = data.splits.at("train");
+    view.inputs = [base = view.inputs, ids = view.ids, v, aug = config.augment,
+                   pre = config.preprocess](const std::vector<std::int64_t>& rows) {
+      auto in = base(rows);
+      in.at(0) = datasets::augment_view(in[0], ids.index_select(0, at::tensor(rows, at::kLong)), v, aug, pre);
+      return in;
+    };
+    data.splits[datasets::view_split("train", v)] = std::move(view);
+  }
+}
+
+// The cache's writer on this rank. Rank 0 (the owner) keeps what verifies and writes
+// manifest.json; only then do the other ranks start, from that manifest, each listing its
+// shards in its own manifest.rank<R>.json. `note` (rank 0) says what was kept.
+datasets::FeatureCacheWriter open_writer(const std::string& target, const datasets::CacheMeta& meta,
+                                         const std::map<std::string, std::int64_t>& split_rows,
+                                         std::int64_t shard_rows, bool resume, std::string& note) {
+  if (mpi::rank() == 0) {
+    datasets::FeatureCacheWriter owner(target, meta, split_rows, shard_rows, resume, &note);
+    mpi::barrier();
+    return owner;
+  }
+  mpi::barrier();
+  return datasets::FeatureCacheWriter(target, meta, split_rows, shard_rows, true, nullptr, mpi::rank());
+}
+
+// Never a finished cache that passes --verify and fails every head: any rank's non-finite
+// rows fail the run on every rank, and rank 0 removes the manifest.
+void refuse_non_finite(const NonFinite& nonfinite, const std::string& path, const std::string& target) {
+  double bad_rows = static_cast<double>(nonfinite.rows);
+  mpi::all_reduce_sum(&bad_rows, 1);
+  if (bad_rows == 0) return;
+  if (mpi::rank() == 0) std::remove(datasets::manifest_path(target).c_str());
+  throw DataError(detail::str_cat(
+      "the trunk gave non-finite features (NaN or Inf) for ", static_cast<std::int64_t>(bad_rows),
+      " rows (first", mpi::distributed() ? " on " + mpi::describe_rank() : "", ": ",
+      nonfinite.first.empty() ? "none" : join(nonfinite.first, ", "), "); the cache at '", path,
+      "' was not finished. Check the trunk and the preprocessing "
+      "(preprocess.mean, preprocess.std) for these inputs"));
+}
+
 }  // namespace
 
 CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, ProgressStyle style) {
@@ -462,30 +526,11 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
                " caches augmented views of the trunk's features, but trunk.freeze = ",
                trunk::describe(config.trunk.freeze),
                " leaves a top to train over the cached prefix; use views with a trunk frozen whole");
-  for (std::int64_t v = 1; v < config.cache.views; ++v) {
-    InputSplit view = data.splits.at("train");  // the same rows, ids and labels
-    view.inputs = [base = view.inputs, ids = view.ids, v, aug = config.augment,
-                   pre = config.preprocess](const std::vector<std::int64_t>& rows) {
-      auto in = base(rows);
-      in.at(0) = datasets::augment_view(in[0], ids.index_select(0, at::tensor(rows, at::kLong)), v, aug, pre);
-      return in;
-    };
-    data.splits[datasets::view_split("train", v)] = std::move(view);
-  }
+  add_view_splits(config, data);
   std::map<std::string, std::int64_t> split_rows;
   for (const auto& [split, d] : data.splits) split_rows[split] = d.rows;
-  // One sample tells the feature dimension (the writer needs it before the first shard).
-  const auto sample = data.splits.at("train").inputs({0});
-  const auto parts = encoder.prefix() ? encoder.layout(sample) : std::vector<datasets::RowPart>{};
-  std::int64_t dim = parts.empty() ? encoder(sample).size(1) : 0;
-  for (const auto& p : parts) dim += p.numel();
-  auto meta = cache_meta(config, report, description, trunk_sha, data, dim);
-  if (encoder.prefix()) {
-    meta.boundary = trunk->split().boundary;
-    meta.row_parts = parts;
-    log_info("cache holds the output of the frozen prefix (blocks up to " + meta.boundary +
-             ") for the trainable top: " + std::to_string(dim) + " values per row");
-  }
+  const auto meta = cache_meta(config, report, description, trunk_sha, data, encoder, *trunk);
+  const std::int64_t dim = meta.feature_dim;
   // A complete cache being replaced (other inputs, or --force) is rebuilt beside it, in
   // <path>/rebuild, and swapped in only when complete: a failed rebuild leaves it usable. A
   // rebuild killed earlier resumes there when its fingerprint matches.
@@ -493,15 +538,8 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   const std::string target = beside ? join_path(config.cache.path, "rebuild") : config.cache.path;
   const bool resume = state == CacheState::kResume || beside;
   std::string note;
-  // Rank 0 (the owner) keeps what verifies and writes manifest.json; only then do the other
-  // ranks start, from that manifest, each listing its shards in its own manifest.rank<R>.json.
-  std::optional<datasets::FeatureCacheWriter> owner;
-  if (mpi::rank() == 0) owner.emplace(target, meta, split_rows, config.cache.shard_rows, resume, &note);
-  mpi::barrier();
-  std::optional<datasets::FeatureCacheWriter> helper;
-  if (mpi::rank() != 0)
-    helper.emplace(target, meta, split_rows, config.cache.shard_rows, true, nullptr, mpi::rank());
-  datasets::FeatureCacheWriter& writer = owner ? *owner : *helper;
+  datasets::FeatureCacheWriter writer =
+      open_writer(target, meta, split_rows, config.cache.shard_rows, resume, note);
   if (beside) note = "built beside the old cache, which stays usable until this one is complete; " + note;
   if (resume && !note.empty()) report.reason = report.reason.empty() ? note : report.reason + "; " + note;
   const auto missing = writer.missing_shards();
@@ -526,18 +564,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
     out.finish();
     progress.finish();
   }
-  double bad_rows = static_cast<double>(nonfinite.rows);  // every rank's
-  mpi::all_reduce_sum(&bad_rows, 1);
-  if (bad_rows > 0) {  // never a finished cache that passes --verify and fails every head
-    if (mpi::rank() == 0) std::remove(datasets::manifest_path(target).c_str());
-    throw DataError(detail::str_cat("the trunk gave non-finite features (NaN or Inf) for ",
-                                    static_cast<std::int64_t>(bad_rows), " rows (first",
-                                    mpi::distributed() ? " on " + mpi::describe_rank() : "", ": ",
-                                    nonfinite.first.empty() ? "none" : join(nonfinite.first, ", "),
-                                    "); the cache at '", config.cache.path,
-                                    "' was not finished. Check the trunk and the preprocessing "
-                                    "(preprocess.mean, preprocess.std) for these inputs"));
-  }
+  refuse_non_finite(nonfinite, config.cache.path, target);
   mpi::barrier();  // every rank's shards are written and listed
   report.rows = split_rows;
   report.feature_dim = dim;

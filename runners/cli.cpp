@@ -102,20 +102,24 @@ void job_options(po::options_description& d, bool cache, bool train) {
   add_progress_option(d);
 }
 
-int run_job(const std::string& command, const po::variables_map& vm, const tasks::HeadRegistry& registry,
-            std::ostream& out, std::ostream& err) {
-  std::vector<std::string> flags;
-  if (vm.count("fail-fast")) flags.push_back("train.fail_fast=true");
-  if (vm.count("no-fuse")) flags.push_back("train.fuse=never");
-  const JobConfig config = config_from(vm, command, flags);
-  // Every rank must run the same job (an MPMD launch, or files that differ between nodes):
-  // the resolved configuration, after its first line (which names the file it came from).
+// Under mpirun every rank must run the same job (an MPMD launch, or files that differ between
+// nodes, would not): the resolved configuration, after its first line (which names the file).
+void check_same_config(const JobConfig& config) {
   const std::string resolved = dump_config(config);
   CANOPY_CHECK(
       mpi::all_equal(std::stoull(
           sha256_hex(std::string_view(resolved).substr(resolved.find('\n') + 1)).substr(0, 15), nullptr, 16)),
       ConfigError, "the ranks of this mpirun job were given different configurations (", config.source,
       " resolves to another job on some rank): every rank must read the same one");
+}
+
+int run_job(const std::string& command, const po::variables_map& vm, const tasks::HeadRegistry& registry,
+            std::ostream& out, std::ostream& err) {
+  std::vector<std::string> flags;
+  if (vm.count("fail-fast")) flags.push_back("train.fail_fast=true");
+  if (vm.count("no-fuse")) flags.push_back("train.fuse=never");
+  const JobConfig config = config_from(vm, command, flags);
+  if (mpi::distributed()) check_same_config(config);
   if (vm.count("dump-config")) {
     out << dump_config(config);
     return kExitOk;

@@ -228,13 +228,18 @@ void SharedTop::all_reduce_gradients() {
   ++allreduce_steps_;
 }
 
-std::uint64_t SharedTop::weights_hash() const {
-  std::uint64_t h = 0;
-  for (const auto& [name, p] : params_) {
-    const at::Tensor c = p.detach().to(at::kCPU).contiguous();
+std::uint64_t hash_weights(const std::vector<at::Tensor>& tensors, std::uint64_t h) {
+  for (const auto& t : tensors) {
+    const at::Tensor c = t.detach().to(at::kCPU).contiguous();
     h = h * 1000003ULL + crc32c(c.data_ptr(), static_cast<std::size_t>(c.numel() * c.element_size()));
   }
   return h;
+}
+
+std::uint64_t SharedTop::weights_hash() const {
+  std::vector<at::Tensor> weights;
+  for (const auto& [name, p] : params_) weights.push_back(p);
+  return hash_weights(weights);
 }
 
 void SharedTop::step(const at::Tensor& z, const at::Tensor& grad) {

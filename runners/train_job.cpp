@@ -13,7 +13,6 @@
 
 #include <ATen/ops/zeros.h>
 
-#include "canopy/core/crc32c.h"
 #include "canopy/core/device.h"
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
@@ -523,12 +522,7 @@ class EpochLoop {
   // compared over the ranks at each epoch's end, says they still do.
   void check_replicas_agree(std::int64_t epoch) const {
     std::uint64_t h = top_->weights_hash();
-    for (const auto* t : set_.tasks) {
-      for (const auto& p : t->head().parameters()) {
-        const at::Tensor c = p.detach().contiguous();
-        h = h * 1000003ULL + crc32c(c.data_ptr(), static_cast<std::size_t>(c.numel() * c.element_size()));
-      }
-    }
+    for (const auto* t : set_.tasks) h = hash_weights(t->head().parameters(), h);
     CANOPY_CHECK(mpi::all_equal(h), Error, "the ranks' weights differ after epoch ", epoch + 1, " (",
                  mpi::describe_rank(), " hashes them to ", h,
                  "): the data-parallel replicas diverged; nothing of this epoch is saved");

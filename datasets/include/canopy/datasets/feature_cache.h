@@ -163,6 +163,8 @@ class FeatureCacheWriter {
                      std::int64_t shard_rows, bool resume, std::string* note = nullptr, int helper_rank = -1);
   FeatureCacheWriter(const FeatureCacheWriter&) = delete;
   FeatureCacheWriter& operator=(const FeatureCacheWriter&) = delete;
+  FeatureCacheWriter(FeatureCacheWriter&&) noexcept;
+  FeatureCacheWriter& operator=(FeatureCacheWriter&&) noexcept;
   ~FeatureCacheWriter();
 
   // Rows already stored for `split`.

@@ -32,6 +32,10 @@ class Optimizer;
 
 namespace canopy::runners {
 
+// A hash of tensors' bytes, in order, continuing `h`: what MPI ranks compare to check that
+// their replicas of the same weights agree.
+std::uint64_t hash_weights(const std::vector<at::Tensor>& tensors, std::uint64_t h = 0);
+
 class SharedTop {
  public:
   // `trunk` loaded with the policy that made the cache (`meta`): its boundary must be the
