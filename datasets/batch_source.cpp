@@ -5,11 +5,14 @@
 #include <algorithm>
 #include <deque>
 #include <exception>
+#include <mutex>
 #include <thread>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/randperm.h>
 
@@ -28,7 +31,8 @@ at::Tensor epoch_permutation(std::int64_t n, std::uint64_t seed, std::int64_t ep
 }
 
 std::uint64_t bytes_of(const SplitData& d) {
-  std::uint64_t b = d.features.numel() * d.features.element_size() + d.ids.numel() * 8;
+  std::uint64_t b =
+      (d.features.defined() ? d.features.nbytes() : 0) + (d.ids.defined() ? d.ids.numel() * 8 : 0);
   for (const auto& [src, t] : d.labels) b += t.numel() * 8;
   return b;
 }
@@ -101,11 +105,11 @@ class StreamingSource : public BatchSource {
         method_(method),
         keep_(std::move(keep)) {
     rows_ = keep_.defined() ? keep_.sum().item<std::int64_t>() : cache_.rows(split_);
-    std::int64_t shard_rows = 1;
     for (const auto& s : shards_) {
       shard_bytes_ = std::max(shard_bytes_, bytes_of_shard(s));
-      shard_rows = std::max(shard_rows, s.rows);
+      shard_rows_ = std::max(shard_rows_, s.rows);
     }
+    const std::int64_t shard_rows = shard_rows_;
     // Memory, in shards: the window being served, the rows carried over from the previous
     // window (less than one batch), one shard queued and one being read.
     const std::uint64_t carry = static_cast<std::uint64_t>((batch_size + shard_rows - 1) / shard_rows);
@@ -124,7 +128,7 @@ class StreamingSource : public BatchSource {
     std::vector<ShardInfo> ordered;
     for (std::int64_t i = 0; i < order.numel(); ++i)
       ordered.push_back(shards_[order[i].item<std::int64_t>()]);
-    release_window();
+    release_window(true);
     queue_ = std::make_unique<BoundedQueue<SplitData>>(1);
     error_ = nullptr;
     window_count_ = 0;
@@ -132,8 +136,15 @@ class StreamingSource : public BatchSource {
       try {
         for (const auto& s : ordered) {
           const std::uint64_t bytes = bytes_of_shard(s);
-          add_held(bytes);  // counted from allocation on
-          SplitData d = cache_.read_shard(s, method_);
+          // A window's released shard, refilled in place: its pages are already mapped (a
+          // new buffer page-faults every 4 KiB of it in again, on the cores that train).
+          SplitData spare = take_spare();
+          if (!spare.features.defined() || spare.features.size(0) != s.rows) {
+            held_ -= bytes_of(spare);
+            spare = SplitData();
+            add_held(bytes);  // counted from allocation on
+          }
+          SplitData d = cache_.read_shard(s, method_, std::move(spare));
           if (keep_.defined()) {  // rows held out (a validation split) never train
             const at::Tensor local = keep_.slice(0, s.first_row, s.first_row + s.rows).nonzero().flatten();
             if (local.numel() < s.rows) {
@@ -189,33 +200,61 @@ class StreamingSource : public BatchSource {
     }
   }
 
-  void release_window() {
-    for (const auto& p : parts_) held_ -= bytes_of(p);
+  void release_window(bool trim) {
     const bool had = !parts_.empty();
+    {
+      const std::lock_guard<std::mutex> lock(spare_mutex_);
+      for (std::size_t k = 0; k < parts_.size(); ++k) {
+        // Shards as read (not a carry) wait for the reader to refill them, still counted as
+        // held: at most a window's worth, which the old window's count held already.
+        SplitData& p = parts_[k];
+        const bool spare = k >= first_shard_part_ && p.features.size(0) == shard_rows_ &&
+                           p.features.use_count() == 1 && p.features.storage().use_count() == 1 &&
+                           spares_.size() < window_;
+        if (spare) {
+          spares_.push_back(std::move(p));
+        } else {
+          held_ -= bytes_of(p);
+        }
+      }
+    }
     parts_.clear();
     // glibc keeps freed blocks below its (self-raising) mmap threshold on the heap; give
     // them back so the process's memory, not only canopy's count, stays under the cap.
-    if (had) ::malloc_trim(0);
+    // Once an epoch: the shards are refilled in place, and trimming at every window made
+    // each batch's buffers page-fault in again (about 5% of a streamed run's time).
+    if (had && trim) ::malloc_trim(0);
     offsets_ = {0};
     total_ = pos_ = 0;
   }
 
   // The rows `idx` (window positions) gathered from the parts of the window.
   SplitData gather(const at::Tensor& idx) const {
-    std::vector<at::Tensor> f, ids;
-    std::map<std::string, std::vector<at::Tensor>> l;
+    if (parts_.size() == 1) return select_rows(parts_[0], idx);
+    std::vector<std::pair<std::size_t, at::Tensor>> local;  // (part, its rows), in part order
     for (std::size_t p = 0; p < parts_.size(); ++p) {
       const at::Tensor in = idx.masked_select(idx.ge(offsets_[p]).logical_and(idx.lt(offsets_[p + 1])));
-      if (in.numel() == 0) continue;
-      const at::Tensor local = in - offsets_[p];
-      f.push_back(parts_[p].features.index_select(0, local));
-      ids.push_back(parts_[p].ids.index_select(0, local));
-      for (const auto& [src, t] : parts_[p].labels) l[src].push_back(t.index_select(0, local));
+      if (in.numel() > 0) local.emplace_back(p, in - offsets_[p]);
     }
+    if (local.size() == 1) return select_rows(parts_[local[0].first], local[0].second);
+    // Each part's rows copied once, straight to their place in the batch.
+    const SplitData& like = parts_[local[0].first];
+    const std::int64_t n = idx.numel();
     SplitData out;
-    out.features = at::cat(f);
-    out.ids = at::cat(ids);
-    for (auto& [src, ts] : l) out.labels[src] = at::cat(ts);
+    out.features = at::empty({n, like.features.size(1)}, like.features.options());
+    out.ids = at::empty({n}, like.ids.options());
+    for (const auto& [src, t] : like.labels) out.labels[src] = at::empty({n}, t.options());
+    std::int64_t first = 0;
+    for (const auto& [p, rows] : local) {
+      auto into = [&, &rows = rows](const at::Tensor& dst, const at::Tensor& src) {
+        at::Tensor slice = dst.narrow(0, first, rows.numel());
+        at::index_select_out(slice, src, 0, rows);
+      };
+      into(out.features, parts_[p].features);
+      into(out.ids, parts_[p].ids);
+      for (const auto& [src, t] : parts_[p].labels) into(out.labels.at(src), t);
+      first += rows.numel();
+    }
     return out;
   }
 
@@ -228,8 +267,9 @@ class StreamingSource : public BatchSource {
       carry = gather(order_.slice(0, pos_));
       add_held(bytes_of(carry));
     }
-    release_window();
+    release_window(false);
     if (has_carry) parts_.push_back(std::move(carry));
+    first_shard_part_ = parts_.size();
     bool added = false;
     for (std::uint64_t k = 0; k < window_; ++k) {
       auto d = queue_->pop();
@@ -242,6 +282,14 @@ class StreamingSource : public BatchSource {
     pos_ = 0;
     order_ = epoch_permutation(total_, seed_, epoch_, 2 + window_count_++);
     return added;
+  }
+
+  SplitData take_spare() {
+    const std::lock_guard<std::mutex> lock(spare_mutex_);
+    if (spares_.empty()) return {};
+    SplitData d = std::move(spares_.back());
+    spares_.pop_back();
+    return d;
   }
 
   void stop() {
@@ -263,12 +311,16 @@ class StreamingSource : public BatchSource {
   at::Tensor keep_;  // bool [split rows]: the rows served; undefined: all
   std::int64_t rows_ = 0;
   std::uint64_t shard_bytes_ = 0;
+  std::int64_t shard_rows_ = 1;
   std::uint64_t window_ = 1;
   std::int64_t epoch_ = 0;
   std::unique_ptr<BoundedQueue<SplitData>> queue_;
   std::thread reader_;
   std::exception_ptr error_;
   std::vector<SplitData> parts_;
+  std::mutex spare_mutex_;
+  std::vector<SplitData> spares_;     // released shards, for the reader to refill
+  std::size_t first_shard_part_ = 0;  // parts_ before it: the carry
   std::vector<std::int64_t> offsets_{0};
   at::Tensor order_;
   std::int64_t total_ = 0;

@@ -320,13 +320,17 @@ namespace {
 class RegionReader {
  public:
   RegionReader(const std::string& dir, const ShardInfo& s, const CacheMeta& meta)
-      : file_(join_path(dir, s.file)), s_(s), meta_(meta) {
-    const std::uint64_t size = file_size(file_);
-    CANOPY_CHECK(size == s.bytes, DataError, "shard '", file_, "' has ", size, " bytes, the manifest says ",
-                 s.bytes, " (truncated or replaced); rebuild with `canopy cache --force`");
-  }
+      : file_(join_path(dir, s.file)), s_(s), meta_(meta), fd_(checked(file_, s)) {}
 
   const std::string& file() const { return file_; }
+
+  // `file`, once its size is the manifest's.
+  static const std::string& checked(const std::string& file, const ShardInfo& s) {
+    const std::uint64_t size = file_size(file);
+    CANOPY_CHECK(size == s.bytes, DataError, "shard '", file, "' has ", size, " bytes, the manifest says ",
+                 s.bytes, " (truncated or replaced); rebuild with `canopy cache --force`");
+    return file;
+  }
 
   void check_crc(std::uint32_t got, std::uint32_t want, const std::string& region,
                  std::uint64_t offset) const {
@@ -357,7 +361,7 @@ class RegionReader {
       [[maybe_unused]] const auto in = edges.body();
       const std::uint64_t begin = b * kChecksumBlockBytes;
       const std::uint64_t len = std::min(kChecksumBlockBytes, n - begin);
-      pread_all(fd().get(), p + begin, len, s_.features_offset + begin, file_);
+      pread_all(fd_.get(), p + begin, len, s_.features_offset + begin, file_);
       check_crc(crc32c(p + begin, len), s_.features_crc32c[b], "features", s_.features_offset + begin);
     });
     edges.join();
@@ -365,7 +369,7 @@ class RegionReader {
 
   // Reads an 8-byte-per-row region (ids, a label column) into `dst` and checks it.
   void read_column(at::Tensor dst, std::uint64_t offset, std::uint32_t crc, const std::string& region) {
-    pread_all(fd().get(), dst.data_ptr(), s_.rows * 8, offset, file_);
+    pread_all(fd_.get(), dst.data_ptr(), s_.rows * 8, offset, file_);
     check_crc(crc32c(dst.data_ptr(), s_.rows * 8), crc, region, offset);
   }
 
@@ -373,15 +377,13 @@ class RegionReader {
   std::uint64_t features_bytes() const {
     return static_cast<std::uint64_t>(s_.rows) * meta_.feature_dim * element_size(meta_.dtype);
   }
-  Fd& fd() {  // opened once, on first use
-    if (!fd_) fd_ = std::make_unique<Fd>(file_);
-    return *fd_;
-  }
-
   std::string file_;
   const ShardInfo& s_;
   const CacheMeta& meta_;
-  std::unique_ptr<Fd> fd_;
+  // Opened with the reader, before the blocks' threads share it: opened lazily by whichever
+  // thread came first, two could each open it and one close the descriptor the other was
+  // reading (`canopy train` failed with EBADF under strace, which slows the threads' start).
+  Fd fd_;
 };
 
 // Reads one shard into the given destination tensors (rows [0, s.rows) of each).
@@ -418,6 +420,24 @@ SplitData allocate(std::int64_t rows, const CacheMeta& meta) {
   d.ids = at::empty({rows}, at::kLong);
   for (const auto& src : meta.label_sources) d.labels[src] = at::empty({rows}, meta.label_dtype(src));
   return d;
+}
+
+// Whether `d` holds contiguous tensors for `rows` rows of the cache's layout, to fill in place.
+bool fits(const SplitData& d, std::int64_t rows, const CacheMeta& meta) {
+  const at::Tensor& f = d.features;
+  if (!f.defined() || f.dim() != 2 || f.size(0) != rows || f.size(1) != meta.feature_dim ||
+      f.scalar_type() != scalar_type(meta.dtype) || !f.is_contiguous())
+    return false;
+  if (!d.ids.defined() || d.ids.numel() != rows || !d.ids.is_contiguous() ||
+      d.labels.size() != meta.label_sources.size())
+    return false;
+  for (const auto& src : meta.label_sources) {
+    const auto it = d.labels.find(src);
+    if (it == d.labels.end() || it->second.numel() != rows || !it->second.is_contiguous() ||
+        it->second.scalar_type() != meta.label_dtype(src))
+      return false;
+  }
+  return true;
 }
 
 SplitData read_shard_data(const std::string& dir, const ShardInfo& s, const CacheMeta& meta,
@@ -855,16 +875,16 @@ std::uint64_t FeatureCache::feature_bytes(const std::string& split) const {
   return static_cast<std::uint64_t>(rows(split)) * feature_dim() * element_size(meta().dtype);
 }
 
-SplitData FeatureCache::read_shard(const ShardInfo& shard, ReadMethod method) const {
-  return read_shard_data(impl_->dir, shard, meta(), method);
+SplitData FeatureCache::read_shard(const ShardInfo& shard, ReadMethod method, SplitData reuse) const {
+  const bool own = reuse.features.defined() && reuse.features.use_count() == 1 &&
+                   reuse.features.storage().use_count() == 1;
+  SplitData d = own && fits(reuse, shard.rows, meta()) ? std::move(reuse) : allocate(shard.rows, meta());
+  read_shard_into(impl_->dir, shard, meta(), method, d.features, d.labels, d.ids);
+  return d;
 }
 
 SplitData FeatureCache::load_split(const std::string& split, ReadMethod method, SplitData* reuse) const {
-  const bool fits = reuse && reuse->features.defined() && reuse->features.size(0) == rows(split) &&
-                    reuse->features.size(1) == feature_dim() &&
-                    reuse->features.scalar_type() == scalar_type(meta().dtype) && reuse->ids.defined() &&
-                    reuse->labels.size() == meta().label_sources.size();
-  SplitData d = fits ? *reuse : allocate(rows(split), meta());
+  SplitData d = reuse && fits(*reuse, rows(split), meta()) ? *reuse : allocate(rows(split), meta());
   for (const auto& s : shards(split)) {
     std::map<std::string, at::Tensor> labels;
     for (const auto& [src, t] : d.labels) labels[src] = t.narrow(0, s.first_row, s.rows);

@@ -210,8 +210,11 @@ class FeatureCache {
   // Bytes the features of a split take in memory.
   std::uint64_t feature_bytes(const std::string& split) const;
 
-  // Reads one shard, verifying its size and checksums.
-  SplitData read_shard(const ShardInfo& shard, ReadMethod method = ReadMethod::kPread) const;
+  // Reads one shard, verifying its size and checksums. `reuse`, when it holds tensors of the
+  // shard's shapes and dtypes that nothing else refers to, is filled in place instead of
+  // allocating (a reader streaming shards after one another keeps its pages).
+  SplitData read_shard(const ShardInfo& shard, ReadMethod method = ReadMethod::kPread,
+                       SplitData reuse = {}) const;
   // Reads a whole split into memory (checksums verified). `reuse`, when it already holds
   // tensors of the split's shapes and dtypes, is filled in place instead of allocating.
   SplitData load_split(const std::string& split, ReadMethod method = ReadMethod::kPread,
