@@ -876,8 +876,10 @@ std::uint64_t FeatureCache::feature_bytes(const std::string& split) const {
 }
 
 SplitData FeatureCache::read_shard(const ShardInfo& shard, ReadMethod method, SplitData reuse) const {
-  const bool own = reuse.features.defined() && reuse.features.use_count() == 1 &&
-                   reuse.features.storage().use_count() == 1;
+  // Filled in place only when nothing else refers to any of its tensors.
+  const auto alone = [](const at::Tensor& t) { return t.use_count() == 1 && t.storage().use_count() == 1; };
+  bool own = reuse.features.defined() && reuse.ids.defined() && alone(reuse.features) && alone(reuse.ids);
+  for (const auto& [src, t] : reuse.labels) own = own && t.defined() && alone(t);
   SplitData d = own && fits(reuse, shard.rows, meta()) ? std::move(reuse) : allocate(shard.rows, meta());
   read_shard_into(impl_->dir, shard, meta(), method, d.features, d.labels, d.ids);
   return d;
