@@ -109,10 +109,9 @@ class StreamingSource : public BatchSource {
       shard_bytes_ = std::max(shard_bytes_, bytes_of_shard(s));
       shard_rows_ = std::max(shard_rows_, s.rows);
     }
-    const std::int64_t shard_rows = shard_rows_;
     // Memory, in shards: the window being served, the rows carried over from the previous
     // window (less than one batch), one shard queued and one being read.
-    const std::uint64_t carry = static_cast<std::uint64_t>((batch_size + shard_rows - 1) / shard_rows);
+    const std::uint64_t carry = static_cast<std::uint64_t>((batch_size + shard_rows_ - 1) / shard_rows_);
     const std::uint64_t fit = shard_bytes_ ? cap / shard_bytes_ : 0;
     CANOPY_CHECK(fit >= 3 + carry, DataError, "streaming '", split_, "' needs room for ", 3 + carry,
                  " shards of ", shard_bytes_, " bytes, cache.memory_cap_mb allows ", cap,
@@ -206,15 +205,12 @@ class StreamingSource : public BatchSource {
       const std::lock_guard<std::mutex> lock(spare_mutex_);
       for (std::size_t k = 0; k < parts_.size(); ++k) {
         // Shards as read (not a carry) wait for the reader to refill them, still counted as
-        // held: at most a window's worth, which the old window's count held already.
-        SplitData& p = parts_[k];
-        const bool spare = k >= first_shard_part_ && p.features.size(0) == shard_rows_ &&
-                           p.features.use_count() == 1 && p.features.storage().use_count() == 1 &&
-                           spares_.size() < window_;
-        if (spare) {
-          spares_.push_back(std::move(p));
+        // held: at most a window's worth, which the old window's count held already. Whole
+        // shards only (a short last shard fits no other); read_shard checks the rest.
+        if (k >= first_shard_part_ && parts_[k].features.size(0) == shard_rows_ && spares_.size() < window_) {
+          spares_.push_back(std::move(parts_[k]));
         } else {
-          held_ -= bytes_of(p);
+          held_ -= bytes_of(parts_[k]);
         }
       }
     }
@@ -311,7 +307,7 @@ class StreamingSource : public BatchSource {
   at::Tensor keep_;  // bool [split rows]: the rows served; undefined: all
   std::int64_t rows_ = 0;
   std::uint64_t shard_bytes_ = 0;
-  std::int64_t shard_rows_ = 1;
+  std::int64_t shard_rows_ = 1;  // the largest shard's
   std::uint64_t window_ = 1;
   std::int64_t epoch_ = 0;
   std::unique_ptr<BoundedQueue<SplitData>> queue_;
