@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <exception>
+#include <mutex>
 
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
@@ -61,6 +62,7 @@ void train_unit(const WorkUnit& unit, const std::vector<tasks::Task*>& tasks, st
   std::vector<at::Tensor> targets;
   std::vector<std::size_t> members;
   for (std::size_t i : unit) {
+    if (!runs[i].training()) continue;  // failed earlier in a window of steps
     try {
       targets.push_back(tasks[i]->targets(batch.labels.at(tasks[i]->config().labels)));
       group.push_back(tasks[i]);
@@ -145,8 +147,86 @@ void StepRunner::train(const std::vector<WorkUnit>& units, const std::vector<tas
   // halves instead (TBB's partitioners) put the three largest MLPs of the 8-head demo in one
   // half: 2 workers ran 1.48x faster than 1 instead of close to 2x.
   std::atomic<std::size_t> next{0};
+  run_lanes(units.size(), [&] {
+    for (std::size_t u = next++; u < units.size(); u = next++) {
+      train_unit(units[u], tasks, runs, batch, epoch, step, top_grads ? &(*top_grads)[u] : nullptr);
+    }
+  });
+}
+
+void StepRunner::train_window(const std::vector<WorkUnit>& units, const std::vector<tasks::Task*>& tasks,
+                              std::vector<HeadRun>& runs, const std::vector<datasets::Batch>& batches,
+                              std::size_t count, std::int64_t epoch, std::int64_t first_step,
+                              const std::function<void()>& side) {
+  CANOPY_CHECK(count <= batches.size(), Error, "train_window: ", count, " steps of ", batches.size(),
+               " batches");
+  // Each unit is a chain of `count` steps that must run in order; chains are independent. A
+  // free worker takes the side job first (it is what the next window waits for), then the
+  // unit no worker holds with the most work left: units not yet started first, in the
+  // planner's order (largest first), then by steps left x the unit's last step time. A
+  // worker that finds every unit with steps left held by another stops: the holders finish
+  // their own chains, and moving a chain to another worker would not shorten it.
+  std::mutex m;
+  std::vector<std::size_t> done(units.size(), 0);
+  std::vector<char> held(units.size(), 0);
+  std::vector<double> last(units.size(), 0.0);
+  bool side_pending = static_cast<bool>(side);
+  std::exception_ptr side_error;
+  const auto pick = [&]() -> std::ptrdiff_t {
+    std::ptrdiff_t best = -1;
+    double best_left = -1;
+    for (std::size_t u = 0; u < units.size(); ++u) {
+      if (held[u] || done[u] >= count) continue;
+      if (done[u] == 0) return static_cast<std::ptrdiff_t>(u);
+      const double left = static_cast<double>(count - done[u]) * last[u];
+      if (left > best_left) {
+        best = static_cast<std::ptrdiff_t>(u);
+        best_left = left;
+      }
+    }
+    return best;
+  };
+  run_lanes(units.size() + (side ? 1 : 0), [&] {
+    for (;;) {
+      std::ptrdiff_t u = -1;
+      std::size_t s = 0;
+      bool run_side = false;
+      {
+        std::lock_guard<std::mutex> lock(m);
+        if (side_pending) {
+          side_pending = false;
+          run_side = true;
+        } else {
+          u = pick();
+          if (u < 0) return;
+          held[u] = 1;
+          s = done[u];
+        }
+      }
+      if (run_side) {
+        try {
+          side();
+        } catch (...) {
+          side_error = std::current_exception();  // written once: side_pending was taken once
+        }
+        continue;
+      }
+      const auto t0 = Clock::now();
+      train_unit(units[u], tasks, runs, batches[s], epoch, first_step + static_cast<std::int64_t>(s),
+                 nullptr);
+      const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+      std::lock_guard<std::mutex> lock(m);
+      last[u] = seconds;
+      ++done[u];
+      held[u] = 0;
+    }
+  });
+  if (side_error) std::rethrow_exception(side_error);
+}
+
+void StepRunner::run_lanes(std::size_t jobs, const std::function<void()>& lane) {
   const auto lanes =
-      static_cast<std::size_t>(std::min<std::int64_t>(workers_, std::max<std::size_t>(1, units.size())));
+      static_cast<std::size_t>(std::min<std::int64_t>(workers_, std::max<std::size_t>(1, jobs)));
   ForkJoin edges;
   arena_->arena.execute([&] {
     tbb::parallel_for(
@@ -154,9 +234,7 @@ void StepRunner::train(const std::vector<WorkUnit>& units, const std::vector<tas
         [&](const tbb::blocked_range<std::size_t>&) {
           [[maybe_unused]] const auto in = edges.body();
           configure_thread(intra_op_threads_);
-          for (std::size_t u = next++; u < units.size(); u = next++) {
-            train_unit(units[u], tasks, runs, batch, epoch, step, top_grads ? &(*top_grads)[u] : nullptr);
-          }
+          lane();
         },
         tbb::simple_partitioner());
   });

@@ -44,6 +44,9 @@ namespace {
 
 // Data parallel over MPI ranks: the top's gradients are summed in buckets of this size.
 constexpr std::int64_t kAllreduceBucketBytes = 4 << 20;
+// A window of steps (EpochLoop::train_epoch): at most this many steps and bytes of batches.
+constexpr std::size_t kWindowSteps = 8;
+constexpr std::size_t kWindowBytes = 8 << 20;
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -389,15 +392,24 @@ class EpochLoop {
   void train_epoch(std::int64_t epoch, std::int64_t first_step, const std::vector<std::size_t>& active,
                    Progress& progress) {
     source_.start_epoch(epoch);
-    datasets::Batch batch;
     std::int64_t step = 0;
-    // The data order depends only on (seed, epoch): a resumed run skips what was done.
-    for (; step < first_step && source_.next(batch); ++step) {
-      if (top_) top_->replay(batch.features, batch.index);  // the cache level rows it stored
+    {
+      datasets::Batch batch;
+      // The data order depends only on (seed, epoch): a resumed run skips what was done.
+      for (; step < first_step && source_.next(batch); ++step) {
+        if (top_) top_->replay(batch.features, batch.index);  // the cache level rows it stored
+      }
     }
+    // Windows of steps: the heads train one window while the next one's batches are
+    // gathered beside them (StepRunner::train_window), two windows held at once.
+    std::vector<datasets::Batch> windows[2];
+    std::size_t cur = 0;
+    std::size_t count = fill_window(windows[cur], epoch, step, 1);
+    const std::size_t size = count == 0 ? 1 : window_steps(windows[cur][0]);
+    count += fill_window(windows[cur], epoch, step, size, count);
     std::vector<std::size_t> planned_for;  // the heads `units` were planned for
     std::vector<WorkUnit> units;
-    for (; source_.next(batch); ++step) {
+    while (count > 0) {
       std::vector<std::size_t> training;
       for (std::size_t i : active) {
         if (runs_[i].training() && mine(i)) training.push_back(i);
@@ -408,20 +420,54 @@ class EpochLoop {
                     : plan_units(set_.plan_heads, training, plan_options(), fuse_unit_);
         planned_for = std::move(training);
       }
+      std::size_t next_count = 0;
+      auto& next = windows[1 - cur];
+      const std::int64_t next_step = step + static_cast<std::int64_t>(count);
       if (top_) {
-        train_shared_step(units, batch, epoch, step);
+        train_shared_step(units, windows[cur][0], epoch, step);
+        next_count = fill_window(next, epoch, next_step, size);
       } else {
-        runner_.train(units, set_.tasks, runs_, batch, epoch, step);
+        runner_.train_window(units, set_.tasks, runs_, windows[cur], count, epoch, step,
+                             [&] { next_count = fill_window(next, epoch, next_step, size); });
       }
-      progress.advance(1);
+      progress.advance(static_cast<std::int64_t>(count));
+      step = next_step;
       if (config_.train.fail_fast) check_none_failed(active);
-      const std::int64_t global_step = epoch * steps_per_epoch_ + step + 1;
+      const std::int64_t global_step = epoch * steps_per_epoch_ + step;
       const auto every = config_.train.checkpoint_steps;
-      if (every > 0 && global_step % every == 0 && step + 1 < steps_per_epoch_) {
+      if (every > 0 && global_step % every == 0 && step < steps_per_epoch_) {
         sync_runs();
-        store_.save({epoch, step + 1}, set_.tasks, runs_, top_);
+        store_.save({epoch, step}, set_.tasks, runs_, top_);
       }
+      cur = 1 - cur;
+      count = next_count;
     }
+  }
+
+  // Steps per window: 1 with a shared top (each step needs every head's gradient) or
+  // train.fail_fast (nothing trains past a failure), else as many as fit in kWindowBytes of
+  // batches (at most kWindowSteps).
+  std::size_t window_steps(const datasets::Batch& batch) const {
+    if (top_ || config_.train.fail_fast) return 1;
+    const auto bytes = std::max<std::size_t>(1, batch.features.nbytes());
+    return std::clamp<std::size_t>(kWindowBytes / bytes, 1, kWindowSteps);
+  }
+
+  // Gathers batches into window[at..] for the window that starts at step `from` (of
+  // `size` steps at most), stopping at the end
+  // of the epoch and at a train.checkpoint_steps boundary; returns how many it gathered.
+  std::size_t fill_window(std::vector<datasets::Batch>& window, std::int64_t epoch, std::int64_t from,
+                          std::size_t size, std::size_t at = 0) {
+    std::size_t limit = size;
+    const auto every = config_.train.checkpoint_steps;
+    if (every > 0) {
+      const std::int64_t global = epoch * steps_per_epoch_ + from;
+      limit = std::min<std::size_t>(limit, static_cast<std::size_t>(every - global % every));
+    }
+    if (window.size() < size) window.resize(size);  // batches are reused: the source refills them
+    std::size_t n = 0;
+    while (at + n < limit && source_.next(window[at + n])) ++n;
+    return n;
   }
 
   // One step with the trunk's top shared by every head: its forward once, the heads

@@ -2,6 +2,7 @@
 // the same result; without fusion the weights do not depend on the worker count.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <limits>
 #include <memory>
 
@@ -117,6 +118,59 @@ TEST(StepRunner, WeightsDoNotDependOnTheWorkerCountOrOnFusion) {
     EXPECT_EQ(fused->runs[i].loss_count, 5);
     auto pa = one->ptrs[i]->head().named_parameters(true), pb = fused->ptrs[i]->head().named_parameters(true);
     for (const auto& p : pa) EXPECT_LT((p.value() - pb[p.key()]).abs().max().item<double>(), 1e-5) << p.key();
+  }
+}
+
+// A window of steps interleaves the units' chains of steps over the workers: every head
+// ends bitwise where training step by step on one worker leaves it, and the side job runs
+// exactly once, beside the units.
+TEST(StepRunner, AWindowOfStepsTrainsEveryHeadAsStepByStepDoes) {
+  const auto data = batches(7);
+  const std::vector<WorkUnit> units = {{0, 1, 2}, {3}, {4}, {5}};
+  Fixture steps(6, false), window(6, false);
+  StepRunner one(1, 1), two(2, 1);
+  for (std::size_t s = 0; s < data.size(); ++s) {
+    one.train(units, steps.ptrs, steps.runs, data[s], 0, static_cast<std::int64_t>(s));
+  }
+  std::atomic<int> side_runs{0};
+  two.train_window(units, window.ptrs, window.runs, data, 4, 0, 0, [&] { ++side_runs; });
+  const std::vector<datasets::Batch> rest(data.begin() + 4, data.end());
+  two.train_window(units, window.ptrs, window.runs, rest, rest.size(), 0, 4, [&] { ++side_runs; });
+  EXPECT_EQ(side_runs.load(), 2);
+  for (std::size_t i = 0; i < 6; ++i) {
+    EXPECT_EQ(window.runs[i].loss_count, 7) << i;
+    EXPECT_DOUBLE_EQ(window.runs[i].loss_sum, steps.runs[i].loss_sum) << i;
+    auto pa = steps.ptrs[i]->head().named_parameters(true),
+         pb = window.ptrs[i]->head().named_parameters(true);
+    for (const auto& p : pa)
+      EXPECT_TRUE(testing::bitwise_equal(p.value(), pb[p.key()])) << i << " " << p.key();
+  }
+  // Fewer steps than batches: only `count` of them train.
+  two.train_window(units, window.ptrs, window.runs, data, 2, 1, 0);
+  EXPECT_EQ(window.runs[0].loss_count, 9);
+  EXPECT_TRUE(testing::throws_with<Error>(
+      [&] { two.train_window(units, window.ptrs, window.runs, rest, rest.size() + 1, 1, 2); },
+      {"train_window", "4 steps of 3 batches"}));
+}
+
+// A head that fails within a window sits out the rest of it, its unit's other heads go on;
+// the side job's exception comes out once every unit has finished the window.
+TEST(StepRunner, AWindowLeavesAFailedHeadOutAndRethrowsTheSideJobsError) {
+  Fixture f(4, true);
+  StepRunner runner(2, 1);
+  const auto data = batches(5);
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        runner.train_window({{0, 1}, {2}, {3}}, f.ptrs, f.runs, data, data.size(), 0, 0,
+                            [] { throw DataError("shard 7 is corrupt"); });
+      },
+      {"shard 7 is corrupt"}));
+  EXPECT_TRUE(f.runs[1].failed());
+  EXPECT_EQ(f.runs[1].failure, "epoch 1 step 3: head gave up");
+  EXPECT_EQ(f.runs[1].loss_count, 2);
+  for (std::size_t i : {0u, 2u, 3u}) {
+    EXPECT_TRUE(f.runs[i].training()) << i;
+    EXPECT_EQ(f.runs[i].loss_count, 5) << i;
   }
 }
 

@@ -4,7 +4,9 @@
 // other unit's work); only the head it came from is marked FAILED in its HeadRun.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -38,6 +40,18 @@ class StepRunner {
              std::vector<HeadRun>& runs, const datasets::Batch& batch, std::int64_t epoch, std::int64_t step,
              std::vector<at::Tensor>* top_grads = nullptr);
 
+  // Steps first_step .. first_step + count - 1 (batches[0 .. count - 1]) of every unit: each
+  // unit's steps in order, the units interleaved over the workers, so that no worker waits
+  // at the end of every step for the slowest unit. Each head computes exactly what
+  // train() step by step would. `side`, when given, runs once, concurrently, on the first
+  // free worker (the trainer gathers the next window's batches there); an exception from it
+  // is rethrown once every unit has finished. A head that fails is left out of its unit's
+  // later steps in the window.
+  void train_window(const std::vector<WorkUnit>& units, const std::vector<tasks::Task*>& tasks,
+                    std::vector<HeadRun>& runs, const std::vector<datasets::Batch>& batches,
+                    std::size_t count, std::int64_t epoch, std::int64_t first_step,
+                    const std::function<void()>& side = {});
+
   // Evaluates the heads `which` that have not failed on the eval split, concurrently; a head
   // whose evaluation throws is failed. Returns metrics indexed like `tasks`.
   std::vector<tasks::EvalMetrics> evaluate(const std::vector<std::size_t>& which,
@@ -46,6 +60,8 @@ class StepRunner {
                                            std::int64_t epoch);
 
  private:
+  // Runs `lane` on min(workers, jobs) workers (at least one) and waits for all of them.
+  void run_lanes(std::size_t jobs, const std::function<void()>& lane);
   struct Arena;
   std::int64_t workers_;
   std::int64_t intra_op_threads_;
