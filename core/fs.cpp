@@ -60,7 +60,9 @@ bool short_of_space(const std::string& path, std::uint64_t bytes) {
   return static_cast<std::uint64_t>(st.f_bavail) * st.f_frsize < bytes;
 }
 
-void write_file_atomic(const std::string& path, std::string_view contents) {
+void fsync_dir(const std::string& dir) { fsync_fd_path(dir, O_RDONLY | O_DIRECTORY); }
+
+void write_file_atomic(const std::string& path, std::string_view contents, bool sync_dir) {
   const std::string tmp = temp_path_for(path);
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
   CANOPY_CHECK(fd >= 0, IoError, "cannot write '", path, "': ", describe_errno(errno));
@@ -82,7 +84,7 @@ void write_file_atomic(const std::string& path, std::string_view contents) {
   fd = -1;
   if (closed != 0) fail(errno, "closing");
   if (::rename(tmp.c_str(), path.c_str()) != 0) fail(errno, "renaming the new file over");
-  fsync_fd_path(parent_dir(path), O_RDONLY | O_DIRECTORY);
+  if (sync_dir) fsync_dir(parent_dir(path));
 }
 
 void remove_temporaries(const std::string& dir) {

@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 
 #include <nlohmann/json.hpp>
 
@@ -64,12 +65,32 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
   make_dirs(dir_);
   ++generation_;
   ordered_json tasks_json = ordered_json::array();
+  std::vector<std::size_t> writes;
   for (std::size_t i = 0; i < tasks.size(); ++i) {
-    if (owned_.empty() || owned_.at(i))
-      tasks[i]->save_checkpoint(task_file(tasks[i]->name(), generation_));  // atomic
+    if (owned_.empty() || owned_.at(i)) writes.push_back(i);
     tasks_json.push_back(run_to_json(tasks[i]->name(), runs[i]));
   }
+  // Each file atomic (temporary name, fsync, rename); their names made durable together by
+  // one sync of the directory below. The first error in task order is the one thrown.
+  std::vector<std::exception_ptr> errors(writes.size());
+  const auto write = [&](std::size_t k) {
+    try {
+      const tasks::Task& task = *tasks[writes[k]];
+      write_file_atomic(task_file(task.name(), generation_), task.checkpoint_bytes(), false);
+    } catch (...) {
+      errors[k] = std::current_exception();
+    }
+  };
+  if (for_each_) {
+    for_each_(writes.size(), write);
+  } else {
+    for (std::size_t k = 0; k < writes.size(); ++k) write(k);
+  }
+  for (const auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
   if (top && mpi::rank() == 0) top->save_checkpoint(task_file("@top", generation_));
+  fsync_dir(dir_);
   mpi::barrier();  // every rank's files of this generation are written
   if (mpi::rank() != 0) {
     mpi::barrier();  // rank 0 has committed it and removed the others

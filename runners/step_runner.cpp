@@ -224,6 +224,13 @@ void StepRunner::train_window(const std::vector<WorkUnit>& units, const std::vec
   if (side_error) std::rethrow_exception(side_error);
 }
 
+void StepRunner::for_each(std::size_t n, const std::function<void(std::size_t)>& body) {
+  std::atomic<std::size_t> next{0};
+  run_lanes(n, [&] {
+    for (std::size_t k = next++; k < n; k = next++) body(k);
+  });
+}
+
 void StepRunner::run_lanes(std::size_t jobs, const std::function<void()>& lane) {
   const auto lanes =
       static_cast<std::size_t>(std::min<std::int64_t>(workers_, std::max<std::size_t>(1, jobs)));

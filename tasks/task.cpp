@@ -429,6 +429,12 @@ bool Task::restore_best() {
 }
 
 void Task::save_checkpoint(const std::string& path) const {
+  // Serialised in memory, then written by canopy: a full disk is an IoError naming the
+  // file (LibTorch's own writer aborts with "unexpected pos"), and no temporary file stays.
+  write_file_atomic(path, checkpoint_bytes());
+}
+
+std::string Task::checkpoint_bytes() const {
   torch::serialize::OutputArchive archive;
   head_->save(archive);
   torch::serialize::OutputArchive opt;
@@ -436,11 +442,9 @@ void Task::save_checkpoint(const std::string& path) const {
   archive.write("canopy.optimizer", opt);
   archive.write("canopy.rng_state", head_->rng().get_state());
   for (std::size_t i = 0; i < best_.size(); ++i) archive.write("canopy.best." + std::to_string(i), best_[i]);
-  // Serialised in memory, then written by canopy: a full disk is an IoError naming the
-  // file (LibTorch's own writer aborts with "unexpected pos"), and no temporary file stays.
   std::ostringstream bytes;
   archive.save_to(bytes);
-  write_file_atomic(path, bytes.str());
+  return std::move(bytes).str();
 }
 
 void Task::load_checkpoint(const std::string& path) {

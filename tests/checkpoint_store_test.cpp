@@ -2,6 +2,7 @@
 // generations go; a different configuration, other tasks or a malformed state are refused.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <memory>
 
 #include <ATen/Context.h>
@@ -90,6 +91,45 @@ TEST(CheckpointStore, OnlyTheNewestGenerationStays) {
   for (int g = 0; g < 3; ++g) store.save({g, 0}, a.ptrs, runs);
   EXPECT_EQ(list_dir(dir.file("checkpoint")),
             (std::vector<std::string>{"lin.3.pt", "mlp.3.pt", "state.json"}));
+}
+
+// The task files go through the store's for_each (the trainer's workers write them side by
+// side); when writes fail, the first task's error in task order is the one thrown, and no
+// state.json commits the half-written generation.
+TEST(CheckpointStore, WritesTaskFilesThroughItsForEachAndThrowsTheFirstTasksError) {
+  testing::TempDir dir;
+  Tasks a(1);
+  a.train(2);
+  std::vector<HeadRun> runs(2);
+  CheckpointStore store(dir.file("checkpoint"), "c");
+  std::vector<std::size_t> order;
+  store.set_for_each([&](std::size_t n, const std::function<void(std::size_t)>& body) {
+    for (std::size_t k = n; k-- > 0;) {  // last first
+      order.push_back(k);
+      body(k);
+    }
+  });
+  store.save({1, 0}, a.ptrs, runs);
+  EXPECT_EQ(order, (std::vector<std::size_t>{1, 0}));
+  Tasks b(99);
+  std::vector<HeadRun> loaded;
+  CheckpointStore(dir.file("checkpoint"), "c").load(b.ptrs, loaded);
+  expect_same_weights(a, b);
+
+  // Generation 2's temporary names are taken by directories: both writes fail.
+  testing::TempDir other;
+  CheckpointStore failing(other.file("checkpoint"), "c");
+  failing.set_for_each([](std::size_t n, const std::function<void(std::size_t)>& body) {
+    for (std::size_t k = n; k-- > 0;) body(k);
+  });
+  make_dirs(temp_path_for(other.file("checkpoint/lin.1.pt")));
+  make_dirs(temp_path_for(other.file("checkpoint/mlp.1.pt")));
+  EXPECT_TRUE(testing::throws_with<IoError>(
+      [&] {
+        failing.save({1, 0}, a.ptrs, runs);
+      },
+      {"cannot write", "lin.1.pt"}));
+  EXPECT_FALSE(failing.exists());
 }
 
 TEST(CheckpointStore, RefusesAnotherConfigOtherTasksAndMalformedState) {

@@ -9,8 +9,13 @@
 namespace canopy {
 
 // Writes `contents` to `path` atomically: readers see the old file or the new one, never
-// a partial one, even if the process is killed mid-write.
-void write_file_atomic(const std::string& path, std::string_view contents);
+// a partial one, even if the process is killed mid-write. With `sync_dir` false the
+// directory is not synced: the new name survives a power loss only once the caller has
+// called fsync_dir on it (one sync for many files written together).
+void write_file_atomic(const std::string& path, std::string_view contents, bool sync_dir = true);
+
+// fsync a directory (the names created or renamed in it); throws IoError on failure.
+void fsync_dir(const std::string& dir);
 
 // The temporary name used while `path` is being written (same directory, so rename is atomic).
 std::string temp_path_for(const std::string& path);

@@ -3,12 +3,15 @@
 //   @top.<generation>.pt     the trunk's shared top, when one trains (SharedTop's format)
 //   state.json               the generation, the position (epoch, step), the configuration
 //                            that wrote it and every head's HeadRun (JSON, version 1)
-// A save writes every task file of a new generation (temporary name, fsync, rename), then
+// A save writes every task file of a new generation (temporary name, fsync, rename; the
+// files concurrently when the store is given a way to), syncs the directory once, then
 // replaces state.json atomically, then removes older generations: a run killed at any point
 // leaves one complete, usable checkpoint.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -39,6 +42,12 @@ class CheckpointStore {
   // (state.json, which lists every task's run) once all are written.
   void set_owned(std::vector<bool> owned) { owned_ = std::move(owned); }
 
+  // How save() runs the writes of the task files: for_each(n, body) calls body(0) ..
+  // body(n - 1), concurrently or not (the trainer passes StepRunner::for_each); body does
+  // not throw. Default: one after another.
+  using ForEach = std::function<void(std::size_t, const std::function<void(std::size_t)>&)>;
+  void set_for_each(ForEach for_each) { for_each_ = std::move(for_each); }
+
   // Writes a new generation holding `tasks` and `runs` (same length, task order).
   void save(const CheckpointPosition& position, const std::vector<tasks::Task*>& tasks,
             const std::vector<HeadRun>& runs, const SharedTop* top = nullptr);
@@ -59,6 +68,7 @@ class CheckpointStore {
   std::string config_identity_;
   std::int64_t generation_ = 0;
   std::vector<bool> owned_;
+  ForEach for_each_;
 };
 
 }  // namespace canopy::runners

@@ -52,6 +52,10 @@ class StepRunner {
                     std::size_t count, std::int64_t epoch, std::int64_t first_step,
                     const std::function<void()>& side = {});
 
+  // body(0) .. body(n - 1) on the workers (the trainer's other per-head work: writing
+  // checkpoints); body must not throw.
+  void for_each(std::size_t n, const std::function<void(std::size_t)>& body);
+
   // Evaluates the heads `which` that have not failed on the eval split, concurrently; a head
   // whose evaluation throws is failed. Returns metrics indexed like `tasks`.
   std::vector<tasks::EvalMetrics> evaluate(const std::vector<std::size_t>& which,

@@ -197,6 +197,8 @@ class Task {
   // weights, in one file (LibTorch's archive format), written atomically (IoError naming the
   // file, e.g. when the disk is full; the previous file stays); load restores all exactly.
   void save_checkpoint(const std::string& path) const;
+  // What save_checkpoint writes, serialised in memory.
+  std::string checkpoint_bytes() const;
   void load_checkpoint(const std::string& path);
 
  private:
