@@ -12,6 +12,8 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/argmax.h>
 #include <ATen/ops/bincount.h>
+#include <ATen/ops/log_softmax.h>
+#include <ATen/ops/nll_loss.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <torch/nn/functional/loss.h>
@@ -332,6 +334,16 @@ at::Tensor Task::loss(const at::Tensor& outputs, const at::Tensor& targets) cons
                                                : torch::nn::functional::mse_loss(outputs, targets);
   }
   if (multilabel()) return torch::nn::functional::binary_cross_entropy_with_logits(outputs, targets);
+  if (config_.label_smoothing == 0.0 && outputs.dim() == 2) {
+    // Cross-entropy as log-softmax over the classes of the transposed [C, B] logits, then
+    // NLL: LibTorch's log-softmax along the last dimension of [B, C] works one row of C at a
+    // time, which for the usual few classes (10 here) leaves its AVX vectors mostly empty;
+    // along the first dimension of [C, B] it is vectorised across the batch. Forward and
+    // backward took 9% of the streamed 8-linear-head run's CPU (perf) before. Equal to
+    // cross_entropy up to rounding (tested).
+    const at::Tensor log_p = at::log_softmax(outputs.t().contiguous(), 0).t();
+    return at::nll_loss(log_p, targets, class_weights_);
+  }
   auto options = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(config_.label_smoothing);
   if (class_weights_.defined()) options.weight(class_weights_);
   return torch::nn::functional::cross_entropy(outputs, targets, options);

@@ -16,6 +16,8 @@
 #include <ATen/ops/randn.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/nn/functional/loss.h>
 #include <torch/utils.h>
 
 #include "canopy/core/error.h"
@@ -255,6 +257,34 @@ TEST(Task, ScheduleSmoothingAndWeights) {
   const double expected_w =
       (lp.gather(1, y2.unsqueeze(1)).squeeze(1) * w).sum().item<double>() * -1.0 / w.sum().item<double>();
   EXPECT_NEAR(weighted.train_step(x, y2), expected_w, 1e-5);
+}
+
+// Task::loss computes cross-entropy its own way (log-softmax over the transposed logits):
+// the loss and its gradient agree with LibTorch's cross_entropy, with and without class
+// weights, for a few and for many classes.
+TEST(Task, CrossEntropyAgreesWithLibTorchs) {
+  HeadRegistry r = builtin();
+  for (const std::int64_t classes : {2, 10, 37}) {
+    for (const bool weights : {false, true}) {
+      TaskConfig c;
+      c.name = "ce";
+      if (weights) {
+        for (std::int64_t k = 0; k < classes; ++k)
+          c.class_weights.push_back(0.5 + 0.1 * static_cast<double>(k));
+      }
+      const Task task(c, r, 4, classes, 1);
+      const at::Tensor logits = (at::randn({64, classes}) * 4).requires_grad_(true);
+      const at::Tensor y = at::randint(classes, {64});
+      const at::Tensor ours = task.loss(logits, y);
+      const at::Tensor g_ours = torch::autograd::grad({ours}, {logits})[0];
+      auto options = torch::nn::functional::CrossEntropyFuncOptions();
+      if (weights) options.weight(at::tensor(c.class_weights, at::kFloat));
+      const at::Tensor theirs = torch::nn::functional::cross_entropy(logits, y, options);
+      const at::Tensor g_theirs = torch::autograd::grad({theirs}, {logits})[0];
+      EXPECT_NEAR(ours.item<double>(), theirs.item<double>(), 1e-6) << classes << " " << weights;
+      EXPECT_LT((g_ours - g_theirs).abs().max().item<double>(), 1e-7) << classes << " " << weights;
+    }
+  }
 }
 
 TEST(Metrics, Regression) {
