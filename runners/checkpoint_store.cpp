@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -62,6 +63,7 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
                            const std::vector<HeadRun>& runs, const SharedTop* top) {
   CANOPY_CHECK(tasks.size() == runs.size(), Error, "checkpoint: ", tasks.size(), " tasks, ", runs.size(),
                " runs");
+  flush();  // the previous generation committed, or its error thrown, before a new one
   make_dirs(dir_);
   ++generation_;
   ordered_json tasks_json = ordered_json::array();
@@ -69,6 +71,46 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
   for (std::size_t i = 0; i < tasks.size(); ++i) {
     if (owned_.empty() || owned_.at(i)) writes.push_back(i);
     tasks_json.push_back(run_to_json(tasks[i]->name(), runs[i]));
+  }
+  const auto run = [&](std::size_t n, const std::function<void(std::size_t)>& body) {
+    if (for_each_) {
+      for_each_(n, body);
+    } else {
+      for (std::size_t k = 0; k < n; ++k) body(k);
+    }
+  };
+  if (async_ && !top && !mpi::distributed()) {
+    // Serialised now (the workers side by side); written, synced and committed by a thread of
+    // its own while training goes on.
+    std::vector<std::string> bytes(writes.size());
+    std::vector<std::exception_ptr> errors(writes.size());
+    run(writes.size(), [&](std::size_t k) {
+      try {
+        bytes[k] = tasks[writes[k]]->checkpoint_bytes();
+      } catch (...) {
+        errors[k] = std::current_exception();
+      }
+    });
+    for (const auto& e : errors) {
+      if (e) std::rethrow_exception(e);
+    }
+    std::vector<std::pair<std::string, std::string>> files;
+    for (std::size_t k = 0; k < writes.size(); ++k)
+      files.emplace_back(task_file(tasks[writes[k]]->name(), generation_), std::move(bytes[k]));
+    const ordered_json state{{"generation", generation_},
+                             {"epoch", position.epoch},
+                             {"step", position.step},
+                             {"config", config_identity_},
+                             {"top", false},
+                             {"tasks", tasks_json}};
+    pending_ = std::async(std::launch::async, [this, files = std::move(files), state = state.dump(1) + "\n",
+                                               generation = generation_] {
+      for (const auto& [path, contents] : files) write_file_atomic(path, contents, false);
+      fsync_dir(dir_);
+      write_file_atomic(state_path(), state);
+      remove_other_generations(generation);
+    });
+    return;
   }
   // Each file atomic (temporary name, fsync, rename); their names made durable together by
   // one sync of the directory below. The first error in task order is the one thrown.
@@ -81,11 +123,7 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
       errors[k] = std::current_exception();
     }
   };
-  if (for_each_) {
-    for_each_(writes.size(), write);
-  } else {
-    for (std::size_t k = 0; k < writes.size(); ++k) write(k);
-  }
+  run(writes.size(), write);
   for (const auto& e : errors) {
     if (e) std::rethrow_exception(e);
   }
@@ -99,28 +137,38 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
   const ordered_json state{{"generation", generation_},  {"epoch", position.epoch}, {"step", position.step},
                            {"config", config_identity_}, {"top", top != nullptr},   {"tasks", tasks_json}};
   write_file_atomic(state_path(), state.dump(1) + "\n");
-  remove_other_generations();
+  remove_other_generations(generation_);
   mpi::barrier();
 }
 
-void CheckpointStore::remove_other_generations() const {
+void CheckpointStore::flush() {
+  if (pending_.valid()) pending_.get();
+}
+
+CheckpointStore::~CheckpointStore() {
+  if (pending_.valid()) pending_.wait();  // an error of this last write is lost with the store
+}
+
+void CheckpointStore::remove_other_generations(std::int64_t keep) const {
   for (const auto& name : list_dir(dir_)) {
     const auto dot = name.rfind(".pt");
     if (dot == std::string::npos || dot + 3 != name.size() || name.find(".tmp.") != std::string::npos)
       continue;
     const auto gen_dot = name.rfind('.', dot - 1);
-    if (gen_dot != std::string::npos && std::atoll(name.c_str() + gen_dot + 1) != generation_) {
+    if (gen_dot != std::string::npos && std::atoll(name.c_str() + gen_dot + 1) != keep) {
       std::remove((dir_ + "/" + name).c_str());
     }
   }
 }
 
-void CheckpointStore::load_task(tasks::Task& task) const {
+void CheckpointStore::load_task(tasks::Task& task) {
+  flush();
   task.load_checkpoint(task_file(task.name(), generation_));
 }
 
 CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
                                          SharedTop* top) {
+  flush();
   const std::string path = state_path();
   CANOPY_CHECK(exists(), DataError, "--resume: no checkpoint in '", dir_,
                "' (train without --resume to start)");

@@ -347,6 +347,7 @@ class EpochLoop {
     for (auto& r : runs_) {
       if (r.training()) r.state = tasks::TaskState::kDone;
     }
+    store_.flush();  // the last checkpoint committed (or its error thrown) before the export
     progress.finish();
   }
 
@@ -1008,6 +1009,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   std::function<bool(const WorkUnit&)> fuse_unit;
   if (chooser) fuse_unit = std::ref(*chooser);
   if (mpi::distributed() && top) store.set_owned(std::vector<bool>(set.tasks.size(), mpi::rank() == 0));
+  store.set_async(!top && !mpi::distributed());
   store.set_for_each(
       [&runner](std::size_t n, const std::function<void(std::size_t)>& body) { runner.for_each(n, body); });
   EpochLoop loop(config, set, *source, eval_rows, top, in.shared.weighting.get(), store,

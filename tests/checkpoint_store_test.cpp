@@ -132,6 +132,47 @@ TEST(CheckpointStore, WritesTaskFilesThroughItsForEachAndThrowsTheFirstTasksErro
   EXPECT_FALSE(failing.exists());
 }
 
+// Asynchronous saves: save() returns once the heads are serialised; the files are written and
+// committed by the store's own thread. A load sees the committed generation; a write error
+// comes out of the next call that waits for it, and the generation is not committed.
+TEST(CheckpointStore, AnAsynchronousSaveCommitsLaterAndItsErrorComesOutOfTheNextCall) {
+  testing::TempDir dir;
+  Tasks a(1);
+  a.train(2);
+  std::vector<HeadRun> runs(2);
+  runs[1].add_loss(0.5);
+  {
+    CheckpointStore store(dir.file("checkpoint"), "c");
+    store.set_async(true);
+    store.save({1, 0}, a.ptrs, runs);
+    a.train(1);  // after the save: not in generation 1
+    store.save({2, 0}, a.ptrs, runs);
+  }  // the store waits for its last write
+  Tasks b(99);
+  std::vector<HeadRun> loaded;
+  EXPECT_EQ(CheckpointStore(dir.file("checkpoint"), "c").load(b.ptrs, loaded).epoch, 2);
+  expect_same_weights(a, b);
+  EXPECT_EQ(loaded[1].loss_count, 1);
+  EXPECT_EQ(list_dir(dir.file("checkpoint")),
+            (std::vector<std::string>{"lin.2.pt", "mlp.2.pt", "state.json"}));
+
+  testing::TempDir other;
+  CheckpointStore failing(other.file("checkpoint"), "c");
+  failing.set_async(true);
+  make_dirs(temp_path_for(other.file("checkpoint/mlp.1.pt")));
+  failing.save({1, 0}, a.ptrs, runs);  // returns: the write fails on the store's thread
+  EXPECT_TRUE(testing::throws_with<IoError>(
+      [&] {
+        failing.save({2, 0}, a.ptrs, runs);
+      },
+      {"cannot write", "mlp.1.pt"}));
+  EXPECT_FALSE(failing.exists());
+  failing.flush();  // the error was thrown once; the next generation commits
+  failing.save({2, 0}, a.ptrs, runs);
+  failing.flush();
+  EXPECT_EQ(CheckpointStore(other.file("checkpoint"), "c").load(b.ptrs, loaded).epoch, 2);
+}
+
 TEST(CheckpointStore, RefusesAnotherConfigOtherTasksAndMalformedState) {
   testing::TempDir dir;
   Tasks a(1);

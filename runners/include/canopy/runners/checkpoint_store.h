@@ -4,7 +4,8 @@
 //   state.json               the generation, the position (epoch, step), the configuration
 //                            that wrote it and every head's HeadRun (JSON, version 1)
 // A save writes every task file of a new generation (temporary name, fsync, rename; the
-// files concurrently when the store is given a way to), syncs the directory once, then
+// files serialised concurrently when the store is given a way to, written on a thread of
+// its own when it is asynchronous), syncs the directory once, then
 // replaces state.json atomically, then removes older generations: a run killed at any point
 // leaves one complete, usable checkpoint.
 #pragma once
@@ -12,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <string>
 #include <vector>
 
@@ -32,6 +34,9 @@ class CheckpointStore {
   // `config_identity` is the resolved configuration; a checkpoint written under another is
   // refused on load.
   CheckpointStore(std::string dir, std::string config_identity);
+  ~CheckpointStore();  // waits for a save still being written
+  CheckpointStore(const CheckpointStore&) = delete;
+  CheckpointStore& operator=(const CheckpointStore&) = delete;
 
   const std::string& dir() const { return dir_; }
   std::string state_path() const { return dir_ + "/state.json"; }
@@ -48,6 +53,15 @@ class CheckpointStore {
   using ForEach = std::function<void(std::size_t, const std::function<void(std::size_t)>&)>;
   void set_for_each(ForEach for_each) { for_each_ = std::move(for_each); }
 
+  // Asynchronous saves (without a shared top, in one process): save() serialises the heads
+  // and returns; a thread of its own writes, syncs and commits the generation while training
+  // goes on. The next save, flush, load and load_task wait for it first; an error of the
+  // write (a full disk) is thrown by the next of them. Until it is committed, the previous
+  // generation is the checkpoint, whole, as after any crash.
+  void set_async(bool async) { async_ = async; }
+  // Waits for an asynchronous save to be committed; throws its error.
+  void flush();
+
   // Writes a new generation holding `tasks` and `runs` (same length, task order).
   void save(const CheckpointPosition& position, const std::vector<tasks::Task*>& tasks,
             const std::vector<HeadRun>& runs, const SharedTop* top = nullptr);
@@ -58,17 +72,19 @@ class CheckpointStore {
                           SharedTop* top = nullptr);
   // Restores one task from the generation this store last wrote or loaded (under mpirun, a
   // head another rank trained until then).
-  void load_task(tasks::Task& task) const;
+  void load_task(tasks::Task& task);
 
  private:
   std::string task_file(const std::string& task, std::int64_t generation) const;
-  void remove_other_generations() const;
+  void remove_other_generations(std::int64_t keep) const;
 
   std::string dir_;
   std::string config_identity_;
   std::int64_t generation_ = 0;
   std::vector<bool> owned_;
   ForEach for_each_;
+  bool async_ = false;
+  std::future<void> pending_;
 };
 
 }  // namespace canopy::runners
