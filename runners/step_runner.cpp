@@ -186,7 +186,11 @@ void StepRunner::train_window(const std::vector<WorkUnit>& units, const std::vec
     }
     return best;
   };
-  run_lanes(units.size() + (side ? 1 : 0), [&] {
+  // The side job gets a lane of its own only where each lane is one thread: next to a lane
+  // whose multiplies run on several LibTorch (OpenMP) threads, a third busy thread on the
+  // cores stalls the whole team (a single head with 2 intra-op threads trained 1.5x slower).
+  const bool side_lane = side && intra_op_threads_ == 1;
+  run_lanes(units.size() + (side_lane ? 1 : 0), [&] {
     for (;;) {
       std::ptrdiff_t u = -1;
       std::size_t s = 0;

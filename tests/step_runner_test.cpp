@@ -151,6 +151,14 @@ TEST(StepRunner, AWindowOfStepsTrainsEveryHeadAsStepByStepDoes) {
   EXPECT_TRUE(testing::throws_with<Error>(
       [&] { two.train_window(units, window.ptrs, window.runs, rest, rest.size() + 1, 1, 2); },
       {"train_window", "4 steps of 3 batches"}));
+  // Lanes of 2 LibTorch threads each: the side job shares the units' lanes, still once.
+  Fixture threads(6, false);
+  StepRunner wide(2, 2);
+  side_runs = 0;
+  wide.train_window({{0, 1, 2, 3, 4, 5}}, threads.ptrs, threads.runs, data, data.size(), 0, 0,
+                    [&] { ++side_runs; });
+  EXPECT_EQ(side_runs.load(), 1);
+  EXPECT_EQ(threads.runs[5].loss_count, 7);
 }
 
 // A head that fails within a window sits out the rest of it, its unit's other heads go on;
