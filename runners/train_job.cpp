@@ -45,7 +45,7 @@ namespace {
 // Data parallel over MPI ranks: the top's gradients are summed in buckets of this size.
 constexpr std::int64_t kAllreduceBucketBytes = 4 << 20;
 // A window of steps (EpochLoop::train_epoch): at most this many steps and bytes of batches.
-constexpr std::size_t kWindowSteps = 8;
+constexpr std::size_t kWindowSteps = 32;
 constexpr std::size_t kWindowBytes = 8 << 20;
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
