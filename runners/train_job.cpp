@@ -393,6 +393,7 @@ class EpochLoop {
   void train_epoch(std::int64_t epoch, std::int64_t first_step, const std::vector<std::size_t>& active,
                    Progress& progress) {
     source_.start_epoch(epoch);
+    source_done_ = false;
     std::int64_t step = 0;
     {
       datasets::Batch batch;
@@ -407,8 +408,8 @@ class EpochLoop {
     std::size_t cur = 0;
     std::size_t count = fill_window(windows[cur], epoch, step, 1);
     const std::size_t size = count == 0 ? 1 : window_steps(windows[cur][0]);
-    count += fill_window(windows[cur], epoch, step, size, count);
-    std::vector<std::size_t> planned_for;  // the heads `units` were planned for
+    count += fill_window(windows[cur], epoch, step, size, count);  // nothing more at the epoch's end
+    std::vector<std::size_t> planned_for;                          // the heads `units` were planned for
     std::vector<WorkUnit> units;
     while (count > 0) {
       std::vector<std::size_t> training;
@@ -454,9 +455,9 @@ class EpochLoop {
     return std::clamp<std::size_t>(kWindowBytes / bytes, 1, kWindowSteps);
   }
 
-  // Gathers batches into window[at..] for the window that starts at step `from` (of
-  // `size` steps at most), stopping at the end
-  // of the epoch and at a train.checkpoint_steps boundary; returns how many it gathered.
+  // Gathers batches into window[at..] for the window that starts at step `from` (of `size`
+  // steps at most), stopping at the end of the epoch (and not asking the source again after
+  // it) and at a train.checkpoint_steps boundary; returns how many it gathered.
   std::size_t fill_window(std::vector<datasets::Batch>& window, std::int64_t epoch, std::int64_t from,
                           std::size_t size, std::size_t at = 0) {
     std::size_t limit = size;
@@ -467,7 +468,13 @@ class EpochLoop {
     }
     if (window.size() < size) window.resize(size);  // batches are reused: the source refills them
     std::size_t n = 0;
-    while (at + n < limit && source_.next(window[at + n])) ++n;
+    while (!source_done_ && at + n < limit) {
+      if (!source_.next(window[at + n])) {
+        source_done_ = true;
+        break;
+      }
+      ++n;
+    }
     return n;
   }
 
@@ -701,6 +708,7 @@ class EpochLoop {
   StepRunner& runner_;
   std::vector<HeadRun>& runs_;
   std::int64_t steps_per_epoch_ = 0;
+  bool source_done_ = false;  // the source said the epoch's batches are all served
   std::int64_t max_epochs_ = 0;
 };
 
