@@ -32,6 +32,18 @@ ordered_json run_to_json(const std::string& name, const HeadRun& r) {
           {"stop_note", r.stop_note}};
 }
 
+// state.json's text.
+std::string state_text(std::int64_t generation, const CheckpointPosition& position, const std::string& config,
+                       bool top, const ordered_json& tasks) {
+  const ordered_json state{{"generation", generation},
+                           {"epoch", position.epoch},
+                           {"step", position.step},
+                           {"config", config},
+                           {"top", top},
+                           {"tasks", tasks}};
+  return state.dump(1) + "\n";
+}
+
 void run_from_json(const ordered_json& j, HeadRun& r) {
   const int state = j.at("state").get<int>();
   CANOPY_CHECK(state >= 0 && state <= 2, DataError, "checkpoint: task state ", state, " is not 0, 1 or 2");
@@ -97,19 +109,16 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
     std::vector<std::pair<std::string, std::string>> files;
     for (std::size_t k = 0; k < writes.size(); ++k)
       files.emplace_back(task_file(tasks[writes[k]]->name(), generation_), std::move(bytes[k]));
-    const ordered_json state{{"generation", generation_},
-                             {"epoch", position.epoch},
-                             {"step", position.step},
-                             {"config", config_identity_},
-                             {"top", false},
-                             {"tasks", tasks_json}};
-    pending_ = std::async(std::launch::async, [this, files = std::move(files), state = state.dump(1) + "\n",
-                                               generation = generation_] {
-      for (const auto& [path, contents] : files) write_file_atomic(path, contents, false);
-      fsync_dir(dir_);
-      write_file_atomic(state_path(), state);
-      remove_other_generations(generation);
-    });
+    pending_ = std::async(std::launch::async,
+                          [this, files = std::move(files),
+                           state = state_text(generation_, position, config_identity_, false, tasks_json),
+                           generation = generation_] {
+                            for (const auto& [path, contents] : files)
+                              write_file_atomic(path, contents, false);
+                            fsync_dir(dir_);
+                            write_file_atomic(state_path(), state);
+                            remove_other_generations(generation);
+                          });
     return;
   }
   // Each file atomic (temporary name, fsync, rename); their names made durable together by
@@ -134,9 +143,8 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
     mpi::barrier();  // rank 0 has committed it and removed the others
     return;
   }
-  const ordered_json state{{"generation", generation_},  {"epoch", position.epoch}, {"step", position.step},
-                           {"config", config_identity_}, {"top", top != nullptr},   {"tasks", tasks_json}};
-  write_file_atomic(state_path(), state.dump(1) + "\n");
+  write_file_atomic(state_path(),
+                    state_text(generation_, position, config_identity_, top != nullptr, tasks_json));
   remove_other_generations(generation_);
   mpi::barrier();
 }
