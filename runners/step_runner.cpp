@@ -258,21 +258,19 @@ std::vector<tasks::EvalMetrics> StepRunner::evaluate(const std::vector<std::size
                                                      const std::vector<at::Tensor>& targets,
                                                      std::int64_t epoch) {
   std::vector<tasks::EvalMetrics> metrics(tasks.size());
-  ForkJoin edges;
-  arena_->arena.execute([&] {
-    tbb::parallel_for(std::size_t(0), which.size(), [&](std::size_t k) {
-      [[maybe_unused]] const auto in = edges.body();
-      configure_thread(intra_op_threads_);
+  // Greedy lanes, as in train(): each free worker takes the next head in `which`'s order.
+  std::atomic<std::size_t> next{0};
+  run_lanes(which.size(), [&] {
+    for (std::size_t k = next++; k < which.size(); k = next++) {
       const std::size_t i = which[k];
-      if (runs[i].failed()) return;
+      if (runs[i].failed()) continue;
       try {
         metrics[i] = tasks[i]->evaluate(features, targets[i]);
       } catch (const std::exception& e) {
         runs[i].fail_evaluation(epoch, e.what());
       }
-    });
+    }
   });
-  edges.join();
   return metrics;
 }
 

@@ -601,7 +601,13 @@ class EpochLoop {
     for (std::size_t i : active) {
       if (mine(i)) own.push_back(i);
     }
-    const auto metrics = runner_.evaluate(own, set_.tasks, runs_, eval_features(), set_.eval_targets, epoch);
+    // Largest heads first, so that no worker is left with a large one at the end.
+    std::vector<std::size_t> by_cost = own;
+    std::stable_sort(by_cost.begin(), by_cost.end(), [&](std::size_t a, std::size_t b) {
+      return set_.plan_heads[a].cost > set_.plan_heads[b].cost;
+    });
+    const auto metrics =
+        runner_.evaluate(by_cost, set_.tasks, runs_, eval_features(), set_.eval_targets, epoch);
     for (std::size_t i : own) {
       const bool best = runs_[i].finish_epoch(epoch, set_.epochs[i], metrics[i],
                                               set_.tasks[i]->config().early_stop_patience);
