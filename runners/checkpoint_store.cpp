@@ -63,7 +63,11 @@ void run_from_json(const ordered_json& j, HeadRun& r) {
 }  // namespace
 
 CheckpointStore::CheckpointStore(std::string dir, std::string config_identity)
-    : dir_(std::move(dir)), config_identity_(std::move(config_identity)) {}
+    : dir_(std::move(dir)),
+      config_identity_(std::move(config_identity)),
+      for_each_([](std::size_t n, const std::function<void(std::size_t)>& body) {
+        for (std::size_t k = 0; k < n; ++k) body(k);
+      }) {}
 
 bool CheckpointStore::exists() const { return is_regular_file(state_path()); }
 
@@ -84,60 +88,36 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
     if (owned_.empty() || owned_.at(i)) writes.push_back(i);
     tasks_json.push_back(run_to_json(tasks[i]->name(), runs[i]));
   }
-  const auto run = [&](std::size_t n, const std::function<void(std::size_t)>& body) {
-    if (for_each_) {
-      for_each_(n, body);
-    } else {
-      for (std::size_t k = 0; k < n; ++k) body(k);
+  // Serialised now, side by side (for_each_); the first error in task order is thrown.
+  std::vector<std::pair<std::string, std::string>> files(writes.size());
+  std::vector<std::exception_ptr> errors(writes.size());
+  for_each_(writes.size(), [&](std::size_t k) {
+    try {
+      const tasks::Task& task = *tasks[writes[k]];
+      files[k] = {task_file(task.name(), generation_), task.checkpoint_bytes()};
+    } catch (...) {
+      errors[k] = std::current_exception();
     }
-  };
+  });
+  for (const auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
   if (async_ && !top && !mpi::distributed()) {
-    // Serialised now (the workers side by side); written, synced and committed by a thread of
-    // its own while training goes on.
-    std::vector<std::string> bytes(writes.size());
-    std::vector<std::exception_ptr> errors(writes.size());
-    run(writes.size(), [&](std::size_t k) {
-      try {
-        bytes[k] = tasks[writes[k]]->checkpoint_bytes();
-      } catch (...) {
-        errors[k] = std::current_exception();
-      }
-    });
-    for (const auto& e : errors) {
-      if (e) std::rethrow_exception(e);
-    }
-    std::vector<std::pair<std::string, std::string>> files;
-    for (std::size_t k = 0; k < writes.size(); ++k)
-      files.emplace_back(task_file(tasks[writes[k]]->name(), generation_), std::move(bytes[k]));
+    // Written, synced and committed by a thread of its own while training goes on.
     pending_ = std::async(std::launch::async,
                           [this, files = std::move(files),
                            state = state_text(generation_, position, config_identity_, false, tasks_json),
                            generation = generation_] {
-                            for (const auto& [path, contents] : files)
-                              write_file_atomic(path, contents, false);
-                            fsync_dir(dir_);
+                            write_files(files);
                             write_file_atomic(state_path(), state);
                             remove_other_generations(generation);
                           });
     return;
   }
-  // Each file atomic (temporary name, fsync, rename); their names made durable together by
-  // one sync of the directory below. The first error in task order is the one thrown.
-  std::vector<std::exception_ptr> errors(writes.size());
-  const auto write = [&](std::size_t k) {
-    try {
-      const tasks::Task& task = *tasks[writes[k]];
-      write_file_atomic(task_file(task.name(), generation_), task.checkpoint_bytes(), false);
-    } catch (...) {
-      errors[k] = std::current_exception();
-    }
-  };
-  run(writes.size(), write);
-  for (const auto& e : errors) {
-    if (e) std::rethrow_exception(e);
+  write_files(files);
+  if (top && mpi::rank() == 0) {
+    top->save_checkpoint(task_file("@top", generation_));  // its directory synced with it
   }
-  if (top && mpi::rank() == 0) top->save_checkpoint(task_file("@top", generation_));
-  fsync_dir(dir_);
   mpi::barrier();  // every rank's files of this generation are written
   if (mpi::rank() != 0) {
     mpi::barrier();  // rank 0 has committed it and removed the others
@@ -147,6 +127,13 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
                     state_text(generation_, position, config_identity_, top != nullptr, tasks_json));
   remove_other_generations(generation_);
   mpi::barrier();
+}
+
+void CheckpointStore::write_files(const std::vector<std::pair<std::string, std::string>>& files) const {
+  // Each file atomic (temporary name, fsync, rename); their names made durable together by
+  // one sync of the directory.
+  for (const auto& [path, contents] : files) write_file_atomic(path, contents, false);
+  fsync_dir(dir_);
 }
 
 void CheckpointStore::flush() {

@@ -146,11 +146,8 @@ void StepRunner::train(const std::vector<WorkUnit>& units, const std::vector<tas
   // ordered them by cost, largest first) as soon as it is free. Splitting the range in
   // halves instead (TBB's partitioners) put the three largest MLPs of the 8-head demo in one
   // half: 2 workers ran 1.48x faster than 1 instead of close to 2x.
-  std::atomic<std::size_t> next{0};
-  run_lanes(units.size(), [&] {
-    for (std::size_t u = next++; u < units.size(); u = next++) {
-      train_unit(units[u], tasks, runs, batch, epoch, step, top_grads ? &(*top_grads)[u] : nullptr);
-    }
+  for_each(units.size(), [&](std::size_t u) {
+    train_unit(units[u], tasks, runs, batch, epoch, step, top_grads ? &(*top_grads)[u] : nullptr);
   });
 }
 
@@ -258,17 +255,13 @@ std::vector<tasks::EvalMetrics> StepRunner::evaluate(const std::vector<std::size
                                                      const std::vector<at::Tensor>& targets,
                                                      std::int64_t epoch) {
   std::vector<tasks::EvalMetrics> metrics(tasks.size());
-  // Greedy lanes, as in train(): each free worker takes the next head in `which`'s order.
-  std::atomic<std::size_t> next{0};
-  run_lanes(which.size(), [&] {
-    for (std::size_t k = next++; k < which.size(); k = next++) {
-      const std::size_t i = which[k];
-      if (runs[i].failed()) continue;
-      try {
-        metrics[i] = tasks[i]->evaluate(features, targets[i]);
-      } catch (const std::exception& e) {
-        runs[i].fail_evaluation(epoch, e.what());
-      }
+  for_each(which.size(), [&](std::size_t k) {
+    const std::size_t i = which[k];
+    if (runs[i].failed()) return;
+    try {
+      metrics[i] = tasks[i]->evaluate(features, targets[i]);
+    } catch (const std::exception& e) {
+      runs[i].fail_evaluation(epoch, e.what());
     }
   });
   return metrics;

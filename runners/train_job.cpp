@@ -1023,7 +1023,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   std::function<bool(const WorkUnit&)> fuse_unit;
   if (chooser) fuse_unit = std::ref(*chooser);
   if (mpi::distributed() && top) store.set_owned(std::vector<bool>(set.tasks.size(), mpi::rank() == 0));
-  store.set_async(!top && !mpi::distributed());
+  store.set_async(true);
   store.set_for_each(
       [&runner](std::size_t n, const std::function<void(std::size_t)>& body) { runner.for_each(n, body); });
   EpochLoop loop(config, set, *source, eval_rows, top, in.shared.weighting.get(), store,

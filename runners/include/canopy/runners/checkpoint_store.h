@@ -3,9 +3,9 @@
 //   @top.<generation>.pt     the trunk's shared top, when one trains (SharedTop's format)
 //   state.json               the generation, the position (epoch, step), the configuration
 //                            that wrote it and every head's HeadRun (JSON, version 1)
-// A save writes every task file of a new generation (temporary name, fsync, rename; the
-// files serialised concurrently when the store is given a way to, written on a thread of
-// its own when it is asynchronous), syncs the directory once, then
+// A save serialises every task of a new generation (concurrently when the store is given a
+// way to), writes each file (temporary name, fsync, rename; on a thread of its own when the
+// store is asynchronous), syncs the directory once, then
 // replaces state.json atomically, then removes older generations: a run killed at any point
 // leaves one complete, usable checkpoint.
 #pragma once
@@ -15,6 +15,7 @@
 #include <functional>
 #include <future>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "canopy/runners/head_run.h"
@@ -47,17 +48,17 @@ class CheckpointStore {
   // (state.json, which lists every task's run) once all are written.
   void set_owned(std::vector<bool> owned) { owned_ = std::move(owned); }
 
-  // How save() runs the writes of the task files: for_each(n, body) calls body(0) ..
-  // body(n - 1), concurrently or not (the trainer passes StepRunner::for_each); body does
-  // not throw. Default: one after another.
+  // How save() serialises the tasks: for_each(n, body) calls body(0) .. body(n - 1),
+  // concurrently or not (the trainer passes StepRunner::for_each); body does not throw.
+  // Default: one after another.
   using ForEach = std::function<void(std::size_t, const std::function<void(std::size_t)>&)>;
   void set_for_each(ForEach for_each) { for_each_ = std::move(for_each); }
 
-  // Asynchronous saves (without a shared top, in one process): save() serialises the heads
-  // and returns; a thread of its own writes, syncs and commits the generation while training
-  // goes on. The next save, flush, load and load_task wait for it first; an error of the
-  // write (a full disk) is thrown by the next of them. Until it is committed, the previous
-  // generation is the checkpoint, whole, as after any crash.
+  // Asynchronous saves: save() serialises the heads and returns; a thread of its own writes,
+  // syncs and commits the generation while training goes on. A save with a shared top or
+  // under mpirun stays synchronous (the top's file and the ranks' barriers go with it). The next save, flush,
+  // load and load_task wait for it first; an error of the write (a full disk) is thrown by the next of them.
+  // Until it is committed, the previous generation is the checkpoint, whole, as after any crash.
   void set_async(bool async) { async_ = async; }
   // Waits for an asynchronous save to be committed; throws its error.
   void flush();
@@ -77,6 +78,7 @@ class CheckpointStore {
  private:
   std::string task_file(const std::string& task, std::int64_t generation) const;
   void remove_other_generations(std::int64_t keep) const;
+  void write_files(const std::vector<std::pair<std::string, std::string>>& files) const;
 
   std::string dir_;
   std::string config_identity_;

@@ -52,12 +52,14 @@ class StepRunner {
                     std::size_t count, std::int64_t epoch, std::int64_t first_step,
                     const std::function<void()>& side = {});
 
-  // body(0) .. body(n - 1) on the workers (the trainer's other per-head work: writing
+  // body(0) .. body(n - 1) on the workers, greedily: each free worker takes the next k in
+  // order, so work given largest first ends balanced (train, evaluate, serialising
   // checkpoints); body must not throw.
   void for_each(std::size_t n, const std::function<void(std::size_t)>& body);
 
-  // Evaluates the heads `which` that have not failed on the eval split, concurrently; a head
-  // whose evaluation throws is failed. Returns metrics indexed like `tasks`.
+  // Evaluates the heads `which` that have not failed on the eval split, concurrently, in
+  // `which`'s order (largest first balances the workers); a head whose evaluation throws is
+  // failed. Returns metrics indexed like `tasks`.
   std::vector<tasks::EvalMetrics> evaluate(const std::vector<std::size_t>& which,
                                            const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
                                            const at::Tensor& features, const std::vector<at::Tensor>& targets,
