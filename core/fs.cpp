@@ -35,15 +35,17 @@ std::string parent_dir(const std::string& path) {
 }
 }  // namespace
 
+void fsync_dir(const std::string& dir) { fsync_fd_path(dir, O_RDONLY | O_DIRECTORY); }
+
 void fsync_path(const std::string& path) {
   fsync_fd_path(path, O_RDONLY);
-  fsync_fd_path(parent_dir(path), O_RDONLY | O_DIRECTORY);
+  fsync_dir(parent_dir(path));
 }
 
 void rename_durable(const std::string& from, const std::string& to) {
   CANOPY_CHECK(::rename(from.c_str(), to.c_str()) == 0, IoError, "cannot rename '", from, "' to '", to,
                "': ", std::strerror(errno));
-  fsync_fd_path(parent_dir(to), O_RDONLY | O_DIRECTORY);
+  fsync_dir(parent_dir(to));
 }
 
 std::string describe_errno(int err) {
@@ -59,8 +61,6 @@ bool short_of_space(const std::string& path, std::uint64_t bytes) {
   if (::statvfs(path.c_str(), &st) != 0) return false;
   return static_cast<std::uint64_t>(st.f_bavail) * st.f_frsize < bytes;
 }
-
-void fsync_dir(const std::string& dir) { fsync_fd_path(dir, O_RDONLY | O_DIRECTORY); }
 
 void write_file_atomic(const std::string& path, std::string_view contents, bool sync_dir) {
   const std::string tmp = temp_path_for(path);

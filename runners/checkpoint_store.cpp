@@ -102,38 +102,34 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
   for (const auto& e : errors) {
     if (e) std::rethrow_exception(e);
   }
+  std::string state = state_text(generation_, position, config_identity_, top != nullptr, tasks_json);
   if (async_ && !top && !mpi::distributed()) {
     // Written, synced and committed by a thread of its own while training goes on.
     pending_ = std::async(std::launch::async,
-                          [this, files = std::move(files),
-                           state = state_text(generation_, position, config_identity_, false, tasks_json),
-                           generation = generation_] {
-                            write_files(files);
-                            write_file_atomic(state_path(), state);
-                            remove_other_generations(generation);
-                          });
+                          [this, files = std::move(files), state = std::move(state),
+                           generation = generation_] { commit(files, nullptr, state, generation); });
     return;
   }
-  write_files(files);
+  commit(files, top, state, generation_);
+}
+
+void CheckpointStore::commit(const std::vector<std::pair<std::string, std::string>>& files,
+                             const SharedTop* top, const std::string& state, std::int64_t generation) const {
+  // Each file atomic (temporary name, fsync, rename); their names made durable together by
+  // one sync of the directory.
+  for (const auto& [path, contents] : files) write_file_atomic(path, contents, false);
+  fsync_dir(dir_);
   if (top && mpi::rank() == 0) {
-    top->save_checkpoint(task_file("@top", generation_));  // its directory synced with it
+    top->save_checkpoint(task_file("@top", generation));  // its directory synced with it
   }
   mpi::barrier();  // every rank's files of this generation are written
   if (mpi::rank() != 0) {
     mpi::barrier();  // rank 0 has committed it and removed the others
     return;
   }
-  write_file_atomic(state_path(),
-                    state_text(generation_, position, config_identity_, top != nullptr, tasks_json));
-  remove_other_generations(generation_);
+  write_file_atomic(state_path(), state);
+  remove_other_generations(generation);
   mpi::barrier();
-}
-
-void CheckpointStore::write_files(const std::vector<std::pair<std::string, std::string>>& files) const {
-  // Each file atomic (temporary name, fsync, rename); their names made durable together by
-  // one sync of the directory.
-  for (const auto& [path, contents] : files) write_file_atomic(path, contents, false);
-  fsync_dir(dir_);
 }
 
 void CheckpointStore::flush() {

@@ -78,7 +78,10 @@ class CheckpointStore {
  private:
   std::string task_file(const std::string& task, std::int64_t generation) const;
   void remove_other_generations(std::int64_t keep) const;
-  void write_files(const std::vector<std::pair<std::string, std::string>>& files) const;
+  // Writes a serialised generation (and the top's file) and commits it: state.json, then the
+  // older generations removed; under mpirun with the ranks' barriers.
+  void commit(const std::vector<std::pair<std::string, std::string>>& files, const SharedTop* top,
+              const std::string& state, std::int64_t generation) const;
 
   std::string dir_;
   std::string config_identity_;
