@@ -259,6 +259,32 @@ def compare_with_torchscript(compiled, torchscript, inputs, out):
           f"TorchScript {rates['torchscript']:.0f} rows/s, compiled {rates['pt2']:.0f} rows/s: {faster} is faster")
 
 
+def cpu_package_links_torch_cpu_only():
+    """Makes the CPU packages compiled from here on link libtorch_cpu (and c10) instead of
+    libtorch.so, whose one job is to pull in LibTorch's CUDA half: libtorch_cuda.so and the
+    CUDA libraries, a tenth of a second at every start of canopy on a machine without a GPU
+    (canopy links the CPU half only, core/device.cpp). The package still loads in Python as
+    any other. Inductor names the libraries in a private function of this (pinned) torch;
+    where it is missing, the package links libtorch.so as usual and its metadata says so
+    (canopy.links_libtorch), and canopy loads libtorch.so for it."""
+    from torch._inductor import cpp_builder
+    inner = getattr(cpp_builder, "_get_torch_related_args", None)
+    if inner is None:
+        return False
+    if getattr(inner, "canopy_cpu_only", False):
+        return True
+
+    def torch_related_args(*a, **kw):
+        include_dirs, library_dirs, libraries = inner(*a, **kw)
+        if "torch" in libraries and "torch_cpu" in libraries:
+            libraries = [lib for lib in libraries if lib != "torch"] + ["c10"]
+        return include_dirs, library_dirs, libraries
+
+    torch_related_args.canopy_cpu_only = True
+    cpp_builder._get_torch_related_args = torch_related_args
+    return True
+
+
 def export_compiled(module, example, dynamic, inputs, output, args, check_inputs, timing_inputs):
     """AOTInductor package of `module`; checks it against eager on `check_inputs`. `inputs`
     describes what the package accepts, for canopy to check before it runs it (compiled code
@@ -280,6 +306,8 @@ def export_compiled(module, example, dynamic, inputs, output, args, check_inputs
         "canopy.torch_version": torch.__version__,
     }
     tmp = args.out[:-4] + ".tmp.pt2" if args.out.endswith(".pt2") else args.out + ".tmp.pt2"
+    links_libtorch = device.type != "cpu" or not cpu_package_links_torch_cpu_only()
+    metadata["canopy.links_libtorch"] = "1" if links_libtorch else "0"
     torch._inductor.aoti_compile_and_package(program, package_path=tmp,
                                               inductor_configs={"aot_inductor.metadata": metadata})
     compiled = torch._inductor.aoti_load_package(tmp)

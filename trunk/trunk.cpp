@@ -656,10 +656,14 @@ Trunk Trunk::load_compiled(std::unique_ptr<Impl> impl) {
     log_info("trunk '" + c.path + "' was compiled for " + device + ": it runs there");
     impl->device = c10::Device(device);
   }
-  // The package's compiled library links libtorch.so, which canopy itself does not (it
-  // pulls in LibTorch's CUDA half, core/device.cpp): loaded here, for compiled trunks only.
-  const std::string not_loaded = detail::load_torch_library("libtorch.so");
-  CANOPY_CHECK(not_loaded.empty(), DataError, "cannot load compiled trunk '", c.path, "': ", not_loaded);
+  // A package's compiled library links libtorch.so unless its exporter linked it to
+  // libtorch_cpu alone (canopy.links_libtorch = 0: scripts/export_trunk.py's CPU packages).
+  // canopy itself does not link libtorch.so (it pulls in LibTorch's CUDA half,
+  // core/device.cpp): loaded here, for the packages that need it.
+  if (meta("canopy.links_libtorch") != "0") {
+    const std::string not_loaded = detail::load_torch_library("libtorch.so");
+    CANOPY_CHECK(not_loaded.empty(), DataError, "cannot load compiled trunk '", c.path, "': ", not_loaded);
+  }
   try {
     impl->compiled = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
         c.path, "model", false, 1, impl->device.is_cuda() ? impl->device.index() : c10::DeviceIndex(-1));
@@ -936,6 +940,13 @@ std::string Trunk::show(int max_depth) const {
       << "\n"
       << "  inputs      " << meta("canopy.inputs") << " (N: any batch; T<=M: up to M)\n"
       << "  exported    from " << meta("canopy.source") << "\n"
+      << "  links       "
+      << (meta("canopy.links_libtorch") == "0" ? "libtorch_cpu only (no CUDA libraries loaded for it)"
+          : meta("AOTI_DEVICE_KEY") == "(not recorded)" || meta("AOTI_DEVICE_KEY") == "cpu"
+              ? "libtorch.so, which loads LibTorch's CUDA half with it (about 0.1 s and 230 MiB); "
+                "scripts/export_trunk.py makes CPU packages that need libtorch_cpu only"
+              : "libtorch.so (with LibTorch's CUDA half, which it runs on)")
+      << "\n"
       << "  constants   " << impl_->compiled->get_constant_fqns().size()
       << " (parameters and buffers, frozen into the package)\n"
       << "  freeze      all (a compiled trunk cannot be fine-tuned)\n"

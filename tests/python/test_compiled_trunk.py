@@ -10,6 +10,9 @@ the TorchScript trunks they were compiled from, through the real binary, read wi
   input size (compiled code would read out of bounds), fine-tuning, other taps, an unpinned
   or wrongly pinned file, a truncated package
 - `canopy trunk show` says what the package is
+- a CPU package links libtorch_cpu, not libtorch.so, and canopy runs it without loading
+  LibTorch's CUDA half (the dynamic loader's own log, LD_DEBUG=files); a package whose
+  metadata does not say so (an older export) gets libtorch.so loaded as before
 
     test_compiled_trunk.py --canopy build/runners/canopy
 """
@@ -18,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 
 import h5py
 import numpy as np
@@ -59,6 +63,34 @@ def compare(canopy, work, demo, pt2, limits, what):
     return config, sha, caches["pt2"]
 
 
+def package_member(pt2, suffix):
+    with zipfile.ZipFile(pt2) as z:
+        names = [n for n in z.namelist() if n.endswith(suffix)]
+        return z.read(names[0]) if len(names) == 1 else None
+
+
+def without_links_key(pt2, out):
+    """A copy of `pt2` whose metadata lacks canopy.links_libtorch, as an older export's does."""
+    import json
+    with zipfile.ZipFile(pt2) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("_metadata.json"):
+                meta = json.loads(data)
+                meta.pop("canopy.links_libtorch", None)
+                data = json.dumps(meta).encode()
+            dst.writestr(info, data)
+
+
+def loaded_libraries(canopy, *args):
+    """`canopy trunk show` under the dynamic loader's log: its exit, output and the libraries loaded."""
+    env = dict(os.environ, LD_DEBUG="files")
+    p = subprocess.run([canopy, "trunk", "show", *args], capture_output=True, text=True, env=env)
+    loaded = {os.path.basename(line.split("file=")[1].split()[0]) for line in p.stderr.splitlines() if "file=" in line}
+    out = "\n".join(line for line in (p.stdout + p.stderr).splitlines() if "file=" not in line and "\t" not in line)
+    return p.returncode, out, loaded
+
+
 def main():
     import argparse
     ap = argparse.ArgumentParser()
@@ -89,6 +121,28 @@ def main():
     rc, out = canopy_run(canopy, "trunk", "show", "--config", config, *pinned)
     check(rc == 0 and "AOTInductor package" in out and "float32 N,3,64,64" in out and "blocks.13" in out,
           "trunk show names the package, its inputs and its output")
+
+    # What a CPU package links: libtorch_cpu and c10, not libtorch.so (LibTorch's CUDA half).
+    for pt2 in (lite, minilm):
+        name = os.path.basename(pt2)
+        meta = package_member(pt2, "wrapper_metadata.json")
+        library = package_member(pt2, "wrapper.so")
+        check(meta is not None and b'"canopy.links_libtorch": "0"' in meta,
+              f"{name}: its metadata says it links libtorch_cpu only (canopy.links_libtorch = 0)")
+        check(library is not None and b"\0libtorch_cpu.so\0" in library and b"\0libtorch.so\0" not in library,
+              f"{name}: its library needs libtorch_cpu.so and not libtorch.so")
+    rc, out, loaded = loaded_libraries(canopy, "--config", config, *pinned, "--set", "trunk.device=cpu")
+    check(rc == 0 and "libtorch_cpu only" in out and "libtorch_cuda.so" not in loaded and "libtorch.so" not in loaded,
+          f"canopy runs the CPU package without libtorch.so or LibTorch's CUDA half (exit {rc}; "
+          f"{len(loaded)} libraries loaded{', libtorch_cuda.so among them' if 'libtorch_cuda.so' in loaded else ''})")
+    older = os.path.join(work, "older.pt2")
+    without_links_key(lite, older)
+    rc, out, loaded = loaded_libraries(canopy, "--config", config, "--set", f"trunk.path={older}",
+                                       "--set", "trunk.sha256=", "--set", "trunk.allow_unpinned=true",
+                                       "--set", "trunk.device=cpu")
+    check(rc == 0 and "libtorch.so" in loaded and "libtorch_cuda.so" in loaded and "links       libtorch.so" in out,
+          f"a package whose metadata does not say what it links gets libtorch.so loaded as before (exit {rc}) "
+          f"{out[-300:] if rc else ''}")
 
     # Refusals: each a clear error (exit 1, or 2 for the config), none a crash.
     cases = [
