@@ -82,7 +82,7 @@ void print_cache_report(const CacheReport& r, std::ostream& out) {
   for (const auto& [split, rows] : r.rows)
     out << "  " << std::left << std::setw(11) << split << " " << rows << " rows\n";
   if (r.rebuilt) {
-    out << std::fixed << std::setprecision(1) << "  time        " << r.seconds << " s (" << r.rows_computed
+    out << std::fixed << std::setprecision(2) << "  time        " << r.seconds << " s (" << r.rows_computed
         << " rows through the trunk: " << r.trunk_seconds << " s; waiting on writes: " << r.write_wait_seconds
         << " s)\n"
         << std::defaultfloat;
