@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import export_trunk  # noqa: E402
-from trunk_compare import CONFIG, HOME, images  # noqa: E402
+from trunk_compare import CONFIG, FMNIST, HOME, images  # noqa: E402
 
 
 def rate(run, x, batch, repeats=3):
@@ -44,7 +44,7 @@ def canopy_rate(canopy, work, n, size, trunk, sha, tag, repeats=3):
     out = []
     for _ in range(repeats):
         r = subprocess.run([canopy, "cache", "--config", CONFIG, "--force", "--progress", "quiet", "--set",
-                            f"data.train_limit={n}", "--set", "data.test_limit=1", "--set", f"preprocess.resize={size}",
+                            f"data.train_limit={n}", "--set", "data.test_limit=1", "--set", f"data.dir={FMNIST}", "--set", f"preprocess.resize={size}",
                             "--set", f"cache.path={work}/c-{size}-{tag}", "--set", f"trunk.path={trunk}", "--set",
                             f"trunk.sha256={sha}", "--set", "trunk.device=cuda"], capture_output=True, text=True)
         if r.returncode:

@@ -64,7 +64,7 @@ def python_rate(run, x, batch, kept_heap=False):
 def canopy_rate(canopy, work, n, size, trunk, sha, tag):
     cache = os.path.join(work, f"cache-{size}-{tag}")
     r = subprocess.run([canopy, "cache", "--config", CONFIG, "--force", "--progress", "quiet",
-                        "--set", f"data.train_limit={n}", "--set", "data.test_limit=1", "--set",
+                        "--set", f"data.train_limit={n}", "--set", "data.test_limit=1", "--set", f"data.dir={FMNIST}", "--set",
                         f"preprocess.resize={size}", "--set", f"cache.path={cache}", "--set", f"trunk.path={trunk}",
                         "--set", f"trunk.sha256={sha}"], capture_output=True, text=True)
     if r.returncode:
