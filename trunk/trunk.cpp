@@ -308,6 +308,64 @@ std::vector<std::string> select_modules(const std::string& spec, const std::vect
       key, ": expected all, none, first:N, match:REGEX or modules:NAME ..., got '", spec, "'"));
 }
 
+// What a compiled package accepts, from its metadata (canopy.inputs): per input a dtype and
+// its dimensions, each fixed (a number), any batch (N) or dynamic up to a bound (NAME<=MAX,
+// equal wherever NAME appears).
+struct CompiledDim {
+  std::string text;  // as the metadata writes it
+  std::int64_t size = -1;
+  std::string name;  // NAME<=MAX: the name; size holds MAX
+  bool any = false;  // N
+};
+struct CompiledInput {
+  at::ScalarType dtype;
+  std::string dtype_name;
+  std::vector<CompiledDim> dims;
+};
+
+// Parsed once, at load: a package whose metadata says something else is refused then, not at
+// its first batch.
+std::vector<CompiledInput> parse_compiled_inputs(const std::string& spec, const std::string& path) {
+  const auto bad = [&](const std::string& why) {
+    return DataError(detail::str_cat("compiled trunk '", path, "': metadata canopy.inputs '", spec,
+                                     "' is not `dtype dim,dim,...` per input (", why, ")"));
+  };
+  std::vector<CompiledInput> out;
+  for (const auto& one : canopy::split(spec, ';')) {
+    const auto parts = canopy::split(trim(one), ' ');
+    if (parts.size() != 2) throw bad("'" + trim(one) + "'");
+    CompiledInput in;
+    in.dtype_name = parts[0];
+    if (parts[0] == "float32") {
+      in.dtype = at::kFloat;
+    } else if (parts[0] == "int64") {
+      in.dtype = at::kLong;
+    } else {
+      throw bad("dtype '" + parts[0] + "': canopy runs float32 and int64 inputs");
+    }
+    for (const auto& d : canopy::split(parts[1], ',')) {
+      CompiledDim dim;
+      dim.text = d;
+      const auto le = d.find("<=");
+      try {
+        if (d == "N") {
+          dim.any = true;
+        } else if (le == std::string::npos) {
+          dim.size = parse_int(d, "canopy.inputs");
+        } else {
+          dim.name = d.substr(0, le);
+          dim.size = parse_int(d.substr(le + 2), "canopy.inputs");
+        }
+      } catch (const ConfigError&) {
+        throw bad("dimension '" + d + "'");
+      }
+      in.dims.push_back(dim);
+    }
+    out.push_back(std::move(in));
+  }
+  return out;
+}
+
 }  // namespace
 
 struct Trunk::Impl {
@@ -330,6 +388,7 @@ struct Trunk::Impl {
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> compiled;
   std::unordered_map<std::string, std::string> compiled_meta;
   std::vector<std::string> compiled_outputs;
+  std::vector<CompiledInput> compiled_inputs;
 
   // Where the policy cuts the trunk; adds canopy_prefix and canopy_top when it leaves a top
   // over a frozen prefix.
@@ -411,42 +470,34 @@ struct Trunk::Impl {
   // Compiled code does not check what it is given (a wrong size is read out of bounds): the
   // inputs are checked here against what the package says it accepts (canopy.inputs).
   void check_compiled_inputs(const std::vector<at::Tensor>& inputs) const {
-    const auto spec = compiled_meta.at("canopy.inputs");
-    const auto wanted = canopy::split(spec, ';');
-    std::ostringstream shapes;
-    for (const auto& x : inputs) shapes << x.scalar_type() << x.sizes() << " ";
     const auto refuse = [&](const std::string& why) {
+      std::ostringstream shapes;
+      for (const auto& x : inputs) shapes << x.scalar_type() << x.sizes() << " ";
       throw DataError(
-          detail::str_cat("compiled trunk '", config.path, "' accepts ", spec, "; got ", shapes.str(), "(",
-                          why, "). A .pt2 is compiled for one input size: export it for this ",
-                          "one (scripts/export_trunk.py --format pt2 --size), or use the TorchScript trunk"));
+          detail::str_cat("compiled trunk '", config.path, "' accepts ", compiled_meta.at("canopy.inputs"),
+                          "; got ", shapes.str(), "(", why, "). A .pt2 is compiled for one input size: ",
+                          "export it for this one (scripts/export_trunk.py --format pt2 --size), or use ",
+                          "the TorchScript trunk"));
     };
-    if (wanted.size() != inputs.size()) refuse(detail::str_cat(inputs.size(), " input(s)"));
+    if (compiled_inputs.size() != inputs.size()) refuse(detail::str_cat(inputs.size(), " input(s)"));
     std::map<std::string, std::int64_t> named;
     for (std::size_t i = 0; i < inputs.size(); ++i) {
-      const auto parts = canopy::split(trim(wanted[i]), ' ');
-      CANOPY_CHECK(parts.size() == 2, DataError, "compiled trunk '", config.path,
-                   "': metadata canopy.inputs '", spec, "' is not `dtype dim,dim,...` per input");
-      const at::ScalarType type = parts[0] == "float32" ? at::kFloat
-                                  : parts[0] == "int64" ? at::kLong
-                                                        : at::kByte;
-      if (inputs[i].scalar_type() != type) refuse(detail::str_cat("input ", i, " is not ", parts[0]));
-      const auto dims = canopy::split(parts[1], ',');
-      if (static_cast<std::int64_t>(dims.size()) != inputs[i].dim())
+      const CompiledInput& want = compiled_inputs[i];
+      if (inputs[i].scalar_type() != want.dtype)
+        refuse(detail::str_cat("input ", i, " is not ", want.dtype_name));
+      if (static_cast<std::int64_t>(want.dims.size()) != inputs[i].dim())
         refuse(detail::str_cat("input ", i, " has ", inputs[i].dim(), " dimensions"));
-      for (std::size_t d = 0; d < dims.size(); ++d) {
+      for (std::size_t d = 0; d < want.dims.size(); ++d) {
+        const CompiledDim& dim = want.dims[d];
         const std::int64_t got = inputs[i].size(static_cast<std::int64_t>(d));
-        const auto le = dims[d].find("<=");
-        if (dims[d] == "N") continue;
-        if (le == std::string::npos) {
-          if (got != parse_int(dims[d], "canopy.inputs"))
-            refuse(detail::str_cat("dimension ", d, " of input ", i));
+        if (dim.any) continue;
+        if (dim.name.empty()) {
+          if (got != dim.size) refuse(detail::str_cat("dimension ", d, " of input ", i));
           continue;
         }
-        const std::string name = dims[d].substr(0, le);
-        if (got < 2 || got > parse_int(dims[d].substr(le + 2), "canopy.inputs"))
-          refuse(detail::str_cat(name, " = ", got, " is outside 2..", dims[d].substr(le + 2)));
-        if (named.emplace(name, got).first->second != got) refuse(name + " differs between inputs");
+        if (got < 2 || got > dim.size)
+          refuse(detail::str_cat(dim.name, " = ", got, " is outside 2..", dim.size));
+        if (named.emplace(dim.name, got).first->second != got) refuse(dim.name + " differs between inputs");
       }
     }
   }
@@ -645,6 +696,7 @@ Trunk Trunk::load_compiled(std::unique_ptr<Impl> impl) {
                "compiled trunk '", c.path,
                "' does not say what it takes and returns (metadata canopy.inputs, canopy.outputs): ",
                "export it with scripts/export_trunk.py --format pt2");
+  impl->compiled_inputs = parse_compiled_inputs(meta("canopy.inputs"), c.path);
   CANOPY_CHECK(c.taps.empty() || c.taps == impl->compiled_outputs, ConfigError,
                "trunk.taps = ", join(c.taps, ","), ", but compiled trunk '", c.path,
                "' was exported with the outputs ", join(impl->compiled_outputs, ","),

@@ -12,7 +12,8 @@ the TorchScript trunks they were compiled from, through the real binary, read wi
 - `canopy trunk show` says what the package is
 - a CPU package links libtorch_cpu, not libtorch.so, and canopy runs it without loading
   LibTorch's CUDA half (the dynamic loader's own log, LD_DEBUG=files); a package whose
-  metadata does not say so (an older export) gets libtorch.so loaded as before
+  metadata does not say so (an older export) gets libtorch.so loaded as before; metadata
+  naming inputs canopy cannot run (another dtype, a malformed dimension) is refused at load
 
     test_compiled_trunk.py --canopy build/runners/canopy
 """
@@ -69,15 +70,15 @@ def package_member(pt2, suffix):
         return z.read(names[0]) if len(names) == 1 else None
 
 
-def without_links_key(pt2, out):
-    """A copy of `pt2` whose metadata lacks canopy.links_libtorch, as an older export's does."""
+def with_metadata(pt2, out, edit):
+    """A copy of `pt2` whose metadata `edit` (a function of the dict) has changed."""
     import json
     with zipfile.ZipFile(pt2) as src, zipfile.ZipFile(out, "w") as dst:
         for info in src.infolist():
             data = src.read(info)
             if info.filename.endswith("_metadata.json"):
                 meta = json.loads(data)
-                meta.pop("canopy.links_libtorch", None)
+                edit(meta)
                 data = json.dumps(meta).encode()
             dst.writestr(info, data)
 
@@ -136,13 +137,24 @@ def main():
           f"canopy runs the CPU package without libtorch.so or LibTorch's CUDA half (exit {rc}; "
           f"{len(loaded)} libraries loaded{', libtorch_cuda.so among them' if 'libtorch_cuda.so' in loaded else ''})")
     older = os.path.join(work, "older.pt2")
-    without_links_key(lite, older)
+    with_metadata(lite, older, lambda meta: meta.pop("canopy.links_libtorch"))  # as an older export's
     rc, out, loaded = loaded_libraries(canopy, "--config", config, "--set", f"trunk.path={older}",
                                        "--set", "trunk.sha256=", "--set", "trunk.allow_unpinned=true",
                                        "--set", "trunk.device=cpu")
     check(rc == 0 and "libtorch.so" in loaded and "libtorch_cuda.so" in loaded and "links       libtorch.so" in out,
           f"a package whose metadata does not say what it links gets libtorch.so loaded as before (exit {rc}) "
           f"{out[-300:] if rc else ''}")
+
+    # Metadata that does not say what canopy can run is refused when the package loads.
+    for what, inputs, expect in (("an unknown dtype", "float16 N,3,64,64", "dtype 'float16'"),
+                                 ("a dimension that is no number", "float32 N,3,sixty,64", "dimension 'sixty'")):
+        odd = os.path.join(work, "odd.pt2")
+        with_metadata(lite, odd, lambda meta: meta.update({"canopy.inputs": inputs}))
+        rc, out = canopy_run(canopy, "trunk", "show", "--config", config, "--set", f"trunk.path={odd}",
+                             "--set", "trunk.sha256=", "--set", "trunk.allow_unpinned=true")
+        check(rc == 1 and expect in out and "canopy.inputs" in out,
+              f"a package whose canopy.inputs holds {what} is refused at load: '{expect}' (exit {rc}) "
+              f"{out.strip().splitlines()[-1][:200] if out.strip() else ''}")
 
     # Refusals: each a clear error (exit 1, or 2 for the config), none a crash.
     cases = [
