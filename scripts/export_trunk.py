@@ -34,6 +34,7 @@ the file as <out>.sha256. --compare-with TRUNK.pt times both forms here and writ
 <out>.timing.json (scripts/setup uses it to run the demos on the faster one).
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -259,20 +260,20 @@ def compare_with_torchscript(compiled, torchscript, inputs, out):
           f"TorchScript {rates['torchscript']:.0f} rows/s, compiled {rates['pt2']:.0f} rows/s: {faster} is faster")
 
 
-def cpu_package_links_torch_cpu_only():
-    """Makes the CPU packages compiled from here on link libtorch_cpu (and c10) instead of
+@contextlib.contextmanager
+def linking_torch_cpu_only():
+    """While it lasts, the packages Inductor compiles link libtorch_cpu (and c10) instead of
     libtorch.so, whose one job is to pull in LibTorch's CUDA half: libtorch_cuda.so and the
     CUDA libraries, a tenth of a second at every start of canopy on a machine without a GPU
-    (canopy links the CPU half only, core/device.cpp). The package still loads in Python as
-    any other. Inductor names the libraries in a private function of this (pinned) torch;
-    where it is missing, the package links libtorch.so as usual and its metadata says so
-    (canopy.links_libtorch), and canopy loads libtorch.so for it."""
+    (canopy links the CPU half only, core/device.cpp). For CPU packages only; such a package
+    still loads in Python as any other. Inductor names the libraries in a private function of
+    this (pinned) torch: yields False where it is missing, and the package then links
+    libtorch.so as usual (its metadata says which, canopy.links_libtorch)."""
     from torch._inductor import cpp_builder
     inner = getattr(cpp_builder, "_get_torch_related_args", None)
     if inner is None:
-        return False
-    if getattr(inner, "canopy_cpu_only", False):
-        return True
+        yield False
+        return
 
     def torch_related_args(*a, **kw):
         include_dirs, library_dirs, libraries = inner(*a, **kw)
@@ -280,9 +281,11 @@ def cpu_package_links_torch_cpu_only():
             libraries = [lib for lib in libraries if lib != "torch"] + ["c10"]
         return include_dirs, library_dirs, libraries
 
-    torch_related_args.canopy_cpu_only = True
     cpp_builder._get_torch_related_args = torch_related_args
-    return True
+    try:
+        yield True
+    finally:
+        cpp_builder._get_torch_related_args = inner
 
 
 def export_compiled(module, example, dynamic, inputs, output, args, check_inputs, timing_inputs):
@@ -306,10 +309,10 @@ def export_compiled(module, example, dynamic, inputs, output, args, check_inputs
         "canopy.torch_version": torch.__version__,
     }
     tmp = args.out[:-4] + ".tmp.pt2" if args.out.endswith(".pt2") else args.out + ".tmp.pt2"
-    links_libtorch = device.type != "cpu" or not cpu_package_links_torch_cpu_only()
-    metadata["canopy.links_libtorch"] = "1" if links_libtorch else "0"
-    torch._inductor.aoti_compile_and_package(program, package_path=tmp,
-                                              inductor_configs={"aot_inductor.metadata": metadata})
+    with linking_torch_cpu_only() if device.type == "cpu" else contextlib.nullcontext(False) as cpu_only:
+        metadata["canopy.links_libtorch"] = "0" if cpu_only else "1"
+        torch._inductor.aoti_compile_and_package(program, package_path=tmp,
+                                                  inductor_configs={"aot_inductor.metadata": metadata})
     compiled = torch._inductor.aoti_load_package(tmp)
     with torch.no_grad():
         ref, got = module(*check_inputs), compiled(*check_inputs)

@@ -312,7 +312,6 @@ std::vector<std::string> select_modules(const std::string& spec, const std::vect
 // its dimensions, each fixed (a number), any batch (N) or dynamic up to a bound (NAME<=MAX,
 // equal wherever NAME appears).
 struct CompiledDim {
-  std::string text;  // as the metadata writes it
   std::int64_t size = -1;
   std::string name;  // NAME<=MAX: the name; size holds MAX
   bool any = false;  // N
@@ -345,7 +344,6 @@ std::vector<CompiledInput> parse_compiled_inputs(const std::string& spec, const 
     }
     for (const auto& d : canopy::split(parts[1], ',')) {
       CompiledDim dim;
-      dim.text = d;
       const auto le = d.find("<=");
       try {
         if (d == "N") {
