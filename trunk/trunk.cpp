@@ -1,5 +1,7 @@
 #include "canopy/trunk/trunk.h"
 
+#include <sys/statvfs.h>
+
 #include <algorithm>
 #include <iomanip>
 #include <map>
@@ -669,6 +671,25 @@ std::string verified_trunk_sha256(const TrunkConfig& config) {
   return sha;
 }
 
+namespace {
+// The directory LibTorch's package loader unpacked a package into, as its error `what` names
+// it (/tmp/XXXXXX/<archive>/data/aotinductor/...), removed: the loader leaves it behind when
+// loading the library fails.
+void remove_unpacked_package(const std::string& what) {
+  const auto at = what.find("/tmp/");
+  if (at == std::string::npos || what.size() < at + 12 || what[at + 11] != '/') return;
+  const std::string dir = what.substr(at, 11);  // /tmp/ and mkdtemp's six characters
+  const auto inner = what.find("/data/aotinductor/", at + 12);
+  if (inner == std::string::npos || what.find('/', at + 12) != inner) return;
+  if (!is_directory(what.substr(at, inner + 18 - at))) return;
+  try {
+    remove_tree(dir);
+  } catch (const std::exception&) {
+    // the error being reported matters more than the leftover
+  }
+}
+}  // namespace
+
 bool is_compiled_trunk(const std::string& path) { return ends_with(path, ".pt2"); }
 
 Trunk Trunk::load_compiled(std::unique_ptr<Impl> impl) {
@@ -718,7 +739,18 @@ Trunk Trunk::load_compiled(std::unique_ptr<Impl> impl) {
     impl->compiled = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
         c.path, "model", false, 1, impl->device.is_cuda() ? impl->device.index() : c10::DeviceIndex(-1));
   } catch (const std::exception& e) {
-    throw DataError(detail::str_cat("cannot load compiled trunk '", c.path, "': ", first_line(e.what())));
+    // AOTInductor unpacks the package's library into a new directory under /tmp (a fixed
+    // path: TMPDIR is not read) and loads it from there, which a /tmp mounted noexec forbids.
+    // When loading the library fails it leaves that directory behind; its error names it.
+    remove_unpacked_package(e.what());
+    struct statvfs tmp {};
+    const bool noexec = statvfs("/tmp", &tmp) == 0 && (tmp.f_flag & ST_NOEXEC) != 0;
+    throw DataError(detail::str_cat(
+        "cannot load compiled trunk '", c.path, "': ", first_line(e.what()),
+        noexec ? ". /tmp is mounted noexec, and LibTorch's package loader unpacks the package's "
+                 "library there to load it (at a fixed path: TMPDIR does not move it); use the "
+                 "TorchScript trunk (a .pt file) on this machine, or remount /tmp with exec"
+               : ""));
   }
   impl->tap_points = impl->compiled_outputs;
   log_info(detail::str_cat("trunk: compiled (AOTInductor) for ", device, ", inputs ", meta("canopy.inputs"),

@@ -14,6 +14,8 @@ the TorchScript trunks they were compiled from, through the real binary, read wi
   LibTorch's CUDA half (the dynamic loader's own log, LD_DEBUG=files); a package whose
   metadata does not say so (an older export) gets libtorch.so loaded as before; metadata
   naming inputs canopy cannot run (another dtype, a malformed dimension) is refused at load
+- a /tmp mounted noexec (where LibTorch unpacks a package) gives an error that says so and
+  leaves nothing behind there
 
     test_compiled_trunk.py --canopy build/runners/canopy
 """
@@ -155,6 +157,23 @@ def main():
         check(rc == 1 and expect in out and "canopy.inputs" in out,
               f"a package whose canopy.inputs holds {what} is refused at load: '{expect}' (exit {rc}) "
               f"{out.strip().splitlines()[-1][:200] if out.strip() else ''}")
+
+    # A /tmp mounted noexec (a real one: tmpfs in a private mount namespace, as root): LibTorch's
+    # loader unpacks the package's library there and cannot map it. A clear error saying so,
+    # and nothing left behind in /tmp.
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        script = ('mount -t tmpfs -o noexec,size=64m tmpfs /tmp || exit 99; "$@"; echo "exit $?"; '
+                  'echo "left in /tmp: [$(ls -A /tmp)]"')
+        p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", canopy,
+                            "trunk", "show", "--config", config, *pinned], capture_output=True, text=True)
+        out = p.stdout + p.stderr
+        if p.returncode == 99:
+            print(f"skip a noexec /tmp: cannot mount one here ({out.strip()[-160:]})")
+        else:
+            check("exit 1" in out and "/tmp is mounted noexec" in out and "left in /tmp: []" in out,
+                  f"a noexec /tmp gives a clear error and leaves nothing in /tmp: {out.strip()[-300:]}")
+    else:
+        print("skip a noexec /tmp: needs root and unshare to mount one")
 
     # Refusals: each a clear error (exit 1, or 2 for the config), none a crash.
     cases = [
