@@ -161,11 +161,19 @@ def main():
     # A /tmp mounted noexec (a real one: tmpfs in a private mount namespace, as root): LibTorch's
     # loader unpacks the package's library there and cannot map it. A clear error saying so,
     # and nothing left behind in /tmp.
-    if os.geteuid() == 0 and shutil.which("unshare"):
-        script = ('mount -t tmpfs -o noexec,size=64m tmpfs /tmp || exit 99; "$@"; echo "exit $?"; '
-                  'echo "left in /tmp: [$(ls -A /tmp)]"')
-        p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", canopy,
-                            "trunk", "show", "--config", config, *pinned], capture_output=True, text=True)
+    # What this test itself keeps under /tmp (a checkout there, its work folder) stays visible
+    # through bind mounts, which keep their own exec permission.
+    if os.geteuid() == 0 and shutil.which("unshare") and os.path.isdir("/run"):
+        binary = os.path.abspath(canopy)
+        hold = tempfile.mkdtemp(prefix="canopy-real-tmp-", dir="/run")  # the real /tmp, seen from inside
+        keep = sorted({p.split("/")[2] for p in (binary, config, work, lite) if p.startswith("/tmp/")})
+        script = ('mount --bind /tmp "$HOLD" && mount -t tmpfs -o noexec,size=64m tmpfs /tmp || exit 99; '
+                  'for e in $KEEP; do mkdir /tmp/$e && mount --bind "$HOLD/$e" /tmp/$e || exit 99; done; '
+                  '"$@"; echo "exit $?"; echo "left in /tmp: [$(ls -A /tmp | grep -vxF -e "${KEEP:-/}" | tr -d "\\n")]"')
+        env = dict(os.environ, KEEP="\n".join(keep), HOLD=hold)
+        p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", binary,
+                            "trunk", "show", "--config", config, *pinned], capture_output=True, text=True, env=env)
+        os.rmdir(hold)
         out = p.stdout + p.stderr
         if p.returncode == 99:
             print(f"skip a noexec /tmp: cannot mount one here ({out.strip()[-160:]})")
@@ -173,7 +181,7 @@ def main():
             check("exit 1" in out and "/tmp is mounted noexec" in out and "left in /tmp: []" in out,
                   f"a noexec /tmp gives a clear error and leaves nothing in /tmp: {out.strip()[-300:]}")
     else:
-        print("skip a noexec /tmp: needs root and unshare to mount one")
+        print("skip a noexec /tmp: needs root, unshare and /run to mount one")
 
     # Refusals: each a clear error (exit 1, or 2 for the config), none a crash.
     cases = [
