@@ -62,6 +62,11 @@ bool short_of_space(const std::string& path, std::uint64_t bytes) {
   return static_cast<std::uint64_t>(st.f_bavail) * st.f_frsize < bytes;
 }
 
+bool mounted_noexec(const std::string& path) {
+  struct statvfs st {};
+  return ::statvfs(path.c_str(), &st) == 0 && (st.f_flag & ST_NOEXEC) != 0;
+}
+
 void write_file_atomic(const std::string& path, std::string_view contents, bool sync_dir) {
   const std::string tmp = temp_path_for(path);
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);

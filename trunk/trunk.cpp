@@ -1,7 +1,5 @@
 #include "canopy/trunk/trunk.h"
 
-#include <sys/statvfs.h>
-
 #include <algorithm>
 #include <iomanip>
 #include <map>
@@ -319,7 +317,7 @@ struct CompiledDim {
   bool any = false;  // N
 };
 struct CompiledInput {
-  at::ScalarType dtype;
+  at::ScalarType dtype = at::kFloat;
   std::string dtype_name;
   std::vector<CompiledDim> dims;
 };
@@ -743,14 +741,13 @@ Trunk Trunk::load_compiled(std::unique_ptr<Impl> impl) {
     // path: TMPDIR is not read) and loads it from there, which a /tmp mounted noexec forbids.
     // When loading the library fails it leaves that directory behind; its error names it.
     remove_unpacked_package(e.what());
-    struct statvfs tmp {};
-    const bool noexec = statvfs("/tmp", &tmp) == 0 && (tmp.f_flag & ST_NOEXEC) != 0;
-    throw DataError(detail::str_cat(
-        "cannot load compiled trunk '", c.path, "': ", first_line(e.what()),
-        noexec ? ". /tmp is mounted noexec, and LibTorch's package loader unpacks the package's "
-                 "library there to load it (at a fixed path: TMPDIR does not move it); use the "
-                 "TorchScript trunk (a .pt file) on this machine, or remount /tmp with exec"
-               : ""));
+    throw DataError(
+        detail::str_cat("cannot load compiled trunk '", c.path, "': ", first_line(e.what()),
+                        mounted_noexec("/tmp")
+                            ? ". /tmp is mounted noexec, and LibTorch's package loader unpacks the package's "
+                              "library there to load it (at a fixed path: TMPDIR does not move it); use the "
+                              "TorchScript trunk (a .pt file) on this machine, or remount /tmp with exec"
+                            : ""));
   }
   impl->tap_points = impl->compiled_outputs;
   log_info(detail::str_cat("trunk: compiled (AOTInductor) for ", device, ", inputs ", meta("canopy.inputs"),
