@@ -255,7 +255,7 @@ void SharedTop::step(const at::Tensor& z, const at::Tensor& grad) {
                  " (every head's own gradient was finite)");
   }
   if (config_.schedule == FreezeSchedule::kAutofreeze) track_gradients();
-  optimizer_->step();
+  optimizer_step_(*optimizer_);
   for (const auto& [name, p] : params_) {
     CANOPY_CHECK(all_finite(p), Error, "the shared top's weights are not finite after the step (", name,
                  "); lower trunk.lr");

@@ -349,7 +349,7 @@ at::Tensor Task::loss(const at::Tensor& outputs, const at::Tensor& targets) cons
   return torch::nn::functional::cross_entropy(outputs, targets, options);
 }
 
-void Task::finish_step() { optimizer_->step(); }
+void Task::finish_step() { optimizer_step_(*optimizer_); }
 
 namespace {
 at::Tensor weighted(const at::Tensor& loss, double weight) { return weight == 1.0 ? loss : loss * weight; }

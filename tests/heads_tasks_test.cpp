@@ -8,9 +8,12 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/TensorIndexing.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/allclose.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/equal.h>
+#include <ATen/ops/log_softmax.h>
+#include <ATen/ops/nll_loss.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
@@ -18,6 +21,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/nn/functional/loss.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
 #include <torch/utils.h>
 
 #include "canopy/core/error.h"
@@ -25,6 +30,7 @@
 #include "canopy/heads/fused.h"
 #include "canopy/heads/linear.h"
 #include "canopy/heads/mlp.h"
+#include "canopy/tasks/fused_optimizer.h"
 #include "canopy/tasks/registry.h"
 #include "canopy/tasks/task.h"
 #include "support/test_support.h"
@@ -388,6 +394,109 @@ double max_param_difference(Task& a, Task& b) {
     worst = std::max(worst, (pa[i] - pb[i]).abs().max().item<double>());
   }
   return worst;
+}
+
+// Two copies of the same small problem, one stepped by the optimizer's own step(), one by
+// FusedOptimizerStep; `steps` steps each, switching paths halfway through `switch_at` (the
+// state is shared, so either path must continue from the other).
+struct OptimizerRun {
+  std::vector<at::Tensor> params;
+  std::unique_ptr<torch::optim::Optimizer> optimizer;
+};
+OptimizerRun make_run(OptimizerKind kind, double weight_decay) {
+  torch::manual_seed(3);
+  OptimizerRun r;
+  r.params = {at::randn({10, 32}).requires_grad_(true), at::randn({10}).requires_grad_(true),
+              at::randn({7}).requires_grad_(true)};  // the last never gets a gradient
+  r.optimizer = make_optimizer(kind, {{r.params[0]}, {r.params[1], r.params[2]}}, 0.01, weight_decay, 0.9);
+  // A second group at another rate, as the shared top's blocks have.
+  r.optimizer->param_groups()[1].options().set_lr(0.003);
+  return r;
+}
+void backward_once(const OptimizerRun& r, const at::Tensor& x, const at::Tensor& y) {
+  r.optimizer->zero_grad();
+  at::nll_loss(at::log_softmax(at::addmm(r.params[1], x, r.params[0].t()), 1), y).backward();
+}
+
+TEST(FusedOptimizer, StepsAsTheOptimizerDoesForAdamAndAdamW) {
+  torch::manual_seed(11);
+  const at::Tensor x = at::randn({64, 32});
+  const at::Tensor y = at::randint(0, 10, {64}, at::kLong);
+  for (const auto kind : {OptimizerKind::kAdam, OptimizerKind::kAdamW}) {
+    for (const double wd : {0.0, 0.05}) {
+      OptimizerRun plain = make_run(kind, wd), fused = make_run(kind, wd);
+      FusedOptimizerStep fused_step;
+      for (int step = 0; step < 40; ++step) {
+        backward_once(plain, x, y);
+        plain.optimizer->step();
+        backward_once(fused, x, y);
+        // Steps 20-24 by the optimizer's own step(): the two paths share the state.
+        if (step >= 20 && step < 25) {
+          fused.optimizer->step();
+        } else {
+          fused_step(*fused.optimizer);
+        }
+      }
+      const std::string what =
+          std::string(kind == OptimizerKind::kAdam ? "adam" : "adamw") + " wd " + std::to_string(wd);
+      for (std::size_t i = 0; i < plain.params.size(); ++i) {
+        // The parameters moved by ~0.3 over 40 steps; the two kernels differ in rounding only.
+        EXPECT_GT((plain.params[i] - make_run(kind, wd).params[i]).abs().max().item<double>(),
+                  i == 2 ? -1.0 : 0.05)
+            << what;
+        EXPECT_LT((plain.params[i] - fused.params[i]).abs().max().item<double>(), 1e-5)
+            << what << " param " << i;
+      }
+      EXPECT_TRUE(at::equal(plain.params[2], fused.params[2]))
+          << what << ": a parameter without a gradient moved";
+      // The same state, in the optimizer's own form: step counts and moments.
+      for (std::size_t i = 0; i < 2; ++i) {
+        const auto& a = *plain.optimizer->state().at(plain.params[i].unsafeGetTensorImpl());
+        const auto& b = *fused.optimizer->state().at(fused.params[i].unsafeGetTensorImpl());
+        if (kind == OptimizerKind::kAdam) {
+          const auto& sa = static_cast<const torch::optim::AdamParamState&>(a);
+          const auto& sb = static_cast<const torch::optim::AdamParamState&>(b);
+          EXPECT_EQ(sa.step(), 40);
+          EXPECT_EQ(sb.step(), 40);
+          EXPECT_LT((sa.exp_avg_sq() - sb.exp_avg_sq()).abs().max().item<double>(), 1e-6) << what;
+        } else {
+          const auto& sa = static_cast<const torch::optim::AdamWParamState&>(a);
+          const auto& sb = static_cast<const torch::optim::AdamWParamState&>(b);
+          EXPECT_EQ(sa.step(), 40);
+          EXPECT_EQ(sb.step(), 40);
+          EXPECT_LT((sa.exp_avg() - sb.exp_avg()).abs().max().item<double>(), 1e-6) << what;
+        }
+      }
+      EXPECT_EQ(fused.optimizer->state().count(fused.params[2].unsafeGetTensorImpl()), 0u) << what;
+    }
+  }
+}
+
+TEST(FusedOptimizer, FallsBackToTheOptimizersOwnStep) {
+  torch::manual_seed(11);
+  const at::Tensor x = at::randn({64, 32});
+  const at::Tensor y = at::randint(0, 10, {64}, at::kLong);
+  // SGD with momentum, and Adam with amsgrad: the fused path does not cover them, so both
+  // runs must stay bit for bit equal.
+  OptimizerRun plain = make_run(OptimizerKind::kSgd, 0.01), fused = make_run(OptimizerKind::kSgd, 0.01);
+  OptimizerRun plain_ams = make_run(OptimizerKind::kAdam, 0.0),
+               fused_ams = make_run(OptimizerKind::kAdam, 0.0);
+  for (auto* r : {&plain_ams, &fused_ams}) {
+    for (auto& g : r->optimizer->param_groups())
+      static_cast<torch::optim::AdamOptions&>(g.options()).amsgrad(true);
+  }
+  FusedOptimizerStep fused_step, fused_ams_step;
+  for (int step = 0; step < 10; ++step) {
+    for (auto* r : {&plain, &fused, &plain_ams, &fused_ams}) backward_once(*r, x, y);
+    plain.optimizer->step();
+    plain_ams.optimizer->step();
+    fused_step(*fused.optimizer);
+    fused_ams_step(*fused_ams.optimizer);
+  }
+  for (std::size_t i = 0; i < 2; ++i) {
+    EXPECT_TRUE(at::equal(plain.params[i], fused.params[i])) << "sgd param " << i;
+    EXPECT_TRUE(at::equal(plain_ams.params[i], fused_ams.params[i])) << "amsgrad param " << i;
+  }
 }
 
 TEST(Fusion, KeysAndWidths) {

@@ -24,6 +24,7 @@
 
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/runners/config.h"
+#include "canopy/tasks/fused_optimizer.h"
 #include "canopy/trunk/trunk.h"
 
 namespace torch::optim {
@@ -120,6 +121,7 @@ class SharedTop {
   std::vector<double> base_lrs_;                            // per parameter group (block)
   std::int64_t feature_dim_ = 0;
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
+  tasks::FusedOptimizerStep optimizer_step_;
   std::string cache_fingerprint_;
   std::vector<std::string> top_blocks_;                // lowest first
   std::vector<std::vector<at::Tensor>> block_params_;  // per top block

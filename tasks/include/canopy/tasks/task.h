@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "canopy/heads/head.h"
+#include "canopy/tasks/fused_optimizer.h"
 #include "canopy/tasks/registry.h"
 
 namespace torch::optim {
@@ -211,6 +212,7 @@ class Task {
   double target_std_ = 1.0;
   heads::HeadPtr head_;
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
+  FusedOptimizerStep optimizer_step_;
   std::vector<at::Tensor> best_;  // parameters then buffers, in the head's order
   std::vector<std::string> unused_head_options_;
 };
