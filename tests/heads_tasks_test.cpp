@@ -357,7 +357,8 @@ TEST(Task, RegressionLearnsARealTargetWithMseOrL1) {
 // Two identical sets of tasks (same seeds): one trained fused, one head by head.
 struct FusionFixture {
   std::vector<std::unique_ptr<Task>> fused, alone;
-  FusionFixture() {
+  // linear_only: every member linear, which fused_forward computes transposed.
+  explicit FusionFixture(bool linear_only = false) {
     HeadRegistry r = builtin();
     std::vector<TaskConfig> configs;
     auto add = [&](const std::string& name, const std::string& head, OptimizerKind optimizer, double lr,
@@ -372,8 +373,14 @@ struct FusionFixture {
     };
     add("lin_adam", "linear", OptimizerKind::kAdam, 0.01, {});
     add("lin_sgd", "linear", OptimizerKind::kSgd, 0.1, {});
-    add("mlp_dropout", "mlp", OptimizerKind::kAdamW, 0.005, {{"hidden", "32,16"}, {"dropout", "0.3"}});
-    add("mlp_gelu", "mlp", OptimizerKind::kAdam, 0.003, {{"hidden", "24"}, {"activation", "gelu"}});
+    if (linear_only) {
+      add("lin_adamw", "linear", OptimizerKind::kAdamW, 0.005, {});
+      add("lin_weighted", "linear", OptimizerKind::kAdam, 0.003, {});
+      configs[3].class_weights = {1.0, 2.0, 0.5, 1.0, 3.0};
+    } else {
+      add("mlp_dropout", "mlp", OptimizerKind::kAdamW, 0.005, {{"hidden", "32,16"}, {"dropout", "0.3"}});
+      add("mlp_gelu", "mlp", OptimizerKind::kAdam, 0.003, {{"hidden", "24"}, {"activation", "gelu"}});
+    }
     configs[1].label_smoothing = 0.1;
     for (std::uint64_t i = 0; i < configs.size(); ++i) {
       fused.push_back(std::make_unique<Task>(configs[i], r, 16, 5, 100 + i));
@@ -524,30 +531,35 @@ TEST(Fusion, KeysAndWidths) {
 }
 
 TEST(Fusion, FusedTrainingMatchesHeadByHead) {
-  FusionFixture f;
-  torch::manual_seed(7);
-  const at::Tensor x = at::randn({64, 16});
-  const at::Tensor y = at::randint(0, 5, {64}, at::kLong);
-  std::vector<at::Tensor> ys(f.fused.size(), y);
-  // Same outputs in eval mode (no dropout) before training.
-  for (auto& t : f.fused) t->head().eval();
-  for (auto& t : f.alone) t->head().eval();
-  std::vector<heads::Head*> hs;
-  for (auto& t : f.fused) hs.push_back(&t->head());
-  const auto outs = heads::fused_forward(hs, x);
-  for (std::size_t i = 0; i < hs.size(); ++i) {
-    EXPECT_LT((outs[i] - f.alone[i]->head().forward(x)).abs().max().item<double>(), 1e-5) << i;
-  }
-  for (int step = 0; step < 30; ++step) {
-    const auto losses = fused_train_step(f.fused_ptrs(), x, ys);
-    for (std::size_t i = 0; i < f.alone.size(); ++i) {
-      const double alone = f.alone[i]->train_step(x, y);
-      EXPECT_NEAR(losses[i], alone, 1e-4) << f.alone[i]->name() << " step " << step;
+  for (const bool linear_only : {false, true}) {
+    SCOPED_TRACE(linear_only ? "linear heads only" : "linear and MLP heads");
+    FusionFixture f(linear_only);
+    torch::manual_seed(7);
+    const at::Tensor x = at::randn({64, 16});
+    const at::Tensor y = at::randint(0, 5, {64}, at::kLong);
+    std::vector<at::Tensor> ys(f.fused.size(), y);
+    // Same outputs in eval mode (no dropout) before training.
+    for (auto& t : f.fused) t->head().eval();
+    for (auto& t : f.alone) t->head().eval();
+    std::vector<heads::Head*> hs;
+    for (auto& t : f.fused) hs.push_back(&t->head());
+    const auto outs = heads::fused_forward(hs, x);
+    // Linear heads alone in a group get views of the transposed product.
+    EXPECT_EQ(outs[0].t().is_contiguous(), linear_only);
+    for (std::size_t i = 0; i < hs.size(); ++i) {
+      EXPECT_LT((outs[i] - f.alone[i]->head().forward(x)).abs().max().item<double>(), 1e-5) << i;
     }
-  }
-  for (std::size_t i = 0; i < f.alone.size(); ++i) {
-    // Tolerance: only the summation order inside the one fused multiply differs.
-    EXPECT_LT(max_param_difference(*f.fused[i], *f.alone[i]), 1e-4) << f.alone[i]->name();
+    for (int step = 0; step < 30; ++step) {
+      const auto losses = fused_train_step(f.fused_ptrs(), x, ys);
+      for (std::size_t i = 0; i < f.alone.size(); ++i) {
+        const double alone = f.alone[i]->train_step(x, y);
+        EXPECT_NEAR(losses[i], alone, 1e-4) << f.alone[i]->name() << " step " << step;
+      }
+    }
+    for (std::size_t i = 0; i < f.alone.size(); ++i) {
+      // Tolerance: only the summation order inside the one fused multiply differs.
+      EXPECT_LT(max_param_difference(*f.fused[i], *f.alone[i]), 1e-4) << f.alone[i]->name();
+    }
   }
 }
 

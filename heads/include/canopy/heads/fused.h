@@ -34,7 +34,8 @@ std::string fusion_key(const Head& head);
 std::int64_t fused_width(const Head& head);
 
 // The outputs of `heads` (all with the same fusion key) on `features` [B, D], one [B, K_i]
-// tensor per head, in order.
+// tensor per head, in order (when every head is linear, views of one [sum K_i, B] product:
+// transposed, not contiguous).
 std::vector<torch::Tensor> fused_forward(const std::vector<Head*>& heads, const torch::Tensor& features);
 
 }  // namespace canopy::heads
