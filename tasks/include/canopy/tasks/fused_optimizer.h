@@ -19,7 +19,8 @@ namespace canopy::tasks {
 // by operator), so the two agree to float rounding, not bit for bit.
 //
 // Anything the fused kernels do not cover takes optimizer.step(): SGD, amsgrad, and
-// parameters that are not dense, contiguous float32 tensors on the CPU.
+// parameters that are not dense, contiguous float32 tensors on the CPU (a GPU's, too: the
+// CUDA kernels exist, but canopy has no GPU test of this path yet).
 class FusedOptimizerStep {
  public:
   void operator()(torch::optim::Optimizer& optimizer);
