@@ -15,9 +15,11 @@
 namespace canopy::tasks {
 
 namespace {
-bool fusable(const at::Tensor& p) {
-  return p.device().is_cpu() && p.scalar_type() == at::kFloat && p.layout() == at::kStrided &&
-         p.is_contiguous() && (!p.grad().defined() || p.grad().layout() == at::kStrided);
+// What the fused kernels read as flat float arrays: a parameter, its gradient and its
+// moments must all be dense, contiguous float32 CPU tensors of the same size.
+bool flat(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided &&
+         t.is_contiguous() && t.sizes() == like.sizes();
 }
 
 // What Adam and AdamW share: `Options` and `State` are their option and per-parameter state
@@ -28,7 +30,11 @@ bool step_fused(torch::optim::Optimizer& optimizer, std::unordered_map<void*, at
   for (auto& group : optimizer.param_groups()) {
     if (static_cast<const Options&>(group.options()).amsgrad()) return false;
     for (const auto& p : group.params()) {
-      if (!fusable(p)) return false;
+      if (!flat(p, p) || (p.grad().defined() && !flat(p.grad(), p))) return false;
+      const auto it = optimizer.state().find(p.unsafeGetTensorImpl());
+      if (it == optimizer.state().end()) continue;
+      const auto& s = static_cast<const State&>(*it->second);
+      if (!flat(s.exp_avg(), p) || !flat(s.exp_avg_sq(), p)) return false;
     }
   }
   torch::NoGradGuard no_grad;

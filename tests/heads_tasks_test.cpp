@@ -11,6 +11,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/allclose.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/equal.h>
 #include <ATen/ops/log_softmax.h>
 #include <ATen/ops/nll_loss.h>
@@ -483,8 +484,8 @@ TEST(FusedOptimizer, FallsBackToTheOptimizersOwnStep) {
   torch::manual_seed(11);
   const at::Tensor x = at::randn({64, 32});
   const at::Tensor y = at::randint(0, 10, {64}, at::kLong);
-  // SGD with momentum, and Adam with amsgrad: the fused path does not cover them, so both
-  // runs must stay bit for bit equal.
+  // SGD with momentum, and Adam with amsgrad: the fused path does not cover them, so each
+  // pair of runs must stay bit for bit equal.
   OptimizerRun plain = make_run(OptimizerKind::kSgd, 0.01), fused = make_run(OptimizerKind::kSgd, 0.01);
   OptimizerRun plain_ams = make_run(OptimizerKind::kAdam, 0.0),
                fused_ams = make_run(OptimizerKind::kAdam, 0.0);
@@ -492,17 +493,34 @@ TEST(FusedOptimizer, FallsBackToTheOptimizersOwnStep) {
     for (auto& g : r->optimizer->param_groups())
       static_cast<torch::optim::AdamOptions&>(g.options()).amsgrad(true);
   }
-  FusedOptimizerStep fused_step, fused_ams_step;
+  // And Adam with a gradient that is not contiguous (the same values, transposed strides):
+  // the fused kernels read flat arrays.
+  OptimizerRun plain_strided = make_run(OptimizerKind::kAdam, 0.0),
+               fused_strided = make_run(OptimizerKind::kAdam, 0.0);
+  FusedOptimizerStep fused_step, fused_ams_step, fused_strided_step;
   for (int step = 0; step < 10; ++step) {
-    for (auto* r : {&plain, &fused, &plain_ams, &fused_ams}) backward_once(*r, x, y);
+    for (auto* r : {&plain, &fused, &plain_ams, &fused_ams, &plain_strided, &fused_strided})
+      backward_once(*r, x, y);
+    for (auto* r : {&plain_strided, &fused_strided}) {
+      const at::Tensor g = r->params[0].grad();
+      // Not a view (zero_grad detaches gradients in place): a tensor of its own, column-major.
+      at::Tensor strided = at::empty_strided(g.sizes(), {1, g.size(0)}, g.options());
+      strided.copy_(g);
+      r->params[0].mutable_grad() = strided;
+      ASSERT_FALSE(r->params[0].grad().is_contiguous());
+    }
     plain.optimizer->step();
     plain_ams.optimizer->step();
+    plain_strided.optimizer->step();
     fused_step(*fused.optimizer);
     fused_ams_step(*fused_ams.optimizer);
+    fused_strided_step(*fused_strided.optimizer);
   }
   for (std::size_t i = 0; i < 2; ++i) {
     EXPECT_TRUE(at::equal(plain.params[i], fused.params[i])) << "sgd param " << i;
     EXPECT_TRUE(at::equal(plain_ams.params[i], fused_ams.params[i])) << "amsgrad param " << i;
+    EXPECT_TRUE(at::equal(plain_strided.params[i], fused_strided.params[i]))
+        << "strided gradient, param " << i;
   }
 }
 
