@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,10 +47,20 @@ HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 CONFIG = os.path.join(ROOT, "configs", "fmnist_lite0.ini")
 
 
-def images(n, size):
-    x = torch.from_numpy(read_idx(os.path.join(FMNIST, "train-images-idx3-ubyte.gz"))[:n].astype(np.float32) / 255)
-    x = torch.nn.functional.interpolate(x[:, None], size=(size, size), mode="bilinear", align_corners=False)
+def raw_images(n):
+    """The first n Fashion-MNIST training images, uint8 [n, 28, 28]."""
+    return torch.from_numpy(read_idx(os.path.join(FMNIST, "train-images-idx3-ubyte.gz"))[:n].copy())
+
+
+def preprocess(raw, size):
+    """uint8 [B, 28, 28] -> the demo's trunk input [B, 3, size, size], as canopy makes it."""
+    x = torch.nn.functional.interpolate(raw[:, None].float() / 255, size=(size, size), mode="bilinear",
+                                        align_corners=False)
     return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+
+
+def images(n, size):
+    return preprocess(raw_images(n), size)
 
 
 def python_rate(run, x, batch, kept_heap=False):
@@ -70,13 +79,11 @@ def python_cache_rate(run, n, size, batch, path):
     import h5py
     with export_trunk.KeptHeap(), torch.inference_mode():
         start = time.perf_counter()
-        raw = torch.from_numpy(read_idx(os.path.join(FMNIST, "train-images-idx3-ubyte.gz"))[:n].copy())
+        raw = raw_images(n)
         with h5py.File(path, "w") as f:
             features = None
             for i in range(0, n, batch):
-                x = raw[i:i + batch].float().div_(255)[:, None]
-                x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-                y = run(((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()).mean((2, 3))
+                y = run(preprocess(raw[i:i + batch], size)).mean((2, 3))
                 if features is None:
                     features = f.create_dataset("features", (n, y.shape[1]), dtype="float32")
                 features[i:i + y.shape[0]] = y.numpy()
