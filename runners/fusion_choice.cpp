@@ -23,6 +23,7 @@
 #include "canopy/core/progress.h"
 #include "canopy/core/strings.h"
 #include "canopy/heads/fused.h"
+#include "canopy/tasks/linear_step.h"
 
 namespace canopy::runners {
 
@@ -106,13 +107,14 @@ std::string FusionChooser::default_file() {
 
 FusionChooser::FusionChooser(std::vector<tasks::Task*> tasks, std::vector<at::Tensor> eval_targets,
                              std::int64_t feature_dim, std::int64_t batch_size, std::int64_t intra_op_threads,
-                             std::string file)
+                             std::string file, bool shared_top)
     : tasks_(std::move(tasks)),
       eval_targets_(std::move(eval_targets)),
       feature_dim_(feature_dim),
       batch_size_(batch_size),
       threads_(intra_op_threads),
-      file_(std::move(file)) {
+      file_(std::move(file)),
+      shared_top_(shared_top) {
   CANOPY_CHECK(tasks_.size() == eval_targets_.size(), Error, tasks_.size(), " tasks but ",
                eval_targets_.size(), " target sets");
 }
@@ -124,7 +126,18 @@ std::string FusionChooser::signature(const WorkUnit& unit) const {
     << " " << heads::fusion_key(tasks_.at(unit.front())->head()) << " widths=";
   for (std::size_t k = 0; k < unit.size(); ++k)
     s << (k ? "," : "") << heads::fused_width(tasks_.at(unit[k])->head());
+  if (direct_step(group_of(unit))) s << " step=direct";
   return s.str();
+}
+
+std::vector<tasks::Task*> FusionChooser::group_of(const WorkUnit& unit) const {
+  std::vector<tasks::Task*> group;
+  for (std::size_t i : unit) group.push_back(tasks_.at(i));
+  return group;
+}
+
+bool FusionChooser::direct_step(const std::vector<tasks::Task*>& group) const {
+  return tasks::takes_linear_softmax_step(group, at::empty({1, feature_dim_}).requires_grad_(shared_top_));
 }
 
 bool FusionChooser::operator()(const WorkUnit& unit) {
@@ -170,13 +183,14 @@ FusionDecision FusionChooser::measure(const WorkUnit& unit) {
   // A batch of the run's size: random features (a multiply's time does not depend on the
   // values) and the eval split's first targets, repeated if the split is smaller.
   at::Generator gen = at::detail::createCPUGenerator(20261130);
-  const at::Tensor x = at::randn({batch_size_, feature_dim_}, gen, at::TensorOptions().dtype(at::kFloat));
-  std::vector<tasks::Task*> group;
+  const at::Tensor x = at::randn({batch_size_, feature_dim_}, gen, at::TensorOptions().dtype(at::kFloat))
+                           .requires_grad_(shared_top_);
+  const std::vector<tasks::Task*> group = group_of(unit);
+  const bool direct = direct_step(group);
   std::vector<heads::Head*> heads_of;
   std::vector<at::Tensor> targets, rng_states;
   for (std::size_t i : unit) {
     tasks::Task* t = tasks_.at(i);
-    group.push_back(t);
     heads_of.push_back(&t->head());
     const at::Tensor& y = eval_targets_.at(i);
     CANOPY_CHECK(y.size(0) > 0, Error, "fusion: task '", t->config().name, "' has no eval rows to time on");
@@ -186,6 +200,10 @@ FusionDecision FusionChooser::measure(const WorkUnit& unit) {
   const int saved_threads = at::get_num_threads();
   at::set_num_threads(static_cast<int>(threads_));
   const auto fused_pass = [&] {
+    if (direct) {
+      tasks::linear_softmax_gradients(group, x, targets);
+      return;
+    }
     for (auto* t : group) t->begin_step();
     const auto outputs = heads::fused_forward(heads_of, x);
     at::Tensor total;
@@ -197,6 +215,10 @@ FusionDecision FusionChooser::measure(const WorkUnit& unit) {
   };
   const auto alone_pass = [&] {
     for (std::size_t k = 0; k < group.size(); ++k) {
+      if (direct) {
+        tasks::linear_softmax_gradients({group[k]}, x, {targets[k]});
+        continue;
+      }
       group[k]->begin_step();
       group[k]->loss(heads_of[k]->forward(x), targets[k]).backward();
     }

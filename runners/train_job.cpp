@@ -926,10 +926,11 @@ TrainInputs open_inputs(const datasets::FeatureCache& cache, const JobConfig& co
 
 // train.fuse = auto: the chooser that times each group fused and alone (none otherwise).
 std::unique_ptr<FusionChooser> make_fusion_chooser(const JobConfig& config, const TaskSet& set,
-                                                   std::int64_t feature_dim) {
+                                                   std::int64_t feature_dim, bool shared_top) {
   if (config.train.fuse != FuseMode::kAuto) return nullptr;
   return std::make_unique<FusionChooser>(set.tasks, set.eval_targets, feature_dim, config.train.batch_size,
-                                         config.train.intra_op_threads, FusionChooser::default_file());
+                                         config.train.intra_op_threads, FusionChooser::default_file(),
+                                         shared_top);
 }
 
 // The heads' trunk when the top trained: the fine-tuned one, written to out_dir/trunk.pt and
@@ -1019,7 +1020,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
            std::to_string(report.train_rows) + " x " + std::to_string(report.feature_dim) + " features, " +
            source->describe() + " (" + std::to_string(runner.workers()) + " TBB workers x " +
            std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
-  const auto chooser = make_fusion_chooser(config, set, report.feature_dim);
+  const auto chooser = make_fusion_chooser(config, set, report.feature_dim, top != nullptr);
   std::function<bool(const WorkUnit&)> fuse_unit;
   if (chooser) fuse_unit = std::ref(*chooser);
   if (mpi::distributed() && top) store.set_owned(std::vector<bool>(set.tasks.size(), mpi::rank() == 0));

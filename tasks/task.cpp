@@ -28,6 +28,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
 #include "canopy/heads/fused.h"
+#include "canopy/tasks/linear_step.h"
 
 namespace canopy::tasks {
 
@@ -356,6 +357,14 @@ at::Tensor weighted(const at::Tensor& loss, double weight) { return weight == 1.
 }  // namespace
 
 double Task::train_step(const at::Tensor& features, const at::Tensor& targets, bool check_gradients) {
+  if (takes_linear_softmax_step({this}, features)) {
+    std::vector<std::string> failure(1);
+    const double value =
+        linear_softmax_step({this}, features, {targets}, check_gradients ? &failure : nullptr)[0];
+    CANOPY_CHECK(std::isfinite(value), Error, "loss is ", value);
+    CANOPY_CHECK(failure[0].empty(), Error, failure[0]);
+    return value;
+  }
   begin_step();
   const at::Tensor l = loss(head_->forward(features), targets);
   const double value = l.item<double>();
@@ -378,6 +387,8 @@ std::vector<double> fused_train_step(const std::vector<Task*>& tasks, const at::
                                      std::vector<std::string>* failures) {
   CANOPY_CHECK(tasks.size() == targets.size(), Error, tasks.size(), " tasks but ", targets.size(),
                " targets");
+  if (takes_linear_softmax_step(tasks, features))
+    return linear_softmax_step(tasks, features, targets, failures);
   std::vector<heads::Head*> heads;
   for (Task* t : tasks) {
     t->begin_step();

@@ -32,6 +32,7 @@
 #include "canopy/heads/linear.h"
 #include "canopy/heads/mlp.h"
 #include "canopy/tasks/fused_optimizer.h"
+#include "canopy/tasks/linear_step.h"
 #include "canopy/tasks/registry.h"
 #include "canopy/tasks/task.h"
 #include "support/test_support.h"
@@ -521,6 +522,130 @@ TEST(FusedOptimizer, FallsBackToTheOptimizersOwnStep) {
     EXPECT_TRUE(at::equal(plain_strided.params[i], fused_strided.params[i]))
         << "strided gradient, param " << i;
   }
+}
+
+// The step linear_softmax_step replaces: the head's forward, Task::loss, the backward pass of
+// loss_weight x loss through autograd, the optimizer's step.
+double autograd_step(Task& t, const at::Tensor& x, const at::Tensor& y) {
+  t.begin_step();
+  const at::Tensor l = t.loss(t.head().forward(x), y);
+  (l * t.loss_weight()).backward();
+  t.finish_step();
+  return l.item<double>();
+}
+
+TEST(LinearStep, CrossEntropyAndItsGradientAgreeWithLibTorchs) {
+  torch::manual_seed(21);
+  for (const std::int64_t classes : {2, 10, 37}) {
+    for (const bool weights : {false, true}) {
+      for (const double smoothing : {0.0, 0.2}) {
+        SCOPED_TRACE(detail::str_cat(classes, " classes, weights ", weights, ", smoothing ", smoothing));
+        std::vector<double> w;
+        for (std::int64_t k = 0; weights && k < classes; ++k) w.push_back(0.5 + 0.1 * static_cast<double>(k));
+        const at::Tensor class_weights = weights ? at::tensor(w, at::kFloat) : at::Tensor();
+        const at::Tensor logits = (at::randn({64, classes}) * 4).requires_grad_(true);
+        const at::Tensor y = at::randint(classes, {64});
+        auto options = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(smoothing);
+        if (weights) options.weight(class_weights);
+        const at::Tensor theirs = torch::nn::functional::cross_entropy(logits, y, options);
+        const at::Tensor g_theirs = torch::autograd::grad({theirs * 0.7}, {logits})[0];
+        const at::Tensor grad = at::empty({classes, 64});
+        const double ours = softmax_cross_entropy_cb(logits.detach().t().contiguous(), y, class_weights,
+                                                     smoothing, 0.7, grad);
+        EXPECT_NEAR(ours, theirs.item<double>(), 2e-6 * std::abs(ours));
+        EXPECT_LT((grad.t() - g_theirs).abs().max().item<double>(), 1e-7);
+      }
+    }
+  }
+  const at::Tensor grad = at::empty({5, 3});
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        softmax_cross_entropy_cb(at::randn({5, 3}), at::tensor(std::vector<std::int64_t>{0, 5, 1}), {}, 0, 1,
+                                 grad);
+      },
+      {"class index 5", "out of range for 5 classes"}));
+  at::Tensor nan_logits = at::randn({5, 3});
+  nan_logits[2][1] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_TRUE(std::isnan(softmax_cross_entropy_cb(nan_logits, at::zeros({3}, at::kLong), {}, 0, 1, grad)));
+}
+
+TEST(LinearStep, StepsAsAutogradDoes) {
+  // A group of four: Adam, SGD with label smoothing, AdamW at half the loss weight, Adam with
+  // class weights. Two heads without a bias. One head alone (Task::train_step) with class
+  // weights and label smoothing.
+  FusionFixture f(true);
+  for (auto* set : {&f.fused, &f.alone}) {
+    (*set)[2]->set_loss_weight(0.5);
+  }
+  HeadRegistry r = builtin();
+  TaskConfig c;
+  c.head_params = {{"bias", "false"}};
+  c.lr = 0.01;
+  std::vector<std::unique_ptr<Task>> nobias, nobias_ref;
+  for (std::uint64_t i = 0; i < 2; ++i) {
+    c.name = "nobias" + std::to_string(i);
+    nobias.push_back(std::make_unique<Task>(c, r, 16, 5, 200 + i));
+    nobias_ref.push_back(std::make_unique<Task>(c, r, 16, 5, 200 + i));
+  }
+  TaskConfig both = f.fused[3]->config();
+  both.label_smoothing = 0.15;
+  Task single(both, r, 16, 5, 300), single_ref(both, r, 16, 5, 300);
+  torch::manual_seed(9);
+  const at::Tensor x = at::randn({64, 16});
+  const at::Tensor y = at::randint(0, 5, {64}, at::kLong);
+  const std::vector<Task*> group = f.fused_ptrs(), pair = {nobias[0].get(), nobias[1].get()};
+  ASSERT_TRUE(takes_linear_softmax_step(group, x));
+  ASSERT_TRUE(takes_linear_softmax_step(pair, x));
+  ASSERT_TRUE(takes_linear_softmax_step({&single}, x));
+  double first = 0, last = 0;
+  for (int step = 0; step < 30; ++step) {
+    const auto losses = fused_train_step(group, x, std::vector<at::Tensor>(group.size(), y));
+    for (std::size_t i = 0; i < group.size(); ++i) {
+      EXPECT_NEAR(losses[i], autograd_step(*f.alone[i], x, y), 1e-5)
+          << f.alone[i]->name() << " step " << step;
+    }
+    const auto pair_losses = fused_train_step(pair, x, {y, y});
+    for (std::size_t i = 0; i < 2; ++i)
+      EXPECT_NEAR(pair_losses[i], autograd_step(*nobias_ref[i], x, y), 1e-5);
+    last = single.train_step(x, y);
+    if (step == 0) first = last;
+    EXPECT_NEAR(last, autograd_step(single_ref, x, y), 1e-5) << "step " << step;
+  }
+  EXPECT_LT(last, 0.9 * first) << "the steps train";
+  for (std::size_t i = 0; i < group.size(); ++i) {
+    EXPECT_LT(max_param_difference(*f.fused[i], *f.alone[i]), 1e-5) << f.alone[i]->name();
+  }
+  for (std::size_t i = 0; i < 2; ++i) EXPECT_LT(max_param_difference(*nobias[i], *nobias_ref[i]), 1e-5);
+  EXPECT_LT(max_param_difference(single, single_ref), 1e-5);
+  EXPECT_EQ(nobias[0]->head().parameters().size(), 1u);
+}
+
+TEST(LinearStep, OnlyLinearClassificationHeadsOverFeaturesThatNeedNoGradient) {
+  FusionFixture linear(true), mixed(false);
+  const at::Tensor x = at::randn({8, 16});
+  EXPECT_TRUE(takes_linear_softmax_step(linear.fused_ptrs(), x));
+  EXPECT_FALSE(takes_linear_softmax_step(mixed.fused_ptrs(), x)) << "MLP heads keep autograd";
+  EXPECT_FALSE(takes_linear_softmax_step(linear.fused_ptrs(), x.detach().requires_grad_(true)))
+      << "a shared top's output needs its gradient";
+  EXPECT_FALSE(takes_linear_softmax_step(linear.fused_ptrs(), x.to(at::kDouble)));
+  EXPECT_FALSE(takes_linear_softmax_step(linear.fused_ptrs(), at::randn({8, 12}))) << "another width";
+  HeadRegistry r = builtin();
+  TaskConfig c;
+  c.name = "value";
+  c.kind = TaskKind::kRegression;
+  Task regression(c, r, 16, 0, 1);
+  EXPECT_FALSE(takes_linear_softmax_step({&regression}, x));
+  c.name = "attrs";
+  c.kind = TaskKind::kMultilabel;
+  c.class_names = {"a", "b"};
+  c.label_map = {1, 2, 3};
+  Task multilabel(c, r, 16, 3, 1);
+  EXPECT_FALSE(takes_linear_softmax_step({&multilabel}, x));
+  c = TaskConfig();
+  c.name = "nobias";
+  c.head_params = {{"bias", "false"}};
+  Task nobias(c, r, 16, 5, 1);
+  EXPECT_FALSE(takes_linear_softmax_step({linear.fused[0].get(), &nobias}, x)) << "bias and none mixed";
 }
 
 TEST(Fusion, KeysAndWidths) {

@@ -6,15 +6,17 @@
 // the planner would fuse, canopy times a forward and backward pass of the group fused and
 // of its heads alone (no optimizer step: that costs the same either way; the heads'
 // weights, gradients and generators are left as they were), on a batch of the run's size,
-// and fuses only when fused is not slower.
+// and fuses only when fused is not slower. The passes are the ones training runs: groups of
+// linear classification heads step without autograd (tasks/linear_step.h), the rest through
+// it, with the features requiring their gradient when a shared top trains under the heads.
 //
 // A decision is a property of the machine, not of the run: it is kept in a calibration
 // file, `${CANOPY_HOME:-~/.cache/canopy}/calibration/fusion.tsv` (or $CANOPY_FUSION_CALIBRATION;
 // the tests use their own, in the build tree), one line per group shape
 // (CPU model, LibTorch version, threads, batch, input width, the group's first-layer
-// widths), never rewritten. Every later run on the machine reads it, so runs repeat exactly
-// and `--resume` stays bitwise; delete the file to measure again. Processes that need the
-// same decision at once take turns (flock): the first measures, the rest read.
+// widths, "step=direct" for groups stepped without autograd), never rewritten. Every later run on the machine
+// reads it, so runs repeat exactly and `--resume` stays bitwise; delete the file to measure again. Processes
+// that need the same decision at once take turns (flock): the first measures, the rest read.
 #pragma once
 
 #include <cstdint>
@@ -40,10 +42,11 @@ class FusionChooser {
  public:
   // `tasks` as the planner indexes them; `eval_targets[i]`: task i's targets on the eval
   // split (the timing batch takes its first `batch_size` rows, repeating them if fewer).
-  // `file`: the calibration file ("" keeps decisions in memory only).
+  // `file`: the calibration file ("" keeps decisions in memory only). `shared_top`: the heads
+  // train on a shared top's output, whose gradient the backward pass computes too.
   FusionChooser(std::vector<tasks::Task*> tasks, std::vector<at::Tensor> eval_targets,
                 std::int64_t feature_dim, std::int64_t batch_size, std::int64_t intra_op_threads,
-                std::string file);
+                std::string file, bool shared_top = false);
 
   // Whether `unit` (heads with one fusion key, two or more) runs fused: read from the
   // calibration file, or measured and recorded there.
@@ -60,6 +63,9 @@ class FusionChooser {
 
  private:
   FusionDecision measure(const WorkUnit& unit);
+  std::vector<tasks::Task*> group_of(const WorkUnit& unit) const;
+  // Whether `group` steps without autograd (tasks::takes_linear_softmax_step) in this run.
+  bool direct_step(const std::vector<tasks::Task*>& group) const;
 
   std::vector<tasks::Task*> tasks_;
   std::vector<at::Tensor> eval_targets_;
@@ -67,6 +73,7 @@ class FusionChooser {
   std::int64_t batch_size_;
   std::int64_t threads_;
   std::string file_;
+  bool shared_top_;
   std::map<std::string, FusionDecision> by_signature_;
   std::map<std::string, FusionDecision> decisions_;
 };
