@@ -620,6 +620,35 @@ TEST(LinearStep, StepsAsAutogradDoes) {
   EXPECT_EQ(nobias[0]->head().parameters().size(), 1u);
 }
 
+// What the fusion calibration times: the gradients alone, autograd's to rounding, and no step.
+TEST(LinearStep, GradientsWithoutAStep) {
+  FusionFixture f(true);
+  torch::manual_seed(4);
+  const at::Tensor x = at::randn({32, 16});
+  const at::Tensor y = at::randint(0, 5, {32}, at::kLong);
+  std::vector<at::Tensor> before;
+  for (auto& t : f.fused) {
+    for (const auto& p : t->head().parameters()) before.push_back(p.detach().clone());
+  }
+  const auto losses = linear_softmax_gradients(f.fused_ptrs(), x, std::vector<at::Tensor>(f.fused.size(), y));
+  std::size_t k = 0;
+  for (std::size_t i = 0; i < f.fused.size(); ++i) {
+    Task& ref = *f.alone[i];
+    ref.begin_step();
+    const at::Tensor l = ref.loss(ref.head().forward(x), y);
+    (l * ref.loss_weight()).backward();
+    EXPECT_NEAR(losses[i], l.item<double>(), 1e-6);
+    const auto ours = f.fused[i]->head().parameters(), theirs = ref.head().parameters();
+    for (std::size_t p = 0; p < ours.size(); ++p, ++k) {
+      EXPECT_TRUE(testing::bitwise_equal(ours[p], before[k])) << "no step";
+      ASSERT_TRUE(ours[p].grad().defined());
+      EXPECT_LT((ours[p].grad() - theirs[p].grad()).abs().max().item<double>(), 1e-6) << ref.name();
+    }
+  }
+  for (auto& t : f.fused) t->begin_step();  // as the calibration leaves them: no gradients
+  for (auto& t : f.fused) EXPECT_FALSE(t->head().parameters().front().grad().defined());
+}
+
 TEST(LinearStep, OnlyLinearClassificationHeadsOverFeaturesThatNeedNoGradient) {
   FusionFixture linear(true), mixed(false);
   const at::Tensor x = at::randn({8, 16});
