@@ -14,9 +14,10 @@
 // file, `${CANOPY_HOME:-~/.cache/canopy}/calibration/fusion.tsv` (or $CANOPY_FUSION_CALIBRATION;
 // the tests use their own, in the build tree), one line per group shape
 // (CPU model, LibTorch version, threads, batch, input width, the group's first-layer
-// widths, "step=direct" for groups stepped without autograd), never rewritten. Every later run on the machine
-// reads it, so runs repeat exactly and `--resume` stays bitwise; delete the file to measure again. Processes
-// that need the same decision at once take turns (flock): the first measures, the rest read.
+// widths, "step=direct" for groups stepped without autograd), never rewritten. Every later
+// run on the machine reads it, so runs repeat exactly and `--resume` stays bitwise; delete
+// the file to measure again. Processes that need the same decision at once take turns
+// (flock): the first measures, the rest read.
 #pragma once
 
 #include <cstdint>
