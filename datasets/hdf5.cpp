@@ -9,6 +9,8 @@ std::string hdf5_version() {
   H5get_libversion(&major, &minor, &release);
   return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(release);
 }
+
+void close_hdf5() { H5close(); }
 }  // namespace canopy::datasets
 
 namespace canopy::datasets::h5 {

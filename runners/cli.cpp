@@ -1,6 +1,8 @@
 #include "canopy/runners/cli.h"
 
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <iomanip>
 #include <iostream>
@@ -417,6 +419,19 @@ int run_cli(int argc, const char* const* argv, const tasks::HeadRegistry& regist
     mpi::abort_job(rc);
   }
   return rc;
+}
+
+void exit_process(int rc) {
+  std::cout.flush();
+  std::cerr.flush();
+  std::clog.flush();
+  std::fflush(nullptr);
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  std::exit(rc);
+#else
+  datasets::close_hdf5();  // what its exit handler would do: flush and close anything left open
+  std::_Exit(rc);
+#endif
 }
 
 std::vector<std::string> cli_commands() {

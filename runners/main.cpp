@@ -5,5 +5,5 @@
 int main(int argc, char** argv) {
   canopy::tasks::HeadRegistry registry;
   canopy::tasks::register_builtin_heads(registry);
-  return canopy::runners::run_cli(argc, argv, registry);
+  canopy::runners::exit_process(canopy::runners::run_cli(argc, argv, registry));
 }

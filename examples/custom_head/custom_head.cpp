@@ -67,5 +67,6 @@ int main(int argc, char** argv) {
   canopy::tasks::HeadRegistry registry;
   canopy::tasks::register_builtin_heads(registry);
   register_example_heads(registry);
-  return canopy::runners::run_cli(argc, argv, registry);
+  // exit_process: as canopy's own main, the process ends without the libraries' teardown.
+  canopy::runners::exit_process(canopy::runners::run_cli(argc, argv, registry));
 }

@@ -47,6 +47,9 @@ namespace canopy::datasets {
 
 // The HDF5 library canopy runs with, e.g. "1.10.8".
 std::string hdf5_version();
+// Flushes and closes every HDF5 object still open and shuts the library down (H5close), as
+// its exit handler does; for a process about to end without running exit handlers.
+void close_hdf5();
 
 constexpr std::int64_t kCacheSchemaVersion = 2;
 // A cache with augmented views (meta.views > 1): split `train` holds view 0, splits
