@@ -7,11 +7,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <random>
 #include <string>
+#include <vector>
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/inductor/aoti_runner/model_container_runner.h>
 
+#include "canopy/core/crc32c.h"
 #include "canopy/core/device.h"
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
@@ -40,6 +43,55 @@ TEST(Device, LibTorchCudaIsLoadedAtRunTime) {
     EXPECT_NE(cuda_backend_status().find("libcuda.so.1"), std::string::npos) << cuda_backend_status();
   } else {
     EXPECT_EQ(cuda_backend_status(), "");
+  }
+}
+
+// CRC-32C one bit at a time, straight from the definition: the reference the fast paths
+// (three interleaved streams, one stream, bytes; or the table) must equal.
+std::uint32_t crc32c_by_bits(const std::uint8_t* p, std::size_t n, std::uint32_t crc) {
+  crc = ~crc;
+  for (std::size_t i = 0; i < n; ++i) {
+    crc ^= p[i];
+    for (int k = 0; k < 8; ++k) crc = (crc & 1) ? (crc >> 1) ^ 0x82f63b78u : crc >> 1;
+  }
+  return ~crc;
+}
+
+TEST(Crc32c, KnownVectorsAndTheDefinitionAtEveryLengthAndAlignment) {
+  EXPECT_EQ(crc32c("123456789", 9), 0xe3069283u);  // the check value of CRC-32C
+  EXPECT_EQ(crc32c("", 0), 0u);
+  const std::vector<std::uint8_t> zeros(32, 0);
+  EXPECT_EQ(crc32c(zeros.data(), 32), 0x8a9136aau);  // RFC 3720 (iSCSI), B.4
+  std::mt19937 gen(20261202);
+  std::vector<std::uint8_t> buf(3 * 3 * 8192 + 3 * 256 + 64);
+  for (auto& b : buf) b = static_cast<std::uint8_t>(gen());
+  // Around every boundary of the three-way blocks (3 x 8192, 3 x 256 bytes) and the 8-byte
+  // steps, at every alignment of the start.
+  std::vector<std::size_t> lengths;
+  for (std::size_t base : {std::size_t{0}, std::size_t{768}, std::size_t{24576}, std::size_t{2 * 24576}})
+    for (std::size_t d = 0; d < 20; ++d) {
+      lengths.push_back(base + d);
+      if (base >= d) lengths.push_back(base - d);
+    }
+  lengths.push_back(3 * 8192 + 2 * 768 + 37);
+  for (std::size_t offset = 0; offset < 8; ++offset)
+    for (std::size_t n : lengths) {
+      if (offset + n > buf.size()) continue;
+      ASSERT_EQ(crc32c(buf.data() + offset, n), crc32c_by_bits(buf.data() + offset, n, 0))
+          << "length " << n << " at offset " << offset;
+    }
+  // Extending a checksum equals the checksum of the whole, wherever it is split.
+  const std::uint32_t whole = crc32c(buf.data(), buf.size());
+  EXPECT_EQ(whole, crc32c_by_bits(buf.data(), buf.size(), 0));
+  for (std::size_t cut :
+       {std::size_t{1}, std::size_t{7}, std::size_t{1000}, std::size_t{24577}, buf.size() - 3})
+    EXPECT_EQ(crc32c(buf.data() + cut, buf.size() - cut, crc32c(buf.data(), cut)), whole)
+        << "split at " << cut;
+  // One flipped bit anywhere changes it.
+  for (std::size_t at : {std::size_t{0}, std::size_t{8191}, std::size_t{24576 + 5}, buf.size() - 1}) {
+    buf[at] ^= 0x10;
+    EXPECT_NE(crc32c(buf.data(), buf.size()), whole) << "bit flipped at byte " << at;
+    buf[at] ^= 0x10;
   }
 }
 
