@@ -102,7 +102,7 @@ __attribute__((target("sse4.2"))) std::uint64_t crc32c_three_way(const std::uint
 __attribute__((target("sse4.2"))) std::uint32_t crc32c_hw(const std::uint8_t* p, std::size_t n,
                                                           std::uint32_t crc) {
   std::uint64_t c = ~crc;
-  c = crc32c_three_way<8192>(p, n, c);  // a cache shard's checksum blocks are 1 MiB
+  c = crc32c_three_way<8192>(p, n, c);  // 24 KiB rounds: the bulk of a cache's 1 MiB checksum blocks
   c = crc32c_three_way<256>(p, n, c);
   while (n >= 8) {
     std::uint64_t v;
