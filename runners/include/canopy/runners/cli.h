@@ -1,5 +1,6 @@
 // The `canopy` command line. main() is three lines: make a registry, register the built-in
-// heads, call run_cli(). A program with its own heads does the same after registry.add().
+// heads, pass run_cli()'s code to exit_process(). A program with its own heads does the same
+// after registry.add().
 #pragma once
 
 #include <iosfwd>
