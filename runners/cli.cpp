@@ -19,6 +19,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/core/mpi.h"
 #include "canopy/core/progress.h"
+#include "canopy/core/sanitizers.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
@@ -421,21 +422,12 @@ int run_cli(int argc, const char* const* argv, const tasks::HeadRegistry& regist
   return rc;
 }
 
-// GCC says so by macros, Clang by __has_feature.
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define CANOPY_UNDER_SANITIZER 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define CANOPY_UNDER_SANITIZER 1
-#endif
-#endif
-
 void exit_process(int rc) {
   std::cout.flush();
   std::cerr.flush();
   std::clog.flush();
   std::fflush(nullptr);
-#ifdef CANOPY_UNDER_SANITIZER
+#if defined(CANOPY_ASAN) || defined(CANOPY_TSAN)
   std::exit(rc);
 #else
   datasets::close_hdf5();  // what its exit handler would do: flush and close anything left open

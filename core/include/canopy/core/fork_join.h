@@ -15,13 +15,7 @@
 //   edges.join();                                    // the caller sees every body's writes
 #pragma once
 
-#if defined(__SANITIZE_THREAD__)
-#define CANOPY_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define CANOPY_TSAN 1
-#endif
-#endif
+#include "canopy/core/sanitizers.h"
 
 #if defined(CANOPY_TSAN)
 extern "C" void __tsan_acquire(void* addr);
