@@ -37,24 +37,15 @@ struct ZerosOperator {
   std::array<std::array<std::uint32_t, 256>, 4> table{};
 
   explicit ZerosOperator(std::size_t n) {  // n: a power of two
-    std::array<std::uint32_t, 32> odd{}, even{};
-    odd[0] = kPoly;  // the operator for one zero bit
-    for (int k = 1; k < 32; ++k) odd[k] = 1u << (k - 1);
-    square(even, odd);  // two zero bits
-    square(odd, even);  // four
-    // Squaring again gives one zero byte, then two, four, ...: one squaring per bit of n.
-    std::array<std::uint32_t, 32>* last = &odd;
-    for (bool to_even = true; n; n >>= 1, to_even = !to_even) {
-      if (to_even) {
-        square(even, odd);
-        last = &even;
-      } else {
-        square(odd, even);
-        last = &odd;
-      }
-    }
+    std::array<std::uint32_t, 32> op{}, sq{};
+    op[0] = kPoly;  // the operator for one zero bit
+    for (int k = 1; k < 32; ++k) op[k] = 1u << (k - 1);
+    // Each squaring doubles the zeros: twice gives 4 bits; then once per bit of n gives 1 byte,
+    // 2, 4, ..., n bytes.
+    for (int k = 0; k < 2; ++k, op = sq) square(sq, op);
+    for (; n; n >>= 1, op = sq) square(sq, op);
     for (std::uint32_t b = 0; b < 256; ++b)
-      for (int k = 0; k < 4; ++k) table[k][b] = times(*last, b << (8 * k));
+      for (int k = 0; k < 4; ++k) table[k][b] = times(op, b << (8 * k));
   }
 
   std::uint32_t operator()(std::uint32_t crc) const {
@@ -79,6 +70,7 @@ struct ZerosOperator {
 template <std::size_t kBlock>
 __attribute__((target("sse4.2"))) std::uint64_t crc32c_three_way(const std::uint8_t*& p, std::size_t& n,
                                                                  std::uint64_t c0) {
+  static_assert(kBlock % 8 == 0 && (kBlock & (kBlock - 1)) == 0, "8-byte steps over a power of two");
   static const ZerosOperator shift(kBlock);
   while (n >= 3 * kBlock) {
     std::uint64_t c1 = 0, c2 = 0;
