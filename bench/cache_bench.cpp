@@ -10,14 +10,19 @@
 //                                                                           goal >= 100x
 //
 //   cache_bench [--trunk FILE] [--images N] [--rows N] [--dim D] [--repeats R] [--workdir DIR]
+//
+// It works in a new folder made inside --workdir (default /tmp) and removes that folder at
+// the end; a run that fails leaves it, to look into.
 #include <fcntl.h>
 #include <malloc.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -75,8 +80,13 @@ int main(int argc, char** argv) {
   const std::int64_t rows = std::stoll(arg(argc, argv, "--rows", "60000"));
   const std::int64_t dim = std::stoll(arg(argc, argv, "--dim", "1280"));
   const int repeats = std::stoi(arg(argc, argv, "--repeats", "5"));
-  char tmpl[] = "/tmp/canopy-bench-XXXXXX";
-  const std::string work = arg(argc, argv, "--workdir", ::mkdtemp(tmpl));
+  std::string tmpl = arg(argc, argv, "--workdir", "/tmp") + "/canopy-bench-XXXXXX";
+  if (!::mkdtemp(tmpl.data())) {
+    std::fprintf(stderr, "cache_bench: cannot make a work folder %s: %s\n", tmpl.c_str(),
+                 std::strerror(errno));
+    return 1;
+  }
+  const std::string work = tmpl;
   std::printf("cache_bench: trunk %s, %lld images; read test %lld x %lld float32 (%.0f MiB); %d repeats\n",
               trunk_path.c_str(), static_cast<long long>(images), static_cast<long long>(rows),
               static_cast<long long>(dim), rows * dim * 4.0 / (1 << 20), repeats);

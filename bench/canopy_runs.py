@@ -1,8 +1,46 @@
-"""Running canopy from the Python benchmarks: one `canopy cache`, then one `canopy train` per seed."""
+"""Running canopy from the Python benchmarks: their work folders, one `canopy cache`, then one
+`canopy train` per seed."""
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+
+_work_dirs = []
+
+
+def work_dir(prefix):
+    """A fresh work folder for this benchmark under $TMPDIR (or /tmp). run_main removes it when
+    the benchmark ends well (its caches reach gigabytes), and keeps it, printing its path, when
+    the benchmark fails."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    _work_dirs.append(path)
+    return path
+
+
+def run_main(main):
+    """Runs a benchmark's main() and exits with its status, removing the folders work_dir made
+    if it succeeded and keeping them if it failed (an exception, sys.exit with a message or a
+    non-zero code, or a non-zero return)."""
+    try:
+        rc = main()
+    except SystemExit as e:
+        rc = e.code
+    except BaseException:
+        _say_kept()
+        raise
+    if rc in (0, None):
+        while _work_dirs:
+            shutil.rmtree(_work_dirs.pop(), ignore_errors=True)
+    else:
+        _say_kept()
+    sys.exit(rc)
+
+
+def _say_kept():
+    for path in _work_dirs:
+        print(f"work folder kept for inspection: {path}", file=sys.stderr, flush=True)
 
 
 def cache_then_train(canopy, common, seeds, out_prefix, epochs):

@@ -25,7 +25,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -37,7 +36,7 @@ FMNIST = os.environ.get("CANOPY_FASHION_MNIST_DIR", "/usr/share/datasets/fashion
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
 from support import read_idx  # noqa: E402
 
-from canopy_runs import cache_then_train  # noqa: E402
+from canopy_runs import cache_then_train, run_main, work_dir  # noqa: E402
 
 HEAD_LR, TOP_LR, DECAY, BATCH = 1e-3, 1e-4, 2.6, 256
 
@@ -151,7 +150,7 @@ def main():
     a = ap.parse_args()
     a.seeds = [int(s) for s in a.seeds.split(",")]
     torch.set_num_threads(os.cpu_count() or 1)
-    work = tempfile.mkdtemp(prefix="canopy-finetune-bench-")
+    work = work_dir("canopy-finetune-bench-")
     rows = [("linear probe", "canopy, trunk frozen whole", run_canopy(a, work, "all"))]
     for n, cut in ((1, 14), (2, 13), (4, 11)):
         rows.append((f"top-{n} trained", f"canopy, over the cached prefix (freeze = first:{cut})",
@@ -181,4 +180,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

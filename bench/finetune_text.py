@@ -15,9 +15,8 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 
-from canopy_runs import cache_then_train
+from canopy_runs import cache_then_train, run_main, work_dir
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "reuters_minilm_tune.ini")
 
@@ -45,7 +44,7 @@ def main():
     ap.add_argument("--seeds", default="0,1,2")
     a = ap.parse_args()
     a.seeds = [int(s) for s in a.seeds.split(",")]
-    work = tempfile.mkdtemp(prefix="canopy-finetune-text-")
+    work = work_dir("canopy-finetune-text-")
     rows = [("frozen (heads only)", run_rows(a, work, "all")),
             ("layers.5 trained over the cached prefix", run_rows(a, work, "first:6"))]
     print(f"Reuters grain/corn (ModApte, 1554 train / 604 test stories, 128 tokens), {a.epochs} epochs, "
@@ -60,4 +59,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

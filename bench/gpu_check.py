@@ -14,7 +14,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import export_trunk  # noqa: E402
 from trunk_compare import CONFIG, FMNIST, HOME, images  # noqa: E402
+from canopy_runs import run_main, work_dir  # noqa: E402
 
 
 def rate(run, x, batch, repeats=3):
@@ -61,7 +61,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: bench/gpu_check runs on a machine with a GPU")
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    work = tempfile.mkdtemp(prefix="canopy-gpu-")
+    work = work_dir("canopy-gpu-")
     ts_path = os.path.join(HOME, "trunks", "efficientnet_lite0.pt")
     ts_sha = re.search(r"sha256 = (\w+)", open(CONFIG).read()).group(1)
     module = export_trunk.BlockFeatures(export_trunk.efficientnet_lite0(False).eval(), 13).eval().cuda()
@@ -100,4 +100,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,10 +24,9 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-from canopy_runs import base_sections
+from canopy_runs import base_sections, run_main, work_dir
 
 LRS = "1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1"
 
@@ -49,7 +48,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=15)
     a = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="canopy-grid-bench-")
+    work = work_dir("canopy-grid-bench-")
     os.environ["CANOPY_FUSION_CALIBRATION"] = os.path.join(work, "fusion.tsv")
     base = base_sections(a.config)
     base = re.sub(r"(?m)^epochs = .*$", f"epochs = {a.epochs}", base)
@@ -125,4 +124,4 @@ weight_decay = 0, 1e-4
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,8 +26,9 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+from canopy_runs import run_main, work_dir
 
 MPIRUN = [shutil.which("mpirun") or "mpirun", "--oversubscribe", "--allow-run-as-root", "--bind-to", "none"]
 
@@ -55,7 +56,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--tune-epochs", type=int, default=1)
     a = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="canopy-mpi-bench-")
+    work = work_dir("canopy-mpi-bench-")
     env1 = dict(os.environ, OMP_NUM_THREADS="2")
     # Shards of 512 rows: the unit the ranks split (a data set of millions has thousands).
     common = ["--config", a.config, "--progress", "quiet", "--set", f"data.train_limit={a.images}",
@@ -146,8 +147,7 @@ def main():
     print(f"  all-reduce of the top's gradients: {statistics.median(ar_ms):.2f} ms per step "
           f"(min {min(ar_ms):.2f}, max {max(ar_ms):.2f}), {100 * statistics.median(ar_ms) / step_ms:.1f}% of a step")
     print(ratio_line("top one/ranks (data-parallel top over 2 ranks)", tune_ratio))
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,9 +23,8 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 
-from canopy_runs import cache_then_train
+from canopy_runs import cache_then_train, run_main, work_dir
 
 from finetune_compare import BATCH, canopy_config  # the same trunk, data, head and rates
 
@@ -60,7 +59,7 @@ def main():
     ap.add_argument("--only", default="", help="some of static2,static4,gradual4,auto4 (default: all)")
     a = ap.parse_args()
     a.seeds = [int(s) for s in a.seeds.split(",")]
-    work = tempfile.mkdtemp(prefix="canopy-schedules-bench-")
+    work = work_dir("canopy-schedules-bench-")
     steps = (a.train + BATCH - 1) // BATCH
     plans = [
         ("static top-2", "first:13", [], "static2"),
@@ -97,4 +96,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

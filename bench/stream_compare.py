@@ -27,8 +27,9 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+from canopy_runs import run_main, work_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LRS = ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "5e-4", "5e-3"]
@@ -74,7 +75,7 @@ def main():
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export_trunk.py"), "efficientnet_lite0",
                         "--tap", "final", "--out", a.trunk], check=True)
     sha = hashlib.sha256(open(a.trunk, "rb").read()).hexdigest()
-    work = a.work or tempfile.mkdtemp(prefix="canopy-stream-bench-")
+    work = a.work or work_dir("canopy-stream-bench-")
     os.makedirs(work, exist_ok=True)
     cache = os.path.join(work, "cache")
     common = f"""[data]
@@ -149,4 +150,4 @@ epochs = {a.epochs}
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

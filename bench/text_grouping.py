@@ -18,10 +18,11 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 
 import h5py
 import numpy as np
+
+from canopy_runs import run_main, work_dir
 
 
 def cache(canopy, config, path, shard_rows, stories):
@@ -42,7 +43,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32, help="cache.batch_size of the config")
     a = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="canopy-text-bench-")
+    work = work_dir("canopy-text-bench-")
     grouped_rows, plain_rows = 8 * a.batch, 9 * a.batch
     print(f"[text grouping] {a.stories} Reuters stories through the trunk of {a.config}, batch {a.batch}, "
           f"{a.repeats} repeat(s), trunk seconds")
@@ -59,4 +60,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from canopy_runs import run_main, work_dir
+
 GROUP = [0, 1, 0, 0, 0, 2, 0, 2, 3, 2]
 
 # The 8 heads of P3/P4: several head types and optimizers on the 10 classes and the group.
@@ -240,7 +242,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=15)
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
-    work = tempfile.mkdtemp(prefix="canopy-train-compare-")
+    work = work_dir("canopy-train-compare-")
     # train.fuse = auto times each group once per machine and records it: a fresh record here,
     # so the decisions are the ones this machine makes now (the first run of each config measures).
     calibration = os.path.join(work, "fusion.tsv")
@@ -364,4 +366,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

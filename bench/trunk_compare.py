@@ -32,7 +32,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -42,6 +41,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
 import export_trunk  # noqa: E402
 from support import FMNIST, read_idx  # noqa: E402
+from canopy_runs import run_main, work_dir  # noqa: E402
 
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 CONFIG = os.path.join(ROOT, "configs", "fmnist_lite0.ini")
@@ -113,7 +113,7 @@ def main():
     a = ap.parse_args()
     threads = os.cpu_count()
     torch.set_num_threads(threads)
-    work = tempfile.mkdtemp(prefix="canopy-trunk-bench-")
+    work = work_dir("canopy-trunk-bench-")
     ts_path = os.path.join(HOME, "trunks", "efficientnet_lite0.pt")
     ts_sha = re.search(r"sha256 = (\w+)", open(CONFIG).read()).group(1)
     net = export_trunk.efficientnet_lite0(False).eval()
@@ -185,4 +185,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

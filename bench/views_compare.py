@@ -21,10 +21,9 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-from canopy_runs import base_sections
+from canopy_runs import base_sections, run_main, work_dir
 
 
 def main():
@@ -37,7 +36,7 @@ def main():
     ap.add_argument("--train-limit", type=int, default=0, help="training images (0: the config's)")
     ap.add_argument("--augment", action="append", default=None)
     a = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="canopy-views-bench-")
+    work = work_dir("canopy-views-bench-")
     views = [int(v) for v in a.views.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
     crops = a.augment or ["crop_scale=0.35,1"]
@@ -109,4 +108,4 @@ lr = 0.001
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

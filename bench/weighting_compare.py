@@ -22,7 +22,8 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
+
+from canopy_runs import run_main, work_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE = os.path.join(HERE, "..", "configs", "fmnist_lite0_tune.ini")
@@ -170,7 +171,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="rounds of the step-time table")
     ap.add_argument("--only", default="image,steps,text")
     a = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="canopy-weighting-bench-")
+    work = work_dir("canopy-weighting-bench-")
     parts = a.only.split(",")
     if "image" in parts:
         image_table(a, work)
@@ -181,4 +182,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

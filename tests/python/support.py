@@ -1,9 +1,28 @@
 """Helpers shared by canopy's Python checks: a check that records failures, and where
 Fashion-MNIST lives."""
+import atexit
 import os
+import shutil
 
 FMNIST = os.environ.get("CANOPY_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 failures = []
+_work_dirs = []
+
+
+def work_dir(prefix):
+    """A fresh work folder for this check under $TMPDIR (or /tmp). finish() removes it when every
+    check passed; when one failed, or the script stopped on an exception, it is kept and its path
+    printed, to look into."""
+    import tempfile
+    path = tempfile.mkdtemp(prefix=prefix)
+    _work_dirs.append(path)
+    return path
+
+
+@atexit.register
+def _say_kept():
+    for path in _work_dirs:
+        print(f"work folder kept for inspection: {path}", flush=True)
 
 
 def read_idx(path):
@@ -36,8 +55,12 @@ def check(cond, what):
 
 
 def finish():
-    """Prints the closing line and returns the exit status."""
+    """Prints the closing line and returns the exit status. Removes the work folders when every
+    check passed."""
     print(f"\n{len(failures) == 0 and 'all checks passed' or str(len(failures)) + ' check(s) failed'}")
+    if not failures:
+        while _work_dirs:
+            shutil.rmtree(_work_dirs.pop(), ignore_errors=True)
     return 1 if failures else 0
 
 
@@ -135,14 +158,13 @@ def start(prefix, trunk_module, trunk_name):
     """The common start of a check: parses --canopy, makes a work directory, and saves
     `trunk_module` (made with torch's seed 0) there as TorchScript. Returns (canopy, work, trunk)."""
     import argparse
-    import tempfile
 
     import torch
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--canopy", required=True)
     a = ap.parse_args()
-    work = tempfile.mkdtemp(prefix=prefix)
+    work = work_dir(prefix)
     torch.manual_seed(0)
     trunk = os.path.join(work, trunk_name)
     torch.jit.script(trunk_module().eval()).save(trunk)

@@ -13,17 +13,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import arff
 
-failures = []
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        failures.append(what)
+from support import check, finish, work_dir
 
 
 def canopy_texts(canopy, vocab, path):
@@ -36,7 +29,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--canopy", required=True)
     canopy = ap.parse_args().canopy
-    work = tempfile.mkdtemp(prefix="canopy-arff-")
+    work = work_dir("canopy-arff-")
     vocab = os.path.join(work, "vocab.txt")
     with open(vocab, "w") as f:
         f.write("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nx\ny\n")
@@ -90,9 +83,7 @@ def main():
     r, got = canopy_texts(canopy, vocab, p)
     check(r.returncode != 0 and "missing.arff:6" in r.stderr and "'Text' is missing" in r.stderr,
           f"canopy refuses it naming the line and the attribute ({r.stderr.strip()[-200:]})")
-    print(f"\n{'all checks passed' if not failures else str(len(failures)) + ' check(s) failed'}")
-    subprocess.run(["rm", "-rf", work])
-    return 1 if failures else 0
+    return finish()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import zipfile
 import h5py
 import numpy as np
 
-from support import check, finish
+from support import check, finish, work_dir
 
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 SOURCE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,7 +99,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--canopy", required=True)
     canopy = ap.parse_args().canopy
-    work = tempfile.mkdtemp(prefix="canopy-compiled-")
+    work = work_dir("canopy-compiled-")
     lite = os.path.join(HOME, "trunks", "efficientnet_lite0_64.pt2")
     minilm = os.path.join(HOME, "trunks", "all_minilm_l6_v2_256.pt2")
     for pt2 in (lite, minilm):
@@ -215,7 +215,6 @@ def main():
                          "--set", "trunk.sha256=", "--set", "trunk.allow_unpinned=true")
     check(rc == 1 and ("compiled trunk" in out or "AOTInductor" in out),
           f"a truncated package is refused with a message (exit {rc}): {out.strip().splitlines()[-1][:160]}")
-    shutil.rmtree(work, ignore_errors=True)
     return finish()
 
 

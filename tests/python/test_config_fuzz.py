@@ -29,11 +29,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import support
-from support import check, finish
+from support import check, finish, work_dir
 
 SOURCE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMOS = {"fmnist_lite0.ini": 200, "reuters_minilm.ini": 100}  # mutants per demo config
@@ -239,7 +238,7 @@ def main():
     keys = documented_keys(canopy)
     check(len(keys) > 70 and keys["train.epochs"] == ("integer", ">= 1"),
           f"canopy keys documents {len(keys)} keys with types and ranges")
-    work = tempfile.mkdtemp(prefix="canopy-fuzz-")
+    work = work_dir("canopy-fuzz-")
     rng = random.Random(a.seed)
     mutants = []
     share = {n: round(a.count * c / sum(DEMOS.values())) for n, c in DEMOS.items()}
@@ -280,7 +279,6 @@ def main():
     if a.only is None:
         check(len(results) - accepted > len(results) // 3, "most mutants break something and are refused")
         check(trained >= len(results) // 10, "some mutants stay valid and train to the end (the fuzzer reaches the trainer)")
-    shutil.rmtree(work, ignore_errors=True)
     return finish()
 
 

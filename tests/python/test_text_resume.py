@@ -11,12 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 
 import h5py
 import numpy as np
 
-from support import check, finish, kill_when
+from support import check, finish, kill_when, work_dir
 
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 REUTERS = os.path.join(HOME, "data", "reuters")
@@ -50,7 +49,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--canopy", required=True)
     canopy = ap.parse_args().canopy
-    work = tempfile.mkdtemp(prefix="canopy-text-resume-")
+    work = work_dir("canopy-text-resume-")
     ref_cfg, cut_cfg = os.path.join(work, "ref.ini"), os.path.join(work, "cut.ini")
     write_config(ref_cfg, os.path.join(work, "ref"))
     write_config(cut_cfg, os.path.join(work, "cut"))
