@@ -18,6 +18,7 @@
 #include <oneapi/tbb/parallel_for.h>
 #include <nlohmann/json.hpp>
 
+#include "canopy/core/child.h"
 #include "canopy/core/crc32c.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fork_join.h"
@@ -249,9 +250,49 @@ Manifest read_manifest(const std::string& dir) {
 void write_manifest(const std::string& dir, const Manifest& m) { write_manifest_file(manifest_path(dir), m); }
 
 namespace {
+// Every shard belongs to a split the manifest lists and lies inside it, no two overlap, and in
+// a complete cache each split's shards cover all its rows (an unfinished one has gaps where
+// shards are still to be written).
+void check_shard_rows(const Manifest& m, const std::string& path) {
+  std::map<std::string, std::vector<std::pair<std::int64_t, std::int64_t>>> spans;
+  for (const auto& s : m.shards) {
+    const auto it = m.split_rows.find(s.split);
+    CANOPY_CHECK(it != m.split_rows.end(), DataError, "feature cache manifest '", path, "': shard '", s.file,
+                 "' belongs to split '", s.split, "', which the manifest does not list");
+    CANOPY_CHECK(s.rows > 0 && s.first_row >= 0 && s.first_row + s.rows <= it->second, DataError,
+                 "feature cache manifest '", path, "': shard '", s.file, "' holds rows [", s.first_row, ", ",
+                 s.first_row + s.rows, ") of split '", s.split, "', which has ", it->second);
+    spans[s.split].emplace_back(s.first_row, s.first_row + s.rows);
+  }
+  for (const auto& [split, rows] : m.split_rows) {
+    auto& v = spans[split];
+    std::sort(v.begin(), v.end());
+    std::int64_t covered = 0;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      CANOPY_CHECK(i == 0 || v[i].first >= v[i - 1].second, DataError, "feature cache manifest '", path,
+                   "': two shards of split '", split, "' hold row ", v[i].first);
+      covered += v[i].second - v[i].first;
+    }
+    CANOPY_CHECK(!m.complete || covered == rows, DataError, "feature cache manifest '", path,
+                 "' says the cache is complete, but its shards hold ", covered, " of the ", rows,
+                 " rows of split '", split, "'");
+  }
+}
+
 Manifest read_manifest_file(const std::string& dir, const std::string& path) {
   try {
-    const json j = json::parse(read_file(path));
+    json j = json::parse(read_file(path));
+    // The manifest's own checksum (absent in manifests written before it): a flipped bit in a
+    // shard's split, first row or file name would otherwise read as a smaller cache.
+    if (const auto it = j.find("manifest_crc32c"); it != j.end()) {
+      const std::string recorded = *it;
+      j.erase(it);
+      const std::string body = j.dump(1);
+      const std::string got = hex32(crc32c(body.data(), body.size()));
+      CANOPY_CHECK(got == recorded, DataError, "feature cache manifest '", path,
+                   "' does not match its checksum (CRC-32C ", got, ", recorded ", recorded,
+                   "): it is corrupt; `canopy cache --force` rebuilds the cache");
+    }
     const std::int64_t schema = j.at("schema");
     CANOPY_CHECK(schema == kCacheSchemaVersion || schema == kCacheSchemaVersionViews, DataError,
                  "feature cache '", dir, "' has schema version ", schema, ", this canopy reads versions ",
@@ -279,6 +320,7 @@ Manifest read_manifest_file(const std::string& dir, const std::string& path) {
       }
       m.shards.push_back(std::move(si));
     }
+    check_shard_rows(m, path);
     return m;
   } catch (const json::exception& e) {
     throw DataError(detail::str_cat("feature cache manifest '", path, "' is malformed: ", e.what()));
@@ -304,11 +346,13 @@ void write_manifest_file(const std::string& path, const Manifest& m) {
                           {"ids_crc32c", hex32(s.ids_crc32c)},
                           {"labels", labels}});
   }
-  const json j{{"schema", schema_of(m.meta)},
-               {"complete", m.complete},
-               {"meta", meta_to_json(m.meta)},
-               {"splits", m.split_rows},
-               {"shards", shards}};
+  json j{{"schema", schema_of(m.meta)},
+         {"complete", m.complete},
+         {"meta", meta_to_json(m.meta)},
+         {"splits", m.split_rows},
+         {"shards", shards}};
+  const std::string body = j.dump(1);  // what the reader hashes, without this field
+  j["manifest_crc32c"] = hex32(crc32c(body.data(), body.size()));
   write_file_atomic(path, j.dump(1) + "\n");
 }
 }  // namespace
@@ -447,6 +491,166 @@ SplitData read_shard_data(const std::string& dir, const ShardInfo& s, const Cach
   return d;
 }
 
+}  // namespace
+
+namespace {
+// The view's string attributes at its root, as users read them (h5py's attrs), besides
+// canopy_schema: the meta fields of the manifest.
+std::vector<std::pair<std::string, std::string>> view_attributes(const CacheMeta& meta) {
+  std::vector<std::pair<std::string, std::string>> a = {{"fingerprint", meta.fingerprint},
+                                                        {"description", meta.description},
+                                                        {"trunk_sha256", meta.trunk_sha256},
+                                                        {"trunk_path", meta.trunk_path},
+                                                        {"preprocessing", meta.preprocessing},
+                                                        {"pooling", meta.pooling},
+                                                        {"torch_version", meta.torch_version},
+                                                        {"dtype", storage_dtype_name(meta.dtype)},
+                                                        {"label_sources", join(meta.label_sources, ",")},
+                                                        {"float_labels", join(meta.float_labels, ",")},
+                                                        {"class_names", join(meta.class_names, ",")}};
+  if (!meta.row_parts.empty()) {
+    std::vector<std::string> parts;
+    for (const auto& p : meta.row_parts) parts.push_back(p.name + " " + join_ints(p.shape));
+    a.emplace_back("boundary", meta.boundary);
+    a.emplace_back("row_parts", join(parts, "; "));
+  }
+  return a;
+}
+
+// What mends a shard whose data verifies but whose HDF5 header does not, and a corrupt view:
+// neither needs the whole cache rebuilt.
+constexpr const char* kShardAdvice = "delete the shard and run `canopy cache`, which recomputes its rows";
+constexpr const char* kViewAdvice = "delete it and run `canopy cache`, which writes it again from the shards";
+
+// Checks that a shard's HDF5 header describes the regions the manifest checksums: each
+// dataset's type, shape (and largest shape), file offset and size. A reader through HDF5
+// (the view, h5py on the shard) finds the data by this header, not by the manifest.
+void verify_shard_header(const std::string& dir, const ShardInfo& s, const CacheMeta& meta) {
+  const std::string path = join_path(dir, s.file);
+  const std::string where = "shard '" + path + "'";
+  h5::Handle file = h5::open_file(path, false);
+  h5::Handle ftype = file_type(meta.dtype);
+  struct Expected {
+    std::string name;
+    hid_t type;
+    std::vector<std::int64_t> dims;
+    std::uint64_t offset;
+  };
+  std::vector<Expected> expected = {{"features", ftype.get(), {s.rows, meta.feature_dim}, s.features_offset},
+                                    {"ids", H5T_STD_I64LE, {s.rows}, s.ids_offset}};
+  for (const auto& [src, region] : s.labels)
+    expected.push_back(
+        {"labels/" + src, meta.is_float_label(src) ? H5T_IEEE_F64LE : H5T_STD_I64LE, {s.rows}, region.first});
+  for (const auto& e : expected) {
+    h5::Handle d = h5::open_dataset(file.get(), e.name, where);
+    const auto dims = h5::shape(d.get()), max = h5::max_shape(d.get());
+    std::uint64_t bytes = e.name == "features" ? element_size(meta.dtype) : 8;
+    for (const auto n : e.dims) bytes *= static_cast<std::uint64_t>(n);
+    const char* bad = !h5::has_type(d.get(), e.type)         ? "its type"
+                      : dims != e.dims || max != e.dims      ? "its shape"
+                      : h5::data_offset(d.get()) != e.offset ? "where its data starts"
+                      : h5::storage_size(d.get()) != bytes   ? "its size"
+                                                             : nullptr;
+    if (bad) {
+      throw DataError(detail::str_cat(where, ": the HDF5 header of dataset '", e.name, "' is corrupt (", bad,
+                                      " differs from the manifest's: shape ", join_ints(dims), ", largest ",
+                                      join_ints(max), ", expected ", join_ints(e.dims), "); ", kShardAdvice));
+    }
+  }
+}
+
+// Checks that the view cache.h5 gives HDF5 readers (h5py, h5ls, canopy's read_method = hdf5
+// goes through the shards the same way) what the manifest describes: its root attributes, the
+// shape of every dataset, and every row read through its virtual datasets against the
+// manifest's checksums. The data regions are checked on their own by pread; what this adds
+// is the HDF5 structure around them. A flipped byte in a shard's header can point a reader
+// at other bytes, and one in the view's mapping makes HDF5 return its fill value (zeros) for
+// the rows whose source it cannot open, in neither case with an error.
+void verify_view(const std::string& dir, const Manifest& m) {
+  const CacheMeta& meta = m.meta;
+  const std::string path = view_path(dir);
+  CANOPY_CHECK(is_regular_file(path), DataError, "cache view '", path,
+               "' is missing; `canopy cache` rebuilds it");
+  const std::string where = "cache view '" + path + "'";
+  const auto fail = [&](const auto&... what) {
+    throw DataError(detail::str_cat(where, ": ", what..., "; ", kViewAdvice));
+  };
+  h5::Handle file = h5::open_file(path, false);
+  const hid_t root = file.get();
+  if (const auto schema = h5::read_int_attr(root, "canopy_schema", where); schema != schema_of(meta))
+    fail("attribute canopy_schema is ", schema, ", the manifest's schema is ", schema_of(meta));
+  for (const auto& [name, value] : view_attributes(meta)) {
+    if (h5::read_string_attr(root, name, where) != value)
+      fail("attribute ", name, " differs from the manifest's (", value.size(), " characters: '",
+           value.substr(0, 60), value.size() > 60 ? "...'" : "'", ")");
+  }
+  std::vector<std::string> names;
+  for (const auto& [split, rows] : m.split_rows) {
+    for (const std::string n : {"", "/features", "/ids", "/labels"}) names.push_back(split + n);
+    for (const auto& src : meta.label_sources) names.push_back(split + "/labels/" + src);
+  }
+  std::sort(names.begin(), names.end());
+  if (h5::all_links(root) != names) fail("its objects are not the manifest's splits and fields");
+  h5::Handle ftype = file_type(meta.dtype);
+  const hid_t feature_mem = meta.dtype == StorageDtype::kFloat32 ? H5T_NATIVE_FLOAT : ftype.get();
+  for (const auto& [split, rows] : m.split_rows) {
+    struct Column {
+      std::string name;
+      std::vector<std::int64_t> dims;
+      hid_t type, mem_type;
+      h5::Handle dataset;
+    };
+    std::vector<Column> columns;
+    columns.push_back({split + "/features", {rows, meta.feature_dim}, ftype.get(), feature_mem, {}});
+    columns.push_back({split + "/ids", {rows}, H5T_STD_I64LE, H5T_NATIVE_INT64, {}});
+    for (const auto& src : meta.label_sources) {
+      const bool real = meta.is_float_label(src);
+      columns.push_back({split + "/labels/" + src,
+                         {rows},
+                         real ? H5T_IEEE_F64LE : H5T_STD_I64LE,
+                         real ? H5T_NATIVE_DOUBLE : H5T_NATIVE_INT64,
+                         {}});
+    }
+    for (auto& c : columns) {
+      c.dataset = h5::open_dataset(root, c.name, where);
+      if (!h5::has_type(c.dataset.get(), c.type)) fail(c.name, " is not of the type canopy wrote");
+      const auto got = h5::shape(c.dataset.get()), max = h5::max_shape(c.dataset.get());
+      if (got != c.dims || max != c.dims)
+        fail(c.name, " has shape ", join_ints(got), " (largest ", join_ints(max), "), the manifest says ",
+             join_ints(c.dims));
+    }
+    for (const auto& s : m.shards) {
+      if (s.split != split) continue;
+      const SplitData d = allocate(s.rows, meta);
+      const auto read = [&](const Column& c, const at::Tensor& dst) {
+        try {
+          h5::read_rows(c.dataset.get(), c.mem_type, s.first_row, s.first_row + s.rows, dst.data_ptr());
+        } catch (const Error& e) {
+          fail("reading rows [", s.first_row, ", ", s.first_row + s.rows, ") of ", c.name, " (shard '",
+               s.file, "'): ", e.what());
+        }
+      };
+      const auto differs = [&](const Column& c) {
+        fail("rows [", s.first_row, ", ", s.first_row + s.rows, ") of ", c.name,
+             " read through it differ from what shard '", s.file, "' holds (checksums verified)");
+      };
+      read(columns[0], d.features);
+      const auto crcs = block_crcs(static_cast<const std::uint8_t*>(d.features.data_ptr()),
+                                   static_cast<std::uint64_t>(d.features.nbytes()));
+      if (crcs != s.features_crc32c) differs(columns[0]);
+      read(columns[1], d.ids);
+      if (crc32c(d.ids.data_ptr(), s.rows * 8) != s.ids_crc32c) differs(columns[1]);
+      for (std::size_t i = 0; i < meta.label_sources.size(); ++i) {
+        const std::string& src = meta.label_sources[i];
+        const at::Tensor& t = d.labels.at(src);
+        read(columns[2 + i], t);
+        const auto it = s.labels.find(src);
+        if (it == s.labels.end() || crc32c(t.data_ptr(), s.rows * 8) != it->second.second)
+          differs(columns[2 + i]);
+      }
+    }
+  }
+}
 }  // namespace
 
 // ---------------------------------------------------------------- writer
@@ -772,23 +976,7 @@ void FeatureCacheWriter::Impl::write_view() {
     h5::Handle file = h5::create_file(tmp);
     const hid_t root = file.get();
     h5::write_attr(root, "canopy_schema", schema_of(meta));
-    h5::write_attr(root, "fingerprint", meta.fingerprint);
-    h5::write_attr(root, "description", meta.description);
-    h5::write_attr(root, "trunk_sha256", meta.trunk_sha256);
-    h5::write_attr(root, "trunk_path", meta.trunk_path);
-    h5::write_attr(root, "preprocessing", meta.preprocessing);
-    h5::write_attr(root, "pooling", meta.pooling);
-    h5::write_attr(root, "torch_version", meta.torch_version);
-    h5::write_attr(root, "dtype", std::string(storage_dtype_name(meta.dtype)));
-    h5::write_attr(root, "label_sources", join(meta.label_sources, ","));
-    h5::write_attr(root, "float_labels", join(meta.float_labels, ","));
-    h5::write_attr(root, "class_names", join(meta.class_names, ","));
-    if (!meta.row_parts.empty()) {
-      std::vector<std::string> parts;
-      for (const auto& p : meta.row_parts) parts.push_back(p.name + " " + join_ints(p.shape));
-      h5::write_attr(root, "boundary", meta.boundary);
-      h5::write_attr(root, "row_parts", join(parts, "; "));
-    }
+    for (const auto& [name, value] : view_attributes(meta)) h5::write_attr(root, name, value);
     h5::Handle ftype = file_type(meta.dtype);
     for (const auto& [split, total] : manifest.split_rows) {
       std::vector<h5::VirtualSource> fsrc, isrc;
@@ -942,20 +1130,30 @@ at::Tensor FeatureCache::load_labels(const std::string& split, const std::string
 
 void FeatureCache::verify() const {
   for (const auto& s : impl_->manifest.shards) read_shard_data(impl_->dir, s, meta(), ReadMethod::kPread);
-  const std::string path = view_path(impl_->dir);
-  CANOPY_CHECK(is_regular_file(path), DataError, "cache view '", path,
-               "' is missing; `canopy cache` rebuilds it");
-  h5::Handle file = h5::open_file(path, false);
-  for (const auto& [split, rows] : impl_->manifest.split_rows) {
-    const std::vector<std::pair<std::string, std::vector<std::int64_t>>> expected = {
-        {split + "/features", {rows, meta().feature_dim}}, {split + "/ids", {rows}}};
-    for (const auto& [name, dims] : expected) {
-      h5::Handle d = h5::open_dataset(file.get(), name, path);
-      const auto got = h5::shape(d.get());
-      CANOPY_CHECK(got == dims, DataError, "cache view '", path, "': ", name, " has shape ", join_ints(got),
-                   ", the manifest says ", join_ints(dims), "; `canopy cache --force` rebuilds it");
+  // HDF5 failing to read a header or an index (IoError) is the same finding as a field that
+  // reads wrong: a corrupt file, and the same way to mend it.
+  const auto advising = [](const char* advice, const auto& check) {
+    try {
+      check();
+    } catch (const DataError&) {
+      throw;
+    } catch (const Error& e) {
+      throw DataError(detail::str_cat(e.what(), "; ", advice));
     }
-  }
+  };
+  // In a child process: HDF5 1.10 crashes on some corrupt headers (core/child.h).
+  run_in_child(
+      "HDF5",
+      [&](const ChildMark& mark) {
+        for (const auto& s : impl_->manifest.shards) {
+          mark("shard '" + join_path(impl_->dir, s.file) + "'");
+          advising(kShardAdvice, [&] { verify_shard_header(impl_->dir, s, meta()); });
+        }
+        mark("the view '" + view_path(impl_->dir) + "'");
+        advising(kViewAdvice, [&] { verify_view(impl_->dir, impl_->manifest); });
+      },
+      "delete that file and run `canopy cache`, which computes a shard's rows again or writes the view again "
+      "from the shards");
 }
 
 void replace_cache(const std::string& dir, const std::string& staged) {

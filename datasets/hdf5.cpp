@@ -1,5 +1,7 @@
 #include "hdf5_raii.h"
 
+#include <algorithm>
+
 #include "canopy/core/error.h"
 #include "canopy/datasets/feature_cache.h"
 
@@ -10,7 +12,12 @@ std::string hdf5_version() {
   return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(release);
 }
 
-void close_hdf5() { H5close(); }
+void close_hdf5() {
+  // Only when something is still open: all canopy's files are closed by then, and after a
+  // read of a corrupt file failed, HDF5 1.10 can keep an internal reference that makes
+  // H5close loop and print "HDF5: infinite loop closing library" with nothing to close.
+  if (H5Fget_obj_count(H5F_OBJ_ALL, H5F_OBJ_ALL) > 0) H5close();
+}
 }  // namespace canopy::datasets
 
 namespace canopy::datasets::h5 {
@@ -141,6 +148,42 @@ std::vector<std::int64_t> shape(hid_t dataset) {
   return std::vector<std::int64_t>(dims, dims + rank);
 }
 
+std::vector<std::int64_t> max_shape(hid_t dataset) {
+  QuietErrors quiet;
+  Handle space = checked(H5Dget_space(dataset), H5Sclose, "getting a dataspace");
+  const int rank = H5Sget_simple_extent_ndims(space.get());
+  CANOPY_CHECK(rank >= 0 && rank <= 8, IoError, "HDF5: unexpected rank ", rank);
+  hsize_t dims[8], max[8];
+  H5Sget_simple_extent_dims(space.get(), dims, max);
+  std::vector<std::int64_t> out;
+  for (int i = 0; i < rank; ++i)
+    out.push_back(max[i] == H5S_UNLIMITED ? -1 : static_cast<std::int64_t>(max[i]));
+  return out;
+}
+
+std::uint64_t storage_size(hid_t dataset) {
+  QuietErrors quiet;
+  return H5Dget_storage_size(dataset);
+}
+
+bool has_type(hid_t dataset, hid_t type) {
+  QuietErrors quiet;
+  Handle stored = checked(H5Dget_type(dataset), H5Tclose, "getting a dataset's type");
+  return H5Tequal(stored.get(), type) > 0;
+}
+
+std::vector<std::string> all_links(hid_t group) {
+  QuietErrors quiet;
+  std::vector<std::string> names;
+  const H5L_iterate_t collect = [](hid_t, const char* name, const H5L_info_t*, void* data) -> herr_t {
+    static_cast<std::vector<std::string>*>(data)->push_back(name);
+    return 0;
+  };
+  check(H5Lvisit(group, H5_INDEX_NAME, H5_ITER_NATIVE, collect, &names), "listing the file's objects");
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
 Handle open_dataset(hid_t parent, const std::string& name, const std::string& where) {
   QuietErrors quiet;
   CANOPY_CHECK(exists(parent, name), DataError, where, ": no dataset '", name, "'");
@@ -185,6 +228,38 @@ void write_attr(hid_t obj, const std::string& name, std::int64_t value) {
   Handle attr = checked(H5Acreate2(obj, name.c_str(), H5T_STD_I64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),
                         H5Aclose, "creating attribute '" + name + "'");
   check(H5Awrite(attr.get(), H5T_NATIVE_INT64, &value), "writing attribute '" + name + "'");
+}
+
+namespace {
+Handle open_attr(hid_t obj, const std::string& name, const std::string& where) {
+  CANOPY_CHECK(H5Aexists(obj, name.c_str()) > 0, DataError, where, ": no attribute '", name, "'");
+  return checked(H5Aopen(obj, name.c_str(), H5P_DEFAULT), H5Aclose,
+                 where + ": opening attribute '" + name + "'");
+}
+}  // namespace
+
+std::string read_string_attr(hid_t obj, const std::string& name, const std::string& where) {
+  QuietErrors quiet;
+  Handle attr = open_attr(obj, name, where);
+  Handle type = checked(H5Aget_type(attr.get()), H5Tclose, where + ": the type of attribute '" + name + "'");
+  CANOPY_CHECK(H5Tget_class(type.get()) == H5T_STRING && H5Tis_variable_str(type.get()) == 0, DataError,
+               where, ": attribute '", name, "' is not a fixed-length string");
+  const std::size_t size = H5Tget_size(type.get());
+  std::string value(size, '\0');
+  check(H5Aread(attr.get(), type.get(), value.data()), where + ": reading attribute '" + name + "'");
+  value.resize(std::min(value.find('\0'), value.size()));
+  return value;
+}
+
+std::int64_t read_int_attr(hid_t obj, const std::string& name, const std::string& where) {
+  QuietErrors quiet;
+  Handle attr = open_attr(obj, name, where);
+  Handle type = checked(H5Aget_type(attr.get()), H5Tclose, where + ": the type of attribute '" + name + "'");
+  CANOPY_CHECK(H5Tget_class(type.get()) == H5T_INTEGER, DataError, where, ": attribute '", name,
+               "' is not an integer");
+  std::int64_t value = 0;
+  check(H5Aread(attr.get(), H5T_NATIVE_INT64, &value), where + ": reading attribute '" + name + "'");
+  return value;
 }
 
 }  // namespace canopy::datasets::h5

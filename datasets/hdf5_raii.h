@@ -74,10 +74,24 @@ Handle create_virtual(hid_t parent, const std::string& name, hid_t type,
 
 Handle open_dataset(hid_t parent, const std::string& name, const std::string& where);
 std::vector<std::int64_t> shape(hid_t dataset);
+// The largest shape the dataset may grow to, as its header records it (its shape, for the
+// fixed-size datasets canopy writes).
+std::vector<std::int64_t> max_shape(hid_t dataset);
+// The bytes of file space the dataset's data takes.
+std::uint64_t storage_size(hid_t dataset);
+// Whether the dataset's stored type is `type` (H5Tequal).
+bool has_type(hid_t dataset, hid_t type);
+// The path of every link under `group`, recursively ("train", "train/features", ...), sorted;
+// reading them parses every group's index, where a corrupt byte would otherwise wait.
+std::vector<std::string> all_links(hid_t group);
 // Reads rows [begin, end) of a 1-D or 2-D dataset into `out`, converting to `mem_type`.
 void read_rows(hid_t dataset, hid_t mem_type, std::int64_t begin, std::int64_t end, void* out);
 
 void write_attr(hid_t obj, const std::string& name, const std::string& value);
 void write_attr(hid_t obj, const std::string& name, std::int64_t value);
+// The value of an attribute as write_attr wrote it (a fixed-length string, or a 64-bit integer);
+// DataError naming `where` and the attribute when it is missing or of another type.
+std::string read_string_attr(hid_t obj, const std::string& name, const std::string& where);
+std::int64_t read_int_attr(hid_t obj, const std::string& name, const std::string& where);
 
 }  // namespace canopy::datasets::h5

@@ -149,10 +149,11 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
     const auto t0 = Clock::now();
     try {
       datasets::FeatureCache::open(dir).verify();
-      o << "  verified      sizes and checksums of " << m.shards.size() << " shard(s) in "
+      o << "  verified      " << m.shards.size()
+        << " shard(s): sizes, checksums and HDF5 headers; the view read through HDF5; in "
         << format_duration(std::chrono::duration<double>(Clock::now() - t0).count()) << "\n";
     } catch (const DataError& e) {
-      o << "  VERIFY FAILED " << e.what() << "\n";
+      o << "  VERIFY FAILED " << printable(e.what()) << "\n";
       good = false;
     }
   }

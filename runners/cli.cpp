@@ -391,16 +391,16 @@ int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& reg
         command, std::vector<std::string>(args.begin() + static_cast<std::ptrdiff_t>(consumed), args.end()),
         registry, out, err);
   } catch (const ConfigError& e) {
-    err << "canopy: config error" << on_rank() << ": " << e.what() << "\n";
+    err << "canopy: config error" << on_rank() << ": " << printable(e.what()) << "\n";
     return kExitUsage;
   } catch (const Error& e) {
-    err << "canopy: error" << on_rank() << ": " << e.what() << "\n";
+    err << "canopy: error" << on_rank() << ": " << printable(e.what()) << "\n";
     return kExitError;
   } catch (const c10::Error& e) {
-    err << "canopy: LibTorch error" << on_rank() << ": " << e.what_without_backtrace() << "\n";
+    err << "canopy: LibTorch error" << on_rank() << ": " << printable(e.what_without_backtrace()) << "\n";
     return kExitError;
   } catch (const std::exception& e) {
-    err << "canopy: unexpected error" << on_rank() << ": " << e.what() << "\n";
+    err << "canopy: unexpected error" << on_rank() << ": " << printable(e.what()) << "\n";
     return kExitError;
   }
 }

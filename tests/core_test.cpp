@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -14,12 +15,14 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/inductor/aoti_runner/model_container_runner.h>
 
+#include "canopy/core/child.h"
 #include "canopy/core/crc32c.h"
 #include "canopy/core/device.h"
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/progress.h"
+#include "canopy/core/sanitizers.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "support/test_support.h"
@@ -55,6 +58,65 @@ std::uint32_t crc32c_by_bits(const std::uint8_t* p, std::size_t n, std::uint32_t
     for (int k = 0; k < 8; ++k) crc = (crc & 1) ? (crc >> 1) ^ 0x82f63b78u : crc >> 1;
   }
   return ~crc;
+}
+
+// run_in_child with real children: one that returns, ones that throw each kind, and ones that
+// die by a real signal after saying what they read.
+TEST(RunInChild, ReturnsRethrowsAndTurnsACrashIntoADataErrorNamingTheLastMark) {
+  int touched = 0;
+  run_in_child(
+      "check",
+      [&](const ChildMark& mark) {
+        mark("a.h5");
+        touched = 1;  // the child's copy
+      },
+      "advice");
+  EXPECT_EQ(touched, 0) << "the check ran in this process, not in a child";
+
+  const auto message = [](const std::function<void(const ChildMark&)>& check) -> std::string {
+    try {
+      run_in_child("HDF5", check, "delete it");
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  EXPECT_THROW(run_in_child(
+                   "HDF5", [](const ChildMark&) { throw DataError("bad header in a.h5"); }, ""),
+               DataError);
+  EXPECT_THROW(run_in_child(
+                   "HDF5", [](const ChildMark&) { throw IoError("read failed"); }, ""),
+               IoError);
+  EXPECT_THROW(run_in_child(
+                   "HDF5", [](const ChildMark&) { throw ConfigError("no such key"); }, ""),
+               ConfigError);
+  EXPECT_EQ(message([](const ChildMark&) { throw DataError("bad header in a.h5"); }), "bad header in a.h5");
+  EXPECT_EQ(message([](const ChildMark&) { throw std::runtime_error("other"); }), "other");
+
+  const std::string aborted = message([](const ChildMark& mark) {
+    mark("shard 'a.h5'");
+    mark("the view 'cache.h5'");
+    std::abort();
+  });
+  EXPECT_EQ(
+      aborted,
+      "HDF5 crashed (signal 6, SIGABRT) while reading the view 'cache.h5': the file is corrupt in a way "
+      "the library does not catch; delete it");
+  EXPECT_THROW(run_in_child(
+                   "HDF5", [](const ChildMark&) { std::abort(); }, ""),
+               DataError);
+  const std::string segv = message([](const ChildMark& mark) {
+    mark("shard 'b.h5'");
+    std::raise(SIGSEGV);
+  });
+  EXPECT_NE(segv.find("HDF5 crashed ("), std::string::npos) << segv;
+  EXPECT_NE(segv.find(") while reading shard 'b.h5': the file is corrupt"), std::string::npos) << segv;
+#if !defined(CANOPY_ASAN)  // AddressSanitizer's SEGV handler reports and exits instead
+  EXPECT_NE(segv.find("(signal 11, SIGSEGV)"), std::string::npos) << segv;
+#endif
+  // A long report arrives whole (more than a pipe's buffer).
+  const std::string big(200000, 'x');
+  EXPECT_EQ(message([&](const ChildMark&) { throw DataError(big); }), big);
 }
 
 TEST(Crc32c, KnownVectorsAndTheDefinitionAtEveryLengthAndAlignment) {
@@ -183,6 +245,23 @@ TEST(Strings, CsvFieldQuotesOnlyWhatNeedsIt) {
   EXPECT_EQ(csv_field("probe@hidden=512,256"), "\"probe@hidden=512,256\"");
   EXPECT_EQ(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
   EXPECT_EQ(csv_field("two\nlines"), "\"two\nlines\"");
+}
+
+TEST(Strings, PrintableEscapesBytesThatAreNotText) {
+  EXPECT_EQ(printable("plain, with\ttab and\nline"), "plain, with\ttab and\nline");
+  EXPECT_EQ(printable("caf\xc3\xa9 \xe4\xb8\xad \xf0\x9f\x8c\xb2"),
+            "caf\xc3\xa9 \xe4\xb8\xad \xf0\x9f\x8c\xb2");
+  // The byte a flipped bit made of a space, a lone continuation byte, NUL, CR, DEL and ESC.
+  EXPECT_EQ(printable(std::string("8192,\n  \xa0 x\x80y", 13)), "8192,\n  \\xa0 x\\x80y");
+  EXPECT_EQ(printable(std::string("a\0b\rc\x7f\x1b", 7)), "a\\x00b\\x0dc\\x7f\\x1b");
+  // Overlong forms, a surrogate, past U+10FFFF, and sequences cut short are not UTF-8.
+  EXPECT_EQ(printable("\xc0\xaf"), "\\xc0\\xaf");
+  EXPECT_EQ(printable("\xe0\x80\xaf"), "\\xe0\\x80\\xaf");
+  EXPECT_EQ(printable("\xed\xa0\x80"), "\\xed\\xa0\\x80");
+  EXPECT_EQ(printable("\xf4\x90\x80\x80"), "\\xf4\\x90\\x80\\x80");
+  EXPECT_EQ(printable("\xe4\xb8"), "\\xe4\\xb8");
+  EXPECT_EQ(printable("\xc3"), "\\xc3");
+  EXPECT_EQ(printable("\xc3\xa9\xc3"), "\xc3\xa9\\xc3");
 }
 
 TEST(Strings, ExpandEnv) {

@@ -18,6 +18,10 @@ std::string csv_field(std::string_view v);
 // ASCII letters lowercased, other bytes unchanged (file extensions, format keywords).
 std::string lower_ascii(std::string s);
 bool ends_with(std::string_view s, std::string_view suffix);
+// `s` with each byte that is not printable ASCII, a tab, a line break or part of a valid
+// UTF-8 character written as \xNN: error messages quote what they read (a manifest, a
+// config line), and a corrupt file must not put raw bytes on the terminal.
+std::string printable(std::string_view s);
 
 // Parses a whole string as a number; `what` names the value in the error message.
 std::int64_t parse_int(std::string_view s, std::string_view what);

@@ -15,6 +15,9 @@
 //                              features_offset, features_crc32c (one CRC-32C per MiB of the
 //                              features region), ids_offset, ids_crc32c,
 //                              labels: {source: [offset, crc32c]}}]
+//       manifest_crc32c        CRC-32C of this manifest as dumped (one-space indent, sorted
+//                              keys) without this field; a reader checks it when present, and
+//                              that the shards tile their splits (all rows when complete)
 //   <dir>/shards/<split>-<index>.h5   one HDF5 file per shard (default 4096 rows):
 //       /features              [rows, D] contiguous, float32 | float16 | uint16 (bfloat16 bits)
 //       /features              attribute dtype = "float32" | "float16" | "bfloat16"
@@ -48,7 +51,8 @@ namespace canopy::datasets {
 // The HDF5 library canopy runs with, e.g. "1.10.8".
 std::string hdf5_version();
 // Flushes and closes every HDF5 object still open and shuts the library down (H5close), as
-// its exit handler does; for a process about to end without running exit handlers.
+// its exit handler does, when any is still open; for a process about to end without running
+// exit handlers.
 void close_hdf5();
 
 constexpr std::int64_t kCacheSchemaVersion = 2;
@@ -228,9 +232,10 @@ class FeatureCache {
                       ReadMethod method = ReadMethod::kPread) const;
   // One label source of a whole split, read without its features (checksums verified).
   at::Tensor load_labels(const std::string& split, const std::string& source) const;
-  // Checks every shard's size and checksums, and the view users open (cache.h5: present,
-  // an HDF5 file, every split's datasets of the manifest's shapes); throws DataError
-  // naming the first bad part.
+  // Checks every shard's size and checksums, and the view users open: cache.h5's root
+  // attributes equal the manifest's meta, every dataset has the manifest's shape, and every
+  // row read through it (HDF5's virtual datasets, so through each shard's HDF5 header)
+  // matches the manifest's checksums. Throws DataError naming the first bad part.
   void verify() const;
 
  private:
