@@ -274,7 +274,10 @@ const std::vector<Command>& commands() {
        [](po::options_description& d, po::positional_options_description& p) {
          add_config_options(d);
          d.add_options()("path", po::value<std::string>()->value_name("PATH"),
-                         "the cache directory (positional)")("verify", "check every shard's checksums");
+                         "the cache directory (positional)")(
+             "verify",
+             "check every shard's checksums, and that the HDF5 headers and the view cache.h5 read as the "
+             "manifest says");
          p.add("path", 1);
        },
        run_inspect_command},
