@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "canopy/core/crc32c.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/mpi.h"
@@ -32,15 +33,26 @@ ordered_json run_to_json(const std::string& name, const HeadRun& r) {
           {"stop_note", r.stop_note}};
 }
 
-// state.json's text.
+std::string hex_crc32c(const std::string& bytes) {
+  char hex[9];
+  std::snprintf(hex, sizeof hex, "%08x", crc32c(bytes.data(), bytes.size()));
+  return hex;
+}
+
+// state.json's text: the position, the runs, a CRC-32C of each head file this process wrote
+// (`files`, by file name) and, last, one of the text itself without that field
+// (`state_crc32c`). A flipped bit in a head file would otherwise resume, or export, other
+// weights with exit 0.
 std::string state_text(std::int64_t generation, const CheckpointPosition& position, const std::string& config,
-                       bool top, const ordered_json& tasks) {
-  const ordered_json state{{"generation", generation},
-                           {"epoch", position.epoch},
-                           {"step", position.step},
-                           {"config", config},
-                           {"top", top},
-                           {"tasks", tasks}};
+                       bool top, const ordered_json& tasks, const ordered_json& files) {
+  ordered_json state{{"generation", generation},
+                     {"epoch", position.epoch},
+                     {"step", position.step},
+                     {"config", config},
+                     {"top", top},
+                     {"tasks", tasks},
+                     {"files", files}};
+  state["state_crc32c"] = hex_crc32c(state.dump(1));
   return state.dump(1) + "\n";
 }
 
@@ -102,7 +114,9 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
   for (const auto& e : errors) {
     if (e) std::rethrow_exception(e);
   }
-  std::string state = state_text(generation_, position, config_identity_, top != nullptr, tasks_json);
+  ordered_json crcs = ordered_json::object();
+  for (const auto& [path, contents] : files) crcs[path.substr(path.rfind('/') + 1)] = hex_crc32c(contents);
+  std::string state = state_text(generation_, position, config_identity_, top != nullptr, tasks_json, crcs);
   if (async_ && !top && !mpi::distributed()) {
     // Written, synced and committed by a thread of its own while training goes on.
     pending_ = std::async(std::launch::async,
@@ -169,6 +183,24 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
   } catch (const nlohmann::json::exception& e) {
     throw DataError(detail::str_cat("checkpoint '", path, "' is malformed: ", e.what()));
   }
+  const char* restart = "it is corrupt; train without --resume to start again";
+  if (const auto it = st.find("state_crc32c"); it != st.end() && it->is_string()) {  // absent before it
+    const std::string recorded = *it;
+    st.erase(it);
+    const std::string got = hex_crc32c(st.dump(1));
+    CANOPY_CHECK(got == recorded, DataError, "checkpoint '", path, "' does not match its checksum (CRC-32C ",
+                 got, ", recorded ", recorded, "): ", restart);
+  }
+  // A head file's bytes against the CRC-32C state.json recorded for it (when this process wrote it).
+  const auto check_file = [&](const std::string& file) {
+    const std::string name = file.substr(file.rfind('/') + 1);
+    if (!st.contains("files") || !st.at("files").contains(name)) return;
+    const std::string recorded = st.at("files").at(name).get<std::string>();
+    const std::string got = hex_crc32c(read_file(file));
+    CANOPY_CHECK(got == recorded, DataError, "checkpoint file '", file,
+                 "' does not match the checksum that '", path, "' records for it (CRC-32C ", got,
+                 ", recorded ", recorded, "): ", restart);
+  };
   CheckpointPosition position;
   try {
     CANOPY_CHECK(st.at("config").get<std::string>() == config_identity_, ConfigError,
@@ -186,6 +218,7 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
       const std::string name = t.at("name").get<std::string>();
       CANOPY_CHECK(name == tasks[i]->name(), DataError, "checkpoint task ", i, " is '", name,
                    "', config has '", tasks[i]->name(), "'");
+      check_file(task_file(name, generation_));
       tasks[i]->load_checkpoint(task_file(name, generation_));
       run_from_json(t, runs[i]);
     }

@@ -75,6 +75,38 @@ weight_decay = 0.01
     cut_lines = [json.loads(l) for l in open(f"{out}/metrics.jsonl")]
     strip = lambda ls: [(l["epoch"], l["task"], l["eval_accuracy"], l["train_loss"]) for l in ls]
     check(strip(ref_lines) == strip(cut_lines), f"metrics.jsonl has each epoch once, equal to the uninterrupted run ({len(cut_lines)} lines)")
+    # A flipped bit in a head's checkpoint file, or in state.json, is found by the checksums
+    # state.json records, before anything is loaded; resuming the finished run from the intact
+    # files exports the same heads again.
+    import glob
+    import shutil
+    ckpt = os.path.join(out, "checkpoint")
+    shutil.copytree(ckpt, f"{work}/ckpt-intact")
+    head_file = sorted(glob.glob(os.path.join(ckpt, "b_mlp.*.pt")))[0]
+
+    def flipped(path, offset, bit):
+        shutil.rmtree(ckpt)
+        shutil.copytree(f"{work}/ckpt-intact", ckpt)
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            b = f.read(1)[0]
+            f.seek(offset)
+            f.write(bytes([b ^ bit]))
+        return subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+
+    r = flipped(head_file, os.path.getsize(head_file) // 2, 4)
+    check(r.returncode == 1 and os.path.basename(head_file) in r.stderr and "does not match the checksum" in r.stderr,
+          f"a flipped bit in {os.path.basename(head_file)}: --resume refuses it ({r.stderr.strip()[-220:]})")
+    text = open(state).read()
+    r = flipped(state, text.index('"epoch": ') + len('"epoch": '), 2)  # the epoch's digit, e.g. 4 -> 6
+    check(r.returncode == 1 and "state.json' does not match its checksum" in r.stderr,
+          f"a flipped bit in state.json's epoch: --resume refuses it ({r.stderr.strip()[-220:]})")
+    shutil.rmtree(ckpt)
+    shutil.copytree(f"{work}/ckpt-intact", ckpt)
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    check(r.returncode == 0 and all(open(f"{work}/ref/heads/{n}.safetensors", "rb").read() ==
+                                    open(f"{out}/heads/{n}.safetensors", "rb").read() for n in ("a_linear", "b_mlp")),
+          f"the intact checkpoint resumes the finished run to the same heads ({r.stderr.strip()[-160:]})")
     r = subprocess.run(cmd + ["--resume", "--set", "task.a_linear.lr=0.02"], capture_output=True, text=True)
     check(r.returncode == 2 and "configuration differs" in r.stderr, "--resume with a changed config is refused")
     return finish()
