@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "canopy/core/fs.h"
+#include "canopy/core/sha256.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/export.h"
 #include "canopy/runners/head_run.h"
@@ -114,7 +115,9 @@ std::string export_head(tasks::Task& task, const TaskResult& r, const datasets::
                                                  {"canopy.architecture", task.head().describe()}};
   const std::string weights = join_path(dir, r.name + ".safetensors");
   save_safetensors(weights, tensors, md);
-  write_file_atomic(join_path(dir, r.name + ".json"), head_card(task, r, meta, in_features).dump(2) + "\n");
+  auto card = head_card(task, r, meta, in_features);
+  card["weights_sha256"] = sha256_file(weights);  // `canopy predict` loads only these bytes
+  write_file_atomic(join_path(dir, r.name + ".json"), card.dump(2) + "\n");
   return weights;
 }
 

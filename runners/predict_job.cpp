@@ -10,6 +10,7 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/mnist.h"
 #include "canopy/datasets/preprocess.h"
@@ -64,7 +65,14 @@ LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& reg
   out.kind = tasks::parse_task_kind(card.value("kind", "multiclass"), "head card '" + card_path + "': kind");
   out.target_mean = card.value("target_mean", 0.0);
   out.target_std = card.value("target_std", 1.0);
-  const auto weights = load_safetensors(join_path(dir, card.at("weights").get<std::string>()));
+  const std::string weights_path = join_path(dir, card.at("weights").get<std::string>());
+  if (card.contains("weights_sha256")) {  // cards from before it have none
+    const std::string want = card.at("weights_sha256"), got = sha256_file(weights_path);
+    CANOPY_CHECK(got == want, DataError, "task '", tc.name, "': weights '", weights_path, "' have sha256 ",
+                 got, ", the card '", card_path, "' says ", want,
+                 ": the file is corrupt or was replaced; train again to export it anew");
+  }
+  const auto weights = load_safetensors(weights_path);
   torch::NoGradGuard no_grad;
   auto restore = [&](const std::string& name, at::Tensor& dst) {
     const auto it = weights.find(name);

@@ -239,6 +239,23 @@ lr = 0.01
     check(all(l["fine"] == names[int(np.argmax([l[c] for c in fine_cols]))] for l in lines),
           "each prediction is the class with the highest score")
 
+    # A flipped bit in an exported head's weights: the card's weights_sha256 no longer matches,
+    # and predict refuses the head instead of predicting with other weights.
+    fine_w = os.path.join(out_dir, "heads", "fine.safetensors")
+    card = json.load(open(os.path.join(out_dir, "heads", "fine.json")))
+    check(card.get("weights_sha256") == hashlib.sha256(open(fine_w, "rb").read()).hexdigest(),
+          "the card records the weights file's SHA-256")
+    intact = open(fine_w, "rb").read()
+    with open(fine_w, "r+b") as f:
+        f.seek(len(intact) - 7)
+        f.write(bytes([intact[-7] ^ 0x10]))
+    r = subprocess.run([a.canopy, "predict", "--config", config, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz",
+                        "--limit", "5", "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 1 and "fine.safetensors" in r.stderr and "the file is corrupt or was replaced" in r.stderr,
+          f"predict refuses a flipped bit in a head's weights ({r.stderr.strip()[-200:]})")
+    with open(fine_w, "wb") as f:
+        f.write(intact)
+
     # --- TensorBoard event files, read back with the tensorboard package ----------
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
