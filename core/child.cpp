@@ -31,30 +31,25 @@ void send(int fd, char kind, const std::string& text) {
   }
 }
 
+// The record kind of an exception, by its most derived canopy type.
+char kind_of(const std::exception& e) {
+  if (dynamic_cast<const DataError*>(&e)) return 'D';
+  if (dynamic_cast<const IoError*>(&e)) return 'I';
+  if (dynamic_cast<const ConfigError*>(&e)) return 'C';
+  return dynamic_cast<const Error*>(&e) ? 'E' : 'X';
+}
+
 [[noreturn]] void child(int fd, const std::function<void(const ChildMark&)>& check) {
-  int code = 0;
   try {
     check([fd](const std::string& what) { send(fd, 'M', what); });
-  } catch (const DataError& e) {
-    send(fd, 'D', e.what());
-    code = 1;
-  } catch (const IoError& e) {
-    send(fd, 'I', e.what());
-    code = 1;
-  } catch (const ConfigError& e) {
-    send(fd, 'C', e.what());
-    code = 1;
-  } catch (const Error& e) {
-    send(fd, 'E', e.what());
-    code = 1;
   } catch (const std::exception& e) {
-    send(fd, 'X', e.what());
-    code = 1;
+    send(fd, kind_of(e), e.what());
+    ::_exit(1);
   } catch (...) {
     send(fd, 'X', "an exception that is not a std::exception");
-    code = 1;
+    ::_exit(1);
   }
-  ::_exit(code);
+  ::_exit(0);
 }
 
 }  // namespace

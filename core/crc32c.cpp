@@ -1,6 +1,7 @@
 #include "canopy/core/crc32c.h"
 
 #include <array>
+#include <cstdio>
 #include <cstring>
 
 #if defined(__x86_64__)
@@ -122,6 +123,12 @@ std::uint32_t crc32c(const void* data, std::size_t size, std::uint32_t crc) {
   if (has_sse42()) return crc32c_hw(p, size, crc);
 #endif
   return crc32c_soft(p, size, crc);
+}
+
+std::string crc32c_hex(std::uint32_t crc) {
+  char hex[9];
+  std::snprintf(hex, sizeof hex, "%08x", crc);
+  return hex;
 }
 
 }  // namespace canopy

@@ -90,11 +90,6 @@ h5::Handle file_type(StorageDtype d) {
   throw Error("unreachable");
 }
 
-std::string hex32(std::uint32_t v) {
-  char buf[9];
-  std::snprintf(buf, sizeof buf, "%08x", v);
-  return buf;
-}
 std::uint32_t parse_hex32(const std::string& s) {
   return static_cast<std::uint32_t>(std::stoul(s, nullptr, 16));
 }
@@ -288,7 +283,7 @@ Manifest read_manifest_file(const std::string& dir, const std::string& path) {
       const std::string recorded = *it;
       j.erase(it);
       const std::string body = j.dump(1);
-      const std::string got = hex32(crc32c(body.data(), body.size()));
+      const std::string got = crc32c_hex(crc32c(body.data(), body.size()));
       CANOPY_CHECK(got == recorded, DataError, "feature cache manifest '", path,
                    "' does not match its checksum (CRC-32C ", got, ", recorded ", recorded,
                    "): it is corrupt; `canopy cache --force` rebuilds the cache");
@@ -331,9 +326,9 @@ void write_manifest_file(const std::string& path, const Manifest& m) {
   json shards = json::array();
   for (const auto& s : m.shards) {
     json crcs = json::array();
-    for (auto c : s.features_crc32c) crcs.push_back(hex32(c));
+    for (auto c : s.features_crc32c) crcs.push_back(crc32c_hex(c));
     json labels = json::object();
-    for (const auto& [src, v] : s.labels) labels[src] = json::array({v.first, hex32(v.second)});
+    for (const auto& [src, v] : s.labels) labels[src] = json::array({v.first, crc32c_hex(v.second)});
     shards.push_back(json{{"split", s.split},
                           {"index", s.index},
                           {"first_row", s.first_row},
@@ -343,7 +338,7 @@ void write_manifest_file(const std::string& path, const Manifest& m) {
                           {"features_offset", s.features_offset},
                           {"features_crc32c", crcs},
                           {"ids_offset", s.ids_offset},
-                          {"ids_crc32c", hex32(s.ids_crc32c)},
+                          {"ids_crc32c", crc32c_hex(s.ids_crc32c)},
                           {"labels", labels}});
   }
   json j{{"schema", schema_of(m.meta)},
@@ -352,7 +347,7 @@ void write_manifest_file(const std::string& path, const Manifest& m) {
          {"splits", m.split_rows},
          {"shards", shards}};
   const std::string body = j.dump(1);  // what the reader hashes, without this field
-  j["manifest_crc32c"] = hex32(crc32c(body.data(), body.size()));
+  j["manifest_crc32c"] = crc32c_hex(crc32c(body.data(), body.size()));
   write_file_atomic(path, j.dump(1) + "\n");
 }
 }  // namespace
@@ -379,7 +374,7 @@ class RegionReader {
   void check_crc(std::uint32_t got, std::uint32_t want, const std::string& region,
                  std::uint64_t offset) const {
     CANOPY_CHECK(got == want, DataError, "shard '", file_, "': checksum mismatch in ", region, " at byte ",
-                 offset, " (CRC-32C ", hex32(got), ", manifest ", hex32(want),
+                 offset, " (CRC-32C ", crc32c_hex(got), ", manifest ", crc32c_hex(want),
                  "): the file is corrupt; rebuild with `canopy cache --force`");
   }
 

@@ -138,17 +138,9 @@ Handle create_virtual(hid_t parent, const std::string& name, hid_t type,
                  H5Dclose, "creating virtual dataset '" + name + "'");
 }
 
-std::vector<std::int64_t> shape(hid_t dataset) {
-  QuietErrors quiet;
-  Handle space = checked(H5Dget_space(dataset), H5Sclose, "getting a dataspace");
-  const int rank = H5Sget_simple_extent_ndims(space.get());
-  CANOPY_CHECK(rank >= 0 && rank <= 8, IoError, "HDF5: unexpected rank ", rank);
-  hsize_t dims[8];
-  H5Sget_simple_extent_dims(space.get(), dims, nullptr);
-  return std::vector<std::int64_t>(dims, dims + rank);
-}
-
-std::vector<std::int64_t> max_shape(hid_t dataset) {
+namespace {
+// The dataset's current shape, or the largest it may grow to (-1: unlimited).
+std::vector<std::int64_t> extent(hid_t dataset, bool largest) {
   QuietErrors quiet;
   Handle space = checked(H5Dget_space(dataset), H5Sclose, "getting a dataspace");
   const int rank = H5Sget_simple_extent_ndims(space.get());
@@ -156,10 +148,16 @@ std::vector<std::int64_t> max_shape(hid_t dataset) {
   hsize_t dims[8], max[8];
   H5Sget_simple_extent_dims(space.get(), dims, max);
   std::vector<std::int64_t> out;
-  for (int i = 0; i < rank; ++i)
-    out.push_back(max[i] == H5S_UNLIMITED ? -1 : static_cast<std::int64_t>(max[i]));
+  for (int i = 0; i < rank; ++i) {
+    const hsize_t d = largest ? max[i] : dims[i];
+    out.push_back(d == H5S_UNLIMITED ? -1 : static_cast<std::int64_t>(d));
+  }
   return out;
 }
+}  // namespace
+
+std::vector<std::int64_t> shape(hid_t dataset) { return extent(dataset, false); }
+std::vector<std::int64_t> max_shape(hid_t dataset) { return extent(dataset, true); }
 
 std::uint64_t storage_size(hid_t dataset) {
   QuietErrors quiet;

@@ -33,11 +33,7 @@ ordered_json run_to_json(const std::string& name, const HeadRun& r) {
           {"stop_note", r.stop_note}};
 }
 
-std::string hex_crc32c(const std::string& bytes) {
-  char hex[9];
-  std::snprintf(hex, sizeof hex, "%08x", crc32c(bytes.data(), bytes.size()));
-  return hex;
-}
+std::string hex_crc32c(const std::string& bytes) { return crc32c_hex(crc32c(bytes.data(), bytes.size())); }
 
 // state.json's text: the position, the runs, a CRC-32C of each head file this process wrote
 // (`files`, by file name) and, last, one of the text itself without that field
