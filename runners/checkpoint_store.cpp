@@ -110,28 +110,30 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
   for (const auto& e : errors) {
     if (e) std::rethrow_exception(e);
   }
+  if (top && mpi::rank() == 0) files.emplace_back(task_file("@top", generation_), top->checkpoint_bytes());
   ordered_json crcs = ordered_json::object();
   for (const auto& [path, contents] : files) crcs[path.substr(path.rfind('/') + 1)] = hex_crc32c(contents);
+  if (mpi::distributed()) {
+    // Rank 0 writes state.json: it records every rank's files (other ranks get nothing back).
+    for (const auto& theirs : mpi::gather(crcs.dump())) crcs.update(ordered_json::parse(theirs));
+  }
   std::string state = state_text(generation_, position, config_identity_, top != nullptr, tasks_json, crcs);
   if (async_ && !top && !mpi::distributed()) {
     // Written, synced and committed by a thread of its own while training goes on.
-    pending_ = std::async(std::launch::async,
-                          [this, files = std::move(files), state = std::move(state),
-                           generation = generation_] { commit(files, nullptr, state, generation); });
+    pending_ =
+        std::async(std::launch::async, [this, files = std::move(files), state = std::move(state),
+                                        generation = generation_] { commit(files, state, generation); });
     return;
   }
-  commit(files, top, state, generation_);
+  commit(files, state, generation_);
 }
 
 void CheckpointStore::commit(const std::vector<std::pair<std::string, std::string>>& files,
-                             const SharedTop* top, const std::string& state, std::int64_t generation) const {
+                             const std::string& state, std::int64_t generation) const {
   // Each file atomic (temporary name, fsync, rename); their names made durable together by
   // one sync of the directory.
   for (const auto& [path, contents] : files) write_file_atomic(path, contents, false);
   fsync_dir(dir_);
-  if (top && mpi::rank() == 0) {
-    top->save_checkpoint(task_file("@top", generation));  // its directory synced with it
-  }
   mpi::barrier();  // every rank's files of this generation are written
   if (mpi::rank() != 0) {
     mpi::barrier();  // rank 0 has committed it and removed the others
@@ -187,7 +189,8 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
     CANOPY_CHECK(got == recorded, DataError, "checkpoint '", path, "' does not match its checksum (CRC-32C ",
                  got, ", recorded ", recorded, "): ", restart);
   }
-  // A head file's bytes against the CRC-32C state.json recorded for it (when this process wrote it).
+  // A file's bytes against the CRC-32C state.json recorded for it (checkpoints from before the
+  // checksums record none).
   const auto check_file = [&](const std::string& file) {
     const std::string name = file.substr(file.rfind('/') + 1);
     if (!st.contains("files") || !st.at("files").contains(name)) return;
@@ -222,7 +225,10 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
     CANOPY_CHECK(has_top == (top != nullptr), DataError, "checkpoint '", path, "' ",
                  has_top ? "holds a trained trunk top but this run has none"
                          : "holds no trunk top but this run trains one");
-    if (top) top->load_checkpoint(task_file("@top", generation_));
+    if (top) {
+      check_file(task_file("@top", generation_));
+      top->load_checkpoint(task_file("@top", generation_));
+    }
   } catch (const nlohmann::json::exception& e) {
     throw DataError(detail::str_cat("checkpoint '", path, "' is malformed: ", e.what()));
   }

@@ -412,7 +412,7 @@ std::string SharedTop::describe() const {
   return o.str();
 }
 
-void SharedTop::save_checkpoint(const std::string& path) const {
+std::string SharedTop::checkpoint_bytes() const {
   torch::serialize::OutputArchive archive;
   for (const auto& [name, p] : params_) archive.write("param:" + name, p.detach());
   torch::serialize::OutputArchive opt;
@@ -434,7 +434,7 @@ void SharedTop::save_checkpoint(const std::string& path) const {
   }
   std::ostringstream bytes;
   archive.save_to(bytes);
-  write_file_atomic(path, bytes.str());
+  return std::move(bytes).str();
 }
 
 void SharedTop::load_checkpoint(const std::string& path) {

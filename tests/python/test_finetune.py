@@ -11,6 +11,7 @@ h5py and safetensors, on a slice of Fashion-MNIST through a small trunk with blo
 
     test_finetune.py --canopy build/runners/canopy
 """
+import glob
 import hashlib
 import json
 import os
@@ -159,6 +160,17 @@ lr = 0.003
     for name in ("a_linear", "b_linear", "c_mlp"):
         same = open(f"{out}/heads/{name}.safetensors", "rb").read() == open(f"{work}/out/heads/{name}.safetensors", "rb").read()
         check(same, f"{name}: resumed head bitwise identical")
+    # A flipped bit in the top's checkpoint file is refused by the checksum state.json records.
+    top_file = glob.glob(f"{out}/checkpoint/@top.*.pt")
+    check(len(top_file) == 1, f"one @top checkpoint file ({top_file})")
+    with open(top_file[0], "r+b") as f:
+        f.seek(os.path.getsize(top_file[0]) // 2)
+        b = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b ^ 8]))
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    check(r.returncode == 1 and os.path.basename(top_file[0]) in r.stderr and "does not match the checksum" in r.stderr,
+          f"a flipped bit in the top's checkpoint file: --resume refuses it ({r.stderr.strip()[-200:]})")
 
     # The cut is part of the fingerprint; a policy with no frozen prefix is refused.
     r = run(canopy, "train", "--config", config, "--set", "trunk.freeze=first:3", "--set", f"train.out_dir={work}/x")

@@ -354,6 +354,11 @@ def check_training(canopy, work, trunk, cache, env):
     ok, what = same_heads(outs["one"][1], out)
     check(ok, f"resumed heads bitwise identical to the one-process run's ({what})")
     check(metrics_rows(outs["one"][1]) == metrics_rows(out), "resumed metrics.csv equal to the one-process run's")
+    # state.json (rank 0's) records a checksum of every head file, whichever rank wrote it.
+    with open(state) as f:
+        st = json.load(f)
+    want = {f"{t['name']}.{st['generation']}.pt" for t in st["tasks"]}
+    check(set(st.get("files", {})) == want, f"state.json checks every rank's head files ({sorted(st.get('files', {}))})")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 //   <task>.<generation>.pt   each task's head, optimizer and RNG state (tasks::Task's format)
 //   @top.<generation>.pt     the trunk's shared top, when one trains (SharedTop's format)
 //   state.json               the generation, the position (epoch, step), the configuration
-//                            that wrote it and every head's HeadRun (JSON, version 1)
+//                            that wrote it, every head's HeadRun, a CRC-32C of every file
+//                            above (under mpirun, every rank's) and one of itself (JSON)
 // A save serialises every task of a new generation (concurrently when the store is given a
 // way to), writes each file (temporary name, fsync, rename; on a thread of its own when the
 // store is asynchronous), syncs the directory once, then
@@ -56,9 +57,10 @@ class CheckpointStore {
 
   // Asynchronous saves: save() serialises the heads and returns; a thread of its own writes,
   // syncs and commits the generation while training goes on. A save with a shared top or
-  // under mpirun stays synchronous (the top's file and the ranks' barriers go with it). The next save, flush,
-  // load and load_task wait for it first; an error of the write (a full disk) is thrown by the next of them.
-  // Until it is committed, the previous generation is the checkpoint, whole, as after any crash.
+  // under mpirun stays synchronous (the top's level files are pruned after it; the ranks' barriers go with
+  // it). The next save, flush, load and load_task wait for it first; an error of the write (a full disk) is
+  // thrown by the next of them. Until it is committed, the previous generation is the checkpoint, whole, as
+  // after any crash.
   void set_async(bool async) { async_ = async; }
   // Waits for an asynchronous save to be committed; throws its error.
   void flush();
@@ -78,10 +80,10 @@ class CheckpointStore {
  private:
   std::string task_file(const std::string& task, std::int64_t generation) const;
   void remove_other_generations(std::int64_t keep) const;
-  // Writes a serialised generation (and the top's file) and commits it: state.json, then the
-  // older generations removed; under mpirun with the ranks' barriers.
-  void commit(const std::vector<std::pair<std::string, std::string>>& files, const SharedTop* top,
-              const std::string& state, std::int64_t generation) const;
+  // Writes a serialised generation (the heads' files and the top's) and commits it: state.json,
+  // then the older generations removed; under mpirun with the ranks' barriers.
+  void commit(const std::vector<std::pair<std::string, std::string>>& files, const std::string& state,
+              std::int64_t generation) const;
 
   std::string dir_;
   std::string config_identity_;

@@ -89,9 +89,9 @@ class SharedTop {
   std::vector<std::string> blocks() const { return trunk_.split().top_blocks; }
   const trunk::Trunk& trunk() const { return trunk_; }
 
-  // Weights, optimizer state and LibTorch's default CPU generator (dropout in the top), in
-  // one file, written atomically; load restores them exactly.
-  void save_checkpoint(const std::string& path) const;
+  // Weights, optimizer state and LibTorch's default CPU generator (dropout in the top),
+  // serialised as one checkpoint file (CheckpointStore writes it); load restores them exactly.
+  std::string checkpoint_bytes() const;
   void load_checkpoint(const std::string& path);
   // Writes the fine-tuned trunk (prefix unchanged, trained top) as one TorchScript file;
   // returns its SHA-256.
