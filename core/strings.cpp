@@ -1,5 +1,6 @@
 #include "canopy/core/strings.h"
 
+#include <algorithm>
 #include <cctype>
 
 #include <cerrno>
@@ -40,33 +41,59 @@ bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-std::string printable(std::string_view s) {
-  // The length of the valid UTF-8 character of 2-4 bytes at s[i], or 0 (RFC 3629: no overlong
-  // forms, no surrogates, nothing past U+10FFFF).
-  const auto utf8_length = [&](std::size_t i) -> std::size_t {
-    const auto b = [&](std::size_t k) {
-      return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0u;
-    };
-    const auto cont = [&](std::size_t k, unsigned lo = 0x80, unsigned hi = 0xBF) {
-      return b(k) >= lo && b(k) <= hi;
-    };
-    const unsigned c = b(0);
-    if (c >= 0xC2 && c <= 0xDF) return cont(1) ? 2 : 0;
-    if (c == 0xE0) return cont(1, 0xA0) && cont(2) ? 3 : 0;
-    if (c == 0xED) return cont(1, 0x80, 0x9F) && cont(2) ? 3 : 0;
-    if (c >= 0xE1 && c <= 0xEF) return cont(1) && cont(2) ? 3 : 0;
-    if (c == 0xF0) return cont(1, 0x90) && cont(2) && cont(3) ? 4 : 0;
-    if (c >= 0xF1 && c <= 0xF3) return cont(1) && cont(2) && cont(3) ? 4 : 0;
-    if (c == 0xF4) return cont(1, 0x80, 0x8F) && cont(2) && cont(3) ? 4 : 0;
-    return 0;
+namespace {
+// The length of the valid UTF-8 character of 2-4 bytes at s[i], or 0 (RFC 3629: no overlong
+// forms, no surrogates, nothing past U+10FFFF).
+std::size_t utf8_length(std::string_view s, std::size_t i) {
+  const auto b = [&](std::size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0u; };
+  const auto cont = [&](std::size_t k, unsigned lo = 0x80, unsigned hi = 0xBF) {
+    return b(k) >= lo && b(k) <= hi;
   };
+  const unsigned c = b(0);
+  if (c >= 0xC2 && c <= 0xDF) return cont(1) ? 2 : 0;
+  if (c == 0xE0) return cont(1, 0xA0) && cont(2) ? 3 : 0;
+  if (c == 0xED) return cont(1, 0x80, 0x9F) && cont(2) ? 3 : 0;
+  if (c >= 0xE1 && c <= 0xEF) return cont(1) && cont(2) ? 3 : 0;
+  if (c == 0xF0) return cont(1, 0x90) && cont(2) && cont(3) ? 4 : 0;
+  if (c >= 0xF1 && c <= 0xF3) return cont(1) && cont(2) && cont(3) ? 4 : 0;
+  if (c == 0xF4) return cont(1, 0x80, 0x8F) && cont(2) && cont(3) ? 4 : 0;
+  return 0;
+}
+}  // namespace
+
+std::optional<std::size_t> first_invalid_utf8(std::string_view s) {
+  for (std::size_t i = 0; i < s.size();) {
+    if (static_cast<unsigned char>(s[i]) < 0x80) {
+      ++i;
+    } else if (const std::size_t n = utf8_length(s, i); n > 0) {
+      i += n;
+    } else {
+      return i;
+    }
+  }
+  return std::nullopt;
+}
+
+std::string utf8_problem(std::string_view s) {
+  const auto at = first_invalid_utf8(s);
+  if (!at) return {};
+  char byte[8];
+  std::snprintf(byte, sizeof byte, "0x%02x", static_cast<unsigned char>(s[*at]));
+  // A long text (a document's line) is quoted around the byte only.
+  const std::size_t from = *at > 24 ? *at - 24 : 0, to = std::min(s.size(), *at + 24);
+  return "'" + std::string(from > 0 ? "..." : "") + printable(s.substr(from, to - from)) +
+         (to < s.size() ? "..." : "") + "' is not UTF-8 (byte " + byte + " at offset " + std::to_string(*at) +
+         ")";
+}
+
+std::string printable(std::string_view s) {
   std::string out;
   out.reserve(s.size());
   for (std::size_t i = 0; i < s.size();) {
     const auto c = static_cast<unsigned char>(s[i]);
     if ((c >= 0x20 && c < 0x7F) || c == '\t' || c == '\n') {
       out += s[i++];
-    } else if (const std::size_t n = c >= 0x80 ? utf8_length(i) : 0; n > 0) {
+    } else if (const std::size_t n = c >= 0x80 ? utf8_length(s, i) : 0; n > 0) {
       out.append(s.substr(i, n));
       i += n;
     } else {

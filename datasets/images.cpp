@@ -32,19 +32,38 @@ at::Tensor to_chw(const std::uint8_t* data, std::int64_t h, std::int64_t w, std:
   return hwc.slice(2, 0, keep).permute({2, 0, 1}).clone(at::MemoryFormat::Contiguous);
 }
 
-at::Tensor decode_png(const std::string& path) {
+// An image of more pixels than `max_pixels` (0: no limit) is refused before it is decoded.
+void check_pixels(const std::string& path, std::uint64_t width, std::uint64_t height,
+                  std::int64_t max_pixels) {
+  CANOPY_CHECK(max_pixels <= 0 || width * height <= static_cast<std::uint64_t>(max_pixels), DataError,
+               "image '", path, "' is ", width, " x ", height, " = ", width * height,
+               " pixels, more than data.max_image_pixels = ", max_pixels,
+               " (a guard against decompression bombs, as in PIL); raise it, or set 0 for no limit, "
+               "if the image is real");
+}
+
+at::Tensor decode_png(const std::string& path, std::int64_t max_pixels) {
   png_image image;
   std::memset(&image, 0, sizeof image);
   image.version = PNG_IMAGE_VERSION;
   CANOPY_CHECK(png_image_begin_read_from_file(&image, path.c_str()) != 0, DataError, "cannot decode PNG '",
                path, "': ", image.message);
+  try {
+    check_pixels(path, image.width, image.height, max_pixels);
+  } catch (...) {
+    png_image_free(&image);
+    throw;
+  }
   // 8-bit sRGB output, grey or RGB, with alpha when the file has it (dropped below, not
   // composited: the colour values are kept as stored, as PIL's convert("RGB") does).
   const bool color = (image.format & PNG_FORMAT_FLAG_COLOR) != 0;
   const bool alpha = (image.format & PNG_FORMAT_FLAG_ALPHA) != 0;
   image.format =
       color ? (alpha ? PNG_FORMAT_RGBA : PNG_FORMAT_RGB) : (alpha ? PNG_FORMAT_GA : PNG_FORMAT_GRAY);
-  std::vector<std::uint8_t> buffer(PNG_IMAGE_SIZE(image));
+  // In 64 bits: PNG_IMAGE_SIZE computes in 32 and wraps for images over 4 GiB (libpng then
+  // refuses them, after the wrapped buffer was allocated and zeroed).
+  std::vector<std::uint8_t> buffer(static_cast<std::size_t>(image.width) * image.height *
+                                   PNG_IMAGE_SAMPLE_CHANNELS(image.format));
   if (png_image_finish_read(&image, nullptr, buffer.data(), 0, nullptr) == 0) {
     const std::string message = image.message;
     png_image_free(&image);
@@ -72,7 +91,7 @@ void jpeg_warning(j_common_ptr cinfo, int level) {
   if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF) jpeg_error_exit(cinfo);
 }
 
-at::Tensor decode_jpeg(const std::string& path) {
+at::Tensor decode_jpeg(const std::string& path, std::int64_t max_pixels) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   CANOPY_CHECK(f, DataError, "cannot open image '", path, "'");
   jpeg_decompress_struct cinfo;
@@ -95,6 +114,13 @@ at::Tensor decode_jpeg(const std::string& path) {
   if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) {
     std::strcpy(err.message, "CMYK JPEGs are not supported; convert the image to RGB");
     std::longjmp(err.jump, 1);
+  }
+  if (max_pixels > 0 && static_cast<std::uint64_t>(cinfo.image_width) * cinfo.image_height >
+                            static_cast<std::uint64_t>(max_pixels)) {
+    const std::uint64_t width = cinfo.image_width, height = cinfo.image_height;
+    jpeg_destroy_decompress(&cinfo);
+    std::fclose(f);
+    check_pixels(path, width, height, max_pixels);  // throws
   }
   cinfo.out_color_space = grey ? JCS_GRAYSCALE : JCS_RGB;
   jpeg_start_decompress(&cinfo);
@@ -186,6 +212,14 @@ Csv read_csv(const std::string& path) {
   return csv;
 }
 
+// Label and class names are written into JSON (cards, metrics) and HDF5 as UTF-8.
+void check_name(const std::string& name, const std::string& where, const char* what, const char* mend) {
+  const std::string bad = utf8_problem(name);
+  CANOPY_CHECK(bad.empty(), DataError, where, ": the ", what, " ", bad, "; canopy writes names as UTF-8 (",
+               mend, ")");
+}
+constexpr const char* kConvertCsv = "convert the file, e.g. iconv -f latin1 -t utf-8";
+
 bool all_parse(const std::vector<std::vector<std::string>>& rows, std::size_t col, bool integer) {
   for (const auto& r : rows) {
     const std::string& v = r[col];
@@ -204,14 +238,15 @@ bool all_parse(const std::vector<std::vector<std::string>>& rows, std::size_t co
 
 }  // namespace
 
-at::Tensor decode_image(const std::string& path) {
+at::Tensor decode_image(const std::string& path, std::int64_t max_pixels) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   CANOPY_CHECK(f, DataError, "cannot open image '", path, "'");
   unsigned char magic[8] = {0};
   const std::size_t got = std::fread(magic, 1, sizeof magic, f);
   std::fclose(f);
-  if (got == 8 && png_sig_cmp(magic, 0, 8) == 0) return decode_png(path);
-  if (got >= 3 && magic[0] == 0xFF && magic[1] == 0xD8 && magic[2] == 0xFF) return decode_jpeg(path);
+  if (got == 8 && png_sig_cmp(magic, 0, 8) == 0) return decode_png(path, max_pixels);
+  if (got >= 3 && magic[0] == 0xFF && magic[1] == 0xD8 && magic[2] == 0xFF)
+    return decode_jpeg(path, max_pixels);
   throw DataError(detail::str_cat("image '", path, "' is neither PNG nor JPEG (", got, " byte(s) read)"));
 }
 
@@ -229,6 +264,7 @@ ImageList read_image_csv(const std::string& path, const std::string& name_source
     const std::string& label = csv.header[col];
     CANOPY_CHECK(!label.empty() && !out.labels.count(label) && !out.float_labels.count(label), DataError,
                  path, ": label column '", label, "' is empty or repeated");
+    check_name(label, path + ":1", "label column", kConvertCsv);
     out.label_order.push_back(label);
     if (all_parse(names.rows, col, true) && all_parse(csv.rows, col, true)) {
       auto& v = out.labels[label];
@@ -238,7 +274,13 @@ ImageList read_image_csv(const std::string& path, const std::string& name_source
       for (const auto& r : csv.rows) v.push_back(std::strtod(r[col].c_str(), nullptr));
     } else {
       std::set<std::string> found;
-      for (const auto& r : names.rows) found.insert(r[col]);
+      for (std::size_t i = 0; i < names.rows.size(); ++i) {
+        if (found.insert(names.rows[i][col]).second) {
+          check_name(names.rows[i][col],
+                     detail::str_cat(name_source.empty() ? path : name_source, ": row ", i + 1), "class name",
+                     kConvertCsv);
+        }
+      }
       std::vector<std::string> classes(found.begin(), found.end());
       auto& v = out.labels[label];
       for (std::size_t i = 0; i < csv.rows.size(); ++i) {
@@ -263,6 +305,9 @@ ImageList read_image_folders(const std::string& dir, const std::string& class_di
   }
   std::sort(classes.begin(), classes.end());
   CANOPY_CHECK(!classes.empty(), DataError, "image folder '", names_dir, "' has no class sub-directories");
+  for (const auto& c : classes) {
+    check_name(c, "image folder '" + names_dir + "'", "class folder name", "rename the folder");
+  }
   ImageList out;
   out.label_order = {"class"};
   out.class_names["class"] = classes;

@@ -79,18 +79,34 @@ at::Tensor read_idx(const std::string& path, std::int64_t limit) {
                "' is truncated in its header");
   std::vector<std::int64_t> dims;
   for (int i = 0; i < ndim; ++i) dims.push_back(be32(head, 4 + 4 * static_cast<std::size_t>(i)));
-  std::size_t item = 1;
-  for (int i = 1; i < ndim; ++i) item *= static_cast<std::size_t>(dims[i]);
-  const std::int64_t all = dims[0];
+  const std::vector<std::int64_t> full = dims;
+  // The bytes the header declares, without overflow (4 dimensions of up to 2^32 - 1 each).
+  std::uint64_t item = 1, declared = 0;
+  bool huge = false;
+  for (int i = 1; i < ndim; ++i)
+    huge |= __builtin_mul_overflow(item, static_cast<std::uint64_t>(dims[i]), &item);
+  huge |= __builtin_mul_overflow(item, static_cast<std::uint64_t>(full[0]), &declared);
+  CANOPY_CHECK(!huge, DataError, "'", path, "' declares dimensions ", at::IntArrayRef(full),
+               ", more than 2^64 bytes: its header is corrupt");
   if (limit > 0 && limit < dims[0]) dims[0] = limit;
-  const std::size_t count = item * static_cast<std::size_t>(dims[0]);
+  const std::uint64_t count = item * static_cast<std::uint64_t>(dims[0]);  // <= declared
+  // Read before the tensor is allocated, in pieces: a corrupt header may declare terabytes.
+  std::string bytes;
+  constexpr std::size_t kPiece = std::size_t{64} << 20;
+  while (bytes.size() < count) {
+    const std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(count - bytes.size(), kPiece));
+    const std::size_t before = bytes.size();
+    bytes.resize(before + want);
+    const std::size_t got = f.read(bytes.data() + before, want);
+    bytes.resize(before + got);
+    if (got < want) break;
+  }
+  CANOPY_CHECK(bytes.size() == count, DataError, "'", path, "' should hold ", head.size() + declared,
+               " bytes for dimensions ", at::IntArrayRef(full), " but holds ", head.size() + bytes.size(),
+               " (truncated, or its header is corrupt)");
   at::Tensor out = at::empty(dims, at::kByte);
-  const std::size_t got = f.read(static_cast<char*>(out.data_ptr()), count);
-  std::vector<std::int64_t> full = dims;
-  full[0] = all;
-  CANOPY_CHECK(got == count, DataError, "'", path, "' should hold ", head.size() + item * all,
-               " bytes for dimensions ", at::IntArrayRef(full), " but holds ", head.size() + got);
-  if (dims[0] == all) {
+  std::memcpy(out.data_ptr(), bytes.data(), bytes.size());
+  if (dims[0] == full[0]) {
     CANOPY_CHECK(f.at_end(), DataError, "'", path, "' has bytes after its ", at::IntArrayRef(full), " items");
   }
   return out;

@@ -307,6 +307,14 @@ std::vector<std::int64_t> WordPieceTokenizer::encode(const std::string& text) co
 // --- ARFF ------------------------------------------------------------------------------
 namespace {
 
+// Text files are read as UTF-8: a line that is not is refused, naming it (tokenizing would
+// silently drop the bytes, and JSON writers refuse them).
+void check_utf8_line(const std::string& line, const std::string& path, std::int64_t line_no) {
+  const std::string bad = utf8_problem(line);
+  CANOPY_CHECK(bad.empty(), DataError, path, ":", line_no, ": ", bad,
+               "; canopy reads text files as UTF-8 (convert it, e.g. iconv -f latin1 -t utf-8)");
+}
+
 // The character a backslash escape inside a quoted ARFF value stands for, as Weka's reader
 // and liac-arff decode them: \n \t \r \b \f \a \v, octal \ooo (1 to 3 digits), \uXXXX
 // (as UTF-8), and any other character for itself (\\ \' \" \%). `i` is just past the
@@ -331,29 +339,33 @@ std::string arff_escape(const std::string& line, std::size_t& i) {
     default:
       break;
   }
-  if (e >= '0' && e <= '7') {
+  std::string out;
+  if (e >= '0' && e <= '7') {  // the character of that code, \351 = U+00E9, as Java's char
     int code = e - '0';
     for (int k = 0; k < 2 && i < line.size() && line[i] >= '0' && line[i] <= '7'; ++k)
       code = code * 8 + (line[i++] - '0');
-    return std::string(1, static_cast<char>(code));
+    append_utf8(out, static_cast<char32_t>(code));
+    return out;
   }
-  if (e == 'u' && i + 4 <= line.size() &&
-      std::all_of(line.begin() + static_cast<std::ptrdiff_t>(i),
-                  line.begin() + static_cast<std::ptrdiff_t>(i + 4),
-                  [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; })) {
-    const auto cp = static_cast<std::uint32_t>(std::stoul(line.substr(i, 4), nullptr, 16));
+  const auto hex4 = [&](std::size_t at) -> std::optional<char32_t> {
+    if (at + 4 > line.size() || !std::all_of(line.begin() + static_cast<std::ptrdiff_t>(at),
+                                             line.begin() + static_cast<std::ptrdiff_t>(at + 4), [](char c) {
+                                               return std::isxdigit(static_cast<unsigned char>(c)) != 0;
+                                             }))
+      return std::nullopt;
+    return static_cast<char32_t>(std::stoul(line.substr(at, 4), nullptr, 16));
+  };
+  if (const auto cp = e == 'u' ? hex4(i) : std::nullopt) {
     i += 4;
-    std::string out;
-    if (cp < 0x80) {
-      out += static_cast<char>(cp);
-    } else if (cp < 0x800) {
-      out += static_cast<char>(0xC0 | (cp >> 6));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else {
-      out += static_cast<char>(0xE0 | (cp >> 12));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
+    char32_t c = *cp;
+    if (c >= 0xD800 && c <= 0xDBFF && i + 1 < line.size() && line[i] == '\\' && line[i + 1] == 'u') {
+      // A UTF-16 surrogate pair (\ud83c\udf32), as Java writes a character past U+FFFF.
+      if (const auto low = hex4(i + 2); low && *low >= 0xDC00 && *low <= 0xDFFF) {
+        c = 0x10000 + ((c - 0xD800) << 10) + (*low - 0xDC00);
+        i += 6;
+      }
     }
+    append_utf8(out, c >= 0xD800 && c <= 0xDFFF ? char32_t{0xFFFD} : c);  // a lone surrogate is no character
     return out;
   }
   return std::string(1, e);
@@ -439,6 +451,7 @@ ArffData read_arff(const std::string& path) {
   while (std::getline(in, line)) {
     ++line_no;
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    check_utf8_line(line, path, line_no);
     const std::string where = detail::str_cat(path, ":", line_no);
     const std::string t = trim(line);
     if (t.empty() || t[0] == '%') continue;
@@ -519,8 +532,11 @@ std::vector<std::string> read_text_lines(const std::string& path) {
   std::ifstream in(path);
   CANOPY_CHECK(in, DataError, "cannot open '", path, "' (texts: one per line)");
   std::vector<std::string> out;
+  std::int64_t line_no = 0;
   for (std::string line; std::getline(in, line);) {
+    ++line_no;
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    check_utf8_line(line, path, line_no);
     out.push_back(std::move(line));
   }
   return out;

@@ -236,6 +236,12 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(
       member_key<K>("data", "test_limit", CANOPY_JOB(data.test_limit), "the same for the test split; 0: all")
           .at_least(0));
+  v.push_back(
+      member_key<K>("data", "max_image_pixels", CANOPY_JOB(data.max_image_pixels),
+                    "image-csv / image-folders: refuse an image of more pixels (width x height), "
+                    "from its header, before decoding it (PIL's decompression-bomb limit); 0: no limit")
+          .at_least(0)
+          .only_when([](const JobConfig& c) { return reads_image_files(c.data); }));
   v.push_back(member_key<K>("data", "train", CANOPY_JOB(data.train),
                             "image-csv: the training CSV manifest; image-folders: the training folder", true)
                   .optional_in_dump());
@@ -692,6 +698,15 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
                                  const std::string& source) {
   JobConfig c;
   c.source = source;
+  // Keys and values end up in JSON (state.json, cards, metrics), HDF5 and TensorBoard, which
+  // hold UTF-8: a Latin-1 byte would otherwise fail the run at its first checkpoint.
+  for (const auto& [key, value] : values) {
+    const std::string bad = utf8_problem(key).empty() ? utf8_problem(value) : utf8_problem(key);
+    CANOPY_CHECK(
+        bad.empty(), ConfigError, "config key ", printable(key), " (in ", source, "): ", bad,
+        "; canopy reads its configuration as UTF-8 (convert the file, e.g. iconv -f latin1 -t utf-8, "
+        "or rename the path)");
+  }
   std::set<std::string> used;
   for (const auto& k : job_keys()) {
     const auto it = values.find(k.full_name());

@@ -275,10 +275,11 @@ std::vector<std::int64_t> kept_rows(const datasets::ImageList& list, const std::
 // Image files, decoded and preprocessed one by one when the trunk needs them (they may
 // differ in size and channels).
 at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::vector<std::int64_t>& rows,
-                            const datasets::PreprocessConfig& pre) {
+                            const datasets::PreprocessConfig& pre, std::int64_t max_pixels) {
   std::vector<at::Tensor> out;
   for (const auto i : rows) {
-    const at::Tensor x = datasets::preprocess_images(datasets::decode_image(paths[i]).unsqueeze(0), pre);
+    const at::Tensor x =
+        datasets::preprocess_images(datasets::decode_image(paths[i], max_pixels).unsqueeze(0), pre);
     CANOPY_CHECK(out.empty() || x.sizes() == out[0].sizes(), DataError, "image '", paths[i], "' becomes ",
                  x.sizes(), " after preprocessing but '", paths[rows[0]], "' becomes ", out[0].sizes(),
                  "; set preprocess.resize to give every image one size");
@@ -287,11 +288,11 @@ at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::ve
   return at::cat(out, 0);
 }
 
-void set_image_file_inputs(InputSplit& s, std::vector<std::string> paths,
-                           const datasets::PreprocessConfig& pre) {
+void set_image_file_inputs(InputSplit& s, std::vector<std::string> paths, const JobConfig& config) {
   s.rows = static_cast<std::int64_t>(paths.size());
-  s.inputs = [paths = std::move(paths), pre](const std::vector<std::int64_t>& rows) {
-    return std::vector<at::Tensor>{load_image_batch(paths, rows, pre)};
+  s.inputs = [paths = std::move(paths), pre = config.preprocess,
+              max_pixels = config.data.max_image_pixels](const std::vector<std::int64_t>& rows) {
+    return std::vector<at::Tensor>{load_image_batch(paths, rows, pre, max_pixels)};
   };
 }
 
@@ -332,7 +333,7 @@ InputData load_image_files(const JobConfig& config) {
     }
     std::vector<std::string> kept_paths;
     for (const auto r : keep) kept_paths.push_back(list.paths[r]);
-    set_image_file_inputs(s, std::move(kept_paths), config.preprocess);
+    set_image_file_inputs(s, std::move(kept_paths), config);
     data.splits[split] = std::move(s);
   }
   return data;
@@ -388,7 +389,7 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
     }
     CANOPY_CHECK(!paths.empty(), DataError, "'", path, "' holds no .png, .jpg or .jpeg images");
     keep_first(paths);
-    set_image_file_inputs(s, std::move(paths), config.preprocess);
+    set_image_file_inputs(s, std::move(paths), config);
   } else {
     const at::Tensor images = datasets::read_idx(path, limit);
     CANOPY_CHECK(images.dim() == 3 || images.dim() == 4, DataError, "'", path,

@@ -72,6 +72,21 @@ TEST(Config, ErrorsNameKeyValueAndFile) {
                                                 {"train.epochs", "twice"}));
 }
 
+// Keys and values go into JSON, HDF5 and TensorBoard as UTF-8: a Latin-1 byte in a task's name
+// or a path is refused when the configuration is read, not at the run's first checkpoint.
+TEST(Config, BytesThatAreNotUtf8AreRefusedNamingTheKey) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("latin.ini"), "[task.caf\xe9]\nhead = linear\n");
+  EXPECT_TRUE(
+      testing::throws_with<ConfigError>([&] { load_job_config(dir.file("latin.ini")); },
+                                        {"task.caf\\xe9.head", "not UTF-8", "byte 0xe9 at offset 8"}));
+  write_file_atomic(dir.file("c.ini"), kConfig);
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { load_job_config(dir.file("c.ini"), {"cache.path=/data/caf\xe9"}); },
+      {"cache.path", "'/data/caf\\xe9' is not UTF-8", "iconv"}));
+  EXPECT_NO_THROW(load_job_config(dir.file("c.ini"), {"cache.path=/data/caf\xc3\xa9"}));
+}
+
 // Head options live under head.: a task key and a head option of the same name never meet.
 TEST(Config, HeadOptionsHaveTheirOwnNamespace) {
   testing::TempDir dir;

@@ -268,6 +268,21 @@ TEST(Strings, PrintableEscapesBytesThatAreNotText) {
   EXPECT_EQ(printable("\xc3\xa9\xc3"), "\xc3\xa9\\xc3");
 }
 
+TEST(Strings, FirstInvalidUtf8FindsTheFirstByteThatIsNotText) {
+  EXPECT_EQ(first_invalid_utf8(""), std::nullopt);
+  EXPECT_EQ(first_invalid_utf8("caf\xc3\xa9 \xe4\xb8\xad \xf0\x9f\x8c\xb2"), std::nullopt);
+  EXPECT_EQ(first_invalid_utf8(std::string("a\0b", 3)), std::nullopt);  // NUL is a character
+  EXPECT_EQ(first_invalid_utf8("caf\xe9"), 3u);                         // Latin-1
+  EXPECT_EQ(first_invalid_utf8("\xc3\xa9\xc0\xaf"), 2u);                // an overlong form
+  EXPECT_EQ(first_invalid_utf8("ab\xed\xa0\x80"), 2u);                  // a surrogate
+  EXPECT_EQ(first_invalid_utf8("ab\xe4\xb8"), 2u);                      // cut short
+  EXPECT_EQ(utf8_problem("ok \xc3\xa9"), "");
+  EXPECT_EQ(utf8_problem("caf\xe9"), "'caf\\xe9' is not UTF-8 (byte 0xe9 at offset 3)");
+  EXPECT_EQ(utf8_problem(std::string(100, 'a') + "\xff" + std::string(100, 'b')),
+            "'..." + std::string(24, 'a') + "\\xff" + std::string(23, 'b') +
+                "...' is not UTF-8 (byte 0xff at offset 100)");
+}
+
 TEST(Strings, ExpandEnv) {
   ::setenv("CANOPY_TEST_VAR", "/data", 1);
   ::unsetenv("CANOPY_TEST_UNSET");

@@ -65,6 +65,16 @@ TEST(Idx, BadFilesGiveClearErrors) {
   std::ofstream(dir.file("short"), std::ios::binary) << truncated;
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_idx(dir.file("short")); },
                                               {"short", "should hold 32 bytes", "holds 27"}));
+  // A flipped bit in the header declaring 100 GB is a data error from the bytes there are
+  // (LibTorch's allocator used to be asked for the 100 GB), and one declaring more than
+  // 2^64 bytes is refused from the header alone.
+  write_gz(dir.file("huge.gz"), idx_bytes({40u + (1u << 27), 28, 28}, std::vector<std::uint8_t>(40 * 784)));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_idx(dir.file("huge.gz")); },
+                                              {"huge.gz", "should hold 105226730128 bytes", "holds 31376"}));
+  std::ofstream(dir.file("past64"), std::ios::binary)
+      << idx_bytes({0xffffffffu, 0xffffffffu, 0xffffffffu}, std::vector<std::uint8_t>(8));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_idx(dir.file("past64")); },
+                                              {"past64", "more than 2^64 bytes"}));
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_mnist_split(dir.path(), "train", 0); },
                                               {"train-images-idx3-ubyte", "dataset-fashion-mnist"}));
 }

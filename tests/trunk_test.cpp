@@ -116,6 +116,20 @@ TEST(Trunk, MissingOrBadFiles) {
   }
 }
 
+// An input the trunk cannot take fails inside the TorchScript interpreter, which throws a
+// std::runtime_error (not a c10::Error) with the script's traceback: it is a DataError giving
+// the shape and the interpreter's last line, not an "unexpected error".
+TEST(Trunk, AnInputTheTrunkCannotTakeIsADataErrorWithItsShapeAndCause) {
+  testing::TempDir dir;
+  Trunk t = Trunk::load(tiny(testing::write_tiny_trunk(dir.file("t.pt"))));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        t.encode(at::randn({2, 4, 28, 28}));
+      },
+      {"t.pt' failed on input of shape [2, 4, 28, 28]: RuntimeError: mat1 and mat2 shapes cannot be "
+       "multiplied"}));
+}
+
 // Runs only where a GPU exists: the trunk runs there and features come back to the CPU.
 TEST(Trunk, EncodesOnGpu_CUDA) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA GPU on this machine";

@@ -237,6 +237,17 @@ at::Tensor pool(const at::Tensor& out, const std::string& pooling, const std::ve
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
+// What LibTorch says went wrong in a TorchScript method: a c10::Error's message without its
+// C++ backtrace; for the interpreter's own error (torch::jit::JITException, not a c10::Error:
+// e.g. a convolution's kernel larger than its input), the last line, below the script's
+// traceback ("RuntimeError: Calculated padded input size ...").
+std::string torch_error(const std::exception& e) {
+  if (const auto* c = dynamic_cast<const c10::Error*>(&e)) return c->what_without_backtrace();
+  std::string s = e.what();
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  return s.substr(s.rfind('\n') + 1);
+}
+
 // What encode() and encode_prefix() run when trunk.optimize is on: a clone of the module
 // with its 4-D weights (convolutions) in channels-last memory format, frozen (weights become
 // constants, Conv+BatchNorm fold). Channels-last convolutions are twice as fast on the CPU
@@ -457,11 +468,13 @@ struct Trunk::Impl {
     std::vector<c10::IValue> args(inputs.begin(), inputs.end());
     try {
       return pooled(config.taps.empty() ? m.forward(args) : m.get_method(kTapsMethod)(args), inputs);
-    } catch (const c10::Error& e) {
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
       std::ostringstream shapes;
-      for (const auto& x : inputs) shapes << x.sizes() << " ";
+      for (const auto& x : inputs) shapes << (&x == &inputs[0] ? "" : " ") << x.sizes();
       throw DataError(detail::str_cat("trunk '", config.path, "' failed on input of shape ", shapes.str(),
-                                      ": ", e.what_without_backtrace()));
+                                      ": ", torch_error(e)));
     }
   }
 
@@ -512,7 +525,7 @@ struct Trunk::Impl {
       outs = compiled->run(dense);
     } catch (const std::exception& e) {
       std::ostringstream shapes;
-      for (const auto& x : inputs) shapes << x.sizes() << " ";
+      for (const auto& x : inputs) shapes << (&x == &inputs[0] ? "" : " ") << x.sizes();
       throw DataError(detail::str_cat("compiled trunk '", config.path, "' failed on input of shape ",
                                       shapes.str(), ": ", first_line(e.what())));
     }
@@ -615,10 +628,10 @@ struct Trunk::Impl {
     args.emplace_back(parts[0].to(device, at::kFloat));
     try {
       return module.get_method(method)(args);
-    } catch (const c10::Error& e) {
+    } catch (const std::exception& e) {
       throw DataError(detail::str_cat("trunk '", config.path, "' failed in its top (",
                                       join(split.top_blocks, ", "), ") on an input of shape ",
-                                      parts[0].sizes(), ": ", e.what_without_backtrace()));
+                                      parts[0].sizes(), ": ", torch_error(e)));
     }
   }
 
@@ -863,9 +876,10 @@ std::vector<at::Tensor> Trunk::encode_prefix(const std::vector<at::Tensor>& inpu
   std::vector<at::Tensor> parts;
   try {
     parts.push_back(impl_->prefix_runner.get_method(kPrefixMethod)(args).toTensor());
-  } catch (const c10::Error& e) {
+  } catch (const std::exception& e) {
     throw DataError(detail::str_cat("trunk '", impl_->config.path, "' failed in its prefix (blocks up to ",
-                                    s.boundary, "): ", e.what_without_backtrace()));
+                                    s.boundary, ") on an input of shape ", prepared[0].sizes(), ": ",
+                                    torch_error(e)));
   }
   for (std::int64_t i : s.top_inputs) {
     CANOPY_CHECK(i < static_cast<std::int64_t>(inputs.size()), DataError, "the trunk's top reads input ", i,

@@ -36,6 +36,7 @@ def main():
     rows = [
         r"'back\b form\f tab\t nl\n cr\r'",
         r"'oct\007 esc\033 nul\0 two\12 three\101'",
+        r"'latin \351t\351 \377 \200'",  # octal past 0x7f: the code point (U+00E9), not a byte
         r"'unicode \u00e9\u4e2d pct\% q\' dq\" bs\\'",
         r'"double \"quoted\" with, comma"',
         r"bare_word",
@@ -83,6 +84,33 @@ def main():
     r, got = canopy_texts(canopy, vocab, p)
     check(r.returncode != 0 and "missing.arff:6" in r.stderr and "'Text' is missing" in r.stderr,
           f"canopy refuses it naming the line and the attribute ({r.stderr.strip()[-200:]})")
+
+    # A UTF-16 surrogate pair in \u escapes is one character, as Java (Weka) reads it; a lone
+    # surrogate is no character (U+FFFD). liac-arff keeps both halves in its Python str.
+    p = os.path.join(work, "pair.arff")
+    with open(p, "w") as f:
+        f.write("@relation r\n@attribute Text string\n@data\n'tree \\ud83c\\udf32 lone \\ud800 x'\n")
+    liac = arff.load(open(p))["data"][0][0]
+    r, got = canopy_texts(canopy, vocab, p)
+    check(got == ["tree \U0001F332 lone \ufffd x"] and liac == "tree \ud83c\udf32 lone \ud800 x",
+          f"a surrogate pair is one character, a lone surrogate U+FFFD: {got} (liac-arff {liac!r}; {r.stderr.strip()[-160:]})")
+
+    # Bytes that are not UTF-8 (a Latin-1 file) are refused naming the line, as Python's reader
+    # refuses them (liac-arff reads a str); before, the tokenizer dropped them without a word.
+    p = os.path.join(work, "latin1.arff")
+    with open(p, "wb") as f:
+        f.write(b"@relation r\n@attribute Text string\n@data\n'ok'\n'caf\xe9 cr\xe8me'\n")
+    try:
+        open(p, encoding="utf-8").read()
+        python = "reads it"
+    except UnicodeDecodeError as e:
+        python = f"refuses it ({e.reason})"
+    r, got = canopy_texts(canopy, vocab, p)
+    check(r.returncode == 1 and "latin1.arff:5" in r.stderr and "not UTF-8 (byte 0xe9 at offset 4)" in r.stderr,
+          f"canopy refuses a Latin-1 line naming it (Python {python}): {r.stderr.strip()[-220:]}")
+    r = subprocess.run([canopy, "tokenize", "--vocab", vocab, "--input", p], capture_output=True, text=True)
+    check(r.returncode == 1 and "latin1.arff:5" in r.stderr,
+          f"tokenize --input refuses it too: {r.stderr.strip()[-160:]}")
     return finish()
 
 

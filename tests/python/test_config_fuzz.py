@@ -12,6 +12,8 @@ negative/huge/non-finite numbers, bad label maps, binary garbage, very long line
 bytes, broken section headers. A mutant fails the test when canopy
 
   - dies by a signal, exits with a status >= 128, or prints "terminate called"
+  - ends in "unexpected error" (an exception canopy did not turn into its own error, e.g. a
+    JSON writer refusing a non-UTF-8 name at the first checkpoint)
   - runs past its time limit (a hang)
   - exits 0 although a key holds a value outside what `canopy keys` documents for it (its
     type, its range or its choices), read from the mutant as canopy reads it
@@ -180,7 +182,8 @@ def mutate(lines, rng):
 
 
 def crashed(p):
-    return p.returncode < 0 or p.returncode >= 128 or b"terminate called" in p.stderr
+    return (p.returncode < 0 or p.returncode >= 128 or b"terminate called" in p.stderr
+            or b"canopy: unexpected error" in p.stderr)
 
 
 def tail(b, n=600):

@@ -127,6 +127,54 @@ def main():
                        capture_output=True, text=True)
     check(r.returncode == 1 and "00000.png" in r.stderr and "cannot decode PNG" in r.stderr,
           f"a truncated PNG fails the run naming it (exit {r.returncode}: {r.stderr.strip()[-160:]})")
+
+    # A PNG of a few hundred bytes whose header declares 60000 x 60000 pixels (a decompression
+    # bomb) is refused from its header, as PIL refuses it, before memory is taken for it.
+    bomb = os.path.join(work, "folders", "train", NAMES[labels["train"][0]], "00000.png")
+    with open(bomb, "r+b") as f:
+        f.seek(16)
+        f.write(struct.pack(">II", 60000, 60000))
+        f.seek(12)
+        ihdr = f.read(17)
+        f.write(struct.pack(">I", zlib.crc32(ihdr) & 0xFFFFFFFF))
+    from PIL import Image
+    try:
+        Image.open(bomb).load()
+        pil = "decodes it"
+    except Image.DecompressionBombError as e:
+        pil = f"refuses it: {str(e)[:60]}"
+    cmd = ["/usr/bin/time", "-f", "maxrss %M", canopy, "cache", "--config", config(work, trunk, "bomb", runs["folders"]),
+           "--progress", "quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    rss_mb = int(r.stderr.split("maxrss ")[-1]) / 1024
+    check(r.returncode == 1 and "60000 x 60000 = 3600000000 pixels" in r.stderr and "data.max_image_pixels" in r.stderr
+          and rss_mb < 1000, f"a PNG declaring 60000 x 60000 pixels is refused from its header, peak {rss_mb:.0f} MB "
+          f"(PIL {pil}): {r.stderr.strip()[-230:]}")
+    r = subprocess.run(cmd + ["--set", "data.max_image_pixels=1000"], capture_output=True, text=True)
+    check(r.returncode == 1 and "28 x 28 = 784" not in r.stderr and "more than data.max_image_pixels = 1000" in r.stderr,
+          f"data.max_image_pixels sets the limit: {r.stderr.strip()[-200:]}")
+    os.remove(bomb)
+
+    # Class names are written into JSON and HDF5 as UTF-8: a class folder, or a CSV class name,
+    # in Latin-1 is refused, naming it, before any trunk pass (before, every image went through
+    # the trunk and the run then ended in a JSON writer's error).
+    latin = b"Caf\xe9"
+    for split in ("train", "test"):
+        os.makedirs(os.path.join(work, "folders", split).encode() + b"/" + latin)
+    r = subprocess.run([canopy, "cache", "--config", config(work, trunk, "latin", runs["folders"]), "--progress", "quiet"],
+                       capture_output=True, text=True, errors="replace")
+    check(r.returncode == 1 and "class folder name 'Caf\\xe9' is not UTF-8 (byte 0xe9 at offset 3)" in r.stderr
+          and not os.path.exists(os.path.join(work, "latin", "shards")),
+          f"a Latin-1 class folder is refused before any trunk pass: {r.stderr.strip()[-200:]}")
+    with open(os.path.join(work, "train.csv"), "rb") as f:
+        rows = f.read().split(b"\n")
+    rows[5] = rows[5].replace(b'"' + NAMES[labels["train"][4]].encode() + b'"', b'"' + latin + b'"')
+    with open(os.path.join(work, "latin.csv"), "wb") as f:
+        f.write(b"\n".join(rows))
+    r = subprocess.run([canopy, "cache", "--config", config(work, trunk, "latincsv", runs["csv"]), "--progress",
+                        "quiet", "--set", f"data.train={work}/latin.csv"], capture_output=True, text=True, errors="replace")
+    check(r.returncode == 1 and "latin.csv: row 5: the class name 'Caf\\xe9' is not UTF-8" in r.stderr,
+          f"a Latin-1 class name in a CSV is refused, naming its row: {r.stderr.strip()[-200:]}")
     return finish()
 
 

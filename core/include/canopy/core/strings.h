@@ -1,7 +1,9 @@
 // Small string helpers shared by config parsing and reporting.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -22,6 +24,13 @@ bool ends_with(std::string_view s, std::string_view suffix);
 // UTF-8 character written as \xNN: error messages quote what they read (a manifest, a
 // config line), and a corrupt file must not put raw bytes on the terminal.
 std::string printable(std::string_view s);
+// The offset of the first byte of `s` that does not begin a valid UTF-8 character (RFC 3629),
+// or nothing when `s` is valid UTF-8. Names, config values and texts canopy writes into JSON,
+// HDF5 or TensorBoard must be; JSON writers refuse other bytes.
+std::optional<std::size_t> first_invalid_utf8(std::string_view s);
+// Empty when `s` is valid UTF-8; otherwise, for an error message, e.g.
+// "'caf\xe9' is not UTF-8 (byte 0xe9 at offset 3)" (a long `s` quoted around the byte).
+std::string utf8_problem(std::string_view s);
 
 // Parses a whole string as a number; `what` names the value in the error message.
 std::int64_t parse_int(std::string_view s, std::string_view what);

@@ -9,13 +9,17 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "canopy/datasets/image_limits.h"
+
 namespace canopy::datasets {
 
 // Decodes a PNG or JPEG file (told apart by its first bytes, not its name) into uint8
 // [C, H, W] with C = 1 (grey) or 3 (RGB): palettes are expanded, 16-bit samples reduced to
 // 8, alpha dropped, CMYK JPEGs refused. A file that is neither, or is truncated or corrupt,
-// is a DataError naming it.
-at::Tensor decode_image(const std::string& path);
+// is a DataError naming it. So is an image of more than `max_pixels` pixels (width x height;
+// 0: no limit), checked from its header before any memory is taken for it: a few kilobytes of
+// PNG can declare gigabytes of pixels. The default is PIL's decompression-bomb limit.
+at::Tensor decode_image(const std::string& path, std::int64_t max_pixels = kDefaultMaxImagePixels);
 
 // Whether a file name ends in .png, .jpg or .jpeg (any case).
 bool is_image_file_name(const std::string& name);

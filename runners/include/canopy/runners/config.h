@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "canopy/datasets/augment.h"
+#include "canopy/datasets/image_limits.h"
 #include "canopy/datasets/preprocess.h"
 #include "canopy/datasets/text.h"
 #include "canopy/runners/freeze_schedule.h"
@@ -48,6 +49,9 @@ struct DataConfig {
   std::int64_t train_limit = 0;         // keep the first N training samples (class folders: taken
                                         // from each class in turn, so every class stays); 0: all
   std::int64_t test_limit = 0;
+  // image-csv / image-folders: an image of more pixels (width x height) is refused before it is
+  // decoded (PIL's decompression-bomb limit by default); 0: no limit
+  std::int64_t max_image_pixels = datasets::kDefaultMaxImagePixels;
 };
 
 // Whether the source lists image files (CSV manifests or class folders).
