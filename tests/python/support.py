@@ -48,6 +48,26 @@ def read_cache_view(cache):
     return out
 
 
+def run_measured(cmd, timeout=None):
+    """Runs cmd to its end; returns (exit status, stderr as text, its peak resident memory in MB,
+    seconds); the status is -9 when it ran past `timeout` seconds. The peak is GNU time's (the
+    Debian package `time`, which scripts/setup installs): the process's own wait4() figure would
+    count this Python process's memory, which the child holds until it starts canopy."""
+    import subprocess
+    import tempfile
+    import time
+    with tempfile.NamedTemporaryFile("r") as peak:
+        start = time.time()
+        try:
+            r = subprocess.run(["/usr/bin/time", "-q", "-f", "%M", "-o", peak.name] + list(cmd), capture_output=True,
+                               text=True, errors="replace", timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            return -9, (e.stderr or b"").decode(errors="replace"), 0.0, time.time() - start
+        seconds = time.time() - start
+        text = peak.read().split()
+        return r.returncode, r.stderr, (int(text[-1]) / 1024 if text else 0.0), seconds
+
+
 def check(cond, what):
     print(("ok   " if cond else "FAIL ") + what, flush=True)
     if not cond:

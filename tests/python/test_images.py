@@ -18,7 +18,7 @@ import zlib
 import h5py
 import numpy as np
 
-from support import FMNIST, check, finish, read_idx, start, tiny_conv_trunk
+from support import FMNIST, check, finish, read_idx, run_measured, start, tiny_conv_trunk
 
 NAMES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TRAIN, TEST = 60, 30
@@ -143,13 +143,11 @@ def main():
         pil = "decodes it"
     except Image.DecompressionBombError as e:
         pil = f"refuses it: {str(e)[:60]}"
-    cmd = ["/usr/bin/time", "-f", "maxrss %M", canopy, "cache", "--config", config(work, trunk, "bomb", runs["folders"]),
-           "--progress", "quiet"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    rss_mb = int(r.stderr.split("maxrss ")[-1]) / 1024
-    check(r.returncode == 1 and "60000 x 60000 = 3600000000 pixels" in r.stderr and "data.max_image_pixels" in r.stderr
+    cmd = [canopy, "cache", "--config", config(work, trunk, "bomb", runs["folders"]), "--progress", "quiet"]
+    rc, err, rss_mb, _ = run_measured(cmd)
+    check(rc == 1 and "60000 x 60000 = 3600000000 pixels" in err and "data.max_image_pixels" in err
           and rss_mb < 1000, f"a PNG declaring 60000 x 60000 pixels is refused from its header, peak {rss_mb:.0f} MB "
-          f"(PIL {pil}): {r.stderr.strip()[-230:]}")
+          f"(PIL {pil}): {err.strip()[-230:]}")
     r = subprocess.run(cmd + ["--set", "data.max_image_pixels=1000"], capture_output=True, text=True)
     check(r.returncode == 1 and "28 x 28 = 784" not in r.stderr and "more than data.max_image_pixels = 1000" in r.stderr,
           f"data.max_image_pixels sets the limit: {r.stderr.strip()[-200:]}")
