@@ -23,6 +23,7 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fork_join.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/json_checksum.h"
 #include "canopy/core/strings.h"
 #include "hdf5_raii.h"
 
@@ -279,11 +280,8 @@ Manifest read_manifest_file(const std::string& dir, const std::string& path) {
     json j = json::parse(read_file(path));
     // The manifest's own checksum (absent in manifests written before it): a flipped bit in a
     // shard's split, first row or file name would otherwise read as a smaller cache.
-    if (const auto it = j.find("manifest_crc32c"); it != j.end()) {
-      const std::string recorded = *it;
-      j.erase(it);
-      const std::string body = j.dump(1);
-      const std::string got = crc32c_hex(crc32c(body.data(), body.size()));
+    if (const auto crc = unseal_json(j, "manifest_crc32c")) {
+      const auto& [recorded, got] = *crc;
       CANOPY_CHECK(got == recorded, DataError, "feature cache manifest '", path,
                    "' does not match its checksum (CRC-32C ", got, ", recorded ", recorded,
                    "): it is corrupt; `canopy cache --force` rebuilds the cache");
@@ -346,8 +344,7 @@ void write_manifest_file(const std::string& path, const Manifest& m) {
          {"meta", meta_to_json(m.meta)},
          {"splits", m.split_rows},
          {"shards", shards}};
-  const std::string body = j.dump(1);  // what the reader hashes, without this field
-  j["manifest_crc32c"] = crc32c_hex(crc32c(body.data(), body.size()));
+  seal_json(j, "manifest_crc32c");
   write_file_atomic(path, j.dump(1) + "\n");
 }
 }  // namespace

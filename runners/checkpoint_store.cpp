@@ -10,6 +10,7 @@
 #include "canopy/core/crc32c.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/json_checksum.h"
 #include "canopy/core/mpi.h"
 
 namespace canopy::runners {
@@ -48,7 +49,7 @@ std::string state_text(std::int64_t generation, const CheckpointPosition& positi
                      {"top", top},
                      {"tasks", tasks},
                      {"files", files}};
-  state["state_crc32c"] = hex_crc32c(state.dump(1));
+  seal_json(state, "state_crc32c");
   return state.dump(1) + "\n";
 }
 
@@ -182,10 +183,8 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
     throw DataError(detail::str_cat("checkpoint '", path, "' is malformed: ", e.what()));
   }
   const char* restart = "it is corrupt; train without --resume to start again";
-  if (const auto it = st.find("state_crc32c"); it != st.end() && it->is_string()) {  // absent before it
-    const std::string recorded = *it;
-    st.erase(it);
-    const std::string got = hex_crc32c(st.dump(1));
+  if (const auto crc = unseal_json(st, "state_crc32c")) {  // absent before it
+    const auto& [recorded, got] = *crc;
     CANOPY_CHECK(got == recorded, DataError, "checkpoint '", path, "' does not match its checksum (CRC-32C ",
                  got, ", recorded ", recorded, "): ", restart);
   }

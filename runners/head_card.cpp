@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "canopy/core/fs.h"
+#include "canopy/core/json_checksum.h"
 #include "canopy/core/sha256.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/export.h"
@@ -117,6 +118,7 @@ std::string export_head(tasks::Task& task, const TaskResult& r, const datasets::
   save_safetensors(weights, tensors, md);
   auto card = head_card(task, r, meta, in_features);
   card["weights_sha256"] = sha256_file(weights);  // `canopy predict` loads only these bytes
+  seal_json(card, "card_crc32c");                 // and reads only this card
   write_file_atomic(join_path(dir, r.name + ".json"), card.dump(2) + "\n");
   return weights;
 }

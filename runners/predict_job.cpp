@@ -10,6 +10,7 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/json_checksum.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/mnist.h"
@@ -29,20 +30,31 @@ struct LoadedHead {
   std::vector<std::string> class_names;
 };
 
-nlohmann::json read_card(const std::string& card_path) {
+using nlohmann::ordered_json;
+
+// A head card, checked against the checksum it carries (cards from before it have none): a
+// flipped bit in a class name, a key or target_mean would otherwise predict other answers.
+ordered_json read_card(const std::string& card_path) {
+  ordered_json card;
   try {
-    return nlohmann::json::parse(read_file(card_path));
+    card = ordered_json::parse(read_file(card_path));
   } catch (const nlohmann::json::exception& e) {
     throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
   }
+  if (const auto crc = unseal_json(card, "card_crc32c")) {
+    const auto& [recorded, got] = *crc;
+    CANOPY_CHECK(got == recorded, DataError, "head card '", card_path,
+                 "' does not match its checksum (CRC-32C ", got, ", recorded ", recorded,
+                 "): it is corrupt or was edited; train again to export it anew (an edit you mean to keep: "
+                 "delete its card_crc32c)");
+  }
+  return card;
 }
 
-LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& registry, const std::string& dir,
-                     const trunk::Trunk& trunk, const JobConfig& config, const std::string& preprocessing) {
-  const std::string card_path = join_path(dir, tc.name + ".json");
-  CANOPY_CHECK(is_regular_file(card_path), DataError, "task '", tc.name, "': no trained head '", card_path,
-               "'; run `canopy train --config ", config.source, "` first");
-  const nlohmann::json card = read_card(card_path);
+LoadedHead load_head_from(const tasks::TaskConfig& tc, const tasks::HeadRegistry& registry,
+                          const std::string& dir, const trunk::Trunk& trunk, const JobConfig& config,
+                          const std::string& preprocessing, const std::string& card_path,
+                          const ordered_json& card) {
   const std::string trained_on = card.at("trunk_sha256");
   CANOPY_CHECK(trained_on == trunk.sha256(), DataError, "task '", tc.name,
                "': head was trained on features of trunk ", trained_on, ", the config's trunk is ",
@@ -84,6 +96,19 @@ LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& reg
   for (auto& b : out.head->named_buffers(true)) restore(b.key(), b.value());
   out.head->eval();
   return out;
+}
+
+LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& registry, const std::string& dir,
+                     const trunk::Trunk& trunk, const JobConfig& config, const std::string& preprocessing) {
+  const std::string card_path = join_path(dir, tc.name + ".json");
+  CANOPY_CHECK(is_regular_file(card_path), DataError, "task '", tc.name, "': no trained head '", card_path,
+               "'; run `canopy train --config ", config.source, "` first");
+  const ordered_json card = read_card(card_path);
+  try {
+    return load_head_from(tc, registry, dir, trunk, config, preprocessing, card_path, card);
+  } catch (const nlohmann::json::exception& e) {  // a key missing or of the wrong type
+    throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
+  }
 }
 
 // A number as predictions and scores are written (6 significant digits).
@@ -137,7 +162,12 @@ std::vector<tasks::TaskConfig> exported_tasks(const JobConfig& config, const std
     const std::string card_path = join_path(dir, tc.grid + ".json");
     if (is_regular_file(card_path)) {
       const auto card = read_card(card_path);
-      const std::string winner = card.contains("grid") ? card.at("grid").value("winner", "") : "";
+      std::string winner;
+      try {
+        winner = card.contains("grid") ? card.at("grid").value("winner", "") : "";
+      } catch (const nlohmann::json::exception& e) {
+        throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
+      }
       const auto it = std::find_if(config.tasks.begin(), config.tasks.end(),
                                    [&](const tasks::TaskConfig& m) { return m.name == winner; });
       CANOPY_CHECK(it != config.tasks.end(), DataError, "head card '", card_path, "' names grid winner '",
@@ -157,11 +187,15 @@ trunk::TrunkConfig predict_trunk(const JobConfig& config, const std::string& hea
   const std::string card_path =
       join_path(heads_dir, exported_tasks(config, heads_dir).front().name + ".json");
   if (!is_regular_file(card_path)) return config.trunk;  // load_head says what is missing
-  const nlohmann::json card = read_card(card_path);
+  const ordered_json card = read_card(card_path);
   if (!card.contains("trunk_file")) return config.trunk;
   trunk::TrunkConfig tuned = config.trunk;
   tuned.path = join_path(config.train.out_dir, "trunk.pt");
-  tuned.sha256 = card.at("trunk_sha256").get<std::string>();
+  try {
+    tuned.sha256 = card.at("trunk_sha256").get<std::string>();
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
+  }
   tuned.freeze = trunk::FreezePolicy{};
   CANOPY_CHECK(is_regular_file(tuned.path), DataError, "the heads in '", heads_dir,
                "' were trained with the trunk's top, but the fine-tuned trunk '", tuned.path,

@@ -14,6 +14,7 @@
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/inductor/aoti_runner/model_container_runner.h>
+#include <nlohmann/json.hpp>
 
 #include "canopy/core/child.h"
 #include "canopy/core/crc32c.h"
@@ -21,6 +22,7 @@
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/json_checksum.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/sanitizers.h"
 #include "canopy/core/sha256.h"
@@ -281,6 +283,39 @@ TEST(Strings, FirstInvalidUtf8FindsTheFirstByteThatIsNotText) {
   EXPECT_EQ(utf8_problem(std::string(100, 'a') + "\xff" + std::string(100, 'b')),
             "'..." + std::string(24, 'a') + "\\xff" + std::string(23, 'b') +
                 "...' is not UTF-8 (byte 0xff at offset 100)");
+}
+
+// The manifest, state.json and the head cards carry a CRC-32C of themselves.
+TEST(JsonChecksum, SealedDocumentsCheckAndAnyChangeIsFound) {
+  nlohmann::ordered_json j{{"task", "fine"}, {"class_names", {"Bag", "Coat"}}, {"target_mean", 0.25}};
+  seal_json(j, "crc");
+  EXPECT_EQ(j.back(), j.at("crc")) << "the checksum is the last field";
+  auto read = nlohmann::ordered_json::parse(j.dump(2));  // as written, then read back
+  auto crc = unseal_json(read, "crc");
+  ASSERT_TRUE(crc.has_value());
+  EXPECT_EQ(crc->first, crc->second);
+  EXPECT_FALSE(read.contains("crc"));
+  for (const auto& [key, value] :
+       {std::pair<std::string, nlohmann::ordered_json>{"class_names", {"BaG", "Coat"}},
+        {"target_mean", 0.250001},
+        {"task", "fine "}}) {
+    auto changed = nlohmann::ordered_json::parse(j.dump());
+    changed[key] = value;
+    crc = unseal_json(changed, "crc");
+    ASSERT_TRUE(crc.has_value());
+    EXPECT_NE(crc->first, crc->second) << key;
+  }
+  auto renamed = nlohmann::ordered_json::parse(j.dump());
+  renamed["target_meaN"] = renamed["target_mean"];
+  renamed.erase("target_mean");
+  crc = unseal_json(renamed, "crc");
+  EXPECT_NE(crc->first, crc->second) << "a renamed key";
+  auto not_text = nlohmann::ordered_json::parse(j.dump());
+  not_text["crc"] = 12;
+  crc = unseal_json(not_text, "crc");
+  EXPECT_NE(crc->first, crc->second) << "a checksum that is not a string never matches";
+  nlohmann::ordered_json older{{"task", "fine"}};
+  EXPECT_FALSE(unseal_json(older, "crc").has_value()) << "a document from before the field";
 }
 
 TEST(Strings, ExpandEnv) {

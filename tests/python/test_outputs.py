@@ -255,6 +255,28 @@ lr = 0.01
           f"predict refuses a flipped bit in a head's weights ({r.stderr.strip()[-200:]})")
     with open(fine_w, "wb") as f:
         f.write(intact)
+    # A flipped bit in the card itself (a class name: "Bag" -> "BaG") is refused by the CRC-32C it
+    # carries; a user's deliberate edit is read once its card_crc32c is deleted.
+    card_path = os.path.join(out_dir, "heads", "fine.json")
+    card_text = open(card_path, "rb").read()
+    at = card_text.index(b'"Bag"') + 3
+    with open(card_path, "wb") as f:
+        f.write(card_text[:at] + bytes([card_text[at] ^ 0x20]) + card_text[at + 1:])
+    predict5 = [a.canopy, "predict", "--config", config, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz",
+                "--limit", "300", "--progress", "quiet"]
+    r = subprocess.run(predict5, capture_output=True, text=True)
+    check(r.returncode == 1 and "fine.json' does not match its checksum" in r.stderr and "delete its card_crc32c" in r.stderr,
+          f"predict refuses a flipped bit in a head's card ({r.stderr.strip()[-200:]})")
+    edited = json.loads(card_text)
+    edited["class_names"] = [n.upper() for n in edited["class_names"]]
+    del edited["card_crc32c"]
+    with open(card_path, "w") as f:
+        json.dump(edited, f, indent=2)
+    r = subprocess.run(predict5, capture_output=True, text=True)
+    check(r.returncode == 0 and all(row.split(",")[2] in edited["class_names"] for row in r.stdout.splitlines()[1:]),
+          f"an edit with the checksum deleted is read: {r.stdout.splitlines()[1:3]} ({r.stderr.strip()[-160:]})")
+    with open(card_path, "wb") as f:
+        f.write(card_text)
 
     # --- TensorBoard event files, read back with the tensorboard package ----------
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
