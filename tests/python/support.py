@@ -49,7 +49,7 @@ def read_cache_view(cache):
 
 
 def run_measured(cmd, timeout=None):
-    """Runs cmd to its end; returns (exit status, stderr as text, its peak resident memory in MB,
+    """Runs cmd to its end; returns (exit status, stderr as text, its peak resident memory in MiB,
     seconds); the status is -9 when it ran past `timeout` seconds. The peak is GNU time's (the
     Debian package `time`, which scripts/setup installs): the process's own wait4() figure would
     count this Python process's memory, which the child holds until it starts canopy."""

@@ -146,7 +146,7 @@ def main():
     cmd = [canopy, "cache", "--config", config(work, trunk, "bomb", runs["folders"]), "--progress", "quiet"]
     rc, err, rss_mb, _ = run_measured(cmd)
     check(rc == 1 and "60000 x 60000 = 3600000000 pixels" in err and "data.max_image_pixels" in err
-          and rss_mb < 1000, f"a PNG declaring 60000 x 60000 pixels is refused from its header, peak {rss_mb:.0f} MB "
+          and rss_mb < 1000, f"a PNG declaring 60000 x 60000 pixels is refused from its header, peak {rss_mb:.0f} MiB "
           f"(PIL {pil}): {err.strip()[-230:]}")
     r = subprocess.run(cmd + ["--set", "data.max_image_pixels=1000"], capture_output=True, text=True)
     check(r.returncode == 1 and "28 x 28 = 784" not in r.stderr and "more than data.max_image_pixels = 1000" in r.stderr,

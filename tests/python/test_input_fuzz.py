@@ -16,7 +16,7 @@ canopy's own error; a mutant fails the test when canopy
   - dies by a signal or exits with another status;
   - prints "unexpected error" or "LibTorch error" (an exception it did not make its own: e.g.
     LibTorch's allocator asked for the 100 GB a flipped idx header declared);
-  - peaks above 1 GB of memory (a 1.1 MB PNG declaring 20000 x 20000 pixels took 11.9 GB), or
+  - peaks above 1 GiB of memory (a 1.1 MB PNG declaring 20000 x 20000 pixels took 11.3 GiB), or
     runs past 60 s.
 
 Replay: --seed S --only N reruns mutant N and keeps its files.
@@ -177,11 +177,11 @@ def main():
         if rc == 1 and not last.startswith("canopy: error"):
             wrong.append("exit 1 without canopy's error line")
         if peak_mb > 1024:
-            wrong.append(f"a peak of {peak_mb:.0f} MB")
+            wrong.append(f"a peak of {peak_mb:.0f} MiB")
         if seconds > limit:
             wrong.append(f"{seconds:.0f} s")
         if wrong or a.only is not None:
-            print(f"{what}: exit {rc}, {peak_mb:.0f} MB, {seconds:.1f} s: {last[:300]}", flush=True)
+            print(f"{what}: exit {rc}, {peak_mb:.0f} MiB, {seconds:.1f} s: {last[:300]}", flush=True)
         if wrong:
             problems.append(f"{what}: {', '.join(wrong)}")
             shutil.copytree(folder, os.path.join(work, f"mutant{n}"))
@@ -191,7 +191,7 @@ def main():
     summary = ", ".join(f"{k} exit {rc}: {c}" for (k, rc), c in sorted(outcomes.items()))
     print(f"outcomes: {summary}")
     check(not problems and sum(outcomes.values()) == a.count,
-          f"{a.count} damaged input files (seed {a.seed}): each an exit 0 or canopy's own error, under 1 GB and "
+          f"{a.count} damaged input files (seed {a.seed}): each an exit 0 or canopy's own error, under 1 GiB and "
           f"{limit:.0f} s" + ("" if not problems else "; " + "; ".join(problems[:5])))
     # Both outcomes happen: the damage reaches the readers (not only files never read).
     check(any(rc == 1 for (_, rc) in outcomes) and any(rc == 0 for (_, rc) in outcomes),
