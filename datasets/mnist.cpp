@@ -90,22 +90,35 @@ at::Tensor read_idx(const std::string& path, std::int64_t limit) {
                ", more than 2^64 bytes: its header is corrupt");
   if (limit > 0 && limit < dims[0]) dims[0] = limit;
   const std::uint64_t count = item * static_cast<std::uint64_t>(dims[0]);  // <= declared
-  // Read before the tensor is allocated, in pieces: a corrupt header may declare terabytes.
-  std::string bytes;
-  constexpr std::size_t kPiece = std::size_t{64} << 20;
-  while (bytes.size() < count) {
-    const std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(count - bytes.size(), kPiece));
-    const std::size_t before = bytes.size();
-    bytes.resize(before + want);
-    const std::size_t got = f.read(bytes.data() + before, want);
-    bytes.resize(before + got);
-    if (got < want) break;
+  at::Tensor out;
+  std::uint64_t got = 0;
+  if (count <= (std::uint64_t{1} << 30)) {
+    // Straight into the tensor: memory the read does not reach is never touched.
+    out = at::empty(dims, at::kByte);
+    got = f.read(static_cast<char*>(out.data_ptr()), static_cast<std::size_t>(count));
+  } else {
+    // A header declaring more than 1 GiB (a flipped bit can declare 100 GB, which the allocator
+    // refuses): the bytes are read first, in pieces, and the tensor made only if they are all there.
+    std::string bytes;
+    constexpr std::size_t kPiece = std::size_t{64} << 20;
+    while (bytes.size() < count) {
+      const std::size_t want =
+          static_cast<std::size_t>(std::min<std::uint64_t>(count - bytes.size(), kPiece));
+      const std::size_t before = bytes.size();
+      bytes.resize(before + want);
+      const std::size_t n = f.read(bytes.data() + before, want);
+      bytes.resize(before + n);
+      if (n < want) break;
+    }
+    got = bytes.size();
+    if (got == count) {
+      out = at::empty(dims, at::kByte);
+      std::memcpy(out.data_ptr(), bytes.data(), bytes.size());
+    }
   }
-  CANOPY_CHECK(bytes.size() == count, DataError, "'", path, "' should hold ", head.size() + declared,
-               " bytes for dimensions ", at::IntArrayRef(full), " but holds ", head.size() + bytes.size(),
+  CANOPY_CHECK(got == count, DataError, "'", path, "' should hold ", head.size() + declared,
+               " bytes for dimensions ", at::IntArrayRef(full), " but holds ", head.size() + got,
                " (truncated, or its header is corrupt)");
-  at::Tensor out = at::empty(dims, at::kByte);
-  std::memcpy(out.data_ptr(), bytes.data(), bytes.size());
   if (dims[0] == full[0]) {
     CANOPY_CHECK(f.at_end(), DataError, "'", path, "' has bytes after its ", at::IntArrayRef(full), " items");
   }
