@@ -91,6 +91,19 @@ h5::Handle file_type(StorageDtype d) {
   throw Error("unreachable");
 }
 
+// Features are read into memory as float32 when stored so, else as stored (bits kept).
+hid_t feature_mem_type(StorageDtype d, const h5::Handle& file_type) {
+  return d == StorageDtype::kFloat32 ? H5T_NATIVE_FLOAT : file_type.get();
+}
+// A label column's types in the file and in memory: float64 for real-valued labels, int64 for
+// class labels.
+hid_t label_file_type(const CacheMeta& meta, const std::string& source) {
+  return meta.is_float_label(source) ? H5T_IEEE_F64LE : H5T_STD_I64LE;
+}
+hid_t label_mem_type(const CacheMeta& meta, const std::string& source) {
+  return meta.is_float_label(source) ? H5T_NATIVE_DOUBLE : H5T_NATIVE_INT64;
+}
+
 std::uint32_t parse_hex32(const std::string& s) {
   return static_cast<std::uint32_t>(std::stoul(s, nullptr, 16));
 }
@@ -440,12 +453,12 @@ void read_shard_into(const std::string& dir, const ShardInfo& s, const CacheMeta
     h5::read_rows(d.get(), mem_type, 0, s.rows, dst.data_ptr());
   };
   h5::Handle ftype = file_type(meta.dtype);
-  read_ds("features", meta.dtype == StorageDtype::kFloat32 ? H5T_NATIVE_FLOAT : ftype.get(), features);
+  read_ds("features", feature_mem_type(meta.dtype, ftype), features);
   r.check_features(features.data_ptr());
   read_ds("ids", H5T_NATIVE_INT64, ids);
   r.check_crc(crc32c(ids.data_ptr(), s.rows * 8), s.ids_crc32c, "ids", s.ids_offset);
   for (const auto& [src, v] : s.labels) {
-    read_ds("labels/" + src, meta.is_float_label(src) ? H5T_NATIVE_DOUBLE : H5T_NATIVE_INT64, labels.at(src));
+    read_ds("labels/" + src, label_mem_type(meta, src), labels.at(src));
     r.check_crc(crc32c(labels.at(src).data_ptr(), s.rows * 8), v.second, "labels/" + src, v.first);
   }
 }
@@ -531,8 +544,7 @@ void verify_shard_header(const std::string& dir, const ShardInfo& s, const Cache
   std::vector<Expected> expected = {{"features", ftype.get(), {s.rows, meta.feature_dim}, s.features_offset},
                                     {"ids", H5T_STD_I64LE, {s.rows}, s.ids_offset}};
   for (const auto& [src, region] : s.labels)
-    expected.push_back(
-        {"labels/" + src, meta.is_float_label(src) ? H5T_IEEE_F64LE : H5T_STD_I64LE, {s.rows}, region.first});
+    expected.push_back({"labels/" + src, label_file_type(meta, src), {s.rows}, region.first});
   for (const auto& e : expected) {
     h5::Handle d = h5::open_dataset(file.get(), e.name, where);
     const auto dims = h5::shape(d.get()), max = h5::max_shape(d.get());
@@ -584,7 +596,7 @@ void verify_view(const std::string& dir, const Manifest& m) {
   std::sort(names.begin(), names.end());
   if (h5::all_links(root) != names) fail("its objects are not the manifest's splits and fields");
   h5::Handle ftype = file_type(meta.dtype);
-  const hid_t feature_mem = meta.dtype == StorageDtype::kFloat32 ? H5T_NATIVE_FLOAT : ftype.get();
+  const hid_t feature_mem = feature_mem_type(meta.dtype, ftype);
   for (const auto& [split, rows] : m.split_rows) {
     struct Column {
       std::string name;
@@ -595,14 +607,9 @@ void verify_view(const std::string& dir, const Manifest& m) {
     std::vector<Column> columns;
     columns.push_back({split + "/features", {rows, meta.feature_dim}, ftype.get(), feature_mem, {}});
     columns.push_back({split + "/ids", {rows}, H5T_STD_I64LE, H5T_NATIVE_INT64, {}});
-    for (const auto& src : meta.label_sources) {
-      const bool real = meta.is_float_label(src);
-      columns.push_back({split + "/labels/" + src,
-                         {rows},
-                         real ? H5T_IEEE_F64LE : H5T_STD_I64LE,
-                         real ? H5T_NATIVE_DOUBLE : H5T_NATIVE_INT64,
-                         {}});
-    }
+    for (const auto& src : meta.label_sources)
+      columns.push_back(
+          {split + "/labels/" + src, {rows}, label_file_type(meta, src), label_mem_type(meta, src), {}});
     for (auto& c : columns) {
       c.dataset = h5::open_dataset(root, c.name, where);
       if (!h5::has_type(c.dataset.get(), c.type)) fail(c.name, " is not of the type canopy wrote");
@@ -888,9 +895,9 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
     h5::write_attr(file.get(), "split", split);
     h5::write_attr(file.get(), "first_row", info.first_row);
     h5::Handle ftype = file_type(meta.dtype);
-    const hid_t mem_type = meta.dtype == StorageDtype::kFloat32 ? H5T_NATIVE_FLOAT : ftype.get();
-    h5::Handle fd = h5::write_contiguous(file.get(), "features", ftype.get(), mem_type, features.data_ptr(),
-                                         {rows, meta.feature_dim});
+    h5::Handle fd =
+        h5::write_contiguous(file.get(), "features", ftype.get(), feature_mem_type(meta.dtype, ftype),
+                             features.data_ptr(), {rows, meta.feature_dim});
     h5::write_attr(fd.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
     info.features_offset = h5::data_offset(fd.get());
     h5::Handle idd =
@@ -900,9 +907,8 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
     h5::Handle lg = h5::create_group(file.get(), "labels");
     for (const auto& src : meta.label_sources) {
       const at::Tensor& l = labels.at(src);
-      const bool real = meta.is_float_label(src);
-      h5::Handle ld = h5::write_contiguous(lg.get(), src, real ? H5T_IEEE_F64LE : H5T_STD_I64LE,
-                                           real ? H5T_NATIVE_DOUBLE : H5T_NATIVE_INT64, l.data_ptr(), {rows});
+      h5::Handle ld = h5::write_contiguous(lg.get(), src, label_file_type(meta, src),
+                                           label_mem_type(meta, src), l.data_ptr(), {rows});
       info.labels[src] = {h5::data_offset(ld.get()), crc32c(l.data_ptr(), rows * 8)};
     }
     info.features_crc32c = block_crcs(static_cast<const std::uint8_t*>(features.data_ptr()),
@@ -988,8 +994,7 @@ void FeatureCacheWriter::Impl::write_view() {
       h5::create_virtual(g.get(), "ids", H5T_STD_I64LE, {total}, isrc);
       h5::Handle lg = h5::create_group(g.get(), "labels");
       for (const auto& src : meta.label_sources) {
-        h5::create_virtual(lg.get(), src, meta.is_float_label(src) ? H5T_IEEE_F64LE : H5T_STD_I64LE, {total},
-                           lsrc[src]);
+        h5::create_virtual(lg.get(), src, label_file_type(meta, src), {total}, lsrc[src]);
       }
     }
   }

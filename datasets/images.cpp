@@ -115,12 +115,12 @@ at::Tensor decode_jpeg(const std::string& path, std::int64_t max_pixels) {
     std::strcpy(err.message, "CMYK JPEGs are not supported; convert the image to RGB");
     std::longjmp(err.jump, 1);
   }
-  if (max_pixels > 0 && static_cast<std::uint64_t>(cinfo.image_width) * cinfo.image_height >
-                            static_cast<std::uint64_t>(max_pixels)) {
-    const std::uint64_t width = cinfo.image_width, height = cinfo.image_height;
+  try {
+    check_pixels(path, cinfo.image_width, cinfo.image_height, max_pixels);
+  } catch (...) {
     jpeg_destroy_decompress(&cinfo);
     std::fclose(f);
-    check_pixels(path, width, height, max_pixels);  // throws
+    throw;
   }
   cinfo.out_color_space = grey ? JCS_GRAYSCALE : JCS_RGB;
   jpeg_start_decompress(&cinfo);

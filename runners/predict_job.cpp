@@ -32,15 +32,21 @@ struct LoadedHead {
 
 using nlohmann::ordered_json;
 
-// A head card, checked against the checksum it carries (cards from before it have none): a
-// flipped bit in a class name, a key or target_mean would otherwise predict other answers.
-ordered_json read_card(const std::string& card_path) {
-  ordered_json card;
+// Runs `read` on a card's contents; JSON that does not parse, or a key missing or of the wrong
+// type, is a DataError naming the card.
+template <class F>
+auto reading_card(const std::string& card_path, F&& read) {
   try {
-    card = ordered_json::parse(read_file(card_path));
+    return read();
   } catch (const nlohmann::json::exception& e) {
     throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
   }
+}
+
+// A head card, checked against the checksum it carries (cards from before it have none): a
+// flipped bit in a class name, a key or target_mean would otherwise predict other answers.
+ordered_json read_card(const std::string& card_path) {
+  ordered_json card = reading_card(card_path, [&] { return ordered_json::parse(read_file(card_path)); });
   if (const auto crc = unseal_json(card, "card_crc32c")) {
     const auto& [recorded, got] = *crc;
     CANOPY_CHECK(got == recorded, DataError, "head card '", card_path,
@@ -104,11 +110,9 @@ LoadedHead load_head(const tasks::TaskConfig& tc, const tasks::HeadRegistry& reg
   CANOPY_CHECK(is_regular_file(card_path), DataError, "task '", tc.name, "': no trained head '", card_path,
                "'; run `canopy train --config ", config.source, "` first");
   const ordered_json card = read_card(card_path);
-  try {
+  return reading_card(card_path, [&] {
     return load_head_from(tc, registry, dir, trunk, config, preprocessing, card_path, card);
-  } catch (const nlohmann::json::exception& e) {  // a key missing or of the wrong type
-    throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
-  }
+  });
 }
 
 // A number as predictions and scores are written (6 significant digits).
@@ -162,12 +166,9 @@ std::vector<tasks::TaskConfig> exported_tasks(const JobConfig& config, const std
     const std::string card_path = join_path(dir, tc.grid + ".json");
     if (is_regular_file(card_path)) {
       const auto card = read_card(card_path);
-      std::string winner;
-      try {
-        winner = card.contains("grid") ? card.at("grid").value("winner", "") : "";
-      } catch (const nlohmann::json::exception& e) {
-        throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
-      }
+      const std::string winner = reading_card(card_path, [&] {
+        return card.contains("grid") ? card.at("grid").value("winner", "") : std::string();
+      });
       const auto it = std::find_if(config.tasks.begin(), config.tasks.end(),
                                    [&](const tasks::TaskConfig& m) { return m.name == winner; });
       CANOPY_CHECK(it != config.tasks.end(), DataError, "head card '", card_path, "' names grid winner '",
@@ -183,19 +184,15 @@ std::vector<tasks::TaskConfig> exported_tasks(const JobConfig& config, const std
 // The trunk predictions run: the config's, or, when the heads were trained with the trunk's
 // top (their cards name a `trunk_file`), the fine-tuned trunk that run exported
 // (out_dir/trunk.pt), pinned by the cards' SHA-256 and run frozen whole.
-trunk::TrunkConfig predict_trunk(const JobConfig& config, const std::string& heads_dir) {
-  const std::string card_path =
-      join_path(heads_dir, exported_tasks(config, heads_dir).front().name + ".json");
+trunk::TrunkConfig predict_trunk(const JobConfig& config, const std::string& heads_dir,
+                                 const tasks::TaskConfig& first_head) {
+  const std::string card_path = join_path(heads_dir, first_head.name + ".json");
   if (!is_regular_file(card_path)) return config.trunk;  // load_head says what is missing
   const ordered_json card = read_card(card_path);
   if (!card.contains("trunk_file")) return config.trunk;
   trunk::TrunkConfig tuned = config.trunk;
   tuned.path = join_path(config.train.out_dir, "trunk.pt");
-  try {
-    tuned.sha256 = card.at("trunk_sha256").get<std::string>();
-  } catch (const nlohmann::json::exception& e) {
-    throw DataError(detail::str_cat("head card '", card_path, "' is malformed: ", e.what()));
-  }
+  tuned.sha256 = reading_card(card_path, [&] { return card.at("trunk_sha256").get<std::string>(); });
   tuned.freeze = trunk::FreezePolicy{};
   CANOPY_CHECK(is_regular_file(tuned.path), DataError, "the heads in '", heads_dir,
                "' were trained with the trunk's top, but the fine-tuned trunk '", tuned.path,
@@ -211,11 +208,11 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
                "--format: expected csv or jsonl, got '", options.format, "'");
   CANOPY_CHECK(!config.tasks.empty(), ConfigError, "no tasks in ", config.source);
   const std::string dir = join_path(config.train.out_dir, "heads");
-  trunk::Trunk trunk = trunk::Trunk::load(predict_trunk(config, dir));
+  const std::vector<tasks::TaskConfig> exported = exported_tasks(config, dir);  // reads grids' cards
+  trunk::Trunk trunk = trunk::Trunk::load(predict_trunk(config, dir, exported.front()));
   std::vector<LoadedHead> heads;
   const std::string preprocessing = describe_preprocessing(config);  // hashes the vocabulary: once
-  for (const auto& tc : exported_tasks(config, dir))
-    heads.push_back(load_head(tc, registry, dir, trunk, config, preprocessing));
+  for (const auto& tc : exported) heads.push_back(load_head(tc, registry, dir, trunk, config, preprocessing));
 
   const InputSplit input = load_predict_input(config, options.input, options.limit);
   const std::int64_t n = input.rows;

@@ -152,6 +152,19 @@ def main():
     check(r.returncode == 1 and "28 x 28 = 784" not in r.stderr and "more than data.max_image_pixels = 1000" in r.stderr,
           f"data.max_image_pixels sets the limit: {r.stderr.strip()[-200:]}")
     os.remove(bomb)
+    # The same from a JPEG's header (its start-of-frame marker declaring 60000 x 60000).
+    jpeg = bomb[:-4] + ".jpg"
+    Image.fromarray(images["train"][0]).save(jpeg, quality=90)
+    data = bytearray(open(jpeg, "rb").read())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 60000, 60000)
+    with open(jpeg, "wb") as f:
+        f.write(data)
+    rc, err, rss_mb, _ = run_measured(cmd)
+    check(rc == 1 and "60000 x 60000 = 3600000000 pixels" in err and ".jpg" in err and rss_mb < 1000,
+          f"a JPEG declaring 60000 x 60000 pixels is refused from its header, peak {rss_mb:.0f} MiB: "
+          f"{err.strip()[-160:]}")
+    os.remove(jpeg)
 
     # Class names are written into JSON and HDF5 as UTF-8: a class folder, or a CSV class name,
     # in Latin-1 is refused, naming it, before any trunk pass (before, every image went through
