@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -67,6 +68,19 @@ bool mounted_noexec(const std::string& path) {
   return ::statvfs(path.c_str(), &st) == 0 && (st.f_flag & ST_NOEXEC) != 0;
 }
 
+namespace {
+// Writes all of `contents` to `fd`; 0, or the errno of the write that failed.
+int write_all(int fd, std::string_view contents) {
+  for (std::size_t done = 0; done < contents.size();) {
+    const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno;
+    done += static_cast<std::size_t>(n);
+  }
+  return 0;
+}
+}  // namespace
+
 void write_file_atomic(const std::string& path, std::string_view contents, bool sync_dir) {
   const std::string tmp = temp_path_for(path);
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
@@ -78,18 +92,31 @@ void write_file_atomic(const std::string& path, std::string_view contents, bool 
     throw IoError(detail::str_cat(what, " '", path, "' failed: ", describe_errno(err), "; '", path,
                                   "' was not replaced"));
   };
-  for (std::size_t done = 0; done < contents.size();) {
-    const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) fail(errno, "writing");
-    done += static_cast<std::size_t>(n);
-  }
+  if (const int err = write_all(fd, contents)) fail(err, "writing");
   if (::fsync(fd) != 0) fail(errno, "syncing");
   const int closed = ::close(fd);
   fd = -1;
   if (closed != 0) fail(errno, "closing");
   if (::rename(tmp.c_str(), path.c_str()) != 0) fail(errno, "renaming the new file over");
   if (sync_dir) fsync_dir(parent_dir(path));
+}
+
+void write_output_file(const std::string& path, std::string_view contents) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    // A device, FIFO or socket: written in place (renaming a new file over it would replace it).
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+    CANOPY_CHECK(fd >= 0, IoError, "cannot write '", path, "': ", describe_errno(errno));
+    int err = write_all(fd, contents);
+    if (::close(fd) != 0 && err == 0) err = errno;
+    CANOPY_CHECK(err == 0, IoError, "writing '", path, "' failed: ", describe_errno(err));
+    return;
+  }
+  // An existing file through a symbolic link: the file it names is replaced, the link kept.
+  char* real = ::realpath(path.c_str(), nullptr);
+  const std::string target = real ? real : path;
+  std::free(real);
+  write_file_atomic(target, contents);
 }
 
 void remove_temporaries(const std::string& dir) {

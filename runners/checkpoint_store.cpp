@@ -124,9 +124,11 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
     pending_ =
         std::async(std::launch::async, [this, files = std::move(files), state = std::move(state),
                                         generation = generation_] { commit(files, state, generation); });
+    pending_position_ = position;
     return;
   }
   commit(files, state, generation_);
+  committed_ = position;
 }
 
 void CheckpointStore::commit(const std::vector<std::pair<std::string, std::string>>& files,
@@ -146,7 +148,9 @@ void CheckpointStore::commit(const std::vector<std::pair<std::string, std::strin
 }
 
 void CheckpointStore::flush() {
-  if (pending_.valid()) pending_.get();
+  if (!pending_.valid()) return;
+  pending_.get();
+  committed_ = pending_position_;
 }
 
 CheckpointStore::~CheckpointStore() {
@@ -231,6 +235,7 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
   } catch (const nlohmann::json::exception& e) {
     throw DataError(detail::str_cat("checkpoint '", path, "' is malformed: ", e.what()));
   }
+  committed_ = position;
   return position;
 }
 

@@ -1,5 +1,6 @@
 #include "canopy/runners/cli.h"
 
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -181,7 +182,7 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
                "canopy predict: --output must name a file, got '", path, "'");
   std::ostringstream buffer;
   const auto rows = run_predict(config, registry, options, buffer, style);
-  write_file_atomic(path, buffer.str());
+  write_output_file(path, buffer.str());
   err << "canopy: wrote " << rows << " predictions to " << path << "\n";
   return kExitOk;
 }
@@ -375,24 +376,39 @@ const Command& find_command(const std::vector<std::string>& args, std::size_t& c
   throw ConfigError("unknown command '" + name + "' (commands: " + join(cli_commands(), ", ") + ")");
 }
 
+// What a command wrote to `out` (standard output: perhaps a file on a full disk) must have got
+// there: a failed write is an error, exit 1, not a silent loss (as coreutils' tools do).
+int checked_output(int rc, std::ostream& out, std::ostream& err) {
+  errno = 0;
+  out.flush();
+  if (out) return rc;
+  const int cause = errno;
+  err << "canopy: error" << on_rank() << ": writing the output failed: "
+      << (cause ? describe_errno(cause) : std::string("a write to it failed (a full disk, or a closed file)"))
+      << "\n";
+  return rc == kExitOk ? kExitError : rc;
+}
+
 }  // namespace
 
 int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& registry, std::ostream& out,
             std::ostream& err) {
   if (args.empty() || args[0] == "help" || args[0] == "--help" || args[0] == "-h") {
     (args.empty() ? err : out) << global_usage();
-    return args.empty() ? kExitUsage : kExitOk;
+    return checked_output(args.empty() ? kExitUsage : kExitOk, out, err);
   }
   if (args[0] == "--version" || args[0] == "-V") {
     out << version_text();
-    return kExitOk;
+    return checked_output(kExitOk, out, err);
   }
   try {
     std::size_t consumed = 0;
     const Command& command = find_command(args, consumed);
-    return run_command(
-        command, std::vector<std::string>(args.begin() + static_cast<std::ptrdiff_t>(consumed), args.end()),
-        registry, out, err);
+    return checked_output(run_command(command,
+                                      std::vector<std::string>(
+                                          args.begin() + static_cast<std::ptrdiff_t>(consumed), args.end()),
+                                      registry, out, err),
+                          out, err);
   } catch (const ConfigError& e) {
     err << "canopy: config error" << on_rank() << ": " << printable(e.what()) << "\n";
     return kExitUsage;

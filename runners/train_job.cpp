@@ -956,6 +956,19 @@ FinalSplits final_splits(EpochLoop& loop, bool validation, const datasets::Split
   return s;
 }
 
+// After a failed write: what the checkpoint on disk is, and the command that goes on from it.
+std::string where_to_go_on(const CheckpointStore& store) {
+  const auto& kept = store.committed();
+  if (!kept) {
+    return "no checkpoint had been written yet: once the cause is mended (a full disk: free space), run the "
+           "same command again";
+  }
+  return detail::str_cat("the checkpoint in '", store.dir(), "' is whole and resumes at epoch ",
+                         kept->epoch + 1, " step ", kept->step,
+                         ": once the cause is mended (a full disk: free space), run the same command with "
+                         "--resume to go on from it");
+}
+
 }  // namespace
 
 TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry, ProgressStyle style,
@@ -1006,57 +1019,62 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     report.resumed_from = "epoch " + std::to_string(from.epoch + 1) + " step " + std::to_string(from.step);
     log_info("resuming from the checkpoint at " + report.resumed_from);
   }
-  std::optional<MetricsSink> metrics;
-  if (mpi::rank() == 0) {
-    make_dirs(config.train.out_dir + "/heads");
-    write_file_atomic(config.train.out_dir + "/config.ini", resolved);
-    std::vector<std::string> names;
-    for (const auto& r : set.results) names.push_back(r.name);
-    metrics.emplace(config.train.out_dir, names, config.train.tensorboard, resume ? from.epoch : -1);
-  }
+  // A full disk, or another failed write in out_dir, says what is kept and how to go on.
+  try {
+    std::optional<MetricsSink> metrics;
+    if (mpi::rank() == 0) {
+      make_dirs(config.train.out_dir + "/heads");
+      write_file_atomic(config.train.out_dir + "/config.ini", resolved);
+      std::vector<std::string> names;
+      for (const auto& r : set.results) names.push_back(r.name);
+      metrics.emplace(config.train.out_dir, names, config.train.tensorboard, resume ? from.epoch : -1);
+    }
 
-  StepRunner runner(resolve_workers(config.train), config.train.intra_op_threads);
-  log_info("training " + std::to_string(set.tasks.size()) + " heads concurrently on " +
-           std::to_string(report.train_rows) + " x " + std::to_string(report.feature_dim) + " features, " +
-           source->describe() + " (" + std::to_string(runner.workers()) + " TBB workers x " +
-           std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
-  const auto chooser = make_fusion_chooser(config, set, report.feature_dim, top != nullptr);
-  std::function<bool(const WorkUnit&)> fuse_unit;
-  if (chooser) fuse_unit = std::ref(*chooser);
-  if (mpi::distributed() && top) store.set_owned(std::vector<bool>(set.tasks.size(), mpi::rank() == 0));
-  store.set_async(true);
-  store.set_for_each(
-      [&runner](std::size_t n, const std::function<void(std::size_t)>& body) { runner.for_each(n, body); });
-  EpochLoop loop(config, set, *source, eval_rows, top, in.shared.weighting.get(), store,
-                 metrics ? &*metrics : nullptr, runner, runs, fuse_unit);
-  if (mpi::rank() == 0) describe_fusion(set, loop.plan_options(), fuse_unit, chooser.get(), report);
+    StepRunner runner(resolve_workers(config.train), config.train.intra_op_threads);
+    log_info("training " + std::to_string(set.tasks.size()) + " heads concurrently on " +
+             std::to_string(report.train_rows) + " x " + std::to_string(report.feature_dim) + " features, " +
+             source->describe() + " (" + std::to_string(runner.workers()) + " TBB workers x " +
+             std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
+    const auto chooser = make_fusion_chooser(config, set, report.feature_dim, top != nullptr);
+    std::function<bool(const WorkUnit&)> fuse_unit;
+    if (chooser) fuse_unit = std::ref(*chooser);
+    if (mpi::distributed() && top) store.set_owned(std::vector<bool>(set.tasks.size(), mpi::rank() == 0));
+    store.set_async(true);
+    store.set_for_each(
+        [&runner](std::size_t n, const std::function<void(std::size_t)>& body) { runner.for_each(n, body); });
+    EpochLoop loop(config, set, *source, eval_rows, top, in.shared.weighting.get(), store,
+                   metrics ? &*metrics : nullptr, runner, runs, fuse_unit);
+    if (mpi::rank() == 0) describe_fusion(set, loop.plan_options(), fuse_unit, chooser.get(), report);
 
-  const auto train_start = Clock::now();
-  loop.run(from, style);
-  report.train_seconds = since(train_start);
-  if (mpi::distributed() && top) {
-    char line[160];
-    const auto steps = std::max<std::int64_t>(1, top->allreduce_steps());
-    std::snprintf(line, sizeof line, "all-reduce of the top's gradients: %.3f ms per step over %lld steps",
-                  1000 * top->allreduce_seconds() / static_cast<double>(steps),
-                  static_cast<long long>(top->allreduce_steps()));
-    log_info(line);
-    if (mpi::rank() != 0) return report;  // rank 0 holds the same top and heads
-  } else if (mpi::distributed()) {
-    // Rank 0 exports every head: the others' weights (and best epochs) from the checkpoint
-    // all ranks wrote at the last epoch's end.
-    if (mpi::rank() != 0) return report;
-    store.set_owned({});
-    if (store.exists()) store.load(set.tasks, runs, top);
+    const auto train_start = Clock::now();
+    loop.run(from, style);
+    report.train_seconds = since(train_start);
+    if (mpi::distributed() && top) {
+      char line[160];
+      const auto steps = std::max<std::int64_t>(1, top->allreduce_steps());
+      std::snprintf(line, sizeof line, "all-reduce of the top's gradients: %.3f ms per step over %lld steps",
+                    1000 * top->allreduce_seconds() / static_cast<double>(steps),
+                    static_cast<long long>(top->allreduce_steps()));
+      log_info(line);
+      if (mpi::rank() != 0) return report;  // rank 0 holds the same top and heads
+    } else if (mpi::distributed()) {
+      // Rank 0 exports every head: the others' weights (and best epochs) from the checkpoint
+      // all ranks wrote at the last epoch's end.
+      if (mpi::rank() != 0) return report;
+      store.set_owned({});
+      if (store.exists()) store.load(set.tasks, runs, top);
+    }
+    if (top) log_weighting_share(config.train.weighting, loop.weighting_share());
+    report.source_peak_bytes = source->peak_bytes();
+    report.source = source->describe();
+    const datasets::CacheMeta meta = trained_trunk_meta(cache.meta(), top, config.train.out_dir);
+    export_heads(set, runs, meta,
+                 final_splits(loop, in.train.validation.has_value(), in.test, top, config.train.batch_size),
+                 config.train.out_dir + "/heads", report);
+    return report;
+  } catch (const IoError& e) {
+    throw IoError(detail::str_cat(e.what(), "; ", where_to_go_on(store)));
   }
-  if (top) log_weighting_share(config.train.weighting, loop.weighting_share());
-  report.source_peak_bytes = source->peak_bytes();
-  report.source = source->describe();
-  const datasets::CacheMeta meta = trained_trunk_meta(cache.meta(), top, config.train.out_dir);
-  export_heads(set, runs, meta,
-               final_splits(loop, in.train.validation.has_value(), in.test, top, config.train.batch_size),
-               config.train.out_dir + "/heads", report);
-  return report;
 }
 
 }  // namespace canopy::runners

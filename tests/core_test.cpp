@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <dlfcn.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -10,6 +11,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -233,6 +235,38 @@ TEST(Fs, AFailedAtomicWriteKeepsTheOldFileAndNoTemporary) {
   remove_temporaries(dir.path());
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"f"}));
   EXPECT_NE(describe_errno(ENOSPC).find("the disk is full (ENOSPC"), std::string::npos);
+}
+
+// A file the user names for output: a FIFO is written in place (a reader gets the bytes, the
+// FIFO stays), a symbolic link keeps pointing at the file it names, /dev/full is an IoError
+// saying the disk is full and stays the device.
+TEST(Fs, AnOutputFileIsWrittenThroughFifosAndLinksAndNeverReplacesADevice) {
+  testing::TempDir dir;
+  ASSERT_EQ(::mkfifo(dir.file("pipe").c_str(), 0600), 0);
+  std::string got;
+  std::thread reader([&] { got = read_file(dir.file("pipe")); });
+  write_output_file(dir.file("pipe"), "through the pipe\n");
+  reader.join();
+  EXPECT_EQ(got, "through the pipe\n");
+  struct stat st {};
+  ASSERT_EQ(::lstat(dir.file("pipe").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode)) << "the FIFO was replaced";
+
+  write_file_atomic(dir.file("real.csv"), "old");
+  ASSERT_EQ(::symlink("real.csv", dir.file("link.csv").c_str()), 0);
+  write_output_file(dir.file("link.csv"), "new");
+  ASSERT_EQ(::lstat(dir.file("link.csv").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISLNK(st.st_mode)) << "the link was replaced by a file";
+  EXPECT_EQ(read_file(dir.file("real.csv")), "new");
+  write_output_file(dir.file("new.csv"), "fresh");
+  EXPECT_EQ(read_file(dir.file("new.csv")), "fresh");
+
+  if (::access("/dev/full", W_OK) == 0) {
+    EXPECT_TRUE(testing::throws_with<IoError>([] { write_output_file("/dev/full", "x"); },
+                                              {"'/dev/full'", "the disk is full"}));
+    ASSERT_EQ(::stat("/dev/full", &st), 0);
+    EXPECT_TRUE(S_ISCHR(st.st_mode));
+  }
 }
 
 TEST(Strings, ParseErrorsNameTheValue) {

@@ -13,13 +13,19 @@
     the first ids, and leaves no finished cache that training would accept;
   * a full disk under out_dir (a 1 MiB tmpfs, mounted here; needs root): `canopy train` exits 1
     (not a LibTorch abort) with an error that says the disk is full and names the file, and
-    leaves no temporary file behind.
+    leaves no temporary file behind; one that fills at the second epoch's checkpoint says the
+    first is whole and how to go on, and after more space `--resume` gives the heads of a run
+    that never failed, bit for bit;
+  * output on a full disk (/dev/full): `canopy predict --output` and `canopy predict`,
+    `canopy keys` to standard output exit 1 saying so (never "wrote N predictions" with
+    nothing written), and /dev/full is still the device afterwards.
 
     test_faults.py --canopy build/runners/canopy
 """
 import glob
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -192,6 +198,8 @@ def disk_full(canopy, work, config):
         check(r.returncode == 1, f"on a full disk `canopy train` exits 1, not with a signal ({r.returncode})")
         check("terminate called" not in r.stderr and "disk is full" in r.stderr and "linear." in r.stderr,
               f"... saying the disk is full and naming the file: {r.stderr.strip()[-300:]}")
+        check("no checkpoint had been written yet" in r.stderr,
+              f"... and that there is no checkpoint to resume from ({r.stderr.strip()[-200:]})")
         leftovers = [p for p in glob.glob(os.path.join(out, "**", "*"), recursive=True) if ".tmp." in p]
         check(not leftovers, f"... and leaving no temporary file ({leftovers})")
         # The cache on a full disk: 60 000 rows of 1568 floats (376 MB) into 1 MiB.
@@ -203,6 +211,67 @@ def disk_full(canopy, work, config):
               f"on a full disk `canopy cache` exits 1 saying so, leaving no temporary file ({r.stderr.strip()[-260:]}; {leftovers})")
     finally:
         subprocess.run(["umount", out])
+    full_at_second_checkpoint(canopy, work, config)
+    output_on_full_disk(canopy, work, config)
+
+
+def heads_digest(out):
+    import hashlib
+    return {os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in sorted(glob.glob(os.path.join(out, "heads", "*.safetensors")))}
+
+
+def full_at_second_checkpoint(canopy, work, config):
+    """A disk with room for one checkpoint generation and not two: the second epoch's cannot be
+    written. The error says the first is whole and to go on with --resume; with more space
+    (the same tmpfs, remounted larger) --resume ends as a run that never failed did."""
+    ref = os.path.join(work, "ref-out")
+    train = [canopy, "train", "--config", config, "--progress", "quiet"]
+    r = subprocess.run(train + ["--set", f"train.out_dir={ref}"], capture_output=True, text=True)
+    check(r.returncode == 0, f"a reference run trains ({r.stderr.strip()[-200:]})")
+    one = sum(os.path.getsize(p) for p in glob.glob(os.path.join(ref, "checkpoint", "*")))
+    small = os.path.join(work, "small2")
+    os.makedirs(small)
+    # One generation, the config and metrics, and half a generation more (tmpfs counts pages).
+    kib = (one * 3 // 2 + 64 * 1024) // 1024
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", small]).returncode != 0:
+        return  # disk_full has said why
+    try:
+        out = os.path.join(small, "out")
+        r = subprocess.run(train + ["--set", f"train.out_dir={out}"], capture_output=True, text=True)
+        check(r.returncode == 1 and "disk is full" in r.stderr and "is whole and resumes at epoch 2 step 0" in r.stderr
+              and "with --resume" in r.stderr,
+              f"a disk full at the second checkpoint ({kib} KiB for {one} bytes a generation): exit 1, the first "
+              f"checkpoint named whole, --resume advised ({r.returncode}: {r.stderr.strip()[-400:]})")
+        subprocess.run(["mount", "-o", "remount,size=16m", small], check=True)
+        r = subprocess.run(train + ["--resume", "--set", f"train.out_dir={out}"], capture_output=True, text=True)
+        check(r.returncode == 0 and "resuming from the checkpoint at epoch 2 step 0" in r.stderr,
+              f"... once there is space, --resume goes on from it ({r.stderr.strip()[-200:]})")
+        got, want = heads_digest(out), heads_digest(ref)
+        check(got == want and want, f"... and exports the heads of the run that never failed, bit for bit ({sorted(got)})")
+    finally:
+        subprocess.run(["umount", small])
+
+
+def output_on_full_disk(canopy, work, config):
+    """/dev/full: every write fails with ENOSPC, as on a full disk."""
+    predict = [canopy, "predict", "--config", config, "--set", f"train.out_dir={work}/ref-out", "--input",
+               f"{support.FMNIST}/t10k-images-idx3-ubyte.gz", "--limit", "3000", "--progress", "quiet"]
+    r = subprocess.run(predict + ["--output", "/dev/full"], capture_output=True, text=True)
+    check(r.returncode == 1 and "disk is full" in r.stderr and "wrote" not in r.stderr,
+          f"`canopy predict --output /dev/full` exits 1 saying the disk is full ({r.returncode}: {r.stderr.strip()[-200:]})")
+    kept = stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    check(kept, "... and /dev/full is still a character device, not replaced by a file")
+    if not kept:  # put the device back for the rest of the machine
+        os.remove("/dev/full")
+        os.mknod("/dev/full", 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(predict, stdout=full, stderr=subprocess.PIPE, text=True)
+        check(r.returncode == 1 and "writing the predictions failed after" in r.stderr and "disk is full" in r.stderr,
+              f"`canopy predict > /dev/full` exits 1 at the first failed write ({r.returncode}: {r.stderr.strip()[-200:]})")
+        r = subprocess.run([canopy, "keys"], stdout=full, stderr=subprocess.PIPE, text=True)
+        check(r.returncode == 1 and "writing the output failed" in r.stderr,
+              f"`canopy keys > /dev/full` exits 1 ({r.returncode}: {r.stderr.strip()[-200:]})")
 
 
 def rebuild_beside(canopy, work, config):

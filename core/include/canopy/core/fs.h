@@ -14,6 +14,11 @@ namespace canopy {
 // called fsync_dir on it (one sync for many files written together).
 void write_file_atomic(const std::string& path, std::string_view contents, bool sync_dir = true);
 
+// Writes a file the user named for output (canopy predict --output): a regular file, or a new
+// one, atomically, as write_file_atomic (through a symbolic link, the file it names; the link
+// stays); a device, FIFO or socket (/dev/stdout, a named pipe) in place, never replaced.
+void write_output_file(const std::string& path, std::string_view contents);
+
 // fsync a directory (the names created or renamed in it); throws IoError on failure.
 void fsync_dir(const std::string& dir);
 

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <future>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -76,6 +77,9 @@ class CheckpointStore {
   // Restores one task from the generation this store last wrote or loaded (under mpirun, a
   // head another rank trained until then).
   void load_task(tasks::Task& task);
+  // Where the checkpoint whole on disk resumes (the generation last committed or loaded);
+  // empty while this run has none. A save still being written is not counted.
+  const std::optional<CheckpointPosition>& committed() const { return committed_; }
 
  private:
   std::string task_file(const std::string& task, std::int64_t generation) const;
@@ -92,6 +96,8 @@ class CheckpointStore {
   ForEach for_each_;
   bool async_ = false;
   std::future<void> pending_;
+  CheckpointPosition pending_position_;
+  std::optional<CheckpointPosition> committed_;
 };
 
 }  // namespace canopy::runners
