@@ -63,6 +63,11 @@ bool short_of_space(const std::string& path, std::uint64_t bytes) {
   return static_cast<std::uint64_t>(st.f_bavail) * st.f_frsize < bytes;
 }
 
+std::string lack_of_space(const std::string& path, std::uint64_t bytes) {
+  if (!short_of_space(path, bytes)) return "";
+  return detail::str_cat("the disk is full (ENOSPC: fewer than ", bytes, " bytes free under '", path, "')");
+}
+
 bool mounted_noexec(const std::string& path) {
   struct statvfs st {};
   return ::statvfs(path.c_str(), &st) == 0 && (st.f_flag & ST_NOEXEC) != 0;

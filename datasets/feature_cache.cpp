@@ -919,11 +919,11 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
     // likely reason, and the one the user can act on. The partial file goes.
     std::remove(tmp.c_str());
     const auto need = static_cast<std::uint64_t>(features.numel() * features.element_size()) + 1024 * 1024;
-    if (short_of_space(dir, need)) {
+    const std::string full = lack_of_space(dir, need);
+    if (!full.empty()) {
       throw IoError(
-          detail::str_cat("writing shard '", final_path, "' failed: the disk is full (ENOSPC: fewer than ",
-                          need, " bytes free under '", dir, "'); free space and run `canopy cache` again ",
-                          "(the finished shards are kept)"));
+          detail::str_cat("writing shard '", final_path, "' failed: ", full,
+                          "; free space and run `canopy cache` again (the finished shards are kept)"));
     }
     throw;
   }

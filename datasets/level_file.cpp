@@ -49,6 +49,14 @@ void write_level(const std::string& path, const LevelFile& level) {
     h5::write_attr(data.get(), "fingerprint", level.fingerprint);
     h5::write_attr(data.get(), "sha256", rows_sha256(rows));
     CANOPY_CHECK(H5Fflush(file.get(), H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
+  } catch (const IoError&) {
+    // HDF5 does not say why a write failed: a full disk is the likely reason, and the one the
+    // user can act on.
+    std::remove(tmp.c_str());
+    const auto need = static_cast<std::uint64_t>(rows.numel()) * sizeof(float) + 1024 * 1024;
+    const std::string full = lack_of_space(parent_path(path), need);
+    if (!full.empty()) throw IoError(detail::str_cat("writing cache level '", path, "' failed: ", full));
+    throw;
   } catch (...) {
     std::remove(tmp.c_str());
     throw;

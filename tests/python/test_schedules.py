@@ -10,6 +10,9 @@ Fashion-MNIST through a small trunk with blocks (stem, blocks.0 .. blocks.2):
   the cached prefix with the exported trunk's blocks
 - SIGKILL + --resume in the middle of either schedule ends bitwise identical to an
   uninterrupted run (heads, trunk, cache level)
+- a disk that fills as autofreeze writes its cache level (a tmpfs with room for the
+  checkpoints, not the level): exit 1 naming the level file and the full disk, and saying
+  the checkpoint is whole; remounted larger, --resume ends bitwise as the uninterrupted run
 - every loss weighting trains, and says its weights per epoch
 
     test_schedules.py --canopy build/runners/canopy
@@ -67,6 +70,32 @@ def resume_matches(canopy, config, out, reference, targets, what, extra_files=()
                   f"{what}: the resumed run's cache level {level} is bitwise the uninterrupted one's")
     check([r["training"] for r in trunk_rows(out)] == [r["training"] for r in trunk_rows(reference)],
           f"{what}: the resumed run froze the same blocks at the same epochs")
+
+
+def level_on_full_disk(canopy, config, small, reference, level):
+    """A tmpfs with room for the checkpoints (about 100 KB a generation), not for the cache
+    level (7.5 MB): the level's write fails; with the tmpfs remounted larger, --resume."""
+    os.makedirs(small)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small]).returncode != 0:
+        check(os.environ.get("CI") != "true", "a 2 MiB tmpfs can be mounted for the full-disk level")
+        return
+    try:
+        out = f"{small}/out"
+        r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={out}")
+        check(r.returncode == 1 and f"writing cache level '{out}/levels/{level}.h5' failed: the disk is full" in r.stderr
+              and "is whole and resumes at epoch" in r.stderr and "--resume" in r.stderr,
+              f"autofreeze on a full disk: exit 1 naming the level file, the full disk and the checkpoint kept "
+              f"({r.returncode}: {r.stderr.strip()[-400:]})")
+        check(not any(".tmp." in n for n in os.listdir(f"{out}/levels")), "... leaving no partial level file")
+        subprocess.run(["mount", "-o", "remount,size=32m", small], check=True)
+        r = run(canopy, "train", "--config", config, "--resume", "--set", f"train.out_dir={out}")
+        import torch
+        heads = [f"heads/{n}.safetensors" for n in ("a_linear", "b_mlp")]
+        a, b = (state(f"{out}/trunk.pt"), state(f"{reference}/trunk.pt")) if r.returncode == 0 else ({}, {None: 0})
+        check(r.returncode == 0 and same_files(out, reference, heads) and all(k in a and torch.equal(a[k], b[k]) for k in b),
+              f"... and once there is room --resume ends bitwise as the uninterrupted run ({r.stderr.strip()[-200:]})")
+    finally:
+        subprocess.run(["umount", small])
 
 
 def write_config(path, base, trunk_keys, cache, out):
@@ -165,6 +194,8 @@ def main():
     first = next(i for i, row in enumerate(rows) if row["level"])
     resume_matches(canopy, auto, f"{work}/acut", f"{work}/aout", [(first - 1, 15), (first, 10)], "autofreeze",
                    [f"levels/{level}.h5"])
+
+    level_on_full_disk(canopy, auto, f"{work}/small", f"{work}/aout", level)
 
     # --- every weighting trains over the shared top and says its weights.
     for w in ("sum", "static", "uncertainty", "dwa", "famo", "pcgrad"):

@@ -34,6 +34,9 @@ std::string describe_errno(int err);
 // Whether the filesystem holding `path` has fewer than `bytes` bytes free for this user
 // (statvfs): what a library error that does not keep errno (HDF5's) most likely meant.
 bool short_of_space(const std::string& path, std::uint64_t bytes);
+// The same said for an error message: "the disk is full (ENOSPC: fewer than N bytes free under
+// 'path')" when it is short, "" when it is not.
+std::string lack_of_space(const std::string& path, std::uint64_t bytes);
 // Whether the filesystem holding `path` is mounted noexec (statvfs): nothing there can be
 // run or loaded as a library.
 bool mounted_noexec(const std::string& path);
