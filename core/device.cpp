@@ -1,6 +1,7 @@
 #include "canopy/core/device.h"
 
 #include <dlfcn.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <mutex>
@@ -56,6 +57,11 @@ const std::string& cuda_backend_status() {
 bool cuda_available() { return cuda_backend_status().empty() && torch::cuda::is_available(); }
 
 std::int64_t machine_cores() {
+  // As nproc counts: taskset, a container's cpuset or mpirun's binding leave fewer cores than
+  // the machine has, and more threads than those only wait on each other.
+  cpu_set_t cpus;
+  CPU_ZERO(&cpus);
+  if (::sched_getaffinity(0, sizeof cpus, &cpus) == 0 && CPU_COUNT(&cpus) > 0) return CPU_COUNT(&cpus);
   return std::max<std::int64_t>(1, static_cast<std::int64_t>(std::thread::hardware_concurrency()));
 }
 

@@ -421,9 +421,12 @@ void add_cache_and_train_keys(std::vector<Key<JobConfig>>& v) {
           .at_least(1));
   v.push_back(member_key<K>("train", "seed", CANOPY_JOB(train.seed),
                             "data order and (with the task's name) each head's initial weights"));
-  v.push_back(member_key<K>("train", "workers", CANOPY_JOB(train.workers),
-                            "TBB workers training heads concurrently; 0: one per core; at most 4x the cores")
-                  .at_least(0));
+  v.push_back(
+      member_key<K>(
+          "train", "workers", CANOPY_JOB(train.workers),
+          "TBB workers training heads concurrently; 0: one per core this process may use (its affinity: "
+          "taskset, cpuset, mpirun binding); more than the cores is honoured; at most 4x the cores")
+          .at_least(0));
   v.push_back(member_key<K>("train", "intra_op_threads", CANOPY_JOB(train.intra_op_threads),
                             "LibTorch threads inside each head's work; at most 4x the cores")
                   .at_least(1));
@@ -755,7 +758,8 @@ void validate_job_config(const JobConfig& c) {
   const std::int64_t limit = 4 * machine_cores();
   CANOPY_CHECK(c.train.workers <= limit && c.train.intra_op_threads <= limit, ConfigError,
                "train.workers and train.intra_op_threads must be at most ", limit,
-               " (4x this machine's cores), got ", c.train.workers, " and ", c.train.intra_op_threads);
+               " (4x the cores this process may use), got ", c.train.workers, " and ",
+               c.train.intra_op_threads);
   std::string grid;  // the first grid, for the message below
   std::size_t grid_size = 0;
   for (const auto& t : c.tasks) {

@@ -5,11 +5,14 @@
 #include <chrono>
 #include <cmath>
 #include <exception>
+#include <memory>
 #include <mutex>
 
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <oneapi/tbb/blocked_range.h>
+#include <oneapi/tbb/global_control.h>
+#include <oneapi/tbb/info.h>
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/partitioner.h>
 #include <oneapi/tbb/task_arena.h>
@@ -35,7 +38,17 @@ void configure_thread(std::int64_t intra_op_threads) {
 }  // namespace
 
 struct StepRunner::Arena {
-  explicit Arena(int workers) : arena(workers) {}
+  explicit Arena(int workers) {
+    // More workers than the cores this process may use is the user's choice (train.workers):
+    // TBB would otherwise cap the arena at the cores, warn on stderr and run fewer threads
+    // than the run says it has.
+    if (workers > tbb::info::default_concurrency()) {
+      raised = std::make_unique<tbb::global_control>(tbb::global_control::max_allowed_parallelism,
+                                                     static_cast<std::size_t>(workers));
+    }
+    arena.initialize(workers);
+  }
+  std::unique_ptr<tbb::global_control> raised;
   tbb::task_arena arena;
 };
 

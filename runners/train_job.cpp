@@ -1033,7 +1033,8 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     StepRunner runner(resolve_workers(config.train), config.train.intra_op_threads);
     log_info("training " + std::to_string(set.tasks.size()) + " heads concurrently on " +
              std::to_string(report.train_rows) + " x " + std::to_string(report.feature_dim) + " features, " +
-             source->describe() + " (" + std::to_string(runner.workers()) + " TBB workers x " +
+             source->describe() + " (" + std::to_string(runner.workers()) +
+             (runner.workers() == 1 ? " TBB worker x " : " TBB workers x ") +
              std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
     const auto chooser = make_fusion_chooser(config, set, report.feature_dim, top != nullptr);
     std::function<bool(const WorkUnit&)> fuse_unit;

@@ -120,7 +120,7 @@ TEST(Config, RangesComeFromTheKeyTable) {
                                        {"cache.dtype", "float32, float16, bfloat16", "'int8'"}));
   EXPECT_TRUE(
       throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"train.intra_op_threads=100000"}); },
-                               {"train.intra_op_threads", "4x this machine's cores", "100000"}));
+                               {"train.intra_op_threads", "4x the cores this process may use", "100000"}));
   EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.path()); }, {"is a directory"}));
   EXPECT_TRUE(
       throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"task.fine.kind=ordinal"}); },

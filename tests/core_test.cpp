@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <dlfcn.h>
+#include <sched.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -267,6 +268,27 @@ TEST(Fs, AnOutputFileIsWrittenThroughFifosAndLinksAndNeverReplacesADevice) {
     ASSERT_EQ(::stat("/dev/full", &st), 0);
     EXPECT_TRUE(S_ISCHR(st.st_mode));
   }
+}
+
+// The cores a process may use are its affinity mask's (taskset, a cpuset, mpirun's binding),
+// not the machine's: a thread pinned to one CPU counts one.
+TEST(Device, MachineCoresCountsTheAffinityMask) {
+  cpu_set_t all;
+  ASSERT_EQ(::sched_getaffinity(0, sizeof all, &all), 0);
+  EXPECT_EQ(machine_cores(), CPU_COUNT(&all));
+  std::int64_t pinned = 0;
+  std::thread([&] {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    for (int c = 0; c < CPU_SETSIZE; ++c) {
+      if (CPU_ISSET(c, &all)) {
+        CPU_SET(c, &one);
+        break;
+      }
+    }
+    if (::sched_setaffinity(0, sizeof one, &one) == 0) pinned = machine_cores();
+  }).join();
+  EXPECT_EQ(pinned, 1);
 }
 
 TEST(Strings, ParseErrorsNameTheValue) {

@@ -2,9 +2,13 @@
 // the same result; without fusion the weights do not depend on the worker count.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <thread>
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/randint.h>
@@ -13,6 +17,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/nn/modules/linear.h>
 
+#include "canopy/core/device.h"
 #include "canopy/core/error.h"
 #include "canopy/runners/step_runner.h"
 #include "canopy/tasks/registry.h"
@@ -69,6 +74,33 @@ std::vector<datasets::Batch> batches(int n) {
     b.labels["class"] = at::randint(3, {16});
   }
   return out;
+}
+
+// train.workers above the cores this process may use is honoured: every worker runs at once
+// (each body waits until all have arrived, or 10 s), and TBB prints no warning that it ran fewer.
+TEST(StepRunner, MoreWorkersThanCoresAllRunAndTbbSaysNothing) {
+  const std::int64_t workers = machine_cores() + 2;
+  ::testing::internal::CaptureStderr();
+  int most = 0;  // the most bodies seen running at once
+  {
+    StepRunner runner(workers, 1);
+    std::atomic<int> arrived{0}, running{0};
+    std::mutex m;
+    runner.for_each(static_cast<std::size_t>(workers), [&](std::size_t) {
+      ++running;
+      ++arrived;
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (arrived.load() < workers && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+      {
+        const std::lock_guard<std::mutex> lock(m);
+        most = std::max(most, running.load());
+      }
+      --running;
+    });
+  }
+  const std::string said = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(most, workers) << "fewer workers ran at once than train.workers asked for";
+  EXPECT_EQ(said.find("TBB Warning"), std::string::npos) << said;
 }
 
 TEST(StepRunner, AThrowingHeadFailsAloneAndTheOthersTrain) {

@@ -23,7 +23,9 @@ std::string load_torch_cuda_library();
 // Loads `file` (e.g. "libtorch.so") from LibTorch's directory, RTLD_GLOBAL; "" or why not.
 std::string load_torch_library(const std::string& file);
 }  // namespace detail
-// The CPU cores this process may use (std::thread::hardware_concurrency, at least 1).
+// The CPU cores this process may use: its affinity mask, as nproc counts them (taskset, a
+// container's cpuset, mpirun's binding); std::thread::hardware_concurrency when the mask
+// cannot be read; at least 1.
 std::int64_t machine_cores();
 
 }  // namespace canopy
