@@ -63,6 +63,10 @@ bool short_of_space(const std::string& path, std::uint64_t bytes) {
   return static_cast<std::uint64_t>(st.f_bavail) * st.f_frsize < bytes;
 }
 
+std::string describe_write_error(int err) {
+  return err ? describe_errno(err) : "a write to it failed (a full disk, or a closed file)";
+}
+
 std::string lack_of_space(const std::string& path, std::uint64_t bytes) {
   if (!short_of_space(path, bytes)) return "";
   return detail::str_cat("the disk is full (ENOSPC: fewer than ", bytes, " bytes free under '", path, "')");

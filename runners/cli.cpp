@@ -382,9 +382,7 @@ int checked_output(int rc, std::ostream& out, std::ostream& err) {
   errno = 0;
   out.flush();
   if (out) return rc;
-  const int cause = errno;
-  err << "canopy: error" << on_rank() << ": writing the output failed: "
-      << (cause ? describe_errno(cause) : std::string("a write to it failed (a full disk, or a closed file)"))
+  err << "canopy: error" << on_rank() << ": writing the output failed: " << describe_write_error(errno)
       << "\n";
   return rc == kExitOk ? kExitError : rc;
 }

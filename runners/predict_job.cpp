@@ -269,11 +269,11 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
     }
     // Standard output on a full disk, say: stopped here, not reported as written.
     CANOPY_CHECK(out, IoError, "writing the predictions failed after ", i, " of ", n,
-                 " rows: ", describe_errno(errno));
+                 " rows: ", describe_write_error(errno));
     progress.advance(end - i);
   }
   out.flush();
-  CANOPY_CHECK(out, IoError, "writing the predictions failed at the end: ", describe_errno(errno));
+  CANOPY_CHECK(out, IoError, "writing the predictions failed at the end: ", describe_write_error(errno));
   progress.finish();
   return n;
 }

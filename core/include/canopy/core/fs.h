@@ -31,6 +31,9 @@ void remove_temporaries(const std::string& dir);
 
 // strerror, and for ENOSPC/EDQUOT a plain "the disk is full (ENOSPC: ...)".
 std::string describe_errno(int err);
+// describe_errno for a stream's failed write, whose errno may be gone (0): then what it most
+// likely was.
+std::string describe_write_error(int err);
 // Whether the filesystem holding `path` has fewer than `bytes` bytes free for this user
 // (statvfs): what a library error that does not keep errno (HDF5's) most likely meant.
 bool short_of_space(const std::string& path, std::uint64_t bytes);
