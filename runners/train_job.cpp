@@ -969,6 +969,47 @@ std::string where_to_go_on(const CheckpointStore& store) {
                          "--resume to go on from it");
 }
 
+// Under mpirun, the top trains data parallel over the ranks (EpochLoop::train_shared_step).
+void train_top_data_parallel(const JobConfig& config, SharedTop& top) {
+  CANOPY_CHECK(config.top.schedule == FreezeSchedule::kStatic, ConfigError,
+               "trunk.schedule = ", to_string(config.top.schedule),
+               " keeps cache levels of the train split in out_dir, which ", mpi::size(),
+               " MPI ranks would each write; under mpirun use schedule = static, or run it in one process");
+  top.set_data_parallel(kAllreduceBucketBytes);
+  log_info("the trunk's top trains data parallel over " + std::to_string(mpi::size()) +
+           " ranks: each takes a slice of every batch; gradients summed in buckets of " +
+           std::to_string(kAllreduceBucketBytes >> 20) + " MiB");
+}
+
+// Rank 0's part of out_dir before training: heads/, the resolved config, the metrics files
+// (continued from `resume_epoch`, or new when it is -1).
+void open_out_dir(const JobConfig& config, const TaskSet& set, const std::string& resolved,
+                  std::int64_t resume_epoch, std::optional<MetricsSink>& metrics) {
+  make_dirs(config.train.out_dir + "/heads");
+  write_file_atomic(config.train.out_dir + "/config.ini", resolved);
+  std::vector<std::string> names;
+  for (const auto& r : set.results) names.push_back(r.name);
+  metrics.emplace(config.train.out_dir, names, config.train.tensorboard, resume_epoch);
+}
+
+void log_training(const JobConfig& config, const TaskSet& set, const TrainReport& report,
+                  const datasets::BatchSource& source, const StepRunner& runner) {
+  log_info("training " + std::to_string(set.tasks.size()) + " heads concurrently on " +
+           std::to_string(report.train_rows) + " x " + std::to_string(report.feature_dim) + " features, " +
+           source.describe() + " (" + std::to_string(runner.workers()) +
+           (runner.workers() == 1 ? " TBB worker x " : " TBB workers x ") +
+           std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
+}
+
+void log_allreduce(const SharedTop& top) {
+  char line[160];
+  const auto steps = std::max<std::int64_t>(1, top.allreduce_steps());
+  std::snprintf(line, sizeof line, "all-reduce of the top's gradients: %.3f ms per step over %lld steps",
+                1000 * top.allreduce_seconds() / static_cast<double>(steps),
+                static_cast<long long>(top.allreduce_steps()));
+  log_info(line);
+}
+
 }  // namespace
 
 TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry, ProgressStyle style,
@@ -992,18 +1033,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   mpi::barrier();
   const auto cache = open_checked_cache(config);
   TrainInputs in = open_inputs(cache, config, report);
-  if (mpi::distributed() && in.shared.top) {
-    // Data parallel over the ranks (EpochLoop::train_shared_step).
-    CANOPY_CHECK(config.top.schedule == FreezeSchedule::kStatic, ConfigError,
-                 "trunk.schedule = ", to_string(config.top.schedule),
-                 " keeps cache levels of the train split in out_dir, which ", mpi::size(),
-                 " MPI ranks would each write; under mpirun use schedule = static, or run it in one "
-                 "process");
-    in.shared.top->set_data_parallel(kAllreduceBucketBytes);
-    log_info("the trunk's top trains data parallel over " + std::to_string(mpi::size()) +
-             " ranks: each takes a slice of every batch; gradients summed in buckets of " +
-             std::to_string(kAllreduceBucketBytes >> 20) + " MiB");
-  }
+  if (mpi::distributed() && in.shared.top) train_top_data_parallel(config, *in.shared.top);
   const auto& source = in.train.source;
   SharedTop* top = in.shared.top.get();
   const at::Tensor eval_rows = in.selection().features.to(at::kFloat);
@@ -1022,20 +1052,9 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   // A full disk, or another failed write in out_dir, says what is kept and how to go on.
   try {
     std::optional<MetricsSink> metrics;
-    if (mpi::rank() == 0) {
-      make_dirs(config.train.out_dir + "/heads");
-      write_file_atomic(config.train.out_dir + "/config.ini", resolved);
-      std::vector<std::string> names;
-      for (const auto& r : set.results) names.push_back(r.name);
-      metrics.emplace(config.train.out_dir, names, config.train.tensorboard, resume ? from.epoch : -1);
-    }
-
+    if (mpi::rank() == 0) open_out_dir(config, set, resolved, resume ? from.epoch : -1, metrics);
     StepRunner runner(resolve_workers(config.train), config.train.intra_op_threads);
-    log_info("training " + std::to_string(set.tasks.size()) + " heads concurrently on " +
-             std::to_string(report.train_rows) + " x " + std::to_string(report.feature_dim) + " features, " +
-             source->describe() + " (" + std::to_string(runner.workers()) +
-             (runner.workers() == 1 ? " TBB worker x " : " TBB workers x ") +
-             std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
+    log_training(config, set, report, *source, runner);
     const auto chooser = make_fusion_chooser(config, set, report.feature_dim, top != nullptr);
     std::function<bool(const WorkUnit&)> fuse_unit;
     if (chooser) fuse_unit = std::ref(*chooser);
@@ -1051,12 +1070,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     loop.run(from, style);
     report.train_seconds = since(train_start);
     if (mpi::distributed() && top) {
-      char line[160];
-      const auto steps = std::max<std::int64_t>(1, top->allreduce_steps());
-      std::snprintf(line, sizeof line, "all-reduce of the top's gradients: %.3f ms per step over %lld steps",
-                    1000 * top->allreduce_seconds() / static_cast<double>(steps),
-                    static_cast<long long>(top->allreduce_steps()));
-      log_info(line);
+      log_allreduce(*top);
       if (mpi::rank() != 0) return report;  // rank 0 holds the same top and heads
     } else if (mpi::distributed()) {
       // Rank 0 exports every head: the others' weights (and best epochs) from the checkpoint
