@@ -914,6 +914,10 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
     info.features_crc32c = block_crcs(static_cast<const std::uint8_t*>(features.data_ptr()),
                                       features.numel() * features.element_size());
     CANOPY_CHECK(H5Fflush(file.get(), H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
+    fd.reset();
+    idd.reset();
+    lg.reset();
+    file.close("shard '" + tmp + "'");
   } catch (const IoError& e) {
     // HDF5 does not say why a write failed; a filesystem without room for the shard is the
     // likely reason, and the one the user can act on. The partial file goes.
@@ -970,7 +974,7 @@ void FeatureCacheWriter::Impl::write_view() {
   const CacheMeta& meta = manifest.meta;
   const std::string path = view_path(dir);
   const std::string tmp = temp_path_for(path);
-  {
+  try {
     h5::Handle file = h5::create_file(tmp);
     const hid_t root = file.get();
     h5::write_attr(root, "canopy_schema", schema_of(meta));
@@ -997,6 +1001,21 @@ void FeatureCacheWriter::Impl::write_view() {
         h5::create_virtual(lg.get(), src, label_file_type(meta, src), {total}, lsrc[src]);
       }
     }
+    ftype.reset();
+    // A close that fails would leave a file HDF5 may not have finished: checked, never renamed.
+    CANOPY_CHECK(H5Fflush(root, H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
+    file.close("'" + tmp + "'");
+  } catch (const IoError&) {
+    std::remove(tmp.c_str());
+    const std::string full = lack_of_space(dir, 1024 * 1024);
+    if (!full.empty()) {
+      throw IoError(detail::str_cat("writing the view '", path, "' failed: ", full,
+                                    "; free space and run `canopy cache` again (the shards are kept)"));
+    }
+    throw;
+  } catch (...) {
+    std::remove(tmp.c_str());
+    throw;
   }
   fsync_path(tmp);
   rename_durable(tmp, path);

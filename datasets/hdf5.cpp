@@ -1,6 +1,7 @@
 #include "hdf5_raii.h"
 
 #include <algorithm>
+#include <atomic>
 
 #include "canopy/core/error.h"
 #include "canopy/datasets/feature_cache.h"
@@ -12,10 +13,20 @@ std::string hdf5_version() {
   return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(release);
 }
 
+namespace {
+std::atomic<bool> g_close_failed{false};
+}
+
+bool hdf5_close_failed() { return g_close_failed.load(); }
+
 void close_hdf5() {
   // Only when something is still open: all canopy's files are closed by then, and after a
   // read of a corrupt file failed, HDF5 1.10 can keep an internal reference that makes
   // H5close loop and print "HDF5: infinite loop closing library" with nothing to close.
+  // Never after a close failed: HDF5 before 1.14 frees a file whose close failed (a full disk
+  // at its last write) but keeps its ID, and H5close then closes it again and crashes
+  // (HDFFV-11052; Debian 12 has 1.10.8). Such a file is canopy's temporary, already removed.
+  if (hdf5_close_failed()) return;
   if (H5Fget_obj_count(H5F_OBJ_ALL, H5F_OBJ_ALL) > 0) H5close();
 }
 }  // namespace canopy::datasets
@@ -34,8 +45,19 @@ Handle& Handle::operator=(Handle&& o) noexcept {
 
 void Handle::reset() {
   QuietErrors quiet;
-  if (id_ >= 0 && closer_) closer_(id_);
+  if (id_ >= 0 && closer_ && closer_(id_) < 0) g_close_failed = true;
   id_ = H5I_INVALID_HID;
+}
+
+void Handle::close(const std::string& what) {
+  if (id_ < 0 || !closer_) return;
+  QuietErrors quiet;
+  const herr_t rc = closer_(id_);
+  id_ = H5I_INVALID_HID;
+  if (rc < 0) {
+    g_close_failed = true;
+    throw IoError("HDF5: closing " + what + " failed");
+  }
 }
 
 QuietErrors::QuietErrors() {

@@ -27,7 +27,13 @@ class Handle {
   ~Handle() { reset(); }
   hid_t get() const { return id_; }
   explicit operator bool() const { return id_ >= 0; }
+  // Closes, ignoring a failure (the destructor's way: for what was only read, or a file being
+  // given up).
   void reset();
+  // Closes and throws IoError naming `what` when HDF5 fails: a file being written, whose
+  // close writes what HDF5 still holds (a full disk fails here). Objects in the file must be
+  // closed first.
+  void close(const std::string& what);
 
  private:
   hid_t id_ = H5I_INVALID_HID;

@@ -49,6 +49,8 @@ void write_level(const std::string& path, const LevelFile& level) {
     h5::write_attr(data.get(), "fingerprint", level.fingerprint);
     h5::write_attr(data.get(), "sha256", rows_sha256(rows));
     CANOPY_CHECK(H5Fflush(file.get(), H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
+    data.reset();
+    file.close("cache level '" + tmp + "'");
   } catch (const IoError&) {
     // HDF5 does not say why a write failed: a full disk is the likely reason, and the one the
     // user can act on.

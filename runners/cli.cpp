@@ -445,6 +445,7 @@ void exit_process(int rc) {
   std::clog.flush();
   std::fflush(nullptr);
 #if defined(CANOPY_ASAN) || defined(CANOPY_TSAN)
+  if (datasets::hdf5_close_failed()) std::_Exit(rc);  // HDF5's exit handler would crash
   std::exit(rc);
 #else
   datasets::close_hdf5();  // what its exit handler would do: flush and close anything left open

@@ -16,6 +16,9 @@
     leaves no temporary file behind; one that fills at the second epoch's checkpoint says the
     first is whole and how to go on, and after more space `--resume` gives the heads of a run
     that never failed, bit for bit;
+  * a cache whose disk fills at its last shard, its manifest or its view, swept 4 KiB at a
+    time: exit 1 saying so (never a crash), no temporary file, and then a cache that
+    verifies, its features those of one that never failed;
   * output on a full disk (/dev/full): `canopy predict --output` and `canopy predict`,
     `canopy keys` to standard output exit 1 saying so (never "wrote N predictions" with
     nothing written), and /dev/full is still the device afterwards.
@@ -212,7 +215,69 @@ def disk_full(canopy, work, config):
     finally:
         subprocess.run(["umount", out])
     full_at_second_checkpoint(canopy, work, config)
+    cache_full_at_each_file(canopy, work, config)
     output_on_full_disk(canopy, work, config)
+
+
+def du(path):
+    return int(subprocess.run(["du", "-sB1", path], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+def cache_full_at_each_file(canopy, work, config):
+    """`canopy cache` on a disk that fills at its last files: the last shards, the manifest and
+    the view (cache.h5), one 4 KiB step of free space at a time. Each run exits 0, or 1 saying
+    the disk is full, never with a signal (HDF5 1.10 crashed at exit after the view's close
+    had failed) and never leaving a temporary file; once there is space, `canopy cache`
+    finishes and the cache verifies, its features those of a cache that never failed."""
+    import h5py
+
+    cache = [canopy, "cache", "--config", config, "--set", "data.train_limit=2000", "--set", "cache.shard_rows=512",
+             "--progress", "quiet"]
+    ref = os.path.join(work, "ref-cache")
+    r = subprocess.run(cache + ["--set", f"cache.path={ref}"], capture_output=True, text=True)
+    check(r.returncode == 0, f"a reference cache is built ({r.stderr.strip()[-200:]})")
+    with h5py.File(os.path.join(ref, "cache.h5")) as f:
+        want = f["train/features"][:].tobytes() + f["test/features"][:].tobytes()
+    # What the cache takes without its view: the free space at which the view is the file that
+    # no longer fits (tmpfs counts whole pages).
+    base = du(ref) - du(os.path.join(ref, "cache.h5"))
+    mnt = os.path.join(work, "small3")
+    os.makedirs(mnt)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", mnt]).returncode != 0:
+        return  # disk_full has said why
+    failed_at = []
+    try:
+        for free in range(base - 16384, base + 40960, 4096):
+            subprocess.run(["rm", "-rf", os.path.join(mnt, "cache")], check=True)
+            st = os.statvfs(mnt)
+            filler = os.path.join(mnt, "filler")
+            subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize - free), filler], check=True)
+            out = os.path.join(mnt, "cache")
+            r = subprocess.run(cache + ["--set", f"cache.path={out}"], capture_output=True, text=True)
+            os.remove(filler)
+            left = [p for p in glob.glob(os.path.join(out, "**", "*"), recursive=True) if ".tmp." in p]
+            last = (r.stderr.strip().splitlines() or [""])[-1]
+            check(r.returncode in (0, 1) and (r.returncode == 0 or "disk is full" in last) and not left,
+                  f"{free} bytes free for a cache of {base} without its view: exit 0, or 1 saying the disk is full, "
+                  f"and no temporary file ({r.returncode}: {last[-300:]}; {left})")
+            if r.returncode != 0:
+                failed_at.append(last)
+                r = subprocess.run(cache + ["--set", f"cache.path={out}"], capture_output=True, text=True)
+                check(r.returncode == 0, f"... then, with space, `canopy cache` finishes it ({r.stderr.strip()[-200:]})")
+            v = subprocess.run([canopy, "inspect", "--verify", out], capture_output=True, text=True)
+            try:
+                with h5py.File(os.path.join(out, "cache.h5")) as f:
+                    got = f["train/features"][:].tobytes() + f["test/features"][:].tobytes()
+            except OSError as e:
+                got = f"h5py cannot read the view: {e}"
+            check(v.returncode == 0 and got == want,
+                  f"... and the cache verifies, its features those of the reference "
+                  f"({v.stderr.strip()[-200:]}{got if isinstance(got, str) else ''})")
+    finally:
+        subprocess.run(["umount", mnt])
+    where = {w for w in ("writing shard", "manifest.json", "writing the view") if any(w in f for f in failed_at)}
+    check(where == {"writing shard", "manifest.json", "writing the view"},
+          f"the sweep filled the disk at a shard, the manifest and the view, each said so ({sorted(where)})")
 
 
 def heads_digest(out):

@@ -54,6 +54,10 @@ std::string hdf5_version();
 // its exit handler does, when any is still open; for a process about to end without running
 // exit handlers.
 void close_hdf5();
+// Whether closing an HDF5 object has failed in this process (a full disk at a file's last
+// write). HDF5 1.10's state is then unsafe to shut down: close_hdf5() does nothing, and a
+// process should end without exit handlers (HDF5's own calls H5close).
+bool hdf5_close_failed();
 
 constexpr std::int64_t kCacheSchemaVersion = 2;
 // A cache with augmented views (meta.views > 1): split `train` holds view 0, splits
