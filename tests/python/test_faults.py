@@ -203,12 +203,12 @@ def disk_full(canopy, work, config):
               f"... saying the disk is full and naming the file: {r.stderr.strip()[-300:]}")
         check("no checkpoint had been written yet" in r.stderr,
               f"... and that there is no checkpoint to resume from ({r.stderr.strip()[-200:]})")
-        leftovers = [p for p in glob.glob(os.path.join(out, "**", "*"), recursive=True) if ".tmp." in p]
+        leftovers = temporaries(out)
         check(not leftovers, f"... and leaving no temporary file ({leftovers})")
         # The cache on a full disk: 60 000 rows of 1568 floats (376 MB) into 1 MiB.
         r = subprocess.run([canopy, "cache", "--config", config, "--set", f"cache.path={out}/cache",
                             "--progress", "quiet"], capture_output=True, text=True)
-        leftovers = [p for p in glob.glob(os.path.join(out, "cache", "**", "*"), recursive=True) if ".tmp." in p]
+        leftovers = temporaries(os.path.join(out, "cache"))
         check(r.returncode == 1 and "terminate called" not in r.stderr and "disk is full" in r.stderr and
               "shard" in r.stderr and not leftovers,
               f"on a full disk `canopy cache` exits 1 saying so, leaving no temporary file ({r.stderr.strip()[-260:]}; {leftovers})")
@@ -217,6 +217,11 @@ def disk_full(canopy, work, config):
     full_at_second_checkpoint(canopy, work, config)
     cache_full_at_each_file(canopy, work, config)
     output_on_full_disk(canopy, work, config)
+
+
+def temporaries(path):
+    """The temporary files (canopy's `<name>.tmp.<pid>`) anywhere under `path`."""
+    return [p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if ".tmp." in p]
 
 
 def du(path):
@@ -229,15 +234,12 @@ def cache_full_at_each_file(canopy, work, config):
     the disk is full, never with a signal (HDF5 1.10 crashed at exit after the view's close
     had failed) and never leaving a temporary file; once there is space, `canopy cache`
     finishes and the cache verifies, its features those of a cache that never failed."""
-    import h5py
-
     cache = [canopy, "cache", "--config", config, "--set", "data.train_limit=2000", "--set", "cache.shard_rows=512",
              "--progress", "quiet"]
     ref = os.path.join(work, "ref-cache")
     r = subprocess.run(cache + ["--set", f"cache.path={ref}"], capture_output=True, text=True)
     check(r.returncode == 0, f"a reference cache is built ({r.stderr.strip()[-200:]})")
-    with h5py.File(os.path.join(ref, "cache.h5")) as f:
-        want = f["train/features"][:].tobytes() + f["test/features"][:].tobytes()
+    want = {split: [a.tobytes() for a in arrays] for split, arrays in support.read_cache_view(ref).items()}
     # What the cache takes without its view: the free space at which the view is the file that
     # no longer fits (tmpfs counts whole pages).
     base = du(ref) - du(os.path.join(ref, "cache.h5"))
@@ -255,7 +257,7 @@ def cache_full_at_each_file(canopy, work, config):
             out = os.path.join(mnt, "cache")
             r = subprocess.run(cache + ["--set", f"cache.path={out}"], capture_output=True, text=True)
             os.remove(filler)
-            left = [p for p in glob.glob(os.path.join(out, "**", "*"), recursive=True) if ".tmp." in p]
+            left = temporaries(out)
             last = (r.stderr.strip().splitlines() or [""])[-1]
             check(r.returncode in (0, 1) and (r.returncode == 0 or "disk is full" in last) and not left,
                   f"{free} bytes free for a cache of {base} without its view: exit 0, or 1 saying the disk is full, "
@@ -266,12 +268,11 @@ def cache_full_at_each_file(canopy, work, config):
                 check(r.returncode == 0, f"... then, with space, `canopy cache` finishes it ({r.stderr.strip()[-200:]})")
             v = subprocess.run([canopy, "inspect", "--verify", out], capture_output=True, text=True)
             try:
-                with h5py.File(os.path.join(out, "cache.h5")) as f:
-                    got = f["train/features"][:].tobytes() + f["test/features"][:].tobytes()
+                got = {split: [a.tobytes() for a in arrays] for split, arrays in support.read_cache_view(out).items()}
             except OSError as e:
                 got = f"h5py cannot read the view: {e}"
             check(v.returncode == 0 and got == want,
-                  f"... and the cache verifies, its features those of the reference "
+                  f"... and the cache verifies, its features, labels and ids those of the reference "
                   f"({v.stderr.strip()[-200:]}{got if isinstance(got, str) else ''})")
     finally:
         subprocess.run(["umount", mnt])
