@@ -876,63 +876,53 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
   char name[64];
   std::snprintf(name, sizeof name, "shards/%s-%05lld.h5", split.c_str(), static_cast<long long>(index));
   const std::string final_path = join_path(dir, name);
-  const std::string tmp = temp_path_for(final_path);
   ShardInfo info;
   info.split = split;
   info.index = index;
   info.first_row = first_row;
   info.rows = rows;
   info.file = name;
-  try {
-    h5::QuietErrors quiet;
-    h5::Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-    // Every object 64-byte aligned: data regions can be read straight into tensors.
-    CANOPY_CHECK(H5Pset_alignment(fapl.get(), 0, 64) >= 0, IoError, "HDF5: set_alignment failed");
-    h5::Handle file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
-    CANOPY_CHECK(file, IoError, "HDF5: cannot create shard '", tmp, "'");
-    h5::write_attr(file.get(), "canopy_schema", schema_of(meta));
-    h5::write_attr(file.get(), "fingerprint", meta.fingerprint);
-    h5::write_attr(file.get(), "split", split);
-    h5::write_attr(file.get(), "first_row", info.first_row);
-    h5::Handle ftype = file_type(meta.dtype);
-    h5::Handle fd =
-        h5::write_contiguous(file.get(), "features", ftype.get(), feature_mem_type(meta.dtype, ftype),
-                             features.data_ptr(), {rows, meta.feature_dim});
-    h5::write_attr(fd.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
-    info.features_offset = h5::data_offset(fd.get());
-    h5::Handle idd =
-        h5::write_contiguous(file.get(), "ids", H5T_STD_I64LE, H5T_NATIVE_INT64, ids.data_ptr(), {rows});
-    info.ids_offset = h5::data_offset(idd.get());
-    info.ids_crc32c = crc32c(ids.data_ptr(), rows * 8);
-    h5::Handle lg = h5::create_group(file.get(), "labels");
-    for (const auto& src : meta.label_sources) {
-      const at::Tensor& l = labels.at(src);
-      h5::Handle ld = h5::write_contiguous(lg.get(), src, label_file_type(meta, src),
-                                           label_mem_type(meta, src), l.data_ptr(), {rows});
-      info.labels[src] = {h5::data_offset(ld.get()), crc32c(l.data_ptr(), rows * 8)};
-    }
-    info.features_crc32c = block_crcs(static_cast<const std::uint8_t*>(features.data_ptr()),
-                                      features.numel() * features.element_size());
-    CANOPY_CHECK(H5Fflush(file.get(), H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
-    fd.reset();
-    idd.reset();
-    lg.reset();
-    file.close("shard '" + tmp + "'");
-  } catch (const IoError& e) {
-    // HDF5 does not say why a write failed; a filesystem without room for the shard is the
-    // likely reason, and the one the user can act on. The partial file goes.
-    std::remove(tmp.c_str());
-    const auto need = static_cast<std::uint64_t>(features.numel() * features.element_size()) + 1024 * 1024;
-    const std::string full = lack_of_space(dir, need);
-    if (!full.empty()) {
-      throw IoError(
-          detail::str_cat("writing shard '", final_path, "' failed: ", full,
-                          "; free space and run `canopy cache` again (the finished shards are kept)"));
-    }
-    throw;
-  }
-  fsync_path(tmp);
-  rename_durable(tmp, final_path);
+  const auto need = static_cast<std::uint64_t>(features.numel() * features.element_size()) + 1024 * 1024;
+  h5::write_file_durably(
+      final_path, "shard '" + final_path + "'", need,
+      "; free space and run `canopy cache` again (the finished shards are kept)",
+      [&](const std::string& tmp) {
+        h5::QuietErrors quiet;
+        h5::Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+        // Every object 64-byte aligned: data regions can be read straight into tensors.
+        CANOPY_CHECK(H5Pset_alignment(fapl.get(), 0, 64) >= 0, IoError, "HDF5: set_alignment failed");
+        h5::Handle file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
+        CANOPY_CHECK(file, IoError, "HDF5: cannot create shard '", tmp, "'");
+        h5::write_attr(file.get(), "canopy_schema", schema_of(meta));
+        h5::write_attr(file.get(), "fingerprint", meta.fingerprint);
+        h5::write_attr(file.get(), "split", split);
+        h5::write_attr(file.get(), "first_row", info.first_row);
+        h5::Handle ftype = file_type(meta.dtype);
+        h5::Handle fd =
+            h5::write_contiguous(file.get(), "features", ftype.get(), feature_mem_type(meta.dtype, ftype),
+                                 features.data_ptr(), {rows, meta.feature_dim});
+        h5::write_attr(fd.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
+        info.features_offset = h5::data_offset(fd.get());
+        h5::Handle idd =
+            h5::write_contiguous(file.get(), "ids", H5T_STD_I64LE, H5T_NATIVE_INT64, ids.data_ptr(), {rows});
+        info.ids_offset = h5::data_offset(idd.get());
+        info.ids_crc32c = crc32c(ids.data_ptr(), rows * 8);
+        h5::Handle lg = h5::create_group(file.get(), "labels");
+        for (const auto& src : meta.label_sources) {
+          const at::Tensor& l = labels.at(src);
+          h5::Handle ld = h5::write_contiguous(lg.get(), src, label_file_type(meta, src),
+                                               label_mem_type(meta, src), l.data_ptr(), {rows});
+          info.labels[src] = {h5::data_offset(ld.get()), crc32c(l.data_ptr(), rows * 8)};
+        }
+        info.features_crc32c = block_crcs(static_cast<const std::uint8_t*>(features.data_ptr()),
+                                          features.numel() * features.element_size());
+        CANOPY_CHECK(H5Fflush(file.get(), H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp,
+                     "' failed");
+        fd.reset();
+        idd.reset();
+        lg.reset();
+        file.close("shard '" + tmp + "'");
+      });
   info.bytes = file_size(final_path);
   manifest.shards.push_back(info);
   sort_shards(manifest.shards);
@@ -973,52 +963,41 @@ void FeatureCacheWriter::finish() {
 void FeatureCacheWriter::Impl::write_view() {
   const CacheMeta& meta = manifest.meta;
   const std::string path = view_path(dir);
-  const std::string tmp = temp_path_for(path);
-  try {
-    h5::Handle file = h5::create_file(tmp);
-    const hid_t root = file.get();
-    h5::write_attr(root, "canopy_schema", schema_of(meta));
-    for (const auto& [name, value] : view_attributes(meta)) h5::write_attr(root, name, value);
-    h5::Handle ftype = file_type(meta.dtype);
-    for (const auto& [split, total] : manifest.split_rows) {
-      std::vector<h5::VirtualSource> fsrc, isrc;
-      std::map<std::string, std::vector<h5::VirtualSource>> lsrc;
-      for (const auto& s : manifest.shards) {
-        if (s.split != split) continue;
-        // Source paths relative to the view file: HDF5 looks there first.
-        fsrc.push_back({s.file, "/features", s.first_row, s.rows});
-        isrc.push_back({s.file, "/ids", s.first_row, s.rows});
-        for (const auto& src : meta.label_sources)
-          lsrc[src].push_back({s.file, "/labels/" + src, s.first_row, s.rows});
-      }
-      h5::Handle g = h5::create_group(root, split);
-      h5::write_attr(g.get(), "rows", total);
-      h5::Handle f = h5::create_virtual(g.get(), "features", ftype.get(), {total, meta.feature_dim}, fsrc);
-      h5::write_attr(f.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
-      h5::create_virtual(g.get(), "ids", H5T_STD_I64LE, {total}, isrc);
-      h5::Handle lg = h5::create_group(g.get(), "labels");
-      for (const auto& src : meta.label_sources) {
-        h5::create_virtual(lg.get(), src, label_file_type(meta, src), {total}, lsrc[src]);
-      }
-    }
-    ftype.reset();
-    // A close that fails would leave a file HDF5 may not have finished: checked, never renamed.
-    CANOPY_CHECK(H5Fflush(root, H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
-    file.close("'" + tmp + "'");
-  } catch (const IoError&) {
-    std::remove(tmp.c_str());
-    const std::string full = lack_of_space(dir, 1024 * 1024);
-    if (!full.empty()) {
-      throw IoError(detail::str_cat("writing the view '", path, "' failed: ", full,
-                                    "; free space and run `canopy cache` again (the shards are kept)"));
-    }
-    throw;
-  } catch (...) {
-    std::remove(tmp.c_str());
-    throw;
-  }
-  fsync_path(tmp);
-  rename_durable(tmp, path);
+  h5::write_file_durably(
+      path, "the view '" + path + "'", 1024 * 1024,
+      "; free space and run `canopy cache` again (the shards are kept)", [&](const std::string& tmp) {
+        h5::Handle file = h5::create_file(tmp);
+        const hid_t root = file.get();
+        h5::write_attr(root, "canopy_schema", schema_of(meta));
+        for (const auto& [name, value] : view_attributes(meta)) h5::write_attr(root, name, value);
+        h5::Handle ftype = file_type(meta.dtype);
+        for (const auto& [split, total] : manifest.split_rows) {
+          std::vector<h5::VirtualSource> fsrc, isrc;
+          std::map<std::string, std::vector<h5::VirtualSource>> lsrc;
+          for (const auto& s : manifest.shards) {
+            if (s.split != split) continue;
+            // Source paths relative to the view file: HDF5 looks there first.
+            fsrc.push_back({s.file, "/features", s.first_row, s.rows});
+            isrc.push_back({s.file, "/ids", s.first_row, s.rows});
+            for (const auto& src : meta.label_sources)
+              lsrc[src].push_back({s.file, "/labels/" + src, s.first_row, s.rows});
+          }
+          h5::Handle g = h5::create_group(root, split);
+          h5::write_attr(g.get(), "rows", total);
+          h5::Handle f =
+              h5::create_virtual(g.get(), "features", ftype.get(), {total, meta.feature_dim}, fsrc);
+          h5::write_attr(f.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
+          h5::create_virtual(g.get(), "ids", H5T_STD_I64LE, {total}, isrc);
+          h5::Handle lg = h5::create_group(g.get(), "labels");
+          for (const auto& src : meta.label_sources) {
+            h5::create_virtual(lg.get(), src, label_file_type(meta, src), {total}, lsrc[src]);
+          }
+        }
+        ftype.reset();
+        // A close that fails would leave a file HDF5 may not have finished: checked, never renamed.
+        CANOPY_CHECK(H5Fflush(root, H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
+        file.close("'" + tmp + "'");
+      });
 }
 
 // ---------------------------------------------------------------- reader

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 
 #include "canopy/core/error.h"
+#include "canopy/core/fs.h"
 #include "canopy/datasets/feature_cache.h"
 
 namespace canopy::datasets {
@@ -58,6 +60,24 @@ void Handle::close(const std::string& what) {
     g_close_failed = true;
     throw IoError("HDF5: closing " + what + " failed");
   }
+}
+
+void write_file_durably(const std::string& path, const std::string& what, std::uint64_t need,
+                        const std::string& advice, const std::function<void(const std::string& tmp)>& write) {
+  const std::string tmp = temp_path_for(path);
+  try {
+    write(tmp);
+  } catch (const IoError&) {
+    std::remove(tmp.c_str());
+    const std::string full = lack_of_space(parent_path(path), need);
+    if (!full.empty()) throw IoError(detail::str_cat("writing ", what, " failed: ", full, advice));
+    throw;
+  } catch (...) {
+    std::remove(tmp.c_str());
+    throw;
+  }
+  fsync_path(tmp);
+  rename_durable(tmp, path);
 }
 
 QuietErrors::QuietErrors() {

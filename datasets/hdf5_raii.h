@@ -10,6 +10,7 @@
 #include <hdf5.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,15 @@ class QuietErrors {
   void* data_ = nullptr;
   bool saved_ = false;
 };
+
+// Writes the HDF5 file `path` so that a crash or a full disk never leaves a part of it there:
+// `write(tmp)` creates and fills a temporary file beside `path` and closes it with
+// Handle::close (checked), then the temporary is fsynced and renamed over `path`. When
+// anything throws, the temporary goes. HDF5 does not say why a write failed; when the
+// filesystem has fewer than `need` bytes free, the likely reason and the one a user can act
+// on, an IoError becomes "writing <what> failed: the disk is full (...)<advice>".
+void write_file_durably(const std::string& path, const std::string& what, std::uint64_t need,
+                        const std::string& advice, const std::function<void(const std::string& tmp)>& write);
 
 Handle create_file(const std::string& path);               // truncates
 Handle open_file(const std::string& path, bool writable);  // DataError if not HDF5

@@ -40,8 +40,8 @@ void write_level(const std::string& path, const LevelFile& level) {
   const at::Tensor rows = level.rows.to(at::kFloat).contiguous();
   CANOPY_CHECK(rows.dim() == 2, Error, "a cache level holds rows [N, D], got ", rows.sizes());
   make_dirs(parent_path(path));
-  const std::string tmp = temp_path_for(path);
-  try {
+  const auto need = static_cast<std::uint64_t>(rows.numel()) * sizeof(float) + 1024 * 1024;
+  h5::write_file_durably(path, "cache level '" + path + "'", need, "", [&](const std::string& tmp) {
     h5::Handle file = h5::create_file(tmp);
     h5::Handle data = h5::write_contiguous(file.get(), "rows", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
                                            rows.const_data_ptr(), {rows.size(0), rows.size(1)});
@@ -51,20 +51,7 @@ void write_level(const std::string& path, const LevelFile& level) {
     CANOPY_CHECK(H5Fflush(file.get(), H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
     data.reset();
     file.close("cache level '" + tmp + "'");
-  } catch (const IoError&) {
-    // HDF5 does not say why a write failed: a full disk is the likely reason, and the one the
-    // user can act on.
-    std::remove(tmp.c_str());
-    const auto need = static_cast<std::uint64_t>(rows.numel()) * sizeof(float) + 1024 * 1024;
-    const std::string full = lack_of_space(parent_path(path), need);
-    if (!full.empty()) throw IoError(detail::str_cat("writing cache level '", path, "' failed: ", full));
-    throw;
-  } catch (...) {
-    std::remove(tmp.c_str());
-    throw;
-  }
-  fsync_path(tmp);
-  rename_durable(tmp, path);
+  });
 }
 
 LevelFile read_level(const std::string& path) {

@@ -154,6 +154,48 @@ TEST(Hdf5, ErrorPrintingStaysAsTheProgramSetIt) {
   EXPECT_EQ(after_data, before_data);
 }
 
+// What write_file_durably writes (shards, the view, cache levels) is there whole or not at
+// all: a write that throws, HDF5's error or any other, leaves the file before it as it was and
+// no temporary beside it; an HDF5 error on a filesystem short of the space asked for says the
+// disk is full.
+TEST(Hdf5, ADurableWriteThatFailsKeepsTheFileBeforeItAndNoTemporary) {
+  testing::TempDir dir;
+  const std::string path = dir.file("x.h5");
+  const auto writing = [](const std::string& value, bool fail, auto error) {
+    return [=](const std::string& tmp) {
+      h5::Handle file = h5::create_file(tmp);
+      h5::write_attr(file.get(), "value", value);
+      if (fail) throw decltype(error)("failed at '" + tmp + "'");
+      file.close("'" + tmp + "'");
+    };
+  };
+  const auto value_in = [&] {
+    h5::Handle file = h5::open_file(path, false);
+    return h5::read_string_attr(file.get(), "value", path);
+  };
+  h5::write_file_durably(path, "x", 0, "", writing("first", false, IoError("")));
+  EXPECT_EQ(value_in(), "first");
+  const std::vector<std::string> only_the_file = {"x.h5"};
+  EXPECT_THROW(h5::write_file_durably(path, "x", 0, "", writing("second", true, DataError(""))), DataError);
+  EXPECT_EQ(list_dir(dir.path()), only_the_file);
+  EXPECT_THROW(h5::write_file_durably(path, "x", 0, "", writing("second", true, IoError(""))), IoError);
+  EXPECT_EQ(list_dir(dir.path()), only_the_file);
+  try {
+    h5::write_file_durably(path, "the file '" + path + "'", std::uint64_t{1} << 62, "; free space",
+                           writing("second", true, IoError("")));
+    ADD_FAILURE() << "no error";
+  } catch (const IoError& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.rfind("writing the file '" + path + "' failed: the disk is full (ENOSPC", 0), 0u) << what;
+    EXPECT_EQ(what.substr(what.size() - 12), "; free space") << what;
+  }
+  EXPECT_EQ(value_in(), "first");
+  EXPECT_EQ(list_dir(dir.path()), only_the_file);
+  h5::write_file_durably(path, "x", 0, "", writing("second", false, IoError("")));
+  EXPECT_EQ(value_in(), "second");
+  EXPECT_EQ(list_dir(dir.path()), only_the_file);
+}
+
 TEST(FeatureCache, RoundTripsShardsAndMetadata) {
   testing::TempDir dir;
   const at::Tensor f1 = at::randn({10, 6}), f2 = at::randn({3, 6});
