@@ -218,7 +218,7 @@ class KeptHeap:
         self.libc.malloc_trim(0)
 
 
-def rates_side_by_side(runs, inputs, repeats=9):
+def rates_side_by_side(runs, repeats=9):
     """Median rows per second of each run (name -> (callable, inputs)) over `repeats` timed
     calls, the runs alternating call by call after two warm-ups each, so that a machine whose
     speed drifts slows both alike."""
@@ -237,7 +237,7 @@ def rates_side_by_side(runs, inputs, repeats=9):
                 if args[0].is_cuda:
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
-    return {name: inputs[0].shape[0] / sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {name: runs[name][1][0].shape[0] / sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def time_package_and_torchscript(package, torchscript, inputs, device, threads):
@@ -253,7 +253,7 @@ def time_package_and_torchscript(package, torchscript, inputs, device, threads):
     script = torch.jit.freeze(script)
     script_inputs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs)
     with KeptHeap():  # as canopy's trunk pass runs
-        return rates_side_by_side({"torchscript": (script, script_inputs), "pt2": (compiled, inputs)}, inputs)
+        return rates_side_by_side({"torchscript": (script, script_inputs), "pt2": (compiled, inputs)})
 
 
 def compare_with_torchscript(package, torchscript, inputs, out):
