@@ -886,28 +886,22 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
   h5::write_file_durably(
       final_path, "shard '" + final_path + "'", need,
       "; free space and run `canopy cache` again (the finished shards are kept)",
-      [&](const std::string& tmp) {
-        h5::QuietErrors quiet;
-        h5::Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-        // Every object 64-byte aligned: data regions can be read straight into tensors.
-        CANOPY_CHECK(H5Pset_alignment(fapl.get(), 0, 64) >= 0, IoError, "HDF5: set_alignment failed");
-        h5::Handle file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
-        CANOPY_CHECK(file, IoError, "HDF5: cannot create shard '", tmp, "'");
-        h5::write_attr(file.get(), "canopy_schema", schema_of(meta));
-        h5::write_attr(file.get(), "fingerprint", meta.fingerprint);
-        h5::write_attr(file.get(), "split", split);
-        h5::write_attr(file.get(), "first_row", info.first_row);
+      [&](hid_t file) {
+        h5::write_attr(file, "canopy_schema", schema_of(meta));
+        h5::write_attr(file, "fingerprint", meta.fingerprint);
+        h5::write_attr(file, "split", split);
+        h5::write_attr(file, "first_row", info.first_row);
         h5::Handle ftype = file_type(meta.dtype);
         h5::Handle fd =
-            h5::write_contiguous(file.get(), "features", ftype.get(), feature_mem_type(meta.dtype, ftype),
+            h5::write_contiguous(file, "features", ftype.get(), feature_mem_type(meta.dtype, ftype),
                                  features.data_ptr(), {rows, meta.feature_dim});
         h5::write_attr(fd.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
         info.features_offset = h5::data_offset(fd.get());
         h5::Handle idd =
-            h5::write_contiguous(file.get(), "ids", H5T_STD_I64LE, H5T_NATIVE_INT64, ids.data_ptr(), {rows});
+            h5::write_contiguous(file, "ids", H5T_STD_I64LE, H5T_NATIVE_INT64, ids.data_ptr(), {rows});
         info.ids_offset = h5::data_offset(idd.get());
         info.ids_crc32c = crc32c(ids.data_ptr(), rows * 8);
-        h5::Handle lg = h5::create_group(file.get(), "labels");
+        h5::Handle lg = h5::create_group(file, "labels");
         for (const auto& src : meta.label_sources) {
           const at::Tensor& l = labels.at(src);
           h5::Handle ld = h5::write_contiguous(lg.get(), src, label_file_type(meta, src),
@@ -916,13 +910,8 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
         }
         info.features_crc32c = block_crcs(static_cast<const std::uint8_t*>(features.data_ptr()),
                                           features.numel() * features.element_size());
-        CANOPY_CHECK(H5Fflush(file.get(), H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp,
-                     "' failed");
-        fd.reset();
-        idd.reset();
-        lg.reset();
-        file.close("shard '" + tmp + "'");
-      });
+      },
+      /*alignment=*/64);  // every object 64-byte aligned: data regions read straight into tensors
   info.bytes = file_size(final_path);
   manifest.shards.push_back(info);
   sort_shards(manifest.shards);
@@ -965,9 +954,7 @@ void FeatureCacheWriter::Impl::write_view() {
   const std::string path = view_path(dir);
   h5::write_file_durably(
       path, "the view '" + path + "'", 1024 * 1024,
-      "; free space and run `canopy cache` again (the shards are kept)", [&](const std::string& tmp) {
-        h5::Handle file = h5::create_file(tmp);
-        const hid_t root = file.get();
+      "; free space and run `canopy cache` again (the shards are kept)", [&](hid_t root) {
         h5::write_attr(root, "canopy_schema", schema_of(meta));
         for (const auto& [name, value] : view_attributes(meta)) h5::write_attr(root, name, value);
         h5::Handle ftype = file_type(meta.dtype);
@@ -993,10 +980,6 @@ void FeatureCacheWriter::Impl::write_view() {
             h5::create_virtual(lg.get(), src, label_file_type(meta, src), {total}, lsrc[src]);
           }
         }
-        ftype.reset();
-        // A close that fails would leave a file HDF5 may not have finished: checked, never renamed.
-        CANOPY_CHECK(H5Fflush(root, H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
-        file.close("'" + tmp + "'");
       });
 }
 

@@ -63,10 +63,15 @@ void Handle::close(const std::string& what) {
 }
 
 void write_file_durably(const std::string& path, const std::string& what, std::uint64_t need,
-                        const std::string& advice, const std::function<void(const std::string& tmp)>& write) {
+                        const std::string& advice, const std::function<void(hid_t file)>& write,
+                        std::uint64_t alignment) {
   const std::string tmp = temp_path_for(path);
   try {
-    write(tmp);
+    Handle file = create_file(tmp, alignment);
+    write(file.get());
+    QuietErrors quiet;
+    CANOPY_CHECK(H5Fflush(file.get(), H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
+    file.close("'" + tmp + "'");
   } catch (const IoError&) {
     std::remove(tmp.c_str());
     const std::string full = lack_of_space(parent_path(path), need);
@@ -97,9 +102,14 @@ Handle checked(hid_t id, Handle::Closer closer, const std::string& what) {
 void check(herr_t rc, const std::string& what) { CANOPY_CHECK(rc >= 0, IoError, "HDF5: ", what, " failed"); }
 }  // namespace
 
-Handle create_file(const std::string& path) {
+Handle create_file(const std::string& path, std::uint64_t alignment) {
   QuietErrors quiet;
-  return checked(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose,
+  Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+  CANOPY_CHECK(fapl, IoError, "HDF5: creating file access properties failed");
+  if (alignment > 0) {
+    CANOPY_CHECK(H5Pset_alignment(fapl.get(), 0, alignment) >= 0, IoError, "HDF5: set_alignment failed");
+  }
+  return checked(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose,
                  "creating file '" + path + "'");
 }
 

@@ -58,15 +58,19 @@ class QuietErrors {
 };
 
 // Writes the HDF5 file `path` so that a crash or a full disk never leaves a part of it there:
-// `write(tmp)` creates and fills a temporary file beside `path` and closes it with
-// Handle::close (checked), then the temporary is fsynced and renamed over `path`. When
+// creates a temporary file beside `path` (every object `alignment`-byte aligned when it is not
+// 0), lets `write(file)` fill it, flushes and closes it with both checked (a close that fails
+// leaves a file HDF5 may not have finished), then fsyncs it and renames it over `path`. When
 // anything throws, the temporary goes. HDF5 does not say why a write failed; when the
 // filesystem has fewer than `need` bytes free, the likely reason and the one a user can act
-// on, an IoError becomes "writing <what> failed: the disk is full (...)<advice>".
+// on, an IoError becomes "writing <what> failed: the disk is full (...)<advice>". Objects
+// `write` opens in the file must be closed when it returns.
 void write_file_durably(const std::string& path, const std::string& what, std::uint64_t need,
-                        const std::string& advice, const std::function<void(const std::string& tmp)>& write);
+                        const std::string& advice, const std::function<void(hid_t file)>& write,
+                        std::uint64_t alignment = 0);
 
-Handle create_file(const std::string& path);               // truncates
+// Truncates; every object `alignment`-byte aligned when it is not 0.
+Handle create_file(const std::string& path, std::uint64_t alignment = 0);
 Handle open_file(const std::string& path, bool writable);  // DataError if not HDF5
 Handle create_group(hid_t parent, const std::string& name);
 bool exists(hid_t parent, const std::string& path);

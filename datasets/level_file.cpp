@@ -41,16 +41,12 @@ void write_level(const std::string& path, const LevelFile& level) {
   CANOPY_CHECK(rows.dim() == 2, Error, "a cache level holds rows [N, D], got ", rows.sizes());
   make_dirs(parent_path(path));
   const auto need = static_cast<std::uint64_t>(rows.numel()) * sizeof(float) + 1024 * 1024;
-  h5::write_file_durably(path, "cache level '" + path + "'", need, "", [&](const std::string& tmp) {
-    h5::Handle file = h5::create_file(tmp);
-    h5::Handle data = h5::write_contiguous(file.get(), "rows", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
+  h5::write_file_durably(path, "cache level '" + path + "'", need, "", [&](hid_t file) {
+    h5::Handle data = h5::write_contiguous(file, "rows", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
                                            rows.const_data_ptr(), {rows.size(0), rows.size(1)});
     h5::write_attr(data.get(), "block", level.block);
     h5::write_attr(data.get(), "fingerprint", level.fingerprint);
     h5::write_attr(data.get(), "sha256", rows_sha256(rows));
-    CANOPY_CHECK(H5Fflush(file.get(), H5F_SCOPE_GLOBAL) >= 0, IoError, "HDF5: flushing '", tmp, "' failed");
-    data.reset();
-    file.close("cache level '" + tmp + "'");
   });
 }
 

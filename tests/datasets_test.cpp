@@ -162,11 +162,9 @@ TEST(Hdf5, ADurableWriteThatFailsKeepsTheFileBeforeItAndNoTemporary) {
   testing::TempDir dir;
   const std::string path = dir.file("x.h5");
   const auto writing = [](const std::string& value, bool fail, auto error) {
-    return [=](const std::string& tmp) {
-      h5::Handle file = h5::create_file(tmp);
-      h5::write_attr(file.get(), "value", value);
-      if (fail) throw decltype(error)("failed at '" + tmp + "'");
-      file.close("'" + tmp + "'");
+    return [=](hid_t file) {
+      h5::write_attr(file, "value", value);
+      if (fail) throw decltype(error)("failed writing '" + value + "'");
     };
   };
   const auto value_in = [&] {
