@@ -224,6 +224,11 @@ def temporaries(path):
     return [p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if ".tmp." in p]
 
 
+def view_bytes(cache):
+    """Each split's features, labels and ids as the cache's view gives them, as bytes."""
+    return {split: [a.tobytes() for a in arrays] for split, arrays in support.read_cache_view(cache).items()}
+
+
 def du(path):
     return int(subprocess.run(["du", "-sB1", path], capture_output=True, text=True, check=True).stdout.split()[0])
 
@@ -239,7 +244,7 @@ def cache_full_at_each_file(canopy, work, config):
     ref = os.path.join(work, "ref-cache")
     r = subprocess.run(cache + ["--set", f"cache.path={ref}"], capture_output=True, text=True)
     check(r.returncode == 0, f"a reference cache is built ({r.stderr.strip()[-200:]})")
-    want = {split: [a.tobytes() for a in arrays] for split, arrays in support.read_cache_view(ref).items()}
+    want = view_bytes(ref)
     # What the cache takes without its view: the free space at which the view is the file that
     # no longer fits (tmpfs counts whole pages).
     base = du(ref) - du(os.path.join(ref, "cache.h5"))
@@ -268,7 +273,7 @@ def cache_full_at_each_file(canopy, work, config):
                 check(r.returncode == 0, f"... then, with space, `canopy cache` finishes it ({r.stderr.strip()[-200:]})")
             v = subprocess.run([canopy, "inspect", "--verify", out], capture_output=True, text=True)
             try:
-                got = {split: [a.tobytes() for a in arrays] for split, arrays in support.read_cache_view(out).items()}
+                got = view_bytes(out)
             except OSError as e:
                 got = f"h5py cannot read the view: {e}"
             check(v.returncode == 0 and got == want,
