@@ -21,6 +21,7 @@
 #include "canopy/core/heap.h"
 #include "canopy/core/mpi.h"
 #include "canopy/core/sha256.h"
+#include "canopy/core/stop.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/runners/input_data.h"
@@ -389,6 +390,15 @@ void encode_shards(const JobConfig& config, const RowEncoder& trunk, const Input
     const std::int64_t window = !in.lengths.empty() && config.cache.shard_rows % (8 * bs) == 0 ? 8 * bs : bs;
     const std::int64_t slot_end = slot.first_row + slot.rows;
     for (std::int64_t w = slot.first_row; w < slot_end; w += window) {
+      if (const int signal = stop_signal()) {
+        // What is queued still gets written (WriteBehind drains it), so every shard it
+        // completes is kept.
+        throw Stopped(signal,
+                      detail::str_cat("stopped by ", signal_name(signal), " after ", report.rows_computed,
+                                      " rows: the finished shards are kept; run the same command again "
+                                      "to compute the rest (from ",
+                                      slot.split, " row ", slot.first_row, ")"));
+      }
       const std::int64_t wend = std::min(slot_end, w + window);
       const auto t0 = Clock::now();
       const at::Tensor features = encode_window(trunk, in, w, wend, bs, window, dim);

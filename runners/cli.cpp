@@ -22,6 +22,7 @@
 #include "canopy/core/progress.h"
 #include "canopy/core/sanitizers.h"
 #include "canopy/core/sha256.h"
+#include "canopy/core/stop.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/datasets/text.h"
@@ -323,7 +324,8 @@ std::string global_usage() {
     << "usage: canopy <command> [options]     canopy <command> --help     canopy --version\n\ncommands:\n";
   for (const auto& c : commands())
     o << "  " << std::left << std::setw(11) << c.name << " " << c.summary << "\n";
-  o << "\nexit codes: 0 ok, 1 data or runtime error, 2 bad usage or config, 3 a head FAILED\n";
+  o << "\nexit codes: 0 ok, 1 data or runtime error, 2 bad usage or config, 3 a head FAILED,\n            "
+       "130 or 143 stopped by Ctrl-C or SIGTERM (cache, train, run: what is done is kept)\n";
   return o.str();
 }
 
@@ -354,6 +356,10 @@ int run_command(const Command& c, const std::vector<std::string>& args, const ta
   CANOPY_CHECK(!mpi::distributed() || name == "cache" || name == "train" || name == "run", ConfigError,
                "canopy ", c.name, " runs in one process; under mpirun (", mpi::size(),
                " ranks) only cache, train and run spread their work: start it without mpirun");
+  // A long job in one process stops at its next safe point on Ctrl-C or SIGTERM, keeping what
+  // it has done (under mpirun the ranks could not agree on the point: the signals end the job).
+  std::optional<StopOnSignal> stop;
+  if (!mpi::distributed() && (name == "cache" || name == "train" || name == "run")) stop.emplace();
   return c.run(vm, registry, out, err);
 }
 
@@ -407,6 +413,9 @@ int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& reg
                                           args.begin() + static_cast<std::ptrdiff_t>(consumed), args.end()),
                                       registry, out, err),
                           out, err);
+  } catch (const Stopped& e) {
+    err << "canopy: " << printable(e.what()) << "\n";
+    return 128 + e.signal();  // as a shell reports a process the signal ended
   } catch (const ConfigError& e) {
     err << "canopy: config error" << on_rank() << ": " << printable(e.what()) << "\n";
     return kExitUsage;

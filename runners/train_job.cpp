@@ -19,6 +19,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/core/mpi.h"
 #include "canopy/core/sha256.h"
+#include "canopy/core/stop.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/batch_source.h"
 #include "canopy/datasets/feature_cache.h"
@@ -343,6 +344,9 @@ class EpochLoop {
       const TopEpoch top_epoch = top_ ? top_->end_epoch() : TopEpoch{};
       finish_epoch(epoch, active, top_epoch);
       progress.message(epoch_line(epoch, active) + top_line(top_epoch));
+      // The epoch's checkpoint is the place to stop; after the last epoch the run just ends.
+      if (const int signal = stop_signal(); signal != 0 && epoch + 1 < max_epochs_)
+        stop_at({epoch + 1, 0}, signal);
     }
     for (auto& r : runs_) {
       if (r.training()) r.state = tasks::TaskState::kDone;
@@ -352,6 +356,15 @@ class EpochLoop {
   }
 
  private:
+  // A stop asked for (StopOnSignal) once the checkpoint at `at` is saved: committed, then Stopped.
+  [[noreturn]] void stop_at(const CheckpointPosition& at, int signal) {
+    store_.flush();
+    throw Stopped(signal,
+                  detail::str_cat("stopped by ", signal_name(signal), ": the checkpoint in '", store_.dir(),
+                                  "' is whole and resumes at epoch ", at.epoch + 1, " step ", at.step,
+                                  "; run the same command with --resume to go on from it"));
+  }
+
   // The heads that train this epoch; a run resumed mid-epoch keeps its partial losses.
   std::vector<std::size_t> start_epoch(std::int64_t epoch, std::int64_t first_step) {
     std::vector<std::size_t> active;
@@ -437,9 +450,11 @@ class EpochLoop {
       if (config_.train.fail_fast) check_none_failed(active);
       const std::int64_t global_step = epoch * steps_per_epoch_ + step;
       const auto every = config_.train.checkpoint_steps;
-      if (every > 0 && global_step % every == 0 && step < steps_per_epoch_) {
+      const int signal = stop_signal();  // a stop asked for: a checkpoint here, then Stopped
+      if (step < steps_per_epoch_ && ((every > 0 && global_step % every == 0) || signal != 0)) {
         sync_runs();
         store_.save({epoch, step}, set_.tasks, runs_, top_);
+        if (signal != 0) stop_at({epoch, step}, signal);
       }
       cur = 1 - cur;
       count = next_count;

@@ -29,6 +29,7 @@
 #include "canopy/core/progress.h"
 #include "canopy/core/sanitizers.h"
 #include "canopy/core/sha256.h"
+#include "canopy/core/stop.h"
 #include "canopy/core/strings.h"
 #include "support/test_support.h"
 
@@ -126,6 +127,52 @@ TEST(RunInChild, ReturnsRethrowsAndTurnsACrashIntoADataErrorNamingTheLastMark) {
   // A long report arrives whole (more than a pipe's buffer).
   const std::string big(200000, 'x');
   EXPECT_EQ(message([&](const ChildMark&) { throw DataError(big); }), big);
+}
+
+TEST(StopOnSignal, TheFirstSignalAsksForAStopTheSecondEndsTheProcessAndIgnoredStaysIgnored) {
+  const auto outcome = [](const std::function<void()>& body) -> std::string {
+    try {
+      run_in_child(
+          "stop", [&](const ChildMark&) { body(); }, "");
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "returned";
+  };
+  // In a child each, since the signals are real and the second one ends the process.
+  EXPECT_EQ(
+      outcome([] {
+        const StopOnSignal stop;
+        CANOPY_CHECK(stop_signal() == 0, Error, "a stop before any signal");
+        std::raise(SIGTERM);
+        CANOPY_CHECK(stop_signal() == SIGTERM, Error, "stop_signal() is ", stop_signal(), " after SIGTERM");
+        std::raise(SIGINT);  // a different signal: its first one, only asks again
+        CANOPY_CHECK(stop_signal() == SIGINT, Error, "stop_signal() is ", stop_signal(), " after SIGINT");
+      }),
+      "returned");
+  EXPECT_NE(outcome([] {
+              const StopOnSignal stop;
+              std::raise(SIGTERM);
+              std::raise(SIGTERM);
+            }).find("SIGTERM"),
+            std::string::npos)
+      << "the second SIGTERM ends the process";
+  EXPECT_EQ(outcome([] {
+              std::signal(SIGINT, SIG_IGN);
+              const StopOnSignal stop;
+              std::raise(SIGINT);
+              CANOPY_CHECK(stop_signal() == 0, Error, "an ignored SIGINT asked for a stop");
+            }),
+            "returned");
+  EXPECT_NE(outcome([] {
+              { const StopOnSignal stop; }
+              std::raise(SIGTERM);  // handed back as it was: the default ends the process
+            }).find("SIGTERM"),
+            std::string::npos);
+  EXPECT_EQ(signal_name(SIGINT), "SIGINT");
+  EXPECT_EQ(signal_name(SIGHUP), "SIGHUP");
+  const Stopped stopped(SIGTERM, "kept");
+  EXPECT_EQ(stopped.signal(), SIGTERM);
 }
 
 TEST(Crc32c, KnownVectorsAndTheDefinitionAtEveryLengthAndAlignment) {

@@ -197,15 +197,17 @@ def slowdown():
     return float(os.environ.get("CANOPY_TEST_SLOWDOWN", "1"))
 
 
-def kill_when(cmd, json_path, reached, timeout=120, env=None):
-    """Starts `cmd`, polls the JSON file `json_path` until `reached(doc)` is true, then
-    SIGKILLs the process. Returns (returncode, the document that triggered the kill or None)."""
+def kill_when(cmd, json_path, reached, timeout=120, env=None, sig=None, stderr=None, preexec_fn=None):
+    """Starts `cmd`, polls the JSON file `json_path` until `reached(doc)` is true, then sends
+    the process `sig` (SIGKILL by default). Returns (returncode, the document that triggered
+    the signal or None); appends the process's standard error, as text, to the list `stderr`."""
     import json
     import signal
     import subprocess
     import time
 
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    sig = signal.SIGKILL if sig is None else sig
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=preexec_fn)
     deadline = time.time() + timeout * slowdown()
     seen = None
     while time.time() < deadline and p.poll() is None:
@@ -213,11 +215,13 @@ def kill_when(cmd, json_path, reached, timeout=120, env=None):
             with open(json_path) as f:
                 doc = json.load(f)
             if reached(doc):
-                p.send_signal(signal.SIGKILL)
+                p.send_signal(sig)
                 seen = doc
                 break
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             pass
         time.sleep(0.002)
-    p.communicate()
+    _, err = p.communicate()
+    if stderr is not None:
+        stderr.append(err.decode(errors="replace"))
     return p.returncode, seen

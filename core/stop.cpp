@@ -1,0 +1,62 @@
+#include "canopy/core/stop.h"
+
+#include <atomic>
+#include <csignal>
+#include <cstring>
+
+#include <unistd.h>
+
+namespace canopy {
+
+namespace {
+std::atomic<int> g_stop{0};
+static_assert(std::atomic<int>::is_always_lock_free, "the signal handler stores into it");
+
+extern "C" void on_stop_signal(int signal) {
+  g_stop.store(signal, std::memory_order_relaxed);
+  // Only async-signal-safe calls here: one write(2) of a fixed text.
+  static const char text[] =
+      "\ncanopy: stopping at the next safe point, keeping what is done (the same signal again ends it now)\n";
+  const ssize_t ignored = ::write(STDERR_FILENO, text, sizeof text - 1);
+  (void)ignored;
+}
+
+constexpr int kSignals[] = {SIGINT, SIGTERM};
+}  // namespace
+
+struct StopOnSignal::Saved {
+  struct sigaction old[2];
+  bool taken[2] = {false, false};
+};
+
+StopOnSignal::StopOnSignal() : saved_(std::make_unique<Saved>()) {
+  g_stop.store(0, std::memory_order_relaxed);
+  for (int k = 0; k < 2; ++k) {
+    struct sigaction now {};
+    if (::sigaction(kSignals[k], nullptr, &now) != 0 || now.sa_handler == SIG_IGN) continue;
+    struct sigaction act {};
+    act.sa_handler = on_stop_signal;
+    sigemptyset(&act.sa_mask);
+    act.sa_flags = SA_RESETHAND | SA_RESTART;  // the second signal meets the default action
+    saved_->taken[k] = ::sigaction(kSignals[k], &act, &saved_->old[k]) == 0;
+  }
+}
+
+StopOnSignal::~StopOnSignal() {
+  for (int k = 0; k < 2; ++k) {
+    if (saved_->taken[k]) ::sigaction(kSignals[k], &saved_->old[k], nullptr);
+  }
+}
+
+int stop_signal() { return g_stop.load(std::memory_order_relaxed); }
+
+void request_stop(int signal) { g_stop.store(signal, std::memory_order_relaxed); }
+
+std::string signal_name(int signal) {
+  if (signal == SIGINT) return "SIGINT";
+  if (signal == SIGTERM) return "SIGTERM";
+  const char* abbrev = ::sigabbrev_np(signal);
+  return abbrev ? std::string("SIG") + abbrev : "signal " + std::to_string(signal);
+}
+
+}  // namespace canopy
