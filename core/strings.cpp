@@ -205,4 +205,47 @@ std::string format_duration(double seconds) {
   return buf;
 }
 
+namespace {
+// Optimal string alignment distance: edits of one character, and swaps of two neighbours.
+std::size_t edit_distance(const std::string& a, const std::string& b) {
+  const std::size_t n = a.size(), m = b.size();
+  std::vector<std::vector<std::size_t>> d(n + 1, std::vector<std::size_t>(m + 1));
+  for (std::size_t i = 0; i <= n; ++i) d[i][0] = i;
+  for (std::size_t j = 0; j <= m; ++j) d[0][j] = j;
+  for (std::size_t i = 1; i <= n; ++i) {
+    for (std::size_t j = 1; j <= m; ++j) {
+      const std::size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
+      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1])
+        d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+    }
+  }
+  return d[n][m];
+}
+}  // namespace
+
+std::string closest_match(std::string_view word, const std::vector<std::string>& candidates) {
+  const std::string w = lower_ascii(std::string(word));
+  const std::size_t limit = std::min<std::size_t>(w.size() <= 4 ? 1 : 2, w.empty() ? 0 : w.size() - 1);
+  std::string best;
+  std::size_t best_distance = limit + 1;
+  bool tie = false;
+  for (const auto& c : candidates) {
+    const std::size_t d = edit_distance(w, lower_ascii(c));
+    if (d < best_distance) {
+      best = c;
+      best_distance = d;
+      tie = false;
+    } else if (d == best_distance && c != best) {
+      tie = true;
+    }
+  }
+  return tie || best_distance > limit ? std::string() : best;
+}
+
+std::string did_you_mean(std::string_view word, const std::vector<std::string>& candidates) {
+  const std::string m = closest_match(word, candidates);
+  return m.empty() ? std::string() : " (did you mean '" + m + "'?)";
+}
+
 }  // namespace canopy

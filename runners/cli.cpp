@@ -133,14 +133,18 @@ int run_job(const std::string& command, const po::variables_map& vm, const tasks
   // Under mpirun, rank 0 prints the reports (every rank logs its own lines to stderr).
   std::ostringstream elsewhere;
   std::ostream& report_out = mpi::rank() == 0 ? out : elsewhere;
+  if (command != "cache") {  // before `run` spends its time on the cache
+    std::vector<std::string> heads;
+    for (const auto& [name, description] : registry.list()) heads.push_back(name);
+    for (const auto& t : config.tasks) {
+      CANOPY_CHECK(registry.contains(t.head), ConfigError, "task '", t.name, "': unknown head '", t.head, "'",
+                   did_you_mean(t.head, heads), " (see `canopy heads`)");
+    }
+  }
   if (command == "cache" || command == "run") {
     print_cache_report(run_cache(config, vm.count("force") > 0, nullptr, style), report_out);
   }
   if (command == "cache") return kExitOk;
-  for (const auto& t : config.tasks) {
-    CANOPY_CHECK(registry.contains(t.head), ConfigError, "task '", t.name, "': unknown head '", t.head,
-                 "' (see `canopy heads`)");
-  }
   const TrainReport report = run_train(config, registry, style, vm.count("resume") > 0);
   if (mpi::rank() != 0) return kExitOk;  // rank 0 reports every head
   out << "\n" << format_summary(report);

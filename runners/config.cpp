@@ -581,10 +581,10 @@ tasks::TaskConfig task_from_keys(const std::string& name, const std::string& sec
     if (k == keys.end()) {
       std::vector<std::string> names;
       for (const auto& x : keys) names.push_back(x.name);
-      throw ConfigError(detail::str_cat("unknown key '", key, "' (in ", source, "): a task has the keys ",
-                                        join(names, ", "), "; a head option is written head.", sub, " = ",
-                                        value, " (or ", sub, " = ", value, " in a [task.", section,
-                                        ".head] section)"));
+      throw ConfigError(detail::str_cat("unknown key '", key, "'", did_you_mean(sub, names), " (in ", source,
+                                        "): a task has the keys ", join(names, ", "),
+                                        "; a head option is written head.", sub, " = ", value, " (or ", sub,
+                                        " = ", value, " in a [task.", section, ".head] section)"));
     }
     k->set(t, value, key + " (in " + source + ")");
   }
@@ -718,9 +718,11 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
     used.insert(it->first);
   }
   c.tasks = tasks_from_values(values, source, used);
+  std::vector<std::string> known;
+  for (const auto& k : job_keys()) known.push_back(k.full_name());
   std::vector<std::string> unknown;
   for (const auto& kv : values) {
-    if (!used.count(kv.first)) unknown.push_back(kv.first);
+    if (!used.count(kv.first)) unknown.push_back(kv.first + did_you_mean(kv.first, known));
   }
   CANOPY_CHECK(unknown.empty(), ConfigError, "unknown config key(s) in ", source, ": ", join(unknown, ", "),
                " (`canopy keys` lists every key)");

@@ -45,9 +45,10 @@ std::vector<std::int64_t> HeadParams::get_int_list(const std::string& key,
 void HeadParams::check_all_used(const std::string& head) const {
   std::vector<std::string> unused;
   unused_.clear();
+  const std::vector<std::string> read(used_.begin(), used_.end());  // every option the head asked for
   for (const auto& kv : values_) {
     if (used_.count(kv.first)) continue;
-    unused.push_back(what(kv.first));
+    unused.push_back(what(kv.first) + did_you_mean(kv.first, read));
     unused_.push_back(kv.first);
   }
   if (leave_out_unused_) return;
@@ -68,8 +69,9 @@ heads::HeadPtr HeadRegistry::create(const std::string& name, const HeadSpec& spe
   if (it == entries_.end()) {
     std::vector<std::string> known;
     for (const auto& kv : entries_) known.push_back(kv.first);
-    throw ConfigError(detail::str_cat("task '", spec.params.task(), "': unknown head '", name,
-                                      "' (registered heads: ", join(known, ", "), ")"));
+    throw ConfigError(detail::str_cat("task '", spec.params.task(), "': unknown head '", name, "'",
+                                      did_you_mean(name, known), " (registered heads: ", join(known, ", "),
+                                      ")"));
   }
   heads::HeadPtr head = it->second.factory(spec);
   CANOPY_CHECK(head != nullptr, ConfigError, "head factory '", name, "' returned no head");

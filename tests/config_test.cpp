@@ -55,9 +55,21 @@ TEST(Config, CommandLineOverridesFile) {
 TEST(Config, ErrorsNameKeyValueAndFile) {
   testing::TempDir dir;
   write_file_atomic(dir.file("c.ini"), kConfig);
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { load_job_config(dir.file("c.ini"), {"train.epoch=3"}); },
+      {"unknown config key", "train.epoch (did you mean 'train.epochs'?)", "c.ini"}));
   EXPECT_TRUE(
-      testing::throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"train.epoch=3"}); },
-                                        {"unknown config key", "train.epoch", "c.ini"}));
+      testing::throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"trian.batch_size=3"}); },
+                                        {"trian.batch_size (did you mean 'train.batch_size'?)"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { load_job_config(dir.file("c.ini"), {"task.fine.optimiser=adam"}); },
+      {"unknown key 'task.fine.optimiser' (did you mean 'optimizer'?)", "a task has the keys"}));
+  try {
+    load_job_config(dir.file("c.ini"), {"train.zzzz=1"});
+    ADD_FAILURE() << "train.zzzz was accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(std::string(e.what()).find("did you mean"), std::string::npos) << e.what();
+  }
   EXPECT_TRUE(testing::throws_with<ConfigError>(
       [&] { load_job_config(dir.file("c.ini"), {"train.epochs=three"}); }, {"train.epochs", "'three'"}));
   EXPECT_TRUE(testing::throws_with<ConfigError>(

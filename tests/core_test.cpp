@@ -349,6 +349,22 @@ TEST(Strings, ParseErrorsNameTheValue) {
   EXPECT_TRUE(split("  ", ',').empty());
 }
 
+TEST(Strings, ClosestMatchSuggestsOnlyAnUnambiguousNearMiss) {
+  const std::vector<std::string> keys = {"train.epochs", "train.batch_size", "train.seed", "lr", "lr_decay"};
+  EXPECT_EQ(closest_match("train.epoch", keys), "train.epochs");           // a letter missing
+  EXPECT_EQ(closest_match("train.batchsize", keys), "train.batch_size");   // the underscore missing
+  EXPECT_EQ(closest_match("train.bacth_size", keys), "train.batch_size");  // two letters swapped
+  EXPECT_EQ(closest_match("Train.Seed", keys), "train.seed");              // case ignored
+  EXPECT_EQ(closest_match("train.speed", keys), "train.seed");
+  EXPECT_EQ(closest_match("lt", keys), "lr");
+  EXPECT_EQ(closest_match("x", keys), "") << "one letter is never a near miss";
+  EXPECT_EQ(closest_match("train.zzzz", keys), "");
+  EXPECT_EQ(closest_match("lr_decy", keys), "lr_decay");
+  EXPECT_EQ(closest_match("ab", {"aa", "bb"}), "") << "two equally close: no guess";
+  EXPECT_EQ(did_you_mean("hiden", {"hidden", "dropout"}), " (did you mean 'hidden'?)");
+  EXPECT_EQ(did_you_mean("width", {"hidden", "dropout"}), "");
+}
+
 TEST(Strings, CsvFieldQuotesOnlyWhatNeedsIt) {
   EXPECT_EQ(csv_field("class_linear"), "class_linear");
   EXPECT_EQ(csv_field("probe@hidden=512,256"), "\"probe@hidden=512,256\"");

@@ -469,6 +469,17 @@ TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
             kExitUsage);
   EXPECT_NE(err.str().find("head.gamma_head = 2"), std::string::npos) << err.str();
 
+  // A head type misspelt: `run` refuses it with the likely name before it builds any cache.
+  out.str("");
+  err.str("");
+  EXPECT_EQ(run_cli({"run", "--config", config_path_, "--progress", "quiet", "--set",
+                     "task.class_mlp.head=tiny_lienar", "--set", "cache.path=" + dir_.file("never")},
+                    registry_, out, err),
+            kExitUsage);
+  EXPECT_NE(err.str().find("unknown head 'tiny_lienar' (did you mean 'tiny_linear'?)"), std::string::npos)
+      << err.str();
+  EXPECT_FALSE(is_directory(dir_.file("never"))) << "a cache was built for a run that cannot train";
+
   std::ofstream(config_path_, std::ios::app) << "[task.custom]\nhead = tiny_linear\n";
   out.str("");
   err.str("");

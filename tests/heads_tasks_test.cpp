@@ -119,7 +119,10 @@ TEST(Registry, BuiltinsAndErrors) {
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { r.create("conv", spec); },
                                                 {"unknown head 'conv'", "linear, mlp"}));
   HeadSpec typo{8, 3, HeadParams("t", {{"hiden", "5"}})};
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { r.create("mlp", typo); }, {"task.t.head.hiden"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { r.create("mlp", typo); },
+                                                {"task.t.head.hiden (did you mean 'hidden'?)"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { r.create("mpl", spec); },
+                                                {"unknown head 'mpl' (did you mean 'mlp'?)"}));
   EXPECT_TRUE(testing::throws_with<ConfigError>(
       [&] {
         r.add(

@@ -46,4 +46,12 @@ std::string expand_env(std::string_view s);
 // Formats seconds as "1m 05s" / "3.2s".
 std::string format_duration(double seconds);
 
+// The candidate a mistyped `word` most likely meant, for "did you mean" in errors: the one
+// fewest single-character edits away (insert, delete, replace, swap two neighbours; case
+// ignored), if that is at most 1 for words of up to 4 characters, 2 for longer ones, and
+// fewer than the word's length; "" when none is that close or two are equally close.
+std::string closest_match(std::string_view word, const std::vector<std::string>& candidates);
+// " (did you mean 'x'?)" for closest_match's answer, or "".
+std::string did_you_mean(std::string_view word, const std::vector<std::string>& candidates);
+
 }  // namespace canopy
