@@ -33,7 +33,7 @@ def main():
     canopy, work, trunk = start("canopy-stop-", slow_conv_trunk, "slow.pt")
     env = dict(os.environ, OMP_NUM_THREADS="2")
 
-    def config(name, cache, extra=""):
+    def config(name, cache):
         path = os.path.join(work, name + ".ini")
         with open(path, "w") as f:
             f.write(tiny_trunk_sections(trunk, 3000, 500) + f"""[cache]
@@ -52,7 +52,7 @@ head = mlp
 head.hidden = 64
 head.dropout = 0.3
 lr = 0.001
-""" + extra)
+""")
         return path
 
     ref_cache, cut_cache = os.path.join(work, "ref"), os.path.join(work, "cut")
