@@ -364,7 +364,11 @@ int run_command(const Command& c, const std::vector<std::string>& args, const ta
   // it has done (under mpirun the ranks could not agree on the point: the signals end the job).
   std::optional<StopOnSignal> stop;
   if (!mpi::distributed() && (name == "cache" || name == "train" || name == "run")) stop.emplace();
-  return c.run(vm, registry, out, err);
+  const int rc = c.run(vm, registry, out, err);
+  if (stop && stop_signal() != 0) {
+    err << "canopy: " << signal_name(stop_signal()) << " came after the job's last safe point: it finished\n";
+  }
+  return rc;
 }
 
 // " on rank 1 of 3" under mpirun, for error messages; empty otherwise.
