@@ -80,6 +80,16 @@ CheckpointStore::CheckpointStore(std::string dir, std::string config_identity)
 
 bool CheckpointStore::exists() const { return is_regular_file(state_path()); }
 
+std::optional<CheckpointPosition> CheckpointStore::peek() const {
+  if (!exists()) return std::nullopt;
+  try {
+    const auto st = nlohmann::json::parse(read_file(state_path()));
+    return CheckpointPosition{st.at("epoch").get<std::int64_t>(), st.at("step").get<std::int64_t>()};
+  } catch (const std::exception&) {
+    return std::nullopt;  // unreadable: --resume says what is wrong with it
+  }
+}
+
 std::string CheckpointStore::task_file(const std::string& task, std::int64_t generation) const {
   return dir_ + "/" + task + "." + std::to_string(generation) + ".pt";
 }

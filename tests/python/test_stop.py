@@ -10,6 +10,7 @@ background job of a shell script) keeps ignoring it.
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,6 +110,15 @@ lr = 0.001
           f"its checkpoint is where it stopped, after the first epoch's (epoch {st['epoch']} step {st['step']})")
     left = glob.glob(os.path.join(out, "**", "*.tmp.*"), recursive=True)
     check(not left, f"no temporary file left behind ({left})")
+    # The same command without --resume says what it is about to replace (on a copy).
+    shutil.copytree(out, out + "-copy")
+    r = subprocess.run([canopy, "train", "--config", ref_cfg, "--set", f"train.out_dir={out}-copy",
+                        "--progress", "quiet"], capture_output=True, text=True)
+    plural = lambda n, what: f"{n} {what}" + ("" if n == 1 else "s")
+    done = plural(st["epoch"], "epoch") + (" and " + plural(st["step"], "step") if st["step"] else "") + " done"
+    said = [l for l in r.stderr.splitlines() if "earlier run" in l]
+    check(r.returncode == 0 and said and f"({done})" in said[0] and "--resume" in said[0],
+          f"a fresh run in its out_dir says it replaces the checkpoint ({done}): {said}")
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     said = [l for l in r.stderr.splitlines() if "resuming" in l]
     check(r.returncode == 0 and said, f"--resume finishes: {said}")

@@ -77,6 +77,9 @@ class CheckpointStore {
   // Restores one task from the generation this store last wrote or loaded (under mpirun, a
   // head another rank trained until then).
   void load_task(tasks::Task& task);
+  // Where the checkpoint on disk stands, read from state.json without checking or loading
+  // anything; empty when there is none or it does not parse.
+  std::optional<CheckpointPosition> peek() const;
   // Where the checkpoint whole on disk resumes (the generation last committed or loaded);
   // empty while this run has none. A save still being written is not counted.
   const std::optional<CheckpointPosition>& committed() const { return committed_; }
