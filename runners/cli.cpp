@@ -387,7 +387,8 @@ const Command& find_command(const std::vector<std::string>& args, std::size_t& c
   for (const auto& c : commands()) {
     if (name == c.name) return c;
   }
-  throw ConfigError("unknown command '" + name + "' (commands: " + join(cli_commands(), ", ") + ")");
+  throw ConfigError("unknown command '" + name + "'" + did_you_mean(name, cli_commands()) +
+                    " (commands: " + join(cli_commands(), ", ") + ")");
 }
 
 // What a command wrote to `out` (standard output: perhaps a file on a full disk) must have got

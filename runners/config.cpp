@@ -204,8 +204,14 @@ Key<Cfg> choice(std::string section, std::string name, Ref ref, Parse parse, Nam
   k.name = std::move(name);
   k.type = "choice";
   k.help = std::move(help);
-  k.set = [ref, parse](Cfg& c, const std::string& value, const std::string& where) {
-    ref(c) = parse(value, where);
+  k.set = [ref, parse, choices](Cfg& c, const std::string& value, const std::string& where) {
+    try {
+      ref(c) = parse(value, where);
+    } catch (const ConfigError& e) {
+      const std::string hint = did_you_mean(value, choices);
+      if (hint.empty()) throw;
+      throw ConfigError(e.what() + hint);
+    }
   };
   k.get = [ref, to_name](const Cfg& c) { return std::string(to_name(ref(const_cast<Cfg&>(c)))); };
   k.numbers = [](const Cfg&) { return std::vector<double>{}; };
@@ -549,7 +555,7 @@ void check_range(const Key<Cfg>& k, const Cfg& c, const std::string& where) {
   if (!k.choices.empty() && k.type != "choice") {
     const std::string v = k.get(c);
     CANOPY_CHECK(std::find(k.choices.begin(), k.choices.end(), v) != k.choices.end(), ConfigError, where,
-                 ": expected ", join(k.choices, ", "), ", got '", v, "'");
+                 ": expected ", join(k.choices, ", "), ", got '", v, "'", did_you_mean(v, k.choices));
   }
   for (double x : k.numbers(c)) {
     CANOPY_CHECK(std::isfinite(x), ConfigError, where, " must be finite, got ", x);

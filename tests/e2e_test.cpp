@@ -495,6 +495,9 @@ TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
   EXPECT_NE(out.str().find("tiny_linear"), std::string::npos);
   EXPECT_EQ(run_cli({"train"}, registry_, out, err), kExitUsage);
   EXPECT_EQ(run_cli({"frobnicate"}, registry_, out, err), kExitUsage);
+  EXPECT_EQ(run_cli({"trian"}, registry_, out, err), kExitUsage);
+  EXPECT_NE(err.str().find("unknown command 'trian' (did you mean 'train'?)"), std::string::npos)
+      << err.str();
 }
 
 TEST_F(EndToEnd, TrunkShowAndTokenizeFromTheCli) {
