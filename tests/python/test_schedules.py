@@ -48,14 +48,23 @@ def same_files(a, b, names):
 
 
 def resume_matches(canopy, config, out, reference, targets, what, extra_files=()):
-    """SIGKILLs `canopy train` at each (epoch, step) in `targets`, resumes to the end, and
-    checks that heads, trunk and `extra_files` are bitwise those of `reference`."""
+    """Interrupts `canopy train` at each (epoch, step) in `targets`: SIGKILL, except the last
+    of several, which SIGTERM stops (a checkpoint at the step where it stopped); resumes to the
+    end, and checks that heads, trunk and `extra_files` are bitwise those of `reference`."""
     import torch
     cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"]
     for i, target in enumerate(targets):
+        stop = len(targets) > 1 and i == len(targets) - 1
         rc, st = kill_when(cmd + (["--resume"] if i else []), f"{out}/checkpoint/state.json",
-                           lambda s: (s["epoch"], s["step"]) >= target)
-        check(rc == -signal.SIGKILL and st is not None, f"{what}: killed by SIGKILL at {st and (st['epoch'], st['step'])}")
+                           lambda s: (s["epoch"], s["step"]) >= target, sig=signal.SIGTERM if stop else None)
+        at = st and (st["epoch"], st["step"])
+        if stop:
+            saved = json.load(open(f"{out}/checkpoint/state.json"))
+            where = (saved["epoch"], saved["step"])
+            check(rc == 128 + signal.SIGTERM and st is not None and where >= at,
+                  f"{what}: stopped by SIGTERM after {at}, its checkpoint at {where} (exit {rc})")
+        else:
+            check(rc == -signal.SIGKILL and st is not None, f"{what}: killed by SIGKILL at {at}")
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     check(r.returncode == 0, f"{what}: --resume finishes ({r.stderr[-300:]})")
     a, b = state(f"{out}/trunk.pt"), state(f"{reference}/trunk.pt")
