@@ -27,6 +27,7 @@
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/datasets/text.h"
 #include "canopy/runners/cache_job.h"
+#include "canopy/runners/checkpoint_store.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/predict_job.h"
 #include "canopy/runners/train_job.h"
@@ -192,12 +193,34 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   return kExitOk;
 }
 
+// A training run's out_dir given to `inspect` instead of a cache: say what it is, how far its
+// checkpoint got, and the cache it trained on.
+void refuse_run_dir(const std::string& path) {
+  if (is_regular_file(join_path(path, "manifest.json"))) return;
+  const std::string resolved = join_path(path, "config.ini");
+  if (!is_regular_file(resolved) && !is_directory(join_path(path, "checkpoint"))) return;
+  std::string progress, cache;
+  if (const auto at = CheckpointStore(join_path(path, "checkpoint"), "").peek()) {
+    progress = detail::str_cat(" (its checkpoint: ", at->epoch, " epoch(s)",
+                               at->step > 0 ? detail::str_cat(" and ", at->step, " step(s)") : std::string(),
+                               " done)");
+  }
+  try {
+    cache =
+        detail::str_cat("; the cache it trained on: canopy inspect ", load_job_config(resolved).cache.path);
+  } catch (const Error&) {
+    // config.ini unreadable or gone: the hint is left out
+  }
+  throw DataError(detail::str_cat("'", path, "' is a training run's out_dir, not a cache", progress, cache));
+}
+
 int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out,
                         std::ostream&) {
   std::optional<JobConfig> config;
   if (vm.count("config")) config = config_from(vm, "inspect");
   CANOPY_CHECK(vm.count("path") || config, ConfigError, "canopy inspect: give a cache PATH or --config FILE");
   const std::string path = vm.count("path") ? vm["path"].as<std::string>() : config->cache.path;
+  refuse_run_dir(path);
   bool ok = false;
   out << inspect_cache(path, config ? &*config : nullptr, vm.count("verify") > 0, &ok);
   return ok ? kExitOk : kExitError;

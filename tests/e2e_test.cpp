@@ -489,6 +489,14 @@ TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
       << err.str();
   EXPECT_NE(out.str().find("custom"), std::string::npos) << out.str();
   EXPECT_NE(out.str().find("linear 32-10"), std::string::npos) << out.str();
+  // The run's out_dir given to inspect: what it is, how far it got, and its cache.
+  err.str("");
+  EXPECT_EQ(run_cli({"inspect", dir_.file("out")}, registry_, out, err), kExitError);
+  EXPECT_NE(err.str().find("is a training run's out_dir, not a cache (its checkpoint: 2 epoch(s) done); the "
+                           "cache it trained on: canopy inspect " +
+                           dir_.file("cache")),
+            std::string::npos)
+      << err.str();
 
   out.str("");
   EXPECT_EQ(run_cli({"heads"}, registry_, out, err), kExitOk);
