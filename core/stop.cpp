@@ -21,17 +21,18 @@ extern "C" void on_stop_signal(int signal) {
   (void)ignored;
 }
 
-constexpr int kSignals[] = {SIGINT, SIGTERM};
+constexpr int kSignals[] = {SIGINT, SIGTERM, SIGHUP};
+constexpr int kCount = sizeof kSignals / sizeof kSignals[0];
 }  // namespace
 
 struct StopOnSignal::Saved {
-  struct sigaction old[2];
-  bool taken[2] = {false, false};
+  struct sigaction old[kCount];
+  bool taken[kCount] = {};
 };
 
 StopOnSignal::StopOnSignal() : saved_(std::make_unique<Saved>()) {
   g_stop.store(0, std::memory_order_relaxed);
-  for (int k = 0; k < 2; ++k) {
+  for (int k = 0; k < kCount; ++k) {
     struct sigaction now {};
     if (::sigaction(kSignals[k], nullptr, &now) != 0 || now.sa_handler == SIG_IGN) continue;
     struct sigaction act {};
@@ -43,7 +44,7 @@ StopOnSignal::StopOnSignal() : saved_(std::make_unique<Saved>()) {
 }
 
 StopOnSignal::~StopOnSignal() {
-  for (int k = 0; k < 2; ++k) {
+  for (int k = 0; k < kCount; ++k) {
     if (saved_->taken[k]) ::sigaction(kSignals[k], &saved_->old[k], nullptr);
   }
 }
@@ -55,6 +56,7 @@ void request_stop(int signal) { g_stop.store(signal, std::memory_order_relaxed);
 std::string signal_name(int signal) {
   if (signal == SIGINT) return "SIGINT";
   if (signal == SIGTERM) return "SIGTERM";
+  if (signal == SIGHUP) return "SIGHUP";
   const char* abbrev = ::sigabbrev_np(signal);
   return abbrev ? std::string("SIG") + abbrev : "signal " + std::to_string(signal);
 }

@@ -352,7 +352,7 @@ std::string global_usage() {
   for (const auto& c : commands())
     o << "  " << std::left << std::setw(11) << c.name << " " << c.summary << "\n";
   o << "\nexit codes: 0 ok, 1 data or runtime error, 2 bad usage or config, 3 a head FAILED,\n            "
-       "130 or 143 stopped by Ctrl-C or SIGTERM (cache, train, run: what is done is kept)\n";
+       "129, 130, 143: stopped by SIGHUP, SIGINT (Ctrl-C), SIGTERM; what was done is kept\n";
   return o.str();
 }
 

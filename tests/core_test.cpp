@@ -148,6 +148,8 @@ TEST(StopOnSignal, TheFirstSignalAsksForAStopTheSecondEndsTheProcessAndIgnoredSt
         CANOPY_CHECK(stop_signal() == SIGTERM, Error, "stop_signal() is ", stop_signal(), " after SIGTERM");
         std::raise(SIGINT);  // a different signal: its first one, only asks again
         CANOPY_CHECK(stop_signal() == SIGINT, Error, "stop_signal() is ", stop_signal(), " after SIGINT");
+        std::raise(SIGHUP);  // the terminal gone
+        CANOPY_CHECK(stop_signal() == SIGHUP, Error, "stop_signal() is ", stop_signal(), " after SIGHUP");
       }),
       "returned");
   EXPECT_NE(outcome([] {

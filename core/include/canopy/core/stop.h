@@ -1,12 +1,13 @@
-// Stopping a long job at its next safe point, on SIGINT or SIGTERM.
+// Stopping a long job at its next safe point, on SIGINT, SIGTERM or SIGHUP.
 //
-// While a StopOnSignal lives, SIGINT (Ctrl-C) and SIGTERM (`kill`, a batch scheduler's
-// preemption) no longer end the process at once: the first one asks for a stop, which
-// `canopy cache` honours before its next trunk batch and `canopy train` after its current
-// window of steps. The job keeps what it has (the shards already written; a checkpoint at that
-// step), and throws Stopped, which the CLI reports with exit status 128 + the signal's number,
-// as a shell shows a process the signal ended. A second signal ends the process at once. A
-// signal the process was started to ignore (`nohup`, a background job) stays ignored.
+// While a StopOnSignal lives, SIGINT (Ctrl-C), SIGTERM (`kill`, a batch scheduler's
+// preemption) and SIGHUP (the terminal or ssh session gone) no longer end the process at
+// once: the first one asks for a stop, which `canopy cache` honours before its next trunk
+// batch and `canopy train` after its current window of steps. The job keeps what it has (the
+// shards already written; a checkpoint at that step), and throws Stopped, which the CLI
+// reports with exit status 128 + the signal's number, as a shell shows a process the signal
+// ended. A second signal of the same kind ends the process at once. A signal the process was
+// started to ignore (`nohup`, a background job) stays ignored.
 // Process-wide, one at a time; the CLI sets one up for cache, train and run in one process
 // (under mpirun the ranks could not agree on where to stop, and the signals end the job).
 #pragma once
@@ -20,7 +21,7 @@ namespace canopy {
 
 class StopOnSignal {
  public:
-  StopOnSignal();   // takes SIGINT and SIGTERM; clears any stop asked for before
+  StopOnSignal();   // takes SIGINT, SIGTERM and SIGHUP; clears any stop asked for before
   ~StopOnSignal();  // gives them back as they were
   StopOnSignal(const StopOnSignal&) = delete;
   StopOnSignal& operator=(const StopOnSignal&) = delete;
