@@ -243,6 +243,23 @@ std::string closest_match(std::string_view word, const std::vector<std::string>&
   return tie || best_distance > limit ? std::string() : best;
 }
 
+std::vector<std::string> map_changes(const std::map<std::string, std::string>& before,
+                                     const std::map<std::string, std::string>& after) {
+  std::vector<std::string> out;
+  for (const auto& [k, v] : after) {
+    const auto it = before.find(k);
+    if (it == before.end()) {
+      out.push_back(k + " (new)");
+    } else if (it->second != v) {
+      out.push_back(k + " (" + it->second + " -> " + v + ")");
+    }
+  }
+  for (const auto& [k, v] : before) {
+    if (!after.count(k)) out.push_back(k + " (removed)");
+  }
+  return out;
+}
+
 std::string did_you_mean(std::string_view word, const std::vector<std::string>& candidates) {
   const std::string m = closest_match(word, candidates);
   return m.empty() ? std::string() : " (did you mean '" + m + "'?)";

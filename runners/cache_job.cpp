@@ -83,20 +83,7 @@ std::map<std::string, std::string> parse_description(const std::string& d) {
 }
 std::vector<std::string> describe_changes(const std::string& old_description,
                                           const std::string& new_description) {
-  const auto a = parse_description(old_description);
-  const auto b = parse_description(new_description);
-  std::vector<std::string> out;
-  for (const auto& [k, v] : b) {
-    const auto it = a.find(k);
-    if (it == a.end())
-      out.push_back(k + " (new)");
-    else if (it->second != v)
-      out.push_back(k + " (" + it->second + " -> " + v + ")");
-  }
-  for (const auto& [k, v] : a) {
-    if (!b.count(k)) out.push_back(k + " (removed)");
-  }
-  return out;
+  return map_changes(parse_description(old_description), parse_description(new_description));
 }
 
 std::string inspect_cache(const std::string& dir, const JobConfig* config, bool verify, bool* ok) {

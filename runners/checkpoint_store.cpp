@@ -1,8 +1,10 @@
 #include "canopy/runners/checkpoint_store.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <map>
 #include <utility>
 
 #include <nlohmann/json.hpp>
@@ -12,6 +14,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/core/json_checksum.h"
 #include "canopy/core/mpi.h"
+#include "canopy/core/strings.h"
 
 namespace canopy::runners {
 
@@ -68,6 +71,37 @@ void run_from_json(const ordered_json& j, HeadRun& r) {
   r.best_score = j.at("best_score").get<double>();
   r.best_epoch = j.at("best_epoch").get<std::int64_t>();
   r.stop_note = j.at("stop_note").get<std::string>();
+}
+}  // namespace
+
+namespace {
+// "section.key" -> value of a configuration as the run saved it (INI: [section], key = value).
+std::map<std::string, std::string> ini_values(const std::string& text) {
+  std::map<std::string, std::string> out;
+  std::string section;
+  for (const auto& raw : split(text, '\n')) {
+    const std::string line = trim(raw);
+    if (line.empty() || line[0] == '#' || line[0] == ';') continue;
+    if (line.front() == '[' && line.back() == ']') {
+      section = trim(line.substr(1, line.size() - 2));
+      continue;
+    }
+    const auto eq = line.find('=');
+    if (eq == std::string::npos) continue;
+    const std::string key = trim(line.substr(0, eq));
+    out[section.empty() ? key : section + "." + key] = trim(line.substr(eq + 1));
+  }
+  return out;
+}
+
+// ": train.epochs (15 -> 20), ..." (the first 8 changes), or "" when the texts differ otherwise.
+std::string config_changes(const std::string& recorded, const std::string& now) {
+  const auto changes = map_changes(ini_values(recorded), ini_values(now));
+  if (changes.empty()) return "";
+  constexpr std::size_t kShown = 8;
+  std::vector<std::string> shown(changes.begin(), changes.begin() + std::min(changes.size(), kShown));
+  return ": " + join(shown, ", ") +
+         (changes.size() > kShown ? " and " + std::to_string(changes.size() - kShown) + " more" : "");
 }
 }  // namespace
 
@@ -215,9 +249,11 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
   };
   CheckpointPosition position;
   try {
-    CANOPY_CHECK(st.at("config").get<std::string>() == config_identity_, ConfigError,
-                 "--resume: the configuration differs from the one that wrote '", path,
-                 "'; resume with the same config (see ", join_path(parent_path(dir_), "config.ini"), ")");
+    const std::string recorded_config = st.at("config").get<std::string>();
+    CANOPY_CHECK(recorded_config == config_identity_, ConfigError,
+                 "--resume: the configuration differs from the one that wrote '", path, "'",
+                 config_changes(recorded_config, config_identity_), "; resume with the same config (see ",
+                 join_path(parent_path(dir_), "config.ini"), ")");
     const auto& saved = st.at("tasks");
     CANOPY_CHECK(saved.size() == tasks.size(), DataError, "checkpoint '", path, "' holds ", saved.size(),
                  " tasks, the config has ", tasks.size());

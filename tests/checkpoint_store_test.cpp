@@ -177,14 +177,17 @@ TEST(CheckpointStore, RefusesAnotherConfigOtherTasksAndMalformedState) {
   testing::TempDir dir;
   Tasks a(1);
   std::vector<HeadRun> runs(2);
-  CheckpointStore(dir.file("checkpoint"), "config v1").save({1, 0}, a.ptrs, runs);
+  CheckpointStore(dir.file("checkpoint"), "[train]\nepochs = 3\nseed = 0\n").save({1, 0}, a.ptrs, runs);
   std::vector<HeadRun> out;
   EXPECT_TRUE(testing::throws_with<ConfigError>(
-      [&] { CheckpointStore(dir.file("checkpoint"), "config v2").load(a.ptrs, out); },
-      {"configuration differs", "state.json", "config.ini"}));
+      [&] {
+        CheckpointStore(dir.file("checkpoint"), "[train]\nepochs = 5\n[task.x]\nlr = 1\n").load(a.ptrs, out);
+      },
+      {"configuration differs",
+       "state.json': task.x.lr (new), train.epochs (3 -> 5), train.seed (removed); resume", "config.ini"}));
   std::vector<tasks::Task*> reversed{a.ptrs[1], a.ptrs[0]};
   EXPECT_TRUE(testing::throws_with<DataError>(
-      [&] { CheckpointStore(dir.file("checkpoint"), "config v1").load(reversed, out); },
+      [&] { CheckpointStore(dir.file("checkpoint"), "[train]\nepochs = 3\nseed = 0\n").load(reversed, out); },
       {"checkpoint task 0 is 'lin'", "config has 'mlp'"}));
   write_file_atomic(dir.file("checkpoint/state.json"), "{\"generation\": 1, \"epo");
   EXPECT_TRUE(testing::throws_with<DataError>(

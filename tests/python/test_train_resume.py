@@ -108,7 +108,8 @@ weight_decay = 0.01
                                     open(f"{out}/heads/{n}.safetensors", "rb").read() for n in ("a_linear", "b_mlp")),
           f"the intact checkpoint resumes the finished run to the same heads ({r.stderr.strip()[-160:]})")
     r = subprocess.run(cmd + ["--resume", "--set", "task.a_linear.lr=0.02"], capture_output=True, text=True)
-    check(r.returncode == 2 and "configuration differs" in r.stderr, "--resume with a changed config is refused")
+    check(r.returncode == 2 and "configuration differs" in r.stderr and "task.a_linear.lr (0.01 -> 0.02)" in r.stderr,
+          f"--resume with a changed config is refused, naming the change: {r.stderr.strip().splitlines()[-1:]}")
     return finish()
 
 

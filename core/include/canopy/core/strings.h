@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -51,6 +52,9 @@ std::string format_duration(double seconds);
 // ignored), if that is at most 1 for words of up to 4 characters, 2 for longer ones, and
 // fewer than the word's length; "" when none is that close or two are equally close.
 std::string closest_match(std::string_view word, const std::vector<std::string>& candidates);
+// What changed from `before` to `after`, key by key: "k (old -> new)", "k (new)", "k (removed)".
+std::vector<std::string> map_changes(const std::map<std::string, std::string>& before,
+                                     const std::map<std::string, std::string>& after);
 // " (did you mean 'x'?)" for closest_match's answer, or "".
 std::string did_you_mean(std::string_view word, const std::vector<std::string>& candidates);
 
