@@ -243,6 +243,10 @@ std::string closest_match(std::string_view word, const std::vector<std::string>&
   return tie || best_distance > limit ? std::string() : best;
 }
 
+std::string count_of(std::int64_t n, const std::string& word) {
+  return std::to_string(n) + " " + word + (n == 1 ? "" : "s");
+}
+
 std::vector<std::string> map_changes(const std::map<std::string, std::string>& before,
                                      const std::map<std::string, std::string>& after) {
   std::vector<std::string> out;

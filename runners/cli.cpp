@@ -201,9 +201,8 @@ void refuse_run_dir(const std::string& path) {
   if (!is_regular_file(resolved) && !is_directory(join_path(path, "checkpoint"))) return;
   std::string progress, cache;
   if (const auto at = CheckpointStore(join_path(path, "checkpoint"), "").peek()) {
-    progress = detail::str_cat(" (its checkpoint: ", at->epoch, " epoch(s)",
-                               at->step > 0 ? detail::str_cat(" and ", at->step, " step(s)") : std::string(),
-                               " done)");
+    progress = detail::str_cat(" (its checkpoint: ", count_of(at->epoch, "epoch"),
+                               at->step > 0 ? " and " + count_of(at->step, "step") : std::string(), " done)");
   }
   try {
     cache =

@@ -1061,12 +1061,9 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   CheckpointPosition from;
   if (!resume && mpi::rank() == 0) {
     if (const auto earlier = store.peek()) {
-      const auto plural = [](std::int64_t n, const char* what) {
-        return std::to_string(n) + " " + what + (n == 1 ? "" : "s");
-      };
       log_info(detail::str_cat("'", store.dir(), "' holds an earlier run's checkpoint (",
-                               plural(earlier->epoch, "epoch"),
-                               earlier->step > 0 ? " and " + plural(earlier->step, "step") : std::string(),
+                               count_of(earlier->epoch, "epoch"),
+                               earlier->step > 0 ? " and " + count_of(earlier->step, "step") : std::string(),
                                " done); this run starts over, and its first checkpoint replaces that one "
                                "(--resume goes on from it instead)"));
     }

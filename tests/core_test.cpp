@@ -367,6 +367,12 @@ TEST(Strings, ClosestMatchSuggestsOnlyAnUnambiguousNearMiss) {
   EXPECT_EQ(did_you_mean("width", {"hidden", "dropout"}), "");
 }
 
+TEST(Strings, CountOfAddsAnSUnlessOne) {
+  EXPECT_EQ(count_of(1, "epoch"), "1 epoch");
+  EXPECT_EQ(count_of(0, "step"), "0 steps");
+  EXPECT_EQ(count_of(32, "step"), "32 steps");
+}
+
 TEST(Strings, CsvFieldQuotesOnlyWhatNeedsIt) {
   EXPECT_EQ(csv_field("class_linear"), "class_linear");
   EXPECT_EQ(csv_field("probe@hidden=512,256"), "\"probe@hidden=512,256\"");

@@ -492,7 +492,7 @@ TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
   // The run's out_dir given to inspect: what it is, how far it got, and its cache.
   err.str("");
   EXPECT_EQ(run_cli({"inspect", dir_.file("out")}, registry_, out, err), kExitError);
-  EXPECT_NE(err.str().find("is a training run's out_dir, not a cache (its checkpoint: 2 epoch(s) done); the "
+  EXPECT_NE(err.str().find("is a training run's out_dir, not a cache (its checkpoint: 2 epochs done); the "
                            "cache it trained on: canopy inspect " +
                            dir_.file("cache")),
             std::string::npos)

@@ -44,6 +44,9 @@ std::vector<double> parse_double_list(std::string_view s, std::string_view what)
 // without a default is a ConfigError naming it.
 std::string expand_env(std::string_view s);
 
+// "1 epoch", "3 epochs": n and the word, with an s unless n is 1.
+std::string count_of(std::int64_t n, const std::string& word);
+
 // Formats seconds as "1m 05s" / "3.2s".
 std::string format_duration(double seconds);
 
