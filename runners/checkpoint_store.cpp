@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <exception>
 #include <map>
+#include <sstream>
 #include <utility>
 
 #include <nlohmann/json.hpp>
@@ -15,6 +16,7 @@
 #include "canopy/core/json_checksum.h"
 #include "canopy/core/mpi.h"
 #include "canopy/core/strings.h"
+#include "canopy/runners/config.h"
 
 namespace canopy::runners {
 
@@ -75,28 +77,16 @@ void run_from_json(const ordered_json& j, HeadRun& r) {
 }  // namespace
 
 namespace {
-// "section.key" -> value of a configuration as the run saved it (INI: [section], key = value).
-std::map<std::string, std::string> ini_values(const std::string& text) {
-  std::map<std::string, std::string> out;
-  std::string section;
-  for (const auto& raw : split(text, '\n')) {
-    const std::string line = trim(raw);
-    if (line.empty() || line[0] == '#' || line[0] == ';') continue;
-    if (line.front() == '[' && line.back() == ']') {
-      section = trim(line.substr(1, line.size() - 2));
-      continue;
-    }
-    const auto eq = line.find('=');
-    if (eq == std::string::npos) continue;
-    const std::string key = trim(line.substr(0, eq));
-    out[section.empty() ? key : section + "." + key] = trim(line.substr(eq + 1));
-  }
-  return out;
-}
-
 // ": train.epochs (15 -> 20), ..." (the first 8 changes), or "" when the texts differ otherwise.
 std::string config_changes(const std::string& recorded, const std::string& now) {
-  const auto changes = map_changes(ini_values(recorded), ini_values(now));
+  std::vector<std::string> changes;
+  try {
+    std::istringstream a(recorded), b(now);
+    changes = map_changes(read_config_values(a, "the saved configuration"),
+                          read_config_values(b, "the configuration"));
+  } catch (const ConfigError&) {
+    return "";  // one of them does not parse: the refusal stands without the list
+  }
   if (changes.empty()) return "";
   constexpr std::size_t kShown = 8;
   std::vector<std::string> shown(changes.begin(), changes.begin() + std::min(changes.size(), kShown));
@@ -114,10 +104,22 @@ CheckpointStore::CheckpointStore(std::string dir, std::string config_identity)
 
 bool CheckpointStore::exists() const { return is_regular_file(state_path()); }
 
-std::optional<CheckpointPosition> CheckpointStore::peek() const {
-  if (!exists()) return std::nullopt;
+std::string describe_done(const CheckpointPosition& at) {
+  return count_of(at.epoch, "epoch") + (at.step > 0 ? " and " + count_of(at.step, "step") : std::string()) +
+         " done";
+}
+
+std::string CheckpointStore::resume_point() const {
+  CANOPY_CHECK(committed_, Error, "checkpoint: no generation of '", dir_, "' is committed");
+  return detail::str_cat("the checkpoint in '", dir_, "' is whole and resumes at epoch ",
+                         committed_->epoch + 1, " step ", committed_->step);
+}
+
+std::optional<CheckpointPosition> CheckpointStore::peek(const std::string& dir) {
+  const std::string state = dir + "/state.json";
+  if (!is_regular_file(state)) return std::nullopt;
   try {
-    const auto st = nlohmann::json::parse(read_file(state_path()));
+    const auto st = nlohmann::json::parse(read_file(state));
     return CheckpointPosition{st.at("epoch").get<std::int64_t>(), st.at("step").get<std::int64_t>()};
   } catch (const std::exception&) {
     return std::nullopt;  // unreadable: --resume says what is wrong with it

@@ -135,12 +135,7 @@ int run_job(const std::string& command, const po::variables_map& vm, const tasks
   std::ostringstream elsewhere;
   std::ostream& report_out = mpi::rank() == 0 ? out : elsewhere;
   if (command != "cache") {  // before `run` spends its time on the cache
-    std::vector<std::string> heads;
-    for (const auto& [name, description] : registry.list()) heads.push_back(name);
-    for (const auto& t : config.tasks) {
-      CANOPY_CHECK(registry.contains(t.head), ConfigError, "task '", t.name, "': unknown head '", t.head, "'",
-                   did_you_mean(t.head, heads), " (see `canopy heads`)");
-    }
+    for (const auto& t : config.tasks) registry.check_known(t.head, t.name);
   }
   if (command == "cache" || command == "run") {
     print_cache_report(run_cache(config, vm.count("force") > 0, nullptr, style), report_out);
@@ -200,9 +195,8 @@ void refuse_run_dir(const std::string& path) {
   const std::string resolved = join_path(path, "config.ini");
   if (!is_regular_file(resolved) && !is_directory(join_path(path, "checkpoint"))) return;
   std::string progress, cache;
-  if (const auto at = CheckpointStore(join_path(path, "checkpoint"), "").peek()) {
-    progress = detail::str_cat(" (its checkpoint: ", count_of(at->epoch, "epoch"),
-                               at->step > 0 ? " and " + count_of(at->step, "step") : std::string(), " done)");
+  if (const auto at = CheckpointStore::peek(join_path(path, "checkpoint"))) {
+    progress = " (its checkpoint: " + describe_done(*at) + ")";
   }
   try {
     cache =

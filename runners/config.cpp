@@ -792,23 +792,28 @@ void validate_job_config(const JobConfig& c) {
   }
 }
 
-JobConfig load_job_config(const std::string& path, const std::vector<std::string>& overrides) {
-  CANOPY_CHECK(!is_directory(path), ConfigError, "config file '", path,
-               "' is a directory; give the .ini file");
-  std::ifstream in(path);
-  CANOPY_CHECK(in, ConfigError, "cannot open config file '", path, "'");
+std::map<std::string, std::string> read_config_values(std::istream& in, const std::string& source) {
   std::map<std::string, std::string> values;
   try {
     po::options_description none;
     const auto parsed = po::parse_config_file(in, none, /*allow_unregistered=*/true);
     for (const auto& opt : parsed.options) {
       CANOPY_CHECK(!values.count(opt.string_key), ConfigError, "config key '", opt.string_key,
-                   "' appears twice in ", path);
+                   "' appears twice in ", source);
       values[opt.string_key] = opt.value.empty() ? std::string() : trim(opt.value.front());
     }
   } catch (const po::error& e) {
-    throw ConfigError(detail::str_cat("cannot parse config file '", path, "': ", e.what()));
+    throw ConfigError(detail::str_cat("cannot parse config file '", source, "': ", e.what()));
   }
+  return values;
+}
+
+JobConfig load_job_config(const std::string& path, const std::vector<std::string>& overrides) {
+  CANOPY_CHECK(!is_directory(path), ConfigError, "config file '", path,
+               "' is a directory; give the .ini file");
+  std::ifstream in(path);
+  CANOPY_CHECK(in, ConfigError, "cannot open config file '", path, "'");
+  std::map<std::string, std::string> values = read_config_values(in, path);
   for (const auto& o : overrides) {
     const auto eq = o.find('=');
     CANOPY_CHECK(eq != std::string::npos && eq > 0, ConfigError, "--set expects key=value, got '", o, "'");

@@ -345,8 +345,7 @@ class EpochLoop {
       finish_epoch(epoch, active, top_epoch);
       progress.message(epoch_line(epoch, active) + top_line(top_epoch));
       // The epoch's checkpoint is the place to stop; after the last epoch the run just ends.
-      if (const int signal = stop_signal(); signal != 0 && epoch + 1 < max_epochs_)
-        stop_at({epoch + 1, 0}, signal);
+      if (const int signal = stop_signal(); signal != 0 && epoch + 1 < max_epochs_) stop(signal);
     }
     for (auto& r : runs_) {
       if (r.training()) r.state = tasks::TaskState::kDone;
@@ -356,13 +355,12 @@ class EpochLoop {
   }
 
  private:
-  // A stop asked for (StopOnSignal) once the checkpoint at `at` is saved: committed, then Stopped.
-  [[noreturn]] void stop_at(const CheckpointPosition& at, int signal) {
+  // A stop asked for (StopOnSignal), once the checkpoint where it stops is saved: committed,
+  // then Stopped.
+  [[noreturn]] void stop(int signal) {
     store_.flush();
-    throw Stopped(signal,
-                  detail::str_cat("stopped by ", signal_name(signal), ": the checkpoint in '", store_.dir(),
-                                  "' is whole and resumes at epoch ", at.epoch + 1, " step ", at.step,
-                                  "; run the same command with --resume to go on from it"));
+    throw Stopped(signal, detail::str_cat("stopped by ", signal_name(signal), ": ", store_.resume_point(),
+                                          "; run the same command with --resume to go on from it"));
   }
 
   // The heads that train this epoch; a run resumed mid-epoch keeps its partial losses.
@@ -454,7 +452,7 @@ class EpochLoop {
       if (step < steps_per_epoch_ && ((every > 0 && global_step % every == 0) || signal != 0)) {
         sync_runs();
         store_.save({epoch, step}, set_.tasks, runs_, top_);
-        if (signal != 0) stop_at({epoch, step}, signal);
+        if (signal != 0) stop(signal);
       }
       cur = 1 - cur;
       count = next_count;
@@ -978,8 +976,7 @@ std::string where_to_go_on(const CheckpointStore& store) {
     return "no checkpoint had been written yet: once the cause is mended (a full disk: free space), run the "
            "same command again";
   }
-  return detail::str_cat("the checkpoint in '", store.dir(), "' is whole and resumes at epoch ",
-                         kept->epoch + 1, " step ", kept->step,
+  return detail::str_cat(store.resume_point(),
                          ": once the cause is mended (a full disk: free space), run the same command with "
                          "--resume to go on from it");
 }
@@ -1060,11 +1057,10 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   CheckpointStore store(config.train.out_dir + "/checkpoint", config_identity(resolved));
   CheckpointPosition from;
   if (!resume && mpi::rank() == 0) {
-    if (const auto earlier = store.peek()) {
+    if (const auto earlier = CheckpointStore::peek(store.dir())) {
       log_info(detail::str_cat("'", store.dir(), "' holds an earlier run's checkpoint (",
-                               count_of(earlier->epoch, "epoch"),
-                               earlier->step > 0 ? " and " + count_of(earlier->step, "step") : std::string(),
-                               " done); this run starts over, and its first checkpoint replaces that one "
+                               describe_done(*earlier),
+                               "); this run starts over, and its first checkpoint replaces that one "
                                "(--resume goes on from it instead)"));
     }
   }

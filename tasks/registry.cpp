@@ -64,15 +64,17 @@ void HeadRegistry::add(const std::string& name, HeadFactory factory, std::string
 
 bool HeadRegistry::contains(const std::string& name) const { return entries_.count(name) > 0; }
 
+void HeadRegistry::check_known(const std::string& name, const std::string& task) const {
+  if (contains(name)) return;
+  std::vector<std::string> known;
+  for (const auto& kv : entries_) known.push_back(kv.first);
+  throw ConfigError(detail::str_cat("task '", task, "': unknown head '", name, "'", did_you_mean(name, known),
+                                    " (registered heads: ", join(known, ", "), "; see `canopy heads`)"));
+}
+
 heads::HeadPtr HeadRegistry::create(const std::string& name, const HeadSpec& spec) const {
+  check_known(name, spec.params.task());
   const auto it = entries_.find(name);
-  if (it == entries_.end()) {
-    std::vector<std::string> known;
-    for (const auto& kv : entries_) known.push_back(kv.first);
-    throw ConfigError(detail::str_cat("task '", spec.params.task(), "': unknown head '", name, "'",
-                                      did_you_mean(name, known), " (registered heads: ", join(known, ", "),
-                                      ")"));
-  }
   heads::HeadPtr head = it->second.factory(spec);
   CANOPY_CHECK(head != nullptr, ConfigError, "head factory '", name, "' returned no head");
   spec.params.check_all_used(name);

@@ -173,6 +173,7 @@ TEST(StopOnSignal, TheFirstSignalAsksForAStopTheSecondEndsTheProcessAndIgnoredSt
             std::string::npos);
   EXPECT_EQ(signal_name(SIGINT), "SIGINT");
   EXPECT_EQ(signal_name(SIGHUP), "SIGHUP");
+  EXPECT_EQ(signal_name(SIGUSR1), "SIGUSR1");  // named by the C library
   const Stopped stopped(SIGTERM, "kept");
   EXPECT_EQ(stopped.signal(), SIGTERM);
 }

@@ -61,7 +61,7 @@ def resume_matches(canopy, config, out, reference, targets, what, extra_files=()
         if stop:
             saved = json.load(open(f"{out}/checkpoint/state.json"))
             where = (saved["epoch"], saved["step"])
-            check(rc == 128 + signal.SIGTERM and st is not None and where >= at,
+            check(rc == 128 + signal.SIGTERM and st is not None and where > at,
                   f"{what}: stopped by SIGTERM after {at}, its checkpoint at {where} (exit {rc})")
         else:
             check(rc == -signal.SIGKILL and st is not None, f"{what}: killed by SIGKILL at {at}")

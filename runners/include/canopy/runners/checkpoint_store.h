@@ -32,6 +32,9 @@ struct CheckpointPosition {
   std::int64_t step = 0;
 };
 
+// "1 epoch and 32 steps done", "15 epochs done".
+std::string describe_done(const CheckpointPosition& at);
+
 class CheckpointStore {
  public:
   // `config_identity` is the resolved configuration; a checkpoint written under another is
@@ -77,12 +80,14 @@ class CheckpointStore {
   // Restores one task from the generation this store last wrote or loaded (under mpirun, a
   // head another rank trained until then).
   void load_task(tasks::Task& task);
-  // Where the checkpoint on disk stands, read from state.json without checking or loading
+  // Where the checkpoint in `dir` stands, read from its state.json without checking or loading
   // anything; empty when there is none or it does not parse.
-  std::optional<CheckpointPosition> peek() const;
+  static std::optional<CheckpointPosition> peek(const std::string& dir);
   // Where the checkpoint whole on disk resumes (the generation last committed or loaded);
   // empty while this run has none. A save still being written is not counted.
   const std::optional<CheckpointPosition>& committed() const { return committed_; }
+  // "the checkpoint in '<dir>' is whole and resumes at epoch E step S", from committed().
+  std::string resume_point() const;
 
  private:
   std::string task_file(const std::string& task, std::int64_t generation) const;

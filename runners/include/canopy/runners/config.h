@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <istream>
 #include <map>
 #include <string>
 #include <vector>
@@ -129,6 +130,9 @@ struct JobConfig {
 // Reads `path`, applies `overrides` ("key=value"), validates and returns the config.
 // Unknown keys and bad values are ConfigErrors naming the key, the value and the file.
 JobConfig load_job_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// The "section.key" -> value pairs of an INI text (a config file's, or a saved resolved one);
+// `source` names it in errors. A key given twice is a ConfigError.
+std::map<std::string, std::string> read_config_values(std::istream& in, const std::string& source);
 // Builds a config from flat key/value pairs (what load_job_config does after reading).
 JobConfig job_config_from_values(const std::map<std::string, std::string>& values, const std::string& source);
 // The resolved configuration in the same INI format (every key, defaults included).

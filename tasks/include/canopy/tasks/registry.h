@@ -58,6 +58,9 @@ class HeadRegistry {
   // Adds a head type; a duplicate name is a ConfigError.
   void add(const std::string& name, HeadFactory factory, std::string description);
   bool contains(const std::string& name) const;
+  // ConfigError naming task `task`'s unknown head type `name`, the likely one meant and the
+  // registered ones; nothing when it is registered.
+  void check_known(const std::string& name, const std::string& task) const;
   // Builds a head; an unknown name or unused parameter is a ConfigError naming it.
   heads::HeadPtr create(const std::string& name, const HeadSpec& spec) const;
   // (name, description) for every registered head, by name.
