@@ -17,10 +17,14 @@ std::string DirLock::lock_path(const std::string& dir) { return join_path(dir, "
 DirLock::DirLock(const std::string& dir, Mode mode, const std::string& what) : mode_(mode) {
   if (mode == Mode::kWrite) make_dirs(dir);
   const std::string path = lock_path(dir);
-  // A reader of a directory that nothing ever wrote has nothing to lock.
-  const int flags = mode == Mode::kWrite ? O_RDWR | O_CREAT | O_CLOEXEC : O_RDWR | O_CLOEXEC;
+  // A reader of a directory that nothing ever wrote has nothing to lock. A reader opens the
+  // file read-only (flock needs no write access), so a cache on a read-only filesystem, or
+  // one another user owns, can be read.
+  const int flags = mode == Mode::kWrite ? O_RDWR | O_CREAT | O_CLOEXEC : O_RDONLY | O_CLOEXEC;
   fd_ = ::open(path.c_str(), flags, 0666);
   if (fd_ < 0 && mode == Mode::kRead && errno == ENOENT) return;
+  CANOPY_CHECK(fd_ >= 0 || mode == Mode::kRead || (errno != EROFS && errno != EACCES), IoError,
+               "cannot write in '", dir, "' (", std::strerror(errno), "): ", what, " writes there");
   CANOPY_CHECK(fd_ >= 0, IoError, "cannot open the lock file '", path, "': ", std::strerror(errno));
   if (::flock(fd_, (mode == Mode::kWrite ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0) {
     const int err = errno;

@@ -144,6 +144,11 @@ void make_dirs(const std::string& path) {
   CANOPY_CHECK(is_directory(path), IoError, "'", path, "' exists and is not a directory");
 }
 
+std::string why_not_writable(const std::string& dir) {
+  if (!is_directory(dir) || ::access(dir.c_str(), W_OK) == 0) return "";
+  return std::strerror(errno);
+}
+
 bool path_exists(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0;

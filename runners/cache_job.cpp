@@ -496,11 +496,18 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   // One writer at a time: one job (its rank 0 holds the lock; under mpirun the other ranks
   // write only the shards rank 0 hands them). What a killed or failed run left half-written
   // goes (no manifest lists it).
+  // A cache that cannot be written (a read-only mount, another user's) is only checked: under
+  // a reader's lock, it may be up to date.
   std::optional<DirLock> lock;
+  std::string unwritable;
   if (mpi::rank() == 0) {
-    lock.emplace(config.cache.path, DirLock::Mode::kWrite, "canopy cache");
-    for (const char* sub : {"", "/shards", "/rebuild", "/rebuild/shards"})
-      remove_temporaries(config.cache.path + sub);
+    unwritable = why_not_writable(config.cache.path);
+    lock.emplace(config.cache.path, unwritable.empty() ? DirLock::Mode::kWrite : DirLock::Mode::kRead,
+                 "canopy cache");
+    if (unwritable.empty()) {
+      for (const char* sub : {"", "/shards", "/rebuild", "/rebuild/shards"})
+        remove_temporaries(config.cache.path + sub);
+    }
   }
   // Hash the trunk file first: the description (and so the fingerprint) depends on it,
   // and a pinned hash must be checked before anything loads the file.
@@ -510,6 +517,10 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   bool replaces = false;
   CacheState state =
       mpi::rank() == 0 ? existing_cache(config, description, force, report, &replaces) : CacheState::kBuild;
+  CANOPY_CHECK(state == CacheState::kUpToDate || unwritable.empty(), IoError, "the cache '",
+               config.cache.path, "' cannot be written (", unwritable,
+               ") and is not up to date: ", report.reason,
+               ". Build it where it can be written (cache.path), or make that directory writable");
   state = shared_state(state, replaces, report);
   if (state == CacheState::kUpToDate) {
     report.seconds = std::chrono::duration<double>(Clock::now() - start).count();

@@ -272,6 +272,9 @@ TEST(DirLock, OneWriterOrManyReaders) {
   const DirLock again(dir.file("cache"), DirLock::Mode::kWrite, "canopy cache");
   EXPECT_NO_THROW(DirLock(dir.file("never-written"), DirLock::Mode::kRead, "canopy train"));
   EXPECT_FALSE(path_exists(dir.file("never-written"))) << "a reader creates nothing";
+  // A read-only filesystem (tests/python/test_faults.py mounts one) is the other answer.
+  EXPECT_EQ(why_not_writable(dir.file("cache")), "");
+  EXPECT_EQ(why_not_writable(dir.file("never-written")), "") << "what does not exist can be created";
 }
 
 // A failed write leaves the old file and no temporary (the disk-full case is in test_faults.py).

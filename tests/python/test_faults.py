@@ -19,6 +19,9 @@
   * a cache whose disk fills at its last shard, its manifest or its view, swept 4 KiB at a
     time: exit 1 saying so (never a crash), no temporary file, and then a cache that
     verifies, its features those of one that never failed;
+  * a finished cache on a read-only filesystem (a bind mount remounted read-only; needs root):
+    `canopy train` and `canopy run` read it to the heads of a writable copy, bit for bit;
+    `canopy cache` says it is up to date; `--force` is refused saying it cannot be written;
   * output on a full disk (/dev/full): `canopy predict --output` and `canopy predict`,
     `canopy keys` to standard output exit 1 saying so (never "wrote N predictions" with
     nothing written), and /dev/full is still the device afterwards.
@@ -219,6 +222,56 @@ def disk_full(canopy, work, config):
     output_on_full_disk(canopy, work, config)
 
 
+def read_only_cache(canopy, work, config):
+    """A shared cache on a read-only mount: readers need no write access (the lock is a shared
+    flock on a file opened read-only); what would change it is refused, naming why."""
+    small = ["--set", "data.train_limit=2000", "--set", "train.epochs=2", "--progress", "quiet"]
+    src = os.path.join(work, "ro-src")
+    r = subprocess.run([canopy, "cache", "--config", config, "--set", f"cache.path={src}/cache"] + small,
+                       capture_output=True, text=True)
+    check(r.returncode == 0, f"a cache to mount read-only is built ({r.stderr.strip()[-200:]})")
+    ref = os.path.join(work, "ro-ref-out")
+    r = subprocess.run([canopy, "train", "--config", config, "--set", f"cache.path={src}/cache",
+                        "--set", f"train.out_dir={ref}"] + small, capture_output=True, text=True)
+    check(r.returncode == 0, f"... and trained on where it was written ({r.stderr.strip()[-200:]})")
+    mnt = os.path.join(work, "ro")
+    os.makedirs(mnt)
+    mounted = subprocess.run(["mount", "--bind", src, mnt], capture_output=True, text=True)
+    if mounted.returncode == 0:
+        mounted = subprocess.run(["mount", "-o", "remount,bind,ro", mnt], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        check(os.environ.get("CI") != "true", f"a read-only bind mount can be made ({mounted.stderr.strip()})")
+        subprocess.run(["umount", mnt])
+        return
+    try:
+        cache = os.path.join(mnt, "cache")
+        check(subprocess.run(["touch", os.path.join(cache, "x")], capture_output=True).returncode != 0,
+              "the mounted cache is read-only")
+        for cmd in ("train", "run"):
+            out = os.path.join(work, f"ro-{cmd}-out")
+            r = subprocess.run([canopy, cmd, "--config", config, "--set", f"cache.path={cache}",
+                                "--set", f"train.out_dir={out}"] + small, capture_output=True, text=True)
+            check(r.returncode == 0 and heads_digest(out) == heads_digest(ref) and heads_digest(ref),
+                  f"`canopy {cmd}` reads the read-only cache to the heads trained where it was written "
+                  f"({r.stderr.strip()[-200:]})")
+        r = subprocess.run([canopy, "cache", "--config", config, "--set", f"cache.path={cache}"] + small,
+                           capture_output=True, text=True)
+        check(r.returncode == 0 and "up to date" in r.stdout,
+              f"`canopy cache` calls the read-only cache up to date ({r.stdout.strip()[:120]} {r.stderr.strip()[-200:]})")
+        r = subprocess.run([canopy, "cache", "--config", config, "--set", f"cache.path={cache}", "--force"] + small,
+                           capture_output=True, text=True)
+        check(r.returncode == 1 and "cannot be written (Read-only file system) and is not up to date: rebuilding "
+              "(forced)" in r.stderr, f"`canopy cache --force` is refused saying why ({r.stderr.strip()[-260:]})")
+        r = subprocess.run([canopy, "inspect", "--verify", cache], capture_output=True, text=True)
+        check(r.returncode == 0, f"`canopy inspect --verify` checks it ({r.stderr.strip()[-200:]})")
+        r = subprocess.run([canopy, "train", "--config", config, "--set", f"cache.path={cache}",
+                            "--set", f"train.out_dir={cache}/out"] + small, capture_output=True, text=True)
+        check(r.returncode == 1 and f"cannot create directory '{cache}/out': Read-only file system" in r.stderr,
+              f"an out_dir there is refused naming it ({r.stderr.strip()[-200:]})")
+    finally:
+        subprocess.run(["umount", mnt])
+
+
 def temporaries(path):
     """The temporary files (canopy's `<name>.tmp.<pid>`) anywhere under `path`."""
     return [p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if ".tmp." in p]
@@ -410,6 +463,7 @@ def main():
     non_finite_features(canopy, work)
     rebuild_beside(canopy, work, config)
     replaced_trunk(canopy, work, config)
+    read_only_cache(canopy, work, config)
     disk_full(canopy, work, config)
     subprocess.run(["rm", "-rf", work])
     return finish()

@@ -3,7 +3,8 @@
 // however it ends, so a SIGKILLed run never leaves a stale lock. The file holds the
 // holder's pid, for the message only.
 //   kWrite: one writer and no reader (cache, train); kRead: any number of readers, no
-//   writer (train reading a cache, inspect).
+//   writer (train reading a cache, inspect). A reader opens the file read-only, so a
+//   directory on a read-only mount, or another user's, can be read.
 // A lock that is taken is refused at once (no waiting), with a DataError naming the
 // directory, what holds it and its pid.
 #pragma once

@@ -44,6 +44,11 @@ std::string lack_of_space(const std::string& path, std::uint64_t bytes);
 // run or loaded as a library.
 bool mounted_noexec(const std::string& path);
 
+// Why the existing directory `dir` cannot be written ("Read-only file system", "Permission
+// denied"), or "" when it can or does not exist: a cache on a read-only mount, or another
+// user's, can still be read.
+std::string why_not_writable(const std::string& dir);
+
 // fsync a file (by path) and then its directory; throws IoError on failure.
 void fsync_path(const std::string& path);
 
