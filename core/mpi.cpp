@@ -87,6 +87,12 @@ std::string library_version() {
 int rank() { return g_rank; }
 int size() { return g_size; }
 
+int local_size() {
+  const char* v = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  const int n = v && g_active ? std::atoi(v) : 1;
+  return n > 1 ? n : 1;
+}
+
 std::string describe_rank() {
   return g_active ? "rank " + std::to_string(g_rank) + " of " + std::to_string(g_size) : std::string();
 }

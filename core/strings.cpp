@@ -205,6 +205,13 @@ std::string format_duration(double seconds) {
   return buf;
 }
 
+std::string format_mib(double bytes) {
+  const double m = bytes / (1024.0 * 1024.0);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, m < 10 ? "%.1f MiB" : "%.0f MiB", m);
+  return buf;
+}
+
 namespace {
 // Optimal string alignment distance: edits of one character, and swaps of two neighbours.
 std::size_t edit_distance(const std::string& a, const std::string& b) {

@@ -375,10 +375,13 @@ void add_cache_and_train_keys(std::vector<Key<JobConfig>>& v) {
                   .at_least(1));
   v.push_back(member_key<K>("cache", "dtype", CANOPY_JOB(cache.dtype), "storage dtype of the features")
                   .one_of({"float32", "float16", "bfloat16"}));
-  v.push_back(member_key<K>(
-                  "cache", "memory_cap_mb", CANOPY_JOB(cache.memory_cap_mb),
-                  "the train split is read whole when it fits under this cap, else streamed; 0: always whole")
-                  .at_least(0));
+  v.push_back(
+      member_key<K>(
+          "cache", "memory_cap_mb", CANOPY_JOB(cache.memory_cap_mb),
+          "the train split is read whole when it fits under this cap, else streamed; 0: whole when it "
+          "takes at most 3/4 of the memory the process may take (the machine's available memory, a "
+          "container's cgroup limit), else streamed under half of that")
+          .at_least(0));
   v.push_back(member_key<K>("cache", "read_method", CANOPY_JOB(cache.read_method), "how features are read")
                   .one_of({"pread", "hdf5"}));
   v.push_back(member_key<K>("cache", "views", CANOPY_JOB(cache.views),

@@ -17,6 +17,7 @@
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/memory.h"
 #include "canopy/core/mpi.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/stop.h"
@@ -68,14 +69,31 @@ datasets::FeatureCache open_checked_cache(const JobConfig& config) {
   return cache;
 }
 
-// Whether the train split is read whole: it fits under cache.memory_cap_mb (0: no cap).
-bool train_split_in_memory(const datasets::FeatureCache& cache, const JobConfig& config) {
-  const auto cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb * 1024 * 1024);
-  return cap == 0 ||
-         static_cast<std::uint64_t>(cache.meta().views) * cache.feature_bytes(config.train.train_split) <=
-             cap;
-}
+// How the train split is read: whole, or streamed under `cap` bytes. With cache.memory_cap_mb
+// set, whole when it fits under it. With 0 (the default), whole when it takes at most 3/4 of
+// the memory this process may still take (the machine's, a container's cgroup limit, shared
+// by the ranks on the machine), else streamed under half of that: a cache larger than
+// the machine is streamed, not ended by the kernel's OOM kill. `why` says so.
+struct TrainRead {
+  bool whole = true;
+  std::uint64_t cap = 0;
+  std::string why;
+};
 
+TrainRead plan_train_read(const datasets::FeatureCache& cache, const JobConfig& config) {
+  const double bytes = static_cast<double>(cache.meta().views) *
+                       static_cast<double>(cache.feature_bytes(config.train.train_split));
+  if (config.cache.memory_cap_mb > 0) {
+    const auto cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb * 1024 * 1024);
+    return {bytes <= static_cast<double>(cap), cap, ""};
+  }
+  const auto room = memory_room(mpi::local_size());
+  if (!room || bytes <= static_cast<double>(room->bytes) * 0.75) return {};
+  TrainRead r{false, room->bytes / 2, ""};
+  r.why = detail::str_cat("the train split '", config.train.train_split, "' (", format_mib(bytes),
+                          ") is more than 3/4 of the memory this process may take: ", room->said);
+  return r;
+}
 // The label source a validation split is stratified by: `class` when the cache has it as
 // classes, else its first class-valued source; empty when every source is real-valued.
 std::string stratifying_source(const datasets::CacheMeta& meta) {
@@ -91,6 +109,8 @@ std::string stratifying_source(const datasets::CacheMeta& meta) {
 // The training rows and, with train.validation_fraction, the rows held out of them.
 struct TrainSplit {
   std::unique_ptr<datasets::BatchSource> source;
+  bool in_memory = true;
+  std::string streamed_because;  // when streamed though cache.memory_cap_mb is 0: why
   std::optional<datasets::SplitData> validation;
 };
 
@@ -99,8 +119,10 @@ struct TrainSplit {
 TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig& config,
                             datasets::ReadMethod method) {
   const auto& t = config.train;
-  const auto cap = static_cast<std::uint64_t>(config.cache.memory_cap_mb * 1024 * 1024);
+  const TrainRead plan = plan_train_read(cache, config);
   TrainSplit out;
+  out.in_memory = plan.whole;
+  out.streamed_because = plan.why;
   std::optional<datasets::Holdout> holdout;
   if (has_validation(t)) {
     const std::string by = stratifying_source(cache.meta());
@@ -108,7 +130,7 @@ TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig
                                            cache.rows(t.train_split), t.validation_fraction, t.seed);
   }
   const std::int64_t views = cache.meta().views;
-  if (train_split_in_memory(cache, config)) {
+  if (plan.whole) {
     datasets::SplitData all = cache.load_split(t.train_split, method);
     // Augmented views: the same rows, drawn from per epoch; validation reads view 0 alone.
     std::vector<at::Tensor> extra;
@@ -125,16 +147,27 @@ TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig
   }
   CANOPY_CHECK(views == 1, ConfigError, "the cache holds ", views,
                " views per training image, which training reads in memory (",
-               static_cast<double>(views * cache.feature_bytes(t.train_split)) / (1024 * 1024),
-               " MiB in all), over cache.memory_cap_mb = ", config.cache.memory_cap_mb,
-               "; raise the cap or set it to 0");
+               format_mib(static_cast<double>(views * cache.feature_bytes(t.train_split))), " in all), ",
+               plan.why.empty() ? detail::str_cat("over cache.memory_cap_mb = ", config.cache.memory_cap_mb,
+                                                  "; raise the cap or set it to 0")
+                                : plan.why + "; train on a machine with more memory, or cache fewer views");
+  if (!plan.why.empty()) {
+    log_info(plan.why + ": streaming it under " + format_mib(static_cast<double>(plan.cap)) +
+             " (cache.memory_cap_mb sets the cap)");
+  }
   at::Tensor keep;
   if (holdout) {
     out.validation = cache.load_rows(t.train_split, holdout->validation_rows, method);
     keep = at::zeros({cache.rows(t.train_split)}, at::TensorOptions().dtype(at::kBool));
     keep.index_fill_(0, holdout->train_rows, true);
   }
-  out.source = datasets::make_streaming_source(cache, t.train_split, t.batch_size, t.seed, cap, method, keep);
+  try {
+    out.source =
+        datasets::make_streaming_source(cache, t.train_split, t.batch_size, t.seed, plan.cap, method, keep);
+  } catch (const DataError& e) {
+    if (plan.why.empty()) throw;
+    throw DataError(plan.why + ", and " + e.what());
+  }
   return out;
 }
 
@@ -844,7 +877,7 @@ struct SharedTraining {
 };
 
 SharedTraining make_shared_training(const JobConfig& config, const datasets::FeatureCache& cache,
-                                    std::int64_t train_rows) {
+                                    const TrainSplit& train, std::int64_t train_rows) {
   const auto w = config.train.weighting;
   const bool shared = !cache.meta().row_parts.empty();
   CANOPY_CHECK(shared || w == Weighting::kSum || w == Weighting::kStatic, ConfigError,
@@ -858,10 +891,12 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
                "train.export = best keeps each head's best epoch, but with the trunk's top training every "
                "head reads the top of the last epoch; use export = last (auto does so)");
   CANOPY_CHECK(
-      config.top.schedule != FreezeSchedule::kAutofreeze || train_split_in_memory(cache, config), ConfigError,
+      config.top.schedule != FreezeSchedule::kAutofreeze || train.in_memory, ConfigError,
       "trunk.schedule = autofreeze keeps its cache levels by row, which needs the train split in memory (",
-      cache.feature_bytes(config.train.train_split) / (1024 * 1024), " MiB); raise cache.memory_cap_mb (",
-      config.cache.memory_cap_mb, ") or set it to 0");
+      format_mib(static_cast<double>(cache.feature_bytes(config.train.train_split))), "); ",
+      train.streamed_because.empty()
+          ? detail::str_cat("raise cache.memory_cap_mb (", config.cache.memory_cap_mb, ") or set it to 0")
+          : train.streamed_because + "; train on a machine with more memory");
   double mean_lr = 0.0;
   std::vector<double> static_weights;
   for (const auto& t : config.tasks) {
@@ -927,7 +962,7 @@ TrainInputs open_inputs(const datasets::FeatureCache& cache, const JobConfig& co
     log_validation_split(config, cache.meta(), report.validation_rows);
   }
   // A cache of a frozen prefix: the trunk's top trains too, shared by every head.
-  in.shared = make_shared_training(config, cache, report.train_rows);
+  in.shared = make_shared_training(config, cache, in.train, report.train_rows);
   if (const SharedTop* top = in.shared.top.get()) {
     report.feature_dim = top->feature_dim();
     report.top = top->describe();

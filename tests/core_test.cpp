@@ -26,6 +26,7 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/json_checksum.h"
+#include "canopy/core/memory.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/sanitizers.h"
 #include "canopy/core/sha256.h"
@@ -369,6 +370,40 @@ TEST(Strings, ClosestMatchSuggestsOnlyAnUnambiguousNearMiss) {
   EXPECT_EQ(closest_match("ab", {"aa", "bb"}), "") << "two equally close: no guess";
   EXPECT_EQ(did_you_mean("hiden", {"hidden", "dropout"}), " (did you mean 'hidden'?)");
   EXPECT_EQ(did_you_mean("width", {"hidden", "dropout"}), "");
+}
+
+TEST(Strings, FormatMibKeepsADecimalUnderTen) {
+  EXPECT_EQ(format_mib(293.0 * 1024 * 1024), "293 MiB");
+  EXPECT_EQ(format_mib(7.5 * 1024 * 1024), "7.5 MiB");
+  EXPECT_EQ(format_mib(0), "0.0 MiB");
+}
+
+// The files memory_room reads, as the kernel writes them; tests/python/test_faults.py runs
+// `canopy train` in a real memory cgroup.
+TEST(Memory, RoomFromMeminfoAndCgroupFiles) {
+  EXPECT_EQ(
+      detail::mem_available("MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   24211872 kB\n"),
+      std::uint64_t(24211872) * 1024);
+  EXPECT_EQ(detail::mem_available("MemTotal: 1 kB\n"), std::nullopt);
+  // v1: no limit is 2^63 rounded to a page; page cache that can be dropped is not use.
+  EXPECT_EQ(detail::cgroup_room("9223372036854771712\n", "2185732096\n", "", true), std::nullopt);
+  EXPECT_EQ(
+      detail::cgroup_room("419430400\n", "150000000\n", "cache 1\ntotal_inactive_file 50000000\n", true),
+      std::uint64_t(419430400 - 100000000));
+  // v2: "max", or a number; inactive_file under its own name; use above the limit is no room.
+  EXPECT_EQ(detail::cgroup_room("max\n", "5\n", "", false), std::nullopt);
+  EXPECT_EQ(detail::cgroup_room("1000\n", "400\n", "anon 300\ninactive_file 100\n", false),
+            std::uint64_t(700));
+  EXPECT_EQ(detail::cgroup_room("1000\n", "1200\n", "", false), std::uint64_t(0));
+  EXPECT_EQ(detail::cgroup_room("", "", "", false), std::nullopt) << "no such cgroup file";
+  const auto here = memory_room();
+  ASSERT_TRUE(here.has_value()) << "Linux has /proc/meminfo";
+  EXPECT_GT(here->bytes, 0u);
+  EXPECT_FALSE(here->said.empty());
+  const auto halves = memory_room(2);
+  ASSERT_TRUE(halves.has_value());
+  EXPECT_LE(halves->bytes, here->bytes);
+  EXPECT_NE(halves->said.find("shared by the 2 processes"), std::string::npos);
 }
 
 TEST(Strings, CountOfAddsAnSUnlessOne) {

@@ -225,3 +225,62 @@ def kill_when(cmd, json_path, reached, timeout=120, env=None, sig=None, stderr=N
     if stderr is not None:
         stderr.append(err.decode(errors="replace"))
     return p.returncode, seen
+
+
+class MemoryCgroup:
+    """A memory cgroup made here (needs root and a writable cgroup filesystem), v1 or v2,
+    under the one this process is in, limited to `limit` bytes: a real memory limit, as a
+    container has. `enter` is a preexec_fn that moves a child into it; `oom_kills()` counts the
+    kernel's OOM kills in it. `reason` says why none could be made (then `path` is None)."""
+
+    def __init__(self, name, limit):
+        self.path, self.v1, self.reason = None, True, ""
+        own = {}
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                hid, controllers, path = line.rstrip("\n").split(":", 2)
+                if "memory" in controllers.split(","):
+                    own["v1"] = path
+                if hid == "0" and controllers == "":
+                    own["v2"] = path
+        tries = []
+        if "v1" in own:
+            tries.append((True, "/sys/fs/cgroup/memory" + own["v1"]))
+        if "v2" in own:
+            for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+                if os.path.exists(os.path.join(root, "cgroup.controllers")):
+                    tries.append((False, root + own["v2"]))
+        for v1, parent in tries:
+            path = os.path.join(parent.rstrip("/"), name)
+            try:
+                if not v1:
+                    with open(os.path.join(parent, "cgroup.controllers")) as f:
+                        if "memory" not in f.read().split():
+                            raise OSError(f"no memory controller in {parent}")
+                    with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                        f.write("+memory")
+                os.makedirs(path, exist_ok=True)
+                with open(os.path.join(path, "memory.limit_in_bytes" if v1 else "memory.max"), "w") as f:
+                    f.write(str(limit))
+                self.path, self.v1 = path, v1
+                return
+            except OSError as e:
+                self.reason += f"{path}: {e}; "
+        self.reason = self.reason or "no memory cgroup hierarchy in /proc/self/cgroup"
+
+    def enter(self):
+        with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+    def oom_kills(self):
+        name = "memory.oom_control" if self.v1 else "memory.events"
+        with open(os.path.join(self.path, name)) as f:
+            for line in f:
+                key, value = line.split()
+                if key == "oom_kill":
+                    return int(value)
+        return 0
+
+    def remove(self):
+        if self.path:
+            os.rmdir(self.path)

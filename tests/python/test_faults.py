@@ -19,6 +19,9 @@
   * a cache whose disk fills at its last shard, its manifest or its view, swept 4 KiB at a
     time: exit 1 saying so (never a crash), no temporary file, and then a cache that
     verifies, its features those of one that never failed;
+  * a train split larger than the memory this process may take (a real memory cgroup made
+    here, as a container has; needs root): `canopy train` streams it, saying why, and trains,
+    where reading it whole (as it did by default before) is ended by the kernel's OOM kill;
   * a finished cache on a read-only filesystem (a bind mount remounted read-only; needs root):
     `canopy train` and `canopy run` read it to the heads of a writable copy, bit for bit;
     `canopy cache` says it is up to date; `--force` is refused saying it cannot be written;
@@ -29,6 +32,7 @@
     test_faults.py --canopy build/runners/canopy
 """
 import glob
+import json
 import os
 import signal
 import stat
@@ -169,6 +173,45 @@ def train_locks(canopy, work, config):
     r = subprocess.run([canopy, "train", "--config", config, "--set", "data.train_limit=60000",
                         "--set", "train.epochs=1", "--progress", "quiet"], capture_output=True, text=True)
     check(r.returncode == 0, f"after a SIGKILL no stale lock remains: the next run trains ({r.stderr[-200:]})")
+
+
+def memory_limit(canopy, work, config):
+    """The train split (60 000 x 1568 floats, 376 MB) against a memory cgroup that holds the
+    process without it but not with it: the default cache.memory_cap_mb = 0 streams it, where
+    reading it whole, as 0 meant before, is ended by the kernel's OOM kill."""
+    train = [canopy, "train", "--config", config, "--set", "data.train_limit=60000", "--set", "train.epochs=2",
+             "--progress", "quiet"]
+    ref = os.path.join(work, "mem-ref")
+    rc, err, peak, _ = support.run_measured(train + ["--set", f"train.out_dir={ref}"])
+    check(rc == 0 and "streaming" not in err, f"unlimited, the train split is read whole ({err.strip()[-200:]})")
+    split = 60000 * 1568 * 4
+    limit = int(peak * 1024 * 1024 - split / 4)
+    cg = support.MemoryCgroup(f"canopy-test-{os.getpid()}", limit)
+    if cg.path is None:
+        print(f"skip the memory limit: no memory cgroup can be made here ({cg.reason.strip()})")
+        return
+    try:
+        out = os.path.join(work, "mem-out")
+        r = subprocess.run(train + ["--set", f"train.out_dir={out}"], capture_output=True, text=True,
+                           preexec_fn=cg.enter)
+        check(r.returncode == 0 and "is more than 3/4 of the memory this process may take: the memory cgroup" in r.stderr
+              and "streaming (window of" in r.stderr and cg.oom_kills() == 0,
+              f"under a {limit >> 20} MiB limit (the unlimited run's peak {peak:.0f} MiB less a quarter of the split) "
+              f"`canopy train` streams the split, saying why, and ends ({r.returncode}: {r.stderr.strip()[-400:]})")
+
+        def accuracy(d):
+            with open(os.path.join(d, "heads", "linear.json")) as f:
+                return json.load(f)["eval_accuracy"]
+        if r.returncode == 0:
+            check(abs(accuracy(out) - accuracy(ref)) < 0.03,
+                  f"... to a head as accurate as the one read whole ({accuracy(out):.4f} against {accuracy(ref):.4f})")
+        r = subprocess.run(train + ["--set", f"train.out_dir={out}-whole", "--set", "cache.memory_cap_mb=100000"],
+                           capture_output=True, text=True, preexec_fn=cg.enter)
+        check(r.returncode == -signal.SIGKILL and cg.oom_kills() == 1,
+              f"... where reading it whole is ended by the kernel's OOM kill (exit {r.returncode}, "
+              f"{cg.oom_kills()} OOM kills): the limit is real")
+    finally:
+        cg.remove()
 
 
 def non_finite_features(canopy, work):
@@ -460,6 +503,7 @@ def main():
     config = second_writer_is_refused(canopy, work, trunk)
     repair(canopy, work, config)
     train_locks(canopy, work, config)
+    memory_limit(canopy, work, config)
     non_finite_features(canopy, work)
     rebuild_beside(canopy, work, config)
     replaced_trunk(canopy, work, config)

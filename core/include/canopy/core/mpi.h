@@ -32,6 +32,9 @@ std::string library_version();
 // This process's rank and the number of ranks (0 and 1 outside a launched job). Local.
 int rank();
 int size();
+// The ranks on this machine (Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE), 1 outside a launched
+// job: they share its memory.
+int local_size();
 // More than one rank.
 inline bool distributed() { return size() > 1; }
 // "rank 1 of 3" (empty outside a job), for messages. Local.

@@ -50,6 +50,9 @@ std::string count_of(std::int64_t n, const std::string& word);
 // Formats seconds as "1m 05s" / "3.2s".
 std::string format_duration(double seconds);
 
+// Formats bytes in MiB: "293 MiB", "7.5 MiB" (one decimal under 10).
+std::string format_mib(double bytes);
+
 // The candidate a mistyped `word` most likely meant, for "did you mean" in errors: the one
 // fewest single-character edits away (insert, delete, replace, swap two neighbours; case
 // ignored), if that is at most 1 for words of up to 4 characters, 2 for longer ones, and
