@@ -5,12 +5,14 @@
 
 #include <algorithm>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 
 #include <ATen/Context.h>
 #include <torch/cuda.h>
 
+#include "canopy/core/cgroup.h"
 #include "canopy/core/error.h"
 
 namespace canopy {
@@ -56,13 +58,36 @@ const std::string& cuda_backend_status() {
 
 bool cuda_available() { return cuda_backend_status().empty() && torch::cuda::is_available(); }
 
-std::int64_t machine_cores() {
-  // As nproc counts: taskset, a container's cpuset or mpirun's binding leave fewer cores than
-  // the machine has, and more threads than those only wait on each other.
+// As nproc counts: taskset, a container's cpuset or mpirun's binding leave fewer cores than
+// the machine has, and more threads than those only wait on each other.
+std::int64_t affinity_cores() {
   cpu_set_t cpus;
   CPU_ZERO(&cpus);
   if (::sched_getaffinity(0, sizeof cpus, &cpus) == 0 && CPU_COUNT(&cpus) > 0) return CPU_COUNT(&cpus);
   return std::max<std::int64_t>(1, static_cast<std::int64_t>(std::thread::hardware_concurrency()));
+}
+
+std::optional<CpuQuota> cpu_quota() {
+  std::optional<CpuQuota> out;
+  for (const auto& d : cgroup_dirs("cpu")) {
+    std::optional<long> cpus;
+    if (d.v1) {
+      cpus = cpus_of_quota(read_cgroup_file(d, "cpu.cfs_quota_us"), read_cgroup_file(d, "cpu.cfs_period_us"));
+    } else {
+      std::istringstream max(read_cgroup_file(d, "cpu.max"));  // "150000 100000" or "max 100000"
+      std::string quota, period;
+      max >> quota >> period;
+      cpus = cpus_of_quota(quota, period);
+    }
+    if (cpus && (!out || *cpus < out->cpus)) out = CpuQuota{std::max<long>(1, *cpus), d.path};
+  }
+  return out;
+}
+
+std::int64_t machine_cores() {
+  const std::int64_t mask = affinity_cores();
+  const auto quota = cpu_quota();
+  return quota ? std::min(mask, quota->cpus) : mask;
 }
 
 c10::Device choose_device(const std::string& spec) {

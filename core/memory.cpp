@@ -2,9 +2,8 @@
 
 #include <fstream>
 #include <sstream>
-#include <vector>
 
-#include "canopy/core/fs.h"
+#include "canopy/core/cgroup.h"
 #include "canopy/core/strings.h"
 
 namespace canopy {
@@ -37,46 +36,6 @@ std::optional<std::uint64_t> stat_value(const std::string& stat, const std::stri
 }
 
 std::string mib(std::uint64_t bytes) { return format_mib(static_cast<double>(bytes)); }
-
-struct Mount {
-  std::string root, point;
-  bool v1 = false;
-};
-
-// The memory cgroup mounts (/proc/self/mountinfo: id parent dev root point opts ... - type src super).
-std::vector<Mount> memory_mounts() {
-  std::vector<Mount> out;
-  std::istringstream in(slurp("/proc/self/mountinfo"));
-  std::string line;
-  while (std::getline(in, line)) {
-    std::istringstream f(line);
-    std::vector<std::string> w;
-    for (std::string s; f >> s;) w.push_back(s);
-    std::size_t dash = 0;
-    while (dash < w.size() && w[dash] != "-") ++dash;
-    if (dash < 5 || dash + 3 >= w.size()) continue;
-    const std::string& type = w[dash + 1];
-    const std::string& super = w[dash + 3];
-    if (type == "cgroup2") out.push_back({w[3], w[4], false});
-    if (type == "cgroup" && ("," + super + ",").find(",memory,") != std::string::npos)
-      out.push_back({w[3], w[4], true});
-  }
-  return out;
-}
-
-// This process's path in the v1 memory hierarchy and in the v2 one (/proc/self/cgroup).
-void own_paths(std::string& v1, std::string& v2) {
-  std::istringstream in(slurp("/proc/self/cgroup"));
-  std::string line;
-  while (std::getline(in, line)) {
-    const auto a = line.find(':'), b = line.find(':', a + 1);
-    if (a == std::string::npos || b == std::string::npos) continue;
-    const std::string controllers = "," + line.substr(a + 1, b - a - 1) + ",";
-    const std::string path = line.substr(b + 1);
-    if (line.compare(0, a, "0") == 0 && b == a + 1) v2 = path;
-    if (controllers.find(",memory,") != std::string::npos) v1 = path;
-  }
-}
 
 }  // namespace
 
@@ -113,24 +72,12 @@ std::optional<MemoryRoom> memory_room(int sharers) {
   };
   if (const auto avail = detail::mem_available(slurp("/proc/meminfo")))
     consider(*avail, "the machine's available memory (MemAvailable " + mib(*avail) + ")");
-  std::string v1, v2;
-  own_paths(v1, v2);
-  for (const auto& m : memory_mounts()) {
-    const std::string& own = m.v1 ? v1 : v2;
-    if (own.empty() || own.compare(0, m.root.size(), m.root) != 0) continue;
-    std::string rel = m.root == "/" ? own : own.substr(m.root.size());
-    // The limits of the cgroup and of every one above it apply.
-    while (true) {
-      const std::string dir = join_path(m.point, rel == "/" ? "" : rel.substr(rel[0] == '/' ? 1 : 0));
-      const std::string limit = slurp(join_path(dir, m.v1 ? "memory.limit_in_bytes" : "memory.max"));
-      const std::string usage = slurp(join_path(dir, m.v1 ? "memory.usage_in_bytes" : "memory.current"));
-      if (const auto r = detail::cgroup_room(limit, usage, slurp(join_path(dir, "memory.stat")), m.v1)) {
-        consider(*r, "the memory cgroup '" + (rel.empty() ? "/" : rel) + "' (limit " + mib(*number(limit)) +
-                         ", " + mib(*number(limit) - *r) + " of it in use)");
-      }
-      if (rel.empty() || rel == "/") break;
-      const auto slash = rel.find_last_of('/');
-      rel = slash == std::string::npos || slash == 0 ? "/" : rel.substr(0, slash);
+  for (const auto& d : cgroup_dirs("memory")) {
+    const std::string limit = read_cgroup_file(d, d.v1 ? "memory.limit_in_bytes" : "memory.max");
+    const std::string usage = read_cgroup_file(d, d.v1 ? "memory.usage_in_bytes" : "memory.current");
+    if (const auto r = detail::cgroup_room(limit, usage, read_cgroup_file(d, "memory.stat"), d.v1)) {
+      consider(*r, "the memory cgroup '" + d.path + "' (limit " + mib(*number(limit)) + ", " +
+                       mib(*number(limit) - *r) + " of it in use)");
     }
   }
   if (room && sharers > 1) {

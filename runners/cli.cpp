@@ -30,6 +30,7 @@
 #include "canopy/runners/checkpoint_store.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/predict_job.h"
+#include "canopy/runners/step_runner.h"
 #include "canopy/runners/train_job.h"
 #include "canopy/trunk/trunk.h"
 
@@ -119,6 +120,12 @@ void check_same_config(const JobConfig& config) {
       " resolves to another job on some rank): every rank must read the same one");
 }
 
+// Threads within a CPU quota; a compiled trunk keeps LibTorch's (see fit_threads_to_cpu_quota).
+void fit_threads(const JobConfig& config) {
+  const std::string said = fit_threads_to_cpu_quota(!trunk::is_compiled_trunk(config.trunk.path));
+  if (!said.empty() && mpi::rank() == 0) log_info(said);
+}
+
 int run_job(const std::string& command, const po::variables_map& vm, const tasks::HeadRegistry& registry,
             std::ostream& out, std::ostream& err) {
   std::vector<std::string> flags;
@@ -130,6 +137,7 @@ int run_job(const std::string& command, const po::variables_map& vm, const tasks
     out << dump_config(config);
     return kExitOk;
   }
+  fit_threads(config);
   const ProgressStyle style = parse_progress(vm["progress"].as<std::string>());
   // Under mpirun, rank 0 prints the reports (every rank logs its own lines to stderr).
   std::ostringstream elsewhere;
@@ -168,6 +176,7 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   CANOPY_CHECK(vm.count("input"), ConfigError,
                "canopy predict: --input FILE is required (see canopy predict --help)");
   const JobConfig config = config_from(vm, "predict");
+  fit_threads(config);
   PredictOptions options;
   options.input = vm["input"].as<std::string>();
   options.limit = vm["limit"].as<std::int64_t>();

@@ -434,7 +434,9 @@ void add_cache_and_train_keys(std::vector<Key<JobConfig>>& v) {
       member_key<K>(
           "train", "workers", CANOPY_JOB(train.workers),
           "TBB workers training heads concurrently; 0: one per core this process may use (its affinity: "
-          "taskset, cpuset, mpirun binding); more than the cores is honoured; at most 4x the cores")
+          "taskset, cpuset, mpirun binding; no more than a cgroup's CPU quota grants); more than the cores "
+          "is "
+          "honoured; at most 4x the cores")
           .at_least(0));
   v.push_back(member_key<K>("train", "intra_op_threads", CANOPY_JOB(train.intra_op_threads),
                             "LibTorch threads inside each head's work; at most 4x the cores")

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -17,6 +18,7 @@
 #include <oneapi/tbb/partitioner.h>
 #include <oneapi/tbb/task_arena.h>
 
+#include "canopy/core/device.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fork_join.h"
 
@@ -42,7 +44,9 @@ struct StepRunner::Arena {
     // More workers than the cores this process may use is the user's choice (train.workers):
     // TBB would otherwise cap the arena at the cores, warn on stderr and run fewer threads
     // than the run says it has.
-    if (workers > tbb::info::default_concurrency()) {
+    if (static_cast<std::size_t>(workers) >
+        std::min(static_cast<std::size_t>(tbb::info::default_concurrency()),
+                 tbb::global_control::active_value(tbb::global_control::max_allowed_parallelism))) {
       raised = std::make_unique<tbb::global_control>(tbb::global_control::max_allowed_parallelism,
                                                      static_cast<std::size_t>(workers));
     }
@@ -51,6 +55,24 @@ struct StepRunner::Arena {
   std::unique_ptr<tbb::global_control> raised;
   tbb::task_arena arena;
 };
+
+std::string fit_threads_to_cpu_quota(bool libtorch) {
+  const auto quota = cpu_quota();
+  const std::int64_t mask = affinity_cores();
+  if (!quota || quota->cpus >= mask) return "";
+  // For the process's life, never destroyed: it would outlive nothing at exit.
+  static const auto* tbb_limit = new tbb::global_control(tbb::global_control::max_allowed_parallelism,
+                                                         static_cast<std::size_t>(quota->cpus));
+  static_cast<void>(tbb_limit);
+  const bool omp = std::getenv("OMP_NUM_THREADS") != nullptr;
+  if (libtorch && !omp) at::set_num_threads(static_cast<int>(quota->cpus));
+  return detail::str_cat("a CPU quota (cgroup '", quota->cgroup, "') grants ", quota->cpus, " of the ", mask,
+                         " CPUs this process may run on: ", quota->cpus, " thread(s) for TBB",
+                         !libtorch ? " (a compiled trunk keeps LibTorch's)"
+                         : omp     ? " (OMP_NUM_THREADS sets LibTorch's)"
+                                   : " and LibTorch",
+                         "; train.workers sets the training workers");
+}
 
 StepRunner::StepRunner(std::int64_t workers, std::int64_t intra_op_threads)
     : workers_(workers), intra_op_threads_(intra_op_threads) {

@@ -19,6 +19,7 @@
 #include <torch/csrc/inductor/aoti_runner/model_container_runner.h>
 #include <nlohmann/json.hpp>
 
+#include "canopy/core/cgroup.h"
 #include "canopy/core/child.h"
 #include "canopy/core/crc32c.h"
 #include "canopy/core/device.h"
@@ -325,11 +326,14 @@ TEST(Fs, AnOutputFileIsWrittenThroughFifosAndLinksAndNeverReplacesADevice) {
 }
 
 // The cores a process may use are its affinity mask's (taskset, a cpuset, mpirun's binding),
-// not the machine's: a thread pinned to one CPU counts one.
+// not the machine's: a thread pinned to one CPU counts one. (And no more than a CPU quota
+// grants: tests/python/test_faults.py.)
 TEST(Device, MachineCoresCountsTheAffinityMask) {
   cpu_set_t all;
   ASSERT_EQ(::sched_getaffinity(0, sizeof all, &all), 0);
-  EXPECT_EQ(machine_cores(), CPU_COUNT(&all));
+  EXPECT_EQ(affinity_cores(), CPU_COUNT(&all));
+  const auto quota = cpu_quota();
+  EXPECT_EQ(machine_cores(), quota ? std::min<std::int64_t>(quota->cpus, CPU_COUNT(&all)) : CPU_COUNT(&all));
   std::int64_t pinned = 0;
   std::thread([&] {
     cpu_set_t one;
@@ -404,6 +408,19 @@ TEST(Memory, RoomFromMeminfoAndCgroupFiles) {
   ASSERT_TRUE(halves.has_value());
   EXPECT_LE(halves->bytes, here->bytes);
   EXPECT_NE(halves->said.find("shared by the 2 processes"), std::string::npos);
+}
+
+// v1's cpu.cfs_quota_us over cpu.cfs_period_us, and v2's cpu.max; tests/python/test_faults.py
+// runs `canopy train` under a real quota.
+TEST(Cgroup, CpusOfAQuotaRoundUp) {
+  EXPECT_EQ(cpus_of_quota("100000\n", "100000\n"), 1);
+  EXPECT_EQ(cpus_of_quota("150000", "100000"), 2) << "1.5 CPUs";
+  EXPECT_EQ(cpus_of_quota("50000", "100000"), 1);
+  EXPECT_EQ(cpus_of_quota("-1\n", "100000\n"), std::nullopt) << "v1: no quota";
+  EXPECT_EQ(cpus_of_quota("max", "100000"), std::nullopt) << "v2: no quota";
+  EXPECT_EQ(cpus_of_quota("", ""), std::nullopt) << "no such file";
+  EXPECT_GE(machine_cores(), 1);
+  EXPECT_LE(machine_cores(), affinity_cores());
 }
 
 TEST(Strings, CountOfAddsAnSUnlessOne) {

@@ -227,50 +227,72 @@ def kill_when(cmd, json_path, reached, timeout=120, env=None, sig=None, stderr=N
     return p.returncode, seen
 
 
-class MemoryCgroup:
-    """A memory cgroup made here (needs root and a writable cgroup filesystem), v1 or v2,
-    under the one this process is in, limited to `limit` bytes: a real memory limit, as a
-    container has. `enter` is a preexec_fn that moves a child into it; `oom_kills()` counts the
-    kernel's OOM kills in it. `reason` says why none could be made (then `path` is None)."""
+class Cgroup:
+    """A cgroup made here (needs root and a writable cgroup filesystem), v1 or v2, under the one
+    this process is in, for `controller` ("memory", "cpu"), with its files set from `v1` or `v2`
+    (file: value) by the hierarchy found: a real limit, as a container has. `enter` is a
+    preexec_fn that moves a child into it. `reason` says why none could be made (then `path`
+    is None)."""
 
-    def __init__(self, name, limit):
+    def __init__(self, controller, name, v1, v2):
         self.path, self.v1, self.reason = None, True, ""
         own = {}
         with open("/proc/self/cgroup") as f:
             for line in f:
                 hid, controllers, path = line.rstrip("\n").split(":", 2)
-                if "memory" in controllers.split(","):
+                if controller in controllers.split(","):
                     own["v1"] = path
                 if hid == "0" and controllers == "":
                     own["v2"] = path
         tries = []
         if "v1" in own:
-            tries.append((True, "/sys/fs/cgroup/memory" + own["v1"]))
+            for mount in (controller, "cpu,cpuacct" if controller == "cpu" else controller):
+                if os.path.isdir(f"/sys/fs/cgroup/{mount}"):
+                    tries.append((True, f"/sys/fs/cgroup/{mount}" + own["v1"]))
+                    break
         if "v2" in own:
             for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
                 if os.path.exists(os.path.join(root, "cgroup.controllers")):
                     tries.append((False, root + own["v2"]))
-        for v1, parent in tries:
+        for is_v1, parent in tries:
             path = os.path.join(parent.rstrip("/"), name)
             try:
-                if not v1:
+                if not is_v1:
                     with open(os.path.join(parent, "cgroup.controllers")) as f:
-                        if "memory" not in f.read().split():
-                            raise OSError(f"no memory controller in {parent}")
+                        if controller not in f.read().split():
+                            raise OSError(f"no {controller} controller in {parent}")
                     with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
-                        f.write("+memory")
+                        f.write("+" + controller)
                 os.makedirs(path, exist_ok=True)
-                with open(os.path.join(path, "memory.limit_in_bytes" if v1 else "memory.max"), "w") as f:
-                    f.write(str(limit))
-                self.path, self.v1 = path, v1
+                for file, value in (v1 if is_v1 else v2).items():
+                    if file.startswith("?"):  # only where the kernel has it
+                        file = file[1:]
+                        if not os.path.exists(os.path.join(path, file)):
+                            continue
+                    with open(os.path.join(path, file), "w") as f:
+                        f.write(str(value))
+                self.path, self.v1 = path, is_v1
                 return
             except OSError as e:
                 self.reason += f"{path}: {e}; "
-        self.reason = self.reason or "no memory cgroup hierarchy in /proc/self/cgroup"
+        self.reason = self.reason or f"no {controller} cgroup hierarchy in /proc/self/cgroup"
 
     def enter(self):
         with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
+
+    def remove(self):
+        if self.path:
+            os.rmdir(self.path)
+
+
+class MemoryCgroup(Cgroup):
+    """A memory cgroup limited to `limit` bytes, swap included (where there is swap, the limit
+    would otherwise page out instead of limiting); `oom_kills()` counts the kernel's OOM kills in it."""
+
+    def __init__(self, name, limit):
+        super().__init__("memory", name, {"memory.limit_in_bytes": limit, "?memory.memsw.limit_in_bytes": limit},
+                         {"memory.max": limit, "?memory.swap.max": 0})
 
     def oom_kills(self):
         name = "memory.oom_control" if self.v1 else "memory.events"
@@ -281,6 +303,11 @@ class MemoryCgroup:
                     return int(value)
         return 0
 
-    def remove(self):
-        if self.path:
-            os.rmdir(self.path)
+
+class CpuCgroup(Cgroup):
+    """A cgroup whose CFS quota grants `cpus` CPUs (of every 100 ms, cpus x 100 ms)."""
+
+    def __init__(self, name, cpus):
+        quota = int(cpus * 100000)
+        super().__init__("cpu", name, {"cpu.cfs_period_us": 100000, "cpu.cfs_quota_us": quota},
+                         {"cpu.max": f"{quota} 100000"})

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include <c10/core/Device.h>
@@ -23,9 +24,21 @@ std::string load_torch_cuda_library();
 // Loads `file` (e.g. "libtorch.so") from LibTorch's directory, RTLD_GLOBAL; "" or why not.
 std::string load_torch_library(const std::string& file);
 }  // namespace detail
+// A CFS quota on this process's CPU time (a container's CPU limit: cgroup v1
+// cpu.cfs_quota_us, v2 cpu.max), as the CPUs it grants, rounded up, and the cgroup that sets
+// the smallest; nullopt when none does.
+struct CpuQuota {
+  std::int64_t cpus = 0;
+  std::string cgroup;
+};
+std::optional<CpuQuota> cpu_quota();
+
 // The CPU cores this process may use: its affinity mask, as nproc counts them (taskset, a
-// container's cpuset, mpirun's binding); std::thread::hardware_concurrency when the mask
-// cannot be read; at least 1.
+// container's cpuset, mpirun's binding), std::thread::hardware_concurrency when the mask
+// cannot be read, and no more than a CPU quota grants; at least 1.
 std::int64_t machine_cores();
+
+// The cores in this process's affinity mask alone (no quota).
+std::int64_t affinity_cores();
 
 }  // namespace canopy

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -18,6 +19,14 @@
 #include "canopy/tasks/task.h"
 
 namespace canopy::runners {
+
+// Under a CPU quota below the affinity mask (a Kubernetes CPU limit on a large machine), TBB's
+// parallelism, and with `libtorch` LibTorch's intra-op threads, are cut to the quota's CPUs:
+// more threads than that only wait for the quota's next period (measured under a 1-CPU quota
+// on 2 cores: a TorchScript trunk pass 8.2-9.7 s on 1 thread against 10.6-10.7 s on 2). Not
+// for a compiled (.pt2) trunk, whose pass was slower on 1 thread there (13.8-14.8 s against
+// 8.5-9.0 s). OMP_NUM_THREADS, when set, rules LibTorch. Returns the line to log, or "".
+std::string fit_threads_to_cpu_quota(bool libtorch);
 
 class StepRunner {
  public:
