@@ -18,6 +18,7 @@
 #include "canopy/core/device.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/memory.h"
 #include "canopy/core/mpi.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/sanitizers.h"
@@ -247,12 +248,19 @@ int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&
 
 std::string version_text() {
   // CANOPY_VERSION is the CMake project's version (runners/CMakeLists.txt).
-  return detail::str_cat("canopy ", CANOPY_VERSION, "\nLibTorch ", TORCH_VERSION, "\nHDF5 ",
-                         datasets::hdf5_version(), "\nMPI ", mpi::library_version(), "\nCUDA available: ",
-                         cuda_available()                ? std::string("yes")
-                         : cuda_backend_status().empty() ? std::string("no (no GPU found)")
-                                                         : "no (" + cuda_backend_status() + ")",
-                         "\n");
+  const auto quota = cpu_quota();
+  const auto room = memory_room();
+  return detail::str_cat(
+      "canopy ", CANOPY_VERSION, "\nLibTorch ", TORCH_VERSION, "\nHDF5 ", datasets::hdf5_version(), "\nMPI ",
+      mpi::library_version(), "\nCUDA available: ",
+      cuda_available()                ? std::string("yes")
+      : cuda_backend_status().empty() ? std::string("no (no GPU found)")
+                                      : "no (" + cuda_backend_status() + ")",
+      "\nCPU cores this process may use: ", machine_cores(), " (", affinity_cores(), " in its affinity",
+      quota ? detail::str_cat("; a CPU quota, cgroup '", quota->cgroup, "', grants ", quota->cpus)
+            : std::string(),
+      ")\nmemory it may take: ",
+      room ? format_mib(static_cast<double>(room->bytes)) + ", " + room->said : "unknown", "\n");
 }
 
 void predict_options(po::options_description& d, po::positional_options_description&) {
@@ -337,7 +345,8 @@ const std::vector<Command>& commands() {
          out << config_reference();
          return kExitOk;
        }},
-      {"version", "canopy version", "print the versions of canopy, LibTorch, HDF5 and MPI",
+      {"version", "canopy version",
+       "versions (canopy, LibTorch, HDF5, MPI), the GPU, the cores and memory it may use",
        [](po::options_description&, po::positional_options_description&) {},
        [](const po::variables_map&, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
          out << version_text();

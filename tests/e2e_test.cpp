@@ -13,6 +13,7 @@
 #include <ATen/ops/equal.h>
 #include <torch/nn/modules/linear.h>
 #include <limits>
+#include "canopy/core/device.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
@@ -579,6 +580,10 @@ TEST(Cli, VersionNamesCanopyLibTorchAndHdf5) {
     EXPECT_NE(out.str().find("canopy 0.1.0"), std::string::npos) << out.str();
     EXPECT_NE(out.str().find("LibTorch 2."), std::string::npos) << out.str();
     EXPECT_NE(out.str().find("HDF5 1."), std::string::npos) << out.str();
+    EXPECT_NE(out.str().find("CPU cores this process may use: " + std::to_string(machine_cores()) + " ("),
+              std::string::npos)
+        << out.str();
+    EXPECT_NE(out.str().find("memory it may take: "), std::string::npos) << out.str();
   }
   std::ostringstream out, err;
   EXPECT_EQ(run_cli({"inspect", "a", "b"}, registry, out, err), kExitUsage) << "an extra positional argument";
