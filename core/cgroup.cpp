@@ -1,20 +1,11 @@
 #include "canopy/core/cgroup.h"
 
-#include <fstream>
 #include <sstream>
 
 #include "canopy/core/fs.h"
 
 namespace canopy {
 namespace {
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return "";
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 bool has_word(const std::string& list, const std::string& word) {
   return ("," + list + ",").find("," + word + ",") != std::string::npos;
@@ -29,7 +20,7 @@ struct Mount {
 // of the v1 hierarchy holding `controller` and of v2.
 std::vector<Mount> mounts(const std::string& controller) {
   std::vector<Mount> out;
-  std::istringstream in(slurp("/proc/self/mountinfo"));
+  std::istringstream in(read_file_or_empty("/proc/self/mountinfo"));
   std::string line;
   while (std::getline(in, line)) {
     std::istringstream f(line);
@@ -49,7 +40,7 @@ std::vector<Mount> mounts(const std::string& controller) {
 std::vector<CgroupDir> cgroup_dirs(const std::string& controller) {
   // This process's path in the v1 hierarchy of `controller` and in v2 (/proc/self/cgroup).
   std::string v1, v2;
-  std::istringstream in(slurp("/proc/self/cgroup"));
+  std::istringstream in(read_file_or_empty("/proc/self/cgroup"));
   std::string line;
   while (std::getline(in, line)) {
     const auto a = line.find(':'), b = line.find(':', a + 1);
@@ -76,7 +67,7 @@ std::vector<CgroupDir> cgroup_dirs(const std::string& controller) {
 }
 
 std::string read_cgroup_file(const CgroupDir& dir, const std::string& file) {
-  return slurp(join_path(dir.dir, file));
+  return read_file_or_empty(join_path(dir.dir, file));
 }
 
 std::optional<long> cpus_of_quota(const std::string& quota, const std::string& period) {

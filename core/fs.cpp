@@ -212,4 +212,12 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
+std::string read_file_or_empty(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return "";
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
 }  // namespace canopy

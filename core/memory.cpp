@@ -1,21 +1,13 @@
 #include "canopy/core/memory.h"
 
-#include <fstream>
 #include <sstream>
 
 #include "canopy/core/cgroup.h"
+#include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
 
 namespace canopy {
 namespace {
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return "";
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 std::optional<std::uint64_t> number(const std::string& text) {
   std::istringstream in(text);
@@ -70,7 +62,7 @@ std::optional<MemoryRoom> memory_room(int sharers) {
   auto consider = [&](std::uint64_t bytes, const std::string& said) {
     if (!room || bytes < room->bytes) room = MemoryRoom{bytes, said};
   };
-  if (const auto avail = detail::mem_available(slurp("/proc/meminfo")))
+  if (const auto avail = detail::mem_available(read_file_or_empty("/proc/meminfo")))
     consider(*avail, "the machine's available memory (MemAvailable " + mib(*avail) + ")");
   for (const auto& d : cgroup_dirs("memory")) {
     const std::string limit = read_cgroup_file(d, d.v1 ? "memory.limit_in_bytes" : "memory.max");

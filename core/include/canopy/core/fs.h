@@ -74,5 +74,8 @@ std::vector<std::string> list_dir(const std::string& path);
 void remove_tree(const std::string& path);
 
 std::string read_file(const std::string& path);
+// The file's contents, or "" when it cannot be read (a kernel interface that may be absent:
+// /proc, /sys/fs/cgroup).
+std::string read_file_or_empty(const std::string& path);
 
 }  // namespace canopy
