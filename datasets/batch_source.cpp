@@ -18,6 +18,7 @@
 
 #include "canopy/core/bounded_queue.h"
 #include "canopy/core/error.h"
+#include "canopy/core/strings.h"
 #include "canopy/datasets/holdout.h"
 
 namespace canopy::datasets {
@@ -182,7 +183,7 @@ class StreamingSource : public BatchSource {
   std::uint64_t peak_bytes() const override { return peak_.load(); }
   std::string describe() const override {
     return "streaming (window of " + std::to_string(window_) + " shard(s), cap " +
-           std::to_string(cap_ >> 20) + " MiB)";
+           format_mib(static_cast<double>(cap_)) + ")";
   }
 
  private:

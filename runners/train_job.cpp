@@ -88,11 +88,23 @@ TrainRead plan_train_read(const datasets::FeatureCache& cache, const JobConfig& 
     return {bytes <= static_cast<double>(cap), cap, ""};
   }
   const auto room = memory_room(mpi::local_size());
-  if (!room || bytes <= static_cast<double>(room->bytes) * 0.75) return {};
-  TrainRead r{false, room->bytes / 2, ""};
-  r.why = detail::str_cat("the train split '", config.train.train_split, "' (", format_mib(bytes),
-                          ") is more than 3/4 of the memory this process may take: ", room->said);
-  return r;
+  TrainRead r;
+  if (room && bytes > static_cast<double>(room->bytes) * 0.75) {
+    r = {false, room->bytes / 2,
+         detail::str_cat("the train split '", config.train.train_split, "' (", format_mib(bytes),
+                         ") is more than 3/4 of the memory this process may take: ", room->said)};
+  }
+  if (!mpi::distributed()) return r;
+  // Every rank must read alike (the replicas see the same batches): all stream, under the
+  // smallest cap, when one must.
+  TrainRead all;
+  for (const std::string& s :
+       mpi::all_gather(r.whole ? std::string() : std::to_string(r.cap) + " " + r.why)) {
+    if (s.empty()) continue;
+    const std::uint64_t cap = std::stoull(s.substr(0, s.find(' ')));
+    if (all.whole || cap < all.cap) all = {false, cap, s.substr(s.find(' ') + 1)};
+  }
+  return all;
 }
 // The label source a validation split is stratified by: `class` when the cache has it as
 // classes, else its first class-valued source; empty when every source is real-valued.
