@@ -14,6 +14,7 @@
 
 #include "canopy/core/cgroup.h"
 #include "canopy/core/error.h"
+#include "canopy/core/mpi.h"
 
 namespace canopy {
 
@@ -79,15 +80,16 @@ std::optional<CpuQuota> cpu_quota() {
       max >> quota >> period;
       cpus = cpus_of_quota(quota, period);
     }
-    if (cpus && (!out || *cpus < out->cpus)) out = CpuQuota{std::max<long>(1, *cpus), d.path};
+    if (cpus && (!out || *cpus < out->cpus)) out = CpuQuota{std::max<long>(1, *cpus), 0, d.path};
   }
+  if (out) out->share = std::max<std::int64_t>(1, out->cpus / mpi::local_size());
   return out;
 }
 
 std::int64_t machine_cores() {
   const std::int64_t mask = affinity_cores();
   const auto quota = cpu_quota();
-  return quota ? std::min(mask, quota->cpus) : mask;
+  return quota ? std::min(mask, quota->share) : mask;
 }
 
 c10::Device choose_device(const std::string& spec) {

@@ -257,8 +257,11 @@ std::string version_text() {
       : cuda_backend_status().empty() ? std::string("no (no GPU found)")
                                       : "no (" + cuda_backend_status() + ")",
       "\nCPU cores this process may use: ", machine_cores(), " (", affinity_cores(), " in its affinity",
-      quota ? detail::str_cat("; a CPU quota, cgroup '", quota->cgroup, "', grants ", quota->cpus)
-            : std::string(),
+      quota
+          ? detail::str_cat("; a CPU quota, cgroup '", quota->cgroup, "', grants ", quota->cpus,
+                            quota->share < quota->cpus ? detail::str_cat(", ", quota->share, " to each rank")
+                                                       : std::string())
+          : std::string(),
       ")\nmemory it may take: ",
       room ? format_mib(static_cast<double>(room->bytes)) + ", " + room->said : "unknown", "\n");
 }

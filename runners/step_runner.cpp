@@ -21,6 +21,7 @@
 #include "canopy/core/device.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fork_join.h"
+#include "canopy/core/mpi.h"
 
 namespace canopy::runners {
 
@@ -59,15 +60,20 @@ struct StepRunner::Arena {
 std::string fit_threads_to_cpu_quota(bool libtorch) {
   const auto quota = cpu_quota();
   const std::int64_t mask = affinity_cores();
-  if (!quota || quota->cpus >= mask) return "";
+  if (!quota || quota->share >= mask) return "";
   // For the process's life, never destroyed: it would outlive nothing at exit.
   static const auto* tbb_limit = new tbb::global_control(tbb::global_control::max_allowed_parallelism,
-                                                         static_cast<std::size_t>(quota->cpus));
+                                                         static_cast<std::size_t>(quota->share));
   static_cast<void>(tbb_limit);
   const bool omp = std::getenv("OMP_NUM_THREADS") != nullptr;
-  if (libtorch && !omp) at::set_num_threads(static_cast<int>(quota->cpus));
+  if (libtorch && !omp) at::set_num_threads(static_cast<int>(quota->share));
   return detail::str_cat("a CPU quota (cgroup '", quota->cgroup, "') grants ", quota->cpus, " of the ", mask,
-                         " CPUs this process may run on: ", quota->cpus, " thread(s) for TBB",
+                         " CPUs this process may run on",
+                         quota->share < quota->cpus
+                             ? detail::str_cat(", ", quota->share, " to each of the ", mpi::local_size(),
+                                               " ranks on this machine")
+                             : std::string(),
+                         ": ", quota->share, " thread(s) for TBB",
                          !libtorch ? " (a compiled trunk keeps LibTorch's)"
                          : omp     ? " (OMP_NUM_THREADS sets LibTorch's)"
                                    : " and LibTorch",

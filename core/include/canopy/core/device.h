@@ -26,9 +26,11 @@ std::string load_torch_library(const std::string& file);
 }  // namespace detail
 // A CFS quota on this process's CPU time (a container's CPU limit: cgroup v1
 // cpu.cfs_quota_us, v2 cpu.max), as the CPUs it grants, rounded up, and the cgroup that sets
-// the smallest; nullopt when none does.
+// the smallest; nullopt when none does. `share`: this process's part of them, the ranks
+// mpirun put on the machine sharing them (at least 1).
 struct CpuQuota {
   std::int64_t cpus = 0;
+  std::int64_t share = 0;
   std::string cgroup;
 };
 std::optional<CpuQuota> cpu_quota();
