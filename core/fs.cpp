@@ -57,10 +57,15 @@ std::string describe_errno(int err) {
   return std::strerror(err);
 }
 
-bool short_of_space(const std::string& path, std::uint64_t bytes) {
+std::optional<std::uint64_t> free_space(const std::string& path) {
   struct statvfs st {};
-  if (::statvfs(path.c_str(), &st) != 0) return false;
-  return static_cast<std::uint64_t>(st.f_bavail) * st.f_frsize < bytes;
+  if (::statvfs(path.c_str(), &st) != 0) return std::nullopt;
+  return static_cast<std::uint64_t>(st.f_bavail) * st.f_frsize;
+}
+
+bool short_of_space(const std::string& path, std::uint64_t bytes) {
+  const auto free = free_space(path);
+  return free && *free < bytes;
 }
 
 std::string describe_write_error(int err) {

@@ -71,6 +71,14 @@ at::ScalarType scalar_type(StorageDtype d) {
 
 namespace {
 std::uint64_t element_size(StorageDtype d) { return d == StorageDtype::kFloat32 ? 4 : 2; }
+}  // namespace
+
+std::uint64_t bytes_per_row(const CacheMeta& meta) {
+  return static_cast<std::uint64_t>(meta.feature_dim) * element_size(meta.dtype) +
+         8 * (1 + static_cast<std::uint64_t>(meta.label_sources.size()));
+}
+
+namespace {
 
 // The HDF5 file type for a storage dtype. float16 is the IEEE half type h5py reads as
 // numpy float16; bfloat16 has no HDF5 or numpy type and is stored as its 16-bit words.

@@ -486,6 +486,24 @@ void refuse_non_finite(const NonFinite& nonfinite, const std::string& path, cons
       "(preprocess.mean, preprocess.std) for these inputs"));
 }
 
+// Refused before any trunk pass: rows left whose data alone (features, ids, labels; the files'
+// headers come on top) is more than the free space where they go. Only a shortfall that is
+// certain: a run that would fail hours later at the last shards fails now, with the numbers.
+void refuse_what_cannot_fit(const std::vector<datasets::ShardSlot>& missing, const datasets::CacheMeta& meta,
+                            const std::string& target, const std::string& dtype) {
+  std::int64_t rows = 0;
+  for (const auto& slot : missing) rows += slot.rows;
+  const double need = static_cast<double>(rows) * static_cast<double>(datasets::bytes_per_row(meta));
+  const auto free = free_space(target);
+  if (!free || need <= static_cast<double>(*free)) return;
+  throw IoError(detail::str_cat(
+      "not enough disk space for the cache: its ", rows, " rows still to compute need at least ",
+      format_mib(need), " in shards (", meta.feature_dim, " features each in ", dtype,
+      ", with ids and labels), and '", target, "' has ", format_mib(static_cast<double>(*free)),
+      " free. Free space, or build it elsewhere (cache.path)",
+      dtype == "float32" ? "; cache.dtype = float16 halves the features" : ""));
+}
+
 }  // namespace
 
 CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, ProgressStyle style) {
@@ -552,6 +570,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   if (beside) note = "built beside the old cache, which stays usable until this one is complete; " + note;
   if (resume && !note.empty()) report.reason = report.reason.empty() ? note : report.reason + "; " + note;
   const auto missing = writer.missing_shards();
+  refuse_what_cannot_fit(missing, meta, target, config.cache.dtype);
   const auto mine = my_share(missing);
   std::int64_t todo = 0;
   for (const auto& slot : mine) todo += slot.rows;

@@ -287,13 +287,20 @@ def disk_full(canopy, work, config):
               f"... and that there is no checkpoint to resume from ({r.stderr.strip()[-200:]})")
         leftovers = temporaries(out)
         check(not leftovers, f"... and leaving no temporary file ({leftovers})")
-        # The cache on a full disk: 60 000 rows of 1568 floats (376 MB) into 1 MiB.
+        # The cache on a full disk: 60 000 rows of 1568 floats (376 MB) into 1 MiB: refused before
+        # the trunk runs, since the rows' data alone cannot fit (the sweep below fills the disk
+        # while writing).
         r = subprocess.run([canopy, "cache", "--config", config, "--set", f"cache.path={out}/cache",
                             "--progress", "quiet"], capture_output=True, text=True)
         leftovers = temporaries(os.path.join(out, "cache"))
-        check(r.returncode == 1 and "terminate called" not in r.stderr and "disk is full" in r.stderr and
-              "shard" in r.stderr and not leftovers,
-              f"on a full disk `canopy cache` exits 1 saying so, leaving no temporary file ({r.stderr.strip()[-260:]}; {leftovers})")
+        shards = glob.glob(os.path.join(out, "cache", "shards", "*"))
+        need = 60200 * (1568 * 4 + 8 * 2)  # every row's features, id and class label
+        check(r.returncode == 1 and "terminate called" not in r.stderr and
+              f"not enough disk space for the cache: its 60200 rows still to compute need at least {need / 2**20:.0f} "
+              "MiB in shards (1568 features each in float32, with ids and labels)" in r.stderr and
+              "MiB free" in r.stderr and not leftovers and not shards,
+              f"on a disk too small `canopy cache` exits 1 before the trunk runs, saying how much it needs and has, "
+              f"writing no shard ({r.stderr.strip()[-300:]}; {leftovers}; {shards})")
     finally:
         subprocess.run(["umount", out])
     full_at_second_checkpoint(canopy, work, config)

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -37,6 +38,9 @@ std::string describe_write_error(int err);
 // Whether the filesystem holding `path` has fewer than `bytes` bytes free for this user
 // (statvfs): what a library error that does not keep errno (HDF5's) most likely meant.
 bool short_of_space(const std::string& path, std::uint64_t bytes);
+// The bytes free for this user on the filesystem holding `path` (statvfs); nullopt when it
+// cannot be read.
+std::optional<std::uint64_t> free_space(const std::string& path);
 // The same said for an error message: "the disk is full (ENOSPC: fewer than N bytes free under
 // 'path')" when it is short, "" when it is not.
 std::string lack_of_space(const std::string& path, std::uint64_t bytes);

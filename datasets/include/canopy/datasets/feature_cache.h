@@ -132,6 +132,10 @@ struct Manifest {
 };
 
 std::string manifest_path(const std::string& dir);
+
+// The bytes one row takes in a shard's data regions: its features in the storage dtype, its
+// id and a label per source (8 bytes each). The files' own headers come on top.
+std::uint64_t bytes_per_row(const CacheMeta& meta);
 std::string view_path(const std::string& dir);
 // What a cheap look at the cache in `dir` finds wrong against its manifest, without reading
 // data: shards missing or of another size than recorded, a missing view. Empty when nothing.
