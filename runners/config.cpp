@@ -362,8 +362,8 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
                   .at_least(1));
 }
 
-// [cache] and [train].
-void add_cache_and_train_keys(std::vector<Key<JobConfig>>& v) {
+// [cache].
+void add_cache_keys(std::vector<Key<JobConfig>>& v) {
   using K = JobConfig;
   v.push_back(member_key<K>("cache", "path", CANOPY_JOB(cache.path),
                             "the cache directory (docs/cache-format.md)", true)
@@ -390,6 +390,11 @@ void add_cache_and_train_keys(std::vector<Key<JobConfig>>& v) {
                             "evaluation the plain one (images only)")
                   .at_least(1)
                   .at_most(64));
+}
+
+// [augment]: read only when the cache holds augmented views.
+void add_augment_keys(std::vector<Key<JobConfig>>& v) {
+  using K = JobConfig;
   auto with_views = [](const JobConfig& c) { return c.cache.views > 1; };
   v.push_back(member_key<K>("augment", "crop_scale", CANOPY_JOB(augment.crop_scale),
                             "random resized crop: the area fraction kept, min,max (aspect ratio 3/4 to 4/3)")
@@ -403,6 +408,11 @@ void add_cache_and_train_keys(std::vector<Key<JobConfig>>& v) {
                   .at_least(0)
                   .at_most(0.99)
                   .only_when(with_views));
+}
+
+// [train].
+void add_train_keys(std::vector<Key<JobConfig>>& v) {
+  using K = JobConfig;
   v.push_back(member_key<K>("train", "out_dir", CANOPY_JOB(train.out_dir),
                             "heads, metrics, checkpoints and the resolved config go here", true)
                   .not_empty());
@@ -474,7 +484,9 @@ const std::vector<Key<JobConfig>>& job_keys() {
     std::vector<Key<JobConfig>> v;
     add_input_keys(v);
     add_trunk_keys(v);
-    add_cache_and_train_keys(v);
+    add_cache_keys(v);
+    add_augment_keys(v);
+    add_train_keys(v);
     return v;
   }();
   return keys;
