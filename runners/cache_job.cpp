@@ -504,6 +504,20 @@ void refuse_what_cannot_fit(const std::vector<datasets::ShardSlot>& missing, con
       dtype == "float32" ? "; cache.dtype = float16 halves the features" : ""));
 }
 
+// One writer at a time: one job (its rank 0 holds the lock; under mpirun the other ranks
+// write only the shards rank 0 hands them). What a killed or failed run left half-written
+// goes (no manifest lists it). A cache that cannot be written (a read-only mount, another
+// user's) is only checked, under a reader's lock: it may be up to date. Returns why it cannot
+// be written, or "".
+std::string lock_cache(const std::string& path, std::optional<DirLock>& lock) {
+  std::string unwritable = why_not_writable(path);
+  lock.emplace(path, unwritable.empty() ? DirLock::Mode::kWrite : DirLock::Mode::kRead, "canopy cache");
+  if (unwritable.empty()) {
+    for (const char* sub : {"", "/shards", "/rebuild", "/rebuild/shards"}) remove_temporaries(path + sub);
+  }
+  return unwritable;
+}
+
 }  // namespace
 
 CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, ProgressStyle style) {
@@ -511,22 +525,9 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   CacheReport report;
   report.path = config.cache.path;
   validate_job_config(config);
-  // One writer at a time: one job (its rank 0 holds the lock; under mpirun the other ranks
-  // write only the shards rank 0 hands them). What a killed or failed run left half-written
-  // goes (no manifest lists it).
-  // A cache that cannot be written (a read-only mount, another user's) is only checked: under
-  // a reader's lock, it may be up to date.
   std::optional<DirLock> lock;
   std::string unwritable;
-  if (mpi::rank() == 0) {
-    unwritable = why_not_writable(config.cache.path);
-    lock.emplace(config.cache.path, unwritable.empty() ? DirLock::Mode::kWrite : DirLock::Mode::kRead,
-                 "canopy cache");
-    if (unwritable.empty()) {
-      for (const char* sub : {"", "/shards", "/rebuild", "/rebuild/shards"})
-        remove_temporaries(config.cache.path + sub);
-    }
-  }
+  if (mpi::rank() == 0) unwritable = lock_cache(config.cache.path, lock);
   // Hash the trunk file first: the description (and so the fingerprint) depends on it,
   // and a pinned hash must be checked before anything loads the file.
   const std::string trunk_sha = trunk ? trunk->sha256() : trunk::verified_trunk_sha256(config.trunk);
