@@ -490,10 +490,27 @@ void Task::load_checkpoint(const std::string& path) {
   }
 }
 
-at::Tensor Task::predict(const at::Tensor& features) {
+namespace {
+// Rows a head is run on at once outside training. A split is evaluated in blocks of this
+// many, so that its hidden activations take block x width, not rows x width: a 60 000-row
+// split through two MLPs 2048 wide took 2.8 GB at once, concurrently on every worker.
+constexpr std::int64_t kEvalRows = 4096;
+}  // namespace
+
+at::Tensor Task::outputs(const at::Tensor& features) {
   torch::NoGradGuard no_grad;
   head_->eval();
-  const at::Tensor out = head_->forward(features);
+  const std::int64_t rows = features.size(0);
+  if (rows <= kEvalRows) return head_->forward(features);
+  std::vector<at::Tensor> blocks;
+  blocks.reserve(static_cast<std::size_t>((rows + kEvalRows - 1) / kEvalRows));
+  for (std::int64_t begin = 0; begin < rows; begin += kEvalRows)
+    blocks.push_back(head_->forward(features.narrow(0, begin, std::min(kEvalRows, rows - begin))));
+  return at::cat(blocks);
+}
+
+at::Tensor Task::predict(const at::Tensor& features) {
+  const at::Tensor out = outputs(features);
   if (regression()) return out.squeeze(1).to(at::kDouble) * target_std_ + target_mean_;
   return multilabel() ? out.gt(0).to(at::kLong) : out.argmax(1);
 }
@@ -503,9 +520,7 @@ EvalMetrics Task::evaluate(const at::Tensor& features, const at::Tensor& targets
     return regression_metrics(predict(features),
                               targets.squeeze(1).to(at::kDouble) * target_std_ + target_mean_);
   if (!multilabel()) return classification_metrics(predict(features), targets, num_classes_);
-  torch::NoGradGuard no_grad;
-  head_->eval();
-  return multilabel_metrics(head_->forward(features), targets);
+  return multilabel_metrics(outputs(features), targets);
 }
 
 EvalMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets) {

@@ -227,6 +227,70 @@ TEST(Task, TrainingLowersLossAndNaNFails) {
   EXPECT_TRUE(testing::throws_with<Error>([&] { t.train_step(bad, y); }, {"loss is nan"}));
 }
 
+// A linear head that remembers the most rows it was run on at once outside training.
+class RowCountingHead : public heads::Head {
+ public:
+  RowCountingHead(std::int64_t in, std::int64_t out, std::int64_t* most)
+      : linear_(register_module("linear", torch::nn::Linear(in, out))), most_(most) {}
+  torch::Tensor forward(const torch::Tensor& x) override {
+    if (!is_training()) *most_ = std::max(*most_, x.size(0));
+    return linear_->forward(x);
+  }
+  std::string describe() const override { return "counting"; }
+
+ private:
+  torch::nn::Linear linear_;
+  std::int64_t* most_;
+};
+
+TEST(Task, ASplitIsEvaluatedInBlocksWithTheSameResults) {
+  std::int64_t most = 0;
+  HeadRegistry r;
+  r.add(
+      "counting",
+      [&](const HeadSpec& s) {
+        return std::make_shared<RowCountingHead>(s.in_features, s.out_features, &most);
+      },
+      "a linear head counting rows");
+  torch::manual_seed(5);
+  const std::int64_t rows = 10001;  // two whole blocks and one row
+  const at::Tensor x = at::randn({rows, 16});
+  for (const TaskKind kind : {TaskKind::kMulticlass, TaskKind::kMultilabel, TaskKind::kRegression}) {
+    TaskConfig c;
+    c.name = "blocks";
+    c.head = "counting";
+    c.kind = kind;
+    if (kind == TaskKind::kMultilabel) {
+      c.class_names = {"a", "b"};
+      c.label_map = {1, 2, 3, 0};
+    }
+    Task t(c, r, 16, kind == TaskKind::kRegression ? 0 : 4, 1);
+    const at::Tensor targets = kind == TaskKind::kRegression ? t.targets(at::randn({rows}, at::kDouble))
+                                                             : t.targets(at::randint(4, {rows}, at::kLong));
+    at::Tensor whole;
+    {
+      torch::NoGradGuard no_grad;
+      t.head().eval();
+      whole = t.head().forward(x);  // every row at once, for reference
+    }
+    most = 0;
+    const at::Tensor out = t.outputs(x);
+    const EvalMetrics m = t.evaluate(x, targets);
+    EXPECT_EQ(most, 4096) << "the head ran on more rows at once than a block";
+    ASSERT_EQ(out.sizes(), whole.sizes());
+    EXPECT_TRUE(at::allclose(out, whole, 1e-5, 1e-6));
+    EXPECT_EQ(m.count, rows);
+    if (kind == TaskKind::kMulticlass) {
+      EXPECT_NEAR(m.accuracy, classification_metrics(whole.argmax(1), targets, 4).accuracy, 1e-12);
+    } else if (kind == TaskKind::kMultilabel) {
+      EXPECT_NEAR(*m.mean_ap, *multilabel_metrics(whole, targets).mean_ap, 1e-9);
+    } else {
+      EXPECT_NEAR(m.regression->rmse,
+                  regression_metrics(whole.squeeze(1), targets.squeeze(1)).regression->rmse, 1e-6);
+    }
+  }
+}
+
 TEST(Task, ScheduleSmoothingAndWeights) {
   HeadRegistry r = builtin();
   TaskConfig c;

@@ -185,6 +185,9 @@ class Task {
   at::Tensor predict(const at::Tensor& features);
   // Metrics of the head on a whole split (eval mode).
   EvalMetrics evaluate(const at::Tensor& features, const at::Tensor& targets);
+  // The head's raw outputs (eval mode, no grad), run over the rows in blocks of a few
+  // thousand: a split's activations never all at once.
+  at::Tensor outputs(const at::Tensor& features);
   // Per-class weights of the cross-entropy (float [C]), undefined when the task has none.
   const at::Tensor& class_weights() const { return class_weights_; }
   bool multilabel() const { return config_.kind == TaskKind::kMultilabel; }
