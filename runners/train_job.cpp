@@ -959,8 +959,31 @@ struct TrainInputs {
   const datasets::SplitData& selection() const { return train.validation ? *train.validation : test; }
 };
 
+// The eval split, and a validation split held out of train, are read whole and evaluated as
+// float32, whatever the train split does. Rows that cannot fit in the memory this process may
+// take are refused before they are read, with the numbers, instead of ending in the kernel's
+// OOM kill.
+void refuse_eval_rows_that_cannot_fit(const datasets::FeatureCache& cache, const JobConfig& config) {
+  const auto& t = config.train;
+  // float16 and bfloat16 splits are read as stored and converted: 2 + 4 bytes a value.
+  const double in_memory = cache.meta().dtype == datasets::StorageDtype::kFloat32 ? 1.0 : 3.0;
+  const double eval = in_memory * static_cast<double>(cache.feature_bytes(t.eval_split));
+  const double validation = has_validation(t) ? in_memory * t.validation_fraction *
+                                                    static_cast<double>(cache.feature_bytes(t.train_split))
+                                              : 0.0;
+  const auto room = memory_room(mpi::local_size());
+  if (!room || eval + validation <= static_cast<double>(room->bytes)) return;
+  throw DataError(detail::str_cat(
+      "the eval split '", t.eval_split, "' (", cache.rows(t.eval_split), " rows, ", format_mib(eval),
+      " in memory as float32", validation > 0 ? ", and the validation split's " + format_mib(validation) : "",
+      ") is read whole to evaluate on, and is more than the memory this process may take: ", room->said,
+      ". Evaluate on a smaller split (train.eval_split), cache fewer rows to evaluate on (data.test_limit), "
+      "or run where there is more memory"));
+}
+
 TrainInputs open_inputs(const datasets::FeatureCache& cache, const JobConfig& config, TrainReport& report) {
   const auto method = datasets::parse_read_method(config.cache.read_method);
+  refuse_eval_rows_that_cannot_fit(cache, config);
   TrainInputs in;
   in.test = cache.load_split(config.train.eval_split, method);
   report.eval_rows = in.test.features.size(0);

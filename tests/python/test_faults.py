@@ -212,6 +212,15 @@ def memory_limit(canopy, work, config):
         if r.returncode == 0:
             check(abs(accuracy(out) - accuracy(ref)) < 0.03,
                   f"... to a head as accurate as the one read whole ({accuracy(out):.4f} against {accuracy(ref):.4f})")
+        # The eval split is read whole: the train split named as the one to evaluate on
+        # cannot fit, and is refused before it is read.
+        r = subprocess.run(train + ["--set", f"train.out_dir={out}-eval", "--set", "train.eval_split=train"],
+                           capture_output=True, text=True, preexec_fn=cg.enter)
+        check(r.returncode == 1 and f"the eval split 'train' (60000 rows, {60000 * 1568 * 4 / 2**20:.0f} MiB in memory as float32) is read "
+              "whole" in r.stderr and "the memory cgroup" in r.stderr and cg.oom_kills() == 0
+              and not os.path.exists(os.path.join(f"{out}-eval", "heads")),
+              f"... an eval split larger than the limit is refused, saying so, before it is read "
+              f"({r.returncode}: {r.stderr.strip()[-400:]})")
         r = subprocess.run(train + ["--set", f"train.out_dir={out}-whole", "--set", "cache.memory_cap_mb=100000"],
                            capture_output=True, text=True, preexec_fn=cg.enter)
         check(r.returncode == -signal.SIGKILL and cg.oom_kills() == 1,
