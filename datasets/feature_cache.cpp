@@ -1028,7 +1028,8 @@ std::vector<std::string> FeatureCache::splits() const {
 std::int64_t FeatureCache::rows(const std::string& split) const {
   const auto it = impl_->manifest.split_rows.find(split);
   CANOPY_CHECK(it != impl_->manifest.split_rows.end(), DataError, "feature cache '", impl_->dir,
-               "' has no split '", split, "' (it has: ", join(splits(), ", "), ")");
+               "' has no split '", split, "'", did_you_mean(split, splits()),
+               " (it has: ", join(splits(), ", "), ")");
   return it->second;
 }
 

@@ -212,6 +212,8 @@ TEST(FeatureCache, RoundTripsShardsAndMetadata) {
   EXPECT_NO_THROW(c.verify());
   EXPECT_TRUE(
       testing::throws_with<DataError>([&] { c.load_split("valid"); }, {"no split 'valid'", "test, train"}));
+  EXPECT_TRUE(
+      testing::throws_with<DataError>([&] { c.rows("tset"); }, {"no split 'tset' (did you mean 'test'?)"}));
 }
 
 TEST(FeatureCache, StorageDtypesRoundTrip) {
