@@ -67,6 +67,7 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
                     {"eval_accuracy", r.eval.accuracy},
                     {"eval_macro_f1", r.eval.macro_f1},
                     {"eval_mean_ap", r.eval.mean_ap ? ordered_json(*r.eval.mean_ap) : ordered_json()},
+                    {"eval_top5_accuracy", r.eval.top5 ? ordered_json(*r.eval.top5) : ordered_json()},
                     {"per_class", per_class_report(r.eval, r.class_names)}};
   if (const auto& e = r.eval.regression) {
     card["target_mean"] = task.target_mean();
@@ -82,6 +83,7 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
   card["exported_epoch"] = r.exported_epoch;
   if (const auto& v = r.validation) {  // what the epoch (and a grid's winner) was chosen on
     ordered_json val{{"rows", v->count}, {"accuracy", v->accuracy}, {"macro_f1", v->macro_f1}};
+    if (v->top5) val["top5_accuracy"] = *v->top5;
     if (v->regression) val["r2"] = v->regression->r2;
     card["validation"] = val;
   }

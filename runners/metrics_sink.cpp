@@ -20,6 +20,7 @@ namespace {
 std::vector<std::pair<std::string, double>> eval_metrics(const tasks::EvalMetrics& m) {
   std::vector<std::pair<std::string, double>> out{{"accuracy", m.accuracy}, {"macro_f1", m.macro_f1}};
   if (m.mean_ap) out.emplace_back("mean_ap", *m.mean_ap);
+  if (m.top5) out.emplace_back("top5_accuracy", *m.top5);
   if (m.regression) {
     out.emplace_back("mae", m.regression->mae);
     out.emplace_back("rmse", m.regression->rmse);
@@ -71,7 +72,8 @@ MetricsSink::MetricsSink(const std::string& out_dir, const std::vector<std::stri
   csv_.open(csv_path, mode);
   CANOPY_CHECK(jsonl_ && csv_, IoError, "cannot write metrics in '", out_dir, "': ", describe_errno(errno));
   if (!resume || file_size(csv_path) == 0) {
-    csv_ << "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds,eval_mae,eval_rmse,eval_r2\n";
+    csv_ << "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds,eval_mae,eval_rmse,eval_r2,"
+            "eval_top5_accuracy\n";
   }
   if (tensorboard) {
     for (const auto& name : names_)
@@ -93,10 +95,13 @@ void MetricsSink::record(std::int64_t epoch, std::size_t task, const HeadRun& ru
   csv_ << epoch + 1 << "," << csv_field(names_[task]) << "," << state_name(run.state) << "," << run.train_loss
        << "," << run.eval.accuracy << "," << run.eval.macro_f1 << "," << run.seconds;
   if (const auto& e = run.eval.regression) {
-    csv_ << "," << e->mae << "," << e->rmse << "," << e->r2 << "\n";
+    csv_ << "," << e->mae << "," << e->rmse << "," << e->r2;
   } else {
-    csv_ << ",,,\n";
+    csv_ << ",,,";
   }
+  csv_ << ",";
+  if (run.eval.top5) csv_ << *run.eval.top5;
+  csv_ << "\n";
   if (!tensorboard_.empty() && !run.failed()) {
     EventWriter& tb = *tensorboard_[task];
     tb.add_scalar("train/loss", static_cast<float>(run.train_loss), epoch + 1);

@@ -80,16 +80,26 @@ std::string format_summary(const TrainReport& report) {
     w_labels = std::max(w_labels, t.labels.size());
   }
   const bool validation = report.validation_rows > 0;
+  // Top-5 accuracy, where a task has more than 5 classes.
+  const bool top5 = std::any_of(report.tasks.begin(), report.tasks.end(),
+                                [](const TaskResult& t) { return t.eval.top5.has_value(); });
   char buf[512];
-  std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6s  %8s%s  %8s  %7s\n", int(w_name), "task",
+  std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6s  %8s%s%s  %8s  %7s\n", int(w_name), "task",
                 int(w_head), "head", int(w_labels), "labels", int(w_opt), "optimizer", "epochs", "accuracy",
-                validation ? "  val-acc." : "", "macro-F1", "state");
+                top5 ? "     top-5" : "", validation ? "  val-acc." : "", "macro-F1", "state");
   o << buf;
   for (const auto& t : report.tasks) {
-    char acc[32] = "       -", f1[32] = "       -", val[32] = "";  // regression: see the lines below
+    char acc[32] = "       -", f1[32] = "       -", val[32] = "", t5[32] = "";  // regression: see below
     if (t.kind != tasks::TaskKind::kRegression) {
       std::snprintf(acc, sizeof acc, "%7.2f%%", 100 * t.eval.accuracy);
       std::snprintf(f1, sizeof f1, "%8.4f", t.eval.macro_f1);
+    }
+    if (top5) {
+      if (t.eval.top5) {
+        std::snprintf(t5, sizeof t5, "  %7.2f%%", 100 * *t.eval.top5);
+      } else {
+        std::snprintf(t5, sizeof t5, "  %8s", "-");
+      }
     }
     if (validation) {
       if (t.validation && t.kind != tasks::TaskKind::kRegression) {
@@ -98,9 +108,10 @@ std::string format_summary(const TrainReport& report) {
         std::snprintf(val, sizeof val, "  %9s", "-");
       }
     }
-    std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6lld  %8s%s  %8s  %7s\n", int(w_name),
+    std::snprintf(buf, sizeof buf, "%-*s  %-*s  %-*s  %-*s  %6lld  %8s%s%s  %8s  %7s\n", int(w_name),
                   t.name.c_str(), int(w_head), t.head.c_str(), int(w_labels), t.labels.c_str(), int(w_opt),
-                  t.optimizer.c_str(), static_cast<long long>(t.epochs), acc, val, f1, state_name(t.state));
+                  t.optimizer.c_str(), static_cast<long long>(t.epochs), acc, t5, val, f1,
+                  state_name(t.state));
     o << buf;
   }
   for (const auto& t : report.tasks) {

@@ -15,6 +15,7 @@
 #include <ATen/ops/log_softmax.h>
 #include <ATen/ops/nll_loss.h>
 #include <ATen/ops/tensor.h>
+#include <ATen/ops/topk.h>
 #include <ATen/ops/zeros.h>
 #include <torch/nn/functional/loss.h>
 #include <torch/optim/adam.h>
@@ -219,6 +220,16 @@ EvalMetrics classification_metrics(const at::Tensor& predictions, const at::Tens
   m.accuracy = static_cast<double>(correct) / static_cast<double>(m.count);
   m.macro_f1 = present ? f1_sum / static_cast<double>(present) : 0.0;
   return m;
+}
+
+double top_k_accuracy(const at::Tensor& scores, const at::Tensor& targets, std::int64_t k) {
+  CANOPY_CHECK(scores.dim() == 2 && scores.size(0) == targets.numel() && k >= 1 && k <= scores.size(1),
+               DataError, "top-", k, " accuracy of scores ", scores.sizes(), " against ", targets.numel(),
+               " targets");
+  if (targets.numel() == 0) return 0.0;
+  const at::Tensor best = std::get<1>(scores.topk(k, /*dim=*/1));
+  const at::Tensor hit = best.eq(targets.to(at::kLong).flatten().unsqueeze(1)).any(1);
+  return hit.to(at::kDouble).mean().item<double>();
 }
 
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(OptimizerKind kind,
@@ -519,8 +530,11 @@ EvalMetrics Task::evaluate(const at::Tensor& features, const at::Tensor& targets
   if (regression())
     return regression_metrics(predict(features),
                               targets.squeeze(1).to(at::kDouble) * target_std_ + target_mean_);
-  if (!multilabel()) return classification_metrics(predict(features), targets, num_classes_);
-  return multilabel_metrics(outputs(features), targets);
+  const at::Tensor scores = outputs(features);
+  if (multilabel()) return multilabel_metrics(scores, targets);
+  EvalMetrics m = classification_metrics(scores.argmax(1), targets, num_classes_);
+  if (num_classes_ > 5) m.top5 = top_k_accuracy(scores, targets, 5);
+  return m;
 }
 
 EvalMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets) {

@@ -160,6 +160,36 @@ TEST(Metrics, AccuracyAndMacroF1) {
   EXPECT_EQ(m.confusion[2][0].item<std::int64_t>(), 1);
 }
 
+TEST(Metrics, TopKAccuracy) {
+  // Row 0 ranks its classes 3, 1, 0, 2; row 1 ranks 0, 2, 3, 1; row 2 ranks 2, 3, 1, 0.
+  const at::Tensor scores =
+      at::tensor(std::vector<float>{0.2f, 0.3f, 0.1f, 0.4f, 4.0f, 1.0f, 3.0f, 2.0f, -3.0f, -2.0f, 5.0f, 1.0f})
+          .view({3, 4});
+  const at::Tensor truth = at::tensor(std::vector<std::int64_t>{1, 1, 2});
+  EXPECT_NEAR(top_k_accuracy(scores, truth, 1), 1.0 / 3.0, 1e-12);  // row 2 only
+  EXPECT_NEAR(top_k_accuracy(scores, truth, 2), 2.0 / 3.0, 1e-12);  // row 0 too
+  EXPECT_NEAR(top_k_accuracy(scores, truth, 4), 1.0, 1e-12);
+  EXPECT_TRUE(
+      testing::throws_with<DataError>([&] { top_k_accuracy(scores, truth, 5); }, {"top-5", "[3, 4]"}));
+  // A task reports it over more than 5 classes, and agrees with its accuracy at k = 1.
+  HeadRegistry r = builtin();
+  torch::manual_seed(8);
+  const at::Tensor x = at::randn({300, 6});
+  for (const std::int64_t classes : {5, 6, 10}) {
+    TaskConfig c;
+    c.name = "top";
+    Task t(c, r, 6, classes, 1);
+    const at::Tensor y = at::randint(classes, {300}, at::kLong);
+    const EvalMetrics m = t.evaluate(x, y);
+    EXPECT_EQ(m.top5.has_value(), classes > 5) << classes << " classes";
+    if (m.top5) {
+      EXPECT_NEAR(*m.top5, top_k_accuracy(t.outputs(x), y, 5), 1e-12);
+      EXPECT_GE(*m.top5, m.accuracy);
+    }
+    EXPECT_NEAR(top_k_accuracy(t.outputs(x), y, 1), m.accuracy, 1e-12);
+  }
+}
+
 TEST(Metrics, MultilabelAveragePrecision) {
   // Label 0 ranked: hit, miss, hit, miss -> AP = (1 + 2/3) / 2. Label 1: all right.
   const at::Tensor scores =

@@ -25,7 +25,11 @@ HeadRun run_with(double loss, double acc, bool regression = false) {
   HeadRun r;
   r.train_loss = loss;
   r.eval.accuracy = acc;
-  if (regression) r.eval.regression = tasks::RegressionErrors{0.25, 0.5, 0.75};
+  if (regression) {
+    r.eval.regression = tasks::RegressionErrors{0.25, 0.5, 0.75};
+  } else {
+    r.eval.top5 = 0.875;
+  }
   return r;
 }
 
@@ -51,11 +55,16 @@ TEST(MetricsSink, RowsReadBackAsJsonAndCsv) {
   EXPECT_DOUBLE_EQ(row.at("eval_r2").get<double>(), 0.75);
   EXPECT_FALSE(nlohmann::json::parse(jsonl[0]).contains("eval_r2"))
       << "classifiers carry no regression metrics";
+  EXPECT_DOUBLE_EQ(nlohmann::json::parse(jsonl[0]).at("eval_top5_accuracy").get<double>(), 0.875);
+  EXPECT_FALSE(row.contains("eval_top5_accuracy"));
   const auto csv = lines_of(dir.file("metrics.csv"));
   ASSERT_EQ(csv.size(), 5u);
   EXPECT_EQ(csv[0].rfind("epoch,task,state,train_loss", 0), 0u);
-  EXPECT_EQ(csv[1], "1,a,training,1,0.5,0,0,,,");
-  EXPECT_EQ(csv[4], "2,b,training,0.5,0.1,0,0,0.25,0.5,0.75");
+  EXPECT_EQ(csv[0],
+            "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds,eval_mae,eval_rmse,eval_r2,"
+            "eval_top5_accuracy");
+  EXPECT_EQ(csv[1], "1,a,training,1,0.5,0,0,,,,0.875");
+  EXPECT_EQ(csv[4], "2,b,training,0.5,0.1,0,0,0.25,0.5,0.75,");
 }
 
 // A grid member's name can hold commas and the CSV stays one field per column (RFC 4180).
@@ -69,8 +78,8 @@ TEST(MetricsSink, NamesWithCommasAreQuotedInTheCsv) {
   }
   const auto csv = lines_of(dir.file("metrics.csv"));
   ASSERT_EQ(csv.size(), 3u);
-  EXPECT_EQ(csv[1], "1,\"probe@hidden=512,256\",training,1,0.5,0,0,,,");
-  EXPECT_EQ(csv[2], "1,\"say \"\"hi\"\"\",training,1,0.5,0,0,,,");
+  EXPECT_EQ(csv[1], "1,\"probe@hidden=512,256\",training,1,0.5,0,0,,,,0.875");
+  EXPECT_EQ(csv[2], "1,\"say \"\"hi\"\"\",training,1,0.5,0,0,,,,0.875");
   truncate_metrics(dir.file("metrics.csv"), 1, true);  // the epoch is still the first field
   EXPECT_EQ(lines_of(dir.file("metrics.csv")).size(), 3u);
 }

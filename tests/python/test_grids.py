@@ -111,7 +111,7 @@ def main():
 
     with open(f"{work}/plain/out/metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    check({r["task"] for r in rows} == set(members) and all(len(r) == 10 for r in rows),
+    check({r["task"] for r in rows} == set(members) and all(len(r) == 11 and None not in r for r in rows),
           f"metrics.csv reads back with Python's csv module: a row per member and epoch ({len(rows)} rows)")
 
     # 2. Test labels play no part in the choice.

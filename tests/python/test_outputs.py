@@ -185,6 +185,13 @@ lr = 0.01
               f"{name}: per-class recall in the card matches torch")
         check(abs(acc - card["eval_accuracy"]) <= 1.0 / TEST,
               f"{name}: torch reproduces canopy's accuracy ({acc:.4f} vs {card['eval_accuracy']:.4f})")
+        if remap is None:  # 10 classes: top-5 accuracy too
+            top5 = (logits.topk(5, dim=1).indices == y.unsqueeze(1)).any(1).float().mean().item()
+            check(card["eval_top5_accuracy"] is not None and abs(top5 - card["eval_top5_accuracy"]) <= 1.0 / TEST
+                  and top5 >= acc, f"{name}: torch reproduces canopy's top-5 accuracy "
+                  f"({top5:.4f} vs {card['eval_top5_accuracy']})")
+        else:
+            check(card["eval_top5_accuracy"] is None, f"{name}: no top-5 accuracy over 4 classes")
         check(acc > 0.6, f"{name}: accuracy {acc:.3f} is far above chance")
 
     doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "training.md")).read()
@@ -285,7 +292,8 @@ lr = 0.01
         acc = EventAccumulator(os.path.join(out_dir, "tensorboard", name))
         acc.Reload()
         tags = acc.Tags()["scalars"]
-        check(sorted(tags) == ["eval/accuracy", "eval/macro_f1", "train/loss"], f"{name}: TensorBoard tags {sorted(tags)}")
+        expected = ["eval/accuracy", "eval/macro_f1"] + (["eval/top5_accuracy"] if name == "fine" else []) + ["train/loss"]
+        check(sorted(tags) == expected, f"{name}: TensorBoard tags {sorted(tags)}")
         events = acc.Scalars("eval/accuracy")
         mine = [m for m in metrics if m["task"] == name]
         check([e.step for e in events] == [1, 2, 3, 4, 5], f"{name}: one eval/accuracy point per epoch")

@@ -1,7 +1,8 @@
 // Where a training run's per-epoch numbers go, one row per head and epoch:
 //   <out_dir>/metrics.jsonl   {"epoch", "task", "state", "train_loss", "eval_<metric>"..., "seconds"}
 //   <out_dir>/metrics.csv     epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds,
-//                             eval_mae,eval_rmse,eval_r2 (the last three empty for classifiers)
+//                             eval_mae,eval_rmse,eval_r2 (empty for classifiers),
+//                             eval_top5_accuracy (empty but for multiclass over more than 5 classes)
 //   <out_dir>/tensorboard/<task>/events.out.tfevents.*   train/loss and eval/<metric>
 // With a trainable top, one more row per epoch, task "@trunk" (JSONL and TensorBoard's
 // "@trunk" run only): the blocks that trained, the cache level read, autofreeze's change

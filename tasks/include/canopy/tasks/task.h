@@ -109,6 +109,9 @@ struct EvalMetrics {
   double macro_f1 = 0.0;          // multilabel: mean over labels of F1 at threshold 0.5; regression: 0
   at::Tensor confusion;           // multiclass: int64 [K, K], rows = truth, columns = prediction
   std::optional<double> mean_ap;  // multilabel: mean over labels of average precision
+  // Multiclass over more than 5 classes: the share of rows whose class is among the head's 5
+  // highest scores (what ImageNet-style evaluations report beside accuracy as Acc@5).
+  std::optional<double> top5;
   std::optional<RegressionErrors> regression;  // regression
   // What early stopping maximises and the summary leads with: accuracy, or R^2.
   double score() const { return regression ? regression->r2 : accuracy; }
@@ -124,6 +127,9 @@ std::vector<ClassStats> per_class_stats(const at::Tensor& confusion);
 
 EvalMetrics classification_metrics(const at::Tensor& predictions, const at::Tensor& targets,
                                    std::int64_t num_classes);
+// The share of rows whose target class is among the k highest of their scores [N, C]
+// (ties broken as at::topk breaks them); targets: [N] class indices.
+double top_k_accuracy(const at::Tensor& scores, const at::Tensor& targets, std::int64_t k);
 // scores: [N, K] logits or probabilities; targets: [N, K] in {0, 1}.
 EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets);
 // predictions, targets: [N] real values.
