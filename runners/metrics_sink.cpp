@@ -1,5 +1,6 @@
 #include "canopy/runners/metrics_sink.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -16,6 +17,10 @@
 namespace canopy::runners {
 
 namespace {
+constexpr const char* kCsvHeader =
+    "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds,eval_mae,eval_rmse,eval_r2,"
+    "eval_top5_accuracy";
+
 // The eval metrics a head reports, by name (what eval_<name> and eval/<name> carry).
 std::vector<std::pair<std::string, double>> eval_metrics(const tasks::EvalMetrics& m) {
   std::vector<std::pair<std::string, double>> out{{"accuracy", m.accuracy}, {"macro_f1", m.macro_f1}};
@@ -45,15 +50,25 @@ std::int64_t epoch_of_row(const std::string& line, bool csv, const std::string& 
 }
 }  // namespace
 
-void truncate_metrics(const std::string& path, std::int64_t epochs, bool csv) {
+void truncate_metrics(const std::string& path, std::int64_t epochs, bool csv, const std::string& header) {
   if (!is_regular_file(path)) return;
   std::istringstream in(read_file(path));
-  std::string out, line;
+  std::string out, line, pad;
   std::int64_t number = 0;
   while (std::getline(in, line)) {
     ++number;
     if (line.empty()) continue;
-    if ((csv && number == 1) || epoch_of_row(line, csv, path, number) <= epochs) out += line + "\n";
+    if (csv && number == 1) {
+      if (header.size() > line.size() && header.compare(0, line.size() + 1, line + ",") == 0) {
+        pad.assign(static_cast<std::size_t>(std::count(
+                       header.begin() + static_cast<std::ptrdiff_t>(line.size()), header.end(), ',')),
+                   ',');
+        line = header;
+      }
+      out += line + "\n";
+    } else if (epoch_of_row(line, csv, path, number) <= epochs) {
+      out += line + pad + "\n";
+    }
   }
   write_file_atomic(path, out);
 }
@@ -65,15 +80,14 @@ MetricsSink::MetricsSink(const std::string& out_dir, const std::vector<std::stri
   const bool resume = resume_epoch >= 0;
   if (resume) {
     truncate_metrics(jsonl_path, resume_epoch, false);
-    truncate_metrics(csv_path, resume_epoch, true);
+    truncate_metrics(csv_path, resume_epoch, true, kCsvHeader);
   }
   const auto mode = resume ? std::ios::app : std::ios::trunc;
   jsonl_.open(jsonl_path, mode);
   csv_.open(csv_path, mode);
   CANOPY_CHECK(jsonl_ && csv_, IoError, "cannot write metrics in '", out_dir, "': ", describe_errno(errno));
   if (!resume || file_size(csv_path) == 0) {
-    csv_ << "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds,eval_mae,eval_rmse,eval_r2,"
-            "eval_top5_accuracy\n";
+    csv_ << kCsvHeader << "\n";
   }
   if (tensorboard) {
     for (const auto& name : names_)

@@ -116,6 +116,30 @@ TEST(MetricsSink, AResumedSinkDropsLaterEpochsAndAppends) {
   EXPECT_EQ(lines_of(dir.file("metrics.csv")).size(), 8u) << "one header, six old rows, one new";
 }
 
+// A run begun before metrics.csv had its last column, resumed: the header gets it, the old
+// rows get it empty, and the new rows fill it.
+TEST(MetricsSink, AResumeUnderAWiderHeaderPadsTheOldRows) {
+  testing::TempDir dir;
+  const std::string old_header =
+      "epoch,task,state,train_loss,eval_accuracy,eval_macro_f1,seconds,eval_mae,eval_rmse,eval_r2";
+  write_file_atomic(dir.file("metrics.csv"),
+                    old_header + "\n1,\"x,y\",training,1,0.5,0,0,,,\n2,\"x,y\",training,1,0.5,0,0,,,\n");
+  {
+    MetricsSink sink(dir.path(), {"x,y"}, false, 1);
+    sink.record(1, 0, run_with(0.25, 0.75));
+    sink.flush();
+  }
+  const auto csv = lines_of(dir.file("metrics.csv"));
+  ASSERT_EQ(csv.size(), 3u);
+  EXPECT_EQ(csv[0], old_header + ",eval_top5_accuracy");
+  EXPECT_EQ(csv[1], "1,\"x,y\",training,1,0.5,0,0,,,,");
+  EXPECT_EQ(csv[2], "2,\"x,y\",training,0.25,0.75,0,0,,,,0.875");
+  // A header that is not the start of the current one is left as it is.
+  write_file_atomic(dir.file("other.csv"), "epoch,loss\n1,2\n");
+  truncate_metrics(dir.file("other.csv"), 1, true, "epoch,task,state");
+  EXPECT_EQ(lines_of(dir.file("other.csv")), (std::vector<std::string>{"epoch,loss", "1,2"}));
+}
+
 TEST(MetricsSink, AnUnreadableRowIsAnErrorNamingFileAndLine) {
   testing::TempDir dir;
   write_file_atomic(dir.file("metrics.jsonl"), "{\"epoch\": 1}\n{\"epoch\": 2, \"task\": \n");

@@ -54,5 +54,27 @@ INI
 "$prog" run --config "$work/job.ini" --progress quiet > "$work/run.log" 2>&1 || { cat "$work/run.log"; fail "run"; }
 grep -q "residual_mlp 192-(64)-10" "$work/run.log" || { cat "$work/run.log"; fail "the summary lacks the example head"; }
 [[ -f "$work/out/heads/residual.safetensors" ]] || fail "no exported residual head"
-echo "installed canopy: headers, canopy:: targets and canopyConfig.cmake; the out-of-tree example built and trained"
+
+# The C++ API without the CLI: the second example, out of tree too, on the cache just built.
+cp -r "$src/examples/in_process" "$work/in_process"
+cmake -S "$work/in_process" -B "$work/in_process-build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_PREFIX_PATH="$work/prefix;$torch_prefix" > "$work/configure2.log" 2>&1 \
+  || { cat "$work/configure2.log"; fail "configuring the in-process example against the installed canopy"; }
+cmake --build "$work/in_process-build" > "$work/build2.log" 2>&1 || { tail -40 "$work/build2.log"; fail "building the in-process example"; }
+sed -e '/^\[task.residual\]/,/^lr = 0.003/d' -e "s|^out_dir = .*|out_dir = $work/out2|" "$work/job.ini" > "$work/job2.ini"
+"$work/in_process-build/canopy_in_process" "$work/job2.ini" train.epochs=2 > "$work/run2.log" 2>&1 \
+  || { cat "$work/run2.log"; fail "the in-process example"; }
+grep -q "^cache $work/cache: up to date, 192 features per sample" "$work/run2.log" \
+  || { cat "$work/run2.log"; fail "the in-process example did not find the cache up to date"; }
+grep -Eq "^linear: done, accuracy 0\.[0-9]{4} after 2 epochs -> $work/out2/heads/linear.safetensors" "$work/run2.log" \
+  || { cat "$work/run2.log"; fail "the in-process example's report"; }
+[[ -f "$work/out2/heads/linear.safetensors" && -f "$work/out2/heads/linear.json" ]] || fail "no head exported in process"
+if "$work/in_process-build/canopy_in_process" "$work/job2.ini" train.epoch=2 > "$work/run3.log" 2>&1; then
+  fail "an unknown key was accepted"
+fi
+grep -q "config error: .*train.epoch (did you mean 'train.epochs'?)" "$work/run3.log" \
+  || { cat "$work/run3.log"; fail "the in-process example's config error"; }
+
+echo "installed canopy: headers, canopy:: targets and canopyConfig.cmake; both out-of-tree examples built and trained"
+cat "$work/run2.log"
 grep -E "^residual|^linear" "$work/run.log"

@@ -25,8 +25,10 @@ namespace canopy::runners {
 class EventWriter;
 
 // Keeps the rows of epochs <= `epochs` of a metrics file (JSONL, or CSV with its header).
-// DataError naming the file and line when a row has no readable epoch.
-void truncate_metrics(const std::string& path, std::int64_t epochs, bool csv);
+// DataError naming the file and line when a row has no readable epoch. A CSV whose header is
+// the start of `header` (a run begun by an older canopy, before columns were appended) gets
+// `header`, and its rows the new columns empty.
+void truncate_metrics(const std::string& path, std::int64_t epochs, bool csv, const std::string& header = {});
 
 class MetricsSink {
  public:
