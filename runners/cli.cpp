@@ -121,9 +121,8 @@ void check_same_config(const JobConfig& config) {
       " resolves to another job on some rank): every rank must read the same one");
 }
 
-// Threads within a CPU quota; a compiled trunk keeps LibTorch's (see fit_threads_to_cpu_quota).
 void fit_threads(const JobConfig& config) {
-  const std::string said = fit_threads_to_cpu_quota(!trunk::is_compiled_trunk(config.trunk.path));
+  const std::string said = fit_threads_to_cpu_quota(config);
   if (!said.empty() && mpi::rank() == 0) log_info(said);
 }
 
@@ -440,6 +439,10 @@ int checked_output(int rc, std::ostream& out, std::ostream& err) {
 }
 
 }  // namespace
+
+std::string fit_threads_to_cpu_quota(const JobConfig& config) {
+  return fit_threads_to_cpu_quota(!trunk::is_compiled_trunk(config.trunk.path));
+}
 
 int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& registry, std::ostream& out,
             std::ostream& err) {

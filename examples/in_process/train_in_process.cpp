@@ -13,6 +13,7 @@
 
 #include "canopy/core/error.h"
 #include "canopy/runners/cache_job.h"
+#include "canopy/runners/cli.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/head_run.h"
 #include "canopy/runners/train_job.h"
@@ -28,6 +29,11 @@ int main(int argc, char** argv) {
     // The INI file and overrides, checked as `canopy` checks them (ConfigError naming the key).
     const runners::JobConfig config =
         runners::load_job_config(argv[1], std::vector<std::string>(argv + 2, argv + argc));
+
+    // Within a container's CPU quota, threads as the CLI sets them (leave this out to keep
+    // your program's own TBB and LibTorch settings).
+    const std::string quota = runners::fit_threads_to_cpu_quota(config);
+    if (!quota.empty()) std::fprintf(stderr, "%s\n", quota.c_str());
 
     const runners::CacheReport cache =
         runners::run_cache(config, /*force=*/false, /*trunk=*/nullptr, canopy::ProgressStyle::kQuiet);

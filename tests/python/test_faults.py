@@ -255,6 +255,16 @@ def cpu_quota(canopy, work, config):
                            preexec_fn=cg.enter)
         check(r.returncode == 0 and f"({cores} TBB workers x" in r.stderr,
               f"... and {cores} when train.workers asks for them ({r.stderr.strip()[-200:]})")
+        # A program of its own calling run_cache and run_train: the same, through
+        # fit_threads_to_cpu_quota (examples/in_process).
+        example = os.path.join(os.path.dirname(os.path.dirname(canopy)), "examples", "in_process", "canopy_in_process")
+        if os.path.exists(example):
+            r = subprocess.run([example, config, "data.train_limit=60000", "train.epochs=1",
+                                f"train.out_dir={work}/quota-example"], capture_output=True, text=True,
+                               preexec_fn=cg.enter)
+            check(r.returncode == 0 and f"grants 1 of the {cores} CPUs this process may run on" in r.stderr and
+                  "(1 TBB worker x" in r.stderr,
+                  f"... and so does the in-process example ({r.returncode}: {r.stderr.strip()[-300:]})")
     finally:
         cg.remove()
 

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "canopy/runners/config.h"
 #include "canopy/tasks/registry.h"
 
 namespace canopy::runners {
@@ -29,6 +30,13 @@ int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& reg
 // a job closes its files and joins its threads before run_cli returns, and MPI is finalized
 // there. Builds under AddressSanitizer or ThreadSanitizer exit normally, so their reports run.
 [[noreturn]] void exit_process(int rc);
+
+// What `canopy cache`, `train`, `run` and `predict` do before they run, for a program calling
+// run_cache or run_train itself: under a CPU quota below the cores it may run on (a container's
+// CPU limit), TBB's parallelism and LibTorch's intra-op threads are cut to the quota, LibTorch's
+// not for a compiled (.pt2) trunk (fit_threads_to_cpu_quota in step_runner.h). Returns the line
+// the CLI logs, or "" when there is no such quota.
+std::string fit_threads_to_cpu_quota(const JobConfig& config);
 
 // The commands run_cli knows ("trunk show" is two words); each answers --help / -h with its
 // own usage and options (exit 0). `canopy --version` prints canopy's, LibTorch's and HDF5's.
