@@ -13,6 +13,7 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <utility>
 
 #include "canopy/core/error.h"
 
@@ -209,20 +210,23 @@ void remove_tree(const std::string& path) {
                path, "': ", std::strerror(errno));
 }
 
-std::string read_file(const std::string& path) {
+namespace {
+// The whole file, or nullopt when it cannot be opened (errno says why).
+std::optional<std::string> try_read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  CANOPY_CHECK(in, IoError, "cannot open '", path, "': ", std::strerror(errno));
+  if (!in) return std::nullopt;
   std::ostringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+}  // namespace
+
+std::string read_file(const std::string& path) {
+  auto text = try_read_file(path);
+  CANOPY_CHECK(text, IoError, "cannot open '", path, "': ", std::strerror(errno));
+  return std::move(*text);
 }
 
-std::string read_file_or_empty(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return "";
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string read_file_or_empty(const std::string& path) { return try_read_file(path).value_or(""); }
 
 }  // namespace canopy

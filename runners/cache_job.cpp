@@ -490,7 +490,8 @@ void refuse_non_finite(const NonFinite& nonfinite, const std::string& path, cons
 // headers come on top) is more than the free space where they go. Only a shortfall that is
 // certain: a run that would fail hours later at the last shards fails now, with the numbers.
 void refuse_what_cannot_fit(const std::vector<datasets::ShardSlot>& missing, const datasets::CacheMeta& meta,
-                            const std::string& target, const std::string& dtype) {
+                            const std::string& target) {
+  const std::string dtype = datasets::storage_dtype_name(meta.dtype);
   std::int64_t rows = 0;
   for (const auto& slot : missing) rows += slot.rows;
   const double need = static_cast<double>(rows) * static_cast<double>(datasets::bytes_per_row(meta));
@@ -571,7 +572,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   if (beside) note = "built beside the old cache, which stays usable until this one is complete; " + note;
   if (resume && !note.empty()) report.reason = report.reason.empty() ? note : report.reason + "; " + note;
   const auto missing = writer.missing_shards();
-  refuse_what_cannot_fit(missing, meta, target, config.cache.dtype);
+  refuse_what_cannot_fit(missing, meta, target);
   const auto mine = my_share(missing);
   std::int64_t todo = 0;
   for (const auto& slot : mine) todo += slot.rows;

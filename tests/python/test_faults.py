@@ -258,7 +258,9 @@ def cpu_quota(canopy, work, config):
         # A program of its own calling run_cache and run_train: the same, through
         # fit_threads_to_cpu_quota (examples/in_process).
         example = os.path.join(os.path.dirname(os.path.dirname(canopy)), "examples", "in_process", "canopy_in_process")
-        if os.path.exists(example):
+        if not os.path.exists(example):
+            print(f"skip the in-process example under the quota: {example} is not built (CANOPY_BUILD_EXAMPLES=OFF)")
+        else:
             r = subprocess.run([example, config, "data.train_limit=60000", "train.epochs=1",
                                 f"train.out_dir={work}/quota-example"], capture_output=True, text=True,
                                preexec_fn=cg.enter)

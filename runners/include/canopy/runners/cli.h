@@ -7,10 +7,11 @@
 #include <string>
 #include <vector>
 
-#include "canopy/runners/config.h"
 #include "canopy/tasks/registry.h"
 
 namespace canopy::runners {
+
+struct JobConfig;
 
 // Exit codes.
 constexpr int kExitOk = 0;
