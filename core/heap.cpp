@@ -19,9 +19,12 @@ KeepFreedMemory::~KeepFreedMemory() {
   mallopt(M_TRIM_THRESHOLD, 128 * 1024);
   malloc_trim(0);
 }
+
+void release_freed_memory() { malloc_trim(0); }
 #else
 KeepFreedMemory::KeepFreedMemory() = default;
 KeepFreedMemory::~KeepFreedMemory() = default;
+void release_freed_memory() {}
 #endif
 
 }  // namespace canopy

@@ -19,6 +19,8 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/heap.h"
+#include "canopy/core/memory.h"
+#include "canopy/core/memory_fence.h"
 #include "canopy/core/mpi.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/stop.h"
@@ -505,6 +507,66 @@ void refuse_what_cannot_fit(const std::vector<datasets::ShardSlot>& missing, con
       dtype == "float32" ? "; cache.dtype = float16 halves the features" : ""));
 }
 
+// After the memory fence refused a batch: the largest of half, a quarter... of
+// cache.batch_size rows that one trunk pass completes within the fence (the first rows of a
+// split; for texts, the longest), or 0 when not even one row's does.
+std::int64_t largest_batch_that_passes(const RowEncoder& encoder, const InputData& data, std::int64_t bs) {
+  const InputSplit* in = nullptr;
+  std::int64_t longest = -1;
+  for (const auto& [name, split] : data.splits) {
+    const std::int64_t most =
+        split.lengths.empty() ? 0 : *std::max_element(split.lengths.begin(), split.lengths.end());
+    if (split.rows > 0 && (most > longest || (most == longest && split.rows > in->rows))) {
+      longest = most;
+      in = &split;
+    }
+  }
+  if (!in) return 0;
+  std::vector<std::int64_t> rows = row_range(0, in->rows);
+  if (!in->lengths.empty()) {
+    std::stable_sort(rows.begin(), rows.end(),
+                     [&](std::int64_t a, std::int64_t b) { return in->lengths[a] > in->lengths[b]; });
+  }
+  for (std::int64_t n = std::min(bs / 2, in->rows); n >= 1; n /= 2) {
+    release_freed_memory();  // what the refused pass left in the heap, fragmented
+    try {
+      encoder(in->inputs(std::vector<std::int64_t>(rows.begin(), rows.begin() + n)));
+      return n;
+    } catch (const std::exception&) {
+      // refused again: try half as many
+    }
+  }
+  return 0;
+}
+
+// A trunk pass that met the memory fence: why, and a batch size that fits: half the largest
+// that passes (a long run's heap grows beyond one pass's, as freed blocks kept for reuse
+// fragment, and a smaller batch costs the trunk pass little), a divisor of cache.shard_rows
+// as it must be.
+[[noreturn]] void out_of_memory(const JobConfig& config, const RowEncoder& encoder, const InputData& data,
+                                const MemoryFence& fence, std::int64_t rows_computed) {
+  const std::int64_t bs = config.cache.batch_size;
+  const auto refused = fence.refusal();
+  const std::int64_t passes = largest_batch_that_passes(encoder, data, bs);
+  std::int64_t fits = std::max<std::int64_t>(1, passes / 2);
+  while (config.cache.shard_rows % fits != 0) --fits;
+  throw DataError(detail::str_cat(
+      "the trunk passes over batches of ", bs,
+      " rows (cache.batch_size) need more memory than this process may take",
+      refused ? " (" + format_mib(static_cast<double>(refused->asked)) + " more was asked for with " +
+                    format_mib(static_cast<double>(refused->grown)) + " in use by them)"
+              : "",
+      ": ", fence.room().said, " leaves ", format_mib(static_cast<double>(fence.room().bytes)), ". ",
+      passes > 0 ? detail::str_cat("A pass over ", passes,
+                                   " rows fits (tried after, halving the batch): set "
+                                   "cache.batch_size = ",
+                                   fits, " or less, or run where there is more memory")
+                 : "Not even a pass over one row fits: run where there is more memory",
+      rows_computed > 0 ? detail::str_cat("; the shards finished (of the ", rows_computed,
+                                          " rows computed) are kept, and the same command goes on from them")
+                        : std::string("; no rows were computed")));
+}
+
 // One writer at a time: one job (its rank 0 holds the lock; under mpirun the other ranks
 // write only the shards rank 0 hands them). What a killed or failed run left half-written
 // goes (no manifest lists it). A cache that cannot be written (a read-only mount, another
@@ -590,7 +652,17 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
     Progress progress("cache", todo, data.unit, style);
     WriteBehind out(writer);
     const KeepFreedMemory reuse_activations;  // no page faults for every batch's buffers
-    encode_shards(config, encoder, data, mine, dim, out, progress, report, nonfinite);
+    // Past the memory this process may take, an allocation fails and says so, instead of the
+    // kernel's OOM kill. A trunk on a GPU keeps its activations there: no fence on the host.
+    const MemoryFence fence(trunk->device().is_cpu() ? memory_room(mpi::local_size(), PageCache::kFree)
+                                                     : std::nullopt);
+    try {
+      encode_shards(config, encoder, data, mine, dim, out, progress, report, nonfinite);
+    } catch (const std::exception& e) {
+      if (!fence.active() || (!fence.refusal() && !dynamic_cast<const std::bad_alloc*>(&e))) throw;
+      out.finish();  // what was computed is written
+      out_of_memory(config, encoder, data, fence, report.rows_computed);
+    }
     out.finish();
     progress.finish();
   }

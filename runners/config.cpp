@@ -368,8 +368,10 @@ void add_cache_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(member_key<K>("cache", "path", CANOPY_JOB(cache.path),
                             "the cache directory (docs/cache-format.md)", true)
                   .not_empty());
-  v.push_back(
-      member_key<K>("cache", "batch_size", CANOPY_JOB(cache.batch_size), "trunk batch size").at_least(1));
+  v.push_back(member_key<K>("cache", "batch_size", CANOPY_JOB(cache.batch_size),
+                            "trunk batch size; one whose passes need more memory than the process may take "
+                            "is stopped with a size that fits")
+                  .at_least(1));
   v.push_back(member_key<K>("cache", "shard_rows", CANOPY_JOB(cache.shard_rows),
                             "rows per shard file; a multiple of cache.batch_size")
                   .at_least(1));

@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 #include <sched.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -15,7 +16,11 @@
 #include <thread>
 #include <vector>
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/ones.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/Exception.h>
 #include <torch/csrc/inductor/aoti_runner/model_container_runner.h>
 #include <nlohmann/json.hpp>
 
@@ -28,6 +33,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/core/json_checksum.h"
 #include "canopy/core/memory.h"
+#include "canopy/core/memory_fence.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/sanitizers.h"
 #include "canopy/core/sha256.h"
@@ -400,6 +406,21 @@ TEST(Memory, RoomFromMeminfoAndCgroupFiles) {
             std::uint64_t(700));
   EXPECT_EQ(detail::cgroup_room("1000\n", "1200\n", "", false), std::uint64_t(0));
   EXPECT_EQ(detail::cgroup_room("", "", "", false), std::nullopt) << "no such cgroup file";
+  // Page cache counted free: what cannot be reclaimed without swap is anonymous memory and
+  // tmpfs, whatever else the usage holds.
+  EXPECT_EQ(detail::cgroup_room("1000\n", "900\n", "anon 300\nshmem 50\ninactive_file 100\n", false,
+                                PageCache::kFree),
+            std::uint64_t(650));
+  EXPECT_EQ(detail::cgroup_room("419430400\n", "400000000\n",
+                                "rss 1\ntotal_rss 100000000\ntotal_shmem 20000000\ntotal_inactive_file 1\n",
+                                true, PageCache::kFree),
+            std::uint64_t(419430400 - 120000000));
+  EXPECT_EQ(detail::cgroup_room("1000\n", "900\n", "inactive_file 100\n", false, PageCache::kFree),
+            std::uint64_t(200))
+      << "no anon in memory.stat: counted as in use";
+  EXPECT_EQ(detail::meminfo_bytes("SwapTotal:  2048 kB\nSwapFree:   1024 kB\n", "SwapFree"),
+            std::uint64_t(1024 * 1024));
+  EXPECT_EQ(detail::meminfo_bytes("SwapTotal:  2048 kB\n", "SwapFree"), std::nullopt);
   const auto here = memory_room();
   ASSERT_TRUE(here.has_value()) << "Linux has /proc/meminfo";
   EXPECT_GT(here->bytes, 0u);
@@ -408,6 +429,42 @@ TEST(Memory, RoomFromMeminfoAndCgroupFiles) {
   ASSERT_TRUE(halves.has_value());
   EXPECT_LE(halves->bytes, here->bytes);
   EXPECT_NE(halves->said.find("shared by the 2 processes"), std::string::npos);
+}
+
+// A real RLIMIT_DATA: past the room an allocation fails, LibTorch throws, and the fence says
+// how much was asked for; before and after, the same allocation succeeds.
+TEST(MemoryFence, RefusesPastTheRoomAndSaysSo) {
+  constexpr std::int64_t kMiB = 1 << 20;
+  rlimit before{};
+  ASSERT_EQ(getrlimit(RLIMIT_DATA, &before), 0);
+  c10::Allocator* const allocator = c10::GetCPUAllocator();
+  EXPECT_FALSE(MemoryFence(std::nullopt).active()) << "no room, no fence";
+  {
+    MemoryFence fence(MemoryRoom{256 * kMiB, "a room of 256 MiB"});
+    if (!fence.active()) {
+      GTEST_SKIP() << "no fence here (AddressSanitizer, free swap, or RLIMIT_DATA already below it)";
+    }
+    at::Tensor small = at::ones({32 * kMiB / 4});  // 32 MiB, touched
+    EXPECT_FALSE(fence.refusal());
+    EXPECT_GE(fence.grown(), std::uint64_t(32 * kMiB));
+    try {
+      at::Tensor big = at::ones({512 * kMiB / 4});
+      ADD_FAILURE() << "512 MiB past a 256 MiB room was allocated";
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("allocate"), std::string::npos) << e.what();
+    }
+    const auto refused = fence.refusal();
+    ASSERT_TRUE(refused.has_value());
+    EXPECT_EQ(refused->asked, std::uint64_t(512 * kMiB));
+    EXPECT_GE(refused->grown, std::uint64_t(32 * kMiB));
+    EXPECT_LT(refused->grown, std::uint64_t(256 * kMiB));
+    EXPECT_NE(c10::GetCPUAllocator(), allocator) << "the allocator is wrapped while the fence lives";
+  }
+  rlimit after{};
+  ASSERT_EQ(getrlimit(RLIMIT_DATA, &after), 0);
+  EXPECT_EQ(after.rlim_cur, before.rlim_cur);
+  EXPECT_EQ(c10::GetCPUAllocator(), allocator);
+  EXPECT_EQ(at::ones({512 * kMiB / 4}).sum().item<float>(), static_cast<float>(512 * kMiB / 4));
 }
 
 // v1's cpu.cfs_quota_us over cpu.cfs_period_us, and v2's cpu.max; tests/python/test_faults.py

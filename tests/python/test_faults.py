@@ -22,6 +22,9 @@
   * a train split larger than the memory this process may take (a real memory cgroup made
     here, as a container has; needs root): `canopy train` streams it, saying why, and trains,
     where reading it whole (as it did by default before) is ended by the kernel's OOM kill;
+  * trunk passes over batches larger than a memory cgroup allows: `canopy cache` stops saying
+    so, with a batch size that fits, where the kernel's OOM kill would end it without a word;
+    that batch size builds the cache within the same limit;
   * a CPU quota below the cores the process may run on (a real cgroup with a CFS quota, as a
     Kubernetes CPU limit sets): `canopy train` says so and trains on that many TBB workers,
     unless train.workers asks for more;
@@ -37,6 +40,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -226,6 +230,72 @@ def memory_limit(canopy, work, config):
         check(r.returncode == -signal.SIGKILL and cg.oom_kills() == 1,
               f"... where reading it whole is ended by the kernel's OOM kill (exit {r.returncode}, "
               f"{cg.oom_kills()} OOM kills): the limit is real")
+    finally:
+        cg.remove()
+
+
+class WideConv(torch.nn.Module):
+    """A trunk with wide activations: 64 channels at full resolution, then pooled to 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = torch.nn.Conv2d(3, 64, 3, padding=1)
+        self.narrow = torch.nn.Conv2d(64, 8, 3, stride=4, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.narrow(torch.relu(self.wide(x))))
+
+
+def cache_memory_limit(canopy, work):
+    """Trunk passes over batches larger than a memory cgroup allows (a real one, as a container
+    has): `canopy cache` stops with an error that says so and names a batch size that fits,
+    where the kernel's OOM kill would end it without a word; that batch size builds the cache
+    within the same limit."""
+    if support.slowdown() > 1:
+        print("skip the cache's memory limit: a sanitizer's own memory is charged to the cgroup too")
+        return
+    trunk = os.path.join(work, "wide.pt")
+    torch.manual_seed(0)
+    torch.jit.script(WideConv().eval()).save(trunk)
+    mem_work = os.path.join(work, "cache-mem")
+    os.makedirs(mem_work)
+    config = os.path.join(mem_work, "job.ini")
+    write_config(config, mem_work, trunk, 1024)
+    with open(config) as f:
+        text = f.read().replace("resize = 28", "resize = 128")
+    with open(config, "w") as f:
+        f.write(text)
+    cache = [canopy, "cache", "--config", config, "--set", "cache.batch_size=256", "--progress", "quiet"]
+    limit = 640 << 20
+    # Unlimited, the batches take more than the limit: the kernel would kill for it.
+    pid = subprocess.Popen(cache + ["--set", f"cache.path={mem_work}/ref"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL).pid
+    _, status, usage = os.wait4(pid, 0)
+    peak = usage.ru_maxrss * 1024
+    check(os.waitstatus_to_exitcode(status) == 0 and peak > limit,
+          f"unlimited, batches of 256 build the cache with a peak of {peak >> 20} MiB, above a {limit >> 20} MiB limit")
+    cg = support.MemoryCgroup(f"canopy-test-cache-{os.getpid()}", limit)
+    if cg.path is None:
+        print(f"skip the cache's memory limit: no memory cgroup can be made here ({cg.reason.strip()})")
+        return
+    try:
+        r = subprocess.run(cache + ["--set", f"cache.path={mem_work}/cache"], capture_output=True, text=True,
+                           preexec_fn=cg.enter)
+        said = re.search(r"set cache.batch_size = (\d+) or less", r.stderr)
+        check(r.returncode == 1 and "the trunk passes over batches of 256 rows (cache.batch_size) need more memory "
+              "than this process may take" in r.stderr and "the memory cgroup" in r.stderr and said
+              and cg.oom_kills() == 0,
+              f"under a {limit >> 20} MiB limit `canopy cache` stops, saying why and what fits, with no OOM kill "
+              f"({r.returncode}, {cg.oom_kills()} OOM kills: {r.stderr.strip()[-400:]})")
+        if not said:
+            return
+        fits = int(said.group(1))
+        r = subprocess.run(cache + ["--set", f"cache.path={mem_work}/cache", "--set", f"cache.batch_size={fits}"],
+                           capture_output=True, text=True, preexec_fn=cg.enter)
+        v = subprocess.run([canopy, "inspect", f"{mem_work}/cache", "--verify"], capture_output=True, text=True)
+        check(r.returncode == 0 and cg.oom_kills() == 0 and v.returncode == 0,
+              f"... and with cache.batch_size = {fits}, as it says, builds a cache that verifies within the limit "
+              f"({r.returncode}: {r.stderr.strip()[-300:]}; {v.stdout.strip()[-200:]})")
     finally:
         cg.remove()
 
@@ -568,6 +638,7 @@ def main():
     repair(canopy, work, config)
     train_locks(canopy, work, config)
     memory_limit(canopy, work, config)
+    cache_memory_limit(canopy, work)
     cpu_quota(canopy, work, config)
     non_finite_features(canopy, work)
     rebuild_beside(canopy, work, config)

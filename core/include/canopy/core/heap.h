@@ -20,4 +20,8 @@ class KeepFreedMemory {
   KeepFreedMemory& operator=(const KeepFreedMemory&) = delete;
 };
 
+// Hands the heap's free memory back to the kernel now (glibc's malloc_trim; elsewhere
+// nothing), as a KeepFreedMemory does when it ends.
+void release_freed_memory();
+
 }  // namespace canopy
