@@ -578,7 +578,7 @@ void verify_shard_header(const std::string& dir, const ShardInfo& s, const Cache
 // is the HDF5 structure around them. A flipped byte in a shard's header can point a reader
 // at other bytes, and one in the view's mapping makes HDF5 return its fill value (zeros) for
 // the rows whose source it cannot open, in neither case with an error.
-void verify_view(const std::string& dir, const Manifest& m) {
+void verify_view(const std::string& dir, const Manifest& m, Progress& progress) {
   const CacheMeta& meta = m.meta;
   const std::string path = view_path(dir);
   CANOPY_CHECK(is_regular_file(path), DataError, "cache view '", path,
@@ -655,6 +655,7 @@ void verify_view(const std::string& dir, const Manifest& m) {
         if (it == s.labels.end() || crc32c(t.data_ptr(), s.rows * 8) != it->second.second)
           differs(columns[2 + i]);
       }
+      progress.advance(s.rows);
     }
   }
 }
@@ -1115,8 +1116,16 @@ at::Tensor FeatureCache::load_labels(const std::string& split, const std::string
   return out;
 }
 
-void FeatureCache::verify() const {
-  for (const auto& s : impl_->manifest.shards) read_shard_data(impl_->dir, s, meta(), ReadMethod::kPread);
+void FeatureCache::verify(ProgressStyle style) const {
+  std::int64_t rows = 0;
+  for (const auto& s : impl_->manifest.shards) rows += s.rows;
+  {
+    Progress progress("verify shards", rows, "rows", style);
+    for (const auto& s : impl_->manifest.shards) {
+      read_shard_data(impl_->dir, s, meta(), ReadMethod::kPread);
+      progress.advance(s.rows);
+    }
+  }
   // HDF5 failing to read a header or an index (IoError) is the same finding as a field that
   // reads wrong: a corrupt file, and the same way to mend it.
   const auto advising = [](const char* advice, const auto& check) {
@@ -1137,7 +1146,8 @@ void FeatureCache::verify() const {
           advising(kShardAdvice, [&] { verify_shard_header(impl_->dir, s, meta()); });
         }
         mark("the view '" + view_path(impl_->dir) + "'");
-        advising(kViewAdvice, [&] { verify_view(impl_->dir, impl_->manifest); });
+        Progress progress("verify view", rows, "rows", style);
+        advising(kViewAdvice, [&] { verify_view(impl_->dir, impl_->manifest, progress); });
       },
       "delete that file and run `canopy cache`, which computes a shard's rows again or writes the view again "
       "from the shards");

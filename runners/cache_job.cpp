@@ -88,7 +88,8 @@ std::vector<std::string> describe_changes(const std::string& old_description,
   return map_changes(parse_description(old_description), parse_description(new_description));
 }
 
-std::string inspect_cache(const std::string& dir, const JobConfig* config, bool verify, bool* ok) {
+std::string inspect_cache(const std::string& dir, const JobConfig* config, bool verify, bool* ok,
+                          ProgressStyle style) {
   const datasets::Manifest m = datasets::read_manifest(dir);
   std::ostringstream o;
   bool good = m.complete;
@@ -138,7 +139,7 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
   if (verify) {
     const auto t0 = Clock::now();
     try {
-      datasets::FeatureCache::open(dir).verify();
+      datasets::FeatureCache::open(dir).verify(style);
       o << "  verified      " << m.shards.size()
         << " shard(s): sizes, checksums and HDF5 headers; the view read through HDF5; in "
         << format_duration(std::chrono::duration<double>(Clock::now() - t0).count()) << "\n";

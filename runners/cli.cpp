@@ -224,7 +224,8 @@ int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&,
   const std::string path = vm.count("path") ? vm["path"].as<std::string>() : config->cache.path;
   refuse_run_dir(path);
   bool ok = false;
-  out << inspect_cache(path, config ? &*config : nullptr, vm.count("verify") > 0, &ok);
+  out << inspect_cache(path, config ? &*config : nullptr, vm.count("verify") > 0, &ok,
+                       parse_progress(vm["progress"].as<std::string>()));
   return ok ? kExitOk : kExitError;
 }
 
@@ -319,6 +320,7 @@ const std::vector<Command>& commands() {
              "verify",
              "check every shard's checksums, and that the HDF5 headers and the view cache.h5 read as the "
              "manifest says");
+         add_progress_option(d);
          p.add("path", 1);
        },
        run_inspect_command},

@@ -107,6 +107,12 @@ def main():
     want_heads = heads(os.path.join(work, "out0"))
     want_view = read_view(base, os.path.join(work, "view.npz"))
     check(len(want_heads) == 2 and isinstance(want_view, dict), "two heads exported; h5py reads the view")
+    r = run(canopy, "inspect", base, "--verify", "--progress", "lines")
+    rows = sum(len(v) for k, v in want_view.items() if k.endswith("/ids"))
+    check(r.returncode == 0 and f"verify shards: {rows}/{rows} rows (100%)" in r.stderr
+          and f"verify view: {rows}/{rows} rows (100%)" in r.stderr,
+          f"`inspect --verify` shows its progress over the {rows} rows, the shards then the view "
+          f"({r.stderr.strip()[-300:]})")
     files = sorted(p for p in glob.glob(os.path.join(base, "**"), recursive=True)
                    if os.path.isfile(p) and not p.endswith(".lock"))
     trial = os.path.join(work, "trial")

@@ -46,6 +46,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "canopy/core/progress.h"
+
 namespace canopy::datasets {
 
 // The HDF5 library canopy runs with, e.g. "1.10.8".
@@ -243,8 +245,9 @@ class FeatureCache {
   // Checks every shard's size and checksums, and the view users open: cache.h5's root
   // attributes equal the manifest's meta, every dataset has the manifest's shape, and every
   // row read through it (HDF5's virtual datasets, so through each shard's HDF5 header)
-  // matches the manifest's checksums. Throws DataError naming the first bad part.
-  void verify() const;
+  // matches the manifest's checksums. Throws DataError naming the first bad part. Shows its
+  // progress, rows read, in two parts (the shards, then the view) as `style` says.
+  void verify(ProgressStyle style = ProgressStyle::kQuiet) const;
 
  private:
   struct Impl;

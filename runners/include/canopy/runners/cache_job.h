@@ -49,9 +49,11 @@ std::string expected_cache_description(const JobConfig& config);
 
 // `canopy inspect`: splits, shapes, dtype, size on disk, the fingerprint's parts,
 // completeness, and — given a config — whether the cache matches it. With `verify`, every
-// shard's size and checksums are checked too. Returns the report; `matches` (if given) is
-// set to whether the cache is complete, verified when asked, and matches the config.
-std::string inspect_cache(const std::string& dir, const JobConfig* config, bool verify, bool* ok = nullptr);
+// shard's size and checksums are checked too, with progress as `style` says. Returns the
+// report; `ok` (if given) is set to whether the cache is complete, verified when asked, and
+// matches the config.
+std::string inspect_cache(const std::string& dir, const JobConfig* config, bool verify, bool* ok = nullptr,
+                          ProgressStyle style = ProgressStyle::kQuiet);
 
 // A description's `part=value` lines as a map.
 std::map<std::string, std::string> parse_description(const std::string& description);
