@@ -80,7 +80,16 @@ struct TrainRead {
   std::string why;
 };
 
+// Training reads the very rows evaluated on: train.eval_split is train.train_split, with no
+// validation split held out of it and no augmented views.
+bool shares_eval_split(const datasets::FeatureCache& cache, const JobConfig& config) {
+  const auto& t = config.train;
+  return t.eval_split == t.train_split && !has_validation(t) && cache.meta().views == 1;
+}
+
 TrainRead plan_train_read(const datasets::FeatureCache& cache, const JobConfig& config) {
+  // Evaluated on (train.eval_split the same split), it is in memory already: training shares it.
+  if (shares_eval_split(cache, config) && config.cache.memory_cap_mb == 0) return {};
   const double bytes = static_cast<double>(cache.meta().views) *
                        static_cast<double>(cache.feature_bytes(config.train.train_split));
   if (config.cache.memory_cap_mb > 0) {
@@ -127,9 +136,10 @@ struct TrainSplit {
 };
 
 // The train split, read whole when it fits under cache.memory_cap_mb, else streamed; a
-// validation split held out of it is read into memory and never trains.
+// validation split held out of it is read into memory and never trains. `eval`, the eval
+// split's data, is shared when it is the same rows (shares_eval_split).
 TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig& config,
-                            datasets::ReadMethod method) {
+                            datasets::ReadMethod method, const datasets::SplitData& eval) {
   const auto& t = config.train;
   const TrainRead plan = plan_train_read(cache, config);
   TrainSplit out;
@@ -143,7 +153,9 @@ TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig
   }
   const std::int64_t views = cache.meta().views;
   if (plan.whole) {
-    datasets::SplitData all = cache.load_split(t.train_split, method);
+    // Shared with the eval split when it is the same rows (neither changes them): held once.
+    datasets::SplitData all =
+        shares_eval_split(cache, config) ? eval : cache.load_split(t.train_split, method);
     // Augmented views: the same rows, drawn from per epoch; validation reads view 0 alone.
     std::vector<at::Tensor> extra;
     for (std::int64_t v = 1; v < views; ++v) {
@@ -990,7 +1002,7 @@ TrainInputs open_inputs(const datasets::FeatureCache& cache, const JobConfig& co
   report.feature_dim = cache.feature_dim();
   CANOPY_CHECK(cache.rows(config.train.train_split) > 0, DataError, "split '", config.train.train_split,
                "' of '", config.cache.path, "' is empty");
-  in.train = open_train_split(cache, config, method);
+  in.train = open_train_split(cache, config, method, in.test);
   report.train_rows = in.train.source->rows();
   if (in.train.validation) {
     report.validation_rows = in.train.validation->features.size(0);

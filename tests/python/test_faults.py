@@ -232,6 +232,18 @@ def memory_limit(canopy, work, config):
               f"{cg.oom_kills()} OOM kills): the limit is real")
     finally:
         cg.remove()
+    # Evaluated on the train split itself, training shares the rows evaluated on: under a
+    # limit that holds the split once (with room to spare) but not twice, it is read whole
+    # and held once, where a second copy would have been streamed.
+    cg = support.MemoryCgroup(f"canopy-test-twice-{os.getpid()}", split * 3 // 2)
+    try:
+        r = subprocess.run(train + ["--set", f"train.out_dir={work}/mem-shared", "--set", "train.eval_split=train"],
+                           capture_output=True, text=True, preexec_fn=cg.enter)
+        check(r.returncode == 0 and "streaming" not in r.stderr and cg.oom_kills() == 0,
+              f"under a {(split * 3 // 2) >> 20} MiB limit, train.eval_split = train holds the split once, "
+              f"read whole ({r.returncode}: {r.stderr.strip()[-300:]})")
+    finally:
+        cg.remove()
 
 
 class WideConv(torch.nn.Module):
