@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
+#include <c10/util/Exception.h>
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/info.h>
@@ -26,6 +27,14 @@
 namespace canopy::runners {
 
 namespace {
+
+// Why a head failed, for its card and the summary: a LibTorch error's message without the C++
+// backtrace it carries.
+std::string failure_reason(const std::exception& e) {
+  if (const auto* c = dynamic_cast<const c10::Error*>(&e)) return c->what_without_backtrace();
+  return e.what();
+}
+
 using Clock = std::chrono::steady_clock;
 
 // Each thread that runs head work sets LibTorch's intra-op thread count once: a worker
@@ -109,7 +118,7 @@ void train_unit(const WorkUnit& unit, const std::vector<tasks::Task*>& tasks, st
       group.push_back(tasks[i]);
       members.push_back(i);
     } catch (const std::exception& e) {
-      runs[i].fail(epoch, step, e.what());
+      runs[i].fail(epoch, step, failure_reason(e));
     }
   }
   at::Tensor grad;
@@ -161,7 +170,7 @@ void train_unit(const WorkUnit& unit, const std::vector<tasks::Task*>& tasks, st
         runs[members[k]].add_loss(group[k]->train_step(x, targets[k], shared));
         if (shared && x.grad().defined()) grad = grad.defined() ? grad + x.grad() : x.grad();
       } catch (const std::exception& e) {
-        runs[members[k]].fail(epoch, step, e.what());
+        runs[members[k]].fail(epoch, step, failure_reason(e));
       }
     }
   }
@@ -302,7 +311,7 @@ std::vector<tasks::EvalMetrics> StepRunner::evaluate(const std::vector<std::size
     try {
       metrics[i] = tasks[i]->evaluate(features, targets[i]);
     } catch (const std::exception& e) {
-      runs[i].fail_evaluation(epoch, e.what());
+      runs[i].fail_evaluation(epoch, failure_reason(e));
     }
   });
   return metrics;

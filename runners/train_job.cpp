@@ -18,6 +18,7 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/memory.h"
+#include "canopy/core/memory_fence.h"
 #include "canopy/core/mpi.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/stop.h"
@@ -1063,6 +1064,15 @@ std::string where_to_go_on(const CheckpointStore& store) {
                          "--resume to go on from it");
 }
 
+// What the memory fence refused during training, and what to change.
+std::string memory_refused(const MemoryFence& fence) {
+  const auto refused = fence.refusal();
+  return detail::str_cat("an allocation",
+                         refused ? " of " + format_mib(static_cast<double>(refused->asked)) : std::string(),
+                         " was refused: training needs more memory than this process may take (",
+                         fence.room().said, "). A smaller train.batch_size or smaller heads need less");
+}
+
 // Under mpirun, the top trains data parallel over the ranks (EpochLoop::train_shared_step).
 void train_top_data_parallel(const JobConfig& config, SharedTop& top) {
   CANOPY_CHECK(config.top.schedule == FreezeSchedule::kStatic, ConfigError,
@@ -1169,7 +1179,20 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     if (mpi::rank() == 0) describe_fusion(set, loop.plan_options(), fuse_unit, chooser.get(), report);
 
     const auto train_start = Clock::now();
-    loop.run(from, style);
+    {
+      // Past the memory this process may take, an allocation fails instead of the kernel's
+      // OOM kill taking every head: a head whose step it was fails alone, saying so, and the
+      // others go on. (A top on a GPU keeps its activations there: no fence on the host.)
+      const MemoryFence fence(top && cuda_available() ? std::nullopt
+                                                      : memory_room(mpi::local_size(), PageCache::kFree));
+      try {
+        loop.run(from, style);
+      } catch (const std::exception& e) {
+        if (!fence.refusal() && !dynamic_cast<const std::bad_alloc*>(&e)) throw;
+        throw DataError(detail::str_cat(e.what(), "; ", memory_refused(fence), "; ", where_to_go_on(store)));
+      }
+      if (fence.refusal()) log_info(memory_refused(fence) + " (the heads that failed for it are FAILED)");
+    }
     report.train_seconds = since(train_start);
     if (mpi::distributed() && top) {
       log_allreduce(*top);

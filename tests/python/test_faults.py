@@ -25,6 +25,9 @@
   * trunk passes over batches larger than a memory cgroup allows: `canopy cache` stops saying
     so, with a batch size that fits, where the kernel's OOM kill would end it without a word;
     that batch size builds the cache within the same limit;
+  * a head whose steps need more memory than a memory cgroup allows, beside one that fits:
+    it FAILS alone, saying memory is why, and the other trains, where the kernel's OOM kill
+    would end the run and every head with it;
   * a CPU quota below the cores the process may run on (a real cgroup with a CFS quota, as a
     Kubernetes CPU limit sets): `canopy train` says so and trains on that many TBB workers,
     unless train.workers asks for more;
@@ -242,6 +245,47 @@ def memory_limit(canopy, work, config):
         check(r.returncode == 0 and "streaming" not in r.stderr and cg.oom_kills() == 0,
               f"under a {(split * 3 // 2) >> 20} MiB limit, train.eval_split = train holds the split once, "
               f"read whole ({r.returncode}: {r.stderr.strip()[-300:]})")
+    finally:
+        cg.remove()
+
+
+def head_memory_limit(canopy, work, config):
+    """A head whose steps need more memory than a memory cgroup allows, beside one that fits:
+    the greedy head FAILS alone, saying memory is why, and the other trains, where the kernel's
+    OOM kill would end the run and every head with it."""
+    if support.slowdown() > 1:
+        print("skip the heads' memory limit: a sanitizer's own memory is charged to the cgroup too")
+        return
+    train = [canopy, "train", "--config", config, "--set", "data.train_limit=60000", "--set", "train.epochs=1",
+             "--set", "train.batch_size=30000", "--set", "task.big.head=mlp", "--set", "task.big.head.hidden=4096",
+             "--progress", "quiet"]
+    limit = 1000 << 20
+
+    def exported(out):
+        return sorted(t for t in ("linear", "big") if os.path.exists(os.path.join(out, "heads", f"{t}.safetensors")))
+
+    ref = os.path.join(work, "heads-mem-ref")
+    pid = subprocess.Popen(train + ["--set", f"train.out_dir={ref}"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL).pid
+    _, status, usage = os.wait4(pid, 0)
+    peak = usage.ru_maxrss * 1024
+    check(os.waitstatus_to_exitcode(status) == 0 and peak > limit and exported(ref) == ["big", "linear"],
+          f"unlimited, a 4096-wide MLP at batches of 30 000 trains beside a linear head with a peak of "
+          f"{peak >> 20} MiB, above a {limit >> 20} MiB limit")
+    cg = support.MemoryCgroup(f"canopy-test-heads-{os.getpid()}", limit)
+    if cg.path is None:
+        print(f"skip the heads' memory limit: no memory cgroup can be made here ({cg.reason.strip()})")
+        return
+    try:
+        out = os.path.join(work, "heads-mem")
+        r = subprocess.run(train + ["--set", f"train.out_dir={out}"], capture_output=True, text=True,
+                           preexec_fn=cg.enter)
+        check(r.returncode == 3 and "task 'big' FAILED" in r.stdout and "can't allocate memory" in r.stdout
+              and "frame #" not in r.stdout + r.stderr
+              and "training needs more memory than this process may take (the memory cgroup" in r.stderr
+              and cg.oom_kills() == 0 and exported(out) == ["linear"],
+              f"under a {limit >> 20} MiB limit the MLP fails alone, saying memory is why, and the linear head "
+              f"trains, with no OOM kill ({r.returncode}, {cg.oom_kills()} OOM kills: {r.stderr.strip()[-300:]})")
     finally:
         cg.remove()
 
@@ -651,6 +695,7 @@ def main():
     train_locks(canopy, work, config)
     memory_limit(canopy, work, config)
     cache_memory_limit(canopy, work)
+    head_memory_limit(canopy, work, config)
     cpu_quota(canopy, work, config)
     non_finite_features(canopy, work)
     rebuild_beside(canopy, work, config)
