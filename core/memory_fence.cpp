@@ -2,7 +2,6 @@
 
 #include <sys/resource.h>
 
-#include <atomic>
 #include <mutex>
 #include <sstream>
 

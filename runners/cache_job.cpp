@@ -510,8 +510,10 @@ void refuse_what_cannot_fit(const std::vector<datasets::ShardSlot>& missing, con
 
 // After the memory fence refused a batch: the largest of half, a quarter... of
 // cache.batch_size rows that one trunk pass completes within the fence (the first rows of a
-// split; for texts, the longest), or 0 when not even one row's does.
-std::int64_t largest_batch_that_passes(const RowEncoder& encoder, const InputData& data, std::int64_t bs) {
+// split; for texts, the longest) beside `writer_bytes` held as the writer holds them at its
+// peak, or 0 when not even one row's does (or the writer's bytes alone do not fit).
+std::int64_t largest_batch_that_passes(const RowEncoder& encoder, const InputData& data, std::int64_t bs,
+                                       std::uint64_t writer_bytes) {
   const InputSplit* in = nullptr;
   std::int64_t longest = -1;
   for (const auto& [name, split] : data.splits) {
@@ -528,8 +530,12 @@ std::int64_t largest_batch_that_passes(const RowEncoder& encoder, const InputDat
     std::stable_sort(rows.begin(), rows.end(),
                      [&](std::int64_t a, std::int64_t b) { return in->lengths[a] > in->lengths[b]; });
   }
+  release_freed_memory();  // what the refused pass left in the heap, fragmented
+  // Counted by the fence (the data segment) though never touched.
+  const std::unique_ptr<char[]> writer(new (std::nothrow) char[writer_bytes]);
+  if (!writer) return 0;
   for (std::int64_t n = std::min(bs / 2, in->rows); n >= 1; n /= 2) {
-    release_freed_memory();  // what the refused pass left in the heap, fragmented
+    release_freed_memory();
     try {
       encoder(in->inputs(std::vector<std::int64_t>(rows.begin(), rows.begin() + n)));
       return n;
@@ -541,28 +547,49 @@ std::int64_t largest_batch_that_passes(const RowEncoder& encoder, const InputDat
 }
 
 // A trunk pass that met the memory fence: why, and a batch size that fits: half the largest
-// that passes (a long run's heap grows beyond one pass's, as freed blocks kept for reuse
-// fragment, and a smaller batch costs the trunk pass little), a divisor of cache.shard_rows
-// as it must be.
-[[noreturn]] void out_of_memory(const JobConfig& config, const RowEncoder& encoder, const InputData& data,
-                                const MemoryFence& fence, std::int64_t rows_computed) {
+// that passes beside the writer's peak (a long run's heap grows beyond one pass's, as freed
+// blocks kept for reuse fragment, and a smaller batch costs the trunk pass little), a divisor
+// of cache.shard_rows as it must be. The writer holds a shard's rows until the shard is
+// complete, and their concatenation while it writes it: two shards' rows at its peak.
+[[noreturn]] void out_of_memory(const JobConfig& config, const datasets::CacheMeta& meta,
+                                const RowEncoder& encoder, const InputData& data, const MemoryFence& fence,
+                                std::int64_t rows_computed) {
   const std::int64_t bs = config.cache.batch_size;
   const auto refused = fence.refusal();
-  const std::int64_t passes = largest_batch_that_passes(encoder, data, bs);
+  const std::uint64_t row_bytes = datasets::bytes_per_row(meta);
+  std::int64_t shard_rows = 0;  // the most a shard holds: cache.shard_rows, or a smaller split
+  for (const auto& [name, split] : data.splits) shard_rows = std::max(shard_rows, split.rows);
+  shard_rows = std::min(shard_rows, config.cache.shard_rows);
+  const std::uint64_t writer_bytes = 2 * static_cast<std::uint64_t>(shard_rows) * row_bytes;
+  const std::int64_t passes = largest_batch_that_passes(encoder, data, bs, writer_bytes);
   std::int64_t fits = std::max<std::int64_t>(1, passes / 2);
   while (config.cache.shard_rows % fits != 0) --fits;
+  // The writer's part is worth naming when it is a tenth of the room or more.
+  const bool writer_counts = writer_bytes * 10 >= fence.room().bytes;
+  const std::string writer =
+      writer_counts ? detail::str_cat(
+                          ", of which the writer holds up to ", format_mib(static_cast<double>(writer_bytes)),
+                          " (two shards' rows, cache.shard_rows = ", config.cache.shard_rows, " of ",
+                          row_bytes >= 1024 ? std::to_string(row_bytes / 1024) + " KiB"
+                                            : std::to_string(row_bytes) + " bytes",
+                          ")")
+                    : std::string();
+  const std::string shard_advice =
+      writer_counts ? " (a smaller cache.shard_rows leaves the batches more)" : "";
   throw DataError(detail::str_cat(
       "the trunk passes over batches of ", bs,
       " rows (cache.batch_size) need more memory than this process may take",
       refused ? " (" + format_mib(static_cast<double>(refused->asked)) + " more was asked for with " +
                     format_mib(static_cast<double>(refused->grown)) + " in use by them)"
               : "",
-      ": ", fence.room().said, " leaves ", format_mib(static_cast<double>(fence.room().bytes)), ". ",
-      passes > 0 ? detail::str_cat("A pass over ", passes,
-                                   " rows fits (tried after, halving the batch): set "
-                                   "cache.batch_size = ",
-                                   fits, " or less, or run where there is more memory")
-                 : "Not even a pass over one row fits: run where there is more memory",
+      ": ", fence.room().said, " leaves ", format_mib(static_cast<double>(fence.room().bytes)), writer, ". ",
+      passes > 0
+          ? detail::str_cat("A pass over ", passes,
+                            " rows fits beside it (tried after, halving the batch): set cache.batch_size = ",
+                            fits, " or less", shard_advice, ", or run where there is more memory")
+          : detail::str_cat("Not even a pass over one row fits", writer_counts ? " beside the writer" : "",
+                            ": ", writer_counts ? "set cache.shard_rows lower, or " : "",
+                            "run where there is more memory"),
       rows_computed > 0 ? detail::str_cat("; the shards finished (of the ", rows_computed,
                                           " rows computed) are kept, and the same command goes on from them")
                         : std::string("; no rows were computed")));
@@ -662,7 +689,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
     } catch (const std::exception& e) {
       if (!fence.active() || (!fence.refusal() && !dynamic_cast<const std::bad_alloc*>(&e))) throw;
       out.finish();  // what was computed is written
-      out_of_memory(config, encoder, data, fence, report.rows_computed);
+      out_of_memory(config, meta, encoder, data, fence, report.rows_computed);
     }
     out.finish();
     progress.finish();

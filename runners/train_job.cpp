@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
 
 #include "canopy/core/device.h"
 #include "canopy/core/dir_lock.h"
@@ -1188,8 +1189,12 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
       try {
         loop.run(from, style);
       } catch (const std::exception& e) {
-        if (!fence.refusal() && !dynamic_cast<const std::bad_alloc*>(&e)) throw;
-        throw DataError(detail::str_cat(e.what(), "; ", memory_refused(fence), "; ", where_to_go_on(store)));
+        // A stop by signal, or a failed write, says its own; so does what no refusal caused.
+        const bool refused = fence.refusal() || dynamic_cast<const std::bad_alloc*>(&e);
+        if (!refused || dynamic_cast<const Stopped*>(&e) || dynamic_cast<const IoError*>(&e)) throw;
+        const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+        throw DataError(detail::str_cat(c10_error ? c10_error->what_without_backtrace() : e.what(), "; ",
+                                        memory_refused(fence), "; ", where_to_go_on(store)));
       }
       if (fence.refusal()) log_info(memory_refused(fence) + " (the heads that failed for it are FAILED)");
     }

@@ -318,7 +318,7 @@ def cache_memory_limit(canopy, work):
     config = os.path.join(mem_work, "job.ini")
     write_config(config, mem_work, trunk, 1024)
     with open(config) as f:
-        text = f.read().replace("resize = 28", "resize = 128")
+        text = f.read().replace("resize = 28", "resize = 128").replace("pooling = flatten", "pooling = avg")
     with open(config, "w") as f:
         f.write(text)
     cache = [canopy, "cache", "--config", config, "--set", "cache.batch_size=256", "--progress", "quiet"]
