@@ -508,12 +508,11 @@ void refuse_what_cannot_fit(const std::vector<datasets::ShardSlot>& missing, con
       dtype == "float32" ? "; cache.dtype = float16 halves the features" : ""));
 }
 
-// After the memory fence refused a batch: the largest of half, a quarter... of
-// cache.batch_size rows that one trunk pass completes within the fence (the first rows of a
-// split; for texts, the longest) beside `writer_bytes` held as the writer holds them at its
-// peak, or 0 when not even one row's does (or the writer's bytes alone do not fit).
-std::int64_t largest_batch_that_passes(const RowEncoder& encoder, const InputData& data, std::int64_t bs,
-                                       std::uint64_t writer_bytes) {
+// After the memory fence refused a batch: the largest batch that passes
+// (largest_batch_that_passes) on the split holding the longest text (any for images), beside
+// `writer_bytes` held as the writer holds them at its peak; 0 when even those do not fit.
+std::int64_t batch_that_fits(const RowEncoder& encoder, const InputData& data, std::int64_t bs,
+                             std::uint64_t writer_bytes) {
   const InputSplit* in = nullptr;
   std::int64_t longest = -1;
   for (const auto& [name, split] : data.splits) {
@@ -525,25 +524,12 @@ std::int64_t largest_batch_that_passes(const RowEncoder& encoder, const InputDat
     }
   }
   if (!in) return 0;
-  std::vector<std::int64_t> rows = row_range(0, in->rows);
-  if (!in->lengths.empty()) {
-    std::stable_sort(rows.begin(), rows.end(),
-                     [&](std::int64_t a, std::int64_t b) { return in->lengths[a] > in->lengths[b]; });
-  }
-  release_freed_memory();  // what the refused pass left in the heap, fragmented
+  release_freed_memory();
   // Counted by the fence (the data segment) though never touched.
   const std::unique_ptr<char[]> writer(new (std::nothrow) char[writer_bytes]);
   if (!writer) return 0;
-  for (std::int64_t n = std::min(bs / 2, in->rows); n >= 1; n /= 2) {
-    release_freed_memory();
-    try {
-      encoder(in->inputs(std::vector<std::int64_t>(rows.begin(), rows.begin() + n)));
-      return n;
-    } catch (const std::exception&) {
-      // refused again: try half as many
-    }
-  }
-  return 0;
+  return largest_batch_that_passes(*in, bs,
+                                   [&](const std::vector<std::int64_t>& rows) { encoder(in->inputs(rows)); });
 }
 
 // A trunk pass that met the memory fence: why, and a batch size that fits: half the largest
@@ -561,7 +547,7 @@ std::int64_t largest_batch_that_passes(const RowEncoder& encoder, const InputDat
   for (const auto& [name, split] : data.splits) shard_rows = std::max(shard_rows, split.rows);
   shard_rows = std::min(shard_rows, config.cache.shard_rows);
   const std::uint64_t writer_bytes = 2 * static_cast<std::uint64_t>(shard_rows) * row_bytes;
-  const std::int64_t passes = largest_batch_that_passes(encoder, data, bs, writer_bytes);
+  const std::int64_t passes = batch_that_fits(encoder, data, bs, writer_bytes);
   std::int64_t fits = std::max<std::int64_t>(1, passes / 2);
   while (config.cache.shard_rows % fits != 0) --fits;
   // The writer's part is worth naming when it is a tenth of the room or more.

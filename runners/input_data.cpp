@@ -17,6 +17,7 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/heap.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
@@ -404,6 +405,25 @@ std::vector<std::int64_t> row_range(std::int64_t begin, std::int64_t end) {
   std::vector<std::int64_t> rows(static_cast<std::size_t>(end - begin));
   for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = begin + static_cast<std::int64_t>(i);
   return rows;
+}
+
+std::int64_t largest_batch_that_passes(const InputSplit& in, std::int64_t batch,
+                                       const std::function<void(const std::vector<std::int64_t>&)>& pass) {
+  std::vector<std::int64_t> rows = row_range(0, in.rows);
+  if (!in.lengths.empty()) {
+    std::stable_sort(rows.begin(), rows.end(),
+                     [&](std::int64_t a, std::int64_t b) { return in.lengths[a] > in.lengths[b]; });
+  }
+  for (std::int64_t n = std::min(batch / 2, in.rows); n >= 1; n /= 2) {
+    release_freed_memory();  // what the refused pass left in the heap, fragmented
+    try {
+      pass(std::vector<std::int64_t>(rows.begin(), rows.begin() + n));
+      return n;
+    } catch (const std::exception&) {
+      // refused again: try half as many
+    }
+  }
+  return 0;
 }
 
 InputData load_input_data(const JobConfig& config) {

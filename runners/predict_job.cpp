@@ -11,6 +11,8 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/json_checksum.h"
+#include "canopy/core/memory.h"
+#include "canopy/core/memory_fence.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/mnist.h"
@@ -200,40 +202,14 @@ trunk::TrunkConfig predict_trunk(const JobConfig& config, const std::string& hea
   log_info("predicting with the fine-tuned trunk " + tuned.path + " (sha256 " + tuned.sha256 + ")");
   return tuned;
 }
-}  // namespace
-
-std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& registry,
-                         const PredictOptions& options, std::ostream& out, ProgressStyle style) {
-  CANOPY_CHECK(options.format == "csv" || options.format == "jsonl", ConfigError,
-               "--format: expected csv or jsonl, got '", options.format, "'");
-  CANOPY_CHECK(!config.tasks.empty(), ConfigError, "no tasks in ", config.source);
-  const std::string dir = join_path(config.train.out_dir, "heads");
-  const std::vector<tasks::TaskConfig> exported = exported_tasks(config, dir);  // reads grids' cards
-  trunk::Trunk trunk = trunk::Trunk::load(predict_trunk(config, dir, exported.front()));
-  std::vector<LoadedHead> heads;
-  const std::string preprocessing = describe_preprocessing(config);  // hashes the vocabulary: once
-  for (const auto& tc : exported) heads.push_back(load_head(tc, registry, dir, trunk, config, preprocessing));
-
-  const InputSplit input = load_predict_input(config, options.input, options.limit);
+// The predictions of every row of `input`, in trunk batches of `batch` rows, to `out`; `done`
+// counts the rows written.
+void predict_rows(const InputSplit& input, trunk::Trunk& trunk, std::vector<LoadedHead>& heads,
+                  const PredictOptions& options, const std::vector<std::string>& score_columns,
+                  std::int64_t batch, std::ostream& out, Progress& progress, std::int64_t& done) {
   const std::int64_t n = input.rows;
-  // Column names: one per task, then (with scores) one per class or label of each classifier.
-  std::vector<std::string> score_columns;
-  if (options.scores) {
-    for (const auto& h : heads) {
-      if (h.kind == tasks::TaskKind::kRegression) continue;
-      for (const auto& c : h.class_names) score_columns.push_back(h.task + ":" + c);
-    }
-  }
-  if (options.format == "csv") {
-    out << "id";
-    for (const auto& h : heads) out << "," << csv_field(h.task);
-    for (const auto& c : score_columns) out << "," << csv_field(c);
-    out << "\n";
-  }
-  Progress progress("predict", n, config.data.source == "arff" ? "doc" : "img", style);
-  torch::NoGradGuard no_grad;
-  for (std::int64_t i = 0; i < n; i += config.cache.batch_size) {
-    const std::int64_t end = std::min(n, i + config.cache.batch_size);
+  for (std::int64_t i = 0; i < n; i += batch) {
+    const std::int64_t end = std::min(n, i + batch);
     const at::Tensor f = trunk.encode(input.inputs(row_range(i, end)));
     std::vector<std::vector<std::string>> cells(static_cast<std::size_t>(end - i));
     std::vector<std::vector<double>> scores(static_cast<std::size_t>(end - i));
@@ -271,6 +247,75 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
     CANOPY_CHECK(out, IoError, "writing the predictions failed after ", i, " of ", n,
                  " rows: ", describe_write_error(errno));
     progress.advance(end - i);
+    done = end;
+  }
+}
+
+// Predicting met the memory fence: why, and a batch size that fits (half the largest that
+// passes through the trunk and every head, tried by halving).
+[[noreturn]] void predict_out_of_memory(const MemoryFence& fence, const InputSplit& input,
+                                        trunk::Trunk& trunk, std::vector<LoadedHead>& heads,
+                                        std::int64_t batch, std::int64_t done) {
+  const auto refused = fence.refusal();
+  const std::int64_t passes =
+      largest_batch_that_passes(input, batch, [&](const std::vector<std::int64_t>& rows) {
+        const at::Tensor f = trunk.encode(input.inputs(rows));
+        for (auto& h : heads) h.head->forward(f);
+      });
+  throw DataError(detail::str_cat(
+      "predicting over batches of ", batch,
+      " rows (cache.batch_size) needs more memory than this process may take",
+      refused ? " (" + format_mib(static_cast<double>(refused->asked)) + " more was asked for)" : "", ": ",
+      fence.room().said, " leaves ", format_mib(static_cast<double>(fence.room().bytes)), ". ",
+      passes > 0 ? detail::str_cat("A pass over ", passes,
+                                   " rows fits (tried after, halving the batch): set cache.batch_size = ",
+                                   std::max<std::int64_t>(1, passes / 2),
+                                   " or less, or run where there is more memory")
+                 : std::string("Not even a pass over one row fits: run where there is more memory"),
+      "; ", done, " of the ", input.rows, " rows had been predicted"));
+}
+}  // namespace
+
+std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& registry,
+                         const PredictOptions& options, std::ostream& out, ProgressStyle style) {
+  CANOPY_CHECK(options.format == "csv" || options.format == "jsonl", ConfigError,
+               "--format: expected csv or jsonl, got '", options.format, "'");
+  CANOPY_CHECK(!config.tasks.empty(), ConfigError, "no tasks in ", config.source);
+  const std::string dir = join_path(config.train.out_dir, "heads");
+  const std::vector<tasks::TaskConfig> exported = exported_tasks(config, dir);  // reads grids' cards
+  trunk::Trunk trunk = trunk::Trunk::load(predict_trunk(config, dir, exported.front()));
+  std::vector<LoadedHead> heads;
+  const std::string preprocessing = describe_preprocessing(config);  // hashes the vocabulary: once
+  for (const auto& tc : exported) heads.push_back(load_head(tc, registry, dir, trunk, config, preprocessing));
+
+  const InputSplit input = load_predict_input(config, options.input, options.limit);
+  const std::int64_t n = input.rows;
+  // Column names: one per task, then (with scores) one per class or label of each classifier.
+  std::vector<std::string> score_columns;
+  if (options.scores) {
+    for (const auto& h : heads) {
+      if (h.kind == tasks::TaskKind::kRegression) continue;
+      for (const auto& c : h.class_names) score_columns.push_back(h.task + ":" + c);
+    }
+  }
+  if (options.format == "csv") {
+    out << "id";
+    for (const auto& h : heads) out << "," << csv_field(h.task);
+    for (const auto& c : score_columns) out << "," << csv_field(c);
+    out << "\n";
+  }
+  Progress progress("predict", n, config.data.source == "arff" ? "doc" : "img", style);
+  torch::NoGradGuard no_grad;
+  // Past the memory this process may take, an allocation fails and says so, instead of the
+  // kernel's OOM kill (a trunk on a GPU keeps its activations there: no fence on the host).
+  const MemoryFence fence(trunk.device().is_cpu() ? memory_room(1, PageCache::kFree) : std::nullopt);
+  std::int64_t done = 0;
+  try {
+    predict_rows(input, trunk, heads, options, score_columns, config.cache.batch_size, out, progress, done);
+  } catch (const std::exception& e) {
+    if (dynamic_cast<const IoError*>(&e) || (!fence.refusal() && !dynamic_cast<const std::bad_alloc*>(&e)))
+      throw;
+    predict_out_of_memory(fence, input, trunk, heads, config.cache.batch_size, done);
   }
   out.flush();
   CANOPY_CHECK(out, IoError, "writing the predictions failed at the end: ", describe_write_error(errno));

@@ -24,7 +24,7 @@
     where reading it whole (as it did by default before) is ended by the kernel's OOM kill;
   * trunk passes over batches larger than a memory cgroup allows: `canopy cache` stops saying
     so, with a batch size that fits, where the kernel's OOM kill would end it without a word;
-    that batch size builds the cache within the same limit;
+    that batch size builds the cache within the same limit; `canopy predict` the same;
   * a head whose steps need more memory than a memory cgroup allows, beside one that fits:
     it FAILS alone, saying memory is why, and the other trains, where the kernel's OOM kill
     would end the run and every head with it;
@@ -352,6 +352,24 @@ def cache_memory_limit(canopy, work):
         check(r.returncode == 0 and cg.oom_kills() == 0 and v.returncode == 0,
               f"... and with cache.batch_size = {fits}, as it says, builds a cache that verifies within the limit "
               f"({r.returncode}: {r.stderr.strip()[-300:]}; {v.stdout.strip()[-200:]})")
+        # `canopy predict` runs the same trunk passes: the same, with nothing written.
+        t = subprocess.run([canopy, "train", "--config", config, "--set", f"cache.path={mem_work}/cache",
+                            "--set", "train.epochs=1", "--progress", "quiet"], capture_output=True, text=True)
+        predictions = os.path.join(mem_work, "predictions.csv")
+        predict = [canopy, "predict", "--config", config, "--input", os.path.join(support.FMNIST, "t10k-images-idx3-ubyte.gz"),
+                   "--limit", "1000", "--output", predictions, "--progress", "quiet"]
+        r = subprocess.run(predict + ["--set", "cache.batch_size=256"], capture_output=True, text=True, preexec_fn=cg.enter)
+        said = re.search(r"set cache.batch_size = (\d+) or less", r.stderr)
+        check(t.returncode == 0 and r.returncode == 1 and "predicting over batches of 256 rows (cache.batch_size) needs "
+              "more memory than this process may take" in r.stderr and said and cg.oom_kills() == 0
+              and not os.path.exists(predictions),
+              f"`canopy predict` over batches of 256 stops the same way, writing nothing ({r.returncode}: {r.stderr.strip()[-300:]})")
+        if said:
+            r = subprocess.run(predict + ["--set", f"cache.batch_size={said.group(1)}"], capture_output=True, text=True,
+                               preexec_fn=cg.enter)
+            rows = sum(1 for _ in open(predictions)) - 1 if os.path.exists(predictions) else 0
+            check(r.returncode == 0 and rows == 1000 and cg.oom_kills() == 0,
+                  f"... and predicts the 1000 rows with the batch size it names, {said.group(1)} ({r.stderr.strip()[-200:]})")
     finally:
         cg.remove()
 

@@ -1,7 +1,7 @@
 // A fence on the memory a stretch of work may take, so that running out of it is an error
 // that says so rather than the kernel's OOM kill, which ends the process without a word.
-// `canopy cache` fences its trunk passes, `canopy train` its training loop (where one head's
-// refused step fails that head alone).
+// `canopy cache` and `canopy predict` fence their trunk passes, `canopy train` its training
+// loop (where one head's refused step fails that head alone).
 //
 // While a MemoryFence lives, the process's data segment may grow by no more than the room
 // given, less 1/16 for what the kernel charges beside (RLIMIT_DATA, lowered from the data

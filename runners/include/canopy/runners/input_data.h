@@ -55,6 +55,12 @@ std::string describe_preprocessing(const JobConfig& config);
 // Rows begin .. end-1.
 std::vector<std::int64_t> row_range(std::int64_t begin, std::int64_t end);
 
+// After a memory fence refused a trunk batch: the largest of half, a quarter... of `batch`
+// rows of `in` (its first rows; for texts, the longest) that `pass` completes, freed memory
+// handed back before each try; 0 when not even one row's does.
+std::int64_t largest_batch_that_passes(const InputSplit& in, std::int64_t batch,
+                                       const std::function<void(const std::vector<std::int64_t>&)>& pass);
+
 // The fingerprint lines for the inputs: data files (name, size, mtime), limits, and the
 // preprocessing (images) or tokenizer (texts), plus what the labels are.
 std::string describe_inputs(const JobConfig& config);
