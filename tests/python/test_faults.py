@@ -249,6 +249,13 @@ def memory_limit(canopy, work, config):
         cg.remove()
 
 
+def exit_and_peak(cmd):
+    """Runs `cmd` without a limit: its exit code and its peak resident memory in bytes."""
+    pid = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
+    _, status, usage = os.wait4(pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024
+
+
 def head_memory_limit(canopy, work, config):
     """A head whose steps need more memory than a memory cgroup allows, beside one that fits:
     the greedy head FAILS alone, saying memory is why, and the other trains, where the kernel's
@@ -265,11 +272,8 @@ def head_memory_limit(canopy, work, config):
         return sorted(t for t in ("linear", "big") if os.path.exists(os.path.join(out, "heads", f"{t}.safetensors")))
 
     ref = os.path.join(work, "heads-mem-ref")
-    pid = subprocess.Popen(train + ["--set", f"train.out_dir={ref}"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL).pid
-    _, status, usage = os.wait4(pid, 0)
-    peak = usage.ru_maxrss * 1024
-    check(os.waitstatus_to_exitcode(status) == 0 and peak > limit and exported(ref) == ["big", "linear"],
+    code, peak = exit_and_peak(train + ["--set", f"train.out_dir={ref}"])
+    check(code == 0 and peak > limit and exported(ref) == ["big", "linear"],
           f"unlimited, a 4096-wide MLP at batches of 30 000 trains beside a linear head with a peak of "
           f"{peak >> 20} MiB, above a {limit >> 20} MiB limit")
     cg = support.MemoryCgroup(f"canopy-test-heads-{os.getpid()}", limit)
@@ -324,11 +328,8 @@ def cache_memory_limit(canopy, work):
     cache = [canopy, "cache", "--config", config, "--set", "cache.batch_size=256", "--progress", "quiet"]
     limit = 640 << 20
     # Unlimited, the batches take more than the limit: the kernel would kill for it.
-    pid = subprocess.Popen(cache + ["--set", f"cache.path={mem_work}/ref"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL).pid
-    _, status, usage = os.wait4(pid, 0)
-    peak = usage.ru_maxrss * 1024
-    check(os.waitstatus_to_exitcode(status) == 0 and peak > limit,
+    code, peak = exit_and_peak(cache + ["--set", f"cache.path={mem_work}/ref"])
+    check(code == 0 and peak > limit,
           f"unlimited, batches of 256 build the cache with a peak of {peak >> 20} MiB, above a {limit >> 20} MiB limit")
     cg = support.MemoryCgroup(f"canopy-test-cache-{os.getpid()}", limit)
     if cg.path is None:
