@@ -252,16 +252,19 @@ void predict_rows(const InputSplit& input, trunk::Trunk& trunk, std::vector<Load
 }
 
 // Predicting met the memory fence: why, and a batch size that fits (half the largest that
-// passes through the trunk and every head, tried by halving).
+// passes through the trunk and every head, tried by halving, a divisor of cache.shard_rows).
 [[noreturn]] void predict_out_of_memory(const MemoryFence& fence, const InputSplit& input,
                                         trunk::Trunk& trunk, std::vector<LoadedHead>& heads,
-                                        std::int64_t batch, std::int64_t done) {
+                                        std::int64_t batch, std::int64_t shard_rows, std::int64_t done) {
   const auto refused = fence.refusal();
   const std::int64_t passes =
       largest_batch_that_passes(input, batch, [&](const std::vector<std::int64_t>& rows) {
         const at::Tensor f = trunk.encode(input.inputs(rows));
         for (auto& h : heads) h.head->forward(f);
       });
+  // A divisor of cache.shard_rows, as the config requires of cache.batch_size.
+  std::int64_t fits = std::max<std::int64_t>(1, passes / 2);
+  while (shard_rows % fits != 0) --fits;
   throw DataError(detail::str_cat(
       "predicting over batches of ", batch,
       " rows (cache.batch_size) needs more memory than this process may take",
@@ -269,8 +272,7 @@ void predict_rows(const InputSplit& input, trunk::Trunk& trunk, std::vector<Load
       fence.room().said, " leaves ", format_mib(static_cast<double>(fence.room().bytes)), ". ",
       passes > 0 ? detail::str_cat("A pass over ", passes,
                                    " rows fits (tried after, halving the batch): set cache.batch_size = ",
-                                   std::max<std::int64_t>(1, passes / 2),
-                                   " or less, or run where there is more memory")
+                                   fits, " or less, or run where there is more memory")
                  : std::string("Not even a pass over one row fits: run where there is more memory"),
       "; ", done, " of the ", input.rows, " rows had been predicted"));
 }
@@ -315,7 +317,7 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   } catch (const std::exception& e) {
     if (dynamic_cast<const IoError*>(&e) || (!fence.refusal() && !dynamic_cast<const std::bad_alloc*>(&e)))
       throw;
-    predict_out_of_memory(fence, input, trunk, heads, config.cache.batch_size, done);
+    predict_out_of_memory(fence, input, trunk, heads, config.cache.batch_size, config.cache.shard_rows, done);
   }
   out.flush();
   CANOPY_CHECK(out, IoError, "writing the predictions failed at the end: ", describe_write_error(errno));
