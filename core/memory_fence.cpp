@@ -3,13 +3,16 @@
 #include <sys/resource.h>
 
 #include <mutex>
+#include <new>
 #include <sstream>
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/stop.h"
 
 #if defined(__has_feature)
 #if __has_feature(address_sanitizer)
@@ -21,6 +24,21 @@
 #endif
 
 namespace canopy {
+namespace {
+
+// The data segment now (VmData in /proc/self/status), in bytes.
+std::optional<std::uint64_t> data_segment_bytes() {
+  std::istringstream in(read_file_or_empty("/proc/self/status"));
+  std::string key;
+  while (in >> key) {
+    std::uint64_t kib = 0;
+    if (key == "VmData:" && in >> kib) return kib * 1024;
+    std::getline(in, key);
+  }
+  return std::nullopt;
+}
+
+}  // namespace
 
 // LibTorch's CPU allocator, noting the first allocation it fails.
 struct MemoryFence::Noting final : c10::Allocator {
@@ -47,17 +65,6 @@ struct MemoryFence::Noting final : c10::Allocator {
   std::mutex mutex;
   std::optional<Refusal> refusal;
 };
-
-std::optional<std::uint64_t> data_segment_bytes() {
-  std::istringstream in(read_file_or_empty("/proc/self/status"));
-  std::string key;
-  while (in >> key) {
-    std::uint64_t kib = 0;
-    if (key == "VmData:" && in >> kib) return kib * 1024;
-    std::getline(in, key);
-  }
-  return std::nullopt;
-}
 
 MemoryFence::MemoryFence(std::optional<MemoryRoom> room) {
 #if !defined(CANOPY_ASAN)
@@ -98,10 +105,9 @@ std::optional<MemoryFence::Refusal> MemoryFence::refusal() const {
   return noting_->refusal;
 }
 
-std::uint64_t MemoryFence::grown() const {
-  if (!active_) return 0;
-  const std::uint64_t now = data_segment_bytes().value_or(start_);
-  return now > start_ ? now - start_ : 0;
+bool MemoryFence::caused(const std::exception& e) const {
+  if (!active_ || dynamic_cast<const Stopped*>(&e) || dynamic_cast<const IoError*>(&e)) return false;
+  return refusal().has_value() || dynamic_cast<const std::bad_alloc*>(&e) != nullptr;
 }
 
 }  // namespace canopy

@@ -267,6 +267,7 @@ class RowEncoder {
     trunk.check_cacheable();
   }
   bool prefix() const { return prefix_; }
+  bool on_cpu() const { return trunk_.device().is_cpu(); }
 
   at::Tensor operator()(const std::vector<at::Tensor>& inputs) const {
     if (!prefix_) return trunk_.encode(inputs);
@@ -581,6 +582,28 @@ std::int64_t batch_that_fits(const RowEncoder& encoder, const InputData& data, s
                         : std::string("; no rows were computed")));
 }
 
+// This rank's shards through the trunk and to the writer, with progress, within the memory
+// this process may take: past it an allocation fails and says so (out_of_memory), instead of
+// the kernel's OOM kill. A trunk on a GPU keeps its activations there: no fence on the host.
+void compute_shards(const JobConfig& config, const datasets::CacheMeta& meta, const RowEncoder& encoder,
+                    const InputData& data, const std::vector<datasets::ShardSlot>& mine, std::int64_t todo,
+                    datasets::FeatureCacheWriter& writer, ProgressStyle style, CacheReport& report,
+                    NonFinite& nonfinite) {
+  Progress progress("cache", todo, data.unit, style);
+  WriteBehind out(writer);
+  const KeepFreedMemory reuse_activations;  // no page faults for every batch's buffers
+  const MemoryFence fence(encoder.on_cpu() ? memory_room(mpi::local_size(), PageCache::kFree) : std::nullopt);
+  try {
+    encode_shards(config, encoder, data, mine, meta.feature_dim, out, progress, report, nonfinite);
+  } catch (const std::exception& e) {
+    if (!fence.caused(e)) throw;
+    out.finish();  // what was computed is written
+    out_of_memory(config, meta, encoder, data, fence, report.rows_computed);
+  }
+  out.finish();
+  progress.finish();
+}
+
 // One writer at a time: one job (its rank 0 holds the lock; under mpirun the other ranks
 // write only the shards rank 0 hands them). What a killed or failed run left half-written
 // goes (no manifest lists it). A cache that cannot be written (a read-only mount, another
@@ -662,24 +685,7 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
              ", sha256 " + trunk_sha.substr(0, 12) + "...");
   }
   NonFinite nonfinite;
-  {
-    Progress progress("cache", todo, data.unit, style);
-    WriteBehind out(writer);
-    const KeepFreedMemory reuse_activations;  // no page faults for every batch's buffers
-    // Past the memory this process may take, an allocation fails and says so, instead of the
-    // kernel's OOM kill. A trunk on a GPU keeps its activations there: no fence on the host.
-    const MemoryFence fence(trunk->device().is_cpu() ? memory_room(mpi::local_size(), PageCache::kFree)
-                                                     : std::nullopt);
-    try {
-      encode_shards(config, encoder, data, mine, dim, out, progress, report, nonfinite);
-    } catch (const std::exception& e) {
-      if (!fence.active() || (!fence.refusal() && !dynamic_cast<const std::bad_alloc*>(&e))) throw;
-      out.finish();  // what was computed is written
-      out_of_memory(config, meta, encoder, data, fence, report.rows_computed);
-    }
-    out.finish();
-    progress.finish();
-  }
+  compute_shards(config, meta, encoder, data, mine, todo, writer, style, report, nonfinite);
   refuse_non_finite(nonfinite, config.cache.path, target);
   mpi::barrier();  // every rank's shards are written and listed
   report.rows = split_rows;

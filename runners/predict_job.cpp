@@ -315,8 +315,7 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   try {
     predict_rows(input, trunk, heads, options, score_columns, config.cache.batch_size, out, progress, done);
   } catch (const std::exception& e) {
-    if (dynamic_cast<const IoError*>(&e) || (!fence.refusal() && !dynamic_cast<const std::bad_alloc*>(&e)))
-      throw;
+    if (!fence.caused(e)) throw;
     predict_out_of_memory(fence, input, trunk, heads, config.cache.batch_size, config.cache.shard_rows, done);
   }
   out.flush();

@@ -1074,6 +1074,46 @@ std::string memory_refused(const MemoryFence& fence) {
                          fence.room().said, "). A smaller train.batch_size or smaller heads need less");
 }
 
+// Where the run starts: with --resume, the checkpoint's position, its heads and top loaded;
+// else the beginning (saying so when an earlier run's checkpoint is there to be replaced).
+CheckpointPosition starting_point(CheckpointStore& store, TaskSet& set, std::vector<HeadRun>& runs,
+                                  SharedTop* top, bool resume, TrainReport& report) {
+  if (!resume) {
+    if (mpi::rank() == 0) {
+      if (const auto earlier = CheckpointStore::peek(store.dir())) {
+        log_info(detail::str_cat("'", store.dir(), "' holds an earlier run's checkpoint (",
+                                 describe_done(*earlier),
+                                 "); this run starts over, and its first checkpoint replaces that one "
+                                 "(--resume goes on from it instead)"));
+      }
+    }
+    return {};
+  }
+  const CheckpointPosition from = store.load(set.tasks, runs, top);
+  report.resumed_from = "epoch " + std::to_string(from.epoch + 1) + " step " + std::to_string(from.step);
+  log_info("resuming from the checkpoint at " + report.resumed_from);
+  return from;
+}
+
+// The epochs, within the memory this process may take: past it an allocation fails instead of
+// the kernel's OOM kill taking every head, so a head whose step it was fails alone, saying so,
+// and the others go on; refused elsewhere, the run stops with the advice and where --resume
+// goes on from. (A top on a GPU keeps its activations there: no fence on the host.)
+void run_within_memory(EpochLoop& loop, const CheckpointPosition& from, ProgressStyle style, bool top,
+                       const CheckpointStore& store) {
+  const MemoryFence fence(top && cuda_available() ? std::nullopt
+                                                  : memory_room(mpi::local_size(), PageCache::kFree));
+  try {
+    loop.run(from, style);
+  } catch (const std::exception& e) {
+    if (!fence.caused(e)) throw;
+    const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+    throw DataError(detail::str_cat(c10_error ? c10_error->what_without_backtrace() : e.what(), "; ",
+                                    memory_refused(fence), "; ", where_to_go_on(store)));
+  }
+  if (fence.refusal()) log_info(memory_refused(fence) + " (the heads that failed for it are FAILED)");
+}
+
 // Under mpirun, the top trains data parallel over the ranks (EpochLoop::train_shared_step).
 void train_top_data_parallel(const JobConfig& config, SharedTop& top) {
   CANOPY_CHECK(config.top.schedule == FreezeSchedule::kStatic, ConfigError,
@@ -1148,20 +1188,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   std::vector<HeadRun> runs(set.tasks.size());
   const std::string resolved = dump_config(config);
   CheckpointStore store(config.train.out_dir + "/checkpoint", config_identity(resolved));
-  CheckpointPosition from;
-  if (!resume && mpi::rank() == 0) {
-    if (const auto earlier = CheckpointStore::peek(store.dir())) {
-      log_info(detail::str_cat("'", store.dir(), "' holds an earlier run's checkpoint (",
-                               describe_done(*earlier),
-                               "); this run starts over, and its first checkpoint replaces that one "
-                               "(--resume goes on from it instead)"));
-    }
-  }
-  if (resume) {
-    from = store.load(set.tasks, runs, top);
-    report.resumed_from = "epoch " + std::to_string(from.epoch + 1) + " step " + std::to_string(from.step);
-    log_info("resuming from the checkpoint at " + report.resumed_from);
-  }
+  const CheckpointPosition from = starting_point(store, set, runs, top, resume, report);
   // A full disk, or another failed write in out_dir, says what is kept and how to go on.
   try {
     std::optional<MetricsSink> metrics;
@@ -1180,24 +1207,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     if (mpi::rank() == 0) describe_fusion(set, loop.plan_options(), fuse_unit, chooser.get(), report);
 
     const auto train_start = Clock::now();
-    {
-      // Past the memory this process may take, an allocation fails instead of the kernel's
-      // OOM kill taking every head: a head whose step it was fails alone, saying so, and the
-      // others go on. (A top on a GPU keeps its activations there: no fence on the host.)
-      const MemoryFence fence(top && cuda_available() ? std::nullopt
-                                                      : memory_room(mpi::local_size(), PageCache::kFree));
-      try {
-        loop.run(from, style);
-      } catch (const std::exception& e) {
-        // A stop by signal, or a failed write, says its own; so does what no refusal caused.
-        const bool refused = fence.refusal() || dynamic_cast<const std::bad_alloc*>(&e);
-        if (!refused || dynamic_cast<const Stopped*>(&e) || dynamic_cast<const IoError*>(&e)) throw;
-        const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
-        throw DataError(detail::str_cat(c10_error ? c10_error->what_without_backtrace() : e.what(), "; ",
-                                        memory_refused(fence), "; ", where_to_go_on(store)));
-      }
-      if (fence.refusal()) log_info(memory_refused(fence) + " (the heads that failed for it are FAILED)");
-    }
+    run_within_memory(loop, from, style, top != nullptr, store);
     report.train_seconds = since(train_start);
     if (mpi::distributed() && top) {
       log_allreduce(*top);

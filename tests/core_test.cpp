@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -446,13 +447,16 @@ TEST(MemoryFence, RefusesPastTheRoomAndSaysSo) {
     }
     at::Tensor small = at::ones({32 * kMiB / 4});  // 32 MiB, touched
     EXPECT_FALSE(fence.refusal());
-    EXPECT_GE(fence.grown(), std::uint64_t(32 * kMiB));
+    EXPECT_FALSE(fence.caused(std::runtime_error("not memory"))) << "nothing refused yet";
+    EXPECT_TRUE(fence.caused(std::bad_alloc()));
     try {
       at::Tensor big = at::ones({512 * kMiB / 4});
       ADD_FAILURE() << "512 MiB past a 256 MiB room was allocated";
     } catch (const c10::Error& e) {
       EXPECT_NE(std::string(e.what()).find("allocate"), std::string::npos) << e.what();
+      EXPECT_TRUE(fence.caused(e));
     }
+    EXPECT_FALSE(fence.caused(IoError("the disk is full"))) << "a failed write says its own";
     const auto refused = fence.refusal();
     ASSERT_TRUE(refused.has_value());
     EXPECT_EQ(refused->asked, std::uint64_t(512 * kMiB));

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <optional>
 
 #include "canopy/core/memory.h"
@@ -42,8 +43,10 @@ class MemoryFence {
   const MemoryRoom& room() const { return room_; }
   // The first allocation LibTorch's CPU allocator failed while the fence lived.
   std::optional<Refusal> refusal() const;
-  // How far the data segment has grown since the fence was set (0 when not active).
-  std::uint64_t grown() const;
+  // Whether `e`, thrown while the fence lived, is the fence's doing: it is set, and refused
+  // an allocation (or `e` is std::bad_alloc). A stop by signal (Stopped) or a failed write
+  // (IoError) says its own, whatever was refused before.
+  bool caused(const std::exception& e) const;
 
   struct Noting;  // the allocator wrapper
 
@@ -54,8 +57,5 @@ class MemoryFence {
   std::uint64_t old_soft_ = 0;
   Noting* noting_ = nullptr;
 };
-
-// The data segment now (VmData in /proc/self/status), in bytes.
-std::optional<std::uint64_t> data_segment_bytes();
 
 }  // namespace canopy
