@@ -1,12 +1,15 @@
 #include "canopy/runners/checkpoint_store.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <map>
 #include <sstream>
 #include <utility>
+
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -40,6 +43,17 @@ ordered_json run_to_json(const std::string& name, const HeadRun& r) {
 }
 
 std::string hex_crc32c(const std::string& bytes) { return crc32c_hex(crc32c(bytes.data(), bytes.size())); }
+
+// Hard-links `from` as `to` (replacing a `to` a crashed run left). False where the filesystem
+// has no hard links (the caller copies); IoError on any other failure.
+bool link_or_copy(const std::string& from, const std::string& to) {
+  if (::link(from.c_str(), to.c_str()) == 0) return true;
+  if (errno == EEXIST && std::remove(to.c_str()) == 0 && ::link(from.c_str(), to.c_str()) == 0) return true;
+  const int err = errno;
+  if (err == EPERM || err == EXDEV || err == ENOTSUP || err == EOPNOTSUPP || err == EMLINK) return false;
+  throw IoError(
+      detail::str_cat("checkpoint: cannot link '", from, "' as '", to, "': ", describe_write_error(err)));
+}
 
 // state.json's text: the position, the runs, a CRC-32C of each head file this process wrote
 // (`files`, by file name) and, last, one of the text itself without that field
@@ -143,23 +157,45 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
     if (owned_.empty() || owned_.at(i)) writes.push_back(i);
     tasks_json.push_back(run_to_json(tasks[i]->name(), runs[i]));
   }
-  // Serialised now, side by side (for_each_); the first error in task order is thrown.
-  std::vector<std::pair<std::string, std::string>> files(writes.size());
-  std::vector<std::exception_ptr> errors(writes.size());
-  for_each_(writes.size(), [&](std::size_t k) {
+  // Serialised now, side by side (for_each_); the first error in task order is thrown. A head
+  // whose file in the previous generation is final is linked, not serialised again.
+  std::vector<File> files(writes.size());
+  std::vector<std::string> crcs_of(writes.size());
+  std::vector<std::size_t> serialise;
+  for (std::size_t k = 0; k < writes.size(); ++k) {
+    const std::string& name = tasks[writes[k]]->name();
+    files[k].path = task_file(name, generation_);
+    const auto w = written_.find(name);
+    if (w != written_.end() && w->second.final && w->second.generation == generation_ - 1) {
+      files[k].same_as = task_file(name, generation_ - 1);
+      crcs_of[k] = w->second.crc;
+    } else {
+      serialise.push_back(k);
+    }
+  }
+  std::vector<std::exception_ptr> errors(serialise.size());
+  for_each_(serialise.size(), [&](std::size_t s) {
+    const std::size_t k = serialise[s];
     try {
-      const tasks::Task& task = *tasks[writes[k]];
-      files[k] = {task_file(task.name(), generation_), task.checkpoint_bytes()};
+      files[k].contents = tasks[writes[k]]->checkpoint_bytes();
+      crcs_of[k] = hex_crc32c(files[k].contents);
     } catch (...) {
-      errors[k] = std::current_exception();
+      errors[s] = std::current_exception();
     }
   });
   for (const auto& e : errors) {
     if (e) std::rethrow_exception(e);
   }
-  if (top && mpi::rank() == 0) files.emplace_back(task_file("@top", generation_), top->checkpoint_bytes());
   ordered_json crcs = ordered_json::object();
-  for (const auto& [path, contents] : files) crcs[path.substr(path.rfind('/') + 1)] = hex_crc32c(contents);
+  for (std::size_t k = 0; k < writes.size(); ++k) {
+    crcs[files[k].path.substr(files[k].path.rfind('/') + 1)] = crcs_of[k];
+    written_[tasks[writes[k]]->name()] = {generation_, crcs_of[k], !runs[writes[k]].training()};
+  }
+  if (top && mpi::rank() == 0) {
+    File f{task_file("@top", generation_), top->checkpoint_bytes(), ""};
+    crcs[f.path.substr(f.path.rfind('/') + 1)] = hex_crc32c(f.contents);
+    files.push_back(std::move(f));
+  }
   if (mpi::distributed()) {
     // Rank 0 writes state.json: it records every rank's files (other ranks get nothing back).
     for (const auto& theirs : mpi::gather(crcs.dump())) crcs.update(ordered_json::parse(theirs));
@@ -177,11 +213,17 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
   committed_ = position;
 }
 
-void CheckpointStore::commit(const std::vector<std::pair<std::string, std::string>>& files,
-                             const std::string& state, std::int64_t generation) const {
-  // Each file atomic (temporary name, fsync, rename); their names made durable together by
-  // one sync of the directory.
-  for (const auto& [path, contents] : files) write_file_atomic(path, contents, false);
+void CheckpointStore::commit(const std::vector<File>& files, const std::string& state,
+                             std::int64_t generation) const {
+  // Each file atomic (temporary name, fsync, rename), or a hard link to an unchanged head's
+  // durable file; their names made durable together by one sync of the directory.
+  for (const auto& f : files) {
+    if (f.same_as.empty()) {
+      write_file_atomic(f.path, f.contents, false);
+    } else if (!link_or_copy(f.same_as, f.path)) {
+      write_file_atomic(f.path, read_file(f.same_as), false);
+    }
+  }
   fsync_dir(dir_);
   mpi::barrier();  // every rank's files of this generation are written
   if (mpi::rank() != 0) {

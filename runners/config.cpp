@@ -434,6 +434,17 @@ void add_train_keys(std::vector<Key<JobConfig>>& v) {
       std::vector<std::string>{"auto", "best", "last"},
       "the epoch each head exports: best (on the validation split), last; auto: best when there is a "
       "validation split, else last"));
+  v.push_back(member_key<K>("train", "grid_halving", CANOPY_JOB(train.grid_halving),
+                            "successive halving of every grid: after this many epochs, and again after "
+                            "each multiple of it by grid_halving_factor, the members still training keep "
+                            "on only when among the best 1 / grid_halving_factor of them on the validation "
+                            "split (the others stop, keeping their exported epoch); 0: every member trains "
+                            "every epoch")
+                  .at_least(0));
+  v.push_back(member_key<K>("train", "grid_halving_factor", CANOPY_JOB(train.grid_halving_factor),
+                            "with grid_halving: each cut keeps the best ceil(n / factor) of n members "
+                            "training; the cuts come after grid_halving x factor^k epochs")
+                  .at_least(2));
   v.push_back(member_key<K>("train", "batch_size", CANOPY_JOB(train.batch_size),
                             "rows per step; the last batch of an epoch may be smaller (it is kept)")
                   .at_least(1));
@@ -799,6 +810,10 @@ void validate_job_config(const JobConfig& c) {
                grid_size,
                " heads; its winner is chosen on a validation split held out of the training data, never on "
                "the test split: set train.validation_fraction (e.g. 0.1)");
+  CANOPY_CHECK(c.train.grid_halving == 0 || !grid.empty(), ConfigError,
+               "train.grid_halving = ", c.train.grid_halving, in,
+               " stops the weaker members of a grid, and no task is a grid (a list of values makes one, "
+               "e.g. lr = 1e-3, 1e-2); set train.grid_halving = 0");
   CANOPY_CHECK(c.train.export_mode != ExportMode::kBest || has_validation(c.train), ConfigError,
                "train.export = best", in,
                " chooses each head's epoch on a validation split: set train.validation_fraction (e.g. 0.1), "

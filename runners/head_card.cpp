@@ -90,13 +90,16 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
   if (!r.grid.empty()) {
     ordered_json members = ordered_json::array();
     for (const auto& m : r.grid) {
-      members.push_back({{"name", m.name},
-                         {"values", m.point},
-                         {"state", state_name(m.state)},
-                         {"epochs", m.epochs},
-                         {"exported_epoch", m.exported_epoch},
-                         {"validation_score", m.validation_score},
-                         {"seconds", m.seconds}});
+      ordered_json member{{"name", m.name},
+                          {"values", m.point},
+                          {"state", state_name(m.state)},
+                          {"epochs", m.epochs},
+                          {"exported_epoch", m.exported_epoch},
+                          {"validation_score", m.validation_score},
+                          {"seconds", m.seconds}};
+      const std::string& why = m.failure.empty() ? m.note : m.failure;
+      if (!why.empty()) member["note"] = why;  // why it failed, or stopped before its last epoch
+      members.push_back(std::move(member));
     }
     card["grid"] = {
         {"winner", r.winner}, {"values", c.grid_point}, {"keys", c.grid_axes}, {"members", members}};

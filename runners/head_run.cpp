@@ -1,5 +1,7 @@
 #include "canopy/runners/head_run.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -139,6 +141,35 @@ bool HeadRun::finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::
     stop_note = why;
   }
   return improved;
+}
+
+void HeadRun::stop_by_halving(double score, std::size_t kept, std::size_t of) {
+  state = tasks::TaskState::kDone;
+  char why[200];
+  std::snprintf(why, sizeof why, "stopped by successive halving at epoch %lld (%s %.4f; %zu of %zu went on)",
+                static_cast<long long>(epochs), eval.regression ? "R^2" : "accuracy", score, kept, of);
+  stop_note = why;
+}
+
+bool halving_cut_after(std::int64_t epochs, std::int64_t first, std::int64_t factor) {
+  if (first <= 0 || epochs < first) return false;
+  for (std::int64_t cut = first;; cut *= factor) {
+    if (cut == epochs) return true;
+    if (cut > epochs / factor) return false;  // the next cut is past `epochs` (and no overflow)
+  }
+}
+
+std::vector<std::size_t> halving_stops(const std::vector<double>& scores, std::int64_t factor) {
+  const std::size_t n = scores.size();
+  const std::size_t keep = (n + static_cast<std::size_t>(factor) - 1) / static_cast<std::size_t>(factor);
+  std::vector<std::size_t> order(n);
+  for (std::size_t i = 0; i < n; ++i) order[i] = i;
+  auto rank = [&](std::size_t i) { return std::isnan(scores[i]) ? -HUGE_VAL : scores[i]; };  // NaN last
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::size_t a, std::size_t b) { return rank(a) > rank(b); });
+  std::vector<std::size_t> stops(order.begin() + static_cast<std::ptrdiff_t>(keep), order.end());
+  std::sort(stops.begin(), stops.end());
+  return stops;
 }
 
 }  // namespace canopy::runners

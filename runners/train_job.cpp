@@ -686,6 +686,7 @@ class EpochLoop {
       if (best && keep_best_) set_.tasks[i]->keep_best();
     }
     sync_runs();
+    halve_grids(epoch);
     if (top_ && mpi::distributed()) check_replicas_agree(epoch);
     std::vector<double> means(runs_.size(), std::numeric_limits<double>::quiet_NaN());
     for (std::size_t i : active) {
@@ -700,6 +701,32 @@ class EpochLoop {
     if (metrics_) metrics_->flush();
     store_.save({epoch + 1, 0}, set_.tasks, runs_, top_);
     if (top_) top_->prune_levels();
+  }
+
+  // Successive halving (train.grid_halving): at a cut, each grid's members still training go
+  // on only when among its best 1 / factor on the validation split, ranked by the score of the
+  // epoch each would export. Every rank holds every run here (sync_runs): all stop the same.
+  void halve_grids(std::int64_t epoch) {
+    const TrainConfig& t = config_.train;
+    if (!halving_cut_after(epoch + 1, t.grid_halving, t.grid_halving_factor)) return;
+    for (std::size_t i = 0, end = 0; i < runs_.size(); i = end) {
+      const std::string& grid = set_.tasks[i]->config().grid;
+      for (end = i + 1; !grid.empty() && end < runs_.size() && set_.tasks[end]->config().grid == grid;) ++end;
+      if (grid.empty()) continue;
+      std::vector<std::size_t> members;
+      std::vector<double> scores;
+      for (std::size_t j = i; j < end; ++j) {
+        if (!runs_[j].training()) continue;
+        members.push_back(j);
+        scores.push_back(keep_best_ ? runs_[j].best_score : runs_[j].eval.score());
+      }
+      const auto stops = halving_stops(scores, t.grid_halving_factor);
+      const std::size_t kept = members.size() - stops.size();
+      for (std::size_t k : stops) runs_[members[k]].stop_by_halving(scores[k], kept, members.size());
+      if (!stops.empty())
+        log_info(detail::str_cat("grid '", grid, "': successive halving after epoch ", epoch + 1, ": ", kept,
+                                 " of ", members.size(), " members training go on"));
+    }
   }
 
   // What the top did, for the progress line: " | top: blocks.12, blocks.13 train (level blocks.11)".
@@ -871,7 +898,7 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
     for (std::size_t j : members) {
       const TaskResult& m = set.results[j];
       GridMember g{
-          m.name,           set.tasks[j]->config().grid_point,          m.state,  m.failure, m.epochs,
+          m.name,           set.tasks[j]->config().grid_point,          m.state,  m.failure, m.note, m.epochs,
           m.exported_epoch, m.validation ? m.validation->score() : 0.0, m.seconds};
       listed.push_back(g);
       if (m.state == tasks::TaskState::kDone && m.validation &&

@@ -5,6 +5,8 @@
 #include <functional>
 #include <memory>
 
+#include <sys/stat.h>
+
 #include <ATen/Context.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
@@ -171,6 +173,52 @@ TEST(CheckpointStore, AnAsynchronousSaveCommitsLaterAndItsErrorComesOutOfTheNext
   failing.save({2, 0}, a.ptrs, runs);
   failing.flush();
   EXPECT_EQ(CheckpointStore(other.file("checkpoint"), "c").load(b.ptrs, loaded).epoch, 2);
+}
+
+ino_t inode(const std::string& path) {
+  struct stat st {};
+  EXPECT_EQ(::stat(path.c_str(), &st), 0) << path;
+  return st.st_ino;
+}
+
+// A head that no longer trains is serialised once more after it stops, then its file is
+// hard-linked into each new generation, its CRC-32C recorded again: it loads, and a flipped
+// byte in it is still caught.
+TEST(CheckpointStore, AHeadThatNoLongerTrainsIsLinkedIntoNewGenerationsNotWrittenAgain) {
+  testing::TempDir dir;
+  Tasks a(1);
+  a.train(2);
+  std::vector<HeadRun> runs(2);
+  runs[0].state = tasks::TaskState::kDone;  // lin stopped; mlp trains on
+  CheckpointStore store(dir.file("checkpoint"), "c");
+  std::size_t serialised = 0;
+  store.set_for_each([&](std::size_t n, const std::function<void(std::size_t)>& body) {
+    for (std::size_t k = 0; k < n; ++k, ++serialised) body(k);
+  });
+  store.save({1, 0}, a.ptrs, runs);
+  EXPECT_EQ(serialised, 2u) << "the first generation has every head";
+  const ino_t lin = inode(dir.file("checkpoint/lin.1.pt"));
+  for (int g = 2; g <= 3; ++g) {
+    a.ptrs[1]->train_step(at::randn({16, 6}), at::randint(3, {16}));
+    store.save({g, 0}, a.ptrs, runs);
+  }
+  EXPECT_EQ(serialised, 4u) << "generations 2 and 3 serialised mlp alone";
+  EXPECT_EQ(list_dir(dir.file("checkpoint")),
+            (std::vector<std::string>{"lin.3.pt", "mlp.3.pt", "state.json"}));
+  EXPECT_EQ(inode(dir.file("checkpoint/lin.3.pt")), lin) << "the same file, linked";
+
+  Tasks b(99);
+  std::vector<HeadRun> loaded;
+  EXPECT_EQ(CheckpointStore(dir.file("checkpoint"), "c").load(b.ptrs, loaded).epoch, 3);
+  expect_same_weights(a, b);
+  EXPECT_FALSE(loaded[0].training());
+
+  std::string bytes = read_file(dir.file("checkpoint/lin.3.pt"));
+  bytes[bytes.size() / 2] ^= 0x10;
+  write_file_atomic(dir.file("checkpoint/lin.3.pt"), bytes);
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { CheckpointStore(dir.file("checkpoint"), "c").load(b.ptrs, loaded); },
+      {"lin.3.pt", "does not match the checksum"}));
 }
 
 TEST(CheckpointStore, RefusesAnotherConfigOtherTasksAndMalformedState) {

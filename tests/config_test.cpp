@@ -357,6 +357,21 @@ TEST(Config, GridsAndBestExportNeedAValidationSplit) {
       {"train.export = best", "validation_fraction"}));
   EXPECT_TRUE(testing::throws_with<ConfigError>(
       [&] {
+        load_job_config(dir.file("c.ini"),
+                        {"task.probe.lr=0.1", "train.validation_fraction=0.1", "train.grid_halving=2"});
+      },
+      {"train.grid_halving = 2", "no task is a grid"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        load_job_config(dir.file("c.ini"), {"train.validation_fraction=0.1", "train.grid_halving=1",
+                                            "train.grid_halving_factor=1"});
+      },
+      {"train.grid_halving_factor", ">= 2", "1"}));
+  EXPECT_EQ(load_job_config(dir.file("c.ini"), {"train.validation_fraction=0.1", "train.grid_halving=1"})
+                .train.grid_halving_factor,
+            3);
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
         load_job_config(dir.file("c.ini"), {"train.validation_fraction=0.1", "task.probe.labels=a|b"});
       },
       {"task.probe.labels", "same labels"}));

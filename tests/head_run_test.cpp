@@ -64,6 +64,33 @@ TEST(HeadRun, FailuresNameEpochAndStepCountingFromOne) {
   EXPECT_STREQ(state_name(e.state), "FAILED");
 }
 
+// Successive halving: cuts after first x factor^k epochs; each keeps the best ceil(n / factor)
+// members, the earlier of equal scores, a NaN score last.
+TEST(HeadRun, SuccessiveHalvingCutsAtPowersOfTheFactorAndKeepsTheBest) {
+  std::vector<std::int64_t> cuts;
+  for (std::int64_t e = 0; e <= 40; ++e) {
+    if (halving_cut_after(e, 2, 3)) cuts.push_back(e);
+  }
+  EXPECT_EQ(cuts, (std::vector<std::int64_t>{2, 6, 18}));
+  EXPECT_FALSE(halving_cut_after(5, 0, 3)) << "0: off";
+  EXPECT_TRUE(halving_cut_after(std::int64_t{1} << 62, 1, 2)) << "large epochs without overflow";
+  EXPECT_FALSE(halving_cut_after((std::int64_t{1} << 62) + 1, 1, 2));
+
+  using Stops = std::vector<std::size_t>;
+  EXPECT_EQ(halving_stops({0.5, 0.9, 0.7, 0.1, 0.8, 0.6}, 3), (Stops{0, 2, 3, 5})) << "6 -> the best 2";
+  EXPECT_EQ(halving_stops({0.5, 0.9, 0.7, 0.1, 0.8, 0.6, 0.2}, 3), (Stops{0, 3, 5, 6})) << "7 -> 3";
+  EXPECT_EQ(halving_stops({0.4, 0.4, 0.4}, 2), (Stops{2})) << "ties keep the earlier members";
+  EXPECT_EQ(halving_stops({std::nan(""), 0.1, 0.2, 0.05}, 2), (Stops{0, 3})) << "a NaN ranks last";
+  EXPECT_EQ(halving_stops({0.3}, 4), Stops{}) << "one member always goes on";
+  EXPECT_EQ(halving_stops({}, 2), Stops{});
+
+  HeadRun r;
+  r.finish_epoch(0, 10, accuracy(0.75), 0);
+  r.stop_by_halving(0.75, 2, 6);
+  EXPECT_FALSE(r.training());
+  EXPECT_EQ(r.stop_note, "stopped by successive halving at epoch 1 (accuracy 0.7500; 2 of 6 went on)");
+}
+
 // How MPI ranks send runs to each other: every field exactly, NaN and the confusion matrix too.
 TEST(HeadRun, EncodedRunsDecodeToTheSameRun) {
   HeadRun r;

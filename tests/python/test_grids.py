@@ -11,6 +11,10 @@
    exports bitwise the same weights.
 3. A grid's best epochs survive SIGKILL: a grid with train.export = best, killed twice after
    checkpoints and resumed, exports bitwise the weights and card of an uninterrupted run.
+4. Successive halving (train.grid_halving = 1, factor 2) over the same 4 members: after epoch 1
+   the best 2 on the validation split go on, after epoch 2 the best 1; the stopped members are
+   the lower-scored ones in metrics.csv; killed by SIGKILL between the cuts and resumed, it
+   exports the uninterrupted halving run's card and weights.
 
     test_grids.py --canopy build/runners/canopy
 """
@@ -171,6 +175,46 @@ lr = 0.003, 0.03
           open(f"{out}/heads/probe.safetensors", "rb").read(), "the winner's weights are bitwise the uninterrupted run's")
     epochs = [m["exported_epoch"] for m in cut_card["grid"]["members"]]
     print(f"     exported epochs of the 4 members: {epochs}")
+
+    # 4. Successive halving, across SIGKILL too.
+    halving = ["--set", "train.grid_halving=1", "--set", "train.grid_halving_factor=2"]
+    code, _, err = run([canopy, "train", "--config", config, "--set", f"train.out_dir={work}/halving/ref"] + halving)
+    check(code == 0, f"uninterrupted grid run with successive halving {err[-300:]}")
+    ref_card = json.load(open(f"{work}/halving/ref/heads/probe.json"))
+    trained = {m["name"]: m["epochs"] for m in ref_card["grid"]["members"]}
+    check(sorted(trained.values()) == [1, 1, 2, 4], f"epochs trained per member: {trained} (cuts after 1 and 2)")
+    with open(f"{work}/halving/ref/metrics.csv", newline="") as f:
+        scores = {(int(r["epoch"]), r["task"]): float(r["eval_accuracy"]) for r in csv.DictReader(f)}
+
+    def best_until(name, epoch):
+        return max(scores[(e, name)] for e in range(1, epoch + 1))
+
+    ranked_right = all(best_until(a, cut) >= best_until(b, cut)
+                       for cut in (1, 2) for a in trained if trained[a] > cut
+                       for b in trained if trained[b] == cut)
+    check(ranked_right, "at each cut the members that went on scored at least as well on validation as those stopped")
+    notes = {m["name"]: m.get("note", "") for m in ref_card["grid"]["members"]}
+    check(all(notes[n].startswith(f"stopped by successive halving at epoch {e} (accuracy ") == (e < 4)
+              for n, e in trained.items()), f"the card says which members halving stopped, and when: {notes}")
+    winner = max(ref_card["grid"]["members"], key=lambda m: m["validation_score"])
+    check(ref_card["grid"]["winner"] == winner["name"] and trained[winner["name"]] == 4,
+          f"the winner is the last member training: {ref_card['grid']['winner']}")
+    out = f"{work}/halving/cut"
+    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"] + halving
+    returncode, st = kill_when(cmd, os.path.join(out, "checkpoint", "state.json"),
+                               lambda st: (st["epoch"], st["step"]) >= (1, 40))
+    seen = (st["epoch"], st["step"]) if st else None
+    check(returncode == -signal.SIGKILL and seen is not None, f"halving run killed by SIGKILL after checkpoint {seen}")
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    check(r.returncode == 0, f"--resume finishes {r.stderr[-300:]}")
+    cut_card = json.load(open(f"{out}/heads/probe.json"))
+    for c in (ref_card, cut_card):
+        for m in c["grid"]["members"]:
+            del m["seconds"]
+        del c["card_crc32c"]
+    check(ref_card == cut_card, "the halving run's card, resumed between the cuts, equals the uninterrupted run's")
+    check(open(f"{work}/halving/ref/heads/probe.safetensors", "rb").read() ==
+          open(f"{out}/heads/probe.safetensors", "rb").read(), "... and so do the winner's weights, bitwise")
     return finish()
 
 

@@ -8,13 +8,17 @@
 // way to), writes each file (temporary name, fsync, rename; on a thread of its own when the
 // store is asynchronous), syncs the directory once, then
 // replaces state.json atomically, then removes older generations: a run killed at any point
-// leaves one complete, usable checkpoint.
+// leaves one complete, usable checkpoint. A head that no longer trains (done, stopped or
+// failed) and was already so in the previous generation is not serialised again: its file
+// there, already durable, is hard-linked under the new generation's name (copied where the
+// filesystem has no hard links), with the CRC-32C recorded for it then.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <future>
+#include <map>
 #include <optional>
 #include <string>
 #include <utility>
@@ -94,8 +98,12 @@ class CheckpointStore {
   void remove_other_generations(std::int64_t keep) const;
   // Writes a serialised generation (the heads' files and the top's) and commits it: state.json,
   // then the older generations removed; under mpirun with the ranks' barriers.
-  void commit(const std::vector<std::pair<std::string, std::string>>& files, const std::string& state,
-              std::int64_t generation) const;
+  struct File {
+    std::string path;
+    std::string contents;
+    std::string same_as;  // the previous generation's file of an unchanged head, linked
+  };
+  void commit(const std::vector<File>& files, const std::string& state, std::int64_t generation) const;
 
   std::string dir_;
   std::string config_identity_;
@@ -106,6 +114,12 @@ class CheckpointStore {
   std::future<void> pending_;
   CheckpointPosition pending_position_;
   std::optional<CheckpointPosition> committed_;
+  struct Written {
+    std::int64_t generation = 0;
+    std::string crc;     // of its bytes
+    bool final = false;  // written when its head no longer trained: it will not change
+  };
+  std::map<std::string, Written> written_;  // by task: its file this process last wrote or linked
 };
 
 }  // namespace canopy::runners

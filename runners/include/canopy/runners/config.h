@@ -79,6 +79,9 @@ struct TrainConfig {
   double validation_fraction = 0;  // held out of train_split (stratified, seeded) to choose
                                    // epochs and grid winners on; 0: none
   ExportMode export_mode = ExportMode::kAuto;
+  std::int64_t grid_halving = 0;         // successive halving of grids: the epochs before the first
+                                         // cut (then at each multiple by the factor); 0: off
+  std::int64_t grid_halving_factor = 3;  // each cut keeps 1 / factor of a grid's members training
   std::int64_t batch_size = 256;
   std::int64_t epochs = 10;
   std::uint64_t seed = 0;

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "canopy/tasks/task.h"
 
@@ -45,6 +46,16 @@ struct HeadRun {
   // True when this epoch scored better than every one before it.
   bool finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::EvalMetrics& metrics,
                     std::int64_t patience);
+  // Stops the head at a cut of successive halving (done, keeping its exported epoch); `score`
+  // is the one it was ranked by, `kept` of `of` members went on.
+  void stop_by_halving(double score, std::size_t kept, std::size_t of);
 };
+
+// Successive halving (train.grid_halving): whether a cut comes after `epochs` completed
+// epochs, the first after `first` (> 0) and then after each multiple of it by `factor`.
+bool halving_cut_after(std::int64_t epochs, std::int64_t first, std::int64_t factor);
+// Of `scores` (the members still training, in order), the positions a cut stops: all but the
+// best ceil(n / factor); of equal scores the earlier member is kept.
+std::vector<std::size_t> halving_stops(const std::vector<double>& scores, std::int64_t factor);
 
 }  // namespace canopy::runners

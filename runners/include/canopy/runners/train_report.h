@@ -17,6 +17,7 @@ struct GridMember {
   std::map<std::string, std::string> point;  // the grid's keys and this member's values
   tasks::TaskState state = tasks::TaskState::kTraining;
   std::string failure;
+  std::string note;                 // why it stopped before its last epoch, if it did
   std::int64_t epochs = 0;          // epochs trained
   std::int64_t exported_epoch = 0;  // the epoch its score is of
   double validation_score = 0.0;    // accuracy (R^2 for regression) on the validation split
