@@ -146,7 +146,7 @@ bool HeadRun::finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::
 void HeadRun::stop_by_halving(double score, std::size_t kept, std::size_t of) {
   state = tasks::TaskState::kDone;
   char why[200];
-  std::snprintf(why, sizeof why, "stopped by successive halving at epoch %lld (%s %.4f; %zu of %zu went on)",
+  std::snprintf(why, sizeof why, "%s at epoch %lld (%s %.4f; %zu of %zu went on)", kHalvingStop,
                 static_cast<long long>(epochs), eval.regression ? "R^2" : "accuracy", score, kept, of);
   stop_note = why;
 }

@@ -124,8 +124,11 @@ std::string format_summary(const TrainReport& report) {
       return a->validation_score > b->validation_score;
     });
     const bool r2 = t.kind == tasks::TaskKind::kRegression;
-    o << "grid '" << t.name << "': " << t.grid.size() << " heads, " << ranked.size()
-      << " finished; best on the validation split:";
+    const auto cut = std::count_if(t.grid.begin(), t.grid.end(),
+                                   [](const GridMember& m) { return m.note.rfind(kHalvingStop, 0) == 0; });
+    o << "grid '" << t.name << "': " << t.grid.size() << " heads, " << ranked.size() << " finished"
+      << (cut ? " (" + std::to_string(cut) + " of them cut by successive halving)" : std::string())
+      << "; best on the validation split:";
     for (std::size_t k = 0; k < ranked.size() && k < 3; ++k) {
       std::snprintf(buf, sizeof buf, r2 ? "%s %s (R^2 %.4f, epoch %lld)" : "%s %s (%.2f%%, epoch %lld)",
                     k ? ";" : "", ranked[k]->name.c_str(),

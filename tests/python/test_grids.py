@@ -178,8 +178,10 @@ lr = 0.003, 0.03
 
     # 4. Successive halving, across SIGKILL too.
     halving = ["--set", "train.grid_halving=1", "--set", "train.grid_halving_factor=2"]
-    code, _, err = run([canopy, "train", "--config", config, "--set", f"train.out_dir={work}/halving/ref"] + halving)
+    code, out_text, err = run([canopy, "train", "--config", config, "--set", f"train.out_dir={work}/halving/ref"] + halving)
     check(code == 0, f"uninterrupted grid run with successive halving {err[-300:]}")
+    check("grid 'probe': 4 heads, 4 finished (3 of them cut by successive halving);" in out_text,
+          "the summary counts the members halving cut")
     ref_card = json.load(open(f"{work}/halving/ref/heads/probe.json"))
     trained = {m["name"]: m["epochs"] for m in ref_card["grid"]["members"]}
     check(sorted(trained.values()) == [1, 1, 2, 4], f"epochs trained per member: {trained} (cuts after 1 and 2)")

@@ -51,6 +51,9 @@ struct HeadRun {
   void stop_by_halving(double score, std::size_t kept, std::size_t of);
 };
 
+// How the stop note of a head cut by successive halving begins.
+inline constexpr const char kHalvingStop[] = "stopped by successive halving";
+
 // Successive halving (train.grid_halving): whether a cut comes after `epochs` completed
 // epochs, the first after `first` (> 0) and then after each multiple of it by `factor`.
 bool halving_cut_after(std::int64_t epochs, std::int64_t first, std::int64_t factor);
