@@ -10,7 +10,8 @@
     different number of ranks (2) resumes, keeping the shards already written, and gives the
     same cache;
   - 3-rank training of frozen-trunk heads (fused in 3 units, one per rank) exports heads
-    bitwise identical to a one-process run's, with the same metrics, cards and grid winner;
+    bitwise identical to a one-process run's, with the same metrics, cards and grid winner
+    (the grid halved after epoch 1, every rank cutting the same member);
   - a rank SIGKILLed mid-training ends the job within seconds; 2 ranks resume it (heads move
     between ranks through the checkpoint) to the same heads;
   - the trunk's top fine-tuned data parallel over 3 ranks (each a slice of every batch, the
@@ -252,6 +253,8 @@ lr = 0.003
 
 
 TASKS = """validation_fraction = 0.1
+grid_halving = 1
+grid_halving_factor = 2
 fuse = always
 workers = 3
 checkpoint_steps = 7
@@ -329,6 +332,11 @@ def check_training(canopy, work, trunk, cache, env):
             c1, c3 = json.load(f1), json.load(f3)
         check(all(c1[k] == c3[k] for k in ("exported_epoch", "eval_accuracy", "eval_macro_f1", "validation")),
               f"card {card}: same exported epoch and test metrics")
+    with open(os.path.join(outs["three"][1], "heads", "g.json")) as f:
+        members = json.load(f)["grid"]["members"]
+    cut = [m["name"] for m in members if m.get("note", "").startswith("stopped by successive halving at epoch 1")]
+    check(len(cut) == 1 and sorted(m["epochs"] for m in members) == [1, 2],
+          f"grid g over 3 ranks: successive halving cut {cut} after epoch 1, the other trained 2 epochs")
 
     # A rank SIGKILLed mid-training ends the job; 2 ranks resume it to the same heads.
     cfg, out = outs["cut"]
