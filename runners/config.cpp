@@ -814,6 +814,16 @@ void validate_job_config(const JobConfig& c) {
                "train.grid_halving = ", c.train.grid_halving, in,
                " stops the weaker members of a grid, and no task is a grid (a list of values makes one, "
                "e.g. lr = 1e-3, 1e-2); set train.grid_halving = 0");
+  if (c.train.grid_halving > 0) {
+    std::int64_t longest = 0;  // the most epochs a grid member trains
+    for (const auto& t : c.tasks) {
+      if (!t.grid.empty()) longest = std::max(longest, t.epochs > 0 ? t.epochs : c.train.epochs);
+    }
+    CANOPY_CHECK(c.train.grid_halving < longest, ConfigError, "train.grid_halving = ", c.train.grid_halving,
+                 in, " would make its first cut after epoch ", c.train.grid_halving,
+                 ", and no grid member trains more than ", longest,
+                 " epochs: nothing would be cut; set it below ", longest, " (e.g. 1), or 0");
+  }
   CANOPY_CHECK(c.train.export_mode != ExportMode::kBest || has_validation(c.train), ConfigError,
                "train.export = best", in,
                " chooses each head's epoch on a validation split: set train.validation_fraction (e.g. 0.1), "

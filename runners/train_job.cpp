@@ -394,6 +394,7 @@ class EpochLoop {
   }
 
   void run(const CheckpointPosition& from, ProgressStyle style) {
+    describe_halving();
     Progress progress("train", (max_epochs_ - from.epoch) * steps_per_epoch_ - from.step, "steps", style);
     for (std::int64_t epoch = from.epoch; epoch < max_epochs_; ++epoch) {
       const std::int64_t first_step = epoch == from.epoch ? from.step : 0;
@@ -701,6 +702,34 @@ class EpochLoop {
     if (metrics_) metrics_->flush();
     store_.save({epoch + 1, 0}, set_.tasks, runs_, top_);
     if (top_) top_->prune_levels();
+  }
+
+  // The cuts successive halving will make, said once at the start: "grid 'probe': successive
+  // halving after epochs 1, 3, 9 (48 -> 16 -> 6 -> 2 members training, fewer where some stop
+  // early)".
+  void describe_halving() const {
+    const TrainConfig& t = config_.train;
+    if (t.grid_halving <= 0) return;
+    const auto factor = static_cast<std::size_t>(t.grid_halving_factor);
+    for (std::size_t i = 0, end = 0; i < runs_.size(); i = end) {
+      const std::string& grid = set_.tasks[i]->config().grid;
+      for (end = i + 1; !grid.empty() && end < runs_.size() && set_.tasks[end]->config().grid == grid;) ++end;
+      if (grid.empty()) continue;
+      const std::int64_t longest = *std::max_element(set_.epochs.begin() + static_cast<std::ptrdiff_t>(i),
+                                                     set_.epochs.begin() + static_cast<std::ptrdiff_t>(end));
+      std::vector<std::string> cuts;
+      std::size_t n = end - i;
+      std::string counts = std::to_string(n);
+      for (std::int64_t e = 1; e < longest; ++e) {
+        if (!halving_cut_after(e, t.grid_halving, t.grid_halving_factor)) continue;
+        cuts.push_back(std::to_string(e));
+        n = (n + factor - 1) / factor;
+        counts += " -> " + std::to_string(n);
+      }
+      if (cuts.empty()) continue;
+      log_info("grid '" + grid + "': successive halving after epoch" + (cuts.size() > 1 ? "s " : " ") +
+               join(cuts, ", ") + " (" + counts + " members training, fewer where some stop early)");
+    }
   }
 
   // Successive halving (train.grid_halving): at a cut, each grid's members still training go

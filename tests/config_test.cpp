@@ -367,6 +367,12 @@ TEST(Config, GridsAndBestExportNeedAValidationSplit) {
                                             "train.grid_halving_factor=1"});
       },
       {"train.grid_halving_factor", ">= 2", "1"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        load_job_config(dir.file("c.ini"),
+                        {"train.validation_fraction=0.1", "train.epochs=4", "train.grid_halving=4"});
+      },
+      {"train.grid_halving = 4", "after epoch 4", "no grid member trains more than 4 epochs"}));
   EXPECT_EQ(load_job_config(dir.file("c.ini"), {"train.validation_fraction=0.1", "train.grid_halving=1"})
                 .train.grid_halving_factor,
             3);

@@ -182,6 +182,8 @@ lr = 0.003, 0.03
     check(code == 0, f"uninterrupted grid run with successive halving {err[-300:]}")
     check("grid 'probe': 4 heads, 4 finished (3 of them cut by successive halving);" in out_text,
           "the summary counts the members halving cut")
+    check("grid 'probe': successive halving after epochs 1, 2 (4 -> 2 -> 1 members training" in err,
+          "the cuts to come are said at the start")
     ref_card = json.load(open(f"{work}/halving/ref/heads/probe.json"))
     trained = {m["name"]: m["epochs"] for m in ref_card["grid"]["members"]}
     check(sorted(trained.values()) == [1, 1, 2, 4], f"epochs trained per member: {trained} (cuts after 1 and 2)")
