@@ -668,11 +668,13 @@ struct FeatureCacheWriter::Impl {
   bool owner = true;
   Manifest manifest;
   std::int64_t shard_rows = 4096;
-  // Rows buffered for the shard being filled, per split.
+  // The shard being filled, per split: its rows are copied in as they come (stored dtype), so
+  // the writer holds one shard's rows, written from there as they are. Allocated at the first
+  // row of a shard, kept for the next one of the same size, released when the split is done.
   struct Pending {
-    std::vector<at::Tensor> features, ids;
-    std::map<std::string, std::vector<at::Tensor>> labels;
-    std::int64_t rows = 0;
+    at::Tensor features, ids;  // [capacity, feature_dim], [capacity]
+    std::map<std::string, at::Tensor> labels;
+    std::int64_t rows = 0;  // filled
   };
   std::map<std::string, Pending> pending;
   std::map<std::string, std::int64_t> stored;  // rows in finished shards, per split
@@ -684,8 +686,11 @@ struct FeatureCacheWriter::Impl {
     }
     return false;
   }
-  // Writes the first `rows` pending rows of `split` as the shard at its cursor.
-  void write_shard(const std::string& split, std::int64_t rows);
+  // The buffer of the shard at `split`'s cursor, `rows` rows (a split's last shard may hold
+  // fewer than shard_rows).
+  void make_buffer(const std::string& split, std::int64_t rows);
+  // Writes the pending rows of `split` as the shard at its cursor.
+  void write_shard(const std::string& split);
   void write_view();
 };
 
@@ -828,6 +833,7 @@ void FeatureCacheWriter::seek(const std::string& split, std::int64_t row) {
                "): ", impl_->pending[split].rows, " rows are still pending");
   CANOPY_CHECK(row % impl_->shard_rows == 0, Error, "seek(", split, ", ", row, "): not at a shard start");
   impl_->cursor[split] = row;
+  impl_->pending.erase(split);  // its buffer is made for the shard there
 }
 
 void FeatureCacheWriter::append(const std::string& split, const at::Tensor& features,
@@ -839,44 +845,51 @@ void FeatureCacheWriter::append(const std::string& split, const at::Tensor& feat
                "': features must be [B, ", m.meta.feature_dim, "], got ", features.sizes());
   const std::int64_t b = features.size(0);
   CANOPY_CHECK(ids.numel() == b, DataError, "split '", split, "': ", ids.numel(), " ids for ", b, " rows");
-  auto& p = impl_->pending[split];
-  const std::int64_t at = impl_->cursor[split];
-  CANOPY_CHECK(at + p.rows + b <= total_it->second, DataError, "split '", split, "': ", at + p.rows + b,
+  const std::int64_t at = impl_->cursor[split], filled = impl_->pending[split].rows;
+  CANOPY_CHECK(at + filled + b <= total_it->second, DataError, "split '", split, "': ", at + filled + b,
                " rows appended, expected ", total_it->second);
-  p.features.push_back(features.to(scalar_type(m.meta.dtype)).contiguous());
-  p.ids.push_back(ids.to(at::kLong).contiguous());
   for (const auto& src : m.meta.label_sources) {
     const auto it = labels.find(src);
     CANOPY_CHECK(it != labels.end(), DataError, "split '", split, "': no labels for source '", src, "'");
     CANOPY_CHECK(it->second.numel() == b, DataError, "split '", split, "': ", it->second.numel(),
                  " labels of '", src, "' for ", b, " rows");
-    p.labels[src].push_back(it->second.to(m.meta.label_dtype(src)).contiguous());
   }
-  p.rows += b;
   // Shards hold exactly shard_rows rows (the last of a split may hold fewer), whatever the
   // batch size: a resumed run then starts at the same row as the shard that follows.
-  while (p.rows >= impl_->shard_rows) impl_->write_shard(split, impl_->shard_rows);
-  if (p.rows > 0 && impl_->cursor[split] + p.rows == total_it->second) impl_->write_shard(split, p.rows);
+  for (std::int64_t done = 0; done < b;) {
+    auto& p = impl_->pending[split];  // (write_shard may drop it)
+    if (!p.features.defined())
+      impl_->make_buffer(split, std::min(impl_->shard_rows, total_it->second - impl_->cursor[split]));
+    const std::int64_t take = std::min(b - done, p.features.size(0) - p.rows);
+    p.features.slice(0, p.rows, p.rows + take).copy_(features.slice(0, done, done + take));
+    p.ids.slice(0, p.rows, p.rows + take).copy_(ids.reshape({b}).slice(0, done, done + take));
+    for (const auto& src : m.meta.label_sources)
+      p.labels.at(src)
+          .slice(0, p.rows, p.rows + take)
+          .copy_(labels.at(src).reshape({b}).slice(0, done, done + take));
+    p.rows += take;
+    done += take;
+    if (p.rows == p.features.size(0)) impl_->write_shard(split);
+  }
 }
 
-void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_t rows) {
+void FeatureCacheWriter::Impl::make_buffer(const std::string& split, std::int64_t rows) {
+  const CacheMeta& meta = manifest.meta;
+  auto& p = pending[split];
+  p.features = at::empty({rows, meta.feature_dim}, at::TensorOptions().dtype(scalar_type(meta.dtype)));
+  p.ids = at::empty({rows}, at::kLong);
+  for (const auto& src : meta.label_sources)
+    p.labels[src] = at::empty({rows}, at::TensorOptions().dtype(meta.label_dtype(src)));
+  p.rows = 0;
+}
+
+void FeatureCacheWriter::Impl::write_shard(const std::string& split) {
   auto& pend = pending[split];
-  // This shard's rows, and the rest that stays pending.
-  const at::Tensor all_features = at::cat(pend.features), all_ids = at::cat(pend.ids);
-  const at::Tensor features = all_features.slice(0, 0, rows).contiguous();
-  const at::Tensor ids = all_ids.slice(0, 0, rows).contiguous();
+  const std::int64_t rows = pend.rows;
+  const at::Tensor features = pend.features.slice(0, 0, rows);  // a prefix: contiguous
+  const at::Tensor ids = pend.ids.slice(0, 0, rows);
   std::map<std::string, at::Tensor> labels;
-  Pending rest;
-  rest.rows = pend.rows - rows;
-  if (rest.rows > 0) {
-    rest.features = {all_features.slice(0, rows)};
-    rest.ids = {all_ids.slice(0, rows)};
-  }
-  for (auto& [src, ts] : pend.labels) {
-    const at::Tensor l = at::cat(ts);
-    labels[src] = l.slice(0, 0, rows).contiguous();
-    if (rest.rows > 0) rest.labels[src] = {l.slice(0, rows)};
-  }
+  for (const auto& [src, l] : pend.labels) labels[src] = l.slice(0, 0, rows);
   const CacheMeta& meta = manifest.meta;
   const std::int64_t first_row = cursor[split];
   CANOPY_CHECK(!has_shard(split, first_row), Error, "split '", split, "': the shard at row ", first_row,
@@ -927,7 +940,14 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split, std::int64_
   write_manifest_file(manifest_file, manifest);  // the shard counts only from here on
   stored[split] += rows;
   cursor[split] += rows;
-  pend = std::move(rest);
+  // The next shard of the split fills the same buffer when it is as long; else a new one, or
+  // none once the split is done.
+  const std::int64_t next = std::min(shard_rows, manifest.split_rows.at(split) - cursor[split]);
+  if (next == pend.features.size(0)) {
+    pend.rows = 0;
+  } else {
+    pending.erase(split);
+  }
 }
 
 void FeatureCacheWriter::adopt_helper_shards() {

@@ -536,8 +536,8 @@ std::int64_t batch_that_fits(const RowEncoder& encoder, const InputData& data, s
 // A trunk pass that met the memory fence: why, and a batch size that fits: half the largest
 // that passes beside the writer's peak (a long run's heap grows beyond one pass's, as freed
 // blocks kept for reuse fragment, and a smaller batch costs the trunk pass little), a divisor
-// of cache.shard_rows as it must be. The writer holds a shard's rows until the shard is
-// complete, and their concatenation while it writes it: two shards' rows at its peak.
+// of cache.shard_rows as it must be. The writer holds one shard's rows (its buffer, filled as
+// the batches come and written from there).
 [[noreturn]] void out_of_memory(const JobConfig& config, const datasets::CacheMeta& meta,
                                 const RowEncoder& encoder, const InputData& data, const MemoryFence& fence,
                                 std::int64_t rows_computed) {
@@ -547,7 +547,7 @@ std::int64_t batch_that_fits(const RowEncoder& encoder, const InputData& data, s
   std::int64_t shard_rows = 0;  // the most a shard holds: cache.shard_rows, or a smaller split
   for (const auto& [name, split] : data.splits) shard_rows = std::max(shard_rows, split.rows);
   shard_rows = std::min(shard_rows, config.cache.shard_rows);
-  const std::uint64_t writer_bytes = 2 * static_cast<std::uint64_t>(shard_rows) * row_bytes;
+  const std::uint64_t writer_bytes = static_cast<std::uint64_t>(shard_rows) * row_bytes;
   const std::int64_t passes = batch_that_fits(encoder, data, bs, writer_bytes);
   std::int64_t fits = std::max<std::int64_t>(1, passes / 2);
   while (config.cache.shard_rows % fits != 0) --fits;
@@ -556,7 +556,7 @@ std::int64_t batch_that_fits(const RowEncoder& encoder, const InputData& data, s
   const std::string writer =
       writer_counts ? detail::str_cat(
                           ", of which the writer holds up to ", format_mib(static_cast<double>(writer_bytes)),
-                          " (two shards' rows, cache.shard_rows = ", config.cache.shard_rows, " of ",
+                          " (a shard's rows, cache.shard_rows = ", config.cache.shard_rows, " of ",
                           row_bytes >= 1024 ? std::to_string(row_bytes / 1024) + " KiB"
                                             : std::to_string(row_bytes) + " bytes",
                           ")")
