@@ -10,10 +10,12 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/zeros.h>
+#include <malloc.h>
 #include <unistd.h>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/memory_fence.h"
 #include "canopy/datasets/batch_source.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/datasets/holdout.h"
@@ -252,6 +254,37 @@ TEST(FeatureCache, UnfinishedCacheIsRefusedAndResumed) {
   w.append("test", f.slice(0, 0, 2), {{"class", at::zeros({2}, at::kLong)}}, at::arange(2, at::kLong));
   w.finish();
   EXPECT_TRUE(testing::bitwise_equal(FeatureCache::open(dir.path()).load_split("train").features, f));
+}
+
+// The writer holds one shard's rows: copied into the shard's buffer as they come and written
+// from there. Under a real memory fence (RLIMIT_DATA, 64 MiB: room for one 32 MiB shard, a
+// 4 MiB batch and what HDF5 takes to write, about 52 MiB in all, but not for two shards), 3
+// shards are written in batches of 256 rows. Keeping the batches and concatenating them, as
+// the writer once did, was refused there.
+TEST(FeatureCache, TheWriterHoldsOneShardsRows) {
+  constexpr std::int64_t kMiB = 1 << 20, kDim = 4096, kShard = 2048, kBatch = 256;  // 16 KiB rows
+  // Blocks of 1 MiB and more mapped and unmapped whole, so that what the data segment holds
+  // is what is alive (glibc otherwise moves its threshold up and keeps freed batches).
+  mallopt(M_MMAP_THRESHOLD, static_cast<int>(kMiB));
+  testing::TempDir dir;
+  FeatureCacheWriter w(dir.path(), test_meta(kDim), {{"train", 3 * kShard}, {"test", kBatch}}, kShard, false);
+  {
+    MemoryFence fence(MemoryRoom{64 * kMiB, "a room of 64 MiB"});
+    if (!fence.active())
+      GTEST_SKIP() << "no fence here (AddressSanitizer, free swap, or RLIMIT_DATA below it)";
+    for (std::int64_t i = 0; i < 3 * kShard; i += kBatch) {
+      w.append("train", at::full({kBatch, kDim}, static_cast<float>(i)),
+               {{"class", at::zeros({kBatch}, at::kLong)}}, at::arange(i, i + kBatch, at::kLong));
+    }
+    w.append("test", at::ones({kBatch, kDim}), {{"class", at::zeros({kBatch}, at::kLong)}},
+             at::arange(kBatch, at::kLong));
+    EXPECT_FALSE(fence.refusal()) << "the fence refused " << fence.refusal()->asked << " bytes";
+  }
+  w.finish();
+  const FeatureCache c = FeatureCache::open(dir.path());
+  EXPECT_EQ(c.shards("train").size(), 3u);
+  const at::Tensor last = c.load_split("train").features.slice(0, 3 * kShard - kBatch);
+  EXPECT_TRUE(last.eq(static_cast<float>(3 * kShard - kBatch)).all().item<bool>());
 }
 
 // Two writers of one cache, as two MPI ranks: the owner and a helper write different shards,
