@@ -704,6 +704,15 @@ class EpochLoop {
     if (top_) top_->prune_levels();
   }
 
+  // Past the last of the tasks from `i` that are one grid's members (they are adjacent); i + 1
+  // for a head of its own.
+  std::size_t grid_end(std::size_t i) const {
+    const std::string& grid = set_.tasks[i]->config().grid;
+    std::size_t end = i + 1;
+    while (!grid.empty() && end < runs_.size() && set_.tasks[end]->config().grid == grid) ++end;
+    return end;
+  }
+
   // The cuts successive halving will make, said once at the start: "grid 'probe': successive
   // halving after epochs 1, 3, 9 (48 -> 16 -> 6 -> 2 members training, fewer where some stop
   // early)".
@@ -712,8 +721,8 @@ class EpochLoop {
     if (t.grid_halving <= 0) return;
     const auto factor = static_cast<std::size_t>(t.grid_halving_factor);
     for (std::size_t i = 0, end = 0; i < runs_.size(); i = end) {
+      end = grid_end(i);
       const std::string& grid = set_.tasks[i]->config().grid;
-      for (end = i + 1; !grid.empty() && end < runs_.size() && set_.tasks[end]->config().grid == grid;) ++end;
       if (grid.empty()) continue;
       const std::int64_t longest = *std::max_element(set_.epochs.begin() + static_cast<std::ptrdiff_t>(i),
                                                      set_.epochs.begin() + static_cast<std::ptrdiff_t>(end));
@@ -739,8 +748,8 @@ class EpochLoop {
     const TrainConfig& t = config_.train;
     if (!halving_cut_after(epoch + 1, t.grid_halving, t.grid_halving_factor)) return;
     for (std::size_t i = 0, end = 0; i < runs_.size(); i = end) {
+      end = grid_end(i);
       const std::string& grid = set_.tasks[i]->config().grid;
-      for (end = i + 1; !grid.empty() && end < runs_.size() && set_.tasks[end]->config().grid == grid;) ++end;
       if (grid.empty()) continue;
       std::vector<std::size_t> members;
       std::vector<double> scores;
@@ -787,7 +796,7 @@ class EpochLoop {
         if (i > 0 && set_.tasks[i - 1]->config().grid == grid) continue;
         std::size_t members = 0, training = 0, best = i;
         bool any = false;
-        for (std::size_t j = i; j < runs_.size() && set_.tasks[j]->config().grid == grid; ++j) {
+        for (std::size_t j = i, end = grid_end(i); j < end; ++j) {
           ++members;
           if (runs_[j].failed() || std::find(active.begin(), active.end(), j) == active.end()) continue;
           ++training;
