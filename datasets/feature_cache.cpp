@@ -880,7 +880,6 @@ void FeatureCacheWriter::Impl::make_buffer(const std::string& split, std::int64_
   p.ids = at::empty({rows}, at::kLong);
   for (const auto& src : meta.label_sources)
     p.labels[src] = at::empty({rows}, at::TensorOptions().dtype(meta.label_dtype(src)));
-  p.rows = 0;
 }
 
 void FeatureCacheWriter::Impl::write_shard(const std::string& split) {

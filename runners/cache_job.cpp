@@ -511,7 +511,7 @@ void refuse_what_cannot_fit(const std::vector<datasets::ShardSlot>& missing, con
 
 // After the memory fence refused a batch: the largest batch that passes
 // (largest_batch_that_passes) on the split holding the longest text (any for images), beside
-// `writer_bytes` held as the writer holds them at its peak; 0 when even those do not fit.
+// `writer_bytes` held as the writer holds them; 0 when even those do not fit.
 std::int64_t batch_that_fits(const RowEncoder& encoder, const InputData& data, std::int64_t bs,
                              std::uint64_t writer_bytes) {
   const InputSplit* in = nullptr;
@@ -533,11 +533,9 @@ std::int64_t batch_that_fits(const RowEncoder& encoder, const InputData& data, s
                                    [&](const std::vector<std::int64_t>& rows) { encoder(in->inputs(rows)); });
 }
 
-// A trunk pass that met the memory fence: why, and a batch size that fits: half the largest
-// that passes beside the writer's peak (a long run's heap grows beyond one pass's, as freed
-// blocks kept for reuse fragment, and a smaller batch costs the trunk pass little), a divisor
-// of cache.shard_rows as it must be. The writer holds one shard's rows (its buffer, filled as
-// the batches come and written from there).
+// A trunk pass that met the memory fence: why, and a batch size that fits (advised_batch_size
+// of the largest that passes beside the writer, which holds one shard's rows: its buffer,
+// filled as the batches come and written from there).
 [[noreturn]] void out_of_memory(const JobConfig& config, const datasets::CacheMeta& meta,
                                 const RowEncoder& encoder, const InputData& data, const MemoryFence& fence,
                                 std::int64_t rows_computed) {
@@ -549,8 +547,7 @@ std::int64_t batch_that_fits(const RowEncoder& encoder, const InputData& data, s
   shard_rows = std::min(shard_rows, config.cache.shard_rows);
   const std::uint64_t writer_bytes = static_cast<std::uint64_t>(shard_rows) * row_bytes;
   const std::int64_t passes = batch_that_fits(encoder, data, bs, writer_bytes);
-  std::int64_t fits = std::max<std::int64_t>(1, passes / 2);
-  while (config.cache.shard_rows % fits != 0) --fits;
+  const std::int64_t fits = advised_batch_size(passes, config.cache.shard_rows);
   // The writer's part is worth naming when it is a tenth of the room or more.
   const bool writer_counts = writer_bytes * 10 >= fence.room().bytes;
   const std::string writer =

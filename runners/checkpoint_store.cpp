@@ -46,7 +46,7 @@ std::string hex_crc32c(const std::string& bytes) { return crc32c_hex(crc32c(byte
 
 // Hard-links `from` as `to` (replacing a `to` a crashed run left). False where the filesystem
 // has no hard links (the caller copies); IoError on any other failure.
-bool link_or_copy(const std::string& from, const std::string& to) {
+bool hard_link(const std::string& from, const std::string& to) {
   if (::link(from.c_str(), to.c_str()) == 0) return true;
   if (errno == EEXIST && std::remove(to.c_str()) == 0 && ::link(from.c_str(), to.c_str()) == 0) return true;
   const int err = errno;
@@ -220,7 +220,7 @@ void CheckpointStore::commit(const std::vector<File>& files, const std::string& 
   for (const auto& f : files) {
     if (f.same_as.empty()) {
       write_file_atomic(f.path, f.contents, false);
-    } else if (!link_or_copy(f.same_as, f.path)) {
+    } else if (!hard_link(f.same_as, f.path)) {
       write_file_atomic(f.path, read_file(f.same_as), false);
     }
   }

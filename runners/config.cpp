@@ -817,7 +817,7 @@ void validate_job_config(const JobConfig& c) {
   if (c.train.grid_halving > 0) {
     std::int64_t longest = 0;  // the most epochs a grid member trains
     for (const auto& t : c.tasks) {
-      if (!t.grid.empty()) longest = std::max(longest, t.epochs > 0 ? t.epochs : c.train.epochs);
+      if (!t.grid.empty()) longest = std::max(longest, task_epochs(t, c.train));
     }
     CANOPY_CHECK(c.train.grid_halving < longest, ConfigError, "train.grid_halving = ", c.train.grid_halving,
                  in, " would make its first cut after epoch ", c.train.grid_halving,

@@ -159,9 +159,13 @@ bool halving_cut_after(std::int64_t epochs, std::int64_t first, std::int64_t fac
   }
 }
 
+std::size_t halving_keep(std::size_t n, std::int64_t factor) {
+  return (n + static_cast<std::size_t>(factor) - 1) / static_cast<std::size_t>(factor);
+}
+
 std::vector<std::size_t> halving_stops(const std::vector<double>& scores, std::int64_t factor) {
   const std::size_t n = scores.size();
-  const std::size_t keep = (n + static_cast<std::size_t>(factor) - 1) / static_cast<std::size_t>(factor);
+  const std::size_t keep = halving_keep(n, factor);
   std::vector<std::size_t> order(n);
   for (std::size_t i = 0; i < n; ++i) order[i] = i;
   auto rank = [&](std::size_t i) { return std::isnan(scores[i]) ? -HUGE_VAL : scores[i]; };  // NaN last

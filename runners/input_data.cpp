@@ -426,6 +426,12 @@ std::int64_t largest_batch_that_passes(const InputSplit& in, std::int64_t batch,
   return 0;
 }
 
+std::int64_t advised_batch_size(std::int64_t passes, std::int64_t shard_rows) {
+  std::int64_t fits = std::max<std::int64_t>(1, passes / 2);
+  while (shard_rows % fits != 0) --fits;
+  return fits;
+}
+
 InputData load_input_data(const JobConfig& config) {
   if (config.data.source == "arff") return load_texts(config);
   if (reads_image_files(config.data)) return load_image_files(config);

@@ -251,8 +251,8 @@ void predict_rows(const InputSplit& input, trunk::Trunk& trunk, std::vector<Load
   }
 }
 
-// Predicting met the memory fence: why, and a batch size that fits (half the largest that
-// passes through the trunk and every head, tried by halving, a divisor of cache.shard_rows).
+// Predicting met the memory fence: why, and a batch size that fits (advised_batch_size of the
+// largest that passes through the trunk and every head, tried by halving).
 [[noreturn]] void predict_out_of_memory(const MemoryFence& fence, const InputSplit& input,
                                         trunk::Trunk& trunk, std::vector<LoadedHead>& heads,
                                         std::int64_t batch, std::int64_t shard_rows, std::int64_t done) {
@@ -262,9 +262,7 @@ void predict_rows(const InputSplit& input, trunk::Trunk& trunk, std::vector<Load
         const at::Tensor f = trunk.encode(input.inputs(rows));
         for (auto& h : heads) h.head->forward(f);
       });
-  // A divisor of cache.shard_rows, as the config requires of cache.batch_size.
-  std::int64_t fits = std::max<std::int64_t>(1, passes / 2);
-  while (shard_rows % fits != 0) --fits;
+  const std::int64_t fits = advised_batch_size(passes, shard_rows);
   throw DataError(detail::str_cat(
       "predicting over batches of ", batch,
       " rows (cache.batch_size) needs more memory than this process may take",

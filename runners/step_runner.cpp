@@ -26,14 +26,12 @@
 
 namespace canopy::runners {
 
-namespace {
-
-// Why a head failed, for its card and the summary: a LibTorch error's message without the C++
-// backtrace it carries.
 std::string failure_reason(const std::exception& e) {
   if (const auto* c = dynamic_cast<const c10::Error*>(&e)) return c->what_without_backtrace();
   return e.what();
 }
+
+namespace {
 
 using Clock = std::chrono::steady_clock;
 

@@ -12,7 +12,6 @@
 #include <sstream>
 
 #include <ATen/ops/zeros.h>
-#include <c10/util/Exception.h>
 
 #include "canopy/core/device.h"
 #include "canopy/core/dir_lock.h"
@@ -281,7 +280,7 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
     }
     set.eval_targets.push_back(task->targets(src_eval->second));
     set.results.push_back(describe_task(tc, *task, meta));
-    set.epochs.push_back(tc.epochs > 0 ? tc.epochs : config.train.epochs);
+    set.epochs.push_back(task_epochs(tc, config.train));
     std::int64_t params = 0;
     for (const auto& p : task->head().parameters()) params += p.numel();
     set.plan_heads.push_back(
@@ -719,7 +718,6 @@ class EpochLoop {
   void describe_halving() const {
     const TrainConfig& t = config_.train;
     if (t.grid_halving <= 0) return;
-    const auto factor = static_cast<std::size_t>(t.grid_halving_factor);
     for (std::size_t i = 0, end = 0; i < runs_.size(); i = end) {
       end = grid_end(i);
       const std::string& grid = set_.tasks[i]->config().grid;
@@ -732,7 +730,7 @@ class EpochLoop {
       for (std::int64_t e = 1; e < longest; ++e) {
         if (!halving_cut_after(e, t.grid_halving, t.grid_halving_factor)) continue;
         cuts.push_back(std::to_string(e));
-        n = (n + factor - 1) / factor;
+        n = halving_keep(n, t.grid_halving_factor);
         counts += " -> " + std::to_string(n);
       }
       if (cuts.empty()) continue;
@@ -1172,9 +1170,8 @@ void run_within_memory(EpochLoop& loop, const CheckpointPosition& from, Progress
     loop.run(from, style);
   } catch (const std::exception& e) {
     if (!fence.caused(e)) throw;
-    const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
-    throw DataError(detail::str_cat(c10_error ? c10_error->what_without_backtrace() : e.what(), "; ",
-                                    memory_refused(fence), "; ", where_to_go_on(store)));
+    throw DataError(
+        detail::str_cat(failure_reason(e), "; ", memory_refused(fence), "; ", where_to_go_on(store)));
   }
   if (fence.refusal()) log_info(memory_refused(fence) + " (the heads that failed for it are FAILED)");
 }

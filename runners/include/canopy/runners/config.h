@@ -130,6 +130,11 @@ struct JobConfig {
   std::string source;                    // the file it came from
 };
 
+// The epochs task `t` trains: its own, or train.epochs.
+inline std::int64_t task_epochs(const tasks::TaskConfig& t, const TrainConfig& train) {
+  return t.epochs > 0 ? t.epochs : train.epochs;
+}
+
 // Reads `path`, applies `overrides` ("key=value"), validates and returns the config.
 // Unknown keys and bad values are ConfigErrors naming the key, the value and the file.
 JobConfig load_job_config(const std::string& path, const std::vector<std::string>& overrides = {});

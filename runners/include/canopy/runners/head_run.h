@@ -57,8 +57,10 @@ inline constexpr const char kHalvingStop[] = "stopped by successive halving";
 // Successive halving (train.grid_halving): whether a cut comes after `epochs` completed
 // epochs, the first after `first` (> 0) and then after each multiple of it by `factor`.
 bool halving_cut_after(std::int64_t epochs, std::int64_t first, std::int64_t factor);
+// How many of `n` members training a cut keeps: ceil(n / factor).
+std::size_t halving_keep(std::size_t n, std::int64_t factor);
 // Of `scores` (the members still training, in order), the positions a cut stops: all but the
-// best ceil(n / factor); of equal scores the earlier member is kept.
+// best halving_keep(n, factor); of equal scores the earlier member is kept.
 std::vector<std::size_t> halving_stops(const std::vector<double>& scores, std::int64_t factor);
 
 }  // namespace canopy::runners

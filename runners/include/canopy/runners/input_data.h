@@ -60,6 +60,10 @@ std::vector<std::int64_t> row_range(std::int64_t begin, std::int64_t end);
 // handed back before each try; 0 when not even one row's does.
 std::int64_t largest_batch_that_passes(const InputSplit& in, std::int64_t batch,
                                        const std::function<void(const std::vector<std::int64_t>&)>& pass);
+// The cache.batch_size to advise when `passes` rows passed: half of them (a long run's heap
+// grows beyond one pass's, as freed blocks kept for reuse fragment, and a smaller batch costs
+// the trunk pass little), lowered to a divisor of `shard_rows` as the config requires; >= 1.
+std::int64_t advised_batch_size(std::int64_t passes, std::int64_t shard_rows);
 
 // The fingerprint lines for the inputs: data files (name, size, mtime), limits, and the
 // preprocessing (images) or tokenizer (texts), plus what the labels are.

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <string>
@@ -27,6 +28,10 @@ namespace canopy::runners {
 // for a compiled (.pt2) trunk, whose pass was slower on 1 thread there (13.8-14.8 s against
 // 8.5-9.0 s). OMP_NUM_THREADS, when set, rules LibTorch. Returns the line to log, or "".
 std::string fit_threads_to_cpu_quota(bool libtorch);
+
+// Why a head failed, for its card and the summary: an error's message, a LibTorch error's
+// without the C++ backtrace it carries.
+std::string failure_reason(const std::exception& e);
 
 class StepRunner {
  public:
