@@ -232,10 +232,10 @@ class Cgroup:
     this process is in, for `controller` ("memory", "cpu"), with its files set from `v1` or `v2`
     (file: value) by the hierarchy found: a real limit, as a container has. `enter` is a
     preexec_fn that moves a child into it. `reason` says why none could be made (then `path`
-    is None)."""
+    is None). As a context manager it is removed at the end of the block."""
 
     def __init__(self, controller, name, v1, v2):
-        self.path, self.v1, self.reason = None, True, ""
+        self.path, self.v1, self.reason, self.controller = None, True, "", controller
         own = {}
         with open("/proc/self/cgroup") as f:
             for line in f:
@@ -281,9 +281,21 @@ class Cgroup:
         with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
 
+    def made(self, what):
+        """Whether the cgroup exists; if not, says that `what` is skipped and why."""
+        if self.path is None:
+            print(f"skip {what}: no {self.controller} cgroup can be made here ({self.reason.strip()})")
+        return self.path is not None
+
     def remove(self):
         if self.path:
             os.rmdir(self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
 
 
 class MemoryCgroup(Cgroup):

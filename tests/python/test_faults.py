@@ -200,11 +200,9 @@ def memory_limit(canopy, work, config):
           f"unlimited, the train split is read whole ({r.stderr.strip()[-200:]})")
     split = 60200 * 1568 * 4
     limit = split * 9 // 10
-    cg = support.MemoryCgroup(f"canopy-test-{os.getpid()}", limit)
-    if cg.path is None:
-        print(f"skip the memory limit: no memory cgroup can be made here ({cg.reason.strip()})")
-        return
-    try:
+    with support.MemoryCgroup(f"canopy-test-{os.getpid()}", limit) as cg:
+        if not cg.made("the memory limit"):
+            return
         out = os.path.join(work, "mem-out")
         r = subprocess.run(train + ["--set", f"train.out_dir={out}"], capture_output=True, text=True,
                            preexec_fn=cg.enter)
@@ -233,20 +231,17 @@ def memory_limit(canopy, work, config):
         check(r.returncode == -signal.SIGKILL and cg.oom_kills() == 1,
               f"... where reading it whole is ended by the kernel's OOM kill (exit {r.returncode}, "
               f"{cg.oom_kills()} OOM kills): the limit is real")
-    finally:
-        cg.remove()
     # Evaluated on the train split itself, training shares the rows evaluated on: under a
     # limit that holds the split once (with room to spare) but not twice, it is read whole
     # and held once, where a second copy would have been streamed.
-    cg = support.MemoryCgroup(f"canopy-test-twice-{os.getpid()}", split * 3 // 2)
-    try:
+    with support.MemoryCgroup(f"canopy-test-twice-{os.getpid()}", split * 3 // 2) as cg:
+        if not cg.made("the shared split's memory limit"):
+            return
         r = subprocess.run(train + ["--set", f"train.out_dir={work}/mem-shared", "--set", "train.eval_split=train"],
                            capture_output=True, text=True, preexec_fn=cg.enter)
         check(r.returncode == 0 and "streaming" not in r.stderr and cg.oom_kills() == 0,
               f"under a {(split * 3 // 2) >> 20} MiB limit, train.eval_split = train holds the split once, "
               f"read whole ({r.returncode}: {r.stderr.strip()[-300:]})")
-    finally:
-        cg.remove()
 
 
 def exit_and_peak(cmd):
@@ -276,11 +271,9 @@ def head_memory_limit(canopy, work, config):
     check(code == 0 and peak > limit and exported(ref) == ["big", "linear"],
           f"unlimited, a 4096-wide MLP at batches of 30 000 trains beside a linear head with a peak of "
           f"{peak >> 20} MiB, above a {limit >> 20} MiB limit")
-    cg = support.MemoryCgroup(f"canopy-test-heads-{os.getpid()}", limit)
-    if cg.path is None:
-        print(f"skip the heads' memory limit: no memory cgroup can be made here ({cg.reason.strip()})")
-        return
-    try:
+    with support.MemoryCgroup(f"canopy-test-heads-{os.getpid()}", limit) as cg:
+        if not cg.made("the heads' memory limit"):
+            return
         out = os.path.join(work, "heads-mem")
         r = subprocess.run(train + ["--set", f"train.out_dir={out}"], capture_output=True, text=True,
                            preexec_fn=cg.enter)
@@ -290,8 +283,6 @@ def head_memory_limit(canopy, work, config):
               and cg.oom_kills() == 0 and exported(out) == ["linear"],
               f"under a {limit >> 20} MiB limit the MLP fails alone, saying memory is why, and the linear head "
               f"trains, with no OOM kill ({r.returncode}, {cg.oom_kills()} OOM kills: {r.stderr.strip()[-300:]})")
-    finally:
-        cg.remove()
 
 
 class WideConv(torch.nn.Module):
@@ -331,11 +322,9 @@ def cache_memory_limit(canopy, work):
     code, peak = exit_and_peak(cache + ["--set", f"cache.path={mem_work}/ref"])
     check(code == 0 and peak > limit,
           f"unlimited, batches of 256 build the cache with a peak of {peak >> 20} MiB, above a {limit >> 20} MiB limit")
-    cg = support.MemoryCgroup(f"canopy-test-cache-{os.getpid()}", limit)
-    if cg.path is None:
-        print(f"skip the cache's memory limit: no memory cgroup can be made here ({cg.reason.strip()})")
-        return
-    try:
+    with support.MemoryCgroup(f"canopy-test-cache-{os.getpid()}", limit) as cg:
+        if not cg.made("the cache's memory limit"):
+            return
         r = subprocess.run(cache + ["--set", f"cache.path={mem_work}/cache"], capture_output=True, text=True,
                            preexec_fn=cg.enter)
         said = re.search(r"set cache.batch_size = (\d+) or less", r.stderr)
@@ -371,8 +360,6 @@ def cache_memory_limit(canopy, work):
             rows = sum(1 for _ in open(predictions)) - 1 if os.path.exists(predictions) else 0
             check(r.returncode == 0 and rows == 1000 and cg.oom_kills() == 0,
                   f"... and predicts the 1000 rows with the batch size it names, {said.group(1)} ({r.stderr.strip()[-200:]})")
-    finally:
-        cg.remove()
 
 
 def cpu_quota(canopy, work, config):
@@ -387,11 +374,9 @@ def cpu_quota(canopy, work, config):
     r = subprocess.run(train, capture_output=True, text=True)
     check(r.returncode == 0 and f"({cores} TBB workers x" in r.stderr and "CPU quota" not in r.stderr,
           f"without a quota `canopy train` runs {cores} TBB workers ({r.stderr.strip()[-200:]})")
-    cg = support.CpuCgroup(f"canopy-test-{os.getpid()}", 1)
-    if cg.path is None:
-        print(f"skip the CPU quota: no cpu cgroup can be made here ({cg.reason.strip()})")
-        return
-    try:
+    with support.CpuCgroup(f"canopy-test-{os.getpid()}", 1) as cg:
+        if not cg.made("the CPU quota"):
+            return
         r = subprocess.run(train, capture_output=True, text=True, preexec_fn=cg.enter)
         check(r.returncode == 0 and f"grants 1 of the {cores} CPUs this process may run on" in r.stderr and
               "(1 TBB worker x" in r.stderr,
@@ -412,8 +397,6 @@ def cpu_quota(canopy, work, config):
             check(r.returncode == 0 and f"grants 1 of the {cores} CPUs this process may run on" in r.stderr and
                   "(1 TBB worker x" in r.stderr,
                   f"... and so does the in-process example ({r.returncode}: {r.stderr.strip()[-300:]})")
-    finally:
-        cg.remove()
 
 
 def non_finite_features(canopy, work):
