@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 
@@ -29,6 +30,28 @@ namespace canopy::runners {
 std::string failure_reason(const std::exception& e) {
   if (const auto* c = dynamic_cast<const c10::Error*>(&e)) return c->what_without_backtrace();
   return e.what();
+}
+
+std::vector<double> grid_top_shares(const std::vector<WorkUnit>& units, const std::vector<std::string>& grid,
+                                    const std::vector<bool>& stepped) {
+  std::map<std::string, std::int64_t> members;  // per grid, those that stepped
+  for (const auto& unit : units) {
+    for (std::size_t i : unit) {
+      if (stepped.at(i) && !grid.at(i).empty()) ++members[grid[i]];
+    }
+  }
+  std::vector<double> shares(units.size(), 1.0);
+  for (std::size_t u = 0; u < units.size(); ++u) {
+    if (units[u].empty()) continue;
+    const std::string& g = grid.at(units[u].front());
+    for (std::size_t i : units[u]) {
+      CANOPY_CHECK(grid.at(i) == g, Error, "a unit of heads mixes grid '", g, "' with '", grid[i],
+                   "': its gradient to the shared top cannot be weighed per grid");
+    }
+    const auto it = members.find(g);
+    if (!g.empty() && it != members.end()) shares[u] = 1.0 / static_cast<double>(it->second);
+  }
+  return shares;
 }
 
 namespace {

@@ -283,11 +283,13 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
     set.epochs.push_back(task_epochs(tc, config.train));
     std::int64_t params = 0;
     for (const auto& p : task->head().parameters()) params += p.numel();
-    set.plan_heads.push_back(
-        {config.train.fuse != FuseMode::kNever && config.train.weighting != Weighting::kPcgrad
-             ? heads::fusion_key(task->head())
-             : "",
-         heads::fused_width(task->head()), params});
+    std::string key = config.train.fuse != FuseMode::kNever && config.train.weighting != Weighting::kPcgrad
+                          ? heads::fusion_key(task->head())
+                          : "";
+    // With a trained top, a grid's gradient to it is weighed per grid (grid_top_shares): its
+    // members fuse only with each other.
+    if (!key.empty() && !tc.grid.empty() && !meta.row_parts.empty()) key += ", grid " + tc.grid;
+    set.plan_heads.push_back({key, heads::fused_width(task->head()), params});
     set.tasks.push_back(task.get());
     set.owned.push_back(std::move(task));
   }
@@ -377,6 +379,7 @@ class EpochLoop {
         runs_(runs) {
     steps_per_epoch_ = (source.rows() + config.train.batch_size - 1) / config.train.batch_size;
     max_epochs_ = *std::max_element(set.epochs.begin(), set.epochs.end());
+    for (const tasks::Task* t : set.tasks) has_grid_ = has_grid_ || !t->config().grid.empty();
   }
 
   // What the heads are evaluated on: the cached features, or the top's output on the
@@ -394,6 +397,7 @@ class EpochLoop {
 
   void run(const CheckpointPosition& from, ProgressStyle style) {
     describe_halving();
+    describe_grids_on_top();
     Progress progress("train", (max_epochs_ - from.epoch) * steps_per_epoch_ - from.step, "steps", style);
     for (std::int64_t epoch = from.epoch; epoch < max_epochs_; ++epoch) {
       const std::int64_t first_step = epoch == from.epoch ? from.step : 0;
@@ -581,6 +585,7 @@ class EpochLoop {
     std::vector<at::Tensor> grads;
     const bool learns = top_->trains();
     runner_.train(units, set_.tasks, runs_, shared, epoch, step, learns ? &grads : nullptr);
+    if (learns && has_grid_) weigh_grids(units, grads);
     std::vector<double> losses;
     for (const auto& r : runs_)
       losses.push_back(r.failed() ? std::numeric_limits<double>::quiet_NaN() : r.last_loss);
@@ -611,6 +616,34 @@ class EpochLoop {
   std::pair<double, double> weighting_share() const { return {weighting_seconds_, step_seconds_}; }
 
  private:
+  // A grid weighs on the shared top as one task: each unit's gradient to it scaled by 1 / n,
+  // n its grid's members that stepped (grid_top_shares).
+  void weigh_grids(const std::vector<WorkUnit>& units, std::vector<at::Tensor>& grads) const {
+    std::vector<std::string> grid;
+    std::vector<bool> stepped;
+    for (std::size_t i = 0; i < runs_.size(); ++i) {
+      grid.push_back(set_.tasks[i]->config().grid);
+      stepped.push_back(!runs_[i].failed() && std::isfinite(runs_[i].last_loss));
+    }
+    const std::vector<double> shares = grid_top_shares(units, grid, stepped);
+    for (std::size_t u = 0; u < units.size(); ++u) {
+      if (grads[u].defined() && shares[u] != 1.0) grads[u] = grads[u] * shares[u];
+    }
+  }
+
+  // With a trained top, said once at the start: how a grid weighs on it.
+  void describe_grids_on_top() const {
+    if (!top_ || !has_grid_) return;
+    for (std::size_t i = 0, end = 0; i < runs_.size(); i = end) {
+      end = grid_end(i);
+      const std::string& grid = set_.tasks[i]->config().grid;
+      if (grid.empty()) continue;
+      log_info(detail::str_cat("grid '", grid, "' (", end - i,
+                               " members) trains the trunk's shared top as one task: each member's gradient "
+                               "to it counts 1 / n, n the members training"));
+    }
+  }
+
   void check_none_failed(const std::vector<std::size_t>& active) const {
     for (std::size_t i : active) {
       CANOPY_CHECK(!runs_[i].failed(), Error, "head '", set_.results[i].name, "' FAILED at ",
@@ -851,6 +884,7 @@ class EpochLoop {
   std::int64_t steps_per_epoch_ = 0;
   bool source_done_ = false;  // the source said the epoch's batches are all served
   std::int64_t max_epochs_ = 0;
+  bool has_grid_ = false;  // some task is a grid's member
 };
 
 // The groups of the first step, as the report and the log name them: the fused ones, and

@@ -276,5 +276,32 @@ TEST(StepRunner, EveryHeadsGradientReachesTheSharedTopAndANonFiniteOneNever) {
   }
 }
 
+TEST(StepRunner, AGridWeighsOnTheSharedTopAsOneTaskOfItsMembersThatStepped) {
+  // Heads 0, 1: no grid; 2..5: grid g (split over two units); 6, 7: grid h.
+  const std::vector<std::string> grid = {"", "", "g", "g", "g", "g", "h", "h"};
+  const std::vector<WorkUnit> units = {{0, 1}, {2, 3, 4}, {5}, {6, 7}};
+  std::vector<bool> stepped(8, true);
+  auto shares = grid_top_shares(units, grid, stepped);
+  ASSERT_EQ(shares.size(), 4u);
+  EXPECT_EQ(shares[0], 1.0);
+  EXPECT_EQ(shares[1], 0.25);  // g: 4 members, in two units
+  EXPECT_EQ(shares[2], 0.25);
+  EXPECT_EQ(shares[3], 0.5);
+  // A member that failed or did not step no longer counts: the rest of its grid share 1.
+  stepped[3] = false;
+  stepped[7] = false;
+  shares = grid_top_shares(units, grid, stepped);
+  EXPECT_DOUBLE_EQ(shares[1], 1.0 / 3);
+  EXPECT_DOUBLE_EQ(shares[2], 1.0 / 3);
+  EXPECT_EQ(shares[3], 1.0);
+  // Heads no longer training are not in the step's units: g's last member takes all of it.
+  shares = grid_top_shares({{0}, {5}}, grid, stepped);
+  EXPECT_EQ(shares[0], 1.0);
+  EXPECT_EQ(shares[1], 1.0);
+  // A unit mixing a grid's members with another head cannot be weighed per grid.
+  EXPECT_THROW(grid_top_shares({{1, 2}}, grid, stepped), Error);
+  EXPECT_THROW(grid_top_shares({{5, 6}}, grid, stepped), Error);
+}
+
 }  // namespace
 }  // namespace canopy::runners

@@ -7,6 +7,8 @@ h5py and safetensors, on a slice of Fashion-MNIST through a small trunk with blo
   trunk, the top's weights changed; every card pins the exported trunk's SHA-256
 - Python loads the exported trunk and a head's safetensors and reproduces canopy's accuracy
 - fused and unfused heads give the same top; SIGKILL + --resume ends bitwise identical
+- a grid with the top: its members fuse only with each other, the log says it weighs on the
+  top as one task, SIGKILL + --resume ends bitwise identical
 - a policy that leaves no frozen prefix is refused with a message saying what to write
 
     test_finetune.py --canopy build/runners/canopy
@@ -171,6 +173,29 @@ lr = 0.003
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     check(r.returncode == 1 and os.path.basename(top_file[0]) in r.stderr and "does not match the checksum" in r.stderr,
           f"a flipped bit in the top's checkpoint file: --resume refuses it ({r.stderr.strip()[-200:]})")
+
+    # A grid with the top: it weighs on the top as one task (each member's gradient to it 1 / n,
+    # step_runner_test checks the arithmetic), so its members fuse only with each other; a run
+    # killed twice and resumed ends bitwise the uninterrupted one.
+    grid = ["--set", "train.validation_fraction=0.2", "--set", "task.a_linear.lr=0.01,0.005", "--set", "train.fuse=always",
+            "--set", "train.workers=1"]
+    r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/grid", *grid)
+    fused = sorted(l.split("fused ", 1)[1] for l in r.stderr.splitlines() if l.startswith("[canopy] fused "))
+    check(r.returncode == 0 and fused == ["2 heads: a_linear@lr=0.01 + a_linear@lr=0.005 (in=8, grid a_linear)",
+                                          "2 heads: b_linear + c_mlp (in=8)"] and
+          "grid 'a_linear' (2 members) trains the trunk's shared top as one task" in r.stderr,
+          f"a grid's members fuse only with each other (fuse = always, one worker), and the log says how the grid weighs on the "
+          f"top: {fused}")
+    out = f"{work}/grid-cut"
+    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet", *grid]
+    for target, extra in (((0, 20), []), ((1, 20), ["--resume"])):
+        rc, st = kill_when(cmd + extra, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= target)
+        check(rc == -signal.SIGKILL and st is not None, f"a grid with a top killed by SIGKILL at {st and (st['epoch'], st['step'])}")
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    resumed, whole = state(f"{out}/trunk.pt"), state(f"{work}/grid/trunk.pt")
+    check(r.returncode == 0 and all(torch.equal(resumed[k], whole[k]) for k in whole) and
+          open(f"{out}/heads/a_linear.safetensors", "rb").read() == open(f"{work}/grid/heads/a_linear.safetensors", "rb").read(),
+          "... and resumed, its top and the grid's winner are bitwise the uninterrupted run's")
 
     # The cut is part of the fingerprint; a policy with no frozen prefix is refused.
     r = run(canopy, "train", "--config", config, "--set", "trunk.freeze=first:3", "--set", f"train.out_dir={work}/x")

@@ -33,6 +33,15 @@ std::string fit_threads_to_cpu_quota(bool libtorch);
 // without the C++ backtrace it carries.
 std::string failure_reason(const std::exception& e);
 
+// With a trainable top shared by every head, a grid weighs on the top as one task, whatever
+// its size: the gradient a unit sends the top is scaled by 1 / n, n the members of its grid
+// whose gradient reached the top this step; 1 for a unit of heads of no grid. `grid[i]`:
+// head i's grid ("" for none); `stepped[i]`: whether head i's gradient reached the top. Every
+// unit holds the members of one grid or heads of none (the trainer's fusion keys keep them
+// apart); a unit that mixes them is an Error. One factor per unit.
+std::vector<double> grid_top_shares(const std::vector<WorkUnit>& units, const std::vector<std::string>& grid,
+                                    const std::vector<bool>& stepped);
+
 class StepRunner {
  public:
   // `workers` >= 1 TBB workers, `intra_op_threads` >= 1 LibTorch threads inside each.
