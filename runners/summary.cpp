@@ -165,9 +165,10 @@ std::string format_summary(const TrainReport& report) {
                   static_cast<long long>(report.validation_rows));
   std::snprintf(
       buf, sizeof buf,
-      "%zu heads, %lld train rows x %lld features, %sevaluated on %lld rows; load %.2fs, train %.2fs\n",
-      heads, static_cast<long long>(report.train_rows), static_cast<long long>(report.feature_dim), chosen,
-      static_cast<long long>(report.eval_rows), report.load_seconds, report.train_seconds);
+      "%zu head%s, %lld train rows x %lld features, %sevaluated on %lld rows; load %.2fs, train %.2fs\n",
+      heads, heads == 1 ? "" : "s", static_cast<long long>(report.train_rows),
+      static_cast<long long>(report.feature_dim), chosen, static_cast<long long>(report.eval_rows),
+      report.load_seconds, report.train_seconds);
   o << buf;
   return o.str();
 }

@@ -1235,7 +1235,8 @@ void open_out_dir(const JobConfig& config, const TaskSet& set, const std::string
 
 void log_training(const JobConfig& config, const TaskSet& set, const TrainReport& report,
                   const datasets::BatchSource& source, const StepRunner& runner) {
-  log_info("training " + std::to_string(set.tasks.size()) + " heads concurrently on " +
+  log_info("training " + std::to_string(set.tasks.size()) +
+           (set.tasks.size() == 1 ? " head on " : " heads concurrently on ") +
            std::to_string(report.train_rows) + " x " + std::to_string(report.feature_dim) + " features, " +
            source.describe() + " (" + std::to_string(runner.workers()) +
            (runner.workers() == 1 ? " TBB worker x " : " TBB workers x ") +
