@@ -14,6 +14,30 @@ namespace canopy {
 
 std::string DirLock::lock_path(const std::string& dir) { return join_path(dir, "canopy.lock"); }
 
+namespace {
+// What the lock file open as `fd` says of its holder, trailing blanks dropped.
+std::string holder_of(int fd) {
+  char holder[64] = {0};
+  const ssize_t n = ::pread(fd, holder, sizeof holder - 1, 0);
+  std::string who(holder, n > 0 ? static_cast<std::size_t>(n) : 0);
+  while (!who.empty() && (who.back() == '\n' || who.back() == ' ')) who.pop_back();
+  return who;
+}
+}  // namespace
+
+std::optional<std::string> DirLock::writer(const std::string& dir) {
+  const int fd = ::open(lock_path(dir).c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::nullopt;  // never locked
+  std::optional<std::string> who;
+  if (::flock(fd, LOCK_SH | LOCK_NB) == 0) {
+    ::flock(fd, LOCK_UN);
+  } else if (errno == EWOULDBLOCK) {
+    who = holder_of(fd);
+  }
+  ::close(fd);
+  return who;
+}
+
 DirLock::DirLock(const std::string& dir, Mode mode, const std::string& what) : mode_(mode) {
   if (mode == Mode::kWrite) make_dirs(dir);
   const std::string path = lock_path(dir);
@@ -28,13 +52,10 @@ DirLock::DirLock(const std::string& dir, Mode mode, const std::string& what) : m
   CANOPY_CHECK(fd_ >= 0, IoError, "cannot open the lock file '", path, "': ", std::strerror(errno));
   if (::flock(fd_, (mode == Mode::kWrite ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0) {
     const int err = errno;
-    char holder[64] = {0};
-    const ssize_t n = ::pread(fd_, holder, sizeof holder - 1, 0);
+    const std::string who = holder_of(fd_);
     ::close(fd_);
     fd_ = -1;
     CANOPY_CHECK(err == EWOULDBLOCK, IoError, "cannot lock '", path, "': ", std::strerror(err));
-    std::string who(holder, n > 0 ? static_cast<std::size_t>(n) : 0);
-    while (!who.empty() && (who.back() == '\n' || who.back() == ' ')) who.pop_back();
     throw DataError(detail::str_cat(
         "'", dir, "' is in use by another canopy process", who.empty() ? "" : " (" + who + ")", ": ", what,
         mode == Mode::kWrite ? " needs it alone" : " cannot read it while it is being written",

@@ -140,6 +140,49 @@ std::optional<CheckpointPosition> CheckpointStore::peek(const std::string& dir) 
   }
 }
 
+CheckpointRecord CheckpointStore::read_record(const std::string& dir, bool verify) {
+  const std::string path = dir + "/state.json";
+  CANOPY_CHECK(is_regular_file(path), DataError, "no checkpoint in '", dir, "'");
+  CheckpointRecord record;
+  try {
+    ordered_json st = ordered_json::parse(read_file(path));
+    if (const auto crc = unseal_json(st, "state_crc32c"); crc && verify && crc->first != crc->second) {
+      record.problems.push_back(detail::str_cat("'", path, "' does not match its checksum (CRC-32C ",
+                                                crc->second, ", recorded ", crc->first, ")"));
+    }
+    record.generation = st.at("generation").get<std::int64_t>();
+    record.position = {st.at("epoch").get<std::int64_t>(), st.at("step").get<std::int64_t>()};
+    record.top = st.contains("top") && st.at("top").get<bool>();
+    std::vector<std::string> files;
+    for (const auto& t : st.at("tasks")) {
+      HeadRun run;
+      run_from_json(t, run);
+      record.runs.emplace_back(t.at("name").get<std::string>(), std::move(run));
+      files.push_back(record.runs.back().first);
+    }
+    if (record.top) files.emplace_back("@top");
+    for (const auto& f : files) {
+      if (!verify) break;
+      const std::string name = f + "." + std::to_string(record.generation) + ".pt";
+      const std::string file = dir + "/" + name;
+      if (!is_regular_file(file)) {
+        record.problems.push_back("'" + file + "' is missing");
+      } else if (st.contains("files") && st.at("files").contains(name)) {
+        const std::string recorded = st.at("files").at(name).get<std::string>();
+        const std::string got = hex_crc32c(read_file(file));
+        if (got != recorded) {
+          record.problems.push_back(
+              detail::str_cat("'", file, "' does not match the checksum state.json records (CRC-32C ", got,
+                              ", recorded ", recorded, ")"));
+        }
+      }
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("checkpoint '", path, "' is malformed: ", e.what()));
+  }
+  return record;
+}
+
 std::string CheckpointStore::task_file(const std::string& task, std::int64_t generation) const {
   return dir_ + "/" + task + "." + std::to_string(generation) + ".pt";
 }

@@ -28,9 +28,9 @@
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/datasets/text.h"
 #include "canopy/runners/cache_job.h"
-#include "canopy/runners/checkpoint_store.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/predict_job.h"
+#include "canopy/runners/run_inspect.h"
 #include "canopy/runners/step_runner.h"
 #include "canopy/runners/train_job.h"
 #include "canopy/trunk/trunk.h"
@@ -197,33 +197,20 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   return kExitOk;
 }
 
-// A training run's out_dir given to `inspect` instead of a cache: say what it is, how far its
-// checkpoint got, and the cache it trained on.
-void refuse_run_dir(const std::string& path) {
-  if (is_regular_file(join_path(path, "manifest.json"))) return;
-  const std::string resolved = join_path(path, "config.ini");
-  if (!is_regular_file(resolved) && !is_directory(join_path(path, "checkpoint"))) return;
-  std::string progress, cache;
-  if (const auto at = CheckpointStore::peek(join_path(path, "checkpoint"))) {
-    progress = " (its checkpoint: " + describe_done(*at) + ")";
-  }
-  try {
-    cache =
-        detail::str_cat("; the cache it trained on: canopy inspect ", load_job_config(resolved).cache.path);
-  } catch (const Error&) {
-    // config.ini unreadable or gone: the hint is left out
-  }
-  throw DataError(detail::str_cat("'", path, "' is a training run's out_dir, not a cache", progress, cache));
-}
-
 int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out,
                         std::ostream&) {
   std::optional<JobConfig> config;
   if (vm.count("config")) config = config_from(vm, "inspect");
   CANOPY_CHECK(vm.count("path") || config, ConfigError, "canopy inspect: give a cache PATH or --config FILE");
   const std::string path = vm.count("path") ? vm["path"].as<std::string>() : config->cache.path;
-  refuse_run_dir(path);
   bool ok = false;
+  if (is_run_dir(path)) {  // a training run's out_dir
+    CANOPY_CHECK(
+        !config, ConfigError, "canopy inspect: '", path,
+        "' is a training run's out_dir, which says what it ran (config.ini); --config is for a cache");
+    out << inspect_run(path, vm.count("verify") > 0, &ok);
+    return ok ? kExitOk : kExitError;
+  }
   out << inspect_cache(path, config ? &*config : nullptr, vm.count("verify") > 0, &ok,
                        parse_progress(vm["progress"].as<std::string>()));
   return ok ? kExitOk : kExitError;
@@ -311,15 +298,17 @@ const std::vector<Command>& commands() {
        "run the trunk and every trained head on new inputs (idx images, image files, texts) in one pass",
        predict_options, run_predict_command},
       {"inspect", "canopy inspect PATH [--config FILE] [--verify]",
-       "describe a cache: splits, shapes, dtype, size, fingerprint parts, completeness, whether it matches a "
-       "config",
+       "describe a cache (splits, shapes, dtype, size, fingerprint parts, completeness, whether it matches a "
+       "config) or a training run's out_dir (running or not, its checkpoint, each head, what was exported)",
        [](po::options_description& d, po::positional_options_description& p) {
          add_config_options(d);
          d.add_options()("path", po::value<std::string>()->value_name("PATH"),
-                         "the cache directory (positional)")(
+                         "the cache directory, or a training run's out_dir (positional)")(
              "verify",
-             "check every shard's checksums, and that the HDF5 headers and the view cache.h5 read as the "
-             "manifest says");
+             "a cache: check every shard's checksums, and that the HDF5 headers and the view cache.h5 read "
+             "as "
+             "the manifest says; a run: check its checkpoint's files and its exported heads against their "
+             "checksums");
          add_progress_option(d);
          p.add("path", 1);
        },

@@ -490,14 +490,18 @@ TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
       << err.str();
   EXPECT_NE(out.str().find("custom"), std::string::npos) << out.str();
   EXPECT_NE(out.str().find("linear 32-10"), std::string::npos) << out.str();
-  // The run's out_dir given to inspect: what it is, how far it got, and its cache.
+  // The run's out_dir given to inspect: the run, how far it got, its cache, each head.
+  out.str("");
   err.str("");
-  EXPECT_EQ(run_cli({"inspect", dir_.file("out")}, registry_, out, err), kExitError);
-  EXPECT_NE(err.str().find("is a training run's out_dir, not a cache (its checkpoint: 2 epochs done); the "
-                           "cache it trained on: canopy inspect " +
-                           dir_.file("cache")),
-            std::string::npos)
-      << err.str();
+  EXPECT_EQ(run_cli({"inspect", dir_.file("out")}, registry_, out, err), kExitOk) << err.str();
+  for (const std::string& want :
+       {"training run " + dir_.file("out"), "cache " + dir_.file("cache"),
+        std::string("status      finished"), std::string("checkpoint  generation 2: 2 epochs done"),
+        std::string("\ncustom "), std::string("done")}) {
+    EXPECT_NE(out.str().find(want), std::string::npos) << want << " in:\n" << out.str();
+  }
+  EXPECT_EQ(run_cli({"inspect", dir_.file("out"), "--config", config_path_}, registry_, out, err),
+            kExitUsage);
 
   out.str("");
   EXPECT_EQ(run_cli({"heads"}, registry_, out, err), kExitOk);

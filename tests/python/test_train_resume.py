@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Kill a real `canopy train` run with SIGKILL, restart it with --resume, and check that
 every exported head is bitwise identical to a run that was never interrupted (on CPU).
+`canopy inspect` on the run's out_dir says where a killed run stands and the command that goes
+on (the test runs it), finds flipped bits with --verify, and names the process of a run in
+progress.
 
     test_train_resume.py --canopy build/runners/canopy
 """
@@ -13,6 +16,13 @@ import time
 
 
 from support import check, finish, kill_when, start, tiny_conv_trunk, tiny_trunk_sections
+
+
+def describe_done(st):
+    """What canopy says of a checkpoint's position: "2 epochs and 90 steps done"."""
+    e, s = st["epoch"], st["step"]
+    text = f"{e} epoch{'' if e == 1 else 's'}"
+    return (text + f" and {s} step{'' if s == 1 else 's'}" if s else text) + " done"
 
 
 
@@ -60,9 +70,20 @@ weight_decay = 0.01
         seen = (st["epoch"], st["step"]) if st else None
         check(returncode == -signal.SIGKILL and seen is not None, f"training killed by SIGKILL after checkpoint {seen}")
         kills.append(seen)
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    # canopy inspect on the killed run's out_dir: where it stands, each head, and the command
+    # that goes on, which is then the one run.
+    r = subprocess.run([canopy, "inspect", out], capture_output=True, text=True)
+    st = json.load(open(state))
+    rows = {l.split()[0]: l.split() for l in r.stdout.splitlines() if l.split()[:1] in (["a_linear"], ["b_mlp"], ["c_adamw"])}
+    resume = f"canopy train --config {out}/config.ini --resume"
+    check(r.returncode == 0 and "status      stopped before its end" in r.stdout and f"`{resume}`" in r.stdout and
+          describe_done(st) in r.stdout and "exported    none yet" in r.stdout and
+          all(rows.get(t["name"], [""] * 3)[1:3] == ["training", f"{t['epochs']}/4"] for t in st["tasks"]),
+          f"canopy inspect on the killed run says where it stands, each head's state and epochs, and the command "
+          f"that goes on:\n{r.stdout}{r.stderr[-300:]}")
+    r = subprocess.run([canopy] + resume.split()[1:] + ["--progress", "quiet"], capture_output=True, text=True)
     check(r.returncode == 0 and "resuming from the checkpoint" in r.stderr,
-          f"--resume finishes: {[l for l in r.stderr.splitlines() if 'resuming' in l]}")
+          f"the command inspect gave finishes the run: {[l for l in r.stderr.splitlines() if 'resuming' in l]}")
     for name in ("a_linear", "b_mlp", "c_adamw"):
         ref = open(f"{work}/ref/heads/{name}.safetensors", "rb").read()
         cut = open(f"{out}/heads/{name}.safetensors", "rb").read()
@@ -97,6 +118,10 @@ weight_decay = 0.01
     r = flipped(head_file, os.path.getsize(head_file) // 2, 4)
     check(r.returncode == 1 and os.path.basename(head_file) in r.stderr and "does not match the checksum" in r.stderr,
           f"a flipped bit in {os.path.basename(head_file)}: --resume refuses it ({r.stderr.strip()[-220:]})")
+    r = subprocess.run([canopy, "inspect", out, "--verify"], capture_output=True, text=True)
+    check(r.returncode == 1 and f"CORRUPT     '{head_file}' does not match the checksum" in r.stdout,
+          f"... and canopy inspect --verify finds it (exit {r.returncode}): "
+          f"{[l for l in r.stdout.splitlines() if 'CORRUPT' in l]}")
     text = open(state).read()
     r = flipped(state, text.index('"epoch": ') + len('"epoch": '), 2)  # the epoch's digit, e.g. 4 -> 6
     check(r.returncode == 1 and "state.json' does not match its checksum" in r.stderr,
@@ -107,6 +132,36 @@ weight_decay = 0.01
     check(r.returncode == 0 and all(open(f"{work}/ref/heads/{n}.safetensors", "rb").read() ==
                                     open(f"{out}/heads/{n}.safetensors", "rb").read() for n in ("a_linear", "b_mlp")),
           f"the intact checkpoint resumes the finished run to the same heads ({r.stderr.strip()[-160:]})")
+    r = subprocess.run([canopy, "inspect", out, "--verify"], capture_output=True, text=True)
+    check(r.returncode == 0 and "status      finished" in r.stdout and "verified    state.json and its 3 files" in r.stdout
+          and "verified    every exported card matches" in r.stdout and "CORRUPT" not in r.stdout,
+          f"canopy inspect --verify on the finished run: finished, checkpoint and exports intact (exit {r.returncode})")
+    weights = f"{out}/heads/c_adamw.safetensors"
+    with open(weights, "r+b") as f:
+        f.seek(os.path.getsize(weights) - 3)
+        b = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b ^ 1]))
+    r = subprocess.run([canopy, "inspect", out, "--verify"], capture_output=True, text=True)
+    check(r.returncode == 1 and f"CORRUPT     weights '{weights}' do not match the SHA-256" in r.stdout,
+          f"a flipped bit in an exported head's weights: canopy inspect --verify finds it (exit {r.returncode})")
+
+    # While a run trains (stopped with SIGSTOP once it has a checkpoint), inspect says who holds it.
+    live = f"{work}/live"
+    p = subprocess.Popen([canopy, "train", "--config", config, "--set", f"train.out_dir={live}", "--progress", "quiet"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not os.path.exists(f"{live}/checkpoint/state.json"):
+        time.sleep(0.005)
+    p.send_signal(signal.SIGSTOP)
+    r = subprocess.run([canopy, "inspect", live], capture_output=True, text=True)
+    p.send_signal(signal.SIGCONT)
+    p.kill()
+    p.wait()
+    check(r.returncode == 0 and f"status      running: canopy train, pid {p.pid} is training in it now" in r.stdout,
+          f"canopy inspect on a run in progress names the process: "
+          f"{[l for l in r.stdout.splitlines() if 'status' in l]}{r.stderr[-200:]}")
+
     r = subprocess.run(cmd + ["--resume", "--set", "task.a_linear.lr=0.02"], capture_output=True, text=True)
     check(r.returncode == 2 and "configuration differs" in r.stderr and "task.a_linear.lr (0.01 -> 0.02)" in r.stderr,
           f"--resume with a changed config is refused, naming the change: {r.stderr.strip().splitlines()[-1:]}")

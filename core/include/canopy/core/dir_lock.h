@@ -9,6 +9,7 @@
 // directory, what holds it and its pid.
 #pragma once
 
+#include <optional>
 #include <string>
 
 namespace canopy {
@@ -23,6 +24,9 @@ class DirLock {
   DirLock& operator=(const DirLock&) = delete;
 
   static std::string lock_path(const std::string& dir);
+  // Whether a writer holds `dir` now: what its lock file says of it ("canopy train, pid 812";
+  // empty when it says nothing), or nullopt when no process holds it. Takes nothing.
+  static std::optional<std::string> writer(const std::string& dir);
 
  private:
   int fd_ = -1;

@@ -39,6 +39,19 @@ struct CheckpointPosition {
 // "1 epoch and 32 steps done", "15 epochs done".
 std::string describe_done(const CheckpointPosition& at);
 
+// A checkpoint as its state.json records it, read without loading any weights (canopy
+// inspect on a training run's out_dir).
+struct CheckpointRecord {
+  std::int64_t generation = 0;
+  CheckpointPosition position;
+  bool top = false;                                   // it holds a trained trunk top
+  std::vector<std::pair<std::string, HeadRun>> runs;  // per task, in task order (no confusion matrices)
+  // With verify: state.json against its own checksum, and every file of the generation
+  // (each head's, the top's) there and matching the CRC-32C state.json records for it; one
+  // line per problem, empty when all is well.
+  std::vector<std::string> problems;
+};
+
 class CheckpointStore {
  public:
   // `config_identity` is the resolved configuration; a checkpoint written under another is
@@ -87,6 +100,8 @@ class CheckpointStore {
   // Where the checkpoint in `dir` stands, read from its state.json without checking or loading
   // anything; empty when there is none or it does not parse.
   static std::optional<CheckpointPosition> peek(const std::string& dir);
+  // The record of the checkpoint in `dir`; DataError when it has none or state.json does not parse.
+  static CheckpointRecord read_record(const std::string& dir, bool verify);
   // Where the checkpoint whole on disk resumes (the generation last committed or loaded);
   // empty while this run has none. A save still being written is not counted.
   const std::optional<CheckpointPosition>& committed() const { return committed_; }
