@@ -32,7 +32,9 @@ void validate_augment_config(const AugmentConfig& c) {
 std::string describe(const AugmentConfig& c) {
   std::ostringstream o;
   o.precision(10);
-  o << "crop_scale=" << c.crop_scale.at(0) << "," << c.crop_scale.at(1) << ";flip=" << c.flip
+  // crop=tv: the crop box as torchvision draws it (caches from before it clamped the box, and
+  // are rebuilt).
+  o << "crop_scale=" << c.crop_scale.at(0) << "," << c.crop_scale.at(1) << ";crop=tv;flip=" << c.flip
     << ";jitter=" << c.jitter;
   return o.str();
 }
@@ -43,6 +45,34 @@ double channel_value(const std::vector<double>& v, std::int64_t c) {
   return v.size() == 1 ? v[0] : v.at(static_cast<std::size_t>(c));
 }
 }  // namespace
+
+CropBox random_resized_crop_box(std::int64_t h, std::int64_t w, double scale_min, double scale_max,
+                                const double* u) {
+  const double area = static_cast<double>(h) * static_cast<double>(w);
+  const double lo = std::log(3.0 / 4.0), hi = std::log(4.0 / 3.0);
+  for (int attempt = 0; attempt < 10; ++attempt) {
+    const double target = area * (scale_min + (scale_max - scale_min) * u[2 * attempt]);
+    const double aspect = std::exp(lo + (hi - lo) * u[2 * attempt + 1]);
+    const auto cw = static_cast<std::int64_t>(std::llround(std::sqrt(target * aspect)));
+    const auto ch = static_cast<std::int64_t>(std::llround(std::sqrt(target / aspect)));
+    if (cw > 0 && cw <= w && ch > 0 && ch <= h) {
+      const auto y0 =
+          std::min<std::int64_t>(h - ch, static_cast<std::int64_t>(u[20] * static_cast<double>(h - ch + 1)));
+      const auto x0 =
+          std::min<std::int64_t>(w - cw, static_cast<std::int64_t>(u[21] * static_cast<double>(w - cw + 1)));
+      return {y0, x0, ch, cw};
+    }
+  }
+  // No try fitted: the center crop of the whole image with its aspect ratio clamped.
+  const double in_ratio = static_cast<double>(w) / static_cast<double>(h);
+  std::int64_t ch = h, cw = w;
+  if (in_ratio < 3.0 / 4.0) {
+    ch = std::llround(static_cast<double>(w) / (3.0 / 4.0));
+  } else if (in_ratio > 4.0 / 3.0) {
+    cw = std::llround(static_cast<double>(h) * (4.0 / 3.0));
+  }
+  return {(h - ch) / 2, (w - cw) / 2, ch, cw};
+}
 
 at::Tensor augment_view(const at::Tensor& images, const at::Tensor& ids, std::int64_t view,
                         const AugmentConfig& config, const PreprocessConfig& pre) {
@@ -55,21 +85,15 @@ at::Tensor augment_view(const at::Tensor& images, const at::Tensor& ids, std::in
     const auto sample = static_cast<std::uint64_t>(id.data_ptr<std::int64_t>()[i]);
     auto gen = at::detail::createCPUGenerator(sample * 1000003ULL +
                                               static_cast<std::uint64_t>(view) * 7919ULL + 0xa7c0ULL);
-    const at::Tensor u = at::rand({8}, gen, at::TensorOptions().dtype(at::kDouble)).contiguous();
+    const at::Tensor u = at::rand({25}, gen, at::TensorOptions().dtype(at::kDouble)).contiguous();
     const double* r = u.data_ptr<double>();
-    // The crop: area fraction and log-uniform aspect ratio, fitted inside the image.
-    const double area = config.crop_scale[0] + (config.crop_scale[1] - config.crop_scale[0]) * r[0];
-    const double aspect = std::exp(std::log(3.0 / 4.0) + (std::log(4.0 / 3.0) - std::log(3.0 / 4.0)) * r[1]);
-    const auto ch = std::clamp<std::int64_t>(std::llround(std::sqrt(area / aspect) * h), 1, h);
-    const auto cw = std::clamp<std::int64_t>(std::llround(std::sqrt(area * aspect) * w), 1, w);
-    const auto y0 = std::min<std::int64_t>(h - ch, static_cast<std::int64_t>(r[2] * (h - ch + 1)));
-    const auto x0 = std::min<std::int64_t>(w - cw, static_cast<std::int64_t>(r[3] * (w - cw + 1)));
-    at::Tensor x = images.narrow(0, i, 1).narrow(2, y0, ch).narrow(3, x0, cw);
+    const CropBox box = random_resized_crop_box(h, w, config.crop_scale[0], config.crop_scale[1], r);
+    at::Tensor x = images.narrow(0, i, 1).narrow(2, box.y0, box.h).narrow(3, box.x0, box.w);
     x = at::upsample_bilinear2d(x.contiguous(), {h, w}, /*align_corners=*/false);
-    if (config.flip && r[4] < 0.5) x = x.flip({3});
+    if (config.flip && r[22] < 0.5) x = x.flip({3});
     if (config.jitter > 0) {
-      const double brightness = 1 - config.jitter + 2 * config.jitter * r[5];
-      const double contrast = 1 - config.jitter + 2 * config.jitter * r[6];
+      const double brightness = 1 - config.jitter + 2 * config.jitter * r[23];
+      const double contrast = 1 - config.jitter + 2 * config.jitter * r[24];
       for (std::int64_t c = 0; c < channels; ++c) {  // in pixel values, then normalised again
         const double mean = channel_value(pre.mean, c), std = channel_value(pre.std, c);
         at::Tensor px = x.select(1, c) * std + mean;

@@ -10,10 +10,14 @@
 #include <fstream>
 
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/rand.h>
 #include <ATen/ops/randint.h>
+#include <ATen/ops/randn.h>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/datasets/augment.h"
 #include "canopy/datasets/images.h"
 #include "support/test_support.h"
 
@@ -175,6 +179,57 @@ TEST(Images, ClassFoldersNumberClassesBySortedName) {
       [&] { read_image_folders(dir.file("test"), dir.file("train")); }, {"bee", "ant, zebra"}));
   EXPECT_TRUE(
       testing::throws_with<DataError>([&] { read_image_folders(dir.file("nope")); }, {"not a directory"}));
+}
+
+// The crop box is torchvision's RandomResizedCrop.get_params: cases worked by hand, and the
+// area and aspect ratio every box keeps.
+TEST(Augment, TheCropBoxIsTorchvisionsRandomResizedCrop) {
+  std::vector<double> u(22, 0.0);
+  // A quarter of a 64x64 image, aspect 1 (u = 0.5 is log-ratio 0), at row floor(0.5 x 33).
+  u[1] = 0.5;
+  u[20] = 0.5;
+  CropBox b = random_resized_crop_box(64, 64, 0.25, 0.25, u.data());
+  EXPECT_EQ(std::vector<std::int64_t>({b.y0, b.x0, b.h, b.w}), std::vector<std::int64_t>({16, 0, 32, 32}));
+  // The whole area at aspect 4/3 does not fit (74 columns): the next try, aspect 1, does.
+  u.assign(22, 0.0);
+  u[1] = 1.0;
+  u[3] = 0.5;
+  b = random_resized_crop_box(64, 64, 1.0, 1.0, u.data());
+  EXPECT_EQ(std::vector<std::int64_t>({b.y0, b.x0, b.h, b.w}), std::vector<std::int64_t>({0, 0, 64, 64}));
+  // 64 wide, 16 high: no box of the whole area fits; the center crop at aspect 4/3.
+  b = random_resized_crop_box(16, 64, 1.0, 1.0, u.data());
+  EXPECT_EQ(std::vector<std::int64_t>({b.y0, b.x0, b.h, b.w}), std::vector<std::int64_t>({0, 21, 16, 21}));
+  // Random draws: every box inside the image; one from a try keeps its area fraction and
+  // aspect ratio up to rounding; with crop_scale 1,1 a square image is kept whole.
+  const at::Tensor draws = at::rand({2000, 22}, at::TensorOptions().dtype(at::kDouble)).contiguous();
+  for (std::int64_t i = 0; i < draws.size(0); ++i) {
+    const double* r = draws.data_ptr<double>() + i * 22;
+    b = random_resized_crop_box(28, 28, 0.35, 1.0, r);
+    ASSERT_TRUE(b.y0 >= 0 && b.x0 >= 0 && b.y0 + b.h <= 28 && b.x0 + b.w <= 28 && b.h > 0 && b.w > 0);
+    if (b.h == 28 && b.w == 28) continue;  // a fallback, or a try that kept all
+    const double area = static_cast<double>(b.h * b.w) / (28.0 * 28.0);
+    const double aspect = static_cast<double>(b.w) / static_cast<double>(b.h);
+    EXPECT_GE(area, 0.35 * 0.85) << b.h << "x" << b.w;
+    EXPECT_TRUE(aspect > 0.75 * 0.9 && aspect < 4.0 / 3.0 * 1.1) << b.h << "x" << b.w;
+    b = random_resized_crop_box(28, 28, 1.0, 1.0, r);
+    ASSERT_EQ(b.h * b.w, 28 * 28) << "crop_scale 1,1 keeps the whole image";
+  }
+}
+
+// crop_scale = 1,1, no flip, no jitter: every view is the image itself, bitwise.
+TEST(Augment, AViewThatKeepsTheWholeImageIsTheImage) {
+  const at::Tensor images = at::randn({6, 3, 28, 28});
+  const at::Tensor ids = at::arange(6, at::TensorOptions().dtype(at::kLong));
+  AugmentConfig config;
+  config.crop_scale = {1.0, 1.0};
+  config.flip = false;
+  config.jitter = 0;
+  PreprocessConfig pre;
+  for (std::int64_t view = 1; view <= 3; ++view) {
+    EXPECT_TRUE(at::equal(augment_view(images, ids, view, config, pre), images)) << "view " << view;
+  }
+  config.crop_scale = {0.5, 1.0};
+  EXPECT_FALSE(at::equal(augment_view(images, ids, 1, config, pre), images)) << "a smaller crop changes it";
 }
 
 }  // namespace
