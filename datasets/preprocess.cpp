@@ -2,6 +2,7 @@
 
 #include <sstream>
 
+#include <ATen/ops/_upsample_bilinear2d_aa.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/upsample_bilinear2d.h>
 
@@ -30,7 +31,8 @@ at::Tensor preprocess_images(const at::Tensor& images, const PreprocessConfig& c
   at::Tensor x = images.to(at::kFloat).div_(255.0);
   if (x.dim() == 3) x = x.unsqueeze(1);
   if (c.resize > 0 && (x.size(2) != c.resize || x.size(3) != c.resize)) {
-    x = at::upsample_bilinear2d(x, {c.resize, c.resize}, /*align_corners=*/false);
+    x = c.antialias ? at::_upsample_bilinear2d_aa(x, {c.resize, c.resize}, /*align_corners=*/false)
+                    : at::upsample_bilinear2d(x, {c.resize, c.resize}, /*align_corners=*/false);
   }
   if (x.size(1) == 1 && c.channels > 1) {
     x = x.expand({-1, c.channels, -1, -1});
@@ -48,7 +50,8 @@ at::Tensor preprocess_images(const at::Tensor& images, const PreprocessConfig& c
 std::string describe(const PreprocessConfig& c) {
   std::ostringstream out;
   out.precision(17);
-  out << "scale=1/255;resize=" << c.resize << ";interp=bilinear;channels=" << c.channels << ";mean=";
+  out << "scale=1/255;resize=" << c.resize << ";interp=bilinear" << (c.antialias ? "-aa" : "")
+      << ";channels=" << c.channels << ";mean=";
   for (std::size_t i = 0; i < c.mean.size(); ++i) out << (i ? "," : "") << c.mean[i];
   out << ";std=";
   for (std::size_t i = 0; i < c.std.size(); ++i) out << (i ? "," : "") << c.std[i];

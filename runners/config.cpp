@@ -277,6 +277,11 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
       member_key<K>("preprocess", "resize", CANOPY_JOB(preprocess.resize),
                     "images resized (bilinear, align_corners=false) to this height and width; 0: as they are")
           .at_least(0));
+  v.push_back(
+      member_key<K>("preprocess", "antialias", CANOPY_JOB(preprocess.antialias),
+                    "resize with antialiasing (F.interpolate(..., antialias=True), as torchvision's Resize "
+                    "and PIL do); set it when images are shrunk (photos to 224): without it, each output "
+                    "pixel reads only the 2x2 input pixels nearest it"));
   v.push_back(member_key<K>("preprocess", "channels", CANOPY_JOB(preprocess.channels),
                             "channels the trunk expects; 1-channel images are replicated")
                   .at_least(1));

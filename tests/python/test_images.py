@@ -7,7 +7,9 @@ folders (train/<class name>/<n>.png). `canopy cache` runs on the idx files, on t
 manifests and on the folders with the same tiny trunk; h5py reads the three caches:
   * CSV: the same features, bitwise, and the same class column, in the same order; the
     class-name column numbered by sorted name; a real-valued column stored as float64;
-  * folders: the same features per image (rows in folder order: class name, then file).
+  * folders: the same features per image (rows in folder order: class name, then file);
+  * images shrunk with preprocess.antialias = true give F.interpolate(antialias=True)'s
+    features, and without it plain bilinear's.
 """
 import os
 import struct
@@ -119,6 +121,41 @@ def main():
     names = caches["folders"].attrs["class_names"]
     names = (names.decode() if isinstance(names, bytes) else names).split(",")
     check(names == sorted(set(NAMES[y] for y in labels["train"])), f"class names recorded: {names[:3]}...")
+
+    # Shrinking: images 4x the size, each pixel a 4x4 block under a one-pixel checker pattern
+    # (detail that aliases), cached at 32x32. With preprocess.antialias = true the features are
+    # those of F.interpolate(..., antialias=True), the resize torchvision and PIL do; without
+    # it, those of plain bilinear, which differ.
+    import torch
+    import torch.nn.functional as F
+    checker = (np.indices((112, 112)).sum(0) % 2 * 80).astype(np.int16) - 40
+    big = {}
+    for split, n in (("train", 12), ("test", 6)):  # the test split: the first 6 again (its classes)
+        big[split] = [np.clip(np.kron(images["train"][i], np.ones((4, 4), np.int16)) + checker, 0, 255)
+                      .astype(np.uint8) for i in range(n)]
+        for i, img in enumerate(big[split]):
+            os.makedirs(os.path.join(work, "big", split, NAMES[labels["train"][i]]), exist_ok=True)
+            write_png(os.path.join(work, "big", split, NAMES[labels["train"][i]], f"{i:05d}.png"), img)
+    model = torch.jit.load(trunk).eval()
+    order = sorted(range(12), key=lambda i: (NAMES[labels["train"][i]], i))
+    x = torch.from_numpy(np.stack([big["train"][i] for i in order])).float().div(255).unsqueeze(1)
+    features = {}
+    for aa in (True, False):
+        name = "big-aa" if aa else "big"
+        path = config(work, trunk, name, f"source = image-folders\ntrain = {work}/big/train\ntest = {work}/big/test")
+        text = open(path).read().replace("resize = 32\n", f"resize = 32\nantialias = {'true' if aa else 'false'}\n")
+        open(path, "w").write(text)
+        r = subprocess.run([canopy, "cache", "--config", path, "--progress", "quiet"], capture_output=True, text=True)
+        check(r.returncode == 0, f"canopy cache of 112x112 images at 32x32, antialias = {aa} {r.stderr[-300:]}")
+        with h5py.File(os.path.join(work, name, "cache.h5"), "r") as h:
+            features[aa] = h["train/features"][...]
+        with torch.no_grad():
+            ref = model((F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=aa)
+                         .expand(-1, 3, -1, -1) - 0.5) / 0.5).mean((2, 3)).numpy()
+        err = np.abs(features[aa] - ref).max()
+        check(err < 1e-5, f"antialias = {aa}: the features are F.interpolate(antialias={aa})'s, to {err:.1e}")
+    apart = np.abs(features[True] - features[False]).max()
+    check(apart > 1e-2, f"... and the two differ (by up to {apart:.3f}): the key does what it says")
 
     # A broken image is an error naming the file, and the cache is not marked complete.
     with open(os.path.join(work, "folders", "test", NAMES[labels["test"][0]], "00000.png"), "r+b") as f:

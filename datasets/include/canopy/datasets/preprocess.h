@@ -16,14 +16,20 @@ struct PreprocessConfig {
   std::int64_t channels = 3;      // 1-channel input is replicated to this many channels
   std::vector<double> mean{0.5};  // one value, or one per channel
   std::vector<double> std{0.5};
+  // Resize with antialiasing (F.interpolate(..., antialias=True), as torchvision's Resize and
+  // PIL do): what shrinking an image needs; without it bilinear reads only the 2x2 input pixels
+  // nearest each output pixel.
+  bool antialias = false;
 };
 
 void validate_preprocess_config(const PreprocessConfig& config);
 
-// uint8 [N, H, W] or [N, C, H, W] -> float32 [N, channels, resize, resize] (bilinear).
+// uint8 [N, H, W] or [N, C, H, W] -> float32 [N, channels, resize, resize] (bilinear,
+// antialiased with `antialias`).
 at::Tensor preprocess_images(const at::Tensor& images, const PreprocessConfig& config);
 
-// A canonical one-line description, e.g. "scale=1/255;resize=64;channels=3;mean=0.5;std=0.5".
+// A canonical one-line description, e.g. "scale=1/255;resize=64;interp=bilinear;channels=3;mean=0.5;std=0.5"
+// (interp=bilinear-aa with antialias).
 std::string describe(const PreprocessConfig& config);
 
 }  // namespace canopy::datasets
