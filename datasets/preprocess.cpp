@@ -1,5 +1,6 @@
 #include "canopy/datasets/preprocess.h"
 
+#include <atomic>
 #include <sstream>
 
 #include <ATen/ops/_upsample_bilinear2d_aa.h>
@@ -7,6 +8,8 @@
 #include <ATen/ops/upsample_bilinear2d.h>
 
 #include "canopy/core/error.h"
+#include "canopy/core/progress.h"
+#include "canopy/core/strings.h"
 
 namespace canopy::datasets {
 
@@ -31,6 +34,14 @@ at::Tensor preprocess_images(const at::Tensor& images, const PreprocessConfig& c
   at::Tensor x = images.to(at::kFloat).div_(255.0);
   if (x.dim() == 3) x = x.unsqueeze(1);
   if (c.resize > 0 && (x.size(2) != c.resize || x.size(3) != c.resize)) {
+    // Shrunk more than 2x without antialiasing, plain bilinear skips input pixels: said once.
+    static std::atomic<bool> said{false};
+    if (!c.antialias && (x.size(2) > 2 * c.resize || x.size(3) > 2 * c.resize) && !said.exchange(true)) {
+      log_info(detail::str_cat(
+          "images of ", x.size(2), "x", x.size(3), " are shrunk to ", c.resize, "x", c.resize,
+          " without antialiasing, which skips input pixels; preprocess.antialias = true "
+          "resizes as torchvision's Resize and PIL do (a new cache, and heads trained on it)"));
+    }
     x = c.antialias ? at::_upsample_bilinear2d_aa(x, {c.resize, c.resize}, /*align_corners=*/false)
                     : at::upsample_bilinear2d(x, {c.resize, c.resize}, /*align_corners=*/false);
   }

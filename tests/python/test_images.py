@@ -147,6 +147,8 @@ def main():
         open(path, "w").write(text)
         r = subprocess.run([canopy, "cache", "--config", path, "--progress", "quiet"], capture_output=True, text=True)
         check(r.returncode == 0, f"canopy cache of 112x112 images at 32x32, antialias = {aa} {r.stderr[-300:]}")
+        hint = "images of 112x112 are shrunk to 32x32 without antialiasing" in r.stderr
+        check(hint != aa, f"antialias = {aa}: the hint to set it is {'not ' if aa else ''}given")
         with h5py.File(os.path.join(work, name, "cache.h5"), "r") as h:
             features[aa] = h["train/features"][...]
         with torch.no_grad():
