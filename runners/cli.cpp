@@ -208,9 +208,11 @@ int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&,
     CANOPY_CHECK(
         !config, ConfigError, "canopy inspect: '", path,
         "' is a training run's out_dir, which says what it ran (config.ini); --config is for a cache");
-    out << inspect_run(path, vm.count("verify") > 0, &ok);
+    out << inspect_run(path, vm.count("verify") > 0, &ok, vm.count("json") > 0);
     return ok ? kExitOk : kExitError;
   }
+  CANOPY_CHECK(!vm.count("json"), ConfigError, "canopy inspect: --json is for a training run's out_dir; '",
+               path, "' is not one");
   out << inspect_cache(path, config ? &*config : nullptr, vm.count("verify") > 0, &ok,
                        parse_progress(vm["progress"].as<std::string>()));
   return ok ? kExitOk : kExitError;
@@ -297,7 +299,7 @@ const std::vector<Command>& commands() {
       {"predict", "canopy predict --config FILE --input FILE [options]",
        "run the trunk and every trained head on new inputs (idx images, image files, texts) in one pass",
        predict_options, run_predict_command},
-      {"inspect", "canopy inspect PATH [--config FILE] [--verify]",
+      {"inspect", "canopy inspect PATH [--config FILE] [--verify] [--json]",
        "describe a cache (splits, shapes, dtype, size, fingerprint parts, completeness, whether it matches a "
        "config) or a training run's out_dir (running or not, its checkpoint, each head, what was exported)",
        [](po::options_description& d, po::positional_options_description& p) {
@@ -308,7 +310,8 @@ const std::vector<Command>& commands() {
              "a cache: check every shard's checksums, and that the HDF5 headers and the view cache.h5 read "
              "as "
              "the manifest says; a run: check its checkpoint's files and its exported heads against their "
-             "checksums");
+             "checksums")("json",
+                          "a training run's out_dir: print the report as one JSON object, for scripts");
          add_progress_option(d);
          p.add("path", 1);
        },

@@ -60,6 +60,9 @@ struct Exported {
   std::string name;
   std::string score;       // on the eval split: "81.00%", "R^2 0.8985"
   std::string validation;  // " (validation 77.50%)" with a validation split
+  bool regression = false;
+  double test_score = 0.0;  // accuracy, or R^2
+  std::optional<double> validation_accuracy;
   std::vector<std::string> problems;
 };
 
@@ -81,16 +84,18 @@ std::vector<Exported> read_exports(const std::string& heads_dir, bool verify) {
                                              crc->second, ", recorded ", crc->first, ")"));
       }
       char buf[96];
-      if (card.value("kind", "multiclass") == "regression") {
-        std::snprintf(buf, sizeof buf, "R^2 %.4f", card.at("eval_r2").get<double>());
+      e.regression = card.value("kind", "multiclass") == "regression";
+      e.test_score = card.at(e.regression ? "eval_r2" : "eval_accuracy").get<double>();
+      if (e.regression) {
+        std::snprintf(buf, sizeof buf, "R^2 %.4f", e.test_score);
       } else {
-        std::snprintf(buf, sizeof buf, "%.2f%%", 100 * card.at("eval_accuracy").get<double>());
+        std::snprintf(buf, sizeof buf, "%.2f%%", 100 * e.test_score);
       }
       e.score = buf;
       if (card.contains("validation") && card.at("validation").contains("accuracy") &&
           card.value("kind", "multiclass") != "regression") {
-        std::snprintf(buf, sizeof buf, " (validation %.2f%%)",
-                      100 * card.at("validation").at("accuracy").get<double>());
+        e.validation_accuracy = card.at("validation").at("accuracy").get<double>();
+        std::snprintf(buf, sizeof buf, " (validation %.2f%%)", 100 * *e.validation_accuracy);
         e.validation = buf;
       }
       if (verify) {
@@ -157,7 +162,7 @@ bool is_run_dir(const std::string& dir) {
   return is_regular_file(join_path(dir, "config.ini")) || is_directory(join_path(dir, "checkpoint"));
 }
 
-std::string inspect_run(const std::string& dir, bool verify, bool* ok) {
+std::string inspect_run(const std::string& dir, bool verify, bool* ok, bool json) {
   std::ostringstream o;
   const std::string config_path = join_path(dir, "config.ini");
   std::string why_no_plan;
@@ -199,22 +204,28 @@ std::string inspect_run(const std::string& dir, bool verify, bool* ok) {
       if (any_finished && !there) missing.push_back(name);
     }
   }
-  std::string status;
+  std::string status, kind;  // the sentence, and one word for --json
   if (writer) {
+    kind = "running";
     status = "running: " + (writer->empty() ? std::string("a canopy process") : *writer) +
              " is training in it now; the checkpoint below is the last it committed";
   } else if (!record && !why_no_record.empty()) {
+    kind = "unreadable";
     status = "its checkpoint cannot be read (" + why_no_record + ")";
   } else if (!record) {
+    kind = exported.empty() ? "no_checkpoint" : "finished";
     status = exported.empty() ? "no checkpoint: the run stopped before its first; run the same command again"
                               : "finished (no checkpoint left)";
   } else if (!all_finished) {
+    kind = "stopped";
     status =
         "stopped before its end (killed, stopped, or an error): `" + resume + "` goes on from its checkpoint";
   } else if (!missing.empty()) {
+    kind = "not_exported";
     status = "every head finished, but " + join(missing, ", ") + " " + (missing.size() == 1 ? "is" : "are") +
              " not exported: `" + resume + "` exports them";
   } else {
+    kind = "finished";
     status = "finished";
   }
   o << "  status      " << status << "\n";
@@ -253,7 +264,55 @@ std::string inspect_run(const std::string& dir, bool verify, bool* ok) {
   }
   if (record) o << "\n" << head_table(*record, plan);
   if (ok) *ok = good;
-  return o.str();
+  if (!json) return o.str();
+
+  // The same, for scripts: one JSON object.
+  using nlohmann::ordered_json;
+  ordered_json j{
+      {"out_dir", dir},
+      {"config", config_path},
+      {"status", kind},
+      {"status_text", status},
+      {"holder", writer ? ordered_json(*writer) : ordered_json()},
+      {"resume_command", kind == "stopped" || kind == "not_exported" ? ordered_json(resume) : ordered_json()},
+      {"cache", plan ? ordered_json(plan->cache) : ordered_json()}};
+  j["checkpoint"] = record ? ordered_json{{"generation", record->generation},
+                                          {"epoch", record->position.epoch},
+                                          {"step", record->position.step},
+                                          {"top", record->top}}
+                           : ordered_json();
+  j["heads"] = ordered_json::array();
+  for (const auto& [name, run] : record ? record->runs : std::vector<std::pair<std::string, HeadRun>>{}) {
+    const auto planned =
+        plan ? plan->epochs.find(name) : std::map<std::string, std::int64_t>::const_iterator{};
+    j["heads"].push_back(
+        {{"name", name},
+         {"state", state_name(run.state)},
+         {"epochs", run.epochs},
+         {"epochs_planned",
+          plan && planned != plan->epochs.end() ? ordered_json(planned->second) : ordered_json()},
+         {"best_score", run.best_score < -1e299 ? ordered_json() : ordered_json(run.best_score)},
+         {"best_epoch", run.best_epoch},
+         {"note", run.failed() ? run.failure : run.stop_note}});
+  }
+  j["exported"] = ordered_json::array();
+  for (const auto& e : exported) {
+    j["exported"].push_back(
+        {{"name", e.name},
+         {e.regression ? "test_r2" : "test_accuracy", e.test_score},
+         {"validation_accuracy",
+          e.validation_accuracy ? ordered_json(*e.validation_accuracy) : ordered_json()}});
+  }
+  j["problems"] = ordered_json::array();
+  if (record) {
+    for (const auto& p : record->problems) j["problems"].push_back(p);
+  }
+  for (const auto& e : exported) {
+    for (const auto& p : e.problems) j["problems"].push_back(p);
+  }
+  j["verified"] = verify;
+  j["ok"] = good;
+  return j.dump(1) + "\n";
 }
 
 }  // namespace canopy::runners

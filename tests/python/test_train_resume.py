@@ -81,6 +81,13 @@ weight_decay = 0.01
           all(rows.get(t["name"], [""] * 3)[1:3] == ["training", f"{t['epochs']}/4"] for t in st["tasks"]),
           f"canopy inspect on the killed run says where it stands, each head's state and epochs, and the command "
           f"that goes on:\n{r.stdout}{r.stderr[-300:]}")
+    r = subprocess.run([canopy, "inspect", out, "--json"], capture_output=True, text=True)
+    doc = json.loads(r.stdout) if r.returncode == 0 else {}
+    check(doc.get("status") == "stopped" and doc.get("resume_command") == resume and
+          doc.get("checkpoint", {}).get("epoch") == st["epoch"] and doc["checkpoint"]["step"] == st["step"] and
+          [(h["name"], h["state"], h["epochs"], h["epochs_planned"]) for h in doc["heads"]] ==
+          [(t["name"], "training", t["epochs"], 4) for t in st["tasks"]] and doc["exported"] == [] and doc["ok"],
+          f"... and --json says the same for scripts: status {doc.get('status')}, {len(doc.get('heads', []))} heads")
     r = subprocess.run([canopy] + resume.split()[1:] + ["--progress", "quiet"], capture_output=True, text=True)
     check(r.returncode == 0 and "resuming from the checkpoint" in r.stderr,
           f"the command inspect gave finishes the run: {[l for l in r.stderr.splitlines() if 'resuming' in l]}")
@@ -155,12 +162,16 @@ weight_decay = 0.01
         time.sleep(0.005)
     p.send_signal(signal.SIGSTOP)
     r = subprocess.run([canopy, "inspect", live], capture_output=True, text=True)
+    as_json = subprocess.run([canopy, "inspect", live, "--json"], capture_output=True, text=True)
     p.send_signal(signal.SIGCONT)
     p.kill()
     p.wait()
     check(r.returncode == 0 and f"status      running: canopy train, pid {p.pid} is training in it now" in r.stdout,
           f"canopy inspect on a run in progress names the process: "
           f"{[l for l in r.stdout.splitlines() if 'status' in l]}{r.stderr[-200:]}")
+    doc = json.loads(as_json.stdout) if as_json.returncode == 0 else {}
+    check(doc.get("status") == "running" and doc.get("holder") == f"canopy train, pid {p.pid}",
+          f"... and --json: status {doc.get('status')}, holder {doc.get('holder')}")
 
     r = subprocess.run(cmd + ["--resume", "--set", "task.a_linear.lr=0.02"], capture_output=True, text=True)
     check(r.returncode == 2 and "configuration differs" in r.stderr and "task.a_linear.lr (0.01 -> 0.02)" in r.stderr,
