@@ -50,16 +50,16 @@ CropBox random_resized_crop_box(std::int64_t h, std::int64_t w, double scale_min
                                 const double* u) {
   const double area = static_cast<double>(h) * static_cast<double>(w);
   const double lo = std::log(3.0 / 4.0), hi = std::log(4.0 / 3.0);
-  for (int attempt = 0; attempt < 10; ++attempt) {
+  for (int attempt = 0; attempt < kCropTries; ++attempt) {
     const double target = area * (scale_min + (scale_max - scale_min) * u[2 * attempt]);
     const double aspect = std::exp(lo + (hi - lo) * u[2 * attempt + 1]);
     const auto cw = static_cast<std::int64_t>(std::llround(std::sqrt(target * aspect)));
     const auto ch = static_cast<std::int64_t>(std::llround(std::sqrt(target / aspect)));
     if (cw > 0 && cw <= w && ch > 0 && ch <= h) {
-      const auto y0 =
-          std::min<std::int64_t>(h - ch, static_cast<std::int64_t>(u[20] * static_cast<double>(h - ch + 1)));
-      const auto x0 =
-          std::min<std::int64_t>(w - cw, static_cast<std::int64_t>(u[21] * static_cast<double>(w - cw + 1)));
+      const auto y0 = std::min<std::int64_t>(
+          h - ch, static_cast<std::int64_t>(u[2 * kCropTries] * static_cast<double>(h - ch + 1)));
+      const auto x0 = std::min<std::int64_t>(
+          w - cw, static_cast<std::int64_t>(u[2 * kCropTries + 1] * static_cast<double>(w - cw + 1)));
       return {y0, x0, ch, cw};
     }
   }
@@ -85,15 +85,16 @@ at::Tensor augment_view(const at::Tensor& images, const at::Tensor& ids, std::in
     const auto sample = static_cast<std::uint64_t>(id.data_ptr<std::int64_t>()[i]);
     auto gen = at::detail::createCPUGenerator(sample * 1000003ULL +
                                               static_cast<std::uint64_t>(view) * 7919ULL + 0xa7c0ULL);
-    const at::Tensor u = at::rand({25}, gen, at::TensorOptions().dtype(at::kDouble)).contiguous();
+    // The crop's draws, then the flip's, the brightness's and the contrast's.
+    const at::Tensor u = at::rand({kCropDraws + 3}, gen, at::TensorOptions().dtype(at::kDouble)).contiguous();
     const double* r = u.data_ptr<double>();
     const CropBox box = random_resized_crop_box(h, w, config.crop_scale[0], config.crop_scale[1], r);
     at::Tensor x = images.narrow(0, i, 1).narrow(2, box.y0, box.h).narrow(3, box.x0, box.w);
     x = at::upsample_bilinear2d(x.contiguous(), {h, w}, /*align_corners=*/false);
-    if (config.flip && r[22] < 0.5) x = x.flip({3});
+    if (config.flip && r[kCropDraws] < 0.5) x = x.flip({3});
     if (config.jitter > 0) {
-      const double brightness = 1 - config.jitter + 2 * config.jitter * r[23];
-      const double contrast = 1 - config.jitter + 2 * config.jitter * r[24];
+      const double brightness = 1 - config.jitter + 2 * config.jitter * r[kCropDraws + 1];
+      const double contrast = 1 - config.jitter + 2 * config.jitter * r[kCropDraws + 2];
       for (std::int64_t c = 0; c < channels; ++c) {  // in pixel values, then normalised again
         const double mean = channel_value(pre.mean, c), std = channel_value(pre.std, c);
         at::Tensor px = x.select(1, c) * std + mean;

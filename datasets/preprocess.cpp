@@ -9,7 +9,6 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/progress.h"
-#include "canopy/core/strings.h"
 
 namespace canopy::datasets {
 

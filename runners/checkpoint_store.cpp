@@ -88,6 +88,44 @@ void run_from_json(const ordered_json& j, HeadRun& r) {
   r.best_epoch = j.at("best_epoch").get<std::int64_t>();
   r.stop_note = j.at("stop_note").get<std::string>();
 }
+
+// Where `task`'s file of generation `generation` lies in the checkpoint directory `dir`.
+std::string checkpoint_file(const std::string& dir, const std::string& task, std::int64_t generation) {
+  return dir + "/" + task + "." + std::to_string(generation) + ".pt";
+}
+
+// state.json at `path`, parsed (DataError when it does not parse), with its own checksum taken
+// off and compared: `problem` says how it does not match ("" when it does, or when it records
+// none, as before the checksums).
+struct StateFile {
+  ordered_json state;
+  std::string problem;
+};
+StateFile read_state(const std::string& path) {
+  StateFile f;
+  try {
+    f.state = ordered_json::parse(read_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("checkpoint '", path, "' is malformed: ", e.what()));
+  }
+  if (const auto crc = unseal_json(f.state, "state_crc32c"); crc && crc->first != crc->second) {
+    f.problem = detail::str_cat("checkpoint '", path, "' does not match its checksum (CRC-32C ", crc->second,
+                                ", recorded ", crc->first, ")");
+  }
+  return f;
+}
+
+// A file's bytes against the CRC-32C `state` (read from `state_path`) records for it: how it
+// does not match, or "" (also when it records none, as before the checksums).
+std::string file_problem(const ordered_json& state, const std::string& state_path, const std::string& file) {
+  const std::string name = file.substr(file.rfind('/') + 1);
+  if (!state.contains("files") || !state.at("files").contains(name)) return {};
+  const std::string recorded = state.at("files").at(name).get<std::string>();
+  const std::string got = hex_crc32c(read_file(file));
+  if (got == recorded) return {};
+  return detail::str_cat("checkpoint file '", file, "' does not match the checksum that '", state_path,
+                         "' records for it (CRC-32C ", got, ", recorded ", recorded, ")");
+}
 }  // namespace
 
 namespace {
@@ -144,47 +182,36 @@ CheckpointRecord CheckpointStore::read_record(const std::string& dir, bool verif
   const std::string path = dir + "/state.json";
   CANOPY_CHECK(is_regular_file(path), DataError, "no checkpoint in '", dir, "'");
   CheckpointRecord record;
+  const StateFile state = read_state(path);
+  const ordered_json& st = state.state;
+  if (verify && !state.problem.empty()) record.problems.push_back(state.problem);
   try {
-    ordered_json st = ordered_json::parse(read_file(path));
-    if (const auto crc = unseal_json(st, "state_crc32c"); crc && verify && crc->first != crc->second) {
-      record.problems.push_back(detail::str_cat("'", path, "' does not match its checksum (CRC-32C ",
-                                                crc->second, ", recorded ", crc->first, ")"));
-    }
     record.generation = st.at("generation").get<std::int64_t>();
     record.position = {st.at("epoch").get<std::int64_t>(), st.at("step").get<std::int64_t>()};
     record.top = st.contains("top") && st.at("top").get<bool>();
-    std::vector<std::string> files;
     for (const auto& t : st.at("tasks")) {
       HeadRun run;
       run_from_json(t, run);
       record.runs.emplace_back(t.at("name").get<std::string>(), std::move(run));
-      files.push_back(record.runs.back().first);
-    }
-    if (record.top) files.emplace_back("@top");
-    for (const auto& f : files) {
-      if (!verify) break;
-      const std::string name = f + "." + std::to_string(record.generation) + ".pt";
-      const std::string file = dir + "/" + name;
-      if (!is_regular_file(file)) {
-        record.problems.push_back("'" + file + "' is missing");
-      } else if (st.contains("files") && st.at("files").contains(name)) {
-        const std::string recorded = st.at("files").at(name).get<std::string>();
-        const std::string got = hex_crc32c(read_file(file));
-        if (got != recorded) {
-          record.problems.push_back(
-              detail::str_cat("'", file, "' does not match the checksum state.json records (CRC-32C ", got,
-                              ", recorded ", recorded, ")"));
-        }
-      }
     }
   } catch (const nlohmann::json::exception& e) {
     throw DataError(detail::str_cat("checkpoint '", path, "' is malformed: ", e.what()));
+  }
+  if (!verify) return record;
+  std::vector<std::string> owners;  // whose files the generation holds
+  for (const auto& [name, run] : record.runs) owners.push_back(name);
+  if (record.top) owners.emplace_back("@top");
+  for (const auto& owner : owners) {
+    const std::string file = checkpoint_file(dir, owner, record.generation);
+    const std::string problem =
+        is_regular_file(file) ? file_problem(st, path, file) : "checkpoint file '" + file + "' is missing";
+    if (!problem.empty()) record.problems.push_back(problem);
   }
   return record;
 }
 
 std::string CheckpointStore::task_file(const std::string& task, std::int64_t generation) const {
-  return dir_ + "/" + task + "." + std::to_string(generation) + ".pt";
+  return checkpoint_file(dir_, task, generation);
 }
 
 void CheckpointStore::save(const CheckpointPosition& position, const std::vector<tasks::Task*>& tasks,
@@ -311,28 +338,13 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
   const std::string path = state_path();
   CANOPY_CHECK(exists(), DataError, "--resume: no checkpoint in '", dir_,
                "' (train without --resume to start)");
-  ordered_json st;
-  try {
-    st = ordered_json::parse(read_file(path));
-  } catch (const nlohmann::json::exception& e) {
-    throw DataError(detail::str_cat("checkpoint '", path, "' is malformed: ", e.what()));
-  }
+  const StateFile state = read_state(path);
+  const ordered_json& st = state.state;
   const char* restart = "it is corrupt; train without --resume to start again";
-  if (const auto crc = unseal_json(st, "state_crc32c")) {  // absent before it
-    const auto& [recorded, got] = *crc;
-    CANOPY_CHECK(got == recorded, DataError, "checkpoint '", path, "' does not match its checksum (CRC-32C ",
-                 got, ", recorded ", recorded, "): ", restart);
-  }
-  // A file's bytes against the CRC-32C state.json recorded for it (checkpoints from before the
-  // checksums record none).
+  CANOPY_CHECK(state.problem.empty(), DataError, state.problem, ": ", restart);
   const auto check_file = [&](const std::string& file) {
-    const std::string name = file.substr(file.rfind('/') + 1);
-    if (!st.contains("files") || !st.at("files").contains(name)) return;
-    const std::string recorded = st.at("files").at(name).get<std::string>();
-    const std::string got = hex_crc32c(read_file(file));
-    CANOPY_CHECK(got == recorded, DataError, "checkpoint file '", file,
-                 "' does not match the checksum that '", path, "' records for it (CRC-32C ", got,
-                 ", recorded ", recorded, "): ", restart);
+    const std::string problem = file_problem(st, path, file);
+    CANOPY_CHECK(problem.empty(), DataError, problem, ": ", restart);
   };
   CheckpointPosition position;
   try {

@@ -6,10 +6,12 @@
 
 #include <nlohmann/json.hpp>
 
+#include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/json_checksum.h"
 #include "canopy/core/sha256.h"
 #include "canopy/runners/cache_job.h"
+#include "canopy/runners/card_check.h"
 #include "canopy/runners/export.h"
 #include "canopy/runners/head_run.h"
 
@@ -126,6 +128,22 @@ std::string export_head(tasks::Task& task, const TaskResult& r, const datasets::
   seal_json(card, "card_crc32c");                 // and reads only this card
   write_file_atomic(join_path(dir, r.name + ".json"), card.dump(2) + "\n");
   return weights;
+}
+
+std::string card_checksum_problem(nlohmann::ordered_json& card, const std::string& card_path) {
+  const auto crc = unseal_json(card, "card_crc32c");
+  if (!crc || crc->first == crc->second) return {};
+  return detail::str_cat("head card '", card_path, "' does not match its checksum (CRC-32C ", crc->second,
+                         ", recorded ", crc->first, ")");
+}
+
+std::string weights_problem(const nlohmann::ordered_json& card, const std::string& card_path,
+                            const std::string& weights_path) {
+  if (!card.contains("weights_sha256")) return {};
+  const std::string want = card.at("weights_sha256"), got = sha256_file(weights_path);
+  if (got == want) return {};
+  return detail::str_cat("weights '", weights_path, "' have sha256 ", got, ", the card '", card_path,
+                         "' says ", want);
 }
 
 }  // namespace canopy::runners

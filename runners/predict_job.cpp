@@ -10,13 +10,12 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
-#include "canopy/core/json_checksum.h"
 #include "canopy/core/memory.h"
 #include "canopy/core/memory_fence.h"
-#include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/mnist.h"
 #include "canopy/datasets/preprocess.h"
+#include "canopy/runners/card_check.h"
 #include "canopy/runners/export.h"
 #include "canopy/runners/input_data.h"
 #include "canopy/trunk/trunk.h"
@@ -49,13 +48,11 @@ auto reading_card(const std::string& card_path, F&& read) {
 // flipped bit in a class name, a key or target_mean would otherwise predict other answers.
 ordered_json read_card(const std::string& card_path) {
   ordered_json card = reading_card(card_path, [&] { return ordered_json::parse(read_file(card_path)); });
-  if (const auto crc = unseal_json(card, "card_crc32c")) {
-    const auto& [recorded, got] = *crc;
-    CANOPY_CHECK(got == recorded, DataError, "head card '", card_path,
-                 "' does not match its checksum (CRC-32C ", got, ", recorded ", recorded,
-                 "): it is corrupt or was edited; train again to export it anew (an edit you mean to keep: "
-                 "delete its card_crc32c)");
-  }
+  const std::string problem = card_checksum_problem(card, card_path);
+  CANOPY_CHECK(
+      problem.empty(), DataError, problem,
+      ": it is corrupt or was edited; train again to export it anew (an edit you mean to keep: delete its "
+      "card_crc32c)");
   return card;
 }
 
@@ -86,12 +83,9 @@ LoadedHead load_head_from(const tasks::TaskConfig& tc, const tasks::HeadRegistry
   out.target_mean = card.value("target_mean", 0.0);
   out.target_std = card.value("target_std", 1.0);
   const std::string weights_path = join_path(dir, card.at("weights").get<std::string>());
-  if (card.contains("weights_sha256")) {  // cards from before it have none
-    const std::string want = card.at("weights_sha256"), got = sha256_file(weights_path);
-    CANOPY_CHECK(got == want, DataError, "task '", tc.name, "': weights '", weights_path, "' have sha256 ",
-                 got, ", the card '", card_path, "' says ", want,
-                 ": the file is corrupt or was replaced; train again to export it anew");
-  }
+  const std::string problem = weights_problem(card, card_path, weights_path);
+  CANOPY_CHECK(problem.empty(), DataError, "task '", tc.name, "': ", problem,
+               ": the file is corrupt or was replaced; train again to export it anew");
   const auto weights = load_safetensors(weights_path);
   torch::NoGradGuard no_grad;
   auto restore = [&](const std::string& name, at::Tensor& dst) {

@@ -12,9 +12,8 @@
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
-#include "canopy/core/json_checksum.h"
-#include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
+#include "canopy/runners/card_check.h"
 #include "canopy/runners/checkpoint_store.h"
 #include "canopy/runners/config.h"
 
@@ -22,11 +21,19 @@ namespace canopy::runners {
 
 namespace {
 
-// What config.ini says of each head (by name) and of the heads it exports.
+using nlohmann::ordered_json;
+
+// What config.ini says of one head.
+struct PlannedHead {
+  std::int64_t epochs = 0;  // the most it trains
+  bool regression = false;
+  std::string exported_as;  // its task's name, or its grid's
+};
+
+// What config.ini says of the run.
 struct PlannedRun {
-  std::map<std::string, std::int64_t> epochs;  // per head: the epochs it trains at most
-  std::map<std::string, bool> regression;
-  std::vector<std::string> exports;  // a task's name, or its grid's
+  std::map<std::string, PlannedHead> heads;
+  std::vector<std::string> exports;  // each exported name once, in task order
   std::string selection;             // the split heads are scored on every epoch
   std::string cache;
 };
@@ -40,9 +47,8 @@ std::optional<PlannedRun> read_plan(const std::string& config_path, std::string&
     const JobConfig c = load_job_config(config_path);
     PlannedRun plan;
     for (const auto& t : c.tasks) {
-      plan.epochs[t.name] = task_epochs(t, c.train);
-      plan.regression[t.name] = t.kind == tasks::TaskKind::kRegression;
       const std::string exported = t.grid.empty() ? t.name : t.grid;
+      plan.heads[t.name] = {task_epochs(t, c.train), t.kind == tasks::TaskKind::kRegression, exported};
       if (std::find(plan.exports.begin(), plan.exports.end(), exported) == plan.exports.end())
         plan.exports.push_back(exported);
     }
@@ -55,13 +61,11 @@ std::optional<PlannedRun> read_plan(const std::string& config_path, std::string&
   }
 }
 
-// An exported head: its card's test score, checked when asked.
+// An exported head: its card's scores, and (checked when asked) what fails its checksums.
 struct Exported {
   std::string name;
-  std::string score;       // on the eval split: "81.00%", "R^2 0.8985"
-  std::string validation;  // " (validation 77.50%)" with a validation split
   bool regression = false;
-  double test_score = 0.0;  // accuracy, or R^2
+  double test_score = 0.0;  // accuracy, or R^2, on the eval split
   std::optional<double> validation_accuracy;
   std::vector<std::string> problems;
 };
@@ -77,34 +81,18 @@ std::vector<Exported> read_exports(const std::string& heads_dir, bool verify) {
     Exported e;
     e.name = file.substr(0, file.size() - 5);
     try {
-      nlohmann::ordered_json card = nlohmann::ordered_json::parse(read_file(path));
-      const auto crc = unseal_json(card, "card_crc32c");
-      if (verify && crc && crc->first != crc->second) {
-        e.problems.push_back(detail::str_cat("card '", path, "' does not match its checksum (CRC-32C ",
-                                             crc->second, ", recorded ", crc->first, ")"));
-      }
-      char buf[96];
+      ordered_json card = ordered_json::parse(read_file(path));
+      const std::string card_problem = card_checksum_problem(card, path);
+      if (verify && !card_problem.empty()) e.problems.push_back(card_problem);
       e.regression = card.value("kind", "multiclass") == "regression";
       e.test_score = card.at(e.regression ? "eval_r2" : "eval_accuracy").get<double>();
-      if (e.regression) {
-        std::snprintf(buf, sizeof buf, "R^2 %.4f", e.test_score);
-      } else {
-        std::snprintf(buf, sizeof buf, "%.2f%%", 100 * e.test_score);
-      }
-      e.score = buf;
-      if (card.contains("validation") && card.at("validation").contains("accuracy") &&
-          card.value("kind", "multiclass") != "regression") {
+      if (!e.regression && card.contains("validation") && card.at("validation").contains("accuracy"))
         e.validation_accuracy = card.at("validation").at("accuracy").get<double>();
-        std::snprintf(buf, sizeof buf, " (validation %.2f%%)", 100 * *e.validation_accuracy);
-        e.validation = buf;
-      }
       if (verify) {
         const std::string weights = join_path(heads_dir, card.at("weights").get<std::string>());
-        if (!is_regular_file(weights)) {
-          e.problems.push_back("weights '" + weights + "' are missing");
-        } else if (card.contains("weights_sha256") && sha256_file(weights) != card.at("weights_sha256")) {
-          e.problems.push_back("weights '" + weights + "' do not match the SHA-256 their card records");
-        }
+        const std::string problem = is_regular_file(weights) ? weights_problem(card, path, weights)
+                                                             : "weights '" + weights + "' are missing";
+        if (!problem.empty()) e.problems.push_back(problem);
       }
     } catch (const nlohmann::json::exception& x) {
       e.problems.push_back(detail::str_cat("card '", path, "' is malformed: ", x.what()));
@@ -125,16 +113,106 @@ std::string score_text(double score, bool regression) {
   return buf;
 }
 
+// Everything inspect reads of a run's out_dir.
+struct RunFacts {
+  std::string dir, config_path;
+  std::optional<PlannedRun> plan;
+  std::string why_no_plan;
+  std::optional<CheckpointRecord> record;
+  std::string why_no_record;  // state.json there but unreadable
+  std::vector<Exported> exported;
+  std::optional<std::string> writer;  // who trains in it now
+
+  std::string resume_command() const { return "canopy train --config " + config_path + " --resume"; }
+  const PlannedHead* planned(const std::string& head) const {
+    if (!plan) return nullptr;
+    const auto it = plan->heads.find(head);
+    return it == plan->heads.end() ? nullptr : &it->second;
+  }
+  std::vector<std::string> problems() const {
+    std::vector<std::string> all = record ? record->problems : std::vector<std::string>{};
+    for (const auto& e : exported) all.insert(all.end(), e.problems.begin(), e.problems.end());
+    return all;
+  }
+  bool good() const { return why_no_record.empty() && problems().empty(); }
+};
+
+RunFacts read_run(const std::string& dir, bool verify) {
+  RunFacts f;
+  f.dir = dir;
+  f.config_path = join_path(dir, "config.ini");
+  f.plan = read_plan(f.config_path, f.why_no_plan);
+  const std::string checkpoint_dir = join_path(dir, "checkpoint");
+  if (is_regular_file(join_path(checkpoint_dir, "state.json"))) {
+    try {
+      f.record = CheckpointStore::read_record(checkpoint_dir, verify);
+    } catch (const Error& e) {
+      f.why_no_record = e.what();
+    }
+  }
+  f.exported = read_exports(join_path(dir, "heads"), verify);
+  f.writer = DirLock::writer(dir);
+  return f;
+}
+
+// The names config.ini exports that heads/ lacks though a head of each finished.
+std::vector<std::string> unexported(const RunFacts& f) {
+  std::vector<std::string> missing;
+  if (!f.plan || !f.record) return missing;
+  for (const auto& name : f.plan->exports) {
+    const bool finished = std::any_of(f.record->runs.begin(), f.record->runs.end(), [&](const auto& r) {
+      const PlannedHead* p = f.planned(r.first);
+      return p && p->exported_as == name && !r.second.failed();
+    });
+    const bool there =
+        std::any_of(f.exported.begin(), f.exported.end(), [&](const Exported& e) { return e.name == name; });
+    if (finished && !there) missing.push_back(name);
+  }
+  return missing;
+}
+
+// Where the run stands: one word (for --json) and the sentence.
+struct Status {
+  std::string kind, text;
+};
+
+Status status_of(const RunFacts& f) {
+  const std::string resume = "`" + f.resume_command() + "`";
+  if (f.writer) {
+    return {"running", "running: " + (f.writer->empty() ? std::string("a canopy process") : *f.writer) +
+                           " is training in it now; the checkpoint below is the last it committed"};
+  }
+  if (!f.why_no_record.empty())
+    return {"unreadable", "its checkpoint cannot be read (" + f.why_no_record + ")"};
+  if (!f.record) {
+    if (!f.exported.empty()) return {"finished", "finished (no checkpoint left)"};
+    return {"no_checkpoint", "no checkpoint: the run stopped before its first; run the same command again"};
+  }
+  const bool training = std::any_of(f.record->runs.begin(), f.record->runs.end(),
+                                    [](const auto& r) { return r.second.training(); });
+  if (training) {
+    return {"stopped", "stopped before its end (killed, stopped, or an error): " + resume +
+                           " goes on from its checkpoint"};
+  }
+  const std::vector<std::string> missing = unexported(f);
+  if (!missing.empty()) {
+    return {"not_exported", "every head finished, but " + join(missing, ", ") + " " +
+                                (missing.size() == 1 ? "is" : "are") + " not exported: " + resume +
+                                " exports them"};
+  }
+  return {"finished", "finished"};
+}
+
 // The table of heads, columns padded to their widest cell.
-std::string head_table(const CheckpointRecord& record, const std::optional<PlannedRun>& plan) {
+std::string head_table(const RunFacts& f) {
   std::vector<std::vector<std::string>> rows;
   rows.push_back(
-      {"head", "state", "epochs", std::string("best on ") + (plan ? plan->selection : "eval"), "note"});
-  for (const auto& [name, run] : record.runs) {
-    const bool regression = plan && plan->regression.count(name) && plan->regression.at(name);
+      {"head", "state", "epochs", std::string("best on ") + (f.plan ? f.plan->selection : "eval"), "note"});
+  for (const auto& [name, run] : f.record->runs) {
+    const PlannedHead* p = f.planned(name);
     std::string epochs = std::to_string(run.epochs);
-    if (plan && plan->epochs.count(name)) epochs += "/" + std::to_string(plan->epochs.at(name));
-    std::string best = score_text(run.best_score, regression);
+    if (p) epochs += "/" + std::to_string(p->epochs);
+    std::string best = score_text(run.best_score, p && p->regression);
     if (run.best_epoch > 0) best += " (epoch " + std::to_string(run.best_epoch) + ")";
     rows.push_back({name, state_name(run.state), epochs, best, run.failed() ? run.failure : run.stop_note});
   }
@@ -155,6 +233,90 @@ std::string head_table(const CheckpointRecord& record, const std::optional<Plann
   return o.str();
 }
 
+std::string report_text(const RunFacts& f, const Status& status, bool verify) {
+  std::ostringstream o;
+  o << "training run " << f.dir << "\n";
+  if (f.plan) {
+    o << "  config      " << f.config_path << ": "
+      << count_of(static_cast<std::int64_t>(f.plan->heads.size()), "head") << ", cache " << f.plan->cache
+      << "\n";
+  } else {
+    o << "  config      " << f.config_path << ": cannot be read (" << f.why_no_plan << ")\n";
+  }
+  o << "  status      " << status.text << "\n";
+  if (f.record) {
+    o << "  checkpoint  generation " << f.record->generation << ": " << describe_done(f.record->position)
+      << (f.record->top ? ", with the trunk's trained top" : "") << "\n";
+    if (verify && f.record->problems.empty()) {
+      const auto files = static_cast<std::int64_t>(f.record->runs.size() + (f.record->top ? 1 : 0));
+      o << "  verified    state.json and its " << count_of(files, "file")
+        << " match the checksums it records\n";
+    }
+    for (const auto& p : f.record->problems) o << "  CORRUPT     " << p << "\n";
+  }
+  if (f.exported.empty()) o << "  exported    none yet\n";
+  std::size_t width = 0;
+  for (const auto& e : f.exported) width = std::max(width, e.name.size());
+  bool exports_intact = true;
+  for (std::size_t i = 0; i < f.exported.size(); ++i) {
+    const auto& e = f.exported[i];
+    o << (i == 0 ? "  exported    " : "              ") << e.name
+      << std::string(width - e.name.size() + 2, ' ') << score_text(e.test_score, e.regression)
+      << " on the eval split";
+    if (e.validation_accuracy) o << " (validation " << score_text(*e.validation_accuracy, false) << ")";
+    o << "\n";
+    exports_intact = exports_intact && e.problems.empty();
+  }
+  for (const auto& e : f.exported) {
+    for (const auto& p : e.problems) o << "  CORRUPT     " << p << "\n";
+  }
+  if (verify && !f.exported.empty() && exports_intact) {
+    o << "  verified    every exported card matches its checksum, and its weights their SHA-256\n";
+  }
+  if (f.record) o << "\n" << head_table(f);
+  return o.str();
+}
+
+std::string report_json(const RunFacts& f, const Status& status, bool verify) {
+  const bool resumable = status.kind == "stopped" || status.kind == "not_exported";
+  ordered_json j{{"out_dir", f.dir},
+                 {"config", f.config_path},
+                 {"status", status.kind},
+                 {"status_text", status.text},
+                 {"holder", f.writer ? ordered_json(*f.writer) : ordered_json()},
+                 {"resume_command", resumable ? ordered_json(f.resume_command()) : ordered_json()},
+                 {"cache", f.plan ? ordered_json(f.plan->cache) : ordered_json()}};
+  j["checkpoint"] = f.record ? ordered_json{{"generation", f.record->generation},
+                                            {"epoch", f.record->position.epoch},
+                                            {"step", f.record->position.step},
+                                            {"top", f.record->top}}
+                             : ordered_json();
+  j["heads"] = ordered_json::array();
+  for (const auto& [name, run] : f.record ? f.record->runs : std::vector<std::pair<std::string, HeadRun>>{}) {
+    const PlannedHead* p = f.planned(name);
+    j["heads"].push_back(
+        {{"name", name},
+         {"state", state_name(run.state)},
+         {"epochs", run.epochs},
+         {"epochs_planned", p ? ordered_json(p->epochs) : ordered_json()},
+         {"best_score", run.best_score < -1e299 ? ordered_json() : ordered_json(run.best_score)},
+         {"best_epoch", run.best_epoch},
+         {"note", run.failed() ? run.failure : run.stop_note}});
+  }
+  j["exported"] = ordered_json::array();
+  for (const auto& e : f.exported) {
+    j["exported"].push_back(
+        {{"name", e.name},
+         {e.regression ? "test_r2" : "test_accuracy", e.test_score},
+         {"validation_accuracy",
+          e.validation_accuracy ? ordered_json(*e.validation_accuracy) : ordered_json()}});
+  }
+  j["problems"] = f.problems();
+  j["verified"] = verify;
+  j["ok"] = f.good();
+  return j.dump(1) + "\n";
+}
+
 }  // namespace
 
 bool is_run_dir(const std::string& dir) {
@@ -163,156 +325,10 @@ bool is_run_dir(const std::string& dir) {
 }
 
 std::string inspect_run(const std::string& dir, bool verify, bool* ok, bool json) {
-  std::ostringstream o;
-  const std::string config_path = join_path(dir, "config.ini");
-  std::string why_no_plan;
-  const std::optional<PlannedRun> plan = read_plan(config_path, why_no_plan);
-  const std::string checkpoint_dir = join_path(dir, "checkpoint");
-  std::optional<CheckpointRecord> record;
-  std::string why_no_record;
-  if (is_regular_file(join_path(checkpoint_dir, "state.json"))) {
-    try {
-      record = CheckpointStore::read_record(checkpoint_dir, verify);
-    } catch (const Error& e) {
-      why_no_record = e.what();
-    }
-  }
-  const std::vector<Exported> exported = read_exports(join_path(dir, "heads"), verify);
-  const std::optional<std::string> writer = DirLock::writer(dir);
-  const std::string resume = "canopy train --config " + config_path + " --resume";
-
-  o << "training run " << dir << "\n";
-  if (plan) {
-    o << "  config      " << config_path << ": " << plan->epochs.size() << " head"
-      << (plan->epochs.size() == 1 ? "" : "s") << ", cache " << plan->cache << "\n";
-  } else {
-    o << "  config      " << config_path << ": cannot be read (" << why_no_plan << ")\n";
-  }
-
-  // Where it stands, and what goes on from there.
-  const bool all_finished = record && std::none_of(record->runs.begin(), record->runs.end(),
-                                                   [](const auto& r) { return r.second.training(); });
-  std::vector<std::string> missing;  // exports the config promises that heads/ lacks
-  if (plan && record) {
-    for (const auto& name : plan->exports) {
-      // A task's head, or a grid's members (`name@...`): one that did not fail exports it.
-      const bool any_finished = std::any_of(record->runs.begin(), record->runs.end(), [&](const auto& r) {
-        return (r.first == name || r.first.rfind(name + "@", 0) == 0) && !r.second.failed();
-      });
-      const bool there =
-          std::any_of(exported.begin(), exported.end(), [&](const Exported& e) { return e.name == name; });
-      if (any_finished && !there) missing.push_back(name);
-    }
-  }
-  std::string status, kind;  // the sentence, and one word for --json
-  if (writer) {
-    kind = "running";
-    status = "running: " + (writer->empty() ? std::string("a canopy process") : *writer) +
-             " is training in it now; the checkpoint below is the last it committed";
-  } else if (!record && !why_no_record.empty()) {
-    kind = "unreadable";
-    status = "its checkpoint cannot be read (" + why_no_record + ")";
-  } else if (!record) {
-    kind = exported.empty() ? "no_checkpoint" : "finished";
-    status = exported.empty() ? "no checkpoint: the run stopped before its first; run the same command again"
-                              : "finished (no checkpoint left)";
-  } else if (!all_finished) {
-    kind = "stopped";
-    status =
-        "stopped before its end (killed, stopped, or an error): `" + resume + "` goes on from its checkpoint";
-  } else if (!missing.empty()) {
-    kind = "not_exported";
-    status = "every head finished, but " + join(missing, ", ") + " " + (missing.size() == 1 ? "is" : "are") +
-             " not exported: `" + resume + "` exports them";
-  } else {
-    kind = "finished";
-    status = "finished";
-  }
-  o << "  status      " << status << "\n";
-  if (record) {
-    o << "  checkpoint  generation " << record->generation << ": " << describe_done(record->position)
-      << (record->top ? ", with the trunk's trained top" : "") << "\n";
-  }
-
-  bool good = record || why_no_record.empty();
-  if (verify && record) {
-    const std::size_t files = record->runs.size() + (record->top ? 1 : 0);
-    if (record->problems.empty()) {
-      o << "  verified    state.json and its " << files << " file" << (files == 1 ? "" : "s")
-        << " match the checksums it records\n";
-    }
-    for (const auto& p : record->problems) o << "  CORRUPT     " << p << "\n";
-    good = good && record->problems.empty();
-  }
-  if (exported.empty()) o << "  exported    none yet\n";
-  std::size_t width = 0;
-  for (const auto& e : exported) width = std::max(width, e.name.size());
-  for (std::size_t i = 0; i < exported.size(); ++i) {
-    const auto& e = exported[i];
-    o << (i == 0 ? "  exported    " : "              ") << e.name
-      << std::string(width - e.name.size() + 2, ' ') << e.score << " on the eval split" << e.validation
-      << "\n";
-  }
-  std::size_t checked = 0;
-  for (const auto& e : exported) {
-    for (const auto& p : e.problems) o << "  CORRUPT     " << p << "\n";
-    checked += e.problems.empty() ? 1 : 0;
-    good = good && e.problems.empty();
-  }
-  if (verify && !exported.empty() && checked == exported.size()) {
-    o << "  verified    every exported card matches its checksum, and its weights their SHA-256\n";
-  }
-  if (record) o << "\n" << head_table(*record, plan);
-  if (ok) *ok = good;
-  if (!json) return o.str();
-
-  // The same, for scripts: one JSON object.
-  using nlohmann::ordered_json;
-  ordered_json j{
-      {"out_dir", dir},
-      {"config", config_path},
-      {"status", kind},
-      {"status_text", status},
-      {"holder", writer ? ordered_json(*writer) : ordered_json()},
-      {"resume_command", kind == "stopped" || kind == "not_exported" ? ordered_json(resume) : ordered_json()},
-      {"cache", plan ? ordered_json(plan->cache) : ordered_json()}};
-  j["checkpoint"] = record ? ordered_json{{"generation", record->generation},
-                                          {"epoch", record->position.epoch},
-                                          {"step", record->position.step},
-                                          {"top", record->top}}
-                           : ordered_json();
-  j["heads"] = ordered_json::array();
-  for (const auto& [name, run] : record ? record->runs : std::vector<std::pair<std::string, HeadRun>>{}) {
-    const auto planned =
-        plan ? plan->epochs.find(name) : std::map<std::string, std::int64_t>::const_iterator{};
-    j["heads"].push_back(
-        {{"name", name},
-         {"state", state_name(run.state)},
-         {"epochs", run.epochs},
-         {"epochs_planned",
-          plan && planned != plan->epochs.end() ? ordered_json(planned->second) : ordered_json()},
-         {"best_score", run.best_score < -1e299 ? ordered_json() : ordered_json(run.best_score)},
-         {"best_epoch", run.best_epoch},
-         {"note", run.failed() ? run.failure : run.stop_note}});
-  }
-  j["exported"] = ordered_json::array();
-  for (const auto& e : exported) {
-    j["exported"].push_back(
-        {{"name", e.name},
-         {e.regression ? "test_r2" : "test_accuracy", e.test_score},
-         {"validation_accuracy",
-          e.validation_accuracy ? ordered_json(*e.validation_accuracy) : ordered_json()}});
-  }
-  j["problems"] = ordered_json::array();
-  if (record) {
-    for (const auto& p : record->problems) j["problems"].push_back(p);
-  }
-  for (const auto& e : exported) {
-    for (const auto& p : e.problems) j["problems"].push_back(p);
-  }
-  j["verified"] = verify;
-  j["ok"] = good;
-  return j.dump(1) + "\n";
+  const RunFacts facts = read_run(dir, verify);
+  const Status status = status_of(facts);
+  if (ok) *ok = facts.good();
+  return json ? report_json(facts, status, verify) : report_text(facts, status, verify);
 }
 
 }  // namespace canopy::runners

@@ -379,7 +379,10 @@ class EpochLoop {
         runs_(runs) {
     steps_per_epoch_ = (source.rows() + config.train.batch_size - 1) / config.train.batch_size;
     max_epochs_ = *std::max_element(set.epochs.begin(), set.epochs.end());
-    for (const tasks::Task* t : set.tasks) has_grid_ = has_grid_ || !t->config().grid.empty();
+    for (const tasks::Task* t : set.tasks) {
+      grids_.push_back(t->config().grid);
+      has_grid_ = has_grid_ || !grids_.back().empty();
+    }
   }
 
   // What the heads are evaluated on: the cached features, or the top's output on the
@@ -619,13 +622,9 @@ class EpochLoop {
   // A grid weighs on the shared top as one task: each unit's gradient to it scaled by 1 / n,
   // n its grid's members that stepped (grid_top_shares).
   void weigh_grids(const std::vector<WorkUnit>& units, std::vector<at::Tensor>& grads) const {
-    std::vector<std::string> grid;
     std::vector<bool> stepped;
-    for (std::size_t i = 0; i < runs_.size(); ++i) {
-      grid.push_back(set_.tasks[i]->config().grid);
-      stepped.push_back(!runs_[i].failed() && std::isfinite(runs_[i].last_loss));
-    }
-    const std::vector<double> shares = grid_top_shares(units, grid, stepped);
+    for (const auto& r : runs_) stepped.push_back(!r.failed() && std::isfinite(r.last_loss));
+    const std::vector<double> shares = grid_top_shares(units, grids_, stepped);
     for (std::size_t u = 0; u < units.size(); ++u) {
       if (grads[u].defined() && shares[u] != 1.0) grads[u] = grads[u] * shares[u];
     }
@@ -884,7 +883,8 @@ class EpochLoop {
   std::int64_t steps_per_epoch_ = 0;
   bool source_done_ = false;  // the source said the epoch's batches are all served
   std::int64_t max_epochs_ = 0;
-  bool has_grid_ = false;  // some task is a grid's member
+  std::vector<std::string> grids_;  // per task, the grid it is a member of ("" for none)
+  bool has_grid_ = false;           // some task is a grid's member
 };
 
 // The groups of the first step, as the report and the log name them: the fused ones, and

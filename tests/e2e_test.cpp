@@ -496,10 +496,16 @@ TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
   EXPECT_EQ(run_cli({"inspect", dir_.file("out")}, registry_, out, err), kExitOk) << err.str();
   for (const std::string& want :
        {"training run " + dir_.file("out"), "cache " + dir_.file("cache"),
-        std::string("status      finished"), std::string("checkpoint  generation 2: 2 epochs done"),
-        std::string("\ncustom "), std::string("done")}) {
+        std::string("status      finished"), std::string("checkpoint  generation 2: 2 epochs done")}) {
     EXPECT_NE(out.str().find(want), std::string::npos) << want << " in:\n" << out.str();
   }
+  // The custom head's row: its name, state and epochs done of planned.
+  const auto row = out.str().find("\ncustom ");
+  ASSERT_NE(row, std::string::npos) << out.str();
+  std::istringstream cells(out.str().substr(row + 1, out.str().find('\n', row + 1) - row - 1));
+  std::string name, state, epochs;
+  cells >> name >> state >> epochs;
+  EXPECT_EQ(state + " " + epochs, "done 2/2") << out.str();
   EXPECT_EQ(run_cli({"inspect", dir_.file("out"), "--config", config_path_}, registry_, out, err),
             kExitUsage);
 

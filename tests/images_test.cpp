@@ -184,14 +184,14 @@ TEST(Images, ClassFoldersNumberClassesBySortedName) {
 // The crop box is torchvision's RandomResizedCrop.get_params: cases worked by hand, and the
 // area and aspect ratio every box keeps.
 TEST(Augment, TheCropBoxIsTorchvisionsRandomResizedCrop) {
-  std::vector<double> u(22, 0.0);
+  std::vector<double> u(kCropDraws, 0.0);
   // A quarter of a 64x64 image, aspect 1 (u = 0.5 is log-ratio 0), at row floor(0.5 x 33).
   u[1] = 0.5;
-  u[20] = 0.5;
+  u[2 * kCropTries] = 0.5;  // the row
   CropBox b = random_resized_crop_box(64, 64, 0.25, 0.25, u.data());
   EXPECT_EQ(std::vector<std::int64_t>({b.y0, b.x0, b.h, b.w}), std::vector<std::int64_t>({16, 0, 32, 32}));
   // The whole area at aspect 4/3 does not fit (74 columns): the next try, aspect 1, does.
-  u.assign(22, 0.0);
+  u.assign(kCropDraws, 0.0);
   u[1] = 1.0;
   u[3] = 0.5;
   b = random_resized_crop_box(64, 64, 1.0, 1.0, u.data());
@@ -201,9 +201,9 @@ TEST(Augment, TheCropBoxIsTorchvisionsRandomResizedCrop) {
   EXPECT_EQ(std::vector<std::int64_t>({b.y0, b.x0, b.h, b.w}), std::vector<std::int64_t>({0, 21, 16, 21}));
   // Random draws: every box inside the image; one from a try keeps its area fraction and
   // aspect ratio up to rounding; with crop_scale 1,1 a square image is kept whole.
-  const at::Tensor draws = at::rand({2000, 22}, at::TensorOptions().dtype(at::kDouble)).contiguous();
+  const at::Tensor draws = at::rand({2000, kCropDraws}, at::TensorOptions().dtype(at::kDouble)).contiguous();
   for (std::int64_t i = 0; i < draws.size(0); ++i) {
-    const double* r = draws.data_ptr<double>() + i * 22;
+    const double* r = draws.data_ptr<double>() + i * kCropDraws;
     b = random_resized_crop_box(28, 28, 0.35, 1.0, r);
     ASSERT_TRUE(b.y0 >= 0 && b.x0 >= 0 && b.y0 + b.h <= 28 && b.x0 + b.w <= 28 && b.h > 0 && b.w > 0);
     if (b.h == 28 && b.w == 28) continue;  // a fallback, or a try that kept all

@@ -126,7 +126,7 @@ weight_decay = 0.01
     check(r.returncode == 1 and os.path.basename(head_file) in r.stderr and "does not match the checksum" in r.stderr,
           f"a flipped bit in {os.path.basename(head_file)}: --resume refuses it ({r.stderr.strip()[-220:]})")
     r = subprocess.run([canopy, "inspect", out, "--verify"], capture_output=True, text=True)
-    check(r.returncode == 1 and f"CORRUPT     '{head_file}' does not match the checksum" in r.stdout,
+    check(r.returncode == 1 and f"CORRUPT     checkpoint file '{head_file}' does not match the checksum" in r.stdout,
           f"... and canopy inspect --verify finds it (exit {r.returncode}): "
           f"{[l for l in r.stdout.splitlines() if 'CORRUPT' in l]}")
     text = open(state).read()
@@ -150,7 +150,7 @@ weight_decay = 0.01
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([b ^ 1]))
     r = subprocess.run([canopy, "inspect", out, "--verify"], capture_output=True, text=True)
-    check(r.returncode == 1 and f"CORRUPT     weights '{weights}' do not match the SHA-256" in r.stdout,
+    check(r.returncode == 1 and f"CORRUPT     weights '{weights}' have sha256 " in r.stdout,
           f"a flipped bit in an exported head's weights: canopy inspect --verify finds it (exit {r.returncode})")
 
     # While a run trains (stopped with SIGSTOP once it has a checkpoint), inspect says who holds it.

@@ -29,7 +29,9 @@ std::string describe(const AugmentConfig& config);
 // uniform in [scale_min, scale_max] of the image and an aspect ratio (width / height)
 // log-uniform in [3/4, 4/3], the first whose box fits inside the image, at a uniform position;
 // when none fits, the whole image, cropped at the center to bring its aspect ratio into that
-// range. `u`: 22 uniform draws in [0, 1) (2 per try, then the position's 2).
+// range. `u`: kCropDraws uniform draws in [0, 1) (2 per try, then the position's 2).
+inline constexpr int kCropTries = 10;
+inline constexpr int kCropDraws = 2 * kCropTries + 2;
 struct CropBox {
   std::int64_t y0 = 0, x0 = 0, h = 0, w = 0;
 };
