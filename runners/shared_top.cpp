@@ -101,7 +101,7 @@ SharedTop::SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets
       CANOPY_CHECK(problem.empty(), ConfigError, "trunk.schedule = autofreeze: ", problem);
     }
   }
-  start_epoch(0, 1);  // each group's own rate, and the first epoch's frozen blocks
+  start_epoch(0, 1, 0);  // each group's own rate, and the first epoch's frozen blocks
   feature_dim_ = forward(at::zeros({1, meta.feature_dim}, at::kFloat), false).size(1);
 }
 
@@ -262,7 +262,7 @@ void SharedTop::step(const at::Tensor& z, const at::Tensor& grad) {
   }
 }
 
-void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total) {
+void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total, std::int64_t first_step) {
   // Constant or cosine (validate_job_config refuses step for the top).
   const double factor = tasks::lr_factor(config_.lr_schedule, epoch, total, 1, 1.0);
   auto& groups = optimizer_->param_groups();
@@ -273,8 +273,11 @@ void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total) {
   } else {
     hold(frozen_);
   }
-  // Autofreeze: the highest frozen block's output is stored during this epoch.
-  if (config_.schedule == FreezeSchedule::kAutofreeze && frozen_ - 1 > level_ && pending_ < 0) {
+  // Autofreeze: the highest frozen block's output is stored during this epoch. A block frozen
+  // during an epoch is stored from the next one's start: a run resumed in the middle of that
+  // epoch (the block frozen in its checkpoint) waits for it too.
+  if (config_.schedule == FreezeSchedule::kAutofreeze && first_step == 0 && frozen_ - 1 > level_ &&
+      pending_ < 0) {
     pending_ = frozen_ - 1;
     pending_rows_ = at::Tensor();
     log_info("autofreeze: storing the output of " + top_blocks_[static_cast<std::size_t>(pending_)] +
@@ -310,8 +313,8 @@ void SharedTop::track_gradients() {
           "autofreeze: freezing " +
           join(std::vector<std::string>(top_blocks_.begin() + frozen_, top_blocks_.begin() + frozen_ + k),
                ", ") +
-          " (gradient-norm change rate below the " + std::to_string(config_.percentile) +
-          "th percentile of the trainable blocks')");
+          detail::str_cat(" (gradient-norm change rate below the ", config_.percentile,
+                          "th percentile of the trainable blocks')"));
       hold(frozen_ + k);
     }
   }
@@ -350,6 +353,15 @@ void SharedTop::load_level(std::int64_t level) {
 
 // One row's shape of a level (texts: padded to the cache's length), from a pass on one row.
 std::vector<std::int64_t> SharedTop::level_shape(std::int64_t level) {
+  const auto shape = block_shape(level);
+  std::int64_t values = 1;
+  for (auto d : shape) values *= d;
+  CANOPY_CHECK(level_rows_.size(1) == values, DataError, "cache level '", level_path(level), "' holds ",
+               level_rows_.size(1), " values per row, the block's output ", shape);
+  return shape;
+}
+
+std::vector<std::int64_t> SharedTop::block_shape(std::int64_t level) {
   std::int64_t width = 0;
   for (const auto& p : parts_) width += p.numel();
   std::int64_t len = -1;
@@ -359,23 +371,41 @@ std::vector<std::int64_t> SharedTop::level_shape(std::int64_t level) {
       trunk_.span(trunk_.split().boundary, top_blocks_[static_cast<std::size_t>(level)], parts);
   std::vector<std::int64_t> shape(out.sizes().begin() + 1, out.sizes().end());
   if (len >= 0) shape[0] = parts_[1].shape[0];
-  std::int64_t values = 1;
-  for (auto d : shape) values *= d;
-  CANOPY_CHECK(level_rows_.size(1) == values, DataError, "cache level '", level_path(level), "' holds ",
-               level_rows_.size(1), " values per row, the block's output ", shape);
   return shape;
 }
 
+// Data parallel: each rank stored the rows of its slices of the epoch's batches, and every
+// training row is in one slice of one batch. The rows a rank did not store are zeros there,
+// so the element-wise sum over the ranks is every rank's rows, exactly (x + 0 is x).
+void SharedTop::gather_pending() {
+  double stored = pending_rows_.defined() ? 1.0 : 0.0;
+  mpi::all_reduce_sum(&stored, 1);
+  if (stored == 0) return;         // no rank stepped in this epoch
+  if (!pending_rows_.defined()) {  // this rank's slices were all empty
+    pending_shape_ = block_shape(pending_);
+    std::int64_t values = 1;
+    for (auto d : pending_shape_) values *= d;
+    pending_rows_ = at::zeros({train_rows_, values}, at::kFloat);
+  }
+  mpi::all_reduce_sum(pending_rows_.data_ptr<float>(), pending_rows_.numel());
+}
+
 TopEpoch SharedTop::end_epoch() {
+  if (pending_ >= 0 && allreduce_bucket_bytes_ > 0) gather_pending();
   if (pending_ >= 0 && pending_rows_.defined()) {
     level_ = pending_;
     level_rows_ = pending_rows_;
     level_shape_ = pending_shape_;
-    datasets::write_level(level_path(level_), {level_rows_, top_blocks_[static_cast<std::size_t>(level_)],
-                                               level_fingerprint(level_)});
-    log_info("autofreeze: cache level " + level_path(level_) + " written (" + std::to_string(train_rows_) +
-             " rows); the blocks up to " + top_blocks_[static_cast<std::size_t>(level_)] +
-             " are no longer computed");
+    // Under mpirun every rank holds the level; rank 0 writes it, as it writes the checkpoint
+    // that names it.
+    if (mpi::rank() == 0) {
+      datasets::write_level(level_path(level_), {level_rows_, top_blocks_[static_cast<std::size_t>(level_)],
+                                                 level_fingerprint(level_)});
+    }
+    log_info("autofreeze: cache level " + level_path(level_) +
+             (mpi::rank() == 0 ? " written (" : " held, rank 0 writes it (") + std::to_string(train_rows_) +
+             " rows" + (allreduce_bucket_bytes_ > 0 ? ", every rank's slices" : "") + "); the blocks up to " +
+             top_blocks_[static_cast<std::size_t>(level_)] + " are no longer computed");
   }
   pending_ = -1;
   pending_rows_ = at::Tensor();
@@ -389,6 +419,7 @@ TopEpoch SharedTop::end_epoch() {
 }
 
 void SharedTop::prune_levels() const {
+  if (mpi::rank() != 0) return;  // rank 0 writes them
   for (std::int64_t b = 0; b < static_cast<std::int64_t>(top_blocks_.size()); ++b) {
     if (b != level_ && is_regular_file(level_path(b))) std::remove(level_path(b).c_str());
   }

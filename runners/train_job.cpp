@@ -442,7 +442,7 @@ class EpochLoop {
       if (first_step == 0) runs_[i].start_epoch();
       set_.tasks[i]->start_epoch(epoch, set_.epochs[i]);
     }
-    if (top_) top_->start_epoch(epoch, max_epochs_);
+    if (top_) top_->start_epoch(epoch, max_epochs_, first_step);
     if (mpi::distributed() && !top_) take_share(active);
     return active;
   }
@@ -476,7 +476,7 @@ class EpochLoop {
       datasets::Batch batch;
       // The data order depends only on (seed, epoch): a resumed run skips what was done.
       for (; step < first_step && source_.next(batch); ++step) {
-        if (top_) top_->replay(batch.features, batch.index);  // the cache level rows it stored
+        if (top_) replay(batch);  // the cache level rows it stored
       }
     }
     // Windows of steps: the heads train one window while the next one's batches are
@@ -651,6 +651,16 @@ class EpochLoop {
   }
 
   bool mine(std::size_t i) const { return mine_.empty() || mine_[i]; }
+
+  // A step skipped on resume stores the cache level rows it stored: under mpirun, this rank's
+  // slice of the batch, as train_shared_step ran the top on.
+  void replay(const datasets::Batch& batch) {
+    if (!mpi::distributed()) return top_->replay(batch.features, batch.index);
+    const auto [lo, hi] = my_rows(batch.features.size(0));
+    if (hi > lo)
+      top_->replay(batch.features.slice(0, lo, hi),
+                   batch.index.defined() ? batch.index.slice(0, lo, hi) : batch.index);
+  }
 
   // Under mpirun with a trainable top: the rows [lo, hi) of a batch of `rows` this rank's top
   // pass takes (contiguous, as even as can be).
@@ -1211,11 +1221,9 @@ void run_within_memory(EpochLoop& loop, const CheckpointPosition& from, Progress
 }
 
 // Under mpirun, the top trains data parallel over the ranks (EpochLoop::train_shared_step).
-void train_top_data_parallel(const JobConfig& config, SharedTop& top) {
-  CANOPY_CHECK(config.top.schedule == FreezeSchedule::kStatic, ConfigError,
-               "trunk.schedule = ", to_string(config.top.schedule),
-               " keeps cache levels of the train split in out_dir, which ", mpi::size(),
-               " MPI ranks would each write; under mpirun use schedule = static, or run it in one process");
+// A freezing schedule decides from the summed gradients, the same on every rank; autofreeze's
+// cache levels are gathered from the ranks' slices (SharedTop::end_epoch).
+void train_top_data_parallel(SharedTop& top) {
   top.set_data_parallel(kAllreduceBucketBytes);
   log_info("the trunk's top trains data parallel over " + std::to_string(mpi::size()) +
            " ranks: each takes a slice of every batch; gradients summed in buckets of " +
@@ -1275,7 +1283,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   mpi::barrier();
   const auto cache = open_checked_cache(config);
   TrainInputs in = open_inputs(cache, config, report);
-  if (mpi::distributed() && in.shared.top) train_top_data_parallel(config, *in.shared.top);
+  if (mpi::distributed() && in.shared.top) train_top_data_parallel(*in.shared.top);
   const auto& source = in.train.source;
   SharedTop* top = in.shared.top.get();
   const at::Tensor eval_rows = in.selection().features.to(at::kFloat);

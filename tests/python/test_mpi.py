@@ -15,7 +15,11 @@
   - a rank SIGKILLed mid-training ends the job within seconds; 2 ranks resume it (heads move
     between ranks through the checkpoint) to the same heads;
   - the trunk's top fine-tuned data parallel over 3 ranks (each a slice of every batch, the
-    gradients all-reduced) gives the one-process run's top and heads to 1e-5.
+    gradients all-reduced) gives the one-process run's top and heads to 1e-5;
+  - so do the freezing schedules (gradual, autofreeze), freezing the same blocks per epoch;
+    autofreeze's cache level, gathered from the ranks' slices and written by rank 0, is the
+    one-process level; a rank SIGKILLed while it is stored resumes bitwise with 3 ranks, and
+    with 2 once it is written.
 
     test_mpi.py --canopy build/runners/canopy
 """
@@ -246,10 +250,145 @@ lr = 0.003
     check(one.keys() == three.keys() and worst <= 1e-5 and moved > 1e-3,
           f"3-rank trunk top and heads equal the one-process run's to 1e-5 (largest difference {worst:.2e}; "
           f"the top moved by up to {moved:.3f})")
-    r = subprocess.run(mpirun(2, canopy, "train", "--config", cfg, "--set", f"train.out_dir={work}/tune-x",
-                              "--set", "trunk.schedule=gradual", "--progress", "quiet"), capture_output=True, text=True, env=mpi_env())
-    check(r.returncode != 0 and "schedule = static" in r.stderr,
-          f"a schedule that keeps cache levels is refused under mpirun: {r.stderr.strip()[-200:]}")
+    check_schedules(canopy, work, env, blocks)
+
+
+def trunk_epochs(out):
+    """What metrics.jsonl says the top did per epoch: (blocks training, cache level read)."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["training"], r["level"]) for r in map(json.loads, f) if r["task"] == "@trunk"]
+
+
+def kill_rank_when(cmd, out, reached, rank=1):
+    """Starts the mpirun `cmd`, SIGKILLs its rank `rank` once out_dir's checkpoint position
+    (epoch, step) is at least `reached`; returns that position (None if never) and the exit."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env())
+    state, at = os.path.join(out, "checkpoint", "state.json"), None
+    deadline = time.time() + 120 * slowdown()
+    while time.time() < deadline and p.poll() is None:
+        try:
+            with open(state) as f:
+                st = json.load(f)
+            pids = rank_pids(p.pid)
+            if (st["epoch"], st["step"]) >= reached and rank in pids:
+                os.kill(pids[rank], signal.SIGKILL)
+                at = (st["epoch"], st["step"])
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.002)
+    try:
+        p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+    return at, p.returncode
+
+
+def check_schedules(canopy, work, env, blocks):
+    """gradual and autofreeze over data-parallel ranks: the same blocks train and freeze per
+    epoch as in one process; autofreeze's cache level is gathered from the ranks' slices and
+    written once, by rank 0; a rank SIGKILLed while the level is being stored resumes, with 3
+    ranks, to the uninterrupted run bitwise, and killed once the level is written, with 2."""
+    import h5py
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = os.path.join(work, "auto.ini")
+    with open(cfg, "w") as f:
+        f.write(tiny_trunk_sections(blocks, 320, 100) + f"""freeze = first:1
+schedule = autofreeze
+freeze_interval = 5
+percentile = 100
+min_trainable = 1
+lr = 0.003
+[cache]
+path = {work}/auto-cache
+[train]
+out_dir = {work}/auto-one
+batch_size = 32
+epochs = 4
+checkpoint_steps = 3
+weighting = static
+[task.a_linear]
+head = linear
+lr = 0.01
+[task.c_mlp]
+head = mlp
+head.hidden = 32
+lr = 0.003
+""")
+
+    def train(n, out, *extra):
+        cmd = [canopy, "train", "--config", cfg, "--set", f"train.out_dir={out}", *extra, "--progress", "quiet"]
+        return subprocess.run(mpirun(n, *cmd) if n > 1 else cmd, capture_output=True, text=True,
+                              env=mpi_env() if n > 1 else env)
+
+    def weights(out):
+        w = {k: v.detach().clone() for k, v in torch.jit.load(os.path.join(out, "trunk.pt")).state_dict().items()}
+        for n in ("a_linear", "c_mlp"):
+            w.update({f"{n}.{k}": v for k, v in load_file(os.path.join(out, "heads", f"{n}.safetensors")).items()})
+        return w
+
+    def level(out, block):
+        with h5py.File(os.path.join(out, "levels", f"{block}.h5"), "r") as h:
+            return h["rows"][:]
+
+    def differ(a, b):
+        wa, wb = weights(a), weights(b)
+        return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa) if wa.keys() == wb.keys() else 1.0
+
+    r = subprocess.run([canopy, "cache", "--config", cfg, "--progress", "quiet"], capture_output=True, text=True, env=env)
+    check(r.returncode == 0, f"cache below the top's 3 blocks: {r.stderr[-300:]}")
+    for name, keys in (("gradual", ["--set", "trunk.schedule=gradual", "--set", "trunk.warmup_epochs=1",
+                                    "--set", "trunk.unfreeze_every=1"]), ("autofreeze", [])):
+        one, three = f"{work}/{name}-one", f"{work}/{name}-three"
+        r1, r3 = train(1, one, *keys), train(3, three, *keys)
+        check(r1.returncode == 0 and r3.returncode == 0, f"{name}: one process and 3 ranks train "
+              f"({r1.stderr.strip()[-200:]} {r3.stderr.strip()[-300:]})")
+        if r1.returncode or r3.returncode:
+            continue
+        epochs, worst = trunk_epochs(three), differ(one, three)
+        check(epochs == trunk_epochs(one) and worst <= 1e-5,
+              f"{name} over 3 ranks: the blocks train (and freeze) per epoch as in one process {epochs}; "
+              f"top and heads equal to 1e-5 (largest difference {worst:.2e})")
+        if name == "gradual":
+            continue
+        block = next((lv for _, lv in epochs if lv), None)
+        check(block is not None and os.listdir(f"{three}/levels") == [f"{block}.h5"],
+              f"autofreeze over 3 ranks reads a cache level from epoch {[lv for _, lv in epochs]}")
+        if block is None:
+            return
+        written = [l for l in r3.stderr.splitlines() if "cache level" in l and " written (" in l]
+        check(len(written) == 1 and written[0].startswith("[canopy 0/3]"), f"rank 0 alone writes it: {written}")
+        a, b = level(one, block), level(three, block)
+        check(a.shape == b.shape and np.abs(a - b).max() <= 1e-5 and np.abs(b).sum(1).min() > 0,
+              f"the level gathered from 3 ranks' slices is the one-process level to 1e-5 "
+              f"(largest difference {np.abs(a - b).max():.1e}; every row stored)")
+    # Killed while the level is stored (the epoch whose metrics row first names it, mid-way):
+    # 3 ranks replay their slices of the steps done and end bitwise as the uninterrupted run.
+    stored = next(i for i, (_, lv) in enumerate(trunk_epochs(f"{work}/autofreeze-three")) if lv)
+    for n, at, what in ((3, (stored, 3), "while the level is stored"), (2, (stored + 1, 3), "once the level is written")):
+        out = f"{work}/auto-cut{n}"
+        cmd = [canopy, "train", "--config", cfg, "--set", f"train.out_dir={out}", "--progress", "quiet"]
+        killed, rc = kill_rank_when(mpirun(3, *cmd), out, at)
+        check(killed is not None and rc != 0, f"autofreeze: rank 1 of 3 SIGKILLed {what}, at {killed} (exit {rc})")
+        r = train(n, out, "--resume")
+        check(r.returncode == 0 and "resuming from the checkpoint" in r.stderr,
+              f"... {n} ranks resume it ({r.stderr.strip()[-300:]})")
+        if r.returncode:
+            continue
+        ref = f"{work}/autofreeze-three"
+        worst, lv = differ(ref, out), np.abs(level(ref, block) - level(out, block)).max()
+        if n == 3:
+            check(worst == 0 and lv == 0 and trunk_epochs(out) == trunk_epochs(ref),
+                  f"... to the uninterrupted 3-rank run bitwise: top, heads and cache level "
+                  f"(largest differences {worst:.1e}, {lv:.1e})")
+        else:
+            check(worst <= 1e-5 and lv == 0 and trunk_epochs(out) == trunk_epochs(ref),
+                  f"... every rank reading rank 0's level file: the level bitwise, top and heads to 1e-5 "
+                  f"(largest difference {worst:.1e})")
 
 
 TASKS = """validation_fraction = 0.1

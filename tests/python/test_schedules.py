@@ -77,8 +77,9 @@ def resume_matches(canopy, config, out, reference, targets, what, extra_files=()
         with h5py.File(f"{out}/{level}", "r") as a, h5py.File(f"{reference}/{level}", "r") as b:
             check(np.array_equal(a["rows"][:], b["rows"][:]) and a["rows"].attrs["fingerprint"] == b["rows"].attrs["fingerprint"],
                   f"{what}: the resumed run's cache level {level} is bitwise the uninterrupted one's")
-    check([r["training"] for r in trunk_rows(out)] == [r["training"] for r in trunk_rows(reference)],
-          f"{what}: the resumed run froze the same blocks at the same epochs")
+    got, want = ([(r["training"], r["level"]) for r in trunk_rows(o)] for o in (out, reference))
+    check(got == want, f"{what}: the resumed run froze the same blocks and read the same cache level at the same "
+          f"epochs ({got} against {want})")
 
 
 def level_on_full_disk(canopy, config, small, reference, level):

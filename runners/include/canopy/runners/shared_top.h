@@ -73,8 +73,8 @@ class SharedTop {
   // Whether any block of the top trains now (gradual: not during the warm-up).
   bool trains() const { return frozen_ < static_cast<std::int64_t>(top_blocks_.size()); }
   // Sets the learning rates of epoch `epoch` (0-based) of `total` from the schedule, and
-  // which blocks train.
-  void start_epoch(std::int64_t epoch, std::int64_t total);
+  // which blocks train; `first_step` > 0 when a run resumes in the middle of the epoch.
+  void start_epoch(std::int64_t epoch, std::int64_t total, std::int64_t first_step);
   // After an epoch's steps: a cache level written during it is complete, saved, and read
   // from now on. Returns what the epoch did.
   TopEpoch end_epoch();
@@ -112,7 +112,9 @@ class SharedTop {
   std::string level_path(std::int64_t level) const;
   std::string level_fingerprint(std::int64_t level) const;
   void load_level(std::int64_t level);
-  std::vector<std::int64_t> level_shape(std::int64_t level);
+  std::vector<std::int64_t> level_shape(std::int64_t level);  // checked against level_rows_
+  std::vector<std::int64_t> block_shape(std::int64_t level);  // one row of the block's output
+  void gather_pending();
 
   trunk::Trunk trunk_;
   TopConfig config_;
