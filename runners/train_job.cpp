@@ -386,10 +386,16 @@ class EpochLoop {
   }
 
   // What the heads are evaluated on: the cached features, or the top's output on the
-  // cached prefix (computed again when the top has stepped since the last time).
-  const at::Tensor& eval_features() {
+  // cached prefix (computed again when the top has stepped since the last time). Under
+  // mpirun every rank calls it at the same point (`together`), and the ranks share the work;
+  // rank 0 alone, after the loop, passes false.
+  const at::Tensor& eval_features(bool together = true) {
     if (!top_) return eval_rows_;
-    if (top_moved_ || !top_eval_.defined()) top_eval_ = top_->features(eval_rows_, config_.train.batch_size);
+    double stale = top_moved_ || !top_eval_.defined() ? 1.0 : 0.0;
+    if (together) mpi::all_reduce_sum(&stale, 1);  // the ranks agree, or one would wait alone
+    if (stale > 0) {
+      top_eval_ = together ? top_features(eval_rows_) : top_->features(eval_rows_, config_.train.batch_size);
+    }
     top_moved_ = false;
     return top_eval_;
   }
@@ -401,6 +407,12 @@ class EpochLoop {
   void run(const CheckpointPosition& from, ProgressStyle style) {
     describe_halving();
     describe_grids_on_top();
+    if (top_ && mpi::distributed()) {
+      const auto [lo, hi] = eval_share(eval_rows_.size(0));
+      log_info(detail::str_cat("the top's output on the eval split (", eval_rows_.size(0),
+                               " rows) is evaluated over the ranks: this rank's rows ", lo, "-", hi,
+                               ", every rank gets all of them"));
+    }
     Progress progress("train", (max_epochs_ - from.epoch) * steps_per_epoch_ - from.step, "steps", style);
     for (std::int64_t epoch = from.epoch; epoch < max_epochs_; ++epoch) {
       const std::int64_t first_step = epoch == from.epoch ? from.step : 0;
@@ -651,6 +663,29 @@ class EpochLoop {
   }
 
   bool mine(std::size_t i) const { return mine_.empty() || mine_[i]; }
+
+  // Rank r's rows [lo, hi) of `n` to run the top over: a run of whole batches.
+  std::pair<std::int64_t, std::int64_t> eval_share(std::int64_t n, int r = mpi::rank()) const {
+    const std::int64_t batch = config_.train.batch_size, batches = (n + batch - 1) / batch, k = mpi::size();
+    return {std::min(n, batches * r / k * batch), std::min(n, batches * (r + 1) / k * batch)};
+  }
+  // The top's output on `rows`, in batches of train.batch_size. Under mpirun each rank runs
+  // its share of the batches (the batches one process runs, so each row's output is the
+  // same) and every rank gets all of them.
+  at::Tensor top_features(const at::Tensor& rows) const {
+    const std::int64_t batch = config_.train.batch_size, n = rows.size(0), d = top_->feature_dim();
+    if (!mpi::distributed() || n * d > std::numeric_limits<int>::max()) return top_->features(rows, batch);
+    std::vector<int> counts;
+    for (int r = 0; r < mpi::size(); ++r) {
+      const auto [a, b] = eval_share(n, r);
+      counts.push_back(static_cast<int>((b - a) * d));
+    }
+    const auto [lo, hi] = eval_share(n);
+    const at::Tensor mine = top_->features(rows.slice(0, lo, hi), batch).to(at::kFloat).contiguous();
+    at::Tensor all = at::empty({n, d}, at::kFloat);
+    mpi::all_gather(mine.data_ptr<float>(), counts, all.data_ptr<float>());
+    return all;
+  }
 
   // A step skipped on resume stores the cache level rows it stored: under mpirun, this rank's
   // slice of the batch, as train_shared_step ran the top on.
@@ -1153,7 +1188,7 @@ datasets::CacheMeta trained_trunk_meta(const datasets::CacheMeta& cache_meta, Sh
 // computed them) and the test split's, through the trained top when there is one.
 FinalSplits final_splits(EpochLoop& loop, bool validation, const datasets::SplitData& test, SharedTop* top,
                          std::int64_t batch_size) {
-  FinalSplits s{loop.eval_features(), validation, {}, &test};
+  FinalSplits s{loop.eval_features(false), validation, {}, &test};
   s.test_features = !validation ? s.selection_features
                     : top       ? top->features(test.features.to(at::kFloat), batch_size)
                                 : test.features.to(at::kFloat);

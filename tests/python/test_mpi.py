@@ -250,6 +250,12 @@ lr = 0.003
     check(one.keys() == three.keys() and worst <= 1e-5 and moved > 1e-3,
           f"3-rank trunk top and heads equal the one-process run's to 1e-5 (largest difference {worst:.2e}; "
           f"the top moved by up to {moved:.3f})")
+    # Each rank runs the top over a third of the eval split's batches; gathered, the heads
+    # score as in one process (a row out of place would move the scores).
+    said = [l for l in r.stderr.splitlines() if "evaluated over the ranks" in l]
+    check(eval_scores(f"{work}/tune-one") == eval_scores(f"{work}/tune-three") and len(said) == 3,
+          f"the eval split's top output is shared out over the ranks; every epoch's scores are the one-process run's "
+          f"({said[:1]})")
     check_schedules(canopy, work, env, blocks)
 
 
@@ -350,9 +356,9 @@ lr = 0.003
         if r1.returncode or r3.returncode:
             continue
         epochs, worst = trunk_epochs(three), differ(one, three)
-        check(epochs == trunk_epochs(one) and worst <= 1e-5,
+        check(epochs == trunk_epochs(one) and worst <= 1e-5 and eval_scores(one) == eval_scores(three),
               f"{name} over 3 ranks: the blocks train (and freeze) per epoch as in one process {epochs}; "
-              f"top and heads equal to 1e-5 (largest difference {worst:.2e})")
+              f"top and heads equal to 1e-5 (largest difference {worst:.2e}), the same scores every epoch")
         if name == "gradual":
             continue
         block = next((lv for _, lv in epochs if lv), None)
@@ -427,6 +433,13 @@ head = linear
 lr = 0.1 | 0.01
 epochs = 2
 """
+
+
+def eval_scores(out):
+    """Every (epoch, head)'s scores on the eval split from metrics.csv."""
+    import csv
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return [(r["epoch"], r["task"], *(r[k] for k in sorted(r) if k.startswith("eval_"))) for r in csv.DictReader(f)]
 
 
 def metrics_rows(out):
