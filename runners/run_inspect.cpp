@@ -12,7 +12,9 @@
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
+#include "canopy/datasets/level_file.h"
 #include "canopy/runners/card_check.h"
 #include "canopy/runners/checkpoint_store.h"
 #include "canopy/runners/config.h"
@@ -67,6 +69,7 @@ struct Exported {
   bool regression = false;
   double test_score = 0.0;  // accuracy, or R^2, on the eval split
   std::optional<double> validation_accuracy;
+  std::string trunk_sha256;  // the trunk the card pins
   std::vector<std::string> problems;
 };
 
@@ -86,6 +89,7 @@ std::vector<Exported> read_exports(const std::string& heads_dir, bool verify) {
       if (verify && !card_problem.empty()) e.problems.push_back(card_problem);
       e.regression = card.value("kind", "multiclass") == "regression";
       e.test_score = card.at(e.regression ? "eval_r2" : "eval_accuracy").get<double>();
+      e.trunk_sha256 = card.value("trunk_sha256", "");
       if (!e.regression && card.contains("validation") && card.at("validation").contains("accuracy"))
         e.validation_accuracy = card.at("validation").at("accuracy").get<double>();
       if (verify) {
@@ -113,6 +117,69 @@ std::string score_text(double score, bool regression) {
   return buf;
 }
 
+// A run with the trunk's top trained: what metrics.jsonl last said of it (the blocks
+// training, the cache level read) and the fine-tuned trunk it exported; checked when asked:
+// trunk.pt against the SHA-256 the exported cards pin, the level against its rows' hash.
+struct TopFacts {
+  std::int64_t epoch = 0;  // the last epoch metrics.jsonl records for the top
+  std::vector<std::string> training;
+  std::string level;           // "" when the top reads the cache itself
+  std::string trunk;           // <out_dir>/trunk.pt, when written
+  bool trunk_checked = false;  // against the cards' pins (none before the export)
+  std::vector<std::string> problems;
+};
+
+// `resume`: the command that exports the trunk again from the checkpoint.
+std::optional<TopFacts> read_top(const std::string& dir, const std::vector<Exported>& exported, bool verify,
+                                 const std::string& resume) {
+  const std::string metrics = join_path(dir, "metrics.jsonl");
+  const std::string trunk = join_path(dir, "trunk.pt");
+  std::optional<TopFacts> top;
+  if (is_regular_file(metrics)) {
+    std::istringstream in(read_file(metrics));
+    for (std::string line; std::getline(in, line);) {
+      const auto row = ordered_json::parse(line, nullptr, false);
+      if (row.is_discarded() || !row.is_object() || row.value("task", "") != "@trunk") continue;
+      top.emplace();
+      top->epoch = row.value("epoch", std::int64_t{0});
+      if (row.contains("training") && row.at("training").is_array())
+        top->training = row.at("training").get<std::vector<std::string>>();
+      if (row.contains("level") && row.at("level").is_string())
+        top->level = row.at("level").get<std::string>();
+    }
+  }
+  if (!top && !is_regular_file(trunk)) return std::nullopt;
+  if (!top) top.emplace();
+  if (is_regular_file(trunk)) top->trunk = trunk;
+  if (!verify) return top;
+  if (!top->trunk.empty()) {
+    std::vector<std::string> pins;
+    for (const auto& e : exported) {
+      if (!e.trunk_sha256.empty() && std::find(pins.begin(), pins.end(), e.trunk_sha256) == pins.end())
+        pins.push_back(e.trunk_sha256);
+    }
+    top->trunk_checked = !pins.empty();
+    const std::string sha = pins.empty() ? std::string() : sha256_file(trunk);
+    for (const auto& pin : pins) {
+      if (pin != sha) {
+        top->problems.push_back(detail::str_cat("the fine-tuned trunk '", trunk, "' has SHA-256 ",
+                                                sha.substr(0, 16), "…, the exported cards pin ",
+                                                pin.substr(0, 16), "…: canopy predict would refuse it; `",
+                                                resume, "` exports it again from the checkpoint"));
+      }
+    }
+  }
+  if (!top->level.empty()) {
+    const std::string path = join_path(join_path(dir, "levels"), top->level + ".h5");
+    try {
+      datasets::read_level(path);
+    } catch (const Error& e) {
+      top->problems.push_back(e.what());
+    }
+  }
+  return top;
+}
+
 // Everything inspect reads of a run's out_dir.
 struct RunFacts {
   std::string dir, config_path;
@@ -121,6 +188,7 @@ struct RunFacts {
   std::optional<CheckpointRecord> record;
   std::string why_no_record;  // state.json there but unreadable
   std::vector<Exported> exported;
+  std::optional<TopFacts> top;
   std::optional<std::string> writer;  // who trains in it now
 
   std::string resume_command() const { return "canopy train --config " + config_path + " --resume"; }
@@ -132,6 +200,7 @@ struct RunFacts {
   std::vector<std::string> problems() const {
     std::vector<std::string> all = record ? record->problems : std::vector<std::string>{};
     for (const auto& e : exported) all.insert(all.end(), e.problems.begin(), e.problems.end());
+    if (top) all.insert(all.end(), top->problems.begin(), top->problems.end());
     return all;
   }
   bool good() const { return why_no_record.empty() && problems().empty(); }
@@ -151,6 +220,7 @@ RunFacts read_run(const std::string& dir, bool verify) {
     }
   }
   f.exported = read_exports(join_path(dir, "heads"), verify);
+  f.top = read_top(dir, f.exported, verify, f.resume_command());
   f.writer = DirLock::writer(dir);
   return f;
 }
@@ -254,6 +324,27 @@ std::string report_text(const RunFacts& f, const Status& status, bool verify) {
     }
     for (const auto& p : f.record->problems) o << "  CORRUPT     " << p << "\n";
   }
+  if (f.top) {
+    const TopFacts& t = *f.top;
+    if (t.epoch > 0) {
+      o << "  top         after epoch " << t.epoch << ": "
+        << (t.training.empty() ? std::string("every block held frozen")
+                               : join(t.training, ", ") + " training");
+      if (!t.level.empty()) o << "; reads the cache level " << join_path("levels", t.level + ".h5");
+      o << "\n";
+    }
+    if (!t.trunk.empty())
+      o << "  trunk       " << t.trunk << " (the fine-tuned trunk the heads were exported with)\n";
+    for (const auto& p : t.problems) o << "  CORRUPT     " << p << "\n";
+    if (verify && t.problems.empty() && (t.trunk_checked || !t.level.empty())) {
+      o << "  verified    "
+        << (t.trunk_checked && !t.level.empty()
+                ? "the fine-tuned trunk matches the SHA-256 the cards pin, the cache level its rows' hash"
+            : t.trunk_checked ? "the fine-tuned trunk matches the SHA-256 the cards pin"
+                              : "the cache level matches its rows' hash")
+        << "\n";
+    }
+  }
   if (f.exported.empty()) o << "  exported    none yet\n";
   std::size_t width = 0;
   for (const auto& e : f.exported) width = std::max(width, e.name.size());
@@ -303,6 +394,12 @@ std::string report_json(const RunFacts& f, const Status& status, bool verify) {
          {"best_epoch", run.best_epoch},
          {"note", run.failed() ? run.failure : run.stop_note}});
   }
+  j["top"] = f.top
+                 ? ordered_json{{"epoch", f.top->epoch},
+                                {"training", f.top->training},
+                                {"level", f.top->level.empty() ? ordered_json() : ordered_json(f.top->level)},
+                                {"trunk", f.top->trunk.empty() ? ordered_json() : ordered_json(f.top->trunk)}}
+                 : ordered_json();
   j["exported"] = ordered_json::array();
   for (const auto& e : f.exported) {
     j["exported"].push_back(

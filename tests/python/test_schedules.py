@@ -13,6 +13,8 @@ Fashion-MNIST through a small trunk with blocks (stem, blocks.0 .. blocks.2):
 - a disk that fills as autofreeze writes its cache level (a tmpfs with room for the
   checkpoints, not the level): exit 1 naming the level file and the full disk, and saying
   the checkpoint is whole; remounted larger, --resume ends bitwise as the uninterrupted run
+- canopy inspect describes the top (blocks training, the level read, the fine-tuned trunk);
+  --verify finds a flipped byte in trunk.pt or in the level
 - every loss weighting trains, and says its weights per epoch
 
     test_schedules.py --canopy build/runners/canopy
@@ -106,6 +108,41 @@ def level_on_full_disk(canopy, config, small, reference, level):
               f"... and once there is room --resume ends bitwise as the uninterrupted run ({r.stderr.strip()[-200:]})")
     finally:
         subprocess.run(["umount", small])
+
+
+def inspect_top(canopy, out, scratch, level, last):
+    """canopy inspect on the finished autofreeze run: the top's last epoch (the blocks training,
+    the cache level read) and the fine-tuned trunk; --verify checks the trunk against the
+    SHA-256 the cards pin and the level against its rows' hash; a flipped byte in either (in a
+    copy of the run) is CORRUPT, exit 1."""
+    import shutil
+    import h5py
+    r = subprocess.run([canopy, "inspect", out, "--verify"], capture_output=True, text=True)
+    want = f"reads the cache level levels/{level}.h5"
+    check(r.returncode == 0 and want in r.stdout and ", ".join(last["training"]) + " training" in r.stdout and
+          "the fine-tuned trunk matches the SHA-256 the cards pin, the cache level its rows' hash" in r.stdout,
+          f"canopy inspect --verify on the autofreeze run: the top's blocks, its level, trunk and level verified "
+          f"(exit {r.returncode}): {[l for l in r.stdout.splitlines() if 'top' in l or 'verified' in l]}")
+    j = json.loads(subprocess.run([canopy, "inspect", out, "--json"], capture_output=True, text=True).stdout or "{}")
+    top = j.get("top") or {}
+    check(top.get("level") == level and top.get("training") == last["training"] and top.get("epoch") == last["epoch"]
+          and top.get("trunk") == f"{out}/trunk.pt", f"... and --json says the same: {top}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(out, scratch)
+    with h5py.File(f"{scratch}/levels/{level}.h5", "r") as h:
+        at = h["rows"].id.get_offset() + 4 * 100 + 2
+    for path, offset in ((f"{scratch}/trunk.pt", os.path.getsize(f"{scratch}/trunk.pt") // 2),
+                         (f"{scratch}/levels/{level}.h5", at)):
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            b = f.read(1)
+            f.seek(offset)
+            f.write(bytes([b[0] ^ 0x10]))
+    r = subprocess.run([canopy, "inspect", scratch, "--verify"], capture_output=True, text=True)
+    bad = [l for l in r.stdout.splitlines() if "CORRUPT" in l]
+    check(r.returncode == 1 and len(bad) == 2 and any("trunk.pt" in l and "the exported cards pin" in l for l in bad)
+          and any(f"{level}.h5" in l and "SHA-256" in l for l in bad),
+          f"a flipped byte in the fine-tuned trunk and one in the cache level: both CORRUPT, exit {r.returncode}: {bad}")
 
 
 def write_config(path, base, trunk_keys, cache, out):
@@ -206,6 +243,7 @@ def main():
                    [f"levels/{level}.h5"])
 
     level_on_full_disk(canopy, auto, f"{work}/small", f"{work}/aout", level)
+    inspect_top(canopy, f"{work}/aout", f"{work}/ainspect", level, rows[-1])
 
     # --- every weighting trains over the shared top and says its weights.
     for w in ("sum", "static", "uncertainty", "dwa", "famo", "pcgrad"):
