@@ -16,7 +16,8 @@
     between ranks through the checkpoint) to the same heads;
   - the trunk's top fine-tuned data parallel over 3 ranks (each a slice of every batch, the
     gradients all-reduced) gives the one-process run's top and heads to 1e-5;
-  - so do the freezing schedules (gradual, autofreeze), freezing the same blocks per epoch;
+  - so do the freezing schedules (gradual, autofreeze), freezing the same blocks per epoch,
+    and the loss weightings (famo, pcgrad, uncertainty), weighing the heads alike;
     autofreeze's cache level, gathered from the ranks' slices and written by rank 0, is the
     one-process level; a rank SIGKILLed while it is stored resumes bitwise with 3 ranks, and
     with 2 once it is written.
@@ -372,6 +373,21 @@ lr = 0.003
         check(a.shape == b.shape and np.abs(a - b).max() <= 1e-5 and np.abs(b).sum(1).min() > 0,
               f"the level gathered from 3 ranks' slices is the one-process level to 1e-5 "
               f"(largest difference {np.abs(a - b).max():.1e}; every row stored)")
+    # The loss weightings over the ranks: each rank holds every head and the weighting's
+    # state, and sees every head's loss on the whole batch, so they weigh alike.
+    for w in ("famo", "pcgrad", "uncertainty"):
+        keys = ("--set", "trunk.schedule=static", "--set", f"train.weighting={w}", "--set", "train.epochs=2")
+        one, three = f"{work}/w-{w}-one", f"{work}/w-{w}-three"
+        r1, r3 = train(1, one, *keys), train(3, three, *keys)
+        if r1.returncode or r3.returncode:
+            check(False, f"weighting {w}: one process and 3 ranks train ({r1.stderr[-200:]} {r3.stderr[-300:]})")
+            continue
+        lw = [[json.loads(l)["loss_weights"] for l in open(f"{o}/metrics.jsonl") if '"@trunk"' in l] for o in (one, three)]
+        gap = max(abs(x[k] - y[k]) for x, y in zip(*lw) for k in x)
+        worst = differ(one, three)
+        check(len(lw[0]) == len(lw[1]) == 2 and gap <= 1e-6 and worst <= 1e-5,
+              f"train.weighting = {w} over 3 ranks: the loss weights per epoch within {gap:.1e} of one process's, "
+              f"top and heads within {worst:.1e}")
     # Batches of 2 rows over 3 ranks: rank 0's slice of every batch is empty, so it stores no
     # row of the level; it gets every rank's and writes the whole level.
     small = ("--set", "train.batch_size=2", "--set", "train.epochs=2")
