@@ -64,8 +64,7 @@ LevelFile read_level(const std::string& path) {
   level.fingerprint = read_string_attr(data.get(), "fingerprint", path);
   const std::string sha = read_string_attr(data.get(), "sha256", path);
   CANOPY_CHECK(sha == rows_sha256(level.rows), DataError, "cache level '", path,
-               "': its rows do not match their recorded SHA-256 (the file is corrupt); delete it and rerun "
-               "without --resume");
+               "': its rows do not match their recorded SHA-256 (the file is corrupt)");
   return level;
 }
 

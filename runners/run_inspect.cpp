@@ -174,7 +174,7 @@ std::optional<TopFacts> read_top(const std::string& dir, const std::vector<Expor
     try {
       datasets::read_level(path);
     } catch (const Error& e) {
-      top->problems.push_back(e.what());
+      top->problems.push_back(detail::str_cat(e.what(), "; `", resume, "` computes it again from the cache"));
     }
   }
   return top;

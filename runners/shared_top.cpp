@@ -341,14 +341,54 @@ std::string SharedTop::level_fingerprint(std::int64_t level) const {
 }
 
 void SharedTop::load_level(std::int64_t level) {
-  auto file = datasets::read_level(level_path(level));
-  CANOPY_CHECK(file.fingerprint == level_fingerprint(level) && file.rows.size(0) == train_rows_, DataError,
-               "cache level '", level_path(level),
-               "' was not made by this run's frozen blocks over this cache ", "(fingerprint ",
-               file.fingerprint.substr(0, 12), ", expected ", level_fingerprint(level).substr(0, 12),
-               "); train again without --resume");
-  level_rows_ = file.rows;
-  level_shape_ = level_shape(level);
+  std::string problem;
+  try {
+    auto file = datasets::read_level(level_path(level));
+    if (file.fingerprint == level_fingerprint(level) && file.rows.size(0) == train_rows_) {
+      level_rows_ = file.rows;
+      level_shape_ = level_shape(level);
+      return;
+    }
+    problem = detail::str_cat("cache level '", level_path(level),
+                              "' was not made by this run's frozen blocks over this cache (fingerprint ",
+                              file.fingerprint.substr(0, 12), ", expected ",
+                              level_fingerprint(level).substr(0, 12), ")");
+  } catch (const Error& e) {
+    problem = e.what();
+  }
+  CANOPY_CHECK(train_rows_in_memory_.defined(), DataError, problem, "; train again without --resume");
+  rebuild_level(level, problem);
+}
+
+// A level is what the frozen blocks up to it compute from the cache, and the checkpoint holds
+// their weights: computed again from the training rows, in order, as the epoch that stored it
+// did (held blocks in eval mode, no autograd), and written anew.
+void SharedTop::rebuild_level(std::int64_t level, const std::string& why) {
+  const std::string& block = top_blocks_[static_cast<std::size_t>(level)];
+  log_info(why + ": computing it again from the cache's " + std::to_string(train_rows_) +
+           " training rows with the checkpoint's frozen blocks up to " + block);
+  CANOPY_CHECK(train_rows_in_memory_.size(0) == train_rows_, Error, "the training rows in memory (",
+               train_rows_in_memory_.size(0), ") are not the ", train_rows_, " the top was made for");
+  torch::jit::GraphOptimizerEnabledGuard plain(false);
+  trunk_.train(true);
+  c10::NoGradGuard no_grad;
+  const std::vector<std::int64_t> shape = block_shape(level);
+  std::int64_t values = 1;
+  for (auto d : shape) values *= d;
+  at::Tensor rows = at::empty({train_rows_, values}, at::kFloat);
+  constexpr std::int64_t kBatch = 256;
+  for (std::int64_t i = 0; i < train_rows_; i += kBatch) {
+    const std::int64_t end = std::min(train_rows_, i + kBatch);
+    std::int64_t len = -1;
+    auto parts = unpack(train_rows_in_memory_.slice(0, i, end), &len);
+    at::Tensor out = trunk_.span(trunk_.split().boundary, block, parts).to(c10::kCPU, at::kFloat);
+    if (len >= 0) out = at::constant_pad_nd(out, {0, 0, 0, parts_[1].shape[0] - out.size(1)});
+    rows.slice(0, i, end).copy_(out.flatten(1));
+  }
+  level_rows_ = rows;
+  level_shape_ = shape;
+  if (mpi::rank() == 0)
+    datasets::write_level(level_path(level), {level_rows_, block, level_fingerprint(level)});
 }
 
 // One row's shape of a level (texts: padded to the cache's length), from a pass on one row.

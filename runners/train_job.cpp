@@ -132,6 +132,7 @@ std::string stratifying_source(const datasets::CacheMeta& meta) {
 struct TrainSplit {
   std::unique_ptr<datasets::BatchSource> source;
   bool in_memory = true;
+  at::Tensor rows;               // in memory: the training rows the source serves (the same storage)
   std::string streamed_because;  // when streamed though cache.memory_cap_mb is 0: why
   std::optional<datasets::SplitData> validation;
 };
@@ -167,6 +168,7 @@ TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig
       out.validation = datasets::select_rows(all, holdout->validation_rows);
       all = datasets::select_rows(all, holdout->train_rows);
     }
+    out.rows = all.features;
     out.source = datasets::make_in_memory_source(std::move(all), t.batch_size, t.seed, std::move(extra));
     return out;
   }
@@ -1077,6 +1079,7 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
   out.weighting =
       std::make_unique<LossWeighting>(w, static_weights, config.train.weighting_lr, config.train.seed);
   out.top->set_weighting(out.weighting.get());
+  if (train.in_memory) out.top->set_train_rows(train.rows);
   return out;
 }
 

@@ -10,6 +10,8 @@ Fashion-MNIST through a small trunk with blocks (stem, blocks.0 .. blocks.2):
   the cached prefix with the exported trunk's blocks
 - SIGKILL + --resume in the middle of either schedule ends bitwise identical to an
   uninterrupted run (heads, trunk, cache level)
+- a cache level flipped or deleted under a killed run: --resume computes it again from the
+  cache, and ends as the uninterrupted run
 - a disk that fills as autofreeze writes its cache level (a tmpfs with room for the
   checkpoints, not the level): exit 1 naming the level file and the full disk, and saying
   the checkpoint is whole; remounted larger, --resume ends bitwise as the uninterrupted run
@@ -108,6 +110,48 @@ def level_on_full_disk(canopy, config, small, reference, level):
               f"... and once there is room --resume ends bitwise as the uninterrupted run ({r.stderr.strip()[-200:]})")
     finally:
         subprocess.run(["umount", small])
+
+
+def level_rebuilt(canopy, config, out, reference, level, epoch):
+    """A run killed while it reads its cache level, the level then flipped (a byte of its rows)
+    or deleted: --resume computes it again from the cache with the checkpoint's frozen blocks,
+    says so, and ends as the uninterrupted run (the level to 1e-6, trunk and heads to 1e-5;
+    the message says whether bitwise)."""
+    import h5py
+    import numpy as np
+    import torch
+    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"]
+    path = f"{out}/levels/{level}.h5"
+    for how in ("flipped", "deleted"):
+        subprocess.run(["rm", "-rf", out])
+        rc, st = kill_when(cmd, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= (epoch, 10))
+        check(rc == -signal.SIGKILL and os.path.exists(path), f"level {how}: killed while reading it at epoch {epoch + 1}")
+        if not os.path.exists(path):
+            continue
+        if how == "deleted":
+            os.remove(path)
+        else:
+            with h5py.File(path, "r") as h:
+                at = h["rows"].id.get_offset() + 4 * 1000 + 1
+            with open(path, "r+b") as f:
+                f.seek(at)
+                b = f.read(1)
+                f.seek(at)
+                f.write(bytes([b[0] ^ 0x40]))
+        r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+        said = [l for l in r.stderr.splitlines() if "computing it again from the cache" in l]
+        check(r.returncode == 0 and len(said) == 1 and ("missing" if how == "deleted" else "SHA-256") in said[0],
+              f"level {how}: --resume computes it again and says why ({said[:1] or r.stderr[-300:]})")
+        if r.returncode:
+            continue
+        with h5py.File(path, "r") as a, h5py.File(f"{reference}/levels/{level}.h5", "r") as b:
+            lv = float(np.abs(a["rows"][:] - b["rows"][:]).max())
+        x, y = state(f"{out}/trunk.pt"), state(f"{reference}/trunk.pt")
+        worst = max(float((x[k].float() - y[k].float()).abs().max()) for k in y)
+        heads = same_files(out, reference, [f"heads/{n}.safetensors" for n in ("a_linear", "b_mlp")])
+        check(lv <= 1e-6 and worst <= 1e-5,
+              f"level {how}: the run ends as the uninterrupted one (level within {lv:.1e}, trunk within {worst:.1e}; "
+              f"heads {'bitwise' if heads and lv == 0 and worst == 0 else 'not bitwise'})")
 
 
 def inspect_top(canopy, out, scratch, level, last):
@@ -242,6 +286,7 @@ def main():
     resume_matches(canopy, auto, f"{work}/acut", f"{work}/aout", [(first - 1, 15), (first, 10)], "autofreeze",
                    [f"levels/{level}.h5"])
 
+    level_rebuilt(canopy, auto, f"{work}/arb", f"{work}/aout", level, min(first + 1, 3))
     level_on_full_disk(canopy, auto, f"{work}/small", f"{work}/aout", level)
     inspect_top(canopy, f"{work}/aout", f"{work}/ainspect", level, rows[-1])
 

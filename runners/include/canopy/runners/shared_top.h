@@ -80,6 +80,10 @@ class SharedTop {
   TopEpoch end_epoch();
   // Removes level files no checkpoint needs any more (call after a checkpoint is saved).
   void prune_levels() const;
+  // The training rows of the cache (the split in memory, in the order batches index it): a
+  // cache level that is missing, corrupt or not this run's is computed again from them when a
+  // run resumes, instead of refused.
+  void set_train_rows(at::Tensor rows) { train_rows_in_memory_ = std::move(rows); }
   // How the tasks' losses reach the top (weighting.h); its state is checkpointed with the top.
   void set_weighting(LossWeighting* weighting) { weighting_ = weighting; }
 
@@ -112,6 +116,7 @@ class SharedTop {
   std::string level_path(std::int64_t level) const;
   std::string level_fingerprint(std::int64_t level) const;
   void load_level(std::int64_t level);
+  void rebuild_level(std::int64_t level, const std::string& why);
   std::vector<std::int64_t> level_shape(std::int64_t level);  // checked against level_rows_
   std::vector<std::int64_t> block_shape(std::int64_t level);  // one row of the block's output
   void gather_pending();
@@ -128,7 +133,8 @@ class SharedTop {
   std::vector<std::string> top_blocks_;                // lowest first
   std::vector<std::vector<at::Tensor>> block_params_;  // per top block
   std::int64_t train_rows_ = 0;
-  std::int64_t interval_ = 1;  // autofreeze: steps per decision
+  at::Tensor train_rows_in_memory_;  // set_train_rows
+  std::int64_t interval_ = 1;        // autofreeze: steps per decision
   std::string level_dir_;
   bool text_ = false;  // parts[0] is [T, D] per row with the mask as parts[1]
   // The schedule's state (checkpointed):
