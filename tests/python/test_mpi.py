@@ -191,9 +191,30 @@ def main():
     return finish()
 
 
-def check_finetune(canopy, work, env):
+# The two heads every run over a trained top here has (and the loss weighting they start with).
+TUNE_HEADS = """weighting = static
+[task.a_linear]
+head = linear
+lr = 0.01
+[task.c_mlp]
+head = mlp
+head.hidden = 32
+lr = 0.003
+"""
+
+
+def top_and_heads(out):
+    """The fine-tuned trunk's weights and both heads' of a run, by name."""
     import torch
     from safetensors.torch import load_file
+    w = {k: v.detach().clone() for k, v in torch.jit.load(os.path.join(out, "trunk.pt")).state_dict().items()}
+    for n in ("a_linear", "c_mlp"):
+        w.update({f"{n}.{k}": v for k, v in load_file(os.path.join(out, "heads", f"{n}.safetensors")).items()})
+    return w
+
+
+def check_finetune(canopy, work, env):
+    import torch
     torch.manual_seed(0)
     blocks = os.path.join(work, "blocks.pt")
     trunk = tiny_block_trunk().eval()
@@ -218,15 +239,7 @@ path = {work}/tune-cache
 out_dir = {work}/tune-one
 batch_size = 32
 epochs = 2
-weighting = static
-[task.a_linear]
-head = linear
-lr = 0.01
-[task.c_mlp]
-head = mlp
-head.hidden = 32
-lr = 0.003
-""")
+{TUNE_HEADS}""")
     r = subprocess.run([canopy, "cache", "--config", cfg, "--progress", "quiet"], capture_output=True, text=True, env=env)
     check(r.returncode == 0, f"cache of the prefix: {r.stderr[-300:]}")
     r = subprocess.run([canopy, "train", "--config", cfg, "--progress", "quiet"], capture_output=True, text=True, env=env)
@@ -238,13 +251,7 @@ lr = 0.003
     said = [l for l in r.stderr.splitlines() if "all-reduce of the top's gradients" in l]
     check(len(said) == 3, f"every rank reports its all-reduce time: {said[:1]}")
 
-    def weights(out):
-        m = torch.jit.load(os.path.join(out, "trunk.pt"))
-        w = {k: v.detach().clone() for k, v in m.state_dict().items()}
-        for n in ("a_linear", "c_mlp"):
-            w.update({f"{n}.{k}": v for k, v in load_file(os.path.join(out, "heads", f"{n}.safetensors")).items()})
-        return w
-    one, three = weights(f"{work}/tune-one"), weights(f"{work}/tune-three")
+    one, three = top_and_heads(f"{work}/tune-one"), top_and_heads(f"{work}/tune-three")
     worst = max(float((one[k].float() - three[k].float()).abs().max()) for k in one)
     moved = max(float((one[k].float() - torch.jit.load(blocks).state_dict()[k].float()).abs().max())
                 for k in one if k.startswith("blocks.2"))
@@ -299,8 +306,6 @@ def check_schedules(canopy, work, env, blocks):
     ranks, to the uninterrupted run bitwise, and killed once the level is written, with 2."""
     import h5py
     import numpy as np
-    import torch
-    from safetensors.torch import load_file
 
     cfg = os.path.join(work, "auto.ini")
     with open(cfg, "w") as f:
@@ -317,33 +322,19 @@ out_dir = {work}/auto-one
 batch_size = 32
 epochs = 4
 checkpoint_steps = 3
-weighting = static
-[task.a_linear]
-head = linear
-lr = 0.01
-[task.c_mlp]
-head = mlp
-head.hidden = 32
-lr = 0.003
-""")
+{TUNE_HEADS}""")
 
     def train(n, out, *extra):
         cmd = [canopy, "train", "--config", cfg, "--set", f"train.out_dir={out}", *extra, "--progress", "quiet"]
         return subprocess.run(mpirun(n, *cmd) if n > 1 else cmd, capture_output=True, text=True,
                               env=mpi_env() if n > 1 else env)
 
-    def weights(out):
-        w = {k: v.detach().clone() for k, v in torch.jit.load(os.path.join(out, "trunk.pt")).state_dict().items()}
-        for n in ("a_linear", "c_mlp"):
-            w.update({f"{n}.{k}": v for k, v in load_file(os.path.join(out, "heads", f"{n}.safetensors")).items()})
-        return w
-
     def level(out, block):
         with h5py.File(os.path.join(out, "levels", f"{block}.h5"), "r") as h:
             return h["rows"][:]
 
     def differ(a, b):
-        wa, wb = weights(a), weights(b)
+        wa, wb = top_and_heads(a), top_and_heads(b)
         return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa) if wa.keys() == wb.keys() else 1.0
 
     r = subprocess.run([canopy, "cache", "--config", cfg, "--progress", "quiet"], capture_output=True, text=True, env=env)
