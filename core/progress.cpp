@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -12,6 +13,10 @@
 namespace canopy {
 
 namespace {
+// Where a bar is drawn now (nullptr: none): log_info clears the bar's line before its own, or
+// the line would follow the bar's text. The next draw puts the bar back.
+std::atomic<std::FILE*> g_bar_out{nullptr};
+
 ProgressStyle resolve(ProgressStyle style, std::FILE* out) {
   if (style != ProgressStyle::kAuto) return style;
   const char* term = std::getenv("TERM");
@@ -35,6 +40,7 @@ Progress::Progress(std::string label, std::int64_t total, std::string unit, Prog
                  unit_.c_str());
     std::fflush(out_);
   }
+  if (style_ == ProgressStyle::kBar) g_bar_out = out_;
 }
 
 Progress::~Progress() {
@@ -62,11 +68,20 @@ void Progress::message(const std::string& line) {
   std::fflush(out_);
 }
 
+void Progress::set_note(const std::string& note) {
+  note_ = note;
+  if (style_ != ProgressStyle::kBar || finished_) return;
+  last_draw_ = {};
+  draw(false);
+}
+
 void Progress::finish(const std::string& note) {
   if (finished_) return;
   if (!note.empty()) note_ = note;
   finished_ = true;
   draw(true);
+  std::FILE* mine = out_;
+  g_bar_out.compare_exchange_strong(mine, nullptr);
 }
 
 void Progress::draw(bool final) {
@@ -109,6 +124,7 @@ void Progress::draw(bool final) {
 }
 
 void log_info(const std::string& line) {
+  if (g_bar_out.load() == stderr) std::fputs("\r\033[K", stderr);
   if (mpi::distributed()) {  // every rank logs; each line says which
     std::fprintf(stderr, "[canopy %d/%d] %s\n", mpi::rank(), mpi::size(), line.c_str());
     std::fflush(stderr);

@@ -421,8 +421,11 @@ class EpochLoop {
       const auto active = start_epoch(epoch, first_step);
       if (active.empty()) break;
       train_epoch(epoch, first_step, active, progress);
+      progress.set_note(detail::str_cat("epoch ", epoch + 1, ": evaluating on ", eval_rows_.size(0), " rows",
+                                        top_ ? " through the top" : "", ", then the checkpoint"));
       const TopEpoch top_epoch = top_ ? top_->end_epoch() : TopEpoch{};
       finish_epoch(epoch, active, top_epoch);
+      progress.set_note("");
       progress.message(epoch_line(epoch, active) + top_line(top_epoch));
       // The epoch's checkpoint is the place to stop; after the last epoch the run just ends.
       if (const int signal = stop_signal(); signal != 0 && epoch + 1 < max_epochs_) stop(signal);

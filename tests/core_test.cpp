@@ -590,5 +590,40 @@ TEST(Progress, PlainLinesWhenNotATerminal) {
   EXPECT_EQ(log.find('\r'), std::string::npos) << "no carriage returns in plain-line mode";
 }
 
+TEST(Progress, ANoteShowsAtOnceOnTheBarUntilCleared) {
+  testing::TempDir dir;
+  std::FILE* f = std::fopen(dir.file("log").c_str(), "w+");
+  ASSERT_NE(f, nullptr);
+  {
+    Progress p("train", 100, "steps", ProgressStyle::kBar, f);
+    p.advance(50);
+    p.set_note("epoch 1: evaluating on 10000 rows");
+    p.set_note("");
+    p.finish();
+  }
+  std::fclose(f);
+  const std::string log = read_file(dir.file("log"));
+  EXPECT_NE(log.find("epoch 1: evaluating on 10000 rows"), std::string::npos)
+      << "drawn at once, within the 100 ms between draws: " << log;
+  const std::string last = log.substr(log.rfind('\r'));
+  EXPECT_NE(last.find("50/100"), std::string::npos) << log;
+  EXPECT_EQ(last.find("evaluating"), std::string::npos) << "cleared before the closing line: " << log;
+}
+
+TEST(Progress, ALogLineClearsTheBarsLineFirst) {
+  ::testing::internal::CaptureStderr();
+  {
+    Progress p("train", 10, "steps", ProgressStyle::kBar, stderr);
+    p.advance(5);
+    log_info("autofreeze: freezing blocks.0");
+    p.advance(5);
+  }
+  log_info("after the bar");
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("\r\033[K[canopy] autofreeze: freezing blocks.0\n"), std::string::npos) << err;
+  EXPECT_NE(err.find("\n[canopy] after the bar\n"), std::string::npos)
+      << "no clearing once it is done: " << err;
+}
+
 }  // namespace
 }  // namespace canopy

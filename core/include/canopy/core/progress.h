@@ -22,6 +22,9 @@ class Progress {
   void advance(std::int64_t n, const std::string& note = {});
   // Prints a line of its own (e.g. an epoch's results) without breaking the bar.
   void message(const std::string& line);
+  // Sets the note after the bar ("" clears it) and redraws the bar at once, for work between
+  // advances that takes a while (an epoch's evaluation). Plain lines show it with the next.
+  void set_note(const std::string& note);
   // Prints the closing line (done, elapsed, rate). Called by the destructor if needed.
   void finish(const std::string& note = {});
   double elapsed_seconds() const;
