@@ -50,6 +50,8 @@ void write_level(const std::string& path, const LevelFile& level) {
   });
 }
 
+std::string level_file_name(const std::string& block) { return block + ".h5"; }
+
 LevelFile read_level(const std::string& path) {
   CANOPY_CHECK(is_regular_file(path), DataError, "cache level '", path, "' is missing");
   h5::Handle file = h5::open_file(path, false);

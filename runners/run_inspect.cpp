@@ -138,6 +138,7 @@ std::optional<TopFacts> read_top(const std::string& dir, const std::vector<Expor
   if (is_regular_file(metrics)) {
     std::istringstream in(read_file(metrics));
     for (std::string line; std::getline(in, line);) {
+      if (line.find("@trunk") == std::string::npos) continue;  // a head's row: not parsed
       const auto row = ordered_json::parse(line, nullptr, false);
       if (row.is_discarded() || !row.is_object() || row.value("task", "") != "@trunk") continue;
       top.emplace();
@@ -170,7 +171,8 @@ std::optional<TopFacts> read_top(const std::string& dir, const std::vector<Expor
     }
   }
   if (!top->level.empty()) {
-    const std::string path = join_path(join_path(dir, "levels"), top->level + ".h5");
+    const std::string path =
+        join_path(join_path(dir, datasets::kLevelDir), datasets::level_file_name(top->level));
     try {
       datasets::read_level(path);
     } catch (const Error& e) {
@@ -330,7 +332,8 @@ std::string report_text(const RunFacts& f, const Status& status, bool verify) {
       o << "  top         after epoch " << t.epoch << ": "
         << (t.training.empty() ? std::string("every block held frozen")
                                : join(t.training, ", ") + " training");
-      if (!t.level.empty()) o << "; reads the cache level " << join_path("levels", t.level + ".h5");
+      if (!t.level.empty())
+        o << "; reads the cache level " << join_path(datasets::kLevelDir, datasets::level_file_name(t.level));
       o << "\n";
     }
     if (!t.trunk.empty())

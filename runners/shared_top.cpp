@@ -16,6 +16,7 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/GradMode.h>
+#include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/optim/optimizer.h>
@@ -130,6 +131,10 @@ std::vector<at::Tensor> SharedTop::unpack(const at::Tensor& rows, std::int64_t* 
   return parts;
 }
 
+at::Tensor SharedTop::as_stored(const at::Tensor& out, std::int64_t len) const {
+  return len < 0 ? out : at::constant_pad_nd(out, {0, 0, 0, parts_[1].shape[0] - out.size(1)});
+}
+
 std::string SharedTop::feed(std::vector<at::Tensor>& parts, std::int64_t len, const at::Tensor& index) {
   std::string from = trunk_.split().boundary;
   if (level_ < 0 && pending_ < 0) return from;
@@ -151,8 +156,7 @@ std::string SharedTop::feed(std::vector<at::Tensor>& parts, std::int64_t len, co
       c10::NoGradGuard no_grad;  // every block up to `to` is frozen
       out = trunk_.span(from, to, parts).to(c10::kCPU, at::kFloat);
     }
-    at::Tensor stored = out;
-    if (len >= 0) stored = at::constant_pad_nd(out, {0, 0, 0, parts_[1].shape[0] - out.size(1)});
+    const at::Tensor stored = as_stored(out, len);
     if (!pending_rows_.defined()) {
       pending_shape_.assign(stored.sizes().begin() + 1, stored.sizes().end());
       pending_rows_ = at::zeros({train_rows_, stored[0].numel()}, at::kFloat);
@@ -324,7 +328,7 @@ void SharedTop::track_gradients() {
 }
 
 std::string SharedTop::level_path(std::int64_t level) const {
-  return join_path(level_dir_, top_blocks_[static_cast<std::size_t>(level)] + ".h5");
+  return join_path(level_dir_, datasets::level_file_name(top_blocks_[static_cast<std::size_t>(level)]));
 }
 
 // What a level's rows depend on: the cache, and the weights of the top's blocks up to it
@@ -373,17 +377,14 @@ void SharedTop::rebuild_level(std::int64_t level, const std::string& why) {
   trunk_.train(true);
   c10::NoGradGuard no_grad;
   const std::vector<std::int64_t> shape = block_shape(level);
-  std::int64_t values = 1;
-  for (auto d : shape) values *= d;
-  at::Tensor rows = at::empty({train_rows_, values}, at::kFloat);
+  at::Tensor rows = at::empty({train_rows_, c10::multiply_integers(shape)}, at::kFloat);
   constexpr std::int64_t kBatch = 256;
   for (std::int64_t i = 0; i < train_rows_; i += kBatch) {
     const std::int64_t end = std::min(train_rows_, i + kBatch);
     std::int64_t len = -1;
     auto parts = unpack(train_rows_in_memory_.slice(0, i, end), &len);
     at::Tensor out = trunk_.span(trunk_.split().boundary, block, parts).to(c10::kCPU, at::kFloat);
-    if (len >= 0) out = at::constant_pad_nd(out, {0, 0, 0, parts_[1].shape[0] - out.size(1)});
-    rows.slice(0, i, end).copy_(out.flatten(1));
+    rows.slice(0, i, end).copy_(as_stored(out, len).flatten(1));
   }
   level_rows_ = rows;
   level_shape_ = shape;
@@ -394,10 +395,9 @@ void SharedTop::rebuild_level(std::int64_t level, const std::string& why) {
 // One row's shape of a level (texts: padded to the cache's length), from a pass on one row.
 std::vector<std::int64_t> SharedTop::level_shape(std::int64_t level) {
   const auto shape = block_shape(level);
-  std::int64_t values = 1;
-  for (auto d : shape) values *= d;
-  CANOPY_CHECK(level_rows_.size(1) == values, DataError, "cache level '", level_path(level), "' holds ",
-               level_rows_.size(1), " values per row, the block's output ", shape);
+  CANOPY_CHECK(level_rows_.size(1) == c10::multiply_integers(shape), DataError, "cache level '",
+               level_path(level), "' holds ", level_rows_.size(1), " values per row, the block's output ",
+               shape);
   return shape;
 }
 
@@ -423,9 +423,7 @@ void SharedTop::gather_pending() {
   if (stored == 0) return;         // no rank stepped in this epoch
   if (!pending_rows_.defined()) {  // this rank's slices were all empty
     pending_shape_ = block_shape(pending_);
-    std::int64_t values = 1;
-    for (auto d : pending_shape_) values *= d;
-    pending_rows_ = at::zeros({train_rows_, values}, at::kFloat);
+    pending_rows_ = at::zeros({train_rows_, c10::multiply_integers(pending_shape_)}, at::kFloat);
   }
   mpi::all_reduce_sum(pending_rows_.data_ptr<float>(), pending_rows_.numel());
 }

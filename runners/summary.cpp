@@ -70,7 +70,10 @@ std::string per_class_tables(const TrainReport& report) {
 }
 }  // namespace
 
-std::string format_summary(const TrainReport& report) {
+namespace {
+// One row per head: its head, labels, optimizer, epochs and scores on the eval split (and on
+// the validation split, and top-5, when the run has them), and its state.
+std::string results_table(const TrainReport& report) {
   std::ostringstream o;
   std::size_t w_name = 4, w_head = 4, w_labels = 6, w_opt = 9;
   for (const auto& t : report.tasks) {
@@ -114,6 +117,14 @@ std::string format_summary(const TrainReport& report) {
                   state_name(t.state));
     o << buf;
   }
+  return o.str();
+}
+
+// A line per grid: its members, how many finished (and were cut), the best three on the
+// validation split, and what was exported.
+std::string grid_lines(const TrainReport& report) {
+  std::ostringstream o;
+  char buf[512];
   for (const auto& t : report.tasks) {
     if (t.grid.empty()) continue;
     std::vector<const GridMember*> ranked;
@@ -140,6 +151,13 @@ std::string format_summary(const TrainReport& report) {
                                              : "")
       << "\n";
   }
+  return o.str();
+}
+
+// The regression heads' errors on the eval split.
+std::string regression_lines(const TrainReport& report) {
+  std::ostringstream o;
+  char buf[512];
   for (const auto& t : report.tasks) {
     if (!t.eval.regression || t.state == tasks::TaskState::kFailed) continue;
     std::snprintf(buf, sizeof buf,
@@ -147,7 +165,13 @@ std::string format_summary(const TrainReport& report) {
                   t.eval.regression->mae, t.eval.regression->rmse, t.eval.regression->r2);
     o << buf;
   }
-  o << per_class_tables(report);
+  return o.str();
+}
+
+// The fused groups, then per head: its failure, its note, and an exported epoch other than
+// the last.
+std::string notes(const TrainReport& report) {
+  std::ostringstream o;
   for (const auto& f : report.fused) o << "fused: " << f << "\n";
   for (const auto& f : report.not_fused) o << "not fused (slower fused here): " << f << "\n";
   for (const auto& t : report.tasks) {
@@ -157,20 +181,31 @@ std::string format_summary(const TrainReport& report) {
       o << "task '" << t.name << "' exported epoch " << t.exported_epoch << " of " << t.epochs
         << " (its best on the validation split)\n";
   }
+  return o.str();
+}
+
+// The run's totals: heads (a grid's members each), rows, features and times.
+std::string totals_line(const TrainReport& report) {
   std::size_t heads = 0;
   for (const auto& t : report.tasks) heads += t.grid.empty() ? 1 : t.grid.size();
   char chosen[96] = "";
-  if (validation)
+  if (report.validation_rows > 0)
     std::snprintf(chosen, sizeof chosen, "chosen on %lld validation rows, ",
                   static_cast<long long>(report.validation_rows));
+  char buf[512];
   std::snprintf(
       buf, sizeof buf,
       "%zu head%s, %lld train rows x %lld features, %sevaluated on %lld rows; load %.2fs, train %.2fs\n",
       heads, heads == 1 ? "" : "s", static_cast<long long>(report.train_rows),
       static_cast<long long>(report.feature_dim), chosen, static_cast<long long>(report.eval_rows),
       report.load_seconds, report.train_seconds);
-  o << buf;
-  return o.str();
+  return buf;
+}
+}  // namespace
+
+std::string format_summary(const TrainReport& report) {
+  return results_table(report) + grid_lines(report) + regression_lines(report) + per_class_tables(report) +
+         notes(report) + totals_line(report);
 }
 
 }  // namespace canopy::runners

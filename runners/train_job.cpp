@@ -26,6 +26,7 @@
 #include "canopy/datasets/batch_source.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/datasets/holdout.h"
+#include "canopy/datasets/level_file.h"
 #include "canopy/heads/fused.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/checkpoint_store.h"
@@ -678,18 +679,12 @@ class EpochLoop {
   // its share of the batches (the batches one process runs, so each row's output is the
   // same) and every rank gets all of them.
   at::Tensor top_features(const at::Tensor& rows) const {
-    const std::int64_t batch = config_.train.batch_size, n = rows.size(0), d = top_->feature_dim();
-    if (!mpi::distributed() || n * d > std::numeric_limits<int>::max()) return top_->features(rows, batch);
-    std::vector<int> counts;
-    for (int r = 0; r < mpi::size(); ++r) {
-      const auto [a, b] = eval_share(n, r);
-      counts.push_back(static_cast<int>((b - a) * d));
-    }
+    const std::int64_t batch = config_.train.batch_size, n = rows.size(0);
+    if (!mpi::distributed() || n * top_->feature_dim() > std::numeric_limits<int>::max())
+      return top_->features(rows, batch);
     const auto [lo, hi] = eval_share(n);
-    const at::Tensor mine = top_->features(rows.slice(0, lo, hi), batch).to(at::kFloat).contiguous();
-    at::Tensor all = at::empty({n, d}, at::kFloat);
-    mpi::all_gather(mine.data_ptr<float>(), counts, all.data_ptr<float>());
-    return all;
+    return gather_shares(top_->features(rows.slice(0, lo, hi), batch), n,
+                         [&](int r) { return eval_share(n, r); });
   }
 
   // A step skipped on resume stores the cache level rows it stored: under mpirun, this rank's
@@ -702,20 +697,28 @@ class EpochLoop {
                    batch.index.defined() ? batch.index.slice(0, lo, hi) : batch.index);
   }
 
-  // Under mpirun with a trainable top: the rows [lo, hi) of a batch of `rows` this rank's top
-  // pass takes (contiguous, as even as can be).
-  std::pair<std::int64_t, std::int64_t> my_rows(std::int64_t rows) const {
-    const std::int64_t k = mpi::size(), r = mpi::rank();
+  // Under mpirun with a trainable top: the rows [lo, hi) of a batch of `rows` rank r's top
+  // pass takes, this rank's by default (contiguous, as even as can be).
+  std::pair<std::int64_t, std::int64_t> my_rows(std::int64_t rows, int r = mpi::rank()) const {
+    const std::int64_t k = mpi::size();
     return {rows * r / k, rows * (r + 1) / k};
   }
   // Every rank's top output, in row order: the batch's [rows, D].
   at::Tensor gather_rows(const at::Tensor& own, std::int64_t rows) const {
+    return gather_shares(own, rows, [&](int r) { return my_rows(rows, r); });
+  }
+  // All [n, D] rows of an output the ranks computed in shares: rank r the rows [a, b) that
+  // share(r) gives, this rank `own`.
+  template <class Share>
+  at::Tensor gather_shares(const at::Tensor& own, std::int64_t n, Share share) const {
     const std::int64_t d = top_->feature_dim();
     std::vector<int> counts;
-    for (int r = 0; r < mpi::size(); ++r)
-      counts.push_back(static_cast<int>((rows * (r + 1) / mpi::size() - rows * r / mpi::size()) * d));
+    for (int r = 0; r < mpi::size(); ++r) {
+      const auto [a, b] = share(r);
+      counts.push_back(static_cast<int>((b - a) * d));
+    }
     const at::Tensor mine = own.detach().to(at::kFloat).contiguous();
-    at::Tensor all = at::empty({rows, d}, at::kFloat);
+    at::Tensor all = at::empty({n, d}, at::kFloat);
     mpi::all_gather(mine.data_ptr<float>(), counts, all.data_ptr<float>());
     return all;
   }
@@ -1077,8 +1080,9 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
     static_weights.push_back(t.loss_weight);
   }
   const std::int64_t steps = (train_rows + config.train.batch_size - 1) / config.train.batch_size;
-  out.top = std::make_unique<SharedTop>(trunk::Trunk::load(config.trunk), config.top, cache.meta(), mean_lr,
-                                        train_rows, steps, join_path(config.train.out_dir, "levels"));
+  out.top =
+      std::make_unique<SharedTop>(trunk::Trunk::load(config.trunk), config.top, cache.meta(), mean_lr,
+                                  train_rows, steps, join_path(config.train.out_dir, datasets::kLevelDir));
   out.weighting =
       std::make_unique<LossWeighting>(w, static_weights, config.train.weighting_lr, config.train.seed);
   out.top->set_weighting(out.weighting.get());
@@ -1098,8 +1102,10 @@ void log_weighting_share(Weighting weighting, std::pair<double, double> share) {
 // What a failed or killed run left half-written in out_dir goes; a fresh run also drops the
 // cache levels an earlier one kept.
 void clean_out_dir(const std::string& out_dir, bool resume) {
-  for (const char* sub : {"", "/checkpoint", "/heads", "/levels"}) remove_temporaries(out_dir + sub);
-  if (!resume && is_directory(out_dir + "/levels")) remove_tree(out_dir + "/levels");
+  const std::string levels = join_path(out_dir, datasets::kLevelDir);
+  for (const std::string& sub : {out_dir, out_dir + "/checkpoint", out_dir + "/heads", levels})
+    remove_temporaries(sub);
+  if (!resume && is_directory(levels)) remove_tree(levels);
 }
 
 void log_validation_split(const JobConfig& config, const datasets::CacheMeta& meta, std::int64_t rows) {

@@ -12,6 +12,10 @@
 
 namespace canopy::datasets {
 
+// A run's levels are kept in <out_dir>/levels, one file per block: levels/<block>.h5.
+inline constexpr const char* kLevelDir = "levels";
+std::string level_file_name(const std::string& block);  // "<block>.h5"
+
 struct LevelFile {
   at::Tensor rows;  // float32 [N, D], contiguous
   std::string block;

@@ -107,6 +107,9 @@ class SharedTop {
   // The block whose output feeds the top now, with parts[0] replaced by it (a cache level,
   // and the pending level computed and stored).
   std::string feed(std::vector<at::Tensor>& parts, std::int64_t len, const at::Tensor& index);
+  // A block's output on a batch as a level stores it (texts: padded from the batch's length
+  // `len` to the cache's; -1: as it is).
+  at::Tensor as_stored(const at::Tensor& out, std::int64_t len) const;
   void hold(std::int64_t frozen);
   void all_reduce_gradients();
   std::int64_t allreduce_bucket_bytes_ = 0;  // 0: one process
