@@ -340,6 +340,15 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
       },
       [](tasks::LrSchedule s) { return tasks::to_string(s); }, std::vector<std::string>{"constant", "cosine"},
       "the top's learning rate per epoch, over train.epochs"));
+  v.push_back(member_key<K>("trunk", "lr_warmup_steps", CANOPY_JOB(top.lr_warmup_steps),
+                            "the top's learning rate rises linearly over its first N training steps (step k "
+                            "at (k+1)/N of the scheduled rate), as fine-tuning recipes warm up; 0: none")
+                  .at_least(0));
+  v.push_back(member_key<K>("trunk", "max_grad_norm", CANOPY_JOB(top.max_grad_norm),
+                            "the top's gradient scaled down to this total L2 norm when above it, as "
+                            "torch.nn.utils.clip_grad_norm_ (under mpirun: of the summed gradient); 0: "
+                            "not clipped")
+                  .at_least(0));
   v.push_back(choice<K>(
       "trunk", "schedule", CANOPY_JOB(top.schedule), parse_freeze_schedule,
       [](FreezeSchedule s) { return std::string(to_string(s)); },

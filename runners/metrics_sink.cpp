@@ -137,6 +137,10 @@ void MetricsSink::record_top(std::int64_t epoch, const TopEpoch& top, const std:
       rates[block] = std::isfinite(r) ? nlohmann::ordered_json(r) : nullptr;
     row["change_rates"] = rates;
   }
+  row["steps"] = top.steps;
+  row["lr"] = top.lr;
+  row["grad_norm"] = std::isfinite(top.grad_norm) ? nlohmann::ordered_json(top.grad_norm) : nullptr;
+  row["clipped_steps"] = top.clipped;
   nlohmann::ordered_json w = nlohmann::ordered_json::object();
   for (std::size_t i = 0; i < weights.size() && i < names_.size(); ++i) w[names_[i]] = weights[i];
   row["loss_weights"] = w;
@@ -145,6 +149,14 @@ void MetricsSink::record_top(std::int64_t epoch, const TopEpoch& top, const std:
   if (!top_tensorboard_) top_tensorboard_ = std::make_unique<EventWriter>(out_dir_ + "/tensorboard/@trunk");
   EventWriter& tb = *top_tensorboard_;
   tb.add_scalar("trunk/trainable_blocks", static_cast<float>(top.training.size()), epoch + 1);
+  tb.add_scalar("trunk/lr", static_cast<float>(top.lr), epoch + 1);
+  if (std::isfinite(top.grad_norm))
+    tb.add_scalar("trunk/grad_norm", static_cast<float>(top.grad_norm), epoch + 1);
+  if (top.steps > 0) {
+    tb.add_scalar("trunk/clipped_fraction",
+                  static_cast<float>(static_cast<double>(top.clipped) / static_cast<double>(top.steps)),
+                  epoch + 1);
+  }
   for (const auto& [block, r] : top.rates) {
     if (std::isfinite(r)) tb.add_scalar("trunk/change_rate/" + block, static_cast<float>(r), epoch + 1);
   }

@@ -12,6 +12,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -88,8 +89,8 @@ SharedTop::SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets
   const auto n = static_cast<std::int64_t>(top_blocks_.size());
   norm_sum_.assign(top_blocks_.size(), 0.0);
   rates_.assign(top_blocks_.size(), std::numeric_limits<double>::quiet_NaN());
-  interval_ =
-      config_.freeze_interval > 0 ? config_.freeze_interval : std::max<std::int64_t>(1, steps_per_epoch);
+  steps_per_epoch_ = std::max<std::int64_t>(1, steps_per_epoch);
+  interval_ = config_.freeze_interval > 0 ? config_.freeze_interval : steps_per_epoch_;
   text_ = parts_.size() >= 2 && parts_[1].shape.size() == 1 && !parts_[0].shape.empty() &&
           parts_[0].shape[0] == parts_[1].shape[0];
   if (config_.schedule == FreezeSchedule::kAutofreeze) {
@@ -246,7 +247,7 @@ std::uint64_t SharedTop::weights_hash() const {
   return hash_weights(weights);
 }
 
-void SharedTop::step(const at::Tensor& z, const at::Tensor& grad) {
+void SharedTop::step(const at::Tensor& z, const at::Tensor& grad, std::int64_t step_in_epoch) {
   if (allreduce_bucket_bytes_ == 0 && !z.requires_grad())
     return;  // every block held frozen (gradual's warm-up)
   torch::jit::GraphOptimizerEnabledGuard plain(false);
@@ -258,7 +259,17 @@ void SharedTop::step(const at::Tensor& z, const at::Tensor& grad) {
                  "the shared top's gradient is not finite in ", name,
                  " (every head's own gradient was finite)");
   }
-  if (config_.schedule == FreezeSchedule::kAutofreeze) track_gradients();
+  if (config_.schedule == FreezeSchedule::kAutofreeze) track_gradients();  // before clipping
+  if (trains()) {
+    epoch_norm_sum_ += clip_gradient();
+    ++epoch_steps_;
+  }
+  // The warm-up counts the top's training steps of the whole run, so a resumed run (whose
+  // epoch and step the loop gives) takes the uninterrupted one's rates.
+  const double factor = rate_factor(steps_before_ + step_in_epoch);
+  auto& groups = optimizer_->param_groups();
+  for (std::size_t g = 0; g < groups.size(); ++g) groups[g].options().set_lr(base_lrs_[g] * factor);
+  last_lr_ = base_lrs_.empty() ? 0.0 : base_lrs_[0] * factor;
   optimizer_step_(*optimizer_);
   for (const auto& [name, p] : params_) {
     CANOPY_CHECK(all_finite(p), Error, "the shared top's weights are not finite after the step (", name,
@@ -268,14 +279,20 @@ void SharedTop::step(const at::Tensor& z, const at::Tensor& grad) {
 
 void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total, std::int64_t first_step) {
   // Constant or cosine (validate_job_config refuses step for the top).
-  const double factor = tasks::lr_factor(config_.lr_schedule, epoch, total, 1, 1.0);
+  epoch_factor_ = tasks::lr_factor(config_.lr_schedule, epoch, total, 1, 1.0);
   auto& groups = optimizer_->param_groups();
-  for (std::size_t g = 0; g < groups.size(); ++g) groups[g].options().set_lr(base_lrs_[g] * factor);
+  for (std::size_t g = 0; g < groups.size(); ++g) groups[g].options().set_lr(base_lrs_[g] * epoch_factor_);
   const auto n = static_cast<std::int64_t>(top_blocks_.size());
   if (config_.schedule == FreezeSchedule::kGradual) {
     hold(n - gradual_trainable(epoch, n, config_.warmup_epochs, config_.unfreeze_every));
   } else {
     hold(frozen_);
+  }
+  steps_before_ = steps_before(epoch);
+  if (first_step == 0) {  // resumed mid-epoch, they are the checkpoint's
+    epoch_norm_sum_ = 0;
+    epoch_steps_ = epoch_clipped_ = 0;
+    last_lr_ = base_lrs_.empty() ? 0.0 : base_lrs_[0] * rate_factor(steps_before_);
   }
   // Autofreeze: the highest frozen block's output is stored during this epoch. A block frozen
   // during an epoch is stored from the next one's start: a run resumed in the middle of that
@@ -287,6 +304,39 @@ void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total, std::int64_t
     log_info("autofreeze: storing the output of " + top_blocks_[static_cast<std::size_t>(pending_)] +
              " during this epoch's forward passes (a cache level read from the next epoch on)");
   }
+}
+
+double SharedTop::rate_factor(std::int64_t k) const {
+  if (k >= config_.lr_warmup_steps) return epoch_factor_;
+  return epoch_factor_ * static_cast<double>(k + 1) / static_cast<double>(config_.lr_warmup_steps);
+}
+
+std::int64_t SharedTop::steps_before(std::int64_t epoch) const {
+  if (config_.schedule != FreezeSchedule::kGradual) return epoch * steps_per_epoch_;
+  const auto n = static_cast<std::int64_t>(top_blocks_.size());
+  std::int64_t epochs = 0;
+  for (std::int64_t e = 0; e < epoch; ++e)
+    epochs += gradual_trainable(e, n, config_.warmup_epochs, config_.unfreeze_every) > 0 ? 1 : 0;
+  return epochs * steps_per_epoch_;
+}
+
+// As torch.nn.utils.clip_grad_norm_: the norm of the per-parameter norms; every gradient
+// times max_norm / (norm + 1e-6) when that is below 1.
+double SharedTop::clip_gradient() {
+  std::vector<at::Tensor> norms, grads;
+  for (const auto& [name, p] : params_) {
+    if (!p.grad().defined()) continue;
+    grads.push_back(p.mutable_grad());
+    norms.push_back(p.grad().norm());
+  }
+  if (norms.empty()) return 0.0;
+  const double total = at::stack(norms).norm().item<double>();
+  const double coef = config_.max_grad_norm / (total + 1e-6);
+  if (config_.max_grad_norm > 0 && coef < 1.0) {
+    for (auto& g : grads) g.mul_(coef);
+    ++epoch_clipped_;
+  }
+  return total;
 }
 
 void SharedTop::hold(std::int64_t frozen) {
@@ -453,6 +503,11 @@ TopEpoch SharedTop::end_epoch() {
   if (config_.schedule == FreezeSchedule::kAutofreeze) {
     for (std::size_t b = 0; b < top_blocks_.size(); ++b) e.rates.emplace_back(top_blocks_[b], rates_[b]);
   }
+  e.steps = epoch_steps_;
+  e.grad_norm = epoch_steps_ > 0 ? epoch_norm_sum_ / static_cast<double>(epoch_steps_)
+                                 : std::numeric_limits<double>::quiet_NaN();
+  e.clipped = epoch_clipped_;
+  e.lr = last_lr_;
   return e;
 }
 
@@ -470,6 +525,8 @@ std::string SharedTop::describe() const {
   o << join(blocks(), ", ") << " (" << n << " parameters; " << tasks::to_string(config_.optimizer) << " lr "
     << config_.lr << " for the top block";
   if (base_lrs_.size() > 1) o << ", / " << config_.lr_decay << " per block down";
+  if (config_.lr_warmup_steps > 0) o << ", warmed up over " << config_.lr_warmup_steps << " steps";
+  if (config_.max_grad_norm > 0) o << ", gradient norm clipped at " << config_.max_grad_norm;
   if (config_.schedule == FreezeSchedule::kGradual) {
     o << "; gradual: heads alone for " << config_.warmup_epochs << " epoch(s), then one more block every "
       << config_.unfreeze_every << " epoch(s) from the top";
@@ -493,6 +550,10 @@ std::string SharedTop::checkpoint_bytes() const {
   archive.write("canopy.norm_prev",
                 at::tensor(norm_prev_.empty() ? std::vector<double>{} : norm_prev_, at::kDouble));
   archive.write("canopy.rates", at::tensor(rates_, at::kDouble));
+  archive.write("canopy.epoch_steps",
+                at::tensor(std::vector<double>{epoch_norm_sum_, static_cast<double>(epoch_steps_),
+                                               static_cast<double>(epoch_clipped_), last_lr_},
+                           at::kDouble));
   if (weighting_) {
     for (const auto& [k, v] : weighting_->state()) archive.write("canopy.weighting." + k, v);
   }
@@ -541,6 +602,14 @@ void SharedTop::load_checkpoint(const std::string& path) {
     norm_prev_ = as_vector(prev);
     rates_ = as_vector(rates);
     pending_rows_ = at::Tensor();
+    at::Tensor stats;  // absent from checkpoints written before the statistics were kept
+    if (archive.try_read("canopy.epoch_steps", stats) && stats.numel() == 4) {
+      const auto v = as_vector(stats);
+      epoch_norm_sum_ = v[0];
+      epoch_steps_ = static_cast<std::int64_t>(v[1]);
+      epoch_clipped_ = static_cast<std::int64_t>(v[2]);
+      last_lr_ = v[3];
+    }
     if (level_ >= 0) load_level(level_);
     if (weighting_) {
       std::map<std::string, at::Tensor> w;

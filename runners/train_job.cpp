@@ -623,7 +623,7 @@ class EpochLoop {
     if (!total.defined()) return;  // every head failed: nothing to learn from
     top_moved_ = true;
     try {
-      top_->step(z_own, mpi::distributed() ? total.slice(0, lo, hi) : total);
+      top_->step(z_own, mpi::distributed() ? total.slice(0, lo, hi) : total, step);
     } catch (const Error& e) {
       throw Error(detail::str_cat(e.what(), " at epoch ", epoch + 1, " step ", step + 1,
                                   "; the last checkpoint in ", store_.dir(), " is the last good state"));
@@ -863,6 +863,12 @@ class EpochLoop {
       std::snprintf(buf, sizeof buf, "%s%s %.3f", any ? ", " : "; change rates ", block.c_str(), r);
       o << buf;
       any = true;
+    }
+    if (e.steps > 0) {
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "; lr %.3g, gradient norm %.3g", e.lr, e.grad_norm);
+      o << buf;
+      if (e.clipped > 0) o << " (clipped in " << e.clipped << " of " << e.steps << " steps)";
     }
     return o.str();
   }
@@ -1171,6 +1177,14 @@ TrainInputs open_inputs(const datasets::FeatureCache& cache, const JobConfig& co
     report.top = top->describe();
     log_info("fine-tuning the trunk's top over the cached prefix (output of " + cache.meta().boundary +
              "): " + report.top);
+    std::int64_t epochs = 0;
+    for (const auto& t : config.tasks) epochs = std::max(epochs, task_epochs(t, config.train));
+    if (const std::int64_t steps = top->steps_before(epochs); config.top.lr_warmup_steps > steps) {
+      log_info(detail::str_cat("trunk.lr_warmup_steps = ", config.top.lr_warmup_steps, " is more than the ",
+                               steps, " steps the top trains in ", epochs,
+                               " epoch(s): its learning rate never reaches trunk.lr (at most ", steps, "/",
+                               config.top.lr_warmup_steps, " of it)"));
+    }
   }
   return in;
 }

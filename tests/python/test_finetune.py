@@ -9,6 +9,8 @@ h5py and safetensors, on a slice of Fashion-MNIST through a small trunk with blo
 - fused and unfused heads give the same top; SIGKILL + --resume ends bitwise identical
 - a grid with the top: its members fuse only with each other, the log says it weighs on the
   top as one task, SIGKILL + --resume ends bitwise identical
+- trunk.lr_warmup_steps and trunk.max_grad_norm move the top by exactly what they say (one
+  SGD step), warm up over the steps the top trains, and resume bitwise
 - a policy that leaves no frozen prefix is refused with a message saying what to write
 
     test_finetune.py --canopy build/runners/canopy
@@ -33,6 +35,92 @@ def run(canopy, *args):
 def state(path):
     import torch
     return {k: v.clone() for k, v in torch.jit.load(path).state_dict().items()}
+
+
+def trunk_rows(out):
+    """metrics.jsonl's @trunk rows of a run."""
+    return [json.loads(l) for l in open(f"{out}/metrics.jsonl") if '"@trunk"' in l]
+
+
+def check_warmup_and_clipping(canopy, work, config, trunk, plain):
+    """trunk.lr_warmup_steps and trunk.max_grad_norm, checked on the weights they move: one SGD
+    step over the whole split (momentum's first step is the gradient itself) moves the top by
+    exactly lr x warm-up factor x gradient, clipped to max_grad_norm."""
+    import torch
+    one = ["--set", "trunk.optimizer=sgd", "--set", "trunk.lr_decay=1", "--set", "trunk.lr=0.05", "--set",
+           f"train.batch_size={TRAIN}", "--set", "train.epochs=1", "--set", "trunk.lr_warmup_steps=4"]
+    params = dict(torch.jit.load(trunk).named_parameters())
+
+    def step_of(out, *extra):
+        r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={out}", *one, *extra)
+        if r.returncode != 0:
+            check(False, f"one SGD step of the top: {r.stderr[-300:]}")
+            return None, None
+        after = dict(torch.jit.load(f"{out}/trunk.pt").named_parameters())
+        return {k: after[k].double() - params[k].double() for k in params}, trunk_rows(out)[-1]
+
+    free, row = step_of(f"{work}/sgd-free")
+    if free is None:
+        return
+    g = row["grad_norm"]
+    norm = torch.sqrt(sum((d ** 2).sum() for d in free.values())).item()
+    check(row["steps"] == 1 and row["clipped_steps"] == 0 and abs(row["lr"] - 0.05 / 4) < 1e-15 and
+          abs(norm / (0.05 / 4 * g) - 1) < 1e-3,
+          f"the first step of a 4-step warm-up takes 1/4 of trunk.lr ({row['lr']}): the top moves by lr / 4 x the "
+          f"gradient norm metrics.jsonl reports ({norm:.4e} vs {0.05 / 4 * g:.4e})")
+    c = g / 3
+    clipped, row = step_of(f"{work}/sgd-clip", "--set", f"trunk.max_grad_norm={c!r}")
+    if clipped is None:
+        return
+    scale = c / (g + 1e-6)
+    off = max((clipped[k] - free[k] * scale).abs().max().item() for k in free)
+    big = max(free[k].abs().max().item() for k in free)
+    norm = torch.sqrt(sum((d ** 2).sum() for d in clipped.values())).item()
+    check(row["clipped_steps"] == 1 and abs(row["grad_norm"] - g) < 1e-9 * g and abs(norm / (0.05 / 4 * c) - 1) < 1e-3 and
+          off < 1e-3 * big,
+          f"trunk.max_grad_norm = gradient norm / 3 scales the step to it: moved {norm:.4e} (lr / 4 x max_grad_norm "
+          f"{0.05 / 4 * c:.4e}), in the unclipped step's direction (largest difference {off:.1e} of {big:.1e}); "
+          f"the norm reported before clipping")
+
+    # Over epochs: the warm-up counts the steps the top trains (gradual's first epoch trains
+    # none); each epoch's row has the rate of its last step.
+    L, W, S = 0.01, 57, (TRAIN + 31) // 32
+    for sched, want in (("static", [L * S / W, L, L]), ("gradual", [L / W, L * S / W, L])):
+        r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/warm-{sched}", "--set",
+                f"trunk.schedule={sched}", "--set", f"trunk.lr_warmup_steps={W}", "--set", "train.checkpoint_steps=0")
+        rows = trunk_rows(f"{work}/warm-{sched}") if r.returncode == 0 else []
+        got = [x["lr"] for x in rows]
+        check(len(got) == 3 and all(abs(a - b) < 1e-12 for a, b in zip(got, want)) and
+              [x["steps"] for x in rows] == ([S] * 3 if sched == "static" else [0, S, S]),
+              f"trunk.schedule = {sched}, a warm-up of {W} steps over epochs of {S}: the top block's rate per epoch "
+              f"{got} (expected {want}; steps {[x['steps'] for x in rows]})")
+    r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/warm-long", "--set",
+            "trunk.lr_warmup_steps=1000", "--set", "train.epochs=1")
+    check(r.returncode == 0 and f"trunk.lr_warmup_steps = 1000 is more than the {S} steps" in r.stderr,
+          f"a warm-up longer than the run is said ({[l for l in r.stderr.splitlines() if 'warmup' in l][:1]})")
+
+    # Killed twice (in the warm-up, with clipping at work) and resumed: bitwise the
+    # uninterrupted run, the epochs' rows (norms, clipped steps, rates) too.
+    keys = ["--set", "trunk.lr_warmup_steps=60", "--set", "trunk.max_grad_norm=0.2"]
+    r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/warm", *keys)
+    whole = state(f"{work}/warm/trunk.pt") if r.returncode == 0 else {}
+    rows = trunk_rows(f"{work}/warm") if r.returncode == 0 else []
+    check(len(rows) == 3 and sum(x["clipped_steps"] for x in rows) > 0 and
+          any(not torch.equal(whole[k], plain[k]) for k in plain),
+          f"a warmed-up, clipped run trains, some steps clipped, to another top than without "
+          f"({[(x['clipped_steps'], x['steps']) for x in rows]})")
+    out = f"{work}/warm-cut"
+    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet", *keys]
+    for target, extra in (((0, 20), []), ((1, 20), ["--resume"])):
+        rc, st = kill_when(cmd + extra, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= target)
+        check(rc == -signal.SIGKILL and st is not None, f"warmed up and clipped, killed by SIGKILL at "
+                                                         f"{st and (st['epoch'], st['step'])}")
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    resumed = state(f"{out}/trunk.pt") if r.returncode == 0 else {}
+    strip = lambda rs: [{k: v for k, v in x.items() if k != "seconds"} for x in rs]
+    check(whole and resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole) and
+          strip(trunk_rows(out)) == strip(rows),
+          "... and resumed: the trunk and every epoch's @trunk row bitwise the uninterrupted run's")
 
 
 def main():
@@ -196,6 +284,8 @@ lr = 0.003
     check(r.returncode == 0 and all(torch.equal(resumed[k], whole[k]) for k in whole) and
           open(f"{out}/heads/a_linear.safetensors", "rb").read() == open(f"{work}/grid/heads/a_linear.safetensors", "rb").read(),
           "... and resumed, its top and the grid's winner are bitwise the uninterrupted run's")
+
+    check_warmup_and_clipping(canopy, work, config, trunk, tuned)
 
     # The cut is part of the fingerprint; a policy with no frozen prefix is refused.
     r = run(canopy, "train", "--config", config, "--set", "trunk.freeze=first:3", "--set", f"train.out_dir={work}/x")

@@ -379,6 +379,27 @@ checkpoint_steps = 3
         check(len(lw[0]) == len(lw[1]) == 2 and gap <= 1e-6 and worst <= 1e-5,
               f"train.weighting = {w} over 3 ranks: the loss weights per epoch within {gap:.1e} of one process's, "
               f"top and heads within {worst:.1e}")
+    # The top's warm-up and gradient clipping over the ranks: the norm clipped is the summed
+    # gradient's (the whole batch's, as in one process), so every rank clips the same steps
+    # by the same factor. Clipping at the first epoch's mean norm clips some steps, not all.
+    keys = ("--set", "trunk.schedule=static", "--set", "train.epochs=2", "--set", "trunk.optimizer=sgd",
+            "--set", "trunk.lr=0.05", "--set", "trunk.lr_warmup_steps=15")
+    r = train(1, f"{work}/clip-probe", *keys)
+    rows = trunk_rows(f"{work}/clip-probe") if r.returncode == 0 else []
+    if rows:
+        keys += ("--set", f"trunk.max_grad_norm={rows[0]['grad_norm']!r}")
+        one, three = f"{work}/clip-one", f"{work}/clip-three"
+        r1, r3 = train(1, one, *keys), train(3, three, *keys)
+        a, b = (trunk_rows(o) if r.returncode == 0 else [] for o, r in ((one, r1), (three, r3)))
+        clipped = [x["clipped_steps"] for x in a]
+        gap = max((abs(x["grad_norm"] / y["grad_norm"] - 1) for x, y in zip(a, b)), default=1.0)
+        check(len(a) == len(b) == 2 and 0 < sum(clipped) < 20 and clipped == [y["clipped_steps"] for y in b] and
+              [x["lr"] for x in a] == [y["lr"] for y in b] and gap <= 1e-5 and differ(one, three) <= 1e-5,
+              f"trunk.max_grad_norm and lr_warmup_steps over 3 ranks: the same steps clipped per epoch ({clipped}), the "
+              f"same rates, the gradient norms within {gap:.1e} of one process's, top and heads within "
+              f"{differ(one, three) if a and b else 1.0:.1e}")
+    else:
+        check(False, f"a warmed-up SGD top trains: {r.stderr[-300:]}")
     # Batches of 2 rows over 3 ranks: rank 0's slice of every batch is empty, so it stores no
     # row of the level; it gets every rank's and writes the whole level.
     small = ("--set", "train.batch_size=2", "--set", "train.epochs=2")
@@ -440,6 +461,11 @@ head = linear
 lr = 0.1 | 0.01
 epochs = 2
 """
+
+
+def trunk_rows(out):
+    """metrics.jsonl's @trunk rows of a run."""
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"@trunk"' in l]
 
 
 def eval_scores(out):

@@ -108,6 +108,8 @@ struct TopConfig {
   double lr_decay = 2.6;  // each block further down learns at lr / lr_decay^depth (ULMFiT)
   double weight_decay = 0.0;
   tasks::LrSchedule lr_schedule = tasks::LrSchedule::kConstant;  // over train.epochs
+  std::int64_t lr_warmup_steps = 0;  // the rate rises linearly over the top's first N steps
+  double max_grad_norm = 0.0;        // the top's gradient scaled down to this L2 norm; 0: off
   // Which of the top's blocks train when (freeze_schedule.h).
   FreezeSchedule schedule = FreezeSchedule::kStatic;
   std::int64_t warmup_epochs = 1;    // gradual: epochs with only the heads training

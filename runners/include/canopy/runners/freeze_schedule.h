@@ -21,6 +21,13 @@ struct TopEpoch {
   std::vector<std::string> training;                  // the blocks that trained at the epoch's end
   std::string level;                                  // the block whose output was read ("": the cache's)
   std::vector<std::pair<std::string, double>> rates;  // autofreeze: each block's last change rate
+  // The top's optimizer steps in the epoch, the mean L2 norm of its gradient (before any
+  // clipping; NaN without steps), the steps clipped (trunk.max_grad_norm) and the top
+  // block's learning rate at the last step (warm-up and schedule applied).
+  std::int64_t steps = 0;
+  double grad_norm = 0;
+  std::int64_t clipped = 0;
+  double lr = 0;
 };
 
 enum class FreezeSchedule { kStatic, kGradual, kAutofreeze };

@@ -59,9 +59,11 @@ class SharedTop {
   // forward(rows, false) over a whole split, `batch` rows at a time.
   at::Tensor features(const at::Tensor& rows, std::int64_t batch);
   // Back-propagates `grad` (the heads' combined dL/dz, [B, D]) through the top from its
-  // output `z` and steps the optimizer. Throws Error when the top's gradient is not finite
-  // (nothing is stepped) or its weights are not finite afterwards.
-  void step(const at::Tensor& z, const at::Tensor& grad);
+  // output `z` and steps the optimizer, at step `step_in_epoch` (0-based) of the epoch
+  // start_epoch began: the warm-up's rate follows from it (TopConfig::lr_warmup_steps), and
+  // the gradient is clipped to TopConfig::max_grad_norm. Throws Error when the top's gradient
+  // is not finite (nothing is stepped) or its weights are not finite afterwards.
+  void step(const at::Tensor& z, const at::Tensor& grad, std::int64_t step_in_epoch);
   // Under mpirun (data parallel): the element-wise sum over ranks of every trainable
   // parameter's gradient, in buckets of `bucket_bytes`, between the backward pass and the
   // optimizer's step in step(); the seconds spent in it so far.
@@ -73,8 +75,12 @@ class SharedTop {
   // Whether any block of the top trains now (gradual: not during the warm-up).
   bool trains() const { return frozen_ < static_cast<std::int64_t>(top_blocks_.size()); }
   // Sets the learning rates of epoch `epoch` (0-based) of `total` from the schedule, and
-  // which blocks train; `first_step` > 0 when a run resumes in the middle of the epoch.
+  // which blocks train; `first_step` > 0 when a run resumes in the middle of the epoch (the
+  // epoch's statistics in TopEpoch then go on from the checkpoint's).
   void start_epoch(std::int64_t epoch, std::int64_t total, std::int64_t first_step);
+  // The top's training steps before epoch `epoch` (0-based): every step of an epoch in which
+  // a block trains (gradual's warm-up epochs train none). What the learning-rate warm-up counts.
+  std::int64_t steps_before(std::int64_t epoch) const;
   // After an epoch's steps: a cache level written during it is complete, saved, and read
   // from now on. Returns what the epoch did.
   TopEpoch end_epoch();
@@ -111,6 +117,11 @@ class SharedTop {
   // `len` to the cache's; -1: as it is).
   at::Tensor as_stored(const at::Tensor& out, std::int64_t len) const;
   void hold(std::int64_t frozen);
+  // The learning rates' factor at the top's training step `k` of the run: this epoch's
+  // schedule, times the warm-up's (k + 1) / lr_warmup_steps while k is below it.
+  double rate_factor(std::int64_t k) const;
+  // The L2 norm of the whole gradient of the top, then scaled down to max_grad_norm.
+  double clip_gradient();
   void all_reduce_gradients();
   std::int64_t allreduce_bucket_bytes_ = 0;  // 0: one process
   double allreduce_seconds_ = 0;
@@ -138,16 +149,22 @@ class SharedTop {
   std::int64_t train_rows_ = 0;
   at::Tensor train_rows_in_memory_;  // set_train_rows
   std::int64_t interval_ = 1;        // autofreeze: steps per decision
+  std::int64_t steps_per_epoch_ = 1;
+  double epoch_factor_ = 1.0;      // the schedule's factor this epoch
+  std::int64_t steps_before_ = 0;  // steps_before(the current epoch)
   std::string level_dir_;
   bool text_ = false;  // parts[0] is [T, D] per row with the mask as parts[1]
   // The schedule's state (checkpointed):
-  std::int64_t frozen_ = 0;               // the lowest top blocks held frozen
-  std::int64_t level_ = -1;               // the top block whose output is read (-1: the cache's)
-  std::int64_t pending_ = -1;             // the top block whose output this epoch stores
-  std::int64_t interval_steps_ = 0;       // autofreeze: steps into the current interval
-  std::vector<double> norm_sum_;          // per top block, over the interval
-  std::vector<double> norm_prev_;         // the last interval's mean (empty before the first)
-  std::vector<double> rates_;             // the last change rates (NaN: not measured)
+  std::int64_t frozen_ = 0;          // the lowest top blocks held frozen
+  std::int64_t level_ = -1;          // the top block whose output is read (-1: the cache's)
+  std::int64_t pending_ = -1;        // the top block whose output this epoch stores
+  std::int64_t interval_steps_ = 0;  // autofreeze: steps into the current interval
+  std::vector<double> norm_sum_;     // per top block, over the interval
+  std::vector<double> norm_prev_;    // the last interval's mean (empty before the first)
+  std::vector<double> rates_;        // the last change rates (NaN: not measured)
+  double epoch_norm_sum_ = 0;        // this epoch's gradient norms, summed
+  std::int64_t epoch_steps_ = 0, epoch_clipped_ = 0;
+  double last_lr_ = 0;                    // the top block's, at the last step
   at::Tensor level_rows_, pending_rows_;  // float32 [train_rows, values]
   std::vector<std::int64_t> level_shape_, pending_shape_;
   LossWeighting* weighting_ = nullptr;
