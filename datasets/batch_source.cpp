@@ -15,6 +15,7 @@
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/randperm.h>
+#include <ATen/ops/zeros.h>
 
 #include "canopy/core/bounded_queue.h"
 #include "canopy/core/error.h"
@@ -96,7 +97,7 @@ class InMemorySource : public BatchSource {
 class StreamingSource : public BatchSource {
  public:
   StreamingSource(const FeatureCache& cache, std::string split, std::int64_t batch_size, std::uint64_t seed,
-                  std::uint64_t cap, ReadMethod method, at::Tensor keep)
+                  std::uint64_t cap, ReadMethod method, at::Tensor keep, std::int64_t views)
       : cache_(cache),
         split_(std::move(split)),
         shards_(cache.shards(split_)),
@@ -106,6 +107,19 @@ class StreamingSource : public BatchSource {
         method_(method),
         keep_(std::move(keep)) {
     rows_ = keep_.defined() ? keep_.sum().item<std::int64_t>() : cache_.rows(split_);
+    // Augmented views: their splits hold the same rows in the same shards, row for row.
+    view_shards_.push_back(shards_);
+    for (std::int64_t v = 1; v < views; ++v) {
+      const std::string name = view_split(split_, v);
+      auto shards = cache.shards(name);
+      bool same = shards.size() == shards_.size();
+      for (std::size_t k = 0; same && k < shards.size(); ++k)
+        same = shards[k].first_row == shards_[k].first_row && shards[k].rows == shards_[k].rows;
+      CANOPY_CHECK(same, DataError, "the cache's view split '", name, "' is not sharded as '", split_, "' (",
+                   shards.size(), " shards against ", shards_.size(),
+                   ", row for row); run `canopy cache` to rebuild it");
+      view_shards_.push_back(std::move(shards));
+    }
     for (const auto& s : shards_) {
       shard_bytes_ = std::max(shard_bytes_, bytes_of_shard(s));
       shard_rows_ = std::max(shard_rows_, s.rows);
@@ -124,10 +138,23 @@ class StreamingSource : public BatchSource {
   void start_epoch(std::int64_t epoch) override {
     stop();
     epoch_ = epoch;
-    const at::Tensor order = epoch_permutation(static_cast<std::int64_t>(shards_.size()), seed_, epoch, 1);
+    const auto n = static_cast<std::int64_t>(shards_.size());
+    const at::Tensor order = epoch_permutation(n, seed_, epoch, 1);
+    // With views, each shard is read as one of its views this epoch, drawn per (seed, epoch,
+    // shard): a row is served as one view, reading no more than without views.
+    at::Tensor view = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
+    if (view_shards_.size() > 1) {
+      auto gen = at::detail::createCPUGenerator(seed_ * 1000003ULL +
+                                                static_cast<std::uint64_t>(epoch) * 7919ULL + 0x71e4ULL);
+      view = at::randint(static_cast<std::int64_t>(view_shards_.size()), {n}, gen,
+                         at::TensorOptions().dtype(at::kLong));
+    }
     std::vector<ShardInfo> ordered;
-    for (std::int64_t i = 0; i < order.numel(); ++i)
-      ordered.push_back(shards_[order[i].item<std::int64_t>()]);
+    for (std::int64_t i = 0; i < n; ++i) {
+      const std::int64_t k = order[i].item<std::int64_t>();
+      ordered.push_back(
+          view_shards_[static_cast<std::size_t>(view[k].item<std::int64_t>())][static_cast<std::size_t>(k)]);
+    }
     release_window(true);
     queue_ = std::make_unique<BoundedQueue<SplitData>>(1);
     error_ = nullptr;
@@ -183,7 +210,11 @@ class StreamingSource : public BatchSource {
   std::uint64_t peak_bytes() const override { return peak_.load(); }
   std::string describe() const override {
     return "streaming (window of " + std::to_string(window_) + " shard(s), cap " +
-           format_mib(static_cast<double>(cap_)) + ")";
+           format_mib(static_cast<double>(cap_)) +
+           (view_shards_.size() > 1
+                ? ", each shard as one of " + std::to_string(view_shards_.size()) + " views each epoch"
+                : std::string()) +
+           ")";
   }
 
  private:
@@ -301,6 +332,7 @@ class StreamingSource : public BatchSource {
   const FeatureCache& cache_;
   std::string split_;
   std::vector<ShardInfo> shards_;
+  std::vector<std::vector<ShardInfo>> view_shards_;  // [view][shard]; [0] is shards_
   std::int64_t batch_size_;
   std::uint64_t seed_;
   std::uint64_t cap_;
@@ -337,9 +369,9 @@ std::unique_ptr<BatchSource> make_in_memory_source(SplitData data, std::int64_t 
 std::unique_ptr<BatchSource> make_streaming_source(const FeatureCache& cache, const std::string& split,
                                                    std::int64_t batch_size, std::uint64_t seed,
                                                    std::uint64_t memory_cap_bytes, ReadMethod method,
-                                                   at::Tensor keep) {
+                                                   at::Tensor keep, std::int64_t views) {
   return std::make_unique<StreamingSource>(cache, split, batch_size, seed, memory_cap_bytes, method,
-                                           std::move(keep));
+                                           std::move(keep), views);
 }
 
 }  // namespace canopy::datasets

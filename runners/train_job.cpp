@@ -102,8 +102,10 @@ TrainRead plan_train_read(const datasets::FeatureCache& cache, const JobConfig& 
   TrainRead r;
   if (room && bytes > static_cast<double>(room->bytes) * 0.75) {
     r = {false, room->bytes / 2,
-         detail::str_cat("the train split '", config.train.train_split, "' (", format_mib(bytes),
-                         ") is more than 3/4 of the memory this process may take: ", room->said)};
+         detail::str_cat(
+             "the train split '", config.train.train_split, "' (",
+             cache.meta().views > 1 ? detail::str_cat("its ", cache.meta().views, " views: ") : "",
+             format_mib(bytes), ") is more than 3/4 of the memory this process may take: ", room->said)};
   }
   if (!mpi::distributed()) return r;
   // Every rank must read alike (the replicas see the same batches): all stream, under the
@@ -173,12 +175,6 @@ TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig
     out.source = datasets::make_in_memory_source(std::move(all), t.batch_size, t.seed, std::move(extra));
     return out;
   }
-  CANOPY_CHECK(views == 1, ConfigError, "the cache holds ", views,
-               " views per training image, which training reads in memory (",
-               format_mib(static_cast<double>(views * cache.feature_bytes(t.train_split))), " in all), ",
-               plan.why.empty() ? detail::str_cat("over cache.memory_cap_mb = ", config.cache.memory_cap_mb,
-                                                  "; raise the cap or set it to 0")
-                                : plan.why + "; train on a machine with more memory, or cache fewer views");
   if (!plan.why.empty()) {
     log_info(plan.why + ": streaming it under " + format_mib(static_cast<double>(plan.cap)) +
              " (cache.memory_cap_mb sets the cap)");
@@ -190,8 +186,8 @@ TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig
     keep.index_fill_(0, holdout->train_rows, true);
   }
   try {
-    out.source =
-        datasets::make_streaming_source(cache, t.train_split, t.batch_size, t.seed, plan.cap, method, keep);
+    out.source = datasets::make_streaming_source(cache, t.train_split, t.batch_size, t.seed, plan.cap, method,
+                                                 keep, views);
   } catch (const DataError& e) {
     if (plan.why.empty()) throw;
     throw DataError(plan.why + ", and " + e.what());

@@ -8,6 +8,7 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/zeros.h>
 #include <malloc.h>
@@ -501,6 +502,66 @@ TEST(BatchSource, InMemoryViewsServeEachRowOnceAsOneOfItsViews) {
   for (std::int64_t v = 0; v < views; ++v) EXPECT_GT(count[v], n / views / 2) << "view " << v;
   EXPECT_EQ(draw(0), e0) << "the draw depends on (seed, epoch) alone";
   EXPECT_NE(draw(1), e0) << "each epoch draws anew";
+}
+
+// Streamed with views: each shard is read as one of its views per epoch (drawn per seed,
+// epoch and shard), so every row is served once, as one of its views, with its labels; the
+// draw is reproducible, every view in use over epochs, the cap kept, and a held-out row is
+// skipped in every view.
+TEST(BatchSource, StreamedViewsServeEachRowOnceAsItsShardsView) {
+  testing::TempDir dir;
+  const std::int64_t n = 37, views = 3;
+  CacheMeta meta = test_meta(1);
+  meta.views = views;
+  std::map<std::string, std::int64_t> splits{{"train", n}, {"test", 3}};
+  for (std::int64_t v = 1; v < views; ++v) splits[view_split("train", v)] = n;
+  {
+    FeatureCacheWriter w(dir.path(), meta, splits, 4, false);
+    const at::Tensor rows = at::arange(n, at::kLong);
+    for (std::int64_t v = 0; v < views; ++v) {
+      w.append(v == 0 ? "train" : view_split("train", v), (rows + 1000 * v).to(at::kFloat).view({n, 1}),
+               {{"class", rows % 2}}, rows);
+    }
+    w.append("test", at::zeros({3, 1}), {{"class", at::arange(3, at::kLong) % 2}}, at::arange(3, at::kLong));
+    w.finish();
+  }
+  const FeatureCache c = FeatureCache::open(dir.path());
+  const std::uint64_t shard_bytes = 4 * (4 + 16);
+  at::Tensor keep = at::ones({n}, at::kBool);
+  keep[5].fill_(false);
+  auto src = make_streaming_source(c, "train", 5, 7, 5 * shard_bytes, ReadMethod::kPread, keep, views);
+  EXPECT_NE(src->describe().find("one of 3 views"), std::string::npos) << src->describe();
+  auto draw = [&](std::int64_t epoch) {
+    src->start_epoch(epoch);
+    std::vector<std::int64_t> view_of(n, -1);
+    Batch b;
+    while (src->next(b)) {
+      for (std::int64_t r = 0; r < b.features.size(0); ++r) {
+        const auto value = static_cast<std::int64_t>(b.features[r][0].item<float>());
+        const std::int64_t row = value % 1000;
+        EXPECT_EQ(view_of[row], -1) << "row " << row << " served twice";
+        view_of[row] = value / 1000;
+        EXPECT_EQ(b.labels.at("class")[r].item<std::int64_t>(), row % 2) << "labels travel with their rows";
+      }
+    }
+    return view_of;
+  };
+  std::vector<std::int64_t> count(views, 0);
+  for (std::int64_t epoch = 0; epoch < 6; ++epoch) {
+    const auto seen = draw(epoch);
+    for (std::int64_t r = 0; r < n; ++r) {
+      if (r == 5) {
+        EXPECT_EQ(seen[r], -1) << "a held-out row is served in no view";
+        continue;
+      }
+      ASSERT_GE(seen[r], 0) << "row " << r << " epoch " << epoch;
+      EXPECT_EQ(seen[r], seen[r / 4 * 4]) << "a shard's rows (4 per shard) share its view";
+      ++count[static_cast<std::size_t>(seen[r])];
+    }
+    EXPECT_EQ(draw(epoch), seen) << "the draw depends on (seed, epoch) alone";
+  }
+  for (std::int64_t v = 0; v < views; ++v) EXPECT_GT(count[v], 0) << "view " << v << " never served";
+  EXPECT_LE(src->peak_bytes(), 5 * shard_bytes);
 }
 
 }  // namespace

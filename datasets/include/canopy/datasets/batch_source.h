@@ -48,9 +48,12 @@ std::unique_ptr<BatchSource> make_in_memory_source(SplitData data, std::int64_t 
 // Streams `split` of `cache` within `memory_cap_bytes`; DataError when the cap cannot hold
 // the minimum of three shards (one being read, one queued, one being served). `keep`
 // (bool [rows of the split]), when given, names the rows served; the others are skipped.
+// `views` > 1: the split has augmented views (view_split(split, v), v < views, sharded row
+// for row); each epoch every shard is read as one of its views, drawn per (seed, epoch,
+// shard), so a row is served once, as one view, for the bytes of one.
 std::unique_ptr<BatchSource> make_streaming_source(const FeatureCache& cache, const std::string& split,
                                                    std::int64_t batch_size, std::uint64_t seed,
                                                    std::uint64_t memory_cap_bytes, ReadMethod method,
-                                                   at::Tensor keep = {});
+                                                   at::Tensor keep = {}, std::int64_t views = 1);
 
 }  // namespace canopy::datasets
