@@ -644,6 +644,8 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   }
   std::optional<trunk::Trunk> owned;
   if (!trunk) trunk = &owned.emplace(trunk::Trunk::load(config.trunk));
+  if (!trunk->split().tunes)
+    refuse_schedule_without_top(config.top.schedule, trunk::describe(config.trunk.freeze));
   InputData data = load_input_data(config);
   const RowEncoder encoder(*trunk, data.splits.at("train").lengths.empty() ? 0 : config.text.max_length);
   CANOPY_CHECK(config.cache.views == 1 || !encoder.prefix(), ConfigError,

@@ -880,6 +880,20 @@ JobConfig load_job_config(const std::string& path, const std::vector<std::string
   return job_config_from_values(values, path);
 }
 
+std::vector<std::string> top_keys_set(const JobConfig& config) {
+  static const std::set<std::string> top{
+      "optimizer",     "lr",       "lr_decay",      "weight_decay",   "lr_schedule",     "lr_warmup_steps",
+      "max_grad_norm", "schedule", "warmup_epochs", "unfreeze_every", "freeze_interval", "percentile",
+      "min_trainable"};
+  const JobConfig defaults;
+  std::vector<std::string> set;
+  for (const auto& k : job_keys()) {
+    if (k.section == "trunk" && top.count(k.name) && k.get(config) != k.get(defaults))
+      set.push_back(k.full_name() + " = " + k.get(config));
+  }
+  return set;
+}
+
 std::string dump_config(const JobConfig& c) {
   std::ostringstream o;
   o << "# resolved canopy configuration (from " << c.source << ")\n";

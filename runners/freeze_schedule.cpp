@@ -19,6 +19,15 @@ FreezeSchedule parse_freeze_schedule(const std::string& name, const std::string&
   throw ConfigError(detail::str_cat(where, ": expected static, gradual or autofreeze, got '", name, "'"));
 }
 
+void refuse_schedule_without_top(FreezeSchedule schedule, const std::string& freeze) {
+  CANOPY_CHECK(
+      schedule == FreezeSchedule::kStatic, ConfigError, "trunk.schedule = ", to_string(schedule),
+      " decides when the blocks of a trainable top train, and the trunk is frozen whole (trunk.freeze = ",
+      freeze,
+      "): nothing of it trains. Leave the blocks that may train out of the cache (trunk.unfreeze_to = "
+      "<the lowest of them>, or trunk.freeze = first:N), or drop the schedule");
+}
+
 const char* to_string(FreezeSchedule s) {
   switch (s) {
     case FreezeSchedule::kStatic:

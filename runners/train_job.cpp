@@ -1064,7 +1064,14 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
                "and the trunk is frozen whole (trunk.freeze = ", trunk::describe(config.trunk.freeze),
                "): each head learns from its own loss alone; use sum");
   SharedTraining out;
-  if (!shared) return out;
+  if (!shared) {
+    refuse_schedule_without_top(config.top.schedule, trunk::describe(config.trunk.freeze));
+    if (const auto unused = top_keys_set(config); !unused.empty()) {
+      log_info("the trunk is frozen whole (trunk.freeze = " + trunk::describe(config.trunk.freeze) +
+               "), so what only a trainable top reads goes unused: " + join(unused, ", "));
+    }
+    return out;
+  }
   CANOPY_CHECK(config.train.export_mode != ExportMode::kBest, ConfigError,
                "train.export = best keeps each head's best epoch, but with the trunk's top training every "
                "head reads the top of the last epoch; use export = last (auto does so)");

@@ -211,6 +211,15 @@ lr = 0.003
     frozen = {n: json.load(open(f"{work}/frozen/heads/{n}.json"))["eval_accuracy"] for n in accs} if r.returncode == 0 else {}
     check(frozen and all(accs[n] > frozen[n] + 0.03 for n in accs),
           f"every head does better with the trained top: {accs} vs frozen {frozen}")
+    said = [l for l in r.stderr.splitlines() if "goes unused" in l]
+    check(len(said) == 1 and said[0].endswith("trunk.lr = 0.01"),
+          f"frozen whole, the run says the top's keys the config sets go unused: {said}")
+    for cmd, cache in (("cache", "frozen-cache2"), ("train", "frozen-cache")):
+        r = run(canopy, cmd, "--config", config, "--set", "trunk.freeze=all", "--set", f"cache.path={work}/{cache}",
+                "--set", f"train.out_dir={work}/frozen-gradual", "--set", "trunk.schedule=gradual")
+        check(r.returncode == 2 and "trunk.schedule = gradual" in r.stderr and "frozen whole" in r.stderr and
+              "unfreeze_to" in r.stderr, f"canopy {cmd}: a schedule over a trunk frozen whole is refused, saying what "
+                                         f"to write: {r.stderr.strip()[-160:]}")
 
     # canopy predict runs the fine-tuned trunk it exported.
     from support import FMNIST

@@ -152,6 +152,10 @@ std::string dump_config(const JobConfig& config);
 // parsing, validation, dumping and this reference.
 std::string config_reference();
 void validate_job_config(const JobConfig& config);
+// The [trunk] keys only a trainable top reads (its optimizer, rates and schedule) that
+// `config` sets to other than their defaults, as "trunk.lr = 0.01": what a run whose trunk is
+// frozen whole does not use.
+std::vector<std::string> top_keys_set(const JobConfig& config);
 // Whether heads are chosen on a validation split (train.validation_fraction > 0).
 inline bool has_validation(const TrainConfig& t) { return t.validation_fraction > 0; }
 // Whether each head exports its best epoch on the validation split (train.export resolved).

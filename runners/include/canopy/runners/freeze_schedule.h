@@ -32,6 +32,9 @@ struct TopEpoch {
 
 enum class FreezeSchedule { kStatic, kGradual, kAutofreeze };
 FreezeSchedule parse_freeze_schedule(const std::string& name, const std::string& where);
+// ConfigError when `schedule` is not static and the trunk is frozen whole (by the policy
+// `freeze` describes): nothing of it trains, so the schedule would decide nothing.
+void refuse_schedule_without_top(FreezeSchedule schedule, const std::string& freeze);
 const char* to_string(FreezeSchedule schedule);
 
 // gradual: how many of the top's `top_blocks` blocks (counted from the top) train in `epoch`.
