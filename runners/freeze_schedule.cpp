@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "canopy/core/error.h"
 
@@ -26,6 +27,14 @@ void refuse_schedule_without_top(FreezeSchedule schedule, const std::string& fre
       freeze,
       "): nothing of it trains. Leave the blocks that may train out of the cache (trunk.unfreeze_to = "
       "<the lowest of them>, or trunk.freeze = first:N), or drop the schedule");
+}
+
+std::string describe_top_steps(double lr, double grad_norm, std::int64_t clipped, std::int64_t steps) {
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "lr %.3g, gradient norm %.3g", lr, grad_norm);
+  std::string out = buf;
+  if (clipped > 0) out += detail::str_cat(" (clipped in ", clipped, " of ", steps, " steps)");
+  return out;
 }
 
 const char* to_string(FreezeSchedule s) {

@@ -123,7 +123,12 @@ std::string score_text(double score, bool regression) {
 struct TopFacts {
   std::int64_t epoch = 0;  // the last epoch metrics.jsonl records for the top
   std::vector<std::string> training;
-  std::string level;           // "" when the top reads the cache itself
+  std::string level;  // "" when the top reads the cache itself
+  // That epoch's optimizer steps, the top block's last rate, the mean gradient norm (before
+  // clipping; absent without steps or in runs from before they were recorded) and the steps
+  // clipped.
+  std::int64_t steps = 0, clipped = 0;
+  std::optional<double> lr, grad_norm;
   std::string trunk;           // <out_dir>/trunk.pt, when written
   bool trunk_checked = false;  // against the cards' pins (none before the export)
   std::vector<std::string> problems;
@@ -147,6 +152,11 @@ std::optional<TopFacts> read_top(const std::string& dir, const std::vector<Expor
         top->training = row.at("training").get<std::vector<std::string>>();
       if (row.contains("level") && row.at("level").is_string())
         top->level = row.at("level").get<std::string>();
+      top->steps = row.value("steps", std::int64_t{0});
+      top->clipped = row.value("clipped_steps", std::int64_t{0});
+      if (row.contains("lr") && row.at("lr").is_number()) top->lr = row.at("lr").get<double>();
+      if (row.contains("grad_norm") && row.at("grad_norm").is_number())
+        top->grad_norm = row.at("grad_norm").get<double>();
     }
   }
   if (!top && !is_regular_file(trunk)) return std::nullopt;
@@ -334,6 +344,7 @@ std::string report_text(const RunFacts& f, const Status& status, bool verify) {
                                : join(t.training, ", ") + " training");
       if (!t.level.empty())
         o << "; reads the cache level " << join_path(datasets::kLevelDir, datasets::level_file_name(t.level));
+      if (t.lr && t.grad_norm) o << "; " << describe_top_steps(*t.lr, *t.grad_norm, t.clipped, t.steps);
       o << "\n";
     }
     if (!t.trunk.empty())
@@ -397,12 +408,15 @@ std::string report_json(const RunFacts& f, const Status& status, bool verify) {
          {"best_epoch", run.best_epoch},
          {"note", run.failed() ? run.failure : run.stop_note}});
   }
-  j["top"] = f.top
-                 ? ordered_json{{"epoch", f.top->epoch},
-                                {"training", f.top->training},
-                                {"level", f.top->level.empty() ? ordered_json() : ordered_json(f.top->level)},
-                                {"trunk", f.top->trunk.empty() ? ordered_json() : ordered_json(f.top->trunk)}}
-                 : ordered_json();
+  j["top"] =
+      f.top ? ordered_json{{"epoch", f.top->epoch},
+                           {"training", f.top->training},
+                           {"level", f.top->level.empty() ? ordered_json() : ordered_json(f.top->level)},
+                           {"lr", f.top->lr ? ordered_json(*f.top->lr) : ordered_json()},
+                           {"grad_norm", f.top->grad_norm ? ordered_json(*f.top->grad_norm) : ordered_json()},
+                           {"clipped_steps", f.top->clipped},
+                           {"trunk", f.top->trunk.empty() ? ordered_json() : ordered_json(f.top->trunk)}}
+            : ordered_json();
   j["exported"] = ordered_json::array();
   for (const auto& e : f.exported) {
     j["exported"].push_back(

@@ -860,12 +860,7 @@ class EpochLoop {
       o << buf;
       any = true;
     }
-    if (e.steps > 0) {
-      char buf[160];
-      std::snprintf(buf, sizeof buf, "; lr %.3g, gradient norm %.3g", e.lr, e.grad_norm);
-      o << buf;
-      if (e.clipped > 0) o << " (clipped in " << e.clipped << " of " << e.steps << " steps)";
-    }
+    if (e.steps > 0) o << "; " << describe_top_steps(e.lr, e.grad_norm, e.clipped, e.steps);
     return o.str();
   }
 

@@ -467,6 +467,27 @@ TEST(Holdout, StreamingServesOnlyTheKeptRowsAndLoadRowsTheOthers) {
   EXPECT_TRUE(v.labels.at("class").equal(h.validation_rows % 2));
 }
 
+// One epoch of `src` over rows whose feature is row + 1000 x view: each of the `n` rows'
+// view (-1: not served), checking that no row comes twice and that labels (row % `classes`)
+// travel with their rows.
+std::vector<std::int64_t> views_served(BatchSource& src, std::int64_t epoch, std::int64_t n,
+                                       std::int64_t classes) {
+  src.start_epoch(epoch);
+  std::vector<std::int64_t> view_of(n, -1);
+  Batch b;
+  while (src.next(b)) {
+    for (std::int64_t r = 0; r < b.features.size(0); ++r) {
+      const auto value = static_cast<std::int64_t>(b.features[r][0].item<float>());
+      const std::int64_t row = value % 1000;
+      EXPECT_EQ(view_of[row], -1) << "row " << row << " served twice";
+      view_of[row] = value / 1000;
+      EXPECT_EQ(b.labels.at("class")[r].item<std::int64_t>(), row % classes)
+          << "labels travel with their rows";
+    }
+  }
+  return view_of;
+}
+
 // With views, every row is served once per epoch, as one of its views, drawn per (seed,
 // epoch, row): reproducible, and every view in use.
 TEST(BatchSource, InMemoryViewsServeEachRowOnceAsOneOfItsViews) {
@@ -479,19 +500,7 @@ TEST(BatchSource, InMemoryViewsServeEachRowOnceAsOneOfItsViews) {
   for (std::int64_t v = 1; v < views; ++v) extra.push_back(d.features + 1000.0 * static_cast<double>(v));
   auto draw = [&](std::int64_t epoch) {
     auto src = make_in_memory_source(d, 64, 5, extra);
-    src->start_epoch(epoch);
-    std::vector<std::int64_t> view_of(n, -1);
-    Batch b;
-    while (src->next(b)) {
-      for (std::int64_t r = 0; r < b.features.size(0); ++r) {
-        const auto value = static_cast<std::int64_t>(b.features[r][0].item<float>());
-        const std::int64_t row = value % 1000, v = value / 1000;
-        EXPECT_EQ(view_of[row], -1) << "row " << row << " served twice";
-        view_of[row] = v;
-        EXPECT_EQ(b.labels.at("class")[r].item<std::int64_t>(), row % 3) << "labels travel with their rows";
-      }
-    }
-    return view_of;
+    return views_served(*src, epoch, n, 3);
   };
   const auto e0 = draw(0);
   std::vector<std::int64_t> count(views, 0);
@@ -531,21 +540,7 @@ TEST(BatchSource, StreamedViewsServeEachRowOnceAsItsShardsView) {
   keep[5].fill_(false);
   auto src = make_streaming_source(c, "train", 5, 7, 5 * shard_bytes, ReadMethod::kPread, keep, views);
   EXPECT_NE(src->describe().find("one of 3 views"), std::string::npos) << src->describe();
-  auto draw = [&](std::int64_t epoch) {
-    src->start_epoch(epoch);
-    std::vector<std::int64_t> view_of(n, -1);
-    Batch b;
-    while (src->next(b)) {
-      for (std::int64_t r = 0; r < b.features.size(0); ++r) {
-        const auto value = static_cast<std::int64_t>(b.features[r][0].item<float>());
-        const std::int64_t row = value % 1000;
-        EXPECT_EQ(view_of[row], -1) << "row " << row << " served twice";
-        view_of[row] = value / 1000;
-        EXPECT_EQ(b.labels.at("class")[r].item<std::int64_t>(), row % 2) << "labels travel with their rows";
-      }
-    }
-    return view_of;
-  };
+  auto draw = [&](std::int64_t epoch) { return views_served(*src, epoch, n, 2); };
   std::vector<std::int64_t> count(views, 0);
   for (std::int64_t epoch = 0; epoch < 6; ++epoch) {
     const auto seen = draw(epoch);

@@ -42,6 +42,16 @@ def trunk_rows(out):
     return [json.loads(l) for l in open(f"{out}/metrics.jsonl") if '"@trunk"' in l]
 
 
+def killed_twice_then_resumed(canopy, config, out, what, *extra):
+    """`canopy train` into `out`, SIGKILLed at epoch 1 step 20, resumed and SIGKILLed at epoch 2
+    step 20, then resumed to its end; returns the last run (a CompletedProcess)."""
+    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet", *extra]
+    for target, resume in (((0, 20), []), ((1, 20), ["--resume"])):
+        rc, st = kill_when(cmd + resume, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= target)
+        check(rc == -signal.SIGKILL and st is not None, f"{what} killed by SIGKILL at {st and (st['epoch'], st['step'])}")
+    return subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+
+
 def check_warmup_and_clipping(canopy, work, config, trunk, plain):
     """trunk.lr_warmup_steps and trunk.max_grad_norm, checked on the weights they move: one SGD
     step over the whole split (momentum's first step is the gradient itself) moves the top by
@@ -109,13 +119,25 @@ def check_warmup_and_clipping(canopy, work, config, trunk, plain):
           any(not torch.equal(whole[k], plain[k]) for k in plain),
           f"a warmed-up, clipped run trains, some steps clipped, to another top than without "
           f"({[(x['clipped_steps'], x['steps']) for x in rows]})")
+    # TensorBoard's @trunk run, read with the tensorboard package: the same numbers per epoch.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(f"{work}/warm/tensorboard/@trunk")
+    acc.Reload()
+    tb = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in ("trunk/lr", "trunk/grad_norm",
+                                                                          "trunk/clipped_fraction")}
+    want = {"trunk/lr": [x["lr"] for x in rows], "trunk/grad_norm": [x["grad_norm"] for x in rows],
+            "trunk/clipped_fraction": [x["clipped_steps"] / x["steps"] for x in rows]}
+    check(all([s for s, _ in tb[t]] == [1, 2, 3] and all(abs(v - w) <= 1e-6 * max(1, abs(w)) for (_, v), w in
+                                                         zip(tb[t], want[t])) for t in tb),
+          f"TensorBoard's @trunk run has trunk/lr, trunk/grad_norm and trunk/clipped_fraction per epoch, as "
+          f"metrics.jsonl: {tb['trunk/clipped_fraction']}")
+    r = subprocess.run([canopy, "inspect", f"{work}/warm", "--json"], capture_output=True, text=True)
+    top = json.loads(r.stdout)["top"] if r.returncode == 0 else {}
+    check(rows and [top.get(k) for k in ("lr", "grad_norm", "clipped_steps")] ==
+          [rows[-1][k] for k in ("lr", "grad_norm", "clipped_steps")],
+          f"canopy inspect --json gives the last epoch's rate, gradient norm and clipped steps: {top}")
     out = f"{work}/warm-cut"
-    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet", *keys]
-    for target, extra in (((0, 20), []), ((1, 20), ["--resume"])):
-        rc, st = kill_when(cmd + extra, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= target)
-        check(rc == -signal.SIGKILL and st is not None, f"warmed up and clipped, killed by SIGKILL at "
-                                                         f"{st and (st['epoch'], st['step'])}")
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    r = killed_twice_then_resumed(canopy, config, out, "warmed up and clipped,", *keys)
     resumed = state(f"{out}/trunk.pt") if r.returncode == 0 else {}
     strip = lambda rs: [{k: v for k, v in x.items() if k != "seconds"} for x in rs]
     check(whole and resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole) and
@@ -249,10 +271,7 @@ lr = 0.003
     # SIGKILL twice, resume: bitwise the uninterrupted run.
     out = f"{work}/cut"
     cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"]
-    for target, extra in (((0, 20), []), ((1, 20), ["--resume"])):
-        rc, st = kill_when(cmd + extra, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= target)
-        check(rc == -signal.SIGKILL and st is not None, f"training with a top killed by SIGKILL at {st and (st['epoch'], st['step'])}")
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    r = killed_twice_then_resumed(canopy, config, out, "training with a top")
     check(r.returncode == 0, f"--resume finishes ({r.stderr[-300:]})")
     resumed = state(f"{out}/trunk.pt")
     check(all(torch.equal(resumed[k], tuned[k]) for k in tuned), "the resumed run's trunk is bitwise the uninterrupted one's")
@@ -284,11 +303,7 @@ lr = 0.003
           f"a grid's members fuse only with each other (fuse = always, one worker), and the log says how the grid weighs on the "
           f"top: {fused}")
     out = f"{work}/grid-cut"
-    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet", *grid]
-    for target, extra in (((0, 20), []), ((1, 20), ["--resume"])):
-        rc, st = kill_when(cmd + extra, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= target)
-        check(rc == -signal.SIGKILL and st is not None, f"a grid with a top killed by SIGKILL at {st and (st['epoch'], st['step'])}")
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    r = killed_twice_then_resumed(canopy, config, out, "a grid with a top", *grid)
     resumed, whole = state(f"{out}/trunk.pt"), state(f"{work}/grid/trunk.pt")
     check(r.returncode == 0 and all(torch.equal(resumed[k], whole[k]) for k in whole) and
           open(f"{out}/heads/a_linear.safetensors", "rb").read() == open(f"{work}/grid/heads/a_linear.safetensors", "rb").read(),

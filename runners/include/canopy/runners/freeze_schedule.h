@@ -30,6 +30,10 @@ struct TopEpoch {
   double lr = 0;
 };
 
+// "lr 0.01, gradient norm 0.857 (clipped in 20 of 38 steps)": an epoch of the top's steps,
+// for the progress line and `canopy inspect`.
+std::string describe_top_steps(double lr, double grad_norm, std::int64_t clipped, std::int64_t steps);
+
 enum class FreezeSchedule { kStatic, kGradual, kAutofreeze };
 FreezeSchedule parse_freeze_schedule(const std::string& name, const std::string& where);
 // ConfigError when `schedule` is not static and the trunk is frozen whole (by the policy
