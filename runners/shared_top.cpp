@@ -289,7 +289,7 @@ void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total, std::int64_t
     hold(frozen_);
   }
   steps_before_ = steps_before(epoch);
-  if (first_step == 0) {  // resumed mid-epoch, they are the checkpoint's
+  if (first_step == 0) {  // a new epoch's statistics (resumed mid-epoch, the checkpoint's go on)
     epoch_norm_sum_ = 0;
     epoch_steps_ = epoch_clipped_ = 0;
     last_lr_ = base_lrs_.empty() ? 0.0 : base_lrs_[0] * rate_factor(steps_before_);

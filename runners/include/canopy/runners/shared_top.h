@@ -120,7 +120,8 @@ class SharedTop {
   // The learning rates' factor at the top's training step `k` of the run: this epoch's
   // schedule, times the warm-up's (k + 1) / lr_warmup_steps while k is below it.
   double rate_factor(std::int64_t k) const;
-  // The L2 norm of the whole gradient of the top, then scaled down to max_grad_norm.
+  // Returns the L2 norm of the top's whole gradient, and scales the gradient down to
+  // max_grad_norm when it is above it.
   double clip_gradient();
   void all_reduce_gradients();
   std::int64_t allreduce_bucket_bytes_ = 0;  // 0: one process
