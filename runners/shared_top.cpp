@@ -103,7 +103,7 @@ SharedTop::SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets
       CANOPY_CHECK(problem.empty(), ConfigError, "trunk.schedule = autofreeze: ", problem);
     }
   }
-  start_epoch(0, 1, 0);  // each group's own rate, and the first epoch's frozen blocks
+  start_epoch(0, 1, 0);  // the first epoch's frozen blocks
   feature_dim_ = forward(at::zeros({1, meta.feature_dim}, at::kFloat), false).size(1);
 }
 
@@ -279,9 +279,7 @@ void SharedTop::step(const at::Tensor& z, const at::Tensor& grad, std::int64_t s
 
 void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total, std::int64_t first_step) {
   // Constant or cosine (validate_job_config refuses step for the top).
-  epoch_factor_ = tasks::lr_factor(config_.lr_schedule, epoch, total, 1, 1.0);
-  auto& groups = optimizer_->param_groups();
-  for (std::size_t g = 0; g < groups.size(); ++g) groups[g].options().set_lr(base_lrs_[g] * epoch_factor_);
+  epoch_factor_ = tasks::lr_factor(config_.lr_schedule, epoch, total, 1, 1.0);  // step() applies it
   const auto n = static_cast<std::int64_t>(top_blocks_.size());
   if (config_.schedule == FreezeSchedule::kGradual) {
     hold(n - gradual_trainable(epoch, n, config_.warmup_epochs, config_.unfreeze_every));

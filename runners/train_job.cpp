@@ -406,6 +406,7 @@ class EpochLoop {
   void run(const CheckpointPosition& from, ProgressStyle style) {
     describe_halving();
     describe_grids_on_top();
+    describe_short_warmup();
     if (top_ && mpi::distributed()) {
       const auto [lo, hi] = eval_share(eval_rows_.size(0));
       log_info(detail::str_cat("the top's output on the eval split (", eval_rows_.size(0),
@@ -642,6 +643,17 @@ class EpochLoop {
     for (std::size_t u = 0; u < units.size(); ++u) {
       if (grads[u].defined() && shares[u] != 1.0) grads[u] = grads[u] * shares[u];
     }
+  }
+
+  // A warm-up longer than the steps the top trains, said once at the start.
+  void describe_short_warmup() const {
+    if (!top_) return;
+    const std::int64_t warmup = config_.top.lr_warmup_steps, steps = top_->steps_before(max_epochs_);
+    if (warmup <= steps) return;
+    log_info(detail::str_cat("trunk.lr_warmup_steps = ", warmup, " is more than the ", steps,
+                             " steps the top trains in ", max_epochs_,
+                             " epoch(s): its learning rate never reaches trunk.lr (at most ", steps, "/",
+                             warmup, " of it)"));
   }
 
   // With a trained top, said once at the start: how a grid weighs on it.
@@ -1175,14 +1187,6 @@ TrainInputs open_inputs(const datasets::FeatureCache& cache, const JobConfig& co
     report.top = top->describe();
     log_info("fine-tuning the trunk's top over the cached prefix (output of " + cache.meta().boundary +
              "): " + report.top);
-    std::int64_t epochs = 0;
-    for (const auto& t : config.tasks) epochs = std::max(epochs, task_epochs(t, config.train));
-    if (const std::int64_t steps = top->steps_before(epochs); config.top.lr_warmup_steps > steps) {
-      log_info(detail::str_cat("trunk.lr_warmup_steps = ", config.top.lr_warmup_steps, " is more than the ",
-                               steps, " steps the top trains in ", epochs,
-                               " epoch(s): its learning rate never reaches trunk.lr (at most ", steps, "/",
-                               config.top.lr_warmup_steps, " of it)"));
-    }
   }
   return in;
 }

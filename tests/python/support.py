@@ -68,6 +68,22 @@ def run_measured(cmd, timeout=None):
         return r.returncode, r.stderr, (int(text[-1]) / 1024 if text else 0.0), seconds
 
 
+def flip(path, offset, bit):
+    """XORs the byte at `offset` of the file at `path` with `bit`: a corrupt file."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ bit]))
+
+
+def trunk_rows(out):
+    """metrics.jsonl's rows for the trunk's trained top (task "@trunk") in the run folder `out`."""
+    import json
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["task"] == "@trunk"]
+
+
 def check(cond, what):
     print(("ok   " if cond else "FAIL ") + what, flush=True)
     if not cond:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import support
-from support import check, finish, tiny_conv_trunk, tiny_trunk_sections, work_dir
+from support import check, finish, flip, tiny_conv_trunk, tiny_trunk_sections, work_dir
 
 READ_VIEW = """
 import sys, h5py, numpy as np
@@ -77,14 +77,6 @@ def run(canopy, *args):
 
 def no_crash(r):
     return r.returncode in (0, 1) and "terminate called" not in r.stderr
-
-
-def flip(path, offset, bit):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([b ^ bit]))
 
 
 def main():

@@ -23,7 +23,8 @@ import signal
 import subprocess
 import sys
 
-from support import check, finish, fmnist_test_inputs, kill_when, start, tiny_block_trunk, tiny_trunk_sections
+from support import (check, finish, flip, fmnist_test_inputs, kill_when, start, tiny_block_trunk, tiny_trunk_sections,
+                     trunk_rows)
 
 TRAIN, TEST = 1200, 300
 
@@ -35,11 +36,6 @@ def run(canopy, *args):
 def state(path):
     import torch
     return {k: v.clone() for k, v in torch.jit.load(path).state_dict().items()}
-
-
-def trunk_rows(out):
-    """metrics.jsonl's @trunk rows of a run."""
-    return [json.loads(l) for l in open(f"{out}/metrics.jsonl") if '"@trunk"' in l]
 
 
 def killed_twice_then_resumed(canopy, config, out, what, *extra):
@@ -139,9 +135,8 @@ def check_warmup_and_clipping(canopy, work, config, trunk, plain):
     out = f"{work}/warm-cut"
     r = killed_twice_then_resumed(canopy, config, out, "warmed up and clipped,", *keys)
     resumed = state(f"{out}/trunk.pt") if r.returncode == 0 else {}
-    strip = lambda rs: [{k: v for k, v in x.items() if k != "seconds"} for x in rs]
     check(whole and resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole) and
-          strip(trunk_rows(out)) == strip(rows),
+          trunk_rows(out) == rows,
           "... and resumed: the trunk and every epoch's @trunk row bitwise the uninterrupted run's")
 
 
@@ -281,11 +276,7 @@ lr = 0.003
     # A flipped bit in the top's checkpoint file is refused by the checksum state.json records.
     top_file = glob.glob(f"{out}/checkpoint/@top.*.pt")
     check(len(top_file) == 1, f"one @top checkpoint file ({top_file})")
-    with open(top_file[0], "r+b") as f:
-        f.seek(os.path.getsize(top_file[0]) // 2)
-        b = f.read(1)[0]
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([b ^ 8]))
+    flip(top_file[0], os.path.getsize(top_file[0]) // 2, 8)
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     check(r.returncode == 1 and os.path.basename(top_file[0]) in r.stderr and "does not match the checksum" in r.stderr,
           f"a flipped bit in the top's checkpoint file: --resume refuses it ({r.stderr.strip()[-200:]})")

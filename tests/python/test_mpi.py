@@ -34,7 +34,8 @@ import time
 
 import numpy as np
 
-from support import check, finish, read_cache_view, slow_conv_trunk, slowdown, start, tiny_block_trunk, tiny_trunk_sections
+from support import (check, finish, read_cache_view, slow_conv_trunk, slowdown, start, tiny_block_trunk, tiny_trunk_sections,
+                     trunk_rows)
 
 MPIRUN = [shutil.which("mpirun") or "mpirun", "--oversubscribe", "--allow-run-as-root"]
 
@@ -269,8 +270,7 @@ epochs = 2
 
 def trunk_epochs(out):
     """What metrics.jsonl says the top did per epoch: (blocks training, cache level read)."""
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [(r["training"], r["level"]) for r in map(json.loads, f) if r["task"] == "@trunk"]
+    return [(r["training"], r["level"]) for r in trunk_rows(out)]
 
 
 def kill_rank_when(cmd, out, reached, rank=1):
@@ -373,7 +373,7 @@ checkpoint_steps = 3
         if r1.returncode or r3.returncode:
             check(False, f"weighting {w}: one process and 3 ranks train ({r1.stderr[-200:]} {r3.stderr[-300:]})")
             continue
-        lw = [[json.loads(l)["loss_weights"] for l in open(f"{o}/metrics.jsonl") if '"@trunk"' in l] for o in (one, three)]
+        lw = [[r["loss_weights"] for r in trunk_rows(o)] for o in (one, three)]
         gap = max(abs(x[k] - y[k]) for x, y in zip(*lw) for k in x)
         worst = differ(one, three)
         check(len(lw[0]) == len(lw[1]) == 2 and gap <= 1e-6 and worst <= 1e-5,
@@ -461,11 +461,6 @@ head = linear
 lr = 0.1 | 0.01
 epochs = 2
 """
-
-
-def trunk_rows(out):
-    """metrics.jsonl's @trunk rows of a run."""
-    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"@trunk"' in l]
 
 
 def eval_scores(out):

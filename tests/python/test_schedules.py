@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 
-from support import check, finish, kill_when, start, tiny_block_trunk, tiny_trunk_sections
+from support import check, finish, flip, kill_when, start, tiny_block_trunk, tiny_trunk_sections, trunk_rows
 
 TRAIN, TEST = 960, 200
 
@@ -40,11 +40,6 @@ def run(canopy, *args):
 def state(path):
     import torch
     return {k: v.clone() for k, v in torch.jit.load(path).state_dict().items()}
-
-
-def trunk_rows(out):
-    rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
-    return [r for r in rows if r["task"] == "@trunk"]
 
 
 def same_files(a, b, names):
@@ -133,11 +128,7 @@ def level_rebuilt(canopy, config, out, reference, level, epoch):
         else:
             with h5py.File(path, "r") as h:
                 at = h["rows"].id.get_offset() + 4 * 1000 + 1
-            with open(path, "r+b") as f:
-                f.seek(at)
-                b = f.read(1)
-                f.seek(at)
-                f.write(bytes([b[0] ^ 0x40]))
+            flip(path, at, 0x40)
         r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
         said = [l for l in r.stderr.splitlines() if "computing it again from the cache" in l]
         check(r.returncode == 0 and len(said) == 1 and ("missing" if how == "deleted" else "SHA-256") in said[0],
@@ -177,11 +168,7 @@ def inspect_top(canopy, out, scratch, level, last):
         at = h["rows"].id.get_offset() + 4 * 100 + 2
     for path, offset in ((f"{scratch}/trunk.pt", os.path.getsize(f"{scratch}/trunk.pt") // 2),
                          (f"{scratch}/levels/{level}.h5", at)):
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            b = f.read(1)
-            f.seek(offset)
-            f.write(bytes([b[0] ^ 0x10]))
+        flip(path, offset, 0x10)
     r = subprocess.run([canopy, "inspect", scratch, "--verify"], capture_output=True, text=True)
     bad = [l for l in r.stdout.splitlines() if "CORRUPT" in l]
     check(r.returncode == 1 and len(bad) == 2 and any("trunk.pt" in l and "the exported cards pin" in l for l in bad)

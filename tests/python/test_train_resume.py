@@ -15,7 +15,7 @@ import sys
 import time
 
 
-from support import check, finish, kill_when, start, tiny_conv_trunk, tiny_trunk_sections
+from support import check, finish, flip, kill_when, start, tiny_conv_trunk, tiny_trunk_sections
 
 
 def describe_done(st):
@@ -115,11 +115,7 @@ weight_decay = 0.01
     def flipped(path, offset, bit):
         shutil.rmtree(ckpt)
         shutil.copytree(f"{work}/ckpt-intact", ckpt)
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            b = f.read(1)[0]
-            f.seek(offset)
-            f.write(bytes([b ^ bit]))
+        flip(path, offset, bit)
         return subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
 
     r = flipped(head_file, os.path.getsize(head_file) // 2, 4)
