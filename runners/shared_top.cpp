@@ -295,8 +295,10 @@ void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total, std::int64_t
   // Autofreeze: the highest frozen block's output is stored during this epoch. A block frozen
   // during an epoch is stored from the next one's start: a run resumed in the middle of that
   // epoch (the block frozen in its checkpoint) waits for it too.
+  // A level is kept by row, in memory: over a streamed split the frozen blocks are computed
+  // in every step instead (without autograd, as gradual's held blocks).
   if (config_.schedule == FreezeSchedule::kAutofreeze && first_step == 0 && frozen_ - 1 > level_ &&
-      pending_ < 0) {
+      pending_ < 0 && train_rows_in_memory_.defined()) {
     pending_ = frozen_ - 1;
     pending_rows_ = at::Tensor();
     log_info("autofreeze: storing the output of " + top_blocks_[static_cast<std::size_t>(pending_)] +
@@ -607,6 +609,14 @@ void SharedTop::load_checkpoint(const std::string& path) {
       epoch_steps_ = static_cast<std::int64_t>(v[1]);
       epoch_clipped_ = static_cast<std::int64_t>(v[2]);
       last_lr_ = v[3];
+    }
+    if (!train_rows_in_memory_.defined() && (level_ >= 0 || pending_ >= 0)) {
+      // Saved over the split in memory, resumed over it streamed (the memory this process may
+      // take shrank): the frozen blocks are computed from now on, the level is not read.
+      log_info("autofreeze: the train split streams now, so the frozen blocks up to " +
+               top_blocks_[static_cast<std::size_t>(frozen_ - 1)] +
+               " are computed in every step instead of read from the checkpoint's cache level");
+      level_ = pending_ = -1;
     }
     if (level_ >= 0) load_level(level_);
     if (weighting_) {

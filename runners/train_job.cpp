@@ -135,8 +135,7 @@ std::string stratifying_source(const datasets::CacheMeta& meta) {
 struct TrainSplit {
   std::unique_ptr<datasets::BatchSource> source;
   bool in_memory = true;
-  at::Tensor rows;               // in memory: the training rows the source serves (the same storage)
-  std::string streamed_because;  // when streamed though cache.memory_cap_mb is 0: why
+  at::Tensor rows;  // in memory: the training rows the source serves (the same storage)
   std::optional<datasets::SplitData> validation;
 };
 
@@ -149,7 +148,6 @@ TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig
   const TrainRead plan = plan_train_read(cache, config);
   TrainSplit out;
   out.in_memory = plan.whole;
-  out.streamed_because = plan.why;
   std::optional<datasets::Holdout> holdout;
   if (has_validation(t)) {
     const std::string by = stratifying_source(cache.meta());
@@ -1082,13 +1080,12 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
   CANOPY_CHECK(config.train.export_mode != ExportMode::kBest, ConfigError,
                "train.export = best keeps each head's best epoch, but with the trunk's top training every "
                "head reads the top of the last epoch; use export = last (auto does so)");
-  CANOPY_CHECK(
-      config.top.schedule != FreezeSchedule::kAutofreeze || train.in_memory, ConfigError,
-      "trunk.schedule = autofreeze keeps its cache levels by row, which needs the train split in memory (",
-      format_mib(static_cast<double>(cache.feature_bytes(config.train.train_split))), "); ",
-      train.streamed_because.empty()
-          ? detail::str_cat("raise cache.memory_cap_mb (", config.cache.memory_cap_mb, ") or set it to 0")
-          : train.streamed_because + "; train on a machine with more memory");
+  if (config.top.schedule == FreezeSchedule::kAutofreeze && !train.in_memory) {
+    log_info("autofreeze over a streamed train split (" +
+             format_mib(static_cast<double>(cache.feature_bytes(config.train.train_split))) +
+             "): the blocks it freezes stop training but are computed in every step, without autograd; "
+             "a cache level of their output is kept only when the split is in memory (cache.memory_cap_mb)");
+  }
   double mean_lr = 0.0;
   std::vector<double> static_weights;
   for (const auto& t : config.tasks) {

@@ -8,6 +8,8 @@ Fashion-MNIST through a small trunk with blocks (stem, blocks.0 .. blocks.2):
 - autofreeze: blocks freeze from the bottom up; the highest frozen block's output becomes a
   cache level, written once (an HDF5 file h5py reads), equal to what Python computes from
   the cached prefix with the exported trunk's blocks
+- autofreeze over a train split that streams: blocks freeze as in memory, no level is kept,
+  a frozen block (weights and BatchNorm statistics) stays as it was when it froze
 - SIGKILL + --resume in the middle of either schedule ends bitwise identical to an
   uninterrupted run (heads, trunk, cache level)
 - a cache level flipped or deleted under a killed run: --resume computes it again from the
@@ -176,6 +178,45 @@ def inspect_top(canopy, out, scratch, level, last):
           f"a flipped byte in the fine-tuned trunk and one in the cache level: both CORRUPT, exit {r.returncode}: {bad}")
 
 
+def streamed_autofreeze(canopy, base, work):
+    """Autofreeze over a train split that streams (8 shards of 128 rows, a 4 MiB cap against
+    the split's 5.7 MiB): the frozen blocks are computed in every step instead of cached."""
+    import torch
+    config = os.path.join(work, "streamed.ini")
+    write_config(config, base, "freeze = first:1\nschedule = autofreeze\nfreeze_interval = 10\npercentile = 100\n"
+                 "min_trainable = 1\n", f"{work}/scache", f"{work}/sout")
+    with open(config) as f:
+        text = f.read().replace("[cache]\n", "[cache]\nbatch_size = 64\nshard_rows = 128\nmemory_cap_mb = 4\n")
+        text = text.replace("epochs = 4\n", "epochs = 6\n")  # here the first block froze in epoch 4
+    with open(config, "w") as f:
+        f.write(text)
+    r = run(canopy, "cache", "--config", config)
+    check(r.returncode == 0, f"streamed autofreeze: the cache is built ({r.stderr[-300:]})")
+    r = subprocess.run([canopy, "train", "--config", config, "--progress", "lines"], capture_output=True, text=True)
+    check(r.returncode == 0 and "streaming" in r.stderr and "autofreeze over a streamed train split" in r.stderr,
+          f"streamed autofreeze: trains, streaming, and says the frozen blocks are computed ({r.stderr[-400:]})")
+    rows = trunk_rows(f"{work}/sout") if r.returncode == 0 else []
+    depth = [3 - len(row["training"]) for row in rows]
+    check(len(depth) == 6 and depth == sorted(depth) and depth[-1] >= 1 and depth[-1] <= 2,
+          f"streamed autofreeze: blocks freeze from the bottom up and one always trains (frozen per epoch: {depth})")
+    levels = f"{work}/sout/levels"
+    check(rows and all(not row["level"] for row in rows) and (not os.path.isdir(levels) or not os.listdir(levels)),
+          f"streamed autofreeze: no cache level is kept ({[row['level'] for row in rows]})")
+    # Cut after the epoch that ended with blocks.0 frozen: blocks.0 (weights and BatchNorm
+    # statistics) is what the whole run ends with; blocks.2 trained on.
+    first = next((i for i, d in enumerate(depth) if d >= 1), 0)
+    r = run(canopy, "train", "--config", config, "--set", f"train.epochs={first + 1}",
+            "--set", f"train.out_dir={work}/sfirst")
+    a, b = (state(f"{work}/sfirst/trunk.pt"), state(f"{work}/sout/trunk.pt")) if r.returncode == 0 else ({}, {})
+    frozen = [k for k in b if k.startswith("blocks.0.")]
+    check(frozen and all(torch.equal(a[k], b[k]) for k in frozen) and
+          any(not torch.equal(a[k], b[k]) for k in b if k.startswith("blocks.2.")),
+          f"streamed autofreeze: a frozen block stays bitwise as it froze, weights and statistics ({len(frozen)} "
+          f"tensors), while the top block trains on ({r.stderr.strip()[-200:]})")
+    targets = [(first, 15), (first + 1, 10)] if first < 5 else [(first, 15)]
+    resume_matches(canopy, config, f"{work}/scut", f"{work}/sout", targets, "streamed autofreeze")
+
+
 def write_config(path, base, trunk_keys, cache, out):
     """The slice, `trunk_keys` under [trunk], and the two heads every run here trains."""
     with open(path, "w") as f:
@@ -276,6 +317,7 @@ def main():
     level_rebuilt(canopy, auto, f"{work}/arb", f"{work}/aout", level, min(first + 1, 3))
     level_on_full_disk(canopy, auto, f"{work}/small", f"{work}/aout", level)
     inspect_top(canopy, f"{work}/aout", f"{work}/ainspect", level, rows[-1])
+    streamed_autofreeze(canopy, base, work)
 
     # --- every weighting trains over the shared top and says its weights.
     for w in ("sum", "static", "uncertainty", "dwa", "famo", "pcgrad"):

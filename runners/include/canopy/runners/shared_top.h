@@ -88,7 +88,8 @@ class SharedTop {
   void prune_levels() const;
   // The training rows of the cache (the split in memory, in the order batches index it): a
   // cache level that is missing, corrupt or not this run's is computed again from them when a
-  // run resumes, instead of refused.
+  // run resumes, instead of refused. Without them (the split streams) autofreeze keeps no
+  // level: the blocks it froze are computed in every step, without autograd.
   void set_train_rows(at::Tensor rows) { train_rows_in_memory_ = std::move(rows); }
   // How the tasks' losses reach the top (weighting.h); its state is checkpointed with the top.
   void set_weighting(LossWeighting* weighting) { weighting_ = weighting; }
