@@ -446,8 +446,9 @@ void add_train_keys(std::vector<Key<JobConfig>>& v) {
       "train", "export", CANOPY_JOB(train.export_mode), parse_export_mode,
       [](ExportMode m) { return std::string(to_string(m)); },
       std::vector<std::string>{"auto", "best", "last"},
-      "the epoch each head exports: best (on the validation split), last; auto: best when there is a "
-      "validation split, else last"));
+      "the epoch each head exports: best (on the validation split; with a trainable top, the one epoch "
+      "whose top and heads had the best mean over the tasks), last; auto: best when there is a validation "
+      "split and no trainable top, else last"));
   v.push_back(member_key<K>("train", "grid_halving", CANOPY_JOB(train.grid_halving),
                             "successive halving of every grid: after this many epochs, and again after "
                             "each multiple of it by grid_halving_factor, the members still training keep "

@@ -129,6 +129,8 @@ struct TopFacts {
   // clipped.
   std::int64_t steps = 0, clipped = 0;
   std::optional<double> lr, grad_norm;
+  std::int64_t best_epoch = 0;  // train.export = best: the epoch exported so far, its mean score
+  double best_score = 0;
   std::string trunk;           // <out_dir>/trunk.pt, when written
   bool trunk_checked = false;  // against the cards' pins (none before the export)
   std::vector<std::string> problems;
@@ -140,6 +142,7 @@ std::optional<TopFacts> read_top(const std::string& dir, const std::vector<Expor
   const std::string metrics = join_path(dir, "metrics.jsonl");
   const std::string trunk = join_path(dir, "trunk.pt");
   std::optional<TopFacts> top;
+  std::map<std::int64_t, double> best_scores;  // each epoch's mean validation score
   if (is_regular_file(metrics)) {
     std::istringstream in(read_file(metrics));
     for (std::string line; std::getline(in, line);) {
@@ -157,7 +160,11 @@ std::optional<TopFacts> read_top(const std::string& dir, const std::vector<Expor
       if (row.contains("lr") && row.at("lr").is_number()) top->lr = row.at("lr").get<double>();
       if (row.contains("grad_norm") && row.at("grad_norm").is_number())
         top->grad_norm = row.at("grad_norm").get<double>();
+      top->best_epoch = row.value("best_epoch", std::int64_t{0});
+      if (row.contains("mean_validation_score"))
+        best_scores[top->epoch] = row.value("mean_validation_score", 0.0);
     }
+    if (top && top->best_epoch > 0) top->best_score = best_scores[top->best_epoch];
   }
   if (!top && !is_regular_file(trunk)) return std::nullopt;
   if (!top) top.emplace();
@@ -346,6 +353,15 @@ std::string report_text(const RunFacts& f, const Status& status, bool verify) {
         o << "; reads the cache level " << join_path(datasets::kLevelDir, datasets::level_file_name(t.level));
       if (t.lr && t.grad_norm) o << "; " << describe_top_steps(*t.lr, *t.grad_norm, t.clipped, t.steps);
       o << "\n";
+      if (t.best_epoch > 0) {
+        char line[160];
+        std::snprintf(
+            line, sizeof line,
+            "  best        epoch %lld: the tasks' mean on the validation split %.4f (train.export = best "
+            "exports its top and heads)\n",
+            static_cast<long long>(t.best_epoch), t.best_score);
+        o << line;
+      }
     }
     if (!t.trunk.empty())
       o << "  trunk       " << t.trunk << " (the fine-tuned trunk the heads were exported with)\n";
@@ -415,6 +431,10 @@ std::string report_json(const RunFacts& f, const Status& status, bool verify) {
                            {"lr", f.top->lr ? ordered_json(*f.top->lr) : ordered_json()},
                            {"grad_norm", f.top->grad_norm ? ordered_json(*f.top->grad_norm) : ordered_json()},
                            {"clipped_steps", f.top->clipped},
+                           {"best_epoch",
+                            f.top->best_epoch > 0 ? ordered_json(f.top->best_epoch) : ordered_json()},
+                           {"best_mean_validation_score",
+                            f.top->best_epoch > 0 ? ordered_json(f.top->best_score) : ordered_json()},
                            {"trunk", f.top->trunk.empty() ? ordered_json() : ordered_json(f.top->trunk)}}
             : ordered_json();
   j["exported"] = ordered_json::array();

@@ -538,6 +538,20 @@ std::string SharedTop::describe() const {
   return o.str();
 }
 
+void SharedTop::keep_best(std::int64_t epoch, double score) {
+  best_.clear();
+  for (const auto& [name, p] : params_) best_.push_back(p.detach().clone());
+  best_epoch_ = epoch;
+  best_score_ = score;
+}
+
+bool SharedTop::restore_best() {
+  if (best_.empty()) return false;
+  c10::NoGradGuard no_grad;
+  for (std::size_t i = 0; i < params_.size(); ++i) params_[i].second.copy_(best_[i]);
+  return true;
+}
+
 std::string SharedTop::checkpoint_bytes() const {
   torch::serialize::OutputArchive archive;
   for (const auto& [name, p] : params_) archive.write("param:" + name, p.detach());
@@ -556,6 +570,12 @@ std::string SharedTop::checkpoint_bytes() const {
                            at::kDouble));
   if (weighting_) {
     for (const auto& [k, v] : weighting_->state()) archive.write("canopy.weighting." + k, v);
+  }
+  if (!best_.empty()) {
+    archive.write(
+        "canopy.best",
+        at::tensor(std::vector<double>{static_cast<double>(best_epoch_), best_score_}, at::kDouble));
+    for (std::size_t i = 0; i < best_.size(); ++i) archive.write("best:" + params_[i].first, best_[i]);
   }
   {
     at::Generator gen = at::detail::getDefaultCPUGenerator();
@@ -619,6 +639,20 @@ void SharedTop::load_checkpoint(const std::string& path) {
       level_ = pending_ = -1;
     }
     if (level_ >= 0) load_level(level_);
+    at::Tensor best;  // absent without train.export = best, and before one was kept
+    best_.clear();
+    if (archive.try_read("canopy.best", best) && best.numel() == 2) {
+      const auto v = as_vector(best);
+      best_epoch_ = static_cast<std::int64_t>(v[0]);
+      best_score_ = v[1];
+      for (const auto& [name, p] : params_) {
+        at::Tensor saved;
+        archive.read("best:" + name, saved);
+        CANOPY_CHECK(saved.sizes() == p.sizes(), DataError, "checkpoint '", path, "': the best epoch's ",
+                     name, " has shape ", saved.sizes(), ", the trunk's ", p.sizes());
+        best_.push_back(saved);
+      }
+    }
     if (weighting_) {
       std::map<std::string, at::Tensor> w;
       for (const char* k : {"params", "m", "v", "t", "prev_losses", "epoch_losses"}) {

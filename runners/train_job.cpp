@@ -365,6 +365,7 @@ class EpochLoop {
       : fuse_unit_(std::move(fuse_unit)),
         config_(config),
         keep_best_(exports_best(config.train) && top == nullptr),
+        keep_joint_best_(top != nullptr && config.train.export_mode == ExportMode::kBest),
         set_(set),
         source_(source),
         eval_rows_(eval_rows),
@@ -397,6 +398,14 @@ class EpochLoop {
     return top_eval_;
   }
 
+  // train.export = best over a top: the kept epoch's top back in place for the export (the
+  // eval split's features computed again); returns that epoch, 0 when none was kept.
+  std::int64_t restore_joint_best() {
+    if (!keep_joint_best_ || !top_->restore_best()) return 0;
+    top_moved_ = true;
+    return top_->best_epoch();
+  }
+
   FusionPlanOptions plan_options() const {
     return {config_.train.batch_size, config_.train.fuse_kib * 1024.0, runner_.workers()};
   }
@@ -419,7 +428,7 @@ class EpochLoop {
       train_epoch(epoch, first_step, active, progress);
       progress.set_note(detail::str_cat("epoch ", epoch + 1, ": evaluating on ", eval_rows_.size(0), " rows",
                                         top_ ? " through the top" : "", ", then the checkpoint"));
-      const TopEpoch top_epoch = top_ ? top_->end_epoch() : TopEpoch{};
+      TopEpoch top_epoch = top_ ? top_->end_epoch() : TopEpoch{};
       finish_epoch(epoch, active, top_epoch);
       progress.set_note("");
       progress.message(epoch_line(epoch, active) + top_line(top_epoch));
@@ -759,7 +768,7 @@ class EpochLoop {
     }
   }
 
-  void finish_epoch(std::int64_t epoch, const std::vector<std::size_t>& active, const TopEpoch& top_epoch) {
+  void finish_epoch(std::int64_t epoch, const std::vector<std::size_t>& active, TopEpoch& top_epoch) {
     std::vector<std::size_t> own;
     for (std::size_t i : active) {
       if (mine(i)) own.push_back(i);
@@ -777,6 +786,7 @@ class EpochLoop {
       if (best && keep_best_) set_.tasks[i]->keep_best();
     }
     sync_runs();
+    if (keep_joint_best_) keep_joint_best(epoch, own, top_epoch);
     halve_grids(epoch);
     if (top_ && mpi::distributed()) check_replicas_agree(epoch);
     std::vector<double> means(runs_.size(), std::numeric_limits<double>::quiet_NaN());
@@ -792,6 +802,38 @@ class EpochLoop {
     if (metrics_) metrics_->flush();
     store_.save({epoch + 1, 0}, set_.tasks, runs_, top_);
     if (top_) top_->prune_levels();
+  }
+
+  // train.export = best over a trainable top: every head reads the top, so one epoch is
+  // exported for all, the one with the best mean validation score over the tasks (a grid
+  // counts as its best member, a head that stopped with its last score, a failed one not at
+  // all). There the top and every head still training keep their weights; a head that
+  // stopped before it exports its last epoch (export_heads), as its weights have not moved
+  // since. Every rank holds every run here (sync_runs) and the same top: all keep alike.
+  void keep_joint_best(std::int64_t epoch, const std::vector<std::size_t>& own, TopEpoch& row) {
+    double sum = 0;
+    std::int64_t tasks = 0;
+    for (std::size_t i = 0, end = 0; i < runs_.size(); i = end) {
+      end = grid_end(i);
+      double best = -std::numeric_limits<double>::infinity();
+      for (std::size_t j = i; j < end; ++j) {
+        if (!runs_[j].failed() && runs_[j].epochs > 0 && runs_[j].eval.score() > best)
+          best = runs_[j].eval.score();
+      }
+      if (std::isfinite(best)) {
+        sum += best;
+        ++tasks;
+      }
+    }
+    if (tasks == 0) return;
+    row.mean_score = sum / static_cast<double>(tasks);
+    if (row.mean_score > top_->best_score()) {
+      top_->keep_best(epoch + 1, row.mean_score);
+      for (std::size_t i : own) {
+        if (!runs_[i].failed()) set_.tasks[i]->keep_best();
+      }
+    }
+    row.best_epoch = top_->best_epoch();
   }
 
   // Past the last of the tasks from `i` that are one grid's members (they are adjacent); i + 1
@@ -871,6 +913,12 @@ class EpochLoop {
       any = true;
     }
     if (e.steps > 0) o << "; " << describe_top_steps(e.lr, e.grad_norm, e.clipped, e.steps);
+    if (std::isfinite(e.mean_score)) {
+      char buf[96];
+      std::snprintf(buf, sizeof buf, "; tasks' mean on validation %.4f (best: epoch %lld)", e.mean_score,
+                    static_cast<long long>(e.best_epoch));
+      o << buf;
+    }
     return o.str();
   }
 
@@ -922,7 +970,8 @@ class EpochLoop {
 
   std::function<bool(const WorkUnit&)> fuse_unit_;  // train.fuse = auto: FusionChooser; else none
   const JobConfig& config_;
-  bool keep_best_ = false;  // each head keeps its best epoch's weights (train.export = best)
+  bool keep_best_ = false;        // each head keeps its best epoch's weights (train.export = best)
+  bool keep_joint_best_ = false;  // the same with a top: the top and heads of one epoch (keep_joint_best)
   TaskSet& set_;
   datasets::BatchSource& source_;
   const at::Tensor& eval_rows_;
@@ -987,8 +1036,11 @@ struct FinalSplits {
 // (train.export: best on the validation split, or the last); with a validation split it is
 // scored there again. A grid's members are compared on the validation split alone, and only
 // its winner is evaluated on the test split, once, and exported under the grid's name.
+// `shared_best` (> 0): the epoch exported for the top and every head (keep_joint_best); a
+// head that stopped before it exports its last epoch.
 void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets::CacheMeta& meta,
-                  const FinalSplits& splits, const std::string& dir, TrainReport& report) {
+                  const FinalSplits& splits, const std::string& dir, TrainReport& report,
+                  std::int64_t shared_best) {
   for (std::size_t i = 0; i < set.tasks.size(); ++i) {
     TaskResult& r = set.results[i];
     const HeadRun& run = runs[i];
@@ -1000,7 +1052,11 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
     r.seconds = run.seconds;
     r.note = run.stop_note;
     if (r.state != tasks::TaskState::kDone) continue;
-    r.exported_epoch = set.tasks[i]->restore_best() ? run.best_epoch : run.epochs;
+    if (shared_best > 0) {
+      r.exported_epoch = run.epochs >= shared_best && set.tasks[i]->restore_best() ? shared_best : run.epochs;
+    } else {
+      r.exported_epoch = set.tasks[i]->restore_best() ? run.best_epoch : run.epochs;
+    }
     if (splits.validation)
       r.validation = set.tasks[i]->evaluate(splits.selection_features, set.eval_targets[i]);
   }
@@ -1077,9 +1133,6 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
     }
     return out;
   }
-  CANOPY_CHECK(config.train.export_mode != ExportMode::kBest, ConfigError,
-               "train.export = best keeps each head's best epoch, but with the trunk's top training every "
-               "head reads the top of the last epoch; use export = last (auto does so)");
   if (config.top.schedule == FreezeSchedule::kAutofreeze && !train.in_memory) {
     log_info("autofreeze over a streamed train split (" +
              format_mib(static_cast<double>(cache.feature_bytes(config.train.train_split))) +
@@ -1387,10 +1440,20 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     if (top) log_weighting_share(config.train.weighting, loop.weighting_share());
     report.source_peak_bytes = source->peak_bytes();
     report.source = source->describe();
+    const std::int64_t shared_best = loop.restore_joint_best();
+    if (shared_best > 0) {
+      char line[240];
+      std::snprintf(
+          line, sizeof line,
+          "train.export = best: the top and the heads as they were at epoch %lld, where the tasks' mean "
+          "on the validation split was best (%.4f)",
+          static_cast<long long>(shared_best), top->best_score());
+      log_info(line);
+    }
     const datasets::CacheMeta meta = trained_trunk_meta(cache.meta(), top, config.train.out_dir);
     export_heads(set, runs, meta,
                  final_splits(loop, in.train.validation.has_value(), in.test, top, config.train.batch_size),
-                 config.train.out_dir + "/heads", report);
+                 config.train.out_dir + "/heads", report, shared_best);
     return report;
   } catch (const IoError& e) {
     throw IoError(detail::str_cat(e.what(), "; ", where_to_go_on(store)));

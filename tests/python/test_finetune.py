@@ -11,6 +11,9 @@ h5py and safetensors, on a slice of Fashion-MNIST through a small trunk with blo
   top as one task, SIGKILL + --resume ends bitwise identical
 - trunk.lr_warmup_steps and trunk.max_grad_norm move the top by exactly what they say (one
   SGD step), warm up over the steps the top trains, and resume bitwise
+- train.export = best with the top: the top and every head of the one epoch whose mean
+  validation score over the tasks was best, bitwise those of a run stopped at that epoch;
+  SIGKILL + --resume exports the same
 - a policy that leaves no frozen prefix is refused with a message saying what to write
 
     test_finetune.py --canopy build/runners/canopy
@@ -19,6 +22,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +142,71 @@ def check_warmup_and_clipping(canopy, work, config, trunk, plain):
     check(whole and resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole) and
           trunk_rows(out) == rows,
           "... and resumed: the trunk and every epoch's @trunk row bitwise the uninterrupted run's")
+
+
+def export_best_with_top(canopy, work, config):
+    """train.export = best over the top: the epoch whose tasks' mean validation score is best,
+    computed here from metrics.jsonl, is exported for the top and every head, bitwise as a run
+    of that many epochs leaves them. At a top rate high enough for validation to fall again
+    (on this trunk the scores jump between epochs): the first of three rates whose best epoch
+    is not the last, so that the check tells the two apart on any CPU's rounding."""
+    import torch
+    names = ("a_linear", "b_linear", "c_mlp")
+    for rate in (["trunk.lr=0.04"], ["trunk.lr=0.02"], ["trunk.lr=0.2", "trunk.lr_warmup_steps=240"]):
+        common = ["--set", "train.validation_fraction=0.2"] + [a for r in rate for a in ("--set", r)]
+        best = common + ["--set", "train.export=best", "--set", "train.epochs=8"]
+        out = f"{work}/best"
+        shutil.rmtree(out, ignore_errors=True)
+        r = subprocess.run([canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "lines",
+                            *best], capture_output=True, text=True)
+        if r.returncode != 0:
+            check(False, f"export = best with a top trains ({r.stderr.strip()[-300:]})")
+            return
+        mean = {}
+        for row in (json.loads(l) for l in open(f"{out}/metrics.jsonl")):
+            if row["task"] in names:
+                mean.setdefault(row["epoch"], []).append(row["eval_accuracy"])  # on the validation split
+        mean = {e: sum(v) / len(v) for e, v in mean.items()}
+        epoch = max(mean, key=lambda e: (mean[e], -e))
+        if epoch < 8:
+            break
+    check(epoch < 8, f"at one of three rates the best epoch is not the last (means per epoch at {rate}: {mean})")
+    said = {row["epoch"]: row.get("mean_validation_score") for row in trunk_rows(out)}
+    check(all(abs(said[e] - mean[e]) < 1e-12 for e in mean) and trunk_rows(out)[-1]["best_epoch"] == epoch,
+          f"each epoch's @trunk row has the tasks' mean validation score ({said}) and the best epoch so far, {epoch}")
+    cards = {n: json.load(open(f"{out}/heads/{n}.json")) for n in names}
+    check(all(c["exported_epoch"] == epoch for c in cards.values()) and f"as they were at epoch {epoch}," in r.stderr,
+          f"every head's card exports epoch {epoch} and the log says so: {[c['exported_epoch'] for c in cards.values()]}")
+    r = subprocess.run([canopy, "inspect", out, "--json"], capture_output=True, text=True)
+    top = json.loads(r.stdout).get("top") or {} if r.returncode == 0 else {}
+    check(top.get("best_epoch") == epoch and abs(top.get("best_mean_validation_score", -1) - mean[epoch]) < 1e-12,
+          f"canopy inspect --json names the best epoch and its mean score: {top}")
+    # The same run stopped at that epoch: the exported trunk and heads are its.
+    cut = common + ["--set", f"train.epochs={epoch}", "--set", "train.export=last"]
+    r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/best-cut", *cut)
+    a, b = (state(f"{out}/trunk.pt"), state(f"{work}/best-cut/trunk.pt")) if r.returncode == 0 else ({}, {None: 0})
+    check(r.returncode == 0 and all(k in a and torch.equal(a[k], b[k]) for k in b) and
+          all(open(f"{out}/heads/{n}.safetensors", "rb").read() == open(f"{work}/best-cut/heads/{n}.safetensors", "rb").read()
+              for n in names),
+          f"the exported trunk and heads are bitwise those of a run of {epoch} epochs at {rate} ({r.stderr.strip()[-200:]})")
+    last = json.load(open(f"{work}/best-cut/heads/a_linear.json")) if r.returncode == 0 else {}
+    check(last.get("eval_accuracy") == cards["a_linear"]["eval_accuracy"],
+          f"... and so are the test scores on the cards ({last.get('eval_accuracy')}, {cards['a_linear']['eval_accuracy']})")
+    # SIGKILLed before the best epoch and after it (the best top and heads then come from the
+    # checkpoint), resumed to the end.
+    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={work}/best-resumed", "--progress", "quiet", *best]
+    for target, resume in (((1, 20), []), ((epoch, 10), ["--resume"])):
+        rc, st = kill_when(cmd + resume, f"{work}/best-resumed/checkpoint/state.json",
+                           lambda s: (s["epoch"], s["step"]) >= target)
+        check(rc == -signal.SIGKILL and st is not None, f"export = best with a top killed by SIGKILL at "
+              f"{st and (st['epoch'], st['step'])}")
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    a = state(f"{work}/best-resumed/trunk.pt") if r.returncode == 0 else {}
+    check(r.returncode == 0 and all(k in a and torch.equal(a[k], b[k]) for k in b) and
+          all(open(f"{out}/heads/{n}.safetensors", "rb").read() ==
+              open(f"{work}/best-resumed/heads/{n}.safetensors", "rb").read() for n in names),
+          f"killed twice, the second time after the best epoch, and resumed: the run exports the same trunk and "
+          f"heads ({r.stderr.strip()[-200:]})")
 
 
 def main():
@@ -301,6 +370,7 @@ lr = 0.003
           "... and resumed, its top and the grid's winner are bitwise the uninterrupted run's")
 
     check_warmup_and_clipping(canopy, work, config, trunk, tuned)
+    export_best_with_top(canopy, work, config)
 
     # The cut is part of the fingerprint; a policy with no frozen prefix is refused.
     r = run(canopy, "train", "--config", config, "--set", "trunk.freeze=first:3", "--set", f"train.out_dir={work}/x")

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -28,6 +29,10 @@ struct TopEpoch {
   double grad_norm = 0;
   std::int64_t clipped = 0;
   double lr = 0;
+  // train.export = best: the tasks' mean validation score this epoch (NaN otherwise), and
+  // the epoch (1-based) whose top and heads are exported, the best so far.
+  double mean_score = std::numeric_limits<double>::quiet_NaN();
+  std::int64_t best_epoch = 0;
 };
 
 // "lr 0.01, gradient norm 0.857 (clipped in 20 of 38 steps)": an epoch of the top's steps,

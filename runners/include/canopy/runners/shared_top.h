@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -100,6 +101,14 @@ class SharedTop {
   std::vector<std::string> blocks() const { return trunk_.split().top_blocks; }
   const trunk::Trunk& trunk() const { return trunk_; }
 
+  // train.export = best: the top's weights at the epoch (1-based) with the best score so far
+  // (the tasks' mean on the validation split), kept in memory and in every checkpoint;
+  // restore_best puts them back for the export (false when none were kept).
+  void keep_best(std::int64_t epoch, double score);
+  bool restore_best();
+  std::int64_t best_epoch() const { return best_epoch_; }
+  double best_score() const { return best_score_; }
+
   // Weights, optimizer state and LibTorch's default CPU generator (dropout in the top),
   // serialised as one checkpoint file (CheckpointStore writes it); load restores them exactly.
   std::string checkpoint_bytes() const;
@@ -170,6 +179,9 @@ class SharedTop {
   at::Tensor level_rows_, pending_rows_;  // float32 [train_rows, values]
   std::vector<std::int64_t> level_shape_, pending_shape_;
   LossWeighting* weighting_ = nullptr;
+  std::vector<at::Tensor> best_;  // keep_best: params_' values, in order
+  std::int64_t best_epoch_ = 0;
+  double best_score_ = -std::numeric_limits<double>::infinity();
 };
 
 }  // namespace canopy::runners
