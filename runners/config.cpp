@@ -449,6 +449,10 @@ void add_train_keys(std::vector<Key<JobConfig>>& v) {
       "the epoch each head exports: best (on the validation split; with a trainable top, the one epoch "
       "whose top and heads had the best mean over the tasks), last; auto: best when there is a validation "
       "split and no trainable top, else last"));
+  v.push_back(member_key<K>("train", "export_monitor", CANOPY_JOB(train.export_monitor),
+                            "with a trainable top and export = best: the task (or grid, by its best "
+                            "member) whose validation score chooses the epoch exported; empty: the mean "
+                            "over the tasks"));
   v.push_back(member_key<K>("train", "grid_halving", CANOPY_JOB(train.grid_halving),
                             "successive halving of every grid: after this many epochs, and again after "
                             "each multiple of it by grid_halving_factor, the members still training keep "
@@ -843,6 +847,20 @@ void validate_job_config(const JobConfig& c) {
                "train.export = best", in,
                " chooses each head's epoch on a validation split: set train.validation_fraction (e.g. 0.1), "
                "or export = last");
+  if (!c.train.export_monitor.empty()) {
+    CANOPY_CHECK(c.train.export_mode == ExportMode::kBest, ConfigError,
+                 "train.export_monitor = ", c.train.export_monitor, in,
+                 " chooses the epoch train.export = best exports, and export is ",
+                 to_string(c.train.export_mode), ": set export = best, or leave export_monitor out");
+    std::vector<std::string> names;
+    for (const auto& t : c.tasks) {
+      const std::string& name = t.grid.empty() ? t.name : t.grid;
+      if (names.empty() || names.back() != name) names.push_back(name);
+    }
+    CANOPY_CHECK(std::find(names.begin(), names.end(), c.train.export_monitor) != names.end(), ConfigError,
+                 "train.export_monitor = ", c.train.export_monitor, in, " names no task; the tasks are ",
+                 join(names, ", "));
+  }
   for (const auto& t : c.tasks) {
     tasks::validate_task_config(t, 0);
     CANOPY_CHECK(t.loss_weight == 1.0 || c.train.weighting == Weighting::kStatic, ConfigError, "task.",
@@ -889,7 +907,8 @@ std::vector<std::string> top_keys_set(const JobConfig& config) {
   const JobConfig defaults;
   std::vector<std::string> set;
   for (const auto& k : job_keys()) {
-    if (k.section == "trunk" && top.count(k.name) && k.get(config) != k.get(defaults))
+    if (((k.section == "trunk" && top.count(k.name)) || k.full_name() == "train.export_monitor") &&
+        k.get(config) != k.get(defaults))
       set.push_back(k.full_name() + " = " + k.get(config));
   }
   return set;

@@ -141,8 +141,8 @@ void MetricsSink::record_top(std::int64_t epoch, const TopEpoch& top, const std:
   row["lr"] = top.lr;
   row["grad_norm"] = std::isfinite(top.grad_norm) ? nlohmann::ordered_json(top.grad_norm) : nullptr;
   row["clipped_steps"] = top.clipped;
-  if (std::isfinite(top.mean_score)) {
-    row["mean_validation_score"] = top.mean_score;
+  if (std::isfinite(top.score)) {
+    row["validation_score"] = top.score;
     row["best_epoch"] = top.best_epoch;
   }
   nlohmann::ordered_json w = nlohmann::ordered_json::object();
@@ -161,8 +161,8 @@ void MetricsSink::record_top(std::int64_t epoch, const TopEpoch& top, const std:
                   static_cast<float>(static_cast<double>(top.clipped) / static_cast<double>(top.steps)),
                   epoch + 1);
   }
-  if (std::isfinite(top.mean_score))
-    tb.add_scalar("trunk/mean_validation_score", static_cast<float>(top.mean_score), epoch + 1);
+  if (std::isfinite(top.score))
+    tb.add_scalar("trunk/validation_score", static_cast<float>(top.score), epoch + 1);
   for (const auto& [block, r] : top.rates) {
     if (std::isfinite(r)) tb.add_scalar("trunk/change_rate/" + block, static_cast<float>(r), epoch + 1);
   }

@@ -161,8 +161,7 @@ std::optional<TopFacts> read_top(const std::string& dir, const std::vector<Expor
       if (row.contains("grad_norm") && row.at("grad_norm").is_number())
         top->grad_norm = row.at("grad_norm").get<double>();
       top->best_epoch = row.value("best_epoch", std::int64_t{0});
-      if (row.contains("mean_validation_score"))
-        best_scores[top->epoch] = row.value("mean_validation_score", 0.0);
+      if (row.contains("validation_score")) best_scores[top->epoch] = row.value("validation_score", 0.0);
     }
     if (top && top->best_epoch > 0) top->best_score = best_scores[top->best_epoch];
   }
@@ -357,8 +356,8 @@ std::string report_text(const RunFacts& f, const Status& status, bool verify) {
         char line[160];
         std::snprintf(
             line, sizeof line,
-            "  best        epoch %lld: the tasks' mean on the validation split %.4f (train.export = best "
-            "exports its top and heads)\n",
+            "  best        epoch %lld: validation score %.4f (train.export = best exports its top and "
+            "heads)\n",
             static_cast<long long>(t.best_epoch), t.best_score);
         o << line;
       }
@@ -433,7 +432,7 @@ std::string report_json(const RunFacts& f, const Status& status, bool verify) {
                            {"clipped_steps", f.top->clipped},
                            {"best_epoch",
                             f.top->best_epoch > 0 ? ordered_json(f.top->best_epoch) : ordered_json()},
-                           {"best_mean_validation_score",
+                           {"best_validation_score",
                             f.top->best_epoch > 0 ? ordered_json(f.top->best_score) : ordered_json()},
                            {"trunk", f.top->trunk.empty() ? ordered_json() : ordered_json(f.top->trunk)}}
             : ordered_json();

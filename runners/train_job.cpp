@@ -354,6 +354,11 @@ HeadShare share_heads(const TaskSet& set, const std::vector<std::size_t>& heads,
   return share;
 }
 
+// What train.export = best ranks a top's epochs by: "the tasks' mean", or the monitored task.
+std::string describe_monitor(const std::string& monitor) {
+  return monitor.empty() ? std::string("the tasks' mean") : monitor + "'s score";
+}
+
 // The epoch loop: every batch once, every training head on it, then evaluation, metrics
 // and a checkpoint at each epoch's end.
 class EpochLoop {
@@ -805,16 +810,20 @@ class EpochLoop {
   }
 
   // train.export = best over a trainable top: every head reads the top, so one epoch is
-  // exported for all, the one with the best mean validation score over the tasks (a grid
-  // counts as its best member, a head that stopped with its last score, a failed one not at
-  // all). There the top and every head still training keep their weights; a head that
-  // stopped before it exports its last epoch (export_heads), as its weights have not moved
-  // since. Every rank holds every run here (sync_runs) and the same top: all keep alike.
+  // exported for all, the one with the best mean validation score over the tasks, or the
+  // best score of train.export_monitor's (a grid counts as its best member, a head that
+  // stopped with its last score, a failed one not at all). There the top and every head
+  // still training keep their weights; a head that stopped before it exports its last epoch
+  // (export_heads), as its weights have not moved since. Every rank holds every run here
+  // (sync_runs) and the same top: all keep alike.
   void keep_joint_best(std::int64_t epoch, const std::vector<std::size_t>& own, TopEpoch& row) {
+    const std::string& monitor = config_.train.export_monitor;
     double sum = 0;
     std::int64_t tasks = 0;
     for (std::size_t i = 0, end = 0; i < runs_.size(); i = end) {
       end = grid_end(i);
+      const auto& tc = set_.tasks[i]->config();
+      if (!monitor.empty() && monitor != (tc.grid.empty() ? tc.name : tc.grid)) continue;
       double best = -std::numeric_limits<double>::infinity();
       for (std::size_t j = i; j < end; ++j) {
         if (!runs_[j].failed() && runs_[j].epochs > 0 && runs_[j].eval.score() > best)
@@ -826,9 +835,9 @@ class EpochLoop {
       }
     }
     if (tasks == 0) return;
-    row.mean_score = sum / static_cast<double>(tasks);
-    if (row.mean_score > top_->best_score()) {
-      top_->keep_best(epoch + 1, row.mean_score);
+    row.score = sum / static_cast<double>(tasks);
+    if (row.score > top_->best_score()) {
+      top_->keep_best(epoch + 1, row.score);
       for (std::size_t i : own) {
         if (!runs_[i].failed()) set_.tasks[i]->keep_best();
       }
@@ -913,11 +922,11 @@ class EpochLoop {
       any = true;
     }
     if (e.steps > 0) o << "; " << describe_top_steps(e.lr, e.grad_norm, e.clipped, e.steps);
-    if (std::isfinite(e.mean_score)) {
-      char buf[96];
-      std::snprintf(buf, sizeof buf, "; tasks' mean on validation %.4f (best: epoch %lld)", e.mean_score,
+    if (std::isfinite(e.score)) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, " %.4f (best: epoch %lld)", e.score,
                     static_cast<long long>(e.best_epoch));
-      o << buf;
+      o << "; validation: " << describe_monitor(config_.train.export_monitor) << buf;
     }
     return o.str();
   }
@@ -1442,13 +1451,10 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     report.source = source->describe();
     const std::int64_t shared_best = loop.restore_joint_best();
     if (shared_best > 0) {
-      char line[240];
-      std::snprintf(
-          line, sizeof line,
-          "train.export = best: the top and the heads as they were at epoch %lld, where the tasks' mean "
-          "on the validation split was best (%.4f)",
-          static_cast<long long>(shared_best), top->best_score());
-      log_info(line);
+      char line[64];
+      std::snprintf(line, sizeof line, " on the validation split was best (%.4f)", top->best_score());
+      log_info(detail::str_cat("train.export = best: the top and the heads as they were at epoch ",
+                               shared_best, ", where ", describe_monitor(config.train.export_monitor), line));
     }
     const datasets::CacheMeta meta = trained_trunk_meta(cache.meta(), top, config.train.out_dir);
     export_heads(set, runs, meta,

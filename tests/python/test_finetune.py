@@ -171,7 +171,7 @@ def export_best_with_top(canopy, work, config):
         if epoch < 8:
             break
     check(epoch < 8, f"at one of three rates the best epoch is not the last (means per epoch at {rate}: {mean})")
-    said = {row["epoch"]: row.get("mean_validation_score") for row in trunk_rows(out)}
+    said = {row["epoch"]: row.get("validation_score") for row in trunk_rows(out)}
     check(all(abs(said[e] - mean[e]) < 1e-12 for e in mean) and trunk_rows(out)[-1]["best_epoch"] == epoch,
           f"each epoch's @trunk row has the tasks' mean validation score ({said}) and the best epoch so far, {epoch}")
     cards = {n: json.load(open(f"{out}/heads/{n}.json")) for n in names}
@@ -179,7 +179,7 @@ def export_best_with_top(canopy, work, config):
           f"every head's card exports epoch {epoch} and the log says so: {[c['exported_epoch'] for c in cards.values()]}")
     r = subprocess.run([canopy, "inspect", out, "--json"], capture_output=True, text=True)
     top = json.loads(r.stdout).get("top") or {} if r.returncode == 0 else {}
-    check(top.get("best_epoch") == epoch and abs(top.get("best_mean_validation_score", -1) - mean[epoch]) < 1e-12,
+    check(top.get("best_epoch") == epoch and abs(top.get("best_validation_score", -1) - mean[epoch]) < 1e-12,
           f"canopy inspect --json names the best epoch and its mean score: {top}")
     # The same run stopped at that epoch: the exported trunk and heads are its.
     cut = common + ["--set", f"train.epochs={epoch}", "--set", "train.export=last"]
@@ -207,6 +207,22 @@ def export_best_with_top(canopy, work, config):
               open(f"{work}/best-resumed/heads/{n}.safetensors", "rb").read() for n in names),
           f"killed twice, the second time after the best epoch, and resumed: the run exports the same trunk and "
           f"heads ({r.stderr.strip()[-200:]})")
+
+    # train.export_monitor: one task's validation score chooses the epoch instead of the mean.
+    out = f"{work}/best-mlp"
+    r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={out}", *best, "--set", "train.export_monitor=c_mlp")
+    rows = [json.loads(l) for l in open(f"{out}/metrics.jsonl")] if r.returncode == 0 else []
+    mlp = {row["epoch"]: row["eval_accuracy"] for row in rows if row["task"] == "c_mlp"}
+    said = {row["epoch"]: row.get("validation_score") for row in rows if row["task"] == "@trunk"}
+    mlp_epoch = max(mlp, key=lambda e: (mlp[e], -e)) if mlp else None
+    cards = [json.load(open(f"{out}/heads/{n}.json"))["exported_epoch"] for n in names] if r.returncode == 0 else []
+    check(mlp and said == mlp and cards == [mlp_epoch] * 3 and f"where c_mlp's score on the validation split" in r.stderr,
+          f"export_monitor = c_mlp: its validation accuracy per epoch ranks them ({said}), epoch {mlp_epoch} exported "
+          f"({cards}; the tasks' mean chose {epoch})")
+    for extra, said in ((["--set", "train.export=best", "--set", "train.export_monitor=d_none"], "names no task; the tasks are a_linear, b_linear, c_mlp"),
+                        (["--set", "train.export=last", "--set", "train.export_monitor=c_mlp"], "set export = best")):
+        r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/x", *common, *extra)
+        check(r.returncode == 2 and said in r.stderr, f"{extra[-1]} is refused: {r.stderr.strip()[-200:]}")
 
 
 def main():

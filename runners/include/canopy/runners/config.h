@@ -79,6 +79,8 @@ struct TrainConfig {
   double validation_fraction = 0;  // held out of train_split (stratified, seeded) to choose
                                    // epochs and grid winners on; 0: none
   ExportMode export_mode = ExportMode::kAuto;
+  std::string export_monitor;            // export = best over a top: the task (or grid) whose validation
+                                         // score chooses the epoch; empty: the tasks' mean
   std::int64_t grid_halving = 0;         // successive halving of grids: the epochs before the first
                                          // cut (then at each multiple by the factor); 0: off
   std::int64_t grid_halving_factor = 3;  // each cut keeps 1 / factor of a grid's members training
@@ -152,9 +154,9 @@ std::string dump_config(const JobConfig& config);
 // parsing, validation, dumping and this reference.
 std::string config_reference();
 void validate_job_config(const JobConfig& config);
-// The [trunk] keys only a trainable top reads (its optimizer, rates and schedule) that
-// `config` sets to other than their defaults, as "trunk.lr = 0.01": what a run whose trunk is
-// frozen whole does not use.
+// The keys only a trainable top reads (its optimizer, rates and schedule, and
+// train.export_monitor) that `config` sets to other than their defaults, as "trunk.lr = 0.01":
+// what a run whose trunk is frozen whole does not use.
 std::vector<std::string> top_keys_set(const JobConfig& config);
 // Whether heads are chosen on a validation split (train.validation_fraction > 0).
 inline bool has_validation(const TrainConfig& t) { return t.validation_fraction > 0; }

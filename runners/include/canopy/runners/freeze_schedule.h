@@ -29,9 +29,10 @@ struct TopEpoch {
   double grad_norm = 0;
   std::int64_t clipped = 0;
   double lr = 0;
-  // train.export = best: the tasks' mean validation score this epoch (NaN otherwise), and
-  // the epoch (1-based) whose top and heads are exported, the best so far.
-  double mean_score = std::numeric_limits<double>::quiet_NaN();
+  // train.export = best: the validation score epochs are ranked by this epoch (the tasks'
+  // mean, or train.export_monitor's; NaN otherwise), and the epoch (1-based) whose top and
+  // heads are exported, the best so far.
+  double score = std::numeric_limits<double>::quiet_NaN();
   std::int64_t best_epoch = 0;
 };
 
