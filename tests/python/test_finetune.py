@@ -316,6 +316,14 @@ lr = 0.003
     said = [l for l in r.stderr.splitlines() if "goes unused" in l]
     check(len(said) == 1 and said[0].endswith("trunk.lr = 0.01"),
           f"frozen whole, the run says the top's keys the config sets go unused: {said}")
+    r = run(canopy, "train", "--config", config, "--set", "trunk.freeze=all", "--set", f"cache.path={work}/frozen-cache",
+            "--set", f"train.out_dir={work}/frozen-best", "--set", "train.validation_fraction=0.2",
+            "--set", "train.export=best", "--set", "train.export_monitor=c_mlp")
+    said = [l for l in r.stderr.splitlines() if "goes unused" in l]
+    epochs = {n: json.load(open(f"{work}/frozen-best/heads/{n}.json"))["exported_epoch"] for n in accs} \
+        if r.returncode == 0 else {}
+    check(len(said) == 1 and said[0].endswith("trunk.lr = 0.01, train.export_monitor = c_mlp") and epochs,
+          f"... and export_monitor too: each head exports its own best epoch ({epochs}): {said}")
     for cmd, cache in (("cache", "frozen-cache2"), ("train", "frozen-cache")):
         r = run(canopy, cmd, "--config", config, "--set", "trunk.freeze=all", "--set", f"cache.path={work}/{cache}",
                 "--set", f"train.out_dir={work}/frozen-gradual", "--set", "trunk.schedule=gradual")

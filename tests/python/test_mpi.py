@@ -265,6 +265,26 @@ epochs = 2
     check(eval_scores(f"{work}/tune-one") == eval_scores(f"{work}/tune-three") and len(said) == 3,
           f"the eval split's top output is shared out over the ranks; every epoch's scores are the one-process run's "
           f"({said[:1]})")
+    # train.export = best over 3 ranks: rank 0 exports the top and heads of the best epoch,
+    # bitwise those of a 3-rank run stopped there.
+    best = ["--set", "train.validation_fraction=0.25", "--set", "train.epochs=4", "--set", "trunk.lr=0.03"]
+    r = subprocess.run(mpirun(3, canopy, "train", "--config", cfg, "--set", f"train.out_dir={work}/best-three",
+                              "--set", "train.export=best", *best, "--progress", "quiet"),
+                       capture_output=True, text=True, env=mpi_env())
+    rows = trunk_rows(f"{work}/best-three") if r.returncode == 0 else []
+    epoch = rows[-1].get("best_epoch") if rows else None
+    cards = [json.load(open(f"{work}/best-three/heads/{n}.json"))["exported_epoch"] for n in ("a_linear", "c_mlp")] \
+        if r.returncode == 0 else []
+    scores = [row.get("validation_score") for row in rows]
+    check(epoch and cards == [epoch, epoch] and scores[epoch - 1] == max(scores),
+          f"export = best over 3 ranks: epoch {epoch} of the scores {scores} exported ({cards}; {r.stderr.strip()[-200:]})")
+    if epoch:
+        best[best.index("train.epochs=4")] = f"train.epochs={epoch}"
+        r = subprocess.run(mpirun(3, canopy, "train", "--config", cfg, "--set", f"train.out_dir={work}/best-cut",
+                                  *best, "--progress", "quiet"), capture_output=True, text=True, env=mpi_env())
+        a, b = top_and_heads(f"{work}/best-three"), top_and_heads(f"{work}/best-cut") if r.returncode == 0 else {}
+        check(b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
+              f"... bitwise the top and heads of a 3-rank run of {epoch} epochs ({r.stderr.strip()[-200:]})")
     check_schedules(canopy, work, env, blocks)
 
 
