@@ -139,10 +139,12 @@ at::Tensor SharedTop::as_stored(const at::Tensor& out, std::int64_t len) const {
 std::string SharedTop::feed(std::vector<at::Tensor>& parts, std::int64_t len, const at::Tensor& index) {
   std::string from = trunk_.split().boundary;
   if (level_ < 0 && pending_ < 0) return from;
+  // A level is kept only over a split in memory (start_epoch, load_checkpoint), whose batches
+  // come with their rows' indices.
   CANOPY_CHECK(
       index.defined(), Error,
-      "trunk.schedule = autofreeze reads and writes cache levels by row, which needs the train split "
-      "in memory; raise cache.memory_cap_mb (or set it to 0)");
+      "internal: autofreeze's cache level is read and stored by row, and a training batch came without "
+      "its rows' indices");
   if (level_ >= 0) {
     std::vector<std::int64_t> shape{index.size(0)};
     shape.insert(shape.end(), level_shape_.begin(), level_shape_.end());
