@@ -854,8 +854,7 @@ void validate_job_config(const JobConfig& c) {
                  to_string(c.train.export_mode), ": set export = best, or leave export_monitor out");
     std::vector<std::string> names;
     for (const auto& t : c.tasks) {
-      const std::string& name = t.grid.empty() ? t.name : t.grid;
-      if (names.empty() || names.back() != name) names.push_back(name);
+      if (names.empty() || names.back() != t.written_name()) names.push_back(t.written_name());
     }
     CANOPY_CHECK(std::find(names.begin(), names.end(), c.train.export_monitor) != names.end(), ConfigError,
                  "train.export_monitor = ", c.train.export_monitor, in, " names no task; the tasks are ",
@@ -900,15 +899,17 @@ JobConfig load_job_config(const std::string& path, const std::vector<std::string
 }
 
 std::vector<std::string> top_keys_set(const JobConfig& config) {
-  static const std::set<std::string> top{
-      "optimizer",     "lr",       "lr_decay",      "weight_decay",   "lr_schedule",     "lr_warmup_steps",
-      "max_grad_norm", "schedule", "warmup_epochs", "unfreeze_every", "freeze_interval", "percentile",
-      "min_trainable"};
+  static const std::set<std::string> top{"trunk.optimizer",       "trunk.lr",
+                                         "trunk.lr_decay",        "trunk.weight_decay",
+                                         "trunk.lr_schedule",     "trunk.lr_warmup_steps",
+                                         "trunk.max_grad_norm",   "trunk.schedule",
+                                         "trunk.warmup_epochs",   "trunk.unfreeze_every",
+                                         "trunk.freeze_interval", "trunk.percentile",
+                                         "trunk.min_trainable",   "train.export_monitor"};
   const JobConfig defaults;
   std::vector<std::string> set;
   for (const auto& k : job_keys()) {
-    if (((k.section == "trunk" && top.count(k.name)) || k.full_name() == "train.export_monitor") &&
-        k.get(config) != k.get(defaults))
+    if (top.count(k.full_name()) && k.get(config) != k.get(defaults))
       set.push_back(k.full_name() + " = " + k.get(config));
   }
   return set;
@@ -936,7 +937,7 @@ std::string dump_config(const JobConfig& c) {
       const auto a = axes.find(key);
       return a == axes.end() ? v : a->second;
     };
-    o << "\n[task." << (t.grid.empty() ? t.name : t.grid) << "]\n";
+    o << "\n[task." << t.written_name() << "]\n";
     for (const auto& k : task_keys()) {
       if (k.dumped(t) || axes.count(k.name)) o << k.name << " = " << value_of(k.name, k.get(t)) << "\n";
     }

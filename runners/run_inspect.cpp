@@ -49,7 +49,7 @@ std::optional<PlannedRun> read_plan(const std::string& config_path, std::string&
     const JobConfig c = load_job_config(config_path);
     PlannedRun plan;
     for (const auto& t : c.tasks) {
-      const std::string exported = t.grid.empty() ? t.name : t.grid;
+      const std::string& exported = t.written_name();
       plan.heads[t.name] = {task_epochs(t, c.train), t.kind == tasks::TaskKind::kRegression, exported};
       if (std::find(plan.exports.begin(), plan.exports.end(), exported) == plan.exports.end())
         plan.exports.push_back(exported);
@@ -129,7 +129,7 @@ struct TopFacts {
   // clipped.
   std::int64_t steps = 0, clipped = 0;
   std::optional<double> lr, grad_norm;
-  std::int64_t best_epoch = 0;  // train.export = best: the epoch exported so far, its mean score
+  std::int64_t best_epoch = 0;  // train.export = best: the epoch exported so far, its validation score
   double best_score = 0;
   std::string trunk;           // <out_dir>/trunk.pt, when written
   bool trunk_checked = false;  // against the cards' pins (none before the export)
@@ -142,7 +142,7 @@ std::optional<TopFacts> read_top(const std::string& dir, const std::vector<Expor
   const std::string metrics = join_path(dir, "metrics.jsonl");
   const std::string trunk = join_path(dir, "trunk.pt");
   std::optional<TopFacts> top;
-  std::map<std::int64_t, double> best_scores;  // each epoch's mean validation score
+  double best_score = 0;  // of the rows read so far, the one whose epoch is its best_epoch
   if (is_regular_file(metrics)) {
     std::istringstream in(read_file(metrics));
     for (std::string line; std::getline(in, line);) {
@@ -160,10 +160,11 @@ std::optional<TopFacts> read_top(const std::string& dir, const std::vector<Expor
       if (row.contains("lr") && row.at("lr").is_number()) top->lr = row.at("lr").get<double>();
       if (row.contains("grad_norm") && row.at("grad_norm").is_number())
         top->grad_norm = row.at("grad_norm").get<double>();
+      // The best epoch's row came before (or is this one): its score is the best's.
       top->best_epoch = row.value("best_epoch", std::int64_t{0});
-      if (row.contains("validation_score")) best_scores[top->epoch] = row.value("validation_score", 0.0);
+      if (top->best_epoch == top->epoch) best_score = row.value("validation_score", 0.0);
     }
-    if (top && top->best_epoch > 0) top->best_score = best_scores[top->best_epoch];
+    if (top) top->best_score = best_score;
   }
   if (!top && !is_regular_file(trunk)) return std::nullopt;
   if (!top) top.emplace();

@@ -594,13 +594,20 @@ void SharedTop::load_checkpoint(const std::string& path) {
   try {
     archive.load_from(path);
     c10::NoGradGuard no_grad;
-    for (auto& [name, p] : params_) {
-      at::Tensor saved;
-      archive.read("param:" + name, saved);
-      CANOPY_CHECK(saved.sizes() == p.sizes(), DataError, "checkpoint '", path, "': ", name, " has shape ",
-                   saved.sizes(), ", the trunk's ", p.sizes());
-      p.copy_(saved);
-    }
+    // A saved copy of each trainable parameter (`prefix` + its name), checked against its shape.
+    const auto read_params = [&](const std::string& prefix) {
+      std::vector<at::Tensor> out;
+      for (const auto& [name, p] : params_) {
+        at::Tensor saved;
+        archive.read(prefix + name, saved);
+        CANOPY_CHECK(saved.sizes() == p.sizes(), DataError, "checkpoint '", path, "': ", prefix, name,
+                     " has shape ", saved.sizes(), ", the trunk's ", p.sizes());
+        out.push_back(saved);
+      }
+      return out;
+    };
+    const auto saved = read_params("param:");
+    for (std::size_t i = 0; i < params_.size(); ++i) params_[i].second.copy_(saved[i]);
     torch::serialize::InputArchive opt;
     archive.read("canopy.optimizer", opt);
     optimizer_->load(opt);
@@ -647,13 +654,7 @@ void SharedTop::load_checkpoint(const std::string& path) {
       const auto v = as_vector(best);
       best_epoch_ = static_cast<std::int64_t>(v[0]);
       best_score_ = v[1];
-      for (const auto& [name, p] : params_) {
-        at::Tensor saved;
-        archive.read("best:" + name, saved);
-        CANOPY_CHECK(saved.sizes() == p.sizes(), DataError, "checkpoint '", path, "': the best epoch's ",
-                     name, " has shape ", saved.sizes(), ", the trunk's ", p.sizes());
-        best_.push_back(saved);
-      }
+      best_ = read_params("best:");
     }
     if (weighting_) {
       std::map<std::string, at::Tensor> w;

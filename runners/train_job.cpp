@@ -823,7 +823,7 @@ class EpochLoop {
     for (std::size_t i = 0, end = 0; i < runs_.size(); i = end) {
       end = grid_end(i);
       const auto& tc = set_.tasks[i]->config();
-      if (!monitor.empty() && monitor != (tc.grid.empty() ? tc.name : tc.grid)) continue;
+      if (!monitor.empty() && monitor != tc.written_name()) continue;
       double best = -std::numeric_limits<double>::infinity();
       for (std::size_t j = i; j < end; ++j) {
         if (!runs_[j].failed() && runs_[j].epochs > 0 && runs_[j].eval.score() > best)

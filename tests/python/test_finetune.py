@@ -322,8 +322,13 @@ lr = 0.003
     said = [l for l in r.stderr.splitlines() if "goes unused" in l]
     epochs = {n: json.load(open(f"{work}/frozen-best/heads/{n}.json"))["exported_epoch"] for n in accs} \
         if r.returncode == 0 else {}
-    check(len(said) == 1 and said[0].endswith("trunk.lr = 0.01, train.export_monitor = c_mlp") and epochs,
-          f"... and export_monitor too: each head exports its own best epoch ({epochs}): {said}")
+    scores = {}  # each head's validation accuracy per epoch
+    for row in (json.loads(l) for l in open(f"{work}/frozen-best/metrics.jsonl")) if r.returncode == 0 else ():
+        scores.setdefault(row["task"], {})[row["epoch"]] = row["eval_accuracy"]
+    own = {n: max(scores[n], key=lambda e: (scores[n][e], -e)) for n in accs if n in scores}
+    check(len(said) == 1 and said[0].endswith("trunk.lr = 0.01, train.export_monitor = c_mlp") and epochs and
+          epochs == own, f"... and export_monitor too: each head exports its own best epoch ({epochs}, its best "
+          f"{own}): {said}")
     for cmd, cache in (("cache", "frozen-cache2"), ("train", "frozen-cache")):
         r = run(canopy, cmd, "--config", config, "--set", "trunk.freeze=all", "--set", f"cache.path={work}/{cache}",
                 "--set", f"train.out_dir={work}/frozen-gradual", "--set", "trunk.schedule=gradual")

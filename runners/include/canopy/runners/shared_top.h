@@ -102,7 +102,8 @@ class SharedTop {
   const trunk::Trunk& trunk() const { return trunk_; }
 
   // train.export = best: the top's weights at the epoch (1-based) with the best score so far
-  // (the tasks' mean on the validation split), kept in memory and in every checkpoint;
+  // (on the validation split: the tasks' mean, or train.export_monitor's), kept in memory and
+  // in every checkpoint;
   // restore_best puts them back for the export (false when none were kept).
   void keep_best(std::int64_t epoch, double score);
   bool restore_best();

@@ -66,6 +66,9 @@ struct TaskConfig {
   std::string grid;
   std::map<std::string, std::string> grid_axes;
   std::map<std::string, std::string> grid_point;
+  // The name the config writes it under ([task.<it>]) and exports it as: its grid's for a
+  // member, else its own.
+  const std::string& written_name() const { return grid.empty() ? name : grid; }
   TaskKind kind = TaskKind::kMulticlass;
   std::string head = "linear";
   std::string labels = "class";          // label source in the cache
