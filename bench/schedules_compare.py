@@ -10,6 +10,10 @@ trunk's top at lr 1e-4 for the top block (/2.6 per block down), batch 256, each 
   autofreeze top-4  first:11, trunk.schedule = autofreeze: every quarter epoch the blocks whose
                     gradient-norm change rate is below the median freeze (from the lowest up),
                     and the highest frozen block's output becomes a cache level
+  autofreeze top-4, streamed (level on disk | computed)
+                    the same over a train split that streams (shards of 128 rows under an 8 MiB
+                    cap, against a split of about 25 MiB): the level kept on disk and read by
+                    row, or (trunk.level_on_disk = false) the frozen blocks computed in every step
 
 Columns: test accuracy (mean over seeds, with min and max), wall time per epoch as `canopy
 train` reports it, total wall time of `canopy cache` plus `canopy train`, and how many of the
@@ -56,18 +60,21 @@ def main():
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--only", default="", help="some of static2,static4,gradual4,auto4 (default: all)")
+    ap.add_argument("--only", default="", help="some of static2,static4,gradual4,auto4,auto4s,auto4c (default: all)")
     a = ap.parse_args()
     a.seeds = [int(s) for s in a.seeds.split(",")]
     work = work_dir("canopy-schedules-bench-")
     steps = (a.train + BATCH - 1) // BATCH
+    auto = ["trunk.schedule=autofreeze", f"trunk.freeze_interval={max(1, steps // 4)}", "trunk.percentile=50"]
+    streamed = ["cache.shard_rows=128", "cache.memory_cap_mb=8"]
     plans = [
         ("static top-2", "first:13", [], "static2"),
         ("static top-4", "first:11", [], "static4"),
         ("gradual top-4", "first:11", ["trunk.schedule=gradual", "trunk.warmup_epochs=1", "trunk.unfreeze_every=1"],
          "gradual4"),
-        ("autofreeze top-4", "first:11",
-         ["trunk.schedule=autofreeze", f"trunk.freeze_interval={max(1, steps // 4)}", "trunk.percentile=50"], "auto4"),
+        ("autofreeze top-4", "first:11", auto, "auto4"),
+        ("autofreeze top-4, streamed, level on disk", "first:11", auto + streamed, "auto4s"),
+        ("autofreeze top-4, streamed, computed", "first:11", auto + streamed + ["trunk.level_on_disk=false"], "auto4c"),
     ]
     wanted = a.only.split(",") if a.only else [p[3] for p in plans]
     rows = [(name, run_rows(a, work, freeze, extra, tag)) for name, freeze, extra, tag in plans if tag in wanted]
@@ -89,6 +96,13 @@ def main():
               f"{s['static top-4'][2] / s['autofreeze top-4'][2]:.2f}   goal >= 2")
         print(f"DIFF accuracy autofreeze - static top-4 = "
               f"{100 * (s['autofreeze top-4'][0] - s['static top-4'][0]):+.2f} points   goal within -0.5")
+    disk, computed = "autofreeze top-4, streamed, level on disk", "autofreeze top-4, streamed, computed"
+    if disk in s and computed in s:
+        print(f"RATIO streamed autofreeze, computed / level on disk, s per epoch = "
+              f"{s[computed][1] / s[disk][1]:.2f}   (what reading the level saves; > 1 is a gain)")
+    if disk in s and "autofreeze top-4" in s:
+        print(f"DIFF accuracy streamed (level on disk) - in memory = "
+              f"{100 * (s[disk][0] - s['autofreeze top-4'][0]):+.2f} points   (a coarser shuffle)")
     statics = [s[k][0] for k in ("static top-2", "static top-4") if k in s]
     if "gradual top-4" in s and statics:
         print(f"DIFF accuracy gradual - best static = {100 * (s['gradual top-4'][0] - max(statics)):+.2f} points"

@@ -10,6 +10,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
@@ -33,8 +34,9 @@ at::Tensor epoch_permutation(std::int64_t n, std::uint64_t seed, std::int64_t ep
 }
 
 std::uint64_t bytes_of(const SplitData& d) {
-  std::uint64_t b =
-      (d.features.defined() ? d.features.nbytes() : 0) + (d.ids.defined() ? d.ids.numel() * 8 : 0);
+  std::uint64_t b = (d.features.defined() ? d.features.nbytes() : 0) +
+                    (d.ids.defined() ? d.ids.numel() * 8 : 0) +
+                    (d.positions.defined() ? d.positions.numel() * 8 : 0);
   for (const auto& [src, t] : d.labels) b += t.numel() * 8;
   return b;
 }
@@ -172,6 +174,7 @@ class StreamingSource : public BatchSource {
             add_held(bytes);  // counted from allocation on
           }
           SplitData d = cache_.read_shard(s, method_, std::move(spare));
+          d.positions = at::arange(s.first_row, s.first_row + s.rows, at::TensorOptions().dtype(at::kLong));
           if (keep_.defined()) {  // rows held out (a validation split) never train
             const at::Tensor local = keep_.slice(0, s.first_row, s.first_row + s.rows).nonzero().flatten();
             if (local.numel() < s.rows) {
@@ -203,6 +206,7 @@ class StreamingSource : public BatchSource {
     pos_ += take;
     b.features = rows.features.to(at::kFloat);
     b.labels = std::move(rows.labels);
+    b.index = std::move(rows.positions);
     return true;
   }
 
@@ -221,7 +225,7 @@ class StreamingSource : public BatchSource {
   std::uint64_t bytes_of_shard(const ShardInfo& s) const {
     return static_cast<std::uint64_t>(s.rows) * (static_cast<std::uint64_t>(cache_.feature_dim()) *
                                                      at::elementSize(scalar_type(cache_.meta().dtype)) +
-                                                 8 * (1 + s.labels.size()));
+                                                 8 * (2 + s.labels.size()));  // ids, positions
   }
 
   void add_held(std::uint64_t b) {
@@ -271,6 +275,7 @@ class StreamingSource : public BatchSource {
     SplitData out;
     out.features = at::empty({n, like.features.size(1)}, like.features.options());
     out.ids = at::empty({n}, like.ids.options());
+    out.positions = at::empty({n}, like.positions.options());
     for (const auto& [src, t] : like.labels) out.labels[src] = at::empty({n}, t.options());
     std::int64_t first = 0;
     for (const auto& [p, rows] : local) {
@@ -280,6 +285,7 @@ class StreamingSource : public BatchSource {
       };
       into(out.features, parts_[p].features);
       into(out.ids, parts_[p].ids);
+      into(out.positions, parts_[p].positions);
       for (const auto& [src, t] : parts_[p].labels) into(out.labels.at(src), t);
       first += rows.numel();
     }

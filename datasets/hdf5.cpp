@@ -153,10 +153,14 @@ Handle write_contiguous(hid_t parent, const std::string& name, hid_t file_type, 
   Handle plist = checked(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, "creating a property list");
   check(H5Pset_layout(plist.get(), H5D_CONTIGUOUS), "setting contiguous layout");
   check(H5Pset_alloc_time(plist.get(), H5D_ALLOC_TIME_EARLY), "setting early allocation");
+  if (!data) check(H5Pset_fill_time(plist.get(), H5D_FILL_TIME_NEVER), "setting no fill");
   Handle ds =
       checked(H5Dcreate2(parent, name.c_str(), file_type, space.get(), H5P_DEFAULT, plist.get(), H5P_DEFAULT),
               H5Dclose, "creating dataset '" + name + "'");
-  check(H5Dwrite(ds.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), "writing dataset '" + name + "'");
+  if (data) {
+    check(H5Dwrite(ds.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data),
+          "writing dataset '" + name + "'");
+  }
   return ds;
 }
 

@@ -75,7 +75,9 @@ Handle open_file(const std::string& path, bool writable);  // DataError if not H
 Handle create_group(hid_t parent, const std::string& name);
 bool exists(hid_t parent, const std::string& path);
 
-// Creates a contiguous (unchunked) dataset of `dims` and writes `data` (of `mem_type`).
+// Creates a contiguous (unchunked) dataset of `dims` and writes `data` (of `mem_type`); with
+// `data` null its space is allocated in the file and left unwritten, for the caller to write
+// at data_offset.
 Handle write_contiguous(hid_t parent, const std::string& name, hid_t file_type, hid_t mem_type,
                         const void* data, const std::vector<std::int64_t>& dims);
 // Byte offset of a contiguous dataset's data in its file.

@@ -59,6 +59,7 @@ SplitData select_rows(const SplitData& data, const at::Tensor& rows) {
   SplitData out;
   out.features = data.features.index_select(0, rows);
   out.ids = data.ids.index_select(0, rows);
+  if (data.positions.defined()) out.positions = data.positions.index_select(0, rows);
   for (const auto& [src, t] : data.labels) out.labels[src] = t.index_select(0, rows);
   return out;
 }

@@ -374,6 +374,10 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(member_key<K>("trunk", "min_trainable", CANOPY_JOB(top.min_trainable),
                             "autofreeze: blocks that never freeze")
                   .at_least(1));
+  v.push_back(member_key<K>("trunk", "level_on_disk", CANOPY_JOB(top.level_on_disk),
+                            "autofreeze over a train split that streams: the frozen blocks' output kept on "
+                            "disk (train.out_dir/levels, float32: rows x the block's output values) and read "
+                            "by row instead of computed; false: computed in every step, no disk used"));
 }
 
 // [cache].
@@ -905,7 +909,8 @@ std::vector<std::string> top_keys_set(const JobConfig& config) {
                                          "trunk.max_grad_norm",   "trunk.schedule",
                                          "trunk.warmup_epochs",   "trunk.unfreeze_every",
                                          "trunk.freeze_interval", "trunk.percentile",
-                                         "trunk.min_trainable",   "train.export_monitor"};
+                                         "trunk.min_trainable",   "trunk.level_on_disk",
+                                         "train.export_monitor"};
   const JobConfig defaults;
   std::vector<std::string> set;
   for (const auto& k : job_keys()) {

@@ -191,7 +191,7 @@ std::optional<TopFacts> read_top(const std::string& dir, const std::vector<Expor
     const std::string path =
         join_path(join_path(dir, datasets::kLevelDir), datasets::level_file_name(top->level));
     try {
-      datasets::read_level(path);
+      datasets::verify_level(path);
     } catch (const Error& e) {
       top->problems.push_back(detail::str_cat(e.what(), "; `", resume, "` computes it again from the cache"));
     }

@@ -139,18 +139,30 @@ at::Tensor SharedTop::as_stored(const at::Tensor& out, std::int64_t len) const {
 std::string SharedTop::feed(std::vector<at::Tensor>& parts, std::int64_t len, const at::Tensor& index) {
   std::string from = trunk_.split().boundary;
   if (level_ < 0 && pending_ < 0) return from;
-  // A level is kept only over a split in memory (start_epoch, load_checkpoint), whose batches
-  // come with their rows' indices.
+  // Levels are read and stored by row: batches of a split in memory, or streamed with disk
+  // levels, come with their rows' positions.
   CANOPY_CHECK(
       index.defined(), Error,
       "internal: autofreeze's cache level is read and stored by row, and a training batch came without "
       "its rows' indices");
   if (level_ >= 0) {
-    std::vector<std::int64_t> shape{index.size(0)};
-    shape.insert(shape.end(), level_shape_.begin(), level_shape_.end());
-    parts[0] = level_rows_.index_select(0, index).reshape(shape);
-    if (len >= 0) parts[0] = parts[0].slice(1, 0, len);
-    from = top_blocks_[static_cast<std::size_t>(level_)];
+    at::Tensor rows;
+    if (!level_reader_) {
+      rows = level_rows_.index_select(0, index);
+    } else {
+      try {
+        rows = level_reader_->read(index);
+      } catch (const DataError& e) {  // derived data: computed instead
+        drop_disk_level(e.what());
+      }
+    }
+    if (rows.defined()) {
+      std::vector<std::int64_t> shape{index.size(0)};
+      shape.insert(shape.end(), level_shape_.begin(), level_shape_.end());
+      parts[0] = rows.reshape(shape);
+      if (len >= 0) parts[0] = parts[0].slice(1, 0, len);
+      from = top_blocks_[static_cast<std::size_t>(level_)];
+    }
   }
   if (pending_ >= 0) {
     const std::string& to = top_blocks_[static_cast<std::size_t>(pending_)];
@@ -160,15 +172,80 @@ std::string SharedTop::feed(std::vector<at::Tensor>& parts, std::int64_t len, co
       out = trunk_.span(from, to, parts).to(c10::kCPU, at::kFloat);
     }
     const at::Tensor stored = as_stored(out, len);
-    if (!pending_rows_.defined()) {
-      pending_shape_.assign(stored.sizes().begin() + 1, stored.sizes().end());
-      pending_rows_ = at::zeros({train_rows_, stored[0].numel()}, at::kFloat);
+    if (level_writer_) {
+      try {
+        level_writer_->write(index, stored.flatten(1));
+      } catch (const IoError& e) {
+        log_info(std::string("autofreeze: ") + e.what() + "; the blocks up to " + to +
+                 " are computed in every step, and stored again from the next epoch");
+        level_writer_.reset();
+        pending_ = -1;
+      }
+    } else {
+      if (!pending_rows_.defined()) {
+        pending_shape_.assign(stored.sizes().begin() + 1, stored.sizes().end());
+        pending_rows_ = at::zeros({train_rows_, stored[0].numel()}, at::kFloat);
+      }
+      pending_rows_.index_copy_(0, index, stored.flatten(1));
     }
-    pending_rows_.index_copy_(0, index, stored.flatten(1));
     parts[0] = out;
     from = to;
   }
   return from;
+}
+
+bool SharedTop::disk_levels() const {
+  return !train_rows_in_memory_.defined() && split_rows_ > 0 && allreduce_bucket_bytes_ == 0;
+}
+
+bool SharedTop::open_level_writer(std::int64_t level) {
+  const std::string& block = top_blocks_[static_cast<std::size_t>(level)];
+  const auto shape = block_shape(level);
+  try {
+    level_writer_ = std::make_unique<datasets::LevelWriter>(
+        level_path(level), split_rows_, c10::multiply_integers(shape), block, level_fingerprint(level));
+  } catch (const IoError& e) {
+    log_info(std::string("autofreeze: ") + e.what() + "; the blocks up to " + block +
+             " are computed in every step instead");
+    return false;
+  }
+  pending_shape_ = shape;
+  return true;
+}
+
+bool SharedTop::open_level_reader(std::int64_t level) {
+  const std::string& block = top_blocks_[static_cast<std::size_t>(level)];
+  std::string problem;
+  try {
+    auto reader = std::make_unique<datasets::LevelReader>(level_path(level));
+    const auto shape = block_shape(level);
+    if (reader->fingerprint() != level_fingerprint(level)) {
+      problem = detail::str_cat("cache level '", level_path(level),
+                                "' was not made by this run's frozen blocks over this cache (fingerprint ",
+                                reader->fingerprint().substr(0, 12), ", expected ",
+                                level_fingerprint(level).substr(0, 12), ")");
+    } else if (reader->rows() != split_rows_ || reader->values() != c10::multiply_integers(shape)) {
+      problem = detail::str_cat("cache level '", level_path(level), "' holds ", reader->rows(), " rows of ",
+                                reader->values(), " values, the split ", split_rows_,
+                                " and the block's output ", shape);
+    } else {
+      level_reader_ = std::move(reader);
+      level_shape_ = shape;
+      return true;
+    }
+  } catch (const DataError& e) {
+    problem = e.what();
+  }
+  log_info("autofreeze: " + problem + "; the blocks up to " + block +
+           " are computed in every step, and stored again from the next epoch");
+  return false;
+}
+
+void SharedTop::drop_disk_level(const std::string& why) {
+  log_info("autofreeze: " + why + "; the blocks up to " + top_blocks_[static_cast<std::size_t>(level_)] +
+           " are computed in every step from here, and stored again from the next epoch");
+  level_reader_.reset();
+  level_ = -1;
 }
 
 at::Tensor SharedTop::forward(const at::Tensor& rows, bool training, const at::Tensor& index) {
@@ -297,14 +374,18 @@ void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total, std::int64_t
   // Autofreeze: the highest frozen block's output is stored during this epoch. A block frozen
   // during an epoch is stored from the next one's start: a run resumed in the middle of that
   // epoch (the block frozen in its checkpoint) waits for it too.
-  // A level is kept by row, in memory: over a streamed split the frozen blocks are computed
+  // A level is kept by row: in memory beside a split in memory, on disk when the split
+  // streams. Without either (under mpirun, a streamed split) the frozen blocks are computed
   // in every step instead (without autograd, as gradual's held blocks).
   if (config_.schedule == FreezeSchedule::kAutofreeze && first_step == 0 && frozen_ - 1 > level_ &&
-      pending_ < 0 && train_rows_in_memory_.defined()) {
+      pending_ < 0 &&
+      (train_rows_in_memory_.defined() || (disk_levels() && open_level_writer(frozen_ - 1)))) {
     pending_ = frozen_ - 1;
     pending_rows_ = at::Tensor();
     log_info("autofreeze: storing the output of " + top_blocks_[static_cast<std::size_t>(pending_)] +
-             " during this epoch's forward passes (a cache level read from the next epoch on)");
+             " during this epoch's forward passes (a cache level read from the next epoch on" +
+             (level_writer_ ? ", on disk: " + format_mib(static_cast<double>(level_writer_->bytes())) + ")"
+                            : std::string(")")));
   }
 }
 
@@ -481,6 +562,32 @@ void SharedTop::gather_pending() {
 }
 
 TopEpoch SharedTop::end_epoch() {
+  if (pending_ >= 0 && level_writer_) {
+    const std::string& block = top_blocks_[static_cast<std::size_t>(pending_)];
+    std::string problem;
+    if (level_writer_->written() != train_rows_) {
+      problem = detail::str_cat("internal: the epoch stored ", level_writer_->written(), " rows of ", block,
+                                "'s output, not the split's ", train_rows_, " training rows");
+    } else {
+      try {
+        level_writer_->finish();
+      } catch (const Error& e) {
+        problem = e.what();
+      }
+    }
+    const double bytes = static_cast<double>(level_writer_->bytes());
+    level_writer_.reset();
+    if (problem.empty() && open_level_reader(pending_)) {
+      level_ = pending_;
+      log_info("autofreeze: cache level " + level_path(level_) + " written on disk (" +
+               std::to_string(train_rows_) + " rows, " + format_mib(bytes) + "); the blocks up to " + block +
+               " are read from it instead of computed");
+    } else if (!problem.empty()) {
+      log_info("autofreeze: no cache level of " + block + " (" + problem +
+               "); its blocks are computed in every step, and stored again from the next epoch");
+    }
+    pending_ = -1;
+  }
   if (pending_ >= 0 && allreduce_bucket_bytes_ > 0) gather_pending();
   if (pending_ >= 0 && pending_rows_.defined()) {
     level_ = pending_;
@@ -639,15 +746,25 @@ void SharedTop::load_checkpoint(const std::string& path) {
       epoch_clipped_ = static_cast<std::int64_t>(v[2]);
       last_lr_ = v[3];
     }
-    if (!train_rows_in_memory_.defined() && (level_ >= 0 || pending_ >= 0)) {
-      // Saved over the split in memory, resumed over it streamed (the memory this process may
-      // take shrank): the frozen blocks are computed from now on, the level is not read.
+    level_reader_.reset();
+    level_writer_.reset();
+    if (!train_rows_in_memory_.defined() && !disk_levels() && (level_ >= 0 || pending_ >= 0)) {
+      // Saved over the split in memory, resumed over it streamed under mpirun: the frozen
+      // blocks are computed from now on, the level is not read.
       log_info("autofreeze: the train split streams now, so the frozen blocks up to " +
                top_blocks_[static_cast<std::size_t>(frozen_ - 1)] +
                " are computed in every step instead of read from the checkpoint's cache level");
       level_ = pending_ = -1;
+    } else if (!train_rows_in_memory_.defined()) {
+      // Over a streamed split the level is on disk: read from its file, and a pending one
+      // written anew (the steps skipped on resume replay theirs). One that cannot be (missing,
+      // corrupt, saved over the split in memory, no room) is computed in every step instead,
+      // and stored again from the next epoch.
+      if (level_ >= 0 && !open_level_reader(level_)) level_ = -1;
+      if (pending_ >= 0 && !open_level_writer(pending_)) pending_ = -1;
+    } else if (level_ >= 0) {
+      load_level(level_);
     }
-    if (level_ >= 0) load_level(level_);
     at::Tensor best;  // absent without train.export = best, and before one was kept
     best_.clear();
     if (archive.try_read("canopy.best", best) && best.numel() == 2) {

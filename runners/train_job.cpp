@@ -1143,10 +1143,17 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
     return out;
   }
   if (config.top.schedule == FreezeSchedule::kAutofreeze && !train.in_memory) {
-    log_info("autofreeze over a streamed train split (" +
-             format_mib(static_cast<double>(cache.feature_bytes(config.train.train_split))) +
-             "): the blocks it freezes stop training but are computed in every step, without autograd; "
-             "a cache level of their output is kept only when the split is in memory (cache.memory_cap_mb)");
+    const std::string split = format_mib(static_cast<double>(cache.feature_bytes(config.train.train_split)));
+    log_info(mpi::distributed() || !config.top.level_on_disk
+                 ? "autofreeze over a streamed train split (" + split + ")" +
+                       (config.top.level_on_disk ? " under mpirun" : " with trunk.level_on_disk = false") +
+                       ": the blocks it freezes stop training but are computed in every step, without "
+                       "autograd; a cache level of their output is kept only when the split is in memory "
+                       "(cache.memory_cap_mb)"
+                 : "autofreeze over a streamed train split (" + split +
+                       "): the output of the blocks it freezes is stored on disk during the next epoch (" +
+                       join_path(config.train.out_dir, datasets::kLevelDir) +
+                       "), and read by row instead of computed from the epoch after");
   }
   double mean_lr = 0.0;
   std::vector<double> static_weights;
@@ -1161,7 +1168,11 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
   out.weighting =
       std::make_unique<LossWeighting>(w, static_weights, config.train.weighting_lr, config.train.seed);
   out.top->set_weighting(out.weighting.get());
-  if (train.in_memory) out.top->set_train_rows(train.rows);
+  if (train.in_memory) {
+    out.top->set_train_rows(train.rows);
+  } else if (!mpi::distributed() && config.top.level_on_disk) {
+    out.top->set_streamed_split(cache.rows(config.train.train_split));
+  }
   return out;
 }
 

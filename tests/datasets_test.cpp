@@ -10,6 +10,7 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/randn.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <malloc.h>
 #include <unistd.h>
@@ -20,6 +21,7 @@
 #include "canopy/datasets/batch_source.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/datasets/holdout.h"
+#include "canopy/datasets/level_file.h"
 #include "canopy/datasets/mnist.h"
 #include "canopy/datasets/preprocess.h"
 #include "hdf5_raii.h"  // datasets/ (private to the module)
@@ -390,7 +392,7 @@ TEST(BatchSource, StreamingServesEveryRowOncePerEpochUnderItsCap) {
   const at::Tensor f = at::arange(n * 3, at::kFloat).view({n, 3});
   write_cache(dir.path(), f, f.slice(0, 0, 3));
   const FeatureCache c = FeatureCache::open(dir.path());
-  const std::uint64_t shard_bytes = 4 * (3 * 4 + 16);
+  const std::uint64_t shard_bytes = 4 * (3 * 4 + 24);  // features, then id, position and label
   // Batches of 5 over shards of 4: the carry may take 2 shards, so 5 shards is the least.
   auto src = make_streaming_source(c, "train", 5, 7, 5 * shard_bytes, ReadMethod::kPread);
   for (std::int64_t epoch = 0; epoch < 2; ++epoch) {
@@ -404,6 +406,7 @@ TEST(BatchSource, StreamingServesEveryRowOncePerEpochUnderItsCap) {
         const auto row = static_cast<std::int64_t>(b.features[r][0].item<float>()) / 3;
         ++seen[row];
         EXPECT_EQ(b.labels.at("class")[r].item<std::int64_t>(), row % 2) << "labels travel with their rows";
+        EXPECT_EQ(b.index[r].item<std::int64_t>(), row) << "and so do their positions in the split";
       }
     }
     EXPECT_EQ(batches, (n + 4) / 5);
@@ -414,6 +417,71 @@ TEST(BatchSource, StreamingServesEveryRowOncePerEpochUnderItsCap) {
   EXPECT_TRUE(testing::throws_with<DataError>(
       [&] { make_streaming_source(c, "train", 5, 7, 4 * shard_bytes, ReadMethod::kPread); },
       {"5 shards", "memory_cap_mb"}));
+}
+
+// A level on disk: rows written by position in any order, read back by position, each row
+// checked against its CRC-32C; rows never written are zeros; the file is also a level
+// read_level and verify_level take whole; a flipped byte is named by its row.
+TEST(LevelFile, OnDiskRowsByPositionEachChecked) {
+  testing::TempDir dir;
+  const std::string path = dir.file("levels/blocks.1.h5");
+  const std::int64_t n = 10, d = 6;
+  const at::Tensor rows = at::randn({n, d});
+  {
+    LevelWriter w(path, n, d, "blocks.1", "abc");
+    const at::Tensor first = at::tensor(std::vector<std::int64_t>{7, 2, 9});
+    const at::Tensor second = at::tensor(std::vector<std::int64_t>{0, 3, 1, 8, 2});  // 2 again: counted once
+    w.write(first, rows.index_select(0, first));
+    w.write(second, rows.index_select(0, second));
+    EXPECT_EQ(w.written(), 7);
+    EXPECT_FALSE(path_exists(path)) << "nothing under the level's name before finish";
+    w.finish();
+  }
+  {
+    LevelWriter dropped(dir.file("levels/blocks.2.h5"), n, d, "blocks.2", "abc");
+    dropped.write(at::tensor(std::vector<std::int64_t>{1}), rows.slice(0, 0, 1));
+  }
+  EXPECT_EQ(list_dir(dir.file("levels")), std::vector<std::string>{"blocks.1.h5"})
+      << "a level not finished leaves no file";
+  const LevelReader r(path);
+  EXPECT_EQ(r.rows(), n);
+  EXPECT_EQ(r.values(), d);
+  EXPECT_EQ(r.block(), "blocks.1");
+  EXPECT_EQ(r.fingerprint(), "abc");
+  const at::Tensor idx = at::tensor(std::vector<std::int64_t>{9, 0, 3, 7});
+  EXPECT_TRUE(r.read(idx).equal(rows.index_select(0, idx)));
+  EXPECT_TRUE(r.read(at::tensor(std::vector<std::int64_t>{4, 5})).equal(at::zeros({2, d})))
+      << "rows never written are zeros";
+  const LevelFile whole = read_level(path);
+  at::Tensor want = rows.clone();
+  want.index_fill_(0, at::tensor(std::vector<std::int64_t>{4, 5, 6}), 0.0);
+  EXPECT_TRUE(whole.rows.equal(want));
+  EXPECT_NO_THROW(verify_level(path));
+  std::uint64_t offset = 0;
+  {
+    h5::Handle file = h5::open_file(path, false);
+    offset = h5::data_offset(h5::open_dataset(file.get(), "rows", path).get());
+  }
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);  // a flipped byte in row 3
+    const auto at = static_cast<std::streamoff>(offset + 3 * d * 4 + 1);
+    char c = 0;
+    f.seekg(at);
+    f.get(c);
+    f.seekp(at);
+    f.put(static_cast<char>(c ^ 0x40));
+  }
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { r.read(idx); }, {"row 3", "CRC-32C", path}));
+  EXPECT_TRUE(
+      r.read(at::tensor(std::vector<std::int64_t>{9, 0})).equal(rows.index_select(0, idx.slice(0, 0, 2))))
+      << "the other rows still read";
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { verify_level(path); }, {"row 3", "CRC-32C"}));
+  // A level written over a split in memory has no row CRCs: not one to read by row.
+  write_level(dir.file("memory.h5"), {rows, "blocks.1", "abc"});
+  EXPECT_NO_THROW(verify_level(dir.file("memory.h5")));
+  EXPECT_TRUE(
+      testing::throws_with<DataError>([&] { LevelReader m(dir.file("memory.h5")); }, {"no row CRCs"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { LevelReader m(dir.file("none.h5")); }, {"missing"}));
 }
 
 // The validation split: stratified (each class gives round(fraction x its rows)), disjoint
@@ -458,7 +526,11 @@ TEST(Holdout, StreamingServesOnlyTheKeptRowsAndLoadRowsTheOthers) {
   std::vector<int> seen(n, 0);
   Batch b;
   while (src->next(b)) {
-    for (std::int64_t r = 0; r < b.features.size(0); ++r) ++seen[b.features[r][0].item<float>() / 3];
+    for (std::int64_t r = 0; r < b.features.size(0); ++r) {
+      ++seen[b.features[r][0].item<float>() / 3];
+      EXPECT_EQ(b.index[r].item<std::int64_t>(), b.features[r][0].item<float>() / 3)
+          << "the split's position";
+    }
   }
   for (std::int64_t r = 0; r < n; ++r) EXPECT_EQ(seen[r], keep[r].item<bool>() ? 1 : 0) << "row " << r;
   const SplitData v = c.load_rows("train", h.validation_rows);
@@ -535,7 +607,7 @@ TEST(BatchSource, StreamedViewsServeEachRowOnceAsItsShardsView) {
     w.finish();
   }
   const FeatureCache c = FeatureCache::open(dir.path());
-  const std::uint64_t shard_bytes = 4 * (4 + 16);
+  const std::uint64_t shard_bytes = 4 * (4 + 24);
   at::Tensor keep = at::ones({n}, at::kBool);
   keep[5].fill_(false);
   auto src = make_streaming_source(c, "train", 5, 7, 5 * shard_bytes, ReadMethod::kPread, keep, views);

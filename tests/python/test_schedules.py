@@ -8,8 +8,11 @@ Fashion-MNIST through a small trunk with blocks (stem, blocks.0 .. blocks.2):
 - autofreeze: blocks freeze from the bottom up; the highest frozen block's output becomes a
   cache level, written once (an HDF5 file h5py reads), equal to what Python computes from
   the cached prefix with the exported trunk's blocks
-- autofreeze over a train split that streams: blocks freeze as in memory, no level is kept,
-  a frozen block (weights and BatchNorm statistics) stays as it was when it froze
+- autofreeze over a train split that streams: blocks freeze as in memory, a frozen block
+  (weights and BatchNorm statistics) stays as it was when it froze; the level is kept on
+  disk (rows by position in the split, each row's CRC-32C) and read by row; deleted or
+  flipped under a killed run, or with no room on the disk, the frozen blocks are computed
+  instead and the run ends as the one that read it
 - SIGKILL + --resume in the middle of either schedule ends bitwise identical to an
   uninterrupted run (heads, trunk, cache level)
 - a cache level flipped or deleted under a killed run: --resume computes it again from the
@@ -178,33 +181,79 @@ def inspect_top(canopy, out, scratch, level, last):
           f"a flipped byte in the fine-tuned trunk and one in the cache level: both CORRUPT, exit {r.returncode}: {bad}")
 
 
+def crc32c(data):
+    """CRC-32C (Castagnoli), table-driven: what canopy keeps per row of a level on disk."""
+    table = crc32c.table if hasattr(crc32c, "table") else None
+    if table is None:
+        table = []
+        for i in range(256):
+            c = i
+            for _ in range(8):
+                c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+            table.append(c)
+        crc32c.table = table
+    c = 0xFFFFFFFF
+    for b in data:
+        c = table[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
 def streamed_autofreeze(canopy, base, work):
     """Autofreeze over a train split that streams (8 shards of 128 rows, a 4 MiB cap against
-    the split's 5.7 MiB): the frozen blocks are computed in every step instead of cached."""
+    the split's 5.7 MiB): the level is kept on disk, by row, and read instead of computed."""
+    import h5py
+    import numpy as np
     import torch
     config = os.path.join(work, "streamed.ini")
     write_config(config, base, "freeze = first:1\nschedule = autofreeze\nfreeze_interval = 10\npercentile = 100\n"
                  "min_trainable = 1\n", f"{work}/scache", f"{work}/sout")
     with open(config) as f:
         text = f.read().replace("[cache]\n", "[cache]\nbatch_size = 64\nshard_rows = 128\nmemory_cap_mb = 4\n")
-        text = text.replace("epochs = 4\n", "epochs = 6\n")  # here the first block froze in epoch 4
+        text = text.replace("epochs = 4\n", "epochs = 7\n")  # here the first block froze in epoch 4
     with open(config, "w") as f:
         f.write(text)
     r = run(canopy, "cache", "--config", config)
     check(r.returncode == 0, f"streamed autofreeze: the cache is built ({r.stderr[-300:]})")
     r = subprocess.run([canopy, "train", "--config", config, "--progress", "lines"], capture_output=True, text=True)
-    check(r.returncode == 0 and "streaming" in r.stderr and "autofreeze over a streamed train split" in r.stderr,
-          f"streamed autofreeze: trains, streaming, and says the frozen blocks are computed ({r.stderr[-400:]})")
+    check(r.returncode == 0 and "streaming" in r.stderr and "autofreeze over a streamed train split" in r.stderr
+          and "stored on disk" in r.stderr, f"streamed autofreeze: trains, streaming, and says where its level goes "
+          f"({r.stderr[-400:]})")
     rows = trunk_rows(f"{work}/sout") if r.returncode == 0 else []
     depth = [3 - len(row["training"]) for row in rows]
-    check(len(depth) == 6 and depth == sorted(depth) and depth[-1] >= 1 and depth[-1] <= 2,
+    check(len(depth) == 7 and depth == sorted(depth) and depth[-1] >= 1 and depth[-1] <= 2,
           f"streamed autofreeze: blocks freeze from the bottom up and one always trains (frozen per epoch: {depth})")
-    levels = f"{work}/sout/levels"
-    check(rows and all(not row["level"] for row in rows) and (not os.path.isdir(levels) or not os.listdir(levels)),
-          f"streamed autofreeze: no cache level is kept ({[row['level'] for row in rows]})")
+    # Blocks frozen during epoch `first` (0-based) are stored during the next and read after.
+    first = next((i for i, d in enumerate(depth) if d >= 1), 0)
+    levels = [row["level"] for row in rows]
+    want = [None] * (first + 1) + [f"blocks.{d - 1}" for d in depth[first:-1]]
+    written = re.findall(r"cache level (\S+) written on disk", r.stderr)
+    check(first + 2 < 7 and levels == want and written == [f"{work}/sout/levels/{l}.h5" for l in sorted(set(want) - {None})],
+          f"streamed autofreeze: each level is written on disk once, in the epoch after its blocks froze, and read from "
+          f"the next ({levels}; written: {written})")
+    level = next((l for l in reversed(levels) if l), "blocks.0")
+    path = f"{work}/sout/levels/{level}.h5"
+    ok = os.listdir(f"{work}/sout/levels") == [f"{level}.h5"] if os.path.isdir(f"{work}/sout/levels") else False
+    check(ok, f"streamed autofreeze: only the current level is kept ({os.listdir(f'{work}/sout/levels') if ok else path})")
+    if not ok:
+        return
+    with h5py.File(path, "r") as h:
+        stored, crcs = h["rows"][:], h["row_crc32c"][:]
+    with h5py.File(f"{work}/scache/cache.h5", "r") as h:
+        prefix = torch.from_numpy(h["train/features"][:].astype("float32")).reshape(-1, 8, 14, 14)
+    model = torch.jit.load(f"{work}/sout/trunk.pt").eval()
+    with torch.no_grad():
+        x = prefix
+        for b in range(int(level.split(".")[1]) + 1):
+            x = getattr(model.blocks, str(b))(x)
+    err = np.abs(x.flatten(1).numpy() - stored).max()
+    check(stored.shape == (TRAIN, 8 * 14 * 14) and err < 1e-4,
+          f"streamed autofreeze: the level on disk holds every row's output of the frozen blocks, in the split's order, "
+          f"as Python computes it (max diff {err:.1e})")
+    sample = [0, 1, 500, TRAIN - 1]
+    check(crcs.shape == (TRAIN,) and all(crc32c(stored[i].astype("<f4").tobytes()) == int(crcs[i]) for i in sample),
+          f"streamed autofreeze: row_crc32c holds each row's CRC-32C (rows {sample})")
     # Cut after the epoch that ended with blocks.0 frozen: blocks.0 (weights and BatchNorm
     # statistics) is what the whole run ends with; blocks.2 trained on.
-    first = next((i for i, d in enumerate(depth) if d >= 1), 0)
     r = run(canopy, "train", "--config", config, "--set", f"train.epochs={first + 1}",
             "--set", f"train.out_dir={work}/sfirst")
     a, b = (state(f"{work}/sfirst/trunk.pt"), state(f"{work}/sout/trunk.pt")) if r.returncode == 0 else ({}, {})
@@ -213,8 +262,87 @@ def streamed_autofreeze(canopy, base, work):
           any(not torch.equal(a[k], b[k]) for k in b if k.startswith("blocks.2.")),
           f"streamed autofreeze: a frozen block stays bitwise as it froze, weights and statistics ({len(frozen)} "
           f"tensors), while the top block trains on ({r.stderr.strip()[-200:]})")
-    targets = [(first, 15), (first + 1, 10)] if first < 5 else [(first, 15)]
-    resume_matches(canopy, config, f"{work}/scut", f"{work}/sout", targets, "streamed autofreeze")
+    # SIGKILL as blocks freeze and while the level is written, SIGTERM while it is read.
+    resume_matches(canopy, config, f"{work}/scut", f"{work}/sout", [(first, 15), (first + 1, 10), (first + 2, 5)],
+                   "streamed autofreeze", [f"levels/{level}.h5"])
+    r = run(canopy, "train", "--config", config, "--set", "trunk.level_on_disk=false", "--set", f"train.out_dir={work}/soff")
+    off = trunk_rows(f"{work}/soff") if r.returncode == 0 else []
+    kept = os.listdir(f"{work}/soff/levels") if os.path.isdir(f"{work}/soff/levels") else []
+    check(r.returncode == 0 and "with trunk.level_on_disk = false" in r.stderr and not kept and
+          [row["training"] for row in off] == [row["training"] for row in rows] and not any(row["level"] for row in off),
+          f"trunk.level_on_disk = false: the same blocks freeze, no level is kept ({kept}), the log says so "
+          f"({r.stderr.strip()[-200:]})")
+    if r.returncode == 0:
+        worst, heads = same_run(f"{work}/soff", f"{work}/sout")
+        check(worst <= 1e-5, f"... and the run ends as the one that read its level (trunk within {worst:.1e}; heads "
+              f"{'bitwise' if heads and worst == 0 else 'not bitwise'})")
+    disk_level_lost(canopy, config, f"{work}/slost", f"{work}/sout", level, first + 2)
+    disk_level_no_room(canopy, config, f"{work}/ssmall", f"{work}/sout")
+
+
+def same_run(out, reference):
+    """How far the run in `out` ended from `reference`: the trunk's largest difference, and
+    whether the heads are bitwise the same."""
+    x, y = state(f"{out}/trunk.pt"), state(f"{reference}/trunk.pt")
+    worst = max(float((x[k].float() - y[k].float()).abs().max()) for k in y)
+    return worst, same_files(out, reference, [f"heads/{n}.safetensors" for n in ("a_linear", "b_mlp")])
+
+
+def disk_level_lost(canopy, config, out, reference, level, epoch):
+    """A streamed run killed while it reads its level on disk, the level then deleted, or a
+    byte flipped in every row: --resume computes the frozen blocks instead, says why, stores
+    the level again, and ends as the uninterrupted run (trunk to 1e-5; says whether bitwise)."""
+    import h5py
+    cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"]
+    path = f"{out}/levels/{level}.h5"
+    for how in ("flipped", "deleted"):
+        subprocess.run(["rm", "-rf", out])
+        rc, st = kill_when(cmd, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= (epoch, 5))
+        check(rc == -signal.SIGKILL and os.path.exists(path), f"disk level {how}: killed while reading it at epoch {epoch + 1}")
+        if not os.path.exists(path):
+            continue
+        if how == "deleted":
+            os.remove(path)
+        else:
+            with h5py.File(path, "r") as h:
+                at, width = h["rows"].id.get_offset(), 4 * h["rows"].shape[1]
+            for row in range(TRAIN):
+                flip(path, at + row * width + 2, 0x40)
+        r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+        said = [l for l in r.stderr.splitlines() if "computed in every step" in l]
+        why = "is missing" if how == "deleted" else "does not match its CRC-32C"
+        check(r.returncode == 0 and len(said) == 1 and why in said[0] and f"levels/{level}.h5 written on disk" in r.stderr,
+              f"disk level {how}: --resume computes the frozen blocks, says why, and stores the level again "
+              f"({said[:1] or r.stderr[-300:]})")
+        if r.returncode:
+            continue
+        worst, heads = same_run(out, reference)
+        check(worst <= 1e-5, f"disk level {how}: the run ends as the uninterrupted one (trunk within {worst:.1e}; "
+              f"heads {'bitwise' if heads and worst == 0 else 'not bitwise'})")
+
+
+def disk_level_no_room(canopy, config, small, reference):
+    """A streamed run on a 2 MiB tmpfs, with room for the checkpoints but not for the level
+    (5.7 MiB): it says so, computes the frozen blocks instead, and ends as the run that read
+    the level (trunk to 1e-5)."""
+    os.makedirs(small)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small]).returncode != 0:
+        check(os.environ.get("CI") != "true", "a 2 MiB tmpfs can be mounted for the level with no room")
+        return
+    try:
+        out = f"{small}/out"
+        r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={out}")
+        said = [l for l in r.stderr.splitlines() if "reserving" in l and "the disk is full" in l]
+        left = os.listdir(f"{out}/levels") if os.path.isdir(f"{out}/levels") else []
+        check(r.returncode == 0 and said and "computed in every step instead" in said[0] and not left,
+              f"streamed autofreeze with no room for its level: trains on, computing the frozen blocks, says why, "
+              f"leaves no partial file (exit {r.returncode}: {said[:1] or r.stderr.strip()[-300:]}; left {left})")
+        if r.returncode == 0:
+            worst, heads = same_run(out, reference)
+            check(worst <= 1e-5, f"... and ends as the run that read its level (trunk within {worst:.1e}; heads "
+                  f"{'bitwise' if heads and worst == 0 else 'not bitwise'})")
+    finally:
+        subprocess.run(["umount", small])
 
 
 def write_config(path, base, trunk_keys, cache, out):

@@ -23,8 +23,8 @@ namespace canopy::datasets {
 struct Batch {
   at::Tensor features;                       // float32 [B, D]
   std::map<std::string, at::Tensor> labels;  // int64 [B] per label source
-  at::Tensor index;                          // int64 [B]: the rows' positions in the split
-                                             // (in-memory sources; undefined when streamed)
+  at::Tensor index;                          // int64 [B]: the rows' positions (in memory: in
+                                             // the data served; streamed: in the cache's split)
 };
 
 class BatchSource {

@@ -155,6 +155,8 @@ struct SplitData {
   at::Tensor features;                       // [N, D] in the storage dtype
   std::map<std::string, at::Tensor> labels;  // [N] per label source, int64 or float64
   at::Tensor ids;                            // int64 [N]
+  at::Tensor positions;                      // int64 [N]: the rows' places in the split, where
+                                             // a streamed read keeps them (else undefined)
 };
 
 // A shard not yet written: rows [first_row, first_row + rows) of `split`.

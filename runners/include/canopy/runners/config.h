@@ -119,6 +119,7 @@ struct TopConfig {
   std::int64_t freeze_interval = 0;  // autofreeze: steps between decisions; 0: one epoch's
   double percentile = 50;            // autofreeze: freeze blocks below this percentile's rate
   std::int64_t min_trainable = 1;    // autofreeze: blocks that always keep training
+  bool level_on_disk = true;         // autofreeze, streamed split: its levels kept on disk
 };
 
 struct JobConfig {

@@ -12,7 +12,9 @@
 // blocks frozen for good become a cache level: during the next epoch's forward passes the
 // output of the highest frozen block is stored for every training row (it is computed
 // anyway), and from the epoch after it is read instead of computed
-// (<level_dir>/<block>.h5, datasets/level_file.h). The schedule's state is in the checkpoint.
+// (<level_dir>/<block>.h5, datasets/level_file.h): held in memory beside a train split in
+// memory, read from the file by row over a split that streams. The schedule's state is in
+// the checkpoint.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +26,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "canopy/datasets/feature_cache.h"
+#include "canopy/datasets/level_file.h"
 #include "canopy/runners/config.h"
 #include "canopy/tasks/fused_optimizer.h"
 #include "canopy/trunk/trunk.h"
@@ -89,9 +92,13 @@ class SharedTop {
   void prune_levels() const;
   // The training rows of the cache (the split in memory, in the order batches index it): a
   // cache level that is missing, corrupt or not this run's is computed again from them when a
-  // run resumes, instead of refused. Without them (the split streams) autofreeze keeps no
-  // level: the blocks it froze are computed in every step, without autograd.
+  // run resumes, instead of refused.
   void set_train_rows(at::Tensor rows) { train_rows_in_memory_ = std::move(rows); }
+  // The train split streams, and holds `rows` rows (held-out ones included: batches index the
+  // split): autofreeze keeps its levels on disk, read by row. Without this or set_train_rows,
+  // or under mpirun, it keeps none: the blocks it froze are computed in every step, without
+  // autograd.
+  void set_streamed_split(std::int64_t rows) { split_rows_ = rows; }
   // How the tasks' losses reach the top (weighting.h); its state is checkpointed with the top.
   void set_weighting(LossWeighting* weighting) { weighting_ = weighting; }
 
@@ -142,6 +149,12 @@ class SharedTop {
   std::string level_path(std::int64_t level) const;
   std::string level_fingerprint(std::int64_t level) const;
   void load_level(std::int64_t level);
+  // Levels on disk (set_streamed_split, one process): a writer for `level`, or a log line
+  // saying why not (no room); the level file read, or a log line saying why not.
+  bool disk_levels() const;
+  bool open_level_writer(std::int64_t level);
+  bool open_level_reader(std::int64_t level);
+  void drop_disk_level(const std::string& why);
   void rebuild_level(std::int64_t level, const std::string& why);
   std::vector<std::int64_t> level_shape(std::int64_t level);  // checked against level_rows_
   std::vector<std::int64_t> block_shape(std::int64_t level);  // one row of the block's output
@@ -159,8 +172,11 @@ class SharedTop {
   std::vector<std::string> top_blocks_;                // lowest first
   std::vector<std::vector<at::Tensor>> block_params_;  // per top block
   std::int64_t train_rows_ = 0;
-  at::Tensor train_rows_in_memory_;  // set_train_rows
-  std::int64_t interval_ = 1;        // autofreeze: steps per decision
+  at::Tensor train_rows_in_memory_;                      // set_train_rows
+  std::int64_t split_rows_ = 0;                          // set_streamed_split
+  std::unique_ptr<datasets::LevelWriter> level_writer_;  // the pending level, on disk
+  std::unique_ptr<datasets::LevelReader> level_reader_;  // the level read, on disk
+  std::int64_t interval_ = 1;                            // autofreeze: steps per decision
   std::int64_t steps_per_epoch_ = 1;
   double epoch_factor_ = 1.0;      // the schedule's factor this epoch
   std::int64_t steps_before_ = 0;  // steps_before(the current epoch)
