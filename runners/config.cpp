@@ -374,10 +374,12 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(member_key<K>("trunk", "min_trainable", CANOPY_JOB(top.min_trainable),
                             "autofreeze: blocks that never freeze")
                   .at_least(1));
-  v.push_back(member_key<K>("trunk", "level_on_disk", CANOPY_JOB(top.level_on_disk),
-                            "autofreeze over a train split that streams: the frozen blocks' output kept on "
-                            "disk (train.out_dir/levels, float32: rows x the block's output values) and read "
-                            "by row instead of computed; false: computed in every step, no disk used"));
+  v.push_back(
+      member_key<K>("trunk", "level_on_disk", CANOPY_JOB(top.level_on_disk),
+                    "autofreeze: a cache level over a train split that streams, or too large to "
+                    "hold beside one in memory, kept on disk (train.out_dir/levels, float32: rows x "
+                    "the block's output values) and read by row; false: no level over a streamed "
+                    "split (the frozen blocks computed in every step), and one in memory always held"));
 }
 
 // [cache].

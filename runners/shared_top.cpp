@@ -194,8 +194,22 @@ std::string SharedTop::feed(std::vector<at::Tensor>& parts, std::int64_t len, co
   return from;
 }
 
-bool SharedTop::disk_levels() const {
-  return !train_rows_in_memory_.defined() && split_rows_ > 0 && allreduce_bucket_bytes_ == 0;
+bool SharedTop::disk_levels() const { return disk_rows_ > 0 && allreduce_bucket_bytes_ == 0; }
+
+bool SharedTop::level_goes_to_disk(std::int64_t level) {
+  if (!disk_levels() || !why_not_in_memory_) return false;
+  const auto bytes = static_cast<std::uint64_t>(train_rows_) *
+                     static_cast<std::uint64_t>(c10::multiply_integers(block_shape(level))) * sizeof(float);
+  const std::string why = why_not_in_memory_(bytes);
+  if (why.empty()) return false;
+  log_info("autofreeze: the cache level of " + top_blocks_[static_cast<std::size_t>(level)] + " (" +
+           format_mib(static_cast<double>(bytes)) + ") is kept on disk, not in memory: " + why);
+  return true;
+}
+
+bool SharedTop::begin_level(std::int64_t level) {
+  if (train_rows_in_memory_.defined() && !level_goes_to_disk(level)) return true;
+  return disk_levels() && open_level_writer(level);
 }
 
 bool SharedTop::open_level_writer(std::int64_t level) {
@@ -203,7 +217,7 @@ bool SharedTop::open_level_writer(std::int64_t level) {
   const auto shape = block_shape(level);
   try {
     level_writer_ = std::make_unique<datasets::LevelWriter>(
-        level_path(level), split_rows_, c10::multiply_integers(shape), block, level_fingerprint(level));
+        level_path(level), disk_rows_, c10::multiply_integers(shape), block, level_fingerprint(level));
   } catch (const IoError& e) {
     log_info(std::string("autofreeze: ") + e.what() + "; the blocks up to " + block +
              " are computed in every step instead");
@@ -224,9 +238,9 @@ bool SharedTop::open_level_reader(std::int64_t level) {
                                 "' was not made by this run's frozen blocks over this cache (fingerprint ",
                                 reader->fingerprint().substr(0, 12), ", expected ",
                                 level_fingerprint(level).substr(0, 12), ")");
-    } else if (reader->rows() != split_rows_ || reader->values() != c10::multiply_integers(shape)) {
+    } else if (reader->rows() != disk_rows_ || reader->values() != c10::multiply_integers(shape)) {
       problem = detail::str_cat("cache level '", level_path(level), "' holds ", reader->rows(), " rows of ",
-                                reader->values(), " values, the split ", split_rows_,
+                                reader->values(), " values, the training rows ", disk_rows_,
                                 " and the block's output ", shape);
     } else {
       level_reader_ = std::move(reader);
@@ -378,8 +392,7 @@ void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total, std::int64_t
   // streams. Without either (under mpirun, a streamed split) the frozen blocks are computed
   // in every step instead (without autograd, as gradual's held blocks).
   if (config_.schedule == FreezeSchedule::kAutofreeze && first_step == 0 && frozen_ - 1 > level_ &&
-      pending_ < 0 &&
-      (train_rows_in_memory_.defined() || (disk_levels() && open_level_writer(frozen_ - 1)))) {
+      pending_ < 0 && begin_level(frozen_ - 1)) {
     pending_ = frozen_ - 1;
     pending_rows_ = at::Tensor();
     log_info("autofreeze: storing the output of " + top_blocks_[static_cast<std::size_t>(pending_)] +
@@ -755,15 +768,18 @@ void SharedTop::load_checkpoint(const std::string& path) {
                top_blocks_[static_cast<std::size_t>(frozen_ - 1)] +
                " are computed in every step instead of read from the checkpoint's cache level");
       level_ = pending_ = -1;
-    } else if (!train_rows_in_memory_.defined()) {
-      // Over a streamed split the level is on disk: read from its file, and a pending one
-      // written anew (the steps skipped on resume replay theirs). One that cannot be (missing,
-      // corrupt, saved over the split in memory, no room) is computed in every step instead,
-      // and stored again from the next epoch.
-      if (level_ >= 0 && !open_level_reader(level_)) level_ = -1;
-      if (pending_ >= 0 && !open_level_writer(pending_)) pending_ = -1;
-    } else if (level_ >= 0) {
-      load_level(level_);
+    } else {
+      // A level on disk (a streamed split, or one too large for memory) is read from its
+      // file, and a pending one written anew (the steps skipped on resume replay theirs). One
+      // that cannot be (missing, corrupt, saved in memory, no room) is computed in every step
+      // instead, and stored again from the next epoch. A level in memory is read whole, or
+      // computed again from the training rows.
+      if (level_ >= 0 && train_rows_in_memory_.defined() && !level_goes_to_disk(level_)) {
+        load_level(level_);
+      } else if (level_ >= 0 && !open_level_reader(level_)) {
+        level_ = -1;
+      }
+      if (pending_ >= 0 && !begin_level(pending_)) pending_ = -1;
     }
     at::Tensor best;  // absent without train.export = best, and before one was kept
     best_.clear();

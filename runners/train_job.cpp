@@ -1124,6 +1124,26 @@ struct SharedTraining {
   std::unique_ptr<LossWeighting> weighting;
 };
 
+// Why autofreeze's cache level of `bytes` should not be held beside a train split in memory
+// ("" when it may): with cache.memory_cap_mb the two together must fit under it, else the level
+// must take at most 3/4 of the memory the process may take when it is made.
+std::function<std::string(std::uint64_t)> level_too_large(const JobConfig& config, const TrainSplit& train) {
+  const double split = train.rows.defined() ? static_cast<double>(train.rows.nbytes()) : 0.0;
+  const double cap = config.cache.memory_cap_mb * 1024 * 1024;
+  return [split, cap](std::uint64_t bytes) -> std::string {
+    const auto b = static_cast<double>(bytes);
+    if (cap > 0) {
+      return b + split <= cap
+                 ? ""
+                 : detail::str_cat("with the train split (", format_mib(split),
+                                   ") it would pass cache.memory_cap_mb (", format_mib(cap), ")");
+    }
+    const auto room = memory_room(1);
+    if (!room || b <= 0.75 * static_cast<double>(room->bytes)) return "";
+    return "it is more than 3/4 of the memory this process may take now: " + room->said;
+  };
+}
+
 SharedTraining make_shared_training(const JobConfig& config, const datasets::FeatureCache& cache,
                                     const TrainSplit& train, std::int64_t train_rows) {
   const auto w = config.train.weighting;
@@ -1168,10 +1188,10 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
   out.weighting =
       std::make_unique<LossWeighting>(w, static_weights, config.train.weighting_lr, config.train.seed);
   out.top->set_weighting(out.weighting.get());
-  if (train.in_memory) {
-    out.top->set_train_rows(train.rows);
-  } else if (!mpi::distributed() && config.top.level_on_disk) {
-    out.top->set_streamed_split(cache.rows(config.train.train_split));
+  if (train.in_memory) out.top->set_train_rows(train.rows);
+  if (!mpi::distributed() && config.top.level_on_disk) {
+    out.top->keep_levels_on_disk(train.in_memory ? train_rows : cache.rows(config.train.train_split),
+                                 level_too_large(config, train));
   }
   return out;
 }

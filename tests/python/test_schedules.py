@@ -12,7 +12,8 @@ Fashion-MNIST through a small trunk with blocks (stem, blocks.0 .. blocks.2):
   (weights and BatchNorm statistics) stays as it was when it froze; the level is kept on
   disk (rows by position in the split, each row's CRC-32C) and read by row; deleted or
   flipped under a killed run, or with no room on the disk, the frozen blocks are computed
-  instead and the run ends as the one that read it
+  instead and the run ends as the one that read it; a level too large to hold beside a split
+  in memory (under cache.memory_cap_mb) goes on disk too, bitwise the run that held it
 - SIGKILL + --resume in the middle of either schedule ends bitwise identical to an
   uninterrupted run (heads, trunk, cache level)
 - a cache level flipped or deleted under a killed run: --resume computes it again from the
@@ -179,6 +180,37 @@ def inspect_top(canopy, out, scratch, level, last):
     check(r.returncode == 1 and len(bad) == 2 and any("trunk.pt" in l and "the exported cards pin" in l for l in bad)
           and any(f"{level}.h5" in l and "SHA-256" in l for l in bad),
           f"a flipped byte in the fine-tuned trunk and one in the cache level: both CORRUPT, exit {r.returncode}: {bad}")
+
+
+def level_too_large_for_memory(canopy, config, work, reference, level, first):
+    """The in-memory autofreeze run again under cache.memory_cap_mb = 8: its 5.7 MiB split is
+    read whole, but the 5.7 MiB level beside it would pass the cap, so the level is kept on
+    disk. The run says so and ends bitwise as the one that held it in memory (the same numbers,
+    stored elsewhere), also after SIGKILL while it is written and SIGTERM while it is read."""
+    import h5py
+    import numpy as np
+    capped = os.path.join(work, "capped.ini")
+    with open(config) as f:
+        text = f.read().replace("[cache]\n", "[cache]\nmemory_cap_mb = 8\n")
+    with open(capped, "w") as f:
+        f.write(text.replace(f"out_dir = {reference}\n", f"out_dir = {work}/cout\n"))
+    r = subprocess.run([canopy, "train", "--config", capped, "--progress", "quiet"], capture_output=True, text=True)
+    said = [l for l in r.stderr.splitlines() if "is kept on disk, not in memory" in l]
+    check(r.returncode == 0 and "in memory" in r.stderr and len(said) == 1 and f"cache level of {level}" in said[0]
+          and "cache.memory_cap_mb" in said[0] and f"levels/{level}.h5 written on disk" in r.stderr,
+          f"a level too large to hold beside the split in memory goes on disk and the log says why "
+          f"({said[:1] or r.stderr.strip()[-300:]})")
+    if r.returncode:
+        return
+    got, want = ([(x["training"], x["level"]) for x in trunk_rows(o)] for o in (f"{work}/cout", reference))
+    worst, heads = same_run(f"{work}/cout", reference)
+    with h5py.File(f"{work}/cout/levels/{level}.h5", "r") as a, h5py.File(f"{reference}/levels/{level}.h5", "r") as b:
+        same_level = "row_crc32c" in a and np.array_equal(a["rows"][:], b["rows"][:])
+    check(got == want and worst == 0 and heads and same_level,
+          f"... the same blocks freeze and the same level is read ({got == want}); the level on disk holds the rows "
+          f"the one in memory held ({same_level}); trunk and heads bitwise (trunk within {worst:.1e}, heads {heads})")
+    resume_matches(canopy, capped, f"{work}/ccut", reference, [(first - 1, 15), (first, 10)],
+                   "a level on disk beside a split in memory", [f"levels/{level}.h5"])
 
 
 def crc32c(data):
@@ -445,6 +477,7 @@ def main():
     level_rebuilt(canopy, auto, f"{work}/arb", f"{work}/aout", level, min(first + 1, 3))
     level_on_full_disk(canopy, auto, f"{work}/small", f"{work}/aout", level)
     inspect_top(canopy, f"{work}/aout", f"{work}/ainspect", level, rows[-1])
+    level_too_large_for_memory(canopy, auto, work, f"{work}/aout", level, first)
     streamed_autofreeze(canopy, base, work)
 
     # --- every weighting trains over the shared top and says its weights.

@@ -13,11 +13,12 @@
 // output of the highest frozen block is stored for every training row (it is computed
 // anyway), and from the epoch after it is read instead of computed
 // (<level_dir>/<block>.h5, datasets/level_file.h): held in memory beside a train split in
-// memory, read from the file by row over a split that streams. The schedule's state is in
-// the checkpoint.
+// memory, read from the file by row over a split that streams or when too large to hold.
+// The schedule's state is in the checkpoint.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <string>
@@ -94,11 +95,16 @@ class SharedTop {
   // cache level that is missing, corrupt or not this run's is computed again from them when a
   // run resumes, instead of refused.
   void set_train_rows(at::Tensor rows) { train_rows_in_memory_ = std::move(rows); }
-  // The train split streams, and holds `rows` rows (held-out ones included: batches index the
-  // split): autofreeze keeps its levels on disk, read by row. Without this or set_train_rows,
-  // or under mpirun, it keeps none: the blocks it froze are computed in every step, without
-  // autograd.
-  void set_streamed_split(std::int64_t rows) { split_rows_ = rows; }
+  // Autofreeze's levels may be kept on disk, read by row, `rows` to a level (the streamed
+  // split's, held-out ones included, as its batches index the split; or the training rows in
+  // memory). Over a split in memory a level goes there when `why_not_in_memory(its bytes)` gives
+  // a reason it should not be held (it would pass cache.memory_cap_mb, or the memory the process
+  // may take). Without this (trunk.level_on_disk = false, mpirun) a streamed split keeps no
+  // level: the blocks it froze are computed in every step, without autograd.
+  void keep_levels_on_disk(std::int64_t rows, std::function<std::string(std::uint64_t)> why_not_in_memory) {
+    disk_rows_ = rows;
+    why_not_in_memory_ = std::move(why_not_in_memory);
+  }
   // How the tasks' losses reach the top (weighting.h); its state is checkpointed with the top.
   void set_weighting(LossWeighting* weighting) { weighting_ = weighting; }
 
@@ -149,9 +155,14 @@ class SharedTop {
   std::string level_path(std::int64_t level) const;
   std::string level_fingerprint(std::int64_t level) const;
   void load_level(std::int64_t level);
-  // Levels on disk (set_streamed_split, one process): a writer for `level`, or a log line
+  // Levels on disk (keep_levels_on_disk, one process): a writer for `level`, or a log line
   // saying why not (no room); the level file read, or a log line saying why not.
   bool disk_levels() const;
+  // Whether `level` is kept on disk, over a split in memory: when keep_levels_on_disk's
+  // reason says it should not be held (logged).
+  bool level_goes_to_disk(std::int64_t level);
+  // Starts storing `level` this epoch: in memory, or on disk; false when neither can be.
+  bool begin_level(std::int64_t level);
   bool open_level_writer(std::int64_t level);
   bool open_level_reader(std::int64_t level);
   void drop_disk_level(const std::string& why);
@@ -172,8 +183,9 @@ class SharedTop {
   std::vector<std::string> top_blocks_;                // lowest first
   std::vector<std::vector<at::Tensor>> block_params_;  // per top block
   std::int64_t train_rows_ = 0;
-  at::Tensor train_rows_in_memory_;                      // set_train_rows
-  std::int64_t split_rows_ = 0;                          // set_streamed_split
+  at::Tensor train_rows_in_memory_;  // set_train_rows
+  std::int64_t disk_rows_ = 0;       // keep_levels_on_disk (0: no level on disk)
+  std::function<std::string(std::uint64_t)> why_not_in_memory_;
   std::unique_ptr<datasets::LevelWriter> level_writer_;  // the pending level, on disk
   std::unique_ptr<datasets::LevelReader> level_reader_;  // the level read, on disk
   std::int64_t interval_ = 1;                            // autofreeze: steps per decision
