@@ -87,12 +87,19 @@ def resume_matches(canopy, config, out, reference, targets, what, extra_files=()
           f"epochs ({got} against {want})")
 
 
+def small_tmpfs(path, what):
+    """Mounts a 2 MiB tmpfs at `path` (made here): True when it is there to be unmounted."""
+    os.makedirs(path)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", path]).returncode == 0:
+        return True
+    check(os.environ.get("CI") != "true", f"a 2 MiB tmpfs can be mounted for {what}")
+    return False
+
+
 def level_on_full_disk(canopy, config, small, reference, level):
     """A tmpfs with room for the checkpoints (about 100 KB a generation), not for the cache
     level (7.5 MB): the level's write fails; with the tmpfs remounted larger, --resume."""
-    os.makedirs(small)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small]).returncode != 0:
-        check(os.environ.get("CI") != "true", "a 2 MiB tmpfs can be mounted for the full-disk level")
+    if not small_tmpfs(small, "the full-disk level"):
         return
     try:
         out = f"{small}/out"
@@ -113,6 +120,27 @@ def level_on_full_disk(canopy, config, small, reference, level):
         subprocess.run(["umount", small])
 
 
+def level_broken_then_resumed(cmd, out, path, how, at, what, rows_flipped):
+    """Runs `cmd` into `out` until its checkpoint reaches (epoch, step) `at`, SIGKILLs it, then
+    deletes the level at `path` (how == "deleted") or flips a byte in each of `rows_flipped`
+    of its rows, and resumes. Returns the resumed run's CompletedProcess, or None when the
+    kill did not find the level."""
+    import h5py
+    subprocess.run(["rm", "-rf", out])
+    rc, st = kill_when(cmd, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= at)
+    check(rc == -signal.SIGKILL and os.path.exists(path), f"{what} {how}: killed while reading it at epoch {at[0] + 1}")
+    if not os.path.exists(path):
+        return None
+    if how == "deleted":
+        os.remove(path)
+    else:
+        with h5py.File(path, "r") as h:
+            offset, width = h["rows"].id.get_offset(), 4 * h["rows"].shape[1]
+        for row in rows_flipped:
+            flip(path, offset + row * width + 2, 0x40)
+    return subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+
+
 def level_rebuilt(canopy, config, out, reference, level, epoch):
     """A run killed while it reads its cache level, the level then flipped (a byte of its rows)
     or deleted: --resume computes it again from the cache with the checkpoint's frozen blocks,
@@ -120,22 +148,12 @@ def level_rebuilt(canopy, config, out, reference, level, epoch):
     the message says whether bitwise)."""
     import h5py
     import numpy as np
-    import torch
     cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"]
     path = f"{out}/levels/{level}.h5"
     for how in ("flipped", "deleted"):
-        subprocess.run(["rm", "-rf", out])
-        rc, st = kill_when(cmd, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= (epoch, 10))
-        check(rc == -signal.SIGKILL and os.path.exists(path), f"level {how}: killed while reading it at epoch {epoch + 1}")
-        if not os.path.exists(path):
+        r = level_broken_then_resumed(cmd, out, path, how, (epoch, 10), "level", [250])
+        if r is None:
             continue
-        if how == "deleted":
-            os.remove(path)
-        else:
-            with h5py.File(path, "r") as h:
-                at = h["rows"].id.get_offset() + 4 * 1000 + 1
-            flip(path, at, 0x40)
-        r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
         said = [l for l in r.stderr.splitlines() if "computing it again from the cache" in l]
         check(r.returncode == 0 and len(said) == 1 and ("missing" if how == "deleted" else "SHA-256") in said[0],
               f"level {how}: --resume computes it again and says why ({said[:1] or r.stderr[-300:]})")
@@ -143,9 +161,7 @@ def level_rebuilt(canopy, config, out, reference, level, epoch):
             continue
         with h5py.File(path, "r") as a, h5py.File(f"{reference}/levels/{level}.h5", "r") as b:
             lv = float(np.abs(a["rows"][:] - b["rows"][:]).max())
-        x, y = state(f"{out}/trunk.pt"), state(f"{reference}/trunk.pt")
-        worst = max(float((x[k].float() - y[k].float()).abs().max()) for k in y)
-        heads = same_files(out, reference, [f"heads/{n}.safetensors" for n in ("a_linear", "b_mlp")])
+        worst, heads = same_run(out, reference)
         check(lv <= 1e-6 and worst <= 1e-5,
               f"level {how}: the run ends as the uninterrupted one (level within {lv:.1e}, trunk within {worst:.1e}; "
               f"heads {'bitwise' if heads and lv == 0 and worst == 0 else 'not bitwise'})")
@@ -213,6 +229,20 @@ def level_too_large_for_memory(canopy, config, work, reference, level, first):
                    "a level on disk beside a split in memory", [f"levels/{level}.h5"])
 
 
+def python_level(cache, trunk, level):
+    """What a level of `level` holds, as Python computes it: the cached prefix's training rows
+    through the blocks of the trunk file `trunk` up to `level`, flattened per row."""
+    import h5py
+    import torch
+    with h5py.File(f"{cache}/cache.h5", "r") as h:
+        x = torch.from_numpy(h["train/features"][:].astype("float32")).reshape(-1, 8, 14, 14)
+    model = torch.jit.load(trunk).eval()
+    with torch.no_grad():
+        for b in range(int(level.split(".")[1]) + 1):
+            x = getattr(model.blocks, str(b))(x)
+    return x.flatten(1).numpy()
+
+
 def crc32c(data):
     """CRC-32C (Castagnoli), table-driven: what canopy keeps per row of a level on disk."""
     table = crc32c.table if hasattr(crc32c, "table") else None
@@ -270,14 +300,7 @@ def streamed_autofreeze(canopy, base, work):
         return
     with h5py.File(path, "r") as h:
         stored, crcs = h["rows"][:], h["row_crc32c"][:]
-    with h5py.File(f"{work}/scache/cache.h5", "r") as h:
-        prefix = torch.from_numpy(h["train/features"][:].astype("float32")).reshape(-1, 8, 14, 14)
-    model = torch.jit.load(f"{work}/sout/trunk.pt").eval()
-    with torch.no_grad():
-        x = prefix
-        for b in range(int(level.split(".")[1]) + 1):
-            x = getattr(model.blocks, str(b))(x)
-    err = np.abs(x.flatten(1).numpy() - stored).max()
+    err = np.abs(python_level(f"{work}/scache", f"{work}/sout/trunk.pt", level) - stored).max()
     check(stored.shape == (TRAIN, 8 * 14 * 14) and err < 1e-4,
           f"streamed autofreeze: the level on disk holds every row's output of the frozen blocks, in the split's order, "
           f"as Python computes it (max diff {err:.1e})")
@@ -324,23 +347,12 @@ def disk_level_lost(canopy, config, out, reference, level, epoch):
     """A streamed run killed while it reads its level on disk, the level then deleted, or a
     byte flipped in every row: --resume computes the frozen blocks instead, says why, stores
     the level again, and ends as the uninterrupted run (trunk to 1e-5; says whether bitwise)."""
-    import h5py
     cmd = [canopy, "train", "--config", config, "--set", f"train.out_dir={out}", "--progress", "quiet"]
     path = f"{out}/levels/{level}.h5"
     for how in ("flipped", "deleted"):
-        subprocess.run(["rm", "-rf", out])
-        rc, st = kill_when(cmd, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= (epoch, 5))
-        check(rc == -signal.SIGKILL and os.path.exists(path), f"disk level {how}: killed while reading it at epoch {epoch + 1}")
-        if not os.path.exists(path):
+        r = level_broken_then_resumed(cmd, out, path, how, (epoch, 5), "disk level", range(TRAIN))
+        if r is None:
             continue
-        if how == "deleted":
-            os.remove(path)
-        else:
-            with h5py.File(path, "r") as h:
-                at, width = h["rows"].id.get_offset(), 4 * h["rows"].shape[1]
-            for row in range(TRAIN):
-                flip(path, at + row * width + 2, 0x40)
-        r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
         said = [l for l in r.stderr.splitlines() if "computed in every step" in l]
         why = "is missing" if how == "deleted" else "does not match its CRC-32C"
         check(r.returncode == 0 and len(said) == 1 and why in said[0] and f"levels/{level}.h5 written on disk" in r.stderr,
@@ -357,9 +369,7 @@ def disk_level_no_room(canopy, config, small, reference):
     """A streamed run on a 2 MiB tmpfs, with room for the checkpoints but not for the level
     (5.7 MiB): it says so, computes the frozen blocks instead, and ends as the run that read
     the level (trunk to 1e-5)."""
-    os.makedirs(small)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small]).returncode != 0:
-        check(os.environ.get("CI") != "true", "a 2 MiB tmpfs can be mounted for the level with no room")
+    if not small_tmpfs(small, "the level with no room"):
         return
     try:
         out = f"{small}/out"
@@ -460,14 +470,7 @@ def main():
         stored = h["rows"][:]
         block = h["rows"].attrs["block"]
         check((block.decode() if isinstance(block, bytes) else block) == level, f"autofreeze: the level file names its block ({block})")
-    with h5py.File(f"{work}/gcache/cache.h5", "r") as h:
-        prefix = torch.from_numpy(h["train/features"][:].astype("float32")).reshape(-1, 8, 14, 14)
-    model = torch.jit.load(f"{work}/aout/trunk.pt").eval()
-    with torch.no_grad():
-        x = prefix
-        for b in range(int(level.split(".")[1]) + 1):
-            x = getattr(model.blocks, str(b))(x)
-    err = np.abs(x.flatten(1).numpy() - stored).max()
+    err = np.abs(python_level(f"{work}/gcache", f"{work}/aout/trunk.pt", level) - stored).max()
     check(stored.shape == (TRAIN, 8 * 14 * 14) and err < 1e-4,
           f"autofreeze: the level holds the frozen blocks' output as Python computes it (max diff {err:.1e})")
     first = next(i for i, row in enumerate(rows) if row["level"])
