@@ -389,8 +389,9 @@ void SharedTop::start_epoch(std::int64_t epoch, std::int64_t total, std::int64_t
   // during an epoch is stored from the next one's start: a run resumed in the middle of that
   // epoch (the block frozen in its checkpoint) waits for it too.
   // A level is kept by row: in memory beside a split in memory, on disk when the split
-  // streams. Without either (under mpirun, a streamed split) the frozen blocks are computed
-  // in every step instead (without autograd, as gradual's held blocks).
+  // streams or the level is too large to hold (begin_level). Without either (a streamed split
+  // under mpirun, or with trunk.level_on_disk = false) the frozen blocks are computed in every
+  // step instead (without autograd, as gradual's held blocks).
   if (config_.schedule == FreezeSchedule::kAutofreeze && first_step == 0 && frozen_ - 1 > level_ &&
       pending_ < 0 && begin_level(frozen_ - 1)) {
     pending_ = frozen_ - 1;
