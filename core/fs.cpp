@@ -50,6 +50,31 @@ void rename_durable(const std::string& from, const std::string& to) {
   fsync_dir(parent_dir(to));
 }
 
+void pread_exact(int fd, void* dst, std::uint64_t n, std::uint64_t offset, const std::string& what) {
+  auto* p = static_cast<char*>(dst);
+  while (n > 0) {
+    const ssize_t got = ::pread(fd, p, n, static_cast<off_t>(offset));
+    if (got < 0 && errno == EINTR) continue;
+    CANOPY_CHECK(got >= 0, IoError, "reading ", what, " failed: ", describe_errno(errno));
+    CANOPY_CHECK(got > 0, DataError, what, " ends early at byte ", offset, " (truncated)");
+    p += got;
+    n -= static_cast<std::uint64_t>(got);
+    offset += static_cast<std::uint64_t>(got);
+  }
+}
+
+void pwrite_exact(int fd, const void* src, std::uint64_t n, std::uint64_t offset, const std::string& what) {
+  const auto* p = static_cast<const char*>(src);
+  while (n > 0) {
+    const ssize_t put = ::pwrite(fd, p, n, static_cast<off_t>(offset));
+    if (put < 0 && errno == EINTR) continue;
+    CANOPY_CHECK(put > 0, IoError, "writing ", what, " failed: ", describe_errno(put < 0 ? errno : ENOSPC));
+    p += put;
+    n -= static_cast<std::uint64_t>(put);
+    offset += static_cast<std::uint64_t>(put);
+  }
+}
+
 std::string describe_errno(int err) {
   if (err == ENOSPC || err == EDQUOT) {
     return detail::str_cat("the disk is full (", err == ENOSPC ? "ENOSPC" : "EDQUOT", ": ",

@@ -184,20 +184,6 @@ CacheMeta meta_from_json(const json& j) {
   return m;
 }
 
-// pread exactly n bytes at offset; DataError naming the file when it is short.
-void pread_all(int fd, void* dst, std::uint64_t n, std::uint64_t offset, const std::string& file) {
-  auto* p = static_cast<std::uint8_t*>(dst);
-  while (n > 0) {
-    const ssize_t got = ::pread(fd, p, n, static_cast<off_t>(offset));
-    CANOPY_CHECK(got >= 0 || errno == EINTR, IoError, "reading '", file, "': ", std::strerror(errno));
-    if (got < 0) continue;
-    CANOPY_CHECK(got > 0, DataError, "shard '", file, "' ends early at byte ", offset, " (truncated)");
-    p += got;
-    n -= static_cast<std::uint64_t>(got);
-    offset += static_cast<std::uint64_t>(got);
-  }
-}
-
 class Fd {
  public:
   explicit Fd(const std::string& path) : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
@@ -418,7 +404,7 @@ class RegionReader {
       [[maybe_unused]] const auto in = edges.body();
       const std::uint64_t begin = b * kChecksumBlockBytes;
       const std::uint64_t len = std::min(kChecksumBlockBytes, n - begin);
-      pread_all(fd_.get(), p + begin, len, s_.features_offset + begin, file_);
+      pread_exact(fd_.get(), p + begin, len, s_.features_offset + begin, "shard '" + file_ + "'");
       check_crc(crc32c(p + begin, len), s_.features_crc32c[b], "features", s_.features_offset + begin);
     });
     edges.join();
@@ -426,7 +412,7 @@ class RegionReader {
 
   // Reads an 8-byte-per-row region (ids, a label column) into `dst` and checks it.
   void read_column(at::Tensor dst, std::uint64_t offset, std::uint32_t crc, const std::string& region) {
-    pread_all(fd_.get(), dst.data_ptr(), s_.rows * 8, offset, file_);
+    pread_exact(fd_.get(), dst.data_ptr(), s_.rows * 8, offset, "shard '" + file_ + "'");
     check_crc(crc32c(dst.data_ptr(), s_.rows * 8), crc, region, offset);
   }
 

@@ -43,6 +43,18 @@ std::string read_string_attr(hid_t obj, const std::string& name, const std::stri
 
 constexpr const char* kRowCrcs = "row_crc32c";
 
+// A level's row CRCs (`kRowCrcs`, one per row of `rows`); empty when the file has none (a
+// level written over a split in memory).
+std::vector<std::uint32_t> read_row_crcs(hid_t file, std::int64_t rows, const std::string& where) {
+  if (!h5::exists(file, kRowCrcs)) return {};
+  h5::Handle c = h5::open_dataset(file, kRowCrcs, where);
+  CANOPY_CHECK(h5::shape(c.get()) == std::vector<std::int64_t>{rows}, DataError, where, ": ", kRowCrcs,
+               " does not hold one CRC per row");
+  std::vector<std::uint32_t> crcs(static_cast<std::size_t>(rows));
+  h5::read_rows(c.get(), H5T_NATIVE_UINT32, 0, rows, crcs.data());
+  return crcs;
+}
+
 // Rows per piece when a level is read whole in pieces: about 4 MiB.
 std::int64_t piece_rows(std::int64_t values) {
   return std::max<std::int64_t>(1, (4 << 20) / std::max<std::int64_t>(1, values * 4));
@@ -91,14 +103,7 @@ void verify_level(const std::string& path) {
   h5::Handle data = h5::open_dataset(file.get(), "rows", where);
   const auto dims = h5::shape(data.get());
   CANOPY_CHECK(dims.size() == 2, DataError, where, ": rows has ", dims.size(), " dimensions, expected 2");
-  std::vector<std::uint32_t> crcs;
-  if (h5::exists(file.get(), kRowCrcs)) {
-    h5::Handle c = h5::open_dataset(file.get(), kRowCrcs, where);
-    CANOPY_CHECK(h5::shape(c.get()) == std::vector<std::int64_t>{dims[0]}, DataError, where, ": ", kRowCrcs,
-                 " does not hold one CRC per row");
-    crcs.resize(static_cast<std::size_t>(dims[0]));
-    h5::read_rows(c.get(), H5T_NATIVE_UINT32, 0, dims[0], crcs.data());
-  }
+  const std::vector<std::uint32_t> crcs = read_row_crcs(file.get(), dims[0], where);
   const std::int64_t step = piece_rows(dims[1]);
   at::Tensor piece = at::empty({std::min(step, dims[0]), dims[1]}, at::kFloat);
   Sha256 sha;
@@ -119,31 +124,6 @@ void verify_level(const std::string& path) {
 
 namespace {
 
-void pwrite_all(int fd, const void* src, std::uint64_t n, std::uint64_t offset, const std::string& file) {
-  const char* p = static_cast<const char*>(src);
-  while (n > 0) {
-    const ssize_t put = ::pwrite(fd, p, n, static_cast<off_t>(offset));
-    if (put < 0 && errno == EINTR) continue;
-    CANOPY_CHECK(put > 0, IoError, "writing cache level '", file, "' failed: ", describe_errno(errno));
-    p += put;
-    n -= static_cast<std::uint64_t>(put);
-    offset += static_cast<std::uint64_t>(put);
-  }
-}
-
-void pread_all(int fd, void* dst, std::uint64_t n, std::uint64_t offset, const std::string& file) {
-  char* p = static_cast<char*>(dst);
-  while (n > 0) {
-    const ssize_t got = ::pread(fd, p, n, static_cast<off_t>(offset));
-    if (got < 0 && errno == EINTR) continue;
-    CANOPY_CHECK(got > 0, DataError, "reading cache level '", file, "' failed: ",
-                 got == 0 ? std::string("the file is shorter than its rows") : describe_errno(errno));
-    p += got;
-    n -= static_cast<std::uint64_t>(got);
-    offset += static_cast<std::uint64_t>(got);
-  }
-}
-
 std::int64_t checked_position(const std::int64_t* index, std::int64_t i, std::int64_t rows,
                               const std::string& path) {
   const std::int64_t at = index[i];
@@ -158,6 +138,7 @@ LevelWriter::LevelWriter(std::string path, std::int64_t rows, std::int64_t value
                          std::string fingerprint)
     : path_(std::move(path)),
       tmp_(temp_path_for(path_)),
+      what_("cache level '" + tmp_ + "'"),
       block_(std::move(block)),
       fingerprint_(std::move(fingerprint)),
       rows_(rows),
@@ -208,7 +189,7 @@ void LevelWriter::write(const at::Tensor& index, const at::Tensor& rows) {
   for (std::int64_t i = 0; i < idx.numel(); ++i) {
     const auto pos = checked_position(positions, i, rows_, path_);
     const char* row = src + i * row_bytes;
-    pwrite_all(fd_, row, row_bytes, offset_ + static_cast<std::uint64_t>(pos) * row_bytes, tmp_);
+    pwrite_exact(fd_, row, row_bytes, offset_ + static_cast<std::uint64_t>(pos) * row_bytes, what_);
     crc_[static_cast<std::size_t>(pos)] = crc32c(row, row_bytes);
     if (!have_[static_cast<std::size_t>(pos)]) {
       have_[static_cast<std::size_t>(pos)] = 1;
@@ -231,8 +212,8 @@ void LevelWriter::finish() {
   std::vector<char> piece(static_cast<std::size_t>(std::min(step, rows_)) * row_bytes);
   for (std::int64_t i = 0; i < rows_; i += step) {
     const std::int64_t n = std::min(step, rows_ - i);
-    pread_all(fd_, piece.data(), static_cast<std::uint64_t>(n) * row_bytes,
-              offset_ + static_cast<std::uint64_t>(i) * row_bytes, tmp_);
+    pread_exact(fd_, piece.data(), static_cast<std::uint64_t>(n) * row_bytes,
+                offset_ + static_cast<std::uint64_t>(i) * row_bytes, what_);
     sha.update(piece.data(), static_cast<std::size_t>(n) * row_bytes);
   }
   ::close(fd_);
@@ -261,32 +242,27 @@ void LevelWriter::finish() {
   finished_ = true;
 }
 
-LevelReader::LevelReader(std::string path) : path_(std::move(path)) {
-  CANOPY_CHECK(is_regular_file(path_), DataError, "cache level '", path_, "' is missing");
-  const std::string where = "cache level '" + path_ + "'";
+LevelReader::LevelReader(std::string path) : path_(std::move(path)), where_("cache level '" + path_ + "'") {
+  CANOPY_CHECK(is_regular_file(path_), DataError, where_, " is missing");
   {
     h5::Handle file = h5::open_file(path_, false);
-    h5::Handle data = h5::open_dataset(file.get(), "rows", where);
+    h5::Handle data = h5::open_dataset(file.get(), "rows", where_);
     const auto dims = h5::shape(data.get());
-    CANOPY_CHECK(dims.size() == 2 && h5::has_type(data.get(), H5T_IEEE_F32LE), DataError, where,
+    CANOPY_CHECK(dims.size() == 2 && h5::has_type(data.get(), H5T_IEEE_F32LE), DataError, where_,
                  ": rows is not float32 [N, values]");
     rows_ = dims[0];
     values_ = dims[1];
     block_ = read_string_attr(data.get(), "block", path_);
     fingerprint_ = read_string_attr(data.get(), "fingerprint", path_);
-    CANOPY_CHECK(h5::exists(file.get(), kRowCrcs), DataError, where,
+    CANOPY_CHECK(h5::exists(file.get(), kRowCrcs), DataError, where_,
                  " has no row CRCs (it was written over a train split in memory)");
-    h5::Handle c = h5::open_dataset(file.get(), kRowCrcs, where);
-    CANOPY_CHECK(h5::shape(c.get()) == std::vector<std::int64_t>{rows_}, DataError, where, ": ", kRowCrcs,
-                 " does not hold one CRC per row");
-    crc_.resize(static_cast<std::size_t>(rows_));
-    h5::read_rows(c.get(), H5T_NATIVE_UINT32, 0, rows_, crc_.data());
+    crc_ = read_row_crcs(file.get(), rows_, where_);
     offset_ = h5::data_offset(data.get());
   }
   CANOPY_CHECK(file_size(path_) >= offset_ + static_cast<std::uint64_t>(rows_ * values_) * sizeof(float),
-               DataError, where, " is shorter than its rows (truncated)");
+               DataError, where_, " is shorter than its rows (truncated)");
   fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-  CANOPY_CHECK(fd_ >= 0, DataError, "opening ", where, " failed: ", describe_errno(errno));
+  CANOPY_CHECK(fd_ >= 0, DataError, "opening ", where_, " failed: ", describe_errno(errno));
 }
 
 LevelReader::~LevelReader() {
@@ -302,9 +278,9 @@ at::Tensor LevelReader::read(const at::Tensor& index) const {
   for (std::int64_t i = 0; i < idx.numel(); ++i) {
     const auto pos = checked_position(positions, i, rows_, path_);
     char* row = dst + i * row_bytes;
-    pread_all(fd_, row, row_bytes, offset_ + static_cast<std::uint64_t>(pos) * row_bytes, path_);
-    CANOPY_CHECK(crc32c(row, row_bytes) == crc_[static_cast<std::size_t>(pos)], DataError, "cache level '",
-                 path_, "': row ", pos, " does not match its CRC-32C (the file is corrupt)");
+    pread_exact(fd_, row, row_bytes, offset_ + static_cast<std::uint64_t>(pos) * row_bytes, where_);
+    CANOPY_CHECK(crc32c(row, row_bytes) == crc_[static_cast<std::size_t>(pos)], DataError, where_, ": row ",
+                 pos, " does not match its CRC-32C (the file is corrupt)");
   }
   return out;
 }

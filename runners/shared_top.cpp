@@ -154,6 +154,8 @@ std::string SharedTop::feed(std::vector<at::Tensor>& parts, std::int64_t len, co
         rows = level_reader_->read(index);
       } catch (const DataError& e) {  // derived data: computed instead
         drop_disk_level(e.what());
+      } catch (const IoError& e) {
+        drop_disk_level(e.what());
       }
     }
     if (rows.defined()) {
@@ -196,10 +198,10 @@ std::string SharedTop::feed(std::vector<at::Tensor>& parts, std::int64_t len, co
 
 bool SharedTop::disk_levels() const { return disk_rows_ > 0 && allreduce_bucket_bytes_ == 0; }
 
-bool SharedTop::level_goes_to_disk(std::int64_t level) {
+bool SharedTop::level_goes_to_disk(std::int64_t level, const std::vector<std::int64_t>& shape) {
   if (!disk_levels() || !why_not_in_memory_) return false;
   const auto bytes = static_cast<std::uint64_t>(train_rows_) *
-                     static_cast<std::uint64_t>(c10::multiply_integers(block_shape(level))) * sizeof(float);
+                     static_cast<std::uint64_t>(c10::multiply_integers(shape)) * sizeof(float);
   const std::string why = why_not_in_memory_(bytes);
   if (why.empty()) return false;
   log_info("autofreeze: the cache level of " + top_blocks_[static_cast<std::size_t>(level)] + " (" +
@@ -208,13 +210,14 @@ bool SharedTop::level_goes_to_disk(std::int64_t level) {
 }
 
 bool SharedTop::begin_level(std::int64_t level) {
-  if (train_rows_in_memory_.defined() && !level_goes_to_disk(level)) return true;
-  return disk_levels() && open_level_writer(level);
+  if (!disk_levels()) return train_rows_in_memory_.defined();
+  const auto shape = block_shape(level);  // one pass on one row, for both
+  if (train_rows_in_memory_.defined() && !level_goes_to_disk(level, shape)) return true;
+  return open_level_writer(level, shape);
 }
 
-bool SharedTop::open_level_writer(std::int64_t level) {
+bool SharedTop::open_level_writer(std::int64_t level, const std::vector<std::int64_t>& shape) {
   const std::string& block = top_blocks_[static_cast<std::size_t>(level)];
-  const auto shape = block_shape(level);
   try {
     level_writer_ = std::make_unique<datasets::LevelWriter>(
         level_path(level), disk_rows_, c10::multiply_integers(shape), block, level_fingerprint(level));
@@ -775,7 +778,8 @@ void SharedTop::load_checkpoint(const std::string& path) {
       // that cannot be (missing, corrupt, saved in memory, no room) is computed in every step
       // instead, and stored again from the next epoch. A level in memory is read whole, or
       // computed again from the training rows.
-      if (level_ >= 0 && train_rows_in_memory_.defined() && !level_goes_to_disk(level_)) {
+      if (level_ >= 0 && train_rows_in_memory_.defined() &&
+          !level_goes_to_disk(level_, block_shape(level_))) {
         load_level(level_);
       } else if (level_ >= 0 && !open_level_reader(level_)) {
         level_ = -1;

@@ -89,6 +89,13 @@ bool shares_eval_split(const datasets::FeatureCache& cache, const JobConfig& con
   return t.eval_split == t.train_split && !has_validation(t) && cache.meta().views == 1;
 }
 
+// Why `bytes` should not be held in memory ("is more than 3/4 of the memory this process may
+// take: <where the figure comes from>"), or "" when they may (or the room cannot be read).
+std::string past_room(double bytes, const std::optional<MemoryRoom>& room) {
+  if (!room || bytes <= static_cast<double>(room->bytes) * 0.75) return "";
+  return "is more than 3/4 of the memory this process may take: " + room->said;
+}
+
 TrainRead plan_train_read(const datasets::FeatureCache& cache, const JobConfig& config) {
   // Evaluated on (train.eval_split the same split), it is in memory already: training shares it.
   if (shares_eval_split(cache, config) && config.cache.memory_cap_mb == 0) return {};
@@ -100,12 +107,12 @@ TrainRead plan_train_read(const datasets::FeatureCache& cache, const JobConfig& 
   }
   const auto room = memory_room(mpi::local_size());
   TrainRead r;
-  if (room && bytes > static_cast<double>(room->bytes) * 0.75) {
-    r = {false, room->bytes / 2,
-         detail::str_cat(
-             "the train split '", config.train.train_split, "' (",
-             cache.meta().views > 1 ? detail::str_cat("its ", cache.meta().views, " views: ") : "",
-             format_mib(bytes), ") is more than 3/4 of the memory this process may take: ", room->said)};
+  if (const std::string why = past_room(bytes, room); !why.empty()) {
+    r = {
+        false, room->bytes / 2,
+        detail::str_cat("the train split '", config.train.train_split, "' (",
+                        cache.meta().views > 1 ? detail::str_cat("its ", cache.meta().views, " views: ") : "",
+                        format_mib(bytes), ") ", why)};
   }
   if (!mpi::distributed()) return r;
   // Every rank must read alike (the replicas see the same batches): all stream, under the
@@ -1126,7 +1133,7 @@ struct SharedTraining {
 
 // Why autofreeze's cache level of `bytes` should not be held beside a train split in memory
 // ("" when it may): with cache.memory_cap_mb the two together must fit under it, else the level
-// must take at most 3/4 of the memory the process may take when it is made.
+// must take at most 3/4 of the memory the process may take when it is made (past_room).
 std::function<std::string(std::uint64_t)> level_too_large(const JobConfig& config, const TrainSplit& train) {
   const double split = train.rows.defined() ? static_cast<double>(train.rows.nbytes()) : 0.0;
   const double cap = config.cache.memory_cap_mb * 1024 * 1024;
@@ -1138,9 +1145,8 @@ std::function<std::string(std::uint64_t)> level_too_large(const JobConfig& confi
                  : detail::str_cat("with the train split (", format_mib(split),
                                    ") it would pass cache.memory_cap_mb (", format_mib(cap), ")");
     }
-    const auto room = memory_room(1);
-    if (!room || b <= 0.75 * static_cast<double>(room->bytes)) return "";
-    return "it is more than 3/4 of the memory this process may take now: " + room->said;
+    const std::string why = past_room(b, memory_room(1));
+    return why.empty() ? "" : "it " + why;
   };
 }
 

@@ -212,7 +212,7 @@ def level_too_large_for_memory(canopy, config, work, reference, level, first):
         f.write(text.replace(f"out_dir = {reference}\n", f"out_dir = {work}/cout\n"))
     r = subprocess.run([canopy, "train", "--config", capped, "--progress", "quiet"], capture_output=True, text=True)
     said = [l for l in r.stderr.splitlines() if "is kept on disk, not in memory" in l]
-    check(r.returncode == 0 and "in memory" in r.stderr and len(said) == 1 and f"cache level of {level}" in said[0]
+    check(r.returncode == 0 and "features, in memory" in r.stderr and len(said) == 1 and f"cache level of {level}" in said[0]
           and "cache.memory_cap_mb" in said[0] and f"levels/{level}.h5 written on disk" in r.stderr,
           f"a level too large to hold beside the split in memory goes on disk and the log says why "
           f"({said[:1] or r.stderr.strip()[-300:]})")

@@ -53,6 +53,12 @@ bool mounted_noexec(const std::string& path);
 // user's, can still be read.
 std::string why_not_writable(const std::string& dir);
 
+// Reads exactly `n` bytes at `offset` of `fd` (pread, EINTR retried): IoError when the read
+// fails, DataError when the file ends first ("<what> ends early at byte N (truncated)").
+void pread_exact(int fd, void* dst, std::uint64_t n, std::uint64_t offset, const std::string& what);
+// Writes exactly `n` bytes at `offset` of `fd` (pwrite, EINTR retried); IoError naming `what`
+// and the cause (a full disk said plainly) when it fails.
+void pwrite_exact(int fd, const void* src, std::uint64_t n, std::uint64_t offset, const std::string& what);
 // fsync a file (by path) and then its directory; throws IoError on failure.
 void fsync_path(const std::string& path);
 

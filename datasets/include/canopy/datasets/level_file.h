@@ -5,9 +5,10 @@
 // checked on read, so flipped bytes are found). Written under a temporary name, fsynced
 // and renamed: a killed run leaves the old file or the new one, never half of one.
 //
-// Over a train split that streams, a level stays on disk (LevelWriter, LevelReader): the
-// same file, its rows written by position in whatever order an epoch serves them and read
-// back by position, with `row_crc32c` (uint32 [N], each row's CRC-32C) checked on every read.
+// Over a train split that streams, or when too large to hold in memory, a level stays on
+// disk (LevelWriter, LevelReader): the same file, its rows written by position in whatever order an epoch
+// serves them and read back by position, with `row_crc32c` (uint32 [N], each row's CRC-32C) checked on every
+// read.
 #pragma once
 
 #include <cstdint>
@@ -54,7 +55,7 @@ class LevelWriter {
   void finish();
 
  private:
-  std::string path_, tmp_, block_, fingerprint_;
+  std::string path_, tmp_, what_, block_, fingerprint_;  // what_: the temporary, for messages
   std::int64_t rows_ = 0, values_ = 0, written_ = 0;
   std::uint64_t offset_ = 0;
   int fd_ = -1;
@@ -73,7 +74,8 @@ class LevelReader {
   LevelReader(const LevelReader&) = delete;
   LevelReader& operator=(const LevelReader&) = delete;
   // The rows at positions `index` (int64 [B]), float32 [B, values]; DataError naming the row
-  // and the file when one does not match its CRC-32C.
+  // and the file when one does not match its CRC-32C or the file ends first, IoError when a
+  // read fails.
   at::Tensor read(const at::Tensor& index) const;
   std::int64_t rows() const { return rows_; }
   std::int64_t values() const { return values_; }
@@ -81,7 +83,7 @@ class LevelReader {
   const std::string& fingerprint() const { return fingerprint_; }
 
  private:
-  std::string path_, block_, fingerprint_;
+  std::string path_, where_, block_, fingerprint_;  // where_: the file, for messages
   std::int64_t rows_ = 0, values_ = 0;
   std::uint64_t offset_ = 0;
   int fd_ = -1;

@@ -119,7 +119,8 @@ struct TopConfig {
   std::int64_t freeze_interval = 0;  // autofreeze: steps between decisions; 0: one epoch's
   double percentile = 50;            // autofreeze: freeze blocks below this percentile's rate
   std::int64_t min_trainable = 1;    // autofreeze: blocks that always keep training
-  bool level_on_disk = true;         // autofreeze, streamed split: its levels kept on disk
+  bool level_on_disk = true;         // autofreeze: levels of a streamed split, or too large for
+                                     // memory, kept on disk (false: computed, or held)
 };
 
 struct JobConfig {

@@ -158,12 +158,13 @@ class SharedTop {
   // Levels on disk (keep_levels_on_disk, one process): a writer for `level`, or a log line
   // saying why not (no room); the level file read, or a log line saying why not.
   bool disk_levels() const;
-  // Whether `level` is kept on disk, over a split in memory: when keep_levels_on_disk's
-  // reason says it should not be held (logged).
-  bool level_goes_to_disk(std::int64_t level);
+  // Whether `level` (its block's output per row of `shape`, block_shape) is kept on disk,
+  // over a split in memory: when keep_levels_on_disk's reason says it should not be held
+  // (logged).
+  bool level_goes_to_disk(std::int64_t level, const std::vector<std::int64_t>& shape);
   // Starts storing `level` this epoch: in memory, or on disk; false when neither can be.
   bool begin_level(std::int64_t level);
-  bool open_level_writer(std::int64_t level);
+  bool open_level_writer(std::int64_t level, const std::vector<std::int64_t>& shape);
   bool open_level_reader(std::int64_t level);
   void drop_disk_level(const std::string& why);
   void rebuild_level(std::int64_t level, const std::string& why);
