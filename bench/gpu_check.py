@@ -3,7 +3,8 @@
 Fashion-MNIST images at 64x64 and 224x224, batch 128, rows per second (median of 3).
 
   python eager fp32 / channels-last / bf16 autocast / torch.compile / .pt2 (AOTInductor, CUDA)
-  canopy cache with the TorchScript trunk and with the CUDA .pt2 (with --canopy)
+  canopy cache with the TorchScript trunk, with it under trunk.precision = bfloat16, and with
+  the CUDA .pt2 (with --canopy)
 
 Prints the GPU's name and RATIO lines: P2b (canopy .pt2 cache build / fastest Python) and
 canopy's TorchScript build against it.
@@ -40,13 +41,13 @@ def rate(run, x, batch, repeats=3):
     return statistics.median(out)
 
 
-def canopy_rate(canopy, work, n, size, trunk, sha, tag, repeats=3):
+def canopy_rate(canopy, work, n, size, trunk, sha, tag, repeats=3, extra=()):
     out = []
     for _ in range(repeats):
         r = subprocess.run([canopy, "cache", "--config", CONFIG, "--force", "--progress", "quiet", "--set",
                             f"data.train_limit={n}", "--set", "data.test_limit=1", "--set", f"data.dir={FMNIST}", "--set", f"preprocess.resize={size}",
                             "--set", f"cache.path={work}/c-{size}-{tag}", "--set", f"trunk.path={trunk}", "--set",
-                            f"trunk.sha256={sha}", "--set", "trunk.device=cuda"], capture_output=True, text=True)
+                            f"trunk.sha256={sha}", "--set", "trunk.device=cuda", *extra], capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"canopy cache ({tag}, {size}) failed: {r.stderr[-600:]}")
         out.append((n + 1) / float(re.search(r"time\s+([\d.]+) s", r.stdout + r.stderr).group(1)))
@@ -89,6 +90,8 @@ def main():
         if a.canopy:
             rates["canopy TorchScript"] = canopy_rate(a.canopy, work, n, size, ts_path, ts_sha, "ts")
             rates["canopy pt2"] = canopy_rate(a.canopy, work, n, size, pt2, open(pt2 + ".sha256").read().strip(), "pt2")
+            rates["canopy TorchScript bf16"] = canopy_rate(a.canopy, work, n, size, ts_path, ts_sha, "bf16",
+                                                           extra=["--set", "trunk.precision=bfloat16"])
         print(f"\n{size}x{size}, {n} images, rows/s:")
         for k, v in rates.items():
             print(f"  {k:22s} {v:10.1f}")
@@ -97,6 +100,8 @@ def main():
             for form in ("pt2", "TorchScript"):
                 print(f"    RATIO canopy {form} cache build / fastest python ({best}) at {size}x{size} on GPU = "
                       f"{rates['canopy ' + form] / rates[best]:.2f}")
+            print(f"    RATIO canopy TorchScript bf16 (trunk.precision) / python bf16 autocast at {size}x{size} on GPU = "
+                  f"{rates['canopy TorchScript bf16'] / rates['python bf16 autocast']:.2f}")
 
 
 if __name__ == "__main__":

@@ -90,12 +90,14 @@ def python_cache_rate(run, n, size, batch, path):
         return n / (time.perf_counter() - start)
 
 
-def canopy_rate(canopy, work, n, size, trunk, sha, tag):
+def canopy_rate(canopy, work, n, size, trunk, sha, tag, extra=()):
+    """Rows per second of `canopy cache` over the first n images at size x size with `trunk`
+    (pinned by `sha`), as canopy reports the build's time; `extra`: more arguments."""
     cache = os.path.join(work, f"cache-{size}-{tag}")
     r = subprocess.run([canopy, "cache", "--config", CONFIG, "--force", "--progress", "quiet",
                         "--set", f"data.train_limit={n}", "--set", "data.test_limit=1", "--set", f"data.dir={FMNIST}", "--set",
                         f"preprocess.resize={size}", "--set", f"cache.path={cache}", "--set", f"trunk.path={trunk}",
-                        "--set", f"trunk.sha256={sha}"], capture_output=True, text=True)
+                        "--set", f"trunk.sha256={sha}", *extra], capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"canopy cache ({tag}, {size}) failed: {r.stderr[-800:]}")
     seconds = float(re.search(r"time\s+([\d.]+) s", r.stdout + r.stderr).group(1))

@@ -4,6 +4,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <fstream>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -15,6 +16,7 @@
 #include "canopy/core/cgroup.h"
 #include "canopy/core/error.h"
 #include "canopy/core/mpi.h"
+#include "canopy/core/strings.h"
 
 namespace canopy {
 
@@ -109,6 +111,30 @@ c10::Device choose_device(const std::string& spec) {
     return d;
   }
   throw ConfigError(detail::str_cat("device: expected auto, cpu, cuda or cuda:N, got '", spec, "'"));
+}
+
+namespace {
+// The value of the first /proc/cpuinfo line starting with `key`, or "".
+std::string cpuinfo_value(const std::string& key) {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key, 0) != 0) continue;
+    const auto colon = line.find(':');
+    if (colon != std::string::npos) return trim(line.substr(colon + 1));
+  }
+  return "";
+}
+}  // namespace
+
+std::string cpu_model() {
+  const std::string model = cpuinfo_value("model name");
+  return model.empty() ? "unknown CPU" : model;
+}
+
+bool cpu_has_flag(const std::string& flag) {
+  static const std::string flags = " " + cpuinfo_value("flags") + " ";
+  return flags.find(" " + flag + " ") != std::string::npos;
 }
 
 }  // namespace canopy

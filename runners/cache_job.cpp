@@ -48,6 +48,8 @@ std::string cache_description(const JobConfig& c, const std::string& trunk_sha25
   if (f.freeze != "all" || !f.train_only.empty() || !f.unfreeze_to.empty()) {
     out << "freeze=" << trunk::describe(f) << "\n";
   }
+  // Passes under autocast change the features; float32 caches keep the key they always had.
+  if (c.trunk.precision != "float32") out << "precision=" << c.trunk.precision << "\n";
   if (views) out << "views=" << c.cache.views << "\naugment=" << datasets::describe(c.augment) << "\n";
   out << describe_inputs(c)
       << "dtype=" << datasets::storage_dtype_name(datasets::parse_storage_dtype(c.cache.dtype)) << "\n"

@@ -309,6 +309,15 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(
       member_key<K>("trunk", "optimize", CANOPY_JOB(trunk.optimize),
                     "inference passes run a frozen (torch::jit::freeze), channels-last copy of the trunk"));
+  v.push_back(
+      member_key<K>("trunk", "precision", CANOPY_JOB(trunk.precision),
+                    "the trunk's inference passes (caching, predict, a tuned trunk's cached prefix) "
+                    "under autocast to this dtype, as torch.autocast: convolutions and matrix "
+                    "multiplies in 16 bits, normalisations and reductions in float32, features kept "
+                    "in float32; faster where the CPU has 16-bit instructions (AVX512-BF16, AMX) and "
+                    "on GPUs; the features a few percent off float32 (docs/trunk.md); TorchScript trunks "
+                    "only")
+          .one_of({"float32", "bfloat16", "float16"}));
   v.push_back(member_key<K>("trunk", "freeze", CANOPY_JOB(trunk.freeze.freeze),
                             "all | none | first:N | match:REGEX | modules:A B ... (docs/trunk.md)"));
   v.push_back(member_key<K>("trunk", "train_only", CANOPY_JOB(trunk.freeze.train_only),

@@ -18,6 +18,7 @@
 #include <ATen/ops/randn.h>
 #include <torch/version.h>
 
+#include "canopy/core/device.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/progress.h"
@@ -29,18 +30,6 @@ namespace canopy::runners {
 
 namespace {
 using Clock = std::chrono::steady_clock;
-
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("model name", 0) == 0) {
-      const auto colon = line.find(':');
-      if (colon != std::string::npos) return trim(line.substr(colon + 1));
-    }
-  }
-  return "unknown CPU";
-}
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 

@@ -43,6 +43,13 @@ std::string tap_of(const datasets::CacheMeta& meta) {
   return it == parts.end() ? "output" : it->second;
 }
 
+// The trunk's precision the cache was made at (caches made before trunk.precision: float32).
+std::string precision_of(const datasets::CacheMeta& meta) {
+  const auto parts = parse_description(meta.description);
+  const auto it = parts.find("precision");
+  return it == parts.end() ? "float32" : it->second;
+}
+
 // The card of `task` trained with `r` on features of `meta`'s cache.
 ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
                        std::int64_t in_features) {
@@ -65,6 +72,7 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
                     {"preprocessing", meta.preprocessing},
                     {"pooling", meta.pooling},
                     {"tap", tap_of(meta)},
+                    {"trunk_precision", precision_of(meta)},
                     {"epochs", r.epochs},
                     {"eval_accuracy", r.eval.accuracy},
                     {"eval_macro_f1", r.eval.macro_f1},

@@ -71,6 +71,11 @@ LoadedHead load_head_from(const tasks::TaskConfig& tc, const tasks::HeadRegistry
                DataError, "task '", tc.name, "': head was trained with preprocessing '", pre, "', tap '", tap,
                "' and pooling '", card.at("pooling").get<std::string>(), "', the config has '", preprocessing,
                "', '", trunk::describe_taps(config.trunk), "' and '", config.trunk.pooling, "'");
+  const std::string precision = card.value("trunk_precision", "float32");
+  CANOPY_CHECK(precision == config.trunk.precision, DataError, "task '", tc.name,
+               "': head was trained on features of trunk passes at ", precision,
+               ", the config's trunk.precision is ", config.trunk.precision,
+               "; set trunk.precision = ", precision);
   tasks::HeadSpec spec{card.at("in_features").get<std::int64_t>(),
                        card.at("out_features").get<std::int64_t>(),
                        tasks::HeadParams(tc.name, tc.head_params)};
@@ -179,7 +184,8 @@ std::vector<tasks::TaskConfig> exported_tasks(const JobConfig& config, const std
 
 // The trunk predictions run: the config's, or, when the heads were trained with the trunk's
 // top (their cards name a `trunk_file`), the fine-tuned trunk that run exported
-// (out_dir/trunk.pt), pinned by the cards' SHA-256 and run frozen whole.
+// (out_dir/trunk.pt), pinned by the cards' SHA-256 and run frozen whole (under autocast: its
+// prefix under it, its top in float32).
 trunk::TrunkConfig predict_trunk(const JobConfig& config, const std::string& heads_dir,
                                  const tasks::TaskConfig& first_head) {
   const std::string card_path = join_path(heads_dir, first_head.name + ".json");
@@ -189,7 +195,9 @@ trunk::TrunkConfig predict_trunk(const JobConfig& config, const std::string& hea
   trunk::TrunkConfig tuned = config.trunk;
   tuned.path = join_path(config.train.out_dir, "trunk.pt");
   tuned.sha256 = reading_card(card_path, [&] { return card.at("trunk_sha256").get<std::string>(); });
-  tuned.freeze = trunk::FreezePolicy{};
+  // Frozen whole; under autocast with the training's policy instead, so that the trunk runs
+  // its cached prefix under the autocast and its trained top in float32, as training did.
+  if (config.trunk.precision == "float32") tuned.freeze = trunk::FreezePolicy{};
   CANOPY_CHECK(is_regular_file(tuned.path), DataError, "the heads in '", heads_dir,
                "' were trained with the trunk's top, but the fine-tuned trunk '", tuned.path,
                "' is missing; run `canopy train --config ", config.source, "` again");

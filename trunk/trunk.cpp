@@ -7,6 +7,7 @@
 #include <set>
 #include <sstream>
 
+#include <ATen/autocast_mode.h>
 #include <ATen/ops/cat.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
@@ -32,6 +33,37 @@ constexpr const char* kTapsMethod = "canopy_taps";
 constexpr const char* kPrefixMethod = "canopy_prefix";
 constexpr const char* kTopMethod = "canopy_top";
 const std::set<std::string> kPoolings = {"avg", "flatten", "none", "first_token", "masked_mean"};
+const std::map<std::string, at::ScalarType> kPrecisions = {
+    {"float32", at::kFloat}, {"bfloat16", at::kBFloat16}, {"float16", at::kHalf}};
+
+// torch.autocast around one inference pass: the ops on autocast's lists run in `dtype`
+// (convolutions and matrix multiplies in 16 bits; normalisations, softmax and reductions in
+// float32); what the thread had set before is restored. float32: nothing is changed.
+class Autocast {
+ public:
+  Autocast(c10::DeviceType type, at::ScalarType dtype) : type_(type), on_(dtype != at::kFloat) {
+    if (!on_) return;
+    was_enabled_ = at::autocast::is_autocast_enabled(type_);
+    was_dtype_ = at::autocast::get_autocast_dtype(type_);
+    at::autocast::set_autocast_enabled(type_, true);
+    at::autocast::set_autocast_dtype(type_, dtype);
+    at::autocast::increment_nesting();
+  }
+  ~Autocast() {
+    if (!on_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(type_, was_enabled_);
+    at::autocast::set_autocast_dtype(type_, was_dtype_);
+  }
+  Autocast(const Autocast&) = delete;
+  Autocast& operator=(const Autocast&) = delete;
+
+ private:
+  c10::DeviceType type_;
+  bool on_;
+  bool was_enabled_ = false;
+  at::ScalarType was_dtype_ = at::kFloat;
+};
 
 std::string qualified(const std::string& parent, const std::string& child) {
   return parent.empty() ? child : parent + "." + child;
@@ -210,8 +242,11 @@ void add_split_methods(torch::jit::Module& module, const std::vector<std::string
   add_method(module, kTopMethod, g);
 }
 
-at::Tensor pool(const at::Tensor& out, const std::string& pooling, const std::vector<at::Tensor>& inputs,
+at::Tensor pool(const at::Tensor& raw, const std::string& pooling, const std::vector<at::Tensor>& inputs,
                 const std::string& what) {
+  // Outputs of a pass under autocast (trunk.precision) are pooled in float32.
+  const bool reduced = raw.scalar_type() == at::kBFloat16 || raw.scalar_type() == at::kHalf;
+  const at::Tensor out = reduced ? raw.to(at::kFloat) : raw;
   if (pooling == "avg") {
     CANOPY_CHECK(out.dim() >= 2, DataError, "trunk.pooling = avg needs ", what, " [N, C, ...], got ",
                  out.sizes());
@@ -236,6 +271,22 @@ at::Tensor pool(const at::Tensor& out, const std::string& pooling, const std::ve
 }
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+// 16-bit passes on a CPU without the instructions for them. LibTorch emulates float16 there
+// (caching the demo took 15x as long as float32 on an AMD EPYC Zen 4 without avx512_fp16):
+// refused. bfloat16 without avx512_bf16 or AMX is said, not refused (it may still win).
+void check_cpu_precision(const std::string& precision) {
+  if (precision == "float16") {
+    CANOPY_CHECK(cpu_has_flag("avx512_fp16") || cpu_has_flag("amx_fp16"), ConfigError,
+                 "trunk.precision = float16 on this CPU (", cpu_model(),
+                 "): it has no float16 arithmetic (avx512_fp16, amx_fp16), so LibTorch emulates it, "
+                 "many times slower than float32 (15x on the demo, AMD EPYC Zen 4); use bfloat16, the "
+                 "16-bit type CPUs compute in, or float32");
+  } else if (precision == "bfloat16" && !cpu_has_flag("avx512_bf16") && !cpu_has_flag("amx_bf16")) {
+    log_info("trunk.precision = bfloat16 on a CPU without bfloat16 instructions (avx512_bf16, amx_bf16; " +
+             cpu_model() + "): the passes may be slower than float32; compare the cache times");
+  }
+}
 
 // What LibTorch says went wrong in a TorchScript method: a c10::Error's message without its
 // C++ backtrace; for the interpreter's own error (torch::jit::JITException, not a c10::Error:
@@ -650,6 +701,8 @@ void validate_trunk_config(const TrunkConfig& c) {
   CANOPY_CHECK(kPoolings.count(c.pooling), ConfigError,
                "trunk.pooling: expected avg, flatten, none, first_token or masked_mean, got '", c.pooling,
                "'");
+  CANOPY_CHECK(kPrecisions.count(c.precision), ConfigError,
+               "trunk.precision: expected float32, bfloat16 or float16, got '", c.precision, "'");
   CANOPY_CHECK(c.sha256.empty() || c.sha256.size() == 64, ConfigError,
                "trunk.sha256: expected 64 hex digits, got '", c.sha256, "' (", c.sha256.size(),
                " characters)");
@@ -710,6 +763,10 @@ Trunk Trunk::load_compiled(std::unique_ptr<Impl> impl) {
       p.freeze == "all" && p.train_only.empty() && p.unfreeze_to.empty() && !p.batchnorm_affine_trainable,
       ConfigError, "trunk '", c.path, "' is compiled (AOTInductor .pt2): it runs inference only and ",
       "cannot be fine-tuned (freeze ", describe(p), "); train the top with the TorchScript trunk (.pt)");
+  CANOPY_CHECK(c.precision == "float32", ConfigError, "trunk.precision = ", c.precision, ": trunk '", c.path,
+               "' is compiled (AOTInductor .pt2) and runs at the precision it was compiled with (float32); "
+               "use the TorchScript trunk (.pt) for ",
+               c.precision, " passes, or trunk.precision = float32");
   try {
     impl->compiled_meta =
         torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(c.path, "model");
@@ -784,6 +841,7 @@ Trunk Trunk::load(const TrunkConfig& config) {
              "' is loaded unpinned (allowed); to pin it add: sha256 = " + impl->sha256);
   }
   impl->device = choose_device(config.device);
+  if (impl->device.is_cpu()) check_cpu_precision(config.precision);
   if (is_compiled_trunk(config.path)) return load_compiled(std::move(impl));
   try {
     impl->module = torch::jit::load(config.path, impl->device);
@@ -834,9 +892,18 @@ at::Tensor Trunk::encode(const std::vector<at::Tensor>& inputs) {
   c10::InferenceMode guard;
   if (impl_->compiled)
     return impl_->run_compiled(impl_->prepare(inputs)).to(c10::kCPU, at::kFloat).contiguous();
-  return impl_->run(impl_->runner, impl_->prepare(inputs, impl_->runner._ivalue() != impl_->module._ivalue()))
-      .to(c10::kCPU, at::kFloat)
-      .contiguous();
+  // Under autocast, a trunk with a top over a frozen prefix (a fine-tuned trunk, in predict)
+  // runs as it trained: the prefix under the autocast, as its cache was made; the top in float32.
+  const TopSplit& s = impl_->split;
+  if (impl_->config.precision != "float32" && s.tunes && s.problem.empty() && s.prefix_blocks > 0) {
+    const auto parts = encode_prefix(inputs);
+    std::vector<at::Tensor> used;
+    const c10::IValue out = impl_->run_cut(impl_->cut_method(s.boundary, ""), parts, used);
+    return impl_->pooled(out, used).to(c10::kCPU, at::kFloat).contiguous();
+  }
+  const auto prepared = impl_->prepare(inputs, impl_->runner._ivalue() != impl_->module._ivalue());
+  Autocast autocast(impl_->device.type(), kPrecisions.at(impl_->config.precision));
+  return impl_->run(impl_->runner, prepared).to(c10::kCPU, at::kFloat).contiguous();
 }
 
 at::Tensor Trunk::features(const std::vector<at::Tensor>& inputs) {
@@ -875,6 +942,7 @@ std::vector<at::Tensor> Trunk::encode_prefix(const std::vector<at::Tensor>& inpu
   std::vector<c10::IValue> args(prepared.begin(), prepared.end());
   std::vector<at::Tensor> parts;
   try {
+    Autocast autocast(impl_->device.type(), kPrecisions.at(impl_->config.precision));
     parts.push_back(impl_->prefix_runner.get_method(kPrefixMethod)(args).toTensor());
   } catch (const std::exception& e) {
     throw DataError(detail::str_cat("trunk '", impl_->config.path, "' failed in its prefix (blocks up to ",
@@ -1055,7 +1123,8 @@ std::string Trunk::show(int max_depth) const {
     << (c.sha256.empty() ? " (not pinned: add trunk.sha256 to pin it)" : " (pinned, verified)")
     << "\n  parameters  " << total << ", trainable " << trainable << "\n"
     << "  freeze      " << describe(c.freeze) << "\n"
-    << "  features    tap " << describe_taps(c) << ", pooling " << c.pooling << "\n";
+    << "  features    tap " << describe_taps(c) << ", pooling " << c.pooling
+    << (c.precision == "float32" ? "" : ", passes under " + c.precision + " autocast") << "\n";
   const TopSplit& sp = impl_->split;
   if (!sp.tunes) {
     o << "  trains      heads only: the cache holds pooled features of the frozen trunk\n";

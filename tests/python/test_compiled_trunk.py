@@ -7,7 +7,8 @@ the TorchScript trunks they were compiled from, through the real binary, read wi
   (EfficientNet-Lite0, 64x64) and on Reuters (MiniLM, texts of any length up to 256 tokens)
 - heads train on it end to end
 - what a compiled trunk cannot do is refused with a clear error, never a crash: another
-  input size (compiled code would read out of bounds), fine-tuning, other taps, an unpinned
+  input size (compiled code would read out of bounds), fine-tuning, other taps, passes under
+  autocast (trunk.precision), an unpinned
   or wrongly pinned file, a truncated package
 - `canopy trunk show` says what the package is
 - a CPU package links libtorch_cpu, not libtorch.so, and canopy runs it without loading
@@ -189,6 +190,8 @@ def main():
          "accepts float32 N,3,64,64"),
         ("fine-tuning", ["--set", "trunk.freeze=first:12", "--set", f"cache.path={work}/ft"], "cannot be fine-tuned"),
         ("other taps", ["--set", "trunk.taps=blocks.12", "--set", f"cache.path={work}/taps"], "taps are fixed"),
+        ("bfloat16 passes", ["--set", "trunk.precision=bfloat16", "--set", f"cache.path={work}/bf16"],
+         "runs at the precision it was compiled with"),
     ]
     for what, extra, expect in cases:
         rc, out = canopy_run(canopy, "run", "--config", config, *small[:4], *pinned, *extra, "--set",

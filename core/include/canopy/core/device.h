@@ -43,4 +43,10 @@ std::int64_t machine_cores();
 // The cores in this process's affinity mask alone (no quota).
 std::int64_t affinity_cores();
 
+// The CPU's model name (/proc/cpuinfo), "unknown CPU" when it cannot be read.
+std::string cpu_model();
+// Whether the CPU has an instruction set extension, by its /proc/cpuinfo flag name
+// (e.g. "avx512_bf16", "amx_bf16"); false when it cannot be read.
+bool cpu_has_flag(const std::string& flag);
+
 }  // namespace canopy

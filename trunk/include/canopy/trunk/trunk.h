@@ -61,6 +61,9 @@ struct TrunkConfig {
   std::string pooling = "avg";
   std::vector<std::string> taps;  // empty: the trunk's output
   bool optimize = true;           // inference passes on a frozen, channels-last clone
+  // The inference passes (encode, encode_prefix) under autocast to this dtype, as
+  // torch.autocast: float32 (none) | bfloat16 | float16. Features are returned in float32.
+  std::string precision = "float32";
   FreezePolicy freeze;
 };
 
@@ -117,7 +120,9 @@ class Trunk {
 
   // Runs the trunk on a batch (any device) without gradients and returns pooled features
   // on the CPU, float32, contiguous, [N, D]. Floating inputs are converted to float32;
-  // integer inputs (token ids, masks) keep their type. Thread-compatible, not thread-safe.
+  // integer inputs (token ids, masks) keep their type. Under trunk.precision's autocast; a
+  // trunk with a top over a frozen prefix then runs the top in float32. Thread-compatible,
+  // not thread-safe.
   at::Tensor encode(const std::vector<at::Tensor>& inputs);
   at::Tensor encode(const at::Tensor& batch) { return encode(std::vector<at::Tensor>{batch}); }
 
