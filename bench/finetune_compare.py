@@ -9,6 +9,7 @@ BatchNorm statistics stay fixed everywhere (the exported trunk was traced in eva
 
   linear probe            canopy, trunk frozen whole (cache of pooled features)
   top-1 / top-2 / top-4   canopy, trunk.freeze = first:14 / 13 / 11, over the cached prefix
+  top-2 / top-4, bfloat16 the same with trunk.top_precision = bfloat16 (mixed precision)
   top-2, recomputed       PyTorch-Python: requires_grad=False on the prefix, the whole trunk
                           runs every step (what users do today)
   full fine-tuning        PyTorch-Python: every block trains (lr 1e-4 throughout)
@@ -41,7 +42,7 @@ from canopy_runs import cache_then_train, run_main, work_dir  # noqa: E402
 HEAD_LR, TOP_LR, DECAY, BATCH = 1e-3, 1e-4, 2.6, 256
 
 
-def canopy_config(work, a, freeze):
+def canopy_config(work, a, freeze, top_precision="float32"):
     return f"""[data]
 source = fashion-mnist
 dir = {FMNIST}
@@ -57,6 +58,7 @@ pooling = avg
 freeze = {freeze}
 lr = {TOP_LR}
 lr_decay = {DECAY}
+top_precision = {top_precision}
 [cache]
 path = {work}/cache-{freeze.replace(':', '')}
 [train]
@@ -69,18 +71,18 @@ lr = {HEAD_LR}
 """
 
 
-def run_canopy(a, work, freeze):
+def run_canopy(a, work, freeze, top_precision="float32"):
     """Per seed: (accuracy, seconds per epoch, total seconds); the cache is built once."""
-    tag = freeze.replace(":", "")
+    tag = freeze.replace(":", "") + ("" if top_precision == "float32" else "-" + top_precision)
     config = os.path.join(work, f"{tag}.ini")
     with open(config, "w") as f:
-        f.write(canopy_config(work, a, freeze))
+        f.write(canopy_config(work, a, freeze, top_precision))
     out = []
     for seed, _, stdout, per_epoch, total in cache_then_train(a.canopy, ["--config", config], a.seeds,
                                                               f"{work}/out-{tag}", a.epochs):
         acc = float(re.search(r"^probe .*? ([\d.]+)%", stdout, re.M).group(1)) / 100
         out.append((acc, per_epoch, total))
-        print(f"  canopy {freeze} seed {seed}: {100 * acc:.2f}%, {per_epoch:.1f} s/epoch, total {total:.1f} s",
+        print(f"  canopy {tag} seed {seed}: {100 * acc:.2f}%, {per_epoch:.1f} s/epoch, total {total:.1f} s",
               file=sys.stderr, flush=True)
     return out
 
@@ -155,6 +157,9 @@ def main():
     for n, cut in ((1, 14), (2, 13), (4, 11)):
         rows.append((f"top-{n} trained", f"canopy, over the cached prefix (freeze = first:{cut})",
                      run_canopy(a, work, f"first:{cut}")))
+    for n, cut in ((2, 13), (4, 11)):
+        rows.append((f"top-{n} trained, bfloat16", f"canopy, the same with trunk.top_precision = bfloat16",
+                     run_canopy(a, work, f"first:{cut}", "bfloat16")))
     rows.append(("top-2 trained, prefix recomputed", "PyTorch-Python, requires_grad=False on the prefix", run_python(a, 2)))
     rows.append(("full fine-tuning", "PyTorch-Python, every block trained", run_python(a, None)))
 
@@ -177,6 +182,10 @@ def main():
     print(f"DIFF accuracy top-2 - linear probe = {100 * (top2[0] - probe[0]):+.2f} points   goal >= +2")
     print(f"DIFF accuracy best partial - full fine-tuning = {100 * (best[0] - full[0]):+.2f} points   goal >= -1")
     print(f"RATIO full fine-tuning / best partial, total time = {full[2] / best[2]:.2f}   goal >= 3")
+    for n in (2, 4):
+        plain, mixed = summary[f"top-{n} trained"], summary[f"top-{n} trained, bfloat16"]
+        print(f"RATIO top-{n} float32 / bfloat16 top, per epoch = {plain[1] / mixed[1]:.2f}   goal (reported)")
+        print(f"DIFF accuracy top-{n} bfloat16 - float32 = {100 * (mixed[0] - plain[0]):+.2f} points   goal (reported)")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from canopy_runs import cache_then_train, run_main, work_dir
-from trunk_compare import CONFIG, HOME, canopy_rate, export_trunk, images, python_rate
+from trunk_compare import CONFIG, HOME, canopy_rate, export_trunk, images, interleaved, python_rate
 
 
 def main():
@@ -70,14 +70,7 @@ def main():
             sha = open(pt2 + ".sha256").read().strip()
             runs["canopy pt2 float32"] = lambda: canopy_rate(a.canopy, work, n, size, pt2, sha, "pt2")
         python_rate(autocast_bf16, x[:a.batch], a.batch)  # warm-up
-        rates = {k: [] for k in runs}
-        for _ in range(a.repeats):  # interleaved
-            for k, run in runs.items():
-                rates[k].append(run())
-        med = {k: statistics.median(v) for k, v in rates.items()}
-        print(f"\n{size}x{size}, {n} images (median of {a.repeats}, rows/s; min-max):")
-        for k, v in rates.items():
-            print(f"  {k:30s} {med[k]:8.1f}   ({min(v):.1f}-{max(v):.1f})")
+        rates, _ = interleaved(runs, a.repeats, f"{size}x{size}, {n} images")
 
         def ratio(num, den, goal="(reported)"):
             r = [p / q for p, q in zip(rates[num], rates[den])]

@@ -104,6 +104,21 @@ def canopy_rate(canopy, work, n, size, trunk, sha, tag, extra=()):
     return (n + 1) / seconds
 
 
+def interleaved(runs, repeats, what):
+    """Each of `runs` (name: a function giving rows/s) `repeats` times, interleaved; prints
+    the medians with their min-max under `what`. Returns (rates per name, median per name)."""
+    rates = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, run in runs.items():
+            rates[k].append(run())
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\n{what} (median of {repeats}, rows/s; min-max):")
+    width = max(map(len, runs))
+    for k, v in rates.items():
+        print(f"  {k:{width}s} {med[k]:8.1f}   ({min(v):.1f}-{max(v):.1f})")
+    return rates, med
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--canopy", required=True)
@@ -156,14 +171,7 @@ def main():
         }
         python_rate(module, x[:a.batch], a.batch)  # warm-up
         python_rate(cl, x[:a.batch], a.batch)
-        rates = {k: [] for k in runs}
-        for _ in range(a.repeats):  # interleaved
-            for k, run in runs.items():
-                rates[k].append(run())
-        med = {k: statistics.median(v) for k, v in rates.items()}
-        print(f"\n{size}x{size}, {n} images (median of {a.repeats}, rows/s; min-max):")
-        for k, v in rates.items():
-            print(f"  {k:32s} {med[k]:8.1f}   ({min(v):.1f}-{max(v):.1f})")
+        rates, med = interleaved(runs, a.repeats, f"{size}x{size}, {n} images")
         print(f"  compile: torch.compile {torch_compile:.1f} s (first call), AOTInductor package {aoti_compile:.1f} s")
         py_best = max((k for k in med if k.startswith("python") and "job" not in k), key=med.get)
         no_compile = max((k for k in med if k.startswith("python") and "compile" not in k), key=med.get)

@@ -318,6 +318,13 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
                     "on GPUs; the features a few percent off float32 (docs/trunk.md); TorchScript trunks "
                     "only")
           .one_of({"float32", "bfloat16", "float16"}));
+  v.push_back(
+      member_key<K>("trunk", "top_precision", CANOPY_JOB(trunk.top_precision),
+                    "the trainable top's passes (training, evaluation, cache levels, predict) under "
+                    "autocast to this dtype, parameters, gradients and optimizer state kept in float32 "
+                    "(mixed precision, as torch.autocast in a training loop); faster where the CPU has "
+                    "bfloat16 instructions (docs/fine-tuning.md)")
+          .one_of({"float32", "bfloat16"}));
   v.push_back(member_key<K>("trunk", "freeze", CANOPY_JOB(trunk.freeze.freeze),
                             "all | none | first:N | match:REGEX | modules:A B ... (docs/trunk.md)"));
   v.push_back(member_key<K>("trunk", "train_only", CANOPY_JOB(trunk.freeze.train_only),
@@ -921,7 +928,7 @@ std::vector<std::string> top_keys_set(const JobConfig& config) {
                                          "trunk.warmup_epochs",   "trunk.unfreeze_every",
                                          "trunk.freeze_interval", "trunk.percentile",
                                          "trunk.min_trainable",   "trunk.level_on_disk",
-                                         "train.export_monitor"};
+                                         "trunk.top_precision",   "train.export_monitor"};
   const JobConfig defaults;
   std::vector<std::string> set;
   for (const auto& k : job_keys()) {

@@ -89,6 +89,7 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
   if (!meta.row_parts.empty()) {  // the heads read the fine-tuned trunk's features
     card["trunk_file"] = meta.trunk_path;
     card["trunk_boundary"] = meta.boundary;
+    card["top_precision"] = meta.top_precision.empty() ? "float32" : meta.top_precision;
   }
   card["exported_epoch"] = r.exported_epoch;
   if (const auto& v = r.validation) {  // what the epoch (and a grid's winner) was chosen on

@@ -76,6 +76,12 @@ LoadedHead load_head_from(const tasks::TaskConfig& tc, const tasks::HeadRegistry
                "': head was trained on features of trunk passes at ", precision,
                ", the config's trunk.precision is ", config.trunk.precision,
                "; set trunk.precision = ", precision);
+  if (card.contains("trunk_file")) {
+    const std::string top = card.value("top_precision", "float32");
+    CANOPY_CHECK(top == config.trunk.top_precision, DataError, "task '", tc.name,
+                 "': the trunk's top was trained at ", top, ", the config's trunk.top_precision is ",
+                 config.trunk.top_precision, "; set trunk.top_precision = ", top);
+  }
   tasks::HeadSpec spec{card.at("in_features").get<std::int64_t>(),
                        card.at("out_features").get<std::int64_t>(),
                        tasks::HeadParams(tc.name, tc.head_params)};
@@ -197,7 +203,8 @@ trunk::TrunkConfig predict_trunk(const JobConfig& config, const std::string& hea
   tuned.sha256 = reading_card(card_path, [&] { return card.at("trunk_sha256").get<std::string>(); });
   // Frozen whole; under autocast with the training's policy instead, so that the trunk runs
   // its cached prefix under the autocast and its trained top in float32, as training did.
-  if (config.trunk.precision == "float32") tuned.freeze = trunk::FreezePolicy{};
+  if (config.trunk.precision == "float32" && config.trunk.top_precision == "float32")
+    tuned.freeze = trunk::FreezePolicy{};
   CANOPY_CHECK(is_regular_file(tuned.path), DataError, "the heads in '", heads_dir,
                "' were trained with the trunk's top, but the fine-tuned trunk '", tuned.path,
                "' is missing; run `canopy train --config ", config.source, "` again");

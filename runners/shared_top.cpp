@@ -485,6 +485,9 @@ std::string SharedTop::level_path(std::int64_t level) const {
 // (frozen since before it was written).
 std::string SharedTop::level_fingerprint(std::int64_t level) const {
   std::string bytes = cache_fingerprint_ + "|" + top_blocks_[static_cast<std::size_t>(level)];
+  // Computed under autocast, a level holds other values (float32 levels keep their key).
+  const std::string& precision = trunk_.config().top_precision;
+  if (precision != "float32") bytes += "|top_precision=" + precision;
   for (std::int64_t b = 0; b <= level; ++b) {
     for (const auto& p : block_params_[static_cast<std::size_t>(b)]) {
       const at::Tensor c = p.detach().contiguous();

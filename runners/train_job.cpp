@@ -1299,9 +1299,11 @@ std::unique_ptr<FusionChooser> make_fusion_chooser(const JobConfig& config, cons
 // The heads' trunk when the top trained: the fine-tuned one, written to out_dir/trunk.pt and
 // pinned in every card; the cache's otherwise.
 datasets::CacheMeta trained_trunk_meta(const datasets::CacheMeta& cache_meta, SharedTop* top,
-                                       const std::string& out_dir) {
+                                       const JobConfig& config) {
   datasets::CacheMeta meta = cache_meta;
   if (!top) return meta;
+  const std::string& out_dir = config.train.out_dir;
+  meta.top_precision = config.trunk.top_precision;
   meta.trunk_path = join_path(out_dir, "trunk.pt");
   meta.trunk_sha256 = top->export_trunk(meta.trunk_path);
   log_info("fine-tuned trunk written to " + meta.trunk_path + " (sha256 " + meta.trunk_sha256 + ")");
@@ -1493,7 +1495,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
       log_info(detail::str_cat("train.export = best: the top and the heads as they were at epoch ",
                                shared_best, ", where ", describe_monitor(config.train.export_monitor), line));
     }
-    const datasets::CacheMeta meta = trained_trunk_meta(cache.meta(), top, config.train.out_dir);
+    const datasets::CacheMeta meta = trained_trunk_meta(cache.meta(), top, config);
     export_heads(set, runs, meta,
                  final_splits(loop, in.train.validation.has_value(), in.test, top, config.train.batch_size),
                  config.train.out_dir + "/heads", report, shared_best);

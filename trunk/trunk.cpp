@@ -15,6 +15,7 @@
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
+#include <torch/csrc/jit/passes/graph_rewrite_helper.h>
 #include <torch/csrc/jit/serialization/import.h>
 #include <torch/script.h>  // torch::jit::freeze
 
@@ -703,6 +704,9 @@ void validate_trunk_config(const TrunkConfig& c) {
                "'");
   CANOPY_CHECK(kPrecisions.count(c.precision), ConfigError,
                "trunk.precision: expected float32, bfloat16 or float16, got '", c.precision, "'");
+  CANOPY_CHECK(c.top_precision == "float32" || c.top_precision == "bfloat16", ConfigError,
+               "trunk.top_precision: expected float32 or bfloat16, got '", c.top_precision,
+               "' (float16 training needs loss scaling, which canopy does not do)");
   CANOPY_CHECK(c.sha256.empty() || c.sha256.size() == 64, ConfigError,
                "trunk.sha256: expected 64 hex digits, got '", c.sha256, "' (", c.sha256.size(),
                " characters)");
@@ -841,7 +845,10 @@ Trunk Trunk::load(const TrunkConfig& config) {
              "' is loaded unpinned (allowed); to pin it add: sha256 = " + impl->sha256);
   }
   impl->device = choose_device(config.device);
-  if (impl->device.is_cpu()) check_cpu_precision(config.precision);
+  if (impl->device.is_cpu()) {
+    check_cpu_precision(config.precision);
+    if (config.top_precision != config.precision) check_cpu_precision(config.top_precision);
+  }
   if (is_compiled_trunk(config.path)) return load_compiled(std::move(impl));
   try {
     impl->module = torch::jit::load(config.path, impl->device);
@@ -864,6 +871,17 @@ Trunk Trunk::load(const TrunkConfig& config) {
     CANOPY_CHECK(std::find(impl->tap_points.begin(), impl->tap_points.end(), t) != impl->tap_points.end(),
                  ConfigError, "trunk.taps: '", t, "' is not a tap point of '", config.path,
                  "' (tap points: ", join(impl->tap_points, ", "), ")");
+  }
+  // A traced trunk calls aten::_convolution, which autocast passes by (its lists name conv2d
+  // and the like): spelled as those, its convolutions run at the autocast's dtype. Frozen
+  // runners are rewritten so by torch::jit::freeze already; float32 trunks are left as saved.
+  if (config.precision != "float32" || config.top_precision != "float32") {
+    for (const auto& sub : m.modules()) {
+      for (const auto& method : sub.get_methods()) {
+        auto graph = method.graph();
+        torch::jit::graph_rewrite_helper::replaceConvolutionWithAtenConv(graph);
+      }
+    }
   }
   impl->apply_policy();
   impl->set_training(false);
@@ -893,12 +911,16 @@ at::Tensor Trunk::encode(const std::vector<at::Tensor>& inputs) {
   if (impl_->compiled)
     return impl_->run_compiled(impl_->prepare(inputs)).to(c10::kCPU, at::kFloat).contiguous();
   // Under autocast, a trunk with a top over a frozen prefix (a fine-tuned trunk, in predict)
-  // runs as it trained: the prefix under the autocast, as its cache was made; the top in float32.
+  // runs as it trained: the prefix at trunk.precision, as its cache was made; the top at
+  // trunk.top_precision.
   const TopSplit& s = impl_->split;
-  if (impl_->config.precision != "float32" && s.tunes && s.problem.empty() && s.prefix_blocks > 0) {
+  if ((impl_->config.precision != "float32" || impl_->config.top_precision != "float32") && s.tunes &&
+      s.problem.empty() && s.prefix_blocks > 0) {
     const auto parts = encode_prefix(inputs);
     std::vector<at::Tensor> used;
-    const c10::IValue out = impl_->run_cut(impl_->cut_method(s.boundary, ""), parts, used);
+    const std::string& method = impl_->cut_method(s.boundary, "");
+    Autocast autocast(impl_->device.type(), kPrecisions.at(impl_->config.top_precision));
+    const c10::IValue out = impl_->run_cut(method, parts, used);
     return impl_->pooled(out, used).to(c10::kCPU, at::kFloat).contiguous();
   }
   const auto prepared = impl_->prepare(inputs, impl_->runner._ivalue() != impl_->module._ivalue());
@@ -968,6 +990,7 @@ at::Tensor Trunk::top_features_from(const std::string& from, const std::vector<a
   const std::string& method = impl_->cut_method(from, "");
   c10::AutoGradMode grad(true);
   std::vector<at::Tensor> inputs;
+  Autocast autocast(impl_->device.type(), kPrecisions.at(impl_->config.top_precision));
   const c10::IValue out = impl_->run_cut(method, parts, inputs);
   return impl_->pooled(out, inputs);
 }
@@ -975,6 +998,7 @@ at::Tensor Trunk::top_features_from(const std::string& from, const std::vector<a
 at::Tensor Trunk::span(const std::string& from, const std::string& to, const std::vector<at::Tensor>& parts) {
   const std::string& method = impl_->cut_method(from, to);
   std::vector<at::Tensor> inputs;
+  Autocast autocast(impl_->device.type(), kPrecisions.at(impl_->config.top_precision));
   return impl_->run_cut(method, parts, inputs).toTensor();
 }
 
@@ -1124,7 +1148,8 @@ std::string Trunk::show(int max_depth) const {
     << "\n  parameters  " << total << ", trainable " << trainable << "\n"
     << "  freeze      " << describe(c.freeze) << "\n"
     << "  features    tap " << describe_taps(c) << ", pooling " << c.pooling
-    << (c.precision == "float32" ? "" : ", passes under " + c.precision + " autocast") << "\n";
+    << (c.precision == "float32" ? "" : ", passes under " + c.precision + " autocast")
+    << (c.top_precision == "float32" ? "" : ", the top's under " + c.top_precision + " autocast") << "\n";
   const TopSplit& sp = impl_->split;
   if (!sp.tunes) {
     o << "  trains      heads only: the cache holds pooled features of the frozen trunk\n";

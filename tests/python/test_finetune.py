@@ -10,7 +10,8 @@ h5py and safetensors, on a slice of Fashion-MNIST through a small trunk with blo
 - a grid with the top: its members fuse only with each other, the log says it weighs on the
   top as one task, SIGKILL + --resume ends bitwise identical
 - trunk.lr_warmup_steps and trunk.max_grad_norm move the top by exactly what they say (one
-  SGD step), warm up over the steps the top trains, and resume bitwise
+  SGD step), warm up over the steps the top trains, and resume bitwise; so does a top trained
+  under bfloat16 autocast (trunk.top_precision)
 - train.export = best with the top: the top and every head of the one epoch whose mean
   validation score over the tasks was best, bitwise those of a run stopped at that epoch;
   SIGKILL + --resume exports the same
@@ -138,6 +139,21 @@ def check_warmup_and_clipping(canopy, work, config, trunk, plain):
           f"canopy inspect --json gives the last epoch's rate, gradient norm and clipped steps: {top}")
     out = f"{work}/warm-cut"
     r = killed_twice_then_resumed(canopy, config, out, "warmed up and clipped,", *keys)
+    resumed = state(f"{out}/trunk.pt") if r.returncode == 0 else {}
+    check(whole and resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole) and
+          trunk_rows(out) == rows,
+          "... and resumed: the trunk and every epoch's @trunk row bitwise the uninterrupted run's")
+
+    # Mixed precision (trunk.top_precision = bfloat16, the top's passes under autocast): killed
+    # twice and resumed, bitwise the uninterrupted run too.
+    mixed = ["--set", "trunk.top_precision=bfloat16"]
+    r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/mixed", *mixed)
+    whole = state(f"{work}/mixed/trunk.pt") if r.returncode == 0 else {}
+    rows = trunk_rows(f"{work}/mixed") if r.returncode == 0 else []
+    check(whole and any(not torch.equal(whole[k], plain[k]) for k in plain),
+          "a top trained under bfloat16 autocast ends elsewhere than in float32")
+    out = f"{work}/mixed-cut"
+    r = killed_twice_then_resumed(canopy, config, out, "a bfloat16 top,", *mixed)
     resumed = state(f"{out}/trunk.pt") if r.returncode == 0 else {}
     check(whole and resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole) and
           trunk_rows(out) == rows,

@@ -12,6 +12,8 @@ On a small conv + BatchNorm trunk over a slice of Fashion-MNIST:
 - a fine-tuning cache (the frozen prefix) is made under the autocast too; a top trained over
   it, exported, predicts with the accuracy its card says (the prefix under the autocast, the
   top in float32, as it trained)
+- trunk.top_precision = bfloat16 trains the top under the autocast: deterministic, other
+  weights than float32's, in the card, checked by predict
 - `trunk show` says so; float16 on a CPU without float16 arithmetic is refused (exit 2)
 
     test_precision.py --canopy build/runners/canopy
@@ -166,6 +168,51 @@ head = linear
         worst = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
         check(worst <= 2e-6, f"predict's scores with the fine-tuned trunk = its float32 top over the bfloat16 "
                              f"prefix, as trained (max diff {worst:.1e})")
+
+    # trunk.top_precision = bfloat16: the top trains under the autocast (mixed precision). It
+    # trains to other weights than in float32, the same ones run after run; its card says so,
+    # predict refuses another top precision and with the same one scores the card's accuracy.
+    def top_state(out_dir):
+        return {k: v.detach().clone() for k, v in torch.jit.load(f"{out_dir}/trunk.pt").state_dict().items()}
+
+    mixed = [*tune, "--set", "trunk.top_precision=bfloat16"]
+    states = []
+    for k in range(2):
+        rc, out = canopy(binary, "train", *mixed, "--set", f"train.out_dir={work}/mixed{k}", "--progress", "quiet")
+        check(rc == 0, f"the top trains under trunk.top_precision = bfloat16, run {k} (exit {rc}) {out[-300:] if rc else ''}")
+        if rc == 0:
+            states.append(top_state(f"{work}/mixed{k}"))
+    if len(states) == 2 and os.path.isfile(f"{work}/tuned/trunk.pt"):
+        plain = top_state(f"{work}/tuned")
+        same = all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+        moved = max((states[0][k].float() - plain[k].float()).abs().max().item() for k in plain)
+        check(same and moved > 0, f"a bfloat16 top trains to the same weights run after run ({same}) and to others "
+                                  f"than a float32 top (max diff {moved:.1e})")
+        card = json.load(open(f"{work}/mixed0/heads/a.json"))
+        check(card.get("top_precision") == "bfloat16", f"the card says top_precision ({card.get('top_precision')})")
+        rc, out = canopy(binary, "predict", *tune, "--set", f"train.out_dir={work}/mixed0", "--input",
+                         f"{FMNIST}/t10k-images-idx3-ubyte.gz", "--limit", str(TEST), "--output", f"{work}/m.csv")
+        check(rc == 1 and "trunk.top_precision = bfloat16" in out,
+              f"predict with a float32 top refuses a top trained at bfloat16 (exit {rc}): {out[-200:]}")
+        rc, out = canopy(binary, "predict", *mixed, "--set", f"train.out_dir={work}/mixed0", "--input",
+                         f"{FMNIST}/t10k-images-idx3-ubyte.gz", "--limit", str(TEST), "--scores", "--output",
+                         f"{work}/m.csv")
+        check(rc == 0, f"predict with the bfloat16 top (exit {rc}) {out[-300:] if rc else ''}")
+        if rc == 0:
+            # Python: the exported top's blocks under torch.autocast over the cached prefix,
+            # pooled in float32, the head in float32.
+            tuned = torch.jit.load(f"{work}/mixed0/trunk.pt").eval()
+            x = prefixes["bfloat16"].reshape(TEST, 8, 14, 14)
+            with torch.no_grad():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    for b in ("1", "2"):
+                        x = getattr(tuned.blocks, b)(x)
+                want = torch.softmax(rebuild_head(f"{work}/mixed0/heads/a.json")(x.float().mean((2, 3))), 1)
+            got = torch.tensor([[float(v) for v in row.split(",")[2:]]
+                                for row in open(f"{work}/m.csv").read().splitlines()[1:]])
+            worst = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
+            check(worst <= 2e-6, f"predict's scores with the bfloat16 top = Python's autocast over the cached "
+                                 f"prefix (max diff {worst:.1e})")
 
     rc, out = canopy(binary, "trunk", "show", "--config", config, "--set", "trunk.precision=bfloat16")
     check(rc == 0 and "passes under bfloat16 autocast" in out, f"trunk show says the precision: {out[:300]}")

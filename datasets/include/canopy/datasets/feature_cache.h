@@ -105,6 +105,9 @@ struct CacheMeta {
   // a cache of pooled features.
   std::string boundary;
   std::vector<RowPart> row_parts;
+  // Heads trained with the trunk's top: the top's autocast dtype (trunk.top_precision), for
+  // their cards. Not part of a cache.
+  std::string top_precision;
   // Mean and standard deviation over the train split of each float label source (what a
   // regression head standardises its targets with).
   std::map<std::string, std::pair<double, double>> label_stats;

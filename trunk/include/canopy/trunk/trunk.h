@@ -64,6 +64,9 @@ struct TrunkConfig {
   // The inference passes (encode, encode_prefix) under autocast to this dtype, as
   // torch.autocast: float32 (none) | bfloat16 | float16. Features are returned in float32.
   std::string precision = "float32";
+  // The trainable top's passes (training, evaluation, cache levels, predict) under autocast:
+  // float32 (none) | bfloat16. Parameters, gradients and optimizer state stay float32.
+  std::string top_precision = "float32";
   FreezePolicy freeze;
 };
 
