@@ -37,9 +37,10 @@ const std::set<std::string> kPoolings = {"avg", "flatten", "none", "first_token"
 const std::map<std::string, at::ScalarType> kPrecisions = {
     {"float32", at::kFloat}, {"bfloat16", at::kBFloat16}, {"float16", at::kHalf}};
 
-// torch.autocast around one inference pass: the ops on autocast's lists run in `dtype`
-// (convolutions and matrix multiplies in 16 bits; normalisations, softmax and reductions in
-// float32); what the thread had set before is restored. float32: nothing is changed.
+// torch.autocast around one pass of the trunk or its top (backward runs outside it, as in a
+// PyTorch training loop): the ops on autocast's lists run in `dtype` (convolutions and matrix
+// multiplies in 16 bits; normalisations, softmax and reductions in float32); what the thread
+// had set before is restored. float32: nothing is changed.
 class Autocast {
  public:
   Autocast(c10::DeviceType type, at::ScalarType dtype) : type_(type), on_(dtype != at::kFloat) {
@@ -276,15 +277,15 @@ std::string first_line(const std::string& s) { return s.substr(0, s.find('\n'));
 // 16-bit passes on a CPU without the instructions for them. LibTorch emulates float16 there
 // (caching the demo took 15x as long as float32 on an AMD EPYC Zen 4 without avx512_fp16):
 // refused. bfloat16 without avx512_bf16 or AMX is said, not refused (it may still win).
-void check_cpu_precision(const std::string& precision) {
+void check_cpu_precision(const std::string& key, const std::string& precision) {
   if (precision == "float16") {
-    CANOPY_CHECK(cpu_has_flag("avx512_fp16") || cpu_has_flag("amx_fp16"), ConfigError,
-                 "trunk.precision = float16 on this CPU (", cpu_model(),
+    CANOPY_CHECK(cpu_has_flag("avx512_fp16") || cpu_has_flag("amx_fp16"), ConfigError, key,
+                 " = float16 on this CPU (", cpu_model(),
                  "): it has no float16 arithmetic (avx512_fp16, amx_fp16), so LibTorch emulates it, "
                  "many times slower than float32 (15x on the demo, AMD EPYC Zen 4); use bfloat16, the "
                  "16-bit type CPUs compute in, or float32");
   } else if (precision == "bfloat16" && !cpu_has_flag("avx512_bf16") && !cpu_has_flag("amx_bf16")) {
-    log_info("trunk.precision = bfloat16 on a CPU without bfloat16 instructions (avx512_bf16, amx_bf16; " +
+    log_info(key + " = bfloat16 on a CPU without bfloat16 instructions (avx512_bf16, amx_bf16; " +
              cpu_model() + "): the passes may be slower than float32; compare the cache times");
   }
 }
@@ -846,8 +847,9 @@ Trunk Trunk::load(const TrunkConfig& config) {
   }
   impl->device = choose_device(config.device);
   if (impl->device.is_cpu()) {
-    check_cpu_precision(config.precision);
-    if (config.top_precision != config.precision) check_cpu_precision(config.top_precision);
+    check_cpu_precision("trunk.precision", config.precision);
+    if (config.top_precision != config.precision)
+      check_cpu_precision("trunk.top_precision", config.top_precision);
   }
   if (is_compiled_trunk(config.path)) return load_compiled(std::move(impl));
   try {
