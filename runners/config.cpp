@@ -291,7 +291,10 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
                             "then divided by: one value or one per channel"));
 }
 
-// [trunk]: the encoder, its pin, freezing, taps and pooling.
+void add_top_keys(std::vector<Key<JobConfig>>& v);
+void add_schedule_keys(std::vector<Key<JobConfig>>& v);
+
+// [trunk]: the encoder, its pin, freezing, taps, pooling and precision; then the top's keys.
 void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
   using K = JobConfig;
   v.push_back(member_key<K>("trunk", "path", CANOPY_JOB(trunk.path), "the TorchScript trunk file", true));
@@ -332,6 +335,13 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(member_key<K>("trunk", "batchnorm_affine_trainable",
                             CANOPY_JOB(trunk.freeze.batchnorm_affine_trainable),
                             "BatchNorm weight and bias keep learning while their statistics stay fixed"));
+  add_top_keys(v);
+  add_schedule_keys(v);
+}
+
+// [trunk], the trainable top: its optimizer, learning rates, warm-up and clipping.
+void add_top_keys(std::vector<Key<JobConfig>>& v) {
+  using K = JobConfig;
   v.push_back(choice<K>(
       "trunk", "optimizer", CANOPY_JOB(top.optimizer), tasks::parse_optimizer,
       [](tasks::OptimizerKind o) { return tasks::to_string(o); }, tasks::optimizer_names(),
@@ -365,6 +375,11 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
                             "torch.nn.utils.clip_grad_norm_ (under mpirun: of the summed gradient); 0: "
                             "not clipped")
                   .at_least(0));
+}
+
+// [trunk], which of the top's blocks train when: gradual unfreezing and autofreeze.
+void add_schedule_keys(std::vector<Key<JobConfig>>& v) {
+  using K = JobConfig;
   v.push_back(choice<K>(
       "trunk", "schedule", CANOPY_JOB(top.schedule), parse_freeze_schedule,
       [](FreezeSchedule s) { return std::string(to_string(s)); },

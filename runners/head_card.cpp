@@ -36,18 +36,12 @@ ordered_json per_class_report(const tasks::EvalMetrics& m, const std::vector<std
   return out;
 }
 
-// The cached tap, from the cache's description (caches made before taps say nothing: the output).
-std::string tap_of(const datasets::CacheMeta& meta) {
+// A part of the cache's description (cache_description), or `absent`, what a description
+// without it means (a cache made before taps: the output; any float32 cache: float32).
+std::string description_part(const datasets::CacheMeta& meta, const std::string& key, const char* absent) {
   const auto parts = parse_description(meta.description);
-  const auto it = parts.find("tap");
-  return it == parts.end() ? "output" : it->second;
-}
-
-// The trunk's precision the cache was made at (caches made before trunk.precision: float32).
-std::string precision_of(const datasets::CacheMeta& meta) {
-  const auto parts = parse_description(meta.description);
-  const auto it = parts.find("precision");
-  return it == parts.end() ? "float32" : it->second;
+  const auto it = parts.find(key);
+  return it == parts.end() ? absent : it->second;
 }
 
 // The card of `task` trained with `r` on features of `meta`'s cache.
@@ -71,8 +65,8 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
                     {"cache_fingerprint", meta.fingerprint},
                     {"preprocessing", meta.preprocessing},
                     {"pooling", meta.pooling},
-                    {"tap", tap_of(meta)},
-                    {"trunk_precision", precision_of(meta)},
+                    {"tap", description_part(meta, "tap", "output")},
+                    {"trunk_precision", description_part(meta, "precision", "float32")},
                     {"epochs", r.epochs},
                     {"eval_accuracy", r.eval.accuracy},
                     {"eval_macro_f1", r.eval.macro_f1},

@@ -440,11 +440,13 @@ struct Trunk::Impl {
   std::vector<std::string> blocks, tap_points;
   std::set<std::string> frozen;  // qualified names of frozen modules
   TopSplit split;
-  bool training = false;                    // the mode set_training last set
-  std::set<std::string> held;               // top blocks a schedule holds frozen for now
-  std::set<std::string> policy_trainable;   // parameters the policy leaves trainable
-  std::map<std::string, std::string> cuts;  // "from>to" -> the method computing it
-  bool channels_last = false;               // the optimised runners hold channels-last weights
+  bool training = false;                      // the mode set_training last set
+  std::set<std::string> held;                 // top blocks a schedule holds frozen for now
+  std::set<std::string> policy_trainable;     // parameters the policy leaves trainable
+  std::map<std::string, std::string> cuts;    // "from>to" -> the method computing it
+  bool channels_last = false;                 // the optimised runners hold channels-last weights
+  at::ScalarType precision = at::kFloat;      // trunk.precision: the inference passes' autocast
+  at::ScalarType top_precision = at::kFloat;  // trunk.top_precision: the top's passes' autocast
   // A compiled (AOTInductor, .pt2) trunk: inference only, its outputs fixed when it was
   // exported (metadata canopy.outputs names them).
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> compiled;
@@ -846,6 +848,8 @@ Trunk Trunk::load(const TrunkConfig& config) {
              "' is loaded unpinned (allowed); to pin it add: sha256 = " + impl->sha256);
   }
   impl->device = choose_device(config.device);
+  impl->precision = kPrecisions.at(config.precision);
+  impl->top_precision = kPrecisions.at(config.top_precision);
   if (impl->device.is_cpu()) {
     check_cpu_precision("trunk.precision", config.precision);
     if (config.top_precision != config.precision)
@@ -916,17 +920,17 @@ at::Tensor Trunk::encode(const std::vector<at::Tensor>& inputs) {
   // runs as it trained: the prefix at trunk.precision, as its cache was made; the top at
   // trunk.top_precision.
   const TopSplit& s = impl_->split;
-  if ((impl_->config.precision != "float32" || impl_->config.top_precision != "float32") && s.tunes &&
+  if ((impl_->precision != at::kFloat || impl_->top_precision != at::kFloat) && s.tunes &&
       s.problem.empty() && s.prefix_blocks > 0) {
     const auto parts = encode_prefix(inputs);
     std::vector<at::Tensor> used;
     const std::string& method = impl_->cut_method(s.boundary, "");
-    Autocast autocast(impl_->device.type(), kPrecisions.at(impl_->config.top_precision));
+    Autocast autocast(impl_->device.type(), impl_->top_precision);
     const c10::IValue out = impl_->run_cut(method, parts, used);
     return impl_->pooled(out, used).to(c10::kCPU, at::kFloat).contiguous();
   }
   const auto prepared = impl_->prepare(inputs, impl_->runner._ivalue() != impl_->module._ivalue());
-  Autocast autocast(impl_->device.type(), kPrecisions.at(impl_->config.precision));
+  Autocast autocast(impl_->device.type(), impl_->precision);
   return impl_->run(impl_->runner, prepared).to(c10::kCPU, at::kFloat).contiguous();
 }
 
@@ -966,7 +970,7 @@ std::vector<at::Tensor> Trunk::encode_prefix(const std::vector<at::Tensor>& inpu
   std::vector<c10::IValue> args(prepared.begin(), prepared.end());
   std::vector<at::Tensor> parts;
   try {
-    Autocast autocast(impl_->device.type(), kPrecisions.at(impl_->config.precision));
+    Autocast autocast(impl_->device.type(), impl_->precision);
     parts.push_back(impl_->prefix_runner.get_method(kPrefixMethod)(args).toTensor());
   } catch (const std::exception& e) {
     throw DataError(detail::str_cat("trunk '", impl_->config.path, "' failed in its prefix (blocks up to ",
@@ -992,7 +996,7 @@ at::Tensor Trunk::top_features_from(const std::string& from, const std::vector<a
   const std::string& method = impl_->cut_method(from, "");
   c10::AutoGradMode grad(true);
   std::vector<at::Tensor> inputs;
-  Autocast autocast(impl_->device.type(), kPrecisions.at(impl_->config.top_precision));
+  Autocast autocast(impl_->device.type(), impl_->top_precision);
   const c10::IValue out = impl_->run_cut(method, parts, inputs);
   return impl_->pooled(out, inputs);
 }
@@ -1000,7 +1004,7 @@ at::Tensor Trunk::top_features_from(const std::string& from, const std::vector<a
 at::Tensor Trunk::span(const std::string& from, const std::string& to, const std::vector<at::Tensor>& parts) {
   const std::string& method = impl_->cut_method(from, to);
   std::vector<at::Tensor> inputs;
-  Autocast autocast(impl_->device.type(), kPrecisions.at(impl_->config.top_precision));
+  Autocast autocast(impl_->device.type(), impl_->top_precision);
   return impl_->run_cut(method, parts, inputs).toTensor();
 }
 
