@@ -13,9 +13,12 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/ir/constants.h>
 #include <torch/csrc/jit/ir/ir.h>
+#include <torch/csrc/jit/passes/autocast.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 #include <torch/csrc/jit/passes/graph_rewrite_helper.h>
+#include <torch/csrc/jit/runtime/graph_iterator.h>
 #include <torch/csrc/jit/serialization/import.h>
 #include <torch/script.h>  // torch::jit::freeze
 
@@ -322,6 +325,35 @@ torch::jit::Module inference_runner(const torch::jit::Module& module, const std:
   return torch::jit::freeze(clone, methods);
 }
 
+// Under trunk.top_precision = bfloat16 on the CPU, the top's grouped (depthwise)
+// convolutions run in float32: their bfloat16 backward is slower there than float32 (the
+// demo trunk's 5x5 depthwise convolutions, channels-last: 2.4x slower at 64x64, so that the
+// whole top trained slower in bfloat16 than in float32; docs/fine-tuning.md). Each
+// aten::conv2d with a constant groups > 1 becomes aten::_convolution on its input as float32,
+// which autocast leaves alone. Returns how many were rewritten.
+int keep_grouped_convolutions_float32(std::shared_ptr<torch::jit::Graph> g) {
+  std::vector<torch::jit::Node*> convs;
+  for (torch::jit::DepthFirstGraphNodeIterator it(g); auto* node = it.next();) {
+    if (node->kind() != c10::Symbol::aten("conv2d") || node->inputs().size() != 7) continue;
+    const auto groups = torch::jit::toIValue(node->input(6));
+    if (groups && groups->isInt() && groups->toInt() > 1 &&
+        node->input(4)->type()->kind() == c10::TypeKind::ListType)
+      convs.push_back(node);
+  }
+  for (auto* node : convs) {
+    torch::jit::WithInsertPoint guard(node);
+    auto* g2 = node->owningGraph();
+    torch::jit::Value* x = g2->insert(c10::Symbol::aten("to"), {node->input(0), c10::ScalarType::Float});
+    torch::jit::Value* y =
+        g2->insert(c10::Symbol::aten("_convolution"),
+                   {x, node->input(1), node->input(2), node->input(3), node->input(4), node->input(5), false,
+                    std::vector<std::int64_t>{0, 0}, node->input(6), false, false, true, true});
+    node->output()->replaceAllUsesWith(y);
+    node->destroy();
+  }
+  return static_cast<int>(convs.size());
+}
+
 // The modules a selection names (see FreezePolicy), as subtree roots.
 std::vector<std::string> select_modules(const std::string& spec, const std::vector<std::string>& names,
                                         const std::vector<std::string>& blocks, const char* key) {
@@ -445,6 +477,7 @@ struct Trunk::Impl {
   std::set<std::string> policy_trainable;     // parameters the policy leaves trainable
   std::map<std::string, std::string> cuts;    // "from>to" -> the method computing it
   bool channels_last = false;                 // the optimised runners hold channels-last weights
+  bool module_channels_last = false;          // `module` (the trainable one) holds them too
   at::ScalarType precision = at::kFloat;      // trunk.precision: the inference passes' autocast
   at::ScalarType top_precision = at::kFloat;  // trunk.top_precision: the top's passes' autocast
   // A compiled (AOTInductor, .pt2) trunk: inference only, its outputs fixed when it was
@@ -513,7 +546,7 @@ struct Trunk::Impl {
     std::vector<at::Tensor> out;
     for (const auto& x : inputs) {
       out.push_back(x.is_floating_point() ? x.to(device, at::kFloat) : x.to(device));
-      if (optimised && channels_last && out.back().dim() == 4)
+      if ((optimised ? channels_last : module_channels_last) && out.back().dim() == 4)
         out.back() = out.back().contiguous(at::MemoryFormat::ChannelsLast);
     }
     return out;
@@ -675,12 +708,15 @@ struct Trunk::Impl {
     // The trunk's inputs as the graph takes them: those the top reads from the parts (float,
     // as cached), the others empty.
     inputs.assign(module.get_method("forward").graph()->inputs().size() - 1, at::Tensor());
+    const auto placed = [&](at::Tensor x) {
+      return module_channels_last && x.dim() == 4 ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
+    };
     for (std::size_t k = 0; k < split.top_inputs.size(); ++k) {
-      inputs[static_cast<std::size_t>(split.top_inputs[k])] = parts[k + 1].to(device);
+      inputs[static_cast<std::size_t>(split.top_inputs[k])] = placed(parts[k + 1].to(device));
     }
     std::vector<c10::IValue> args;
     for (auto& x : inputs) args.emplace_back(x.defined() ? x : at::empty({0}));
-    args.emplace_back(parts[0].to(device, at::kFloat));
+    args.emplace_back(placed(parts[0].to(device, at::kFloat)));
     try {
       return module.get_method(method)(args);
     } catch (const std::exception& e) {
@@ -856,6 +892,10 @@ Trunk Trunk::load(const TrunkConfig& config) {
       check_cpu_precision("trunk.top_precision", config.top_precision);
   }
   if (is_compiled_trunk(config.path)) return load_compiled(std::move(impl));
+  // TorchScript's own autocast pass (a prototype, on by default) rewrites graphs as they run,
+  // and only under some grad modes: off, every op is cast by the dispatcher's autocast, as in
+  // eager PyTorch, the same in training, evaluation and predict.
+  torch::jit::setAutocastMode(false);
   try {
     impl->module = torch::jit::load(config.path, impl->device);
   } catch (const c10::Error& e) {
@@ -908,6 +948,29 @@ Trunk Trunk::load(const TrunkConfig& config) {
   }
   if (config.optimize && trunk.impl_->split.problem.empty() && trunk.impl_->split.prefix_blocks > 0) {
     trunk.impl_->prefix_runner = inference_runner(m, {kPrefixMethod}, trunk.impl_->channels_last);
+  }
+  // A trunk that trains runs its convolutions channels-last too, weights and inputs (and so
+  // gradients and optimizer state): training the demo's top is 2-2.6x faster so on the CPU
+  // (docs/performance.md). The values are the same up to rounding; files get them contiguous.
+  if (config.optimize && trainable > 0) {
+    c10::NoGradGuard no_grad;
+    for (const auto& p : m.parameters(true)) {
+      if (p.dim() != 4) continue;
+      at::Tensor w = p;
+      w.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
+      trunk.impl_->module_channels_last = true;
+    }
+  }
+  if (trainable > 0 && config.top_precision == "bfloat16" && trunk.impl_->device.is_cpu()) {
+    int rewritten = 0;
+    for (const auto& sub : m.modules()) {
+      for (const auto& method : sub.get_methods())
+        rewritten += keep_grouped_convolutions_float32(method.graph());
+    }
+    if (rewritten > 0)
+      log_info(
+          "trunk.top_precision = bfloat16: the top's grouped (depthwise) convolutions run in float32 "
+          "(faster on the CPU)");
   }
   return trunk;
 }

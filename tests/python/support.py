@@ -133,15 +133,18 @@ def slow_conv_trunk():
     return Slow()
 
 
-def tiny_block_trunk():
+def tiny_block_trunk(depthwise=False):
     """A small image trunk with blocks, for fine-tuning: stem = Sequential(Conv2d(3, 8, 3,
     stride 2), BatchNorm2d, ReLU), then blocks.0 .. blocks.2, each Sequential(Conv2d(8, 8, 3),
-    BatchNorm2d, ReLU) with non-trivial running statistics. [N, 3, H, W] -> [N, 8, H/2, W/2]."""
+    BatchNorm2d, ReLU) with non-trivial running statistics. [N, 3, H, W] -> [N, 8, H/2, W/2].
+    depthwise: the blocks' convolutions are depthwise (groups = 8), as in MobileNets."""
     import torch
     from torch import nn
 
     def conv_bn(c_in, stride):
-        return nn.Sequential(nn.Conv2d(c_in, 8, 3, stride=stride, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        groups = 8 if depthwise and c_in == 8 else 1
+        return nn.Sequential(nn.Conv2d(c_in, 8, 3, stride=stride, padding=1, groups=groups), nn.BatchNorm2d(8),
+                             nn.ReLU())
 
     class TinyBlocks(nn.Module):
         def __init__(self):

@@ -13,7 +13,8 @@ On a small conv + BatchNorm trunk over a slice of Fashion-MNIST:
   it, exported, predicts with the accuracy its card says (the prefix under the autocast, the
   top in float32, as it trained)
 - trunk.top_precision = bfloat16 trains the top under the autocast: deterministic, other
-  weights than float32's, in the card, checked by predict
+  weights than float32's, in the card, checked by predict; a top's grouped (depthwise)
+  convolutions stay float32 on the CPU (predict's scores = Python's with that policy)
 - `trunk show` says so; float16 on a CPU without float16 arithmetic is refused (exit 2)
 
     test_precision.py --canopy build/runners/canopy
@@ -57,6 +58,69 @@ def python_features(module, x, dtype):
     with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         out = module(x.contiguous(memory_format=torch.channels_last))
     return out.float().mean((2, 3))
+
+
+def depthwise_top(binary, work):
+    """Under trunk.top_precision = bfloat16 on the CPU the top's grouped (depthwise)
+    convolutions run in float32 (their bfloat16 backward is the slower there), the rest under
+    the autocast: predict's scores are Python's with exactly that policy, and not those of the
+    plain autocast."""
+    import torch.nn.functional as F
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+    from rebuild_head import rebuild_head
+    torch.manual_seed(1)
+    trunk = f"{work}/depthwise.pt"
+    torch.jit.script(tiny_block_trunk(depthwise=True).eval()).save(trunk)
+    config = f"{work}/depthwise.ini"
+    with open(config, "w") as f:
+        f.write(tiny_trunk_sections(trunk, TRAIN, TEST) + f"""freeze = first:2
+top_precision = bfloat16
+lr = 0.003
+[cache]
+path = {work}/dw-cache
+[train]
+out_dir = {work}/dw-out
+epochs = 2
+batch_size = 32
+[task.a]
+head = linear
+lr = 0.01
+""")
+    rc, out = canopy(binary, "run", "--config", config, "--progress", "quiet")
+    check(rc == 0 and "grouped (depthwise) convolutions run in float32" in out,
+          f"a depthwise top trains under trunk.top_precision = bfloat16, saying its grouped convolutions "
+          f"stay float32 (exit {rc}): {out[-400:]}")
+    rc, out = canopy(binary, "predict", "--config", config, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz",
+                     "--limit", str(TEST), "--scores", "--output", f"{work}/dw.csv")
+    check(rc == 0, f"predict with the depthwise bfloat16 top (exit {rc}) {out[-300:] if rc else ''}")
+    if rc != 0:
+        return
+    eager = tiny_block_trunk(depthwise=True).eval()
+    eager.load_state_dict(torch.jit.load(f"{work}/dw-out/trunk.pt").state_dict())
+    with h5py.File(f"{work}/dw-cache/cache.h5", "r") as h:
+        prefix = torch.from_numpy(h["test/features"][:]).reshape(TEST, 8, 14, 14)
+    head = rebuild_head(f"{work}/dw-out/heads/a.json")
+
+    def scores(grouped_float32):
+        def conv(m, x):
+            if m.groups > 1 and grouped_float32:
+                with torch.autocast("cpu", enabled=False):
+                    return F.conv2d(x.float(), m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+            return m._conv_forward(x, m.weight, m.bias)
+        x = prefix.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for b in (eager.blocks[1], eager.blocks[2]):
+                x = b[2](b[1](conv(b[0], x)))
+        return torch.softmax(head(x.float().mean((2, 3))), 1)
+
+    got = torch.tensor([[float(v) for v in row.split(",")[2:]]
+                        for row in open(f"{work}/dw.csv").read().splitlines()[1:]])
+    want, plain = scores(True), scores(False)
+    worst = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
+    apart = (want - plain).abs().max().item()
+    check(worst <= 2e-6 and apart > 1e-5,
+          f"predict's scores with the depthwise bfloat16 top = Python's autocast with its grouped convolutions "
+          f"in float32 (max diff {worst:.1e}; the plain autocast's scores are {apart:.1e} away)")
 
 
 def main():
@@ -214,6 +278,7 @@ head = linear
             check(worst <= 2e-6, f"predict's scores with the bfloat16 top = Python's autocast over the cached "
                                  f"prefix (max diff {worst:.1e})")
 
+    depthwise_top(binary, work)
     rc, out = canopy(binary, "trunk", "show", "--config", config, "--set", "trunk.precision=bfloat16")
     check(rc == 0 and "passes under bfloat16 autocast" in out, f"trunk show says the precision: {out[:300]}")
     rc, out = canopy(binary, "cache", "--config", config, "--set", "trunk.precision=float16", "--set",
