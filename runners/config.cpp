@@ -327,8 +327,9 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
       member_key<K>("trunk", "top_precision", CANOPY_JOB(trunk.top_precision),
                     "the trainable top's passes (training, evaluation, cache levels, predict) under "
                     "autocast to this dtype, parameters, gradients and optimizer state kept in float32 "
-                    "(mixed precision, as torch.autocast in a training loop); faster where the CPU has "
-                    "bfloat16 instructions (docs/fine-tuning.md)")
+                    "(mixed precision, as torch.autocast in a training loop; on the CPU its grouped, "
+                    "depthwise, convolutions stay float32, faster there); faster where the CPU has "
+                    "bfloat16 instructions, the more so the larger the images (docs/fine-tuning.md)")
           .one_of({"float32", "bfloat16"}));
   v.push_back(member_key<K>("trunk", "freeze", CANOPY_JOB(trunk.freeze.freeze),
                             "all | none | first:N | match:REGEX | modules:A B ... (docs/trunk.md)"));

@@ -305,6 +305,45 @@ TEST(BatchNorm, FrozenBuffersStayBitwiseUnchangedWhileTheRestTrains) {
   }
 }
 
+// A trunk that trains holds its convolution weights channels-last (trunk.optimize), computes
+// what the trunk as saved computes, and its top records a graph only where grad mode is on:
+// an evaluation under NoGradGuard keeps no activations for a backward that never comes.
+TEST(Top, ChannelsLastWeightsSameValuesAndNoGraphWithoutGradMode) {
+  REQUIRE_CONVNET();
+  Trunk fast = Trunk::load(convnet("first:2"));
+  TrunkConfig plain_config = convnet("first:2");
+  plain_config.optimize = false;
+  Trunk plain = Trunk::load(plain_config);
+  int conv_weights = 0;
+  for (const auto& p : fast.trainable_parameters()) {
+    if (p.dim() != 4) continue;
+    ++conv_weights;
+    EXPECT_TRUE(p.is_contiguous(at::MemoryFormat::ChannelsLast)) << "weight of shape " << p.sizes();
+  }
+  EXPECT_GT(conv_weights, 0);
+  for (const auto& p : plain.trainable_parameters()) {
+    if (p.dim() == 4) {
+      EXPECT_TRUE(p.is_contiguous()) << "trunk.optimize = false keeps the saved layout";
+    }
+  }
+  const at::Tensor x = at::randn({4, 3, 12, 12});
+  auto parts = fast.encode_prefix({x});
+  for (auto& p : parts) p = p.clone();  // inference tensors, as the cache's rows are not
+  const at::Tensor with_graph = fast.top_features(parts);
+  EXPECT_TRUE(with_graph.requires_grad());
+  at::Tensor without;
+  {
+    c10::NoGradGuard no_grad;
+    without = fast.top_features(parts);
+  }
+  EXPECT_FALSE(without.requires_grad());
+  EXPECT_FALSE(without.grad_fn());
+  EXPECT_TRUE(at::allclose(without, with_graph.detach(), 1e-5, 1e-6));
+  auto plain_parts = plain.encode_prefix({x});
+  for (auto& p : plain_parts) p = p.clone();
+  EXPECT_TRUE(at::allclose(without, plain.top_features(plain_parts).detach(), 1e-5, 1e-6));
+}
+
 TEST(BatchNorm, AffineTrainableVariantLearnsWeightAndBiasWithStatisticsFixed) {
   REQUIRE_CONVNET();
   TrunkConfig c = convnet("all");

@@ -326,9 +326,10 @@ torch::jit::Module inference_runner(const torch::jit::Module& module, const std:
 }
 
 // Under trunk.top_precision = bfloat16 on the CPU, the top's grouped (depthwise)
-// convolutions run in float32: their bfloat16 backward is slower there than float32 (the
-// demo trunk's 5x5 depthwise convolutions, channels-last: 2.4x slower at 64x64, so that the
-// whole top trained slower in bfloat16 than in float32; docs/fine-tuning.md). Each
+// convolutions run in float32: their bfloat16 backward is slower there than float32's (the
+// demo trunk's 5x5 depthwise convolutions in blocks.10-13, channels-last, batch 256 at 64x64:
+// 780 ms against 356 ms, so that the whole top trained slower in bfloat16 than in float32;
+// docs/fine-tuning.md). Each
 // aten::conv2d with a constant groups > 1 becomes aten::_convolution on its input as float32,
 // which autocast leaves alone. Returns how many were rewritten.
 int keep_grouped_convolutions_float32(std::shared_ptr<torch::jit::Graph> g) {
@@ -892,9 +893,9 @@ Trunk Trunk::load(const TrunkConfig& config) {
       check_cpu_precision("trunk.top_precision", config.top_precision);
   }
   if (is_compiled_trunk(config.path)) return load_compiled(std::move(impl));
-  // TorchScript's own autocast pass (a prototype, on by default) rewrites graphs as they run,
-  // and only under some grad modes: off, every op is cast by the dispatcher's autocast, as in
-  // eager PyTorch, the same in training, evaluation and predict.
+  // TorchScript's own autocast pass (a prototype, on by default) rewrites graphs when the graph
+  // executor optimizes them: in predict, not in training (SharedTop turns that optimizer off).
+  // Off, every op is cast by the dispatcher's autocast, as in eager PyTorch, everywhere alike.
   torch::jit::setAutocastMode(false);
   try {
     impl->module = torch::jit::load(config.path, impl->device);
@@ -950,8 +951,8 @@ Trunk Trunk::load(const TrunkConfig& config) {
     trunk.impl_->prefix_runner = inference_runner(m, {kPrefixMethod}, trunk.impl_->channels_last);
   }
   // A trunk that trains runs its convolutions channels-last too, weights and inputs (and so
-  // gradients and optimizer state): training the demo's top is 2-2.6x faster so on the CPU
-  // (docs/performance.md). The values are the same up to rounding; files get them contiguous.
+  // gradients and optimizer state): a step of the demo's top is 2.1-2.6x faster so on the CPU
+  // (docs/fine-tuning.md). The values are the same up to rounding; files get them contiguous.
   if (config.optimize && trainable > 0) {
     c10::NoGradGuard no_grad;
     for (const auto& p : m.parameters(true)) {
@@ -1057,7 +1058,6 @@ at::Tensor Trunk::top_features(const std::vector<at::Tensor>& parts) {
 
 at::Tensor Trunk::top_features_from(const std::string& from, const std::vector<at::Tensor>& parts) {
   const std::string& method = impl_->cut_method(from, "");
-  c10::AutoGradMode grad(true);
   std::vector<at::Tensor> inputs;
   Autocast autocast(impl_->device.type(), impl_->top_precision);
   const c10::IValue out = impl_->run_cut(method, parts, inputs);

@@ -60,7 +60,8 @@ struct TrunkConfig {
   std::string device = "auto";
   std::string pooling = "avg";
   std::vector<std::string> taps;  // empty: the trunk's output
-  bool optimize = true;           // inference passes on a frozen, channels-last clone
+  bool optimize = true;           // inference passes on a frozen, channels-last clone; a
+                                  // trunk that trains holds channels-last weights
   // The inference passes (encode, encode_prefix) under autocast to this dtype, as
   // torch.autocast: float32 (none) | bfloat16 | float16. Features are returned in float32.
   std::string precision = "float32";
@@ -146,10 +147,11 @@ class Trunk {
   // the prefix's output, then the trunk inputs the top needs (TopSplit::top_inputs).
   std::vector<at::Tensor> encode_prefix(const std::vector<at::Tensor>& inputs);
   // The top (blocks [prefix_blocks, end), taps, pooling) on boundary parts as encode_prefix
-  // returns them, with autograd: pooled features [N, D] on the trunk's device.
+  // returns them: pooled features [N, D] on the trunk's device, with autograd unless the
+  // caller turned it off (c10::NoGradGuard: an evaluation records no graph).
   at::Tensor top_features(const std::vector<at::Tensor>& parts);
   // The top from block `from`'s output (a top block or the boundary) on parts laid out as
-  // encode_prefix returns them with parts[0] that output: pooled features, with autograd.
+  // encode_prefix returns them with parts[0] that output: pooled features (autograd as above).
   at::Tensor top_features_from(const std::string& from, const std::vector<at::Tensor>& parts);
   // The output of block `to` from block `from`'s output (parts as for top_features_from).
   at::Tensor span(const std::string& from, const std::string& to, const std::vector<at::Tensor>& parts);
