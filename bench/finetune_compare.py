@@ -45,13 +45,14 @@ HEAD_LR, TOP_LR, DECAY, BATCH = 1e-3, 1e-4, 2.6, 256
 
 
 def canopy_config(work, a, freeze, top_precision="float32"):
+    size = getattr(a, "size", 64)  # schedules_compare's arguments have no --size
     return f"""[data]
 source = fashion-mnist
 dir = {FMNIST}
 train_limit = {a.train}
 test_limit = {a.test}
 [preprocess]
-resize = {a.size}
+resize = {size}
 [trunk]
 path = {TRUNK}
 allow_unpinned = true
