@@ -310,29 +310,49 @@ std::string torch_error(const std::exception& e) {
 // (docs/performance.md); optimize_for_inference (MKL-DNN conversion) is left out: after
 // freezing it made both demo trunks slower. Sets `channels_last` when a weight was converted:
 // 4-D inputs are then given channels-last too.
+// Makes the module's 4-D weights (convolutions) channels-last in place (the parameters stay
+// the same tensors); true when there was one.
+bool weights_to_channels_last(const torch::jit::Module& module) {
+  c10::NoGradGuard no_grad;
+  bool any = false;
+  for (const auto& p : module.parameters(true)) {
+    if (p.dim() != 4) continue;
+    at::Tensor w = p;
+    w.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
+    any = true;
+  }
+  return any;
+}
+
+// A 4-D input as channels-last weights want it.
+at::Tensor channels_last_if(bool on, const at::Tensor& x) {
+  return on && x.dim() == 4 ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
+}
+
+// Every method graph of the module and its submodules (a graph shared by modules of one type
+// comes more than once).
+template <typename F>
+void for_each_graph(const torch::jit::Module& module, F&& f) {
+  for (const auto& sub : module.modules()) {
+    for (const auto& method : sub.get_methods()) f(method.graph());
+  }
+}
+
 torch::jit::Module inference_runner(const torch::jit::Module& module, const std::vector<std::string>& methods,
                                     bool& channels_last) {
   torch::jit::Module clone = module.clone();
-  {
-    c10::NoGradGuard no_grad;
-    for (const auto& p : clone.parameters(true)) {
-      if (p.dim() != 4) continue;
-      at::Tensor w = p;
-      w.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
-      channels_last = true;
-    }
-  }
+  channels_last = weights_to_channels_last(clone) || channels_last;
   return torch::jit::freeze(clone, methods);
 }
 
 // Under trunk.top_precision = bfloat16 on the CPU, the top's grouped (depthwise)
 // convolutions run in float32: their bfloat16 backward is slower there than float32's (the
 // demo trunk's 5x5 depthwise convolutions in blocks.10-13, channels-last, batch 256 at 64x64:
-// 780 ms against 356 ms, so that the whole top trained slower in bfloat16 than in float32;
+// 500-620 ms against 145-180 ms, so that the whole top trained slower in bfloat16 than in float32;
 // docs/fine-tuning.md). Each
 // aten::conv2d with a constant groups > 1 becomes aten::_convolution on its input as float32,
-// which autocast leaves alone. Returns how many were rewritten.
-int keep_grouped_convolutions_float32(std::shared_ptr<torch::jit::Graph> g) {
+// which autocast leaves alone. True when there was one.
+bool keep_grouped_convolutions_float32(std::shared_ptr<torch::jit::Graph> g) {
   std::vector<torch::jit::Node*> convs;
   for (torch::jit::DepthFirstGraphNodeIterator it(g); auto* node = it.next();) {
     if (node->kind() != c10::Symbol::aten("conv2d") || node->inputs().size() != 7) continue;
@@ -352,7 +372,7 @@ int keep_grouped_convolutions_float32(std::shared_ptr<torch::jit::Graph> g) {
     node->output()->replaceAllUsesWith(y);
     node->destroy();
   }
-  return static_cast<int>(convs.size());
+  return !convs.empty();
 }
 
 // The modules a selection names (see FreezePolicy), as subtree roots.
@@ -547,8 +567,7 @@ struct Trunk::Impl {
     std::vector<at::Tensor> out;
     for (const auto& x : inputs) {
       out.push_back(x.is_floating_point() ? x.to(device, at::kFloat) : x.to(device));
-      if ((optimised ? channels_last : module_channels_last) && out.back().dim() == 4)
-        out.back() = out.back().contiguous(at::MemoryFormat::ChannelsLast);
+      out.back() = channels_last_if(optimised ? channels_last : module_channels_last, out.back());
     }
     return out;
   }
@@ -709,15 +728,13 @@ struct Trunk::Impl {
     // The trunk's inputs as the graph takes them: those the top reads from the parts (float,
     // as cached), the others empty.
     inputs.assign(module.get_method("forward").graph()->inputs().size() - 1, at::Tensor());
-    const auto placed = [&](at::Tensor x) {
-      return module_channels_last && x.dim() == 4 ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
-    };
     for (std::size_t k = 0; k < split.top_inputs.size(); ++k) {
-      inputs[static_cast<std::size_t>(split.top_inputs[k])] = placed(parts[k + 1].to(device));
+      inputs[static_cast<std::size_t>(split.top_inputs[k])] =
+          channels_last_if(module_channels_last, parts[k + 1].to(device));
     }
     std::vector<c10::IValue> args;
     for (auto& x : inputs) args.emplace_back(x.defined() ? x : at::empty({0}));
-    args.emplace_back(placed(parts[0].to(device, at::kFloat)));
+    args.emplace_back(channels_last_if(module_channels_last, parts[0].to(device, at::kFloat)));
     try {
       return module.get_method(method)(args);
     } catch (const std::exception& e) {
@@ -923,12 +940,9 @@ Trunk Trunk::load(const TrunkConfig& config) {
   // and the like): spelled as those, its convolutions run at the autocast's dtype. Frozen
   // runners are rewritten so by torch::jit::freeze already; float32 trunks are left as saved.
   if (config.precision != "float32" || config.top_precision != "float32") {
-    for (const auto& sub : m.modules()) {
-      for (const auto& method : sub.get_methods()) {
-        auto graph = method.graph();
-        torch::jit::graph_rewrite_helper::replaceConvolutionWithAtenConv(graph);
-      }
-    }
+    for_each_graph(m, [](std::shared_ptr<torch::jit::Graph> g) {
+      torch::jit::graph_rewrite_helper::replaceConvolutionWithAtenConv(g);
+    });
   }
   impl->apply_policy();
   impl->set_training(false);
@@ -953,22 +967,13 @@ Trunk Trunk::load(const TrunkConfig& config) {
   // A trunk that trains runs its convolutions channels-last too, weights and inputs (and so
   // gradients and optimizer state): a step of the demo's top is 2.1-2.6x faster so on the CPU
   // (docs/fine-tuning.md). The values are the same up to rounding; files get them contiguous.
-  if (config.optimize && trainable > 0) {
-    c10::NoGradGuard no_grad;
-    for (const auto& p : m.parameters(true)) {
-      if (p.dim() != 4) continue;
-      at::Tensor w = p;
-      w.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
-      trunk.impl_->module_channels_last = true;
-    }
-  }
+  if (config.optimize && trainable > 0) trunk.impl_->module_channels_last = weights_to_channels_last(m);
   if (trainable > 0 && config.top_precision == "bfloat16" && trunk.impl_->device.is_cpu()) {
-    int rewritten = 0;
-    for (const auto& sub : m.modules()) {
-      for (const auto& method : sub.get_methods())
-        rewritten += keep_grouped_convolutions_float32(method.graph());
-    }
-    if (rewritten > 0)
+    bool rewritten = false;
+    for_each_graph(m, [&](std::shared_ptr<torch::jit::Graph> g) {
+      rewritten = keep_grouped_convolutions_float32(std::move(g)) || rewritten;
+    });
+    if (rewritten)
       log_info(
           "trunk.top_precision = bfloat16: the top's grouped (depthwise) convolutions run in float32 "
           "(faster on the CPU)");
