@@ -3,6 +3,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 
 #include <ATen/ops/arange.h>
@@ -16,11 +17,17 @@ namespace canopy::datasets {
 namespace {
 class GzFile {
  public:
-  explicit GzFile(const std::string& path) : path_(path), f_(gzopen(path.c_str(), "rb")) {  // plain files too
-    CANOPY_CHECK(f_ != nullptr, DataError, "cannot open '", path, "'");
+  explicit GzFile(const std::string& path) : path_(path), f_(open(path)) {  // plain files too
+    CANOPY_CHECK(f_ != nullptr, DataError, "cannot open '", path,
+                 "': ", errno != 0 ? std::strerror(errno) : "out of memory");
     gzbuffer(f_, 1 << 17);
   }
   ~GzFile() { gzclose(f_); }
+  // gzopen leaves errno as open(2) set it, and 0 when only its own allocation failed.
+  static gzFile open(const std::string& path) {
+    errno = 0;
+    return gzopen(path.c_str(), "rb");
+  }
   GzFile(const GzFile&) = delete;
   GzFile& operator=(const GzFile&) = delete;
   // Reads up to n bytes; returns how many were read.

@@ -394,7 +394,8 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
   } else {
     const at::Tensor images = datasets::read_idx(path, limit);
     CANOPY_CHECK(images.dim() == 3 || images.dim() == 4, DataError, "'", path,
-                 "' should hold images [N, H, W] or [N, C, H, W], holds ", images.sizes());
+                 "' should hold images [N, H, W] or [N, C, H, W], holds ", images.dim(), "-dimensional data",
+                 images.dim() == 1 ? " (an idx label file?)" : "");
     set_image_tensor_inputs(s, images, config.preprocess);
   }
   s.ids = at::arange(s.rows, at::kLong);

@@ -80,6 +80,8 @@ TEST(Idx, BadFilesGiveClearErrors) {
       << idx_bytes({0xffffffffu, 0xffffffffu, 0xffffffffu}, std::vector<std::uint8_t>(8));
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_idx(dir.file("past64")); },
                                               {"past64", "more than 2^64 bytes"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_idx(dir.file("absent")); },
+                                              {"cannot open", "absent", "No such file or directory"}));
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_mnist_split(dir.path(), "train", 0); },
                                               {"train-images-idx3-ubyte", "dataset-fashion-mnist"}));
 }
