@@ -5,6 +5,7 @@
 #include <png.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <csetjmp>
 #include <cstdio>
 #include <cstdlib>
@@ -93,7 +94,7 @@ void jpeg_warning(j_common_ptr cinfo, int level) {
 
 at::Tensor decode_jpeg(const std::string& path, std::int64_t max_pixels) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
-  CANOPY_CHECK(f, DataError, "cannot open image '", path, "'");
+  CANOPY_CHECK(f, DataError, "cannot open image '", path, "': ", std::strerror(errno));
   jpeg_decompress_struct cinfo;
   JpegError err;
   cinfo.err = jpeg_std_error(&err.mgr);
@@ -188,7 +189,7 @@ struct Csv {
 
 Csv read_csv(const std::string& path) {
   std::ifstream in(path);
-  CANOPY_CHECK(in, DataError, "cannot open image list '", path, "'");
+  CANOPY_CHECK(in, DataError, "cannot open image list '", path, "': ", std::strerror(errno));
   Csv csv;
   std::string line;
   std::int64_t n = 0;
@@ -240,7 +241,7 @@ bool all_parse(const std::vector<std::vector<std::string>>& rows, std::size_t co
 
 at::Tensor decode_image(const std::string& path, std::int64_t max_pixels) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
-  CANOPY_CHECK(f, DataError, "cannot open image '", path, "'");
+  CANOPY_CHECK(f, DataError, "cannot open image '", path, "': ", std::strerror(errno));
   unsigned char magic[8] = {0};
   const std::size_t got = std::fread(magic, 1, sizeof magic, f);
   std::fclose(f);

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -212,7 +214,7 @@ std::string describe(const TokenizerConfig& c) {
 WordPieceTokenizer::WordPieceTokenizer(const TokenizerConfig& config) : config_(config) {
   validate_tokenizer_config(config);
   std::ifstream in(config.vocab);
-  CANOPY_CHECK(in, DataError, "cannot open vocabulary '", config.vocab, "'");
+  CANOPY_CHECK(in, DataError, "cannot open vocabulary '", config.vocab, "': ", std::strerror(errno));
   std::string line;
   std::int64_t id = 0;
   while (std::getline(in, line)) {
@@ -442,7 +444,7 @@ std::int64_t ArffData::string_attribute(const std::string& name) const {
 
 ArffData read_arff(const std::string& path) {
   std::ifstream in(path);
-  CANOPY_CHECK(in, DataError, "cannot open ARFF file '", path, "'");
+  CANOPY_CHECK(in, DataError, "cannot open ARFF file '", path, "': ", std::strerror(errno));
   ArffData d;
   d.path = path;
   std::string line;
@@ -530,7 +532,7 @@ std::vector<std::string> read_arff_texts(const std::string& path, const std::str
 
 std::vector<std::string> read_text_lines(const std::string& path) {
   std::ifstream in(path);
-  CANOPY_CHECK(in, DataError, "cannot open '", path, "' (texts: one per line)");
+  CANOPY_CHECK(in, DataError, "cannot open '", path, "' (texts: one per line): ", std::strerror(errno));
   std::vector<std::string> out;
   std::int64_t line_no = 0;
   for (std::string line; std::getline(in, line);) {
