@@ -1,7 +1,9 @@
 #include "canopy/runners/config.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <optional>
@@ -928,7 +930,7 @@ JobConfig load_job_config(const std::string& path, const std::vector<std::string
   CANOPY_CHECK(!is_directory(path), ConfigError, "config file '", path,
                "' is a directory; give the .ini file");
   std::ifstream in(path);
-  CANOPY_CHECK(in, ConfigError, "cannot open config file '", path, "'");
+  CANOPY_CHECK(in, ConfigError, "cannot open config file '", path, "': ", std::strerror(errno));
   std::map<std::string, std::string> values = read_config_values(in, path);
   for (const auto& o : overrides) {
     const auto eq = o.find('=');

@@ -755,7 +755,9 @@ struct Trunk::Impl {
 };
 
 void validate_trunk_config(const TrunkConfig& c) {
-  CANOPY_CHECK(!c.path.empty(), ConfigError, "trunk.path is empty: give a TorchScript file");
+  CANOPY_CHECK(!c.path.empty(), ConfigError,
+               "trunk.path is empty: give a TorchScript trunk (.pt) or a compiled one (.pt2); "
+               "scripts/export_trunk.py makes both");
   CANOPY_CHECK(kPoolings.count(c.pooling), ConfigError,
                "trunk.pooling: expected avg, flatten, none, first_token or masked_mean, got '", c.pooling,
                "'");
