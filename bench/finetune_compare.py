@@ -44,8 +44,7 @@ from canopy_runs import cache_then_train, run_main, work_dir  # noqa: E402
 HEAD_LR, TOP_LR, DECAY, BATCH = 1e-3, 1e-4, 2.6, 256
 
 
-def canopy_config(work, a, freeze, top_precision="float32"):
-    size = getattr(a, "size", 64)  # schedules_compare's arguments have no --size
+def canopy_config(work, a, freeze, top_precision="float32", size=64):
     return f"""[data]
 source = fashion-mnist
 dir = {FMNIST}
@@ -79,7 +78,7 @@ def run_canopy(a, work, freeze, top_precision="float32"):
     tag = freeze.replace(":", "") + ("" if top_precision == "float32" else "-" + top_precision)
     config = os.path.join(work, f"{tag}.ini")
     with open(config, "w") as f:
-        f.write(canopy_config(work, a, freeze, top_precision))
+        f.write(canopy_config(work, a, freeze, top_precision, a.size))
     out = []
     for seed, _, stdout, per_epoch, total in cache_then_train(a.canopy, ["--config", config], a.seeds,
                                                               f"{work}/out-{tag}", a.epochs):

@@ -17,17 +17,11 @@ namespace canopy::datasets {
 namespace {
 class GzFile {
  public:
-  explicit GzFile(const std::string& path) : path_(path), f_(open(path)) {  // plain files too
-    CANOPY_CHECK(f_ != nullptr, DataError, "cannot open '", path,
-                 "': ", errno != 0 ? std::strerror(errno) : "out of memory");
+  explicit GzFile(const std::string& path) : path_(path), f_(gzopen(path.c_str(), "rb")) {  // plain files too
+    CANOPY_CHECK(f_ != nullptr, DataError, "cannot open '", path, "': ", std::strerror(errno));
     gzbuffer(f_, 1 << 17);
   }
   ~GzFile() { gzclose(f_); }
-  // gzopen leaves errno as open(2) set it, and 0 when only its own allocation failed.
-  static gzFile open(const std::string& path) {
-    errno = 0;
-    return gzopen(path.c_str(), "rb");
-  }
   GzFile(const GzFile&) = delete;
   GzFile& operator=(const GzFile&) = delete;
   // Reads up to n bytes; returns how many were read.

@@ -304,12 +304,6 @@ std::string torch_error(const std::exception& e) {
   return s.substr(s.rfind('\n') + 1);
 }
 
-// What encode() and encode_prefix() run when trunk.optimize is on: a clone of the module
-// with its 4-D weights (convolutions) in channels-last memory format, frozen (weights become
-// constants, Conv+BatchNorm fold). Channels-last convolutions are twice as fast on the CPU
-// (docs/performance.md); optimize_for_inference (MKL-DNN conversion) is left out: after
-// freezing it made both demo trunks slower. Sets `channels_last` when a weight was converted:
-// 4-D inputs are then given channels-last too.
 // Makes the module's 4-D weights (convolutions) channels-last in place (the parameters stay
 // the same tensors); true when there was one.
 bool weights_to_channels_last(const torch::jit::Module& module) {
@@ -338,6 +332,12 @@ void for_each_graph(const torch::jit::Module& module, F&& f) {
   }
 }
 
+// What encode() and encode_prefix() run when trunk.optimize is on: a clone of the module
+// with its 4-D weights (convolutions) in channels-last memory format, frozen (weights become
+// constants, Conv+BatchNorm fold). Channels-last convolutions are twice as fast on the CPU
+// (docs/performance.md); optimize_for_inference (MKL-DNN conversion) is left out: after
+// freezing it made both demo trunks slower. Sets `channels_last` when a weight was converted:
+// 4-D inputs are then given channels-last too.
 torch::jit::Module inference_runner(const torch::jit::Module& module, const std::vector<std::string>& methods,
                                     bool& channels_last) {
   torch::jit::Module clone = module.clone();
