@@ -60,10 +60,15 @@ using Clock = std::chrono::steady_clock;
 
 // Each thread that runs head work sets LibTorch's intra-op thread count once: a worker
 // keeps what it had when it first touched LibTorch otherwise, and more intra-op threads
-// than cores on top of the TBB workers oversubscribes the machine.
+// than cores on top of the TBB workers oversubscribes the machine. LibTorch gives a thread
+// the count the last set_num_threads of any thread left the first time that thread runs a
+// parallel loop; get_num_threads takes that first time here, so it cannot come later and
+// undo this thread's own count (the heads would then run on a count that depends on timing,
+// and a resumed run would not be bitwise the uninterrupted one).
 void configure_thread(std::int64_t intra_op_threads) {
   thread_local std::int64_t configured = -1;
   if (configured != intra_op_threads) {
+    static_cast<void>(at::get_num_threads());
     at::set_num_threads(static_cast<int>(intra_op_threads));
     configured = intra_op_threads;
   }
@@ -306,6 +311,10 @@ void StepRunner::for_each(std::size_t n, const std::function<void(std::size_t)>&
 void StepRunner::run_lanes(std::size_t jobs, const std::function<void()>& lane) {
   const auto lanes =
       static_cast<std::size_t>(std::min<std::int64_t>(workers_, std::max<std::size_t>(1, jobs)));
+  // The calling thread runs a lane too, at the lanes' thread count; what it runs between
+  // lanes (a shared top's forward and backward, its evaluation, which the lanes wait on) gets
+  // its own count back, every core's LibTorch threads.
+  const int caller_threads = at::get_num_threads();
   ForkJoin edges;
   arena_->arena.execute([&] {
     tbb::parallel_for(
@@ -318,6 +327,7 @@ void StepRunner::run_lanes(std::size_t jobs, const std::function<void()>& lane) 
         tbb::simple_partitioner());
   });
   edges.join();
+  configure_thread(caller_threads);
 }
 
 std::vector<tasks::EvalMetrics> StepRunner::evaluate(const std::vector<std::size_t>& which,
