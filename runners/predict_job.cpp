@@ -2,7 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
-
+#include <optional>
 #include <ostream>
 
 #include <torch/csrc/api/include/torch/utils.h>
@@ -10,6 +10,7 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/heap.h"
 #include "canopy/core/memory.h"
 #include "canopy/core/memory_fence.h"
 #include "canopy/core/strings.h"
@@ -318,6 +319,9 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   // Past the memory this process may take, an allocation fails and says so, instead of the
   // kernel's OOM kill (a trunk on a GPU keeps its activations there: no fence on the host).
   const MemoryFence fence(trunk.device().is_cpu() ? memory_room(1, PageCache::kFree) : std::nullopt);
+  // Every batch's activations reuse the last one's pages, as in the cache pass (heap.h).
+  std::optional<KeepFreedMemory> reuse_activations;
+  if (trunk.device().is_cpu()) reuse_activations.emplace();
   std::int64_t done = 0;
   try {
     predict_rows(input, trunk, heads, options, score_columns, config.cache.batch_size, out, progress, done);
