@@ -522,8 +522,11 @@ void add_train_keys(std::vector<Key<JobConfig>>& v) {
           "is "
           "honoured; at most 4x the cores")
           .at_least(0));
-  v.push_back(member_key<K>("train", "intra_op_threads", CANOPY_JOB(train.intra_op_threads),
-                            "LibTorch threads inside each head's work; at most 4x the cores")
+  v.push_back(member_key<K>(
+                  "train", "intra_op_threads", CANOPY_JOB(train.intra_op_threads),
+                  "LibTorch threads inside each head's work; at most 4x the cores (a trainable top's passes, "
+                  "which nothing runs beside, take LibTorch's own count: OMP_NUM_THREADS, else its "
+                  "default, the machine's cores)")
                   .at_least(1));
   v.push_back(member_key<K>("train", "check_fingerprint", CANOPY_JOB(train.check_fingerprint),
                             "refuse a cache whose fingerprint does not match the config"));
