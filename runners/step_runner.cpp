@@ -313,7 +313,7 @@ void StepRunner::run_lanes(std::size_t jobs, const std::function<void()>& lane) 
       static_cast<std::size_t>(std::min<std::int64_t>(workers_, std::max<std::size_t>(1, jobs)));
   // The calling thread runs a lane too, at the lanes' thread count; what it runs between
   // lanes (a shared top's forward and backward, its evaluation, which the lanes wait on) gets
-  // its own count back, every core's LibTorch threads.
+  // its own count back: LibTorch's, every core's threads by default.
   const int caller_threads = at::get_num_threads();
   ForkJoin edges;
   arena_->arena.execute([&] {

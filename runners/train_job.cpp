@@ -1474,8 +1474,9 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     if (mpi::rank() == 0) describe_fusion(set, loop.plan_options(), fuse_unit, chooser.get(), report);
 
     // A top's activations are megabytes a batch, allocated and freed every step: glibc maps
-    // and unmaps them, and every step faults them in again (half the time of a top-4 run in
-    // the kernel). Kept for reuse while the top trains and scores the final splits.
+    // and unmaps them, and every step faults them in again (a quarter to a third of a top-4
+    // run's CPU time in the kernel). Kept for reuse while the top trains and scores the final
+    // splits.
     std::optional<KeepFreedMemory> reuse_activations;
     if (top) reuse_activations.emplace();
     const auto train_start = Clock::now();
