@@ -18,7 +18,7 @@ run is a whole `canopy train` with its defaults (fusion decided by timing, recor
 scratch calibration file by an untimed first run).
 
   stream_compare.py --canopy BUILD/runners/canopy [--repeats 3] [--epochs 2] [--cap-mb 96]
-                    [--trunk PATH.pt]
+                    [--trunk PATH.pt] [--set KEY=VALUE ...]
 """
 import argparse
 import hashlib
@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--trunk", default=os.path.join(os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy")),
                                                     "trunks", "efficientnet_lite0_final.pt"))
     ap.add_argument("--work", default=None, help="keep the cache here (default: a new temporary folder)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="passed to every `canopy train` (e.g. train.flush_denormals=false)")
     a = ap.parse_args()
     if not os.path.exists(a.trunk):
         print(f"exporting the trunk to its last layer: {a.trunk}", file=sys.stderr, flush=True)
@@ -123,7 +125,8 @@ epochs = {a.epochs}
         evict(cache)
         t = time.time()
         r = subprocess.run([a.canopy, "train", "--config", config, "--progress", "quiet", "--set",
-                            f"train.out_dir={out}"], capture_output=True, text=True)
+                            f"train.out_dir={out}"] + [x for kv in a.set for x in ("--set", kv)],
+                           capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"canopy train {config} failed: {r.stderr[-1000:]}")
         if "streaming" not in r.stderr:

@@ -20,6 +20,7 @@
 #include <oneapi/tbb/partitioner.h>
 #include <oneapi/tbb/task_arena.h>
 
+#include "canopy/core/denormals.h"
 #include "canopy/core/device.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fork_join.h"
@@ -315,6 +316,7 @@ void StepRunner::run_lanes(std::size_t jobs, const std::function<void()>& lane) 
   // lanes (a shared top's forward and backward, its evaluation, which the lanes wait on) gets
   // its own count back: LibTorch's, every core's threads by default.
   const int caller_threads = at::get_num_threads();
+  const bool flush_denormals = flushes_denormals();  // the lanes run in the caller's mode
   ForkJoin edges;
   arena_->arena.execute([&] {
     tbb::parallel_for(
@@ -322,6 +324,7 @@ void StepRunner::run_lanes(std::size_t jobs, const std::function<void()>& lane) 
         [&](const tbb::blocked_range<std::size_t>&) {
           [[maybe_unused]] const auto in = edges.body();
           configure_thread(intra_op_threads_);
+          const FlushDenormals mode(flush_denormals);
           lane();
         },
         tbb::simple_partitioner());

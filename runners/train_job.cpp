@@ -13,6 +13,7 @@
 
 #include <ATen/ops/zeros.h>
 
+#include "canopy/core/denormals.h"
 #include "canopy/core/device.h"
 #include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
@@ -1479,6 +1480,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     // splits.
     std::optional<KeepFreedMemory> reuse_activations;
     if (top) reuse_activations.emplace();
+    const FlushDenormals denormals(config.train.flush_denormals);
     const auto train_start = Clock::now();
     run_within_memory(loop, from, style, top != nullptr, store);
     report.train_seconds = since(train_start);

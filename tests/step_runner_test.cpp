@@ -10,13 +10,16 @@
 #include <mutex>
 #include <thread>
 
+#include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/nn/modules/linear.h>
 
+#include "canopy/core/denormals.h"
 #include "canopy/core/device.h"
 #include "canopy/core/error.h"
 #include "canopy/runners/step_runner.h"
@@ -101,6 +104,60 @@ TEST(StepRunner, MoreWorkersThanCoresAllRunAndTbbSaysNothing) {
   const std::string said = ::testing::internal::GetCapturedStderr();
   EXPECT_EQ(most, workers) << "fewer workers ran at once than train.workers asked for";
   EXPECT_EQ(said.find("TBB Warning"), std::string::npos) << said;
+}
+
+// What a thread computes for 1e-30 * 1e-10: a denormal (1e-40) or, flushed, 0.
+float denormal_product() {
+  volatile float a = 1e-30f, b = 1e-10f;
+  return a * b;
+}
+
+// train.flush_denormals: the training thread, every lane a StepRunner runs (each on its own
+// thread: every body waits until all have arrived) and the training thread's LibTorch threads
+// flush denormals while a FlushDenormals lives, and nothing does after it.
+TEST(StepRunner, LanesAndLibTorchThreadsRunInTheCallersDenormalMode) {
+#if !defined(__x86_64__) && !defined(__i386__)
+  GTEST_SKIP() << "FTZ/DAZ are x86's; elsewhere FlushDenormals does nothing";
+#endif
+  const std::int64_t workers = machine_cores() + 1;
+  StepRunner runner(workers, 1);
+  const auto lanes_flushing = [&] {
+    std::atomic<int> arrived{0}, flushing{0}, zero{0};
+    runner.for_each(static_cast<std::size_t>(workers), [&](std::size_t) {
+      ++arrived;
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (arrived.load() < workers && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+      flushing += flushes_denormals() ? 1 : 0;
+      zero += denormal_product() == 0.0f ? 1 : 0;
+    });
+    EXPECT_EQ(flushing.load(), zero.load()) << "the mode a lane reports is not the one its arithmetic has";
+    return flushing.load();
+  };
+  // LibTorch multiplies a large tensor on its threads, each a contiguous part: the denormal
+  // products left show which threads keep them.
+  const auto team_flushing = [] {
+    const at::Tensor product = at::full({1 << 20}, 1e-30f) * 1e-10f;
+    const std::int64_t half = product.numel() / 2;
+    return (product.slice(0, 0, half).eq(0).all().item<bool>() ? 1 : 0) +
+           (product.slice(0, half).eq(0).all().item<bool>() ? 1 : 0);
+  };
+  const int threads_before = at::get_num_threads();
+  at::set_num_threads(2);
+  ASSERT_FALSE(flushes_denormals());
+  ASSERT_NE(denormal_product(), 0.0f);
+  ASSERT_EQ(team_flushing(), 0);  // the team's threads exist before the FlushDenormals
+  {
+    const FlushDenormals flush;
+    EXPECT_TRUE(flushes_denormals());
+    EXPECT_EQ(denormal_product(), 0.0f);
+    EXPECT_EQ(lanes_flushing(), workers);
+    EXPECT_EQ(team_flushing(), 2) << "a LibTorch thread of the training thread keeps denormals";
+  }
+  EXPECT_FALSE(flushes_denormals());
+  EXPECT_NE(denormal_product(), 0.0f);
+  EXPECT_EQ(lanes_flushing(), 0) << "a lane kept flushing denormals after the FlushDenormals ended";
+  EXPECT_EQ(team_flushing(), 0);
+  at::set_num_threads(threads_before);
 }
 
 TEST(StepRunner, AThrowingHeadFailsAloneAndTheOthersTrain) {

@@ -92,6 +92,7 @@ struct TrainConfig {
   bool check_fingerprint = true;          // refuse a cache whose fingerprint does not match
   std::int64_t checkpoint_steps = 0;      // also checkpoint every N steps (0: at epoch ends only)
   bool fail_fast = false;                 // stop everything when one head fails
+  bool flush_denormals = true;            // FTZ/DAZ while training (core/denormals.h)
   bool tensorboard = true;                // write TensorBoard event files per head
   FuseMode fuse = FuseMode::kAuto;        // same-input heads in batched operations
                                           // (canopy/heads/fused.h): where measured faster
