@@ -528,11 +528,11 @@ void add_train_keys(std::vector<Key<JobConfig>>& v) {
                   "which nothing runs beside, take LibTorch's own count: OMP_NUM_THREADS, else its "
                   "default, the machine's cores)")
                   .at_least(1));
-  v.push_back(
-      member_key<K>("train", "flush_denormals", CANOPY_JOB(train.flush_denormals),
-                    "treat float values below 1.2e-38 as 0 while training (x86 FTZ/DAZ): a head whose "
-                    "outputs saturate otherwise slows on them, several times on some CPUs; false: "
-                    "IEEE gradual underflow, PyTorch's default"));
+  v.push_back(member_key<K>(
+      "train", "flush_denormals", CANOPY_JOB(train.flush_denormals),
+      "treat float values below 1.2e-38 as 0 while training (x86 FTZ/DAZ): a head whose "
+      "outputs saturate otherwise trains on them, on some CPUs at half the speed or less; false: "
+      "IEEE gradual underflow, PyTorch's default"));
   v.push_back(member_key<K>("train", "check_fingerprint", CANOPY_JOB(train.check_fingerprint),
                             "refuse a cache whose fingerprint does not match the config"));
   v.push_back(member_key<K>("train", "checkpoint_steps", CANOPY_JOB(train.checkpoint_steps),
