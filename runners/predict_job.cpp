@@ -318,8 +318,8 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   // Past the memory this process may take, an allocation fails and says so, instead of the
   // kernel's OOM kill (a trunk on a GPU keeps its activations there: no fence on the host).
   const MemoryFence fence(trunk.device().is_cpu() ? memory_room(1, PageCache::kFree) : std::nullopt);
-  const KeepFreedMemory
-      reuse_activations;  // every batch's activations on the last one's pages, as the cache pass
+  // Every batch's activations on the last one's pages, as in the cache pass.
+  const KeepFreedMemory reuse_activations;
   std::int64_t done = 0;
   try {
     predict_rows(input, trunk, heads, options, score_columns, config.cache.batch_size, out, progress, done);

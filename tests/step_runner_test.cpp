@@ -79,6 +79,14 @@ std::vector<datasets::Batch> batches(int n) {
   return out;
 }
 
+// Counts this body in and waits until `bodies` have arrived (or 10 s): bodies that all get
+// past it ran at the same time, each on its own thread.
+void arrive_and_wait(std::atomic<int>& arrived, std::int64_t bodies) {
+  ++arrived;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (arrived.load() < bodies && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+}
+
 // train.workers above the cores this process may use is honoured: every worker runs at once
 // (each body waits until all have arrived, or 10 s), and TBB prints no warning that it ran fewer.
 TEST(StepRunner, MoreWorkersThanCoresAllRunAndTbbSaysNothing) {
@@ -91,9 +99,7 @@ TEST(StepRunner, MoreWorkersThanCoresAllRunAndTbbSaysNothing) {
     std::mutex m;
     runner.for_each(static_cast<std::size_t>(workers), [&](std::size_t) {
       ++running;
-      ++arrived;
-      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-      while (arrived.load() < workers && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+      arrive_and_wait(arrived, workers);
       {
         const std::lock_guard<std::mutex> lock(m);
         most = std::max(most, running.load());
@@ -124,9 +130,7 @@ TEST(StepRunner, LanesAndLibTorchThreadsRunInTheCallersDenormalMode) {
   const auto lanes_flushing = [&] {
     std::atomic<int> arrived{0}, flushing{0}, zero{0};
     runner.for_each(static_cast<std::size_t>(workers), [&](std::size_t) {
-      ++arrived;
-      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-      while (arrived.load() < workers && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+      arrive_and_wait(arrived, workers);
       flushing += flushes_denormals() ? 1 : 0;
       zero += denormal_product() == 0.0f ? 1 : 0;
     });

@@ -18,9 +18,6 @@ namespace canopy {
 // The calling thread's denormal mode: whether FTZ and DAZ are both on.
 bool flushes_denormals();
 
-// Sets the calling thread's mode and, when it has more than one, its LibTorch threads'.
-void set_flush_denormals(bool on);
-
 class FlushDenormals {
  public:
   explicit FlushDenormals(bool on = true);
