@@ -22,8 +22,8 @@ void set_this_thread(bool) {}
 
 // The entry point that runs a function on every thread of the calling thread's OpenMP team, as
 // a `#pragma omp parallel` compiled into LibTorch does, in the OpenMP runtime LibTorch loaded
-// (its libgomp, or a runtime that speaks its ABI); null without one. canopy is not compiled with OpenMP (a
-// second runtime would keep a second pool), so the pragma cannot be ours.
+// (its libgomp, or a runtime that speaks its ABI); null without one. canopy is not compiled
+// with OpenMP (a second runtime would keep a second pool), so the pragma cannot be ours.
 using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
 GompParallel gomp_parallel() {
   static const auto fn = reinterpret_cast<GompParallel>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
