@@ -1,12 +1,15 @@
 #include <gtest/gtest.h>
 
 #include <ATen/Context.h>
+#include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/allclose.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/tensor.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/jit/serialization/import.h>
 #include <torch/optim/sgd.h>
 
@@ -14,10 +17,12 @@
 #include <functional>
 #include <map>
 #include <regex>
+#include <set>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/sha256.h"
+#include "canopy/trunk/grouped_conv.h"
 #include "canopy/trunk/trunk.h"
 #include "support/test_support.h"
 
@@ -342,6 +347,136 @@ TEST(Top, ChannelsLastWeightsSameValuesAndNoGraphWithoutGradMode) {
   auto plain_parts = plain.encode_prefix({x});
   for (auto& p : plain_parts) p = p.clone();
   EXPECT_TRUE(at::allclose(without, plain.top_features(plain_parts).detach(), 1e-5, 1e-6));
+}
+
+// --- grouped convolutions in a top that trains (grouped_conv.h) ---
+
+// The weight gradient oneDNN computes, for reference.
+at::Tensor reference_weight_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                                 std::vector<std::int64_t> stride, std::vector<std::int64_t> padding,
+                                 std::vector<std::int64_t> dilation) {
+  return std::get<1>(at::convolution_backward(g, x, w, std::nullopt, stride, padding, dilation, false, {0, 0},
+                                              x.size(1), {false, true, false}));
+}
+
+// Close as two float32 sums of the same products in different orders are: 1e-5 of the
+// largest value.
+bool close_to(const at::Tensor& a, const at::Tensor& b) {
+  const double scale = b.abs().max().item<double>();
+  return a.sizes() == b.sizes() && (a - b).abs().max().item<double>() <= 1e-5 * scale + 1e-12;
+}
+
+TEST(DepthwiseWeightGrad, EqualsConvolutionBackwardForKernelsStridesPaddingsAndLayouts) {
+  struct Case {
+    std::int64_t n, c, h, w, k, stride, pad, dilation;
+  };
+  // The demo's top-2 (5x5 over a 2x2 input: most taps in the padding), strides, dilation, a
+  // channel count that is not a multiple of 16, one sample, no padding, a wide kernel.
+  const std::vector<Case> cases = {{16, 1152, 2, 2, 5, 1, 2, 1}, {3, 20, 7, 9, 3, 1, 1, 1},
+                                   {2, 33, 8, 8, 5, 2, 2, 1},    {1, 8, 9, 9, 3, 1, 2, 2},
+                                   {4, 17, 6, 5, 3, 1, 0, 1},    {2, 24, 11, 11, 7, 3, 3, 1}};
+  for (const auto& t : cases) {
+    for (bool channels_last : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << "N " << t.n << " C " << t.c << " " << t.h << "x" << t.w << " k "
+                                        << t.k << " stride " << t.stride << " pad " << t.pad << " dilation "
+                                        << t.dilation << (channels_last ? " channels-last" : " contiguous"));
+      const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+      const at::Tensor x = at::randn({t.n, t.c, t.h, t.w}).contiguous(fmt);
+      const at::Tensor w = at::randn({t.c, 1, t.k, t.k}).contiguous(fmt);
+      const std::int64_t oh = (t.h + 2 * t.pad - t.dilation * (t.k - 1) - 1) / t.stride + 1;
+      const std::int64_t ow = (t.w + 2 * t.pad - t.dilation * (t.k - 1) - 1) / t.stride + 1;
+      const at::Tensor g = at::randn({t.n, t.c, oh, ow}).contiguous(fmt);
+      ASSERT_TRUE(depthwise_kernel_serves(x, w, t.c));
+      const at::Tensor ours =
+          depthwise_weight_grad(g, x, w, {t.stride, t.stride}, {t.pad, t.pad}, {t.dilation, t.dilation});
+      const at::Tensor want =
+          reference_weight_grad(g, x, w, {t.stride, t.stride}, {t.pad, t.pad}, {t.dilation, t.dilation});
+      EXPECT_TRUE(close_to(ours, want)) << "largest difference " << (ours - want).abs().max().item<double>()
+                                        << " of " << want.abs().max().item<double>();
+      EXPECT_TRUE(ours.is_contiguous(w.suggest_memory_format())) << "the gradient in the weight's layout";
+    }
+  }
+  // Not served: grouped but not depthwise, double, a weight for another channel count.
+  EXPECT_FALSE(depthwise_kernel_serves(at::randn({2, 8, 4, 4}), at::randn({8, 2, 3, 3}), 4));
+  EXPECT_FALSE(
+      depthwise_kernel_serves(at::randn({2, 8, 4, 4}, at::kDouble), at::randn({8, 1, 3, 3}, at::kDouble), 8));
+  EXPECT_FALSE(depthwise_kernel_serves(at::randn({2, 8, 4, 4}), at::randn({16, 1, 3, 3}), 8));
+}
+
+// Threads take channel ranges, each channel summed in one order: the same bits on 1 thread
+// as on 2 (a resumed run on another thread count computes what the first did).
+TEST(DepthwiseWeightGrad, SameBitsOnOneThreadAsOnTwo) {
+  const at::Tensor x = at::randn({8, 72, 5, 5}).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w = at::randn({72, 1, 3, 3}).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor g = at::randn({8, 72, 5, 5}).contiguous(at::MemoryFormat::ChannelsLast);
+  const int before = at::get_num_threads();
+  at::set_num_threads(1);
+  const at::Tensor one = depthwise_weight_grad(g, x, w, {1, 1}, {1, 1}, {1, 1});
+  at::set_num_threads(2);
+  const at::Tensor two = depthwise_weight_grad(g, x, w, {1, 1}, {1, 1}, {1, 1});
+  at::set_num_threads(before);
+  EXPECT_TRUE(testing::bitwise_equal(one, two));
+}
+
+std::string fixture(const char* name) {
+  const char* dir = std::getenv("CANOPY_TEST_FIXTURES");
+  return dir && *dir ? std::string(dir) + "/" + name : "";
+}
+
+// The autograd nodes behind `out` whose name contains `what`.
+int count_backward_nodes(const at::Tensor& out, const std::string& what) {
+  std::set<torch::autograd::Node*> seen;
+  std::vector<torch::autograd::Node*> todo{out.grad_fn().get()};
+  int found = 0;
+  while (!todo.empty()) {
+    torch::autograd::Node* node = todo.back();
+    todo.pop_back();
+    if (!node || !seen.insert(node).second) continue;
+    found += node->name().find(what) != std::string::npos;
+    for (const auto& edge : node->next_edges()) todo.push_back(edge.function.get());
+  }
+  return found;
+}
+
+// A trunk whose top trains on the CPU runs its grouped convolutions as canopy::grouped_conv2d
+// (scripted trunks call aten::conv2d, traced ones aten::_convolution): the same features and
+// the same gradients, for every parameter of the top, as the trunk run as saved.
+TEST(Top, GroupedConvolutionsTrainThroughCanopysOperatorWithTheSameGradients) {
+  for (const char* name : {"dwnet.pt", "dwnet_traced.pt"}) {
+    SCOPED_TRACE(name);
+    if (!is_regular_file(fixture(name))) {
+      if (in_ci()) FAIL() << name << " fixture missing under CI=true";
+      GTEST_SKIP() << name << " fixture missing (set CANOPY_TEST_FIXTURES; ctest makes it)";
+    }
+    TrunkConfig c = tiny(fixture(name));
+    c.freeze.freeze = "first:1";  // the stem cached, the three blocks train
+    Trunk fast = Trunk::load(c);
+    c.optimize = false;
+    Trunk plain = Trunk::load(c);
+    const at::Tensor x = at::randn({6, 3, 12, 12});
+    std::vector<std::vector<at::Tensor>> grads;
+    for (Trunk* t : {&fast, &plain}) {
+      t->train(true);
+      auto parts = t->encode_prefix({x});
+      for (auto& p : parts) p = p.clone();
+      const at::Tensor f = t->top_features(parts);
+      // Three grouped convolutions, two of them depthwise: all three through the operator.
+      EXPECT_EQ(count_backward_nodes(f, "GroupedConv2d"), t == &fast ? 3 : 0);
+      f.pow(2).mean().backward();
+      std::vector<at::Tensor> g;
+      for (const auto& p : t->trainable_parameters()) g.push_back(p.grad().clone());
+      grads.push_back(g);
+      t->train(false);
+    }
+    ASSERT_EQ(grads[0].size(), grads[1].size());
+    ASSERT_GE(grads[0].size(), 9u);
+    for (std::size_t i = 0; i < grads[0].size(); ++i) {
+      EXPECT_TRUE(close_to(grads[0][i], grads[1][i]))
+          << "parameter " << i << " of shape " << grads[1][i].sizes() << ": largest difference "
+          << (grads[0][i] - grads[1][i]).abs().max().item<double>() << " of "
+          << grads[1][i].abs().max().item<double>();
+    }
+  }
 }
 
 TEST(BatchNorm, AffineTrainableVariantLearnsWeightAndBiasWithStatisticsFixed) {

@@ -28,6 +28,7 @@
 #include "canopy/core/progress.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
+#include "canopy/trunk/grouped_conv.h"
 
 namespace canopy::trunk {
 
@@ -343,36 +344,6 @@ torch::jit::Module inference_runner(const torch::jit::Module& module, const std:
   torch::jit::Module clone = module.clone();
   channels_last = weights_to_channels_last(clone) || channels_last;
   return torch::jit::freeze(clone, methods);
-}
-
-// Under trunk.top_precision = bfloat16 on the CPU, the top's grouped (depthwise)
-// convolutions run in float32: their bfloat16 backward is slower there than float32's (the
-// demo trunk's 5x5 depthwise convolutions in blocks.10-13, channels-last, batch 256 at 64x64:
-// 500-620 ms against 145-180 ms, so that the whole top trained slower in bfloat16 than in float32;
-// docs/fine-tuning.md). Each
-// aten::conv2d with a constant groups > 1 becomes aten::_convolution on its input as float32,
-// which autocast leaves alone. True when there was one.
-bool keep_grouped_convolutions_float32(std::shared_ptr<torch::jit::Graph> g) {
-  std::vector<torch::jit::Node*> convs;
-  for (torch::jit::DepthFirstGraphNodeIterator it(g); auto* node = it.next();) {
-    if (node->kind() != c10::Symbol::aten("conv2d") || node->inputs().size() != 7) continue;
-    const auto groups = torch::jit::toIValue(node->input(6));
-    if (groups && groups->isInt() && groups->toInt() > 1 &&
-        node->input(4)->type()->kind() == c10::TypeKind::ListType)
-      convs.push_back(node);
-  }
-  for (auto* node : convs) {
-    torch::jit::WithInsertPoint guard(node);
-    auto* g2 = node->owningGraph();
-    torch::jit::Value* x = g2->insert(c10::Symbol::aten("to"), {node->input(0), c10::ScalarType::Float});
-    torch::jit::Value* y =
-        g2->insert(c10::Symbol::aten("_convolution"),
-                   {x, node->input(1), node->input(2), node->input(3), node->input(4), node->input(5), false,
-                    std::vector<std::int64_t>{0, 0}, node->input(6), false, false, true, true});
-    node->output()->replaceAllUsesWith(y);
-    node->destroy();
-  }
-  return !convs.empty();
 }
 
 // The modules a selection names (see FreezePolicy), as subtree roots.
@@ -970,15 +941,24 @@ Trunk Trunk::load(const TrunkConfig& config) {
   // gradients and optimizer state): a step of the demo's top is 2.1-2.6x faster so on the CPU
   // (docs/fine-tuning.md). The values are the same up to rounding; files get them contiguous.
   if (config.optimize && trainable > 0) trunk.impl_->module_channels_last = weights_to_channels_last(m);
-  if (trainable > 0 && config.top_precision == "bfloat16" && trunk.impl_->device.is_cpu()) {
-    bool rewritten = false;
-    for_each_graph(m, [&](std::shared_ptr<torch::jit::Graph> g) {
-      rewritten = keep_grouped_convolutions_float32(std::move(g)) || rewritten;
+  // A top that trains on the CPU runs its grouped convolutions as canopy::grouped_conv2d: the
+  // depthwise ones' weight gradient by canopy's kernel, 10x faster there than oneDNN's
+  // (grouped_conv.h). Under trunk.top_precision = bfloat16 they run in float32: their
+  // bfloat16 backward is slower there than float32's (the demo trunk's 5x5 depthwise
+  // convolutions in blocks.10-13, channels-last, batch 256 at 64x64: 500-620 ms against
+  // 145-180 ms, so that the whole top trained slower in bfloat16 than in float32;
+  // docs/fine-tuning.md).
+  const bool bf16_top = config.top_precision == "bfloat16";
+  if (trainable > 0 && trunk.impl_->device.is_cpu() && (config.optimize || bf16_top)) {
+    int rewritten = 0;
+    for_each_graph(m, [&](const std::shared_ptr<torch::jit::Graph>& g) {
+      rewritten += use_canopy_grouped_convolutions(g, bf16_top);
     });
-    if (rewritten)
+    if (rewritten > 0 && bf16_top) {
       log_info(
           "trunk.top_precision = bfloat16: the top's grouped (depthwise) convolutions run in float32 "
           "(faster on the CPU)");
+    }
   }
   return trunk;
 }

@@ -6,6 +6,11 @@ layers really update their running statistics in training mode:
     stem   = Sequential(Conv2d(3, 8, 3), BatchNorm2d(8), ReLU())
     blocks = ModuleList of 3 Block(conv: Conv2d(8, 8, 3), bn: BatchNorm2d(8), ReLU)
 forward: stem, then each block; output [N, 8, H, W].
+
+dwnet.pt (scripted) and dwnet_traced.pt (traced): grouped convolutions, as MobileNets have:
+    stem   = Sequential(Conv2d(3, 40, 3), BatchNorm2d(40), ReLU())
+    blocks = DwBlock(dw: 5x5 depthwise; bn; pw: 1x1), DwBlock(3x3 depthwise, stride 2, with
+             bias), DwBlock(3x3, 4 groups: grouped, not depthwise)
 """
 import os
 import sys
@@ -37,6 +42,31 @@ class ConvNet(nn.Module):
         return x
 
 
+class DwBlock(nn.Module):
+    def __init__(self, c, k, stride, groups, bias):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, k, stride=stride, padding=k // 2, groups=groups, bias=bias)
+        self.bn = nn.BatchNorm2d(c)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+
+    def forward(self, x):
+        return self.pw(torch.relu(self.bn(self.dw(x))))
+
+
+class DwNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 40, 3, padding=1), nn.BatchNorm2d(40), nn.ReLU())
+        self.blocks = nn.ModuleList([DwBlock(40, 5, 1, 40, False), DwBlock(40, 3, 2, 40, True),
+                                     DwBlock(40, 3, 1, 4, False)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 def main(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
@@ -48,6 +78,14 @@ def main(out_dir):
             m.running_var.uniform_(0.5, 2.0)
     torch.jit.script(net).save(os.path.join(out_dir, "convnet.pt"))
     print(f"wrote {out_dir}/convnet.pt")
+    dw = DwNet().eval()
+    for m in dw.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    torch.jit.script(dw).save(os.path.join(out_dir, "dwnet.pt"))
+    torch.jit.trace(dw, torch.randn(2, 3, 12, 12)).save(os.path.join(out_dir, "dwnet_traced.pt"))
+    print(f"wrote {out_dir}/dwnet.pt, {out_dir}/dwnet_traced.pt")
 
 
 if __name__ == "__main__":
