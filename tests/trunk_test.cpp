@@ -370,11 +370,13 @@ TEST(DepthwiseWeightGrad, EqualsConvolutionBackwardForKernelsStridesPaddingsAndL
   struct Case {
     std::int64_t n, c, h, w, k, stride, pad, dilation;
   };
-  // The demo's top-2 (5x5 over a 2x2 input: most taps in the padding), strides, dilation, a
-  // channel count that is not a multiple of 16, one sample, no padding, a wide kernel.
+  // The demo's top-2 (5x5 over a 2x2 input: most taps in the padding; samples in chunks),
+  // strides, dilation, channel counts that are not a multiple of 16 (a last stretch of 1-15),
+  // one sample, no padding, a wide kernel, kernel widths the blocked loop has no variant for.
   const std::vector<Case> cases = {{16, 1152, 2, 2, 5, 1, 2, 1}, {3, 20, 7, 9, 3, 1, 1, 1},
                                    {2, 33, 8, 8, 5, 2, 2, 1},    {1, 8, 9, 9, 3, 1, 2, 2},
-                                   {4, 17, 6, 5, 3, 1, 0, 1},    {2, 24, 11, 11, 7, 3, 3, 1}};
+                                   {4, 17, 6, 5, 3, 1, 0, 1},    {2, 24, 11, 11, 7, 3, 3, 1},
+                                   {2, 20, 6, 6, 4, 1, 1, 1},    {3, 40, 5, 5, 1, 1, 0, 1}};
   for (const auto& t : cases) {
     for (bool channels_last : {true, false}) {
       SCOPED_TRACE(::testing::Message() << "N " << t.n << " C " << t.c << " " << t.h << "x" << t.w << " k "

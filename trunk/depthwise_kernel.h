@@ -1,5 +1,6 @@
 // The weight gradient of a depthwise 2-D convolution over channels-last float32 tensors, in
-// plain C++ (compiled at -O3, one clone per x86 vector width; see grouped_conv.cpp).
+// plain C++: blocks of 16 channels as GCC vector values, compiled once per x86 vector width
+// (AVX-512, AVX2, SSE2) and picked at load time; see grouped_conv.h.
 #pragma once
 
 #include <cstdint>
@@ -17,7 +18,8 @@ struct DepthwiseShape {
 //   grad[n, oh, ow, c] * input[n, oh * stride_h - pad_h + kh * dilation_h, ..., c]
 // for c in [c_begin, c_end) (taps that fall in the padding add nothing). `input` is
 // [batch, height, width, channels], `grad` [batch, out_height, out_width, channels], both
-// dense. Each channel sums its terms in one fixed order, whatever the channel range.
+// dense. c_begin is a multiple of 16 (c_end too, or the channel count): each channel then sums
+// its terms in one order, whatever the ranges the channels are split into.
 void depthwise_weight_grad_nhwc(const DepthwiseShape& s, const float* input, const float* grad, float* acc,
                                 std::int64_t c_begin, std::int64_t c_end);
 
