@@ -10,12 +10,16 @@ forward: stem, then each block; output [N, 8, H, W].
 dwnet.pt (scripted) and dwnet_traced.pt (traced): grouped convolutions, as MobileNets have:
     stem   = Sequential(Conv2d(3, 40, 3), BatchNorm2d(40), ReLU())
     blocks = DwBlock(dw: 5x5 depthwise; bn; pw: 1x1), DwBlock(3x3 depthwise, stride 2, with
-             bias), DwBlock(3x3, 4 groups: grouped, not depthwise)
+             bias), DwBlock(3x3, 4 groups: grouped, not depthwise), PaddedDwBlock(a 5x5 depthwise
+             convolution that pads with its ZeroPad2d(2) and convolves with no padding, as
+             EfficientNet's Conv2dStaticSamePadding), PaddedDwBlock(ZeroPad2d((1, 2, 1, 2)),
+             5x5, stride 2: a pad that is not the same on both sides)
 """
 import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -53,12 +57,36 @@ class DwBlock(nn.Module):
         return self.pw(torch.relu(self.bn(self.dw(x))))
 
 
+class SamePadConv2d(nn.Conv2d):
+    """A depthwise convolution that pads with its own nn.ZeroPad2d and then convolves with no
+    padding, as EfficientNet's Conv2dStaticSamePadding computes "same" padding."""
+
+    def __init__(self, c, k, stride, pad):
+        super().__init__(c, c, k, stride=stride, groups=c, bias=False)
+        self.static_padding = nn.ZeroPad2d(pad)
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class PaddedDwBlock(nn.Module):
+    def __init__(self, c, k, stride, pad):
+        super().__init__()
+        self.dw = SamePadConv2d(c, k, stride, pad)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.dw(x)))
+
+
 class DwNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 40, 3, padding=1), nn.BatchNorm2d(40), nn.ReLU())
         self.blocks = nn.ModuleList([DwBlock(40, 5, 1, 40, False), DwBlock(40, 3, 2, 40, True),
-                                     DwBlock(40, 3, 1, 4, False)])
+                                     DwBlock(40, 3, 1, 4, False), PaddedDwBlock(40, 5, 1, 2),
+                                     PaddedDwBlock(40, 5, 2, (1, 2, 1, 2))])
 
     def forward(self, x):
         x = self.stem(x)

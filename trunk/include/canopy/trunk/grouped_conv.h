@@ -10,10 +10,10 @@
 // threads, by channel range. `bench/depthwise_bench` sets the two side by side.
 //
 // A trunk that trains on the CPU calls `canopy::grouped_conv2d` where its graph had a grouped
-// convolution: the same forward and input gradient (at::convolution and
-// at::convolution_backward), the weight gradient by depthwise_weight_grad when the
-// convolution is depthwise and float32 on the CPU. Saved trunks never hold the operator
-// (Trunk::save writes the weights into the pinned file).
+// convolution (and a symmetric zero pad before one becomes its padding): the same forward and
+// input gradient (at::convolution and at::convolution_backward), the weight gradient by
+// depthwise_weight_grad when the convolution is depthwise and float32 on the CPU. Saved trunks
+// never hold the operator (Trunk::save writes the weights into the pinned file).
 #pragma once
 
 #include <cstdint>
@@ -40,7 +40,11 @@ at::Tensor depthwise_weight_grad(const at::Tensor& grad_output, const at::Tensor
 
 // Replaces every aten::conv2d and non-transposed aten::_convolution with a constant groups > 1
 // in `g` by canopy::grouped_conv2d; float32_input: its input is cast to float32 first (a
-// bfloat16 top on the CPU, whose grouped convolutions are faster in float32). Returns how many.
+// bfloat16 top on the CPU, whose grouped convolutions are faster in float32). A convolution
+// with no padding whose input only a zero pad the same on both sides made (aten::pad or
+// constant_pad_nd in `g`, or a submodule call whose forward is just that, as a traced
+// nn.ZeroPad2d: EfficientNet's "same" padding) takes the pad as its own padding instead: no
+// padded copy is written, and the kernels skip the taps that fall in it. Returns how many.
 int use_canopy_grouped_convolutions(const std::shared_ptr<torch::jit::Graph>& g, bool float32_input);
 
 }  // namespace canopy::trunk
