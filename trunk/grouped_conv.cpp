@@ -1,5 +1,6 @@
 #include "canopy/trunk/grouped_conv.h"
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -77,9 +78,8 @@ at::Tensor grouped_conv2d(const at::Tensor& input, const at::Tensor& weight,
 
 TORCH_LIBRARY(canopy, m) {
   m.def(
-      "grouped_conv2d(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] "
-      "dilation, "
-      "int groups) -> Tensor");
+      "grouped_conv2d(Tensor input, Tensor weight, Tensor? bias, "
+      "int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
   m.impl("grouped_conv2d", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(grouped_conv2d));
 }
 

@@ -10,10 +10,10 @@ forward: stem, then each block; output [N, 8, H, W].
 dwnet.pt (scripted) and dwnet_traced.pt (traced): grouped convolutions, as MobileNets have:
     stem   = Sequential(Conv2d(3, 40, 3), BatchNorm2d(40), ReLU())
     blocks = DwBlock(dw: 5x5 depthwise; bn; pw: 1x1), DwBlock(3x3 depthwise, stride 2, with
-             bias), DwBlock(3x3, 4 groups: grouped, not depthwise), PaddedDwBlock(a 5x5 depthwise
+             bias), DwBlock(3x3, 4 groups: grouped, not depthwise), Block(conv: a 5x5 depthwise
              convolution that pads with its ZeroPad2d(2) and convolves with no padding, as
-             EfficientNet's Conv2dStaticSamePadding), PaddedDwBlock(ZeroPad2d((1, 2, 1, 2)),
-             5x5, stride 2: a pad that is not the same on both sides)
+             EfficientNet's Conv2dStaticSamePadding), Block(the same with ZeroPad2d((1, 2, 1, 2)),
+             stride 2: a pad that is not the same on both sides)
 """
 import os
 import sys
@@ -24,9 +24,9 @@ from torch import nn
 
 
 class Block(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, conv=None):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False) if conv is None else conv
         self.bn = nn.BatchNorm2d(c)
 
     def forward(self, x):
@@ -34,10 +34,12 @@ class Block(nn.Module):
 
 
 class ConvNet(nn.Module):
-    def __init__(self):
+    def __init__(self, stem=None, blocks=None):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.blocks = nn.ModuleList([Block(8) for _ in range(3)])
+        if stem is None:
+            stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stem = stem
+        self.blocks = nn.ModuleList([Block(8) for _ in range(3)]) if blocks is None else blocks
 
     def forward(self, x):
         x = self.stem(x)
@@ -70,47 +72,29 @@ class SamePadConv2d(nn.Conv2d):
                         self.groups)
 
 
-class PaddedDwBlock(nn.Module):
-    def __init__(self, c, k, stride, pad):
-        super().__init__()
-        self.dw = SamePadConv2d(c, k, stride, pad)
-        self.bn = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return torch.relu(self.bn(self.dw(x)))
+def dwnet():
+    """ConvNet with dwnet.pt's stem and blocks (see the top of this file)."""
+    stem = nn.Sequential(nn.Conv2d(3, 40, 3, padding=1), nn.BatchNorm2d(40), nn.ReLU())
+    blocks = [DwBlock(40, 5, 1, 40, False), DwBlock(40, 3, 2, 40, True), DwBlock(40, 3, 1, 4, False),
+              Block(40, SamePadConv2d(40, 5, 1, 2)), Block(40, SamePadConv2d(40, 5, 2, (1, 2, 1, 2)))]
+    return ConvNet(stem, nn.ModuleList(blocks))
 
 
-class DwNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 40, 3, padding=1), nn.BatchNorm2d(40), nn.ReLU())
-        self.blocks = nn.ModuleList([DwBlock(40, 5, 1, 40, False), DwBlock(40, 3, 2, 40, True),
-                                     DwBlock(40, 3, 1, 4, False), PaddedDwBlock(40, 5, 1, 2),
-                                     PaddedDwBlock(40, 5, 2, (1, 2, 1, 2))])
-
-    def forward(self, x):
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return x
+def with_statistics(net):
+    """net in eval mode with non-trivial BatchNorm statistics, as a pretrained network has."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
 
 
 def main(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
-    net = ConvNet().eval()
-    # Non-trivial statistics, as a pretrained network has.
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    torch.jit.script(net).save(os.path.join(out_dir, "convnet.pt"))
+    torch.jit.script(with_statistics(ConvNet())).save(os.path.join(out_dir, "convnet.pt"))
     print(f"wrote {out_dir}/convnet.pt")
-    dw = DwNet().eval()
-    for m in dw.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+    dw = with_statistics(dwnet())
     torch.jit.script(dw).save(os.path.join(out_dir, "dwnet.pt"))
     torch.jit.trace(dw, torch.randn(2, 3, 12, 12)).save(os.path.join(out_dir, "dwnet_traced.pt"))
     print(f"wrote {out_dir}/dwnet.pt, {out_dir}/dwnet_traced.pt")
