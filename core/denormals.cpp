@@ -18,11 +18,9 @@ void set_this_thread(bool on) { _mm_setcsr(on ? (_mm_getcsr() | kFtzDaz) : (_mm_
 void set_this_thread(bool) {}
 #endif
 
-// Sets the calling thread's mode and, when it has more than one, its LibTorch threads'
-// (threads the runtime creates later inherit their creator's mode: POSIX's floating-point
-// environment).
+// Sets the mode of the calling thread and of its LibTorch threads (threads the runtime creates
+// later inherit their creator's mode: POSIX's floating-point environment).
 void set_flush_denormals(bool on) {
-  set_this_thread(on);
   on_every_torch_thread([on](int, int) { set_this_thread(on); });
 }
 

@@ -12,7 +12,7 @@ namespace {
 #define CANOPY_VECTOR_CLONES
 #endif
 
-constexpr std::int64_t kLanes = 16;  // channels a block takes: one AVX-512 register, two AVX2
+constexpr std::int64_t kLanes = kChannelBlock;
 
 // 16 floats as one value (GCC's vector extension): each clone computes it at its width.
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));

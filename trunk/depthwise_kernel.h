@@ -7,6 +7,10 @@
 
 namespace canopy::trunk::detail {
 
+// Channels a block takes: one AVX-512 register of floats, two AVX2 ones. Callers split the
+// channels at multiples of it.
+constexpr std::int64_t kChannelBlock = 16;
+
 struct DepthwiseShape {
   std::int64_t batch, channels;
   std::int64_t height, width;          // the input's
@@ -18,7 +22,7 @@ struct DepthwiseShape {
 //   grad[n, oh, ow, c] * input[n, oh * stride_h - pad_h + kh * dilation_h, ..., c]
 // for c in [c_begin, c_end) (taps that fall in the padding add nothing). `input` is
 // [batch, height, width, channels], `grad` [batch, out_height, out_width, channels], both
-// dense. c_begin is a multiple of 16 (c_end too, or the channel count): each channel then sums
+// dense. c_begin is a multiple of kChannelBlock (c_end too, or the channel count): each channel then sums
 // its terms in one order, whatever the ranges the channels are split into.
 void depthwise_weight_grad_nhwc(const DepthwiseShape& s, const float* input, const float* grad, float* acc,
                                 std::int64_t c_begin, std::int64_t c_end);

@@ -100,10 +100,8 @@ at::Tensor depthwise_weight_grad(const at::Tensor& grad_output, const at::Tensor
               "depthwise_weight_grad: 2-D stride, padding and dilation");
   // [N, H, W, C] dense: a channels-last tensor's permutation is a view of it, no copy.
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).contiguous();
-  const at::Tensor g = grad_output.to(at::kFloat)
-                           .contiguous(at::MemoryFormat::ChannelsLast)
-                           .permute({0, 2, 3, 1})
-                           .contiguous();
+  const at::Tensor g =
+      grad_output.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).contiguous();
   detail::DepthwiseShape s{};
   s.batch = input.size(0);
   s.channels = input.size(1);
@@ -119,18 +117,21 @@ at::Tensor depthwise_weight_grad(const at::Tensor& grad_output, const at::Tensor
   s.pad_w = padding[1];
   s.dilation_h = dilation[0];
   s.dilation_w = dilation[1];
-  TORCH_CHECK(grad_output.size(0) == s.batch && grad_output.size(1) == s.channels,
-              "depthwise_weight_grad: gradient ", grad_output.sizes(), " for input ", input.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == at::kFloat && grad_output.size(0) == s.batch &&
+                  grad_output.size(1) == s.channels,
+              "depthwise_weight_grad: gradient ", grad_output.sizes(), " ", grad_output.scalar_type(),
+              " for input ", input.sizes());
   // acc[kh][kw][c]: taps outer, channels inner, so that a channel range is one stretch per tap.
   at::Tensor acc = at::zeros({s.kernel_h, s.kernel_w, s.channels}, input.options());
   const float* xp = x.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
   float* ap = acc.data_ptr<float>();
-  // Threads take channel ranges (64-byte multiples): each channel's sum in one fixed order.
+  // Threads take channel ranges of whole blocks: each channel's sum in one fixed order.
   on_every_torch_thread([&](int i, int n) {
-    const std::int64_t blocks = (s.channels + 15) / 16;
-    const std::int64_t begin = std::min(s.channels, blocks * i / n * 16);
-    const std::int64_t end = std::min(s.channels, blocks * (i + 1) / n * 16);
+    constexpr std::int64_t b = detail::kChannelBlock;
+    const std::int64_t blocks = (s.channels + b - 1) / b;
+    const std::int64_t begin = std::min(s.channels, blocks * i / n * b);
+    const std::int64_t end = std::min(s.channels, blocks * (i + 1) / n * b);
     detail::depthwise_weight_grad_nhwc(s, xp, gp, ap, begin, end);
   });
   // [KH, KW, C] -> [C, 1, KH, KW]

@@ -942,11 +942,12 @@ Trunk Trunk::load(const TrunkConfig& config) {
   // (docs/fine-tuning.md). The values are the same up to rounding; files get them contiguous.
   if (config.optimize && trainable > 0) trunk.impl_->module_channels_last = weights_to_channels_last(m);
   // A top that trains on the CPU runs its grouped convolutions as canopy::grouped_conv2d: the
-  // depthwise ones' weight gradient by canopy's kernel, 3-29x faster there than oneDNN's,
-  // and a symmetric zero pad before one as its padding (grouped_conv.h). Under trunk.top_precision = bfloat16
-  // they run in float32: their bfloat16 backward is slower there than float32's (the demo trunk's 5x5
-  // depthwise convolutions in blocks.10-13, channels-last, batch 256 at 64x64: 500-620 ms against 145-180 ms,
-  // so that the whole top trained slower in bfloat16 than in float32; docs/fine-tuning.md).
+  // depthwise ones' weight gradient by canopy's kernel, 3-29x faster there than oneDNN's, and
+  // a symmetric zero pad before one as its padding (grouped_conv.h). Under trunk.top_precision
+  // = bfloat16 they run in float32: their bfloat16 backward is slower there than float32's (the
+  // demo trunk's 5x5 depthwise convolutions in blocks.10-13, channels-last, batch 256 at 64x64:
+  // 500-620 ms against 145-180 ms, so that the whole top trained slower in bfloat16 than in
+  // float32; docs/fine-tuning.md).
   const bool bf16_top = config.top_precision == "bfloat16";
   if (trainable > 0 && trunk.impl_->device.is_cpu() && (config.optimize || bf16_top)) {
     int rewritten = 0;

@@ -9,11 +9,11 @@ forward: stem, then each block; output [N, 8, H, W].
 
 dwnet.pt (scripted) and dwnet_traced.pt (traced): grouped convolutions, as MobileNets have:
     stem   = Sequential(Conv2d(3, 40, 3), BatchNorm2d(40), ReLU())
-    blocks = DwBlock(dw: 5x5 depthwise; bn; pw: 1x1), DwBlock(3x3 depthwise, stride 2, with
-             bias), DwBlock(3x3, 4 groups: grouped, not depthwise), Block(conv: a 5x5 depthwise
-             convolution that pads with its ZeroPad2d(2) and convolves with no padding, as
-             EfficientNet's Conv2dStaticSamePadding), Block(the same with ZeroPad2d((1, 2, 1, 2)),
-             stride 2: a pad that is not the same on both sides)
+    blocks = 5 DwBlock(dw, bn, SiLU, pw: 1x1) whose dw is: a 5x5 depthwise convolution; a 3x3
+             depthwise one, stride 2, with bias; a 3x3 one with 4 groups (grouped, not
+             depthwise); a 5x5 depthwise one that pads with its ZeroPad2d(2) and convolves with
+             no padding, as EfficientNet's Conv2dStaticSamePadding; the same with
+             ZeroPad2d((1, 2, 1, 2)) and stride 2 (a pad not the same on both sides)
 """
 import os
 import sys
@@ -24,9 +24,9 @@ from torch import nn
 
 
 class Block(nn.Module):
-    def __init__(self, c, conv=None):
+    def __init__(self, c):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False) if conv is None else conv
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(c)
 
     def forward(self, x):
@@ -49,14 +49,18 @@ class ConvNet(nn.Module):
 
 
 class DwBlock(nn.Module):
-    def __init__(self, c, k, stride, groups, bias):
+    """dw (a grouped convolution), BatchNorm2d, SiLU, then a 1x1 convolution. SiLU is smooth:
+    the tests compare gradients of two computations equal up to rounding, and ReLU's kink would
+    turn a rounding difference at an input near 0 into a different gradient."""
+
+    def __init__(self, c, dw):
         super().__init__()
-        self.dw = nn.Conv2d(c, c, k, stride=stride, padding=k // 2, groups=groups, bias=bias)
+        self.dw = dw
         self.bn = nn.BatchNorm2d(c)
         self.pw = nn.Conv2d(c, c, 1, bias=False)
 
     def forward(self, x):
-        return self.pw(torch.relu(self.bn(self.dw(x))))
+        return self.pw(F.silu(self.bn(self.dw(x))))
 
 
 class SamePadConv2d(nn.Conv2d):
@@ -75,8 +79,10 @@ class SamePadConv2d(nn.Conv2d):
 def dwnet():
     """ConvNet with dwnet.pt's stem and blocks (see the top of this file)."""
     stem = nn.Sequential(nn.Conv2d(3, 40, 3, padding=1), nn.BatchNorm2d(40), nn.ReLU())
-    blocks = [DwBlock(40, 5, 1, 40, False), DwBlock(40, 3, 2, 40, True), DwBlock(40, 3, 1, 4, False),
-              Block(40, SamePadConv2d(40, 5, 1, 2)), Block(40, SamePadConv2d(40, 5, 2, (1, 2, 1, 2)))]
+    blocks = [DwBlock(40, nn.Conv2d(40, 40, 5, padding=2, groups=40, bias=False)),
+              DwBlock(40, nn.Conv2d(40, 40, 3, stride=2, padding=1, groups=40, bias=True)),
+              DwBlock(40, nn.Conv2d(40, 40, 3, padding=1, groups=4, bias=False)),
+              DwBlock(40, SamePadConv2d(40, 5, 1, 2)), DwBlock(40, SamePadConv2d(40, 5, 2, (1, 2, 1, 2)))]
     return ConvNet(stem, nn.ModuleList(blocks))
 
 
