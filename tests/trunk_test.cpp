@@ -10,6 +10,8 @@
 #include <ATen/ops/randn.h>
 #include <ATen/ops/tensor.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/passes/freeze_module.h>
 #include <torch/csrc/jit/serialization/import.h>
 #include <torch/optim/sgd.h>
 
@@ -22,6 +24,7 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/sha256.h"
+#include "canopy/trunk/conv_fusion.h"
 #include "canopy/trunk/grouped_conv.h"
 #include "canopy/trunk/trunk.h"
 #include "support/test_support.h"
@@ -418,6 +421,118 @@ TEST(DepthwiseWeightGrad, SameBitsOnOneThreadAsOnTwo) {
   const at::Tensor two = depthwise_weight_grad(g, x, w, {1, 1}, {1, 1}, {1, 1});
   at::set_num_threads(before);
   EXPECT_TRUE(testing::bitwise_equal(one, two));
+}
+
+// The kinds of node in a graph, counted.
+std::map<std::string, int> node_kinds(const std::shared_ptr<torch::jit::Graph>& g) {
+  std::map<std::string, int> kinds;
+  for (const torch::jit::Node* n : g->nodes()) ++kinds[n->kind().toQualString()];
+  return kinds;
+}
+
+// A frozen graph's convolutions become oneDNN's with their activations and zero pads fused
+// (conv_fusion.h): the same outputs for every input size, the pads and activations gone from
+// the graph; a symmetric pad as plain padding, an asymmetric one (TensorFlow's "same" at stride
+// 2, one larger on the left, one at dilation 2) as a larger padding and a crop, whose output
+// the next convolution reads as it is.
+TEST(ConvFusion, FoldsPadsAndActivationsWithTheSameOutputsAtEverySize) {
+  if (!at::hasMKLDNN()) GTEST_SKIP() << "LibTorch without oneDNN";
+  struct Case {
+    std::string pad, conv,
+        act;  // the first convolution's pad (if any), arguments after (x, w, b), activation
+    std::int64_t groups, kernel;
+    bool cropped;
+  };
+  const std::vector<Case> cases = {
+      {"[1, 1, 1, 1]", "[1, 1], [0, 0], [1, 1]", "torch.hardtanh(y, 0.0, 6.0)", 8, 3, false},
+      {"[0, 1, 0, 1]", "[2, 2], [0, 0], [1, 1]", "torch.hardtanh_(y, 0.0, 6.0)", 8, 3, true},
+      {"[1, 2, 1, 2]", "[2, 2], [0, 0], [1, 1]", "torch.silu(y)", 8, 5, true},
+      {"[2, 0, 1, 3]", "[2, 1], [0, 0], [1, 1]", "torch.relu_(y)", 1, 3, true},
+      {"[1, 2, 2, 1]", "[1, 2], [0, 0], [2, 1]", "torch.gelu(y, approximate='tanh')", 2, 3, true},
+      {"", "[1, 1], [1, 1], [1, 1]", "torch.leaky_relu(y, 0.1)", 4, 3, false},  // its own padding
+      {"[1, 1, 1, 1]", "[1, 1], [0, 0], [1, 1]", "torch.hardswish(y)", 8, 3, false},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.pad + " then (" + c.conv + "), " + c.act);
+    torch::jit::Module m("m");
+    m.register_parameter("w", at::randn({8, 8 / c.groups, c.kernel, c.kernel}), false);
+    m.register_parameter("b", at::randn({8}), false);
+    m.register_parameter("w2", at::randn({6, 8, 1, 1}), false);
+    m.define(
+        "def forward(self, x):\n"
+        "    y = " +
+        (c.pad.empty() ? "x" : "torch.pad(x, " + c.pad + ", 'constant', 0.0)") +
+        "\n"
+        "    y = torch.conv2d(y, self.w, self.b, " +
+        c.conv + ", " + std::to_string(c.groups) +
+        ")\n"
+        "    y = " +
+        c.act +
+        "\n"
+        "    return torch.sigmoid(torch.conv2d(y, self.w2, None, [1, 1], [0, 0], [1, 1], 1))\n");
+    m.eval();
+    torch::jit::Module reference = torch::jit::freeze(m.clone());
+    torch::jit::Module fused = torch::jit::freeze(m.clone());
+    const auto graph = fused.get_method("forward").graph();
+    EXPECT_EQ(fuse_cpu_convolutions(graph), 2);
+    auto kinds = node_kinds(graph);
+    EXPECT_EQ(kinds.count("aten::pad") + kinds.count("aten::conv2d"), 0u) << *graph;
+    EXPECT_EQ(kinds["mkldnn::_convolution_pointwise"], 2) << *graph;
+    EXPECT_EQ(kinds["canopy::crop_padded"], c.cropped ? 1 : 0) << *graph;
+    EXPECT_EQ(kinds.count("aten::sigmoid"), 0u) << "the second convolution's activation is fused too";
+    for (const auto& [h, w] : std::vector<std::pair<int, int>>{{16, 16}, {17, 17}, {9, 14}, {32, 23}}) {
+      for (const bool channels_last : {false, true}) {
+        at::Tensor x = at::randn({3, 8, h, w});
+        if (channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+        const at::Tensor want = reference.forward({x}).toTensor();
+        const at::Tensor got = fused.forward({x}).toTensor();
+        EXPECT_TRUE(close_to(got, want)) << h << "x" << w << (channels_last ? " channels-last" : "") << ": "
+                                         << got.sizes() << " against " << want.sizes();
+      }
+    }
+  }
+}
+
+// What the rewrite leaves: a pad something else reads too, an activation whose input is read
+// again, a transposed convolution; and an input too small for a cropped convolution is an
+// error naming the sizes, as the convolution's own would be.
+TEST(ConvFusion, LeavesWhatItCannotFuseAndRefusesTooSmallInputs) {
+  if (!at::hasMKLDNN()) GTEST_SKIP() << "LibTorch without oneDNN";
+  torch::jit::Module m("m");
+  m.register_parameter("w", at::randn({4, 4, 3, 3}), false);
+  m.register_parameter("t", at::randn({4, 4, 2, 2}), false);
+  m.define(R"(def forward(self, x):
+    p = torch.pad(x, [1, 1, 1, 1], 'constant', 0.0)
+    y = torch.conv2d(p, self.w, None, [1, 1], [0, 0], [1, 1], 1)
+    r = torch.relu(y)
+    z = torch.conv_transpose2d(r + y, self.t, None, [2, 2], [0, 0], [0, 0], 1, [1, 1])
+    return z + p.sum()
+)");
+  m.eval();
+  torch::jit::Module reference = torch::jit::freeze(m.clone());
+  torch::jit::Module fused = torch::jit::freeze(m.clone());
+  const auto graph = fused.get_method("forward").graph();
+  EXPECT_EQ(fuse_cpu_convolutions(graph), 1);
+  auto kinds = node_kinds(graph);
+  EXPECT_EQ(kinds["aten::pad"], 1) << *graph;
+  EXPECT_EQ(kinds["aten::relu"], 1) << *graph;
+  EXPECT_EQ(kinds["aten::conv_transpose2d"], 1) << *graph;
+  const at::Tensor x = at::randn({2, 4, 10, 7});
+  EXPECT_TRUE(close_to(fused.forward({x}).toTensor(), reference.forward({x}).toTensor()));
+
+  torch::jit::Module small("s");
+  small.register_parameter("w", at::randn({4, 4, 5, 5}), false);
+  small.define(R"(def forward(self, x):
+    return torch.conv2d(torch.pad(x, [0, 1, 0, 1], 'constant', 0.0), self.w, None, [2, 2], [0, 0], [1, 1], 1)
+)");
+  small.eval();
+  torch::jit::Module frozen = torch::jit::freeze(small.clone());
+  EXPECT_EQ(fuse_cpu_convolutions(frozen.get_method("forward").graph()), 1);
+  EXPECT_TRUE(testing::throws_with<std::runtime_error>(
+      [&] {
+        frozen.forward({at::randn({1, 4, 3, 9})});
+      },
+      {"padded input size 4", "smaller than the kernel's extent 5"}));
 }
 
 std::string fixture(const char* name) {

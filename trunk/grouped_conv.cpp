@@ -8,7 +8,6 @@
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/ir/constants.h>
 #include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/runtime/graph_iterator.h>
@@ -16,6 +15,7 @@
 
 #include "canopy/core/torch_team.h"
 #include "depthwise_kernel.h"
+#include "graph_rewrite.h"
 
 namespace canopy::trunk {
 namespace {
@@ -138,74 +138,6 @@ at::Tensor depthwise_weight_grad(const at::Tensor& grad_output, const at::Tensor
   return acc.permute({2, 0, 1}).unsqueeze(1).contiguous(weight_like.suggest_memory_format());
 }
 
-namespace {
-
-// A list of ints the graph fixes: a constant, or a ListConstruct of constants.
-std::optional<std::vector<std::int64_t>> constant_ints(torch::jit::Value* v) {
-  if (const auto iv = torch::jit::toIValue(v); iv && iv->isIntList()) return iv->toIntVector();
-  if (v->node()->kind() != c10::prim::ListConstruct) return std::nullopt;
-  std::vector<std::int64_t> out;
-  for (torch::jit::Value* e : v->node()->inputs()) {
-    const auto iv = torch::jit::toIValue(e);
-    if (!iv || !iv->isInt()) return std::nullopt;
-    out.push_back(iv->toInt());
-  }
-  return out;
-}
-
-bool is_zero(torch::jit::Value* v) {
-  const auto iv = torch::jit::toIValue(v);
-  return iv &&
-         (iv->isNone() || (iv->isDouble() && iv->toDouble() == 0.0) || (iv->isInt() && iv->toInt() == 0));
-}
-
-// (top, left) when `n` pads its first input with zeros, the same on both sides of each of the
-// last two dimensions: aten::pad(x, [l, r, t, b], "constant", 0 or None) or
-// aten::constant_pad_nd(x, [l, r, t, b], 0), l = r, t = b.
-std::optional<std::pair<std::int64_t, std::int64_t>> symmetric_zero_pad(torch::jit::Node* n) {
-  if (n->kind() == c10::Symbol::aten("pad") && n->inputs().size() == 4) {
-    const auto mode = torch::jit::toIValue(n->input(2));
-    if (!mode || !mode->isString() || mode->toStringRef() != "constant" || !is_zero(n->input(3)))
-      return std::nullopt;
-  } else if (n->kind() != c10::Symbol::aten("constant_pad_nd") || n->inputs().size() != 3 ||
-             !is_zero(n->input(2))) {
-    return std::nullopt;
-  }
-  const auto pad = constant_ints(n->input(1));
-  if (!pad || pad->size() != 4 || (*pad)[0] != (*pad)[1] || (*pad)[2] != (*pad)[3] || (*pad)[0] < 0 ||
-      (*pad)[2] < 0)
-    return std::nullopt;
-  return std::make_pair((*pad)[2], (*pad)[0]);
-}
-
-// A convolution's input that a symmetric zero pad made, and nothing else reads: made in the
-// same graph, or by a call of a submodule whose forward returns only that pad of its argument
-// (nn.ZeroPad2d, as EfficientNet's Conv2dStaticSamePadding calls before a convolution with no
-// padding of its own).
-struct FoldablePad {
-  torch::jit::Value* unpadded;
-  std::int64_t top, left;
-};
-
-std::optional<FoldablePad> foldable_pad(torch::jit::Value* x) {
-  if (x->uses().size() != 1) return std::nullopt;
-  torch::jit::Node* n = x->node();
-  if (const auto p = symmetric_zero_pad(n)) return FoldablePad{n->input(0), p->first, p->second};
-  if (n->kind() != c10::prim::CallMethod || n->s(c10::attr::name) != "forward" || n->inputs().size() != 2)
-    return std::nullopt;
-  const auto type = n->input(0)->type()->cast<c10::ClassType>();
-  torch::jit::Function* fn = type ? type->findMethod("forward") : nullptr;
-  if (!fn || !fn->isGraphFunction()) return std::nullopt;
-  const std::shared_ptr<torch::jit::Graph> callee = torch::jit::toGraphFunction(*fn).graph();
-  if (callee->inputs().size() != 2 || callee->outputs().size() != 1) return std::nullopt;
-  torch::jit::Node* pad = callee->outputs()[0]->node();
-  const auto p = symmetric_zero_pad(pad);
-  if (!p || pad->input(0) != callee->inputs()[1]) return std::nullopt;
-  return FoldablePad{n->input(1), p->first, p->second};
-}
-
-}  // namespace
-
 int use_canopy_grouped_convolutions(const std::shared_ptr<torch::jit::Graph>& g, bool float32_input) {
   const auto conv2d = c10::Symbol::aten("conv2d");
   const auto convolution = c10::Symbol::aten("_convolution");
@@ -236,11 +168,12 @@ int use_canopy_grouped_convolutions(const std::shared_ptr<torch::jit::Graph>& g,
     // write, and the kernels skip the taps that fall in it (EfficientNet pads every depthwise
     // convolution so; the demo's top-2 computed 25 taps a position where 4 touch the input).
     torch::jit::Node* padder = nullptr;
-    const auto own = constant_ints(padding);
-    if (const auto fold = foldable_pad(x); fold && own && *own == std::vector<std::int64_t>{0, 0}) {
-      padder = x->node();
+    const auto own = graph::constant_ints(padding);
+    if (const auto fold = graph::padded_input(x);
+        fold && fold->pad.symmetric() && own && *own == std::vector<std::int64_t>{0, 0}) {
+      padder = fold->padder;
       x = fold->unpadded;
-      padding = owner->insertConstant(std::vector<std::int64_t>{fold->top, fold->left});
+      padding = owner->insertConstant(std::vector<std::int64_t>{fold->pad.top, fold->pad.left});
     }
     if (float32_input) x = owner->insert(c10::Symbol::aten("to"), {x, c10::ScalarType::Float});
     torch::jit::Value* y = owner->insert(op, {x, node->input(1), node->input(2), node->input(3), padding,
