@@ -182,14 +182,16 @@ def main():
         if med["canopy pt2"] > med["canopy TorchScript"]:
             pays = aoti_compile / (1 / med["canopy TorchScript"] - 1 / med["canopy pt2"])
             print(f"  the pt2 package pays for its compile from {pays:.0f} images on (against canopy TorchScript)")
+        # The goal holds for each form: the compiled package and the TorchScript file (whose
+        # convolutions canopy fuses) are both ways a user builds a cache.
         for form in ("pt2", "TorchScript"):
             ratios = [c / p for c, p in zip(rates[f"canopy {form}"], rates[py_best])]
             print(f"    RATIO canopy {form} cache build / fastest python ({py_best}) at {size}x{size} = "
-                  f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})   "
-                  f"goal {'>= 1.0' if form == 'pt2' else '(reported)'}")
-        job = [c / p for c, p in zip(rates["canopy pt2"], rates["python cache job (compile)"])]
-        print(f"    RATIO canopy pt2 cache build / python cache job (compile, kept heap) at {size}x{size} = "
-              f"{statistics.median(job):.2f} (min {min(job):.2f}, max {max(job):.2f})   goal (reported)")
+                  f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})   goal >= 1.0")
+        faster = max(("pt2", "TorchScript"), key=lambda form: med[f"canopy {form}"])
+        job = [c / p for c, p in zip(rates[f"canopy {faster}"], rates["python cache job (compile)"])]
+        print(f"    RATIO canopy {faster} (its faster form) cache build / python cache job (compile, kept heap) at "
+              f"{size}x{size} = {statistics.median(job):.2f} (min {min(job):.2f}, max {max(job):.2f})   goal (reported)")
         with open(os.path.join(work, f"rates-{size}.json"), "w") as f:
             json.dump(rates, f)
 

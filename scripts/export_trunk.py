@@ -30,8 +30,8 @@ fixed (--size, default 64; images must be --size x --size; texts: --size tokens 
 length dynamic) and its outputs are named in its metadata (canopy.outputs), with the input
 shape, the source and the torch version. Compiling takes a minute or two. The bytes depend on
 the compiler and the CPU, so its SHA-256 is pinned where it is compiled: it is written next to
-the file as <out>.sha256. --compare-with TRUNK.pt times both forms here and writes
-<out>.timing.json (scripts/setup uses it to run the demos on the faster one).
+the file as <out>.sha256. (scripts/demo times both forms in canopy and runs the demo on the
+faster one.)
 """
 import argparse
 import contextlib
@@ -218,65 +218,6 @@ class KeptHeap:
         self.libc.malloc_trim(0)
 
 
-def rates_side_by_side(runs, repeats=9):
-    """Median rows per second of each run (name -> (callable, inputs)) over `repeats` timed
-    calls, the runs alternating call by call after two warm-ups each, so that a machine whose
-    speed drifts slows both alike."""
-    import time
-    times = {name: [] for name in runs}
-    with torch.inference_mode():
-        for run, args in runs.values():
-            run(*args)
-            run(*args)
-        for _ in range(repeats):
-            for name, (run, args) in runs.items():
-                if args[0].is_cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                run(*args)
-                if args[0].is_cuda:
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
-    return {name: runs[name][1][0].shape[0] / sorted(t)[len(t) // 2] for name, t in times.items()}
-
-
-def time_package_and_torchscript(package, torchscript, inputs, device, threads):
-    """compare_with_torchscript's timing, in a process of its own (see there)."""
-    torch.set_num_threads(threads)
-    inputs = tuple(x.to(device) for x in inputs)
-    compiled = torch._inductor.aoti_load_package(package)
-    script = torch.jit.load(torchscript, map_location=device).eval()
-    with torch.no_grad():
-        for p in script.parameters():
-            if p.dim() == 4:
-                p.data = p.data.contiguous(memory_format=torch.channels_last)
-    script = torch.jit.freeze(script)
-    script_inputs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs)
-    with KeptHeap():  # as canopy's trunk pass runs
-        return rates_side_by_side({"torchscript": (script, script_inputs), "pt2": (compiled, inputs)})
-
-
-def compare_with_torchscript(package, torchscript, inputs, out):
-    """Times the compiled package against the TorchScript trunk as canopy runs it (a frozen
-    clone with channels-last convolution weights, image inputs channels-last, glibc's malloc
-    keeping freed memory) on the same batch, and writes <out>.timing.json: which is faster on
-    this machine, with the rates. The timing runs in a fresh process: in the one that has just
-    compiled, the package ran 1 246 rows/s against TorchScript's 1 356 on a Zen 4, where a fresh
-    process and canopy's own cache build both found the package 1.2x faster."""
-    import json
-    import multiprocessing
-    threads = torch.get_num_threads()
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        rates = pool.apply(time_package_and_torchscript,
-                           (package, torchscript, tuple(x.cpu() for x in inputs), str(inputs[0].device), threads))
-    faster = max(rates, key=rates.get)
-    with open(out + ".timing.json", "w") as f:
-        json.dump({"faster": faster, "rows_per_second": rates, "batch": list(inputs[0].shape),
-                   "threads": threads}, f, indent=1)
-    print(f"on this machine ({threads} threads, batch {tuple(inputs[0].shape)}): "
-          f"TorchScript {rates['torchscript']:.0f} rows/s, compiled {rates['pt2']:.0f} rows/s: {faster} is faster")
-
-
 @contextlib.contextmanager
 def linking_torch_cpu_only():
     """While it lasts, the packages Inductor compiles link libtorch_cpu (and c10) instead of
@@ -305,7 +246,7 @@ def linking_torch_cpu_only():
         cpp_builder._get_torch_related_args = inner
 
 
-def export_compiled(module, example, dynamic, inputs, output, args, check_inputs, timing_inputs):
+def export_compiled(module, example, dynamic, inputs, output, args, check_inputs):
     """AOTInductor package of `module`; checks it against eager on `check_inputs`. `inputs`
     describes what the package accepts, for canopy to check before it runs it (compiled code
     does not check shapes): per input `dtype dim,dim,...`, separated by ';', a dim being a
@@ -315,8 +256,7 @@ def export_compiled(module, example, dynamic, inputs, output, args, check_inputs
     start = time.time()
     device = torch.device(args.device)
     module = module.to(device)
-    example, check_inputs, timing_inputs = (tuple(x.to(device) for x in xs)
-                                            for xs in (example, check_inputs, timing_inputs))
+    example, check_inputs = (tuple(x.to(device) for x in xs) for xs in (example, check_inputs))
     with torch.no_grad():
         program = torch.export.export(module, example, dynamic_shapes=dynamic)
     metadata = {
@@ -343,9 +283,6 @@ def export_compiled(module, example, dynamic, inputs, output, args, check_inputs
         digest = hashlib.sha256(f.read()).hexdigest()
     with open(args.out + ".sha256", "w") as f:
         f.write(digest + "\n")
-    if args.compare_with:
-        del compiled  # the timing loads the package afresh, in a process of its own
-        compare_with_torchscript(args.out, args.compare_with, timing_inputs, args.out)
     print(f"compiled {args.name} output {output} to {args.out} in {time.time() - start:.0f} s (AOTInductor, "
           f"inputs {inputs}, max diff to eager {diff:.2e})")
 
@@ -380,9 +317,6 @@ def main(argv):
     ap.add_argument("--tap", default="blocks.13", help="blocks.N or final (default blocks.13)")
     ap.add_argument("--format", choices=["torchscript", "pt2"], default="torchscript",
                     help="torchscript (default) or pt2: an AOTInductor package compiled for this machine")
-    ap.add_argument("--compare-with", metavar="TRUNK.pt",
-                    help="pt2: time it against this TorchScript export of the same trunk and write "
-                         "<out>.timing.json (which is faster here)")
     ap.add_argument("--device", default="cpu", help="pt2: compile for this device (cpu, cuda)")
     ap.add_argument("--size", type=int, default=0,
                     help="pt2: the image size (default 64) or the most tokens of a text (default 256)")
@@ -399,8 +333,7 @@ def main(argv):
             batch, tokens = torch.export.Dim("batch", min=1, max=65536), torch.export.Dim("tokens", min=2, max=t)
             export_compiled(net, (ids, mask), ({0: batch, 1: tokens}, {0: batch, 1: tokens}),
                             f"int64 N,T<={t}; int64 N,T<={t}", "output", args,
-                            (ids[:3, : t // 2].contiguous(), mask[:3, : t // 2].contiguous()),
-                            (torch.randint(1000, 5000, (32, t)), torch.ones(32, t, dtype=torch.int64)))
+                            (ids[:3, : t // 2].contiguous(), mask[:3, : t // 2].contiguous()))
             return
         export_text(net, args)
         return
@@ -416,7 +349,7 @@ def main(argv):
             sys.exit(f"--size: a multiple of 32, got {size}")
         batch = torch.export.Dim("batch", min=1, max=65536)
         export_compiled(trunk, (torch.randn(2, 3, size, size),), ({0: batch},), f"float32 N,3,{size},{size}",
-                        args.tap, args, (torch.randn(5, 3, size, size),), (torch.randn(128, 3, size, size),))
+                        args.tap, args, (torch.randn(5, 3, size, size),))
         return
     example = torch.zeros(2, 3, 224, 224)
     with torch.no_grad():
