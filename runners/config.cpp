@@ -314,8 +314,8 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(member_key<K>(
       "trunk", "optimize", CANOPY_JOB(trunk.optimize),
       "inference passes run a frozen (torch::jit::freeze), channels-last copy of the trunk, "
-      "whose float32 CPU convolutions run as oneDNN's with their activations and zero pads "
-      "fused (the demo trunk's pass 1.8-2.0x on a Xeon; docs/trunk.md); a trunk that trains runs "
+      "whose CPU convolutions (float32 or bfloat16) run as oneDNN's with their activations and zero "
+      "pads fused (the demo trunk's pass 1.8-2.0x on a Xeon; docs/trunk.md); a trunk that trains runs "
       "channels-last too (its 4-D weights and inputs: the demo's top "
       "trains ~2x faster) and, on the CPU, takes its depthwise convolutions' weight gradient "
       "from canopy's kernel (3-29x oneDNN's) and their symmetric zero pads as their padding "

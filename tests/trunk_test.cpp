@@ -3,6 +3,7 @@
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/ops/allclose.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/convolution_backward.h>
@@ -423,6 +424,19 @@ TEST(DepthwiseWeightGrad, SameBitsOnOneThreadAsOnTwo) {
   EXPECT_TRUE(testing::bitwise_equal(one, two));
 }
 
+// Autocast to bfloat16 on the CPU while it lives, as canopy's passes under trunk.precision.
+struct AutocastCpuBf16 {
+  AutocastCpuBf16() {
+    at::autocast::set_autocast_enabled(c10::DeviceType::CPU, true);
+    at::autocast::set_autocast_dtype(c10::DeviceType::CPU, at::kBFloat16);
+    at::autocast::increment_nesting();
+  }
+  ~AutocastCpuBf16() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(c10::DeviceType::CPU, false);
+  }
+};
+
 // The kinds of node in a graph, counted.
 std::map<std::string, int> node_kinds(const std::shared_ptr<torch::jit::Graph>& g) {
   std::map<std::string, int> kinds;
@@ -437,6 +451,7 @@ std::map<std::string, int> node_kinds(const std::shared_ptr<torch::jit::Graph>& 
 // the next convolution reads as it is.
 TEST(ConvFusion, FoldsPadsAndActivationsWithTheSameOutputsAtEverySize) {
   if (!at::hasMKLDNN()) GTEST_SKIP() << "LibTorch without oneDNN";
+  at::manual_seed(0);
   struct Case {
     std::string pad, conv,
         act;  // the first convolution's pad (if any), arguments after (x, w, b), activation
@@ -474,7 +489,11 @@ TEST(ConvFusion, FoldsPadsAndActivationsWithTheSameOutputsAtEverySize) {
     torch::jit::Module reference = torch::jit::freeze(m.clone());
     torch::jit::Module fused = torch::jit::freeze(m.clone());
     const auto graph = fused.get_method("forward").graph();
-    EXPECT_EQ(fuse_cpu_convolutions(graph), 2);
+    const FusedConvolutions done = fuse_cpu_convolutions(graph);
+    EXPECT_EQ(done.convolutions, 2);
+    EXPECT_EQ(done.activations, 2);
+    EXPECT_EQ(done.pads, c.pad.empty() ? 0 : 1);
+    EXPECT_EQ(done.crops, c.cropped ? 1 : 0);
     auto kinds = node_kinds(graph);
     EXPECT_EQ(kinds.count("aten::pad") + kinds.count("aten::conv2d"), 0u) << *graph;
     EXPECT_EQ(kinds["mkldnn::_convolution_pointwise"], 2) << *graph;
@@ -490,6 +509,27 @@ TEST(ConvFusion, FoldsPadsAndActivationsWithTheSameOutputsAtEverySize) {
                                          << got.sizes() << " against " << want.sizes();
       }
     }
+    // In bfloat16, as under autocast (trunk.precision = bfloat16): bfloat16 weights and
+    // outputs, as far from the float32 pass as autocast's bfloat16 pass is, up to bfloat16's
+    // rounding (8 bits, 0.4 % a step: autocast rounds a convolution's output before its
+    // activation, the fused op after, and another padding may change oneDNN's kernel).
+    torch::jit::Module bf16 = torch::jit::freeze(m.clone());
+    EXPECT_EQ(fuse_cpu_convolutions(bf16.get_method("forward").graph(), at::kBFloat16).convolutions, 2);
+    const at::Tensor x = at::randn({3, 8, 17, 16}).contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor want32 = reference.forward({x}).toTensor();
+    at::Tensor autocast_pass, got;
+    {
+      AutocastCpuBf16 autocast;
+      autocast_pass = reference.forward({x}).toTensor();
+      got = bf16.forward({x}).toTensor();
+    }
+    EXPECT_EQ(got.scalar_type(), at::kBFloat16);
+    const double scale = want32.abs().max().item<double>();
+    const double off = (got.to(at::kFloat) - want32).abs().max().item<double>();
+    const double autocast_off = (autocast_pass.to(at::kFloat) - want32).abs().max().item<double>();
+    EXPECT_LE(off, 2 * autocast_off + 8e-3 * scale)
+        << "fused bfloat16 " << off << ", autocast " << autocast_off;
+    EXPECT_GT(off, 1e-5 * scale) << "the pass really ran in bfloat16";
   }
 }
 
@@ -512,7 +552,9 @@ TEST(ConvFusion, LeavesWhatItCannotFuseAndRefusesTooSmallInputs) {
   torch::jit::Module reference = torch::jit::freeze(m.clone());
   torch::jit::Module fused = torch::jit::freeze(m.clone());
   const auto graph = fused.get_method("forward").graph();
-  EXPECT_EQ(fuse_cpu_convolutions(graph), 1);
+  const FusedConvolutions done = fuse_cpu_convolutions(graph);
+  EXPECT_EQ(done.convolutions, 1);
+  EXPECT_EQ(done.activations + done.pads, 0);
   auto kinds = node_kinds(graph);
   EXPECT_EQ(kinds["aten::pad"], 1) << *graph;
   EXPECT_EQ(kinds["aten::relu"], 1) << *graph;
@@ -527,7 +569,7 @@ TEST(ConvFusion, LeavesWhatItCannotFuseAndRefusesTooSmallInputs) {
 )");
   small.eval();
   torch::jit::Module frozen = torch::jit::freeze(small.clone());
-  EXPECT_EQ(fuse_cpu_convolutions(frozen.get_method("forward").graph()), 1);
+  EXPECT_EQ(fuse_cpu_convolutions(frozen.get_method("forward").graph()).crops, 1);
   EXPECT_TRUE(testing::throws_with<std::runtime_error>(
       [&] {
         frozen.forward({at::randn({1, 4, 3, 9})});

@@ -126,8 +126,11 @@ TORCH_LIBRARY_FRAGMENT(canopy, m) {
   m.impl("crop_padded", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(crop_padded));
 }
 
-int fuse_cpu_convolutions(const std::shared_ptr<torch::jit::Graph>& g) {
-  if (!at::hasMKLDNN()) return 0;
+FusedConvolutions fuse_cpu_convolutions(const std::shared_ptr<torch::jit::Graph>& g, at::ScalarType dtype) {
+  FusedConvolutions done;
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "fuse_cpu_convolutions: float32 or bfloat16, got ", dtype);
+  if (!at::hasMKLDNN()) return done;
   std::vector<Convolution> found;
   std::shared_ptr<torch::jit::Graph> graph = g;
   for (torch::jit::DepthFirstGraphNodeIterator it(graph); auto* node = it.next();) {
@@ -173,10 +176,20 @@ int fuse_cpu_convolutions(const std::shared_ptr<torch::jit::Graph>& g) {
     torch::jit::Value* list =
         owner->insertNode(owner->createList(c10::OptionalType::create(c10::NumberType::get()), scalars))
             ->output();
+    // A bfloat16 pass: the weights as bfloat16 constants, the input cast (a no-op after the
+    // first convolution: every later one reads a bfloat16 output), as autocast would.
+    torch::jit::Value* weight = c.node->input(1);
+    torch::jit::Value* bias = c.node->input(2);
+    if (dtype != at::kFloat) {
+      weight = owner->insertConstant(torch::jit::toIValue(weight)->toTensor().to(dtype));
+      if (const auto b = torch::jit::toIValue(bias); b && b->isTensor())
+        bias = owner->insertConstant(b->toTensor().to(dtype));
+      x = owner->insert(c10::Symbol::aten("to"), {x, dtype});
+    }
     torch::jit::Value* y = owner->insert(
         pointwise,
-        {x, c.node->input(1), c.node->input(2), c10::IValue(c.padding), c.node->input(3), c.node->input(5),
-         c.groups, std::string(act ? act->attr : "none"), list,
+        {x, weight, bias, c10::IValue(c.padding), c.node->input(3), c.node->input(5), c.groups,
+         std::string(act ? act->attr : "none"), list,
          algorithm_value ? torch::jit::NamedValue(algorithm_value) : torch::jit::NamedValue(algorithm)});
     if (cropped) {
       std::vector<std::int64_t> extent(2);
@@ -189,8 +202,12 @@ int fuse_cpu_convolutions(const std::shared_ptr<torch::jit::Graph>& g) {
     if (act) act_node->destroy();
     c.node->destroy();
     if (fold && !fold->padder->output()->hasUses()) fold->padder->destroy();
+    ++done.convolutions;
+    done.activations += act != nullptr;
+    done.pads += fold.has_value();
+    done.crops += cropped;
   }
-  return static_cast<int>(found.size());
+  return done;
 }
 
 }  // namespace canopy::trunk

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <iomanip>
 #include <map>
+#include <optional>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -339,16 +340,17 @@ void for_each_graph(const torch::jit::Module& module, F&& f) {
 // constants, Conv+BatchNorm fold). Channels-last convolutions are twice as fast on the CPU
 // (docs/performance.md); optimize_for_inference (MKL-DNN conversion) is left out: after
 // freezing it made both demo trunks slower. Sets `channels_last` when a weight was converted:
-// 4-D inputs are then given channels-last too. `fuse`: a float32 pass on the CPU, whose
-// convolutions then run with their activations and zero pads fused (conv_fusion.h; 2.5x the
-// demo trunk's rate at 64x64).
+// 4-D inputs are then given channels-last too. `fuse`: the dtype of a pass on the CPU (float32
+// or bfloat16), whose convolutions then run with their activations and zero pads fused
+// (conv_fusion.h; the demo trunk's pass 1.8-2.0x in float32 on a Xeon).
 torch::jit::Module inference_runner(const torch::jit::Module& module, const std::vector<std::string>& methods,
-                                    bool& channels_last, bool fuse) {
+                                    bool& channels_last, std::optional<at::ScalarType> fuse,
+                                    FusedConvolutions& fused) {
   torch::jit::Module clone = module.clone();
   channels_last = weights_to_channels_last(clone) || channels_last;
   torch::jit::Module frozen = torch::jit::freeze(clone, methods);
   if (fuse) {
-    for (const auto& method : frozen.get_methods()) fuse_cpu_convolutions(method.graph());
+    for (const auto& method : frozen.get_methods()) fused += fuse_cpu_convolutions(method.graph(), *fuse);
   }
   return frozen;
 }
@@ -936,14 +938,25 @@ Trunk Trunk::load(const TrunkConfig& config) {
   log_info(detail::str_cat("trunk: ", total, " parameters, ", trainable, " trainable (freeze ",
                            describe(config.freeze), "); ", trunk.impl_->frozen.size(), " of ",
                            m.named_modules().size(), " modules frozen"));
-  const bool fuse = trunk.impl_->device.is_cpu() && config.precision == "float32";
+  // The fused convolutions for a CPU pass in float32 or bfloat16 (float16 keeps autocast's).
+  std::optional<at::ScalarType> fuse;
+  if (trunk.impl_->device.is_cpu() && trunk.impl_->precision != at::kHalf) fuse = trunk.impl_->precision;
+  FusedConvolutions fused;
   if (config.optimize && trainable == 0) {
     std::vector<std::string> methods;
     if (!config.taps.empty()) methods.push_back(kTapsMethod);
-    trunk.impl_->runner = inference_runner(m, methods, trunk.impl_->channels_last, fuse);
+    trunk.impl_->runner = inference_runner(m, methods, trunk.impl_->channels_last, fuse, fused);
   }
   if (config.optimize && trunk.impl_->split.problem.empty() && trunk.impl_->split.prefix_blocks > 0) {
-    trunk.impl_->prefix_runner = inference_runner(m, {kPrefixMethod}, trunk.impl_->channels_last, fuse);
+    trunk.impl_->prefix_runner =
+        inference_runner(m, {kPrefixMethod}, trunk.impl_->channels_last, fuse, fused);
+  }
+  if (fused.convolutions > 0) {
+    log_info(detail::str_cat(
+        "trunk: inference passes run ", fused.convolutions, " convolutions as single oneDNN primitives (",
+        *fuse == at::kBFloat16 ? "bfloat16" : "float32", "): ", fused.activations,
+        " with their activation as a post-op, ", fused.pads, " zero pads taken as padding, ", fused.crops,
+        " of them with a crop (trunk.optimize)"));
   }
   // A trunk that trains runs its convolutions channels-last too, weights and inputs (and so
   // gradients and optimizer state): a step of the demo's top is 2.1-2.6x faster so on the CPU

@@ -18,10 +18,12 @@
 //   its size from the input's at run time, so any input size works).
 //
 // The result is the same up to float rounding (oneDNN may pick another kernel for another
-// padding). Only for graphs that run float32 on the CPU: the op takes no autocast.
+// padding). For graphs that run on the CPU in float32, or in bfloat16 (below).
 #pragma once
 
 #include <memory>
+
+#include <c10/core/ScalarType.h>
 
 namespace torch::jit {
 struct Graph;
@@ -29,8 +31,24 @@ struct Graph;
 
 namespace canopy::trunk {
 
-// Rewrites `g` (a frozen graph: weights are constants) as above. Returns how many convolutions
-// it rewrote; 0 where LibTorch was built without oneDNN.
-int fuse_cpu_convolutions(const std::shared_ptr<torch::jit::Graph>& g);
+// What fuse_cpu_convolutions rewrote: convolutions, of them those that took their activation,
+// zero pads folded into padding, of them those that needed a crop.
+struct FusedConvolutions {
+  int convolutions = 0, activations = 0, pads = 0, crops = 0;
+  FusedConvolutions& operator+=(const FusedConvolutions& o) {
+    convolutions += o.convolutions;
+    activations += o.activations;
+    pads += o.pads;
+    crops += o.crops;
+    return *this;
+  }
+};
+
+// Rewrites `g` (a frozen graph: weights are constants) as above; nothing where LibTorch was
+// built without oneDNN. dtype bfloat16: the convolutions run in bfloat16 (their float32 weights
+// converted once, their inputs cast), as under autocast to bfloat16, whose dispatcher does not
+// know the fused op; the graph then runs under that autocast as before.
+FusedConvolutions fuse_cpu_convolutions(const std::shared_ptr<torch::jit::Graph>& g,
+                                        at::ScalarType dtype = at::kFloat);
 
 }  // namespace canopy::trunk
