@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/jit/ir/constants.h>
 #include <torch/csrc/jit/ir/ir.h>
+#include <torch/csrc/jit/passes/dead_code_elimination.h>
 #include <torch/csrc/jit/runtime/graph_iterator.h>
 #include <torch/library.h>
 
@@ -207,6 +208,8 @@ FusedConvolutions fuse_cpu_convolutions(const std::shared_ptr<torch::jit::Graph>
     done.pads += fold.has_value();
     done.crops += cropped;
   }
+  // The float32 weights a bfloat16 pass replaced, and constants nothing reads any more.
+  if (done.convolutions > 0) torch::jit::EliminateDeadCode(g);
   return done;
 }
 
