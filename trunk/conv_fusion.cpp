@@ -91,17 +91,8 @@ struct Convolution {
 
 // A 2-D convolution with a constant float32 CPU weight and constant settings.
 std::optional<Convolution> cpu_convolution(torch::jit::Node* node) {
-  std::size_t groups_at = 0;
-  if (node->kind() == c10::Symbol::aten("conv2d") && node->inputs().size() == 7 &&
-      node->input(4)->type()->kind() == c10::TypeKind::ListType) {
-    groups_at = 6;  // (input, weight, bias, stride, padding, dilation, groups); not padding="same"
-  } else if (node->kind() == c10::Symbol::aten("_convolution") && node->inputs().size() == 13) {
-    const auto transposed = torch::jit::toIValue(node->input(6));
-    if (!transposed || !transposed->isBool() || transposed->toBool()) return std::nullopt;
-    groups_at = 8;
-  } else {
-    return std::nullopt;
-  }
+  const auto groups_at = graph::convolution_groups_input(node);
+  if (!groups_at) return std::nullopt;
   const auto weight = torch::jit::toIValue(node->input(1));
   if (!weight || !weight->isTensor()) return std::nullopt;
   const at::Tensor& w = weight->toTensor();
@@ -113,11 +104,11 @@ std::optional<Convolution> cpu_convolution(torch::jit::Node* node) {
   const auto stride = graph::constant_ints(node->input(3));
   const auto padding = graph::constant_ints(node->input(4));
   const auto dilation = graph::constant_ints(node->input(5));
-  const auto groups = torch::jit::toIValue(node->input(groups_at));
+  const auto groups = torch::jit::toIValue(node->input(*groups_at));
   if (!stride || !padding || !dilation || stride->size() != 2 || padding->size() != 2 ||
       dilation->size() != 2 || !groups || !groups->isInt())
     return std::nullopt;
-  return Convolution{node, {w.size(2), w.size(3)}, *stride, *padding, *dilation, node->input(groups_at)};
+  return Convolution{node, {w.size(2), w.size(3)}, *stride, *padding, *dilation, node->input(*groups_at)};
 }
 
 }  // namespace
@@ -167,12 +158,11 @@ FusedConvolutions fuse_cpu_convolutions(const std::shared_ptr<torch::jit::Graph>
     }
 
     std::vector<torch::jit::Value*> scalars;
-    c10::IValue algorithm;  // None
-    torch::jit::Value* algorithm_value = nullptr;
+    torch::jit::NamedValue algorithm{c10::IValue()};  // None
     if (act) {
       for (std::size_t i : act->scalars) scalars.push_back(act_node->input(i));
       for (double v : act->fixed) scalars.push_back(owner->insertConstant(v));
-      if (act->algorithm) algorithm_value = act_node->input(*act->algorithm);
+      if (act->algorithm) algorithm = torch::jit::NamedValue(act_node->input(*act->algorithm));
     }
     torch::jit::Value* list =
         owner->insertNode(owner->createList(c10::OptionalType::create(c10::NumberType::get()), scalars))
@@ -187,11 +177,9 @@ FusedConvolutions fuse_cpu_convolutions(const std::shared_ptr<torch::jit::Graph>
         bias = owner->insertConstant(b->toTensor().to(dtype));
       x = owner->insert(c10::Symbol::aten("to"), {x, dtype});
     }
-    torch::jit::Value* y = owner->insert(
-        pointwise,
-        {x, weight, bias, c10::IValue(c.padding), c.node->input(3), c.node->input(5), c.groups,
-         std::string(act ? act->attr : "none"), list,
-         algorithm_value ? torch::jit::NamedValue(algorithm_value) : torch::jit::NamedValue(algorithm)});
+    torch::jit::Value* y =
+        owner->insert(pointwise, {x, weight, bias, c10::IValue(c.padding), c.node->input(3), c.node->input(5),
+                                  c.groups, std::string(act ? act->attr : "none"), list, algorithm});
     if (cropped) {
       std::vector<std::int64_t> extent(2);
       for (std::size_t d = 0; d < 2; ++d) extent[d] = c.dilation[d] * (c.kernel[d] - 1) + 1;

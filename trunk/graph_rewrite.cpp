@@ -29,6 +29,16 @@ std::optional<std::vector<std::int64_t>> constant_ints(torch::jit::Value* v) {
   return out;
 }
 
+std::optional<std::size_t> convolution_groups_input(torch::jit::Node* n) {
+  if (n->kind() == c10::Symbol::aten("conv2d") && n->inputs().size() == 7 &&
+      n->input(4)->type()->kind() == c10::TypeKind::ListType)
+    return 6;
+  if (n->kind() != c10::Symbol::aten("_convolution") || n->inputs().size() != 13) return std::nullopt;
+  const auto transposed = torch::jit::toIValue(n->input(6));
+  if (!transposed || !transposed->isBool() || transposed->toBool()) return std::nullopt;
+  return 8;
+}
+
 std::optional<ZeroPad> zero_pad(torch::jit::Node* n) {
   if (n->kind() == c10::Symbol::aten("pad") && n->inputs().size() == 4) {
     const auto mode = torch::jit::toIValue(n->input(2));

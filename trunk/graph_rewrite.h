@@ -2,6 +2,7 @@
 // graph: constant lists, and the zero pads EfficientNet-style trunks put before a convolution.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -15,6 +16,11 @@ namespace canopy::trunk::graph {
 
 // A list of ints the graph fixes: a constant, or a ListConstruct of constants.
 std::optional<std::vector<std::int64_t>> constant_ints(torch::jit::Value* v);
+
+// Where the groups input of `n` is when `n` is a forward convolution whose inputs begin
+// (input, weight, bias, stride, padding, dilation): aten::conv2d with a list padding (6; not
+// padding="same") or a non-transposed aten::_convolution (8).
+std::optional<std::size_t> convolution_groups_input(torch::jit::Node* n);
 
 // A zero pad of the last two dimensions, in F.pad's order.
 struct ZeroPad {

@@ -139,24 +139,13 @@ at::Tensor depthwise_weight_grad(const at::Tensor& grad_output, const at::Tensor
 }
 
 int use_canopy_grouped_convolutions(const std::shared_ptr<torch::jit::Graph>& g, bool float32_input) {
-  const auto conv2d = c10::Symbol::aten("conv2d");
-  const auto convolution = c10::Symbol::aten("_convolution");
   std::vector<std::pair<torch::jit::Node*, std::size_t>> found;  // node, its groups input
   std::shared_ptr<torch::jit::Graph> graph = g;
   for (torch::jit::DepthFirstGraphNodeIterator it(graph); auto* node = it.next();) {
-    std::size_t groups_at = 0;
-    if (node->kind() == conv2d && node->inputs().size() == 7 &&
-        node->input(4)->type()->kind() == c10::TypeKind::ListType) {
-      groups_at = 6;  // (input, weight, bias, stride, padding, dilation, groups); not padding="same"
-    } else if (node->kind() == convolution && node->inputs().size() == 13) {
-      const auto transposed = torch::jit::toIValue(node->input(6));
-      if (!transposed || !transposed->isBool() || transposed->toBool()) continue;
-      groups_at = 8;
-    } else {
-      continue;
-    }
-    const auto groups = torch::jit::toIValue(node->input(groups_at));
-    if (groups && groups->isInt() && groups->toInt() > 1) found.emplace_back(node, groups_at);
+    const auto groups_at = graph::convolution_groups_input(node);
+    if (!groups_at) continue;
+    const auto groups = torch::jit::toIValue(node->input(*groups_at));
+    if (groups && groups->isInt() && groups->toInt() > 1) found.emplace_back(node, *groups_at);
   }
   const auto op = c10::Symbol::fromQualString("canopy::grouped_conv2d");
   for (const auto& [node, groups_at] : found) {

@@ -488,6 +488,73 @@ struct Trunk::Impl {
   std::vector<std::string> compiled_outputs;
   std::vector<CompiledInput> compiled_inputs;
 
+  // The module's blocks (what freeze = first:N counts: its children, a ModuleList's items
+  // each) and tap points; trunk.taps must name tap points.
+  void read_structure() {
+    for (const auto& child : module.named_children()) {
+      if (type_name(child.value) == "ModuleList") {
+        for (const auto& item : child.value.named_children()) blocks.push_back(child.name + "." + item.name);
+      } else {
+        blocks.push_back(child.name);
+      }
+    }
+    for (const auto& call : forward_calls(module.get_method("forward").graph()))
+      tap_points.push_back(call.first);
+    for (const auto& t : config.taps) {
+      CANOPY_CHECK(std::find(tap_points.begin(), tap_points.end(), t) != tap_points.end(), ConfigError,
+                   "trunk.taps: '", t, "' is not a tap point of '", config.path,
+                   "' (tap points: ", join(tap_points, ", "), ")");
+    }
+  }
+
+  // trunk.optimize's inference runners: encode()'s when nothing trains, encode_prefix()'s when
+  // a top trains over a cached prefix; on the CPU (float32 or bfloat16; float16 keeps
+  // autocast's) with their convolutions fused, which is said.
+  void make_inference_runners(bool trains) {
+    std::optional<at::ScalarType> fuse;
+    if (device.is_cpu() && precision != at::kHalf) fuse = precision;
+    FusedConvolutions fused;
+    if (!trains) {
+      std::vector<std::string> methods;
+      if (!config.taps.empty()) methods.push_back(kTapsMethod);
+      runner = inference_runner(module, methods, channels_last, fuse, fused);
+    }
+    if (split.problem.empty() && split.prefix_blocks > 0)
+      prefix_runner = inference_runner(module, {kPrefixMethod}, channels_last, fuse, fused);
+    if (fused.convolutions > 0) {
+      log_info(detail::str_cat(
+          "trunk: inference passes run ", fused.convolutions, " convolutions as single oneDNN primitives (",
+          *fuse == at::kBFloat16 ? "bfloat16" : "float32", "): ", fused.activations,
+          " with their activation as a post-op, ", fused.pads, " zero pads taken as padding, ", fused.crops,
+          " of them with a crop (trunk.optimize)"));
+    }
+  }
+
+  // A trunk that trains runs its convolutions channels-last (trunk.optimize), weights and
+  // inputs (and so gradients and optimizer state): a step of the demo's top is 2.1-2.6x faster
+  // so on the CPU (docs/fine-tuning.md); the values are the same up to rounding, and files get
+  // them contiguous. On the CPU its grouped convolutions run as canopy::grouped_conv2d: the
+  // depthwise ones' weight gradient by canopy's kernel, 3-29x faster there than oneDNN's, and
+  // a symmetric zero pad before one as its padding (grouped_conv.h). Under trunk.top_precision
+  // = bfloat16 they run in float32: their bfloat16 backward is slower there than float32's
+  // (the demo trunk's 5x5 depthwise convolutions in blocks.10-13, channels-last, batch 256 at
+  // 64x64: 500-620 ms against 145-180 ms, so that the whole top trained slower in bfloat16
+  // than in float32; docs/fine-tuning.md).
+  void prepare_trainable_top() {
+    if (config.optimize) module_channels_last = weights_to_channels_last(module);
+    const bool bf16_top = config.top_precision == "bfloat16";
+    if (!device.is_cpu() || !(config.optimize || bf16_top)) return;
+    int rewritten = 0;
+    for_each_graph(module, [&](const std::shared_ptr<torch::jit::Graph>& g) {
+      rewritten += use_canopy_grouped_convolutions(g, bf16_top);
+    });
+    if (rewritten > 0 && bf16_top) {
+      log_info(
+          "trunk.top_precision = bfloat16: the top's grouped (depthwise) convolutions run in float32 "
+          "(faster on the CPU)");
+    }
+  }
+
   // Where the policy cuts the trunk; adds canopy_prefix and canopy_top when it leaves a top
   // over a frozen prefix.
   void compute_split() {
@@ -903,21 +970,7 @@ Trunk Trunk::load(const TrunkConfig& config) {
                                     "' as TorchScript: ", e.what_without_backtrace()));
   }
   torch::jit::Module& m = impl->module;
-  for (const auto& child : m.named_children()) {
-    if (type_name(child.value) == "ModuleList") {
-      for (const auto& item : child.value.named_children())
-        impl->blocks.push_back(child.name + "." + item.name);
-    } else {
-      impl->blocks.push_back(child.name);
-    }
-  }
-  for (const auto& call : forward_calls(m.get_method("forward").graph()))
-    impl->tap_points.push_back(call.first);
-  for (const auto& t : config.taps) {
-    CANOPY_CHECK(std::find(impl->tap_points.begin(), impl->tap_points.end(), t) != impl->tap_points.end(),
-                 ConfigError, "trunk.taps: '", t, "' is not a tap point of '", config.path,
-                 "' (tap points: ", join(impl->tap_points, ", "), ")");
-  }
+  impl->read_structure();
   // A traced trunk calls aten::_convolution, which autocast passes by (its lists name conv2d
   // and the like): spelled as those, its convolutions run at the autocast's dtype. Frozen
   // runners are rewritten so by torch::jit::freeze already; float32 trunks are left as saved.
@@ -938,49 +991,8 @@ Trunk Trunk::load(const TrunkConfig& config) {
   log_info(detail::str_cat("trunk: ", total, " parameters, ", trainable, " trainable (freeze ",
                            describe(config.freeze), "); ", trunk.impl_->frozen.size(), " of ",
                            m.named_modules().size(), " modules frozen"));
-  // The fused convolutions for a CPU pass in float32 or bfloat16 (float16 keeps autocast's).
-  std::optional<at::ScalarType> fuse;
-  if (trunk.impl_->device.is_cpu() && trunk.impl_->precision != at::kHalf) fuse = trunk.impl_->precision;
-  FusedConvolutions fused;
-  if (config.optimize && trainable == 0) {
-    std::vector<std::string> methods;
-    if (!config.taps.empty()) methods.push_back(kTapsMethod);
-    trunk.impl_->runner = inference_runner(m, methods, trunk.impl_->channels_last, fuse, fused);
-  }
-  if (config.optimize && trunk.impl_->split.problem.empty() && trunk.impl_->split.prefix_blocks > 0) {
-    trunk.impl_->prefix_runner =
-        inference_runner(m, {kPrefixMethod}, trunk.impl_->channels_last, fuse, fused);
-  }
-  if (fused.convolutions > 0) {
-    log_info(detail::str_cat(
-        "trunk: inference passes run ", fused.convolutions, " convolutions as single oneDNN primitives (",
-        *fuse == at::kBFloat16 ? "bfloat16" : "float32", "): ", fused.activations,
-        " with their activation as a post-op, ", fused.pads, " zero pads taken as padding, ", fused.crops,
-        " of them with a crop (trunk.optimize)"));
-  }
-  // A trunk that trains runs its convolutions channels-last too, weights and inputs (and so
-  // gradients and optimizer state): a step of the demo's top is 2.1-2.6x faster so on the CPU
-  // (docs/fine-tuning.md). The values are the same up to rounding; files get them contiguous.
-  if (config.optimize && trainable > 0) trunk.impl_->module_channels_last = weights_to_channels_last(m);
-  // A top that trains on the CPU runs its grouped convolutions as canopy::grouped_conv2d: the
-  // depthwise ones' weight gradient by canopy's kernel, 3-29x faster there than oneDNN's, and
-  // a symmetric zero pad before one as its padding (grouped_conv.h). Under trunk.top_precision
-  // = bfloat16 they run in float32: their bfloat16 backward is slower there than float32's (the
-  // demo trunk's 5x5 depthwise convolutions in blocks.10-13, channels-last, batch 256 at 64x64:
-  // 500-620 ms against 145-180 ms, so that the whole top trained slower in bfloat16 than in
-  // float32; docs/fine-tuning.md).
-  const bool bf16_top = config.top_precision == "bfloat16";
-  if (trainable > 0 && trunk.impl_->device.is_cpu() && (config.optimize || bf16_top)) {
-    int rewritten = 0;
-    for_each_graph(m, [&](const std::shared_ptr<torch::jit::Graph>& g) {
-      rewritten += use_canopy_grouped_convolutions(g, bf16_top);
-    });
-    if (rewritten > 0 && bf16_top) {
-      log_info(
-          "trunk.top_precision = bfloat16: the top's grouped (depthwise) convolutions run in float32 "
-          "(faster on the CPU)");
-    }
-  }
+  if (config.optimize) trunk.impl_->make_inference_runners(trainable > 0);
+  if (trainable > 0) trunk.impl_->prepare_trainable_top();
   return trunk;
 }
 

@@ -3,8 +3,8 @@
 //
 // A frozen TorchScript graph runs each convolution, its activation and the zero pad before it
 // as separate passes over memory. In a profile of the demo trunk (EfficientNet-Lite0, 2
-// threads, channels-last) the convolutions were about 45 % of the time, the ReLU6 clamps 20 %
-// and EfficientNet's "same" pads (a fill of the whole padded tensor, then a copy) 25-30 %;
+// threads, channels-last) the convolutions were 41-43 % of the time, the ReLU6 clamps 20-23 %
+// and EfficientNet's "same" pads (a fill of the whole padded tensor, then a copy) 24-29 %;
 // Inductor, which makes the `.pt2` trunks, fuses the activation into the convolution and the
 // pad into the convolution's padding. fuse_cpu_convolutions does both on the graph:
 //
