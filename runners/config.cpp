@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -662,6 +663,11 @@ void check_range(const Key<Cfg>& k, const Cfg& c, const std::string& where) {
   }
   for (double x : k.numbers(c)) {
     CANOPY_CHECK(std::isfinite(x), ConfigError, where, " must be finite, got ", x);
+    // Rates, weights and factors reach float32 tensors: a larger one is no setting, only a
+    // failure deep in a step.
+    CANOPY_CHECK(k.type != "number" || std::fabs(x) <= std::numeric_limits<float>::max(), ConfigError, where,
+                 " must be within float32's range (at most ", std::numeric_limits<float>::max(),
+                 " in magnitude: training computes in float32), got ", x);
     if (k.min) {
       CANOPY_CHECK(k.min_open ? x > *k.min : x >= *k.min, ConfigError, where, " must be ",
                    k.min_open ? "> " : ">= ", *k.min, ", got ", x);

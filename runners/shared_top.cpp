@@ -39,6 +39,23 @@ namespace {
 
 bool all_finite(const at::Tensor& t) { return t.isfinite().all().item<bool>(); }
 
+// The L2 norm of all of `ts` (one reduction each, one wait for the result).
+double l2_norm(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> norms;
+  for (const auto& t : ts) norms.push_back(t.norm());
+  return norms.empty() ? 0.0 : at::stack(norms).norm().item<double>();
+}
+
+// Whether every value of every tensor is finite. Their L2 norm is finite when they are, and
+// costs a fast reduction each and one wait against isfinite's four passes and a wait per
+// tensor (8 % of an autofreeze run of the demo's top went to checking its weights and
+// gradients so); only when it is not (a value that is not, or finite ones whose squares
+// overflow) are they looked at one by one.
+bool all_finite(const std::vector<at::Tensor>& ts) {
+  if (std::isfinite(l2_norm(ts))) return true;
+  return std::all_of(ts.begin(), ts.end(), [](const at::Tensor& t) { return all_finite(t); });
+}
+
 }  // namespace
 
 SharedTop::SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets::CacheMeta& meta,
@@ -350,14 +367,26 @@ void SharedTop::step(const at::Tensor& z, const at::Tensor& grad, std::int64_t s
   optimizer_->zero_grad();
   if (z.requires_grad() && z.numel() > 0) torch::autograd::backward({z}, {grad.to(z.device())});
   if (allreduce_bucket_bytes_ > 0) all_reduce_gradients();
+  std::vector<at::Tensor> grads, stepped;
   for (const auto& [name, p] : params_) {
-    CANOPY_CHECK(!p.grad().defined() || all_finite(p.grad()), Error,
-                 "the shared top's gradient is not finite in ", name,
-                 " (every head's own gradient was finite)");
+    if (!p.grad().defined()) continue;
+    grads.push_back(p.mutable_grad());
+    stepped.push_back(p);
+  }
+  // A gradient with a value that is not finite has a norm that is not: the check costs a
+  // search only then (a finite gradient whose norm overflows float32 is scaled to zero).
+  const double norm = l2_norm(grads);
+  if (!std::isfinite(norm)) {
+    for (const auto& [name, p] : params_) {
+      CANOPY_CHECK(!p.grad().defined() || all_finite(p.grad()), Error,
+                   "the shared top's gradient is not finite in ", name,
+                   " (every head's own gradient was finite)");
+    }
   }
   if (config_.schedule == FreezeSchedule::kAutofreeze) track_gradients();  // before clipping
   if (trains()) {
-    epoch_norm_sum_ += clip_gradient();
+    clip_gradient(grads, norm);
+    epoch_norm_sum_ += norm;
     ++epoch_steps_;
   }
   // The warm-up counts the top's training steps of the whole run, so a resumed run (whose
@@ -367,6 +396,7 @@ void SharedTop::step(const at::Tensor& z, const at::Tensor& grad, std::int64_t s
   for (std::size_t g = 0; g < groups.size(); ++g) groups[g].options().set_lr(base_lrs_[g] * factor);
   last_lr_ = base_lrs_.empty() ? 0.0 : base_lrs_[0] * factor;
   optimizer_step_(*optimizer_);
+  if (all_finite(stepped)) return;  // the step changed only these
   for (const auto& [name, p] : params_) {
     CANOPY_CHECK(all_finite(p), Error, "the shared top's weights are not finite after the step (", name,
                  "); lower trunk.lr");
@@ -422,21 +452,12 @@ std::int64_t SharedTop::steps_before(std::int64_t epoch) const {
 
 // As torch.nn.utils.clip_grad_norm_: the norm of the per-parameter norms; every gradient
 // times max_norm / (norm + 1e-6) when that is below 1.
-double SharedTop::clip_gradient() {
-  std::vector<at::Tensor> norms, grads;
-  for (const auto& [name, p] : params_) {
-    if (!p.grad().defined()) continue;
-    grads.push_back(p.mutable_grad());
-    norms.push_back(p.grad().norm());
-  }
-  if (norms.empty()) return 0.0;
-  const double total = at::stack(norms).norm().item<double>();
-  const double coef = config_.max_grad_norm / (total + 1e-6);
+void SharedTop::clip_gradient(std::vector<at::Tensor>& grads, double norm) {
+  const double coef = config_.max_grad_norm / (norm + 1e-6);
   if (config_.max_grad_norm > 0 && coef < 1.0) {
     for (auto& g : grads) g.mul_(coef);
     ++epoch_clipped_;
   }
-  return total;
 }
 
 void SharedTop::hold(std::int64_t frozen) {

@@ -536,6 +536,40 @@ TEST(ConvFusion, FoldsPadsAndActivationsWithTheSameOutputsAtEverySize) {
 // What the rewrite leaves: a pad something else reads too, an activation whose input is read
 // again, a transposed convolution; and an input too small for a cropped convolution is an
 // error naming the sizes, as the convolution's own would be.
+// The passes canopy runs instead of forward (the cached prefix of a fine-tuned trunk, taps)
+// are optimised as forward is: their BatchNorms folded into the convolutions, so that each
+// convolution runs with its activation as one oneDNN primitive (LibTorch's freeze optimises
+// forward alone), with the features of the unoptimised module.
+TEST(Freeze, ThePrefixAndTapsPassesAreFoldedAndFusedAsForwardIs) {
+  REQUIRE_CONVNET();
+  if (!at::hasMKLDNN()) GTEST_SKIP() << "LibTorch without oneDNN";
+  struct Case {
+    std::string freeze;
+    std::vector<std::string> taps;
+    std::string said;
+  };
+  const std::vector<Case> cases = {
+      {"first:2", {}, "the cached prefix runs 2 convolutions as single oneDNN primitives (float32): 2 with"},
+      {"all",
+       {"blocks.0", "blocks.2"},
+       "caching runs 4 convolutions as single oneDNN primitives (float32): 4 with"},
+  };
+  const at::Tensor x = at::randn({3, 3, 12, 12});
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.freeze);
+    TrunkConfig config = convnet(c.freeze);
+    config.taps = c.taps;
+    Trunk optimised = Trunk::load(config);
+    const std::string shown = optimised.show(1);
+    EXPECT_NE(shown.find(c.said), std::string::npos) << shown;
+    config.optimize = false;
+    Trunk plain = Trunk::load(config);
+    const at::Tensor got = c.taps.empty() ? optimised.encode_prefix({x})[0] : optimised.encode(x);
+    const at::Tensor want = c.taps.empty() ? plain.encode_prefix({x})[0] : plain.encode(x);
+    EXPECT_TRUE(close_to(got, want)) << "largest difference " << (got - want).abs().max().item<double>();
+  }
+}
+
 TEST(ConvFusion, LeavesWhatItCannotFuseAndRefusesTooSmallInputs) {
   if (!at::hasMKLDNN()) GTEST_SKIP() << "LibTorch without oneDNN";
   torch::jit::Module m("m");

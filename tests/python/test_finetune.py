@@ -11,7 +11,8 @@ h5py and safetensors, on a slice of Fashion-MNIST through a small trunk with blo
   top as one task, SIGKILL + --resume ends bitwise identical
 - trunk.lr_warmup_steps and trunk.max_grad_norm move the top by exactly what they say (one
   SGD step), warm up over the steps the top trains, and resume bitwise; so does a top trained
-  under bfloat16 autocast (trunk.top_precision)
+  under bfloat16 autocast (trunk.top_precision); a rate that makes its weights overflow stops
+  the run naming the parameter
 - train.export = best with the top: the top and every head of the one epoch whose mean
   validation score over the tasks was best, bitwise those of a run stopped at that epoch;
   SIGKILL + --resume exports the same
@@ -109,6 +110,15 @@ def check_warmup_and_clipping(canopy, work, config, trunk, plain):
             "trunk.lr_warmup_steps=1000", "--set", "train.epochs=1")
     check(r.returncode == 0 and f"trunk.lr_warmup_steps = 1000 is more than the {S} steps" in r.stderr,
           f"a warm-up longer than the run is said ({[l for l in r.stderr.splitlines() if 'warmup' in l][:1]})")
+
+    # A rate that throws the weights past float32's range stops the run at that step, naming
+    # the parameter; the last checkpoint is what it was before.
+    r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/diverged", "--set",
+            "trunk.optimizer=sgd", "--set", "trunk.lr=3e38", "--set", "trunk.lr_decay=1", "--set", "train.epochs=1",
+            "--set", "task.a_linear.loss_weight=1e6")
+    said = [l for l in r.stderr.splitlines() if "not finite" in l]
+    check(r.returncode != 0 and said and "the shared top's weights are not finite after the step (blocks." in said[0]
+          and "lower trunk.lr" in said[0], f"a diverging top is stopped with its parameter named (exit {r.returncode}: {said[:1]})")
 
     # Killed twice (in the warm-up, with clipping at work) and resumed: bitwise the
     # uninterrupted run, the epochs' rows (norms, clipped steps, rates) too.

@@ -144,9 +144,9 @@ class SharedTop {
   // The learning rates' factor at the top's training step `k` of the run: this epoch's
   // schedule, times the warm-up's (k + 1) / lr_warmup_steps while k is below it.
   double rate_factor(std::int64_t k) const;
-  // Returns the L2 norm of the top's whole gradient, and scales the gradient down to
-  // max_grad_norm when it is above it.
-  double clip_gradient();
+  // Scales the gradient (`grads`: each parameter's that has one) down to max_grad_norm when
+  // its L2 norm `norm` is above it.
+  void clip_gradient(std::vector<at::Tensor>& grads, double norm);
   void all_reduce_gradients();
   std::int64_t allreduce_bucket_bytes_ = 0;  // 0: one process
   double allreduce_seconds_ = 0;
