@@ -308,11 +308,54 @@ void SharedTop::replay(const at::Tensor& rows, const at::Tensor& index) {
 }
 
 at::Tensor SharedTop::features(const at::Tensor& rows, std::int64_t batch) {
+  const bool kept = keeps_eval_level(rows, batch);
   std::vector<at::Tensor> out;
-  for (std::int64_t i = 0; i < rows.size(0); i += batch) {
-    out.push_back(forward(rows.slice(0, i, std::min(rows.size(0), i + batch)), false));
+  for (std::int64_t i = 0, k = 0; i < rows.size(0); i += batch, ++k) {
+    const at::Tensor slice = rows.slice(0, i, std::min(rows.size(0), i + batch));
+    out.push_back(kept ? eval_from_level(slice, static_cast<std::size_t>(k)) : forward(slice, false));
   }
   return out.empty() ? at::empty({0, feature_dim_}, at::kFloat) : at::cat(out, 0).contiguous();
+}
+
+// The blocks held frozen at the bottom of the top do not change until a block above them does
+// (autofreeze's never do; gradual's until they are unfrozen), so their output on the
+// evaluation rows is computed at the first evaluation that finds them frozen and kept while
+// they stay so: later evaluations run only the blocks above. Kept in memory when a training
+// level of that size would be (cache.memory_cap_mb); else every evaluation runs the whole top.
+bool SharedTop::keeps_eval_level(const at::Tensor& rows, std::int64_t batch) {
+  const auto n = static_cast<std::int64_t>(top_blocks_.size());
+  if (frozen_ <= 0 || frozen_ >= n || rows.size(0) == 0) {
+    eval_level_ = EvalLevel{};
+    return false;
+  }
+  if (eval_level_.rows.defined() && eval_level_.rows.data_ptr() == rows.data_ptr() &&
+      eval_level_.rows.sizes() == rows.sizes() && eval_level_.batch == batch && eval_level_.frozen == frozen_)
+    return true;
+  eval_level_ = EvalLevel{};  // the one kept before, freed first
+  const auto bytes = static_cast<std::uint64_t>(rows.size(0)) *
+                     static_cast<std::uint64_t>(c10::multiply_integers(block_shape(frozen_ - 1))) *
+                     sizeof(float);
+  if (why_not_in_memory_ && !why_not_in_memory_(bytes).empty()) return false;
+  eval_level_ = EvalLevel{rows, batch, frozen_, {}};
+  const std::string& block = top_blocks_[static_cast<std::size_t>(frozen_ - 1)];
+  log_info(detail::str_cat("top: evaluation keeps the output of ", block, " on its ", rows.size(0), " rows (",
+                           format_mib(static_cast<double>(bytes)),
+                           ") while the blocks up to it stay frozen, ",
+                           "and runs the blocks above it alone"));
+  return true;
+}
+
+at::Tensor SharedTop::eval_from_level(const at::Tensor& rows, std::size_t k) {
+  torch::jit::GraphOptimizerEnabledGuard plain(false);  // as forward()
+  trunk_.train(false);
+  c10::NoGradGuard no_grad;
+  std::int64_t len = -1;
+  auto parts = unpack(rows, &len);
+  const std::string& to = top_blocks_[static_cast<std::size_t>(frozen_ - 1)];
+  if (k == eval_level_.outs.size())
+    eval_level_.outs.push_back(trunk_.span(trunk_.split().boundary, to, parts).to(c10::kCPU, at::kFloat));
+  parts[0] = eval_level_.outs[k];
+  return trunk_.top_features_from(to, parts).to(c10::kCPU);
 }
 
 void SharedTop::all_reduce_gradients() {
@@ -697,6 +740,7 @@ void SharedTop::keep_best(std::int64_t epoch, double score) {
 
 bool SharedTop::restore_best() {
   if (best_.empty()) return false;
+  eval_level_ = EvalLevel{};  // the frozen blocks may have other weights at that epoch
   c10::NoGradGuard no_grad;
   for (std::size_t i = 0; i < params_.size(); ++i) params_[i].second.copy_(best_[i]);
   return true;
@@ -738,6 +782,7 @@ std::string SharedTop::checkpoint_bytes() const {
 }
 
 void SharedTop::load_checkpoint(const std::string& path) {
+  eval_level_ = EvalLevel{};
   torch::serialize::InputArchive archive;
   try {
     archive.load_from(path);

@@ -7,7 +7,9 @@ Fashion-MNIST through a small trunk with blocks (stem, blocks.0 .. blocks.2):
   blocks not yet unfrozen are bitwise unchanged while held
 - autofreeze: blocks freeze from the bottom up; the highest frozen block's output becomes a
   cache level, written once (an HDF5 file h5py reads), equal to what Python computes from
-  the cached prefix with the exported trunk's blocks
+  the cached prefix with the exported trunk's blocks; evaluation keeps the frozen blocks'
+  output on the test rows, and the heads score what canopy predict scores with the exported
+  trunk
 - autofreeze over a train split that streams: blocks freeze as in memory, a frozen block
   (weights and BatchNorm statistics) stays as it was when it froze; the level is kept on
   disk (rows by position in the split, each row's CRC-32C) and read by row; deleted or
@@ -473,6 +475,25 @@ def main():
     err = np.abs(python_level(f"{work}/gcache", f"{work}/aout/trunk.pt", level) - stored).max()
     check(stored.shape == (TRAIN, 8 * 14 * 14) and err < 1e-4,
           f"autofreeze: the level holds the frozen blocks' output as Python computes it (max diff {err:.1e})")
+    # Evaluations after a freeze run the blocks above it over their output, kept: what they
+    # score is what canopy predict scores with the exported trunk run whole.
+    check("top: evaluation keeps the output of" in r.stderr, "autofreeze: evaluation keeps the frozen blocks' output")
+    from support import FMNIST, fmnist_test_inputs
+    y = fmnist_test_inputs(TEST)[1]
+    p = run(canopy, "predict", "--config", auto, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz", "--limit", str(TEST),
+            "--scores", "--output", f"{work}/apred.csv")
+    lines = open(f"{work}/apred.csv").read().splitlines() if p.returncode == 0 else [""]
+    header, preds = lines[0].split(","), [line.split(",") for line in lines[1:]]
+    for task in ("a_linear", "b_mlp"):
+        card = json.load(open(f"{work}/aout/heads/{task}.json"))
+        cols = [header.index(f"{task}:{c}") for c in card["class_names"]] if preds else []
+        scores = torch.tensor([[float(row[c]) for c in cols] for row in preds]) if cols else torch.zeros(0, 10)
+        top = scores.topk(5, 1).indices if len(preds) else scores
+        got = [(top[:, 0] == y).float().mean().item(), (top == y[:, None]).any(1).float().mean().item()] \
+            if len(preds) == TEST else []
+        want = [card["eval_accuracy"], card["eval_top5_accuracy"]]
+        check(got and all(abs(a - b) <= 1.0 / TEST + 1e-9 for a, b in zip(got, want)),
+              f"autofreeze: {task}'s accuracy and top-5 accuracy from predict's scores ({got}) are the card's {want}")
     first = next(i for i, row in enumerate(rows) if row["level"])
     resume_matches(canopy, auto, f"{work}/acut", f"{work}/aout", [(first - 1, 15), (first, 10)], "autofreeze",
                    [f"levels/{level}.h5"])

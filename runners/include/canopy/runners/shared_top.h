@@ -61,7 +61,8 @@ class SharedTop {
   at::Tensor forward(const at::Tensor& rows, bool training, const at::Tensor& index = at::Tensor());
   // A step skipped on resume: stores the cache level rows that step would have written.
   void replay(const at::Tensor& rows, const at::Tensor& index);
-  // forward(rows, false) over a whole split, `batch` rows at a time.
+  // forward(rows, false) over a whole split, `batch` rows at a time; with blocks held frozen,
+  // their output on `rows` is kept from one call to the next (keeps_eval_level).
   at::Tensor features(const at::Tensor& rows, std::int64_t batch);
   // Back-propagates `grad` (the heads' combined dL/dz, [B, D]) through the top from its
   // output `z` and steps the optimizer, at step `step_in_epoch` (0-based) of the epoch
@@ -152,6 +153,15 @@ class SharedTop {
   double allreduce_seconds_ = 0;
   std::int64_t allreduce_steps_ = 0;
   void track_gradients();
+  // The output of the blocks held frozen on the evaluation rows `rows`, per batch of `batch`.
+  struct EvalLevel {
+    at::Tensor rows;  // what it was computed on (held, so that its address names it)
+    std::int64_t batch = 0, frozen = 0;
+    std::vector<at::Tensor> outs;  // filled by the first evaluation
+  };
+  EvalLevel eval_level_;
+  bool keeps_eval_level(const at::Tensor& rows, std::int64_t batch);
+  at::Tensor eval_from_level(const at::Tensor& rows, std::size_t k);
   std::string level_path(std::int64_t level) const;
   std::string level_fingerprint(std::int64_t level) const;
   void load_level(std::int64_t level);
