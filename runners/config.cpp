@@ -444,7 +444,8 @@ void add_cache_keys(std::vector<Key<JobConfig>>& v) {
           "the train split is read whole when it fits under this cap, else streamed; 0: whole when it "
           "takes at most 3/4 of the memory the process may take (the machine's available memory, a "
           "container's cgroup limit), else streamed under half of that")
-          .at_least(0));
+          .at_least(0)
+          .at_most(1LL << 40));  // 1 EiB: its bytes fit an unsigned 64-bit count
   v.push_back(member_key<K>("cache", "read_method", CANOPY_JOB(cache.read_method), "how features are read")
                   .one_of({"pread", "hdf5"}));
   v.push_back(member_key<K>("cache", "views", CANOPY_JOB(cache.views),
