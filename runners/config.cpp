@@ -977,6 +977,30 @@ std::vector<std::string> top_keys_set(const JobConfig& config) {
   return set;
 }
 
+std::vector<std::string> task_keys_unused(const JobConfig& config) {
+  const tasks::TaskConfig defaults;
+  std::vector<std::string> out;
+  std::set<std::string> seen;  // a grid's members say it once
+  for (const auto& t : config.tasks) {
+    std::vector<std::string> mine;
+    if (t.optimizer != tasks::OptimizerKind::kSgd && t.momentum != defaults.momentum) {
+      mine.push_back("momentum = " + format_value(t.momentum) + " (sgd only; its optimizer is " +
+                     tasks::to_string(t.optimizer) + ")");
+    }
+    if (t.schedule != tasks::LrSchedule::kStep) {
+      const std::string why =
+          std::string(" (schedule = step only; its schedule is ") + tasks::to_string(t.schedule) + ")";
+      if (t.step_size != defaults.step_size) mine.push_back("step_size = " + format_value(t.step_size) + why);
+      if (t.gamma != defaults.gamma) mine.push_back("gamma = " + format_value(t.gamma) + why);
+    }
+    for (const auto& m : mine) {
+      const std::string line = "task." + t.written_name() + "." + m;
+      if (seen.insert(line).second) out.push_back(line);
+    }
+  }
+  return out;
+}
+
 std::string dump_config(const JobConfig& c) {
   std::ostringstream o;
   o << "# resolved canopy configuration (from " << c.source << ")\n";

@@ -1412,6 +1412,8 @@ void log_training(const JobConfig& config, const TaskSet& set, const TrainReport
            source.describe() + " (" + std::to_string(runner.workers()) +
            (runner.workers() == 1 ? " TBB worker x " : " TBB workers x ") +
            std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
+  if (const auto unused = task_keys_unused(config); !unused.empty())
+    log_info("set but unused: " + join(unused, "; "));
 }
 
 void log_allreduce(const SharedTop& top) {

@@ -121,6 +121,27 @@ TEST(Config, HeadOptionsHaveTheirOwnNamespace) {
                                                 {"unknown key 'task.x.dropout'", "head.dropout = 0.1"}));
 }
 
+// Settings for another optimizer or schedule than the task's are said, once per grid.
+TEST(Config, SaysWhichTaskSettingsGoUnused) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("c.ini"), kConfig);
+  EXPECT_TRUE(task_keys_unused(load_job_config(dir.file("c.ini"))).empty());
+  const JobConfig c =
+      load_job_config(dir.file("c.ini"), {"task.fine.momentum=0.5", "task.fine.optimizer=sgd|adam|adamw",
+                                          "train.validation_fraction=0.1", "task.coarse.gamma=0.5",
+                                          "task.coarse.step_size=3", "task.coarse.schedule=cosine"});
+  EXPECT_EQ(
+      task_keys_unused(c),
+      (std::vector<std::string>{"task.coarse.step_size = 3 (schedule = step only; its schedule is cosine)",
+                                "task.coarse.gamma = 0.5 (schedule = step only; its schedule is cosine)",
+                                "task.fine.momentum = 0.5 (sgd only; its optimizer is adam)",
+                                "task.fine.momentum = 0.5 (sgd only; its optimizer is adamw)"}));
+  EXPECT_TRUE(task_keys_unused(
+                  load_job_config(dir.file("c.ini"), {"task.fine.momentum=0.5", "task.fine.optimizer=sgd",
+                                                      "task.coarse.schedule=step", "task.coarse.gamma=0.5"}))
+                  .empty());
+}
+
 TEST(Config, RangesComeFromTheKeyTable) {
   testing::TempDir dir;
   write_file_atomic(dir.file("c.ini"), kConfig);

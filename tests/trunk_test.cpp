@@ -533,9 +533,6 @@ TEST(ConvFusion, FoldsPadsAndActivationsWithTheSameOutputsAtEverySize) {
   }
 }
 
-// What the rewrite leaves: a pad something else reads too, an activation whose input is read
-// again, a transposed convolution; and an input too small for a cropped convolution is an
-// error naming the sizes, as the convolution's own would be.
 // The passes canopy runs instead of forward (the cached prefix of a fine-tuned trunk, taps)
 // are optimised as forward is: their BatchNorms folded into the convolutions, so that each
 // convolution runs with its activation as one oneDNN primitive (LibTorch's freeze optimises
@@ -570,6 +567,9 @@ TEST(Freeze, ThePrefixAndTapsPassesAreFoldedAndFusedAsForwardIs) {
   }
 }
 
+// What the rewrite leaves: a pad something else reads too, an activation whose input is read
+// again, a transposed convolution; and an input too small for a cropped convolution is an
+// error naming the sizes, as the convolution's own would be.
 TEST(ConvFusion, LeavesWhatItCannotFuseAndRefusesTooSmallInputs) {
   if (!at::hasMKLDNN()) GTEST_SKIP() << "LibTorch without oneDNN";
   torch::jit::Module m("m");

@@ -353,7 +353,7 @@ torch::jit::Module inference_runner(const torch::jit::Module& module, const std:
   // torch::jit::freeze optimizes forward alone (Python's freeze does every preserved method):
   // a method run instead of it (taps, the cached prefix) would keep its BatchNorms unfolded,
   // so that no activation follows a convolution directly and none is fused (the demo trunk's
-  // prefix up to blocks.9 cached at 1 600 rows/s, slower than the whole trunk's 2 800).
+  // prefix up to blocks.9 cached at 1 620 rows/s, slower than the whole trunk's 2 790).
   const std::vector<std::string> run = methods.empty() ? std::vector<std::string>{"forward"} : methods;
   for (const auto& name : run) {
     std::shared_ptr<torch::jit::Graph> g = frozen.get_method(name).graph();
@@ -522,15 +522,14 @@ struct Trunk::Impl {
   void make_inference_runners(bool trains) {
     std::optional<at::ScalarType> fuse;
     if (device.is_cpu() && precision != at::kHalf) fuse = precision;
-    FusedConvolutions& fused = rewritten;
     if (!trains) {
       std::vector<std::string> methods;
       if (!config.taps.empty()) methods.push_back(kTapsMethod);
-      runner = inference_runner(module, methods, channels_last, fuse, fused);
+      runner = inference_runner(module, methods, channels_last, fuse, rewritten);
     }
     if (split.problem.empty() && split.prefix_blocks > 0)
-      prefix_runner = inference_runner(module, {kPrefixMethod}, channels_last, fuse, fused);
-    if (fused.convolutions > 0)
+      prefix_runner = inference_runner(module, {kPrefixMethod}, channels_last, fuse, rewritten);
+    if (rewritten.convolutions > 0)
       log_info("trunk: inference passes run " + describe_rewritten() + " (trunk.optimize)");
   }
 
