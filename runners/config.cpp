@@ -663,17 +663,20 @@ void check_range(const Key<Cfg>& k, const Cfg& c, const std::string& where) {
                  ": expected ", join(k.choices, ", "), ", got '", v, "'", did_you_mean(v, k.choices));
   }
   for (double x : k.numbers(c)) {
-    CANOPY_CHECK(std::isfinite(x), ConfigError, where, " must be finite, got ", x);
+    // Values as written, to 10 digits (0.9999999 is not "1").
+    const std::string got = ", got " + format_value(x);
+    CANOPY_CHECK(std::isfinite(x), ConfigError, where, " must be finite", got);
     // Rates, weights and factors reach float32 tensors: a larger one is no setting, only a
     // failure deep in a step.
     CANOPY_CHECK(k.type != "number" || std::fabs(x) <= std::numeric_limits<float>::max(), ConfigError, where,
-                 " must be within float32's range (at most ", std::numeric_limits<float>::max(),
-                 " in magnitude: training computes in float32), got ", x);
+                 " must be within float32's range (at most ",
+                 format_value(double{std::numeric_limits<float>::max()}),
+                 " in magnitude: training computes in float32)", got);
     if (k.min) {
       CANOPY_CHECK(k.min_open ? x > *k.min : x >= *k.min, ConfigError, where, " must be ",
-                   k.min_open ? "> " : ">= ", *k.min, ", got ", x);
+                   k.min_open ? "> " : ">= ", format_value(*k.min), got);
     }
-    if (k.max) CANOPY_CHECK(x <= *k.max, ConfigError, where, " must be <= ", *k.max, ", got ", x);
+    if (k.max) CANOPY_CHECK(x <= *k.max, ConfigError, where, " must be <= ", format_value(*k.max), got);
   }
 }
 

@@ -153,9 +153,12 @@ TEST(Config, RangesComeFromTheKeyTable) {
   EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"trunk.lr=1e300"}); },
                                        {"trunk.lr", "float32's range", "got 1e+300"}));
   EXPECT_NO_THROW(load_job_config(dir.file("c.ini"), {"trunk.lr=3e38"}));
+  EXPECT_TRUE(throws_with<ConfigError>(
+      [&] { load_job_config(dir.file("c.ini"), {"train.validation_fraction=0.9999999"}); },
+      {"train.validation_fraction", "<= 0.9", "got 0.9999999"}));
   EXPECT_TRUE(
       throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"cache.memory_cap_mb=1e14"}); },
-                               {"cache.memory_cap_mb", "<= 1.09951e+12", "got 1e+14"}));
+                               {"cache.memory_cap_mb", "<= 1.099511628e+12", "got 1e+14"}));
   EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"train.out_dir="}); },
                                        {"train.out_dir", "is empty"}));
   EXPECT_TRUE(throws_with<ConfigError>([&] { load_job_config(dir.file("c.ini"), {"cache.dtype=int8"}); },
