@@ -180,6 +180,8 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   PredictOptions options;
   options.input = vm["input"].as<std::string>();
   options.limit = vm["limit"].as<std::int64_t>();
+  CANOPY_CHECK(options.limit >= 0, ConfigError, "canopy predict: --limit must be >= 0 (0: every input), got ",
+               options.limit);
   options.format = vm["format"].as<std::string>();
   options.scores = vm.count("scores") > 0;
   const ProgressStyle style = parse_progress(vm["progress"].as<std::string>());
@@ -325,8 +327,10 @@ const std::vector<Command>& commands() {
          d.add_options()("depth", po::value<int>()->default_value(2)->value_name("N"), "module tree depth");
        },
        [](const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
+         const int depth = vm["depth"].as<int>();
+         CANOPY_CHECK(depth >= 0, ConfigError, "canopy trunk show: --depth must be >= 0, got ", depth);
          const JobConfig config = config_from(vm, "trunk show");
-         out << trunk::Trunk::load(config.trunk).show(vm["depth"].as<int>());
+         out << trunk::Trunk::load(config.trunk).show(depth);
          return kExitOk;
        }},
       {"tokenize", "canopy tokenize --vocab FILE (--arff FILE [--attribute NAME] | --input FILE) [options]",

@@ -537,6 +537,15 @@ TEST_F(EndToEnd, TrunkShowAndTokenizeFromTheCli) {
             kExitOk)
       << err.str();
   EXPECT_EQ(run_cli({"trunk", "list"}, registry_, out, err), kExitUsage);
+  err.str("");
+  EXPECT_EQ(run_cli({"trunk", "show", "--config", config_path_, "--depth", "-1"}, registry_, out, err),
+            kExitUsage);
+  EXPECT_NE(err.str().find("--depth must be >= 0, got -1"), std::string::npos) << err.str();
+  err.str("");
+  EXPECT_EQ(run_cli({"predict", "--config", config_path_, "--input", dir_.file("none.idx"), "--limit", "-1"},
+                    registry_, out, err),
+            kExitUsage);
+  EXPECT_NE(err.str().find("--limit must be >= 0 (0: every input), got -1"), std::string::npos) << err.str();
 
   std::ofstream(dir_.file("vocab.txt")) << "[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\nworld\n";
   std::ofstream(dir_.file("texts.txt")) << "Hello, world\nhello\n";
