@@ -139,6 +139,32 @@ TEST(Trunk, AnInputTheTrunkCannotTakeIsADataErrorWithItsShapeAndCause) {
        "multiplied"}));
 }
 
+// Images smaller than a convolution's window: the error says so and names the key that sizes
+// them, whichever convolution (LibTorch's, or canopy's cropped one) finds it.
+TEST(Trunk, ImagesTooSmallForItsConvolutionsAreSaidSo) {
+  testing::TempDir dir;
+  torch::jit::Module m("m");
+  m.register_attribute("training", c10::BoolType::get(), false);
+  m.register_parameter("w", at::randn({4, 3, 5, 5}), false);
+  m.define(R"(def forward(self, x):
+    return torch.conv2d(torch.pad(x, [1, 2, 1, 2], 'constant', 0.0), self.w, None, [2, 2], [0, 0], [1, 1], 1)
+)");
+  m.save(dir.file("small.pt"));
+  for (const bool optimize : {true, false}) {
+    SCOPED_TRACE(optimize);
+    TrunkConfig c = tiny(dir.file("small.pt"));
+    c.optimize = optimize;
+    Trunk t = Trunk::load(c);
+    EXPECT_EQ(t.encode(at::randn({2, 3, 8, 8})).size(1), 4);
+    EXPECT_TRUE(testing::throws_with<DataError>(
+        [&] {
+          t.encode(at::randn({2, 3, 1, 1}));
+        },
+        {"failed on input of shape [2, 3, 1, 1]", "the images are too small for this trunk's convolutions",
+         "preprocess.resize"}));
+  }
+}
+
 // Runs only where a GPU exists: the trunk runs there and features come back to the CPU.
 TEST(Trunk, EncodesOnGpu_CUDA) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA GPU on this machine";

@@ -638,8 +638,17 @@ struct Trunk::Impl {
     } catch (const std::exception& e) {
       std::ostringstream shapes;
       for (const auto& x : inputs) shapes << (&x == &inputs[0] ? "" : " ") << x.sizes();
+      const std::string why = torch_error(e);
+      // A convolution's window larger than what is left of the image (canopy's cropped
+      // convolutions say the first, LibTorch's the second).
+      const bool small =
+          inputs[0].dim() == 4 && (why.find("smaller than the kernel") != std::string::npos ||
+                                   why.find("Kernel size can't be greater") != std::string::npos);
       throw DataError(detail::str_cat("trunk '", config.path, "' failed on input of shape ", shapes.str(),
-                                      ": ", torch_error(e)));
+                                      ": ", why,
+                                      small ? " (the images are too small for this trunk's convolutions: "
+                                              "preprocess.resize sets their size)"
+                                            : ""));
     }
   }
 
