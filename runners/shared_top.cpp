@@ -293,9 +293,19 @@ at::Tensor SharedTop::forward(const at::Tensor& rows, bool training, const at::T
     const std::string from = feed(parts, len, index);
     return trunk_.top_features_from(from, parts).to(c10::kCPU);
   }
-  // Evaluation computes the whole top from the cache: its frozen blocks give what a level holds.
+  return evaluate(parts, std::nullopt);
+}
+
+// Evaluation starts from the cache; with the frozen blocks' output kept (keeps_eval_level), batch
+// `kept` of it is read (and computed, the first time) and only the blocks above run.
+at::Tensor SharedTop::evaluate(std::vector<at::Tensor>& parts, std::optional<std::size_t> kept) {
   c10::NoGradGuard no_grad;
-  return trunk_.top_features(parts).to(c10::kCPU);
+  if (!kept) return trunk_.top_features(parts).to(c10::kCPU);
+  const std::string& to = top_blocks_[static_cast<std::size_t>(frozen_ - 1)];
+  if (*kept == eval_level_.outs.size())
+    eval_level_.outs.push_back(trunk_.span(trunk_.split().boundary, to, parts).to(c10::kCPU, at::kFloat));
+  parts[0] = eval_level_.outs[*kept];
+  return trunk_.top_features_from(to, parts).to(c10::kCPU);
 }
 
 void SharedTop::replay(const at::Tensor& rows, const at::Tensor& index) {
@@ -310,9 +320,11 @@ void SharedTop::replay(const at::Tensor& rows, const at::Tensor& index) {
 at::Tensor SharedTop::features(const at::Tensor& rows, std::int64_t batch) {
   const bool kept = keeps_eval_level(rows, batch);
   std::vector<at::Tensor> out;
+  torch::jit::GraphOptimizerEnabledGuard plain(false);  // as forward()
+  trunk_.train(false);
   for (std::int64_t i = 0, k = 0; i < rows.size(0); i += batch, ++k) {
-    const at::Tensor slice = rows.slice(0, i, std::min(rows.size(0), i + batch));
-    out.push_back(kept ? eval_from_level(slice, static_cast<std::size_t>(k)) : forward(slice, false));
+    auto parts = unpack(rows.slice(0, i, std::min(rows.size(0), i + batch)));
+    out.push_back(evaluate(parts, kept ? std::optional<std::size_t>(k) : std::nullopt));
   }
   return out.empty() ? at::empty({0, feature_dim_}, at::kFloat) : at::cat(out, 0).contiguous();
 }
@@ -343,19 +355,6 @@ bool SharedTop::keeps_eval_level(const at::Tensor& rows, std::int64_t batch) {
                            ") while the blocks up to it stay frozen, ",
                            "and runs the blocks above it alone"));
   return true;
-}
-
-at::Tensor SharedTop::eval_from_level(const at::Tensor& rows, std::size_t k) {
-  torch::jit::GraphOptimizerEnabledGuard plain(false);  // as forward()
-  trunk_.train(false);
-  c10::NoGradGuard no_grad;
-  std::int64_t len = -1;
-  auto parts = unpack(rows, &len);
-  const std::string& to = top_blocks_[static_cast<std::size_t>(frozen_ - 1)];
-  if (k == eval_level_.outs.size())
-    eval_level_.outs.push_back(trunk_.span(trunk_.split().boundary, to, parts).to(c10::kCPU, at::kFloat));
-  parts[0] = eval_level_.outs[k];
-  return trunk_.top_features_from(to, parts).to(c10::kCPU);
 }
 
 void SharedTop::all_reduce_gradients() {

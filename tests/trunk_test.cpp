@@ -3,7 +3,6 @@
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
-#include <ATen/autocast_mode.h>
 #include <ATen/ops/allclose.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/convolution_backward.h>
@@ -25,6 +24,7 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/sha256.h"
+#include "canopy/trunk/autocast.h"
 #include "canopy/trunk/conv_fusion.h"
 #include "canopy/trunk/grouped_conv.h"
 #include "canopy/trunk/trunk.h"
@@ -450,19 +450,6 @@ TEST(DepthwiseWeightGrad, SameBitsOnOneThreadAsOnTwo) {
   EXPECT_TRUE(testing::bitwise_equal(one, two));
 }
 
-// Autocast to bfloat16 on the CPU while it lives, as canopy's passes under trunk.precision.
-struct AutocastCpuBf16 {
-  AutocastCpuBf16() {
-    at::autocast::set_autocast_enabled(c10::DeviceType::CPU, true);
-    at::autocast::set_autocast_dtype(c10::DeviceType::CPU, at::kBFloat16);
-    at::autocast::increment_nesting();
-  }
-  ~AutocastCpuBf16() {
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    at::autocast::set_autocast_enabled(c10::DeviceType::CPU, false);
-  }
-};
-
 // The kinds of node in a graph, counted.
 std::map<std::string, int> node_kinds(const std::shared_ptr<torch::jit::Graph>& g) {
   std::map<std::string, int> kinds;
@@ -545,7 +532,7 @@ TEST(ConvFusion, FoldsPadsAndActivationsWithTheSameOutputsAtEverySize) {
     const at::Tensor want32 = reference.forward({x}).toTensor();
     at::Tensor autocast_pass, got;
     {
-      AutocastCpuBf16 autocast;
+      Autocast autocast(c10::DeviceType::CPU, at::kBFloat16);
       autocast_pass = reference.forward({x}).toTensor();
       got = bf16.forward({x}).toTensor();
     }

@@ -8,7 +8,6 @@
 #include <set>
 #include <sstream>
 
-#include <ATen/autocast_mode.h>
 #include <ATen/ops/cat.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
@@ -30,6 +29,7 @@
 #include "canopy/core/progress.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
+#include "canopy/trunk/autocast.h"
 #include "canopy/trunk/conv_fusion.h"
 #include "canopy/trunk/grouped_conv.h"
 
@@ -43,36 +43,6 @@ constexpr const char* kTopMethod = "canopy_top";
 const std::set<std::string> kPoolings = {"avg", "flatten", "none", "first_token", "masked_mean"};
 const std::map<std::string, at::ScalarType> kPrecisions = {
     {"float32", at::kFloat}, {"bfloat16", at::kBFloat16}, {"float16", at::kHalf}};
-
-// torch.autocast around one pass of the trunk or its top (backward runs outside it, as in a
-// PyTorch training loop): the ops on autocast's lists run in `dtype` (convolutions and matrix
-// multiplies in 16 bits; normalisations, softmax and reductions in float32); what the thread
-// had set before is restored. float32: nothing is changed.
-class Autocast {
- public:
-  Autocast(c10::DeviceType type, at::ScalarType dtype) : type_(type), on_(dtype != at::kFloat) {
-    if (!on_) return;
-    was_enabled_ = at::autocast::is_autocast_enabled(type_);
-    was_dtype_ = at::autocast::get_autocast_dtype(type_);
-    at::autocast::set_autocast_enabled(type_, true);
-    at::autocast::set_autocast_dtype(type_, dtype);
-    at::autocast::increment_nesting();
-  }
-  ~Autocast() {
-    if (!on_) return;
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    at::autocast::set_autocast_enabled(type_, was_enabled_);
-    at::autocast::set_autocast_dtype(type_, was_dtype_);
-  }
-  Autocast(const Autocast&) = delete;
-  Autocast& operator=(const Autocast&) = delete;
-
- private:
-  c10::DeviceType type_;
-  bool on_;
-  bool was_enabled_ = false;
-  at::ScalarType was_dtype_ = at::kFloat;
-};
 
 std::string qualified(const std::string& parent, const std::string& child) {
   return parent.empty() ? child : parent + "." + child;
@@ -343,7 +313,8 @@ void for_each_graph(const torch::jit::Module& module, F&& f) {
 // freezing it made both demo trunks slower. Sets `channels_last` when a weight was converted:
 // 4-D inputs are then given channels-last too. `fuse`: the dtype of a pass on the CPU (float32
 // or bfloat16), whose convolutions then run with their activations and zero pads fused
-// (conv_fusion.h; the demo trunk's pass 1.8-2.0x in float32 on a Xeon).
+// (conv_fusion.h; the demo trunk's pass 1.79x at 64x64 and 2.04x at 224x224 in float32 on a
+// Xeon, bench/trunk_compare.py).
 torch::jit::Module inference_runner(const torch::jit::Module& module, const std::vector<std::string>& methods,
                                     bool& channels_last, std::optional<at::ScalarType> fuse,
                                     FusedConvolutions& fused) {
@@ -353,7 +324,7 @@ torch::jit::Module inference_runner(const torch::jit::Module& module, const std:
   // torch::jit::freeze optimizes forward alone (Python's freeze does every preserved method):
   // a method run instead of it (taps, the cached prefix) would keep its BatchNorms unfolded,
   // so that no activation follows a convolution directly and none is fused (the demo trunk's
-  // prefix up to blocks.9 cached at 1 620 rows/s, slower than the whole trunk's 2 790).
+  // prefix up to blocks.9 cached 5 000 images in 3.09 s, the whole trunk in 1.79 s).
   const std::vector<std::string> run = methods.empty() ? std::vector<std::string>{"forward"} : methods;
   for (const auto& name : run) {
     std::shared_ptr<torch::jit::Graph> g = frozen.get_method(name).graph();
@@ -554,11 +525,11 @@ struct Trunk::Impl {
     if (config.optimize) module_channels_last = weights_to_channels_last(module);
     const bool bf16_top = config.top_precision == "bfloat16";
     if (!device.is_cpu() || !(config.optimize || bf16_top)) return;
-    int rewritten = 0;
+    int grouped = 0;
     for_each_graph(module, [&](const std::shared_ptr<torch::jit::Graph>& g) {
-      rewritten += use_canopy_grouped_convolutions(g, bf16_top);
+      grouped += use_canopy_grouped_convolutions(g, bf16_top);
     });
-    if (rewritten > 0 && bf16_top) {
+    if (grouped > 0 && bf16_top) {
       log_info(
           "trunk.top_precision = bfloat16: the top's grouped (depthwise) convolutions run in float32 "
           "(faster on the CPU)");

@@ -112,13 +112,14 @@ def check_warmup_and_clipping(canopy, work, config, trunk, plain):
           f"a warm-up longer than the run is said ({[l for l in r.stderr.splitlines() if 'warmup' in l][:1]})")
 
     # A rate that throws the weights past float32's range stops the run at that step, naming
-    # the parameter; the last checkpoint is what it was before.
+    # the parameter and the checkpoint to go on from.
     r = run(canopy, "train", "--config", config, "--set", f"train.out_dir={work}/diverged", "--set",
             "trunk.optimizer=sgd", "--set", "trunk.lr=3e38", "--set", "trunk.lr_decay=1", "--set", "train.epochs=1",
             "--set", "task.a_linear.loss_weight=1e6")
     said = [l for l in r.stderr.splitlines() if "not finite" in l]
     check(r.returncode != 0 and said and "the shared top's weights are not finite after the step (blocks." in said[0]
-          and "lower trunk.lr" in said[0], f"a diverging top is stopped with its parameter named (exit {r.returncode}: {said[:1]})")
+          and "lower trunk.lr" in said[0] and "is the last good state" in said[0],
+          f"a diverging top is stopped with its parameter named (exit {r.returncode}: {said[:1]})")
 
     # Killed twice (in the warm-up, with clipping at work) and resumed: bitwise the
     # uninterrupted run, the epochs' rows (norms, clipped steps, rates) too.

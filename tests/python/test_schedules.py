@@ -482,15 +482,16 @@ def main():
     y = fmnist_test_inputs(TEST)[1]
     p = run(canopy, "predict", "--config", auto, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz", "--limit", str(TEST),
             "--scores", "--output", f"{work}/apred.csv")
+    check(p.returncode == 0, f"autofreeze: canopy predict with the exported trunk runs ({p.stderr[-300:]})")
     lines = open(f"{work}/apred.csv").read().splitlines() if p.returncode == 0 else [""]
     header, preds = lines[0].split(","), [line.split(",") for line in lines[1:]]
     for task in ("a_linear", "b_mlp"):
         card = json.load(open(f"{work}/aout/heads/{task}.json"))
-        cols = [header.index(f"{task}:{c}") for c in card["class_names"]] if preds else []
-        scores = torch.tensor([[float(row[c]) for c in cols] for row in preds]) if cols else torch.zeros(0, 10)
-        top = scores.topk(5, 1).indices if len(preds) else scores
-        got = [(top[:, 0] == y).float().mean().item(), (top == y[:, None]).any(1).float().mean().item()] \
-            if len(preds) == TEST else []
+        got = []
+        if len(preds) == TEST:
+            cols = [header.index(f"{task}:{c}") for c in card["class_names"]]
+            top = torch.tensor([[float(row[c]) for c in cols] for row in preds]).topk(5, 1).indices
+            got = [(top[:, 0] == y).float().mean().item(), (top == y[:, None]).any(1).float().mean().item()]
         want = [card["eval_accuracy"], card["eval_top5_accuracy"]]
         check(got and all(abs(a - b) <= 1.0 / TEST + 1e-9 for a, b in zip(got, want)),
               f"autofreeze: {task}'s accuracy and top-5 accuracy from predict's scores ({got}) are the card's {want}")

@@ -21,6 +21,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -161,7 +162,7 @@ class SharedTop {
   };
   EvalLevel eval_level_;
   bool keeps_eval_level(const at::Tensor& rows, std::int64_t batch);
-  at::Tensor eval_from_level(const at::Tensor& rows, std::size_t k);
+  at::Tensor evaluate(std::vector<at::Tensor>& parts, std::optional<std::size_t> kept);
   std::string level_path(std::int64_t level) const;
   std::string level_fingerprint(std::int64_t level) const;
   void load_level(std::int64_t level);
