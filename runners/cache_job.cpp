@@ -650,11 +650,6 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
     refuse_schedule_without_top(config.top.schedule, trunk::describe(config.trunk.freeze));
   InputData data = load_input_data(config);
   const RowEncoder encoder(*trunk, data.splits.at("train").lengths.empty() ? 0 : config.text.max_length);
-  CANOPY_CHECK(config.cache.views == 1 || !encoder.prefix(), ConfigError,
-               "cache.views = ", config.cache.views,
-               " caches augmented views of the trunk's features, but trunk.freeze = ",
-               trunk::describe(config.trunk.freeze),
-               " leaves a top to train over the cached prefix; use views with a trunk frozen whole");
   add_view_splits(config, data);
   std::map<std::string, std::int64_t> split_rows;
   for (const auto& [split, d] : data.splits) split_rows[split] = d.rows;

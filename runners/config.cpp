@@ -449,12 +449,14 @@ void add_cache_keys(std::vector<Key<JobConfig>>& v) {
           .at_most(1LL << 40));  // 1 EiB: its bytes fit an unsigned 64-bit count
   v.push_back(member_key<K>("cache", "read_method", CANOPY_JOB(cache.read_method), "how features are read")
                   .one_of({"pread", "hdf5"}));
-  v.push_back(member_key<K>("cache", "views", CANOPY_JOB(cache.views),
-                            "views cached per training image: the plain one, then views-1 augmented "
-                            "([augment], seeded by sample and view); each epoch a head sees one per sample, "
-                            "evaluation the plain one (images only)")
-                  .at_least(1)
-                  .at_most(64));
+  v.push_back(
+      member_key<K>("cache", "views", CANOPY_JOB(cache.views),
+                    "views cached per training image (its features, or under a trained top the frozen "
+                    "prefix's output): the plain one, then views-1 augmented ([augment], seeded by "
+                    "sample and view); each epoch trains on one per sample, evaluation on the plain "
+                    "one (images only)")
+          .at_least(1)
+          .at_most(64));
 }
 
 // [augment]: read only when the cache holds augmented views.

@@ -1136,8 +1136,11 @@ struct SharedTraining {
 // Why autofreeze's cache level of `bytes` should not be held beside a train split in memory
 // ("" when it may): with cache.memory_cap_mb the two together must fit under it, else the level
 // must take at most 3/4 of the memory the process may take when it is made (past_room).
-std::function<std::string(std::uint64_t)> level_too_large(const JobConfig& config, const TrainSplit& train) {
-  const double split = train.rows.defined() ? static_cast<double>(train.rows.nbytes()) : 0.0;
+// A split in memory with augmented views holds every view's rows.
+std::function<std::string(std::uint64_t)> level_too_large(const JobConfig& config, const TrainSplit& train,
+                                                          std::int64_t views) {
+  const double split =
+      train.rows.defined() ? static_cast<double>(train.rows.nbytes()) * static_cast<double>(views) : 0.0;
   const double cap = config.cache.memory_cap_mb * 1024 * 1024;
   return [split, cap](std::uint64_t bytes) -> std::string {
     const auto b = static_cast<double>(bytes);
@@ -1170,7 +1173,14 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
     }
     return out;
   }
-  if (config.top.schedule == FreezeSchedule::kAutofreeze && !train.in_memory) {
+  const std::int64_t views = cache.meta().views;
+  if (config.top.schedule == FreezeSchedule::kAutofreeze && views > 1) {
+    // A level is one row per training row; with views each epoch serves every row as one of
+    // its views, so a level stored in one epoch would fix each row to that epoch's view.
+    log_info("autofreeze over " + std::to_string(views) +
+             " augmented views (cache.views): the blocks it freezes stop training but are computed in every "
+             "step, without autograd, on the view drawn; no cache level of their output is kept");
+  } else if (config.top.schedule == FreezeSchedule::kAutofreeze && !train.in_memory) {
     const std::string split = format_mib(static_cast<double>(cache.feature_bytes(config.train.train_split)));
     log_info(mpi::distributed() || !config.top.level_on_disk
                  ? "autofreeze over a streamed train split (" + split + ")" +
@@ -1196,11 +1206,11 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
   out.weighting =
       std::make_unique<LossWeighting>(w, static_weights, config.train.weighting_lr, config.train.seed);
   out.top->set_weighting(out.weighting.get());
+  out.top->limit_levels_in_memory(level_too_large(config, train, views));
+  if (views > 1) return out;  // no level over views (above)
   if (train.in_memory) out.top->set_train_rows(train.rows);
-  if (!mpi::distributed() && config.top.level_on_disk) {
-    out.top->keep_levels_on_disk(train.in_memory ? train_rows : cache.rows(config.train.train_split),
-                                 level_too_large(config, train));
-  }
+  if (!mpi::distributed() && config.top.level_on_disk)
+    out.top->keep_levels_on_disk(train.in_memory ? train_rows : cache.rows(config.train.train_split));
   return out;
 }
 

@@ -11,7 +11,11 @@
     the augmentation (changing it rebuilds), texts are refused, and training reads one view per
     sample each epoch;
   * under a memory cap smaller than the views, training streams them, each shard as one of
-    its views per epoch, and resumes bitwise after SIGKILL.
+    its views per epoch, and resumes bitwise after SIGKILL;
+  * under a trained top (trunk.freeze = first:N), the views are of the frozen prefix's output
+    (view 0 bitwise the prefix cache without views) and the top trains on the view drawn;
+    autofreeze keeps no cache level over them, says so, and still freezes; SIGKILL + --resume
+    ends with the trunk and head bitwise the uninterrupted run's.
 
     test_views.py --canopy build/runners/canopy
 """
@@ -24,12 +28,13 @@ import sys
 import h5py
 import numpy as np
 
-from support import check, finish, kill_when, slow_conv_trunk, start, tiny_trunk_sections
+from support import (check, finish, kill_when, slow_conv_trunk, start, tiny_block_trunk, tiny_trunk_sections,
+                     trunk_rows)
 
 
-def write_config(path, trunk, cache, views, extra=""):
+def write_config(path, trunk, cache, views, extra="", trunk_extra=""):
     with open(path, "w") as f:
-        f.write(tiny_trunk_sections(trunk, 1500, 200) + f"""[cache]
+        f.write(tiny_trunk_sections(trunk, 1500, 200) + trunk_extra + f"""[cache]
 path = {cache}
 batch_size = 50
 shard_rows = 250
@@ -83,6 +88,64 @@ def check_streamed(canopy, work, env, ref_cfg, plain_cfg, dim):
     check(code == 1 and "raise the cap" in err, f"a cap too small to stream is refused: {err.strip()[-160:]}")
 
 
+def check_top(canopy, work, env):
+    """Views of a frozen prefix's output, under a top of blocks.1 and blocks.2 that trains."""
+    import torch
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    trunk = os.path.join(work, "blocks.pt")
+    torch.jit.script(tiny_block_trunk().eval()).save(trunk)
+    top = "freeze = first:2\n"
+    plain_cfg = write_config(os.path.join(work, "top1.ini"), trunk, os.path.join(work, "top1"), 1, trunk_extra=top)
+    cfg = write_config(os.path.join(work, "top3.ini"), trunk, os.path.join(work, "top3"), 3, trunk_extra=top)
+    for c in (plain_cfg, cfg):
+        code, _, err = run([canopy, "cache", "--config", c], env)
+        check(code == 0, f"top: canopy cache {os.path.basename(c)} {err[-300:]}")
+    plain, _ = read_all(os.path.join(work, "top1"))
+    views, _ = read_all(os.path.join(work, "top3"))
+    check(sorted(views) == ["test", "train", "train.view1", "train.view2"] and views["train"][0].shape[1] == 8 * 14 * 14,
+          f"top: the 3-view cache holds the prefix's output (blocks.0: 8 x 14 x 14 per row): "
+          f"{sorted(views)}, {views['train'][0].shape}")
+    check(all(np.array_equal(views[s][0], plain[s][0]) for s in ("train", "test")),
+          "top: view 0 and the test split equal the prefix cache without views, bitwise")
+    differ = (np.abs(views["train.view1"][0] - views["train"][0]).max(1) > 0).mean()
+    check(differ > 0.99, f"top: the views of the prefix's output are augmented ({100 * differ:.1f}% of rows differ)")
+
+    trunk_state = lambda out: torch.jit.load(f"{out}/trunk.pt").state_dict()
+    head = lambda out: load_file(os.path.join(out, "heads", "lin.safetensors"))["linear.weight"]
+    args = ["--set", "train.batch_size=50", "--set", "train.epochs=3"]
+    code, _, err = run([canopy, "train", "--config", plain_cfg, *args], env)
+    check(code == 0, f"top: trains without views {err[-300:]}")
+    code, _, err = run([canopy, "train", "--config", cfg, *args], env)
+    check(code == 0 and "one of 3 views per row each epoch" in err, f"top: trains on the views {err[-300:]}")
+    a, b = trunk_state(os.path.join(work, "top3-out")), trunk_state(os.path.join(work, "top1-out"))
+    check(code == 0 and not all(torch.equal(a[k], b[k]) for k in b),
+          "top: the top trained on the views drawn ends with other weights than without views")
+
+    auto = [*args, "--set", "trunk.schedule=autofreeze", "--set", "trunk.freeze_interval=10",
+            "--set", "trunk.percentile=100", "--set", "trunk.min_trainable=1", "--set", "train.checkpoint_steps=1"]
+    ref = os.path.join(work, "top3-auto")
+    r = subprocess.run([canopy, "train", "--config", cfg, *auto, "--set", f"train.out_dir={ref}", "--progress", "lines"],
+                       capture_output=True, text=True, env=env)
+    rows = trunk_rows(ref) if r.returncode == 0 else []
+    levels = os.path.join(ref, "levels")
+    check(r.returncode == 0 and "no cache level of their output is kept" in r.stderr
+          and any(len(row["training"]) == 1 for row in rows)
+          and not (os.path.isdir(levels) and os.listdir(levels)),
+          f"top: autofreeze over views freezes blocks.1 ({[len(row['training']) for row in rows]} training per epoch), "
+          f"keeps no level and says so ({r.stderr[-300:] if r.returncode else ''})")
+    out = os.path.join(work, "top3-cut")
+    cmd = [canopy, "train", "--config", cfg, *auto, "--set", f"train.out_dir={out}", "--progress", "quiet"]
+    for target, extra in (((1, 10), []),):
+        rc, st = kill_when(cmd + extra, f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= target, env=env)
+        check(rc == -signal.SIGKILL and st is not None, f"top: views + autofreeze killed by SIGKILL at "
+              f"{st and (st['epoch'], st['step'])}")
+    code = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env).returncode
+    a, b = trunk_state(out), trunk_state(ref)
+    check(code == 0 and all(torch.equal(a[k], b[k]) for k in b) and head(out).equal(head(ref)),
+          "top: ... resumed: trunk and head bitwise the uninterrupted run's")
+
+
 def main():
     canopy, work, trunk = start("canopy-views-", slow_conv_trunk, "slow.pt")
     env = dict(os.environ, OMP_NUM_THREADS="2")
@@ -122,6 +185,7 @@ def main():
           "the resumed cache equals the uninterrupted one in every view, bitwise")
 
     check_streamed(canopy, work, env, ref_cfg, plain_cfg, ref["train"][0].shape[1])
+    check_top(canopy, work, env)
 
     # The fingerprint covers the augmentation; training draws one view per sample.
     code, out, err = run([canopy, "cache", "--config", ref_cfg, "--set", "augment.jitter=0.2"], env)

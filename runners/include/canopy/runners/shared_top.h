@@ -97,16 +97,18 @@ class SharedTop {
   // cache level that is missing, corrupt or not this run's is computed again from them when a
   // run resumes, instead of refused.
   void set_train_rows(at::Tensor rows) { train_rows_in_memory_ = std::move(rows); }
-  // Autofreeze's levels may be kept on disk, read by row, `rows` to a level (the streamed
-  // split's, held-out ones included, as its batches index the split; or the training rows in
-  // memory). Over a split in memory a level goes there when `why_not_in_memory(its bytes)` gives
-  // a reason it should not be held (it would pass cache.memory_cap_mb, or the memory the process
-  // may take). Without this (trunk.level_on_disk = false, mpirun) a streamed split keeps no
-  // level: the blocks it froze are computed in every step, without autograd.
-  void keep_levels_on_disk(std::int64_t rows, std::function<std::string(std::uint64_t)> why_not_in_memory) {
-    disk_rows_ = rows;
+  // What a level may take in memory (autofreeze's over the training rows, or the frozen blocks'
+  // output evaluation keeps): `why_not_in_memory(its bytes)` gives a reason it should not be
+  // held (it would pass cache.memory_cap_mb, or the memory the process may take), else "".
+  void limit_levels_in_memory(std::function<std::string(std::uint64_t)> why_not_in_memory) {
     why_not_in_memory_ = std::move(why_not_in_memory);
   }
+  // Autofreeze's levels may be kept on disk, read by row, `rows` to a level (the streamed
+  // split's, held-out ones included, as its batches index the split; or the training rows in
+  // memory). Over a split in memory a level goes there when limit_levels_in_memory's reason
+  // says it should not be held. Without this (trunk.level_on_disk = false, mpirun) a streamed
+  // split keeps no level: the blocks it froze are computed in every step, without autograd.
+  void keep_levels_on_disk(std::int64_t rows) { disk_rows_ = rows; }
   // How the tasks' losses reach the top (weighting.h); its state is checkpointed with the top.
   void set_weighting(LossWeighting* weighting) { weighting_ = weighting; }
 
@@ -170,7 +172,7 @@ class SharedTop {
   // saying why not (no room); the level file read, or a log line saying why not.
   bool disk_levels() const;
   // Whether `level` (its block's output per row of `shape`, block_shape) is kept on disk,
-  // over a split in memory: when keep_levels_on_disk's reason says it should not be held
+  // over a split in memory: when limit_levels_in_memory's reason says it should not be held
   // (logged).
   bool level_goes_to_disk(std::int64_t level, const std::vector<std::int64_t>& shape);
   // Starts storing `level` this epoch: in memory, or on disk; false when neither can be.
