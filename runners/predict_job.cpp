@@ -28,6 +28,7 @@ struct LoadedHead {
   tasks::TaskKind kind = tasks::TaskKind::kMulticlass;
   double target_mean = 0.0, target_std = 1.0;  // regression: value = output * std + mean
   heads::HeadPtr head;
+  std::int64_t out_features = 0;  // the card's
   std::vector<std::string> class_names;
 };
 
@@ -89,6 +90,7 @@ LoadedHead load_head_from(const tasks::TaskConfig& tc, const tasks::HeadRegistry
   LoadedHead out;
   out.task = tc.name;
   out.head = registry.create(tc.head, spec);
+  out.out_features = spec.out_features;
   out.class_names = card.at("class_names").get<std::vector<std::string>>();
   out.kind = tasks::parse_task_kind(card.value("kind", "multiclass"), "head card '" + card_path + "': kind");
   out.target_mean = card.value("target_mean", 0.0);
@@ -224,6 +226,7 @@ void predict_rows(const InputSplit& input, trunk::Trunk& trunk, std::vector<Load
     std::vector<std::vector<double>> scores(static_cast<std::size_t>(end - i));
     for (auto& h : heads) {
       const at::Tensor out_h = h.head->forward(f);
+      tasks::check_head_outputs(out_h, f.size(0), h.out_features, h.task, *h.head);
       const auto names = prediction_names(h, out_h);
       for (std::size_t r = 0; r < names.size(); ++r) cells[r].push_back(names[r]);
       if (options.scores && h.kind != tasks::TaskKind::kRegression) {

@@ -340,6 +340,18 @@ void Task::begin_step() {
   optimizer_->zero_grad();
 }
 
+void check_head_outputs(const at::Tensor& out, std::int64_t rows, std::int64_t out_features,
+                        const std::string& task, const heads::Head& head) {
+  if (out.dim() == 2 && out.size(0) == rows && out.size(1) == out_features &&
+      at::isFloatingType(out.scalar_type()))
+    return;
+  throw Error(detail::str_cat("task '", task, "': its head (", head.describe(), ") gave outputs of shape ",
+                              out.sizes(), " (", out.scalar_type(), ") for a batch of ", rows,
+                              " rows; a head must give [batch, ", out_features,
+                              "] floating-point outputs (HeadSpec::out_features: the task's classes, labels, "
+                              "or 1 for a regression)"));
+}
+
 at::Tensor Task::loss(const at::Tensor& outputs, const at::Tensor& targets) const {
   if (regression()) {
     return config_.loss == RegressionLoss::kL1 ? torch::nn::functional::l1_loss(outputs, targets)
@@ -377,7 +389,9 @@ double Task::train_step(const at::Tensor& features, const at::Tensor& targets, b
     return value;
   }
   begin_step();
-  const at::Tensor l = loss(head_->forward(features), targets);
+  const at::Tensor out = head_->forward(features);
+  check_head_outputs(out, features.size(0), num_classes_, config_.name, *head_);
+  const at::Tensor l = loss(out, targets);
   const double value = l.item<double>();
   CANOPY_CHECK(std::isfinite(value), Error, "loss is ", value);
   weighted(l, loss_weight_).backward();
@@ -512,11 +526,16 @@ at::Tensor Task::outputs(const at::Tensor& features) {
   torch::NoGradGuard no_grad;
   head_->eval();
   const std::int64_t rows = features.size(0);
-  if (rows <= kEvalRows) return head_->forward(features);
+  const auto run = [&](const at::Tensor& x) {
+    at::Tensor out = head_->forward(x);
+    check_head_outputs(out, x.size(0), num_classes_, config_.name, *head_);
+    return out;
+  };
+  if (rows <= kEvalRows) return run(features);
   std::vector<at::Tensor> blocks;
   blocks.reserve(static_cast<std::size_t>((rows + kEvalRows - 1) / kEvalRows));
   for (std::int64_t begin = 0; begin < rows; begin += kEvalRows)
-    blocks.push_back(head_->forward(features.narrow(0, begin, std::min(kEvalRows, rows - begin))));
+    blocks.push_back(run(features.narrow(0, begin, std::min(kEvalRows, rows - begin))));
   return at::cat(blocks);
 }
 

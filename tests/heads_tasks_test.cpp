@@ -131,6 +131,63 @@ TEST(Registry, BuiltinsAndErrors) {
       {"already registered"}));
 }
 
+// A head of one's own that gives another shape than [batch, out_features]: a [B] output for
+// a regression (targets [B, 1]) broadcasts to [B, B] in the loss, and [B, K + 1] for K classes
+// trains on a class that does not exist. Both fail at their first step and evaluation, naming
+// the task, the head and the shape; the head is called only as training calls it.
+class ShapedHead : public heads::Head {
+ public:
+  ShapedHead(std::int64_t in, std::int64_t width) : width_(width) {
+    w_ = register_parameter("w", at::zeros({in}));
+  }
+  torch::Tensor forward(const torch::Tensor& x) override {
+    const at::Tensor v = (x * w_).sum(1);
+    return width_ == 0 ? v : v.reshape({-1, 1}).expand({x.size(0), width_}).contiguous();
+  }
+  std::string describe() const override { return "shaped " + std::to_string(width_); }
+
+ private:
+  std::int64_t width_;
+  at::Tensor w_;
+};
+
+TEST(Task, AHeadThatGivesTheWrongShapeFailsNamingIt) {
+  HeadRegistry r = builtin();
+  for (const std::int64_t extra : {-1, 0, 1}) {  // -1: [B]
+    r.add(
+        "shaped" + std::to_string(extra),
+        [extra](const HeadSpec& s) {
+          return std::make_shared<ShapedHead>(s.in_features, extra < 0 ? 0 : s.out_features + extra);
+        },
+        "");
+  }
+  const at::Tensor x = at::randn({6, 8});
+  TaskConfig c;
+  c.name = "value";
+  c.kind = TaskKind::kRegression;
+  c.head = "shaped-1";
+  Task flat(c, r, 8, 0, 1);
+  flat.set_target_scale(0.0, 1.0);
+  const at::Tensor y = at::randn({6}).to(at::kDouble);
+  const std::string said =
+      "task 'value': its head (shaped 0) gave outputs of shape [6] (Float) for a batch of 6 rows; a head "
+      "must "
+      "give [batch, 1]";
+  EXPECT_TRUE(testing::throws_with<Error>([&] { flat.train_step(x, flat.targets(y)); }, {said}));
+  EXPECT_TRUE(testing::throws_with<Error>([&] { flat.predict(x); }, {said}));
+  c.name = "classes";
+  c.kind = TaskKind::kMulticlass;
+  c.head = "shaped1";
+  Task wide(c, r, 8, 3, 1);
+  const at::Tensor labels = at::randint(3, {6});
+  EXPECT_TRUE(testing::throws_with<Error>([&] { wide.train_step(x, wide.targets(labels)); },
+                                          {"gave outputs of shape [6, 4] (Float)", "must give [batch, 3]"}));
+  c.head = "shaped0";
+  Task right(c, r, 8, 3, 1);
+  EXPECT_NO_THROW(right.train_step(x, right.targets(labels)));
+  EXPECT_EQ(right.predict(x).size(0), 6);
+}
+
 // Building a task seeds its head from its own seed and leaves LibTorch's default generator
 // where it was: the rest of the process draws the same numbers with or without it.
 TEST(Task, BuildingATaskLeavesTheDefaultGeneratorAlone) {

@@ -97,6 +97,13 @@ struct TaskConfig {
 // source (0 when unknown).
 void validate_task_config(const TaskConfig& config, std::int64_t source_classes);
 
+// A head's outputs for `rows` rows must be [rows, out_features] and floating-point: another
+// shape would not fail but give a wrong answer (a [B] output broadcasts against [B, 1]
+// regression targets into a [B, B] loss; [B, K + 1] trains a class that does not exist). An
+// Error naming the task, the head and both shapes when they are not.
+void check_head_outputs(const at::Tensor& out, std::int64_t rows, std::int64_t out_features,
+                        const std::string& task, const heads::Head& head);
+
 // A regression head's errors on a split: mean absolute error, root mean squared error, and
 // the coefficient of determination R^2 = 1 - SSE / SST (1 perfect, 0 = predicting the mean).
 struct RegressionErrors {
