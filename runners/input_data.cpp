@@ -120,7 +120,7 @@ InputData load_images(const JobConfig& config) {
     data.splits[split] = std::move(s);
   }
   const at::Tensor& ink = data.splits["train"].labels["ink"];
-  data.label_stats["ink"] = {ink.mean().item<double>(), ink.std().item<double>()};
+  data.label_stats["ink"] = {ink.mean().item<double>(), ink.size(0) > 1 ? ink.std().item<double>() : 0.0};
   return data;
 }
 

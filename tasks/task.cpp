@@ -323,7 +323,9 @@ at::Tensor Task::targets(const at::Tensor& source_labels) const {
 
 void Task::set_target_scale(double mean, double std) {
   CANOPY_CHECK(std::isfinite(mean) && std::isfinite(std) && std > 0, DataError, "task '", config_.name,
-               "': target scale needs a finite mean and a std > 0, got ", mean, " and ", std);
+               "': a regression's targets are standardised by their mean and standard deviation over the "
+               "train split, which must be finite with a standard deviation > 0; got ",
+               mean, " and ", std, std == 0 ? " (the same target on every training row)" : "");
   target_mean_ = mean;
   target_std_ = std;
 }

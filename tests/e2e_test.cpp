@@ -267,6 +267,15 @@ TEST_F(EndToEnd, RegressionHeadLearnsInkNextToClassifiers) {
   const JobConfig wrong2 = load_job_config(config_path_, {"train.epochs=1", "task.class_linear.labels=ink"});
   EXPECT_TRUE(testing::throws_with<DataError>([&] { run_train(wrong2, registry_, ProgressStyle::kQuiet); },
                                               {"task 'class_linear'", "use kind = regression"}));
+  // One training row: the classifiers train; ink's standard deviation is 0, not NaN (which
+  // the manifest wrote as null and could not read back), and the regression says why it cannot.
+  const JobConfig one = load_job_config(
+      config_path_,
+      {"train.epochs=1", "data.train_limit=1", "data.test_limit=1", "cache.path=" + dir_.file("cache1")});
+  run_cache(one, false, nullptr, ProgressStyle::kQuiet);
+  EXPECT_EQ(datasets::FeatureCache::open(one.cache.path).meta().label_stats.at("ink").second, 0.0);
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { run_train(one, registry_, ProgressStyle::kQuiet); },
+                                              {"task 'ink'", "the same target on every training row"}));
 }
 
 TEST_F(EndToEnd, AHeadThatStopsEarlyLeavesTheOthersRunning) {
