@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <csetjmp>
 #include <cstdio>
 #include <cstdlib>
@@ -271,8 +272,16 @@ ImageList read_image_csv(const std::string& path, const std::string& name_source
       auto& v = out.labels[label];
       for (const auto& r : csv.rows) v.push_back(std::strtoll(r[col].c_str(), nullptr, 10));
     } else if (all_parse(names.rows, col, false) && all_parse(csv.rows, col, false)) {
+      // strtod reads "nan" and "inf" (and 1e999 as inf): a real label must be a finite number,
+      // or its mean and standard deviation, the targets' scale, are not numbers.
       auto& v = out.float_labels[label];
-      for (const auto& r : csv.rows) v.push_back(std::strtod(r[col].c_str(), nullptr));
+      for (std::size_t i = 0; i < csv.rows.size(); ++i) {
+        const std::string& text = csv.rows[i][col];
+        v.push_back(std::strtod(text.c_str(), nullptr));
+        CANOPY_CHECK(std::isfinite(v.back()), DataError, path, ": row ", i + 1, " has ", label, " '", text,
+                     "', not a finite number: a real-valued label column must hold finite numbers (fill or "
+                     "drop that row)");
+      }
     } else {
       std::set<std::string> found;
       for (std::size_t i = 0; i < names.rows.size(); ++i) {

@@ -152,6 +152,15 @@ TEST(Images, CsvManifestWithIndexNameAndRealLabels) {
   std::ofstream(dir.file("bad.csv")) << "path,kind,score,level\nimg/e.png,bird,3,1\n";
   EXPECT_TRUE(testing::throws_with<DataError>(
       [&] { read_image_csv(dir.file("bad.csv"), dir.file("train.csv")); }, {"'bird'", "cat, dog"}));
+  // A real-valued column with a missing value written as NaN (or an overflow, inf): refused,
+  // naming the row (before, its mean and standard deviation were NaN, and the cache's manifest
+  // that records them could not be read back).
+  for (const char* v : {"NaN", "inf", "1e999"}) {
+    std::ofstream(dir.file("nan.csv")) << "path,kind,score\nimg/a.png,cat,0.5\nimg/b.png,dog," << v << "\n";
+    EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("nan.csv")); },
+                                                {"nan.csv: row 2 has score '", "not a finite number"}))
+        << v;
+  }
   std::ofstream(dir.file("short.csv")) << "path,kind\nimg/a.png\n";
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("short.csv")); },
                                               {"short.csv:2", "1 fields"}));
