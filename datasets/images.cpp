@@ -93,6 +93,21 @@ void jpeg_warning(j_common_ptr cinfo, int level) {
   if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF) jpeg_error_exit(cinfo);
 }
 
+// CMYK pixels (4 bytes each, as libjpeg gives them) to RGB in their first 3 bytes, as PIL's
+// JPEG reader and Image.convert("RGB") make them: the values read inverted, as Adobe writes
+// them (PIL's "CMYK;I", which it assumes for every CMYK JPEG), then each channel
+// (255 - K) - C (255 - K) / 255, rounded as PIL's MULDIV255.
+void cmyk_to_rgb(std::uint8_t* px, std::int64_t n) {
+  const auto muldiv255 = [](int a, int b) {
+    const int t = a * b + 128;
+    return ((t >> 8) + t) >> 8;
+  };
+  for (std::int64_t i = 0; i < n; ++i, px += 4) {
+    const int nk = px[3];  // 255 - K, with K stored inverted
+    for (int ch = 0; ch < 3; ++ch) px[ch] = static_cast<std::uint8_t>(nk - muldiv255(255 - px[ch], nk));
+  }
+}
+
 at::Tensor decode_jpeg(const std::string& path, std::int64_t max_pixels) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   CANOPY_CHECK(f, DataError, "cannot open image '", path, "': ", std::strerror(errno));
@@ -113,10 +128,8 @@ at::Tensor decode_jpeg(const std::string& path, std::int64_t max_pixels) {
   jpeg_stdio_src(&cinfo, f);
   jpeg_read_header(&cinfo, TRUE);
   const bool grey = cinfo.jpeg_color_space == JCS_GRAYSCALE;
-  if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) {
-    std::strcpy(err.message, "CMYK JPEGs are not supported; convert the image to RGB");
-    std::longjmp(err.jump, 1);
-  }
+  // CMYK (and YCCK, which libjpeg turns into CMYK), as print and product photos have them.
+  const bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
   try {
     check_pixels(path, cinfo.image_width, cinfo.image_height, max_pixels);
   } catch (...) {
@@ -124,7 +137,7 @@ at::Tensor decode_jpeg(const std::string& path, std::int64_t max_pixels) {
     std::fclose(f);
     throw;
   }
-  cinfo.out_color_space = grey ? JCS_GRAYSCALE : JCS_RGB;
+  cinfo.out_color_space = grey ? JCS_GRAYSCALE : cmyk ? JCS_CMYK : JCS_RGB;
   jpeg_start_decompress(&cinfo);
   const std::size_t row = static_cast<std::size_t>(cinfo.output_width) * cinfo.output_components;
   pixels = static_cast<std::uint8_t*>(std::malloc(row * cinfo.output_height));
@@ -140,7 +153,8 @@ at::Tensor decode_jpeg(const std::string& path, std::int64_t max_pixels) {
   const std::int64_t h = cinfo.output_height, w = cinfo.output_width, c = cinfo.output_components;
   jpeg_destroy_decompress(&cinfo);
   std::fclose(f);
-  at::Tensor out = to_chw(pixels, h, w, c, c);
+  if (cmyk) cmyk_to_rgb(pixels, h * w);
+  at::Tensor out = to_chw(pixels, h, w, c, cmyk ? 3 : c);
   std::free(pixels);
   return out;
 }

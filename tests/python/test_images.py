@@ -9,7 +9,9 @@ manifests and on the folders with the same tiny trunk; h5py reads the three cach
     class-name column numbered by sorted name; a real-valued column stored as float64;
   * folders: the same features per image (rows in folder order: class name, then file);
   * images shrunk with preprocess.antialias = true give F.interpolate(antialias=True)'s
-    features, and without it plain bilinear's.
+    features, and without it plain bilinear's;
+  * CMYK JPEGs decode as PIL's Image.convert("RGB") decodes them: their cache equals, bitwise,
+    one of PNGs holding PIL's RGB pixels of the same files.
 """
 import os
 import struct
@@ -225,7 +227,34 @@ def main():
                         "quiet", "--set", f"data.train={work}/latin.csv"], capture_output=True, text=True, errors="replace")
     check(r.returncode == 1 and "latin.csv: row 5: the class name 'Caf\\xe9' is not UTF-8" in r.stderr,
           f"a Latin-1 class name in a CSV is refused, naming its row: {r.stderr.strip()[-200:]}")
+    check_cmyk(canopy, work, trunk)
     return finish()
+
+
+def check_cmyk(canopy, work, trunk):
+    """CMYK JPEGs (print and product photos are often CMYK) against PIL's RGB of them."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for k in range(n):
+            cls = f"c{k % 2}"
+            for kind in ("cmyk", "pil"):
+                os.makedirs(f"{work}/{kind}/{split}/{cls}", exist_ok=True)
+            jpg = f"{work}/cmyk/{split}/{cls}/{k}.jpg"
+            colour = rng.integers(0, 256, (29, 23, 3), dtype=np.uint8)  # odd sizes, every value
+            Image.fromarray(colour).convert("CMYK").save(jpg, quality=90)
+            Image.open(jpg).convert("RGB").save(f"{work}/pil/{split}/{cls}/{k}.png")
+    check(Image.open(f"{work}/cmyk/train/c0/0.jpg").mode == "CMYK", "the JPEGs written are CMYK")
+    feats = {}
+    for kind in ("cmyk", "pil"):
+        data = f"source = image-folders\ntrain = {work}/{kind}/train\ntest = {work}/{kind}/test"
+        r = subprocess.run([canopy, "cache", "--config", config(work, trunk, kind + "-cache", data), "--progress",
+                            "quiet"], capture_output=True, text=True)
+        check(r.returncode == 0, f"canopy cache of the {kind} images ({r.stderr.strip()[-200:]})")
+        with h5py.File(f"{work}/{kind}-cache/cache.h5", "r") as h:
+            feats[kind] = {split: h[f"{split}/features"][:] for split in ("train", "test")}
+    check(all(np.array_equal(feats["cmyk"][s], feats["pil"][s]) for s in ("train", "test")),
+          "CMYK JPEGs give, bitwise, the features of PIL's RGB pixels of them (16 images)")
 
 
 if __name__ == "__main__":
