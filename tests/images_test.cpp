@@ -171,9 +171,11 @@ TEST(Images, CsvManifestWithIndexNameAndRealLabels) {
 
 TEST(Images, ClassFoldersNumberClassesBySortedName) {
   testing::TempDir dir;
-  for (const char* d : {"train/zebra", "train/ant", "test/ant"}) make_dirs(dir.file(d));
+  // Hidden entries are left out: a notebook's checkpoints folder, macOS's ._ resource forks.
+  for (const char* d : {"train/zebra", "train/ant", "test/ant", "train/.ipynb_checkpoints", "test/.git"})
+    make_dirs(dir.file(d));
   for (const char* f : {"train/zebra/1.PNG", "train/ant/b.jpg", "train/ant/a.jpeg", "train/ant/notes.txt",
-                        "test/ant/x.png"}) {
+                        "train/ant/._a.jpeg", "train/.ipynb_checkpoints/c.png", "test/ant/x.png"}) {
     std::ofstream(dir.file(f)) << "x";
   }
   const ImageList train = read_image_folders(dir.file("train"));
