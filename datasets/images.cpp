@@ -161,6 +161,8 @@ at::Tensor decode_jpeg(const std::string& path, std::int64_t max_pixels) {
 
 }  // namespace
 
+bool is_hidden_entry(const std::string& name) { return !name.empty() && name[0] == '.'; }
+
 bool is_image_file_name(const std::string& name) {
   const auto dot = name.rfind('.');
   if (dot == std::string::npos) return false;
@@ -320,18 +322,12 @@ ImageList read_image_csv(const std::string& path, const std::string& name_source
   return out;
 }
 
-namespace {
-// Hidden entries are not data: a notebook's .ipynb_checkpoints folder would be class 0 (a '.'
-// sorts first) and shift every label; macOS's ._name.jpg resource forks are not JPEGs.
-bool hidden(const std::string& name) { return !name.empty() && name[0] == '.'; }
-}  // namespace
-
 ImageList read_image_folders(const std::string& dir, const std::string& class_dir) {
   CANOPY_CHECK(is_directory(dir), DataError, "image folder '", dir, "' is not a directory");
   const std::string names_dir = class_dir.empty() ? dir : class_dir;
   std::vector<std::string> classes;
   for (const auto& name : list_dir(names_dir)) {
-    if (!hidden(name) && is_directory(join_path(names_dir, name))) classes.push_back(name);
+    if (!is_hidden_entry(name) && is_directory(join_path(names_dir, name))) classes.push_back(name);
   }
   std::sort(classes.begin(), classes.end());
   CANOPY_CHECK(!classes.empty(), DataError, "image folder '", names_dir, "' has no class sub-directories");
@@ -344,7 +340,7 @@ ImageList read_image_folders(const std::string& dir, const std::string& class_di
   auto& labels = out.labels["class"];
   std::vector<std::string> here;
   for (const auto& name : list_dir(dir)) {
-    if (!hidden(name) && is_directory(join_path(dir, name))) here.push_back(name);
+    if (!is_hidden_entry(name) && is_directory(join_path(dir, name))) here.push_back(name);
   }
   std::sort(here.begin(), here.end());
   for (const auto& cls : here) {
@@ -353,7 +349,7 @@ ImageList read_image_folders(const std::string& dir, const std::string& class_di
                  "' is a class that '", names_dir, "' lacks (its classes: ", join(classes, ", "), ")");
     std::vector<std::string> files;
     for (const auto& f : list_dir(join_path(dir, cls))) {
-      if (!hidden(f) && is_image_file_name(f)) files.push_back(f);
+      if (!is_hidden_entry(f) && is_image_file_name(f)) files.push_back(f);
     }
     std::sort(files.begin(), files.end());
     for (const auto& f : files) {

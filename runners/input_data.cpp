@@ -375,6 +375,7 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
         const std::string d = todo.back();
         todo.pop_back();
         for (const auto& name : list_dir(d)) {
+          if (datasets::is_hidden_entry(name)) continue;
           const std::string p = join_path(d, name);
           if (is_directory(p))
             todo.push_back(p);

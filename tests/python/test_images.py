@@ -255,6 +255,22 @@ def check_cmyk(canopy, work, trunk):
             feats[kind] = {split: h[f"{split}/features"][:] for split in ("train", "test")}
     check(all(np.array_equal(feats["cmyk"][s], feats["pil"][s]) for s in ("train", "test")),
           "CMYK JPEGs give, bitwise, the features of PIL's RGB pixels of them (16 images)")
+    # canopy predict over a folder of them leaves hidden entries out, as training's class
+    # folders do: a macOS resource fork (._0.jpg, not a JPEG) and a hidden folder.
+    cfg = f"{work}/cmyk-cache.ini"
+    with open(cfg, "a") as f:
+        f.write(f"[train]\nout_dir = {work}/cmyk-out\nepochs = 1\n[task.c]\nhead = linear\n")
+    r = subprocess.run([canopy, "train", "--config", cfg, "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0, f"a head trains on the CMYK cache ({r.stderr.strip()[-200:]})")
+    with open(f"{work}/cmyk/test/c0/._0.jpg", "wb") as f:
+        f.write(b"\x00\x05\x16\x07 resource fork")
+    os.makedirs(f"{work}/cmyk/test/.cache")
+    Image.new("RGB", (5, 5)).save(f"{work}/cmyk/test/.cache/x.png")
+    r = subprocess.run([canopy, "predict", "--config", cfg, "--input", f"{work}/cmyk/test", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    check(r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 + 4,
+          f"canopy predict over the CMYK test folder: its 4 images, hidden entries left out "
+          f"({r.stdout.strip().splitlines()[:1]}, {r.stderr.strip()[-200:]})")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ at::Tensor decode_image(const std::string& path, std::int64_t max_pixels = kDefa
 
 // Whether a file name ends in .png, .jpg or .jpeg (any case).
 bool is_image_file_name(const std::string& name);
+// Whether a directory entry is hidden (its name starts with a dot): not data. A notebook's
+// .ipynb_checkpoints folder would be a class, macOS's ._name.jpg resource forks are not JPEGs.
+bool is_hidden_entry(const std::string& name);
 
 // A labelled list of image files.
 struct ImageList {
