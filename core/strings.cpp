@@ -86,6 +86,12 @@ std::string utf8_problem(std::string_view s) {
          ")";
 }
 
+bool strip_utf8_bom(std::string& s) {
+  if (s.rfind("\xEF\xBB\xBF", 0) != 0) return false;
+  s.erase(0, 3);
+  return true;
+}
+
 std::string printable(std::string_view s) {
   std::string out;
   out.reserve(s.size());

@@ -213,11 +213,12 @@ Csv read_csv(const std::string& path) {
   while (std::getline(in, line)) {
     ++n;
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (n == 1) strip_utf8_bom(line);  // Excel's "CSV UTF-8" writes one (pandas skips it too)
     if (trim(line).empty()) continue;
     auto fields = csv_fields(line);
     if (csv.header.empty()) {
       CANOPY_CHECK(fields.size() >= 2 && fields[0] == "path", DataError, path, ":", n,
-                   ": the header must be path,<label>[,<label>...], got '", line, "'");
+                   ": the header must be path,<label>[,<label>...], got '", printable(line), "'");
       csv.header = std::move(fields);
       continue;
     }

@@ -453,6 +453,7 @@ ArffData read_arff(const std::string& path) {
   while (std::getline(in, line)) {
     ++line_no;
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line_no == 1) strip_utf8_bom(line);
     check_utf8_line(line, path, line_no);
     const std::string where = detail::str_cat(path, ":", line_no);
     const std::string t = trim(line);
@@ -538,6 +539,7 @@ std::vector<std::string> read_text_lines(const std::string& path) {
   for (std::string line; std::getline(in, line);) {
     ++line_no;
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line_no == 1) strip_utf8_bom(line);
     check_utf8_line(line, path, line_no);
     out.push_back(std::move(line));
   }

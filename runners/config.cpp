@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <set>
@@ -937,9 +938,13 @@ void validate_job_config(const JobConfig& c) {
 
 std::map<std::string, std::string> read_config_values(std::istream& in, const std::string& source) {
   std::map<std::string, std::string> values;
+  // A byte-order mark, as Windows editors write one, would make the first line invalid.
+  std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  strip_utf8_bom(text);
+  std::istringstream body(text);
   try {
     po::options_description none;
-    const auto parsed = po::parse_config_file(in, none, /*allow_unregistered=*/true);
+    const auto parsed = po::parse_config_file(body, none, /*allow_unregistered=*/true);
     for (const auto& opt : parsed.options) {
       CANOPY_CHECK(!values.count(opt.string_key), ConfigError, "config key '", opt.string_key,
                    "' appears twice in ", source);

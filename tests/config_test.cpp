@@ -42,6 +42,11 @@ TEST(Config, ReadsSectionsTasksAndHeadParams) {
   EXPECT_EQ(c.tasks[1].head, "mlp");
   EXPECT_DOUBLE_EQ(c.tasks[1].lr, 0.01);
   EXPECT_EQ(c.tasks[1].head_params.at("hidden"), "64,32");
+  // A UTF-8 byte-order mark (Windows editors write one) made the first line invalid.
+  write_file_atomic(dir.file("bom.ini"), "\xEF\xBB\xBF" + std::string(kConfig));
+  const JobConfig b = load_job_config(dir.file("bom.ini"));
+  EXPECT_EQ(b.data.train_limit, 100);
+  EXPECT_EQ(b.tasks.size(), 2u);
 }
 
 TEST(Config, CommandLineOverridesFile) {

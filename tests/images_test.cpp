@@ -164,6 +164,11 @@ TEST(Images, CsvManifestWithIndexNameAndRealLabels) {
   std::ofstream(dir.file("short.csv")) << "path,kind\nimg/a.png\n";
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("short.csv")); },
                                               {"short.csv:2", "1 fields"}));
+  // A UTF-8 byte-order mark (Excel's "CSV UTF-8") and Windows line ends are read through.
+  std::ofstream(dir.file("excel.csv")) << "\xEF\xBB\xBFpath,kind\r\nimg/a.png,cat\r\nimg/e.png,dog\r\n";
+  const ImageList excel = read_image_csv(dir.file("excel.csv"));
+  EXPECT_EQ(excel.label_order, (std::vector<std::string>{"kind"}));
+  EXPECT_EQ(excel.class_names.at("kind"), (std::vector<std::string>{"cat", "dog"}));
   std::ofstream(dir.file("nohead.csv")) << "file,kind\na.png,x\n";
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("nohead.csv")); },
                                               {"header must be path"}));

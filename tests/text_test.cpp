@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "canopy/core/error.h"
+#include "canopy/core/fs.h"
 #include "canopy/datasets/text.h"
 #include "support/test_support.h"
 
@@ -112,6 +113,13 @@ TEST(Arff, ReadsStringAndNominalAttributesWithEscapes) {
                                               {"attribute 'topic'", "docs.arff", "nominal, not a string"}));
   EXPECT_EQ(read_text_lines(write(dir.file("lines.txt"), "one\r\ntwo\n\nfour")),
             (std::vector<std::string>{"one", "two", "", "four"}));
+  // A UTF-8 byte-order mark, as Windows editors write one, is not part of the first line.
+  const std::string bom = "\xEF\xBB\xBF";
+  EXPECT_EQ(read_text_lines(write(dir.file("bom.txt"), bom + "one\r\ntwo\n")),
+            (std::vector<std::string>{"one", "two"}));
+  const ArffData b = read_arff(write(dir.file("bom.arff"), bom + read_file(path)));
+  EXPECT_EQ(b.relation, "two docs");
+  EXPECT_EQ(b.strings[0], d.strings[0]);
 }
 
 TEST(Arff, EscapesCommentsAndQuestionMarksAsWekaReadsThem) {

@@ -25,6 +25,9 @@ bool ends_with(std::string_view s, std::string_view suffix);
 // UTF-8 character written as \xNN: error messages quote what they read (a manifest, a
 // config line), and a corrupt file must not put raw bytes on the terminal.
 std::string printable(std::string_view s);
+// Removes a UTF-8 byte-order mark (EF BB BF) from the start of `s`, as Windows editors and
+// Excel's "CSV UTF-8" write one; true when there was one. For a file's first line or whole text.
+bool strip_utf8_bom(std::string& s);
 // The offset of the first byte of `s` that does not begin a valid UTF-8 character (RFC 3629),
 // or nothing when `s` is valid UTF-8. Names, config values and texts canopy writes into JSON,
 // HDF5 or TensorBoard must be; JSON writers refuse other bytes.
