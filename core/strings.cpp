@@ -92,6 +92,13 @@ bool strip_utf8_bom(std::string& s) {
   return true;
 }
 
+bool read_text_line(std::istream& in, std::string& line, std::int64_t& line_no) {
+  if (!std::getline(in, line)) return false;
+  if (!line.empty() && line.back() == '\r') line.pop_back();
+  if (++line_no == 1) strip_utf8_bom(line);
+  return true;
+}
+
 std::string printable(std::string_view s) {
   std::string out;
   out.reserve(s.size());

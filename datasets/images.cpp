@@ -210,10 +210,7 @@ Csv read_csv(const std::string& path) {
   Csv csv;
   std::string line;
   std::int64_t n = 0;
-  while (std::getline(in, line)) {
-    ++n;
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (n == 1) strip_utf8_bom(line);  // Excel's "CSV UTF-8" writes one (pandas skips it too)
+  while (read_text_line(in, line, n)) {
     if (trim(line).empty()) continue;
     auto fields = csv_fields(line);
     if (csv.header.empty()) {

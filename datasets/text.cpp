@@ -217,6 +217,7 @@ WordPieceTokenizer::WordPieceTokenizer(const TokenizerConfig& config) : config_(
   CANOPY_CHECK(in, DataError, "cannot open vocabulary '", config.vocab, "': ", std::strerror(errno));
   std::string line;
   std::int64_t id = 0;
+  // Not read_text_line: the reference (transformers' load_vocab) keeps a byte-order mark.
   while (std::getline(in, line)) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
     vocab_.emplace(line, id++);  // a duplicate keeps its first id, as the reference does
@@ -450,10 +451,7 @@ ArffData read_arff(const std::string& path) {
   std::string line;
   std::int64_t line_no = 0;
   bool data = false;
-  while (std::getline(in, line)) {
-    ++line_no;
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (line_no == 1) strip_utf8_bom(line);
+  while (read_text_line(in, line, line_no)) {
     check_utf8_line(line, path, line_no);
     const std::string where = detail::str_cat(path, ":", line_no);
     const std::string t = trim(line);
@@ -536,10 +534,7 @@ std::vector<std::string> read_text_lines(const std::string& path) {
   CANOPY_CHECK(in, DataError, "cannot open '", path, "' (texts: one per line): ", std::strerror(errno));
   std::vector<std::string> out;
   std::int64_t line_no = 0;
-  for (std::string line; std::getline(in, line);) {
-    ++line_no;
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (line_no == 1) strip_utf8_bom(line);
+  for (std::string line; read_text_line(in, line, line_no);) {
     check_utf8_line(line, path, line_no);
     out.push_back(std::move(line));
   }

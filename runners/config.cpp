@@ -318,9 +318,8 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
       "inference passes run a frozen (torch::jit::freeze), channels-last copy of the trunk, "
       "whose CPU convolutions (float32 or bfloat16) run as oneDNN's with their activations and zero "
       "pads fused (the demo trunk's pass 1.79x at 64x64, 2.04x at 224x224 on a Xeon; docs/trunk.md); a trunk "
-      "that trains runs "
-      "channels-last too (its 4-D weights and inputs: the demo's top "
-      "trains ~2x faster) and, on the CPU, takes its depthwise convolutions' weight gradient "
+      "that trains runs channels-last too (its 4-D weights and inputs: the demo's top trains ~2x faster) "
+      "and, on the CPU, takes its depthwise convolutions' weight gradient "
       "from canopy's kernel (3-29x oneDNN's) and their symmetric zero pads as their padding "
       "(the demo's top-2 epoch 5.7 -> 2.1 s on a Xeon); false: the trunk runs as saved"));
   v.push_back(

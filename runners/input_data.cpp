@@ -30,6 +30,13 @@ namespace canopy::runners {
 
 namespace {
 
+// A real-valued label source's mean and standard deviation over the train split (a
+// regression's target scale); the deviation is 0, not NaN, over one row (a NaN was written to
+// the manifest as null, which no command could read back).
+std::pair<double, double> label_stats_of(const at::Tensor& values) {
+  return {values.mean().item<double>(), values.size(0) > 1 ? values.std().item<double>() : 0.0};
+}
+
 std::string file_stamp(const std::string& path) {
   struct stat st {};
   CANOPY_CHECK(::stat(path.c_str(), &st) == 0, DataError, "cannot stat data file '", path, "'");
@@ -120,7 +127,7 @@ InputData load_images(const JobConfig& config) {
     data.splits[split] = std::move(s);
   }
   const at::Tensor& ink = data.splits["train"].labels["ink"];
-  data.label_stats["ink"] = {ink.mean().item<double>(), ink.size(0) > 1 ? ink.std().item<double>() : 0.0};
+  data.label_stats["ink"] = label_stats_of(ink);
   return data;
 }
 
@@ -302,7 +309,6 @@ InputData load_image_files(const JobConfig& config) {
   for (const std::string split : {"train", "test"}) {
     datasets::ImageList list = read_image_list(config, split);
     const std::vector<std::int64_t> keep = kept_rows(list, config.data.source, limit_for(config.data, split));
-    const auto n = static_cast<std::int64_t>(keep.size());
     InputSplit s;
     s.ids = at::tensor(keep, at::kLong);  // the row in the CSV or the sorted folder listing
     for (auto& [name, v] : list.labels) {
@@ -319,8 +325,7 @@ InputData load_image_files(const JobConfig& config) {
       data.label_sources = list.label_order;
       for (const auto& [name, v] : list.float_labels) {
         data.float_labels.push_back(name);
-        const at::Tensor& t = s.labels[name];
-        data.label_stats[name] = {t.mean().item<double>(), n > 1 ? t.std().item<double>() : 0.0};
+        data.label_stats[name] = label_stats_of(s.labels[name]);
       }
       const auto names = list.class_names.find(list.label_order[0]);
       if (names != list.class_names.end()) data.class_names = names->second;

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <istream>
 #include <map>
 #include <optional>
 #include <string>
@@ -28,6 +29,10 @@ std::string printable(std::string_view s);
 // Removes a UTF-8 byte-order mark (EF BB BF) from the start of `s`, as Windows editors and
 // Excel's "CSV UTF-8" write one; true when there was one. For a file's first line or whole text.
 bool strip_utf8_bom(std::string& s);
+// The next line of a text file users write (CSV manifests, ARFF files, texts one per line):
+// false at the end. Counts `line_no` (1-based), takes a Windows line end's '\r' off, and the
+// first line's byte-order mark.
+bool read_text_line(std::istream& in, std::string& line, std::int64_t& line_no);
 // The offset of the first byte of `s` that does not begin a valid UTF-8 character (RFC 3629),
 // or nothing when `s` is valid UTF-8. Names, config values and texts canopy writes into JSON,
 // HDF5 or TensorBoard must be; JSON writers refuse other bytes.
