@@ -29,6 +29,7 @@
 #include "canopy/datasets/text.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/config.h"
+#include "canopy/runners/evaluate_job.h"
 #include "canopy/runners/predict_job.h"
 #include "canopy/runners/run_inspect.h"
 #include "canopy/runners/step_runner.h"
@@ -199,6 +200,39 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   return kExitOk;
 }
 
+int run_evaluate_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
+                         std::ostream& err) {
+  CANOPY_CHECK(vm.count("input"), ConfigError,
+               "canopy evaluate: --input FILE is required (see canopy evaluate --help)");
+  const JobConfig config = config_from(vm, "evaluate");
+  fit_threads(config);
+  EvaluateOptions options;
+  options.input = vm["input"].as<std::string>();
+  if (vm.count("labels")) {
+    CANOPY_CHECK(config.data.source == "fashion-mnist" || config.data.source == "mnist", ConfigError,
+                 "canopy evaluate: --labels is for idx images (data.source = fashion-mnist or mnist); a ",
+                 config.data.source, " input holds its labels");
+    options.labels = vm["labels"].as<std::string>();
+  }
+  options.limit = vm["limit"].as<std::int64_t>();
+  CANOPY_CHECK(options.limit >= 0, ConfigError,
+               "canopy evaluate: --limit must be >= 0 (0: every input), got ", options.limit);
+  std::string path;
+  if (vm.count("output")) {
+    path = vm["output"].as<std::string>();
+    CANOPY_CHECK(!path.empty() && !is_directory(path), ConfigError,
+                 "canopy evaluate: --output must name a file, got '", path, "'");
+  }
+  const Evaluation e =
+      run_evaluate(config, registry, options, parse_progress(vm["progress"].as<std::string>()));
+  out << (vm.count("json") ? evaluation_json(e) : format_evaluation(e));
+  if (!path.empty()) {
+    write_output_file(path, evaluation_json(e));
+    err << "canopy: wrote the evaluation of " << e.heads.size() << " heads to " << path << "\n";
+  }
+  return kExitOk;
+}
+
 int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out,
                         std::ostream&) {
   std::optional<JobConfig> config;
@@ -271,6 +305,22 @@ void predict_options(po::options_description& d, po::positional_options_descript
   add_progress_option(d);
 }
 
+void evaluate_options(po::options_description& d, po::positional_options_description&) {
+  add_config_options(d);
+  d.add_options()(
+      "input", po::value<std::string>()->value_name("FILE"),
+      "labelled inputs in the form of the config's data source: an idx image file, a CSV manifest "
+      "with the training CSV's columns, a folder of class folders, or label_name:path.arff "
+      "entries as data.test_files lists them")(
+      "labels", po::value<std::string>()->value_name("FILE"),
+      "idx images: their idx label file (default: the ...-labels-idx1-ubyte file beside "
+      "...-images-idx3-ubyte)")("limit", po::value<std::int64_t>()->default_value(0)->value_name("N"),
+                                "the first N inputs only (0: all)")(
+      "json", "print the report as one JSON object, for scripts")(
+      "output", po::value<std::string>()->value_name("FILE"), "also write the JSON report to this file");
+  add_progress_option(d);
+}
+
 void tokenize_options(po::options_description& d, po::positional_options_description&) {
   d.add_options()("vocab", po::value<std::string>()->value_name("FILE"),
                   "the WordPiece vocabulary (vocab.txt)")(
@@ -301,6 +351,10 @@ const std::vector<Command>& commands() {
       {"predict", "canopy predict --config FILE --input FILE [options]",
        "run the trunk and every trained head on new inputs (idx images, image files, texts) in one pass",
        predict_options, run_predict_command},
+      {"evaluate", "canopy evaluate --config FILE --input FILE [options]",
+       "score every trained head on labelled inputs (new, or held out): accuracy, macro-F1, top-5, per-class "
+       "F1, mean AP, MAE, RMSE, R^2",
+       evaluate_options, run_evaluate_command},
       {"inspect", "canopy inspect PATH [--config FILE] [--verify] [--json]",
        "describe a cache (splits, shapes, dtype, size, fingerprint parts, completeness, whether it matches a "
        "config) or a training run's out_dir (running or not, its checkpoint, each head, what was exported)",

@@ -17,7 +17,6 @@
 
 namespace canopy::runners {
 
-namespace {
 using nlohmann::ordered_json;
 
 // Precision, recall, F1 and support of each class (multiclass heads; empty otherwise).
@@ -35,6 +34,8 @@ ordered_json per_class_report(const tasks::EvalMetrics& m, const std::vector<std
   }
   return out;
 }
+
+namespace {
 
 // A part of the cache's description (cache_description), or `absent`, what a description
 // without it means (a cache made before taps: the output; any float32 cache: float32).

@@ -37,6 +37,13 @@ std::pair<double, double> label_stats_of(const at::Tensor& values) {
   return {values.mean().item<double>(), values.size(0) > 1 ? values.std().item<double>() : 0.0};
 }
 
+// Each image's "ink", its mean pixel intensity in [0, 1] (0 = blank, 1 = all white), from the raw
+// uint8 images [N, ...]: the idx sources' real-valued label. Summed as integers: no float copy.
+at::Tensor ink_of(const at::Tensor& images) {
+  const double pixels = static_cast<double>(images[0].numel());
+  return images.flatten(1).sum(1, false, at::kLong).to(at::kDouble) / (255.0 * pixels);
+}
+
 std::string file_stamp(const std::string& path) {
   struct stat st {};
   CANOPY_CHECK(::stat(path.c_str(), &st) == 0, DataError, "cannot stat data file '", path, "'");
@@ -106,8 +113,7 @@ std::optional<std::int64_t> positive_value(const std::vector<std::string>& value
 
 InputData load_images(const JobConfig& config) {
   InputData data;
-  // Label sources: the class, and a real-valued target for regression heads: the image's
-  // mean pixel intensity ("ink", 0 = blank, 1 = all white), computed from the raw image.
+  // Label sources: the class, and a real-valued target for regression heads: the image's ink.
   data.label_sources = {"class", "ink"};
   data.float_labels = {"ink"};
   if (config.data.source == "fashion-mnist") data.class_names = datasets::fashion_mnist_class_names();
@@ -118,10 +124,8 @@ InputData load_images(const JobConfig& config) {
     InputSplit s;
     CANOPY_CHECK(images.images.size(0) > 0, DataError, "split '", split, "' of '", config.data.dir,
                  "' has no samples");
-    const double pixels = static_cast<double>(images.images.size(1) * images.images.size(2));
-    // Summed as integers: no float copy of the images.
     s.labels["class"] = images.labels;
-    s.labels["ink"] = images.images.sum({1, 2}, false, at::kLong).to(at::kDouble) / (255.0 * pixels);
+    s.labels["ink"] = ink_of(images.images);
     s.ids = images.ids;
     set_image_tensor_inputs(s, images.images, config.preprocess);
     data.splits[split] = std::move(s);
@@ -171,84 +175,98 @@ void set_text_inputs(InputSplit& s, const std::vector<std::string>& texts,
   s.inputs = [tokens, pad](const std::vector<std::int64_t>& rows) { return pad_tokens(*tokens, rows, pad); };
 }
 
+// One split of texts: the documents of `files` (label_name:path.arff entries, one file per
+// label, the same documents in each; `key` names them in messages), their first `limit` (> 0).
+// Records each label's class count and names in `data`; `sources` gets the split's label
+// sources in order (all_labels last when every file has a positive value).
+InputSplit load_text_split(const JobConfig& config, const std::vector<std::string>& files, const char* key,
+                           std::int64_t limit, const datasets::WordPieceTokenizer& tokenizer, InputData& data,
+                           std::vector<std::string>& sources) {
+  CANOPY_CHECK(!files.empty(), ConfigError, key, " is empty: list label_name:path.arff entries");
+  std::vector<std::string> texts;
+  InputSplit s;
+  std::vector<std::string> names;
+  std::vector<std::optional<std::int64_t>> positive;  // per label file: the value setting its bit
+  for (const auto& entry : files) {
+    const auto [name, path] = named_file(entry, key);
+    const datasets::ArffData arff = datasets::read_arff(path);
+    const auto text_col = arff.string_attribute(config.data.text_attribute);
+    std::int64_t label_col = -1;
+    for (std::size_t a = 0; a < arff.attributes.size(); ++a) {
+      if (!arff.nominal_values[a].empty()) label_col = static_cast<std::int64_t>(a);
+    }
+    CANOPY_CHECK(label_col >= 0, DataError, "'", path, "' has no nominal attribute to use as label '", name,
+                 "'");
+    if (texts.empty()) {
+      texts = arff.strings[text_col];
+    } else {
+      // The label files must describe the same documents in the same order.
+      CANOPY_CHECK(arff.strings[text_col].size() == texts.size(), DataError, "'", path, "' has ",
+                   arff.strings[text_col].size(), " documents but the first file of ", key, " has ",
+                   texts.size());
+      for (std::size_t i = 0; i < texts.size(); ++i) {
+        CANOPY_CHECK(arff.strings[text_col][i] == texts[i], DataError, "document ", i, " of '", path,
+                     "' differs from document ", i, " of the first file of ", key,
+                     "; label files must list the same documents in the same order");
+      }
+    }
+    CANOPY_CHECK(!s.labels.count(name), ConfigError, key, ": label name '", name, "' appears twice");
+    const auto& col = arff.nominals[label_col];
+    s.labels[name] = at::from_blob(const_cast<std::int64_t*>(col.data()),
+                                   {static_cast<std::int64_t>(col.size())}, at::kLong)
+                         .clone();
+    names.push_back(name);
+    positive.push_back(positive_value(arff.nominal_values[label_col], config.data.positive_value, path));
+    data.label_classes[name] = static_cast<std::int64_t>(arff.nominal_values[label_col].size());
+    if (data.class_names.empty()) data.class_names = arff.nominal_values[label_col];
+  }
+  std::int64_t n = static_cast<std::int64_t>(texts.size());
+  if (limit > 0) n = std::min(n, limit);
+  CANOPY_CHECK(n > 0, DataError, key, " holds no documents");
+  texts.resize(static_cast<std::size_t>(n));
+  for (auto& [name, t] : s.labels) t = t.slice(0, 0, n).clone();
+  // Every label file as a bit, set when the document has the label's positive value (yes,
+  // 1 or true as declared, or data.positive_value): the multi-label view of the documents.
+  // Without a positive value for every file there is no such view.
+  sources = names;
+  if (std::all_of(positive.begin(), positive.end(), [](const auto& p) { return p.has_value(); })) {
+    at::Tensor bits = at::zeros({n}, at::kLong);
+    for (std::size_t k = 0; k < names.size(); ++k)
+      bits += (s.labels[names[k]] == *positive[k]).to(at::kLong) * (1LL << k);
+    s.labels["all_labels"] = bits;
+    data.label_classes["all_labels"] = std::int64_t{1} << names.size();
+    sources.push_back("all_labels");
+  }
+  set_text_inputs(s, texts, tokenizer);
+  s.ids = at::arange(n, at::kLong);
+  return s;
+}
+
 InputData load_texts(const JobConfig& config) {
   InputData data;
   data.unit = "doc";
   const datasets::WordPieceTokenizer tokenizer(config.text);
   for (const std::string split : {"train", "test"}) {
-    const auto& files = split == "train" ? config.data.train_files : config.data.test_files;
-    const char* key = split == "train" ? "data.train_files" : "data.test_files";
-    CANOPY_CHECK(!files.empty(), ConfigError, key, " is empty: list label_name:path.arff entries");
-    std::vector<std::string> texts;
-    InputSplit s;
-    std::vector<std::string> names;
-    std::vector<std::optional<std::int64_t>> positive;  // per label file: the value setting its bit
-    for (const auto& entry : files) {
-      const auto [name, path] = named_file(entry, key);
-      const datasets::ArffData arff = datasets::read_arff(path);
-      const auto text_col = arff.string_attribute(config.data.text_attribute);
-      std::int64_t label_col = -1;
-      for (std::size_t a = 0; a < arff.attributes.size(); ++a) {
-        if (!arff.nominal_values[a].empty()) label_col = static_cast<std::int64_t>(a);
+    const bool train = split == "train";
+    std::vector<std::string> sources;
+    data.splits[split] = load_text_split(config, train ? config.data.train_files : config.data.test_files,
+                                         train ? "data.train_files" : "data.test_files",
+                                         limit_for(config.data, split), tokenizer, data, sources);
+    if (train) {
+      data.label_sources = sources;
+      if (sources.back() != "all_labels") {
+        log_info(
+            "no all_labels label source: a label file declares none of yes, 1, true; name its positive value "
+            "with data.positive_value");
       }
-      CANOPY_CHECK(label_col >= 0, DataError, "'", path, "' has no nominal attribute to use as label '", name,
-                   "'");
-      if (texts.empty()) {
-        texts = arff.strings[text_col];
-      } else {
-        // The label files must describe the same documents in the same order.
-        CANOPY_CHECK(arff.strings[text_col].size() == texts.size(), DataError, "'", path, "' has ",
-                     arff.strings[text_col].size(), " documents but the first file of ", key, " has ",
-                     texts.size());
-        for (std::size_t i = 0; i < texts.size(); ++i) {
-          CANOPY_CHECK(arff.strings[text_col][i] == texts[i], DataError, "document ", i, " of '", path,
-                       "' differs from document ", i, " of the first file of ", key,
-                       "; label files must list the same documents in the same order");
-        }
-      }
-      CANOPY_CHECK(!s.labels.count(name), ConfigError, key, ": label name '", name, "' appears twice");
-      const auto& col = arff.nominals[label_col];
-      s.labels[name] = at::from_blob(const_cast<std::int64_t*>(col.data()),
-                                     {static_cast<std::int64_t>(col.size())}, at::kLong)
-                           .clone();
-      names.push_back(name);
-      positive.push_back(positive_value(arff.nominal_values[label_col], config.data.positive_value, path));
-      data.label_classes[name] = static_cast<std::int64_t>(arff.nominal_values[label_col].size());
-      if (data.class_names.empty()) data.class_names = arff.nominal_values[label_col];
     }
-    std::int64_t n = static_cast<std::int64_t>(texts.size());
-    if (limit_for(config.data, split) > 0) n = std::min(n, limit_for(config.data, split));
-    CANOPY_CHECK(n > 0, DataError, "split '", split, "' has no documents");
-    texts.resize(static_cast<std::size_t>(n));
-    for (auto& [name, t] : s.labels) t = t.slice(0, 0, n).clone();
-    // Every label file as a bit, set when the document has the label's positive value (yes,
-    // 1 or true as declared, or data.positive_value): the multi-label view of the documents.
-    // Without a positive value for every file there is no such view.
-    const bool all_labels =
-        std::all_of(positive.begin(), positive.end(), [](const auto& p) { return p.has_value(); });
-    if (all_labels) {
-      at::Tensor bits = at::zeros({n}, at::kLong);
-      for (std::size_t k = 0; k < names.size(); ++k)
-        bits += (s.labels[names[k]] == *positive[k]).to(at::kLong) * (1LL << k);
-      s.labels["all_labels"] = bits;
-      data.label_classes["all_labels"] = std::int64_t{1} << names.size();
-    } else if (split == "train") {
-      log_info(
-          "no all_labels label source: a label file declares none of yes, 1, true; name its positive value "
-          "with data.positive_value");
-    }
-    set_text_inputs(s, texts, tokenizer);
-    s.ids = at::arange(n, at::kLong);
-    if (data.label_sources.empty()) {
-      data.label_sources = names;
-      if (all_labels) data.label_sources.push_back("all_labels");
-    }
-    CANOPY_CHECK(names == std::vector<std::string>(
-                              data.label_sources.begin(),
-                              data.label_sources.begin() + static_cast<std::ptrdiff_t>(names.size())),
-                 ConfigError,
+    // The test split's labels are those of training; all_labels only when both have it.
+    const auto named = [](std::vector<std::string> v) {
+      if (!v.empty() && v.back() == "all_labels") v.pop_back();
+      return v;
+    };
+    CANOPY_CHECK(named(sources) == named(data.label_sources), ConfigError,
                  "data.train_files and data.test_files must name the same labels in the same order");
-    data.splits[split] = std::move(s);
   }
   return data;
 }
@@ -304,45 +322,67 @@ void set_image_file_inputs(InputSplit& s, std::vector<std::string> paths, const 
   };
 }
 
+// The rows `keep` of an image list: their files (decoded when the trunk needs them) and labels.
+InputSplit image_file_split(const datasets::ImageList& list, const std::vector<std::int64_t>& keep,
+                            const JobConfig& config) {
+  InputSplit s;
+  s.ids = at::tensor(keep, at::kLong);  // the row in the CSV or the sorted folder listing
+  for (const auto& [name, v] : list.labels) {
+    std::vector<std::int64_t> kept;
+    for (const auto r : keep) kept.push_back(v[r]);
+    s.labels[name] = at::tensor(kept, at::kLong);
+  }
+  for (const auto& [name, v] : list.float_labels) {
+    std::vector<double> kept;
+    for (const auto r : keep) kept.push_back(v[r]);
+    s.labels[name] = at::tensor(kept, at::kDouble);
+  }
+  std::vector<std::string> kept_paths;
+  for (const auto r : keep) kept_paths.push_back(list.paths[r]);
+  set_image_file_inputs(s, std::move(kept_paths), config);
+  return s;
+}
+
+void record_image_label_classes(const datasets::ImageList& list, InputData& data) {
+  const auto names = list.class_names.find(list.label_order[0]);
+  if (names != list.class_names.end()) data.class_names = names->second;
+  for (const auto& [source, classes] : list.class_names) {
+    data.label_classes[source] = static_cast<std::int64_t>(classes.size());
+  }
+}
+
 InputData load_image_files(const JobConfig& config) {
   InputData data;
   for (const std::string split : {"train", "test"}) {
     datasets::ImageList list = read_image_list(config, split);
-    const std::vector<std::int64_t> keep = kept_rows(list, config.data.source, limit_for(config.data, split));
-    InputSplit s;
-    s.ids = at::tensor(keep, at::kLong);  // the row in the CSV or the sorted folder listing
-    for (auto& [name, v] : list.labels) {
-      std::vector<std::int64_t> kept;
-      for (const auto r : keep) kept.push_back(v[r]);
-      s.labels[name] = at::tensor(kept, at::kLong);
-    }
-    for (auto& [name, v] : list.float_labels) {
-      std::vector<double> kept;
-      for (const auto r : keep) kept.push_back(v[r]);
-      s.labels[name] = at::tensor(kept, at::kDouble);
-    }
+    InputSplit s =
+        image_file_split(list, kept_rows(list, config.data.source, limit_for(config.data, split)), config);
     if (split == "train") {
       data.label_sources = list.label_order;
       for (const auto& [name, v] : list.float_labels) {
         data.float_labels.push_back(name);
         data.label_stats[name] = label_stats_of(s.labels[name]);
       }
-      const auto names = list.class_names.find(list.label_order[0]);
-      if (names != list.class_names.end()) data.class_names = names->second;
-      for (const auto& [source, classes] : list.class_names) {
-        data.label_classes[source] = static_cast<std::int64_t>(classes.size());
-      }
+      record_image_label_classes(list, data);
     } else {
       CANOPY_CHECK(list.label_order == data.label_sources, DataError, "the test images' labels (",
                    join(list.label_order, ", "), ") differ from the training images' (",
                    join(data.label_sources, ", "), ")");
     }
-    std::vector<std::string> kept_paths;
-    for (const auto r : keep) kept_paths.push_back(list.paths[r]);
-    set_image_file_inputs(s, std::move(kept_paths), config);
     data.splits[split] = std::move(s);
   }
   return data;
+}
+
+// The idx label file beside an idx image file, named as the MNIST-style data sets name it
+// (t10k-images-idx3-ubyte.gz -> t10k-labels-idx1-ubyte.gz); "" when the name is not of that form.
+std::string idx_labels_beside(const std::string& images) {
+  const auto slash = images.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "" : images.substr(0, slash + 1);
+  std::string name = images.substr(slash == std::string::npos ? 0 : slash + 1);
+  const auto at = name.find("images-idx3");
+  if (at == std::string::npos) return {};
+  return dir + name.replace(at, 11, "labels-idx1");
 }
 
 // Every image file's name, size and modification time, hashed: the image set's identity.
@@ -406,6 +446,65 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
   }
   s.ids = at::arange(s.rows, at::kLong);
   return s;
+}
+
+InputData load_labelled_input(const JobConfig& config, const std::string& path, const std::string& labels,
+                              std::int64_t limit) {
+  InputData data;
+  if (config.data.source == "arff") {
+    data.unit = "doc";
+    InputSplit s = load_text_split(config, split(path, ','), "--input", limit,
+                                   datasets::WordPieceTokenizer(config.text), data, data.label_sources);
+    // all_labels has a bit per label file: it means what training's meant only when the input
+    // names training's labels, in its order (a file left out would shift or drop bits).
+    std::vector<std::string> trained;
+    for (const auto& entry : config.data.train_files)
+      trained.push_back(named_file(entry, "data.train_files").first);
+    std::vector<std::string> named = data.label_sources;
+    named.erase(std::remove(named.begin(), named.end(), "all_labels"), named.end());
+    if (named != trained) {
+      s.labels.erase("all_labels");
+      data.label_sources = named;
+    }
+    data.splits["input"] = std::move(s);
+    return data;
+  }
+  if (reads_image_files(config.data)) {
+    // Class names are numbered as training numbered them: from the training CSV or folder.
+    const datasets::ImageList list = config.data.source == "image-csv"
+                                         ? datasets::read_image_csv(path, config.data.train)
+                                         : datasets::read_image_folders(path, config.data.train);
+    data.label_sources = list.label_order;
+    record_image_label_classes(list, data);
+    data.splits["input"] = image_file_split(list, kept_rows(list, config.data.source, limit), config);
+    return data;
+  }
+  const std::string labels_path = labels.empty() ? idx_labels_beside(path) : labels;
+  CANOPY_CHECK(!labels_path.empty(), ConfigError, "--labels: name the idx label file of '", path,
+               "' (its name is not of the form ...-images-idx3-ubyte, whose labels are ...-labels-idx1-ubyte "
+               "beside it)");
+  CANOPY_CHECK(is_regular_file(labels_path), DataError, "the labels of '", path, "' should be in '",
+               labels_path, "', which does not exist", labels.empty() ? "; name them with --labels" : "");
+  const at::Tensor images = datasets::read_idx(path, limit);
+  CANOPY_CHECK(images.dim() == 3 || images.dim() == 4, DataError, "'", path,
+               "' should hold images [N, H, W] or [N, C, H, W], holds ", images.dim(), "-dimensional data",
+               images.dim() == 1 ? " (an idx label file?)" : "");
+  const at::Tensor classes = datasets::read_idx(labels_path, limit);
+  CANOPY_CHECK(classes.dim() == 1 && classes.size(0) == images.size(0), DataError, "'", labels_path,
+               "' should hold one label per image of '", path, "' (", images.size(0), "), holds ",
+               classes.dim() == 1 ? detail::str_cat(classes.size(0), " labels")
+                                  : detail::str_cat(classes.dim(), "-dimensional data"));
+  InputSplit s;
+  s.labels["class"] = classes.to(at::kLong);
+  s.labels["ink"] = ink_of(images);
+  s.ids = at::arange(images.size(0), at::kLong);
+  set_image_tensor_inputs(s, images, config.preprocess);
+  data.label_sources = {"class", "ink"};
+  data.float_labels = {"ink"};
+  data.label_classes["class"] = 10;
+  if (config.data.source == "fashion-mnist") data.class_names = datasets::fashion_mnist_class_names();
+  data.splits["input"] = std::move(s);
+  return data;
 }
 
 std::vector<std::int64_t> row_range(std::int64_t begin, std::int64_t end) {

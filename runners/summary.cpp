@@ -16,17 +16,16 @@ bool TrainReport::any_failed() const {
                      [](const TaskResult& t) { return t.state == tasks::TaskState::kFailed; });
 }
 
-namespace {
-// Per-class F1 on the eval split: one table per set of classes and per-class support
-// (heads on the same labels), a column per multiclass head that predicts them.
-std::string per_class_tables(const TrainReport& report) {
+// Per-class F1: one table per set of classes and per-class support (heads on the same labels),
+// a column per multiclass head that predicts them.
+std::string per_class_tables(const std::vector<TaskResult>& results, const std::string& where) {
   // Per task: its classes and per-class stats (empty for tasks without a table).
   using Key = std::pair<std::vector<std::string>, std::vector<std::int64_t>>;
-  std::vector<Key> keys(report.tasks.size());
-  std::vector<std::vector<tasks::ClassStats>> all_stats(report.tasks.size());
+  std::vector<Key> keys(results.size());
+  std::vector<std::vector<tasks::ClassStats>> all_stats(results.size());
   std::vector<Key> sets;
-  for (std::size_t i = 0; i < report.tasks.size(); ++i) {
-    const auto& t = report.tasks[i];
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    const auto& t = results[i];
     if (t.kind != tasks::TaskKind::kMulticlass || !t.eval.confusion.defined()) continue;
     all_stats[i] = tasks::per_class_stats(t.eval.confusion);
     keys[i].first = t.class_names;
@@ -38,15 +37,15 @@ std::string per_class_tables(const TrainReport& report) {
     const auto& names = key.first;
     std::vector<const TaskResult*> cols;
     std::vector<std::vector<tasks::ClassStats>> stats;
-    for (std::size_t i = 0; i < report.tasks.size(); ++i) {
+    for (std::size_t i = 0; i < results.size(); ++i) {
       if (!all_stats[i].empty() && keys[i] == key) {
-        cols.push_back(&report.tasks[i]);
+        cols.push_back(&results[i]);
         stats.push_back(all_stats[i]);
       }
     }
     std::size_t w_class = 5;
     for (const auto& n : names) w_class = std::max(w_class, n.size());
-    o << "\nper-class F1 on the eval split\n" << std::string(w_class, ' ');
+    o << "\nper-class F1 on " << where << "\n" << std::string(w_class, ' ');
     for (const auto* t : cols)
       o << "  " << std::string(std::max<std::size_t>(t->name.size(), 6) - t->name.size(), ' ') << t->name;
     o << "  support\n";
@@ -68,7 +67,6 @@ std::string per_class_tables(const TrainReport& report) {
   }
   return o.str();
 }
-}  // namespace
 
 namespace {
 // One row per head: its head, labels, optimizer, epochs and scores on the eval split (and on
@@ -154,20 +152,22 @@ std::string grid_lines(const TrainReport& report) {
   return o.str();
 }
 
-// The regression heads' errors on the eval split.
-std::string regression_lines(const TrainReport& report) {
+}  // namespace
+
+std::string regression_lines(const std::vector<TaskResult>& results, const std::string& where) {
   std::ostringstream o;
   char buf[512];
-  for (const auto& t : report.tasks) {
+  for (const auto& t : results) {
     if (!t.eval.regression || t.state == tasks::TaskState::kFailed) continue;
-    std::snprintf(buf, sizeof buf,
-                  "task '%s' (regression): MAE %.4g, RMSE %.4g, R^2 %.4f on the eval split\n", t.name.c_str(),
-                  t.eval.regression->mae, t.eval.regression->rmse, t.eval.regression->r2);
+    std::snprintf(buf, sizeof buf, "task '%s' (regression): MAE %.4g, RMSE %.4g, R^2 %.4f on %s\n",
+                  t.name.c_str(), t.eval.regression->mae, t.eval.regression->rmse, t.eval.regression->r2,
+                  where.c_str());
     o << buf;
   }
   return o.str();
 }
 
+namespace {
 // The fused groups, then per head: its failure, its note, and an exported epoch other than
 // the last.
 std::string notes(const TrainReport& report) {
@@ -204,8 +204,9 @@ std::string totals_line(const TrainReport& report) {
 }  // namespace
 
 std::string format_summary(const TrainReport& report) {
-  return results_table(report) + grid_lines(report) + regression_lines(report) + per_class_tables(report) +
-         notes(report) + totals_line(report);
+  const std::string where = "the eval split";
+  return results_table(report) + grid_lines(report) + regression_lines(report.tasks, where) +
+         per_class_tables(report.tasks, where) + notes(report) + totals_line(report);
 }
 
 }  // namespace canopy::runners

@@ -264,12 +264,10 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
     num_classes_ = 1;  // one output: the predicted value
   } else if (multilabel()) {
     num_classes_ = static_cast<std::int64_t>(config_.class_names.size());
-    map_ = at::tensor(config_.label_map, at::kLong);
   } else if (config_.label_map.empty()) {
     num_classes_ = source_classes;
   } else {
     num_classes_ = *std::max_element(config_.label_map.begin(), config_.label_map.end()) + 1;
-    map_ = at::tensor(config_.label_map, at::kLong);
   }
   CANOPY_CHECK(num_classes_ >= 2 || multilabel() || regression(), ConfigError, "task '", config_.name,
                "': needs at least 2 classes, has ", num_classes_);
@@ -295,30 +293,36 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
 
 Task::~Task() = default;
 
-at::Tensor Task::targets(const at::Tensor& source_labels) const {
-  if (regression()) {
-    CANOPY_CHECK(at::isFloatingType(source_labels.scalar_type()), DataError, "task '", config_.name,
-                 "': a regression task needs a real-valued label source; '", config_.labels, "' holds ",
+at::Tensor source_targets(const TaskConfig& c, std::int64_t num_classes, const at::Tensor& source_labels) {
+  if (c.kind == TaskKind::kRegression) {
+    CANOPY_CHECK(at::isFloatingType(source_labels.scalar_type()), DataError, "task '", c.name,
+                 "': a regression task needs a real-valued label source; '", c.labels, "' holds ",
                  source_labels.scalar_type(), " class labels");
-    return ((source_labels.to(at::kDouble) - target_mean_) / target_std_).to(at::kFloat).unsqueeze(1);
+    return source_labels.to(at::kDouble);
   }
-  CANOPY_CHECK(!at::isFloatingType(source_labels.scalar_type()), DataError, "task '", config_.name,
-               "': label source '", config_.labels, "' holds real values; use kind = regression");
-  if (!map_.defined()) {
-    const auto max = source_labels.numel() ? source_labels.max().item<std::int64_t>() : 0;
-    const auto min = source_labels.numel() ? source_labels.min().item<std::int64_t>() : 0;
-    CANOPY_CHECK(min >= 0 && max < num_classes_, DataError, "task '", config_.name, "': labels of '",
-                 config_.labels, "' range over [", min, ", ", max, "], expected [0, ", num_classes_ - 1, "]");
+  CANOPY_CHECK(!at::isFloatingType(source_labels.scalar_type()), DataError, "task '", c.name,
+               "': label source '", c.labels, "' holds real values; use kind = regression");
+  const auto max = source_labels.numel() ? source_labels.max().item<std::int64_t>() : 0;
+  const auto min = source_labels.numel() ? source_labels.min().item<std::int64_t>() : 0;
+  if (c.label_map.empty()) {
+    CANOPY_CHECK(min >= 0 && max < num_classes, DataError, "task '", c.name, "': labels of '", c.labels,
+                 "' range over [", min, ", ", max, "], expected [0, ", num_classes - 1, "]");
     return source_labels;
   }
-  const auto max = source_labels.numel() ? source_labels.max().item<std::int64_t>() : 0;
-  CANOPY_CHECK(max < map_.numel(), DataError, "task '", config_.name, "': label ", max,
-               " has no entry in label_map (", map_.numel(), " entries)");
-  const at::Tensor mapped = map_.index_select(0, source_labels);
-  if (!multilabel()) return mapped;
+  const auto entries = static_cast<std::int64_t>(c.label_map.size());
+  CANOPY_CHECK(min >= 0 && max < entries, DataError, "task '", c.name, "': label ", min < 0 ? min : max,
+               " of '", c.labels, "' has no entry in label_map (", entries, " entries)");
+  const at::Tensor mapped = at::tensor(c.label_map, at::kLong).index_select(0, source_labels);
+  if (c.kind != TaskKind::kMultilabel) return mapped;
   // Bitmask -> multi-hot float [B, K].
-  const at::Tensor bits = at::arange(num_classes_, at::kLong);
+  const at::Tensor bits = at::arange(num_classes, at::kLong);
   return mapped.unsqueeze(1).bitwise_right_shift(bits).bitwise_and(1).to(at::kFloat);
+}
+
+at::Tensor Task::targets(const at::Tensor& source_labels) const {
+  const at::Tensor t = source_targets(config_, num_classes_, source_labels);
+  if (!regression()) return t;
+  return ((t - target_mean_) / target_std_).to(at::kFloat).unsqueeze(1);
 }
 
 void Task::set_target_scale(double mean, double std) {
@@ -548,13 +552,19 @@ at::Tensor Task::predict(const at::Tensor& features) {
 }
 
 EvalMetrics Task::evaluate(const at::Tensor& features, const at::Tensor& targets) {
-  if (regression())
-    return regression_metrics(predict(features),
-                              targets.squeeze(1).to(at::kDouble) * target_std_ + target_mean_);
-  const at::Tensor scores = outputs(features);
-  if (multilabel()) return multilabel_metrics(scores, targets);
-  EvalMetrics m = classification_metrics(scores.argmax(1), targets, num_classes_);
-  if (num_classes_ > 5) m.top5 = top_k_accuracy(scores, targets, 5);
+  const at::Tensor out = outputs(features);
+  if (!regression()) return evaluate_outputs(config_.kind, out, targets, num_classes_);
+  return evaluate_outputs(config_.kind, out, targets.squeeze(1).to(at::kDouble) * target_std_ + target_mean_,
+                          num_classes_, target_mean_, target_std_);
+}
+
+EvalMetrics evaluate_outputs(TaskKind kind, const at::Tensor& outputs, const at::Tensor& targets,
+                             std::int64_t num_classes, double target_mean, double target_std) {
+  if (kind == TaskKind::kRegression)
+    return regression_metrics(outputs.squeeze(1).to(at::kDouble) * target_std + target_mean, targets);
+  if (kind == TaskKind::kMultilabel) return multilabel_metrics(outputs, targets);
+  EvalMetrics m = classification_metrics(outputs.argmax(1), targets, num_classes);
+  if (num_classes > 5) m.top5 = top_k_accuracy(outputs, targets, 5);
   return m;
 }
 

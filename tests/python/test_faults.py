@@ -354,6 +354,13 @@ def cache_memory_limit(canopy, work):
               "more memory than this process may take" in r.stderr and said and cg.oom_kills() == 0
               and not os.path.exists(predictions),
               f"`canopy predict` over batches of 256 stops the same way, writing nothing ({r.returncode}: {r.stderr.strip()[-300:]})")
+        # `canopy evaluate` runs them too.
+        evaluate = [canopy, "evaluate", "--config", config, "--input", os.path.join(support.FMNIST, "t10k-images-idx3-ubyte.gz"),
+                    "--limit", "1000", "--progress", "quiet", "--set", "cache.batch_size=256"]
+        e = subprocess.run(evaluate, capture_output=True, text=True, preexec_fn=cg.enter)
+        check(e.returncode == 1 and "evaluating over batches of 256 rows (cache.batch_size) needs more memory than this "
+              "process may take" in e.stderr and "set cache.batch_size = " in e.stderr and cg.oom_kills() == 0,
+              f"`canopy evaluate` over batches of 256 stops the same way ({e.returncode}: {e.stderr.strip()[-300:]})")
         if said:
             r = subprocess.run(predict + ["--set", f"cache.batch_size={said.group(1)}"], capture_output=True, text=True,
                                preexec_fn=cg.enter)

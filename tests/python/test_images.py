@@ -10,6 +10,8 @@ manifests and on the folders with the same tiny trunk; h5py reads the three cach
   * folders: the same features per image (rows in folder order: class name, then file);
   * images shrunk with preprocess.antialias = true give F.interpolate(antialias=True)'s
     features, and without it plain bilinear's;
+  * `canopy evaluate` over class folders and CSV manifests scores heads on the classes as
+    training numbered them (a folder of two of the classes: as predict's answers);
   * CMYK JPEGs decode as PIL's Image.convert("RGB") decodes them: their cache equals, bitwise,
     one of PNGs holding PIL's RGB pixels of the same files.
 """
@@ -123,6 +125,7 @@ def main():
     names = caches["folders"].attrs["class_names"]
     names = (names.decode() if isinstance(names, bytes) else names).split(",")
     check(names == sorted(set(NAMES[y] for y in labels["train"])), f"class names recorded: {names[:3]}...")
+    check_evaluate(canopy, work, trunk, runs)
 
     # Shrinking: images 4x the size, each pixel a 4x4 block under a one-pixel checker pattern
     # (detail that aliases), cached at 32x32. With preprocess.antialias = true the features are
@@ -229,6 +232,59 @@ def main():
           f"a Latin-1 class name in a CSV is refused, naming its row: {r.stderr.strip()[-200:]}")
     check_cmyk(canopy, work, trunk)
     return finish()
+
+
+def check_evaluate(canopy, work, trunk, runs):
+    """canopy evaluate over class folders and CSV manifests numbers the classes as training did."""
+    import json
+    import shutil
+    reports = {}
+    for name in ("folders", "csv"):
+        cfg = config(work, trunk, name, runs[name])
+        tasks = "[task.c]\nhead = linear\nlabels = class\nlr = 0.03\n"
+        if name == "csv":
+            tasks += "[task.n]\nhead = linear\nlabels = name\nlr = 0.03\n[task.ink]\nkind = regression\nlabels = ink\nhead = linear\n"
+        with open(cfg, "a") as f:
+            f.write(f"[train]\nout_dir = {work}/{name}-out\nepochs = 40\nbatch_size = 20\n{tasks}")
+        r = subprocess.run([canopy, "train", "--config", cfg, "--progress", "quiet"], capture_output=True, text=True)
+        check(r.returncode == 0, f"heads train on the {name} cache ({r.stderr.strip()[-200:]})")
+        test = f"{work}/folders/test" if name == "folders" else f"{work}/test.csv"
+        r = subprocess.run([canopy, "evaluate", "--config", cfg, "--input", test, "--json", "--progress", "quiet"],
+                           capture_output=True, text=True)
+        check(r.returncode == 0, f"canopy evaluate over the {name} test split ({r.stderr.strip()[-200:]})")
+        reports[name] = {h["task"]: h for h in json.loads(r.stdout)["heads"]} if r.returncode == 0 else {}
+        for task, h in reports[name].items():
+            card = json.load(open(f"{work}/{name}-out/heads/{task}.json"))
+            key = "r2" if task == "ink" else "accuracy"
+            check(abs(h[key] - card[f"eval_{key}"]) < 1e-6,
+                  f"{name}: evaluate on the test split gives head {task}'s card {key} ({h[key]} vs {card[f'eval_{key}']})")
+    # A folder of two of the classes only (their training images, which the head fits best):
+    # its classes are numbered by the training folder's names, not by its own (Bag would be its
+    # class 0, training's 1). Scored as predict's answers.
+    subset = f"{work}/subset"
+    for cls in ("Bag", "Trouser"):
+        shutil.copytree(f"{work}/folders/train/{cls}", f"{subset}/{cls}")
+    cfg = f"{work}/folders.ini"
+    r = subprocess.run([canopy, "evaluate", "--config", cfg, "--input", subset, "--json", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    got = json.loads(r.stdout)["heads"][0] if r.returncode == 0 else {}
+    p = subprocess.run([canopy, "predict", "--config", cfg, "--input", subset, "--progress", "quiet"],
+                       capture_output=True, text=True)
+    truth = [cls for cls in ("Bag", "Trouser") for _ in os.listdir(f"{subset}/{cls}")]
+    answers = [row.split(",")[1] for row in p.stdout.splitlines()[1:]]
+    accuracy = np.mean([a == t for a, t in zip(answers, truth)])
+    support = {c["class"]: c["support"] for c in got.get("per_class", [])}
+    check(r.returncode == 0 and len(answers) == len(truth) and got.get("accuracy") == accuracy
+          and support.get("Bag") == truth.count("Bag") and support.get("Trouser") == truth.count("Trouser")
+          and sum(support.values()) == len(truth),
+          f"evaluate over a folder of 2 of the classes: accuracy {got.get('accuracy')} is predict's {accuracy}, "
+          f"support by training's class names {support} ({r.stderr.strip()[-200:]})")
+    os.makedirs(f"{subset}/Unknown")
+    shutil.copy(f"{subset}/Bag/" + sorted(os.listdir(f"{subset}/Bag"))[0], f"{subset}/Unknown/x.png")
+    r = subprocess.run([canopy, "evaluate", "--config", cfg, "--input", subset, "--progress", "quiet"],
+                       capture_output=True, text=True)
+    check(r.returncode == 1 and "Unknown" in r.stderr,
+          f"a class folder training did not have is refused, named ({r.stderr.strip()[-200:]})")
 
 
 def check_cmyk(canopy, work, trunk):

@@ -246,6 +246,70 @@ lr = 0.01
     check(all(l["fine"] == names[int(np.argmax([l[c] for c in fine_cols]))] for l in lines),
           "each prediction is the class with the highest score")
 
+    # --- canopy evaluate: the exported model's metrics on labelled inputs -----------
+    # On the run's own test split (the first TEST rows of t10k), every metric is the card's.
+    evaluate = [a.canopy, "evaluate", "--config", config, "--progress", "quiet", "--json"]
+    r = subprocess.run(evaluate + ["--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz", "--limit", str(TEST)],
+                       capture_output=True, text=True)
+    check(r.returncode == 0, f"canopy evaluate exits 0 ({r.stderr[-300:]})")
+    report = json.loads(r.stdout) if r.returncode == 0 else {"heads": []}
+    by_task = {h["task"]: h for h in report["heads"]}
+    check(sorted(by_task) == ["coarse", "fine", "ink"] and report["rows"] == TEST, f"evaluate scores every head on {TEST} rows")
+    for name, keys in (("fine", ("accuracy", "macro_f1", "top5_accuracy")), ("coarse", ("accuracy", "macro_f1")),
+                       ("ink", ("mae", "rmse", "r2"))):
+        card = json.load(open(os.path.join(out_dir, "heads", f"{name}.json")))
+        got = by_task.get(name, {})
+        diffs = {k: abs(got.get(k, -9) - card[f"eval_{k}"]) for k in keys}
+        check(max(diffs.values()) < 1e-6 and [c["f1"] for c in got.get("per_class", [])] ==
+              [c["f1"] for c in card["per_class"]][:len(got.get("per_class", []))],
+              f"evaluate on the run's test split: {name}'s {', '.join(keys)} are its card's ({diffs})")
+    # On rows the run never saw (t10k rows 300-799, written as idx files with the labels beside
+    # them under the data sets' names): evaluate's metrics are those of predict's answers.
+    new_images = read_idx(f"{FMNIST}/t10k-images-idx3-ubyte.gz")[TEST:TEST + 500]
+    new_labels = read_idx(f"{FMNIST}/t10k-labels-idx1-ubyte.gz")[TEST:TEST + 500]
+    new_dir = os.path.join(work, "new")
+    os.makedirs(new_dir)
+
+    def write_idx(path, array):
+        with gzip.open(path, "wb") as f:
+            f.write(bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes())
+
+    write_idx(os.path.join(new_dir, "new-images-idx3-ubyte.gz"), new_images)
+    write_idx(os.path.join(new_dir, "new-labels-idx1-ubyte.gz"), new_labels)
+    new_input = os.path.join(new_dir, "new-images-idx3-ubyte.gz")
+    report_path = os.path.join(work, "evaluation.json")
+    r = subprocess.run(evaluate[:-1] + ["--input", new_input, "--output", report_path], capture_output=True, text=True)
+    check(r.returncode == 0 and "per-class F1 on" in r.stdout and os.path.exists(report_path),
+          f"evaluate on new rows prints its table and writes --output ({r.stderr[-300:]})")
+    p = subprocess.run([a.canopy, "predict", "--config", config, "--input", new_input, "--progress", "quiet"],
+                       capture_output=True, text=True)
+    rows = [row.split(",") for row in p.stdout.splitlines()[1:]]
+    report = json.load(open(report_path)) if os.path.exists(report_path) else {"heads": []}
+    by_task = {h["task"]: h for h in report["heads"]}
+    coarse_names = ["tops", "bottoms", "footwear", "bags"]
+    remap = [0, 1, 0, 0, 0, 2, 0, 2, 3, 2]
+    fine_acc = np.mean([row[2] == names[y] for row, y in zip(rows, new_labels)])
+    coarse_acc = np.mean([row[1] == coarse_names[remap[y]] for row, y in zip(rows, new_labels)])
+    truth_ink = new_images.reshape(500, -1).mean(1) / 255
+    pred_ink = np.array([float(row[3]) for row in rows])
+    r2 = 1 - ((pred_ink - truth_ink) ** 2).sum() / ((truth_ink - truth_ink.mean()) ** 2).sum()
+    got = (by_task.get("fine", {}).get("accuracy"), by_task.get("coarse", {}).get("accuracy"),
+           by_task.get("ink", {}).get("r2", 9))
+    check(len(rows) == 500 and report["rows"] == 500 and got[0] == fine_acc and got[1] == coarse_acc
+          and abs(got[2] - r2) < 1e-4,
+          f"evaluate on 500 new rows: fine {got[0]}, coarse {got[1]} (through its label map), ink R^2 {got[2]:.5f} are "
+          f"those of predict's answers against the labels ({fine_acc}, {coarse_acc}, {r2:.5f})")
+    # The labels are found beside the images by name, or given; a mismatch is named.
+    os.rename(new_input, os.path.join(new_dir, "unnamed.gz"))
+    r = subprocess.run(evaluate + ["--input", os.path.join(new_dir, "unnamed.gz")], capture_output=True, text=True)
+    check(r.returncode == 2 and "--labels: name the idx label file" in r.stderr,
+          f"evaluate asks for --labels when none are named beside the images ({r.stderr.strip()[-160:]})")
+    write_idx(os.path.join(new_dir, "short.gz"), new_labels[:499])
+    r = subprocess.run(evaluate + ["--input", os.path.join(new_dir, "unnamed.gz"), "--labels",
+                                   os.path.join(new_dir, "short.gz")], capture_output=True, text=True)
+    check(r.returncode == 1 and "should hold one label per image" in r.stderr and "(500), holds 499 labels" in r.stderr,
+          f"labels that are not one per image are refused, with both counts ({r.stderr.strip()[-160:]})")
+
     # A flipped bit in an exported head's weights: the card's weights_sha256 no longer matches,
     # and predict refuses the head instead of predicting with other weights.
     fine_w = os.path.join(out_dir, "heads", "fine.safetensors")

@@ -204,6 +204,24 @@ class_names = grain,corn
     got = [row.split(",")[3] for row in rows[1:]]
     agree = sum(g == str(int(e)) for g, e in zip(got, expect))
     check(agree == 40, f"predict's grain column equals the head applied to the cached test features ({agree}/40)")
+
+    # --- canopy evaluate on labelled stories: the cards' scores on the run's test split ---
+    evaluate = [canopy, "evaluate", "--config", config, "--limit", "40", "--json", "--progress", "quiet"]
+    r = subprocess.run(evaluate + ["--input", files("test").replace(" ", "")], capture_output=True, text=True)
+    report = {h["task"]: h for h in json.loads(r.stdout)["heads"]} if r.returncode == 0 else {}
+    for task in ("grain", "corn", "both"):
+        card = json.load(open(os.path.join(work, "train", "heads", task + ".json")))
+        keys = ("accuracy", "macro_f1") + (("mean_ap",) if task == "both" else ())
+        diffs = {k: abs(report.get(task, {}).get(k, -9) - card[f"eval_{k}"]) for k in keys}
+        check(max(diffs.values()) < 1e-6, f"evaluate on the test split's ARFF files: {task}'s {', '.join(keys)} are its "
+              f"card's ({diffs}{'' if r.returncode == 0 else ', ' + r.stderr.strip()[-200:]})")
+    r = subprocess.run(evaluate + ["--input", f"grain:{REUTERS}/ReutersGrain-test.arff"], capture_output=True, text=True)
+    out = json.loads(r.stdout) if r.returncode == 0 else {"heads": [], "not_evaluated": []}
+    check([h["task"] for h in out["heads"]] == ["grain"] and len(out["not_evaluated"]) == 2
+          and "the input has no labels 'corn'" in " ".join(out["not_evaluated"])
+          and "all_labels needs every label file data.train_files names" in " ".join(out["not_evaluated"]),
+          f"with the grain labels only, the other heads are listed as not evaluated, all_labels's too: it would "
+          f"hold the grain bit alone ({out['not_evaluated']})")
     return finish()
 
 

@@ -6,6 +6,9 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/runners/train_report.h"
@@ -16,5 +19,9 @@ namespace canopy::runners {
 // Writes the weights and the card into `dir` (atomically, each file); returns the weights' path.
 std::string export_head(tasks::Task& task, const TaskResult& result, const datasets::CacheMeta& meta,
                         std::int64_t in_features, const std::string& dir);
+
+// Precision, recall, F1 and support of each class, as the card's per_class lists them
+// (multiclass heads; an empty array otherwise).
+nlohmann::ordered_json per_class_report(const tasks::EvalMetrics& m, const std::vector<std::string>& names);
 
 }  // namespace canopy::runners

@@ -48,6 +48,15 @@ InputData load_input_data(const JobConfig& config);
 // manifest (the path column), a folder (every PNG/JPEG below it, sorted) or one image.
 InputSplit load_predict_input(const JobConfig& config, const std::string& path, std::int64_t limit);
 
+// Labelled samples for `canopy evaluate`, the split "input" of the result, from `path` in the
+// form of the config's data source, its first `limit` rows (> 0): an idx image file with the
+// idx label file `labels` (empty: the one beside it, ...-labels-idx1-ubyte for
+// ...-images-idx3-ubyte), and the ink computed as for training; a CSV manifest with the
+// training CSV's columns, or class folders (classes numbered by the training data's names); for
+// arff configs label_name:path.arff entries, comma-separated, as data.test_files lists them.
+InputData load_labelled_input(const JobConfig& config, const std::string& path, const std::string& labels,
+                              std::int64_t limit);
+
 // What the trunk's inputs went through before it: the image preprocessing or the
 // tokenizer, as one line (cards record it; predict checks it).
 std::string describe_preprocessing(const JobConfig& config);

@@ -145,6 +145,18 @@ EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targe
 // predictions, targets: [N] real values.
 EvalMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets);
 
+// Source labels [B] -> what a task of `num_classes` outputs is scored against: class indices
+// [B] (multiclass, through label_map when it has one), multi-hot float [B, K] (multilabel), or
+// the values as double [B] (regression; Task::targets standardises them for training). A
+// DataError names the task when a label lies outside its classes or its label_map.
+at::Tensor source_targets(const TaskConfig& config, std::int64_t num_classes,
+                          const at::Tensor& source_labels);
+// The metrics of a head's outputs [N, K] against source_targets' targets: classes by argmax
+// (top-5 over more than 5), labels by a positive logit, a regression's value as
+// output * target_std + target_mean (its outputs are in standardised units).
+EvalMetrics evaluate_outputs(TaskKind kind, const at::Tensor& outputs, const at::Tensor& targets,
+                             std::int64_t num_classes, double target_mean = 0.0, double target_std = 1.0);
+
 // Where a head stands in a training run (the trainer keeps it, see runners/head_run.h).
 enum class TaskState { kTraining, kDone, kFailed };
 
@@ -227,7 +239,6 @@ class Task {
   TaskConfig config_;
   double loss_weight_ = 1.0;
   std::int64_t num_classes_ = 0;
-  at::Tensor map_;  // int64 [source_classes] or undefined
   at::Tensor class_weights_;
   double target_mean_ = 0.0;
   double target_std_ = 1.0;

@@ -1,0 +1,199 @@
+#include "canopy/runners/evaluate_job.h"
+
+#include <chrono>
+#include <cstdio>
+#include <sstream>
+
+#include <ATen/ops/cat.h>
+#include <torch/csrc/api/include/torch/utils.h>
+#include <nlohmann/json.hpp>
+
+#include "canopy/core/error.h"
+#include "canopy/core/heap.h"
+#include "canopy/core/memory.h"
+#include "canopy/core/memory_fence.h"
+#include "canopy/core/strings.h"
+#include "canopy/runners/exported_model.h"
+#include "canopy/runners/head_card.h"
+#include "canopy/runners/input_data.h"
+
+namespace canopy::runners {
+
+namespace {
+using nlohmann::ordered_json;
+
+// A head to score: the task as its card says it was trained (label source, label map, kind:
+// the config may have changed since) and the input's labels mapped to its targets.
+struct Scored {
+  ExportedHead* head = nullptr;
+  tasks::TaskConfig trained;
+  at::Tensor targets;
+  std::vector<at::Tensor> outputs;  // per trunk batch
+};
+
+// The head's outputs for every row of `input`, in trunk batches of `batch` rows; `done`
+// counts the rows that passed.
+void run_heads(const InputSplit& input, ExportedModel& model, std::vector<Scored>& scored, std::int64_t batch,
+               Progress& progress, std::int64_t& done) {
+  for (std::int64_t i = 0; i < input.rows; i += batch) {
+    const std::int64_t end = std::min(input.rows, i + batch);
+    const at::Tensor f = model.trunk.encode(input.inputs(row_range(i, end)));
+    for (auto& s : scored) {
+      at::Tensor out = s.head->head->forward(f);
+      tasks::check_head_outputs(out, f.size(0), s.head->out_features, s.head->task(), *s.head->head);
+      s.outputs.push_back(out.to(at::kFloat));
+    }
+    progress.advance(end - i);
+    done = end;
+  }
+}
+
+std::string percent(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f%%", 100 * v);
+  return buf;
+}
+}  // namespace
+
+Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& registry,
+                        const EvaluateOptions& options, ProgressStyle style) {
+  const auto start = std::chrono::steady_clock::now();
+  ExportedModel model = load_exported_model(config, registry);
+  InputData data = load_labelled_input(config, options.input, options.labels, options.limit);
+  InputSplit& input = data.splits.at("input");
+  Evaluation e;
+  e.input = options.input;
+  e.rows = input.rows;
+  std::vector<Scored> scored;
+  for (auto& h : model.heads) {
+    Scored s;
+    s.head = &h;
+    s.trained = h.config;
+    s.trained.kind = h.kind;
+    s.trained.labels = h.card.value("label_source", h.config.labels);
+    s.trained.label_map = h.card.value("label_map", h.config.label_map);
+    const auto labels = input.labels.find(s.trained.labels);
+    if (labels == input.labels.end()) {
+      e.not_evaluated.push_back(
+          detail::str_cat("task '", h.task(), "': the input has no labels '", s.trained.labels,
+                          "' (it has: ", join(data.label_sources, ", "), ")",
+                          s.trained.labels == "all_labels" && config.data.source == "arff"
+                              ? "; all_labels needs every label file data.train_files names, in its order"
+                              : ""));
+      continue;
+    }
+    s.targets = tasks::source_targets(s.trained, h.out_features, labels->second);
+    scored.push_back(std::move(s));
+  }
+  CANOPY_CHECK(!scored.empty(), DataError, "'", options.input,
+               "' has labels for none of the heads: ", join(e.not_evaluated, "; "));
+
+  Progress progress("evaluate", input.rows, data.unit, style);
+  torch::NoGradGuard no_grad;
+  // As in `canopy predict`: past the memory this process may take, an allocation fails and
+  // says so, instead of the kernel's OOM kill.
+  const MemoryFence fence(model.trunk.device().is_cpu() ? memory_room(1, PageCache::kFree) : std::nullopt);
+  const KeepFreedMemory reuse_activations;
+  std::int64_t done = 0;
+  try {
+    run_heads(input, model, scored, config.cache.batch_size, progress, done);
+  } catch (const std::exception& ex) {
+    if (!fence.caused(ex)) throw;
+    model_pass_out_of_memory("evaluating", "evaluated", fence, input, model, config.cache.batch_size,
+                             config.cache.shard_rows, done);
+  }
+  progress.finish();
+  for (auto& s : scored) {
+    const ExportedHead& h = *s.head;
+    TaskResult r;
+    r.name = h.task();
+    r.kind = h.kind;
+    r.class_names = h.class_names;
+    r.state = tasks::TaskState::kDone;
+    r.eval = tasks::evaluate_outputs(h.kind, at::cat(s.outputs), s.targets, h.out_features, h.target_mean,
+                                     h.target_std);
+    e.heads.push_back(std::move(r));
+    e.card_scores.push_back(h.kind == tasks::TaskKind::kRegression ? h.card.value("eval_r2", 0.0)
+                                                                   : h.card.value("eval_accuracy", 0.0));
+  }
+  e.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return e;
+}
+
+std::string format_evaluation(const Evaluation& e) {
+  std::ostringstream o;
+  std::size_t w_name = 4;
+  for (const auto& t : e.heads) w_name = std::max(w_name, t.name.size());
+  const bool top5 = std::any_of(e.heads.begin(), e.heads.end(),
+                                [](const TaskResult& t) { return t.eval.top5.has_value(); });
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "%-*s  %-10s  %8s", int(w_name), "task", "kind", "accuracy");
+  o << buf << (top5 ? "     top-5" : "");
+  std::snprintf(buf, sizeof buf, "  %8s  %8s  %s\n", "macro-F1", "mean AP", "card (the run's eval split)");
+  o << buf;
+  for (std::size_t i = 0; i < e.heads.size(); ++i) {
+    const auto& t = e.heads[i];
+    const bool regression = t.kind == tasks::TaskKind::kRegression;
+    std::string acc = "-", f1 = "-", ap = "-", t5 = "-", card;
+    if (!regression) {
+      acc = percent(t.eval.accuracy);
+      std::snprintf(buf, sizeof buf, "%.4f", t.eval.macro_f1);
+      f1 = buf;
+      card = percent(e.card_scores[i]);
+    } else {
+      std::snprintf(buf, sizeof buf, "R^2 %.4f", e.card_scores[i]);
+      card = buf;
+    }
+    if (t.eval.mean_ap) {
+      std::snprintf(buf, sizeof buf, "%.4f", *t.eval.mean_ap);
+      ap = buf;
+    }
+    if (t.eval.top5) t5 = percent(*t.eval.top5);
+    std::snprintf(buf, sizeof buf, "%-*s  %-10s  %8s", int(w_name), t.name.c_str(), tasks::to_string(t.kind),
+                  acc.c_str());
+    o << buf;
+    if (top5) {
+      std::snprintf(buf, sizeof buf, "  %8s", t5.c_str());
+      o << buf;
+    }
+    std::snprintf(buf, sizeof buf, "  %8s  %8s  %s\n", f1.c_str(), ap.c_str(), card.c_str());
+    o << buf;
+  }
+  const std::string where = "'" + e.input + "'";
+  o << regression_lines(e.heads, where) << per_class_tables(e.heads, where);
+  for (const auto& n : e.not_evaluated) o << "not evaluated: " << n << "\n";
+  std::snprintf(buf, sizeof buf, "%zu head%s evaluated on %lld rows in %.2fs\n", e.heads.size(),
+                e.heads.size() == 1 ? "" : "s", static_cast<long long>(e.rows), e.seconds);
+  o << buf;
+  return o.str();
+}
+
+std::string evaluation_json(const Evaluation& e) {
+  ordered_json heads = ordered_json::array();
+  for (std::size_t i = 0; i < e.heads.size(); ++i) {
+    const auto& t = e.heads[i];
+    ordered_json h{{"task", t.name}, {"kind", tasks::to_string(t.kind)}, {"rows", t.eval.count}};
+    if (const auto& r = t.eval.regression) {
+      h["mae"] = r->mae;
+      h["rmse"] = r->rmse;
+      h["r2"] = r->r2;
+      h["card_eval_r2"] = e.card_scores[i];
+    } else {
+      h["accuracy"] = t.eval.accuracy;
+      h["macro_f1"] = t.eval.macro_f1;
+      if (t.eval.top5) h["top5_accuracy"] = *t.eval.top5;
+      if (t.eval.mean_ap) h["mean_ap"] = *t.eval.mean_ap;
+      if (t.kind == tasks::TaskKind::kMulticlass) h["per_class"] = per_class_report(t.eval, t.class_names);
+      h["card_eval_accuracy"] = e.card_scores[i];
+    }
+    heads.push_back(std::move(h));
+  }
+  const ordered_json out{{"input", e.input},
+                         {"rows", e.rows},
+                         {"seconds", e.seconds},
+                         {"heads", heads},
+                         {"not_evaluated", e.not_evaluated}};
+  return out.dump(2) + "\n";
+}
+
+}  // namespace canopy::runners

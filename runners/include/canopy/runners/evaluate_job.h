@@ -1,0 +1,49 @@
+// `canopy evaluate`: how the exported multi-task model does on labelled samples, new ones or
+// any the user holds out: the trunk once per sample and every head on its features, as
+// `canopy predict` runs them, then each head's metrics against the labels, computed as the
+// training run computes them on its eval split (accuracy, macro-F1, top-5, per-class
+// precision/recall/F1; exact match, mean F1 and mean AP for multi-label heads; MAE, RMSE and
+// R^2 in the target's units for regression heads). Each head is scored on the labels it was
+// trained for, as its card records them (label source, label map).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "canopy/core/progress.h"
+#include "canopy/runners/config.h"
+#include "canopy/runners/train_report.h"
+#include "canopy/tasks/registry.h"
+
+namespace canopy::runners {
+
+struct EvaluateOptions {
+  std::string input;       // labelled samples in the form of the config's data source
+  std::string labels;      // fashion-mnist / mnist: the idx label file ("": beside the images)
+  std::int64_t limit = 0;  // the first N samples; 0: all
+};
+
+struct Evaluation {
+  std::string input;
+  std::int64_t rows = 0;
+  // Per head evaluated: name, kind, class names and `eval`, state kDone.
+  std::vector<TaskResult> heads;
+  // The head card's score on the training run's eval split (accuracy, R^2), beside each head.
+  std::vector<double> card_scores;
+  // Heads not evaluated: "task 'x': why" (the input has no labels of their label source).
+  std::vector<std::string> not_evaluated;
+  double seconds = 0.0;
+};
+
+Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& registry,
+                        const EvaluateOptions& options, ProgressStyle style = ProgressStyle::kAuto);
+
+// The report as the CLI prints it: a row per head, the regression errors, per-class F1 tables.
+std::string format_evaluation(const Evaluation& e);
+// The same as one JSON object: {"input", "rows", "seconds", "heads": [{"task", "kind", "rows",
+// "accuracy", "macro_f1", "top5_accuracy", "mean_ap", "per_class", "card_eval_accuracy"; or
+// "mae", "rmse", "r2", "card_eval_r2"}], "not_evaluated": [...]}, each where the head's kind has it.
+std::string evaluation_json(const Evaluation& e);
+
+}  // namespace canopy::runners
