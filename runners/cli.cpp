@@ -172,27 +172,42 @@ Command job_command(const char* name, const char* usage, const char* summary, bo
                  std::ostream& err) { return run_job(name, vm, r, out, err); }};
 }
 
-int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
-                        std::ostream& err) {
-  CANOPY_CHECK(vm.count("input"), ConfigError,
-               "canopy predict: --input FILE is required (see canopy predict --help)");
-  const JobConfig config = config_from(vm, "predict");
+// What predict and evaluate share: the config (threads fitted), and --input and --limit into
+// `options` (PredictOptions, EvaluateOptions).
+template <class Options>
+JobConfig model_inputs(const po::variables_map& vm, const std::string& command, Options& options) {
+  CANOPY_CHECK(vm.count("input"), ConfigError, "canopy ", command, ": --input FILE is required (see canopy ",
+               command, " --help)");
+  JobConfig config = config_from(vm, command);
   fit_threads(config);
-  PredictOptions options;
   options.input = vm["input"].as<std::string>();
   options.limit = vm["limit"].as<std::int64_t>();
-  CANOPY_CHECK(options.limit >= 0, ConfigError, "canopy predict: --limit must be >= 0 (0: every input), got ",
-               options.limit);
+  CANOPY_CHECK(options.limit >= 0, ConfigError, "canopy ", command,
+               ": --limit must be >= 0 (0: every input), got ", options.limit);
+  return config;
+}
+
+// --output's path, checked to name a file ("" without --output).
+std::string output_path(const po::variables_map& vm, const std::string& command) {
+  if (!vm.count("output")) return {};
+  const std::string path = vm["output"].as<std::string>();
+  CANOPY_CHECK(!path.empty() && !is_directory(path), ConfigError, "canopy ", command,
+               ": --output must name a file, got '", path, "'");
+  return path;
+}
+
+int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
+                        std::ostream& err) {
+  PredictOptions options;
+  const JobConfig config = model_inputs(vm, "predict", options);
   options.format = vm["format"].as<std::string>();
   options.scores = vm.count("scores") > 0;
   const ProgressStyle style = parse_progress(vm["progress"].as<std::string>());
-  if (!vm.count("output")) {
+  const std::string path = output_path(vm, "predict");
+  if (path.empty()) {
     run_predict(config, registry, options, out, style);
     return kExitOk;
   }
-  const std::string path = vm["output"].as<std::string>();
-  CANOPY_CHECK(!path.empty() && !is_directory(path), ConfigError,
-               "canopy predict: --output must name a file, got '", path, "'");
   std::ostringstream buffer;
   const auto rows = run_predict(config, registry, options, buffer, style);
   write_output_file(path, buffer.str());
@@ -202,27 +217,15 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
 
 int run_evaluate_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
                          std::ostream& err) {
-  CANOPY_CHECK(vm.count("input"), ConfigError,
-               "canopy evaluate: --input FILE is required (see canopy evaluate --help)");
-  const JobConfig config = config_from(vm, "evaluate");
-  fit_threads(config);
   EvaluateOptions options;
-  options.input = vm["input"].as<std::string>();
+  const JobConfig config = model_inputs(vm, "evaluate", options);
   if (vm.count("labels")) {
     CANOPY_CHECK(config.data.source == "fashion-mnist" || config.data.source == "mnist", ConfigError,
                  "canopy evaluate: --labels is for idx images (data.source = fashion-mnist or mnist); a ",
                  config.data.source, " input holds its labels");
     options.labels = vm["labels"].as<std::string>();
   }
-  options.limit = vm["limit"].as<std::int64_t>();
-  CANOPY_CHECK(options.limit >= 0, ConfigError,
-               "canopy evaluate: --limit must be >= 0 (0: every input), got ", options.limit);
-  std::string path;
-  if (vm.count("output")) {
-    path = vm["output"].as<std::string>();
-    CANOPY_CHECK(!path.empty() && !is_directory(path), ConfigError,
-                 "canopy evaluate: --output must name a file, got '", path, "'");
-  }
+  const std::string path = output_path(vm, "evaluate");
   const Evaluation e =
       run_evaluate(config, registry, options, parse_progress(vm["progress"].as<std::string>()));
   out << (vm.count("json") ? evaluation_json(e) : format_evaluation(e));
