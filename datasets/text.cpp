@@ -443,7 +443,7 @@ std::int64_t ArffData::string_attribute(const std::string& name) const {
   return col;
 }
 
-ArffData read_arff(const std::string& path) {
+ArffData read_arff(const std::string& path, bool header_only) {
   std::ifstream in(path);
   CANOPY_CHECK(in, DataError, "cannot open ARFF file '", path, "': ", std::strerror(errno));
   ArffData d;
@@ -490,6 +490,7 @@ ArffData read_arff(const std::string& path) {
         data = true;
         d.strings.resize(d.attributes.size());
         d.nominals.resize(d.attributes.size());
+        if (header_only) return d;
       } else {
         throw DataError(detail::str_cat(where, ": expected @relation, @attribute or @data, found '",
                                         t.substr(0, 40), "'"));

@@ -221,8 +221,9 @@ int run_evaluate_command(const po::variables_map& vm, const tasks::HeadRegistry&
   const JobConfig config = model_inputs(vm, "evaluate", options);
   if (vm.count("labels")) {
     CANOPY_CHECK(config.data.source == "fashion-mnist" || config.data.source == "mnist", ConfigError,
-                 "canopy evaluate: --labels is for idx images (data.source = fashion-mnist or mnist); a ",
-                 config.data.source, " input holds its labels");
+                 "canopy evaluate: --labels is for idx images (data.source = fashion-mnist or mnist); with "
+                 "data.source = ",
+                 config.data.source, " the input holds its labels");
     options.labels = vm["labels"].as<std::string>();
   }
   const std::string path = output_path(vm, "evaluate");

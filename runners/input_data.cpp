@@ -175,13 +175,45 @@ void set_text_inputs(InputSplit& s, const std::vector<std::string>& texts,
   s.inputs = [tokens, pad](const std::vector<std::int64_t>& rows) { return pad_tokens(*tokens, rows, pad); };
 }
 
+// The label of a label file: its last nominal attribute.
+std::int64_t label_column(const datasets::ArffData& arff, const std::string& name) {
+  std::int64_t col = -1;
+  for (std::size_t a = 0; a < arff.attributes.size(); ++a) {
+    if (!arff.nominal_values[a].empty()) col = static_cast<std::int64_t>(a);
+  }
+  CANOPY_CHECK(col >= 0, DataError, "'", arff.path, "' has no nominal attribute to use as label '", name,
+               "'");
+  return col;
+}
+
+// Per label, the file training read it from and the values that file declares: a label's
+// classes are numbered in the order of its file's declaration.
+using DeclaredValues = std::map<std::string, std::pair<std::string, std::vector<std::string>>>;
+
+// Records the values `arff` declares for label `name` in `declared`, or, when training's are
+// there, checks that they are the same in the same order: in another order the classes would
+// be numbered otherwise, and heads scored against swapped labels.
+void check_declared_values(DeclaredValues& declared, const std::string& name, const datasets::ArffData& arff,
+                           std::int64_t col) {
+  const auto& values = arff.nominal_values[col];
+  const auto it = declared.find(name);
+  if (it == declared.end()) {
+    declared[name] = {arff.path, values};
+    return;
+  }
+  CANOPY_CHECK(values == it->second.second, DataError, "'", arff.path, "' declares label '", name, "' as {",
+               join(values, ","), "}, training's '", it->second.first, "' as {", join(it->second.second, ","),
+               "}: its classes would be numbered otherwise; declare the same values in the same order");
+}
+
 // One split of texts: the documents of `files` (label_name:path.arff entries, one file per
 // label, the same documents in each; `key` names them in messages), their first `limit` (> 0).
 // Records each label's class count and names in `data`; `sources` gets the split's label
-// sources in order (all_labels last when every file has a positive value).
+// sources in order (all_labels last when every file has a positive value). `declared`: the
+// values training's files declare (check_declared_values), recorded when it has none.
 InputSplit load_text_split(const JobConfig& config, const std::vector<std::string>& files, const char* key,
                            std::int64_t limit, const datasets::WordPieceTokenizer& tokenizer, InputData& data,
-                           std::vector<std::string>& sources) {
+                           std::vector<std::string>& sources, DeclaredValues& declared) {
   CANOPY_CHECK(!files.empty(), ConfigError, key, " is empty: list label_name:path.arff entries");
   std::vector<std::string> texts;
   InputSplit s;
@@ -191,12 +223,8 @@ InputSplit load_text_split(const JobConfig& config, const std::vector<std::strin
     const auto [name, path] = named_file(entry, key);
     const datasets::ArffData arff = datasets::read_arff(path);
     const auto text_col = arff.string_attribute(config.data.text_attribute);
-    std::int64_t label_col = -1;
-    for (std::size_t a = 0; a < arff.attributes.size(); ++a) {
-      if (!arff.nominal_values[a].empty()) label_col = static_cast<std::int64_t>(a);
-    }
-    CANOPY_CHECK(label_col >= 0, DataError, "'", path, "' has no nominal attribute to use as label '", name,
-                 "'");
+    const std::int64_t label_col = label_column(arff, name);
+    check_declared_values(declared, name, arff, label_col);
     if (texts.empty()) {
       texts = arff.strings[text_col];
     } else {
@@ -246,12 +274,13 @@ InputData load_texts(const JobConfig& config) {
   InputData data;
   data.unit = "doc";
   const datasets::WordPieceTokenizer tokenizer(config.text);
+  DeclaredValues declared;
   for (const std::string split : {"train", "test"}) {
     const bool train = split == "train";
     std::vector<std::string> sources;
     data.splits[split] = load_text_split(config, train ? config.data.train_files : config.data.test_files,
                                          train ? "data.train_files" : "data.test_files",
-                                         limit_for(config.data, split), tokenizer, data, sources);
+                                         limit_for(config.data, split), tokenizer, data, sources, declared);
     if (train) {
       data.label_sources = sources;
       if (sources.back() != "all_labels") {
@@ -453,13 +482,20 @@ InputData load_labelled_input(const JobConfig& config, const std::string& path, 
   InputData data;
   if (config.data.source == "arff") {
     data.unit = "doc";
-    InputSplit s = load_text_split(config, split(path, ','), "--input", limit,
-                                   datasets::WordPieceTokenizer(config.text), data, data.label_sources);
+    // Training's label files, their headers: the values each declares, and the labels' order.
+    DeclaredValues declared;
+    std::vector<std::string> trained;
+    for (const auto& entry : config.data.train_files) {
+      const auto [name, file] = named_file(entry, "data.train_files");
+      const datasets::ArffData header = datasets::read_arff(file, true);
+      check_declared_values(declared, name, header, label_column(header, name));
+      trained.push_back(name);
+    }
+    InputSplit s =
+        load_text_split(config, split(path, ','), "--input", limit, datasets::WordPieceTokenizer(config.text),
+                        data, data.label_sources, declared);
     // all_labels has a bit per label file: it means what training's meant only when the input
     // names training's labels, in its order (a file left out would shift or drop bits).
-    std::vector<std::string> trained;
-    for (const auto& entry : config.data.train_files)
-      trained.push_back(named_file(entry, "data.train_files").first);
     std::vector<std::string> named = data.label_sources;
     named.erase(std::remove(named.begin(), named.end(), "all_labels"), named.end());
     if (named != trained) {

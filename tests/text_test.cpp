@@ -106,6 +106,11 @@ TEST(Arff, ReadsStringAndNominalAttributesWithEscapes) {
   EXPECT_EQ(d.nominals[2], (std::vector<std::int64_t>{0, 1}));
   EXPECT_EQ(d.nominal_values[2], (std::vector<std::string>{"corn", "wheat flour"}));
   EXPECT_EQ(d.attribute("topic"), 2);
+  // The header alone: attributes and declared values, no rows (what evaluate reads of training's files).
+  const ArffData header = read_arff(path, true);
+  EXPECT_EQ(header.attributes, d.attributes);
+  EXPECT_EQ(header.nominal_values, d.nominal_values);
+  EXPECT_EQ(header.rows, 0);
   EXPECT_TRUE(testing::throws_with<DataError>([&] { d.attribute("Body"); },
                                               {"no attribute 'Body'", "Text, class-att, topic"}));
   EXPECT_EQ(read_arff_texts(path, "Text"), d.strings[0]);

@@ -222,6 +222,20 @@ class_names = grain,corn
           and "all_labels needs every label file data.train_files names" in " ".join(out["not_evaluated"]),
           f"with the grain labels only, the other heads are listed as not evaluated, all_labels's too: it would "
           f"hold the grain bit alone ({out['not_evaluated']})")
+    # A label file declaring the values in another order ({1,0}: its "1" would be class 0) is
+    # refused, by evaluate and as the config's test split, naming both declarations.
+    swapped = os.path.join(work, "grain-swapped.arff")
+    with open(f"{REUTERS}/ReutersGrain-test.arff") as f, open(swapped, "w") as g:
+        g.write(f.read().replace("@attribute class-att {0,1}", "@attribute class-att {1,0}", 1))
+    said = "declares label 'grain' as {1,0}, training's"
+    r = subprocess.run(evaluate + ["--input", f"grain:{swapped}"], capture_output=True, text=True)
+    check(r.returncode == 1 and said in r.stderr and "as {0,1}: its classes would be numbered otherwise" in r.stderr,
+          f"evaluate refuses a label file declaring training's values in another order ({r.stderr.strip()[-200:]})")
+    r = subprocess.run([canopy, "cache", "--config", config, "--progress", "quiet", "--set", f"cache.path={work}/swapped",
+                        "--set", f"data.test_files=grain:{swapped}, corn:{REUTERS}/ReutersCorn-test.arff"],
+                       capture_output=True, text=True)
+    check(r.returncode == 1 and said in r.stderr,
+          f"... and so does canopy cache, as the test split's file ({r.stderr.strip()[-200:]})")
     return finish()
 
 

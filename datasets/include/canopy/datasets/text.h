@@ -63,7 +63,8 @@ struct ArffData {
   std::int64_t string_attribute(const std::string& name) const;  // also DataError when nominal
   std::string path;
 };
-ArffData read_arff(const std::string& path);
+// With `header_only`, reads up to @data: the relation, attributes and nominal values, no rows.
+ArffData read_arff(const std::string& path, bool header_only = false);
 
 // The texts of an ARFF file's string attribute `attribute` (DataError if it is nominal).
 std::vector<std::string> read_arff_texts(const std::string& path, const std::string& attribute);
