@@ -214,8 +214,14 @@ Csv read_csv(const std::string& path) {
     if (trim(line).empty()) continue;
     auto fields = csv_fields(line);
     if (csv.header.empty()) {
+      // A spreadsheet in a locale whose decimal mark is a comma saves "CSV" with semicolons.
+      const char* other = fields.size() > 1                      ? ""
+                          : line.find(';') != std::string::npos  ? " (its fields are separated by ';')"
+                          : line.find('\t') != std::string::npos ? " (its fields are separated by tabs)"
+                                                                 : "";
       CANOPY_CHECK(fields.size() >= 2 && fields[0] == "path", DataError, path, ":", n,
-                   ": the header must be path,<label>[,<label>...], got '", printable(line), "'");
+                   ": the header must be path,<label>[,<label>...], got '", printable(line), "'", other,
+                   *other ? "; canopy reads comma-separated manifests: save it with commas" : "");
       csv.header = std::move(fields);
       continue;
     }

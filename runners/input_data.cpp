@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -44,9 +45,11 @@ at::Tensor ink_of(const at::Tensor& images) {
   return images.flatten(1).sum(1, false, at::kLong).to(at::kDouble) / (255.0 * pixels);
 }
 
-std::string file_stamp(const std::string& path) {
+// `listed_in` says where the path came from, for the message when the file is not there.
+std::string file_stamp(const std::string& path, const std::string& listed_in = "") {
   struct stat st {};
-  CANOPY_CHECK(::stat(path.c_str(), &st) == 0, DataError, "cannot stat data file '", path, "'");
+  CANOPY_CHECK(::stat(path.c_str(), &st) == 0, DataError, "cannot read data file '", path, "'", listed_in,
+               ": ", std::strerror(errno));
   return detail::str_cat(path.substr(path.find_last_of('/') + 1), ":", st.st_size, ":", st.st_mtim.tv_sec);
 }
 
@@ -418,7 +421,14 @@ std::string idx_labels_beside(const std::string& images) {
 std::string describe_image_files(const JobConfig& c) {
   std::ostringstream listing;
   for (const std::string split : {"train", "test"}) {
-    for (const auto& p : read_image_list(c, split).paths) listing << p << "=" << file_stamp(p) << "\n";
+    const auto paths = read_image_list(c, split).paths;
+    for (std::size_t i = 0; i < paths.size(); ++i) {
+      const std::string listed_in =
+          c.data.source == "image-csv"
+              ? detail::str_cat(" (row ", i + 1, " of '", split == "train" ? c.data.train : c.data.test, "')")
+              : "";
+      listing << paths[i] << "=" << file_stamp(paths[i], listed_in) << "\n";
+    }
   }
   return sha256_hex(listing.str());
 }

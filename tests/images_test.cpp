@@ -172,6 +172,14 @@ TEST(Images, CsvManifestWithIndexNameAndRealLabels) {
   std::ofstream(dir.file("nohead.csv")) << "file,kind\na.png,x\n";
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("nohead.csv")); },
                                               {"header must be path"}));
+  // Semicolons, as spreadsheets save "CSV" in locales with a decimal comma, and tabs: named.
+  std::ofstream(dir.file("semi.csv")) << "path;kind\nimg/a.png;cat\n";
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { read_image_csv(dir.file("semi.csv")); },
+      {"got 'path;kind' (its fields are separated by ';')", "save it with commas"}));
+  std::ofstream(dir.file("tabs.csv")) << "path\tkind\nimg/a.png\tcat\n";
+  EXPECT_TRUE(
+      testing::throws_with<DataError>([&] { read_image_csv(dir.file("tabs.csv")); }, {"separated by tabs"}));
 }
 
 TEST(Images, ClassFoldersNumberClassesBySortedName) {

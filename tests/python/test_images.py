@@ -172,6 +172,17 @@ def main():
     check(r.returncode == 1 and "00000.png" in r.stderr and "cannot decode PNG" in r.stderr,
           f"a truncated PNG fails the run naming it (exit {r.returncode}: {r.stderr.strip()[-160:]})")
 
+    # An image the CSV lists but that is not there: named with its row and the system's reason.
+    with open(os.path.join(work, "train.csv")) as f:
+        rows = f.read().split("\n")
+    rows[3] = "folders/train/gone.png," + rows[3].split(",", 1)[1]
+    with open(os.path.join(work, "missing.csv"), "w") as f:
+        f.write("\n".join(rows))
+    r = subprocess.run([canopy, "cache", "--config", config(work, trunk, "missing", runs["csv"]), "--progress", "quiet",
+                        "--set", f"data.train={work}/missing.csv"], capture_output=True, text=True)
+    check(r.returncode == 1 and "gone.png' (row 3 of '" in r.stderr and "No such file or directory" in r.stderr,
+          f"an image the CSV lists that is not there is named with its row ({r.stderr.strip()[-200:]})")
+
     # A PNG of a few hundred bytes whose header declares 60000 x 60000 pixels (a decompression
     # bomb) is refused from its header, as PIL refuses it, before memory is taken for it.
     bomb = os.path.join(work, "folders", "train", NAMES[labels["train"][0]], "00000.png")
