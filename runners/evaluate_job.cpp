@@ -48,6 +48,16 @@ void run_heads(const InputSplit& input, ExportedModel& model, std::vector<Scored
   }
 }
 
+// A confusion matrix as JSON rows: row = true class, column = predicted, in class order.
+ordered_json confusion_rows(const at::Tensor& confusion) {
+  ordered_json rows = ordered_json::array();
+  const at::Tensor c = confusion.contiguous();
+  const auto* v = c.data_ptr<std::int64_t>();
+  const std::int64_t k = c.size(0);
+  for (std::int64_t i = 0; i < k; ++i) rows.push_back(std::vector<std::int64_t>(v + i * k, v + (i + 1) * k));
+  return rows;
+}
+
 std::string percent(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.2f%%", 100 * v);
@@ -183,7 +193,11 @@ std::string evaluation_json(const Evaluation& e) {
       h["macro_f1"] = t.eval.macro_f1;
       if (t.eval.top5) h["top5_accuracy"] = *t.eval.top5;
       if (t.eval.mean_ap) h["mean_ap"] = *t.eval.mean_ap;
-      if (t.kind == tasks::TaskKind::kMulticlass) h["per_class"] = per_class_report(t.eval, t.class_names);
+      if (t.kind == tasks::TaskKind::kMultilabel) h["per_label"] = per_label_report(t.eval, t.class_names);
+      if (t.kind == tasks::TaskKind::kMulticlass) {
+        h["per_class"] = per_class_report(t.eval, t.class_names);
+        h["confusion"] = confusion_rows(t.eval.confusion);
+      }
       h["card_eval_accuracy"] = e.card_scores[i];
     }
     heads.push_back(std::move(h));

@@ -35,6 +35,22 @@ ordered_json per_class_report(const tasks::EvalMetrics& m, const std::vector<std
   return out;
 }
 
+ordered_json per_label_report(const tasks::EvalMetrics& m, const std::vector<std::string>& names) {
+  ordered_json out = ordered_json::array();
+  for (std::size_t i = 0; i < m.labels.size(); ++i) {
+    const auto& s = m.labels[i];
+    out.push_back(
+        {{"label", i < names.size() ? names[i] : std::to_string(i)},
+         {"precision", s.precision},
+         {"recall", s.recall},
+         {"f1", s.f1},
+         {"average_precision", s.average_precision ? ordered_json(*s.average_precision) : ordered_json()},
+         {"support", s.support},
+         {"predicted", s.predicted}});
+  }
+  return out;
+}
+
 namespace {
 
 // A part of the cache's description (cache_description), or `absent`, what a description
@@ -74,6 +90,7 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
                     {"eval_mean_ap", r.eval.mean_ap ? ordered_json(*r.eval.mean_ap) : ordered_json()},
                     {"eval_top5_accuracy", r.eval.top5 ? ordered_json(*r.eval.top5) : ordered_json()},
                     {"per_class", per_class_report(r.eval, r.class_names)}};
+  if (c.kind == tasks::TaskKind::kMultilabel) card["per_label"] = per_label_report(r.eval, r.class_names);
   if (const auto& e = r.eval.regression) {
     card["target_mean"] = task.target_mean();
     card["target_std"] = task.target_std();

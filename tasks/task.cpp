@@ -599,17 +599,26 @@ EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targe
   std::int64_t with_positives = 0;
   for (std::int64_t j = 0; j < k; ++j) {
     const at::Tensor p = pred.select(1, j), t = truth.select(1, j);
+    LabelStats s;
     const double tp = p.logical_and(t).sum().item<double>();
-    const double denom = p.sum().item<double>() + t.sum().item<double>();
-    f1 += denom > 0 ? 2 * tp / denom : 1.0;  // nothing to find and nothing claimed: perfect
-    // Average precision: mean of precision at each positive, ranking by score.
+    const double claimed = p.sum().item<double>();
     const double positives = t.sum().item<double>();
-    if (positives == 0) continue;
-    ++with_positives;
-    const at::Tensor order = scores.select(1, j).argsort(/*stable=*/true, /*dim=*/0, /*descending=*/true);
-    const at::Tensor hits = t.index_select(0, order).to(at::kDouble);
-    const at::Tensor precision = hits.cumsum(0) / at::arange(1, m.count + 1, at::kDouble);
-    ap += (precision * hits).sum().item<double>() / positives;
+    s.support = static_cast<std::int64_t>(positives);
+    s.predicted = static_cast<std::int64_t>(claimed);
+    s.precision = claimed > 0 ? tp / claimed : 0.0;
+    s.recall = positives > 0 ? tp / positives : 0.0;
+    s.f1 = claimed + positives > 0 ? 2 * tp / (claimed + positives) : 1.0;  // nothing to find, none claimed
+    f1 += s.f1;
+    if (positives > 0) {
+      // Average precision: mean of precision at each positive, ranking by score.
+      ++with_positives;
+      const at::Tensor order = scores.select(1, j).argsort(/*stable=*/true, /*dim=*/0, /*descending=*/true);
+      const at::Tensor hits = t.index_select(0, order).to(at::kDouble);
+      const at::Tensor precision = hits.cumsum(0) / at::arange(1, m.count + 1, at::kDouble);
+      s.average_precision = (precision * hits).sum().item<double>() / positives;
+      ap += *s.average_precision;
+    }
+    m.labels.push_back(s);
   }
   m.macro_f1 = k ? f1 / static_cast<double>(k) : 0.0;
   m.mean_ap = with_positives ? ap / static_cast<double>(with_positives) : 0.0;

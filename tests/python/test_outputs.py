@@ -295,6 +295,12 @@ lr = 0.01
     r2 = 1 - ((pred_ink - truth_ink) ** 2).sum() / ((truth_ink - truth_ink.mean()) ** 2).sum()
     got = (by_task.get("fine", {}).get("accuracy"), by_task.get("coarse", {}).get("accuracy"),
            by_task.get("ink", {}).get("r2", 9))
+    confusion = np.zeros((4, 4), dtype=np.int64)  # the coarse head's, from predict's answers
+    for row, y in zip(rows, new_labels):
+        confusion[remap[y], coarse_names.index(row[1])] += 1
+    check(by_task.get("coarse", {}).get("confusion") == confusion.tolist(),
+          f"evaluate's confusion matrix of the coarse head (rows: truth) is that of predict's answers "
+          f"({by_task.get('coarse', {}).get('confusion')} vs {confusion.tolist()})")
     check(len(rows) == 500 and report["rows"] == 500 and got[0] == fine_acc and got[1] == coarse_acc
           and abs(got[2] - r2) < 1e-4,
           f"evaluate on 500 new rows: fine {got[0]}, coarse {got[1]} (through its label map), ink R^2 {got[2]:.5f} are "

@@ -204,6 +204,31 @@ class_names = grain,corn
     got = [row.split(",")[3] for row in rows[1:]]
     agree = sum(g == str(int(e)) for g, e in zip(got, expect))
     check(agree == 40, f"predict's grain column equals the head applied to the cached test features ({agree}/40)")
+    # The multilabel head's card reports each label: precision, recall, F1 and average precision
+    # as numpy computes them from the exported head on the cached test features.
+    with h5py.File(os.path.join(work, "cache", "cache.h5"), "r") as h5:
+        test_bits = h5["test/labels/all_labels"][...]
+    card = json.load(open(os.path.join(work, "train", "heads", "both.json")))
+    w = load_file(os.path.join(work, "train", "heads", "both.safetensors"))
+    scores = (test_features @ w["linear.weight"].T + w["linear.bias"]).numpy()
+    per_label = []
+    for j, label in enumerate(("grain", "corn")):
+        truth, pred = (test_bits >> j) & 1 == 1, scores[:, j] > 0
+        tp = float((truth & pred).sum())
+        hits = truth[np.argsort(-scores[:, j], kind="stable")].astype(float)
+        ap = float((np.cumsum(hits) / np.arange(1, len(hits) + 1) * hits).sum() / hits.sum()) if hits.sum() else None
+        per_label.append({"label": label, "precision": tp / pred.sum() if pred.sum() else 0.0,
+                          "recall": tp / truth.sum() if truth.sum() else 0.0,
+                          "f1": 2 * tp / (pred.sum() + truth.sum()) if pred.sum() + truth.sum() else 1.0,
+                          "average_precision": ap, "support": int(truth.sum()), "predicted": int(pred.sum())})
+    got = card.get("per_label", [])
+
+    def close(a, b):
+        return a == b or (isinstance(a, float) and isinstance(b, float) and abs(a - b) < 1e-6)
+    check(len(got) == 2 and all(close(g[k], e[k]) for g, e in zip(got, per_label) for k in e),
+          f"the multilabel card's per_label is numpy's of the exported head ({got} vs {per_label})")
+    check(abs(np.mean([e["f1"] for e in per_label]) - card["eval_macro_f1"]) < 1e-6,
+          "... and its F1s average to the card's eval_macro_f1")
 
     # --- canopy evaluate on labelled stories: the cards' scores on the run's test split ---
     evaluate = [canopy, "evaluate", "--config", config, "--limit", "40", "--json", "--progress", "quiet"]
@@ -213,7 +238,8 @@ class_names = grain,corn
         card = json.load(open(os.path.join(work, "train", "heads", task + ".json")))
         keys = ("accuracy", "macro_f1") + (("mean_ap",) if task == "both" else ())
         diffs = {k: abs(report.get(task, {}).get(k, -9) - card[f"eval_{k}"]) for k in keys}
-        check(max(diffs.values()) < 1e-6, f"evaluate on the test split's ARFF files: {task}'s {', '.join(keys)} are its "
+        check(max(diffs.values()) < 1e-6 and report.get(task, {}).get("per_label", []) == card.get("per_label", []),
+              f"evaluate on the test split's ARFF files: {task}'s {', '.join(keys)} (and per_label) are its "
               f"card's ({diffs}{'' if r.returncode == 0 else ', ' + r.stderr.strip()[-200:]})")
     r = subprocess.run(evaluate + ["--input", f"grain:{REUTERS}/ReutersGrain-test.arff"], capture_output=True, text=True)
     out = json.loads(r.stdout) if r.returncode == 0 else {"heads": [], "not_evaluated": []}

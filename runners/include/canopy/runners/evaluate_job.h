@@ -42,7 +42,9 @@ Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& regi
 // The report as the CLI prints it: a row per head, the regression errors, per-class F1 tables.
 std::string format_evaluation(const Evaluation& e);
 // The same as one JSON object: {"input", "rows", "seconds", "heads": [{"task", "kind", "rows",
-// "accuracy", "macro_f1", "top5_accuracy", "mean_ap", "per_class", "card_eval_accuracy"; or
+// "accuracy", "macro_f1", "top5_accuracy", "mean_ap", "per_class", "confusion" (rows: the true
+// class, columns: the predicted, in class_names' order), "per_label" (multilabel),
+// "card_eval_accuracy"; or
 // "mae", "rmse", "r2", "card_eval_r2"}], "not_evaluated": [...]}, each where the head's kind has it.
 std::string evaluation_json(const Evaluation& e);
 

@@ -23,5 +23,8 @@ std::string export_head(tasks::Task& task, const TaskResult& result, const datas
 // Precision, recall, F1 and support of each class, as the card's per_class lists them
 // (multiclass heads; an empty array otherwise).
 nlohmann::ordered_json per_class_report(const tasks::EvalMetrics& m, const std::vector<std::string>& names);
+// Precision, recall, F1, average precision, support and predicted count of each label, as the
+// card's per_label lists them (multilabel heads; an empty array otherwise).
+nlohmann::ordered_json per_label_report(const tasks::EvalMetrics& m, const std::vector<std::string>& names);
 
 }  // namespace canopy::runners

@@ -112,13 +112,23 @@ struct RegressionErrors {
   double r2 = 0.0;
 };
 
+// One label of a multilabel head on a split, at its threshold (a positive logit).
+struct LabelStats {
+  std::int64_t support = 0;    // rows carrying the label
+  std::int64_t predicted = 0;  // rows the head gives it
+  double precision = 0.0, recall = 0.0;
+  double f1 = 0.0;                          // 1 when no row carries it and the head gives it to none
+  std::optional<double> average_precision;  // over the rows ranked by score; none without positives
+};
+
 // How a head did on a split: one type for every task kind; what only one kind has is optional.
 struct EvalMetrics {
   std::int64_t count = 0;
-  double accuracy = 0.0;          // multilabel: exact-match ratio (every label right); regression: 0
-  double macro_f1 = 0.0;          // multilabel: mean over labels of F1 at threshold 0.5; regression: 0
-  at::Tensor confusion;           // multiclass: int64 [K, K], rows = truth, columns = prediction
-  std::optional<double> mean_ap;  // multilabel: mean over labels of average precision
+  double accuracy = 0.0;           // multilabel: exact-match ratio (every label right); regression: 0
+  double macro_f1 = 0.0;           // multilabel: mean over labels of F1 at threshold 0.5; regression: 0
+  at::Tensor confusion;            // multiclass: int64 [K, K], rows = truth, columns = prediction
+  std::optional<double> mean_ap;   // multilabel: mean over labels of average precision
+  std::vector<LabelStats> labels;  // multilabel: per label, in class_names' order
   // Multiclass over more than 5 classes: the share of rows whose class is among the head's 5
   // highest scores (what ImageNet-style evaluations report beside accuracy as Acc@5).
   std::optional<double> top5;
