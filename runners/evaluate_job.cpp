@@ -169,7 +169,7 @@ std::string format_evaluation(const Evaluation& e) {
     std::snprintf(buf, sizeof buf, "  %8s  %8s  %s\n", f1.c_str(), ap.c_str(), card.c_str());
     o << buf;
   }
-  const std::string where = "'" + e.input + "'";
+  const std::string where = "'" + printable(e.input) + "'";
   o << regression_lines(e.heads, where) << per_class_tables(e.heads, where);
   for (const auto& n : e.not_evaluated) o << "not evaluated: " << n << "\n";
   std::snprintf(buf, sizeof buf, "%zu head%s evaluated on %lld rows in %.2fs\n", e.heads.size(),
@@ -202,7 +202,8 @@ std::string evaluation_json(const Evaluation& e) {
     }
     heads.push_back(std::move(h));
   }
-  const ordered_json out{{"input", e.input},
+  // The path as given, bytes that are not UTF-8 written \xNN (a JSON writer refuses them).
+  const ordered_json out{{"input", printable(e.input)},
                          {"rows", e.rows},
                          {"seconds", e.seconds},
                          {"heads", heads},

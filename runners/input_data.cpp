@@ -227,6 +227,7 @@ InputSplit load_text_split(const JobConfig& config, const std::vector<std::strin
     const datasets::ArffData arff = datasets::read_arff(path);
     const auto text_col = arff.string_attribute(config.data.text_attribute);
     const std::int64_t label_col = label_column(arff, name);
+    CANOPY_CHECK(!s.labels.count(name), ConfigError, key, ": label name '", name, "' appears twice");
     check_declared_values(declared, name, arff, label_col);
     if (texts.empty()) {
       texts = arff.strings[text_col];
@@ -241,7 +242,6 @@ InputSplit load_text_split(const JobConfig& config, const std::vector<std::strin
                      "; label files must list the same documents in the same order");
       }
     }
-    CANOPY_CHECK(!s.labels.count(name), ConfigError, key, ": label name '", name, "' appears twice");
     const auto& col = arff.nominals[label_col];
     s.labels[name] = at::from_blob(const_cast<std::int64_t*>(col.data()),
                                    {static_cast<std::int64_t>(col.size())}, at::kLong)

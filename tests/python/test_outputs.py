@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -305,6 +306,18 @@ lr = 0.01
           and abs(got[2] - r2) < 1e-4,
           f"evaluate on 500 new rows: fine {got[0]}, coarse {got[1]} (through its label map), ink R^2 {got[2]:.5f} are "
           f"those of predict's answers against the labels ({fine_acc}, {coarse_acc}, {r2:.5f})")
+    # A folder whose name is not UTF-8 (Latin-1 here): the JSON report says the path with the
+    # byte written \xe9, as error messages do (a JSON writer refuses the raw byte).
+    latin = os.path.join(work, "caf").encode() + b"\xe9"
+    os.makedirs(latin)
+    for name in ("new-images-idx3-ubyte.gz", "new-labels-idx1-ubyte.gz"):
+        shutil.copy(os.path.join(new_dir, name), latin + b"/" + name.encode())
+    r = subprocess.run([os.fsencode(x) for x in evaluate] + [b"--input", latin + b"/new-images-idx3-ubyte.gz",
+                                                              b"--limit", b"50"], capture_output=True)
+    said = json.loads(r.stdout)["input"] if r.returncode == 0 else ""
+    check(r.returncode == 0 and said.endswith("caf\\xe9/new-images-idx3-ubyte.gz"),
+          f"evaluate --json under a folder whose name is not UTF-8 writes the path escaped ({said or r.stderr[-200:]})")
+
     # The labels are found beside the images by name, or given; a mismatch is named.
     os.rename(new_input, os.path.join(new_dir, "unnamed.gz"))
     r = subprocess.run(evaluate + ["--input", os.path.join(new_dir, "unnamed.gz")], capture_output=True, text=True)
