@@ -5,13 +5,9 @@
 #include <sstream>
 
 #include <ATen/ops/cat.h>
-#include <torch/csrc/api/include/torch/utils.h>
 #include <nlohmann/json.hpp>
 
 #include "canopy/core/error.h"
-#include "canopy/core/heap.h"
-#include "canopy/core/memory.h"
-#include "canopy/core/memory_fence.h"
 #include "canopy/core/strings.h"
 #include "canopy/runners/exported_model.h"
 #include "canopy/runners/head_card.h"
@@ -25,28 +21,10 @@ using nlohmann::ordered_json;
 // A head to score: the task as its card says it was trained (label source, label map, kind:
 // the config may have changed since) and the input's labels mapped to its targets.
 struct Scored {
-  ExportedHead* head = nullptr;
   tasks::TaskConfig trained;
   at::Tensor targets;
   std::vector<at::Tensor> outputs;  // per trunk batch
 };
-
-// The head's outputs for every row of `input`, in trunk batches of `batch` rows; `done`
-// counts the rows that passed.
-void run_heads(const InputSplit& input, ExportedModel& model, std::vector<Scored>& scored, std::int64_t batch,
-               Progress& progress, std::int64_t& done) {
-  for (std::int64_t i = 0; i < input.rows; i += batch) {
-    const std::int64_t end = std::min(input.rows, i + batch);
-    const at::Tensor f = model.trunk.encode(input.inputs(row_range(i, end)));
-    for (auto& s : scored) {
-      at::Tensor out = s.head->head->forward(f);
-      tasks::check_head_outputs(out, f.size(0), s.head->out_features, s.head->task(), *s.head->head);
-      s.outputs.push_back(out.to(at::kFloat));
-    }
-    progress.advance(end - i);
-    done = end;
-  }
-}
 
 // A confusion matrix as JSON rows: row = true class, column = predicted, in class order.
 ordered_json confusion_rows(const at::Tensor& confusion) {
@@ -74,10 +52,11 @@ Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& regi
   Evaluation e;
   e.input = options.input;
   e.rows = input.rows;
+  // The heads the input has labels for, each with its targets; the others are left out of the pass.
   std::vector<Scored> scored;
+  std::vector<ExportedHead> heads;
   for (auto& h : model.heads) {
     Scored s;
-    s.head = &h;
     s.trained = h.config;
     s.trained.kind = h.kind;
     s.trained.labels = h.card.value("label_source", h.config.labels);
@@ -94,34 +73,27 @@ Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& regi
     }
     s.targets = tasks::source_targets(s.trained, h.out_features, labels->second);
     scored.push_back(std::move(s));
+    heads.push_back(std::move(h));
   }
   CANOPY_CHECK(!scored.empty(), DataError, "'", options.input,
                "' has labels for none of the heads: ", join(e.not_evaluated, "; "));
+  model.heads = std::move(heads);
 
   Progress progress("evaluate", input.rows, data.unit, style);
-  torch::NoGradGuard no_grad;
-  // As in `canopy predict`: past the memory this process may take, an allocation fails and
-  // says so, instead of the kernel's OOM kill.
-  const MemoryFence fence(model.trunk.device().is_cpu() ? memory_room(1, PageCache::kFree) : std::nullopt);
-  const KeepFreedMemory reuse_activations;
-  std::int64_t done = 0;
-  try {
-    run_heads(input, model, scored, config.cache.batch_size, progress, done);
-  } catch (const std::exception& ex) {
-    if (!fence.caused(ex)) throw;
-    model_pass_out_of_memory("evaluating", "evaluated", fence, input, model, config.cache.batch_size,
-                             config.cache.shard_rows, done);
-  }
+  run_model_pass(model, input, config, progress, "evaluating", "evaluated",
+                 [&](std::int64_t, const std::vector<at::Tensor>& outputs) {
+                   for (std::size_t k = 0; k < outputs.size(); ++k) scored[k].outputs.push_back(outputs[k]);
+                 });
   progress.finish();
-  for (auto& s : scored) {
-    const ExportedHead& h = *s.head;
+  for (std::size_t k = 0; k < scored.size(); ++k) {
+    const ExportedHead& h = model.heads[k];
     TaskResult r;
     r.name = h.task();
     r.kind = h.kind;
     r.class_names = h.class_names;
     r.state = tasks::TaskState::kDone;
-    r.eval = tasks::evaluate_outputs(h.kind, at::cat(s.outputs), s.targets, h.out_features, h.target_mean,
-                                     h.target_std);
+    r.eval = tasks::evaluate_outputs(h.kind, at::cat(scored[k].outputs), scored[k].targets, h.out_features,
+                                     h.target_mean, h.target_std);
     e.heads.push_back(std::move(r));
     e.card_scores.push_back(h.kind == tasks::TaskKind::kRegression ? h.card.value("eval_r2", 0.0)
                                                                    : h.card.value("eval_accuracy", 0.0));

@@ -8,6 +8,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/core/heap.h"
 #include "canopy/core/memory.h"
+#include "canopy/core/memory_fence.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/strings.h"
 #include "canopy/runners/card_check.h"
@@ -163,22 +164,10 @@ trunk::TrunkConfig predict_trunk(const JobConfig& config, const std::string& hea
   log_info("the heads read the fine-tuned trunk " + tuned.path + " (sha256 " + tuned.sha256 + ")");
   return tuned;
 }
-}  // namespace
-
-ExportedModel load_exported_model(const JobConfig& config, const tasks::HeadRegistry& registry) {
-  CANOPY_CHECK(!config.tasks.empty(), ConfigError, "no tasks in ", config.source);
-  const std::string dir = join_path(config.train.out_dir, "heads");
-  const std::vector<tasks::TaskConfig> exported = exported_tasks(config, dir);  // reads grids' cards
-  ExportedModel model{trunk::Trunk::load(predict_trunk(config, dir, exported.front())), {}};
-  const std::string preprocessing = describe_preprocessing(config);  // hashes the vocabulary: once
-  for (const auto& tc : exported)
-    model.heads.push_back(load_head(tc, registry, dir, model.trunk, config, preprocessing));
-  return model;
-}
-
-void model_pass_out_of_memory(const char* doing, const char* done_word, const MemoryFence& fence,
-                              const InputSplit& input, ExportedModel& model, std::int64_t batch,
-                              std::int64_t shard_rows, std::int64_t done) {
+// The pass met the memory fence: why, and a batch size that fits.
+[[noreturn]] void model_pass_out_of_memory(const char* doing, const char* done_word, const MemoryFence& fence,
+                                           const InputSplit& input, ExportedModel& model, std::int64_t batch,
+                                           std::int64_t shard_rows, std::int64_t done) {
   const auto refused = fence.refusal();
   const std::int64_t passes =
       largest_batch_that_passes(input, batch, [&](const std::vector<std::int64_t>& rows) {
@@ -196,6 +185,48 @@ void model_pass_out_of_memory(const char* doing, const char* done_word, const Me
                                    fits, " or less, or run where there is more memory")
                  : std::string("Not even a pass over one row fits: run where there is more memory"),
       "; ", done, " of the ", input.rows, " rows had been ", done_word));
+}
+
+}  // namespace
+
+ExportedModel load_exported_model(const JobConfig& config, const tasks::HeadRegistry& registry) {
+  CANOPY_CHECK(!config.tasks.empty(), ConfigError, "no tasks in ", config.source);
+  const std::string dir = join_path(config.train.out_dir, "heads");
+  const std::vector<tasks::TaskConfig> exported = exported_tasks(config, dir);  // reads grids' cards
+  ExportedModel model{trunk::Trunk::load(predict_trunk(config, dir, exported.front())), {}};
+  const std::string preprocessing = describe_preprocessing(config);  // hashes the vocabulary: once
+  for (const auto& tc : exported)
+    model.heads.push_back(load_head(tc, registry, dir, model.trunk, config, preprocessing));
+  return model;
+}
+
+void run_model_pass(ExportedModel& model, const InputSplit& input, const JobConfig& config,
+                    Progress& progress, const char* doing, const char* done_word,
+                    const std::function<void(std::int64_t, const std::vector<at::Tensor>&)>& each) {
+  torch::NoGradGuard no_grad;
+  // A trunk on a GPU keeps its activations there: no fence on the host.
+  const MemoryFence fence(model.trunk.device().is_cpu() ? memory_room(1, PageCache::kFree) : std::nullopt);
+  // Every batch's activations on the last one's pages, as in the cache pass.
+  const KeepFreedMemory reuse_activations;
+  const std::int64_t batch = config.cache.batch_size;
+  std::int64_t done = 0;
+  try {
+    for (std::int64_t i = 0; i < input.rows; i += batch) {
+      const std::int64_t end = std::min(input.rows, i + batch);
+      const at::Tensor f = model.trunk.encode(input.inputs(row_range(i, end)));
+      std::vector<at::Tensor> outputs;
+      for (auto& h : model.heads) {
+        outputs.push_back(h.head->forward(f));
+        tasks::check_head_outputs(outputs.back(), f.size(0), h.out_features, h.task(), *h.head);
+      }
+      each(i, outputs);
+      progress.advance(end - i);
+      done = end;
+    }
+  } catch (const std::exception& e) {
+    if (!fence.caused(e)) throw;
+    model_pass_out_of_memory(doing, done_word, fence, input, model, batch, config.cache.shard_rows, done);
+  }
 }
 
 }  // namespace canopy::runners

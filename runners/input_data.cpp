@@ -45,11 +45,13 @@ at::Tensor ink_of(const at::Tensor& images) {
   return images.flatten(1).sum(1, false, at::kLong).to(at::kDouble) / (255.0 * pixels);
 }
 
-// `listed_in` says where the path came from, for the message when the file is not there.
-std::string file_stamp(const std::string& path, const std::string& listed_in = "") {
+// `list` and `row`, when given, say where the path came from (a CSV manifest's row), for the
+// message when the file is not there.
+std::string file_stamp(const std::string& path, const std::string& list = "", std::size_t row = 0) {
   struct stat st {};
-  CANOPY_CHECK(::stat(path.c_str(), &st) == 0, DataError, "cannot read data file '", path, "'", listed_in,
-               ": ", std::strerror(errno));
+  CANOPY_CHECK(::stat(path.c_str(), &st) == 0, DataError, "cannot read data file '", path, "'",
+               list.empty() ? std::string() : detail::str_cat(" (row ", row, " of '", list, "')"), ": ",
+               std::strerror(errno));
   return detail::str_cat(path.substr(path.find_last_of('/') + 1), ":", st.st_size, ":", st.st_mtim.tv_sec);
 }
 
@@ -114,13 +116,27 @@ std::optional<std::int64_t> positive_value(const std::vector<std::string>& value
   return found;
 }
 
-InputData load_images(const JobConfig& config) {
-  InputData data;
-  // Label sources: the class, and a real-valued target for regression heads: the image's ink.
+// The idx data sets' label sources: the class, and a real-valued target for regression heads:
+// the image's ink.
+void set_idx_label_sources(InputData& data, const std::string& source) {
   data.label_sources = {"class", "ink"};
   data.float_labels = {"ink"};
-  if (config.data.source == "fashion-mnist") data.class_names = datasets::fashion_mnist_class_names();
+  if (source == "fashion-mnist") data.class_names = datasets::fashion_mnist_class_names();
   data.label_classes["class"] = 10;  // both idx data sets have ten classes, whatever a split holds
+}
+
+// An idx file of images, [N, H, W] or [N, C, H, W] uint8, its first `limit` (> 0).
+at::Tensor read_idx_images(const std::string& path, std::int64_t limit) {
+  at::Tensor images = datasets::read_idx(path, limit);
+  CANOPY_CHECK(images.dim() == 3 || images.dim() == 4, DataError, "'", path,
+               "' should hold images [N, H, W] or [N, C, H, W], holds ", images.dim(), "-dimensional data",
+               images.dim() == 1 ? " (an idx label file?)" : "");
+  return images;
+}
+
+InputData load_images(const JobConfig& config) {
+  InputData data;
+  set_idx_label_sources(data, config.data.source);
   for (const std::string split : {"train", "test"}) {
     const datasets::ImageSplit images =
         datasets::read_mnist_split(config.data.dir, split, limit_for(config.data, split));
@@ -211,16 +227,15 @@ void check_declared_values(DeclaredValues& declared, const std::string& name, co
 
 // One split of texts: the documents of `files` (label_name:path.arff entries, one file per
 // label, the same documents in each; `key` names them in messages), their first `limit` (> 0).
-// Records each label's class count and names in `data`; `sources` gets the split's label
-// sources in order (all_labels last when every file has a positive value). `declared`: the
+// Records each label's class count and names in `data`; `names` gets the label files' names in
+// order (the split also has all_labels when every file has a positive value). `declared`: the
 // values training's files declare (check_declared_values), recorded when it has none.
 InputSplit load_text_split(const JobConfig& config, const std::vector<std::string>& files, const char* key,
                            std::int64_t limit, const datasets::WordPieceTokenizer& tokenizer, InputData& data,
-                           std::vector<std::string>& sources, DeclaredValues& declared) {
+                           std::vector<std::string>& names, DeclaredValues& declared) {
   CANOPY_CHECK(!files.empty(), ConfigError, key, " is empty: list label_name:path.arff entries");
   std::vector<std::string> texts;
   InputSplit s;
-  std::vector<std::string> names;
   std::vector<std::optional<std::int64_t>> positive;  // per label file: the value setting its bit
   for (const auto& entry : files) {
     const auto [name, path] = named_file(entry, key);
@@ -259,14 +274,12 @@ InputSplit load_text_split(const JobConfig& config, const std::vector<std::strin
   // Every label file as a bit, set when the document has the label's positive value (yes,
   // 1 or true as declared, or data.positive_value): the multi-label view of the documents.
   // Without a positive value for every file there is no such view.
-  sources = names;
   if (std::all_of(positive.begin(), positive.end(), [](const auto& p) { return p.has_value(); })) {
     at::Tensor bits = at::zeros({n}, at::kLong);
     for (std::size_t k = 0; k < names.size(); ++k)
       bits += (s.labels[names[k]] == *positive[k]).to(at::kLong) * (1LL << k);
     s.labels["all_labels"] = bits;
     data.label_classes["all_labels"] = std::int64_t{1} << names.size();
-    sources.push_back("all_labels");
   }
   set_text_inputs(s, texts, tokenizer);
   s.ids = at::arange(n, at::kLong);
@@ -278,26 +291,27 @@ InputData load_texts(const JobConfig& config) {
   data.unit = "doc";
   const datasets::WordPieceTokenizer tokenizer(config.text);
   DeclaredValues declared;
+  std::vector<std::string> trained;  // the training split's label files' names
   for (const std::string split : {"train", "test"}) {
     const bool train = split == "train";
-    std::vector<std::string> sources;
-    data.splits[split] = load_text_split(config, train ? config.data.train_files : config.data.test_files,
-                                         train ? "data.train_files" : "data.test_files",
-                                         limit_for(config.data, split), tokenizer, data, sources, declared);
+    std::vector<std::string> names;
+    const InputSplit& s = data.splits[split] =
+        load_text_split(config, train ? config.data.train_files : config.data.test_files,
+                        train ? "data.train_files" : "data.test_files", limit_for(config.data, split),
+                        tokenizer, data, names, declared);
     if (train) {
-      data.label_sources = sources;
-      if (sources.back() != "all_labels") {
+      data.label_sources = names;
+      if (s.labels.count("all_labels")) {
+        data.label_sources.push_back("all_labels");
+      } else {
         log_info(
             "no all_labels label source: a label file declares none of yes, 1, true; name its positive value "
             "with data.positive_value");
       }
     }
-    // The test split's labels are those of training; all_labels only when both have it.
-    const auto named = [](std::vector<std::string> v) {
-      if (!v.empty() && v.back() == "all_labels") v.pop_back();
-      return v;
-    };
-    CANOPY_CHECK(named(sources) == named(data.label_sources), ConfigError,
+    // The test split's labels are those of training (all_labels only when both have it).
+    if (train) trained = names;
+    CANOPY_CHECK(names == trained, ConfigError,
                  "data.train_files and data.test_files must name the same labels in the same order");
   }
   return data;
@@ -422,13 +436,11 @@ std::string describe_image_files(const JobConfig& c) {
   std::ostringstream listing;
   for (const std::string split : {"train", "test"}) {
     const auto paths = read_image_list(c, split).paths;
-    for (std::size_t i = 0; i < paths.size(); ++i) {
-      const std::string listed_in =
-          c.data.source == "image-csv"
-              ? detail::str_cat(" (row ", i + 1, " of '", split == "train" ? c.data.train : c.data.test, "')")
-              : "";
-      listing << paths[i] << "=" << file_stamp(paths[i], listed_in) << "\n";
-    }
+    const std::string& list = c.data.source != "image-csv" ? ""
+                              : split == "train"           ? c.data.train
+                                                           : c.data.test;
+    for (std::size_t i = 0; i < paths.size(); ++i)
+      listing << paths[i] << "=" << file_stamp(paths[i], list, i + 1) << "\n";
   }
   return sha256_hex(listing.str());
 }
@@ -477,11 +489,7 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
     keep_first(paths);
     set_image_file_inputs(s, std::move(paths), config);
   } else {
-    const at::Tensor images = datasets::read_idx(path, limit);
-    CANOPY_CHECK(images.dim() == 3 || images.dim() == 4, DataError, "'", path,
-                 "' should hold images [N, H, W] or [N, C, H, W], holds ", images.dim(), "-dimensional data",
-                 images.dim() == 1 ? " (an idx label file?)" : "");
-    set_image_tensor_inputs(s, images, config.preprocess);
+    set_image_tensor_inputs(s, read_idx_images(path, limit), config.preprocess);
   }
   s.ids = at::arange(s.rows, at::kLong);
   return s;
@@ -506,12 +514,8 @@ InputData load_labelled_input(const JobConfig& config, const std::string& path, 
                         data, data.label_sources, declared);
     // all_labels has a bit per label file: it means what training's meant only when the input
     // names training's labels, in its order (a file left out would shift or drop bits).
-    std::vector<std::string> named = data.label_sources;
-    named.erase(std::remove(named.begin(), named.end(), "all_labels"), named.end());
-    if (named != trained) {
-      s.labels.erase("all_labels");
-      data.label_sources = named;
-    }
+    if (data.label_sources != trained) s.labels.erase("all_labels");
+    if (s.labels.count("all_labels")) data.label_sources.push_back("all_labels");
     data.splits["input"] = std::move(s);
     return data;
   }
@@ -531,10 +535,7 @@ InputData load_labelled_input(const JobConfig& config, const std::string& path, 
                "beside it)");
   CANOPY_CHECK(is_regular_file(labels_path), DataError, "the labels of '", path, "' should be in '",
                labels_path, "', which does not exist", labels.empty() ? "; name them with --labels" : "");
-  const at::Tensor images = datasets::read_idx(path, limit);
-  CANOPY_CHECK(images.dim() == 3 || images.dim() == 4, DataError, "'", path,
-               "' should hold images [N, H, W] or [N, C, H, W], holds ", images.dim(), "-dimensional data",
-               images.dim() == 1 ? " (an idx label file?)" : "");
+  const at::Tensor images = read_idx_images(path, limit);
   const at::Tensor classes = datasets::read_idx(labels_path, limit);
   CANOPY_CHECK(classes.dim() == 1 && classes.size(0) == images.size(0), DataError, "'", labels_path,
                "' should hold one label per image of '", path, "' (", images.size(0), "), holds ",
@@ -545,10 +546,7 @@ InputData load_labelled_input(const JobConfig& config, const std::string& path, 
   s.labels["ink"] = ink_of(images);
   s.ids = at::arange(images.size(0), at::kLong);
   set_image_tensor_inputs(s, images, config.preprocess);
-  data.label_sources = {"class", "ink"};
-  data.float_labels = {"ink"};
-  data.label_classes["class"] = 10;
-  if (config.data.source == "fashion-mnist") data.class_names = datasets::fashion_mnist_class_names();
+  set_idx_label_sources(data, config.data.source);
   data.splits["input"] = std::move(s);
   return data;
 }

@@ -4,14 +4,10 @@
 #include <cstdio>
 #include <ostream>
 
-#include <torch/csrc/api/include/torch/utils.h>
 #include <nlohmann/json.hpp>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
-#include "canopy/core/heap.h"
-#include "canopy/core/memory.h"
-#include "canopy/core/memory_fence.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/mnist.h"
 #include "canopy/datasets/preprocess.h"
@@ -59,54 +55,46 @@ std::vector<std::string> prediction_names(const ExportedHead& h, const at::Tenso
   }
   return out;
 }
-// The predictions of every row of `input`, in trunk batches of `batch` rows, to `out`; `done`
-// counts the rows written.
-void predict_rows(const InputSplit& input, ExportedModel& model, const PredictOptions& options,
-                  const std::vector<std::string>& score_columns, std::int64_t batch, std::ostream& out,
-                  Progress& progress, std::int64_t& done) {
-  const std::int64_t n = input.rows;
-  for (std::int64_t i = 0; i < n; i += batch) {
-    const std::int64_t end = std::min(n, i + batch);
-    const at::Tensor f = model.trunk.encode(input.inputs(row_range(i, end)));
-    std::vector<std::vector<std::string>> cells(static_cast<std::size_t>(end - i));
-    std::vector<std::vector<double>> scores(static_cast<std::size_t>(end - i));
-    for (auto& h : model.heads) {
-      const at::Tensor out_h = h.head->forward(f);
-      tasks::check_head_outputs(out_h, f.size(0), h.out_features, h.task(), *h.head);
-      const auto names = prediction_names(h, out_h);
-      for (std::size_t r = 0; r < names.size(); ++r) cells[r].push_back(names[r]);
-      if (options.scores && h.kind != tasks::TaskKind::kRegression) {
-        const at::Tensor p = (h.kind == tasks::TaskKind::kMultilabel ? out_h.sigmoid() : out_h.softmax(1))
-                                 .to(at::kDouble)
-                                 .contiguous();
-        const double* v = p.data_ptr<double>();
-        for (std::int64_t r = 0; r < p.size(0); ++r) {
-          scores[static_cast<std::size_t>(r)].insert(scores[static_cast<std::size_t>(r)].end(),
-                                                     v + r * p.size(1), v + (r + 1) * p.size(1));
-        }
+// The predictions of the rows from `first` on, given every head's outputs for them, to `out`.
+void write_predictions(std::int64_t first, const std::vector<at::Tensor>& outputs, const ExportedModel& model,
+                       const PredictOptions& options, const std::vector<std::string>& score_columns,
+                       std::int64_t n, std::ostream& out) {
+  const auto rows = static_cast<std::size_t>(outputs.front().size(0));
+  std::vector<std::vector<std::string>> cells(rows);
+  std::vector<std::vector<double>> scores(rows);
+  for (std::size_t k = 0; k < model.heads.size(); ++k) {
+    const auto& h = model.heads[k];
+    const at::Tensor& out_h = outputs[k];
+    const auto names = prediction_names(h, out_h);
+    for (std::size_t r = 0; r < names.size(); ++r) cells[r].push_back(names[r]);
+    if (options.scores && h.kind != tasks::TaskKind::kRegression) {
+      const at::Tensor p = (h.kind == tasks::TaskKind::kMultilabel ? out_h.sigmoid() : out_h.softmax(1))
+                               .to(at::kDouble)
+                               .contiguous();
+      const double* v = p.data_ptr<double>();
+      for (std::int64_t r = 0; r < p.size(0); ++r) {
+        scores[static_cast<std::size_t>(r)].insert(scores[static_cast<std::size_t>(r)].end(),
+                                                   v + r * p.size(1), v + (r + 1) * p.size(1));
       }
     }
-    for (std::int64_t r = 0; r < end - i; ++r) {
-      const auto& row = cells[static_cast<std::size_t>(r)];
-      const auto& sc = scores[static_cast<std::size_t>(r)];
-      if (options.format == "csv") {
-        out << i + r;
-        for (const auto& cell : row) out << "," << csv_field(cell);  // class names may hold commas
-        for (double v : sc) out << "," << format_number(v);
-        out << "\n";
-      } else {
-        nlohmann::ordered_json line{{"id", i + r}};
-        for (std::size_t k = 0; k < model.heads.size(); ++k) line[model.heads[k].task()] = row[k];
-        for (std::size_t k = 0; k < sc.size(); ++k) line[score_columns[k]] = sc[k];
-        out << line.dump() << "\n";
-      }
-    }
-    // Standard output on a full disk, say: stopped here, not reported as written.
-    CANOPY_CHECK(out, IoError, "writing the predictions failed after ", i, " of ", n,
-                 " rows: ", describe_write_error(errno));
-    progress.advance(end - i);
-    done = end;
   }
+  for (std::size_t r = 0; r < rows; ++r) {
+    const auto id = first + static_cast<std::int64_t>(r);
+    if (options.format == "csv") {
+      out << id;
+      for (const auto& cell : cells[r]) out << "," << csv_field(cell);  // class names may hold commas
+      for (double v : scores[r]) out << "," << format_number(v);
+      out << "\n";
+    } else {
+      nlohmann::ordered_json line{{"id", id}};
+      for (std::size_t k = 0; k < model.heads.size(); ++k) line[model.heads[k].task()] = cells[r][k];
+      for (std::size_t k = 0; k < scores[r].size(); ++k) line[score_columns[k]] = scores[r][k];
+      out << line.dump() << "\n";
+    }
+  }
+  // Standard output on a full disk, say: stopped here, not reported as written.
+  CANOPY_CHECK(out, IoError, "writing the predictions failed after ", first, " of ", n,
+               " rows: ", describe_write_error(errno));
 }
 
 }  // namespace
@@ -133,20 +121,10 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
     out << "\n";
   }
   Progress progress("predict", n, config.data.source == "arff" ? "doc" : "img", style);
-  torch::NoGradGuard no_grad;
-  // Past the memory this process may take, an allocation fails and says so, instead of the
-  // kernel's OOM kill (a trunk on a GPU keeps its activations there: no fence on the host).
-  const MemoryFence fence(model.trunk.device().is_cpu() ? memory_room(1, PageCache::kFree) : std::nullopt);
-  // Every batch's activations on the last one's pages, as in the cache pass.
-  const KeepFreedMemory reuse_activations;
-  std::int64_t done = 0;
-  try {
-    predict_rows(input, model, options, score_columns, config.cache.batch_size, out, progress, done);
-  } catch (const std::exception& e) {
-    if (!fence.caused(e)) throw;
-    model_pass_out_of_memory("predicting", "predicted", fence, input, model, config.cache.batch_size,
-                             config.cache.shard_rows, done);
-  }
+  run_model_pass(model, input, config, progress, "predicting", "predicted",
+                 [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {
+                   write_predictions(first, outputs, model, options, score_columns, n, out);
+                 });
   out.flush();
   CANOPY_CHECK(out, IoError, "writing the predictions failed at the end: ", describe_write_error(errno));
   progress.finish();

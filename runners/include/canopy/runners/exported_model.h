@@ -6,12 +6,13 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
-#include "canopy/core/memory_fence.h"
+#include "canopy/core/progress.h"
 #include "canopy/heads/head.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/input_data.h"
@@ -40,12 +41,16 @@ struct ExportedModel {
 // missing, corrupt or trained on other features, and the command that makes it anew.
 ExportedModel load_exported_model(const JobConfig& config, const tasks::HeadRegistry& registry);
 
-// A pass over `input` met the memory fence: throws a DataError saying why, with a
-// cache.batch_size that fits (advised_batch_size of the largest batch that passes through the
-// trunk and every head, tried by halving) and how many of the rows were `done`. `doing` and
-// `done_word` name the pass and its rows: "predicting" ... "predicted".
-[[noreturn]] void model_pass_out_of_memory(const char* doing, const char* done_word, const MemoryFence& fence,
-                                           const InputSplit& input, ExportedModel& model, std::int64_t batch,
-                                           std::int64_t shard_rows, std::int64_t done);
+// Runs every row of `input` through `model` in trunk batches of config.cache.batch_size: the
+// trunk once per batch, then every head (its output's shape checked); `each(first_row,
+// outputs)` gets the heads' outputs [rows, out_features], in model.heads' order, and `progress`
+// advances. On the CPU, past the memory the process may take, an allocation fails (instead of
+// the kernel's OOM kill) and the pass stops with a DataError saying why, with a
+// cache.batch_size that fits (the largest batch that passes, tried by halving) and how many
+// rows were done; `doing` and `done_word` name the pass and its rows: "predicting" ... "predicted".
+void run_model_pass(
+    ExportedModel& model, const InputSplit& input, const JobConfig& config, Progress& progress,
+    const char* doing, const char* done_word,
+    const std::function<void(std::int64_t first_row, const std::vector<at::Tensor>& outputs)>& each);
 
 }  // namespace canopy::runners
