@@ -142,7 +142,8 @@ std::string format_evaluation(const Evaluation& e) {
     o << buf;
   }
   const std::string where = "'" + printable(e.input) + "'";
-  o << regression_lines(e.heads, where) << per_class_tables(e.heads, where);
+  o << regression_lines(e.heads, where) << per_class_tables(e.heads, where)
+    << per_label_tables(e.heads, where);
   for (const auto& n : e.not_evaluated) o << "not evaluated: " << n << "\n";
   std::snprintf(buf, sizeof buf, "%zu head%s evaluated on %lld rows in %.2fs\n", e.heads.size(),
                 e.heads.size() == 1 ? "" : "s", static_cast<long long>(e.rows), e.seconds);

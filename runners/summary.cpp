@@ -68,6 +68,35 @@ std::string per_class_tables(const std::vector<TaskResult>& results, const std::
   return o.str();
 }
 
+// Per label of each multilabel head: precision, recall and F1 at its threshold (a label is
+// given where its logit is positive), average precision, and how many rows carry it and are
+// given it; a table per head, its labels being its own.
+std::string per_label_tables(const std::vector<TaskResult>& results, const std::string& where) {
+  std::ostringstream o;
+  for (const auto& t : results) {
+    if (t.kind != tasks::TaskKind::kMultilabel || t.eval.labels.empty() ||
+        t.state == tasks::TaskState::kFailed)
+      continue;
+    std::size_t w_label = 5;
+    for (const auto& n : t.class_names) w_label = std::max(w_label, n.size());
+    o << "\nper-label scores of '" << t.name << "' on " << where
+      << " (a label is given where its probability is over 0.5)\n"
+      << std::left << std::setw(static_cast<int>(w_label)) << "label" << std::right
+      << "  precision  recall      F1      AP  support  predicted\n";
+    char row[160];
+    for (std::size_t j = 0; j < t.eval.labels.size(); ++j) {
+      const auto& s = t.eval.labels[j];
+      char ap[16] = "      -";
+      if (s.average_precision) std::snprintf(ap, sizeof ap, "%7.3f", *s.average_precision);
+      std::snprintf(row, sizeof row, "  %9.3f  %6.3f  %6.3f  %s  %7lld  %9lld\n", s.precision, s.recall, s.f1,
+                    ap, static_cast<long long>(s.support), static_cast<long long>(s.predicted));
+      const std::string name = j < t.class_names.size() ? t.class_names[j] : std::to_string(j);
+      o << std::left << std::setw(static_cast<int>(w_label)) << name << std::right << row;
+    }
+  }
+  return o.str();
+}
+
 namespace {
 // One row per head: its head, labels, optimizer, epochs and scores on the eval split (and on
 // the validation split, and top-5, when the run has them), and its state.
@@ -206,7 +235,8 @@ std::string totals_line(const TrainReport& report) {
 std::string format_summary(const TrainReport& report) {
   const std::string where = "the eval split";
   return results_table(report) + grid_lines(report) + regression_lines(report.tasks, where) +
-         per_class_tables(report.tasks, where) + notes(report) + totals_line(report);
+         per_class_tables(report.tasks, where) + per_label_tables(report.tasks, where) + notes(report) +
+         totals_line(report);
 }
 
 }  // namespace canopy::runners

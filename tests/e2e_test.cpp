@@ -231,6 +231,25 @@ TEST_F(EndToEnd, MultilabelAttributesTrainNextToMulticlassHeads) {
   EXPECT_GT(t.eval.accuracy, 0.5) << "exact-match ratio";
   const std::string card = read_file(dir_.file("out/heads/attributes.json"));
   EXPECT_NE(card.find("\"kind\": \"multilabel\""), std::string::npos);
+  // The summary gives each label a row: its F1 and support as the metrics computed them.
+  const std::string summary = format_summary(report);
+  ASSERT_NE(summary.find("per-label scores of 'attributes' on the eval split"), std::string::npos) << summary;
+  ASSERT_EQ(t.eval.labels.size(), 4U);
+  const char* names[] = {"upper", "lower", "sleeves", "footwear"};
+  for (std::size_t j = 0; j < 4; ++j) {
+    const auto& l = t.eval.labels[j];
+    std::istringstream row(summary.substr(summary.find(std::string("\n") + names[j] + " ") + 1));
+    std::string name;
+    double precision = -1, recall = -1, f1 = -1;
+    std::string ap;
+    std::int64_t support = -1, predicted = -1;
+    row >> name >> precision >> recall >> f1 >> ap >> support >> predicted;
+    EXPECT_NEAR(f1, l.f1, 5e-4) << names[j] << "\n" << summary;
+    EXPECT_NEAR(recall, l.recall, 5e-4) << names[j];
+    EXPECT_EQ(support, l.support) << names[j];
+    EXPECT_EQ(predicted, l.predicted) << names[j];
+    EXPECT_GT(l.support, 0) << names[j] << ": every attribute occurs in the eval split";
+  }
 }
 
 TEST_F(EndToEnd, RegressionHeadLearnsInkNextToClassifiers) {

@@ -241,6 +241,17 @@ class_names = grain,corn
         check(max(diffs.values()) < 1e-6 and report.get(task, {}).get("per_label", []) == card.get("per_label", []),
               f"evaluate on the test split's ARFF files: {task}'s {', '.join(keys)} (and per_label) are its "
               f"card's ({diffs}{'' if r.returncode == 0 else ', ' + r.stderr.strip()[-200:]})")
+    # Its table (no --json) gives the multilabel head's labels a row each, the card's per_label.
+    text_run = [a for a in evaluate if a != "--json"] + ["--input", files("test").replace(" ", "")]
+    r = subprocess.run(text_run, capture_output=True, text=True)
+    lines = r.stdout.splitlines()
+    at = [i for i, l in enumerate(lines) if l.startswith("per-label scores of 'both'")]
+    rows = [l.split() for l in lines[at[0] + 2:at[0] + 4]] if at else []
+    want = [[e["label"]] + [f"{e[k]:.3f}" if e[k] is not None else "-" for k in ("precision", "recall", "f1",
+            "average_precision")] + [str(e["support"]), str(e["predicted"])]
+            for e in json.load(open(os.path.join(work, "train", "heads", "both.json"))).get("per_label", [])]
+    check(r.returncode == 0 and len(at) == 1 and lines[at[0] + 1].split()[:4] == ["label", "precision", "recall", "F1"]
+          and rows == want, f"evaluate's table has a row per label of the multilabel head, the card's ({rows} vs {want})")
     r = subprocess.run(evaluate + ["--input", f"grain:{REUTERS}/ReutersGrain-test.arff"], capture_output=True, text=True)
     out = json.loads(r.stdout) if r.returncode == 0 else {"heads": [], "not_evaluated": []}
     check([h["task"] for h in out["heads"]] == ["grain"] and len(out["not_evaluated"]) == 2

@@ -71,8 +71,9 @@ struct TrainReport {
 std::string format_summary(const TrainReport& report);
 // Parts of it `canopy evaluate` prints too, of each result's `eval` "on <where>": per-class F1,
 // one table per set of classes (multiclass heads on the same labels side by side), and the
-// regression heads' errors, a line each.
+// regression heads' errors, a line each, and each multilabel head's per-label scores.
 std::string per_class_tables(const std::vector<TaskResult>& results, const std::string& where);
+std::string per_label_tables(const std::vector<TaskResult>& results, const std::string& where);
 std::string regression_lines(const std::vector<TaskResult>& results, const std::string& where);
 
 }  // namespace canopy::runners
