@@ -30,6 +30,7 @@
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/evaluate_job.h"
+#include "canopy/runners/model_file.h"
 #include "canopy/runners/predict_job.h"
 #include "canopy/runners/run_inspect.h"
 #include "canopy/runners/step_runner.h"
@@ -237,6 +238,16 @@ int run_evaluate_command(const po::variables_map& vm, const tasks::HeadRegistry&
   return kExitOk;
 }
 
+int run_export_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
+                       std::ostream&) {
+  CANOPY_CHECK(vm.count("output"), ConfigError,
+               "canopy export: --output FILE is required, e.g. --output model.pt (see canopy export --help)");
+  JobConfig config = config_from(vm, "export");
+  fit_threads(config);
+  out << format_model_file(export_model_file(config, registry, output_path(vm, "export")));
+  return kExitOk;
+}
+
 int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out,
                         std::ostream&) {
   std::optional<JobConfig> config;
@@ -359,6 +370,16 @@ const std::vector<Command>& commands() {
        "score every trained head on labelled inputs (new, or held out): accuracy, macro-F1, top-5, per-class "
        "F1, mean AP, MAE, RMSE, R^2",
        evaluate_options, run_evaluate_command},
+      {"export", "canopy export --config FILE --output FILE",
+       "write the trained model (preprocessing, trunk, taps, pooling, every head) as one TorchScript file "
+       "that torch.jit.load reads without canopy",
+       [](po::options_description& d, po::positional_options_description&) {
+         add_config_options(d);
+         d.add_options()("output", po::value<std::string>()->value_name("FILE"),
+                         "the model file to write, e.g. model.pt");
+         add_progress_option(d);
+       },
+       run_export_command},
       {"inspect", "canopy inspect PATH [--config FILE] [--verify] [--json]",
        "describe a cache (splits, shapes, dtype, size, fingerprint parts, completeness, whether it matches a "
        "config) or a training run's out_dir (running or not, its checkpoint, each head, what was exported)",

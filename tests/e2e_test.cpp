@@ -10,12 +10,17 @@
 
 #include <nlohmann/json.hpp>
 
+#include <ATen/ops/allclose.h>
 #include <ATen/ops/equal.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/randint.h>
+#include <torch/csrc/jit/serialization/import.h>
 #include <torch/nn/modules/linear.h>
 #include <limits>
 #include "canopy/core/device.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/heads/linear.h"
@@ -23,6 +28,7 @@
 #include "canopy/runners/cli.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/export.h"
+#include "canopy/runners/model_file.h"
 #include "canopy/runners/train_job.h"
 #include "canopy/trunk/trunk.h"
 #include "support/test_support.h"
@@ -545,6 +551,49 @@ TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
   EXPECT_EQ(run_cli({"trian"}, registry_, out, err), kExitUsage);
   EXPECT_NE(err.str().find("unknown command 'trian' (did you mean 'train'?)"), std::string::npos)
       << err.str();
+}
+
+// A linear head whose forward is its own: the model file cannot know what it does.
+class DoubledLinearHead : public heads::LinearHead {
+ public:
+  using heads::LinearHead::LinearHead;
+  torch::Tensor forward(const torch::Tensor& x) override { return heads::LinearHead::forward(x) * 2; }
+};
+
+TEST_F(EndToEnd, ExportWritesOneTorchScriptFileAndRefusesANativeHead) {
+  const JobConfig config = load_job_config(config_path_, {"train.epochs=1"});
+  run_cache(config, false, nullptr, ProgressStyle::kQuiet);
+  run_train(config, registry_, ProgressStyle::kQuiet);
+  const std::string path = dir_.file("model.pt");
+  const ModelFile written = export_model_file(config, registry_, path);
+  EXPECT_EQ(written.tasks, (std::vector<std::string>{"class_linear", "class_mlp", "group"}));
+  EXPECT_EQ(written.sha256, sha256_file(path));
+  // LibTorch loads it as any TorchScript file; a batch of raw pixels gives every head's output.
+  torch::jit::Module model = torch::jit::load(path);
+  const auto images = at::randint(0, 256, {5, 28, 28}, at::TensorOptions().dtype(at::kByte));
+  const auto out = model.forward({images}).toGenericDict();
+  ASSERT_EQ(out.size(), 3U);
+  const at::Tensor group = out.at("group").toTensor();
+  EXPECT_EQ(group.sizes(), (std::vector<std::int64_t>{5, 4}));
+  EXPECT_TRUE(at::allclose(group.sum(1), at::ones({5}))) << "softmax probabilities";
+
+  // A registered head of another forward: refused, naming the task, and the file left as it was.
+  registry_.add(
+      "doubled",
+      [](const tasks::HeadSpec& s) {
+        return std::make_shared<DoubledLinearHead>(heads::LinearHeadOptions(s.in_features, s.out_features));
+      },
+      "a linear head times 2");
+  std::ofstream(config_path_, std::ios::app) << "[task.doubled]\nhead = doubled\n";
+  const JobConfig with_native = load_job_config(config_path_, {"train.epochs=1"});
+  run_train(with_native, registry_, ProgressStyle::kQuiet);
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { export_model_file(with_native, registry_, path); },
+                                                {"task 'doubled'", "head 'doubled' is registered C++ code"}));
+  EXPECT_EQ(sha256_file(path), written.sha256);
+  // From the CLI: --output is required.
+  std::ostringstream o, e;
+  EXPECT_EQ(run_cli({"export", "--config", config_path_}, registry_, o, e), kExitUsage);
+  EXPECT_NE(e.str().find("--output FILE is required"), std::string::npos) << e.str();
 }
 
 TEST_F(EndToEnd, TrunkShowAndTokenizeFromTheCli) {

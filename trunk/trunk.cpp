@@ -1125,6 +1125,31 @@ std::string Trunk::save(const std::string& path) const {
   }
 }
 
+torch::jit::Module Trunk::script_module() const {
+  CANOPY_CHECK(
+      !impl_->compiled, ConfigError, "trunk '", impl_->config.path,
+      "' is a compiled package (.pt2): its code is native, not TorchScript; export the model with the "
+      "TorchScript form of the same trunk (scripts/export_trunk.py --format torchscript)");
+  verified_trunk_sha256(impl_->config);
+  torch::jit::Module clean;
+  try {
+    clean = torch::jit::load(impl_->config.path, c10::kCPU);
+  } catch (const c10::Error& e) {
+    throw DataError(detail::str_cat("cannot load trunk '", impl_->config.path,
+                                    "' as TorchScript: ", e.what_without_backtrace()));
+  }
+  std::map<std::string, at::Tensor> current;
+  for (const auto& p : impl_->module.named_parameters(true)) current.emplace(p.name, p.value);
+  c10::NoGradGuard no_grad;
+  for (const auto& p : clean.named_parameters(true)) {
+    p.value.copy_(current.at(p.name));
+    p.value.set_requires_grad(false);
+  }
+  clean.eval();
+  if (!impl_->config.taps.empty()) add_taps_method(clean, impl_->config.taps);
+  return clean;
+}
+
 std::vector<at::Tensor> Trunk::trainable_parameters() const {
   std::vector<at::Tensor> out;
   if (impl_->compiled) return out;

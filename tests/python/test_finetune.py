@@ -375,6 +375,21 @@ lr = 0.003
     check(len(rows) == TEST and abs(hits / TEST - card["eval_accuracy"]) <= 1.0 / TEST + 1e-9,
           f"predict's a_linear accuracy {hits / max(1, TEST):.4f} is the card's {card['eval_accuracy']:.4f}")
 
+    # canopy export writes that fine-tuned trunk into the model file: torch alone answers as predict does.
+    r = run(canopy, "export", "--config", config, "--output", f"{work}/model.pt")
+    check(r.returncode == 0, "canopy export of the fine-tuned model" + ("" if r.returncode == 0 else ": " + r.stderr[-300:]))
+    if r.returncode == 0:
+        import torch
+        from support import read_idx
+        extra = {"canopy/model.json": ""}
+        model_file = torch.jit.load(f"{work}/model.pt", _extra_files=extra)
+        with torch.no_grad():
+            probs = model_file(torch.from_numpy(read_idx(f"{FMNIST}/t10k-images-idx3-ubyte.gz")[:TEST].copy()))["a_linear"]
+        same = sum(row.split(",")[1] == names[int(k)] for row, k in zip(rows, probs.argmax(1)))
+        check(json.loads(extra["canopy/model.json"])["trunk_sha256"] == card["trunk_sha256"] and same == len(rows) == TEST,
+              f"the model file holds the fine-tuned trunk (its SHA-256 the card's) and answers as predict on {same} of "
+              f"{TEST} rows")
+
     # The heads one by one instead of fused: the same top, to float rounding, over one epoch
     # at a small learning rate (Adam turns rounding-level differences of tiny gradients into
     # lr-sized steps, so long runs drift apart; step_runner_test checks the gradients exactly).

@@ -247,6 +247,49 @@ lr = 0.01
     check(all(l["fine"] == names[int(np.argmax([l[c] for c in fine_cols]))] for l in lines),
           "each prediction is the class with the highest score")
 
+    # --- canopy export: the whole model as one TorchScript file, loaded by torch alone ---
+    model_path = os.path.join(work, "model.pt")
+    r = subprocess.run([a.canopy, "export", "--config", config, "--output", model_path], capture_output=True, text=True)
+    check(r.returncode == 0 and f"wrote {model_path}" in r.stdout, f"canopy export exits 0 ({r.stdout[-300:]}{r.stderr[-300:]})")
+    extra = {"canopy/model.json": ""}
+    model_file = torch.jit.load(model_path, _extra_files=extra)
+    meta = json.loads(extra["canopy/model.json"])
+    check(meta["trunk_sha256"] == sha and sorted(meta["heads"]) == ["coarse", "fine", "ink"]
+          and meta["heads"]["fine"] == {k: v for k, v in json.load(open(os.path.join(out_dir, "heads", "fine.json"))).items()
+                                        if k != "card_crc32c"},
+          "the model file records the trunk's SHA-256 and each head's card")
+    check(dict(model_file.kinds) == {"fine": "multiclass", "coarse": "multiclass", "ink": "regression"}
+          and model_file.class_names["coarse"] == ["tops", "bottoms", "footwear", "bags"]
+          and model_file.class_names["fine"] == names, "its kinds and class names are the cards'")
+    raw = torch.from_numpy(read_idx(f"{FMNIST}/t10k-images-idx3-ubyte.gz")[:50].copy())
+    with torch.no_grad():
+        got = model_file(raw)
+    for task in ("fine", "coarse"):
+        want = np.array([[l[f"{task}:{n}"] for n in model_file.class_names[task]] for l in lines])
+        diff = np.abs(got[task].numpy() - want).max()
+        check(diff < 1e-4, f"model file: {task}'s probabilities on 50 raw images are canopy predict's (max diff {diff:.1e})")
+    want_ink = np.array([float(row.split(",")[3]) for row in rows[1:51]])
+    check(got["ink"].shape == (50,) and np.abs(got["ink"].numpy() - want_ink).max() < 1e-4,
+          "model file: ink's values are canopy predict's, in the label's units")
+    with torch.no_grad():  # its features are the cache's; its heads on them, softmax of the exported head's logits
+        f = model_file.features(raw)
+        on_cached = model_file.heads(feats_t[:50])["fine"]
+    check(np.abs(f.numpy() - cached_test[:50]).max() < 1e-4, "model file: features(images) are the cached test features")
+    check(torch.allclose(on_cached, (feats_t[:50] @ w["linear.weight"].T + w["linear.bias"]).softmax(1), atol=1e-6),
+          "model file: heads(cached features) is the exported head's softmax")
+    # Any size and 3 channels are taken (resized as [preprocess] says); other pixels are refused.
+    colour = raw[:4].unsqueeze(1).expand(-1, 3, -1, -1)
+    big = F.interpolate(colour.float(), size=(56, 56), mode="nearest").to(torch.uint8)
+    with torch.no_grad():
+        check(torch.allclose(model_file(colour)["fine"], got["fine"][:4], atol=1e-5)
+              and model_file(big)["fine"].shape == (4, 10), "model file: 3-channel images of any size are taken")
+    try:
+        model_file(raw.float())
+        refused = ""
+    except Exception as e:  # torch.jit.Error
+        refused = str(e)
+    check("images must be uint8 pixels (0-255)" in refused, f"model file: float pixels are refused ({refused[-80:]})")
+
     # --- canopy evaluate: the exported model's metrics on labelled inputs -----------
     # On the run's own test split (the first TEST rows of t10k), every metric is the card's.
     evaluate = [a.canopy, "evaluate", "--config", config, "--progress", "quiet", "--json"]

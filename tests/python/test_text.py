@@ -273,6 +273,43 @@ class_names = grain,corn
                        capture_output=True, text=True)
     check(r.returncode == 1 and said in r.stderr,
           f"... and so does canopy cache, as the test split's file ({r.stderr.strip()[-200:]})")
+
+    # --- canopy export: the text model in one TorchScript file, fed canopy tokenize's ids ---
+    test_texts = subprocess.run([canopy, "tokenize", "--vocab", VOCAB, "--max-length", "128", "--arff",
+                                 f"{REUTERS}/ReutersGrain-test.arff"], check=True, capture_output=True, text=True)
+    test_ids = [json.loads(l)["ids"] for l in test_texts.stdout.splitlines()][:40]
+
+    def padded(rows):
+        width = max(len(e) for e in rows)
+        return (torch.tensor([e + [0] * (width - len(e)) for e in rows]),
+                torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in rows]))
+
+    model_path = os.path.join(work, "text-model.pt")
+    r = subprocess.run([canopy, "export", "--config", config, "--output", model_path], capture_output=True, text=True)
+    check(r.returncode == 0 and "input_ids: int64 [N, T], attention_mask" in r.stdout,
+          f"canopy export of the text model ({r.stdout[-200:]}{r.stderr[-300:]})")
+    model_file = torch.jit.load(model_path)
+    r = subprocess.run([canopy, "predict", "--config", config, "--input", f"{REUTERS}/ReutersGrain-test.arff",
+                        "--limit", "40", "--scores", "--format", "jsonl", "--progress", "quiet"], capture_output=True, text=True)
+    lines = [json.loads(l) for l in r.stdout.splitlines()]
+    with torch.no_grad():
+        got = model_file(*padded(test_ids))
+    for task in ("grain", "corn", "both"):
+        want = np.array([[l[f"{task}:{n}"] for n in model_file.class_names[task]] for l in lines])
+        diff = np.abs(got[task].numpy() - want).max() if want.shape == tuple(got[task].shape) else float("inf")
+        check(diff < 1e-4, f"model file: {task}'s probabilities ({model_file.kinds[task]}) on 40 stories are canopy "
+                           f"predict's (max diff {diff:.1e})")
+    # With taps: heads trained on [layers.4 | layers.5] give a model whose features are that cache's.
+    tapped_run = ["--set", "trunk.taps=layers.4,layers.5", "--set", f"cache.path={work}/taps",
+                  "--set", f"train.out_dir={work}/train-taps", "--set", "train.epochs=1"]
+    r = subprocess.run([canopy, "train", "--config", config, "--progress", "quiet"] + tapped_run, capture_output=True, text=True)
+    check(r.returncode == 0, "canopy train on the tapped cache" + ("" if r.returncode == 0 else ": " + r.stderr[-300:]))
+    r = subprocess.run([canopy, "export", "--config", config, "--output", model_path] + tapped_run, capture_output=True, text=True)
+    check(r.returncode == 0, "canopy export with taps" + ("" if r.returncode == 0 else ": " + r.stderr[-300:]))
+    with torch.no_grad():
+        f = torch.jit.load(model_path).features(*padded(enc)).numpy()
+    diff = float(np.abs(f - tapped).max()) if f.shape == tapped.shape else float("inf")
+    check(diff < 1e-4, f"model file with taps: features {f.shape} are the tapped cache's (max diff {diff:.2e})")
     return finish()
 
 

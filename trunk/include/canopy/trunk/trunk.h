@@ -26,6 +26,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
+namespace torch::jit {
+struct Module;
+}
+
 namespace canopy::trunk {
 
 // What freezes. `freeze` and `train_only` take a selection:
@@ -168,6 +172,11 @@ class Trunk {
   // as one TorchScript file: the original file's code, nothing canopy added. Returns the
   // written file's SHA-256.
   std::string save(const std::string& path) const;
+  // The trunk as a TorchScript module on the CPU that loads without canopy (`canopy export`):
+  // the pinned file's code with the current weights, as save() writes it, in float32 (none of
+  // canopy's rewrites), and with trunk.taps a method canopy_taps returning them as a tuple.
+  // A compiled (.pt2) trunk has no such form: ConfigError.
+  torch::jit::Module script_module() const;
 
   const std::string& sha256() const;
   const TrunkConfig& config() const;

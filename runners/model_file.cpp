@@ -1,0 +1,237 @@
+#include "canopy/runners/model_file.h"
+
+#include <sstream>
+#include <typeinfo>
+
+#include <ATen/ops/tensor.h>
+#include <torch/csrc/jit/api/module.h>
+#include <torch/nn/modules/linear.h>
+#include <nlohmann/json.hpp>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+#include "canopy/core/progress.h"
+#include "canopy/core/sha256.h"
+#include "canopy/core/strings.h"
+#include "canopy/heads/linear.h"
+#include "canopy/heads/mlp.h"
+#include "canopy/runners/exported_model.h"
+#include "canopy/runners/input_data.h"
+
+namespace canopy::runners {
+
+namespace {
+
+const char* kind_name(tasks::TaskKind k) {
+  return k == tasks::TaskKind::kRegression   ? "regression"
+         : k == tasks::TaskKind::kMultilabel ? "multilabel"
+                                             : "multiclass";
+}
+
+// A double as TorchScript source reads it back exactly.
+std::string literal(double v) {
+  std::ostringstream o;
+  o.precision(17);
+  o << v;
+  std::string s = o.str();
+  if (s.find_first_of(".en") == std::string::npos) s += ".0";
+  return s;
+}
+
+// One head as TorchScript: its weights as parameters h<i>_<j> of `model`, and the expression of
+// its output (the logits) from `f`. Only the built-in heads have one: a registered C++ head's
+// forward is native code.
+std::string head_source(torch::jit::Module& model, std::size_t i, const ExportedHead& h) {
+  std::vector<torch::nn::Linear> layers;
+  std::string activation;
+  // The built-in classes exactly: a subclass may forward otherwise.
+  const heads::Head& head = *h.head;
+  if (typeid(head) == typeid(heads::LinearHead)) {
+    layers.push_back(static_cast<const heads::LinearHead&>(head).linear());
+  } else if (typeid(head) == typeid(heads::MlpHead)) {
+    const auto* mlp = static_cast<const heads::MlpHead*>(h.head.get());
+    for (const auto& m : h.head->modules(/*include_self=*/false)) {
+      if (auto l = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) layers.emplace_back(l);
+    }
+    activation = mlp->options().activation();
+    CANOPY_CHECK(layers.size() == mlp->options().hidden().size() + 1, DataError, "task '", h.task(),
+                 "': its mlp head has ", layers.size(), " linear layers for ", mlp->options().hidden().size(),
+                 " hidden sizes");
+  } else {
+    throw ConfigError(detail::str_cat(
+        "task '", h.task(), "': head '", h.config.head,
+        "' is registered C++ code, which a TorchScript model file cannot hold; canopy export writes the "
+        "built-in heads (linear, mlp) only: drop the task from a copy of the config to export the others"));
+  }
+  std::string x = "f";
+  for (std::size_t j = 0; j < layers.size(); ++j) {
+    const std::string w = detail::str_cat("h", i, "_w", j), b = detail::str_cat("h", i, "_b", j);
+    model.register_parameter(w, layers[j]->weight.detach().clone(), false);
+    std::string bias = "None";
+    if (layers[j]->bias.defined()) {
+      model.register_parameter(b, layers[j]->bias.detach().clone(), false);
+      bias = "self." + b;
+    }
+    x = detail::str_cat("torch.linear(", x, ", self.", w, ", ", bias, ")");
+    if (j + 1 < layers.size())
+      x = detail::str_cat("torch.", activation, "(", x, ")");  // relu, gelu, tanh, silu
+  }
+  return x;
+}
+
+// `v` pooled as trunk.pooling says (trunk/trunk.cpp's pool, in TorchScript).
+std::string pool_source(const std::string& v, const std::string& pooling) {
+  if (pooling == "avg")
+    return detail::str_cat("(", v, ".flatten(2).mean(2) if ", v, ".dim() > 2 else ", v, ")");
+  if (pooling == "flatten") return v + ".flatten(1)";
+  if (pooling == "none") return v;
+  if (pooling == "first_token") return v + ".select(1, 0)";
+  // masked_mean
+  return detail::str_cat("(", v, " * attention_mask.to(", v,
+                         ".dtype).unsqueeze(2)).sum(1) / attention_mask.to(", v,
+                         ".dtype).unsqueeze(2).sum(1).clamp_min(1.0)");
+}
+
+}  // namespace
+
+ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& registry,
+                            const std::string& path) {
+  JobConfig config = job;
+  config.trunk.optimize = false;  // the file holds the trunk's own code, not canopy's rewrites
+  config.trunk.device = "cpu";
+  ExportedModel loaded = load_exported_model(config, registry);
+  ModelFile out;
+  out.path = path;
+  if (config.trunk.precision != "float32" || config.trunk.top_precision != "float32") {
+    out.notes.push_back(detail::str_cat("the heads were trained on trunk passes at ", config.trunk.precision,
+                                        " (top: ", config.trunk.top_precision,
+                                        "); the model file runs the trunk in float32, so its outputs differ "
+                                        "from canopy predict's by that rounding"));
+  }
+  const bool texts = config.data.source == "arff";
+  torch::jit::Module trunk = loaded.trunk.script_module();
+  const std::size_t trunk_inputs = trunk.get_method("forward").graph()->inputs().size() - 1;
+  CANOPY_CHECK(trunk_inputs == (texts ? 2U : 1U), ConfigError, "trunk '", loaded.trunk.config().path,
+               "' takes ", trunk_inputs,
+               " inputs; a model file is written for an image trunk (one: images) or a "
+               "text trunk (two: token ids and attention mask)");
+
+  // With taps, canopy_taps: the tuple of the tapped outputs in place of forward's result.
+  const auto& taps = config.trunk.taps;
+  const std::string run_trunk = taps.empty() ? "self.trunk.forward(" : "self.trunk.canopy_taps(";
+  torch::jit::Module model(c10::QualifiedName("__torch__.canopy.MultiTaskModel"));
+  model.register_module("trunk", trunk);
+  std::ostringstream src;
+  if (texts) {
+    out.inputs =
+        "input_ids: int64 [N, T], attention_mask: int64 [N, T] (canopy tokenize's ids, 1 for each token)";
+    src << "def features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:\n"
+        << "    x = " << run_trunk << "input_ids, attention_mask)\n";
+  } else {
+    const auto& p = config.preprocess;
+    const std::int64_t c = p.channels;
+    auto per_channel = [&](const std::vector<double>& v) {
+      std::vector<float> f(static_cast<std::size_t>(c));
+      for (std::size_t k = 0; k < f.size(); ++k) f[k] = static_cast<float>(v.size() == 1 ? v[0] : v[k]);
+      return at::tensor(f).view({1, c, 1, 1});
+    };
+    model.register_buffer("pixel_mean", per_channel(p.mean));
+    model.register_buffer("pixel_std", per_channel(p.std));
+    out.inputs = "images: uint8 [N, H, W] or [N, C, H, W] (pixels 0-255";
+    out.inputs += p.resize > 0 ? detail::str_cat(", any size: resized to ", p.resize, "x", p.resize, ")")
+                               : std::string(", the size the heads were trained at)");
+    src << "def features(self, images: Tensor) -> Tensor:\n"
+        << "    assert images.dtype == 0, \"images must be uint8 pixels (0-255)\"\n"
+        << "    assert images.dim() == 3 or images.dim() == 4, \"images must be [N, H, W] or [N, C, H, W]\"\n"
+        << "    x = images.float().div(255.0)\n"
+        << "    if x.dim() == 3:\n"
+        << "        x = x.unsqueeze(1)\n";
+    if (p.resize > 0) {
+      src << "    if x.size(2) != " << p.resize << " or x.size(3) != " << p.resize << ":\n"
+          << "        x = torch." << (p.antialias ? "_upsample_bilinear2d_aa" : "upsample_bilinear2d")
+          << "(x, [" << p.resize << ", " << p.resize << "], False, None, None)\n";
+    }
+    if (c > 1) src << "    if x.size(1) == 1:\n        x = x.expand(-1, " << c << ", -1, -1)\n";
+    src << "    assert x.size(1) == " << c << ", \"images must have 1 or " << c << " channels\"\n"
+        << "    x = " << run_trunk << "x.sub(self.pixel_mean).div(self.pixel_std))\n";
+  }
+  if (taps.empty()) {
+    src << "    return " << pool_source("x", config.trunk.pooling) << "\n";
+  } else {
+    std::vector<std::string> pooled;
+    for (std::size_t k = 0; k < taps.size(); ++k) {
+      src << "    t" << k << " = x[" << k << "]\n";
+      pooled.push_back(pool_source(detail::str_cat("t", k), config.trunk.pooling));
+    }
+    src << "    return " << (pooled.size() == 1 ? pooled[0] : "torch.cat([" + join(pooled, ", ") + "], 1)")
+        << "\n";
+  }
+
+  src << "\ndef heads(self, f: Tensor) -> Dict[str, Tensor]:\n"
+      << "    out: Dict[str, Tensor] = {}\n";
+  c10::Dict<std::string, c10::List<std::string>> class_names;
+  c10::Dict<std::string, std::string> kinds;
+  nlohmann::ordered_json cards = nlohmann::ordered_json::object();
+  for (std::size_t i = 0; i < loaded.heads.size(); ++i) {
+    const ExportedHead& h = loaded.heads[i];
+    const std::string logits = head_source(model, i, h);
+    std::string value;
+    if (h.kind == tasks::TaskKind::kRegression)
+      value = detail::str_cat(logits, ".select(1, 0).mul(", literal(h.target_std), ").add(",
+                              literal(h.target_mean), ")");
+    else if (h.kind == tasks::TaskKind::kMultilabel)
+      value = "torch.sigmoid(" + logits + ")";
+    else
+      value = "torch.softmax(" + logits + ", 1)";
+    src << "    out[" << nlohmann::json(h.task()).dump() << "] = " << value << "\n";
+    class_names.insert(h.task(), c10::List<std::string>(h.class_names));
+    kinds.insert(h.task(), kind_name(h.kind));
+    cards[h.task()] = h.card;
+    out.tasks.push_back(h.task());
+  }
+  src << "    return out\n";
+  src << "\ndef forward(self, " << (texts ? "input_ids: Tensor, attention_mask: Tensor" : "images: Tensor")
+      << ") -> Dict[str, Tensor]:\n"
+      << "    return self.heads(self.features(" << (texts ? "input_ids, attention_mask" : "images") << "))\n";
+  model.register_attribute(
+      "class_names", c10::DictType::create(c10::StringType::get(), c10::ListType::ofStrings()), class_names);
+  model.register_attribute("kinds", c10::DictType::create(c10::StringType::get(), c10::StringType::get()),
+                           kinds);
+  try {
+    model.define(src.str());
+  } catch (const std::exception& e) {
+    throw Error(detail::str_cat("canopy export: the model's TorchScript did not compile: ", e.what()));
+  }
+  model.eval();
+
+  const nlohmann::ordered_json meta = {{"format", "canopy multi-task model, TorchScript"},
+                                       {"inputs", out.inputs},
+                                       {"trunk", loaded.trunk.config().path},
+                                       {"trunk_sha256", loaded.trunk.sha256()},
+                                       {"preprocessing", describe_preprocessing(config)},
+                                       {"taps", trunk::describe_taps(config.trunk)},
+                                       {"pooling", config.trunk.pooling},
+                                       {"config", config.source},
+                                       {"heads", cards}};
+  std::ostringstream bytes;
+  model.save(bytes, {{"canopy/model.json", meta.dump(2)}});
+  const std::string written = bytes.str();
+  write_file_atomic(path, written);
+  out.sha256 = sha256_hex(written);
+  out.bytes = static_cast<std::int64_t>(written.size());
+  return out;
+}
+
+std::string format_model_file(const ModelFile& m) {
+  std::ostringstream o;
+  o << "wrote " << m.path << " (" << format_mib(static_cast<double>(m.bytes)) << ", sha256 " << m.sha256
+    << ")\n"
+    << "  heads   " << join(m.tasks, ", ") << "\n"
+    << "  input   " << m.inputs << "\n"
+    << "  load    torch.jit.load(\"" << m.path << "\") in Python, torch::jit::load in C++; model(x) gives "
+    << "{task: output}\n";
+  for (const auto& n : m.notes) o << "  note    " << n << "\n";
+  return o.str();
+}
+
+}  // namespace canopy::runners
