@@ -648,6 +648,9 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
             [](const std::optional<tasks::RegressionLoss>& l) { return l ? tasks::to_string(*l) : ""; },
             tasks::regression_loss_names(), "regression only; default mse")
             .optional_in_dump());
+    v.push_back(member_key<T>("task", "threshold", CANOPY_TASK(threshold),
+                              "multilabel: a label is given where its probability is over this; tune: per "
+                              "label, the F1-best on the validation split"));
     return v;
   }();
   return keys;
@@ -896,6 +899,12 @@ void validate_job_config(const JobConfig& c) {
                grid_size,
                " heads; its winner is chosen on a validation split held out of the training data, never on "
                "the test split: set train.validation_fraction (e.g. 0.1)");
+  for (const auto& t : c.tasks) {
+    CANOPY_CHECK(t.threshold != "tune" || has_validation(c.train), ConfigError, "task.", t.written_name(),
+                 ".threshold = tune", in,
+                 " chooses each label's threshold on a validation split held out of the training data, never "
+                 "on the test split: set train.validation_fraction (e.g. 0.1)");
+  }
   CANOPY_CHECK(c.train.grid_halving == 0 || !grid.empty(), ConfigError,
                "train.grid_halving = ", c.train.grid_halving, in,
                " stops the weaker members of a grid, and no task is a grid (a list of values makes one, "

@@ -93,7 +93,7 @@ Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& regi
     r.class_names = h.class_names;
     r.state = tasks::TaskState::kDone;
     r.eval = tasks::evaluate_outputs(h.kind, at::cat(scored[k].outputs), scored[k].targets, h.out_features,
-                                     h.target_mean, h.target_std);
+                                     h.target_mean, h.target_std, h.cutoffs);
     e.heads.push_back(std::move(r));
     e.card_scores.push_back(h.kind == tasks::TaskKind::kRegression ? h.card.value("eval_r2", 0.0)
                                                                    : h.card.value("eval_accuracy", 0.0));

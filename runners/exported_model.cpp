@@ -78,6 +78,13 @@ ExportedHead load_head_from(const tasks::TaskConfig& tc, const tasks::HeadRegist
   out.out_features = spec.out_features;
   out.class_names = card.at("class_names").get<std::vector<std::string>>();
   out.kind = tasks::parse_task_kind(card.value("kind", "multiclass"), "head card '" + card_path + "': kind");
+  if (out.kind == tasks::TaskKind::kMultilabel) {  // cards from before thresholds: 0.5 each
+    out.cutoffs =
+        card.value("threshold_logits", std::vector<double>(static_cast<std::size_t>(spec.out_features), 0.0));
+    CANOPY_CHECK(static_cast<std::int64_t>(out.cutoffs.size()) == spec.out_features, DataError, "head card '",
+                 card_path, "' has ", out.cutoffs.size(), " threshold_logits for ", spec.out_features,
+                 " labels");
+  }
   out.target_mean = card.value("target_mean", 0.0);
   out.target_std = card.value("target_std", 1.0);
   const std::string weights_path = join_path(dir, card.at("weights").get<std::string>());

@@ -41,6 +41,7 @@ ordered_json per_label_report(const tasks::EvalMetrics& m, const std::vector<std
     const auto& s = m.labels[i];
     out.push_back(
         {{"label", i < names.size() ? names[i] : std::to_string(i)},
+         {"threshold", s.threshold},
          {"precision", s.precision},
          {"recall", s.recall},
          {"f1", s.f1},
@@ -90,7 +91,16 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
                     {"eval_mean_ap", r.eval.mean_ap ? ordered_json(*r.eval.mean_ap) : ordered_json()},
                     {"eval_top5_accuracy", r.eval.top5 ? ordered_json(*r.eval.top5) : ordered_json()},
                     {"per_class", per_class_report(r.eval, r.class_names)}};
-  if (c.kind == tasks::TaskKind::kMultilabel) card["per_label"] = per_label_report(r.eval, r.class_names);
+  if (c.kind == tasks::TaskKind::kMultilabel) {
+    card["per_label"] = per_label_report(r.eval, r.class_names);
+    // How the labels are given: as configured, and each label's cut on the head's logits
+    // (what canopy predict compares, as float32) with its probability.
+    card["threshold"] = c.threshold;
+    card["threshold_logits"] = task.cutoffs();
+    std::vector<double> probabilities;
+    for (double cut : task.cutoffs()) probabilities.push_back(tasks::logit_threshold(cut));
+    card["thresholds"] = probabilities;
+  }
   if (const auto& e = r.eval.regression) {
     card["target_mean"] = task.target_mean();
     card["target_std"] = task.target_std();

@@ -171,6 +171,7 @@ ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& reg
       << "    out: Dict[str, Tensor] = {}\n";
   c10::Dict<std::string, c10::List<std::string>> class_names;
   c10::Dict<std::string, std::string> kinds;
+  c10::Dict<std::string, c10::List<double>> thresholds;  // multilabel: a label is given over its own
   nlohmann::ordered_json cards = nlohmann::ordered_json::object();
   for (std::size_t i = 0; i < loaded.heads.size(); ++i) {
     const ExportedHead& h = loaded.heads[i];
@@ -186,6 +187,11 @@ ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& reg
     src << "    out[" << nlohmann::json(h.task()).dump() << "] = " << value << "\n";
     class_names.insert(h.task(), c10::List<std::string>(h.class_names));
     kinds.insert(h.task(), kind_name(h.kind));
+    if (h.kind == tasks::TaskKind::kMultilabel) {
+      std::vector<double> p;
+      for (double cut : h.cutoffs) p.push_back(tasks::logit_threshold(cut));
+      thresholds.insert(h.task(), c10::List<double>(p));
+    }
     cards[h.task()] = h.card;
     out.tasks.push_back(h.task());
   }
@@ -197,6 +203,8 @@ ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& reg
       "class_names", c10::DictType::create(c10::StringType::get(), c10::ListType::ofStrings()), class_names);
   model.register_attribute("kinds", c10::DictType::create(c10::StringType::get(), c10::StringType::get()),
                            kinds);
+  model.register_attribute(
+      "thresholds", c10::DictType::create(c10::StringType::get(), c10::ListType::ofFloats()), thresholds);
   try {
     model.define(src.str());
   } catch (const std::exception& e) {

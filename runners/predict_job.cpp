@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <ostream>
 
+#include <ATen/ops/tensor.h>
 #include <nlohmann/json.hpp>
 
 #include "canopy/core/error.h"
@@ -35,7 +36,7 @@ std::vector<std::string> prediction_names(const ExportedHead& h, const at::Tenso
     return out;
   }
   if (h.kind == tasks::TaskKind::kMultilabel) {
-    const at::Tensor on = outputs.gt(0).contiguous();
+    const at::Tensor on = outputs.gt(at::tensor(h.cutoffs, at::kFloat)).contiguous();
     const auto a = on.accessor<bool, 2>();
     for (std::int64_t r = 0; r < on.size(0); ++r) {
       std::string labels;

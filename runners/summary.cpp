@@ -68,8 +68,8 @@ std::string per_class_tables(const std::vector<TaskResult>& results, const std::
   return o.str();
 }
 
-// Per label of each multilabel head: precision, recall and F1 at its threshold (a label is
-// given where its logit is positive), average precision, and how many rows carry it and are
+// Per label of each multilabel head: its threshold, precision, recall and F1 at it, average
+// precision, and how many rows carry it and are
 // given it; a table per head, its labels being its own.
 std::string per_label_tables(const std::vector<TaskResult>& results, const std::string& where) {
   std::ostringstream o;
@@ -80,16 +80,17 @@ std::string per_label_tables(const std::vector<TaskResult>& results, const std::
     std::size_t w_label = 5;
     for (const auto& n : t.class_names) w_label = std::max(w_label, n.size());
     o << "\nper-label scores of '" << t.name << "' on " << where
-      << " (a label is given where its probability is over 0.5)\n"
+      << " (a label is given where its probability is over its threshold)\n"
       << std::left << std::setw(static_cast<int>(w_label)) << "label" << std::right
-      << "  precision  recall      F1      AP  support  predicted\n";
+      << "  threshold  precision  recall      F1      AP  support  predicted\n";
     char row[160];
     for (std::size_t j = 0; j < t.eval.labels.size(); ++j) {
       const auto& s = t.eval.labels[j];
       char ap[16] = "      -";
       if (s.average_precision) std::snprintf(ap, sizeof ap, "%7.3f", *s.average_precision);
-      std::snprintf(row, sizeof row, "  %9.3f  %6.3f  %6.3f  %s  %7lld  %9lld\n", s.precision, s.recall, s.f1,
-                    ap, static_cast<long long>(s.support), static_cast<long long>(s.predicted));
+      std::snprintf(row, sizeof row, "  %9.3f  %9.3f  %6.3f  %6.3f  %s  %7lld  %9lld\n", s.threshold,
+                    s.precision, s.recall, s.f1, ap, static_cast<long long>(s.support),
+                    static_cast<long long>(s.predicted));
       const std::string name = j < t.class_names.size() ? t.class_names[j] : std::to_string(j);
       o << std::left << std::setw(static_cast<int>(w_label)) << name << std::right << row;
     }

@@ -1075,8 +1075,10 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
     } else {
       r.exported_epoch = set.tasks[i]->restore_best() ? run.best_epoch : run.epochs;
     }
-    if (splits.validation)
+    if (splits.validation) {
+      set.tasks[i]->tune_thresholds(splits.selection_features, set.eval_targets[i]);  // threshold = tune
       r.validation = set.tasks[i]->evaluate(splits.selection_features, set.eval_targets[i]);
+    }
   }
   // The test split, once per exported head. (A resumed run carries no confusion matrix over
   // from before the interruption, so the exported metrics come from the exported weights.)

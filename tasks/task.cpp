@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <mutex>
 #include <sstream>
 
@@ -133,6 +134,16 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
   const std::string t = "task '" + c.name + "'";
   CANOPY_CHECK(!c.name.empty(), ConfigError, "a task needs a name");
   validate_training(c, t);
+  if (c.threshold != "0.5") {
+    CANOPY_CHECK(c.kind == TaskKind::kMultilabel, ConfigError, t, ": threshold = ", c.threshold,
+                 " applies to multilabel tasks only (", to_string(c.kind), " heads give ",
+                 c.kind == TaskKind::kRegression ? "a value" : "the most probable class", ")");
+    char* end = nullptr;
+    const double p = c.threshold == "tune" ? 0.5 : std::strtod(c.threshold.c_str(), &end);
+    CANOPY_CHECK(
+        c.threshold == "tune" || (!c.threshold.empty() && *end == '\0' && p > 0 && p < 1), ConfigError, t,
+        ": threshold must be a probability between 0 and 1 (exclusive) or 'tune', got '", c.threshold, "'");
+  }
   if (c.kind == TaskKind::kRegression) {
     CANOPY_CHECK(
         c.label_map.empty() && c.class_names.empty() && c.class_weights.empty() && c.label_smoothing == 0,
@@ -289,6 +300,11 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
   head_->seed(seed);
   optimizer_ = make_optimizer(config_.optimizer, {head_->parameters()}, config_.lr, config_.weight_decay,
                               config_.momentum);
+  if (multilabel()) cutoffs_ = configured_cutoffs(config_, num_classes_);
+}
+
+void Task::tune_thresholds(const at::Tensor& features, const at::Tensor& targets) {
+  if (multilabel() && config_.threshold == "tune") cutoffs_ = f1_best_cutoffs(outputs(features), targets);
 }
 
 Task::~Task() = default;
@@ -548,21 +564,22 @@ at::Tensor Task::outputs(const at::Tensor& features) {
 at::Tensor Task::predict(const at::Tensor& features) {
   const at::Tensor out = outputs(features);
   if (regression()) return out.squeeze(1).to(at::kDouble) * target_std_ + target_mean_;
-  return multilabel() ? out.gt(0).to(at::kLong) : out.argmax(1);
+  return multilabel() ? out.gt(at::tensor(cutoffs_, at::kFloat)).to(at::kLong) : out.argmax(1);
 }
 
 EvalMetrics Task::evaluate(const at::Tensor& features, const at::Tensor& targets) {
   const at::Tensor out = outputs(features);
-  if (!regression()) return evaluate_outputs(config_.kind, out, targets, num_classes_);
+  if (!regression()) return evaluate_outputs(config_.kind, out, targets, num_classes_, 0.0, 1.0, cutoffs_);
   return evaluate_outputs(config_.kind, out, targets.squeeze(1).to(at::kDouble) * target_std_ + target_mean_,
                           num_classes_, target_mean_, target_std_);
 }
 
 EvalMetrics evaluate_outputs(TaskKind kind, const at::Tensor& outputs, const at::Tensor& targets,
-                             std::int64_t num_classes, double target_mean, double target_std) {
+                             std::int64_t num_classes, double target_mean, double target_std,
+                             const std::vector<double>& cutoffs) {
   if (kind == TaskKind::kRegression)
     return regression_metrics(outputs.squeeze(1).to(at::kDouble) * target_std + target_mean, targets);
-  if (kind == TaskKind::kMultilabel) return multilabel_metrics(outputs, targets);
+  if (kind == TaskKind::kMultilabel) return multilabel_metrics(outputs, targets, cutoffs);
   EvalMetrics m = classification_metrics(outputs.argmax(1), targets, num_classes);
   if (num_classes > 5) m.top5 = top_k_accuracy(outputs, targets, 5);
   return m;
@@ -586,13 +603,63 @@ EvalMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& 
   return m;
 }
 
-EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets) {
+double threshold_logit(double probability) { return std::log(probability / (1.0 - probability)); }
+double logit_threshold(double logit) { return 1.0 / (1.0 + std::exp(-logit)); }
+
+std::vector<double> configured_cutoffs(const TaskConfig& config, std::int64_t labels) {
+  const double p = config.threshold == "tune" ? 0.5 : std::strtod(config.threshold.c_str(), nullptr);
+  return std::vector<double>(static_cast<std::size_t>(labels), threshold_logit(p));
+}
+
+std::vector<double> f1_best_cutoffs(const at::Tensor& scores, const at::Tensor& targets) {
+  CANOPY_CHECK(scores.sizes() == targets.sizes() && scores.dim() == 2, DataError, "multilabel scores ",
+               scores.sizes(), " and targets ", targets.sizes(), " must both be [N, K]");
+  const at::Tensor s = scores.to(at::kDouble).contiguous(), t = targets.gt(0.5).contiguous();
+  const std::int64_t n = s.size(0);
+  std::vector<double> out;
+  for (std::int64_t j = 0; j < s.size(1); ++j) {
+    const at::Tensor order = s.select(1, j).argsort(/*stable=*/true, /*dim=*/0, /*descending=*/true);
+    const at::Tensor ranked = s.select(1, j).index_select(0, order).contiguous();
+    const at::Tensor hits = t.select(1, j).index_select(0, order).contiguous();
+    const double* v = ranked.data_ptr<double>();
+    const bool* h = hits.data_ptr<bool>();
+    std::int64_t positives = 0;
+    for (std::int64_t r = 0; r < n; ++r) positives += h[r] ? 1 : 0;
+    if (positives == 0) {
+      out.push_back(0.0);
+      continue;
+    }
+    // Giving the label to the first k rows (a cut between distinct scores): F1 = 2 TP / (k + P).
+    double best_f1 = -1.0, cut = 0.0;
+    std::int64_t tp = 0;
+    for (std::int64_t k = 1; k <= n; ++k) {
+      tp += h[k - 1] ? 1 : 0;
+      if (k < n && v[k] == v[k - 1]) continue;  // a cut must separate distinct scores
+      const double f1 = 2.0 * static_cast<double>(tp) / static_cast<double>(k + positives);
+      if (f1 > best_f1) {
+        best_f1 = f1;
+        // Logits are compared as float: the halfway point rounded to float must stay above the
+        // next row's score (else the cut is that score: `over` leaves it out).
+        const auto half = static_cast<float>((v[k - 1] + v[k < n ? k : k - 1]) / 2);
+        cut = k == n ? v[n - 1] - 1.0 : (half > v[k] && half < v[k - 1] ? half : v[k]);
+      }
+    }
+    out.push_back(cut);
+  }
+  return out;
+}
+
+EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets,
+                               const std::vector<double>& cutoffs) {
   CANOPY_CHECK(scores.sizes() == targets.sizes() && scores.dim() == 2, DataError, "multilabel scores ",
                scores.sizes(), " and targets ", targets.sizes(), " must both be [N, K]");
   EvalMetrics m;
   m.count = scores.size(0);
   const std::int64_t k = scores.size(1);
-  const at::Tensor pred = scores.gt(0);
+  CANOPY_CHECK(cutoffs.empty() || static_cast<std::int64_t>(cutoffs.size()) == k, DataError, cutoffs.size(),
+               " label thresholds for ", k, " labels");
+  const at::Tensor pred =
+      cutoffs.empty() ? scores.gt(0) : scores.gt(at::tensor(cutoffs, at::kDouble).to(scores.scalar_type()));
   const at::Tensor truth = targets.gt(0.5);
   m.accuracy = m.count ? pred.eq(truth).all(1).to(at::kDouble).mean().item<double>() : 0.0;
   double f1 = 0, ap = 0;
@@ -600,6 +667,7 @@ EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targe
   for (std::int64_t j = 0; j < k; ++j) {
     const at::Tensor p = pred.select(1, j), t = truth.select(1, j);
     LabelStats s;
+    s.threshold = cutoffs.empty() ? 0.5 : logit_threshold(cutoffs[static_cast<std::size_t>(j)]);
     const double tp = p.logical_and(t).sum().item<double>();
     const double claimed = p.sum().item<double>();
     const double positives = t.sum().item<double>();

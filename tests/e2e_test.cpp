@@ -246,10 +246,11 @@ TEST_F(EndToEnd, MultilabelAttributesTrainNextToMulticlassHeads) {
     const auto& l = t.eval.labels[j];
     std::istringstream row(summary.substr(summary.find(std::string("\n") + names[j] + " ") + 1));
     std::string name;
-    double precision = -1, recall = -1, f1 = -1;
+    double threshold = -1, precision = -1, recall = -1, f1 = -1;
     std::string ap;
     std::int64_t support = -1, predicted = -1;
-    row >> name >> precision >> recall >> f1 >> ap >> support >> predicted;
+    row >> name >> threshold >> precision >> recall >> f1 >> ap >> support >> predicted;
+    EXPECT_EQ(threshold, 0.5) << names[j] << ": threshold 0.5 unless set";
     EXPECT_NEAR(f1, l.f1, 5e-4) << names[j] << "\n" << summary;
     EXPECT_NEAR(recall, l.recall, 5e-4) << names[j];
     EXPECT_EQ(support, l.support) << names[j];

@@ -259,6 +259,74 @@ TEST(Metrics, MultilabelAveragePrecision) {
   EXPECT_NEAR(m.accuracy, 2.0 / 4.0, 1e-9);
 }
 
+TEST(Metrics, F1BestCutsAndTheMetricsAtThem) {
+  // Label 0, scores 3 2 1 0 -1 with truth 1 0 1 0 0: giving it to the top 1, 2, 3, 4, 5 rows
+  // has F1 2/3, 1/2, 4/5, 2/3, 4/7; the best, the top 3, cuts halfway between 1 and 0.
+  // Label 1: a tie at the top (2, 2) with one hit: both or none; both rows + nothing else is
+  // F1 2/3, the only cut that gives the hit; it sits between 2 and 1. Label 2: no row carries it.
+  const at::Tensor scores =
+      at::tensor(std::vector<float>{3, 2, 0, 2, 2, 0, 1, 1, 0, 0, 0, 0, -1, -1, 0}).view({5, 3});
+  const at::Tensor truth =
+      at::tensor(std::vector<float>{1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0}).view({5, 3});
+  const std::vector<double> cuts = f1_best_cutoffs(scores, truth);
+  ASSERT_EQ(cuts.size(), 3U);
+  EXPECT_DOUBLE_EQ(cuts[0], 0.5);
+  EXPECT_DOUBLE_EQ(cuts[1], 1.5);
+  EXPECT_DOUBLE_EQ(cuts[2], 0.0) << "no positives: probability 0.5";
+  const EvalMetrics at_cuts = multilabel_metrics(scores, truth, cuts);
+  EXPECT_NEAR(at_cuts.labels[0].f1, 0.8, 1e-12);
+  EXPECT_EQ(at_cuts.labels[0].predicted, 3);
+  EXPECT_NEAR(at_cuts.labels[0].threshold, 1.0 / (1.0 + std::exp(-0.5)), 1e-12);
+  EXPECT_NEAR(at_cuts.labels[1].f1, 2.0 / 3.0, 1e-12);
+  EXPECT_EQ(at_cuts.labels[1].predicted, 2);
+  // At 0.5 (logit 0, the default) label 1 goes to the rows scored 2, 2 and 1: F1 2/4.
+  const EvalMetrics at_half = multilabel_metrics(scores, truth);
+  EXPECT_NEAR(at_half.labels[1].f1, 0.5, 1e-12);
+  EXPECT_EQ(at_half.labels[1].predicted, 3);
+  EXPECT_EQ(at_half.labels[1].threshold, 0.5);
+  // Scores one float apart: the cut rounds to float between them, never onto the lower.
+  const float hi = 1.0f, lo = std::nextafter(1.0f, 0.0f);
+  const at::Tensor close = at::tensor(std::vector<float>{hi, lo}).view({2, 1});
+  const at::Tensor first_only = at::tensor(std::vector<float>{1, 0}).view({2, 1});
+  const auto cut = f1_best_cutoffs(close, first_only);
+  EXPECT_EQ(multilabel_metrics(close, first_only, cut).labels[0].f1, 1.0) << cut[0];
+}
+
+TEST(Task, ThresholdIsForMultilabelTasksAndTunedOnTheRowsGiven) {
+  HeadRegistry r = builtin();
+  TaskConfig c;
+  c.name = "attrs";
+  c.kind = TaskKind::kMultilabel;
+  c.class_names = {"upper", "lower"};
+  c.label_map = {1, 2, 3};
+  c.threshold = "0.8";
+  Task fixed(c, r, 4, 3, 1);
+  ASSERT_EQ(fixed.cutoffs().size(), 2U);
+  EXPECT_NEAR(logit_threshold(fixed.cutoffs()[1]), 0.8, 1e-12);
+  const at::Tensor x = at::randn({64, 4});
+  const at::Tensor y = fixed.targets(at::randint(0, 3, {64}));
+  EXPECT_TRUE(at::equal(fixed.predict(x), fixed.outputs(x).gt(threshold_logit(0.8)).to(at::kLong)));
+  fixed.tune_thresholds(x, y);  // threshold = 0.8 is kept
+  EXPECT_NEAR(logit_threshold(fixed.cutoffs()[0]), 0.8, 1e-12);
+  c.threshold = "tune";
+  Task tuned(c, r, 4, 3, 1);
+  tuned.tune_thresholds(x, y);
+  EXPECT_EQ(tuned.cutoffs(), f1_best_cutoffs(tuned.outputs(x), y));
+  EXPECT_NEAR(tuned.evaluate(x, y).macro_f1,
+              multilabel_metrics(tuned.outputs(x), y, tuned.cutoffs()).macro_f1, 1e-12);
+  for (const char* bad : {"1", "0", "-0.2", "0.5x", "half", ""}) {
+    c.threshold = bad;
+    EXPECT_TRUE(testing::throws_with<ConfigError>(
+        [&] { Task(c, r, 4, 3, 1); }, {"threshold must be a probability", "'" + std::string(bad) + "'"}))
+        << bad;
+  }
+  TaskConfig multiclass;
+  multiclass.name = "cls";
+  multiclass.threshold = "0.7";
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(multiclass, r, 4, 3, 1); },
+                                                {"threshold = 0.7 applies to multilabel tasks only"}));
+}
+
 TEST(Task, MultilabelTargetsFromBitmasks) {
   HeadRegistry r = builtin();
   TaskConfig c;

@@ -247,10 +247,10 @@ class_names = grain,corn
     lines = r.stdout.splitlines()
     at = [i for i, l in enumerate(lines) if l.startswith("per-label scores of 'both'")]
     rows = [l.split() for l in lines[at[0] + 2:at[0] + 4]] if at else []
-    want = [[e["label"]] + [f"{e[k]:.3f}" if e[k] is not None else "-" for k in ("precision", "recall", "f1",
+    want = [[e["label"]] + [f"{e[k]:.3f}" if e[k] is not None else "-" for k in ("threshold", "precision", "recall", "f1",
             "average_precision")] + [str(e["support"]), str(e["predicted"])]
             for e in json.load(open(os.path.join(work, "train", "heads", "both.json"))).get("per_label", [])]
-    check(r.returncode == 0 and len(at) == 1 and lines[at[0] + 1].split()[:4] == ["label", "precision", "recall", "F1"]
+    check(r.returncode == 0 and len(at) == 1 and lines[at[0] + 1].split()[:5] == ["label", "threshold", "precision", "recall", "F1"]
           and rows == want, f"evaluate's table has a row per label of the multilabel head, the card's ({rows} vs {want})")
     r = subprocess.run(evaluate + ["--input", f"grain:{REUTERS}/ReutersGrain-test.arff"], capture_output=True, text=True)
     out = json.loads(r.stdout) if r.returncode == 0 else {"heads": [], "not_evaluated": []}
@@ -310,6 +310,42 @@ class_names = grain,corn
         f = torch.jit.load(model_path).features(*padded(enc)).numpy()
     diff = float(np.abs(f - tapped).max()) if f.shape == tapped.shape else float("inf")
     check(diff < 1e-4, f"model file with taps: features {f.shape} are the tapped cache's (max diff {diff:.2e})")
+
+    # --- threshold = tune: each label's cut chosen on a validation split, used everywhere ---
+    tuned = ["--set", "train.validation_fraction=0.25", "--set", "task.both.threshold=tune",
+             "--set", f"train.out_dir={work}/train-tuned"]
+    r = subprocess.run([canopy, "train", "--config", config, "--progress", "quiet"] + tuned, capture_output=True, text=True)
+    check(r.returncode == 0, "canopy train with task.both.threshold = tune" + ("" if r.returncode == 0 else ": " + r.stderr[-300:]))
+    card = json.load(open(os.path.join(work, "train-tuned", "heads", "both.json"))) if r.returncode == 0 else {}
+    cuts = np.array(card.get("threshold_logits", []), dtype=np.float32)
+    check(card.get("threshold") == "tune" and cuts.shape == (2,) and np.allclose(
+          card["thresholds"], 1 / (1 + np.exp(-cuts.astype(np.float64))), atol=1e-7)
+          and [e["threshold"] for e in card["per_label"]] == card["thresholds"],
+          f"the card records each label's tuned threshold ({card.get('thresholds')})")
+    w = load_file(os.path.join(work, "train-tuned", "heads", "both.safetensors")) if card else {}
+    scores = (test_features @ w["linear.weight"].T + w["linear.bias"]).numpy() if card else np.zeros((40, 2))
+    given = scores > cuts if cuts.shape == (2,) else np.zeros((40, 2), bool)
+    f1 = [2 * float((given[:, j] & ((test_bits >> j) & 1 == 1)).sum()) / max(1, given[:, j].sum() + ((test_bits >> j) & 1).sum())
+          for j in range(2)]
+    check(card and all(abs(a - e["f1"]) < 1e-6 and int(given[:, j].sum()) == e["predicted"]
+                       for j, (a, e) in enumerate(zip(f1, card["per_label"]))),
+          f"the card's per-label F1 on the test split is numpy's at those thresholds ({f1})")
+    r = subprocess.run([canopy, "predict", "--config", config, "--input", f"{REUTERS}/ReutersGrain-test.arff",
+                        "--limit", "40", "--progress", "quiet"] + tuned, capture_output=True, text=True)
+    got = [row.split(",")[1] for row in r.stdout.splitlines()[1:]]
+    want = ["|".join(n for j, n in enumerate(("grain", "corn")) if given[i, j]) for i in range(40)]
+    check(r.returncode == 0 and got == want, f"predict gives each label over its tuned threshold ({sum(map(bool, got))} "
+                                             f"stories with a label)")
+    r = subprocess.run(evaluate + ["--input", files("test").replace(" ", "")] + tuned, capture_output=True, text=True)
+    report = {h["task"]: h for h in json.loads(r.stdout)["heads"]} if r.returncode == 0 else {}
+    check(report.get("both", {}).get("per_label") == card.get("per_label"),
+          "evaluate scores the labels at the card's thresholds: its per_label is the card's")
+    r = subprocess.run([canopy, "export", "--config", config, "--output", model_path] + tuned, capture_output=True, text=True)
+    check(r.returncode == 0 and torch.jit.load(model_path).thresholds["both"] == card.get("thresholds"),
+          "the model file carries the thresholds")
+    r = subprocess.run([canopy, "train", "--config", config, "--set", "task.both.threshold=tune"], capture_output=True, text=True)
+    check(r.returncode == 2 and "task.both.threshold = tune" in r.stderr and "set train.validation_fraction" in r.stderr,
+          f"threshold = tune without a validation split is refused ({r.stderr.strip()[-120:]})")
     return finish()
 
 

@@ -8,7 +8,8 @@
 //   heads(features)            -> {task: output}
 // An output is each class's probability (softmax) for a multiclass head, each label's
 // (sigmoid) for a multilabel one, and the value in the label's units [N] for a regression.
-// Attributes: class_names (task -> names) and kinds (task -> multiclass|multilabel|regression);
+// Attributes: class_names (task -> names), kinds (task -> multiclass|multilabel|regression) and
+// thresholds (a multilabel task -> the probability over which each label is given);
 // the extra file canopy/model.json records the trunk's SHA-256, the preprocessing, and each
 // head's card. Built-in heads only (linear, mlp): a registered C++ head has no TorchScript form.
 #pragma once

@@ -88,8 +88,12 @@ struct TaskConfig {
   std::int64_t early_stop_patience = 0;  // stop after this many epochs without a better
                                          // eval accuracy; 0: never
   double label_smoothing = 0.0;
-  std::vector<double> class_weights;               // per task class, for the loss; empty: equal
-  std::optional<RegressionLoss> loss;              // regression only; unset: mse
+  std::vector<double> class_weights;   // per task class, for the loss; empty: equal
+  std::optional<RegressionLoss> loss;  // regression only; unset: mse
+  // Multilabel: a label is given where its probability is over this ("0.5", any value in
+  // (0, 1)), or "tune": per label, the F1-best cut on the validation split, chosen once on
+  // the exported weights (Task::tune_thresholds).
+  std::string threshold = "0.5";
   std::map<std::string, std::string> head_params;  // the head's options ([task.<name>.head])
 };
 
@@ -112,8 +116,9 @@ struct RegressionErrors {
   double r2 = 0.0;
 };
 
-// One label of a multilabel head on a split, at its threshold (a positive logit).
+// One label of a multilabel head on a split, at its threshold.
 struct LabelStats {
+  double threshold = 0.5;      // the probability over which the head gives the label
   std::int64_t support = 0;    // rows carrying the label
   std::int64_t predicted = 0;  // rows the head gives it
   double precision = 0.0, recall = 0.0;
@@ -125,7 +130,7 @@ struct LabelStats {
 struct EvalMetrics {
   std::int64_t count = 0;
   double accuracy = 0.0;           // multilabel: exact-match ratio (every label right); regression: 0
-  double macro_f1 = 0.0;           // multilabel: mean over labels of F1 at threshold 0.5; regression: 0
+  double macro_f1 = 0.0;           // multilabel: mean over labels of F1 at their thresholds; regression: 0
   at::Tensor confusion;            // multiclass: int64 [K, K], rows = truth, columns = prediction
   std::optional<double> mean_ap;   // multilabel: mean over labels of average precision
   std::vector<LabelStats> labels;  // multilabel: per label, in class_names' order
@@ -150,8 +155,19 @@ EvalMetrics classification_metrics(const at::Tensor& predictions, const at::Tens
 // The share of rows whose target class is among the k highest of their scores [N, C]
 // (ties broken as at::topk breaks them); targets: [N] class indices.
 double top_k_accuracy(const at::Tensor& scores, const at::Tensor& targets, std::int64_t k);
-// scores: [N, K] logits or probabilities; targets: [N, K] in {0, 1}.
-EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets);
+// scores: [N, K] logits; targets: [N, K] in {0, 1}. Label j is given where its logit is over
+// cutoffs[j] (empty: 0 for every label, probability 0.5).
+EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets,
+                               const std::vector<double>& cutoffs = {});
+// Per label, the logit cut with the best F1 on these rows: halfway between the two adjacent
+// distinct scores it separates (giving the label to the rows above), the smallest such set on a
+// tie; 0 (probability 0.5) for a label no row carries.
+std::vector<double> f1_best_cutoffs(const at::Tensor& scores, const at::Tensor& targets);
+// A probability threshold as a logit cut, and back.
+double threshold_logit(double probability);
+double logit_threshold(double logit);
+// The cuts `config.threshold` gives `labels` labels before any tuning (0.5 for "tune").
+std::vector<double> configured_cutoffs(const TaskConfig& config, std::int64_t labels);
 // predictions, targets: [N] real values.
 EvalMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets);
 
@@ -162,10 +178,11 @@ EvalMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& 
 at::Tensor source_targets(const TaskConfig& config, std::int64_t num_classes,
                           const at::Tensor& source_labels);
 // The metrics of a head's outputs [N, K] against source_targets' targets: classes by argmax
-// (top-5 over more than 5), labels by a positive logit, a regression's value as
-// output * target_std + target_mean (its outputs are in standardised units).
+// (top-5 over more than 5), labels by a logit over their cutoffs (empty: 0), a regression's
+// value as output * target_std + target_mean (its outputs are in standardised units).
 EvalMetrics evaluate_outputs(TaskKind kind, const at::Tensor& outputs, const at::Tensor& targets,
-                             std::int64_t num_classes, double target_mean = 0.0, double target_std = 1.0);
+                             std::int64_t num_classes, double target_mean = 0.0, double target_std = 1.0,
+                             const std::vector<double>& cutoffs = {});
 
 // Where a head stands in a training run (the trainer keeps it, see runners/head_run.h).
 enum class TaskState { kTraining, kDone, kFailed };
@@ -218,6 +235,11 @@ class Task {
   void begin_step();
   at::Tensor loss(const at::Tensor& outputs, const at::Tensor& targets) const;
   void finish_step();
+  // Multilabel: each label's logit cut (config().threshold's, or tuned); empty otherwise.
+  const std::vector<double>& cutoffs() const { return cutoffs_; }
+  // threshold = tune: sets each label's cut to the F1-best on these rows (f1_best_cutoffs of
+  // the head's outputs); the metrics and predictions after use them.
+  void tune_thresholds(const at::Tensor& features, const at::Tensor& targets);
   // Predictions for a batch (eval mode, no grad): [B] class indices (multiclass), [B, K]
   // 0/1 label indicators (multilabel) or [B] values (regression).
   at::Tensor predict(const at::Tensor& features);
@@ -256,6 +278,7 @@ class Task {
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
   FusedOptimizerStep optimizer_step_;
   std::vector<at::Tensor> best_;  // parameters then buffers, in the head's order
+  std::vector<double> cutoffs_;   // multilabel: per label
   std::vector<std::string> unused_head_options_;
 };
 
