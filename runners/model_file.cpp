@@ -184,7 +184,8 @@ ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& reg
       value = "torch.sigmoid(" + logits + ")";
     else
       value = "torch.softmax(" + logits + ", 1)";
-    src << "    out[" << nlohmann::json(h.task()).dump() << "] = " << value << "\n";
+    // The name from an attribute, not a literal in the source: a task name may hold any character.
+    src << "    out[self.tasks[" << i << "]] = " << value << "\n";
     class_names.insert(h.task(), c10::List<std::string>(h.class_names));
     kinds.insert(h.task(), kind_name(h.kind));
     if (h.kind == tasks::TaskKind::kMultilabel) {
@@ -199,6 +200,7 @@ ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& reg
   src << "\ndef forward(self, " << (texts ? "input_ids: Tensor, attention_mask: Tensor" : "images: Tensor")
       << ") -> Dict[str, Tensor]:\n"
       << "    return self.heads(self.features(" << (texts ? "input_ids, attention_mask" : "images") << "))\n";
+  model.register_attribute("tasks", c10::ListType::ofStrings(), c10::List<std::string>(out.tasks));
   model.register_attribute(
       "class_names", c10::DictType::create(c10::StringType::get(), c10::ListType::ofStrings()), class_names);
   model.register_attribute("kinds", c10::DictType::create(c10::StringType::get(), c10::StringType::get()),
@@ -222,7 +224,9 @@ ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& reg
                                        {"config", config.source},
                                        {"heads", cards}};
   std::ostringstream bytes;
-  model.save(bytes, {{"canopy/model.json", meta.dump(2)}});
+  // Paths from the command line may not be UTF-8: written as JSON with U+FFFD in their place.
+  model.save(bytes,
+             {{"canopy/model.json", meta.dump(2, ' ', false, nlohmann::json::error_handler_t::replace)}});
   const std::string written = bytes.str();
   write_file_atomic(path, written);
   out.sha256 = sha256_hex(written);

@@ -562,18 +562,25 @@ class DoubledLinearHead : public heads::LinearHead {
 };
 
 TEST_F(EndToEnd, ExportWritesOneTorchScriptFileAndRefusesANativeHead) {
+  // A task name may hold any character but '@' and '/': the file keys its outputs by it.
+  std::ofstream(config_path_, std::ios::app) << "[task.gr\xc3\xb6\xc3\x9f"
+                                                "e \"x\\]\nhead = linear\n";
   const JobConfig config = load_job_config(config_path_, {"train.epochs=1"});
   run_cache(config, false, nullptr, ProgressStyle::kQuiet);
   run_train(config, registry_, ProgressStyle::kQuiet);
   const std::string path = dir_.file("model.pt");
   const ModelFile written = export_model_file(config, registry_, path);
-  EXPECT_EQ(written.tasks, (std::vector<std::string>{"class_linear", "class_mlp", "group"}));
+  const std::string odd =
+      "gr\xc3\xb6\xc3\x9f"
+      "e \"x\\";
+  EXPECT_EQ(written.tasks, (std::vector<std::string>{"class_linear", "class_mlp", "group", odd}));
   EXPECT_EQ(written.sha256, sha256_file(path));
   // LibTorch loads it as any TorchScript file; a batch of raw pixels gives every head's output.
   torch::jit::Module model = torch::jit::load(path);
   const auto images = at::randint(0, 256, {5, 28, 28}, at::TensorOptions().dtype(at::kByte));
   const auto out = model.forward({images}).toGenericDict();
-  ASSERT_EQ(out.size(), 3U);
+  ASSERT_EQ(out.size(), 4U);
+  EXPECT_EQ(out.at(odd).toTensor().sizes(), (std::vector<std::int64_t>{5, 10}));
   const at::Tensor group = out.at("group").toTensor();
   EXPECT_EQ(group.sizes(), (std::vector<std::int64_t>{5, 4}));
   EXPECT_TRUE(at::allclose(group.sum(1), at::ones({5}))) << "softmax probabilities";

@@ -112,6 +112,20 @@ def main():
     check(held == 60, f"validation rows held out: {held} (0.2 of 300, stratified by class)")
     check(sorted(os.listdir(f"{work}/plain/out/heads")) == ["skew.json", "skew.safetensors"],
           "only the winner is exported, under the grid's name")
+    # canopy export writes that winner, under the grid's name, into the model file.
+    code, out, err = run([canopy, "export", "--config", f"{work}/plain.ini", "--output", f"{work}/model.pt"])
+    check(code == 0 and "heads   skew\n" in out, f"canopy export of a grid: its winner as 'skew' ({out[-200:]}{err[-200:]})")
+    if code == 0:
+        import h5py
+        import torch
+        from safetensors.torch import load_file
+        with h5py.File(f"{work}/plain/cache/cache.h5", "r") as h5:
+            features = torch.from_numpy(h5["test/features"][...])
+        w = load_file(f"{work}/plain/out/heads/skew.safetensors")
+        with torch.no_grad():
+            got = torch.jit.load(f"{work}/model.pt").heads(features)["skew"]
+        check(torch.allclose(got, (features @ w["linear.weight"].T + w["linear.bias"]).softmax(1), atol=1e-6),
+              "the model file's skew head is the exported winner's weights")
 
     with open(f"{work}/plain/out/metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
