@@ -203,6 +203,7 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   const JobConfig config = model_inputs(vm, "predict", options);
   options.format = vm["format"].as<std::string>();
   options.scores = vm.count("scores") > 0;
+  options.top = vm["top"].as<std::int64_t>();
   const ProgressStyle style = parse_progress(vm["progress"].as<std::string>());
   const std::string path = output_path(vm, "predict");
   if (path.empty()) {
@@ -316,7 +317,10 @@ void predict_options(po::options_description& d, po::positional_options_descript
       "limit", po::value<std::int64_t>()->default_value(0)->value_name("N"),
       "the first N inputs only (0: all)")("scores",
                                           "also write each class's probability (softmax) and each "
-                                          "label's (sigmoid), columns <task>:<class>");
+                                          "label's (sigmoid), columns <task>:<class>")(
+      "top", po::value<std::int64_t>()->default_value(0)->value_name("K"),
+      "also each multiclass head's K most probable classes with their probabilities, best first: "
+      "columns <task>:top1, <task>:top1_p, ...");
   add_progress_option(d);
 }
 

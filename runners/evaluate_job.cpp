@@ -26,16 +26,6 @@ struct Scored {
   std::vector<at::Tensor> outputs;  // per trunk batch
 };
 
-// A confusion matrix as JSON rows: row = true class, column = predicted, in class order.
-ordered_json confusion_rows(const at::Tensor& confusion) {
-  ordered_json rows = ordered_json::array();
-  const at::Tensor c = confusion.contiguous();
-  const auto* v = c.data_ptr<std::int64_t>();
-  const std::int64_t k = c.size(0);
-  for (std::int64_t i = 0; i < k; ++i) rows.push_back(std::vector<std::int64_t>(v + i * k, v + (i + 1) * k));
-  return rows;
-}
-
 std::string percent(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.2f%%", 100 * v);

@@ -35,6 +35,15 @@ ordered_json per_class_report(const tasks::EvalMetrics& m, const std::vector<std
   return out;
 }
 
+ordered_json confusion_rows(const at::Tensor& confusion) {
+  ordered_json rows = ordered_json::array();
+  const at::Tensor c = confusion.to(at::kLong).contiguous();
+  const auto* v = c.data_ptr<std::int64_t>();
+  const std::int64_t k = c.size(0);
+  for (std::int64_t i = 0; i < k; ++i) rows.push_back(std::vector<std::int64_t>(v + i * k, v + (i + 1) * k));
+  return rows;
+}
+
 ordered_json per_label_report(const tasks::EvalMetrics& m, const std::vector<std::string>& names) {
   ordered_json out = ordered_json::array();
   for (std::size_t i = 0; i < m.labels.size(); ++i) {
@@ -91,6 +100,8 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
                     {"eval_mean_ap", r.eval.mean_ap ? ordered_json(*r.eval.mean_ap) : ordered_json()},
                     {"eval_top5_accuracy", r.eval.top5 ? ordered_json(*r.eval.top5) : ordered_json()},
                     {"per_class", per_class_report(r.eval, r.class_names)}};
+  if (c.kind == tasks::TaskKind::kMulticlass && r.eval.confusion.defined())
+    card["confusion"] = confusion_rows(r.eval.confusion);  // on the eval split
   if (c.kind == tasks::TaskKind::kMultilabel) {
     card["per_label"] = per_label_report(r.eval, r.class_names);
     // How the labels are given: as configured, and each label's cut on the head's logits

@@ -59,15 +59,28 @@ std::vector<std::string> prediction_names(const ExportedHead& h, const at::Tenso
 // The predictions of the rows from `first` on, given every head's outputs for them, to `out`.
 void write_predictions(std::int64_t first, const std::vector<at::Tensor>& outputs, const ExportedModel& model,
                        const PredictOptions& options, const std::vector<std::string>& score_columns,
-                       std::int64_t n, std::ostream& out) {
+                       const std::vector<std::string>& top_columns, std::int64_t n, std::ostream& out) {
   const auto rows = static_cast<std::size_t>(outputs.front().size(0));
   std::vector<std::vector<std::string>> cells(rows);
   std::vector<std::vector<double>> scores(rows);
+  std::vector<std::vector<std::pair<std::string, double>>> top(rows);  // class and probability
   for (std::size_t k = 0; k < model.heads.size(); ++k) {
     const auto& h = model.heads[k];
     const at::Tensor& out_h = outputs[k];
     const auto names = prediction_names(h, out_h);
     for (std::size_t r = 0; r < names.size(); ++r) cells[r].push_back(names[r]);
+    if (options.top > 0 && h.kind == tasks::TaskKind::kMulticlass) {
+      const auto best = out_h.softmax(1).to(at::kDouble).topk(std::min(options.top, out_h.size(1)), 1);
+      const at::Tensor p = std::get<0>(best).contiguous(), c = std::get<1>(best).contiguous();
+      for (std::int64_t r = 0; r < p.size(0); ++r) {
+        for (std::int64_t j = 0; j < p.size(1); ++j) {
+          const auto cls = static_cast<std::size_t>(c.data_ptr<std::int64_t>()[r * p.size(1) + j]);
+          top[static_cast<std::size_t>(r)].emplace_back(
+              cls < h.class_names.size() ? h.class_names[cls] : std::to_string(cls),
+              p.data_ptr<double>()[r * p.size(1) + j]);
+        }
+      }
+    }
     if (options.scores && h.kind != tasks::TaskKind::kRegression) {
       const at::Tensor p = (h.kind == tasks::TaskKind::kMultilabel ? out_h.sigmoid() : out_h.softmax(1))
                                .to(at::kDouble)
@@ -85,11 +98,16 @@ void write_predictions(std::int64_t first, const std::vector<at::Tensor>& output
       out << id;
       for (const auto& cell : cells[r]) out << "," << csv_field(cell);  // class names may hold commas
       for (double v : scores[r]) out << "," << format_number(v);
+      for (const auto& [name, p] : top[r]) out << "," << csv_field(name) << "," << format_number(p);
       out << "\n";
     } else {
       nlohmann::ordered_json line{{"id", id}};
       for (std::size_t k = 0; k < model.heads.size(); ++k) line[model.heads[k].task()] = cells[r][k];
       for (std::size_t k = 0; k < scores[r].size(); ++k) line[score_columns[k]] = scores[r][k];
+      for (std::size_t k = 0; k < top[r].size(); ++k) {
+        line[top_columns[2 * k]] = top[r][k].first;
+        line[top_columns[2 * k + 1]] = top[r][k].second;
+      }
       out << line.dump() << "\n";
     }
   }
@@ -104,6 +122,8 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
                          const PredictOptions& options, std::ostream& out, ProgressStyle style) {
   CANOPY_CHECK(options.format == "csv" || options.format == "jsonl", ConfigError,
                "--format: expected csv or jsonl, got '", options.format, "'");
+  CANOPY_CHECK(options.top >= 0, ConfigError, "--top: expected the number of classes to list (0: none), got ",
+               options.top);
   ExportedModel model = load_exported_model(config, registry);
   const InputSplit input = load_predict_input(config, options.input, options.limit);
   const std::int64_t n = input.rows;
@@ -115,16 +135,26 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
       for (const auto& c : h.class_names) score_columns.push_back(h.task() + ":" + c);
     }
   }
+  // With top K: per multiclass head, its K best classes and their probabilities.
+  std::vector<std::string> top_columns;
+  for (const auto& h : model.heads) {
+    if (h.kind != tasks::TaskKind::kMulticlass) continue;
+    for (std::int64_t j = 1; j <= std::min(options.top, h.out_features); ++j) {
+      top_columns.push_back(detail::str_cat(h.task(), ":top", j));
+      top_columns.push_back(detail::str_cat(h.task(), ":top", j, "_p"));
+    }
+  }
   if (options.format == "csv") {
     out << "id";
     for (const auto& h : model.heads) out << "," << csv_field(h.task());
     for (const auto& c : score_columns) out << "," << csv_field(c);
+    for (const auto& c : top_columns) out << "," << csv_field(c);
     out << "\n";
   }
   Progress progress("predict", n, config.data.source == "arff" ? "doc" : "img", style);
   run_model_pass(model, input, config, progress, "predicting", "predicted",
                  [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {
-                   write_predictions(first, outputs, model, options, score_columns, n, out);
+                   write_predictions(first, outputs, model, options, score_columns, top_columns, n, out);
                  });
   out.flush();
   CANOPY_CHECK(out, IoError, "writing the predictions failed at the end: ", describe_write_error(errno));

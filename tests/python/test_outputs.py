@@ -177,6 +177,10 @@ lr = 0.01
             y = torch.tensor(remap)[y]
             check(card["class_names"] == ["tops", "bottoms", "footwear", "bags"], "coarse: class names in the card")
         acc = (logits.argmax(1) == y).float().mean().item()
+        k = len(per_class)
+        confusion = np.bincount(y.numpy() * k + logits.argmax(1).numpy(), minlength=k * k).reshape(k, k)
+        check(card.get("confusion") == confusion.tolist(),
+              f"{name}: the card's confusion matrix (rows: truth) is torch's on the eval split")
         with torch.no_grad():  # the documented snippet rebuilds the head from its card alone
             rebuilt = rebuild_head(os.path.join(out_dir, "heads", f"{name}.json"))(feats_t)
         check(torch.allclose(rebuilt, logits, atol=1e-5), f"{name}: scripts/rebuild_head.py rebuilds it from the card")
@@ -246,6 +250,26 @@ lr = 0.01
           f"the scores are torch's softmax of the head (max diff {np.abs(got - probs).max():.1e})")
     check(all(l["fine"] == names[int(np.argmax([l[c] for c in fine_cols]))] for l in lines),
           "each prediction is the class with the highest score")
+    # With --top K: each multiclass head's K most probable classes and their probabilities.
+    r = subprocess.run([a.canopy, "predict", "--config", config, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz",
+                        "--limit", "50", "--format", "jsonl", "--top", "5", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    tops = [json.loads(l) for l in r.stdout.splitlines()]
+
+    def top_right(i, t):  # names in torch's order (a near-tie, within 1e-4, either way), probabilities to 1e-4
+        got = [names.index(t[f"fine:top{j}"]) for j in range(1, 6)]
+        p = [t[f"fine:top{j}_p"] for j in range(1, 6)]
+        best = sorted(probs[i], reverse=True)[:5]
+        return all(abs(probs[i, c] - q) < 1e-4 and abs(q - b) < 1e-4 for c, q, b in zip(got, p, best))
+    check(r.returncode == 0 and len(tops) == 50 and all(top_right(i, t) for i, t in enumerate(tops)),
+          "predict --top 5: fine's five most probable classes, best first, with torch's probabilities")
+    check(tops and "coarse:top4_p" in tops[0] and "coarse:top5" not in tops[0] and not any(k.startswith("ink:") for k in tops[0]),
+          "... capped at coarse's 4 classes, and none for the regression head")
+    r = subprocess.run([a.canopy, "predict", "--config", config, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz",
+                        "--limit", "3", "--top", "2", "--progress", "quiet"], capture_output=True, text=True)
+    header = r.stdout.splitlines()[0].split(",") if r.returncode == 0 else []
+    check(header[-8:] == [f"{t}:top{j}{p}" for t in ("coarse", "fine") for j in (1, 2) for p in ("", "_p")],
+          f"predict --top in CSV: a class and a probability column per rank ({header[-8:]})")
 
     # --- canopy export: the whole model as one TorchScript file, loaded by torch alone ---
     model_path = os.path.join(work, "model.pt")

@@ -26,5 +26,7 @@ nlohmann::ordered_json per_class_report(const tasks::EvalMetrics& m, const std::
 // Precision, recall, F1, average precision, support and predicted count of each label, as the
 // card's per_label lists them (multilabel heads; an empty array otherwise).
 nlohmann::ordered_json per_label_report(const tasks::EvalMetrics& m, const std::vector<std::string>& names);
+// A confusion matrix (int64 [K, K]) as JSON rows: row = true class, column = predicted.
+nlohmann::ordered_json confusion_rows(const at::Tensor& confusion);
 
 }  // namespace canopy::runners

@@ -5,7 +5,9 @@
 //   jsonl  {"id": 0, "<task>": "<prediction>", ... [, "<task>:<class>": score, ...]}
 // A multiclass prediction is its class name, a multilabel one the names of the labels it
 // predicts joined by '|', a regression one the value in the target's units. With scores,
-// each class's softmax probability (multiclass) or each label's sigmoid (multilabel).
+// each class's softmax probability (multiclass) or each label's sigmoid (multilabel). With
+// top K, each multiclass head's K most probable classes, best first, with their probabilities:
+// columns <task>:top1, <task>:top1_p, ... (K capped at the head's classes).
 #pragma once
 
 #include <cstdint>
@@ -23,6 +25,7 @@ struct PredictOptions {
   std::int64_t limit = 0;      // first N inputs; 0: all
   std::string format = "csv";  // csv | jsonl
   bool scores = false;         // also every class's (label's) probability
+  std::int64_t top = 0;        // also each multiclass head's `top` most probable classes (0: none)
 };
 
 // Loads the heads exported by `canopy train` (<train.out_dir>/heads), refusing any head
