@@ -639,6 +639,11 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
                               "one loss weight per class; empty: equal")
                     .optional_in_dump()
                     .at_least(0));
+    v.push_back(member_key<T>("task", "positive_weights", CANOPY_TASK(positive_weights),
+                              "multilabel: per label, the weight of its positive rows in the loss (BCE's "
+                              "pos_weight); empty: 1")
+                    .optional_in_dump()
+                    .above(0));
     v.push_back(
         choice<T>(
             "task", "loss", CANOPY_TASK(loss),

@@ -144,6 +144,12 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
         c.threshold == "tune" || (!c.threshold.empty() && *end == '\0' && p > 0 && p < 1), ConfigError, t,
         ": threshold must be a probability between 0 and 1 (exclusive) or 'tune', got '", c.threshold, "'");
   }
+  CANOPY_CHECK(c.positive_weights.empty() || c.kind == TaskKind::kMultilabel, ConfigError, t,
+               ": positive_weights applies to multilabel tasks only (", to_string(c.kind),
+               c.kind == TaskKind::kMulticlass ? ": class_weights weighs its classes)" : ")");
+  for (double w : c.positive_weights) {
+    CANOPY_CHECK(w > 0 && std::isfinite(w), ConfigError, t, ": positive_weights must be > 0, got ", w);
+  }
   if (c.kind == TaskKind::kRegression) {
     CANOPY_CHECK(
         c.label_map.empty() && c.class_names.empty() && c.class_weights.empty() && c.label_smoothing == 0,
@@ -159,8 +165,10 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
                  ": a multilabel task names its labels in class_names (1 to 62), got ", c.class_names.size());
     CANOPY_CHECK(!c.label_map.empty(), ConfigError, t,
                  ": a multilabel task needs label_map, one bitmask of labels per source class");
-    CANOPY_CHECK(c.class_weights.empty() && c.label_smoothing == 0, ConfigError, t,
-                 ": class_weights and label_smoothing apply to multiclass tasks only");
+    CANOPY_CHECK(
+        c.class_weights.empty() && c.label_smoothing == 0, ConfigError, t,
+        ": class_weights and label_smoothing apply to multiclass tasks only (a multilabel task weighs "
+        "each label's positive rows with positive_weights)");
   }
   CANOPY_CHECK(c.label_smoothing >= 0 && c.label_smoothing < 1, ConfigError, t,
                ": label_smoothing must be in [0, 1), got ", c.label_smoothing);
@@ -288,6 +296,12 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
                  " values for ", num_classes_, " classes");
     class_weights_ = at::tensor(config_.class_weights, at::kFloat);
   }
+  if (!config_.positive_weights.empty()) {
+    CANOPY_CHECK(static_cast<std::int64_t>(config_.positive_weights.size()) == num_classes_, ConfigError,
+                 "task '", config_.name, "': positive_weights has ", config_.positive_weights.size(),
+                 " values for ", num_classes_, " labels");
+    positive_weights_ = at::tensor(config_.positive_weights, at::kFloat);
+  }
   HeadSpec spec{in_features, num_classes_, HeadParams(config_.name, config_.head_params)};
   // A grid over head types: each member reads the options its head takes (the trainer
   // refuses an option no member reads).
@@ -379,7 +393,11 @@ at::Tensor Task::loss(const at::Tensor& outputs, const at::Tensor& targets) cons
     return config_.loss == RegressionLoss::kL1 ? torch::nn::functional::l1_loss(outputs, targets)
                                                : torch::nn::functional::mse_loss(outputs, targets);
   }
-  if (multilabel()) return torch::nn::functional::binary_cross_entropy_with_logits(outputs, targets);
+  if (multilabel()) {
+    auto options = torch::nn::functional::BinaryCrossEntropyWithLogitsFuncOptions();
+    if (positive_weights_.defined()) options.pos_weight(positive_weights_);
+    return torch::nn::functional::binary_cross_entropy_with_logits(outputs, targets, options);
+  }
   if (config_.label_smoothing == 0.0 && outputs.dim() == 2) {
     // Cross-entropy as log-softmax over the classes of the transposed [C, B] logits, then
     // NLL: LibTorch's log-softmax along the last dimension of [B, C] works one row of C at a

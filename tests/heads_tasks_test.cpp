@@ -292,6 +292,38 @@ TEST(Metrics, F1BestCutsAndTheMetricsAtThem) {
   EXPECT_EQ(multilabel_metrics(close, first_only, cut).labels[0].f1, 1.0) << cut[0];
 }
 
+TEST(Task, PositiveWeightsWeighEachLabelsPositiveRowsInTheLoss) {
+  HeadRegistry r = builtin();
+  TaskConfig c;
+  c.name = "attrs";
+  c.kind = TaskKind::kMultilabel;
+  c.class_names = {"common", "rare"};
+  c.label_map = {1, 2, 3};
+  c.positive_weights = {1.0, 4.0};
+  Task t(c, r, 4, 3, 1);
+  const at::Tensor x = at::randn({6, 2}),
+                   y = t.targets(at::tensor(std::vector<std::int64_t>{0, 1, 2, 1, 0, 2}));
+  // BCE with pos_weight: -(w y log s(x) + (1 - y) log(1 - s(x))), averaged over every entry.
+  const at::Tensor s = x.sigmoid(), w = at::tensor(std::vector<float>{1.0f, 4.0f});
+  const at::Tensor want = -(w * y * s.log() + (1 - y) * (1 - s).log()).mean();
+  EXPECT_NEAR(t.loss(x, y).item<double>(), want.item<double>(), 1e-6);
+  c.positive_weights = {};
+  EXPECT_LT(Task(c, r, 4, 3, 1).loss(x, y).item<double>(), want.item<double>())
+      << "weights above 1 cost more";
+  for (const auto& [weights, said] : std::vector<std::pair<std::vector<double>, std::string>>{
+           {{1.0}, "positive_weights has 1 values for 2 labels"},
+           {{1.0, 0.0}, "positive_weights must be > 0"}}) {
+    c.positive_weights = weights;
+    EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 3, 1); }, {said})) << said;
+  }
+  TaskConfig multiclass;
+  multiclass.name = "cls";
+  multiclass.positive_weights = {2.0, 2.0, 2.0};
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { Task(multiclass, r, 4, 3, 1); },
+      {"positive_weights applies to multilabel tasks only", "class_weights weighs its classes"}));
+}
+
 TEST(Task, ThresholdIsForMultilabelTasksAndTunedOnTheRowsGiven) {
   HeadRegistry r = builtin();
   TaskConfig c;

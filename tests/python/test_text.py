@@ -343,6 +343,14 @@ class_names = grain,corn
     r = subprocess.run([canopy, "export", "--config", config, "--output", model_path] + tuned, capture_output=True, text=True)
     check(r.returncode == 0 and torch.jit.load(model_path).thresholds["both"] == card.get("thresholds"),
           "the model file carries the thresholds")
+    # positive_weights: the labels' positive rows weigh more in the loss, and the head gives them more.
+    r = subprocess.run([canopy, "train", "--config", config, "--progress", "quiet", "--set", "task.both.positive_weights=10,10",
+                        "--set", f"train.out_dir={work}/train-weighted"], capture_output=True, text=True)
+    weighted = json.load(open(f"{work}/train-weighted/heads/both.json")) if r.returncode == 0 else {"per_label": []}
+    plain = json.load(open(os.path.join(work, "train", "heads", "both.json")))
+    given = [e["predicted"] for e in weighted["per_label"]], [e["predicted"] for e in plain["per_label"]]
+    check(len(given[0]) == 2 and all(a >= b for a, b in zip(*given)) and sum(given[0]) > sum(given[1]),
+          f"with positive_weights = 10,10 the head gives grain and corn to more test stories ({given[0]} against {given[1]})")
     r = subprocess.run([canopy, "train", "--config", config, "--set", "task.both.threshold=tune"], capture_output=True, text=True)
     check(r.returncode == 2 and "task.both.threshold = tune" in r.stderr and "set train.validation_fraction" in r.stderr,
           f"threshold = tune without a validation split is refused ({r.stderr.strip()[-120:]})")

@@ -88,7 +88,10 @@ struct TaskConfig {
   std::int64_t early_stop_patience = 0;  // stop after this many epochs without a better
                                          // eval accuracy; 0: never
   double label_smoothing = 0.0;
-  std::vector<double> class_weights;   // per task class, for the loss; empty: equal
+  std::vector<double> class_weights;  // per task class, for the loss; empty: equal
+  // Multilabel: per label, the weight of its positive rows in the binary cross-entropy
+  // (pos_weight); above 1 a rare label's misses cost more. Empty: 1 each.
+  std::vector<double> positive_weights;
   std::optional<RegressionLoss> loss;  // regression only; unset: mse
   // Multilabel: a label is given where its probability is over this ("0.5", any value in
   // (0, 1)), or "tune": per label, the F1-best cut on the validation split, chosen once on
@@ -272,6 +275,7 @@ class Task {
   double loss_weight_ = 1.0;
   std::int64_t num_classes_ = 0;
   at::Tensor class_weights_;
+  at::Tensor positive_weights_;  // multilabel: float [K], undefined when the task has none
   double target_mean_ = 0.0;
   double target_std_ = 1.0;
   heads::HeadPtr head_;
