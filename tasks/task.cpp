@@ -4,6 +4,7 @@
 #include <array>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <mutex>
 #include <sstream>
 
@@ -656,10 +657,15 @@ std::vector<double> f1_best_cutoffs(const at::Tensor& scores, const at::Tensor& 
       const double f1 = 2.0 * static_cast<double>(tp) / static_cast<double>(k + positives);
       if (f1 > best_f1) {
         best_f1 = f1;
-        // Logits are compared as float: the halfway point rounded to float must stay above the
-        // next row's score (else the cut is that score: `over` leaves it out).
-        const auto half = static_cast<float>((v[k - 1] + v[k < n ? k : k - 1]) / 2);
-        cut = k == n ? v[n - 1] - 1.0 : (half > v[k] && half < v[k - 1] ? half : v[k]);
+        // Logits are compared as float32, a label given where the logit is over the cut: the
+        // halfway point rounded to float must stay above the next row's score, else the cut is
+        // that score itself. Every row: the float just below the lowest score.
+        if (k == n) {
+          cut = std::nextafter(static_cast<float>(v[n - 1]), -std::numeric_limits<float>::infinity());
+        } else {
+          const auto half = static_cast<float>((v[k - 1] + v[k]) / 2);
+          cut = half > v[k] && half < v[k - 1] ? half : v[k];
+        }
       }
     }
     out.push_back(cut);

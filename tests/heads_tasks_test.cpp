@@ -290,6 +290,11 @@ TEST(Metrics, F1BestCutsAndTheMetricsAtThem) {
   const at::Tensor first_only = at::tensor(std::vector<float>{1, 0}).view({2, 1});
   const auto cut = f1_best_cutoffs(close, first_only);
   EXPECT_EQ(multilabel_metrics(close, first_only, cut).labels[0].f1, 1.0) << cut[0];
+  // Every row carrying it, at logits of 1e8 (where 1e8 - 1 rounds back to 1e8 in float): the
+  // cut still gives it to all.
+  const at::Tensor huge = at::tensor(std::vector<float>{1e8f, 1e8f}).view({2, 1});
+  const at::Tensor both = at::tensor(std::vector<float>{1, 1}).view({2, 1});
+  EXPECT_EQ(multilabel_metrics(huge, both, f1_best_cutoffs(huge, both)).labels[0].predicted, 2);
 }
 
 TEST(Task, PositiveWeightsWeighEachLabelsPositiveRowsInTheLoss) {
