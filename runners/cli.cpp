@@ -239,13 +239,16 @@ int run_evaluate_command(const po::variables_map& vm, const tasks::HeadRegistry&
   return kExitOk;
 }
 
-int run_export_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
-                       std::ostream&) {
+int run_export_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream&,
+                       std::ostream& err) {
   CANOPY_CHECK(vm.count("output"), ConfigError,
                "canopy export: --output FILE is required, e.g. --output model.pt (see canopy export --help)");
   JobConfig config = config_from(vm, "export");
   fit_threads(config);
-  out << format_model_file(export_model_file(config, registry, output_path(vm, "export")));
+  const std::string path = output_path(vm, "export");
+  const ModelFile written = export_model_file(config, registry, path);
+  // On stderr, as predict's "wrote": the file may be the standard output (--output /dev/stdout).
+  err << format_model_file(written);
   return kExitOk;
 }
 

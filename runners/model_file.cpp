@@ -228,7 +228,7 @@ ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& reg
   model.save(bytes,
              {{"canopy/model.json", meta.dump(2, ' ', false, nlohmann::json::error_handler_t::replace)}});
   const std::string written = bytes.str();
-  write_file_atomic(path, written);
+  write_output_file(path, written);  // a regular file atomically; /dev/stdout or a pipe in place
   out.sha256 = sha256_hex(written);
   out.bytes = static_cast<std::int64_t>(written.size());
   return out;

@@ -635,6 +635,11 @@ def output_on_full_disk(canopy, work, config):
         r = subprocess.run(predict, stdout=full, stderr=subprocess.PIPE, text=True)
         check(r.returncode == 1 and "writing the predictions failed after" in r.stderr and "disk is full" in r.stderr,
               f"`canopy predict > /dev/full` exits 1 at the first failed write ({r.returncode}: {r.stderr.strip()[-200:]})")
+        r = subprocess.run([canopy, "export", "--config", config, "--set", f"train.out_dir={work}/ref-out",
+                            "--output", "/dev/stdout", "--progress", "quiet"], stdout=full, stderr=subprocess.PIPE, text=True)
+        check(r.returncode == 1 and "disk is full" in r.stderr and stat.S_ISCHR(os.stat("/dev/full").st_mode),
+              f"`canopy export --output /dev/stdout > /dev/full` exits 1 saying the disk is full, the device kept "
+              f"({r.returncode}: {r.stderr.strip()[-200:]})")
         r = subprocess.run([canopy, "keys"], stdout=full, stderr=subprocess.PIPE, text=True)
         check(r.returncode == 1 and "writing the output failed" in r.stderr,
               f"`canopy keys > /dev/full` exits 1 ({r.returncode}: {r.stderr.strip()[-200:]})")

@@ -274,7 +274,11 @@ lr = 0.01
     # --- canopy export: the whole model as one TorchScript file, loaded by torch alone ---
     model_path = os.path.join(work, "model.pt")
     r = subprocess.run([a.canopy, "export", "--config", config, "--output", model_path], capture_output=True, text=True)
-    check(r.returncode == 0 and f"wrote {model_path}" in r.stdout, f"canopy export exits 0 ({r.stdout[-300:]}{r.stderr[-300:]})")
+    check(r.returncode == 0 and f"wrote {model_path}" in r.stderr, f"canopy export exits 0 ({r.stderr[-300:]})")
+    # --output /dev/stdout into a pipe: the same bytes on stdout, the report on stderr.
+    r = subprocess.run([a.canopy, "export", "--config", config, "--output", "/dev/stdout"], capture_output=True)
+    check(r.returncode == 0 and b"wrote /dev/stdout" in r.stderr and r.stdout == open(model_path, "rb").read(),
+          f"canopy export --output /dev/stdout writes the model file to a pipe ({r.stderr[-200:]})")
     extra = {"canopy/model.json": ""}
     model_file = torch.jit.load(model_path, _extra_files=extra)
     meta = json.loads(extra["canopy/model.json"])
