@@ -27,6 +27,13 @@ void validate_preprocess_config(const PreprocessConfig& c) {
   }
 }
 
+at::Tensor channel_values(const std::vector<double>& values, std::int64_t channels) {
+  std::vector<float> f(static_cast<std::size_t>(channels));
+  for (std::size_t i = 0; i < f.size(); ++i)
+    f[i] = static_cast<float>(values.size() == 1 ? values[0] : values[i]);
+  return at::tensor(f).view({1, channels, 1, 1});
+}
+
 at::Tensor preprocess_images(const at::Tensor& images, const PreprocessConfig& c) {
   CANOPY_CHECK(images.dim() == 3 || images.dim() == 4, DataError,
                "images must be [N, H, W] or [N, C, H, W], got ", images.sizes());
@@ -49,12 +56,7 @@ at::Tensor preprocess_images(const at::Tensor& images, const PreprocessConfig& c
   }
   CANOPY_CHECK(x.size(1) == c.channels, DataError, "images have ", x.size(1),
                " channels, preprocess.channels is ", c.channels);
-  auto per_channel = [&](const std::vector<double>& v) {
-    std::vector<float> f(static_cast<std::size_t>(c.channels));
-    for (std::size_t i = 0; i < f.size(); ++i) f[i] = static_cast<float>(v.size() == 1 ? v[0] : v[i]);
-    return at::tensor(f).view({1, c.channels, 1, 1});
-  };
-  return x.sub(per_channel(c.mean)).div(per_channel(c.std)).contiguous();
+  return x.sub(channel_values(c.mean, c.channels)).div(channel_values(c.std, c.channels)).contiguous();
 }
 
 std::string describe(const PreprocessConfig& c) {

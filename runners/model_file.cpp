@@ -3,7 +3,6 @@
 #include <sstream>
 #include <typeinfo>
 
-#include <ATen/ops/tensor.h>
 #include <torch/csrc/jit/api/module.h>
 #include <torch/nn/modules/linear.h>
 #include <nlohmann/json.hpp>
@@ -13,6 +12,7 @@
 #include "canopy/core/progress.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
+#include "canopy/datasets/preprocess.h"
 #include "canopy/heads/linear.h"
 #include "canopy/heads/mlp.h"
 #include "canopy/runners/exported_model.h"
@@ -92,54 +92,39 @@ std::string pool_source(const std::string& v, const std::string& pooling) {
                          ".dtype).unsqueeze(2).sum(1).clamp_min(1.0)");
 }
 
-}  // namespace
+// The trunk as the file holds it (Trunk::script_module), checked to take what the data source
+// gives: images, or token ids and an attention mask.
+torch::jit::Module file_trunk(const trunk::Trunk& trunk, bool texts) {
+  torch::jit::Module m = trunk.script_module();
+  const std::size_t inputs = m.get_method("forward").graph()->inputs().size() - 1;
+  CANOPY_CHECK(
+      inputs == (texts ? 2U : 1U), ConfigError, "trunk '", trunk.config().path, "' takes ", inputs,
+      " inputs; a model file is written for an image trunk (one: images) or a text trunk (two: token "
+      "ids and attention mask)");
+  return m;
+}
 
-ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& registry,
-                            const std::string& path) {
-  JobConfig config = job;
-  config.trunk.optimize = false;  // the file holds the trunk's own code, not canopy's rewrites
-  config.trunk.device = "cpu";
-  ExportedModel loaded = load_exported_model(config, registry);
-  ModelFile out;
-  out.path = path;
-  if (config.trunk.precision != "float32" || config.trunk.top_precision != "float32") {
-    out.notes.push_back(detail::str_cat("the heads were trained on trunk passes at ", config.trunk.precision,
-                                        " (top: ", config.trunk.top_precision,
-                                        "); the model file runs the trunk in float32, so its outputs differ "
-                                        "from canopy predict's by that rounding"));
-  }
-  const bool texts = config.data.source == "arff";
-  torch::jit::Module trunk = loaded.trunk.script_module();
-  const std::size_t trunk_inputs = trunk.get_method("forward").graph()->inputs().size() - 1;
-  CANOPY_CHECK(trunk_inputs == (texts ? 2U : 1U), ConfigError, "trunk '", loaded.trunk.config().path,
-               "' takes ", trunk_inputs,
-               " inputs; a model file is written for an image trunk (one: images) or a "
-               "text trunk (two: token ids and attention mask)");
-
+// features(): the preprocessing (images; its mean and std become buffers of `model`) or the
+// token inputs (texts), the trunk, its taps and pooling. `inputs` says what it takes.
+std::string features_source(torch::jit::Module& model, const JobConfig& config, bool texts,
+                            std::string& inputs) {
+  std::ostringstream src;
   // With taps, canopy_taps: the tuple of the tapped outputs in place of forward's result.
   const auto& taps = config.trunk.taps;
   const std::string run_trunk = taps.empty() ? "self.trunk.forward(" : "self.trunk.canopy_taps(";
-  torch::jit::Module model(c10::QualifiedName("__torch__.canopy.MultiTaskModel"));
-  model.register_module("trunk", trunk);
-  std::ostringstream src;
   if (texts) {
-    out.inputs =
+    inputs =
         "input_ids: int64 [N, T], attention_mask: int64 [N, T] (canopy tokenize's ids, 1 for each token)";
     src << "def features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:\n"
         << "    x = " << run_trunk << "input_ids, attention_mask)\n";
   } else {
     const auto& p = config.preprocess;
     const std::int64_t c = p.channels;
-    auto per_channel = [&](const std::vector<double>& v) {
-      std::vector<float> f(static_cast<std::size_t>(c));
-      for (std::size_t k = 0; k < f.size(); ++k) f[k] = static_cast<float>(v.size() == 1 ? v[0] : v[k]);
-      return at::tensor(f).view({1, c, 1, 1});
-    };
-    model.register_buffer("pixel_mean", per_channel(p.mean));
-    model.register_buffer("pixel_std", per_channel(p.std));
-    out.inputs = "images: uint8 [N, H, W] or [N, C, H, W] (pixels 0-255";
-    out.inputs += p.resize > 0 ? detail::str_cat(", any size: resized to ", p.resize, "x", p.resize, ")")
-                               : std::string(", the size the heads were trained at)");
+    model.register_buffer("pixel_mean", datasets::channel_values(p.mean, c));
+    model.register_buffer("pixel_std", datasets::channel_values(p.std, c));
+    inputs = "images: uint8 [N, H, W] or [N, C, H, W] (pixels 0-255";
+    inputs += p.resize > 0 ? detail::str_cat(", any size: resized to ", p.resize, "x", p.resize, ")")
+                           : std::string(", the size the heads were trained at)");
     src << "def features(self, images: Tensor) -> Tensor:\n"
         << "    assert images.dtype == 0, \"images must be uint8 pixels (0-255)\"\n"
         << "    assert images.dim() == 3 or images.dim() == 4, \"images must be [N, H, W] or [N, C, H, W]\"\n"
@@ -157,24 +142,30 @@ ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& reg
   }
   if (taps.empty()) {
     src << "    return " << pool_source("x", config.trunk.pooling) << "\n";
-  } else {
-    std::vector<std::string> pooled;
-    for (std::size_t k = 0; k < taps.size(); ++k) {
-      src << "    t" << k << " = x[" << k << "]\n";
-      pooled.push_back(pool_source(detail::str_cat("t", k), config.trunk.pooling));
-    }
-    src << "    return " << (pooled.size() == 1 ? pooled[0] : "torch.cat([" + join(pooled, ", ") + "], 1)")
-        << "\n";
+    return src.str();
   }
+  std::vector<std::string> pooled;
+  for (std::size_t k = 0; k < taps.size(); ++k) {
+    src << "    t" << k << " = x[" << k << "]\n";
+    pooled.push_back(pool_source(detail::str_cat("t", k), config.trunk.pooling));
+  }
+  src << "    return " << (pooled.size() == 1 ? pooled[0] : "torch.cat([" + join(pooled, ", ") + "], 1)")
+      << "\n";
+  return src.str();
+}
 
-  src << "\ndef heads(self, f: Tensor) -> Dict[str, Tensor]:\n"
+// heads(): every head's output by task (its weights become parameters of `model`), and the
+// attributes that name them: tasks, class_names, kinds, thresholds. Returns the tasks in order.
+std::string heads_source(torch::jit::Module& model, const std::vector<ExportedHead>& heads,
+                         std::vector<std::string>& tasks) {
+  std::ostringstream src;
+  src << "def heads(self, f: Tensor) -> Dict[str, Tensor]:\n"
       << "    out: Dict[str, Tensor] = {}\n";
   c10::Dict<std::string, c10::List<std::string>> class_names;
   c10::Dict<std::string, std::string> kinds;
   c10::Dict<std::string, c10::List<double>> thresholds;  // multilabel: a label is given over its own
-  nlohmann::ordered_json cards = nlohmann::ordered_json::object();
-  for (std::size_t i = 0; i < loaded.heads.size(); ++i) {
-    const ExportedHead& h = loaded.heads[i];
+  for (std::size_t i = 0; i < heads.size(); ++i) {
+    const ExportedHead& h = heads[i];
     const std::string logits = head_source(model, i, h);
     std::string value;
     if (h.kind == tasks::TaskKind::kRegression)
@@ -193,27 +184,64 @@ ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& reg
       for (double cut : h.cutoffs) p.push_back(tasks::logit_threshold(cut));
       thresholds.insert(h.task(), c10::List<double>(p));
     }
-    cards[h.task()] = h.card;
-    out.tasks.push_back(h.task());
+    tasks.push_back(h.task());
   }
   src << "    return out\n";
-  src << "\ndef forward(self, " << (texts ? "input_ids: Tensor, attention_mask: Tensor" : "images: Tensor")
-      << ") -> Dict[str, Tensor]:\n"
-      << "    return self.heads(self.features(" << (texts ? "input_ids, attention_mask" : "images") << "))\n";
-  model.register_attribute("tasks", c10::ListType::ofStrings(), c10::List<std::string>(out.tasks));
-  model.register_attribute(
-      "class_names", c10::DictType::create(c10::StringType::get(), c10::ListType::ofStrings()), class_names);
-  model.register_attribute("kinds", c10::DictType::create(c10::StringType::get(), c10::StringType::get()),
-                           kinds);
-  model.register_attribute(
-      "thresholds", c10::DictType::create(c10::StringType::get(), c10::ListType::ofFloats()), thresholds);
+  const auto by_task = [](const c10::TypePtr& value) {
+    return c10::DictType::create(c10::StringType::get(), value);
+  };
+  model.register_attribute("tasks", c10::ListType::ofStrings(), c10::List<std::string>(tasks));
+  model.register_attribute("class_names", by_task(c10::ListType::ofStrings()), class_names);
+  model.register_attribute("kinds", by_task(c10::StringType::get()), kinds);
+  model.register_attribute("thresholds", by_task(c10::ListType::ofFloats()), thresholds);
+  return src.str();
+}
+
+// The file: `model` with `source` compiled into it, and canopy/model.json beside.
+std::string model_bytes(torch::jit::Module& model, const std::string& source,
+                        const nlohmann::ordered_json& meta) {
   try {
-    model.define(src.str());
+    model.define(source);
   } catch (const std::exception& e) {
     throw Error(detail::str_cat("canopy export: the model's TorchScript did not compile: ", e.what()));
   }
   model.eval();
+  std::ostringstream bytes;
+  // Paths from the command line may not be UTF-8: written as JSON with U+FFFD in their place.
+  model.save(bytes,
+             {{"canopy/model.json", meta.dump(2, ' ', false, nlohmann::json::error_handler_t::replace)}});
+  return bytes.str();
+}
 
+}  // namespace
+
+ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& registry,
+                            const std::string& path) {
+  JobConfig config = job;
+  config.trunk.optimize = false;  // the file holds the trunk's own code, not canopy's rewrites
+  config.trunk.device = "cpu";
+  const ExportedModel loaded = load_exported_model(config, registry);
+  const bool texts = config.data.source == "arff";
+  ModelFile out;
+  out.path = path;
+  if (config.trunk.precision != "float32" || config.trunk.top_precision != "float32") {
+    out.notes.push_back(detail::str_cat("the heads were trained on trunk passes at ", config.trunk.precision,
+                                        " (top: ", config.trunk.top_precision,
+                                        "); the model file runs the trunk in float32, so its outputs differ "
+                                        "from canopy predict's by that rounding"));
+  }
+  torch::jit::Module model(c10::QualifiedName("__torch__.canopy.MultiTaskModel"));
+  model.register_module("trunk", file_trunk(loaded.trunk, texts));
+  // In this order (operands of + are evaluated in no set order): the preprocessing's buffers,
+  // then the heads' weights, as the file lays them out.
+  const std::string features = features_source(model, config, texts, out.inputs);
+  const std::string heads = heads_source(model, loaded.heads, out.tasks);
+  const std::string source = features + "\n" + heads + "\ndef forward(self, " +
+                             (texts ? "input_ids: Tensor, attention_mask: Tensor" : "images: Tensor") +
+                             ") -> Dict[str, Tensor]:\n    return self.heads(self.features(" +
+                             (texts ? "input_ids, attention_mask" : "images") + "))\n";
+  nlohmann::ordered_json cards = nlohmann::ordered_json::object();
+  for (const auto& h : loaded.heads) cards[h.task()] = h.card;
   const nlohmann::ordered_json meta = {{"format", "canopy multi-task model, TorchScript"},
                                        {"inputs", out.inputs},
                                        {"trunk", loaded.trunk.config().path},
@@ -223,11 +251,7 @@ ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& reg
                                        {"pooling", config.trunk.pooling},
                                        {"config", config.source},
                                        {"heads", cards}};
-  std::ostringstream bytes;
-  // Paths from the command line may not be UTF-8: written as JSON with U+FFFD in their place.
-  model.save(bytes,
-             {{"canopy/model.json", meta.dump(2, ' ', false, nlohmann::json::error_handler_t::replace)}});
-  const std::string written = bytes.str();
+  const std::string written = model_bytes(model, source, meta);
   write_output_file(path, written);  // a regular file atomically; /dev/stdout or a pipe in place
   out.sha256 = sha256_hex(written);
   out.bytes = static_cast<std::int64_t>(written.size());

@@ -69,8 +69,8 @@ std::string per_class_tables(const std::vector<TaskResult>& results, const std::
 }
 
 // Per label of each multilabel head: its threshold, precision, recall and F1 at it, average
-// precision, and how many rows carry it and are
-// given it; a table per head, its labels being its own.
+// precision, and how many rows carry it and are given it; a table per head, its labels being
+// its own.
 std::string per_label_tables(const std::vector<TaskResult>& results, const std::string& where) {
   std::ostringstream o;
   for (const auto& t : results) {

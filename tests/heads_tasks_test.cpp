@@ -297,13 +297,20 @@ TEST(Metrics, F1BestCutsAndTheMetricsAtThem) {
   EXPECT_EQ(multilabel_metrics(huge, both, f1_best_cutoffs(huge, both)).labels[0].predicted, 2);
 }
 
-TEST(Task, PositiveWeightsWeighEachLabelsPositiveRowsInTheLoss) {
-  HeadRegistry r = builtin();
+// A multilabel task "attrs" over 3 source classes: class 0 carries the first label, 1 the
+// second, 2 both.
+TaskConfig two_labels(const std::string& first, const std::string& second) {
   TaskConfig c;
   c.name = "attrs";
   c.kind = TaskKind::kMultilabel;
-  c.class_names = {"common", "rare"};
+  c.class_names = {first, second};
   c.label_map = {1, 2, 3};
+  return c;
+}
+
+TEST(Task, PositiveWeightsWeighEachLabelsPositiveRowsInTheLoss) {
+  HeadRegistry r = builtin();
+  TaskConfig c = two_labels("common", "rare");
   c.positive_weights = {1.0, 4.0};
   Task t(c, r, 4, 3, 1);
   const at::Tensor x = at::randn({6, 2}),
@@ -331,11 +338,7 @@ TEST(Task, PositiveWeightsWeighEachLabelsPositiveRowsInTheLoss) {
 
 TEST(Task, ThresholdIsForMultilabelTasksAndTunedOnTheRowsGiven) {
   HeadRegistry r = builtin();
-  TaskConfig c;
-  c.name = "attrs";
-  c.kind = TaskKind::kMultilabel;
-  c.class_names = {"upper", "lower"};
-  c.label_map = {1, 2, 3};
+  TaskConfig c = two_labels("upper", "lower");
   c.threshold = "0.8";
   Task fixed(c, r, 4, 3, 1);
   ASSERT_EQ(fixed.cutoffs().size(), 2U);

@@ -27,6 +27,9 @@ void validate_preprocess_config(const PreprocessConfig& config);
 // uint8 [N, H, W] or [N, C, H, W] -> float32 [N, channels, resize, resize] (bilinear,
 // antialiased with `antialias`).
 at::Tensor preprocess_images(const at::Tensor& images, const PreprocessConfig& config);
+// `mean` or `std` as float32 [1, channels, 1, 1] (one value for every channel, or one each), as
+// preprocess_images subtracts and divides by it (and the model file of canopy export holds it).
+at::Tensor channel_values(const std::vector<double>& values, std::int64_t channels);
 
 // A canonical one-line description, e.g. "scale=1/255;resize=64;interp=bilinear;channels=3;mean=0.5;std=0.5"
 // (interp=bilinear-aa with antialias).
