@@ -223,6 +223,24 @@ Key<Cfg> choice(std::string section, std::string name, Ref ref, Parse parse, Nam
   return k;
 }
 
+// A number-list key that also takes `balanced` (weights computed from the training rows when
+// the run starts), which sets `flag` and leaves the list empty.
+template <typename Cfg, typename Flag>
+Key<Cfg> or_balanced(Key<Cfg> k, Flag flag) {
+  k.type += " \\| balanced";
+  k.set = [set = k.set, flag](Cfg& c, const std::string& value, const std::string& where) {
+    flag(c) = trim(value) == "balanced";
+    if (flag(c)) return;
+    try {
+      set(c, value, where);
+    } catch (const ConfigError& e) {
+      throw ConfigError(e.what() + std::string(" (or balanced)") + did_you_mean(trim(value), {"balanced"}));
+    }
+  };
+  k.get = [get = k.get, flag](const Cfg& c) { return flag(const_cast<Cfg&>(c)) ? "balanced" : get(c); };
+  return k;
+}
+
 #define CANOPY_JOB(member) \
   [](JobConfig & c) -> auto& { return c.member; }
 #define CANOPY_TASK(member) \
@@ -635,15 +653,19 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
     v.push_back(member_key<T>("task", "label_smoothing", CANOPY_TASK(label_smoothing), "multiclass only")
                     .at_least(0)
                     .at_most(0.999999));
-    v.push_back(member_key<T>("task", "class_weights", CANOPY_TASK(class_weights),
-                              "one loss weight per class; empty: equal")
-                    .optional_in_dump()
-                    .at_least(0));
-    v.push_back(member_key<T>("task", "positive_weights", CANOPY_TASK(positive_weights),
-                              "multilabel: per label, the weight of its positive rows in the loss (BCE's "
-                              "pos_weight); empty: 1")
-                    .optional_in_dump()
-                    .above(0));
+    v.push_back(or_balanced(member_key<T>("task", "class_weights", CANOPY_TASK(class_weights),
+                                          "one loss weight per class, or balanced: rows / (classes x the "
+                                          "class's training rows), as scikit-learn's; empty: equal")
+                                .optional_in_dump()
+                                .at_least(0),
+                            CANOPY_TASK(balanced_class_weights)));
+    v.push_back(or_balanced(member_key<T>("task", "positive_weights", CANOPY_TASK(positive_weights),
+                                          "multilabel: per label, the weight of its positive rows in the "
+                                          "loss (BCE's pos_weight), or balanced: its negative / positive "
+                                          "training rows; empty: 1")
+                                .optional_in_dump()
+                                .above(0),
+                            CANOPY_TASK(balanced_positive_weights)));
     v.push_back(
         choice<T>(
             "task", "loss", CANOPY_TASK(loss),

@@ -100,6 +100,20 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
                     {"eval_mean_ap", r.eval.mean_ap ? ordered_json(*r.eval.mean_ap) : ordered_json()},
                     {"eval_top5_accuracy", r.eval.top5 ? ordered_json(*r.eval.top5) : ordered_json()},
                     {"per_class", per_class_report(r.eval, r.class_names)}};
+  // The loss's weights as the head trained with them: as configured, or balanced from the
+  // training rows' labels.
+  const auto values = [](const at::Tensor& w) {
+    const at::Tensor f = w.to(at::kDouble).contiguous();
+    return std::vector<double>(f.data_ptr<double>(), f.data_ptr<double>() + f.numel());
+  };
+  if (task.class_weights().defined()) {
+    card["class_weights"] = values(task.class_weights());
+    card["class_weights_balanced"] = c.balanced_class_weights;
+  }
+  if (task.positive_weights().defined()) {
+    card["positive_weights"] = values(task.positive_weights());
+    card["positive_weights_balanced"] = c.balanced_positive_weights;
+  }
   if (c.kind == tasks::TaskKind::kMulticlass && r.eval.confusion.defined())
     card["confusion"] = confusion_rows(r.eval.confusion);  // on the eval split
   if (c.kind == tasks::TaskKind::kMultilabel) {

@@ -146,6 +146,7 @@ struct TrainSplit {
   bool in_memory = true;
   at::Tensor rows;  // in memory: the training rows the source serves (the same storage)
   std::optional<datasets::SplitData> validation;
+  at::Tensor kept;  // with a validation split: the split's rows that train (int64); else undefined
 };
 
 // The train split, read whole when it fits under cache.memory_cap_mb, else streamed; a
@@ -162,6 +163,7 @@ TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig
     const std::string by = stratifying_source(cache.meta());
     holdout = datasets::stratified_holdout(by.empty() ? at::Tensor() : cache.load_labels(t.train_split, by),
                                            cache.rows(t.train_split), t.validation_fraction, t.seed);
+    out.kept = holdout->train_rows;
   }
   const std::int64_t views = cache.meta().views;
   if (plan.whole) {
@@ -315,6 +317,29 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
     }
   }
   return set;
+}
+
+// class_weights / positive_weights = balanced: each such task's weights from the labels of the
+// rows it trains on (the train split less a validation split), said in the log.
+void balance_weights(const datasets::FeatureCache& cache, const JobConfig& config, const TrainSplit& train,
+                     TaskSet& set) {
+  for (std::size_t i = 0; i < set.tasks.size(); ++i) {
+    tasks::Task& task = *set.tasks[i];
+    const auto& tc = task.config();
+    if (!tc.balanced_class_weights && !tc.balanced_positive_weights) continue;
+    at::Tensor labels = cache.load_labels(config.train.train_split, tc.labels);
+    if (train.kept.defined()) labels = labels.index_select(0, train.kept);
+    const std::vector<double> w = task.balance_weights(task.targets(labels));
+    if (w.empty() || mpi::rank() != 0) continue;
+    const auto& names = set.results[i].class_names;
+    std::ostringstream said;
+    said.precision(3);
+    said << "task '" << tc.name << "': " << (tc.balanced_class_weights ? "class_weights" : "positive_weights")
+         << " = balanced over " << labels.size(0) << " training rows:";
+    for (std::size_t k = 0; k < w.size(); ++k)
+      said << (k ? ", " : " ") << (k < names.size() ? names[k] : std::to_string(k)) << " " << w[k];
+    log_info(said.str());
+  }
 }
 
 // Under mpirun with a frozen trunk: the heads each rank trains in an epoch. Rank 0 plans the
@@ -1467,6 +1492,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   report.load_seconds = since(load_start);
 
   TaskSet set = build_tasks(config, registry, cache.meta(), in.selection(), report.feature_dim);
+  balance_weights(cache, config, in.train, set);
   std::vector<HeadRun> runs(set.tasks.size());
   const std::string resolved = dump_config(config);
   CheckpointStore store(config.train.out_dir + "/checkpoint", config_identity(resolved));

@@ -145,17 +145,22 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
         c.threshold == "tune" || (!c.threshold.empty() && *end == '\0' && p > 0 && p < 1), ConfigError, t,
         ": threshold must be a probability between 0 and 1 (exclusive) or 'tune', got '", c.threshold, "'");
   }
-  CANOPY_CHECK(c.positive_weights.empty() || c.kind == TaskKind::kMultilabel, ConfigError, t,
-               ": positive_weights applies to multilabel tasks only (", to_string(c.kind),
-               c.kind == TaskKind::kMulticlass ? ": class_weights weighs its classes)" : ")");
+  CANOPY_CHECK(!c.balanced_class_weights || c.class_weights.empty(), ConfigError, t,
+               ": class_weights is either balanced or a list of numbers, not both");
+  CANOPY_CHECK(!c.balanced_positive_weights || c.positive_weights.empty(), ConfigError, t,
+               ": positive_weights is either balanced or a list of numbers, not both");
+  CANOPY_CHECK(
+      (c.positive_weights.empty() && !c.balanced_positive_weights) || c.kind == TaskKind::kMultilabel,
+      ConfigError, t, ": positive_weights applies to multilabel tasks only (", to_string(c.kind),
+      c.kind == TaskKind::kMulticlass ? ": class_weights weighs its classes)" : ")");
   for (double w : c.positive_weights) {
     CANOPY_CHECK(w > 0 && std::isfinite(w), ConfigError, t, ": positive_weights must be > 0, got ", w);
   }
   if (c.kind == TaskKind::kRegression) {
-    CANOPY_CHECK(
-        c.label_map.empty() && c.class_names.empty() && c.class_weights.empty() && c.label_smoothing == 0,
-        ConfigError, t, ": label_map, class_names, class_weights and label_smoothing apply to ",
-        "classification tasks, not regression");
+    CANOPY_CHECK(c.label_map.empty() && c.class_names.empty() && c.class_weights.empty() &&
+                     !c.balanced_class_weights && c.label_smoothing == 0,
+                 ConfigError, t, ": label_map, class_names, class_weights and label_smoothing apply to ",
+                 "classification tasks, not regression");
     return;
   }
   CANOPY_CHECK(!c.loss, ConfigError, t, ": loss = ", c.loss ? to_string(*c.loss) : "",
@@ -167,7 +172,7 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
     CANOPY_CHECK(!c.label_map.empty(), ConfigError, t,
                  ": a multilabel task needs label_map, one bitmask of labels per source class");
     CANOPY_CHECK(
-        c.class_weights.empty() && c.label_smoothing == 0, ConfigError, t,
+        c.class_weights.empty() && !c.balanced_class_weights && c.label_smoothing == 0, ConfigError, t,
         ": class_weights and label_smoothing apply to multiclass tasks only (a multilabel task weighs "
         "each label's positive rows with positive_weights)");
   }
@@ -363,6 +368,40 @@ void Task::set_target_scale(double mean, double std) {
                mean, " and ", std, std == 0 ? " (the same target on every training row)" : "");
   target_mean_ = mean;
   target_std_ = std;
+}
+
+std::vector<double> Task::balance_weights(const at::Tensor& train_targets) {
+  const bool classes = config_.balanced_class_weights && !multilabel() && !regression();
+  const bool labels = config_.balanced_positive_weights && multilabel();
+  if (!classes && !labels) return {};
+  const auto rows = train_targets.size(0);
+  CANOPY_CHECK(rows > 0, DataError, "task '", config_.name,
+               "': balanced weights need training rows, got none");
+  std::vector<double> weights(static_cast<std::size_t>(num_classes_), 1.0);
+  if (classes) {
+    const at::Tensor counts = at::bincount(train_targets.to(at::kLong), {}, num_classes_).to(at::kDouble);
+    const auto* n = counts.data_ptr<double>();
+    for (std::int64_t c = 0; c < num_classes_; ++c) {
+      CANOPY_CHECK(
+          n[c] > 0, ConfigError, "task '", config_.name, "': class_weights = balanced, but class ", c,
+          c < static_cast<std::int64_t>(config_.class_names.size()) ? " ('" + config_.class_names[c] + "')"
+                                                                    : std::string(),
+          " has no training row (of ", rows,
+          "): its weight, rows / (classes x its rows), would be infinite; give the weights as numbers "
+          "or train on rows of every class");
+      weights[c] = static_cast<double>(rows) / (static_cast<double>(num_classes_) * n[c]);
+    }
+    class_weights_ = at::tensor(weights, at::kFloat);
+  } else {
+    const at::Tensor positives = train_targets.to(at::kDouble).sum(0).contiguous();
+    const auto* p = positives.data_ptr<double>();
+    for (std::int64_t k = 0; k < num_classes_; ++k) {
+      if (p[k] > 0 && p[k] < static_cast<double>(rows))
+        weights[k] = (static_cast<double>(rows) - p[k]) / p[k];
+    }
+    positive_weights_ = at::tensor(weights, at::kFloat);
+  }
+  return weights;
 }
 
 void Task::start_epoch(std::int64_t epoch, std::int64_t total) {

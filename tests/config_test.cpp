@@ -189,6 +189,24 @@ TEST(Config, TheDocsListEveryKeyAsTheTableDoes) {
       << "regenerate the block with: canopy keys";
 }
 
+TEST(Config, WeightsAreNumbersOrBalanced) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("c.ini"), kConfig);
+  const JobConfig c = load_job_config(dir.file("c.ini"), {"task.fine.class_weights = balanced"});
+  EXPECT_TRUE(c.tasks[1].balanced_class_weights);
+  EXPECT_TRUE(c.tasks[1].class_weights.empty());
+  EXPECT_FALSE(c.tasks[0].balanced_class_weights);
+  const std::string dumped = dump_config(c);
+  EXPECT_NE(dumped.find("class_weights = balanced"), std::string::npos) << dumped;
+  write_file_atomic(dir.file("dumped.ini"), dumped);
+  EXPECT_TRUE(load_job_config(dir.file("dumped.ini")).tasks[1].balanced_class_weights);
+  EXPECT_EQ(load_job_config(dir.file("c.ini"), {"task.fine.class_weights=1,2"}).tasks[1].class_weights,
+            (std::vector<double>{1, 2}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { load_job_config(dir.file("c.ini"), {"task.fine.class_weights=balance"}); },
+      {"task.fine.class_weights", "'balance'", "(or balanced) (did you mean 'balanced'?)"}));
+}
+
 TEST(Config, DumpIsAFixedPoint) {
   testing::TempDir dir;
   write_file_atomic(dir.file("c.ini"), kConfig);

@@ -336,6 +336,58 @@ TEST(Task, PositiveWeightsWeighEachLabelsPositiveRowsInTheLoss) {
       {"positive_weights applies to multilabel tasks only", "class_weights weighs its classes"}));
 }
 
+TEST(Task, BalancedWeightsComeFromTheTrainingRowsTargets) {
+  HeadRegistry r = builtin();
+  // Multiclass: rows / (classes x the class's rows), scikit-learn's "balanced".
+  TaskConfig c;
+  c.name = "cls";
+  c.class_names = {"a", "b", "c"};
+  c.balanced_class_weights = true;
+  Task classes(c, r, 4, 3, 1);
+  EXPECT_FALSE(classes.class_weights().defined()) << "no weights before the rows are seen";
+  const auto w = classes.balance_weights(at::tensor(std::vector<std::int64_t>{0, 0, 0, 0, 1, 1, 2, 0}));
+  ASSERT_EQ(w.size(), 3U);
+  EXPECT_NEAR(w[0], 8.0 / (3 * 5), 1e-12);
+  EXPECT_NEAR(w[1], 8.0 / (3 * 2), 1e-12);
+  EXPECT_NEAR(w[2], 8.0 / (3 * 1), 1e-12);
+  ASSERT_TRUE(classes.class_weights().defined());
+  EXPECT_NEAR(classes.class_weights()[2].item<double>(), 8.0 / 3, 1e-6) << "and the loss uses them";
+  // A class without a training row would weigh infinitely: refused, named.
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        classes.balance_weights(at::tensor(std::vector<std::int64_t>{0, 0, 2}));
+      },
+      {"class_weights = balanced", "class 1 ('b') has no training row (of 3)",
+       "give the weights as numbers"}));
+  c.class_weights = {1, 2, 3};
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 3, 1); }, {"balanced or a list"}));
+  // Multilabel: per label, negative rows / positive rows; 1 where no row, or every row, has it.
+  TaskConfig m = two_labels("common", "rare");
+  m.class_names = {"common", "rare", "none", "all"};
+  m.label_map = {1 | 8, 3 | 8, 8};  // source 0: common; 1: common + rare; 2: neither (all: each)
+  m.balanced_positive_weights = true;
+  Task labels(m, r, 4, 3, 1);
+  const at::Tensor y = labels.targets(at::tensor(std::vector<std::int64_t>{0, 1, 2, 0, 0, 2}));
+  EXPECT_EQ(labels.balance_weights(y), (std::vector<double>{2.0 / 4, 5.0 / 1, 1.0, 1.0}));
+  const at::Tensor x = at::randn({6, 4});
+  const at::Tensor s = x.sigmoid(), pw = at::tensor(std::vector<float>{0.5, 5, 1, 1});
+  EXPECT_NEAR(labels.loss(x, y).item<double>(),
+              (-(pw * y * s.log() + (1 - y) * (1 - s).log()).mean()).item<double>(), 1e-6)
+      << "the loss weighs each label's positive rows by them";
+  // Each key on its own kind only; a task that balances nothing returns no weights.
+  c.class_weights = {};
+  c.balanced_class_weights = false;
+  c.balanced_positive_weights = true;
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 3, 1); },
+                                                {"positive_weights applies to multilabel tasks only"}));
+  m.balanced_positive_weights = false;
+  m.balanced_class_weights = true;
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(m, r, 4, 3, 1); },
+                                                {"class_weights and label_smoothing apply to multiclass"}));
+  c.balanced_positive_weights = false;
+  EXPECT_TRUE(Task(c, r, 4, 3, 1).balance_weights(at::zeros({2}, at::kLong)).empty());
+}
+
 TEST(Task, ThresholdIsForMultilabelTasksAndTunedOnTheRowsGiven) {
   HeadRegistry r = builtin();
   TaskConfig c = two_labels("upper", "lower");

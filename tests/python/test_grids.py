@@ -15,6 +15,9 @@
    the best 2 on the validation split go on, after epoch 2 the best 1; the stopped members are
    the lower-scored ones in metrics.csv; killed by SIGKILL between the cuts and resumed, it
    exports the uninterrupted halving run's card and weights.
+5. class_weights = balanced: the card's weights are rows / (2 x the class's rows) of train.csv;
+   the head's mean probability of the rare class on the training rows moves from about its
+   share (0.2) to about 0.5; a grid member balances over the rows left by the validation split.
 
     test_grids.py --canopy build/runners/canopy
 """
@@ -142,6 +145,42 @@ def main():
     check(same, "with every test label changed: the same winner, validation scores and weights, bitwise")
     check(abs(flipped["eval_accuracy"] - (1 - card["eval_accuracy"])) < 1e-9,
           f"... and only the test accuracy moves ({card['eval_accuracy']:.3f} -> {flipped['eval_accuracy']:.3f})")
+
+    # 5. class_weights = balanced: from the training rows' labels (80% of them 0), said in the log and
+    # the card. The skew label is random, so a head can only learn its prior: with equal weights
+    # the rare class's probability on the training rows is about its share (0.2); balanced, both
+    # classes weigh the same in the loss and it is about 0.5.
+    import h5py
+    import torch
+    from safetensors.torch import load_file
+    plain_ini = f"{work}/plain.ini"
+    with open(f"{work}/train.csv", newline="") as f:
+        skews = [int(r["skew"]) for r in csv.DictReader(f)]
+    want = [len(skews) / (2 * skews.count(k)) for k in (0, 1)]
+    with h5py.File(f"{work}/plain/cache/cache.h5", "r") as h5:
+        train_features = torch.from_numpy(h5["train/features"][...])
+    prior = {}
+    for weights in ("balanced", "1,1"):
+        code, _, err = run([canopy, "train", "--config", plain_ini, "--set", f"task.skew.class_weights={weights}",
+                            "--set", "train.validation_fraction=0", "--set", f"train.out_dir={work}/weights-{weights}"])
+        check(code == 0, f"class_weights = {weights}: trains {err[-300:]}")
+        if code != 0:
+            return finish()
+        w = load_file(f"{work}/weights-{weights}/heads/skew.safetensors")
+        prior[weights] = float((train_features @ w["linear.weight"].T + w["linear.bias"]).softmax(1)[:, 1].mean())
+        if weights == "balanced":
+            c = json.load(open(f"{work}/weights-{weights}/heads/skew.json"))
+            check(c.get("class_weights_balanced") is True and c.get("class_weights") == want,
+                  f"the card records the balanced weights, rows / (2 x the class's rows) = {want}: {c.get('class_weights')}")
+            check(f"class_weights = balanced over 300 training rows: 0 {want[0]:.3g}, 1 {want[1]:.3g}" in err,
+                  "the log says them")
+    check(abs(prior["1,1"] - 0.2) < 0.06 and abs(prior["balanced"] - 0.5) < 0.06,
+          f"the rare class's mean probability on the training rows: {prior['1,1']:.3f} with equal weights, "
+          f"{prior['balanced']:.3f} balanced")
+    code, _, err = run([canopy, "train", "--config", plain_ini, "--set", "task.skew.class_weights=balanced | 1,1",
+                        "--set", f"train.out_dir={work}/weights-grid"])
+    check(code == 0 and "task 'skew@class_weights=balanced': class_weights = balanced over 240 training rows" in err,
+          f"a grid member balances over the rows it trains on (the validation split held out) {err[-300:]}")
 
     # 3. Best epochs across SIGKILL and --resume.
     config = os.path.join(work, "resume.ini")

@@ -351,6 +351,18 @@ class_names = grain,corn
     given = [e["predicted"] for e in weighted["per_label"]], [e["predicted"] for e in plain["per_label"]]
     check(len(given[0]) == 2 and all(a >= b for a, b in zip(*given)) and sum(given[0]) > sum(given[1]),
           f"with positive_weights = 10,10 the head gives grain and corn to more test stories ({given[0]} against {given[1]})")
+    # positive_weights = balanced: each label's negative / positive training stories, from the cache's labels.
+    r = subprocess.run([canopy, "train", "--config", config, "--progress", "quiet", "--set", "task.both.positive_weights=balanced",
+                        "--set", f"train.out_dir={work}/train-balanced"], capture_output=True, text=True)
+    with h5py.File(os.path.join(work, "cache", "cache.h5"), "r") as h5:
+        train_bits = h5["train/labels/all_labels"][...]
+    positives = [int(((train_bits >> j) & 1).sum()) for j in range(2)]
+    want = [(len(train_bits) - p) / p for p in positives]
+    balanced = json.load(open(f"{work}/train-balanced/heads/both.json")) if r.returncode == 0 else {}
+    got = balanced.get("positive_weights", [0, 0])
+    check(balanced.get("positive_weights_balanced") is True and np.allclose(got, want, rtol=1e-6),
+          f"positive_weights = balanced: the card's weights are negatives / positives of the training stories "
+          f"({positives} positives of {len(train_bits)}): {got}")
     r = subprocess.run([canopy, "train", "--config", config, "--set", "task.both.threshold=tune"], capture_output=True, text=True)
     check(r.returncode == 2 and "task.both.threshold = tune" in r.stderr and "set train.validation_fraction" in r.stderr,
           f"threshold = tune without a validation split is refused ({r.stderr.strip()[-120:]})")

@@ -92,6 +92,10 @@ struct TaskConfig {
   // Multilabel: per label, the weight of its positive rows in the binary cross-entropy
   // (pos_weight); above 1 a rare label's misses cost more. Empty: 1 each.
   std::vector<double> positive_weights;
+  // class_weights = balanced / positive_weights = balanced: the weights come from the training
+  // rows' labels when the run starts (Task::balance_weights); the lists above stay empty.
+  bool balanced_class_weights = false;
+  bool balanced_positive_weights = false;
   std::optional<RegressionLoss> loss;  // regression only; unset: mse
   // Multilabel: a label is given where its probability is over this ("0.5", any value in
   // (0, 1)), or "tune": per label, the F1-best cut on the validation split, chosen once on
@@ -253,6 +257,16 @@ class Task {
   at::Tensor outputs(const at::Tensor& features);
   // Per-class weights of the cross-entropy (float [C]), undefined when the task has none.
   const at::Tensor& class_weights() const { return class_weights_; }
+  // Multilabel: per-label pos_weight of the binary cross-entropy (float [K]), or undefined.
+  const at::Tensor& positive_weights() const { return positive_weights_; }
+  // class_weights / positive_weights = balanced: sets them from the training rows' targets
+  // (as targets() gives them) and returns them; empty when the task balances nothing.
+  // Multiclass: rows / (classes x the class's rows), scikit-learn's "balanced" (the mean
+  // weight of a row is 1); a class with no training row is a ConfigError naming it (its
+  // weight would be infinite). Multilabel: per label, its negative rows / its positive rows,
+  // the pos_weight PyTorch's documentation derives; 1 for a label that no row, or every row,
+  // carries (nothing to balance).
+  std::vector<double> balance_weights(const at::Tensor& train_targets);
   bool multilabel() const { return config_.kind == TaskKind::kMultilabel; }
   bool regression() const { return config_.kind == TaskKind::kRegression; }
 
