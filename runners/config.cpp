@@ -678,6 +678,12 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
     v.push_back(member_key<T>("task", "threshold", CANOPY_TASK(threshold),
                               "multilabel: a label is given where its probability is over this; tune: per "
                               "label, the F1-best on the validation split"));
+    v.push_back(
+        member_key<T>("task", "calibrate", CANOPY_TASK(calibrate),
+                      "multiclass: temperature: the probabilities are softmax(logits / T), T fitted on "
+                      "the validation split (temperature scaling; the classes given do not change); "
+                      "none: softmax(logits)")
+            .one_of({"none", "temperature"}));
     return v;
   }();
   return keys;
@@ -931,6 +937,10 @@ void validate_job_config(const JobConfig& c) {
                  ".threshold = tune", in,
                  " chooses each label's threshold on a validation split held out of the training data, never "
                  "on the test split: set train.validation_fraction (e.g. 0.1)");
+    CANOPY_CHECK(t.calibrate == "none" || has_validation(c.train), ConfigError, "task.", t.written_name(),
+                 ".calibrate = ", t.calibrate, in,
+                 " fits the head's temperature on a validation split held out of the training data, never on "
+                 "the test split it is scored on: set train.validation_fraction (e.g. 0.1)");
   }
   CANOPY_CHECK(c.train.grid_halving == 0 || !grid.empty(), ConfigError,
                "train.grid_halving = ", c.train.grid_halving, in,

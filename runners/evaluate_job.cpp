@@ -158,6 +158,8 @@ std::string evaluation_json(const Evaluation& e) {
       if (t.eval.mean_ap) h["mean_ap"] = *t.eval.mean_ap;
       if (t.kind == tasks::TaskKind::kMultilabel) h["per_label"] = per_label_report(t.eval, t.class_names);
       if (t.kind == tasks::TaskKind::kMulticlass) {
+        if (t.eval.nll) h["nll"] = *t.eval.nll;  // of the card's calibrated probabilities
+        if (t.eval.ece) h["ece"] = *t.eval.ece;
         h["per_class"] = per_class_report(t.eval, t.class_names);
         h["confusion"] = confusion_rows(t.eval.confusion);
       }

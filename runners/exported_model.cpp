@@ -1,6 +1,7 @@
 #include "canopy/runners/exported_model.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include <torch/csrc/api/include/torch/utils.h>
 
@@ -84,6 +85,11 @@ ExportedHead load_head_from(const tasks::TaskConfig& tc, const tasks::HeadRegist
     CANOPY_CHECK(static_cast<std::int64_t>(out.cutoffs.size()) == spec.out_features, DataError, "head card '",
                  card_path, "' has ", out.cutoffs.size(), " threshold_logits for ", spec.out_features,
                  " labels");
+  }
+  if (out.kind == tasks::TaskKind::kMulticlass) {  // cards from before calibration: 1
+    out.temperature = card.value("temperature", 1.0);
+    CANOPY_CHECK(out.temperature > 0 && std::isfinite(out.temperature), DataError, "head card '", card_path,
+                 "' has temperature ", out.temperature, "; a temperature is > 0");
   }
   out.target_mean = card.value("target_mean", 0.0);
   out.target_std = card.value("target_std", 1.0);
@@ -225,6 +231,7 @@ void run_model_pass(ExportedModel& model, const InputSplit& input, const JobConf
       for (auto& h : model.heads) {
         outputs.push_back(h.head->forward(f));
         tasks::check_head_outputs(outputs.back(), f.size(0), h.out_features, h.task(), *h.head);
+        if (h.temperature != 1.0) outputs.back() = outputs.back() / h.temperature;  // calibrated logits
       }
       each(i, outputs);
       progress.advance(end - i);

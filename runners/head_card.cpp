@@ -114,6 +114,19 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
     card["positive_weights"] = values(task.positive_weights());
     card["positive_weights_balanced"] = c.balanced_positive_weights;
   }
+  if (c.kind == tasks::TaskKind::kMulticlass) {
+    // How sure the head says it is, and how well that fits (on the eval split): the
+    // probabilities are softmax(logits / temperature).
+    card["temperature"] = task.temperature();
+    if (r.eval.nll) card["eval_nll"] = *r.eval.nll;
+    if (r.eval.ece) card["eval_ece"] = *r.eval.ece;
+    if (const auto& fit = task.temperature_fit()) {
+      card["calibration"] = {{"method", "temperature"},
+                             {"validation_rows", fit->rows},
+                             {"validation_nll_before", fit->nll_before},
+                             {"validation_nll", fit->nll_after}};
+    }
+  }
   if (c.kind == tasks::TaskKind::kMulticlass && r.eval.confusion.defined())
     card["confusion"] = confusion_rows(r.eval.confusion);  // on the eval split
   if (c.kind == tasks::TaskKind::kMultilabel) {

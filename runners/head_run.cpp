@@ -51,6 +51,8 @@ std::string encode_run(const HeadRun& r) {
   }
   if (r.eval.mean_ap) e["mean_ap"] = bits(*r.eval.mean_ap);
   if (r.eval.top5) e["top5"] = bits(*r.eval.top5);
+  if (r.eval.nll) e["nll"] = bits(*r.eval.nll);
+  if (r.eval.ece) e["ece"] = bits(*r.eval.ece);
   if (const auto& g = r.eval.regression) e["regression"] = {bits(g->mae), bits(g->rmse), bits(g->r2)};
   const nlohmann::json j{{"state", static_cast<int>(r.state)},
                          {"failure", r.failure},
@@ -92,6 +94,8 @@ void decode_run(const std::string& text, HeadRun& r) {
   }
   if (e.contains("mean_ap")) r.eval.mean_ap = real(e.at("mean_ap"));
   if (e.contains("top5")) r.eval.top5 = real(e.at("top5"));
+  if (e.contains("nll")) r.eval.nll = real(e.at("nll"));
+  if (e.contains("ece")) r.eval.ece = real(e.at("ece"));
   if (e.contains("regression")) {
     const auto& g = e.at("regression");
     r.eval.regression = tasks::RegressionErrors{real(g.at(0)), real(g.at(1)), real(g.at(2))};

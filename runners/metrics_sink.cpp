@@ -26,6 +26,8 @@ std::vector<std::pair<std::string, double>> eval_metrics(const tasks::EvalMetric
   std::vector<std::pair<std::string, double>> out{{"accuracy", m.accuracy}, {"macro_f1", m.macro_f1}};
   if (m.mean_ap) out.emplace_back("mean_ap", *m.mean_ap);
   if (m.top5) out.emplace_back("top5_accuracy", *m.top5);
+  if (m.nll) out.emplace_back("nll", *m.nll);
+  if (m.ece) out.emplace_back("ece", *m.ece);
   if (m.regression) {
     out.emplace_back("mae", m.regression->mae);
     out.emplace_back("rmse", m.regression->rmse);

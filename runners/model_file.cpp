@@ -173,6 +173,8 @@ std::string heads_source(torch::jit::Module& model, const std::vector<ExportedHe
                               literal(h.target_mean), ")");
     else if (h.kind == tasks::TaskKind::kMultilabel)
       value = "torch.sigmoid(" + logits + ")";
+    else if (h.temperature != 1.0)  // calibrate = temperature
+      value = detail::str_cat("torch.softmax(", logits, ".div(", literal(h.temperature), "), 1)");
     else
       value = "torch.softmax(" + logits + ", 1)";
     // The name from an attribute, not a literal in the source: a task name may hold any character.

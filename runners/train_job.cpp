@@ -1102,6 +1102,14 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
     }
     if (splits.validation) {
       set.tasks[i]->tune_thresholds(splits.selection_features, set.eval_targets[i]);  // threshold = tune
+      set.tasks[i]->calibrate(splits.selection_features, set.eval_targets[i]);  // calibrate = temperature
+      if (const auto& fit = set.tasks[i]->temperature_fit()) {
+        std::ostringstream said;
+        said.precision(4);
+        said << "task '" << r.name << "': temperature " << fit->temperature << " fitted on " << fit->rows
+             << " validation rows (their mean NLL " << fit->nll_before << " -> " << fit->nll_after << ")";
+        log_info(said.str());
+      }
       r.validation = set.tasks[i]->evaluate(splits.selection_features, set.eval_targets[i]);
     }
   }

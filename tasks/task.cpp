@@ -14,8 +14,10 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/argmax.h>
 #include <ATen/ops/bincount.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/log_softmax.h>
 #include <ATen/ops/nll_loss.h>
+#include <ATen/ops/softmax.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/topk.h>
 #include <ATen/ops/zeros.h>
@@ -145,6 +147,15 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
         c.threshold == "tune" || (!c.threshold.empty() && *end == '\0' && p > 0 && p < 1), ConfigError, t,
         ": threshold must be a probability between 0 and 1 (exclusive) or 'tune', got '", c.threshold, "'");
   }
+  CANOPY_CHECK(c.calibrate == "none" || c.calibrate == "temperature", ConfigError, t,
+               ": calibrate must be none or temperature, got '", c.calibrate, "'");
+  CANOPY_CHECK(c.calibrate == "none" || c.kind == TaskKind::kMulticlass, ConfigError, t,
+               ": calibrate = ", c.calibrate, " applies to multiclass tasks only (",
+               c.kind == TaskKind::kMultilabel
+                   ? "a multilabel head's labels are cut by threshold, which tune "
+                     "chooses on the validation split"
+                   : "a regression gives a value, not probabilities",
+               ")");
   CANOPY_CHECK(!c.balanced_class_weights || c.class_weights.empty(), ConfigError, t,
                ": class_weights is either balanced or a list of numbers, not both");
   CANOPY_CHECK(!c.balanced_positive_weights || c.positive_weights.empty(), ConfigError, t,
@@ -325,6 +336,17 @@ Task::Task(TaskConfig config, const HeadRegistry& registry, std::int64_t in_feat
 
 void Task::tune_thresholds(const at::Tensor& features, const at::Tensor& targets) {
   if (multilabel() && config_.threshold == "tune") cutoffs_ = f1_best_cutoffs(outputs(features), targets);
+}
+
+void Task::calibrate(const at::Tensor& features, const at::Tensor& targets) {
+  if (config_.calibrate != "temperature" || multilabel() || regression()) return;
+  const at::Tensor logits = outputs(features);
+  TemperatureFit fit;
+  fit.rows = logits.size(0);
+  fit.temperature = fit_temperature(logits, targets);
+  fit.nll_before = multiclass_nll(logits, targets);
+  fit.nll_after = multiclass_nll(logits, targets, fit.temperature);
+  fit_ = fit;
 }
 
 Task::~Task() = default;
@@ -627,20 +649,78 @@ at::Tensor Task::predict(const at::Tensor& features) {
 
 EvalMetrics Task::evaluate(const at::Tensor& features, const at::Tensor& targets) {
   const at::Tensor out = outputs(features);
-  if (!regression()) return evaluate_outputs(config_.kind, out, targets, num_classes_, 0.0, 1.0, cutoffs_);
+  if (!regression())
+    return evaluate_outputs(config_.kind, out, targets, num_classes_, 0.0, 1.0, cutoffs_, temperature());
   return evaluate_outputs(config_.kind, out, targets.squeeze(1).to(at::kDouble) * target_std_ + target_mean_,
                           num_classes_, target_mean_, target_std_);
 }
 
 EvalMetrics evaluate_outputs(TaskKind kind, const at::Tensor& outputs, const at::Tensor& targets,
                              std::int64_t num_classes, double target_mean, double target_std,
-                             const std::vector<double>& cutoffs) {
+                             const std::vector<double>& cutoffs, double temperature) {
   if (kind == TaskKind::kRegression)
     return regression_metrics(outputs.squeeze(1).to(at::kDouble) * target_std + target_mean, targets);
   if (kind == TaskKind::kMultilabel) return multilabel_metrics(outputs, targets, cutoffs);
   EvalMetrics m = classification_metrics(outputs.argmax(1), targets, num_classes);
   if (num_classes > 5) m.top5 = top_k_accuracy(outputs, targets, 5);
+  m.nll = multiclass_nll(outputs, targets, temperature);
+  m.ece = expected_calibration_error(outputs, targets, temperature);
   return m;
+}
+
+namespace {
+// log softmax(logits / temperature) in double, and the logits' rows checked against the targets'.
+at::Tensor scaled_log_probs(const at::Tensor& logits, const at::Tensor& targets, double temperature) {
+  CANOPY_CHECK(logits.dim() == 2 && logits.size(0) == targets.numel(), DataError, "multiclass logits ",
+               logits.sizes(), " and targets ", targets.sizes(), ": expected [N, C] and [N]");
+  CANOPY_CHECK(temperature > 0 && std::isfinite(temperature), DataError, "a temperature must be > 0, got ",
+               temperature);
+  return at::log_softmax(logits.to(at::kDouble) / temperature, 1);
+}
+}  // namespace
+
+double multiclass_nll(const at::Tensor& logits, const at::Tensor& targets, double temperature) {
+  const at::Tensor log_p = scaled_log_probs(logits, targets, temperature);
+  if (log_p.size(0) == 0) return 0.0;
+  return -log_p.gather(1, targets.to(at::kLong).view({-1, 1})).mean().item<double>();
+}
+
+double expected_calibration_error(const at::Tensor& logits, const at::Tensor& targets, double temperature,
+                                  std::int64_t bins) {
+  const at::Tensor p = scaled_log_probs(logits, targets, temperature).exp();
+  const std::int64_t n = p.size(0);
+  if (n == 0) return 0.0;
+  const auto [confidence, predicted] = p.max(1);
+  const at::Tensor right = predicted.eq(targets.to(at::kLong).view({-1})).to(at::kDouble);
+  // Bin b holds the confidences in (b / bins, (b + 1) / bins].
+  const at::Tensor bin =
+      (confidence * static_cast<double>(bins)).ceil().sub(1).clamp(0, bins - 1).to(at::kLong);
+  // |bin| / N x |accuracy - confidence| = |rows right - sum of confidences| / N, per bin.
+  const at::Tensor gap = at::bincount(bin, right, bins) - at::bincount(bin, confidence, bins);
+  return gap.abs().sum().item<double>() / static_cast<double>(n);
+}
+
+double fit_temperature(const at::Tensor& logits, const at::Tensor& targets) {
+  CANOPY_CHECK(logits.dim() == 2 && logits.size(0) == targets.numel() && logits.size(0) > 0, DataError,
+               "a temperature is fitted on multiclass logits [N, C] and targets [N], N > 0; got ",
+               logits.sizes(), " and ", targets.sizes());
+  const at::Tensor z = logits.to(at::kDouble);
+  CANOPY_CHECK(at::isfinite(z).all().item<bool>(), DataError, "a temperature is fitted on finite logits");
+  const at::Tensor true_logit = z.gather(1, targets.to(at::kLong).view({-1, 1})).squeeze(1);
+  // The mean NLL at beta = 1 / T is mean(logsumexp(beta z) - beta z_y): convex in beta, with
+  // derivative mean(E_p[z] - z_y), p = softmax(beta z), increasing in beta.
+  const auto slope = [&](double beta) {
+    const at::Tensor p = at::softmax(z * beta, 1);
+    return ((p * z).sum(1) - true_logit).mean().item<double>();
+  };
+  double lo = 0.01, hi = 100.0;       // beta
+  if (slope(lo) >= 0) return 1 / lo;  // the least NLL at T = 100 or above: the bound
+  if (slope(hi) <= 0) return 1 / hi;  // at T = 0.01 or below
+  while (hi / lo > 1 + 1e-9) {
+    const double mid = std::sqrt(lo * hi);
+    (slope(mid) < 0 ? lo : hi) = mid;
+  }
+  return 1 / std::sqrt(lo * hi);
 }
 
 EvalMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets) {

@@ -388,6 +388,81 @@ TEST(Task, BalancedWeightsComeFromTheTrainingRowsTargets) {
   EXPECT_TRUE(Task(c, r, 4, 3, 1).balance_weights(at::zeros({2}, at::kLong)).empty());
 }
 
+TEST(Metrics, NllAndExpectedCalibrationErrorByHand) {
+  // Two rows of three classes: logits ln(probabilities), so the softmax gives them back.
+  const at::Tensor logits = at::tensor(std::vector<double>{0.7, 0.2, 0.1, 0.1, 0.3, 0.6}).view({2, 3}).log();
+  const at::Tensor targets = at::tensor(std::vector<std::int64_t>{0, 0});
+  EXPECT_NEAR(multiclass_nll(logits, targets), -(std::log(0.7) + std::log(0.1)) / 2, 1e-12);
+  // Confidences 0.7 (right, bin (0.667, 0.733]) and 0.6 (wrong, bin (0.533, 0.6]): each bin
+  // holds one row, |1 - 0.7| / 2 + |0 - 0.6| / 2.
+  EXPECT_NEAR(expected_calibration_error(logits, targets), (0.3 + 0.6) / 2, 1e-12);
+  // Both rows in one bin (2 bins: (0, 0.5], (0.5, 1]): |1 - (0.7 + 0.6)| / 2.
+  EXPECT_NEAR(expected_calibration_error(logits, targets, 1.0, 2), 0.3 / 2, 1e-12);
+  // At temperature 2 the probabilities are softmax(logits / 2) = sqrt(p) renormalised.
+  const at::Tensor p2 = (logits / 2).softmax(1);
+  EXPECT_NEAR(multiclass_nll(logits, targets, 2.0), -(p2[0][0].log() + p2[1][0].log()).item<double>() / 2,
+              1e-12);
+  EXPECT_EQ(multiclass_nll(at::zeros({0, 3}), at::zeros({0}, at::kLong)), 0.0);
+}
+
+TEST(Metrics, FitTemperatureFindsTheLeastNll) {
+  // Rows whose classes are drawn from softmax(z / 2.5): the NLL-best temperature is near 2.5,
+  // and the NLL is higher a little either side of the one found.
+  at::manual_seed(3);
+  const at::Tensor z = at::randn({20000, 5}, at::kDouble) * 3;
+  const at::Tensor y = at::multinomial((z / 2.5).softmax(1), 1).squeeze(1);
+  const double t = fit_temperature(z, y);
+  EXPECT_NEAR(t, 2.5, 0.1);
+  const double at_t = multiclass_nll(z, y, t);
+  EXPECT_LT(at_t, multiclass_nll(z, y, t * 1.001));
+  EXPECT_LT(at_t, multiclass_nll(z, y, t / 1.001));
+  EXPECT_LT(at_t, multiclass_nll(z, y, 1.0));
+  // Every row right by a margin: sharper is always better, up to the search's bound.
+  const at::Tensor sure = at::tensor(std::vector<double>{2, 0, 0, 3}).view({2, 2});
+  EXPECT_NEAR(fit_temperature(sure, at::tensor(std::vector<std::int64_t>{0, 1})), 0.01, 1e-9);
+  // Every row wrong: flatter is always better, up to the other bound.
+  EXPECT_NEAR(fit_temperature(sure, at::tensor(std::vector<std::int64_t>{1, 0})), 100.0, 1e-6);
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        fit_temperature(at::zeros({0, 2}), at::zeros({0}, at::kLong));
+      },
+      {"N > 0"}));
+}
+
+TEST(Task, CalibrateFitsTheTemperatureTheMetricsThenUse) {
+  HeadRegistry r = builtin();
+  TaskConfig c;
+  c.name = "cls";
+  c.calibrate = "temperature";
+  Task t(c, r, 4, 3, 1);
+  EXPECT_EQ(t.temperature(), 1.0);
+  at::manual_seed(5);
+  const at::Tensor x = at::randn({64, 4}) * 4, y = at::randint(0, 3, {64}, at::kLong);
+  const at::Tensor logits = t.outputs(x);
+  const EvalMetrics before = t.evaluate(x, y);
+  t.calibrate(x, y);
+  ASSERT_TRUE(t.temperature_fit().has_value());
+  EXPECT_NEAR(t.temperature(), fit_temperature(logits, y), 1e-12);
+  EXPECT_EQ(t.temperature_fit()->rows, 64);
+  EXPECT_NEAR(t.temperature_fit()->nll_before, *before.nll, 1e-12);
+  const EvalMetrics after = t.evaluate(x, y);
+  EXPECT_NEAR(*after.nll, multiclass_nll(logits, y, t.temperature()), 1e-12);
+  EXPECT_LE(*after.nll, *before.nll);
+  EXPECT_EQ(after.accuracy, before.accuracy) << "the classes given do not change";
+  // Without calibrate, nothing is fitted; on other kinds it is refused.
+  c.calibrate = "none";
+  Task plain(c, r, 4, 3, 1);
+  plain.calibrate(x, y);
+  EXPECT_FALSE(plain.temperature_fit().has_value());
+  TaskConfig m = two_labels("a", "b");
+  m.calibrate = "temperature";
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { Task(m, r, 4, 3, 1); }, {"calibrate = temperature applies to multiclass tasks only"}));
+  c.calibrate = "platt";
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 3, 1); },
+                                                {"calibrate must be none or temperature, got 'platt'"}));
+}
+
 TEST(Task, ThresholdIsForMultilabelTasksAndTunedOnTheRowsGiven) {
   HeadRegistry r = builtin();
   TaskConfig c = two_labels("upper", "lower");

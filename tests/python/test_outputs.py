@@ -446,13 +446,62 @@ lr = 0.01
         acc = EventAccumulator(os.path.join(out_dir, "tensorboard", name))
         acc.Reload()
         tags = acc.Tags()["scalars"]
-        expected = ["eval/accuracy", "eval/macro_f1"] + (["eval/top5_accuracy"] if name == "fine" else []) + ["train/loss"]
+        expected = (["eval/accuracy", "eval/ece", "eval/macro_f1", "eval/nll"] +
+                    (["eval/top5_accuracy"] if name == "fine" else []) + ["train/loss"])
         check(sorted(tags) == expected, f"{name}: TensorBoard tags {sorted(tags)}")
         events = acc.Scalars("eval/accuracy")
         mine = [m for m in metrics if m["task"] == name]
         check([e.step for e in events] == [1, 2, 3, 4, 5], f"{name}: one eval/accuracy point per epoch")
         check(all(abs(e.value - m["eval_accuracy"]) < 1e-6 for e, m in zip(events, mine)),
               f"{name}: TensorBoard values equal metrics.jsonl")
+
+    # --- calibrate = temperature: softmax(logits / T), T fitted on a validation split ---------
+    calibrated = os.path.join(work, "calibrated")
+    tune = ["--set", f"train.out_dir={calibrated}", "--set", "train.validation_fraction=0.2",
+            "--set", "task.fine.calibrate=temperature"]
+    r = subprocess.run([a.canopy, "train", "--config", config, "--progress", "quiet"] + tune, capture_output=True, text=True)
+    card = json.load(open(os.path.join(calibrated, "heads", "fine.json"))) if r.returncode == 0 else {}
+    temp = card.get("temperature", 1.0)
+    fit = card.get("calibration", {})
+    held = card.get("validation", {}).get("rows")
+    check(r.returncode == 0 and f"task 'fine': temperature {temp:.4g} fitted on {held} validation rows" in r.stderr,
+          f"calibrate = temperature: trains and says the fitted temperature ({r.stderr.strip()[-200:]})")
+    check(temp != 1.0 and fit.get("validation_rows") == held and fit["validation_nll"] <= fit["validation_nll_before"],
+          f"the card records the temperature ({temp:.4f}) and the validation NLL it lowered ({fit})")
+    wc = load_file(os.path.join(calibrated, "heads", "fine.safetensors"))
+    with torch.no_grad():
+        logits = (feats_t @ wc["linear.weight"].T + wc["linear.bias"]).double()
+    y = torch.from_numpy(test_labels)
+    p = (logits / temp).softmax(1)
+    nll = float(F.cross_entropy(logits / temp, y))
+    confidence, predicted = p.max(1)
+    bins = (confidence * 15).ceil().sub(1).clamp(0, 14).long()
+    ece = sum(abs(float(((predicted == y).double() - confidence)[bins == b].sum())) for b in range(15)) / len(y)
+    check(abs(card.get("eval_nll", -1) - nll) < 1e-6 and abs(card.get("eval_ece", -1) - ece) < 1e-6,
+          f"the card's test NLL and ECE (15 bins) are torch's at that temperature ({nll:.5f}, {ece:.5f})")
+    check(abs(card.get("eval_accuracy", -1) - float((predicted == y).double().mean())) < 1e-9,
+          "the classes given are still the logits' argmax")
+    r = subprocess.run([a.canopy, "predict", "--config", config, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz",
+                        "--limit", "50", "--format", "jsonl", "--scores", "--progress", "quiet"] + tune,
+                       capture_output=True, text=True)
+    got = np.array([[json.loads(l)[c] for c in fine_cols] for l in r.stdout.splitlines()]) if r.returncode == 0 else 0
+    check(r.returncode == 0 and np.abs(got - p[:50].numpy()).max() < 1e-4,
+          "predict --scores gives softmax(logits / T)")
+    r = subprocess.run([a.canopy, "evaluate", "--config", config, "--progress", "quiet", "--json", "--input",
+                        f"{FMNIST}/t10k-images-idx3-ubyte.gz", "--limit", str(TEST)] + tune, capture_output=True, text=True)
+    fine = {h["task"]: h for h in json.loads(r.stdout)["heads"]}.get("fine", {}) if r.returncode == 0 else {}
+    check(abs(fine.get("nll", -1) - nll) < 1e-6 and abs(fine.get("ece", -1) - ece) < 1e-6,
+          f"evaluate scores the calibrated probabilities: its NLL and ECE are the card's ({fine.get('nll')}, {fine.get('ece')})")
+    model_path = os.path.join(work, "calibrated.pt")
+    r = subprocess.run([a.canopy, "export", "--config", config, "--output", model_path] + tune, capture_output=True, text=True)
+    with torch.no_grad():
+        on_cached = torch.jit.load(model_path).heads(feats_t)["fine"] if r.returncode == 0 else None
+    check(on_cached is not None and torch.allclose(on_cached.double(), p, atol=1e-6),
+          "the model file gives softmax(logits / T) too")
+    r = subprocess.run([a.canopy, "train", "--config", config, "--set", "task.fine.calibrate=temperature"],
+                       capture_output=True, text=True)
+    check(r.returncode == 2 and "task.fine.calibrate = temperature" in r.stderr and "set train.validation_fraction" in r.stderr,
+          f"calibrate without a validation split is refused ({r.stderr.strip()[-120:]})")
 
     # --- the example program with its own head ---------------------------------
     heads = subprocess.run([a.custom, "heads"], capture_output=True, text=True).stdout

@@ -29,6 +29,7 @@ struct ExportedHead {
   std::int64_t out_features = 0;               // the card's
   std::vector<std::string> class_names;
   std::vector<double> cutoffs;  // multilabel: each label's logit cut (the card's threshold_logits; 0)
+  double temperature = 1.0;  // multiclass: the card's (calibrate = temperature); run_model_pass divides by it
   nlohmann::ordered_json card;  // as exported (its eval_* metrics are the run's test split's)
   const std::string& task() const { return config.name; }
 };

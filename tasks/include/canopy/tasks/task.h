@@ -101,6 +101,10 @@ struct TaskConfig {
   // (0, 1)), or "tune": per label, the F1-best cut on the validation split, chosen once on
   // the exported weights (Task::tune_thresholds).
   std::string threshold = "0.5";
+  // Multiclass: "none", or "temperature": the probabilities are softmax(logits / T), T fitted
+  // once on the validation split to the exported weights (Task::calibrate; temperature
+  // scaling, Guo et al. 2017). The classes given do not change, only how sure the head says it is.
+  std::string calibrate = "none";
   std::map<std::string, std::string> head_params;  // the head's options ([task.<name>.head])
 };
 
@@ -145,6 +149,11 @@ struct EvalMetrics {
   // highest scores (what ImageNet-style evaluations report beside accuracy as Acc@5).
   std::optional<double> top5;
   std::optional<RegressionErrors> regression;  // regression
+  // Multiclass: how well the probabilities (softmax of the logits / the head's temperature)
+  // fit: the mean negative log-likelihood of the true class, and the expected calibration
+  // error (expected_calibration_error).
+  std::optional<double> nll;
+  std::optional<double> ece;
   // What early stopping maximises and the summary leads with: accuracy, or R^2.
   double score() const { return regression ? regression->r2 : accuracy; }
 };
@@ -175,6 +184,18 @@ double threshold_logit(double probability);
 double logit_threshold(double logit);
 // The cuts `config.threshold` gives `labels` labels before any tuning (0.5 for "tune").
 std::vector<double> configured_cutoffs(const TaskConfig& config, std::int64_t labels);
+// Multiclass logits [N, C] against class indices [N], the probabilities being
+// softmax(logits / temperature): the mean negative log-likelihood of the true class, and the
+// expected calibration error over `bins` equal-width bins of the top class's probability
+// (confidence): sum over bins of |bin| / N x |accuracy - mean confidence| (Guo et al. 2017;
+// 15 bins as there). 0 for no rows.
+double multiclass_nll(const at::Tensor& logits, const at::Tensor& targets, double temperature = 1.0);
+double expected_calibration_error(const at::Tensor& logits, const at::Tensor& targets,
+                                  double temperature = 1.0, std::int64_t bins = 15);
+// The temperature T in [0.01, 100] whose softmax(logits / T) has the least mean negative
+// log-likelihood on these rows (convex in 1 / T: found by bisection on its derivative, to a
+// relative 1e-9).
+double fit_temperature(const at::Tensor& logits, const at::Tensor& targets);
 // predictions, targets: [N] real values.
 EvalMetrics regression_metrics(const at::Tensor& predictions, const at::Tensor& targets);
 
@@ -186,10 +207,19 @@ at::Tensor source_targets(const TaskConfig& config, std::int64_t num_classes,
                           const at::Tensor& source_labels);
 // The metrics of a head's outputs [N, K] against source_targets' targets: classes by argmax
 // (top-5 over more than 5), labels by a logit over their cutoffs (empty: 0), a regression's
-// value as output * target_std + target_mean (its outputs are in standardised units).
+// value as output * target_std + target_mean (its outputs are in standardised units); a
+// multiclass head's probabilities (nll, ece) as softmax(outputs / temperature).
 EvalMetrics evaluate_outputs(TaskKind kind, const at::Tensor& outputs, const at::Tensor& targets,
                              std::int64_t num_classes, double target_mean = 0.0, double target_std = 1.0,
-                             const std::vector<double>& cutoffs = {});
+                             const std::vector<double>& cutoffs = {}, double temperature = 1.0);
+
+// A temperature fitted on a validation split (calibrate = temperature).
+struct TemperatureFit {
+  double temperature = 1.0;
+  std::int64_t rows = 0;    // the validation rows it was fitted on
+  double nll_before = 0.0;  // their mean negative log-likelihood at temperature 1
+  double nll_after = 0.0;   // ... and at the fitted temperature
+};
 
 // Where a head stands in a training run (the trainer keeps it, see runners/head_run.h).
 enum class TaskState { kTraining, kDone, kFailed };
@@ -247,6 +277,12 @@ class Task {
   // threshold = tune: sets each label's cut to the F1-best on these rows (f1_best_cutoffs of
   // the head's outputs); the metrics and predictions after use them.
   void tune_thresholds(const at::Tensor& features, const at::Tensor& targets);
+  // calibrate = temperature: fits the temperature on these rows (fit_temperature of the head's
+  // logits); the metrics after use it. Nothing otherwise.
+  void calibrate(const at::Tensor& features, const at::Tensor& targets);
+  // Multiclass: what the logits are divided by before the softmax (1 until calibrated).
+  double temperature() const { return fit_ ? fit_->temperature : 1.0; }
+  const std::optional<TemperatureFit>& temperature_fit() const { return fit_; }
   // Predictions for a batch (eval mode, no grad): [B] class indices (multiclass), [B, K]
   // 0/1 label indicators (multilabel) or [B] values (regression).
   at::Tensor predict(const at::Tensor& features);
@@ -297,6 +333,7 @@ class Task {
   FusedOptimizerStep optimizer_step_;
   std::vector<at::Tensor> best_;  // parameters then buffers, in the head's order
   std::vector<double> cutoffs_;   // multilabel: per label
+  std::optional<TemperatureFit> fit_;
   std::vector<std::string> unused_head_options_;
 };
 
