@@ -645,11 +645,11 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
                               "step schedule: multiply by gamma every N epochs")
                     .at_least(1));
     v.push_back(member_key<T>("task", "gamma", CANOPY_TASK(gamma), "step schedule factor").above(0));
-    v.push_back(
-        member_key<T>(
-            "task", "early_stop_patience", CANOPY_TASK(early_stop_patience),
-            "stop after N epochs without a better eval score (accuracy; R^2 for regression); 0: never")
-            .at_least(0));
+    v.push_back(member_key<T>(
+                    "task", "early_stop_patience", CANOPY_TASK(early_stop_patience),
+                    "stop after N epochs without a better eval score (task.NAME.monitor's: accuracy, R^2 for "
+                    "regression); 0: never")
+                    .at_least(0));
     v.push_back(member_key<T>("task", "label_smoothing", CANOPY_TASK(label_smoothing), "multiclass only")
                     .at_least(0)
                     .at_most(0.999999));
@@ -678,6 +678,12 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
     v.push_back(member_key<T>("task", "threshold", CANOPY_TASK(threshold),
                               "multilabel: a label is given where its probability is over this; tune: per "
                               "label, the F1-best on the validation split"));
+    v.push_back(choice<T>(
+        "task", "monitor", CANOPY_TASK(monitor), tasks::parse_monitor,
+        [](tasks::Monitor m) { return tasks::to_string(m); }, tasks::monitor_names(),
+        "what the head's epochs and a grid's winner are chosen by (early stopping, train.export = best, "
+        "successive halving), on the validation split (else the eval split): auto (accuracy; R^2 for a "
+        "regression), accuracy, macro_f1, mean_ap (multilabel), nll (multiclass; lowest wins)"));
     v.push_back(
         member_key<T>("task", "calibrate", CANOPY_TASK(calibrate),
                       "multiclass: temperature: the probabilities are softmax(logits / T), T fitted on "
@@ -813,6 +819,8 @@ std::vector<tasks::TaskConfig> tasks_from_values(const std::map<std::string, std
                    ConfigError, "task.", name, ".", sub, " = ", value, " (in ", source,
                    "): a grid's members learn the same labels; vary the head, its options or the optimizer "
                    "(for other labels, write another task)");
+      CANOPY_CHECK(sub != "monitor", ConfigError, "task.", name, ".monitor = ", value, " (in ", source,
+                   "): a grid's members are compared by one metric; write one value");
       axes.emplace_back(sub, std::move(vs));
     }
     if (axes.empty()) {

@@ -152,7 +152,8 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
     card["top_precision"] = meta.top_precision.empty() ? "float32" : meta.top_precision;
   }
   card["exported_epoch"] = r.exported_epoch;
-  if (const auto& v = r.validation) {  // what the epoch (and a grid's winner) was chosen on
+  card["monitor"] = tasks::to_string(c.monitor);  // what it was chosen by
+  if (const auto& v = r.validation) {             // what the epoch (and a grid's winner) was chosen on
     ordered_json val{{"rows", v->count}, {"accuracy", v->accuracy}, {"macro_f1", v->macro_f1}};
     if (v->top5) val["top5_accuracy"] = *v->top5;
     if (v->regression) val["r2"] = v->regression->r2;
@@ -166,7 +167,8 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
                           {"state", state_name(m.state)},
                           {"epochs", m.epochs},
                           {"exported_epoch", m.exported_epoch},
-                          {"validation_score", m.validation_score},
+                          {"validation_score",
+                           r.validation ? r.validation->score_value(m.validation_score) : m.validation_score},
                           {"seconds", m.seconds}};
       const std::string& why = m.failure.empty() ? m.note : m.failure;
       if (!why.empty()) member["note"] = why;  // why it failed, or stopped before its last epoch

@@ -51,6 +51,7 @@ std::string encode_run(const HeadRun& r) {
   }
   if (r.eval.mean_ap) e["mean_ap"] = bits(*r.eval.mean_ap);
   if (r.eval.top5) e["top5"] = bits(*r.eval.top5);
+  if (r.eval.monitor != tasks::Monitor::kAuto) e["monitor"] = static_cast<int>(r.eval.monitor);
   if (r.eval.nll) e["nll"] = bits(*r.eval.nll);
   if (r.eval.ece) e["ece"] = bits(*r.eval.ece);
   if (const auto& g = r.eval.regression) e["regression"] = {bits(g->mae), bits(g->rmse), bits(g->r2)};
@@ -94,6 +95,7 @@ void decode_run(const std::string& text, HeadRun& r) {
   }
   if (e.contains("mean_ap")) r.eval.mean_ap = real(e.at("mean_ap"));
   if (e.contains("top5")) r.eval.top5 = real(e.at("top5"));
+  if (e.contains("monitor")) r.eval.monitor = static_cast<tasks::Monitor>(e.at("monitor").get<int>());
   if (e.contains("nll")) r.eval.nll = real(e.at("nll"));
   if (e.contains("ece")) r.eval.ece = real(e.at("ece"));
   if (e.contains("regression")) {
@@ -140,7 +142,7 @@ bool HeadRun::finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::
     state = tasks::TaskState::kDone;  // the others go on
     char why[160];
     std::snprintf(why, sizeof why, "stopped early at epoch %lld (best %s %.4f at epoch %lld)",
-                  static_cast<long long>(epochs), eval.regression ? "R^2" : "accuracy", best_score,
+                  static_cast<long long>(epochs), eval.score_name(), eval.score_value(best_score),
                   static_cast<long long>(best_epoch));
     stop_note = why;
   }
@@ -151,7 +153,7 @@ void HeadRun::stop_by_halving(double score, std::size_t kept, std::size_t of) {
   state = tasks::TaskState::kDone;
   char why[200];
   std::snprintf(why, sizeof why, "%s at epoch %lld (%s %.4f; %zu of %zu went on)", kHalvingStop,
-                static_cast<long long>(epochs), eval.regression ? "R^2" : "accuracy", score, kept, of);
+                static_cast<long long>(epochs), eval.score_name(), eval.score_value(score), kept, of);
   stop_note = why;
 }
 

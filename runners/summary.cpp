@@ -163,16 +163,23 @@ std::string grid_lines(const TrainReport& report) {
       return a->validation_score > b->validation_score;
     });
     const bool r2 = t.kind == tasks::TaskKind::kRegression;
+    const auto monitor = t.validation ? t.validation->monitor : tasks::Monitor::kAuto;
     const auto cut = std::count_if(t.grid.begin(), t.grid.end(),
                                    [](const GridMember& m) { return m.note.rfind(kHalvingStop, 0) == 0; });
     o << "grid '" << t.name << "': " << t.grid.size() << " heads, " << ranked.size() << " finished"
       << (cut ? " (" + std::to_string(cut) + " of them cut by successive halving)" : std::string())
       << "; best on the validation split:";
     for (std::size_t k = 0; k < ranked.size() && k < 3; ++k) {
-      std::snprintf(buf, sizeof buf, r2 ? "%s %s (R^2 %.4f, epoch %lld)" : "%s %s (%.2f%%, epoch %lld)",
-                    k ? ";" : "", ranked[k]->name.c_str(),
-                    r2 ? ranked[k]->validation_score : 100 * ranked[k]->validation_score,
-                    static_cast<long long>(ranked[k]->exported_epoch));
+      if (monitor != tasks::Monitor::kAuto) {  // task.NAME.monitor's metric, as messages name it
+        std::snprintf(buf, sizeof buf, "%s %s (%s %.4f, epoch %lld)", k ? ";" : "", ranked[k]->name.c_str(),
+                      t.validation->score_name(), t.validation->score_value(ranked[k]->validation_score),
+                      static_cast<long long>(ranked[k]->exported_epoch));
+      } else {
+        std::snprintf(buf, sizeof buf, r2 ? "%s %s (R^2 %.4f, epoch %lld)" : "%s %s (%.2f%%, epoch %lld)",
+                      k ? ";" : "", ranked[k]->name.c_str(),
+                      r2 ? ranked[k]->validation_score : 100 * ranked[k]->validation_score,
+                      static_cast<long long>(ranked[k]->exported_epoch));
+      }
       o << buf;
     }
     o << (t.state == tasks::TaskState::kDone ? "; exported as '" + t.name + "' (card lists every member)"

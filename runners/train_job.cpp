@@ -987,6 +987,10 @@ class EpochLoop {
         const auto& b = runs_[best];
         if (!any) {
           std::snprintf(buf, sizeof buf, " %s: %zu heads, none training", grid.c_str(), members);
+        } else if (b.eval.monitor != tasks::Monitor::kAuto) {  // task.NAME.monitor's metric
+          std::snprintf(buf, sizeof buf, " %s: best %s %.4f (%s; %zu of %zu heads training)", grid.c_str(),
+                        b.eval.score_name(), b.eval.score_value(b.eval.score()),
+                        set_.results[best].name.c_str() + grid.size() + 1, training, members);
         } else {
           std::snprintf(buf, sizeof buf,
                         b.eval.regression ? " %s: best R^2 %.3f (%s; %zu of %zu heads training)"

@@ -99,6 +99,11 @@ constexpr std::array<std::pair<LrSchedule, const char*>, 3> kSchedules{
     {{LrSchedule::kConstant, "constant"}, {LrSchedule::kCosine, "cosine"}, {LrSchedule::kStep, "step"}}};
 constexpr std::array<std::pair<RegressionLoss, const char*>, 2> kLosses{
     {{RegressionLoss::kMse, "mse"}, {RegressionLoss::kL1, "l1"}}};
+constexpr std::array<std::pair<Monitor, const char*>, 5> kMonitors{{{Monitor::kAuto, "auto"},
+                                                                    {Monitor::kAccuracy, "accuracy"},
+                                                                    {Monitor::kMacroF1, "macro_f1"},
+                                                                    {Monitor::kMeanAp, "mean_ap"},
+                                                                    {Monitor::kNll, "nll"}}};
 
 void validate_training(const TaskConfig& c, const std::string& t) {
   CANOPY_CHECK(c.lr > 0 && std::isfinite(c.lr), ConfigError, t, ": invalid learning rate: ", c.lr);
@@ -116,6 +121,43 @@ const char* to_string(TaskKind kind) { return name_of(kKinds, kind); }
 const char* to_string(OptimizerKind optimizer) { return name_of(kOptimizers, optimizer); }
 const char* to_string(LrSchedule schedule) { return name_of(kSchedules, schedule); }
 const char* to_string(RegressionLoss loss) { return name_of(kLosses, loss); }
+const char* to_string(Monitor monitor) { return name_of(kMonitors, monitor); }
+Monitor parse_monitor(const std::string& name, const std::string& what) {
+  return parse_named(kMonitors, name, what);
+}
+std::vector<std::string> monitor_names() { return all_names(kMonitors); }
+
+double EvalMetrics::score() const {
+  switch (monitor) {
+    case Monitor::kAccuracy:
+      return accuracy;
+    case Monitor::kMacroF1:
+      return macro_f1;
+    case Monitor::kMeanAp:
+      return mean_ap.value_or(0.0);
+    case Monitor::kNll:
+      return nll ? -*nll : -HUGE_VAL;
+    case Monitor::kAuto:
+      break;
+  }
+  return regression ? regression->r2 : accuracy;
+}
+
+const char* EvalMetrics::score_name() const {
+  switch (monitor) {
+    case Monitor::kAccuracy:
+      return "accuracy";
+    case Monitor::kMacroF1:
+      return "macro-F1";
+    case Monitor::kMeanAp:
+      return "mean AP";
+    case Monitor::kNll:
+      return "NLL";
+    case Monitor::kAuto:
+      break;
+  }
+  return regression ? "R^2" : "accuracy";
+}
 TaskKind parse_task_kind(const std::string& name, const std::string& what) {
   return parse_named(kKinds, name, what);
 }
@@ -147,6 +189,18 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
         c.threshold == "tune" || (!c.threshold.empty() && *end == '\0' && p > 0 && p < 1), ConfigError, t,
         ": threshold must be a probability between 0 and 1 (exclusive) or 'tune', got '", c.threshold, "'");
   }
+  const bool monitor_fits =
+      c.monitor == Monitor::kAuto ||
+      (c.kind != TaskKind::kRegression && c.monitor != Monitor::kMeanAp && c.monitor != Monitor::kNll) ||
+      (c.kind == TaskKind::kMultilabel && c.monitor == Monitor::kMeanAp) ||
+      (c.kind == TaskKind::kMulticlass && c.monitor == Monitor::kNll);
+  CANOPY_CHECK(monitor_fits, ConfigError, t, ": monitor = ", to_string(c.monitor), " does not apply to a ",
+               to_string(c.kind), " task (",
+               c.kind == TaskKind::kRegression ? "a regression is chosen by R^2: auto"
+               : c.kind == TaskKind::kMultilabel
+                   ? "a multilabel task: auto, accuracy (every label right), macro_f1 or mean_ap"
+                   : "a multiclass task: auto, accuracy, macro_f1 or nll",
+               ")");
   CANOPY_CHECK(c.calibrate == "none" || c.calibrate == "temperature", ConfigError, t,
                ": calibrate must be none or temperature, got '", c.calibrate, "'");
   CANOPY_CHECK(c.calibrate == "none" || c.kind == TaskKind::kMulticlass, ConfigError, t,
@@ -649,10 +703,14 @@ at::Tensor Task::predict(const at::Tensor& features) {
 
 EvalMetrics Task::evaluate(const at::Tensor& features, const at::Tensor& targets) {
   const at::Tensor out = outputs(features);
-  if (!regression())
-    return evaluate_outputs(config_.kind, out, targets, num_classes_, 0.0, 1.0, cutoffs_, temperature());
-  return evaluate_outputs(config_.kind, out, targets.squeeze(1).to(at::kDouble) * target_std_ + target_mean_,
-                          num_classes_, target_mean_, target_std_);
+  EvalMetrics m =
+      regression()
+          ? evaluate_outputs(config_.kind, out,
+                             targets.squeeze(1).to(at::kDouble) * target_std_ + target_mean_, num_classes_,
+                             target_mean_, target_std_)
+          : evaluate_outputs(config_.kind, out, targets, num_classes_, 0.0, 1.0, cutoffs_, temperature());
+  m.monitor = config_.monitor;
+  return m;
 }
 
 EvalMetrics evaluate_outputs(TaskKind kind, const at::Tensor& outputs, const at::Tensor& targets,

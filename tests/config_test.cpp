@@ -405,6 +405,12 @@ TEST(Config, GridsAndBestExportNeedAValidationSplit) {
                                         {"task.probe", "grid of 2 heads", "train.validation_fraction"}));
   EXPECT_TRUE(testing::throws_with<ConfigError>(
       [&] {
+        load_job_config(dir.file("c.ini"),
+                        {"train.validation_fraction=0.1", "task.probe.monitor=accuracy, nll"});
+      },
+      {"task.probe.monitor", "compared by one metric"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
         load_job_config(dir.file("c.ini"), {"task.probe.lr=0.1", "train.export=best"});
       },
       {"train.export = best", "validation_fraction"}));

@@ -3,6 +3,9 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include <ATen/ops/arange.h>
 
@@ -49,6 +52,42 @@ TEST(HeadRun, EarlyStoppingAfterPatienceEpochsWithoutImprovement) {
   EXPECT_EQ(r.state, tasks::TaskState::kDone);
   EXPECT_EQ(r.best_epoch, 2);
   EXPECT_EQ(r.stop_note, "stopped early at epoch 5 (best accuracy 0.7000 at epoch 2)");
+}
+
+TEST(HeadRun, TheMonitoredMetricChoosesTheBestEpochAndNamesItself) {
+  // nll: lower wins, and the note says the NLL, not its negation.
+  HeadRun r;
+  const double nll[] = {0.9, 0.5, 0.6, 0.7};
+  const double acc[] = {0.5, 0.6, 0.8, 0.9};  // accuracy rising would have chosen epoch 4
+  for (std::int64_t e = 0; e < 4 && r.training(); ++e) {
+    tasks::EvalMetrics m = accuracy(acc[e]);
+    m.nll = nll[e];
+    m.monitor = tasks::Monitor::kNll;
+    r.finish_epoch(e, 10, m, 2);
+  }
+  EXPECT_EQ(r.best_epoch, 2);
+  EXPECT_EQ(r.stop_note, "stopped early at epoch 4 (best NLL 0.5000 at epoch 2)");
+  // Each monitor scores its metric; auto is accuracy, or R^2 for a regression.
+  tasks::EvalMetrics m = accuracy(0.8);
+  m.macro_f1 = 0.6;
+  m.mean_ap = 0.7;
+  m.nll = 0.4;
+  const std::vector<std::tuple<tasks::Monitor, double, std::string>> each{
+      {tasks::Monitor::kAuto, 0.8, "accuracy"},
+      {tasks::Monitor::kAccuracy, 0.8, "accuracy"},
+      {tasks::Monitor::kMacroF1, 0.6, "macro-F1"},
+      {tasks::Monitor::kMeanAp, 0.7, "mean AP"},
+      {tasks::Monitor::kNll, -0.4, "NLL"}};
+  for (const auto& [monitor, score, name] : each) {
+    m.monitor = monitor;
+    EXPECT_EQ(m.score(), score) << name;
+    EXPECT_EQ(m.score_name(), name);
+  }
+  EXPECT_EQ(m.score_value(m.score()), 0.4);
+  m.monitor = tasks::Monitor::kAuto;
+  m.regression = tasks::RegressionErrors{0.1, 0.2, 0.75};
+  EXPECT_EQ(m.score(), 0.75);
+  EXPECT_STREQ(m.score_name(), "R^2");
 }
 
 TEST(HeadRun, FailuresNameEpochAndStepCountingFromOne) {
@@ -100,6 +139,9 @@ TEST(HeadRun, EncodedRunsDecodeToTheSameRun) {
   r.seconds = 12.345678901234567;
   r.eval.confusion = at::arange(9, at::kLong).reshape({3, 3});
   r.eval.mean_ap = 0.7;
+  r.eval.nll = 0.25;
+  r.eval.ece = 0.125;
+  r.eval.monitor = tasks::Monitor::kNll;
   r.stop_note = "stopped, \"quoted\"\n";
   HeadRun back;
   decode_run(encode_run(r), back);
@@ -115,6 +157,9 @@ TEST(HeadRun, EncodedRunsDecodeToTheSameRun) {
   ASSERT_TRUE(back.eval.confusion.defined());
   EXPECT_TRUE(back.eval.confusion.equal(r.eval.confusion));
   EXPECT_EQ(back.eval.mean_ap, 0.7);
+  EXPECT_EQ(back.eval.nll, 0.25);
+  EXPECT_EQ(back.eval.ece, 0.125);
+  EXPECT_EQ(back.eval.monitor, tasks::Monitor::kNll);
   EXPECT_FALSE(back.eval.regression.has_value());
   r.eval.regression = tasks::RegressionErrors{0.5, 0.25, -1.5};
   decode_run(encode_run(r), back);

@@ -5,6 +5,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <tuple>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/TensorIndexing.h>
@@ -458,6 +459,25 @@ TEST(Task, CalibrateFitsTheTemperatureTheMetricsThenUse) {
   m.calibrate = "temperature";
   EXPECT_TRUE(testing::throws_with<ConfigError>(
       [&] { Task(m, r, 4, 3, 1); }, {"calibrate = temperature applies to multiclass tasks only"}));
+  // monitor: the metrics a kind has.
+  c.calibrate = "none";
+  for (const auto& [kind, monitor, said] : std::vector<std::tuple<TaskKind, Monitor, std::string>>{
+           {TaskKind::kMulticlass, Monitor::kMeanAp, "monitor = mean_ap does not apply to a multiclass task"},
+           {TaskKind::kMultilabel, Monitor::kNll, "monitor = nll does not apply to a multilabel task"},
+           {TaskKind::kRegression, Monitor::kMacroF1, "a regression is chosen by R^2: auto"}}) {
+    TaskConfig k = kind == TaskKind::kMultilabel ? two_labels("a", "b") : c;
+    k.kind = kind;
+    if (kind == TaskKind::kRegression) k.labels = "ink";
+    k.monitor = monitor;
+    EXPECT_TRUE(testing::throws_with<ConfigError>(
+        [&] { Task(k, r, 4, kind == TaskKind::kRegression ? 0 : 3, 1); }, {said}))
+        << said;
+  }
+  c.monitor = Monitor::kNll;
+  Task chosen(c, r, 4, 3, 1);
+  EXPECT_EQ(chosen.evaluate(x, y).monitor, Monitor::kNll) << "its metrics say what scores them";
+  EXPECT_EQ(chosen.evaluate(x, y).score(), -*chosen.evaluate(x, y).nll);
+  c.monitor = Monitor::kAuto;
   c.calibrate = "platt";
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 3, 1); },
                                                 {"calibrate must be none or temperature, got 'platt'"}));

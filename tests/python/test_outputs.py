@@ -458,7 +458,8 @@ lr = 0.01
     # --- calibrate = temperature: softmax(logits / T), T fitted on a validation split ---------
     calibrated = os.path.join(work, "calibrated")
     tune = ["--set", f"train.out_dir={calibrated}", "--set", "train.validation_fraction=0.2",
-            "--set", "task.fine.calibrate=temperature"]
+            "--set", "task.fine.calibrate=temperature", "--set", "task.fine.monitor=nll",
+            "--set", "task.coarse.monitor=macro_f1"]
     r = subprocess.run([a.canopy, "train", "--config", config, "--progress", "quiet"] + tune, capture_output=True, text=True)
     card = json.load(open(os.path.join(calibrated, "heads", "fine.json"))) if r.returncode == 0 else {}
     temp = card.get("temperature", 1.0)
@@ -468,6 +469,16 @@ lr = 0.01
           f"calibrate = temperature: trains and says the fitted temperature ({r.stderr.strip()[-200:]})")
     check(temp != 1.0 and fit.get("validation_rows") == held and fit["validation_nll"] <= fit["validation_nll_before"],
           f"the card records the temperature ({temp:.4f}) and the validation NLL it lowered ({fit})")
+    # task.NAME.monitor: the exported epoch is the one with the lowest validation NLL (fine) and the
+    # highest validation macro-F1 (coarse) in metrics.jsonl, whose eval_* are on the validation split.
+    rows = [json.loads(l) for l in open(os.path.join(calibrated, "metrics.jsonl"))] if card else []
+    for name, key, pick in (("fine", "eval_nll", min), ("coarse", "eval_macro_f1", max)):
+        mine = [m for m in rows if m["task"] == name]
+        want = pick(mine, key=lambda m: m[key])["epoch"] if mine else None  # the first of equals
+        c = json.load(open(os.path.join(calibrated, "heads", f"{name}.json"))) if card else {}
+        check(want is not None and c.get("exported_epoch") == want and c.get("monitor") == key[5:],
+              f"monitor = {key[5:]}: {name} exports epoch {c.get('exported_epoch')}, the {pick.__name__} of "
+              f"{[round(m[key], 4) for m in mine]}")
     wc = load_file(os.path.join(calibrated, "heads", "fine.safetensors"))
     with torch.no_grad():
         logits = (feats_t @ wc["linear.weight"].T + wc["linear.bias"]).double()

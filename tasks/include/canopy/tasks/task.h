@@ -31,6 +31,10 @@ enum class TaskKind {
 enum class OptimizerKind { kSgd, kAdam, kAdamW };
 enum class LrSchedule { kConstant, kCosine, kStep };  // the learning rate per epoch
 enum class RegressionLoss { kMse, kL1 };
+// What a head's epochs are chosen by (early stopping, train.export = best, a grid's winner and
+// its halving): auto (accuracy; R^2 for a regression), accuracy, macro_f1, mean_ap
+// (multilabel), nll (multiclass; lower is better).
+enum class Monitor { kAuto, kAccuracy, kMacroF1, kMeanAp, kNll };
 
 // Names as configs and cards spell them ("multiclass", "adamw", "cosine", "l1"), and back;
 // parsing an unknown name is a ConfigError naming `what`, the value and the choices.
@@ -38,15 +42,18 @@ const char* to_string(TaskKind kind);
 const char* to_string(OptimizerKind optimizer);
 const char* to_string(LrSchedule schedule);
 const char* to_string(RegressionLoss loss);
+const char* to_string(Monitor monitor);
 TaskKind parse_task_kind(const std::string& name, const std::string& what);
 OptimizerKind parse_optimizer(const std::string& name, const std::string& what);
 LrSchedule parse_schedule(const std::string& name, const std::string& what);
 RegressionLoss parse_regression_loss(const std::string& name, const std::string& what);
+Monitor parse_monitor(const std::string& name, const std::string& what);
 // Every name each enum accepts, in declaration order (config reference, choices).
 std::vector<std::string> task_kind_names();
 std::vector<std::string> optimizer_names();
 std::vector<std::string> schedule_names();
 std::vector<std::string> regression_loss_names();
+std::vector<std::string> monitor_names();
 
 // An optimizer over parameter groups (each group starts at `lr`; change a group's rate
 // through param_groups()), as tasks and the trunk's trainable top configure them.
@@ -105,6 +112,7 @@ struct TaskConfig {
   // once on the validation split to the exported weights (Task::calibrate; temperature
   // scaling, Guo et al. 2017). The classes given do not change, only how sure the head says it is.
   std::string calibrate = "none";
+  Monitor monitor = Monitor::kAuto;                // what its epochs (and a grid's winner) are chosen by
   std::map<std::string, std::string> head_params;  // the head's options ([task.<name>.head])
 };
 
@@ -154,8 +162,14 @@ struct EvalMetrics {
   // error (expected_calibration_error).
   std::optional<double> nll;
   std::optional<double> ece;
-  // What early stopping maximises and the summary leads with: accuracy, or R^2.
-  double score() const { return regression ? regression->r2 : accuracy; }
+  Monitor monitor = Monitor::kAuto;  // the task's (Task::evaluate sets it)
+  // What early stopping, train.export = best and a grid's choice maximise: the monitored
+  // metric (auto: accuracy, or R^2), negated where lower is better (nll).
+  double score() const;
+  // The monitored metric's name as messages say it ("accuracy", "R^2", "macro-F1", "mean AP",
+  // "NLL"), and its value for a score (-score for nll).
+  const char* score_name() const;
+  double score_value(double score) const { return monitor == Monitor::kNll ? -score : score; }
 };
 
 // Per-class counts and scores from a confusion matrix (rows = truth).
