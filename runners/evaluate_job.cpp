@@ -81,6 +81,7 @@ Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& regi
     r.name = h.task();
     r.kind = h.kind;
     r.class_names = h.class_names;
+    r.temperature = h.temperature;
     r.state = tasks::TaskState::kDone;
     r.eval = tasks::evaluate_outputs(h.kind, at::cat(scored[k].outputs), scored[k].targets, h.out_features,
                                      h.target_mean, h.target_std, h.cutoffs);
@@ -132,8 +133,8 @@ std::string format_evaluation(const Evaluation& e) {
     o << buf;
   }
   const std::string where = "'" + printable(e.input) + "'";
-  o << regression_lines(e.heads, where) << per_class_tables(e.heads, where)
-    << per_label_tables(e.heads, where);
+  o << regression_lines(e.heads, where) << calibration_lines(e.heads, where, false)
+    << per_class_tables(e.heads, where) << per_label_tables(e.heads, where);
   for (const auto& n : e.not_evaluated) o << "not evaluated: " << n << "\n";
   std::snprintf(buf, sizeof buf, "%zu head%s evaluated on %lld rows in %.2fs\n", e.heads.size(),
                 e.heads.size() == 1 ? "" : "s", static_cast<long long>(e.rows), e.seconds);

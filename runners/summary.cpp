@@ -191,6 +191,20 @@ std::string grid_lines(const TrainReport& report) {
 
 }  // namespace
 
+std::string calibration_lines(const std::vector<TaskResult>& results, const std::string& where,
+                              bool calibrated_only) {
+  std::ostringstream o;
+  char buf[512];
+  for (const auto& t : results) {
+    if (!t.eval.nll || !t.eval.ece || t.state == tasks::TaskState::kFailed) continue;
+    if (calibrated_only && t.temperature == 1.0) continue;
+    std::snprintf(buf, sizeof buf, "task '%s': probabilities at temperature %.4g: NLL %.4f, ECE %.4f on %s\n",
+                  t.name.c_str(), t.temperature, *t.eval.nll, *t.eval.ece, where.c_str());
+    o << buf;
+  }
+  return o.str();
+}
+
 std::string regression_lines(const std::vector<TaskResult>& results, const std::string& where) {
   std::ostringstream o;
   char buf[512];
@@ -243,8 +257,8 @@ std::string totals_line(const TrainReport& report) {
 std::string format_summary(const TrainReport& report) {
   const std::string where = "the eval split";
   return results_table(report) + grid_lines(report) + regression_lines(report.tasks, where) +
-         per_class_tables(report.tasks, where) + per_label_tables(report.tasks, where) + notes(report) +
-         totals_line(report);
+         calibration_lines(report.tasks, where, true) + per_class_tables(report.tasks, where) +
+         per_label_tables(report.tasks, where) + notes(report) + totals_line(report);
 }
 
 }  // namespace canopy::runners

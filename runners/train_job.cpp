@@ -1107,6 +1107,7 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
     if (splits.validation) {
       set.tasks[i]->tune_thresholds(splits.selection_features, set.eval_targets[i]);  // threshold = tune
       set.tasks[i]->calibrate(splits.selection_features, set.eval_targets[i]);  // calibrate = temperature
+      r.temperature = set.tasks[i]->temperature();
       if (const auto& fit = set.tasks[i]->temperature_fit()) {
         std::ostringstream said;
         said.precision(4);

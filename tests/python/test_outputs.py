@@ -461,6 +461,7 @@ lr = 0.01
             "--set", "task.fine.calibrate=temperature", "--set", "task.fine.monitor=nll",
             "--set", "task.coarse.monitor=macro_f1"]
     r = subprocess.run([a.canopy, "train", "--config", config, "--progress", "quiet"] + tune, capture_output=True, text=True)
+    summary = r.stdout
     card = json.load(open(os.path.join(calibrated, "heads", "fine.json"))) if r.returncode == 0 else {}
     temp = card.get("temperature", 1.0)
     fit = card.get("calibration", {})
@@ -490,6 +491,9 @@ lr = 0.01
     ece = sum(abs(float(((predicted == y).double() - confidence)[bins == b].sum())) for b in range(15)) / len(y)
     check(abs(card.get("eval_nll", -1) - nll) < 1e-6 and abs(card.get("eval_ece", -1) - ece) < 1e-6,
           f"the card's test NLL and ECE (15 bins) are torch's at that temperature ({nll:.5f}, {ece:.5f})")
+    check(f"task 'fine': probabilities at temperature {temp:.4g}: NLL {nll:.4f}, ECE {ece:.4f} on the eval split"
+          in summary and "task 'coarse': probabilities" not in summary,
+          "the training summary says them for the calibrated head alone")
     check(abs(card.get("eval_accuracy", -1) - float((predicted == y).double().mean())) < 1e-9,
           "the classes given are still the logits' argmax")
     r = subprocess.run([a.canopy, "predict", "--config", config, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz",
@@ -503,6 +507,10 @@ lr = 0.01
     fine = {h["task"]: h for h in json.loads(r.stdout)["heads"]}.get("fine", {}) if r.returncode == 0 else {}
     check(abs(fine.get("nll", -1) - nll) < 1e-6 and abs(fine.get("ece", -1) - ece) < 1e-6,
           f"evaluate scores the calibrated probabilities: its NLL and ECE are the card's ({fine.get('nll')}, {fine.get('ece')})")
+    r = subprocess.run([a.canopy, "evaluate", "--config", config, "--progress", "quiet", "--input",
+                        f"{FMNIST}/t10k-images-idx3-ubyte.gz", "--limit", str(TEST)] + tune, capture_output=True, text=True)
+    said = f"task 'fine': probabilities at temperature {temp:.4g}: NLL {nll:.4f}, ECE {ece:.4f} on '"
+    check(r.returncode == 0 and said in r.stdout, f"... and its text says them: {said}")
     model_path = os.path.join(work, "calibrated.pt")
     r = subprocess.run([a.canopy, "export", "--config", config, "--output", model_path] + tune, capture_output=True, text=True)
     with torch.no_grad():

@@ -20,7 +20,8 @@ struct GridMember {
   std::string note;                 // why it stopped before its last epoch, if it did
   std::int64_t epochs = 0;          // epochs trained
   std::int64_t exported_epoch = 0;  // the epoch its score is of
-  double validation_score = 0.0;    // accuracy (R^2 for regression) on the validation split
+  double validation_score = 0.0;    // the task's monitor's score (accuracy, R^2 by default) on the
+                                    // validation split (EvalMetrics::score: an NLL negated)
   double seconds = 0.0;
 };
 
@@ -43,6 +44,7 @@ struct TaskResult {
   // and which epoch they are of (train.export: the best on it, or the last).
   std::optional<tasks::EvalMetrics> validation;
   std::int64_t exported_epoch = 0;
+  double temperature = 1.0;  // multiclass: what its logits are divided by (calibrate = temperature)
   // A grid's result (name: the grid's): the member that won on the validation split, and
   // every member with its score. `eval` is the winner's, on the test split, evaluated once.
   std::string winner;
@@ -75,5 +77,9 @@ std::string format_summary(const TrainReport& report);
 std::string per_class_tables(const std::vector<TaskResult>& results, const std::string& where);
 std::string per_label_tables(const std::vector<TaskResult>& results, const std::string& where);
 std::string regression_lines(const std::vector<TaskResult>& results, const std::string& where);
+// A line per multiclass head with NLL and ECE: how well its probabilities fit, at its temperature;
+// with `calibrated_only`, of the heads calibrated (temperature other than 1) alone.
+std::string calibration_lines(const std::vector<TaskResult>& results, const std::string& where,
+                              bool calibrated_only);
 
 }  // namespace canopy::runners
