@@ -3,6 +3,8 @@
     from rebuild_head import rebuild_head
     head = rebuild_head("runs/fmnist_lite0/heads/class_mlp.json")   # a torch.nn.Module
     logits = head(features)     # features: [N, card["in_features"]] from the same cache/tap
+    card = json.load(open("runs/fmnist_lite0/heads/class_mlp.json"))
+    answers = head_answers(card, logits)   # as canopy predict gives them
 
 Built-in heads only (linear, mlp); docs/training.md shows this file and explains the layout.
 """
@@ -42,3 +44,16 @@ def rebuild_head(card_path):
     weights = load_file(os.path.join(os.path.dirname(card_path), card["weights"]))
     head.load_state_dict(weights, strict=True)  # every tensor named as canopy wrote it
     return head.eval()
+
+
+def head_answers(card, logits):
+    """What `canopy predict` answers from a head's logits, as the card says: a multiclass head's
+    probabilities softmax(logits / temperature) (temperature 1 unless calibrate = temperature) and
+    its class indices; a multilabel head's sigmoid probabilities and 0/1 labels (each over its
+    threshold); a regression's values in the label's units."""
+    if card["kind"] == "regression":
+        return {"values": logits[:, 0] * card["target_std"] + card["target_mean"]}
+    if card["kind"] == "multilabel":
+        cuts = torch.tensor(card["threshold_logits"], dtype=torch.float32)
+        return {"probabilities": logits.sigmoid(), "labels": (logits > cuts).long()}
+    return {"probabilities": (logits / card.get("temperature", 1.0)).softmax(1), "classes": logits.argmax(1)}

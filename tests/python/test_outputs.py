@@ -26,7 +26,7 @@ import torch
 from support import FMNIST, check, finish, read_idx, work_dir
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
-from rebuild_head import rebuild_head  # noqa: E402  (the snippet docs/training.md shows)
+from rebuild_head import head_answers, rebuild_head  # noqa: E402  (the snippet docs/training.md shows)
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
@@ -217,6 +217,10 @@ lr = 0.01
     check(abs(mae - card["eval_mae"]) < 1e-6 and abs(r2 - card["eval_r2"]) < 1e-5,
           f"ink: torch reproduces canopy's MAE {mae:.5f} (card {card['eval_mae']:.5f}) and R^2 {r2:.4f}")
     check(r2 > 0.5, f"ink: R^2 {r2:.3f} is far better than predicting the mean")
+    with torch.no_grad():
+        rebuilt_ink = head_answers(card, rebuild_head(os.path.join(out_dir, "heads", "ink.json"))(feats_t))["values"]
+    check(np.abs(rebuilt_ink.double().numpy() - pred_ink).max() < 1e-5,
+          "ink: scripts/rebuild_head.py's head_answers gives the values in the label's units")
 
     # --- canopy predict: trunk + every head in one pass ---------------------------
     pred_path = os.path.join(work, "pred.csv")
@@ -502,6 +506,11 @@ lr = 0.01
     got = np.array([[json.loads(l)[c] for c in fine_cols] for l in r.stdout.splitlines()]) if r.returncode == 0 else 0
     check(r.returncode == 0 and np.abs(got - p[:50].numpy()).max() < 1e-4,
           "predict --scores gives softmax(logits / T)")
+    with torch.no_grad():
+        answers = head_answers(card, rebuild_head(os.path.join(calibrated, "heads", "fine.json"))(feats_t[:50]))
+    check(r.returncode == 0 and np.abs(answers["probabilities"].numpy() - got).max() < 1e-4
+          and answers["classes"].tolist() == [names.index(json.loads(l)["fine"]) for l in r.stdout.splitlines()],
+          "scripts/rebuild_head.py's head_answers gives predict's calibrated probabilities and classes")
     r = subprocess.run([a.canopy, "evaluate", "--config", config, "--progress", "quiet", "--json", "--input",
                         f"{FMNIST}/t10k-images-idx3-ubyte.gz", "--limit", str(TEST)] + tune, capture_output=True, text=True)
     fine = {h["task"]: h for h in json.loads(r.stdout)["heads"]}.get("fine", {}) if r.returncode == 0 else {}

