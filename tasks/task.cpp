@@ -740,7 +740,7 @@ at::Tensor scaled_log_probs(const at::Tensor& logits, const at::Tensor& targets,
 double multiclass_nll(const at::Tensor& logits, const at::Tensor& targets, double temperature) {
   const at::Tensor log_p = scaled_log_probs(logits, targets, temperature);
   if (log_p.size(0) == 0) return 0.0;
-  return -log_p.gather(1, targets.to(at::kLong).view({-1, 1})).mean().item<double>();
+  return -log_p.gather(1, targets.to(at::kLong).reshape({-1, 1})).mean().item<double>();
 }
 
 double expected_calibration_error(const at::Tensor& logits, const at::Tensor& targets, double temperature,
@@ -749,7 +749,7 @@ double expected_calibration_error(const at::Tensor& logits, const at::Tensor& ta
   const std::int64_t n = p.size(0);
   if (n == 0) return 0.0;
   const auto [confidence, predicted] = p.max(1);
-  const at::Tensor right = predicted.eq(targets.to(at::kLong).view({-1})).to(at::kDouble);
+  const at::Tensor right = predicted.eq(targets.to(at::kLong).reshape({-1})).to(at::kDouble);
   // Bin b holds the confidences in (b / bins, (b + 1) / bins].
   const at::Tensor bin =
       (confidence * static_cast<double>(bins)).ceil().sub(1).clamp(0, bins - 1).to(at::kLong);
@@ -764,7 +764,7 @@ double fit_temperature(const at::Tensor& logits, const at::Tensor& targets) {
                logits.sizes(), " and ", targets.sizes());
   const at::Tensor z = logits.to(at::kDouble);
   CANOPY_CHECK(at::isfinite(z).all().item<bool>(), DataError, "a temperature is fitted on finite logits");
-  const at::Tensor true_logit = z.gather(1, targets.to(at::kLong).view({-1, 1})).squeeze(1);
+  const at::Tensor true_logit = z.gather(1, targets.to(at::kLong).reshape({-1, 1})).squeeze(1);
   // The mean NLL at beta = 1 / T is mean(logsumexp(beta z) - beta z_y): convex in beta, with
   // derivative mean(E_p[z] - z_y), p = softmax(beta z), increasing in beta.
   const auto slope = [&](double beta) {

@@ -404,6 +404,11 @@ TEST(Metrics, NllAndExpectedCalibrationErrorByHand) {
   EXPECT_NEAR(multiclass_nll(logits, targets, 2.0), -(p2[0][0].log() + p2[1][0].log()).item<double>() / 2,
               1e-12);
   EXPECT_EQ(multiclass_nll(at::zeros({0, 3}), at::zeros({0}, at::kLong)), 0.0);
+  // Targets that are a strided view (every other entry of a longer tensor) are read as well.
+  const at::Tensor strided = at::tensor(std::vector<std::int64_t>{0, 9, 0, 9}).slice(0, 0, 4, 2);
+  EXPECT_EQ(multiclass_nll(logits, strided), multiclass_nll(logits, targets));
+  EXPECT_EQ(expected_calibration_error(logits, strided), expected_calibration_error(logits, targets));
+  EXPECT_EQ(fit_temperature(logits, strided), fit_temperature(logits, targets));
 }
 
 TEST(Metrics, FitTemperatureFindsTheLeastNll) {
