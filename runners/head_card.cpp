@@ -14,6 +14,7 @@
 #include "canopy/runners/card_check.h"
 #include "canopy/runners/export.h"
 #include "canopy/runners/head_run.h"
+#include "canopy/runners/tensor_values.h"
 
 namespace canopy::runners {
 
@@ -71,64 +72,69 @@ std::string description_part(const datasets::CacheMeta& meta, const std::string&
   return it == parts.end() ? absent : it->second;
 }
 
-// The card of `task` trained with `r` on features of `meta`'s cache.
-ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
-                       std::int64_t in_features) {
+// What the head is and the features it reads, and its main metrics on the eval split.
+ordered_json head_and_features(const tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
+                               std::int64_t in_features) {
   const auto& c = task.config();
   std::map<std::string, std::string> head_params = c.head_params;  // the head's own word wins
   for (const auto& [k, v] : task.head().config_values()) head_params[k] = v;
   for (const auto& k : task.unused_head_options()) head_params.erase(k);  // a grid's, for other heads
-  ordered_json card{{"task", r.name},
-                    {"kind", tasks::to_string(c.kind)},
-                    {"head", c.head},
-                    {"architecture", task.head().describe()},
-                    {"in_features", in_features},
-                    {"out_features", task.num_classes()},
-                    {"head_params", head_params},
-                    {"label_source", c.labels},
-                    {"label_map", c.label_map},
-                    {"class_names", r.class_names},
-                    {"trunk_sha256", meta.trunk_sha256},
-                    {"cache_fingerprint", meta.fingerprint},
-                    {"preprocessing", meta.preprocessing},
-                    {"pooling", meta.pooling},
-                    {"tap", description_part(meta, "tap", "output")},
-                    {"trunk_precision", description_part(meta, "precision", "float32")},
-                    {"epochs", r.epochs},
-                    {"eval_accuracy", r.eval.accuracy},
-                    {"eval_macro_f1", r.eval.macro_f1},
-                    {"eval_mean_ap", r.eval.mean_ap ? ordered_json(*r.eval.mean_ap) : ordered_json()},
-                    {"eval_top5_accuracy", r.eval.top5 ? ordered_json(*r.eval.top5) : ordered_json()},
-                    {"per_class", per_class_report(r.eval, r.class_names)}};
-  // The loss's weights as the head trained with them: as configured, or balanced from the
-  // training rows' labels.
-  const auto values = [](const at::Tensor& w) {
-    const at::Tensor f = w.to(at::kDouble).contiguous();
-    return std::vector<double>(f.data_ptr<double>(), f.data_ptr<double>() + f.numel());
-  };
+  return {{"task", r.name},
+          {"kind", tasks::to_string(c.kind)},
+          {"head", c.head},
+          {"architecture", task.head().describe()},
+          {"in_features", in_features},
+          {"out_features", task.num_classes()},
+          {"head_params", head_params},
+          {"label_source", c.labels},
+          {"label_map", c.label_map},
+          {"class_names", r.class_names},
+          {"trunk_sha256", meta.trunk_sha256},
+          {"cache_fingerprint", meta.fingerprint},
+          {"preprocessing", meta.preprocessing},
+          {"pooling", meta.pooling},
+          {"tap", description_part(meta, "tap", "output")},
+          {"trunk_precision", description_part(meta, "precision", "float32")},
+          {"epochs", r.epochs},
+          {"eval_accuracy", r.eval.accuracy},
+          {"eval_macro_f1", r.eval.macro_f1},
+          {"eval_mean_ap", r.eval.mean_ap ? ordered_json(*r.eval.mean_ap) : ordered_json()},
+          {"eval_top5_accuracy", r.eval.top5 ? ordered_json(*r.eval.top5) : ordered_json()},
+          {"per_class", per_class_report(r.eval, r.class_names)}};
+}
+
+// The loss's weights as the head trained with them: as configured, or balanced from the
+// training rows' labels.
+void add_loss_weights(ordered_json& card, const tasks::Task& task) {
+  const auto& c = task.config();
   if (task.class_weights().defined()) {
-    card["class_weights"] = values(task.class_weights());
+    card["class_weights"] = tensor_values(task.class_weights());
     card["class_weights_balanced"] = c.balanced_class_weights;
   }
   if (task.positive_weights().defined()) {
-    card["positive_weights"] = values(task.positive_weights());
+    card["positive_weights"] = tensor_values(task.positive_weights());
     card["positive_weights_balanced"] = c.balanced_positive_weights;
   }
+}
+
+// What only the task's kind has: a multiclass head's probabilities (softmax(logits /
+// temperature)) and how well they fit, and its confusion matrix; a multilabel head's labels and
+// their cuts; a regression's target scale and errors. On the eval split.
+void add_kind_part(ordered_json& card, const tasks::Task& task, const TaskResult& r) {
+  const auto& c = task.config();
   if (c.kind == tasks::TaskKind::kMulticlass) {
-    // How sure the head says it is, and how well that fits (on the eval split): the
-    // probabilities are softmax(logits / temperature).
     card["temperature"] = task.temperature();
     if (r.eval.nll) card["eval_nll"] = *r.eval.nll;
     if (r.eval.ece) card["eval_ece"] = *r.eval.ece;
-    if (const auto& fit = task.temperature_fit()) {
+    const auto& fit = task.temperature_fit();
+    if (fit && r.validation) {  // fitted on the validation rows r.validation scores at it
       card["calibration"] = {{"method", "temperature"},
-                             {"validation_rows", fit->rows},
+                             {"validation_rows", r.validation->count},
                              {"validation_nll_before", fit->nll_before},
-                             {"validation_nll", fit->nll_after}};
+                             {"validation_nll", r.validation->nll.value_or(0.0)}};
     }
+    if (r.eval.confusion.defined()) card["confusion"] = confusion_rows(r.eval.confusion);
   }
-  if (c.kind == tasks::TaskKind::kMulticlass && r.eval.confusion.defined())
-    card["confusion"] = confusion_rows(r.eval.confusion);  // on the eval split
   if (c.kind == tasks::TaskKind::kMultilabel) {
     card["per_label"] = per_label_report(r.eval, r.class_names);
     // How the labels are given: as configured, and each label's cut on the head's logits
@@ -146,37 +152,51 @@ ordered_json head_card(tasks::Task& task, const TaskResult& r, const datasets::C
     card["eval_rmse"] = e->rmse;
     card["eval_r2"] = e->r2;
   }
-  if (!meta.row_parts.empty()) {  // the heads read the fine-tuned trunk's features
-    card["trunk_file"] = meta.trunk_path;
-    card["trunk_boundary"] = meta.boundary;
-    card["top_precision"] = meta.top_precision.empty() ? "float32" : meta.top_precision;
-  }
+}
+
+// How the exported weights were chosen: the epoch, the metric, its validation scores, and a
+// grid's members with theirs (in the monitor's units).
+void add_choice(ordered_json& card, const tasks::Task& task, const TaskResult& r) {
+  const auto& c = task.config();
   card["exported_epoch"] = r.exported_epoch;
-  card["monitor"] = tasks::to_string(c.monitor);  // what it was chosen by
-  if (const auto& v = r.validation) {             // what the epoch (and a grid's winner) was chosen on
+  card["monitor"] = tasks::to_string(c.monitor);
+  if (const auto& v = r.validation) {
     ordered_json val{{"rows", v->count}, {"accuracy", v->accuracy}, {"macro_f1", v->macro_f1}};
     if (v->top5) val["top5_accuracy"] = *v->top5;
     if (v->regression) val["r2"] = v->regression->r2;
     card["validation"] = val;
   }
-  if (!r.grid.empty()) {
-    ordered_json members = ordered_json::array();
-    for (const auto& m : r.grid) {
-      ordered_json member{{"name", m.name},
-                          {"values", m.point},
-                          {"state", state_name(m.state)},
-                          {"epochs", m.epochs},
-                          {"exported_epoch", m.exported_epoch},
-                          {"validation_score",
-                           r.validation ? r.validation->score_value(m.validation_score) : m.validation_score},
-                          {"seconds", m.seconds}};
-      const std::string& why = m.failure.empty() ? m.note : m.failure;
-      if (!why.empty()) member["note"] = why;  // why it failed, or stopped before its last epoch
-      members.push_back(std::move(member));
-    }
-    card["grid"] = {
-        {"winner", r.winner}, {"values", c.grid_point}, {"keys", c.grid_axes}, {"members", members}};
+  if (r.grid.empty()) return;
+  ordered_json members = ordered_json::array();
+  for (const auto& m : r.grid) {
+    ordered_json member{{"name", m.name},
+                        {"values", m.point},
+                        {"state", state_name(m.state)},
+                        {"epochs", m.epochs},
+                        {"exported_epoch", m.exported_epoch},
+                        {"validation_score",
+                         r.validation ? r.validation->score_value(m.validation_score) : m.validation_score},
+                        {"seconds", m.seconds}};
+    const std::string& why = m.failure.empty() ? m.note : m.failure;
+    if (!why.empty()) member["note"] = why;  // why it failed, or stopped before its last epoch
+    members.push_back(std::move(member));
   }
+  card["grid"] = {
+      {"winner", r.winner}, {"values", c.grid_point}, {"keys", c.grid_axes}, {"members", members}};
+}
+
+// The card of `task` trained with `r` on features of `meta`'s cache, its parts in this order.
+ordered_json head_card(const tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
+                       std::int64_t in_features) {
+  ordered_json card = head_and_features(task, r, meta, in_features);
+  add_loss_weights(card, task);
+  add_kind_part(card, task, r);
+  if (!meta.row_parts.empty()) {  // the heads read the fine-tuned trunk's features
+    card["trunk_file"] = meta.trunk_path;
+    card["trunk_boundary"] = meta.boundary;
+    card["top_precision"] = meta.top_precision.empty() ? "float32" : meta.top_precision;
+  }
+  add_choice(card, task, r);
   card["weights"] = r.name + ".safetensors";
   return card;
 }

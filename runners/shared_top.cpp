@@ -32,6 +32,7 @@
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/level_file.h"
+#include "canopy/runners/tensor_values.h"
 
 namespace canopy::runners {
 
@@ -808,10 +809,6 @@ void SharedTop::load_checkpoint(const std::string& path) {
     archive.read("canopy.norm_sum", sum);
     archive.read("canopy.norm_prev", prev);
     archive.read("canopy.rates", rates);
-    const auto as_vector = [](const at::Tensor& t) {
-      const at::Tensor c = t.to(at::kDouble).contiguous();
-      return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
-    };
     CANOPY_CHECK(sched.numel() == 4 && sum.numel() == static_cast<std::int64_t>(top_blocks_.size()),
                  DataError, "checkpoint '", path, "': the freezing schedule's state does not fit this top");
     const auto* st = sched.to(at::kLong).contiguous().data_ptr<std::int64_t>();
@@ -819,13 +816,13 @@ void SharedTop::load_checkpoint(const std::string& path) {
     level_ = st[1];
     pending_ = st[2];
     interval_steps_ = st[3];
-    norm_sum_ = as_vector(sum);
-    norm_prev_ = as_vector(prev);
-    rates_ = as_vector(rates);
+    norm_sum_ = tensor_values(sum);
+    norm_prev_ = tensor_values(prev);
+    rates_ = tensor_values(rates);
     pending_rows_ = at::Tensor();
     at::Tensor stats;  // absent from checkpoints written before the statistics were kept
     if (archive.try_read("canopy.epoch_steps", stats) && stats.numel() == 4) {
-      const auto v = as_vector(stats);
+      const auto v = tensor_values(stats);
       epoch_norm_sum_ = v[0];
       epoch_steps_ = static_cast<std::int64_t>(v[1]);
       epoch_clipped_ = static_cast<std::int64_t>(v[2]);
@@ -857,7 +854,7 @@ void SharedTop::load_checkpoint(const std::string& path) {
     at::Tensor best;  // absent without train.export = best, and before one was kept
     best_.clear();
     if (archive.try_read("canopy.best", best) && best.numel() == 2) {
-      const auto v = as_vector(best);
+      const auto v = tensor_values(best);
       best_epoch_ = static_cast<std::int64_t>(v[0]);
       best_score_ = v[1];
       best_ = read_params("best:");

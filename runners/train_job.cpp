@@ -323,12 +323,17 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
 // rows it trains on (the train split less a validation split), said in the log.
 void balance_weights(const datasets::FeatureCache& cache, const JobConfig& config, const TrainSplit& train,
                      TaskSet& set) {
+  std::map<std::string, at::Tensor> by_source;  // the training rows' labels
   for (std::size_t i = 0; i < set.tasks.size(); ++i) {
     tasks::Task& task = *set.tasks[i];
     const auto& tc = task.config();
     if (!tc.balanced_class_weights && !tc.balanced_positive_weights) continue;
-    at::Tensor labels = cache.load_labels(config.train.train_split, tc.labels);
-    if (train.kept.defined()) labels = labels.index_select(0, train.kept);
+    auto read = by_source.find(tc.labels);
+    if (read == by_source.end()) {  // once per label source: tasks may share one
+      at::Tensor all = cache.load_labels(config.train.train_split, tc.labels);
+      read = by_source.emplace(tc.labels, train.kept.defined() ? all.index_select(0, train.kept) : all).first;
+    }
+    const at::Tensor& labels = read->second;
     const std::vector<double> w = task.balance_weights(task.targets(labels));
     if (w.empty() || mpi::rank() != 0) continue;
     const auto& names = set.results[i].class_names;
@@ -1108,14 +1113,15 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
       set.tasks[i]->tune_thresholds(splits.selection_features, set.eval_targets[i]);  // threshold = tune
       set.tasks[i]->calibrate(splits.selection_features, set.eval_targets[i]);  // calibrate = temperature
       r.temperature = set.tasks[i]->temperature();
+      r.validation = set.tasks[i]->evaluate(splits.selection_features, set.eval_targets[i]);
       if (const auto& fit = set.tasks[i]->temperature_fit()) {
         std::ostringstream said;
         said.precision(4);
-        said << "task '" << r.name << "': temperature " << fit->temperature << " fitted on " << fit->rows
-             << " validation rows (their mean NLL " << fit->nll_before << " -> " << fit->nll_after << ")";
+        said << "task '" << r.name << "': temperature " << fit->temperature << " fitted on "
+             << r.validation->count << " validation rows (their mean NLL " << fit->nll_before << " -> "
+             << *r.validation->nll << ")";
         log_info(said.str());
       }
-      r.validation = set.tasks[i]->evaluate(splits.selection_features, set.eval_targets[i]);
     }
   }
   // The test split, once per exported head. (A resumed run carries no confusion matrix over

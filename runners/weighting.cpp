@@ -11,6 +11,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "canopy/core/error.h"
+#include "canopy/runners/tensor_values.h"
 
 namespace canopy::runners {
 
@@ -32,10 +33,6 @@ at::Tensor to_tensor(const std::vector<double>& v) {
       .clone();
 }
 
-std::vector<double> from_tensor(const at::Tensor& t) {
-  const at::Tensor c = t.to(at::kDouble).contiguous();
-  return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
-}
 }  // namespace
 
 Weighting parse_weighting(const std::string& name, const std::string& where) {
@@ -228,7 +225,7 @@ void LossWeighting::load_state(const std::map<std::string, at::Tensor>& s) {
   const auto get = [&](const char* k) {
     const auto it = s.find(k);
     CANOPY_CHECK(it != s.end(), DataError, "the checkpoint's weighting state has no '", k, "'");
-    return from_tensor(it->second);
+    return tensor_values(it->second);
   };
   params_ = get("params");
   m_ = get("m");

@@ -393,14 +393,9 @@ void Task::tune_thresholds(const at::Tensor& features, const at::Tensor& targets
 }
 
 void Task::calibrate(const at::Tensor& features, const at::Tensor& targets) {
-  if (config_.calibrate != "temperature" || multilabel() || regression()) return;
+  if (config_.calibrate != "temperature") return;  // validate_task_config: multiclass tasks only
   const at::Tensor logits = outputs(features);
-  TemperatureFit fit;
-  fit.rows = logits.size(0);
-  fit.temperature = fit_temperature(logits, targets);
-  fit.nll_before = multiclass_nll(logits, targets);
-  fit.nll_after = multiclass_nll(logits, targets, fit.temperature);
-  fit_ = fit;
+  fit_ = TemperatureFit{fit_temperature(logits, targets), multiclass_nll(logits, targets)};
 }
 
 Task::~Task() = default;
@@ -447,9 +442,10 @@ void Task::set_target_scale(double mean, double std) {
 }
 
 std::vector<double> Task::balance_weights(const at::Tensor& train_targets) {
-  const bool classes = config_.balanced_class_weights && !multilabel() && !regression();
-  const bool labels = config_.balanced_positive_weights && multilabel();
-  if (!classes && !labels) return {};
+  // validate_task_config: balanced class weights on multiclass tasks only, positive weights on
+  // multilabel ones.
+  const bool classes = config_.balanced_class_weights;
+  if (!classes && !config_.balanced_positive_weights) return {};
   const auto rows = train_targets.size(0);
   CANOPY_CHECK(rows > 0, DataError, "task '", config_.name,
                "': balanced weights need training rows, got none");

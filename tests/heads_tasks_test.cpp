@@ -449,9 +449,9 @@ TEST(Task, CalibrateFitsTheTemperatureTheMetricsThenUse) {
   t.calibrate(x, y);
   ASSERT_TRUE(t.temperature_fit().has_value());
   EXPECT_NEAR(t.temperature(), fit_temperature(logits, y), 1e-12);
-  EXPECT_EQ(t.temperature_fit()->rows, 64);
   EXPECT_NEAR(t.temperature_fit()->nll_before, *before.nll, 1e-12);
   const EvalMetrics after = t.evaluate(x, y);
+  EXPECT_EQ(after.count, 64);
   EXPECT_NEAR(*after.nll, multiclass_nll(logits, y, t.temperature()), 1e-12);
   EXPECT_LE(*after.nll, *before.nll);
   EXPECT_EQ(after.accuracy, before.accuracy) << "the classes given do not change";

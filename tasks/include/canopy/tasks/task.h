@@ -227,12 +227,11 @@ EvalMetrics evaluate_outputs(TaskKind kind, const at::Tensor& outputs, const at:
                              std::int64_t num_classes, double target_mean = 0.0, double target_std = 1.0,
                              const std::vector<double>& cutoffs = {}, double temperature = 1.0);
 
-// A temperature fitted on a validation split (calibrate = temperature).
+// A temperature fitted on a validation split (calibrate = temperature). The rows' count and
+// their NLL at the temperature are what evaluate() on the same rows reports after.
 struct TemperatureFit {
   double temperature = 1.0;
-  std::int64_t rows = 0;    // the validation rows it was fitted on
-  double nll_before = 0.0;  // their mean negative log-likelihood at temperature 1
-  double nll_after = 0.0;   // ... and at the fitted temperature
+  double nll_before = 0.0;  // the rows' mean negative log-likelihood at temperature 1
 };
 
 // Where a head stands in a training run (the trainer keeps it, see runners/head_run.h).
