@@ -129,23 +129,27 @@ std::string file_problem(const ordered_json& state, const std::string& state_pat
 }  // namespace
 
 namespace {
-// ": train.epochs (15 -> 20), ..." (the first 8 changes), or "" when the texts differ otherwise.
-std::string config_changes(const std::string& recorded, const std::string& now) {
-  std::vector<std::string> changes;
+// A configuration's text as key -> value; empty when it does not parse.
+std::optional<CheckpointStore::ConfigValues> config_values(const std::string& text,
+                                                           const std::string& source) {
   try {
-    std::istringstream a(recorded), b(now);
-    changes = map_changes(read_config_values(a, "the saved configuration"),
-                          read_config_values(b, "the configuration"));
+    std::istringstream in(text);
+    return read_config_values(in, source);
   } catch (const ConfigError&) {
-    return "";  // one of them does not parse: the refusal stands without the list
+    return std::nullopt;
   }
+}
+}  // namespace
+
+std::string config_changes(const std::map<std::string, std::string>& saved,
+                           const std::map<std::string, std::string>& now) {
+  const std::vector<std::string> changes = map_changes(saved, now);
   if (changes.empty()) return "";
   constexpr std::size_t kShown = 8;
   std::vector<std::string> shown(changes.begin(), changes.begin() + std::min(changes.size(), kShown));
   return ": " + join(shown, ", ") +
          (changes.size() > kShown ? " and " + std::to_string(changes.size() - kShown) + " more" : "");
 }
-}  // namespace
 
 CheckpointStore::CheckpointStore(std::string dir, std::string config_identity)
     : dir_(std::move(dir)),
@@ -348,17 +352,23 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
   };
   CheckpointPosition position;
   try {
+    position.epoch = st.at("epoch").get<std::int64_t>();
+    position.step = st.at("step").get<std::int64_t>();
     const std::string recorded_config = st.at("config").get<std::string>();
-    CANOPY_CHECK(recorded_config == config_identity_, ConfigError,
-                 "--resume: the configuration differs from the one that wrote '", path, "'",
-                 config_changes(recorded_config, config_identity_), "; resume with the same config (see ",
-                 join_path(parent_path(dir_), "config.ini"), ")");
+    if (recorded_config != config_identity_) {
+      const auto saved = config_values(recorded_config, "the saved configuration");
+      const auto now = config_values(config_identity_, "the configuration");
+      const std::string same = detail::str_cat("; resume with the same config (see ",
+                                               join_path(parent_path(dir_), "config.ini"), ")");
+      std::string refused = saved && now ? config_changes(*saved, *now) + same : same;
+      if (saved && now && config_check_) refused = config_check_(*saved, *now, position);
+      CANOPY_CHECK(refused.empty(), ConfigError,
+                   "--resume: the configuration differs from the one that wrote '", path, "'", refused);
+    }
     const auto& saved = st.at("tasks");
     CANOPY_CHECK(saved.size() == tasks.size(), DataError, "checkpoint '", path, "' holds ", saved.size(),
                  " tasks, the config has ", tasks.size());
     generation_ = st.at("generation").get<std::int64_t>();
-    position.epoch = st.at("epoch").get<std::int64_t>();
-    position.step = st.at("step").get<std::int64_t>();
     runs.assign(tasks.size(), HeadRun{});
     for (std::size_t i = 0; i < tasks.size(); ++i) {
       const auto& t = saved.at(i);

@@ -105,7 +105,9 @@ void job_options(po::options_description& d, bool cache, bool train) {
   d.add_options()("dump-config", "print the resolved configuration and exit");
   if (cache) d.add_options()("force", "rebuild the cache even if it is up to date");
   if (train) {
-    d.add_options()("resume", "continue from the last checkpoint in <train.out_dir>/checkpoint")(
+    d.add_options()("resume",
+                    "continue from the last checkpoint in <train.out_dir>/checkpoint (with --set "
+                    "train.epochs=N: train on to N epochs)")(
         "fail-fast", "stop every head when one fails (default: only that head stops)")(
         "no-fuse", "train every head on its own instead of fusing same-shape heads (train.fuse = never)");
   }

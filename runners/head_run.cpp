@@ -139,14 +139,28 @@ bool HeadRun::finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::
   if (epochs >= total) {
     state = tasks::TaskState::kDone;
   } else if (patience > 0 && epochs - best_epoch >= patience) {
-    state = tasks::TaskState::kDone;  // the others go on
-    char why[160];
-    std::snprintf(why, sizeof why, "stopped early at epoch %lld (best %s %.4f at epoch %lld)",
-                  static_cast<long long>(epochs), eval.score_name(), eval.score_value(best_score),
-                  static_cast<long long>(best_epoch));
-    stop_note = why;
+    stop_early();  // the others go on
   }
   return improved;
+}
+
+void HeadRun::stop_early() {
+  state = tasks::TaskState::kDone;
+  char why[160];
+  std::snprintf(why, sizeof why, "stopped early at epoch %lld (best %s %.4f at epoch %lld)",
+                static_cast<long long>(epochs), eval.score_name(), eval.score_value(best_score),
+                static_cast<long long>(best_epoch));
+  stop_note = why;
+}
+
+bool HeadRun::go_on_to(std::int64_t total, std::int64_t patience) {
+  if (state != tasks::TaskState::kDone || !stop_note.empty() || epochs >= total) return false;
+  if (patience > 0 && epochs - best_epoch >= patience) {
+    stop_early();
+    return false;
+  }
+  state = tasks::TaskState::kTraining;
+  return true;
 }
 
 void HeadRun::stop_by_halving(double score, std::size_t kept, std::size_t of) {

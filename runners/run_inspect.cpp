@@ -289,7 +289,8 @@ Status status_of(const RunFacts& f) {
                                 (missing.size() == 1 ? "is" : "are") + " not exported: " + resume +
                                 " exports them"};
   }
-  return {"finished", "finished"};
+  return {"finished", "finished; `" + f.resume_command() +
+                          " --set train.epochs=N` (or task.NAME.epochs) trains its heads on to N epochs"};
 }
 
 // The table of heads, columns padded to their widest cell.

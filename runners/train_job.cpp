@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <sstream>
+#include <string_view>
 
 #include <ATen/ops/zeros.h>
 
@@ -448,6 +449,24 @@ class EpochLoop {
     if (!keep_joint_best_ || !top_->restore_best()) return 0;
     top_moved_ = true;
     return top_->best_epoch();
+  }
+
+  // A run resumed with more epochs than its checkpoint's run had: the heads that run ended
+  // after their last epoch train on to their new count, and what the longer run would have
+  // done at that epoch's end is done now (an early stop whose patience had run out; a grid's
+  // halving cut at it, among the members training on).
+  void go_on(const CheckpointPosition& from) {
+    std::vector<std::string> names;
+    bool at_their_end = false;
+    for (std::size_t i = 0; i < runs_.size(); ++i) {
+      if (!runs_[i].go_on_to(set_.epochs[i], set_.tasks[i]->config().early_stop_patience)) continue;
+      names.push_back(set_.tasks[i]->name());
+      at_their_end = at_their_end || runs_[i].epochs == from.epoch;
+    }
+    if (names.empty()) return;
+    log_info(detail::str_cat(count_of(static_cast<std::int64_t>(names.size()), "head"),
+                             " done at the checkpoint's end train on: ", join(names, ", ")));
+    if (at_their_end && from.step == 0) halve_grids(from.epoch - 1);
   }
 
   FusionPlanOptions plan_options() const {
@@ -1400,10 +1419,99 @@ std::string memory_refused(const MemoryFence& fence) {
                          fence.room().said, "). A smaller train.batch_size or smaller heads need less");
 }
 
+// train.epochs and task.NAME.epochs: what --resume lets change.
+bool is_epochs_key(const std::string& key) {
+  constexpr std::string_view kTask = "task.", kEpochs = ".epochs";
+  return key == "train.epochs" ||
+         (key.size() > kTask.size() + kEpochs.size() && key.compare(0, kTask.size(), kTask) == 0 &&
+          key.find('.', kTask.size()) == key.size() - kEpochs.size() &&
+          key.compare(key.size() - kEpochs.size(), kEpochs.size(), kEpochs) == 0);
+}
+
+// The first of the `begun` epochs of a run of `total` that a run of `other` would have given
+// another rate: ": epoch 2, done, learnt at 0.7500 x the rate, 0.9330 x in a run of 6", or "".
+std::string rate_change(tasks::LrSchedule schedule, std::int64_t begun, std::int64_t total,
+                        std::int64_t other, std::int64_t step_size, double gamma) {
+  for (std::int64_t e = 0; e < begun; ++e) {
+    const double was = tasks::lr_factor(schedule, e, total, step_size, gamma);
+    const double now = tasks::lr_factor(schedule, e, other, step_size, gamma);
+    if (was == now) continue;
+    char line[160];
+    std::snprintf(line, sizeof line, ": epoch %lld, done, learnt at %.4f x the rate, %.4f x in a run of %lld",
+                  static_cast<long long>(e + 1), was, now, static_cast<long long>(other));
+    return line;
+  }
+  return "";
+}
+
+// --resume under another configuration: it may give the tasks other epochs (train.epochs,
+// task.NAME.epochs) and nothing else, and the run then goes on as one of the new length from
+// its start would have. Refused, saying why, where that run would have done otherwise in the
+// epochs done: fewer epochs than a head began, or a learning-rate schedule over the epochs
+// (cosine) that would have given them other rates. `saved` and `now` as key -> value.
+std::string epochs_changed_only(const JobConfig& config, bool top, const std::string& out_dir,
+                                const CheckpointStore::ConfigValues& saved,
+                                const CheckpointStore::ConfigValues& now, const CheckpointPosition& at) {
+  const std::string same = "; resume with the same config (see " + join_path(out_dir, "config.ini") + ")";
+  const std::string start_over =
+      "; train.epochs and task.NAME.epochs may change on --resume where the run "
+      "goes on as a run of the new length would; start over without --resume instead";
+  auto others = saved, others_now = now;
+  for (auto* values : {&others, &others_now}) {
+    for (auto it = values->begin(); it != values->end();)
+      it = is_epochs_key(it->first) ? values->erase(it) : ++it;
+  }
+  if (others != others_now) {
+    return config_changes(others, others_now) +
+           " (only train.epochs and task.NAME.epochs may change on --resume)" + same;
+  }
+  const JobConfig before = job_config_from_values(saved, "the saved configuration");
+  if (before.tasks.size() != config.tasks.size()) {
+    return config_changes(saved, now) + ": the grids have " + std::to_string(before.tasks.size()) +
+           " heads, now " + std::to_string(config.tasks.size()) + same;
+  }
+  const std::int64_t begun = at.epoch + (at.step > 0 ? 1 : 0);  // epochs that have trained (in part)
+  std::int64_t longest_before = 0, longest = 0;
+  for (std::size_t i = 0; i < config.tasks.size(); ++i) {
+    const tasks::TaskConfig &was = before.tasks[i], &t = config.tasks[i];
+    const std::int64_t total = task_epochs(was, before.train), other = task_epochs(t, config.train);
+    longest_before = std::max(longest_before, total);
+    longest = std::max(longest, other);
+    const std::int64_t done = std::min(total, begun);
+    if (other == total) continue;
+    if (other < done) {
+      return detail::str_cat(config_changes(saved, now), ": task '", t.name, "' has trained ",
+                             count_of(done, "epoch"), " of its ", total, " (", describe_done(at),
+                             "); a run goes on, it cannot end before that", start_over);
+    }
+    const std::string rate = rate_change(t.schedule, done, total, other, t.step_size, t.gamma);
+    if (!rate.empty()) {
+      const std::string keep = was.epochs == 0 && t.epochs == 0
+                                   ? detail::str_cat("; --set task.", t.written_name(), ".epochs=", total,
+                                                     " keeps its ", total, " and lets the others go on")
+                                   : std::string();
+      return detail::str_cat(config_changes(saved, now), ": task '", t.name,
+                             "' learns on schedule = ", to_string(t.schedule), ", over its epochs", rate,
+                             keep, start_over);
+    }
+  }
+  if (top && longest != longest_before) {
+    const std::string rate =
+        rate_change(config.top.lr_schedule, std::min(longest_before, begun), longest_before, longest, 1, 1.0);
+    if (!rate.empty()) {
+      return detail::str_cat(config_changes(saved, now), ": the trunk's top learns on trunk.lr_schedule = ",
+                             to_string(config.top.lr_schedule), ", over the longest task's epochs", rate,
+                             start_over);
+    }
+  }
+  return "";
+}
+
 // Where the run starts: with --resume, the checkpoint's position, its heads and top loaded;
 // else the beginning (saying so when an earlier run's checkpoint is there to be replaced).
-CheckpointPosition starting_point(CheckpointStore& store, TaskSet& set, std::vector<HeadRun>& runs,
-                                  SharedTop* top, bool resume, TrainReport& report) {
+CheckpointPosition starting_point(const JobConfig& config, CheckpointStore& store, TaskSet& set,
+                                  std::vector<HeadRun>& runs, SharedTop* top, bool resume,
+                                  TrainReport& report) {
   if (!resume) {
     if (mpi::rank() == 0) {
       if (const auto earlier = CheckpointStore::peek(store.dir())) {
@@ -1415,9 +1523,22 @@ CheckpointPosition starting_point(CheckpointStore& store, TaskSet& set, std::vec
     }
     return {};
   }
+  std::string epochs_changed;
+  store.set_config_check([&](const CheckpointStore::ConfigValues& saved,
+                             const CheckpointStore::ConfigValues& now, const CheckpointPosition& at) {
+    std::string refused = epochs_changed_only(config, top != nullptr, config.train.out_dir, saved, now, at);
+    if (const std::string changes = config_changes(saved, now); refused.empty() && !changes.empty())
+      epochs_changed = changes.substr(2);  // less ": "
+    return refused;
+  });
   const CheckpointPosition from = store.load(set.tasks, runs, top);
+  store.set_config_check(nullptr);
   report.resumed_from = "epoch " + std::to_string(from.epoch + 1) + " step " + std::to_string(from.step);
-  log_info("resuming from the checkpoint at " + report.resumed_from);
+  log_info("resuming from the checkpoint at " + report.resumed_from +
+           (epochs_changed.empty() ? std::string()
+                                   : " with other epochs, " + epochs_changed +
+                                         ": the run goes on as one of the "
+                                         "new length would from here"));
   return from;
 }
 
@@ -1515,7 +1636,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
   std::vector<HeadRun> runs(set.tasks.size());
   const std::string resolved = dump_config(config);
   CheckpointStore store(config.train.out_dir + "/checkpoint", config_identity(resolved));
-  const CheckpointPosition from = starting_point(store, set, runs, top, resume, report);
+  const CheckpointPosition from = starting_point(config, store, set, runs, top, resume, report);
   // A full disk, or another failed write in out_dir, says what is kept and how to go on.
   try {
     std::optional<MetricsSink> metrics;
@@ -1532,6 +1653,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     EpochLoop loop(config, set, *source, eval_rows, top, in.shared.weighting.get(), store,
                    metrics ? &*metrics : nullptr, runner, runs, fuse_unit);
     if (mpi::rank() == 0) describe_fusion(set, loop.plan_options(), fuse_unit, chooser.get(), report);
+    if (resume) loop.go_on(from);
 
     // A top's activations are megabytes a batch, allocated and freed every step: glibc maps
     // and unmaps them, and every step faults them in again (a quarter to a third of a top-4

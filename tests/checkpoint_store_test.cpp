@@ -246,5 +246,44 @@ TEST(CheckpointStore, RefusesAnotherConfigOtherTasksAndMalformedState) {
       {"no checkpoint", "nowhere"}));
 }
 
+// A config check sees both configurations and where the checkpoint is: what it lets through
+// loads, what it refuses is said with its reason.
+TEST(CheckpointStore, AConfigCheckDecidesWhichDifferencesLoad) {
+  testing::TempDir dir;
+  Tasks a(1);
+  a.train(2);
+  std::vector<HeadRun> runs(2);
+  runs[0].epochs = runs[1].epochs = 3;
+  CheckpointStore(dir.file("checkpoint"), "[train]\nepochs = 3\nseed = 0\n").save({3, 0}, a.ptrs, runs);
+  Tasks b(2);
+  std::vector<HeadRun> out;
+  CheckpointStore store(dir.file("checkpoint"), "[train]\nepochs = 5\nseed = 0\n");
+  CheckpointStore::ConfigValues seen_saved, seen_now;
+  CheckpointPosition seen_at;
+  std::string answer;
+  store.set_config_check([&](const CheckpointStore::ConfigValues& saved,
+                             const CheckpointStore::ConfigValues& now, const CheckpointPosition& at) {
+    seen_saved = saved;
+    seen_now = now;
+    seen_at = at;
+    return answer;
+  });
+  answer = ": no, because";
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { store.load(b.ptrs, out); },
+      {"configuration differs from the one that wrote", "json': no, because"}));
+  EXPECT_EQ(seen_saved.at("train.epochs"), "3");
+  EXPECT_EQ(seen_now.at("train.epochs"), "5");
+  EXPECT_EQ(seen_now.at("train.seed"), "0");
+  EXPECT_EQ(seen_at.epoch, 3);
+  answer.clear();
+  const CheckpointPosition at = store.load(b.ptrs, out);
+  EXPECT_EQ(at.epoch, 3);
+  EXPECT_EQ(out[1].epochs, 3);
+  expect_same_weights(a, b);
+  EXPECT_EQ(config_changes(seen_saved, seen_now), ": train.epochs (3 -> 5)");
+  EXPECT_EQ(config_changes(seen_saved, seen_saved), "");
+}
+
 }  // namespace
 }  // namespace canopy::runners

@@ -54,6 +54,51 @@ TEST(HeadRun, EarlyStoppingAfterPatienceEpochsWithoutImprovement) {
   EXPECT_EQ(r.stop_note, "stopped early at epoch 5 (best accuracy 0.7000 at epoch 2)");
 }
 
+// --resume with more epochs: a head done at its last epoch goes on; it then ends as a run of the
+// new length from the start would have, early stop included.
+TEST(HeadRun, GoingOnToMoreEpochsEndsAsTheLongerRunWould) {
+  const double scores[] = {0.5, 0.6, 0.7, 0.7, 0.7, 0.8};
+  const auto run = [&](HeadRun& r, std::int64_t from, std::int64_t to, std::int64_t total,
+                       std::int64_t patience) {
+    for (std::int64_t e = from; e < to && r.training(); ++e)
+      r.finish_epoch(e, total, accuracy(scores[e]), patience);
+  };
+  for (const std::int64_t patience : {0, 2, 3}) {
+    HeadRun longer, shorter;
+    run(longer, 0, 6, 6, patience);
+    run(shorter, 0, 3, 3, patience);
+    ASSERT_EQ(shorter.state, tasks::TaskState::kDone);
+    EXPECT_TRUE(shorter.go_on_to(6, patience)) << "patience " << patience;
+    EXPECT_TRUE(shorter.training());
+    run(shorter, 3, 6, 6, patience);
+    EXPECT_EQ(std::tie(shorter.state, shorter.epochs, shorter.best_epoch, shorter.stop_note),
+              std::tie(longer.state, longer.epochs, longer.best_epoch, longer.stop_note))
+        << "patience " << patience << ": " << longer.stop_note;
+  }
+  // Patience run out at the shorter run's last epoch: the longer run stops there, saying so.
+  HeadRun r, longer;
+  const double flat[] = {0.9, 0.5, 0.5, 0.5};
+  for (std::int64_t e = 0; e < 3; ++e) r.finish_epoch(e, 3, accuracy(flat[e]), 2);
+  for (std::int64_t e = 0; e < 4 && longer.training(); ++e) longer.finish_epoch(e, 4, accuracy(flat[e]), 2);
+  EXPECT_TRUE(r.stop_note.empty());
+  EXPECT_FALSE(r.go_on_to(4, 2));
+  EXPECT_EQ(r.state, tasks::TaskState::kDone);
+  EXPECT_EQ(r.stop_note, "stopped early at epoch 3 (best accuracy 0.9000 at epoch 1)");
+  EXPECT_EQ(r.stop_note, longer.stop_note);
+  // Not going on: the same count, a head stopped early, one that failed.
+  EXPECT_FALSE(r.go_on_to(3, 0));
+  HeadRun stopped;
+  for (std::int64_t e = 0; e < 3 && stopped.training(); ++e)
+    stopped.finish_epoch(e, 10, accuracy(flat[e]), 2);
+  ASSERT_FALSE(stopped.stop_note.empty());
+  EXPECT_FALSE(stopped.go_on_to(20, 2));
+  EXPECT_EQ(stopped.epochs, 3);
+  HeadRun failed;
+  failed.fail(0, 4, "loss is NaN");
+  EXPECT_FALSE(failed.go_on_to(20, 0));
+  EXPECT_TRUE(failed.failed());
+}
+
 TEST(HeadRun, TheMonitoredMetricChoosesTheBestEpochAndNamesItself) {
   // nll: lower wins, and the note says the NLL, not its negation.
   HeadRun r;

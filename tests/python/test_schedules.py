@@ -89,6 +89,30 @@ def resume_matches(canopy, config, out, reference, targets, what, extra_files=()
           f"epochs ({got} against {want})")
 
 
+def goes_on(canopy, config, out, reference, what, levels=()):
+    """A finished run of 2 epochs in `out`, resumed with train.epochs = 4: its trunk, heads,
+    cache `levels` and the top's blocks per epoch are bitwise those of `reference` (4 epochs)."""
+    import h5py
+    import numpy as np
+    import torch
+    r = run(canopy, "train", "--config", config, "--resume", "--set", "train.epochs=4", "--set", f"train.out_dir={out}")
+    check(r.returncode == 0 and "with other epochs, train.epochs (2 -> 4)" in r.stderr,
+          f"{what}: the 2-epoch run goes on to 4 with --resume --set train.epochs=4 ({r.stderr.strip()[-300:]})")
+    if r.returncode:
+        return
+    a, b = state(f"{out}/trunk.pt"), state(f"{reference}/trunk.pt")
+    heads = [f"heads/{n}.safetensors" for n in ("a_linear", "b_mlp")]
+    same_levels = True
+    for level in levels:  # HDF5 files carry times: compare what they hold
+        with h5py.File(f"{out}/{level}", "r") as x, h5py.File(f"{reference}/{level}", "r") as y:
+            same_levels = same_levels and np.array_equal(x["rows"][:], y["rows"][:])
+    check(all(torch.equal(a[k], b[k]) for k in b) and same_files(out, reference, heads) and same_levels,
+          f"{what}: ... and ends bitwise as the run of 4 epochs from the start (trunk, heads"
+          f"{''.join(', ' + l for l in levels)})")
+    got, want = ([(r["training"], r["level"]) for r in trunk_rows(o)] for o in (out, reference))
+    check(got == want, f"{what}: ... its top trained the same blocks each epoch ({got})")
+
+
 def small_tmpfs(path, what):
     """Mounts a 2 MiB tmpfs at `path` (made here): True when it is there to be unmounted."""
     os.makedirs(path)
@@ -445,6 +469,8 @@ def main():
           any(not torch.equal(before[k], two[k]) for k in moved if k.startswith("blocks.2.")),
           "gradual: blocks still held are bitwise unchanged, the unfrozen one moved")
     resume_matches(canopy, gradual, f"{work}/gcut", f"{work}/gout", [(1, 10), (2, 20)], "gradual")
+    # The 2-epoch run trained on to 4 (--resume --set train.epochs=4) is the 4-epoch run.
+    goes_on(canopy, gradual, f"{work}/g2", f"{work}/gout", "gradual")
 
     # --- autofreeze over the same trainable range.
     auto = os.path.join(work, "auto.ini")
@@ -498,6 +524,9 @@ def main():
     first = next(i for i, row in enumerate(rows) if row["level"])
     resume_matches(canopy, auto, f"{work}/acut", f"{work}/aout", [(first - 1, 15), (first, 10)], "autofreeze",
                    [f"levels/{level}.h5"])
+    r = run(canopy, "train", "--config", auto, "--set", "train.epochs=2", "--set", f"train.out_dir={work}/a2")
+    check(r.returncode == 0, f"autofreeze: a run of 2 epochs ({r.stderr[-300:]})")
+    goes_on(canopy, auto, f"{work}/a2", f"{work}/aout", "autofreeze", [f"levels/{level}.h5"])
 
     level_rebuilt(canopy, auto, f"{work}/arb", f"{work}/aout", level, min(first + 1, 3))
     level_on_full_disk(canopy, auto, f"{work}/small", f"{work}/aout", level)

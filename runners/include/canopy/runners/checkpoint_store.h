@@ -39,6 +39,11 @@ struct CheckpointPosition {
 // "1 epoch and 32 steps done", "15 epochs done".
 std::string describe_done(const CheckpointPosition& at);
 
+// How two configurations (key -> value) differ: ": train.epochs (15 -> 20), ..." (the first 8
+// keys that differ, and how many more), or "" when none does.
+std::string config_changes(const std::map<std::string, std::string>& saved,
+                           const std::map<std::string, std::string>& now);
+
 // A checkpoint as its state.json records it, read without loading any weights (canopy
 // inspect on a training run's out_dir).
 struct CheckpointRecord {
@@ -86,11 +91,21 @@ class CheckpointStore {
   // Waits for an asynchronous save to be committed; throws its error.
   void flush();
 
+  // Which differences between the configuration that wrote the checkpoint (`saved`) and this
+  // run's (`now`, both as key -> value) load() lets through, the checkpoint being at `at`: ""
+  // when the run may go on, else what is refused and why (": <key> (a -> b)...; ..."). Without
+  // one, any difference is refused with the keys that differ.
+  using ConfigValues = std::map<std::string, std::string>;
+  using ConfigCheck = std::function<std::string(const ConfigValues& saved, const ConfigValues& now,
+                                                const CheckpointPosition& at)>;
+  void set_config_check(ConfigCheck check) { config_check_ = std::move(check); }
+
   // Writes a new generation holding `tasks` and `runs` (same length, task order).
   void save(const CheckpointPosition& position, const std::vector<tasks::Task*>& tasks,
             const std::vector<HeadRun>& runs, const SharedTop* top = nullptr);
   // Restores every task and its run from the newest checkpoint. DataError when there is
-  // none or it is malformed or names other tasks; ConfigError when the configuration differs.
+  // none or it is malformed or names other tasks; ConfigError when the configuration differs
+  // (where the config check, if any, refuses the difference).
   // With `top`, the checkpoint must hold a shared top, which is restored too.
   CheckpointPosition load(const std::vector<tasks::Task*>& tasks, std::vector<HeadRun>& runs,
                           SharedTop* top = nullptr);
@@ -122,6 +137,7 @@ class CheckpointStore {
 
   std::string dir_;
   std::string config_identity_;
+  ConfigCheck config_check_;
   std::int64_t generation_ = 0;
   std::vector<bool> owned_;
   ForEach for_each_;

@@ -46,9 +46,17 @@ struct HeadRun {
   // True when this epoch scored better than every one before it.
   bool finish_epoch(std::int64_t epoch, std::int64_t total, const tasks::EvalMetrics& metrics,
                     std::int64_t patience);
+  // A run going on to `total` epochs past the ones it had (--resume with more epochs): a head
+  // done after its last epoch trains on, unless `patience` (> 0) epochs have passed without a
+  // better score, which finish_epoch would have said at that epoch had `total` been its end
+  // (it stops early then, with that note). True when the head trains on.
+  bool go_on_to(std::int64_t total, std::int64_t patience);
   // Stops the head at a cut of successive halving (done, keeping its exported epoch); `score`
   // is the one it was ranked by, `kept` of `of` members went on.
   void stop_by_halving(double score, std::size_t kept, std::size_t of);
+
+ private:
+  void stop_early();  // done, with the note of an early stop at this epoch
 };
 
 // How the stop note of a head cut by successive halving begins.
