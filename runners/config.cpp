@@ -533,6 +533,16 @@ void add_train_keys(std::vector<Key<JobConfig>>& v) {
                             "with grid_halving: each cut keeps the best ceil(n / factor) of n members "
                             "training; the cuts come after grid_halving x factor^k epochs")
                   .at_least(2));
+  v.push_back(member_key<K>("train", "bootstrap_resamples", CANOPY_JOB(train.bootstrap_resamples),
+                            "resamples of the eval split (rows drawn with replacement, seeded by train.seed) "
+                            "behind each head's metric intervals and the paired comparison of heads on the "
+                            "same labels, in the summary, the cards and canopy evaluate; 0: none")
+                  .at_least(0)
+                  .at_most(1000000));
+  v.push_back(member_key<K>("train", "interval_level", CANOPY_JOB(train.interval_level),
+                            "the share of the resampled values an interval holds (percentile bootstrap)")
+                  .above(0)
+                  .at_most(0.999));
   v.push_back(member_key<K>("train", "batch_size", CANOPY_JOB(train.batch_size),
                             "rows per step; the last batch of an epoch may be smaller (it is kept)")
                   .at_least(1));

@@ -26,6 +26,13 @@ struct Scored {
   std::vector<at::Tensor> outputs;  // per trunk batch
 };
 
+// Which labels a head scores, for comparing heads on the same ones: the source and its map.
+std::string s_labels(const tasks::TaskConfig& trained) {
+  std::string labels = trained.labels;
+  for (const auto v : trained.label_map) labels += " " + std::to_string(v);
+  return labels;
+}
+
 std::string percent(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.2f%%", 100 * v);
@@ -75,6 +82,9 @@ Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& regi
                    for (std::size_t k = 0; k < outputs.size(); ++k) scored[k].outputs.push_back(outputs[k]);
                  });
   progress.finish();
+  // Every head on the same resamples of the input's rows (paired); the outputs are the card's
+  // calibrated logits (temperature applied in the pass).
+  std::vector<tasks::HeadOutputs> heads_out;
   for (std::size_t k = 0; k < scored.size(); ++k) {
     const ExportedHead& h = model.heads[k];
     TaskResult r;
@@ -83,11 +93,22 @@ Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& regi
     r.class_names = h.class_names;
     r.temperature = h.temperature;
     r.state = tasks::TaskState::kDone;
-    r.eval = tasks::evaluate_outputs(h.kind, at::cat(scored[k].outputs), scored[k].targets, h.out_features,
-                                     h.target_mean, h.target_std, h.cutoffs);
+    r.labels = s_labels(scored[k].trained);
+    const at::Tensor outputs = at::cat(scored[k].outputs);
+    r.eval = tasks::evaluate_outputs(h.kind, outputs, scored[k].targets, h.out_features, h.target_mean,
+                                     h.target_std, h.cutoffs);
+    r.interval_level = config.train.interval_level;
+    heads_out.push_back(
+        {h.kind, outputs, scored[k].targets, h.out_features, h.target_mean, h.target_std, h.cutoffs, 1.0});
     e.heads.push_back(std::move(r));
     e.card_scores.push_back(h.kind == tasks::TaskKind::kRegression ? h.card.value("eval_r2", 0.0)
                                                                    : h.card.value("eval_accuracy", 0.0));
+  }
+  if (config.train.bootstrap_resamples > 0) {
+    std::vector<tasks::Resampled> resampled =
+        tasks::bootstrap(heads_out, {config.train.bootstrap_resamples, config.train.interval_level,
+                                     static_cast<std::uint64_t>(config.train.seed)});
+    for (std::size_t k = 0; k < resampled.size(); ++k) e.heads[k].resampled = std::move(resampled[k]);
   }
   e.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return e;
@@ -134,7 +155,7 @@ std::string format_evaluation(const Evaluation& e) {
   }
   const std::string where = "'" + printable(e.input) + "'";
   o << regression_lines(e.heads, where) << calibration_lines(e.heads, where, false)
-    << per_class_tables(e.heads, where) << per_label_tables(e.heads, where);
+    << interval_lines(e.heads, where) << per_class_tables(e.heads, where) << per_label_tables(e.heads, where);
   for (const auto& n : e.not_evaluated) o << "not evaluated: " << n << "\n";
   std::snprintf(buf, sizeof buf, "%zu head%s evaluated on %lld rows in %.2fs\n", e.heads.size(),
                 e.heads.size() == 1 ? "" : "s", static_cast<long long>(e.rows), e.seconds);
@@ -143,6 +164,7 @@ std::string format_evaluation(const Evaluation& e) {
 }
 
 std::string evaluation_json(const Evaluation& e) {
+  const auto versus = compare_with_best(e.heads);
   ordered_json heads = ordered_json::array();
   for (std::size_t i = 0; i < e.heads.size(); ++i) {
     const auto& t = e.heads[i];
@@ -165,6 +187,20 @@ std::string evaluation_json(const Evaluation& e) {
         h["confusion"] = confusion_rows(t.eval.confusion);
       }
       h["card_eval_accuracy"] = e.card_scores[i];
+    }
+    if (const auto& r = t.resampled) {
+      ordered_json in{{"level", t.interval_level}, {"resamples", r->values.front().size()}};
+      for (std::size_t m = 0; m < r->names.size(); ++m) {
+        const tasks::Interval iv = tasks::percentile_interval(r->values[m], t.interval_level);
+        in[r->names[m]] = {iv.lo, iv.hi};
+      }
+      h["intervals"] = in;
+    }
+    if (const auto& v = versus[i]) {
+      h["versus_best"] = {{"best", v->best},
+                          {"metric", v->metric},
+                          {"difference", v->difference},
+                          {"interval", {v->interval.lo, v->interval.hi}}};
     }
     heads.push_back(std::move(h));
   }

@@ -185,12 +185,26 @@ void add_choice(ordered_json& card, const tasks::Task& task, const TaskResult& r
       {"winner", r.winner}, {"values", c.grid_point}, {"keys", c.grid_axes}, {"members", members}};
 }
 
+// The intervals of the eval split's metrics (train.bootstrap_resamples).
+void add_intervals(ordered_json& card, const TaskResult& r) {
+  if (!r.resampled) return;
+  ordered_json in{{"level", r.interval_level},
+                  {"resamples", r.resampled->values.front().size()},
+                  {"rows", r.resampled->rows}};
+  for (std::size_t m = 0; m < r.resampled->names.size(); ++m) {
+    const tasks::Interval i = tasks::percentile_interval(r.resampled->values[m], r.interval_level);
+    in[r.resampled->names[m]] = {i.lo, i.hi};
+  }
+  card["eval_intervals"] = in;
+}
+
 // The card of `task` trained with `r` on features of `meta`'s cache, its parts in this order.
 ordered_json head_card(const tasks::Task& task, const TaskResult& r, const datasets::CacheMeta& meta,
                        std::int64_t in_features) {
   ordered_json card = head_and_features(task, r, meta, in_features);
   add_loss_weights(card, task);
   add_kind_part(card, task, r);
+  add_intervals(card, r);
   if (!meta.row_parts.empty()) {  // the heads read the fine-tuned trunk's features
     card["trunk_file"] = meta.trunk_path;
     card["trunk_boundary"] = meta.boundary;

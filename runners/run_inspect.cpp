@@ -306,21 +306,7 @@ std::string head_table(const RunFacts& f) {
     if (run.best_epoch > 0) best += " (epoch " + std::to_string(run.best_epoch) + ")";
     rows.push_back({name, state_name(run.state), epochs, best, run.failed() ? run.failure : run.stop_note});
   }
-  std::vector<std::size_t> width(rows.front().size(), 0);
-  for (const auto& r : rows) {
-    for (std::size_t c = 0; c < r.size(); ++c) width[c] = std::max(width[c], r[c].size());
-  }
-  std::ostringstream o;
-  for (const auto& r : rows) {
-    std::string line;
-    for (std::size_t c = 0; c < r.size(); ++c) {
-      line += r[c];
-      if (c + 1 < r.size()) line += std::string(width[c] - r[c].size() + 2, ' ');
-    }
-    while (!line.empty() && line.back() == ' ') line.pop_back();
-    o << line << "\n";
-  }
-  return o.str();
+  return aligned_columns(rows);
 }
 
 std::string report_text(const RunFacts& f, const Status& status, bool verify) {

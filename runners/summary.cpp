@@ -4,8 +4,11 @@
 #include <cstdio>
 #include <cstring>
 #include <iomanip>
+#include <optional>
 #include <sstream>
 
+#include "canopy/core/error.h"
+#include "canopy/core/strings.h"
 #include "canopy/runners/head_run.h"
 #include "canopy/runners/train_report.h"
 
@@ -205,6 +208,116 @@ std::string calibration_lines(const std::vector<TaskResult>& results, const std:
   return o.str();
 }
 
+namespace {
+// What a result's intervals show, in order: (metric, label) per kind.
+std::vector<std::pair<const char*, const char*>> shown_metrics(tasks::TaskKind kind) {
+  if (kind == tasks::TaskKind::kRegression) return {{"r2", "R^2"}, {"mae", "MAE"}};
+  if (kind == tasks::TaskKind::kMultilabel) return {{"accuracy", "exact match"}, {"macro_f1", "macro-F1"}};
+  return {{"accuracy", "accuracy"}, {"macro_f1", "macro-F1"}};
+}
+
+// What heads are compared by, per kind.
+const char* compared_metric(tasks::TaskKind kind) {
+  if (kind == tasks::TaskKind::kRegression) return "r2";
+  return kind == tasks::TaskKind::kMultilabel ? "macro_f1" : "accuracy";
+}
+
+// A result's value of a resampled metric on its rows, as `eval` has it.
+double point_of(const TaskResult& r, const std::string& metric) {
+  if (metric == "accuracy") return r.eval.accuracy;
+  if (metric == "macro_f1") return r.eval.macro_f1;
+  if (metric == "nll") return r.eval.nll.value_or(0.0);
+  const auto& g = r.eval.regression;
+  if (!g) return 0.0;
+  return metric == "mae" ? g->mae : metric == "rmse" ? g->rmse : g->r2;
+}
+
+// A value as the lines show it: percentages for accuracies, else 4 significant digits.
+std::string shown(const std::string& metric, double v, bool percent_sign) {
+  char buf[64];
+  if (metric == "accuracy")
+    std::snprintf(buf, sizeof buf, percent_sign ? "%.2f%%" : "%.2f", 100 * v);
+  else if (metric == "mae" || metric == "rmse")
+    std::snprintf(buf, sizeof buf, "%.4g", v);
+  else
+    std::snprintf(buf, sizeof buf, "%.4f", v);
+  return buf;
+}
+
+bool comparable(const TaskResult& a, const TaskResult& b) {
+  return a.kind == b.kind && a.labels == b.labels && a.class_names == b.class_names && a.resampled &&
+         b.resampled && a.resampled->rows == b.resampled->rows &&
+         a.resampled->values.front().size() == b.resampled->values.front().size();
+}
+}  // namespace
+
+std::vector<std::optional<Versus>> compare_with_best(const std::vector<TaskResult>& results) {
+  std::vector<std::optional<Versus>> out(results.size());
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    const TaskResult& r = results[i];
+    if (!r.resampled || r.state != tasks::TaskState::kDone) continue;
+    const std::string metric = compared_metric(r.kind);
+    std::optional<std::size_t> best;
+    for (std::size_t j = 0; j < results.size(); ++j) {
+      if (results[j].state != tasks::TaskState::kDone || !comparable(r, results[j])) continue;
+      if (!best || point_of(results[j], metric) > point_of(results[*best], metric)) best = j;
+    }
+    if (!best || *best == i) continue;
+    const std::vector<double>* mine = r.resampled->find(metric);
+    const std::vector<double>* theirs = results[*best].resampled->find(metric);
+    if (!mine || !theirs) continue;
+    std::vector<double> difference(mine->size());
+    for (std::size_t k = 0; k < mine->size(); ++k) difference[k] = (*mine)[k] - (*theirs)[k];
+    out[i] = Versus{results[*best].name, metric, point_of(r, metric) - point_of(results[*best], metric),
+                    tasks::percentile_interval(std::move(difference), r.interval_level)};
+  }
+  return out;
+}
+
+std::string interval_lines(const std::vector<TaskResult>& results, const std::string& where) {
+  const auto versus = compare_with_best(results);
+  std::vector<std::vector<std::string>> rows;
+  const TaskResult* any = nullptr;
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    const TaskResult& r = results[i];
+    if (!r.resampled || r.state != tasks::TaskState::kDone) continue;
+    any = &r;
+    std::vector<std::string> row{r.name};
+    for (const auto& [metric, label] : shown_metrics(r.kind)) {
+      const std::vector<double>* values = r.resampled->find(metric);
+      if (!values) continue;
+      const tasks::Interval in = tasks::percentile_interval(*values, r.interval_level);
+      row.push_back(std::string(label) + " " + shown(metric, point_of(r, metric), true) + " [" +
+                    shown(metric, in.lo, false) + ", " + shown(metric, in.hi, false) + "]");
+    }
+    row.resize(3);
+    if (const auto& v = versus[i]) {
+      const bool points = v->metric == "accuracy";
+      const double scale = points ? 100.0 : 1.0;
+      char buf[256];
+      std::snprintf(buf, sizeof buf,
+                    points ? "%+.2f points vs %s [%+.2f, %+.2f]%s" : "%+.4f vs %s [%+.4f, %+.4f]%s",
+                    scale * v->difference, v->best.c_str(), scale * v->interval.lo, scale * v->interval.hi,
+                    v->interval.lo <= 0 && v->interval.hi >= 0 ? ": no difference these rows can show" : "");
+      row.push_back(buf);
+    } else {
+      const auto others = std::count_if(results.begin(), results.end(), [&](const TaskResult& o) {
+        return &o != &r && o.state == tasks::TaskState::kDone && comparable(r, o);
+      });
+      if (others > 0) row.push_back("the best of " + std::to_string(others + 1) + " on its labels");
+    }
+    rows.push_back(std::move(row));
+  }
+  if (!any) return "";
+  char level[32];
+  std::snprintf(level, sizeof level, "%g%%", 100 * any->interval_level);
+  return detail::str_cat("\n", level, " intervals on ", where, " (", any->resampled->values.front().size(),
+                         " resamples of its ", any->resampled->rows,
+                         " rows); each head against the best on the same labels, paired (accuracy in points; "
+                         "multilabel: macro-F1; regression: R^2)\n") +
+         aligned_columns(rows);
+}
+
 std::string regression_lines(const std::vector<TaskResult>& results, const std::string& where) {
   std::ostringstream o;
   char buf[512];
@@ -257,8 +370,9 @@ std::string totals_line(const TrainReport& report) {
 std::string format_summary(const TrainReport& report) {
   const std::string where = "the eval split";
   return results_table(report) + grid_lines(report) + regression_lines(report.tasks, where) +
-         calibration_lines(report.tasks, where, true) + per_class_tables(report.tasks, where) +
-         per_label_tables(report.tasks, where) + notes(report) + totals_line(report);
+         calibration_lines(report.tasks, where, true) + interval_lines(report.tasks, where) +
+         per_class_tables(report.tasks, where) + per_label_tables(report.tasks, where) + notes(report) +
+         totals_line(report);
 }
 
 }  // namespace canopy::runners

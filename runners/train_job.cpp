@@ -1111,7 +1111,7 @@ struct FinalSplits {
 // head that stopped before it exports its last epoch.
 void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets::CacheMeta& meta,
                   const FinalSplits& splits, const std::string& dir, TrainReport& report,
-                  std::int64_t shared_best) {
+                  std::int64_t shared_best, const TrainConfig& train) {
   for (std::size_t i = 0; i < set.tasks.size(); ++i) {
     TaskResult& r = set.results[i];
     const HeadRun& run = runs[i];
@@ -1145,16 +1145,24 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
   }
   // The test split, once per exported head. (A resumed run carries no confusion matrix over
   // from before the interruption, so the exported metrics come from the exported weights.)
-  auto test_and_export = [&](std::size_t i, TaskResult& r) {
-    auto& task = *set.tasks[i];
-    r.eval = task.evaluate(splits.test_features, task.targets(splits.test->labels.at(task.config().labels)));
-    r.weights_path = export_head(task, r, meta, report.feature_dim, dir);
-  };
+  // The test split, once per exported head; then every exported head's intervals, on the same
+  // resamples of the test rows (paired); then the exports.
+  std::vector<std::pair<std::size_t, std::size_t>> tested;  // (task, its result's place in `out`)
+  std::vector<tasks::HeadOutputs> outputs;
   std::vector<TaskResult> out;
+  auto test = [&](std::size_t i, TaskResult& r) {
+    auto& task = *set.tasks[i];
+    const at::Tensor targets = task.targets(splits.test->labels.at(task.config().labels));
+    r.eval = task.evaluate(splits.test_features, targets);
+    r.interval_level = train.interval_level;
+    if (train.bootstrap_resamples > 0)
+      outputs.push_back(tasks::head_outputs(task, splits.test_features, targets));
+    tested.emplace_back(i, out.size());
+  };
   for (std::size_t i = 0; i < set.tasks.size(); ++i) {
     const auto& tc = set.tasks[i]->config();
     if (tc.grid.empty()) {
-      if (set.results[i].state == tasks::TaskState::kDone) test_and_export(i, set.results[i]);
+      if (set.results[i].state == tasks::TaskState::kDone) test(i, set.results[i]);
       out.push_back(std::move(set.results[i]));
       continue;
     }
@@ -1179,7 +1187,7 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
     r.name = tc.grid;
     r.grid = std::move(listed);
     if (winner) {
-      test_and_export(*winner, r);
+      test(*winner, r);
       log_info("grid '" + tc.grid + "': " + r.winner + " won on the validation split (" +
                std::to_string(members.size()) + " heads)");
     } else {
@@ -1188,6 +1196,13 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
     }
     out.push_back(std::move(r));
   }
+  if (!outputs.empty()) {
+    std::vector<tasks::Resampled> resampled = tasks::bootstrap(
+        outputs, {train.bootstrap_resamples, train.interval_level, static_cast<std::uint64_t>(train.seed)});
+    for (std::size_t k = 0; k < tested.size(); ++k) out[tested[k].second].resampled = std::move(resampled[k]);
+  }
+  for (const auto& [i, place] : tested)
+    out[place].weights_path = export_head(*set.tasks[i], out[place], meta, report.feature_dim, dir);
   report.tasks = std::move(out);
 }
 
@@ -1688,7 +1703,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     const datasets::CacheMeta meta = trained_trunk_meta(cache.meta(), top, config);
     export_heads(set, runs, meta,
                  final_splits(loop, in.train.validation.has_value(), in.test, top, config.train.batch_size),
-                 config.train.out_dir + "/heads", report, shared_best);
+                 config.train.out_dir + "/heads", report, shared_best, config.train);
     return report;
   } catch (const IoError& e) {
     throw IoError(detail::str_cat(e.what(), "; ", where_to_go_on(store)));

@@ -500,6 +500,24 @@ lr = 0.01
           "the training summary says them for the calibrated head alone")
     check(abs(card.get("eval_accuracy", -1) - float((predicted == y).double().mean())) < 1e-9,
           "the classes given are still the logits' argmax")
+    # The card's intervals: the percentile bootstrap of the test rows, each resample drawn as torch
+    # draws with the generator seeded seed * 1000003 + resample * 7919 + 1, quantiles as numpy's.
+    iv = card.get("eval_intervals", {})
+    n, k, resamples = len(y), logits.shape[1], iv.get("resamples", 0)
+    pred, row_nll = logits.argmax(1), F.cross_entropy(logits / temp, y, reduction="none")
+    drawn = {"accuracy": [], "macro_f1": [], "nll": []}
+    for i in range(resamples):
+        rows = torch.randint(n, (n,), generator=torch.Generator().manual_seed(i * 7919 + 1))  # train.seed 0
+        cm = torch.bincount(y[rows] * k + pred[rows], minlength=k * k).view(k, k).double()
+        both = cm.sum(0) + cm.sum(1)
+        drawn["accuracy"].append(float((pred[rows] == y[rows]).double().mean()))
+        drawn["macro_f1"].append(float((2 * cm.diag()[both > 0] / both[both > 0]).mean()))
+        drawn["nll"].append(float(row_nll[rows].mean()))
+    want = {m: np.quantile(v, [0.025, 0.975]) for m, v in drawn.items()}
+    check(resamples == 1000 and iv.get("rows") == n and iv.get("level") == 0.95 and
+          all(np.abs(np.array(iv.get(m, [9, 9])) - w).max() < 1e-6 for m, w in want.items()),
+          f"the card's 95% intervals are the percentile bootstrap Python draws from the same resamples "
+          f"(accuracy {want['accuracy'].round(4)}, macro-F1 {want['macro_f1'].round(4)}, NLL {want['nll'].round(4)})")
     r = subprocess.run([a.canopy, "predict", "--config", config, "--input", f"{FMNIST}/t10k-images-idx3-ubyte.gz",
                         "--limit", "50", "--format", "jsonl", "--scores", "--progress", "quiet"] + tune,
                        capture_output=True, text=True)
@@ -516,6 +534,9 @@ lr = 0.01
     fine = {h["task"]: h for h in json.loads(r.stdout)["heads"]}.get("fine", {}) if r.returncode == 0 else {}
     check(abs(fine.get("nll", -1) - nll) < 1e-6 and abs(fine.get("ece", -1) - ece) < 1e-6,
           f"evaluate scores the calibrated probabilities: its NLL and ECE are the card's ({fine.get('nll')}, {fine.get('ece')})")
+    got = fine.get("intervals", {})
+    check(all(np.abs(np.array(got.get(m, [9, 9])) - w).max() < 1e-6 for m, w in want.items()),
+          f"... and its intervals, on the same rows, are the card's: {got}")
     r = subprocess.run([a.canopy, "evaluate", "--config", config, "--progress", "quiet", "--input",
                         f"{FMNIST}/t10k-images-idx3-ubyte.gz", "--limit", str(TEST)] + tune, capture_output=True, text=True)
     said = f"task 'fine': probabilities at temperature {temp:.4g}: NLL {nll:.4f}, ECE {ece:.4f} on '"

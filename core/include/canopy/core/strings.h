@@ -54,6 +54,9 @@ std::string expand_env(std::string_view s);
 
 // "1 epoch", "3 epochs": n and the word, with an s unless n is 1.
 std::string count_of(std::int64_t n, const std::string& word);
+// Rows of cells as lines of a text table: each column padded to its widest cell, two spaces
+// between columns, no trailing spaces; rows may have fewer cells than others.
+std::string aligned_columns(const std::vector<std::vector<std::string>>& rows);
 
 // Formats seconds as "1m 05s" / "3.2s".
 std::string format_duration(double seconds);

@@ -79,11 +79,14 @@ struct TrainConfig {
   double validation_fraction = 0;  // held out of train_split (stratified, seeded) to choose
                                    // epochs and grid winners on; 0: none
   ExportMode export_mode = ExportMode::kAuto;
-  std::string export_monitor;            // export = best over a top: the task (or grid) whose validation
-                                         // score chooses the epoch; empty: the tasks' mean
-  std::int64_t grid_halving = 0;         // successive halving of grids: the epochs before the first
-                                         // cut (then at each multiple by the factor); 0: off
-  std::int64_t grid_halving_factor = 3;  // each cut keeps 1 / factor of a grid's members training
+  std::string export_monitor;               // export = best over a top: the task (or grid) whose validation
+                                            // score chooses the epoch; empty: the tasks' mean
+  std::int64_t grid_halving = 0;            // successive halving of grids: the epochs before the first
+                                            // cut (then at each multiple by the factor); 0: off
+  std::int64_t grid_halving_factor = 3;     // each cut keeps 1 / factor of a grid's members training
+  std::int64_t bootstrap_resamples = 1000;  // resamples of the eval split behind the metrics'
+                                            // intervals (tasks/intervals.h); 0: none
+  double interval_level = 0.95;             // the share of resampled values an interval holds
   std::int64_t batch_size = 256;
   std::int64_t epochs = 10;
   std::uint64_t seed = 0;

@@ -45,7 +45,8 @@ std::string format_evaluation(const Evaluation& e);
 // "accuracy", "macro_f1", "top5_accuracy", "mean_ap", "per_class", "confusion" (rows: the true
 // class, columns: the predicted, in class_names' order), "per_label" (multilabel),
 // "card_eval_accuracy"; or
-// "mae", "rmse", "r2", "card_eval_r2"}], "not_evaluated": [...]}, each where the head's kind has it.
+// "mae", "rmse", "r2", "card_eval_r2"}, with "intervals" and "versus_best" (train_report.h's
+// compare_with_best) where resampled], "not_evaluated": [...]}, each where the head's kind has it.
 std::string evaluation_json(const Evaluation& e);
 
 }  // namespace canopy::runners

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "canopy/tasks/intervals.h"
 #include "canopy/tasks/task.h"
 
 namespace canopy::runners {
@@ -49,6 +50,10 @@ struct TaskResult {
   // every member with its score. `eval` is the winner's, on the test split, evaluated once.
   std::string winner;
   std::vector<GridMember> grid;
+  // `eval`'s metrics on resamples of the same rows (train.bootstrap_resamples), and the share
+  // of them an interval holds; empty when not resampled.
+  std::optional<tasks::Resampled> resampled;
+  double interval_level = 0.95;
 };
 
 struct TrainReport {
@@ -81,5 +86,22 @@ std::string regression_lines(const std::vector<TaskResult>& results, const std::
 // with `calibrated_only`, of the heads calibrated (temperature other than 1) alone.
 std::string calibration_lines(const std::vector<TaskResult>& results, const std::string& where,
                               bool calibrated_only);
+
+// The comparison of a head with the best head on the same labels (the same kind and classes)
+// on each resample of the rows both were scored on: `metric` (multiclass accuracy, multilabel
+// macro-F1, regression R^2), the head's value less the best's, and its interval.
+struct Versus {
+  std::string best;    // the best head's name
+  std::string metric;  // "accuracy", "macro_f1", "r2"
+  double difference = 0.0;
+  tasks::Interval interval;
+};
+// Per result: how it compares, or empty (the best itself, alone on its labels, or not
+// resampled). The best is the highest on `eval` (the first of equals).
+std::vector<std::optional<Versus>> compare_with_best(const std::vector<TaskResult>& results);
+// The intervals as lines, one per resampled head: its metrics with their intervals, then how
+// it compares with the best on its labels ("no difference these rows can show" when its
+// interval holds 0).
+std::string interval_lines(const std::vector<TaskResult>& results, const std::string& where);
 
 }  // namespace canopy::runners

@@ -1,0 +1,167 @@
+#include "canopy/tasks/intervals.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/index_add.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/log_softmax.h>
+#include <ATen/ops/nonzero.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/randint.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+
+#include "canopy/core/error.h"
+
+namespace canopy::tasks {
+
+namespace {
+// Resamples whose counts are held at once: up to 128, and at most 1 Mi counts (8 MB of doubles,
+// 128 resamples of 8 192 rows; 17 of 60 000), so that scoring a large split takes little memory
+// beside it; the resamples do not depend on it.
+std::int64_t block_of(std::int64_t rows) {
+  return std::clamp<std::int64_t>((std::int64_t{1} << 20) / std::max<std::int64_t>(1, rows), 1, 128);
+}
+
+std::vector<double> as_vector(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kDouble).contiguous();
+  return {c.data_ptr<double>(), c.data_ptr<double>() + c.numel()};
+}
+
+// 2 x true positives / (truth + predicted) per column, where either is > 0; `empty` elsewhere.
+at::Tensor f1_of(const at::Tensor& tp, const at::Tensor& truth, const at::Tensor& predicted, double empty) {
+  const at::Tensor both = truth + predicted;
+  return at::where(both > 0, 2.0 * tp / both.clamp_min(1e-300), at::tensor(empty, at::kDouble));
+}
+}  // namespace
+
+const std::vector<double>* Resampled::find(const std::string& name) const {
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    if (names[i] == name) return &values[i];
+  }
+  return nullptr;
+}
+
+at::Tensor resample_counts(std::int64_t rows, std::int64_t first, std::int64_t n, std::uint64_t seed) {
+  at::Tensor counts = at::zeros({n, rows}, at::kDouble);
+  if (rows == 0) return counts;
+  const at::Tensor ones = at::ones({rows}, at::kDouble);
+  for (std::int64_t r = 0; r < n; ++r) {
+    // Each resample its own generator: resample r is the same whichever block holds it.
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003ULL +
+                                                        static_cast<std::uint64_t>(first + r) * 7919ULL + 1);
+    const at::Tensor drawn = at::randint(rows, {rows}, gen, at::kLong);
+    counts.select(0, r).index_add_(0, drawn, ones);
+  }
+  return counts;
+}
+
+HeadOutputs head_outputs(Task& task, const at::Tensor& features, const at::Tensor& targets) {
+  HeadOutputs h;
+  h.kind = task.config().kind;
+  h.outputs = task.outputs(features);
+  h.targets = task.regression()
+                  ? targets.reshape({-1}).to(at::kDouble) * task.target_std() + task.target_mean()
+                  : targets;
+  h.num_classes = task.num_classes();
+  h.target_mean = task.target_mean();
+  h.target_std = task.target_std();
+  h.cutoffs = task.cutoffs();
+  h.temperature = task.temperature();
+  return h;
+}
+
+Resampled metrics_on_counts(const HeadOutputs& head, const at::Tensor& counts) {
+  const at::Tensor& outputs = head.outputs;
+  const std::int64_t n = outputs.size(0);
+  CANOPY_CHECK(counts.dim() == 2 && counts.size(1) == n, DataError, "resample counts ", counts.sizes(),
+               " for ", n, " rows");
+  Resampled out;
+  out.rows = n;
+  const at::Tensor c = counts.to(at::kDouble);
+  const double rows = static_cast<double>(std::max<std::int64_t>(1, n));
+  auto add = [&](const char* name, const at::Tensor& values) {
+    out.names.emplace_back(name);
+    out.values.push_back(as_vector(values));
+  };
+  if (head.kind == TaskKind::kRegression) {
+    const at::Tensor p = outputs.reshape({-1}).to(at::kDouble) * head.target_std + head.target_mean;
+    const at::Tensor y = head.targets.reshape({-1}).to(at::kDouble);
+    const at::Tensor e = p - y;
+    const at::Tensor yc = y - y.mean();  // SST does not move with the mean; centred, it loses no digits
+    const at::Tensor sse = c.mv(e * e), sy = c.mv(yc), sst = c.mv(yc * yc) - sy * sy / rows;
+    add("mae", c.mv(e.abs()) / rows);
+    add("rmse", (sse / rows).sqrt());
+    add("r2", at::where(sst > 0, 1.0 - sse / sst.clamp_min(1e-300),
+                        at::where(sse == 0, at::tensor(1.0, at::kDouble), at::tensor(0.0, at::kDouble))));
+    return out;
+  }
+  if (head.kind == TaskKind::kMultilabel) {
+    const at::Tensor pred = head.cutoffs.empty()
+                                ? outputs.gt(0)
+                                : outputs.gt(at::tensor(head.cutoffs, at::kDouble).to(outputs.scalar_type()));
+    const at::Tensor truth = head.targets.gt(0.5);
+    add("accuracy", c.mv(pred.eq(truth).all(1).to(at::kDouble)) / rows);
+    const at::Tensor tp = c.mm(pred.logical_and(truth).to(at::kDouble));
+    const at::Tensor f1 = f1_of(tp, c.mm(truth.to(at::kDouble)), c.mm(pred.to(at::kDouble)), 1.0);
+    add("macro_f1", f1.mean(1));
+    return out;
+  }
+  const at::Tensor t = head.targets.reshape({-1}).to(at::kLong);
+  const at::Tensor p = outputs.argmax(1);
+  const at::Tensor right = p.eq(t).to(at::kDouble);
+  add("accuracy", c.mv(right) / rows);
+  const at::Tensor none = at::zeros({c.size(0), head.num_classes}, at::kDouble);
+  const at::Tensor support = none.index_add(1, t, c), predicted = none.index_add(1, p, c);
+  const at::Tensor hits = right.nonzero().reshape({-1});  // the rows predicted right: each adds to its class
+  const at::Tensor tp = none.index_add(1, t.index_select(0, hits), c.index_select(1, hits));
+  const at::Tensor present = (support + predicted).gt(0).to(at::kDouble);
+  add("macro_f1", f1_of(tp, support, predicted, 0.0).sum(1) / present.sum(1).clamp_min(1.0));
+  const at::Tensor nll =
+      -at::log_softmax(outputs.to(at::kDouble) / head.temperature, 1).gather(1, t.reshape({-1, 1}));
+  add("nll", c.mv(nll.reshape({-1})) / rows);
+  return out;
+}
+
+std::vector<Resampled> bootstrap(const std::vector<HeadOutputs>& heads, const BootstrapSpec& spec) {
+  std::vector<Resampled> all(heads.size());
+  if (heads.empty()) return all;
+  const std::int64_t rows = heads.front().outputs.size(0);
+  for (const auto& h : heads) {
+    CANOPY_CHECK(h.outputs.size(0) == rows, DataError,
+                 "heads resampled together must be scored on the same rows: ", rows, " and ",
+                 h.outputs.size(0));
+  }
+  const std::int64_t block = block_of(rows);
+  for (std::int64_t first = 0; first < spec.resamples; first += block) {
+    const at::Tensor counts =
+        resample_counts(rows, first, std::min(block, spec.resamples - first), spec.seed);
+    for (std::size_t i = 0; i < heads.size(); ++i) {
+      Resampled part = metrics_on_counts(heads[i], counts);
+      if (all[i].names.empty()) {
+        all[i] = std::move(part);
+        continue;
+      }
+      for (std::size_t m = 0; m < part.values.size(); ++m)
+        all[i].values[m].insert(all[i].values[m].end(), part.values[m].begin(), part.values[m].end());
+    }
+  }
+  return all;
+}
+
+Interval percentile_interval(std::vector<double> values, double level) {
+  if (values.empty()) return {};
+  std::sort(values.begin(), values.end());
+  const auto at = [&](double q) {
+    const double pos = q * static_cast<double>(values.size() - 1);
+    const auto below = static_cast<std::size_t>(std::floor(pos));
+    const std::size_t above = std::min(below + 1, values.size() - 1);
+    return values[below] + (pos - static_cast<double>(below)) * (values[above] - values[below]);
+  };
+  return {at((1.0 - level) / 2.0), at((1.0 + level) / 2.0)};
+}
+
+}  // namespace canopy::tasks
