@@ -27,7 +27,7 @@ struct Scored {
 };
 
 // Which labels a head scores, for comparing heads on the same ones: the source and its map.
-std::string s_labels(const tasks::TaskConfig& trained) {
+std::string scored_labels(const tasks::TaskConfig& trained) {
   std::string labels = trained.labels;
   for (const auto v : trained.label_map) labels += " " + std::to_string(v);
   return labels;
@@ -93,7 +93,7 @@ Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& regi
     r.class_names = h.class_names;
     r.temperature = h.temperature;
     r.state = tasks::TaskState::kDone;
-    r.labels = s_labels(scored[k].trained);
+    r.labels = scored_labels(scored[k].trained);
     const at::Tensor outputs = at::cat(scored[k].outputs);
     r.eval = tasks::evaluate_outputs(h.kind, outputs, scored[k].targets, h.out_features, h.target_mean,
                                      h.target_std, h.cutoffs);
@@ -188,14 +188,7 @@ std::string evaluation_json(const Evaluation& e) {
       }
       h["card_eval_accuracy"] = e.card_scores[i];
     }
-    if (const auto& r = t.resampled) {
-      ordered_json in{{"level", t.interval_level}, {"resamples", r->values.front().size()}};
-      for (std::size_t m = 0; m < r->names.size(); ++m) {
-        const tasks::Interval iv = tasks::percentile_interval(r->values[m], t.interval_level);
-        in[r->names[m]] = {iv.lo, iv.hi};
-      }
-      h["intervals"] = in;
-    }
+    if (t.resampled) h["intervals"] = intervals_json(*t.resampled, t.interval_level);
     if (const auto& v = versus[i]) {
       h["versus_best"] = {{"best", v->best},
                           {"metric", v->metric},

@@ -36,6 +36,15 @@ ordered_json per_class_report(const tasks::EvalMetrics& m, const std::vector<std
   return out;
 }
 
+ordered_json intervals_json(const tasks::Resampled& resampled, double level) {
+  ordered_json in{{"level", level}, {"resamples", resampled.resamples()}, {"rows", resampled.rows}};
+  for (std::size_t m = 0; m < resampled.names.size(); ++m) {
+    const tasks::Interval i = tasks::percentile_interval(resampled.values[m], level);
+    in[resampled.names[m]] = {i.lo, i.hi};
+  }
+  return in;
+}
+
 ordered_json confusion_rows(const at::Tensor& confusion) {
   ordered_json rows = ordered_json::array();
   const at::Tensor c = confusion.to(at::kLong).contiguous();
@@ -183,19 +192,16 @@ void add_choice(ordered_json& card, const tasks::Task& task, const TaskResult& r
   }
   card["grid"] = {
       {"winner", r.winner}, {"values", c.grid_point}, {"keys", c.grid_axes}, {"members", members}};
+  if (const auto& g = r.grid_lead) {
+    card["grid"]["lead"] = {{"runner_up", g->runner_up}, {"metric", g->metric},
+                            {"lead", g->lead},           {"interval", {g->interval.lo, g->interval.hi}},
+                            {"level", r.interval_level}, {"resamples", g->resamples}};
+  }
 }
 
 // The intervals of the eval split's metrics (train.bootstrap_resamples).
 void add_intervals(ordered_json& card, const TaskResult& r) {
-  if (!r.resampled) return;
-  ordered_json in{{"level", r.interval_level},
-                  {"resamples", r.resampled->values.front().size()},
-                  {"rows", r.resampled->rows}};
-  for (std::size_t m = 0; m < r.resampled->names.size(); ++m) {
-    const tasks::Interval i = tasks::percentile_interval(r.resampled->values[m], r.interval_level);
-    in[r.resampled->names[m]] = {i.lo, i.hi};
-  }
-  card["eval_intervals"] = in;
+  if (r.resampled) card["eval_intervals"] = intervals_json(*r.resampled, r.interval_level);
 }
 
 // The card of `task` trained with `r` on features of `meta`'s cache, its parts in this order.

@@ -151,6 +151,28 @@ std::string results_table(const TrainReport& report) {
   return o.str();
 }
 
+// "grid 'probe': probe@lr=0.01 leads probe@lr=0.001 by +0.40 points of accuracy on the validation
+// split [-0.60, +1.40] (95%, 1000 resamples, paired): no difference these rows can show".
+std::string lead_line(const TaskResult& t, const GridLead& g) {
+  const bool points = g.metric == "accuracy";
+  const auto number = [&](double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, points ? "%+.2f" : "%+.4f", points ? 100 * v : v);
+    return std::string(buf);
+  };
+  char level[32];
+  std::snprintf(level, sizeof level, "%g%%", 100 * t.interval_level);
+  const std::string metric = g.metric == "r2"         ? "R^2"
+                             : g.metric == "macro_f1" ? "macro-F1"
+                             : g.metric == "nll"      ? "NLL (lower)"
+                                                      : "accuracy";
+  return detail::str_cat("grid '", t.name, "': ", t.winner, " leads ", g.runner_up, " by ", number(g.lead),
+                         points ? " points" : "", " of ", metric, " on the validation split [",
+                         number(g.interval.lo), ", ", number(g.interval.hi), "] (", level, ", ", g.resamples,
+                         " resamples, paired)",
+                         g.interval.lo <= 0 ? ": no difference these rows can show" : "", "\n");
+}
+
 // A line per grid: its members, how many finished (and were cut), the best three on the
 // validation split, and what was exported.
 std::string grid_lines(const TrainReport& report) {
@@ -188,6 +210,7 @@ std::string grid_lines(const TrainReport& report) {
     o << (t.state == tasks::TaskState::kDone ? "; exported as '" + t.name + "' (card lists every member)"
                                              : "")
       << "\n";
+    if (const auto& g = t.grid_lead) o << lead_line(t, *g);
   }
   return o.str();
 }
@@ -247,7 +270,7 @@ std::string shown(const std::string& metric, double v, bool percent_sign) {
 bool comparable(const TaskResult& a, const TaskResult& b) {
   return a.kind == b.kind && a.labels == b.labels && a.class_names == b.class_names && a.resampled &&
          b.resampled && a.resampled->rows == b.resampled->rows &&
-         a.resampled->values.front().size() == b.resampled->values.front().size();
+         a.resampled->resamples() == b.resampled->resamples();
 }
 }  // namespace
 
@@ -294,12 +317,16 @@ std::string interval_lines(const std::vector<TaskResult>& results, const std::st
     if (const auto& v = versus[i]) {
       const bool points = v->metric == "accuracy";
       const double scale = points ? 100.0 : 1.0;
-      char buf[256];
-      std::snprintf(buf, sizeof buf,
-                    points ? "%+.2f points vs %s [%+.2f, %+.2f]%s" : "%+.4f vs %s [%+.4f, %+.4f]%s",
-                    scale * v->difference, v->best.c_str(), scale * v->interval.lo, scale * v->interval.hi,
-                    v->interval.lo <= 0 && v->interval.hi >= 0 ? ": no difference these rows can show" : "");
-      row.push_back(buf);
+      const auto number = [&](const char* format, double x) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, format, scale * x);
+        return std::string(buf);
+      };
+      const char* format = points ? "%+.2f" : "%+.4f";
+      row.push_back(
+          number(format, v->difference) + (points ? " points" : "") + " vs " + v->best + " [" +
+          number(format, v->interval.lo) + ", " + number(format, v->interval.hi) + "]" +
+          (v->interval.lo <= 0 && v->interval.hi >= 0 ? ": no difference these rows can show" : ""));
     } else {
       const auto others = std::count_if(results.begin(), results.end(), [&](const TaskResult& o) {
         return &o != &r && o.state == tasks::TaskState::kDone && comparable(r, o);
@@ -311,7 +338,7 @@ std::string interval_lines(const std::vector<TaskResult>& results, const std::st
   if (!any) return "";
   char level[32];
   std::snprintf(level, sizeof level, "%g%%", 100 * any->interval_level);
-  return detail::str_cat("\n", level, " intervals on ", where, " (", any->resampled->values.front().size(),
+  return detail::str_cat("\n", level, " intervals on ", where, " (", any->resampled->resamples(),
                          " resamples of its ", any->resampled->rows,
                          " rows); each head against the best on the same labels, paired (accuracy in points; "
                          "multilabel: macro-F1; regression: R^2)\n") +

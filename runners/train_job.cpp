@@ -1103,6 +1103,39 @@ struct FinalSplits {
   const datasets::SplitData* test = nullptr;  // its labels
 };
 
+// How far a grid's winner (task `winner`, one of `members`, listed in `listed` in their order)
+// leads the runner-up on the validation split: both heads on the same resamples of its rows,
+// in the monitored metric's score. Empty without a runner-up or where the metric is not
+// resampled (mean AP).
+std::optional<GridLead> grid_lead(TaskSet& set, const std::vector<std::size_t>& members, std::size_t winner,
+                                  const std::vector<GridMember>& listed, const FinalSplits& splits,
+                                  const TrainConfig& train) {
+  std::optional<std::size_t> runner;  // places in `members`
+  std::size_t first = 0;
+  for (std::size_t k = 0; k < members.size(); ++k) {
+    if (members[k] == winner) first = k;
+    if (members[k] == winner || listed[k].state != tasks::TaskState::kDone ||
+        !set.results[members[k]].validation)
+      continue;
+    if (!runner || listed[k].validation_score > listed[*runner].validation_score) runner = k;
+  }
+  const auto& config = set.tasks[winner]->config();
+  const std::string metric = tasks::scored_metric(config.kind, config.monitor);
+  if (!runner || metric.empty()) return std::nullopt;
+  const std::size_t other = members[*runner];
+  const std::vector<tasks::Resampled> both = tasks::bootstrap(
+      {tasks::head_outputs(*set.tasks[winner], splits.selection_features, set.eval_targets[winner]),
+       tasks::head_outputs(*set.tasks[other], splits.selection_features, set.eval_targets[other])},
+      {train.bootstrap_resamples, train.interval_level, static_cast<std::uint64_t>(train.seed)});
+  const std::vector<double>&w = *both[0].find(metric), &o = *both[1].find(metric);
+  const double sign = metric == "nll" ? -1.0 : 1.0;  // a score: higher is better
+  std::vector<double> lead(w.size());
+  for (std::size_t k = 0; k < w.size(); ++k) lead[k] = sign * (w[k] - o[k]);
+  const double point = listed[first].validation_score - listed[*runner].validation_score;
+  return GridLead{listed[*runner].name, metric, point,
+                  tasks::percentile_interval(std::move(lead), train.interval_level), w.size()};
+}
+
 // Final evaluation and export. Each head that finished takes its exported epoch's weights
 // (train.export: best on the validation split, or the last); with a validation split it is
 // scored there again. A grid's members are compared on the validation split alone, and only
@@ -1183,6 +1216,8 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
         winner = j;
     }
     TaskResult r = std::move(set.results[winner ? *winner : members.front()]);
+    if (winner && splits.validation && train.bootstrap_resamples > 0)
+      r.grid_lead = grid_lead(set, members, *winner, listed, splits, train);
     r.winner = r.name;
     r.name = tc.grid;
     r.grid = std::move(listed);

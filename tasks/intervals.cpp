@@ -45,6 +45,22 @@ const std::vector<double>* Resampled::find(const std::string& name) const {
   return nullptr;
 }
 
+std::string scored_metric(TaskKind kind, Monitor monitor) {
+  switch (monitor) {
+    case Monitor::kAccuracy:
+      return "accuracy";
+    case Monitor::kMacroF1:
+      return "macro_f1";
+    case Monitor::kNll:
+      return "nll";
+    case Monitor::kMeanAp:
+      return "";
+    case Monitor::kAuto:
+      break;
+  }
+  return kind == TaskKind::kRegression ? "r2" : "accuracy";
+}
+
 at::Tensor resample_counts(std::int64_t rows, std::int64_t first, std::int64_t n, std::uint64_t seed) {
   at::Tensor counts = at::zeros({n, rows}, at::kDouble);
   if (rows == 0) return counts;

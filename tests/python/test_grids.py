@@ -92,13 +92,14 @@ def main():
     write_manifests(work, images, classes, flip_test=True)
 
     # 1. The validation winner, not the test winner.
-    cards = {}
+    cards, summaries = {}, {}
     for name, test_csv in (("plain", "test.csv"), ("flipped", "test_flipped.csv")):
         code, out, err = run([canopy, "run", "--config", skew_config(work, trunk, name, test_csv)])
         check(code == 0, f"{name}: canopy run with a 2-head grid" + ("" if code == 0 else ": " + err[-800:]))
         if code != 0:
             return finish()
         cards[name] = json.load(open(f"{work}/{name}/out/heads/skew.json"))
+        summaries[name] = out
     card = cards["plain"]
     members = {m["name"]: m for m in card["grid"]["members"]}
     says_zero = "skew@class_weights=1,0.0001"
@@ -108,6 +109,17 @@ def main():
           f"on the validation split the always-0 head leads ({members[says_zero]['validation_score']:.3f} vs "
           f"{members[says_one]['validation_score']:.3f})")
     check(card["grid"]["winner"] == says_zero, f"the validation winner is exported: {card['grid']['winner']}")
+    # Its lead over the runner-up on the validation split, both on the same 1000 resamples of its
+    # rows: the scores' difference, an interval around it that a 0.5 lead on 60 rows keeps above 0.
+    lead = card["grid"].get("lead", {})
+    gap = members[says_zero]["validation_score"] - members[says_one]["validation_score"]
+    lo, hi = lead.get("interval", [0, 0])
+    check(lead.get("runner_up") == says_one and lead.get("metric") == "accuracy" and lead.get("resamples") == 1000
+          and abs(lead.get("lead", 0) - gap) < 1e-12 and 0 < lo < gap < hi,
+          f"the card gives the winner's lead over the runner-up, {gap:.3f}, with its interval [{lo:.3f}, {hi:.3f}]")
+    check(f"grid 'skew': {says_zero} leads {says_one} by {100 * gap:+.2f} points of accuracy on the validation split "
+          f"[{100 * lo:+.2f}, {100 * hi:+.2f}] (95%, 1000 resamples, paired)\n" in summaries["plain"],
+          "... and the summary says it, without \"no difference\"")
     check(card["eval_accuracy"] < 0.3,
           f"its test accuracy is what it is ({card['eval_accuracy']:.3f}): the test split's best "
           f"(the always-1 head, about 0.8 there) was not chosen")

@@ -28,5 +28,8 @@ nlohmann::ordered_json per_class_report(const tasks::EvalMetrics& m, const std::
 nlohmann::ordered_json per_label_report(const tasks::EvalMetrics& m, const std::vector<std::string>& names);
 // A confusion matrix (int64 [K, K]) as JSON rows: row = true class, column = predicted.
 nlohmann::ordered_json confusion_rows(const at::Tensor& confusion);
+// Resampled metrics as the card's eval_intervals and canopy evaluate's intervals: {"level",
+// "resamples", "rows", "<metric>": [lo, hi], ...}.
+nlohmann::ordered_json intervals_json(const tasks::Resampled& resampled, double level);
 
 }  // namespace canopy::runners

@@ -26,6 +26,17 @@ struct GridMember {
   double seconds = 0.0;
 };
 
+// A grid winner's lead over the runner-up on the validation split, on the same resamples of its
+// rows (train.bootstrap_resamples): in the monitored metric's score (NLL: the runner-up's less
+// the winner's), and its interval.
+struct GridLead {
+  std::string runner_up;
+  std::string metric;  // "accuracy", "macro_f1", "nll", "r2"
+  double lead = 0.0;
+  tasks::Interval interval;
+  std::size_t resamples = 0;
+};
+
 struct TaskResult {
   std::string name;
   std::string head;    // architecture, e.g. "mlp 1280-256-10 relu"
@@ -50,6 +61,7 @@ struct TaskResult {
   // every member with its score. `eval` is the winner's, on the test split, evaluated once.
   std::string winner;
   std::vector<GridMember> grid;
+  std::optional<GridLead> grid_lead;  // with a runner-up and resamples
   // `eval`'s metrics on resamples of the same rows (train.bootstrap_resamples), and the share
   // of them an interval holds; empty when not resampled.
   std::optional<tasks::Resampled> resampled;

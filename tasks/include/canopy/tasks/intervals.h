@@ -30,9 +30,15 @@ struct Resampled {
   std::int64_t rows = 0;
   std::vector<std::string> names;
   std::vector<std::vector<double>> values;  // [metric][resample]
+  std::size_t resamples() const { return values.empty() ? 0 : values.front().size(); }
   // The values of metric `name`, or null when it is not resampled.
   const std::vector<double>* find(const std::string& name) const;
 };
+
+// The resampled metric (its name in Resampled) that EvalMetrics::score() is of for a head of
+// `kind` monitored by `monitor`: "accuracy", "r2", "macro_f1" or "nll" (whose score is its
+// negation); "" for mean AP, which is not resampled.
+std::string scored_metric(TaskKind kind, Monitor monitor);
 
 // How often each row is drawn in resamples [first, first + n): [n, rows] float64, each of
 // its rows summing to `rows`. Resample r depends on (seed, r, rows) alone.
