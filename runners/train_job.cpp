@@ -1469,7 +1469,7 @@ std::string memory_refused(const MemoryFence& fence) {
                          fence.room().said, "). A smaller train.batch_size or smaller heads need less");
 }
 
-// train.epochs and task.NAME.epochs: what --resume lets change.
+// train.epochs and task.NAME.epochs: what --resume lets change, with train.out_dir.
 bool is_epochs_key(const std::string& key) {
   constexpr std::string_view kTask = "task.", kEpochs = ".epochs";
   return key == "train.epochs" ||
@@ -1495,10 +1495,12 @@ std::string rate_change(tasks::LrSchedule schedule, std::int64_t begun, std::int
 }
 
 // --resume under another configuration: it may give the tasks other epochs (train.epochs,
-// task.NAME.epochs) and nothing else, and the run then goes on as one of the new length from
-// its start would have. Refused, saying why, where that run would have done otherwise in the
-// epochs done: fewer epochs than a head began, or a learning-rate schedule over the epochs
-// (cosine) that would have given them other rates. `saved` and `now` as key -> value.
+// task.NAME.epochs), and the run then goes on as one of the new length from its start would
+// have; and it may name another train.out_dir, the run's folder copied or moved there (the
+// checkpoint, cache levels and exports are read and written where it is now). Nothing else. Refused, saying
+// why, where that run would have done otherwise in the epochs done: fewer epochs than a head began, or a
+// learning-rate schedule over the epochs (cosine) that would have given them other rates. `saved` and `now`
+// as key -> value.
 std::string epochs_changed_only(const JobConfig& config, bool top, const std::string& out_dir,
                                 const CheckpointStore::ConfigValues& saved,
                                 const CheckpointStore::ConfigValues& now, const CheckpointPosition& at) {
@@ -1509,11 +1511,11 @@ std::string epochs_changed_only(const JobConfig& config, bool top, const std::st
   auto others = saved, others_now = now;
   for (auto* values : {&others, &others_now}) {
     for (auto it = values->begin(); it != values->end();)
-      it = is_epochs_key(it->first) ? values->erase(it) : ++it;
+      it = is_epochs_key(it->first) || it->first == "train.out_dir" ? values->erase(it) : ++it;
   }
   if (others != others_now) {
     return config_changes(others, others_now) +
-           " (only train.epochs and task.NAME.epochs may change on --resume)" + same;
+           " (only train.epochs, task.NAME.epochs and train.out_dir may change on --resume)" + same;
   }
   const JobConfig before = job_config_from_values(saved, "the saved configuration");
   if (before.tasks.size() != config.tasks.size()) {
@@ -1573,11 +1575,19 @@ CheckpointPosition starting_point(const JobConfig& config, CheckpointStore& stor
     }
     return {};
   }
-  std::string epochs_changed;
+  std::string epochs_changed, moved_from;
   store.set_config_check([&](const CheckpointStore::ConfigValues& saved,
                              const CheckpointStore::ConfigValues& now, const CheckpointPosition& at) {
     std::string refused = epochs_changed_only(config, top != nullptr, config.train.out_dir, saved, now, at);
-    if (const std::string changes = config_changes(saved, now); refused.empty() && !changes.empty())
+    if (!refused.empty()) return refused;
+    const auto was = saved.find("train.out_dir"), is = now.find("train.out_dir");
+    if (was != saved.end() && is != now.end() && was->second != is->second) moved_from = was->second;
+    CheckpointStore::ConfigValues epochs_before, epochs_now;
+    for (const auto& [key, value] : saved)
+      if (is_epochs_key(key)) epochs_before[key] = value;
+    for (const auto& [key, value] : now)
+      if (is_epochs_key(key)) epochs_now[key] = value;
+    if (const std::string changes = config_changes(epochs_before, epochs_now); !changes.empty())
       epochs_changed = changes.substr(2);  // less ": "
     return refused;
   });
@@ -1585,10 +1595,10 @@ CheckpointPosition starting_point(const JobConfig& config, CheckpointStore& stor
   store.set_config_check(nullptr);
   report.resumed_from = "epoch " + std::to_string(from.epoch + 1) + " step " + std::to_string(from.step);
   log_info("resuming from the checkpoint at " + report.resumed_from +
+           (moved_from.empty() ? std::string() : " of the run copied or moved from '" + moved_from + "'") +
            (epochs_changed.empty() ? std::string()
                                    : " with other epochs, " + epochs_changed +
-                                         ": the run goes on as one of the "
-                                         "new length would from here"));
+                                         ": the run goes on as one of the new length would from here"));
   return from;
 }
 

@@ -3,19 +3,22 @@
 the checkpoint of a shorter run and ends bitwise as a run of N epochs from the start (heads,
 cards, metrics.jsonl), with heads stopped early staying stopped, a head with epochs of its own
 staying done, a step schedule going on, and a grid's halving cut at the shorter run's last epoch
-made when it goes on. Refused, with the reason and nothing in the run changed: fewer epochs than
+made when it goes on; killed by SIGKILL as it goes on, the same command finishes it, the same.
+Refused, with the reason and nothing in the run changed: fewer epochs than
 were trained, a cosine schedule (the epochs done would have learnt at other rates), and a change
-to any other key. `canopy inspect` on a finished run says the command.
+to any other key but train.out_dir (a copy of the run resumes in its new folder). `canopy
+inspect` on a finished run says the command.
 
     test_train_longer.py --canopy build/runners/canopy
 """
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
-from support import check, finish, start, tiny_conv_trunk, tiny_trunk_sections
+from support import check, finish, kill_when, start, tiny_conv_trunk, tiny_trunk_sections
 
 
 def run(canopy, config, out, *sets, resume=False):
@@ -57,6 +60,7 @@ path = {work}/cache
 [train]
 batch_size = 32
 epochs = 5
+checkpoint_steps = 5
 validation_fraction = 0.1
 grid_halving = 1
 grid_halving_factor = 2
@@ -119,6 +123,20 @@ lr = 0.03 | 0.01 | 0.003 | 0.001
     check(two["epochs"] == 2 and len(stopped) == 3, f"the grid went from 2 epochs to its halving's 3 cuts "
           f"({len(stopped)} members stopped by halving)")
 
+    # SIGKILL while it goes on; the same command again finishes it, as the 5-epoch run.
+    r = run(canopy, config, f"{work}/cut", "train.epochs=2")
+    go_on = [canopy, "train", "--config", f"{work}/cut/config.ini", "--set", "train.epochs=5", "--resume",
+             "--progress", "quiet"]
+    rc, st = kill_when(go_on, f"{work}/cut/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= (3, 10))
+    check(r.returncode == 0 and rc == -signal.SIGKILL and st is not None,
+          f"the run going on from 2 to 5 epochs killed by SIGKILL at {st and (st['epoch'], st['step'])}")
+    r = subprocess.run(go_on, capture_output=True, text=True)
+    check(r.returncode == 0 and "resuming from the checkpoint" in r.stderr and "with other epochs" not in r.stderr and
+          all(open(f"{work}/five/heads/{n}.safetensors", "rb").read() ==
+              open(f"{work}/cut/heads/{n}.safetensors", "rb").read() for n in names),
+          f"... the same command again resumes it (its checkpoint has the new epochs) and every head is the "
+          f"5-epoch run's ({r.stderr.strip()[-200:]})")
+
     # Refusals: the run stays as it was, every file unchanged.
     before = files_of(f"{work}/two")
     r = run(canopy, f"{work}/two/config.ini", f"{work}/two", "train.epochs=3", resume=True)
@@ -127,9 +145,19 @@ lr = 0.03 | 0.01 | 0.003 | 0.001
           f"fewer epochs than were trained: refused, exit 2 ({r.stderr.strip()[-300:]})")
     r = run(canopy, f"{work}/two/config.ini", f"{work}/two", "train.epochs=7", "task.a_linear.lr=0.02", resume=True)
     check(r.returncode == 2 and "task.a_linear.lr (0.01 -> 0.02)" in r.stderr and "train.epochs (" not in r.stderr
-          and "only train.epochs and task.NAME.epochs may change" in r.stderr,
+          and "only train.epochs, task.NAME.epochs and train.out_dir may change" in r.stderr,
           f"another key changed beside the epochs: refused, naming it ({r.stderr.strip()[-300:]})")
     check(files_of(f"{work}/two") == before, "... and the run's heads and checkpoint are unchanged, byte for byte")
+    # The run's folder copied elsewhere resumes there (its config.ini still names the old one).
+    import shutil
+    shutil.copytree(f"{work}/two", f"{work}/copied")
+    r = run(canopy, f"{work}/copied/config.ini", f"{work}/copied", resume=True)
+    check(r.returncode == 0 and f"of the run copied or moved from '{work}/two'" in r.stderr and
+          all(open(f"{work}/five/heads/{n}.safetensors", "rb").read() ==
+              open(f"{work}/copied/heads/{n}.safetensors", "rb").read() for n in names) and
+          files_of(f"{work}/two") == before,
+          f"a copy of the run resumes in its new folder, to the same heads, the original untouched "
+          f"({[l for l in r.stderr.splitlines() if 'resuming' in l] or r.stderr[-300:]})")
 
     r = run(canopy, config, f"{work}/cos", "train.epochs=3", "task.b_step.schedule=cosine")
     check(r.returncode == 0, f"a 3-epoch run with a cosine schedule {r.stderr[-300:]}")
