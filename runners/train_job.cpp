@@ -1105,15 +1105,14 @@ struct FinalSplits {
 
 // How far a grid's winner (task `winner`, one of `members`, listed in `listed` in their order)
 // leads the runner-up on the validation split: both heads on the same resamples of its rows,
-// in the monitored metric's score. Empty without a runner-up or where the metric is not
-// resampled (mean AP).
+// in the monitored metric's score. Empty without a runner-up.
 std::optional<GridLead> grid_lead(TaskSet& set, const std::vector<std::size_t>& members, std::size_t winner,
                                   const std::vector<GridMember>& listed, const FinalSplits& splits,
                                   const TrainConfig& train) {
   std::optional<std::size_t> runner;  // places in `members`
-  std::size_t first = 0;
+  std::size_t winner_place = 0;
   for (std::size_t k = 0; k < members.size(); ++k) {
-    if (members[k] == winner) first = k;
+    if (members[k] == winner) winner_place = k;
     if (members[k] == winner || listed[k].state != tasks::TaskState::kDone ||
         !set.results[members[k]].validation)
       continue;
@@ -1121,7 +1120,7 @@ std::optional<GridLead> grid_lead(TaskSet& set, const std::vector<std::size_t>& 
   }
   const auto& config = set.tasks[winner]->config();
   const std::string metric = tasks::scored_metric(config.kind, config.monitor);
-  if (!runner || metric.empty()) return std::nullopt;
+  if (!runner) return std::nullopt;
   const std::size_t other = members[*runner];
   const std::vector<tasks::Resampled> both = tasks::bootstrap(
       {tasks::head_outputs(*set.tasks[winner], splits.selection_features, set.eval_targets[winner]),
@@ -1131,7 +1130,7 @@ std::optional<GridLead> grid_lead(TaskSet& set, const std::vector<std::size_t>& 
   const double sign = metric == "nll" ? -1.0 : 1.0;  // a score: higher is better
   std::vector<double> lead(w.size());
   for (std::size_t k = 0; k < w.size(); ++k) lead[k] = sign * (w[k] - o[k]);
-  const double point = listed[first].validation_score - listed[*runner].validation_score;
+  const double point = listed[winner_place].validation_score - listed[*runner].validation_score;
   return GridLead{listed[*runner].name, metric, point,
                   tasks::percentile_interval(std::move(lead), train.interval_level), w.size()};
 }
@@ -1469,7 +1468,7 @@ std::string memory_refused(const MemoryFence& fence) {
                          fence.room().said, "). A smaller train.batch_size or smaller heads need less");
 }
 
-// train.epochs and task.NAME.epochs: what --resume lets change, with train.out_dir.
+// train.epochs and task.NAME.epochs: what --resume lets change (with train.out_dir).
 bool is_epochs_key(const std::string& key) {
   constexpr std::string_view kTask = "task.", kEpochs = ".epochs";
   return key == "train.epochs" ||
@@ -1494,25 +1493,31 @@ std::string rate_change(tasks::LrSchedule schedule, std::int64_t begun, std::int
   return "";
 }
 
+// The keys of `values` that `keep` keeps.
+CheckpointStore::ConfigValues keys_where(const CheckpointStore::ConfigValues& values,
+                                         const std::function<bool(const std::string&)>& keep) {
+  CheckpointStore::ConfigValues kept;
+  for (const auto& [key, value] : values)
+    if (keep(key)) kept[key] = value;
+  return kept;
+}
+
 // --resume under another configuration: it may give the tasks other epochs (train.epochs,
 // task.NAME.epochs), and the run then goes on as one of the new length from its start would
 // have; and it may name another train.out_dir, the run's folder copied or moved there (the
-// checkpoint, cache levels and exports are read and written where it is now). Nothing else. Refused, saying
-// why, where that run would have done otherwise in the epochs done: fewer epochs than a head began, or a
-// learning-rate schedule over the epochs (cosine) that would have given them other rates. `saved` and `now`
-// as key -> value.
-std::string epochs_changed_only(const JobConfig& config, bool top, const std::string& out_dir,
-                                const CheckpointStore::ConfigValues& saved,
-                                const CheckpointStore::ConfigValues& now, const CheckpointPosition& at) {
+// checkpoint, cache levels and exports are read and written where it is now). Nothing else.
+// Refused, saying why ("" when not), where that run would have done otherwise in the epochs
+// done: fewer epochs than a head began, or a learning-rate schedule over the epochs (cosine)
+// that would have given them other rates. `saved` and `now` as key -> value.
+std::string resume_refused(const JobConfig& config, bool top, const std::string& out_dir,
+                           const CheckpointStore::ConfigValues& saved,
+                           const CheckpointStore::ConfigValues& now, const CheckpointPosition& at) {
   const std::string same = "; resume with the same config (see " + join_path(out_dir, "config.ini") + ")";
   const std::string start_over =
       "; train.epochs and task.NAME.epochs may change on --resume where the run "
       "goes on as a run of the new length would; start over without --resume instead";
-  auto others = saved, others_now = now;
-  for (auto* values : {&others, &others_now}) {
-    for (auto it = values->begin(); it != values->end();)
-      it = is_epochs_key(it->first) || it->first == "train.out_dir" ? values->erase(it) : ++it;
-  }
+  const auto other_key = [](const std::string& key) { return !is_epochs_key(key) && key != "train.out_dir"; };
+  const auto others = keys_where(saved, other_key), others_now = keys_where(now, other_key);
   if (others != others_now) {
     return config_changes(others, others_now) +
            " (only train.epochs, task.NAME.epochs and train.out_dir may change on --resume)" + same;
@@ -1578,16 +1583,13 @@ CheckpointPosition starting_point(const JobConfig& config, CheckpointStore& stor
   std::string epochs_changed, moved_from;
   store.set_config_check([&](const CheckpointStore::ConfigValues& saved,
                              const CheckpointStore::ConfigValues& now, const CheckpointPosition& at) {
-    std::string refused = epochs_changed_only(config, top != nullptr, config.train.out_dir, saved, now, at);
+    std::string refused = resume_refused(config, top != nullptr, config.train.out_dir, saved, now, at);
     if (!refused.empty()) return refused;
     const auto was = saved.find("train.out_dir"), is = now.find("train.out_dir");
     if (was != saved.end() && is != now.end() && was->second != is->second) moved_from = was->second;
-    CheckpointStore::ConfigValues epochs_before, epochs_now;
-    for (const auto& [key, value] : saved)
-      if (is_epochs_key(key)) epochs_before[key] = value;
-    for (const auto& [key, value] : now)
-      if (is_epochs_key(key)) epochs_now[key] = value;
-    if (const std::string changes = config_changes(epochs_before, epochs_now); !changes.empty())
+    if (const std::string changes =
+            config_changes(keys_where(saved, is_epochs_key), keys_where(now, is_epochs_key));
+        !changes.empty())
       epochs_changed = changes.substr(2);  // less ": "
     return refused;
   });

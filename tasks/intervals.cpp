@@ -13,6 +13,7 @@
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include "canopy/core/error.h"
 
@@ -36,6 +37,31 @@ at::Tensor f1_of(const at::Tensor& tp, const at::Tensor& truth, const at::Tensor
   const at::Tensor both = truth + predicted;
   return at::where(both > 0, 2.0 * tp / both.clamp_min(1e-300), at::tensor(empty, at::kDouble));
 }
+// Each resample's mean over labels of average precision (multilabel_metrics'): a row drawn c
+// times stands c times in the ranking by score, its copies side by side (as a stable sort of
+// the drawn rows puts them), each positive copy adding the precision at its place; labels
+// without a positive row in the resample are left out of the mean.
+at::Tensor resampled_mean_ap(const at::Tensor& scores, const at::Tensor& truth, const at::Tensor& c) {
+  const std::int64_t n = c.size(0);
+  at::Tensor sum = at::zeros({n}, at::kDouble), labels = at::zeros({n}, at::kDouble);
+  const auto most = static_cast<std::int64_t>(c.numel() ? c.max().item<double>() : 0.0);
+  for (std::int64_t j = 0; j < scores.size(1); ++j) {
+    const at::Tensor order = scores.select(1, j).argsort(/*stable=*/true, /*dim=*/0, /*descending=*/true);
+    const at::Tensor positive = truth.select(1, j).index_select(0, order).nonzero().reshape({-1});
+    const at::Tensor drawn = c.index_select(1, order);                                // [n, N] in rank order
+    const at::Tensor before = drawn.cumsum(1).sub_(drawn).index_select(1, positive);  // rows ranked above
+    const at::Tensor copies = drawn.index_select(1, positive);                        // [n, P]
+    const at::Tensor hits_before = copies.cumsum(1).sub_(copies);  // positives ranked above
+    at::Tensor ap = at::zeros({n}, at::kDouble);
+    for (std::int64_t m = 1; m <= most; ++m)  // the m-th copy of each positive row
+      ap += ((hits_before + m) / (before + m)).mul_(copies.ge(m)).sum(1);
+    const at::Tensor positives = copies.sum(1);
+    const at::Tensor has = positives.gt(0);
+    sum += at::where(has, ap / positives.clamp_min(1.0), at::zeros_like(ap));
+    labels += has.to(at::kDouble);
+  }
+  return at::where(labels.gt(0), sum / labels.clamp_min(1.0), at::zeros_like(sum));
+}
 }  // namespace
 
 const std::vector<double>* Resampled::find(const std::string& name) const {
@@ -54,7 +80,7 @@ std::string scored_metric(TaskKind kind, Monitor monitor) {
     case Monitor::kNll:
       return "nll";
     case Monitor::kMeanAp:
-      return "";
+      return "mean_ap";
     case Monitor::kAuto:
       break;
   }
@@ -124,6 +150,7 @@ Resampled metrics_on_counts(const HeadOutputs& head, const at::Tensor& counts) {
     const at::Tensor tp = c.mm(pred.logical_and(truth).to(at::kDouble));
     const at::Tensor f1 = f1_of(tp, c.mm(truth.to(at::kDouble)), c.mm(pred.to(at::kDouble)), 1.0);
     add("macro_f1", f1.mean(1));
+    add("mean_ap", resampled_mean_ap(outputs, truth, c));
     return out;
   }
   const at::Tensor t = head.targets.reshape({-1}).to(at::kLong);

@@ -24,8 +24,8 @@ struct BootstrapSpec {
 };
 
 // Each metric's value on every resample, per kind in this order: multiclass accuracy,
-// macro_f1, nll; multilabel accuracy (exact match), macro_f1; regression mae, rmse, r2 (in
-// the target's units). The metrics are EvalMetrics' own, on the resampled rows.
+// macro_f1, nll; multilabel accuracy (exact match), macro_f1, mean_ap; regression mae, rmse, r2
+// (in the target's units). The metrics are EvalMetrics' own, on the resampled rows.
 struct Resampled {
   std::int64_t rows = 0;
   std::vector<std::string> names;
@@ -36,8 +36,8 @@ struct Resampled {
 };
 
 // The resampled metric (its name in Resampled) that EvalMetrics::score() is of for a head of
-// `kind` monitored by `monitor`: "accuracy", "r2", "macro_f1" or "nll" (whose score is its
-// negation); "" for mean AP, which is not resampled.
+// `kind` monitored by `monitor`: "accuracy", "r2", "macro_f1", "mean_ap" or "nll" (whose score
+// is its negation).
 std::string scored_metric(TaskKind kind, Monitor monitor);
 
 // How often each row is drawn in resamples [first, first + n): [n, rows] float64, each of
