@@ -232,6 +232,30 @@ class_names = grain,corn
           f"the multilabel card's per_label is numpy's of the exported head ({got} vs {per_label})")
     check(abs(np.mean([e["f1"] for e in per_label]) - card["eval_macro_f1"]) < 1e-6,
           "... and its F1s average to the card's eval_macro_f1")
+    # Its intervals: exact match, macro-F1 and mean AP on each of the 1000 resamples of the test
+    # rows, drawn as torch draws them (train.seed 0: generator seeded resample * 7919 + 1), the
+    # metrics as above on the drawn rows, quantiles as numpy's.
+    truth_all = np.stack([(test_bits >> j) & 1 == 1 for j in range(2)], 1)
+    n, drawn = len(scores), {"accuracy": [], "macro_f1": [], "mean_ap": []}
+    for i in range(card.get("eval_intervals", {}).get("resamples", 0)):
+        rows = torch.randint(n, (n,), generator=torch.Generator().manual_seed(i * 7919 + 1)).numpy()
+        s, t = scores[rows], truth_all[rows]
+        p = s > 0
+        drawn["accuracy"].append(float((p == t).all(1).mean()))
+        f1s, aps = [], []
+        for j in range(2):
+            both = p[:, j].sum() + t[:, j].sum()
+            f1s.append(2 * float((p[:, j] & t[:, j]).sum()) / both if both else 1.0)
+            hits = t[np.argsort(-s[:, j], kind="stable"), j].astype(float)
+            if hits.sum():
+                aps.append(float((np.cumsum(hits) / np.arange(1, n + 1) * hits).sum() / hits.sum()))
+        drawn["macro_f1"].append(float(np.mean(f1s)))
+        drawn["mean_ap"].append(float(np.mean(aps)) if aps else 0.0)
+    iv = card.get("eval_intervals", {})
+    want = {m: np.quantile(v, [0.025, 0.975]) for m, v in drawn.items()} if drawn["accuracy"] else {}
+    check(len(want) == 3 and all(np.abs(np.array(iv.get(m, [9, 9])) - w).max() < 1e-6 for m, w in want.items()),
+          f"the multilabel card's intervals are numpy's on the same resamples: "
+          f"{ {m: [round(float(x), 4) for x in w] for m, w in want.items()} } vs {iv}")
 
     # --- canopy evaluate on labelled stories: the cards' scores on the run's test split ---
     evaluate = [canopy, "evaluate", "--config", config, "--limit", "40", "--json", "--progress", "quiet"]
