@@ -95,11 +95,10 @@ Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& regi
     r.state = tasks::TaskState::kDone;
     r.labels = scored_labels(scored[k].trained);
     const at::Tensor outputs = at::cat(scored[k].outputs);
-    r.eval = tasks::evaluate_outputs(h.kind, outputs, scored[k].targets, h.out_features, h.target_mean,
-                                     h.target_std, h.cutoffs);
-    r.interval_level = config.train.interval_level;
     heads_out.push_back(
         {h.kind, outputs, scored[k].targets, h.out_features, h.target_mean, h.target_std, h.cutoffs, 1.0});
+    r.eval = tasks::evaluate_head(heads_out.back(), tasks::Monitor::kAuto);
+    r.interval_level = config.train.interval_level;
     e.heads.push_back(std::move(r));
     e.card_scores.push_back(h.kind == tasks::TaskKind::kRegression ? h.card.value("eval_r2", 0.0)
                                                                    : h.card.value("eval_accuracy", 0.0));
@@ -190,7 +189,7 @@ std::string evaluation_json(const Evaluation& e) {
     }
     if (t.resampled) h["intervals"] = intervals_json(*t.resampled, t.interval_level);
     if (const auto& v = versus[i]) {
-      h["versus_best"] = {{"best", v->best},
+      h["versus_best"] = {{"best", v->other},
                           {"metric", v->metric},
                           {"difference", v->difference},
                           {"interval", {v->interval.lo, v->interval.hi}}};

@@ -10,11 +10,11 @@
 #include "canopy/core/fs.h"
 #include "canopy/core/json_checksum.h"
 #include "canopy/core/sha256.h"
+#include "canopy/core/tensor_values.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/card_check.h"
 #include "canopy/runners/export.h"
 #include "canopy/runners/head_run.h"
-#include "canopy/runners/tensor_values.h"
 
 namespace canopy::runners {
 
@@ -193,8 +193,8 @@ void add_choice(ordered_json& card, const tasks::Task& task, const TaskResult& r
   card["grid"] = {
       {"winner", r.winner}, {"values", c.grid_point}, {"keys", c.grid_axes}, {"members", members}};
   if (const auto& g = r.grid_lead) {
-    card["grid"]["lead"] = {{"runner_up", g->runner_up}, {"metric", g->metric},
-                            {"lead", g->lead},           {"interval", {g->interval.lo, g->interval.hi}},
+    card["grid"]["lead"] = {{"runner_up", g->other},     {"metric", g->metric},
+                            {"lead", g->difference},     {"interval", {g->interval.lo, g->interval.hi}},
                             {"level", r.interval_level}, {"resamples", g->resamples}};
   }
 }

@@ -31,8 +31,8 @@
 #include "canopy/core/progress.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
+#include "canopy/core/tensor_values.h"
 #include "canopy/datasets/level_file.h"
-#include "canopy/runners/tensor_values.h"
 
 namespace canopy::runners {
 

@@ -151,26 +151,43 @@ std::string results_table(const TrainReport& report) {
   return o.str();
 }
 
-// "grid 'probe': probe@lr=0.01 leads probe@lr=0.001 by +0.40 points of accuracy on the validation
-// split [-0.60, +1.40] (95%, 1000 resamples, paired): no difference these rows can show".
-std::string lead_line(const TaskResult& t, const GridLead& g) {
-  const bool points = g.metric == "accuracy";
+// A metric as the lines name it.
+std::string metric_label(const std::string& metric) {
+  if (metric == "macro_f1") return "macro-F1";
+  if (metric == "mean_ap") return "mean AP";
+  if (metric == "r2") return "R^2";
+  if (metric == "nll") return "NLL";
+  return metric;
+}
+
+// A paired difference and its interval as the lines say them: "+0.40 points" (accuracy) or
+// "+0.0123", and " [-0.60, +1.40]"; `said` gets ": no difference these rows can show" where the
+// interval holds 0.
+struct PairedText {
+  std::string difference, interval, said;
+};
+PairedText paired_text(const Paired& p) {
+  const bool points = p.metric == "accuracy";
   const auto number = [&](double v) {
     char buf[32];
     std::snprintf(buf, sizeof buf, points ? "%+.2f" : "%+.4f", points ? 100 * v : v);
     return std::string(buf);
   };
+  return {number(p.difference) + (points ? " points" : ""),
+          " [" + number(p.interval.lo) + ", " + number(p.interval.hi) + "]",
+          p.interval.lo <= 0 && p.interval.hi >= 0 ? ": no difference these rows can show" : ""};
+}
+
+// "grid 'probe': probe@lr=0.01 leads probe@lr=0.001 by +0.40 points of accuracy on the validation
+// split [-0.60, +1.40] (95%, 1000 resamples, paired): no difference these rows can show".
+std::string lead_line(const TaskResult& t, const Paired& lead) {
+  const PairedText said = paired_text(lead);
   char level[32];
   std::snprintf(level, sizeof level, "%g%%", 100 * t.interval_level);
-  const std::string metric = g.metric == "r2"         ? "R^2"
-                             : g.metric == "macro_f1" ? "macro-F1"
-                             : g.metric == "nll"      ? "NLL (lower)"
-                                                      : "accuracy";
-  return detail::str_cat("grid '", t.name, "': ", t.winner, " leads ", g.runner_up, " by ", number(g.lead),
-                         points ? " points" : "", " of ", metric, " on the validation split [",
-                         number(g.interval.lo), ", ", number(g.interval.hi), "] (", level, ", ", g.resamples,
-                         " resamples, paired)",
-                         g.interval.lo <= 0 ? ": no difference these rows can show" : "", "\n");
+  return detail::str_cat("grid '", t.name, "': ", t.winner, " leads ", lead.other, " by ", said.difference,
+                         " of ", metric_label(lead.metric), lead.metric == "nll" ? " (lower)" : "",
+                         " on the validation split", said.interval, " (", level, ", ", lead.resamples,
+                         " resamples, paired)", said.said, "\n");
 }
 
 // A line per grid: its members, how many finished (and were cut), the best three on the
@@ -245,16 +262,6 @@ const char* compared_metric(tasks::TaskKind kind) {
   return kind == tasks::TaskKind::kMultilabel ? "macro_f1" : "accuracy";
 }
 
-// A result's value of a resampled metric on its rows, as `eval` has it.
-double point_of(const TaskResult& r, const std::string& metric) {
-  if (metric == "accuracy") return r.eval.accuracy;
-  if (metric == "macro_f1") return r.eval.macro_f1;
-  if (metric == "nll") return r.eval.nll.value_or(0.0);
-  const auto& g = r.eval.regression;
-  if (!g) return 0.0;
-  return metric == "mae" ? g->mae : metric == "rmse" ? g->rmse : g->r2;
-}
-
 // A value as the lines show it: percentages for accuracies, else 4 significant digits.
 std::string shown(const std::string& metric, double v, bool percent_sign) {
   char buf[64];
@@ -274,8 +281,8 @@ bool comparable(const TaskResult& a, const TaskResult& b) {
 }
 }  // namespace
 
-std::vector<std::optional<Versus>> compare_with_best(const std::vector<TaskResult>& results) {
-  std::vector<std::optional<Versus>> out(results.size());
+std::vector<std::optional<Paired>> compare_with_best(const std::vector<TaskResult>& results) {
+  std::vector<std::optional<Paired>> out(results.size());
   for (std::size_t i = 0; i < results.size(); ++i) {
     const TaskResult& r = results[i];
     if (!r.resampled || r.state != tasks::TaskState::kDone) continue;
@@ -283,16 +290,17 @@ std::vector<std::optional<Versus>> compare_with_best(const std::vector<TaskResul
     std::optional<std::size_t> best;
     for (std::size_t j = 0; j < results.size(); ++j) {
       if (results[j].state != tasks::TaskState::kDone || !comparable(r, results[j])) continue;
-      if (!best || point_of(results[j], metric) > point_of(results[*best], metric)) best = j;
+      if (!best ||
+          tasks::metric_value(results[j].eval, metric) > tasks::metric_value(results[*best].eval, metric))
+        best = j;
     }
     if (!best || *best == i) continue;
     const std::vector<double>* mine = r.resampled->find(metric);
     const std::vector<double>* theirs = results[*best].resampled->find(metric);
     if (!mine || !theirs) continue;
-    std::vector<double> difference(mine->size());
-    for (std::size_t k = 0; k < mine->size(); ++k) difference[k] = (*mine)[k] - (*theirs)[k];
-    out[i] = Versus{results[*best].name, metric, point_of(r, metric) - point_of(results[*best], metric),
-                    tasks::percentile_interval(std::move(difference), r.interval_level)};
+    out[i] = Paired{results[*best].name, metric,
+                    tasks::metric_value(r.eval, metric) - tasks::metric_value(results[*best].eval, metric),
+                    tasks::difference_interval(*mine, *theirs, r.interval_level), mine->size()};
   }
   return out;
 }
@@ -310,23 +318,13 @@ std::string interval_lines(const std::vector<TaskResult>& results, const std::st
       const std::vector<double>* values = r.resampled->find(metric);
       if (!values) continue;
       const tasks::Interval in = tasks::percentile_interval(*values, r.interval_level);
-      row.push_back(std::string(label) + " " + shown(metric, point_of(r, metric), true) + " [" +
-                    shown(metric, in.lo, false) + ", " + shown(metric, in.hi, false) + "]");
+      row.push_back(std::string(label) + " " + shown(metric, tasks::metric_value(r.eval, metric), true) +
+                    " [" + shown(metric, in.lo, false) + ", " + shown(metric, in.hi, false) + "]");
     }
     row.resize(3);
     if (const auto& v = versus[i]) {
-      const bool points = v->metric == "accuracy";
-      const double scale = points ? 100.0 : 1.0;
-      const auto number = [&](const char* format, double x) {
-        char buf[32];
-        std::snprintf(buf, sizeof buf, format, scale * x);
-        return std::string(buf);
-      };
-      const char* format = points ? "%+.2f" : "%+.4f";
-      row.push_back(
-          number(format, v->difference) + (points ? " points" : "") + " vs " + v->best + " [" +
-          number(format, v->interval.lo) + ", " + number(format, v->interval.hi) + "]" +
-          (v->interval.lo <= 0 && v->interval.hi >= 0 ? ": no difference these rows can show" : ""));
+      const PairedText said = paired_text(*v);
+      row.push_back(said.difference + " vs " + v->other + said.interval + said.said);
     } else {
       const auto others = std::count_if(results.begin(), results.end(), [&](const TaskResult& o) {
         return &o != &r && o.state == tasks::TaskState::kDone && comparable(r, o);

@@ -1104,11 +1104,12 @@ struct FinalSplits {
 };
 
 // How far a grid's winner (task `winner`, one of `members`, listed in `listed` in their order)
-// leads the runner-up on the validation split: both heads on the same resamples of its rows,
-// in the monitored metric's score. Empty without a runner-up.
-std::optional<GridLead> grid_lead(TaskSet& set, const std::vector<std::size_t>& members, std::size_t winner,
-                                  const std::vector<GridMember>& listed, const FinalSplits& splits,
-                                  const TrainConfig& train) {
+// leads the runner-up on the validation split: both heads' outputs there (`validation_outputs`)
+// on the same resamples of its rows, in the monitored metric's score. Empty without a runner-up.
+std::optional<Paired> grid_lead(const TaskSet& set, const std::vector<std::size_t>& members,
+                                std::size_t winner, const std::vector<GridMember>& listed,
+                                const std::vector<tasks::HeadOutputs>& validation_outputs,
+                                const TrainConfig& train) {
   std::optional<std::size_t> runner;  // places in `members`
   std::size_t winner_place = 0;
   for (std::size_t k = 0; k < members.size(); ++k) {
@@ -1118,21 +1119,18 @@ std::optional<GridLead> grid_lead(TaskSet& set, const std::vector<std::size_t>& 
       continue;
     if (!runner || listed[k].validation_score > listed[*runner].validation_score) runner = k;
   }
+  if (!runner) return std::nullopt;
   const auto& config = set.tasks[winner]->config();
   const std::string metric = tasks::scored_metric(config.kind, config.monitor);
-  if (!runner) return std::nullopt;
-  const std::size_t other = members[*runner];
   const std::vector<tasks::Resampled> both = tasks::bootstrap(
-      {tasks::head_outputs(*set.tasks[winner], splits.selection_features, set.eval_targets[winner]),
-       tasks::head_outputs(*set.tasks[other], splits.selection_features, set.eval_targets[other])},
+      {validation_outputs[winner], validation_outputs[members[*runner]]},
       {train.bootstrap_resamples, train.interval_level, static_cast<std::uint64_t>(train.seed)});
-  const std::vector<double>&w = *both[0].find(metric), &o = *both[1].find(metric);
-  const double sign = metric == "nll" ? -1.0 : 1.0;  // a score: higher is better
-  std::vector<double> lead(w.size());
-  for (std::size_t k = 0; k < w.size(); ++k) lead[k] = sign * (w[k] - o[k]);
-  const double point = listed[winner_place].validation_score - listed[*runner].validation_score;
-  return GridLead{listed[*runner].name, metric, point,
-                  tasks::percentile_interval(std::move(lead), train.interval_level), w.size()};
+  const std::vector<double>& w = *both[0].find(metric);
+  return Paired{listed[*runner].name, metric,
+                listed[winner_place].validation_score - listed[*runner].validation_score,
+                tasks::difference_interval(w, *both[1].find(metric), train.interval_level,
+                                           metric == "nll" ? -1.0 : 1.0),  // a score: higher is better
+                w.size()};
 }
 
 // Final evaluation and export. Each head that finished takes its exported epoch's weights
@@ -1144,6 +1142,7 @@ std::optional<GridLead> grid_lead(TaskSet& set, const std::vector<std::size_t>& 
 void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets::CacheMeta& meta,
                   const FinalSplits& splits, const std::string& dir, TrainReport& report,
                   std::int64_t shared_best, const TrainConfig& train) {
+  std::vector<tasks::HeadOutputs> validation_outputs(set.tasks.size());  // of grid members, when resampled
   for (std::size_t i = 0; i < set.tasks.size(); ++i) {
     TaskResult& r = set.results[i];
     const HeadRun& run = runs[i];
@@ -1164,7 +1163,12 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
       set.tasks[i]->tune_thresholds(splits.selection_features, set.eval_targets[i]);  // threshold = tune
       set.tasks[i]->calibrate(splits.selection_features, set.eval_targets[i]);  // calibrate = temperature
       r.temperature = set.tasks[i]->temperature();
-      r.validation = set.tasks[i]->evaluate(splits.selection_features, set.eval_targets[i]);
+      // Kept for a grid's members: the winner's lead over the runner-up is resampled from them.
+      tasks::HeadOutputs scored =
+          tasks::head_outputs(*set.tasks[i], splits.selection_features, set.eval_targets[i]);
+      r.validation = tasks::evaluate_head(scored, set.tasks[i]->config().monitor);
+      if (!set.tasks[i]->config().grid.empty() && train.bootstrap_resamples > 0)
+        validation_outputs[i] = std::move(scored);
       if (const auto& fit = set.tasks[i]->temperature_fit()) {
         std::ostringstream said;
         said.precision(4);
@@ -1175,20 +1179,19 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
       }
     }
   }
-  // The test split, once per exported head. (A resumed run carries no confusion matrix over
-  // from before the interruption, so the exported metrics come from the exported weights.)
-  // The test split, once per exported head; then every exported head's intervals, on the same
-  // resamples of the test rows (paired); then the exports.
+  // The test split, once per exported head (a resumed run carries no confusion matrix over from
+  // before the interruption, so the exported metrics come from the exported weights); then every
+  // exported head's intervals, on the same resamples of the test rows (paired); then the exports.
   std::vector<std::pair<std::size_t, std::size_t>> tested;  // (task, its result's place in `out`)
   std::vector<tasks::HeadOutputs> outputs;
   std::vector<TaskResult> out;
   auto test = [&](std::size_t i, TaskResult& r) {
     auto& task = *set.tasks[i];
-    const at::Tensor targets = task.targets(splits.test->labels.at(task.config().labels));
-    r.eval = task.evaluate(splits.test_features, targets);
+    tasks::HeadOutputs scored = tasks::head_outputs(
+        task, splits.test_features, task.targets(splits.test->labels.at(task.config().labels)));
+    r.eval = tasks::evaluate_head(scored, task.config().monitor);
     r.interval_level = train.interval_level;
-    if (train.bootstrap_resamples > 0)
-      outputs.push_back(tasks::head_outputs(task, splits.test_features, targets));
+    if (train.bootstrap_resamples > 0) outputs.push_back(std::move(scored));
     tested.emplace_back(i, out.size());
   };
   for (std::size_t i = 0; i < set.tasks.size(); ++i) {
@@ -1216,7 +1219,7 @@ void export_heads(TaskSet& set, const std::vector<HeadRun>& runs, const datasets
     }
     TaskResult r = std::move(set.results[winner ? *winner : members.front()]);
     if (winner && splits.validation && train.bootstrap_resamples > 0)
-      r.grid_lead = grid_lead(set, members, *winner, listed, splits, train);
+      r.grid_lead = grid_lead(set, members, *winner, listed, validation_outputs, train);
     r.winner = r.name;
     r.name = tc.grid;
     r.grid = std::move(listed);

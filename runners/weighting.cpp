@@ -11,7 +11,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "canopy/core/error.h"
-#include "canopy/runners/tensor_values.h"
+#include "canopy/core/tensor_values.h"
 
 namespace canopy::runners {
 

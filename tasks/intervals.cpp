@@ -6,7 +6,6 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/index_add.h>
 #include <ATen/ops/index_select.h>
-#include <ATen/ops/log_softmax.h>
 #include <ATen/ops/nonzero.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/randint.h>
@@ -16,6 +15,7 @@
 #include <ATen/ops/zeros_like.h>
 
 #include "canopy/core/error.h"
+#include "canopy/core/tensor_values.h"
 
 namespace canopy::tasks {
 
@@ -25,11 +25,6 @@ namespace {
 // beside it; the resamples do not depend on it.
 std::int64_t block_of(std::int64_t rows) {
   return std::clamp<std::int64_t>((std::int64_t{1} << 20) / std::max<std::int64_t>(1, rows), 1, 128);
-}
-
-std::vector<double> as_vector(const at::Tensor& t) {
-  const at::Tensor c = t.to(at::kDouble).contiguous();
-  return {c.data_ptr<double>(), c.data_ptr<double>() + c.numel()};
 }
 
 // 2 x true positives / (truth + predicted) per column, where either is > 0; `empty` elsewhere.
@@ -116,6 +111,22 @@ HeadOutputs head_outputs(Task& task, const at::Tensor& features, const at::Tenso
   return h;
 }
 
+EvalMetrics evaluate_head(const HeadOutputs& head, Monitor monitor) {
+  EvalMetrics m = evaluate_outputs(head.kind, head.outputs, head.targets, head.num_classes, head.target_mean,
+                                   head.target_std, head.cutoffs, head.temperature);
+  m.monitor = monitor;
+  return m;
+}
+
+double metric_value(const EvalMetrics& m, const std::string& name) {
+  if (name == "accuracy") return m.accuracy;
+  if (name == "macro_f1") return m.macro_f1;
+  if (name == "mean_ap") return m.mean_ap.value_or(0.0);
+  if (name == "nll") return m.nll.value_or(0.0);
+  if (!m.regression) return 0.0;
+  return name == "mae" ? m.regression->mae : name == "rmse" ? m.regression->rmse : m.regression->r2;
+}
+
 Resampled metrics_on_counts(const HeadOutputs& head, const at::Tensor& counts) {
   const at::Tensor& outputs = head.outputs;
   const std::int64_t n = outputs.size(0);
@@ -127,7 +138,7 @@ Resampled metrics_on_counts(const HeadOutputs& head, const at::Tensor& counts) {
   const double rows = static_cast<double>(std::max<std::int64_t>(1, n));
   auto add = [&](const char* name, const at::Tensor& values) {
     out.names.emplace_back(name);
-    out.values.push_back(as_vector(values));
+    out.values.push_back(tensor_values(values));
   };
   if (head.kind == TaskKind::kRegression) {
     const at::Tensor p = outputs.reshape({-1}).to(at::kDouble) * head.target_std + head.target_mean;
@@ -142,9 +153,7 @@ Resampled metrics_on_counts(const HeadOutputs& head, const at::Tensor& counts) {
     return out;
   }
   if (head.kind == TaskKind::kMultilabel) {
-    const at::Tensor pred = head.cutoffs.empty()
-                                ? outputs.gt(0)
-                                : outputs.gt(at::tensor(head.cutoffs, at::kDouble).to(outputs.scalar_type()));
+    const at::Tensor pred = labels_given(outputs, head.cutoffs);
     const at::Tensor truth = head.targets.gt(0.5);
     add("accuracy", c.mv(pred.eq(truth).all(1).to(at::kDouble)) / rows);
     const at::Tensor tp = c.mm(pred.logical_and(truth).to(at::kDouble));
@@ -163,9 +172,7 @@ Resampled metrics_on_counts(const HeadOutputs& head, const at::Tensor& counts) {
   const at::Tensor tp = none.index_add(1, t.index_select(0, hits), c.index_select(1, hits));
   const at::Tensor present = (support + predicted).gt(0).to(at::kDouble);
   add("macro_f1", f1_of(tp, support, predicted, 0.0).sum(1) / present.sum(1).clamp_min(1.0));
-  const at::Tensor nll =
-      -at::log_softmax(outputs.to(at::kDouble) / head.temperature, 1).gather(1, t.reshape({-1, 1}));
-  add("nll", c.mv(nll.reshape({-1})) / rows);
+  add("nll", c.mv(row_nll(outputs, t, head.temperature)) / rows);
   return out;
 }
 
@@ -205,6 +212,13 @@ Interval percentile_interval(std::vector<double> values, double level) {
     return values[below] + (pos - static_cast<double>(below)) * (values[above] - values[below]);
   };
   return {at((1.0 - level) / 2.0), at((1.0 + level) / 2.0)};
+}
+
+Interval difference_interval(const std::vector<double>& a, const std::vector<double>& b, double level,
+                             double sign) {
+  std::vector<double> difference(std::min(a.size(), b.size()));
+  for (std::size_t k = 0; k < difference.size(); ++k) difference[k] = sign * (a[k] - b[k]);
+  return percentile_interval(std::move(difference), level);
 }
 
 }  // namespace canopy::tasks

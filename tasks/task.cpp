@@ -733,10 +733,15 @@ at::Tensor scaled_log_probs(const at::Tensor& logits, const at::Tensor& targets,
 }
 }  // namespace
 
+at::Tensor row_nll(const at::Tensor& logits, const at::Tensor& targets, double temperature) {
+  return -scaled_log_probs(logits, targets, temperature)
+              .gather(1, targets.to(at::kLong).reshape({-1, 1}))
+              .reshape({-1});
+}
+
 double multiclass_nll(const at::Tensor& logits, const at::Tensor& targets, double temperature) {
-  const at::Tensor log_p = scaled_log_probs(logits, targets, temperature);
-  if (log_p.size(0) == 0) return 0.0;
-  return -log_p.gather(1, targets.to(at::kLong).reshape({-1, 1})).mean().item<double>();
+  const at::Tensor nll = row_nll(logits, targets, temperature);
+  return nll.numel() ? nll.mean().item<double>() : 0.0;
 }
 
 double expected_calibration_error(const at::Tensor& logits, const at::Tensor& targets, double temperature,
@@ -846,6 +851,11 @@ std::vector<double> f1_best_cutoffs(const at::Tensor& scores, const at::Tensor& 
   return out;
 }
 
+at::Tensor labels_given(const at::Tensor& scores, const std::vector<double>& cutoffs) {
+  return cutoffs.empty() ? scores.gt(0)
+                         : scores.gt(at::tensor(cutoffs, at::kDouble).to(scores.scalar_type()));
+}
+
 EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets,
                                const std::vector<double>& cutoffs) {
   CANOPY_CHECK(scores.sizes() == targets.sizes() && scores.dim() == 2, DataError, "multilabel scores ",
@@ -855,8 +865,7 @@ EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targe
   const std::int64_t k = scores.size(1);
   CANOPY_CHECK(cutoffs.empty() || static_cast<std::int64_t>(cutoffs.size()) == k, DataError, cutoffs.size(),
                " label thresholds for ", k, " labels");
-  const at::Tensor pred =
-      cutoffs.empty() ? scores.gt(0) : scores.gt(at::tensor(cutoffs, at::kDouble).to(scores.scalar_type()));
+  const at::Tensor pred = labels_given(scores, cutoffs);
   const at::Tensor truth = targets.gt(0.5);
   m.accuracy = m.count ? pred.eq(truth).all(1).to(at::kDouble).mean().item<double>() : 0.0;
   double f1 = 0, ap = 0;

@@ -101,7 +101,7 @@ TEST(Summary, IntervalLinesCompareEachHeadWithTheBestOnItsLabels) {
   ASSERT_TRUE(versus[0] && versus[2]);
   EXPECT_FALSE(versus[1]) << "the best";
   EXPECT_FALSE(versus[3]) << "alone on its labels";
-  EXPECT_EQ(versus[0]->best, "best");
+  EXPECT_EQ(versus[0]->other, "best");
   EXPECT_EQ(versus[0]->metric, "accuracy");
   EXPECT_NEAR(versus[0]->difference, -0.05, 1e-12);
   // lower - best per resample: -0.06 -0.05 -0.04 -0.04 -0.06; close - best: 0.01 -0.01 -0.01 0.01 -0.01.

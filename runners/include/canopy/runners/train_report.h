@@ -26,13 +26,14 @@ struct GridMember {
   double seconds = 0.0;
 };
 
-// A grid winner's lead over the runner-up on the validation split, on the same resamples of its
-// rows (train.bootstrap_resamples): in the monitored metric's score (NLL: the runner-up's less
-// the winner's), and its interval.
-struct GridLead {
-  std::string runner_up;
-  std::string metric;  // "accuracy", "macro_f1", "nll", "r2"
-  double lead = 0.0;
+// A head against another on the same resamples of the rows both were scored on
+// (train.bootstrap_resamples): `metric`'s difference, this head's less the other's (a grid's
+// lead: the winner's over the runner-up's, in the monitored score, so an NLL the runner-up's
+// less the winner's), and its interval.
+struct Paired {
+  std::string other;   // the other head's name
+  std::string metric;  // as Resampled names it: "accuracy", "macro_f1", "mean_ap", "nll", "r2"
+  double difference = 0.0;
   tasks::Interval interval;
   std::size_t resamples = 0;
 };
@@ -61,7 +62,7 @@ struct TaskResult {
   // every member with its score. `eval` is the winner's, on the test split, evaluated once.
   std::string winner;
   std::vector<GridMember> grid;
-  std::optional<GridLead> grid_lead;  // with a runner-up and resamples
+  std::optional<Paired> grid_lead;  // the winner over the runner-up, with resamples
   // `eval`'s metrics on resamples of the same rows (train.bootstrap_resamples), and the share
   // of them an interval holds; empty when not resampled.
   std::optional<tasks::Resampled> resampled;
@@ -99,18 +100,11 @@ std::string regression_lines(const std::vector<TaskResult>& results, const std::
 std::string calibration_lines(const std::vector<TaskResult>& results, const std::string& where,
                               bool calibrated_only);
 
-// The comparison of a head with the best head on the same labels (the same kind and classes)
-// on each resample of the rows both were scored on: `metric` (multiclass accuracy, multilabel
-// macro-F1, regression R^2), the head's value less the best's, and its interval.
-struct Versus {
-  std::string best;    // the best head's name
-  std::string metric;  // "accuracy", "macro_f1", "r2"
-  double difference = 0.0;
-  tasks::Interval interval;
-};
-// Per result: how it compares, or empty (the best itself, alone on its labels, or not
-// resampled). The best is the highest on `eval` (the first of equals).
-std::vector<std::optional<Versus>> compare_with_best(const std::vector<TaskResult>& results);
+// Per result: how it compares with the best head on the same labels (the same kind, labels and
+// classes) by multiclass accuracy, multilabel macro-F1 or regression R^2 (Paired: `other` is the
+// best), or empty (the best itself, alone on its labels, or not resampled). The best is the
+// highest on `eval` (the first of equals).
+std::vector<std::optional<Paired>> compare_with_best(const std::vector<TaskResult>& results);
 // The intervals as lines, one per resampled head: its metrics with their intervals, then how
 // it compares with the best on its labels ("no difference these rows can show" when its
 // interval holds 0).

@@ -58,6 +58,11 @@ struct HeadOutputs {
 };
 // A task's head on `features` and `targets` (as Task::targets gives them).
 HeadOutputs head_outputs(Task& task, const at::Tensor& features, const at::Tensor& targets);
+// The head's metrics on its rows, monitored by `monitor`: Task::evaluate's, from outputs already
+// computed.
+EvalMetrics evaluate_head(const HeadOutputs& head, Monitor monitor);
+// The value in `m` of the metric Resampled names `name` (0 where `m` has none).
+double metric_value(const EvalMetrics& m, const std::string& name);
 
 // The metrics of `head` on the resamples whose row counts are `counts` ([n, N], as
 // resample_counts gives them; a row of ones is the split itself).
@@ -73,5 +78,9 @@ struct Interval {
 // The central `level` share of `values`: the (1 - level) / 2 and (1 + level) / 2 quantiles,
 // interpolated linearly between order statistics (numpy.quantile's default).
 Interval percentile_interval(std::vector<double> values, double level);
+// The interval of `sign` x (a - b) over the same resamples (paired; sign -1 reads a metric where
+// lower is better as a lead).
+Interval difference_interval(const std::vector<double>& a, const std::vector<double>& b, double level,
+                             double sign = 1.0);
 
 }  // namespace canopy::tasks

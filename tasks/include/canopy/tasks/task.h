@@ -185,6 +185,9 @@ EvalMetrics classification_metrics(const at::Tensor& predictions, const at::Tens
 // The share of rows whose target class is among the k highest of their scores [N, C]
 // (ties broken as at::topk breaks them); targets: [N] class indices.
 double top_k_accuracy(const at::Tensor& scores, const at::Tensor& targets, std::int64_t k);
+// The labels a multilabel head gives, [N, K] bool: each label whose logit is over its cut
+// (`cutoffs`, one per label; empty: 0, probability 0.5).
+at::Tensor labels_given(const at::Tensor& scores, const std::vector<double>& cutoffs);
 // scores: [N, K] logits; targets: [N, K] in {0, 1}. Label j is given where its logit is over
 // cutoffs[j] (empty: 0 for every label, probability 0.5).
 EvalMetrics multilabel_metrics(const at::Tensor& scores, const at::Tensor& targets,
@@ -204,6 +207,9 @@ std::vector<double> configured_cutoffs(const TaskConfig& config, std::int64_t la
 // (confidence): sum over bins of |bin| / N x |accuracy - mean confidence| (Guo et al. 2017;
 // 15 bins as there). 0 for no rows.
 double multiclass_nll(const at::Tensor& logits, const at::Tensor& targets, double temperature = 1.0);
+// Each row's negative log-likelihood of its target at that temperature (double [N]): what
+// multiclass_nll averages.
+at::Tensor row_nll(const at::Tensor& logits, const at::Tensor& targets, double temperature = 1.0);
 double expected_calibration_error(const at::Tensor& logits, const at::Tensor& targets,
                                   double temperature = 1.0, std::int64_t bins = 15);
 // The temperature T in [0.01, 100] whose softmax(logits / T) has the least mean negative

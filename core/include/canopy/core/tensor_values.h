@@ -5,7 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
-namespace canopy::runners {
+namespace canopy {
 
 // Every element of `t`, any dtype, any device, in row-major order.
 inline std::vector<double> tensor_values(const at::Tensor& t) {
@@ -13,4 +13,4 @@ inline std::vector<double> tensor_values(const at::Tensor& t) {
   return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
 }
 
-}  // namespace canopy::runners
+}  // namespace canopy
