@@ -28,6 +28,7 @@
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/datasets/text.h"
 #include "canopy/runners/cache_job.h"
+#include "canopy/runners/compare_job.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/evaluate_job.h"
 #include "canopy/runners/model_file.h"
@@ -329,8 +330,8 @@ void predict_options(po::options_description& d, po::positional_options_descript
   add_progress_option(d);
 }
 
-void evaluate_options(po::options_description& d, po::positional_options_description&) {
-  add_config_options(d);
+// What evaluate and compare read: the labelled input, and how the report is written.
+void labelled_input_options(po::options_description& d) {
   d.add_options()(
       "input", po::value<std::string>()->value_name("FILE"),
       "labelled inputs in the form of the config's data source: an idx image file, a CSV manifest "
@@ -343,6 +344,57 @@ void evaluate_options(po::options_description& d, po::positional_options_descrip
       "json", "print the report as one JSON object, for scripts")(
       "output", po::value<std::string>()->value_name("FILE"), "also write the JSON report to this file");
   add_progress_option(d);
+}
+
+void evaluate_options(po::options_description& d, po::positional_options_description&) {
+  add_config_options(d);
+  labelled_input_options(d);
+}
+
+void compare_options(po::options_description& d, po::positional_options_description& p) {
+  d.add_options()("run", po::value<std::vector<std::string>>()->value_name("RUN"),
+                  "a training run's out_dir (its config.ini is read) or a config file; 2 to 26 of them, "
+                  "the first the baseline (positional)")(
+      "set", po::value<std::vector<std::string>>()->value_name("KEY=VALUE"),
+      "override a config value in every run, e.g. --set cache.batch_size=64 (repeatable)")(
+      "allow-unpinned", "load a trunk whose SHA-256 the config does not pin (the hash to pin is printed)");
+  labelled_input_options(d);
+  p.add("run", -1);
+}
+
+int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
+                        std::ostream& err) {
+  const std::vector<std::string> paths =
+      vm.count("run") ? vm["run"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  CANOPY_CHECK(vm.count("input"), ConfigError,
+               "canopy compare: --input FILE is required (see canopy compare --help)");
+  std::vector<std::string> overrides =
+      vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  if (vm.count("allow-unpinned")) overrides.push_back("trunk.allow_unpinned=true");
+  std::vector<JobConfig> configs;
+  for (const auto& path : paths) configs.push_back(load_compared_run(path, overrides));
+  fit_threads(configs.front());
+  EvaluateOptions options;
+  options.input = vm["input"].as<std::string>();
+  options.limit = vm["limit"].as<std::int64_t>();
+  CANOPY_CHECK(options.limit >= 0, ConfigError, "canopy compare: --limit must be >= 0 (0: every input), got ",
+               options.limit);
+  if (vm.count("labels")) {
+    CANOPY_CHECK(configs.empty() || configs.front().data.source == "fashion-mnist" ||
+                     configs.front().data.source == "mnist",
+                 ConfigError,
+                 "canopy compare: --labels is for idx images (data.source = fashion-mnist or mnist)");
+    options.labels = vm["labels"].as<std::string>();
+  }
+  const std::string path = output_path(vm, "compare");
+  const Comparison c =
+      run_compare(configs, paths, registry, options, parse_progress(vm["progress"].as<std::string>()));
+  out << (vm.count("json") ? comparison_json(c) : format_comparison(c));
+  if (!path.empty()) {
+    write_output_file(path, comparison_json(c));
+    err << "canopy: wrote the comparison of " << c.runs.size() << " runs to " << path << "\n";
+  }
+  return kExitOk;
 }
 
 void tokenize_options(po::options_description& d, po::positional_options_description&) {
@@ -379,6 +431,10 @@ const std::vector<Command>& commands() {
        "score every trained head on labelled inputs (new, or held out): accuracy, macro-F1, top-5, per-class "
        "F1, mean AP, MAE, RMSE, R^2",
        evaluate_options, run_evaluate_command},
+      {"compare", "canopy compare RUN RUN [RUN...] --input FILE [options]",
+       "score several training runs (out_dirs or configs) on the same labelled inputs, and each head's "
+       "difference from the first run's, with paired intervals: how much to freeze, which tap, which trunk",
+       compare_options, run_compare_command},
       {"export", "canopy export --config FILE --output FILE",
        "write the trained model (preprocessing, trunk, taps, pooling, every head) as one TorchScript file "
        "that torch.jit.load reads without canopy",

@@ -40,13 +40,14 @@ std::string percent(double v) {
 }
 }  // namespace
 
-Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& registry,
-                        const EvaluateOptions& options, ProgressStyle style) {
+ScoredInput score_input(const JobConfig& config, const tasks::HeadRegistry& registry,
+                        const EvaluateOptions& options, ProgressStyle style, const std::string& what) {
   const auto start = std::chrono::steady_clock::now();
   ExportedModel model = load_exported_model(config, registry);
   InputData data = load_labelled_input(config, options.input, options.labels, options.limit);
   InputSplit& input = data.splits.at("input");
-  Evaluation e;
+  ScoredInput out;
+  Evaluation& e = out.evaluation;
   e.input = options.input;
   e.rows = input.rows;
   // The heads the input has labels for, each with its targets; the others are left out of the pass.
@@ -76,15 +77,14 @@ Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& regi
                "' has labels for none of the heads: ", join(e.not_evaluated, "; "));
   model.heads = std::move(heads);
 
-  Progress progress("evaluate", input.rows, data.unit, style);
+  Progress progress(what, input.rows, data.unit, style);
   run_model_pass(model, input, config, progress, "evaluating", "evaluated",
                  [&](std::int64_t, const std::vector<at::Tensor>& outputs) {
                    for (std::size_t k = 0; k < outputs.size(); ++k) scored[k].outputs.push_back(outputs[k]);
                  });
   progress.finish();
-  // Every head on the same resamples of the input's rows (paired); the outputs are the card's
-  // calibrated logits (temperature applied in the pass).
-  std::vector<tasks::HeadOutputs> heads_out;
+  // The outputs are the card's calibrated logits (temperature applied in the pass).
+  std::vector<tasks::HeadOutputs>& heads_out = out.outputs;
   for (std::size_t k = 0; k < scored.size(); ++k) {
     const ExportedHead& h = model.heads[k];
     TaskResult r;
@@ -102,15 +102,26 @@ Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& regi
     e.heads.push_back(std::move(r));
     e.card_scores.push_back(h.kind == tasks::TaskKind::kRegression ? h.card.value("eval_r2", 0.0)
                                                                    : h.card.value("eval_accuracy", 0.0));
+    out.cards.push_back(h.card);
   }
+  e.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return out;
+}
+
+Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& registry,
+                        const EvaluateOptions& options, ProgressStyle style) {
+  const auto start = std::chrono::steady_clock::now();
+  ScoredInput scored = score_input(config, registry, options, style, "evaluate");
+  Evaluation& e = scored.evaluation;
+  // Every head on the same resamples of the input's rows (paired).
   if (config.train.bootstrap_resamples > 0) {
     std::vector<tasks::Resampled> resampled =
-        tasks::bootstrap(heads_out, {config.train.bootstrap_resamples, config.train.interval_level,
-                                     static_cast<std::uint64_t>(config.train.seed)});
+        tasks::bootstrap(scored.outputs, {config.train.bootstrap_resamples, config.train.interval_level,
+                                          static_cast<std::uint64_t>(config.train.seed)});
     for (std::size_t k = 0; k < resampled.size(); ++k) e.heads[k].resampled = std::move(resampled[k]);
   }
   e.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return e;
+  return std::move(e);
 }
 
 std::string format_evaluation(const Evaluation& e) {
@@ -162,7 +173,7 @@ std::string format_evaluation(const Evaluation& e) {
   return o.str();
 }
 
-std::string evaluation_json(const Evaluation& e) {
+ordered_json evaluation_heads_json(const Evaluation& e) {
   const auto versus = compare_with_best(e.heads);
   ordered_json heads = ordered_json::array();
   for (std::size_t i = 0; i < e.heads.size(); ++i) {
@@ -196,11 +207,15 @@ std::string evaluation_json(const Evaluation& e) {
     }
     heads.push_back(std::move(h));
   }
+  return heads;
+}
+
+std::string evaluation_json(const Evaluation& e) {
   // The path as given, bytes that are not UTF-8 written \xNN (a JSON writer refuses them).
   const ordered_json out{{"input", printable(e.input)},
                          {"rows", e.rows},
                          {"seconds", e.seconds},
-                         {"heads", heads},
+                         {"heads", evaluation_heads_json(e)},
                          {"not_evaluated", e.not_evaluated}};
   return out.dump(2) + "\n";
 }

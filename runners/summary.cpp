@@ -151,7 +151,8 @@ std::string results_table(const TrainReport& report) {
   return o.str();
 }
 
-// A metric as the lines name it.
+}  // namespace
+
 std::string metric_label(const std::string& metric) {
   if (metric == "macro_f1") return "macro-F1";
   if (metric == "mean_ap") return "mean AP";
@@ -160,12 +161,6 @@ std::string metric_label(const std::string& metric) {
   return metric;
 }
 
-// A paired difference and its interval as the lines say them: "+0.40 points" (accuracy) or
-// "+0.0123", and " [-0.60, +1.40]"; `said` gets ": no difference these rows can show" where the
-// interval holds 0.
-struct PairedText {
-  std::string difference, interval, said;
-};
 PairedText paired_text(const Paired& p) {
   const bool points = p.metric == "accuracy";
   const auto number = [&](double v) {
@@ -177,6 +172,8 @@ PairedText paired_text(const Paired& p) {
           " [" + number(p.interval.lo) + ", " + number(p.interval.hi) + "]",
           p.interval.lo <= 0 && p.interval.hi >= 0 ? ": no difference these rows can show" : ""};
 }
+
+namespace {
 
 // "grid 'probe': probe@lr=0.01 leads probe@lr=0.001 by +0.40 points of accuracy on the validation
 // split [-0.60, +1.40] (95%, 1000 resamples, paired): no difference these rows can show".
@@ -256,13 +253,13 @@ std::vector<std::pair<const char*, const char*>> shown_metrics(tasks::TaskKind k
   return {{"accuracy", "accuracy"}, {"macro_f1", "macro-F1"}};
 }
 
-// What heads are compared by, per kind.
+}  // namespace
+
 const char* compared_metric(tasks::TaskKind kind) {
   if (kind == tasks::TaskKind::kRegression) return "r2";
   return kind == tasks::TaskKind::kMultilabel ? "macro_f1" : "accuracy";
 }
 
-// A value as the lines show it: percentages for accuracies, else 4 significant digits.
 std::string shown(const std::string& metric, double v, bool percent_sign) {
   char buf[64];
   if (metric == "accuracy")
@@ -274,9 +271,13 @@ std::string shown(const std::string& metric, double v, bool percent_sign) {
   return buf;
 }
 
+bool same_labels(const TaskResult& a, const TaskResult& b) {
+  return a.kind == b.kind && a.labels == b.labels && a.class_names == b.class_names;
+}
+
+namespace {
 bool comparable(const TaskResult& a, const TaskResult& b) {
-  return a.kind == b.kind && a.labels == b.labels && a.class_names == b.class_names && a.resampled &&
-         b.resampled && a.resampled->rows == b.resampled->rows &&
+  return same_labels(a, b) && a.resampled && b.resampled && a.resampled->rows == b.resampled->rows &&
          a.resampled->resamples() == b.resampled->resamples();
 }
 }  // namespace

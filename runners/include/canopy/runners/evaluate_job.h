@@ -11,9 +11,12 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "canopy/core/progress.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/train_report.h"
+#include "canopy/tasks/intervals.h"
 #include "canopy/tasks/registry.h"
 
 namespace canopy::runners {
@@ -39,6 +42,17 @@ struct Evaluation {
 Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& registry,
                         const EvaluateOptions& options, ProgressStyle style = ProgressStyle::kAuto);
 
+// What run_evaluate computes before it resamples: the Evaluation (no head resampled), and per
+// head evaluated, in its order, its outputs on the input's rows with their targets and its card.
+struct ScoredInput {
+  Evaluation evaluation;
+  std::vector<tasks::HeadOutputs> outputs;
+  std::vector<nlohmann::ordered_json> cards;
+};
+// `what` names the pass in progress lines ("evaluate").
+ScoredInput score_input(const JobConfig& config, const tasks::HeadRegistry& registry,
+                        const EvaluateOptions& options, ProgressStyle style, const std::string& what);
+
 // The report as the CLI prints it: a row per head, the regression errors, per-class F1 tables.
 std::string format_evaluation(const Evaluation& e);
 // The same as one JSON object: {"input", "rows", "seconds", "heads": [{"task", "kind", "rows",
@@ -48,5 +62,7 @@ std::string format_evaluation(const Evaluation& e);
 // "mae", "rmse", "r2", "card_eval_r2"}, with "intervals" and "versus_best" (train_report.h's
 // compare_with_best) where resampled], "not_evaluated": [...]}, each where the head's kind has it.
 std::string evaluation_json(const Evaluation& e);
+// Its "heads" array alone.
+nlohmann::ordered_json evaluation_heads_json(const Evaluation& e);
 
 }  // namespace canopy::runners

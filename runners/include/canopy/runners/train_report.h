@@ -105,6 +105,23 @@ std::string calibration_lines(const std::vector<TaskResult>& results, const std:
 // best), or empty (the best itself, alone on its labels, or not resampled). The best is the
 // highest on `eval` (the first of equals).
 std::vector<std::optional<Paired>> compare_with_best(const std::vector<TaskResult>& results);
+// Whether two heads score the same labels: the same kind, label source and map, and classes.
+bool same_labels(const TaskResult& a, const TaskResult& b);
+// What heads are compared by, per kind: "accuracy" (multiclass), "macro_f1" (multilabel), "r2".
+const char* compared_metric(tasks::TaskKind kind);
+// A metric as the lines name it: "accuracy", "macro-F1", "mean AP", "R^2", "NLL", "mae", ...
+std::string metric_label(const std::string& metric);
+// A value as the lines show it: percentages for accuracies ("88.57%", or "88.57" without
+// `percent_sign`), 4 significant digits for MAE and RMSE, else 4 decimals.
+std::string shown(const std::string& metric, double v, bool percent_sign);
+// A paired difference and its interval as the lines say them: "+0.40 points" (accuracy) or
+// "+0.0123", and " [-0.60, +1.40]"; `said` gets ": no difference these rows can show" where the
+// interval holds 0.
+struct PairedText {
+  std::string difference, interval, said;
+};
+PairedText paired_text(const Paired& p);
+
 // The intervals as lines, one per resampled head: its metrics with their intervals, then how
 // it compares with the best on its labels ("no difference these rows can show" when its
 // interval holds 0).

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""`canopy compare`: runs that froze the trunk whole and trained its top, scored on the same
+Fashion-MNIST test images. Checks that each run's heads score as `canopy evaluate` scores them
+(intervals included), that the paired differences from run A are what Python computes from
+`canopy predict`'s answers on the same resamples (drawn with torch's generator, quantiles as
+numpy's), that a head compared with itself differs by 0, that what differs between the runs'
+configs is said, that tasks on other labels or in one run only are named and left out, that a
+run moved to another folder is read where it is, and that bad uses are refused with exit 2.
+
+    test_compare.py --canopy build/runners/canopy
+"""
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import torch
+
+from support import FMNIST, check, finish, read_idx, start, tiny_block_trunk, tiny_trunk_sections
+
+TRAIN, TEST, ROWS = 1200, 300, 400
+IMAGES = f"{FMNIST}/t10k-images-idx3-ubyte.gz"
+TASKS = """[task.cls]
+head = linear
+lr = 0.01
+[task.mlp]
+head = mlp
+head.hidden = 32
+lr = 0.003
+[task.ink]
+kind = regression
+labels = ink
+head = linear
+lr = 0.01
+"""
+
+
+def job(work, trunk, name, freeze, tasks=TASKS, epochs=2):
+    path = os.path.join(work, f"{name}.ini")
+    with open(path, "w") as f:
+        f.write(tiny_trunk_sections(trunk, TRAIN, TEST, pooling="flatten") + f"""freeze = {freeze}
+lr = 0.01
+[cache]
+path = {work}/{name}-cache
+[train]
+out_dir = {work}/{name}
+batch_size = 32
+epochs = {epochs}
+""" + tasks)
+    return path
+
+
+def canopy_json(cmd):
+    r = subprocess.run(cmd + ["--json", "--progress", "quiet"], capture_output=True, text=True)
+    return r, (json.loads(r.stdout) if r.returncode == 0 else {})
+
+
+def main():
+    canopy, work, trunk = start("canopy-compare-", tiny_block_trunk, "blocks.pt")
+    frozen = job(work, trunk, "frozen", "all")
+    top = job(work, trunk, "top", "first:2")
+    # Run C: `cls` on 4 groups of the classes (other labels), and a task of its own.
+    other = job(work, trunk, "other", "all", TASKS.replace("[task.cls]\n", "[task.cls]\nlabel_map = 0,1,0,0,0,2,0,2,3,2\n")
+                + "[task.extra]\nhead = linear\n", epochs=1)
+    for config in (frozen, top, other):
+        r = subprocess.run([canopy, "run", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
+        check(r.returncode == 0, f"{os.path.basename(config)} trained ({r.stderr.strip()[-300:]})")
+    runs = [f"{work}/frozen", f"{work}/top", f"{work}/other"]
+    base = [canopy, "compare"] + runs + ["--input", IMAGES, "--limit", str(ROWS)]
+
+    r, c = canopy_json(base)
+    check(r.returncode == 0, f"canopy compare of 3 runs ({r.stderr.strip()[-400:]})")
+    check(c.get("rows") == ROWS and c.get("resamples") == 1000 and c.get("level") == 0.95 and
+          [x["label"] for x in c.get("runs", [])] == ["A", "B", "C"],
+          f"{ROWS} rows, 1000 resamples, runs A B C: {c.get('rows')} {c.get('resamples')}")
+    runs_of = {x["label"]: x for x in c.get("runs", [])}
+
+    # Each run's heads as `canopy evaluate` scores them: values and intervals.
+    for label, config in zip("AB", (frozen, top)):
+        r, e = canopy_json([canopy, "evaluate", "--config", config, "--input", IMAGES, "--limit", str(ROWS)])
+        want = {h["task"]: h for h in e.get("heads", [])}
+        got = {h["task"]: h for h in runs_of.get(label, {}).get("heads", [])}
+        same = r.returncode == 0 and set(want) == set(got) == {"cls", "mlp", "ink"} and all(
+            abs(got[t].get(m, 9) - want[t].get(m, 9)) < 1e-12 and
+            np.abs(np.array(got[t]["intervals"][m]) - np.array(want[t]["intervals"][m])).max() < 1e-12
+            for t, m in (("cls", "accuracy"), ("mlp", "accuracy"), ("mlp", "macro_f1"), ("ink", "r2"), ("ink", "mae")))
+        check(same, f"run {label}'s heads score as canopy evaluate scores them, intervals included")
+
+    # The paired differences, from predict's answers on the same rows and the same resamples.
+    names = None
+    answers = {}
+    for label, config in zip("AB", (frozen, top)):
+        r = subprocess.run([canopy, "predict", "--config", config, "--input", IMAGES, "--limit", str(ROWS),
+                            "--format", "jsonl", "--progress", "quiet"], capture_output=True, text=True)
+        check(r.returncode == 0, f"predict with run {label} ({r.stderr.strip()[-200:]})")
+        answers[label] = [json.loads(line) for line in r.stdout.splitlines()]
+    card = json.load(open(f"{work}/frozen/heads/cls.json"))
+    names = card["class_names"]
+    y = torch.from_numpy(read_idx(f"{FMNIST}/t10k-labels-idx1-ubyte.gz")[:ROWS].astype(np.int64))
+    images = read_idx(IMAGES)[:ROWS].astype(np.float64) / 255
+    ink = torch.from_numpy(images.reshape(ROWS, -1).mean(1))
+    drawn = [torch.randint(ROWS, (ROWS,), generator=torch.Generator().manual_seed(i * 7919 + 1))  # train.seed 0
+             for i in range(1000)]
+
+    def accuracy_lead(task):
+        right = {k: torch.tensor([names.index(a[task]) for a in answers[k]]) == y for k in "AB"}
+        d = [float(right["B"][rows].double().mean() - right["A"][rows].double().mean()) for rows in drawn]
+        return float(right["B"].double().mean() - right["A"].double().mean()), np.quantile(d, [0.025, 0.975])
+
+    def r2(p, t):
+        return 1 - float(((t - p) ** 2).sum() / ((t - t.mean()) ** 2).sum())
+
+    for task in ("cls", "mlp"):
+        lead, interval = accuracy_lead(task)
+        v = next((t for t in c.get("tasks", []) if t["task"] == task), {}).get("versus_A", {}).get("B", {})
+        check(v and abs(v["difference"] - lead) < 1e-12 and np.abs(np.array(v["interval"]) - interval).max() < 1e-12,
+              f"task {task}: B - A in accuracy {lead:+.4f} {interval.round(4)} as Python draws it "
+              f"(canopy: {v.get('difference')} {v.get('interval')})")
+    pred = {k: torch.tensor([float(a["ink"]) for a in answers[k]], dtype=torch.float64) for k in "AB"}
+    d = [r2(pred["B"][rows], ink[rows]) - r2(pred["A"][rows], ink[rows]) for rows in drawn]
+    want = np.quantile(d, [0.025, 0.975])
+    ink_task = next((t for t in c.get("tasks", []) if t["task"] == "ink"), {})
+    v = ink_task.get("versus_A", {}).get("B", {})
+    check(v and ink_task["metric"] == "r2" and np.abs(np.array(v["interval"]) - want).max() < 1e-4,
+          f"task ink: B - A in R^2 {want.round(4)} as Python computes it from predict's values "
+          f"(canopy: {v.get('interval')})")
+    check(all(m in v.get("metrics", {}) for m in ("mae", "rmse", "r2")), "every resampled metric's difference is given")
+
+    # What differs between the runs' configs, and what is not compared.
+    differs = runs_of.get("B", {}).get("differs_from_A", [])
+    check("trunk.freeze = first:2 (A: all)" in differs and any(d.startswith("cache.path = ") for d in differs)
+          and not any(d.startswith("train.out_dir") for d in differs),
+          f"run B's keys that differ from A's are listed: {differs}")
+    nc = c.get("not_compared", [])
+    check(any("task 'cls'" in n and "run C" in n and "4 classes" in n for n in nc) and
+          any("task 'extra'" in n and "not in run A" in n for n in nc),
+          f"a task on other labels and a task in one run are named, not compared: {nc}")
+    cls = next((t for t in c.get("tasks", []) if t["task"] == "cls"), {})
+    check(set(cls.get("runs", {})) == {"A", "B"} and set(cls.get("versus_A", {})) == {"B"},
+          "C's cls is left out of cls's row")
+    mlp = next((t for t in c.get("tasks", []) if t["task"] == "mlp"), {})
+    check(set(mlp.get("versus_A", {})) == {"B", "C"}, "C's mlp (same labels) is compared")
+
+    r = subprocess.run(base + ["--progress", "quiet"], capture_output=True, text=True)
+    lines = r.stdout.splitlines()
+    row = next((l for l in lines if l.startswith("cls ")), "")
+    check(r.returncode == 0 and "B differs from A in " in r.stdout and "trunk.freeze = first:2 (A: all)" in r.stdout
+          and "B - A" in r.stdout and "C - A" in r.stdout and " points [" in row and
+          "not compared: task 'extra'" in r.stdout, f"the text report:\n{r.stdout}")
+
+    # A run against itself: every difference 0, said as no difference.
+    r, same = canopy_json([canopy, "compare", runs[0], runs[0], "--input", IMAGES, "--limit", str(ROWS)])
+    diffs = [t["versus_A"]["B"] for t in same.get("tasks", [])]
+    check(len(diffs) == 3 and all(d["difference"] == 0 and d["interval"] == [0, 0] for d in diffs),
+          "a run compared with itself differs by 0 [0, 0] in every task")
+    r = subprocess.run([canopy, "compare", runs[0], runs[0], "--input", IMAGES, "--limit", str(ROWS),
+                        "--progress", "quiet"], capture_output=True, text=True)
+    check("(no difference shown)" in r.stdout, "and the text says no difference is shown")
+
+    # A run moved to another folder is read where it is.
+    moved = f"{work}/moved"
+    shutil.move(runs[0], moved)
+    r, m = canopy_json([canopy, "compare", moved, runs[1], "--input", IMAGES, "--limit", str(ROWS)])
+    check(r.returncode == 0 and [t["versus_A"].get("B") for t in m.get("tasks", [])] ==
+          [t["versus_A"].get("B") for t in c.get("tasks", [])],
+          f"the moved run compares as before ({r.stderr.strip()[-300:]})")
+
+    # Refused, exit 2, saying why.
+    for args, said in (([moved], "name 2 to 26 runs"),
+                       ([moved, work], "without config.ini"),
+                       ([moved, f"{work}/nothing"], "no run"),
+                       ([moved, runs[1], "--set", "train.bootstrap_resamples=0"], "train.bootstrap_resamples=1000")):
+        r = subprocess.run([canopy, "compare"] + args + ["--input", IMAGES, "--progress", "quiet"],
+                           capture_output=True, text=True)
+        check(r.returncode == 2 and said in r.stderr, f"compare {' '.join(args[1:]) or 'one run'}: exit 2, "
+              f"'{said}' ({r.returncode}: {r.stderr.strip()[-200:]})")
+    return finish()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
