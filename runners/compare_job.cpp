@@ -12,6 +12,7 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
+#include "canopy/runners/exported_model.h"
 #include "canopy/runners/head_card.h"
 #include "canopy/tasks/intervals.h"
 
@@ -51,6 +52,20 @@ std::vector<std::string> keys_differing(const JobConfig& base, const JobConfig& 
     for (const auto& t : j.tasks) names.insert("task." + t.written_name() + ".");
     return names;
   };
+  // Keys a run does not read: a frozen trunk's top keys, and a task's settings for another
+  // optimizer or schedule (task_keys_unused names those set).
+  const auto unused = [](const JobConfig& j) {
+    std::set<std::string> keys;
+    for (const auto& s : task_keys_unused(j)) keys.insert(s.substr(0, s.find(' ')));
+    return keys;
+  };
+  const auto a_unused = unused(base), b_unused = unused(c);
+  const bool a_frozen = trunk::describe(base.trunk.freeze) == "all",
+             b_frozen = trunk::describe(c.trunk.freeze) == "all";
+  const auto read_by_neither = [&](const std::string& key) {
+    if (is_top_key(key)) return a_frozen && b_frozen;
+    return a_unused.count(key) && b_unused.count(key);
+  };
   const auto a = values(base), b = values(c);
   const auto a_tasks = tasks_of(base), b_tasks = tasks_of(c);
   const auto section = [](const std::string& key) { return key.substr(0, key.find('.', 5) + 1); };
@@ -65,7 +80,7 @@ std::vector<std::string> keys_differing(const JobConfig& base, const JobConfig& 
       continue;
     if (it == a.end()) {
       out.push_back(key + " = " + value + " (A: none)");
-    } else if (it->second != value) {
+    } else if (it->second != value && !read_by_neither(key)) {
       out.push_back(key + " = " + value + " (A: " + it->second + ")");
     }
   }
@@ -117,16 +132,39 @@ Comparison run_compare(const std::vector<JobConfig>& configs, const std::vector<
   c.input = options.input;
   c.level = baseline.interval_level;
   c.seed = static_cast<std::uint64_t>(baseline.seed);
-  std::vector<ScoredInput> scored;
+  // Runs whose heads read the same features share one trunk pass (one group in memory at a time).
+  const auto label_of = [](std::size_t r) { return std::string(1, static_cast<char>('A' + r)); };
+  std::vector<std::string> signature;
+  for (const auto& config : configs) signature.push_back(features_signature(config));
+  std::vector<ScoredInput> scored(configs.size());
+  std::vector<std::optional<std::size_t>> shared_with(configs.size());
+  for (std::size_t r = 0; r < configs.size(); ++r) {
+    if (shared_with[r]) continue;
+    std::vector<std::size_t> group{r};
+    for (std::size_t s = r + 1; s < configs.size(); ++s) {
+      if (!signature[r].empty() && signature[s] == signature[r]) {
+        group.push_back(s);
+        shared_with[s] = r;
+      }
+    }
+    std::vector<const JobConfig*> group_configs;
+    std::string what = "compare ";
+    for (const std::size_t g : group) {
+      group_configs.push_back(&configs[g]);
+      what += label_of(g);
+    }
+    auto results = score_inputs(group_configs, registry, options, style, what);
+    for (std::size_t i = 0; i < group.size(); ++i) scored[group[i]] = std::move(results[i]);
+  }
   for (std::size_t r = 0; r < configs.size(); ++r) {
     ComparedRun run;
-    run.label = std::string(1, static_cast<char>('A' + r));
+    run.label = label_of(r);
     run.path = paths[r];
     run.out_dir = configs[r].train.out_dir;
     run.trunk = describe_run(configs[r]);
+    if (shared_with[r]) run.pass_with = label_of(*shared_with[r]);
     if (r > 0) run.differs = keys_differing(configs[0], configs[r]);
-    scored.push_back(score_input(configs[r], registry, options, style, "compare " + run.label));
-    run.evaluation = scored.back().evaluation;
+    run.evaluation = scored[r].evaluation;
     if (r > 0) {
       CANOPY_CHECK(run.evaluation.rows == c.rows, DataError, "canopy compare: ", run_name(run), " read ",
                    run.evaluation.rows, " rows from '", printable(options.input), "', ", run_name(c.runs[0]),
@@ -220,8 +258,9 @@ std::string format_comparison(const Comparison& c) {
       c.resamples, " resamples of them (", level, " intervals; differences from run A, paired)\n");
   std::vector<std::vector<std::string>> runs;
   for (const auto& r : c.runs) {
-    char secs[32];
+    char secs[64];
     std::snprintf(secs, sizeof secs, "%.2f s", r.evaluation.seconds);
+    if (!r.pass_with.empty()) std::snprintf(secs, sizeof secs, "in %s's pass", r.pass_with.c_str());
     runs.push_back(
         {"  " + r.label, printable(r.path), r.trunk, count_of(r.evaluation.heads.size(), "head"), secs});
   }
@@ -292,6 +331,7 @@ std::string comparison_json(const Comparison& c) {
                     {"trunk", printable(r.trunk)},
                     {"differs_from_A", printed(r.differs)},
                     {"seconds", r.evaluation.seconds},
+                    {"pass_with", r.pass_with},
                     {"heads", evaluation_heads_json(r.evaluation)},
                     {"not_evaluated", r.evaluation.not_evaluated}});
   }

@@ -1033,7 +1033,7 @@ JobConfig load_job_config(const std::string& path, const std::vector<std::string
   return job_config_from_values(values, path);
 }
 
-std::vector<std::string> top_keys_set(const JobConfig& config) {
+bool is_top_key(const std::string& full_name) {
   static const std::set<std::string> top{"trunk.optimizer",       "trunk.lr",
                                          "trunk.lr_decay",        "trunk.weight_decay",
                                          "trunk.lr_schedule",     "trunk.lr_warmup_steps",
@@ -1042,10 +1042,14 @@ std::vector<std::string> top_keys_set(const JobConfig& config) {
                                          "trunk.freeze_interval", "trunk.percentile",
                                          "trunk.min_trainable",   "trunk.level_on_disk",
                                          "trunk.top_precision",   "train.export_monitor"};
+  return top.count(full_name) > 0;
+}
+
+std::vector<std::string> top_keys_set(const JobConfig& config) {
   const JobConfig defaults;
   std::vector<std::string> set;
   for (const auto& k : job_keys()) {
-    if (top.count(k.full_name()) && k.get(config) != k.get(defaults))
+    if (is_top_key(k.full_name()) && k.get(config) != k.get(defaults))
       set.push_back(k.full_name() + " = " + k.get(config));
   }
   return set;

@@ -1,5 +1,6 @@
 #include "canopy/runners/evaluate_job.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <sstream>
@@ -42,18 +43,37 @@ std::string percent(double v) {
 
 ScoredInput score_input(const JobConfig& config, const tasks::HeadRegistry& registry,
                         const EvaluateOptions& options, ProgressStyle style, const std::string& what) {
+  return std::move(score_inputs({&config}, registry, options, style, what).front());
+}
+
+std::vector<ScoredInput> score_inputs(const std::vector<const JobConfig*>& configs,
+                                      const tasks::HeadRegistry& registry, const EvaluateOptions& options,
+                                      ProgressStyle style, const std::string& what) {
   const auto start = std::chrono::steady_clock::now();
+  const JobConfig& config = *configs.front();
+  // The first run's trunk; every run's heads on it, each knowing its run.
   ExportedModel model = load_exported_model(config, registry);
+  std::vector<std::size_t> run_of(model.heads.size(), 0);
+  for (std::size_t r = 1; r < configs.size(); ++r) {
+    for (auto& h : load_exported_heads(*configs[r], registry, model.trunk)) {
+      model.heads.push_back(std::move(h));
+      run_of.push_back(r);
+    }
+  }
   InputData data = load_labelled_input(config, options.input, options.labels, options.limit);
   InputSplit& input = data.splits.at("input");
-  ScoredInput out;
-  Evaluation& e = out.evaluation;
-  e.input = options.input;
-  e.rows = input.rows;
+  std::vector<ScoredInput> out(configs.size());
+  for (auto& o : out) {
+    o.evaluation.input = options.input;
+    o.evaluation.rows = input.rows;
+  }
   // The heads the input has labels for, each with its targets; the others are left out of the pass.
   std::vector<Scored> scored;
   std::vector<ExportedHead> heads;
-  for (auto& h : model.heads) {
+  std::vector<std::size_t> scored_run;
+  for (std::size_t k = 0; k < model.heads.size(); ++k) {
+    ExportedHead& h = model.heads[k];
+    Evaluation& e = out[run_of[k]].evaluation;
     Scored s;
     s.trained = h.config;
     s.trained.kind = h.kind;
@@ -72,9 +92,14 @@ ScoredInput score_input(const JobConfig& config, const tasks::HeadRegistry& regi
     s.targets = tasks::source_targets(s.trained, h.out_features, labels->second);
     scored.push_back(std::move(s));
     heads.push_back(std::move(h));
+    scored_run.push_back(run_of[k]);
   }
-  CANOPY_CHECK(!scored.empty(), DataError, "'", options.input,
-               "' has labels for none of the heads: ", join(e.not_evaluated, "; "));
+  for (std::size_t r = 0; r < out.size(); ++r) {
+    CANOPY_CHECK(std::count(scored_run.begin(), scored_run.end(), r) > 0, DataError, "'", options.input,
+                 "' has labels for none of the heads",
+                 configs.size() > 1 ? " of " + configs[r]->train.out_dir : std::string(), ": ",
+                 join(out[r].evaluation.not_evaluated, "; "));
+  }
   model.heads = std::move(heads);
 
   Progress progress(what, input.rows, data.unit, style);
@@ -84,9 +109,11 @@ ScoredInput score_input(const JobConfig& config, const tasks::HeadRegistry& regi
                  });
   progress.finish();
   // The outputs are the card's calibrated logits (temperature applied in the pass).
-  std::vector<tasks::HeadOutputs>& heads_out = out.outputs;
   for (std::size_t k = 0; k < scored.size(); ++k) {
     const ExportedHead& h = model.heads[k];
+    ScoredInput& o = out[scored_run[k]];
+    Evaluation& e = o.evaluation;
+    std::vector<tasks::HeadOutputs>& heads_out = o.outputs;
     TaskResult r;
     r.name = h.task();
     r.kind = h.kind;
@@ -102,9 +129,10 @@ ScoredInput score_input(const JobConfig& config, const tasks::HeadRegistry& regi
     e.heads.push_back(std::move(r));
     e.card_scores.push_back(h.kind == tasks::TaskKind::kRegression ? h.card.value("eval_r2", 0.0)
                                                                    : h.card.value("eval_accuracy", 0.0));
-    out.cards.push_back(h.card);
+    o.cards.push_back(h.card);
   }
-  e.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  for (auto& o : out) o.evaluation.seconds = seconds;
   return out;
 }
 

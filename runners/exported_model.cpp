@@ -207,10 +207,39 @@ ExportedModel load_exported_model(const JobConfig& config, const tasks::HeadRegi
   const std::string dir = join_path(config.train.out_dir, "heads");
   const std::vector<tasks::TaskConfig> exported = exported_tasks(config, dir);  // reads grids' cards
   ExportedModel model{trunk::Trunk::load(predict_trunk(config, dir, exported.front())), {}};
-  const std::string preprocessing = describe_preprocessing(config);  // hashes the vocabulary: once
-  for (const auto& tc : exported)
-    model.heads.push_back(load_head(tc, registry, dir, model.trunk, config, preprocessing));
+  model.heads = load_exported_heads(config, registry, model.trunk);
   return model;
+}
+
+std::vector<ExportedHead> load_exported_heads(const JobConfig& config, const tasks::HeadRegistry& registry,
+                                              const trunk::Trunk& trunk) {
+  CANOPY_CHECK(!config.tasks.empty(), ConfigError, "no tasks in ", config.source);
+  const std::string dir = join_path(config.train.out_dir, "heads");
+  const std::string preprocessing = describe_preprocessing(config);  // hashes the vocabulary: once
+  std::vector<ExportedHead> heads;
+  for (const auto& tc : exported_tasks(config, dir))
+    heads.push_back(load_head(tc, registry, dir, trunk, config, preprocessing));
+  return heads;
+}
+
+std::string features_signature(const JobConfig& config) {
+  if (config.tasks.empty()) return {};
+  const std::string dir = join_path(config.train.out_dir, "heads");
+  const std::string card_path = join_path(dir, exported_tasks(config, dir).front().name + ".json");
+  if (!is_regular_file(card_path)) return {};  // loading the model says what is missing
+  const ordered_json card = read_card(card_path);
+  return reading_card(card_path, [&] {
+    // A fine-tuned trunk is the run's own file: no other run reads its features.
+    const std::string trunk = card.contains("trunk_file")
+                                  ? "tuned " + join_path(config.train.out_dir, "trunk.pt")
+                                  : card.at("trunk_sha256").get<std::string>();
+    return detail::str_cat(trunk, "\n", card.at("preprocessing").get<std::string>(), "\n",
+                           card.at("pooling").get<std::string>(), "\n", card.value("tap", "output"), "\n",
+                           card.value("trunk_precision", "float32"), "\n", config.trunk.device, "\n",
+                           config.trunk.optimize, "\n", config.data.source, "\n", config.data.text_attribute,
+                           "\n", config.data.positive_value, "\n", join(config.data.test_files, ","), "\n",
+                           config.data.max_image_pixels);
+  });
 }
 
 void run_model_pass(ExportedModel& model, const InputSplit& input, const JobConfig& config,

@@ -3,7 +3,8 @@
 Fashion-MNIST test images. Checks that each run's heads score as `canopy evaluate` scores them
 (intervals included), that the paired differences from run A are what Python computes from
 `canopy predict`'s answers on the same resamples (drawn with torch's generator, quantiles as
-numpy's), that a head compared with itself differs by 0, that what differs between the runs'
+numpy's), that runs reading the same features share one trunk pass, that a head compared with itself
+differs by 0, that what differs between the runs'
 configs is said, that tasks on other labels or in one run only are named and left out, that a
 run moved to another folder is read where it is, and that bad uses are refused with exit 2.
 
@@ -77,11 +78,15 @@ def main():
     runs_of = {x["label"]: x for x in c.get("runs", [])}
 
     # Each run's heads as `canopy evaluate` scores them: values and intervals.
-    for label, config in zip("AB", (frozen, top)):
+    # C's heads read A's features: one trunk pass serves both, B's tuned trunk has its own.
+    check(runs_of.get("C", {}).get("pass_with") == "A" and runs_of.get("B", {}).get("pass_with") == "" and
+          runs_of.get("A", {}).get("pass_with") == "", "runs A and C (the same frozen trunk) share one trunk pass")
+    for label, config in zip("ABC", (frozen, top, other)):
         r, e = canopy_json([canopy, "evaluate", "--config", config, "--input", IMAGES, "--limit", str(ROWS)])
         want = {h["task"]: h for h in e.get("heads", [])}
         got = {h["task"]: h for h in runs_of.get(label, {}).get("heads", [])}
-        same = r.returncode == 0 and set(want) == set(got) == {"cls", "mlp", "ink"} and all(
+        tasks = {"cls", "mlp", "ink"} | ({"extra"} if label == "C" else set())
+        same = r.returncode == 0 and set(want) == set(got) == tasks and all(
             abs(got[t].get(m, 9) - want[t].get(m, 9)) < 1e-12 and
             np.abs(np.array(got[t]["intervals"][m]) - np.array(want[t]["intervals"][m])).max() < 1e-12
             for t, m in (("cls", "accuracy"), ("mlp", "accuracy"), ("mlp", "macro_f1"), ("ink", "r2"), ("ink", "mae")))

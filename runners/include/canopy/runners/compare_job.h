@@ -31,7 +31,9 @@ struct ComparedRun {
   std::string out_dir;  // train.out_dir, where its heads are
   std::string trunk;    // what its heads read, e.g. "trunk efficientnet_lite0.pt, freeze = first:13, ..."
   std::vector<std::string> differs;  // its config's keys that differ from A's: "key = value (A: value)"
-  Evaluation evaluation;             // its heads on the input, each resampled with every run's heads
+  // The run whose trunk pass its heads shared (the same features_signature): "" for its own.
+  std::string pass_with;
+  Evaluation evaluation;  // its heads on the input, each resampled with every run's heads
 };
 
 // One task scored by several runs: per run, its head's index in that run's evaluation.heads

@@ -164,6 +164,8 @@ void validate_job_config(const JobConfig& config);
 // train.export_monitor) that `config` sets to other than their defaults, as "trunk.lr = 0.01":
 // what a run whose trunk is frozen whole does not use.
 std::vector<std::string> top_keys_set(const JobConfig& config);
+// Whether "section.key" is one of those keys.
+bool is_top_key(const std::string& full_name);
 // The task settings `config` gives that their task does not use, as "task.a.momentum = 0.5
 // (sgd only; its optimizer is adam)": an optimizer's or a schedule's keys set for another one.
 std::vector<std::string> task_keys_unused(const JobConfig& config);

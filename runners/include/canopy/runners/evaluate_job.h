@@ -52,6 +52,12 @@ struct ScoredInput {
 // `what` names the pass in progress lines ("evaluate").
 ScoredInput score_input(const JobConfig& config, const tasks::HeadRegistry& registry,
                         const EvaluateOptions& options, ProgressStyle style, const std::string& what);
+// The same for several runs of one features_signature (exported_model.h) in one pass: the
+// first run's trunk once per batch, every run's heads on its features; one ScoredInput per
+// run, each with the pass's seconds.
+std::vector<ScoredInput> score_inputs(const std::vector<const JobConfig*>& configs,
+                                      const tasks::HeadRegistry& registry, const EvaluateOptions& options,
+                                      ProgressStyle style, const std::string& what);
 
 // The report as the CLI prints it: a row per head, the regression errors, per-class F1 tables.
 std::string format_evaluation(const Evaluation& e);

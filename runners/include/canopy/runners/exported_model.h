@@ -42,6 +42,15 @@ struct ExportedModel {
 // Loads the trunk and every head the config's tasks exported; a DataError names what is
 // missing, corrupt or trained on other features, and the command that makes it anew.
 ExportedModel load_exported_model(const JobConfig& config, const tasks::HeadRegistry& registry);
+// The heads alone, each checked against `trunk` (the model's, or another run's trunk whose
+// features are these heads', as features_signature says).
+std::vector<ExportedHead> load_exported_heads(const JobConfig& config, const tasks::HeadRegistry& registry,
+                                              const trunk::Trunk& trunk);
+// What the features the run's exported heads read depend on, from its first head's card and
+// its config (trunk, fine-tuned or not, preprocessing, pooling, taps, precision, device, how
+// labelled inputs are read): two runs of the same signature read the same features from the
+// same input, so one trunk pass serves both. "" where the run exported nothing.
+std::string features_signature(const JobConfig& config);
 
 // Runs every row of `input` through `model` in trunk batches of config.cache.batch_size: the
 // trunk once per batch, then every head (its output's shape checked); `each(first_row,
