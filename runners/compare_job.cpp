@@ -153,7 +153,21 @@ Comparison run_compare(const std::vector<JobConfig>& configs, const std::vector<
       group_configs.push_back(&configs[g]);
       what += label_of(g);
     }
-    auto results = score_inputs(group_configs, registry, options, style, what);
+    // An error while loading or scoring names the runs it came from.
+    std::string runs_named;
+    for (const std::size_t g : group)
+      runs_named += (runs_named.empty() ? "run " : ", run ") + label_of(g) + " (" + paths[g] + ")";
+    const auto named = [&](const Error& e) { return "canopy compare: " + runs_named + ": " + e.what(); };
+    std::vector<ScoredInput> results;
+    try {
+      results = score_inputs(group_configs, registry, options, style, what);
+    } catch (const ConfigError& e) {
+      throw ConfigError(named(e));
+    } catch (const DataError& e) {
+      throw DataError(named(e));
+    } catch (const IoError& e) {
+      throw IoError(named(e));
+    }
     for (std::size_t i = 0; i < group.size(); ++i) scored[group[i]] = std::move(results[i]);
   }
   for (std::size_t r = 0; r < configs.size(); ++r) {

@@ -237,7 +237,8 @@ std::string features_signature(const JobConfig& config) {
                            card.at("pooling").get<std::string>(), "\n", card.value("tap", "output"), "\n",
                            card.value("trunk_precision", "float32"), "\n", config.trunk.device, "\n",
                            config.trunk.optimize, "\n", config.data.source, "\n", config.data.text_attribute,
-                           "\n", config.data.positive_value, "\n", join(config.data.test_files, ","), "\n",
+                           "\n", config.data.positive_value, "\n", config.data.train, "\n",
+                           join(config.data.train_files, ","), "\n", join(config.data.test_files, ","), "\n",
                            config.data.max_image_pixels);
   });
 }

@@ -67,7 +67,9 @@ std::optional<PlannedRun> read_plan(const std::string& config_path, std::string&
 struct Exported {
   std::string name;
   bool regression = false;
-  double test_score = 0.0;  // accuracy, or R^2, on the eval split
+  double test_score = 0.0;                                 // accuracy, or R^2, on the eval split
+  std::optional<std::pair<double, double>> test_interval;  // the card's bootstrap interval of it
+  double level = 0.95;
   std::optional<double> validation_accuracy;
   std::string trunk_sha256;  // the trunk the card pins
   std::vector<std::string> problems;
@@ -88,7 +90,13 @@ std::vector<Exported> read_exports(const std::string& heads_dir, bool verify) {
       const std::string card_problem = card_checksum_problem(card, path);
       if (verify && !card_problem.empty()) e.problems.push_back(card_problem);
       e.regression = card.value("kind", "multiclass") == "regression";
-      e.test_score = card.at(e.regression ? "eval_r2" : "eval_accuracy").get<double>();
+      const char* score = e.regression ? "r2" : "accuracy";
+      e.test_score = card.at(std::string("eval_") + score).get<double>();
+      if (card.contains("eval_intervals") && card.at("eval_intervals").contains(score)) {
+        const auto& in = card.at("eval_intervals");
+        e.test_interval = std::make_pair(in.at(score).at(0).get<double>(), in.at(score).at(1).get<double>());
+        e.level = in.value("level", 0.95);
+      }
       e.trunk_sha256 = card.value("trunk_sha256", "");
       if (!e.regression && card.contains("validation") && card.at("validation").contains("accuracy"))
         e.validation_accuracy = card.at("validation").at("accuracy").get<double>();
@@ -369,8 +377,15 @@ std::string report_text(const RunFacts& f, const Status& status, bool verify) {
   for (std::size_t i = 0; i < f.exported.size(); ++i) {
     const auto& e = f.exported[i];
     o << (i == 0 ? "  exported    " : "              ") << e.name
-      << std::string(width - e.name.size() + 2, ' ') << score_text(e.test_score, e.regression)
-      << " on the eval split";
+      << std::string(width - e.name.size() + 2, ' ') << score_text(e.test_score, e.regression);
+    if (e.test_interval) {
+      const double scale = e.regression ? 1.0 : 100.0;
+      char buf[96];
+      std::snprintf(buf, sizeof buf, e.regression ? " [%.4f, %.4f] (%g%%)" : " [%.2f, %.2f] (%g%%)",
+                    scale * e.test_interval->first, scale * e.test_interval->second, 100 * e.level);
+      o << buf;
+    }
+    o << " on the eval split";
     if (e.validation_accuracy) o << " (validation " << score_text(*e.validation_accuracy, false) << ")";
     o << "\n";
     exports_intact = exports_intact && e.problems.empty();
@@ -429,6 +444,8 @@ std::string report_json(const RunFacts& f, const Status& status, bool verify) {
     j["exported"].push_back(
         {{"name", e.name},
          {e.regression ? "test_r2" : "test_accuracy", e.test_score},
+         {"test_interval",
+          e.test_interval ? ordered_json({e.test_interval->first, e.test_interval->second}) : ordered_json()},
          {"validation_accuracy",
           e.validation_accuracy ? ordered_json(*e.validation_accuracy) : ordered_json()}});
   }

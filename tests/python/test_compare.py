@@ -6,7 +6,8 @@ Fashion-MNIST test images. Checks that each run's heads score as `canopy evaluat
 numpy's), that runs reading the same features share one trunk pass, that a head compared with itself
 differs by 0, that what differs between the runs'
 configs is said, that tasks on other labels or in one run only are named and left out, that a
-run moved to another folder is read where it is, and that bad uses are refused with exit 2.
+run moved to another folder is read where it is, that bad uses are refused with exit 2, and that
+`canopy inspect` of a run gives each exported head's test interval.
 
     test_compare.py --canopy build/runners/canopy
 """
@@ -154,6 +155,18 @@ def main():
           and "B - A" in r.stdout and "C - A" in r.stdout and " points [" in row and
           "not compared: task 'extra'" in r.stdout, f"the text report:\n{r.stdout}")
 
+    # `canopy inspect` of a run gives each exported head's test score with its card's interval.
+    r = subprocess.run([canopy, "inspect", runs[1], "--json"], capture_output=True, text=True)
+    doc = json.loads(r.stdout) if r.returncode == 0 else {}
+    got = {e["name"]: e.get("test_interval") for e in doc.get("exported", [])}
+    want = {n: json.load(open(f"{runs[1]}/heads/{n}.json"))["eval_intervals"]["r2" if n == "ink" else "accuracy"]
+            for n in ("cls", "mlp", "ink")}
+    check(got == want, f"inspect --json: each head's test interval is its card's ({got})")
+    r = subprocess.run([canopy, "inspect", runs[1]], capture_output=True, text=True)
+    lo, hi = want["cls"]
+    check(f"[{100 * lo:.2f}, {100 * hi:.2f}] (95%) on the eval split" in r.stdout,
+          f"inspect says it beside the score: {r.stdout[:600]}")
+
     # A run against itself: every difference 0, said as no difference.
     r, same = canopy_json([canopy, "compare", runs[0], runs[0], "--input", IMAGES, "--limit", str(ROWS)])
     diffs = [t["versus_A"]["B"] for t in same.get("tasks", [])]
@@ -170,6 +183,15 @@ def main():
     check(r.returncode == 0 and [t["versus_A"].get("B") for t in m.get("tasks", [])] ==
           [t["versus_A"].get("B") for t in c.get("tasks", [])],
           f"the moved run compares as before ({r.stderr.strip()[-300:]})")
+
+    # A run whose weights file is gone: exit 1, naming the run and the file.
+    broken = f"{work}/broken"
+    shutil.copytree(runs[1], broken)
+    os.remove(f"{broken}/heads/mlp.safetensors")
+    r = subprocess.run([canopy, "compare", moved, broken, "--input", IMAGES, "--limit", "50", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    check(r.returncode == 1 and f"run B ({broken})" in r.stderr and "mlp.safetensors" in r.stderr,
+          f"a run missing a weights file: exit 1 naming the run and the file ({r.stderr.strip()[-250:]})")
 
     # Refused, exit 2, saying why.
     for args, said in (([moved], "name 2 to 26 runs"),
