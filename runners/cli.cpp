@@ -354,7 +354,8 @@ void evaluate_options(po::options_description& d, po::positional_options_descrip
 void compare_options(po::options_description& d, po::positional_options_description& p) {
   d.add_options()("run", po::value<std::vector<std::string>>()->value_name("RUN"),
                   "a training run's out_dir (its config.ini is read) or a config file; 2 to 26 of them, "
-                  "the first the baseline (positional)")(
+                  "the first the baseline; several runs of one setting (seeds) as one comma-separated "
+                  "argument, scored by their mean (positional)")(
       "set", po::value<std::vector<std::string>>()->value_name("KEY=VALUE"),
       "override a config value in every run, e.g. --set cache.batch_size=64 (repeatable)")(
       "allow-unpinned", "load a trunk whose SHA-256 the config does not pin (the hash to pin is printed)");
@@ -371,24 +372,33 @@ int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   std::vector<std::string> overrides =
       vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
   if (vm.count("allow-unpinned")) overrides.push_back("trunk.allow_unpinned=true");
-  std::vector<JobConfig> configs;
-  for (const auto& path : paths) configs.push_back(load_compared_run(path, overrides));
-  fit_threads(configs.front());
+  // A comma-separated argument is one arm of several runs (the same setting, other seeds).
+  std::vector<std::vector<std::string>> arm_paths;
+  std::vector<std::vector<JobConfig>> configs;
+  for (const auto& arg : paths) {
+    arm_paths.push_back(split(arg, ','));
+    CANOPY_CHECK(!arm_paths.back().empty() && std::none_of(arm_paths.back().begin(), arm_paths.back().end(),
+                                                           [](const std::string& p) { return p.empty(); }),
+                 ConfigError, "canopy compare: '", arg, "' names an empty run");
+    configs.emplace_back();
+    for (const auto& path : arm_paths.back()) configs.back().push_back(load_compared_run(path, overrides));
+  }
+  if (!configs.empty()) fit_threads(configs.front().front());
   EvaluateOptions options;
   options.input = vm["input"].as<std::string>();
   options.limit = vm["limit"].as<std::int64_t>();
   CANOPY_CHECK(options.limit >= 0, ConfigError, "canopy compare: --limit must be >= 0 (0: every input), got ",
                options.limit);
   if (vm.count("labels")) {
-    CANOPY_CHECK(configs.empty() || configs.front().data.source == "fashion-mnist" ||
-                     configs.front().data.source == "mnist",
+    CANOPY_CHECK(configs.empty() || configs.front().front().data.source == "fashion-mnist" ||
+                     configs.front().front().data.source == "mnist",
                  ConfigError,
                  "canopy compare: --labels is for idx images (data.source = fashion-mnist or mnist)");
     options.labels = vm["labels"].as<std::string>();
   }
   const std::string path = output_path(vm, "compare");
   const Comparison c =
-      run_compare(configs, paths, registry, options, parse_progress(vm["progress"].as<std::string>()));
+      run_compare(configs, arm_paths, registry, options, parse_progress(vm["progress"].as<std::string>()));
   out << (vm.count("json") ? comparison_json(c) : format_comparison(c));
   if (!path.empty()) {
     write_output_file(path, comparison_json(c));
@@ -431,7 +441,7 @@ const std::vector<Command>& commands() {
        "score every trained head on labelled inputs (new, or held out): accuracy, macro-F1, top-5, per-class "
        "F1, mean AP, MAE, RMSE, R^2",
        evaluate_options, run_evaluate_command},
-      {"compare", "canopy compare RUN RUN [RUN...] --input FILE [options]",
+      {"compare", "canopy compare RUN[,RUN...] RUN[,RUN...] [...] --input FILE [options]",
        "score several training runs (out_dirs or configs) on the same labelled inputs, and each head's "
        "difference from the first run's, with paired intervals: how much to freeze, which tap, which trunk",
        compare_options, run_compare_command},

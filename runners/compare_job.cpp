@@ -2,11 +2,14 @@
 
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <set>
 #include <sstream>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/equal.h>
 #include <ATen/ops/ne.h>
+#include <ATen/ops/randint.h>
 #include <nlohmann/json.hpp>
 
 #include "canopy/core/error.h"
@@ -39,7 +42,8 @@ std::string describe_run(const JobConfig& c) {
 
 // The resolved config's keys whose values differ from `base`'s, as "key = value (A: value)";
 // train.out_dir, which differs between any two runs, left out.
-std::vector<std::string> keys_differing(const JobConfig& base, const JobConfig& c) {
+std::vector<std::string> keys_differing(const JobConfig& base, const JobConfig& c,
+                                        const std::string& base_label) {
   const auto values = [](const JobConfig& j) {
     std::istringstream in(dump_config(j));
     auto v = read_config_values(in, j.source);
@@ -71,28 +75,26 @@ std::vector<std::string> keys_differing(const JobConfig& base, const JobConfig& 
   const auto section = [](const std::string& key) { return key.substr(0, key.find('.', 5) + 1); };
   std::vector<std::string> out;
   for (const auto& t : b_tasks)
-    if (!a_tasks.count(t)) out.push_back("[" + t.substr(0, t.size() - 1) + "] (A: none)");
+    if (!a_tasks.count(t)) out.push_back("[" + t.substr(0, t.size() - 1) + "] (" + base_label + ": none)");
   for (const auto& t : a_tasks)
-    if (!b_tasks.count(t)) out.push_back("no [" + t.substr(0, t.size() - 1) + "] (A: one)");
+    if (!b_tasks.count(t)) out.push_back("no [" + t.substr(0, t.size() - 1) + "] (" + base_label + ": one)");
   for (const auto& [key, value] : b) {
     const auto it = a.find(key);
     if (key.rfind("task.", 0) == 0 && (!a_tasks.count(section(key)) || !b_tasks.count(section(key))))
       continue;
     if (it == a.end()) {
-      out.push_back(key + " = " + value + " (A: none)");
+      out.push_back(key + " = " + value + " (" + base_label + ": none)");
     } else if (it->second != value && !read_by_neither(key)) {
-      out.push_back(key + " = " + value + " (A: " + it->second + ")");
+      out.push_back(key + " = " + value + " (" + base_label + ": " + it->second + ")");
     }
   }
   for (const auto& [key, value] : a) {
     if (key.rfind("task.", 0) == 0 && (!a_tasks.count(section(key)) || !b_tasks.count(section(key))))
       continue;
-    if (!b.count(key)) out.push_back(key + ": none (A: " + value + ")");
+    if (!b.count(key)) out.push_back(key + ": none (" + base_label + ": " + value + ")");
   }
   return out;
 }
-
-std::string run_name(const ComparedRun& r) { return "run " + r.label + " (" + r.path + ")"; }
 
 ordered_json printed(const std::vector<std::string>& lines) {
   ordered_json out = ordered_json::array();
@@ -117,46 +119,109 @@ JobConfig load_compared_run(const std::string& path, const std::vector<std::stri
   return load_job_config(path, overrides);
 }
 
-Comparison run_compare(const std::vector<JobConfig>& configs, const std::vector<std::string>& paths,
+namespace {
+// Which of an arm's k runs resample r draws, with replacement (every run once for k = 1).
+std::vector<std::size_t> drawn_runs(std::size_t k, std::size_t r, std::uint64_t seed, std::size_t arm) {
+  if (k == 1) return {0};
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(
+      seed * 1000003ULL + static_cast<std::uint64_t>(r) * 7919ULL + 2ULL + static_cast<std::uint64_t>(arm));
+  const at::Tensor drawn =
+      at::randint(static_cast<std::int64_t>(k), {static_cast<std::int64_t>(k)}, gen, at::kLong);
+  const auto* v = drawn.data_ptr<std::int64_t>();
+  return std::vector<std::size_t>(v, v + k);
+}
+
+// An arm's value of `metric` on every resample: its drawn runs' mean.
+std::vector<double> arm_replicates(const Comparison& c, const ComparedTask& t, std::size_t arm,
+                                   const std::string& metric,
+                                   const std::vector<std::vector<std::vector<std::size_t>>>& draws) {
+  const auto& runs = c.arms[arm].runs;
+  std::vector<const std::vector<double>*> values;
+  for (const std::size_t r : runs)
+    values.push_back(c.runs[r].evaluation.heads[*t.head[r]].resampled->find(metric));
+  std::vector<double> out(c.resamples, 0.0);
+  for (const auto* v : values)
+    if (!v) return {};
+  for (std::size_t r = 0; r < c.resamples; ++r) {
+    for (const std::size_t d : draws[arm][r]) out[r] += (*values[d])[r];
+    out[r] /= static_cast<double>(draws[arm][r].size());
+  }
+  return out;
+}
+
+// The arm's value of `metric`: its runs' mean.
+double arm_value(const Comparison& c, const ComparedTask& t, std::size_t arm, const std::string& metric) {
+  double sum = 0.0;
+  for (const std::size_t r : c.arms[arm].runs)
+    sum += tasks::metric_value(c.runs[r].evaluation.heads[*t.head[r]].eval, metric);
+  return sum / static_cast<double>(c.arms[arm].runs.size());
+}
+}  // namespace
+
+Comparison run_compare(const std::vector<std::vector<JobConfig>>& arms,
+                       const std::vector<std::vector<std::string>>& arm_paths,
                        const tasks::HeadRegistry& registry, const EvaluateOptions& options,
                        ProgressStyle style) {
   const auto start = std::chrono::steady_clock::now();
-  CANOPY_CHECK(configs.size() >= 2 && configs.size() == paths.size() && configs.size() <= 26, ConfigError,
-               "canopy compare: name 2 to 26 runs (training out_dirs or config files), got ", configs.size(),
-               "; e.g. canopy compare runs/frozen runs/top2 --input FILE");
+  CANOPY_CHECK(arms.size() == arm_paths.size(), ConfigError, "canopy compare: ", arms.size(), " arms, ",
+               arm_paths.size(), " lists of paths");
+  std::vector<JobConfig> configs;
+  std::vector<std::string> paths;
+  Comparison c;
+  for (std::size_t a = 0; a < arms.size(); ++a) {
+    CANOPY_CHECK(!arms[a].empty() && arms[a].size() == arm_paths[a].size(), ConfigError,
+                 "canopy compare: arm ", a + 1, " has no runs");
+    ComparedArm arm{std::string(1, static_cast<char>('A' + a)), {}};
+    for (std::size_t i = 0; i < arms[a].size(); ++i) {
+      arm.runs.push_back(configs.size());
+      configs.push_back(arms[a][i]);
+      paths.push_back(arm_paths[a][i]);
+      ComparedRun run;
+      run.label = arms[a].size() == 1 ? arm.label : arm.label + std::to_string(i + 1);
+      run.arm = a;
+      c.runs.push_back(std::move(run));
+    }
+    c.arms.push_back(std::move(arm));
+  }
+  const std::size_t total = configs.size();
+  CANOPY_CHECK((arms.size() >= 2 || (arms.size() == 1 && total >= 2)) && arms.size() <= 26, ConfigError,
+               "canopy compare: name 2 to 26 runs (training out_dirs or config files), got ", arms.size(),
+               arms.size() == 1 ? " run" : " runs",
+               "; e.g. canopy compare runs/frozen runs/top2 --input FILE (several runs of one setting, "
+               "seeds say, as one comma-separated argument)");
+  CANOPY_CHECK(arms.size() >= 2, ConfigError,
+               "canopy compare: one arm of several runs has nothing to be compared with; name 2 to 26 runs "
+               "or comma-separated lists of runs");
   const TrainConfig& baseline = configs.front().train;
   CANOPY_CHECK(baseline.bootstrap_resamples > 0, ConfigError,
-               "canopy compare: heads are compared on resamples of the rows, and run A's "
-               "train.bootstrap_resamples is 0; --set train.bootstrap_resamples=1000");
-  Comparison c;
+               "canopy compare: heads are compared on resamples of the rows, and run ", c.runs[0].label,
+               "'s train.bootstrap_resamples is 0; --set train.bootstrap_resamples=1000");
   c.input = options.input;
   c.level = baseline.interval_level;
   c.seed = static_cast<std::uint64_t>(baseline.seed);
+  const auto run_name = [&](std::size_t r) { return "run " + c.runs[r].label + " (" + paths[r] + ")"; };
   // Runs whose heads read the same features share one trunk pass (one group in memory at a time).
-  const auto label_of = [](std::size_t r) { return std::string(1, static_cast<char>('A' + r)); };
   std::vector<std::string> signature;
   for (const auto& config : configs) signature.push_back(features_signature(config));
-  std::vector<ScoredInput> scored(configs.size());
-  std::vector<std::optional<std::size_t>> shared_with(configs.size());
-  for (std::size_t r = 0; r < configs.size(); ++r) {
+  std::vector<ScoredInput> scored(total);
+  std::vector<std::optional<std::size_t>> shared_with(total);
+  for (std::size_t r = 0; r < total; ++r) {
     if (shared_with[r]) continue;
     std::vector<std::size_t> group{r};
-    for (std::size_t s = r + 1; s < configs.size(); ++s) {
+    for (std::size_t s = r + 1; s < total; ++s) {
       if (!signature[r].empty() && signature[s] == signature[r]) {
         group.push_back(s);
         shared_with[s] = r;
       }
     }
     std::vector<const JobConfig*> group_configs;
-    std::string what = "compare ";
+    std::string what = "compare", runs_named;
     for (const std::size_t g : group) {
       group_configs.push_back(&configs[g]);
-      what += label_of(g);
+      what += " " + c.runs[g].label;
+      runs_named += (runs_named.empty() ? "" : ", ") + run_name(g);
     }
     // An error while loading or scoring names the runs it came from.
-    std::string runs_named;
-    for (const std::size_t g : group)
-      runs_named += (runs_named.empty() ? "run " : ", run ") + label_of(g) + " (" + paths[g] + ")";
     const auto named = [&](const Error& e) { return "canopy compare: " + runs_named + ": " + e.what(); };
     std::vector<ScoredInput> results;
     try {
@@ -170,23 +235,26 @@ Comparison run_compare(const std::vector<JobConfig>& configs, const std::vector<
     }
     for (std::size_t i = 0; i < group.size(); ++i) scored[group[i]] = std::move(results[i]);
   }
-  for (std::size_t r = 0; r < configs.size(); ++r) {
-    ComparedRun run;
-    run.label = label_of(r);
+  for (std::size_t r = 0; r < total; ++r) {
+    ComparedRun& run = c.runs[r];
     run.path = paths[r];
     run.out_dir = configs[r].train.out_dir;
     run.trunk = describe_run(configs[r]);
-    if (shared_with[r]) run.pass_with = label_of(*shared_with[r]);
-    if (r > 0) run.differs = keys_differing(configs[0], configs[r]);
+    if (shared_with[r]) run.pass_with = c.runs[*shared_with[r]].label;
+    if (r > 0) {
+      const auto& own = c.arms[run.arm].runs;
+      const std::size_t against = own.front() == r ? 0 : own.front();
+      run.differs_from = c.runs[against].label;
+      run.differs = keys_differing(configs[against], configs[r], run.differs_from);
+    }
     run.evaluation = scored[r].evaluation;
     if (r > 0) {
-      CANOPY_CHECK(run.evaluation.rows == c.rows, DataError, "canopy compare: ", run_name(run), " read ",
-                   run.evaluation.rows, " rows from '", printable(options.input), "', ", run_name(c.runs[0]),
+      CANOPY_CHECK(run.evaluation.rows == c.rows, DataError, "canopy compare: ", run_name(r), " read ",
+                   run.evaluation.rows, " rows from '", printable(options.input), "', ", run_name(0),
                    " read ", c.rows, ": the runs read the input differently (their data.* keys differ)");
     } else {
       c.rows = run.evaluation.rows;
     }
-    c.runs.push_back(std::move(run));
   }
 
   // Every head of every run on the same resamples of the rows.
@@ -202,8 +270,20 @@ Comparison run_compare(const std::vector<JobConfig>& configs, const std::vector<
       h.interval_level = c.level;
     }
   }
+  // Each arm's runs drawn on every resample. Arms whose i-th runs share their train.seed (the
+  // same shuffles and head initialisations) are paired by seed: every arm draws the same runs.
+  c.paired_by_seed = std::all_of(c.arms.begin(), c.arms.end(), [&](const ComparedArm& arm) {
+    if (arm.runs.size() != c.arms[0].runs.size() || arm.runs.size() < 2) return false;
+    for (std::size_t i = 0; i < arm.runs.size(); ++i)
+      if (configs[arm.runs[i]].train.seed != configs[c.arms[0].runs[i]].train.seed) return false;
+    return true;
+  });
+  std::vector<std::vector<std::vector<std::size_t>>> draws(c.arms.size());
+  for (std::size_t a = 0; a < c.arms.size(); ++a)
+    for (std::size_t r = 0; r < c.resamples; ++r)
+      draws[a].push_back(drawn_runs(c.arms[a].runs.size(), r, c.seed, c.paired_by_seed ? 0 : a));
 
-  // The baseline's tasks in its order, each matched by name in the other runs.
+  // The first run's tasks in its order, each matched by name in every other run.
   const auto find = [](const Evaluation& e, const std::string& task) -> std::optional<std::size_t> {
     for (std::size_t i = 0; i < e.heads.size(); ++i)
       if (e.heads[i].name == task) return i;
@@ -215,49 +295,70 @@ Comparison run_compare(const std::vector<JobConfig>& configs, const std::vector<
     ComparedTask t;
     t.task = base.name;
     t.metric = compared_metric(base.kind);
-    t.head.assign(c.runs.size(), std::nullopt);
-    t.versus.assign(c.runs.size(), std::nullopt);
-    t.differences.assign(c.runs.size(), {});
-    t.head[0] = i;
-    for (std::size_t r = 1; r < c.runs.size(); ++r) {
-      const ComparedRun& run = c.runs[r];
-      const auto j = find(run.evaluation, base.name);
-      if (!j) {
-        c.not_compared.push_back(detail::str_cat("task '", base.name, "': not in ", run_name(run)));
-        continue;
+    t.head.assign(total, std::nullopt);
+    t.score.assign(c.arms.size(), std::nullopt);
+    t.versus.assign(c.arms.size(), std::nullopt);
+    t.differences.assign(c.arms.size(), {});
+    // Where the task is missing or scores other labels in one of an arm's runs, the arm is left out.
+    const auto arm_has = [&](std::size_t arm) {
+      std::vector<std::optional<std::size_t>> heads;
+      for (const std::size_t r : c.arms[arm].runs) {
+        const auto j = find(c.runs[r].evaluation, base.name);
+        if (!j) {
+          c.not_compared.push_back(detail::str_cat("task '", base.name, "': not in ", run_name(r)));
+          return false;
+        }
+        const TaskResult& other = c.runs[r].evaluation.heads[*j];
+        if (!same_labels(base, other)) {
+          c.not_compared.push_back(
+              detail::str_cat("task '", base.name, "': ", run_name(r), " scores ", other.labels, " (",
+                              tasks::to_string(other.kind), ", ", other.class_names.size(), " classes), run ",
+                              c.runs[0].label, " ", base.labels, " (", tasks::to_string(base.kind), ", ",
+                              base.class_names.size(), " classes)"));
+          return false;
+        }
+        const at::Tensor& want = scored[0].outputs[i].targets;
+        const at::Tensor& got = scored[r].outputs[*j].targets;
+        CANOPY_CHECK(
+            at::equal(want, got), DataError, "canopy compare: task '", base.name, "': ", run_name(r),
+            " read other labels from '", printable(options.input), "' than ", run_name(0), " (",
+            at::ne(want, got).sum().item<std::int64_t>(),
+            " values differ): the runs read the input's rows differently (their data.* keys differ)");
+        heads.push_back(j);
       }
-      const TaskResult& other = run.evaluation.heads[*j];
-      if (!same_labels(base, other)) {
-        c.not_compared.push_back(detail::str_cat(
-            "task '", base.name, "': ", run_name(run), " scores ", other.labels, " (",
-            tasks::to_string(other.kind), ", ", other.class_names.size(), " classes), run A ", base.labels,
-            " (", tasks::to_string(base.kind), ", ", base.class_names.size(), " classes)"));
-        continue;
-      }
-      const at::Tensor& want = scored[0].outputs[i].targets;
-      const at::Tensor& got = scored[r].outputs[*j].targets;
-      CANOPY_CHECK(at::equal(want, got), DataError, "canopy compare: task '", base.name, "': ", run_name(run),
-                   " read other labels from '", printable(options.input), "' than run A (",
-                   at::ne(want, got).sum().item<std::int64_t>(),
-                   " values differ): the runs read the input's rows differently (their data.* keys differ)");
-      t.head[r] = *j;
-      for (std::size_t m = 0; m < other.resampled->names.size(); ++m) {
-        const std::string& name = other.resampled->names[m];
-        const std::vector<double>* theirs = base.resampled->find(name);
-        if (!theirs) continue;
-        t.differences[r].push_back(
-            {base.name, name, tasks::metric_value(other.eval, name) - tasks::metric_value(base.eval, name),
-             tasks::difference_interval(other.resampled->values[m], *theirs, c.level), c.resamples});
-        if (name == t.metric) t.versus[r] = t.differences[r].back();
+      for (std::size_t k = 0; k < heads.size(); ++k) t.head[c.arms[arm].runs[k]] = heads[k];
+      return true;
+    };
+    if (!arm_has(0)) continue;
+    std::map<std::string, std::vector<double>> baseline_values;
+    for (std::size_t arm = 0; arm < c.arms.size(); ++arm) {
+      if (arm > 0 && !arm_has(arm)) continue;
+      const TaskResult& first =
+          c.runs[c.arms[arm].runs.front()].evaluation.heads[*t.head[c.arms[arm].runs.front()]];
+      for (const std::string& name : first.resampled->names) {
+        const std::vector<double> mine = arm_replicates(c, t, arm, name, draws);
+        if (mine.empty()) continue;
+        const double value = arm_value(c, t, arm, name);
+        if (name == t.metric) t.score[arm] = ArmScore{value, tasks::percentile_interval(mine, c.level)};
+        if (arm == 0) {
+          baseline_values[name] = mine;
+          continue;
+        }
+        const auto theirs = baseline_values.find(name);
+        if (theirs == baseline_values.end()) continue;
+        t.differences[arm].push_back(
+            {c.arms[0].label + ":" + base.name, name, value - arm_value(c, t, 0, name),
+             tasks::difference_interval(mine, theirs->second, c.level), c.resamples});
+        if (name == t.metric) t.versus[arm] = t.differences[arm].back();
       }
     }
     c.tasks.push_back(std::move(t));
   }
-  for (std::size_t r = 1; r < c.runs.size(); ++r) {
+  for (std::size_t r = 1; r < total; ++r) {
     for (const auto& h : c.runs[r].evaluation.heads) {
       if (!find(a, h.name))
-        c.not_compared.push_back(detail::str_cat("task '", h.name, "': in ", run_name(c.runs[r]),
-                                                 ", not in run A (", c.runs[0].path, ")"));
+        c.not_compared.push_back(
+            detail::str_cat("task '", h.name, "': in ", run_name(r), ", not in ", run_name(0)));
     }
   }
   c.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -267,9 +368,17 @@ Comparison run_compare(const std::vector<JobConfig>& configs, const std::vector<
 std::string format_comparison(const Comparison& c) {
   char level[32];
   std::snprintf(level, sizeof level, "%g%%", 100 * c.level);
+  const bool several =
+      std::any_of(c.arms.begin(), c.arms.end(), [](const ComparedArm& a) { return a.runs.size() > 1; });
   std::string o = detail::str_cat(
       "compared on '", printable(c.input), "': ", c.rows, " rows, every head of every run on the same ",
-      c.resamples, " resamples of them (", level, " intervals; differences from run A, paired)\n");
+      c.resamples, " resamples of them (", level, " intervals; differences from A, paired)\n",
+      several ? "an arm of several runs is scored by their mean, and each resample also draws its runs with "
+                "replacement, so its interval holds the spread between them"
+              : "",
+      !several           ? ""
+      : c.paired_by_seed ? "; the arms' runs are paired by train.seed: every arm draws the same seeds\n"
+                         : "; the arms' runs are drawn independently (their train.seed lists differ)\n");
   std::vector<std::vector<std::string>> runs;
   for (const auto& r : c.runs) {
     char secs[64];
@@ -280,42 +389,39 @@ std::string format_comparison(const Comparison& c) {
   }
   o += aligned_columns(runs);
   for (const auto& r : c.runs) {
-    if (r.label == "A") continue;
+    if (r.differs_from.empty()) continue;
     constexpr std::size_t kShown = 8;
     std::vector<std::string> shown_keys(r.differs.begin(),
                                         r.differs.begin() + std::min(r.differs.size(), kShown));
     if (r.differs.size() > kShown)
       shown_keys.push_back(std::to_string(r.differs.size() - kShown) + " more (--json)");
-    o += "  " + r.label + " differs from A in " +
+    o += "  " + r.label + " differs from " + r.differs_from + " in " +
          (r.differs.empty() ? std::string("no key") : printable(join(shown_keys, "; "))) + "\n";
   }
   o += "\n";
   std::vector<std::vector<std::string>> rows;
   std::vector<std::string> header{"task", "metric"};
-  for (const auto& r : c.runs) header.push_back(r.label);
-  for (std::size_t r = 1; r < c.runs.size(); ++r) header.push_back(c.runs[r].label + " - A");
+  for (const auto& a : c.arms)
+    header.push_back(a.runs.size() > 1 ? a.label + " (mean of " + std::to_string(a.runs.size()) + ")"
+                                       : a.label);
+  for (std::size_t a = 1; a < c.arms.size(); ++a) header.push_back(c.arms[a].label + " - A");
   rows.push_back(header);
   for (const auto& t : c.tasks) {
     const bool any =
         std::any_of(t.versus.begin(), t.versus.end(), [](const auto& v) { return v.has_value(); });
     if (!any) continue;
     std::vector<std::string> row{t.task, metric_label(t.metric)};
-    for (std::size_t r = 0; r < c.runs.size(); ++r) {
-      if (!t.head[r]) {
-        row.push_back("-");
-        continue;
-      }
-      const TaskResult& h = c.runs[r].evaluation.heads[*t.head[r]];
-      const tasks::Interval in = tasks::percentile_interval(*h.resampled->find(t.metric), c.level);
-      row.push_back(shown(t.metric, tasks::metric_value(h.eval, t.metric), true) + " [" +
-                    shown(t.metric, in.lo, false) + ", " + shown(t.metric, in.hi, false) + "]");
+    for (const auto& s : t.score) {
+      row.push_back(s ? shown(t.metric, s->value, true) + " [" + shown(t.metric, s->interval.lo, false) +
+                            ", " + shown(t.metric, s->interval.hi, false) + "]"
+                      : "-");
     }
-    for (std::size_t r = 1; r < c.runs.size(); ++r) {
-      if (!t.versus[r]) {
+    for (std::size_t a = 1; a < c.arms.size(); ++a) {
+      if (!t.versus[a]) {
         row.push_back("-");
         continue;
       }
-      const PairedText said = paired_text(*t.versus[r]);
+      const PairedText said = paired_text(*t.versus[a]);
       row.push_back(said.difference + said.interval + (said.said.empty() ? "" : " (no difference shown)"));
     }
     rows.push_back(std::move(row));
@@ -326,8 +432,8 @@ std::string format_comparison(const Comparison& c) {
                        [](const auto& v) { return v && v->interval.lo <= 0 && v->interval.hi >= 0; });
   });
   if (undecided)
-    o += "(no difference shown: the difference's interval holds 0, so these rows cannot tell the two heads "
-         "apart)\n";
+    o +=
+        "(no difference shown: the difference's interval holds 0, so these rows cannot tell the two apart)\n";
   for (const auto& n : c.not_compared) o += "not compared: " + n + "\n";
   for (const auto& r : c.runs)
     for (const auto& n : r.evaluation.not_evaluated) o += "not evaluated (run " + r.label + "): " + n + "\n";
@@ -340,33 +446,43 @@ std::string comparison_json(const Comparison& c) {
   ordered_json runs = ordered_json::array();
   for (const auto& r : c.runs) {
     runs.push_back({{"label", r.label},
+                    {"arm", c.arms[r.arm].label},
                     {"path", printable(r.path)},
                     {"out_dir", printable(r.out_dir)},
                     {"trunk", printable(r.trunk)},
-                    {"differs_from_A", printed(r.differs)},
+                    {"differs_from", r.differs_from},
+                    {"differs", printed(r.differs)},
                     {"seconds", r.evaluation.seconds},
                     {"pass_with", r.pass_with},
                     {"heads", evaluation_heads_json(r.evaluation)},
                     {"not_evaluated", r.evaluation.not_evaluated}});
   }
+  ordered_json arms = ordered_json::array();
+  for (const auto& a : c.arms) {
+    ordered_json labels = ordered_json::array();
+    for (const std::size_t r : a.runs) labels.push_back(c.runs[r].label);
+    arms.push_back({{"label", a.label}, {"runs", labels}});
+  }
   ordered_json tasks = ordered_json::array();
   for (const auto& t : c.tasks) {
-    ordered_json per_run = ordered_json::object(), versus = ordered_json::object();
-    for (std::size_t r = 0; r < c.runs.size(); ++r) {
-      if (!t.head[r]) continue;
-      const TaskResult& h = c.runs[r].evaluation.heads[*t.head[r]];
-      per_run[c.runs[r].label] = {
-          {"value", tasks::metric_value(h.eval, t.metric)},
-          {"interval", interval_pair(tasks::percentile_interval(*h.resampled->find(t.metric), c.level))}};
-      if (!t.versus[r]) continue;
+    ordered_json per_arm = ordered_json::object(), versus = ordered_json::object();
+    for (std::size_t a = 0; a < c.arms.size(); ++a) {
+      const auto& s = t.score[a];
+      if (!s) continue;
+      ordered_json per_run = ordered_json::object();
+      for (const std::size_t r : c.arms[a].runs)
+        per_run[c.runs[r].label] = tasks::metric_value(c.runs[r].evaluation.heads[*t.head[r]].eval, t.metric);
+      per_arm[c.arms[a].label] = {
+          {"value", s->value}, {"interval", interval_pair(s->interval)}, {"runs", per_run}};
+      if (!t.versus[a]) continue;
       ordered_json metrics = ordered_json::object();
-      for (const auto& d : t.differences[r])
+      for (const auto& d : t.differences[a])
         metrics[d.metric] = {{"difference", d.difference}, {"interval", interval_pair(d.interval)}};
-      versus[c.runs[r].label] = {{"difference", t.versus[r]->difference},
-                                 {"interval", interval_pair(t.versus[r]->interval)},
+      versus[c.arms[a].label] = {{"difference", t.versus[a]->difference},
+                                 {"interval", interval_pair(t.versus[a]->interval)},
                                  {"metrics", metrics}};
     }
-    tasks.push_back({{"task", t.task}, {"metric", t.metric}, {"runs", per_run}, {"versus_A", versus}});
+    tasks.push_back({{"task", t.task}, {"metric", t.metric}, {"arms", per_arm}, {"versus_A", versus}});
   }
   const ordered_json out{{"input", printable(c.input)},
                          {"rows", c.rows},
@@ -374,6 +490,8 @@ std::string comparison_json(const Comparison& c) {
                          {"level", c.level},
                          {"seed", c.seed},
                          {"runs", runs},
+                         {"arms", arms},
+                         {"paired_by_seed", c.paired_by_seed},
                          {"tasks", tasks},
                          {"not_compared", c.not_compared},
                          {"seconds", c.seconds}};

@@ -7,7 +7,8 @@ numpy's), that runs reading the same features share one trunk pass, that a head 
 differs by 0, that what differs between the runs'
 configs is said, that tasks on other labels or in one run only are named and left out, that a
 run moved to another folder is read where it is, that bad uses are refused with exit 2, and that
-`canopy inspect` of a run gives each exported head's test interval.
+`canopy inspect` of a run gives each exported head's test interval. Arms of two seeds each are
+scored by their runs' mean, with the runs resampled as well as the rows, as Python draws them.
 
     test_compare.py --canopy build/runners/canopy
 """
@@ -38,17 +39,18 @@ lr = 0.01
 """
 
 
-def job(work, trunk, name, freeze, tasks=TASKS, epochs=2):
+def job(work, trunk, name, freeze, tasks=TASKS, epochs=2, seed=0, cache=None):
     path = os.path.join(work, f"{name}.ini")
     with open(path, "w") as f:
         f.write(tiny_trunk_sections(trunk, TRAIN, TEST, pooling="flatten") + f"""freeze = {freeze}
 lr = 0.01
 [cache]
-path = {work}/{name}-cache
+path = {work}/{cache or name}-cache
 [train]
 out_dir = {work}/{name}
 batch_size = 32
 epochs = {epochs}
+seed = {seed}
 """ + tasks)
     return path
 
@@ -65,7 +67,9 @@ def main():
     # Run C: `cls` on 4 groups of the classes (other labels), and a task of its own.
     other = job(work, trunk, "other", "all", TASKS.replace("[task.cls]\n", "[task.cls]\nlabel_map = 0,1,0,0,0,2,0,2,3,2\n")
                 + "[task.extra]\nhead = linear\n", epochs=1)
-    for config in (frozen, top, other):
+    frozen_s1 = job(work, trunk, "frozen_s1", "all", seed=1, cache="frozen")
+    top_s1 = job(work, trunk, "top_s1", "first:2", seed=1, cache="top")
+    for config in (frozen, top, other, frozen_s1, top_s1):
         r = subprocess.run([canopy, "run", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
         check(r.returncode == 0, f"{os.path.basename(config)} trained ({r.stderr.strip()[-300:]})")
     runs = [f"{work}/frozen", f"{work}/top", f"{work}/other"]
@@ -134,7 +138,7 @@ def main():
     check(all(m in v.get("metrics", {}) for m in ("mae", "rmse", "r2")), "every resampled metric's difference is given")
 
     # What differs between the runs' configs, and what is not compared.
-    differs = runs_of.get("B", {}).get("differs_from_A", [])
+    differs = runs_of.get("B", {}).get("differs", [])
     check("trunk.freeze = first:2 (A: all)" in differs and any(d.startswith("cache.path = ") for d in differs)
           and not any(d.startswith("train.out_dir") for d in differs),
           f"run B's keys that differ from A's are listed: {differs}")
@@ -143,7 +147,7 @@ def main():
           any("task 'extra'" in n and "not in run A" in n for n in nc),
           f"a task on other labels and a task in one run are named, not compared: {nc}")
     cls = next((t for t in c.get("tasks", []) if t["task"] == "cls"), {})
-    check(set(cls.get("runs", {})) == {"A", "B"} and set(cls.get("versus_A", {})) == {"B"},
+    check(set(cls.get("arms", {})) == {"A", "B"} and set(cls.get("versus_A", {})) == {"B"},
           "C's cls is left out of cls's row")
     mlp = next((t for t in c.get("tasks", []) if t["task"] == "mlp"), {})
     check(set(mlp.get("versus_A", {})) == {"B", "C"}, "C's mlp (same labels) is compared")
@@ -192,6 +196,60 @@ def main():
                        capture_output=True, text=True)
     check(r.returncode == 1 and f"run B ({broken})" in r.stderr and "mlp.safetensors" in r.stderr,
           f"a run missing a weights file: exit 1 naming the run and the file ({r.stderr.strip()[-250:]})")
+
+    # Arms of two seeds each: each arm scored by its runs' mean, and each resample also draws an
+    # arm's runs with replacement (generator seeded seed * 1000003 + resample * 7919 + 2 + arm).
+    arm_a, arm_b = f"{moved},{work}/frozen_s1", f"{runs[1]},{work}/top_s1"
+    r, arms = canopy_json([canopy, "compare", arm_a, arm_b, "--input", IMAGES, "--limit", str(ROWS)])
+    check(r.returncode == 0 and [x["label"] for x in arms.get("runs", [])] == ["A1", "A2", "B1", "B2"] and
+          arms.get("arms") == [{"label": "A", "runs": ["A1", "A2"]}, {"label": "B", "runs": ["B1", "B2"]}],
+          f"two arms of two runs: A1 A2, B1 B2 ({r.stderr.strip()[-300:]})")
+    check(next((x for x in arms.get("runs", []) if x["label"] == "A2"), {}).get("differs") == ["train.seed = 1 (A1: 0)"]
+          and next((x for x in arms.get("runs", []) if x["label"] == "B1"), {}).get("differs_from") == "A1",
+          "A2 differs from A1 in its seed; B1 is described against A1")
+    for label, config in (("A2", frozen_s1), ("B2", top_s1)):
+        p = subprocess.run([canopy, "predict", "--config", config, "--input", IMAGES, "--limit", str(ROWS),
+                            "--format", "jsonl", "--progress", "quiet"], capture_output=True, text=True)
+        answers[label] = [json.loads(line) for line in p.stdout.splitlines()]
+    answers["A1"], answers["B1"] = answers["A"], answers["B"]
+    right = {k: torch.tensor([names.index(a["cls"]) for a in answers[k]]) == y for k in ("A1", "A2", "B1", "B2")}
+
+    def arm_draws(arm, i):
+        return torch.randint(2, (2,), generator=torch.Generator().manual_seed(i * 7919 + 2 + arm)).tolist()
+
+    # Seeds 0, 1 in both arms: paired by seed, every arm draws the generator of arm 0's stream.
+    check(arms.get("paired_by_seed") is True, "arms of seeds 0, 1 each are paired by seed")
+    per = {arm: [float(np.mean([right[f"{arm}{1 + j}"][rows].double().mean() for j in arm_draws(0, i)]))
+                 for i, rows in enumerate(drawn)] for arm in "AB"}
+    mean = {arm: float(np.mean([right[f"{arm}{j}"].double().mean() for j in (1, 2)])) for arm in "AB"}
+    cls2 = next((t for t in arms.get("tasks", []) if t["task"] == "cls"), {})
+    v = cls2.get("versus_A", {}).get("B", {})
+    want = np.quantile(np.array(per["B"]) - np.array(per["A"]), [0.025, 0.975])
+    check(v and abs(v["difference"] - (mean["B"] - mean["A"])) < 1e-12 and
+          np.abs(np.array(v["interval"]) - want).max() < 1e-12 and
+          np.abs(np.array(cls2["arms"]["A"]["interval"]) - np.quantile(per["A"], [0.025, 0.975])).max() < 1e-12,
+          f"task cls: arm B - arm A {mean['B'] - mean['A']:+.4f} {want.round(4)}, the runs and the rows resampled, "
+          f"as Python draws them (canopy: {v.get('difference')} {v.get('interval')})")
+    # Seeds 0, 1 against 1, 0: not paired, each arm draws its own runs.
+    r, unpaired = canopy_json([canopy, "compare", arm_a, f"{work}/top_s1,{runs[1]}", "--input", IMAGES,
+                               "--limit", str(ROWS)])
+    flipped = {"B1": "B2", "B2": "B1"}
+    per_b = [float(np.mean([right[flipped[f"B{1 + j}"]][rows].double().mean() for j in arm_draws(1, i)]))
+             for i, rows in enumerate(drawn)]
+    u = next((t for t in unpaired.get("tasks", []) if t["task"] == "cls"), {}).get("versus_A", {}).get("B", {})
+    check(unpaired.get("paired_by_seed") is False and u and
+          np.abs(np.array(u["interval"]) - np.quantile(np.array(per_b) - np.array(per["A"]), [0.025, 0.975])).max() < 1e-12,
+          f"arms of seeds 0, 1 and 1, 0 are drawn independently, as Python draws them ({u.get('interval')})")
+    single = next((t for t in c.get("tasks", []) if t["task"] == "cls"), {}).get("versus_A", {}).get("B", {})
+    check(v and single and v["interval"][1] - v["interval"][0] > 0 and v["interval"] != single["interval"],
+          "the arms' interval is not the single runs' one")
+    r = subprocess.run([canopy, "compare", arm_a, arm_b, "--input", IMAGES, "--limit", str(ROWS), "--progress", "quiet"],
+                       capture_output=True, text=True)
+    check("A (mean of 2)" in r.stdout and "A2 differs from A1 in train.seed = 1 (A1: 0)" in r.stdout and
+          "draws its runs with replacement" in r.stdout and "paired by train.seed" in r.stdout,
+          f"the text report names the arms:\n{r.stdout[:900]}")
+    r = subprocess.run([canopy, "compare", arm_a, "--input", IMAGES, "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 2 and "nothing to be compared with" in r.stderr, "one arm alone is refused")
 
     # Refused, exit 2, saying why.
     for args, said in (([moved], "name 2 to 26 runs"),

@@ -4,7 +4,9 @@
 // size, which trunk): each run's whole model (its trunk, fine-tuned top included, and every
 // head) goes through the input as `canopy evaluate` runs it, then every head of every run is
 // scored on the same resamples of those rows, so a head's difference from the same task's head
-// in the first run (the baseline) is resampled pairwise and has an interval of its own.
+// in the first run (the baseline) is resampled pairwise and has an interval of its own. A
+// setting trained with several seeds is one arm of several runs: its score is their mean, and
+// its interval holds the spread between them as well as the rows' (a two-level bootstrap).
 #pragma once
 
 #include <cstdint>
@@ -26,26 +28,44 @@ namespace canopy::runners {
 JobConfig load_compared_run(const std::string& path, const std::vector<std::string>& overrides);
 
 struct ComparedRun {
-  std::string label;    // "A", "B", ... in the order given; A is the baseline
+  std::string label;    // "A", or "A1", "A2", ... in an arm of several runs
+  std::size_t arm = 0;  // its arm's index
   std::string path;     // as given
   std::string out_dir;  // train.out_dir, where its heads are
   std::string trunk;    // what its heads read, e.g. "trunk efficientnet_lite0.pt, freeze = first:13, ..."
-  std::vector<std::string> differs;  // its config's keys that differ from A's: "key = value (A: value)"
+  // Its config's keys that differ from `differs_from`'s ("key = value (A: value)"): the first
+  // run of arm A for the first run of another arm, the first run of its arm for the others.
+  std::vector<std::string> differs;
+  std::string differs_from;
   // The run whose trunk pass its heads shared (the same features_signature): "" for its own.
   std::string pass_with;
   Evaluation evaluation;  // its heads on the input, each resampled with every run's heads
 };
 
-// One task scored by several runs: per run, its head's index in that run's evaluation.heads
-// (none where the run has no such head), and per run after the first that has it, the paired
-// difference from the baseline's head in `metric` (the run's less the baseline's, each metric
-// in `differences` in the same order as the Resampled names).
+// An arm: one run, or several runs of one setting (seeds, say), scored by their mean.
+struct ComparedArm {
+  std::string label;              // "A", "B", ...; A is the baseline
+  std::vector<std::size_t> runs;  // indices into Comparison::runs
+};
+
+// An arm's score in a metric: the mean of its runs' values, and its interval over the
+// resamples (rows resampled, and an arm's runs resampled with replacement on each).
+struct ArmScore {
+  double value = 0.0;
+  tasks::Interval interval;
+};
+
+// One task scored by several arms: per run, its head's index in that run's evaluation.heads
+// (none where the task is not compared for the run's arm); per arm, its score in `metric` and,
+// for each arm after A, the paired difference from A's (the arm's less A's), in `metric` and
+// in every resampled metric (`differences`).
 struct ComparedTask {
   std::string task;
-  std::string metric;  // compared_metric: accuracy, macro_f1 or r2
-  std::vector<std::optional<std::size_t>> head;
-  std::vector<std::optional<Paired>> versus;     // per run; none for A
-  std::vector<std::vector<Paired>> differences;  // per run: every resampled metric
+  std::string metric;                            // compared_metric: accuracy, macro_f1 or r2
+  std::vector<std::optional<std::size_t>> head;  // per run
+  std::vector<std::optional<ArmScore>> score;    // per arm
+  std::vector<std::optional<Paired>> versus;     // per arm; none for A
+  std::vector<std::vector<Paired>> differences;  // per arm: every resampled metric
 };
 
 struct Comparison {
@@ -55,27 +75,38 @@ struct Comparison {
   double level = 0.95;
   std::uint64_t seed = 0;
   std::vector<ComparedRun> runs;
+  std::vector<ComparedArm> arms;
+  // Every arm has the same k > 1 runs whose i-th share one train.seed: the runs are drawn
+  // together (the same indices for every arm), as the rows are.
+  bool paired_by_seed = false;
   std::vector<ComparedTask> tasks;
   std::vector<std::string> not_compared;  // "task 'x': why"
   double seconds = 0.0;
 };
 
-// Scores every run's model on `options.input` in turn (one model in memory at a time), then
-// resamples every head together with the first run's train.seed, train.bootstrap_resamples
-// (which must be > 0) and train.interval_level. The runs must read the same rows: the same
-// number, and for each task compared, the same labels (a DataError says which run and task
-// differ). `paths` names each run as given.
-Comparison run_compare(const std::vector<JobConfig>& configs, const std::vector<std::string>& paths,
+// Scores every run's model on `options.input` (runs reading the same features in one pass;
+// one such group in memory at a time), then resamples every head together with the first
+// run's train.seed, train.bootstrap_resamples (which must be > 0) and train.interval_level.
+// `arms[a]` are the configs of arm a's runs, `paths[a]` how each was named. The runs must read
+// the same rows: the same number, and for each task compared, the same labels (a DataError says
+// which run and task differ). In an arm of k > 1 runs, each resample also draws k of its runs
+// with replacement (a generator seeded by seed * 1000003 + resample * 7919 + 2 + the arm's
+// index, or + 0 for every arm when they are paired by seed), the arm's value on it their mean:
+// the spread between runs (seeds) is in its interval.
+Comparison run_compare(const std::vector<std::vector<JobConfig>>& arms,
+                       const std::vector<std::vector<std::string>>& paths,
                        const tasks::HeadRegistry& registry, const EvaluateOptions& options,
                        ProgressStyle style = ProgressStyle::kAuto);
 
-// The comparison as the CLI prints it: the runs, then a row per task with each run's metric and
-// interval and each run's difference from A with its interval.
+// The comparison as the CLI prints it: the runs, then a row per task with each arm's metric and
+// interval and each arm's difference from A with its interval.
 std::string format_comparison(const Comparison& c);
 // The same as one JSON object: {"input", "rows", "resamples", "level", "seed", "runs": [{"label",
-// "path", "out_dir", "trunk", "seconds", "heads": [as canopy evaluate --json's]}], "tasks":
-// [{"task", "metric", "runs": {"A": {"value", "interval"}, ...}, "versus_A": {"B": {"difference",
-// "interval", "metrics": {"accuracy": {"difference", "interval"}, ...}}}}], "not_compared"}.
+// "arm", "path", "out_dir", "trunk", "differs_from", "differs", "seconds", "pass_with", "heads":
+// [as canopy evaluate --json's]}], "arms": [{"label", "runs": [labels]}], "tasks": [{"task",
+// "metric", "arms": {"A": {"value", "interval", "runs": {run label: value}}, ...}, "versus_A":
+// {"B": {"difference", "interval", "metrics": {"accuracy": {"difference", "interval"}, ...}}}}],
+// "paired_by_seed", "not_compared", "seconds"}.
 std::string comparison_json(const Comparison& c);
 
 }  // namespace canopy::runners
