@@ -359,6 +359,9 @@ void compare_options(po::options_description& d, po::positional_options_descript
       "set", po::value<std::vector<std::string>>()->value_name("KEY=VALUE"),
       "override a config value in every run, e.g. --set cache.batch_size=64 (repeatable)")(
       "allow-unpinned", "load a trunk whose SHA-256 the config does not pin (the hash to pin is printed)");
+  d.add_options()("metric", po::value<std::string>()->value_name("NAME"),
+                  "compare by accuracy, macro_f1, mean_ap, nll, mae, rmse or r2 where a head's kind has it "
+                  "(default: accuracy; multilabel macro_f1; regression r2)");
   labelled_input_options(d);
   p.add("run", -1);
 }
@@ -397,8 +400,9 @@ int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& 
     options.labels = vm["labels"].as<std::string>();
   }
   const std::string path = output_path(vm, "compare");
-  const Comparison c =
-      run_compare(configs, arm_paths, registry, options, parse_progress(vm["progress"].as<std::string>()));
+  const Comparison c = run_compare(configs, arm_paths, registry, options,
+                                   vm.count("metric") ? vm["metric"].as<std::string>() : "",
+                                   parse_progress(vm["progress"].as<std::string>()));
   out << (vm.count("json") ? comparison_json(c) : format_comparison(c));
   if (!path.empty()) {
     write_output_file(path, comparison_json(c));

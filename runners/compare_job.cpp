@@ -40,8 +40,8 @@ std::string describe_run(const JobConfig& c) {
   return out;
 }
 
-// The resolved config's keys whose values differ from `base`'s, as "key = value (A: value)";
-// train.out_dir, which differs between any two runs, left out.
+// The resolved config's keys whose values differ from `base`'s, as "key = value (A1: value)"
+// (`base_label` naming `base`); train.out_dir, which differs between any two runs, left out.
 std::vector<std::string> keys_differing(const JobConfig& base, const JobConfig& c,
                                         const std::string& base_label) {
   const auto values = [](const JobConfig& j) {
@@ -72,27 +72,28 @@ std::vector<std::string> keys_differing(const JobConfig& base, const JobConfig& 
   };
   const auto a = values(base), b = values(c);
   const auto a_tasks = tasks_of(base), b_tasks = tasks_of(c);
-  const auto section = [](const std::string& key) { return key.substr(0, key.find('.', 5) + 1); };
+  // A key of a task only one of the two has (said by its section above).
+  const auto one_sided = [&](const std::string& key) {
+    if (key.rfind("task.", 0) != 0) return false;
+    const std::string section = key.substr(0, key.find('.', 5) + 1);
+    return !a_tasks.count(section) || !b_tasks.count(section);
+  };
   std::vector<std::string> out;
   for (const auto& t : b_tasks)
     if (!a_tasks.count(t)) out.push_back("[" + t.substr(0, t.size() - 1) + "] (" + base_label + ": none)");
   for (const auto& t : a_tasks)
     if (!b_tasks.count(t)) out.push_back("no [" + t.substr(0, t.size() - 1) + "] (" + base_label + ": one)");
   for (const auto& [key, value] : b) {
+    if (one_sided(key)) continue;
     const auto it = a.find(key);
-    if (key.rfind("task.", 0) == 0 && (!a_tasks.count(section(key)) || !b_tasks.count(section(key))))
-      continue;
     if (it == a.end()) {
       out.push_back(key + " = " + value + " (" + base_label + ": none)");
     } else if (it->second != value && !read_by_neither(key)) {
       out.push_back(key + " = " + value + " (" + base_label + ": " + it->second + ")");
     }
   }
-  for (const auto& [key, value] : a) {
-    if (key.rfind("task.", 0) == 0 && (!a_tasks.count(section(key)) || !b_tasks.count(section(key))))
-      continue;
-    if (!b.count(key)) out.push_back(key + ": none (" + base_label + ": " + value + ")");
-  }
+  for (const auto& [key, value] : a)
+    if (!one_sided(key) && !b.count(key)) out.push_back(key + ": none (" + base_label + ": " + value + ")");
   return out;
 }
 
@@ -103,23 +104,7 @@ ordered_json printed(const std::vector<std::string>& lines) {
 }
 
 ordered_json interval_pair(const tasks::Interval& i) { return {i.lo, i.hi}; }
-}  // namespace
 
-JobConfig load_compared_run(const std::string& path, const std::vector<std::string>& overrides) {
-  if (is_directory(path)) {
-    const std::string config = join_path(path, "config.ini");
-    CANOPY_CHECK(is_regular_file(config), ConfigError, "canopy compare: '", path,
-                 "' is a folder without config.ini: name a training run's out_dir or a config file");
-    std::vector<std::string> with_out_dir = overrides;
-    with_out_dir.push_back("train.out_dir=" + path);
-    return load_job_config(config, with_out_dir);
-  }
-  CANOPY_CHECK(is_regular_file(path), ConfigError, "canopy compare: no run '", path,
-               "': name a training run's out_dir or a config file");
-  return load_job_config(path, overrides);
-}
-
-namespace {
 // Which of an arm's k runs resample r draws, with replacement (every run once for k = 1).
 std::vector<std::size_t> drawn_runs(std::size_t k, std::size_t r, std::uint64_t seed, std::size_t arm) {
   if (k == 1) return {0};
@@ -158,10 +143,24 @@ double arm_value(const Comparison& c, const ComparedTask& t, std::size_t arm, co
 }
 }  // namespace
 
+JobConfig load_compared_run(const std::string& path, const std::vector<std::string>& overrides) {
+  if (is_directory(path)) {
+    const std::string config = join_path(path, "config.ini");
+    CANOPY_CHECK(is_regular_file(config), ConfigError, "canopy compare: '", path,
+                 "' is a folder without config.ini: name a training run's out_dir or a config file");
+    std::vector<std::string> with_out_dir = overrides;
+    with_out_dir.push_back("train.out_dir=" + path);
+    return load_job_config(config, with_out_dir);
+  }
+  CANOPY_CHECK(is_regular_file(path), ConfigError, "canopy compare: no run '", path,
+               "': name a training run's out_dir or a config file");
+  return load_job_config(path, overrides);
+}
+
 Comparison run_compare(const std::vector<std::vector<JobConfig>>& arms,
                        const std::vector<std::vector<std::string>>& arm_paths,
                        const tasks::HeadRegistry& registry, const EvaluateOptions& options,
-                       ProgressStyle style) {
+                       const std::string& metric, ProgressStyle style) {
   const auto start = std::chrono::steady_clock::now();
   CANOPY_CHECK(arms.size() == arm_paths.size(), ConfigError, "canopy compare: ", arms.size(), " arms, ",
                arm_paths.size(), " lists of paths");
@@ -192,6 +191,9 @@ Comparison run_compare(const std::vector<std::vector<JobConfig>>& arms,
   CANOPY_CHECK(arms.size() >= 2, ConfigError,
                "canopy compare: one arm of several runs has nothing to be compared with; name 2 to 26 runs "
                "or comma-separated lists of runs");
+  static const std::set<std::string> kMetrics{"accuracy", "macro_f1", "mean_ap", "nll", "mae", "rmse", "r2"};
+  CANOPY_CHECK(metric.empty() || kMetrics.count(metric), ConfigError, "canopy compare: --metric '", metric,
+               "' is not one of accuracy, macro_f1, mean_ap, nll, mae, rmse, r2");
   const TrainConfig& baseline = configs.front().train;
   CANOPY_CHECK(baseline.bootstrap_resamples > 0, ConfigError,
                "canopy compare: heads are compared on resamples of the rows, and run ", c.runs[0].label,
@@ -294,7 +296,8 @@ Comparison run_compare(const std::vector<std::vector<JobConfig>>& arms,
     const TaskResult& base = a.heads[i];
     ComparedTask t;
     t.task = base.name;
-    t.metric = compared_metric(base.kind);
+    // --metric where the head's kind has it, else the kind's own.
+    t.metric = !metric.empty() && base.resampled->find(metric) ? metric : compared_metric(base.kind);
     t.head.assign(total, std::nullopt);
     t.score.assign(c.arms.size(), std::nullopt);
     t.versus.assign(c.arms.size(), std::nullopt);
@@ -410,7 +413,8 @@ std::string format_comparison(const Comparison& c) {
     const bool any =
         std::any_of(t.versus.begin(), t.versus.end(), [](const auto& v) { return v.has_value(); });
     if (!any) continue;
-    std::vector<std::string> row{t.task, metric_label(t.metric)};
+    const bool lower = t.metric == "nll" || t.metric == "mae" || t.metric == "rmse";
+    std::vector<std::string> row{t.task, metric_label(t.metric) + (lower ? " (lower)" : "")};
     for (const auto& s : t.score) {
       row.push_back(s ? shown(t.metric, s->value, true) + " [" + shown(t.metric, s->interval.lo, false) +
                             ", " + shown(t.metric, s->interval.hi, false) + "]"

@@ -129,7 +129,6 @@ std::vector<ScoredInput> score_inputs(const std::vector<const JobConfig*>& confi
     e.heads.push_back(std::move(r));
     e.card_scores.push_back(h.kind == tasks::TaskKind::kRegression ? h.card.value("eval_r2", 0.0)
                                                                    : h.card.value("eval_accuracy", 0.0));
-    o.cards.push_back(h.card);
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   for (auto& o : out) o.evaluation.seconds = seconds;

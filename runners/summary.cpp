@@ -158,6 +158,8 @@ std::string metric_label(const std::string& metric) {
   if (metric == "mean_ap") return "mean AP";
   if (metric == "r2") return "R^2";
   if (metric == "nll") return "NLL";
+  if (metric == "mae") return "MAE";
+  if (metric == "rmse") return "RMSE";
   return metric;
 }
 

@@ -171,6 +171,19 @@ def main():
     check(f"[{100 * lo:.2f}, {100 * hi:.2f}] (95%) on the eval split" in r.stdout,
           f"inspect says it beside the score: {r.stdout[:600]}")
 
+    # --metric: each task compared by it where its head's kind has it, else by its own.
+    r, by = canopy_json(base + ["--metric", "macro_f1"])
+    got = {t["task"]: t for t in by.get("tasks", [])}
+    want = {t["task"]: t for t in c.get("tasks", [])}
+    check(r.returncode == 0 and got["cls"]["metric"] == "macro_f1" and got["ink"]["metric"] == "r2" and
+          got["cls"]["versus_A"]["B"]["difference"] == want["cls"]["versus_A"]["B"]["metrics"]["macro_f1"]["difference"]
+          and got["cls"]["versus_A"]["B"]["interval"] == want["cls"]["versus_A"]["B"]["metrics"]["macro_f1"]["interval"],
+          "--metric macro_f1 compares cls by its macro-F1 (as the JSON's metrics had it), ink by R^2")
+    r = subprocess.run(base + ["--metric", "mae", "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0 and "MAE (lower)" in r.stdout, "--metric mae: the regression row says lower is better")
+    r = subprocess.run(base + ["--metric", "f1", "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 2 and "--metric 'f1' is not one of" in r.stderr, "an unknown metric: exit 2")
+
     # A run against itself: every difference 0, said as no difference.
     r, same = canopy_json([canopy, "compare", runs[0], runs[0], "--input", IMAGES, "--limit", str(ROWS)])
     diffs = [t["versus_A"]["B"] for t in same.get("tasks", [])]

@@ -61,7 +61,8 @@ struct ArmScore {
 // in every resampled metric (`differences`).
 struct ComparedTask {
   std::string task;
-  std::string metric;                            // compared_metric: accuracy, macro_f1 or r2
+  // run_compare's `metric` where the head's kind has it, else compared_metric's
+  std::string metric;
   std::vector<std::optional<std::size_t>> head;  // per run
   std::vector<std::optional<ArmScore>> score;    // per arm
   std::vector<std::optional<Paired>> versus;     // per arm; none for A
@@ -92,11 +93,13 @@ struct Comparison {
 // which run and task differ). In an arm of k > 1 runs, each resample also draws k of its runs
 // with replacement (a generator seeded by seed * 1000003 + resample * 7919 + 2 + the arm's
 // index, or + 0 for every arm when they are paired by seed), the arm's value on it their mean:
-// the spread between runs (seeds) is in its interval.
+// the spread between runs (seeds) is in its interval. `metric` (accuracy, macro_f1, mean_ap,
+// nll, mae, rmse or r2; "": each kind's compared_metric) is what each task is compared by, where
+// its head's kind has it.
 Comparison run_compare(const std::vector<std::vector<JobConfig>>& arms,
                        const std::vector<std::vector<std::string>>& paths,
                        const tasks::HeadRegistry& registry, const EvaluateOptions& options,
-                       ProgressStyle style = ProgressStyle::kAuto);
+                       const std::string& metric = "", ProgressStyle style = ProgressStyle::kAuto);
 
 // The comparison as the CLI prints it: the runs, then a row per task with each arm's metric and
 // interval and each arm's difference from A with its interval.

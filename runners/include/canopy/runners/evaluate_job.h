@@ -43,11 +43,10 @@ Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& regi
                         const EvaluateOptions& options, ProgressStyle style = ProgressStyle::kAuto);
 
 // What run_evaluate computes before it resamples: the Evaluation (no head resampled), and per
-// head evaluated, in its order, its outputs on the input's rows with their targets and its card.
+// head evaluated, in its order, its outputs on the input's rows with their targets.
 struct ScoredInput {
   Evaluation evaluation;
   std::vector<tasks::HeadOutputs> outputs;
-  std::vector<nlohmann::ordered_json> cards;
 };
 // `what` names the pass in progress lines ("evaluate").
 ScoredInput score_input(const JobConfig& config, const tasks::HeadRegistry& registry,

@@ -109,7 +109,7 @@ std::vector<std::optional<Paired>> compare_with_best(const std::vector<TaskResul
 bool same_labels(const TaskResult& a, const TaskResult& b);
 // What heads are compared by, per kind: "accuracy" (multiclass), "macro_f1" (multilabel), "r2".
 const char* compared_metric(tasks::TaskKind kind);
-// A metric as the lines name it: "accuracy", "macro-F1", "mean AP", "R^2", "NLL", "mae", ...
+// A metric as the lines name it: "accuracy", "macro-F1", "mean AP", "R^2", "NLL", "MAE", "RMSE".
 std::string metric_label(const std::string& metric);
 // A value as the lines show it: percentages for accuracies ("88.57%", or "88.57" without
 // `percent_sign`), 4 significant digits for MAE and RMSE, else 4 decimals.
