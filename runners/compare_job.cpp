@@ -105,6 +105,32 @@ ordered_json printed(const std::vector<std::string>& lines) {
 
 ordered_json interval_pair(const tasks::Interval& i) { return {i.lo, i.hi}; }
 
+// Per arm after A: how many tasks it does better on than A (the difference's interval clear of 0
+// on the better side: above it, or below it for NLL, MAE and RMSE), worse on, and cannot tell.
+struct Tally {
+  int better = 0, worse = 0, undecided = 0;
+};
+std::vector<Tally> tally(const Comparison& c) {
+  std::vector<Tally> out(c.arms.size());
+  for (const auto& t : c.tasks) {
+    const double sign = t.metric == "nll" || t.metric == "mae" || t.metric == "rmse" ? -1.0 : 1.0;
+    for (std::size_t a = 1; a < c.arms.size(); ++a) {
+      const auto& v = t.versus[a];
+      if (!v) continue;
+      const double lo = std::min(sign * v->interval.lo, sign * v->interval.hi),
+                   hi = std::max(sign * v->interval.lo, sign * v->interval.hi);
+      if (lo > 0) {
+        ++out[a].better;
+      } else if (hi < 0) {
+        ++out[a].worse;
+      } else {
+        ++out[a].undecided;
+      }
+    }
+  }
+  return out;
+}
+
 // Which of an arm's k runs resample r draws, with replacement (every run once for k = 1).
 std::vector<std::size_t> drawn_runs(std::size_t k, std::size_t r, std::uint64_t seed, std::size_t arm) {
   if (k == 1) return {0};
@@ -438,6 +464,13 @@ std::string format_comparison(const Comparison& c) {
   if (undecided)
     o +=
         "(no difference shown: the difference's interval holds 0, so these rows cannot tell the two apart)\n";
+  const auto counts = tally(c);
+  for (std::size_t a = 1; a < c.arms.size(); ++a) {
+    const Tally& n = counts[a];
+    o += detail::str_cat(c.arms[a].label, " against A: better on ", n.better, ", worse on ", n.worse,
+                         ", no difference shown on ", n.undecided, " of the ",
+                         n.better + n.worse + n.undecided, " tasks compared\n");
+  }
   for (const auto& n : c.not_compared) o += "not compared: " + n + "\n";
   for (const auto& r : c.runs)
     for (const auto& n : r.evaluation.not_evaluated) o += "not evaluated (run " + r.label + "): " + n + "\n";
@@ -467,6 +500,11 @@ std::string comparison_json(const Comparison& c) {
     for (const std::size_t r : a.runs) labels.push_back(c.runs[r].label);
     arms.push_back({{"label", a.label}, {"runs", labels}});
   }
+  const auto counts = tally(c);
+  ordered_json against = ordered_json::object();
+  for (std::size_t a = 1; a < c.arms.size(); ++a)
+    against[c.arms[a].label] = {
+        {"better", counts[a].better}, {"worse", counts[a].worse}, {"no_difference", counts[a].undecided}};
   ordered_json tasks = ordered_json::array();
   for (const auto& t : c.tasks) {
     ordered_json per_arm = ordered_json::object(), versus = ordered_json::object();
@@ -496,6 +534,7 @@ std::string comparison_json(const Comparison& c) {
                          {"runs", runs},
                          {"arms", arms},
                          {"paired_by_seed", c.paired_by_seed},
+                         {"against_A", against},
                          {"tasks", tasks},
                          {"not_compared", c.not_compared},
                          {"seconds", c.seconds}};

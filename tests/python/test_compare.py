@@ -137,6 +137,18 @@ def main():
           f"(canopy: {v.get('interval')})")
     check(all(m in v.get("metrics", {}) for m in ("mae", "rmse", "r2")), "every resampled metric's difference is given")
 
+    # The tally per arm: better / worse / no difference, from the intervals the tasks give.
+    lower = {"nll", "mae", "rmse"}
+    for arm in ("B", "C"):
+        want = {"better": 0, "worse": 0, "no_difference": 0}
+        for t in c.get("tasks", []):
+            v = t["versus_A"].get(arm)
+            if not v:
+                continue
+            lo, hi = sorted(x * (-1 if t["metric"] in lower else 1) for x in v["interval"])
+            want["better" if lo > 0 else "worse" if hi < 0 else "no_difference"] += 1
+        check(c.get("against_A", {}).get(arm) == want, f"arm {arm} against A: {want}")
+
     # What differs between the runs' configs, and what is not compared.
     differs = runs_of.get("B", {}).get("differs", [])
     check("trunk.freeze = first:2 (A: all)" in differs and any(d.startswith("cache.path = ") for d in differs)
@@ -157,7 +169,9 @@ def main():
     row = next((l for l in lines if l.startswith("cls ")), "")
     check(r.returncode == 0 and "B differs from A in " in r.stdout and "trunk.freeze = first:2 (A: all)" in r.stdout
           and "B - A" in r.stdout and "C - A" in r.stdout and " points [" in row and
-          "not compared: task 'extra'" in r.stdout, f"the text report:\n{r.stdout}")
+          "not compared: task 'extra'" in r.stdout and
+          f"B against A: better on {c['against_A']['B']['better']}, worse on {c['against_A']['B']['worse']}" in r.stdout,
+          f"the text report:\n{r.stdout}")
 
     # `canopy inspect` of a run gives each exported head's test score with its card's interval.
     r = subprocess.run([canopy, "inspect", runs[1], "--json"], capture_output=True, text=True)

@@ -102,14 +102,16 @@ Comparison run_compare(const std::vector<std::vector<JobConfig>>& arms,
                        const std::string& metric = "", ProgressStyle style = ProgressStyle::kAuto);
 
 // The comparison as the CLI prints it: the runs, then a row per task with each arm's metric and
-// interval and each arm's difference from A with its interval.
+// interval and each arm's difference from A with its interval, then per arm after A how many
+// tasks it does better and worse on (the difference's interval clear of 0) and cannot tell.
 std::string format_comparison(const Comparison& c);
 // The same as one JSON object: {"input", "rows", "resamples", "level", "seed", "runs": [{"label",
 // "arm", "path", "out_dir", "trunk", "differs_from", "differs", "seconds", "pass_with", "heads":
 // [as canopy evaluate --json's]}], "arms": [{"label", "runs": [labels]}], "tasks": [{"task",
 // "metric", "arms": {"A": {"value", "interval", "runs": {run label: value}}, ...}, "versus_A":
 // {"B": {"difference", "interval", "metrics": {"accuracy": {"difference", "interval"}, ...}}}}],
-// "paired_by_seed", "not_compared", "seconds"}.
+// "paired_by_seed", "against_A": {"B": {"better", "worse", "no_difference"}}, "not_compared",
+// "seconds"}.
 std::string comparison_json(const Comparison& c);
 
 }  // namespace canopy::runners
