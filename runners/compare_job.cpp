@@ -1,5 +1,6 @@
 #include "canopy/runners/compare_job.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <map>
@@ -113,7 +114,7 @@ struct Tally {
 std::vector<Tally> tally(const Comparison& c) {
   std::vector<Tally> out(c.arms.size());
   for (const auto& t : c.tasks) {
-    const double sign = t.metric == "nll" || t.metric == "mae" || t.metric == "rmse" ? -1.0 : 1.0;
+    const double sign = tasks::lower_is_better(t.metric) ? -1.0 : 1.0;
     for (std::size_t a = 1; a < c.arms.size(); ++a) {
       const auto& v = t.versus[a];
       if (!v) continue;
@@ -167,6 +168,197 @@ double arm_value(const Comparison& c, const ComparedTask& t, std::size_t arm, co
     sum += tasks::metric_value(c.runs[r].evaluation.heads[*t.head[r]].eval, metric);
   return sum / static_cast<double>(c.arms[arm].runs.size());
 }
+
+using Draws = std::vector<std::vector<std::vector<std::size_t>>>;  // [arm][resample]: its runs drawn
+
+std::string run_name(const Comparison& c, std::size_t r) {
+  return "run " + c.runs[r].label + " (" + c.runs[r].path + ")";
+}
+
+// The arms' runs in one list, A's first: each labelled (A, or A1, A2, ... in an arm of several),
+// knowing its arm and path; their configs in the same order.
+std::vector<JobConfig> lay_out(Comparison& c, const std::vector<std::vector<JobConfig>>& arms,
+                               const std::vector<std::vector<std::string>>& paths) {
+  CANOPY_CHECK(arms.size() == paths.size(), ConfigError, "canopy compare: ", arms.size(), " arms, ",
+               paths.size(), " lists of paths");
+  std::vector<JobConfig> configs;
+  for (std::size_t a = 0; a < arms.size(); ++a) {
+    CANOPY_CHECK(!arms[a].empty() && arms[a].size() == paths[a].size(), ConfigError, "canopy compare: arm ",
+                 a + 1, " has no runs");
+    ComparedArm arm{std::string(1, static_cast<char>('A' + a)), {}};
+    for (std::size_t i = 0; i < arms[a].size(); ++i) {
+      arm.runs.push_back(configs.size());
+      configs.push_back(arms[a][i]);
+      ComparedRun run;
+      run.label = arms[a].size() == 1 ? arm.label : arm.label + std::to_string(i + 1);
+      run.arm = a;
+      run.path = paths[a][i];
+      run.out_dir = arms[a][i].train.out_dir;
+      run.trunk = describe_run(arms[a][i]);
+      c.runs.push_back(std::move(run));
+    }
+    c.arms.push_back(std::move(arm));
+  }
+  CANOPY_CHECK(configs.size() >= 2 && arms.size() <= 26, ConfigError,
+               "canopy compare: name 2 to 26 runs (training out_dirs or config files), got ", arms.size(),
+               arms.size() == 1 ? " run" : " runs",
+               "; e.g. canopy compare runs/frozen runs/top2 --input FILE (several runs of one setting, "
+               "seeds say, as one comma-separated argument)");
+  CANOPY_CHECK(arms.size() >= 2, ConfigError,
+               "canopy compare: one arm of several runs has nothing to be compared with; name 2 to 26 runs "
+               "or comma-separated lists of runs");
+  return configs;
+}
+
+// Every run's heads on the input. Runs whose heads read the same features share one trunk pass
+// (pass_with), one such group in memory at a time; an error names the group's runs.
+std::vector<ScoredInput> score_runs(Comparison& c, const std::vector<JobConfig>& configs,
+                                    const tasks::HeadRegistry& registry, const EvaluateOptions& options,
+                                    ProgressStyle style) {
+  std::vector<std::string> signature;
+  for (const auto& config : configs) signature.push_back(features_signature(config));
+  std::vector<ScoredInput> scored(configs.size());
+  for (std::size_t r = 0; r < configs.size(); ++r) {
+    if (!c.runs[r].pass_with.empty()) continue;
+    std::vector<std::size_t> group{r};
+    for (std::size_t s = r + 1; s < configs.size(); ++s) {
+      if (!signature[r].empty() && signature[s] == signature[r]) {
+        group.push_back(s);
+        c.runs[s].pass_with = c.runs[r].label;
+      }
+    }
+    std::vector<const JobConfig*> group_configs;
+    std::string what = "compare", runs_named;
+    for (const std::size_t g : group) {
+      group_configs.push_back(&configs[g]);
+      what += " " + c.runs[g].label;
+      runs_named += (runs_named.empty() ? "" : ", ") + run_name(c, g);
+    }
+    const auto named = [&](const Error& e) { return "canopy compare: " + runs_named + ": " + e.what(); };
+    std::vector<ScoredInput> results;
+    try {
+      results = score_inputs(group_configs, registry, options, style, what);
+    } catch (const ConfigError& e) {
+      throw ConfigError(named(e));
+    } catch (const DataError& e) {
+      throw DataError(named(e));
+    } catch (const IoError& e) {
+      throw IoError(named(e));
+    }
+    for (std::size_t i = 0; i < group.size(); ++i) scored[group[i]] = std::move(results[i]);
+  }
+  return scored;
+}
+
+// Each run's evaluation, every head of every run resampled on the same resamples of the rows
+// (which every run must have read alike), and what differs between the runs' configs.
+void take_evaluations(Comparison& c, const std::vector<JobConfig>& configs,
+                      const std::vector<ScoredInput>& scored, const EvaluateOptions& options,
+                      const TrainConfig& baseline) {
+  c.rows = scored[0].evaluation.rows;
+  std::vector<tasks::HeadOutputs> all;
+  for (std::size_t r = 0; r < c.runs.size(); ++r) {
+    ComparedRun& run = c.runs[r];
+    run.evaluation = scored[r].evaluation;
+    CANOPY_CHECK(run.evaluation.rows == c.rows, DataError, "canopy compare: ", run_name(c, r), " read ",
+                 run.evaluation.rows, " rows from '", printable(options.input), "', ", run_name(c, 0),
+                 " read ", c.rows, ": the runs read the input differently (their data.* keys differ)");
+    if (r > 0) {  // the first run of an arm against A's first, the others against their arm's first
+      const auto& own = c.arms[run.arm].runs;
+      const std::size_t against = own.front() == r ? 0 : own.front();
+      run.differs_from = c.runs[against].label;
+      run.differs = keys_differing(configs[against], configs[r], run.differs_from);
+    }
+    all.insert(all.end(), scored[r].outputs.begin(), scored[r].outputs.end());
+  }
+  std::vector<tasks::Resampled> resampled =
+      tasks::bootstrap(all, {baseline.bootstrap_resamples, baseline.interval_level, c.seed});
+  c.resamples = static_cast<std::size_t>(baseline.bootstrap_resamples);
+  std::size_t next = 0;
+  for (auto& run : c.runs) {
+    for (auto& h : run.evaluation.heads) {
+      h.resampled = std::move(resampled[next++]);
+      h.interval_level = c.level;
+    }
+  }
+}
+
+// Each arm's runs drawn on every resample. Arms whose i-th runs share their train.seed (the
+// same shuffles and head initialisations) are paired by seed: every arm draws the same runs.
+Draws draw_runs(Comparison& c, const std::vector<JobConfig>& configs) {
+  c.paired_by_seed = std::all_of(c.arms.begin(), c.arms.end(), [&](const ComparedArm& arm) {
+    if (arm.runs.size() != c.arms[0].runs.size() || arm.runs.size() < 2) return false;
+    for (std::size_t i = 0; i < arm.runs.size(); ++i)
+      if (configs[arm.runs[i]].train.seed != configs[c.arms[0].runs[i]].train.seed) return false;
+    return true;
+  });
+  Draws draws(c.arms.size());
+  for (std::size_t a = 0; a < c.arms.size(); ++a)
+    for (std::size_t r = 0; r < c.resamples; ++r)
+      draws[a].push_back(drawn_runs(c.arms[a].runs.size(), r, c.seed, c.paired_by_seed ? 0 : a));
+  return draws;
+}
+
+std::optional<std::size_t> find_head(const Evaluation& e, const std::string& task) {
+  for (std::size_t i = 0; i < e.heads.size(); ++i)
+    if (e.heads[i].name == task) return i;
+  return std::nullopt;
+}
+
+// Finds task `t` (run A's head `i`) in every run of `arm`, setting t.head; false (and why in
+// c.not_compared) where a run lacks it or scores other labels. The same labels read from the
+// input are checked too.
+bool match_arm(Comparison& c, ComparedTask& t, const std::vector<ScoredInput>& scored, std::size_t i,
+               std::size_t arm, const EvaluateOptions& options) {
+  const TaskResult& base = c.runs[0].evaluation.heads[i];
+  std::vector<std::size_t> heads;
+  for (const std::size_t r : c.arms[arm].runs) {
+    const auto j = find_head(c.runs[r].evaluation, base.name);
+    if (!j) {
+      c.not_compared.push_back(detail::str_cat("task '", base.name, "': not in ", run_name(c, r)));
+      return false;
+    }
+    const TaskResult& other = c.runs[r].evaluation.heads[*j];
+    if (!same_labels(base, other)) {
+      c.not_compared.push_back(detail::str_cat(
+          "task '", base.name, "': ", run_name(c, r), " scores ", other.labels, " (",
+          tasks::to_string(other.kind), ", ", other.class_names.size(), " classes), run ", c.runs[0].label,
+          " ", base.labels, " (", tasks::to_string(base.kind), ", ", base.class_names.size(), " classes)"));
+      return false;
+    }
+    const at::Tensor& want = scored[0].outputs[i].targets;
+    const at::Tensor& got = scored[r].outputs[*j].targets;
+    CANOPY_CHECK(at::equal(want, got), DataError, "canopy compare: task '", base.name, "': ", run_name(c, r),
+                 " read other labels from '", printable(options.input), "' than ", run_name(c, 0), " (",
+                 at::ne(want, got).sum().item<std::int64_t>(),
+                 " values differ): the runs read the input's rows differently (their data.* keys differ)");
+    heads.push_back(*j);
+  }
+  for (std::size_t k = 0; k < heads.size(); ++k) t.head[c.arms[arm].runs[k]] = heads[k];
+  return true;
+}
+
+// Task `t`'s score per arm that has it, and each such arm's differences from A's, in every
+// resampled metric.
+void score_task(const Comparison& c, ComparedTask& t, const Draws& draws, const std::vector<bool>& has) {
+  const TaskResult& base = c.runs[0].evaluation.heads[*t.head[0]];
+  for (const std::string& name : base.resampled->names) {
+    const std::vector<double> theirs = arm_replicates(c, t, 0, name, draws);
+    if (theirs.empty()) continue;
+    const double base_value = arm_value(c, t, 0, name);
+    if (name == t.metric) t.score[0] = ArmScore{base_value, tasks::percentile_interval(theirs, c.level)};
+    for (std::size_t arm = 1; arm < c.arms.size(); ++arm) {
+      if (!has[arm]) continue;
+      const std::vector<double> mine = arm_replicates(c, t, arm, name, draws);
+      if (mine.empty()) continue;
+      const double value = arm_value(c, t, arm, name);
+      if (name == t.metric) t.score[arm] = ArmScore{value, tasks::percentile_interval(mine, c.level)};
+      t.differences[arm].push_back({c.arms[0].label + ":" + base.name, name, value - base_value,
+                                    tasks::difference_interval(mine, theirs, c.level), c.resamples});
+      if (name == t.metric) t.versus[arm] = t.differences[arm].back();
+    }
+  }
+}
 }  // namespace
 
 JobConfig load_compared_run(const std::string& path, const std::vector<std::string>& overrides) {
@@ -188,38 +380,11 @@ Comparison run_compare(const std::vector<std::vector<JobConfig>>& arms,
                        const tasks::HeadRegistry& registry, const EvaluateOptions& options,
                        const std::string& metric, ProgressStyle style) {
   const auto start = std::chrono::steady_clock::now();
-  CANOPY_CHECK(arms.size() == arm_paths.size(), ConfigError, "canopy compare: ", arms.size(), " arms, ",
-               arm_paths.size(), " lists of paths");
-  std::vector<JobConfig> configs;
-  std::vector<std::string> paths;
   Comparison c;
-  for (std::size_t a = 0; a < arms.size(); ++a) {
-    CANOPY_CHECK(!arms[a].empty() && arms[a].size() == arm_paths[a].size(), ConfigError,
-                 "canopy compare: arm ", a + 1, " has no runs");
-    ComparedArm arm{std::string(1, static_cast<char>('A' + a)), {}};
-    for (std::size_t i = 0; i < arms[a].size(); ++i) {
-      arm.runs.push_back(configs.size());
-      configs.push_back(arms[a][i]);
-      paths.push_back(arm_paths[a][i]);
-      ComparedRun run;
-      run.label = arms[a].size() == 1 ? arm.label : arm.label + std::to_string(i + 1);
-      run.arm = a;
-      c.runs.push_back(std::move(run));
-    }
-    c.arms.push_back(std::move(arm));
-  }
-  const std::size_t total = configs.size();
-  CANOPY_CHECK((arms.size() >= 2 || (arms.size() == 1 && total >= 2)) && arms.size() <= 26, ConfigError,
-               "canopy compare: name 2 to 26 runs (training out_dirs or config files), got ", arms.size(),
-               arms.size() == 1 ? " run" : " runs",
-               "; e.g. canopy compare runs/frozen runs/top2 --input FILE (several runs of one setting, "
-               "seeds say, as one comma-separated argument)");
-  CANOPY_CHECK(arms.size() >= 2, ConfigError,
-               "canopy compare: one arm of several runs has nothing to be compared with; name 2 to 26 runs "
-               "or comma-separated lists of runs");
-  static const std::set<std::string> kMetrics{"accuracy", "macro_f1", "mean_ap", "nll", "mae", "rmse", "r2"};
-  CANOPY_CHECK(metric.empty() || kMetrics.count(metric), ConfigError, "canopy compare: --metric '", metric,
-               "' is not one of accuracy, macro_f1, mean_ap, nll, mae, rmse, r2");
+  const std::vector<JobConfig> configs = lay_out(c, arms, arm_paths);
+  const auto& names = tasks::resampled_metric_names();
+  CANOPY_CHECK(metric.empty() || std::find(names.begin(), names.end(), metric) != names.end(), ConfigError,
+               "canopy compare: --metric '", metric, "' is not one of ", join(names, ", "));
   const TrainConfig& baseline = configs.front().train;
   CANOPY_CHECK(baseline.bootstrap_resamples > 0, ConfigError,
                "canopy compare: heads are compared on resamples of the rows, and run ", c.runs[0].label,
@@ -227,172 +392,95 @@ Comparison run_compare(const std::vector<std::vector<JobConfig>>& arms,
   c.input = options.input;
   c.level = baseline.interval_level;
   c.seed = static_cast<std::uint64_t>(baseline.seed);
-  const auto run_name = [&](std::size_t r) { return "run " + c.runs[r].label + " (" + paths[r] + ")"; };
-  // Runs whose heads read the same features share one trunk pass (one group in memory at a time).
-  std::vector<std::string> signature;
-  for (const auto& config : configs) signature.push_back(features_signature(config));
-  std::vector<ScoredInput> scored(total);
-  std::vector<std::optional<std::size_t>> shared_with(total);
-  for (std::size_t r = 0; r < total; ++r) {
-    if (shared_with[r]) continue;
-    std::vector<std::size_t> group{r};
-    for (std::size_t s = r + 1; s < total; ++s) {
-      if (!signature[r].empty() && signature[s] == signature[r]) {
-        group.push_back(s);
-        shared_with[s] = r;
-      }
-    }
-    std::vector<const JobConfig*> group_configs;
-    std::string what = "compare", runs_named;
-    for (const std::size_t g : group) {
-      group_configs.push_back(&configs[g]);
-      what += " " + c.runs[g].label;
-      runs_named += (runs_named.empty() ? "" : ", ") + run_name(g);
-    }
-    // An error while loading or scoring names the runs it came from.
-    const auto named = [&](const Error& e) { return "canopy compare: " + runs_named + ": " + e.what(); };
-    std::vector<ScoredInput> results;
-    try {
-      results = score_inputs(group_configs, registry, options, style, what);
-    } catch (const ConfigError& e) {
-      throw ConfigError(named(e));
-    } catch (const DataError& e) {
-      throw DataError(named(e));
-    } catch (const IoError& e) {
-      throw IoError(named(e));
-    }
-    for (std::size_t i = 0; i < group.size(); ++i) scored[group[i]] = std::move(results[i]);
-  }
-  for (std::size_t r = 0; r < total; ++r) {
-    ComparedRun& run = c.runs[r];
-    run.path = paths[r];
-    run.out_dir = configs[r].train.out_dir;
-    run.trunk = describe_run(configs[r]);
-    if (shared_with[r]) run.pass_with = c.runs[*shared_with[r]].label;
-    if (r > 0) {
-      const auto& own = c.arms[run.arm].runs;
-      const std::size_t against = own.front() == r ? 0 : own.front();
-      run.differs_from = c.runs[against].label;
-      run.differs = keys_differing(configs[against], configs[r], run.differs_from);
-    }
-    run.evaluation = scored[r].evaluation;
-    if (r > 0) {
-      CANOPY_CHECK(run.evaluation.rows == c.rows, DataError, "canopy compare: ", run_name(r), " read ",
-                   run.evaluation.rows, " rows from '", printable(options.input), "', ", run_name(0),
-                   " read ", c.rows, ": the runs read the input differently (their data.* keys differ)");
-    } else {
-      c.rows = run.evaluation.rows;
-    }
-  }
+  const std::vector<ScoredInput> scored = score_runs(c, configs, registry, options, style);
+  take_evaluations(c, configs, scored, options, baseline);
+  const Draws draws = draw_runs(c, configs);
 
-  // Every head of every run on the same resamples of the rows.
-  std::vector<tasks::HeadOutputs> all;
-  for (const auto& s : scored) all.insert(all.end(), s.outputs.begin(), s.outputs.end());
-  std::vector<tasks::Resampled> resampled =
-      tasks::bootstrap(all, {baseline.bootstrap_resamples, baseline.interval_level, c.seed});
-  c.resamples = static_cast<std::size_t>(baseline.bootstrap_resamples);
-  std::size_t next = 0;
-  for (auto& run : c.runs) {
-    for (auto& h : run.evaluation.heads) {
-      h.resampled = std::move(resampled[next++]);
-      h.interval_level = c.level;
-    }
-  }
-  // Each arm's runs drawn on every resample. Arms whose i-th runs share their train.seed (the
-  // same shuffles and head initialisations) are paired by seed: every arm draws the same runs.
-  c.paired_by_seed = std::all_of(c.arms.begin(), c.arms.end(), [&](const ComparedArm& arm) {
-    if (arm.runs.size() != c.arms[0].runs.size() || arm.runs.size() < 2) return false;
-    for (std::size_t i = 0; i < arm.runs.size(); ++i)
-      if (configs[arm.runs[i]].train.seed != configs[c.arms[0].runs[i]].train.seed) return false;
-    return true;
-  });
-  std::vector<std::vector<std::vector<std::size_t>>> draws(c.arms.size());
-  for (std::size_t a = 0; a < c.arms.size(); ++a)
-    for (std::size_t r = 0; r < c.resamples; ++r)
-      draws[a].push_back(drawn_runs(c.arms[a].runs.size(), r, c.seed, c.paired_by_seed ? 0 : a));
-
-  // The first run's tasks in its order, each matched by name in every other run.
-  const auto find = [](const Evaluation& e, const std::string& task) -> std::optional<std::size_t> {
-    for (std::size_t i = 0; i < e.heads.size(); ++i)
-      if (e.heads[i].name == task) return i;
-    return std::nullopt;
-  };
+  // Run A's tasks in its order, each matched by name in every other run.
   const Evaluation& a = c.runs[0].evaluation;
   for (std::size_t i = 0; i < a.heads.size(); ++i) {
-    const TaskResult& base = a.heads[i];
     ComparedTask t;
-    t.task = base.name;
+    t.task = a.heads[i].name;
     // --metric where the head's kind has it, else the kind's own.
-    t.metric = !metric.empty() && base.resampled->find(metric) ? metric : compared_metric(base.kind);
-    t.head.assign(total, std::nullopt);
+    t.metric =
+        !metric.empty() && a.heads[i].resampled->find(metric) ? metric : compared_metric(a.heads[i].kind);
+    t.head.assign(c.runs.size(), std::nullopt);
     t.score.assign(c.arms.size(), std::nullopt);
     t.versus.assign(c.arms.size(), std::nullopt);
     t.differences.assign(c.arms.size(), {});
-    // Where the task is missing or scores other labels in one of an arm's runs, the arm is left out.
-    const auto arm_has = [&](std::size_t arm) {
-      std::vector<std::optional<std::size_t>> heads;
-      for (const std::size_t r : c.arms[arm].runs) {
-        const auto j = find(c.runs[r].evaluation, base.name);
-        if (!j) {
-          c.not_compared.push_back(detail::str_cat("task '", base.name, "': not in ", run_name(r)));
-          return false;
-        }
-        const TaskResult& other = c.runs[r].evaluation.heads[*j];
-        if (!same_labels(base, other)) {
-          c.not_compared.push_back(
-              detail::str_cat("task '", base.name, "': ", run_name(r), " scores ", other.labels, " (",
-                              tasks::to_string(other.kind), ", ", other.class_names.size(), " classes), run ",
-                              c.runs[0].label, " ", base.labels, " (", tasks::to_string(base.kind), ", ",
-                              base.class_names.size(), " classes)"));
-          return false;
-        }
-        const at::Tensor& want = scored[0].outputs[i].targets;
-        const at::Tensor& got = scored[r].outputs[*j].targets;
-        CANOPY_CHECK(
-            at::equal(want, got), DataError, "canopy compare: task '", base.name, "': ", run_name(r),
-            " read other labels from '", printable(options.input), "' than ", run_name(0), " (",
-            at::ne(want, got).sum().item<std::int64_t>(),
-            " values differ): the runs read the input's rows differently (their data.* keys differ)");
-        heads.push_back(j);
-      }
-      for (std::size_t k = 0; k < heads.size(); ++k) t.head[c.arms[arm].runs[k]] = heads[k];
-      return true;
-    };
-    if (!arm_has(0)) continue;
-    std::map<std::string, std::vector<double>> baseline_values;
+    std::vector<bool> has(c.arms.size());
     for (std::size_t arm = 0; arm < c.arms.size(); ++arm) {
-      if (arm > 0 && !arm_has(arm)) continue;
-      const TaskResult& first =
-          c.runs[c.arms[arm].runs.front()].evaluation.heads[*t.head[c.arms[arm].runs.front()]];
-      for (const std::string& name : first.resampled->names) {
-        const std::vector<double> mine = arm_replicates(c, t, arm, name, draws);
-        if (mine.empty()) continue;
-        const double value = arm_value(c, t, arm, name);
-        if (name == t.metric) t.score[arm] = ArmScore{value, tasks::percentile_interval(mine, c.level)};
-        if (arm == 0) {
-          baseline_values[name] = mine;
-          continue;
-        }
-        const auto theirs = baseline_values.find(name);
-        if (theirs == baseline_values.end()) continue;
-        t.differences[arm].push_back(
-            {c.arms[0].label + ":" + base.name, name, value - arm_value(c, t, 0, name),
-             tasks::difference_interval(mine, theirs->second, c.level), c.resamples});
-        if (name == t.metric) t.versus[arm] = t.differences[arm].back();
-      }
+      has[arm] = match_arm(c, t, scored, i, arm, options);
+      if (!has[0]) break;  // not compared at all
     }
+    if (!has[0]) continue;
+    score_task(c, t, draws, has);
     c.tasks.push_back(std::move(t));
   }
-  for (std::size_t r = 1; r < total; ++r) {
+  for (std::size_t r = 1; r < c.runs.size(); ++r) {
     for (const auto& h : c.runs[r].evaluation.heads) {
-      if (!find(a, h.name))
+      if (!find_head(a, h.name))
         c.not_compared.push_back(
-            detail::str_cat("task '", h.name, "': in ", run_name(r), ", not in ", run_name(0)));
+            detail::str_cat("task '", h.name, "': in ", run_name(c, r), ", not in ", run_name(c, 0)));
     }
   }
   c.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return c;
 }
+
+namespace {
+// The runs, a line each (label, path, what its heads read, heads, pass), then what differs.
+std::string run_lines(const Comparison& c) {
+  std::vector<std::vector<std::string>> runs;
+  for (const auto& r : c.runs) {
+    char secs[64];
+    std::snprintf(secs, sizeof secs, "%.2f s", r.evaluation.seconds);
+    if (!r.pass_with.empty()) std::snprintf(secs, sizeof secs, "in %s's pass", r.pass_with.c_str());
+    runs.push_back(
+        {"  " + r.label, printable(r.path), r.trunk, count_of(r.evaluation.heads.size(), "head"), secs});
+  }
+  std::string o = aligned_columns(runs);
+  for (const auto& r : c.runs) {
+    if (r.differs_from.empty()) continue;
+    constexpr std::size_t kShown = 8;
+    std::vector<std::string> shown_keys(r.differs.begin(),
+                                        r.differs.begin() + std::min(r.differs.size(), kShown));
+    if (r.differs.size() > kShown)
+      shown_keys.push_back(std::to_string(r.differs.size() - kShown) + " more (--json)");
+    o += "  " + r.label + " differs from " + r.differs_from + " in " +
+         (r.differs.empty() ? std::string("no key") : printable(join(shown_keys, "; "))) + "\n";
+  }
+  return o;
+}
+
+// A row per task compared: its metric, each arm's score and each arm's difference from A.
+std::string task_table(const Comparison& c) {
+  std::vector<std::vector<std::string>> rows;
+  std::vector<std::string> header{"task", "metric"};
+  for (const auto& a : c.arms)
+    header.push_back(a.runs.size() > 1 ? a.label + " (mean of " + std::to_string(a.runs.size()) + ")"
+                                       : a.label);
+  for (std::size_t a = 1; a < c.arms.size(); ++a) header.push_back(c.arms[a].label + " - A");
+  rows.push_back(header);
+  for (const auto& t : c.tasks) {
+    if (std::none_of(t.versus.begin(), t.versus.end(), [](const auto& v) { return v.has_value(); })) continue;
+    std::vector<std::string> row{
+        t.task, metric_label(t.metric) + (tasks::lower_is_better(t.metric) ? " (lower)" : "")};
+    for (const auto& s : t.score)
+      row.push_back(s ? shown_with_interval(t.metric, s->value, s->interval) : "-");
+    for (std::size_t a = 1; a < c.arms.size(); ++a) {
+      if (!t.versus[a]) {
+        row.push_back("-");
+        continue;
+      }
+      const PairedText said = paired_text(*t.versus[a]);
+      row.push_back(said.difference + said.interval + (said.said.empty() ? "" : " (no difference shown)"));
+    }
+    rows.push_back(std::move(row));
+  }
+  return aligned_columns(rows);
+}
+}  // namespace
 
 std::string format_comparison(const Comparison& c) {
   char level[32];
@@ -408,63 +496,11 @@ std::string format_comparison(const Comparison& c) {
       !several           ? ""
       : c.paired_by_seed ? "; the arms' runs are paired by train.seed: every arm draws the same seeds\n"
                          : "; the arms' runs are drawn independently (their train.seed lists differ)\n");
-  std::vector<std::vector<std::string>> runs;
-  for (const auto& r : c.runs) {
-    char secs[64];
-    std::snprintf(secs, sizeof secs, "%.2f s", r.evaluation.seconds);
-    if (!r.pass_with.empty()) std::snprintf(secs, sizeof secs, "in %s's pass", r.pass_with.c_str());
-    runs.push_back(
-        {"  " + r.label, printable(r.path), r.trunk, count_of(r.evaluation.heads.size(), "head"), secs});
-  }
-  o += aligned_columns(runs);
-  for (const auto& r : c.runs) {
-    if (r.differs_from.empty()) continue;
-    constexpr std::size_t kShown = 8;
-    std::vector<std::string> shown_keys(r.differs.begin(),
-                                        r.differs.begin() + std::min(r.differs.size(), kShown));
-    if (r.differs.size() > kShown)
-      shown_keys.push_back(std::to_string(r.differs.size() - kShown) + " more (--json)");
-    o += "  " + r.label + " differs from " + r.differs_from + " in " +
-         (r.differs.empty() ? std::string("no key") : printable(join(shown_keys, "; "))) + "\n";
-  }
-  o += "\n";
-  std::vector<std::vector<std::string>> rows;
-  std::vector<std::string> header{"task", "metric"};
-  for (const auto& a : c.arms)
-    header.push_back(a.runs.size() > 1 ? a.label + " (mean of " + std::to_string(a.runs.size()) + ")"
-                                       : a.label);
-  for (std::size_t a = 1; a < c.arms.size(); ++a) header.push_back(c.arms[a].label + " - A");
-  rows.push_back(header);
-  for (const auto& t : c.tasks) {
-    const bool any =
-        std::any_of(t.versus.begin(), t.versus.end(), [](const auto& v) { return v.has_value(); });
-    if (!any) continue;
-    const bool lower = t.metric == "nll" || t.metric == "mae" || t.metric == "rmse";
-    std::vector<std::string> row{t.task, metric_label(t.metric) + (lower ? " (lower)" : "")};
-    for (const auto& s : t.score) {
-      row.push_back(s ? shown(t.metric, s->value, true) + " [" + shown(t.metric, s->interval.lo, false) +
-                            ", " + shown(t.metric, s->interval.hi, false) + "]"
-                      : "-");
-    }
-    for (std::size_t a = 1; a < c.arms.size(); ++a) {
-      if (!t.versus[a]) {
-        row.push_back("-");
-        continue;
-      }
-      const PairedText said = paired_text(*t.versus[a]);
-      row.push_back(said.difference + said.interval + (said.said.empty() ? "" : " (no difference shown)"));
-    }
-    rows.push_back(std::move(row));
-  }
-  o += aligned_columns(rows);
-  const bool undecided = std::any_of(c.tasks.begin(), c.tasks.end(), [](const ComparedTask& t) {
-    return std::any_of(t.versus.begin(), t.versus.end(),
-                       [](const auto& v) { return v && v->interval.lo <= 0 && v->interval.hi >= 0; });
-  });
-  if (undecided)
+  o += run_lines(c) + "\n" + task_table(c);
+  const auto counts = tally(c);
+  if (std::any_of(counts.begin(), counts.end(), [](const Tally& n) { return n.undecided > 0; }))
     o +=
         "(no difference shown: the difference's interval holds 0, so these rows cannot tell the two apart)\n";
-  const auto counts = tally(c);
   for (std::size_t a = 1; a < c.arms.size(); ++a) {
     const Tally& n = counts[a];
     o += detail::str_cat(c.arms[a].label, " against A: better on ", n.better, ", worse on ", n.worse,

@@ -184,9 +184,10 @@ std::string lead_line(const TaskResult& t, const Paired& lead) {
   char level[32];
   std::snprintf(level, sizeof level, "%g%%", 100 * t.interval_level);
   return detail::str_cat("grid '", t.name, "': ", t.winner, " leads ", lead.other, " by ", said.difference,
-                         " of ", metric_label(lead.metric), lead.metric == "nll" ? " (lower)" : "",
-                         " on the validation split", said.interval, " (", level, ", ", lead.resamples,
-                         " resamples, paired)", said.said, "\n");
+                         " of ", metric_label(lead.metric),
+                         tasks::lower_is_better(lead.metric) ? " (lower)" : "", " on the validation split",
+                         said.interval, " (", level, ", ", lead.resamples, " resamples, paired)", said.said,
+                         "\n");
 }
 
 // A line per grid: its members, how many finished (and were cut), the best three on the
@@ -273,6 +274,11 @@ std::string shown(const std::string& metric, double v, bool percent_sign) {
   return buf;
 }
 
+std::string shown_with_interval(const std::string& metric, double v, const tasks::Interval& in) {
+  return shown(metric, v, true) + " [" + shown(metric, in.lo, false) + ", " + shown(metric, in.hi, false) +
+         "]";
+}
+
 bool same_labels(const TaskResult& a, const TaskResult& b) {
   return a.kind == b.kind && a.labels == b.labels && a.class_names == b.class_names;
 }
@@ -321,8 +327,8 @@ std::string interval_lines(const std::vector<TaskResult>& results, const std::st
       const std::vector<double>* values = r.resampled->find(metric);
       if (!values) continue;
       const tasks::Interval in = tasks::percentile_interval(*values, r.interval_level);
-      row.push_back(std::string(label) + " " + shown(metric, tasks::metric_value(r.eval, metric), true) +
-                    " [" + shown(metric, in.lo, false) + ", " + shown(metric, in.hi, false) + "]");
+      row.push_back(std::string(label) + " " +
+                    shown_with_interval(metric, tasks::metric_value(r.eval, metric), in));
     }
     row.resize(3);
     if (const auto& v = versus[i]) {

@@ -1126,11 +1126,11 @@ std::optional<Paired> grid_lead(const TaskSet& set, const std::vector<std::size_
       {validation_outputs[winner], validation_outputs[members[*runner]]},
       {train.bootstrap_resamples, train.interval_level, static_cast<std::uint64_t>(train.seed)});
   const std::vector<double>& w = *both[0].find(metric);
-  return Paired{listed[*runner].name, metric,
-                listed[winner_place].validation_score - listed[*runner].validation_score,
-                tasks::difference_interval(w, *both[1].find(metric), train.interval_level,
-                                           metric == "nll" ? -1.0 : 1.0),  // a score: higher is better
-                w.size()};
+  return Paired{
+      listed[*runner].name, metric, listed[winner_place].validation_score - listed[*runner].validation_score,
+      tasks::difference_interval(w, *both[1].find(metric), train.interval_level,
+                                 tasks::lower_is_better(metric) ? -1.0 : 1.0),  // a score: higher is better
+      w.size()};
 }
 
 // Final evaluation and export. Each head that finished takes its exported epoch's weights

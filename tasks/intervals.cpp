@@ -66,6 +66,13 @@ const std::vector<double>* Resampled::find(const std::string& name) const {
   return nullptr;
 }
 
+const std::vector<std::string>& resampled_metric_names() {
+  static const std::vector<std::string> names{"accuracy", "macro_f1", "mean_ap", "nll", "mae", "rmse", "r2"};
+  return names;
+}
+
+bool lower_is_better(const std::string& name) { return name == "nll" || name == "mae" || name == "rmse"; }
+
 std::string scored_metric(TaskKind kind, Monitor monitor) {
   switch (monitor) {
     case Monitor::kAccuracy:

@@ -114,6 +114,8 @@ std::string metric_label(const std::string& metric);
 // A value as the lines show it: percentages for accuracies ("88.57%", or "88.57" without
 // `percent_sign`), 4 significant digits for MAE and RMSE, else 4 decimals.
 std::string shown(const std::string& metric, double v, bool percent_sign);
+// "88.57% [87.94, 89.17]": a value and its interval as the lines show them.
+std::string shown_with_interval(const std::string& metric, double v, const tasks::Interval& in);
 // A paired difference and its interval as the lines say them: "+0.40 points" (accuracy) or
 // "+0.0123", and " [-0.60, +1.40]"; `said` gets ": no difference these rows can show" where the
 // interval holds 0.

@@ -35,6 +35,11 @@ struct Resampled {
   const std::vector<double>* find(const std::string& name) const;
 };
 
+// Every name a Resampled may hold, of any kind: accuracy, macro_f1, mean_ap, nll, mae, rmse, r2.
+const std::vector<std::string>& resampled_metric_names();
+// Whether a lower value of the metric is the better one (nll, mae, rmse).
+bool lower_is_better(const std::string& name);
+
 // The resampled metric (its name in Resampled) that EvalMetrics::score() is of for a head of
 // `kind` monitored by `monitor`: "accuracy", "r2", "macro_f1", "mean_ap" or "nll" (whose score
 // is its negation).
