@@ -1,5 +1,6 @@
 #include "canopy/runners/cli.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -35,7 +36,9 @@
 #include "canopy/runners/predict_job.h"
 #include "canopy/runners/run_inspect.h"
 #include "canopy/runners/step_runner.h"
+#include "canopy/runners/sweep_job.h"
 #include "canopy/runners/train_job.h"
+#include "canopy/tasks/intervals.h"
 #include "canopy/trunk/trunk.h"
 
 namespace canopy::runners {
@@ -411,6 +414,105 @@ int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   return kExitOk;
 }
 
+void sweep_options(po::options_description& d, po::positional_options_description&) {
+  add_config_options(d);
+  d.add_options()("vary", po::value<std::vector<std::string>>()->value_name("KEY=V1,V2,..."),
+                  "a config key and the values to train it at, comma-separated (';'-separated where a value "
+                  "holds commas), e.g. --vary trunk.freeze=all,first:13,first:11; repeatable: every "
+                  "combination is one setting")(
+      "seeds", po::value<std::string>()->value_name("S1,S2,..."),
+      "train every setting once per seed (train.seed), e.g. --seeds 0,1,2 (default: the config's "
+      "train.seed)")("out", po::value<std::string>()->value_name("DIR"),
+                     "the sweep's folder: a run's out_dir per setting and seed, the caches (one per "
+                     "distinct features), logs/, sweep.json, compare.json")(
+      "dry-run", "print the runs, their out_dirs and caches, and what each would do; run nothing")(
+      "input", po::value<std::string>()->value_name("FILE"),
+      "labelled inputs to compare the settings on once every run is trained, as canopy compare "
+      "takes them (without it: the compare command is printed)")(
+      "labels", po::value<std::string>()->value_name("FILE"),
+      "idx images: their idx label file (default: the one beside the images)")(
+      "limit", po::value<std::int64_t>()->default_value(0)->value_name("N"),
+      "compare on the first N inputs only (0: all)")("metric", po::value<std::string>()->value_name("NAME"),
+                                                     "compare by this metric (as canopy compare)");
+  add_progress_option(d);
+}
+
+// --vary's "key=v1,v2" (or "key=v1;v2" where a value holds a comma).
+std::pair<std::string, std::vector<std::string>> parse_vary(const std::string& arg) {
+  const auto eq = arg.find('=');
+  CANOPY_CHECK(eq != std::string::npos && eq > 0, ConfigError, "canopy sweep: --vary '", arg,
+               "': expected KEY=V1,V2,... (e.g. --vary trunk.freeze=all,first:13)");
+  const std::string values = arg.substr(eq + 1);
+  std::vector<std::string> split_values = split(values, values.find(';') != std::string::npos ? ';' : ',');
+  for (auto& v : split_values) v = trim(v);
+  return {trim(arg.substr(0, eq)), split_values};
+}
+
+int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
+                      std::ostream& err) {
+  CANOPY_CHECK(vm.count("config"), ConfigError,
+               "canopy sweep: --config FILE is required (see canopy sweep --help)");
+  SweepOptions options;
+  options.config = vm["config"].as<std::string>();
+  if (vm.count("set")) options.overrides = vm["set"].as<std::vector<std::string>>();
+  if (vm.count("allow-unpinned")) options.overrides.push_back("trunk.allow_unpinned=true");
+  if (vm.count("vary"))
+    for (const auto& v : vm["vary"].as<std::vector<std::string>>()) options.vary.push_back(parse_vary(v));
+  if (vm.count("seeds")) options.seeds = parse_int_list(vm["seeds"].as<std::string>(), "--seeds");
+  if (vm.count("out")) options.out = vm["out"].as<std::string>();
+  const std::int64_t limit = vm["limit"].as<std::int64_t>();
+  CANOPY_CHECK(limit >= 0, ConfigError, "canopy sweep: --limit must be >= 0 (0: every input), got ", limit);
+  CANOPY_CHECK(vm.count("input") || (!vm.count("labels") && !vm.count("metric") && limit == 0), ConfigError,
+               "canopy sweep: --labels, --limit and --metric are for the comparison: give --input FILE");
+  if (vm.count("metric")) {
+    const auto names = tasks::resampled_metric_names();
+    const std::string metric = vm["metric"].as<std::string>();
+    CANOPY_CHECK(std::find(names.begin(), names.end(), metric) != names.end(), ConfigError,
+                 "canopy sweep: --metric '", metric, "': expected one of ", join(names, ", "));
+  }
+  SweepPlan plan = plan_sweep(options);
+  if (vm.count("labels")) {
+    const auto& source = plan.runs.front().config.data.source;
+    CANOPY_CHECK(source == "fashion-mnist" || source == "mnist", ConfigError,
+                 "canopy sweep: --labels is for idx images (data.source = fashion-mnist or mnist)");
+  }
+  if (vm.count("dry-run")) {
+    out << format_plan(plan);
+    return kExitOk;
+  }
+  const std::string progress = vm["progress"].as<std::string>();
+  const ProgressStyle style = parse_progress(progress);
+  run_sweep(plan, this_program(), progress, err);
+  out << format_sweep(plan);
+  const bool failed = std::any_of(plan.runs.begin(), plan.runs.end(),
+                                  [](const SweepRun& r) { return r.exit_code == kExitHeadFailed; });
+  std::vector<std::string> arms;
+  for (const auto& paths : sweep_arm_paths(plan)) arms.push_back(join(paths, ","));
+  const std::string compare_command = "canopy compare " + join(arms, " ") + " --input FILE";
+  if (failed) {
+    err << "canopy: at least one head FAILED (see the runs' logs); once they are trained again, compare "
+           "them: "
+        << compare_command << "\n";
+    return kExitHeadFailed;
+  }
+  if (!vm.count("input")) {
+    out << "\ncompare them on labelled inputs: " << compare_command << "\n";
+    return kExitOk;
+  }
+  fit_threads(plan.runs.front().config);
+  EvaluateOptions compared;
+  compared.input = vm["input"].as<std::string>();
+  compared.limit = limit;
+  if (vm.count("labels")) compared.labels = vm["labels"].as<std::string>();
+  const Comparison c = run_compare(sweep_arms(plan), sweep_arm_paths(plan), registry, compared,
+                                   vm.count("metric") ? vm["metric"].as<std::string>() : "", style);
+  out << "\n" << format_comparison(c);
+  const std::string path = join_path(options.out, "compare.json");
+  write_file_atomic(path, comparison_json(c));
+  err << "canopy: wrote the comparison of " << c.runs.size() << " runs to " << path << "\n";
+  return kExitOk;
+}
+
 void tokenize_options(po::options_description& d, po::positional_options_description&) {
   d.add_options()("vocab", po::value<std::string>()->value_name("FILE"),
                   "the WordPiece vocabulary (vocab.txt)")(
@@ -449,6 +551,12 @@ const std::vector<Command>& commands() {
        "score several training runs (out_dirs or configs) on the same labelled inputs, and each head's "
        "difference from the first run's, with paired intervals: how much to freeze, which tap, which trunk",
        compare_options, run_compare_command},
+      {"sweep",
+       "canopy sweep --config FILE --vary KEY=V1,V2[,...] [--seeds S1,S2,...] --out DIR [--input FILE]",
+       "train one run per setting of the keys varied and per seed (runs reading the same features share one "
+       "cache; a sweep run again goes on where it stopped), then compare the settings: how much to freeze, "
+       "which tap, which rate",
+       sweep_options, run_sweep_command},
       {"export", "canopy export --config FILE --output FILE",
        "write the trained model (preprocessing, trunk, taps, pooling, every head) as one TorchScript file "
        "that torch.jit.load reads without canopy",
@@ -555,7 +663,8 @@ int run_command(const Command& c, const std::vector<std::string>& args, const ta
   // A long job in one process stops at its next safe point on Ctrl-C or SIGTERM, keeping what
   // it has done (under mpirun the ranks could not agree on the point: the signals end the job).
   std::optional<StopOnSignal> stop;
-  if (!mpi::distributed() && (name == "cache" || name == "train" || name == "run")) stop.emplace();
+  if (!mpi::distributed() && (name == "cache" || name == "train" || name == "run" || name == "sweep"))
+    stop.emplace();
   const int rc = c.run(vm, registry, out, err);
   if (stop && stop_signal() != 0) {
     err << "canopy: " << signal_name(stop_signal()) << " came after the job's last safe point: it finished\n";

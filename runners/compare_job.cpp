@@ -42,13 +42,15 @@ std::string describe_run(const JobConfig& c) {
 }
 
 // The resolved config's keys whose values differ from `base`'s, as "key = value (A1: value)"
-// (`base_label` naming `base`); train.out_dir, which differs between any two runs, left out.
+// (`base_label` naming `base`); train.out_dir, which differs between any two runs, and
+// cache.path (where the features were kept: the cache's fingerprint says what they are) left out.
 std::vector<std::string> keys_differing(const JobConfig& base, const JobConfig& c,
                                         const std::string& base_label) {
   const auto values = [](const JobConfig& j) {
     std::istringstream in(dump_config(j));
     auto v = read_config_values(in, j.source);
     v.erase("train.out_dir");
+    v.erase("cache.path");  // where a run's features were kept, not what they are
     return v;
   };
   // A task in one of the two configs is said once, by its section, not key by key.

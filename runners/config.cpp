@@ -1079,6 +1079,14 @@ std::vector<std::string> task_keys_unused(const JobConfig& config) {
   return out;
 }
 
+bool is_epochs_key(const std::string& key) {
+  constexpr std::string_view kTask = "task.", kEpochs = ".epochs";
+  return key == "train.epochs" ||
+         (key.size() > kTask.size() + kEpochs.size() && key.compare(0, kTask.size(), kTask) == 0 &&
+          key.find('.', kTask.size()) == key.size() - kEpochs.size() &&
+          key.compare(key.size() - kEpochs.size(), kEpochs.size(), kEpochs) == 0);
+}
+
 std::string dump_config(const JobConfig& c) {
   std::ostringstream o;
   o << "# resolved canopy configuration (from " << c.source << ")\n";

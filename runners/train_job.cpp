@@ -1471,15 +1471,6 @@ std::string memory_refused(const MemoryFence& fence) {
                          fence.room().said, "). A smaller train.batch_size or smaller heads need less");
 }
 
-// train.epochs and task.NAME.epochs: what --resume lets change (with train.out_dir).
-bool is_epochs_key(const std::string& key) {
-  constexpr std::string_view kTask = "task.", kEpochs = ".epochs";
-  return key == "train.epochs" ||
-         (key.size() > kTask.size() + kEpochs.size() && key.compare(0, kTask.size(), kTask) == 0 &&
-          key.find('.', kTask.size()) == key.size() - kEpochs.size() &&
-          key.compare(key.size() - kEpochs.size(), kEpochs.size(), kEpochs) == 0);
-}
-
 // The first of the `begun` epochs of a run of `total` that a run of `other` would have given
 // another rate: ": epoch 2, done, learnt at 0.7500 x the rate, 0.9330 x in a run of 6", or "".
 std::string rate_change(tasks::LrSchedule schedule, std::int64_t begun, std::int64_t total,

@@ -153,6 +153,8 @@ JobConfig load_job_config(const std::string& path, const std::vector<std::string
 std::map<std::string, std::string> read_config_values(std::istream& in, const std::string& source);
 // Builds a config from flat key/value pairs (what load_job_config does after reading).
 JobConfig job_config_from_values(const std::map<std::string, std::string>& values, const std::string& source);
+// train.epochs and task.NAME.epochs: what --resume lets change (with train.out_dir).
+bool is_epochs_key(const std::string& key);
 // The resolved configuration in the same INI format (every key, defaults included).
 std::string dump_config(const JobConfig& config);
 // The reference of every key (section, type, default, range, meaning) as Markdown tables:

@@ -1,0 +1,92 @@
+// `canopy sweep`: one training run per setting of the keys it varies and per seed, each in its
+// own out_dir under one folder, then (given labelled inputs) `canopy compare` of the settings,
+// each setting's seeds one arm. It is the loop a choice of how much to freeze (or which tap,
+// which rate) asks for, with what the loop by hand gets wrong taken care of: runs that read the
+// same features share one cache (its path is the features' fingerprint), every setting is
+// checked before anything trains, a run is its own `canopy run` process (its report in a log
+// file), a stopped sweep goes on where it stopped when run again (finished runs kept, a stopped
+// run resumed from its checkpoint), and a sweep run again with more epochs trains every run on.
+#pragma once
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "canopy/runners/config.h"
+
+namespace canopy::runners {
+
+struct SweepOptions {
+  std::string config;                  // the config file every run starts from
+  std::vector<std::string> overrides;  // --set (and --allow-unpinned): every run's
+  // The keys varied and their values: every combination is one setting.
+  std::vector<std::pair<std::string, std::vector<std::string>>> vary;
+  std::vector<std::int64_t> seeds;  // empty: the config's train.seed alone
+  std::string out;                  // the sweep's folder
+};
+
+// What running a run of the sweep does, from what its out_dir holds.
+enum class SweepAction {
+  kTrain,    // nothing there yet (or no checkpoint): `canopy run`
+  kResume,   // a run stopped before its end: `canopy run --resume`
+  kTrainOn,  // a finished run of fewer (or other) epochs: `canopy run --resume` trains it on
+  kDone,     // a finished run of this very configuration: kept
+};
+
+struct SweepRun {
+  std::size_t setting = 0;  // index into SweepPlan::settings
+  std::int64_t seed = 0;
+  std::string name;                    // its folder's name under out, e.g. "freeze-first_13-s0"
+  std::vector<std::string> overrides;  // its `canopy run`'s --set values, in order
+  JobConfig config;                    // resolved: train.out_dir, cache.path, train.seed set
+  std::string log;                     // <out>/logs/<name>.log: its cache and training reports
+  SweepAction action = SweepAction::kTrain;
+  std::string why;  // what its out_dir holds, for the actions other than kTrain
+  // Set by run_sweep: the run's exit status (-1: not run by this sweep) and its time.
+  int exit_code = -1;
+  double seconds = 0.0;
+};
+
+struct SweepPlan {
+  SweepOptions options;
+  std::vector<std::string> settings;  // "trunk.freeze = first:13", one per combination of values
+  std::vector<std::string> caches;    // each distinct cache.path the runs read, in first use order
+  std::vector<SweepRun> runs;         // setting by setting, each setting's seeds in order
+};
+
+// Resolves every run's configuration (a bad key or value is a ConfigError before anything
+// runs) and reads what each out_dir holds. Refused (ConfigError): a key varied twice or given
+// one value, a setting name repeated, train.out_dir, cache.path or train.seed varied or --set
+// (the sweep places them; --seeds gives the seeds), fewer than 2 or more than 26 settings (what
+// compare takes), an out_dir holding a run of another configuration than epochs alone, or a
+// folder there that is not a training run's. A DataError: a process training in an out_dir now.
+SweepPlan plan_sweep(const SweepOptions& options);
+
+// The plan as `--dry-run` prints it: settings, caches, and each run's out_dir and action.
+std::string format_plan(const SweepPlan& plan);
+
+// Runs every run not done, one at a time, each as `program run --config ... --set ...` in a
+// process of its own (its standard output appended to its log; its errors and progress on
+// this process's standard error); writes <out>/sweep.json after each. A run that ends with a
+// head FAILED (exit 3) is recorded and the sweep goes on. A signal that asks this process to
+// stop (StopOnSignal) is passed to the run, which stops at its next checkpoint: throws Stopped.
+// Another failure of a run throws a DataError naming it and its log; the runs before it are
+// kept. `log` gets a line as each run starts and ends.
+void run_sweep(SweepPlan& plan, const std::string& program, const std::string& progress, std::ostream& log);
+
+// This process's executable (/proc/self/exe), which run_sweep runs each run with.
+std::string this_program();
+
+// The table of runs after run_sweep: setting, seed, out_dir, what was done, time.
+std::string format_sweep(const SweepPlan& plan);
+// {"config", "out", "vary": {key: [values]}, "seeds", "settings", "caches", "runs": [{"setting",
+// "seed", "out_dir", "cache", "log", "action", "exit_code", "seconds"}]}
+std::string sweep_json(const SweepPlan& plan);
+
+// Each setting's runs, as `canopy compare` takes them: one arm per setting.
+std::vector<std::vector<JobConfig>> sweep_arms(const SweepPlan& plan);
+std::vector<std::vector<std::string>> sweep_arm_paths(const SweepPlan& plan);
+
+}  // namespace canopy::runners

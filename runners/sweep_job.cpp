@@ -1,0 +1,402 @@
+#include "canopy/runners/sweep_job.h"
+
+#include <fcntl.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <fstream>
+#include <iomanip>
+#include <map>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "canopy/core/error.h"
+#include "canopy/core/fs.h"
+#include "canopy/core/sha256.h"
+#include "canopy/core/stop.h"
+#include "canopy/core/strings.h"
+#include "canopy/runners/cache_job.h"
+#include "canopy/runners/run_inspect.h"
+
+namespace canopy::runners {
+
+namespace {
+
+// The sweep places these itself; --seeds gives the seeds.
+bool placed_by_sweep(const std::string& key) {
+  return key == "train.out_dir" || key == "cache.path" || key == "train.seed";
+}
+
+std::string key_of(const std::string& assignment) { return trim(assignment.substr(0, assignment.find('='))); }
+
+// A value as part of a folder name: letters, digits, '.', '+' and '-' kept, the rest '_'.
+std::string name_part(const std::string& value) {
+  std::string out;
+  for (const char ch : value) {
+    const bool kept = std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '+' || ch == '-';
+    out += kept ? ch : '_';
+  }
+  return out.empty() ? "_" : out;
+}
+
+// Every combination of the varied values, the first key's value changing slowest.
+std::vector<std::vector<std::size_t>> combinations(const SweepOptions& o) {
+  std::vector<std::vector<std::size_t>> out{{}};
+  for (const auto& [key, values] : o.vary) {
+    std::vector<std::vector<std::size_t>> next;
+    for (const auto& partial : out) {
+      for (std::size_t v = 0; v < values.size(); ++v) {
+        next.push_back(partial);
+        next.back().push_back(v);
+      }
+    }
+    out = std::move(next);
+  }
+  return out;
+}
+
+void check_options(const SweepOptions& o) {
+  CANOPY_CHECK(!o.out.empty(), ConfigError, "canopy sweep: --out DIR is required (the sweep's folder)");
+  CANOPY_CHECK(!o.vary.empty(), ConfigError,
+               "canopy sweep: give the key to vary and its values, e.g. --vary trunk.freeze=all,first:13");
+  std::set<std::string> keys;
+  for (const auto& [key, values] : o.vary) {
+    CANOPY_CHECK(!placed_by_sweep(key), ConfigError, "canopy sweep: --vary ", key,
+                 ": the sweep sets train.out_dir and cache.path itself, and --seeds gives the seeds");
+    CANOPY_CHECK(keys.insert(key).second, ConfigError, "canopy sweep: --vary ", key,
+                 " is given twice; give its values once, comma-separated");
+    CANOPY_CHECK(std::none_of(values.begin(), values.end(), [](const std::string& v) { return v.empty(); }),
+                 ConfigError, "canopy sweep: --vary ", key, " has an empty value");
+    const std::set<std::string> distinct(values.begin(), values.end());
+    CANOPY_CHECK(distinct.size() == values.size(), ConfigError, "canopy sweep: --vary ", key, "=",
+                 join(values, ","), " names a value twice");
+  }
+  for (const auto& s : o.overrides) {
+    CANOPY_CHECK(!placed_by_sweep(key_of(s)), ConfigError, "canopy sweep: --set ", s,
+                 ": the sweep sets train.out_dir and cache.path itself (under --out), and --seeds gives "
+                 "the seeds");
+    CANOPY_CHECK(!keys.count(key_of(s)), ConfigError, "canopy sweep: --set ", s, " sets a key --vary varies");
+  }
+  const std::set<std::int64_t> seeds(o.seeds.begin(), o.seeds.end());
+  CANOPY_CHECK(seeds.size() == o.seeds.size(), ConfigError, "canopy sweep: --seeds names a seed twice");
+  CANOPY_CHECK(std::all_of(o.seeds.begin(), o.seeds.end(), [](std::int64_t s) { return s >= 0; }),
+               ConfigError, "canopy sweep: --seeds are >= 0");
+}
+
+// What out_dir holds, and so what running the run does; refused when it holds a run of
+// another configuration (epochs aside) or something that is not a run.
+void read_out_dir(SweepRun& run) {
+  const std::string& dir = run.config.train.out_dir;
+  if (!path_exists(dir) || (is_directory(dir) && list_dir(dir).empty())) return;
+  CANOPY_CHECK(is_directory(dir) && is_run_dir(dir), ConfigError, "canopy sweep: '", dir,
+               "' is there and is not a training run's out_dir; remove it, or sweep into another --out");
+  const auto report = nlohmann::json::parse(inspect_run(dir, false, nullptr, true));
+  const std::string status = report.value("status", "");
+  CANOPY_CHECK(status != "running", DataError, "canopy sweep: ", report.value("status_text", status), " ('",
+               dir, "'); wait for it, or sweep into another --out");
+  CANOPY_CHECK(status != "unreadable", DataError, "canopy sweep: '", dir,
+               "': ", report.value("status_text", status), "; remove it to train it anew");
+  if (status == "no_checkpoint") return;
+  const std::string saved_path = join_path(dir, "config.ini");
+  CANOPY_CHECK(is_regular_file(saved_path), ConfigError, "canopy sweep: '", dir,
+               "' holds a run without its config.ini; remove it, or sweep into another --out");
+  std::istringstream saved_text(read_file(saved_path)), now_text(dump_config(run.config));
+  const auto saved = read_config_values(saved_text, saved_path);
+  const auto now = read_config_values(now_text, run.config.source);
+  std::vector<std::string> other, epochs;
+  for (const auto& change : map_changes(saved, now))
+    (is_epochs_key(change.substr(0, change.find(' '))) ? epochs : other).push_back(change);
+  CANOPY_CHECK(
+      other.empty(), ConfigError, "canopy sweep: '", dir, "' holds a run of another configuration (",
+      join(other, ", "),
+      "); remove it, or sweep into another --out (only train.epochs and task.NAME.epochs may change: "
+      "the run then trains on)");
+  if (status == "finished") {
+    run.action = epochs.empty() ? SweepAction::kDone : SweepAction::kTrainOn;
+    run.why = epochs.empty() ? "finished" : "finished, trains on: " + join(epochs, ", ");
+    return;
+  }
+  run.action = SweepAction::kResume;  // stopped, or not every head exported
+  run.why = status == "stopped" ? "stopped before its end" : "every head finished, not every head exported";
+  if (!epochs.empty()) run.why += "; " + join(epochs, ", ");
+}
+
+const char* action_word(SweepAction a) {
+  switch (a) {
+    case SweepAction::kTrain:
+      return "train";
+    case SweepAction::kResume:
+      return "resume";
+    case SweepAction::kTrainOn:
+      return "train on";
+    case SweepAction::kDone:
+      return "done before";
+  }
+  return "";
+}
+
+// Runs `argv` in a process of its own (its own process group, so that a terminal's Ctrl-C
+// reaches this process alone, which passes it on once; SIGTERM to it should this process die),
+// its standard output appended to `log_path`. A stop asked of this process (StopOnSignal) is
+// sent on to it. Returns its exit status, 128 + N when signal N ended it.
+int run_child(const std::vector<std::string>& argv, const std::string& log_path) {
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  const int log_fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  CANOPY_CHECK(log_fd >= 0, IoError, "cannot open '", log_path, "': ", describe_errno(errno));
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid == 0) {  // only async-signal-safe calls from here to exec
+    ::setpgid(0, 0);
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != parent) ::_exit(128 + SIGTERM);  // the sweep died before prctl
+    ::dup2(log_fd, STDOUT_FILENO);
+    ::execv(args[0], args.data());
+    const char msg[] = "canopy sweep: cannot start the run's process\n";
+    [[maybe_unused]] const auto n = ::write(STDERR_FILENO, msg, sizeof msg - 1);
+    ::_exit(127);
+  }
+  const int fork_errno = errno;
+  ::close(log_fd);
+  CANOPY_CHECK(pid > 0, Error, "canopy sweep: cannot start a process: ", describe_errno(fork_errno));
+  ::setpgid(pid, pid);
+  bool passed_on = false;
+  int status = 0;
+  while (true) {
+    const pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) break;
+    CANOPY_CHECK(r == 0 || errno == EINTR, Error, "canopy sweep: waiting for a run: ", describe_errno(errno));
+    if (!passed_on && stop_signal() != 0) {
+      ::kill(pid, stop_signal());
+      passed_on = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::string setting_of(const SweepPlan& plan, const SweepRun& run) {
+  return plan.settings[run.setting] + ", seed " + std::to_string(run.seed);
+}
+
+}  // namespace
+
+SweepPlan plan_sweep(const SweepOptions& options) {
+  check_options(options);
+  SweepPlan plan;
+  plan.options = options;
+  const auto combos = combinations(options);
+  CANOPY_CHECK(combos.size() >= 2 && combos.size() <= 26, ConfigError, "canopy sweep: ", combos.size(),
+               " setting", combos.size() == 1 ? "" : "s",
+               " (the product of the values varied): a sweep compares 2 to 26");
+  std::vector<std::int64_t> seeds = options.seeds;
+  if (seeds.empty()) seeds.push_back(load_job_config(options.config, options.overrides).train.seed);
+  // A setting's folder name: each varied key's last part and its value.
+  std::vector<std::string> names;
+  for (const auto& combo : combos) {
+    std::vector<std::string> said, named;
+    for (std::size_t k = 0; k < combo.size(); ++k) {
+      const auto& [key, values] = options.vary[k];
+      said.push_back(key + " = " + values[combo[k]]);
+      named.push_back(name_part(key.substr(key.rfind('.') + 1)) + "-" + name_part(values[combo[k]]));
+    }
+    plan.settings.push_back(join(said, ", "));
+    names.push_back(join(named, "_"));
+  }
+  const std::set<std::string> distinct(names.begin(), names.end());
+  if (distinct.size() != names.size())  // values that differ only in characters a name leaves out
+    for (std::size_t s = 0; s < names.size(); ++s) names[s] = std::to_string(s + 1) + "_" + names[s];
+  for (std::size_t s = 0; s < combos.size(); ++s) {
+    for (const std::int64_t seed : seeds) {
+      SweepRun run;
+      run.setting = s;
+      run.seed = seed;
+      run.name = names[s] + "-s" + std::to_string(seed);
+      run.overrides = options.overrides;
+      for (std::size_t k = 0; k < combos[s].size(); ++k)
+        run.overrides.push_back(options.vary[k].first + "=" + options.vary[k].second[combos[s][k]]);
+      run.overrides.push_back("train.seed=" + std::to_string(seed));
+      run.overrides.push_back("train.out_dir=" + join_path(options.out, run.name));
+      // Runs reading the same features share one cache: its folder is their fingerprint.
+      const JobConfig first = load_job_config(options.config, run.overrides);
+      const std::string cache = join_path(join_path(options.out, "caches"),
+                                          sha256_hex(expected_cache_description(first)).substr(0, 16));
+      if (std::find(plan.caches.begin(), plan.caches.end(), cache) == plan.caches.end())
+        plan.caches.push_back(cache);
+      run.overrides.push_back("cache.path=" + cache);
+      run.config = load_job_config(options.config, run.overrides);
+      run.log = join_path(join_path(options.out, "logs"), run.name + ".log");
+      read_out_dir(run);
+      plan.runs.push_back(std::move(run));
+    }
+  }
+  return plan;
+}
+
+std::string format_plan(const SweepPlan& plan) {
+  std::ostringstream o;
+  const std::size_t seeds = plan.runs.size() / plan.settings.size();
+  o << "sweep " << plan.options.out << ": "
+    << count_of(static_cast<std::int64_t>(plan.settings.size()), "setting") << " x "
+    << count_of(static_cast<std::int64_t>(seeds), "seed") << ", "
+    << count_of(static_cast<std::int64_t>(plan.runs.size()), "run") << " of " << plan.options.config << ", "
+    << count_of(static_cast<std::int64_t>(plan.caches.size()), "cache") << "\n";
+  std::vector<std::vector<std::string>> rows{{"setting", "seed", "out_dir", "cache", "to do"}};
+  for (const auto& r : plan.runs) {
+    const std::string todo =
+        r.why.empty() ? action_word(r.action) : action_word(r.action) + (" (" + r.why + ")");
+    rows.push_back({plan.settings[r.setting], std::to_string(r.seed), r.config.train.out_dir,
+                    r.config.cache.path, todo});
+  }
+  o << aligned_columns(rows);
+  return o.str();
+}
+
+void run_sweep(SweepPlan& plan, const std::string& program, const std::string& progress, std::ostream& log) {
+  make_dirs(join_path(plan.options.out, "logs"));
+  const std::string record = join_path(plan.options.out, "sweep.json");
+  write_file_atomic(record, sweep_json(plan));
+  const std::size_t n = plan.runs.size();
+  for (std::size_t i = 0; i < n; ++i) {
+    SweepRun& run = plan.runs[i];
+    const std::string which = detail::str_cat("run ", i + 1, " of ", n, " (", setting_of(plan, run), ")");
+    if (run.action == SweepAction::kDone) {
+      log << "canopy sweep: " << which << ": finished before, kept (" << run.config.train.out_dir << ")\n";
+      continue;
+    }
+    if (stop_signal() != 0) {
+      throw Stopped(stop_signal(), detail::str_cat("stopped by ", signal_name(stop_signal()), " before ",
+                                                   which, "; run the same command to go on"));
+    }
+    const char* doing = run.action == SweepAction::kTrain    ? "training"
+                        : run.action == SweepAction::kResume ? "resuming from its checkpoint"
+                                                             : "training on";
+    log << "canopy sweep: " << which << ": " << doing << " in " << run.config.train.out_dir
+        << " (its report: " << run.log << ")\n"
+        << std::flush;
+    std::vector<std::string> argv{program, "run", "--config", plan.options.config};
+    for (const auto& s : run.overrides) {
+      argv.push_back("--set");
+      argv.push_back(s);
+    }
+    if (run.action != SweepAction::kTrain) argv.push_back("--resume");
+    argv.push_back("--progress");
+    argv.push_back(progress);
+    std::ofstream(run.log, std::ios::app) << "\n== " << join(argv, " ") << "\n";
+    const auto start = std::chrono::steady_clock::now();
+    run.exit_code = run_child(argv, run.log);
+    run.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    write_file_atomic(record, sweep_json(plan));
+    const int rc = run.exit_code;
+    if (rc == 0) {
+      log << "canopy sweep: " << which << ": done in " << format_duration(run.seconds) << "\n";
+      continue;
+    }
+    if (rc == 3) {
+      log << "canopy sweep: " << which << ": a head FAILED (see " << run.log << "); the sweep goes on\n";
+      continue;
+    }
+    if (rc == 128 + SIGINT || rc == 128 + SIGTERM || rc == 128 + SIGHUP) {
+      throw Stopped(
+          rc - 128,
+          detail::str_cat("stopped by ", signal_name(rc - 128), ": ", which, " stopped in ",
+                          run.config.train.out_dir, ", what it had done kept at its checkpoint",
+                          i > 0 ? " (the runs before it kept)" : "", "; run the same command to go on"));
+    }
+    throw DataError(detail::str_cat(which, " failed (exit ", rc,
+                                    rc > 128 ? " (" + signal_name(rc - 128) + ")" : std::string(),
+                                    "; its error above, its report in ", run.log,
+                                    "); the runs before it are kept: run the same command "
+                                    "to go on once it is mended"));
+  }
+}
+
+std::string this_program() {
+  std::string path(4096, '\0');
+  const ssize_t n = ::readlink("/proc/self/exe", path.data(), path.size());
+  CANOPY_CHECK(n > 0 && static_cast<std::size_t>(n) < path.size(), Error,
+               "cannot read this program's path (/proc/self/exe): ", describe_errno(errno));
+  path.resize(static_cast<std::size_t>(n));
+  return path;
+}
+
+std::string format_sweep(const SweepPlan& plan) {
+  // What was done with each run, from its action and its exit status.
+  const auto done = [](const SweepRun& r) -> std::string {
+    if (r.exit_code < 0) return r.action == SweepAction::kDone ? "done before" : "not run";
+    if (r.exit_code == 3) return "a head FAILED";
+    if (r.exit_code != 0) return "exit " + std::to_string(r.exit_code);
+    return r.action == SweepAction::kResume    ? "resumed"
+           : r.action == SweepAction::kTrainOn ? "trained on"
+                                               : "trained";
+  };
+  std::map<std::string, int> tally;
+  double seconds = 0;
+  for (const auto& r : plan.runs) {
+    ++tally[done(r)];
+    seconds += r.seconds;
+  }
+  std::vector<std::string> said;
+  for (const auto& [what, count] : tally) said.push_back(std::to_string(count) + " " + what);
+  std::ostringstream o;
+  o << "sweep " << plan.options.out << ": " << count_of(static_cast<std::int64_t>(plan.runs.size()), "run")
+    << " (" << join(said, ", ") << ") in " << format_duration(seconds) << "; each run's report in "
+    << join_path(plan.options.out, "logs") << "\n";
+  std::vector<std::vector<std::string>> rows{{"setting", "seed", "out_dir", "done", "time"}};
+  for (const auto& r : plan.runs) {
+    rows.push_back({plan.settings[r.setting], std::to_string(r.seed), r.config.train.out_dir, done(r),
+                    r.exit_code >= 0 ? format_duration(r.seconds) : "-"});
+  }
+  o << aligned_columns(rows);
+  return o.str();
+}
+
+std::string sweep_json(const SweepPlan& plan) {
+  nlohmann::ordered_json j;
+  j["config"] = plan.options.config;
+  j["out"] = plan.options.out;
+  nlohmann::ordered_json vary = nlohmann::ordered_json::object();
+  for (const auto& [key, values] : plan.options.vary) vary[key] = values;
+  j["vary"] = vary;
+  std::vector<std::int64_t> seeds;
+  for (const auto& r : plan.runs)
+    if (r.setting == 0) seeds.push_back(r.seed);
+  j["seeds"] = seeds;
+  j["settings"] = plan.settings;
+  j["caches"] = plan.caches;
+  j["runs"] = nlohmann::ordered_json::array();
+  for (const auto& r : plan.runs) {
+    j["runs"].push_back({{"setting", plan.settings[r.setting]},
+                         {"seed", r.seed},
+                         {"out_dir", r.config.train.out_dir},
+                         {"cache", r.config.cache.path},
+                         {"log", r.log},
+                         {"action", action_word(r.action)},
+                         {"exit_code", r.exit_code},
+                         {"seconds", r.seconds}});
+  }
+  return j.dump(2) + "\n";
+}
+
+std::vector<std::vector<JobConfig>> sweep_arms(const SweepPlan& plan) {
+  std::vector<std::vector<JobConfig>> arms(plan.settings.size());
+  for (const auto& r : plan.runs) arms[r.setting].push_back(r.config);
+  return arms;
+}
+
+std::vector<std::vector<std::string>> sweep_arm_paths(const SweepPlan& plan) {
+  std::vector<std::vector<std::string>> arms(plan.settings.size());
+  for (const auto& r : plan.runs) arms[r.setting].push_back(r.config.train.out_dir);
+  return arms;
+}
+
+}  // namespace canopy::runners

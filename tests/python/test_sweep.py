@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""`canopy sweep`: the trunk frozen whole and its top trained, two seeds each, then compared.
+Checks the plan (--dry-run), that the runs reading the same features share one cache and every
+run's config is its setting's, that a SIGTERM to the sweep stops the run in progress at its
+checkpoint (exit 143) and the same command goes on from there (runs done kept, the stopped one
+resumed: its heads and top bitwise those of a run never stopped), that the comparison is
+`canopy compare`'s of the same runs, that more epochs train every run on, and that bad uses and
+an out_dir holding another configuration's run are refused with exit 2, nothing touched.
+
+    test_sweep.py --canopy build/runners/canopy
+"""
+import json
+import os
+import signal
+import subprocess
+
+from support import FMNIST, check, finish, kill_when, start, tiny_block_trunk, tiny_trunk_sections
+
+TRAIN, TEST, ROWS = 1200, 300, 300
+IMAGES = f"{FMNIST}/t10k-images-idx3-ubyte.gz"
+
+
+def main():
+    canopy, work, trunk = start("canopy-sweep-", tiny_block_trunk, "blocks.pt")
+    config = os.path.join(work, "job.ini")
+    with open(config, "w") as f:
+        f.write(tiny_trunk_sections(trunk, TRAIN, TEST, pooling="flatten") + f"""freeze = all
+lr = 0.01
+[cache]
+path = {work}/unused-cache
+[train]
+out_dir = {work}/unused
+batch_size = 32
+epochs = 4
+[task.cls]
+head = linear
+lr = 0.01
+[task.ink]
+kind = regression
+labels = ink
+head = linear
+lr = 0.01
+""")
+    out = f"{work}/sweep"
+    sweep = [canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all,first:2", "--seeds", "0,1",
+             "--out", out, "--progress", "quiet"]
+    names = ["freeze-all-s0", "freeze-all-s1", "freeze-first_2-s0", "freeze-first_2-s1"]
+
+    r = subprocess.run(sweep + ["--dry-run"], capture_output=True, text=True)
+    rows = [line.split() for line in r.stdout.splitlines()[2:]]
+    check(r.returncode == 0 and "2 settings x 2 seeds, 4 runs" in r.stdout and "2 caches" in r.stdout and
+          [row[-1] for row in rows] == ["train"] * 4 and [os.path.basename(row[4]) for row in rows] == names and
+          not os.path.exists(out), f"--dry-run plans 4 runs over 2 caches and runs nothing:\n{r.stdout}")
+
+    # SIGTERM to the sweep while the third run trains: it stops at its checkpoint.
+    third = f"{out}/{names[2]}"
+    errors = []
+    rc, st = kill_when(sweep, f"{third}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= (0, 10),
+                       sig=signal.SIGTERM, stderr=errors)
+    record = json.load(open(f"{out}/sweep.json"))
+    codes = [x["exit_code"] for x in record["runs"]]
+    check(rc == 143 and st is not None and codes == [0, 0, 143, -1] and "run the same command to go on" in errors[0],
+          f"SIGTERM stops the sweep (exit {rc}, runs' exits {codes}): {errors[0].strip()[-300:]}")
+    r = subprocess.run([canopy, "inspect", third, "--json"], capture_output=True, text=True)
+    check(r.returncode == 0 and json.loads(r.stdout)["status"] == "stopped",
+          "the run it stopped is kept at its checkpoint, stopped before its end")
+
+    # The same command goes on: the finished runs kept, the stopped one resumed, the last trained.
+    r = went_on = subprocess.run(sweep + ["--input", IMAGES, "--limit", str(ROWS)], capture_output=True, text=True)
+    table = {os.path.basename(line.split()[4]): line for line in r.stdout.splitlines() if line.startswith("trunk.")}
+    check(r.returncode == 0 and [table.get(n, "").split()[5] if n in table else "" for n in names] ==
+          ["done", "done", "resumed", "trained"],
+          f"run again, the sweep goes on: {r.stderr.strip()[-400:]}\n{r.stdout[:900]}")
+    caches = sorted(os.listdir(f"{out}/caches"))
+    check(len(caches) == 2, f"the frozen runs share one cache and the tuned runs another: {caches}")
+    for name in names:
+        with open(f"{out}/{name}/config.ini") as f:
+            text = f.read()
+        freeze = "first:2" if "first_2" in name else "all"
+        check(f"freeze = {freeze}\n" in text and f"seed = {name[-1]}\n" in text and
+              f"path = {out}/caches/" in text, f"{name}'s config is its setting's and seed's, its cache the sweep's")
+
+    # The resumed run's heads and top are bitwise a run's that was never stopped.
+    whole = f"{work}/whole"
+    overrides = ["trunk.freeze=first:2", "train.seed=0", f"train.out_dir={whole}",
+                 f"cache.path={json.load(open(f'{out}/sweep.json'))['runs'][2]['cache']}"]
+    r = subprocess.run([canopy, "run", "--config", config, "--progress", "quiet"] +
+                       [a for o in overrides for a in ("--set", o)], capture_output=True, text=True)
+    same = r.returncode == 0 and all(
+        json.load(open(f"{third}/heads/{t}.json"))[k] == json.load(open(f"{whole}/heads/{t}.json"))[k]
+        for t in ("cls", "ink") for k in ("weights_sha256", "trunk_sha256"))
+    check(same, "the stopped and resumed run's heads and top equal an uninterrupted run's, bitwise")
+
+    # The comparison is canopy compare's of the same arms.
+    got = json.load(open(f"{out}/compare.json"))
+    arms = [",".join(f"{out}/{n}" for n in names[:2]), ",".join(f"{out}/{n}" for n in names[2:])]
+    r = subprocess.run([canopy, "compare", *arms, "--input", IMAGES, "--limit", str(ROWS), "--json", "--progress",
+                        "quiet"], capture_output=True, text=True)
+    want = json.loads(r.stdout) if r.returncode == 0 else {}
+    check(got.get("paired_by_seed") is True and got.get("tasks") == want.get("tasks") and
+          got.get("against_A") == want.get("against_A") and [x["out_dir"] for x in got.get("runs", [])] ==
+          [f"{out}/{n}" for n in names], "the sweep's comparison is canopy compare's of its two arms, paired by seed")
+    check("B against A: better on" in went_on.stdout, "the sweep prints the comparison and its tally")
+
+    # More epochs: every run trains on from its checkpoint.
+    more = sweep + ["--set", "train.epochs=5"]
+    r = subprocess.run(more + ["--dry-run"], capture_output=True, text=True)
+    check(r.returncode == 0 and r.stdout.count("train on (finished, trains on: train.epochs (4 -> 5))") == 4,
+          f"--set train.epochs=5 plans every run to train on:\n{r.stdout}")
+    r = subprocess.run(more, capture_output=True, text=True)
+    epochs = [json.load(open(f"{out}/{n}/heads/cls.json"))["epochs"] for n in names]
+    trained_on = [line for line in r.stdout.splitlines() if line.startswith("trunk.") and "  trained on  " in line]
+    check(r.returncode == 0 and len(trained_on) == 4 and epochs == [5] * 4,
+          f"every run trained on to 5 epochs: {epochs} {r.stderr.strip()[-300:]}")
+
+    # Refused, exit 2, nothing touched.
+    before = {n: os.path.getmtime(f"{out}/{n}/heads/cls.json") for n in names}
+    for args, said in ((["--set", "train.epochs=5", "--set", "task.cls.lr=0.5"], "task.cls.lr (0.01 -> 0.5)"),
+                       (["--set", "cache.path=x"], "sets train.out_dir and cache.path itself"),
+                       (["--vary", "train.out_dir=a,b"], "sets train.out_dir and cache.path itself"),
+                       (["--vary", "trunk.freeze=all"], "is given twice"),
+                       (["--limit", "5"], "give --input FILE"),
+                       (["--seeds", "0,0"], "names a seed twice")):
+        base = sweep if "--seeds" not in args else [a for a in sweep if a not in ("--seeds", "0,1")]
+        r = subprocess.run(base + args, capture_output=True, text=True)
+        check(r.returncode == 2 and said in r.stderr, f"{' '.join(args)}: exit 2 ({r.stderr.strip()[-250:]})")
+    one = [canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all", "--out", out]
+    r = subprocess.run(one, capture_output=True, text=True)
+    check(r.returncode == 2 and "1 setting" in r.stderr, f"one setting: exit 2 ({r.stderr.strip()})")
+    os.makedirs(f"{work}/other/freeze-all-s0")
+    open(f"{work}/other/freeze-all-s0/notes.txt", "w").close()
+    r = subprocess.run([canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all,first:2", "--out",
+                        f"{work}/other"], capture_output=True, text=True)
+    check(r.returncode == 2 and "is not a training run's out_dir" in r.stderr,
+          f"a folder that is not a run in a run's place: exit 2 ({r.stderr.strip()})")
+    check(before == {n: os.path.getmtime(f"{out}/{n}/heads/cls.json") for n in names},
+          "the refused sweeps touched no run")
+    finish()
+
+
+if __name__ == "__main__":
+    main()
