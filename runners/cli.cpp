@@ -181,13 +181,15 @@ Command job_command(const char* name, const char* usage, const char* summary, bo
 
 // What predict and evaluate share: the config (threads fitted), and --input and --limit into
 // `options` (PredictOptions, EvaluateOptions).
+// Without --input, evaluate reads the config's eval split (`labelled`); predict needs one.
 template <class Options>
-JobConfig model_inputs(const po::variables_map& vm, const std::string& command, Options& options) {
-  CANOPY_CHECK(vm.count("input"), ConfigError, "canopy ", command, ": --input FILE is required (see canopy ",
-               command, " --help)");
+JobConfig model_inputs(const po::variables_map& vm, const std::string& command, Options& options,
+                       bool labelled = false) {
+  CANOPY_CHECK(labelled || vm.count("input"), ConfigError, "canopy ", command,
+               ": --input FILE is required (see canopy ", command, " --help)");
   JobConfig config = config_from(vm, command);
   fit_threads(config);
-  options.input = vm["input"].as<std::string>();
+  if (vm.count("input")) options.input = vm["input"].as<std::string>();
   options.limit = vm["limit"].as<std::int64_t>();
   CANOPY_CHECK(options.limit >= 0, ConfigError, "canopy ", command,
                ": --limit must be >= 0 (0: every input), got ", options.limit);
@@ -226,8 +228,11 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
 int run_evaluate_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
                          std::ostream& err) {
   EvaluateOptions options;
-  const JobConfig config = model_inputs(vm, "evaluate", options);
+  const JobConfig config = model_inputs(vm, "evaluate", options, true);
   if (vm.count("labels")) {
+    CANOPY_CHECK(vm.count("input"), ConfigError,
+                 "canopy evaluate: --labels names the labels of --input's images; without --input the eval "
+                 "split is read with its own");
     CANOPY_CHECK(config.data.source == "fashion-mnist" || config.data.source == "mnist", ConfigError,
                  "canopy evaluate: --labels is for idx images (data.source = fashion-mnist or mnist); with "
                  "data.source = ",
@@ -339,7 +344,8 @@ void labelled_input_options(po::options_description& d) {
       "input", po::value<std::string>()->value_name("FILE"),
       "labelled inputs in the form of the config's data source: an idx image file, a CSV manifest "
       "with the training CSV's columns, a folder of class folders, or label_name:path.arff "
-      "entries as data.test_files lists them")(
+      "entries as data.test_files lists them (default: the config's eval split, train.eval_split, "
+      "the rows training scored the heads on)")(
       "labels", po::value<std::string>()->value_name("FILE"),
       "idx images: their idx label file (default: the ...-labels-idx1-ubyte file beside "
       "...-images-idx3-ubyte)")("limit", po::value<std::int64_t>()->default_value(0)->value_name("N"),
@@ -373,8 +379,6 @@ int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& 
                         std::ostream& err) {
   const std::vector<std::string> paths =
       vm.count("run") ? vm["run"].as<std::vector<std::string>>() : std::vector<std::string>{};
-  CANOPY_CHECK(vm.count("input"), ConfigError,
-               "canopy compare: --input FILE is required (see canopy compare --help)");
   std::vector<std::string> overrides =
       vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
   if (vm.count("allow-unpinned")) overrides.push_back("trunk.allow_unpinned=true");
@@ -391,11 +395,14 @@ int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   }
   if (!configs.empty()) fit_threads(configs.front().front());
   EvaluateOptions options;
-  options.input = vm["input"].as<std::string>();
+  if (vm.count("input")) options.input = vm["input"].as<std::string>();
   options.limit = vm["limit"].as<std::int64_t>();
   CANOPY_CHECK(options.limit >= 0, ConfigError, "canopy compare: --limit must be >= 0 (0: every input), got ",
                options.limit);
   if (vm.count("labels")) {
+    CANOPY_CHECK(vm.count("input"), ConfigError,
+                 "canopy compare: --labels names the labels of --input's images; without --input the eval "
+                 "split is read with its own");
     CANOPY_CHECK(configs.empty() || configs.front().front().data.source == "fashion-mnist" ||
                      configs.front().front().data.source == "mnist",
                  ConfigError,
@@ -428,7 +435,7 @@ void sweep_options(po::options_description& d, po::positional_options_descriptio
       "dry-run", "print the runs, their out_dirs and caches, and what each would do; run nothing")(
       "input", po::value<std::string>()->value_name("FILE"),
       "labelled inputs to compare the settings on once every run is trained, as canopy compare "
-      "takes them (without it: the compare command is printed)")(
+      "takes them (default: the runs' eval split)")(
       "labels", po::value<std::string>()->value_name("FILE"),
       "idx images: their idx label file (default: the one beside the images)")(
       "limit", po::value<std::int64_t>()->default_value(0)->value_name("N"),
@@ -462,8 +469,10 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
   if (vm.count("out")) options.out = vm["out"].as<std::string>();
   const std::int64_t limit = vm["limit"].as<std::int64_t>();
   CANOPY_CHECK(limit >= 0, ConfigError, "canopy sweep: --limit must be >= 0 (0: every input), got ", limit);
-  CANOPY_CHECK(vm.count("input") || (!vm.count("labels") && !vm.count("metric") && limit == 0), ConfigError,
-               "canopy sweep: --labels, --limit and --metric are for the comparison: give --input FILE");
+  CANOPY_CHECK(
+      vm.count("input") || !vm.count("labels"), ConfigError,
+      "canopy sweep: --labels names the labels of --input's images; without --input the eval split is "
+      "read with its own");
   if (vm.count("metric")) {
     const auto names = tasks::resampled_metric_names();
     const std::string metric = vm["metric"].as<std::string>();
@@ -488,20 +497,15 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
                                   [](const SweepRun& r) { return r.exit_code == kExitHeadFailed; });
   std::vector<std::string> arms;
   for (const auto& paths : sweep_arm_paths(plan)) arms.push_back(join(paths, ","));
-  const std::string compare_command = "canopy compare " + join(arms, " ") + " --input FILE";
   if (failed) {
     err << "canopy: at least one head FAILED (see the runs' logs); once they are trained again, compare "
            "them: "
-        << compare_command << "\n";
+        << "canopy compare " << join(arms, " ") << "\n";
     return kExitHeadFailed;
-  }
-  if (!vm.count("input")) {
-    out << "\ncompare them on labelled inputs: " << compare_command << "\n";
-    return kExitOk;
   }
   fit_threads(plan.runs.front().config);
   EvaluateOptions compared;
-  compared.input = vm["input"].as<std::string>();
+  if (vm.count("input")) compared.input = vm["input"].as<std::string>();
   compared.limit = limit;
   if (vm.count("labels")) compared.labels = vm["labels"].as<std::string>();
   const Comparison c = run_compare(sweep_arms(plan), sweep_arm_paths(plan), registry, compared,
@@ -543,11 +547,11 @@ const std::vector<Command>& commands() {
       {"predict", "canopy predict --config FILE --input FILE [options]",
        "run the trunk and every trained head on new inputs (idx images, image files, texts) in one pass",
        predict_options, run_predict_command},
-      {"evaluate", "canopy evaluate --config FILE --input FILE [options]",
+      {"evaluate", "canopy evaluate --config FILE [--input FILE] [options]",
        "score every trained head on labelled inputs (new, or held out): accuracy, macro-F1, top-5, per-class "
        "F1, mean AP, MAE, RMSE, R^2",
        evaluate_options, run_evaluate_command},
-      {"compare", "canopy compare RUN[,RUN...] RUN[,RUN...] [...] --input FILE [options]",
+      {"compare", "canopy compare RUN[,RUN...] RUN[,RUN...] [...] [--input FILE] [options]",
        "score several training runs (out_dirs or configs) on the same labelled inputs, and each head's "
        "difference from the first run's, with paired intervals: how much to freeze, which tap, which trunk",
        compare_options, run_compare_command},

@@ -263,8 +263,9 @@ void take_evaluations(Comparison& c, const std::vector<JobConfig>& configs,
     ComparedRun& run = c.runs[r];
     run.evaluation = scored[r].evaluation;
     CANOPY_CHECK(run.evaluation.rows == c.rows, DataError, "canopy compare: ", run_name(c, r), " read ",
-                 run.evaluation.rows, " rows from '", printable(options.input), "', ", run_name(c, 0),
-                 " read ", c.rows, ": the runs read the input differently (their data.* keys differ)");
+                 run.evaluation.rows, " rows from ", input_said(options.input, c.eval_split), ", ",
+                 run_name(c, 0), " read ", c.rows,
+                 ": the runs read the input differently (their data.* keys differ)");
     if (r > 0) {  // the first run of an arm against A's first, the others against their arm's first
       const auto& own = c.arms[run.arm].runs;
       const std::size_t against = own.front() == r ? 0 : own.front();
@@ -331,8 +332,8 @@ bool match_arm(Comparison& c, ComparedTask& t, const std::vector<ScoredInput>& s
     const at::Tensor& want = scored[0].outputs[i].targets;
     const at::Tensor& got = scored[r].outputs[*j].targets;
     CANOPY_CHECK(at::equal(want, got), DataError, "canopy compare: task '", base.name, "': ", run_name(c, r),
-                 " read other labels from '", printable(options.input), "' than ", run_name(c, 0), " (",
-                 at::ne(want, got).sum().item<std::int64_t>(),
+                 " read other labels from ", input_said(options.input, c.eval_split), " than ",
+                 run_name(c, 0), " (", at::ne(want, got).sum().item<std::int64_t>(),
                  " values differ): the runs read the input's rows differently (their data.* keys differ)");
     heads.push_back(*j);
   }
@@ -392,6 +393,7 @@ Comparison run_compare(const std::vector<std::vector<JobConfig>>& arms,
                "canopy compare: heads are compared on resamples of the rows, and run ", c.runs[0].label,
                "'s train.bootstrap_resamples is 0; --set train.bootstrap_resamples=1000");
   c.input = options.input;
+  c.eval_split = options.input.empty() ? baseline.eval_split : "";
   c.level = baseline.interval_level;
   c.seed = static_cast<std::uint64_t>(baseline.seed);
   const std::vector<ScoredInput> scored = score_runs(c, configs, registry, options, style);
@@ -490,8 +492,9 @@ std::string format_comparison(const Comparison& c) {
   const bool several =
       std::any_of(c.arms.begin(), c.arms.end(), [](const ComparedArm& a) { return a.runs.size() > 1; });
   std::string o = detail::str_cat(
-      "compared on '", printable(c.input), "': ", c.rows, " rows, every head of every run on the same ",
-      c.resamples, " resamples of them (", level, " intervals; differences from A, paired)\n",
+      "compared on ", input_said(c.input, c.eval_split), ": ", c.rows,
+      " rows, every head of every run on the same ", c.resamples, " resamples of them (", level,
+      " intervals; differences from A, paired)\n",
       several ? "an arm of several runs is scored by their mean, and each resample also draws its runs with "
                 "replacement, so its interval holds the spread between them"
               : "",
@@ -565,6 +568,7 @@ std::string comparison_json(const Comparison& c) {
     tasks.push_back({{"task", t.task}, {"metric", t.metric}, {"arms", per_arm}, {"versus_A", versus}});
   }
   const ordered_json out{{"input", printable(c.input)},
+                         {"eval_split", c.eval_split},
                          {"rows", c.rows},
                          {"resamples", c.resamples},
                          {"level", c.level},

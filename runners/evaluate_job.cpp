@@ -41,6 +41,10 @@ std::string percent(double v) {
 }
 }  // namespace
 
+std::string input_said(const std::string& input, const std::string& eval_split) {
+  return input.empty() ? "the eval split (" + eval_split + ")" : "'" + printable(input) + "'";
+}
+
 ScoredInput score_input(const JobConfig& config, const tasks::HeadRegistry& registry,
                         const EvaluateOptions& options, ProgressStyle style, const std::string& what) {
   return std::move(score_inputs({&config}, registry, options, style, what).front());
@@ -60,11 +64,14 @@ std::vector<ScoredInput> score_inputs(const std::vector<const JobConfig*>& confi
       run_of.push_back(r);
     }
   }
-  InputData data = load_labelled_input(config, options.input, options.labels, options.limit);
+  InputData data = options.input.empty()
+                       ? load_eval_split(config, options.limit)
+                       : load_labelled_input(config, options.input, options.labels, options.limit);
   InputSplit& input = data.splits.at("input");
   std::vector<ScoredInput> out(configs.size());
   for (auto& o : out) {
     o.evaluation.input = options.input;
+    o.evaluation.eval_split = options.input.empty() ? config.train.eval_split : "";
     o.evaluation.rows = input.rows;
   }
   // The heads the input has labels for, each with its targets; the others are left out of the pass.
@@ -95,8 +102,8 @@ std::vector<ScoredInput> score_inputs(const std::vector<const JobConfig*>& confi
     scored_run.push_back(run_of[k]);
   }
   for (std::size_t r = 0; r < out.size(); ++r) {
-    CANOPY_CHECK(std::count(scored_run.begin(), scored_run.end(), r) > 0, DataError, "'", options.input,
-                 "' has labels for none of the heads",
+    CANOPY_CHECK(std::count(scored_run.begin(), scored_run.end(), r) > 0, DataError,
+                 input_said(options.input, config.train.eval_split), " has labels for none of the heads",
                  configs.size() > 1 ? " of " + configs[r]->train.out_dir : std::string(), ": ",
                  join(out[r].evaluation.not_evaluated, "; "));
   }
@@ -190,7 +197,7 @@ std::string format_evaluation(const Evaluation& e) {
     std::snprintf(buf, sizeof buf, "  %8s  %8s  %s\n", f1.c_str(), ap.c_str(), card.c_str());
     o << buf;
   }
-  const std::string where = "'" + printable(e.input) + "'";
+  const std::string where = input_said(e.input, e.eval_split);
   o << regression_lines(e.heads, where) << calibration_lines(e.heads, where, false)
     << interval_lines(e.heads, where) << per_class_tables(e.heads, where) << per_label_tables(e.heads, where);
   for (const auto& n : e.not_evaluated) o << "not evaluated: " << n << "\n";
@@ -239,11 +246,9 @@ ordered_json evaluation_heads_json(const Evaluation& e) {
 
 std::string evaluation_json(const Evaluation& e) {
   // The path as given, bytes that are not UTF-8 written \xNN (a JSON writer refuses them).
-  const ordered_json out{{"input", printable(e.input)},
-                         {"rows", e.rows},
-                         {"seconds", e.seconds},
-                         {"heads", evaluation_heads_json(e)},
-                         {"not_evaluated", e.not_evaluated}};
+  const ordered_json out{
+      {"input", printable(e.input)}, {"eval_split", e.eval_split},        {"rows", e.rows},
+      {"seconds", e.seconds},        {"heads", evaluation_heads_json(e)}, {"not_evaluated", e.not_evaluated}};
   return out.dump(2) + "\n";
 }
 

@@ -588,6 +588,24 @@ InputData load_input_data(const JobConfig& config) {
   return load_images(config);
 }
 
+InputData load_eval_split(const JobConfig& config, std::int64_t limit) {
+  InputData data = load_input_data(config);
+  const std::string& name = config.train.eval_split;
+  const auto it = data.splits.find(name);
+  CANOPY_CHECK(it != data.splits.end(), ConfigError, "train.eval_split = ", name,
+               ": the data has no such split");
+  InputSplit split = std::move(it->second);
+  data.splits.clear();
+  if (limit > 0 && limit < split.rows) {
+    split.rows = limit;
+    split.ids = split.ids.slice(0, 0, limit);
+    for (auto& [source, labels] : split.labels) labels = labels.slice(0, 0, limit);
+    if (!split.lengths.empty()) split.lengths.resize(static_cast<std::size_t>(limit));
+  }
+  data.splits["input"] = std::move(split);
+  return data;
+}
+
 std::string describe_inputs(const JobConfig& c) {
   std::ostringstream out;
   out << "preprocess=" << describe_preprocessing(c) << "\n";

@@ -97,6 +97,25 @@ def main():
             for t, m in (("cls", "accuracy"), ("mlp", "accuracy"), ("mlp", "macro_f1"), ("ink", "r2"), ("ink", "mae")))
         check(same, f"run {label}'s heads score as canopy evaluate scores them, intervals included")
 
+    # Without --input: the run's eval split, the rows training scored its heads on: evaluate gives
+    # the cards' numbers (R^2 to float rounding, 1e-9 here), and compare run A's heads the cards'
+    # intervals.
+    r, e = canopy_json([canopy, "evaluate", "--config", frozen])
+    cards = {t: json.load(open(f"{work}/frozen/heads/{t}.json")) for t in ("cls", "mlp", "ink")}
+    got = {h["task"]: h for h in e.get("heads", [])}
+    check(r.returncode == 0 and e.get("rows") == TEST and e.get("eval_split") == "test" and e.get("input") == "" and
+          all(got[t]["accuracy"] == cards[t]["eval_accuracy"] and got[t]["macro_f1"] == cards[t]["eval_macro_f1"]
+              for t in ("cls", "mlp")) and abs(got["ink"]["r2"] - cards["ink"]["eval_r2"]) < 1e-6,
+          f"canopy evaluate without --input scores the eval split's {TEST} rows as the cards say")
+    r, on_eval = canopy_json([canopy, "compare", f"{work}/frozen", f"{work}/top"])
+    heads_a = {h["task"]: h for h in (on_eval.get("runs") or [{}])[0].get("heads", [])}
+    check(r.returncode == 0 and on_eval.get("rows") == TEST and on_eval.get("eval_split") == "test" and
+          all(heads_a[t]["intervals"]["accuracy"] == cards[t]["eval_intervals"]["accuracy"] for t in ("cls", "mlp")),
+          "canopy compare without --input: the eval split, run A's intervals the cards'")
+    r = subprocess.run([canopy, "compare", f"{work}/frozen", f"{work}/top", "--labels", IMAGES], capture_output=True,
+                       text=True)
+    check(r.returncode == 2 and "without --input" in r.stderr, f"--labels without --input: exit 2 ({r.stderr.strip()})")
+
     # The paired differences, from predict's answers on the same rows and the same resamples.
     names = None
     answers = {}

@@ -4,7 +4,7 @@ Checks the plan (--dry-run), that the runs reading the same features share one c
 run's config is its setting's, that a SIGTERM to the sweep stops the run in progress at its
 checkpoint (exit 143) and the same command goes on from there (runs done kept, the stopped one
 resumed: its heads and top bitwise those of a run never stopped), that the comparison is
-`canopy compare`'s of the same runs, that more epochs train every run on, and that bad uses and
+`canopy compare`'s of the same runs (on the eval split without --input), that more epochs train every run on, and that bad uses and
 an out_dir holding another configuration's run are refused with exit 2, nothing touched.
 
     test_sweep.py --canopy build/runners/canopy
@@ -113,13 +113,17 @@ lr = 0.01
     check(r.returncode == 0 and len(trained_on) == 4 and epochs == [5] * 4,
           f"every run trained on to 5 epochs: {epochs} {r.stderr.strip()[-300:]}")
 
+    on_eval = json.load(open(f"{out}/compare.json"))
+    check(on_eval.get("rows") == TEST and on_eval.get("eval_split") == "test" and "B against A:" in r.stdout,
+          "without --input the settings are compared on the runs' eval split")
+
     # Refused, exit 2, nothing touched.
     before = {n: os.path.getmtime(f"{out}/{n}/heads/cls.json") for n in names}
     for args, said in ((["--set", "train.epochs=5", "--set", "task.cls.lr=0.5"], "task.cls.lr (0.01 -> 0.5)"),
                        (["--set", "cache.path=x"], "sets train.out_dir and cache.path itself"),
                        (["--vary", "train.out_dir=a,b"], "sets train.out_dir and cache.path itself"),
                        (["--vary", "trunk.freeze=all"], "is given twice"),
-                       (["--limit", "5"], "give --input FILE"),
+                       (["--labels", IMAGES], "without --input"),
                        (["--seeds", "0,0"], "names a seed twice")):
         base = sweep if "--seeds" not in args else [a for a in sweep if a not in ("--seeds", "0,1")]
         r = subprocess.run(base + args, capture_output=True, text=True)

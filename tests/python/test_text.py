@@ -268,6 +268,13 @@ class_names = grain,corn
         check(max(diffs.values()) < 1e-6 and report.get(task, {}).get("per_label", []) == card.get("per_label", []),
               f"evaluate on the test split's ARFF files: {task}'s {', '.join(keys)} (and per_label) are its "
               f"card's ({diffs}{'' if r.returncode == 0 else ', ' + r.stderr.strip()[-200:]})")
+    # Without --input: the config's eval split, the same ARFF files read as training read them.
+    r2 = subprocess.run(evaluate, capture_output=True, text=True)
+    on_eval = json.loads(r2.stdout) if r2.returncode == 0 else {}
+    check(r.returncode == 0 and on_eval.get("eval_split") == "test" and on_eval.get("rows") == 40 and
+          on_eval.get("heads") == json.loads(r.stdout)["heads"],
+          f"evaluate without --input scores the eval split's first 40 stories as the test files "
+          f"({r2.stderr.strip()[-200:]})")
     # Its table (no --json) gives the multilabel head's labels a row each, the card's per_label.
     text_run = [a for a in evaluate if a != "--json"] + ["--input", files("test").replace(" ", "")]
     r = subprocess.run(text_run, capture_output=True, text=True)

@@ -70,7 +70,8 @@ struct ComparedTask {
 };
 
 struct Comparison {
-  std::string input;
+  std::string input;       // as EvaluateOptions::input: "" for the runs' eval split
+  std::string eval_split;  // the split when input is "" (A's train.eval_split), else ""
   std::int64_t rows = 0;
   std::size_t resamples = 0;
   double level = 0.95;
@@ -105,8 +106,8 @@ Comparison run_compare(const std::vector<std::vector<JobConfig>>& arms,
 // interval and each arm's difference from A with its interval, then per arm after A how many
 // tasks it does better and worse on (the difference's interval clear of 0) and cannot tell.
 std::string format_comparison(const Comparison& c);
-// The same as one JSON object: {"input", "rows", "resamples", "level", "seed", "runs": [{"label",
-// "arm", "path", "out_dir", "trunk", "differs_from", "differs", "seconds", "pass_with", "heads":
+// The same as one JSON object: {"input", "eval_split", "rows", "resamples", "level", "seed", "runs":
+// [{"label", "arm", "path", "out_dir", "trunk", "differs_from", "differs", "seconds", "pass_with", "heads":
 // [as canopy evaluate --json's]}], "arms": [{"label", "runs": [labels]}], "tasks": [{"task",
 // "metric", "arms": {"A": {"value", "interval", "runs": {run label: value}}, ...}, "versus_A":
 // {"B": {"difference", "interval", "metrics": {"accuracy": {"difference", "interval"}, ...}}}}],

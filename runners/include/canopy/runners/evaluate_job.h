@@ -22,13 +22,15 @@
 namespace canopy::runners {
 
 struct EvaluateOptions {
-  std::string input;       // labelled samples in the form of the config's data source
+  std::string input;       // labelled samples in the form of the config's data source; "": the
+                           // config's eval split (train.eval_split), as training scored it
   std::string labels;      // fashion-mnist / mnist: the idx label file ("": beside the images)
   std::int64_t limit = 0;  // the first N samples; 0: all
 };
 
 struct Evaluation {
-  std::string input;
+  std::string input;       // as EvaluateOptions::input: "" for the eval split
+  std::string eval_split;  // the split when input is "" (train.eval_split), else ""
   std::int64_t rows = 0;
   // Per head evaluated: name, kind, class names and `eval`, state kDone.
   std::vector<TaskResult> heads;
@@ -38,6 +40,9 @@ struct Evaluation {
   std::vector<std::string> not_evaluated;
   double seconds = 0.0;
 };
+
+// Where the rows came from, for reports: "'<input>'" or "the eval split (test)".
+std::string input_said(const std::string& input, const std::string& eval_split);
 
 Evaluation run_evaluate(const JobConfig& config, const tasks::HeadRegistry& registry,
                         const EvaluateOptions& options, ProgressStyle style = ProgressStyle::kAuto);

@@ -57,6 +57,10 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
 InputData load_labelled_input(const JobConfig& config, const std::string& path, const std::string& labels,
                               std::int64_t limit);
 
+// The run's own eval split (train.eval_split, the rows training scored its heads on: the
+// test split by default) as load_labelled_input returns an input, its first `limit` rows (> 0).
+InputData load_eval_split(const JobConfig& config, std::int64_t limit);
+
 // What the trunk's inputs went through before it: the image preprocessing or the
 // tokenizer, as one line (cards record it; predict checks it).
 std::string describe_preprocessing(const JobConfig& config);
