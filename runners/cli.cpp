@@ -485,6 +485,7 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
     CANOPY_CHECK(source == "fashion-mnist" || source == "mnist", ConfigError,
                  "canopy sweep: --labels is for idx images (data.source = fashion-mnist or mnist)");
   }
+  if (!plan.hint.empty()) err << "canopy sweep: " << plan.hint << "\n";
   if (vm.count("dry-run")) {
     out << format_plan(plan);
     return kExitOk;

@@ -239,6 +239,15 @@ SweepPlan plan_sweep(const SweepOptions& options) {
       plan.runs.push_back(std::move(run));
     }
   }
+  if (std::all_of(options.vary.begin(), options.vary.end(),
+                  [](const auto& v) { return v.first.rfind("task.", 0) == 0; })) {
+    const auto& [key, values] = options.vary.front();
+    plan.hint =
+        detail::str_cat("every key varied is a task's: a grid in the config (", key, " = ",
+                        join(values, values.front().find(',') == std::string::npos ? ", " : " | "),
+                        ") trains those heads in one run, each batch of features read once for all of "
+                        "them (docs/training.md, Grids of heads)");
+  }
   return plan;
 }
 

@@ -128,6 +128,10 @@ lr = 0.01
         base = sweep if "--seeds" not in args else [a for a in sweep if a not in ("--seeds", "0,1")]
         r = subprocess.run(base + args, capture_output=True, text=True)
         check(r.returncode == 2 and said in r.stderr, f"{' '.join(args)}: exit 2 ({r.stderr.strip()[-250:]})")
+    r = subprocess.run([canopy, "sweep", "--config", config, "--vary", "task.cls.lr=0.01,0.003", "--out",
+                        f"{work}/lr", "--dry-run"], capture_output=True, text=True)
+    check(r.returncode == 0 and "a grid in the config (task.cls.lr = 0.01, 0.003)" in r.stderr and
+          "1 cache" in r.stdout, f"a sweep of a head's key says a grid does it in one run: {r.stderr.strip()}")
     one = [canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all", "--out", out]
     r = subprocess.run(one, capture_output=True, text=True)
     check(r.returncode == 2 and "1 setting" in r.stderr, f"one setting: exit 2 ({r.stderr.strip()})")

@@ -54,6 +54,8 @@ struct SweepPlan {
   std::vector<std::string> settings;  // "trunk.freeze = first:13", one per combination of values
   std::vector<std::string> caches;    // each distinct cache.path the runs read, in first use order
   std::vector<SweepRun> runs;         // setting by setting, each setting's seeds in order
+  // Said before the runs when every key varied is a task's: a grid trains those in one run.
+  std::string hint;
 };
 
 // Resolves every run's configuration (a bad key or value is a ConfigError before anything
