@@ -1,6 +1,7 @@
 #include "canopy/runners/cli.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -270,6 +271,12 @@ int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&,
   CANOPY_CHECK(vm.count("path") || config, ConfigError, "canopy inspect: give a cache PATH or --config FILE");
   const std::string path = vm.count("path") ? vm["path"].as<std::string>() : config->cache.path;
   bool ok = false;
+  if (is_sweep_dir(path)) {
+    CANOPY_CHECK(!config, ConfigError, "canopy inspect: '", path,
+                 "' is a sweep's folder, whose sweep.json says what it runs; --config is for a cache");
+    out << inspect_sweep(path, vm.count("json") > 0, &ok);
+    return ok ? kExitOk : kExitError;
+  }
   if (is_run_dir(path)) {  // a training run's out_dir
     CANOPY_CHECK(
         !config, ConfigError, "canopy inspect: '", path,
@@ -455,6 +462,37 @@ std::pair<std::string, std::vector<std::string>> parse_vary(const std::string& a
   return {trim(arg.substr(0, eq)), split_values};
 }
 
+// An argument as a POSIX shell reads it back: quoted where it holds anything but [A-Za-z0-9_./:=,+@%-].
+std::string shell_word(const std::string& s) {
+  const bool plain = !s.empty() && std::all_of(s.begin(), s.end(), [](unsigned char ch) {
+    return std::isalnum(ch) ||
+           std::string_view("_./:=,+@%-").find(static_cast<char>(ch)) != std::string_view::npos;
+  });
+  if (plain) return s;
+  std::string out = "'";
+  for (const char ch : s) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return out + "'";
+}
+
+// The sweep's command line, as it runs again (what `canopy inspect` of its folder prints).
+std::string sweep_command(const po::variables_map& vm) {
+  std::vector<std::string> words{"canopy", "sweep", "--config", shell_word(vm["config"].as<std::string>())};
+  const auto add = [&](const char* option, const std::string& value) {
+    words.push_back(std::string("--") + option);
+    words.push_back(shell_word(value));
+  };
+  if (vm.count("vary"))
+    for (const auto& v : vm["vary"].as<std::vector<std::string>>()) add("vary", v);
+  if (vm.count("seeds")) add("seeds", vm["seeds"].as<std::string>());
+  if (vm.count("set"))
+    for (const auto& v : vm["set"].as<std::vector<std::string>>()) add("set", v);
+  if (vm.count("allow-unpinned")) words.push_back("--allow-unpinned");
+  for (const char* option : {"out", "input", "labels", "metric"})
+    if (vm.count(option)) add(option, vm[option].as<std::string>());
+  if (vm["limit"].as<std::int64_t>() > 0) add("limit", std::to_string(vm["limit"].as<std::int64_t>()));
+  return join(words, " ");
+}
+
 int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
                       std::ostream& err) {
   CANOPY_CHECK(vm.count("config"), ConfigError,
@@ -467,6 +505,7 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
     for (const auto& v : vm["vary"].as<std::vector<std::string>>()) options.vary.push_back(parse_vary(v));
   if (vm.count("seeds")) options.seeds = parse_int_list(vm["seeds"].as<std::string>(), "--seeds");
   if (vm.count("out")) options.out = vm["out"].as<std::string>();
+  options.command = sweep_command(vm);
   const std::int64_t limit = vm["limit"].as<std::int64_t>();
   CANOPY_CHECK(limit >= 0, ConfigError, "canopy sweep: --limit must be >= 0 (0: every input), got ", limit);
   CANOPY_CHECK(
@@ -574,17 +613,21 @@ const std::vector<Command>& commands() {
        run_export_command},
       {"inspect", "canopy inspect PATH [--config FILE] [--verify] [--json]",
        "describe a cache (splits, shapes, dtype, size, fingerprint parts, completeness, whether it matches a "
-       "config) or a training run's out_dir (running or not, its checkpoint, each head, what was exported)",
+       "config), a training run's out_dir (running or not, its checkpoint, each head, what was exported) or "
+       "a "
+       "sweep's folder (each run's status, the comparison, the command that goes on)",
        [](po::options_description& d, po::positional_options_description& p) {
          add_config_options(d);
-         d.add_options()("path", po::value<std::string>()->value_name("PATH"),
-                         "the cache directory, or a training run's out_dir (positional)")(
+         d.add_options()(
+             "path", po::value<std::string>()->value_name("PATH"),
+             "the cache directory, a training run's out_dir, or a sweep's --out folder (positional)")(
              "verify",
              "a cache: check every shard's checksums, and that the HDF5 headers and the view cache.h5 read "
              "as "
              "the manifest says; a run: check its checkpoint's files and its exported heads against their "
              "checksums")("json",
-                          "a training run's out_dir: print the report as one JSON object, for scripts");
+                          "a training run's out_dir or a sweep's folder: print the report as one JSON "
+                          "object, for scripts");
          add_progress_option(d);
          p.add("path", 1);
        },

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -371,6 +372,7 @@ std::string format_sweep(const SweepPlan& plan) {
 
 std::string sweep_json(const SweepPlan& plan) {
   nlohmann::ordered_json j;
+  j["command"] = plan.options.command;
   j["config"] = plan.options.config;
   j["out"] = plan.options.out;
   nlohmann::ordered_json vary = nlohmann::ordered_json::object();
@@ -394,6 +396,87 @@ std::string sweep_json(const SweepPlan& plan) {
                          {"seconds", r.seconds}});
   }
   return j.dump(2) + "\n";
+}
+
+bool is_sweep_dir(const std::string& dir) { return is_regular_file(join_path(dir, "sweep.json")); }
+
+std::string inspect_sweep(const std::string& dir, bool json, bool* ok) {
+  const std::string path = join_path(dir, "sweep.json");
+  nlohmann::ordered_json sweep;
+  try {
+    sweep = nlohmann::ordered_json::parse(read_file(path));
+    (void)sweep.at("runs").size();
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("'", path, "' is not a sweep's record: ", e.what()));
+  }
+  bool readable = true;
+  std::map<std::string, int> counts;
+  for (auto& run : sweep["runs"]) {
+    const std::string out_dir = run.value("out_dir", "");
+    std::string status = "not_started", text = "not started";
+    if (is_directory(out_dir) && is_run_dir(out_dir)) {
+      const auto report = nlohmann::json::parse(inspect_run(out_dir, false, nullptr, true));
+      status = report.value("status", "unreadable");
+      text = report.value("status_text", status);
+    } else if (path_exists(out_dir) && !(is_directory(out_dir) && list_dir(out_dir).empty())) {
+      status = "unreadable";
+      text = "there, and not a training run's out_dir";
+    }
+    readable = readable && status != "unreadable";
+    ++counts[status];
+    run["status"] = status;
+    run["status_text"] = text;
+  }
+  sweep["counts"] = counts;
+  const std::string compare_path = join_path(dir, "compare.json");
+  if (is_regular_file(compare_path)) {
+    try {
+      const auto c = nlohmann::ordered_json::parse(read_file(compare_path));
+      sweep["compare"] = {{"path", compare_path},
+                          {"input", c.value("input", "")},
+                          {"eval_split", c.value("eval_split", "")},
+                          {"rows", c.value("rows", 0)},
+                          {"against_A", c.value("against_A", nlohmann::ordered_json::object())}};
+    } catch (const nlohmann::json::exception& e) {
+      sweep["compare"] = {{"path", compare_path}, {"error", e.what()}};
+    }
+  }
+  if (ok) *ok = readable;
+  if (json) return sweep.dump(2) + "\n";
+
+  std::ostringstream o;
+  o << "sweep " << dir << "\n  config      " << sweep.value("config", "") << "\n  settings    "
+    << join(sweep.value("settings", std::vector<std::string>{}), "; ") << "\n  seeds       ";
+  std::vector<std::string> seeds;
+  for (const auto& s : sweep.value("seeds", std::vector<std::int64_t>{})) seeds.push_back(std::to_string(s));
+  o << join(seeds, ", ") << "\n  runs        ";
+  std::vector<std::string> said;
+  for (const auto& [status, count] : counts) said.push_back(std::to_string(count) + " " + status);
+  o << sweep["runs"].size() << " (" << join(said, ", ") << ")\n";
+  std::vector<std::string> caches;
+  for (const auto& c : sweep.value("caches", std::vector<std::string>{}))
+    caches.push_back(c + (is_regular_file(join_path(c, "manifest.json")) ? "" : " (not built)"));
+  o << "  caches      " << join(caches, ", ") << "\n";
+  std::vector<std::vector<std::string>> rows{{"setting", "seed", "out_dir", "status"}};
+  for (const auto& run : sweep["runs"])
+    rows.push_back({run.value("setting", ""), std::to_string(run.value("seed", 0)), run.value("out_dir", ""),
+                    run.value("status", "")});
+  std::istringstream table(aligned_columns(rows));
+  for (std::string line; std::getline(table, line);) o << "  " << line << "\n";
+  if (sweep.contains("compare") && sweep["compare"].contains("against_A")) {
+    const auto& c = sweep["compare"];
+    const std::string on = c.value("input", "").empty() ? "the eval split (" + c.value("eval_split", "") + ")"
+                                                        : "'" + c.value("input", "") + "'";
+    o << "  compared    on " << on << ", " << c.value("rows", 0) << " rows (" << compare_path << ")\n";
+    for (const auto& [arm, t] : c["against_A"].items()) {
+      o << "              " << arm << " against A: better on " << t.value("better", 0) << ", worse on "
+        << t.value("worse", 0) << ", no difference shown on " << t.value("no_difference", 0) << "\n";
+    }
+  }
+  const bool unfinished = counts.size() != 1 || !counts.count("finished");
+  const std::string command = sweep.value("command", "");
+  if (unfinished && !command.empty()) o << "  go on       " << command << "\n";
+  return o.str();
 }
 
 std::vector<std::vector<JobConfig>> sweep_arms(const SweepPlan& plan) {

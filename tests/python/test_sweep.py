@@ -64,6 +64,16 @@ lr = 0.01
     r = subprocess.run([canopy, "inspect", third, "--json"], capture_output=True, text=True)
     check(r.returncode == 0 and json.loads(r.stdout)["status"] == "stopped",
           "the run it stopped is kept at its checkpoint, stopped before its end")
+    r = subprocess.run([canopy, "inspect", out, "--json"], capture_output=True, text=True)
+    where = json.loads(r.stdout) if r.returncode == 0 else {}
+    check(where.get("counts") == {"finished": 2, "stopped": 1, "not_started": 1} and
+          [x["status"] for x in where.get("runs", [])] == ["finished", "finished", "stopped", "not_started"] and
+          where.get("command", "").startswith(f"canopy sweep --config {config} --vary trunk.freeze=all,first:2 "
+                                               "--seeds 0,1"), f"canopy inspect of the sweep says where it stands: "
+          f"{where.get('counts')} {where.get('command')} {r.stderr.strip()[-200:]}")
+    r = subprocess.run([canopy, "inspect", out], capture_output=True, text=True)
+    check(r.returncode == 0 and "go on       canopy sweep --config" in r.stdout and "4 (2 finished" in r.stdout,
+          f"its text report has the command that goes on:\n{r.stdout}")
 
     # The same command goes on: the finished runs kept, the stopped one resumed, the last trained.
     r = went_on = subprocess.run(sweep + ["--input", IMAGES, "--limit", str(ROWS)], capture_output=True, text=True)
@@ -101,6 +111,9 @@ lr = 0.01
           got.get("against_A") == want.get("against_A") and [x["out_dir"] for x in got.get("runs", [])] ==
           [f"{out}/{n}" for n in names], "the sweep's comparison is canopy compare's of its two arms, paired by seed")
     check("B against A: better on" in went_on.stdout, "the sweep prints the comparison and its tally")
+    r = subprocess.run([canopy, "inspect", out], capture_output=True, text=True)
+    check(r.returncode == 0 and "B against A: better on" in r.stdout and "go on" not in r.stdout,
+          f"canopy inspect of the finished sweep has the comparison's tally:\n{r.stdout}")
 
     # More epochs: every run trains on from its checkpoint.
     more = sweep + ["--set", "train.epochs=5"]

@@ -25,6 +25,7 @@ struct SweepOptions {
   std::vector<std::pair<std::string, std::vector<std::string>>> vary;
   std::vector<std::int64_t> seeds;  // empty: the config's train.seed alone
   std::string out;                  // the sweep's folder
+  std::string command;              // the command that runs it again (sweep.json records it)
 };
 
 // What running a run of the sweep does, from what its out_dir holds.
@@ -86,6 +87,16 @@ std::string format_sweep(const SweepPlan& plan);
 // {"config", "out", "vary": {key: [values]}, "seeds", "settings", "caches", "runs": [{"setting",
 // "seed", "out_dir", "cache", "log", "action", "exit_code", "seconds"}]}
 std::string sweep_json(const SweepPlan& plan);
+
+// Whether `dir` is a sweep's folder (its sweep.json is there).
+bool is_sweep_dir(const std::string& dir);
+// `canopy inspect SWEEP_DIR`: the sweep's settings and each run's status now (finished, stopped,
+// running, not started), read from sweep.json and each out_dir as `canopy inspect` reads a run;
+// its caches, the comparison's tally when there is one, and the command that goes on. With
+// `json`, one object: sweep.json's with each run's "status" and "status_text", "counts" and
+// "compare" (compare.json's against_A, rows, input) added. `ok` is set to whether every run
+// could be read.
+std::string inspect_sweep(const std::string& dir, bool json, bool* ok = nullptr);
 
 // Each setting's runs, as `canopy compare` takes them: one arm per setting.
 std::vector<std::vector<JobConfig>> sweep_arms(const SweepPlan& plan);
