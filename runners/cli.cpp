@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "canopy/core/device.h"
+#include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/memory.h"
@@ -518,6 +519,10 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
     CANOPY_CHECK(std::find(names.begin(), names.end(), metric) != names.end(), ConfigError,
                  "canopy sweep: --metric '", metric, "': expected one of ", join(names, ", "));
   }
+  // One sweep in a folder at a time (the runs' own locks keep a run from two processes).
+  std::optional<DirLock> lock;
+  if (!vm.count("dry-run") && !options.out.empty())
+    lock.emplace(options.out, DirLock::Mode::kWrite, "canopy sweep");
   SweepPlan plan = plan_sweep(options);
   if (vm.count("labels")) {
     const auto& source = plan.runs.front().config.data.source;

@@ -19,6 +19,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "canopy/core/dir_lock.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/sha256.h"
@@ -213,6 +214,8 @@ SweepPlan plan_sweep(const SweepOptions& options) {
     plan.settings.push_back(join(said, ", "));
     names.push_back(join(named, "_"));
   }
+  for (std::size_t s = 0; s < names.size(); ++s)  // a folder name stays well within NAME_MAX
+    if (names[s].size() > 100) names[s] = "setting" + std::to_string(s + 1);
   const std::set<std::string> distinct(names.begin(), names.end());
   if (distinct.size() != names.size())  // values that differ only in characters a name leaves out
     for (std::size_t s = 0; s < names.size(); ++s) names[s] = std::to_string(s + 1) + "_" + names[s];
@@ -428,6 +431,9 @@ std::string inspect_sweep(const std::string& dir, bool json, bool* ok) {
     run["status_text"] = text;
   }
   sweep["counts"] = counts;
+  const auto writer = DirLock::writer(dir);
+  sweep["running"] = writer ? nlohmann::ordered_json(writer->empty() ? "a canopy process" : *writer)
+                            : nlohmann::ordered_json(nullptr);
   const std::string compare_path = join_path(dir, "compare.json");
   if (is_regular_file(compare_path)) {
     try {
@@ -445,7 +451,10 @@ std::string inspect_sweep(const std::string& dir, bool json, bool* ok) {
   if (json) return sweep.dump(2) + "\n";
 
   std::ostringstream o;
-  o << "sweep " << dir << "\n  config      " << sweep.value("config", "") << "\n  settings    "
+  o << "sweep " << dir << "\n";
+  if (writer)
+    o << "  status      running: " << sweep["running"].get<std::string>() << " is sweeping in it now\n";
+  o << "  config      " << sweep.value("config", "") << "\n  settings    "
     << join(sweep.value("settings", std::vector<std::string>{}), "; ") << "\n  seeds       ";
   std::vector<std::string> seeds;
   for (const auto& s : sweep.value("seeds", std::vector<std::int64_t>{})) seeds.push_back(std::to_string(s));

@@ -13,8 +13,9 @@ import json
 import os
 import signal
 import subprocess
+import time
 
-from support import FMNIST, check, finish, kill_when, start, tiny_block_trunk, tiny_trunk_sections
+from support import FMNIST, check, finish, kill_when, slowdown, start, tiny_block_trunk, tiny_trunk_sections
 
 TRAIN, TEST, ROWS = 1200, 300, 300
 IMAGES = f"{FMNIST}/t10k-images-idx3-ubyte.gz"
@@ -156,6 +157,24 @@ lr = 0.01
           f"a folder that is not a run in a run's place: exit 2 ({r.stderr.strip()})")
     check(before == {n: os.path.getmtime(f"{out}/{n}/heads/cls.json") for n in names},
           "the refused sweeps touched no run")
+
+    # A second sweep into a folder a sweep runs in is refused; inspect says who runs there.
+    busy = [canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all,first:2", "--out", f"{work}/busy",
+            "--set", "train.epochs=400", "--progress", "quiet"]
+    first = subprocess.Popen(busy, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = f"{work}/busy/freeze-all-s0/checkpoint/state.json"
+    deadline = time.time() + 120 * slowdown()
+    while time.time() < deadline and first.poll() is None and not os.path.exists(state):
+        time.sleep(0.05)
+    second = subprocess.run(busy, capture_output=True, text=True)
+    shown = subprocess.run([canopy, "inspect", f"{work}/busy"], capture_output=True, text=True)
+    first.send_signal(signal.SIGTERM)
+    _, first_err = first.communicate(timeout=120 * slowdown())
+    check(second.returncode == 1 and "canopy sweep" in second.stderr and str(first.pid) in second.stderr,
+          f"a second sweep into the same folder: exit 1, naming the first ({second.stderr.strip()[-250:]})")
+    check(f"running: canopy sweep, pid {first.pid}" in shown.stdout,
+          f"canopy inspect says a sweep runs in it:\n{shown.stdout}")
+    check(first.returncode == 143, f"the first, SIGTERMed, stopped (exit {first.returncode})")
     finish()
 
 
