@@ -84,7 +84,7 @@ std::string this_program();
 
 // The table of runs after run_sweep: setting, seed, out_dir, what was done, time.
 std::string format_sweep(const SweepPlan& plan);
-// {"config", "out", "vary": {key: [values]}, "seeds", "settings", "caches", "runs": [{"setting",
+// {"command", "config", "out", "vary": {key: [values]}, "seeds", "settings", "caches", "runs": [{"setting",
 // "seed", "out_dir", "cache", "log", "action", "exit_code", "seconds"}]}
 std::string sweep_json(const SweepPlan& plan);
 
@@ -92,9 +92,10 @@ std::string sweep_json(const SweepPlan& plan);
 bool is_sweep_dir(const std::string& dir);
 // `canopy inspect SWEEP_DIR`: the sweep's settings and each run's status now (finished, stopped,
 // running, not started), read from sweep.json and each out_dir as `canopy inspect` reads a run;
-// its caches, the comparison's tally when there is one, and the command that goes on. With
-// `json`, one object: sweep.json's with each run's "status" and "status_text", "counts" and
-// "compare" (compare.json's against_A, rows, input) added. `ok` is set to whether every run
+// its caches, the comparison's tally when there is one, whether a sweep runs in it now, and the
+// command that goes on. With `json`, one object: sweep.json's with each run's "status" and
+// "status_text", "counts", "running" (the process sweeping there, or null) and "compare"
+// (compare.json's against_A, rows, input, eval_split) added. `ok` is set to whether every run
 // could be read.
 std::string inspect_sweep(const std::string& dir, bool json, bool* ok = nullptr);
 
