@@ -8,6 +8,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/input_data.h"
+#include "canopy/runners/sweep_job.h"
 #include "support/test_support.h"
 
 namespace canopy::runners {
@@ -486,5 +487,98 @@ TEST(InputData, AFolderLimitKeepsEveryClass) {
   EXPECT_EQ(data.class_names, (std::vector<std::string>{"ant", "bee", "cat"}));
 }
 
+// canopy sweep's plan: every combination of the values, named by them, each run's config set.
+SweepOptions sweep_of(const testing::TempDir& dir,
+                      std::vector<std::pair<std::string, std::vector<std::string>>> vary) {
+  write_file_atomic(dir.file("c.ini"), kConfig);
+  SweepOptions o;
+  o.config = dir.file("c.ini");
+  o.overrides = {"trunk.sha256=" + std::string(64, 'a')};  // pinned: the plan hashes no trunk file
+  o.vary = std::move(vary);
+  o.out = dir.file("sweep");
+  return o;
+}
+
+TEST(Sweep, EveryCombinationIsASettingNamedByItsValues) {
+  testing::TempDir dir;
+  SweepOptions o =
+      sweep_of(dir, {{"task.fine.lr", {"0.01", "0.003"}}, {"trunk.pooling", {"avg", "flatten"}}});
+  o.seeds = {0, 1};
+  const SweepPlan plan = plan_sweep(o);
+  EXPECT_EQ(plan.settings, (std::vector<std::string>{"task.fine.lr = 0.01, trunk.pooling = avg",
+                                                     "task.fine.lr = 0.01, trunk.pooling = flatten",
+                                                     "task.fine.lr = 0.003, trunk.pooling = avg",
+                                                     "task.fine.lr = 0.003, trunk.pooling = flatten"}));
+  ASSERT_EQ(plan.runs.size(), 8u);
+  EXPECT_EQ(plan.runs[0].name, "lr-0.01_pooling-avg-s0");
+  EXPECT_EQ(plan.runs[1].name, "lr-0.01_pooling-avg-s1");
+  EXPECT_EQ(plan.runs[7].name, "lr-0.003_pooling-flatten-s1");
+  const SweepRun& r = plan.runs[3];  // setting 1, seed 1
+  EXPECT_EQ(r.setting, 1u);
+  EXPECT_EQ(r.config.train.seed, 1);
+  EXPECT_EQ(r.config.trunk.pooling, "flatten");
+  EXPECT_EQ(r.config.train.out_dir, dir.file("sweep/lr-0.01_pooling-flatten-s1"));
+  EXPECT_EQ(r.action, SweepAction::kTrain);
+  // The head's rate does not change the features, the pooling does: two caches.
+  ASSERT_EQ(plan.caches.size(), 2u);
+  EXPECT_EQ(plan.runs[0].config.cache.path, plan.runs[4].config.cache.path);
+  EXPECT_NE(plan.runs[0].config.cache.path, plan.runs[2].config.cache.path);
+  EXPECT_TRUE(plan.hint.empty()) << "a trunk key is varied: no grid can do it";
+  EXPECT_EQ(sweep_arm_paths(plan)[1],
+            (std::vector<std::string>{dir.file("sweep/lr-0.01_pooling-flatten-s0"),
+                                      dir.file("sweep/lr-0.01_pooling-flatten-s1")}));
+}
+
+TEST(Sweep, NamesThatWouldBeAlikeAreNumberedAndLongOnesCut) {
+  testing::TempDir dir;
+  const SweepPlan alike = plan_sweep(sweep_of(dir, {{"trunk.path", {"/m/t.pt", "/m_t.pt"}}}));
+  EXPECT_EQ(alike.runs[0].name, "1_path-_m_t.pt-s0");
+  EXPECT_EQ(alike.runs[1].name, "2_path-_m_t.pt-s0");
+  const SweepPlan long_names =
+      plan_sweep(sweep_of(dir, {{"trunk.path", {"/" + std::string(120, 'x'), "/t.pt"}}}));
+  EXPECT_EQ(long_names.runs[0].name, "setting1-s0");
+  EXPECT_EQ(long_names.runs[1].name, "path-_t.pt-s0");
+  const SweepPlan heads = plan_sweep(sweep_of(dir, {{"task.fine.lr", {"0.01", "0.003"}}}));
+  EXPECT_NE(heads.hint.find("a grid in the config (task.fine.lr = 0.01, 0.003)"), std::string::npos)
+      << heads.hint;
+  EXPECT_EQ(heads.caches.size(), 1u);
+}
+
+TEST(Sweep, RefusesWhatItPlacesRepeatsAndTooFewOrManySettings) {
+  testing::TempDir dir;
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        plan_sweep(sweep_of(dir, {{"train.seed", {"1", "2"}}}));
+      },
+      {"--vary train.seed", "--seeds gives the seeds"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        plan_sweep(sweep_of(dir, {{"trunk.pooling", {"avg", "avg"}}}));
+      },
+      {"names a value twice"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        plan_sweep(sweep_of(dir, {{"trunk.pooling", {"avg"}}}));
+      },
+      {"1 setting", "2 to 26"}));
+  std::vector<std::string> many;
+  for (int i = 0; i < 27; ++i) many.push_back(std::to_string(i + 1));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        plan_sweep(sweep_of(dir, {{"train.epochs", many}}));
+      },
+      {"27 settings", "2 to 26"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        plan_sweep(sweep_of(dir, {{"trunk.pooling", {"avg", "bogus"}}}));
+      },
+      {"trunk.pooling", "bogus"}));
+  SweepOptions seeds = sweep_of(dir, {{"trunk.pooling", {"avg", "flatten"}}});
+  seeds.seeds = {3, 3};
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { plan_sweep(seeds); }, {"names a seed twice"}));
+  SweepOptions placed = sweep_of(dir, {{"trunk.pooling", {"avg", "flatten"}}});
+  placed.overrides.push_back("cache.path=x");
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { plan_sweep(placed); }, {"--set cache.path=x"}));
+}
 }  // namespace
 }  // namespace canopy::runners
