@@ -186,6 +186,34 @@ int run_child(const std::vector<std::string>& argv, const std::string& log_path)
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
+// The time the runs after `done` will take, from those this sweep ran: each by its setting's
+// mean (its first run built the setting's cache: an overestimate for the others), or the mean
+// of every run where its setting has none yet. "" before any run is timed or after the last.
+std::string time_left(const SweepPlan& plan, std::size_t done) {
+  std::map<std::size_t, std::pair<double, int>> by_setting;
+  double all = 0;
+  int timed = 0;
+  for (std::size_t i = 0; i <= done; ++i) {
+    const SweepRun& r = plan.runs[i];
+    if (r.exit_code != 0) continue;
+    by_setting[r.setting].first += r.seconds;
+    ++by_setting[r.setting].second;
+    all += r.seconds;
+    ++timed;
+  }
+  double left = 0;
+  int runs = 0;
+  for (std::size_t i = done + 1; i < plan.runs.size(); ++i) {
+    const SweepRun& r = plan.runs[i];
+    if (r.action == SweepAction::kDone) continue;
+    const auto it = by_setting.find(r.setting);
+    left += it != by_setting.end() ? it->second.first / it->second.second : all / std::max(timed, 1);
+    ++runs;
+  }
+  if (timed == 0 || runs == 0) return "";
+  return detail::str_cat("; about ", format_duration(left), " for the ", count_of(runs, "run"), " left");
+}
+
 std::string setting_of(const SweepPlan& plan, const SweepRun& run) {
   return plan.settings[run.setting] + ", seed " + std::to_string(run.seed);
 }
@@ -311,7 +339,8 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
     write_file_atomic(record, sweep_json(plan));
     const int rc = run.exit_code;
     if (rc == 0) {
-      log << "canopy sweep: " << which << ": done in " << format_duration(run.seconds) << "\n";
+      log << "canopy sweep: " << which << ": done in " << format_duration(run.seconds) << time_left(plan, i)
+          << "\n";
       continue;
     }
     if (rc == 3) {

@@ -112,6 +112,8 @@ lr = 0.01
           got.get("against_A") == want.get("against_A") and [x["out_dir"] for x in got.get("runs", [])] ==
           [f"{out}/{n}" for n in names], "the sweep's comparison is canopy compare's of its two arms, paired by seed")
     check("B against A: better on" in went_on.stdout, "the sweep prints the comparison and its tally")
+    check("done in" in went_on.stderr and "for the 1 run left" in went_on.stderr,
+          "each run's end says how long the runs left will take")
     r = subprocess.run([canopy, "inspect", out], capture_output=True, text=True)
     check(r.returncode == 0 and "B against A: better on" in r.stdout and "go on" not in r.stdout,
           f"canopy inspect of the finished sweep has the comparison's tally:\n{r.stdout}")
