@@ -114,8 +114,16 @@ void read_out_dir(SweepRun& run) {
   const auto saved = read_config_values(saved_text, saved_path);
   const auto now = read_config_values(now_text, run.config.source);
   std::vector<std::string> other, epochs;
-  for (const auto& change : map_changes(saved, now))
-    (is_epochs_key(change.substr(0, change.find(' '))) ? epochs : other).push_back(change);
+  for (const auto& change : map_changes(saved, now)) {
+    const std::string key = change.substr(0, change.find(' '));
+    if (key == "cache.path")  // the sweep's own: the folder is the features' fingerprint
+      other.push_back(
+          "the features it read: their cache fingerprint changed since it ran (the data files, the trunk or "
+          "the preprocessing differ; " +
+          change + ")");
+    else
+      (is_epochs_key(key) ? epochs : other).push_back(change);
+  }
   CANOPY_CHECK(
       other.empty(), ConfigError, "canopy sweep: '", dir, "' holds a run of another configuration (",
       join(other, ", "),

@@ -177,6 +177,14 @@ lr = 0.01
     check(f"running: canopy sweep, pid {first.pid}" in shown.stdout,
           f"canopy inspect says a sweep runs in it:\n{shown.stdout}")
     check(first.returncode == 143, f"the first, SIGTERMed, stopped (exit {first.returncode})")
+
+    # Another trunk file at the same path: the runs read other features now, and say so.
+    import torch
+    torch.manual_seed(1)
+    torch.jit.script(tiny_block_trunk().eval()).save(trunk)
+    r = subprocess.run(sweep + ["--set", "train.epochs=5", "--dry-run"], capture_output=True, text=True)
+    check(r.returncode == 2 and "their cache fingerprint changed since it ran" in r.stderr,
+          f"a trunk changed under the sweep: its runs are refused, the reason said ({r.stderr.strip()[-200:]})")
     finish()
 
 
