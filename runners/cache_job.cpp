@@ -640,7 +640,14 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
                ") and is not up to date: ", report.reason,
                ". Build it where it can be written (cache.path), or make that directory writable");
   state = shared_state(state, replaces, report);
+  // Under mpirun the ranks go on to read the cache (`canopy run`): rank 0 gives its lock back
+  // first, and the others wait for that (and for the cache to be complete).
+  const auto unlock_then_meet = [&] {
+    lock.reset();
+    if (mpi::distributed()) mpi::barrier();
+  };
   if (state == CacheState::kUpToDate) {
+    unlock_then_meet();
     report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
     return report;
   }
@@ -687,13 +694,12 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   report.rows = split_rows;
   report.feature_dim = dim;
   report.rebuilt = true;
-  if (mpi::rank() != 0) {
-    report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    return report;
+  if (mpi::rank() == 0) {
+    writer.adopt_helper_shards();
+    writer.finish();
+    if (beside) datasets::replace_cache(config.cache.path, target);
   }
-  writer.adopt_helper_shards();
-  writer.finish();
-  if (beside) datasets::replace_cache(config.cache.path, target);
+  unlock_then_meet();
   report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return report;
 }

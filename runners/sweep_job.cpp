@@ -170,7 +170,7 @@ int run_child(const std::vector<std::string>& argv, const std::string& log_path)
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (::getppid() != parent) ::_exit(128 + SIGTERM);  // the sweep died before prctl
     ::dup2(log_fd, STDOUT_FILENO);
-    ::execv(args[0], args.data());
+    ::execvp(args[0], args.data());
     const char msg[] = "canopy sweep: cannot start the run's process\n";
     [[maybe_unused]] const auto n = ::write(STDERR_FILENO, msg, sizeof msg - 1);
     ::_exit(127);
@@ -332,7 +332,9 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
     log << "canopy sweep: " << which << ": " << doing << " in " << run.config.train.out_dir
         << " (its report: " << run.log << ")\n"
         << std::flush;
-    std::vector<std::string> argv{program, "run", "--config", plan.options.config};
+    std::vector<std::string> argv = plan.options.run_with;
+    for (const char* word : {program.c_str(), "run", "--config", plan.options.config.c_str()})
+      argv.push_back(word);
     for (const auto& s : run.overrides) {
       argv.push_back("--set");
       argv.push_back(s);
@@ -376,6 +378,9 @@ std::string this_program() {
   CANOPY_CHECK(n > 0 && static_cast<std::size_t>(n) < path.size(), Error,
                "cannot read this program's path (/proc/self/exe): ", describe_errno(errno));
   path.resize(static_cast<std::size_t>(n));
+  // Replaced since it started (a rebuild): the path names the new file.
+  constexpr std::string_view kDeleted = " (deleted)";
+  if (ends_with(path, kDeleted)) path.resize(path.size() - kDeleted.size());
   return path;
 }
 
@@ -415,6 +420,7 @@ std::string sweep_json(const SweepPlan& plan) {
   j["command"] = plan.options.command;
   j["config"] = plan.options.config;
   j["out"] = plan.options.out;
+  j["run_with"] = plan.options.run_with;
   nlohmann::ordered_json vary = nlohmann::ordered_json::object();
   for (const auto& [key, values] : plan.options.vary) vary[key] = values;
   j["vary"] = vary;

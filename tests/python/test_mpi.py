@@ -189,7 +189,47 @@ def main():
     check_training(canopy, work, trunk, ref_cache, env)
     # --- the trunk's top fine-tuned data parallel over 3 ranks ------------------------
     check_finetune(canopy, work, env)
+    # --- canopy run under mpirun on a cache not built yet, as a sweep's runs ---------
+    check_sweep(canopy, work)
     return finish()
+
+
+def check_sweep(canopy, work):
+    """`canopy sweep --run-with 'mpirun ...'`: each run a `canopy run` over 2 ranks, its cache
+    built by them first (the ranks then read it: before, rank 1 found it still locked by rank
+    0 and the run failed). The frozen run's head is bitwise a one-process run's."""
+    import torch
+    torch.manual_seed(0)
+    blocks = os.path.join(work, "sweep-blocks.pt")
+    torch.jit.script(tiny_block_trunk().eval()).save(blocks)
+    config = os.path.join(work, "sweep.ini")
+    with open(config, "w") as f:
+        f.write(tiny_trunk_sections(blocks, 1200, 300, pooling="flatten") + f"""freeze = all
+lr = 0.01
+[cache]
+path = {work}/unused
+[train]
+out_dir = {work}/unused-out
+batch_size = 32
+epochs = 2
+[task.cls]
+head = linear
+lr = 0.01
+""")
+    launch = " ".join(mpirun(2))
+    out = os.path.join(work, "sweep")
+    r = subprocess.run([canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all,first:2", "--out", out,
+                        "--run-with", launch, "--progress", "quiet"], capture_output=True, text=True, env=mpi_env())
+    runs = [os.path.join(out, n) for n in ("freeze-all-s0", "freeze-first_2-s0")]
+    check(r.returncode == 0 and all(os.path.exists(os.path.join(d, "heads", "cls.json")) for d in runs) and
+          "[canopy 1/2]" in r.stderr and os.path.exists(os.path.join(out, "compare.json")),
+          f"a sweep whose runs are started under mpirun -np 2 trains both and compares them ({r.stderr[-500:]})")
+    one = os.path.join(work, "sweep-one")
+    r = subprocess.run([canopy, "run", "--config", config, "--set", f"train.out_dir={one}", "--set",
+                        f"cache.path={one}-cache", "--progress", "quiet"], capture_output=True, text=True)
+    card = lambda d: json.load(open(os.path.join(d, "heads", "cls.json")))["weights_sha256"]
+    check(r.returncode == 0 and card(runs[0]) == card(one),
+          "the frozen run's head over 2 ranks is bitwise the one-process run's")
 
 
 # The two heads every run over a trained top here has (and the loss weighting they start with).

@@ -25,7 +25,10 @@ struct SweepOptions {
   std::vector<std::pair<std::string, std::vector<std::string>>> vary;
   std::vector<std::int64_t> seeds;  // empty: the config's train.seed alone
   std::string out;                  // the sweep's folder
-  std::string command;              // the command that runs it again (sweep.json records it)
+  // A command each run is started under, as words (--run-with, split at spaces), e.g.
+  // {"mpirun", "-np", "4"}: the run then spreads its work over that launch's ranks.
+  std::vector<std::string> run_with;
+  std::string command;  // the command that runs it again (sweep.json records it)
 };
 
 // What running a run of the sweep does, from what its out_dir holds.
@@ -70,11 +73,11 @@ SweepPlan plan_sweep(const SweepOptions& options);
 // The plan as `--dry-run` prints it: settings, caches, and each run's out_dir and action.
 std::string format_plan(const SweepPlan& plan);
 
-// Runs every run not done, one at a time, each as `program run --config ... --set ...` in a
-// process of its own (its standard output appended to its log; its errors and progress on
-// this process's standard error); writes <out>/sweep.json after each. A run that ends with a
-// head FAILED (exit 3) is recorded and the sweep goes on. A signal that asks this process to
-// stop (StopOnSignal) is passed to the run, which stops at its next checkpoint: throws Stopped.
+// Runs every run not done, one at a time, each as `program run --config ... --set ...` (after
+// options.run_with's words, when given, found on PATH) in a process of its own (its standard output appended
+// to its log; its errors and progress on this process's standard error); writes <out>/sweep.json after each.
+// A run that ends with a head FAILED (exit 3) is recorded and the sweep goes on. A signal that asks this
+// process to stop (StopOnSignal) is passed to the run, which stops at its next checkpoint: throws Stopped.
 // Another failure of a run throws a DataError naming it and its log; the runs before it are
 // kept. `log` gets a line as each run starts and ends.
 void run_sweep(SweepPlan& plan, const std::string& program, const std::string& progress, std::ostream& log);
@@ -84,8 +87,8 @@ std::string this_program();
 
 // The table of runs after run_sweep: setting, seed, out_dir, what was done, time.
 std::string format_sweep(const SweepPlan& plan);
-// {"command", "config", "out", "vary": {key: [values]}, "seeds", "settings", "caches", "runs": [{"setting",
-// "seed", "out_dir", "cache", "log", "action", "exit_code", "seconds"}]}
+// {"command", "config", "out", "run_with", "vary": {key: [values]}, "seeds", "settings", "caches", "runs":
+// [{"setting", "seed", "out_dir", "cache", "log", "action", "exit_code", "seconds"}]}
 std::string sweep_json(const SweepPlan& plan);
 
 // Whether `dir` is a sweep's folder (its sweep.json is there).
