@@ -222,6 +222,23 @@ std::string time_left(const SweepPlan& plan, std::size_t done) {
   return detail::str_cat("; about ", format_duration(left), " for the ", count_of(runs, "run"), " left");
 }
 
+// The run's command: `program run --config ... --set ...` (--resume where it goes on), after
+// --run-with's words.
+std::vector<std::string> run_argv(const SweepPlan& plan, const SweepRun& run, const std::string& program,
+                                  const std::string& progress) {
+  std::vector<std::string> argv = plan.options.run_with;
+  for (const std::string& word : {program, std::string("run"), std::string("--config"), plan.options.config})
+    argv.push_back(word);
+  for (const auto& s : run.overrides) {
+    argv.push_back("--set");
+    argv.push_back(s);
+  }
+  if (run.action != SweepAction::kTrain) argv.push_back("--resume");
+  argv.push_back("--progress");
+  argv.push_back(progress);
+  return argv;
+}
+
 std::string setting_of(const SweepPlan& plan, const SweepRun& run) {
   return plan.settings[run.setting] + ", seed " + std::to_string(run.seed);
 }
@@ -332,16 +349,7 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
     log << "canopy sweep: " << which << ": " << doing << " in " << run.config.train.out_dir
         << " (its report: " << run.log << ")\n"
         << std::flush;
-    std::vector<std::string> argv = plan.options.run_with;
-    for (const char* word : {program.c_str(), "run", "--config", plan.options.config.c_str()})
-      argv.push_back(word);
-    for (const auto& s : run.overrides) {
-      argv.push_back("--set");
-      argv.push_back(s);
-    }
-    if (run.action != SweepAction::kTrain) argv.push_back("--resume");
-    argv.push_back("--progress");
-    argv.push_back(progress);
+    const std::vector<std::string> argv = run_argv(plan, run, program, progress);
     std::ofstream(run.log, std::ios::app) << "\n== " << join(argv, " ") << "\n";
     const auto start = std::chrono::steady_clock::now();
     run.exit_code = run_child(argv, run.log);
@@ -446,7 +454,10 @@ std::string sweep_json(const SweepPlan& plan) {
 
 bool is_sweep_dir(const std::string& dir) { return is_regular_file(join_path(dir, "sweep.json")); }
 
-std::string inspect_sweep(const std::string& dir, bool json, bool* ok) {
+namespace {
+
+// sweep.json's record with each run's status now, "counts", "running" and "compare" added.
+nlohmann::ordered_json sweep_status(const std::string& dir, bool& readable) {
   const std::string path = join_path(dir, "sweep.json");
   nlohmann::ordered_json sweep;
   try {
@@ -455,7 +466,7 @@ std::string inspect_sweep(const std::string& dir, bool json, bool* ok) {
   } catch (const nlohmann::json::exception& e) {
     throw DataError(detail::str_cat("'", path, "' is not a sweep's record: ", e.what()));
   }
-  bool readable = true;
+  readable = true;
   std::map<std::string, int> counts;
   for (auto& run : sweep["runs"]) {
     const std::string out_dir = run.value("out_dir", "");
@@ -490,12 +501,22 @@ std::string inspect_sweep(const std::string& dir, bool json, bool* ok) {
       sweep["compare"] = {{"path", compare_path}, {"error", e.what()}};
     }
   }
+  return sweep;
+}
+
+}  // namespace
+
+std::string inspect_sweep(const std::string& dir, bool json, bool* ok) {
+  bool readable = true;
+  nlohmann::ordered_json sweep = sweep_status(dir, readable);
+  const auto counts = sweep["counts"].get<std::map<std::string, int>>();
+  const std::string compare_path = join_path(dir, "compare.json");
   if (ok) *ok = readable;
   if (json) return sweep.dump(2) + "\n";
 
   std::ostringstream o;
   o << "sweep " << dir << "\n";
-  if (writer)
+  if (!sweep["running"].is_null())
     o << "  status      running: " << sweep["running"].get<std::string>() << " is sweeping in it now\n";
   o << "  config      " << sweep.value("config", "") << "\n  settings    "
     << join(sweep.value("settings", std::vector<std::string>{}), "; ") << "\n  seeds       ";
