@@ -243,6 +243,21 @@ std::string setting_of(const SweepPlan& plan, const SweepRun& run) {
   return plan.settings[run.setting] + ", seed " + std::to_string(run.seed);
 }
 
+// Each run's training time in the sweeps into `out` before (its sweep.json): out_dir -> seconds.
+std::map<std::string, double> earlier_train_seconds(const std::string& out) {
+  std::map<std::string, double> seconds;
+  const std::string path = join_path(out, "sweep.json");
+  if (!is_regular_file(path)) return seconds;
+  try {
+    const auto j = nlohmann::json::parse(read_file(path));
+    for (const auto& run : j.at("runs"))
+      seconds[run.at("out_dir").get<std::string>()] = run.value("train_seconds", run.value("seconds", 0.0));
+  } catch (const nlohmann::json::exception&) {
+    log_info("'" + path + "' cannot be read: the earlier runs' times are not known; it is written anew");
+  }
+  return seconds;
+}
+
 }  // namespace
 
 SweepPlan plan_sweep(const SweepOptions& options) {
@@ -253,6 +268,7 @@ SweepPlan plan_sweep(const SweepOptions& options) {
   CANOPY_CHECK(combos.size() >= 2 && combos.size() <= 26, ConfigError, "canopy sweep: ", combos.size(),
                " setting", combos.size() == 1 ? "" : "s",
                " (the product of the values varied): a sweep compares 2 to 26");
+  const std::map<std::string, double> earlier = earlier_train_seconds(options.out);
   std::vector<std::int64_t> seeds = options.seeds;
   if (seeds.empty()) seeds.push_back(load_job_config(options.config, options.overrides).train.seed);
   // A setting's folder name: each varied key's last part and its value.
@@ -293,6 +309,9 @@ SweepPlan plan_sweep(const SweepOptions& options) {
       run.config = load_job_config(options.config, run.overrides);
       run.log = join_path(join_path(options.out, "logs"), run.name + ".log");
       read_out_dir(run);
+      if (run.action != SweepAction::kTrain)
+        run.seconds_before =
+            earlier.count(run.config.train.out_dir) ? earlier.at(run.config.train.out_dir) : 0.0;
       plan.runs.push_back(std::move(run));
     }
   }
@@ -372,11 +391,13 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
                           run.config.train.out_dir, ", what it had done kept at its checkpoint",
                           i > 0 ? " (the runs before it kept)" : "", "; run the same command to go on"));
     }
-    throw DataError(detail::str_cat(which, " failed (exit ", rc,
-                                    rc > 128 ? " (" + signal_name(rc - 128) + ")" : std::string(),
-                                    "; its error above, its report in ", run.log,
-                                    "); the runs before it are kept: run the same command "
-                                    "to go on once it is mended"));
+    const std::string failed = detail::str_cat(which, " failed (exit ", rc,
+                                               rc > 128 ? " (" + signal_name(rc - 128) + ")" : std::string(),
+                                               "; its error above, its report in ", run.log,
+                                               "); the runs before it are kept: run the same command "
+                                               "to go on once it is mended");
+    if (rc == 2) throw ConfigError(failed);  // the run refused its configuration: so does the sweep
+    throw DataError(failed);
   }
 }
 
@@ -420,6 +441,28 @@ std::string format_sweep(const SweepPlan& plan) {
                     r.exit_code >= 0 ? format_duration(r.seconds) : "-"});
   }
   o << aligned_columns(rows);
+  // What each setting costs to train, beside what it scores.
+  std::vector<double> sum(plan.settings.size(), 0.0);
+  std::vector<int> timed(plan.settings.size(), 0);
+  for (const auto& r : plan.runs) {
+    if (r.train_seconds() <= 0) continue;
+    sum[r.setting] += r.train_seconds();
+    ++timed[r.setting];
+  }
+  std::vector<std::string> per_setting;
+  for (std::size_t s = 0; s < plan.settings.size(); ++s) {
+    if (timed[s] == 0) continue;
+    std::string cost = plan.settings[s] + ": " + format_duration(sum[s] / timed[s]);
+    if (s > 0 && timed[0] > 0) {
+      char ratio[32];
+      std::snprintf(ratio, sizeof ratio, " (%.1fx)", (sum[s] / timed[s]) / (sum[0] / timed[0]));
+      cost += ratio;
+    }
+    per_setting.push_back(cost);
+  }
+  if (!per_setting.empty())
+    o << "training time per run, mean (a setting's first run builds its cache): " << join(per_setting, "; ")
+      << "\n";
   return o.str();
 }
 
@@ -447,7 +490,8 @@ std::string sweep_json(const SweepPlan& plan) {
                          {"log", r.log},
                          {"action", action_word(r.action)},
                          {"exit_code", r.exit_code},
-                         {"seconds", r.seconds}});
+                         {"seconds", r.seconds},
+                         {"train_seconds", r.train_seconds()}});
   }
   return j.dump(2) + "\n";
 }

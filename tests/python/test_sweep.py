@@ -128,6 +128,10 @@ lr = 0.01
     trained_on = [line for line in r.stdout.splitlines() if line.startswith("trunk.") and "  trained on  " in line]
     check(r.returncode == 0 and len(trained_on) == 4 and epochs == [5] * 4,
           f"every run trained on to 5 epochs: {epochs} {r.stderr.strip()[-300:]}")
+    timed = json.load(open(f"{out}/sweep.json"))["runs"]
+    check(all(x["train_seconds"] > x["seconds"] > 0 for x in timed) and
+          "training time per run, mean" in r.stdout and "trunk.freeze = first:2: " in r.stdout,
+          "each run's training time adds its earlier sweeps' (sweep.json), each setting's mean said")
 
     on_eval = json.load(open(f"{out}/compare.json"))
     check(on_eval.get("rows") == TEST and on_eval.get("eval_split") == "test" and "B against A:" in r.stdout,

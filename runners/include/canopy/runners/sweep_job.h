@@ -51,6 +51,10 @@ struct SweepRun {
   // Set by run_sweep: the run's exit status (-1: not run by this sweep) and its time.
   int exit_code = -1;
   double seconds = 0.0;
+  // What training it took in earlier sweeps into this folder (their sweep.json), for a run
+  // kept, resumed or trained on; 0 when unknown or trained anew.
+  double seconds_before = 0.0;
+  double train_seconds() const { return seconds_before + seconds; }
 };
 
 struct SweepPlan {
@@ -85,7 +89,8 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
 // This process's executable (/proc/self/exe), which run_sweep runs each run with.
 std::string this_program();
 
-// The table of runs after run_sweep: setting, seed, out_dir, what was done, time.
+// The table of runs after run_sweep: setting, seed, out_dir, what was done, time; then each
+// setting's mean training time per run (earlier sweeps' included), against the first setting's.
 std::string format_sweep(const SweepPlan& plan);
 // {"command", "config", "out", "run_with", "vary": {key: [values]}, "seeds", "settings", "caches", "runs":
 // [{"setting", "seed", "out_dir", "cache", "log", "action", "exit_code", "seconds"}]}
