@@ -528,9 +528,9 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
                  "canopy sweep: --metric '", metric, "': expected one of ", join(names, ", "));
   }
   // One sweep in a folder at a time (the runs' own locks keep a run from two processes).
+  check_sweep_folder(options.out);  // before its lock is taken there
   std::optional<DirLock> lock;
-  if (!vm.count("dry-run") && !options.out.empty())
-    lock.emplace(options.out, DirLock::Mode::kWrite, "canopy sweep");
+  if (!vm.count("dry-run")) lock.emplace(options.out, DirLock::Mode::kWrite, "canopy sweep");
   SweepPlan plan = plan_sweep(options);
   if (vm.count("labels")) {
     const auto& source = plan.runs.front().config.data.source;

@@ -66,7 +66,7 @@ std::vector<std::vector<std::size_t>> combinations(const SweepOptions& o) {
 }
 
 void check_options(const SweepOptions& o) {
-  CANOPY_CHECK(!o.out.empty(), ConfigError, "canopy sweep: --out DIR is required (the sweep's folder)");
+  check_sweep_folder(o.out);
   CANOPY_CHECK(!o.vary.empty(), ConfigError,
                "canopy sweep: give the key to vary and its values, e.g. --vary trunk.freeze=all,first:13");
   std::set<std::string> keys;
@@ -259,6 +259,14 @@ std::map<std::string, double> earlier_train_seconds(const std::string& out) {
 }
 
 }  // namespace
+
+void check_sweep_folder(const std::string& out) {
+  CANOPY_CHECK(!out.empty(), ConfigError, "canopy sweep: --out DIR is required (the sweep's folder)");
+  CANOPY_CHECK(!is_run_dir(out), ConfigError, "canopy sweep: --out '", out,
+               "' is a training run's out_dir; a sweep's runs go in a folder of its own");
+  CANOPY_CHECK(!is_regular_file(join_path(out, "manifest.json")), ConfigError, "canopy sweep: --out '", out,
+               "' is a feature cache; a sweep's runs go in a folder of its own");
+}
 
 SweepPlan plan_sweep(const SweepOptions& options) {
   check_options(options);

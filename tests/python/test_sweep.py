@@ -152,6 +152,10 @@ lr = 0.01
                         f"{work}/lr", "--dry-run"], capture_output=True, text=True)
     check(r.returncode == 0 and "a grid in the config (task.cls.lr = 0.01, 0.003)" in r.stderr and
           "1 cache" in r.stdout, f"a sweep of a head's key says a grid does it in one run: {r.stderr.strip()}")
+    r = subprocess.run([canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all,first:2", "--out",
+                        f"{out}/{names[0]}"], capture_output=True, text=True)
+    check(r.returncode == 2 and "is a training run's out_dir" in r.stderr and
+          not os.path.exists(f"{out}/{names[0]}/sweep.json"), f"--out a run's out_dir: exit 2 ({r.stderr.strip()})")
     one = [canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all", "--out", out]
     r = subprocess.run(one, capture_output=True, text=True)
     check(r.returncode == 2 and "1 setting" in r.stderr, f"one setting: exit 2 ({r.stderr.strip()})")

@@ -73,6 +73,8 @@ struct SweepPlan {
 // compare takes), an out_dir holding a run of another configuration than epochs alone, or a
 // folder there that is not a training run's. A DataError: a process training in an out_dir now.
 SweepPlan plan_sweep(const SweepOptions& options);
+// Refuses (ConfigError) an --out that is empty, a training run's out_dir or a feature cache.
+void check_sweep_folder(const std::string& out);
 
 // The plan as `--dry-run` prints it: settings, caches, and each run's out_dir and action.
 std::string format_plan(const SweepPlan& plan);
