@@ -27,6 +27,7 @@
 #include "canopy/core/strings.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/run_inspect.h"
+#include "canopy/trunk/trunk.h"
 
 namespace canopy::runners {
 
@@ -258,6 +259,28 @@ std::map<std::string, double> earlier_train_seconds(const std::string& out) {
   return seconds;
 }
 
+// Loads each distinct trunk configuration the runs have (a varied tap, freeze or trunk file),
+// so that one no run could cache (a tap the trunk lacks, a policy with no prefix to cache) is
+// refused before any run trains, naming its setting. A trunk file not there is left to the run
+// (training over a frozen trunk needs only its cache).
+void check_trunks(const SweepPlan& plan) {
+  std::set<std::string> seen;
+  for (const auto& run : plan.runs) {
+    const trunk::TrunkConfig& t = run.config.trunk;
+    const std::string key = detail::str_cat(t.path, "\n", t.sha256, "\n", join(t.taps, ","), "\n",
+                                            trunk::describe(t.freeze), "\n", t.pooling, "\n", t.device);
+    if (!seen.insert(key).second || !is_regular_file(t.path)) continue;
+    const std::string which = "canopy sweep: setting '" + plan.settings[run.setting] + "': ";
+    try {
+      trunk::Trunk::load(t).check_cacheable();
+    } catch (const ConfigError& e) {
+      throw ConfigError(which + e.what());
+    } catch (const Error& e) {
+      throw DataError(which + e.what());
+    }
+  }
+}
+
 }  // namespace
 
 void check_sweep_folder(const std::string& out) {
@@ -332,6 +355,7 @@ SweepPlan plan_sweep(const SweepOptions& options) {
                         ") trains those heads in one run, each batch of features read once for all of "
                         "them (docs/training.md, Grids of heads)");
   }
+  check_trunks(plan);
   return plan;
 }
 

@@ -156,6 +156,11 @@ lr = 0.01
                         f"{out}/{names[0]}"], capture_output=True, text=True)
     check(r.returncode == 2 and "is a training run's out_dir" in r.stderr and
           not os.path.exists(f"{out}/{names[0]}/sweep.json"), f"--out a run's out_dir: exit 2 ({r.stderr.strip()})")
+    r = subprocess.run([canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all,none", "--out",
+                        f"{work}/none", "--dry-run"], capture_output=True, text=True)
+    check(r.returncode == 2 and "setting 'trunk.freeze = none'" in r.stderr and not os.path.exists(f"{work}/none"),
+          f"a setting no run could cache (the trunk loaded to check it): exit 2 before anything runs "
+          f"({r.stderr.strip()[-250:]})")
     one = [canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all", "--out", out]
     r = subprocess.run(one, capture_output=True, text=True)
     check(r.returncode == 2 and "1 setting" in r.stderr, f"one setting: exit 2 ({r.stderr.strip()})")

@@ -67,7 +67,8 @@ struct SweepPlan {
 };
 
 // Resolves every run's configuration (a bad key or value is a ConfigError before anything
-// runs) and reads what each out_dir holds. Refused (ConfigError): a key varied twice or given
+// runs), loads each distinct trunk setting once (a tap it lacks, a freeze with no prefix to
+// cache: a ConfigError naming the setting) and reads what each out_dir holds. Refused (ConfigError): a key varied twice or given
 // one value, a setting name repeated, train.out_dir, cache.path or train.seed varied or --set
 // (the sweep places them; --seeds gives the seeds), fewer than 2 or more than 26 settings (what
 // compare takes), an out_dir holding a run of another configuration than epochs alone, or a
