@@ -556,13 +556,25 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
         << "canopy compare " << join(arms, " ") << "\n";
     return kExitHeadFailed;
   }
+  if (const int signal = stop_signal())  // after the last run's last safe point
+    throw Stopped(signal,
+                  "stopped by " + signal_name(signal) +
+                      " before the comparison: every run is kept; run the same command to compare them");
   fit_threads(plan.runs.front().config);
   EvaluateOptions compared;
   if (vm.count("input")) compared.input = vm["input"].as<std::string>();
   compared.limit = limit;
   if (vm.count("labels")) compared.labels = vm["labels"].as<std::string>();
-  const Comparison c = run_compare(sweep_arms(plan), sweep_arm_paths(plan), registry, compared,
-                                   vm.count("metric") ? vm["metric"].as<std::string>() : "", style);
+  const Comparison c = [&] {
+    try {
+      return run_compare(sweep_arms(plan), sweep_arm_paths(plan), registry, compared,
+                         vm.count("metric") ? vm["metric"].as<std::string>() : "", style);
+    } catch (const Stopped& e) {
+      throw Stopped(e.signal(),
+                    std::string(e.what()) +
+                        " by the comparison; every run is kept: run the same command to compare them");
+    }
+  }();
   out << "\n" << format_comparison(c);
   const std::string path = join_path(options.out, "compare.json");
   write_file_atomic(path, comparison_json(c));

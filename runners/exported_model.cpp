@@ -11,6 +11,7 @@
 #include "canopy/core/memory.h"
 #include "canopy/core/memory_fence.h"
 #include "canopy/core/progress.h"
+#include "canopy/core/stop.h"
 #include "canopy/core/strings.h"
 #include "canopy/runners/card_check.h"
 #include "canopy/runners/export.h"
@@ -255,6 +256,10 @@ void run_model_pass(ExportedModel& model, const InputSplit& input, const JobConf
   std::int64_t done = 0;
   try {
     for (std::int64_t i = 0; i < input.rows; i += batch) {
+      // Asked to stop (a command under StopOnSignal, as the sweep's comparison): nothing is kept.
+      if (const int signal = stop_signal())
+        throw Stopped(signal, detail::str_cat("stopped by ", signal_name(signal), " while ", doing, ": ",
+                                              done, " of the ", input.rows, " rows done, none kept"));
       const std::int64_t end = std::min(input.rows, i + batch);
       const at::Tensor f = model.trunk.encode(input.inputs(row_range(i, end)));
       std::vector<at::Tensor> outputs;

@@ -133,6 +133,16 @@ lr = 0.01
           "training time per run, mean" in r.stdout and "trunk.freeze = first:2: " in r.stdout,
           "each run's training time adds its earlier sweeps' (sweep.json), each setting's mean said")
 
+    # SIGTERM while the runs are compared (all done before): the comparison stops, nothing written.
+    compared_at = os.path.getmtime(f"{out}/compare.json")
+    errors = []
+    rc, seen = kill_when(more + ["--input", IMAGES], f"{out}/sweep.json",
+                         lambda doc: all(x["action"] == "done before" for x in doc["runs"]), sig=signal.SIGTERM,
+                         stderr=errors)
+    check(rc == 143 and seen is not None and "run the same command to compare them" in errors[0] and
+          os.path.getmtime(f"{out}/compare.json") == compared_at,
+          f"SIGTERM during the comparison stops it, exit {rc}: {errors[0].strip()[-200:]}")
+
     on_eval = json.load(open(f"{out}/compare.json"))
     check(on_eval.get("rows") == TEST and on_eval.get("eval_split") == "test" and "B against A:" in r.stdout,
           "without --input the settings are compared on the runs' eval split")
