@@ -68,11 +68,12 @@ struct SweepPlan {
 
 // Resolves every run's configuration (a bad key or value is a ConfigError before anything
 // runs), loads each distinct trunk setting once (a tap it lacks, a freeze with no prefix to
-// cache: a ConfigError naming the setting) and reads what each out_dir holds. Refused (ConfigError): a key varied twice or given
-// one value, a setting name repeated, train.out_dir, cache.path or train.seed varied or --set
-// (the sweep places them; --seeds gives the seeds), fewer than 2 or more than 26 settings (what
-// compare takes), an out_dir holding a run of another configuration than epochs alone, or a
-// folder there that is not a training run's. A DataError: a process training in an out_dir now.
+// cache: a ConfigError naming the setting) and reads what each out_dir holds. Refused
+// (ConfigError): a key varied twice, a value given twice, train.out_dir, cache.path or
+// train.seed varied or --set (the sweep places them; --seeds gives the seeds), fewer than 2 or
+// more than 26 settings (what compare takes), an out_dir holding a run of another
+// configuration than epochs alone, or a folder there that is not a training run's. A
+// DataError: a process training in an out_dir now.
 SweepPlan plan_sweep(const SweepOptions& options);
 // Refuses (ConfigError) an --out that is empty, a training run's out_dir or a feature cache.
 void check_sweep_folder(const std::string& out);
