@@ -40,7 +40,6 @@
 #include "canopy/runners/step_runner.h"
 #include "canopy/runners/sweep_job.h"
 #include "canopy/runners/train_job.h"
-#include "canopy/tasks/intervals.h"
 #include "canopy/trunk/trunk.h"
 
 namespace canopy::runners {
@@ -181,21 +180,42 @@ Command job_command(const char* name, const char* usage, const char* summary, bo
                  std::ostream& err) { return run_job(name, vm, r, out, err); }};
 }
 
-// What predict and evaluate share: the config (threads fitted), and --input and --limit into
-// `options` (PredictOptions, EvaluateOptions).
-// Without --input, evaluate reads the config's eval split (`labelled`); predict needs one.
-template <class Options>
-JobConfig model_inputs(const po::variables_map& vm, const std::string& command, Options& options,
-                       bool labelled = false) {
-  CANOPY_CHECK(labelled || vm.count("input"), ConfigError, "canopy ", command,
-               ": --input FILE is required (see canopy ", command, " --help)");
-  JobConfig config = config_from(vm, command);
+// --limit, checked: the first N inputs (0: all).
+std::int64_t limit_option(const po::variables_map& vm, const std::string& command) {
+  const std::int64_t limit = vm["limit"].as<std::int64_t>();
+  CANOPY_CHECK(limit >= 0, ConfigError, "canopy ", command, ": --limit must be >= 0 (0: every input), got ",
+               limit);
+  return limit;
+}
+
+// Predict's config (threads fitted), and --input (required) and --limit into `options`.
+JobConfig model_inputs(const po::variables_map& vm, PredictOptions& options) {
+  CANOPY_CHECK(vm.count("input"), ConfigError,
+               "canopy predict: --input FILE is required (see canopy predict --help)");
+  JobConfig config = config_from(vm, "predict");
   fit_threads(config);
-  if (vm.count("input")) options.input = vm["input"].as<std::string>();
-  options.limit = vm["limit"].as<std::int64_t>();
-  CANOPY_CHECK(options.limit >= 0, ConfigError, "canopy ", command,
-               ": --limit must be >= 0 (0: every input), got ", options.limit);
+  options.input = vm["input"].as<std::string>();
+  options.limit = limit_option(vm, "predict");
   return config;
+}
+
+// What evaluate, compare and sweep score on: --input (none: the runs' eval split), --limit and
+// --labels (idx images only, of --input's), for runs whose data.source is `source`.
+EvaluateOptions labelled_inputs(const po::variables_map& vm, const std::string& command,
+                                const std::string& source) {
+  EvaluateOptions options;
+  if (vm.count("input")) options.input = vm["input"].as<std::string>();
+  options.limit = limit_option(vm, command);
+  if (vm.count("labels")) {
+    CANOPY_CHECK(vm.count("input"), ConfigError, "canopy ", command,
+                 ": --labels names the labels of --input's images; without --input the eval split is read "
+                 "with its own");
+    CANOPY_CHECK(source == "fashion-mnist" || source == "mnist", ConfigError, "canopy ", command,
+                 ": --labels is for idx images (data.source = fashion-mnist or mnist); with data.source = ",
+                 source, " the input holds its labels");
+    options.labels = vm["labels"].as<std::string>();
+  }
+  return options;
 }
 
 // --output's path, checked to name a file ("" without --output).
@@ -210,7 +230,7 @@ std::string output_path(const po::variables_map& vm, const std::string& command)
 int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
                         std::ostream& err) {
   PredictOptions options;
-  const JobConfig config = model_inputs(vm, "predict", options);
+  const JobConfig config = model_inputs(vm, options);
   options.format = vm["format"].as<std::string>();
   options.scores = vm.count("scores") > 0;
   options.top = vm["top"].as<std::int64_t>();
@@ -229,18 +249,9 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
 
 int run_evaluate_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
                          std::ostream& err) {
-  EvaluateOptions options;
-  const JobConfig config = model_inputs(vm, "evaluate", options, true);
-  if (vm.count("labels")) {
-    CANOPY_CHECK(vm.count("input"), ConfigError,
-                 "canopy evaluate: --labels names the labels of --input's images; without --input the eval "
-                 "split is read with its own");
-    CANOPY_CHECK(config.data.source == "fashion-mnist" || config.data.source == "mnist", ConfigError,
-                 "canopy evaluate: --labels is for idx images (data.source = fashion-mnist or mnist); with "
-                 "data.source = ",
-                 config.data.source, " the input holds its labels");
-    options.labels = vm["labels"].as<std::string>();
-  }
+  const JobConfig config = config_from(vm, "evaluate");
+  fit_threads(config);
+  const EvaluateOptions options = labelled_inputs(vm, "evaluate", config.data.source);
   const std::string path = output_path(vm, "evaluate");
   const Evaluation e =
       run_evaluate(config, registry, options, parse_progress(vm["progress"].as<std::string>()));
@@ -402,21 +413,8 @@ int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& 
     for (const auto& path : arm_paths.back()) configs.back().push_back(load_compared_run(path, overrides));
   }
   if (!configs.empty()) fit_threads(configs.front().front());
-  EvaluateOptions options;
-  if (vm.count("input")) options.input = vm["input"].as<std::string>();
-  options.limit = vm["limit"].as<std::int64_t>();
-  CANOPY_CHECK(options.limit >= 0, ConfigError, "canopy compare: --limit must be >= 0 (0: every input), got ",
-               options.limit);
-  if (vm.count("labels")) {
-    CANOPY_CHECK(vm.count("input"), ConfigError,
-                 "canopy compare: --labels names the labels of --input's images; without --input the eval "
-                 "split is read with its own");
-    CANOPY_CHECK(configs.empty() || configs.front().front().data.source == "fashion-mnist" ||
-                     configs.front().front().data.source == "mnist",
-                 ConfigError,
-                 "canopy compare: --labels is for idx images (data.source = fashion-mnist or mnist)");
-    options.labels = vm["labels"].as<std::string>();
-  }
+  const EvaluateOptions options =
+      labelled_inputs(vm, "compare", configs.empty() ? std::string() : configs.front().front().data.source);
   const std::string path = output_path(vm, "compare");
   const Comparison c = run_compare(configs, arm_paths, registry, options,
                                    vm.count("metric") ? vm["metric"].as<std::string>() : "",
@@ -515,28 +513,14 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
     CANOPY_CHECK(!options.run_with.empty(), ConfigError, "canopy sweep: --run-with is empty");
   }
   options.command = sweep_command(vm);
-  const std::int64_t limit = vm["limit"].as<std::int64_t>();
-  CANOPY_CHECK(limit >= 0, ConfigError, "canopy sweep: --limit must be >= 0 (0: every input), got ", limit);
-  CANOPY_CHECK(
-      vm.count("input") || !vm.count("labels"), ConfigError,
-      "canopy sweep: --labels names the labels of --input's images; without --input the eval split is "
-      "read with its own");
-  if (vm.count("metric")) {
-    const auto names = tasks::resampled_metric_names();
-    const std::string metric = vm["metric"].as<std::string>();
-    CANOPY_CHECK(std::find(names.begin(), names.end(), metric) != names.end(), ConfigError,
-                 "canopy sweep: --metric '", metric, "': expected one of ", join(names, ", "));
-  }
+  const std::string metric = vm.count("metric") ? vm["metric"].as<std::string>() : "";
+  check_compared_metric(metric);  // before the runs, not after them
   // One sweep in a folder at a time (the runs' own locks keep a run from two processes).
   check_sweep_folder(options.out);  // before its lock is taken there
   std::optional<DirLock> lock;
   if (!vm.count("dry-run")) lock.emplace(options.out, DirLock::Mode::kWrite, "canopy sweep");
   SweepPlan plan = plan_sweep(options);
-  if (vm.count("labels")) {
-    const auto& source = plan.runs.front().config.data.source;
-    CANOPY_CHECK(source == "fashion-mnist" || source == "mnist", ConfigError,
-                 "canopy sweep: --labels is for idx images (data.source = fashion-mnist or mnist)");
-  }
+  const EvaluateOptions compared = labelled_inputs(vm, "sweep", plan.runs.front().config.data.source);
   if (!plan.hint.empty()) err << "canopy sweep: " << plan.hint << "\n";
   if (vm.count("dry-run")) {
     out << format_plan(plan);
@@ -561,14 +545,9 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
                   "stopped by " + signal_name(signal) +
                       " before the comparison: every run is kept; run the same command to compare them");
   fit_threads(plan.runs.front().config);
-  EvaluateOptions compared;
-  if (vm.count("input")) compared.input = vm["input"].as<std::string>();
-  compared.limit = limit;
-  if (vm.count("labels")) compared.labels = vm["labels"].as<std::string>();
   const Comparison c = [&] {
     try {
-      return run_compare(sweep_arms(plan), sweep_arm_paths(plan), registry, compared,
-                         vm.count("metric") ? vm["metric"].as<std::string>() : "", style);
+      return run_compare(sweep_arms(plan), sweep_arm_paths(plan), registry, compared, metric, style);
     } catch (const Stopped& e) {
       throw Stopped(e.signal(),
                     std::string(e.what()) +

@@ -236,17 +236,9 @@ std::vector<ScoredInput> score_runs(Comparison& c, const std::vector<JobConfig>&
       what += " " + c.runs[g].label;
       runs_named += (runs_named.empty() ? "" : ", ") + run_name(c, g);
     }
-    const auto named = [&](const Error& e) { return "canopy compare: " + runs_named + ": " + e.what(); };
-    std::vector<ScoredInput> results;
-    try {
-      results = score_inputs(group_configs, registry, options, style, what);
-    } catch (const ConfigError& e) {
-      throw ConfigError(named(e));
-    } catch (const DataError& e) {
-      throw DataError(named(e));
-    } catch (const IoError& e) {
-      throw IoError(named(e));
-    }
+    std::vector<ScoredInput> results = adding_context("canopy compare: " + runs_named + ": ", [&] {
+      return score_inputs(group_configs, registry, options, style, what);
+    });
     for (std::size_t i = 0; i < group.size(); ++i) scored[group[i]] = std::move(results[i]);
   }
   return scored;
@@ -364,6 +356,12 @@ void score_task(const Comparison& c, ComparedTask& t, const Draws& draws, const 
 }
 }  // namespace
 
+void check_compared_metric(const std::string& metric) {
+  const auto& names = tasks::resampled_metric_names();
+  CANOPY_CHECK(metric.empty() || std::find(names.begin(), names.end(), metric) != names.end(), ConfigError,
+               "canopy compare: --metric '", metric, "' is not one of ", join(names, ", "));
+}
+
 JobConfig load_compared_run(const std::string& path, const std::vector<std::string>& overrides) {
   if (is_directory(path)) {
     const std::string config = join_path(path, "config.ini");
@@ -385,9 +383,7 @@ Comparison run_compare(const std::vector<std::vector<JobConfig>>& arms,
   const auto start = std::chrono::steady_clock::now();
   Comparison c;
   const std::vector<JobConfig> configs = lay_out(c, arms, arm_paths);
-  const auto& names = tasks::resampled_metric_names();
-  CANOPY_CHECK(metric.empty() || std::find(names.begin(), names.end(), metric) != names.end(), ConfigError,
-               "canopy compare: --metric '", metric, "' is not one of ", join(names, ", "));
+  check_compared_metric(metric);
   const TrainConfig& baseline = configs.front().train;
   CANOPY_CHECK(baseline.bootstrap_resamples > 0, ConfigError,
                "canopy compare: heads are compared on resamples of the rows, and run ", c.runs[0].label,

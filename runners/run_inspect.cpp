@@ -18,6 +18,7 @@
 #include "canopy/runners/card_check.h"
 #include "canopy/runners/checkpoint_store.h"
 #include "canopy/runners/config.h"
+#include "canopy/runners/train_report.h"
 
 namespace canopy::runners {
 
@@ -379,11 +380,11 @@ std::string report_text(const RunFacts& f, const Status& status, bool verify) {
     o << (i == 0 ? "  exported    " : "              ") << e.name
       << std::string(width - e.name.size() + 2, ' ') << score_text(e.test_score, e.regression);
     if (e.test_interval) {
-      const double scale = e.regression ? 1.0 : 100.0;
-      char buf[96];
-      std::snprintf(buf, sizeof buf, e.regression ? " [%.4f, %.4f] (%g%%)" : " [%.2f, %.2f] (%g%%)",
-                    scale * e.test_interval->first, scale * e.test_interval->second, 100 * e.level);
-      o << buf;
+      const char* metric = e.regression ? "r2" : "accuracy";
+      char level[32];
+      std::snprintf(level, sizeof level, " (%g%%)", 100 * e.level);
+      o << " [" << shown(metric, e.test_interval->first, false) << ", "
+        << shown(metric, e.test_interval->second, false) << "]" << level;
     }
     o << " on the eval split";
     if (e.validation_accuracy) o << " (validation " << score_text(*e.validation_accuracy, false) << ")";

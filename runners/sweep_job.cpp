@@ -241,7 +241,7 @@ std::vector<std::string> run_argv(const SweepPlan& plan, const SweepRun& run, co
 }
 
 std::string setting_of(const SweepPlan& plan, const SweepRun& run) {
-  return plan.settings[run.setting] + ", seed " + std::to_string(run.seed);
+  return plan.settings[run.setting] + ", seed " + std::to_string(run.config.train.seed);
 }
 
 // Each run's training time in the sweeps into `out` before (its sweep.json): out_dir -> seconds.
@@ -270,14 +270,8 @@ void check_trunks(const SweepPlan& plan) {
     const std::string key = detail::str_cat(t.path, "\n", t.sha256, "\n", join(t.taps, ","), "\n",
                                             trunk::describe(t.freeze), "\n", t.pooling, "\n", t.device);
     if (!seen.insert(key).second || !is_regular_file(t.path)) continue;
-    const std::string which = "canopy sweep: setting '" + plan.settings[run.setting] + "': ";
-    try {
-      trunk::Trunk::load(t).check_cacheable();
-    } catch (const ConfigError& e) {
-      throw ConfigError(which + e.what());
-    } catch (const Error& e) {
-      throw DataError(which + e.what());
-    }
+    adding_context("canopy sweep: setting '" + plan.settings[run.setting] + "': ",
+                   [&] { trunk::Trunk::load(t).check_cacheable(); });
   }
 }
 
@@ -320,24 +314,27 @@ SweepPlan plan_sweep(const SweepOptions& options) {
   if (distinct.size() != names.size())  // values that differ only in characters a name leaves out
     for (std::size_t s = 0; s < names.size(); ++s) names[s] = std::to_string(s + 1) + "_" + names[s];
   for (std::size_t s = 0; s < combos.size(); ++s) {
+    std::string cache;  // the setting's: neither the seed nor the out_dir changes the features
     for (const std::int64_t seed : seeds) {
       SweepRun run;
       run.setting = s;
-      run.seed = seed;
       run.name = names[s] + "-s" + std::to_string(seed);
       run.overrides = options.overrides;
       for (std::size_t k = 0; k < combos[s].size(); ++k)
         run.overrides.push_back(options.vary[k].first + "=" + options.vary[k].second[combos[s][k]]);
       run.overrides.push_back("train.seed=" + std::to_string(seed));
       run.overrides.push_back("train.out_dir=" + join_path(options.out, run.name));
-      // Runs reading the same features share one cache: its folder is their fingerprint.
-      const JobConfig first = load_job_config(options.config, run.overrides);
-      const std::string cache = join_path(join_path(options.out, "caches"),
-                                          sha256_hex(expected_cache_description(first)).substr(0, 16));
-      if (std::find(plan.caches.begin(), plan.caches.end(), cache) == plan.caches.end())
-        plan.caches.push_back(cache);
-      run.overrides.push_back("cache.path=" + cache);
       run.config = load_job_config(options.config, run.overrides);
+      // Runs reading the same features share one cache: its folder is their fingerprint (which
+      // hashes the trunk file and stamps every data file: once per setting).
+      if (cache.empty()) {
+        cache = join_path(join_path(options.out, "caches"),
+                          sha256_hex(expected_cache_description(run.config)).substr(0, 16));
+        if (std::find(plan.caches.begin(), plan.caches.end(), cache) == plan.caches.end())
+          plan.caches.push_back(cache);
+      }
+      run.overrides.push_back("cache.path=" + cache);
+      run.config.cache.path = cache;
       run.log = join_path(join_path(options.out, "logs"), run.name + ".log");
       read_out_dir(run);
       if (run.action != SweepAction::kTrain)
@@ -371,7 +368,7 @@ std::string format_plan(const SweepPlan& plan) {
   for (const auto& r : plan.runs) {
     const std::string todo =
         r.why.empty() ? action_word(r.action) : action_word(r.action) + (" (" + r.why + ")");
-    rows.push_back({plan.settings[r.setting], std::to_string(r.seed), r.config.train.out_dir,
+    rows.push_back({plan.settings[r.setting], std::to_string(r.config.train.seed), r.config.train.out_dir,
                     r.config.cache.path, todo});
   }
   o << aligned_columns(rows);
@@ -469,8 +466,8 @@ std::string format_sweep(const SweepPlan& plan) {
     << join_path(plan.options.out, "logs") << "\n";
   std::vector<std::vector<std::string>> rows{{"setting", "seed", "out_dir", "done", "time"}};
   for (const auto& r : plan.runs) {
-    rows.push_back({plan.settings[r.setting], std::to_string(r.seed), r.config.train.out_dir, done(r),
-                    r.exit_code >= 0 ? format_duration(r.seconds) : "-"});
+    rows.push_back({plan.settings[r.setting], std::to_string(r.config.train.seed), r.config.train.out_dir,
+                    done(r), r.exit_code >= 0 ? format_duration(r.seconds) : "-"});
   }
   o << aligned_columns(rows);
   // What each setting costs to train, beside what it scores.
@@ -509,14 +506,14 @@ std::string sweep_json(const SweepPlan& plan) {
   j["vary"] = vary;
   std::vector<std::int64_t> seeds;
   for (const auto& r : plan.runs)
-    if (r.setting == 0) seeds.push_back(r.seed);
+    if (r.setting == 0) seeds.push_back(static_cast<std::int64_t>(r.config.train.seed));
   j["seeds"] = seeds;
   j["settings"] = plan.settings;
   j["caches"] = plan.caches;
   j["runs"] = nlohmann::ordered_json::array();
   for (const auto& r : plan.runs) {
     j["runs"].push_back({{"setting", plan.settings[r.setting]},
-                         {"seed", r.seed},
+                         {"seed", r.config.train.seed},
                          {"out_dir", r.config.train.out_dir},
                          {"cache", r.config.cache.path},
                          {"log", r.log},

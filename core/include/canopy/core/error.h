@@ -41,6 +41,21 @@ std::string str_cat(Args&&... args) {
 }
 }  // namespace detail
 
+// Runs `fn` and returns what it returns; a ConfigError, DataError or IoError it throws is thrown
+// again as the same kind with `context` before its message (any other exception as it was).
+template <class F>
+decltype(auto) adding_context(const std::string& context, F&& fn) {
+  try {
+    return fn();
+  } catch (const ConfigError& e) {
+    throw ConfigError(context + e.what());
+  } catch (const DataError& e) {
+    throw DataError(context + e.what());
+  } catch (const IoError& e) {
+    throw IoError(context + e.what());
+  }
+}
+
 }  // namespace canopy
 
 // CANOPY_CHECK(cond, ErrorType, message parts...): throw ErrorType(message) unless cond.

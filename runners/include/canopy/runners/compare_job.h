@@ -27,6 +27,9 @@ namespace canopy::runners {
 // file. `overrides` ("key=value") apply after it is read.
 JobConfig load_compared_run(const std::string& path, const std::vector<std::string>& overrides);
 
+// Refuses (ConfigError) a --metric other than "" and the resampled metrics' names.
+void check_compared_metric(const std::string& metric);
+
 struct ComparedRun {
   std::string label;    // "A", or "A1", "A2", ... in an arm of several runs
   std::size_t arm = 0;  // its arm's index

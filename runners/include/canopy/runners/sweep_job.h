@@ -40,8 +40,7 @@ enum class SweepAction {
 };
 
 struct SweepRun {
-  std::size_t setting = 0;  // index into SweepPlan::settings
-  std::int64_t seed = 0;
+  std::size_t setting = 0;             // index into SweepPlan::settings
   std::string name;                    // its folder's name under out, e.g. "freeze-first_13-s0"
   std::vector<std::string> overrides;  // its `canopy run`'s --set values, in order
   JobConfig config;                    // resolved: train.out_dir, cache.path, train.seed set
