@@ -235,6 +235,29 @@ void remove_tree(const std::string& path) {
                path, "': ", std::strerror(errno));
 }
 
+bool is_symlink(const std::string& path) {
+  struct stat st {};
+  return ::lstat(path.c_str(), &st) == 0 && S_ISLNK(st.st_mode);
+}
+
+std::string real_path(const std::string& path) {
+  char* real = ::realpath(path.c_str(), nullptr);
+  if (!real) return "";
+  std::string out(real);
+  std::free(real);
+  return out;
+}
+
+void make_symlink(const std::string& target, const std::string& link) {
+  CANOPY_CHECK(::symlink(target.c_str(), link.c_str()) == 0, IoError, "cannot make '", link, "' a link to '",
+               target, "': ", std::strerror(errno));
+}
+
+void remove_symlink(const std::string& link) {
+  CANOPY_CHECK(::unlink(link.c_str()) == 0 || errno == ENOENT, IoError, "cannot remove the link '", link,
+               "': ", std::strerror(errno));
+}
+
 namespace {
 // The whole file, or nullopt when it cannot be opened (errno says why).
 std::optional<std::string> try_read_file(const std::string& path) {

@@ -25,6 +25,7 @@
 #include "canopy/core/sha256.h"
 #include "canopy/core/stop.h"
 #include "canopy/core/strings.h"
+#include "canopy/datasets/feature_cache.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/run_inspect.h"
 #include "canopy/trunk/trunk.h"
@@ -196,9 +197,9 @@ int run_child(const std::vector<std::string>& argv, const std::string& log_path)
 }
 
 // The time the runs after `done` will take, from those this sweep ran: each by its setting's
-// mean (its first run built the setting's cache: an overestimate for the others), or the mean
-// of every run where its setting has none yet. "" before any run is timed or after the last.
-std::string time_left(const SweepPlan& plan, std::size_t done) {
+// mean, or the mean over every setting for one not run yet; and each cache still to build by
+// the mean of those built (none built: not counted).
+std::string time_left(const SweepPlan& plan, std::size_t done, const std::set<std::string>& ready) {
   std::map<std::size_t, std::pair<double, int>> by_setting;
   double all = 0;
   int timed = 0;
@@ -212,13 +213,22 @@ std::string time_left(const SweepPlan& plan, std::size_t done) {
   }
   double left = 0;
   int runs = 0;
+  std::set<std::string> to_build;
   for (std::size_t i = done + 1; i < plan.runs.size(); ++i) {
     const SweepRun& r = plan.runs[i];
     if (r.action == SweepAction::kDone) continue;
     const auto it = by_setting.find(r.setting);
     left += it != by_setting.end() ? it->second.first / it->second.second : all / std::max(timed, 1);
     ++runs;
+    if (!ready.count(r.config.cache.path)) to_build.insert(r.config.cache.path);
   }
+  double built = 0;
+  int builds = 0;
+  for (const auto& [cache, seconds] : plan.built_now) {
+    built += seconds;
+    ++builds;
+  }
+  if (builds > 0) left += static_cast<double>(to_build.size()) * built / builds;
   if (timed == 0 || runs == 0) return "";
   return detail::str_cat("; about ", format_duration(left), " for the ", count_of(runs, "run"), " left");
 }
@@ -226,15 +236,15 @@ std::string time_left(const SweepPlan& plan, std::size_t done) {
 // The run's command: `program run --config ... --set ...` (--resume where it goes on), after
 // --run-with's words.
 std::vector<std::string> run_argv(const SweepPlan& plan, const SweepRun& run, const std::string& program,
-                                  const std::string& progress) {
+                                  const std::string& progress, const std::string& command = "run") {
   std::vector<std::string> argv = plan.options.run_with;
-  for (const std::string& word : {program, std::string("run"), std::string("--config"), plan.options.config})
+  for (const std::string& word : {program, command, std::string("--config"), plan.options.config})
     argv.push_back(word);
   for (const auto& s : run.overrides) {
     argv.push_back("--set");
     argv.push_back(s);
   }
-  if (run.action != SweepAction::kTrain) argv.push_back("--resume");
+  if (command == "run" && run.action != SweepAction::kTrain) argv.push_back("--resume");
   argv.push_back("--progress");
   argv.push_back(progress);
   return argv;
@@ -259,6 +269,19 @@ std::map<std::string, double> earlier_train_seconds(const std::string& out) {
   return seconds;
 }
 
+// The time each cache took to build in the sweeps into `out` before (sweep.json's
+// "cache_seconds"): cache path -> seconds.
+std::map<std::string, double> earlier_cache_seconds(const std::string& out) {
+  std::map<std::string, double> seconds;
+  const std::string path = join_path(out, "sweep.json");
+  if (!is_regular_file(path)) return seconds;
+  try {
+    seconds = nlohmann::json::parse(read_file(path)).value("cache_seconds", seconds);
+  } catch (const nlohmann::json::exception&) {  // said by earlier_train_seconds
+  }
+  return seconds;
+}
+
 // Loads each distinct trunk configuration the runs have (a varied tap, freeze or trunk file),
 // so that one no run could cache (a tap the trunk lacks, a policy with no prefix to cache) is
 // refused before any run trains, naming its setting. A trunk file not there is left to the run
@@ -273,6 +296,43 @@ void check_trunks(const SweepPlan& plan) {
     adding_context("canopy sweep: setting '" + plan.settings[run.setting] + "': ",
                    [&] { trunk::Trunk::load(t).check_cacheable(); });
   }
+}
+
+}  // namespace
+
+namespace {
+
+// Whether `dir` holds a cache of the features `fingerprint` names: complete and its files as
+// its manifest records, or (`complete` false) any state a run would go on from.
+bool holds_cache(const std::string& dir, const std::string& fingerprint, bool complete) {
+  if (!is_regular_file(datasets::manifest_path(dir))) return false;
+  try {
+    const datasets::Manifest m = datasets::read_manifest(dir);
+    return m.meta.fingerprint == fingerprint &&
+           (!complete || (m.complete && datasets::files_out_of_step(dir, m).empty()));
+  } catch (const DataError&) {
+    return false;
+  }
+}
+
+// Where a setting's runs read their features. They build `cache` (under <out>/caches) unless
+// the same features are cached already: there, through a link an earlier sweep made, or in the
+// config's own cache.path (`own`), which the sweep then links to rather than computing again.
+void place_cache(SweepPlan& plan, const std::string& cache, const std::string& fingerprint,
+                 const std::string& own) {
+  if (is_symlink(cache)) {
+    const std::string target = real_path(cache);
+    if (!target.empty() && holds_cache(target, fingerprint, false)) {
+      plan.links[cache] = target;
+      return;
+    }
+    plan.stale_links.push_back(cache);  // removed, moved or rebuilt from other inputs since
+  } else if (path_exists(cache)) {
+    return;  // the sweep's own
+  }
+  const std::string target = real_path(own);
+  if (!target.empty() && target != real_path(cache) && holds_cache(target, fingerprint, true))
+    plan.links[cache] = target;
 }
 
 }  // namespace
@@ -294,8 +354,10 @@ SweepPlan plan_sweep(const SweepOptions& options) {
                " setting", combos.size() == 1 ? "" : "s",
                " (the product of the values varied): a sweep compares 2 to 26");
   const std::map<std::string, double> earlier = earlier_train_seconds(options.out);
+  const std::map<std::string, double> built_before = earlier_cache_seconds(options.out);
+  const JobConfig base = load_job_config(options.config, options.overrides);
   std::vector<std::int64_t> seeds = options.seeds;
-  if (seeds.empty()) seeds.push_back(load_job_config(options.config, options.overrides).train.seed);
+  if (seeds.empty()) seeds.push_back(base.train.seed);
   // A setting's folder name: each varied key's last part and its value.
   std::vector<std::string> names;
   for (const auto& combo : combos) {
@@ -328,10 +390,15 @@ SweepPlan plan_sweep(const SweepOptions& options) {
       // Runs reading the same features share one cache: its folder is their fingerprint (which
       // hashes the trunk file and stamps every data file: once per setting).
       if (cache.empty()) {
-        cache = join_path(join_path(options.out, "caches"),
-                          sha256_hex(expected_cache_description(run.config)).substr(0, 16));
-        if (std::find(plan.caches.begin(), plan.caches.end(), cache) == plan.caches.end())
+        const std::string fingerprint = sha256_hex(expected_cache_description(run.config));
+        cache = join_path(join_path(options.out, "caches"), fingerprint.substr(0, 16));
+        if (std::find(plan.caches.begin(), plan.caches.end(), cache) == plan.caches.end()) {
           plan.caches.push_back(cache);
+          plan.fingerprints[cache] = fingerprint;
+          place_cache(plan, cache, fingerprint, base.cache.path);
+          if (built_before.count(cache) && !plan.links.count(cache))
+            plan.built_before[cache] = built_before.at(cache);
+        }
       }
       run.overrides.push_back("cache.path=" + cache);
       run.config.cache.path = cache;
@@ -363,7 +430,8 @@ std::string format_plan(const SweepPlan& plan) {
     << count_of(static_cast<std::int64_t>(plan.settings.size()), "setting") << " x "
     << count_of(static_cast<std::int64_t>(seeds), "seed") << ", "
     << count_of(static_cast<std::int64_t>(plan.runs.size()), "run") << " of " << plan.options.config << ", "
-    << count_of(static_cast<std::int64_t>(plan.caches.size()), "cache") << "\n";
+    << count_of(static_cast<std::int64_t>(plan.caches.size()), "cache")
+    << (plan.links.empty() ? "" : " (" + std::to_string(plan.links.size()) + " read where it is)") << "\n";
   std::vector<std::vector<std::string>> rows{{"setting", "seed", "out_dir", "cache", "to do"}};
   for (const auto& r : plan.runs) {
     const std::string todo =
@@ -372,14 +440,78 @@ std::string format_plan(const SweepPlan& plan) {
                     r.config.cache.path, todo});
   }
   o << aligned_columns(rows);
+  o << format_links(plan);
   return o.str();
 }
 
+std::string format_links(const SweepPlan& plan) {
+  std::ostringstream o;
+  for (const auto& link : plan.stale_links)
+    if (!plan.links.count(link))
+      o << link << ": the cache it links to is gone or holds other features now; the link goes, the runs "
+        << "build the cache there\n";
+  for (const auto& [cache, target] : plan.links)
+    o << cache << " -> " << target << ": the same features, cached already; read where they are, not built "
+      << "again\n";
+  return o.str();
+}
+
+namespace {
+
+// Builds the cache `run` reads, as `canopy cache` (under --run-with's launch) in a process of its
+// own, unless it is up to date: so that a run's time is its training alone, and the cache's is
+// said apart. A stop ends it at its next shard (what it wrote kept: the next sweep resumes it).
+void build_cache(SweepPlan& plan, const SweepRun& run, const std::string& which, const std::string& program,
+                 const std::string& progress, std::ostream& log) {
+  const std::string& cache = run.config.cache.path;
+  if (holds_cache(cache, plan.fingerprints.at(cache), true)) return;
+  const std::string cache_log =
+      join_path(join_path(plan.options.out, "logs"), "cache-" + cache.substr(cache.rfind('/') + 1) + ".log");
+  log << "canopy sweep: building the cache " << cache << " for " << which << " (its report: " << cache_log
+      << ")\n"
+      << std::flush;
+  const std::vector<std::string> argv = run_argv(plan, run, program, progress, "cache");
+  std::ofstream(cache_log, std::ios::app) << "\n== " << join(argv, " ") << "\n";
+  const auto start = std::chrono::steady_clock::now();
+  const int rc = run_child(argv, cache_log);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (rc == 0) {
+    plan.built_now[cache] += seconds;
+    log << "canopy sweep: the cache " << cache << " built in " << format_duration(seconds) << "\n";
+    write_file_atomic(join_path(plan.options.out, "sweep.json"), sweep_json(plan));
+    return;
+  }
+  if (rc == 128 + SIGINT || rc == 128 + SIGTERM || rc == 128 + SIGHUP) {
+    throw Stopped(
+        rc - 128,
+        detail::str_cat("stopped by ", signal_name(rc - 128), " while the cache ", cache, " was built for ",
+                        which, "; the shards it finished are kept: run the same command to go on"));
+  }
+  const std::string failed = detail::str_cat(
+      "building the cache ", cache, " for ", which, " failed (exit ", rc,
+      rc > 128 ? " (" + signal_name(rc - 128) + ")" : std::string(), "; its error above, its report in ",
+      cache_log, "); the runs before it are kept: run the same command to go on once it is mended");
+  if (rc == 2) throw ConfigError(failed);
+  throw DataError(failed);
+}
+
+}  // namespace
+
 void run_sweep(SweepPlan& plan, const std::string& program, const std::string& progress, std::ostream& log) {
   make_dirs(join_path(plan.options.out, "logs"));
+  for (const auto& link : plan.stale_links) remove_symlink(link);
+  for (const auto& [cache, target] : plan.links) {
+    if (is_symlink(cache)) continue;
+    make_dirs(parent_path(cache));
+    make_symlink(target, cache);
+  }
+  log << format_links(plan);
   const std::string record = join_path(plan.options.out, "sweep.json");
   write_file_atomic(record, sweep_json(plan));
   const std::size_t n = plan.runs.size();
+  std::set<std::string> ready;  // caches up to date: the others are built before the first run reading them
+  for (const auto& cache : plan.caches)
+    if (holds_cache(cache, plan.fingerprints.at(cache), true)) ready.insert(cache);
   for (std::size_t i = 0; i < n; ++i) {
     SweepRun& run = plan.runs[i];
     const std::string which = detail::str_cat("run ", i + 1, " of ", n, " (", setting_of(plan, run), ")");
@@ -390,6 +522,10 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
     if (stop_signal() != 0) {
       throw Stopped(stop_signal(), detail::str_cat("stopped by ", signal_name(stop_signal()), " before ",
                                                    which, "; run the same command to go on"));
+    }
+    if (!ready.count(run.config.cache.path)) {
+      build_cache(plan, run, which, program, progress, log);
+      ready.insert(run.config.cache.path);
     }
     const char* doing = run.action == SweepAction::kTrain    ? "training"
                         : run.action == SweepAction::kResume ? "resuming from its checkpoint"
@@ -405,8 +541,8 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
     write_file_atomic(record, sweep_json(plan));
     const int rc = run.exit_code;
     if (rc == 0) {
-      log << "canopy sweep: " << which << ": done in " << format_duration(run.seconds) << time_left(plan, i)
-          << "\n";
+      log << "canopy sweep: " << which << ": done in " << format_duration(run.seconds)
+          << time_left(plan, i, ready) << "\n";
       continue;
     }
     if (rc == 3) {
@@ -489,9 +625,26 @@ std::string format_sweep(const SweepPlan& plan) {
     }
     per_setting.push_back(cost);
   }
-  if (!per_setting.empty())
-    o << "training time per run, mean (a setting's first run builds its cache): " << join(per_setting, "; ")
-      << "\n";
+  if (!per_setting.empty()) o << "training time per run, mean: " << join(per_setting, "; ") << "\n";
+  // And what its features cost once: each cache, the settings reading it, how it came to be.
+  std::vector<std::string> caches;
+  for (const auto& cache : plan.caches) {
+    std::vector<std::string> settings;
+    for (const auto& r : plan.runs)
+      if (r.config.cache.path == cache &&
+          std::find(settings.begin(), settings.end(), plan.settings[r.setting]) == settings.end())
+        settings.push_back(plan.settings[r.setting]);
+    std::string how = "there before";
+    if (plan.links.count(cache))
+      how = "read where it is (" + plan.links.at(cache) + ")";
+    else if (plan.built_now.count(cache) || plan.built_before.count(cache))
+      how = "built in " +
+            format_duration((plan.built_now.count(cache) ? plan.built_now.at(cache) : 0.0) +
+                            (plan.built_before.count(cache) ? plan.built_before.at(cache) : 0.0)) +
+            (plan.built_now.count(cache) ? "" : " (before)");
+    caches.push_back(join(settings, " and ") + ": " + how);
+  }
+  o << "caches: " << join(caches, "; ") << "\n";
   return o.str();
 }
 
@@ -510,6 +663,10 @@ std::string sweep_json(const SweepPlan& plan) {
   j["seeds"] = seeds;
   j["settings"] = plan.settings;
   j["caches"] = plan.caches;
+  j["links"] = plan.links;
+  std::map<std::string, double> cache_seconds = plan.built_before;
+  for (const auto& [cache, seconds] : plan.built_now) cache_seconds[cache] += seconds;
+  j["cache_seconds"] = cache_seconds;
   j["runs"] = nlohmann::ordered_json::array();
   for (const auto& r : plan.runs) {
     j["runs"].push_back({{"setting", plan.settings[r.setting]},
@@ -600,8 +757,11 @@ std::string inspect_sweep(const std::string& dir, bool json, bool* ok) {
   for (const auto& [status, count] : counts) said.push_back(std::to_string(count) + " " + status);
   o << sweep["runs"].size() << " (" << join(said, ", ") << ")\n";
   std::vector<std::string> caches;
-  for (const auto& c : sweep.value("caches", std::vector<std::string>{}))
-    caches.push_back(c + (is_regular_file(join_path(c, "manifest.json")) ? "" : " (not built)"));
+  for (const auto& c : sweep.value("caches", std::vector<std::string>{})) {
+    std::string cache = c;
+    if (is_symlink(c)) cache += " -> " + (real_path(c).empty() ? "a folder no longer there" : real_path(c));
+    caches.push_back(cache + (is_regular_file(join_path(c, "manifest.json")) ? "" : " (not built)"));
+  }
   o << "  caches      " << join(caches, ", ") << "\n";
   std::vector<std::vector<std::string>> rows{{"setting", "seed", "out_dir", "status"}};
   for (const auto& run : sweep["runs"])

@@ -11,6 +11,7 @@ an out_dir holding another configuration's run are refused with exit 2, nothing 
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -200,6 +201,38 @@ lr = 0.01
     check(f"running: canopy sweep, pid {first.pid}" in shown.stdout,
           f"canopy inspect says a sweep runs in it:\n{shown.stdout}")
     check(first.returncode == 143, f"the first, SIGTERMed, stopped (exit {first.returncode})")
+
+    # The config's own cache holds the frozen setting's features: read where it is, not built again.
+    own = f"{work}/unused-cache"
+    subprocess.run([canopy, "cache", "--config", config, "--progress", "quiet"], check=True, capture_output=True)
+    built_at = os.path.getmtime(f"{own}/manifest.json")
+    linked = [canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all,first:2", "--seeds", "0", "--out",
+              f"{work}/linked", "--progress", "quiet"]
+    r = subprocess.run(linked + ["--set", "train.epochs=1", "--dry-run"], capture_output=True, text=True)
+    check(r.returncode == 0 and "2 caches (1 read where it is)" in r.stdout and f"-> {os.path.realpath(own)}: "
+          in r.stdout and not os.path.exists(f"{work}/linked"), f"--dry-run says which cache is read where it is:\n"
+          f"{r.stdout}{r.stderr.strip()[-300:]}")
+    r = subprocess.run(linked + ["--set", "train.epochs=1"], capture_output=True, text=True)
+    links = {c: os.readlink(f"{work}/linked/caches/{c}") for c in os.listdir(f"{work}/linked/caches")
+             if os.path.islink(f"{work}/linked/caches/{c}")}
+    with open(f"{work}/linked/logs/freeze-all-s0.log") as f:
+        frozen_log = f.read()
+    built = [n for n in os.listdir(f"{work}/linked/logs") if n.startswith("cache-")]
+    check(r.returncode == 0 and list(links.values()) == [os.path.realpath(own)] and "up to date" in frozen_log and
+          os.path.getmtime(f"{own}/manifest.json") == built_at and len(built) == 1 and
+          f"trunk.freeze = all: read where it is ({os.path.realpath(own)})" in r.stdout and
+          "trunk.freeze = first:2: built in " in r.stdout,
+          f"the frozen runs read the config's cache through a link, untouched; the tuned setting's cache is built "
+          f"by a canopy cache of its own ({built}): {links} {r.stderr.strip()[-300:]}\n{r.stdout[-700:]}")
+    r = subprocess.run([canopy, "inspect", f"{work}/linked"], capture_output=True, text=True)
+    check(f"-> {os.path.realpath(own)}" in r.stdout, f"canopy inspect shows the link:\n{r.stdout}")
+    shutil.rmtree(own)
+    r = subprocess.run(linked + ["--set", "train.epochs=2"], capture_output=True, text=True)
+    caches = os.listdir(f"{work}/linked/caches")
+    check(r.returncode == 0 and not any(os.path.islink(f"{work}/linked/caches/{c}") for c in caches) and
+          len(caches) == 2 and "the cache it links to is gone" in r.stderr and "building the cache" in r.stderr,
+          f"the config's cache removed: the link goes, the sweep builds the cache and trains on "
+          f"({r.stderr.strip()[-300:]})")
 
     # Another trunk file at the same path: the runs read other features now, and say so.
     import torch

@@ -82,6 +82,14 @@ std::string join_path(const std::string& dir, const std::string& name);
 std::vector<std::string> list_dir(const std::string& path);
 // Removes a file or a directory tree; no error if it does not exist.
 void remove_tree(const std::string& path);
+// Whether `path` is a symbolic link, dangling or not.
+bool is_symlink(const std::string& path);
+// `path` made absolute with every link resolved; "" when it (or what it links to) does not exist.
+std::string real_path(const std::string& path);
+// Makes `link` a symbolic link to `target`; IoError naming both when it cannot.
+void make_symlink(const std::string& target, const std::string& link);
+// Removes the link `link` (not what it names); IoError when it cannot.
+void remove_symlink(const std::string& link);
 
 std::string read_file(const std::string& path);
 // The file's contents, or "" when it cannot be read (a kernel interface that may be absent:

@@ -2,13 +2,15 @@
 // own out_dir under one folder, then (given labelled inputs) `canopy compare` of the settings,
 // each setting's seeds one arm. It is the loop a choice of how much to freeze (or which tap,
 // which rate) asks for, with what the loop by hand gets wrong taken care of: runs that read the
-// same features share one cache (its path is the features' fingerprint), every setting is
+// same features share one cache (its path is the features' fingerprint; a link to the config's
+// own cache when that holds them already), every setting is
 // checked before anything trains, a run is its own `canopy run` process (its report in a log
 // file), a stopped sweep goes on where it stopped when run again (finished runs kept, a stopped
 // run resumed from its checkpoint), and a sweep run again with more epochs trains every run on.
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <ostream>
 #include <string>
 #include <utility>
@@ -60,7 +62,18 @@ struct SweepPlan {
   SweepOptions options;
   std::vector<std::string> settings;  // "trunk.freeze = first:13", one per combination of values
   std::vector<std::string> caches;    // each distinct cache.path the runs read, in first use order
-  std::vector<SweepRun> runs;         // setting by setting, each setting's seeds in order
+  // Caches read where they are rather than built again: a cache path under <out>/caches -> the
+  // cache of the same features it links to (the config's own cache.path, or what an earlier
+  // sweep linked); run_sweep makes the links.
+  std::map<std::string, std::string> links;
+  // Links under <out>/caches whose cache is gone or holds other features now: run_sweep removes
+  // them, and the runs build the cache there (unless `links` names another to read).
+  std::vector<std::string> stale_links;
+  std::map<std::string, std::string> fingerprints;  // cache path -> the features' fingerprint
+  // Each cache's build time (`canopy cache`, run by run_sweep before the first run that reads
+  // it when it is not up to date): in earlier sweeps into this folder, and in this one.
+  std::map<std::string, double> built_before, built_now;
+  std::vector<SweepRun> runs;  // setting by setting, each setting's seeds in order
   // Said before the runs when every key varied is a task's: a grid trains those in one run.
   std::string hint;
 };
@@ -79,6 +92,8 @@ void check_sweep_folder(const std::string& out);
 
 // The plan as `--dry-run` prints it: settings, caches, and each run's out_dir and action.
 std::string format_plan(const SweepPlan& plan);
+// A line per cache read where it is (a link) and per link that goes.
+std::string format_links(const SweepPlan& plan);
 
 // Runs every run not done, one at a time, each as `program run --config ... --set ...` (after
 // options.run_with's words, when given, found on PATH) in a process of its own (its standard output appended
@@ -95,7 +110,8 @@ std::string this_program();
 // The table of runs after run_sweep: setting, seed, out_dir, what was done, time; then each
 // setting's mean training time per run (earlier sweeps' included), against the first setting's.
 std::string format_sweep(const SweepPlan& plan);
-// {"command", "config", "out", "run_with", "vary": {key: [values]}, "seeds", "settings", "caches", "runs":
+// {"command", "config", "out", "run_with", "vary": {key: [values]}, "seeds", "settings", "caches",
+// "links": {cache: the cache it links to}, "runs":
 // [{"setting", "seed", "out_dir", "cache", "log", "action", "exit_code", "seconds"}]}
 std::string sweep_json(const SweepPlan& plan);
 
