@@ -108,29 +108,26 @@ ordered_json printed(const std::vector<std::string>& lines) {
 
 ordered_json interval_pair(const tasks::Interval& i) { return {i.lo, i.hi}; }
 
-// Per arm after A: how many tasks it does better on than A (the difference's interval clear of 0
-// on the better side: above it, or below it for NLL, MAE and RMSE), worse on, and cannot tell.
-struct Tally {
-  int better = 0, worse = 0, undecided = 0;
-};
+// Where a paired difference (in `metric`) says the first is better, worse, or cannot tell.
+void count(const Paired& v, const std::string& metric, Tally& n) {
+  const double sign = tasks::lower_is_better(metric) ? -1.0 : 1.0;
+  const double lo = std::min(sign * v.interval.lo, sign * v.interval.hi),
+               hi = std::max(sign * v.interval.lo, sign * v.interval.hi);
+  if (lo > 0) {
+    ++n.better;
+  } else if (hi < 0) {
+    ++n.worse;
+  } else {
+    ++n.undecided;
+  }
+}
+
+// Per arm after A: how it does against A.
 std::vector<Tally> tally(const Comparison& c) {
   std::vector<Tally> out(c.arms.size());
-  for (const auto& t : c.tasks) {
-    const double sign = tasks::lower_is_better(t.metric) ? -1.0 : 1.0;
-    for (std::size_t a = 1; a < c.arms.size(); ++a) {
-      const auto& v = t.versus[a];
-      if (!v) continue;
-      const double lo = std::min(sign * v->interval.lo, sign * v->interval.hi),
-                   hi = std::max(sign * v->interval.lo, sign * v->interval.hi);
-      if (lo > 0) {
-        ++out[a].better;
-      } else if (hi < 0) {
-        ++out[a].worse;
-      } else {
-        ++out[a].undecided;
-      }
-    }
-  }
+  for (const auto& t : c.tasks)
+    for (std::size_t a = 1; a < c.arms.size(); ++a)
+      if (t.versus[a]) count(*t.versus[a], t.metric, out[a]);
   return out;
 }
 
@@ -337,20 +334,42 @@ bool match_arm(Comparison& c, ComparedTask& t, const std::vector<ScoredInput>& s
 // resampled metric.
 void score_task(const Comparison& c, ComparedTask& t, const Draws& draws, const std::vector<bool>& has) {
   const TaskResult& base = c.runs[0].evaluation.heads[*t.head[0]];
+  const std::size_t arms = c.arms.size();
+  std::vector<std::vector<double>> replicates(arms);  // in t.metric
+  std::vector<double> values(arms, 0.0);
   for (const std::string& name : base.resampled->names) {
     const std::vector<double> theirs = arm_replicates(c, t, 0, name, draws);
     if (theirs.empty()) continue;
     const double base_value = arm_value(c, t, 0, name);
-    if (name == t.metric) t.score[0] = ArmScore{base_value, tasks::percentile_interval(theirs, c.level)};
-    for (std::size_t arm = 1; arm < c.arms.size(); ++arm) {
+    if (name == t.metric) {
+      t.score[0] = ArmScore{base_value, tasks::percentile_interval(theirs, c.level)};
+      replicates[0] = theirs;
+      values[0] = base_value;
+    }
+    for (std::size_t arm = 1; arm < arms; ++arm) {
       if (!has[arm]) continue;
-      const std::vector<double> mine = arm_replicates(c, t, arm, name, draws);
+      std::vector<double> mine = arm_replicates(c, t, arm, name, draws);
       if (mine.empty()) continue;
       const double value = arm_value(c, t, arm, name);
-      if (name == t.metric) t.score[arm] = ArmScore{value, tasks::percentile_interval(mine, c.level)};
       t.differences[arm].push_back({c.arms[0].label + ":" + base.name, name, value - base_value,
                                     tasks::difference_interval(mine, theirs, c.level), c.resamples});
-      if (name == t.metric) t.versus[arm] = t.differences[arm].back();
+      if (name != t.metric) continue;
+      t.score[arm] = ArmScore{value, tasks::percentile_interval(mine, c.level)};
+      t.versus[arm] = t.differences[arm].back();
+      replicates[arm] = std::move(mine);
+      values[arm] = value;
+    }
+  }
+  // Every pair of arms, on the same resamples: which of two deeper tops is worth its cost.
+  t.between.assign(arms, {});
+  for (std::size_t b = 1; b < arms; ++b) {
+    t.between[b].assign(b, std::nullopt);
+    t.between[b][0] = t.versus[b];
+    for (std::size_t a = 1; a < b; ++a) {
+      if (replicates[a].empty() || replicates[b].empty()) continue;
+      t.between[b][a] =
+          Paired{c.arms[a].label + ":" + base.name, t.metric, values[b] - values[a],
+                 tasks::difference_interval(replicates[b], replicates[a], c.level), c.resamples};
     }
   }
 }
@@ -480,6 +499,22 @@ std::string task_table(const Comparison& c) {
   }
   return aligned_columns(rows);
 }
+
+// Every arm against every other: the tasks it does better, worse and cannot tell, a row per arm.
+std::string between_table(const Comparison& c) {
+  const auto counts = tally_between(c);
+  std::vector<std::vector<std::string>> rows{{""}};
+  for (const auto& a : c.arms) rows[0].push_back(a.label);
+  for (std::size_t b = 0; b < c.arms.size(); ++b) {
+    rows.push_back({"  " + c.arms[b].label});
+    for (std::size_t a = 0; a < c.arms.size(); ++a) {
+      const Tally& n = counts[b][a];
+      rows.back().push_back(a == b ? "-" : detail::str_cat(n.better, "/", n.worse, "/", n.undecided));
+    }
+  }
+  return "each arm (row) against each other (column): tasks better / worse / no difference shown\n" +
+         aligned_columns(rows);
+}
 }  // namespace
 
 std::string format_comparison(const Comparison& c) {
@@ -508,12 +543,33 @@ std::string format_comparison(const Comparison& c) {
                          ", no difference shown on ", n.undecided, " of the ",
                          n.better + n.worse + n.undecided, " tasks compared\n");
   }
+  if (c.arms.size() >= 3) o += between_table(c);
   for (const auto& n : c.not_compared) o += "not compared: " + n + "\n";
   for (const auto& r : c.runs)
     for (const auto& n : r.evaluation.not_evaluated) o += "not evaluated (run " + r.label + "): " + n + "\n";
   char buf[128];
   std::snprintf(buf, sizeof buf, "%zu runs compared in %.2fs\n", c.runs.size(), c.seconds);
   return o + buf;
+}
+
+std::vector<std::vector<Tally>> tally_between(const Comparison& c) {
+  std::vector<std::vector<Tally>> out(c.arms.size(), std::vector<Tally>(c.arms.size()));
+  for (const auto& t : c.tasks) {
+    for (std::size_t b = 1; b < t.between.size(); ++b) {
+      for (std::size_t a = 0; a < b; ++a) {
+        if (!t.between[b][a]) continue;
+        Tally n;
+        count(*t.between[b][a], t.metric, n);
+        out[b][a].better += n.better;
+        out[b][a].worse += n.worse;
+        out[b][a].undecided += n.undecided;
+        out[a][b].better += n.worse;
+        out[a][b].worse += n.better;
+        out[a][b].undecided += n.undecided;
+      }
+    }
+  }
+  return out;
 }
 
 std::string comparison_json(const Comparison& c) {
@@ -561,7 +617,28 @@ std::string comparison_json(const Comparison& c) {
                                  {"interval", interval_pair(t.versus[a]->interval)},
                                  {"metrics", metrics}};
     }
-    tasks.push_back({{"task", t.task}, {"metric", t.metric}, {"arms", per_arm}, {"versus_A", versus}});
+    ordered_json task{{"task", t.task}, {"metric", t.metric}, {"arms", per_arm}, {"versus_A", versus}};
+    if (c.arms.size() >= 3) {
+      ordered_json pairs = ordered_json::object();
+      for (std::size_t b = 2; b < t.between.size(); ++b)
+        for (std::size_t a = 1; a < b; ++a)
+          if (const auto& v = t.between[b][a])
+            pairs[c.arms[b].label + " - " + c.arms[a].label] = {{"difference", v->difference},
+                                                                {"interval", interval_pair(v->interval)}};
+      task["between"] = pairs;
+    }
+    tasks.push_back(std::move(task));
+  }
+  const auto pairs = tally_between(c);
+  ordered_json between = ordered_json::object();
+  for (std::size_t b = 0; b < c.arms.size(); ++b) {
+    ordered_json row = ordered_json::object();
+    for (std::size_t a = 0; a < c.arms.size(); ++a)
+      if (a != b)
+        row[c.arms[a].label] = {{"better", pairs[b][a].better},
+                                {"worse", pairs[b][a].worse},
+                                {"no_difference", pairs[b][a].undecided}};
+    between[c.arms[b].label] = row;
   }
   const ordered_json out{{"input", printable(c.input)},
                          {"eval_split", c.eval_split},
@@ -573,6 +650,7 @@ std::string comparison_json(const Comparison& c) {
                          {"arms", arms},
                          {"paired_by_seed", c.paired_by_seed},
                          {"against_A", against},
+                         {"between", between},
                          {"tasks", tasks},
                          {"not_compared", c.not_compared},
                          {"seconds", c.seconds}};

@@ -726,7 +726,8 @@ nlohmann::ordered_json sweep_status(const std::string& dir, bool& readable) {
                           {"input", c.value("input", "")},
                           {"eval_split", c.value("eval_split", "")},
                           {"rows", c.value("rows", 0)},
-                          {"against_A", c.value("against_A", nlohmann::ordered_json::object())}};
+                          {"against_A", c.value("against_A", nlohmann::ordered_json::object())},
+                          {"between", c.value("between", nlohmann::ordered_json::object())}};
     } catch (const nlohmann::json::exception& e) {
       sweep["compare"] = {{"path", compare_path}, {"error", e.what()}};
     }
@@ -774,10 +775,23 @@ std::string inspect_sweep(const std::string& dir, bool json, bool* ok) {
     const std::string on = c.value("input", "").empty() ? "the eval split (" + c.value("eval_split", "") + ")"
                                                         : "'" + c.value("input", "") + "'";
     o << "  compared    on " << on << ", " << c.value("rows", 0) << " rows (" << compare_path << ")\n";
-    for (const auto& [arm, t] : c["against_A"].items()) {
-      o << "              " << arm << " against A: better on " << t.value("better", 0) << ", worse on "
-        << t.value("worse", 0) << ", no difference shown on " << t.value("no_difference", 0) << "\n";
-    }
+    // Arm "A" is the first setting, "B" the second, ...
+    const auto settings = sweep.value("settings", std::vector<std::string>{});
+    const auto named = [&](const std::string& arm) {
+      const auto i = static_cast<std::size_t>(arm.empty() ? 0 : arm[0] - 'A');
+      return i < settings.size() ? arm + " (" + settings[i] + ")" : arm;
+    };
+    const auto against = [&](const std::string& arm, const std::string& other,
+                             const nlohmann::ordered_json& t) {
+      o << "              " << named(arm) << " against " << named(other) << ": better on "
+        << t.value("better", 0) << ", worse on " << t.value("worse", 0) << ", no difference shown on "
+        << t.value("no_difference", 0) << "\n";
+    };
+    for (const auto& [arm, t] : c["against_A"].items()) against(arm, "A", t);
+    const auto between = c.value("between", nlohmann::ordered_json::object());
+    for (const auto& [arm, row] : between.items())
+      for (const auto& [other, t] : row.items())
+        if (other != "A" && other < arm) against(arm, other, t);
   }
   const bool unfinished = counts.size() != 1 || !counts.count("finished");
   const std::string command = sweep.value("command", "");

@@ -82,6 +82,24 @@ def main():
           f"{ROWS} rows, 1000 resamples, runs A B C: {c.get('rows')} {c.get('resamples')}")
     runs_of = {x["label"]: x for x in c.get("runs", [])}
 
+    # Each arm against each other: C - B is what `canopy compare B C` says of C, to the last digit.
+    r, bc = canopy_json([canopy, "compare", runs[1], runs[2], "--input", IMAGES, "--limit", str(ROWS)])
+    pairs = {t["task"]: t.get("between", {}).get("C - B") for t in c.get("tasks", [])}
+    alone = {t["task"]: t["versus_A"].get("B") for t in bc.get("tasks", [])}
+    check(r.returncode == 0 and pairs.get("cls") is None and {t for t in pairs if pairs[t]} == {"mlp", "ink"} and
+          all(pairs[t]["difference"] == alone[t]["difference"] and pairs[t]["interval"] == alone[t]["interval"]
+              for t in ("mlp", "ink")), f"C - B of the three runs is compare B C's: {pairs} {alone}")
+    between = c.get("between", {})
+    swap = lambda n: {"better": n["worse"], "worse": n["better"], "no_difference": n["no_difference"]}
+    check(between.get("B", {}).get("A") == c["against_A"]["B"] and between.get("C", {}).get("B") == bc["against_A"]["B"]
+          and between["A"]["B"] == swap(between["B"]["A"]) and between["B"]["C"] == swap(between["C"]["B"]),
+          f"each arm's tally against each other: against A's, compare B C's, and swapped the other way: {between}")
+    r = subprocess.run(base + ["--progress", "quiet"], capture_output=True, text=True)
+    n = between["C"]["B"]
+    check(f"  C  {between['C']['A']['better']}/" in r.stdout and
+          f"{n['better']}/{n['worse']}/{n['no_difference']}  -" in r.stdout,
+          f"the text report has the table of each arm against each other:\n{r.stdout[-600:]}")
+
     # Each run's heads as `canopy evaluate` scores them: values and intervals.
     # C's heads read A's features: one trunk pass serves both, B's tuned trunk has its own.
     check(runs_of.get("C", {}).get("pass_with") == "A" and runs_of.get("B", {}).get("pass_with") == "" and

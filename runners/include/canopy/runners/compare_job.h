@@ -70,6 +70,15 @@ struct ComparedTask {
   std::vector<std::optional<ArmScore>> score;    // per arm
   std::vector<std::optional<Paired>> versus;     // per arm; none for A
   std::vector<std::vector<Paired>> differences;  // per arm: every resampled metric
+  // [b][a] for a < b: arm b's difference from arm a's in `metric`, paired on the same resamples
+  // (between[b][0] is versus[b]); none where either arm lacks the task.
+  std::vector<std::vector<std::optional<Paired>>> between;
+};
+
+// How many tasks one arm does better on than another (the difference's interval clear of 0 on
+// the better side: above it, or below it for NLL, MAE and RMSE), worse on, and cannot tell.
+struct Tally {
+  int better = 0, worse = 0, undecided = 0;
 };
 
 struct Comparison {
@@ -114,8 +123,13 @@ std::string format_comparison(const Comparison& c);
 // [as canopy evaluate --json's]}], "arms": [{"label", "runs": [labels]}], "tasks": [{"task",
 // "metric", "arms": {"A": {"value", "interval", "runs": {run label: value}}, ...}, "versus_A":
 // {"B": {"difference", "interval", "metrics": {"accuracy": {"difference", "interval"}, ...}}}}],
-// "paired_by_seed", "against_A": {"B": {"better", "worse", "no_difference"}}, "not_compared",
-// "seconds"}.
+// "paired_by_seed", "against_A": {"B": {"better", "worse", "no_difference"}}, "between": {"B":
+// {"A": {"better", "worse", "no_difference"}, "C": {...}}, ...} (every arm against every other),
+// "not_compared", "seconds"}; with three arms or more each task also has "between": {"C - B":
+// {"difference", "interval"}, ...} for the pairs without A.
 std::string comparison_json(const Comparison& c);
+
+// [b][a]: arm b against arm a over the tasks compared, for every pair of arms (b != a).
+std::vector<std::vector<Tally>> tally_between(const Comparison& c);
 
 }  // namespace canopy::runners
