@@ -439,6 +439,9 @@ void sweep_options(po::options_description& d, po::positional_options_descriptio
                      "the sweep's folder: a run's out_dir per setting and seed, the caches (one per "
                      "distinct features), logs/, sweep.json, compare.json")(
       "dry-run", "print the runs, their out_dirs and caches, and what each would do; run nothing")(
+      "cache-from", po::value<std::vector<std::string>>()->value_name("DIR"),
+      "a feature cache to read where it is (linked, not built again) for the settings whose features it "
+      "holds, as the config's own cache.path is; repeatable")(
       "run-with", po::value<std::string>()->value_name("COMMAND"),
       "start each run under this command (split at spaces), e.g. --run-with 'mpirun -np 4 --hostfile "
       "hosts': each run then spreads its work over the launch's ranks")(
@@ -489,6 +492,8 @@ std::string sweep_command(const po::variables_map& vm) {
   if (vm.count("set"))
     for (const auto& v : vm["set"].as<std::vector<std::string>>()) add("set", v);
   if (vm.count("allow-unpinned")) words.push_back("--allow-unpinned");
+  if (vm.count("cache-from"))
+    for (const auto& v : vm["cache-from"].as<std::vector<std::string>>()) add("cache-from", v);
   for (const char* option : {"out", "run-with", "input", "labels", "metric"})
     if (vm.count(option)) add(option, vm[option].as<std::string>());
   if (vm["limit"].as<std::int64_t>() > 0) add("limit", std::to_string(vm["limit"].as<std::int64_t>()));
@@ -507,6 +512,7 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
     for (const auto& v : vm["vary"].as<std::vector<std::string>>()) options.vary.push_back(parse_vary(v));
   if (vm.count("seeds")) options.seeds = parse_int_list(vm["seeds"].as<std::string>(), "--seeds");
   if (vm.count("out")) options.out = vm["out"].as<std::string>();
+  if (vm.count("cache-from")) options.cache_from = vm["cache-from"].as<std::vector<std::string>>();
   if (vm.count("run-with")) {
     for (const auto& word : split(vm["run-with"].as<std::string>(), ' '))
       if (!trim(word).empty()) options.run_with.push_back(trim(word));

@@ -319,7 +319,7 @@ bool holds_cache(const std::string& dir, const std::string& fingerprint, bool co
 // the same features are cached already: there, through a link an earlier sweep made, or in the
 // config's own cache.path (`own`), which the sweep then links to rather than computing again.
 void place_cache(SweepPlan& plan, const std::string& cache, const std::string& fingerprint,
-                 const std::string& own) {
+                 const std::vector<std::string>& existing) {
   if (is_symlink(cache)) {
     const std::string target = real_path(cache);
     if (!target.empty() && holds_cache(target, fingerprint, false)) {
@@ -330,9 +330,13 @@ void place_cache(SweepPlan& plan, const std::string& cache, const std::string& f
   } else if (path_exists(cache)) {
     return;  // the sweep's own
   }
-  const std::string target = real_path(own);
-  if (!target.empty() && target != real_path(cache) && holds_cache(target, fingerprint, true))
-    plan.links[cache] = target;
+  for (const std::string& candidate : existing) {
+    const std::string target = real_path(candidate);
+    if (!target.empty() && target != real_path(cache) && holds_cache(target, fingerprint, true)) {
+      plan.links[cache] = target;
+      return;
+    }
+  }
 }
 
 }  // namespace
@@ -356,9 +360,17 @@ SweepPlan plan_sweep(const SweepOptions& options) {
   const std::map<std::string, double> earlier = earlier_train_seconds(options.out);
   const std::map<std::string, double> built_before = earlier_cache_seconds(options.out);
   const JobConfig base = load_job_config(options.config, options.overrides);
+  // Caches that may hold a setting's features already: the config's own, then --cache-from's.
+  std::vector<std::string> existing{base.cache.path};
+  for (const auto& dir : options.cache_from) {
+    CANOPY_CHECK(is_regular_file(datasets::manifest_path(dir)), ConfigError, "canopy sweep: --cache-from '",
+                 dir, "' is not a feature cache (no ", datasets::manifest_path(dir), ")");
+    existing.push_back(dir);
+  }
   std::vector<std::int64_t> seeds = options.seeds;
   if (seeds.empty()) seeds.push_back(base.train.seed);
   // A setting's folder name: each varied key's last part and its value.
+  std::string first_description;  // the first setting's features, to say how a --cache-from differs
   std::vector<std::string> names;
   for (const auto& combo : combos) {
     std::vector<std::string> said, named;
@@ -390,12 +402,14 @@ SweepPlan plan_sweep(const SweepOptions& options) {
       // Runs reading the same features share one cache: its folder is their fingerprint (which
       // hashes the trunk file and stamps every data file: once per setting).
       if (cache.empty()) {
-        const std::string fingerprint = sha256_hex(expected_cache_description(run.config));
+        const std::string description = expected_cache_description(run.config);
+        const std::string fingerprint = sha256_hex(description);
+        if (first_description.empty()) first_description = description;
         cache = join_path(join_path(options.out, "caches"), fingerprint.substr(0, 16));
         if (std::find(plan.caches.begin(), plan.caches.end(), cache) == plan.caches.end()) {
           plan.caches.push_back(cache);
           plan.fingerprints[cache] = fingerprint;
-          place_cache(plan, cache, fingerprint, base.cache.path);
+          place_cache(plan, cache, fingerprint, existing);
           if (built_before.count(cache) && !plan.links.count(cache))
             plan.built_before[cache] = built_before.at(cache);
         }
@@ -409,6 +423,22 @@ SweepPlan plan_sweep(const SweepOptions& options) {
             earlier.count(run.config.train.out_dir) ? earlier.at(run.config.train.out_dir) : 0.0;
       plan.runs.push_back(std::move(run));
     }
+  }
+  for (const auto& dir : options.cache_from) {  // named, and read by none: say so, and why
+    const std::string target = real_path(dir);
+    if (std::any_of(plan.links.begin(), plan.links.end(), [&](const auto& l) { return l.second == target; }))
+      continue;
+    std::string why = "it holds none of these settings' features";
+    try {
+      const datasets::Manifest m = datasets::read_manifest(dir);
+      if (!m.complete)
+        why = "it is unfinished (canopy cache with its config completes it)";
+      else if (const auto changes = describe_changes(m.meta.description, first_description); !changes.empty())
+        why += " (against the first setting's: " + join(changes, "; ") + ")";
+    } catch (const DataError& e) {
+      why = e.what();
+    }
+    plan.unread.push_back(dir + ": not read; " + why);
   }
   if (std::all_of(options.vary.begin(), options.vary.end(),
                   [](const auto& v) { return v.first.rfind("task.", 0) == 0; })) {
@@ -431,7 +461,10 @@ std::string format_plan(const SweepPlan& plan) {
     << count_of(static_cast<std::int64_t>(seeds), "seed") << ", "
     << count_of(static_cast<std::int64_t>(plan.runs.size()), "run") << " of " << plan.options.config << ", "
     << count_of(static_cast<std::int64_t>(plan.caches.size()), "cache")
-    << (plan.links.empty() ? "" : " (" + std::to_string(plan.links.size()) + " read where it is)") << "\n";
+    << (plan.links.empty() ? ""
+                           : " (" + std::to_string(plan.links.size()) +
+                                 (plan.links.size() == 1 ? " read where it is)" : " read where they are)"))
+    << "\n";
   std::vector<std::vector<std::string>> rows{{"setting", "seed", "out_dir", "cache", "to do"}};
   for (const auto& r : plan.runs) {
     const std::string todo =
@@ -453,6 +486,7 @@ std::string format_links(const SweepPlan& plan) {
   for (const auto& [cache, target] : plan.links)
     o << cache << " -> " << target << ": the same features, cached already; read where they are, not built "
       << "again\n";
+  for (const auto& said : plan.unread) o << "--cache-from " << said << "\n";
   return o.str();
 }
 
@@ -500,10 +534,20 @@ void build_cache(SweepPlan& plan, const SweepRun& run, const std::string& which,
 void run_sweep(SweepPlan& plan, const std::string& program, const std::string& progress, std::ostream& log) {
   make_dirs(join_path(plan.options.out, "logs"));
   for (const auto& link : plan.stale_links) remove_symlink(link);
-  for (const auto& [cache, target] : plan.links) {
-    if (is_symlink(cache)) continue;
+  for (auto it = plan.links.begin(); it != plan.links.end();) {
+    const auto& [cache, target] = *it;
+    if (is_symlink(cache)) {
+      ++it;
+      continue;
+    }
     make_dirs(parent_path(cache));
-    make_symlink(target, cache);
+    try {
+      make_symlink(target, cache);
+      ++it;
+    } catch (const IoError& e) {  // a file system without links: the cache is built after all
+      log << "canopy sweep: " << e.what() << "; the runs build the cache there instead\n";
+      it = plan.links.erase(it);
+    }
   }
   log << format_links(plan);
   const std::string record = join_path(plan.options.out, "sweep.json");

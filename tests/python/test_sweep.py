@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 from support import FMNIST, check, finish, kill_when, slowdown, start, tiny_block_trunk, tiny_trunk_sections
@@ -116,7 +117,8 @@ lr = 0.01
     check("done in" in went_on.stderr and "for the 1 run left" in went_on.stderr,
           "each run's end says how long the runs left will take")
     r = subprocess.run([canopy, "inspect", out], capture_output=True, text=True)
-    check(r.returncode == 0 and "B against A: better on" in r.stdout and "go on" not in r.stdout,
+    check(r.returncode == 0 and "B (trunk.freeze = first:2) against A (trunk.freeze = all): better on" in r.stdout
+          and "go on" not in r.stdout,
           f"canopy inspect of the finished sweep has the comparison's tally:\n{r.stdout}")
 
     # More epochs: every run trains on from its checkpoint.
@@ -226,6 +228,21 @@ lr = 0.01
           f"by a canopy cache of its own ({built}): {links} {r.stderr.strip()[-300:]}\n{r.stdout[-700:]}")
     r = subprocess.run([canopy, "inspect", f"{work}/linked"], capture_output=True, text=True)
     check(f"-> {os.path.realpath(own)}" in r.stdout, f"canopy inspect shows the link:\n{r.stdout}")
+    tuned = [f"{out}/caches/{c}" for c in os.listdir(f"{out}/caches")
+             if json.load(open(f"{out}/caches/{c}/manifest.json"))["meta"].get("boundary")]
+    r = subprocess.run(linked[:-4] + ["--out", f"{work}/from", "--cache-from", tuned[0], "--dry-run"],
+                       capture_output=True, text=True)
+    check(r.returncode == 0 and "2 caches (2 read where they are)" in r.stdout and
+          f"-> {os.path.realpath(tuned[0])}: " in r.stdout, f"--cache-from: a cache of another sweep read where it "
+          f"is too:\n{r.stdout}{r.stderr.strip()[-300:]}")
+    r = subprocess.run([canopy, "sweep", "--config", config, "--vary", "trunk.freeze=first:1,first:2", "--out",
+                        f"{work}/from", "--cache-from", own, "--dry-run"], capture_output=True, text=True)
+    check(r.returncode == 0 and f"--cache-from {own}: not read; it holds none of these settings' features "
+          "(against the first setting's: freeze" in r.stdout, f"a --cache-from of other features: said, with what "
+          f"differs:\n{r.stdout}")
+    r = subprocess.run(linked + ["--cache-from", work, "--dry-run"], capture_output=True, text=True)
+    check(r.returncode == 2 and f"--cache-from '{work}' is not a feature cache" in r.stderr,
+          f"a --cache-from that is no cache: exit 2 ({r.stderr.strip()[-200:]})")
     shutil.rmtree(own)
     r = subprocess.run(linked + ["--set", "train.epochs=2"], capture_output=True, text=True)
     caches = os.listdir(f"{work}/linked/caches")
@@ -241,8 +258,8 @@ lr = 0.01
     r = subprocess.run(sweep + ["--set", "train.epochs=5", "--dry-run"], capture_output=True, text=True)
     check(r.returncode == 2 and "their cache fingerprint changed since it ran" in r.stderr,
           f"a trunk changed under the sweep: its runs are refused, the reason said ({r.stderr.strip()[-200:]})")
-    finish()
+    return finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

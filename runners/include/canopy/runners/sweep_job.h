@@ -27,6 +27,9 @@ struct SweepOptions {
   std::vector<std::pair<std::string, std::vector<std::string>>> vary;
   std::vector<std::int64_t> seeds;  // empty: the config's train.seed alone
   std::string out;                  // the sweep's folder
+  // Feature caches to read where they are (--cache-from) for the settings whose features they
+  // hold, as the config's own cache.path is: each must be a cache (ConfigError otherwise).
+  std::vector<std::string> cache_from;
   // A command each run is started under, as words (--run-with, split at spaces), e.g.
   // {"mpirun", "-np", "4"}: the run then spreads its work over that launch's ranks.
   std::vector<std::string> run_with;
@@ -69,6 +72,7 @@ struct SweepPlan {
   // Links under <out>/caches whose cache is gone or holds other features now: run_sweep removes
   // them, and the runs build the cache there (unless `links` names another to read).
   std::vector<std::string> stale_links;
+  std::vector<std::string> unread;                  // each --cache-from no setting reads, and why
   std::map<std::string, std::string> fingerprints;  // cache path -> the features' fingerprint
   // Each cache's build time (`canopy cache`, run by run_sweep before the first run that reads
   // it when it is not up to date): in earlier sweeps into this folder, and in this one.
