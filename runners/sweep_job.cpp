@@ -28,6 +28,7 @@
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/run_inspect.h"
+#include "canopy/runners/train_job.h"
 #include "canopy/trunk/trunk.h"
 
 namespace canopy::runners {
@@ -287,14 +288,23 @@ std::map<std::string, double> earlier_cache_seconds(const std::string& out) {
 // refused before any run trains, naming its setting. A trunk file not there is left to the run
 // (training over a frozen trunk needs only its cache).
 void check_trunks(const SweepPlan& plan) {
-  std::set<std::string> seen;
+  std::map<std::string, bool> tunes;  // per distinct trunk setting: whether a top of it trains
   for (const auto& run : plan.runs) {
     const trunk::TrunkConfig& t = run.config.trunk;
     const std::string key = detail::str_cat(t.path, "\n", t.sha256, "\n", join(t.taps, ","), "\n",
                                             trunk::describe(t.freeze), "\n", t.pooling, "\n", t.device);
-    if (!seen.insert(key).second || !is_regular_file(t.path)) continue;
-    adding_context("canopy sweep: setting '" + plan.settings[run.setting] + "': ",
-                   [&] { trunk::Trunk::load(t).check_cacheable(); });
+    if (!is_regular_file(t.path)) continue;
+    const std::string context = "canopy sweep: setting '" + plan.settings[run.setting] + "': ";
+    if (!tunes.count(key)) {
+      adding_context(context, [&] {
+        const trunk::Trunk trunk = trunk::Trunk::load(t);
+        trunk.check_cacheable();
+        tunes[key] = trunk.split().tunes;
+      });
+    }
+    // What its run would refuse only once it trains, after the runs before it: a freezing
+    // schedule or a loss weighting over a trunk frozen whole.
+    if (!tunes.at(key)) adding_context(context, [&] { refuse_top_keys_without_top(run.config); });
   }
 }
 

@@ -47,6 +47,16 @@ std::int64_t resolve_workers(const TrainConfig& train) {
   return train.workers > 0 ? train.workers : machine_cores();
 }
 
+void refuse_top_keys_without_top(const JobConfig& config) {
+  const auto w = config.train.weighting;
+  CANOPY_CHECK(w == Weighting::kSum || w == Weighting::kStatic, ConfigError,
+               "train.weighting = ", to_string(w),
+               " weights the gradient that reaches a shared trainable top, ",
+               "and the trunk is frozen whole (trunk.freeze = ", trunk::describe(config.trunk.freeze),
+               "): each head learns from its own loss alone; use sum");
+  refuse_schedule_without_top(config.top.schedule, trunk::describe(config.trunk.freeze));
+}
+
 namespace {
 
 // Data parallel over MPI ranks: the top's gradients are summed in buckets of this size.
@@ -1276,14 +1286,9 @@ SharedTraining make_shared_training(const JobConfig& config, const datasets::Fea
                                     const TrainSplit& train, std::int64_t train_rows) {
   const auto w = config.train.weighting;
   const bool shared = !cache.meta().row_parts.empty();
-  CANOPY_CHECK(shared || w == Weighting::kSum || w == Weighting::kStatic, ConfigError,
-               "train.weighting = ", to_string(w),
-               " weights the gradient that reaches a shared trainable top, ",
-               "and the trunk is frozen whole (trunk.freeze = ", trunk::describe(config.trunk.freeze),
-               "): each head learns from its own loss alone; use sum");
   SharedTraining out;
   if (!shared) {
-    refuse_schedule_without_top(config.top.schedule, trunk::describe(config.trunk.freeze));
+    refuse_top_keys_without_top(config);
     if (const auto unused = top_keys_set(config); !unused.empty()) {
       log_info("the trunk is frozen whole (trunk.freeze = " + trunk::describe(config.trunk.freeze) +
                "), so what only a trainable top reads goes unused: " + join(unused, ", "));

@@ -174,6 +174,11 @@ lr = 0.01
     check(r.returncode == 2 and "setting 'trunk.freeze = none'" in r.stderr and not os.path.exists(f"{work}/none"),
           f"a setting no run could cache (the trunk loaded to check it): exit 2 before anything runs "
           f"({r.stderr.strip()[-250:]})")
+    r = subprocess.run([canopy, "sweep", "--config", config, "--vary", "train.weighting=sum,pcgrad", "--out",
+                        f"{work}/weighting"], capture_output=True, text=True)
+    check(r.returncode == 2 and "setting 'train.weighting = pcgrad'" in r.stderr and "frozen whole" in r.stderr and
+          not any(d.startswith("weighting-") for d in os.listdir(f"{work}/weighting")), f"a setting its run would refuse only "
+          f"once training (a weighting over a trunk frozen whole): exit 2 before anything runs ({r.stderr.strip()[-250:]})")
     one = [canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all", "--out", out]
     r = subprocess.run(one, capture_output=True, text=True)
     check(r.returncode == 2 and "1 setting" in r.stderr, f"one setting: exit 2 ({r.stderr.strip()})")

@@ -23,6 +23,11 @@ namespace canopy::runners {
 TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry,
                       ProgressStyle style = ProgressStyle::kAuto, bool resume = false);
 
+// What a trunk frozen whole (no trainable top: its cache holds pooled features) refuses before
+// training: a loss weighting other than sum or static, and a freezing schedule (trunk.schedule);
+// a ConfigError naming the key.
+void refuse_top_keys_without_top(const JobConfig& config);
+
 // The TBB workers a run uses: train.workers, or one per core when it is 0.
 std::int64_t resolve_workers(const TrainConfig& train);
 
