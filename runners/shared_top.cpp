@@ -59,6 +59,27 @@ bool all_finite(const std::vector<at::Tensor>& ts) {
 
 }  // namespace
 
+void check_top(trunk::Trunk& trunk, const TopConfig& config) {
+  const std::vector<std::string>& blocks = trunk.split().top_blocks;
+  std::int64_t counted = 0;
+  for (const auto& block : blocks)
+    for (const auto& named : trunk.trainable_parameters(block)) counted += named.second.numel();
+  CANOPY_CHECK(counted == trunk.parameter_counts().second, ConfigError, "the trunk has ",
+               trunk.parameter_counts().second, " trainable parameters, ", counted,
+               " of them in the top's blocks (", join(blocks, ", "),
+               "): trainable parameters outside the trunk's blocks cannot train over a cache");
+  if (config.schedule != FreezeSchedule::kAutofreeze) return;
+  const auto n = static_cast<std::int64_t>(blocks.size());
+  CANOPY_CHECK(n > config.min_trainable, ConfigError, "trunk.schedule = autofreeze over a top of ", n,
+               " block(s) (", join(blocks, ", "), ") with trunk.min_trainable = ", config.min_trainable,
+               " can freeze nothing; train more blocks (trunk.freeze = first:N) or lower min_trainable");
+  // Every place a level may sit must be a clean cut of the trunk.
+  for (std::int64_t b = 0; b + config.min_trainable < n; ++b) {
+    const std::string problem = trunk.cut_problem(blocks[static_cast<std::size_t>(b)]);
+    CANOPY_CHECK(problem.empty(), ConfigError, "trunk.schedule = autofreeze: ", problem);
+  }
+}
+
 SharedTop::SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets::CacheMeta& meta,
                      double default_lr, std::int64_t train_rows, std::int64_t steps_per_epoch,
                      std::string level_dir)
@@ -91,12 +112,7 @@ SharedTop::SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets
     groups.push_back(std::move(ps));
     base_lrs_.push_back(config_.lr / std::pow(config_.lr_decay, static_cast<double>(d)));
   }
-  std::int64_t counted = 0;
-  for (const auto& p : params_) counted += p.second.numel();
-  CANOPY_CHECK(counted == trunk_.parameter_counts().second, ConfigError, "the trunk has ",
-               trunk_.parameter_counts().second, " trainable parameters, ", counted,
-               " of them in the top's blocks (", join(blocks, ", "),
-               "): trainable parameters outside the trunk's blocks cannot train over a cache");
+  check_top(trunk_, config_);
   optimizer_ = tasks::make_optimizer(config_.optimizer, groups, config_.lr, config_.weight_decay, 0.9);
   top_blocks_ = blocks;
   for (const auto& b : top_blocks_) {
@@ -104,23 +120,12 @@ SharedTop::SharedTop(trunk::Trunk trunk, const TopConfig& config, const datasets
     for (const auto& named : trunk_.trainable_parameters(b)) ps.push_back(named.second);
     block_params_.push_back(std::move(ps));
   }
-  const auto n = static_cast<std::int64_t>(top_blocks_.size());
   norm_sum_.assign(top_blocks_.size(), 0.0);
   rates_.assign(top_blocks_.size(), std::numeric_limits<double>::quiet_NaN());
   steps_per_epoch_ = std::max<std::int64_t>(1, steps_per_epoch);
   interval_ = config_.freeze_interval > 0 ? config_.freeze_interval : steps_per_epoch_;
   text_ = parts_.size() >= 2 && parts_[1].shape.size() == 1 && !parts_[0].shape.empty() &&
           parts_[0].shape[0] == parts_[1].shape[0];
-  if (config_.schedule == FreezeSchedule::kAutofreeze) {
-    CANOPY_CHECK(n > config_.min_trainable, ConfigError, "trunk.schedule = autofreeze over a top of ", n,
-                 " block(s) (", join(blocks, ", "), ") with trunk.min_trainable = ", config_.min_trainable,
-                 " can freeze nothing; train more blocks (trunk.freeze = first:N) or lower min_trainable");
-    // Every place a level may sit must be a clean cut of the trunk.
-    for (std::int64_t b = 0; b + config_.min_trainable < n; ++b) {
-      const std::string problem = trunk_.cut_problem(top_blocks_[static_cast<std::size_t>(b)]);
-      CANOPY_CHECK(problem.empty(), ConfigError, "trunk.schedule = autofreeze: ", problem);
-    }
-  }
   start_epoch(0, 1, 0);  // the first epoch's frozen blocks
   feature_dim_ = forward(at::zeros({1, meta.feature_dim}, at::kFloat), false).size(1);
 }

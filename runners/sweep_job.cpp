@@ -13,6 +13,7 @@
 #include <fstream>
 #include <iomanip>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -28,6 +29,7 @@
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/runners/cache_job.h"
 #include "canopy/runners/run_inspect.h"
+#include "canopy/runners/shared_top.h"
 #include "canopy/runners/train_job.h"
 #include "canopy/trunk/trunk.h"
 
@@ -288,23 +290,41 @@ std::map<std::string, double> earlier_cache_seconds(const std::string& out) {
 // refused before any run trains, naming its setting. A trunk file not there is left to the run
 // (training over a frozen trunk needs only its cache).
 void check_trunks(const SweepPlan& plan) {
-  std::map<std::string, bool> tunes;  // per distinct trunk setting: whether a top of it trains
+  std::map<std::string, std::vector<const SweepRun*>> groups;  // by trunk setting, in first use order
+  std::vector<std::string> order;
   for (const auto& run : plan.runs) {
     const trunk::TrunkConfig& t = run.config.trunk;
     const std::string key = detail::str_cat(t.path, "\n", t.sha256, "\n", join(t.taps, ","), "\n",
                                             trunk::describe(t.freeze), "\n", t.pooling, "\n", t.device);
-    if (!is_regular_file(t.path)) continue;
-    const std::string context = "canopy sweep: setting '" + plan.settings[run.setting] + "': ";
-    if (!tunes.count(key)) {
-      adding_context(context, [&] {
-        const trunk::Trunk trunk = trunk::Trunk::load(t);
-        trunk.check_cacheable();
-        tunes[key] = trunk.split().tunes;
+    if (!groups.count(key)) order.push_back(key);
+    groups[key].push_back(&run);
+  }
+  for (const auto& key : order) {
+    const auto& runs = groups.at(key);
+    if (!is_regular_file(runs.front()->config.trunk.path)) continue;
+    const auto context = [&](const SweepRun& run) {
+      return "canopy sweep: setting '" + plan.settings[run.setting] + "': ";
+    };
+    std::optional<trunk::Trunk> trunk;
+    adding_context(context(*runs.front()), [&] {
+      trunk.emplace(trunk::Trunk::load(runs.front()->config.trunk));
+      trunk->check_cacheable();
+    });
+    // What each run would refuse only once it trains, after the runs before it: a freezing
+    // schedule or a loss weighting over a trunk frozen whole, an autofreeze its top cannot take.
+    std::set<std::string> checked;
+    for (const SweepRun* run : runs) {
+      const TopConfig& top = run->config.top;
+      const std::string what = detail::str_cat(to_string(top.schedule), " ", top.min_trainable, " ",
+                                               to_string(run->config.train.weighting));
+      if (!checked.insert(what).second) continue;
+      adding_context(context(*run), [&] {
+        if (trunk->split().tunes)
+          check_top(*trunk, top);
+        else
+          refuse_top_keys_without_top(run->config);
       });
     }
-    // What its run would refuse only once it trains, after the runs before it: a freezing
-    // schedule or a loss weighting over a trunk frozen whole.
-    if (!tunes.at(key)) adding_context(context, [&] { refuse_top_keys_without_top(run.config); });
   }
 }
 

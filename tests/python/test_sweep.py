@@ -179,6 +179,11 @@ lr = 0.01
     check(r.returncode == 2 and "setting 'train.weighting = pcgrad'" in r.stderr and "frozen whole" in r.stderr and
           not any(d.startswith("weighting-") for d in os.listdir(f"{work}/weighting")), f"a setting its run would refuse only "
           f"once training (a weighting over a trunk frozen whole): exit 2 before anything runs ({r.stderr.strip()[-250:]})")
+    r = subprocess.run([canopy, "sweep", "--config", config, "--set", "trunk.freeze=first:2", "--set",
+                        "trunk.schedule=autofreeze", "--vary", "trunk.min_trainable=1,9", "--out", f"{work}/af",
+                        "--dry-run"], capture_output=True, text=True)
+    check(r.returncode == 2 and "setting 'trunk.min_trainable = 9'" in r.stderr and "can freeze nothing" in r.stderr,
+          f"an autofreeze its top cannot take: exit 2 before anything runs ({r.stderr.strip()[-250:]})")
     one = [canopy, "sweep", "--config", config, "--vary", "trunk.freeze=all", "--out", out]
     r = subprocess.run(one, capture_output=True, text=True)
     check(r.returncode == 2 and "1 setting" in r.stderr, f"one setting: exit 2 ({r.stderr.strip()})")

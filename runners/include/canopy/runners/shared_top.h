@@ -43,6 +43,12 @@ namespace canopy::runners {
 // their replicas of the same weights agree.
 std::uint64_t hash_weights(const std::vector<at::Tensor>& tensors, std::uint64_t h = 0);
 
+// What a top over a cached prefix refuses before it trains, from the trunk's split alone:
+// trainable parameters outside its blocks, an autofreeze that could freeze nothing (a top of no
+// more blocks than trunk.min_trainable) or whose levels would cut the trunk where it cannot be
+// cut. A ConfigError naming them. (`trunk` is not const: cut_problem traces it.)
+void check_top(trunk::Trunk& trunk, const TopConfig& config);
+
 class SharedTop {
  public:
   // `trunk` loaded with the policy that made the cache (`meta`): its boundary must be the
