@@ -525,8 +525,9 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
   check_sweep_folder(options.out);  // before its lock is taken there
   std::optional<DirLock> lock;
   if (!vm.count("dry-run")) lock.emplace(options.out, DirLock::Mode::kWrite, "canopy sweep");
+  const EvaluateOptions compared =  // its options checked before the plan reads every run
+      labelled_inputs(vm, "sweep", load_job_config(options.config, options.overrides).data.source);
   SweepPlan plan = plan_sweep(options);
-  const EvaluateOptions compared = labelled_inputs(vm, "sweep", plan.runs.front().config.data.source);
   if (!plan.hint.empty()) err << "canopy sweep: " << plan.hint << "\n";
   if (vm.count("dry-run")) {
     out << format_plan(plan);

@@ -134,9 +134,19 @@ void read_out_dir(SweepRun& run) {
       join(other, ", "),
       "); remove it, or sweep into another --out (only train.epochs and task.NAME.epochs may change: "
       "the run then trains on)");
+  if (status == "finished" && epochs.empty()) {
+    run.action = SweepAction::kDone;
+    run.why = "finished";
+    return;
+  }
+  // What `--resume` would refuse (fewer epochs than a head began, a cosine schedule over them) is
+  // refused now, before the runs before it train.
+  const std::string refused = resume_refusal(run.config);
+  CANOPY_CHECK(refused.empty(), ConfigError, "canopy sweep: '", dir, "' cannot go on to this configuration",
+               refused, "; remove it to train it anew, or sweep into another --out");
   if (status == "finished") {
-    run.action = epochs.empty() ? SweepAction::kDone : SweepAction::kTrainOn;
-    run.why = epochs.empty() ? "finished" : "finished, trains on: " + join(epochs, ", ");
+    run.action = SweepAction::kTrainOn;
+    run.why = "finished, trains on: " + join(epochs, ", ");
     return;
   }
   run.action = SweepAction::kResume;  // stopped, or not every head exported

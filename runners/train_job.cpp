@@ -12,6 +12,8 @@
 #include <sstream>
 #include <string_view>
 
+#include <nlohmann/json.hpp>
+
 #include <ATen/ops/zeros.h>
 
 #include "canopy/core/denormals.h"
@@ -1562,6 +1564,27 @@ std::string resume_refused(const JobConfig& config, bool top, const std::string&
   }
   return "";
 }
+
+}  // namespace
+
+std::string resume_refusal(const JobConfig& config) {
+  const std::string dir = join_path(config.train.out_dir, "checkpoint");
+  const CheckpointRecord record = CheckpointStore::read_record(dir, false);
+  std::string text;
+  try {
+    text = nlohmann::json::parse(read_file(join_path(dir, "state.json"))).at("config").get<std::string>();
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("'", join_path(dir, "state.json"), "' cannot be read: ", e.what()));
+  }
+  const std::string now_text = config_identity(dump_config(config));
+  if (text == now_text) return "";
+  std::istringstream saved_in(text), now_in(now_text);
+  const auto saved = read_config_values(saved_in, "the saved configuration");
+  const auto now = read_config_values(now_in, "the configuration");
+  return resume_refused(config, record.top, config.train.out_dir, saved, now, record.position);
+}
+
+namespace {
 
 // Where the run starts: with --resume, the checkpoint's position, its heads and top loaded;
 // else the beginning (saying so when an earlier run's checkpoint is there to be replaced).

@@ -136,6 +136,11 @@ lr = 0.01
           "training time per run, mean" in r.stdout and "trunk.freeze = first:2: " in r.stdout,
           "each run's training time adds its earlier sweeps' (sweep.json), each setting's mean said")
 
+    fewer = subprocess.run(sweep + ["--set", "train.epochs=3", "--dry-run"], capture_output=True, text=True)
+    check(fewer.returncode == 2 and "cannot go on to this configuration: train.epochs (5 -> 3): task 'cls' has "
+          "trained" in fewer.stderr, f"fewer epochs than the runs trained, which --resume refuses: refused before "
+          f"any run ({fewer.stderr.strip()[-300:]})")
+
     # SIGTERM while the runs are compared (all done before): the comparison stops, nothing written.
     compared_at = os.path.getmtime(f"{out}/compare.json")
     errors = []

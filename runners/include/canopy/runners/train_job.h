@@ -28,6 +28,12 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
 // a ConfigError naming the key.
 void refuse_top_keys_without_top(const JobConfig& config);
 
+// Why `canopy train --resume` of `config` would refuse the checkpoint in its out_dir ("" when
+// it would go on): another configuration than epochs and out_dir, or epochs it cannot go on to
+// (fewer than a head began, a cosine schedule over the epochs). DataError when there is no
+// readable checkpoint.
+std::string resume_refusal(const JobConfig& config);
+
 // The TBB workers a run uses: train.workers, or one per core when it is 0.
 std::int64_t resolve_workers(const TrainConfig& train);
 
