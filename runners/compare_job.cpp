@@ -122,15 +122,6 @@ void count(const Paired& v, const std::string& metric, Tally& n) {
   }
 }
 
-// Per arm after A: how it does against A.
-std::vector<Tally> tally(const Comparison& c) {
-  std::vector<Tally> out(c.arms.size());
-  for (const auto& t : c.tasks)
-    for (std::size_t a = 1; a < c.arms.size(); ++a)
-      if (t.versus[a]) count(*t.versus[a], t.metric, out[a]);
-  return out;
-}
-
 // Which of an arm's k runs resample r draws, with replacement (every run once for k = 1).
 std::vector<std::size_t> drawn_runs(std::size_t k, std::size_t r, std::uint64_t seed, std::size_t arm) {
   if (k == 1) return {0};
@@ -533,12 +524,12 @@ std::string format_comparison(const Comparison& c) {
       : c.paired_by_seed ? "; the arms' runs are paired by train.seed: every arm draws the same seeds\n"
                          : "; the arms' runs are drawn independently (their train.seed lists differ)\n");
   o += run_lines(c) + "\n" + task_table(c);
-  const auto counts = tally(c);
-  if (std::any_of(counts.begin(), counts.end(), [](const Tally& n) { return n.undecided > 0; }))
+  const auto counts = tally_between(c);
+  if (std::any_of(counts.begin() + 1, counts.end(), [](const auto& row) { return row[0].undecided > 0; }))
     o +=
         "(no difference shown: the difference's interval holds 0, so these rows cannot tell the two apart)\n";
   for (std::size_t a = 1; a < c.arms.size(); ++a) {
-    const Tally& n = counts[a];
+    const Tally& n = counts[a][0];
     o += detail::str_cat(c.arms[a].label, " against A: better on ", n.better, ", worse on ", n.worse,
                          ", no difference shown on ", n.undecided, " of the ",
                          n.better + n.worse + n.undecided, " tasks compared\n");
@@ -593,11 +584,12 @@ std::string comparison_json(const Comparison& c) {
     for (const std::size_t r : a.runs) labels.push_back(c.runs[r].label);
     arms.push_back({{"label", a.label}, {"runs", labels}});
   }
-  const auto counts = tally(c);
+  const auto counts = tally_between(c);
+  const auto tallied = [](const Tally& n) {
+    return ordered_json{{"better", n.better}, {"worse", n.worse}, {"no_difference", n.undecided}};
+  };
   ordered_json against = ordered_json::object();
-  for (std::size_t a = 1; a < c.arms.size(); ++a)
-    against[c.arms[a].label] = {
-        {"better", counts[a].better}, {"worse", counts[a].worse}, {"no_difference", counts[a].undecided}};
+  for (std::size_t a = 1; a < c.arms.size(); ++a) against[c.arms[a].label] = tallied(counts[a][0]);
   ordered_json tasks = ordered_json::array();
   for (const auto& t : c.tasks) {
     ordered_json per_arm = ordered_json::object(), versus = ordered_json::object();
@@ -629,15 +621,11 @@ std::string comparison_json(const Comparison& c) {
     }
     tasks.push_back(std::move(task));
   }
-  const auto pairs = tally_between(c);
   ordered_json between = ordered_json::object();
   for (std::size_t b = 0; b < c.arms.size(); ++b) {
     ordered_json row = ordered_json::object();
     for (std::size_t a = 0; a < c.arms.size(); ++a)
-      if (a != b)
-        row[c.arms[a].label] = {{"better", pairs[b][a].better},
-                                {"worse", pairs[b][a].worse},
-                                {"no_difference", pairs[b][a].undecided}};
+      if (a != b) row[c.arms[a].label] = tallied(counts[b][a]);
     between[c.arms[b].label] = row;
   }
   const ordered_json out{{"input", printable(c.input)},

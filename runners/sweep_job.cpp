@@ -338,10 +338,6 @@ void check_trunks(const SweepPlan& plan) {
   }
 }
 
-}  // namespace
-
-namespace {
-
 // Whether `dir` holds a cache of the features `fingerprint` names: complete and its files as
 // its manifest records, or (`complete` false) any state a run would go on from.
 bool holds_cache(const std::string& dir, const std::string& fingerprint, bool complete) {
@@ -356,8 +352,9 @@ bool holds_cache(const std::string& dir, const std::string& fingerprint, bool co
 }
 
 // Where a setting's runs read their features. They build `cache` (under <out>/caches) unless
-// the same features are cached already: there, through a link an earlier sweep made, or in the
-// config's own cache.path (`own`), which the sweep then links to rather than computing again.
+// the same features are cached already: there, through a link an earlier sweep made, or in one
+// of the `existing` caches (the config's own cache.path, then --cache-from's), which the sweep
+// then links to rather than computing them again.
 void place_cache(SweepPlan& plan, const std::string& cache, const std::string& fingerprint,
                  const std::vector<std::string>& existing) {
   if (is_symlink(cache)) {
@@ -532,6 +529,18 @@ std::string format_links(const SweepPlan& plan) {
 
 namespace {
 
+// A run's or a cache's process that failed otherwise than by a stop (exit `rc`): a ConfigError
+// where it refused its configuration (exit 2: so does the sweep), else a DataError, naming it
+// and its log.
+[[noreturn]] void child_failed(const std::string& what, int rc, const std::string& log_path) {
+  const std::string failed = detail::str_cat(
+      what, " failed (exit ", rc, rc > 128 ? " (" + signal_name(rc - 128) + ")" : std::string(),
+      "; its error above, its report in ", log_path,
+      "); the runs before it are kept: run the same command to go on once it is mended");
+  if (rc == 2) throw ConfigError(failed);
+  throw DataError(failed);
+}
+
 // Builds the cache `run` reads, as `canopy cache` (under --run-with's launch) in a process of its
 // own, unless it is up to date: so that a run's time is its training alone, and the cache's is
 // said apart. A stop ends it at its next shard (what it wrote kept: the next sweep resumes it).
@@ -561,12 +570,7 @@ void build_cache(SweepPlan& plan, const SweepRun& run, const std::string& which,
         detail::str_cat("stopped by ", signal_name(rc - 128), " while the cache ", cache, " was built for ",
                         which, "; the shards it finished are kept: run the same command to go on"));
   }
-  const std::string failed = detail::str_cat(
-      "building the cache ", cache, " for ", which, " failed (exit ", rc,
-      rc > 128 ? " (" + signal_name(rc - 128) + ")" : std::string(), "; its error above, its report in ",
-      cache_log, "); the runs before it are kept: run the same command to go on once it is mended");
-  if (rc == 2) throw ConfigError(failed);
-  throw DataError(failed);
+  child_failed("building the cache " + cache + " for " + which, rc, cache_log);
 }
 
 }  // namespace
@@ -640,13 +644,7 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
                           run.config.train.out_dir, ", what it had done kept at its checkpoint",
                           i > 0 ? " (the runs before it kept)" : "", "; run the same command to go on"));
     }
-    const std::string failed = detail::str_cat(which, " failed (exit ", rc,
-                                               rc > 128 ? " (" + signal_name(rc - 128) + ")" : std::string(),
-                                               "; its error above, its report in ", run.log,
-                                               "); the runs before it are kept: run the same command "
-                                               "to go on once it is mended");
-    if (rc == 2) throw ConfigError(failed);  // the run refused its configuration: so does the sweep
-    throw DataError(failed);
+    child_failed(which, rc, run.log);
   }
 }
 
