@@ -256,6 +256,9 @@ int run_evaluate_command(const po::variables_map& vm, const tasks::HeadRegistry&
   const Evaluation e =
       run_evaluate(config, registry, options, parse_progress(vm["progress"].as<std::string>()));
   out << (vm.count("json") ? evaluation_json(e) : format_evaluation(e));
+  if (options.input.empty())  // the eval split: the rows early stopping may have chosen on
+    if (const std::string optimistic = stops_on_eval_split(config); !optimistic.empty())
+      err << "canopy evaluate: " << optimistic << "\n";
   if (!path.empty()) {
     write_output_file(path, evaluation_json(e));
     err << "canopy: wrote the evaluation of " << e.heads.size() << " heads to " << path << "\n";
@@ -394,6 +397,25 @@ void compare_options(po::options_description& d, po::positional_options_descript
   p.add("run", -1);
 }
 
+// Compared on the runs' eval split (no --input): the runs whose heads stopped early on those
+// very rows, a line per reason, after the report.
+void say_stops_on_eval_split(const Comparison& c, const std::vector<std::vector<JobConfig>>& configs,
+                             const std::string& who, std::ostream& err) {
+  if (!c.input.empty()) return;
+  std::map<std::string, std::vector<std::string>> runs;  // line -> run labels
+  std::size_t r = 0;
+  for (const auto& arm : configs) {
+    for (const auto& config : arm) {
+      if (const std::string line = stops_on_eval_split(config); !line.empty() && r < c.runs.size())
+        runs[line].push_back(c.runs[r].label);
+      ++r;
+    }
+  }
+  for (const auto& [line, labels] : runs)
+    err << "canopy " << who << ": " << (labels.size() == 1 ? "run " : "runs ") << join(labels, ", ") << ": "
+        << line << "\n";
+}
+
 int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
                         std::ostream& err) {
   const std::vector<std::string> paths =
@@ -420,6 +442,7 @@ int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& 
                                    vm.count("metric") ? vm["metric"].as<std::string>() : "",
                                    parse_progress(vm["progress"].as<std::string>()));
   out << (vm.count("json") ? comparison_json(c) : format_comparison(c));
+  say_stops_on_eval_split(c, configs, "compare", err);
   if (!path.empty()) {
     write_output_file(path, comparison_json(c));
     err << "canopy: wrote the comparison of " << c.runs.size() << " runs to " << path << "\n";
@@ -562,6 +585,7 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
     }
   }();
   out << "\n" << format_comparison(c);
+  say_stops_on_eval_split(c, sweep_arms(plan), "sweep", err);
   const std::string path = join_path(options.out, "compare.json");
   write_file_atomic(path, comparison_json(c));
   err << "canopy: wrote the comparison of " << c.runs.size() << " runs to " << path << "\n";

@@ -1033,6 +1033,22 @@ JobConfig load_job_config(const std::string& path, const std::vector<std::string
   return job_config_from_values(values, path);
 }
 
+std::string stops_on_eval_split(const JobConfig& config) {
+  if (has_validation(config.train)) return "";
+  std::vector<std::string> names;
+  for (const auto& t : config.tasks)
+    if (t.early_stop_patience > 0) names.push_back("'" + t.name + "'");
+  if (names.empty()) return "";
+  const bool one = names.size() == 1;
+  return detail::str_cat(one ? "task " : "tasks ", join(names, ", "),
+                         one ? " stops early by its score" : " stop early by their score",
+                         " on the eval split (train.eval_split = ", config.train.eval_split,
+                         "; there is no validation split): the epoch ", one ? "it" : "each",
+                         " stops at is chosen on those rows, so ", one ? "its" : "their",
+                         " numbers on them lean optimistic; train.validation_fraction = 0.1 chooses on rows "
+                         "held out of the train split instead");
+}
+
 bool is_top_key(const std::string& full_name) {
   static const std::set<std::string> top{"trunk.optimizer",       "trunk.lr",
                                          "trunk.lr_decay",        "trunk.weight_decay",

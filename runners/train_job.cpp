@@ -1675,6 +1675,7 @@ void log_training(const JobConfig& config, const TaskSet& set, const TrainReport
            std::to_string(config.train.intra_op_threads) + " LibTorch thread(s))");
   if (const auto unused = task_keys_unused(config); !unused.empty())
     log_info("set but unused: " + join(unused, "; "));
+  if (const std::string optimistic = stops_on_eval_split(config); !optimistic.empty()) log_info(optimistic);
 }
 
 void log_allreduce(const SharedTop& top) {

@@ -148,6 +148,21 @@ TEST(Config, SaysWhichTaskSettingsGoUnused) {
                   .empty());
 }
 
+TEST(Config, SaysWhenHeadsStopEarlyOnTheEvalSplit) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("c.ini"), kConfig);
+  EXPECT_EQ(stops_on_eval_split(load_job_config(dir.file("c.ini"))), "");
+  const std::string said = stops_on_eval_split(load_job_config(
+      dir.file("c.ini"), {"task.fine.early_stop_patience=2", "task.coarse.early_stop_patience=1"}));
+  for (const char* part : {"tasks 'coarse', 'fine'", "(train.eval_split = test;", "lean optimistic",
+                           "train.validation_fraction = 0.1"})
+    EXPECT_NE(said.find(part), std::string::npos) << part << " in: " << said;
+  // Chosen on a validation split instead: nothing to say.
+  EXPECT_EQ(stops_on_eval_split(load_job_config(
+                dir.file("c.ini"), {"task.fine.early_stop_patience=2", "train.validation_fraction=0.2"})),
+            "");
+}
+
 TEST(Config, RangesComeFromTheKeyTable) {
   testing::TempDir dir;
   write_file_atomic(dir.file("c.ini"), kConfig);

@@ -130,6 +130,19 @@ def main():
     check(r.returncode == 0 and on_eval.get("rows") == TEST and on_eval.get("eval_split") == "test" and
           all(heads_a[t]["intervals"]["accuracy"] == cards[t]["eval_intervals"]["accuracy"] for t in ("cls", "mlp")),
           "canopy compare without --input: the eval split, run A's intervals the cards'")
+    check("stop early" not in r.stderr, "no head stops early: nothing said of the eval split's rows")
+    r = subprocess.run([canopy, "compare", f"{work}/frozen", f"{work}/top", "--set", "task.mlp.early_stop_patience=2",
+                        "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0 and "canopy compare: runs A, B: task 'mlp' stops early by its score on the eval split"
+          in r.stderr and "lean optimistic" in r.stderr, f"heads that stop early on the eval split, compared on it: "
+          f"said, naming the runs ({r.stderr.strip()[-300:]})")
+    r = subprocess.run([canopy, "evaluate", "--config", frozen, "--set", "task.mlp.early_stop_patience=2",
+                        "--progress", "quiet"], capture_output=True, text=True)
+    said = "canopy evaluate: task 'mlp' stops early by its score on the eval split (train.eval_split = test;"
+    check(r.returncode == 0 and said in r.stderr, f"and by evaluate ({r.stderr.strip()[-300:]})")
+    r = subprocess.run([canopy, "evaluate", "--config", frozen, "--set", "task.mlp.early_stop_patience=2", "--input",
+                        IMAGES, "--limit", "50", "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0 and "stop early" not in r.stderr, "not on other rows (--input)")
     r = subprocess.run([canopy, "compare", f"{work}/frozen", f"{work}/top", "--labels", IMAGES], capture_output=True,
                        text=True)
     check(r.returncode == 2 and "without --input" in r.stderr, f"--labels without --input: exit 2 ({r.stderr.strip()})")

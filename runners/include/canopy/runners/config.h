@@ -173,6 +173,10 @@ bool is_top_key(const std::string& full_name);
 std::vector<std::string> task_keys_unused(const JobConfig& config);
 // Whether heads are chosen on a validation split (train.validation_fraction > 0).
 inline bool has_validation(const TrainConfig& t) { return t.validation_fraction > 0; }
+// Where heads stop early (early_stop_patience) without a validation split, the epoch they stop
+// at is chosen on train.eval_split, so their numbers on it lean optimistic: the line that says
+// so, naming those tasks; "" when there are none.
+std::string stops_on_eval_split(const JobConfig& config);
 // Whether each head exports its best epoch on the validation split (train.export resolved).
 inline bool exports_best(const TrainConfig& t) {
   return t.export_mode == ExportMode::kBest || (t.export_mode == ExportMode::kAuto && has_validation(t));
