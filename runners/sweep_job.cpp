@@ -611,9 +611,20 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
       throw Stopped(stop_signal(), detail::str_cat("stopped by ", signal_name(stop_signal()), " before ",
                                                    which, "; run the same command to go on"));
     }
-    if (!ready.count(run.config.cache.path)) {
+    const std::string& cache = run.config.cache.path;
+    if (plan.links.count(cache) && !holds_cache(cache, plan.fingerprints.at(cache), true)) {
+      // The cache it links to changed under the sweep (rebuilt from other inputs, removed): the
+      // run must not rebuild it there, in its owner's place; the sweep builds its own.
+      log << "canopy sweep: " << cache << " -> " << plan.links.at(cache)
+          << ": that cache no longer holds these features complete; the link goes, the sweep builds its "
+             "own\n";
+      remove_symlink(cache);
+      plan.links.erase(cache);
+      ready.erase(cache);
+    }
+    if (!ready.count(cache)) {
       build_cache(plan, run, which, program, progress, log);
-      ready.insert(run.config.cache.path);
+      ready.insert(cache);
     }
     const char* doing = run.action == SweepAction::kTrain    ? "training"
                         : run.action == SweepAction::kResume ? "resuming from its checkpoint"

@@ -266,6 +266,23 @@ lr = 0.01
           f"the config's cache removed: the link goes, the sweep builds the cache and trains on "
           f"({r.stderr.strip()[-300:]})")
 
+    # The linked cache changes while the sweep runs: the next run does not rebuild it in its owner's place.
+    subprocess.run([canopy, "cache", "--config", config, "--progress", "quiet"], check=True, capture_output=True)
+    moving = subprocess.Popen([canopy, "sweep", "--config", config, "--vary", "train.epochs=30,31", "--out",
+                               f"{work}/moving", "--progress", "quiet"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = f"{work}/moving/epochs-30-s0/checkpoint/state.json"
+    deadline = time.time() + 120 * slowdown()
+    while time.time() < deadline and moving.poll() is None and not os.path.exists(state):
+        time.sleep(0.02)
+    os.remove(f"{own}/manifest.json")  # as a rebuild from other inputs begins
+    _, moved_err = moving.communicate(timeout=600 * slowdown())
+    frozen_cache = os.listdir(f"{work}/moving/caches")
+    check(moving.returncode == 0 and "that cache no longer holds these features complete; the link goes" in moved_err
+          and len(frozen_cache) == 1 and not os.path.islink(f"{work}/moving/caches/{frozen_cache[0]}") and
+          not os.path.exists(f"{own}/manifest.json"), f"a linked cache changed under the sweep: the link goes, the "
+          f"sweep builds its own, the owner's folder untouched ({moved_err.strip()[-400:]})")
+
     # Another trunk file at the same path: the runs read other features now, and say so.
     import torch
     torch.manual_seed(1)
