@@ -671,6 +671,53 @@ std::string this_program() {
   return path;
 }
 
+namespace {
+
+// What each setting costs, beside what it scores, from a sweep's record (sweep.json): its mean
+// training time per run against the first setting's (earlier sweeps' included), then each cache,
+// the settings reading it and its build time (or where it is read).
+std::string cost_lines(const nlohmann::ordered_json& record) {
+  const auto settings = record.value("settings", std::vector<std::string>{});
+  std::map<std::string, std::pair<double, int>> timed;      // setting -> seconds, runs
+  std::map<std::string, std::vector<std::string>> readers;  // cache -> its settings, in order
+  for (const auto& r : record.value("runs", nlohmann::ordered_json::array())) {
+    const std::string setting = r.value("setting", "");
+    auto& rs = readers[r.value("cache", "")];
+    if (std::find(rs.begin(), rs.end(), setting) == rs.end()) rs.push_back(setting);
+    if (const double t = r.value("train_seconds", 0.0); t > 0) {
+      timed[setting].first += t;
+      ++timed[setting].second;
+    }
+  }
+  std::ostringstream o;
+  std::vector<std::string> per_setting;
+  const auto mean = [&](const std::string& s) { return timed.at(s).first / timed.at(s).second; };
+  for (const auto& s : settings) {
+    if (!timed.count(s)) continue;
+    std::string cost = s + ": " + format_duration(mean(s));
+    if (s != settings.front() && timed.count(settings.front())) {
+      char ratio[32];
+      std::snprintf(ratio, sizeof ratio, " (%.1fx)", mean(s) / mean(settings.front()));
+      cost += ratio;
+    }
+    per_setting.push_back(cost);
+  }
+  if (!per_setting.empty()) o << "training time per run, mean: " << join(per_setting, "; ") << "\n";
+  const auto links = record.value("links", std::map<std::string, std::string>{});
+  const auto built = record.value("cache_seconds", std::map<std::string, double>{});
+  std::vector<std::string> caches;
+  for (const auto& cache : record.value("caches", std::vector<std::string>{})) {
+    const std::string how = links.count(cache)   ? "read where it is (" + links.at(cache) + ")"
+                            : built.count(cache) ? "built in " + format_duration(built.at(cache))
+                                                 : "there before";
+    caches.push_back(join(readers[cache], " and ") + ": " + how);
+  }
+  if (!caches.empty()) o << "caches: " << join(caches, "; ") << "\n";
+  return o.str();
+}
+
+}  // namespace
+
 std::string format_sweep(const SweepPlan& plan) {
   // What was done with each run, from its action and its exit status.
   const auto done = [](const SweepRun& r) -> std::string {
@@ -699,45 +746,7 @@ std::string format_sweep(const SweepPlan& plan) {
                     done(r), r.exit_code >= 0 ? format_duration(r.seconds) : "-"});
   }
   o << aligned_columns(rows);
-  // What each setting costs to train, beside what it scores.
-  std::vector<double> sum(plan.settings.size(), 0.0);
-  std::vector<int> timed(plan.settings.size(), 0);
-  for (const auto& r : plan.runs) {
-    if (r.train_seconds() <= 0) continue;
-    sum[r.setting] += r.train_seconds();
-    ++timed[r.setting];
-  }
-  std::vector<std::string> per_setting;
-  for (std::size_t s = 0; s < plan.settings.size(); ++s) {
-    if (timed[s] == 0) continue;
-    std::string cost = plan.settings[s] + ": " + format_duration(sum[s] / timed[s]);
-    if (s > 0 && timed[0] > 0) {
-      char ratio[32];
-      std::snprintf(ratio, sizeof ratio, " (%.1fx)", (sum[s] / timed[s]) / (sum[0] / timed[0]));
-      cost += ratio;
-    }
-    per_setting.push_back(cost);
-  }
-  if (!per_setting.empty()) o << "training time per run, mean: " << join(per_setting, "; ") << "\n";
-  // And what its features cost once: each cache, the settings reading it, how it came to be.
-  std::vector<std::string> caches;
-  for (const auto& cache : plan.caches) {
-    std::vector<std::string> settings;
-    for (const auto& r : plan.runs)
-      if (r.config.cache.path == cache &&
-          std::find(settings.begin(), settings.end(), plan.settings[r.setting]) == settings.end())
-        settings.push_back(plan.settings[r.setting]);
-    std::string how = "there before";
-    if (plan.links.count(cache))
-      how = "read where it is (" + plan.links.at(cache) + ")";
-    else if (plan.built_now.count(cache) || plan.built_before.count(cache))
-      how = "built in " +
-            format_duration((plan.built_now.count(cache) ? plan.built_now.at(cache) : 0.0) +
-                            (plan.built_before.count(cache) ? plan.built_before.at(cache) : 0.0)) +
-            (plan.built_now.count(cache) ? "" : " (before)");
-    caches.push_back(join(settings, " and ") + ": " + how);
-  }
-  o << "caches: " << join(caches, "; ") << "\n";
+  o << cost_lines(nlohmann::ordered_json::parse(sweep_json(plan)));
   return o.str();
 }
 
@@ -863,6 +872,10 @@ std::string inspect_sweep(const std::string& dir, bool json, bool* ok) {
                     run.value("status", "")});
   std::istringstream table(aligned_columns(rows));
   for (std::string line; std::getline(table, line);) o << "  " << line << "\n";
+  std::istringstream costs(cost_lines(sweep));
+  bool first = true;
+  for (std::string line; std::getline(costs, line); first = false)
+    o << (first ? "  cost        " : "              ") << line << "\n";
   if (sweep.contains("compare") && sweep["compare"].contains("against_A")) {
     const auto& c = sweep["compare"];
     const std::string on = c.value("input", "").empty() ? "the eval split (" + c.value("eval_split", "") + ")"

@@ -118,6 +118,8 @@ lr = 0.01
           "each run's end says how long the runs left will take")
     r = subprocess.run([canopy, "inspect", out], capture_output=True, text=True)
     check(r.returncode == 0 and "B (trunk.freeze = first:2) against A (trunk.freeze = all): better on" in r.stdout
+          and "  cost        training time per run, mean: trunk.freeze = all: " in r.stdout and
+          "              caches: trunk.freeze = all: built in " in r.stdout
           and "go on" not in r.stdout,
           f"canopy inspect of the finished sweep has the comparison's tally:\n{r.stdout}")
 
