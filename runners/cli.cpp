@@ -463,8 +463,8 @@ void sweep_options(po::options_description& d, po::positional_options_descriptio
                      "distinct features), logs/, sweep.json, compare.json")(
       "dry-run", "print the runs, their out_dirs and caches, and what each would do; run nothing")(
       "cache-from", po::value<std::vector<std::string>>()->value_name("DIR"),
-      "a feature cache to read where it is (linked, not built again) for the settings whose features it "
-      "holds, as the config's own cache.path is; repeatable")(
+      "a feature cache, or an earlier sweep's folder (its caches), to read where it is (linked, not built "
+      "again) for the settings whose features it holds, as the config's own cache.path is; repeatable")(
       "run-with", po::value<std::string>()->value_name("COMMAND"),
       "start each run under this command (split at spaces), e.g. --run-with 'mpirun -np 4 --hostfile "
       "hosts': each run then spreads its work over the launch's ranks")(

@@ -399,10 +399,23 @@ SweepPlan plan_sweep(const SweepOptions& options) {
   const JobConfig base = load_job_config(options.config, options.overrides);
   // Caches that may hold a setting's features already: the config's own, then --cache-from's.
   std::vector<std::string> existing{base.cache.path};
+  std::map<std::string, std::vector<std::string>> given;  // each --cache-from -> the caches it names
   for (const auto& dir : options.cache_from) {
-    CANOPY_CHECK(is_regular_file(datasets::manifest_path(dir)), ConfigError, "canopy sweep: --cache-from '",
-                 dir, "' is not a feature cache (no ", datasets::manifest_path(dir), ")");
-    existing.push_back(dir);
+    auto& caches = given[dir];
+    if (is_sweep_dir(dir)) {  // an earlier sweep's folder: every cache it built or linked
+      const std::string folder = join_path(dir, "caches");
+      for (const auto& name : is_directory(folder) ? list_dir(folder) : std::vector<std::string>{})
+        if (is_regular_file(datasets::manifest_path(join_path(folder, name))))
+          caches.push_back(join_path(folder, name));
+      CANOPY_CHECK(!caches.empty(), ConfigError, "canopy sweep: --cache-from '", dir,
+                   "' is a sweep's folder with no cache in it yet");
+    } else {
+      CANOPY_CHECK(is_regular_file(datasets::manifest_path(dir)), ConfigError, "canopy sweep: --cache-from '",
+                   dir, "' is neither a feature cache nor a sweep's folder (no ",
+                   datasets::manifest_path(dir), ")");
+      caches.push_back(dir);
+    }
+    existing.insert(existing.end(), caches.begin(), caches.end());
   }
   std::vector<std::int64_t> seeds = options.seeds;
   if (seeds.empty()) seeds.push_back(base.train.seed);
@@ -462,9 +475,16 @@ SweepPlan plan_sweep(const SweepOptions& options) {
     }
   }
   for (const auto& dir : options.cache_from) {  // named, and read by none: say so, and why
-    const std::string target = real_path(dir);
-    if (std::any_of(plan.links.begin(), plan.links.end(), [&](const auto& l) { return l.second == target; }))
+    const auto read = [&](const std::string& cache) {
+      const std::string target = real_path(cache);
+      return std::any_of(plan.links.begin(), plan.links.end(),
+                         [&](const auto& l) { return l.second == target; });
+    };
+    if (std::any_of(given.at(dir).begin(), given.at(dir).end(), read)) continue;
+    if (is_sweep_dir(dir)) {
+      plan.unread.push_back(dir + ": not read; none of its caches holds these settings' features");
       continue;
+    }
     std::string why = "it holds none of these settings' features";
     try {
       const datasets::Manifest m = datasets::read_manifest(dir);

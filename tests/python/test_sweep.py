@@ -252,13 +252,18 @@ lr = 0.01
     check(r.returncode == 0 and "2 caches (2 read where they are)" in r.stdout and
           f"-> {os.path.realpath(tuned[0])}: " in r.stdout, f"--cache-from: a cache of another sweep read where it "
           f"is too:\n{r.stdout}{r.stderr.strip()[-300:]}")
+    r = subprocess.run(linked[:-4] + ["--out", f"{work}/from", "--cache-from", out, "--dry-run"], capture_output=True,
+                       text=True)
+    check(r.returncode == 0 and "2 caches (2 read where they are)" in r.stdout and
+          f"-> {os.path.realpath(tuned[0])}: " in r.stdout, f"--cache-from an earlier sweep's folder: its caches "
+          f"read where they are:\n{r.stdout}{r.stderr.strip()[-300:]}")
     r = subprocess.run([canopy, "sweep", "--config", config, "--vary", "trunk.freeze=first:1,first:2", "--out",
                         f"{work}/from", "--cache-from", own, "--dry-run"], capture_output=True, text=True)
     check(r.returncode == 0 and f"--cache-from {own}: not read; it holds none of these settings' features "
           "(against the first setting's: freeze" in r.stdout, f"a --cache-from of other features: said, with what "
           f"differs:\n{r.stdout}")
     r = subprocess.run(linked + ["--cache-from", work, "--dry-run"], capture_output=True, text=True)
-    check(r.returncode == 2 and f"--cache-from '{work}' is not a feature cache" in r.stderr,
+    check(r.returncode == 2 and f"--cache-from '{work}' is neither a feature cache nor a sweep's folder" in r.stderr,
           f"a --cache-from that is no cache: exit 2 ({r.stderr.strip()[-200:]})")
     shutil.rmtree(own)
     r = subprocess.run(linked + ["--set", "train.epochs=2"], capture_output=True, text=True)
