@@ -351,12 +351,61 @@ bool holds_cache(const std::string& dir, const std::string& fingerprint, bool co
   }
 }
 
+// A cache a setting's runs may read where it is: how it was named (the config's cache.path, or
+// the --cache-from that named it), where it is, and what it holds, read once for the plan.
+struct Candidate {
+  std::string named;
+  std::string target;  // real_path
+  std::string fingerprint, description;
+  bool complete = false;  // and its files as its manifest records
+  std::string problem;    // why its manifest cannot be read
+};
+
+Candidate read_candidate(const std::string& named, const std::string& cache) {
+  Candidate c;
+  c.named = named;
+  c.target = real_path(cache);
+  try {
+    const datasets::Manifest m = datasets::read_manifest(cache);
+    c.fingerprint = m.meta.fingerprint;
+    c.description = m.meta.description;
+    c.complete = m.complete && datasets::files_out_of_step(cache, m).empty();
+  } catch (const DataError& e) {
+    c.problem = e.what();
+  }
+  return c;
+}
+
+// The caches that may hold a setting's features already: the config's own (`own`, when there
+// is one), then each --cache-from's: a cache, or every cache in an earlier sweep's folder
+// (ConfigError for anything else).
+std::vector<Candidate> candidate_caches(const SweepOptions& options, const std::string& own) {
+  std::vector<Candidate> out;
+  if (is_regular_file(datasets::manifest_path(own))) out.push_back(read_candidate(own, own));
+  for (const auto& dir : options.cache_from) {
+    if (!is_sweep_dir(dir)) {
+      CANOPY_CHECK(is_regular_file(datasets::manifest_path(dir)), ConfigError, "canopy sweep: --cache-from '",
+                   dir, "' is neither a feature cache nor a sweep's folder (no ",
+                   datasets::manifest_path(dir), ")");
+      out.push_back(read_candidate(dir, dir));
+      continue;
+    }
+    const std::string folder = join_path(dir, "caches");  // every cache it built or linked
+    const std::size_t before = out.size();
+    for (const auto& name : is_directory(folder) ? list_dir(folder) : std::vector<std::string>{})
+      if (is_regular_file(datasets::manifest_path(join_path(folder, name))))
+        out.push_back(read_candidate(dir, join_path(folder, name)));
+    CANOPY_CHECK(out.size() > before, ConfigError, "canopy sweep: --cache-from '", dir,
+                 "' is a sweep's folder with no cache in it yet");
+  }
+  return out;
+}
+
 // Where a setting's runs read their features. They build `cache` (under <out>/caches) unless
-// the same features are cached already: there, through a link an earlier sweep made, or in one
-// of the `existing` caches (the config's own cache.path, then --cache-from's), which the sweep
-// then links to rather than computing them again.
+// the same features are cached already: there, through a link an earlier sweep made, or in a
+// complete candidate, which the sweep then links to rather than computing them again.
 void place_cache(SweepPlan& plan, const std::string& cache, const std::string& fingerprint,
-                 const std::vector<std::string>& existing) {
+                 const std::vector<Candidate>& candidates) {
   if (is_symlink(cache)) {
     const std::string target = real_path(cache);
     if (!target.empty() && holds_cache(target, fingerprint, false)) {
@@ -367,13 +416,101 @@ void place_cache(SweepPlan& plan, const std::string& cache, const std::string& f
   } else if (path_exists(cache)) {
     return;  // the sweep's own
   }
-  for (const std::string& candidate : existing) {
-    const std::string target = real_path(candidate);
-    if (!target.empty() && target != real_path(cache) && holds_cache(target, fingerprint, true)) {
-      plan.links[cache] = target;
+  for (const Candidate& c : candidates) {
+    if (c.complete && c.fingerprint == fingerprint && !c.target.empty() && c.target != real_path(cache)) {
+      plan.links[cache] = c.target;
       return;
     }
   }
+}
+
+// Each --cache-from no setting reads, and why: a line each for plan.unread.
+std::vector<std::string> unread_caches(const SweepPlan& plan, const std::vector<Candidate>& candidates,
+                                       const std::string& first_description) {
+  std::vector<std::string> out;
+  for (const auto& dir : plan.options.cache_from) {
+    std::vector<const Candidate*> named;
+    for (const Candidate& c : candidates)
+      if (c.named == dir) named.push_back(&c);
+    const bool read = std::any_of(named.begin(), named.end(), [&](const Candidate* c) {
+      return std::any_of(plan.links.begin(), plan.links.end(),
+                         [&](const auto& l) { return l.second == c->target; });
+    });
+    if (read) continue;
+    std::string why = "it holds none of these settings' features", own;
+    for (const Candidate* c : named)  // the same features as a cache the sweep has of its own
+      for (const auto& [cache, fingerprint] : plan.fingerprints)
+        if (own.empty() && c->fingerprint == fingerprint) own = cache;
+    if (!own.empty()) {
+      why = "the sweep's own " + own + " holds the same features already";
+    } else if (is_sweep_dir(dir)) {
+      why = "none of its caches holds these settings' features";
+    } else if (const Candidate& c = *named.front(); !c.problem.empty()) {
+      why = c.problem;
+    } else if (!c.complete) {
+      why = "it is unfinished (canopy cache with its config completes it)";
+    } else if (const auto changes = describe_changes(c.description, first_description); !changes.empty()) {
+      why += " (against the first setting's: " + join(changes, "; ") + ")";
+    }
+    out.push_back(dir + ": not read; " + why);
+  }
+  return out;
+}
+
+// Each setting's folder name: each varied key's last part and its value ("freeze-first_13"),
+// cut to "setting<N>" when long, numbered when two would be alike.
+std::vector<std::string> folder_names(const SweepOptions& options,
+                                      const std::vector<std::vector<std::size_t>>& combos) {
+  std::vector<std::string> names;
+  for (const auto& combo : combos) {
+    std::vector<std::string> named;
+    for (std::size_t k = 0; k < combo.size(); ++k) {
+      const auto& [key, values] = options.vary[k];
+      named.push_back(name_part(key.substr(key.rfind('.') + 1)) + "-" + name_part(values[combo[k]]));
+    }
+    names.push_back(join(named, "_"));
+  }
+  for (std::size_t s = 0; s < names.size(); ++s)  // a folder name stays well within NAME_MAX
+    if (names[s].size() > 100) names[s] = "setting" + std::to_string(s + 1);
+  const std::set<std::string> distinct(names.begin(), names.end());
+  if (distinct.size() != names.size())  // values that differ only in characters a name leaves out
+    for (std::size_t s = 0; s < names.size(); ++s) names[s] = std::to_string(s + 1) + "_" + names[s];
+  return names;
+}
+
+// A setting as said: "trunk.freeze = first:13, trunk.schedule = gradual".
+std::string setting_said(const SweepOptions& options, const std::vector<std::size_t>& combo) {
+  std::vector<std::string> said;
+  for (std::size_t k = 0; k < combo.size(); ++k)
+    said.push_back(options.vary[k].first + " = " + options.vary[k].second[combo[k]]);
+  return join(said, ", ");
+}
+
+// Said before the runs when every key varied is a task's: a grid trains those in one run.
+std::string grid_hint(const SweepOptions& options) {
+  const auto task_key = [](const auto& v) { return v.first.rfind("task.", 0) == 0; };
+  if (!std::all_of(options.vary.begin(), options.vary.end(), task_key)) return "";
+  const auto& [key, values] = options.vary.front();
+  return detail::str_cat("every key varied is a task's: a grid in the config (", key, " = ",
+                         join(values, values.front().find(',') == std::string::npos ? ", " : " | "),
+                         ") trains those heads in one run, each batch of features read once for all of "
+                         "them (docs/training.md, Grids of heads)");
+}
+
+// One run of setting `s` and `seed`, its configuration resolved; its cache placed by the caller.
+SweepRun plan_run(const SweepOptions& options, std::size_t s, const std::vector<std::size_t>& combo,
+                  std::int64_t seed, const std::string& name) {
+  SweepRun run;
+  run.setting = s;
+  run.name = name + "-s" + std::to_string(seed);
+  run.overrides = options.overrides;
+  for (std::size_t k = 0; k < combo.size(); ++k)
+    run.overrides.push_back(options.vary[k].first + "=" + options.vary[k].second[combo[k]]);
+  run.overrides.push_back("train.seed=" + std::to_string(seed));
+  run.overrides.push_back("train.out_dir=" + join_path(options.out, run.name));
+  run.config = load_job_config(options.config, run.overrides);
+  run.log = join_path(join_path(options.out, "logs"), run.name + ".log");
+  return run;
 }
 
 }  // namespace
@@ -397,58 +534,16 @@ SweepPlan plan_sweep(const SweepOptions& options) {
   const std::map<std::string, double> earlier = earlier_train_seconds(options.out);
   const std::map<std::string, double> built_before = earlier_cache_seconds(options.out);
   const JobConfig base = load_job_config(options.config, options.overrides);
-  // Caches that may hold a setting's features already: the config's own, then --cache-from's.
-  std::vector<std::string> existing{base.cache.path};
-  std::map<std::string, std::vector<std::string>> given;  // each --cache-from -> the caches it names
-  for (const auto& dir : options.cache_from) {
-    auto& caches = given[dir];
-    if (is_sweep_dir(dir)) {  // an earlier sweep's folder: every cache it built or linked
-      const std::string folder = join_path(dir, "caches");
-      for (const auto& name : is_directory(folder) ? list_dir(folder) : std::vector<std::string>{})
-        if (is_regular_file(datasets::manifest_path(join_path(folder, name))))
-          caches.push_back(join_path(folder, name));
-      CANOPY_CHECK(!caches.empty(), ConfigError, "canopy sweep: --cache-from '", dir,
-                   "' is a sweep's folder with no cache in it yet");
-    } else {
-      CANOPY_CHECK(is_regular_file(datasets::manifest_path(dir)), ConfigError, "canopy sweep: --cache-from '",
-                   dir, "' is neither a feature cache nor a sweep's folder (no ",
-                   datasets::manifest_path(dir), ")");
-      caches.push_back(dir);
-    }
-    existing.insert(existing.end(), caches.begin(), caches.end());
-  }
+  const std::vector<Candidate> candidates = candidate_caches(options, base.cache.path);
   std::vector<std::int64_t> seeds = options.seeds;
   if (seeds.empty()) seeds.push_back(base.train.seed);
-  // A setting's folder name: each varied key's last part and its value.
+  const std::vector<std::string> names = folder_names(options, combos);
   std::string first_description;  // the first setting's features, to say how a --cache-from differs
-  std::vector<std::string> names;
-  for (const auto& combo : combos) {
-    std::vector<std::string> said, named;
-    for (std::size_t k = 0; k < combo.size(); ++k) {
-      const auto& [key, values] = options.vary[k];
-      said.push_back(key + " = " + values[combo[k]]);
-      named.push_back(name_part(key.substr(key.rfind('.') + 1)) + "-" + name_part(values[combo[k]]));
-    }
-    plan.settings.push_back(join(said, ", "));
-    names.push_back(join(named, "_"));
-  }
-  for (std::size_t s = 0; s < names.size(); ++s)  // a folder name stays well within NAME_MAX
-    if (names[s].size() > 100) names[s] = "setting" + std::to_string(s + 1);
-  const std::set<std::string> distinct(names.begin(), names.end());
-  if (distinct.size() != names.size())  // values that differ only in characters a name leaves out
-    for (std::size_t s = 0; s < names.size(); ++s) names[s] = std::to_string(s + 1) + "_" + names[s];
   for (std::size_t s = 0; s < combos.size(); ++s) {
+    plan.settings.push_back(setting_said(options, combos[s]));
     std::string cache;  // the setting's: neither the seed nor the out_dir changes the features
     for (const std::int64_t seed : seeds) {
-      SweepRun run;
-      run.setting = s;
-      run.name = names[s] + "-s" + std::to_string(seed);
-      run.overrides = options.overrides;
-      for (std::size_t k = 0; k < combos[s].size(); ++k)
-        run.overrides.push_back(options.vary[k].first + "=" + options.vary[k].second[combos[s][k]]);
-      run.overrides.push_back("train.seed=" + std::to_string(seed));
-      run.overrides.push_back("train.out_dir=" + join_path(options.out, run.name));
-      run.config = load_job_config(options.config, run.overrides);
+      SweepRun run = plan_run(options, s, combos[s], seed, names[s]);
       // Runs reading the same features share one cache: its folder is their fingerprint (which
       // hashes the trunk file and stamps every data file: once per setting).
       if (cache.empty()) {
@@ -459,53 +554,21 @@ SweepPlan plan_sweep(const SweepOptions& options) {
         if (std::find(plan.caches.begin(), plan.caches.end(), cache) == plan.caches.end()) {
           plan.caches.push_back(cache);
           plan.fingerprints[cache] = fingerprint;
-          place_cache(plan, cache, fingerprint, existing);
+          place_cache(plan, cache, fingerprint, candidates);
           if (built_before.count(cache) && !plan.links.count(cache))
             plan.built_before[cache] = built_before.at(cache);
         }
       }
       run.overrides.push_back("cache.path=" + cache);
       run.config.cache.path = cache;
-      run.log = join_path(join_path(options.out, "logs"), run.name + ".log");
       read_out_dir(run);
-      if (run.action != SweepAction::kTrain)
-        run.seconds_before =
-            earlier.count(run.config.train.out_dir) ? earlier.at(run.config.train.out_dir) : 0.0;
+      if (run.action != SweepAction::kTrain && earlier.count(run.config.train.out_dir))
+        run.seconds_before = earlier.at(run.config.train.out_dir);
       plan.runs.push_back(std::move(run));
     }
   }
-  for (const auto& dir : options.cache_from) {  // named, and read by none: say so, and why
-    const auto read = [&](const std::string& cache) {
-      const std::string target = real_path(cache);
-      return std::any_of(plan.links.begin(), plan.links.end(),
-                         [&](const auto& l) { return l.second == target; });
-    };
-    if (std::any_of(given.at(dir).begin(), given.at(dir).end(), read)) continue;
-    if (is_sweep_dir(dir)) {
-      plan.unread.push_back(dir + ": not read; none of its caches holds these settings' features");
-      continue;
-    }
-    std::string why = "it holds none of these settings' features";
-    try {
-      const datasets::Manifest m = datasets::read_manifest(dir);
-      if (!m.complete)
-        why = "it is unfinished (canopy cache with its config completes it)";
-      else if (const auto changes = describe_changes(m.meta.description, first_description); !changes.empty())
-        why += " (against the first setting's: " + join(changes, "; ") + ")";
-    } catch (const DataError& e) {
-      why = e.what();
-    }
-    plan.unread.push_back(dir + ": not read; " + why);
-  }
-  if (std::all_of(options.vary.begin(), options.vary.end(),
-                  [](const auto& v) { return v.first.rfind("task.", 0) == 0; })) {
-    const auto& [key, values] = options.vary.front();
-    plan.hint =
-        detail::str_cat("every key varied is a task's: a grid in the config (", key, " = ",
-                        join(values, values.front().find(',') == std::string::npos ? ", " : " | "),
-                        ") trains those heads in one run, each batch of features read once for all of "
-                        "them (docs/training.md, Grids of heads)");
-  }
+  plan.unread = unread_caches(plan, candidates, first_description);
+  plan.hint = grid_hint(options);
   check_trunks(plan);
   return plan;
 }
@@ -593,10 +656,9 @@ void build_cache(SweepPlan& plan, const SweepRun& run, const std::string& which,
   child_failed("building the cache " + cache + " for " + which, rc, cache_log);
 }
 
-}  // namespace
-
-void run_sweep(SweepPlan& plan, const std::string& program, const std::string& progress, std::ostream& log) {
-  make_dirs(join_path(plan.options.out, "logs"));
+// The plan's links under <out>/caches made, the stale ones removed; said on `log`. A file
+// system without links: the cache is built after all.
+void make_links(SweepPlan& plan, std::ostream& log) {
   for (const auto& link : plan.stale_links) remove_symlink(link);
   for (auto it = plan.links.begin(); it != plan.links.end();) {
     const auto& [cache, target] = *it;
@@ -614,6 +676,13 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
     }
   }
   log << format_links(plan);
+}
+
+}  // namespace
+
+void run_sweep(SweepPlan& plan, const std::string& program, const std::string& progress, std::ostream& log) {
+  make_dirs(join_path(plan.options.out, "logs"));
+  make_links(plan, log);
   const std::string record = join_path(plan.options.out, "sweep.json");
   write_file_atomic(record, sweep_json(plan));
   const std::size_t n = plan.runs.size();

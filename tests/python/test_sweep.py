@@ -262,6 +262,12 @@ lr = 0.01
     check(r.returncode == 0 and f"--cache-from {own}: not read; it holds none of these settings' features "
           "(against the first setting's: freeze" in r.stdout, f"a --cache-from of other features: said, with what "
           f"differs:\n{r.stdout}")
+    linked_tuned = [f"{work}/linked/caches/{c}" for c in os.listdir(f"{work}/linked/caches")
+                    if not os.path.islink(f"{work}/linked/caches/{c}")]
+    r = subprocess.run(more + ["--cache-from", linked_tuned[0], "--dry-run"], capture_output=True, text=True)
+    check(r.returncode == 0 and f"--cache-from {linked_tuned[0]}: not read; the sweep's own {out}/caches/" in r.stdout
+          and "holds the same features already" in r.stdout, f"a --cache-from of features the sweep has a cache of "
+          f"already: said so:\n{r.stdout[-400:]}{r.stderr.strip()[-300:]}")
     r = subprocess.run(linked + ["--cache-from", work, "--dry-run"], capture_output=True, text=True)
     check(r.returncode == 2 and f"--cache-from '{work}' is neither a feature cache nor a sweep's folder" in r.stderr,
           f"a --cache-from that is no cache: exit 2 ({r.stderr.strip()[-200:]})")
