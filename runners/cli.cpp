@@ -550,14 +550,14 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
   if (!vm.count("dry-run")) lock.emplace(options.out, DirLock::Mode::kWrite, "canopy sweep");
   const EvaluateOptions compared =  // its options checked before the plan reads every run
       labelled_inputs(vm, "sweep", load_job_config(options.config, options.overrides).data.source);
+  const std::string progress = vm["progress"].as<std::string>();
+  const ProgressStyle style = parse_progress(progress);  // before the plan loads every trunk
   SweepPlan plan = plan_sweep(options);
   if (!plan.hint.empty()) err << "canopy sweep: " << plan.hint << "\n";
   if (vm.count("dry-run")) {
     out << format_plan(plan);
     return kExitOk;
   }
-  const std::string progress = vm["progress"].as<std::string>();
-  const ProgressStyle style = parse_progress(progress);
   run_sweep(plan, this_program(), progress, err);
   out << format_sweep(plan);
   const bool failed = std::any_of(plan.runs.begin(), plan.runs.end(),
@@ -584,10 +584,11 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
                         " by the comparison; every run is kept: run the same command to compare them");
     }
   }();
-  out << "\n" << format_comparison(c);
+  const std::string compared_json = comparison_json(c);
+  out << "\n" << format_comparison(c) << "\n" << choice_lines(sweep_json(plan), compared_json);
   say_stops_on_eval_split(c, sweep_arms(plan), "sweep", err);
   const std::string path = join_path(options.out, "compare.json");
-  write_file_atomic(path, comparison_json(c));
+  write_file_atomic(path, compared_json);
   err << "canopy: wrote the comparison of " << c.runs.size() << " runs to " << path << "\n";
   return kExitOk;
 }

@@ -471,6 +471,8 @@ std::string task_table(const Comparison& c) {
     header.push_back(a.runs.size() > 1 ? a.label + " (mean of " + std::to_string(a.runs.size()) + ")"
                                        : a.label);
   for (std::size_t a = 1; a < c.arms.size(); ++a) header.push_back(c.arms[a].label + " - A");
+  const bool unbeaten_column = c.arms.size() >= 3;  // with two, "B - A" says it
+  if (unbeaten_column) header.push_back("unbeaten");
   rows.push_back(header);
   for (const auto& t : c.tasks) {
     if (std::none_of(t.versus.begin(), t.versus.end(), [](const auto& v) { return v.has_value(); })) continue;
@@ -485,6 +487,11 @@ std::string task_table(const Comparison& c) {
       }
       const PairedText said = paired_text(*t.versus[a]);
       row.push_back(said.difference + said.interval + (said.said.empty() ? "" : " (no difference shown)"));
+    }
+    if (unbeaten_column) {
+      std::vector<std::string> labels;
+      for (const std::size_t a : unbeaten_arms(t)) labels.push_back(c.arms[a].label);
+      row.push_back(join(labels, " "));
     }
     rows.push_back(std::move(row));
   }
@@ -505,6 +512,22 @@ std::string between_table(const Comparison& c) {
   }
   return "each arm (row) against each other (column): tasks better / worse / no difference shown\n" +
          aligned_columns(rows);
+}
+
+// On how many of the tasks compared each arm is unbeaten (no other arm shown better on it).
+std::string unbeaten_line(const Comparison& c) {
+  std::vector<int> unbeaten(c.arms.size(), 0);
+  int compared = 0;
+  for (const auto& t : c.tasks) {
+    if (std::none_of(t.versus.begin(), t.versus.end(), [](const auto& v) { return v.has_value(); })) continue;
+    ++compared;
+    for (const std::size_t a : unbeaten_arms(t)) ++unbeaten[a];
+  }
+  std::vector<std::string> said;
+  for (std::size_t a = 0; a < c.arms.size(); ++a)
+    said.push_back(c.arms[a].label + " on " + std::to_string(unbeaten[a]) +
+                   (a == 0 ? " of " + count_of(compared, "task") : ""));
+  return "unbeaten (no other arm shown better on the task): " + join(said, ", ") + "\n";
 }
 }  // namespace
 
@@ -534,7 +557,7 @@ std::string format_comparison(const Comparison& c) {
                          ", no difference shown on ", n.undecided, " of the ",
                          n.better + n.worse + n.undecided, " tasks compared\n");
   }
-  if (c.arms.size() >= 3) o += between_table(c);
+  if (c.arms.size() >= 3) o += between_table(c) + unbeaten_line(c);
   for (const auto& n : c.not_compared) o += "not compared: " + n + "\n";
   for (const auto& r : c.runs)
     for (const auto& n : r.evaluation.not_evaluated) o += "not evaluated (run " + r.label + "): " + n + "\n";
@@ -560,6 +583,23 @@ std::vector<std::vector<Tally>> tally_between(const Comparison& c) {
       }
     }
   }
+  return out;
+}
+
+std::vector<std::size_t> unbeaten_arms(const ComparedTask& t) {
+  std::vector<bool> beaten(t.score.size(), false);
+  for (std::size_t b = 1; b < t.between.size(); ++b) {
+    for (std::size_t a = 0; a < b && a < t.between[b].size(); ++a) {
+      if (!t.between[b][a]) continue;
+      Tally n;
+      count(*t.between[b][a], t.metric, n);
+      if (n.better > 0) beaten[a] = true;
+      if (n.worse > 0) beaten[b] = true;
+    }
+  }
+  std::vector<std::size_t> out;
+  for (std::size_t a = 0; a < t.score.size(); ++a)
+    if (t.score[a] && !beaten[a]) out.push_back(a);
   return out;
 }
 
@@ -609,7 +649,13 @@ std::string comparison_json(const Comparison& c) {
                                  {"interval", interval_pair(t.versus[a]->interval)},
                                  {"metrics", metrics}};
     }
-    ordered_json task{{"task", t.task}, {"metric", t.metric}, {"arms", per_arm}, {"versus_A", versus}};
+    ordered_json unbeaten = ordered_json::array();
+    for (const std::size_t a : unbeaten_arms(t)) unbeaten.push_back(c.arms[a].label);
+    ordered_json task{{"task", t.task},
+                      {"metric", t.metric},
+                      {"arms", per_arm},
+                      {"versus_A", versus},
+                      {"unbeaten", unbeaten}};
     if (c.arms.size() >= 3) {
       ordered_json pairs = ordered_json::object();
       for (std::size_t b = 2; b < t.between.size(); ++b)

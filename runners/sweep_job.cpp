@@ -31,6 +31,8 @@
 #include "canopy/runners/run_inspect.h"
 #include "canopy/runners/shared_top.h"
 #include "canopy/runners/train_job.h"
+#include "canopy/runners/train_report.h"
+#include "canopy/tasks/intervals.h"
 #include "canopy/trunk/trunk.h"
 
 namespace canopy::runners {
@@ -765,28 +767,37 @@ namespace {
 // What each setting costs, beside what it scores, from a sweep's record (sweep.json): its mean
 // training time per run against the first setting's (earlier sweeps' included), then each cache,
 // the settings reading it and its build time (or where it is read).
+// Each setting's mean training time per run, over its runs whose time is known.
+std::map<std::string, double> mean_train_seconds(const nlohmann::ordered_json& record) {
+  std::map<std::string, std::pair<double, int>> timed;  // setting -> seconds, runs
+  for (const auto& r : record.value("runs", nlohmann::ordered_json::array())) {
+    if (const double t = r.value("train_seconds", 0.0); t > 0) {
+      timed[r.value("setting", "")].first += t;
+      ++timed[r.value("setting", "")].second;
+    }
+  }
+  std::map<std::string, double> mean;
+  for (const auto& [setting, t] : timed) mean[setting] = t.first / t.second;
+  return mean;
+}
+
 std::string cost_lines(const nlohmann::ordered_json& record) {
   const auto settings = record.value("settings", std::vector<std::string>{});
-  std::map<std::string, std::pair<double, int>> timed;      // setting -> seconds, runs
   std::map<std::string, std::vector<std::string>> readers;  // cache -> its settings, in order
   for (const auto& r : record.value("runs", nlohmann::ordered_json::array())) {
     const std::string setting = r.value("setting", "");
     auto& rs = readers[r.value("cache", "")];
     if (std::find(rs.begin(), rs.end(), setting) == rs.end()) rs.push_back(setting);
-    if (const double t = r.value("train_seconds", 0.0); t > 0) {
-      timed[setting].first += t;
-      ++timed[setting].second;
-    }
   }
+  const auto mean = mean_train_seconds(record);
   std::ostringstream o;
   std::vector<std::string> per_setting;
-  const auto mean = [&](const std::string& s) { return timed.at(s).first / timed.at(s).second; };
   for (const auto& s : settings) {
-    if (!timed.count(s)) continue;
-    std::string cost = s + ": " + format_duration(mean(s));
-    if (s != settings.front() && timed.count(settings.front())) {
+    if (!mean.count(s)) continue;
+    std::string cost = s + ": " + format_duration(mean.at(s));
+    if (s != settings.front() && mean.count(settings.front())) {
       char ratio[32];
-      std::snprintf(ratio, sizeof ratio, " (%.1fx)", mean(s) / mean(settings.front()));
+      std::snprintf(ratio, sizeof ratio, " (%.1fx)", mean.at(s) / mean.at(settings.front()));
       cost += ratio;
     }
     per_setting.push_back(cost);
@@ -805,7 +816,197 @@ std::string cost_lines(const nlohmann::ordered_json& record) {
   return o.str();
 }
 
+// What a sweep's comparison suggests choosing, by cost: per task, the cheapest setting that no
+// other is shown better than on it (compare.json's "unbeaten"; cost: the setting's mean training
+// time per run, in the settings' order where a time is unknown), the cheapest such on every task,
+// and for each cheaper choice, the tasks some setting is shown better on, with the largest such
+// difference. {"cost", "settings": [{"arm", "setting", "seconds" (null: unknown)}], "per_task":
+// {task: arm}, "every_task": arm or null, "shown_worse": {arm: [{"task", "by", "metric",
+// "difference", "interval"}]}}; null when the comparison has no task's unbeaten arms.
+nlohmann::ordered_json sweep_choice(const nlohmann::ordered_json& record,
+                                    const nlohmann::ordered_json& compared) {
+  using nlohmann::ordered_json;
+  const auto settings = record.value("settings", std::vector<std::string>{});
+  const auto mean = mean_train_seconds(record);
+  const auto arm_of = [](std::size_t i) { return std::string(1, static_cast<char>('A' + i)); };
+  const auto index_of = [](const std::string& arm) { return static_cast<std::size_t>(arm.at(0) - 'A'); };
+  // Cheapest first: the settings with a known time by it, then the others in their order.
+  const auto cheaper = [&](const std::string& a, const std::string& b) {
+    const std::size_t i = index_of(a), j = index_of(b);
+    const bool ti = i < settings.size() && mean.count(settings[i]),
+               tj = j < settings.size() && mean.count(settings[j]);
+    if (ti != tj) return ti;
+    if (ti && mean.at(settings[i]) != mean.at(settings[j]))
+      return mean.at(settings[i]) < mean.at(settings[j]);
+    return i < j;
+  };
+  ordered_json per_task = ordered_json::object();
+  std::map<std::string, std::vector<std::string>> unbeaten;  // task -> its unbeaten arms
+  std::vector<std::string> candidates;                       // arms unbeaten on every task
+  bool first = true;
+  for (const auto& t : compared.value("tasks", ordered_json::array())) {
+    auto arms = t.value("unbeaten", std::vector<std::string>{});
+    if (arms.empty()) continue;
+    std::sort(arms.begin(), arms.end(), cheaper);
+    per_task[t.value("task", "")] = arms.front();
+    unbeaten[t.value("task", "")] = arms;
+    if (first) candidates = arms;
+    first = false;
+    candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
+                                    [&](const std::string& a) {
+                                      return std::find(arms.begin(), arms.end(), a) == arms.end();
+                                    }),
+                     candidates.end());
+  }
+  if (per_task.empty()) return nullptr;
+  std::sort(candidates.begin(), candidates.end(), cheaper);
+  const std::string every = candidates.empty() ? "" : candidates.front();
+  // arm b's difference from arm a on a task, from versus_A and between (either order).
+  const auto difference = [](const ordered_json& t, const std::string& b,
+                             const std::string& a) -> ordered_json {
+    const auto pair = [&](const std::string& hi, const std::string& lo) -> ordered_json {
+      if (lo == "A") return t.value("versus_A", ordered_json::object()).value(hi, ordered_json());
+      return t.value("between", ordered_json::object()).value(hi + " - " + lo, ordered_json());
+    };
+    if (b > a) return pair(b, a);
+    ordered_json d = pair(a, b);
+    if (d.is_null()) return d;
+    const double lo = d["interval"][0], hi = d["interval"][1];
+    return {{"difference", -d["difference"].get<double>()}, {"interval", {-hi, -lo}}};
+  };
+  ordered_json shown_worse = ordered_json::object();
+  std::set<std::string> chosen;
+  for (const auto& [task, arm] : per_task.items()) chosen.insert(arm.get<std::string>());
+  for (const auto& arm : chosen) {
+    if (arm == every) continue;
+    ordered_json lost = ordered_json::array();
+    for (const auto& t : compared.value("tasks", ordered_json::array())) {
+      const std::string task = t.value("task", "");
+      if (!unbeaten.count(task)) continue;
+      const auto& keep = unbeaten.at(task);
+      if (std::find(keep.begin(), keep.end(), arm) != keep.end()) continue;
+      // The largest difference on the better side among the settings shown better on this task.
+      const std::string metric = t.value("metric", "");
+      const double sign = tasks::lower_is_better(metric) ? -1.0 : 1.0;
+      ordered_json best;
+      std::string by;
+      for (std::size_t i = 0; i < settings.size(); ++i) {
+        const ordered_json d = difference(t, arm_of(i), arm);
+        if (d.is_null()) continue;
+        const double lo = sign * d["interval"][0].get<double>(), hi = sign * d["interval"][1].get<double>();
+        if (std::min(lo, hi) <= 0) continue;
+        if (best.is_null() ||
+            sign * d["difference"].get<double>() > sign * best["difference"].get<double>()) {
+          best = d;
+          by = arm_of(i);
+        }
+      }
+      if (best.is_null()) continue;
+      lost.push_back({{"task", task},
+                      {"by", by},
+                      {"metric", metric},
+                      {"difference", best["difference"]},
+                      {"interval", best["interval"]}});
+    }
+    shown_worse[arm] = lost;
+  }
+  ordered_json listed = ordered_json::array();
+  for (std::size_t i = 0; i < settings.size(); ++i)
+    listed.push_back(
+        {{"arm", arm_of(i)},
+         {"setting", settings[i]},
+         {"seconds", mean.count(settings[i]) ? ordered_json(mean.at(settings[i])) : ordered_json()}});
+  return {{"cost", "training seconds per run, mean"},
+          {"settings", listed},
+          {"per_task", per_task},
+          {"every_task", every.empty() ? ordered_json() : ordered_json(every)},
+          {"shown_worse", shown_worse}};
+}
+
+// sweep_choice as lines: a line per setting chosen for some task (its cost and tasks), cheapest
+// first, the setting unbeaten on every task, and what each cheaper choice is shown worse on.
+std::string choice_text(const nlohmann::ordered_json& choice) {
+  using nlohmann::ordered_json;
+  if (choice.is_null()) return "";
+  std::map<std::string, std::vector<std::string>> tasks_of;  // arm -> the tasks it is chosen for
+  for (const auto& [task, arm] : choice["per_task"].items()) tasks_of[arm.get<std::string>()].push_back(task);
+  std::map<std::string, ordered_json> setting;  // arm -> its entry
+  for (const auto& s : choice["settings"]) setting[s.value("arm", "")] = s;
+  const auto time_of = [&](const std::string& arm) {
+    const auto& t = setting[arm]["seconds"];
+    return t.is_null() ? std::string("time unknown") : format_duration(t.get<double>());
+  };
+  const std::size_t n_tasks = choice["per_task"].size();
+  std::vector<std::string> arms;
+  for (const auto& [arm, listed] : tasks_of) arms.push_back(arm);
+  std::sort(arms.begin(), arms.end(), [&](const std::string& a, const std::string& b) {  // cheapest first
+    const auto &ta = setting[a]["seconds"], &tb = setting[b]["seconds"];
+    if (ta.is_null() != tb.is_null()) return tb.is_null();
+    return !ta.is_null() && ta.get<double>() != tb.get<double>() ? ta.get<double>() < tb.get<double>()
+                                                                 : a < b;
+  });
+  constexpr std::size_t kShown = 6;  // tasks named in a line, the rest counted
+  std::ostringstream o;
+  o << "choosing by cost (training time per run): per task, the cheapest setting no other is shown better "
+       "than on it\n";
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& arm : arms) {
+    auto listed = tasks_of[arm];
+    std::string said = listed.size() == n_tasks
+                           ? "every task (" + std::to_string(n_tasks) + ")"
+                           : count_of(static_cast<std::int64_t>(listed.size()), "task") + ": ";
+    if (listed.size() != n_tasks) {
+      const std::size_t more = listed.size() > kShown ? listed.size() - kShown : 0;
+      listed.resize(listed.size() - more);
+      said += join(listed, ", ") + (more ? ", " + std::to_string(more) + " more" : "");
+    }
+    rows.push_back({"  " + arm, setting[arm].value("setting", ""), time_of(arm), said});
+  }
+  o << aligned_columns(rows);
+  const std::string every = choice["every_task"].is_null() ? "" : choice["every_task"].get<std::string>();
+  if (every.empty())
+    o << "no setting is unbeaten on every task: which to choose depends on which tasks matter most\n";
+  else
+    o << "the cheapest setting unbeaten on every task: " << every << " ("
+      << setting[every].value("setting", "") << "), " << time_of(every) << " per run\n";
+  for (const auto& arm : arms) {
+    if (arm == every || !choice["shown_worse"].contains(arm)) continue;
+    const auto& worse = choice["shown_worse"][arm];
+    std::vector<std::string> lost;
+    for (const auto& w : worse) {
+      if (lost.size() == kShown / 2) {
+        lost.push_back(std::to_string(worse.size() - kShown / 2) + " more (canopy inspect --json)");
+        break;
+      }
+      Paired p;
+      p.metric = w.value("metric", "");
+      p.difference = w.value("difference", 0.0);
+      p.interval.lo = w["interval"][0];
+      p.interval.hi = w["interval"][1];
+      const PairedText said = paired_text(p);
+      lost.push_back(w.value("task", "") + " (" + w.value("by", "") + " - " + arm + " " + said.difference +
+                     said.interval + ")");
+    }
+    std::string cost;
+    const auto& mine = setting[arm]["seconds"];
+    if (!every.empty() && !mine.is_null() && !setting[every]["seconds"].is_null()) {
+      char ratio[64];
+      std::snprintf(ratio, sizeof ratio, ", at %.2fx %s's training time,",
+                    mine.get<double>() / setting[every]["seconds"].get<double>(), every.c_str());
+      cost = ratio;
+    }
+    o << arm << cost << " is shown worse on " << worse.size() << " of " << n_tasks
+      << " tasks: " << join(lost, "; ") << "\n";
+  }
+  return o.str();
+}
+
 }  // namespace
+
+std::string choice_lines(const std::string& sweep_record, const std::string& comparison) {
+  return choice_text(
+      sweep_choice(nlohmann::ordered_json::parse(sweep_record), nlohmann::ordered_json::parse(comparison)));
+}
 
 std::string format_sweep(const SweepPlan& plan) {
   // What was done with each run, from its action and its exit status.
@@ -919,6 +1120,7 @@ nlohmann::ordered_json sweep_status(const std::string& dir, bool& readable) {
                           {"rows", c.value("rows", 0)},
                           {"against_A", c.value("against_A", nlohmann::ordered_json::object())},
                           {"between", c.value("between", nlohmann::ordered_json::object())}};
+      sweep["choice"] = sweep_choice(sweep, c);
     } catch (const nlohmann::json::exception& e) {
       sweep["compare"] = {{"path", compare_path}, {"error", e.what()}};
     }
@@ -987,6 +1189,10 @@ std::string inspect_sweep(const std::string& dir, bool json, bool* ok) {
     for (const auto& [arm, row] : between.items())
       for (const auto& [other, t] : row.items())
         if (other != "A" && other < arm) against(arm, other, t);
+    std::istringstream choice(choice_text(sweep.value("choice", nlohmann::ordered_json())));
+    bool first_line = true;
+    for (std::string line; std::getline(choice, line); first_line = false)
+      o << (first_line ? "  choice      " : "              ") << line << "\n";
   }
   const bool unfinished = counts.size() != 1 || !counts.count("finished");
   const std::string command = sweep.value("command", "");

@@ -595,5 +595,56 @@ TEST(Sweep, RefusesWhatItPlacesRepeatsAndTooFewOrManySettings) {
   placed.overrides.push_back("cache.path=x");
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { plan_sweep(placed); }, {"--set cache.path=x"}));
 }
+// The sweep's choice: per task the cheapest setting no other is shown better than, the cheapest
+// unbeaten on every task, and what each cheaper choice is shown worse on (the largest difference
+// shown, read the other way round where only the reverse pair is recorded; lower is better for nll).
+TEST(Sweep, ChoosesTheCheapestUnbeatenSettingPerTaskAndOnEveryTask) {
+  const std::string record = R"({"settings": ["k = a", "k = b", "k = c"], "runs": [
+      {"setting": "k = a", "train_seconds": 1.0}, {"setting": "k = a", "train_seconds": 3.0},
+      {"setting": "k = b", "train_seconds": 10.0}, {"setting": "k = c", "train_seconds": 20.0}]})";
+  const std::string compared = R"({"tasks": [
+      {"task": "t1", "metric": "accuracy", "unbeaten": ["B", "C"],
+       "versus_A": {"B": {"difference": 0.03, "interval": [0.01, 0.05]},
+                    "C": {"difference": 0.04, "interval": [0.02, 0.06]}},
+       "between": {"C - B": {"difference": 0.01, "interval": [-0.01, 0.02]}}},
+      {"task": "t2", "metric": "accuracy", "unbeaten": ["C"],
+       "versus_A": {"B": {"difference": 0.01, "interval": [-0.005, 0.02]},
+                    "C": {"difference": 0.02, "interval": [0.01, 0.03]}},
+       "between": {"C - B": {"difference": 0.002, "interval": [0.001, 0.003]}}},
+      {"task": "t3", "metric": "nll", "unbeaten": ["A", "C"],
+       "versus_A": {"B": {"difference": 0.2, "interval": [0.1, 0.3]},
+                    "C": {"difference": 0.05, "interval": [-0.02, 0.1]}},
+       "between": {"C - B": {"difference": -0.15, "interval": [-0.25, -0.05]}}}]})";
+  const std::string said = choice_lines(record, compared);
+  for (const char* line : {"  A  k = a  2.0s   1 task: t3\n", "  B  k = b  10.0s  1 task: t1\n",
+                           "  C  k = c  20.0s  1 task: t2\n",
+                           "the cheapest setting unbeaten on every task: C (k = c), 20.0s per run\n",
+                           "A, at 0.10x C's training time, is shown worse on 2 of 3 tasks: t1 (C - A "
+                           "+4.00 points [+2.00, +6.00]); "
+                           "t2 (C - A +2.00 points [+1.00, +3.00])\n",
+                           "B, at 0.50x C's training time, is shown worse on 2 of 3 tasks: t2 (C - B "
+                           "+0.20 points [+0.10, +0.30]); "
+                           "t3 (A - B -0.2000 [-0.3000, -0.1000])\n"})
+    EXPECT_NE(said.find(line), std::string::npos) << "want: " << line << "in:\n" << said;
+
+  // No setting unbeaten on both tasks; a setting whose time is unknown comes after the timed ones.
+  const std::string untimed = R"({"settings": ["k = a", "k = b"], "runs": [
+      {"setting": "k = a", "train_seconds": 0}, {"setting": "k = b", "train_seconds": 5.0}]})";
+  const std::string split = R"({"tasks": [
+      {"task": "t1", "metric": "r2", "unbeaten": ["B"], "versus_A": {"B": {"difference": 0.2, "interval": [0.1, 0.3]}}},
+      {"task": "t2", "metric": "r2", "unbeaten": ["A"], "versus_A": {"B": {"difference": -0.1, "interval": [-0.2, -0.05]}}}]})";
+  const std::string other = choice_lines(untimed, split);
+  EXPECT_NE(other.find("  B  k = b  5.0s          1 task: t1\n  A  k = a  time unknown  1 task: t2\n"),
+            std::string::npos)
+      << other;
+  EXPECT_NE(other.find("no setting is unbeaten on every task"), std::string::npos) << other;
+  EXPECT_NE(other.find("B is shown worse on 1 of 2 tasks: t2 (A - B +0.1000 [+0.0500, +0.2000])"),
+            std::string::npos)
+      << other;
+  EXPECT_NE(other.find("A is shown worse on 1 of 2 tasks: t1 (B - A +0.2000 [+0.1000, +0.3000])"),
+            std::string::npos)
+      << other;
+  EXPECT_EQ(choice_lines(record, R"({"tasks": []})"), "") << "nothing compared, nothing chosen";
+}
 }  // namespace
 }  // namespace canopy::runners

@@ -94,7 +94,24 @@ def main():
     check(between.get("B", {}).get("A") == c["against_A"]["B"] and between.get("C", {}).get("B") == bc["against_A"]["B"]
           and between["A"]["B"] == swap(between["B"]["A"]) and between["B"]["C"] == swap(between["C"]["B"]),
           f"each arm's tally against each other: against A's, compare B C's, and swapped the other way: {between}")
+    # Each task's unbeaten arms: those no other arm's difference from them is clear of 0 on the
+    # better side (lower for nll/mae/rmse), from the task's own intervals.
+    def shown_better(t, hi, lo):  # is arm `hi` shown better than arm `lo` on task t?
+        def pair(b, a):
+            return t["versus_A"].get(b) if a == "A" else t.get("between", {}).get(f"{b} - {a}")
+        d, sign = pair(hi, lo), -1 if t["metric"] in ("nll", "mae", "rmse") else 1
+        if d is None:
+            d, sign = pair(lo, hi), -sign
+        return d is not None and min(sign * d["interval"][0], sign * d["interval"][1]) > 0
+    unbeaten = {t["task"]: t.get("unbeaten") for t in c.get("tasks", [])}
+    want = {t["task"]: [a for a in "ABC" if a in t["arms"] and not any(shown_better(t, o, a) for o in "ABC" if o != a)]
+            for t in c.get("tasks", [])}
+    check(unbeaten == want and any(len(u) < len(c["tasks"][0]["arms"]) for u in unbeaten.values()),
+          f"each task's unbeaten arms, from its intervals: {unbeaten} (want {want})")
     r = subprocess.run(base + ["--progress", "quiet"], capture_output=True, text=True)
+    counts = {a: sum(a in u for u in unbeaten.values()) for a in "ABC"}
+    check(f"unbeaten (no other arm shown better on the task): A on {counts['A']} of {len(unbeaten)} tasks, "
+          f"B on {counts['B']}, C on {counts['C']}" in r.stdout, f"the text report counts them: {r.stdout[-400:]}")
     n = between["C"]["B"]
     check(f"  C  {between['C']['A']['better']}/" in r.stdout and
           f"{n['better']}/{n['worse']}/{n['no_difference']}  -" in r.stdout,

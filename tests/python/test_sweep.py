@@ -122,6 +122,26 @@ lr = 0.01
           "              caches: trunk.freeze = all: built in " in r.stdout
           and "go on" not in r.stdout,
           f"canopy inspect of the finished sweep has the comparison's tally:\n{r.stdout}")
+    # What to choose: per task the cheapest setting no other is shown better than, by the mean
+    # training time per run in sweep.json, and the cheapest unbeaten on every task.
+    record = json.load(open(f"{out}/sweep.json"))
+    mean = {}
+    for x in record["runs"]:
+        mean.setdefault(x["setting"], []).append(x["train_seconds"])
+    cost = {chr(65 + i): sum(mean[s]) / len(mean[s]) for i, s in enumerate(record["settings"])}
+    unbeaten = {t["task"]: t["unbeaten"] for t in got["tasks"]}
+    cheapest = lambda arms: min(arms, key=lambda a: cost[a]) if arms else None
+    everywhere = cheapest([a for a in "AB" if all(a in u for u in unbeaten.values())])
+    shown = json.loads(subprocess.run([canopy, "inspect", out, "--json"], capture_output=True, text=True).stdout)
+    choice = shown.get("choice") or {}
+    check(choice.get("per_task") == {t: cheapest(u) for t, u in unbeaten.items()} and
+          choice.get("every_task") == everywhere,
+          f"the choice per task and on every task, from compare.json and sweep.json: {choice} {unbeaten} {cost}")
+    check("choosing by cost (training time per run)" in went_on.stdout and
+          "  choice      choosing by cost" in r.stdout and
+          (f"the cheapest setting unbeaten on every task: {everywhere} (" in r.stdout if everywhere else
+           "no setting is unbeaten on every task" in r.stdout),
+          f"the sweep and canopy inspect say what to choose:\n{went_on.stdout[-700:]}\n{r.stdout[-700:]}")
 
     # More epochs: every run trains on from its checkpoint.
     more = sweep + ["--set", "train.epochs=5"]
@@ -168,6 +188,9 @@ lr = 0.01
         base = sweep if "--seeds" not in args else [a for a in sweep if a not in ("--seeds", "0,1")]
         r = subprocess.run(base + args, capture_output=True, text=True)
         check(r.returncode == 2 and said in r.stderr, f"{' '.join(args)}: exit 2 ({r.stderr.strip()[-250:]})")
+    r = subprocess.run([a if a != "quiet" else "bogus" for a in sweep], capture_output=True, text=True)
+    check(r.returncode == 2 and "--progress: expected" in r.stderr and "[canopy] trunk:" not in r.stderr,
+          f"a bad --progress is refused before the plan loads any trunk ({r.stderr.strip()[-250:]})")
     r = subprocess.run([canopy, "sweep", "--config", config, "--vary", "task.cls.lr=0.01,0.003", "--out",
                         f"{work}/lr", "--dry-run"], capture_output=True, text=True)
     check(r.returncode == 0 and "a grid in the config (task.cls.lr = 0.01, 0.003)" in r.stderr and

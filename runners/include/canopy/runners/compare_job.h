@@ -125,11 +125,16 @@ std::string format_comparison(const Comparison& c);
 // {"B": {"difference", "interval", "metrics": {"accuracy": {"difference", "interval"}, ...}}}}],
 // "paired_by_seed", "against_A": {"B": {"better", "worse", "no_difference"}}, "between": {"B":
 // {"A": {"better", "worse", "no_difference"}, "C": {...}}, ...} (every arm against every other),
-// "not_compared", "seconds"}; with three arms or more each task also has "between": {"C - B":
-// {"difference", "interval"}, ...} for the pairs without A.
+// "not_compared", "seconds"}; each task has "unbeaten": [the labels of unbeaten_arms]; with three
+// arms or more each task also has "between": {"C - B": {"difference", "interval"}, ...} for the
+// pairs without A.
 std::string comparison_json(const Comparison& c);
 
 // [b][a]: arm b against arm a over the tasks compared, for every pair of arms (b != a).
 std::vector<std::vector<Tally>> tally_between(const Comparison& c);
+
+// The arms that score task `t` and that no other arm is shown better than on it (the
+// difference's interval clear of 0), in arm order: the arms a choice for this task alone keeps.
+std::vector<std::size_t> unbeaten_arms(const ComparedTask& t);
 
 }  // namespace canopy::runners

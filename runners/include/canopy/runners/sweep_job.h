@@ -114,6 +114,12 @@ std::string this_program();
 // The table of runs after run_sweep: setting, seed, out_dir, what was done, time; then each
 // setting's mean training time per run (earlier sweeps' included), against the first setting's.
 std::string format_sweep(const SweepPlan& plan);
+// What the sweep's comparison suggests choosing, from its record (sweep_json's text) and the
+// comparison's (comparison_json's): a line per setting that is, for some tasks, the cheapest
+// setting no other is shown better than on the task (cost: the setting's mean training time per
+// run), with those tasks; the cheapest setting unbeaten on every task (or that none is); and for
+// each cheaper choice the tasks it is shown worse on, each with the largest difference shown.
+std::string choice_lines(const std::string& sweep_record, const std::string& comparison);
 // {"command", "config", "out", "run_with", "vary": {key: [values]}, "seeds", "settings", "caches",
 // "links": {cache: the cache it links to}, "runs":
 // [{"setting", "seed", "out_dir", "cache", "log", "action", "exit_code", "seconds"}]}
@@ -123,11 +129,12 @@ std::string sweep_json(const SweepPlan& plan);
 bool is_sweep_dir(const std::string& dir);
 // `canopy inspect SWEEP_DIR`: the sweep's settings and each run's status now (finished, stopped,
 // running, not started), read from sweep.json and each out_dir as `canopy inspect` reads a run;
-// its caches, the comparison's tally when there is one, whether a sweep runs in it now, and the
-// command that goes on. With `json`, one object: sweep.json's with each run's "status" and
-// "status_text", "counts", "running" (the process sweeping there, or null) and "compare"
-// (compare.json's against_A, rows, input, eval_split) added. `ok` is set to whether every run
-// could be read.
+// its caches, the comparison's tally and what to choose (choice_lines) when there is one,
+// whether a sweep runs in it now, and the command that goes on. With `json`, one object:
+// sweep.json's with each run's "status" and "status_text", "counts", "running" (the process
+// sweeping there, or null), "compare" (compare.json's against_A, between, rows, input,
+// eval_split) and "choice" (what choice_lines says, as JSON) added once compare.json is there. `ok` is set to
+// whether every run could be read.
 std::string inspect_sweep(const std::string& dir, bool json, bool* ok = nullptr);
 
 // Each setting's runs, as `canopy compare` takes them: one arm per setting.
