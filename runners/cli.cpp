@@ -634,8 +634,8 @@ const std::vector<Command>& commands() {
       {"sweep",
        "canopy sweep --config FILE --vary KEY=V1,V2[,...] [--seeds S1,S2,...] --out DIR [--input FILE]",
        "train one run per setting of the keys varied and per seed (runs reading the same features share one "
-       "cache; a sweep run again goes on where it stopped), then compare the settings: how much to freeze, "
-       "which tap, which rate",
+       "cache; a sweep run again goes on where it stopped), then compare the settings and say the cheapest "
+       "unbeaten on each task: how much to freeze, which tap, which rate",
        sweep_options, run_sweep_command},
       {"export", "canopy export --config FILE --output FILE",
        "write the trained model (preprocessing, trunk, taps, pooling, every head) as one TorchScript file "
@@ -650,8 +650,7 @@ const std::vector<Command>& commands() {
       {"inspect", "canopy inspect PATH [--config FILE] [--verify] [--json]",
        "describe a cache (splits, shapes, dtype, size, fingerprint parts, completeness, whether it matches a "
        "config), a training run's out_dir (running or not, its checkpoint, each head, what was exported) or "
-       "a "
-       "sweep's folder (each run's status, the comparison, the command that goes on)",
+       "a sweep's folder (each run's status, the comparison and what to choose, the command that goes on)",
        [](po::options_description& d, po::positional_options_description& p) {
          add_config_options(d);
          d.add_options()(
