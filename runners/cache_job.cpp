@@ -27,6 +27,7 @@
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/runners/input_data.h"
+#include "canopy/runners/train_job.h"
 #include "canopy/trunk/trunk.h"
 
 namespace canopy::runners {
@@ -619,7 +620,8 @@ std::string lock_cache(const std::string& path, std::optional<DirLock>& lock) {
 
 }  // namespace
 
-CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, ProgressStyle style) {
+CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, ProgressStyle style,
+                      bool then_train) {
   const auto start = Clock::now();
   CacheReport report;
   report.path = config.cache.path;
@@ -656,6 +658,14 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   if (!trunk->split().tunes)
     refuse_schedule_without_top(config.top.schedule, trunk::describe(config.trunk.freeze));
   InputData data = load_input_data(config);
+  // What training would refuse of the data, before the trunk pass spends its time.
+  try {
+    check_task_labels(config, data.label_sources, data.float_labels, "the data");
+  } catch (const Error& e) {
+    if (then_train) throw;
+    if (mpi::rank() == 0)
+      log_info(std::string("cache: ") + e.what() + " (canopy train of this config will refuse it)");
+  }
   const RowEncoder encoder(*trunk, data.splits.at("train").lengths.empty() ? 0 : config.text.max_length);
   add_view_splits(config, data);
   std::map<std::string, std::int64_t> split_rows;

@@ -109,6 +109,11 @@ void job_options(po::options_description& d, bool cache, bool train) {
   add_config_options(d);
   d.add_options()("dump-config", "print the resolved configuration and exit");
   if (cache) d.add_options()("force", "rebuild the cache even if it is up to date");
+  if (cache && !train)
+    d.add_options()(
+        "check-tasks",
+        "refuse, before the trunk pass, a task that training would refuse (a label source the data "
+        "lacks), as canopy run does; without it such a task is only said");
   if (train) {
     d.add_options()("resume",
                     "continue from the last checkpoint in <train.out_dir>/checkpoint (with --set "
@@ -155,7 +160,9 @@ int run_job(const std::string& command, const po::variables_map& vm, const tasks
     for (const auto& t : config.tasks) registry.check_known(t.head, t.name);
   }
   if (command == "cache" || command == "run") {
-    print_cache_report(run_cache(config, vm.count("force") > 0, nullptr, style), report_out);
+    print_cache_report(run_cache(config, vm.count("force") > 0, nullptr, style,
+                                 command == "run" || vm.count("check-tasks") > 0),
+                       report_out);
   }
   if (command == "cache") return kExitOk;
   const TrainReport report = run_train(config, registry, style, vm.count("resume") > 0);

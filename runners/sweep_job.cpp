@@ -260,6 +260,7 @@ std::vector<std::string> run_argv(const SweepPlan& plan, const SweepRun& run, co
     argv.push_back(s);
   }
   if (command == "run" && run.action != SweepAction::kTrain) argv.push_back("--resume");
+  if (command == "cache") argv.push_back("--check-tasks");  // the runs would refuse them after the pass
   argv.push_back("--progress");
   argv.push_back(progress);
   return argv;

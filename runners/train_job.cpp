@@ -49,6 +49,18 @@ std::int64_t resolve_workers(const TrainConfig& train) {
   return train.workers > 0 ? train.workers : machine_cores();
 }
 
+void check_task_labels(const JobConfig& config, const std::vector<std::string>& sources,
+                       const std::vector<std::string>& float_sources, const std::string& where) {
+  for (const auto& tc : config.tasks) {
+    CANOPY_CHECK(std::find(sources.begin(), sources.end(), tc.labels) != sources.end(), ConfigError, "task '",
+                 tc.name, "': labels = '", tc.labels, "' but ", where,
+                 " has label sources: ", join(sources, ", "));
+    const bool real = std::find(float_sources.begin(), float_sources.end(), tc.labels) != float_sources.end();
+    CANOPY_CHECK(!real || tc.kind == tasks::TaskKind::kRegression, DataError, "task '", tc.name,
+                 "': label source '", tc.labels, "' holds real values; use kind = regression");
+  }
+}
+
 void refuse_top_keys_without_top(const JobConfig& config) {
   const auto w = config.train.weighting;
   CANOPY_CHECK(w == Weighting::kSum || w == Weighting::kStatic, ConfigError,
@@ -217,14 +229,11 @@ TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig
   return out;
 }
 
-// The classes of a task's label source (0 for real-valued labels).
+// The classes of a task's label source (0 for real-valued labels, which check_task_labels
+// leaves to regression tasks).
 std::int64_t source_classes_of(const tasks::TaskConfig& tc, const datasets::CacheMeta& meta,
                                const at::Tensor& eval_labels) {
-  if (meta.is_float_label(tc.labels)) {
-    CANOPY_CHECK(tc.kind == tasks::TaskKind::kRegression, DataError, "task '", tc.name, "': label source '",
-                 tc.labels, "' holds real values; use kind = regression");
-    return 0;
-  }
+  if (meta.is_float_label(tc.labels)) return 0;
   const auto declared = meta.label_classes.find(tc.labels);
   if (declared != meta.label_classes.end()) return declared->second;
   // A cache from before label_classes was recorded: what it tells.
@@ -286,10 +295,11 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
                     const datasets::CacheMeta& meta, const datasets::SplitData& eval,
                     std::int64_t feature_dim) {
   TaskSet set;
+  check_task_labels(config, meta.label_sources, meta.float_labels, "the cache");
   for (const auto& tc : config.tasks) {
     const auto src_eval = eval.labels.find(tc.labels);
     CANOPY_CHECK(src_eval != eval.labels.end(), ConfigError, "task '", tc.name, "': labels = '", tc.labels,
-                 "' but the cache has label sources: ", join(meta.label_sources, ", "));
+                 "' but the cache's eval split (", config.train.eval_split, ") has none");
     // Seeded by name, not position: adding or removing a task changes no other task's run.
     const std::uint64_t name_seed = std::stoull(sha256_hex(tc.name).substr(0, 15), nullptr, 16);
     auto task = std::make_unique<tasks::Task>(tc, registry, feature_dim,

@@ -93,6 +93,22 @@ class_names = none,some
             got = h[f"{s}/labels/all_labels"][:]
             want = a[s] * 1 + b[s] * 2
             check(np.array_equal(got, want), f"{s}: all_labels' bits follow yes, whatever the declared order")
+    # A task's label source the data lacks (a typo): `canopy run` refuses it before the trunk
+    # pass, nothing cached; `canopy cache` (whose cache serves any config) says it and builds;
+    # `canopy cache --check-tasks` refuses as run does.
+    typo = ["--set", "task.b_only.labels=B", "--set", f"cache.path={work}/cache3", "--progress", "quiet"]
+    said = "task 'b_only': labels = 'B' but the data has label sources: a, b, all_labels"
+    r = subprocess.run([canopy, "run", "--config", config, *typo], capture_output=True, text=True)
+    check(r.returncode == 2 and said in r.stderr and not os.path.exists(f"{work}/cache3/manifest.json") and
+          "building" not in r.stderr, f"canopy run: a label the data lacks refused before the trunk pass "
+          f"({r.stderr.strip()[-300:]})")
+    r = subprocess.run([canopy, "cache", "--config", config, "--check-tasks", *typo], capture_output=True, text=True)
+    check(r.returncode == 2 and said in r.stderr and not os.path.exists(f"{work}/cache3/manifest.json"),
+          f"canopy cache --check-tasks refuses it too ({r.stderr.strip()[-300:]})")
+    r = subprocess.run([canopy, "cache", "--config", config, *typo], capture_output=True, text=True)
+    check(r.returncode == 0 and said + " (canopy train of this config will refuse it)" in r.stderr and
+          os.path.exists(f"{work}/cache3/manifest.json"), f"canopy cache says it and builds the cache, which any "
+          f"config of these features reads ({r.stderr.strip()[-300:]})")
     # Two candidate positives: refused until data.positive_value names one.
     for s in ("train", "test"):
         write_arff(os.path.join(work, f"t-{s}.arff"), ["true", "yes"], ["yes"] * len(docs[s]), docs[s])

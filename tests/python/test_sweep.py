@@ -188,6 +188,15 @@ lr = 0.01
         base = sweep if "--seeds" not in args else [a for a in sweep if a not in ("--seeds", "0,1")]
         r = subprocess.run(base + args, capture_output=True, text=True)
         check(r.returncode == 2 and said in r.stderr, f"{' '.join(args)}: exit 2 ({r.stderr.strip()[-250:]})")
+    r = subprocess.run([canopy, "sweep", "--config", config, "--set", "task.cls.labels=nope", "--vary",
+                        "trunk.freeze=all,first:2", "--out", f"{work}/typo", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    built = [c for c in os.listdir(f"{work}/typo/caches") if os.path.exists(f"{work}/typo/caches/{c}/manifest.json")] \
+        if os.path.isdir(f"{work}/typo/caches") else []
+    check(r.returncode == 2 and "task 'cls': labels = 'nope' but the data has label sources" in r.stderr and
+          not built and "run 1 of 2" in r.stderr and not os.path.exists(f"{work}/typo/freeze-all-s0/heads"),
+          f"a task's label the data lacks: the first cache's build refuses it before its trunk pass, nothing "
+          f"cached or trained ({r.stderr.strip()[-400:]})")
     r = subprocess.run([a if a != "quiet" else "bogus" for a in sweep], capture_output=True, text=True)
     check(r.returncode == 2 and "--progress: expected" in r.stderr and "[canopy] trunk:" not in r.stderr,
           f"a bad --progress is refused before the plan loads any trunk ({r.stderr.strip()[-250:]})")

@@ -34,6 +34,13 @@ void refuse_top_keys_without_top(const JobConfig& config);
 // readable checkpoint.
 std::string resume_refusal(const JobConfig& config);
 
+// Refuses a task whose label source is not among `sources` (a ConfigError naming the task, its
+// labels and the sources `where` has: "the cache", "the data"), or whose source is among
+// `float_sources` (real values) while its kind is not regression (a DataError). `canopy run`
+// checks the data before the trunk pass, so that a mistyped label costs no cache build.
+void check_task_labels(const JobConfig& config, const std::vector<std::string>& sources,
+                       const std::vector<std::string>& float_sources, const std::string& where);
+
 // The TBB workers a run uses: train.workers, or one per core when it is 0.
 std::int64_t resolve_workers(const TrainConfig& train);
 
