@@ -620,8 +620,32 @@ std::string lock_cache(const std::string& path, std::optional<DirLock>& lock) {
 
 }  // namespace
 
+namespace {
+// What training would refuse of the config's tasks, against what the cache of `data` will
+// hold, before the trunk pass spends its time: refused, or said (see run_cache).
+void check_tasks_before_pass(const JobConfig& config, const tasks::HeadRegistry& registry,
+                             const InputData& data, const datasets::CacheMeta& meta, bool refuse) {
+  try {
+    const auto split = data.splits.find(config.train.eval_split);
+    if (split == data.splits.end()) {
+      std::vector<std::string> names;
+      for (const auto& [name, rows] : data.splits) names.push_back(name);
+      throw ConfigError(detail::str_cat("train.eval_split = ", config.train.eval_split,
+                                        ": the data has no such split (it has: ", join(names, ", "), ")"));
+    }
+    datasets::SplitData eval;
+    eval.labels = split->second.labels;
+    check_tasks(config, registry, meta, eval, meta.feature_dim, "the data");
+  } catch (const Error& e) {
+    if (refuse) throw;
+    if (mpi::rank() == 0)
+      log_info(std::string("cache: ") + e.what() + " (canopy train of this config will refuse it)");
+  }
+}
+}  // namespace
+
 CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, ProgressStyle style,
-                      bool then_train) {
+                      const tasks::HeadRegistry* registry, bool refuse_tasks) {
   const auto start = Clock::now();
   CacheReport report;
   report.path = config.cache.path;
@@ -658,20 +682,13 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   if (!trunk->split().tunes)
     refuse_schedule_without_top(config.top.schedule, trunk::describe(config.trunk.freeze));
   InputData data = load_input_data(config);
-  // What training would refuse of the data, before the trunk pass spends its time.
-  try {
-    check_task_labels(config, data.label_sources, data.float_labels, "the data");
-  } catch (const Error& e) {
-    if (then_train) throw;
-    if (mpi::rank() == 0)
-      log_info(std::string("cache: ") + e.what() + " (canopy train of this config will refuse it)");
-  }
   const RowEncoder encoder(*trunk, data.splits.at("train").lengths.empty() ? 0 : config.text.max_length);
   add_view_splits(config, data);
   std::map<std::string, std::int64_t> split_rows;
   for (const auto& [split, d] : data.splits) split_rows[split] = d.rows;
   const auto meta = cache_meta(config, report, description, trunk_sha, data, encoder, *trunk);
   const std::int64_t dim = meta.feature_dim;
+  if (registry) check_tasks_before_pass(config, *registry, data, meta, refuse_tasks);
   // A complete cache being replaced (other inputs, or --force) is rebuilt beside it, in
   // <path>/rebuild, and swapped in only when complete: a failed rebuild leaves it usable. A
   // rebuild killed earlier resumes there when its fingerprint matches.

@@ -160,7 +160,7 @@ int run_job(const std::string& command, const po::variables_map& vm, const tasks
     for (const auto& t : config.tasks) registry.check_known(t.head, t.name);
   }
   if (command == "cache" || command == "run") {
-    print_cache_report(run_cache(config, vm.count("force") > 0, nullptr, style,
+    print_cache_report(run_cache(config, vm.count("force") > 0, nullptr, style, &registry,
                                  command == "run" || vm.count("check-tasks") > 0),
                        report_out);
   }

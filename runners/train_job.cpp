@@ -49,18 +49,6 @@ std::int64_t resolve_workers(const TrainConfig& train) {
   return train.workers > 0 ? train.workers : machine_cores();
 }
 
-void check_task_labels(const JobConfig& config, const std::vector<std::string>& sources,
-                       const std::vector<std::string>& float_sources, const std::string& where) {
-  for (const auto& tc : config.tasks) {
-    CANOPY_CHECK(std::find(sources.begin(), sources.end(), tc.labels) != sources.end(), ConfigError, "task '",
-                 tc.name, "': labels = '", tc.labels, "' but ", where,
-                 " has label sources: ", join(sources, ", "));
-    const bool real = std::find(float_sources.begin(), float_sources.end(), tc.labels) != float_sources.end();
-    CANOPY_CHECK(!real || tc.kind == tasks::TaskKind::kRegression, DataError, "task '", tc.name,
-                 "': label source '", tc.labels, "' holds real values; use kind = regression");
-  }
-}
-
 void refuse_top_keys_without_top(const JobConfig& config) {
   const auto w = config.train.weighting;
   CANOPY_CHECK(w == Weighting::kSum || w == Weighting::kStatic, ConfigError,
@@ -72,6 +60,19 @@ void refuse_top_keys_without_top(const JobConfig& config) {
 }
 
 namespace {
+
+// A task whose label source is not among `sources`, or holds real values for a classifier.
+void check_task_labels(const JobConfig& config, const std::vector<std::string>& sources,
+                       const std::vector<std::string>& float_sources, const std::string& where) {
+  for (const auto& tc : config.tasks) {
+    CANOPY_CHECK(std::find(sources.begin(), sources.end(), tc.labels) != sources.end(), ConfigError, "task '",
+                 tc.name, "': labels = '", tc.labels, "' but ", where,
+                 " has label sources: ", join(sources, ", "));
+    const bool real = std::find(float_sources.begin(), float_sources.end(), tc.labels) != float_sources.end();
+    CANOPY_CHECK(!real || tc.kind == tasks::TaskKind::kRegression, DataError, "task '", tc.name,
+                 "': label source '", tc.labels, "' holds real values; use kind = regression");
+  }
+}
 
 // Data parallel over MPI ranks: the top's gradients are summed in buckets of this size.
 constexpr std::int64_t kAllreduceBucketBytes = 4 << 20;
@@ -293,13 +294,13 @@ std::string config_grid_heads(const JobConfig& config, const std::string& grid) 
 
 TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry,
                     const datasets::CacheMeta& meta, const datasets::SplitData& eval,
-                    std::int64_t feature_dim) {
+                    std::int64_t feature_dim, const std::string& where = "the cache") {
   TaskSet set;
-  check_task_labels(config, meta.label_sources, meta.float_labels, "the cache");
+  check_task_labels(config, meta.label_sources, meta.float_labels, where);
   for (const auto& tc : config.tasks) {
     const auto src_eval = eval.labels.find(tc.labels);
     CANOPY_CHECK(src_eval != eval.labels.end(), ConfigError, "task '", tc.name, "': labels = '", tc.labels,
-                 "' but the cache's eval split (", config.train.eval_split, ") has none");
+                 "' but ", where, "'s eval split (", config.train.eval_split, ") has none");
     // Seeded by name, not position: adding or removing a task changes no other task's run.
     const std::uint64_t name_seed = std::stoull(sha256_hex(tc.name).substr(0, 15), nullptr, 16);
     auto task = std::make_unique<tasks::Task>(tc, registry, feature_dim,
@@ -1698,6 +1699,12 @@ void log_allreduce(const SharedTop& top) {
 }
 
 }  // namespace
+
+void check_tasks(const JobConfig& config, const tasks::HeadRegistry& registry,
+                 const datasets::CacheMeta& meta, const datasets::SplitData& eval, std::int64_t feature_dim,
+                 const std::string& where) {
+  (void)build_tasks(config, registry, meta, eval, feature_dim, where);
+}
 
 TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry, ProgressStyle style,
                       bool resume) {

@@ -102,6 +102,16 @@ class_names = none,some
     check(r.returncode == 2 and said in r.stderr and not os.path.exists(f"{work}/cache3/manifest.json") and
           "building" not in r.stderr, f"canopy run: a label the data lacks refused before the trunk pass "
           f"({r.stderr.strip()[-300:]})")
+    # So is what else training would refuse of the tasks only once it reads the cache.
+    for mistake, refusal in ((["--set", "task.b_only.class_names=no,yes,maybe"], "class_names has 3 names for 2 classes"),
+                             (["--set", "task.b_only.label_map=0,1,1"], "label_map has 3 entries, label source 'b' has 2"),
+                             (["--set", "task.any.head.hiden=8"], "unknown option(s) for head 'linear': task.any.head.hiden"),
+                             (["--set", "task.b_only.class_weights=1,2,3"], "class_weights has 3 values for 2 classes"),
+                             (["--set", "train.eval_split=valid"], "train.eval_split = valid: the data has no such split")):
+        r = subprocess.run([canopy, "run", "--config", config, *mistake, *typo[2:]], capture_output=True, text=True)
+        check(r.returncode == 2 and refusal in r.stderr and "building" not in r.stderr and
+              not os.path.exists(f"{work}/cache3/manifest.json"),
+              f"canopy run {' '.join(mistake)}: refused before the trunk pass ({r.stderr.strip()[-300:]})")
     r = subprocess.run([canopy, "cache", "--config", config, "--check-tasks", *typo], capture_output=True, text=True)
     check(r.returncode == 2 and said in r.stderr and not os.path.exists(f"{work}/cache3/manifest.json"),
           f"canopy cache --check-tasks refuses it too ({r.stderr.strip()[-300:]})")

@@ -15,6 +15,9 @@
 namespace canopy::trunk {
 class Trunk;
 }
+namespace canopy::tasks {
+class HeadRegistry;
+}
 
 namespace canopy::runners {
 
@@ -40,12 +43,14 @@ struct CacheReport {
 // that gives non-finite features (NaN, Inf) for any row is a DataError naming how many rows
 // and the first ids, and the cache is not finished (its manifest is removed: the next run
 // starts over).
-// With `then_train` (`canopy run`), the config's tasks are checked against the data's label
-// sources before the trunk pass (check_task_labels: a mistyped label costs no cache build);
-// without it (`canopy cache`, whose cache serves any config) a task that training would refuse
-// so is said in a log line, and the cache is built.
+// Given `registry`, the config's tasks are checked against what the cache will hold before the
+// trunk pass (check_tasks: what training would refuse); with `refuse_tasks` (`canopy run`,
+// `canopy cache --check-tasks`) such a task is refused, so that a mistake costs no cache build,
+// else (`canopy cache`, whose cache serves any config of these features) it is said in a log
+// line and the cache is built.
 CacheReport run_cache(const JobConfig& config, bool force = false, trunk::Trunk* trunk = nullptr,
-                      ProgressStyle style = ProgressStyle::kAuto, bool then_train = false);
+                      ProgressStyle style = ProgressStyle::kAuto,
+                      const tasks::HeadRegistry* registry = nullptr, bool refuse_tasks = false);
 
 // The description a cache built from `config` must carry: the trunk's hash is the pinned
 // trunk.sha256 when there is one, else the trunk file's (DataError when it is missing).

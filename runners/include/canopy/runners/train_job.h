@@ -15,6 +15,11 @@
 #include "canopy/runners/train_report.h"
 #include "canopy/tasks/registry.h"
 
+namespace canopy::datasets {
+struct CacheMeta;
+struct SplitData;
+}  // namespace canopy::datasets
+
 namespace canopy::runners {
 
 // With `resume`, continues from the last checkpoint in <out_dir>/checkpoint (refused when
@@ -34,12 +39,15 @@ void refuse_top_keys_without_top(const JobConfig& config);
 // readable checkpoint.
 std::string resume_refusal(const JobConfig& config);
 
-// Refuses a task whose label source is not among `sources` (a ConfigError naming the task, its
-// labels and the sources `where` has: "the cache", "the data"), or whose source is among
-// `float_sources` (real values) while its kind is not regression (a DataError). `canopy run`
-// checks the data before the trunk pass, so that a mistyped label costs no cache build.
-void check_task_labels(const JobConfig& config, const std::vector<std::string>& sources,
-                       const std::vector<std::string>& float_sources, const std::string& where);
+// What run_train refuses of the config's tasks once it reads the cache (a label source the
+// cache lacks, real values for a classifier, a label_map, class_names or class_weights for
+// another class count, an option no head takes), checked against `meta` and `eval` (the eval
+// split's labels) as a cache of the data will hold them; `where` names them in a message ("the
+// data"). The cache job checks so before its trunk pass for `canopy run`, so that a mistake costs
+// no cache build. Each head is built with `feature_dim` inputs, and dropped.
+void check_tasks(const JobConfig& config, const tasks::HeadRegistry& registry,
+                 const datasets::CacheMeta& meta, const datasets::SplitData& eval, std::int64_t feature_dim,
+                 const std::string& where);
 
 // The TBB workers a run uses: train.workers, or one per core when it is 0.
 std::int64_t resolve_workers(const TrainConfig& train);
