@@ -203,6 +203,8 @@ JobConfig model_inputs(const po::variables_map& vm, PredictOptions& options) {
   fit_threads(config);
   options.input = vm["input"].as<std::string>();
   options.limit = limit_option(vm, "predict");
+  CANOPY_CHECK(path_exists(options.input), ConfigError, "canopy predict: --input '", options.input,
+               "' does not exist");
   return config;
 }
 
@@ -213,6 +215,9 @@ EvaluateOptions labelled_inputs(const po::variables_map& vm, const std::string& 
   EvaluateOptions options;
   if (vm.count("input")) options.input = vm["input"].as<std::string>();
   options.limit = limit_option(vm, command);
+  // Before any model loads. An arff config's input names label files (label:path,...) instead.
+  CANOPY_CHECK(options.input.empty() || source == "arff" || path_exists(options.input), ConfigError,
+               "canopy ", command, ": --input '", options.input, "' does not exist");
   if (vm.count("labels")) {
     CANOPY_CHECK(vm.count("input"), ConfigError, "canopy ", command,
                  ": --labels names the labels of --input's images; without --input the eval split is read "

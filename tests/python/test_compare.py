@@ -353,6 +353,14 @@ def main():
                            capture_output=True, text=True)
         check(r.returncode == 2 and said in r.stderr, f"compare {' '.join(args[1:]) or 'one run'}: exit 2, "
               f"'{said}' ({r.returncode}: {r.stderr.strip()[-200:]})")
+    # An --input that is not there is said as such, before any run's model loads.
+    for cmd in ([canopy, "compare", moved, runs[1]], [canopy, "evaluate", "--config", top],
+                [canopy, "predict", "--config", top]):
+        r = subprocess.run(cmd + ["--input", f"{work}/absent-images-idx3-ubyte.gz", "--progress", "quiet"],
+                           capture_output=True, text=True)
+        check(r.returncode == 2 and f"--input '{work}/absent-images-idx3-ubyte.gz' does not exist" in r.stderr and
+              "[canopy] trunk" not in r.stderr, f"canopy {cmd[1]} --input absent: exit 2 before loading a model "
+              f"({r.returncode}: {r.stderr.strip()[-200:]})")
     return finish()
 
 
