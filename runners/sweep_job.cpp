@@ -957,7 +957,7 @@ std::string choice_text(const nlohmann::ordered_json& choice) {
                            ? "every task (" + std::to_string(n_tasks) + ")"
                            : count_of(static_cast<std::int64_t>(listed.size()), "task") + ": ";
     if (listed.size() != n_tasks) {
-      const std::size_t more = listed.size() > kShown ? listed.size() - kShown : 0;
+      const std::size_t more = listed.size() > kShown + 1 ? listed.size() - kShown : 0;  // never "1 more"
       listed.resize(listed.size() - more);
       said += join(listed, ", ") + (more ? ", " + std::to_string(more) + " more" : "");
     }
@@ -975,7 +975,7 @@ std::string choice_text(const nlohmann::ordered_json& choice) {
     const auto& worse = choice["shown_worse"][arm];
     std::vector<std::string> lost;
     for (const auto& w : worse) {
-      if (lost.size() == kShown / 2) {
+      if (lost.size() == kShown / 2 && worse.size() > kShown / 2 + 1) {
         lost.push_back(std::to_string(worse.size() - kShown / 2) + " more (canopy inspect --json)");
         break;
       }
