@@ -824,16 +824,56 @@ std::string cost_lines(const nlohmann::ordered_json& record) {
 // difference. {"cost", "settings": [{"arm", "setting", "seconds" (null: unknown)}], "per_task":
 // {task: arm}, "every_task": arm or null, "shown_worse": {arm: [{"task", "by", "metric",
 // "difference", "interval"}]}}; null when the comparison has no task's unbeaten arms.
+std::string arm_of(std::size_t setting) { return std::string(1, static_cast<char>('A' + setting)); }
+
+// Arm b's difference from arm a on a task of compare.json (versus_A, between; read the other
+// way round where only a - b is recorded): {"difference", "interval"}, or null.
+nlohmann::ordered_json arm_difference(const nlohmann::ordered_json& task, const std::string& b,
+                                      const std::string& a) {
+  using nlohmann::ordered_json;
+  const auto pair = [&](const std::string& hi, const std::string& lo) -> ordered_json {
+    if (lo == "A") return task.value("versus_A", ordered_json::object()).value(hi, ordered_json());
+    return task.value("between", ordered_json::object()).value(hi + " - " + lo, ordered_json());
+  };
+  if (b > a) return pair(b, a);
+  const ordered_json d = pair(a, b);
+  if (d.is_null()) return d;
+  const double lo = d["interval"][0], hi = d["interval"][1];
+  return {{"difference", -d["difference"].get<double>()}, {"interval", {-hi, -lo}}};
+}
+
+// Of the `arms` arms shown better than `arm` on a task (the difference's interval clear of 0 on
+// the better side), the one with the largest difference: {"task", "by", "metric",
+// "difference", "interval"}, or null when none is.
+nlohmann::ordered_json largest_shown_better(const nlohmann::ordered_json& task, const std::string& arm,
+                                            std::size_t arms) {
+  using nlohmann::ordered_json;
+  const std::string metric = task.value("metric", "");
+  const double sign = tasks::lower_is_better(metric) ? -1.0 : 1.0;
+  ordered_json best;
+  for (std::size_t i = 0; i < arms; ++i) {
+    const ordered_json d = arm_difference(task, arm_of(i), arm);
+    if (d.is_null()) continue;
+    const double lo = sign * d["interval"][0].get<double>(), hi = sign * d["interval"][1].get<double>();
+    if (std::min(lo, hi) <= 0) continue;
+    if (best.is_null() || sign * d["difference"].get<double>() > sign * best["difference"].get<double>())
+      best = {{"task", task.value("task", "")},
+              {"by", arm_of(i)},
+              {"metric", metric},
+              {"difference", d["difference"]},
+              {"interval", d["interval"]}};
+  }
+  return best;
+}
+
 nlohmann::ordered_json sweep_choice(const nlohmann::ordered_json& record,
                                     const nlohmann::ordered_json& compared) {
   using nlohmann::ordered_json;
   const auto settings = record.value("settings", std::vector<std::string>{});
   const auto mean = mean_train_seconds(record);
-  const auto arm_of = [](std::size_t i) { return std::string(1, static_cast<char>('A' + i)); };
-  const auto index_of = [](const std::string& arm) { return static_cast<std::size_t>(arm.at(0) - 'A'); };
   // Cheapest first: the settings with a known time by it, then the others in their order.
   const auto cheaper = [&](const std::string& a, const std::string& b) {
-    const std::size_t i = index_of(a), j = index_of(b);
+    const auto i = static_cast<std::size_t>(a.at(0) - 'A'), j = static_cast<std::size_t>(b.at(0) - 'A');
     const bool ti = i < settings.size() && mean.count(settings[i]),
                tj = j < settings.size() && mean.count(settings[j]);
     if (ti != tj) return ti;
@@ -841,18 +881,17 @@ nlohmann::ordered_json sweep_choice(const nlohmann::ordered_json& record,
       return mean.at(settings[i]) < mean.at(settings[j]);
     return i < j;
   };
+  const auto tasks_compared = compared.value("tasks", ordered_json::array());
   ordered_json per_task = ordered_json::object();
   std::map<std::string, std::vector<std::string>> unbeaten;  // task -> its unbeaten arms
-  std::vector<std::string> candidates;                       // arms unbeaten on every task
-  bool first = true;
-  for (const auto& t : compared.value("tasks", ordered_json::array())) {
+  std::vector<std::string> candidates;                       // arms unbeaten on every task so far
+  for (const auto& t : tasks_compared) {
     auto arms = t.value("unbeaten", std::vector<std::string>{});
     if (arms.empty()) continue;
     std::sort(arms.begin(), arms.end(), cheaper);
+    if (unbeaten.empty()) candidates = arms;
     per_task[t.value("task", "")] = arms.front();
     unbeaten[t.value("task", "")] = arms;
-    if (first) candidates = arms;
-    first = false;
     candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
                                     [&](const std::string& a) {
                                       return std::find(arms.begin(), arms.end(), a) == arms.end();
@@ -862,52 +901,16 @@ nlohmann::ordered_json sweep_choice(const nlohmann::ordered_json& record,
   if (per_task.empty()) return nullptr;
   std::sort(candidates.begin(), candidates.end(), cheaper);
   const std::string every = candidates.empty() ? "" : candidates.front();
-  // arm b's difference from arm a on a task, from versus_A and between (either order).
-  const auto difference = [](const ordered_json& t, const std::string& b,
-                             const std::string& a) -> ordered_json {
-    const auto pair = [&](const std::string& hi, const std::string& lo) -> ordered_json {
-      if (lo == "A") return t.value("versus_A", ordered_json::object()).value(hi, ordered_json());
-      return t.value("between", ordered_json::object()).value(hi + " - " + lo, ordered_json());
-    };
-    if (b > a) return pair(b, a);
-    ordered_json d = pair(a, b);
-    if (d.is_null()) return d;
-    const double lo = d["interval"][0], hi = d["interval"][1];
-    return {{"difference", -d["difference"].get<double>()}, {"interval", {-hi, -lo}}};
-  };
   ordered_json shown_worse = ordered_json::object();
   std::set<std::string> chosen;
   for (const auto& [task, arm] : per_task.items()) chosen.insert(arm.get<std::string>());
   for (const auto& arm : chosen) {
     if (arm == every) continue;
     ordered_json lost = ordered_json::array();
-    for (const auto& t : compared.value("tasks", ordered_json::array())) {
-      const std::string task = t.value("task", "");
-      if (!unbeaten.count(task)) continue;
-      const auto& keep = unbeaten.at(task);
-      if (std::find(keep.begin(), keep.end(), arm) != keep.end()) continue;
-      // The largest difference on the better side among the settings shown better on this task.
-      const std::string metric = t.value("metric", "");
-      const double sign = tasks::lower_is_better(metric) ? -1.0 : 1.0;
-      ordered_json best;
-      std::string by;
-      for (std::size_t i = 0; i < settings.size(); ++i) {
-        const ordered_json d = difference(t, arm_of(i), arm);
-        if (d.is_null()) continue;
-        const double lo = sign * d["interval"][0].get<double>(), hi = sign * d["interval"][1].get<double>();
-        if (std::min(lo, hi) <= 0) continue;
-        if (best.is_null() ||
-            sign * d["difference"].get<double>() > sign * best["difference"].get<double>()) {
-          best = d;
-          by = arm_of(i);
-        }
-      }
-      if (best.is_null()) continue;
-      lost.push_back({{"task", task},
-                      {"by", by},
-                      {"metric", metric},
-                      {"difference", best["difference"]},
-                      {"interval", best["interval"]}});
+    for (const auto& t : tasks_compared) {
+      const auto keep = unbeaten.find(t.value("task", ""));
+      if (keep == unbeaten.end() || std::count(keep->second.begin(), keep->second.end(), arm)) continue;
+      if (ordered_json w = largest_shown_better(t, arm, settings.size()); !w.is_null()) lost.push_back(w);
     }
     shown_worse[arm] = lost;
   }
@@ -922,6 +925,19 @@ nlohmann::ordered_json sweep_choice(const nlohmann::ordered_json& record,
           {"per_task", per_task},
           {"every_task", every.empty() ? ordered_json() : ordered_json(every)},
           {"shown_worse", shown_worse}};
+}
+
+// A task a setting is shown worse on, as sweep_choice's "shown_worse" has it, in words:
+// "group_linear (C - B +0.09 points [+0.01, +0.19])".
+std::string worse_text(const nlohmann::ordered_json& w, const std::string& arm) {
+  Paired p;
+  p.metric = w.value("metric", "");
+  p.difference = w.value("difference", 0.0);
+  p.interval.lo = w["interval"][0];
+  p.interval.hi = w["interval"][1];
+  const PairedText said = paired_text(p);
+  return w.value("task", "") + " (" + w.value("by", "") + " - " + arm + " " + said.difference +
+         said.interval + ")";
 }
 
 // sweep_choice as lines: a line per setting chosen for some task (its cost and tasks), cheapest
@@ -979,14 +995,7 @@ std::string choice_text(const nlohmann::ordered_json& choice) {
         lost.push_back(std::to_string(worse.size() - kShown / 2) + " more (canopy inspect --json)");
         break;
       }
-      Paired p;
-      p.metric = w.value("metric", "");
-      p.difference = w.value("difference", 0.0);
-      p.interval.lo = w["interval"][0];
-      p.interval.hi = w["interval"][1];
-      const PairedText said = paired_text(p);
-      lost.push_back(w.value("task", "") + " (" + w.value("by", "") + " - " + arm + " " + said.difference +
-                     said.interval + ")");
+      lost.push_back(worse_text(w, arm));
     }
     std::string cost;
     const auto& mine = setting[arm]["seconds"];
