@@ -624,7 +624,8 @@ namespace {
 // What training would refuse of the config's tasks, against what the cache of `data` will
 // hold, before the trunk pass spends its time: refused, or said (see run_cache).
 void check_tasks_before_pass(const JobConfig& config, const tasks::HeadRegistry& registry,
-                             const InputData& data, const datasets::CacheMeta& meta, bool refuse) {
+                             const InputData& data, const datasets::CacheMeta& meta, std::int64_t width,
+                             bool refuse) {
   try {
     const auto split = data.splits.find(config.train.eval_split);
     if (split == data.splits.end()) {
@@ -635,7 +636,7 @@ void check_tasks_before_pass(const JobConfig& config, const tasks::HeadRegistry&
     }
     datasets::SplitData eval;
     eval.labels = split->second.labels;
-    check_tasks(config, registry, meta, eval, meta.feature_dim, "the data");
+    check_tasks(config, registry, meta, eval, width, "the data");
   } catch (const Error& e) {
     if (refuse) throw;
     if (mpi::rank() == 0)
@@ -688,7 +689,13 @@ CacheReport run_cache(const JobConfig& config, bool force, trunk::Trunk* trunk, 
   for (const auto& [split, d] : data.splits) split_rows[split] = d.rows;
   const auto meta = cache_meta(config, report, description, trunk_sha, data, encoder, *trunk);
   const std::int64_t dim = meta.feature_dim;
-  if (registry) check_tasks_before_pass(config, *registry, data, meta, refuse_tasks);
+  if (registry) {
+    // The heads' width: the cached features', or over a trained top its output's (one row
+    // through the whole trunk).
+    const std::int64_t width =
+        encoder.prefix() ? trunk->encode(data.splits.at("train").inputs({0})).size(1) : meta.feature_dim;
+    check_tasks_before_pass(config, *registry, data, meta, width, refuse_tasks);
+  }
   // A complete cache being replaced (other inputs, or --force) is rebuilt beside it, in
   // <path>/rebuild, and swapped in only when complete: a failed rebuild leaves it usable. A
   // rebuild killed earlier resumes there when its fingerprint matches.

@@ -44,7 +44,8 @@ std::string resume_refusal(const JobConfig& config);
 // another class count, an option no head takes), checked against `meta` and `eval` (the eval
 // split's labels) as a cache of the data will hold them; `where` names them in a message ("the
 // data"). The cache job checks so before its trunk pass for `canopy run`, so that a mistake costs
-// no cache build. Each head is built with `feature_dim` inputs, and dropped.
+// no cache build. Each head is built with `feature_dim` inputs (the width of the features the
+// heads read: over a trained top, its output's), and dropped.
 void check_tasks(const JobConfig& config, const tasks::HeadRegistry& registry,
                  const datasets::CacheMeta& meta, const datasets::SplitData& eval, std::int64_t feature_dim,
                  const std::string& where);
