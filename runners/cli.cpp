@@ -113,7 +113,8 @@ void job_options(po::options_description& d, bool cache, bool train) {
     d.add_options()(
         "check-tasks",
         "refuse, before the trunk pass, a task that training would refuse (a label source the data "
-        "lacks), as canopy run does; without it such a task is only said");
+        "lacks, a label_map or class_names for another class count, an option no head takes), as canopy "
+        "run does; without it such a task is only said");
   if (train) {
     d.add_options()("resume",
                     "continue from the last checkpoint in <train.out_dir>/checkpoint (with --set "

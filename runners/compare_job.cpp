@@ -110,16 +110,18 @@ ordered_json interval_pair(const tasks::Interval& i) { return {i.lo, i.hi}; }
 
 // Where a paired difference (in `metric`) says the first is better, worse, or cannot tell.
 void count(const Paired& v, const std::string& metric, Tally& n) {
-  const double sign = tasks::lower_is_better(metric) ? -1.0 : 1.0;
-  const double lo = std::min(sign * v.interval.lo, sign * v.interval.hi),
-               hi = std::max(sign * v.interval.lo, sign * v.interval.hi);
-  if (lo > 0) {
+  if (shown_better(metric, v.interval)) {
     ++n.better;
-  } else if (hi < 0) {
+  } else if (shown_better(metric, {-v.interval.hi, -v.interval.lo})) {
     ++n.worse;
   } else {
     ++n.undecided;
   }
+}
+
+// Whether a task was compared at all: some arm after A has a difference from A on it.
+bool was_compared(const ComparedTask& t) {
+  return std::any_of(t.versus.begin(), t.versus.end(), [](const auto& v) { return v.has_value(); });
 }
 
 // Which of an arm's k runs resample r draws, with replacement (every run once for k = 1).
@@ -475,7 +477,7 @@ std::string task_table(const Comparison& c) {
   if (unbeaten_column) header.push_back("unbeaten");
   rows.push_back(header);
   for (const auto& t : c.tasks) {
-    if (std::none_of(t.versus.begin(), t.versus.end(), [](const auto& v) { return v.has_value(); })) continue;
+    if (!was_compared(t)) continue;
     std::vector<std::string> row{
         t.task, metric_label(t.metric) + (tasks::lower_is_better(t.metric) ? " (lower)" : "")};
     for (const auto& s : t.score)
@@ -519,7 +521,7 @@ std::string unbeaten_line(const Comparison& c) {
   std::vector<int> unbeaten(c.arms.size(), 0);
   int compared = 0;
   for (const auto& t : c.tasks) {
-    if (std::none_of(t.versus.begin(), t.versus.end(), [](const auto& v) { return v.has_value(); })) continue;
+    if (!was_compared(t)) continue;
     ++compared;
     for (const std::size_t a : unbeaten_arms(t)) ++unbeaten[a];
   }
@@ -586,15 +588,19 @@ std::vector<std::vector<Tally>> tally_between(const Comparison& c) {
   return out;
 }
 
+bool shown_better(const std::string& metric, const tasks::Interval& difference) {
+  const double sign = tasks::lower_is_better(metric) ? -1.0 : 1.0;
+  return std::min(sign * difference.lo, sign * difference.hi) > 0;
+}
+
 std::vector<std::size_t> unbeaten_arms(const ComparedTask& t) {
   std::vector<bool> beaten(t.score.size(), false);
   for (std::size_t b = 1; b < t.between.size(); ++b) {
     for (std::size_t a = 0; a < b && a < t.between[b].size(); ++a) {
       if (!t.between[b][a]) continue;
-      Tally n;
-      count(*t.between[b][a], t.metric, n);
-      if (n.better > 0) beaten[a] = true;
-      if (n.worse > 0) beaten[b] = true;
+      const tasks::Interval& d = t.between[b][a]->interval;  // b's less a's
+      if (shown_better(t.metric, d)) beaten[a] = true;
+      if (shown_better(t.metric, {-d.hi, -d.lo})) beaten[b] = true;
     }
   }
   std::vector<std::size_t> out;

@@ -28,6 +28,7 @@
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/runners/cache_job.h"
+#include "canopy/runners/compare_job.h"
 #include "canopy/runners/run_inspect.h"
 #include "canopy/runners/shared_top.h"
 #include "canopy/runners/train_job.h"
@@ -817,13 +818,6 @@ std::string cost_lines(const nlohmann::ordered_json& record) {
   return o.str();
 }
 
-// What a sweep's comparison suggests choosing, by cost: per task, the cheapest setting that no
-// other is shown better than on it (compare.json's "unbeaten"; cost: the setting's mean training
-// time per run, in the settings' order where a time is unknown), the cheapest such on every task,
-// and for each cheaper choice, the tasks some setting is shown better on, with the largest such
-// difference. {"cost", "settings": [{"arm", "setting", "seconds" (null: unknown)}], "per_task":
-// {task: arm}, "every_task": arm or null, "shown_worse": {arm: [{"task", "by", "metric",
-// "difference", "interval"}]}}; null when the comparison has no task's unbeaten arms.
 std::string arm_of(std::size_t setting) { return std::string(1, static_cast<char>('A' + setting)); }
 
 // Arm b's difference from arm a on a task of compare.json (versus_A, between; read the other
@@ -853,9 +847,9 @@ nlohmann::ordered_json largest_shown_better(const nlohmann::ordered_json& task, 
   ordered_json best;
   for (std::size_t i = 0; i < arms; ++i) {
     const ordered_json d = arm_difference(task, arm_of(i), arm);
-    if (d.is_null()) continue;
-    const double lo = sign * d["interval"][0].get<double>(), hi = sign * d["interval"][1].get<double>();
-    if (std::min(lo, hi) <= 0) continue;
+    if (d.is_null() ||
+        !shown_better(metric, {d["interval"][0].get<double>(), d["interval"][1].get<double>()}))
+      continue;
     if (best.is_null() || sign * d["difference"].get<double>() > sign * best["difference"].get<double>())
       best = {{"task", task.value("task", "")},
               {"by", arm_of(i)},
@@ -866,6 +860,13 @@ nlohmann::ordered_json largest_shown_better(const nlohmann::ordered_json& task, 
   return best;
 }
 
+// What a sweep's comparison suggests choosing, by cost: per task, the cheapest setting that no
+// other is shown better than on it (compare.json's "unbeaten"; cost: the setting's mean training
+// time per run, in the settings' order where a time is unknown), the cheapest such on every task,
+// and for each cheaper choice, the tasks some setting is shown better on, with the largest such
+// difference. {"cost", "settings": [{"arm", "setting", "seconds" (null: unknown)}] cheapest first,
+// "per_task": {task: arm}, "every_task": arm or null, "shown_worse": {arm: [{"task", "by", "metric",
+// "difference", "interval"}]}}; null when the comparison has no task's unbeaten arms.
 nlohmann::ordered_json sweep_choice(const nlohmann::ordered_json& record,
                                     const nlohmann::ordered_json& compared) {
   using nlohmann::ordered_json;
@@ -881,7 +882,8 @@ nlohmann::ordered_json sweep_choice(const nlohmann::ordered_json& record,
       return mean.at(settings[i]) < mean.at(settings[j]);
     return i < j;
   };
-  const auto tasks_compared = compared.value("tasks", ordered_json::array());
+  static const ordered_json kNone = ordered_json::array();
+  const ordered_json& tasks_compared = compared.contains("tasks") ? compared.at("tasks") : kNone;
   ordered_json per_task = ordered_json::object();
   std::map<std::string, std::vector<std::string>> unbeaten;  // task -> its unbeaten arms
   std::vector<std::string> candidates;                       // arms unbeaten on every task so far
@@ -914,12 +916,16 @@ nlohmann::ordered_json sweep_choice(const nlohmann::ordered_json& record,
     }
     shown_worse[arm] = lost;
   }
+  std::vector<std::string> order;  // every arm, cheapest first
+  for (std::size_t i = 0; i < settings.size(); ++i) order.push_back(arm_of(i));
+  std::sort(order.begin(), order.end(), cheaper);
   ordered_json listed = ordered_json::array();
-  for (std::size_t i = 0; i < settings.size(); ++i)
-    listed.push_back(
-        {{"arm", arm_of(i)},
-         {"setting", settings[i]},
-         {"seconds", mean.count(settings[i]) ? ordered_json(mean.at(settings[i])) : ordered_json()}});
+  for (const auto& arm : order) {
+    const std::string& setting = settings[static_cast<std::size_t>(arm[0] - 'A')];
+    listed.push_back({{"arm", arm},
+                      {"setting", setting},
+                      {"seconds", mean.count(setting) ? ordered_json(mean.at(setting)) : ordered_json()}});
+  }
   return {{"cost", "training seconds per run, mean"},
           {"settings", listed},
           {"per_task", per_task},
@@ -948,20 +954,16 @@ std::string choice_text(const nlohmann::ordered_json& choice) {
   std::map<std::string, std::vector<std::string>> tasks_of;  // arm -> the tasks it is chosen for
   for (const auto& [task, arm] : choice["per_task"].items()) tasks_of[arm.get<std::string>()].push_back(task);
   std::map<std::string, ordered_json> setting;  // arm -> its entry
-  for (const auto& s : choice["settings"]) setting[s.value("arm", "")] = s;
+  std::vector<std::string> arms;                // the arms chosen for some task, cheapest first
+  for (const auto& s : choice["settings"]) {
+    setting[s.value("arm", "")] = s;
+    if (tasks_of.count(s.value("arm", ""))) arms.push_back(s.value("arm", ""));
+  }
   const auto time_of = [&](const std::string& arm) {
     const auto& t = setting[arm]["seconds"];
     return t.is_null() ? std::string("time unknown") : format_duration(t.get<double>());
   };
   const std::size_t n_tasks = choice["per_task"].size();
-  std::vector<std::string> arms;
-  for (const auto& [arm, listed] : tasks_of) arms.push_back(arm);
-  std::sort(arms.begin(), arms.end(), [&](const std::string& a, const std::string& b) {  // cheapest first
-    const auto &ta = setting[a]["seconds"], &tb = setting[b]["seconds"];
-    if (ta.is_null() != tb.is_null()) return tb.is_null();
-    return !ta.is_null() && ta.get<double>() != tb.get<double>() ? ta.get<double>() < tb.get<double>()
-                                                                 : a < b;
-  });
   constexpr std::size_t kShown = 6;  // tasks named in a line, the rest counted
   std::ostringstream o;
   o << "choosing by cost (training time per run): per task, the cheapest setting no other is shown better "

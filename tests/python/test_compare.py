@@ -106,7 +106,7 @@ def main():
     unbeaten = {t["task"]: t.get("unbeaten") for t in c.get("tasks", [])}
     want = {t["task"]: [a for a in "ABC" if a in t["arms"] and not any(shown_better(t, o, a) for o in "ABC" if o != a)]
             for t in c.get("tasks", [])}
-    check(unbeaten == want and any(len(u) < len(c["tasks"][0]["arms"]) for u in unbeaten.values()),
+    check(unbeaten == want and any(len(t["unbeaten"]) < len(t["arms"]) for t in c.get("tasks", [])),
           f"each task's unbeaten arms, from its intervals: {unbeaten} (want {want})")
     r = subprocess.run(base + ["--progress", "quiet"], capture_output=True, text=True)
     counts = {a: sum(a in u for u in unbeaten.values()) for a in "ABC"}

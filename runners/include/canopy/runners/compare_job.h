@@ -133,6 +133,10 @@ std::string comparison_json(const Comparison& c);
 // [b][a]: arm b against arm a over the tasks compared, for every pair of arms (b != a).
 std::vector<std::vector<Tally>> tally_between(const Comparison& c);
 
+// Whether a paired difference (one arm's less another's, in `metric`) shows the first better:
+// its interval clear of 0 above, or below for the metrics where lower is better (NLL, MAE, RMSE).
+bool shown_better(const std::string& metric, const tasks::Interval& difference);
+
 // The arms that score task `t` and that no other arm is shown better than on it (the
 // difference's interval clear of 0), in arm order: the arms a choice for this task alone keeps.
 std::vector<std::size_t> unbeaten_arms(const ComparedTask& t);
