@@ -183,6 +183,12 @@ bool all_equal(std::uint64_t value) {
   return lo == hi;
 }
 
+int all_max(int value) {
+  if (!g_active) return value;
+  check(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD), "MPI_Allreduce");
+  return value;
+}
+
 void abort_job(int code) {
   if (g_active) MPI_Abort(MPI_COMM_WORLD, code);
   std::_Exit(code);
@@ -198,6 +204,7 @@ void all_gather(const float* mine, const std::vector<int>& counts, float* out) {
 void all_reduce_sum(float*, std::int64_t) {}
 void all_reduce_sum(double*, std::int64_t) {}
 bool all_equal(std::uint64_t) { return true; }
+int all_max(int value) { return value; }
 void abort_job(int code) { std::_Exit(code); }
 #endif
 

@@ -6,10 +6,13 @@
 
 #include <unistd.h>
 
+#include "canopy/core/mpi.h"
+
 namespace canopy {
 
 namespace {
 std::atomic<int> g_stop{0};
+bool g_together = false;  // only the thread that calls MPI sets it
 static_assert(std::atomic<int>::is_always_lock_free, "the signal handler stores into it");
 
 extern "C" void on_stop_signal(int signal) {
@@ -21,7 +24,7 @@ extern "C" void on_stop_signal(int signal) {
   (void)ignored;
 }
 
-constexpr int kSignals[] = {SIGINT, SIGTERM, SIGHUP};
+constexpr int kSignals[] = {SIGINT, SIGTERM, SIGHUP, SIGUSR1};
 constexpr int kCount = sizeof kSignals / sizeof kSignals[0];
 }  // namespace
 
@@ -32,6 +35,7 @@ struct StopOnSignal::Saved {
 
 StopOnSignal::StopOnSignal() : saved_(std::make_unique<Saved>()) {
   g_stop.store(0, std::memory_order_relaxed);
+  g_together = false;
   for (int k = 0; k < kCount; ++k) {
     struct sigaction now {};
     if (::sigaction(kSignals[k], nullptr, &now) != 0 || now.sa_handler == SIG_IGN) continue;
@@ -52,6 +56,25 @@ StopOnSignal::~StopOnSignal() {
 int stop_signal() { return g_stop.load(std::memory_order_relaxed); }
 
 void request_stop(int signal) { g_stop.store(signal, std::memory_order_relaxed); }
+
+bool is_stop_status(int status) {
+  for (int s : kSignals) {
+    if (status == 128 + s) return true;
+  }
+  return false;
+}
+
+int agree_on_stop(int mine) {
+  if (!mpi::distributed()) return mine;
+  const int agreed = mpi::all_max(mine);
+  if (agreed != 0) {
+    g_stop.store(agreed, std::memory_order_relaxed);
+    g_together = true;
+  }
+  return agreed;
+}
+
+bool stopped_together() { return g_together; }
 
 std::string signal_name(int signal) {
   if (signal == SIGINT) return "SIGINT";

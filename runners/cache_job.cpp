@@ -370,12 +370,19 @@ struct NonFinite {
   }
 };
 
+// Where a stop asked for (StopOnSignal) ended the trunk pass: the signal, 0 if it did not.
+struct PassStop {
+  int signal = 0;
+  std::string split;
+  std::int64_t row = 0;  // the first row of the shard it was in
+};
+
 // Runs the trunk over the rows of `slots` (shards not yet in the cache) and hands the batches
-// to `out`. Trunk batches never cross a shard's start, so a shard's contents are the same
-// whichever process computes it and whatever ran before.
-void encode_shards(const JobConfig& config, const RowEncoder& trunk, const InputData& data,
-                   const std::vector<datasets::ShardSlot>& slots, std::int64_t dim, WriteBehind& out,
-                   Progress& progress, CacheReport& report, NonFinite& nonfinite) {
+// to `out`, until a stop is asked for. Trunk batches never cross a shard's start, so a shard's
+// contents are the same whichever process computes it and whatever ran before.
+PassStop encode_shards(const JobConfig& config, const RowEncoder& trunk, const InputData& data,
+                       const std::vector<datasets::ShardSlot>& slots, std::int64_t dim, WriteBehind& out,
+                       Progress& progress, CacheReport& report, NonFinite& nonfinite) {
   for (const auto& slot : slots) {
     const InputSplit& in = data.splits.at(slot.split);
     // Texts run in trunk batches of similar length, chosen within a window of 8 batches
@@ -384,15 +391,9 @@ void encode_shards(const JobConfig& config, const RowEncoder& trunk, const Input
     const std::int64_t window = !in.lengths.empty() && config.cache.shard_rows % (8 * bs) == 0 ? 8 * bs : bs;
     const std::int64_t slot_end = slot.first_row + slot.rows;
     for (std::int64_t w = slot.first_row; w < slot_end; w += window) {
-      if (const int signal = stop_signal()) {
-        // What is queued still gets written (WriteBehind drains it), so every shard it
-        // completes is kept.
-        throw Stopped(signal,
-                      detail::str_cat("stopped by ", signal_name(signal), " after ", report.rows_computed,
-                                      " rows: the finished shards are kept; run the same command again "
-                                      "to compute the rest (from ",
-                                      slot.split, " row ", slot.first_row, ")"));
-      }
+      // What is queued still gets written (WriteBehind drains it), so every shard it completes
+      // is kept.
+      if (const int signal = stop_signal()) return {signal, slot.split, slot.first_row};
       const std::int64_t wend = std::min(slot_end, w + window);
       const auto t0 = Clock::now();
       const at::Tensor features = encode_window(trunk, in, w, wend, bs, window, dim);
@@ -405,7 +406,7 @@ void encode_shards(const JobConfig& config, const RowEncoder& trunk, const Input
         const auto t1 = Clock::now();
         if (!out.push({slot.split, features.slice(0, i - w, end - w), in.ids.slice(0, i, end),
                        std::move(labels), i == slot.first_row ? slot.first_row : -1})) {
-          return;  // the writer failed: WriteBehind::finish rethrows its error
+          return {};  // the writer failed: WriteBehind::finish rethrows its error
         }
         report.write_wait_seconds += std::chrono::duration<double>(Clock::now() - t1).count();
         report.rows_computed += end - i;
@@ -413,6 +414,7 @@ void encode_shards(const JobConfig& config, const RowEncoder& trunk, const Input
       }
     }
   }
+  return {};
 }
 
 // Under mpirun, this rank's share of the shards still to write: each shard, the largest first,
@@ -582,6 +584,27 @@ std::int64_t batch_that_fits(const RowEncoder& encoder, const InputData& data, s
                         : std::string("; no rows were computed")));
 }
 
+// A stop asked for during the pass, once what it computed is written: Stopped. Under mpirun
+// every rank comes here once its share is done or it stopped, and all of them stop if any did
+// (each rank stops at its own signal: mpirun passes SIGUSR1 to every rank).
+void stop_after_pass(const PassStop& at, const CacheReport& report) {
+  const int signal = agree_on_stop(at.signal);  // a signal after the pass's last batch: it is done
+  if (signal == 0) return;
+  double rows = static_cast<double>(report.rows_computed);
+  mpi::all_reduce_sum(&rows, 1);
+  throw Stopped(
+      signal,
+      mpi::distributed()
+          ? detail::str_cat("stopped by ", signal_name(signal), " after ", static_cast<std::int64_t>(rows),
+                            " rows over ", mpi::size(),
+                            " ranks: the finished shards are kept; run the same command again (with any "
+                            "number of ranks) to compute the rest")
+          : detail::str_cat("stopped by ", signal_name(signal), " after ", report.rows_computed,
+                            " rows: the finished shards are kept; run the same command again to compute "
+                            "the rest (from ",
+                            at.split, " row ", at.row, ")"));
+}
+
 // This rank's shards through the trunk and to the writer, with progress, within the memory
 // this process may take: past it an allocation fails and says so (out_of_memory), instead of
 // the kernel's OOM kill. A trunk on a GPU keeps its activations there: no fence on the host.
@@ -593,15 +616,17 @@ void compute_shards(const JobConfig& config, const datasets::CacheMeta& meta, co
   WriteBehind out(writer);
   const KeepFreedMemory reuse_activations;  // no page faults for every batch's buffers
   const MemoryFence fence(encoder.on_cpu() ? memory_room(mpi::local_size(), PageCache::kFree) : std::nullopt);
+  PassStop stopped;
   try {
-    encode_shards(config, encoder, data, mine, meta.feature_dim, out, progress, report, nonfinite);
+    stopped = encode_shards(config, encoder, data, mine, meta.feature_dim, out, progress, report, nonfinite);
   } catch (const std::exception& e) {
     if (!fence.caused(e)) throw;
     out.finish();  // what was computed is written
     out_of_memory(config, meta, encoder, data, fence, report.rows_computed);
   }
   out.finish();
-  progress.finish();
+  if (stopped.signal == 0) progress.finish();
+  stop_after_pass(stopped, report);
 }
 
 // One writer at a time: one job (its rank 0 holds the lock; under mpirun the other ranks

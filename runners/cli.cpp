@@ -725,7 +725,7 @@ std::string global_usage() {
   for (const auto& c : commands())
     o << "  " << std::left << std::setw(11) << c.name << " " << c.summary << "\n";
   o << "\nexit codes: 0 ok, 1 data or runtime error, 2 bad usage or config, 3 a head FAILED,\n            "
-       "129, 130, 143: stopped by SIGHUP, SIGINT (Ctrl-C), SIGTERM; what was done is kept\n";
+       "129, 130, 138, 143: stopped by SIGHUP, SIGINT (Ctrl-C), SIGUSR1, SIGTERM; what was done is kept\n";
   return o.str();
 }
 
@@ -756,11 +756,10 @@ int run_command(const Command& c, const std::vector<std::string>& args, const ta
   CANOPY_CHECK(!mpi::distributed() || name == "cache" || name == "train" || name == "run", ConfigError,
                "canopy ", c.name, " runs in one process; under mpirun (", mpi::size(),
                " ranks) only cache, train and run spread their work: start it without mpirun");
-  // A long job in one process stops at its next safe point on Ctrl-C or SIGTERM, keeping what
-  // it has done (under mpirun the ranks could not agree on the point: the signals end the job).
+  // A long job stops at its next safe point on Ctrl-C, SIGTERM, SIGHUP or SIGUSR1, keeping what
+  // it has done; under mpirun every rank stops there when any rank is sent one (agree_on_stop).
   std::optional<StopOnSignal> stop;
-  if (!mpi::distributed() && (name == "cache" || name == "train" || name == "run" || name == "sweep"))
-    stop.emplace();
+  if (name == "cache" || name == "train" || name == "run" || name == "sweep") stop.emplace();
   const int rc = c.run(vm, registry, out, err);
   if (stop && stop_signal() != 0) {
     err << "canopy: " << signal_name(stop_signal()) << " came after the job's last safe point: it finished\n";
@@ -824,7 +823,8 @@ int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& reg
                                       registry, out, err),
                           out, err);
   } catch (const Stopped& e) {
-    err << "canopy: " << printable(e.what()) << "\n";
+    // Ranks that stopped together say it once, on rank 0.
+    if (!stopped_together() || mpi::rank() == 0) err << "canopy: " << printable(e.what()) << "\n";
     return 128 + e.signal();  // as a shell reports a process the signal ended
   } catch (const ConfigError& e) {
     err << "canopy: config error" << on_rank() << ": " << printable(e.what()) << "\n";
@@ -843,11 +843,12 @@ int run_cli(const std::vector<std::string>& args, const tasks::HeadRegistry& reg
 
 int run_cli(int argc, const char* const* argv, const tasks::HeadRegistry& registry) {
   // Under mpirun, one rank of a job; a rank that fails ends every rank at once (the others
-  // would wait for it in their next collective call), its error printed first.
+  // would wait for it in their next collective call), its error printed first. Ranks that
+  // stopped together at a safe point all end here, each with the stop's status.
   const mpi::Session session;
   std::vector<std::string> args(argv + 1, argv + argc);
   const int rc = run_cli(args, registry, std::cout, std::cerr);
-  if (rc != kExitOk && mpi::distributed()) {
+  if (rc != kExitOk && mpi::distributed() && !(stopped_together() && rc == 128 + stop_signal())) {
     std::cout.flush();
     std::cerr.flush();
     // mpirun forwards a rank's output asynchronously and drops what it has not read when the

@@ -174,7 +174,9 @@ const char* action_word(SweepAction a) {
 // Runs `argv` in a process of its own (its own process group, so that a terminal's Ctrl-C
 // reaches this process alone, which passes it on once; SIGTERM to it should this process die),
 // its standard output appended to `log_path`. A stop asked of this process (StopOnSignal) is
-// sent on to it. Returns its exit status, 128 + N when signal N ended it.
+// sent on to it as SIGUSR1, which canopy takes as a stop and `mpirun` and `srun` pass on to
+// their ranks (SIGTERM or SIGINT would have `mpirun` end them a second later). Returns its exit
+// status, 128 + N when signal N ended it.
 int run_child(const std::vector<std::string>& argv, const std::string& log_path) {
   std::vector<char*> args;
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
@@ -204,7 +206,7 @@ int run_child(const std::vector<std::string>& argv, const std::string& log_path)
     if (r == pid) break;
     CANOPY_CHECK(r == 0 || errno == EINTR, Error, "canopy sweep: waiting for a run: ", describe_errno(errno));
     if (!passed_on && stop_signal() != 0) {
-      ::kill(pid, stop_signal());
+      ::kill(pid, SIGUSR1);
       passed_on = true;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -651,10 +653,11 @@ void build_cache(SweepPlan& plan, const SweepRun& run, const std::string& which,
     write_file_atomic(join_path(plan.options.out, "sweep.json"), sweep_json(plan));
     return;
   }
-  if (rc == 128 + SIGINT || rc == 128 + SIGTERM || rc == 128 + SIGHUP) {
+  if (is_stop_status(rc)) {
+    const int signal = stop_signal() != 0 ? stop_signal() : rc - 128;  // the sweep's, passed on as SIGUSR1
     throw Stopped(
-        rc - 128,
-        detail::str_cat("stopped by ", signal_name(rc - 128), " while the cache ", cache, " was built for ",
+        signal,
+        detail::str_cat("stopped by ", signal_name(signal), " while the cache ", cache, " was built for ",
                         which, "; the shards it finished are kept: run the same command to go on"));
   }
   child_failed("building the cache " + cache + " for " + which, rc, cache_log);
@@ -741,10 +744,11 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
       log << "canopy sweep: " << which << ": a head FAILED (see " << run.log << "); the sweep goes on\n";
       continue;
     }
-    if (rc == 128 + SIGINT || rc == 128 + SIGTERM || rc == 128 + SIGHUP) {
+    if (is_stop_status(rc)) {
+      const int signal = stop_signal() != 0 ? stop_signal() : rc - 128;
       throw Stopped(
-          rc - 128,
-          detail::str_cat("stopped by ", signal_name(rc - 128), ": ", which, " stopped in ",
+          signal,
+          detail::str_cat("stopped by ", signal_name(signal), ": ", which, " stopped in ",
                           run.config.train.out_dir, ", what it had done kept at its checkpoint",
                           i > 0 ? " (the runs before it kept)" : "", "; run the same command to go on"));
     }

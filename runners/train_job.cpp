@@ -519,7 +519,9 @@ class EpochLoop {
       progress.set_note("");
       progress.message(epoch_line(epoch, active) + top_line(top_epoch));
       // The epoch's checkpoint is the place to stop; after the last epoch the run just ends.
-      if (const int signal = stop_signal(); signal != 0 && epoch + 1 < max_epochs_) stop(signal);
+      if (epoch + 1 < max_epochs_) {
+        if (const int signal = agree_on_stop()) stop(signal);
+      }
     }
     for (auto& r : runs_) {
       if (r.training()) r.state = tasks::TaskState::kDone;
@@ -622,7 +624,9 @@ class EpochLoop {
       if (config_.train.fail_fast) check_none_failed(active);
       const std::int64_t global_step = epoch * steps_per_epoch_ + step;
       const auto every = config_.train.checkpoint_steps;
-      const int signal = stop_signal();  // a stop asked for: a checkpoint here, then Stopped
+      // A stop asked for (of any rank under mpirun, which all reach this point in step): a
+      // checkpoint here, then Stopped. The epoch's last window stops at the epoch's checkpoint.
+      const int signal = step < steps_per_epoch_ ? agree_on_stop() : 0;
       if (step < steps_per_epoch_ && ((every > 0 && global_step % every == 0) || signal != 0)) {
         sync_runs();
         store_.save({epoch, step}, set_.tasks, runs_, top_);

@@ -159,6 +159,11 @@ TEST(StopOnSignal, TheFirstSignalAsksForAStopTheSecondEndsTheProcessAndIgnoredSt
         CANOPY_CHECK(stop_signal() == SIGINT, Error, "stop_signal() is ", stop_signal(), " after SIGINT");
         std::raise(SIGHUP);  // the terminal gone
         CANOPY_CHECK(stop_signal() == SIGHUP, Error, "stop_signal() is ", stop_signal(), " after SIGHUP");
+        std::raise(SIGUSR1);  // what mpirun passes on to its ranks
+        CANOPY_CHECK(stop_signal() == SIGUSR1, Error, "stop_signal() is ", stop_signal(), " after SIGUSR1");
+        // In one process the agreement is this process's own stop, and no ranks stopped together.
+        CANOPY_CHECK(agree_on_stop() == SIGUSR1 && agree_on_stop(0) == 0 && !stopped_together(), Error,
+                     "agree_on_stop() in one process");
       }),
       "returned");
   EXPECT_NE(outcome([] {
@@ -183,6 +188,8 @@ TEST(StopOnSignal, TheFirstSignalAsksForAStopTheSecondEndsTheProcessAndIgnoredSt
   EXPECT_EQ(signal_name(SIGINT), "SIGINT");
   EXPECT_EQ(signal_name(SIGHUP), "SIGHUP");
   EXPECT_EQ(signal_name(SIGUSR1), "SIGUSR1");  // named by the C library
+  EXPECT_TRUE(is_stop_status(128 + SIGTERM) && is_stop_status(128 + SIGUSR1) && is_stop_status(130));
+  EXPECT_FALSE(is_stop_status(128 + SIGKILL) || is_stop_status(128 + SIGUSR2) || is_stop_status(SIGTERM));
   const Stopped stopped(SIGTERM, "kept");
   EXPECT_EQ(stopped.signal(), SIGTERM);
 }

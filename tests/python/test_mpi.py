@@ -8,14 +8,19 @@
     are refused;
   - a rank SIGKILLed mid-build ends the whole job within seconds, non-zero; the rerun with a
     different number of ranks (2) resumes, keeping the shards already written, and gives the
-    same cache;
+    same cache; so does a build stopped by SIGUSR1 to mpirun (every rank stops before its next
+    trunk batch, exit 138);
   - 3-rank training of frozen-trunk heads (fused in 3 units, one per rank) exports heads
     bitwise identical to a one-process run's, with the same metrics, cards and grid winner
     (the grid halved after epoch 1, every rank cutting the same member);
   - a rank SIGKILLed mid-training ends the job within seconds; 2 ranks resume it (heads move
-    between ranks through the checkpoint) to the same heads;
+    between ranks through the checkpoint) to the same heads; SIGTERM to one rank alone stops
+    all three after the same window with a checkpoint there (exit 143), and 2 ranks resume
+    that to the same heads;
   - the trunk's top fine-tuned data parallel over 3 ranks (each a slice of every batch, the
-    gradients all-reduced) gives the one-process run's top and heads to 1e-5;
+    gradients all-reduced) gives the one-process run's top and heads to 1e-5; stopped by
+    SIGUSR1 to mpirun, every rank after the same step, it resumes to the uninterrupted run's
+    bitwise;
   - so do the freezing schedules (gradual, autofreeze), freezing the same blocks per epoch,
     and the loss weightings (famo, pcgrad, uncertainty), weighing the heads alike;
     autofreeze's cache level, gathered from the ranks' slices and written by rank 0, is the
@@ -34,8 +39,8 @@ import time
 
 import numpy as np
 
-from support import (check, finish, read_cache_view, slow_conv_trunk, slowdown, start, tiny_block_trunk, tiny_trunk_sections,
-                     trunk_rows)
+from support import (check, finish, kill_when, read_cache_view, slow_conv_trunk, slowdown, start, tiny_block_trunk,
+                     tiny_trunk_sections, trunk_rows)
 
 MPIRUN = [shutil.which("mpirun") or "mpirun", "--oversubscribe", "--allow-run-as-root"]
 
@@ -161,6 +166,38 @@ def main():
           f"2 ranks resume the killed 3-rank build: {(r.stdout + r.stderr)[-500:]}")
     check(same_cache(ref_cache, cut_cache) and shard_records(ref_cache) == shard_records(cut_cache),
           f"the resumed cache is bitwise the one-process cache ({kept_before} shard files were there)")
+    # --- SIGUSR1 to mpirun mid-build, which passes it on to every rank: each stops before its
+    # next trunk batch, the finished shards kept, and the job ends with 138, said once (before,
+    # no rank took a signal: mpirun's SIGTERM then SIGKILL ended them mid-shard); 2 ranks finish it.
+    stop_cfg, stop_cache = os.path.join(work, "stop.ini"), os.path.join(work, "stop")
+    write_config(stop_cfg, trunk, stop_cache)
+    p = subprocess.Popen(mpirun(3, canopy, "cache", "--config", stop_cfg, "--progress", "quiet"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env())
+    sent, shards_dir = None, os.path.join(stop_cache, "shards")
+    deadline = time.time() + 120 * slowdown()
+    while time.time() < deadline and p.poll() is None:
+        if os.path.isdir(shards_dir) and len([n for n in os.listdir(shards_dir) if n.endswith(".h5")]) >= 3:
+            p.send_signal(signal.SIGUSR1)
+            sent = time.time()
+            break
+        time.sleep(0.01)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    ended = time.time() - (sent or time.time())
+    kept = len([n for n in os.listdir(shards_dir) if n.endswith(".h5")]) if os.path.isdir(shards_dir) else 0
+    check(sent is not None and p.returncode == 128 + signal.SIGUSR1 and ended < 10 * slowdown() and
+          err.count("stopped by SIGUSR1 after") == 1 and "over 3 ranks" in err and "MPI_ABORT" not in err,
+          f"SIGUSR1 to mpirun stops every rank of the build ({ended:.1f} s after it, exit {p.returncode}, "
+          f"{kept} shards kept): {[l for l in err.splitlines() if 'stopped' in l][:1] or err[-400:]}")
+    r = subprocess.run(mpirun(2, canopy, "cache", "--config", stop_cfg, "--progress", "quiet"),
+                       capture_output=True, text=True, env=mpi_env())
+    check(r.returncode == 0 and "resuming" in r.stdout + r.stderr and 3 <= kept < 14 and
+          same_cache(ref_cache, stop_cache) and shard_records(ref_cache) == shard_records(stop_cache),
+          f"2 ranks finish the stopped build, keeping its {kept} shards, to the one-process cache "
+          f"({(r.stdout + r.stderr)[-300:]})")
     # --- a rank that throws ends the job: the config names its trunk by a relative path and
     # rank 1 starts in another directory (an MPMD launch), so it alone cannot find it; rank 0
     # waits for it in a collective call until MPI_Abort ends it.
@@ -325,7 +362,48 @@ epochs = 2
         a, b = top_and_heads(f"{work}/best-three"), top_and_heads(f"{work}/best-cut") if r.returncode == 0 else {}
         check(b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
               f"... bitwise the top and heads of a 3-rank run of {epoch} epochs ({r.stderr.strip()[-200:]})")
+    check_top_stop(canopy, work, blocks)
     check_schedules(canopy, work, env, blocks)
+
+
+def check_top_stop(canopy, work, blocks):
+    """SIGUSR1 to mpirun while 3 ranks fine-tune the top data parallel: every rank stops after
+    the same step, a checkpoint there (exit 138); 3 ranks resume it to the uninterrupted 3-rank
+    run's top and heads, bitwise."""
+    import torch
+    cfg = os.path.join(work, "tune-stop.ini")
+    with open(cfg, "w") as f:
+        f.write(tiny_trunk_sections(blocks, 640, 200) + f"""freeze = first:2
+lr = 0.003
+[cache]
+path = {work}/tune-stop-cache
+[train]
+out_dir = {work}/tune-stop-ref
+batch_size = 32
+epochs = 3
+checkpoint_steps = 5
+{TUNE_HEADS}""")
+    r = subprocess.run([canopy, "cache", "--config", cfg, "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0, f"cache of the prefix: {r.stderr[-300:]}")
+    r = subprocess.run(mpirun(3, canopy, "train", "--config", cfg, "--progress", "quiet"), capture_output=True,
+                       text=True, env=mpi_env())
+    check(r.returncode == 0, f"3-rank fine-tuning of 3 epochs: {r.stderr[-300:]}")
+    out, errors = f"{work}/tune-stop", []
+    rc, seen = kill_when(mpirun(3, canopy, "train", "--config", cfg, "--set", f"train.out_dir={out}", "--progress",
+                                "quiet"), f"{out}/checkpoint/state.json", lambda s: (s["epoch"], s["step"]) >= (0, 5),
+                         env=mpi_env(), sig=signal.SIGUSR1, stderr=errors)
+    with open(f"{out}/checkpoint/state.json") as f:
+        st = json.load(f)
+    check(seen is not None and rc == 128 + signal.SIGUSR1 and (st["epoch"], st["step"]) > (0, 5) and
+          errors[0].count("stopped by SIGUSR1") == 1 and "MPI_ABORT" not in errors[0],
+          f"SIGUSR1 to mpirun stops the 3 data-parallel ranks at epoch {st['epoch']} step {st['step']}, exit {rc}: "
+          f"{[l for l in errors[0].splitlines() if 'stopped by' in l] or errors[0][-500:]}")
+    r = subprocess.run(mpirun(3, canopy, "train", "--config", cfg, "--set", f"train.out_dir={out}", "--resume",
+                              "--progress", "quiet"), capture_output=True, text=True, env=mpi_env())
+    a = top_and_heads(f"{work}/tune-stop-ref")
+    b = top_and_heads(out) if r.returncode == 0 else {}
+    check(b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
+          f"... 3 ranks resume it to the uninterrupted run's top and heads, bitwise ({r.stderr.strip()[-300:]})")
 
 
 def trunk_epochs(out):
@@ -333,10 +411,11 @@ def trunk_epochs(out):
     return [(r["training"], r["level"]) for r in trunk_rows(out)]
 
 
-def kill_rank_when(cmd, out, reached, rank=1):
-    """Starts the mpirun `cmd`, SIGKILLs its rank `rank` once out_dir's checkpoint position
-    (epoch, step) is at least `reached`; returns that position (None if never) and the exit."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env())
+def kill_rank_when(cmd, out, reached, rank=1, sig=signal.SIGKILL, env=None, stderr=None):
+    """Starts the mpirun `cmd`, sends its rank `rank` `sig` (SIGKILL) once out_dir's checkpoint
+    position (epoch, step) is at least `reached`; returns that position (None if never) and the
+    exit, and appends the job's standard error to the list `stderr`."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(env))
     state, at = os.path.join(out, "checkpoint", "state.json"), None
     deadline = time.time() + 120 * slowdown()
     while time.time() < deadline and p.poll() is None:
@@ -345,17 +424,19 @@ def kill_rank_when(cmd, out, reached, rank=1):
                 st = json.load(f)
             pids = rank_pids(p.pid)
             if (st["epoch"], st["step"]) >= reached and rank in pids:
-                os.kill(pids[rank], signal.SIGKILL)
+                os.kill(pids[rank], sig)
                 at = (st["epoch"], st["step"])
                 break
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             pass
         time.sleep(0.002)
     try:
-        p.communicate(timeout=60)
+        _, err = p.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         p.kill()
-        p.communicate()
+        _, err = p.communicate()
+    if stderr is not None:
+        stderr.append(err)
     return at, p.returncode
 
 
@@ -553,7 +634,7 @@ def same_heads(a, b):
 def check_training(canopy, work, trunk, cache, env):
     env = dict(env, CANOPY_FUSION_CALIBRATION=os.path.join(work, "fusion.tsv"))
     outs = {}
-    for name in ("one", "three", "cut"):
+    for name in ("one", "three", "cut", "stop"):
         cfg = os.path.join(work, f"train-{name}.ini")
         write_config(cfg, trunk, cache, out=os.path.join(work, f"out-{name}"), tasks=TASKS)
         outs[name] = (cfg, os.path.join(work, f"out-{name}"))
@@ -627,6 +708,27 @@ def check_training(canopy, work, trunk, cache, env):
         st = json.load(f)
     want = {f"{t['name']}.{st['generation']}.pt" for t in st["tasks"]}
     check(set(st.get("files", {})) == want, f"state.json checks every rank's head files ({sorted(st.get('files', {}))})")
+
+    # SIGTERM to rank 2 alone (`kill` of one process, a node's scheduler): the ranks agree after
+    # each window of steps whether any was asked to stop, so all three stop after the same one
+    # with a checkpoint there; the job ends with 143, said once, not MPI_Abort. 2 ranks resume it.
+    cfg, out = outs["stop"]
+    errors = []
+    at, rc = kill_rank_when(mpirun(3, "-x", "CANOPY_FUSION_CALIBRATION", canopy, "train", "--config", cfg,
+                                   "--progress", "quiet"), out, (0, 7), rank=2, sig=signal.SIGTERM, env=env,
+                            stderr=errors)
+    with open(os.path.join(out, "checkpoint", "state.json")) as f:
+        st = json.load(f)
+    where = (st["epoch"], st["step"])
+    check(at is not None and rc == 128 + signal.SIGTERM and where > at and
+          errors[0].count("stopped by SIGTERM") == 1 and "MPI_ABORT" not in errors[0],
+          f"SIGTERM to rank 2 of 3 at {at} stops every rank at {where}, exit {rc}: "
+          f"{[l for l in errors[0].splitlines() if 'stopped by' in l] or errors[0][-500:]}")
+    r = subprocess.run(mpirun(2, "-x", "CANOPY_FUSION_CALIBRATION", canopy, "train", "--config", cfg, "--resume",
+                              "--progress", "quiet"), capture_output=True, text=True, env=mpi_env(env))
+    ok, what = same_heads(outs["one"][1], out) if r.returncode == 0 else (False, r.stderr[-300:])
+    check(ok and metrics_rows(outs["one"][1]) == metrics_rows(out),
+          f"... 2 ranks resume it to the one-process run's heads and metrics, bitwise ({what})")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 """`canopy sweep`: the trunk frozen whole and its top trained, two seeds each, then compared.
 Checks the plan (--dry-run), that the runs reading the same features share one cache and every
 run's config is its setting's, that a SIGTERM to the sweep stops the run in progress at its
-checkpoint (exit 143) and the same command goes on from there (runs done kept, the stopped one
+checkpoint (the sweep's exit 143; the run's 138, the stop passed on as SIGUSR1, which mpirun and
+srun pass to their ranks) and the same command goes on from there (runs done kept, the stopped one
 resumed: its heads and top bitwise those of a run never stopped), that the comparison is
 `canopy compare`'s of the same runs (on the eval split without --input), that more epochs train every run on, and that bad uses and
 an out_dir holding another configuration's run are refused with exit 2, nothing touched.
@@ -62,7 +63,8 @@ lr = 0.01
                        sig=signal.SIGTERM, stderr=errors)
     record = json.load(open(f"{out}/sweep.json"))
     codes = [x["exit_code"] for x in record["runs"]]
-    check(rc == 143 and st is not None and codes == [0, 0, 143, -1] and "run the same command to go on" in errors[0],
+    check(rc == 143 and st is not None and codes == [0, 0, 128 + signal.SIGUSR1, -1] and
+          "stopped by SIGTERM" in errors[0] and "run the same command to go on" in errors[0],
           f"SIGTERM stops the sweep (exit {rc}, runs' exits {codes}): {errors[0].strip()[-300:]}")
     r = subprocess.run([canopy, "inspect", third, "--json"], capture_output=True, text=True)
     check(r.returncode == 0 and json.loads(r.stdout)["status"] == "stopped",

@@ -55,6 +55,8 @@ void all_reduce_sum(float* data, std::int64_t n);
 void all_reduce_sum(double* data, std::int64_t n);
 // Whether every rank passed the same value.
 bool all_equal(std::uint64_t value);
+// The largest value any rank passed.
+int all_max(int value);
 // Ends every rank of the job at once with `code` (MPI_Abort); exits the process outside one.
 [[noreturn]] void abort_job(int code);
 

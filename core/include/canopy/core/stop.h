@@ -1,15 +1,17 @@
-// Stopping a long job at its next safe point, on SIGINT, SIGTERM or SIGHUP.
+// Stopping a long job at its next safe point, on SIGINT, SIGTERM, SIGHUP or SIGUSR1.
 //
 // While a StopOnSignal lives, SIGINT (Ctrl-C), SIGTERM (`kill`, a batch scheduler's
-// preemption) and SIGHUP (the terminal or ssh session gone) no longer end the process at
-// once: the first one asks for a stop, which `canopy cache` honours before its next trunk
-// batch and `canopy train` after its current window of steps. The job keeps what it has (the
-// shards already written; a checkpoint at that step), and throws Stopped, which the CLI
-// reports with exit status 128 + the signal's number, as a shell shows a process the signal
-// ended. A second signal of the same kind ends the process at once. A signal the process was
-// started to ignore (`nohup`, a background job) stays ignored.
-// Process-wide, one at a time; the CLI sets one up for cache, train and run in one process
-// (under mpirun the ranks could not agree on where to stop, and the signals end the job).
+// preemption), SIGHUP (the terminal or ssh session gone) and SIGUSR1 (what `mpirun` and
+// `srun` pass on to their ranks without ending them; a scheduler's warning signal) no longer
+// end the process at once: the first one asks for a stop, which `canopy cache` honours before
+// its next trunk batch and `canopy train` after its current window of steps. The job keeps
+// what it has (the shards already written; a checkpoint at that step), and throws Stopped,
+// which the CLI reports with exit status 128 + the signal's number, as a shell shows a process
+// the signal ended. A second signal of the same kind ends the process at once. A signal the
+// process was started to ignore (`nohup`, a background job) stays ignored.
+// Process-wide, one at a time; the CLI sets one up for cache, train, run and sweep, on every
+// rank under mpirun, where the ranks stop together: at a safe point every rank reaches, each
+// asks agree_on_stop(), and a signal sent to any rank stops them all there.
 #pragma once
 
 #include <memory>
@@ -21,7 +23,7 @@ namespace canopy {
 
 class StopOnSignal {
  public:
-  StopOnSignal();   // takes SIGINT, SIGTERM and SIGHUP; clears any stop asked for before
+  StopOnSignal();   // takes SIGINT, SIGTERM, SIGHUP and SIGUSR1; clears any stop asked for before
   ~StopOnSignal();  // gives them back as they were
   StopOnSignal(const StopOnSignal&) = delete;
   StopOnSignal& operator=(const StopOnSignal&) = delete;
@@ -37,6 +39,18 @@ int stop_signal();
 void request_stop(int signal);
 // "SIGTERM", "SIGINT", or "signal N".
 std::string signal_name(int signal);
+// Whether `status` is a process's exit status after a stop these signals ask for (128 + one).
+bool is_stop_status(int status);
+
+// The stop every rank of an mpirun job agrees on, at a safe point all of them reach in step:
+// the largest signal any rank passed (its stop_signal(), or the signal its part of the work
+// stopped at), or 0; every rank's stop_signal() is it from then on, and stopped_together()
+// true. Collective under mpirun; `mine` in one process.
+int agree_on_stop(int mine);
+inline int agree_on_stop() { return agree_on_stop(stop_signal()); }
+// Whether the ranks agreed on the stop (agree_on_stop returned a signal): each ends the job with
+// 128 + it, after MPI_Finalize, instead of aborting the others.
+bool stopped_together();
 
 // A job that stopped because a stop was asked for; what() says what was kept and how to go on.
 class Stopped : public Error {
