@@ -189,6 +189,53 @@ int all_max(int value) {
   return value;
 }
 
+namespace {
+constexpr int kToldTag = 7;        // the only point-to-point messages canopy sends
+int g_told_value = 0;              // what this rank told the others (the sends read it)
+std::vector<MPI_Request> g_sends;  // those sends, completed by settle_told
+int g_heard = 0;                   // the messages received since the last settle_told
+}  // namespace
+
+void tell_others(int value) {
+  if (!g_active || !g_sends.empty()) return;
+  g_told_value = value;
+  g_sends.resize(static_cast<std::size_t>(g_size - 1));
+  std::size_t k = 0;
+  for (int r = 0; r < g_size; ++r) {
+    if (r == g_rank) continue;
+    check(MPI_Isend(&g_told_value, 1, MPI_INT, r, kToldTag, MPI_COMM_WORLD, &g_sends[k++]), "MPI_Isend");
+  }
+}
+
+int told() {
+  if (!g_active) return 0;
+  int arrived = 0;
+  MPI_Status status;
+  check(MPI_Iprobe(MPI_ANY_SOURCE, kToldTag, MPI_COMM_WORLD, &arrived, &status), "MPI_Iprobe");
+  if (!arrived) return 0;
+  int value = 0;
+  check(MPI_Recv(&value, 1, MPI_INT, status.MPI_SOURCE, kToldTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE),
+        "MPI_Recv");
+  ++g_heard;
+  return value;
+}
+
+void settle_told() {
+  if (!g_active) return;
+  int tellers = g_sends.empty() ? 0 : 1;
+  const int mine = tellers;
+  check(MPI_Allreduce(MPI_IN_PLACE, &tellers, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
+  for (int value = 0; g_heard < tellers - mine; ++g_heard) {
+    check(MPI_Recv(&value, 1, MPI_INT, MPI_ANY_SOURCE, kToldTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE),
+          "MPI_Recv");
+  }
+  if (!g_sends.empty()) {
+    check(MPI_Waitall(static_cast<int>(g_sends.size()), g_sends.data(), MPI_STATUSES_IGNORE), "MPI_Waitall");
+  }
+  g_sends.clear();
+  g_heard = 0;
+}
+
 void abort_job(int code) {
   if (g_active) MPI_Abort(MPI_COMM_WORLD, code);
   std::_Exit(code);
@@ -205,6 +252,9 @@ void all_reduce_sum(float*, std::int64_t) {}
 void all_reduce_sum(double*, std::int64_t) {}
 bool all_equal(std::uint64_t) { return true; }
 int all_max(int value) { return value; }
+void tell_others(int) {}
+int told() { return 0; }
+void settle_told() {}
 void abort_job(int code) { std::_Exit(code); }
 #endif
 

@@ -377,6 +377,21 @@ struct PassStop {
   std::int64_t row = 0;  // the first row of the shard it was in
 };
 
+// A stop for the trunk pass: this process's own, which under mpirun it tells the other ranks
+// (they do not go in step: each through its own shards), or one another rank was sent.
+int pass_stop_signal(const std::string& split, std::int64_t row) {
+  if (const int own = stop_signal()) {
+    mpi::tell_others(own);
+    return own;
+  }
+  const int other = mpi::told();
+  if (other != 0) {
+    log_info(detail::str_cat("another rank was sent ", signal_name(other), ": this rank stops too, before ", split,
+                             " row ", row));
+  }
+  return other;
+}
+
 // Runs the trunk over the rows of `slots` (shards not yet in the cache) and hands the batches
 // to `out`, until a stop is asked for. Trunk batches never cross a shard's start, so a shard's
 // contents are the same whichever process computes it and whatever ran before.
@@ -393,7 +408,7 @@ PassStop encode_shards(const JobConfig& config, const RowEncoder& trunk, const I
     for (std::int64_t w = slot.first_row; w < slot_end; w += window) {
       // What is queued still gets written (WriteBehind drains it), so every shard it completes
       // is kept.
-      if (const int signal = stop_signal()) return {signal, slot.split, slot.first_row};
+      if (const int signal = pass_stop_signal(slot.split, w)) return {signal, slot.split, slot.first_row};
       const std::int64_t wend = std::min(slot_end, w + window);
       const auto t0 = Clock::now();
       const at::Tensor features = encode_window(trunk, in, w, wend, bs, window, dim);
@@ -585,9 +600,10 @@ std::int64_t batch_that_fits(const RowEncoder& encoder, const InputData& data, s
 }
 
 // A stop asked for during the pass, once what it computed is written: Stopped. Under mpirun
-// every rank comes here once its share is done or it stopped, and all of them stop if any did
-// (each rank stops at its own signal: mpirun passes SIGUSR1 to every rank).
+// every rank comes here once its share is done or it stopped (at its own signal, or one told
+// by another rank), and all of them stop if any did.
 void stop_after_pass(const PassStop& at, const CacheReport& report) {
+  mpi::settle_told();
   const int signal = agree_on_stop(at.signal);  // a signal after the pass's last batch: it is done
   if (signal == 0) return;
   double rows = static_cast<double>(report.rows_computed);

@@ -8,8 +8,8 @@
     are refused;
   - a rank SIGKILLed mid-build ends the whole job within seconds, non-zero; the rerun with a
     different number of ranks (2) resumes, keeping the shards already written, and gives the
-    same cache; so does a build stopped by SIGUSR1 to mpirun (every rank stops before its next
-    trunk batch, exit 138);
+    same cache; so does a build stopped by SIGTERM to one rank (it tells the others: every
+    rank stops before its next trunk batch, exit 143);
   - 3-rank training of frozen-trunk heads (fused in 3 units, one per rank) exports heads
     bitwise identical to a one-process run's, with the same metrics, cards and grid winner
     (the grid halved after epoch 1, every rank cutting the same member);
@@ -166,9 +166,11 @@ def main():
           f"2 ranks resume the killed 3-rank build: {(r.stdout + r.stderr)[-500:]}")
     check(same_cache(ref_cache, cut_cache) and shard_records(ref_cache) == shard_records(cut_cache),
           f"the resumed cache is bitwise the one-process cache ({kept_before} shard files were there)")
-    # --- SIGUSR1 to mpirun mid-build, which passes it on to every rank: each stops before its
-    # next trunk batch, the finished shards kept, and the job ends with 138, said once (before,
-    # no rank took a signal: mpirun's SIGTERM then SIGKILL ended them mid-shard); 2 ranks finish it.
+    # --- SIGTERM to rank 2 alone mid-build (`kill` of one process; SIGUSR1 to mpirun reaches
+    # every rank, below): it stops before its next trunk batch and tells the others, which stop
+    # before theirs (the ranks do not go in step); the finished shards are kept, and the job
+    # ends with 143, said once (before, no rank took a signal and mpirun's SIGTERM then SIGKILL
+    # ended them mid-shard); 2 ranks finish it.
     stop_cfg, stop_cache = os.path.join(work, "stop.ini"), os.path.join(work, "stop")
     write_config(stop_cfg, trunk, stop_cache)
     p = subprocess.Popen(mpirun(3, canopy, "cache", "--config", stop_cfg, "--progress", "quiet"),
@@ -177,9 +179,11 @@ def main():
     deadline = time.time() + 120 * slowdown()
     while time.time() < deadline and p.poll() is None:
         if os.path.isdir(shards_dir) and len([n for n in os.listdir(shards_dir) if n.endswith(".h5")]) >= 3:
-            p.send_signal(signal.SIGUSR1)
-            sent = time.time()
-            break
+            pids = rank_pids(p.pid)
+            if 2 in pids:
+                os.kill(pids[2], signal.SIGTERM)
+                sent = time.time()
+                break
         time.sleep(0.01)
     try:
         _, err = p.communicate(timeout=60)
@@ -188,10 +192,13 @@ def main():
         _, err = p.communicate()
     ended = time.time() - (sent or time.time())
     kept = len([n for n in os.listdir(shards_dir) if n.endswith(".h5")]) if os.path.isdir(shards_dir) else 0
-    check(sent is not None and p.returncode == 128 + signal.SIGUSR1 and ended < 10 * slowdown() and
-          err.count("stopped by SIGUSR1 after") == 1 and "over 3 ranks" in err and "MPI_ABORT" not in err,
-          f"SIGUSR1 to mpirun stops every rank of the build ({ended:.1f} s after it, exit {p.returncode}, "
-          f"{kept} shards kept): {[l for l in err.splitlines() if 'stopped' in l][:1] or err[-400:]}")
+    told = sorted(l.split("]")[0] + "]" for l in err.splitlines() if "another rank was sent SIGTERM" in l)
+    check(sent is not None and p.returncode == 128 + signal.SIGTERM and ended < 10 * slowdown() and
+          err.count("stopped by SIGTERM after") == 1 and "over 3 ranks" in err and "MPI_ABORT" not in err and
+          told == ["[canopy 0/3]", "[canopy 1/3]"],
+          f"SIGTERM to rank 2 of 3 stops every rank of the build, ranks 0 and 1 told by it ({ended:.1f} s after "
+          f"it, exit {p.returncode}, {kept} shards kept, told: {told}): "
+          f"{[l for l in err.splitlines() if 'stopped' in l][:1] or err[-400:]}")
     r = subprocess.run(mpirun(2, canopy, "cache", "--config", stop_cfg, "--progress", "quiet"),
                        capture_output=True, text=True, env=mpi_env())
     check(r.returncode == 0 and "resuming" in r.stdout + r.stderr and 3 <= kept < 14 and

@@ -57,6 +57,15 @@ void all_reduce_sum(double* data, std::int64_t n);
 bool all_equal(std::uint64_t value);
 // The largest value any rank passed.
 int all_max(int value);
+// For ranks that do not go in step (a cache's, each through its own shards) to hear of an
+// event on another rank, such as a stop, at a point of their own choosing:
+// tell_others(value) sends `value` to every other rank without waiting (the first call only,
+// until settle_told); told() returns a value another rank sent and this one had not yet
+// received, or 0, without waiting (not collective); settle_told(), collective, once every
+// rank is past its last told(), receives what is left and completes the sends.
+void tell_others(int value);
+int told();
+void settle_told();
 // Ends every rank of the job at once with `code` (MPI_Abort); exits the process outside one.
 [[noreturn]] void abort_job(int code);
 

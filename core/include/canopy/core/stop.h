@@ -11,7 +11,9 @@
 // process was started to ignore (`nohup`, a background job) stays ignored.
 // Process-wide, one at a time; the CLI sets one up for cache, train, run and sweep, on every
 // rank under mpirun, where the ranks stop together: at a safe point every rank reaches, each
-// asks agree_on_stop(), and a signal sent to any rank stops them all there.
+// asks agree_on_stop(), and a signal sent to any rank stops them all there (a training's
+// ranks after each window; a cache's, which do not go in step, each before its next trunk
+// batch, told by the rank that was sent it).
 #pragma once
 
 #include <memory>
