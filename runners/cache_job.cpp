@@ -386,8 +386,8 @@ int pass_stop_signal(const std::string& split, std::int64_t row) {
   }
   const int other = mpi::told();
   if (other != 0) {
-    log_info(detail::str_cat("another rank was sent ", signal_name(other), ": this rank stops too, before ", split,
-                             " row ", row));
+    log_info(detail::str_cat("another rank was sent ", signal_name(other), ": this rank stops too, before ",
+                             split, " row ", row));
   }
   return other;
 }
