@@ -60,12 +60,13 @@ bool hard_link(const std::string& from, const std::string& to) {
 // (`state_crc32c`). A flipped bit in a head file would otherwise resume, or export, other
 // weights with exit 0.
 std::string state_text(std::int64_t generation, const CheckpointPosition& position, const std::string& config,
-                       bool top, const ordered_json& tasks, const ordered_json& files) {
+                       bool top, double train_seconds, const ordered_json& tasks, const ordered_json& files) {
   ordered_json state{{"generation", generation},
                      {"epoch", position.epoch},
                      {"step", position.step},
                      {"config", config},
                      {"top", top},
+                     {"train_seconds", train_seconds},
                      {"tasks", tasks},
                      {"files", files}};
   seal_json(state, "state_crc32c");
@@ -193,6 +194,7 @@ CheckpointRecord CheckpointStore::read_record(const std::string& dir, bool verif
     record.generation = st.at("generation").get<std::int64_t>();
     record.position = {st.at("epoch").get<std::int64_t>(), st.at("step").get<std::int64_t>()};
     record.top = st.contains("top") && st.at("top").get<bool>();
+    record.train_seconds = st.value("train_seconds", 0.0);  // not recorded before 2026-12-06
     for (const auto& t : st.at("tasks")) {
       HeadRun run;
       run_from_json(t, run);
@@ -212,6 +214,14 @@ CheckpointRecord CheckpointStore::read_record(const std::string& dir, bool verif
     if (!problem.empty()) record.problems.push_back(problem);
   }
   return record;
+}
+
+void CheckpointStore::start_clock() { clock_start_ = std::chrono::steady_clock::now(); }
+
+double CheckpointStore::train_seconds() const {
+  if (!clock_start_) return seconds_before_;
+  return seconds_before_ +
+         std::chrono::duration<double>(std::chrono::steady_clock::now() - *clock_start_).count();
 }
 
 std::string CheckpointStore::task_file(const std::string& task, std::int64_t generation) const {
@@ -274,7 +284,8 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
     // Rank 0 writes state.json: it records every rank's files (other ranks get nothing back).
     for (const auto& theirs : mpi::gather(crcs.dump())) crcs.update(ordered_json::parse(theirs));
   }
-  std::string state = state_text(generation_, position, config_identity_, top != nullptr, tasks_json, crcs);
+  std::string state =
+      state_text(generation_, position, config_identity_, top != nullptr, train_seconds(), tasks_json, crcs);
   if (async_ && !top && !mpi::distributed()) {
     // Written, synced and committed by a thread of its own while training goes on.
     pending_ =
@@ -369,6 +380,7 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
     CANOPY_CHECK(saved.size() == tasks.size(), DataError, "checkpoint '", path, "' holds ", saved.size(),
                  " tasks, the config has ", tasks.size());
     generation_ = st.at("generation").get<std::int64_t>();
+    seconds_before_ = st.value("train_seconds", 0.0);
     runs.assign(tasks.size(), HeadRun{});
     for (std::size_t i = 0; i < tasks.size(); ++i) {
       const auto& t = saved.at(i);

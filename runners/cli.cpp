@@ -31,6 +31,7 @@
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/datasets/text.h"
 #include "canopy/runners/cache_job.h"
+#include "canopy/runners/checkpoint_store.h"
 #include "canopy/runners/compare_job.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/evaluate_job.h"
@@ -429,6 +430,15 @@ void say_stops_on_eval_split(const Comparison& c, const std::vector<std::vector<
         << line << "\n";
 }
 
+// The training time a run's checkpoint records (0: none, or no checkpoint).
+double recorded_train_seconds(const std::string& out_dir) {
+  try {
+    return CheckpointStore::read_record(join_path(out_dir, "checkpoint"), false).train_seconds;
+  } catch (const Error&) {
+    return 0.0;
+  }
+}
+
 int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
                         std::ostream& err) {
   const std::vector<std::string> paths =
@@ -454,10 +464,28 @@ int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   const Comparison c = run_compare(configs, arm_paths, registry, options,
                                    vm.count("metric") ? vm["metric"].as<std::string>() : "",
                                    parse_progress(vm["progress"].as<std::string>()));
-  out << (vm.count("json") ? comparison_json(c) : format_comparison(c));
+  // What to choose by cost, where the runs' checkpoints record their training time.
+  std::vector<std::string> names;
+  std::vector<std::vector<double>> seconds;
+  for (const auto& arm : c.arms) {
+    names.push_back(c.runs[arm.runs.front()].path +
+                    (arm.runs.size() > 1 ? " and " + std::to_string(arm.runs.size() - 1) + " more" : ""));
+    seconds.emplace_back();
+    for (std::size_t r : arm.runs) seconds.back().push_back(recorded_train_seconds(c.runs[r].out_dir));
+  }
+  const std::string record = arms_record(names, seconds);
+  std::string json = comparison_json(c);
+  if (!record.empty()) {
+    auto j = nlohmann::ordered_json::parse(json);
+    j["choice"] = nlohmann::ordered_json::parse(choice_json(record, json));
+    json = j.dump(2) + "\n";
+  }
+  out << (vm.count("json")
+              ? json
+              : format_comparison(c) + (record.empty() ? "" : "\n" + choice_lines(record, json)));
   say_stops_on_eval_split(c, configs, "compare", err);
   if (!path.empty()) {
-    write_output_file(path, comparison_json(c));
+    write_output_file(path, json);
     err << "canopy: wrote the comparison of " << c.runs.size() << " runs to " << path << "\n";
   }
   return kExitOk;

@@ -331,7 +331,10 @@ std::string report_text(const RunFacts& f, const Status& status, bool verify) {
   o << "  status      " << status.text << "\n";
   if (f.record) {
     o << "  checkpoint  generation " << f.record->generation << ": " << describe_done(f.record->position)
-      << (f.record->top ? ", with the trunk's trained top" : "") << "\n";
+      << (f.record->top ? ", with the trunk's trained top" : "");
+    if (f.record->train_seconds > 0)
+      o << ", in " << format_duration(f.record->train_seconds) << " of training";
+    o << "\n";
     if (verify && f.record->problems.empty()) {
       const auto files = static_cast<std::int64_t>(f.record->runs.size() + (f.record->top ? 1 : 0));
       o << "  verified    state.json and its " << count_of(files, "file")
@@ -410,11 +413,15 @@ std::string report_json(const RunFacts& f, const Status& status, bool verify) {
                  {"holder", f.writer ? ordered_json(*f.writer) : ordered_json()},
                  {"resume_command", resumable ? ordered_json(f.resume_command()) : ordered_json()},
                  {"cache", f.plan ? ordered_json(f.plan->cache) : ordered_json()}};
-  j["checkpoint"] = f.record ? ordered_json{{"generation", f.record->generation},
-                                            {"epoch", f.record->position.epoch},
-                                            {"step", f.record->position.step},
-                                            {"top", f.record->top}}
-                             : ordered_json();
+  j["checkpoint"] =
+      f.record
+          ? ordered_json{{"generation", f.record->generation},
+                         {"epoch", f.record->position.epoch},
+                         {"step", f.record->position.step},
+                         {"top", f.record->top},
+                         {"train_seconds", f.record->train_seconds > 0 ? ordered_json(f.record->train_seconds)
+                                                                       : ordered_json()}}
+          : ordered_json();
   j["heads"] = ordered_json::array();
   for (const auto& [name, run] : f.record ? f.record->runs : std::vector<std::pair<std::string, HeadRun>>{}) {
     const PlannedHead* p = f.planned(name);

@@ -1024,6 +1024,24 @@ std::string choice_lines(const std::string& sweep_record, const std::string& com
       sweep_choice(nlohmann::ordered_json::parse(sweep_record), nlohmann::ordered_json::parse(comparison)));
 }
 
+std::string choice_json(const std::string& sweep_record, const std::string& comparison) {
+  return sweep_choice(nlohmann::ordered_json::parse(sweep_record), nlohmann::ordered_json::parse(comparison))
+      .dump();
+}
+
+std::string arms_record(const std::vector<std::string>& names,
+                        const std::vector<std::vector<double>>& seconds) {
+  nlohmann::ordered_json record{{"settings", names}, {"runs", nlohmann::ordered_json::array()}};
+  bool timed = false;
+  for (std::size_t a = 0; a < names.size() && a < seconds.size(); ++a) {
+    for (const double t : seconds[a]) {
+      record["runs"].push_back({{"setting", names[a]}, {"train_seconds", t}});
+      timed = timed || t > 0;
+    }
+  }
+  return timed ? record.dump() : std::string();
+}
+
 std::string format_sweep(const SweepPlan& plan) {
   // What was done with each run, from its action and its exit status.
   const auto done = [](const SweepRun& r) -> std::string {

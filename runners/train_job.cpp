@@ -1769,6 +1769,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     if (top) reuse_activations.emplace();
     const FlushDenormals denormals(config.train.flush_denormals);
     const auto train_start = Clock::now();
+    store.start_clock();  // the checkpoint's train_seconds: the loaded one's and this run's
     run_within_memory(loop, from, style, top != nullptr, store);
     report.train_seconds = since(train_start);
     if (mpi::distributed() && top) {

@@ -112,6 +112,25 @@ def main():
     counts = {a: sum(a in u for u in unbeaten.values()) for a in "ABC"}
     check(f"unbeaten (no other arm shown better on the task): A on {counts['A']} of {len(unbeaten)} tasks, "
           f"B on {counts['B']}, C on {counts['C']}" in r.stdout, f"the text report counts them: {r.stdout[-400:]}")
+    # What to choose by cost: each run's checkpoint records its training time (state.json's
+    # train_seconds, shown by canopy inspect); per task the cheapest unbeaten arm, and the
+    # cheapest unbeaten on every task, if any.
+    def recorded(out):
+        with open(f"{out}/checkpoint/state.json") as f:
+            return json.load(f).get("train_seconds")
+    cost = {a: recorded(d) for a, d in zip("ABC", runs)}
+    by_cost = lambda arms: sorted(arms, key=lambda a: cost[a])
+    per_task = {t: by_cost(u)[0] for t, u in unbeaten.items() if u}
+    everywhere = by_cost([a for a in "ABC" if all(a in u for u in unbeaten.values() if u)])
+    choice = c.get("choice") or {}
+    check(all(isinstance(v, float) and v > 0 for v in cost.values()) and choice.get("per_task") == per_task and
+          choice.get("every_task") == (everywhere[0] if everywhere else None) and
+          [x["seconds"] for x in choice.get("settings", [])] == sorted(cost.values()),
+          f"compare's choice by cost: the cheapest unbeaten arm per task by the runs' recorded training times "
+          f"{cost}: {choice.get('per_task')} (want {per_task}), on every task {choice.get('every_task')}")
+    said = subprocess.run([canopy, "inspect", runs[0]], capture_output=True, text=True).stdout
+    check("choosing by cost (training time per run)" in r.stdout and " of training" in said,
+          f"the text report says the choice; canopy inspect the training time: {said[:300]}")
     n = between["C"]["B"]
     check(f"  C  {between['C']['A']['better']}/" in r.stdout and
           f"{n['better']}/{n['worse']}/{n['no_difference']}  -" in r.stdout,

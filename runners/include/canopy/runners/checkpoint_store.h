@@ -14,6 +14,7 @@
 // filesystem has no hard links), with the CRC-32C recorded for it then.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -50,6 +51,7 @@ struct CheckpointRecord {
   std::int64_t generation = 0;
   CheckpointPosition position;
   bool top = false;                                   // it holds a trained trunk top
+  double train_seconds = 0.0;                         // the training time it holds (0: not recorded)
   std::vector<std::pair<std::string, HeadRun>> runs;  // per task, in task order (no confusion matrices)
   // With verify: state.json against its own checksum, and every file of the generation
   // (each head's, the top's) there and matching the CRC-32C state.json records for it; one
@@ -100,6 +102,13 @@ class CheckpointStore {
                                                 const CheckpointPosition& at)>;
   void set_config_check(ConfigCheck check) { config_check_ = std::move(check); }
 
+  // The training time a generation records (state.json's train_seconds): what the loaded
+  // checkpoint recorded (0 for a new run), plus the time since start_clock() was called.
+  // The time a killed run spent after its last checkpoint is not in it (it trains that part
+  // again), so it is the time the run's training took, as if in one go, give or take a window.
+  void start_clock();
+  double train_seconds() const;
+
   // Writes a new generation holding `tasks` and `runs` (same length, task order).
   void save(const CheckpointPosition& position, const std::vector<tasks::Task*>& tasks,
             const std::vector<HeadRun>& runs, const SharedTop* top = nullptr);
@@ -145,6 +154,8 @@ class CheckpointStore {
   std::future<void> pending_;
   CheckpointPosition pending_position_;
   std::optional<CheckpointPosition> committed_;
+  double seconds_before_ = 0.0;  // the loaded generation's train_seconds
+  std::optional<std::chrono::steady_clock::time_point> clock_start_;
   struct Written {
     std::int64_t generation = 0;
     std::string crc;     // of its bytes

@@ -120,6 +120,13 @@ std::string format_sweep(const SweepPlan& plan);
 // run), with those tasks; the cheapest setting unbeaten on every task (or that none is); and for
 // each cheaper choice the tasks it is shown worse on, each with the largest difference shown.
 std::string choice_lines(const std::string& sweep_record, const std::string& comparison);
+// The same choice as JSON ("null" when no task has unbeaten arms), as `canopy inspect --json` has it.
+std::string choice_json(const std::string& sweep_record, const std::string& comparison);
+// A record of trained runs for choice_lines, as a sweep's would be, for `canopy compare`: arm a
+// (A, B, ...) named names[a], its runs' training times seconds[a] (0 where a run records none).
+// Empty ("") when no run records one: there is no cost to choose by.
+std::string arms_record(const std::vector<std::string>& names,
+                        const std::vector<std::vector<double>>& seconds);
 // {"command", "config", "out", "run_with", "vary": {key: [values]}, "seeds", "settings", "caches",
 // "links": {cache: the cache it links to}, "runs":
 // [{"setting", "seed", "out_dir", "cache", "log", "action", "exit_code", "seconds"}]}
