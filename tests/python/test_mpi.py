@@ -135,31 +135,12 @@ def main():
     # --- a rank SIGKILLed mid-build: the job ends fast; 2 ranks resume it --------------
     cut_cfg, cut_cache = os.path.join(work, "cut.ini"), os.path.join(work, "cut")
     write_config(cut_cfg, trunk, cut_cache)
-    p = subprocess.Popen(mpirun(3, canopy, "cache", "--config", cut_cfg, "--progress", "quiet"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env())
-    killed_at = None
-    deadline = time.time() + 120 * slowdown()
-    shards_dir = os.path.join(cut_cache, "shards")
-    while time.time() < deadline and p.poll() is None:
-        done = [n for n in os.listdir(shards_dir) if n.endswith(".h5")] if os.path.isdir(shards_dir) else []
-        if len(done) >= 5:
-            pids = rank_pids(p.pid)
-            if 1 in pids:
-                os.kill(pids[1], signal.SIGKILL)
-                killed_at = time.time()
-                break
-        time.sleep(0.01)
-    check(killed_at is not None, "rank 1 SIGKILLed after 5 shards were written")
-    try:
-        _, err = p.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        _, err = p.communicate()
-    ended = time.time() - (killed_at or time.time())
-    check(p.returncode != 0 and ended < 10 * slowdown(),
-          f"the job ended {ended:.1f} s after the kill, exit {p.returncode}")
+    killed, rc, err, ended = signal_rank_when(mpirun(3, canopy, "cache", "--config", cut_cfg, "--progress", "quiet"),
+                                              lambda: shards_in(cut_cache) >= 5 or None)
+    check(killed is not None, "rank 1 SIGKILLed after 5 shards were written")
+    check(rc != 0 and ended < 10 * slowdown(), f"the job ended {ended:.1f} s after the kill, exit {rc}")
     check("process rank 1" in err, f"the message names rank 1: {err[-400:]!r}")
-    kept_before = len([n for n in os.listdir(shards_dir) if n.endswith(".h5")])
+    kept_before = shards_in(cut_cache)
     r = subprocess.run(mpirun(2, canopy, "cache", "--config", cut_cfg, "--progress", "quiet"),
                        capture_output=True, text=True, env=mpi_env())
     check(r.returncode == 0 and "resuming" in r.stdout + r.stderr,
@@ -173,31 +154,15 @@ def main():
     # ended them mid-shard); 2 ranks finish it.
     stop_cfg, stop_cache = os.path.join(work, "stop.ini"), os.path.join(work, "stop")
     write_config(stop_cfg, trunk, stop_cache)
-    p = subprocess.Popen(mpirun(3, canopy, "cache", "--config", stop_cfg, "--progress", "quiet"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env())
-    sent, shards_dir = None, os.path.join(stop_cache, "shards")
-    deadline = time.time() + 120 * slowdown()
-    while time.time() < deadline and p.poll() is None:
-        if os.path.isdir(shards_dir) and len([n for n in os.listdir(shards_dir) if n.endswith(".h5")]) >= 3:
-            pids = rank_pids(p.pid)
-            if 2 in pids:
-                os.kill(pids[2], signal.SIGTERM)
-                sent = time.time()
-                break
-        time.sleep(0.01)
-    try:
-        _, err = p.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        _, err = p.communicate()
-    ended = time.time() - (sent or time.time())
-    kept = len([n for n in os.listdir(shards_dir) if n.endswith(".h5")]) if os.path.isdir(shards_dir) else 0
+    sent, rc, err, ended = signal_rank_when(mpirun(3, canopy, "cache", "--config", stop_cfg, "--progress", "quiet"),
+                                            lambda: shards_in(stop_cache) >= 3 or None, rank=2, sig=signal.SIGTERM)
+    kept = shards_in(stop_cache)
     told = sorted(l.split("]")[0] + "]" for l in err.splitlines() if "another rank was sent SIGTERM" in l)
-    check(sent is not None and p.returncode == 128 + signal.SIGTERM and ended < 10 * slowdown() and
+    check(sent is not None and rc == 128 + signal.SIGTERM and ended < 10 * slowdown() and
           err.count("stopped by SIGTERM after") == 1 and "over 3 ranks" in err and "MPI_ABORT" not in err and
           told == ["[canopy 0/3]", "[canopy 1/3]"],
           f"SIGTERM to rank 2 of 3 stops every rank of the build, ranks 0 and 1 told by it ({ended:.1f} s after "
-          f"it, exit {p.returncode}, {kept} shards kept, told: {told}): "
+          f"it, exit {rc}, {kept} shards kept, told: {told}): "
           f"{[l for l in err.splitlines() if 'stopped' in l][:1] or err[-400:]}")
     r = subprocess.run(mpirun(2, canopy, "cache", "--config", stop_cfg, "--progress", "quiet"),
                        capture_output=True, text=True, env=mpi_env())
@@ -418,33 +383,50 @@ def trunk_epochs(out):
     return [(r["training"], r["level"]) for r in trunk_rows(out)]
 
 
-def kill_rank_when(cmd, out, reached, rank=1, sig=signal.SIGKILL, env=None, stderr=None):
-    """Starts the mpirun `cmd`, sends its rank `rank` `sig` (SIGKILL) once out_dir's checkpoint
-    position (epoch, step) is at least `reached`; returns that position (None if never) and the
-    exit, and appends the job's standard error to the list `stderr`."""
+def signal_rank_when(cmd, reached, rank=1, sig=signal.SIGKILL, env=None):
+    """Starts the mpirun `cmd` and sends its rank `rank` `sig` (SIGKILL) once `reached()`
+    returns something other than None; returns (that, or None if never), the job's exit, its
+    standard error and the seconds from the signal to the job's end."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(env))
-    state, at = os.path.join(out, "checkpoint", "state.json"), None
+    at, sent = None, None
     deadline = time.time() + 120 * slowdown()
     while time.time() < deadline and p.poll() is None:
         try:
-            with open(state) as f:
-                st = json.load(f)
-            pids = rank_pids(p.pid)
-            if (st["epoch"], st["step"]) >= reached and rank in pids:
-                os.kill(pids[rank], sig)
-                at = (st["epoch"], st["step"])
-                break
+            got = reached()
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
+            got = None
+        pids = rank_pids(p.pid) if got is not None else {}
+        if rank in pids:
+            os.kill(pids[rank], sig)
+            at, sent = got, time.time()
+            break
         time.sleep(0.002)
     try:
         _, err = p.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         p.kill()
         _, err = p.communicate()
+    return at, p.returncode, err, time.time() - (sent or time.time())
+
+
+def kill_rank_when(cmd, out, reached, rank=1, sig=signal.SIGKILL, env=None, stderr=None):
+    """signal_rank_when once out_dir's checkpoint position (epoch, step) is at least `reached`;
+    returns that position (None if never) and the exit, and appends the job's standard error to
+    the list `stderr`."""
+    def position():
+        with open(os.path.join(out, "checkpoint", "state.json")) as f:
+            st = json.load(f)
+        return (st["epoch"], st["step"]) if (st["epoch"], st["step"]) >= reached else None
+    at, rc, err, _ = signal_rank_when(cmd, position, rank, sig, env)
     if stderr is not None:
         stderr.append(err)
-    return at, p.returncode
+    return at, rc
+
+
+def shards_in(cache):
+    """How many shard files the cache's shards/ holds."""
+    d = os.path.join(cache, "shards")
+    return len([n for n in os.listdir(d) if n.endswith(".h5")]) if os.path.isdir(d) else 0
 
 
 def check_schedules(canopy, work, env, blocks):
@@ -677,32 +659,12 @@ def check_training(canopy, work, trunk, cache, env):
 
     # A rank SIGKILLed mid-training ends the job; 2 ranks resume it to the same heads.
     cfg, out = outs["cut"]
-    p = subprocess.Popen(mpirun(3, "-x", "CANOPY_FUSION_CALIBRATION", canopy, "train", "--config", cfg, "--progress",
-                                "quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(env))
     state = os.path.join(out, "checkpoint", "state.json")
-    killed_at = None
-    deadline = time.time() + 120 * slowdown()
-    while time.time() < deadline and p.poll() is None:
-        try:
-            with open(state) as f:
-                st = json.load(f)
-            if st["epoch"] >= 1:
-                pids = rank_pids(p.pid)
-                if 2 in pids:
-                    os.kill(pids[2], signal.SIGKILL)
-                    killed_at = time.time()
-                    break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.005)
-    check(killed_at is not None, "rank 2 SIGKILLed after the first epoch's checkpoint")
-    try:
-        p.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-    ended = time.time() - (killed_at or time.time())
-    check(p.returncode != 0 and ended < 10 * slowdown(), f"training job ended {ended:.1f} s after the kill, exit {p.returncode}")
+    killed, rc, _, ended = signal_rank_when(
+        mpirun(3, "-x", "CANOPY_FUSION_CALIBRATION", canopy, "train", "--config", cfg, "--progress", "quiet"),
+        lambda: json.load(open(state))["epoch"] >= 1 or None, rank=2, env=env)
+    check(killed is not None, "rank 2 SIGKILLed after the first epoch's checkpoint")
+    check(rc != 0 and ended < 10 * slowdown(), f"training job ended {ended:.1f} s after the kill, exit {rc}")
     r = subprocess.run(mpirun(2, "-x", "CANOPY_FUSION_CALIBRATION", canopy, "train", "--config", cfg, "--resume",
                               "--progress", "quiet"), capture_output=True, text=True, env=mpi_env(env))
     check(r.returncode == 0 and "resuming from the checkpoint" in r.stderr,
