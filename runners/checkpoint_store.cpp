@@ -67,6 +67,7 @@ std::string state_text(std::int64_t generation, const CheckpointPosition& positi
                      {"config", config},
                      {"top", top},
                      {"train_seconds", train_seconds},
+                     {"ranks", mpi::size()},
                      {"tasks", tasks},
                      {"files", files}};
   seal_json(state, "state_crc32c");
@@ -195,6 +196,7 @@ CheckpointRecord CheckpointStore::read_record(const std::string& dir, bool verif
     record.position = {st.at("epoch").get<std::int64_t>(), st.at("step").get<std::int64_t>()};
     record.top = st.contains("top") && st.at("top").get<bool>();
     record.train_seconds = st.value("train_seconds", 0.0);  // not recorded before 2026-12-06
+    record.ranks = st.value("ranks", 1);
     for (const auto& t : st.at("tasks")) {
       HeadRun run;
       run_from_json(t, run);

@@ -289,8 +289,13 @@ Status status_of(const RunFacts& f) {
   const bool training = std::any_of(f.record->runs.begin(), f.record->runs.end(),
                                     [](const auto& r) { return r.second.training(); });
   if (training) {
-    return {"stopped", "stopped before its end (killed, stopped, or an error): " + resume +
-                           " goes on from its checkpoint"};
+    const int ranks = f.record->ranks;
+    return {"stopped",
+            "stopped before its end (killed, stopped, or an error): " + resume +
+                " goes on from its checkpoint" +
+                (ranks > 1 ? " (written by " + std::to_string(ranks) +
+                                 " MPI ranks: start it under the same mpirun, or any number of ranks)"
+                           : std::string())};
   }
   const std::vector<std::string> missing = unexported(f);
   if (!missing.empty()) {
@@ -419,6 +424,7 @@ std::string report_json(const RunFacts& f, const Status& status, bool verify) {
                          {"epoch", f.record->position.epoch},
                          {"step", f.record->position.step},
                          {"top", f.record->top},
+                         {"ranks", f.record->ranks},
                          {"train_seconds", f.record->train_seconds > 0 ? ordered_json(f.record->train_seconds)
                                                                        : ordered_json()}}
           : ordered_json();

@@ -693,6 +693,10 @@ def check_training(canopy, work, trunk, cache, env):
           errors[0].count("stopped by SIGTERM") == 1 and "MPI_ABORT" not in errors[0],
           f"SIGTERM to rank 2 of 3 at {at} stops every rank at {where}, exit {rc}: "
           f"{[l for l in errors[0].splitlines() if 'stopped by' in l] or errors[0][-500:]}")
+    r = subprocess.run([canopy, "inspect", out, "--json"], capture_output=True, text=True)
+    said = json.loads(r.stdout) if r.returncode == 0 else {}
+    check(said.get("checkpoint", {}).get("ranks") == 3 and "written by 3 MPI ranks" in said.get("status_text", ""),
+          f"canopy inspect says the stopped run's checkpoint was written by 3 ranks: {said.get('status_text')}")
     r = subprocess.run(mpirun(2, "-x", "CANOPY_FUSION_CALIBRATION", canopy, "train", "--config", cfg, "--resume",
                               "--progress", "quiet"), capture_output=True, text=True, env=mpi_env(env))
     ok, what = same_heads(outs["one"][1], out) if r.returncode == 0 else (False, r.stderr[-300:])

@@ -52,6 +52,7 @@ struct CheckpointRecord {
   CheckpointPosition position;
   bool top = false;                                   // it holds a trained trunk top
   double train_seconds = 0.0;                         // the training time it holds (0: not recorded)
+  int ranks = 1;                                      // the MPI ranks of the job that wrote it
   std::vector<std::pair<std::string, HeadRun>> runs;  // per task, in task order (no confusion matrices)
   // With verify: state.json against its own checksum, and every file of the generation
   // (each head's, the top's) there and matching the CRC-32C state.json records for it; one
