@@ -670,7 +670,9 @@ const std::vector<Command>& commands() {
        evaluate_options, run_evaluate_command},
       {"compare", "canopy compare RUN[,RUN...] RUN[,RUN...] [...] [--input FILE] [options]",
        "score several training runs (out_dirs or configs) on the same labelled inputs, and each head's "
-       "difference from the first run's, with paired intervals: how much to freeze, which tap, which trunk",
+       "difference from the first run's, with paired intervals, then say the cheapest unbeaten on each task "
+       "by "
+       "the runs' recorded training time: how much to freeze, which tap, which trunk",
        compare_options, run_compare_command},
       {"sweep",
        "canopy sweep --config FILE --vary KEY=V1,V2[,...] [--seeds S1,S2,...] --out DIR [--input FILE]",
