@@ -393,11 +393,18 @@ std::string totals_line(const TrainReport& report) {
   char buf[512];
   std::snprintf(
       buf, sizeof buf,
-      "%zu head%s, %lld train rows x %lld features, %sevaluated on %lld rows; load %.2fs, train %.2fs\n",
-      heads, heads == 1 ? "" : "s", static_cast<long long>(report.train_rows),
+      "%zu head%s, %lld train rows x %lld features, %sevaluated on %lld rows; load %.2fs, train %.2fs", heads,
+      heads == 1 ? "" : "s", static_cast<long long>(report.train_rows),
       static_cast<long long>(report.feature_dim), chosen, static_cast<long long>(report.eval_rows),
       report.load_seconds, report.train_seconds);
-  return buf;
+  std::string line = buf;
+  // A resumed run's training before this process, as its checkpoint records it.
+  if (!report.resumed_from.empty() && report.run_train_seconds > report.train_seconds + 0.005) {
+    std::snprintf(buf, sizeof buf, " (%.2fs in all, with the training before it resumed)",
+                  report.run_train_seconds);
+    line += buf;
+  }
+  return line + "\n";
 }
 }  // namespace
 

@@ -1772,6 +1772,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     store.start_clock();  // the checkpoint's train_seconds: the loaded one's and this run's
     run_within_memory(loop, from, style, top != nullptr, store);
     report.train_seconds = since(train_start);
+    report.run_train_seconds = store.train_seconds();
     if (mpi::distributed() && top) {
       log_allreduce(*top);
       if (mpi::rank() != 0) return report;  // rank 0 holds the same top and heads

@@ -77,7 +77,8 @@ struct TrainReport {
   std::int64_t feature_dim = 0;
   double load_seconds = 0.0;
   double train_seconds = 0.0;
-  std::string source;                   // how the train split was read
+  double run_train_seconds = 0.0;  // the run's in all: its checkpoint's, a resumed run's earlier time with it
+  std::string source;              // how the train split was read
   std::uint64_t source_peak_bytes = 0;  // most feature/label bytes the reader held at once
   std::string out_dir;
   std::string resumed_from;            // "epoch E step S" when resumed
