@@ -607,18 +607,14 @@ void stop_after_pass(const PassStop& at, const CacheReport& report) {
   const int signal = agree_on_stop(at.signal);  // a signal after the pass's last batch: it is done
   if (signal == 0) return;
   double rows = static_cast<double>(report.rows_computed);
-  mpi::all_reduce_sum(&rows, 1);
+  mpi::all_reduce_sum(&rows, 1);  // every rank's
+  const bool ranks = mpi::distributed();
   throw Stopped(
-      signal,
-      mpi::distributed()
-          ? detail::str_cat("stopped by ", signal_name(signal), " after ", static_cast<std::int64_t>(rows),
-                            " rows over ", mpi::size(),
-                            " ranks: the finished shards are kept; run the same command again (with any "
-                            "number of ranks) to compute the rest")
-          : detail::str_cat("stopped by ", signal_name(signal), " after ", report.rows_computed,
-                            " rows: the finished shards are kept; run the same command again to compute "
-                            "the rest (from ",
-                            at.split, " row ", at.row, ")"));
+      signal, detail::str_cat("stopped by ", signal_name(signal), " after ", static_cast<std::int64_t>(rows),
+                              " rows", ranks ? " over " + std::to_string(mpi::size()) + " ranks" : "",
+                              ": the finished shards are kept; run the same command again",
+                              ranks ? " (with any number of ranks)" : "", " to compute the rest",
+                              ranks ? "" : detail::str_cat(" (from ", at.split, " row ", at.row, ")")));
 }
 
 // This rank's shards through the trunk and to the writer, with progress, within the memory

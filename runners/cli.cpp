@@ -464,25 +464,23 @@ int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   const Comparison c = run_compare(configs, arm_paths, registry, options,
                                    vm.count("metric") ? vm["metric"].as<std::string>() : "",
                                    parse_progress(vm["progress"].as<std::string>()));
-  // What to choose by cost, where the runs' checkpoints record their training time.
-  std::vector<std::string> names;
+  // What to choose by cost, where the runs' checkpoints record their training time. Each arm is
+  // named as it was given (`paths`), so that no two arms share a name.
   std::vector<std::vector<double>> seconds;
   for (const auto& arm : c.arms) {
-    names.push_back(c.runs[arm.runs.front()].path +
-                    (arm.runs.size() > 1 ? " and " + std::to_string(arm.runs.size() - 1) + " more" : ""));
     seconds.emplace_back();
     for (std::size_t r : arm.runs) seconds.back().push_back(recorded_train_seconds(c.runs[r].out_dir));
   }
-  const std::string record = arms_record(names, seconds);
+  const std::string record = arms_record(paths, seconds);
   std::string json = comparison_json(c);
-  if (!record.empty()) {
+  const std::string choice = record.empty() ? "" : choice_json(record, json);
+  if (!choice.empty()) {
     auto j = nlohmann::ordered_json::parse(json);
-    j["choice"] = nlohmann::ordered_json::parse(choice_json(record, json));
+    j["choice"] = nlohmann::ordered_json::parse(choice);
     json = j.dump(2) + "\n";
   }
-  out << (vm.count("json")
-              ? json
-              : format_comparison(c) + (record.empty() ? "" : "\n" + choice_lines(record, json)));
+  out << (vm.count("json") ? json
+                           : format_comparison(c) + (choice.empty() ? "" : "\n" + describe_choice(choice)));
   say_stops_on_eval_split(c, configs, "compare", err);
   if (!path.empty()) {
     write_output_file(path, json);
@@ -671,8 +669,7 @@ const std::vector<Command>& commands() {
       {"compare", "canopy compare RUN[,RUN...] RUN[,RUN...] [...] [--input FILE] [options]",
        "score several training runs (out_dirs or configs) on the same labelled inputs, and each head's "
        "difference from the first run's, with paired intervals, then say the cheapest unbeaten on each task "
-       "by "
-       "the runs' recorded training time: how much to freeze, which tap, which trunk",
+       "by the runs' recorded training time: how much to freeze, which tap, which trunk",
        compare_options, run_compare_command},
       {"sweep",
        "canopy sweep --config FILE --vary KEY=V1,V2[,...] [--seeds S1,S2,...] --out DIR [--input FILE]",

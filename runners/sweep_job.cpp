@@ -1029,6 +1029,10 @@ std::string choice_json(const std::string& sweep_record, const std::string& comp
       .dump();
 }
 
+std::string describe_choice(const std::string& choice) {
+  return choice_text(nlohmann::ordered_json::parse(choice));
+}
+
 std::string arms_record(const std::vector<std::string>& names,
                         const std::vector<std::vector<double>>& seconds) {
   nlohmann::ordered_json record{{"settings", names}, {"runs", nlohmann::ordered_json::array()}};

@@ -319,6 +319,21 @@ def main():
     check(next((x for x in arms.get("runs", []) if x["label"] == "A2"), {}).get("differs") == ["train.seed = 1 (A1: 0)"]
           and next((x for x in arms.get("runs", []) if x["label"] == "B1"), {}).get("differs_from") == "A1",
           "A2 differs from A1 in its seed; B1 is described against A1")
+    # Each arm's cost is the mean of its own runs' recorded training times, and each task goes to
+    # the cheaper of the arms unbeaten on it: two arms whose first run is the same (their costs
+    # were once merged under one name) and which cannot be told apart on some task.
+    twin_a, twin_b = f"{moved},{work}/frozen_s1", f"{moved},{work}/top_s1"
+    r, twins = canopy_json([canopy, "compare", twin_a, twin_b, "--input", IMAGES, "--limit", str(ROWS)])
+    spent = {p: recorded(p) for p in (moved, f"{work}/frozen_s1", f"{work}/top_s1")}
+    want_cost = {a: np.mean([spent[p] for p in arm.split(",")]) for a, arm in (("A", twin_a), ("B", twin_b))}
+    listed = {x["arm"]: x for x in (twins.get("choice") or {}).get("settings", [])}
+    both = [t["task"] for t in twins.get("tasks", []) if sorted(t.get("unbeaten", [])) == ["A", "B"]]
+    cheaper = min("AB", key=lambda a: want_cost[a])
+    check(r.returncode == 0 and {a: x["setting"] for a, x in listed.items()} == {"A": twin_a, "B": twin_b} and
+          all(abs(listed[a]["seconds"] - want_cost[a]) < 1e-9 for a in "AB") and both and
+          all(twins["choice"]["per_task"][t] == cheaper for t in both),
+          f"arms sharing a run: each costs its own runs' mean {want_cost} ({listed}), and {both}, unbeaten by "
+          f"either, go to the cheaper, {cheaper} ({(twins.get('choice') or {}).get('per_task')})")
     for label, config in (("A2", frozen_s1), ("B2", top_s1)):
         p = subprocess.run([canopy, "predict", "--config", config, "--input", IMAGES, "--limit", str(ROWS),
                             "--format", "jsonl", "--progress", "quiet"], capture_output=True, text=True)

@@ -120,9 +120,11 @@ std::string format_sweep(const SweepPlan& plan);
 // run), with those tasks; the cheapest setting unbeaten on every task (or that none is); and for
 // each cheaper choice the tasks it is shown worse on, each with the largest difference shown.
 std::string choice_lines(const std::string& sweep_record, const std::string& comparison);
-// The same choice as JSON ("null" when no task has unbeaten arms), as `canopy inspect --json` has it.
+// The same choice as JSON ("null" when no task has unbeaten arms), as `canopy inspect --json` has it,
+// and choice_json's text as choice_lines words it ("" for "null").
 std::string choice_json(const std::string& sweep_record, const std::string& comparison);
-// A record of trained runs for choice_lines, as a sweep's would be, for `canopy compare`: arm a
+std::string describe_choice(const std::string& choice);
+// A record of trained runs for choice_json, as a sweep's would be, for `canopy compare`: arm a
 // (A, B, ...) named names[a], its runs' training times seconds[a] (0 where a run records none).
 // Empty ("") when no run records one: there is no cost to choose by.
 std::string arms_record(const std::vector<std::string>& names,
