@@ -208,7 +208,11 @@ std::string expand_env(std::string_view s) {
 
 std::string format_duration(double seconds) {
   char buf[64];
-  if (seconds < 60) {
+  if (seconds < 0.0995) {  // a frozen trunk's heads train in tens of milliseconds: not "0.0s"
+    std::snprintf(buf, sizeof buf, "%.0fms", seconds * 1000);
+  } else if (seconds < 0.995) {
+    std::snprintf(buf, sizeof buf, "%.2fs", seconds);
+  } else if (seconds < 60) {
     std::snprintf(buf, sizeof buf, "%.1fs", seconds);
   } else if (seconds < 3600) {
     std::snprintf(buf, sizeof buf, "%dm %02ds", int(seconds) / 60, int(seconds) % 60);

@@ -184,6 +184,14 @@ std::optional<CheckpointPosition> CheckpointStore::peek(const std::string& dir) 
   }
 }
 
+double CheckpointStore::recorded_train_seconds(const std::string& dir) {
+  try {
+    return read_record(dir, false).train_seconds;
+  } catch (const Error&) {
+    return 0.0;
+  }
+}
+
 CheckpointRecord CheckpointStore::read_record(const std::string& dir, bool verify) {
   const std::string path = dir + "/state.json";
   CANOPY_CHECK(is_regular_file(path), DataError, "no checkpoint in '", dir, "'");

@@ -431,14 +431,6 @@ void say_stops_on_eval_split(const Comparison& c, const std::vector<std::vector<
 }
 
 // The training time a run's checkpoint records (0: none, or no checkpoint).
-double recorded_train_seconds(const std::string& out_dir) {
-  try {
-    return CheckpointStore::read_record(join_path(out_dir, "checkpoint"), false).train_seconds;
-  } catch (const Error&) {
-    return 0.0;
-  }
-}
-
 int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
                         std::ostream& err) {
   const std::vector<std::string> paths =
@@ -469,7 +461,9 @@ int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   std::vector<std::vector<double>> seconds;
   for (const auto& arm : c.arms) {
     seconds.emplace_back();
-    for (std::size_t r : arm.runs) seconds.back().push_back(recorded_train_seconds(c.runs[r].out_dir));
+    for (std::size_t r : arm.runs)
+      seconds.back().push_back(
+          CheckpointStore::recorded_train_seconds(join_path(c.runs[r].out_dir, "checkpoint")));
   }
   const std::string record = arms_record(paths, seconds);
   std::string json = comparison_json(c);

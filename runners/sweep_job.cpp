@@ -28,6 +28,7 @@
 #include "canopy/core/strings.h"
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/runners/cache_job.h"
+#include "canopy/runners/checkpoint_store.h"
 #include "canopy/runners/compare_job.h"
 #include "canopy/runners/run_inspect.h"
 #include "canopy/runners/shared_top.h"
@@ -273,6 +274,11 @@ std::string setting_of(const SweepPlan& plan, const SweepRun& run) {
   return plan.settings[run.setting] + ", seed " + std::to_string(run.config.train.seed);
 }
 
+// The training time the run's checkpoint records; 0 when none.
+double recorded_seconds(const SweepRun& run) {
+  return CheckpointStore::recorded_train_seconds(join_path(run.config.train.out_dir, "checkpoint"));
+}
+
 // Each run's training time in the sweeps into `out` before (its sweep.json): out_dir -> seconds.
 std::map<std::string, double> earlier_train_seconds(const std::string& out) {
   std::map<std::string, double> seconds;
@@ -280,8 +286,11 @@ std::map<std::string, double> earlier_train_seconds(const std::string& out) {
   if (!is_regular_file(path)) return seconds;
   try {
     const auto j = nlohmann::json::parse(read_file(path));
-    for (const auto& run : j.at("runs"))
+    for (const auto& run : j.at("runs")) {
+      // A time its checkpoint recorded is read from the checkpoint again, not added to.
+      if (run.value("timed_by", "process") == "checkpoint") continue;
       seconds[run.at("out_dir").get<std::string>()] = run.value("train_seconds", run.value("seconds", 0.0));
+    }
   } catch (const nlohmann::json::exception&) {
     log_info("'" + path + "' cannot be read: the earlier runs' times are not known; it is written anew");
   }
@@ -570,6 +579,7 @@ SweepPlan plan_sweep(const SweepOptions& options) {
       read_out_dir(run);
       if (run.action != SweepAction::kTrain && earlier.count(run.config.train.out_dir))
         run.seconds_before = earlier.at(run.config.train.out_dir);
+      if (run.action != SweepAction::kTrain) run.recorded_seconds = recorded_seconds(run);
       plan.runs.push_back(std::move(run));
     }
   }
@@ -733,6 +743,7 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
     const auto start = std::chrono::steady_clock::now();
     run.exit_code = run_child(argv, run.log);
     run.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    run.recorded_seconds = recorded_seconds(run);
     write_file_atomic(record, sweep_json(plan));
     const int rc = run.exit_code;
     if (rc == 0) {
@@ -809,6 +820,18 @@ std::string cost_lines(const nlohmann::ordered_json& record) {
     per_setting.push_back(cost);
   }
   if (!per_setting.empty()) o << "training time per run, mean: " << join(per_setting, "; ") << "\n";
+  std::size_t by_process = 0, by_checkpoint = 0;
+  for (const auto& r : record.value("runs", nlohmann::ordered_json::array())) {
+    if (r.value("train_seconds", 0.0) <= 0) continue;
+    const std::string by = r.value("timed_by", "");
+    by_process += by == "process";
+    by_checkpoint += by == "checkpoint";
+  }
+  if (by_process > 0 && by_checkpoint > 0)
+    o << "(" << by_process << " run" << (by_process == 1 ? "" : "s")
+      << " record no training time in their checkpoint: their processes' time is counted, start-up and "
+         "loading "
+         "included)\n";
   const auto links = record.value("links", std::map<std::string, std::string>{});
   const auto built = record.value("cache_seconds", std::map<std::string, double>{});
   std::vector<std::string> caches;
@@ -1107,7 +1130,8 @@ std::string sweep_json(const SweepPlan& plan) {
                          {"action", action_word(r.action)},
                          {"exit_code", r.exit_code},
                          {"seconds", r.seconds},
-                         {"train_seconds", r.train_seconds()}});
+                         {"train_seconds", r.train_seconds()},
+                         {"timed_by", r.timed_by_checkpoint() ? "checkpoint" : "process"}});
   }
   return j.dump(2) + "\n";
 }

@@ -390,6 +390,16 @@ TEST(Strings, ClosestMatchSuggestsOnlyAnUnambiguousNearMiss) {
   EXPECT_EQ(did_you_mean("width", {"hidden", "dropout"}), "");
 }
 
+TEST(Strings, FormatDurationKeepsTwoDigitsUnderASecond) {
+  EXPECT_EQ(format_duration(0.018), "18ms");
+  EXPECT_EQ(format_duration(0.0996), "0.10s");
+  EXPECT_EQ(format_duration(0.33), "0.33s");
+  EXPECT_EQ(format_duration(0.996), "1.0s");
+  EXPECT_EQ(format_duration(3.24), "3.2s");
+  EXPECT_EQ(format_duration(65), "1m 05s");
+  EXPECT_EQ(format_duration(3720), "1h 02m");
+}
+
 TEST(Strings, FormatMibKeepsADecimalUnderTen) {
   EXPECT_EQ(format_mib(293.0 * 1024 * 1024), "293 MiB");
   EXPECT_EQ(format_mib(7.5 * 1024 * 1024), "7.5 MiB");

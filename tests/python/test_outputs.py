@@ -8,7 +8,9 @@ Fashion-MNIST, then checks:
   * `h5ls -r` lists the documented layout;
   * every exported head loads with the `safetensors` package and, in plain torch,
     reproduces the accuracy canopy reported for it;
-  * the example program registers its own head and trains it through the same CLI.
+  * the example program registers its own head and trains it through the same CLI; over a
+    trained top, the head reads the top's pooled output (not the cached prefix's) and
+    `evaluate` rebuilds it over the fine-tuned trunk to the card's accuracy.
 """
 import argparse
 import gzip
@@ -23,7 +25,7 @@ import h5py
 import numpy as np
 import torch
 
-from support import FMNIST, check, finish, read_idx, work_dir
+from support import FMNIST, check, finish, read_idx, tiny_block_trunk, tiny_trunk_sections, work_dir
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
 from rebuild_head import head_answers, rebuild_head  # noqa: E402  (the snippet docs/training.md shows)
@@ -560,6 +562,39 @@ lr = 0.01
     run = subprocess.run([a.custom, "train", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
     check(run.returncode == 0 and f"residual_mlp {D}-(16)-10" in run.stdout,
           f"example program trains its head through run_cli ({run.returncode}: {run.stderr[-500:]})")
+
+    # ... over a trained top: the cache holds the prefix's 8 x 14 x 14 values a row, the head
+    # reads the top's pooled 8; evaluate rebuilds it (the registry, the exported trunk) to its card.
+    torch.manual_seed(0)
+    blocks = os.path.join(work, "blocks.pt")
+    torch.jit.script(tiny_block_trunk().eval()).save(blocks)
+    top_config = os.path.join(work, "top.ini")
+    with open(top_config, "w") as f:
+        f.write(tiny_trunk_sections(blocks, 600, 200) + f"""freeze = first:2
+[cache]
+path = {work}/top-cache
+[train]
+out_dir = {work}/top-out
+epochs = 3
+batch_size = 50
+[task.residual]
+head = residual_mlp
+head.width = 16
+lr = 0.01
+""")
+    run = subprocess.run([a.custom, "run", "--config", top_config, "--progress", "quiet"], capture_output=True, text=True)
+    card = json.load(open(f"{work}/top-out/heads/residual.json")) if run.returncode == 0 else {}
+    check(run.returncode == 0 and "residual_mlp 8-(16)-10" in run.stdout and card.get("in_features") == 8 and
+          "1568 values per row" in run.stderr,
+          f"over a trained top the example's head reads the top's 8 pooled features, the cache the prefix's 1568 "
+          f"({run.returncode}: {run.stdout[-400:]} {run.stderr[-400:]})")
+    r = subprocess.run([a.custom, "evaluate", "--config", top_config, "--progress", "quiet", "--json"],
+                       capture_output=True, text=True)
+    got = {h["task"]: h for h in json.loads(r.stdout)["heads"]} if r.returncode == 0 else {}
+    want = card.get("eval_accuracy")
+    check(want is not None and abs(got.get("residual", {}).get("accuracy", -1) - want) < 1e-9,
+          f"evaluate rebuilds the example's head over the fine-tuned trunk to its card's accuracy: "
+          f"{got.get('residual', {}).get('accuracy')} vs {want} ({r.stderr[-300:]})")
     return finish()
 
 

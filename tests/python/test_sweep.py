@@ -156,9 +156,13 @@ lr = 0.01
     check(r.returncode == 0 and len(trained_on) == 4 and epochs == [5] * 4,
           f"every run trained on to 5 epochs: {epochs} {r.stderr.strip()[-300:]}")
     timed = json.load(open(f"{out}/sweep.json"))["runs"]
-    check(all(x["train_seconds"] > x["seconds"] > 0 for x in timed) and
+    recorded = [json.load(open(f"{x['out_dir']}/checkpoint/state.json"))["train_seconds"] for x in timed]
+    before = {x["out_dir"]: x["train_seconds"] for x in record["runs"]}
+    check([x["train_seconds"] for x in timed] == recorded and all(x["timed_by"] == "checkpoint" for x in timed) and
+          all(x["train_seconds"] > before[x["out_dir"]] > 0 and x["seconds"] > 0 for x in timed) and
           "training time per run, mean" in r.stdout and "trunk.freeze = first:2: " in r.stdout,
-          "each run's training time adds its earlier sweeps' (sweep.json), each setting's mean said")
+          f"each run's cost is the training time its checkpoint records, the epochs before included (not its "
+          f"process's), each setting's mean said: {timed} {recorded}")
 
     fewer = subprocess.run(sweep + ["--set", "train.epochs=3", "--dry-run"], capture_output=True, text=True)
     check(fewer.returncode == 2 and "cannot go on to this configuration: train.epochs (5 -> 3): task 'cls' has "

@@ -58,7 +58,7 @@ std::string count_of(std::int64_t n, const std::string& word);
 // between columns, no trailing spaces; rows may have fewer cells than others.
 std::string aligned_columns(const std::vector<std::vector<std::string>>& rows);
 
-// Formats seconds as "1m 05s" / "3.2s".
+// Formats seconds as "1h 02m" / "1m 05s" / "3.2s" / "0.33s" / "18ms": two digits or more.
 std::string format_duration(double seconds);
 
 // Formats bytes in MiB: "293 MiB", "7.5 MiB" (one decimal under 10).

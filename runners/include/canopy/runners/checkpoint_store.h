@@ -127,6 +127,9 @@ class CheckpointStore {
   static std::optional<CheckpointPosition> peek(const std::string& dir);
   // The record of the checkpoint in `dir`; DataError when it has none or state.json does not parse.
   static CheckpointRecord read_record(const std::string& dir, bool verify);
+  // The training time the checkpoint in `dir` records (its train_seconds); 0 when there is no
+  // checkpoint, it does not parse or it records none (written before canopy recorded it).
+  static double recorded_train_seconds(const std::string& dir);
   // Where the checkpoint whole on disk resumes (the generation last committed or loaded);
   // empty while this run has none. A save still being written is not counted.
   const std::optional<CheckpointPosition>& committed() const { return committed_; }

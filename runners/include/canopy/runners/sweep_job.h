@@ -58,7 +58,14 @@ struct SweepRun {
   // What training it took in earlier sweeps into this folder (their sweep.json), for a run
   // kept, resumed or trained on; 0 when unknown or trained anew.
   double seconds_before = 0.0;
-  double train_seconds() const { return seconds_before + seconds; }
+  // The training time its checkpoint records (state.json's train_seconds: training alone, a
+  // resumed or trained-on run's included), read when planned and after it runs; 0 when none.
+  double recorded_seconds = 0.0;
+  // What the run cost, as `canopy compare` counts it: the checkpoint's training time, or where
+  // the checkpoint records none (trained before canopy recorded it, or no checkpoint) its
+  // processes' time, earlier sweeps' included.
+  bool timed_by_checkpoint() const { return recorded_seconds > 0; }
+  double train_seconds() const { return timed_by_checkpoint() ? recorded_seconds : seconds_before + seconds; }
 };
 
 struct SweepPlan {
