@@ -132,6 +132,24 @@ std::string cpu_model() {
   return model.empty() ? "unknown CPU" : model;
 }
 
+std::string machine_description(bool gpu) {
+  // Virtual machines often name every generation of a vendor's CPUs alike ("Intel(R) Xeon(R)
+  // Processor"): the family and model tell them apart.
+  std::string family, model;
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line) && (family.empty() || model.empty());) {
+    const auto colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    const std::string key = trim(line.substr(0, colon));
+    if (key == "cpu family" && family.empty()) family = trim(line.substr(colon + 1));
+    if (key == "model" && model.empty()) model = trim(line.substr(colon + 1));
+  }
+  const std::string which =
+      family.empty() || model.empty() ? "" : " (family " + family + " model " + model + ")";
+  return detail::str_cat(cpu_model(), which, ", ", machine_cores(), machine_cores() == 1 ? " core" : " cores",
+                         gpu ? ", a CUDA GPU" : "");
+}
+
 bool cpu_has_flag(const std::string& flag) {
   static const std::string flags = " " + cpuinfo_value("flags") + " ";
   return flags.find(" " + flag + " ") != std::string::npos;

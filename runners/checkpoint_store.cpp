@@ -60,7 +60,8 @@ bool hard_link(const std::string& from, const std::string& to) {
 // (`state_crc32c`). A flipped bit in a head file would otherwise resume, or export, other
 // weights with exit 0.
 std::string state_text(std::int64_t generation, const CheckpointPosition& position, const std::string& config,
-                       bool top, double train_seconds, const ordered_json& tasks, const ordered_json& files) {
+                       bool top, double train_seconds, const std::vector<std::string>& machines,
+                       const ordered_json& tasks, const ordered_json& files) {
   ordered_json state{{"generation", generation},
                      {"epoch", position.epoch},
                      {"step", position.step},
@@ -68,6 +69,7 @@ std::string state_text(std::int64_t generation, const CheckpointPosition& positi
                      {"top", top},
                      {"train_seconds", train_seconds},
                      {"ranks", mpi::size()},
+                     {"machines", machines},
                      {"tasks", tasks},
                      {"files", files}};
   seal_json(state, "state_crc32c");
@@ -184,14 +186,6 @@ std::optional<CheckpointPosition> CheckpointStore::peek(const std::string& dir) 
   }
 }
 
-double CheckpointStore::recorded_train_seconds(const std::string& dir) {
-  try {
-    return read_record(dir, false).train_seconds;
-  } catch (const Error&) {
-    return 0.0;
-  }
-}
-
 CheckpointRecord CheckpointStore::read_record(const std::string& dir, bool verify) {
   const std::string path = dir + "/state.json";
   CANOPY_CHECK(is_regular_file(path), DataError, "no checkpoint in '", dir, "'");
@@ -205,6 +199,7 @@ CheckpointRecord CheckpointStore::read_record(const std::string& dir, bool verif
     record.top = st.contains("top") && st.at("top").get<bool>();
     record.train_seconds = st.value("train_seconds", 0.0);  // not recorded before 2026-12-06
     record.ranks = st.value("ranks", 1);
+    record.machines = st.value("machines", std::vector<std::string>{});  // not recorded before 2026-12-06
     for (const auto& t : st.at("tasks")) {
       HeadRun run;
       run_from_json(t, run);
@@ -226,7 +221,10 @@ CheckpointRecord CheckpointStore::read_record(const std::string& dir, bool verif
   return record;
 }
 
-void CheckpointStore::start_clock() { clock_start_ = std::chrono::steady_clock::now(); }
+void CheckpointStore::start_clock(const std::string& machine) {
+  if (std::find(machines_.begin(), machines_.end(), machine) == machines_.end()) machines_.push_back(machine);
+  clock_start_ = std::chrono::steady_clock::now();
+}
 
 double CheckpointStore::train_seconds() const {
   if (!clock_start_) return seconds_before_;
@@ -294,8 +292,8 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
     // Rank 0 writes state.json: it records every rank's files (other ranks get nothing back).
     for (const auto& theirs : mpi::gather(crcs.dump())) crcs.update(ordered_json::parse(theirs));
   }
-  std::string state =
-      state_text(generation_, position, config_identity_, top != nullptr, train_seconds(), tasks_json, crcs);
+  std::string state = state_text(generation_, position, config_identity_, top != nullptr, train_seconds(),
+                                 machines_, tasks_json, crcs);
   if (async_ && !top && !mpi::distributed()) {
     // Written, synced and committed by a thread of its own while training goes on.
     pending_ =
@@ -391,6 +389,7 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
                  " tasks, the config has ", tasks.size());
     generation_ = st.at("generation").get<std::int64_t>();
     seconds_before_ = st.value("train_seconds", 0.0);
+    machines_ = st.value("machines", std::vector<std::string>{});
     runs.assign(tasks.size(), HeadRun{});
     for (std::size_t i = 0; i < tasks.size(); ++i) {
       const auto& t = saved.at(i);

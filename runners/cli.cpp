@@ -31,7 +31,6 @@
 #include "canopy/datasets/feature_cache.h"
 #include "canopy/datasets/text.h"
 #include "canopy/runners/cache_job.h"
-#include "canopy/runners/checkpoint_store.h"
 #include "canopy/runners/compare_job.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/evaluate_job.h"
@@ -458,14 +457,12 @@ int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& 
                                    parse_progress(vm["progress"].as<std::string>()));
   // What to choose by cost, where the runs' checkpoints record their training time. Each arm is
   // named as it was given (`paths`), so that no two arms share a name.
-  std::vector<std::vector<double>> seconds;
+  std::vector<std::vector<RunCost>> costs;
   for (const auto& arm : c.arms) {
-    seconds.emplace_back();
-    for (std::size_t r : arm.runs)
-      seconds.back().push_back(
-          CheckpointStore::recorded_train_seconds(join_path(c.runs[r].out_dir, "checkpoint")));
+    costs.emplace_back();
+    for (std::size_t r : arm.runs) costs.back().push_back(recorded_cost(c.runs[r].out_dir));
   }
-  const std::string record = arms_record(paths, seconds);
+  const std::string record = arms_record(paths, costs);
   std::string json = comparison_json(c);
   const std::string choice = record.empty() ? "" : choice_json(record, json);
   if (!choice.empty()) {

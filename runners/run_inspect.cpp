@@ -339,6 +339,7 @@ std::string report_text(const RunFacts& f, const Status& status, bool verify) {
       << (f.record->top ? ", with the trunk's trained top" : "");
     if (f.record->train_seconds > 0)
       o << ", in " << format_duration(f.record->train_seconds) << " of training";
+    if (!f.record->machines.empty()) o << " on " << join(f.record->machines, ", then on ");
     o << "\n";
     if (verify && f.record->problems.empty()) {
       const auto files = static_cast<std::int64_t>(f.record->runs.size() + (f.record->top ? 1 : 0));
@@ -425,6 +426,7 @@ std::string report_json(const RunFacts& f, const Status& status, bool verify) {
                          {"step", f.record->position.step},
                          {"top", f.record->top},
                          {"ranks", f.record->ranks},
+                         {"machines", f.record->machines},
                          {"train_seconds", f.record->train_seconds > 0 ? ordered_json(f.record->train_seconds)
                                                                        : ordered_json()}}
           : ordered_json();

@@ -274,9 +274,11 @@ std::string setting_of(const SweepPlan& plan, const SweepRun& run) {
   return plan.settings[run.setting] + ", seed " + std::to_string(run.config.train.seed);
 }
 
-// The training time the run's checkpoint records; 0 when none.
-double recorded_seconds(const SweepRun& run) {
-  return CheckpointStore::recorded_train_seconds(join_path(run.config.train.out_dir, "checkpoint"));
+// The run's training time and machines, as its checkpoint records them.
+void read_cost(SweepRun& run) {
+  RunCost cost = recorded_cost(run.config.train.out_dir);
+  run.recorded_seconds = cost.seconds;
+  run.machines = std::move(cost.machines);
 }
 
 // Each run's training time in the sweeps into `out` before (its sweep.json): out_dir -> seconds.
@@ -579,7 +581,7 @@ SweepPlan plan_sweep(const SweepOptions& options) {
       read_out_dir(run);
       if (run.action != SweepAction::kTrain && earlier.count(run.config.train.out_dir))
         run.seconds_before = earlier.at(run.config.train.out_dir);
-      if (run.action != SweepAction::kTrain) run.recorded_seconds = recorded_seconds(run);
+      if (run.action != SweepAction::kTrain) read_cost(run);
       plan.runs.push_back(std::move(run));
     }
   }
@@ -743,7 +745,7 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
     const auto start = std::chrono::steady_clock::now();
     run.exit_code = run_child(argv, run.log);
     run.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    run.recorded_seconds = recorded_seconds(run);
+    read_cost(run);
     write_file_atomic(record, sweep_json(plan));
     const int rc = run.exit_code;
     if (rc == 0) {
@@ -953,11 +955,28 @@ nlohmann::ordered_json sweep_choice(const nlohmann::ordered_json& record,
                       {"setting", setting},
                       {"seconds", mean.count(setting) ? ordered_json(mean.at(setting)) : ordered_json()}});
   }
+  // Where the times were measured: each arm's timed runs' machines. Times from two machines
+  // do not compare (another CPU, other cores, a GPU), and the choice says so.
+  ordered_json machines = ordered_json::object();
+  std::set<std::string> distinct;
+  for (const auto& r : record.value("runs", ordered_json::array())) {
+    if (r.value("train_seconds", 0.0) <= 0) continue;
+    const auto at = std::find(settings.begin(), settings.end(), r.value("setting", ""));
+    if (at == settings.end()) continue;
+    ordered_json& mine = machines[arm_of(static_cast<std::size_t>(at - settings.begin()))];
+    if (mine.is_null()) mine = ordered_json::array();
+    for (const auto& m : r.value("machines", std::vector<std::string>{})) {
+      distinct.insert(m);
+      if (std::find(mine.begin(), mine.end(), m) == mine.end()) mine.push_back(m);
+    }
+  }
   return {{"cost", "training seconds per run, mean"},
           {"settings", listed},
           {"per_task", per_task},
           {"every_task", every.empty() ? ordered_json() : ordered_json(every)},
-          {"shown_worse", shown_worse}};
+          {"shown_worse", shown_worse},
+          {"machines", machines},
+          {"one_machine", distinct.size() <= 1}};
 }
 
 // A task a setting is shown worse on, as sweep_choice's "shown_worse" has it, in words:
@@ -995,6 +1014,13 @@ std::string choice_text(const nlohmann::ordered_json& choice) {
   std::ostringstream o;
   o << "choosing by cost (training time per run): per task, the cheapest setting no other is shown better "
        "than on it\n";
+  if (!choice.value("one_machine", true)) {
+    std::vector<std::string> where;
+    for (const auto& [arm, ms] : choice["machines"].items())
+      where.push_back(arm + " on " + join(ms.get<std::vector<std::string>>(), " and "));
+    o << "  the times were measured on more than one machine, so they do not compare: " << join(where, "; ")
+      << " (train the runs compared on one machine to choose by cost)\n";
+  }
   std::vector<std::vector<std::string>> rows;
   for (const auto& arm : arms) {
     auto listed = tasks_of[arm];
@@ -1056,14 +1082,24 @@ std::string describe_choice(const std::string& choice) {
   return choice_text(nlohmann::ordered_json::parse(choice));
 }
 
+RunCost recorded_cost(const std::string& out_dir) {
+  try {
+    const CheckpointRecord record = CheckpointStore::read_record(join_path(out_dir, "checkpoint"), false);
+    return {record.train_seconds, record.machines};
+  } catch (const Error&) {  // no checkpoint, or one that does not parse: no time recorded
+    return {};
+  }
+}
+
 std::string arms_record(const std::vector<std::string>& names,
-                        const std::vector<std::vector<double>>& seconds) {
+                        const std::vector<std::vector<RunCost>>& costs) {
   nlohmann::ordered_json record{{"settings", names}, {"runs", nlohmann::ordered_json::array()}};
   bool timed = false;
-  for (std::size_t a = 0; a < names.size() && a < seconds.size(); ++a) {
-    for (const double t : seconds[a]) {
-      record["runs"].push_back({{"setting", names[a]}, {"train_seconds", t}});
-      timed = timed || t > 0;
+  for (std::size_t a = 0; a < names.size() && a < costs.size(); ++a) {
+    for (const RunCost& c : costs[a]) {
+      record["runs"].push_back(
+          {{"setting", names[a]}, {"train_seconds", c.seconds}, {"machines", c.machines}});
+      timed = timed || c.seconds > 0;
     }
   }
   return timed ? record.dump() : std::string();
@@ -1131,7 +1167,8 @@ std::string sweep_json(const SweepPlan& plan) {
                          {"exit_code", r.exit_code},
                          {"seconds", r.seconds},
                          {"train_seconds", r.train_seconds()},
-                         {"timed_by", r.timed_by_checkpoint() ? "checkpoint" : "process"}});
+                         {"timed_by", r.timed_by_checkpoint() ? "checkpoint" : "process"},
+                         {"machines", r.machines}});
   }
   return j.dump(2) + "\n";
 }

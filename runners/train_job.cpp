@@ -1769,7 +1769,8 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     if (top) reuse_activations.emplace();
     const FlushDenormals denormals(config.train.flush_denormals);
     const auto train_start = Clock::now();
-    store.start_clock();  // the checkpoint's train_seconds: the loaded one's and this run's
+    // train_seconds: the loaded checkpoint's and this run's (a top trains on the GPU where there is one).
+    store.start_clock(machine_description(top && cuda_available()));
     run_within_memory(loop, from, style, top != nullptr, store);
     report.train_seconds = since(train_start);
     report.run_train_seconds = store.train_seconds();

@@ -136,6 +136,38 @@ def main():
           f"{n['better']}/{n['worse']}/{n['no_difference']}  -" in r.stdout,
           f"the text report has the table of each arm against each other:\n{r.stdout[-600:]}")
 
+    # Where each time was measured: state.json records the machine (CPU, its family and model,
+    # the cores the process may use), canopy inspect says it. Times from two machines do not
+    # compare, and the choice says so: a run trained under `taskset -c 0` had 1 core of the 2.
+    machine = json.load(open(f"{runs[0]}/checkpoint/state.json")).get("machines", [None])[0] or ""
+    cores = len(os.sched_getaffinity(0))
+    check(f", {cores} core" in machine and " (family " in machine and choice.get("one_machine") is True and
+          all(choice.get("machines", {}).get(a) == [machine] for a in "ABC") and
+          f" of training on {machine}" in said and "measured on more than one machine" not in r.stdout,
+          f"each run records where it trained ({machine!r}); one machine, nothing said: {choice.get('machines')}")
+    if cores >= 2:
+        one = f"{work}/frozen_1core"
+        r1 = subprocess.run(["taskset", "-c", "0", canopy, "train", "--config", frozen, "--set", f"train.out_dir={one}",
+                             "--progress", "quiet"], capture_output=True, text=True)
+        r, two = canopy_json([canopy, "compare", runs[0], one, "--input", IMAGES, "--limit", str(ROWS)])
+        text = subprocess.run([canopy, "compare", runs[0], one, "--input", IMAGES, "--limit", str(ROWS), "--progress",
+                               "quiet"], capture_output=True, text=True).stdout
+        other_machine = machine.replace(f", {cores} cores", ", 1 core")
+        check(r1.returncode == 0 and (two.get("choice") or {}).get("one_machine") is False and
+              two["choice"]["machines"] == {"A": [machine], "B": [other_machine]} and
+              f"the times were measured on more than one machine, so they do not compare: A on {machine}; "
+              f"B on {other_machine}" in text,
+              f"a run on 1 core against one on {cores}: the choice says the times do not compare "
+              f"({(two.get('choice') or {}).get('machines')}):\n{text[-700:]}")
+        # Trained on elsewhere: the machines of its epochs, each once, in order.
+        r2 = subprocess.run([canopy, "train", "--config", frozen, "--set", f"train.out_dir={one}", "--set",
+                             "train.epochs=3", "--resume", "--progress", "quiet"], capture_output=True, text=True)
+        state = json.load(open(f"{one}/checkpoint/state.json"))
+        said = subprocess.run([canopy, "inspect", one], capture_output=True, text=True).stdout
+        check(r2.returncode == 0 and state.get("machines") == [other_machine, machine] and
+              f"of training on {other_machine}, then on {machine}" in said,
+              f"a run trained on on another machine records both: {state.get('machines')} {said[:400]}")
+
     # Each run's heads as `canopy evaluate` scores them: values and intervals.
     # C's heads read A's features: one trunk pass serves both, B's tuned trunk has its own.
     check(runs_of.get("C", {}).get("pass_with") == "A" and runs_of.get("B", {}).get("pass_with") == "" and

@@ -156,10 +156,12 @@ lr = 0.01
     check(r.returncode == 0 and len(trained_on) == 4 and epochs == [5] * 4,
           f"every run trained on to 5 epochs: {epochs} {r.stderr.strip()[-300:]}")
     timed = json.load(open(f"{out}/sweep.json"))["runs"]
-    recorded = [json.load(open(f"{x['out_dir']}/checkpoint/state.json"))["train_seconds"] for x in timed]
+    states = [json.load(open(f"{x['out_dir']}/checkpoint/state.json")) for x in timed]
+    recorded = [st["train_seconds"] for st in states]
     before = {x["out_dir"]: x["train_seconds"] for x in record["runs"]}
     check([x["train_seconds"] for x in timed] == recorded and all(x["timed_by"] == "checkpoint" for x in timed) and
           all(x["train_seconds"] > before[x["out_dir"]] > 0 and x["seconds"] > 0 for x in timed) and
+          [x["machines"] for x in timed] == [st["machines"] for st in states] and len(states[0]["machines"]) == 1 and
           "training time per run, mean" in r.stdout and "trunk.freeze = first:2: " in r.stdout,
           f"each run's cost is the training time its checkpoint records, the epochs before included (not its "
           f"process's), each setting's mean said: {timed} {recorded}")

@@ -45,6 +45,10 @@ std::int64_t affinity_cores();
 
 // The CPU's model name (/proc/cpuinfo), "unknown CPU" when it cannot be read.
 std::string cpu_model();
+// Where a time was measured, to tell whether two times can be compared: "Intel(R) Xeon(R)
+// Processor (family 6 model 167), 2 cores" (the cores this process may use), ", a CUDA GPU"
+// added where the work ran on one (`gpu`).
+std::string machine_description(bool gpu);
 // Whether the CPU has an instruction set extension, by its /proc/cpuinfo flag name
 // (e.g. "avx512_bf16", "amx_bf16"); false when it cannot be read.
 bool cpu_has_flag(const std::string& flag);

@@ -50,9 +50,10 @@ std::string config_changes(const std::map<std::string, std::string>& saved,
 struct CheckpointRecord {
   std::int64_t generation = 0;
   CheckpointPosition position;
-  bool top = false;                                   // it holds a trained trunk top
-  double train_seconds = 0.0;                         // the training time it holds (0: not recorded)
-  int ranks = 1;                                      // the MPI ranks of the job that wrote it
+  bool top = false;                   // it holds a trained trunk top
+  double train_seconds = 0.0;         // the training time it holds (0: not recorded)
+  int ranks = 1;                      // the MPI ranks of the job that wrote it
+  std::vector<std::string> machines;  // where it trained (machine_description), in order; empty: not recorded
   std::vector<std::pair<std::string, HeadRun>> runs;  // per task, in task order (no confusion matrices)
   // With verify: state.json against its own checksum, and every file of the generation
   // (each head's, the top's) there and matching the CRC-32C state.json records for it; one
@@ -107,7 +108,9 @@ class CheckpointStore {
   // checkpoint recorded (0 for a new run), plus the time since start_clock() was called.
   // The time a killed run spent after its last checkpoint is not in it (it trains that part
   // again), so it is the time the run's training took, as if in one go, give or take a window.
-  void start_clock();
+  // `machine` (machine_description()) is where this run trains: state.json's machines are the
+  // loaded checkpoint's and this one, each once, so that times from two machines are told apart.
+  void start_clock(const std::string& machine);
   double train_seconds() const;
 
   // Writes a new generation holding `tasks` and `runs` (same length, task order).
@@ -127,9 +130,6 @@ class CheckpointStore {
   static std::optional<CheckpointPosition> peek(const std::string& dir);
   // The record of the checkpoint in `dir`; DataError when it has none or state.json does not parse.
   static CheckpointRecord read_record(const std::string& dir, bool verify);
-  // The training time the checkpoint in `dir` records (its train_seconds); 0 when there is no
-  // checkpoint, it does not parse or it records none (written before canopy recorded it).
-  static double recorded_train_seconds(const std::string& dir);
   // Where the checkpoint whole on disk resumes (the generation last committed or loaded);
   // empty while this run has none. A save still being written is not counted.
   const std::optional<CheckpointPosition>& committed() const { return committed_; }
@@ -158,7 +158,8 @@ class CheckpointStore {
   std::future<void> pending_;
   CheckpointPosition pending_position_;
   std::optional<CheckpointPosition> committed_;
-  double seconds_before_ = 0.0;  // the loaded generation's train_seconds
+  double seconds_before_ = 0.0;        // the loaded generation's train_seconds
+  std::vector<std::string> machines_;  // the loaded generation's machines, then this run's
   std::optional<std::chrono::steady_clock::time_point> clock_start_;
   struct Written {
     std::int64_t generation = 0;

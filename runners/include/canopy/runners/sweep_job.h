@@ -59,8 +59,10 @@ struct SweepRun {
   // kept, resumed or trained on; 0 when unknown or trained anew.
   double seconds_before = 0.0;
   // The training time its checkpoint records (state.json's train_seconds: training alone, a
-  // resumed or trained-on run's included), read when planned and after it runs; 0 when none.
+  // resumed or trained-on run's included) and where it trained, read when planned and after it
+  // runs; 0 and none when not recorded.
   double recorded_seconds = 0.0;
+  std::vector<std::string> machines;
   // What the run cost, as `canopy compare` counts it: the checkpoint's training time, or where
   // the checkpoint records none (trained before canopy recorded it, or no checkpoint) its
   // processes' time, earlier sweeps' included.
@@ -131,11 +133,18 @@ std::string choice_lines(const std::string& sweep_record, const std::string& com
 // and choice_json's text as choice_lines words it ("" for "null").
 std::string choice_json(const std::string& sweep_record, const std::string& comparison);
 std::string describe_choice(const std::string& choice);
+// What a trained run cost, as its out_dir's checkpoint records it: its training time (0: not
+// recorded, or no checkpoint) and the machines it trained on (machine_description, in order).
+struct RunCost {
+  double seconds = 0.0;
+  std::vector<std::string> machines;
+};
+RunCost recorded_cost(const std::string& out_dir);
 // A record of trained runs for choice_json, as a sweep's would be, for `canopy compare`: arm a
-// (A, B, ...) named names[a], its runs' training times seconds[a] (0 where a run records none).
-// Empty ("") when no run records one: there is no cost to choose by.
+// (A, B, ...) named names[a], its runs' costs costs[a]. Empty ("") when no run records a time:
+// there is no cost to choose by.
 std::string arms_record(const std::vector<std::string>& names,
-                        const std::vector<std::vector<double>>& seconds);
+                        const std::vector<std::vector<RunCost>>& costs);
 // {"command", "config", "out", "run_with", "vary": {key: [values]}, "seeds", "settings", "caches",
 // "links": {cache: the cache it links to}, "runs":
 // [{"setting", "seed", "out_dir", "cache", "log", "action", "exit_code", "seconds"}]}
