@@ -429,7 +429,6 @@ void say_stops_on_eval_split(const Comparison& c, const std::vector<std::vector<
         << line << "\n";
 }
 
-// The training time a run's checkpoint records (0: none, or no checkpoint).
 int run_compare_command(const po::variables_map& vm, const tasks::HeadRegistry& registry, std::ostream& out,
                         std::ostream& err) {
   const std::vector<std::string> paths =

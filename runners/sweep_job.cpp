@@ -830,10 +830,8 @@ std::string cost_lines(const nlohmann::ordered_json& record) {
     by_checkpoint += by == "checkpoint";
   }
   if (by_process > 0 && by_checkpoint > 0)
-    o << "(" << by_process << " run" << (by_process == 1 ? "" : "s")
-      << " record no training time in their checkpoint: their processes' time is counted, start-up and "
-         "loading "
-         "included)\n";
+    o << "(" << count_of(static_cast<std::int64_t>(by_process), "run")
+      << " without a training time in the checkpoint: counted by the process's time, start-up included)\n";
   const auto links = record.value("links", std::map<std::string, std::string>{});
   const auto built = record.value("cache_seconds", std::map<std::string, double>{});
   std::vector<std::string> caches;

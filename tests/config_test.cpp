@@ -646,5 +646,38 @@ TEST(Sweep, ChoosesTheCheapestUnbeatenSettingPerTaskAndOnEveryTask) {
       << other;
   EXPECT_EQ(choice_lines(record, R"({"tasks": []})"), "") << "nothing compared, nothing chosen";
 }
+
+// Times measured on two machines do not compare: the choice says so under its first line (and
+// not where every time comes from one); a sweep's cost lines count the runs timed by their
+// process, where a checkpoint records no training time, beside runs timed by theirs.
+TEST(Sweep, SaysWhenTheTimesComeFromMoreThanOneMachine) {
+  const auto record = [](const std::string& b_machine, const std::string& b_by) {
+    return R"({"settings": ["k = a", "k = b"], "runs": [
+        {"setting": "k = a", "out_dir": "", "train_seconds": 1.0, "timed_by": "checkpoint", "machines": ["CPU X, 2 cores"]},
+        {"setting": "k = b", "out_dir": "", "train_seconds": 4.0, "timed_by": ")" +
+           b_by + R"(", "machines": [)" + b_machine + "]}]}";
+  };
+  const std::string compared = R"({"tasks": [{"task": "t", "metric": "accuracy", "unbeaten": ["A", "B"],
+      "versus_A": {"B": {"difference": 0.01, "interval": [-0.01, 0.03]}}}]})";
+  const std::string two = choice_lines(record(R"("CPU X, 1 core")", "checkpoint"), compared);
+  EXPECT_NE(
+      two.find("\n  the times were measured on more than one machine, so they do not compare: A on CPU X, "
+               "2 cores; B on CPU X, 1 core (train the runs compared on one machine to choose by cost)\n"),
+      std::string::npos)
+      << two;
+  const std::string one = choice_lines(record(R"("CPU X, 2 cores")", "checkpoint"), compared);
+  EXPECT_EQ(one.find("more than one machine"), std::string::npos) << one;
+  EXPECT_NE(choice_json(record(R"("CPU X, 2 cores")", "checkpoint"), compared).find(R"("one_machine":true)"),
+            std::string::npos);
+
+  testing::TempDir dir;
+  write_file_atomic(dir.file("sweep.json"), record("", "process"));
+  const std::string said = inspect_sweep(dir.path(), false);
+  EXPECT_NE(
+      said.find("(1 run without a training time in the checkpoint: counted by the process's time, start-up "
+                "included)"),
+      std::string::npos)
+      << said;
+}
 }  // namespace
 }  // namespace canopy::runners
