@@ -1769,8 +1769,11 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     if (top) reuse_activations.emplace();
     const FlushDenormals denormals(config.train.flush_denormals);
     const auto train_start = Clock::now();
-    // train_seconds: the loaded checkpoint's and this run's (a top trains on the GPU where there is one).
-    store.start_clock(machine_description(top && cuda_available()));
+    // train_seconds: the loaded checkpoint's and this run's (a top trains on the GPU where there
+    // is one); the ranks of a job under mpirun are part of where it trained.
+    store.start_clock(
+        machine_description(top && cuda_available()) +
+        (mpi::distributed() ? detail::str_cat(", ", mpi::size(), " MPI ranks") : std::string()));
     run_within_memory(loop, from, style, top != nullptr, store);
     report.train_seconds = since(train_start);
     report.run_train_seconds = store.train_seconds();

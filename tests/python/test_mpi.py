@@ -702,6 +702,13 @@ def check_training(canopy, work, trunk, cache, env):
     ok, what = same_heads(outs["one"][1], out) if r.returncode == 0 else (False, r.stderr[-300:])
     check(ok and metrics_rows(outs["one"][1]) == metrics_rows(out),
           f"... 2 ranks resume it to the one-process run's heads and metrics, bitwise ({what})")
+    with open(f"{out}/checkpoint/state.json") as f:
+        machines = json.load(f).get("machines", [])
+    # (rank 0's cores: mpirun binds each of 2 ranks to a core of the 2, not 3 ranks on 2 cores)
+    cpu = lambda m: m.split(" core")[0].rsplit(", ", 1)[0]
+    check(len(machines) == 2 and machines[0].endswith(", 3 MPI ranks") and machines[1].endswith(", 2 MPI ranks") and
+          cpu(machines[0]) == cpu(machines[1]) != "",
+          f"its checkpoint records the ranks of each part of its training time: {machines}")
 
 
 if __name__ == "__main__":
