@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
 
 #include <torch/csrc/api/include/torch/utils.h>
 
@@ -44,6 +45,27 @@ ordered_json read_card(const std::string& card_path) {
   return card;
 }
 
+// What to do about a head trained over another trunk than the config's: where the run's own
+// resolved config (out_dir/config.ini) names the trunk it was trained over (a run given
+// `--set trunk.path=... --set trunk.sha256=...`, as scripts/demo gives its compiled .pt2),
+// use that config; else retrain it.
+std::string other_trunk_remedy(const JobConfig& config, const std::string& trained_on) {
+  const std::string saved = join_path(config.train.out_dir, "config.ini");
+  if (is_regular_file(saved) && saved != config.source) {
+    try {
+      std::istringstream text(read_file(saved));
+      const auto values = read_config_values(text, saved);
+      const auto path = values.find("trunk.path"), sha = values.find("trunk.sha256");
+      if (path != values.end() && sha != values.end() && sha->second == trained_on)
+        return detail::str_cat("; the run's own config names that trunk (trunk.path = ", path->second,
+                               "): use --config ", saved, ", or --set trunk.path=", path->second,
+                               " --set trunk.sha256=", trained_on, "; or retrain the head");
+    } catch (const Error&) {  // a config that cannot be read gives no hint
+    }
+  }
+  return "; retrain it";
+}
+
 ExportedHead load_head_from(const tasks::TaskConfig& tc, const tasks::HeadRegistry& registry,
                             const std::string& dir, const trunk::Trunk& trunk, const JobConfig& config,
                             const std::string& preprocessing, const std::string& card_path,
@@ -51,7 +73,7 @@ ExportedHead load_head_from(const tasks::TaskConfig& tc, const tasks::HeadRegist
   const std::string trained_on = card.at("trunk_sha256");
   CANOPY_CHECK(trained_on == trunk.sha256(), DataError, "task '", tc.name,
                "': head was trained on features of trunk ", trained_on, ", the config's trunk is ",
-               trunk.sha256(), "; retrain it");
+               trunk.sha256(), other_trunk_remedy(config, trained_on));
   const std::string pre = card.at("preprocessing");
   const std::string tap = card.value("tap", "output");
   CANOPY_CHECK(pre == preprocessing && card.at("pooling") == config.trunk.pooling &&

@@ -121,6 +121,19 @@ def main():
                          "--set", f"train.out_dir={work}/out")
     check(rc == 0 and os.path.isfile(f"{work}/out/heads/class_linear.safetensors"),
           f"ten heads train on the compiled trunk's cache (exit {rc})")
+    # Predicting with the config that names the TorchScript file (as scripts/demo's users do
+    # after it chose the .pt2): refused, naming the run's own config, which then predicts.
+    images = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+    rc, out = canopy_run(canopy, "predict", "--config", config, *small, "--set", f"train.out_dir={work}/out",
+                         "--input", images, "--limit", "2")
+    check(rc == 1 and f"the run's own config names that trunk (trunk.path = {lite}): use --config {work}/out/config.ini"
+          f", or --set trunk.path={lite} --set trunk.sha256={sha}; or retrain the head" in out,
+          f"heads over the .pt2 asked for with the TorchScript trunk's config: refused, saying which config to use "
+          f"(exit {rc}): {out.strip()[-500:]}")
+    rc, out = canopy_run(canopy, "predict", "--config", f"{work}/out/config.ini", "--input", images, "--limit", "2")
+    check(rc == 0 and out.startswith("id,") and ",class_linear," in out.split("\n")[0] and
+          [line.split(",")[0] for line in out.split("\n")[1:3]] == ["0", "1"],
+          f"... and the run's own config predicts (exit {rc}): {out.strip()[-300:]}")
 
     rc, out = canopy_run(canopy, "trunk", "show", "--config", config, *pinned)
     check(rc == 0 and "AOTInductor package" in out and "float32 N,3,64,64" in out and "blocks.13" in out,
