@@ -1194,6 +1194,14 @@ nlohmann::ordered_json sweep_status(const std::string& dir, bool& readable) {
       const auto report = nlohmann::json::parse(inspect_run(out_dir, false, nullptr, true));
       status = report.value("status", "unreadable");
       text = report.value("status_text", status);
+      // The cost as the run's checkpoint records it now: a run trained on by hand since the
+      // sweep recorded it (canopy train --resume) costs what it took in all.
+      const auto& checkpoint = report.contains("checkpoint") ? report["checkpoint"] : nlohmann::json();
+      if (checkpoint.is_object() && checkpoint.value("train_seconds", nlohmann::json()).is_number()) {
+        run["train_seconds"] = checkpoint["train_seconds"];
+        run["timed_by"] = "checkpoint";
+        run["machines"] = checkpoint.value("machines", nlohmann::json::array());
+      }
     } else if (path_exists(out_dir) && !(is_directory(out_dir) && list_dir(out_dir).empty())) {
       status = "unreadable";
       text = "there, and not a training run's out_dir";

@@ -336,6 +336,17 @@ lr = 0.01
           not os.path.exists(f"{own}/manifest.json"), f"a linked cache changed under the sweep: the link goes, the "
           f"sweep builds its own, the owner's folder untouched ({moved_err.strip()[-400:]})")
 
+    # A run trained on by hand since: canopy inspect's cost and choice read its checkpoint now.
+    r = subprocess.run([canopy, "train", "--config", f"{out}/{names[0]}/config.ini", "--resume", "--set",
+                        "train.epochs=7", "--progress", "quiet"], capture_output=True, text=True)
+    now = json.load(open(f"{out}/{names[0]}/checkpoint/state.json"))["train_seconds"]
+    recorded = {x["out_dir"]: x["train_seconds"] for x in json.load(open(f"{out}/sweep.json"))["runs"]}
+    shown = json.loads(subprocess.run([canopy, "inspect", out, "--json"], capture_output=True, text=True).stdout)
+    live = {x["out_dir"]: x["train_seconds"] for x in shown["runs"]}
+    check(r.returncode == 0 and now > recorded[f"{out}/{names[0]}"] and live[f"{out}/{names[0]}"] == now and
+          all(live[d] == t for d, t in recorded.items() if d != f"{out}/{names[0]}"),
+          f"inspect of the sweep reads each run's cost from its checkpoint now: {live} (sweep.json {recorded}, "
+          f"trained on by hand to {now})")
     # Another trunk file at the same path: the runs read other features now, and say so.
     import torch
     torch.manual_seed(1)
