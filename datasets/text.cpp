@@ -533,10 +533,14 @@ std::vector<std::string> read_arff_texts(const std::string& path, const std::str
 std::vector<std::string> read_text_lines(const std::string& path) {
   std::ifstream in(path);
   CANOPY_CHECK(in, DataError, "cannot open '", path, "' (texts: one per line): ", std::strerror(errno));
+  return read_text_lines(in, path);
+}
+
+std::vector<std::string> read_text_lines(std::istream& in, const std::string& name, std::int64_t limit) {
   std::vector<std::string> out;
   std::int64_t line_no = 0;
-  for (std::string line; read_text_line(in, line, line_no);) {
-    check_utf8_line(line, path, line_no);
+  for (std::string line; (limit <= 0 || line_no < limit) && read_text_line(in, line, line_no);) {
+    check_utf8_line(line, name, line_no);
     out.push_back(std::move(line));
   }
   return out;

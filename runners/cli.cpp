@@ -204,6 +204,14 @@ JobConfig model_inputs(const po::variables_map& vm, PredictOptions& options) {
   fit_threads(config);
   options.input = vm["input"].as<std::string>();
   options.limit = limit_option(vm, "predict");
+  if (options.input == "-") {  // standard input: lines of text, or of image paths
+    CANOPY_CHECK(
+        config.data.source == "arff" || reads_image_files(config.data), ConfigError,
+        "canopy predict: --input - reads texts, or image file paths, one per line from standard input; "
+        "with data.source = ",
+        config.data.source, " the inputs are an idx file: --input FILE");
+    return config;
+  }
   CANOPY_CHECK(path_exists(options.input), ConfigError, "canopy predict: --input '", options.input,
                "' does not exist");
   return config;
@@ -331,7 +339,8 @@ int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&
   const std::vector<std::string> texts =
       vm.count("arff")
           ? datasets::read_arff_texts(vm["arff"].as<std::string>(), vm["attribute"].as<std::string>())
-          : datasets::read_text_lines(vm["input"].as<std::string>());
+      : vm["input"].as<std::string>() == "-" ? datasets::read_text_lines(std::cin, "standard input")
+                                             : datasets::read_text_lines(vm["input"].as<std::string>());
   for (const auto& t : texts) out << nlohmann::json{{"text", t}, {"ids", tokenizer.encode(t)}}.dump() << "\n";
   return kExitOk;
 }
@@ -360,7 +369,8 @@ void predict_options(po::options_description& d, po::positional_options_descript
   add_config_options(d);
   d.add_options()("input", po::value<std::string>()->value_name("FILE"),
                   "the inputs, in the form of the config's data source: an idx file, a CSV manifest, an "
-                  "image folder or file, an ARFF file or texts one per line")(
+                  "image folder or file, an ARFF file or texts one per line; - reads texts, or image file "
+                  "paths, one per line from standard input")(
       "output", po::value<std::string>()->value_name("FILE"), "write the predictions here (default: stdout)")(
       "format", po::value<std::string>()->default_value("csv"), "csv or jsonl")(
       "limit", po::value<std::int64_t>()->default_value(0)->value_name("N"),
@@ -629,7 +639,7 @@ void tokenize_options(po::options_description& d, po::positional_options_descrip
       "cased", "keep case (default: lowercase, as uncased models expect)")(
       "arff", po::value<std::string>()->value_name("FILE"), "texts from an ARFF string attribute")(
       "attribute", po::value<std::string>()->default_value("Text")->value_name("NAME"), "the ARFF attribute")(
-      "input", po::value<std::string>()->value_name("FILE"), "texts, one per line");
+      "input", po::value<std::string>()->value_name("FILE"), "texts, one per line (-: standard input)");
 }
 
 int run_heads_command(const po::variables_map&, const tasks::HeadRegistry& registry, std::ostream& out,

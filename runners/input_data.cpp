@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <iostream>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -457,15 +458,23 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
     if (limit > 0 && static_cast<std::int64_t>(items.size()) > limit)
       items.resize(static_cast<std::size_t>(limit));
   };
+  // `-`: standard input, texts or image paths one per line (read no further than --limit).
+  const bool from_stdin = path == "-";
   if (config.data.source == "arff") {
-    std::vector<std::string> texts = ends_with(path, ".arff")
+    std::vector<std::string> texts = from_stdin ? datasets::read_text_lines(std::cin, "standard input", limit)
+                                     : ends_with(path, ".arff")
                                          ? datasets::read_arff_texts(path, config.data.text_attribute)
                                          : datasets::read_text_lines(path);
     keep_first(texts);
     set_text_inputs(s, texts, datasets::WordPieceTokenizer(config.text));
   } else if (reads_image_files(config.data)) {
     std::vector<std::string> paths;
-    if (is_directory(path)) {
+    if (from_stdin) {
+      for (auto& line : datasets::read_text_lines(std::cin, "standard input", limit)) {
+        if (!trim(line).empty()) paths.push_back(trim(line));
+      }
+      CANOPY_CHECK(!paths.empty(), DataError, "standard input named no image files (one path per line)");
+    } else if (is_directory(path)) {
       std::vector<std::string> todo{path};
       while (!todo.empty()) {
         const std::string d = todo.back();

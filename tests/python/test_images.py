@@ -290,6 +290,13 @@ def check_evaluate(canopy, work, trunk, runs):
           and sum(support.values()) == len(truth),
           f"evaluate over a folder of 2 of the classes: accuracy {got.get('accuracy')} is predict's {accuracy}, "
           f"support by training's class names {support} ({r.stderr.strip()[-200:]})")
+    # The same images named on standard input, one path per line (`find ... | canopy predict --input -`).
+    listed = sorted(os.path.join(d, n) for d, _, names in os.walk(subset) for n in names)
+    s = subprocess.run([canopy, "predict", "--config", cfg, "--input", "-", "--progress", "quiet"],
+                       input="\n".join(listed) + "\n", capture_output=True, text=True)
+    check(s.returncode == 0 and s.stdout == p.stdout and len(listed) == len(truth),
+          f"--input - reads image paths from standard input: predict's answers over the folder "
+          f"({s.stderr.strip()[-300:]})")
     os.makedirs(f"{subset}/Unknown")
     shutil.copy(f"{subset}/Bag/" + sorted(os.listdir(f"{subset}/Bag"))[0], f"{subset}/Unknown/x.png")
     r = subprocess.run([canopy, "evaluate", "--config", cfg, "--input", subset, "--progress", "quiet"],

@@ -554,6 +554,11 @@ lr = 0.01
     check(r.returncode == 2 and "task.fine.calibrate = temperature" in r.stderr and "set train.validation_fraction" in r.stderr,
           f"calibrate without a validation split is refused ({r.stderr.strip()[-120:]})")
 
+    r = subprocess.run([a.canopy, "predict", "--config", config, "--input", "-"], input="x\n", capture_output=True,
+                       text=True)
+    check(r.returncode == 2 and "with data.source = fashion-mnist the inputs are an idx file: --input FILE" in r.stderr,
+          f"--input - with idx images: exit 2, saying what it reads ({r.stderr.strip()[-200:]})")
+
     # --- the example program with its own head ---------------------------------
     heads = subprocess.run([a.custom, "heads"], capture_output=True, text=True).stdout
     check("residual_mlp" in heads and "linear" in heads, "example program lists its own head next to the built-ins")

@@ -80,6 +80,14 @@ def main():
         check(total == 1554 + 604 + 7 and same == total,
               f"max_length {max_length}: {same} of {total} texts tokenized exactly as the reference"
               + (f"; first difference {first_bad}" if first_bad else ""))
+    sentences = os.path.join(HERE, "data", "tokenizer_sentences.txt")
+    from_file = subprocess.run([canopy, "tokenize", "--vocab", VOCAB, "--input", sentences], capture_output=True,
+                               text=True)
+    with open(sentences) as f:
+        piped = subprocess.run([canopy, "tokenize", "--vocab", VOCAB, "--input", "-"], stdin=f, capture_output=True,
+                               text=True)
+    check(from_file.returncode == 0 and piped.stdout == from_file.stdout and len(piped.stdout.splitlines()) == 7,
+          f"tokenize --input - reads standard input as a file ({piped.stderr.strip()[-200:]})")
 
     # --- cache through the real MiniLM trunk ----------------------------------------------
     files = lambda split: ", ".join(f"{name}:{REUTERS}/Reuters{name.title()}-{split}.arff" for name in ("grain", "corn"))
@@ -207,6 +215,31 @@ class_names = grain,corn
     got = [row.split(",")[3] for row in rows[1:]]
     agree = sum(g == str(int(e)) for g, e in zip(got, expect))
     check(agree == 40, f"predict's grain column equals the head applied to the cached test features ({agree}/40)")
+    # Texts one per line, from a file and from standard input (--input -): the same answers; with
+    # --limit N, standard input is read no further than N lines (the pipe left open).
+    stories = ["Wheat and corn exports rose sharply this quarter.", "The central bank raised interest rates.",
+               "Maize harvest forecast cut after the drought.", ""]
+    lines = os.path.join(work, "stories.txt")
+    with open(lines, "w") as f:
+        f.write("\n".join(stories) + "\n")
+    from_file = subprocess.run([canopy, "predict", "--config", config, "--input", lines, "--progress", "quiet"],
+                               capture_output=True, text=True)
+    piped = subprocess.run([canopy, "predict", "--config", config, "--input", "-", "--progress", "quiet"],
+                           input="\n".join(stories) + "\n", capture_output=True, text=True)
+    check(from_file.returncode == 0 and piped.stdout == from_file.stdout and len(piped.stdout.splitlines()) == 5,
+          f"--input - predicts the texts of standard input as of a file ({piped.stderr.strip()[-300:]}):\n"
+          f"{piped.stdout}{from_file.stdout}")
+    held = subprocess.Popen([canopy, "predict", "--config", config, "--input", "-", "--limit", "2", "--progress",
+                             "quiet"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    held.stdin.write("\n".join(stories[:3]) + "\n")
+    held.stdin.flush()
+    try:
+        out, _ = held.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        held.kill()
+        out, _ = held.communicate()
+    check(held.returncode == 0 and out.splitlines() == from_file.stdout.splitlines()[:3],
+          f"--input - --limit 2 answers 2 lines while standard input stays open (exit {held.returncode}):\n{out}")
     # The multilabel head's card reports each label: precision, recall, F1 and average precision
     # as numpy computes them from the exported head on the cached test features.
     with h5py.File(os.path.join(work, "cache", "cache.h5"), "r") as h5:

@@ -70,5 +70,8 @@ ArffData read_arff(const std::string& path, bool header_only = false);
 std::vector<std::string> read_arff_texts(const std::string& path, const std::string& attribute);
 // One text per line of a plain file (a trailing \r is dropped).
 std::vector<std::string> read_text_lines(const std::string& path);
+// The same from a stream (`name` says where in errors: "standard input"), the first `limit`
+// lines (0: all), reading no further than those.
+std::vector<std::string> read_text_lines(std::istream& in, const std::string& name, std::int64_t limit = 0);
 
 }  // namespace canopy::datasets
