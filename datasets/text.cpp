@@ -1,5 +1,8 @@
 #include "canopy/datasets/text.h"
 
+#include <poll.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
@@ -534,6 +537,54 @@ std::vector<std::string> read_text_lines(const std::string& path) {
   std::ifstream in(path);
   CANOPY_CHECK(in, DataError, "cannot open '", path, "' (texts: one per line): ", std::strerror(errno));
   return read_text_lines(in, path);
+}
+
+LineStream::LineStream(int fd, std::string name) : fd_(fd), name_(std::move(name)) {}
+
+bool LineStream::read_some() {
+  char chunk[65536];
+  for (;;) {
+    const ssize_t got = ::read(fd_, chunk, sizeof chunk);
+    if (got > 0) {
+      buffer_.append(chunk, static_cast<std::size_t>(got));
+      for (; scanned_ < buffer_.size(); ++scanned_) complete_ += buffer_[scanned_] == '\n';
+      return true;
+    }
+    if (got == 0) return false;
+    CANOPY_CHECK(errno == EINTR, DataError, "cannot read ", name_, ": ", std::strerror(errno));
+  }
+}
+
+std::vector<std::string> LineStream::next(std::size_t max) {
+  std::vector<std::string> out;
+  if (max == 0) return out;
+  while (!ended_ && complete_ == 0) ended_ = !read_some();
+  // More lines already there: taken now, not waited for.
+  while (!ended_ && complete_ < max) {
+    pollfd p{fd_, POLLIN, 0};
+    if (::poll(&p, 1, 0) <= 0) break;
+    ended_ = !read_some();
+  }
+  std::size_t start = 0;
+  const auto take = [&](std::string line) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (++line_no_ == 1) strip_utf8_bom(line);
+    check_utf8_line(line, name_, line_no_);
+    out.push_back(std::move(line));
+  };
+  while (out.size() < max && complete_ > 0) {
+    const std::size_t end = buffer_.find('\n', start);
+    take(buffer_.substr(start, end - start));
+    start = end + 1;
+    --complete_;
+  }
+  if (out.size() < max && ended_ && complete_ == 0 && start < buffer_.size()) {  // a last line without \n
+    take(buffer_.substr(start));
+    start = buffer_.size();
+  }
+  buffer_.erase(0, start);
+  scanned_ = buffer_.size();
+  return out;
 }
 
 std::vector<std::string> read_text_lines(std::istream& in, const std::string& name, std::int64_t limit) {

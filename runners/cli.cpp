@@ -204,14 +204,7 @@ JobConfig model_inputs(const po::variables_map& vm, PredictOptions& options) {
   fit_threads(config);
   options.input = vm["input"].as<std::string>();
   options.limit = limit_option(vm, "predict");
-  if (options.input == "-") {  // standard input: lines of text, or of image paths
-    CANOPY_CHECK(
-        config.data.source == "arff" || reads_image_files(config.data), ConfigError,
-        "canopy predict: --input - reads texts, or image file paths, one per line from standard input; "
-        "with data.source = ",
-        config.data.source, " the inputs are an idx file: --input FILE");
-    return config;
-  }
+  if (options.input == "-") return config;  // standard input: lines of text, or of image paths
   CANOPY_CHECK(path_exists(options.input), ConfigError, "canopy predict: --input '", options.input,
                "' does not exist");
   return config;

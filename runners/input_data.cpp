@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <iostream>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -458,23 +457,15 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
     if (limit > 0 && static_cast<std::int64_t>(items.size()) > limit)
       items.resize(static_cast<std::size_t>(limit));
   };
-  // `-`: standard input, texts or image paths one per line (read no further than --limit).
-  const bool from_stdin = path == "-";
   if (config.data.source == "arff") {
-    std::vector<std::string> texts = from_stdin ? datasets::read_text_lines(std::cin, "standard input", limit)
-                                     : ends_with(path, ".arff")
+    std::vector<std::string> texts = ends_with(path, ".arff")
                                          ? datasets::read_arff_texts(path, config.data.text_attribute)
                                          : datasets::read_text_lines(path);
     keep_first(texts);
     set_text_inputs(s, texts, datasets::WordPieceTokenizer(config.text));
   } else if (reads_image_files(config.data)) {
     std::vector<std::string> paths;
-    if (from_stdin) {
-      for (auto& line : datasets::read_text_lines(std::cin, "standard input", limit)) {
-        if (!trim(line).empty()) paths.push_back(trim(line));
-      }
-      CANOPY_CHECK(!paths.empty(), DataError, "standard input named no image files (one path per line)");
-    } else if (is_directory(path)) {
+    if (is_directory(path)) {
       std::vector<std::string> todo{path};
       while (!todo.empty()) {
         const std::string d = todo.back();
@@ -502,6 +493,43 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
   }
   s.ids = at::arange(s.rows, at::kLong);
   return s;
+}
+
+struct PredictLines::Impl {
+  datasets::LineStream lines{0, "standard input"};
+  std::optional<datasets::WordPieceTokenizer> tokenizer;
+};
+
+PredictLines::PredictLines(const JobConfig& config) : config_(config), impl_(std::make_unique<Impl>()) {
+  CANOPY_CHECK(
+      config.data.source == "arff" || reads_image_files(config.data), ConfigError,
+      "canopy predict: --input - reads texts, or image file paths, one per line from standard input; "
+      "with data.source = ",
+      config.data.source, " the inputs are an idx file: --input FILE");
+  if (config.data.source == "arff") impl_->tokenizer.emplace(config.text);
+}
+
+PredictLines::~PredictLines() = default;
+
+InputSplit PredictLines::next(std::int64_t max) {
+  InputSplit s;
+  for (;;) {
+    std::vector<std::string> lines =
+        impl_->lines.next(static_cast<std::size_t>(std::max<std::int64_t>(1, max)));
+    if (lines.empty()) return s;  // the end: rows 0
+    if (impl_->tokenizer) {
+      set_text_inputs(s, lines, *impl_->tokenizer);
+    } else {
+      std::vector<std::string> paths;
+      for (const auto& line : lines)
+        if (!trim(line).empty()) paths.push_back(trim(line));
+      if (paths.empty()) continue;  // blank lines only: wait for more
+      set_image_file_inputs(s, std::move(paths), config_);
+    }
+    s.ids = at::arange(done_, done_ + s.rows, at::kLong);
+    done_ += s.rows;
+    return s;
+  }
 }
 
 InputData load_labelled_input(const JobConfig& config, const std::string& path, const std::string& labels,

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <optional>
 #include <ostream>
 
 #include <ATen/ops/tensor.h>
@@ -124,9 +125,11 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
                "--format: expected csv or jsonl, got '", options.format, "'");
   CANOPY_CHECK(options.top >= 0, ConfigError, "--top: expected the number of classes to list (0: none), got ",
                options.top);
+  // --input -: standard input, read as it comes (refused before the model loads where the
+  // config's inputs are not lines).
+  std::optional<PredictLines> lines;
+  if (options.input == "-") lines.emplace(config);
   ExportedModel model = load_exported_model(config, registry);
-  const InputSplit input = load_predict_input(config, options.input, options.limit);
-  const std::int64_t n = input.rows;
   // Column names: one per task, then (with scores) one per class or label of each classifier.
   std::vector<std::string> score_columns;
   if (options.scores) {
@@ -151,7 +154,33 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
     for (const auto& c : top_columns) out << "," << csv_field(c);
     out << "\n";
   }
-  Progress progress("predict", n, config.data.source == "arff" ? "doc" : "img", style);
+  const std::string unit = config.data.source == "arff" ? "doc" : "img";
+  if (lines) {
+    // Each chunk of lines as it comes (up to a trunk batch, at most --limit in all), answered
+    // and flushed before the next is waited for.
+    const std::int64_t batch = std::max<std::int64_t>(1, config.cache.batch_size);
+    out.flush();  // the header, before the first line is waited for
+    for (;;) {
+      const std::int64_t left = options.limit > 0 ? options.limit - lines->rows_so_far() : batch;
+      if (left <= 0) break;
+      const InputSplit chunk = lines->next(std::min(batch, left));
+      if (chunk.rows == 0) break;
+      const std::int64_t offset = chunk.ids[0].item<std::int64_t>();
+      Progress quiet("predict", chunk.rows, unit, ProgressStyle::kQuiet);
+      run_model_pass(model, chunk, config, quiet, "predicting", "predicted",
+                     [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {
+                       write_predictions(offset + first, outputs, model, options, score_columns, top_columns,
+                                         offset + chunk.rows, out);
+                     });
+      out.flush();
+      CANOPY_CHECK(out, IoError, "writing the predictions failed after ", lines->rows_so_far(),
+                   " rows: ", describe_write_error(errno));
+    }
+    return lines->rows_so_far();
+  }
+  const InputSplit input = load_predict_input(config, options.input, options.limit);
+  const std::int64_t n = input.rows;
+  Progress progress("predict", n, unit, style);
   run_model_pass(model, input, config, progress, "predicting", "predicted",
                  [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {
                    write_predictions(first, outputs, model, options, score_columns, top_columns, n, out);

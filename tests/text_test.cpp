@@ -2,7 +2,11 @@
 // reference tokenizer on real text is checked by tests/python/test_text.py.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <fstream>
+#include <string>
+#include <vector>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
@@ -160,6 +164,36 @@ TEST(Arff, BadFilesNameTheLine) {
       bad("@relation r\n@attribute t string\n@data\n?\n", {"bad.arff:4", "attribute 't' is missing"}));
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_arff(dir.file("none.arff")); },
                                               {"cannot open", "none.arff", "No such file or directory"}));
+}
+
+// Lines of a pipe as they come: what is there is taken without waiting for more, up to max;
+// a last line without a newline at the end; a byte-order mark at the start and \r dropped;
+// a line that is not UTF-8 refused, naming the stream and the line.
+TEST(LineStream, TakesTheLinesThereUpToMaxThenTheRestAtTheEnd) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const auto put = [&](const std::string& s) {
+    ASSERT_EQ(::write(fds[1], s.data(), s.size()), static_cast<ssize_t>(s.size()));
+  };
+  LineStream lines(fds[0], "standard input");
+  put("\xEF\xBB\xBF"
+      "first\r\nsecond\nthird\n");
+  EXPECT_EQ(lines.next(2), (std::vector<std::string>{"first", "second"}));
+  EXPECT_EQ(lines.next(5), (std::vector<std::string>{"third"})) << "what is there, the pipe still open";
+  put("fourth\nfif");
+  EXPECT_EQ(lines.next(5), (std::vector<std::string>{"fourth"})) << "a partial line waits for its end";
+  put("th\nsixth");
+  ::close(fds[1]);
+  EXPECT_EQ(lines.next(5), (std::vector<std::string>{"fifth", "sixth"}));
+  EXPECT_TRUE(lines.next(5).empty());
+  ::close(fds[0]);
+
+  ASSERT_EQ(::pipe(fds), 0);
+  LineStream bad(fds[0], "standard input");
+  put("fine\nnot \xFF utf-8\n");
+  ::close(fds[1]);
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { bad.next(5); }, {"standard input:2", "UTF-8"}));
+  ::close(fds[0]);
 }
 
 }  // namespace

@@ -240,6 +240,18 @@ class_names = grain,corn
         out, _ = held.communicate()
     check(held.returncode == 0 and out.splitlines() == from_file.stdout.splitlines()[:3],
           f"--input - --limit 2 answers 2 lines while standard input stays open (exit {held.returncode}):\n{out}")
+    # A filter: each line is answered as it comes, before the next is written (no --limit).
+    talk = subprocess.Popen([canopy, "predict", "--config", config, "--input", "-", "--progress", "quiet"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    answered = [talk.stdout.readline()]
+    for story in stories[:3]:
+        talk.stdin.write(story + "\n")
+        talk.stdin.flush()
+        answered.append(talk.stdout.readline())
+    talk.stdin.close()
+    check(talk.wait(timeout=120) == 0 and "".join(answered).splitlines() == from_file.stdout.splitlines()[:4] and
+          talk.stdout.read() == "",
+          f"--input - answers each line as it comes, ids counting on: {answered}")
     # The multilabel head's card reports each label: precision, recall, F1 and average precision
     # as numpy computes them from the exported head on the cached test features.
     with h5py.File(os.path.join(work, "cache", "cache.h5"), "r") as h5:

@@ -70,8 +70,29 @@ ArffData read_arff(const std::string& path, bool header_only = false);
 std::vector<std::string> read_arff_texts(const std::string& path, const std::string& attribute);
 // One text per line of a plain file (a trailing \r is dropped).
 std::vector<std::string> read_text_lines(const std::string& path);
-// The same from a stream (`name` says where in errors: "standard input"), the first `limit`
-// lines (0: all), reading no further than those.
+// The same from a stream (`name` says where in errors), the first `limit` lines (0: all).
 std::vector<std::string> read_text_lines(std::istream& in, const std::string& name, std::int64_t limit = 0);
+
+// Lines of a file descriptor as they come (standard input, a pipe): next() waits for one
+// line, then takes the further lines already there without waiting, up to `max`; so a reader
+// answers each burst as it arrives, and a stream that stays open is answered as it goes.
+// As read_text_lines: a trailing \r dropped, a byte-order mark at the very start dropped,
+// a line that is not UTF-8 refused naming it.
+class LineStream {
+ public:
+  LineStream(int fd, std::string name);
+  // The next lines (at most `max`, at least one); empty at the end of the stream.
+  std::vector<std::string> next(std::size_t max);
+
+ private:
+  bool read_some();  // one read(2) into the buffer; false at the end of the stream
+  int fd_;
+  std::string name_;
+  std::string buffer_;
+  std::size_t scanned_ = 0;   // buffer_ holds no '\n' before this
+  std::size_t complete_ = 0;  // whole lines in buffer_
+  bool ended_ = false;
+  std::int64_t line_no_ = 0;
+};
 
 }  // namespace canopy::datasets

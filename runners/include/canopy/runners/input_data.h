@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <utility>
@@ -47,6 +48,24 @@ InputData load_input_data(const JobConfig& config);
 // a text file with one document per line for arff configs; for image configs a CSV
 // manifest (the path column), a folder (every PNG/JPEG below it, sorted) or one image.
 InputSplit load_predict_input(const JobConfig& config, const std::string& path, std::int64_t limit);
+
+// Predict's inputs as `--input -` reads them, line by line from standard input: the texts of
+// an arff config, or the image file paths of an image config (blank lines left out), in
+// chunks as they come; each chunk's ids count on from the last.
+class PredictLines {
+ public:
+  explicit PredictLines(const JobConfig& config);
+  ~PredictLines();
+  // The next lines there are (at most `max`; waits for the first), as inputs; rows 0 at the end.
+  InputSplit next(std::int64_t max);
+  std::int64_t rows_so_far() const { return done_; }
+
+ private:
+  struct Impl;
+  const JobConfig& config_;
+  std::unique_ptr<Impl> impl_;
+  std::int64_t done_ = 0;
+};
 
 // Labelled samples for `canopy evaluate`, the split "input" of the result, from `path` in the
 // form of the config's data source, its first `limit` rows (> 0): an idx image file with the
