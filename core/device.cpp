@@ -114,14 +114,14 @@ c10::Device choose_device(const std::string& spec) {
 }
 
 namespace {
-// The value of the first /proc/cpuinfo line starting with `key`, or "".
+// The value of the first /proc/cpuinfo line whose key is `key` ("model" is not "model name"),
+// or "".
 std::string cpuinfo_value(const std::string& key) {
   std::ifstream in("/proc/cpuinfo");
   std::string line;
   while (std::getline(in, line)) {
-    if (line.rfind(key, 0) != 0) continue;
     const auto colon = line.find(':');
-    if (colon != std::string::npos) return trim(line.substr(colon + 1));
+    if (colon != std::string::npos && trim(line.substr(0, colon)) == key) return trim(line.substr(colon + 1));
   }
   return "";
 }
@@ -135,18 +135,10 @@ std::string cpu_model() {
 std::string machine_description(bool gpu) {
   // Virtual machines often name every generation of a vendor's CPUs alike ("Intel(R) Xeon(R)
   // Processor"): the family and model tell them apart.
-  std::string family, model;
-  std::ifstream in("/proc/cpuinfo");
-  for (std::string line; std::getline(in, line) && (family.empty() || model.empty());) {
-    const auto colon = line.find(':');
-    if (colon == std::string::npos) continue;
-    const std::string key = trim(line.substr(0, colon));
-    if (key == "cpu family" && family.empty()) family = trim(line.substr(colon + 1));
-    if (key == "model" && model.empty()) model = trim(line.substr(colon + 1));
-  }
+  const std::string family = cpuinfo_value("cpu family"), model = cpuinfo_value("model");
   const std::string which =
       family.empty() || model.empty() ? "" : " (family " + family + " model " + model + ")";
-  return detail::str_cat(cpu_model(), which, ", ", machine_cores(), machine_cores() == 1 ? " core" : " cores",
+  return detail::str_cat(cpu_model(), which, ", ", count_of(machine_cores(), "core"),
                          gpu ? ", a CUDA GPU" : "");
 }
 

@@ -94,9 +94,13 @@ bool strip_utf8_bom(std::string& s) {
 
 bool read_text_line(std::istream& in, std::string& line, std::int64_t& line_no) {
   if (!std::getline(in, line)) return false;
+  tidy_text_line(line, line_no);
+  return true;
+}
+
+void tidy_text_line(std::string& line, std::int64_t& line_no) {
   if (!line.empty() && line.back() == '\r') line.pop_back();
   if (++line_no == 1) strip_utf8_bom(line);
-  return true;
 }
 
 std::string printable(std::string_view s) {

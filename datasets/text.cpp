@@ -547,7 +547,7 @@ bool LineStream::read_some() {
     const ssize_t got = ::read(fd_, chunk, sizeof chunk);
     if (got > 0) {
       buffer_.append(chunk, static_cast<std::size_t>(got));
-      for (; scanned_ < buffer_.size(); ++scanned_) complete_ += buffer_[scanned_] == '\n';
+      complete_ += static_cast<std::size_t>(std::count(chunk, chunk + got, '\n'));
       return true;
     }
     if (got == 0) return false;
@@ -567,30 +567,27 @@ std::vector<std::string> LineStream::next(std::size_t max) {
   }
   std::size_t start = 0;
   const auto take = [&](std::string line) {
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (++line_no_ == 1) strip_utf8_bom(line);
+    tidy_text_line(line, line_no_);
     check_utf8_line(line, name_, line_no_);
     out.push_back(std::move(line));
   };
-  while (out.size() < max && complete_ > 0) {
+  for (; out.size() < max && complete_ > 0; --complete_) {
     const std::size_t end = buffer_.find('\n', start);
     take(buffer_.substr(start, end - start));
     start = end + 1;
-    --complete_;
   }
-  if (out.size() < max && ended_ && complete_ == 0 && start < buffer_.size()) {  // a last line without \n
+  if (out.size() < max && ended_ && start < buffer_.size()) {  // a last line without '\n'
     take(buffer_.substr(start));
     start = buffer_.size();
   }
   buffer_.erase(0, start);
-  scanned_ = buffer_.size();
   return out;
 }
 
-std::vector<std::string> read_text_lines(std::istream& in, const std::string& name, std::int64_t limit) {
+std::vector<std::string> read_text_lines(std::istream& in, const std::string& name) {
   std::vector<std::string> out;
   std::int64_t line_no = 0;
-  for (std::string line; (limit <= 0 || line_no < limit) && read_text_line(in, line, line_no);) {
+  for (std::string line; read_text_line(in, line, line_no);) {
     check_utf8_line(line, name, line_no);
     out.push_back(std::move(line));
   }

@@ -165,7 +165,7 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
       if (left <= 0) break;
       const InputSplit chunk = lines->next(std::min(batch, left));
       if (chunk.rows == 0) break;
-      const std::int64_t offset = chunk.ids[0].item<std::int64_t>();
+      const std::int64_t offset = lines->rows_so_far() - chunk.rows;  // the chunk's first id
       Progress quiet("predict", chunk.rows, unit, ProgressStyle::kQuiet);
       run_model_pass(model, chunk, config, quiet, "predicting", "predicted",
                      [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {

@@ -102,6 +102,14 @@ void check_options(const SweepOptions& o) {
                ConfigError, "canopy sweep: --seeds are >= 0");
 }
 
+// A run's cost as `canopy inspect`'s report of its out_dir has it (its checkpoint's record).
+RunCost cost_in_report(const nlohmann::json& report) {
+  const auto checkpoint = report.value("checkpoint", nlohmann::json());
+  if (!checkpoint.is_object() || !checkpoint.value("train_seconds", nlohmann::json()).is_number()) return {};
+  return {checkpoint["train_seconds"].get<double>(),
+          checkpoint.value("machines", std::vector<std::string>{})};
+}
+
 // What out_dir holds, and so what running the run does; refused when it holds a run of
 // another configuration (epochs aside) or something that is not a run.
 void read_out_dir(SweepRun& run) {
@@ -116,6 +124,7 @@ void read_out_dir(SweepRun& run) {
   CANOPY_CHECK(status != "unreadable", DataError, "canopy sweep: '", dir,
                "': ", report.value("status_text", status), "; remove it to train it anew");
   if (status == "no_checkpoint") return;
+  run.recorded = cost_in_report(report);
   const std::string saved_path = join_path(dir, "config.ini");
   CANOPY_CHECK(is_regular_file(saved_path), ConfigError, "canopy sweep: '", dir,
                "' holds a run without its config.ini; remove it, or sweep into another --out");
@@ -272,13 +281,6 @@ std::vector<std::string> run_argv(const SweepPlan& plan, const SweepRun& run, co
 
 std::string setting_of(const SweepPlan& plan, const SweepRun& run) {
   return plan.settings[run.setting] + ", seed " + std::to_string(run.config.train.seed);
-}
-
-// The run's training time and machines, as its checkpoint records them.
-void read_cost(SweepRun& run) {
-  RunCost cost = recorded_cost(run.config.train.out_dir);
-  run.recorded_seconds = cost.seconds;
-  run.machines = std::move(cost.machines);
 }
 
 // Each run's training time in the sweeps into `out` before (its sweep.json): out_dir -> seconds.
@@ -581,7 +583,6 @@ SweepPlan plan_sweep(const SweepOptions& options) {
       read_out_dir(run);
       if (run.action != SweepAction::kTrain && earlier.count(run.config.train.out_dir))
         run.seconds_before = earlier.at(run.config.train.out_dir);
-      if (run.action != SweepAction::kTrain) read_cost(run);
       plan.runs.push_back(std::move(run));
     }
   }
@@ -745,7 +746,7 @@ void run_sweep(SweepPlan& plan, const std::string& program, const std::string& p
     const auto start = std::chrono::steady_clock::now();
     run.exit_code = run_child(argv, run.log);
     run.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    read_cost(run);
+    run.recorded = recorded_cost(run.config.train.out_dir);
     write_file_atomic(record, sweep_json(plan));
     const int rc = run.exit_code;
     if (rc == 0) {
@@ -1166,7 +1167,7 @@ std::string sweep_json(const SweepPlan& plan) {
                          {"seconds", r.seconds},
                          {"train_seconds", r.train_seconds()},
                          {"timed_by", r.timed_by_checkpoint() ? "checkpoint" : "process"},
-                         {"machines", r.machines}});
+                         {"machines", r.recorded.machines}});
   }
   return j.dump(2) + "\n";
 }
@@ -1196,11 +1197,10 @@ nlohmann::ordered_json sweep_status(const std::string& dir, bool& readable) {
       text = report.value("status_text", status);
       // The cost as the run's checkpoint records it now: a run trained on by hand since the
       // sweep recorded it (canopy train --resume) costs what it took in all.
-      const auto& checkpoint = report.contains("checkpoint") ? report["checkpoint"] : nlohmann::json();
-      if (checkpoint.is_object() && checkpoint.value("train_seconds", nlohmann::json()).is_number()) {
-        run["train_seconds"] = checkpoint["train_seconds"];
+      if (const RunCost cost = cost_in_report(report); cost.seconds > 0) {
+        run["train_seconds"] = cost.seconds;
         run["timed_by"] = "checkpoint";
-        run["machines"] = checkpoint.value("machines", nlohmann::json::array());
+        run["machines"] = cost.machines;
       }
     } else if (path_exists(out_dir) && !(is_directory(out_dir) && list_dir(out_dir).empty())) {
       status = "unreadable";

@@ -14,6 +14,7 @@ scored by their runs' mean, with the runs resampled as well as the rows, as Pyth
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -141,7 +142,8 @@ def main():
     # compare, and the choice says so: a run trained under `taskset -c 0` had 1 core of the 2.
     machine = json.load(open(f"{runs[0]}/checkpoint/state.json")).get("machines", [None])[0] or ""
     cores = len(os.sched_getaffinity(0))
-    check(f", {cores} core" in machine and " (family " in machine and choice.get("one_machine") is True and
+    check(f", {cores} core" in machine and re.search(r" \(family \d+ model \d+\), ", machine) and
+          choice.get("one_machine") is True and
           all(choice.get("machines", {}).get(a) == [machine] for a in "ABC") and
           f" of training on {machine}" in said and "measured on more than one machine" not in r.stdout,
           f"each run records where it trained ({machine!r}); one machine, nothing said: {choice.get('machines')}")

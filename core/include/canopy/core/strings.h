@@ -33,6 +33,9 @@ bool strip_utf8_bom(std::string& s);
 // false at the end. Counts `line_no` (1-based), takes a Windows line end's '\r' off, and the
 // first line's byte-order mark.
 bool read_text_line(std::istream& in, std::string& line, std::int64_t& line_no);
+// What read_text_line does to a line it has read, for lines read otherwise (a pipe as it
+// comes): counts `line_no`, takes a '\r' off its end, and the first line's byte-order mark.
+void tidy_text_line(std::string& line, std::int64_t& line_no);
 // The offset of the first byte of `s` that does not begin a valid UTF-8 character (RFC 3629),
 // or nothing when `s` is valid UTF-8. Names, config values and texts canopy writes into JSON,
 // HDF5 or TensorBoard must be; JSON writers refuse other bytes.

@@ -70,8 +70,8 @@ ArffData read_arff(const std::string& path, bool header_only = false);
 std::vector<std::string> read_arff_texts(const std::string& path, const std::string& attribute);
 // One text per line of a plain file (a trailing \r is dropped).
 std::vector<std::string> read_text_lines(const std::string& path);
-// The same from a stream (`name` says where in errors), the first `limit` lines (0: all).
-std::vector<std::string> read_text_lines(std::istream& in, const std::string& name, std::int64_t limit = 0);
+// The same from a stream (`name` says where in errors: "standard input").
+std::vector<std::string> read_text_lines(std::istream& in, const std::string& name);
 
 // Lines of a file descriptor as they come (standard input, a pipe): next() waits for one
 // line, then takes the further lines already there without waiting, up to `max`; so a reader
@@ -89,8 +89,7 @@ class LineStream {
   int fd_;
   std::string name_;
   std::string buffer_;
-  std::size_t scanned_ = 0;   // buffer_ holds no '\n' before this
-  std::size_t complete_ = 0;  // whole lines in buffer_
+  std::size_t complete_ = 0;  // whole lines in buffer_ (its '\n's)
   bool ended_ = false;
   std::int64_t line_no_ = 0;
 };

@@ -44,6 +44,14 @@ enum class SweepAction {
   kDone,     // a finished run of this very configuration: kept
 };
 
+// What a trained run cost, as its out_dir's checkpoint records it: its training time (0: not
+// recorded, or no checkpoint) and the machines it trained on (machine_description, in order).
+struct RunCost {
+  double seconds = 0.0;
+  std::vector<std::string> machines;
+};
+RunCost recorded_cost(const std::string& out_dir);
+
 struct SweepRun {
   std::size_t setting = 0;             // index into SweepPlan::settings
   std::string name;                    // its folder's name under out, e.g. "freeze-first_13-s0"
@@ -58,16 +66,14 @@ struct SweepRun {
   // What training it took in earlier sweeps into this folder (their sweep.json), for a run
   // kept, resumed or trained on; 0 when unknown or trained anew.
   double seconds_before = 0.0;
-  // The training time its checkpoint records (state.json's train_seconds: training alone, a
-  // resumed or trained-on run's included) and where it trained, read when planned and after it
-  // runs; 0 and none when not recorded.
-  double recorded_seconds = 0.0;
-  std::vector<std::string> machines;
+  // What its checkpoint records (training time alone, a resumed or trained-on run's included;
+  // where it trained), read when planned and after it runs.
+  RunCost recorded;
   // What the run cost, as `canopy compare` counts it: the checkpoint's training time, or where
   // the checkpoint records none (trained before canopy recorded it, or no checkpoint) its
   // processes' time, earlier sweeps' included.
-  bool timed_by_checkpoint() const { return recorded_seconds > 0; }
-  double train_seconds() const { return timed_by_checkpoint() ? recorded_seconds : seconds_before + seconds; }
+  bool timed_by_checkpoint() const { return recorded.seconds > 0; }
+  double train_seconds() const { return timed_by_checkpoint() ? recorded.seconds : seconds_before + seconds; }
 };
 
 struct SweepPlan {
@@ -133,13 +139,6 @@ std::string choice_lines(const std::string& sweep_record, const std::string& com
 // and choice_json's text as choice_lines words it ("" for "null").
 std::string choice_json(const std::string& sweep_record, const std::string& comparison);
 std::string describe_choice(const std::string& choice);
-// What a trained run cost, as its out_dir's checkpoint records it: its training time (0: not
-// recorded, or no checkpoint) and the machines it trained on (machine_description, in order).
-struct RunCost {
-  double seconds = 0.0;
-  std::vector<std::string> machines;
-};
-RunCost recorded_cost(const std::string& out_dir);
 // A record of trained runs for choice_json, as a sweep's would be, for `canopy compare`: arm a
 // (A, B, ...) named names[a], its runs' costs costs[a]. Empty ("") when no run records a time:
 // there is no cost to choose by.
