@@ -61,7 +61,7 @@ bool hard_link(const std::string& from, const std::string& to) {
 // weights with exit 0.
 std::string state_text(std::int64_t generation, const CheckpointPosition& position, const std::string& config,
                        bool top, double train_seconds, const std::vector<std::string>& machines,
-                       const ordered_json& tasks, const ordered_json& files) {
+                       const std::string& fusion, const ordered_json& tasks, const ordered_json& files) {
   ordered_json state{{"generation", generation},
                      {"epoch", position.epoch},
                      {"step", position.step},
@@ -70,6 +70,7 @@ std::string state_text(std::int64_t generation, const CheckpointPosition& positi
                      {"train_seconds", train_seconds},
                      {"ranks", mpi::size()},
                      {"machines", machines},
+                     {"fusion", fusion.empty() ? ordered_json::object() : ordered_json::parse(fusion)},
                      {"tasks", tasks},
                      {"files", files}};
   seal_json(state, "state_crc32c");
@@ -200,6 +201,10 @@ CheckpointRecord CheckpointStore::read_record(const std::string& dir, bool verif
     record.train_seconds = st.value("train_seconds", 0.0);  // not recorded before 2026-12-06
     record.ranks = st.value("ranks", 1);
     record.machines = st.value("machines", std::vector<std::string>{});  // not recorded before 2026-12-06
+    if (st.contains("fusion")) {
+      for (const auto& [group, d] : st.at("fusion").items())
+        record.fusion.emplace_back(group, d.at("fuse").get<bool>());
+    }
     for (const auto& t : st.at("tasks")) {
       HeadRun run;
       run_from_json(t, run);
@@ -293,7 +298,7 @@ void CheckpointStore::save(const CheckpointPosition& position, const std::vector
     for (const auto& theirs : mpi::gather(crcs.dump())) crcs.update(ordered_json::parse(theirs));
   }
   std::string state = state_text(generation_, position, config_identity_, top != nullptr, train_seconds(),
-                                 machines_, tasks_json, crcs);
+                                 machines_, fusion_source_ ? fusion_source_() : fusion_, tasks_json, crcs);
   if (async_ && !top && !mpi::distributed()) {
     // Written, synced and committed by a thread of its own while training goes on.
     pending_ =
@@ -390,6 +395,8 @@ CheckpointPosition CheckpointStore::load(const std::vector<tasks::Task*>& tasks,
     generation_ = st.at("generation").get<std::int64_t>();
     seconds_before_ = st.value("train_seconds", 0.0);
     machines_ = st.value("machines", std::vector<std::string>{});
+    fusion_ =
+        st.contains("fusion") ? st.at("fusion").dump() : std::string();  // not recorded before 2026-12-06
     runs.assign(tasks.size(), HeadRun{});
     for (std::size_t i = 0; i < tasks.size(); ++i) {
       const auto& t = saved.at(i);

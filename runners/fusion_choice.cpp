@@ -11,6 +11,8 @@
 #include <iomanip>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
@@ -96,14 +98,15 @@ std::string FusionChooser::default_file() {
 
 FusionChooser::FusionChooser(std::vector<tasks::Task*> tasks, std::vector<at::Tensor> eval_targets,
                              std::int64_t feature_dim, std::int64_t batch_size, std::int64_t intra_op_threads,
-                             std::string file, bool shared_top)
+                             std::string file, bool shared_top, FusionDecisions kept)
     : tasks_(std::move(tasks)),
       eval_targets_(std::move(eval_targets)),
       feature_dim_(feature_dim),
       batch_size_(batch_size),
       threads_(intra_op_threads),
       file_(std::move(file)),
-      shared_top_(shared_top) {
+      shared_top_(shared_top),
+      kept_(std::move(kept)) {
   CANOPY_CHECK(tasks_.size() == eval_targets_.size(), Error, tasks_.size(), " tasks but ",
                eval_targets_.size(), " target sets");
 }
@@ -134,6 +137,13 @@ bool FusionChooser::operator()(const WorkUnit& unit) {
   std::string group;
   for (std::size_t i : unit) group += (group.empty() ? "" : " + ") + tasks_.at(i)->config().name;
   const std::string sig = signature(unit);
+  if (const auto it = kept_.find(group); it != kept_.end()) {
+    // The resumed checkpoint's decision, whatever the calibration file says now; a group of
+    // the same shape not decided yet follows it too, as it would have in the run's first part.
+    by_signature_.emplace(sig, it->second);
+    decisions_[group] = it->second;
+    return it->second.fuse;
+  }
   auto known = by_signature_.find(sig);
   if (known == by_signature_.end()) {
     FusionDecision d;
@@ -218,7 +228,7 @@ FusionDecision FusionChooser::measure(const WorkUnit& unit) {
     return std::chrono::duration<double>(Clock::now() - t0).count();
   };
   FusionDecision d;
-  d.measured_now = true;
+  d.source = FusionDecision::Source::kMeasuredNow;
   try {
     fused_pass();  // warm-up: first-touch allocations, kernel selection
     alone_pass();
@@ -256,9 +266,44 @@ std::string describe_decision(const std::string& group, const std::string& key, 
   if (d.fused_seconds > 0 || d.alone_seconds > 0) {
     s << std::fixed << std::setprecision(2) << ": fused " << d.fused_seconds * 1e3 << " ms, alone "
       << d.alone_seconds * 1e3 << " ms per forward+backward -> " << (d.fuse ? "fused" : "alone")
-      << (d.measured_now ? " (measured now)" : " (measured before on this machine)");
+      << (d.source == FusionDecision::Source::kMeasuredNow  ? " (measured now)"
+          : d.source == FusionDecision::Source::kCheckpoint ? " (kept from the checkpoint)"
+                                                            : " (measured before on this machine)");
   }
   return s.str();
+}
+
+FusionDecisions FusionChooser::recorded() const {
+  FusionDecisions all = decisions_;
+  all.insert(kept_.begin(), kept_.end());  // this run's first: they are the kept ones where both
+  return all;
+}
+
+std::string fusion_decisions_json(const FusionDecisions& decisions) {
+  nlohmann::ordered_json j = nlohmann::ordered_json::object();
+  for (const auto& [group, d] : decisions) {
+    j[group] = {{"fuse", d.fuse}, {"fused_ms", d.fused_seconds * 1e3}, {"alone_ms", d.alone_seconds * 1e3}};
+  }
+  return j.dump();
+}
+
+FusionDecisions read_fusion_decisions(const std::string& json) {
+  FusionDecisions out;
+  if (json.empty()) return out;
+  try {
+    const nlohmann::json parsed = nlohmann::json::parse(json);
+    for (const auto& [group, d] : parsed.items()) {
+      FusionDecision decision;
+      decision.fuse = d.at("fuse").get<bool>();
+      decision.fused_seconds = d.value("fused_ms", 0.0) * 1e-3;
+      decision.alone_seconds = d.value("alone_ms", 0.0) * 1e-3;
+      decision.source = FusionDecision::Source::kCheckpoint;
+      out.emplace(group, decision);
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("the checkpoint's fusion decisions are malformed: ", e.what()));
+  }
+  return out;
 }
 
 }  // namespace canopy::runners

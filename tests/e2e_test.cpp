@@ -476,6 +476,63 @@ TEST_F(EndToEnd, FusionDecidedByMeasuredCostAndRecorded) {
   unsetenv("CANOPY_FUSION_CALIBRATION");
 }
 
+// A run's fusion decisions are recorded in its checkpoint, and a resumed run follows them
+// whatever the calibration file says by then (timed again, deleted, another machine's): it
+// ends bitwise as the run that was not interrupted.
+TEST_F(EndToEnd, ResumeKeepsTheCheckpointsFusionDecisions) {
+  {
+    std::ofstream more(config_path_, std::ios::app);  // one group of same-shape MLP heads
+    for (int k = 0; k < 4; ++k)
+      more << "[task.drop" << k << "]\nhead = mlp\nhead.hidden = 16\nhead.dropout = 0.3\n";
+  }
+  const std::string file = dir_.file("calibration/fusion.tsv");
+  ASSERT_EQ(setenv("CANOPY_FUSION_CALIBRATION", file.c_str(), 1), 0);
+  const auto job = [&](const std::string& out, const std::string& fuse, int epochs) {
+    return load_job_config(config_path_, {"train.epochs=" + std::to_string(epochs), "train.workers=1",
+                                          "train.out_dir=" + dir_.file(out), "train.fuse=" + fuse});
+  };
+  run_cache(job("resumed", "auto", 1), false, nullptr, ProgressStyle::kQuiet);
+  const TrainReport first = run_train(job("resumed", "auto", 1), registry_, ProgressStyle::kQuiet);
+  ASSERT_EQ(first.fused.size() + first.not_fused.size(), 1u);
+  const bool fused = !first.fused.empty();
+  const std::string decided = fused ? first.fused.at(0) : first.not_fused.at(0);
+  const auto state = nlohmann::json::parse(read_file(dir_.file("resumed/checkpoint/state.json")));
+  ASSERT_EQ(state.at("fusion").size(), 1u) << state.at("fusion").dump();
+  const std::string group = state.at("fusion").begin().key();
+  EXPECT_EQ(decided.rfind(group, 0), 0u) << "the group the run reported: " << decided;
+  EXPECT_NE(group.find("drop3"), std::string::npos) << group;
+  std::ostringstream out, err;  // canopy inspect --json says it too
+  ASSERT_EQ(run_cli({"inspect", dir_.file("resumed"), "--json"}, registry_, out, err), 0) << err.str();
+  EXPECT_EQ(nlohmann::json::parse(out.str()).at("checkpoint").at("fusion"), nlohmann::json({{group, fused}}));
+  EXPECT_EQ(state.at("fusion").at(group).at("fuse").get<bool>(), fused);
+
+  // The machine's calibration now says the other thing: the resumed run keeps its own.
+  std::string line = trim(read_file(file));
+  const std::string from = fused ? "\tfused\t" : "\talone\t", to = fused ? "\talone\t" : "\tfused\t";
+  ASSERT_NE(line.find(from), std::string::npos) << line;
+  line.replace(line.find(from), from.size(), to);
+  write_file_atomic(file, line + "\n");
+  const TrainReport resumed = run_train(job("resumed", "auto", 2), registry_, ProgressStyle::kQuiet, true);
+  ASSERT_EQ((fused ? resumed.fused : resumed.not_fused).size(), 1u);
+  const std::string said = (fused ? resumed.fused : resumed.not_fused).at(0);
+  EXPECT_NE(said.find("kept from the checkpoint"), std::string::npos) << said;
+  EXPECT_EQ(read_file(file), line + "\n") << "the calibration file is left as it was";
+
+  const TrainReport whole =
+      run_train(job("whole", fused ? "always" : "never", 2), registry_, ProgressStyle::kQuiet);
+  ASSERT_EQ(resumed.tasks.size(), whole.tasks.size());
+  for (std::size_t i = 0; i < whole.tasks.size(); ++i) {
+    const auto a = load_safetensors(resumed.tasks[i].weights_path),
+               b = load_safetensors(whole.tasks[i].weights_path);
+    for (const auto& [name, t] : a)
+      EXPECT_TRUE(at::equal(t, b.at(name))) << whole.tasks[i].name << " " << name;
+  }
+  // A run started anew follows the calibration file again.
+  const TrainReport anew = run_train(job("anew", "auto", 1), registry_, ProgressStyle::kQuiet);
+  EXPECT_EQ((fused ? anew.not_fused : anew.fused).size(), 1u);
+  unsetenv("CANOPY_FUSION_CALIBRATION");
+}
+
 TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
   // A head registered from outside the library, used from a config like a built-in.
   registry_.add(

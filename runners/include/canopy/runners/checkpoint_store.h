@@ -2,8 +2,9 @@
 //   <task>.<generation>.pt   each task's head, optimizer and RNG state (tasks::Task's format)
 //   @top.<generation>.pt     the trunk's shared top, when one trains (SharedTop's format)
 //   state.json               the generation, the position (epoch, step), the configuration
-//                            that wrote it, every head's HeadRun, a CRC-32C of every file
-//                            above (under mpirun, every rank's) and one of itself (JSON)
+//                            that wrote it, every head's HeadRun, the fusion decisions the
+//                            run followed, a CRC-32C of every file above (under mpirun,
+//                            every rank's) and one of itself (JSON)
 // A save serialises every task of a new generation (concurrently when the store is given a
 // way to), writes each file (temporary name, fsync, rename; on a thread of its own when the
 // store is asynchronous), syncs the directory once, then
@@ -54,6 +55,7 @@ struct CheckpointRecord {
   double train_seconds = 0.0;         // the training time it holds (0: not recorded)
   int ranks = 1;                      // the MPI ranks of the job that wrote it
   std::vector<std::string> machines;  // where it trained (machine_description), in order; empty: not recorded
+  std::vector<std::pair<std::string, bool>> fusion;   // train.fuse = auto: each group and whether it fused
   std::vector<std::pair<std::string, HeadRun>> runs;  // per task, in task order (no confusion matrices)
   // With verify: state.json against its own checksum, and every file of the generation
   // (each head's, the top's) there and matching the CRC-32C state.json records for it; one
@@ -113,6 +115,12 @@ class CheckpointStore {
   void start_clock(const std::string& machine);
   double train_seconds() const;
 
+  // The fusion decisions (train.fuse = auto) a generation records, as JSON text
+  // (fusion_decisions_json): what `source` gives at each save. fusion() is the loaded
+  // checkpoint's ("" when it records none), for the resumed run to follow.
+  void set_fusion_source(std::function<std::string()> source) { fusion_source_ = std::move(source); }
+  const std::string& fusion() const { return fusion_; }
+
   // Writes a new generation holding `tasks` and `runs` (same length, task order).
   void save(const CheckpointPosition& position, const std::vector<tasks::Task*>& tasks,
             const std::vector<HeadRun>& runs, const SharedTop* top = nullptr);
@@ -160,6 +168,8 @@ class CheckpointStore {
   std::optional<CheckpointPosition> committed_;
   double seconds_before_ = 0.0;        // the loaded generation's train_seconds
   std::vector<std::string> machines_;  // the loaded generation's machines, then this run's
+  std::function<std::string()> fusion_source_;
+  std::string fusion_;  // the loaded generation's fusion decisions (JSON), "" for none
   std::optional<std::chrono::steady_clock::time_point> clock_start_;
   struct Written {
     std::int64_t generation = 0;

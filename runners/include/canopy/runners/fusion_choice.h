@@ -15,9 +15,11 @@
 // the tests use their own, in the build tree), one line per group shape
 // (CPU model, LibTorch version, threads, batch, input width, the group's first-layer
 // widths, "step=direct" for groups stepped without autograd), never rewritten. Every later
-// run on the machine reads it, so runs repeat exactly and `--resume` stays bitwise; delete
-// the file to measure again. Processes that need the same decision at once take turns
-// (flock): the first measures, the rest read.
+// run on the machine reads it, so runs repeat exactly; delete the file to measure again.
+// Processes that need the same decision at once take turns (flock): the first measures, the
+// rest read. A run's own decisions are recorded in its checkpoint too (state.json's
+// `fusion`), and a resumed run keeps them before any file's: `--resume` stays bitwise after
+// the calibration file was deleted, timed again, or on another machine.
 #pragma once
 
 #include <cstdint>
@@ -33,11 +35,20 @@
 namespace canopy::runners {
 
 struct FusionDecision {
+  enum class Source { kCalibration, kMeasuredNow, kCheckpoint };
   bool fuse = true;
   double fused_seconds = 0;  // median of one fused forward+backward
   double alone_seconds = 0;  // median of the heads' own, summed
-  bool measured_now = false;
+  Source source = Source::kCalibration;
 };
+
+// A run's decisions by group ("a + b + c"), as its checkpoint records them.
+using FusionDecisions = std::map<std::string, FusionDecision>;
+// state.json's `fusion`: {"a + b": {"fuse": true, "fused_ms": 0.5, "alone_ms": 0.54}, ...} (as text),
+// and back; read() takes "" for none and gives every decision Source::kCheckpoint (DataError
+// when it does not parse).
+std::string fusion_decisions_json(const FusionDecisions& decisions);
+FusionDecisions read_fusion_decisions(const std::string& json);
 
 class FusionChooser {
  public:
@@ -45,16 +56,19 @@ class FusionChooser {
   // split (the timing batch takes its first `batch_size` rows, repeating them if fewer).
   // `file`: the calibration file ("" keeps decisions in memory only). `shared_top`: the heads
   // train on a shared top's output, whose gradient the backward pass computes too.
+  // `kept`: the decisions of the checkpoint a resumed run goes on from, followed first.
   FusionChooser(std::vector<tasks::Task*> tasks, std::vector<at::Tensor> eval_targets,
                 std::int64_t feature_dim, std::int64_t batch_size, std::int64_t intra_op_threads,
-                std::string file, bool shared_top = false);
+                std::string file, bool shared_top = false, FusionDecisions kept = {});
 
-  // Whether `unit` (heads with one fusion key, two or more) runs fused: read from the
-  // calibration file, or measured and recorded there.
+  // Whether `unit` (heads with one fusion key, two or more) runs fused: as the resumed
+  // checkpoint decided it, else read from the calibration file, or measured and recorded there.
   bool operator()(const WorkUnit& unit);
 
   // Every decision this run used, by the group's description ("a + b + c").
-  const std::map<std::string, FusionDecision>& decisions() const { return decisions_; }
+  const FusionDecisions& decisions() const { return decisions_; }
+  // What the run's checkpoint records: the resumed checkpoint's decisions and this run's.
+  FusionDecisions recorded() const;
   const std::string& file() const { return file_; }
 
   // The calibration file: $CANOPY_FUSION_CALIBRATION, else under CANOPY_HOME or ~/.cache/canopy.
@@ -75,12 +89,14 @@ class FusionChooser {
   std::int64_t threads_;
   std::string file_;
   bool shared_top_;
+  FusionDecisions kept_;
   std::map<std::string, FusionDecision> by_signature_;
-  std::map<std::string, FusionDecision> decisions_;
+  FusionDecisions decisions_;
 };
 
 // One line for the log and the run's summary: "a + b (in=192): fused 1.2 ms, alone 1.5 ms
-// per step -> fused (measured now)".
+// per step -> fused (measured now)"; "(measured before on this machine)" from the calibration
+// file, "(kept from the checkpoint)" on resume.
 std::string describe_decision(const std::string& group, const std::string& key, const FusionDecision& d);
 
 }  // namespace canopy::runners
