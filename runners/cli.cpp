@@ -313,8 +313,20 @@ int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&,
     out << inspect_run(path, vm.count("verify") > 0, &ok, vm.count("json") > 0);
     return ok ? kExitOk : kExitError;
   }
-  CANOPY_CHECK(!vm.count("json"), ConfigError, "canopy inspect: --json is for a training run's out_dir; '",
-               path, "' is not one");
+  if (!vm.count("path")) {
+    CANOPY_CHECK(is_regular_file(join_path(path, "manifest.json")), DataError,
+                 "canopy inspect: no cache at '", path, "' (cache.path of ", config->source,
+                 "); `canopy cache --config ", config->source, "` builds it");
+  } else if (!is_regular_file(join_path(path, "manifest.json"))) {
+    CANOPY_CHECK(path_exists(path), DataError, "canopy inspect: '", path, "' does not exist");
+    throw DataError(
+        detail::str_cat("canopy inspect: '", path,
+                        "' is not a feature cache (no manifest.json), a training run's out_dir (no "
+                        "config.ini or checkpoint/) or a sweep's folder (no sweep.json)"));
+  }
+  CANOPY_CHECK(!vm.count("json"), ConfigError,
+               "canopy inspect: --json is for a training run's out_dir or a sweep's folder; '", path,
+               "' is a feature cache");
   out << inspect_cache(path, config ? &*config : nullptr, vm.count("verify") > 0, &ok,
                        parse_progress(vm["progress"].as<std::string>()));
   return ok ? kExitOk : kExitError;

@@ -477,8 +477,9 @@ TEST_F(EndToEnd, FusionDecidedByMeasuredCostAndRecorded) {
 }
 
 // A run's fusion decisions are recorded in its checkpoint, and a resumed run follows them
-// whatever the calibration file says by then (timed again, deleted, another machine's): it
-// ends bitwise as the run that was not interrupted.
+// whatever the calibration file says by then (timed again, deleted): it ends bitwise as the
+// run that was not interrupted. (Over frozen features these heads' bits come out the same
+// fused or alone; test_finetune checks the decision over a shared top, where they do not.)
 TEST_F(EndToEnd, ResumeKeepsTheCheckpointsFusionDecisions) {
   {
     std::ofstream more(config_path_, std::ios::app);  // one group of same-shape MLP heads
@@ -600,6 +601,20 @@ TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
   EXPECT_EQ(state + " " + epochs, "done 2/2") << out.str();
   EXPECT_EQ(run_cli({"inspect", dir_.file("out"), "--config", config_path_}, registry_, out, err),
             kExitUsage);
+  // What is not there, or is none of what inspect reads, is named as such (not as a cache).
+  for (const auto& [path, want] : std::vector<std::pair<std::string, std::string>>{
+           {dir_.file("nowhere"), "'" + dir_.file("nowhere") + "' does not exist"},
+           {dir_.file("out/heads"), "is not a feature cache (no manifest.json), a training run's out_dir"}}) {
+    err.str("");
+    EXPECT_EQ(run_cli({"inspect", path}, registry_, out, err), kExitError) << path;
+    EXPECT_NE(err.str().find(want), std::string::npos) << err.str();
+  }
+  err.str("");
+  EXPECT_EQ(run_cli({"inspect", "--config", config_path_, "--set", "cache.path=" + dir_.file("nocache")},
+                    registry_, out, err),
+            kExitError);
+  EXPECT_NE(err.str().find("`canopy cache --config " + config_path_ + "` builds it"), std::string::npos)
+      << err.str();
 
   out.str("");
   EXPECT_EQ(run_cli({"heads"}, registry_, out, err), kExitOk);
