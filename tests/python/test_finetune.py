@@ -6,7 +6,8 @@ h5py and safetensors, on a slice of Fashion-MNIST through a small trunk with blo
 - the prefix's weights and every BatchNorm statistic are bitwise unchanged in the exported
   trunk, the top's weights changed; every card pins the exported trunk's SHA-256
 - Python loads the exported trunk and a head's safetensors and reproduces canopy's accuracy
-- fused and unfused heads give the same top; SIGKILL + --resume ends bitwise identical
+- fused and unfused heads give the same top; SIGKILL + --resume ends bitwise identical, also
+  after the machine's fusion calibration changed (the checkpoint's decisions are kept)
 - a grid with the top: its members fuse only with each other, the log says it weighs on the
   top as one task, SIGKILL + --resume ends bitwise identical
 - trunk.lr_warmup_steps and trunk.max_grad_norm move the top by exactly what they say (one
@@ -439,6 +440,36 @@ lr = 0.003
     check(r.returncode == 0 and all(torch.equal(resumed[k], whole[k]) for k in whole) and
           open(f"{out}/heads/a_linear.safetensors", "rb").read() == open(f"{work}/grid/heads/a_linear.safetensors", "rb").read(),
           "... and resumed, its top and the grid's winner are bitwise the uninterrupted run's")
+
+    # The run's fusion decisions are its checkpoint's: resumed after the machine's calibration
+    # was timed again (here its decision flipped by hand), the run keeps fusing as it began and
+    # ends bitwise the uninterrupted run (a fused group's gradient reaches the top summed in
+    # another order than its heads' one by one).
+    env = dict(os.environ, CANOPY_FUSION_CALIBRATION=f"{work}/fusion.tsv")
+    cmd = [canopy, "train", "--config", config, "--progress", "quiet", "--set", "train.workers=1"]
+    r = subprocess.run(cmd + ["--set", f"train.out_dir={work}/pin-whole"], capture_output=True, text=True, env=env)
+    lines = open(f"{work}/fusion.tsv").read().splitlines() if r.returncode == 0 else []
+    check(len(lines) == 1 and "measured now" in r.stderr, f"the group's decision measured and recorded: {lines}")
+    decided = len(lines) == 1 and "\tfused\t" in lines[0]
+    out = f"{work}/pin-cut"
+    rc, st = kill_when(cmd + ["--set", f"train.out_dir={out}"], f"{out}/checkpoint/state.json",
+                       lambda s: (s["epoch"], s["step"]) >= (1, 0), env=env)
+    groups = list(st.get("fusion", {}).values()) if st else []
+    kept = groups[0]["fuse"] if len(groups) == 1 else None
+    check(rc == -signal.SIGKILL and kept is decided,
+          f"killed by SIGKILL, its checkpoint records the group's decision ({st and st.get('fusion')})")
+    if lines:
+        was, now = ("\tfused\t", "\talone\t") if decided else ("\talone\t", "\tfused\t")
+        open(f"{work}/fusion.tsv", "w").write(lines[0].replace(was, now) + "\n")
+    r = subprocess.run(cmd + ["--set", f"train.out_dir={out}", "--resume"], capture_output=True, text=True, env=env)
+    resumed, whole = (state(f"{out}/trunk.pt"), state(f"{work}/pin-whole/trunk.pt")) if r.returncode == 0 else ({}, {})
+    check(r.returncode == 0 and "(kept from the checkpoint)" in r.stderr,
+          f"... resumed after the calibration file said otherwise, the log says the decision is the checkpoint's")
+    check(whole and all(torch.equal(resumed[k], whole[k]) for k in whole) and
+          all(open(f"{out}/heads/{n}.safetensors", "rb").read() == open(f"{work}/pin-whole/heads/{n}.safetensors", "rb").read()
+              for n in ("a_linear", "b_linear", "c_mlp")),
+          "... and keeps it: the top and every head bitwise the uninterrupted run's "
+          f"(max difference in the top {max(((resumed[k] - whole[k]).abs().max().item() for k in resumed), default=-1):.1e})")
 
     check_warmup_and_clipping(canopy, work, config, trunk, tuned)
     export_best_with_top(canopy, work, config)
