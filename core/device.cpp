@@ -142,6 +142,23 @@ std::string machine_description(bool gpu) {
                          gpu ? ", a CUDA GPU" : "");
 }
 
+std::string describe_rank_machines(const std::vector<std::string>& per_rank) {
+  std::vector<std::pair<std::string, std::int64_t>> seen;  // each machine once, in rank order
+  for (const auto& m : per_rank) {
+    const auto it = std::find_if(seen.begin(), seen.end(), [&](const auto& s) { return s.first == m; });
+    if (it == seen.end()) {
+      seen.emplace_back(m, 1);
+    } else {
+      ++it->second;
+    }
+  }
+  const std::string ranks = count_of(static_cast<std::int64_t>(per_rank.size()), "MPI rank");
+  if (seen.size() == 1) return seen.front().first + ", " + ranks;
+  std::vector<std::string> parts;
+  for (const auto& [m, n] : seen) parts.push_back(m + " (" + count_of(n, "rank") + ")");
+  return join(parts, " and ") + ", " + ranks;
+}
+
 bool cpu_has_flag(const std::string& flag) {
   static const std::string flags = " " + cpuinfo_value("flags") + " ";
   return flags.find(" " + flag + " ") != std::string::npos;

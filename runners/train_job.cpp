@@ -1775,10 +1775,9 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     const FlushDenormals denormals(config.train.flush_denormals);
     const auto train_start = Clock::now();
     // train_seconds: the loaded checkpoint's and this run's (a top trains on the GPU where there
-    // is one); the ranks of a job under mpirun are part of where it trained.
-    store.start_clock(
-        machine_description(top && cuda_available()) +
-        (mpi::distributed() ? detail::str_cat(", ", mpi::size(), " MPI ranks") : std::string()));
+    // is one); the ranks of a job under mpirun, and each one's machine, are part of where it trained.
+    const std::string machine = machine_description(top && cuda_available());
+    store.start_clock(mpi::distributed() ? describe_rank_machines(mpi::all_gather(machine)) : machine);
     run_within_memory(loop, from, style, top != nullptr, store);
     report.train_seconds = since(train_start);
     report.run_train_seconds = store.train_seconds();

@@ -390,6 +390,16 @@ TEST(Strings, ClosestMatchSuggestsOnlyAnUnambiguousNearMiss) {
   EXPECT_EQ(did_you_mean("width", {"hidden", "dropout"}), "");
 }
 
+// A job's ranks: one machine said once with the rank count; several each once, in rank order,
+// with how many ranks ran there.
+TEST(Machines, OfAJobsRanks) {
+  EXPECT_EQ(describe_rank_machines({"X, 2 cores", "X, 2 cores", "X, 2 cores"}), "X, 2 cores, 3 MPI ranks");
+  EXPECT_EQ(describe_rank_machines({"X, 2 cores", "Y, 1 core", "X, 2 cores"}),
+            "X, 2 cores (2 ranks) and Y, 1 core (1 rank), 3 MPI ranks");
+  EXPECT_EQ(describe_rank_machines({"Y, 1 core", "X, 2 cores"}),
+            "Y, 1 core (1 rank) and X, 2 cores (1 rank), 2 MPI ranks");
+}
+
 TEST(Strings, FormatDurationKeepsTwoDigitsUnderASecond) {
   EXPECT_EQ(format_duration(0.018), "18ms");
   EXPECT_EQ(format_duration(0.0996), "0.10s");

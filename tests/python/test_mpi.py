@@ -623,7 +623,7 @@ def same_heads(a, b):
 def check_training(canopy, work, trunk, cache, env):
     env = dict(env, CANOPY_FUSION_CALIBRATION=os.path.join(work, "fusion.tsv"))
     outs = {}
-    for name in ("one", "three", "cut", "stop"):
+    for name in ("one", "three", "cut", "stop", "mixed"):
         cfg = os.path.join(work, f"train-{name}.ini")
         write_config(cfg, trunk, cache, out=os.path.join(work, f"out-{name}"), tasks=TASKS)
         outs[name] = (cfg, os.path.join(work, f"out-{name}"))
@@ -709,6 +709,22 @@ def check_training(canopy, work, trunk, cache, env):
     check(len(machines) == 2 and machines[0].endswith(", 3 MPI ranks") and machines[1].endswith(", 2 MPI ranks") and
           cpu(machines[0]) == cpu(machines[1]) != "",
           f"its checkpoint records the ranks of each part of its training time: {machines}")
+
+    # Ranks on unlike machines (here one given both cores, one given one by taskset, as ranks on
+    # two kinds of host): the checkpoint names each machine with its ranks, not rank 0's alone.
+    cfg, out = outs["mixed"]
+    rank = [canopy, "train", "--config", cfg, "--progress", "quiet"]
+    r = subprocess.run(MPIRUN + ["--bind-to", "none", "-x", "OMP_NUM_THREADS=1", "-x", "CANOPY_FUSION_CALIBRATION",
+                                 "-np", "1", *rank, ":", "-np", "1", "taskset", "-c", "0", *rank],
+                       capture_output=True, text=True, env=mpi_env(env))
+    machines = []
+    if r.returncode == 0:
+        with open(f"{out}/checkpoint/state.json") as f:
+            machines = json.load(f).get("machines", [])
+    ok = len(machines) == 1 and machines[0].endswith(", 2 MPI ranks") and " (1 rank) and " in machines[0]
+    parts = machines[0].split(" (1 rank) and ") if ok else []
+    check(ok and parts[0].endswith(", 2 cores") and parts[1].startswith(cpu(parts[0])) and ", 1 core (1 rank)" in parts[1],
+          f"2 ranks on unlike machines: the checkpoint names each: {machines or r.stderr[-400:]}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <c10/core/Device.h>
 
@@ -49,6 +50,10 @@ std::string cpu_model();
 // Processor (family 6 model 167), 2 cores" (the cores this process may use), ", a CUDA GPU"
 // added where the work ran on one (`gpu`).
 std::string machine_description(bool gpu);
+// Where a job of several MPI ranks ran, from every rank's machine_description() in rank
+// order: "<machine>, 3 MPI ranks" where all are alike, else each machine once, in the order
+// of the ranks, with how many ran there: "<a> (2 ranks) and <b> (1 rank), 3 MPI ranks".
+std::string describe_rank_machines(const std::vector<std::string>& per_rank);
 // Whether the CPU has an instruction set extension, by its /proc/cpuinfo flag name
 // (e.g. "avx512_bf16", "amx_bf16"); false when it cannot be read.
 bool cpu_has_flag(const std::string& flag);
