@@ -541,6 +541,11 @@ std::vector<std::string> read_text_lines(const std::string& path) {
 
 LineStream::LineStream(int fd, std::string name) : fd_(fd), name_(std::move(name)) {}
 
+LineStream::~LineStream() {
+  // A pipe cannot seek (ESPIPE): what it held past the last line taken is gone, as with any reader.
+  if (!buffer_.empty()) (void)::lseek(fd_, -static_cast<off_t>(buffer_.size()), SEEK_CUR);
+}
+
 bool LineStream::read_some() {
   char chunk[65536];
   for (;;) {

@@ -2,6 +2,7 @@
 // reference tokenizer on real text is checked by tests/python/test_text.py.
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -194,6 +195,22 @@ TEST(LineStream, TakesTheLinesThereUpToMaxThenTheRestAtTheEnd) {
   ::close(fds[1]);
   EXPECT_TRUE(testing::throws_with<DataError>([&] { bad.next(5); }, {"standard input:2", "UTF-8"}));
   ::close(fds[0]);
+}
+
+// A file as standard input (`< file`): the stream reads ahead, and gives back what it read past
+// the last line taken, so the next reader of the descriptor starts at the line after it.
+TEST(LineStream, GivesBackWhatItReadPastTheLastLineWhereItCanSeek) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("lines.txt"), "one\ntwo\nthree\nfour\n");
+  const int fd = ::open(dir.file("lines.txt").c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  {
+    LineStream lines(fd, "standard input");
+    EXPECT_EQ(lines.next(2), (std::vector<std::string>{"one", "two"}));
+  }
+  char rest[64] = {};
+  EXPECT_EQ(std::string(rest, static_cast<std::size_t>(::read(fd, rest, sizeof rest))), "three\nfour\n");
+  ::close(fd);
 }
 
 }  // namespace

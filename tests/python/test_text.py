@@ -240,6 +240,13 @@ class_names = grain,corn
         out, _ = held.communicate()
     check(held.returncode == 0 and out.splitlines() == from_file.stdout.splitlines()[:3],
           f"--input - --limit 2 answers 2 lines while standard input stays open (exit {held.returncode}):\n{out}")
+    # A file redirected to standard input: --limit 2 leaves the rest of it to the next command
+    # (the lines read ahead are given back, as `head -n` does).
+    with open(lines) as f:
+        r = subprocess.run(["sh", "-c", '"$0" predict --config "$1" --input - --limit 2 --progress quiet; cat', canopy,
+                            config], stdin=f, capture_output=True, text=True)
+    check(r.returncode == 0 and r.stdout.splitlines() == from_file.stdout.splitlines()[:3] + stories[2:],
+          f"`canopy predict --input - --limit 2; cat` < file: the next command reads the file from line 3:\n{r.stdout}")
     # A filter: each line is answered as it comes, before the next is written (no --limit).
     talk = subprocess.Popen([canopy, "predict", "--config", config, "--input", "-", "--progress", "quiet"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

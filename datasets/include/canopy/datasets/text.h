@@ -78,9 +78,16 @@ std::vector<std::string> read_text_lines(std::istream& in, const std::string& na
 // answers each burst as it arrives, and a stream that stays open is answered as it goes.
 // As read_text_lines: a trailing \r dropped, a byte-order mark at the very start dropped,
 // a line that is not UTF-8 refused naming it.
+// Where the descriptor can seek (a file redirected to standard input), what was read past the
+// last line taken is given back when the stream goes: the next reader of the descriptor (the
+// shell's next command) starts at the line after it, as after `head -n`. The descriptor is the
+// caller's, open while the stream is.
 class LineStream {
  public:
   LineStream(int fd, std::string name);
+  ~LineStream();
+  LineStream(const LineStream&) = delete;
+  LineStream& operator=(const LineStream&) = delete;
   // The next lines (at most `max`, at least one); empty at the end of the stream.
   std::vector<std::string> next(std::size_t max);
 
