@@ -319,6 +319,8 @@ int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&,
                  "); `canopy cache --config ", config->source, "` builds it");
   } else if (!is_regular_file(join_path(path, "manifest.json"))) {
     CANOPY_CHECK(path_exists(path), DataError, "canopy inspect: '", path, "' does not exist");
+    CANOPY_CHECK(!is_regular_file(path) || !ends_with(path, ".ini"), ConfigError, "canopy inspect: '", path,
+                 "' is a config file: `canopy inspect --config ", path, "` inspects the cache it names");
     throw DataError(
         detail::str_cat("canopy inspect: '", path,
                         "' is not a feature cache (no manifest.json), a training run's out_dir (no "

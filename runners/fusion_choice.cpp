@@ -275,7 +275,8 @@ std::string describe_decision(const std::string& group, const std::string& key, 
 
 FusionDecisions FusionChooser::recorded() const {
   FusionDecisions all = decisions_;
-  all.insert(kept_.begin(), kept_.end());  // this run's first: they are the kept ones where both
+  all.insert(kept_.begin(),
+             kept_.end());  // the kept groups this run has not met (insert keeps what is there)
   return all;
 }
 

@@ -610,6 +610,11 @@ TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
     EXPECT_NE(err.str().find(want), std::string::npos) << err.str();
   }
   err.str("");
+  EXPECT_EQ(run_cli({"inspect", config_path_}, registry_, out, err), kExitUsage);
+  EXPECT_NE(err.str().find("`canopy inspect --config " + config_path_ + "` inspects the cache it names"),
+            std::string::npos)
+      << err.str();
+  err.str("");
   EXPECT_EQ(run_cli({"inspect", "--config", config_path_, "--set", "cache.path=" + dir_.file("nocache")},
                     registry_, out, err),
             kExitError);

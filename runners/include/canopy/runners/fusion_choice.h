@@ -19,7 +19,8 @@
 // Processes that need the same decision at once take turns (flock): the first measures, the
 // rest read. A run's own decisions are recorded in its checkpoint too (state.json's
 // `fusion`), and a resumed run keeps them before any file's: `--resume` stays bitwise after
-// the calibration file was deleted, timed again, or on another machine.
+// the calibration file was deleted or timed again (on another machine the run fuses as it
+// began, though other kernels or another thread count may round otherwise).
 #pragma once
 
 #include <cstdint>
