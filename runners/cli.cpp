@@ -34,6 +34,7 @@
 #include "canopy/runners/compare_job.h"
 #include "canopy/runners/config.h"
 #include "canopy/runners/evaluate_job.h"
+#include "canopy/runners/fusion_choice.h"
 #include "canopy/runners/model_file.h"
 #include "canopy/runners/predict_job.h"
 #include "canopy/runners/run_inspect.h"
@@ -352,6 +353,15 @@ int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&
   return kExitOk;
 }
 
+// Where train.fuse = auto keeps this machine's decisions, and how many it holds.
+std::string fusion_calibration_line() {
+  const std::string file = FusionChooser::default_file();
+  const std::size_t shapes = FusionChooser::recorded_shapes(file);
+  if (shapes == 0) return file + " (none yet: a training run times each group shape it meets, once)";
+  return detail::str_cat(file, " (", count_of(static_cast<std::int64_t>(shapes), "group shape"),
+                         " timed; delete it to time them again)");
+}
+
 std::string version_text() {
   // CANOPY_VERSION is the CMake project's version (runners/CMakeLists.txt).
   const auto quota = cpu_quota();
@@ -369,7 +379,8 @@ std::string version_text() {
                                                        : std::string())
           : std::string(),
       ")\nmemory it may take: ",
-      room ? format_mib(static_cast<double>(room->bytes)) + ", " + room->said : "unknown", "\n");
+      room ? format_mib(static_cast<double>(room->bytes)) + ", " + room->said : "unknown",
+      "\nfusion calibration: ", fusion_calibration_line(), "\n");
 }
 
 void predict_options(po::options_description& d, po::positional_options_description&) {
@@ -742,7 +753,8 @@ const std::vector<Command>& commands() {
          return kExitOk;
        }},
       {"version", "canopy version",
-       "versions (canopy, LibTorch, HDF5, MPI), the GPU, the cores and memory it may use",
+       "versions (canopy, LibTorch, HDF5, MPI), the GPU, the cores and memory it may use, the fusion "
+       "calibration",
        [](po::options_description&, po::positional_options_description&) {},
        [](const po::variables_map&, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
          out << version_text();

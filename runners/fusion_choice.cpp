@@ -96,6 +96,11 @@ std::string FusionChooser::default_file() {
   return dir + "/calibration/fusion.tsv";
 }
 
+std::size_t FusionChooser::recorded_shapes(const std::string& file) {
+  std::string lines;
+  return is_regular_file(file) ? parse_records(read_file(file), &lines).size() : 0;
+}
+
 FusionChooser::FusionChooser(std::vector<tasks::Task*> tasks, std::vector<at::Tensor> eval_targets,
                              std::int64_t feature_dim, std::int64_t batch_size, std::int64_t intra_op_threads,
                              std::string file, bool shared_top, FusionDecisions kept)

@@ -766,7 +766,22 @@ TEST(Cli, VersionNamesCanopyLibTorchAndHdf5) {
         << out.str();
     EXPECT_NE(out.str().find("memory it may take: "), std::string::npos) << out.str();
   }
-  std::ostringstream out, err;
+  // Where train.fuse = auto keeps the machine's decisions, and how many: none, then two shapes.
+  testing::TempDir dir;
+  const std::string file = dir.file("fusion.tsv");
+  ASSERT_EQ(setenv("CANOPY_FUSION_CALIBRATION", file.c_str(), 1), 0);
+  std::ostringstream none, two, err;
+  ASSERT_EQ(run_cli({"version"}, registry, none, err), kExitOk);
+  EXPECT_NE(none.str().find("fusion calibration: " + file + " (none yet"), std::string::npos) << none.str();
+  write_file_atomic(
+      file, "v1\tcpu=a widths=8,8\tfused\t1.0\t2.0\nv1\tcpu=a widths=8,16\talone\t2.0\t1.0\nnot a line\n");
+  ASSERT_EQ(run_cli({"version"}, registry, two, err), kExitOk);
+  EXPECT_NE(
+      two.str().find("fusion calibration: " + file + " (2 group shapes timed; delete it to time them again)"),
+      std::string::npos)
+      << two.str();
+  unsetenv("CANOPY_FUSION_CALIBRATION");
+  std::ostringstream out;
   EXPECT_EQ(run_cli({"inspect", "a", "b"}, registry, out, err), kExitUsage) << "an extra positional argument";
 }
 

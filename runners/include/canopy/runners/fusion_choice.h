@@ -74,6 +74,8 @@ class FusionChooser {
 
   // The calibration file: $CANOPY_FUSION_CALIBRATION, else under CANOPY_HOME or ~/.cache/canopy.
   static std::string default_file();
+  // How many group shapes `file` records decisions for (0 when there is no such file).
+  static std::size_t recorded_shapes(const std::string& file);
   // The key a group is recorded under.
   std::string signature(const WorkUnit& unit) const;
 
