@@ -440,7 +440,7 @@ TEST_F(EndToEnd, FusionDecidedByMeasuredCostAndRecorded) {
       more << "[task.drop" << k << "]\nhead = mlp\nhead.hidden = 16\nhead.dropout = 0.3\n";
   }
   const std::string file = dir_.file("calibration/fusion.tsv");
-  ASSERT_EQ(setenv("CANOPY_FUSION_CALIBRATION", file.c_str(), 1), 0);
+  const testing::ScopedEnv calibration("CANOPY_FUSION_CALIBRATION", file);
   const auto job = [&](const std::string& out, const std::string& fuse) {
     return load_job_config(config_path_, {"train.epochs=2", "train.workers=1",
                                           "train.out_dir=" + dir_.file(out), "train.fuse=" + fuse});
@@ -473,7 +473,6 @@ TEST_F(EndToEnd, FusionDecidedByMeasuredCostAndRecorded) {
   ASSERT_EQ((fused ? c.not_fused : c.fused).size(), 1u);
   EXPECT_NE((fused ? c.not_fused : c.fused).at(0).find("measured before"), std::string::npos);
   EXPECT_EQ(read_file(file), flipped + "\n");
-  unsetenv("CANOPY_FUSION_CALIBRATION");
 }
 
 // A run's fusion decisions are recorded in its checkpoint, and a resumed run follows them
@@ -487,7 +486,7 @@ TEST_F(EndToEnd, ResumeKeepsTheCheckpointsFusionDecisions) {
       more << "[task.drop" << k << "]\nhead = mlp\nhead.hidden = 16\nhead.dropout = 0.3\n";
   }
   const std::string file = dir_.file("calibration/fusion.tsv");
-  ASSERT_EQ(setenv("CANOPY_FUSION_CALIBRATION", file.c_str(), 1), 0);
+  const testing::ScopedEnv calibration("CANOPY_FUSION_CALIBRATION", file);
   const auto job = [&](const std::string& out, const std::string& fuse, int epochs) {
     return load_job_config(config_path_, {"train.epochs=" + std::to_string(epochs), "train.workers=1",
                                           "train.out_dir=" + dir_.file(out), "train.fuse=" + fuse});
@@ -531,7 +530,6 @@ TEST_F(EndToEnd, ResumeKeepsTheCheckpointsFusionDecisions) {
   // A run started anew follows the calibration file again.
   const TrainReport anew = run_train(job("anew", "auto", 1), registry_, ProgressStyle::kQuiet);
   EXPECT_EQ((fused ? anew.not_fused : anew.fused).size(), 1u);
-  unsetenv("CANOPY_FUSION_CALIBRATION");
 }
 
 TEST_F(EndToEnd, CliRunsInProcessWithACustomHead) {
@@ -769,7 +767,7 @@ TEST(Cli, VersionNamesCanopyLibTorchAndHdf5) {
   // Where train.fuse = auto keeps the machine's decisions, and how many: none, then two shapes.
   testing::TempDir dir;
   const std::string file = dir.file("fusion.tsv");
-  ASSERT_EQ(setenv("CANOPY_FUSION_CALIBRATION", file.c_str(), 1), 0);
+  const testing::ScopedEnv calibration("CANOPY_FUSION_CALIBRATION", file);
   std::ostringstream none, two, err;
   ASSERT_EQ(run_cli({"version"}, registry, none, err), kExitOk);
   EXPECT_NE(none.str().find("fusion calibration: " + file + " (none yet"), std::string::npos) << none.str();
@@ -780,7 +778,6 @@ TEST(Cli, VersionNamesCanopyLibTorchAndHdf5) {
       two.str().find("fusion calibration: " + file + " (2 group shapes timed; delete it to time them again)"),
       std::string::npos)
       << two.str();
-  unsetenv("CANOPY_FUSION_CALIBRATION");
   std::ostringstream out;
   EXPECT_EQ(run_cli({"inspect", "a", "b"}, registry, out, err), kExitUsage) << "an extra positional argument";
 }

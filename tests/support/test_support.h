@@ -4,7 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include <ATen/core/Tensor.h>
@@ -23,6 +25,29 @@ class TempDir {
 
  private:
   std::string path_;
+};
+
+// An environment variable set for a scope, then put back as it was (unset if it was unset), so
+// that a test run in one process with the others leaves them the environment ctest gives.
+class ScopedEnv {
+ public:
+  ScopedEnv(std::string name, const std::string& value) : name_(std::move(name)) {
+    if (const char* was = std::getenv(name_.c_str())) was_ = was;
+    ::setenv(name_.c_str(), value.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (was_) {
+      ::setenv(name_.c_str(), was_->c_str(), 1);
+    } else {
+      ::unsetenv(name_.c_str());
+    }
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_;
+  std::optional<std::string> was_;
 };
 
 // Runs `fn`, expects an exception of type E whose message contains every fragment.
