@@ -150,6 +150,11 @@ bool FusionChooser::operator()(const WorkUnit& unit) {
     return it->second.fuse;
   }
   auto known = by_signature_.find(sig);
+  if (known == by_signature_.end() && agreed_) {
+    FusionDecision d;  // fused, as on every other rank: no file, no timing
+    d.fuse = true;
+    known = by_signature_.emplace(sig, d).first;
+  }
   if (known == by_signature_.end()) {
     FusionDecision d;
     if (file_.empty()) {
@@ -276,6 +281,12 @@ std::string describe_decision(const std::string& group, const std::string& key, 
                                                             : " (measured before on this machine)");
   }
   return s.str();
+}
+
+void FusionChooser::agree(const FusionDecisions& agreed) {
+  for (const auto& [group, d] : agreed) kept_[group] = d;  // rank 0's, over any of this rank's own
+  by_signature_.clear();  // shapes this rank decided alone before: decided as the kept groups say
+  agreed_ = true;
 }
 
 FusionDecisions FusionChooser::recorded() const {

@@ -1764,6 +1764,12 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     EpochLoop loop(config, set, *source, eval_rows, top, in.shared.weighting.get(), store,
                    metrics ? &*metrics : nullptr, runner, runs, fuse_unit);
     if (mpi::rank() == 0) describe_fusion(set, loop.plan_options(), fuse_unit, chooser.get(), report);
+    if (chooser && top && mpi::distributed()) {
+      // Data parallel: every rank plans every head's units, and must fuse as rank 0 decided
+      // (each host's calibration file may say otherwise: the replicas would drift apart).
+      chooser->agree(read_fusion_decisions(
+          mpi::broadcast(mpi::rank() == 0 ? fusion_decisions_json(chooser->recorded()) : std::string())));
+    }
     if (resume) loop.go_on(from);
 
     // A top's activations are megabytes a batch, allocated and freed every step: glibc maps

@@ -334,8 +334,39 @@ epochs = 2
         a, b = top_and_heads(f"{work}/best-three"), top_and_heads(f"{work}/best-cut") if r.returncode == 0 else {}
         check(b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
               f"... bitwise the top and heads of a 3-rank run of {epoch} epochs ({r.stderr.strip()[-200:]})")
+    check_unlike_calibrations(canopy, work, cfg)
     check_top_stop(canopy, work, blocks)
     check_schedules(canopy, work, env, blocks)
+
+
+def check_unlike_calibrations(canopy, work, cfg):
+    """Data-parallel ranks on hosts whose fusion calibration files disagree (one says fuse the
+    heads' group, the other alone; each rank given its own file, as on two hosts without a shared
+    home): every rank fuses as rank 0 decided, so the replicas stay equal. Before, the ranks
+    followed their own files and the job failed after epoch 1, "the data-parallel replicas
+    diverged"."""
+    one = ["--set", "train.workers=1", "--set", f"train.out_dir={work}/cal-one", "--progress", "quiet"]
+    r = subprocess.run([canopy, "train", "--config", cfg, *one], capture_output=True, text=True,
+                       env=dict(os.environ, CANOPY_FUSION_CALIBRATION=f"{work}/cal-a.tsv"))
+    lines = open(f"{work}/cal-a.tsv").read().splitlines() if r.returncode == 0 else []
+    check(len(lines) == 1, f"the heads' group timed once ({lines or r.stderr[-300:]})")
+    if len(lines) != 1:
+        return
+    fused = "\tfused\t" in lines[0]
+    with open(f"{work}/cal-b.tsv", "w") as f:
+        f.write(lines[0].replace("\tfused\t", "\talone\t") if fused else lines[0].replace("\talone\t", "\tfused\t"))
+        f.write("\n")
+    rank = [canopy, "train", "--config", cfg, "--set", "train.workers=1", "--set", f"train.out_dir={work}/cal-two",
+            "--progress", "quiet"]
+    r = subprocess.run(MPIRUN + ["--bind-to", "none", "-np", "1", "-x", "OMP_NUM_THREADS=1", "-x",
+                                 f"CANOPY_FUSION_CALIBRATION={work}/cal-a.tsv", *rank, ":", "-np", "1", "-x",
+                                 "OMP_NUM_THREADS=1", "-x", f"CANOPY_FUSION_CALIBRATION={work}/cal-b.tsv", *rank],
+                       capture_output=True, text=True, env=mpi_env())
+    said = [l for l in r.stderr.splitlines() if "fused" in l and "a_linear" in l]
+    check(r.returncode == 0 and "diverged" not in r.stderr and len(said) == 1 and
+          ("-> fused" in said[0]) == fused,
+          f"2 data-parallel ranks whose calibration files disagree fuse as rank 0's says and finish: "
+          f"{said or r.stderr.strip()[-400:]}")
 
 
 def check_top_stop(canopy, work, blocks):

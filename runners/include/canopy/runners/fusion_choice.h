@@ -70,6 +70,12 @@ class FusionChooser {
   const FusionDecisions& decisions() const { return decisions_; }
   // What the run's checkpoint records: the resumed checkpoint's decisions and this run's.
   FusionDecisions recorded() const;
+  // Data-parallel ranks (every rank holds every head) must fuse alike, or their replicas
+  // drift apart: `agreed` (rank 0's recorded(), sent to every rank) is followed like the
+  // checkpoint's decisions, and from then on a group none of them decided follows a group of
+  // its shape met before it, else fuses: the same on every rank (which meet the groups in one
+  // order), whatever each host's calibration file says; no rank measures.
+  void agree(const FusionDecisions& agreed);
   const std::string& file() const { return file_; }
 
   // The calibration file: $CANOPY_FUSION_CALIBRATION, else under CANOPY_HOME or ~/.cache/canopy.
@@ -93,6 +99,7 @@ class FusionChooser {
   std::string file_;
   bool shared_top_;
   FusionDecisions kept_;
+  bool agreed_ = false;  // agree() was called: groups not kept are decided without the file
   std::map<std::string, FusionDecision> by_signature_;
   FusionDecisions decisions_;
 };
