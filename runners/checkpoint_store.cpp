@@ -201,10 +201,7 @@ CheckpointRecord CheckpointStore::read_record(const std::string& dir, bool verif
     record.train_seconds = st.value("train_seconds", 0.0);  // not recorded before 2026-12-06
     record.ranks = st.value("ranks", 1);
     record.machines = st.value("machines", std::vector<std::string>{});  // not recorded before 2026-12-06
-    if (st.contains("fusion")) {
-      for (const auto& [group, d] : st.at("fusion").items())
-        record.fusion.emplace_back(group, d.at("fuse").get<bool>());
-    }
+    record.fusion = read_fusion_decisions(st.contains("fusion") ? st.at("fusion").dump() : std::string());
     for (const auto& t : st.at("tasks")) {
       HeadRun run;
       run_from_json(t, run);

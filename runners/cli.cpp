@@ -314,11 +314,9 @@ int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&,
     out << inspect_run(path, vm.count("verify") > 0, &ok, vm.count("json") > 0);
     return ok ? kExitOk : kExitError;
   }
-  if (!vm.count("path")) {
-    CANOPY_CHECK(is_regular_file(join_path(path, "manifest.json")), DataError,
-                 "canopy inspect: no cache at '", path, "' (cache.path of ", config->source,
-                 "); `canopy cache --config ", config->source, "` builds it");
-  } else if (!is_regular_file(join_path(path, "manifest.json"))) {
+  if (!is_regular_file(join_path(path, "manifest.json"))) {  // not a cache
+    CANOPY_CHECK(vm.count("path"), DataError, "canopy inspect: no cache at '", path, "' (cache.path of ",
+                 config->source, "); `canopy cache --config ", config->source, "` builds it");
     CANOPY_CHECK(path_exists(path), DataError, "canopy inspect: '", path, "' does not exist");
     CANOPY_CHECK(!is_regular_file(path) || !ends_with(path, ".ini"), ConfigError, "canopy inspect: '", path,
                  "' is a config file: `canopy inspect --config ", path, "` inspects the cache it names");

@@ -290,9 +290,9 @@ void FusionChooser::agree(const FusionDecisions& agreed) {
 }
 
 FusionDecisions FusionChooser::recorded() const {
+  // The kept groups this run has not met (insert leaves the ones it has as they are).
   FusionDecisions all = decisions_;
-  all.insert(kept_.begin(),
-             kept_.end());  // the kept groups this run has not met (insert keeps what is there)
+  all.insert(kept_.begin(), kept_.end());
   return all;
 }
 

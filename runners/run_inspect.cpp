@@ -27,9 +27,9 @@ namespace {
 using nlohmann::ordered_json;
 
 // A checkpoint's fusion decisions as --json gives them: {"a + b": true, ...} (true: fused).
-ordered_json fusion_json(const std::vector<std::pair<std::string, bool>>& fusion) {
+ordered_json fusion_json(const FusionDecisions& fusion) {
   ordered_json j = ordered_json::object();
-  for (const auto& [group, fused] : fusion) j[group] = fused;
+  for (const auto& [group, d] : fusion) j[group] = d.fuse;
   return j;
 }
 
@@ -348,8 +348,8 @@ std::string report_text(const RunFacts& f, const Status& status, bool verify) {
       o << ", in " << format_duration(f.record->train_seconds) << " of training";
     if (!f.record->machines.empty()) o << " on " << join(f.record->machines, ", then on ");
     o << "\n";
-    for (const auto& [group, fused] : f.record->fusion)
-      o << "  fusion      " << group << ": " << (fused ? "fused" : "alone") << " (kept on --resume)\n";
+    for (const auto& [group, d] : f.record->fusion)
+      o << "  fusion      " << group << ": " << (d.fuse ? "fused" : "alone") << " (kept on --resume)\n";
     if (verify && f.record->problems.empty()) {
       const auto files = static_cast<std::int64_t>(f.record->runs.size() + (f.record->top ? 1 : 0));
       o << "  verified    state.json and its " << count_of(files, "file")

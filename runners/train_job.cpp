@@ -1439,17 +1439,14 @@ TrainInputs open_inputs(const datasets::FeatureCache& cache, const JobConfig& co
 }
 
 // train.fuse = auto: the chooser that times each group fused and alone (none otherwise),
-// following the decisions of the checkpoint the run resumes from, and recording its own in
-// every checkpoint it writes.
+// following `kept`, the decisions of the checkpoint the run resumes from.
 std::unique_ptr<FusionChooser> make_fusion_chooser(const JobConfig& config, const TaskSet& set,
                                                    std::int64_t feature_dim, bool shared_top,
-                                                   CheckpointStore& store) {
+                                                   FusionDecisions kept) {
   if (config.train.fuse != FuseMode::kAuto) return nullptr;
-  auto chooser = std::make_unique<FusionChooser>(
-      set.tasks, set.eval_targets, feature_dim, config.train.batch_size, config.train.intra_op_threads,
-      FusionChooser::default_file(), shared_top, read_fusion_decisions(store.fusion()));
-  store.set_fusion_source([c = chooser.get()] { return fusion_decisions_json(c->recorded()); });
-  return chooser;
+  return std::make_unique<FusionChooser>(set.tasks, set.eval_targets, feature_dim, config.train.batch_size,
+                                         config.train.intra_op_threads, FusionChooser::default_file(),
+                                         shared_top, std::move(kept));
 }
 
 // The heads' trunk when the top trained: the fine-tuned one, written to out_dir/trunk.pt and
@@ -1754,9 +1751,14 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
     if (mpi::rank() == 0) open_out_dir(config, set, resolved, resume ? from.epoch : -1, metrics);
     StepRunner runner(resolve_workers(config.train), config.train.intra_op_threads);
     log_training(config, set, report, *source, runner);
-    const auto chooser = make_fusion_chooser(config, set, report.feature_dim, top != nullptr, store);
+    const auto chooser = make_fusion_chooser(config, set, report.feature_dim, top != nullptr,
+                                             read_fusion_decisions(store.fusion()));
     std::function<bool(const WorkUnit&)> fuse_unit;
-    if (chooser) fuse_unit = std::ref(*chooser);
+    if (chooser) {
+      fuse_unit = std::ref(*chooser);
+      // Every checkpoint records the decisions the run followed, for --resume to follow them.
+      store.set_fusion_source([c = chooser.get()] { return fusion_decisions_json(c->recorded()); });
+    }
     if (mpi::distributed() && top) store.set_owned(std::vector<bool>(set.tasks.size(), mpi::rank() == 0));
     store.set_async(true);
     store.set_for_each(

@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "canopy/runners/fusion_choice.h"
 #include "canopy/runners/head_run.h"
 #include "canopy/runners/shared_top.h"
 #include "canopy/tasks/task.h"
@@ -55,7 +56,7 @@ struct CheckpointRecord {
   double train_seconds = 0.0;         // the training time it holds (0: not recorded)
   int ranks = 1;                      // the MPI ranks of the job that wrote it
   std::vector<std::string> machines;  // where it trained (machine_description), in order; empty: not recorded
-  std::vector<std::pair<std::string, bool>> fusion;   // train.fuse = auto: each group and whether it fused
+  FusionDecisions fusion;             // train.fuse = auto: the decisions it followed, by group
   std::vector<std::pair<std::string, HeadRun>> runs;  // per task, in task order (no confusion matrices)
   // With verify: state.json against its own checksum, and every file of the generation
   // (each head's, the top's) there and matching the CRC-32C state.json records for it; one
