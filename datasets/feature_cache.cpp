@@ -141,6 +141,7 @@ json meta_to_json(const CacheMeta& m) {
          {"class_names", m.class_names},     {"float_labels", m.float_labels},
          {"label_stats", m.label_stats}};
   if (!m.label_classes.empty()) j["label_classes"] = m.label_classes;
+  if (!m.label_class_names.empty()) j["label_class_names"] = m.label_class_names;
   if (m.views > 1) j["views"] = m.views;
   if (!m.row_parts.empty()) {
     j["boundary"] = m.boundary;
@@ -167,6 +168,8 @@ CacheMeta meta_from_json(const json& j) {
   if (j.contains("float_labels")) m.float_labels = j.at("float_labels").get<std::vector<std::string>>();
   if (j.contains("label_classes"))
     m.label_classes = j.at("label_classes").get<std::map<std::string, std::int64_t>>();
+  if (j.contains("label_class_names"))
+    m.label_class_names = j.at("label_class_names").get<std::map<std::string, std::vector<std::string>>>();
   if (j.contains("label_stats"))
     m.label_stats = j.at("label_stats").get<std::map<std::string, std::pair<double, double>>>();
   if (j.contains("views")) m.views = j.at("views");
@@ -201,6 +204,13 @@ class Fd {
 
 bool CacheMeta::is_float_label(const std::string& source) const {
   return std::find(float_labels.begin(), float_labels.end(), source) != float_labels.end();
+}
+
+std::vector<std::string> CacheMeta::names_of(const std::string& source) const {
+  if (const auto it = label_class_names.find(source); it != label_class_names.end()) return it->second;
+  // A cache from before the names were recorded per source: class_names are the first source's.
+  if (label_class_names.empty() && !label_sources.empty() && source == label_sources[0]) return class_names;
+  return {};
 }
 
 std::int64_t RowPart::numel() const {

@@ -20,6 +20,7 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
+#include "canopy/datasets/csv.h"
 
 namespace canopy::datasets {
 
@@ -170,96 +171,6 @@ bool is_image_file_name(const std::string& name) {
   return ext == "png" || ext == "jpg" || ext == "jpeg";
 }
 
-namespace {
-
-// One CSV line into fields; "quoted, fields" with "" for a quote.
-std::vector<std::string> csv_fields(const std::string& line) {
-  std::vector<std::string> out(1);
-  bool quoted = false;
-  for (std::size_t i = 0; i < line.size(); ++i) {
-    const char c = line[i];
-    if (quoted) {
-      if (c == '"' && i + 1 < line.size() && line[i + 1] == '"') {
-        out.back() += '"';
-        ++i;
-      } else if (c == '"') {
-        quoted = false;
-      } else {
-        out.back() += c;
-      }
-    } else if (c == '"') {
-      quoted = true;
-    } else if (c == ',') {
-      out.emplace_back();
-    } else {
-      out.back() += c;
-    }
-  }
-  for (auto& f : out) f = trim(f);
-  return out;
-}
-
-struct Csv {
-  std::vector<std::string> header;
-  std::vector<std::vector<std::string>> rows;
-};
-
-Csv read_csv(const std::string& path) {
-  std::ifstream in(path);
-  CANOPY_CHECK(in, DataError, "cannot open image list '", path, "': ", std::strerror(errno));
-  Csv csv;
-  std::string line;
-  std::int64_t n = 0;
-  while (read_text_line(in, line, n)) {
-    if (trim(line).empty()) continue;
-    auto fields = csv_fields(line);
-    if (csv.header.empty()) {
-      // A spreadsheet in a locale whose decimal mark is a comma saves "CSV" with semicolons.
-      const char* other = fields.size() > 1                      ? ""
-                          : line.find(';') != std::string::npos  ? " (its fields are separated by ';')"
-                          : line.find('\t') != std::string::npos ? " (its fields are separated by tabs)"
-                                                                 : "";
-      CANOPY_CHECK(fields.size() >= 2 && fields[0] == "path", DataError, path, ":", n,
-                   ": the header must be path,<label>[,<label>...], got '", printable(line), "'", other,
-                   *other ? "; canopy reads comma-separated manifests: save it with commas" : "");
-      csv.header = std::move(fields);
-      continue;
-    }
-    CANOPY_CHECK(fields.size() == csv.header.size(), DataError, path, ":", n, ": ", fields.size(),
-                 " fields, the header has ", csv.header.size());
-    CANOPY_CHECK(!fields[0].empty(), DataError, path, ":", n, ": empty path");
-    csv.rows.push_back(std::move(fields));
-  }
-  CANOPY_CHECK(!csv.header.empty(), DataError, "image list '", path, "' is empty");
-  return csv;
-}
-
-// Label and class names are written into JSON (cards, metrics) and HDF5 as UTF-8.
-void check_name(const std::string& name, const std::string& where, const char* what, const char* mend) {
-  const std::string bad = utf8_problem(name);
-  CANOPY_CHECK(bad.empty(), DataError, where, ": the ", what, " ", bad, "; canopy writes names as UTF-8 (",
-               mend, ")");
-}
-constexpr const char* kConvertCsv = "convert the file, e.g. iconv -f latin1 -t utf-8";
-
-bool all_parse(const std::vector<std::vector<std::string>>& rows, std::size_t col, bool integer) {
-  for (const auto& r : rows) {
-    const std::string& v = r[col];
-    if (v.empty()) return false;
-    char* end = nullptr;
-    if (integer) {
-      const long long x = std::strtoll(v.c_str(), &end, 10);
-      if (*end != '\0' || x < 0) return false;
-    } else {
-      std::strtod(v.c_str(), &end);
-      if (*end != '\0') return false;
-    }
-  }
-  return true;
-}
-
-}  // namespace
-
 at::Tensor decode_image(const std::string& path, std::int64_t max_pixels) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   CANOPY_CHECK(f, DataError, "cannot open image '", path, "': ", std::strerror(errno));
@@ -273,55 +184,23 @@ at::Tensor decode_image(const std::string& path, std::int64_t max_pixels) {
 }
 
 ImageList read_image_csv(const std::string& path, const std::string& name_source) {
-  const Csv csv = read_csv(path);
+  const CsvHeaderCheck header = [](const std::vector<std::string>& fields, const std::string& where,
+                                   const std::string& line) {
+    const std::string other = separator_hint(fields, line);
+    CANOPY_CHECK(fields.size() >= 2 && fields[0] == "path", DataError, where,
+                 ": the header must be path,<label>[,<label>...], got '", printable(line), "'", other,
+                 other.empty() ? "" : "; canopy reads comma-separated manifests: save it with commas");
+  };
+  const Csv csv = read_csv(path, "image list", header);
   CANOPY_CHECK(!csv.rows.empty(), DataError, "image list '", path, "' has a header but no rows");
   const std::string base = parent_path(path);
   ImageList out;
-  for (const auto& r : csv.rows)
-    out.paths.push_back(r[0][0] == '/' || base.empty() ? r[0] : join_path(base, r[0]));
-  const Csv names = name_source.empty() || name_source == path ? csv : read_csv(name_source);
-  CANOPY_CHECK(names.header == csv.header, DataError, "image lists '", name_source, "' and '", path,
-               "' have different headers (", join(names.header, ","), " vs ", join(csv.header, ","), ")");
-  for (std::size_t col = 1; col < csv.header.size(); ++col) {
-    const std::string& label = csv.header[col];
-    CANOPY_CHECK(!label.empty() && !out.labels.count(label) && !out.float_labels.count(label), DataError,
-                 path, ": label column '", label, "' is empty or repeated");
-    check_name(label, path + ":1", "label column", kConvertCsv);
-    out.label_order.push_back(label);
-    if (all_parse(names.rows, col, true) && all_parse(csv.rows, col, true)) {
-      auto& v = out.labels[label];
-      for (const auto& r : csv.rows) v.push_back(std::strtoll(r[col].c_str(), nullptr, 10));
-    } else if (all_parse(names.rows, col, false) && all_parse(csv.rows, col, false)) {
-      // strtod reads "nan" and "inf" (and 1e999 as inf): a real label must be a finite number,
-      // or its mean and standard deviation, the targets' scale, are not numbers.
-      auto& v = out.float_labels[label];
-      for (std::size_t i = 0; i < csv.rows.size(); ++i) {
-        const std::string& text = csv.rows[i][col];
-        v.push_back(std::strtod(text.c_str(), nullptr));
-        CANOPY_CHECK(std::isfinite(v.back()), DataError, path, ": row ", i + 1, " has ", label, " '", text,
-                     "', not a finite number: a real-valued label column must hold finite numbers (fill or "
-                     "drop that row)");
-      }
-    } else {
-      std::set<std::string> found;
-      for (std::size_t i = 0; i < names.rows.size(); ++i) {
-        if (found.insert(names.rows[i][col]).second) {
-          check_name(names.rows[i][col],
-                     detail::str_cat(name_source.empty() ? path : name_source, ": row ", i + 1), "class name",
-                     kConvertCsv);
-        }
-      }
-      std::vector<std::string> classes(found.begin(), found.end());
-      auto& v = out.labels[label];
-      for (std::size_t i = 0; i < csv.rows.size(); ++i) {
-        const auto it = std::lower_bound(classes.begin(), classes.end(), csv.rows[i][col]);
-        CANOPY_CHECK(it != classes.end() && *it == csv.rows[i][col], DataError, path, ": row ", i + 1,
-                     " has ", label, " '", csv.rows[i][col], "', which '", name_source,
-                     "' never uses (its classes: ", join(classes, ", "), ")");
-        v.push_back(it - classes.begin());
-      }
-      out.class_names[label] = classes;
-    }
+  static_cast<LabelColumns&>(out) = read_label_columns(
+      csv, name_source.empty() || name_source == path ? csv : read_csv(name_source, "image list", header), 0);
+  for (std::size_t i = 0; i < csv.rows.size(); ++i) {
+    const std::string& p = csv.rows[i][0];
+    CANOPY_CHECK(!p.empty(), DataError, path, ":", csv.lines[i], ": empty path");
+    out.paths.push_back(p[0] == '/' || base.empty() ? p : join_path(base, p));
   }
   return out;
 }

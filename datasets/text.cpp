@@ -533,6 +533,52 @@ std::vector<std::string> read_arff_texts(const std::string& path, const std::str
   return std::move(arff.strings[arff.string_attribute(attribute)]);
 }
 
+namespace {
+
+// The index of the column holding the texts: named `column` exactly, else the one column whose
+// name is `column` ignoring case (a pandas frame's "text" for the default "Text").
+std::size_t text_column_of(const std::vector<std::string>& header, const std::string& column,
+                           const std::string& where, const std::string& line) {
+  const auto exact = std::find(header.begin(), header.end(), column);
+  if (exact != header.end()) return static_cast<std::size_t>(exact - header.begin());
+  std::vector<std::size_t> alike;
+  for (std::size_t i = 0; i < header.size(); ++i)
+    if (lower_ascii(header[i]) == lower_ascii(column)) alike.push_back(i);
+  const std::string other = separator_hint(header, line);
+  CANOPY_CHECK(alike.size() == 1, DataError, where, ": the header should name the text column '", column,
+               "' (data.text_attribute), got '", printable(line), "'", other,
+               !other.empty()     ? "; canopy reads comma-separated tables: save it with commas"
+               : alike.size() > 1 ? "; several columns match it ignoring case: name one exactly"
+                                  : "; set data.text_attribute to the column holding the texts");
+  return alike[0];
+}
+
+}  // namespace
+
+TextTable read_text_csv(const std::string& path, const std::string& column, const std::string& name_source) {
+  std::size_t col = 0;
+  const CsvHeaderCheck header = [&](const std::vector<std::string>& fields, const std::string& where,
+                                    const std::string& line) {
+    col = text_column_of(fields, column, where, line);
+  };
+  const Csv csv = read_csv(path, "table of texts", header);
+  CANOPY_CHECK(!csv.rows.empty(), DataError, "table of texts '", path, "' has a header but no rows");
+  TextTable out;
+  const std::size_t text_col = col;
+  static_cast<LabelColumns&>(out) = read_label_columns(
+      csv, name_source.empty() || name_source == path ? csv : read_csv(name_source, "table of texts", header),
+      text_col);
+  out.text_column = csv.header[text_col];
+  out.texts.reserve(csv.rows.size());
+  for (std::size_t i = 0; i < csv.rows.size(); ++i) {
+    const std::string bad = utf8_problem(csv.rows[i][text_col]);
+    CANOPY_CHECK(bad.empty(), DataError, path, ":", csv.lines[i], ": the text of row ", i + 1, " ", bad, " (",
+                 kConvertCsv, ")");
+    out.texts.push_back(csv.rows[i][text_col]);
+  }
+  return out;
+}
+
 std::vector<std::string> read_text_lines(const std::string& path) {
   std::ifstream in(path);
   CANOPY_CHECK(in, DataError, "cannot open '", path, "' (texts: one per line): ", std::strerror(errno));

@@ -214,6 +214,7 @@ datasets::CacheMeta base_meta(const JobConfig& config, const CacheReport& report
   meta.float_labels = data.float_labels;
   meta.label_stats = data.label_stats;
   meta.class_names = data.class_names;
+  meta.label_class_names = data.label_class_names;
   meta.label_classes = data.label_classes;
   meta.views = config.cache.views;
   return meta;

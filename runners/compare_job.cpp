@@ -36,7 +36,7 @@ std::string describe_run(const JobConfig& c) {
     out += std::string(" (") + to_string(c.top.schedule) + ")";
   if (c.trunk.precision != "float32") out += ", precision " + c.trunk.precision;
   out += ", tap " + trunk::describe_taps(c.trunk) + ", " + c.trunk.pooling + " pooling";
-  if (c.data.source != "arff" && c.preprocess.resize > 0)
+  if (!reads_text_data(c.data) && c.preprocess.resize > 0)
     out += ", images " + std::to_string(c.preprocess.resize);
   return out;
 }

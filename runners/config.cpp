@@ -247,13 +247,13 @@ Key<Cfg> or_balanced(Key<Cfg> k, Flag flag) {
   [](tasks::TaskConfig & t) -> auto& { return t.member; }
 
 bool reads_idx(const JobConfig& c) { return c.data.source == "fashion-mnist" || c.data.source == "mnist"; }
-bool reads_texts(const JobConfig& c) { return c.data.source == "arff"; }
+bool reads_texts(const JobConfig& c) { return reads_text_data(c.data); }
 
 // [data], [text], [preprocess]: what the samples are and how they are prepared.
 void add_input_keys(std::vector<Key<JobConfig>>& v) {
   using K = JobConfig;
   v.push_back(member_key<K>("data", "source", CANOPY_JOB(data.source), "where the samples come from")
-                  .one_of({"fashion-mnist", "mnist", "arff", "image-csv", "image-folders"}));
+                  .one_of({"fashion-mnist", "mnist", "arff", "text-csv", "image-csv", "image-folders"}));
   v.push_back(member_key<K>("data", "dir", CANOPY_JOB(data.dir),
                             "fashion-mnist / mnist: the folder of idx files", true)
                   .only_when(reads_idx));
@@ -270,9 +270,12 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
                     "from its header, before decoding it (PIL's decompression-bomb limit); 0: no limit")
           .at_least(0)
           .only_when([](const JobConfig& c) { return reads_image_files(c.data); }));
-  v.push_back(member_key<K>("data", "train", CANOPY_JOB(data.train),
-                            "image-csv: the training CSV manifest; image-folders: the training folder", true)
-                  .optional_in_dump());
+  v.push_back(
+      member_key<K>("data", "train", CANOPY_JOB(data.train),
+                    "image-csv: the training CSV manifest; image-folders: the training folder; text-csv: the "
+                    "training table of texts (CSV)",
+                    true)
+          .optional_in_dump());
   v.push_back(member_key<K>("data", "test", CANOPY_JOB(data.test), "the same for the test split", true)
                   .optional_in_dump());
   v.push_back(member_key<K>("data", "train_files", CANOPY_JOB(data.train_files),
@@ -281,11 +284,14 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(
       member_key<K>("data", "test_files", CANOPY_JOB(data.test_files), "the same for the test split", true)
           .optional_in_dump());
-  v.push_back(member_key<K>("data", "text_attribute", CANOPY_JOB(data.text_attribute),
-                            "arff: the string attribute holding the text")
-                  .only_when(reads_texts));
-  v.push_back(member_key<K>("data", "positive_value", CANOPY_JOB(data.positive_value),
-                            "arff: the label value that sets its bit in all_labels; empty: yes, 1 or true"));
+  v.push_back(
+      member_key<K>("data", "text_attribute", CANOPY_JOB(data.text_attribute),
+                    "arff: the string attribute holding the text; text-csv: the column holding it (its "
+                    "name exactly, else ignoring case)")
+          .only_when(reads_texts));
+  v.push_back(member_key<K>(
+      "data", "positive_value", CANOPY_JOB(data.positive_value),
+      "arff, text-csv: the label value that sets its bit in all_labels; empty: yes, 1 or true"));
   v.push_back(member_key<K>("text", "vocab", CANOPY_JOB(text.vocab),
                             "WordPiece vocabulary (vocab.txt) for texts", true)
                   .only_when(reads_texts));
@@ -921,11 +927,16 @@ void validate_job_config(const JobConfig& c) {
   if (c.data.source == "arff") {
     CANOPY_CHECK(!c.data.train_files.empty() && !c.data.test_files.empty(), ConfigError,
                  "data.source = arff needs data.train_files and data.test_files (label_name:path.arff, ...)");
-    datasets::validate_tokenizer_config(c.text);
   }
+  if (c.data.source == "text-csv") {
+    CANOPY_CHECK(
+        !c.data.train.empty() && !c.data.test.empty(), ConfigError,
+        "data.source = text-csv needs data.train and data.test (CSV tables: a text column, then labels)");
+  }
+  if (reads_text_data(c.data)) datasets::validate_tokenizer_config(c.text);
   datasets::validate_preprocess_config(c.preprocess);
   if (c.cache.views > 1) {
-    CANOPY_CHECK(c.data.source != "arff", ConfigError, "cache.views = ", c.cache.views, in,
+    CANOPY_CHECK(!reads_text_data(c.data), ConfigError, "cache.views = ", c.cache.views, in,
                  ": augmented views are for images; texts have none yet (set cache.views = 1)");
     datasets::validate_augment_config(c.augment);
   }

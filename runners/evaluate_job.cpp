@@ -91,8 +91,11 @@ std::vector<ScoredInput> score_inputs(const std::vector<const JobConfig*>& confi
       e.not_evaluated.push_back(
           detail::str_cat("task '", h.task(), "': the input has no labels '", s.trained.labels,
                           "' (it has: ", join(data.label_sources, ", "), ")",
-                          s.trained.labels == "all_labels" && config.data.source == "arff"
+                          s.trained.labels != "all_labels" ? ""
+                          : config.data.source == "arff"
                               ? "; all_labels needs every label file data.train_files names, in its order"
+                          : config.data.source == "text-csv"
+                              ? "; all_labels needs every label column of data.train, each of two values"
                               : ""));
       continue;
     }

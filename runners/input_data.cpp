@@ -121,7 +121,10 @@ std::optional<std::int64_t> positive_value(const std::vector<std::string>& value
 void set_idx_label_sources(InputData& data, const std::string& source) {
   data.label_sources = {"class", "ink"};
   data.float_labels = {"ink"};
-  if (source == "fashion-mnist") data.class_names = datasets::fashion_mnist_class_names();
+  if (source == "fashion-mnist") {
+    data.class_names = datasets::fashion_mnist_class_names();
+    data.label_class_names["class"] = data.class_names;
+  }
   data.label_classes["class"] = 10;  // both idx data sets have ten classes, whatever a split holds
 }
 
@@ -225,6 +228,18 @@ void check_declared_values(DeclaredValues& declared, const std::string& name, co
                "}: its classes would be numbered otherwise; declare the same values in the same order");
 }
 
+// all_labels, the multi-label view of a split: bit k set where label source `names[k]` has the
+// class `positive[k]` (names: 1 to kMaxBitLabels).
+constexpr std::size_t kMaxBitLabels = 62;
+void set_all_labels(InputSplit& s, const std::vector<std::string>& names,
+                    const std::vector<std::int64_t>& positive, InputData& data) {
+  at::Tensor bits = at::zeros({s.labels.at(names[0]).size(0)}, at::kLong);
+  for (std::size_t k = 0; k < names.size(); ++k)
+    bits += (s.labels.at(names[k]) == positive[k]).to(at::kLong) * (std::int64_t{1} << k);
+  s.labels["all_labels"] = bits;
+  data.label_classes["all_labels"] = std::int64_t{1} << names.size();
+}
+
 // One split of texts: the documents of `files` (label_name:path.arff entries, one file per
 // label, the same documents in each; `key` names them in messages), their first `limit` (> 0).
 // Records each label's class count and names in `data`; `names` gets the label files' names in
@@ -264,6 +279,7 @@ InputSplit load_text_split(const JobConfig& config, const std::vector<std::strin
     names.push_back(name);
     positive.push_back(positive_value(arff.nominal_values[label_col], config.data.positive_value, path));
     data.label_classes[name] = static_cast<std::int64_t>(arff.nominal_values[label_col].size());
+    data.label_class_names[name] = arff.nominal_values[label_col];
     if (data.class_names.empty()) data.class_names = arff.nominal_values[label_col];
   }
   std::int64_t n = static_cast<std::int64_t>(texts.size());
@@ -274,16 +290,110 @@ InputSplit load_text_split(const JobConfig& config, const std::vector<std::strin
   // Every label file as a bit, set when the document has the label's positive value (yes,
   // 1 or true as declared, or data.positive_value): the multi-label view of the documents.
   // Without a positive value for every file there is no such view.
-  if (std::all_of(positive.begin(), positive.end(), [](const auto& p) { return p.has_value(); })) {
-    at::Tensor bits = at::zeros({n}, at::kLong);
-    for (std::size_t k = 0; k < names.size(); ++k)
-      bits += (s.labels[names[k]] == *positive[k]).to(at::kLong) * (1LL << k);
-    s.labels["all_labels"] = bits;
-    data.label_classes["all_labels"] = std::int64_t{1} << names.size();
+  if (names.size() <= kMaxBitLabels &&
+      std::all_of(positive.begin(), positive.end(), [](const auto& p) { return p.has_value(); })) {
+    std::vector<std::int64_t> values;
+    for (const auto& p : positive) values.push_back(*p);
+    set_all_labels(s, names, values, data);
   }
   set_text_inputs(s, texts, tokenizer);
   s.ids = at::arange(n, at::kLong);
   return s;
+}
+
+// The class count of every label source of named classes; the first source's names are the
+// data's class names when it has names.
+void record_label_classes(const datasets::LabelColumns& list, InputData& data) {
+  const auto names = list.class_names.find(list.label_order[0]);
+  if (names != list.class_names.end()) data.class_names = names->second;
+  for (const auto& [source, classes] : list.class_names) {
+    data.label_classes[source] = static_cast<std::int64_t>(classes.size());
+    data.label_class_names[source] = classes;
+  }
+}
+
+// The rows `keep` of a table's label columns, as the split's label sources.
+void set_label_columns(InputSplit& s, const datasets::LabelColumns& table,
+                       const std::vector<std::int64_t>& keep) {
+  for (const auto& [name, v] : table.labels) {
+    std::vector<std::int64_t> kept;
+    for (const auto r : keep) kept.push_back(v[r]);
+    s.labels[name] = at::tensor(kept, at::kLong);
+  }
+  for (const auto& [name, v] : table.float_labels) {
+    std::vector<double> kept;
+    for (const auto r : keep) kept.push_back(v[r]);
+    s.labels[name] = at::tensor(kept, at::kDouble);
+  }
+}
+
+// The label columns of a training table of texts that are the bits of all_labels, as the class
+// of each that sets its bit: when every column has two classes, one of them positive
+// (data.positive_value, else yes, 1 or true): a column of 0 and 1, or of two names such as no
+// and yes. None otherwise (a real-valued column, a column of three classes, ...).
+std::optional<std::vector<std::int64_t>> all_labels_positives(const datasets::TextTable& train,
+                                                              const std::string& path, const DataConfig& d) {
+  if (!train.float_labels.empty() || train.label_order.size() > kMaxBitLabels) return std::nullopt;
+  std::vector<std::int64_t> out;
+  for (const auto& name : train.label_order) {
+    std::vector<std::string> values{"0", "1"};
+    if (const auto names = train.class_names.find(name); names != train.class_names.end()) {
+      values = names->second;
+    } else {
+      const auto& v = train.labels.at(name);
+      if (std::any_of(v.begin(), v.end(), [](std::int64_t x) { return x > 1; })) return std::nullopt;
+    }
+    if (values.size() != 2) return std::nullopt;
+    const auto p = positive_value(values, d.positive_value, detail::str_cat(path, "' column '", name));
+    if (!p) return std::nullopt;
+    out.push_back(*p);
+  }
+  return out;
+}
+
+// A table of texts as a split: its first `limit` rows (all: 0), their labels (and all_labels
+// where `positives` says which class sets each bit), their token ids.
+InputSplit text_table_split(const datasets::TextTable& table, std::int64_t limit,
+                            const datasets::WordPieceTokenizer& tokenizer,
+                            const std::optional<std::vector<std::int64_t>>& positives, InputData& data) {
+  auto n = static_cast<std::int64_t>(table.texts.size());
+  if (limit > 0) n = std::min(n, limit);
+  InputSplit s;
+  set_label_columns(s, table, row_range(0, n));
+  if (positives) set_all_labels(s, table.label_order, *positives, data);
+  set_text_inputs(s, std::vector<std::string>(table.texts.begin(), table.texts.begin() + n), tokenizer);
+  s.ids = at::arange(n, at::kLong);  // the row in the table
+  return s;
+}
+
+// data.source = text-csv: the training and test tables. Class names are numbered from the
+// training table's; all_labels where its columns allow (all_labels_positives).
+InputData load_text_tables(const JobConfig& config) {
+  InputData data;
+  data.unit = "doc";
+  const datasets::WordPieceTokenizer tokenizer(config.text);
+  const datasets::TextTable train = datasets::read_text_csv(config.data.train, config.data.text_attribute);
+  CANOPY_CHECK(!train.label_order.empty(), DataError, "'", config.data.train,
+               "' has no label columns: its header names only the text column '", train.text_column,
+               "'; canopy trains on the columns beside it");
+  const auto positives = all_labels_positives(train, config.data.train, config.data);
+  data.label_sources = train.label_order;
+  if (positives) {
+    data.label_sources.push_back("all_labels");
+  } else {
+    log_info(detail::str_cat("no all_labels label source: not every label column of '", config.data.train,
+                             "' has two values, one of them yes, 1 or true (or data.positive_value)"));
+  }
+  record_label_classes(train, data);
+  data.splits["train"] = text_table_split(train, config.data.train_limit, tokenizer, positives, data);
+  const datasets::TextTable test =
+      datasets::read_text_csv(config.data.test, config.data.text_attribute, config.data.train);
+  data.splits["test"] = text_table_split(test, config.data.test_limit, tokenizer, positives, data);
+  for (const auto& [name, v] : train.float_labels) {
+    data.float_labels.push_back(name);
+    data.label_stats[name] = label_stats_of(data.splits["train"].labels[name]);
+  }
+  return data;
 }
 
 InputData load_texts(const JobConfig& config) {
@@ -373,28 +483,11 @@ InputSplit image_file_split(const datasets::ImageList& list, const std::vector<s
                             const JobConfig& config) {
   InputSplit s;
   s.ids = at::tensor(keep, at::kLong);  // the row in the CSV or the sorted folder listing
-  for (const auto& [name, v] : list.labels) {
-    std::vector<std::int64_t> kept;
-    for (const auto r : keep) kept.push_back(v[r]);
-    s.labels[name] = at::tensor(kept, at::kLong);
-  }
-  for (const auto& [name, v] : list.float_labels) {
-    std::vector<double> kept;
-    for (const auto r : keep) kept.push_back(v[r]);
-    s.labels[name] = at::tensor(kept, at::kDouble);
-  }
+  set_label_columns(s, list, keep);
   std::vector<std::string> kept_paths;
   for (const auto r : keep) kept_paths.push_back(list.paths[r]);
   set_image_file_inputs(s, std::move(kept_paths), config);
   return s;
-}
-
-void record_image_label_classes(const datasets::ImageList& list, InputData& data) {
-  const auto names = list.class_names.find(list.label_order[0]);
-  if (names != list.class_names.end()) data.class_names = names->second;
-  for (const auto& [source, classes] : list.class_names) {
-    data.label_classes[source] = static_cast<std::int64_t>(classes.size());
-  }
 }
 
 InputData load_image_files(const JobConfig& config) {
@@ -409,7 +502,7 @@ InputData load_image_files(const JobConfig& config) {
         data.float_labels.push_back(name);
         data.label_stats[name] = label_stats_of(s.labels[name]);
       }
-      record_image_label_classes(list, data);
+      record_label_classes(list, data);
     } else {
       CANOPY_CHECK(list.label_order == data.label_sources, DataError, "the test images' labels (",
                    join(list.label_order, ", "), ") differ from the training images' (",
@@ -448,7 +541,7 @@ std::string describe_image_files(const JobConfig& c) {
 }  // namespace
 
 std::string describe_preprocessing(const JobConfig& c) {
-  return c.data.source == "arff" ? datasets::describe(c.text) : datasets::describe(c.preprocess);
+  return reads_text_data(c.data) ? datasets::describe(c.text) : datasets::describe(c.preprocess);
 }
 
 InputSplit load_predict_input(const JobConfig& config, const std::string& path, std::int64_t limit) {
@@ -457,10 +550,11 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
     if (limit > 0 && static_cast<std::int64_t>(items.size()) > limit)
       items.resize(static_cast<std::size_t>(limit));
   };
-  if (config.data.source == "arff") {
-    std::vector<std::string> texts = ends_with(path, ".arff")
-                                         ? datasets::read_arff_texts(path, config.data.text_attribute)
-                                         : datasets::read_text_lines(path);
+  if (reads_text_data(config.data)) {
+    std::vector<std::string> texts =
+        ends_with(path, ".arff")  ? datasets::read_arff_texts(path, config.data.text_attribute)
+        : ends_with(path, ".csv") ? datasets::read_text_csv(path, config.data.text_attribute).texts
+                                  : datasets::read_text_lines(path);
     keep_first(texts);
     set_text_inputs(s, texts, datasets::WordPieceTokenizer(config.text));
   } else if (reads_image_files(config.data)) {
@@ -502,11 +596,11 @@ struct PredictLines::Impl {
 
 PredictLines::PredictLines(const JobConfig& config) : config_(config), impl_(std::make_unique<Impl>()) {
   CANOPY_CHECK(
-      config.data.source == "arff" || reads_image_files(config.data), ConfigError,
+      reads_text_data(config.data) || reads_image_files(config.data), ConfigError,
       "canopy predict: --input - reads texts, or image file paths, one per line from standard input; "
       "with data.source = ",
       config.data.source, " the inputs are an idx file: --input FILE");
-  if (config.data.source == "arff") impl_->tokenizer.emplace(config.text);
+  if (reads_text_data(config.data)) impl_->tokenizer.emplace(config.text);
 }
 
 PredictLines::~PredictLines() = default;
@@ -556,13 +650,29 @@ InputData load_labelled_input(const JobConfig& config, const std::string& path, 
     data.splits["input"] = std::move(s);
     return data;
   }
+  if (config.data.source == "text-csv") {
+    // A table with the training table's header; classes numbered as training's, all_labels as
+    // training's columns allow.
+    data.unit = "doc";
+    const auto positives =
+        all_labels_positives(datasets::read_text_csv(config.data.train, config.data.text_attribute),
+                             config.data.train, config.data);
+    const datasets::TextTable table =
+        datasets::read_text_csv(path, config.data.text_attribute, config.data.train);
+    data.label_sources = table.label_order;
+    if (positives) data.label_sources.push_back("all_labels");
+    record_label_classes(table, data);
+    data.splits["input"] =
+        text_table_split(table, limit, datasets::WordPieceTokenizer(config.text), positives, data);
+    return data;
+  }
   if (reads_image_files(config.data)) {
     // Class names are numbered as training numbered them: from the training CSV or folder.
     const datasets::ImageList list = config.data.source == "image-csv"
                                          ? datasets::read_image_csv(path, config.data.train)
                                          : datasets::read_image_folders(path, config.data.train);
     data.label_sources = list.label_order;
-    record_image_label_classes(list, data);
+    record_label_classes(list, data);
     data.splits["input"] = image_file_split(list, kept_rows(list, config.data.source, limit), config);
     return data;
   }
@@ -620,6 +730,7 @@ std::int64_t advised_batch_size(std::int64_t passes, std::int64_t shard_rows) {
 }
 
 InputData load_input_data(const JobConfig& config) {
+  if (config.data.source == "text-csv") return load_text_tables(config);
   if (config.data.source == "arff") return load_texts(config);
   if (reads_image_files(config.data)) return load_image_files(config);
   return load_images(config);
@@ -658,6 +769,14 @@ std::string describe_inputs(const JobConfig& c) {
     }
     out << "\nlabels=one source per label file (nominal index);all_labels=bit k set when label k has its "
            "positive value (data.positive_value, or yes, 1 or true as declared)\n";
+  } else if (c.data.source == "text-csv") {
+    out << "data=text-csv;text_column=" << c.data.text_attribute
+        << (c.data.positive_value.empty() ? "" : ";positive_value=" + c.data.positive_value)
+        << ";train_limit=" << c.data.train_limit << ";test_limit=" << c.data.test_limit
+        << ";train=" << file_stamp(c.data.train) << ";test=" << file_stamp(c.data.test)
+        << "\nlabels=the table's columns but the text (integers: class indices; numbers: real values; names: "
+           "classes in sorted order);all_labels=bit k set when column k has its positive value, where every "
+           "column has two values\n";
   } else if (reads_image_files(c.data)) {
     const bool csv = c.data.source == "image-csv";
     out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit

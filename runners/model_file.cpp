@@ -223,7 +223,7 @@ ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& reg
   config.trunk.optimize = false;  // the file holds the trunk's own code, not canopy's rewrites
   config.trunk.device = "cpu";
   const ExportedModel loaded = load_exported_model(config, registry);
-  const bool texts = config.data.source == "arff";
+  const bool texts = reads_text_data(config.data);
   ModelFile out;
   out.path = path;
   if (config.trunk.precision != "float32" || config.trunk.top_precision != "float32") {

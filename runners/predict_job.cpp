@@ -154,7 +154,7 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
     for (const auto& c : top_columns) out << "," << csv_field(c);
     out << "\n";
   }
-  const std::string unit = config.data.source == "arff" ? "doc" : "img";
+  const std::string unit = reads_text_data(config.data) ? "doc" : "img";
   if (lines) {
     // Each chunk of lines as it comes (up to a trunk batch, at most --limit in all), answered
     // and flushed before the next is waited for.

@@ -264,7 +264,7 @@ TaskResult describe_task(const tasks::TaskConfig& tc, const tasks::Task& task,
   r.optimizer = opt.str();
   r.class_names = tc.class_names;  // multilabel: the labels; regression: none
   if (tc.kind == TaskKind::kMulticlass) {
-    if (r.class_names.empty() && tc.label_map.empty()) r.class_names = meta.class_names;
+    if (r.class_names.empty() && tc.label_map.empty()) r.class_names = meta.names_of(tc.labels);
     for (auto c = static_cast<std::int64_t>(r.class_names.size()); c < task.num_classes(); ++c) {
       r.class_names.push_back(std::to_string(c));
     }

@@ -124,6 +124,7 @@ CacheMeta test_meta(std::int64_t dim, StorageDtype dtype = StorageDtype::kFloat3
   m.dtype = dtype;
   m.feature_dim = dim;
   m.class_names = {"a", "b"};
+  m.label_class_names = {{"class", {"a", "b"}}};
   return m;
 }
 
@@ -201,6 +202,22 @@ TEST(Hdf5, ADurableWriteThatFailsKeepsTheFileBeforeItAndNoTemporary) {
   EXPECT_EQ(list_dir(dir.path()), only_the_file);
 }
 
+// A task on a label source without class_names of its own is named by its source's classes,
+// never by another source's (before, every source took the first one's names).
+TEST(FeatureCache, NamesEachLabelSourcesOwnClasses) {
+  CacheMeta m;
+  m.label_sources = {"kind", "level", "all_labels"};
+  m.class_names = {"cat", "dog"};
+  m.label_class_names = {{"kind", {"cat", "dog"}}};
+  EXPECT_EQ(m.names_of("kind"), (std::vector<std::string>{"cat", "dog"}));
+  EXPECT_TRUE(m.names_of("level").empty());
+  EXPECT_TRUE(m.names_of("all_labels").empty());
+  // A manifest from before the names per source: class_names are the first source's.
+  m.label_class_names.clear();
+  EXPECT_EQ(m.names_of("kind"), (std::vector<std::string>{"cat", "dog"}));
+  EXPECT_TRUE(m.names_of("level").empty());
+}
+
 TEST(FeatureCache, RoundTripsShardsAndMetadata) {
   testing::TempDir dir;
   const at::Tensor f1 = at::randn({10, 6}), f2 = at::randn({3, 6});
@@ -210,6 +227,7 @@ TEST(FeatureCache, RoundTripsShardsAndMetadata) {
   EXPECT_EQ(c.rows("train"), 10);
   EXPECT_EQ(c.shards("train").size(), 3u) << "10 rows in shards of 4";
   EXPECT_EQ(c.meta().class_names, (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(c.meta().label_class_names, test_meta(6).label_class_names);
   for (auto method : {ReadMethod::kPread, ReadMethod::kHdf5}) {
     const SplitData train = c.load_split("train", method);
     EXPECT_TRUE(testing::bitwise_equal(train.features, f1));

@@ -716,6 +716,16 @@ TEST_F(EndToEnd, TrunkShowAndTokenizeFromTheCli) {
       << err.str();
   EXPECT_EQ(out.str(),
             "{\"ids\":[2,4,1,5,3],\"text\":\"Hello, world\"}\n{\"ids\":[2,4,3],\"text\":\"hello\"}\n");
+  // A CSV table's text column (named in another case than --attribute's default Text), its
+  // quoted line break kept.
+  std::ofstream(dir_.file("texts.csv")) << "id,text\n1,\"Hello,\nworld\"\n2,hello\n";
+  out.str("");
+  EXPECT_EQ(run_cli({"tokenize", "--vocab", dir_.file("vocab.txt"), "--input", dir_.file("texts.csv")},
+                    registry_, out, err),
+            kExitOk)
+      << err.str();
+  EXPECT_EQ(out.str(),
+            "{\"ids\":[2,4,1,5,3],\"text\":\"Hello,\\nworld\"}\n{\"ids\":[2,4,3],\"text\":\"hello\"}\n");
   err.str("");
   EXPECT_EQ(run_cli({"tokenize", "--input", dir_.file("texts.txt")}, registry_, out, err), kExitUsage);
   EXPECT_NE(err.str().find("--vocab FILE"), std::string::npos) << err.str();

@@ -1,5 +1,5 @@
-// The WordPiece tokenizer and the ARFF reader on small files made here. Agreement with the
-// reference tokenizer on real text is checked by tests/python/test_text.py.
+// The WordPiece tokenizer and the readers of texts (ARFF, CSV tables) on small files made here.
+// Agreement with the reference tokenizer on real text is checked by tests/python/test_text.py.
 #include <gtest/gtest.h>
 
 #include <fcntl.h>
@@ -165,6 +165,67 @@ TEST(Arff, BadFilesNameTheLine) {
       bad("@relation r\n@attribute t string\n@data\n?\n", {"bad.arff:4", "attribute 't' is missing"}));
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_arff(dir.file("none.arff")); },
                                               {"cannot open", "none.arff", "No such file or directory"}));
+}
+
+// A table of texts as Python's csv module writes it (CRLF rows, a text with commas, quotes and
+// line breaks quoted), with a byte-order mark, the text column not first and named in another
+// case than data.text_attribute's default, and labels of each kind.
+TEST(TextCsv, ReadsQuotedMultiLineTextsAndEveryKindOfLabel) {
+  testing::TempDir dir;
+  const std::string train = write(dir.file("train.csv"),
+                                  "\xEF\xBB\xBFtopic,text,score,flag\r\n"
+                                  "wheat,\"first line, with a comma\r\nsecond \"\"quoted\"\" line\",0.5,1\r\n"
+                                  "\r\n"
+                                  "corn,plain text,2,0\r\n"
+                                  "wheat,\"\",1.25,1\r\n");
+  const TextTable t = read_text_csv(train, "Text");
+  EXPECT_EQ(t.text_column, "text");
+  EXPECT_EQ(t.texts,
+            (std::vector<std::string>{"first line, with a comma\nsecond \"quoted\" line", "plain text", ""}));
+  EXPECT_EQ(t.label_order, (std::vector<std::string>{"topic", "score", "flag"}));
+  EXPECT_EQ(t.labels.at("topic"), (std::vector<std::int64_t>{1, 0, 1}));
+  EXPECT_EQ(t.class_names.at("topic"), (std::vector<std::string>{"corn", "wheat"}));
+  EXPECT_EQ(t.float_labels.at("score"), (std::vector<double>{0.5, 2.0, 1.25}));
+  EXPECT_EQ(t.labels.at("flag"), (std::vector<std::int64_t>{1, 0, 1}));
+  // The test table's classes are numbered by the training table's names.
+  const std::string test = write(dir.file("test.csv"), "topic,text,score,flag\ncorn,x,1,0\n");
+  EXPECT_EQ(read_text_csv(test, "text", train).labels.at("topic"), (std::vector<std::int64_t>{0}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { read_text_csv(write(dir.file("rye.csv"), "topic,text,score,flag\nrye,x,1,0\n"), "text", train); },
+      {"'rye'", "corn, wheat"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { read_text_csv(write(dir.file("fewer.csv"), "topic,text\ncorn,x\n"), "text", train); },
+      {"different headers", "topic,text,score,flag vs topic,text"}));
+  // The text column: named, or matched ignoring case when only one column matches.
+  const std::string body = write(dir.file("body.csv"), "body,topic\nhello,a\n");
+  EXPECT_EQ(read_text_csv(body, "body").texts, (std::vector<std::string>{"hello"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { read_text_csv(body, "Text"); },
+      {"body.csv:1", "text column 'Text'", "got 'body,topic'", "set data.text_attribute"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { read_text_csv(write(dir.file("two.csv"), "TEXT,text,topic\na,b,c\n"), "Text"); },
+      {"several columns match it ignoring case"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { read_text_csv(write(dir.file("semi.csv"), "text;topic\na;b\n"), "text"); },
+      {"separated by ';'", "save it with commas"}));
+}
+
+TEST(TextCsv, BadTablesNameTheRowAndLine) {
+  testing::TempDir dir;
+  auto bad = [&](const std::string& body, std::initializer_list<std::string> fragments) {
+    const std::string p = write(dir.file("bad.csv"), body);
+    return testing::throws_with<DataError>([&] { read_text_csv(p, "text"); }, fragments);
+  };
+  // A quote left open swallows the rest of the file: refused, naming the row's first line.
+  EXPECT_TRUE(bad("text,topic\nok,a\n\"open, b\nmore\nlines\n",
+                  {"bad.csv:3", "never closed", "3 line(s) to the end of the file"}));
+  // A row's field count is counted after its quoted line breaks.
+  EXPECT_TRUE(bad("text,topic\n\"two\nlines\",a,extra\n", {"bad.csv:2", "3 fields, the header has 2"}));
+  EXPECT_TRUE(bad("text,topic\n\xe9t\xe9,a\n", {"bad.csv:2", "the text of row 1", "not UTF-8", "iconv"}));
+  EXPECT_TRUE(bad("text,topic\n", {"has a header but no rows"}));
+  EXPECT_TRUE(bad("", {"table of texts", "is empty"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_text_csv(dir.file("none.csv"), "text"); },
+                                              {"cannot open table of texts", "No such file or directory"}));
 }
 
 // Lines of a pipe as they come: what is there is taken without waiting for more, up to max;

@@ -25,6 +25,20 @@ def _say_kept():
         print(f"work folder kept for inspection: {path}", flush=True)
 
 
+def arff_labels(path):
+    """The class (last value) of every instance, as a numpy array: each Weka Reuters row ends in
+    ',0' or ',1'."""
+    import numpy as np
+    out = []
+    data = False
+    for line in open(path, encoding="utf-8"):
+        if line.lower().startswith("@data"):
+            data = True
+        elif data and line.strip():
+            out.append(int(line.rstrip("\n")[-1]))
+    return np.array(out)
+
+
 def read_idx(path):
     """An idx file (gzip) as a uint8 numpy array with the file's dimensions."""
     import gzip

@@ -259,6 +259,12 @@ def check_evaluate(canopy, work, trunk, runs):
             f.write(f"[train]\nout_dir = {work}/{name}-out\nepochs = 40\nbatch_size = 20\n{tasks}")
         r = subprocess.run([canopy, "train", "--config", cfg, "--progress", "quiet"], capture_output=True, text=True)
         check(r.returncode == 0, f"heads train on the {name} cache ({r.stderr.strip()[-200:]})")
+        if name == "csv" and r.returncode == 0:
+            # Each head is named by its own label column's classes: n by the names column's, c by
+            # its indices (before, every head took the first column's names, here none).
+            names = {t: json.load(open(f"{work}/csv-out/heads/{t}.json"))["class_names"] for t in ("c", "n")}
+            check(names["n"] == sorted(set(NAMES)) and names["c"] == [str(i) for i in range(len(names["c"]))],
+                  f"a head's class names are its own label column's ({names})")
         test = f"{work}/folders/test" if name == "folders" else f"{work}/test.csv"
         r = subprocess.run([canopy, "evaluate", "--config", cfg, "--input", test, "--json", "--progress", "quiet"],
                            capture_output=True, text=True)

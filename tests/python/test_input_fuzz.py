@@ -6,7 +6,9 @@ through the real binary. Small data sets are written at test time, all from Fash
   * PNG files in class folders (grey, RGB, RGBA and palette; every fifth one 40x33);
   * JPEG files in class folders (grey and RGB, a third of them progressive);
   * a CSV manifest of the PNGs (path, class, class name);
-  * an ARFF file with quoted texts, escapes and comments (read by `canopy tokenize --arff`).
+  * an ARFF file with quoted texts, escapes and comments (read by `canopy tokenize --arff`);
+  * a CSV table of texts, quoted ones holding commas, quotes and line breaks, with labels (read
+    by `canopy tokenize --input texts.csv`).
 
 A mutant is one of them with a bit flipped (half of the flips in the first 64 bytes, where the
 headers are), cut short, or with four bytes set to 0x00, 0x7f, 0x80 or 0xff. `canopy cache`
@@ -38,7 +40,7 @@ import support
 from support import FMNIST, check, finish, read_idx, run_measured, tiny_conv_trunk, work_dir
 
 TRAIN, TEST = 40, 20
-KINDS = ("idx", "idxgz", "png", "jpg", "csv", "arff")
+KINDS = ("idx", "idxgz", "png", "jpg", "csv", "arff", "textcsv")
 
 
 def idx_bytes(a):
@@ -81,6 +83,10 @@ def write_inputs(base):
                     f"\"dq {i}, x\",no % a comment\n" for i in range(30))
     with open(f"{base}/arff/a.arff", "w") as f:
         f.write(body)
+    with open(f"{base}/arff/texts.csv", "w", newline="") as f:
+        f.write("topic,Text,score\r\n" + "".join(
+            f"{'yes' if i % 2 else 'no'},\"the cat {i}, \"\"sat\"\"\r\non the mat\",{i / 4}\r\n" if i % 3 else
+            f"no,the mat {i},{i}\r\n" for i in range(30)))
 
 
 def job(folder, kind, trunk):
@@ -98,11 +104,12 @@ def job(folder, kind, trunk):
 
 
 def targets(folder, kind):
-    sub = {"idxgz": "idxgz", "idx": "idx", "png": "png", "jpg": "jpg", "csv": "png", "arff": "arff"}[kind]
+    sub = {"idxgz": "idxgz", "idx": "idx", "png": "png", "jpg": "jpg", "csv": "png", "arff": "arff",
+           "textcsv": "arff"}[kind]
     out = []
     for root, _, names in os.walk(f"{folder}/{sub}"):
         for name in names:
-            wanted = {"csv": name.endswith(".csv"), "arff": name.endswith(".arff"),
+            wanted = {"csv": name.endswith(".csv"), "arff": name.endswith(".arff"), "textcsv": name.endswith(".csv"),
                       "png": name.endswith(".png"), "jpg": name.endswith(".jpg")}.get(kind, True)
             if wanted:
                 out.append(os.path.join(root, name))
@@ -164,6 +171,8 @@ def main():
             continue
         if kind == "arff":
             cmd = [canopy, "tokenize", "--vocab", f"{folder}/arff/vocab.txt", "--arff", path, "--attribute", "Text"]
+        elif kind == "textcsv":
+            cmd = [canopy, "tokenize", "--vocab", f"{folder}/arff/vocab.txt", "--input", path]
         else:
             cmd = [canopy, "cache", "--config", job(folder, kind, trunk), "--progress", "quiet"]
         rc, err, peak_mb, seconds = run_measured(cmd, timeout=limit)

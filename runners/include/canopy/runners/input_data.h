@@ -34,23 +34,25 @@ struct InputData {
   std::map<std::string, InputSplit> splits;  // "train", "test"
   std::vector<std::string> label_sources;
   std::vector<std::string> float_labels;
-  std::map<std::string, std::pair<double, double>> label_stats;  // float sources: train mean, std
-  std::vector<std::string> class_names;                          // of the first source, if known
-  std::map<std::string, std::int64_t> label_classes;             // declared class counts (CacheMeta)
-  std::string unit = "img";                                      // for progress: img | doc
+  std::map<std::string, std::pair<double, double>> label_stats;       // float sources: train mean, std
+  std::vector<std::string> class_names;                               // of the first source, if known
+  std::map<std::string, std::vector<std::string>> label_class_names;  // per source with names
+  std::map<std::string, std::int64_t> label_classes;                  // declared class counts (CacheMeta)
+  std::string unit = "img";                                           // for progress: img | doc
 };
 
 // Loads the data named by config.data (and config.text for text sources).
 InputData load_input_data(const JobConfig& config);
 
 // New samples for `canopy predict`, from `path` (no labels; `limit` > 0 keeps the first
-// rows): an idx file for fashion-mnist/mnist configs; an ARFF file (its text attribute) or
-// a text file with one document per line for arff configs; for image configs a CSV
+// rows): an idx file for fashion-mnist/mnist configs; an ARFF file (its text attribute), a
+// CSV table (FILE.csv: its text column) or a text file with one document per line for text
+// configs (arff, text-csv); for image configs a CSV
 // manifest (the path column), a folder (every PNG/JPEG below it, sorted) or one image.
 InputSplit load_predict_input(const JobConfig& config, const std::string& path, std::int64_t limit);
 
 // Predict's inputs as `--input -` reads them, line by line from standard input: the texts of
-// an arff config, or the image file paths of an image config (blank lines left out), in
+// a text config, or the image file paths of an image config (blank lines left out), in
 // chunks as they come; each chunk's ids count on from the last.
 class PredictLines {
  public:

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Texts from a CSV table (data.source = text-csv) against the same texts from ARFF files, with
+the real pieces users get from scripts/setup: the Reuters-21578 grain/corn stories through the
+real all-MiniLM-L6-v2 trunk.
+
+The stories are written as a CSV by Python's csv module (CRLF rows; every story quoted, its line
+breaks kept inside the quotes), the text column between the labels and named `text` (the key's
+default is `Text`), grain as no/yes, corn as 0/1. Then:
+
+  * `canopy cache` of the table stores, read back with h5py, the features, ids, grain, corn and
+    all_labels columns of the cache the ARFF config builds: bitwise equal;
+  * `canopy train` on it gives the same head files as on the ARFF cache;
+  * `canopy evaluate --input test.csv` scores each head as its card does (the same rows: the
+    eval split is the test table's first rows);
+  * `canopy predict --input test.csv` gives the answers the ARFF run gives on the ARFF file,
+    each head's classes named by its own label column (grain no/yes, corn 0/1).
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+
+from support import arff_labels, check, finish, work_dir
+
+HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
+REUTERS = os.path.join(HOME, "data", "reuters")
+TRUNK = os.path.join(HOME, "trunks", "all_minilm_l6_v2.pt")
+VOCAB = os.path.join(HOME, "trunks", "all_minilm_l6_v2.vocab.txt")
+TRAIN_ROWS, TEST_ROWS = 96, 48
+
+
+def config(work, name, data):
+    path = os.path.join(work, f"{name}.ini")
+    with open(path, "w") as f:
+        f.write(f"""[data]
+{data}
+train_limit = {TRAIN_ROWS}
+test_limit = {TEST_ROWS}
+
+[text]
+vocab = {VOCAB}
+max_length = 128
+
+[trunk]
+path = {TRUNK}
+allow_unpinned = true
+pooling = masked_mean
+
+[cache]
+path = {work}/cache_{name}
+batch_size = 32
+shard_rows = 64
+
+[train]
+out_dir = {work}/run_{name}
+batch_size = 32
+epochs = 4
+fuse = never
+
+[task.grain]
+head = linear
+labels = grain
+lr = 0.003
+
+[task.corn]
+head = mlp
+head.hidden = 32
+labels = corn
+
+[task.topics]
+kind = multilabel
+head = linear
+labels = all_labels
+label_map = 0,1,2,3
+class_names = grain,corn
+""")
+    return path
+
+
+def cache_columns(cache):
+    out = {}
+    with h5py.File(os.path.join(cache, "cache.h5"), "r") as h:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj[()]
+        h.visititems(visit)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--canopy", required=True)
+    canopy = ap.parse_args().canopy
+    work = work_dir("canopy-text-csv-")
+
+    def run(*args):
+        r = subprocess.run([canopy] + list(args), capture_output=True, text=True)
+        if r.returncode != 0:  # what follows reads its output
+            check(False, f"canopy {' '.join(args[:3])} exits 0 (got {r.returncode}: {r.stderr[-600:]})")
+            sys.exit(finish())
+        return r.stdout
+
+    # The stories as canopy reads them from ARFF, written as a CSV table.
+    tables = {}
+    for split in ("train", "test"):
+        lines = run("tokenize", "--vocab", VOCAB, "--arff", os.path.join(REUTERS, f"ReutersGrain-{split}.arff"))
+        texts = [json.loads(line)["text"] for line in lines.splitlines()]
+        grain = arff_labels(os.path.join(REUTERS, f"ReutersGrain-{split}.arff"))
+        corn = arff_labels(os.path.join(REUTERS, f"ReutersCorn-{split}.arff"))
+        tables[split] = os.path.join(work, f"{split}.csv")
+        with open(tables[split], "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, quoting=csv.QUOTE_NONNUMERIC)
+            w.writerow(["grain", "text", "corn"])
+            for t, g, c in zip(texts, grain, corn):
+                w.writerow(["yes" if g else "no", t, int(c)])
+    with open(tables["train"], "rb") as f:
+        raw = f.read()
+    check(b"\r\n" in raw and raw.count(b"\r\n") < raw.count(b"\n"),
+          "the table has CRLF rows and line breaks inside quoted stories")
+
+    from_arff = config(work, "arff", f"""source = arff
+train_files = grain:{REUTERS}/ReutersGrain-train.arff, corn:{REUTERS}/ReutersCorn-train.arff
+test_files = grain:{REUTERS}/ReutersGrain-test.arff, corn:{REUTERS}/ReutersCorn-test.arff""")
+    from_csv = config(work, "csv", f"""source = text-csv
+train = {tables['train']}
+test = {tables['test']}""")
+    run("cache", "--config", from_arff)
+    run("cache", "--config", from_csv)
+    a, c = cache_columns(f"{work}/cache_arff"), cache_columns(f"{work}/cache_csv")
+    check(sorted(a) == sorted(c), f"the caches hold the same columns ({sorted(c)} vs {sorted(a)})")
+    for name in sorted(a):
+        if name in c:
+            check(a[name].dtype == c[name].dtype and np.array_equal(a[name], c[name]),
+                  f"{name}: the CSV table's cache equals the ARFF files' bitwise")
+    check(c["train/features"].shape == (TRAIN_ROWS, 384) and int(c["train/labels/all_labels"].max()) == 3,
+          f"{TRAIN_ROWS} stories of 384 features, all_labels reaching both bits")
+
+    run("train", "--config", from_arff)
+    run("train", "--config", from_csv)
+    for task in ("grain", "corn", "topics"):
+        with open(f"{work}/run_arff/heads/{task}.safetensors", "rb") as f1, \
+                open(f"{work}/run_csv/heads/{task}.safetensors", "rb") as f2:
+            check(f1.read() == f2.read(), f"head '{task}': the same file trained from the table as from ARFF")
+
+    report = json.loads(run("evaluate", "--config", f"{work}/run_csv/config.ini", "--input", tables["test"],
+                            "--limit", str(TEST_ROWS), "--json"))
+    for task in ("grain", "corn", "topics"):
+        head = next(h for h in report["heads"] if h["task"] == task)
+        check(head["rows"] == TEST_ROWS and abs(head["accuracy"] - head["card_eval_accuracy"]) < 1e-9,
+              f"evaluate --input test.csv scores '{task}' as its card ({head['accuracy']} vs "
+              f"{head['card_eval_accuracy']} on {head['rows']} rows)")
+
+    by_csv = run("predict", "--config", f"{work}/run_csv/config.ini", "--input", tables["test"],
+                 "--limit", "20", "--scores", "--format", "csv")
+    by_arff = run("predict", "--config", f"{work}/run_arff/config.ini", "--input",
+                  os.path.join(REUTERS, "ReutersGrain-test.arff"), "--limit", "20", "--scores", "--format", "csv")
+    # The same answers and scores; grain's classes named as the table names them (no, yes: the
+    # ARFF file declares 0, 1), corn's by its own values (0, 1), not by grain's names.
+    rows = [r.split(",") for r in by_arff.splitlines()]
+    rows[0] = [c.replace("grain:0", "grain:no").replace("grain:1", "grain:yes") for c in rows[0]]
+    for r in rows[1:]:
+        r[2] = {"0": "no", "1": "yes"}[r[2]]
+    check(by_csv.splitlines()[0] == "id,corn,grain,topics,corn:0,corn:1,grain:no,grain:yes,topics:grain,topics:corn",
+          f"predict's columns name each label's own classes ({by_csv.splitlines()[0]})")
+    check(len(by_csv.splitlines()) == 21 and by_csv.splitlines() == [",".join(r) for r in rows],
+          "predict --input test.csv answers as the ARFF run on the ARFF file")
+
+    # A test table with a class training never saw: refused before any trunk pass, naming it.
+    bad = os.path.join(work, "bad.csv")
+    with open(bad, "w", newline="") as f:
+        f.write('grain,text,corn\nmaybe,"a story",0\n')
+    r = subprocess.run([canopy, "cache", "--config", from_csv, "--set", f"data.test={bad}", "--set",
+                        f"cache.path={work}/cache_bad"], capture_output=True, text=True)
+    check(r.returncode == 1 and "'maybe'" in r.stderr and "no, yes" in r.stderr
+          and not os.path.exists(f"{work}/cache_bad/manifest.json"),
+          f"a test class the training table lacks is refused, naming it (exit {r.returncode}: {r.stderr[-300:]})")
+    return finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
