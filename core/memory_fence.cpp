@@ -12,16 +12,8 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/sanitizers.h"
 #include "canopy/core/stop.h"
-
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define CANOPY_ASAN 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__)
-#define CANOPY_ASAN 1
-#endif
 
 namespace canopy {
 namespace {
@@ -67,7 +59,10 @@ struct MemoryFence::Noting final : c10::Allocator {
 };
 
 MemoryFence::MemoryFence(std::optional<MemoryRoom> room) {
-#if !defined(CANOPY_ASAN)
+  // Off under a sanitizer's allocator: AddressSanitizer's and ThreadSanitizer's end the process
+  // where an allocation past RLIMIT_DATA fails ("allocator is out of memory"), instead of
+  // returning null for LibTorch to throw.
+#if !defined(CANOPY_ASAN) && !defined(CANOPY_TSAN)
   const auto data = data_segment_bytes();
   rlimit limit{};
   if (!room || !data || free_swap() > 0 || getrlimit(RLIMIT_DATA, &limit) != 0) return;

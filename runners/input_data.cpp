@@ -312,6 +312,19 @@ void record_label_classes(const datasets::LabelColumns& list, InputData& data) {
   }
 }
 
+// Says which label columns of the training table `path` have empty fields (a class named "":
+// a task on such a column is refused when it trains).
+void note_empty_fields(const datasets::LabelColumns& table, const std::string& path) {
+  std::vector<std::string> empty;
+  for (const auto& [source, classes] : table.class_names) {
+    if (std::find(classes.begin(), classes.end(), "") != classes.end()) empty.push_back(source);
+  }
+  if (empty.empty()) return;
+  log_info(detail::str_cat("label column(s) ", join(empty, ", "), " of '", path,
+                           "' have empty fields: a task on them is refused until those fields are filled or "
+                           "their rows dropped"));
+}
+
 // The rows `keep` of a table's label columns, as the split's label sources.
 void set_label_columns(InputSplit& s, const datasets::LabelColumns& table,
                        const std::vector<std::int64_t>& keep) {
@@ -343,7 +356,8 @@ std::optional<std::vector<std::int64_t>> all_labels_positives(const datasets::Te
       const auto& v = train.labels.at(name);
       if (std::any_of(v.begin(), v.end(), [](std::int64_t x) { return x > 1; })) return std::nullopt;
     }
-    if (values.size() != 2) return std::nullopt;
+    if (values.size() != 2 || std::find(values.begin(), values.end(), "") != values.end())
+      return std::nullopt;
     const auto p = positive_value(values, d.positive_value, detail::str_cat(path, "' column '", name));
     if (!p) return std::nullopt;
     out.push_back(*p);
@@ -385,6 +399,7 @@ InputData load_text_tables(const JobConfig& config) {
                              "' has two values, one of them yes, 1 or true (or data.positive_value)"));
   }
   record_label_classes(train, data);
+  note_empty_fields(train, config.data.train);
   data.splits["train"] = text_table_split(train, config.data.train_limit, tokenizer, positives, data);
   const datasets::TextTable test =
       datasets::read_text_csv(config.data.test, config.data.text_attribute, config.data.train);
@@ -503,6 +518,7 @@ InputData load_image_files(const JobConfig& config) {
         data.label_stats[name] = label_stats_of(s.labels[name]);
       }
       record_label_classes(list, data);
+      if (config.data.source == "image-csv") note_empty_fields(list, config.data.train);
     } else {
       CANOPY_CHECK(list.label_order == data.label_sources, DataError, "the test images' labels (",
                    join(list.label_order, ", "), ") differ from the training images' (",

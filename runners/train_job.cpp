@@ -61,9 +61,12 @@ void refuse_top_keys_without_top(const JobConfig& config) {
 
 namespace {
 
-// A task whose label source is not among `sources`, or holds real values for a classifier.
-void check_task_labels(const JobConfig& config, const std::vector<std::string>& sources,
-                       const std::vector<std::string>& float_sources, const std::string& where) {
+// A task whose label source is not among the cache's, holds real values for a classifier, or
+// has rows without a value (a CSV column's empty fields, read as a class with an empty name:
+// a head would learn "no label" as a class).
+void check_task_labels(const JobConfig& config, const datasets::CacheMeta& meta, const std::string& where) {
+  const auto& sources = meta.label_sources;
+  const auto& float_sources = meta.float_labels;
   for (const auto& tc : config.tasks) {
     CANOPY_CHECK(std::find(sources.begin(), sources.end(), tc.labels) != sources.end(), ConfigError, "task '",
                  tc.name, "': labels = '", tc.labels, "' but ", where,
@@ -71,6 +74,12 @@ void check_task_labels(const JobConfig& config, const std::vector<std::string>& 
     const bool real = std::find(float_sources.begin(), float_sources.end(), tc.labels) != float_sources.end();
     CANOPY_CHECK(!real || tc.kind == tasks::TaskKind::kRegression, DataError, "task '", tc.name,
                  "': label source '", tc.labels, "' holds real values; use kind = regression");
+    const auto names = meta.names_of(tc.labels);
+    CANOPY_CHECK(
+        std::find(names.begin(), names.end(), "") == names.end(), DataError, "task '", tc.name,
+        "': label source '", tc.labels,
+        "' has rows without a value (empty fields in its column, read as a class with no name); a head "
+        "learns from rows that have its label: fill those fields, or drop their rows");
   }
 }
 
@@ -296,7 +305,7 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
                     const datasets::CacheMeta& meta, const datasets::SplitData& eval,
                     std::int64_t feature_dim, const std::string& where = "the cache") {
   TaskSet set;
-  check_task_labels(config, meta.label_sources, meta.float_labels, where);
+  check_task_labels(config, meta, where);
   for (const auto& tc : config.tasks) {
     const auto src_eval = eval.labels.find(tc.labels);
     CANOPY_CHECK(src_eval != eval.labels.end(), ConfigError, "task '", tc.name, "': labels = '", tc.labels,

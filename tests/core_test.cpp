@@ -127,7 +127,7 @@ TEST(RunInChild, ReturnsRethrowsAndTurnsACrashIntoADataErrorNamingTheLastMark) {
   EXPECT_EQ(killed,
             "HDF5 crashed (signal 9, SIGKILL) while reading shard 'b.h5': the file is corrupt in a way the "
             "library does not catch; delete it");
-#if !defined(CANOPY_ASAN)  // AddressSanitizer's SEGV handler would report it (and fail the run)
+#if !defined(CANOPY_ASAN) && !defined(CANOPY_TSAN)  // a sanitizer's SEGV handler would report it
   const std::string segv = message([](const ChildMark&) { std::raise(SIGSEGV); });
   EXPECT_EQ(segv,
             "HDF5 crashed (signal 11, SIGSEGV): the file is corrupt in a way the library does not "
@@ -470,7 +470,7 @@ TEST(MemoryFence, RefusesPastTheRoomAndSaysSo) {
   {
     MemoryFence fence(MemoryRoom{256 * kMiB, "a room of 256 MiB"});
     if (!fence.active()) {
-      GTEST_SKIP() << "no fence here (AddressSanitizer, free swap, or RLIMIT_DATA already below it)";
+      GTEST_SKIP() << "no fence here (a sanitizer's allocator, free swap, or RLIMIT_DATA already below it)";
     }
     at::Tensor small = at::ones({32 * kMiB / 4});  // 32 MiB, touched
     EXPECT_FALSE(fence.refusal());

@@ -294,7 +294,7 @@ TEST(FeatureCache, TheWriterHoldsOneShardsRows) {
   {
     MemoryFence fence(MemoryRoom{64 * kMiB, "a room of 64 MiB"});
     if (!fence.active())
-      GTEST_SKIP() << "no fence here (AddressSanitizer, free swap, or RLIMIT_DATA below it)";
+      GTEST_SKIP() << "no fence here (a sanitizer's allocator, free swap, or RLIMIT_DATA below it)";
     for (std::int64_t i = 0; i < 3 * kShard; i += kBatch) {
       w.append("train", at::full({kBatch, kDim}, static_cast<float>(i)),
                {{"class", at::zeros({kBatch}, at::kLong)}}, at::arange(i, i + kBatch, at::kLong));

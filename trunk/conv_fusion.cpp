@@ -111,12 +111,17 @@ std::optional<Convolution> cpu_convolution(torch::jit::Node* node) {
   return Convolution{node, {w.size(2), w.size(3)}, *stride, *padding, *dilation, node->input(*groups_at)};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(canopy, m) {
+void define_crop_padded(torch::Library& m) {
   m.def("crop_padded(Tensor y, Tensor x, int[] pad, int[] extent, int[] stride, int[] start) -> Tensor");
   m.impl("crop_padded", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(crop_padded));
 }
+
+// TORCH_LIBRARY_FRAGMENT(canopy, m), never destroyed, as grouped_conv.cpp's library (its
+// destructor would unregister the op at exit, after LibTorch's dispatcher was torn down).
+const auto* const kCropPaddedOps = new torch::detail::TorchLibraryInit(
+    torch::Library::FRAGMENT, &define_crop_padded, "canopy", std::nullopt, __FILE__, __LINE__);
+
+}  // namespace
 
 FusedConvolutions fuse_cpu_convolutions(const std::shared_ptr<torch::jit::Graph>& g, at::ScalarType dtype) {
   FusedConvolutions done;

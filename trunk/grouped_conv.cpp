@@ -74,14 +74,20 @@ at::Tensor grouped_conv2d(const at::Tensor& input, const at::Tensor& weight,
   return GroupedConv2d::apply(input, weight, bias, stride.vec(), padding.vec(), dilation.vec(), groups);
 }
 
-}  // namespace
-
-TORCH_LIBRARY(canopy, m) {
+void define_grouped_conv(torch::Library& m) {
   m.def(
       "grouped_conv2d(Tensor input, Tensor weight, Tensor? bias, "
       "int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
   m.impl("grouped_conv2d", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(grouped_conv2d));
 }
+
+// TORCH_LIBRARY(canopy, m), but never destroyed: its destructor would unregister the op at
+// exit, reaching LibTorch's dispatcher after LibTorch's own static destructors ran
+// (ThreadSanitizer: "unlock of an unlocked mutex ... already destroyed", from every process).
+const auto* const kGroupedConvOps = new torch::detail::TorchLibraryInit(
+    torch::Library::DEF, &define_grouped_conv, "canopy", std::nullopt, __FILE__, __LINE__);
+
+}  // namespace
 
 bool depthwise_kernel_serves(const at::Tensor& input, const at::Tensor& weight, std::int64_t groups) {
   return input.defined() && weight.defined() && input.device().is_cpu() && weight.device().is_cpu() &&

@@ -179,6 +179,19 @@ test = {tables['test']}""")
     check(r.returncode == 1 and "'maybe'" in r.stderr and "no, yes" in r.stderr
           and not os.path.exists(f"{work}/cache_bad/manifest.json"),
           f"a test class the training table lacks is refused, naming it (exit {r.returncode}: {r.stderr[-300:]})")
+
+    # A label left empty in some rows (pandas writes a missing value so): the cache says which
+    # column, and a task on it is refused, not trained to answer "no label" as a class.
+    holes = os.path.join(work, "holes.csv")
+    with open(holes, "w", newline="") as f:
+        f.write('grain,text,corn\nyes,"wheat, barley",0\n,"no grain said",1\nno,"cocoa",0\nno,"corn",1\n')
+    r = subprocess.run([canopy, "run", "--config", from_csv, "--set", f"data.train={holes}", "--set",
+                        f"cache.path={work}/cache_holes", "--set", f"train.out_dir={work}/run_holes"],
+                       capture_output=True, text=True)
+    check(r.returncode == 1 and "label column(s) grain of" in r.stderr and "have empty fields" in r.stderr
+          and "task 'grain': label source 'grain' has rows without a value" in r.stderr
+          and not os.path.exists(f"{work}/run_holes/heads/grain.safetensors"),
+          f"an empty label field is named when cached and its task refused (exit {r.returncode}: {r.stderr[-400:]})")
     return finish()
 
 

@@ -13,8 +13,8 @@
 //
 // Process-wide while it lives: every thread's allocations meet it. Not set (active() false)
 // without a room; where the machine has free swap (memory past the room is swapped out there,
-// slowly, rather than killed for); under AddressSanitizer (its allocator maps memory it cannot
-// be refused); or where the limit cannot be set.
+// slowly, rather than killed for); under AddressSanitizer or ThreadSanitizer (their allocators
+// end the process where an allocation is refused); or where the limit cannot be set.
 #pragma once
 
 #include <cstdint>
