@@ -125,11 +125,23 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
     o << "  split " << split << ": " << n << " rows in " << shards << " shard(s)"
       << (rows == n ? "" : " (" + std::to_string(rows) + " written)") << "\n";
   }
+  // Each source with its class names (the first ten of more), or its values' type.
   std::vector<std::string> sources;
-  for (const auto& src : m.meta.label_sources)
-    sources.push_back(src + (m.meta.is_float_label(src) ? " (float64)" : ""));
-  o << "  labels        " << join(sources, ", ");
-  if (!m.meta.class_names.empty()) o << " (classes: " << join(m.meta.class_names, ", ") << ")";
+  for (const auto& src : m.meta.label_sources) {
+    std::vector<std::string> names = m.meta.names_of(src);
+    if (m.meta.is_float_label(src)) {
+      sources.push_back(src + " (float64)");
+    } else if (names.empty()) {
+      sources.push_back(src);
+    } else {
+      const std::size_t shown = names.size() > 12 ? 10 : names.size();
+      const std::string more =
+          shown < names.size() ? detail::str_cat(", ... ", names.size(), " classes") : "";
+      names.resize(shown);
+      sources.push_back(src + " (" + join(names, ", ") + more + ")");
+    }
+  }
+  o << "  labels        " << join(sources, "; ");
   o << "\n  fingerprint   " << m.meta.fingerprint << ", over:\n";
   std::istringstream parts(m.meta.description);
   for (std::string line; std::getline(parts, line);) o << "      " << line << "\n";

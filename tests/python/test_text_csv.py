@@ -140,6 +140,9 @@ test = {tables['test']}""")
     check(c["train/features"].shape == (TRAIN_ROWS, 384) and int(c["train/labels/all_labels"].max()) == 3,
           f"{TRAIN_ROWS} stories of 384 features, all_labels reaching both bits")
 
+    labels = [line for line in run("inspect", f"{work}/cache_csv").splitlines() if line.startswith("  labels")]
+    check(labels == ["  labels        grain (no, yes); corn; all_labels"],
+          f"canopy inspect names each label source's own classes ({labels})")
     run("train", "--config", from_arff)
     run("train", "--config", from_csv)
     for task in ("grain", "corn", "topics"):
