@@ -1721,6 +1721,31 @@ void check_tasks(const JobConfig& config, const tasks::HeadRegistry& registry,
   (void)build_tasks(config, registry, meta, eval, feature_dim, where);
 }
 
+namespace {
+
+// After the last epoch, on the rank that writes out_dir: the joint best epoch restored where
+// train.export = best chose one over a top, each head scored on the final splits and exported
+// with its card.
+void export_trained(const JobConfig& config, const datasets::CacheMeta& cache_meta, TrainInputs& in,
+                    EpochLoop& loop, TaskSet& set, const std::vector<HeadRun>& runs, TrainReport& report) {
+  SharedTop* top = in.shared.top.get();
+  if (top) log_weighting_share(config.train.weighting, loop.weighting_share());
+  report.source_peak_bytes = in.train.source->peak_bytes();
+  report.source = in.train.source->describe();
+  const std::int64_t shared_best = loop.restore_joint_best();
+  if (shared_best > 0) {
+    char line[64];
+    std::snprintf(line, sizeof line, " on the validation split was best (%.4f)", top->best_score());
+    log_info(detail::str_cat("train.export = best: the top and the heads as they were at epoch ", shared_best,
+                             ", where ", describe_monitor(config.train.export_monitor), line));
+  }
+  export_heads(set, runs, trained_trunk_meta(cache_meta, top, config),
+               final_splits(loop, in.train.validation.has_value(), in.test, top, config.train.batch_size),
+               config.train.out_dir + "/heads", report, shared_best, config.train);
+}
+
+}  // namespace
+
 TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& registry, ProgressStyle style,
                       bool resume) {
   validate_job_config(config);
@@ -1808,20 +1833,7 @@ TrainReport run_train(const JobConfig& config, const tasks::HeadRegistry& regist
       store.set_owned({});
       if (store.exists()) store.load(set.tasks, runs, top);
     }
-    if (top) log_weighting_share(config.train.weighting, loop.weighting_share());
-    report.source_peak_bytes = source->peak_bytes();
-    report.source = source->describe();
-    const std::int64_t shared_best = loop.restore_joint_best();
-    if (shared_best > 0) {
-      char line[64];
-      std::snprintf(line, sizeof line, " on the validation split was best (%.4f)", top->best_score());
-      log_info(detail::str_cat("train.export = best: the top and the heads as they were at epoch ",
-                               shared_best, ", where ", describe_monitor(config.train.export_monitor), line));
-    }
-    const datasets::CacheMeta meta = trained_trunk_meta(cache.meta(), top, config);
-    export_heads(set, runs, meta,
-                 final_splits(loop, in.train.validation.has_value(), in.test, top, config.train.batch_size),
-                 config.train.out_dir + "/heads", report, shared_best, config.train);
+    export_trained(config, cache.meta(), in, loop, set, runs, report);
     return report;
   } catch (const IoError& e) {
     throw IoError(detail::str_cat(e.what(), "; ", where_to_go_on(store)));
