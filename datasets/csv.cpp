@@ -7,6 +7,9 @@
 #include <cstring>
 #include <fstream>
 #include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
 
 #include "canopy/core/error.h"
 #include "canopy/core/strings.h"
@@ -104,6 +107,140 @@ Csv read_csv(const std::string& path, const std::string& what, const CsvHeaderCh
   return csv;
 }
 
+namespace {
+
+// One record's value as a table field (csv.h: JSON tables).
+std::string json_field(const nlohmann::ordered_json& v, const std::string& key, const std::string& where) {
+  switch (v.type()) {
+    case nlohmann::ordered_json::value_t::string:
+      return trim(v.get<std::string>());
+    case nlohmann::ordered_json::value_t::null:
+      return "";
+    case nlohmann::ordered_json::value_t::boolean:
+      return v.get<bool>() ? "true" : "false";
+    case nlohmann::ordered_json::value_t::number_integer:
+    case nlohmann::ordered_json::value_t::number_unsigned:
+    case nlohmann::ordered_json::value_t::number_float:
+      return v.dump();
+    default:
+      break;
+  }
+  const std::string shown = v.dump();
+  throw DataError(detail::str_cat(
+      where, ": '", key, "' holds ", v.is_array() ? "a list" : "an object", " (",
+      printable(shown.size() > 60 ? shown.substr(0, 60) + "..." : shown),
+      ") where the first record holds one value; a label is one value per key: a text, a number, true/false "
+      "or null (a list of labels: one key per label, its value true or false)"));
+}
+
+bool is_nested(const nlohmann::ordered_json& v) { return v.is_array() || v.is_object(); }
+
+// Appends `record` (read at `where`) to `csv` as a row; the first one makes the header, of its
+// keys but those holding a list or an object (csv.left_out).
+void add_json_record(const nlohmann::ordered_json& record, std::int64_t line, const std::string& where,
+                     const CsvHeaderCheck& check_header, Csv& csv) {
+  CANOPY_CHECK(record.is_object(), DataError, where,
+               ": a record should be a JSON object {\"key\": value, ...}, got ", record.type_name());
+  if (csv.header.empty()) {
+    std::vector<std::string> keys;
+    for (const auto& item : record.items())
+      (is_nested(item.value()) ? csv.left_out : keys).push_back(item.key());
+    CANOPY_CHECK(
+        !keys.empty(), DataError, where, ": the first record has no key of one value",
+        csv.left_out.empty() ? "" : detail::str_cat(" (", join(csv.left_out, ", "), ": lists or objects)"));
+    check_header(keys, where, join(keys, ","));
+    csv.header = std::move(keys);
+  }
+  std::vector<std::string> fields;
+  fields.reserve(csv.header.size());
+  for (const auto& key : csv.header) {
+    const auto it = record.find(key);
+    CANOPY_CHECK(it != record.end(), DataError, where, ": the record has no '", key,
+                 "' (the first record's keys: ", join(csv.header, ", "), ")");
+    fields.push_back(json_field(*it, key, where));
+  }
+  if (record.size() != csv.header.size() + csv.left_out.size()) {
+    for (const auto& item : record.items()) {
+      const auto& k = item.key();
+      CANOPY_CHECK(std::find(csv.header.begin(), csv.header.end(), k) != csv.header.end() ||
+                       std::find(csv.left_out.begin(), csv.left_out.end(), k) != csv.left_out.end(),
+                   DataError, where, ": the record has '", printable(k),
+                   "', which the first record lacks (its keys: ", join(csv.header, ", "),
+                   "): every record has the same keys");
+    }
+  }
+  csv.rows.push_back(std::move(fields));
+  csv.lines.push_back(line);
+}
+
+std::string json_problem(const nlohmann::ordered_json::parse_error& e) {
+  // nlohmann's what() is "[json.exception.parse_error.101] parse error at line 1, column 7: ...".
+  std::string what = e.what();
+  const auto at = what.find("] ");
+  if (at != std::string::npos) what = what.substr(at + 2);
+  // One line is parsed at a time: its column is what locates the problem.
+  const auto line = what.find("at line 1, column");
+  if (line != std::string::npos) what.erase(line + 3, 8);
+  return printable(what);
+}
+
+}  // namespace
+
+Csv read_json_table(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header) {
+  std::ifstream in(path);
+  CANOPY_CHECK(in, DataError, "cannot open ", what, " '", path, "': ", std::strerror(errno));
+  Csv csv;
+  csv.path = path;
+  std::string line;
+  std::int64_t n = 0;
+  while (read_text_line(in, line, n)) {
+    const std::string t = trim(line);
+    if (t.empty()) continue;
+    const std::string where = detail::str_cat(path, ":", n);
+    if (csv.header.empty() && t[0] == '[') {
+      // One array of records (pandas' to_json(orient="records")): read whole, from this line.
+      std::ostringstream rest;
+      rest << line << "\n" << in.rdbuf();
+      nlohmann::ordered_json array;
+      try {
+        array = nlohmann::ordered_json::parse(rest.str());
+      } catch (const nlohmann::ordered_json::parse_error& e) {
+        throw DataError(detail::str_cat(where, ": not a JSON array of records (", json_problem(e),
+                                        ", counting from this line)"));
+      }
+      for (std::size_t i = 0; i < array.size(); ++i)
+        add_json_record(array[i], n, detail::str_cat(path, ": record ", i + 1), check_header, csv);
+      break;
+    }
+    nlohmann::ordered_json record;
+    try {
+      record = nlohmann::ordered_json::parse(line);
+    } catch (const nlohmann::ordered_json::parse_error& e) {
+      throw DataError(detail::str_cat(
+          where, ": not a JSON record (", json_problem(e), "); a JSON table has one object per line",
+          t[0] == '{' && t.back() != '}'
+              ? " (a record spread over several lines is not read: write one per line)"
+              : ""));
+    }
+    add_json_record(record, n, where, check_header, csv);
+  }
+  CANOPY_CHECK(!csv.header.empty(), DataError, what, " '", path, "' is empty");
+  return csv;
+}
+
+std::optional<TableFormat> table_format(const std::string& path) {
+  const std::string p = lower_ascii(path);
+  if (ends_with(p, ".json") || ends_with(p, ".jsonl") || ends_with(p, ".ndjson")) return TableFormat::json;
+  if (ends_with(p, ".csv")) return TableFormat::csv;
+  return std::nullopt;
+}
+
+Csv read_table(const std::string& path, TableFormat format, const std::string& what,
+               const CsvHeaderCheck& check_header) {
+  return format == TableFormat::json ? read_json_table(path, what, check_header)
+                                     : read_csv(path, what, check_header);
+}
+
 void check_name(const std::string& name, const std::string& where, const char* what, const char* mend) {
   const std::string bad = utf8_problem(name);
   CANOPY_CHECK(bad.empty(), DataError, where, ": the ", what, " ", bad, "; canopy writes names as UTF-8 (",
@@ -111,20 +248,27 @@ void check_name(const std::string& name, const std::string& where, const char* w
 }
 
 LabelColumns read_label_columns(const Csv& csv, const Csv& names, std::size_t skip) {
-  CANOPY_CHECK(names.header == csv.header, DataError, "'", names.path, "' and '", csv.path,
-               "' have different headers (", join(names.header, ","), " vs ", join(csv.header, ","), ")");
+  auto sorted = [](std::vector<std::string> v) {
+    std::sort(v.begin(), v.end());
+    return v;
+  };
+  CANOPY_CHECK(sorted(names.header) == sorted(csv.header), DataError, "'", names.path, "' and '", csv.path,
+               "' have different columns (", join(names.header, ","), " vs ", join(csv.header, ","), ")");
   LabelColumns out;
-  for (std::size_t col = 0; col < csv.header.size(); ++col) {
+  // In the order `names` lists them; `col` is the column in `csv`, `ncol` in `names`.
+  for (std::size_t ncol = 0; ncol < names.header.size(); ++ncol) {
+    const std::string& label = names.header[ncol];
+    const auto col =
+        static_cast<std::size_t>(std::find(csv.header.begin(), csv.header.end(), label) - csv.header.begin());
     if (col == skip) continue;
-    const std::string& label = csv.header[col];
     CANOPY_CHECK(!label.empty() && !out.labels.count(label) && !out.float_labels.count(label), DataError,
                  csv.path, ": label column '", label, "' is empty or repeated");
     check_name(label, csv.path + ":1", "label column", kConvertCsv);
     out.label_order.push_back(label);
-    if (all_parse(names.rows, col, true) && all_parse(csv.rows, col, true)) {
+    if (all_parse(names.rows, ncol, true) && all_parse(csv.rows, col, true)) {
       auto& v = out.labels[label];
       for (const auto& r : csv.rows) v.push_back(std::strtoll(r[col].c_str(), nullptr, 10));
-    } else if (all_parse(names.rows, col, false) && all_parse(csv.rows, col, false)) {
+    } else if (all_parse(names.rows, ncol, false) && all_parse(csv.rows, col, false)) {
       // strtod reads "nan" and "inf" (and 1e999 as inf): a real label must be a finite number,
       // or its mean and standard deviation, the targets' scale, are not numbers.
       auto& v = out.float_labels[label];
@@ -139,8 +283,8 @@ LabelColumns read_label_columns(const Csv& csv, const Csv& names, std::size_t sk
     } else {
       std::set<std::string> found;
       for (std::size_t i = 0; i < names.rows.size(); ++i) {
-        if (found.insert(names.rows[i][col]).second) {
-          check_name(names.rows[i][col], detail::str_cat(names.path, ": row ", i + 1), "class name",
+        if (found.insert(names.rows[i][ncol]).second) {
+          check_name(names.rows[i][ncol], detail::str_cat(names.path, ": row ", i + 1), "class name",
                      kConvertCsv);
         }
       }

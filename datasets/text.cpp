@@ -544,10 +544,15 @@ std::size_t text_column_of(const std::vector<std::string>& header, const std::st
   std::vector<std::size_t> alike;
   for (std::size_t i = 0; i < header.size(); ++i)
     if (lower_ascii(header[i]) == lower_ascii(column)) alike.push_back(i);
-  const std::string other = separator_hint(header, line);
+  const std::string t = trim(line);
+  const bool json = !t.empty() && (t[0] == '{' || t[0] == '[');  // a JSON table read as CSV
+  const std::string other = json ? " (JSON records, not CSV)" : separator_hint(header, line);
   CANOPY_CHECK(alike.size() == 1, DataError, where, ": the header should name the text column '", column,
-               "' (data.text_attribute), got '", printable(line), "'", other,
-               !other.empty()     ? "; canopy reads comma-separated tables: save it with commas"
+               "' (data.text_attribute), got '",
+               printable(line.size() > 200 ? line.substr(0, 200) + "..." : line), "'", other,
+               json ? "; data.source = text-json reads JSON tables (a file named .json, .jsonl or "
+                      ".ndjson is read as JSON wherever canopy takes --input)"
+               : !other.empty()   ? "; canopy reads comma-separated tables: save it with commas"
                : alike.size() > 1 ? "; several columns match it ignoring case: name one exactly"
                                   : "; set data.text_attribute to the column holding the texts");
   return alike[0];
@@ -555,20 +560,26 @@ std::size_t text_column_of(const std::vector<std::string>& header, const std::st
 
 }  // namespace
 
-TextTable read_text_csv(const std::string& path, const std::string& column, const std::string& name_source) {
+TextTable read_text_table(const TableFile& file, const std::string& column, const TableFile& names) {
   std::size_t col = 0;
   const CsvHeaderCheck header = [&](const std::vector<std::string>& fields, const std::string& where,
                                     const std::string& line) {
     col = text_column_of(fields, column, where, line);
   };
-  const Csv csv = read_csv(path, "table of texts", header);
-  CANOPY_CHECK(!csv.rows.empty(), DataError, "table of texts '", path, "' has a header but no rows");
+  const std::string& path = file.path;
+  const Csv csv = read_table(path, file.format, "table of texts", header);
+  CANOPY_CHECK(!csv.rows.empty(), DataError, "table of texts '", path, "' has ",
+               file.format == TableFormat::json ? "no records" : "a header but no rows");
   TextTable out;
   const std::size_t text_col = col;
-  static_cast<LabelColumns&>(out) = read_label_columns(
-      csv, name_source.empty() || name_source == path ? csv : read_csv(name_source, "table of texts", header),
-      text_col);
+  static_cast<LabelColumns&>(out) =
+      read_label_columns(csv,
+                         names.path.empty() || names.path == path
+                             ? csv
+                             : read_table(names.path, names.format, "table of texts", header),
+                         text_col);
   out.text_column = csv.header[text_col];
+  out.left_out = csv.left_out;
   out.texts.reserve(csv.rows.size());
   for (std::size_t i = 0; i < csv.rows.size(); ++i) {
     const std::string bad = utf8_problem(csv.rows[i][text_col]);

@@ -344,11 +344,12 @@ int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&
   const datasets::WordPieceTokenizer tokenizer(tc);
   const std::string attribute = vm["attribute"].as<std::string>();
   const std::string input = vm.count("input") ? vm["input"].as<std::string>() : "";
+  const auto table = datasets::table_format(input);
   const std::vector<std::string> texts =
-      vm.count("arff")           ? datasets::read_arff_texts(vm["arff"].as<std::string>(), attribute)
-      : input == "-"             ? datasets::read_text_lines(std::cin, "standard input")
-      : ends_with(input, ".csv") ? datasets::read_text_csv(input, attribute).texts
-                                 : datasets::read_text_lines(input);
+      vm.count("arff") ? datasets::read_arff_texts(vm["arff"].as<std::string>(), attribute)
+      : input == "-"   ? datasets::read_text_lines(std::cin, "standard input")
+      : table          ? datasets::read_text_table({input, *table}, attribute).texts
+                       : datasets::read_text_lines(input);
   for (const auto& t : texts) out << nlohmann::json{{"text", t}, {"ids", tokenizer.encode(t)}}.dump() << "\n";
   return kExitOk;
 }
@@ -387,9 +388,10 @@ void predict_options(po::options_description& d, po::positional_options_descript
   add_config_options(d);
   d.add_options()("input", po::value<std::string>()->value_name("FILE"),
                   "the inputs, in the form of the config's data source: an idx file, a CSV manifest, an "
-                  "image folder or file, an ARFF file, a CSV table's text column (FILE.csv) or texts one per "
-                  "line; - reads texts, or image file paths, one per line from standard input")(
-      "output", po::value<std::string>()->value_name("FILE"), "write the predictions here (default: stdout)")(
+                  "image folder or file, an ARFF file, a table's text column (FILE.csv, or JSON: FILE.jsonl, "
+                  ".json, .ndjson) or texts one per line; - reads texts, or image file paths, one per line "
+                  "from standard input")("output", po::value<std::string>()->value_name("FILE"),
+                                         "write the predictions here (default: stdout)")(
       "format", po::value<std::string>()->default_value("csv"), "csv or jsonl")(
       "limit", po::value<std::int64_t>()->default_value(0)->value_name("N"),
       "the first N inputs only (0: all)")("scores",
@@ -406,8 +408,9 @@ void labelled_input_options(po::options_description& d) {
   d.add_options()(
       "input", po::value<std::string>()->value_name("FILE"),
       "labelled inputs in the form of the config's data source: an idx image file, a CSV manifest "
-      "with the training CSV's columns, a folder of class folders, a CSV table of texts with the "
-      "training table's columns, or label_name:path.arff entries as data.test_files lists them "
+      "with the training CSV's columns, a folder of class folders, a table of texts (CSV, or JSON "
+      "records: .jsonl, .json, .ndjson) with the training table's columns, or label_name:path.arff entries "
+      "as data.test_files lists them "
       "(default: the config's eval split, train.eval_split, the rows training scored the heads on)")(
       "labels", po::value<std::string>()->value_name("FILE"),
       "idx images: their idx label file (default: the ...-labels-idx1-ubyte file beside "
@@ -657,9 +660,10 @@ void tokenize_options(po::options_description& d, po::positional_options_descrip
       "cased", "keep case (default: lowercase, as uncased models expect)")(
       "arff", po::value<std::string>()->value_name("FILE"), "texts from an ARFF string attribute")(
       "attribute", po::value<std::string>()->default_value("Text")->value_name("NAME"),
-      "the ARFF attribute, or a CSV's text column")(
+      "the ARFF attribute, or a table's text column")(
       "input", po::value<std::string>()->value_name("FILE"),
-      "texts, one per line (-: standard input), or a CSV table's text column (FILE.csv)");
+      "texts, one per line (-: standard input), or a table's text column (FILE.csv; JSON records: "
+      "FILE.jsonl, .json, .ndjson)");
 }
 
 int run_heads_command(const po::variables_map&, const tasks::HeadRegistry& registry, std::ostream& out,

@@ -252,8 +252,9 @@ bool reads_texts(const JobConfig& c) { return reads_text_data(c.data); }
 // [data], [text], [preprocess]: what the samples are and how they are prepared.
 void add_input_keys(std::vector<Key<JobConfig>>& v) {
   using K = JobConfig;
-  v.push_back(member_key<K>("data", "source", CANOPY_JOB(data.source), "where the samples come from")
-                  .one_of({"fashion-mnist", "mnist", "arff", "text-csv", "image-csv", "image-folders"}));
+  v.push_back(
+      member_key<K>("data", "source", CANOPY_JOB(data.source), "where the samples come from")
+          .one_of({"fashion-mnist", "mnist", "arff", "text-csv", "text-json", "image-csv", "image-folders"}));
   v.push_back(member_key<K>("data", "dir", CANOPY_JOB(data.dir),
                             "fashion-mnist / mnist: the folder of idx files", true)
                   .only_when(reads_idx));
@@ -272,8 +273,8 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
           .only_when([](const JobConfig& c) { return reads_image_files(c.data); }));
   v.push_back(
       member_key<K>("data", "train", CANOPY_JOB(data.train),
-                    "image-csv: the training CSV manifest; image-folders: the training folder; text-csv: the "
-                    "training table of texts (CSV)",
+                    "image-csv: the training CSV manifest; image-folders: the training folder; text-csv, "
+                    "text-json: the training table of texts (CSV; JSON lines or an array of records)",
                     true)
           .optional_in_dump());
   v.push_back(member_key<K>("data", "test", CANOPY_JOB(data.test), "the same for the test split", true)
@@ -286,12 +287,13 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
           .optional_in_dump());
   v.push_back(
       member_key<K>("data", "text_attribute", CANOPY_JOB(data.text_attribute),
-                    "arff: the string attribute holding the text; text-csv: the column holding it (its "
-                    "name exactly, else ignoring case)")
+                    "arff: the string attribute holding the text; text-csv, text-json: the column holding "
+                    "it (its name exactly, else ignoring case)")
           .only_when(reads_texts));
   v.push_back(member_key<K>(
       "data", "positive_value", CANOPY_JOB(data.positive_value),
-      "arff, text-csv: the label value that sets its bit in all_labels; empty: yes, 1 or true"));
+      "arff, text-csv, text-json: the label value that sets its bit in all_labels; empty: yes, 1 or "
+      "true"));
   v.push_back(member_key<K>("text", "vocab", CANOPY_JOB(text.vocab),
                             "WordPiece vocabulary (vocab.txt) for texts", true)
                   .only_when(reads_texts));
@@ -928,10 +930,10 @@ void validate_job_config(const JobConfig& c) {
     CANOPY_CHECK(!c.data.train_files.empty() && !c.data.test_files.empty(), ConfigError,
                  "data.source = arff needs data.train_files and data.test_files (label_name:path.arff, ...)");
   }
-  if (c.data.source == "text-csv") {
-    CANOPY_CHECK(
-        !c.data.train.empty() && !c.data.test.empty(), ConfigError,
-        "data.source = text-csv needs data.train and data.test (CSV tables: a text column, then labels)");
+  if (reads_text_table(c.data)) {
+    CANOPY_CHECK(!c.data.train.empty() && !c.data.test.empty(), ConfigError, "data.source = ", c.data.source,
+                 " needs data.train and data.test (", c.data.source == "text-json" ? "JSON" : "CSV",
+                 " tables: a text column, then labels)");
   }
   if (reads_text_data(c.data)) datasets::validate_tokenizer_config(c.text);
   datasets::validate_preprocess_config(c.preprocess);

@@ -94,7 +94,7 @@ std::vector<ScoredInput> score_inputs(const std::vector<const JobConfig*>& confi
                           s.trained.labels != "all_labels" ? ""
                           : config.data.source == "arff"
                               ? "; all_labels needs every label file data.train_files names, in its order"
-                          : config.data.source == "text-csv"
+                          : reads_text_table(config.data)
                               ? "; all_labels needs every label column of data.train, each of two values"
                               : ""));
       continue;

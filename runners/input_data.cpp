@@ -344,6 +344,11 @@ void set_label_columns(InputSplit& s, const datasets::LabelColumns& table,
 // of each that sets its bit: when every column has two classes, one of them positive
 // (data.positive_value, else yes, 1 or true): a column of 0 and 1, or of two names such as no
 // and yes. None otherwise (a real-valued column, a column of three classes, ...).
+// data.source = text-csv | text-json: how data.train and data.test are written.
+datasets::TableFile data_table(const DataConfig& d, const std::string& path) {
+  return {path, d.source == "text-json" ? datasets::TableFormat::json : datasets::TableFormat::csv};
+}
+
 std::optional<std::vector<std::int64_t>> all_labels_positives(const datasets::TextTable& train,
                                                               const std::string& path, const DataConfig& d) {
   if (!train.float_labels.empty() || train.label_order.size() > kMaxBitLabels) return std::nullopt;
@@ -380,13 +385,14 @@ InputSplit text_table_split(const datasets::TextTable& table, std::int64_t limit
   return s;
 }
 
-// data.source = text-csv: the training and test tables. Class names are numbered from the
+// data.source = text-csv | text-json: the training and test tables. Class names are numbered from the
 // training table's; all_labels where its columns allow (all_labels_positives).
 InputData load_text_tables(const JobConfig& config) {
   InputData data;
   data.unit = "doc";
   const datasets::WordPieceTokenizer tokenizer(config.text);
-  const datasets::TextTable train = datasets::read_text_csv(config.data.train, config.data.text_attribute);
+  const datasets::TextTable train =
+      datasets::read_text_table(data_table(config.data, config.data.train), config.data.text_attribute);
   CANOPY_CHECK(!train.label_order.empty(), DataError, "'", config.data.train,
                "' has no label columns: its header names only the text column '", train.text_column,
                "'; canopy trains on the columns beside it");
@@ -400,9 +406,16 @@ InputData load_text_tables(const JobConfig& config) {
   }
   record_label_classes(train, data);
   note_empty_fields(train, config.data.train);
+  if (!train.left_out.empty()) {
+    log_info(
+        detail::str_cat("key(s) ", join(train.left_out, ", "), " of '", config.data.train,
+                        "' hold lists or objects: no label sources (a label is one value per key; a list of "
+                        "labels: one key per label, its value true or false)"));
+  }
   data.splits["train"] = text_table_split(train, config.data.train_limit, tokenizer, positives, data);
   const datasets::TextTable test =
-      datasets::read_text_csv(config.data.test, config.data.text_attribute, config.data.train);
+      datasets::read_text_table(data_table(config.data, config.data.test), config.data.text_attribute,
+                                data_table(config.data, config.data.train));
   data.splits["test"] = text_table_split(test, config.data.test_limit, tokenizer, positives, data);
   for (const auto& [name, v] : train.float_labels) {
     data.float_labels.push_back(name);
@@ -567,10 +580,11 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
       items.resize(static_cast<std::size_t>(limit));
   };
   if (reads_text_data(config.data)) {
+    const auto table = datasets::table_format(path);
     std::vector<std::string> texts =
-        ends_with(path, ".arff")  ? datasets::read_arff_texts(path, config.data.text_attribute)
-        : ends_with(path, ".csv") ? datasets::read_text_csv(path, config.data.text_attribute).texts
-                                  : datasets::read_text_lines(path);
+        ends_with(path, ".arff") ? datasets::read_arff_texts(path, config.data.text_attribute)
+        : table                  ? datasets::read_text_table({path, *table}, config.data.text_attribute).texts
+                                 : datasets::read_text_lines(path);
     keep_first(texts);
     set_text_inputs(s, texts, datasets::WordPieceTokenizer(config.text));
   } else if (reads_image_files(config.data)) {
@@ -666,15 +680,15 @@ InputData load_labelled_input(const JobConfig& config, const std::string& path, 
     data.splits["input"] = std::move(s);
     return data;
   }
-  if (config.data.source == "text-csv") {
-    // A table with the training table's header; classes numbered as training's, all_labels as
-    // training's columns allow.
+  if (reads_text_table(config.data)) {
+    // A table with the training table's columns (CSV or JSON, as its name says, else as the
+    // config's); classes numbered as training's, all_labels as training's columns allow.
     data.unit = "doc";
-    const auto positives =
-        all_labels_positives(datasets::read_text_csv(config.data.train, config.data.text_attribute),
-                             config.data.train, config.data);
-    const datasets::TextTable table =
-        datasets::read_text_csv(path, config.data.text_attribute, config.data.train);
+    const datasets::TableFile train = data_table(config.data, config.data.train);
+    const auto positives = all_labels_positives(datasets::read_text_table(train, config.data.text_attribute),
+                                                config.data.train, config.data);
+    const datasets::TextTable table = datasets::read_text_table(
+        {path, datasets::table_format(path).value_or(train.format)}, config.data.text_attribute, train);
     data.label_sources = table.label_order;
     if (positives) data.label_sources.push_back("all_labels");
     record_label_classes(table, data);
@@ -746,7 +760,7 @@ std::int64_t advised_batch_size(std::int64_t passes, std::int64_t shard_rows) {
 }
 
 InputData load_input_data(const JobConfig& config) {
-  if (config.data.source == "text-csv") return load_text_tables(config);
+  if (reads_text_table(config.data)) return load_text_tables(config);
   if (config.data.source == "arff") return load_texts(config);
   if (reads_image_files(config.data)) return load_image_files(config);
   return load_images(config);
@@ -785,8 +799,8 @@ std::string describe_inputs(const JobConfig& c) {
     }
     out << "\nlabels=one source per label file (nominal index);all_labels=bit k set when label k has its "
            "positive value (data.positive_value, or yes, 1 or true as declared)\n";
-  } else if (c.data.source == "text-csv") {
-    out << "data=text-csv;text_column=" << c.data.text_attribute
+  } else if (reads_text_table(c.data)) {
+    out << "data=" << c.data.source << ";text_column=" << c.data.text_attribute
         << (c.data.positive_value.empty() ? "" : ";positive_value=" + c.data.positive_value)
         << ";train_limit=" << c.data.train_limit << ";test_limit=" << c.data.test_limit
         << ";train=" << file_stamp(c.data.train) << ";test=" << file_stamp(c.data.test)

@@ -726,6 +726,15 @@ TEST_F(EndToEnd, TrunkShowAndTokenizeFromTheCli) {
       << err.str();
   EXPECT_EQ(out.str(),
             "{\"ids\":[2,4,1,5,3],\"text\":\"Hello,\\nworld\"}\n{\"ids\":[2,4,3],\"text\":\"hello\"}\n");
+  // tokenize's own output read back as JSON lines: the texts again, the ids' lists left out.
+  std::ofstream(dir_.file("ids.jsonl")) << out.str();
+  const std::string first = out.str();
+  out.str("");
+  EXPECT_EQ(run_cli({"tokenize", "--vocab", dir_.file("vocab.txt"), "--input", dir_.file("ids.jsonl")},
+                    registry_, out, err),
+            kExitOk)
+      << err.str();
+  EXPECT_EQ(out.str(), first);
   err.str("");
   EXPECT_EQ(run_cli({"tokenize", "--input", dir_.file("texts.txt")}, registry_, out, err), kExitUsage);
   EXPECT_NE(err.str().find("--vocab FILE"), std::string::npos) << err.str();

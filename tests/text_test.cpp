@@ -195,7 +195,14 @@ TEST(TextCsv, ReadsQuotedMultiLineTextsAndEveryKindOfLabel) {
       {"'rye'", "corn, wheat"}));
   EXPECT_TRUE(testing::throws_with<DataError>(
       [&] { read_text_csv(write(dir.file("fewer.csv"), "topic,text\ncorn,x\n"), "text", train); },
-      {"different headers", "topic,text,score,flag vs topic,text"}));
+      {"different columns", "topic,text,score,flag vs topic,text"}));
+  // The same columns in another order: read by name, the labels listed in the training order.
+  const TextTable moved =
+      read_text_csv(write(dir.file("moved.csv"), "flag,score,text,topic\n1,3,y,wheat\n"), "text", train);
+  EXPECT_EQ(moved.label_order, (std::vector<std::string>{"topic", "score", "flag"}));
+  EXPECT_EQ(moved.labels.at("topic"), (std::vector<std::int64_t>{1}));
+  EXPECT_EQ(moved.float_labels.at("score"), (std::vector<double>{3.0}));
+  EXPECT_EQ(moved.labels.at("flag"), (std::vector<std::int64_t>{1}));
   // The text column: named, or matched ignoring case when only one column matches.
   const std::string body = write(dir.file("body.csv"), "body,topic\nhello,a\n");
   EXPECT_EQ(read_text_csv(body, "body").texts, (std::vector<std::string>{"hello"}));
@@ -226,6 +233,99 @@ TEST(TextCsv, BadTablesNameTheRowAndLine) {
   EXPECT_TRUE(bad("", {"table of texts", "is empty"}));
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_text_csv(dir.file("none.csv"), "text"); },
                                               {"cannot open table of texts", "No such file or directory"}));
+}
+
+// JSON lines as Hugging Face datasets' to_json writes them (keys in the columns' order,
+// non-ASCII escaped), a blank line, keys in another order, each kind of value: the same table
+// as the CSV with those fields; an array of records (pandas' orient="records") likewise.
+TEST(TextJson, ReadsRecordsAsTheCsvWithTheSameFields) {
+  testing::TempDir dir;
+  const std::string csv = write(dir.file("train.csv"),
+                                "topic,text,score,flag,hot\n"
+                                "wheat,\"caf\xc3\xa9, \"\"quoted\"\"\nline\",0.5,1,true\n"
+                                "corn,plain,2,0,false\n"
+                                "wheat,,1.25,1,false\n");
+  const std::string jsonl = write(
+      dir.file("train.jsonl"),
+      R"({"topic": "wheat", "text": "caf\u00e9, \"quoted\"\nline", "score": 0.5, "flag": 1, "hot": true})"
+      "\r\n\n"
+      R"({"text": " plain ", "topic": "corn", "score": 2, "flag": 0, "hot": false})"
+      "\n"
+      R"({"topic": "wheat", "text": null, "score": 1.25, "flag": 1, "hot": false})");
+  const TextTable c = read_text_csv(csv, "text");
+  const TextTable j = read_text_table({jsonl, TableFormat::json}, "text");
+  EXPECT_EQ(j.texts, c.texts);
+  EXPECT_EQ(j.texts[0], "caf\xc3\xa9, \"quoted\"\nline");
+  EXPECT_EQ(j.label_order, c.label_order);
+  EXPECT_EQ(j.labels, c.labels);
+  EXPECT_EQ(j.float_labels, c.float_labels);
+  EXPECT_EQ(j.class_names, c.class_names);
+  EXPECT_EQ(j.class_names.at("hot"), (std::vector<std::string>{"false", "true"}));
+  const std::string array = write(dir.file("train.json"), R"([
+ {"topic": "wheat", "text": "a", "score": 0.5, "flag": 1, "hot": true},
+ {"topic": "corn", "text": "b", "score": 2, "flag": 0, "hot": false}
+]
+)");
+  EXPECT_EQ(read_text_table({array, TableFormat::json}, "text").labels.at("topic"),
+            (std::vector<std::int64_t>{1, 0}));
+  // Keys holding lists or objects in the first record (token ids, tags) are no columns.
+  const TextTable ids = read_text_table(
+      {write(dir.file("ids.jsonl"), R"({"ids": [2, 4], "text": "a", "topic": "x", "meta": {"n": 1}})"
+                                    "\n"
+                                    R"({"ids": [], "text": "b", "topic": "y", "meta": null})"),
+       TableFormat::json},
+      "text");
+  EXPECT_EQ(ids.texts, (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(ids.label_order, (std::vector<std::string>{"topic"}));
+  EXPECT_EQ(ids.left_out, (std::vector<std::string>{"ids", "meta"}));
+  // A test table in the other format, numbered by the training table's names.
+  const std::string test =
+      write(dir.file("test.jsonl"), R"({"text": "x", "hot": true, "flag": 0, "score": 1, "topic": "corn"})"
+                                    "\n");
+  const TextTable t = read_text_table({test, TableFormat::json}, "text", {csv, TableFormat::csv});
+  EXPECT_EQ(t.label_order, c.label_order);
+  EXPECT_EQ(t.labels.at("topic"), (std::vector<std::int64_t>{0}));
+  EXPECT_EQ(t.labels.at("hot"), (std::vector<std::int64_t>{1}));
+  EXPECT_EQ(table_format("a/B.JSONL"), TableFormat::json);
+  EXPECT_EQ(table_format("b.ndjson"), TableFormat::json);
+  EXPECT_EQ(table_format("c.csv"), TableFormat::csv);
+  EXPECT_FALSE(table_format("d.txt").has_value());
+}
+
+TEST(TextJson, BadRecordsNameTheLineAndKey) {
+  testing::TempDir dir;
+  auto bad = [&](const std::string& body, std::initializer_list<std::string> fragments) {
+    const std::string p = write(dir.file("bad.jsonl"), body);
+    return testing::throws_with<DataError>(
+        [&] {
+          read_text_table({p, TableFormat::json}, "text");
+        },
+        fragments);
+  };
+  EXPECT_TRUE(bad(
+      R"({"text": "a", "tags": 1})"
+      "\n"
+      R"({"text": "b", "tags": [1, 2]})",
+      {"bad.jsonl:2", "'tags' holds a list", "where the first record holds one value", "one key per label"}));
+  EXPECT_TRUE(bad(R"({"text": "a", "t": 1})"
+                  "\n"
+                  R"({"text": "b"})",
+                  {"bad.jsonl:2", "has no 't'"}));
+  EXPECT_TRUE(bad(R"({"text": "a", "t": 1})"
+                  "\n\n"
+                  R"({"text": "b", "t": 1, "u": 2})",
+                  {"bad.jsonl:3", "has 'u', which the first record lacks"}));
+  EXPECT_TRUE(
+      bad("{\"text\": \"a\",\n \"t\": 1}\n", {"bad.jsonl:1", "not a JSON record", "write one per line"}));
+  EXPECT_TRUE(bad("{\"text\": \"\xe9\", \"t\": 1}\n", {"bad.jsonl:1", "not a JSON record", "UTF-8"}));
+  EXPECT_TRUE(bad("[1, 2]\n", {"bad.jsonl: record 1", "should be a JSON object", "got number"}));
+  EXPECT_TRUE(bad(R"({"body": "a"})", {"bad.jsonl:1", "text column 'text'", "got 'body'"}));
+  EXPECT_TRUE(bad("\n\n", {"table of texts", "is empty"}));
+  EXPECT_TRUE(bad(R"({"ids": [1], "meta": {"a": 1}})", {"bad.jsonl:1", "no key of one value", "ids, meta"}));
+  // A JSON table read as CSV says what it is.
+  const std::string p = write(dir.file("records.csv"), R"({"text": "a", "t": 1})");
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_text_csv(p, "text"); },
+                                              {"JSON records, not CSV", "data.source = text-json"}));
 }
 
 // Lines of a pipe as they come: what is there is taken without waiting for more, up to max;

@@ -8,7 +8,8 @@ through the real binary. Small data sets are written at test time, all from Fash
   * a CSV manifest of the PNGs (path, class, class name);
   * an ARFF file with quoted texts, escapes and comments (read by `canopy tokenize --arff`);
   * a CSV table of texts, quoted ones holding commas, quotes and line breaks, with labels (read
-    by `canopy tokenize --input texts.csv`).
+    by `canopy tokenize --input texts.csv`);
+  * the same as JSON lines, with escapes, true/false and null (`tokenize --input texts.jsonl`).
 
 A mutant is one of them with a bit flipped (half of the flips in the first 64 bytes, where the
 headers are), cut short, or with four bytes set to 0x00, 0x7f, 0x80 or 0xff. `canopy cache`
@@ -27,6 +28,7 @@ Replay: --seed S --only N reruns mutant N and keeps its files.
 """
 import argparse
 import gzip
+import json
 import os
 import random
 import shutil
@@ -40,7 +42,7 @@ import support
 from support import FMNIST, check, finish, read_idx, run_measured, tiny_conv_trunk, work_dir
 
 TRAIN, TEST = 40, 20
-KINDS = ("idx", "idxgz", "png", "jpg", "csv", "arff", "textcsv")
+KINDS = ("idx", "idxgz", "png", "jpg", "csv", "arff", "textcsv", "textjson")
 
 
 def idx_bytes(a):
@@ -87,6 +89,9 @@ def write_inputs(base):
         f.write("topic,Text,score\r\n" + "".join(
             f"{'yes' if i % 2 else 'no'},\"the cat {i}, \"\"sat\"\"\r\non the mat\",{i / 4}\r\n" if i % 3 else
             f"no,the mat {i},{i}\r\n" for i in range(30)))
+    with open(f"{base}/arff/texts.jsonl", "w") as f:
+        f.write("".join(json.dumps({"topic": "yes" if i % 2 else "no", "Text": f"the cat {i}, \"sat\"\non \u00e9",
+                                    "score": i / 4, "flag": bool(i % 3), "none": None}) + "\n" for i in range(30)))
 
 
 def job(folder, kind, trunk):
@@ -105,11 +110,12 @@ def job(folder, kind, trunk):
 
 def targets(folder, kind):
     sub = {"idxgz": "idxgz", "idx": "idx", "png": "png", "jpg": "jpg", "csv": "png", "arff": "arff",
-           "textcsv": "arff"}[kind]
+           "textcsv": "arff", "textjson": "arff"}[kind]
     out = []
     for root, _, names in os.walk(f"{folder}/{sub}"):
         for name in names:
             wanted = {"csv": name.endswith(".csv"), "arff": name.endswith(".arff"), "textcsv": name.endswith(".csv"),
+                      "textjson": name.endswith(".jsonl"),
                       "png": name.endswith(".png"), "jpg": name.endswith(".jpg")}.get(kind, True)
             if wanted:
                 out.append(os.path.join(root, name))
@@ -171,7 +177,7 @@ def main():
             continue
         if kind == "arff":
             cmd = [canopy, "tokenize", "--vocab", f"{folder}/arff/vocab.txt", "--arff", path, "--attribute", "Text"]
-        elif kind == "textcsv":
+        elif kind in ("textcsv", "textjson"):
             cmd = [canopy, "tokenize", "--vocab", f"{folder}/arff/vocab.txt", "--input", path]
         else:
             cmd = [canopy, "cache", "--config", job(folder, kind, trunk), "--progress", "quiet"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Texts from a CSV table (data.source = text-csv) against the same texts from ARFF files, with
-the real pieces users get from scripts/setup: the Reuters-21578 grain/corn stories through the
-real all-MiniLM-L6-v2 trunk.
+"""Texts from a CSV table (data.source = text-csv) and JSON lines (text-json) against the same
+texts from ARFF files, with the real pieces users get from scripts/setup: the Reuters-21578
+grain/corn stories through the real all-MiniLM-L6-v2 trunk.
 
 The stories are written as a CSV by Python's csv module (CRLF rows; every story quoted, its line
 breaks kept inside the quotes), the text column between the labels and named `text` (the key's
@@ -13,7 +13,9 @@ default is `Text`), grain as no/yes, corn as 0/1. Then:
   * `canopy evaluate --input test.csv` scores each head as its card does (the same rows: the
     eval split is the test table's first rows);
   * `canopy predict --input test.csv` gives the answers the ARFF run gives on the ARFF file,
-    each head's classes named by its own label column (grain no/yes, corn 0/1).
+    each head's classes named by its own label column (grain no/yes, corn 0/1);
+  * the same stories as JSON lines (data.source = text-json) cache the same columns bitwise, and
+    the CSV run's evaluate and predict read JSON records as they read the CSV's rows.
 """
 import argparse
 import csv
@@ -172,6 +174,43 @@ test = {tables['test']}""")
           f"predict's columns name each label's own classes ({by_csv.splitlines()[0]})")
     check(len(by_csv.splitlines()) == 21 and by_csv.splitlines() == [",".join(r) for r in rows],
           "predict --input test.csv answers as the ARFF run on the ARFF file")
+
+    # The same stories as JSON lines (Hugging Face datasets' to_json: one object per line, keys in
+    # the columns' order, non-ASCII escaped), corn as true/false, a list of tags beside them (no
+    # label source): data.source = text-json caches the same columns bitwise, each source named
+    # by its own values.
+    records = {}
+    for split in ("train", "test"):
+        records[split] = os.path.join(work, f"{split}.jsonl")
+        with open(tables[split], newline="", encoding="utf-8") as f, open(records[split], "w") as out:
+            for row in csv.DictReader(f):
+                tags = [t for t, on in (("grain", row["grain"] == "yes"), ("corn", row["corn"] == "1")) if on]
+                out.write(json.dumps({"text": row["text"], "grain": row["grain"], "corn": row["corn"] == "1",
+                                      "tags": tags}) + "\n")
+    from_json = config(work, "json", f"""source = text-json
+train = {records['train']}
+test = {records['test']}""")
+    run("cache", "--config", from_json)
+    j = cache_columns(f"{work}/cache_json")
+    check(sorted(j) == sorted(c) and all(j[n].dtype == c[n].dtype and np.array_equal(j[n], c[n]) for n in c),
+          "the JSON lines' cache equals the CSV table's bitwise")
+    labels = [line for line in run("inspect", f"{work}/cache_json").splitlines() if line.startswith("  labels")]
+    check(labels == ["  labels        grain (no, yes); corn (false, true); all_labels"],
+          f"canopy inspect names the JSON table's label sources ({labels})")
+    # A run trained from the CSV table scores and answers JSON records (keys in another order)
+    # as it does the CSV's rows.
+    shuffled = os.path.join(work, "test_keys.json")
+    with open(records["test"]) as f, open(shuffled, "w") as out:
+        for line in f:
+            r = json.loads(line)
+            out.write(json.dumps({"corn": int(r["corn"]), "grain": r["grain"], "text": r["text"]}) + "\n")
+    by_json = json.loads(run("evaluate", "--config", f"{work}/run_csv/config.ini", "--input", shuffled,
+                             "--limit", str(TEST_ROWS), "--json"))
+    check([(h["task"], h["rows"], h["accuracy"]) for h in by_json["heads"]]
+          == [(h["task"], h["rows"], h["accuracy"]) for h in report["heads"]],
+          "evaluate --input test.json (keys in another order) scores every head as on test.csv")
+    check(run("predict", "--config", f"{work}/run_csv/config.ini", "--input", shuffled, "--limit", "20",
+              "--scores", "--format", "csv") == by_csv, "predict --input test.json answers as on test.csv")
 
     # A test table with a class training never saw: refused before any trunk pass, naming it.
     bad = os.path.join(work, "bad.csv")

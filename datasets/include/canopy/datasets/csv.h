@@ -1,13 +1,23 @@
 #pragma once
-// Comma-separated tables: image manifests (path,<label>,...) and tables of texts
-// (text,<label>,...). Read as spreadsheets and pandas write them (RFC 4180): fields separated
-// by commas; a field in double quotes may hold commas, line breaks and "" for a quote; lines
-// end in LF or CRLF; a UTF-8 byte-order mark and blank lines between rows are skipped. Every
-// field is trimmed of the blanks around it.
+// Tables: image manifests (path,<label>,...) and tables of texts (text,<label>,...).
+//
+// CSV is read as spreadsheets and pandas write it (RFC 4180): fields separated by commas; a
+// field in double quotes may hold commas, line breaks and "" for a quote; lines end in LF or
+// CRLF; a UTF-8 byte-order mark and blank lines between rows are skipped. Every field is
+// trimmed of the blanks around it.
+//
+// JSON tables are records, as Hugging Face datasets' to_json and pandas' to_json(orient=
+// "records", lines=True) write them: one object per line (JSON lines; blank lines skipped), or
+// one array of objects. The first object's keys, in its order, are the header; every object
+// has the same keys, in any order. A string is its field (trimmed as a CSV field), a number
+// as JSON writes it, true and false as those words, null an empty field. A key whose value in
+// the first record is a list or an object (token ids, a list of tags) is no column: left out
+// and named in `left_out`; a key's list where the first record holds one value is refused.
 
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -18,6 +28,7 @@ struct Csv {
   std::vector<std::string> header;
   std::vector<std::vector<std::string>> rows;  // each as many fields as the header
   std::vector<std::int64_t> lines;             // the line each row starts on (1-based)
+  std::vector<std::string> left_out;           // JSON: the keys whose first value is a list or object
 };
 
 // `what` names the file in messages ("image list"); `check_header` gets the header's fields,
@@ -25,6 +36,15 @@ struct Csv {
 using CsvHeaderCheck = std::function<void(const std::vector<std::string>& fields, const std::string& where,
                                           const std::string& line)>;
 Csv read_csv(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header);
+// A JSON table as a Csv (its rows' `lines`: the line each object is on; for an array, the
+// array's first line). `check_header` gets the keys, "path:line" and the keys joined by ",".
+Csv read_json_table(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header);
+
+enum class TableFormat { csv, json };
+// json for a file named .json, .jsonl or .ndjson (any case); csv for .csv; nothing otherwise.
+std::optional<TableFormat> table_format(const std::string& path);
+Csv read_table(const std::string& path, TableFormat format, const std::string& what,
+               const CsvHeaderCheck& check_header);
 
 // Why a header read as one field may not be comma-separated, "" otherwise: a spreadsheet in a
 // locale whose decimal mark is a comma saves "CSV" with semicolons.
@@ -39,7 +59,8 @@ inline constexpr const char* kConvertCsv = "convert the file, e.g. iconv -f lati
 // (>= 0) holds class indices; one whose values are all numbers but not all integers is
 // real-valued (regression); any other column holds class names, numbered in sorted order of
 // the names found in `names` (the training table, so train and test agree; a row with a name
-// `names` lacks is a DataError). `names` must have `csv`'s header.
+// `names` lacks is a DataError). `names` must have `csv`'s columns, in any order; the label
+// sources are listed in `names`' order (all_labels' bits follow it).
 struct LabelColumns {
   std::map<std::string, std::vector<std::int64_t>> labels;      // per label source, class index
   std::map<std::string, std::vector<double>> float_labels;      // per real-valued label source

@@ -70,18 +70,26 @@ ArffData read_arff(const std::string& path, bool header_only = false);
 
 // The texts of an ARFF file's string attribute `attribute` (DataError if it is nominal).
 std::vector<std::string> read_arff_texts(const std::string& path, const std::string& attribute);
-// A table of texts: a CSV (read as canopy/datasets/csv.h says: a quoted text may hold commas
-// and line breaks) whose header names its columns, one text per row in the column `column`
-// (named exactly, else the one column whose name matches it ignoring case), every other column
-// a label read as read_label_columns says, class names numbered from `name_source` (the
-// training table, so train and test agree; "" or `path`: this one). A text that is not UTF-8
-// is a DataError naming its row.
+// A table of texts: a CSV or JSON table (csv.h: a quoted CSV text may hold commas and line
+// breaks) whose header names its columns, one text per row in the column `column` (named
+// exactly, else the one column whose name matches it ignoring case), every other column a
+// label read as read_label_columns says, class names numbered from `names` (the training
+// table, so train and test agree; empty or `file`: this one). A text that is not UTF-8 is a
+// DataError naming its row.
 struct TextTable : LabelColumns {
   std::vector<std::string> texts;
-  std::string text_column;  // as the header spells it
+  std::string text_column;            // as the header spells it
+  std::vector<std::string> left_out;  // JSON keys holding lists or objects: no columns
 };
-TextTable read_text_csv(const std::string& path, const std::string& column,
-                        const std::string& name_source = "");
+struct TableFile {
+  std::string path;
+  TableFormat format = TableFormat::csv;
+};
+TextTable read_text_table(const TableFile& file, const std::string& column, const TableFile& names = {});
+inline TextTable read_text_csv(const std::string& path, const std::string& column,
+                               const std::string& name_source = "") {
+  return read_text_table({path, TableFormat::csv}, column, {name_source, TableFormat::csv});
+}
 
 // One text per line of a plain file (a trailing \r is dropped).
 std::vector<std::string> read_text_lines(const std::string& path);

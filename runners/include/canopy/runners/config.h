@@ -36,18 +36,18 @@ const char* to_string(ExportMode mode);
 struct DataConfig {
   // fashion-mnist | mnist: idx files in `dir`;
   // arff: texts with nominal labels, one ARFF file per label (train_files, test_files);
-  // text-csv: texts in CSV tables (train, test: <text>,<label>,...);
+  // text-csv, text-json: texts in CSV or JSON tables (train, test: <text>,<label>,...);
   // image-csv: PNG/JPEG files listed in CSV manifests (train, test: path,<label>,...);
   // image-folders: PNG/JPEG files in class folders (train, test: <dir>/<class>/<image>)
   std::string source = "fashion-mnist";
   std::string dir = "/usr/share/datasets/fashion-mnist";
-  std::string train;  // image-csv, text-csv: the training CSV; image-folders: the training folder
+  std::string train;  // image-csv, text-csv, text-json: the training table; image-folders: its folder
   std::string test;
   std::vector<std::string> train_files;  // arff: label_name:path entries, same documents
   std::vector<std::string> test_files;
-  std::string text_attribute = "Text";  // arff: the string attribute holding the text; text-csv:
-                                        // the column (its name, else ignoring case)
-  std::string positive_value;           // arff, text-csv: the value that sets a label's bit in all_labels;
+  std::string text_attribute = "Text";  // arff: the string attribute holding the text; text-csv,
+                                        // text-json: the column (its name, else ignoring case)
+  std::string positive_value;           // arff, text tables: the value that sets a label's bit in all_labels;
                                         // empty: yes, 1 or true, whichever is declared
   std::int64_t train_limit = 0;         // keep the first N training samples (class folders: taken
                                         // from each class in turn, so every class stays); 0: all
@@ -57,8 +57,12 @@ struct DataConfig {
   std::int64_t max_image_pixels = datasets::kDefaultMaxImagePixels;
 };
 
-// Whether the samples are texts (ARFF files, or a CSV table of texts).
-inline bool reads_text_data(const DataConfig& d) { return d.source == "arff" || d.source == "text-csv"; }
+// Whether the samples are a table of texts (CSV or JSON).
+inline bool reads_text_table(const DataConfig& d) {
+  return d.source == "text-csv" || d.source == "text-json";
+}
+// Whether the samples are texts (ARFF files, or a table of texts).
+inline bool reads_text_data(const DataConfig& d) { return d.source == "arff" || reads_text_table(d); }
 
 // Whether the source lists image files (CSV manifests or class folders).
 inline bool reads_image_files(const DataConfig& d) {
