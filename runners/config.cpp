@@ -626,15 +626,18 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
     v.push_back(choice<T>(
         "task", "kind", CANOPY_TASK(kind), tasks::parse_task_kind,
         [](tasks::TaskKind k) { return tasks::to_string(k); }, tasks::task_kind_names(),
-        "multiclass (cross-entropy), multilabel (BCE; label_map holds bitmasks), regression"));
+        "multiclass (cross-entropy), multilabel (BCE over bitmasks of labels: the source's own, such as "
+        "all_labels', or label_map's), regression"));
     v.push_back(member_key<T>("task", "head", CANOPY_TASK(head),
                               "a registered head type (canopy heads); its options go in "
                               "[task.<name>.head]")
                     .not_empty());
     v.push_back(member_key<T>("task", "labels", CANOPY_TASK(labels), "the label source in the cache"));
     v.push_back(
-        member_key<T>("task", "label_map", CANOPY_TASK(label_map),
-                      "source class -> task class (multilabel: -> bitmask of labels); empty: identity")
+        member_key<T>(
+            "task", "label_map", CANOPY_TASK(label_map),
+            "source class -> task class (multilabel: -> bitmask of labels); empty: identity (multilabel: "
+            "the source's values are the bitmasks)")
             .optional_in_dump()
             .at_least(0));
     v.push_back(

@@ -175,6 +175,18 @@ std::vector<std::string> optimizer_names() { return all_names(kOptimizers); }
 std::vector<std::string> schedule_names() { return all_names(kSchedules); }
 std::vector<std::string> regression_loss_names() { return all_names(kLosses); }
 
+namespace {
+// log2 of a power of two.
+std::int64_t bits_of(std::int64_t power) {
+  std::int64_t k = 0;
+  while (power > 1) {
+    power >>= 1;
+    ++k;
+  }
+  return k;
+}
+}  // namespace
+
 void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
   const std::string t = "task '" + c.name + "'";
   CANOPY_CHECK(!c.name.empty(), ConfigError, "a task needs a name");
@@ -234,8 +246,6 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
   if (c.kind == TaskKind::kMultilabel) {
     CANOPY_CHECK(c.class_names.size() >= 1 && c.class_names.size() <= 62, ConfigError, t,
                  ": a multilabel task names its labels in class_names (1 to 62), got ", c.class_names.size());
-    CANOPY_CHECK(!c.label_map.empty(), ConfigError, t,
-                 ": a multilabel task needs label_map, one bitmask of labels per source class");
     CANOPY_CHECK(
         c.class_weights.empty() && !c.balanced_class_weights && c.label_smoothing == 0, ConfigError, t,
         ": class_weights and label_smoothing apply to multiclass tasks only (a multilabel task weighs "
@@ -258,6 +268,18 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
                          : c.label_map.empty()
                              ? source_classes
                              : *std::max_element(c.label_map.begin(), c.label_map.end()) + 1;
+  if (c.kind == TaskKind::kMultilabel && c.label_map.empty()) {
+    // The source's values are the bitmasks themselves (all_labels: bit j = label j).
+    const std::int64_t masks = std::int64_t{1} << k;
+    CANOPY_CHECK(source_classes <= 0 || source_classes == masks, ConfigError, t,
+                 ": without label_map a multilabel task reads label source '", c.labels,
+                 "' as bitmasks of its ", k, " labels (class_names), ", masks, " classes; '", c.labels,
+                 "' has ", source_classes,
+                 (source_classes & (source_classes - 1)) == 0
+                     ? detail::str_cat(": bitmasks of ", bits_of(source_classes),
+                                       " labels, so name one per bit in class_names")
+                     : ": give label_map, one bitmask of labels per source class");
+  }
   if (c.kind == TaskKind::kMultilabel) {
     for (auto m : c.label_map) {
       CANOPY_CHECK(m < (std::int64_t(1) << k), ConfigError, t, ": label_map bitmask ", m,
@@ -411,16 +433,23 @@ at::Tensor source_targets(const TaskConfig& c, std::int64_t num_classes, const a
                "': label source '", c.labels, "' holds real values; use kind = regression");
   const auto max = source_labels.numel() ? source_labels.max().item<std::int64_t>() : 0;
   const auto min = source_labels.numel() ? source_labels.min().item<std::int64_t>() : 0;
-  if (c.label_map.empty()) {
+  const bool multilabel = c.kind == TaskKind::kMultilabel;
+  if (c.label_map.empty() && !multilabel) {
     CANOPY_CHECK(min >= 0 && max < num_classes, DataError, "task '", c.name, "': labels of '", c.labels,
                  "' range over [", min, ", ", max, "], expected [0, ", num_classes - 1, "]");
     return source_labels;
   }
-  const auto entries = static_cast<std::int64_t>(c.label_map.size());
-  CANOPY_CHECK(min >= 0 && max < entries, DataError, "task '", c.name, "': label ", min < 0 ? min : max,
-               " of '", c.labels, "' has no entry in label_map (", entries, " entries)");
-  const at::Tensor mapped = at::tensor(c.label_map, at::kLong).index_select(0, source_labels);
-  if (c.kind != TaskKind::kMultilabel) return mapped;
+  at::Tensor mapped = source_labels;
+  if (c.label_map.empty()) {  // multilabel: the source's values are the bitmasks
+    CANOPY_CHECK(min >= 0 && max < (std::int64_t{1} << num_classes), DataError, "task '", c.name, "': label ",
+                 min < 0 ? min : max, " of '", c.labels, "' has bits beyond its ", num_classes, " labels");
+  } else {
+    const auto entries = static_cast<std::int64_t>(c.label_map.size());
+    CANOPY_CHECK(min >= 0 && max < entries, DataError, "task '", c.name, "': label ", min < 0 ? min : max,
+                 " of '", c.labels, "' has no entry in label_map (", entries, " entries)");
+    mapped = at::tensor(c.label_map, at::kLong).index_select(0, source_labels);
+    if (!multilabel) return mapped;
+  }
   // Bitmask -> multi-hot float [B, K].
   const at::Tensor bits = at::arange(num_classes, at::kLong);
   return mapped.unsqueeze(1).bitwise_right_shift(bits).bitwise_and(1).to(at::kFloat);

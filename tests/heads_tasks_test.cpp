@@ -533,8 +533,20 @@ TEST(Task, MultilabelTargetsFromBitmasks) {
   EXPECT_EQ(t.predict(at::randn({5, 4})).sizes(), (std::vector<std::int64_t>{5, 3}));
   c.label_map = {1, 2, 8, 3};
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 4, 1); }, {"bitmask 8", "3 labels"}));
+  // Without label_map the source's values are the bitmasks (all_labels of 3 label files: 8
+  // classes): the same targets as the identity map.
   c.label_map = {};
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 4, 1); }, {"needs label_map"}));
+  Task bits(c, r, 4, 8, 1);
+  const at::Tensor masks = at::tensor(std::vector<std::int64_t>{0, 5, 7, 2});
+  c.label_map = {0, 1, 2, 3, 4, 5, 6, 7};
+  EXPECT_TRUE(at::equal(bits.targets(masks), Task(c, r, 4, 8, 1).targets(masks)));
+  EXPECT_TRUE(at::equal(bits.targets(masks)[1], at::tensor(std::vector<float>{1, 0, 1})));
+  c.label_map = {};
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { bits.targets(at::tensor(std::vector<std::int64_t>{9})); },
+                                              {"task 'attrs'", "label 9", "bits beyond its 3 labels"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 4, 1); },
+                                                {"8 classes", "has 4: bitmasks of 2 labels", "one per bit"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 10, 1); }, {"has 10", "give label_map"}));
 }
 
 TEST(Task, LabelMapAndValidation) {
