@@ -130,24 +130,35 @@ std::string json_field(const nlohmann::ordered_json& v, const std::string& key, 
       where, ": '", key, "' holds ", v.is_array() ? "a list" : "an object", " (",
       printable(shown.size() > 60 ? shown.substr(0, 60) + "..." : shown),
       ") where the first record holds one value; a label is one value per key: a text, a number, true/false "
-      "or null (a list of labels: one key per label, its value true or false)"));
+      "or null, or a list of them in every record"));
 }
 
 bool is_nested(const nlohmann::ordered_json& v) { return v.is_array() || v.is_object(); }
+bool is_list_of_values(const nlohmann::ordered_json& v) {
+  return v.is_array() &&
+         std::none_of(v.begin(), v.end(), [](const auto& x) { return is_nested(x) || x.is_null(); });
+}
+bool listed(const std::vector<std::string>& keys, const std::string& key) {
+  return std::find(keys.begin(), keys.end(), key) != keys.end();
+}
 
-// Appends `record` (read at `where`) to `csv` as a row; the first one makes the header, of its
-// keys but those holding a list or an object (csv.left_out).
+// Appends `record` (read at `where`) to `csv` as a row; the first one makes the header of its
+// keys of one value, csv.list_keys of those holding a list of values, csv.left_out of the rest.
 void add_json_record(const nlohmann::ordered_json& record, std::int64_t line, const std::string& where,
                      const CsvHeaderCheck& check_header, Csv& csv) {
   CANOPY_CHECK(record.is_object(), DataError, where,
                ": a record should be a JSON object {\"key\": value, ...}, got ", record.type_name());
   if (csv.header.empty()) {
     std::vector<std::string> keys;
-    for (const auto& item : record.items())
-      (is_nested(item.value()) ? csv.left_out : keys).push_back(item.key());
-    CANOPY_CHECK(
-        !keys.empty(), DataError, where, ": the first record has no key of one value",
-        csv.left_out.empty() ? "" : detail::str_cat(" (", join(csv.left_out, ", "), ": lists or objects)"));
+    for (const auto& item : record.items()) {
+      const auto& v = item.value();
+      (!is_nested(v) ? keys : is_list_of_values(v) ? csv.list_keys : csv.left_out).push_back(item.key());
+    }
+    std::vector<std::string> nested = csv.list_keys;
+    nested.insert(nested.end(), csv.left_out.begin(), csv.left_out.end());
+    CANOPY_CHECK(!keys.empty(), DataError, where, ": the first record has no key of one value (",
+                 nested.empty() ? "none at all" : join(nested, ", ") + ": lists or objects",
+                 "); a table of texts has a text key");
     check_header(keys, where, join(keys, ","));
     csv.header = std::move(keys);
   }
@@ -159,12 +170,24 @@ void add_json_record(const nlohmann::ordered_json& record, std::int64_t line, co
                  "' (the first record's keys: ", join(csv.header, ", "), ")");
     fields.push_back(json_field(*it, key, where));
   }
-  if (record.size() != csv.header.size() + csv.left_out.size()) {
+  for (const auto& key : csv.list_keys) {
+    const auto it = record.find(key);
+    CANOPY_CHECK(it != record.end(), DataError, where, ": the record has no '", key,
+                 "' (the first record's keys: ", join(csv.header, ", "), ", ", join(csv.list_keys, ", "),
+                 ")");
+    CANOPY_CHECK(it->is_null() || is_list_of_values(*it), DataError, where, ": '", key, "' holds ",
+                 printable(it->dump().substr(0, 60)),
+                 " where the first record holds a list of labels: every record holds a list (or null: none)");
+    std::vector<std::string> items;
+    if (!it->is_null())
+      for (const auto& x : *it) items.push_back(json_field(x, key, where));
+    csv.lists[key].push_back(std::move(items));
+  }
+  if (record.size() != csv.header.size() + csv.list_keys.size() + csv.left_out.size()) {
     for (const auto& item : record.items()) {
       const auto& k = item.key();
-      CANOPY_CHECK(std::find(csv.header.begin(), csv.header.end(), k) != csv.header.end() ||
-                       std::find(csv.left_out.begin(), csv.left_out.end(), k) != csv.left_out.end(),
-                   DataError, where, ": the record has '", printable(k),
+      CANOPY_CHECK(listed(csv.header, k) || listed(csv.list_keys, k) || listed(csv.left_out, k), DataError,
+                   where, ": the record has '", printable(k),
                    "', which the first record lacks (its keys: ", join(csv.header, ", "),
                    "): every record has the same keys");
     }
@@ -247,13 +270,71 @@ void check_name(const std::string& name, const std::string& where, const char* w
                mend, ")");
 }
 
+namespace {
+
+// A JSON list column as a multi-label source (read_label_columns).
+void add_list_column(const Csv& csv, const Csv& names, const std::string& key, LabelColumns& out) {
+  CANOPY_CHECK(!out.labels.count(key) && !out.float_labels.count(key), DataError, csv.path,
+               ": label column '", key, "' is repeated");
+  check_name(key, csv.path + ":1", "label column", kConvertCsv);
+  std::vector<std::vector<std::string>> items;  // the names table's, as rows of one field
+  for (const auto& row : names.lists.at(key))
+    for (const auto& item : row) items.push_back({item});
+  CANOPY_CHECK(!items.empty(), DataError, names.path, ": '", key,
+               "' holds only empty lists: a list of labels needs some labels to learn");
+  std::vector<std::string> bits;
+  const bool indices = all_parse(items, 0, true);
+  if (indices) {
+    std::int64_t top = 0;
+    for (const auto& item : items)
+      top = std::max<std::int64_t>(top, std::strtoll(item[0].c_str(), nullptr, 10));
+    CANOPY_CHECK(top < static_cast<std::int64_t>(kMaxBits), DataError, names.path, ": '", key,
+                 "' lists label ", top, "; a list of labels holds at most ", kMaxBits, " (0 to ",
+                 kMaxBits - 1, ")");
+    for (std::int64_t j = 0; j <= top; ++j) bits.push_back(std::to_string(j));
+  } else {
+    std::set<std::string> found;
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      if (found.insert(items[i][0]).second)
+        check_name(items[i][0], detail::str_cat(names.path, ": '", key, "'"), "label", kConvertCsv);
+    }
+    CANOPY_CHECK(found.size() <= kMaxBits, DataError, names.path, ": '", key, "' lists ", found.size(),
+                 " different labels; a list of labels holds at most ", kMaxBits);
+    bits.assign(found.begin(), found.end());
+  }
+  auto& masks = out.labels[key];
+  const auto& rows = csv.lists.at(key);
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    std::int64_t mask = 0;
+    for (const auto& item : rows[i]) {
+      char* end = nullptr;
+      const std::int64_t index = indices ? std::strtoll(item.c_str(), &end, 10) : 0;
+      const auto bit = !indices ? std::find(bits.begin(), bits.end(), item) - bits.begin()
+                       : !item.empty() && *end == '\0' && index >= 0 ? index
+                                                                     : -1;
+      CANOPY_CHECK(bit >= 0 && bit < static_cast<std::int64_t>(bits.size()), DataError, csv.path, ": row ",
+                   i + 1, " lists ", key, " '", item, "', which '", names.path,
+                   "' never lists (its labels: ", join(bits, ", "), ")");
+      mask |= std::int64_t{1} << bit;
+    }
+    masks.push_back(mask);
+  }
+  out.label_order.push_back(key);
+  out.bit_names[key] = std::move(bits);
+}
+
+}  // namespace
+
 LabelColumns read_label_columns(const Csv& csv, const Csv& names, std::size_t skip) {
   auto sorted = [](std::vector<std::string> v) {
     std::sort(v.begin(), v.end());
     return v;
   };
-  CANOPY_CHECK(sorted(names.header) == sorted(csv.header), DataError, "'", names.path, "' and '", csv.path,
-               "' have different columns (", join(names.header, ","), " vs ", join(csv.header, ","), ")");
+  CANOPY_CHECK(
+      sorted(names.header) == sorted(csv.header) && sorted(names.list_keys) == sorted(csv.list_keys),
+      DataError, "'", names.path, "' and '", csv.path, "' have different columns (", join(names.header, ","),
+      names.list_keys.empty() ? "" : " and lists " + join(names.list_keys, ","), " vs ",
+      join(csv.header, ","), csv.list_keys.empty() ? "" : " and lists " + join(csv.list_keys, ","), ")");
   LabelColumns out;
   // In the order `names` lists them; `col` is the column in `csv`, `ncol` in `names`.
   for (std::size_t ncol = 0; ncol < names.header.size(); ++ncol) {
@@ -300,6 +381,7 @@ LabelColumns read_label_columns(const Csv& csv, const Csv& names, std::size_t sk
       out.class_names[label] = classes;
     }
   }
+  for (const auto& key : names.list_keys) add_list_column(csv, names, key, out);
   return out;
 }
 

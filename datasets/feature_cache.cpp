@@ -142,6 +142,7 @@ json meta_to_json(const CacheMeta& m) {
          {"label_stats", m.label_stats}};
   if (!m.label_classes.empty()) j["label_classes"] = m.label_classes;
   if (!m.label_class_names.empty()) j["label_class_names"] = m.label_class_names;
+  if (!m.label_bits.empty()) j["label_bits"] = m.label_bits;
   if (m.views > 1) j["views"] = m.views;
   if (!m.row_parts.empty()) {
     j["boundary"] = m.boundary;
@@ -170,6 +171,8 @@ CacheMeta meta_from_json(const json& j) {
     m.label_classes = j.at("label_classes").get<std::map<std::string, std::int64_t>>();
   if (j.contains("label_class_names"))
     m.label_class_names = j.at("label_class_names").get<std::map<std::string, std::vector<std::string>>>();
+  if (j.contains("label_bits"))
+    m.label_bits = j.at("label_bits").get<std::map<std::string, std::vector<std::string>>>();
   if (j.contains("label_stats"))
     m.label_stats = j.at("label_stats").get<std::map<std::string, std::pair<double, double>>>();
   if (j.contains("views")) m.views = j.at("views");

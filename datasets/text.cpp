@@ -560,33 +560,50 @@ std::size_t text_column_of(const std::vector<std::string>& header, const std::st
 
 }  // namespace
 
-TextTable read_text_table(const TableFile& file, const std::string& column, const TableFile& names) {
-  std::size_t col = 0;
+namespace {
+
+// A table of texts as read_text_table and read_table_texts read it: `col` is its text column.
+Csv read_texts_csv(const TableFile& file, const std::string& column, std::size_t& col) {
   const CsvHeaderCheck header = [&](const std::vector<std::string>& fields, const std::string& where,
                                     const std::string& line) {
     col = text_column_of(fields, column, where, line);
   };
-  const std::string& path = file.path;
-  const Csv csv = read_table(path, file.format, "table of texts", header);
-  CANOPY_CHECK(!csv.rows.empty(), DataError, "table of texts '", path, "' has ",
+  Csv csv = read_table(file.path, file.format, "table of texts", header);
+  CANOPY_CHECK(!csv.rows.empty(), DataError, "table of texts '", file.path, "' has ",
                file.format == TableFormat::json ? "no records" : "a header but no rows");
-  TextTable out;
-  const std::size_t text_col = col;
-  static_cast<LabelColumns&>(out) =
-      read_label_columns(csv,
-                         names.path.empty() || names.path == path
-                             ? csv
-                             : read_table(names.path, names.format, "table of texts", header),
-                         text_col);
-  out.text_column = csv.header[text_col];
-  out.left_out = csv.left_out;
-  out.texts.reserve(csv.rows.size());
+  return csv;
+}
+
+std::vector<std::string> column_texts(const Csv& csv, std::size_t col) {
+  std::vector<std::string> texts;
+  texts.reserve(csv.rows.size());
   for (std::size_t i = 0; i < csv.rows.size(); ++i) {
-    const std::string bad = utf8_problem(csv.rows[i][text_col]);
-    CANOPY_CHECK(bad.empty(), DataError, path, ":", csv.lines[i], ": the text of row ", i + 1, " ", bad, " (",
-                 kConvertCsv, ")");
-    out.texts.push_back(csv.rows[i][text_col]);
+    const std::string bad = utf8_problem(csv.rows[i][col]);
+    CANOPY_CHECK(bad.empty(), DataError, csv.path, ":", csv.lines[i], ": the text of row ", i + 1, " ", bad,
+                 " (", kConvertCsv, ")");
+    texts.push_back(csv.rows[i][col]);
   }
+  return texts;
+}
+
+}  // namespace
+
+std::vector<std::string> read_table_texts(const TableFile& file, const std::string& column) {
+  std::size_t col = 0;
+  const Csv csv = read_texts_csv(file, column, col);  // sets col: read before column_texts' arguments
+  return column_texts(csv, col);
+}
+
+TextTable read_text_table(const TableFile& file, const std::string& column, const TableFile& names) {
+  std::size_t col = 0, names_col = 0;
+  const Csv csv = read_texts_csv(file, column, col);
+  TextTable out;
+  static_cast<LabelColumns&>(out) = read_label_columns(
+      csv, names.path.empty() || names.path == file.path ? csv : read_texts_csv(names, column, names_col),
+      col);
+  out.text_column = csv.header[col];
+  out.left_out = csv.left_out;
+  out.texts = column_texts(csv, col);
   return out;
 }
 

@@ -125,11 +125,15 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
     o << "  split " << split << ": " << n << " rows in " << shards << " shard(s)"
       << (rows == n ? "" : " (" + std::to_string(rows) + " written)") << "\n";
   }
-  // Each source with its class names (the first ten of more), or its values' type.
+  // Each source with its class names (the first ten of more), its bits' labels, or its values'
+  // type.
   std::vector<std::string> sources;
   for (const auto& src : m.meta.label_sources) {
     std::vector<std::string> names = m.meta.names_of(src);
-    if (m.meta.is_float_label(src)) {
+    const auto bits = m.meta.label_bits.find(src);
+    if (bits != m.meta.label_bits.end()) {
+      sources.push_back(src + " (bits: " + join(bits->second, ", ") + ")");
+    } else if (m.meta.is_float_label(src)) {
       sources.push_back(src + " (float64)");
     } else if (names.empty()) {
       sources.push_back(src);
@@ -228,6 +232,7 @@ datasets::CacheMeta base_meta(const JobConfig& config, const CacheReport& report
   meta.class_names = data.class_names;
   meta.label_class_names = data.label_class_names;
   meta.label_classes = data.label_classes;
+  meta.label_bits = data.label_bits;
   meta.views = config.cache.views;
   return meta;
 }

@@ -348,7 +348,7 @@ int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&
   const std::vector<std::string> texts =
       vm.count("arff") ? datasets::read_arff_texts(vm["arff"].as<std::string>(), attribute)
       : input == "-"   ? datasets::read_text_lines(std::cin, "standard input")
-      : table          ? datasets::read_text_table({input, *table}, attribute).texts
+      : table          ? datasets::read_table_texts({input, *table}, attribute)
                        : datasets::read_text_lines(input);
   for (const auto& t : texts) out << nlohmann::json{{"text", t}, {"ids", tokenizer.encode(t)}}.dump() << "\n";
   return kExitOk;

@@ -640,9 +640,11 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
             "the source's values are the bitmasks)")
             .optional_in_dump()
             .at_least(0));
-    v.push_back(
-        member_key<T>("task", "class_names", CANOPY_TASK(class_names), "names of the task's classes (labels)")
-            .optional_in_dump());
+    v.push_back(member_key<T>(
+                    "task", "class_names", CANOPY_TASK(class_names),
+                    "names of the task's classes (labels); multilabel on a source whose bits the cache names "
+                    "(all_labels, a JSON list of labels): those by default")
+                    .optional_in_dump());
     v.push_back(choice<T>(
         "task", "optimizer", CANOPY_TASK(optimizer), tasks::parse_optimizer,
         [](tasks::OptimizerKind o) { return tasks::to_string(o); }, tasks::optimizer_names(),

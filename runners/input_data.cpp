@@ -230,7 +230,7 @@ void check_declared_values(DeclaredValues& declared, const std::string& name, co
 
 // all_labels, the multi-label view of a split: bit k set where label source `names[k]` has the
 // class `positive[k]` (names: 1 to kMaxBitLabels).
-constexpr std::size_t kMaxBitLabels = 62;
+constexpr std::size_t kMaxBitLabels = datasets::kMaxBits;
 void set_all_labels(InputSplit& s, const std::vector<std::string>& names,
                     const std::vector<std::int64_t>& positive, InputData& data) {
   at::Tensor bits = at::zeros({s.labels.at(names[0]).size(0)}, at::kLong);
@@ -238,6 +238,7 @@ void set_all_labels(InputSplit& s, const std::vector<std::string>& names,
     bits += (s.labels.at(names[k]) == positive[k]).to(at::kLong) * (std::int64_t{1} << k);
   s.labels["all_labels"] = bits;
   data.label_classes["all_labels"] = std::int64_t{1} << names.size();
+  data.label_bits["all_labels"] = names;
 }
 
 // One split of texts: the documents of `files` (label_name:path.arff entries, one file per
@@ -310,6 +311,19 @@ void record_label_classes(const datasets::LabelColumns& list, InputData& data) {
     data.label_classes[source] = static_cast<std::int64_t>(classes.size());
     data.label_class_names[source] = classes;
   }
+  for (const auto& [source, bits] : list.bit_names) {
+    data.label_classes[source] = std::int64_t{1} << bits.size();
+    data.label_bits[source] = bits;
+  }
+}
+
+// A table's label sources of one value per row: all_labels' candidate bits (a list of labels
+// is a bitmask source of its own).
+std::vector<std::string> single_labels(const datasets::LabelColumns& table) {
+  std::vector<std::string> out;
+  for (const auto& name : table.label_order)
+    if (!table.bit_names.count(name)) out.push_back(name);
+  return out;
 }
 
 // Says which label columns of the training table `path` have empty fields (a class named "":
@@ -340,20 +354,21 @@ void set_label_columns(InputSplit& s, const datasets::LabelColumns& table,
   }
 }
 
-// The label columns of a training table of texts that are the bits of all_labels, as the class
-// of each that sets its bit: when every column has two classes, one of them positive
-// (data.positive_value, else yes, 1 or true): a column of 0 and 1, or of two names such as no
-// and yes. None otherwise (a real-valued column, a column of three classes, ...).
 // data.source = text-csv | text-json: how data.train and data.test are written.
 datasets::TableFile data_table(const DataConfig& d, const std::string& path) {
   return {path, d.source == "text-json" ? datasets::TableFormat::json : datasets::TableFormat::csv};
 }
 
+// The label columns of a training table of texts that are the bits of all_labels, as the class
+// of each that sets its bit: when every column has two classes, one of them positive
+// (data.positive_value, else yes, 1 or true): a column of 0 and 1, or of two names such as no
+// and yes. None otherwise (a real-valued column, a column of three classes, ...).
 std::optional<std::vector<std::int64_t>> all_labels_positives(const datasets::TextTable& train,
                                                               const std::string& path, const DataConfig& d) {
-  if (!train.float_labels.empty() || train.label_order.size() > kMaxBitLabels) return std::nullopt;
+  const std::vector<std::string> order = single_labels(train);
+  if (!train.float_labels.empty() || order.empty() || order.size() > kMaxBitLabels) return std::nullopt;
   std::vector<std::int64_t> out;
-  for (const auto& name : train.label_order) {
+  for (const auto& name : order) {
     std::vector<std::string> values{"0", "1"};
     if (const auto names = train.class_names.find(name); names != train.class_names.end()) {
       values = names->second;
@@ -379,7 +394,7 @@ InputSplit text_table_split(const datasets::TextTable& table, std::int64_t limit
   if (limit > 0) n = std::min(n, limit);
   InputSplit s;
   set_label_columns(s, table, row_range(0, n));
-  if (positives) set_all_labels(s, table.label_order, *positives, data);
+  if (positives) set_all_labels(s, single_labels(table), *positives, data);
   set_text_inputs(s, std::vector<std::string>(table.texts.begin(), table.texts.begin() + n), tokenizer);
   s.ids = at::arange(n, at::kLong);  // the row in the table
   return s;
@@ -407,10 +422,15 @@ InputData load_text_tables(const JobConfig& config) {
   record_label_classes(train, data);
   note_empty_fields(train, config.data.train);
   if (!train.left_out.empty()) {
-    log_info(
-        detail::str_cat("key(s) ", join(train.left_out, ", "), " of '", config.data.train,
-                        "' hold lists or objects: no label sources (a label is one value per key; a list of "
-                        "labels: one key per label, its value true or false)"));
+    log_info(detail::str_cat("key(s) ", join(train.left_out, ", "), " of '", config.data.train,
+                             "' hold objects or lists of lists: no label sources"));
+  }
+  for (const auto& [source, bits] : train.bit_names) {
+    log_info(detail::str_cat(
+        "label source '", source, "': lists of ", bits.size(), " labels, a bitmask per row (",
+        bits.size() > 12 ? join(std::vector<std::string>(bits.begin(), bits.begin() + 10), ", ") + ", ..."
+                         : join(bits, ", "),
+        "): a multilabel task on it is named by them"));
   }
   data.splits["train"] = text_table_split(train, config.data.train_limit, tokenizer, positives, data);
   const datasets::TextTable test =
@@ -583,7 +603,7 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
     const auto table = datasets::table_format(path);
     std::vector<std::string> texts =
         ends_with(path, ".arff") ? datasets::read_arff_texts(path, config.data.text_attribute)
-        : table                  ? datasets::read_text_table({path, *table}, config.data.text_attribute).texts
+        : table                  ? datasets::read_table_texts({path, *table}, config.data.text_attribute)
                                  : datasets::read_text_lines(path);
     keep_first(texts);
     set_text_inputs(s, texts, datasets::WordPieceTokenizer(config.text));

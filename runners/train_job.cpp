@@ -306,7 +306,12 @@ TaskSet build_tasks(const JobConfig& config, const tasks::HeadRegistry& registry
                     std::int64_t feature_dim, const std::string& where = "the cache") {
   TaskSet set;
   check_task_labels(config, meta, where);
-  for (const auto& tc : config.tasks) {
+  for (tasks::TaskConfig tc : config.tasks) {
+    // A multilabel task on a bitmask source (all_labels, a list of labels) is named by its bits.
+    const auto bits = meta.label_bits.find(tc.labels);
+    if (tc.kind == tasks::TaskKind::kMultilabel && tc.class_names.empty() && tc.label_map.empty() &&
+        bits != meta.label_bits.end())
+      tc.class_names = bits->second;
     const auto src_eval = eval.labels.find(tc.labels);
     CANOPY_CHECK(src_eval != eval.labels.end(), ConfigError, "task '", tc.name, "': labels = '", tc.labels,
                  "' but ", where, "'s eval split (", config.train.eval_split, ") has none");

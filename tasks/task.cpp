@@ -244,8 +244,15 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
                " applies to regression tasks only (", to_string(c.kind), " uses ",
                c.kind == TaskKind::kMultilabel ? "binary cross-entropy" : "cross-entropy", ")");
   if (c.kind == TaskKind::kMultilabel) {
-    CANOPY_CHECK(c.class_names.size() >= 1 && c.class_names.size() <= 62, ConfigError, t,
-                 ": a multilabel task names its labels in class_names (1 to 62), got ", c.class_names.size());
+    // Without label_map and class_names, training names the labels by the source's bits
+    // (CacheMeta::label_bits) before the task is made: none known yet is no error.
+    const bool named_later = c.class_names.empty() && c.label_map.empty() && source_classes <= 0;
+    CANOPY_CHECK(named_later || (c.class_names.size() >= 1 && c.class_names.size() <= 62), ConfigError, t,
+                 ": a multilabel task names its labels in class_names (1 to 62), got ", c.class_names.size(),
+                 !c.class_names.empty() ? ""
+                 : c.label_map.empty()
+                     ? detail::str_cat("; label source '", c.labels, "' names none of its bits")
+                     : ": name the labels label_map's bitmasks set");
     CANOPY_CHECK(
         c.class_weights.empty() && !c.balanced_class_weights && c.label_smoothing == 0, ConfigError, t,
         ": class_weights and label_smoothing apply to multiclass tasks only (a multilabel task weighs "

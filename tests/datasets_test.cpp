@@ -125,6 +125,7 @@ CacheMeta test_meta(std::int64_t dim, StorageDtype dtype = StorageDtype::kFloat3
   m.feature_dim = dim;
   m.class_names = {"a", "b"};
   m.label_class_names = {{"class", {"a", "b"}}};
+  m.label_bits = {{"tags", {"corn", "grain"}}};
   return m;
 }
 
@@ -228,6 +229,7 @@ TEST(FeatureCache, RoundTripsShardsAndMetadata) {
   EXPECT_EQ(c.shards("train").size(), 3u) << "10 rows in shards of 4";
   EXPECT_EQ(c.meta().class_names, (std::vector<std::string>{"a", "b"}));
   EXPECT_EQ(c.meta().label_class_names, test_meta(6).label_class_names);
+  EXPECT_EQ(c.meta().label_bits, test_meta(6).label_bits);
   for (auto method : {ReadMethod::kPread, ReadMethod::kHdf5}) {
     const SplitData train = c.load_split("train", method);
     EXPECT_TRUE(testing::bitwise_equal(train.features, f1));

@@ -547,6 +547,16 @@ TEST(Task, MultilabelTargetsFromBitmasks) {
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 4, 1); },
                                                 {"8 classes", "has 4: bitmasks of 2 labels", "one per bit"}));
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Task(c, r, 4, 10, 1); }, {"has 10", "give label_map"}));
+  // No class_names: training names the labels by the source's bits; a config alone is no error,
+  // a task made without them is.
+  c.class_names = {};
+  c.labels = "tags";
+  EXPECT_NO_THROW(validate_task_config(c, 0));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { Task(c, r, 4, 8, 1); }, {"class_names (1 to 62), got 0", "'tags' names none of its bits"}));
+  c.label_map = {1, 2, 5, 3};
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { validate_task_config(c, 0); },
+                                                {"got 0: name the labels label_map's bitmasks set"}));
 }
 
 TEST(Task, LabelMapAndValidation) {

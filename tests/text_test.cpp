@@ -268,9 +268,9 @@ TEST(TextJson, ReadsRecordsAsTheCsvWithTheSameFields) {
 )");
   EXPECT_EQ(read_text_table({array, TableFormat::json}, "text").labels.at("topic"),
             (std::vector<std::int64_t>{1, 0}));
-  // Keys holding lists or objects in the first record (token ids, tags) are no columns.
+  // Keys holding objects or lists of lists in the first record are no columns.
   const TextTable ids = read_text_table(
-      {write(dir.file("ids.jsonl"), R"({"ids": [2, 4], "text": "a", "topic": "x", "meta": {"n": 1}})"
+      {write(dir.file("ids.jsonl"), R"({"ids": [[2, 4]], "text": "a", "topic": "x", "meta": {"n": 1}})"
                                     "\n"
                                     R"({"ids": [], "text": "b", "topic": "y", "meta": null})"),
        TableFormat::json},
@@ -292,6 +292,61 @@ TEST(TextJson, ReadsRecordsAsTheCsvWithTheSameFields) {
   EXPECT_FALSE(table_format("d.txt").has_value());
 }
 
+// A key holding a list of labels in every record (Hugging Face's multi-label columns) is a
+// bitmask source: bit j the j-th label (integers: themselves; names: sorted from the training
+// table); null is no label; the test table's lists are read by the training table's labels.
+TEST(TextJson, AListOfLabelsIsABitmaskSource) {
+  testing::TempDir dir;
+  const std::string train =
+      write(dir.file("train.jsonl"), R"({"text": "a", "tags": ["wheat", "corn"], "ids": [3], "topic": "x"})"
+                                     "\n"
+                                     R"({"text": "b", "tags": [], "ids": [0, 2], "topic": "y"})"
+                                     "\n"
+                                     R"({"text": "c", "tags": null, "ids": null, "topic": "x"})"
+                                     "\n"
+                                     R"({"text": "d", "tags": ["rye"], "ids": [1, 1], "topic": "y"})");
+  const TextTable t = read_text_table({train, TableFormat::json}, "text");
+  EXPECT_EQ(t.label_order, (std::vector<std::string>{"topic", "tags", "ids"}));
+  EXPECT_EQ(t.bit_names.at("tags"), (std::vector<std::string>{"corn", "rye", "wheat"}));
+  EXPECT_EQ(t.labels.at("tags"), (std::vector<std::int64_t>{0b101, 0, 0, 0b010}));
+  EXPECT_EQ(t.bit_names.at("ids"), (std::vector<std::string>{"0", "1", "2", "3"}));
+  EXPECT_EQ(t.labels.at("ids"), (std::vector<std::int64_t>{0b1000, 0b0101, 0, 0b0010}));
+  const std::string test =
+      write(dir.file("test.jsonl"), R"({"ids": [3, 0], "tags": ["rye"], "topic": "x", "text": "e"})");
+  const TextTable u = read_text_table({test, TableFormat::json}, "text", {train, TableFormat::json});
+  EXPECT_EQ(u.labels.at("tags"), (std::vector<std::int64_t>{0b010}));
+  EXPECT_EQ(u.labels.at("ids"), (std::vector<std::int64_t>{0b1001}));
+  auto refused = [&](const std::string& body, std::initializer_list<std::string> fragments) {
+    const std::string p = write(dir.file("bad.jsonl"), body);
+    return testing::throws_with<DataError>(
+        [&] {
+          read_text_table({p, TableFormat::json}, "text", {train, TableFormat::json});
+        },
+        fragments);
+  };
+  EXPECT_TRUE(refused(R"({"text": "e", "tags": ["oats"], "ids": [], "topic": "x"})",
+                      {"row 1 lists tags 'oats'", "never lists (its labels: corn, rye, wheat)"}));
+  EXPECT_TRUE(refused(R"({"text": "e", "tags": [], "ids": [4], "topic": "x"})", {"lists ids '4'"}));
+  EXPECT_TRUE(refused(R"({"text": "e", "tags": "rye", "ids": [], "topic": "x"})", {"different columns"}));
+  EXPECT_TRUE(refused(R"({"text": "e", "tags": [], "ids": [], "topic": "x"})"
+                      "\n"
+                      R"({"text": "f", "tags": "rye", "ids": [], "topic": "x"})",
+                      {"bad.jsonl:2", "'tags' holds \"rye\" where the first record holds a list"}));
+  std::string many = R"({"text": "a", "n": [)";
+  for (int j = 0; j < 63; ++j) many += (j ? ", " : "") + std::to_string(j);
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        read_text_table({write(dir.file("many.jsonl"), many + "]}"), TableFormat::json}, "text");
+      },
+      {"'n' lists label 62", "at most 62"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        read_text_table({write(dir.file("none.jsonl"), R"({"text": "a", "n": []})"), TableFormat::json},
+                        "text");
+      },
+      {"'n' holds only empty lists"}));
+}
+
 TEST(TextJson, BadRecordsNameTheLineAndKey) {
   testing::TempDir dir;
   auto bad = [&](const std::string& body, std::initializer_list<std::string> fragments) {
@@ -302,11 +357,11 @@ TEST(TextJson, BadRecordsNameTheLineAndKey) {
         },
         fragments);
   };
-  EXPECT_TRUE(bad(
-      R"({"text": "a", "tags": 1})"
-      "\n"
-      R"({"text": "b", "tags": [1, 2]})",
-      {"bad.jsonl:2", "'tags' holds a list", "where the first record holds one value", "one key per label"}));
+  EXPECT_TRUE(bad(R"({"text": "a", "tags": 1})"
+                  "\n"
+                  R"({"text": "b", "tags": [1, 2]})",
+                  {"bad.jsonl:2", "'tags' holds a list", "where the first record holds one value",
+                   "a list of them in every record"}));
   EXPECT_TRUE(bad(R"({"text": "a", "t": 1})"
                   "\n"
                   R"({"text": "b"})",
@@ -321,7 +376,8 @@ TEST(TextJson, BadRecordsNameTheLineAndKey) {
   EXPECT_TRUE(bad("[1, 2]\n", {"bad.jsonl: record 1", "should be a JSON object", "got number"}));
   EXPECT_TRUE(bad(R"({"body": "a"})", {"bad.jsonl:1", "text column 'text'", "got 'body'"}));
   EXPECT_TRUE(bad("\n\n", {"table of texts", "is empty"}));
-  EXPECT_TRUE(bad(R"({"ids": [1], "meta": {"a": 1}})", {"bad.jsonl:1", "no key of one value", "ids, meta"}));
+  EXPECT_TRUE(bad(R"({"ids": [1], "meta": {"a": 1}})",
+                  {"bad.jsonl:1", "no key of one value (ids, meta: lists or objects)"}));
   // A JSON table read as CSV says what it is.
   const std::string p = write(dir.file("records.csv"), R"({"text": "a", "t": 1})");
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_text_csv(p, "text"); },

@@ -9,7 +9,8 @@ through the real binary. Small data sets are written at test time, all from Fash
   * an ARFF file with quoted texts, escapes and comments (read by `canopy tokenize --arff`);
   * a CSV table of texts, quoted ones holding commas, quotes and line breaks, with labels (read
     by `canopy tokenize --input texts.csv`);
-  * the same as JSON lines, with escapes, true/false and null (`tokenize --input texts.jsonl`).
+  * the same as JSON lines, with escapes, true/false, null and lists of labels (`tokenize
+    --input texts.jsonl`).
 
 A mutant is one of them with a bit flipped (half of the flips in the first 64 bytes, where the
 headers are), cut short, or with four bytes set to 0x00, 0x7f, 0x80 or 0xff. `canopy cache`
@@ -91,7 +92,8 @@ def write_inputs(base):
             f"no,the mat {i},{i}\r\n" for i in range(30)))
     with open(f"{base}/arff/texts.jsonl", "w") as f:
         f.write("".join(json.dumps({"topic": "yes" if i % 2 else "no", "Text": f"the cat {i}, \"sat\"\non \u00e9",
-                                    "score": i / 4, "flag": bool(i % 3), "none": None}) + "\n" for i in range(30)))
+                                    "score": i / 4, "flag": bool(i % 3), "none": None,
+                                    "tags": ["mat", "cat"][:i % 3]}) + "\n" for i in range(30)))
 
 
 def job(folder, kind, trunk):

@@ -143,7 +143,7 @@ test = {tables['test']}""")
           f"{TRAIN_ROWS} stories of 384 features, all_labels reaching both bits")
 
     labels = [line for line in run("inspect", f"{work}/cache_csv").splitlines() if line.startswith("  labels")]
-    check(labels == ["  labels        grain (no, yes); corn; all_labels"],
+    check(labels == ["  labels        grain (no, yes); corn; all_labels (bits: grain, corn)"],
           f"canopy inspect names each label source's own classes ({labels})")
     run("train", "--config", from_arff)
     run("train", "--config", from_csv)
@@ -176,9 +176,10 @@ test = {tables['test']}""")
           "predict --input test.csv answers as the ARFF run on the ARFF file")
 
     # The same stories as JSON lines (Hugging Face datasets' to_json: one object per line, keys in
-    # the columns' order, non-ASCII escaped), corn as true/false, a list of tags beside them (no
-    # label source): data.source = text-json caches the same columns bitwise, each source named
-    # by its own values.
+    # the columns' order, non-ASCII escaped), corn as true/false, each story's list of tags and an
+    # object beside them: data.source = text-json caches the CSV table's columns bitwise, each
+    # source named by its own values, plus the tags as a bitmask source (bit 0 corn, bit 1 grain:
+    # sorted), all_labels with its bits swapped.
     records = {}
     for split in ("train", "test"):
         records[split] = os.path.join(work, f"{split}.jsonl")
@@ -186,17 +187,37 @@ test = {tables['test']}""")
             for row in csv.DictReader(f):
                 tags = [t for t, on in (("grain", row["grain"] == "yes"), ("corn", row["corn"] == "1")) if on]
                 out.write(json.dumps({"text": row["text"], "grain": row["grain"], "corn": row["corn"] == "1",
-                                      "tags": tags}) + "\n")
+                                      "tags": tags, "source": {"file": "reuters"}}) + "\n")
     from_json = config(work, "json", f"""source = text-json
 train = {records['train']}
 test = {records['test']}""")
+    with open(from_json, "a") as f:  # a multilabel task on the tags, named by them (no class_names)
+        f.write("\n[task.tags]\nkind = multilabel\nhead = linear\nlabels = tags\nlr = 0.003\n")
     run("cache", "--config", from_json)
     j = cache_columns(f"{work}/cache_json")
-    check(sorted(j) == sorted(c) and all(j[n].dtype == c[n].dtype and np.array_equal(j[n], c[n]) for n in c),
-          "the JSON lines' cache equals the CSV table's bitwise")
+    tag_sets = ("train/labels/tags", "test/labels/tags")
+    check(sorted(j) == sorted(list(c) + list(tag_sets))
+          and all(j[n].dtype == c[n].dtype and np.array_equal(j[n], c[n]) for n in c),
+          "the JSON lines' cache equals the CSV table's bitwise, plus the tags")
+    for name in tag_sets:
+        t, a = j[name], c[name.replace("tags", "all_labels")]
+        check(np.array_equal(((t & 1) << 1) | (t >> 1), a) and int(t.max()) == 3,
+              f"{name}: each story's bitmask of its tags (corn, grain), all_labels' bits swapped")
     labels = [line for line in run("inspect", f"{work}/cache_json").splitlines() if line.startswith("  labels")]
-    check(labels == ["  labels        grain (no, yes); corn (false, true); all_labels"],
+    check(labels == ["  labels        grain (no, yes); corn (false, true); tags (bits: corn, grain); "
+                     "all_labels (bits: grain, corn)"],
           f"canopy inspect names the JSON table's label sources ({labels})")
+    run("train", "--config", from_json)
+    with open(f"{work}/run_json/heads/tags.json") as f:
+        card = json.load(f)
+    check(card["class_names"] == ["corn", "grain"] and card["label_map"] == [],
+          f"the tags head is named by the list's labels ({card['class_names']})")
+    tags_eval = json.loads(run("evaluate", "--config", f"{work}/run_json/config.ini", "--input", records["test"],
+                               "--limit", str(TEST_ROWS), "--json"))
+    head = next(h for h in tags_eval["heads"] if h["task"] == "tags")
+    check(head["rows"] == TEST_ROWS and abs(head["accuracy"] - head["card_eval_accuracy"]) < 1e-9
+          and [p["label"] for p in head["per_label"]] == ["corn", "grain"],
+          f"evaluate --input test.jsonl scores the tags head as its card ({head['accuracy']} on {head['rows']} rows)")
     # A run trained from the CSV table scores and answers JSON records (keys in another order)
     # as it does the CSV's rows.
     shuffled = os.path.join(work, "test_keys.json")

@@ -11,8 +11,10 @@
 // one array of objects. The first object's keys, in its order, are the header; every object
 // has the same keys, in any order. A string is its field (trimmed as a CSV field), a number
 // as JSON writes it, true and false as those words, null an empty field. A key whose value in
-// the first record is a list or an object (token ids, a list of tags) is no column: left out
-// and named in `left_out`; a key's list where the first record holds one value is refused.
+// the first record is a list of such values (a list of tags) is a multi-label column, a list
+// in every record (null: an empty one); one holding an object, or a list of lists, is no
+// column: left out and named in `left_out`. A key's list where the first record holds one
+// value, or one value where it holds a list, is refused.
 
 #include <cstdint>
 #include <functional>
@@ -28,7 +30,10 @@ struct Csv {
   std::vector<std::string> header;
   std::vector<std::vector<std::string>> rows;  // each as many fields as the header
   std::vector<std::int64_t> lines;             // the line each row starts on (1-based)
-  std::vector<std::string> left_out;           // JSON: the keys whose first value is a list or object
+  // JSON: the keys whose first value is a list of values (labels), each row's items as fields
+  std::vector<std::string> list_keys;
+  std::map<std::string, std::vector<std::vector<std::string>>> lists;
+  std::vector<std::string> left_out;  // JSON: the keys whose first value is an object or holds one
 };
 
 // `what` names the file in messages ("image list"); `check_header` gets the header's fields,
@@ -60,13 +65,18 @@ inline constexpr const char* kConvertCsv = "convert the file, e.g. iconv -f lati
 // real-valued (regression); any other column holds class names, numbered in sorted order of
 // the names found in `names` (the training table, so train and test agree; a row with a name
 // `names` lacks is a DataError). `names` must have `csv`'s columns, in any order; the label
-// sources are listed in `names`' order (all_labels' bits follow it).
+// sources are listed in `names`' order (all_labels' bits follow it). A JSON list column is a
+// multi-label source: each row's bitmask of its items, bit j the j-th of the labels `names`
+// lists (all of them integers >= 0: the integers 0 to the largest; else their sorted names;
+// at most kMaxBits); an item `names` lacks is a DataError.
 struct LabelColumns {
   std::map<std::string, std::vector<std::int64_t>> labels;      // per label source, class index
   std::map<std::string, std::vector<double>> float_labels;      // per real-valued label source
   std::map<std::string, std::vector<std::string>> class_names;  // per named-class label source
   std::vector<std::string> label_order;                         // label sources as listed
+  std::map<std::string, std::vector<std::string>> bit_names;    // per list source: each bit's label
 };
+inline constexpr std::size_t kMaxBits = 62;  // labels in one int64 bitmask, as all_labels
 LabelColumns read_label_columns(const Csv& csv, const Csv& names, std::size_t skip);
 
 }  // namespace canopy::datasets

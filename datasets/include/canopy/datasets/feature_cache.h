@@ -106,6 +106,9 @@ struct CacheMeta {
   // folders, the idx data sets' 10, 2^k for all_labels): a task's class count comes from
   // here, never from which values a split happens to hold. Absent: not declared.
   std::map<std::string, std::int64_t> label_classes;
+  // The label of each bit of a bitmask label source (all_labels; a JSON table's list of labels):
+  // bit j is label_bits[source][j]. Absent: not recorded (caches from before 2026-12-06).
+  std::map<std::string, std::vector<std::string>> label_bits;
   // A cache of a frozen prefix: the last frozen block, and the layout of each row. Empty for
   // a cache of pooled features.
   std::string boundary;

@@ -86,6 +86,8 @@ struct TableFile {
   TableFormat format = TableFormat::csv;
 };
 TextTable read_text_table(const TableFile& file, const std::string& column, const TableFile& names = {});
+// Only the texts of such a table (predict, tokenize): its other columns are not read as labels.
+std::vector<std::string> read_table_texts(const TableFile& file, const std::string& column);
 inline TextTable read_text_csv(const std::string& path, const std::string& column,
                                const std::string& name_source = "") {
   return read_text_table({path, TableFormat::csv}, column, {name_source, TableFormat::csv});

@@ -38,6 +38,7 @@ struct InputData {
   std::vector<std::string> class_names;                               // of the first source, if known
   std::map<std::string, std::vector<std::string>> label_class_names;  // per source with names
   std::map<std::string, std::int64_t> label_classes;                  // declared class counts (CacheMeta)
+  std::map<std::string, std::vector<std::string>> label_bits;         // bitmask sources: each bit's label
   std::string unit = "img";                                           // for progress: img | doc
 };
 
