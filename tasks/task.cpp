@@ -251,7 +251,9 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
                  ": a multilabel task names its labels in class_names (1 to 62), got ", c.class_names.size(),
                  !c.class_names.empty() ? ""
                  : c.label_map.empty()
-                     ? detail::str_cat("; label source '", c.labels, "' names none of its bits")
+                     ? detail::str_cat("; label source '", c.labels,
+                                       "' names none of its bits (name them in class_names; a cache from "
+                                       "before 2026-12-06 records none)")
                      : ": name the labels label_map's bitmasks set");
     CANOPY_CHECK(
         c.class_weights.empty() && !c.balanced_class_weights && c.label_smoothing == 0, ConfigError, t,
