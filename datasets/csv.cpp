@@ -189,6 +189,7 @@ void add_json_record(const nlohmann::ordered_json& record, std::int64_t line, co
       CANOPY_CHECK(listed(csv.header, k) || listed(csv.list_keys, k) || listed(csv.left_out, k), DataError,
                    where, ": the record has '", printable(k),
                    "', which the first record lacks (its keys: ", join(csv.header, ", "),
+                   csv.list_keys.empty() ? "" : ", " + join(csv.list_keys, ", "),
                    "): every record has the same keys");
     }
   }

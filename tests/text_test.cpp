@@ -328,6 +328,11 @@ TEST(TextJson, AListOfLabelsIsABitmaskSource) {
                       {"row 1 lists tags 'oats'", "never lists (its labels: corn, rye, wheat)"}));
   EXPECT_TRUE(refused(R"({"text": "e", "tags": [], "ids": [4], "topic": "x"})", {"lists ids '4'"}));
   EXPECT_TRUE(refused(R"({"text": "e", "tags": "rye", "ids": [], "topic": "x"})", {"different columns"}));
+  EXPECT_TRUE(refused(
+      R"({"text": "e", "tags": [], "ids": [], "topic": "x"})"
+      "\n"
+      R"({"text": "f", "tags": [], "ids": [], "topic": "x", "more": 1})",
+      {"bad.jsonl:2", "has 'more', which the first record lacks (its keys: text, topic, tags, ids)"}));
   EXPECT_TRUE(refused(R"({"text": "e", "tags": [], "ids": [], "topic": "x"})"
                       "\n"
                       R"({"text": "f", "tags": "rye", "ids": [], "topic": "x"})",
