@@ -142,6 +142,11 @@ bool listed(const std::vector<std::string>& keys, const std::string& key) {
   return std::find(keys.begin(), keys.end(), key) != keys.end();
 }
 
+// The first record's columns, for messages: its keys of one value, then its lists.
+std::string first_keys(const Csv& csv) {
+  return join(csv.header, ", ") + (csv.list_keys.empty() ? "" : ", " + join(csv.list_keys, ", "));
+}
+
 // Appends `record` (read at `where`) to `csv` as a row; the first one makes the header of its
 // keys of one value, csv.list_keys of those holding a list of values, csv.left_out of the rest.
 void add_json_record(const nlohmann::ordered_json& record, std::int64_t line, const std::string& where,
@@ -162,19 +167,17 @@ void add_json_record(const nlohmann::ordered_json& record, std::int64_t line, co
     check_header(keys, where, join(keys, ","));
     csv.header = std::move(keys);
   }
+  const auto value_of = [&](const std::string& key) {
+    const auto it = record.find(key);
+    CANOPY_CHECK(it != record.end(), DataError, where, ": the record has no '", key,
+                 "' (the first record's keys: ", first_keys(csv), ")");
+    return it;
+  };
   std::vector<std::string> fields;
   fields.reserve(csv.header.size());
-  for (const auto& key : csv.header) {
-    const auto it = record.find(key);
-    CANOPY_CHECK(it != record.end(), DataError, where, ": the record has no '", key,
-                 "' (the first record's keys: ", join(csv.header, ", "), ")");
-    fields.push_back(json_field(*it, key, where));
-  }
+  for (const auto& key : csv.header) fields.push_back(json_field(*value_of(key), key, where));
   for (const auto& key : csv.list_keys) {
-    const auto it = record.find(key);
-    CANOPY_CHECK(it != record.end(), DataError, where, ": the record has no '", key,
-                 "' (the first record's keys: ", join(csv.header, ", "), ", ", join(csv.list_keys, ", "),
-                 ")");
+    const auto it = value_of(key);
     CANOPY_CHECK(it->is_null() || is_list_of_values(*it), DataError, where, ": '", key, "' holds ",
                  printable(it->dump().substr(0, 60)),
                  " where the first record holds a list of labels: every record holds a list (or null: none)");
@@ -188,8 +191,7 @@ void add_json_record(const nlohmann::ordered_json& record, std::int64_t line, co
       const auto& k = item.key();
       CANOPY_CHECK(listed(csv.header, k) || listed(csv.list_keys, k) || listed(csv.left_out, k), DataError,
                    where, ": the record has '", printable(k),
-                   "', which the first record lacks (its keys: ", join(csv.header, ", "),
-                   csv.list_keys.empty() ? "" : ", " + join(csv.list_keys, ", "),
+                   "', which the first record lacks (its keys: ", first_keys(csv),
                    "): every record has the same keys");
     }
   }

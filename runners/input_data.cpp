@@ -229,8 +229,7 @@ void check_declared_values(DeclaredValues& declared, const std::string& name, co
 }
 
 // all_labels, the multi-label view of a split: bit k set where label source `names[k]` has the
-// class `positive[k]` (names: 1 to kMaxBitLabels).
-constexpr std::size_t kMaxBitLabels = datasets::kMaxBits;
+// class `positive[k]` (names: 1 to datasets::kMaxBits).
 void set_all_labels(InputSplit& s, const std::vector<std::string>& names,
                     const std::vector<std::int64_t>& positive, InputData& data) {
   at::Tensor bits = at::zeros({s.labels.at(names[0]).size(0)}, at::kLong);
@@ -291,7 +290,7 @@ InputSplit load_text_split(const JobConfig& config, const std::vector<std::strin
   // Every label file as a bit, set when the document has the label's positive value (yes,
   // 1 or true as declared, or data.positive_value): the multi-label view of the documents.
   // Without a positive value for every file there is no such view.
-  if (names.size() <= kMaxBitLabels &&
+  if (names.size() <= datasets::kMaxBits &&
       std::all_of(positive.begin(), positive.end(), [](const auto& p) { return p.has_value(); })) {
     std::vector<std::int64_t> values;
     for (const auto& p : positive) values.push_back(*p);
@@ -366,7 +365,7 @@ datasets::TableFile data_table(const DataConfig& d, const std::string& path) {
 std::optional<std::vector<std::int64_t>> all_labels_positives(const datasets::TextTable& train,
                                                               const std::string& path, const DataConfig& d) {
   const std::vector<std::string> order = single_labels(train);
-  if (!train.float_labels.empty() || order.empty() || order.size() > kMaxBitLabels) return std::nullopt;
+  if (!train.float_labels.empty() || order.empty() || order.size() > datasets::kMaxBits) return std::nullopt;
   std::vector<std::int64_t> out;
   for (const auto& name : order) {
     std::vector<std::string> values{"0", "1"};
@@ -826,7 +825,12 @@ std::string describe_inputs(const JobConfig& c) {
         << ";train=" << file_stamp(c.data.train) << ";test=" << file_stamp(c.data.test)
         << "\nlabels=the table's columns but the text (integers: class indices; numbers: real values; names: "
            "classes in sorted order);all_labels=bit k set when column k has its positive value, where every "
-           "column has two values\n";
+           "column has two values"
+        << (c.data.source == "text-json"
+                ? ";lists=a bitmask per row of the labels listed (integers: their own "
+                  "bits; names: bits in sorted order)"
+                : "")
+        << "\n";
   } else if (reads_image_files(c.data)) {
     const bool csv = c.data.source == "image-csv";
     out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit

@@ -185,12 +185,9 @@ std::int64_t bits_of(std::int64_t power) {
   }
   return k;
 }
-}  // namespace
 
-void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
-  const std::string t = "task '" + c.name + "'";
-  CANOPY_CHECK(!c.name.empty(), ConfigError, "a task needs a name");
-  validate_training(c, t);
+// How the head's outputs are read and its epochs chosen: threshold, monitor, calibrate.
+void validate_readout(const TaskConfig& c, const std::string& t) {
   if (c.threshold != "0.5") {
     CANOPY_CHECK(c.kind == TaskKind::kMultilabel, ConfigError, t, ": threshold = ", c.threshold,
                  " applies to multilabel tasks only (", to_string(c.kind), " heads give ",
@@ -222,6 +219,10 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
                      "chooses on the validation split"
                    : "a regression gives a value, not probabilities",
                ")");
+}
+
+// class_weights and positive_weights: balanced or numbers, each on its kind of task.
+void validate_weights(const TaskConfig& c, const std::string& t) {
   CANOPY_CHECK(!c.balanced_class_weights || c.class_weights.empty(), ConfigError, t,
                ": class_weights is either balanced or a list of numbers, not both");
   CANOPY_CHECK(!c.balanced_positive_weights || c.positive_weights.empty(), ConfigError, t,
@@ -233,13 +234,10 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
   for (double w : c.positive_weights) {
     CANOPY_CHECK(w > 0 && std::isfinite(w), ConfigError, t, ": positive_weights must be > 0, got ", w);
   }
-  if (c.kind == TaskKind::kRegression) {
-    CANOPY_CHECK(c.label_map.empty() && c.class_names.empty() && c.class_weights.empty() &&
-                     !c.balanced_class_weights && c.label_smoothing == 0,
-                 ConfigError, t, ": label_map, class_names, class_weights and label_smoothing apply to ",
-                 "classification tasks, not regression");
-    return;
-  }
+}
+
+// A classifier's loss, its labels' names and class_weights' values.
+void validate_classes(const TaskConfig& c, std::int64_t source_classes, const std::string& t) {
   CANOPY_CHECK(!c.loss, ConfigError, t, ": loss = ", c.loss ? to_string(*c.loss) : "",
                " applies to regression tasks only (", to_string(c.kind), " uses ",
                c.kind == TaskKind::kMultilabel ? "binary cross-entropy" : "cross-entropy", ")");
@@ -265,6 +263,11 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
   for (double w : c.class_weights) {
     CANOPY_CHECK(w >= 0 && std::isfinite(w), ConfigError, t, ": class_weights must be >= 0, got ", w);
   }
+}
+
+// label_map against the label source and the task's classes (multilabel: bitmasks of labels,
+// the source's own without label_map), and class_names' count.
+void validate_label_map(const TaskConfig& c, std::int64_t source_classes, const std::string& t) {
   if (!c.label_map.empty()) {
     CANOPY_CHECK(source_classes <= 0 || static_cast<std::int64_t>(c.label_map.size()) == source_classes,
                  ConfigError, t, ": label_map has ", c.label_map.size(), " entries, label source '", c.labels,
@@ -297,6 +300,25 @@ void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
   }
   CANOPY_CHECK(c.class_names.empty() || k <= 0 || static_cast<std::int64_t>(c.class_names.size()) == k,
                ConfigError, t, ": class_names has ", c.class_names.size(), " names for ", k, " classes");
+}
+
+}  // namespace
+
+void validate_task_config(const TaskConfig& c, std::int64_t source_classes) {
+  const std::string t = "task '" + c.name + "'";
+  CANOPY_CHECK(!c.name.empty(), ConfigError, "a task needs a name");
+  validate_training(c, t);
+  validate_readout(c, t);
+  validate_weights(c, t);
+  if (c.kind == TaskKind::kRegression) {
+    CANOPY_CHECK(c.label_map.empty() && c.class_names.empty() && c.class_weights.empty() &&
+                     !c.balanced_class_weights && c.label_smoothing == 0,
+                 ConfigError, t, ": label_map, class_names, class_weights and label_smoothing apply to ",
+                 "classification tasks, not regression");
+    return;
+  }
+  validate_classes(c, source_classes, t);
+  validate_label_map(c, source_classes, t);
 }
 
 std::vector<ClassStats> per_class_stats(const at::Tensor& confusion) {
