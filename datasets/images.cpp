@@ -183,26 +183,69 @@ at::Tensor decode_image(const std::string& path, std::int64_t max_pixels) {
   throw DataError(detail::str_cat("image '", path, "' is neither PNG nor JPEG (", got, " byte(s) read)"));
 }
 
-ImageList read_image_csv(const std::string& path, const std::string& name_source) {
-  const CsvHeaderCheck header = [](const std::vector<std::string>& fields, const std::string& where,
-                                   const std::string& line) {
-    const std::string other = separator_hint(fields, line);
-    CANOPY_CHECK(fields.size() >= 2 && fields[0] == "path", DataError, where,
-                 ": the header must be path,<label>[,<label>...], got '", printable(line), "'", other,
+namespace {
+
+// The manifest's path column: `path`, else `file_name` (Hugging Face imagefolder's metadata
+// names it so); npos when it has neither.
+std::size_t path_column_of(const std::vector<std::string>& fields) {
+  for (const char* name : {"path", "file_name"}) {
+    const auto it = std::find(fields.begin(), fields.end(), name);
+    if (it != fields.end()) return static_cast<std::size_t>(it - fields.begin());
+  }
+  return std::string::npos;
+}
+
+// Reads a manifest and sets `col` to its path column; with `labels`, it must have a label
+// column too.
+Csv read_manifest_table(const TableFile& file, bool labels, std::size_t& col) {
+  const bool json = file.format == TableFormat::json;
+  const CsvHeaderCheck header = [&](const std::vector<std::string>& fields, const std::string& where,
+                                    const std::string& line) {
+    col = path_column_of(fields);
+    const std::string other = json ? "" : separator_hint(fields, line);
+    CANOPY_CHECK(col != std::string::npos && (!labels || fields.size() >= 2), DataError, where, ": ",
+                 json ? "the records must have" : "the header must name",
+                 " a column path (or file_name, as Hugging Face's imagefolder metadata names it)",
+                 labels ? " and a label column" : "", ", got '", printable(line), "'", other,
                  other.empty() ? "" : "; canopy reads comma-separated manifests: save it with commas");
   };
-  const Csv csv = read_csv(path, "image list", header);
-  CANOPY_CHECK(!csv.rows.empty(), DataError, "image list '", path, "' has a header but no rows");
-  const std::string base = parent_path(path);
+  Csv csv = read_table(file.path, file.format, "image list", header);
+  CANOPY_CHECK(!csv.rows.empty(), DataError, "image list '", file.path, "' has ",
+               json ? "no records" : "a header but no rows");
+  return csv;
+}
+
+// Each row's path, relative to the manifest's folder unless absolute.
+std::vector<std::string> manifest_paths(const Csv& csv, std::size_t col) {
+  const std::string base = parent_path(csv.path);
+  std::vector<std::string> paths;
+  paths.reserve(csv.rows.size());
+  for (std::size_t i = 0; i < csv.rows.size(); ++i) {
+    const std::string& p = csv.rows[i][col];
+    CANOPY_CHECK(!p.empty(), DataError, csv.path, ":", csv.lines[i], ": empty ", csv.header[col]);
+    paths.push_back(p[0] == '/' || base.empty() ? p : join_path(base, p));
+  }
+  return paths;
+}
+
+}  // namespace
+
+ImageList read_image_table(const TableFile& file, const TableFile& names) {
+  std::size_t col = 0, names_col = 0;
+  const Csv csv = read_manifest_table(file, true, col);
   ImageList out;
   static_cast<LabelColumns&>(out) = read_label_columns(
-      csv, name_source.empty() || name_source == path ? csv : read_csv(name_source, "image list", header), 0);
-  for (std::size_t i = 0; i < csv.rows.size(); ++i) {
-    const std::string& p = csv.rows[i][0];
-    CANOPY_CHECK(!p.empty(), DataError, path, ":", csv.lines[i], ": empty path");
-    out.paths.push_back(p[0] == '/' || base.empty() ? p : join_path(base, p));
-  }
+      csv, names.path.empty() || names.path == file.path ? csv : read_manifest_table(names, true, names_col),
+      col);
+  out.left_out = csv.left_out;
+  out.paths = manifest_paths(csv, col);
   return out;
+}
+
+std::vector<std::string> read_image_table_paths(const TableFile& file) {
+  std::size_t col = 0;
+  const Csv csv = read_manifest_table(file, false, col);  // sets col: read before manifest_paths' arguments
+  return manifest_paths(csv, col);
 }
 
 ImageList read_image_folders(const std::string& dir, const std::string& class_dir) {

@@ -252,9 +252,9 @@ bool reads_texts(const JobConfig& c) { return reads_text_data(c.data); }
 // [data], [text], [preprocess]: what the samples are and how they are prepared.
 void add_input_keys(std::vector<Key<JobConfig>>& v) {
   using K = JobConfig;
-  v.push_back(
-      member_key<K>("data", "source", CANOPY_JOB(data.source), "where the samples come from")
-          .one_of({"fashion-mnist", "mnist", "arff", "text-csv", "text-json", "image-csv", "image-folders"}));
+  v.push_back(member_key<K>("data", "source", CANOPY_JOB(data.source), "where the samples come from")
+                  .one_of({"fashion-mnist", "mnist", "arff", "text-csv", "text-json", "image-csv",
+                           "image-json", "image-folders"}));
   v.push_back(member_key<K>("data", "dir", CANOPY_JOB(data.dir),
                             "fashion-mnist / mnist: the folder of idx files", true)
                   .only_when(reads_idx));
@@ -265,16 +265,16 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(
       member_key<K>("data", "test_limit", CANOPY_JOB(data.test_limit), "the same for the test split; 0: all")
           .at_least(0));
-  v.push_back(
-      member_key<K>("data", "max_image_pixels", CANOPY_JOB(data.max_image_pixels),
-                    "image-csv / image-folders: refuse an image of more pixels (width x height), "
-                    "from its header, before decoding it (PIL's decompression-bomb limit); 0: no limit")
-          .at_least(0)
-          .only_when([](const JobConfig& c) { return reads_image_files(c.data); }));
+  v.push_back(member_key<K>(
+                  "data", "max_image_pixels", CANOPY_JOB(data.max_image_pixels),
+                  "image-csv / image-json / image-folders: refuse an image of more pixels (width x height), "
+                  "from its header, before decoding it (PIL's decompression-bomb limit); 0: no limit")
+                  .at_least(0)
+                  .only_when([](const JobConfig& c) { return reads_image_files(c.data); }));
   v.push_back(
       member_key<K>("data", "train", CANOPY_JOB(data.train),
-                    "image-csv: the training CSV manifest; image-folders: the training folder; text-csv, "
-                    "text-json: the training table of texts (CSV; JSON lines or an array of records)",
+                    "image-csv, image-json: the training manifest (CSV; JSON lines or an array of records); "
+                    "image-folders: the training folder; text-csv, text-json: the training table of texts",
                     true)
           .optional_in_dump());
   v.push_back(member_key<K>("data", "test", CANOPY_JOB(data.test), "the same for the test split", true)
@@ -929,7 +929,10 @@ void validate_job_config(const JobConfig& c) {
   if (reads_image_files(c.data)) {
     CANOPY_CHECK(!c.data.train.empty() && !c.data.test.empty(), ConfigError, "data.source = ", c.data.source,
                  " needs data.train and data.test (",
-                 c.data.source == "image-csv" ? "CSV manifests" : "class folders", ")");
+                 c.data.source == "image-folders" ? "class folders"
+                 : reads_json_tables(c.data)      ? "JSON manifests"
+                                                  : "CSV manifests",
+                 ")");
   }
   if (c.data.source == "arff") {
     CANOPY_CHECK(!c.data.train_files.empty() && !c.data.test_files.empty(), ConfigError,
@@ -937,7 +940,7 @@ void validate_job_config(const JobConfig& c) {
   }
   if (reads_text_table(c.data)) {
     CANOPY_CHECK(!c.data.train.empty() && !c.data.test.empty(), ConfigError, "data.source = ", c.data.source,
-                 " needs data.train and data.test (", c.data.source == "text-json" ? "JSON" : "CSV",
+                 " needs data.train and data.test (", reads_json_tables(c.data) ? "JSON" : "CSV",
                  " tables: a text column, then labels)");
   }
   if (reads_text_data(c.data)) datasets::validate_tokenizer_config(c.text);

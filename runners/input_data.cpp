@@ -338,6 +338,24 @@ void note_empty_fields(const datasets::LabelColumns& table, const std::string& p
                            "their rows dropped"));
 }
 
+// Says what the training table `path` holds beyond its columns of one value: empty fields, JSON
+// keys left out (objects, lists of lists), lists of labels (bitmask sources).
+void note_table_columns(const datasets::LabelColumns& table, const std::vector<std::string>& left_out,
+                        const std::string& path) {
+  note_empty_fields(table, path);
+  if (!left_out.empty()) {
+    log_info(detail::str_cat("key(s) ", join(left_out, ", "), " of '", path,
+                             "' hold objects or lists of lists: no label sources"));
+  }
+  for (const auto& [source, bits] : table.bit_names) {
+    log_info(detail::str_cat(
+        "label source '", source, "': lists of ", bits.size(), " labels, a bitmask per row (",
+        bits.size() > 12 ? join(std::vector<std::string>(bits.begin(), bits.begin() + 10), ", ") + ", ..."
+                         : join(bits, ", "),
+        "): a multilabel task on it is named by them"));
+  }
+}
+
 // The rows `keep` of a table's label columns, as the split's label sources.
 void set_label_columns(InputSplit& s, const datasets::LabelColumns& table,
                        const std::vector<std::int64_t>& keep) {
@@ -353,9 +371,13 @@ void set_label_columns(InputSplit& s, const datasets::LabelColumns& table,
   }
 }
 
-// data.source = text-csv | text-json: how data.train and data.test are written.
+// A table data.source reads (text-csv/-json, image-csv/-json): how data.train and data.test are written.
 datasets::TableFile data_table(const DataConfig& d, const std::string& path) {
-  return {path, d.source == "text-json" ? datasets::TableFormat::json : datasets::TableFormat::csv};
+  return {path, reads_json_tables(d) ? datasets::TableFormat::json : datasets::TableFormat::csv};
+}
+// A table named on the command line: as its name says (.csv, .json, .jsonl, .ndjson), else as data.source's.
+datasets::TableFile input_table(const DataConfig& d, const std::string& path) {
+  return {path, datasets::table_format(path).value_or(data_table(d, path).format)};
 }
 
 // The label columns of a training table of texts that are the bits of all_labels, as the class
@@ -419,18 +441,7 @@ InputData load_text_tables(const JobConfig& config) {
                              "' has two values, one of them yes, 1 or true (or data.positive_value)"));
   }
   record_label_classes(train, data);
-  note_empty_fields(train, config.data.train);
-  if (!train.left_out.empty()) {
-    log_info(detail::str_cat("key(s) ", join(train.left_out, ", "), " of '", config.data.train,
-                             "' hold objects or lists of lists: no label sources"));
-  }
-  for (const auto& [source, bits] : train.bit_names) {
-    log_info(detail::str_cat(
-        "label source '", source, "': lists of ", bits.size(), " labels, a bitmask per row (",
-        bits.size() > 12 ? join(std::vector<std::string>(bits.begin(), bits.begin() + 10), ", ") + ", ..."
-                         : join(bits, ", "),
-        "): a multilabel task on it is named by them"));
-  }
+  note_table_columns(train, train.left_out, config.data.train);
   data.splits["train"] = text_table_split(train, config.data.train_limit, tokenizer, positives, data);
   const datasets::TextTable test =
       datasets::read_text_table(data_table(config.data, config.data.test), config.data.text_attribute,
@@ -476,7 +487,9 @@ InputData load_texts(const JobConfig& config) {
 
 datasets::ImageList read_image_list(const JobConfig& config, const std::string& split) {
   const std::string& where = split == "train" ? config.data.train : config.data.test;
-  if (config.data.source == "image-csv") return datasets::read_image_csv(where, config.data.train);
+  if (reads_image_table(config.data))
+    return datasets::read_image_table(data_table(config.data, where),
+                                      data_table(config.data, config.data.train));
   return datasets::read_image_folders(where, config.data.train);
 }
 
@@ -550,7 +563,7 @@ InputData load_image_files(const JobConfig& config) {
         data.label_stats[name] = label_stats_of(s.labels[name]);
       }
       record_label_classes(list, data);
-      if (config.data.source == "image-csv") note_empty_fields(list, config.data.train);
+      if (reads_image_table(config.data)) note_table_columns(list, list.left_out, config.data.train);
     } else {
       CANOPY_CHECK(list.label_order == data.label_sources, DataError, "the test images' labels (",
                    join(list.label_order, ", "), ") differ from the training images' (",
@@ -572,14 +585,16 @@ std::string idx_labels_beside(const std::string& images) {
   return dir + name.replace(at, 11, "labels-idx1");
 }
 
+// How a JSON table's lists of labels become label sources (a cache's description).
+constexpr const char* kListsDescribed =
+    ";lists=a bitmask per row of the labels listed (integers: their own bits; names: bits in sorted order)";
+
 // Every image file's name, size and modification time, hashed: the image set's identity.
 std::string describe_image_files(const JobConfig& c) {
   std::ostringstream listing;
   for (const std::string split : {"train", "test"}) {
     const auto paths = read_image_list(c, split).paths;
-    const std::string& list = c.data.source != "image-csv" ? ""
-                              : split == "train"           ? c.data.train
-                                                           : c.data.test;
+    const std::string& list = !reads_image_table(c.data) ? "" : split == "train" ? c.data.train : c.data.test;
     for (std::size_t i = 0; i < paths.size(); ++i)
       listing << paths[i] << "=" << file_stamp(paths[i], list, i + 1) << "\n";
   }
@@ -623,8 +638,8 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
         }
       }
       std::sort(paths.begin(), paths.end());
-    } else if (ends_with(path, ".csv")) {
-      paths = datasets::read_image_csv(path).paths;
+    } else if (const auto table = datasets::table_format(path)) {
+      paths = datasets::read_image_table_paths({path, *table});
     } else {
       paths.push_back(path);
     }
@@ -706,8 +721,8 @@ InputData load_labelled_input(const JobConfig& config, const std::string& path, 
     const datasets::TableFile train = data_table(config.data, config.data.train);
     const auto positives = all_labels_positives(datasets::read_text_table(train, config.data.text_attribute),
                                                 config.data.train, config.data);
-    const datasets::TextTable table = datasets::read_text_table(
-        {path, datasets::table_format(path).value_or(train.format)}, config.data.text_attribute, train);
+    const datasets::TextTable table =
+        datasets::read_text_table(input_table(config.data, path), config.data.text_attribute, train);
     data.label_sources = table.label_order;
     if (positives) data.label_sources.push_back("all_labels");
     record_label_classes(table, data);
@@ -717,9 +732,11 @@ InputData load_labelled_input(const JobConfig& config, const std::string& path, 
   }
   if (reads_image_files(config.data)) {
     // Class names are numbered as training numbered them: from the training CSV or folder.
-    const datasets::ImageList list = config.data.source == "image-csv"
-                                         ? datasets::read_image_csv(path, config.data.train)
-                                         : datasets::read_image_folders(path, config.data.train);
+    const datasets::ImageList list =
+        reads_image_table(config.data)
+            ? datasets::read_image_table(input_table(config.data, path),
+                                         data_table(config.data, config.data.train))
+            : datasets::read_image_folders(path, config.data.train);
     data.label_sources = list.label_order;
     record_label_classes(list, data);
     data.splits["input"] = image_file_split(list, kept_rows(list, config.data.source, limit), config);
@@ -826,18 +843,18 @@ std::string describe_inputs(const JobConfig& c) {
         << "\nlabels=the table's columns but the text (integers: class indices; numbers: real values; names: "
            "classes in sorted order);all_labels=bit k set when column k has its positive value, where every "
            "column has two values"
-        << (c.data.source == "text-json"
-                ? ";lists=a bitmask per row of the labels listed (integers: their own "
-                  "bits; names: bits in sorted order)"
-                : "")
-        << "\n";
+        << (reads_json_tables(c.data) ? kListsDescribed : "") << "\n";
   } else if (reads_image_files(c.data)) {
-    const bool csv = c.data.source == "image-csv";
+    const bool csv = reads_image_table(c.data);
     out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit
         << ";test_limit=" << c.data.test_limit << ";train=" << (csv ? file_stamp(c.data.train) : c.data.train)
         << ";test=" << (csv ? file_stamp(c.data.test) : c.data.test)
-        << ";images_sha256=" << describe_image_files(c)
-        << "\nlabels=" << (csv ? "the CSV's label columns" : "class (sorted folder names)") << "\n";
+        << ";images_sha256=" << describe_image_files(c) << "\nlabels="
+        << (c.data.source == "image-csv" ? "the CSV's label columns"
+            : c.data.source == "image-json"
+                ? std::string("the JSON manifest's label columns") + kListsDescribed
+                : "class (sorted folder names)")
+        << "\n";
   } else {
     out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit
         << ";test_limit=" << c.data.test_limit << ";" << describe_idx_files(c.data) << "\n"

@@ -170,8 +170,16 @@ TEST(Images, CsvManifestWithIndexNameAndRealLabels) {
   EXPECT_EQ(excel.label_order, (std::vector<std::string>{"kind"}));
   EXPECT_EQ(excel.class_names.at("kind"), (std::vector<std::string>{"cat", "dog"}));
   std::ofstream(dir.file("nohead.csv")) << "file,kind\na.png,x\n";
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("nohead.csv")); },
-                                              {"header must be path"}));
+  EXPECT_TRUE(
+      testing::throws_with<DataError>([&] { read_image_csv(dir.file("nohead.csv")); },
+                                      {"header must name a column path (or file_name", "'file,kind'"}));
+  std::ofstream(dir.file("paths.csv")) << "path\nimg/a.png\n";
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_csv(dir.file("paths.csv")); },
+                                              {"and a label column", "got 'path'"}))
+      << "training needs a label column";
+  EXPECT_EQ(read_image_table_paths({dir.file("paths.csv"), TableFormat::csv}),
+            std::vector<std::string>{dir.file("img/a.png")})
+      << "predict needs only the paths";
   // Semicolons, as spreadsheets save "CSV" in locales with a decimal comma, and tabs: named.
   std::ofstream(dir.file("semi.csv")) << "path;kind\nimg/a.png;cat\n";
   EXPECT_TRUE(testing::throws_with<DataError>(
@@ -180,6 +188,63 @@ TEST(Images, CsvManifestWithIndexNameAndRealLabels) {
   std::ofstream(dir.file("tabs.csv")) << "path\tkind\nimg/a.png\tcat\n";
   EXPECT_TRUE(
       testing::throws_with<DataError>([&] { read_image_csv(dir.file("tabs.csv")); }, {"separated by tabs"}));
+}
+
+// Hugging Face's imagefolder metadata: metadata.jsonl / metadata.csv beside the images, the path
+// in a column file_name (anywhere), the other columns features; a JSON list of labels is a
+// multi-label source. Read as the CSV manifest with path first is.
+TEST(Images, JsonManifestsAndFileNameColumns) {
+  testing::TempDir dir;
+  make_dirs(dir.file("train"));
+  std::ofstream(dir.file("train/metadata.jsonl"))
+      << R"({"kind": "cat", "file_name": "a.png", "score": 0.5, "level": 2, "tags": ["indoor"], "box": {"x": 1}})"
+      << "\n"
+      << R"({"file_name": "b.png", "kind": "dog", "score": 1.25, "level": 0, "tags": [], "box": {"x": 2}})"
+      << "\n"
+      << R"({"kind": "cat", "score": 2, "level": 1, "tags": ["outdoor", "indoor"], "box": null, "file_name": ")"
+      << dir.file("d.png") << "\"}\n";
+  std::ofstream(dir.file("train/metadata.csv"))
+      << "kind,file_name,score,level\ncat,a.png,0.5,2\ndog,b.png,1.25,0\n"
+      << "cat," << dir.file("d.png") << ",2,1\n";
+  const ImageList json = read_image_table({dir.file("train/metadata.jsonl"), TableFormat::json});
+  const ImageList csv = read_image_table({dir.file("train/metadata.csv"), TableFormat::csv});
+  const std::vector<std::string> paths{dir.file("train/a.png"), dir.file("train/b.png"), dir.file("d.png")};
+  EXPECT_EQ(json.paths, paths);
+  EXPECT_EQ(csv.paths, paths);
+  EXPECT_EQ(csv.label_order, (std::vector<std::string>{"kind", "score", "level"}));
+  EXPECT_EQ(json.label_order, (std::vector<std::string>{"kind", "score", "level", "tags"}));
+  for (const auto& l : {"kind", "level"}) EXPECT_EQ(json.labels.at(l), csv.labels.at(l)) << l;
+  EXPECT_EQ(json.float_labels.at("score"), csv.float_labels.at("score"));
+  EXPECT_EQ(json.class_names.at("kind"), (std::vector<std::string>{"cat", "dog"}));
+  EXPECT_EQ(json.bit_names.at("tags"), (std::vector<std::string>{"indoor", "outdoor"}));
+  EXPECT_EQ(json.labels.at("tags"), (std::vector<std::int64_t>{1, 0, 3}));
+  EXPECT_EQ(json.left_out, std::vector<std::string>{"box"});
+  // A test manifest, keys in another order, numbered by the training manifest's names.
+  std::ofstream(dir.file("test.json")) << R"([{"tags": ["outdoor"], "level": 1, "score": 3, "kind": "dog",)"
+                                       << R"( "box": {}, "file_name": "e.png"}])";
+  const ImageList test = read_image_table({dir.file("test.json"), TableFormat::json},
+                                          {dir.file("train/metadata.jsonl"), TableFormat::json});
+  EXPECT_EQ(test.paths, std::vector<std::string>{dir.file("e.png")});
+  EXPECT_EQ(test.labels.at("kind"), std::vector<std::int64_t>{1});
+  EXPECT_EQ(test.labels.at("tags"), std::vector<std::int64_t>{2});
+  EXPECT_EQ(read_image_table_paths({dir.file("test.json"), TableFormat::json}),
+            std::vector<std::string>{dir.file("e.png")});
+  std::ofstream(dir.file("nopath.jsonl")) << R"({"image": "a.png", "kind": "cat"})"
+                                          << "\n";
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        read_image_table({dir.file("nopath.jsonl"), TableFormat::json});
+      },
+      {"nopath.jsonl:1: the records must have a column path (or file_name", "got 'image,kind'"}));
+  std::ofstream(dir.file("emptypath.jsonl")) << R"({"path": "a.png", "kind": "cat"})"
+                                             << "\n"
+                                             << R"({"path": null, "kind": "dog"})"
+                                             << "\n";
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        read_image_table({dir.file("emptypath.jsonl"), TableFormat::json});
+      },
+      {"emptypath.jsonl:2: empty path"}));
 }
 
 TEST(Images, ClassFoldersNumberClassesBySortedName) {

@@ -8,6 +8,9 @@ manifests and on the folders with the same tiny trunk; h5py reads the three cach
   * CSV: the same features, bitwise, and the same class column, in the same order; the
     class-name column numbered by sorted name; a real-valued column stored as float64;
   * folders: the same features per image (rows in folder order: class name, then file);
+  * JSON: the manifests as Hugging Face's imagefolder writes them (metadata.jsonl beside the
+    images, the path in `file_name`, keys in another order, a list of tags): the same
+    features and columns as the CSV's, bitwise, and the tags as a bitmask per image;
   * images shrunk with preprocess.antialias = true give F.interpolate(antialias=True)'s
     features, and without it plain bilinear's;
   * `canopy evaluate` over class folders and CSV manifests scores heads on the classes as
@@ -78,7 +81,16 @@ def main():
     labels = {"train": read_idx(f"{FMNIST}/train-labels-idx1-ubyte.gz")[:TRAIN],
               "test": read_idx(f"{FMNIST}/t10k-labels-idx1-ubyte.gz")[:TEST]}
     folder_order = {}
+    import json
     for split in ("train", "test"):
+        # Hugging Face's imagefolder layout: metadata.jsonl in the split's folder, file_name
+        # relative to it.
+        os.makedirs(os.path.join(work, "folders"), exist_ok=True)
+        with open(os.path.join(work, "folders", split + ".jsonl"), "w") as f:
+            for i, (img, y) in enumerate(zip(images[split], labels[split])):
+                tags = (["dark"] if img.mean() < 64 else []) + (["footwear"] if y in (5, 7, 9) else [])
+                f.write(json.dumps({"name": NAMES[y], "ink": float(img.mean() / 255), "class": int(y),
+                                    "file_name": f"{split}/{NAMES[y]}/{i:05d}.png", "tags": tags}) + "\n")
         rows = ["path,class,name,ink"]
         for i, (img, y) in enumerate(zip(images[split], labels[split])):
             os.makedirs(os.path.join(work, "folders", split, NAMES[y]), exist_ok=True)
@@ -93,6 +105,7 @@ def main():
         "idx": "source = fashion-mnist\ndir = " + FMNIST,
         "csv": f"source = image-csv\ntrain = {work}/train.csv\ntest = {work}/test.csv",
         "folders": f"source = image-folders\ntrain = {work}/folders/train\ntest = {work}/folders/test",
+        "json": f"source = image-json\ntrain = {work}/folders/train.jsonl\ntest = {work}/folders/test.jsonl",
     }
     caches = {}
     for name, data in runs.items():
@@ -116,6 +129,14 @@ def main():
         ink = caches["csv"][f"{split}/labels/ink"]
         check(ink.dtype == np.float64 and np.allclose(ink[...], images[split].reshape(len(ink), -1).mean(1) / 255),
               f"{split}: real-valued column stored as float64")
+        for column in ("features", "labels/class", "labels/name", "labels/ink"):
+            got = caches["json"][f"{split}/{column}"][...]
+            check(got.dtype == caches["csv"][f"{split}/{column}"].dtype
+                  and np.array_equal(got, caches["csv"][f"{split}/{column}"][...]),
+                  f"{split}: the JSON manifest's {column} equals the CSV manifest's, bitwise")
+        tags = caches["json"][f"{split}/labels/tags"][...]
+        want = [(images[split][i].mean() < 64) * 1 + (labels[split][i] in (5, 7, 9)) * 2 for i in range(len(tags))]
+        check(list(tags) == want, f"{split}: a list of tags is a bitmask per image (dark = 1, footwear = 2)")
         order = folder_order[split]
         folders = caches["folders"][f"{split}/features"][...]
         check(np.array_equal(folders, ref[order]), f"{split}: class folders give the same features, in folder order")
@@ -250,11 +271,13 @@ def check_evaluate(canopy, work, trunk, runs):
     import json
     import shutil
     reports = {}
-    for name in ("folders", "csv"):
+    for name in ("folders", "csv", "json"):
         cfg = config(work, trunk, name, runs[name])
         tasks = "[task.c]\nhead = linear\nlabels = class\nlr = 0.03\n"
         if name == "csv":
             tasks += "[task.n]\nhead = linear\nlabels = name\nlr = 0.03\n[task.ink]\nkind = regression\nlabels = ink\nhead = linear\n"
+        if name == "json":  # a multilabel task on the list of tags, named by them (no class_names)
+            tasks += "[task.tags]\nkind = multilabel\nhead = linear\nlabels = tags\nlr = 0.03\n"
         with open(cfg, "a") as f:
             f.write(f"[train]\nout_dir = {work}/{name}-out\nepochs = 40\nbatch_size = 20\n{tasks}")
         r = subprocess.run([canopy, "train", "--config", cfg, "--progress", "quiet"], capture_output=True, text=True)
@@ -265,7 +288,10 @@ def check_evaluate(canopy, work, trunk, runs):
             names = {t: json.load(open(f"{work}/csv-out/heads/{t}.json"))["class_names"] for t in ("c", "n")}
             check(names["n"] == sorted(set(NAMES)) and names["c"] == [str(i) for i in range(len(names["c"]))],
                   f"a head's class names are its own label column's ({names})")
-        test = f"{work}/folders/test" if name == "folders" else f"{work}/test.csv"
+        if name == "json" and r.returncode == 0:
+            names = json.load(open(f"{work}/json-out/heads/tags.json"))["class_names"]
+            check(names == ["dark", "footwear"], f"the tags head is named by the list's labels ({names})")
+        test = {"folders": f"{work}/folders/test", "csv": f"{work}/test.csv", "json": f"{work}/folders/test.jsonl"}[name]
         r = subprocess.run([canopy, "evaluate", "--config", cfg, "--input", test, "--json", "--progress", "quiet"],
                            capture_output=True, text=True)
         check(r.returncode == 0, f"canopy evaluate over the {name} test split ({r.stderr.strip()[-200:]})")
@@ -275,6 +301,19 @@ def check_evaluate(canopy, work, trunk, runs):
             key = "r2" if task == "ink" else "accuracy"
             check(abs(h[key] - card[f"eval_{key}"]) < 1e-6,
                   f"{name}: evaluate on the test split gives head {task}'s card {key} ({h[key]} vs {card[f'eval_{key}']})")
+    # predict reads a manifest's paths whatever it is written as: the CSV with its labels, one of
+    # paths alone (before, refused: "the header must be path,<label>"), the JSON manifest.
+    answers = {}
+    with open(f"{work}/paths.csv", "w") as f:
+        f.write("path\n" + "".join(line.split(",")[0] + "\n" for line in open(f"{work}/test.csv").readlines()[1:]))
+    for manifest in ("test.csv", "paths.csv", "folders/test.jsonl"):
+        p = subprocess.run([canopy, "predict", "--config", f"{work}/csv.ini", "--input", f"{work}/{manifest}",
+                            "--progress", "quiet"], capture_output=True, text=True)
+        answers[manifest] = p.stdout if p.returncode == 0 else p.stderr.strip()[-200:]
+    check(answers["test.csv"].count("\n") == TEST + 1 and answers["paths.csv"] == answers["test.csv"]
+          and answers["folders/test.jsonl"] == answers["test.csv"],
+          f"predict answers the same over a CSV manifest, one of paths only and a JSON manifest "
+          f"({[a[:80] for a in answers.values()]})")
     # A folder of two of the classes only (their training images, which the head fits best):
     # its classes are numbered by the training folder's names, not by its own (Bag would be its
     # class 0, training's 1). Scored as predict's answers.

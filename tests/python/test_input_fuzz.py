@@ -5,7 +5,8 @@ through the real binary. Small data sets are written at test time, all from Fash
   * idx files, plain and gzip (40 training, 20 test images);
   * PNG files in class folders (grey, RGB, RGBA and palette; every fifth one 40x33);
   * JPEG files in class folders (grey and RGB, a third of them progressive);
-  * a CSV manifest of the PNGs (path, class, class name);
+  * a CSV manifest of the PNGs (path, class, class name), and a JSON lines one (file_name,
+    class, class name, a list of tags);
   * an ARFF file with quoted texts, escapes and comments (read by `canopy tokenize --arff`);
   * a CSV table of texts, quoted ones holding commas, quotes and line breaks, with labels (read
     by `canopy tokenize --input texts.csv`);
@@ -43,7 +44,7 @@ import support
 from support import FMNIST, check, finish, read_idx, run_measured, tiny_conv_trunk, work_dir
 
 TRAIN, TEST = 40, 20
-KINDS = ("idx", "idxgz", "png", "jpg", "csv", "arff", "textcsv", "textjson")
+KINDS = ("idx", "idxgz", "png", "jpg", "csv", "imagejson", "arff", "textcsv", "textjson")
 
 
 def idx_bytes(a):
@@ -67,6 +68,7 @@ def write_inputs(base):
     for ext in ("png", "jpg"):
         for split in ("train", "test"):
             rows = ["path,class,name"]
+            records = []
             for i, (img, y) in enumerate(zip(images[split], labels[split])):
                 folder = f"{base}/{ext}/{split}/c{y}"
                 os.makedirs(folder, exist_ok=True)
@@ -76,8 +78,12 @@ def write_inputs(base):
                     pil = pil.resize((40, 33))
                 pil.save(f"{folder}/{i}.{ext}", **({"quality": 90, "progressive": i % 3 == 0} if ext == "jpg" else {}))
                 rows.append(f"{split}/c{y}/{i}.{ext},{y},name{y}")
+                records.append(json.dumps({"class": int(y), "file_name": f"{split}/c{y}/{i}.{ext}",
+                                           "name": f"name{y}", "tags": ["a", "b"][:i % 3]}) + "\n")
             with open(f"{base}/{ext}/{split}.csv", "w") as f:
                 f.write("\n".join(rows) + "\n")
+            with open(f"{base}/{ext}/{split}.jsonl", "w") as f:
+                f.write("".join(records))
     os.makedirs(f"{base}/arff")
     with open(f"{base}/arff/vocab.txt", "w") as f:
         f.write("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\ncat\nsat\n##s\non\nmat\n")
@@ -102,7 +108,8 @@ def job(folder, kind, trunk):
             "idxgz": f"source = fashion-mnist\ndir = {folder}/idxgz",
             "png": f"source = image-folders\ntrain = {folder}/png/train\ntest = {folder}/png/test",
             "jpg": f"source = image-folders\ntrain = {folder}/jpg/train\ntest = {folder}/jpg/test",
-            "csv": f"source = image-csv\ntrain = {folder}/png/train.csv\ntest = {folder}/png/test.csv"}[kind]
+            "csv": f"source = image-csv\ntrain = {folder}/png/train.csv\ntest = {folder}/png/test.csv",
+            "imagejson": f"source = image-json\ntrain = {folder}/png/train.jsonl\ntest = {folder}/png/test.jsonl"}[kind]
     path = f"{folder}/job.ini"
     with open(path, "w") as f:
         f.write(f"[data]\n{data}\n[preprocess]\nresize = 28\n[trunk]\nallow_unpinned = true\npath = {trunk}\n"
@@ -111,13 +118,13 @@ def job(folder, kind, trunk):
 
 
 def targets(folder, kind):
-    sub = {"idxgz": "idxgz", "idx": "idx", "png": "png", "jpg": "jpg", "csv": "png", "arff": "arff",
+    sub = {"idxgz": "idxgz", "idx": "idx", "png": "png", "jpg": "jpg", "csv": "png", "imagejson": "png", "arff": "arff",
            "textcsv": "arff", "textjson": "arff"}[kind]
     out = []
     for root, _, names in os.walk(f"{folder}/{sub}"):
         for name in names:
             wanted = {"csv": name.endswith(".csv"), "arff": name.endswith(".arff"), "textcsv": name.endswith(".csv"),
-                      "textjson": name.endswith(".jsonl"),
+                      "textjson": name.endswith(".jsonl"), "imagejson": name.endswith(".jsonl"),
                       "png": name.endswith(".png"), "jpg": name.endswith(".jpg")}.get(kind, True)
             if wanted:
                 out.append(os.path.join(root, name))

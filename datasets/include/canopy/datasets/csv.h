@@ -48,6 +48,11 @@ Csv read_json_table(const std::string& path, const std::string& what, const CsvH
 enum class TableFormat { csv, json };
 // json for a file named .json, .jsonl or .ndjson (any case); csv for .csv; nothing otherwise.
 std::optional<TableFormat> table_format(const std::string& path);
+// A table and how it is written.
+struct TableFile {
+  std::string path;
+  TableFormat format = TableFormat::csv;
+};
 Csv read_table(const std::string& path, TableFormat format, const std::string& what,
                const CsvHeaderCheck& check_header);
 

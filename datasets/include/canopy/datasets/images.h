@@ -1,5 +1,5 @@
 // Image files users actually have: PNG and JPEG decoding (libpng, libjpeg-turbo), and the
-// two common ways to list a labelled image set — a CSV manifest and class folders.
+// common ways to list a labelled image set — a CSV or JSON manifest and class folders.
 #pragma once
 
 #include <cstdint>
@@ -30,17 +30,23 @@ bool is_hidden_entry(const std::string& name);
 
 // A labelled list of image files.
 struct ImageList : LabelColumns {
-  std::vector<std::string> paths;  // absolute or relative to the cwd
+  std::vector<std::string> paths;     // absolute or relative to the cwd
+  std::vector<std::string> left_out;  // JSON keys holding objects or lists of lists: no columns
 };
 
-// A CSV manifest: a header `path,<label>,<label>,...` then one row per image. Paths are
-// relative to the CSV's directory unless absolute. A label column whose values are all
-// integers holds class indices; one whose values are all numbers but not all integers is
-// real-valued (regression); any other column holds class names, numbered in sorted order
-// of the names found in `name_source` (the training CSV, so train and test agree; a test
-// row with a name the training CSV lacks is a DataError). The file is read as
-// canopy/datasets/csv.h says: quoted fields may hold commas and line breaks.
-ImageList read_image_csv(const std::string& csv, const std::string& name_source = "");
+// A manifest: a CSV or JSON table (csv.h) with a column `path` (else `file_name`, as Hugging
+// Face's imagefolder metadata.csv / metadata.jsonl name it), in any position, and one row
+// per image. Paths are relative to the manifest's directory unless absolute. Every other
+// column is a label read as read_label_columns says (a column of integers: class indices;
+// of numbers: real values; else class names, numbered in sorted order of the names found in
+// `names`, the training manifest, so train and test agree; a JSON list: a multi-label
+// bitmask); `names` empty or `file`: this one. A manifest with no label column is refused.
+ImageList read_image_table(const TableFile& file, const TableFile& names = {});
+inline ImageList read_image_csv(const std::string& csv, const std::string& name_source = "") {
+  return read_image_table({csv, TableFormat::csv}, {name_source, TableFormat::csv});
+}
+// Only a manifest's paths (predict): a table of one column `path` (or `file_name`) will do.
+std::vector<std::string> read_image_table_paths(const TableFile& file);
 
 // Class folders: `dir/<class>/<image>`, every class a sub-directory, files with the
 // extensions .png, .jpg, .jpeg (any case) in sorted order. Classes are numbered in sorted

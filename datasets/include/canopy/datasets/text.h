@@ -81,10 +81,6 @@ struct TextTable : LabelColumns {
   std::string text_column;            // as the header spells it
   std::vector<std::string> left_out;  // JSON keys holding lists or objects: no columns
 };
-struct TableFile {
-  std::string path;
-  TableFormat format = TableFormat::csv;
-};
 TextTable read_text_table(const TableFile& file, const std::string& column, const TableFile& names = {});
 // Only the texts of such a table (predict, tokenize): its other columns are not read as labels.
 std::vector<std::string> read_table_texts(const TableFile& file, const std::string& column);

@@ -37,11 +37,12 @@ struct DataConfig {
   // fashion-mnist | mnist: idx files in `dir`;
   // arff: texts with nominal labels, one ARFF file per label (train_files, test_files);
   // text-csv, text-json: texts in CSV or JSON tables (train, test: <text>,<label>,...);
-  // image-csv: PNG/JPEG files listed in CSV manifests (train, test: path,<label>,...);
+  // image-csv, image-json: PNG/JPEG files listed in CSV or JSON manifests (train, test:
+  // path (or file_name),<label>,...);
   // image-folders: PNG/JPEG files in class folders (train, test: <dir>/<class>/<image>)
   std::string source = "fashion-mnist";
   std::string dir = "/usr/share/datasets/fashion-mnist";
-  std::string train;  // image-csv, text-csv, text-json: the training table; image-folders: its folder
+  std::string train;  // image-csv/-json, text-csv/-json: the training table; image-folders: its folder
   std::string test;
   std::vector<std::string> train_files;  // arff: label_name:path entries, same documents
   std::vector<std::string> test_files;
@@ -52,7 +53,7 @@ struct DataConfig {
   std::int64_t train_limit = 0;         // keep the first N training samples (class folders: taken
                                         // from each class in turn, so every class stays); 0: all
   std::int64_t test_limit = 0;
-  // image-csv / image-folders: an image of more pixels (width x height) is refused before it is
+  // image-csv / image-json / image-folders: an image of more pixels (width x height) is refused before it is
   // decoded (PIL's decompression-bomb limit by default); 0: no limit
   std::int64_t max_image_pixels = datasets::kDefaultMaxImagePixels;
 };
@@ -64,9 +65,17 @@ inline bool reads_text_table(const DataConfig& d) {
 // Whether the samples are texts (ARFF files, or a table of texts).
 inline bool reads_text_data(const DataConfig& d) { return d.source == "arff" || reads_text_table(d); }
 
-// Whether the source lists image files (CSV manifests or class folders).
+// Whether the samples are image files listed in a table (CSV or JSON manifests).
+inline bool reads_image_table(const DataConfig& d) {
+  return d.source == "image-csv" || d.source == "image-json";
+}
+// Whether the source lists image files (manifests or class folders).
 inline bool reads_image_files(const DataConfig& d) {
-  return d.source == "image-csv" || d.source == "image-folders";
+  return reads_image_table(d) || d.source == "image-folders";
+}
+// Whether data.train and data.test are JSON tables (text-json, image-json).
+inline bool reads_json_tables(const DataConfig& d) {
+  return d.source == "text-json" || d.source == "image-json";
 }
 
 struct CacheConfig {

@@ -48,8 +48,9 @@ InputData load_input_data(const JobConfig& config);
 // New samples for `canopy predict`, from `path` (no labels; `limit` > 0 keeps the first
 // rows): an idx file for fashion-mnist/mnist configs; an ARFF file (its text attribute), a
 // table (FILE.csv, FILE.jsonl, .json, .ndjson: its text column) or a text file with one
-// document per line for text configs (arff, text-csv, text-json); for image configs a CSV
-// manifest (the path column), a folder (every PNG/JPEG below it, sorted) or one image.
+// document per line for text configs (arff, text-csv, text-json); for image configs a
+// manifest (FILE.csv, .jsonl, .json, .ndjson: its path or file_name column; label columns
+// not needed), a folder (every PNG/JPEG below it, sorted) or one image.
 InputSplit load_predict_input(const JobConfig& config, const std::string& path, std::int64_t limit);
 
 // Predict's inputs as `--input -` reads them, line by line from standard input: the texts of
