@@ -387,12 +387,14 @@ std::string version_text() {
 void predict_options(po::options_description& d, po::positional_options_description&) {
   add_config_options(d);
   d.add_options()("input", po::value<std::string>()->value_name("FILE"),
-                  "the inputs, in the form of the config's data source: an idx file, a CSV manifest, an "
-                  "image folder or file, an ARFF file, a table's text column (FILE.csv, or JSON: FILE.jsonl, "
+                  "the inputs, in the form of the config's data source: an idx file, a manifest of images "
+                  "(FILE.csv, .jsonl, .json, .ndjson: its path column), an image folder or file, an ARFF "
+                  "file, a table's text column (FILE.csv, or JSON: FILE.jsonl, "
                   ".json, .ndjson) or texts one per line; - reads texts, or image file paths, one per line "
                   "from standard input")("output", po::value<std::string>()->value_name("FILE"),
                                          "write the predictions here (default: stdout)")(
-      "format", po::value<std::string>()->default_value("csv"), "csv or jsonl")(
+      "format", po::value<std::string>()->default_value("csv"),
+      "csv or jsonl: id (image files: then path), then a column per task")(
       "limit", po::value<std::int64_t>()->default_value(0)->value_name("N"),
       "the first N inputs only (0: all)")("scores",
                                           "also write each class's probability (softmax) and each "
@@ -407,8 +409,9 @@ void predict_options(po::options_description& d, po::positional_options_descript
 void labelled_input_options(po::options_description& d) {
   d.add_options()(
       "input", po::value<std::string>()->value_name("FILE"),
-      "labelled inputs in the form of the config's data source: an idx image file, a CSV manifest "
-      "with the training CSV's columns, a folder of class folders, a table of texts (CSV, or JSON "
+      "labelled inputs in the form of the config's data source: an idx image file, a manifest of "
+      "images (CSV, or JSON records) with the training manifest's columns, a folder of class folders, a "
+      "table of texts (CSV, or JSON "
       "records: .jsonl, .json, .ndjson) with the training table's columns, or label_name:path.arff entries "
       "as data.test_files lists them "
       "(default: the config's eval split, train.eval_split, the rows training scored the heads on)")(

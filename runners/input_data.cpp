@@ -532,9 +532,10 @@ at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::ve
 
 void set_image_file_inputs(InputSplit& s, std::vector<std::string> paths, const JobConfig& config) {
   s.rows = static_cast<std::int64_t>(paths.size());
-  s.inputs = [paths = std::move(paths), pre = config.preprocess,
+  s.paths = std::make_shared<const std::vector<std::string>>(std::move(paths));
+  s.inputs = [paths = s.paths, pre = config.preprocess,
               max_pixels = config.data.max_image_pixels](const std::vector<std::int64_t>& rows) {
-    return std::vector<at::Tensor>{load_image_batch(paths, rows, pre, max_pixels)};
+    return std::vector<at::Tensor>{load_image_batch(*paths, rows, pre, max_pixels)};
   };
 }
 

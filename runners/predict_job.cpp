@@ -57,9 +57,11 @@ std::vector<std::string> prediction_names(const ExportedHead& h, const at::Tenso
   }
   return out;
 }
-// The predictions of the rows from `first` on, given every head's outputs for them, to `out`.
-void write_predictions(std::int64_t first, const std::vector<at::Tensor>& outputs, const ExportedModel& model,
-                       const PredictOptions& options, const std::vector<std::string>& score_columns,
+// The predictions of the rows from `first` on, given every head's outputs for them, to `out`;
+// `paths`: the first of those rows' image files, or null when the inputs are not files.
+void write_predictions(std::int64_t first, const std::string* paths, const std::vector<at::Tensor>& outputs,
+                       const ExportedModel& model, const PredictOptions& options,
+                       const std::vector<std::string>& score_columns,
                        const std::vector<std::string>& top_columns, std::int64_t n, std::ostream& out) {
   const auto rows = static_cast<std::size_t>(outputs.front().size(0));
   std::vector<std::vector<std::string>> cells(rows);
@@ -97,12 +99,14 @@ void write_predictions(std::int64_t first, const std::vector<at::Tensor>& output
     const auto id = first + static_cast<std::int64_t>(r);
     if (options.format == "csv") {
       out << id;
+      if (paths) out << "," << csv_field(paths[r]);                     // a file name may hold commas
       for (const auto& cell : cells[r]) out << "," << csv_field(cell);  // class names may hold commas
       for (double v : scores[r]) out << "," << format_number(v);
       for (const auto& [name, p] : top[r]) out << "," << csv_field(name) << "," << format_number(p);
       out << "\n";
     } else {
       nlohmann::ordered_json line{{"id", id}};
+      if (paths) line["path"] = paths[r];
       for (std::size_t k = 0; k < model.heads.size(); ++k) line[model.heads[k].task()] = cells[r][k];
       for (std::size_t k = 0; k < scores[r].size(); ++k) line[score_columns[k]] = scores[r][k];
       for (std::size_t k = 0; k < top[r].size(); ++k) {
@@ -147,8 +151,18 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
       top_columns.push_back(detail::str_cat(h.task(), ":top", j, "_p"));
     }
   }
+  // Image files: each answer's file beside its id (a folder's are listed in sorted order, which
+  // a reader should not have to redo).
+  const bool with_paths = reads_image_files(config.data);
+  for (const auto& h : model.heads) {
+    CANOPY_CHECK(!with_paths || h.task() != "path", ConfigError,
+                 "task 'path' would share its column with the image files' paths: rename the task");
+  }
+  const auto paths_from = [with_paths](const InputSplit& in, std::int64_t first) {
+    return with_paths ? in.paths->data() + first : nullptr;  // image files: set_image_file_inputs set them
+  };
   if (options.format == "csv") {
-    out << "id";
+    out << "id" << (with_paths ? ",path" : "");
     for (const auto& h : model.heads) out << "," << csv_field(h.task());
     for (const auto& c : score_columns) out << "," << csv_field(c);
     for (const auto& c : top_columns) out << "," << csv_field(c);
@@ -169,8 +183,8 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
       Progress quiet("predict", chunk.rows, unit, ProgressStyle::kQuiet);
       run_model_pass(model, chunk, config, quiet, "predicting", "predicted",
                      [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {
-                       write_predictions(offset + first, outputs, model, options, score_columns, top_columns,
-                                         offset + chunk.rows, out);
+                       write_predictions(offset + first, paths_from(chunk, first), outputs, model, options,
+                                         score_columns, top_columns, offset + chunk.rows, out);
                      });
       out.flush();
       CANOPY_CHECK(out, IoError, "writing the predictions failed after ", lines->rows_so_far(),
@@ -183,7 +197,8 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   Progress progress("predict", n, unit, style);
   run_model_pass(model, input, config, progress, "predicting", "predicted",
                  [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {
-                   write_predictions(first, outputs, model, options, score_columns, top_columns, n, out);
+                   write_predictions(first, paths_from(input, first), outputs, model, options, score_columns,
+                                     top_columns, n, out);
                  });
   out.flush();
   CANOPY_CHECK(out, IoError, "writing the predictions failed at the end: ", describe_write_error(errno));

@@ -18,6 +18,8 @@ manifests and on the folders with the same tiny trunk; h5py reads the three cach
   * CMYK JPEGs decode as PIL's Image.convert("RGB") decodes them: their cache equals, bitwise,
     one of PNGs holding PIL's RGB pixels of the same files.
 """
+import csv
+import io
 import os
 import struct
 import subprocess
@@ -118,8 +120,8 @@ def main():
 
     for split in ("train", "test"):
         ref = caches["idx"][f"{split}/features"][...]
-        csv = caches["csv"][f"{split}/features"]
-        check(csv.shape == ref.shape and np.array_equal(csv[...], ref),
+        listed = caches["csv"][f"{split}/features"]
+        check(listed.shape == ref.shape and np.array_equal(listed[...], ref),
               f"{split}: CSV-listed PNGs give bitwise the idx features {ref.shape}")
         check(np.array_equal(caches["csv"][f"{split}/labels/class"][...], labels[split]), f"{split}: CSV class column")
         by_name = caches["csv"][f"{split}/labels/name"][...]
@@ -314,6 +316,10 @@ def check_evaluate(canopy, work, trunk, runs):
           and answers["folders/test.jsonl"] == answers["test.csv"],
           f"predict answers the same over a CSV manifest, one of paths only and a JSON manifest "
           f"({[a[:80] for a in answers.values()]})")
+    listed = [row["path"] for row in csv.DictReader(io.StringIO(answers["test.csv"]))]
+    want = [f"{work}/" + line.split(",")[0] for line in open(f"{work}/test.csv").read().splitlines()[1:]]
+    check(listed == want, f"each answer names its image file, as the manifest lists it joined to its folder "
+          f"({listed[:1]} vs {want[:1]})")
     # A folder of two of the classes only (their training images, which the head fits best):
     # its classes are numbered by the training folder's names, not by its own (Bag would be its
     # class 0, training's 1). Scored as predict's answers.
@@ -326,8 +332,14 @@ def check_evaluate(canopy, work, trunk, runs):
     got = json.loads(r.stdout)["heads"][0] if r.returncode == 0 else {}
     p = subprocess.run([canopy, "predict", "--config", cfg, "--input", subset, "--progress", "quiet"],
                        capture_output=True, text=True)
-    truth = [cls for cls in ("Bag", "Trouser") for _ in os.listdir(f"{subset}/{cls}")]
-    answers = [row.split(",")[1] for row in p.stdout.splitlines()[1:]]
+    # Each answer's file is in its `path` column (the folder's files in sorted order): its class
+    # is the folder it is in.
+    rows = list(csv.DictReader(io.StringIO(p.stdout)))
+    listed = sorted(os.path.join(d, n) for d, _, names in os.walk(subset) for n in names)
+    check([row["path"] for row in rows] == listed, f"predict names each image file of the folder, sorted "
+          f"({[row['path'] for row in rows][:1]})")
+    truth = [os.path.basename(os.path.dirname(row["path"])) for row in rows]
+    answers = [row["c"] for row in rows]
     accuracy = np.mean([a == t for a, t in zip(answers, truth)])
     support = {c["class"]: c["support"] for c in got.get("per_class", [])}
     check(r.returncode == 0 and len(answers) == len(truth) and got.get("accuracy") == accuracy
@@ -336,7 +348,6 @@ def check_evaluate(canopy, work, trunk, runs):
           f"evaluate over a folder of 2 of the classes: accuracy {got.get('accuracy')} is predict's {accuracy}, "
           f"support by training's class names {support} ({r.stderr.strip()[-200:]})")
     # The same images named on standard input, one path per line (`find ... | canopy predict --input -`).
-    listed = sorted(os.path.join(d, n) for d, _, names in os.walk(subset) for n in names)
     s = subprocess.run([canopy, "predict", "--config", cfg, "--input", "-", "--progress", "quiet"],
                        input="\n".join(listed) + "\n", capture_output=True, text=True)
     check(s.returncode == 0 and s.stdout == p.stdout and len(listed) == len(truth),
@@ -390,6 +401,14 @@ def check_cmyk(canopy, work, trunk):
     check(r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 + 4,
           f"canopy predict over the CMYK test folder: its 4 images, hidden entries left out "
           f"({r.stdout.strip().splitlines()[:1]}, {r.stderr.strip()[-200:]})")
+    # A task named path would share the column of the files' paths: refused, not written twice.
+    with open(cfg, "a") as f:
+        f.write("[task.path]\nhead = linear\nlabels = class\n")
+    r = subprocess.run([canopy, "train", "--config", cfg, "--progress", "quiet"], capture_output=True, text=True)
+    p = subprocess.run([canopy, "predict", "--config", cfg, "--input", f"{work}/cmyk/test", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    check(r.returncode == 0 and p.returncode == 2 and "task 'path' would share its column" in p.stderr
+          and p.stdout == "", f"predict refuses a task named path over image files ({p.stderr.strip()[-120:]})")
 
 
 if __name__ == "__main__":

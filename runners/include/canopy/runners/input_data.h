@@ -28,6 +28,8 @@ struct InputSplit {
   // Texts: tokens per row. The cache job groups texts of similar length into one trunk
   // batch (within a window of rows), so less of each batch is padding.
   std::vector<std::int64_t> lengths;
+  // Image files: each row's path as listed (a manifest's joined to its folder); predict writes it.
+  std::shared_ptr<const std::vector<std::string>> paths;
 };
 
 struct InputData {
