@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "canopy/core/error.h"
+#include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
 
 namespace canopy::datasets {
@@ -71,9 +72,18 @@ std::string separator_hint(const std::vector<std::string>& fields, const std::st
   return "";
 }
 
-Csv read_csv(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header) {
+namespace {
+// A table's file, opened; a folder is refused (a stream opens it and reads nothing).
+std::ifstream open_table(const std::string& path, const std::string& what) {
+  CANOPY_CHECK(!is_directory(path), DataError, what, " '", path, "' is a folder: name the file");
   std::ifstream in(path);
   CANOPY_CHECK(in, DataError, "cannot open ", what, " '", path, "': ", std::strerror(errno));
+  return in;
+}
+}  // namespace
+
+Csv read_csv(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header) {
+  std::ifstream in = open_table(path, what);
   Csv csv;
   csv.path = path;
   std::string line, first_line;
@@ -213,8 +223,7 @@ std::string json_problem(const nlohmann::ordered_json::parse_error& e) {
 }  // namespace
 
 Csv read_json_table(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header) {
-  std::ifstream in(path);
-  CANOPY_CHECK(in, DataError, "cannot open ", what, " '", path, "': ", std::strerror(errno));
+  std::ifstream in = open_table(path, what);
   Csv csv;
   csv.path = path;
   std::string line;

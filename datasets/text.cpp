@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "canopy/core/error.h"
+#include "canopy/core/fs.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 
@@ -608,6 +609,8 @@ TextTable read_text_table(const TableFile& file, const std::string& column, cons
 }
 
 std::vector<std::string> read_text_lines(const std::string& path) {
+  CANOPY_CHECK(!is_directory(path), DataError, "'", path,
+               "' is a folder: name a file of texts, one per line");
   std::ifstream in(path);
   CANOPY_CHECK(in, DataError, "cannot open '", path, "' (texts: one per line): ", std::strerror(errno));
   return read_text_lines(in, path);

@@ -271,12 +271,13 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
                   "from its header, before decoding it (PIL's decompression-bomb limit); 0: no limit")
                   .at_least(0)
                   .only_when([](const JobConfig& c) { return reads_image_files(c.data); }));
-  v.push_back(
-      member_key<K>("data", "train", CANOPY_JOB(data.train),
-                    "image-csv, image-json: the training manifest (CSV; JSON lines or an array of records); "
-                    "image-folders: the training folder; text-csv, text-json: the training table of texts",
-                    true)
-          .optional_in_dump());
+  v.push_back(member_key<K>(
+                  "data", "train", CANOPY_JOB(data.train),
+                  "image-csv, image-json: the training manifest (CSV; JSON lines or an array of records), or "
+                  "the folder holding it as metadata.csv / metadata.jsonl; "
+                  "image-folders: the training folder; text-csv, text-json: the training table of texts",
+                  true)
+                  .optional_in_dump());
   v.push_back(member_key<K>("data", "test", CANOPY_JOB(data.test), "the same for the test split", true)
                   .optional_in_dump());
   v.push_back(member_key<K>("data", "train_files", CANOPY_JOB(data.train_files),

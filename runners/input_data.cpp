@@ -371,13 +371,31 @@ void set_label_columns(InputSplit& s, const datasets::LabelColumns& table,
   }
 }
 
-// A table data.source reads (text-csv/-json, image-csv/-json): how data.train and data.test are written.
+// A folder named where a manifest of images is read: the manifest in it as Hugging Face's
+// imagefolder lays it out (metadata.jsonl for JSON, metadata.csv for CSV); anything else as it is.
+std::string manifest_in_folder(const DataConfig& d, const std::string& path, datasets::TableFormat format) {
+  if (!reads_image_table(d) || !is_directory(path)) return path;
+  const std::string name = format == datasets::TableFormat::json ? "metadata.jsonl" : "metadata.csv";
+  const std::string inside = join_path(path, name);
+  CANOPY_CHECK(is_regular_file(inside), DataError, "'", path, "' is a folder without ", name,
+               ": name the manifest file (data.source = ", d.source,
+               "), or read class folders with data.source = "
+               "image-folders");
+  return inside;
+}
+
+// A table data.source reads (text-csv/-json, image-csv/-json): how data.train and data.test are
+// written, and for images a folder's manifest.
+datasets::TableFormat source_format(const DataConfig& d) {
+  return reads_json_tables(d) ? datasets::TableFormat::json : datasets::TableFormat::csv;
+}
 datasets::TableFile data_table(const DataConfig& d, const std::string& path) {
-  return {path, reads_json_tables(d) ? datasets::TableFormat::json : datasets::TableFormat::csv};
+  return {manifest_in_folder(d, path, source_format(d)), source_format(d)};
 }
 // A table named on the command line: as its name says (.csv, .json, .jsonl, .ndjson), else as data.source's.
 datasets::TableFile input_table(const DataConfig& d, const std::string& path) {
-  return {path, datasets::table_format(path).value_or(data_table(d, path).format)};
+  const auto format = datasets::table_format(path).value_or(source_format(d));
+  return {manifest_in_folder(d, path, format), format};
 }
 
 // The label columns of a training table of texts that are the bits of all_labels, as the class
@@ -564,7 +582,8 @@ InputData load_image_files(const JobConfig& config) {
         data.label_stats[name] = label_stats_of(s.labels[name]);
       }
       record_label_classes(list, data);
-      if (reads_image_table(config.data)) note_table_columns(list, list.left_out, config.data.train);
+      if (reads_image_table(config.data))
+        note_table_columns(list, list.left_out, data_table(config.data, config.data.train).path);
     } else {
       CANOPY_CHECK(list.label_order == data.label_sources, DataError, "the test images' labels (",
                    join(list.label_order, ", "), ") differ from the training images' (",
@@ -595,7 +614,9 @@ std::string describe_image_files(const JobConfig& c) {
   std::ostringstream listing;
   for (const std::string split : {"train", "test"}) {
     const auto paths = read_image_list(c, split).paths;
-    const std::string& list = !reads_image_table(c.data) ? "" : split == "train" ? c.data.train : c.data.test;
+    const std::string list = !reads_image_table(c.data)
+                                 ? ""
+                                 : data_table(c.data, split == "train" ? c.data.train : c.data.test).path;
     for (std::size_t i = 0; i < paths.size(); ++i)
       listing << paths[i] << "=" << file_stamp(paths[i], list, i + 1) << "\n";
   }
@@ -840,7 +861,8 @@ std::string describe_inputs(const JobConfig& c) {
     out << "data=" << c.data.source << ";text_column=" << c.data.text_attribute
         << (c.data.positive_value.empty() ? "" : ";positive_value=" + c.data.positive_value)
         << ";train_limit=" << c.data.train_limit << ";test_limit=" << c.data.test_limit
-        << ";train=" << file_stamp(c.data.train) << ";test=" << file_stamp(c.data.test)
+        << ";train=" << file_stamp(data_table(c.data, c.data.train).path)
+        << ";test=" << file_stamp(data_table(c.data, c.data.test).path)
         << "\nlabels=the table's columns but the text (integers: class indices; numbers: real values; names: "
            "classes in sorted order);all_labels=bit k set when column k has its positive value, where every "
            "column has two values"
@@ -848,8 +870,9 @@ std::string describe_inputs(const JobConfig& c) {
   } else if (reads_image_files(c.data)) {
     const bool csv = reads_image_table(c.data);
     out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit
-        << ";test_limit=" << c.data.test_limit << ";train=" << (csv ? file_stamp(c.data.train) : c.data.train)
-        << ";test=" << (csv ? file_stamp(c.data.test) : c.data.test)
+        << ";test_limit=" << c.data.test_limit
+        << ";train=" << (csv ? file_stamp(data_table(c.data, c.data.train).path) : c.data.train)
+        << ";test=" << (csv ? file_stamp(data_table(c.data, c.data.test).path) : c.data.test)
         << ";images_sha256=" << describe_image_files(c) << "\nlabels="
         << (c.data.source == "image-csv" ? "the CSV's label columns"
             : c.data.source == "image-json"

@@ -233,6 +233,16 @@ TEST(TextCsv, BadTablesNameTheRowAndLine) {
   EXPECT_TRUE(bad("", {"table of texts", "is empty"}));
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_text_csv(dir.file("none.csv"), "text"); },
                                               {"cannot open table of texts", "No such file or directory"}));
+  // A folder opens as a stream and reads as nothing: refused as a folder (before: "is empty"; the
+  // texts of one per line: none, and exit 0).
+  make_dirs(dir.file("folder.csv"));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        read_text_table({dir.file("folder.csv"), TableFormat::json}, "text");
+      },
+      {"table of texts '", "folder.csv' is a folder: name the file"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_text_lines(dir.file("folder.csv")); },
+                                              {"folder.csv' is a folder: name a file of texts"}));
 }
 
 // JSON lines as Hugging Face datasets' to_json writes them (keys in the columns' order,

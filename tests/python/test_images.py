@@ -9,7 +9,8 @@ manifests and on the folders with the same tiny trunk; h5py reads the three cach
     class-name column numbered by sorted name; a real-valued column stored as float64;
   * folders: the same features per image (rows in folder order: class name, then file);
   * JSON: the manifests as Hugging Face's imagefolder writes them (metadata.jsonl beside the
-    images, the path in `file_name`, keys in another order, a list of tags): the same
+    images, the path in `file_name`, keys in another order, a list of tags; data.train naming
+    the folder): the same
     features and columns as the CSV's, bitwise, and the tags as a bitmask per image;
   * images shrunk with preprocess.antialias = true give F.interpolate(antialias=True)'s
     features, and without it plain bilinear's;
@@ -87,12 +88,12 @@ def main():
     for split in ("train", "test"):
         # Hugging Face's imagefolder layout: metadata.jsonl in the split's folder, file_name
         # relative to it.
-        os.makedirs(os.path.join(work, "folders"), exist_ok=True)
-        with open(os.path.join(work, "folders", split + ".jsonl"), "w") as f:
+        os.makedirs(os.path.join(work, "folders", split), exist_ok=True)
+        with open(os.path.join(work, "folders", split, "metadata.jsonl"), "w") as f:
             for i, (img, y) in enumerate(zip(images[split], labels[split])):
                 tags = (["dark"] if img.mean() < 64 else []) + (["footwear"] if y in (5, 7, 9) else [])
                 f.write(json.dumps({"name": NAMES[y], "ink": float(img.mean() / 255), "class": int(y),
-                                    "file_name": f"{split}/{NAMES[y]}/{i:05d}.png", "tags": tags}) + "\n")
+                                    "file_name": f"{NAMES[y]}/{i:05d}.png", "tags": tags}) + "\n")
         rows = ["path,class,name,ink"]
         for i, (img, y) in enumerate(zip(images[split], labels[split])):
             os.makedirs(os.path.join(work, "folders", split, NAMES[y]), exist_ok=True)
@@ -107,7 +108,8 @@ def main():
         "idx": "source = fashion-mnist\ndir = " + FMNIST,
         "csv": f"source = image-csv\ntrain = {work}/train.csv\ntest = {work}/test.csv",
         "folders": f"source = image-folders\ntrain = {work}/folders/train\ntest = {work}/folders/test",
-        "json": f"source = image-json\ntrain = {work}/folders/train.jsonl\ntest = {work}/folders/test.jsonl",
+        # data.train and data.test name the folders: their metadata.jsonl is the manifest.
+        "json": f"source = image-json\ntrain = {work}/folders/train\ntest = {work}/folders/test",
     }
     caches = {}
     for name, data in runs.items():
@@ -117,6 +119,12 @@ def main():
         if r.returncode != 0:
             return finish()
         caches[name] = h5py.File(os.path.join(work, name, "cache.h5"), "r")
+    # A folder where a CSV manifest is read holds no metadata.csv: said so (before: "image list
+    # '...' is empty").
+    r = subprocess.run([canopy, "cache", "--config", config(work, trunk, "nocsv", runs["json"].replace(
+        "image-json", "image-csv")), "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 1 and f"'{work}/folders/train' is a folder without metadata.csv: name the manifest file"
+          in r.stderr, f"a folder without a manifest is refused, saying so ({r.stderr.strip()[-160:]})")
 
     for split in ("train", "test"):
         ref = caches["idx"][f"{split}/features"][...]
@@ -293,7 +301,7 @@ def check_evaluate(canopy, work, trunk, runs):
         if name == "json" and r.returncode == 0:
             names = json.load(open(f"{work}/json-out/heads/tags.json"))["class_names"]
             check(names == ["dark", "footwear"], f"the tags head is named by the list's labels ({names})")
-        test = {"folders": f"{work}/folders/test", "csv": f"{work}/test.csv", "json": f"{work}/folders/test.jsonl"}[name]
+        test = {"folders": f"{work}/folders/test", "csv": f"{work}/test.csv", "json": f"{work}/folders/test"}[name]
         r = subprocess.run([canopy, "evaluate", "--config", cfg, "--input", test, "--json", "--progress", "quiet"],
                            capture_output=True, text=True)
         check(r.returncode == 0, f"canopy evaluate over the {name} test split ({r.stderr.strip()[-200:]})")
@@ -308,12 +316,12 @@ def check_evaluate(canopy, work, trunk, runs):
     answers = {}
     with open(f"{work}/paths.csv", "w") as f:
         f.write("path\n" + "".join(line.split(",")[0] + "\n" for line in open(f"{work}/test.csv").readlines()[1:]))
-    for manifest in ("test.csv", "paths.csv", "folders/test.jsonl"):
+    for manifest in ("test.csv", "paths.csv", "folders/test/metadata.jsonl"):
         p = subprocess.run([canopy, "predict", "--config", f"{work}/csv.ini", "--input", f"{work}/{manifest}",
                             "--progress", "quiet"], capture_output=True, text=True)
         answers[manifest] = p.stdout if p.returncode == 0 else p.stderr.strip()[-200:]
     check(answers["test.csv"].count("\n") == TEST + 1 and answers["paths.csv"] == answers["test.csv"]
-          and answers["folders/test.jsonl"] == answers["test.csv"],
+          and answers["folders/test/metadata.jsonl"] == answers["test.csv"],
           f"predict answers the same over a CSV manifest, one of paths only and a JSON manifest "
           f"({[a[:80] for a in answers.values()]})")
     listed = [row["path"] for row in csv.DictReader(io.StringIO(answers["test.csv"]))]
