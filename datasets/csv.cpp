@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <set>
 #include <sstream>
 
@@ -14,6 +15,7 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
+#include "gz_file.h"
 
 namespace canopy::datasets {
 
@@ -72,18 +74,8 @@ std::string separator_hint(const std::vector<std::string>& fields, const std::st
   return "";
 }
 
-namespace {
-// A table's file, opened; a folder is refused (a stream opens it and reads nothing).
-std::ifstream open_table(const std::string& path, const std::string& what) {
-  CANOPY_CHECK(!is_directory(path), DataError, what, " '", path, "' is a folder: name the file");
-  std::ifstream in(path);
-  CANOPY_CHECK(in, DataError, "cannot open ", what, " '", path, "': ", std::strerror(errno));
-  return in;
-}
-}  // namespace
-
 Csv read_csv(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header) {
-  std::ifstream in = open_table(path, what);
+  GzStream in(path, what);  // FILE.csv.gz, FILE.jsonl.gz: read through zlib
   Csv csv;
   csv.path = path;
   std::string line, first_line;
@@ -223,7 +215,7 @@ std::string json_problem(const nlohmann::ordered_json::parse_error& e) {
 }  // namespace
 
 Csv read_json_table(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header) {
-  std::ifstream in = open_table(path, what);
+  GzStream in(path, what);  // FILE.csv.gz, FILE.jsonl.gz: read through zlib
   Csv csv;
   csv.path = path;
   std::string line;
@@ -234,11 +226,11 @@ Csv read_json_table(const std::string& path, const std::string& what, const CsvH
     const std::string where = detail::str_cat(path, ":", n);
     if (csv.header.empty() && t[0] == '[') {
       // One array of records (pandas' to_json(orient="records")): read whole, from this line.
-      std::ostringstream rest;
-      rest << line << "\n" << in.rdbuf();
+      // Through istreambuf_iterator, a damaged gzip stream's error reaches here as it is.
+      const std::string rest = line + "\n" + std::string(std::istreambuf_iterator<char>(in), {});
       nlohmann::ordered_json array;
       try {
-        array = nlohmann::ordered_json::parse(rest.str());
+        array = nlohmann::ordered_json::parse(rest);
       } catch (const nlohmann::ordered_json::parse_error& e) {
         throw DataError(detail::str_cat(where, ": not a JSON array of records (", json_problem(e),
                                         ", counting from this line)"));
@@ -264,7 +256,8 @@ Csv read_json_table(const std::string& path, const std::string& what, const CsvH
 }
 
 std::optional<TableFormat> table_format(const std::string& path) {
-  const std::string p = lower_ascii(path);
+  std::string p = lower_ascii(path);
+  if (ends_with(p, ".gz")) p.resize(p.size() - 3);  // compressed as pandas writes FILE.csv.gz
   if (ends_with(p, ".json") || ends_with(p, ".jsonl") || ends_with(p, ".ndjson")) return TableFormat::json;
   if (ends_with(p, ".csv")) return TableFormat::csv;
   return std::nullopt;

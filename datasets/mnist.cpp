@@ -1,7 +1,5 @@
 #include "canopy/datasets/mnist.h"
 
-#include <zlib.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -11,45 +9,11 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "gz_file.h"
 
 namespace canopy::datasets {
 
 namespace {
-class GzFile {
- public:
-  explicit GzFile(const std::string& path) : path_(path), f_(gzopen(path.c_str(), "rb")) {  // plain files too
-    CANOPY_CHECK(f_ != nullptr, DataError, "cannot open '", path, "': ", std::strerror(errno));
-    gzbuffer(f_, 1 << 17);
-  }
-  ~GzFile() { gzclose(f_); }
-  GzFile(const GzFile&) = delete;
-  GzFile& operator=(const GzFile&) = delete;
-  // Reads up to n bytes; returns how many were read.
-  std::size_t read(char* dst, std::size_t n) {
-    std::size_t got = 0;
-    while (got < n) {
-      const unsigned chunk = static_cast<unsigned>(std::min<std::size_t>(n - got, 1u << 30));
-      const int r = gzread(f_, dst + got, chunk);
-      if (r < 0) {
-        int err = 0;
-        const char* msg = gzerror(f_, &err);
-        throw DataError(detail::str_cat("error reading '", path_, "': ", msg ? msg : "?"));
-      }
-      if (r == 0) break;
-      got += static_cast<std::size_t>(r);
-    }
-    return got;
-  }
-  bool at_end() {
-    char c;
-    return gzread(f_, &c, 1) == 0;
-  }
-
- private:
-  std::string path_;
-  gzFile f_;
-};
-
 std::uint32_t be32(const std::string& s, std::size_t at) {
   const auto* p = reinterpret_cast<const unsigned char*>(s.data() + at);
   return (std::uint32_t(p[0]) << 24) | (std::uint32_t(p[1]) << 16) | (std::uint32_t(p[2]) << 8) | p[3];

@@ -16,6 +16,7 @@
 #include "canopy/core/fs.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
+#include "gz_file.h"
 
 namespace canopy::datasets {
 
@@ -448,8 +449,7 @@ std::int64_t ArffData::string_attribute(const std::string& name) const {
 }
 
 ArffData read_arff(const std::string& path, bool header_only) {
-  std::ifstream in(path);
-  CANOPY_CHECK(in, DataError, "cannot open ARFF file '", path, "': ", std::strerror(errno));
+  GzStream in(path, "ARFF file");  // FILE.arff.gz too
   ArffData d;
   d.path = path;
   std::string line;
@@ -609,10 +609,7 @@ TextTable read_text_table(const TableFile& file, const std::string& column, cons
 }
 
 std::vector<std::string> read_text_lines(const std::string& path) {
-  CANOPY_CHECK(!is_directory(path), DataError, "'", path,
-               "' is a folder: name a file of texts, one per line");
-  std::ifstream in(path);
-  CANOPY_CHECK(in, DataError, "cannot open '", path, "' (texts: one per line): ", std::strerror(errno));
+  GzStream in(path, "file of texts (one per line)");  // FILE.txt.gz too
   return read_text_lines(in, path);
 }
 

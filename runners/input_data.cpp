@@ -638,9 +638,10 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
   if (reads_text_data(config.data)) {
     const auto table = datasets::table_format(path);
     std::vector<std::string> texts =
-        ends_with(path, ".arff") ? datasets::read_arff_texts(path, config.data.text_attribute)
-        : table                  ? datasets::read_table_texts({path, *table}, config.data.text_attribute)
-                                 : datasets::read_text_lines(path);
+        ends_with(path, ".arff") || ends_with(path, ".arff.gz")
+            ? datasets::read_arff_texts(path, config.data.text_attribute)
+        : table ? datasets::read_table_texts({path, *table}, config.data.text_attribute)
+                : datasets::read_text_lines(path);
     keep_first(texts);
     set_text_inputs(s, texts, datasets::WordPieceTokenizer(config.text));
   } else if (reads_image_files(config.data)) {

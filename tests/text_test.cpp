@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <fstream>
 #include <string>
@@ -242,7 +243,54 @@ TEST(TextCsv, BadTablesNameTheRowAndLine) {
       },
       {"table of texts '", "folder.csv' is a folder: name the file"}));
   EXPECT_TRUE(testing::throws_with<DataError>([&] { read_text_lines(dir.file("folder.csv")); },
-                                              {"folder.csv' is a folder: name a file of texts"}));
+                                              {"file of texts (one per line) '", "folder.csv' is a folder"}));
+}
+
+// `content` gzip-compressed into `path`, as pandas' to_csv("FILE.csv.gz") and gzip write it.
+std::string write_gz(const std::string& path, const std::string& content) {
+  gzFile f = gzopen(path.c_str(), "wb");
+  EXPECT_NE(f, nullptr) << path;
+  EXPECT_EQ(gzwrite(f, content.data(), static_cast<unsigned>(content.size())),
+            static_cast<int>(content.size()));
+  gzclose(f);
+  return path;
+}
+
+// Tables and texts saved gzip-compressed read as the plain files (the compression told by the
+// file's first bytes, the format by its name without .gz); a cut one is an error naming it.
+TEST(TextCsv, GzipCompressedTablesAndTextsReadAsThePlainFiles) {
+  testing::TempDir dir;
+  const std::string csv = "text,topic,score\n\"a, b\nc\",x,0.5\nd,y,2\n";
+  const std::string jsonl = R"({"text": "a, b\nc", "topic": "x", "score": 0.5, "tags": ["p", "q"]})"
+                            "\n"
+                            R"({"text": "d", "topic": "y", "score": 2, "tags": []})"
+                            "\n";
+  EXPECT_EQ(table_format(dir.file("t.csv.gz")), TableFormat::csv);
+  EXPECT_EQ(table_format(dir.file("t.JSONL.GZ")), TableFormat::json);
+  EXPECT_EQ(table_format(dir.file("t.gz")), std::nullopt);
+  const TextTable plain = read_text_table({write(dir.file("t.csv"), csv), TableFormat::csv}, "text");
+  const TextTable packed = read_text_table({write_gz(dir.file("t.csv.gz"), csv), TableFormat::csv}, "text");
+  EXPECT_EQ(packed.texts, plain.texts);
+  EXPECT_EQ(packed.texts, (std::vector<std::string>{"a, b\nc", "d"}));
+  EXPECT_EQ(packed.labels, plain.labels);
+  EXPECT_EQ(packed.float_labels, plain.float_labels);
+  const TextTable json =
+      read_text_table({write_gz(dir.file("t.jsonl.gz"), jsonl), TableFormat::json}, "text");
+  EXPECT_EQ(json.texts, plain.texts);
+  EXPECT_EQ(json.labels.at("tags"), (std::vector<std::int64_t>{3, 0}));
+  EXPECT_EQ(read_text_lines(write_gz(dir.file("t.txt.gz"), "one\ntwo\n")),
+            (std::vector<std::string>{"one", "two"}));
+  // The same gzip stream cut short: zlib's error, naming the file (not its first rows as the table).
+  std::string big;
+  for (int i = 0; i < 20000; ++i) big += "text " + std::to_string(i * 7919 % 10007) + ",x,1\n";
+  write_gz(dir.file("cut.csv.gz"), "text,topic,score\n" + big);
+  const auto size = static_cast<off_t>(file_size(dir.file("cut.csv.gz")));
+  ASSERT_EQ(::truncate(dir.file("cut.csv.gz").c_str(), size / 2), 0);
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        read_text_table({dir.file("cut.csv.gz"), TableFormat::csv}, "text");
+      },
+      {"error reading '", "cut.csv.gz': unexpected end of file"}));
 }
 
 // JSON lines as Hugging Face datasets' to_json writes them (keys in the columns' order,

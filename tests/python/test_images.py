@@ -316,13 +316,16 @@ def check_evaluate(canopy, work, trunk, runs):
     answers = {}
     with open(f"{work}/paths.csv", "w") as f:
         f.write("path\n" + "".join(line.split(",")[0] + "\n" for line in open(f"{work}/test.csv").readlines()[1:]))
-    for manifest in ("test.csv", "paths.csv", "folders/test/metadata.jsonl"):
+    import gzip
+    with open(f"{work}/test.csv", "rb") as f, gzip.open(f"{work}/test.csv.gz", "wb") as out:
+        out.write(f.read())  # as pandas' to_csv("test.csv.gz") compresses it
+    for manifest in ("test.csv", "paths.csv", "folders/test/metadata.jsonl", "test.csv.gz"):
         p = subprocess.run([canopy, "predict", "--config", f"{work}/csv.ini", "--input", f"{work}/{manifest}",
                             "--progress", "quiet"], capture_output=True, text=True)
         answers[manifest] = p.stdout if p.returncode == 0 else p.stderr.strip()[-200:]
     check(answers["test.csv"].count("\n") == TEST + 1 and answers["paths.csv"] == answers["test.csv"]
-          and answers["folders/test/metadata.jsonl"] == answers["test.csv"],
-          f"predict answers the same over a CSV manifest, one of paths only and a JSON manifest "
+          and answers["folders/test/metadata.jsonl"] == answers["test.csv"] and answers["test.csv.gz"] == answers["test.csv"],
+          f"predict answers the same over a CSV manifest, one of paths only, a JSON manifest and the CSV gzipped "
           f"({[a[:80] for a in answers.values()]})")
     listed = [row["path"] for row in csv.DictReader(io.StringIO(answers["test.csv"]))]
     want = [f"{work}/" + line.split(",")[0] for line in open(f"{work}/test.csv").read().splitlines()[1:]]
