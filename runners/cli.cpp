@@ -249,6 +249,7 @@ int run_predict_command(const po::variables_map& vm, const tasks::HeadRegistry& 
   options.format = vm["format"].as<std::string>();
   options.scores = vm.count("scores") > 0;
   options.top = vm["top"].as<std::int64_t>();
+  if (vm.count("keep")) options.keep = split(vm["keep"].as<std::string>(), ',');
   const ProgressStyle style = parse_progress(vm["progress"].as<std::string>());
   const std::string path = output_path(vm, "predict");
   if (path.empty()) {
@@ -401,7 +402,10 @@ void predict_options(po::options_description& d, po::positional_options_descript
                                           "label's (sigmoid), columns <task>:<class>")(
       "top", po::value<std::int64_t>()->default_value(0)->value_name("K"),
       "also each multiclass head's K most probable classes with their probabilities, best first: "
-      "columns <task>:top1, <task>:top1_p, ...");
+      "columns <task>:top1, <task>:top1_p, ...")(
+      "keep", po::value<std::string>()->value_name("COLUMNS"),
+      "columns of the --input table (CSV, JSON records, a manifest) to write beside each answer, "
+      "comma-separated, e.g. --keep id,url: the row's own key, to join the answers back");
   add_progress_option(d);
 }
 

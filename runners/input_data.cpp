@@ -629,6 +629,36 @@ std::string describe_preprocessing(const JobConfig& c) {
   return reads_text_data(c.data) ? datasets::describe(c.text) : datasets::describe(c.preprocess);
 }
 
+std::vector<std::vector<std::string>> read_kept_columns(const JobConfig& config, const std::string& path,
+                                                        const std::vector<std::string>& columns,
+                                                        std::int64_t limit) {
+  const auto format = datasets::table_format(path);
+  CANOPY_CHECK(path != "-" && format && (reads_text_data(config.data) || reads_image_files(config.data)),
+               ConfigError, "--keep ", join(columns, ","),
+               ": writes columns of a table given as --input (FILE.csv, .jsonl, .json, .ndjson, also .gz: "
+               "a table of texts or a manifest of images); '",
+               path, "' is not one");
+  const datasets::Csv table =
+      datasets::read_table(path, *format, "table", [](const auto&, const auto&, const auto&) {});
+  std::vector<std::size_t> at;
+  for (const auto& c : columns) {
+    const auto it = std::find(table.header.begin(), table.header.end(), c);
+    const bool list = std::find(table.list_keys.begin(), table.list_keys.end(), c) != table.list_keys.end();
+    CANOPY_CHECK(
+        it != table.header.end(), DataError, "--keep ", c, ": ",
+        list ? "'" + c + "' of '" + path + "' holds lists of labels; --keep writes columns of one value"
+             : "'" + path + "' has no such column (its columns: " + join(table.header, ", ") + ")");
+    at.push_back(static_cast<std::size_t>(it - table.header.begin()));
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& r : table.rows) {
+    if (limit > 0 && static_cast<std::int64_t>(rows.size()) == limit) break;
+    rows.emplace_back();
+    for (const auto k : at) rows.back().push_back(r[k]);
+  }
+  return rows;
+}
+
 InputSplit load_predict_input(const JobConfig& config, const std::string& path, std::int64_t limit) {
   InputSplit s;
   const auto keep_first = [limit](auto& items) {

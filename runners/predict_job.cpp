@@ -57,9 +57,15 @@ std::vector<std::string> prediction_names(const ExportedHead& h, const at::Tenso
   }
   return out;
 }
-// The predictions of the rows from `first` on, given every head's outputs for them, to `out`;
-// `paths`: the first of those rows' image files, or null when the inputs are not files.
-void write_predictions(std::int64_t first, const std::string* paths, const std::vector<at::Tensor>& outputs,
+// What predict writes of each input beside its answers: its image file (null when the inputs
+// are not files) and the --keep columns of its table row (null when none), from a pass's first row.
+struct RowKeys {
+  const std::string* paths = nullptr;
+  const std::vector<std::string>* kept = nullptr;
+};
+
+// The predictions of the rows from `first` on, given every head's outputs for them, to `out`.
+void write_predictions(std::int64_t first, RowKeys keys, const std::vector<at::Tensor>& outputs,
                        const ExportedModel& model, const PredictOptions& options,
                        const std::vector<std::string>& score_columns,
                        const std::vector<std::string>& top_columns, std::int64_t n, std::ostream& out) {
@@ -99,14 +105,18 @@ void write_predictions(std::int64_t first, const std::string* paths, const std::
     const auto id = first + static_cast<std::int64_t>(r);
     if (options.format == "csv") {
       out << id;
-      if (paths) out << "," << csv_field(paths[r]);                     // a file name may hold commas
+      if (keys.paths) out << "," << csv_field(keys.paths[r]);  // a file name may hold commas
+      if (keys.kept)
+        for (const auto& v : keys.kept[r]) out << "," << csv_field(v);
       for (const auto& cell : cells[r]) out << "," << csv_field(cell);  // class names may hold commas
       for (double v : scores[r]) out << "," << format_number(v);
       for (const auto& [name, p] : top[r]) out << "," << csv_field(name) << "," << format_number(p);
       out << "\n";
     } else {
       nlohmann::ordered_json line{{"id", id}};
-      if (paths) line["path"] = paths[r];
+      if (keys.paths) line["path"] = keys.paths[r];
+      if (keys.kept)
+        for (std::size_t k = 0; k < keys.kept[r].size(); ++k) line[options.keep[k]] = keys.kept[r][k];
       for (std::size_t k = 0; k < model.heads.size(); ++k) line[model.heads[k].task()] = cells[r][k];
       for (std::size_t k = 0; k < scores[r].size(); ++k) line[score_columns[k]] = scores[r][k];
       for (std::size_t k = 0; k < top[r].size(); ++k) {
@@ -158,11 +168,33 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
     CANOPY_CHECK(!with_paths || h.task() != "path", ConfigError,
                  "task 'path' would share its column with the image files' paths: rename the task");
   }
-  const auto paths_from = [with_paths](const InputSplit& in, std::int64_t first) {
-    return with_paths ? in.paths->data() + first : nullptr;  // image files: set_image_file_inputs set them
+  // --keep: the input table's columns, after id (and path), checked against every other column.
+  std::vector<std::vector<std::string>> kept;
+  if (!options.keep.empty()) {
+    std::vector<std::string> taken{"id"};
+    if (with_paths) taken.push_back("path");
+    for (const auto& h : model.heads) taken.push_back(h.task());
+    taken.insert(taken.end(), score_columns.begin(), score_columns.end());
+    taken.insert(taken.end(), top_columns.begin(), top_columns.end());
+    for (std::size_t i = 0; i < options.keep.size(); ++i) {
+      const std::string& c = options.keep[i];
+      const auto before = options.keep.begin() + static_cast<std::ptrdiff_t>(i);
+      CANOPY_CHECK(!c.empty() && std::find(taken.begin(), taken.end(), c) == taken.end() &&
+                       std::find(options.keep.begin(), before, c) == before,
+                   ConfigError, "--keep ", join(options.keep, ","), ": '", c,
+                   "' is empty, repeated or already a column of the answers (", join(taken, ","), ")");
+    }
+    kept = read_kept_columns(config, options.input, options.keep, options.limit);
+  }
+  const auto keys_from = [&](const InputSplit& in, std::int64_t first) {
+    RowKeys keys;
+    if (with_paths) keys.paths = in.paths->data() + first;  // image files: set_image_file_inputs set them
+    if (!kept.empty()) keys.kept = kept.data() + first;
+    return keys;
   };
   if (options.format == "csv") {
     out << "id" << (with_paths ? ",path" : "");
+    for (const auto& c : options.keep) out << "," << csv_field(c);
     for (const auto& h : model.heads) out << "," << csv_field(h.task());
     for (const auto& c : score_columns) out << "," << csv_field(c);
     for (const auto& c : top_columns) out << "," << csv_field(c);
@@ -183,7 +215,7 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
       Progress quiet("predict", chunk.rows, unit, ProgressStyle::kQuiet);
       run_model_pass(model, chunk, config, quiet, "predicting", "predicted",
                      [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {
-                       write_predictions(offset + first, paths_from(chunk, first), outputs, model, options,
+                       write_predictions(offset + first, keys_from(chunk, first), outputs, model, options,
                                          score_columns, top_columns, offset + chunk.rows, out);
                      });
       out.flush();
@@ -194,10 +226,12 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   }
   const InputSplit input = load_predict_input(config, options.input, options.limit);
   const std::int64_t n = input.rows;
+  CANOPY_CHECK(kept.empty() || static_cast<std::int64_t>(kept.size()) == n, Error, "--keep: '", options.input,
+               "' gave ", kept.size(), " rows of its columns but ", n, " inputs");
   Progress progress("predict", n, unit, style);
   run_model_pass(model, input, config, progress, "predicting", "predicted",
                  [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {
-                   write_predictions(first, paths_from(input, first), outputs, model, options, score_columns,
+                   write_predictions(first, keys_from(input, first), outputs, model, options, score_columns,
                                      top_columns, n, out);
                  });
   out.flush();

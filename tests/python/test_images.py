@@ -327,6 +327,25 @@ def check_evaluate(canopy, work, trunk, runs):
           and answers["folders/test/metadata.jsonl"] == answers["test.csv"] and answers["test.csv.gz"] == answers["test.csv"],
           f"predict answers the same over a CSV manifest, one of paths only, a JSON manifest and the CSV gzipped "
           f"({[a[:80] for a in answers.values()]})")
+    # --keep: the manifest's own columns beside each answer (its labels here, which predict does
+    # not otherwise read); a list of tags, and a folder (no table), refused.
+    p = subprocess.run([canopy, "predict", "--config", f"{work}/csv.ini", "--input", f"{work}/test.csv",
+                        "--keep", "name,class", "--progress", "quiet"], capture_output=True, text=True)
+    rows = list(csv.DictReader(io.StringIO(p.stdout)))
+    manifest = list(csv.DictReader(open(f"{work}/test.csv")))
+    plain = list(csv.DictReader(io.StringIO(answers["test.csv"])))
+    check(p.returncode == 0 and p.stdout.startswith("id,path,name,class,c,")
+          and [(r["name"], r["class"]) for r in rows] == [(m["name"], m["class"]) for m in manifest]
+          and [r["c"] for r in rows] == [r["c"] for r in plain],
+          f"predict --keep name,class writes the manifest's columns beside each answer ({p.stderr.strip()[-160:]})")
+    for args, said in ((["--input", f"{work}/folders/test/metadata.jsonl", "--keep", "tags"],
+                        "'tags' of '" + f"{work}/folders/test/metadata.jsonl' holds lists of labels;"),
+                       (["--input", f"{work}/folders/test", "--keep", "name"], "is not one"),
+                       (["--input", f"{work}/test.csv", "--keep", "label"], "has no such column (its columns: path, class")):
+        p = subprocess.run([canopy, "predict", "--config", f"{work}/csv.ini", "--progress", "quiet"] + args,
+                           capture_output=True, text=True)
+        check(p.returncode in (1, 2) and said in p.stderr and p.stdout == "",
+              f"predict {' '.join(args[2:])} on {os.path.basename(args[1])}: refused ({p.stderr.strip()[-140:]})")
     listed = [row["path"] for row in csv.DictReader(io.StringIO(answers["test.csv"]))]
     want = [f"{work}/" + line.split(",")[0] for line in open(f"{work}/test.csv").read().splitlines()[1:]]
     check(listed == want, f"each answer names its image file, as the manifest lists it joined to its folder "

@@ -232,6 +232,20 @@ test = {records['test']}""")
           "evaluate --input test.json (keys in another order) scores every head as on test.csv")
     check(run("predict", "--config", f"{work}/run_csv/config.ini", "--input", shuffled, "--limit", "20",
               "--scores", "--format", "csv") == by_csv, "predict --input test.json answers as on test.csv")
+    # --keep writes columns of the input table beside each answer, as the table holds them (the
+    # row's own key, to join the answers back); a task's name is refused as one.
+    kept = [json.loads(line) for line in run("predict", "--config", f"{work}/run_csv/config.ini", "--input", shuffled,
+                                             "--limit", "20", "--keep", "text", "--format", "jsonl").splitlines()]
+    with open(shuffled) as f:
+        stories = [json.loads(line)["text"] for line in f][:20]
+    answers = [r.split(",")[1:4] for r in by_csv.splitlines()[1:]]
+    check([r["text"] for r in kept] == stories and list(kept[0])[:3] == ["id", "text", "corn"]
+          and [[r["corn"], r["grain"], r["topics"]] for r in kept] == answers,
+          f"predict --keep text writes each story beside its answers, which are as without it ({list(kept[0])})")
+    r = subprocess.run([canopy, "predict", "--config", f"{work}/run_csv/config.ini", "--input", shuffled, "--keep",
+                        "grain"], capture_output=True, text=True)
+    check(r.returncode == 2 and "'grain' is empty, repeated or already a column of the answers" in r.stderr,
+          f"--keep of a task's name is refused ({r.stderr.strip()[-120:]})")
 
     # A test table with a class training never saw: refused before any trunk pass, naming it.
     bad = os.path.join(work, "bad.csv")

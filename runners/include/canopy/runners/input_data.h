@@ -55,6 +55,14 @@ InputData load_input_data(const JobConfig& config);
 // not needed), a folder (every PNG/JPEG below it, sorted) or one image.
 InputSplit load_predict_input(const JobConfig& config, const std::string& path, std::int64_t limit);
 
+// The columns `columns` of predict's input table `path` (a CSV or JSON table of texts, a
+// manifest of images: as its name says), each row's values in that order, the first `limit`
+// rows (> 0); ConfigError when `path` is not a table (an idx file, a folder, texts one per line,
+// standard input), DataError naming a column the table lacks (or one holding lists).
+std::vector<std::vector<std::string>> read_kept_columns(const JobConfig& config, const std::string& path,
+                                                        const std::vector<std::string>& columns,
+                                                        std::int64_t limit);
+
 // Predict's inputs as `--input -` reads them, line by line from standard input: the texts of
 // a text config, or the image file paths of an image config (blank lines left out), in
 // chunks as they come; each chunk's ids count on from the last.

@@ -21,11 +21,12 @@
 namespace canopy::runners {
 
 struct PredictOptions {
-  std::string input;           // inputs in the form of the config's data source
-  std::int64_t limit = 0;      // first N inputs; 0: all
-  std::string format = "csv";  // csv | jsonl
-  bool scores = false;         // also every class's (label's) probability
-  std::int64_t top = 0;        // also each multiclass head's `top` most probable classes (0: none)
+  std::string input;              // inputs in the form of the config's data source
+  std::int64_t limit = 0;         // first N inputs; 0: all
+  std::string format = "csv";     // csv | jsonl
+  bool scores = false;            // also every class's (label's) probability
+  std::int64_t top = 0;           // also each multiclass head's `top` most probable classes (0: none)
+  std::vector<std::string> keep;  // columns of an input table written beside each answer
 };
 
 // Loads the heads exported by `canopy train` (<train.out_dir>/heads), refusing any head
