@@ -330,6 +330,12 @@ void add_list_column(const Csv& csv, const Csv& names, const std::string& key, L
 
 }  // namespace
 
+LabelColumns read_label_columns(const Csv& csv, const TableFile& names, std::size_t skip,
+                                const std::function<Csv(const TableFile&)>& read_names) {
+  if (names.path.empty() || names.path == csv.path) return read_label_columns(csv, csv, skip);
+  return read_label_columns(csv, read_names(names), skip);
+}
+
 LabelColumns read_label_columns(const Csv& csv, const Csv& names, std::size_t skip) {
   auto sorted = [](std::vector<std::string> v) {
     std::sort(v.begin(), v.end());

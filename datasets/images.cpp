@@ -231,12 +231,13 @@ std::vector<std::string> manifest_paths(const Csv& csv, std::size_t col) {
 }  // namespace
 
 ImageList read_image_table(const TableFile& file, const TableFile& names) {
-  std::size_t col = 0, names_col = 0;
+  std::size_t col = 0;
   const Csv csv = read_manifest_table(file, true, col);
   ImageList out;
-  static_cast<LabelColumns&>(out) = read_label_columns(
-      csv, names.path.empty() || names.path == file.path ? csv : read_manifest_table(names, true, names_col),
-      col);
+  static_cast<LabelColumns&>(out) = read_label_columns(csv, names, col, [](const TableFile& t) {
+    std::size_t names_col = 0;
+    return read_manifest_table(t, true, names_col);
+  });
   out.left_out = csv.left_out;
   out.paths = manifest_paths(csv, col);
   return out;

@@ -596,12 +596,13 @@ std::vector<std::string> read_table_texts(const TableFile& file, const std::stri
 }
 
 TextTable read_text_table(const TableFile& file, const std::string& column, const TableFile& names) {
-  std::size_t col = 0, names_col = 0;
+  std::size_t col = 0;
   const Csv csv = read_texts_csv(file, column, col);
   TextTable out;
-  static_cast<LabelColumns&>(out) = read_label_columns(
-      csv, names.path.empty() || names.path == file.path ? csv : read_texts_csv(names, column, names_col),
-      col);
+  static_cast<LabelColumns&>(out) = read_label_columns(csv, names, col, [&column](const TableFile& t) {
+    std::size_t names_col = 0;
+    return read_texts_csv(t, column, names_col);
+  });
   out.text_column = csv.header[col];
   out.left_out = csv.left_out;
   out.texts = column_texts(csv, col);

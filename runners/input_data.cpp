@@ -379,8 +379,7 @@ std::string manifest_in_folder(const DataConfig& d, const std::string& path, dat
   const std::string inside = join_path(path, name);
   CANOPY_CHECK(is_regular_file(inside), DataError, "'", path, "' is a folder without ", name,
                ": name the manifest file (data.source = ", d.source,
-               "), or read class folders with data.source = "
-               "image-folders");
+               "), or read class folders with data.source = image-folders");
   return inside;
 }
 

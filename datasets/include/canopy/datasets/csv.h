@@ -1,5 +1,6 @@
 #pragma once
-// Tables: image manifests (path,<label>,...) and tables of texts (text,<label>,...).
+// Tables: image manifests (path,<label>,...) and tables of texts (text,<label>,...), plain or
+// gzip-compressed. A folder named as a table is refused as one.
 //
 // CSV is read as spreadsheets and pandas write it (RFC 4180): fields separated by commas; a
 // field in double quotes may hold commas, line breaks and "" for a quote; lines end in LF or
@@ -47,6 +48,8 @@ Csv read_json_table(const std::string& path, const std::string& what, const CsvH
 
 enum class TableFormat { csv, json };
 // json for a file named .json, .jsonl or .ndjson (any case); csv for .csv; nothing otherwise.
+// A name ending .gz is read for the name before it (FILE.csv.gz: csv): every reader here takes a
+// gzip-compressed file as the plain one, told by its first bytes (gz_file.h).
 std::optional<TableFormat> table_format(const std::string& path);
 // A table and how it is written.
 struct TableFile {
@@ -83,5 +86,9 @@ struct LabelColumns {
 };
 inline constexpr std::size_t kMaxBits = 62;  // labels in one int64 bitmask, as all_labels
 LabelColumns read_label_columns(const Csv& csv, const Csv& names, std::size_t skip);
+// The same with the training table named, read by `read_names` unless it is `csv`'s own file
+// (or empty: `csv` numbers itself).
+LabelColumns read_label_columns(const Csv& csv, const TableFile& names, std::size_t skip,
+                                const std::function<Csv(const TableFile&)>& read_names);
 
 }  // namespace canopy::datasets
