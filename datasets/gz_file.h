@@ -38,7 +38,11 @@ class GzFile {
       const unsigned chunk = static_cast<unsigned>(std::min<std::size_t>(n - got, 1u << 30));
       const int r = gzread(f_, dst + got, chunk);
       int err = Z_OK;
-      if (r < 0) throw DataError(detail::str_cat("error reading '", path_, "': ", reason(err)));
+      if (r < 0) {
+        const std::string why = reason(err);
+        throw DataError(detail::str_cat("error reading '", path_, "': ", why,
+                                        gzdirect(f_) ? "" : " (the gzip stream is damaged)"));
+      }
       if (r == 0) {
         // The input ended: where it ended inside a gzip stream (a cut file), zlib says so only
         // through gzerror, after handing over what it could decompress.
@@ -50,6 +54,17 @@ class GzFile {
       got += static_cast<std::size_t>(r);
     }
     return got;
+  }
+  // Whether the file is gzip-compressed (not read as it is).
+  bool compressed() { return gzdirect(f_) == 0; }
+  // Decompresses the whole file once, keeping nothing, then starts again from its first byte:
+  // a damaged stream is found by its check value only at its end, and a reader taking rows as
+  // they come would otherwise report a garbled row (or keep it) before zlib reports the damage.
+  void check_whole() {
+    char scratch[1 << 16];
+    while (read(scratch, sizeof scratch) == sizeof scratch) {
+    }
+    CANOPY_CHECK(gzrewind(f_) == 0, DataError, "cannot read '", path_, "' again after checking it");
   }
   bool at_end() {
     char c;
@@ -69,7 +84,8 @@ class GzFile {
   gzFile f_ = nullptr;
 };
 
-// A GzFile as an std::istream (getline and the like), decompressed as it is read.
+// A GzFile as an std::istream (getline and the like), decompressed as it is read, after one
+// pass that checks the whole compressed stream (GzFile::check_whole).
 class GzStream : public std::istream {
  public:
   explicit GzStream(const std::string& path, const std::string& what = "")
@@ -81,7 +97,9 @@ class GzStream : public std::istream {
  private:
   class Buf : public std::streambuf {
    public:
-    Buf(const std::string& path, const std::string& what) : file_(path, what) {}
+    Buf(const std::string& path, const std::string& what) : file_(path, what) {
+      if (file_.compressed()) file_.check_whole();
+    }
 
    protected:
     int_type underflow() override {

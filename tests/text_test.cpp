@@ -280,17 +280,28 @@ TEST(TextCsv, GzipCompressedTablesAndTextsReadAsThePlainFiles) {
   EXPECT_EQ(json.labels.at("tags"), (std::vector<std::int64_t>{3, 0}));
   EXPECT_EQ(read_text_lines(write_gz(dir.file("t.txt.gz"), "one\ntwo\n")),
             (std::vector<std::string>{"one", "two"}));
-  // The same gzip stream cut short: zlib's error, naming the file (not its first rows as the table).
+  // The same gzip stream cut short, or with a bit flipped: zlib's error, naming the file (not its
+  // first rows as the table).
   std::string big;
   for (int i = 0; i < 20000; ++i) big += "text " + std::to_string(i * 7919 % 10007) + ",x,1\n";
   write_gz(dir.file("cut.csv.gz"), "text,topic,score\n" + big);
+  {
+    std::string bytes = read_file(dir.file("cut.csv.gz"));
+    bytes[bytes.size() / 2] = static_cast<char>(bytes[bytes.size() / 2] ^ 0x10);
+    write(dir.file("flip.csv.gz"), bytes);
+  }
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        read_text_table({dir.file("flip.csv.gz"), TableFormat::csv}, "text");
+      },
+      {"error reading '", "flip.csv.gz': ", "(the gzip stream is damaged)"}));
   const auto size = static_cast<off_t>(file_size(dir.file("cut.csv.gz")));
   ASSERT_EQ(::truncate(dir.file("cut.csv.gz").c_str(), size / 2), 0);
   EXPECT_TRUE(testing::throws_with<DataError>(
       [&] {
         read_text_table({dir.file("cut.csv.gz"), TableFormat::csv}, "text");
       },
-      {"error reading '", "cut.csv.gz': unexpected end of file"}));
+      {"error reading '", "cut.csv.gz': unexpected end of file (the gzip stream is cut short)"}));
 }
 
 // JSON lines as Hugging Face datasets' to_json writes them (keys in the columns' order,

@@ -11,7 +11,7 @@ through the real binary. Small data sets are written at test time, all from Fash
   * a CSV table of texts, quoted ones holding commas, quotes and line breaks, with labels (read
     by `canopy tokenize --input texts.csv`);
   * the same as JSON lines, with escapes, true/false, null and lists of labels (`tokenize
-    --input texts.jsonl`).
+    --input texts.jsonl`), and the CSV table gzip-compressed (`tokenize --input texts.csv.gz`).
 
 A mutant is one of them with a bit flipped (half of the flips in the first 64 bytes, where the
 headers are), cut short, or with four bytes set to 0x00, 0x7f, 0x80 or 0xff. `canopy cache`
@@ -44,7 +44,7 @@ import support
 from support import FMNIST, check, finish, read_idx, run_measured, tiny_conv_trunk, work_dir
 
 TRAIN, TEST = 40, 20
-KINDS = ("idx", "idxgz", "png", "jpg", "csv", "imagejson", "arff", "textcsv", "textjson")
+KINDS = ("idx", "idxgz", "png", "jpg", "csv", "imagejson", "arff", "textcsv", "textjson", "textcsvgz")
 
 
 def idx_bytes(a):
@@ -100,6 +100,10 @@ def write_inputs(base):
         f.write("".join(json.dumps({"topic": "yes" if i % 2 else "no", "Text": f"the cat {i}, \"sat\"\non \u00e9",
                                     "score": i / 4, "flag": bool(i % 3), "none": None,
                                     "tags": ["mat", "cat"][:i % 3]}) + "\n" for i in range(30)))
+    with open(f"{base}/arff/texts.csv", "rb") as f:
+        data = f.read()
+    with open(f"{base}/arff/texts.csv.gz", "wb") as f:
+        f.write(gzip.compress(data, mtime=0))
 
 
 def job(folder, kind, trunk):
@@ -119,12 +123,13 @@ def job(folder, kind, trunk):
 
 def targets(folder, kind):
     sub = {"idxgz": "idxgz", "idx": "idx", "png": "png", "jpg": "jpg", "csv": "png", "imagejson": "png", "arff": "arff",
-           "textcsv": "arff", "textjson": "arff"}[kind]
+           "textcsv": "arff", "textjson": "arff", "textcsvgz": "arff"}[kind]
     out = []
     for root, _, names in os.walk(f"{folder}/{sub}"):
         for name in names:
             wanted = {"csv": name.endswith(".csv"), "arff": name.endswith(".arff"), "textcsv": name.endswith(".csv"),
                       "textjson": name.endswith(".jsonl"), "imagejson": name.endswith(".jsonl"),
+                      "textcsvgz": name.endswith(".csv.gz"),
                       "png": name.endswith(".png"), "jpg": name.endswith(".jpg")}.get(kind, True)
             if wanted:
                 out.append(os.path.join(root, name))
@@ -186,7 +191,7 @@ def main():
             continue
         if kind == "arff":
             cmd = [canopy, "tokenize", "--vocab", f"{folder}/arff/vocab.txt", "--arff", path, "--attribute", "Text"]
-        elif kind in ("textcsv", "textjson"):
+        elif kind in ("textcsv", "textjson", "textcsvgz"):
             cmd = [canopy, "tokenize", "--vocab", f"{folder}/arff/vocab.txt", "--input", path]
         else:
             cmd = [canopy, "cache", "--config", job(folder, kind, trunk), "--progress", "quiet"]
