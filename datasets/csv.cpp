@@ -1,19 +1,14 @@
 #include "canopy/datasets/csv.h"
 
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
-#include <fstream>
 #include <iterator>
 #include <set>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "canopy/core/error.h"
-#include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
 #include "gz_file.h"
 
@@ -263,10 +258,9 @@ std::optional<TableFormat> table_format(const std::string& path) {
   return std::nullopt;
 }
 
-Csv read_table(const std::string& path, TableFormat format, const std::string& what,
-               const CsvHeaderCheck& check_header) {
-  return format == TableFormat::json ? read_json_table(path, what, check_header)
-                                     : read_csv(path, what, check_header);
+Csv read_table(const TableFile& file, const std::string& what, const CsvHeaderCheck& check_header) {
+  return file.format == TableFormat::json ? read_json_table(file.path, what, check_header)
+                                          : read_csv(file.path, what, check_header);
 }
 
 void check_name(const std::string& name, const std::string& where, const char* what, const char* mend) {
@@ -393,6 +387,7 @@ LabelColumns read_label_columns(const Csv& csv, const Csv& names, std::size_t sk
     }
   }
   for (const auto& key : names.list_keys) add_list_column(csv, names, key, out);
+  out.left_out = csv.left_out;
   return out;
 }
 

@@ -196,20 +196,24 @@ std::size_t path_column_of(const std::vector<std::string>& fields) {
 }
 
 // Reads a manifest and sets `col` to its path column; with `labels`, it must have a label
-// column too.
+// column too (a JSON list of labels is one: known once the first record is read whole).
 Csv read_manifest_table(const TableFile& file, bool labels, std::size_t& col) {
   const bool json = file.format == TableFormat::json;
+  const std::string wanted =
+      detail::str_cat(json ? "the records must have" : "the header must name",
+                      " a column path (or file_name, as Hugging Face's imagefolder metadata names it)",
+                      labels ? " and a label column" : "");
   const CsvHeaderCheck header = [&](const std::vector<std::string>& fields, const std::string& where,
                                     const std::string& line) {
     col = path_column_of(fields);
     const std::string other = json ? "" : separator_hint(fields, line);
-    CANOPY_CHECK(col != std::string::npos && (!labels || fields.size() >= 2), DataError, where, ": ",
-                 json ? "the records must have" : "the header must name",
-                 " a column path (or file_name, as Hugging Face's imagefolder metadata names it)",
-                 labels ? " and a label column" : "", ", got '", printable(line), "'", other,
-                 other.empty() ? "" : "; canopy reads comma-separated manifests: save it with commas");
+    CANOPY_CHECK(col != std::string::npos, DataError, where, ": ", wanted, ", got '", printable(line), "'",
+                 other, other.empty() ? "" : "; canopy reads comma-separated manifests: save it with commas");
   };
-  Csv csv = read_table(file.path, file.format, "image list", header);
+  Csv csv = read_table(file, "image list", header);
+  CANOPY_CHECK(!labels || csv.header.size() + csv.list_keys.size() >= 2, DataError, file.path, ": ", wanted,
+               ", got '", printable(join(csv.header, ",")),
+               csv.list_keys.empty() ? "" : " and lists " + join(csv.list_keys, ","), "'");
   CANOPY_CHECK(!csv.rows.empty(), DataError, "image list '", file.path, "' has ",
                json ? "no records" : "a header but no rows");
   return csv;
@@ -238,7 +242,6 @@ ImageList read_image_table(const TableFile& file, const TableFile& names) {
     std::size_t names_col = 0;
     return read_manifest_table(t, true, names_col);
   });
-  out.left_out = csv.left_out;
   out.paths = manifest_paths(csv, col);
   return out;
 }

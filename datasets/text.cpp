@@ -13,7 +13,6 @@
 #include <sstream>
 
 #include "canopy/core/error.h"
-#include "canopy/core/fs.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "gz_file.h"
@@ -569,7 +568,7 @@ Csv read_texts_csv(const TableFile& file, const std::string& column, std::size_t
                                     const std::string& line) {
     col = text_column_of(fields, column, where, line);
   };
-  Csv csv = read_table(file.path, file.format, "table of texts", header);
+  Csv csv = read_table(file, "table of texts", header);
   CANOPY_CHECK(!csv.rows.empty(), DataError, "table of texts '", file.path, "' has ",
                file.format == TableFormat::json ? "no records" : "a header but no rows");
   return csv;
@@ -604,7 +603,6 @@ TextTable read_text_table(const TableFile& file, const std::string& column, cons
     return read_texts_csv(t, column, names_col);
   });
   out.text_column = csv.header[col];
-  out.left_out = csv.left_out;
   out.texts = column_texts(csv, col);
   return out;
 }

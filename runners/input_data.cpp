@@ -340,11 +340,10 @@ void note_empty_fields(const datasets::LabelColumns& table, const std::string& p
 
 // Says what the training table `path` holds beyond its columns of one value: empty fields, JSON
 // keys left out (objects, lists of lists), lists of labels (bitmask sources).
-void note_table_columns(const datasets::LabelColumns& table, const std::vector<std::string>& left_out,
-                        const std::string& path) {
+void note_table_columns(const datasets::LabelColumns& table, const std::string& path) {
   note_empty_fields(table, path);
-  if (!left_out.empty()) {
-    log_info(detail::str_cat("key(s) ", join(left_out, ", "), " of '", path,
+  if (!table.left_out.empty()) {
+    log_info(detail::str_cat("key(s) ", join(table.left_out, ", "), " of '", path,
                              "' hold objects or lists of lists: no label sources"));
   }
   for (const auto& [source, bits] : table.bit_names) {
@@ -458,7 +457,7 @@ InputData load_text_tables(const JobConfig& config) {
                              "' has two values, one of them yes, 1 or true (or data.positive_value)"));
   }
   record_label_classes(train, data);
-  note_table_columns(train, train.left_out, config.data.train);
+  note_table_columns(train, config.data.train);
   data.splits["train"] = text_table_split(train, config.data.train_limit, tokenizer, positives, data);
   const datasets::TextTable test =
       datasets::read_text_table(data_table(config.data, config.data.test), config.data.text_attribute,
@@ -582,7 +581,7 @@ InputData load_image_files(const JobConfig& config) {
       }
       record_label_classes(list, data);
       if (reads_image_table(config.data))
-        note_table_columns(list, list.left_out, data_table(config.data, config.data.train).path);
+        note_table_columns(list, data_table(config.data, config.data.train).path);
     } else {
       CANOPY_CHECK(list.label_order == data.label_sources, DataError, "the test images' labels (",
                    join(list.label_order, ", "), ") differ from the training images' (",
@@ -638,7 +637,7 @@ std::vector<std::vector<std::string>> read_kept_columns(const JobConfig& config,
                "a table of texts or a manifest of images); '",
                path, "' is not one");
   const datasets::Csv table =
-      datasets::read_table(path, *format, "table", [](const auto&, const auto&, const auto&) {});
+      datasets::read_table({path, *format}, "table", [](const auto&, const auto&, const auto&) {});
   std::vector<std::size_t> at;
   for (const auto& c : columns) {
     const auto it = std::find(table.header.begin(), table.header.end(), c);

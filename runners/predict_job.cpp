@@ -57,18 +57,30 @@ std::vector<std::string> prediction_names(const ExportedHead& h, const at::Tenso
   }
   return out;
 }
-// What predict writes of each input beside its answers: its image file (null when the inputs
-// are not files) and the --keep columns of its table row (null when none), from a pass's first row.
+// The columns predict writes beyond each task's answer, and the --keep values they come from.
+struct AnswerColumns {
+  bool paths = false;                          // image files: each input's file, after id
+  std::vector<std::vector<std::string>> kept;  // --keep: each input row's values of those columns
+  std::vector<std::string> scores;             // --scores: <task>:<class> per classifier's class
+  std::vector<std::string> top;                // --top K: <task>:topJ, <task>:topJ_p per multiclass head
+};
+
+// The rows from `first` on of what AnswerColumns writes before the answers: null where none.
 struct RowKeys {
   const std::string* paths = nullptr;
   const std::vector<std::string>* kept = nullptr;
 };
+RowKeys row_keys(const AnswerColumns& columns, const InputSplit& in, std::int64_t first) {
+  RowKeys keys;
+  if (columns.paths) keys.paths = in.paths->data() + first;  // image files: set_image_file_inputs set them
+  if (!columns.kept.empty()) keys.kept = columns.kept.data() + first;
+  return keys;
+}
 
 // The predictions of the rows from `first` on, given every head's outputs for them, to `out`.
 void write_predictions(std::int64_t first, RowKeys keys, const std::vector<at::Tensor>& outputs,
                        const ExportedModel& model, const PredictOptions& options,
-                       const std::vector<std::string>& score_columns,
-                       const std::vector<std::string>& top_columns, std::int64_t n, std::ostream& out) {
+                       const AnswerColumns& columns, std::int64_t n, std::ostream& out) {
   const auto rows = static_cast<std::size_t>(outputs.front().size(0));
   std::vector<std::vector<std::string>> cells(rows);
   std::vector<std::vector<double>> scores(rows);
@@ -118,10 +130,10 @@ void write_predictions(std::int64_t first, RowKeys keys, const std::vector<at::T
       if (keys.kept)
         for (std::size_t k = 0; k < keys.kept[r].size(); ++k) line[options.keep[k]] = keys.kept[r][k];
       for (std::size_t k = 0; k < model.heads.size(); ++k) line[model.heads[k].task()] = cells[r][k];
-      for (std::size_t k = 0; k < scores[r].size(); ++k) line[score_columns[k]] = scores[r][k];
+      for (std::size_t k = 0; k < scores[r].size(); ++k) line[columns.scores[k]] = scores[r][k];
       for (std::size_t k = 0; k < top[r].size(); ++k) {
-        line[top_columns[2 * k]] = top[r][k].first;
-        line[top_columns[2 * k + 1]] = top[r][k].second;
+        line[columns.top[2 * k]] = top[r][k].first;
+        line[columns.top[2 * k + 1]] = top[r][k].second;
       }
       out << line.dump() << "\n";
     }
@@ -129,6 +141,103 @@ void write_predictions(std::int64_t first, RowKeys keys, const std::vector<at::T
   // Standard output on a full disk, say: stopped here, not reported as written.
   CANOPY_CHECK(out, IoError, "writing the predictions failed after ", first, " of ", n,
                " rows: ", describe_write_error(errno));
+}
+
+// The columns beyond the tasks' (the --keep values not read yet).
+AnswerColumns answer_columns(const ExportedModel& model, const JobConfig& config,
+                             const PredictOptions& options) {
+  AnswerColumns columns;
+  // Image files: each answer's file beside its id (a folder's are listed in sorted order, which
+  // a reader should not have to redo).
+  columns.paths = reads_image_files(config.data);
+  for (const auto& h : model.heads) {
+    if (options.scores && h.kind != tasks::TaskKind::kRegression) {
+      for (const auto& c : h.class_names) columns.scores.push_back(h.task() + ":" + c);
+    }
+  }
+  for (const auto& h : model.heads) {
+    if (h.kind != tasks::TaskKind::kMulticlass) continue;
+    for (std::int64_t j = 1; j <= std::min(options.top, h.out_features); ++j) {
+      columns.top.push_back(detail::str_cat(h.task(), ":top", j));
+      columns.top.push_back(detail::str_cat(h.task(), ":top", j, "_p"));
+    }
+  }
+  return columns;
+}
+
+// Every column of the answers, in order: id, path, --keep's, one per task, scores, top classes.
+std::vector<std::string> column_names(const ExportedModel& model, const PredictOptions& options,
+                                      const AnswerColumns& columns) {
+  std::vector<std::string> names{"id"};
+  if (columns.paths) names.push_back("path");
+  names.insert(names.end(), options.keep.begin(), options.keep.end());
+  for (const auto& h : model.heads) names.push_back(h.task());
+  names.insert(names.end(), columns.scores.begin(), columns.scores.end());
+  names.insert(names.end(), columns.top.begin(), columns.top.end());
+  return names;
+}
+
+// Each column once, none empty: a --keep column already among the answers (or repeated), a task
+// named path over image files, or one named as another column, is refused.
+void check_column_names(const std::vector<std::string>& names, const PredictOptions& options) {
+  for (auto it = names.begin(); it != names.end(); ++it) {
+    if (!it->empty() && std::find(names.begin(), it, *it) == it) continue;
+    const std::string& c = *it;
+    CANOPY_CHECK(std::find(options.keep.begin(), options.keep.end(), c) == options.keep.end(), ConfigError,
+                 "--keep ", join(options.keep, ","), ": '", c,
+                 "' is empty, repeated or already a column of the answers (", join(names, ","), ")");
+    CANOPY_CHECK(c != "path", ConfigError,
+                 "task 'path' would share its column with the image files' paths: rename the task");
+    throw ConfigError(detail::str_cat("task '", c, "' would write a second column '", c, "' (",
+                                      join(names, ","), "): rename the task"));
+  }
+}
+
+// --input -: each chunk of lines as it comes (up to a trunk batch, at most --limit in all),
+// answered and flushed before the next is waited for. Returns the rows answered.
+std::int64_t predict_lines(PredictLines& lines, ExportedModel& model, const JobConfig& config,
+                           const PredictOptions& options, const AnswerColumns& columns,
+                           const std::string& unit, std::ostream& out) {
+  const std::int64_t batch = std::max<std::int64_t>(1, config.cache.batch_size);
+  out.flush();  // the header, before the first line is waited for
+  for (;;) {
+    const std::int64_t left = options.limit > 0 ? options.limit - lines.rows_so_far() : batch;
+    if (left <= 0) break;
+    const InputSplit chunk = lines.next(std::min(batch, left));
+    if (chunk.rows == 0) break;
+    const std::int64_t offset = lines.rows_so_far() - chunk.rows;  // the chunk's first id
+    Progress quiet("predict", chunk.rows, unit, ProgressStyle::kQuiet);
+    run_model_pass(model, chunk, config, quiet, "predicting", "predicted",
+                   [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {
+                     write_predictions(offset + first, row_keys(columns, chunk, first), outputs, model,
+                                       options, columns, offset + chunk.rows, out);
+                   });
+    out.flush();
+    CANOPY_CHECK(out, IoError, "writing the predictions failed after ", lines.rows_so_far(),
+                 " rows: ", describe_write_error(errno));
+  }
+  return lines.rows_so_far();
+}
+
+// --input FILE: read whole (its first --limit rows), then answered batch by batch.
+std::int64_t predict_file(ExportedModel& model, const JobConfig& config, const PredictOptions& options,
+                          const AnswerColumns& columns, const std::string& unit, std::ostream& out,
+                          ProgressStyle style) {
+  const InputSplit input = load_predict_input(config, options.input, options.limit);
+  const std::int64_t n = input.rows;
+  CANOPY_CHECK(columns.kept.empty() || static_cast<std::int64_t>(columns.kept.size()) == n, Error,
+               "--keep: '", options.input, "' gave ", columns.kept.size(), " rows of its columns but ", n,
+               " inputs");
+  Progress progress("predict", n, unit, style);
+  run_model_pass(model, input, config, progress, "predicting", "predicted",
+                 [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {
+                   write_predictions(first, row_keys(columns, input, first), outputs, model, options, columns,
+                                     n, out);
+                 });
+  out.flush();
+  CANOPY_CHECK(out, IoError, "writing the predictions failed at the end: ", describe_write_error(errno));
+  progress.finish();
+  return n;
 }
 
 }  // namespace
@@ -144,100 +253,18 @@ std::int64_t run_predict(const JobConfig& config, const tasks::HeadRegistry& reg
   std::optional<PredictLines> lines;
   if (options.input == "-") lines.emplace(config);
   ExportedModel model = load_exported_model(config, registry);
-  // Column names: one per task, then (with scores) one per class or label of each classifier.
-  std::vector<std::string> score_columns;
-  if (options.scores) {
-    for (const auto& h : model.heads) {
-      if (h.kind == tasks::TaskKind::kRegression) continue;
-      for (const auto& c : h.class_names) score_columns.push_back(h.task() + ":" + c);
-    }
-  }
-  // With top K: per multiclass head, its K best classes and their probabilities.
-  std::vector<std::string> top_columns;
-  for (const auto& h : model.heads) {
-    if (h.kind != tasks::TaskKind::kMulticlass) continue;
-    for (std::int64_t j = 1; j <= std::min(options.top, h.out_features); ++j) {
-      top_columns.push_back(detail::str_cat(h.task(), ":top", j));
-      top_columns.push_back(detail::str_cat(h.task(), ":top", j, "_p"));
-    }
-  }
-  // Image files: each answer's file beside its id (a folder's are listed in sorted order, which
-  // a reader should not have to redo).
-  const bool with_paths = reads_image_files(config.data);
-  for (const auto& h : model.heads) {
-    CANOPY_CHECK(!with_paths || h.task() != "path", ConfigError,
-                 "task 'path' would share its column with the image files' paths: rename the task");
-  }
-  // --keep: the input table's columns, after id (and path), checked against every other column.
-  std::vector<std::vector<std::string>> kept;
-  if (!options.keep.empty()) {
-    std::vector<std::string> taken{"id"};
-    if (with_paths) taken.push_back("path");
-    for (const auto& h : model.heads) taken.push_back(h.task());
-    taken.insert(taken.end(), score_columns.begin(), score_columns.end());
-    taken.insert(taken.end(), top_columns.begin(), top_columns.end());
-    for (std::size_t i = 0; i < options.keep.size(); ++i) {
-      const std::string& c = options.keep[i];
-      const auto before = options.keep.begin() + static_cast<std::ptrdiff_t>(i);
-      CANOPY_CHECK(!c.empty() && std::find(taken.begin(), taken.end(), c) == taken.end() &&
-                       std::find(options.keep.begin(), before, c) == before,
-                   ConfigError, "--keep ", join(options.keep, ","), ": '", c,
-                   "' is empty, repeated or already a column of the answers (", join(taken, ","), ")");
-    }
-    kept = read_kept_columns(config, options.input, options.keep, options.limit);
-  }
-  const auto keys_from = [&](const InputSplit& in, std::int64_t first) {
-    RowKeys keys;
-    if (with_paths) keys.paths = in.paths->data() + first;  // image files: set_image_file_inputs set them
-    if (!kept.empty()) keys.kept = kept.data() + first;
-    return keys;
-  };
+  AnswerColumns columns = answer_columns(model, config, options);
+  const std::vector<std::string> names = column_names(model, options, columns);
+  check_column_names(names, options);
+  if (!options.keep.empty())
+    columns.kept = read_kept_columns(config, options.input, options.keep, options.limit);
   if (options.format == "csv") {
-    out << "id" << (with_paths ? ",path" : "");
-    for (const auto& c : options.keep) out << "," << csv_field(c);
-    for (const auto& h : model.heads) out << "," << csv_field(h.task());
-    for (const auto& c : score_columns) out << "," << csv_field(c);
-    for (const auto& c : top_columns) out << "," << csv_field(c);
+    for (std::size_t k = 0; k < names.size(); ++k) out << (k ? "," : "") << csv_field(names[k]);
     out << "\n";
   }
   const std::string unit = reads_text_data(config.data) ? "doc" : "img";
-  if (lines) {
-    // Each chunk of lines as it comes (up to a trunk batch, at most --limit in all), answered
-    // and flushed before the next is waited for.
-    const std::int64_t batch = std::max<std::int64_t>(1, config.cache.batch_size);
-    out.flush();  // the header, before the first line is waited for
-    for (;;) {
-      const std::int64_t left = options.limit > 0 ? options.limit - lines->rows_so_far() : batch;
-      if (left <= 0) break;
-      const InputSplit chunk = lines->next(std::min(batch, left));
-      if (chunk.rows == 0) break;
-      const std::int64_t offset = lines->rows_so_far() - chunk.rows;  // the chunk's first id
-      Progress quiet("predict", chunk.rows, unit, ProgressStyle::kQuiet);
-      run_model_pass(model, chunk, config, quiet, "predicting", "predicted",
-                     [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {
-                       write_predictions(offset + first, keys_from(chunk, first), outputs, model, options,
-                                         score_columns, top_columns, offset + chunk.rows, out);
-                     });
-      out.flush();
-      CANOPY_CHECK(out, IoError, "writing the predictions failed after ", lines->rows_so_far(),
-                   " rows: ", describe_write_error(errno));
-    }
-    return lines->rows_so_far();
-  }
-  const InputSplit input = load_predict_input(config, options.input, options.limit);
-  const std::int64_t n = input.rows;
-  CANOPY_CHECK(kept.empty() || static_cast<std::int64_t>(kept.size()) == n, Error, "--keep: '", options.input,
-               "' gave ", kept.size(), " rows of its columns but ", n, " inputs");
-  Progress progress("predict", n, unit, style);
-  run_model_pass(model, input, config, progress, "predicting", "predicted",
-                 [&](std::int64_t first, const std::vector<at::Tensor>& outputs) {
-                   write_predictions(first, keys_from(input, first), outputs, model, options, score_columns,
-                                     top_columns, n, out);
-                 });
-  out.flush();
-  CANOPY_CHECK(out, IoError, "writing the predictions failed at the end: ", describe_write_error(errno));
-  progress.finish();
-  return n;
+  return lines ? predict_lines(*lines, model, config, options, columns, unit, out)
+               : predict_file(model, config, options, columns, unit, out, style);
 }
 
 }  // namespace canopy::runners

@@ -229,6 +229,23 @@ TEST(Images, JsonManifestsAndFileNameColumns) {
   EXPECT_EQ(test.labels.at("tags"), std::vector<std::int64_t>{2});
   EXPECT_EQ(read_image_table_paths({dir.file("test.json"), TableFormat::json}),
             std::vector<std::string>{dir.file("e.png")});
+  // A list of labels is a label column: a manifest of file_name and tags alone trains (before,
+  // refused as having no label column: the check saw only the keys of one value).
+  std::ofstream(dir.file("tagsonly.jsonl")) << R"({"file_name": "a.png", "tags": ["x"]})"
+                                            << "\n"
+                                            << R"({"file_name": "b.png", "tags": ["y", "x"]})"
+                                            << "\n";
+  const ImageList tags_only = read_image_table({dir.file("tagsonly.jsonl"), TableFormat::json});
+  EXPECT_EQ(tags_only.label_order, std::vector<std::string>{"tags"});
+  EXPECT_EQ(tags_only.labels.at("tags"), (std::vector<std::int64_t>{1, 3}));
+  std::ofstream(dir.file("boxonly.jsonl")) << R"({"file_name": "a.png", "box": {"x": 1}})"
+                                           << "\n";
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        read_image_table({dir.file("boxonly.jsonl"), TableFormat::json});
+      },
+      {"boxonly.jsonl: the records must have a column path (or file_name",
+       "and a label column, got 'file_name'"}));
   std::ofstream(dir.file("nopath.jsonl")) << R"({"image": "a.png", "kind": "cat"})"
                                           << "\n";
   EXPECT_TRUE(testing::throws_with<DataError>(

@@ -56,8 +56,7 @@ struct TableFile {
   std::string path;
   TableFormat format = TableFormat::csv;
 };
-Csv read_table(const std::string& path, TableFormat format, const std::string& what,
-               const CsvHeaderCheck& check_header);
+Csv read_table(const TableFile& file, const std::string& what, const CsvHeaderCheck& check_header);
 
 // Why a header read as one field may not be comma-separated, "" otherwise: a spreadsheet in a
 // locale whose decimal mark is a comma saves "CSV" with semicolons.
@@ -83,6 +82,7 @@ struct LabelColumns {
   std::map<std::string, std::vector<std::string>> class_names;  // per named-class label source
   std::vector<std::string> label_order;                         // label sources as listed
   std::map<std::string, std::vector<std::string>> bit_names;    // per list source: each bit's label
+  std::vector<std::string> left_out;  // JSON keys holding objects or lists of lists: no columns (Csv's)
 };
 inline constexpr std::size_t kMaxBits = 62;  // labels in one int64 bitmask, as all_labels
 LabelColumns read_label_columns(const Csv& csv, const Csv& names, std::size_t skip);

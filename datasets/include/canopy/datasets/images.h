@@ -30,8 +30,7 @@ bool is_hidden_entry(const std::string& name);
 
 // A labelled list of image files.
 struct ImageList : LabelColumns {
-  std::vector<std::string> paths;     // absolute or relative to the cwd
-  std::vector<std::string> left_out;  // JSON keys holding objects or lists of lists: no columns
+  std::vector<std::string> paths;  // absolute or relative to the cwd
 };
 
 // A manifest: a CSV or JSON table (csv.h) with a column `path` (else `file_name`, as Hugging

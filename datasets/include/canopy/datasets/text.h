@@ -78,8 +78,7 @@ std::vector<std::string> read_arff_texts(const std::string& path, const std::str
 // DataError naming its row.
 struct TextTable : LabelColumns {
   std::vector<std::string> texts;
-  std::string text_column;            // as the header spells it
-  std::vector<std::string> left_out;  // JSON keys holding lists or objects: no columns
+  std::string text_column;  // as the header spells it
 };
 TextTable read_text_table(const TableFile& file, const std::string& column, const TableFile& names = {});
 // Only the texts of such a table (predict, tokenize): its other columns are not read as labels.
