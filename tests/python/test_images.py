@@ -439,6 +439,17 @@ def check_cmyk(canopy, work, trunk):
                        capture_output=True, text=True)
     check(r.returncode == 0 and p.returncode == 2 and "task 'path' would share its column" in p.stderr
           and p.stdout == "", f"predict refuses a task named path over image files ({p.stderr.strip()[-120:]})")
+    # So is any task named as another column of the answers (id here; before, written twice).
+    with open(cfg) as f:
+        text = f.read().replace("[task.path]", "[task.id]").replace(f"{work}/cmyk-out", f"{work}/cmyk-id")
+    with open(f"{work}/cmyk-id.ini", "w") as f:
+        f.write(text)
+    r = subprocess.run([canopy, "train", "--config", f"{work}/cmyk-id.ini", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    p = subprocess.run([canopy, "predict", "--config", f"{work}/cmyk-id.ini", "--input", f"{work}/cmyk/test",
+                        "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0 and p.returncode == 2 and "task 'id' would write a second column 'id' (id,path,c,id)"
+          in p.stderr and p.stdout == "", f"predict refuses a task named id ({p.stderr.strip()[-120:]})")
 
 
 if __name__ == "__main__":
