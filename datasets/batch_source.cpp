@@ -223,9 +223,7 @@ class StreamingSource : public BatchSource {
 
  private:
   std::uint64_t bytes_of_shard(const ShardInfo& s) const {
-    return static_cast<std::uint64_t>(s.rows) * (static_cast<std::uint64_t>(cache_.feature_dim()) *
-                                                     at::elementSize(scalar_type(cache_.meta().dtype)) +
-                                                 8 * (2 + s.labels.size()));  // ids, positions
+    return static_cast<std::uint64_t>(s.rows) * (bytes_per_row(cache_.meta()) + 8);  // and positions
   }
 
   void add_held(std::uint64_t b) {
@@ -276,7 +274,11 @@ class StreamingSource : public BatchSource {
     out.features = at::empty({n, like.features.size(1)}, like.features.options());
     out.ids = at::empty({n}, like.ids.options());
     out.positions = at::empty({n}, like.positions.options());
-    for (const auto& [src, t] : like.labels) out.labels[src] = at::empty({n}, t.options());
+    for (const auto& [src, t] : like.labels) {
+      std::vector<std::int64_t> shape = t.sizes().vec();  // [rows] or [rows, K] (multi-hot)
+      shape[0] = n;
+      out.labels[src] = at::empty(shape, t.options());
+    }
     std::int64_t first = 0;
     for (const auto& [p, rows] : local) {
       auto into = [&, &rows = rows](const at::Tensor& dst, const at::Tensor& src) {

@@ -287,9 +287,9 @@ void add_list_column(const Csv& csv, const Csv& names, const std::string& key, L
     std::int64_t top = 0;
     for (const auto& item : items)
       top = std::max<std::int64_t>(top, std::strtoll(item[0].c_str(), nullptr, 10));
-    CANOPY_CHECK(top < static_cast<std::int64_t>(kMaxBits), DataError, names.path, ": '", key,
-                 "' lists label ", top, "; a list of labels holds at most ", kMaxBits, " (0 to ",
-                 kMaxBits - 1, ")");
+    CANOPY_CHECK(top < static_cast<std::int64_t>(kMaxListLabels), DataError, names.path, ": '", key,
+                 "' lists label ", top, "; a list of labels holds at most ", kMaxListLabels, " (0 to ",
+                 kMaxListLabels - 1, ": a row keeps a value per label)");
     for (std::int64_t j = 0; j <= top; ++j) bits.push_back(std::to_string(j));
   } else {
     std::set<std::string> found;
@@ -297,26 +297,43 @@ void add_list_column(const Csv& csv, const Csv& names, const std::string& key, L
       if (found.insert(items[i][0]).second)
         check_name(items[i][0], detail::str_cat(names.path, ": '", key, "'"), "label", kConvertCsv);
     }
-    CANOPY_CHECK(found.size() <= kMaxBits, DataError, names.path, ": '", key, "' lists ", found.size(),
-                 " different labels; a list of labels holds at most ", kMaxBits);
+    CANOPY_CHECK(found.size() <= kMaxListLabels, DataError, names.path, ": '", key, "' lists ", found.size(),
+                 " different labels; a list of labels holds at most ", kMaxListLabels,
+                 " (a row keeps a value per label)");
     bits.assign(found.begin(), found.end());
   }
-  auto& masks = out.labels[key];
+  // A bitmask per row, or past kMaxBits labels a row of K zeros and ones (label_lists.h).
+  const auto k = static_cast<std::int64_t>(bits.size());
+  const bool multi_hot = is_multi_hot(bits.size());
+  auto& values = out.labels[key];
   const auto& rows = csv.lists.at(key);
   for (std::size_t i = 0; i < rows.size(); ++i) {
     std::int64_t mask = 0;
+    const std::size_t row = values.size();
+    if (multi_hot) values.resize(row + bits.size(), 0);
     for (const auto& item : rows[i]) {
-      char* end = nullptr;
-      const std::int64_t index = indices ? std::strtoll(item.c_str(), &end, 10) : 0;
-      const auto bit = !indices ? std::find(bits.begin(), bits.end(), item) - bits.begin()
-                       : !item.empty() && *end == '\0' && index >= 0 ? index
-                                                                     : -1;
-      CANOPY_CHECK(bit >= 0 && bit < static_cast<std::int64_t>(bits.size()), DataError, csv.path, ": row ",
-                   i + 1, " lists ", key, " '", item, "', which '", names.path,
-                   "' never lists (its labels: ", join(bits, ", "), ")");
-      mask |= std::int64_t{1} << bit;
+      std::int64_t bit = -1;
+      if (indices) {
+        char* end = nullptr;
+        const std::int64_t index = std::strtoll(item.c_str(), &end, 10);
+        if (!item.empty() && *end == '\0' && index >= 0) bit = index;
+      } else if (const auto named = std::lower_bound(bits.begin(), bits.end(), item);  // sorted names
+                 named != bits.end() && *named == item) {
+        bit = named - bits.begin();
+      }
+      CANOPY_CHECK(bit >= 0 && bit<k, DataError, csv.path, ": row ", i + 1, " lists ", key, " '", item,
+                                   "', which '", names.path, "' never lists (its labels: ", k> 12
+                       ? join(std::vector<std::string>(bits.begin(), bits.begin() + 10), ", ") +
+                             detail::str_cat(", ... ", k, " in all")
+                       : join(bits, ", "),
+                   ")");
+      if (multi_hot) {
+        values[row + static_cast<std::size_t>(bit)] = 1;
+      } else {
+        mask |= std::int64_t{1} << bit;
+      }
     }
-    masks.push_back(mask);
+    if (!multi_hot) values.push_back(mask);
   }
   out.label_order.push_back(key);
   out.bit_names[key] = std::move(bits);

@@ -24,6 +24,7 @@
 #include "canopy/core/fork_join.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/json_checksum.h"
+#include "canopy/core/label_lists.h"
 #include "canopy/core/strings.h"
 #include "hdf5_raii.h"
 
@@ -73,9 +74,16 @@ namespace {
 std::uint64_t element_size(StorageDtype d) { return d == StorageDtype::kFloat32 ? 4 : 2; }
 }  // namespace
 
+std::int64_t schema_of(const CacheMeta& m) {
+  for (const auto& src : m.label_sources)
+    if (m.label_width(src) > 1) return kCacheSchemaVersionMultiHot;
+  return m.views > 1 ? kCacheSchemaVersionViews : kCacheSchemaVersion;
+}
+
 std::uint64_t bytes_per_row(const CacheMeta& meta) {
-  return static_cast<std::uint64_t>(meta.feature_dim) * element_size(meta.dtype) +
-         8 * (1 + static_cast<std::uint64_t>(meta.label_sources.size()));
+  std::uint64_t values = 1;  // the id
+  for (const auto& src : meta.label_sources) values += static_cast<std::uint64_t>(meta.label_width(src));
+  return static_cast<std::uint64_t>(meta.feature_dim) * element_size(meta.dtype) + 8 * values;
 }
 
 namespace {
@@ -126,10 +134,6 @@ std::vector<std::uint32_t> block_crcs(const std::uint8_t* p, std::uint64_t n) {
   });
   edges.join();
   return out;
-}
-
-std::int64_t schema_of(const CacheMeta& m) {
-  return m.views > 1 ? kCacheSchemaVersionViews : kCacheSchemaVersion;
 }
 
 json meta_to_json(const CacheMeta& m) {
@@ -226,6 +230,18 @@ at::ScalarType CacheMeta::label_dtype(const std::string& source) const {
   return is_float_label(source) ? at::kDouble : at::kLong;
 }
 
+std::int64_t CacheMeta::label_width(const std::string& source) const {
+  const auto bits = label_bits.find(source);
+  return bits != label_bits.end() && is_multi_hot(bits->second.size())
+             ? static_cast<std::int64_t>(bits->second.size())
+             : 1;
+}
+
+std::vector<std::int64_t> CacheMeta::label_shape(const std::string& source, std::int64_t rows) const {
+  const std::int64_t k = label_width(source);
+  return k > 1 ? std::vector<std::int64_t>{rows, k} : std::vector<std::int64_t>{rows};
+}
+
 namespace {
 std::string join_ints(const std::vector<std::int64_t>& v) {
   std::string out = "[";
@@ -307,13 +323,14 @@ Manifest read_manifest_file(const std::string& dir, const std::string& path) {
                    "): it is corrupt; `canopy cache --force` rebuilds the cache");
     }
     const std::int64_t schema = j.at("schema");
-    CANOPY_CHECK(schema == kCacheSchemaVersion || schema == kCacheSchemaVersionViews, DataError,
+    CANOPY_CHECK(schema >= kCacheSchemaVersion && schema <= kCacheSchemaVersionMultiHot, DataError,
                  "feature cache '", dir, "' has schema version ", schema, ", this canopy reads versions ",
-                 kCacheSchemaVersion, " and ", kCacheSchemaVersionViews, "; rebuild it");
+                 kCacheSchemaVersion, " to ", kCacheSchemaVersionMultiHot, "; rebuild it");
     Manifest m;
     m.meta = meta_from_json(j.at("meta"));
-    CANOPY_CHECK((schema == kCacheSchemaVersionViews) == (m.meta.views > 1), DataError, "feature cache '",
-                 dir, "': schema ", schema, " with ", m.meta.views, " view(s)");
+    CANOPY_CHECK(schema == schema_of(m.meta), DataError, "feature cache '", dir, "': schema ", schema,
+                 ", but its meta (", m.meta.views, " view(s), multi-hot label sources or none) is of schema ",
+                 schema_of(m.meta));
     m.split_rows = j.at("splits").get<std::map<std::string, std::int64_t>>();
     m.complete = j.at("complete");
     for (const auto& s : j.at("shards")) {
@@ -423,10 +440,11 @@ class RegionReader {
     edges.join();
   }
 
-  // Reads an 8-byte-per-row region (ids, a label column) into `dst` and checks it.
+  // Reads a region of 8-byte values (ids, a label column: `dst`'s rows) into `dst` and checks it.
   void read_column(at::Tensor dst, std::uint64_t offset, std::uint32_t crc, const std::string& region) {
-    pread_exact(fd_.get(), dst.data_ptr(), s_.rows * 8, offset, "shard '" + file_ + "'");
-    check_crc(crc32c(dst.data_ptr(), s_.rows * 8), crc, region, offset);
+    const auto bytes = static_cast<std::uint64_t>(dst.nbytes());
+    pread_exact(fd_.get(), dst.data_ptr(), bytes, offset, "shard '" + file_ + "'");
+    check_crc(crc32c(dst.data_ptr(), bytes), crc, region, offset);
   }
 
  private:
@@ -466,7 +484,8 @@ void read_shard_into(const std::string& dir, const ShardInfo& s, const CacheMeta
   r.check_crc(crc32c(ids.data_ptr(), s.rows * 8), s.ids_crc32c, "ids", s.ids_offset);
   for (const auto& [src, v] : s.labels) {
     read_ds("labels/" + src, label_mem_type(meta, src), labels.at(src));
-    r.check_crc(crc32c(labels.at(src).data_ptr(), s.rows * 8), v.second, "labels/" + src, v.first);
+    r.check_crc(crc32c(labels.at(src).data_ptr(), labels.at(src).nbytes()), v.second, "labels/" + src,
+                v.first);
   }
 }
 
@@ -474,7 +493,8 @@ SplitData allocate(std::int64_t rows, const CacheMeta& meta) {
   SplitData d;
   d.features = at::empty({rows, meta.feature_dim}, scalar_type(meta.dtype));
   d.ids = at::empty({rows}, at::kLong);
-  for (const auto& src : meta.label_sources) d.labels[src] = at::empty({rows}, meta.label_dtype(src));
+  for (const auto& src : meta.label_sources)
+    d.labels[src] = at::empty(meta.label_shape(src, rows), meta.label_dtype(src));
   return d;
 }
 
@@ -489,8 +509,8 @@ bool fits(const SplitData& d, std::int64_t rows, const CacheMeta& meta) {
     return false;
   for (const auto& src : meta.label_sources) {
     const auto it = d.labels.find(src);
-    if (it == d.labels.end() || it->second.numel() != rows || !it->second.is_contiguous() ||
-        it->second.scalar_type() != meta.label_dtype(src))
+    if (it == d.labels.end() || it->second.sizes() != at::IntArrayRef(meta.label_shape(src, rows)) ||
+        !it->second.is_contiguous() || it->second.scalar_type() != meta.label_dtype(src))
       return false;
   }
   return true;
@@ -551,7 +571,8 @@ void verify_shard_header(const std::string& dir, const ShardInfo& s, const Cache
   std::vector<Expected> expected = {{"features", ftype.get(), {s.rows, meta.feature_dim}, s.features_offset},
                                     {"ids", H5T_STD_I64LE, {s.rows}, s.ids_offset}};
   for (const auto& [src, region] : s.labels)
-    expected.push_back({"labels/" + src, label_file_type(meta, src), {s.rows}, region.first});
+    expected.push_back(
+        {"labels/" + src, label_file_type(meta, src), meta.label_shape(src, s.rows), region.first});
   for (const auto& e : expected) {
     h5::Handle d = h5::open_dataset(file.get(), e.name, where);
     const auto dims = h5::shape(d.get()), max = h5::max_shape(d.get());
@@ -615,8 +636,11 @@ void verify_view(const std::string& dir, const Manifest& m, Progress& progress) 
     columns.push_back({split + "/features", {rows, meta.feature_dim}, ftype.get(), feature_mem, {}});
     columns.push_back({split + "/ids", {rows}, H5T_STD_I64LE, H5T_NATIVE_INT64, {}});
     for (const auto& src : meta.label_sources)
-      columns.push_back(
-          {split + "/labels/" + src, {rows}, label_file_type(meta, src), label_mem_type(meta, src), {}});
+      columns.push_back({split + "/labels/" + src,
+                         meta.label_shape(src, rows),
+                         label_file_type(meta, src),
+                         label_mem_type(meta, src),
+                         {}});
     for (auto& c : columns) {
       c.dataset = h5::open_dataset(root, c.name, where);
       if (!h5::has_type(c.dataset.get(), c.type)) fail(c.name, " is not of the type canopy wrote");
@@ -651,7 +675,7 @@ void verify_view(const std::string& dir, const Manifest& m, Progress& progress) 
         const at::Tensor& t = d.labels.at(src);
         read(columns[2 + i], t);
         const auto it = s.labels.find(src);
-        if (it == s.labels.end() || crc32c(t.data_ptr(), s.rows * 8) != it->second.second)
+        if (it == s.labels.end() || crc32c(t.data_ptr(), t.nbytes()) != it->second.second)
           differs(columns[2 + i]);
       }
       progress.advance(s.rows);
@@ -850,8 +874,11 @@ void FeatureCacheWriter::append(const std::string& split, const at::Tensor& feat
   for (const auto& src : m.meta.label_sources) {
     const auto it = labels.find(src);
     CANOPY_CHECK(it != labels.end(), DataError, "split '", split, "': no labels for source '", src, "'");
-    CANOPY_CHECK(it->second.numel() == b, DataError, "split '", split, "': ", it->second.numel(),
-                 " labels of '", src, "' for ", b, " rows");
+    const auto shape = m.meta.label_shape(src, b);
+    CANOPY_CHECK(
+        it->second.sizes() == at::IntArrayRef(shape) || (shape.size() == 1 && it->second.numel() == b),
+        DataError, "split '", split, "': labels of '", src, "' of shape ", it->second.sizes(), " for ", b,
+        " rows (expected ", join_ints(shape), ")");
   }
   // Shards hold exactly shard_rows rows (the last of a split may hold fewer), whatever the
   // batch size: a resumed run then starts at the same row as the shard that follows.
@@ -865,7 +892,7 @@ void FeatureCacheWriter::append(const std::string& split, const at::Tensor& feat
     for (const auto& src : m.meta.label_sources)
       p.labels.at(src)
           .slice(0, p.rows, p.rows + take)
-          .copy_(labels.at(src).reshape({b}).slice(0, done, done + take));
+          .copy_(labels.at(src).reshape(m.meta.label_shape(src, b)).slice(0, done, done + take));
     p.rows += take;
     done += take;
     if (p.rows == p.features.size(0)) impl_->write_shard(split);
@@ -878,7 +905,7 @@ void FeatureCacheWriter::Impl::make_buffer(const std::string& split, std::int64_
   p.features = at::empty({rows, meta.feature_dim}, at::TensorOptions().dtype(scalar_type(meta.dtype)));
   p.ids = at::empty({rows}, at::kLong);
   for (const auto& src : meta.label_sources)
-    p.labels[src] = at::empty({rows}, at::TensorOptions().dtype(meta.label_dtype(src)));
+    p.labels[src] = at::empty(meta.label_shape(src, rows), at::TensorOptions().dtype(meta.label_dtype(src)));
 }
 
 void FeatureCacheWriter::Impl::write_shard(const std::string& split) {
@@ -924,9 +951,10 @@ void FeatureCacheWriter::Impl::write_shard(const std::string& split) {
         h5::Handle lg = h5::create_group(file, "labels");
         for (const auto& src : meta.label_sources) {
           const at::Tensor& l = labels.at(src);
-          h5::Handle ld = h5::write_contiguous(lg.get(), src, label_file_type(meta, src),
-                                               label_mem_type(meta, src), l.data_ptr(), {rows});
-          info.labels[src] = {h5::data_offset(ld.get()), crc32c(l.data_ptr(), rows * 8)};
+          h5::Handle ld =
+              h5::write_contiguous(lg.get(), src, label_file_type(meta, src), label_mem_type(meta, src),
+                                   l.data_ptr(), meta.label_shape(src, rows));
+          info.labels[src] = {h5::data_offset(ld.get()), crc32c(l.data_ptr(), l.nbytes())};
         }
         info.features_crc32c = block_crcs(static_cast<const std::uint8_t*>(features.data_ptr()),
                                           features.numel() * features.element_size());
@@ -979,35 +1007,39 @@ void FeatureCacheWriter::finish() {
 void FeatureCacheWriter::Impl::write_view() {
   const CacheMeta& meta = manifest.meta;
   const std::string path = view_path(dir);
-  h5::write_file_durably(
-      path, "the view '" + path + "'", 1024 * 1024,
-      "; free space and run `canopy cache` again (the shards are kept)", [&](hid_t root) {
-        h5::write_attr(root, "canopy_schema", schema_of(meta));
-        for (const auto& [name, value] : view_attributes(meta)) h5::write_attr(root, name, value);
-        h5::Handle ftype = file_type(meta.dtype);
-        for (const auto& [split, total] : manifest.split_rows) {
-          std::vector<h5::VirtualSource> fsrc, isrc;
-          std::map<std::string, std::vector<h5::VirtualSource>> lsrc;
-          for (const auto& s : manifest.shards) {
-            if (s.split != split) continue;
-            // Source paths relative to the view file: HDF5 looks there first.
-            fsrc.push_back({s.file, "/features", s.first_row, s.rows});
-            isrc.push_back({s.file, "/ids", s.first_row, s.rows});
-            for (const auto& src : meta.label_sources)
-              lsrc[src].push_back({s.file, "/labels/" + src, s.first_row, s.rows});
-          }
-          h5::Handle g = h5::create_group(root, split);
-          h5::write_attr(g.get(), "rows", total);
-          h5::Handle f =
-              h5::create_virtual(g.get(), "features", ftype.get(), {total, meta.feature_dim}, fsrc);
-          h5::write_attr(f.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
-          h5::create_virtual(g.get(), "ids", H5T_STD_I64LE, {total}, isrc);
-          h5::Handle lg = h5::create_group(g.get(), "labels");
-          for (const auto& src : meta.label_sources) {
-            h5::create_virtual(lg.get(), src, label_file_type(meta, src), {total}, lsrc[src]);
-          }
-        }
-      });
+  h5::write_file_durably(path, "the view '" + path + "'", 1024 * 1024,
+                         "; free space and run `canopy cache` again (the shards are kept)", [&](hid_t root) {
+                           h5::write_attr(root, "canopy_schema", schema_of(meta));
+                           for (const auto& [name, value] : view_attributes(meta))
+                             h5::write_attr(root, name, value);
+                           h5::Handle ftype = file_type(meta.dtype);
+                           for (const auto& [split, total] : manifest.split_rows) {
+                             std::vector<h5::VirtualSource> fsrc, isrc;
+                             std::map<std::string, std::vector<h5::VirtualSource>> lsrc;
+                             for (const auto& s : manifest.shards) {
+                               if (s.split != split) continue;
+                               // Source paths relative to the view file: HDF5 looks there first.
+                               fsrc.push_back({s.file, "/features", s.first_row, s.rows});
+                               isrc.push_back({s.file, "/ids", s.first_row, s.rows});
+                               for (const auto& src : meta.label_sources)
+                                 lsrc[src].push_back({s.file, "/labels/" + src, s.first_row, s.rows});
+                             }
+                             h5::Handle g = h5::create_group(root, split);
+                             h5::write_attr(g.get(), "rows", total);
+                             h5::Handle f = h5::create_virtual(g.get(), "features", ftype.get(),
+                                                               {total, meta.feature_dim}, fsrc);
+                             h5::write_attr(f.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
+                             h5::create_virtual(g.get(), "ids", H5T_STD_I64LE, {total}, isrc);
+                             h5::Handle lg = h5::create_group(g.get(), "labels");
+                             for (const auto& src : meta.label_sources) {
+                               h5::Handle l = h5::create_virtual(lg.get(), src, label_file_type(meta, src),
+                                                                 meta.label_shape(src, total), lsrc[src]);
+                               // A multi-hot source's columns named where h5py users read them: a JSON list.
+                               if (meta.label_width(src) > 1)
+                                 h5::write_attr(l.get(), "labels", json(meta.label_bits.at(src)).dump());
+                             }
+                           }
+                         });
 }
 
 // ---------------------------------------------------------------- reader
@@ -1123,7 +1155,7 @@ at::Tensor FeatureCache::load_labels(const std::string& split, const std::string
                    meta().label_sources.end(),
                DataError, "feature cache '", impl_->dir, "' has no label source '", source,
                "' (it has: ", join(meta().label_sources, ", "), ")");
-  at::Tensor out = at::empty({rows(split)}, meta().label_dtype(source));
+  at::Tensor out = at::empty(meta().label_shape(source, rows(split)), meta().label_dtype(source));
   for (const auto& s : shards(split)) {
     const auto it = s.labels.find(source);
     CANOPY_CHECK(it != s.labels.end(), DataError, "shard '", s.file, "' has no labels/", source);

@@ -104,8 +104,7 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
   if (is_regular_file(datasets::view_path(dir))) bytes += file_size(datasets::view_path(dir));
   char size[64];
   std::snprintf(size, sizeof size, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
-  o << "cache " << dir << " (schema "
-    << (m.meta.views > 1 ? datasets::kCacheSchemaVersionViews : datasets::kCacheSchemaVersion) << ", "
+  o << "cache " << dir << " (schema " << datasets::schema_of(m.meta) << ", "
     << (m.complete ? "complete"
                    : "UNFINISHED: " + std::to_string(done) + " of " + std::to_string(total) + " rows")
     << ")\n"
@@ -127,22 +126,25 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
   }
   // Each source with its class names (the first ten of more), its bits' labels, or its values'
   // type.
+  const auto first_names = [](std::vector<std::string> names, const char* what) {
+    const std::size_t shown = names.size() > 12 ? 10 : names.size();
+    const std::string more = shown < names.size() ? detail::str_cat(", ... ", names.size(), " ", what) : "";
+    names.resize(shown);
+    return join(names, ", ") + more;
+  };
   std::vector<std::string> sources;
   for (const auto& src : m.meta.label_sources) {
-    std::vector<std::string> names = m.meta.names_of(src);
+    const std::vector<std::string> names = m.meta.names_of(src);
     const auto bits = m.meta.label_bits.find(src);
     if (bits != m.meta.label_bits.end()) {
-      sources.push_back(src + " (bits: " + join(bits->second, ", ") + ")");
+      sources.push_back(src + (m.meta.label_width(src) > 1 ? " (multi-hot: " : " (bits: ") +
+                        first_names(bits->second, "labels") + ")");
     } else if (m.meta.is_float_label(src)) {
       sources.push_back(src + " (float64)");
     } else if (names.empty()) {
       sources.push_back(src);
     } else {
-      const std::size_t shown = names.size() > 12 ? 10 : names.size();
-      const std::string more =
-          shown < names.size() ? detail::str_cat(", ... ", names.size(), " classes") : "";
-      names.resize(shown);
-      sources.push_back(src + " (" + join(names, ", ") + more + ")");
+      sources.push_back(src + " (" + first_names(names, "classes") + ")");
     }
   }
   o << "  labels        " << join(sources, "; ");

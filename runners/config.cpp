@@ -628,7 +628,7 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
         "task", "kind", CANOPY_TASK(kind), tasks::parse_task_kind,
         [](tasks::TaskKind k) { return tasks::to_string(k); }, tasks::task_kind_names(),
         "multiclass (cross-entropy), multilabel (BCE over bitmasks of labels: the source's own, such as "
-        "all_labels', or label_map's), regression"));
+        "all_labels', or label_map's; or a multi-hot source's rows), regression"));
     v.push_back(member_key<T>("task", "head", CANOPY_TASK(head),
                               "a registered head type (canopy heads); its options go in "
                               "[task.<name>.head]")
@@ -638,14 +638,15 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
         member_key<T>(
             "task", "label_map", CANOPY_TASK(label_map),
             "source class -> task class (multilabel: -> bitmask of labels); empty: identity (multilabel: "
-            "the source's values are the bitmasks)")
+            "the source's values are the bitmasks, or its multi-hot rows)")
             .optional_in_dump()
             .at_least(0));
-    v.push_back(member_key<T>(
-                    "task", "class_names", CANOPY_TASK(class_names),
-                    "names of the task's classes (labels); multilabel on a source whose bits the cache names "
-                    "(all_labels, a JSON list of labels): those by default")
-                    .optional_in_dump());
+    v.push_back(
+        member_key<T>(
+            "task", "class_names", CANOPY_TASK(class_names),
+            "names of the task's classes (labels); multilabel on a source whose labels the cache names "
+            "(all_labels, a JSON list of labels): those by default")
+            .optional_in_dump());
     v.push_back(choice<T>(
         "task", "optimizer", CANOPY_TASK(optimizer), tasks::parse_optimizer,
         [](tasks::OptimizerKind o) { return tasks::to_string(o); }, tasks::optimizer_names(),

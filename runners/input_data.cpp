@@ -13,12 +13,15 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/index_select.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/heap.h"
+#include "canopy/core/label_lists.h"
 #include "canopy/core/progress.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
@@ -228,15 +231,21 @@ void check_declared_values(DeclaredValues& declared, const std::string& name, co
                "}: its classes would be numbered otherwise; declare the same values in the same order");
 }
 
-// all_labels, the multi-label view of a split: bit k set where label source `names[k]` has the
-// class `positive[k]` (names: 1 to datasets::kMaxBits).
+// all_labels, the multi-label view of a split: label k set where label source `names[k]` has
+// the class `positive[k]`; a bitmask per row, multi-hot past kMaxBits labels (label_lists.h).
 void set_all_labels(InputSplit& s, const std::vector<std::string>& names,
                     const std::vector<std::int64_t>& positive, InputData& data) {
-  at::Tensor bits = at::zeros({s.labels.at(names[0]).size(0)}, at::kLong);
+  std::vector<at::Tensor> has;
   for (std::size_t k = 0; k < names.size(); ++k)
-    bits += (s.labels.at(names[k]) == positive[k]).to(at::kLong) * (std::int64_t{1} << k);
-  s.labels["all_labels"] = bits;
-  data.label_classes["all_labels"] = std::int64_t{1} << names.size();
+    has.push_back((s.labels.at(names[k]) == positive[k]).to(at::kLong));
+  if (is_multi_hot(names.size())) {
+    s.labels["all_labels"] = at::stack(has, 1);
+  } else {
+    at::Tensor bits = at::zeros_like(has[0]);
+    for (std::size_t k = 0; k < names.size(); ++k) bits += has[k] * (std::int64_t{1} << k);
+    s.labels["all_labels"] = bits;
+    data.label_classes["all_labels"] = std::int64_t{1} << names.size();
+  }
   data.label_bits["all_labels"] = names;
 }
 
@@ -290,7 +299,7 @@ InputSplit load_text_split(const JobConfig& config, const std::vector<std::strin
   // Every label file as a bit, set when the document has the label's positive value (yes,
   // 1 or true as declared, or data.positive_value): the multi-label view of the documents.
   // Without a positive value for every file there is no such view.
-  if (names.size() <= datasets::kMaxBits &&
+  if (names.size() <= kMaxListLabels &&
       std::all_of(positive.begin(), positive.end(), [](const auto& p) { return p.has_value(); })) {
     std::vector<std::int64_t> values;
     for (const auto& p : positive) values.push_back(*p);
@@ -311,7 +320,7 @@ void record_label_classes(const datasets::LabelColumns& list, InputData& data) {
     data.label_class_names[source] = classes;
   }
   for (const auto& [source, bits] : list.bit_names) {
-    data.label_classes[source] = std::int64_t{1} << bits.size();
+    if (!is_multi_hot(bits.size())) data.label_classes[source] = std::int64_t{1} << bits.size();
     data.label_bits[source] = bits;
   }
 }
@@ -348,7 +357,8 @@ void note_table_columns(const datasets::LabelColumns& table, const std::string& 
   }
   for (const auto& [source, bits] : table.bit_names) {
     log_info(detail::str_cat(
-        "label source '", source, "': lists of ", bits.size(), " labels, a bitmask per row (",
+        "label source '", source, "': lists of ", bits.size(), " labels, ",
+        is_multi_hot(bits.size()) ? "multi-hot (a row of zeros and ones)" : "a bitmask per row", " (",
         bits.size() > 12 ? join(std::vector<std::string>(bits.begin(), bits.begin() + 10), ", ") + ", ..."
                          : join(bits, ", "),
         "): a multilabel task on it is named by them"));
@@ -359,9 +369,17 @@ void note_table_columns(const datasets::LabelColumns& table, const std::string& 
 void set_label_columns(InputSplit& s, const datasets::LabelColumns& table,
                        const std::vector<std::int64_t>& keep) {
   for (const auto& [name, v] : table.labels) {
+    const auto bits = table.bit_names.find(name);
+    const std::size_t width =
+        bits != table.bit_names.end() && is_multi_hot(bits->second.size()) ? bits->second.size() : 1;
     std::vector<std::int64_t> kept;
-    for (const auto r : keep) kept.push_back(v[r]);
-    s.labels[name] = at::tensor(kept, at::kLong);
+    for (const auto r : keep) {
+      const auto first = v.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(r) * width);
+      kept.insert(kept.end(), first, first + static_cast<std::ptrdiff_t>(width));
+    }
+    at::Tensor t = at::tensor(kept, at::kLong);
+    s.labels[name] =
+        width > 1 ? t.view({static_cast<std::int64_t>(keep.size()), static_cast<std::int64_t>(width)}) : t;
   }
   for (const auto& [name, v] : table.float_labels) {
     std::vector<double> kept;
@@ -403,7 +421,7 @@ datasets::TableFile input_table(const DataConfig& d, const std::string& path) {
 std::optional<std::vector<std::int64_t>> all_labels_positives(const datasets::TextTable& train,
                                                               const std::string& path, const DataConfig& d) {
   const std::vector<std::string> order = single_labels(train);
-  if (!train.float_labels.empty() || order.empty() || order.size() > datasets::kMaxBits) return std::nullopt;
+  if (!train.float_labels.empty() || order.empty() || order.size() > kMaxListLabels) return std::nullopt;
   std::vector<std::int64_t> out;
   for (const auto& name : order) {
     std::vector<std::string> values{"0", "1"};
@@ -605,7 +623,9 @@ std::string idx_labels_beside(const std::string& images) {
 
 // How a JSON table's lists of labels become label sources (a cache's description).
 constexpr const char* kListsDescribed =
-    ";lists=a bitmask per row of the labels listed (integers: their own bits; names: bits in sorted order)";
+    ";lists=a bitmask per row of the labels listed (integers: their own bits; names: bits in sorted order), "
+    "past 62 "
+    "labels a row of 0 or 1 per label in that order";
 
 // Every image file's name, size and modification time, hashed: the image set's identity.
 std::string describe_image_files(const JobConfig& c) {
@@ -885,7 +905,10 @@ std::string describe_inputs(const JobConfig& c) {
       }
     }
     out << "\nlabels=one source per label file (nominal index);all_labels=bit k set when label k has its "
-           "positive value (data.positive_value, or yes, 1 or true as declared)\n";
+           "positive value (data.positive_value, or yes, 1 or true as declared)"
+        // Said only where it applies, so that the caches of fewer files keep their fingerprints.
+        << (is_multi_hot(c.data.train_files.size()) ? ", multi-hot: a row of 0 or 1 per label file" : "")
+        << "\n";
   } else if (reads_text_table(c.data)) {
     out << "data=" << c.data.source << ";text_column=" << c.data.text_attribute
         << (c.data.positive_value.empty() ? "" : ";positive_value=" + c.data.positive_value)
@@ -894,7 +917,7 @@ std::string describe_inputs(const JobConfig& c) {
         << ";test=" << file_stamp(data_table(c.data, c.data.test).path)
         << "\nlabels=the table's columns but the text (integers: class indices; numbers: real values; names: "
            "classes in sorted order);all_labels=bit k set when column k has its positive value, where every "
-           "column has two values"
+           "column has two values (past 62 columns a row of 0 or 1 per column)"
         << (reads_json_tables(c.data) ? kListsDescribed : "") << "\n";
   } else if (reads_image_files(c.data)) {
     const bool csv = reads_image_table(c.data);

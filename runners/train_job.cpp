@@ -22,6 +22,7 @@
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/heap.h"
+#include "canopy/core/label_lists.h"
 #include "canopy/core/memory.h"
 #include "canopy/core/memory_fence.h"
 #include "canopy/core/mpi.h"
@@ -74,6 +75,11 @@ void check_task_labels(const JobConfig& config, const datasets::CacheMeta& meta,
     const bool real = std::find(float_sources.begin(), float_sources.end(), tc.labels) != float_sources.end();
     CANOPY_CHECK(!real || tc.kind == tasks::TaskKind::kRegression, DataError, "task '", tc.name,
                  "': label source '", tc.labels, "' holds real values; use kind = regression");
+    const std::int64_t width = meta.label_width(tc.labels);
+    CANOPY_CHECK(width == 1 || (tc.kind == tasks::TaskKind::kMultilabel && tc.label_map.empty()), ConfigError,
+                 "task '", tc.name, "': label source '", tc.labels, "' holds lists of ", width,
+                 " labels, a row of ", width, " zeros and ones (more than a bitmask's ", kMaxBits,
+                 "): only kind = multilabel without label_map reads it");
     const auto names = meta.names_of(tc.labels);
     CANOPY_CHECK(
         std::find(names.begin(), names.end(), "") == names.end(), DataError, "task '", tc.name,
@@ -164,11 +170,11 @@ TrainRead plan_train_read(const datasets::FeatureCache& cache, const JobConfig& 
   return all;
 }
 // The label source a validation split is stratified by: `class` when the cache has it as
-// classes, else its first class-valued source; empty when every source is real-valued.
+// classes, else its first source of one class per row; empty when none is (real values, multi-hot).
 std::string stratifying_source(const datasets::CacheMeta& meta) {
   std::string first;
   for (const auto& s : meta.label_sources) {
-    if (meta.is_float_label(s)) continue;
+    if (meta.is_float_label(s) || meta.label_width(s) > 1) continue;
     if (s == "class") return s;
     if (first.empty()) first = s;
   }
@@ -243,7 +249,7 @@ TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig
 // leaves to regression tasks).
 std::int64_t source_classes_of(const tasks::TaskConfig& tc, const datasets::CacheMeta& meta,
                                const at::Tensor& eval_labels) {
-  if (meta.is_float_label(tc.labels)) return 0;
+  if (meta.is_float_label(tc.labels) || meta.label_width(tc.labels) > 1) return 0;  // multi-hot: K labels
   const auto declared = meta.label_classes.find(tc.labels);
   if (declared != meta.label_classes.end()) return declared->second;
   // A cache from before label_classes was recorded: what it tells.
@@ -1389,7 +1395,8 @@ void log_validation_split(const JobConfig& config, const datasets::CacheMeta& me
   const std::string by = stratifying_source(meta);
   log_info("validation split: " + std::to_string(rows) + " rows held out of '" + config.train.train_split +
            "' (train.validation_fraction = " + std::to_string(config.train.validation_fraction) +
-           ", stratified by " + (by.empty() ? std::string("nothing: real-valued labels") : "'" + by + "'") +
+           ", stratified by " +
+           (by.empty() ? std::string("nothing: no label source of one class per row") : "'" + by + "'") +
            "); '" + config.train.eval_split + "' is evaluated once, at the end");
 }
 

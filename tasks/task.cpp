@@ -31,6 +31,7 @@
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
+#include "canopy/core/label_lists.h"
 #include "canopy/core/strings.h"
 #include "canopy/heads/fused.h"
 #include "canopy/tasks/linear_step.h"
@@ -244,9 +245,13 @@ void validate_classes(const TaskConfig& c, std::int64_t source_classes, const st
   if (c.kind == TaskKind::kMultilabel) {
     // Without label_map and class_names, training names the labels by the source's bits
     // (CacheMeta::label_bits) before the task is made: none known yet is no error.
+    // Past kMaxBits labels the source is multi-hot (label_lists.h), read without label_map.
     const bool named_later = c.class_names.empty() && c.label_map.empty() && source_classes <= 0;
-    CANOPY_CHECK(named_later || (c.class_names.size() >= 1 && c.class_names.size() <= 62), ConfigError, t,
-                 ": a multilabel task names its labels in class_names (1 to 62), got ", c.class_names.size(),
+    const std::size_t most = c.label_map.empty() ? kMaxListLabels : kMaxBits;
+    CANOPY_CHECK(named_later || (c.class_names.size() >= 1 && c.class_names.size() <= most), ConfigError, t,
+                 ": a multilabel task names its labels in class_names (1 to ", most,
+                 c.label_map.empty() ? "" : " with label_map, whose bitmasks hold them", "), got ",
+                 c.class_names.size(),
                  !c.class_names.empty() ? ""
                  : c.label_map.empty()
                      ? detail::str_cat("; label source '", c.labels,
@@ -280,7 +285,12 @@ void validate_label_map(const TaskConfig& c, std::int64_t source_classes, const 
                          : c.label_map.empty()
                              ? source_classes
                              : *std::max_element(c.label_map.begin(), c.label_map.end()) + 1;
-  if (c.kind == TaskKind::kMultilabel && c.label_map.empty()) {
+  if (c.kind == TaskKind::kMultilabel && c.label_map.empty() && is_multi_hot(static_cast<std::size_t>(k))) {
+    // Past kMaxBits labels only a multi-hot source (its classes unknown: 0) has them.
+    CANOPY_CHECK(source_classes <= 0, ConfigError, t, ": ", k,
+                 " labels (class_names) are more than a bitmask holds (", kMaxBits, "); label source '",
+                 c.labels, "' holds ", source_classes, " classes, not lists of labels");
+  } else if (c.kind == TaskKind::kMultilabel && c.label_map.empty()) {
     // The source's values are the bitmasks themselves (all_labels: bit j = label j).
     const std::int64_t masks = std::int64_t{1} << k;
     CANOPY_CHECK(source_classes <= 0 || source_classes == masks, ConfigError, t,
@@ -454,6 +464,21 @@ void Task::calibrate(const at::Tensor& features, const at::Tensor& targets) {
 Task::~Task() = default;
 
 at::Tensor source_targets(const TaskConfig& c, std::int64_t num_classes, const at::Tensor& source_labels) {
+  if (source_labels.dim() == 2) {  // a multi-hot source: a row of K zeros and ones (label_lists.h)
+    const auto k = source_labels.size(1);
+    CANOPY_CHECK(c.kind == TaskKind::kMultilabel && c.label_map.empty(), DataError, "task '", c.name,
+                 "': label source '", c.labels, "' holds lists of ", k, " labels, multi-hot (a row of ", k,
+                 " zeros and ones): only a multilabel task without label_map "
+                 "reads it (kind = ",
+                 to_string(c.kind), c.label_map.empty() ? "" : ", with label_map", ")");
+    CANOPY_CHECK(k == num_classes, DataError, "task '", c.name, "': label source '", c.labels, "' holds ", k,
+                 " labels per row, the task has ", num_classes, " (class_names)");
+    CANOPY_CHECK(source_labels.numel() == 0 || (source_labels.min().item<std::int64_t>() >= 0 &&
+                                                source_labels.max().item<std::int64_t>() <= 1),
+                 DataError, "task '", c.name, "': label source '", c.labels,
+                 "' is multi-hot but holds values other than 0 and 1");
+    return source_labels.to(at::kFloat);
+  }
   if (c.kind == TaskKind::kRegression) {
     CANOPY_CHECK(at::isFloatingType(source_labels.scalar_type()), DataError, "task '", c.name,
                  "': a regression task needs a real-valued label source; '", c.labels, "' holds ",

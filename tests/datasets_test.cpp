@@ -7,6 +7,7 @@
 #include <ATen/ops/allclose.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/equal.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/randn.h>
@@ -388,6 +389,82 @@ TEST(FeatureCache, CorruptionAndTruncationAreDetected) {
   flip_byte(file, s.labels.at("class").first + 3);
   ASSERT_EQ(::truncate(file.c_str(), static_cast<off_t>(s.bytes - 10)), 0);
   EXPECT_TRUE(testing::throws_with<DataError>([&] { c.load_split("train"); }, {s.file, "truncated"}));
+}
+
+// A list of more than 62 labels is a multi-hot source, int64 [rows, K]: written, read back by
+// pread and through HDF5 (the view, as h5py reads it), checksummed, streamed with its rows, and
+// the cache says schema 4 so that a reader of one label per row refuses it.
+TEST(FeatureCache, MultiHotSourcesRoundTripAsRowsOfLabels) {
+  testing::TempDir dir;
+  const std::int64_t n = 11, k = 70;
+  CacheMeta meta = test_meta(3);
+  meta.label_sources = {"class", "words"};
+  for (std::int64_t j = 0; j < k; ++j) meta.label_bits["words"].push_back("w" + std::to_string(j));
+  ASSERT_EQ(meta.label_width("words"), k);
+  ASSERT_EQ(meta.label_width("tags"), 1) << "2 labels: a bitmask";
+  // Row r has labels r, r + 1 and 69: every column's values differ from its neighbours'.
+  const at::Tensor words = at::zeros({n, k}, at::kLong);
+  for (std::int64_t r = 0; r < n; ++r) {
+    words[r][r] = 1;
+    words[r][r + 1] = 1;
+    words[r][k - 1] = 1;
+  }
+  const at::Tensor f = at::arange(n * 3, at::kFloat).view({n, 3});
+  {
+    FeatureCacheWriter w(dir.path(), meta, {{"train", n}}, 4, false);
+    for (std::int64_t i = 0; i < n; i += 3) {
+      const std::int64_t e = std::min(n, i + 3);
+      w.append("train", f.slice(0, i, e),
+               {{"class", at::arange(i, e, at::kLong) % 2}, {"words", words.slice(0, i, e)}},
+               at::arange(i, e, at::kLong));
+    }
+    EXPECT_TRUE(testing::throws_with<DataError>(
+        [&] {
+          FeatureCacheWriter bad(dir.file("bad"), meta, {{"train", 2}}, 4, false);
+          bad.append("train", f.slice(0, 0, 2),
+                     {{"class", at::zeros({2}, at::kLong)}, {"words", at::zeros({2}, at::kLong)}},
+                     at::arange(2, at::kLong));
+        },
+        {"labels of 'words' of shape [2]", "expected [2, 70]"}));
+    w.finish();
+  }
+  const FeatureCache c = FeatureCache::open(dir.path());
+  EXPECT_EQ(read_manifest(dir.path()).meta.label_bits.at("words").size(), std::size_t(k));
+  EXPECT_NE(read_file(manifest_path(dir.path())).find("\"schema\": 4"), std::string::npos);
+  EXPECT_EQ(bytes_per_row(c.meta()), std::uint64_t(3 * 4 + 8 * (1 + 1 + k)));
+  for (auto method : {ReadMethod::kPread, ReadMethod::kHdf5}) {
+    const SplitData d = c.load_split("train", method);
+    EXPECT_TRUE(testing::bitwise_equal(d.labels.at("words"), words)) << static_cast<int>(method);
+    EXPECT_TRUE(testing::bitwise_equal(d.labels.at("class"), at::arange(n, at::kLong) % 2));
+  }
+  EXPECT_TRUE(testing::bitwise_equal(c.load_labels("train", "words"), words));
+  {  // The view, as HDF5 readers see it: [N, K], its columns named.
+    h5::Handle view = h5::open_file(view_path(dir.path()), false);
+    h5::Handle ds = h5::open_dataset(view.get(), "train/labels/words", "view");
+    EXPECT_EQ(h5::shape(ds.get()), (std::vector<std::int64_t>{n, k}));
+    EXPECT_EQ(h5::read_string_attr(ds.get(), "labels", "view").substr(0, 11), "[\"w0\",\"w1\",");
+    EXPECT_EQ(h5::read_int_attr(view.get(), "canopy_schema", "view"), kCacheSchemaVersionMultiHot);
+  }
+  EXPECT_NO_THROW(c.verify());
+  auto src = make_streaming_source(c, "train", 5, 7, 1 << 20, ReadMethod::kPread);
+  src->start_epoch(0);
+  Batch b;
+  std::int64_t served = 0;
+  while (src->next(b)) {
+    for (std::int64_t r = 0; r < b.features.size(0); ++r, ++served) {
+      const auto row = static_cast<std::int64_t>(b.features[r][0].item<float>()) / 3;
+      EXPECT_TRUE(at::equal(b.labels.at("words")[r], words[row]))
+          << "row " << row << "'s labels travel with it";
+    }
+  }
+  EXPECT_EQ(served, n);
+  // A flipped byte in the labels region (past the first row's) is caught by its checksum.
+  const ShardInfo s = c.shards("train").at(1);
+  flip_byte(join_path(dir.path(), s.file), s.labels.at("words").first + 8 * k * 2 + 3);
+  for (auto method : {ReadMethod::kPread, ReadMethod::kHdf5}) {
+    EXPECT_TRUE(testing::throws_with<DataError>([&] { c.load_split("train", method); },
+                                                {s.file, "checksum mismatch", "labels/words"}));
+  }
 }
 
 TEST(FeatureCache, RefusesWhatIsNotACache) {

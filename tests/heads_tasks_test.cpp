@@ -553,10 +553,52 @@ TEST(Task, MultilabelTargetsFromBitmasks) {
   c.labels = "tags";
   EXPECT_NO_THROW(validate_task_config(c, 0));
   EXPECT_TRUE(testing::throws_with<ConfigError>(
-      [&] { Task(c, r, 4, 8, 1); }, {"class_names (1 to 62), got 0", "'tags' names none of its bits"}));
+      [&] { Task(c, r, 4, 8, 1); }, {"class_names (1 to 4096), got 0", "'tags' names none of its bits"}));
   c.label_map = {1, 2, 5, 3};
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { validate_task_config(c, 0); },
                                                 {"got 0: name the labels label_map's bitmasks set"}));
+}
+
+// Past 62 labels a source is multi-hot ([rows, K] of 0 and 1, label_lists.h): a multilabel task
+// without label_map takes its rows as targets; anything else is refused, naming the source.
+TEST(Task, MultiHotSourcesAreAMultilabelTasksTargets) {
+  HeadRegistry r = builtin();
+  TaskConfig c;
+  c.name = "words";
+  c.kind = TaskKind::kMultilabel;
+  c.labels = "words";
+  for (int j = 0; j < 70; ++j) c.class_names.push_back("w" + std::to_string(j));
+  Task t(c, r, 4, 0, 1);  // a multi-hot source's classes are unknown: 0
+  EXPECT_EQ(t.num_classes(), 70);
+  at::Tensor rows = at::zeros({3, 70}, at::kLong);
+  rows[0][69] = 1;
+  rows[2][0] = 1;
+  rows[2][64] = 1;
+  const at::Tensor y = t.targets(rows);
+  EXPECT_EQ(y.scalar_type(), at::kFloat);
+  EXPECT_TRUE(at::equal(y, rows.to(at::kFloat)));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        t.targets(at::zeros({3, 71}, at::kLong));
+      },
+      {"'words' holds 71 labels per row, the task has 70"}));
+  rows[1][3] = 2;
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { t.targets(rows); }, {"values other than 0 and 1"}));
+  // 70 labels are no bitmask: a source of classes is refused, and so is label_map.
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { Task(c, r, 4, 8, 1); }, {"70 labels (class_names) are more than a bitmask holds (62)"}));
+  c.label_map = {0, 1};
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { validate_task_config(c, 0); },
+                                                {"class_names (1 to 62 with label_map", "got 70"}));
+  c.label_map = {};
+  c.kind = TaskKind::kMulticlass;
+  c.class_names = {};
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        source_targets(c, 2, at::zeros({3, 70}, at::kLong));
+      },
+      {"'words' holds lists of 70 labels, multi-hot", "only a multilabel task without label_map",
+       "kind = multiclass"}));
 }
 
 TEST(Task, LabelMapAndValidation) {

@@ -362,8 +362,8 @@ TEST(TextJson, ReadsRecordsAsTheCsvWithTheSameFields) {
 }
 
 // A key holding a list of labels in every record (Hugging Face's multi-label columns) is a
-// bitmask source: bit j the j-th label (integers: themselves; names: sorted from the training
-// table); null is no label; the test table's lists are read by the training table's labels.
+// bitmask source (multi-hot past 62 labels): bit j the j-th label (integers: themselves; names: sorted from
+// the training table); null is no label; the test table's lists are read by the training table's labels.
 TEST(TextJson, AListOfLabelsIsABitmaskSource) {
   testing::TempDir dir;
   const std::string train =
@@ -406,13 +406,48 @@ TEST(TextJson, AListOfLabelsIsABitmaskSource) {
                       "\n"
                       R"({"text": "f", "tags": "rye", "ids": [], "topic": "x"})",
                       {"bad.jsonl:2", "'tags' holds \"rye\" where the first record holds a list"}));
+  // Past 62 labels a list is multi-hot: a row of K zeros and ones (label_lists.h), K at most 4096.
   std::string many = R"({"text": "a", "n": [)";
-  for (int j = 0; j < 63; ++j) many += (j ? ", " : "") + std::to_string(j);
+  for (int j = 0; j < 63; j += 2) many += (j ? ", " : "") + std::to_string(j);
+  const TextTable wide = read_text_table(
+      {write(dir.file("many.jsonl"), many + "]}\n" + R"({"text": "b", "n": [61, 1]})"), TableFormat::json},
+      "text");
+  ASSERT_EQ(wide.bit_names.at("n").size(), 63u) << "0 to 62";
+  std::vector<std::int64_t> rows(2 * 63, 0);
+  for (int j = 0; j < 63; j += 2) rows[j] = 1;
+  rows[63 + 61] = rows[63 + 1] = 1;
+  EXPECT_EQ(wide.labels.at("n"), rows);
+  // Names: sorted from the training table, a test table's rows by its labels.
+  std::string named_train, named_test = R"({"text": "z", "w": ["w07", "w69"]})";
+  for (int j = 0; j < 70; ++j) {
+    char name[8];
+    std::snprintf(name, sizeof name, "w%02d", 69 - j);  // listed in reverse
+    named_train += std::string(R"({"text": "t", "w": [")") + name + "\"]}\n";
+  }
+  const std::string named = write(dir.file("named.jsonl"), named_train);
+  const TextTable nt = read_text_table({named, TableFormat::json}, "text");
+  EXPECT_EQ(nt.bit_names.at("w").front(), "w00");
+  EXPECT_EQ(nt.bit_names.at("w").back(), "w69");
+  EXPECT_EQ(nt.labels.at("w").size(), 70u * 70u);
+  EXPECT_EQ(nt.labels.at("w")[69], 1) << "the first row lists w69, the last label";
+  const TextTable nu = read_text_table({write(dir.file("named_test.jsonl"), named_test), TableFormat::json},
+                                       "text", {named, TableFormat::json});
+  std::vector<std::int64_t> test_row(70, 0);
+  test_row[7] = test_row[69] = 1;
+  EXPECT_EQ(nu.labels.at("w"), test_row);
   EXPECT_TRUE(testing::throws_with<DataError>(
       [&] {
-        read_text_table({write(dir.file("many.jsonl"), many + "]}"), TableFormat::json}, "text");
+        read_text_table(
+            {write(dir.file("bad_named.jsonl"), R"({"text": "z", "w": ["w70"]})"), TableFormat::json}, "text",
+            {named, TableFormat::json});
       },
-      {"'n' lists label 62", "at most 62"}));
+      {"lists w 'w70'", "its labels: w00, w01", "... 70 in all"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        read_text_table({write(dir.file("huge.jsonl"), R"({"text": "a", "n": [4096]})"), TableFormat::json},
+                        "text");
+      },
+      {"'n' lists label 4096", "at most 4096"}));
   EXPECT_TRUE(testing::throws_with<DataError>(
       [&] {
         read_text_table({write(dir.file("none.jsonl"), R"({"text": "a", "n": []})"), TableFormat::json},

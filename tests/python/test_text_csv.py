@@ -15,12 +15,16 @@ default is `Text`), grain as no/yes, corn as 0/1. Then:
   * `canopy predict --input test.csv` gives the answers the ARFF run gives on the ARFF file,
     each head's classes named by its own label column (grain no/yes, corn 0/1);
   * the same stories as JSON lines (data.source = text-json) cache the same columns bitwise, and
-    the CSV run's evaluate and predict read JSON records as they read the CSV's rows.
+    the CSV run's evaluate and predict read JSON records as they read the CSV's rows;
+  * a list of 80 words per story (more than a bitmask's 62 labels) is a multi-hot source that a
+    multilabel head learns, and evaluate and predict read back.
 """
 import argparse
+import collections
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -246,6 +250,100 @@ test = {records['test']}""")
                         "grain"], capture_output=True, text=True)
     check(r.returncode == 2 and "'grain' is empty, repeated or already a column of the answers" in r.stderr,
           f"--keep of a task's name is refused ({r.stderr.strip()[-120:]})")
+
+    # More than 62 labels in a list: a multi-hot source. Each story's label list is which of 80
+    # words (4+ letters, in 6 to 80 of the training stories) it uses, a real multi-label task a
+    # head on the sentence embeddings can learn. The cache holds a row of 80 zeros and ones per
+    # story (h5py), a multilabel head named by the words learns them above chance, evaluate and
+    # predict read it back, and a multiclass task on it is refused.
+    def story_words(text):
+        return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 4}
+    stories = {}
+    for split in ("train", "test"):
+        with open(records[split]) as f:
+            stories[split] = [json.loads(line)["text"] for line in f][:TRAIN_ROWS if split == "train" else TEST_ROWS]
+    counts = collections.Counter(w for t in stories["train"] for w in story_words(t))
+    vocabulary = sorted(w for w, n in counts.items() if 6 <= n <= 80)[:80]
+    check(len(vocabulary) == 80, f"80 words to label the stories by ({len(vocabulary)})")
+    word_records = {}
+    for split in ("train", "test"):
+        word_records[split] = os.path.join(work, f"words_{split}.jsonl")
+        with open(word_records[split], "w") as out:
+            for t in stories[split]:
+                out.write(json.dumps({"text": t, "words": sorted(story_words(t) & set(vocabulary))}) + "\n")
+    from_words = config(work, "words", f"""source = text-json
+train = {word_records['train']}
+test = {word_records['test']}""")
+    with open(from_words) as f:  # one multilabel task on the words, named by them
+        ini = f.read()
+    with open(from_words, "w") as f:
+        f.write(ini[:ini.index("[task.grain]")] + "[task.words]\nkind = multilabel\nhead = linear\nlabels = words\n"
+                "lr = 0.01\nepochs = 30\n")
+    run("cache", "--config", from_words)
+    with open(f"{work}/cache_words/manifest.json") as f:
+        manifest = json.load(f)
+    with h5py.File(f"{work}/cache_words/cache.h5", "r") as h:
+        for split in ("train", "test"):
+            got = h[f"{split}/labels/words"]
+            want = np.array([[int(w in story_words(t)) for w in vocabulary] for t in stories[split]], dtype=np.int64)
+            check(got.dtype == np.int64 and np.array_equal(got[()], want),
+                  f"{split}/labels/words: a row of 80 zeros and ones per story, the words in sorted order "
+                  f"({got.shape}, {int(want.sum())} words used)")
+        check(json.loads(h["train/labels/words"].attrs["labels"]) == vocabulary
+              and manifest["meta"]["label_bits"]["words"] == vocabulary
+              and manifest["schema"] == 4 and int(h.attrs["canopy_schema"]) == 4,
+              "the view and the manifest name the 80 columns; the cache is schema 4")
+    labels = [line for line in run("inspect", f"{work}/cache_words").splitlines() if line.startswith("  labels")]
+    check(labels == ["  labels        words (multi-hot: " + ", ".join(vocabulary[:10]) + ", ... 80 labels)"],
+          f"canopy inspect says the source is multi-hot ({labels})")
+    run("train", "--config", from_words)
+    with open(f"{work}/run_words/heads/words.json") as f:
+        card = json.load(f)
+    present = [p for p in card["per_label"] if p["support"] > 0]
+    chance = sum(p["support"] for p in present) / len(present) / TEST_ROWS  # a constant scorer's mean AP
+    check(card["class_names"] == vocabulary and card["out_features"] == 80
+          and card["eval_mean_ap"] > 1.5 * chance,
+          f"the words head is named by the 80 words and learns them: mean AP {card['eval_mean_ap']:.3f} on the "
+          f"test stories, {chance:.3f} by chance over the {len(present)} words they use")
+    words_eval = json.loads(run("evaluate", "--config", f"{work}/run_words/config.ini", "--input",
+                                word_records["test"], "--json"))["heads"][0]
+    check(words_eval["rows"] == TEST_ROWS and abs(words_eval["mean_ap"] - card["eval_mean_ap"]) < 1e-9,
+          f"evaluate --input words_test.jsonl scores the head as its card ({words_eval['mean_ap']:.4f})")
+    answers = run("predict", "--config", f"{work}/run_words/config.ini", "--input", word_records["test"],
+                  "--format", "csv").splitlines()
+    given = [set(a.split(",")[1].split("|")) - {""} for a in answers[1:]]
+    check(answers[0] == "id,words" and len(given) == TEST_ROWS and set().union(*given) <= set(vocabulary)
+          and any(given), f"predict names each story's words among the 80 ({sum(map(len, given))} given)")
+    r = subprocess.run([canopy, "train", "--config", from_words, "--set", "task.words.kind=multiclass"],
+                       capture_output=True, text=True)
+    check(r.returncode != 0 and "label source 'words' holds lists of 80 labels" in r.stderr
+          and "only kind = multilabel without label_map reads it" in r.stderr,
+          f"a multiclass task on the multi-hot source is refused (exit {r.returncode}: {r.stderr.strip()[-200:]})")
+
+    # all_labels over more than 62 columns of two values (a CSV of 64 yes/no word columns): multi-hot
+    # too, a row of the 64 columns' positives, in the columns' order.
+    columns = vocabulary[:64][::-1]  # not sorted: all_labels follows the columns' order
+    for split in ("train", "test"):
+        with open(os.path.join(work, f"wide_{split}.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text"] + columns)
+            for t in stories[split]:
+                w.writerow([t] + ["yes" if c in story_words(t) else "no" for c in columns])
+    from_wide = config(work, "wide", f"""source = text-csv
+train = {work}/wide_train.csv
+test = {work}/wide_test.csv""")
+    with open(from_wide) as f:
+        ini = f.read()
+    with open(from_wide, "w") as f:
+        f.write(ini[:ini.index("[task.grain]")] + "[task.all]\nkind = multilabel\nhead = linear\nlabels = all_labels\n")
+    run("run", "--config", from_wide)
+    with h5py.File(f"{work}/cache_wide/cache.h5", "r") as h:
+        want = np.array([[int(c in story_words(t)) for c in columns] for t in stories["test"]], dtype=np.int64)
+        check(np.array_equal(h["test/labels/all_labels"][()], want)
+              and json.loads(h["test/labels/all_labels"].attrs["labels"]) == columns,
+              f"all_labels over 64 yes/no columns: a row of their positives, in the columns' order {want.shape}")
+    with open(f"{work}/run_wide/heads/all.json") as f:
+        check(json.load(f)["class_names"] == columns, "a multilabel head on it is named by the columns")
 
     # A test table with a class training never saw: refused before any trunk pass, naming it.
     bad = os.path.join(work, "bad.csv")

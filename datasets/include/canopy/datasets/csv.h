@@ -24,6 +24,8 @@
 #include <string>
 #include <vector>
 
+#include "canopy/core/label_lists.h"
+
 namespace canopy::datasets {
 
 struct Csv {
@@ -75,7 +77,8 @@ inline constexpr const char* kConvertCsv = "convert the file, e.g. iconv -f lati
 // sources are listed in `names`' order (all_labels' bits follow it). A JSON list column is a
 // multi-label source: each row's bitmask of its items, bit j the j-th of the labels `names`
 // lists (all of them integers >= 0: the integers 0 to the largest; else their sorted names;
-// at most kMaxBits); an item `names` lacks is a DataError.
+// at most kMaxListLabels), multi-hot past kMaxBits labels (label_lists.h: `labels` then holds
+// rows x K values, row by row); an item `names` lacks is a DataError.
 struct LabelColumns {
   std::map<std::string, std::vector<std::int64_t>> labels;      // per label source, class index
   std::map<std::string, std::vector<double>> float_labels;      // per real-valued label source
@@ -84,7 +87,6 @@ struct LabelColumns {
   std::map<std::string, std::vector<std::string>> bit_names;    // per list source: each bit's label
   std::vector<std::string> left_out;  // JSON keys holding objects or lists of lists: no columns (Csv's)
 };
-inline constexpr std::size_t kMaxBits = 62;  // labels in one int64 bitmask, as all_labels
 LabelColumns read_label_columns(const Csv& csv, const Csv& names, std::size_t skip);
 // The same with the training table named, read by `read_names` unless it is `csv`'s own file
 // (or empty: `csv` numbers itself).

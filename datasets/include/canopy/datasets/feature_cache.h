@@ -22,7 +22,9 @@
 //       /features              [rows, D] contiguous, float32 | float16 | uint16 (bfloat16 bits)
 //       /features              attribute dtype = "float32" | "float16" | "bfloat16"
 //       /ids                   int64 [rows], the sample's index in the input data set
-//       /labels/<source>       int64 [rows] (float64 for meta.float_labels), one per source
+//       /labels/<source>       int64 [rows] (float64 for meta.float_labels), one per source;
+//                              a multi-hot source (label_lists.h: a list of more than 62
+//                              labels) int64 [rows, K] of 0 and 1, its labels meta.label_bits
 //   <dir>/cache.h5             one view over all shards, for users: per split, HDF5 virtual
 //                              datasets /<split>/features [N, D], /<split>/ids,
 //                              /<split>/labels/<source>; the meta fields as root attributes
@@ -65,6 +67,9 @@ constexpr std::int64_t kCacheSchemaVersion = 2;
 // A cache with augmented views (meta.views > 1): split `train` holds view 0, splits
 // `train.view1` ... hold the others, row for row. Readers before it refuse it by this number.
 constexpr std::int64_t kCacheSchemaVersionViews = 3;
+// A cache with a multi-hot label source ([rows, K], label_lists.h), with or without views:
+// readers before it would take its labels for one value per row, and refuse it by this number.
+constexpr std::int64_t kCacheSchemaVersionMultiHot = 4;
 // The split that holds view `v` (> 0) of `split`.
 std::string view_split(const std::string& split, std::int64_t v);
 constexpr std::uint64_t kChecksumBlockBytes = 1 << 20;
@@ -123,6 +128,10 @@ struct CacheMeta {
   // The class names of label source `source` (none when it has none).
   std::vector<std::string> names_of(const std::string& source) const;
   at::ScalarType label_dtype(const std::string& source) const;  // kDouble or kLong
+  // The values a row holds of `source`: 1, or K for a multi-hot source (label_bits past
+  // kMaxBits labels); and the shape of `rows` rows of it, {rows} or {rows, K}.
+  std::int64_t label_width(const std::string& source) const;
+  std::vector<std::int64_t> label_shape(const std::string& source, std::int64_t rows) const;
 };
 
 struct ShardInfo {
@@ -148,6 +157,9 @@ struct Manifest {
 
 std::string manifest_path(const std::string& dir);
 
+// The schema version of a cache of this meta: 4 with a multi-hot label source, else 3 with
+// views, else 2.
+std::int64_t schema_of(const CacheMeta& meta);
 // The bytes one row takes in a shard's data regions: its features in the storage dtype, its
 // id and a label per source (8 bytes each). The files' own headers come on top.
 std::uint64_t bytes_per_row(const CacheMeta& meta);
