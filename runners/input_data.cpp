@@ -624,8 +624,7 @@ std::string idx_labels_beside(const std::string& images) {
 // How a JSON table's lists of labels become label sources (a cache's description).
 constexpr const char* kListsDescribed =
     ";lists=a bitmask per row of the labels listed (integers: their own bits; names: bits in sorted order), "
-    "past 62 "
-    "labels a row of 0 or 1 per label in that order";
+    "past 62 labels a row of 0 or 1 per label in that order";
 
 // Every image file's name, size and modification time, hashed: the image set's identity.
 std::string describe_image_files(const JobConfig& c) {

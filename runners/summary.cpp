@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstring>
 #include <iomanip>
+#include <numeric>
 #include <optional>
 #include <sstream>
 
@@ -73,21 +74,36 @@ std::string per_class_tables(const std::vector<TaskResult>& results, const std::
 
 // Per label of each multilabel head: its threshold, precision, recall and F1 at it, average
 // precision, and how many rows carry it and are given it; a table per head, its labels being
-// its own.
+// its own. Past kLabelRowsShown + 10 labels (a multi-hot source's), the kLabelRowsShown that the
+// most rows carry, the rest counted (every label is in the head's card and in --json output).
+constexpr std::size_t kLabelRowsShown = 30;
 std::string per_label_tables(const std::vector<TaskResult>& results, const std::string& where) {
   std::ostringstream o;
   for (const auto& t : results) {
     if (t.kind != tasks::TaskKind::kMultilabel || t.eval.labels.empty() ||
         t.state == tasks::TaskState::kFailed)
       continue;
+    std::vector<std::size_t> shown(t.eval.labels.size());
+    std::iota(shown.begin(), shown.end(), std::size_t{0});
+    const bool cut = shown.size() > kLabelRowsShown + 10;
+    if (cut) {
+      std::stable_sort(shown.begin(), shown.end(), [&](std::size_t a, std::size_t b) {
+        return t.eval.labels[a].support > t.eval.labels[b].support;
+      });
+      shown.resize(kLabelRowsShown);
+    }
     std::size_t w_label = 5;
     for (const auto& n : t.class_names) w_label = std::max(w_label, n.size());
     o << "\nper-label scores of '" << t.name << "' on " << where
-      << " (a label is given where its probability is over its threshold)\n"
+      << " (a label is given where its probability is over its threshold"
+      << (cut ? detail::str_cat("; the ", kLabelRowsShown, " of ", t.eval.labels.size(),
+                                " labels most rows carry")
+              : std::string())
+      << ")\n"
       << std::left << std::setw(static_cast<int>(w_label)) << "label" << std::right
       << "  threshold  precision  recall      F1      AP  support  predicted\n";
     char row[160];
-    for (std::size_t j = 0; j < t.eval.labels.size(); ++j) {
+    for (const std::size_t j : shown) {
       const auto& s = t.eval.labels[j];
       char ap[16] = "      -";
       if (s.average_precision) std::snprintf(ap, sizeof ap, "%7.3f", *s.average_precision);
@@ -96,6 +112,11 @@ std::string per_label_tables(const std::vector<TaskResult>& results, const std::
                     static_cast<long long>(s.predicted));
       const std::string name = j < t.class_names.size() ? t.class_names[j] : std::to_string(j);
       o << std::left << std::setw(static_cast<int>(w_label)) << name << std::right << row;
+    }
+    if (cut) {
+      o << "... " << t.eval.labels.size() - shown.size()
+        << " labels more: every label's scores are in the head's card (per_label) and in `canopy evaluate "
+           "--json`\n";
     }
   }
   return o.str();

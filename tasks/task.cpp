@@ -141,7 +141,9 @@ double EvalMetrics::score() const {
     case Monitor::kAuto:
       break;
   }
-  return regression ? regression->r2 : accuracy;
+  // auto: a multilabel head's mean AP (its exact-match accuracy barely moves when a rare label
+  // is missed, and stays near 0 over many labels), a regression's R^2, else accuracy.
+  return regression ? regression->r2 : mean_ap ? *mean_ap : accuracy;
 }
 
 const char* EvalMetrics::score_name() const {
@@ -157,7 +159,7 @@ const char* EvalMetrics::score_name() const {
     case Monitor::kAuto:
       break;
   }
-  return regression ? "R^2" : "accuracy";
+  return regression ? "R^2" : mean_ap ? "mean AP" : "accuracy";
 }
 TaskKind parse_task_kind(const std::string& name, const std::string& what) {
   return parse_named(kKinds, name, what);

@@ -112,13 +112,14 @@ TEST(HeadRun, TheMonitoredMetricChoosesTheBestEpochAndNamesItself) {
   }
   EXPECT_EQ(r.best_epoch, 2);
   EXPECT_EQ(r.stop_note, "stopped early at epoch 4 (best NLL 0.5000 at epoch 2)");
-  // Each monitor scores its metric; auto is accuracy, or R^2 for a regression.
+  // Each monitor scores its metric; auto is a multilabel head's mean AP (the metrics that have
+  // one), a regression's R^2, else accuracy.
   tasks::EvalMetrics m = accuracy(0.8);
   m.macro_f1 = 0.6;
   m.mean_ap = 0.7;
   m.nll = 0.4;
   const std::vector<std::tuple<tasks::Monitor, double, std::string>> each{
-      {tasks::Monitor::kAuto, 0.8, "accuracy"},
+      {tasks::Monitor::kAuto, 0.7, "mean AP"},
       {tasks::Monitor::kAccuracy, 0.8, "accuracy"},
       {tasks::Monitor::kMacroF1, 0.6, "macro-F1"},
       {tasks::Monitor::kMeanAp, 0.7, "mean AP"},
@@ -130,6 +131,9 @@ TEST(HeadRun, TheMonitoredMetricChoosesTheBestEpochAndNamesItself) {
   }
   EXPECT_EQ(m.score_value(m.score()), 0.4);
   m.monitor = tasks::Monitor::kAuto;
+  m.mean_ap.reset();  // a multiclass head's
+  EXPECT_EQ(m.score(), 0.8);
+  EXPECT_STREQ(m.score_name(), "accuracy");
   m.regression = tasks::RegressionErrors{0.1, 0.2, 0.75};
   EXPECT_EQ(m.score(), 0.75);
   EXPECT_STREQ(m.score_name(), "R^2");

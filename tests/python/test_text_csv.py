@@ -345,6 +345,36 @@ test = {work}/wide_test.csv""")
     with open(f"{work}/run_wide/heads/all.json") as f:
         check(json.load(f)["class_names"] == columns, "a multilabel head on it is named by the columns")
 
+    # The same 64 columns as 64 ARFF label files (Weka's one file per label, as the Reuters
+    # demo's): all_labels over them is multi-hot too, the same rows as the CSV's.
+    def arff_string(text):
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r") + "'"
+    files = {"train": [], "test": []}
+    for split in ("train", "test"):
+        for c in columns:
+            path = os.path.join(work, "arff", f"{c}-{split}.arff")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(f"@relation {c}\n\n@attribute Text string\n@attribute class-att {{0,1}}\n\n@data\n\n")
+                for t in stories[split]:
+                    f.write(f"{arff_string(t)},{int(c in story_words(t))}\n")
+            files[split].append(f"{c}:{path}")
+    from_wide_arff = config(work, "wide_arff", f"""source = arff
+train_files = {', '.join(files['train'])}
+test_files = {', '.join(files['test'])}
+text_attribute = Text""")
+    with open(from_wide_arff) as f:
+        ini = f.read()
+    with open(from_wide_arff, "w") as f:
+        f.write(ini[:ini.index("[task.grain]")] + "[task.all]\nkind = multilabel\nhead = linear\nlabels = all_labels\n")
+    run("cache", "--config", from_wide_arff)
+    with h5py.File(f"{work}/cache_wide_arff/cache.h5", "r") as h, \
+            h5py.File(f"{work}/cache_wide/cache.h5", "r") as w:
+        check(all(np.array_equal(h[f"{s}/labels/all_labels"][()], w[f"{s}/labels/all_labels"][()])
+                  and np.array_equal(h[f"{s}/features"][()], w[f"{s}/features"][()]) for s in ("train", "test"))
+              and json.loads(h["train/labels/all_labels"].attrs["labels"]) == columns,
+              "all_labels over 64 ARFF label files: the rows and features of the CSV's 64 columns")
+
     # A test table with a class training never saw: refused before any trunk pass, naming it.
     bad = os.path.join(work, "bad.csv")
     with open(bad, "w", newline="") as f:
