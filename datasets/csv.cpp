@@ -258,9 +258,55 @@ std::optional<TableFormat> table_format(const std::string& path) {
   return std::nullopt;
 }
 
+namespace {
+
+// A field of a list column: its labels (ListColumns).
+std::vector<std::string> split_labels(const std::string& field, const std::string& separator) {
+  std::vector<std::string> out;
+  const bool blanks = separator == "space";
+  std::size_t begin = 0;
+  while (begin <= field.size()) {
+    std::size_t end = blanks ? field.find_first_of(" \t\r\n", begin) : field.find(separator[0], begin);
+    if (end == std::string::npos) end = field.size();
+    std::string item = trim(std::string_view(field).substr(begin, end - begin));
+    if (!item.empty()) out.push_back(std::move(item));
+    begin = end + 1;
+  }
+  return out;
+}
+
+// Makes each column `lists` names a list of labels, as a JSON table's (a JSON list stays as it is).
+void split_list_columns(Csv& csv, const ListColumns& lists) {
+  for (const auto& name : lists.names) {
+    if (std::find(csv.list_keys.begin(), csv.list_keys.end(), name) != csv.list_keys.end()) continue;
+    const auto it = std::find(csv.header.begin(), csv.header.end(), name);
+    CANOPY_CHECK(it != csv.header.end(), DataError, csv.path, ": data.list_columns names '", name,
+                 "', which it lacks (its columns: ", join(csv.header, ", "), ")");
+    const auto col = it - csv.header.begin();
+    auto& items = csv.lists[name];
+    for (auto& row : csv.rows) {
+      items.push_back(split_labels(row[static_cast<std::size_t>(col)], lists.separator));
+      row.erase(row.begin() + col);
+    }
+    csv.header.erase(it);
+    csv.list_keys.push_back(name);
+  }
+}
+
+}  // namespace
+
+std::size_t column_after_lists(const Csv& csv, const std::string& name, const char* what) {
+  const auto it = std::find(csv.header.begin(), csv.header.end(), name);
+  CANOPY_CHECK(it != csv.header.end(), DataError, csv.path, ": its ", what, " column '", name,
+               "' is named in data.list_columns; list only label columns there");
+  return static_cast<std::size_t>(it - csv.header.begin());
+}
+
 Csv read_table(const TableFile& file, const std::string& what, const CsvHeaderCheck& check_header) {
-  return file.format == TableFormat::json ? read_json_table(file.path, what, check_header)
-                                          : read_csv(file.path, what, check_header);
+  Csv csv = file.format == TableFormat::json ? read_json_table(file.path, what, check_header)
+                                             : read_csv(file.path, what, check_header);
+  split_list_columns(csv, file.lists);
+  return csv;
 }
 
 void check_name(const std::string& name, const std::string& where, const char* what, const char* mend) {

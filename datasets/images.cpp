@@ -203,14 +203,17 @@ Csv read_manifest_table(const TableFile& file, bool labels, std::size_t& col) {
       detail::str_cat(json ? "the records must have" : "the header must name",
                       " a column path (or file_name, as Hugging Face's imagefolder metadata names it)",
                       labels ? " and a label column" : "");
+  std::string path_name;
   const CsvHeaderCheck header = [&](const std::vector<std::string>& fields, const std::string& where,
                                     const std::string& line) {
     col = path_column_of(fields);
+    if (col != std::string::npos) path_name = fields[col];
     const std::string other = json ? "" : separator_hint(fields, line);
     CANOPY_CHECK(col != std::string::npos, DataError, where, ": ", wanted, ", got '", printable(line), "'",
                  other, other.empty() ? "" : "; canopy reads comma-separated manifests: save it with commas");
   };
   Csv csv = read_table(file, "image list", header);
+  col = column_after_lists(csv, path_name, "path");
   CANOPY_CHECK(!labels || csv.header.size() + csv.list_keys.size() >= 2, DataError, file.path, ": ", wanted,
                ", got '", printable(join(csv.header, ",")),
                csv.list_keys.empty() ? "" : " and lists " + join(csv.list_keys, ","), "'");

@@ -564,11 +564,14 @@ namespace {
 
 // A table of texts as read_text_table and read_table_texts read it: `col` is its text column.
 Csv read_texts_csv(const TableFile& file, const std::string& column, std::size_t& col) {
+  std::string name;
   const CsvHeaderCheck header = [&](const std::vector<std::string>& fields, const std::string& where,
                                     const std::string& line) {
     col = text_column_of(fields, column, where, line);
+    name = fields[col];
   };
   Csv csv = read_table(file, "table of texts", header);
+  col = column_after_lists(csv, name, "text");
   CANOPY_CHECK(!csv.rows.empty(), DataError, "table of texts '", file.path, "' has ",
                file.format == TableFormat::json ? "no records" : "a header but no rows");
   return csv;

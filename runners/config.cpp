@@ -1,6 +1,7 @@
 #include "canopy/runners/config.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -295,6 +296,16 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
       "data", "positive_value", CANOPY_JOB(data.positive_value),
       "arff, text-csv, text-json: the label value that sets its bit in all_labels; empty: yes, 1 or "
       "true"));
+  v.push_back(
+      member_key<K>("data", "list_columns", CANOPY_JOB(data.list_columns),
+                    "text-csv, text-json, image-csv, image-json: label columns whose fields are lists of "
+                    "labels (tags as Kaggle's and MovieLens' CSVs write them: \"haze primary\", "
+                    "\"Action|Comedy\"), each read as a JSON list of labels is")
+          .optional_in_dump());
+  v.push_back(member_key<K>("data", "list_separator", CANOPY_JOB(data.list_separator),
+                            "what separates the labels in a field of data.list_columns: space (any run of "
+                            "blanks) or one character, such as | ; ,")
+                  .only_when([](const JobConfig& c) { return !c.data.list_columns.empty(); }));
   v.push_back(member_key<K>("text", "vocab", CANOPY_JOB(text.vocab),
                             "WordPiece vocabulary (vocab.txt) for texts", true)
                   .only_when(reads_texts));
@@ -923,6 +934,32 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   return c;
 }
 
+namespace {
+// data.list_columns: label columns of a table, split at data.list_separator.
+void validate_list_columns(const DataConfig& d, const std::string& in) {
+  if (d.list_columns.empty()) return;
+  CANOPY_CHECK(reads_text_table(d) || reads_image_table(d), ConfigError, "data.list_columns", in,
+               " names columns of a table (text-csv, text-json, image-csv, image-json); data.source = ",
+               d.source, " has none");
+  const std::string& s = d.list_separator;
+  CANOPY_CHECK(s == "space" ||
+                   (s.size() == 1 && std::ispunct(static_cast<unsigned char>(s[0])) && s != "\"" && s != "'"),
+               ConfigError, "data.list_separator", in, " = '", s,
+               "': space (labels separated by any run of blanks) or one punctuation character such as | ; , "
+               "(a field holding commas must be quoted in a CSV)");
+  for (const auto& name : d.list_columns) {
+    const bool text = reads_text_table(d) && lower_ascii(name) == lower_ascii(d.text_attribute);
+    const bool path = reads_image_table(d) && (name == "path" || name == "file_name");
+    CANOPY_CHECK(!name.empty() && !text && !path, ConfigError, "data.list_columns", in, " = ",
+                 join(d.list_columns, ","), ": '", name, "' ",
+                 text   ? "is the text column (data.text_attribute)"
+                 : path ? "is the images' path column"
+                        : "is empty",
+                 "; list label columns");
+  }
+}
+}  // namespace
+
 void validate_job_config(const JobConfig& c) {
   // Every key's range from the table, named as the file spells it.
   const std::string in = c.source.empty() ? "" : " (in " + c.source + ")";
@@ -947,6 +984,7 @@ void validate_job_config(const JobConfig& c) {
                  " needs data.train and data.test (", reads_json_tables(c.data) ? "JSON" : "CSV",
                  " tables: a text column, then labels)");
   }
+  validate_list_columns(c.data, in);
   if (reads_text_data(c.data)) datasets::validate_tokenizer_config(c.text);
   datasets::validate_preprocess_config(c.preprocess);
   if (c.cache.views > 1) {

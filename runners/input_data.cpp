@@ -405,13 +405,14 @@ std::string manifest_in_folder(const DataConfig& d, const std::string& path, dat
 datasets::TableFormat source_format(const DataConfig& d) {
   return reads_json_tables(d) ? datasets::TableFormat::json : datasets::TableFormat::csv;
 }
+datasets::ListColumns list_columns(const DataConfig& d) { return {d.list_columns, d.list_separator}; }
 datasets::TableFile data_table(const DataConfig& d, const std::string& path) {
-  return {manifest_in_folder(d, path, source_format(d)), source_format(d)};
+  return {manifest_in_folder(d, path, source_format(d)), source_format(d), list_columns(d)};
 }
 // A table named on the command line: as its name says (.csv, .json, .jsonl, .ndjson), else as data.source's.
 datasets::TableFile input_table(const DataConfig& d, const std::string& path) {
   const auto format = datasets::table_format(path).value_or(source_format(d));
-  return {manifest_in_folder(d, path, format), format};
+  return {manifest_in_folder(d, path, format), format, list_columns(d)};
 }
 
 // The label columns of a training table of texts that are the bits of all_labels, as the class
@@ -625,6 +626,14 @@ std::string idx_labels_beside(const std::string& images) {
 constexpr const char* kListsDescribed =
     ";lists=a bitmask per row of the labels listed (integers: their own bits; names: bits in sorted order), "
     "past 62 labels a row of 0 or 1 per label in that order";
+
+// The lists of labels a table holds, a JSON table's own and data.list_columns' (said only when
+// there are such columns, so that the caches of other tables keep their fingerprints).
+std::string lists_described(const DataConfig& d) {
+  if (d.list_columns.empty()) return reads_json_tables(d) ? kListsDescribed : "";
+  return detail::str_cat(kListsDescribed, ";list_columns=", join(d.list_columns, ","), " split at ",
+                         d.list_separator);
+}
 
 // Every image file's name, size and modification time, hashed: the image set's identity.
 std::string describe_image_files(const JobConfig& c) {
@@ -917,7 +926,7 @@ std::string describe_inputs(const JobConfig& c) {
         << "\nlabels=the table's columns but the text (integers: class indices; numbers: real values; names: "
            "classes in sorted order);all_labels=bit k set when column k has its positive value, where every "
            "column has two values (past 62 columns a row of 0 or 1 per column)"
-        << (reads_json_tables(c.data) ? kListsDescribed : "") << "\n";
+        << lists_described(c.data) << "\n";
   } else if (reads_image_files(c.data)) {
     const bool csv = reads_image_table(c.data);
     out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit
@@ -925,10 +934,9 @@ std::string describe_inputs(const JobConfig& c) {
         << ";train=" << (csv ? file_stamp(data_table(c.data, c.data.train).path) : c.data.train)
         << ";test=" << (csv ? file_stamp(data_table(c.data, c.data.test).path) : c.data.test)
         << ";images_sha256=" << describe_image_files(c) << "\nlabels="
-        << (c.data.source == "image-csv" ? "the CSV's label columns"
-            : c.data.source == "image-json"
-                ? std::string("the JSON manifest's label columns") + kListsDescribed
-                : "class (sorted folder names)")
+        << (c.data.source == "image-csv"    ? "the CSV's label columns" + lists_described(c.data)
+            : c.data.source == "image-json" ? "the JSON manifest's label columns" + lists_described(c.data)
+                                            : std::string("class (sorted folder names)"))
         << "\n";
   } else {
     out << "data=" << c.data.source << ";train_limit=" << c.data.train_limit

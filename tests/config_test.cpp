@@ -93,6 +93,45 @@ TEST(Config, ErrorsNameKeyValueAndFile) {
                                                 {"train.epochs", "twice"}));
 }
 
+// data.list_columns: label columns of a table, split at a blank run or one punctuation mark;
+// refused for sources without tables, for the text or path column, and for other separators.
+TEST(Config, ListColumnsNameLabelColumnsOfATable) {
+  testing::TempDir dir;
+  write_file_atomic(dir.file("c.ini"), kConfig);
+  const std::vector<std::string> table = {"data.source=text-csv", "data.train=a.csv", "data.test=b.csv",
+                                          "text.vocab=v.txt"};
+  auto with = [&](std::vector<std::string> more) {
+    std::vector<std::string> all = table;
+    all.insert(all.end(), more.begin(), more.end());
+    return load_job_config(dir.file("c.ini"), all);
+  };
+  const JobConfig c = with({"data.list_columns=tags, genres", "data.list_separator=|"});
+  EXPECT_EQ(c.data.list_columns, (std::vector<std::string>{"tags", "genres"}));
+  EXPECT_EQ(c.data.list_separator, "|");
+  EXPECT_EQ(with({"data.list_columns=tags"}).data.list_separator, "space");
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        with({"data.list_columns=tags", "data.list_separator=ab"});
+      },
+      {"data.list_separator", "'ab'", "one punctuation character"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        with({"data.list_columns=tags", "data.list_separator=x"});
+      },
+      {"'x'"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { with({"data.list_columns=tags,text"}); },
+                                                {"'text' is the text column (data.text_attribute)"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] { load_job_config(dir.file("c.ini"), {"data.list_columns=tags"}); },
+      {"data.list_columns", "names columns of a table", "data.source = fashion-mnist has none"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        load_job_config(dir.file("c.ini"), {"data.source=image-csv", "data.train=a.csv", "data.test=b.csv",
+                                            "data.list_columns=file_name"});
+      },
+      {"'file_name' is the images' path column"}));
+}
+
 // Keys and values go into JSON, HDF5 and TensorBoard as UTF-8: a Latin-1 byte in a task's name
 // or a path is refused when the configuration is read, not at the run's first checkpoint.
 TEST(Config, BytesThatAreNotUtf8AreRefusedNamingTheKey) {

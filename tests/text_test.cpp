@@ -247,6 +247,48 @@ TEST(TextCsv, BadTablesNameTheRowAndLine) {
 }
 
 // `content` gzip-compressed into `path`, as pandas' to_csv("FILE.csv.gz") and gzip write it.
+// data.list_columns: a CSV column of labels separated by blanks or one character is a list of
+// labels, as a JSON list is: items trimmed, empty ones dropped; a JSON list named stays as it is.
+TEST(TextCsv, ListColumnsSplitFieldsIntoListsOfLabels) {
+  testing::TempDir dir;
+  const std::string spaced = write(dir.file("spaced.csv"),
+                                   "tags,text,genre\n"
+                                   "haze  primary\twater,a,x\n"
+                                   ",b,y\n"
+                                   "primary,c,x\n");
+  const TextTable t = read_text_table({spaced, TableFormat::csv, {{"tags"}, "space"}}, "text");
+  EXPECT_EQ(t.texts, (std::vector<std::string>{"a", "b", "c"}));
+  EXPECT_EQ(t.label_order, (std::vector<std::string>{"genre", "tags"}));
+  EXPECT_EQ(t.bit_names.at("tags"), (std::vector<std::string>{"haze", "primary", "water"}));
+  EXPECT_EQ(t.labels.at("tags"), (std::vector<std::int64_t>{0b111, 0, 0b010}));
+  const std::string piped =
+      write(dir.file("piped.csv"), "text,genres\na,Action | Comedy\nb,\"Drama|Action||\"\nc,Comedy\n");
+  const TextTable p = read_text_table({piped, TableFormat::csv, {{"genres"}, "|"}}, "text");
+  EXPECT_EQ(p.bit_names.at("genres"), (std::vector<std::string>{"Action", "Comedy", "Drama"}));
+  EXPECT_EQ(p.labels.at("genres"), (std::vector<std::int64_t>{0b011, 0b101, 0b010}));
+  // A test table split alike, numbered by the training table's labels.
+  const std::string test = write(dir.file("test.csv"), "genres,text\nDrama,z\n");
+  EXPECT_EQ(read_text_table({test, TableFormat::csv, {{"genres"}, "|"}}, "text",
+                            {piped, TableFormat::csv, {{"genres"}, "|"}})
+                .labels.at("genres"),
+            (std::vector<std::int64_t>{0b100}));
+  // A JSON table's own list named too is read as the list it is; a string is split.
+  const std::string json = write(dir.file("t.jsonl"), R"({"text": "a", "tags": ["x y"], "more": "p q"})");
+  const TextTable j = read_text_table({json, TableFormat::json, {{"tags", "more"}, "space"}}, "text");
+  EXPECT_EQ(j.bit_names.at("tags"), (std::vector<std::string>{"x y"}));
+  EXPECT_EQ(j.bit_names.at("more"), (std::vector<std::string>{"p", "q"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        read_text_table({piped, TableFormat::csv, {{"tags"}, "|"}}, "text");
+      },
+      {"piped.csv: data.list_columns names 'tags', which it lacks (its columns: text, genres)"}));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] {
+        read_text_table({piped, TableFormat::csv, {{"text"}, "|"}}, "text");
+      },
+      {"its text column 'text' is named in data.list_columns"}));
+}
+
 std::string write_gz(const std::string& path, const std::string& content) {
   gzFile f = gzopen(path.c_str(), "wb");
   EXPECT_NE(f, nullptr) << path;

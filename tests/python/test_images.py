@@ -126,6 +126,27 @@ def main():
     check(r.returncode == 1 and f"'{work}/folders/train' is a folder without metadata.csv: name the manifest file"
           in r.stderr, f"a folder without a manifest is refused, saying so ({r.stderr.strip()[-160:]})")
 
+    # The tags as a CSV column of labels separated by | (data.list_columns): the JSON list's bitmasks,
+    # an empty field no tag.
+    for split in ("train", "test"):
+        with open(os.path.join(work, f"{split}.csv")) as f, open(os.path.join(work, f"{split}_tags.csv"), "w") as out:
+            lines = f.read().splitlines()
+            out.write(lines[0] + ",tags\n")
+            for i, line in enumerate(lines[1:]):
+                img, y = images[split][i], labels[split][i]
+                tags = (["dark"] if img.mean() < 64 else []) + (["footwear"] if y in (5, 7, 9) else [])
+                out.write(f"{line},{' | '.join(tags)}\n")
+    r = subprocess.run([canopy, "cache", "--config", config(
+        work, trunk, "csvtags", f"source = image-csv\ntrain = {work}/train_tags.csv\ntest = {work}/test_tags.csv\n"
+        "list_columns = tags\nlist_separator = |"), "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0, "canopy cache of a CSV manifest with a column of tags"
+          + ("" if r.returncode == 0 else ": " + r.stderr[-400:]))
+    with h5py.File(os.path.join(work, "csvtags", "cache.h5"), "r") as h:
+        check(all(np.array_equal(h[f"{s}/labels/tags"][...], caches["json"][f"{s}/labels/tags"][...])
+                  and np.array_equal(h[f"{s}/features"][...], caches["json"][f"{s}/features"][...])
+                  for s in ("train", "test")),
+              "a CSV column of tags split at | (data.list_columns) caches as the JSON list of tags, bitwise")
+
     for split in ("train", "test"):
         ref = caches["idx"][f"{split}/features"][...]
         listed = caches["csv"][f"{split}/features"]

@@ -320,6 +320,30 @@ test = {word_records['test']}""")
           and "only kind = multilabel without label_map reads it" in r.stderr,
           f"a multiclass task on the multi-hot source is refused (exit {r.returncode}: {r.stderr.strip()[-200:]})")
 
+    # The same words as a CSV column separated by blanks (data.list_columns, Kaggle's tags): the
+    # JSON lists' cache, bitwise; naming the text column there is refused.
+    for split in ("train", "test"):
+        with open(os.path.join(work, f"words_{split}.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["words", "text"])
+            for t in stories[split]:
+                w.writerow(["  ".join(sorted(story_words(t) & set(vocabulary))), t])
+    from_word_csv = from_words.replace("words.ini", "word_csv.ini")
+    with open(from_words) as f, open(from_word_csv, "w") as out:
+        out.write(f.read().replace("source = text-json", "source = text-csv\nlist_columns = words")
+                  .replace(word_records["train"], f"{work}/words_train.csv")
+                  .replace(word_records["test"], f"{work}/words_test.csv")
+                  .replace(f"{work}/cache_words", f"{work}/cache_word_csv"))
+    run("cache", "--config", from_word_csv)
+    with h5py.File(f"{work}/cache_words/cache.h5", "r") as a, h5py.File(f"{work}/cache_word_csv/cache.h5", "r") as b:
+        check(all(np.array_equal(a[n][()], b[n][()]) for n in
+                  ("train/labels/words", "test/labels/words", "train/features", "test/features")),
+              "a CSV column of words separated by blanks (data.list_columns) caches as the JSON lists, bitwise")
+    r = subprocess.run([canopy, "cache", "--config", from_word_csv, "--set", "data.list_columns=words,Text"],
+                       capture_output=True, text=True)
+    check(r.returncode == 2 and "'Text' is the text column (data.text_attribute)" in r.stderr,
+          f"the text column as a list column is refused ({r.stderr.strip()[-160:]})")
+
     # all_labels over more than 62 columns of two values (a CSV of 64 yes/no word columns): multi-hot
     # too, a row of the 64 columns' positives, in the columns' order.
     columns = vocabulary[:64][::-1]  # not sorted: all_labels follows the columns' order

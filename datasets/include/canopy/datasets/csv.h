@@ -22,6 +22,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "canopy/core/label_lists.h"
@@ -53,12 +54,27 @@ enum class TableFormat { csv, json };
 // A name ending .gz is read for the name before it (FILE.csv.gz: csv): every reader here takes a
 // gzip-compressed file as the plain one, told by its first bytes (gz_file.h).
 std::optional<TableFormat> table_format(const std::string& path);
+// Columns whose fields are lists of labels, as Kaggle's and MovieLens' CSVs write tags
+// ("haze primary water", "Action|Comedy"): each field split at `separator` ("space": at any run
+// of blanks; else that one character), items trimmed, empty ones dropped (an empty field is no
+// label). read_table makes each such column a list, as a JSON table's list of labels.
+struct ListColumns {
+  std::vector<std::string> names;
+  std::string separator = "space";
+};
 // A table and how it is written.
 struct TableFile {
+  TableFile() = default;
+  TableFile(std::string p, TableFormat f, ListColumns l = {})
+      : path(std::move(p)), format(f), lists(std::move(l)) {}
   std::string path;
   TableFormat format = TableFormat::csv;
+  ListColumns lists;  // columns read as lists of labels
 };
 Csv read_table(const TableFile& file, const std::string& what, const CsvHeaderCheck& check_header);
+// Where column `name` (the table's `what` column: its texts, its paths) is once read_table has
+// made list columns lists; DataError when it was made one.
+std::size_t column_after_lists(const Csv& csv, const std::string& name, const char* what);
 
 // Why a header read as one field may not be comma-separated, "" otherwise: a spreadsheet in a
 // locale whose decimal mark is a comma saves "CSV" with semicolons.
