@@ -44,7 +44,7 @@ import support
 from support import FMNIST, check, finish, read_idx, run_measured, tiny_conv_trunk, work_dir
 
 TRAIN, TEST = 40, 20
-KINDS = ("idx", "idxgz", "png", "jpg", "csv", "imagejson", "arff", "textcsv", "textjson", "textcsvgz")
+KINDS = ("idx", "idxgz", "png", "jpg", "csv", "csvtags", "imagejson", "arff", "textcsv", "textjson", "textcsvgz")
 
 
 def idx_bytes(a):
@@ -68,6 +68,7 @@ def write_inputs(base):
     for ext in ("png", "jpg"):
         for split in ("train", "test"):
             rows = ["path,class,name"]
+            tagged = ["path,tags,class"]  # tags as a column of labels separated by | (data.list_columns)
             records = []
             for i, (img, y) in enumerate(zip(images[split], labels[split])):
                 folder = f"{base}/{ext}/{split}/c{y}"
@@ -78,12 +79,15 @@ def write_inputs(base):
                     pil = pil.resize((40, 33))
                 pil.save(f"{folder}/{i}.{ext}", **({"quality": 90, "progressive": i % 3 == 0} if ext == "jpg" else {}))
                 rows.append(f"{split}/c{y}/{i}.{ext},{y},name{y}")
+                tagged.append(f"{split}/c{y}/{i}.{ext},{' | '.join(['a', 'b'][:i % 3])},{y}")
                 records.append(json.dumps({"class": int(y), "file_name": f"{split}/c{y}/{i}.{ext}",
                                            "name": f"name{y}", "tags": ["a", "b"][:i % 3]}) + "\n")
             with open(f"{base}/{ext}/{split}.csv", "w") as f:
                 f.write("\n".join(rows) + "\n")
             with open(f"{base}/{ext}/{split}.jsonl", "w") as f:
                 f.write("".join(records))
+            with open(f"{base}/{ext}/{split}_tags.csv", "w") as f:
+                f.write("\n".join(tagged) + "\n")
     os.makedirs(f"{base}/arff")
     with open(f"{base}/arff/vocab.txt", "w") as f:
         f.write("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\ncat\nsat\n##s\non\nmat\n")
@@ -113,6 +117,8 @@ def job(folder, kind, trunk):
             "png": f"source = image-folders\ntrain = {folder}/png/train\ntest = {folder}/png/test",
             "jpg": f"source = image-folders\ntrain = {folder}/jpg/train\ntest = {folder}/jpg/test",
             "csv": f"source = image-csv\ntrain = {folder}/png/train.csv\ntest = {folder}/png/test.csv",
+            "csvtags": f"source = image-csv\ntrain = {folder}/png/train_tags.csv\ntest = {folder}/png/test_tags.csv\n"
+                       "list_columns = tags\nlist_separator = |",
             "imagejson": f"source = image-json\ntrain = {folder}/png/train.jsonl\ntest = {folder}/png/test.jsonl"}[kind]
     path = f"{folder}/job.ini"
     with open(path, "w") as f:
@@ -122,12 +128,15 @@ def job(folder, kind, trunk):
 
 
 def targets(folder, kind):
-    sub = {"idxgz": "idxgz", "idx": "idx", "png": "png", "jpg": "jpg", "csv": "png", "imagejson": "png", "arff": "arff",
+    sub = {"idxgz": "idxgz", "idx": "idx", "png": "png", "jpg": "jpg", "csv": "png", "csvtags": "png", "imagejson": "png",
+           "arff": "arff",
            "textcsv": "arff", "textjson": "arff", "textcsvgz": "arff"}[kind]
     out = []
     for root, _, names in os.walk(f"{folder}/{sub}"):
         for name in names:
-            wanted = {"csv": name.endswith(".csv"), "arff": name.endswith(".arff"), "textcsv": name.endswith(".csv"),
+            wanted = {"csv": name.endswith(".csv") and not name.endswith("_tags.csv"),
+                      "csvtags": name.endswith("_tags.csv"),
+                      "arff": name.endswith(".arff"), "textcsv": name.endswith(".csv"),
                       "textjson": name.endswith(".jsonl"), "imagejson": name.endswith(".jsonl"),
                       "textcsvgz": name.endswith(".csv.gz"),
                       "png": name.endswith(".png"), "jpg": name.endswith(".jpg")}.get(kind, True)
