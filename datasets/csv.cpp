@@ -351,6 +351,10 @@ void add_list_column(const Csv& csv, const Csv& names, const std::string& key, L
   // A bitmask per row, or past kMaxBits labels a row of K zeros and ones (label_lists.h).
   const auto k = static_cast<std::int64_t>(bits.size());
   const bool multi_hot = is_multi_hot(bits.size());
+  const std::string known = bits.size() > 12
+                                ? join(std::vector<std::string>(bits.begin(), bits.begin() + 10), ", ") +
+                                      detail::str_cat(", ... ", k, " in all")
+                                : join(bits, ", ");
   auto& values = out.labels[key];
   const auto& rows = csv.lists.at(key);
   for (std::size_t i = 0; i < rows.size(); ++i) {
@@ -367,12 +371,8 @@ void add_list_column(const Csv& csv, const Csv& names, const std::string& key, L
                  named != bits.end() && *named == item) {
         bit = named - bits.begin();
       }
-      CANOPY_CHECK(bit >= 0 && bit<k, DataError, csv.path, ": row ", i + 1, " lists ", key, " '", item,
-                                   "', which '", names.path, "' never lists (its labels: ", k> 12
-                       ? join(std::vector<std::string>(bits.begin(), bits.begin() + 10), ", ") +
-                             detail::str_cat(", ... ", k, " in all")
-                       : join(bits, ", "),
-                   ")");
+      CANOPY_CHECK(bit >= 0 && bit < k, DataError, csv.path, ": row ", i + 1, " lists ", key, " '", item,
+                   "', which '", names.path, "' never lists (its labels: ", known, ")");
       if (multi_hot) {
         values[row + static_cast<std::size_t>(bit)] = 1;
       } else {
