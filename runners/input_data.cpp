@@ -10,6 +10,7 @@
 
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/index_select.h>
@@ -372,14 +373,16 @@ void set_label_columns(InputSplit& s, const datasets::LabelColumns& table,
     const auto bits = table.bit_names.find(name);
     const std::size_t width =
         bits != table.bit_names.end() && is_multi_hot(bits->second.size()) ? bits->second.size() : 1;
-    std::vector<std::int64_t> kept;
+    // Straight into the split's tensor: a multi-hot source is K values a row, copied once.
+    const auto rows = static_cast<std::int64_t>(keep.size());
+    at::Tensor t = width > 1 ? at::empty({rows, static_cast<std::int64_t>(width)}, at::kLong)
+                             : at::empty({rows}, at::kLong);
+    std::int64_t* out = t.data_ptr<std::int64_t>();
     for (const auto r : keep) {
       const auto first = v.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(r) * width);
-      kept.insert(kept.end(), first, first + static_cast<std::ptrdiff_t>(width));
+      out = std::copy(first, first + static_cast<std::ptrdiff_t>(width), out);
     }
-    at::Tensor t = at::tensor(kept, at::kLong);
-    s.labels[name] =
-        width > 1 ? t.view({static_cast<std::int64_t>(keep.size()), static_cast<std::int64_t>(width)}) : t;
+    s.labels[name] = t;
   }
   for (const auto& [name, v] : table.float_labels) {
     std::vector<double> kept;
