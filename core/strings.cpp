@@ -133,6 +133,12 @@ std::string join(const std::vector<std::string>& parts, std::string_view sep) {
   return out;
 }
 
+std::string join_first(const std::vector<std::string>& names, std::string_view what) {
+  if (names.size() <= 12) return join(names, ", ");
+  return join(std::vector<std::string>(names.begin(), names.begin() + 10), ", ") + ", ... " +
+         std::to_string(names.size()) + " " + std::string(what);
+}
+
 std::string csv_field(std::string_view v) {
   if (v.find_first_of(",\"\r\n") == std::string_view::npos) return std::string(v);
   std::string out = "\"";

@@ -351,10 +351,7 @@ void add_list_column(const Csv& csv, const Csv& names, const std::string& key, L
   // A bitmask per row, or past kMaxBits labels a row of K zeros and ones (label_lists.h).
   const auto k = static_cast<std::int64_t>(bits.size());
   const bool multi_hot = is_multi_hot(bits.size());
-  const std::string known = bits.size() > 12
-                                ? join(std::vector<std::string>(bits.begin(), bits.begin() + 10), ", ") +
-                                      detail::str_cat(", ... ", k, " in all")
-                                : join(bits, ", ");
+  const std::string known = join_first(bits, "labels");
   auto& values = out.labels[key];
   const auto& rows = csv.lists.at(key);
   for (std::size_t i = 0; i < rows.size(); ++i) {

@@ -232,9 +232,7 @@ at::ScalarType CacheMeta::label_dtype(const std::string& source) const {
 
 std::int64_t CacheMeta::label_width(const std::string& source) const {
   const auto bits = label_bits.find(source);
-  return bits != label_bits.end() && is_multi_hot(bits->second.size())
-             ? static_cast<std::int64_t>(bits->second.size())
-             : 1;
+  return bits == label_bits.end() ? 1 : static_cast<std::int64_t>(list_width(bits->second.size()));
 }
 
 std::vector<std::int64_t> CacheMeta::label_shape(const std::string& source, std::int64_t rows) const {
@@ -1004,6 +1002,36 @@ void FeatureCacheWriter::finish() {
   write_manifest(impl_->dir, impl_->manifest);
 }
 
+namespace {
+// The view's group of `split` (`total` rows): virtual datasets over its shards' rows; a
+// multi-hot source's columns named for h5py users (its `labels` attribute, a JSON list).
+void write_view_split(hid_t root, const Manifest& manifest, const std::string& split, std::int64_t total) {
+  const CacheMeta& meta = manifest.meta;
+  std::vector<h5::VirtualSource> fsrc, isrc;
+  std::map<std::string, std::vector<h5::VirtualSource>> lsrc;
+  for (const auto& s : manifest.shards) {
+    if (s.split != split) continue;
+    // Source paths relative to the view file: HDF5 looks there first.
+    fsrc.push_back({s.file, "/features", s.first_row, s.rows});
+    isrc.push_back({s.file, "/ids", s.first_row, s.rows});
+    for (const auto& src : meta.label_sources)
+      lsrc[src].push_back({s.file, "/labels/" + src, s.first_row, s.rows});
+  }
+  h5::Handle ftype = file_type(meta.dtype);
+  h5::Handle g = h5::create_group(root, split);
+  h5::write_attr(g.get(), "rows", total);
+  h5::Handle f = h5::create_virtual(g.get(), "features", ftype.get(), {total, meta.feature_dim}, fsrc);
+  h5::write_attr(f.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
+  h5::create_virtual(g.get(), "ids", H5T_STD_I64LE, {total}, isrc);
+  h5::Handle lg = h5::create_group(g.get(), "labels");
+  for (const auto& src : meta.label_sources) {
+    h5::Handle l = h5::create_virtual(lg.get(), src, label_file_type(meta, src), meta.label_shape(src, total),
+                                      lsrc[src]);
+    if (meta.label_width(src) > 1) h5::write_attr(l.get(), "labels", json(meta.label_bits.at(src)).dump());
+  }
+}
+}  // namespace
+
 void FeatureCacheWriter::Impl::write_view() {
   const CacheMeta& meta = manifest.meta;
   const std::string path = view_path(dir);
@@ -1012,33 +1040,8 @@ void FeatureCacheWriter::Impl::write_view() {
                            h5::write_attr(root, "canopy_schema", schema_of(meta));
                            for (const auto& [name, value] : view_attributes(meta))
                              h5::write_attr(root, name, value);
-                           h5::Handle ftype = file_type(meta.dtype);
-                           for (const auto& [split, total] : manifest.split_rows) {
-                             std::vector<h5::VirtualSource> fsrc, isrc;
-                             std::map<std::string, std::vector<h5::VirtualSource>> lsrc;
-                             for (const auto& s : manifest.shards) {
-                               if (s.split != split) continue;
-                               // Source paths relative to the view file: HDF5 looks there first.
-                               fsrc.push_back({s.file, "/features", s.first_row, s.rows});
-                               isrc.push_back({s.file, "/ids", s.first_row, s.rows});
-                               for (const auto& src : meta.label_sources)
-                                 lsrc[src].push_back({s.file, "/labels/" + src, s.first_row, s.rows});
-                             }
-                             h5::Handle g = h5::create_group(root, split);
-                             h5::write_attr(g.get(), "rows", total);
-                             h5::Handle f = h5::create_virtual(g.get(), "features", ftype.get(),
-                                                               {total, meta.feature_dim}, fsrc);
-                             h5::write_attr(f.get(), "dtype", std::string(storage_dtype_name(meta.dtype)));
-                             h5::create_virtual(g.get(), "ids", H5T_STD_I64LE, {total}, isrc);
-                             h5::Handle lg = h5::create_group(g.get(), "labels");
-                             for (const auto& src : meta.label_sources) {
-                               h5::Handle l = h5::create_virtual(lg.get(), src, label_file_type(meta, src),
-                                                                 meta.label_shape(src, total), lsrc[src]);
-                               // A multi-hot source's columns named where h5py users read them: a JSON list.
-                               if (meta.label_width(src) > 1)
-                                 h5::write_attr(l.get(), "labels", json(meta.label_bits.at(src)).dump());
-                             }
-                           }
+                           for (const auto& [split, total] : manifest.split_rows)
+                             write_view_split(root, manifest, split, total);
                          });
 }
 

@@ -126,25 +126,19 @@ std::string inspect_cache(const std::string& dir, const JobConfig* config, bool 
   }
   // Each source with its class names (the first ten of more), its bits' labels, or its values'
   // type.
-  const auto first_names = [](std::vector<std::string> names, const char* what) {
-    const std::size_t shown = names.size() > 12 ? 10 : names.size();
-    const std::string more = shown < names.size() ? detail::str_cat(", ... ", names.size(), " ", what) : "";
-    names.resize(shown);
-    return join(names, ", ") + more;
-  };
   std::vector<std::string> sources;
   for (const auto& src : m.meta.label_sources) {
     const std::vector<std::string> names = m.meta.names_of(src);
     const auto bits = m.meta.label_bits.find(src);
     if (bits != m.meta.label_bits.end()) {
       sources.push_back(src + (m.meta.label_width(src) > 1 ? " (multi-hot: " : " (bits: ") +
-                        first_names(bits->second, "labels") + ")");
+                        join_first(bits->second, "labels") + ")");
     } else if (m.meta.is_float_label(src)) {
       sources.push_back(src + " (float64)");
     } else if (names.empty()) {
       sources.push_back(src);
     } else {
-      sources.push_back(src + " (" + first_names(names, "classes") + ")");
+      sources.push_back(src + " (" + join_first(names, "classes") + ")");
     }
   }
   o << "  labels        " << join(sources, "; ");

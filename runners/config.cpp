@@ -720,8 +720,7 @@ const std::vector<Key<tasks::TaskConfig>>& task_keys() {
         "what the head's epochs and a grid's winner are chosen by (early stopping, train.export = best, "
         "successive halving), on the validation split (else the eval split): auto (accuracy; mean AP for "
         "multilabel, R^2 for a regression), accuracy, macro_f1, mean_ap (multilabel), nll (multiclass; "
-        "lowest "
-        "wins)"));
+        "lowest wins)"));
     v.push_back(
         member_key<T>("task", "calibrate", CANOPY_TASK(calibrate),
                       "multiclass: temperature: the probabilities are softmax(logits / T), T fitted on "

@@ -360,9 +360,7 @@ void note_table_columns(const datasets::LabelColumns& table, const std::string& 
     log_info(detail::str_cat(
         "label source '", source, "': lists of ", bits.size(), " labels, ",
         is_multi_hot(bits.size()) ? "multi-hot (a row of zeros and ones)" : "a bitmask per row", " (",
-        bits.size() > 12 ? join(std::vector<std::string>(bits.begin(), bits.begin() + 10), ", ") + ", ..."
-                         : join(bits, ", "),
-        "): a multilabel task on it is named by them"));
+        join_first(bits, "labels"), "): a multilabel task on it is named by them"));
   }
 }
 
@@ -371,8 +369,7 @@ void set_label_columns(InputSplit& s, const datasets::LabelColumns& table,
                        const std::vector<std::int64_t>& keep) {
   for (const auto& [name, v] : table.labels) {
     const auto bits = table.bit_names.find(name);
-    const std::size_t width =
-        bits != table.bit_names.end() && is_multi_hot(bits->second.size()) ? bits->second.size() : 1;
+    const std::size_t width = bits == table.bit_names.end() ? 1 : list_width(bits->second.size());
     // Straight into the split's tensor: a multi-hot source is K values a row, copied once.
     const auto rows = static_cast<std::int64_t>(keep.size());
     at::Tensor t = width > 1 ? at::empty({rows, static_cast<std::int64_t>(width)}, at::kLong)

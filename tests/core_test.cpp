@@ -400,6 +400,15 @@ TEST(Machines, OfAJobsRanks) {
             "Y, 1 core (1 rank) and X, 2 cores (1 rank), 2 MPI ranks");
 }
 
+// Many names in a message: all up to 12, past that the first ten and how many.
+TEST(Strings, JoinFirstNamesTheFirstTenOfMany) {
+  std::vector<std::string> names;
+  for (int i = 0; i < 12; ++i) names.push_back("n" + std::to_string(i));
+  EXPECT_EQ(join_first(names, "labels"), join(names, ", "));
+  names.push_back("n12");
+  EXPECT_EQ(join_first(names, "labels"), "n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, ... 13 labels");
+}
+
 TEST(Strings, FormatDurationKeepsTwoDigitsUnderASecond) {
   EXPECT_EQ(format_duration(0.018), "18ms");
   EXPECT_EQ(format_duration(0.0996), "0.10s");

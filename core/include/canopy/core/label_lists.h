@@ -14,5 +14,7 @@ inline constexpr std::size_t kMaxBits = 62;  // labels in one int64 bitmask (2^6
 inline constexpr std::size_t kMaxListLabels = 4096;
 // Whether a list source of `labels` labels is held multi-hot ([rows, labels]) rather than as bitmasks.
 inline bool is_multi_hot(std::size_t labels) { return labels > kMaxBits; }
+// The values a row holds of a list source of `labels` labels: 1 (its bitmask), or `labels`.
+inline std::size_t list_width(std::size_t labels) { return is_multi_hot(labels) ? labels : 1; }
 
 }  // namespace canopy

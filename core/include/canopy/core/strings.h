@@ -16,6 +16,9 @@ std::string trim(std::string_view s);
 // Splits on `sep`, trimming each piece; an empty input gives an empty list.
 std::vector<std::string> split(std::string_view s, char sep);
 std::string join(const std::vector<std::string>& parts, std::string_view sep);
+// For messages naming many names: all of them joined by ", ", or past 12 the first ten and
+// ", ... N <what>" ("a, b, ..., j, ... 80 labels").
+std::string join_first(const std::vector<std::string>& names, std::string_view what);
 // A CSV field as RFC 4180 writes it: quoted, quotes doubled, when it holds a comma, a quote
 // or a line break; as it is otherwise.
 std::string csv_field(std::string_view v);

@@ -32,8 +32,8 @@ enum class OptimizerKind { kSgd, kAdam, kAdamW };
 enum class LrSchedule { kConstant, kCosine, kStep };  // the learning rate per epoch
 enum class RegressionLoss { kMse, kL1 };
 // What a head's epochs are chosen by (early stopping, train.export = best, a grid's winner and
-// its halving): auto (accuracy; mean AP for a multilabel head, R^2 for a regression), accuracy, macro_f1,
-// mean_ap (multilabel), nll (multiclass; lower is better).
+// its halving): auto (accuracy; mean AP for a multilabel head, R^2 for a regression),
+// accuracy, macro_f1, mean_ap (multilabel), nll (multiclass; lower is better).
 enum class Monitor { kAuto, kAccuracy, kMacroF1, kMeanAp, kNll };
 
 // Names as configs and cards spell them ("multiclass", "adamw", "cosine", "l1"), and back;
