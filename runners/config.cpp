@@ -526,9 +526,9 @@ void add_train_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(member_key<K>("train", "eval_split", CANOPY_JOB(train.eval_split),
                             "the cache split heads are evaluated on"));
   v.push_back(member_key<K>("train", "validation_fraction", CANOPY_JOB(train.validation_fraction),
-                            "held out of train_split at training time (stratified by class, seeded by "
-                            "train.seed) to choose epochs and grid winners on; the test split is then used "
-                            "once, for the exported heads; 0: none")
+                            "held out of train_split at training time (stratified by class, or label by "
+                            "label over a list of labels; seeded by train.seed) to choose epochs and grid "
+                            "winners on; the test split is then used once, for the exported heads; 0: none")
                   .at_least(0)
                   .at_most(0.9));
   v.push_back(choice<K>(

@@ -170,15 +170,52 @@ TrainRead plan_train_read(const datasets::FeatureCache& cache, const JobConfig& 
   return all;
 }
 // The label source a validation split is stratified by: `class` when the cache has it as
-// classes, else its first source of one class per row; empty when none is (real values, multi-hot).
-std::string stratifying_source(const datasets::CacheMeta& meta) {
-  std::string first;
+// classes, else its first source of one class per row, else its first list of labels (label by
+// label); empty when none is (real values).
+struct Stratifier {
+  std::string source;
+  std::size_t list_labels = 0;  // > 0: a list source of that many labels
+};
+Stratifier stratifying_source(const datasets::CacheMeta& meta) {
+  std::string first, list;
   for (const auto& s : meta.label_sources) {
-    if (meta.is_float_label(s) || meta.label_width(s) > 1) continue;
-    if (s == "class") return s;
-    if (first.empty()) first = s;
+    if (meta.is_float_label(s)) continue;
+    if (meta.label_bits.count(s) > 0) {
+      if (list.empty()) list = s;
+    } else if (s == "class") {
+      return {s};
+    } else if (first.empty()) {
+      first = s;
+    }
   }
-  return first;
+  if (!first.empty() || list.empty()) return {first};
+  return {list, meta.label_bits.at(list).size()};
+}
+
+// The rows held out of the train split, and how they were drawn (for the log).
+datasets::Holdout hold_out(const datasets::FeatureCache& cache, const TrainConfig& t, std::string& how) {
+  const Stratifier by = stratifying_source(cache.meta());
+  if (by.source.empty()) {
+    how = "nothing: no label source of classes or lists of labels";
+    return datasets::stratified_holdout(at::Tensor(), cache.rows(t.train_split), t.validation_fraction,
+                                        t.seed);
+  }
+  at::Tensor labels = cache.load_labels(t.train_split, by.source);
+  how = "'" + by.source + "'";
+  if (by.list_labels == 0)
+    return datasets::stratified_holdout(labels, cache.rows(t.train_split), t.validation_fraction, t.seed);
+  if (labels.dim() == 1)
+    labels = datasets::multi_hot_of_bitmasks(labels, static_cast<std::int64_t>(by.list_labels));
+  datasets::Holdout h = datasets::multilabel_holdout(labels, t.validation_fraction, t.seed);
+  how += ", label by label over its " + std::to_string(by.list_labels) + " labels";
+  if (!h.unheld_labels.empty()) {
+    const auto& names = cache.meta().label_bits.at(by.source);
+    std::vector<std::string> unheld;
+    for (const std::int64_t j : h.unheld_labels) unheld.push_back(names.at(static_cast<std::size_t>(j)));
+    how += "; no row held out for " + std::to_string(unheld.size()) +
+           " of them (too few rows): " + join_first(unheld, "labels");
+  }
+  return h;
 }
 
 // The training rows and, with train.validation_fraction, the rows held out of them.
@@ -187,7 +224,8 @@ struct TrainSplit {
   bool in_memory = true;
   at::Tensor rows;  // in memory: the training rows the source serves (the same storage)
   std::optional<datasets::SplitData> validation;
-  at::Tensor kept;  // with a validation split: the split's rows that train (int64); else undefined
+  at::Tensor kept;            // with a validation split: the split's rows that train (int64); else undefined
+  std::string stratified_by;  // with a validation split: how it was drawn (for the log)
 };
 
 // The train split, read whole when it fits under cache.memory_cap_mb, else streamed; a
@@ -201,9 +239,7 @@ TrainSplit open_train_split(const datasets::FeatureCache& cache, const JobConfig
   out.in_memory = plan.whole;
   std::optional<datasets::Holdout> holdout;
   if (has_validation(t)) {
-    const std::string by = stratifying_source(cache.meta());
-    holdout = datasets::stratified_holdout(by.empty() ? at::Tensor() : cache.load_labels(t.train_split, by),
-                                           cache.rows(t.train_split), t.validation_fraction, t.seed);
+    holdout = hold_out(cache, t, out.stratified_by);
     out.kept = holdout->train_rows;
   }
   const std::int64_t views = cache.meta().views;
@@ -1391,13 +1427,11 @@ void clean_out_dir(const std::string& out_dir, bool resume) {
   if (!resume && is_directory(levels)) remove_tree(levels);
 }
 
-void log_validation_split(const JobConfig& config, const datasets::CacheMeta& meta, std::int64_t rows) {
-  const std::string by = stratifying_source(meta);
+void log_validation_split(const JobConfig& config, const std::string& stratified_by, std::int64_t rows) {
   log_info("validation split: " + std::to_string(rows) + " rows held out of '" + config.train.train_split +
            "' (train.validation_fraction = " + std::to_string(config.train.validation_fraction) +
-           ", stratified by " +
-           (by.empty() ? std::string("nothing: no label source of one class per row") : "'" + by + "'") +
-           "); '" + config.train.eval_split + "' is evaluated once, at the end");
+           ", stratified by " + stratified_by + "); '" + config.train.eval_split +
+           "' is evaluated once, at the end");
 }
 
 // What a run reads before it trains, beside the cache: the test split, the training rows
@@ -1446,7 +1480,7 @@ TrainInputs open_inputs(const datasets::FeatureCache& cache, const JobConfig& co
   report.train_rows = in.train.source->rows();
   if (in.train.validation) {
     report.validation_rows = in.train.validation->features.size(0);
-    log_validation_split(config, cache.meta(), report.validation_rows);
+    log_validation_split(config, in.train.stratified_by, report.validation_rows);
   }
   // A cache of a frozen prefix: the trunk's top trains too, shared by every head.
   in.shared = make_shared_training(config, cache, in.train, report.train_rows);

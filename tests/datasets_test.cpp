@@ -1,15 +1,20 @@
 #include <gtest/gtest.h>
 #include <zlib.h>
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/allclose.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/equal.h>
+#include <ATen/ops/eye.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/ones.h>
+#include <ATen/ops/rand.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
@@ -608,6 +613,61 @@ TEST(Holdout, StratifiedDisjointAndSeeded) {
   EXPECT_EQ(stratified_holdout(at::Tensor(), n, 0.25, 3).validation_rows.numel(), 250) << "unstratified";
   EXPECT_TRUE(testing::throws_with<DataError>([&] { stratified_holdout(classes.slice(0, 0, 3), 3, 0.1, 0); },
                                               {"holds out none", "0.1"}));
+}
+
+// Lists of labels: each label gives about fraction x its rows, far closer than a plain draw
+// of as many rows; rows of no label share it too; seeded; bitmasks hold out as their rows do.
+TEST(Holdout, ListsOfLabelsAreHeldOutLabelByLabel) {
+  const std::int64_t n = 2000, k = 40;
+  // Label j on a row with chance 0.4 / (1 + j / 2) (about 800 rows to 40), the last 300 rows
+  // no label, and labels 36 to 39 on 2, 4, 7 and 12 rows alone.
+  auto gen = at::detail::createCPUGenerator(7);
+  const at::Tensor chance = 0.4 / (1 + at::arange(k, at::kDouble) / 2);
+  at::Tensor y = at::rand({n, k}, gen, at::kDouble).lt(chance).to(at::kLong);
+  y.slice(0, 1700).zero_();
+  const std::int64_t rare[] = {2, 4, 7, 12};
+  for (std::int64_t i = 0; i < 4; ++i) {
+    y.select(1, 36 + i).zero_();
+    y.select(1, 36 + i).slice(0, 100 * i, 100 * i + rare[i]).fill_(1);
+  }
+  const Holdout h = multilabel_holdout(y, 0.1, 3);
+  const std::int64_t v = h.validation_rows.numel();
+  EXPECT_NEAR(v, 200, 3);
+  EXPECT_TRUE(std::get<0>(at::cat({h.train_rows, h.validation_rows}).sort()).equal(at::arange(n, at::kLong)))
+      << "disjoint, and every row on one side";
+  const at::Tensor per_label = y.sum(0), held = y.index_select(0, h.validation_rows).sum(0);
+  // A plain draw of as many rows, for comparison.
+  const at::Tensor drawn =
+      y.index_select(0, stratified_holdout(at::Tensor(), n, static_cast<double>(v) / n, 3).validation_rows)
+          .sum(0);
+  double off = 0, off_drawn = 0;
+  std::vector<std::int64_t> unheld;
+  for (std::int64_t j = 0; j < k; ++j) {
+    const auto rows = per_label[j].item<std::int64_t>(), got = held[j].item<std::int64_t>();
+    if (rows > 0 && got == 0) unheld.push_back(j);
+    if (rows < 10) continue;
+    EXPECT_GE(got, 1) << "label " << j << " of " << rows << " rows";
+    EXPECT_LE(std::abs(static_cast<double>(got) - 0.1 * static_cast<double>(rows)), 1.5)
+        << "label " << j << " of " << rows << " rows: " << got << " held out";
+    off += std::abs(static_cast<double>(got) - 0.1 * static_cast<double>(rows));
+    off_drawn += std::abs(drawn[j].item<double>() - 0.1 * static_cast<double>(rows));
+  }
+  EXPECT_LT(off * 3, off_drawn) << "label by label against a plain draw: " << off << " vs " << off_drawn;
+  EXPECT_EQ(h.unheld_labels, unheld);
+  EXPECT_TRUE(std::find(unheld.begin(), unheld.end(), 36) != unheld.end()) << "the label of 2 rows";
+  const auto no_label = h.validation_rows.ge(1700).sum().item<std::int64_t>();
+  // Rows of no label go last, to make up the total: about a tenth of them too.
+  EXPECT_NEAR(no_label, 30, 9) << "rows of no label";
+  EXPECT_TRUE(multilabel_holdout(y, 0.1, 3).validation_rows.equal(h.validation_rows));
+  EXPECT_FALSE(multilabel_holdout(y, 0.1, 4).validation_rows.equal(h.validation_rows));
+  // The same labels as bitmasks.
+  const at::Tensor masks = (y * at::ones({k}, at::kLong).bitwise_left_shift(at::arange(k, at::kLong))).sum(1);
+  ASSERT_TRUE(multi_hot_of_bitmasks(masks, k).equal(y));
+  // Every row a label of its own: none is wanted on the validation side.
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { multilabel_holdout(at::eye(20, at::kLong), 0.1, 0); },
+                                              {"holds out none", "label by label"}));
+  EXPECT_TRUE(
+      testing::throws_with<DataError>([&] { multilabel_holdout(masks, 0.1, 0); }, {"[rows, labels]"}));
 }
 
 // A streamed split skips the held-out rows, and load_rows reads exactly those.

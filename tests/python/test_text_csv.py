@@ -23,6 +23,7 @@ import argparse
 import collections
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -319,6 +320,24 @@ test = {word_records['test']}""")
     check(r.returncode != 0 and "label source 'words' holds lists of 80 labels" in r.stderr
           and "only kind = multilabel without label_map reads it" in r.stderr,
           f"a multiclass task on the multi-hot source is refused (exit {r.returncode}: {r.stderr.strip()[-200:]})")
+
+    # A validation split of it is held out label by label: nearly every word, even one of 6
+    # stories, gives the validation stories some, where a plain draw of as many stories misses
+    # about 11 of the 80 words (the expectation, worked out from the cache's rows).
+    r = subprocess.run([canopy, "train", "--config", from_words, "--set", "train.validation_fraction=0.2",
+                        "--set", "task.words.epochs=2", "--set", f"train.out_dir={work}/run_words_validated"],
+                       capture_output=True, text=True)
+    held = re.search(r"validation split: (\d+) rows held out of 'train' \(.*stratified by 'words', label by "
+                     r"label over its 80 labels(; no row held out for (\d+) of them)?", r.stderr)
+    with h5py.File(f"{work}/cache_words/cache.h5", "r") as h:
+        per_word = h["train/labels/words"][()].sum(0)
+    n = int(held.group(1)) if held else 19
+    missed = int(held.group(3) or 0) if held else None
+    plain = sum(math.comb(TRAIN_ROWS - int(k), n) / math.comb(TRAIN_ROWS, n) for k in per_word)
+    check(r.returncode == 0 and held and 17 <= n <= 21 and missed <= 3 and plain > 3 * max(missed, 1),
+          f"a validation split of 0.2 holds out {n} stories label by label: {missed} of the 80 words "
+          f"without a story there (against {plain:.1f} expected of a plain draw) "
+          f"({held.group(0) if held else r.stderr[-400:]})")
 
     # The same words as a CSV column separated by blanks (data.list_columns, Kaggle's tags): the
     # JSON lists' cache, bitwise; naming the text column there is refused.
