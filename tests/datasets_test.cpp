@@ -632,7 +632,7 @@ TEST(Holdout, ListsOfLabelsAreHeldOutLabelByLabel) {
   }
   const Holdout h = multilabel_holdout(y, 0.1, 3);
   const std::int64_t v = h.validation_rows.numel();
-  EXPECT_NEAR(v, 200, 3);
+  EXPECT_EQ(v, 200) << "fraction x rows";
   EXPECT_TRUE(std::get<0>(at::cat({h.train_rows, h.validation_rows}).sort()).equal(at::arange(n, at::kLong)))
       << "disjoint, and every row on one side";
   const at::Tensor per_label = y.sum(0), held = y.index_select(0, h.validation_rows).sum(0);
@@ -663,8 +663,12 @@ TEST(Holdout, ListsOfLabelsAreHeldOutLabelByLabel) {
   // The same labels as bitmasks.
   const at::Tensor masks = (y * at::ones({k}, at::kLong).bitwise_left_shift(at::arange(k, at::kLong))).sum(1);
   ASSERT_TRUE(multi_hot_of_bitmasks(masks, k).equal(y));
-  // Every row a label of its own: none is wanted on the validation side.
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { multilabel_holdout(at::eye(20, at::kLong), 0.1, 0); },
+  // Every row a label of its own: each label wants its row on the training side, which takes
+  // 18 of 20 and leaves the validation side the last 2.
+  const Holdout own = multilabel_holdout(at::eye(20, at::kLong), 0.1, 0);
+  EXPECT_EQ(own.validation_rows.numel(), 2);
+  EXPECT_EQ(own.unheld_labels.size(), 18U);
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { multilabel_holdout(at::eye(5, at::kLong), 0.1, 0); },
                                               {"holds out none", "label by label"}));
   EXPECT_TRUE(
       testing::throws_with<DataError>([&] { multilabel_holdout(masks, 0.1, 0); }, {"[rows, labels]"}));

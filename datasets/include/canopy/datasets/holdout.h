@@ -27,10 +27,11 @@ Holdout stratified_holdout(const at::Tensor& classes, std::int64_t rows, double 
 // Lists of labels: `labels` int64 [rows, K] of 0 and 1 (row r carries label j when 1).
 // Stratified label by label (iterative stratification, Sechidis, Tsoumakas and Vlahavas,
 // 2011): the label with the fewest rows not yet placed goes first, each of its rows (in a seeded
-// order) to the side that still wants more rows of it, then to the side that wants more rows,
-// then by a seeded coin; rows of no label last, by the rows each side wants. So each label gives
-// about fraction x its rows, where a plain draw (or one class per combination of labels) leaves
-// rare labels out. DataError as stratified_holdout.
+// order) to the side that still wants more rows of it (unless that side has all the rows it
+// wants and the other does not), then to the side that wants more rows, then by a seeded coin;
+// rows of no label last. So each label gives about fraction x its rows and the validation side
+// fraction x rows to within a row, where a plain draw (or one class per combination of labels)
+// leaves rare labels out. DataError as stratified_holdout.
 Holdout multilabel_holdout(const at::Tensor& labels, double fraction, std::uint64_t seed);
 
 // Bitmasks (int64 [rows], bit j for label j) of `labels` labels as int64 [rows, labels] of 0 and 1.
