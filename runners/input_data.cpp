@@ -666,21 +666,32 @@ std::vector<std::vector<std::string>> read_kept_columns(const JobConfig& config,
                path, "' is not one");
   const datasets::Csv table =
       datasets::read_table({path, *format}, "table", [](const auto&, const auto&, const auto&) {});
-  std::vector<std::size_t> at;
+  // Each column's place in the header, or its lists of labels (written joined by '|', as a
+  // multilabel task's answer is).
+  struct Kept {
+    std::size_t at = 0;
+    const std::vector<std::vector<std::string>>* lists = nullptr;
+  };
+  std::vector<Kept> kept;
   for (const auto& c : columns) {
     const auto it = std::find(table.header.begin(), table.header.end(), c);
-    const bool list = std::find(table.list_keys.begin(), table.list_keys.end(), c) != table.list_keys.end();
-    CANOPY_CHECK(
-        it != table.header.end(), DataError, "--keep ", c, ": ",
-        list ? "'" + c + "' of '" + path + "' holds lists of labels; --keep writes columns of one value"
-             : "'" + path + "' has no such column (its columns: " + join(table.header, ", ") + ")");
-    at.push_back(static_cast<std::size_t>(it - table.header.begin()));
+    const auto list = table.lists.find(c);
+    if (it == table.header.end() && list != table.lists.end()) {
+      kept.push_back({0, &list->second});
+      continue;
+    }
+    std::vector<std::string> all = table.header;
+    all.insert(all.end(), table.list_keys.begin(), table.list_keys.end());
+    CANOPY_CHECK(it != table.header.end(), DataError, "--keep ", c, ": '", path,
+                 "' has no such column (its columns: ", join(all, ", "), ")");
+    kept.push_back({static_cast<std::size_t>(it - table.header.begin()), nullptr});
   }
   std::vector<std::vector<std::string>> rows;
-  for (const auto& r : table.rows) {
+  for (std::size_t r = 0; r < table.rows.size(); ++r) {
     if (limit > 0 && static_cast<std::int64_t>(rows.size()) == limit) break;
     rows.emplace_back();
-    for (const auto k : at) rows.back().push_back(r[k]);
+    for (const Kept& k : kept)
+      rows.back().push_back(k.lists ? join((*k.lists)[r], "|") : table.rows[r][k.at]);
   }
   return rows;
 }

@@ -349,7 +349,7 @@ def check_evaluate(canopy, work, trunk, runs):
           f"predict answers the same over a CSV manifest, one of paths only, a JSON manifest and the CSV gzipped "
           f"({[a[:80] for a in answers.values()]})")
     # --keep: the manifest's own columns beside each answer (its labels here, which predict does
-    # not otherwise read); a list of tags, and a folder (no table), refused.
+    # not otherwise read); a folder (no table) and a column the manifest lacks refused.
     p = subprocess.run([canopy, "predict", "--config", f"{work}/csv.ini", "--input", f"{work}/test.csv",
                         "--keep", "name,class", "--progress", "quiet"], capture_output=True, text=True)
     rows = list(csv.DictReader(io.StringIO(p.stdout)))
@@ -359,9 +359,17 @@ def check_evaluate(canopy, work, trunk, runs):
           and [(r["name"], r["class"]) for r in rows] == [(m["name"], m["class"]) for m in manifest]
           and [r["c"] for r in rows] == [r["c"] for r in plain],
           f"predict --keep name,class writes the manifest's columns beside each answer ({p.stderr.strip()[-160:]})")
-    for args, said in ((["--input", f"{work}/folders/test/metadata.jsonl", "--keep", "tags"],
-                        "'tags' of '" + f"{work}/folders/test/metadata.jsonl' holds lists of labels;"),
-                       (["--input", f"{work}/folders/test", "--keep", "name"], "is not one"),
+    # A JSON list of tags is kept as a multilabel task's answer is written: its items joined by |.
+    p = subprocess.run([canopy, "predict", "--config", f"{work}/csv.ini", "--input",
+                        f"{work}/folders/test/metadata.jsonl", "--keep", "tags", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    rows = list(csv.DictReader(io.StringIO(p.stdout)))
+    with open(f"{work}/folders/test/metadata.jsonl") as f:
+        tags = ["|".join(json.loads(line)["tags"]) for line in f if line.strip()]
+    check(p.returncode == 0 and p.stdout.startswith("id,path,tags,c,") and [r["tags"] for r in rows] == tags
+          and "dark|footwear" in tags and "" in tags and [r["c"] for r in rows] == [r["c"] for r in plain],
+          f"predict --keep tags writes each image's list of tags joined by | ({p.stderr.strip()[-160:]})")
+    for args, said in ((["--input", f"{work}/folders/test", "--keep", "name"], "is not one"),
                        (["--input", f"{work}/test.csv", "--keep", "label"], "has no such column (its columns: path, class")):
         p = subprocess.run([canopy, "predict", "--config", f"{work}/csv.ini", "--progress", "quiet"] + args,
                            capture_output=True, text=True)

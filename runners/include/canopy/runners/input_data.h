@@ -58,7 +58,8 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
 // The columns `columns` of predict's input table `path` (a CSV or JSON table of texts, a
 // manifest of images: as its name says), each row's values in that order, the first `limit`
 // rows (> 0); ConfigError when `path` is not a table (an idx file, a folder, texts one per line,
-// standard input), DataError naming a column the table lacks (or one holding lists).
+// standard input), DataError naming a column the table lacks. A JSON list of labels is written
+// as its items joined by '|', as a multilabel task's answer is.
 std::vector<std::vector<std::string>> read_kept_columns(const JobConfig& config, const std::string& path,
                                                         const std::vector<std::string>& columns,
                                                         std::int64_t limit);
