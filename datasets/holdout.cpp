@@ -84,84 +84,114 @@ bool coin(std::uint64_t seed, std::int64_t row) {
   return ((z ^ (z >> 31)) & 1) != 0;
 }
 
+// Each row's labels and each label's rows, the rows in a seeded order.
+struct LabelIndex {
+  std::vector<std::int64_t> order;                 // the rows in the seeded order
+  std::vector<std::int64_t> first, labels;         // row r's labels: labels[first[r] .. first[r + 1])
+  std::vector<std::vector<std::int64_t>> rows_of;  // each label's rows, in `order`
+
+  LabelIndex(const at::Tensor& y, std::uint64_t seed) {
+    const std::int64_t rows = y.size(0), k = y.size(1);
+    const std::int64_t* v = y.data_ptr<std::int64_t>();
+    auto gen = at::detail::createCPUGenerator(seed * 1000003ULL + 0x5eC5107ULL);
+    const at::Tensor perm = at::randperm(rows, gen, at::TensorOptions().dtype(at::kLong));
+    order.assign(perm.data_ptr<std::int64_t>(), perm.data_ptr<std::int64_t>() + rows);
+    first.assign(static_cast<std::size_t>(rows) + 1, 0);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      for (std::int64_t j = 0; j < k; ++j)
+        if (v[r * k + j] != 0) labels.push_back(j);
+      first[r + 1] = static_cast<std::int64_t>(labels.size());
+    }
+    rows_of.resize(static_cast<std::size_t>(k));
+    for (const std::int64_t r : order)
+      for (std::int64_t p = first[r]; p < first[r + 1]; ++p) rows_of[labels[p]].push_back(r);
+  }
+};
+
+// Iterative stratification over two sides, 0 (validation) and 1 (training): what each side
+// still wants (rows, and rows of each label) and where each row went.
+class LabelByLabel {
+ public:
+  LabelByLabel(const LabelIndex& index, double fraction, std::uint64_t seed)
+      : index_(index), seed_(seed), side_(index.order.size(), -1) {
+    const double share[2] = {fraction, 1 - fraction};
+    for (int s = 0; s < 2; ++s) {
+      want_rows_[s] = share[s] * static_cast<double>(index.order.size());
+      for (const auto& of : index.rows_of) want_[s].push_back(share[s] * static_cast<double>(of.size()));
+    }
+    for (const auto& of : index.rows_of) left_.push_back(static_cast<std::int64_t>(of.size()));
+  }
+
+  // The label of fewest rows left first, its rows where that label is wanted most; rows of no
+  // label last. Returns each row's side.
+  const std::vector<int>& run() {
+    for (std::int64_t label = rarest(); label >= 0; label = rarest())
+      for (const std::int64_t r : index_.rows_of[label])
+        if (side_[r] < 0) place(r, choose(r, label));
+    for (const std::int64_t r : index_.order)
+      if (side_[r] < 0) place(r, choose(r, -1));
+    return side_;
+  }
+
+ private:
+  // The label with the fewest unplaced rows (the first of a tie), -1 when none has any.
+  std::int64_t rarest() const {
+    std::int64_t label = -1;
+    for (std::size_t j = 0; j < left_.size(); ++j)
+      if (left_[j] > 0 && (label < 0 || left_[j] < left_[label])) label = static_cast<std::int64_t>(j);
+    return label;
+  }
+
+  // The side that wants more rows of `label` (-1: none) unless it has all the rows it wants and
+  // the other does not, then the side that wants more rows, then the coin. (Without the first
+  // unless, rows of many labels overfill the validation side: 11 114 rows of 100 000 at 0.1.)
+  int choose(std::int64_t r, std::int64_t label) const {
+    if (label >= 0 && want_[0][label] != want_[1][label]) {
+      const int s = want_[0][label] > want_[1][label] ? 0 : 1;
+      return want_rows_[s] > 0 || want_rows_[1 - s] <= 0 ? s : 1 - s;
+    }
+    if (want_rows_[0] != want_rows_[1]) return want_rows_[0] > want_rows_[1] ? 0 : 1;
+    return coin(seed_, r) ? 0 : 1;
+  }
+
+  void place(std::int64_t r, int s) {
+    side_[r] = s;
+    want_rows_[s] -= 1;
+    for (std::int64_t p = index_.first[r]; p < index_.first[r + 1]; ++p) {
+      want_[s][index_.labels[p]] -= 1;
+      --left_[index_.labels[p]];
+    }
+  }
+
+  const LabelIndex& index_;
+  std::uint64_t seed_;
+  double want_rows_[2] = {0, 0};
+  std::vector<double> want_[2];
+  std::vector<std::int64_t> left_;  // each label's rows not yet placed
+  std::vector<int> side_;           // each row's side, -1 until placed
+};
+
 }  // namespace
 
 Holdout multilabel_holdout(const at::Tensor& labels, double fraction, std::uint64_t seed) {
   check_fraction(fraction);
   CANOPY_CHECK(labels.dim() == 2, DataError, "holdout: lists of labels must be [rows, labels], got ",
                labels.dim(), " dimensions");
-  const at::Tensor y = labels.to(at::kLong).contiguous();
-  const std::int64_t rows = y.size(0), k = y.size(1);
-  const std::int64_t* v = y.data_ptr<std::int64_t>();
-  // Each row's labels and each label's rows, the rows in a seeded order (ties between rows
-  // go to the first in it).
-  auto gen = at::detail::createCPUGenerator(seed * 1000003ULL + 0x5eC5107ULL);
-  const at::Tensor order = at::randperm(rows, gen, at::TensorOptions().dtype(at::kLong));
-  const std::int64_t* ord = order.data_ptr<std::int64_t>();
-  std::vector<std::int64_t> first(static_cast<std::size_t>(rows) + 1, 0), of_row;
-  std::vector<std::vector<std::int64_t>> of_label(static_cast<std::size_t>(k));
-  for (std::int64_t r = 0; r < rows; ++r) {
-    for (std::int64_t j = 0; j < k; ++j)
-      if (v[r * k + j] != 0) of_row.push_back(j);
-    first[r + 1] = static_cast<std::int64_t>(of_row.size());
-  }
-  for (std::int64_t i = 0; i < rows; ++i)
-    for (std::int64_t p = first[ord[i]]; p < first[ord[i] + 1]; ++p) of_label[of_row[p]].push_back(ord[i]);
-  // What each side still wants: rows, and rows of each label (side 0 validation, 1 training).
-  const double share[2] = {fraction, 1 - fraction};
-  double want_rows[2];
-  std::vector<double> want[2];
-  std::vector<std::int64_t> left(static_cast<std::size_t>(k));
-  for (int s = 0; s < 2; ++s) {
-    want_rows[s] = share[s] * static_cast<double>(rows);
-    want[s].resize(static_cast<std::size_t>(k));
-    for (std::int64_t j = 0; j < k; ++j) want[s][j] = share[s] * static_cast<double>(of_label[j].size());
-  }
-  for (std::int64_t j = 0; j < k; ++j) left[j] = static_cast<std::int64_t>(of_label[j].size());
-  std::vector<int> side(static_cast<std::size_t>(rows), -1);
-  const auto place = [&](std::int64_t r, int s) {
-    side[r] = s;
-    want_rows[s] -= 1;
-    for (std::int64_t p = first[r]; p < first[r + 1]; ++p) {
-      want[s][of_row[p]] -= 1;
-      --left[of_row[p]];
-    }
-  };
-  // The side that wants more rows of `label` (-1: none) unless it has all the rows it wants and
-  // the other does not, then the side that wants more rows, then the coin. (Without the first
-  // unless, rows of many labels overfill the validation side: 11 114 rows of 100 000 at 0.1.)
-  const auto choose = [&](std::int64_t r, std::int64_t label) {
-    if (label >= 0 && want[0][label] != want[1][label]) {
-      const int s = want[0][label] > want[1][label] ? 0 : 1;
-      return want_rows[s] > 0 || want_rows[1 - s] <= 0 ? s : 1 - s;
-    }
-    if (want_rows[0] != want_rows[1]) return want_rows[0] > want_rows[1] ? 0 : 1;
-    return coin(seed, r) ? 0 : 1;
-  };
-  // The label of fewest rows left first: its rows go where that label is wanted most.
-  for (;;) {
-    std::int64_t label = -1;
-    for (std::int64_t j = 0; j < k; ++j)
-      if (left[j] > 0 && (label < 0 || left[j] < left[label])) label = j;
-    if (label < 0) break;
-    for (const std::int64_t r : of_label[label])
-      if (side[r] < 0) place(r, choose(r, label));
-  }
-  for (std::int64_t i = 0; i < rows; ++i)  // rows of no label
-    if (side[ord[i]] < 0) place(ord[i], choose(ord[i], -1));
+  const LabelIndex index(labels.to(at::kLong).contiguous(), seed);
+  const std::vector<int> side = LabelByLabel(index, fraction, seed).run();
   std::vector<std::int64_t> held;
-  for (std::int64_t r = 0; r < rows; ++r)
-    if (side[r] == 0) held.push_back(r);
+  for (std::size_t r = 0; r < side.size(); ++r)
+    if (side[r] == 0) held.push_back(static_cast<std::int64_t>(r));
   at::Tensor validation =
       at::empty({static_cast<std::int64_t>(held.size())}, at::TensorOptions().dtype(at::kLong));
   if (!held.empty())
     std::memcpy(validation.data_ptr<std::int64_t>(), held.data(), held.size() * sizeof(std::int64_t));
-  Holdout out = holdout_of(std::move(validation), rows, fraction,
+  Holdout out = holdout_of(std::move(validation), labels.size(0), fraction,
                            "label by label, each label gives about round(fraction x its rows)");
-  for (std::int64_t j = 0; j < k; ++j) {
-    const auto& of = of_label[static_cast<std::size_t>(j)];
+  for (std::size_t j = 0; j < index.rows_of.size(); ++j) {
+    const auto& of = index.rows_of[j];
     if (!of.empty() && std::none_of(of.begin(), of.end(), [&](std::int64_t r) { return side[r] == 0; }))
-      out.unheld_labels.push_back(j);
+      out.unheld_labels.push_back(static_cast<std::int64_t>(j));
   }
   return out;
 }
