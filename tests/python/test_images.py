@@ -322,6 +322,14 @@ def check_evaluate(canopy, work, trunk, runs):
         if name == "json" and r.returncode == 0:
             names = json.load(open(f"{work}/json-out/heads/tags.json"))["class_names"]
             check(names == ["dark", "footwear"], f"the tags head is named by the list's labels ({names})")
+            # A validation split is stratified by the class where there is one, not label by label
+            # over the list of tags beside it.
+            v = subprocess.run([canopy, "train", "--config", cfg, "--progress", "quiet", "--set",
+                                "train.validation_fraction=0.2", "--set", "train.epochs=1", "--set",
+                                f"train.out_dir={work}/json-validated"], capture_output=True, text=True)
+            check(v.returncode == 0 and "stratified by 'class');" in v.stderr and "label by label" not in v.stderr,
+                  "a validation split of the cache of classes and tags is stratified by the class "
+                  f"({[line for line in v.stderr.splitlines() if 'validation split' in line][:1] or v.stderr[-200:]})")
         test = {"folders": f"{work}/folders/test", "csv": f"{work}/test.csv", "json": f"{work}/folders/test"}[name]
         r = subprocess.run([canopy, "evaluate", "--config", cfg, "--input", test, "--json", "--progress", "quiet"],
                            capture_output=True, text=True)
