@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -10,12 +9,12 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/randperm.h>
 #include <ATen/ops/sort.h>
 
 #include "canopy/core/error.h"
-#include "canopy/core/label_lists.h"
 
 namespace canopy::datasets {
 
@@ -179,13 +178,9 @@ Holdout multilabel_holdout(const at::Tensor& labels, double fraction, std::uint6
                labels.dim(), " dimensions");
   const LabelIndex index(labels.to(at::kLong).contiguous(), seed);
   const std::vector<int> side = LabelByLabel(index, fraction, seed).run();
-  std::vector<std::int64_t> held;
-  for (std::size_t r = 0; r < side.size(); ++r)
-    if (side[r] == 0) held.push_back(static_cast<std::int64_t>(r));
-  at::Tensor validation =
-      at::empty({static_cast<std::int64_t>(held.size())}, at::TensorOptions().dtype(at::kLong));
-  if (!held.empty())
-    std::memcpy(validation.data_ptr<std::int64_t>(), held.data(), held.size() * sizeof(std::int64_t));
+  const at::Tensor sides =
+      at::from_blob(const_cast<int*>(side.data()), {static_cast<std::int64_t>(side.size())}, at::kInt);
+  at::Tensor validation = sides.eq(0).nonzero().flatten();
   Holdout out = holdout_of(std::move(validation), labels.size(0), fraction,
                            "label by label, each label gives about round(fraction x its rows)");
   for (std::size_t j = 0; j < index.rows_of.size(); ++j) {
@@ -194,13 +189,6 @@ Holdout multilabel_holdout(const at::Tensor& labels, double fraction, std::uint6
       out.unheld_labels.push_back(static_cast<std::int64_t>(j));
   }
   return out;
-}
-
-at::Tensor multi_hot_of_bitmasks(const at::Tensor& masks, std::int64_t labels) {
-  CANOPY_CHECK(labels > 0 && labels <= static_cast<std::int64_t>(kMaxBits), DataError, "holdout: ", labels,
-               " labels as bitmasks (1 to ", kMaxBits, ")");
-  const at::Tensor bits = at::arange(labels, at::TensorOptions().dtype(at::kLong));
-  return masks.to(at::kLong).unsqueeze(1).bitwise_right_shift(bits).bitwise_and(1);
 }
 
 SplitData select_rows(const SplitData& data, const at::Tensor& rows) {

@@ -676,15 +676,16 @@ std::vector<std::vector<std::string>> read_kept_columns(const JobConfig& config,
   for (const auto& c : columns) {
     const auto it = std::find(table.header.begin(), table.header.end(), c);
     const auto list = table.lists.find(c);
-    if (it == table.header.end() && list != table.lists.end()) {
+    if (it != table.header.end()) {
+      kept.push_back({static_cast<std::size_t>(it - table.header.begin()), nullptr});
+    } else if (list != table.lists.end()) {
       kept.push_back({0, &list->second});
-      continue;
+    } else {
+      std::vector<std::string> all = table.header;
+      all.insert(all.end(), table.list_keys.begin(), table.list_keys.end());
+      throw DataError(detail::str_cat("--keep ", c, ": '", path,
+                                      "' has no such column (its columns: ", join(all, ", "), ")"));
     }
-    std::vector<std::string> all = table.header;
-    all.insert(all.end(), table.list_keys.begin(), table.list_keys.end());
-    CANOPY_CHECK(it != table.header.end(), DataError, "--keep ", c, ": '", path,
-                 "' has no such column (its columns: ", join(all, ", "), ")");
-    kept.push_back({static_cast<std::size_t>(it - table.header.begin()), nullptr});
   }
   std::vector<std::vector<std::string>> rows;
   for (std::size_t r = 0; r < table.rows.size(); ++r) {

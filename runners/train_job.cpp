@@ -16,6 +16,7 @@
 
 #include <ATen/ops/zeros.h>
 
+#include "canopy/core/bitmasks.h"
 #include "canopy/core/denormals.h"
 #include "canopy/core/device.h"
 #include "canopy/core/dir_lock.h"
@@ -204,8 +205,7 @@ datasets::Holdout hold_out(const datasets::FeatureCache& cache, const TrainConfi
   how = "'" + by.source + "'";
   if (by.list_labels == 0)
     return datasets::stratified_holdout(labels, cache.rows(t.train_split), t.validation_fraction, t.seed);
-  if (labels.dim() == 1)
-    labels = datasets::multi_hot_of_bitmasks(labels, static_cast<std::int64_t>(by.list_labels));
+  if (labels.dim() == 1) labels = multi_hot_of_bitmasks(labels, static_cast<std::int64_t>(by.list_labels));
   datasets::Holdout h = datasets::multilabel_holdout(labels, t.validation_fraction, t.seed);
   how += ", label by label over its " + std::to_string(by.list_labels) + " labels";
   if (!h.unheld_labels.empty()) {

@@ -29,6 +29,7 @@
 #include <torch/serialize/output-archive.h>
 #include <torch/utils.h>
 
+#include "canopy/core/bitmasks.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/label_lists.h"
@@ -508,9 +509,7 @@ at::Tensor source_targets(const TaskConfig& c, std::int64_t num_classes, const a
     mapped = at::tensor(c.label_map, at::kLong).index_select(0, source_labels);
     if (!multilabel) return mapped;
   }
-  // Bitmask -> multi-hot float [B, K].
-  const at::Tensor bits = at::arange(num_classes, at::kLong);
-  return mapped.unsqueeze(1).bitwise_right_shift(bits).bitwise_and(1).to(at::kFloat);
+  return multi_hot_of_bitmasks(mapped, num_classes).to(at::kFloat);  // [B, K]
 }
 
 at::Tensor Task::targets(const at::Tensor& source_labels) const {

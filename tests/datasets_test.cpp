@@ -21,6 +21,7 @@
 #include <malloc.h>
 #include <unistd.h>
 
+#include "canopy/core/bitmasks.h"
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/memory_fence.h"

@@ -161,8 +161,8 @@ std::string manifest_path(const std::string& dir);
 // views, else 2.
 std::int64_t schema_of(const CacheMeta& meta);
 // The bytes one row takes in a shard's data regions: its features in the storage dtype, its
-// id and its labels (8 bytes a value: one per source, K for a multi-hot one). The files' own headers come on
-// top.
+// id and its labels (8 bytes a value: one per source, K for a multi-hot one). The files' own
+// headers come on top.
 std::uint64_t bytes_per_row(const CacheMeta& meta);
 std::string view_path(const std::string& dir);
 // What a cheap look at the cache in `dir` finds wrong against its manifest, without reading

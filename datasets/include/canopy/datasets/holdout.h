@@ -24,7 +24,8 @@ struct Holdout {
 // DataError when the fraction leaves no row on either side.
 Holdout stratified_holdout(const at::Tensor& classes, std::int64_t rows, double fraction, std::uint64_t seed);
 
-// Lists of labels: `labels` int64 [rows, K] of 0 and 1 (row r carries label j when 1).
+// Lists of labels: `labels` int64 [rows, K] of 0 and 1 (row r carries label j when 1; bitmasks
+// through multi_hot_of_bitmasks, core/bitmasks.h).
 // Stratified label by label (iterative stratification, Sechidis, Tsoumakas and Vlahavas,
 // 2011): the label with the fewest rows not yet placed goes first, each of its rows (in a seeded
 // order) to the side that still wants more rows of it (unless that side has all the rows it
@@ -33,9 +34,6 @@ Holdout stratified_holdout(const at::Tensor& classes, std::int64_t rows, double 
 // fraction x rows to within a row, where a plain draw (or one class per combination of labels)
 // leaves rare labels out. DataError as stratified_holdout.
 Holdout multilabel_holdout(const at::Tensor& labels, double fraction, std::uint64_t seed);
-
-// Bitmasks (int64 [rows], bit j for label j) of `labels` labels as int64 [rows, labels] of 0 and 1.
-at::Tensor multi_hot_of_bitmasks(const at::Tensor& masks, std::int64_t labels);
 
 // The rows `rows` (int64 positions) of `data`, in that order.
 SplitData select_rows(const SplitData& data, const at::Tensor& rows);
