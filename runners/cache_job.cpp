@@ -43,6 +43,9 @@ std::string cache_description(const JobConfig& c, const std::string& trunk_sha25
       << "trunk_sha256=" << trunk_sha256 << "\n"
       << "tap=" << trunk::describe_taps(c.trunk) << "\n"
       << "pooling=" << c.trunk.pooling << "\n";
+  // Which modules are expanded decides what the tap names and first:N name; caches of trunks
+  // not expanded keep the key they always had.
+  if (!c.trunk.expand.empty()) out << "expand=" << join(c.trunk.expand, ",") << "\n";
   // A policy that leaves a top makes a cache of the frozen prefix's output: which prefix is
   // part of what the cache holds. (A frozen trunk's caches keep the key they always had.)
   const auto& f = c.trunk.freeze;

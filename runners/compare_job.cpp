@@ -35,6 +35,7 @@ std::string describe_run(const JobConfig& c) {
   if (freeze != "all" && c.top.schedule != FreezeSchedule::kStatic)
     out += std::string(" (") + to_string(c.top.schedule) + ")";
   if (c.trunk.precision != "float32") out += ", precision " + c.trunk.precision;
+  if (!c.trunk.expand.empty()) out += ", expand " + join(c.trunk.expand, ",");
   out += ", tap " + trunk::describe_taps(c.trunk) + ", " + c.trunk.pooling + " pooling";
   if (!reads_text_data(c.data) && c.preprocess.resize > 0)
     out += ", images " + std::to_string(c.preprocess.resize);

@@ -351,6 +351,11 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
                   .one_of({"avg", "flatten", "none", "first_token", "masked_mean"}));
   v.push_back(member_key<K>("trunk", "taps", CANOPY_JOB(trunk.taps),
                             "blocks whose outputs are cached, concatenated; empty: the output"));
+  v.push_back(
+      member_key<K>("trunk", "expand", CANOPY_JOB(trunk.expand),
+                    "modules whose children are blocks and tap points in their place (their forward "
+                    "inlined into the trunk's), such as torchvision's features; in order, so a module "
+                    "inside one listed before it can follow (docs/trunk.md)"));
   v.push_back(member_key<K>(
       "trunk", "optimize", CANOPY_JOB(trunk.optimize),
       "inference passes run a frozen (torch::jit::freeze), channels-last copy of the trunk, "

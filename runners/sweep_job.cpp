@@ -323,8 +323,9 @@ void check_trunks(const SweepPlan& plan) {
   std::vector<std::string> order;
   for (const auto& run : plan.runs) {
     const trunk::TrunkConfig& t = run.config.trunk;
-    const std::string key = detail::str_cat(t.path, "\n", t.sha256, "\n", join(t.taps, ","), "\n",
-                                            trunk::describe(t.freeze), "\n", t.pooling, "\n", t.device);
+    const std::string key =
+        detail::str_cat(t.path, "\n", t.sha256, "\n", join(t.taps, ","), "\n", join(t.expand, ","), "\n",
+                        trunk::describe(t.freeze), "\n", t.pooling, "\n", t.device);
     if (!groups.count(key)) order.push_back(key);
     groups[key].push_back(&run);
   }

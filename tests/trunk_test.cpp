@@ -749,6 +749,99 @@ TEST(Taps, OneOrSeveralBlockOutputsFromOnePass) {
                                                 {"'blocks.7' is not a tap point", "blocks.2"}));
 }
 
+#define REQUIRE_FIXTURE(name)                                                              \
+  if (!is_regular_file(fixture(name))) {                                                   \
+    if (in_ci()) FAIL() << name << " fixture missing under CI=true";                       \
+    GTEST_SKIP() << name << " fixture missing (set CANOPY_TEST_FIXTURES; ctest makes it)"; \
+  }
+
+// A model as torchvision writes it (tvnet.pt): forward hands its work to self._forward_impl,
+// and the blocks are items of a Sequential, `features`, with a classifier after the pooling.
+// Scripted and traced, the same blocks and tap points; trunk.expand makes the Sequential's
+// items blocks; taps and a top cut inside it compute what its items compute one by one; the
+// classifier after the last tap is kept frozen and out of the top.
+TEST(Expand, ATorchvisionStyleModelIsTappedAndCutInsideItsFeatures) {
+  for (const char* name : {"tvnet.pt", "tvnet_traced.pt"}) {
+    SCOPED_TRACE(name);
+    REQUIRE_FIXTURE(name);
+    TrunkConfig c = tiny(fixture(name));
+    const std::vector<std::string> children{"features", "avgpool", "classifier"};
+    EXPECT_EQ(Trunk::load(c).tap_points(), children) << "the calls _forward_impl makes are forward's";
+    EXPECT_EQ(Trunk::load(c).blocks(), children);
+    c.expand = {"features"};
+    const std::vector<std::string> expanded{"features.0", "features.1", "features.2",
+                                            "features.3", "avgpool",    "classifier"};
+    EXPECT_EQ(Trunk::load(c).blocks(), expanded);
+    EXPECT_EQ(Trunk::load(c).tap_points(), expanded);
+    // Reference: the items of features run one by one in eval mode.
+    torch::jit::Module m = torch::jit::load(fixture(name));
+    m.eval();
+    const torch::jit::Module features = m.attr("features").toModule();
+    const at::Tensor x = at::randn({4, 3, 10, 10});
+    std::vector<at::Tensor> outs{x};
+    for (const char* b : {"0", "1", "2", "3"})
+      outs.push_back(features.attr(b).toModule().forward({outs.back()}).toTensor());
+    for (const bool optimize : {false, true}) {
+      SCOPED_TRACE(optimize ? "optimized" : "as loaded");
+      c.optimize = optimize;
+      c.taps = {"features.1", "features.3"};
+      const at::Tensor got = Trunk::load(c).encode(x);
+      EXPECT_TRUE(at::allclose(got, at::cat({outs[2].mean({2, 3}), outs[4].mean({2, 3})}, 1), 1e-5, 1e-5));
+    }
+    // features.2 and .3 train over the cached output of features.1; avgpool and the
+    // classifier come after the tap.
+    c.taps = {"features.3"};
+    c.freeze.freeze = "first:2";
+    Trunk top = Trunk::load(c);
+    EXPECT_EQ(top.split().boundary, "features.1");
+    EXPECT_EQ(top.split().top_blocks, (std::vector<std::string>{"features.2", "features.3"}));
+    EXPECT_EQ(top.split().unrun, (std::vector<std::string>{"avgpool", "classifier"}));
+    std::int64_t in_top = 0;
+    for (const char* b : {"2", "3"})
+      for (const auto& p : features.attr(b).toModule().parameters()) in_top += p.numel();
+    std::int64_t trained = 0;
+    for (const auto& p : top.trainable_parameters()) trained += p.numel();
+    EXPECT_EQ(trained, in_top) << "features.2 and .3 train, the classifier does not";
+    EXPECT_EQ(top.parameter_counts().second, in_top);
+    const auto parts = top.encode_prefix({x});
+    EXPECT_TRUE(at::allclose(parts[0], outs[2], 1e-5, 1e-5)) << "the cache holds features.1's output";
+    EXPECT_TRUE(at::allclose(top.top_features(parts).detach(), outs[4].mean({2, 3}), 1e-5, 1e-5));
+    EXPECT_NE(top.show(1).find("avgpool, classifier: never run (after the last tap), kept frozen"),
+              std::string::npos)
+        << top.show(1);
+    // A module inside an expanded one, listed after it: the stem's three layers are blocks.
+    c.freeze.freeze = "all";
+    c.expand = {"features", "features.0"};
+    EXPECT_EQ(Trunk::load(c).blocks(),
+              (std::vector<std::string>{"features.0.0", "features.0.1", "features.0.2", "features.1",
+                                        "features.2", "features.3", "avgpool", "classifier"}));
+  }
+}
+
+TEST(Expand, WhatCannotBeExpandedOrTrainedIsAClearError) {
+  REQUIRE_FIXTURE("tvnet.pt");
+  REQUIRE_CONVNET();
+  const auto refused = [](const std::string& path, std::vector<std::string> expand, const std::string& freeze,
+                          std::vector<std::string> taps, std::initializer_list<std::string> said) {
+    TrunkConfig c = tiny(path);
+    c.expand = std::move(expand);
+    c.freeze.freeze = freeze;
+    c.taps = std::move(taps);
+    EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Trunk::load(c); }, said));
+  };
+  const std::string tv = fixture("tvnet.pt");
+  refused(tv, {"body"}, "all", {}, {"trunk.expand: 'body' is not a module of", "trunk show"});
+  refused(tv, {"features.0"}, "all", {},
+          {"trunk.expand: features.0 not called by the trunk's forward",
+           "it calls: features, avgpool, classifier"});
+  refused(tv, {"features", "features"}, "all", {}, {"'features' is empty or listed twice"});
+  refused(convnet_path(), {"blocks"}, "all", {},
+          {"'blocks' is a ModuleList, whose items are blocks already"});
+  refused(tv, {"features"}, "first:4", {"features.3"},
+          {"trunk.freeze = first:4 leaves only avgpool, classifier trainable, which the features never run",
+           "the last tap is features.3"});
+}
+
 // A token model defined in TorchScript: (ids [N, T], mask [N, T]) -> embeddings [N, T, 4].
 std::string write_token_trunk(const std::string& path) {
   torch::jit::Module m("TokenTrunk");

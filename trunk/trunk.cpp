@@ -103,6 +103,48 @@ std::vector<std::pair<std::string, torch::jit::Value*>> forward_calls(
   return out;
 }
 
+// Inlines into `forward` the calls it makes to other methods of the trunk itself (torchvision's
+// scripted models hand their work to self._forward_impl) and to the `forward` of each module
+// in `expand`, so that the submodules those call become calls of `forward`: blocks and tap
+// points, as in a traced trunk. Repeated until none is left, so a method calling another, or
+// a module of `expand` inside another, is reached too. Returns the names in `expand` that
+// `forward` never called.
+std::vector<std::string> inline_calls(torch::jit::Module& module, const std::vector<std::string>& expand) {
+  const auto g = module.get_method("forward").graph();
+  std::set<std::string> expanded;
+  for (bool changed = true; changed;) {
+    changed = false;
+    std::map<const torch::jit::Value*, std::string> path{{g->inputs()[0], ""}};
+    for (torch::jit::Node* n : g->nodes()) {
+      if (n->kind() == c10::prim::GetAttr) {
+        const auto it = path.find(n->input(0));
+        const auto cls = n->output()->type()->cast<c10::ClassType>();
+        if (it != path.end() && cls && cls->is_module())
+          path[n->output()] = qualified(it->second, n->s(c10::attr::name));
+        continue;
+      }
+      if (n->kind() != c10::prim::CallMethod) continue;
+      const auto it = path.find(n->input(0));
+      if (it == path.end()) continue;
+      const bool own = it->second.empty();
+      const bool listed = std::find(expand.begin(), expand.end(), it->second) != expand.end();
+      if (!own && !(listed && n->s(c10::attr::name) == "forward")) continue;
+      const auto cls = n->input(0)->type()->expect<c10::ClassType>();
+      // The callee's graph as written (its optimized graph has every call inlined).
+      auto& callee = torch::jit::toGraphFunction(cls->getMethod(n->s(c10::attr::name)));
+      torch::jit::inlineCallTo(n, &callee, callee.graph().get());
+      if (listed) expanded.insert(it->second);
+      changed = true;
+      break;
+    }
+  }
+  std::vector<std::string> missed;
+  for (const auto& e : expand) {
+    if (!expanded.count(e)) missed.push_back(e);
+  }
+  return missed;
+}
+
 // forward_calls as a map from the submodule's name to the value its call returns.
 std::map<std::string, torch::jit::Value*> call_values(const std::shared_ptr<torch::jit::Graph>& g) {
   std::map<std::string, torch::jit::Value*> out;
@@ -471,13 +513,7 @@ struct Trunk::Impl {
   // The module's blocks (what freeze = first:N counts: its children, a ModuleList's items
   // each) and tap points; trunk.taps must name tap points.
   void read_structure() {
-    for (const auto& child : module.named_children()) {
-      if (type_name(child.value) == "ModuleList") {
-        for (const auto& item : child.value.named_children()) blocks.push_back(child.name + "." + item.name);
-      } else {
-        blocks.push_back(child.name);
-      }
-    }
+    for (const auto& child : module.named_children()) add_block(child.value, child.name);
     for (const auto& call : forward_calls(module.get_method("forward").graph()))
       tap_points.push_back(call.first);
     for (const auto& t : config.taps) {
@@ -485,6 +521,39 @@ struct Trunk::Impl {
                    "trunk.taps: '", t, "' is not a tap point of '", config.path,
                    "' (tap points: ", join(tap_points, ", "), ")");
     }
+  }
+
+  // A child of the trunk is a block, but a ModuleList's items are blocks each, and a module
+  // of trunk.expand is its children, by the same rule.
+  void add_block(const torch::jit::Module& m, const std::string& name) {
+    const auto& expand = config.expand;
+    if (type_name(m) != "ModuleList" && std::find(expand.begin(), expand.end(), name) == expand.end()) {
+      blocks.push_back(name);
+      return;
+    }
+    for (const auto& child : m.named_children()) add_block(child.value, qualified(name, child.name));
+  }
+
+  // trunk.expand: each name a module of the trunk called by its forward (once the modules
+  // before it in the list are expanded), not a ModuleList (its items are blocks already).
+  void expand_modules() {
+    const auto& expand = config.expand;
+    std::map<std::string, std::string> types;
+    for (const auto& m : module.named_modules()) types[m.name] = type_name(m.value);
+    for (const auto& e : expand) {
+      const auto it = types.find(e);
+      CANOPY_CHECK(!e.empty() && it != types.end(), ConfigError, "trunk.expand: '", e,
+                   "' is not a module of '", config.path, "' (`canopy trunk show` lists them)");
+      CANOPY_CHECK(it->second != "ModuleList", ConfigError, "trunk.expand: '", e,
+                   "' is a ModuleList, whose items are blocks already");
+    }
+    const auto missed = inline_calls(module, expand);
+    if (missed.empty()) return;
+    std::vector<std::string> called;
+    for (const auto& call : forward_calls(module.get_method("forward").graph())) called.push_back(call.first);
+    throw ConfigError(detail::str_cat("trunk.expand: ", join(missed, ", "),
+                                      " not called by the trunk's forward, even with the modules before ",
+                                      "it expanded (it calls: ", join(called, ", "), ")"));
   }
 
   // trunk.optimize's inference runners: encode()'s when nothing trains, encode_prefix()'s when
@@ -563,11 +632,47 @@ struct Trunk::Impl {
     }
     split.boundary = blocks[k - 1];
     add_split_methods(module, config.taps, split, blocks);
+    if (split.problem.empty()) freeze_unrun_blocks();
     if (split.problem.empty() && config.pooling == "masked_mean" &&
         std::find(split.top_inputs.begin(), split.top_inputs.end(), 1) == split.top_inputs.end()) {
       split.top_inputs.push_back(1);  // the pooling reads the attention mask
       std::sort(split.top_inputs.begin(), split.top_inputs.end());
     }
+  }
+
+  // The top's blocks after its last tap (a classifier past the tapped features) are cut from
+  // canopy_top: they are frozen, rather than handed to the optimizer with no gradient, and
+  // left out of the top's blocks, which a schedule unfreezes from the top down and whose
+  // learning rates fall from the top-most down.
+  void freeze_unrun_blocks() {
+    std::set<std::string> called;
+    for (const auto& call : forward_calls(module.get_method(kTopMethod).graph())) called.insert(call.first);
+    std::vector<std::string> run;
+    for (const auto& b : split.top_blocks) {
+      if (called.count(b)) {
+        run.push_back(b);
+        continue;
+      }
+      split.unrun.push_back(b);
+      for (const auto& m : module.named_modules()) {
+        if (!is_within(m.name, b)) continue;
+        frozen.insert(m.name);
+        for (const auto& p : m.value.named_parameters(false)) {
+          p.value.set_requires_grad(false);
+          policy_trainable.erase(qualified(m.name, p.name));
+        }
+      }
+    }
+    split.top_blocks = run;
+    bool trains = false;
+    for (const auto& p : module.parameters(true)) trains = trains || p.requires_grad();
+    const auto& f = config.freeze;
+    CANOPY_CHECK(trains, ConfigError, "trunk.",
+                 f.train_only.empty() ? "freeze = " + f.freeze : "train_only = " + f.train_only,
+                 " leaves only ", join(split.unrun, ", "), " trainable, which the features never run",
+                 config.taps.empty() ? std::string() : " (the last tap is " + config.taps.back() + ")",
+                 ": nothing would train; freeze fewer blocks, or freeze = all to train heads on frozen ",
+                 "features");
   }
 
   // The tapped outputs of a method's result, pooled and concatenated.
@@ -811,6 +916,11 @@ void validate_trunk_config(const TrunkConfig& c) {
     CANOPY_CHECK(!t.empty() && seen.insert(t).second, ConfigError, "trunk.taps: '", t,
                  "' is empty or listed twice");
   }
+  seen.clear();
+  for (const auto& e : c.expand) {
+    CANOPY_CHECK(!e.empty() && seen.insert(e).second, ConfigError, "trunk.expand: '", e,
+                 "' is empty or listed twice");
+  }
 }
 
 std::string describe(const FreezePolicy& p) {
@@ -867,6 +977,9 @@ Trunk Trunk::load_compiled(std::unique_ptr<Impl> impl) {
                "' is compiled (AOTInductor .pt2) and runs at the precision it was compiled with (float32); "
                "use the TorchScript trunk (.pt) for ",
                c.precision, " passes, or trunk.precision = float32");
+  CANOPY_CHECK(c.expand.empty(), ConfigError, "trunk.expand = ", join(c.expand, ","), ": trunk '", c.path,
+               "' is compiled (AOTInductor .pt2), its outputs fixed when it was exported; expand the ",
+               "TorchScript trunk (.pt) instead, or export the package with those outputs");
   try {
     impl->compiled_meta =
         torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(c.path, "model");
@@ -960,6 +1073,7 @@ Trunk Trunk::load(const TrunkConfig& config) {
                                     "' as TorchScript: ", e.what_without_backtrace()));
   }
   torch::jit::Module& m = impl->module;
+  impl->expand_modules();
   impl->read_structure();
   // A traced trunk calls aten::_convolution, which autocast passes by (its lists name conv2d
   // and the like): spelled as those, its convolutions run at the autocast's dtype. Frozen
@@ -1146,7 +1260,10 @@ torch::jit::Module Trunk::script_module() const {
     p.value.set_requires_grad(false);
   }
   clean.eval();
-  if (!impl_->config.taps.empty()) add_taps_method(clean, impl_->config.taps);
+  if (!impl_->config.taps.empty()) {
+    inline_calls(clean, impl_->config.expand);  // as load did: the taps may be inside them
+    add_taps_method(clean, impl_->config.taps);
+  }
   return clean;
 }
 
@@ -1266,6 +1383,8 @@ std::string Trunk::show(int max_depth) const {
     std::vector<std::string> extra;
     for (auto i : sp.top_inputs) extra.push_back("input " + std::to_string(i));
     o << (extra.empty() ? "" : " and " + join(extra, ", ")) << "\n";
+    if (!sp.unrun.empty())
+      o << "              " << join(sp.unrun, ", ") << ": never run (after the last tap), kept frozen\n";
   }
   if (impl_->rewritten.convolutions > 0)
     o << "  passes      " << (sp.tunes ? "the cached prefix runs " : "caching runs ")

@@ -14,6 +14,12 @@ dwnet.pt (scripted) and dwnet_traced.pt (traced): grouped convolutions, as Mobil
              depthwise); a 5x5 depthwise one that pads with its ZeroPad2d(2) and convolves with
              no padding, as EfficientNet's Conv2dStaticSamePadding; the same with
              ZeroPad2d((1, 2, 1, 2)) and stride 2 (a pad not the same on both sides)
+
+tvnet.pt (scripted) and tvnet_traced.pt (traced): written as torchvision writes its models:
+    features   = Sequential(Sequential(Conv2d(3, 8, 3), BatchNorm2d(8), ReLU()), 3 Block(8))
+    avgpool    = AdaptiveAvgPool2d(1)
+    classifier = Linear(8, 5)
+forward hands its work to self._forward_impl: features, avgpool, flatten, classifier.
 """
 import os
 import sys
@@ -86,6 +92,22 @@ def dwnet():
     return ConvNet(stem, nn.ModuleList(blocks))
 
 
+class TvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.features = nn.Sequential(stem, Block(8), Block(8), Block(8))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(8, 5)
+
+    def _forward_impl(self, x):
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+    def forward(self, x):
+        return self._forward_impl(x)
+
+
 def with_statistics(net):
     """net in eval mode with non-trivial BatchNorm statistics, as a pretrained network has."""
     for m in net.modules():
@@ -104,6 +126,10 @@ def main(out_dir):
     torch.jit.script(dw).save(os.path.join(out_dir, "dwnet.pt"))
     torch.jit.trace(dw, torch.randn(2, 3, 12, 12)).save(os.path.join(out_dir, "dwnet_traced.pt"))
     print(f"wrote {out_dir}/dwnet.pt, {out_dir}/dwnet_traced.pt")
+    tv = with_statistics(TvNet())
+    torch.jit.script(tv).save(os.path.join(out_dir, "tvnet.pt"))
+    torch.jit.trace(tv, torch.randn(2, 3, 12, 12)).save(os.path.join(out_dir, "tvnet_traced.pt"))
+    print(f"wrote {out_dir}/tvnet.pt, {out_dir}/tvnet_traced.pt")
 
 
 if __name__ == "__main__":

@@ -64,8 +64,12 @@ struct TrunkConfig {
   std::string device = "auto";
   std::string pooling = "avg";
   std::vector<std::string> taps;  // empty: the trunk's output
-  bool optimize = true;           // inference passes on a frozen, channels-last clone; a
-                                  // trunk that trains holds channels-last weights
+  // Modules whose forward is inlined into the trunk's, so that their children are blocks and
+  // tap points in their place (torchvision's `features`, a BERT's `encoder`), in order: a
+  // module inside an expanded one can be expanded after it.
+  std::vector<std::string> expand;
+  bool optimize = true;  // inference passes on a frozen, channels-last clone; a
+                         // trunk that trains holds channels-last weights
   // The inference passes (encode, encode_prefix) under autocast to this dtype, as
   // torch.autocast: float32 (none) | bfloat16 | float16. Features are returned in float32.
   std::string precision = "float32";
@@ -110,10 +114,11 @@ struct ModuleInfo {
 // prefix a cache stores the output of); the top is every block from there on. A trunk
 // with nothing trainable has an empty top (`tunes` false): the cache holds pooled features.
 struct TopSplit {
-  bool tunes = false;              // some trunk parameter is trainable
-  std::int64_t prefix_blocks = 0;  // leading blocks frozen whole
-  std::string boundary;            // the last prefix block ("" when prefix_blocks == 0)
-  std::vector<std::string> top_blocks;
+  bool tunes = false;                    // some trunk parameter is trainable
+  std::int64_t prefix_blocks = 0;        // leading blocks frozen whole
+  std::string boundary;                  // the last prefix block ("" when prefix_blocks == 0)
+  std::vector<std::string> top_blocks;   // the blocks the top runs, from the boundary up
+  std::vector<std::string> unrun;        // blocks after the last tap: not run, so kept frozen
   std::vector<std::int64_t> top_inputs;  // indices of trunk inputs the top also reads
                                          // (e.g. 1: the attention mask of a text trunk)
   std::string problem;                   // why the top cannot run over a cached prefix

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""A trunk as users bring one: torchvision's models, scripted (torch.jit.script) as torchvision
+writes them, checked from outside with torch and h5py on a slice of Fashion-MNIST at 64x64.
+(No hub can be reached here, so the weights are torchvision's own initialisation, with
+BatchNorm statistics gathered on random images as a trained network has them.)
+
+- ResNet-18, whose forward hands its work to self._forward_impl: `trunk show` lists its blocks
+  as tap points, and the cache's features at taps = layer3 are Python's (layer3's output,
+  averaged) to 1e-5
+- MobileNetV3-Small, whose blocks are items of a Sequential (`features`): with trunk.expand =
+  features, blocks 10 to 12 train over the cached output of features.9; the exported trunk
+  holds features.0-9 and the classifier bitwise as they were, features.10-12 changed; the
+  classifier after the tap is said to be kept frozen; `canopy predict` answers with the
+  fine-tuned trunk
+
+    test_torchvision.py --canopy build/runners/canopy
+"""
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import torch
+import torchvision
+
+from support import FMNIST, check, finish, fmnist_test_inputs, work_dir
+
+TRAIN, TEST = 400, 200
+
+
+def run(canopy, *args):
+    quiet = [] if args[0] == "trunk" else ["--progress", "quiet"]
+    return subprocess.run([canopy, *args, *quiet], capture_output=True, text=True)
+
+
+def scripted(name, path):
+    """torchvision's `name` (seed 0) with BatchNorm statistics of random images, in eval mode,
+    scripted and saved at `path`; returns (the eval-mode model, the file's SHA-256)."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(32, 3, 64, 64))
+    model.eval()
+    torch.jit.script(model).save(path)
+    return model, hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def config(path, trunk, sha, out, trunk_keys, task="[task.cls]\nhead = linear\nlr = 0.01\n"):
+    with open(path, "w") as f:
+        f.write(f"""[data]
+dir = {FMNIST}
+train_limit = {TRAIN}
+test_limit = {TEST}
+[preprocess]
+resize = 64
+[trunk]
+path = {trunk}
+sha256 = {sha}
+device = cpu
+{trunk_keys}
+[cache]
+path = {out}/cache
+[train]
+out_dir = {out}
+epochs = 2
+{task}""")
+    return path
+
+
+def resnet(canopy, work):
+    model, sha = scripted("resnet18", os.path.join(work, "resnet18.pt"))
+    cfg = config(os.path.join(work, "resnet.ini"), os.path.join(work, "resnet18.pt"), sha,
+                 os.path.join(work, "resnet"), "taps = layer3")
+    r = run(canopy, "trunk", "show", "--config", cfg)
+    check(r.returncode == 0 and "tap points  conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4, avgpool, fc"
+          in r.stdout, "scripted ResNet-18: its blocks are tap points (through _forward_impl)"
+          + ("" if r.returncode == 0 else ": " + r.stderr[-400:]))
+    r = run(canopy, "cache", "--config", cfg)
+    check(r.returncode == 0, "canopy cache at taps = layer3" + ("" if r.returncode == 0 else ": " + r.stderr[-600:]))
+    if r.returncode != 0:
+        return
+    with h5py.File(os.path.join(work, "resnet", "cache", "cache.h5"), "r") as h:
+        got = h["test/features"][:]
+    x, _ = fmnist_test_inputs(TEST, 64)
+    with torch.no_grad():
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        want = model.layer3(model.layer2(model.layer1(h))).mean((2, 3)).numpy()
+    diff = float(np.abs(got - want).max())
+    check(got.shape == want.shape and diff < 1e-5 * max(1.0, float(np.abs(want).max())),
+          f"the cached layer3 features are Python's: {got.shape}, largest difference {diff:.2e} "
+          f"of values up to {float(np.abs(want).max()):.2f}")
+
+
+def mobilenet(canopy, work):
+    model, sha = scripted("mobilenet_v3_small", os.path.join(work, "mobilenet.pt"))
+    out = os.path.join(work, "mobilenet")
+    cfg = config(os.path.join(work, "mobilenet.ini"), os.path.join(work, "mobilenet.pt"), sha, out,
+                 "expand = features\ntaps = features.12\nfreeze = first:10\nlr = 0.001")
+    r = run(canopy, "trunk", "show", "--config", cfg)
+    shown = r.stdout
+    check(r.returncode == 0 and "trains      the top (features.10, features.11, features.12, then the pooling)" in shown
+          and "holds the output of features.9" in shown
+          and "avgpool, classifier: never run (after the last tap), kept frozen" in shown,
+          "trunk show: the top is features.10-12 over features.9's output, the classifier kept frozen"
+          + ("" if r.returncode == 0 else ": " + r.stderr[-400:]))
+    r = run(canopy, "run", "--config", cfg)
+    check(r.returncode == 0, "canopy run with the expanded MobileNetV3's top training"
+          + ("" if r.returncode == 0 else ": " + r.stderr[-800:]))
+    if r.returncode != 0:
+        return
+    before = {k: v for k, v in model.state_dict().items()}
+    after = torch.jit.load(os.path.join(out, "trunk.pt")).state_dict()
+    same = [k for k in before if torch.equal(before[k], after[k])]
+    top = ("features.10.", "features.11.", "features.12.")
+    moved = [k for k in before if k.startswith(top) and k not in same and not k.endswith("num_batches_tracked")]
+    kept = all(k in same for k in before if not k.startswith(top))
+    top_params = [k for k, _ in model.named_parameters() if k.startswith(top)]
+    check(kept and all(k in moved for k in top_params),
+          f"the exported trunk: features.0-9 and the classifier bitwise as they were ({kept}), "
+          f"{len([k for k in top_params if k in moved])} of the top's {len(top_params)} parameters changed")
+    r = run(canopy, "predict", "--config", os.path.join(out, "config.ini"), "--input",
+            f"{FMNIST}/t10k-images-idx3-ubyte.gz", "--limit", "20")
+    lines = r.stdout.strip().splitlines()
+    check(r.returncode == 0 and lines[0] == "id,cls" and len(lines) == 21 and
+          "the heads read the fine-tuned trunk" in r.stderr,
+          f"canopy predict with the fine-tuned trunk: {len(lines) - 1} answers"
+          + ("" if r.returncode == 0 else ": " + r.stderr[-400:]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--canopy", required=True)
+    canopy = ap.parse_args().canopy
+    torch.set_num_threads(2)
+    work = work_dir("canopy-torchvision-")
+    print(f"torchvision {torchvision.__version__}, torch {torch.__version__}")
+    resnet(canopy, work)
+    mobilenet(canopy, work)
+    return finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
