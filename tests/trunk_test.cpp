@@ -837,9 +837,10 @@ TEST(Expand, WhatCannotBeExpandedOrTrainedIsAClearError) {
   refused(tv, {"features", "features"}, "all", {}, {"'features' is empty or listed twice"});
   refused(convnet_path(), {"blocks"}, "all", {},
           {"'blocks' is a ModuleList, whose items are blocks already"});
-  refused(tv, {"features"}, "first:4", {"features.3"},
-          {"trunk.freeze = first:4 leaves only avgpool, classifier trainable, which the features never run",
-           "the last tap is features.3"});
+  refused(
+      tv, {"features"}, "first:4", {"features.3"},
+      {"the freeze policy (first:4) leaves only avgpool, classifier trainable, which the features never run",
+       "the last tap is features.3"});
 }
 
 // A token model defined in TorchScript: (ids [N, T], mask [N, T]) -> embeddings [N, T, 4].

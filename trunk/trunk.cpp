@@ -80,25 +80,42 @@ bool batchnorm_fixed_by_trace(const torch::jit::Module& m) {
   return false;
 }
 
+// The qualified names of a graph's module values, read node by node: the graph's first input
+// (the trunk itself) is "", and each GetAttr of a submodule from a named module is named by
+// the chain (self.layers.3 -> "layers.3").
+class ModulePaths {
+ public:
+  explicit ModulePaths(const torch::jit::Graph& g) : path_{{g.inputs()[0], ""}} {}
+  // Names the module a GetAttr node gives; true when `n` was a GetAttr.
+  bool read(const torch::jit::Node* n) {
+    if (n->kind() != c10::prim::GetAttr) return false;
+    const auto it = path_.find(n->input(0));
+    const auto cls = n->output()->type()->cast<c10::ClassType>();
+    if (it != path_.end() && cls && cls->is_module())
+      path_[n->output()] = qualified(it->second, n->s(c10::attr::name));
+    return true;
+  }
+  // The module a value is, or nullptr when it is not a named module.
+  const std::string* of(const torch::jit::Value* v) const {
+    const auto it = path_.find(v);
+    return it == path_.end() ? nullptr : &it->second;
+  }
+
+ private:
+  std::map<const torch::jit::Value*, std::string> path_;
+};
+
 // Submodules called directly by `forward`, by qualified name, with the graph value each
 // call returns (attribute chains like self.layers.3 are followed).
 std::vector<std::pair<std::string, torch::jit::Value*>> forward_calls(
     const std::shared_ptr<torch::jit::Graph>& g) {
-  std::map<const torch::jit::Value*, std::string> path{{g->inputs()[0], ""}};
+  ModulePaths paths(*g);
   std::vector<std::pair<std::string, torch::jit::Value*>> out;
   std::set<std::string> seen;
   for (torch::jit::Node* n : g->nodes()) {
-    if (n->kind() == c10::prim::GetAttr) {
-      const auto it = path.find(n->input(0));
-      const auto cls = n->output()->type()->cast<c10::ClassType>();
-      if (it != path.end() && cls && cls->is_module())
-        path[n->output()] = qualified(it->second, n->s(c10::attr::name));
-    } else if (n->kind() == c10::prim::CallMethod && n->s(c10::attr::name) == "forward") {
-      const auto it = path.find(n->input(0));
-      if (it != path.end() && !it->second.empty() && seen.insert(it->second).second) {
-        out.emplace_back(it->second, n->output());
-      }
-    }
+    if (paths.read(n) || n->kind() != c10::prim::CallMethod || n->s(c10::attr::name) != "forward") continue;
+    const std::string* name = paths.of(n->input(0));
+    if (name && !name->empty() && seen.insert(*name).second) out.emplace_back(*name, n->output());
   }
   return out;
 }
@@ -114,26 +131,19 @@ std::vector<std::string> inline_calls(torch::jit::Module& module, const std::vec
   std::set<std::string> expanded;
   for (bool changed = true; changed;) {
     changed = false;
-    std::map<const torch::jit::Value*, std::string> path{{g->inputs()[0], ""}};
+    ModulePaths paths(*g);
     for (torch::jit::Node* n : g->nodes()) {
-      if (n->kind() == c10::prim::GetAttr) {
-        const auto it = path.find(n->input(0));
-        const auto cls = n->output()->type()->cast<c10::ClassType>();
-        if (it != path.end() && cls && cls->is_module())
-          path[n->output()] = qualified(it->second, n->s(c10::attr::name));
-        continue;
-      }
-      if (n->kind() != c10::prim::CallMethod) continue;
-      const auto it = path.find(n->input(0));
-      if (it == path.end()) continue;
-      const bool own = it->second.empty();
-      const bool listed = std::find(expand.begin(), expand.end(), it->second) != expand.end();
+      if (paths.read(n) || n->kind() != c10::prim::CallMethod) continue;
+      const std::string* name = paths.of(n->input(0));
+      if (!name) continue;
+      const bool own = name->empty();
+      const bool listed = std::find(expand.begin(), expand.end(), *name) != expand.end();
       if (!own && !(listed && n->s(c10::attr::name) == "forward")) continue;
       const auto cls = n->input(0)->type()->expect<c10::ClassType>();
       // The callee's graph as written (its optimized graph has every call inlined).
       auto& callee = torch::jit::toGraphFunction(cls->getMethod(n->s(c10::attr::name)));
       torch::jit::inlineCallTo(n, &callee, callee.graph().get());
-      if (listed) expanded.insert(it->second);
+      if (listed) expanded.insert(*name);
       changed = true;
       break;
     }
@@ -666,10 +676,8 @@ struct Trunk::Impl {
     split.top_blocks = run;
     bool trains = false;
     for (const auto& p : module.parameters(true)) trains = trains || p.requires_grad();
-    const auto& f = config.freeze;
-    CANOPY_CHECK(trains, ConfigError, "trunk.",
-                 f.train_only.empty() ? "freeze = " + f.freeze : "train_only = " + f.train_only,
-                 " leaves only ", join(split.unrun, ", "), " trainable, which the features never run",
+    CANOPY_CHECK(trains, ConfigError, "the freeze policy (", describe(config.freeze), ") leaves only ",
+                 join(split.unrun, ", "), " trainable, which the features never run",
                  config.taps.empty() ? std::string() : " (the last tap is " + config.taps.back() + ")",
                  ": nothing would train; freeze fewer blocks, or freeze = all to train heads on frozen ",
                  "features");
@@ -1428,7 +1436,11 @@ std::string Trunk::show(int max_depth) const {
     << (traced ? detail::str_cat(", ", traced, " traced in eval mode (fixed whatever the policy)") : "")
     << "\n  blocks      " << impl_->blocks.size()
     << " (what freeze = first:N counts): " << join(impl_->blocks, ", ") << "\n  tap points  "
-    << join(impl_->tap_points, ", ") << "\n";
+    << (impl_->tap_points.empty()
+            ? "none: forward calls no submodule (trunk.expand can open one; the output is "
+              "the features)"
+            : join(impl_->tap_points, ", "))
+    << "\n";
   return o.str();
 }
 
