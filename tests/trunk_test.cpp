@@ -818,6 +818,46 @@ TEST(Expand, ATorchvisionStyleModelIsTappedAndCutInsideItsFeatures) {
   }
 }
 
+// A text trunk laid out as Hugging Face's BERT (bertnet_traced.pt): expand = encoder makes the
+// items of its ModuleList `layer` blocks; a tap among them and a top cut between them compute
+// what the layers compute one by one; the pooler, which forward never calls, is kept frozen.
+TEST(Expand, ABertsEncoderLayersAreBlocksAndCuts) {
+  REQUIRE_FIXTURE("bertnet_traced.pt");
+  TrunkConfig c = tiny(fixture("bertnet_traced.pt"));
+  c.pooling = "masked_mean";
+  EXPECT_EQ(Trunk::load(c).blocks(), (std::vector<std::string>{"embeddings", "encoder", "pooler"}));
+  c.expand = {"encoder"};
+  EXPECT_EQ(Trunk::load(c).blocks(),
+            (std::vector<std::string>{"embeddings", "encoder.layer.0", "encoder.layer.1", "encoder.layer.2",
+                                      "encoder.layer.3", "pooler"}));
+  torch::jit::Module m = torch::jit::load(fixture("bertnet_traced.pt"));
+  m.eval();
+  const at::Tensor ids = at::randint(0, 100, {3, 6}, at::kLong);
+  const at::Tensor mask =
+      at::tensor({1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0}, at::kLong).view({3, 6});
+  const at::Tensor bias = (1.0 - mask.unsqueeze(-1).to(at::kFloat)) * -0.5;
+  const torch::jit::Module layers = m.attr("encoder").toModule().attr("layer").toModule();
+  std::vector<at::Tensor> outs{m.attr("embeddings").toModule().forward({ids}).toTensor()};
+  for (const char* l : {"0", "1", "2", "3"})
+    outs.push_back(layers.attr(l).toModule().forward({outs.back(), bias}).toTensor());
+  const at::Tensor weights = mask.unsqueeze(2).to(at::kFloat);
+  const auto masked_mean = [&](const at::Tensor& h) { return (h * weights).sum(1) / weights.sum(1); };
+  c.taps = {"encoder.layer.2"};
+  EXPECT_TRUE(at::allclose(Trunk::load(c).encode({ids, mask}), masked_mean(outs[3]), 1e-5, 1e-5));
+  c.taps = {};
+  c.freeze.freeze = "first:3";
+  Trunk top = Trunk::load(c);
+  EXPECT_EQ(top.split().top_blocks, (std::vector<std::string>{"encoder.layer.2", "encoder.layer.3"}));
+  EXPECT_EQ(top.split().unrun, (std::vector<std::string>{"pooler"}));
+  EXPECT_NE(top.show(1).find("pooler: never run (not needed for the output), kept frozen"), std::string::npos)
+      << top.show(1);
+  auto parts = top.encode_prefix({ids, mask});
+  ASSERT_EQ(parts.size(), 2U) << "the cut's output and the attention mask, which the top reads";
+  for (auto& p : parts) p = p.clone();  // as read from a cache, not inference tensors
+  EXPECT_TRUE(at::allclose(parts[0], outs[2], 1e-5, 1e-5));
+  EXPECT_TRUE(at::allclose(top.top_features(parts).detach(), masked_mean(outs[4]), 1e-5, 1e-5));
+}
+
 TEST(Expand, WhatCannotBeExpandedOrTrainedIsAClearError) {
   REQUIRE_FIXTURE("tvnet.pt");
   REQUIRE_CONVNET();

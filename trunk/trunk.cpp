@@ -1392,7 +1392,8 @@ std::string Trunk::show(int max_depth) const {
     for (auto i : sp.top_inputs) extra.push_back("input " + std::to_string(i));
     o << (extra.empty() ? "" : " and " + join(extra, ", ")) << "\n";
     if (!sp.unrun.empty())
-      o << "              " << join(sp.unrun, ", ") << ": never run (after the last tap), kept frozen\n";
+      o << "              " << join(sp.unrun, ", ") << ": never run ("
+        << (c.taps.empty() ? "not needed for the output" : "after the last tap") << "), kept frozen\n";
   }
   if (impl_->rewritten.convolutions > 0)
     o << "  passes      " << (sp.tunes ? "the cached prefix runs " : "caching runs ")

@@ -20,6 +20,12 @@ tvnet.pt (scripted) and tvnet_traced.pt (traced): written as torchvision writes 
     avgpool    = AdaptiveAvgPool2d(1)
     classifier = Linear(8, 5)
 forward hands its work to self._forward_impl: features, avgpool, flatten, classifier.
+
+bertnet_traced.pt (traced): a text trunk laid out as Hugging Face's BERT is, (input_ids [N, T],
+attention_mask [N, T]) -> [N, T, 16]:
+    embeddings = Embedding(100, 16)
+    encoder    = Encoder whose forward runs its ModuleList `layer` of 4 BertLayer(lin, norm)
+    pooler     = Linear(16, 16), which forward does not call
 """
 import os
 import sys
@@ -108,6 +114,39 @@ class TvNet(nn.Module):
         return self._forward_impl(x)
 
 
+class BertLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, h, bias):
+        return self.norm(h + torch.tanh(self.lin(h)) + bias)
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer() for _ in range(4)])
+
+    def forward(self, h, bias):
+        for layer in self.layer:
+            h = layer(h, bias)
+        return h
+
+
+class BertNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embeddings = nn.Embedding(100, 16)
+        self.encoder = Encoder()
+        self.pooler = nn.Linear(16, 16)
+
+    def forward(self, input_ids, attention_mask):
+        bias = (1.0 - attention_mask.unsqueeze(-1).float()) * -0.5
+        return self.encoder(self.embeddings(input_ids), bias)
+
+
 def with_statistics(net):
     """net in eval mode with non-trivial BatchNorm statistics, as a pretrained network has."""
     for m in net.modules():
@@ -130,6 +169,9 @@ def main(out_dir):
     torch.jit.script(tv).save(os.path.join(out_dir, "tvnet.pt"))
     torch.jit.trace(tv, torch.randn(2, 3, 12, 12)).save(os.path.join(out_dir, "tvnet_traced.pt"))
     print(f"wrote {out_dir}/tvnet.pt, {out_dir}/tvnet_traced.pt")
+    ids, mask = torch.randint(0, 100, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    torch.jit.trace(BertNet().eval(), (ids, mask)).save(os.path.join(out_dir, "bertnet_traced.pt"))
+    print(f"wrote {out_dir}/bertnet_traced.pt")
 
 
 if __name__ == "__main__":
