@@ -139,6 +139,24 @@ TEST(Trunk, AnInputTheTrunkCannotTakeIsADataErrorWithItsShapeAndCause) {
        "multiplied"}));
 }
 
+// A trunk that returns a tuple (as a traced Hugging Face model does) is refused, saying what it
+// returns and what to do, not with LibTorch's "Expected Tensor but got Tuple".
+TEST(Trunk, AnOutputThatIsNotOneTensorIsRefusedSayingWhatItIs) {
+  testing::TempDir dir;
+  torch::jit::Module m("Pair");
+  m.register_attribute("training", c10::BoolType::get(), false);
+  m.define("def forward(self, x):\n    return (x * 2.0, x.sum(1))\n");
+  m.save(dir.file("pair.pt"));
+  Trunk t = Trunk::load(tiny(dir.file("pair.pt")));
+  EXPECT_TRUE(testing::throws_with<ConfigError>(
+      [&] {
+        t.encode(at::randn({2, 3, 4, 4}));
+      },
+      {"pair.pt': the trunk's output is a Tuple ((Tensor, Tensor)), not one "
+       "tensor to pool",
+       "output[0]"}));
+}
+
 // Images smaller than a convolution's window: the error says so and names the key that sizes
 // them, whichever convolution (LibTorch's, or canopy's cropped one) finds it.
 TEST(Trunk, ImagesTooSmallForItsConvolutionsAreSaidSo) {

@@ -685,10 +685,24 @@ struct Trunk::Impl {
 
   // The tapped outputs of a method's result, pooled and concatenated.
   at::Tensor pooled(const c10::IValue& result, const std::vector<at::Tensor>& inputs) const {
-    if (config.taps.empty()) return pool(result.toTensor(), config.pooling, inputs, "the trunk's output");
+    if (config.taps.empty())
+      return pool(one_tensor(result, "the trunk's output"), config.pooling, inputs, "the trunk's output");
     std::vector<at::Tensor> outs;
-    for (const auto& o : result.toTuple()->elements()) outs.push_back(o.toTensor());
+    const auto& elements = result.toTuple()->elements();
+    for (std::size_t i = 0; i < elements.size(); ++i)
+      outs.push_back(one_tensor(elements[i], "tap " + config.taps[i]));
     return pool_all(outs, config.taps, "tap ", inputs);
+  }
+
+  // What is pooled must be one tensor: a model that returns a tuple (a Hugging Face model
+  // traced returns (last_hidden_state, pooler_output)) is refused, saying what it returns.
+  at::Tensor one_tensor(const c10::IValue& v, const std::string& what) const {
+    CANOPY_CHECK(
+        v.isTensor(), ConfigError, "trunk '", config.path, "': ", what, " is a ", v.tagKind(), " (",
+        v.type()->str(), "), not one tensor to pool; tap a block whose output is one (trunk.taps; ",
+        "`canopy trunk show` lists them), or export a module whose forward returns the features, such as ",
+        "a Hugging Face model's output[0] (docs/trunk.md)");
+    return v.toTensor();
   }
 
   // Several outputs (taps), each pooled, concatenated in order.
