@@ -874,6 +874,21 @@ TEST(Expand, ABertsEncoderLayersAreBlocksAndCuts) {
   for (auto& p : parts) p = p.clone();  // as read from a cache, not inference tensors
   EXPECT_TRUE(at::allclose(parts[0], outs[2], 1e-5, 1e-5));
   EXPECT_TRUE(at::allclose(top.top_features(parts).detach(), masked_mean(outs[4]), 1e-5, 1e-5));
+
+  // The same model returning a tuple, as a traced Hugging Face model does, in a wrapper that
+  // returns its first output (docs/trunk.md): expanded through the wrapper, the same blocks.
+  REQUIRE_FIXTURE("bertwrap_traced.pt");
+  TrunkConfig w = tiny(fixture("bertwrap_traced.pt"));
+  w.pooling = "masked_mean";
+  w.expand = {"model", "model.encoder"};
+  w.freeze.freeze = "first:3";
+  Trunk wrapped = Trunk::load(w);
+  EXPECT_EQ(wrapped.blocks(),
+            (std::vector<std::string>{"model.embeddings", "model.encoder.layer.0", "model.encoder.layer.1",
+                                      "model.encoder.layer.2", "model.encoder.layer.3", "model.pooler"}));
+  EXPECT_EQ(wrapped.split().top_blocks,
+            (std::vector<std::string>{"model.encoder.layer.2", "model.encoder.layer.3"}));
+  EXPECT_EQ(wrapped.split().unrun, (std::vector<std::string>{"model.pooler"})) << "its output is dropped";
 }
 
 TEST(Expand, WhatCannotBeExpandedOrTrainedIsAClearError) {

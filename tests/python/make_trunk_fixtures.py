@@ -26,6 +26,8 @@ attention_mask [N, T]) -> [N, T, 16]:
     embeddings = Embedding(100, 16)
     encoder    = Encoder whose forward runs its ModuleList `layer` of 4 BertLayer(lin, norm)
     pooler     = Linear(16, 16), which forward does not call
+bertwrap_traced.pt (traced): the same model returning (states, pooler(states[:, 0])), as a
+traced Hugging Face model returns a tuple, inside a wrapper (`model`) that returns states.
 """
 import os
 import sys
@@ -147,6 +149,21 @@ class BertNet(nn.Module):
         return self.encoder(self.embeddings(input_ids), bias)
 
 
+class BertTuple(BertNet):
+    def forward(self, input_ids, attention_mask):
+        states = super().forward(input_ids, attention_mask)
+        return states, torch.tanh(self.pooler(states[:, 0]))
+
+
+class FirstOutput(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids, attention_mask)[0]
+
+
 def with_statistics(net):
     """net in eval mode with non-trivial BatchNorm statistics, as a pretrained network has."""
     for m in net.modules():
@@ -172,6 +189,8 @@ def main(out_dir):
     ids, mask = torch.randint(0, 100, (2, 7)), torch.ones(2, 7, dtype=torch.long)
     torch.jit.trace(BertNet().eval(), (ids, mask)).save(os.path.join(out_dir, "bertnet_traced.pt"))
     print(f"wrote {out_dir}/bertnet_traced.pt")
+    torch.jit.trace(FirstOutput(BertTuple()).eval(), (ids, mask)).save(os.path.join(out_dir, "bertwrap_traced.pt"))
+    print(f"wrote {out_dir}/bertwrap_traced.pt")
 
 
 if __name__ == "__main__":
