@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""A trunk of your own: canopy's cache build against Python inference of the same module.
+
+torchvision's own models, scripted as a user exports them (docs/trunk.md, "Your own trunk"),
+on the demo's Fashion-MNIST images preprocessed as canopy does, at 224x224, same thread count:
+
+  ResNet-18           trunk.taps = layer4 (its 512 channels before the classifier)
+  MobileNetV3-Small   trunk.expand = features, trunk.taps = features.12
+
+  canopy               `canopy cache` with the scripted file (the time canopy reports for the
+                       build: decode, trunk, HDF5 writes)
+  python eager         the same layers up to the tap in inference mode, batch = cache.batch_size
+  python channels-last the same with channels-last weights and inputs
+  python compile       torch.compile (Inductor) of the eager layers, after its compile (reported
+                       apart)
+
+The weights are torchvision's initialisation (no hub can be reached here); the speed does not
+depend on them. Rates are rows per second, the median of interleaved repeats.
+
+    own_trunk_compare.py --canopy build/runners/canopy [--images 512] [--size 224] [--repeats 3]
+"""
+import argparse
+import hashlib
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from canopy_runs import run_main, work_dir  # noqa: E402
+from trunk_compare import canopy_rate, images, interleaved, python_rate  # noqa: E402
+
+
+def resnet18():
+    m = torchvision.models.resnet18().eval()
+    upto = torch.nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+    return m, upto.eval(), ["--set", "trunk.taps=layer4"]
+
+
+def mobilenet_v3_small():
+    m = torchvision.models.mobilenet_v3_small().eval()
+    return m, m.features.eval(), ["--set", "trunk.expand=features", "--set", "trunk.taps=features.12"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--canopy", required=True)
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=128, help="the demo's cache.batch_size")
+    a = ap.parse_args()
+    threads = os.cpu_count()
+    torch.set_num_threads(threads)
+    work = work_dir("canopy-own-trunk-bench-")
+    x = images(a.images, a.size)
+    print(f"{threads} threads, batch {a.batch}, torchvision {torchvision.__version__}, Fashion-MNIST images "
+          f"at {a.size}x{a.size}")
+    for name, make in (("ResNet-18", resnet18), ("MobileNetV3-Small", mobilenet_v3_small)):
+        torch.manual_seed(0)
+        model, upto, keys = make()
+        path = os.path.join(work, f"{make.__name__}.pt")
+        torch.jit.script(model).save(path)
+        sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        channels_last = make()[1].to(memory_format=torch.channels_last)
+        channels_last.load_state_dict(upto.state_dict())
+        compiled = torch.compile(upto)
+        start = time.time()
+        with torch.inference_mode():
+            compiled(x[:a.batch])
+        compile_s = time.time() - start
+
+        def cl(b, m=channels_last):
+            return m(b.contiguous(memory_format=torch.channels_last))
+
+        runs = {
+            "canopy": lambda: canopy_rate(a.canopy, work, a.images, a.size, path, sha, make.__name__, keys),
+            "python eager": lambda: python_rate(upto, x, a.batch),
+            "python channels-last": lambda: python_rate(cl, x, a.batch),
+            "python compile": lambda: python_rate(compiled, x, a.batch),
+        }
+        python_rate(upto, x[:a.batch], a.batch)  # warm-up
+        python_rate(cl, x[:a.batch], a.batch)
+        rates, med = interleaved(runs, a.repeats, f"{name} ({' '.join(keys[1::2])}), {a.images} images")
+        print(f"  compile: torch.compile {compile_s:.1f} s (first call)")
+        for form in ("python eager", "python channels-last", "python compile"):
+            ratios = [c / p for c, p in zip(rates["canopy"], rates[form])]
+            print(f"    RATIO {name} canopy cache build / {form} = {statistics.median(ratios):.2f} "
+                  f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+
+
+if __name__ == "__main__":
+    run_main(main)
