@@ -738,19 +738,33 @@ const std::vector<Command>& commands() {
          p.add("path", 1);
        },
        run_inspect_command},
-      {"trunk show", "canopy trunk show --config FILE [--depth N]",
+      {"trunk show", "canopy trunk show (--config FILE | TRUNK_FILE) [--set trunk.KEY=VALUE] [--depth N]",
        "load the trunk (hash checked first) and print its module tree, frozen/trainable state, BatchNorm "
-       "pinning, "
-       "blocks and taps; runs no data",
-       [](po::options_description& d, po::positional_options_description&) {
+       "pinning, blocks and taps; runs no data. A trunk file alone (a model you exported) is shown with "
+       "the [trunk] keys given by --set (trunk.expand, trunk.freeze, trunk.taps, trunk.sha256, ...)",
+       [](po::options_description& d, po::positional_options_description& p) {
          add_config_options(d);
-         d.add_options()("depth", po::value<int>()->default_value(2)->value_name("N"), "module tree depth");
+         d.add_options()("depth", po::value<int>()->default_value(2)->value_name("N"), "module tree depth")(
+             "trunk", po::value<std::string>()->value_name("TRUNK_FILE"),
+             "a TorchScript trunk file, shown without a config (positional)");
+         p.add("trunk", 1);
        },
        [](const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
          const int depth = vm["depth"].as<int>();
          CANOPY_CHECK(depth >= 0, ConfigError, "canopy trunk show: --depth must be >= 0, got ", depth);
-         const JobConfig config = config_from(vm, "trunk show");
-         out << trunk::Trunk::load(config.trunk).show(depth);
+         CANOPY_CHECK(
+             vm.count("trunk") + vm.count("config") == 1, ConfigError,
+             "canopy trunk show: give --config FILE or a trunk file, one of them (see canopy trunk show "
+             "--help)");
+         if (vm.count("config")) {
+           out << trunk::Trunk::load(config_from(vm, "trunk show").trunk).show(depth);
+           return kExitOk;
+         }
+         std::map<std::string, std::string> values{{"trunk.path", vm["trunk"].as<std::string>()}};
+         if (vm.count("set")) apply_overrides(values, vm["set"].as<std::vector<std::string>>());
+         if (vm.count("allow-unpinned")) values["trunk.allow_unpinned"] = "true";
+         out << trunk::Trunk::load(trunk_config_from_values(values, "canopy trunk show TRUNK_FILE"))
+                    .show(depth);
          return kExitOk;
        }},
       {"tokenize", "canopy tokenize --vocab FILE (--arff FILE [--attribute NAME] | --input FILE) [options]",
@@ -834,8 +848,9 @@ const Command& find_command(const std::vector<std::string>& args, std::size_t& c
   std::string name = args[0];
   consumed = 1;
   if (name == "trunk") {
-    CANOPY_CHECK(args.size() >= 2 && args[1] == "show", ConfigError,
-                 "usage: canopy trunk show --config FILE [--depth N] (see canopy trunk show --help)");
+    CANOPY_CHECK(
+        args.size() >= 2 && args[1] == "show", ConfigError,
+        "usage: canopy trunk show (--config FILE | TRUNK_FILE) [--depth N] (see canopy trunk show --help)");
     name = "trunk show";
     consumed = 2;
   }

@@ -938,6 +938,27 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
   return c;
 }
 
+trunk::TrunkConfig trunk_config_from_values(const std::map<std::string, std::string>& values,
+                                            const std::string& source) {
+  JobConfig c;
+  std::vector<std::string> others;
+  for (const auto& [key, value] : values) {
+    const auto& keys = job_keys();
+    const auto k = std::find_if(keys.begin(), keys.end(), [&](const Key<JobConfig>& e) {
+      return e.full_name() == key && key.rfind("trunk.", 0) == 0;
+    });
+    if (k == keys.end()) {
+      others.push_back(key);
+      continue;
+    }
+    k->set(c, value, key + " (in " + source + ")");
+  }
+  CANOPY_CHECK(others.empty(), ConfigError, source, " takes trunk.* keys only, got ", join(others, ", "),
+               " (a job's keys need its config: --config FILE)");
+  trunk::validate_trunk_config(c.trunk);
+  return c.trunk;
+}
+
 namespace {
 // data.list_columns: label columns of a table, split at data.list_separator.
 void validate_list_columns(const DataConfig& d, const std::string& in) {
@@ -1092,12 +1113,16 @@ JobConfig load_job_config(const std::string& path, const std::vector<std::string
   std::ifstream in(path);
   CANOPY_CHECK(in, ConfigError, "cannot open config file '", path, "': ", std::strerror(errno));
   std::map<std::string, std::string> values = read_config_values(in, path);
+  apply_overrides(values, overrides);
+  return job_config_from_values(values, path);
+}
+
+void apply_overrides(std::map<std::string, std::string>& values, const std::vector<std::string>& overrides) {
   for (const auto& o : overrides) {
     const auto eq = o.find('=');
     CANOPY_CHECK(eq != std::string::npos && eq > 0, ConfigError, "--set expects key=value, got '", o, "'");
     values[trim(o.substr(0, eq))] = trim(o.substr(eq + 1));
   }
-  return job_config_from_values(values, path);
 }
 
 std::string stops_on_eval_split(const JobConfig& config) {

@@ -104,13 +104,19 @@ def mobilenet(canopy, work):
     out = os.path.join(work, "mobilenet")
     cfg = config(os.path.join(work, "mobilenet.ini"), os.path.join(work, "mobilenet.pt"), sha, out,
                  "expand = features\ntaps = features.12\nfreeze = first:10\nlr = 0.001")
-    r = run(canopy, "trunk", "show", "--config", cfg)
+    # The file alone, as a user looks at a model before writing its config: the [trunk] keys by --set.
+    r = run(canopy, "trunk", "show", os.path.join(work, "mobilenet.pt"), "--set", f"trunk.sha256={sha}",
+            "--set", "trunk.expand=features", "--set", "trunk.taps=features.12", "--set", "trunk.freeze=first:10")
     shown = r.stdout
     check(r.returncode == 0 and "trains      the top (features.10, features.11, features.12, then the pooling)" in shown
           and "holds the output of features.9" in shown
-          and "avgpool, classifier: never run (after the last tap), kept frozen" in shown,
-          "trunk show: the top is features.10-12 over features.9's output, the classifier kept frozen"
+          and "avgpool, classifier: never run (after the last tap), kept frozen" in shown
+          and "blocks      15 (what freeze = first:N counts): features.0, features.1," in shown,
+          "trunk show FILE --set ...: the top is features.10-12 over features.9's output, the classifier kept frozen"
           + ("" if r.returncode == 0 else ": " + r.stderr[-400:]))
+    r = run(canopy, "trunk", "show", os.path.join(work, "mobilenet.pt"), "--allow-unpinned", "--set", "train.epochs=3")
+    check(r.returncode == 2 and "takes trunk.* keys only, got train.epochs" in r.stderr,
+          f"trunk show FILE refuses a key outside [trunk] (exit {r.returncode}): {r.stderr.strip()[-160:]}")
     r = run(canopy, "run", "--config", cfg)
     check(r.returncode == 0, "canopy run with the expanded MobileNetV3's top training"
           + ("" if r.returncode == 0 else ": " + r.stderr[-800:]))

@@ -170,11 +170,17 @@ inline std::int64_t task_epochs(const tasks::TaskConfig& t, const TrainConfig& t
 // Reads `path`, applies `overrides` ("key=value"), validates and returns the config.
 // Unknown keys and bad values are ConfigErrors naming the key, the value and the file.
 JobConfig load_job_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// --set KEY=VALUE overrides into `values` (the last of a key wins); one without '=' is refused.
+void apply_overrides(std::map<std::string, std::string>& values, const std::vector<std::string>& overrides);
 // The "section.key" -> value pairs of an INI text (a config file's, or a saved resolved one);
 // `source` names it in errors. A key given twice is a ConfigError.
 std::map<std::string, std::string> read_config_values(std::istream& in, const std::string& source);
 // Builds a config from flat key/value pairs (what load_job_config does after reading).
 JobConfig job_config_from_values(const std::map<std::string, std::string>& values, const std::string& source);
+// The [trunk] section alone from KEY = VALUE pairs, trunk.* keys only (`canopy trunk show
+// FILE`, which needs no job around the trunk); another key is refused, naming it.
+trunk::TrunkConfig trunk_config_from_values(const std::map<std::string, std::string>& values,
+                                            const std::string& source);
 // train.epochs and task.NAME.epochs: what --resume lets change (with train.out_dir).
 bool is_epochs_key(const std::string& key);
 // The resolved configuration in the same INI format (every key, defaults included).
