@@ -941,20 +941,20 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
 trunk::TrunkConfig trunk_config_from_values(const std::map<std::string, std::string>& values,
                                             const std::string& source) {
   JobConfig c;
-  std::vector<std::string> others;
+  const auto& keys = job_keys();
+  std::vector<std::string> known;
+  for (const auto& k : keys) {
+    if (k.full_name().rfind("trunk.", 0) == 0) known.push_back(k.full_name());
+  }
   for (const auto& [key, value] : values) {
-    const auto& keys = job_keys();
-    const auto k = std::find_if(keys.begin(), keys.end(), [&](const Key<JobConfig>& e) {
-      return e.full_name() == key && key.rfind("trunk.", 0) == 0;
-    });
-    if (k == keys.end()) {
-      others.push_back(key);
-      continue;
-    }
+    CANOPY_CHECK(key.rfind("trunk.", 0) == 0, ConfigError, source, " takes trunk.* keys only, got ", key,
+                 " (a job's keys need its config: --config FILE)");
+    const auto k =
+        std::find_if(keys.begin(), keys.end(), [&](const auto& e) { return e.full_name() == key; });
+    CANOPY_CHECK(k != keys.end(), ConfigError, "unknown config key in ", source, ": ", key,
+                 did_you_mean(key, known), " (`canopy keys` lists every key)");
     k->set(c, value, key + " (in " + source + ")");
   }
-  CANOPY_CHECK(others.empty(), ConfigError, source, " takes trunk.* keys only, got ", join(others, ", "),
-               " (a job's keys need its config: --config FILE)");
   trunk::validate_trunk_config(c.trunk);
   return c.trunk;
 }
