@@ -8,7 +8,7 @@ the TorchScript trunks they were compiled from, through the real binary, read wi
 - heads train on it end to end
 - what a compiled trunk cannot do is refused with a clear error, never a crash: another
   input size (compiled code would read out of bounds), fine-tuning, other taps, passes under
-  autocast (trunk.precision), an unpinned
+  autocast (trunk.precision), trunk.expand, an unpinned
   or wrongly pinned file, a truncated package
 - `canopy trunk show` says what the package is
 - a CPU package links libtorch_cpu, not libtorch.so, and canopy runs it without loading
@@ -205,6 +205,8 @@ def main():
         ("other taps", ["--set", "trunk.taps=blocks.12", "--set", f"cache.path={work}/taps"], "taps are fixed"),
         ("bfloat16 passes", ["--set", "trunk.precision=bfloat16", "--set", f"cache.path={work}/bf16"],
          "runs at the precision it was compiled with"),
+        ("trunk.expand", ["--set", "trunk.expand=blocks", "--set", f"cache.path={work}/expand"],
+         "its outputs fixed when it was exported; expand the TorchScript trunk"),
     ]
     for what, extra, expect in cases:
         rc, out = canopy_run(canopy, "run", "--config", config, *small[:4], *pinned, *extra, "--set",
