@@ -855,7 +855,8 @@ TEST(Expand, ABertsEncoderLayersAreBlocksAndCuts) {
       at::tensor({1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0}, at::kLong).view({3, 6});
   const at::Tensor bias = (1.0 - mask.unsqueeze(-1).to(at::kFloat)) * -0.5;
   const torch::jit::Module layers = m.attr("encoder").toModule().attr("layer").toModule();
-  std::vector<at::Tensor> outs{m.attr("embeddings").toModule().forward({ids}).toTensor()};
+  std::vector<at::Tensor> outs{m.attr("embeddings").toModule().forward({ids}).toTensor() *
+                               m.attr("scale").toTensor()};
   for (const char* l : {"0", "1", "2", "3"})
     outs.push_back(layers.attr(l).toModule().forward({outs.back(), bias}).toTensor());
   const at::Tensor weights = mask.unsqueeze(2).to(at::kFloat);
@@ -867,6 +868,11 @@ TEST(Expand, ABertsEncoderLayersAreBlocksAndCuts) {
   Trunk top = Trunk::load(c);
   EXPECT_EQ(top.split().top_blocks, (std::vector<std::string>{"encoder.layer.2", "encoder.layer.3"}));
   EXPECT_EQ(top.split().unrun, (std::vector<std::string>{"pooler"}));
+  EXPECT_EQ(top.split().below_cut, (std::vector<std::string>{"scale"})) << "read below the cut only: frozen";
+  std::int64_t in_top = 0;
+  for (const char* l : {"2", "3"})
+    for (const auto& p : layers.attr(l).toModule().parameters()) in_top += p.numel();
+  EXPECT_EQ(top.parameter_counts().second, in_top);
   EXPECT_NE(top.show(1).find("pooler: never run (not needed for the output), kept frozen"), std::string::npos)
       << top.show(1);
   auto parts = top.encode_prefix({ids, mask});
@@ -889,6 +895,7 @@ TEST(Expand, ABertsEncoderLayersAreBlocksAndCuts) {
   EXPECT_EQ(wrapped.split().top_blocks,
             (std::vector<std::string>{"model.encoder.layer.2", "model.encoder.layer.3"}));
   EXPECT_EQ(wrapped.split().unrun, (std::vector<std::string>{"model.pooler"})) << "its output is dropped";
+  EXPECT_EQ(wrapped.split().below_cut, (std::vector<std::string>{"model.scale"}));
 }
 
 TEST(Expand, WhatCannotBeExpandedOrTrainedIsAClearError) {

@@ -207,6 +207,46 @@ void add_taps_method(torch::jit::Module& module, const std::vector<std::string>&
   add_method(module, kTapsMethod, g);
 }
 
+// Whether `n`, or a node inside its blocks, reads one of `values`.
+bool reads_any(const torch::jit::Node* n, const std::set<const torch::jit::Value*>& values) {
+  for (const torch::jit::Value* v : n->inputs()) {
+    if (values.count(v)) return true;
+  }
+  for (const torch::jit::Block* b : n->blocks()) {
+    if (reads_any(b->return_node(), values)) return true;
+    for (const torch::jit::Node* m : b->nodes()) {
+      if (reads_any(m, values)) return true;
+    }
+  }
+  return false;
+}
+
+bool raises(const torch::jit::Node* n) {
+  for (const torch::jit::Block* b : n->blocks()) {
+    for (const torch::jit::Node* m : b->nodes()) {
+      if (m->kind() == c10::prim::RaiseException || raises(m)) return true;
+    }
+  }
+  return false;
+}
+
+// Asserts in a cut's graph that read nothing computed from the boundary (torchvision's ViT
+// encoder asserts the shape of its input, computed below any cut between its layers) checked
+// values of the prefix, and ran when the prefix did; left in, they would keep the prefix's
+// blocks in the top. They are removed: an if with no outputs whose branch raises.
+void drop_prefix_asserts(const std::shared_ptr<torch::jit::Graph>& g, const torch::jit::Value* boundary) {
+  std::set<const torch::jit::Value*> after{boundary};
+  std::vector<torch::jit::Node*> asserts;
+  for (torch::jit::Node* n : g->nodes()) {
+    if (reads_any(n, after)) {
+      for (const torch::jit::Value* o : n->outputs()) after.insert(o);
+    } else if (n->kind() == c10::prim::If && n->outputs().empty() && raises(n)) {
+      asserts.push_back(n);
+    }
+  }
+  for (torch::jit::Node* n : asserts) n->destroy();
+}
+
 // The trunk's forward from block `from`'s output (a new last graph input, "boundary") to
 // block `to`'s output, or with `to` empty to its end (the taps' tuple, or the output).
 // Returns the graph, or fills `problem` when a block up to `from` is still read.
@@ -227,6 +267,7 @@ std::shared_ptr<torch::jit::Graph> cut_graph(const torch::jit::Module& module,
   torch::jit::Value* input = g->addInput("boundary");
   input->setType(boundary->type());
   boundary->replaceAllUsesWith(input);
+  drop_prefix_asserts(g, input);
   if (!to.empty()) {
     set_outputs(g, {calls.at(to)}, false);
   } else if (!taps.empty()) {
@@ -674,6 +715,7 @@ struct Trunk::Impl {
       }
     }
     split.top_blocks = run;
+    freeze_parameters_read_below_the_cut();
     bool trains = false;
     for (const auto& p : module.parameters(true)) trains = trains || p.requires_grad();
     CANOPY_CHECK(trains, ConfigError, "the freeze policy (", describe(config.freeze), ") leaves only ",
@@ -681,6 +723,30 @@ struct Trunk::Impl {
                  config.taps.empty() ? std::string() : " (the last tap is " + config.taps.back() + ")",
                  ": nothing would train; freeze fewer blocks, or freeze = all to train heads on frozen ",
                  "features");
+  }
+
+  // Parameters outside every block (a ViT's class token on the trunk itself, its position
+  // embedding on an expanded encoder) that the top never reads are read below the cut only:
+  // frozen with the prefix, rather than refused as parameters that cannot train over a cache.
+  void freeze_parameters_read_below_the_cut() {
+    auto g = module.get_method(kTopMethod).graph();
+    ModulePaths paths(*g);
+    std::set<std::string> read;
+    for (torch::jit::DepthFirstGraphNodeIterator it(g); const torch::jit::Node* n = it.next();) {
+      if (n->kind() != c10::prim::GetAttr) continue;
+      if (const std::string* owner = paths.of(n->input(0)))
+        read.insert(qualified(*owner, n->s(c10::attr::name)));
+      paths.read(n);
+    }
+    for (const auto& p : module.named_parameters(true)) {
+      if (!p.value.requires_grad() || read.count(p.name)) continue;
+      const bool in_block = std::any_of(blocks.begin(), blocks.end(),
+                                        [&](const std::string& b) { return is_within(p.name, b); });
+      if (in_block) continue;
+      p.value.set_requires_grad(false);
+      policy_trainable.erase(p.name);
+      split.below_cut.push_back(p.name);
+    }
   }
 
   // The tapped outputs of a method's result, pooled and concatenated.
@@ -1405,6 +1471,10 @@ std::string Trunk::show(int max_depth) const {
     std::vector<std::string> extra;
     for (auto i : sp.top_inputs) extra.push_back("input " + std::to_string(i));
     o << (extra.empty() ? "" : " and " + join(extra, ", ")) << "\n";
+    if (!sp.below_cut.empty())
+      o << "              " << join(sp.below_cut, ", ")
+        << ": parameters outside the blocks, read below the cut "
+        << "only, kept frozen\n";
     if (!sp.unrun.empty())
       o << "              " << join(sp.unrun, ", ") << ": never run ("
         << (c.taps.empty() ? "not needed for the output" : "after the last tap") << "), kept frozen\n";

@@ -23,7 +23,7 @@ forward hands its work to self._forward_impl: features, avgpool, flatten, classi
 
 bertnet_traced.pt (traced): a text trunk laid out as Hugging Face's BERT is, (input_ids [N, T],
 attention_mask [N, T]) -> [N, T, 16]:
-    embeddings = Embedding(100, 16)
+    embeddings = Embedding(100, 16), times `scale` (a Parameter of the trunk itself, ones)
     encoder    = Encoder whose forward runs its ModuleList `layer` of 4 BertLayer(lin, norm)
     pooler     = Linear(16, 16), which forward does not call
 bertwrap_traced.pt (traced): the same model returning (states, pooler(states[:, 0])), as a
@@ -57,6 +57,9 @@ class ConvNet(nn.Module):
 
     def forward(self, x):
         x = self.stem(x)
+        # A check on the stem's output, as torchvision's ViT encoder asserts the shape of its
+        # input: scripted, it stays in every cut of the graph above it (tracing drops it).
+        torch._assert(x.dim() == 4, "the blocks take [N, C, H, W]")
         for block in self.blocks:
             x = block(x)
         return x
@@ -141,12 +144,13 @@ class BertNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.embeddings = nn.Embedding(100, 16)
+        self.scale = nn.Parameter(torch.ones(16))  # outside every block, as a ViT's class token
         self.encoder = Encoder()
         self.pooler = nn.Linear(16, 16)
 
     def forward(self, input_ids, attention_mask):
         bias = (1.0 - attention_mask.unsqueeze(-1).float()) * -0.5
-        return self.encoder(self.embeddings(input_ids), bias)
+        return self.encoder(self.embeddings(input_ids) * self.scale, bias)
 
 
 class BertTuple(BertNet):

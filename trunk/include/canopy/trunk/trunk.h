@@ -119,6 +119,7 @@ struct TopSplit {
   std::string boundary;                  // the last prefix block ("" when prefix_blocks == 0)
   std::vector<std::string> top_blocks;   // the blocks the top runs, from the boundary up
   std::vector<std::string> unrun;        // blocks after the last tap: not run, so kept frozen
+  std::vector<std::string> below_cut;    // parameters outside the blocks read below the cut only
   std::vector<std::int64_t> top_inputs;  // indices of trunk inputs the top also reads
                                          // (e.g. 1: the attention mask of a text trunk)
   std::string problem;                   // why the top cannot run over a cached prefix
