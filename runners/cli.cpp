@@ -660,6 +660,33 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
   return kExitOk;
 }
 
+// `canopy trunk show`: a config's trunk, or a trunk file alone with --set trunk.* keys.
+void trunk_show_options(po::options_description& d, po::positional_options_description& p) {
+  add_config_options(d);
+  d.add_options()("depth", po::value<int>()->default_value(2)->value_name("N"), "module tree depth")(
+      "trunk", po::value<std::string>()->value_name("TRUNK_FILE"),
+      "a TorchScript trunk file, shown without a config (positional)");
+  p.add("trunk", 1);
+}
+
+int run_trunk_show_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out,
+                           std::ostream&) {
+  const int depth = vm["depth"].as<int>();
+  CANOPY_CHECK(depth >= 0, ConfigError, "canopy trunk show: --depth must be >= 0, got ", depth);
+  CANOPY_CHECK(vm.count("trunk") + vm.count("config") == 1, ConfigError,
+               "canopy trunk show: give --config FILE or a trunk file, one of them (see canopy trunk show "
+               "--help)");
+  if (vm.count("config")) {
+    out << trunk::Trunk::load(config_from(vm, "trunk show").trunk).show(depth);
+    return kExitOk;
+  }
+  std::map<std::string, std::string> values{{"trunk.path", vm["trunk"].as<std::string>()}};
+  if (vm.count("set")) apply_overrides(values, vm["set"].as<std::vector<std::string>>());
+  if (vm.count("allow-unpinned")) values["trunk.allow_unpinned"] = "true";
+  out << trunk::Trunk::load(trunk_config_from_values(values, "canopy trunk show TRUNK_FILE")).show(depth);
+  return kExitOk;
+}
+
 void tokenize_options(po::options_description& d, po::positional_options_description&) {
   d.add_options()("vocab", po::value<std::string>()->value_name("FILE"),
                   "the WordPiece vocabulary (vocab.txt)")(
@@ -742,31 +769,7 @@ const std::vector<Command>& commands() {
        "load the trunk (hash checked first) and print its module tree, frozen/trainable state, BatchNorm "
        "pinning, blocks and taps; runs no data. A trunk file alone (a model you exported) is shown with "
        "the [trunk] keys given by --set (trunk.expand, trunk.freeze, trunk.taps, trunk.sha256, ...)",
-       [](po::options_description& d, po::positional_options_description& p) {
-         add_config_options(d);
-         d.add_options()("depth", po::value<int>()->default_value(2)->value_name("N"), "module tree depth")(
-             "trunk", po::value<std::string>()->value_name("TRUNK_FILE"),
-             "a TorchScript trunk file, shown without a config (positional)");
-         p.add("trunk", 1);
-       },
-       [](const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out, std::ostream&) {
-         const int depth = vm["depth"].as<int>();
-         CANOPY_CHECK(depth >= 0, ConfigError, "canopy trunk show: --depth must be >= 0, got ", depth);
-         CANOPY_CHECK(
-             vm.count("trunk") + vm.count("config") == 1, ConfigError,
-             "canopy trunk show: give --config FILE or a trunk file, one of them (see canopy trunk show "
-             "--help)");
-         if (vm.count("config")) {
-           out << trunk::Trunk::load(config_from(vm, "trunk show").trunk).show(depth);
-           return kExitOk;
-         }
-         std::map<std::string, std::string> values{{"trunk.path", vm["trunk"].as<std::string>()}};
-         if (vm.count("set")) apply_overrides(values, vm["set"].as<std::vector<std::string>>());
-         if (vm.count("allow-unpinned")) values["trunk.allow_unpinned"] = "true";
-         out << trunk::Trunk::load(trunk_config_from_values(values, "canopy trunk show TRUNK_FILE"))
-                    .show(depth);
-         return kExitOk;
-       }},
+       trunk_show_options, run_trunk_show_command},
       {"tokenize", "canopy tokenize --vocab FILE (--arff FILE [--attribute NAME] | --input FILE) [options]",
        "WordPiece token ids of texts as JSON lines {\"text\": ..., \"ids\": [...]}", tokenize_options,
        run_tokenize_command},

@@ -536,6 +536,8 @@ std::vector<CompiledInput> parse_compiled_inputs(const std::string& spec, const 
 }  // namespace
 
 struct Trunk::Impl {
+  std::string show_compiled() const;  // `trunk show` of a compiled package
+  std::string show_trains() const;    // `trunk show`'s "trains" lines
   TrunkConfig config;
   std::string sha256;
   c10::Device device{c10::kCPU};
@@ -683,7 +685,11 @@ struct Trunk::Impl {
     }
     split.boundary = blocks[k - 1];
     add_split_methods(module, config.taps, split, blocks);
-    if (split.problem.empty()) freeze_unrun_blocks();
+    if (split.problem.empty()) {
+      freeze_unrun_blocks();
+      freeze_parameters_read_below_the_cut();
+      check_the_top_trains();
+    }
     if (split.problem.empty() && config.pooling == "masked_mean" &&
         std::find(split.top_inputs.begin(), split.top_inputs.end(), 1) == split.top_inputs.end()) {
       split.top_inputs.push_back(1);  // the pooling reads the attention mask
@@ -715,11 +721,16 @@ struct Trunk::Impl {
       }
     }
     split.top_blocks = run;
-    freeze_parameters_read_below_the_cut();
+  }
+
+  // What the cut left trainable must include something the top runs.
+  void check_the_top_trains() const {
     bool trains = false;
     for (const auto& p : module.parameters(true)) trains = trains || p.requires_grad();
+    std::vector<std::string> left = split.unrun;
+    left.insert(left.end(), split.below_cut.begin(), split.below_cut.end());
     CANOPY_CHECK(trains, ConfigError, "the freeze policy (", describe(config.freeze), ") leaves only ",
-                 join(split.unrun, ", "), " trainable, which the features never run",
+                 join(left, ", "), " trainable, which the features never run",
                  config.taps.empty() ? std::string() : " (the last tap is " + config.taps.back() + ")",
                  ": nothing would train; freeze fewer blocks, or freeze = all to train heads on frozen ",
                  "features");
@@ -1417,49 +1428,11 @@ std::vector<ModuleInfo> Trunk::modules() const {
   return out;
 }
 
-std::string Trunk::show(int max_depth) const {
-  const auto& c = impl_->config;
-  if (impl_->compiled) {
-    // What a compiled package can say: its metadata and the names of its constants.
-    std::ostringstream o;
-    const auto meta = [&](const char* key) {
-      const auto it = impl_->compiled_meta.find(key);
-      return it == impl_->compiled_meta.end() ? std::string("(not recorded)") : it->second;
-    };
-    o << "trunk " << c.path << "\n"
-      << "  sha256      " << impl_->sha256
-      << (c.sha256.empty() ? " (not pinned: add trunk.sha256 to pin it)" : " (pinned, verified)") << "\n"
-      << "  format      AOTInductor package (compiled native code), inference only\n"
-      << "  compiled    for " << meta("AOTI_DEVICE_KEY") << " by torch " << meta("canopy.torch_version")
-      << "\n"
-      << "  inputs      " << meta("canopy.inputs") << " (N: any batch; T<=M: up to M)\n"
-      << "  exported    from " << meta("canopy.source") << "\n"
-      << "  links       "
-      << (meta("canopy.links_libtorch") == "0" ? "libtorch_cpu only (no CUDA libraries loaded for it)"
-          : meta("AOTI_DEVICE_KEY") == "(not recorded)" || meta("AOTI_DEVICE_KEY") == "cpu"
-              ? "libtorch.so, which loads LibTorch's CUDA half with it (about 0.1 s and 230 MiB); "
-                "scripts/export_trunk.py makes CPU packages that need libtorch_cpu only"
-              : "libtorch.so (with LibTorch's CUDA half, which it runs on)")
-      << "\n"
-      << "  constants   " << impl_->compiled->get_constant_fqns().size()
-      << " (parameters and buffers, frozen into the package)\n"
-      << "  freeze      all (a compiled trunk cannot be fine-tuned)\n"
-      << "  features    outputs " << join(impl_->compiled_outputs, ", ") << ", pooling " << c.pooling << "\n"
-      << "  trains      heads only: the cache holds pooled features of the frozen trunk\n";
-    return o.str();
-  }
-  const auto [total, trainable] = parameter_counts();
-  const auto mods = modules();
+// `trunk show`'s "trains" lines: heads only, or the top over the cached prefix and what the
+// cut keeps frozen.
+std::string Trunk::Impl::show_trains() const {
   std::ostringstream o;
-  o << "trunk " << c.path << "\n"
-    << "  sha256      " << impl_->sha256
-    << (c.sha256.empty() ? " (not pinned: add trunk.sha256 to pin it)" : " (pinned, verified)")
-    << "\n  parameters  " << total << ", trainable " << trainable << "\n"
-    << "  freeze      " << describe(c.freeze) << "\n"
-    << "  features    tap " << describe_taps(c) << ", pooling " << c.pooling
-    << (c.precision == "float32" ? "" : ", passes under " + c.precision + " autocast")
-    << (c.top_precision == "float32" ? "" : ", the top's under " + c.top_precision + " autocast") << "\n";
-  const TopSplit& sp = impl_->split;
+  const TopSplit& sp = split;
   if (!sp.tunes) {
     o << "  trains      heads only: the cache holds pooled features of the frozen trunk\n";
   } else if (!sp.problem.empty() || sp.prefix_blocks == 0) {
@@ -1477,11 +1450,46 @@ std::string Trunk::show(int max_depth) const {
         << "only, kept frozen\n";
     if (!sp.unrun.empty())
       o << "              " << join(sp.unrun, ", ") << ": never run ("
-        << (c.taps.empty() ? "not needed for the output" : "after the last tap") << "), kept frozen\n";
+        << (config.taps.empty() ? "not needed for the output" : "after the last tap") << "), kept frozen\n";
   }
-  if (impl_->rewritten.convolutions > 0)
-    o << "  passes      " << (sp.tunes ? "the cached prefix runs " : "caching runs ")
-      << impl_->describe_rewritten() << " (trunk.optimize)\n";
+  return o.str();
+}
+
+// `trunk show` of a compiled package: its metadata and the number of its constants.
+std::string Trunk::Impl::show_compiled() const {
+  const auto& c = config;
+  std::ostringstream o;
+  const auto meta = [&](const char* key) {
+    const auto it = compiled_meta.find(key);
+    return it == compiled_meta.end() ? std::string("(not recorded)") : it->second;
+  };
+  o << "trunk " << c.path << "\n"
+    << "  sha256      " << sha256
+    << (c.sha256.empty() ? " (not pinned: add trunk.sha256 to pin it)" : " (pinned, verified)") << "\n"
+    << "  format      AOTInductor package (compiled native code), inference only\n"
+    << "  compiled    for " << meta("AOTI_DEVICE_KEY") << " by torch " << meta("canopy.torch_version") << "\n"
+    << "  inputs      " << meta("canopy.inputs") << " (N: any batch; T<=M: up to M)\n"
+    << "  exported    from " << meta("canopy.source") << "\n"
+    << "  links       "
+    << (meta("canopy.links_libtorch") == "0" ? "libtorch_cpu only (no CUDA libraries loaded for it)"
+        : meta("AOTI_DEVICE_KEY") == "(not recorded)" || meta("AOTI_DEVICE_KEY") == "cpu"
+            ? "libtorch.so, which loads LibTorch's CUDA half with it (about 0.1 s and 230 MiB); "
+              "scripts/export_trunk.py makes CPU packages that need libtorch_cpu only"
+            : "libtorch.so (with LibTorch's CUDA half, which it runs on)")
+    << "\n"
+    << "  constants   " << compiled->get_constant_fqns().size()
+    << " (parameters and buffers, frozen into the package)\n"
+    << "  freeze      all (a compiled trunk cannot be fine-tuned)\n"
+    << "  features    outputs " << join(compiled_outputs, ", ") << ", pooling " << c.pooling << "\n"
+    << "  trains      heads only: the cache holds pooled features of the frozen trunk\n";
+  return o.str();
+}
+
+namespace {
+
+// `trunk show`'s module table (to `max_depth`) and its BatchNorm line.
+std::string module_table(const std::vector<ModuleInfo>& mods, int max_depth) {
+  std::ostringstream o;
   std::size_t width = 6, type_width = 4;
   for (const auto& m : mods) {
     if (m.depth > max_depth) continue;
@@ -1518,8 +1526,30 @@ std::string Trunk::show(int max_depth) const {
       << (tags.empty() ? "" : "  [" + join(tags, ", ") + "]") << "\n";
   }
   o << "\n  BatchNorm   " << bn << " layer(s), " << pinned << " pinned in frozen regions"
-    << (traced ? detail::str_cat(", ", traced, " traced in eval mode (fixed whatever the policy)") : "")
-    << "\n  blocks      " << impl_->blocks.size()
+    << (traced ? detail::str_cat(", ", traced, " traced in eval mode (fixed whatever the policy)") : "");
+  return o.str();
+}
+
+}  // namespace
+
+std::string Trunk::show(int max_depth) const {
+  const auto& c = impl_->config;
+  if (impl_->compiled) return impl_->show_compiled();
+  const auto [total, trainable] = parameter_counts();
+  std::ostringstream o;
+  o << "trunk " << c.path << "\n"
+    << "  sha256      " << impl_->sha256
+    << (c.sha256.empty() ? " (not pinned: add trunk.sha256 to pin it)" : " (pinned, verified)")
+    << "\n  parameters  " << total << ", trainable " << trainable << "\n"
+    << "  freeze      " << describe(c.freeze) << "\n"
+    << "  features    tap " << describe_taps(c) << ", pooling " << c.pooling
+    << (c.precision == "float32" ? "" : ", passes under " + c.precision + " autocast")
+    << (c.top_precision == "float32" ? "" : ", the top's under " + c.top_precision + " autocast") << "\n";
+  o << impl_->show_trains();
+  if (impl_->rewritten.convolutions > 0)
+    o << "  passes      " << (impl_->split.tunes ? "the cached prefix runs " : "caching runs ")
+      << impl_->describe_rewritten() << " (trunk.optimize)\n";
+  o << module_table(modules(), max_depth) << "\n  blocks      " << impl_->blocks.size()
     << " (what freeze = first:N counts): " << join(impl_->blocks, ", ") << "\n  tap points  "
     << (impl_->tap_points.empty()
             ? "none: forward calls no submodule (trunk.expand can open one; the output is "
