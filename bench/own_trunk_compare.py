@@ -9,6 +9,8 @@ on the demo's Fashion-MNIST images preprocessed as canopy does, at 224x224, same
 
   canopy               `canopy cache` with the scripted file (the time canopy reports for the
                        build: decode, trunk, HDF5 writes)
+  canopy .pt2          the same with the file compiled up to its tap by scripts/export_trunk.py
+                       (AOTInductor; its compile reported apart)
   python eager         the same layers up to the tap in inference mode, batch = cache.batch_size
   python channels-last the same with channels-last weights and inputs
   python compile       torch.compile (Inductor) of the eager layers, after its compile (reported
@@ -23,6 +25,7 @@ import argparse
 import hashlib
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -43,6 +46,20 @@ def resnet18():
 def mobilenet_v3_small():
     m = torchvision.models.mobilenet_v3_small().eval()
     return m, m.features.eval(), ["--set", "trunk.expand=features", "--set", "trunk.taps=features.12"]
+
+
+def compile_own(canopy, work, path, size, keys, tag):
+    """scripts/export_trunk.py's .pt2 of the trunk file up to its tap; (package, sha, seconds)."""
+    out = os.path.join(work, f"{tag}_{size}.pt2")
+    flags = [f"--{k.split('=')[0][len('trunk.'):]}={k.split('=', 1)[1]}" for k in keys[1::2]]
+    start = time.time()
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                     "scripts", "export_trunk.py"),
+                        path, "--format", "pt2", "--size", str(size), "--canopy", canopy, "--out", out, *flags],
+                       capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"export_trunk.py {path} --format pt2 failed: {r.stderr[-800:]}")
+    return out, open(out + ".sha256").read().strip(), time.time() - start
 
 
 def main():
@@ -67,6 +84,7 @@ def main():
         sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
         channels_last = make()[1].to(memory_format=torch.channels_last)
         channels_last.load_state_dict(upto.state_dict())
+        pt2, pt2_sha, pt2_s = compile_own(a.canopy, work, path, a.size, keys, make.__name__)
         compiled = torch.compile(upto)
         start = time.time()
         with torch.inference_mode():
@@ -78,6 +96,7 @@ def main():
 
         runs = {
             "canopy": lambda: canopy_rate(a.canopy, work, a.images, a.size, path, sha, make.__name__, keys),
+            "canopy .pt2": lambda: canopy_rate(a.canopy, work, a.images, a.size, pt2, pt2_sha, make.__name__ + "-pt2"),
             "python eager": lambda: python_rate(upto, x, a.batch),
             "python channels-last": lambda: python_rate(cl, x, a.batch),
             "python compile": lambda: python_rate(compiled, x, a.batch),
@@ -85,11 +104,15 @@ def main():
         python_rate(upto, x[:a.batch], a.batch)  # warm-up
         python_rate(cl, x[:a.batch], a.batch)
         rates, med = interleaved(runs, a.repeats, f"{name} ({' '.join(keys[1::2])}), {a.images} images")
-        print(f"  compile: torch.compile {compile_s:.1f} s (first call)")
-        for form in ("python eager", "python channels-last", "python compile"):
-            ratios = [c / p for c, p in zip(rates["canopy"], rates[form])]
-            print(f"    RATIO {name} canopy cache build / {form} = {statistics.median(ratios):.2f} "
-                  f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+        print(f"  compile: torch.compile {compile_s:.1f} s (first call), export_trunk.py --format pt2 {pt2_s:.1f} s")
+        for ours in ("canopy", "canopy .pt2"):
+            for form in ("python eager", "python channels-last", "python compile"):
+                ratios = [c / p for c, p in zip(rates[ours], rates[form])]
+                print(f"    RATIO {name} {ours} cache build / {form} = {statistics.median(ratios):.2f} "
+                      f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+        ratios = [c / p for c, p in zip(rates["canopy .pt2"], rates["canopy"])]
+        print(f"    RATIO {name} canopy .pt2 / canopy TorchScript = {statistics.median(ratios):.2f} "
+              f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
 
 
 if __name__ == "__main__":

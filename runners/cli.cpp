@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <iomanip>
 #include <iostream>
@@ -661,29 +662,50 @@ int run_sweep_command(const po::variables_map& vm, const tasks::HeadRegistry& re
 }
 
 // `canopy trunk show`: a config's trunk, or a trunk file alone with --set trunk.* keys.
-void trunk_show_options(po::options_description& d, po::positional_options_description& p) {
+void trunk_file_options(po::options_description& d, po::positional_options_description& p) {
   add_config_options(d);
-  d.add_options()("depth", po::value<int>()->default_value(2)->value_name("N"), "module tree depth")(
-      "trunk", po::value<std::string>()->value_name("TRUNK_FILE"),
-      "a TorchScript trunk file, shown without a config (positional)");
+  d.add_options()("trunk", po::value<std::string>()->value_name("TRUNK_FILE"),
+                  "a TorchScript trunk file, without a config (positional)");
   p.add("trunk", 1);
+}
+
+void trunk_show_options(po::options_description& d, po::positional_options_description& p) {
+  trunk_file_options(d, p);
+  d.add_options()("depth", po::value<int>()->default_value(2)->value_name("N"), "module tree depth");
+}
+
+// The [trunk] of --config, or of a trunk file given alone with the keys --set gives.
+trunk::TrunkConfig trunk_config_of(const po::variables_map& vm, const std::string& command) {
+  CANOPY_CHECK(vm.count("trunk") + vm.count("config") == 1, ConfigError, "canopy ", command,
+               ": give --config FILE or a trunk file, one of them (see canopy ", command, " --help)");
+  if (vm.count("config")) return config_from(vm, command).trunk;
+  std::map<std::string, std::string> values{{"trunk.path", vm["trunk"].as<std::string>()}};
+  if (vm.count("set")) apply_overrides(values, vm["set"].as<std::vector<std::string>>());
+  if (vm.count("allow-unpinned")) values["trunk.allow_unpinned"] = "true";
+  return trunk_config_from_values(values, "canopy " + command + " TRUNK_FILE");
 }
 
 int run_trunk_show_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out,
                            std::ostream&) {
   const int depth = vm["depth"].as<int>();
   CANOPY_CHECK(depth >= 0, ConfigError, "canopy trunk show: --depth must be >= 0, got ", depth);
-  CANOPY_CHECK(vm.count("trunk") + vm.count("config") == 1, ConfigError,
-               "canopy trunk show: give --config FILE or a trunk file, one of them (see canopy trunk show "
-               "--help)");
-  if (vm.count("config")) {
-    out << trunk::Trunk::load(config_from(vm, "trunk show").trunk).show(depth);
-    return kExitOk;
-  }
-  std::map<std::string, std::string> values{{"trunk.path", vm["trunk"].as<std::string>()}};
-  if (vm.count("set")) apply_overrides(values, vm["set"].as<std::vector<std::string>>());
-  if (vm.count("allow-unpinned")) values["trunk.allow_unpinned"] = "true";
-  out << trunk::Trunk::load(trunk_config_from_values(values, "canopy trunk show TRUNK_FILE")).show(depth);
+  out << trunk::Trunk::load(trunk_config_of(vm, "trunk show")).show(depth);
+  return kExitOk;
+}
+
+void trunk_extract_options(po::options_description& d, po::positional_options_description& p) {
+  trunk_file_options(d, p);
+  d.add_options()("output", po::value<std::string>()->value_name("FILE"), "the TorchScript file to write");
+}
+
+int run_trunk_extract_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream&,
+                              std::ostream& err) {
+  CANOPY_CHECK(vm.count("output"), ConfigError,
+               "canopy trunk extract: --output FILE is required, e.g. --output features.pt (see canopy trunk "
+               "extract --help)");
+  const trunk::TrunkConfig config = trunk_config_of(vm, "trunk extract");
+  const std::string path = output_path(vm, "trunk extract");
+  err << format_trunk_file(export_trunk_file(config, path));
   return kExitOk;
 }
 
@@ -770,6 +792,12 @@ const std::vector<Command>& commands() {
        "pinning, blocks and taps; runs no data. A trunk file alone (a model you exported) is shown with "
        "the [trunk] keys given by --set (trunk.expand, trunk.freeze, trunk.taps, trunk.sha256, ...)",
        trunk_show_options, run_trunk_show_command},
+      {"trunk extract",
+       "canopy trunk extract (--config FILE | TRUNK_FILE) [--set trunk.KEY=VALUE] --output FILE",
+       "write the trunk as canopy runs it, up to its taps, as TorchScript: forward returns the taps' "
+       "outputs unpooled (trunk.taps, trunk.expand as in a config); a feature extractor for Python, and "
+       "what scripts/export_trunk.py compiles into a .pt2 of your own trunk",
+       trunk_extract_options, run_trunk_extract_command},
       {"tokenize", "canopy tokenize --vocab FILE (--arff FILE [--attribute NAME] | --input FILE) [options]",
        "WordPiece token ids of texts as JSON lines {\"text\": ..., \"ids\": [...]}", tokenize_options,
        run_tokenize_command},
@@ -798,8 +826,10 @@ std::string global_usage() {
   std::ostringstream o;
   o << "canopy: train many task heads at once over a frozen, cached trunk\n\n"
     << "usage: canopy <command> [options]     canopy <command> --help     canopy --version\n\ncommands:\n";
+  std::size_t width = 0;
+  for (const auto& c : commands()) width = std::max(width, std::strlen(c.name));
   for (const auto& c : commands())
-    o << "  " << std::left << std::setw(11) << c.name << " " << c.summary << "\n";
+    o << "  " << std::left << std::setw(static_cast<int>(width)) << c.name << " " << c.summary << "\n";
   o << "\nexit codes: 0 ok, 1 data or runtime error, 2 bad usage or config, 3 a head FAILED,\n            "
        "129, 130, 138, 143: stopped by SIGHUP, SIGINT (Ctrl-C), SIGUSR1, SIGTERM; what was done is kept\n";
   return o.str();
@@ -846,15 +876,20 @@ int run_command(const Command& c, const std::vector<std::string>& args, const ta
 // " on rank 1 of 3" under mpirun, for error messages; empty otherwise.
 std::string on_rank() { return mpi::distributed() ? " on " + mpi::describe_rank() : std::string(); }
 
-// The command named by the first argument (two words for `trunk show`) and the rest.
+// The command named by the first argument (two words for `trunk show`, `trunk extract`) and
+// the rest.
 const Command& find_command(const std::vector<std::string>& args, std::size_t& consumed) {
   std::string name = args[0];
   consumed = 1;
   if (name == "trunk") {
+    const std::string sub = args.size() >= 2 ? args[1] : std::string();
     CANOPY_CHECK(
-        args.size() >= 2 && args[1] == "show", ConfigError,
-        "usage: canopy trunk show (--config FILE | TRUNK_FILE) [--depth N] (see canopy trunk show --help)");
-    name = "trunk show";
+        sub == "show" || sub == "extract", ConfigError,
+        "usage: canopy trunk show (--config FILE | TRUNK_FILE) [--depth N], or canopy trunk extract "
+        "(--config FILE | TRUNK_FILE) --output FILE",
+        sub.empty() ? std::string() : "; got canopy trunk " + sub + did_you_mean(sub, {"show", "extract"}),
+        " (see canopy trunk show --help, canopy trunk extract --help)");
+    name = "trunk " + sub;
     consumed = 2;
   }
   for (const auto& c : commands()) {

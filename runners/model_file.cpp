@@ -1,5 +1,6 @@
 #include "canopy/runners/model_file.h"
 
+#include <cctype>
 #include <sstream>
 #include <typeinfo>
 
@@ -199,19 +200,19 @@ std::string heads_source(torch::jit::Module& model, const std::vector<ExportedHe
   return src.str();
 }
 
-// The file: `model` with `source` compiled into it, and canopy/model.json beside.
+// The file: `model` with `source` compiled into it, and `meta` beside as `meta_file`.
 std::string model_bytes(torch::jit::Module& model, const std::string& source,
-                        const nlohmann::ordered_json& meta) {
+                        const nlohmann::ordered_json& meta,
+                        const std::string& meta_file = "canopy/model.json") {
   try {
     model.define(source);
   } catch (const std::exception& e) {
-    throw Error(detail::str_cat("canopy export: the model's TorchScript did not compile: ", e.what()));
+    throw Error(detail::str_cat("the TorchScript of the file to write did not compile: ", e.what()));
   }
   model.eval();
   std::ostringstream bytes;
   // Paths from the command line may not be UTF-8: written as JSON with U+FFFD in their place.
-  model.save(bytes,
-             {{"canopy/model.json", meta.dump(2, ' ', false, nlohmann::json::error_handler_t::replace)}});
+  model.save(bytes, {{meta_file, meta.dump(2, ' ', false, nlohmann::json::error_handler_t::replace)}});
   return bytes.str();
 }
 
@@ -258,6 +259,91 @@ ModelFile export_model_file(const JobConfig& job, const tasks::HeadRegistry& reg
   out.sha256 = sha256_hex(written);
   out.bytes = static_cast<std::int64_t>(written.size());
   return out;
+}
+
+namespace {
+
+bool is_identifier(const std::string& s) {
+  if (s.empty() || std::isdigit(static_cast<unsigned char>(s[0]))) return false;
+  for (char ch : s) {
+    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '_') return false;
+  }
+  return s != "self";
+}
+
+// forward's arguments after self, as TorchScript declares them (a name that cannot be one, such
+// as "x.1", becomes input<k>), and the same names as the call passes them on.
+std::pair<std::string, std::string> forward_arguments(const torch::jit::Module& m) {
+  const auto& args = m.get_method("forward").function().getSchema().arguments();
+  std::vector<std::string> declared;
+  std::vector<std::string> passed;
+  for (std::size_t k = 1; k < args.size(); ++k) {
+    const std::string name = is_identifier(args[k].name()) ? args[k].name() : detail::str_cat("input", k - 1);
+    declared.push_back(name + ": " + args[k].type()->annotation_str());
+    passed.push_back(name);
+  }
+  return {join(declared, ", "), join(passed, ", ")};
+}
+
+// What a trunk's method returns, checked to be one tensor per output canopy pools (as
+// trunk/trunk.cpp's pooled() refuses at the first batch, here before anything is written).
+void check_tensor_outputs(const torch::jit::Module& m, const std::string& method,
+                          const trunk::TrunkConfig& c) {
+  const c10::TypePtr out = m.get_method(method).graph()->outputs().at(0)->type();
+  std::vector<c10::TypePtr> each{out};
+  if (!c.taps.empty()) each = out->expectRef<c10::TupleType>().elements().vec();
+  for (std::size_t k = 0; k < each.size(); ++k) {
+    CANOPY_CHECK(each[k]->kind() == c10::TypeKind::TensorType, ConfigError, "trunk '", c.path,
+                 "': ", c.taps.empty() ? std::string("its output") : "tap " + c.taps[k] + "'s output",
+                 " is a ", each[k]->annotation_str(),
+                 ", not one tensor: tap a block whose output is one (canopy trunk show lists them)");
+  }
+}
+
+}  // namespace
+
+TrunkFile export_trunk_file(const trunk::TrunkConfig& c, const std::string& path) {
+  trunk::TrunkConfig config = c;
+  config.optimize = false;  // the file holds the trunk's own code, not canopy's rewrites
+  config.device = "cpu";
+  const trunk::Trunk loaded = trunk::Trunk::load(config);
+  torch::jit::Module inner = loaded.script_module();  // refuses a compiled .pt2
+  const std::string method = config.taps.empty() ? "forward" : "canopy_taps";
+  check_tensor_outputs(inner, method, config);
+  TrunkFile out;
+  out.path = path;
+  out.outputs = config.taps.empty() ? std::vector<std::string>{"output"} : config.taps;
+  const auto [declared, passed] = forward_arguments(inner);
+  out.inputs = declared;
+  torch::jit::Module m(c10::QualifiedName("__torch__.canopy.TrunkFeatures"));
+  m.register_module("trunk", inner);
+  const std::string result =
+      detail::str_cat("self.trunk.", method, "(", passed, ")", config.taps.size() == 1 ? "[0]" : "");
+  const nlohmann::ordered_json meta = {{"format", "canopy trunk features, TorchScript"},
+                                       {"outputs", out.outputs},
+                                       {"inputs", out.inputs},
+                                       {"source", config.path},
+                                       {"source_sha256", loaded.sha256()},
+                                       {"expand", config.expand}};
+  const std::string written =
+      model_bytes(m, detail::str_cat("def forward(self, ", declared, "):\n    return ", result, "\n"), meta,
+                  "canopy/trunk.json");
+  write_output_file(path, written);
+  out.sha256 = sha256_hex(written);
+  out.bytes = static_cast<std::int64_t>(written.size());
+  return out;
+}
+
+std::string format_trunk_file(const TrunkFile& t) {
+  std::ostringstream o;
+  o << "wrote " << t.path << " (" << format_mib(static_cast<double>(t.bytes)) << ", sha256 " << t.sha256
+    << ")\n"
+    << "  outputs " << join(t.outputs, ", ") << " (unpooled" << (t.outputs.size() > 1 ? ", a tuple" : "")
+    << ")\n"
+    << "  input   " << t.inputs << "\n"
+    << "  load    torch.jit.load(\"" << t.path << "\") in Python; scripts/export_trunk.py " << t.path
+    << " --format pt2 --size S compiles it for this machine\n";
+  return o.str();
 }
 
 std::string format_model_file(const ModelFile& m) {

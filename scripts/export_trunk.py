@@ -32,6 +32,23 @@ shape, the source and the torch version. Compiling takes a minute or two. The by
 the compiler and the CPU, so its SHA-256 is pinned where it is compiled: it is written next to
 the file as <out>.sha256. (scripts/demo times both forms in canopy and runs the demo on the
 faster one.)
+
+A trunk of your own (any TorchScript file canopy can run: torchvision's models scripted or
+traced, a wrapped Hugging Face model) compiles the same way, named by its path:
+
+    export_trunk.py resnet18.pt --format pt2 --size 224 --taps layer3 --out resnet18_l3_224.pt2
+    export_trunk.py mobilenet.pt --format pt2 --size 224 --expand features --taps features.12 --out m.pt2
+
+--taps and --expand are trunk.taps and trunk.expand: `canopy trunk extract` (the binary is
+--canopy, else `canopy` on PATH, else this checkout's build/runners/canopy) writes the trunk
+as canopy runs it up to those taps, and that module is compiled (torch.jit.freeze, then
+torch._export.converter.TS2EPConverter to torch.export, then AOTInductor as above). Without
+them the file's own forward is compiled; a file `canopy trunk extract` wrote names its
+outputs itself. One input: an image batch float32 [N, C, S, S] (C: --channels, default 3;
+S: --size); two: token ids and an attention mask, int64 [N, T], T up to --size. The
+package's outputs are the taps (canopy.outputs): leave trunk.taps empty in the config that
+names it. Control flow that depends on the data (a loop over a tensor's values) does not
+convert: export the Python module with torch.export yourself then.
 """
 import argparse
 import contextlib
@@ -246,12 +263,16 @@ def linking_torch_cpu_only():
         cpp_builder._get_torch_related_args = inner
 
 
-def export_compiled(module, example, dynamic, inputs, output, args, check_inputs):
-    """AOTInductor package of `module`; checks it against eager on `check_inputs`. `inputs`
-    describes what the package accepts, for canopy to check before it runs it (compiled code
-    does not check shapes): per input `dtype dim,dim,...`, separated by ';', a dim being a
-    number (fixed), N (any batch) or NAME<=MAX (dynamic up to MAX, equal wherever NAME
-    appears)."""
+def as_tuple(out):
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def export_compiled(module, example, dynamic, inputs, output, args, check_inputs, source=None, reference=None):
+    """AOTInductor package of `module`; checks it against `reference` (default: `module`, in
+    eager) on `check_inputs`. `inputs` describes what the package accepts, for canopy to check
+    before it runs it (compiled code does not check shapes): per input `dtype dim,dim,...`,
+    separated by ';', a dim being a number (fixed), N (any batch) or NAME<=MAX (dynamic up to
+    MAX, equal wherever NAME appears). `output` names the outputs, separated by ','."""
     import time
     start = time.time()
     device = torch.device(args.device)
@@ -259,10 +280,11 @@ def export_compiled(module, example, dynamic, inputs, output, args, check_inputs
     example, check_inputs = (tuple(x.to(device) for x in xs) for xs in (example, check_inputs))
     with torch.no_grad():
         program = torch.export.export(module, example, dynamic_shapes=dynamic)
+    source = source or f"{args.name} ({'random init' if args.random_init else 'pretrained'})"
     metadata = {
         "canopy.outputs": output,
         "canopy.inputs": inputs,
-        "canopy.source": f"{args.name} ({'random init' if args.random_init else 'pretrained'})",
+        "canopy.source": source,
         "canopy.torch_version": torch.__version__,
     }
     tmp = args.out[:-4] + ".tmp.pt2" if args.out.endswith(".pt2") else args.out + ".tmp.pt2"
@@ -272,19 +294,26 @@ def export_compiled(module, example, dynamic, inputs, output, args, check_inputs
                                                   inductor_configs={"aot_inductor.metadata": metadata})
     compiled = torch._inductor.aoti_load_package(tmp)
     with torch.no_grad():
-        ref, got = module(*check_inputs), compiled(*check_inputs)
-    diff = (ref - got).abs().max().item()
-    if diff > 1e-3 * max(1.0, ref.abs().max().item()):
+        refs, gots = as_tuple((reference or module)(*check_inputs)), as_tuple(compiled(*check_inputs))
+    if len(refs) != len(gots):
         os.remove(tmp)
-        sys.exit(f"compiled trunk disagrees with eager: max diff {diff}")
+        sys.exit(f"compiled trunk returns {len(gots)} outputs, its source {len(refs)}")
+    diff = 0.0
+    for ref, got in zip(refs, gots):
+        d = (ref - got).abs().max().item()
+        if d > 1e-3 * max(1.0, ref.abs().max().item()):
+            os.remove(tmp)
+            sys.exit(f"compiled trunk disagrees with {'its source' if reference else 'eager'}: max diff {d}")
+        diff = max(diff, d)
     os.replace(tmp, args.out)
     import hashlib
     with open(args.out, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     with open(args.out + ".sha256", "w") as f:
         f.write(digest + "\n")
-    print(f"compiled {args.name} output {output} to {args.out} in {time.time() - start:.0f} s (AOTInductor, "
-          f"inputs {inputs}, max diff to eager {diff:.2e})")
+    print(f"compiled {source}, outputs {output}, to {args.out} in {time.time() - start:.0f} s (AOTInductor, "
+          f"inputs {inputs}, max diff to {'the source' if reference else 'eager'} {diff:.2e}); "
+          f"sha256 {digest} (in {args.out}.sha256)")
 
 
 def export_text(net, args):
@@ -305,13 +334,111 @@ def export_text(net, args):
           f"vocabulary {vocab}: output {tuple(got.shape)} for input {tuple(ids.shape)}")
 
 
+def find_canopy(given):
+    """The canopy binary: --canopy, else on PATH, else this checkout's build."""
+    import shutil
+    if given:
+        return given
+    found = shutil.which("canopy")
+    if found:
+        return found
+    built = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "runners", "canopy")
+    if os.path.exists(built):
+        return built
+    sys.exit("--taps/--expand: canopy trunk extract cuts the trunk at its taps, and no canopy binary was found: "
+             "give --canopy PATH (build/runners/canopy), or put canopy on PATH")
+
+
+def extracted(args, tmp):
+    """The TorchScript module to compile: `canopy trunk extract`'s cut of the file at --taps
+    (with --expand), or the file itself; its output names; its source's description."""
+    import hashlib
+    import json
+    import subprocess
+    with open(args.name, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    path = args.name
+    if args.taps or args.expand:
+        path = os.path.join(tmp, "extracted.pt")
+        cmd = [find_canopy(args.canopy), "trunk", "extract", args.name, "--allow-unpinned", "--output", path]
+        for key, value in (("taps", args.taps), ("expand", args.expand)):
+            if value:
+                cmd += ["--set", f"trunk.{key}={value}"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"canopy trunk extract failed (exit {p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
+    extra = {"canopy/trunk.json": ""}
+    try:
+        module = torch.jit.load(path, map_location="cpu", _extra_files=extra)
+    except RuntimeError as e:
+        sys.exit(f"cannot load {path} as TorchScript: {str(e).splitlines()[0]}")
+    meta = json.loads(extra["canopy/trunk.json"]) if extra["canopy/trunk.json"] else {}
+    outputs = meta.get("outputs", ["output"])
+    source = f"{os.path.basename(meta.get('source', args.name))} (sha256 {meta.get('source_sha256', sha)})"
+    if meta.get("expand"):
+        source += f", expand {','.join(meta['expand'])}"
+    return module.eval(), outputs, source
+
+
+def export_file(args):
+    """A TorchScript trunk of the user's own, up to its taps, as an AOTInductor package."""
+    import tempfile
+    import warnings
+    if args.format != "pt2":
+        sys.exit(f"{args.name}: a TorchScript file is compiled with --format pt2 (canopy trunk extract writes "
+                 "its cut at the taps as TorchScript)")
+    if args.size <= 0:
+        sys.exit(f"{args.name}: --size is required for a trunk file: the image size (S of [N, C, S, S]) or the most "
+                 "tokens of a text")
+    with tempfile.TemporaryDirectory() as tmp:
+        module, outputs, source = extracted(args, tmp)
+    arguments = module.forward.schema.arguments[1:]
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    if len(arguments) == 1:
+        c, s = args.channels, args.size
+        example, check = (torch.randn(2, c, s, s),), (torch.randn(5, c, s, s),)
+        dynamic, inputs = ({0: batch},), f"float32 N,{c},{s},{s}"
+    elif len(arguments) == 2:
+        t = args.size
+        ids = torch.randint(1, 100, (4, t))  # ids any vocabulary has (the converter runs them)
+        mask = torch.ones_like(ids)
+        mask[1, t // 2:] = 0
+        tokens = torch.export.Dim("tokens", min=2, max=t)
+        example, check = (ids, mask), (ids[:3, : t // 2].contiguous(), mask[:3, : t // 2].contiguous())
+        dynamic, inputs = ({0: batch, 1: tokens}, {0: batch, 1: tokens}), f"int64 N,T<={t}; int64 N,T<={t}"
+    else:
+        sys.exit(f"{args.name}: forward takes {len(arguments)} inputs ({', '.join(a.name for a in arguments)}); "
+                 "a compiled trunk takes images (one) or token ids and an attention mask (two)")
+    from torch._export.converter import TS2EPConverter
+    # Frozen first: the weights become constants and the code its inference path (no training
+    # branches, BatchNorm folded), which converts where the module as saved does not (a scripted
+    # model's BatchNorm); else as saved (freezing a traced module can give constant names the
+    # converter cannot lay out).
+    errors = []
+    program = None
+    for form in ("frozen", "as saved"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Manually populate ... num_batches_tracked": buffers nothing reads
+            try:
+                program = TS2EPConverter(torch.jit.freeze(module) if form == "frozen" else module, example).convert()
+                break
+            except Exception as e:  # the converter's own errors name the node it could not convert
+                errors.append(f"{form}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if program is None:
+        sys.exit(f"{args.name}: its TorchScript does not convert to torch.export ({'; '.join(errors)}); export the "
+                 "Python module with torch.export and torch._inductor.aoti_compile_and_package yourself, with the "
+                 "metadata docs/trunk.md names")
+    export_compiled(program.module(), example, dynamic, inputs, ",".join(outputs), args, check,
+                    source=source, reference=module)
+
+
 def main(argv):
     # TorchScript writes a scripted module's constants in Python set order, which depends on
     # string hashing: with a random hash seed every export would differ in bytes (and hash).
     if os.environ.get("PYTHONHASHSEED") != "0":
         os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, PYTHONHASHSEED="0"))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", choices=sorted(TRUNKS))
+    ap.add_argument("name", help=f"{' or '.join(sorted(TRUNKS))}, or the path of a TorchScript trunk of your own")
     ap.add_argument("--out", required=True)
     ap.add_argument("--random-init", action="store_true")
     ap.add_argument("--tap", default="blocks.13", help="blocks.N or final (default blocks.13)")
@@ -320,7 +447,18 @@ def main(argv):
     ap.add_argument("--device", default="cpu", help="pt2: compile for this device (cpu, cuda)")
     ap.add_argument("--size", type=int, default=0,
                     help="pt2: the image size (default 64) or the most tokens of a text (default 256)")
+    ap.add_argument("--taps", default="", help="a trunk file: trunk.taps, the blocks whose outputs it returns")
+    ap.add_argument("--expand", default="", help="a trunk file: trunk.expand, modules whose blocks are tap points")
+    ap.add_argument("--channels", type=int, default=3, help="a trunk file of images: channels (default 3)")
+    ap.add_argument("--canopy", default="", help="the canopy binary that cuts a trunk file at --taps")
     args = ap.parse_args(argv)
+    if args.name not in TRUNKS:
+        if not os.path.isfile(args.name):
+            sys.exit(f"{args.name!r}: neither a trunk this script knows ({', '.join(sorted(TRUNKS))}) nor a file")
+        export_file(args)
+        return
+    if args.taps or args.expand:
+        sys.exit(f"--taps, --expand: for a trunk file; {args.name} takes --tap")
 
     net = TRUNKS[args.name](args.random_init)
     net.eval()

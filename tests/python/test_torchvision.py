@@ -12,11 +12,17 @@ BatchNorm statistics gathered on random images as a trained network has them.)
   holds features.0-9 and the classifier bitwise as they were, features.10-12 changed; the
   classifier after the tap is said to be kept frozen; `canopy predict` answers with the
   fine-tuned trunk
+- the same MobileNet compiled as a user compiles their own trunk: `canopy trunk extract` writes it
+  up to two taps (features.6, features.12) as TorchScript whose outputs are Python's; then
+  scripts/export_trunk.py compiles the file up to features.12 into an AOTInductor .pt2, whose
+  cache holds the TorchScript trunk's features within the documented tolerance (1e-3 + 1e-4 |a|),
+  and `trunk show` names its source; what cannot be extracted or compiled is refused, saying why
 
     test_torchvision.py --canopy build/runners/canopy
 """
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +33,8 @@ import torch
 import torchvision
 
 from support import FMNIST, check, finish, fmnist_test_inputs, work_dir
+
+SOURCE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TRAIN, TEST = 400, 200
 
@@ -141,6 +149,77 @@ def mobilenet(canopy, work):
           + ("" if r.returncode == 0 else ": " + r.stderr[-400:]))
 
 
+def compiled_own(canopy, work):
+    model, sha = scripted("mobilenet_v3_small", os.path.join(work, "own.pt"))
+    own = os.path.join(work, "own.pt")
+    extract = os.path.join(work, "own_features.pt")
+    r = run(canopy, "trunk", "extract", own, "--set", f"trunk.sha256={sha}", "--set", "trunk.expand=features",
+            "--set", "trunk.taps=features.6,features.12", "--output", extract)
+    check(r.returncode == 0 and "outputs features.6, features.12 (unpooled, a tuple)" in r.stderr,
+          "canopy trunk extract at two taps" + ("" if r.returncode == 0 else ": " + r.stderr[-400:]))
+    if r.returncode != 0:
+        return
+    extra = {"canopy/trunk.json": ""}
+    m = torch.jit.load(extract, _extra_files=extra)
+    meta = json.loads(extra["canopy/trunk.json"])
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        got = m(x)
+        want = (model.features[:7](x), model.features(x))
+    diffs = [float((g - w).abs().max()) for g, w in zip(got, want)]
+    check(meta["outputs"] == ["features.6", "features.12"] and meta["source_sha256"] == sha
+          and len(got) == 2 and max(diffs) < 1e-5,
+          f"the extracted module returns Python's features.6 and features.12 outputs (largest differences "
+          f"{', '.join(f'{d:.1e}' for d in diffs)}), and its canopy/trunk.json names them and the source")
+
+    pt2 = os.path.join(work, "own_64.pt2")
+    p = subprocess.run([sys.executable, os.path.join(SOURCE, "scripts", "export_trunk.py"), own, "--format", "pt2",
+                        "--size", "64", "--expand", "features", "--taps", "features.12", "--canopy", canopy,
+                        "--out", pt2], capture_output=True, text=True)
+    check(p.returncode == 0 and os.path.exists(pt2 + ".sha256"),
+          "export_trunk.py compiles the file up to features.12" + ("" if p.returncode == 0 else ": " + p.stderr[-600:]))
+    if p.returncode != 0:
+        return
+    pt2_sha = open(pt2 + ".sha256").read().strip()
+    caches = {}
+    for form, trunk, pin, keys in (("torchscript", own, sha, "expand = features\ntaps = features.12"),
+                                   ("pt2", pt2, pt2_sha, "")):
+        cfg = config(os.path.join(work, f"own-{form}.ini"), trunk, pin, os.path.join(work, "own-" + form), keys)
+        caches[form] = os.path.join(work, "own-" + form, "cache", "cache.h5")
+        r = run(canopy, "cache", "--config", cfg)
+        check(r.returncode == 0, f"canopy cache with the {form} trunk" + ("" if r.returncode == 0 else ": " + r.stderr[-600:]))
+        if r.returncode != 0:
+            return
+    with h5py.File(caches["torchscript"], "r") as a, h5py.File(caches["pt2"], "r") as b:
+        ts, pt = a["test/features"][:], b["test/features"][:]
+    excess = float((np.abs(ts - pt) - (1e-3 + 1e-4 * np.abs(ts))).max())
+    check(ts.shape == pt.shape and excess <= 0,
+          f"the .pt2's features are the TorchScript trunk's within 1e-3 + 1e-4 |a| ({ts.shape}, largest "
+          f"difference {float(np.abs(ts - pt).max()):.1e} of values up to {float(np.abs(ts).max()):.2f})")
+    r = run(canopy, "trunk", "show", pt2, "--set", f"trunk.sha256={pt2_sha}")
+    check(r.returncode == 0 and f"own.pt (sha256 {sha}), expand features" in r.stdout
+          and "features.12" in r.stdout,
+          "trunk show names the package's source, its expand and its output" + ("" if r.returncode == 0 else ": " + r.stderr[-300:]))
+
+    refusals = [
+        (run(canopy, "trunk", "extract", pt2, "--set", f"trunk.sha256={pt2_sha}", "--output", extract), 2,
+         "is a compiled package (.pt2)", "a .pt2 is not extracted"),
+        (run(canopy, "trunk", "extract", own, "--allow-unpinned"), 2, "--output FILE is required", "no --output"),
+        (run(canopy, "trunk", "extrat", own), 2, "did you mean 'extract'", "a misspelt subcommand"),
+        (subprocess.run([sys.executable, os.path.join(SOURCE, "scripts", "export_trunk.py"), own, "--format", "pt2",
+                         "--out", pt2], capture_output=True, text=True), 1, "--size is required",
+         "export_trunk.py without --size"),
+        (subprocess.run([sys.executable, os.path.join(SOURCE, "scripts", "export_trunk.py"), own, "--format", "pt2",
+                         "--size", "64", "--taps", "features.13", "--expand", "features", "--canopy", canopy,
+                         "--out", os.path.join(work, "bad.pt2")], capture_output=True, text=True), 1,
+         "canopy trunk extract failed", "export_trunk.py with a tap that does not exist"),
+    ]
+    for r, code, says, what in refusals:
+        check(r.returncode == code and says in r.stderr,
+              f"{what}: exit {r.returncode}, {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}")
+    check(not os.path.exists(os.path.join(work, "bad.pt2")), "a refused compile writes no package")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--canopy", required=True)
@@ -150,6 +229,7 @@ def main():
     print(f"torchvision {torchvision.__version__}, torch {torch.__version__}")
     resnet(canopy, work)
     mobilenet(canopy, work)
+    compiled_own(canopy, work)
     return finish()
 
 

@@ -20,6 +20,7 @@
 
 #include "canopy/runners/config.h"
 #include "canopy/tasks/task.h"
+#include "canopy/trunk/trunk.h"
 
 namespace canopy::runners {
 
@@ -39,5 +40,26 @@ ModelFile export_model_file(const JobConfig& config, const tasks::HeadRegistry& 
                             const std::string& path);
 
 std::string format_model_file(const ModelFile& m);
+
+// `canopy trunk extract`: the trunk as canopy runs it up to its taps (trunk.taps, with
+// trunk.expand's blocks inlined), as one TorchScript file that torch.jit.load reads:
+//   forward(the trunk's inputs) -> the tap's output, unpooled (a tuple, one per tap, for several)
+// with the trunk's weights as its file holds them; what comes after the last tap is left out.
+// A feature extractor for Python, and what scripts/export_trunk.py compiles into an
+// AOTInductor package of the user's own trunk. The extra file canopy/trunk.json names the
+// outputs, the source file and its SHA-256.
+struct TrunkFile {
+  std::string path;
+  std::string sha256;
+  std::int64_t bytes = 0;
+  std::vector<std::string> outputs;  // the taps, or "output"
+  std::string inputs;                // forward's arguments, e.g. "x: Tensor"
+};
+
+// Writes `config`'s trunk, cut after its taps, to `path` (atomically). ConfigError for a
+// compiled (.pt2) trunk or a tap whose output is not one tensor.
+TrunkFile export_trunk_file(const trunk::TrunkConfig& config, const std::string& path);
+
+std::string format_trunk_file(const TrunkFile& t);
 
 }  // namespace canopy::runners
