@@ -7,6 +7,7 @@
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <unordered_map>
 
 #include <nlohmann/json.hpp>
 
@@ -14,6 +15,7 @@
 #include <ATen/ops/equal.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/randint.h>
+#include <ATen/ops/randn.h>
 #include <torch/csrc/jit/serialization/import.h>
 #include <torch/nn/modules/linear.h>
 #include <limits>
@@ -677,6 +679,71 @@ TEST_F(EndToEnd, ExportWritesOneTorchScriptFileAndRefusesANativeHead) {
   std::ostringstream o, e;
   EXPECT_EQ(run_cli({"export", "--config", config_path_}, registry_, o, e), kExitUsage);
   EXPECT_NE(e.str().find("--output FILE is required"), std::string::npos) << e.str();
+}
+
+// `canopy trunk extract`: the trunk up to its taps as TorchScript, read back with LibTorch and
+// checked against the trunk's blocks run one by one; a tap whose output is not one tensor, and
+// a trunk returning a tuple without taps, are refused before anything is written.
+TEST(TrunkExtract, WritesTheTapsOutputsAndRefusesWhatIsNotOneTensor) {
+  testing::TempDir dir;
+  torch::jit::Module a("A"), b("B"), pair("Pair"), net("Net");
+  for (auto* m : {&a, &b, &pair, &net}) m->register_attribute("training", c10::BoolType::get(), false);
+  a.register_parameter("w", at::randn({3, 1, 1}), false);
+  a.define("def forward(self, x):\n    return torch.relu(x * self.w)\n");
+  b.define("def forward(self, x):\n    return x.mean(2, True) + 1.0\n");
+  pair.define("def forward(self, x):\n    return (x, x * 2.0)\n");
+  net.register_module("a", a);
+  net.register_module("b", b);
+  net.register_module("pair", pair);
+  net.define(R"(def forward(self, x):
+    y = self.b.forward(self.a.forward(x))
+    p = self.pair.forward(y)
+    return p[0] + p[1]
+)");
+  net.save(dir.file("net.pt"));
+  tasks::HeadRegistry registry;
+  std::ostringstream out, err;
+  const auto extract = [&](std::vector<std::string> args) {
+    err.str("");
+    args.insert(args.begin(), {"trunk", "extract", dir.file("net.pt"), "--allow-unpinned"});
+    return run_cli(args, registry, out, err);
+  };
+  const at::Tensor x = at::randn({2, 3, 4, 5});
+  ASSERT_EQ(extract({"--set", "trunk.taps=a,b", "--output", dir.file("ab.pt")}), kExitOk) << err.str();
+  EXPECT_NE(err.str().find("outputs a, b (unpooled, a tuple)"), std::string::npos) << err.str();
+  std::unordered_map<std::string, std::string> extra{{"canopy/trunk.json", ""}};
+  torch::jit::Module ab = torch::jit::load(dir.file("ab.pt"), c10::kCPU, extra);
+  const auto taps = ab.forward({x}).toTuple()->elements();
+  ASSERT_EQ(taps.size(), 2U);
+  const at::Tensor want_a = a.forward({x}).toTensor();
+  EXPECT_TRUE(at::equal(taps[0].toTensor(), want_a));
+  EXPECT_TRUE(at::equal(taps[1].toTensor(), b.forward({want_a}).toTensor()));
+  const auto meta = nlohmann::json::parse(extra.at("canopy/trunk.json"));
+  EXPECT_EQ(meta.at("outputs"), (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(meta.at("source_sha256"), sha256_file(dir.file("net.pt")));
+
+  // One tap: one tensor, not a tuple of one.
+  ASSERT_EQ(extract({"--set", "trunk.taps=b", "--output", dir.file("b.pt")}), kExitOk) << err.str();
+  EXPECT_TRUE(
+      at::equal(torch::jit::load(dir.file("b.pt")).forward({x}).toTensor(), b.forward({want_a}).toTensor()));
+
+  EXPECT_EQ(extract({"--set", "trunk.taps=pair", "--output", dir.file("pair.pt")}), kExitUsage);
+  EXPECT_NE(err.str().find("tap pair's output is a Tuple[Tensor, Tensor], not one tensor"), std::string::npos)
+      << err.str();
+  EXPECT_FALSE(path_exists(dir.file("pair.pt")));
+  torch::jit::Module whole("Whole");
+  whole.register_attribute("training", c10::BoolType::get(), false);
+  whole.register_module("pair", pair);
+  whole.define("def forward(self, x):\n    return self.pair.forward(x)\n");
+  whole.save(dir.file("whole.pt"));
+  err.str("");
+  EXPECT_EQ(
+      run_cli({"trunk", "extract", dir.file("whole.pt"), "--allow-unpinned", "--output", dir.file("w.pt")},
+              registry, out, err),
+      kExitUsage);
+  EXPECT_NE(err.str().find("its output is a Tuple[Tensor, Tensor], not one tensor"), std::string::npos)
+      << err.str();
+  EXPECT_FALSE(path_exists(dir.file("w.pt")));
 }
 
 TEST_F(EndToEnd, TrunkShowAndTokenizeFromTheCli) {
