@@ -387,6 +387,9 @@ def export_file(args):
     if args.format != "pt2":
         sys.exit(f"{args.name}: a TorchScript file is compiled with --format pt2 (canopy trunk extract writes "
                  "its cut at the taps as TorchScript)")
+    if torch.device(args.device).type != "cpu":
+        sys.exit(f"--device {args.device}: a trunk file compiles for the CPU (its conversion is checked there only); "
+                 "for a GPU, export the Python module with torch.export and compile it on the GPU's machine")
     if args.size <= 0:
         sys.exit(f"{args.name}: --size is required for a trunk file: the image size (S of [N, C, S, S]) or the most "
                  "tokens of a text")

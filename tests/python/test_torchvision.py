@@ -17,6 +17,7 @@ BatchNorm statistics gathered on random images as a trained network has them.)
   scripts/export_trunk.py compiles the file up to features.12 into an AOTInductor .pt2, whose
   cache holds the TorchScript trunk's features within the documented tolerance (1e-3 + 1e-4 |a|),
   and `trunk show` names its source; what cannot be extracted or compiled is refused, saying why
+  (a .pt2, no --output, a misspelt subcommand, no --size, a GPU, a tap that does not exist)
 
     test_torchvision.py --canopy build/runners/canopy
 """
@@ -209,6 +210,9 @@ def compiled_own(canopy, work):
         (subprocess.run([sys.executable, os.path.join(SOURCE, "scripts", "export_trunk.py"), own, "--format", "pt2",
                          "--out", pt2], capture_output=True, text=True), 1, "--size is required",
          "export_trunk.py without --size"),
+        (subprocess.run([sys.executable, os.path.join(SOURCE, "scripts", "export_trunk.py"), own, "--format", "pt2",
+                         "--size", "64", "--device", "cuda", "--out", pt2], capture_output=True, text=True), 1,
+         "a trunk file compiles for the CPU", "export_trunk.py of a trunk file for a GPU"),
         (subprocess.run([sys.executable, os.path.join(SOURCE, "scripts", "export_trunk.py"), own, "--format", "pt2",
                          "--size", "64", "--taps", "features.13", "--expand", "features", "--canopy", canopy,
                          "--out", os.path.join(work, "bad.pt2")], capture_output=True, text=True), 1,
