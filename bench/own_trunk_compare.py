@@ -40,18 +40,18 @@ from trunk_compare import canopy_rate, images, interleaved, python_rate  # noqa:
 def resnet18():
     m = torchvision.models.resnet18().eval()
     upto = torch.nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
-    return m, upto.eval(), ["--set", "trunk.taps=layer4"]
+    return m, upto.eval(), {"taps": "layer4"}
 
 
 def mobilenet_v3_small():
     m = torchvision.models.mobilenet_v3_small().eval()
-    return m, m.features.eval(), ["--set", "trunk.expand=features", "--set", "trunk.taps=features.12"]
+    return m, m.features.eval(), {"expand": "features", "taps": "features.12"}
 
 
 def compile_own(canopy, work, path, size, keys, tag):
     """scripts/export_trunk.py's .pt2 of the trunk file up to its tap; (package, sha, seconds)."""
     out = os.path.join(work, f"{tag}_{size}.pt2")
-    flags = [f"--{k.split('=')[0][len('trunk.'):]}={k.split('=', 1)[1]}" for k in keys[1::2]]
+    flags = [f"--{k}={v}" for k, v in keys.items()]
     start = time.time()
     r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                      "scripts", "export_trunk.py"),
@@ -78,7 +78,8 @@ def main():
           f"at {a.size}x{a.size}")
     for name, make in (("ResNet-18", resnet18), ("MobileNetV3-Small", mobilenet_v3_small)):
         torch.manual_seed(0)
-        model, upto, keys = make()
+        model, upto, keys = make()  # [trunk] keys
+        sets = [x for k, v in keys.items() for x in ("--set", f"trunk.{k}={v}")]
         path = os.path.join(work, f"{make.__name__}.pt")
         torch.jit.script(model).save(path)
         sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
@@ -95,7 +96,7 @@ def main():
             return m(b.contiguous(memory_format=torch.channels_last))
 
         runs = {
-            "canopy": lambda: canopy_rate(a.canopy, work, a.images, a.size, path, sha, make.__name__, keys),
+            "canopy": lambda: canopy_rate(a.canopy, work, a.images, a.size, path, sha, make.__name__, sets),
             "canopy .pt2": lambda: canopy_rate(a.canopy, work, a.images, a.size, pt2, pt2_sha, make.__name__ + "-pt2"),
             "python eager": lambda: python_rate(upto, x, a.batch),
             "python channels-last": lambda: python_rate(cl, x, a.batch),
@@ -103,7 +104,7 @@ def main():
         }
         python_rate(upto, x[:a.batch], a.batch)  # warm-up
         python_rate(cl, x[:a.batch], a.batch)
-        rates, med = interleaved(runs, a.repeats, f"{name} ({' '.join(keys[1::2])}), {a.images} images")
+        rates, med = interleaved(runs, a.repeats, f"{name} ({' '.join(sets[1::2])}), {a.images} images")
         print(f"  compile: torch.compile {compile_s:.1f} s (first call), export_trunk.py --format pt2 {pt2_s:.1f} s")
         for ours in ("canopy", "canopy .pt2"):
             for form in ("python eager", "python channels-last", "python compile"):

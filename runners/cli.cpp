@@ -12,6 +12,7 @@
 #include <iostream>
 #include <optional>
 #include <sstream>
+#include <string_view>
 #include <thread>
 
 #include <torch/version.h>
@@ -883,12 +884,17 @@ const Command& find_command(const std::vector<std::string>& args, std::size_t& c
   consumed = 1;
   if (name == "trunk") {
     const std::string sub = args.size() >= 2 ? args[1] : std::string();
-    CANOPY_CHECK(
-        sub == "show" || sub == "extract", ConfigError,
-        "usage: canopy trunk show (--config FILE | TRUNK_FILE) [--depth N], or canopy trunk extract "
-        "(--config FILE | TRUNK_FILE) --output FILE",
-        sub.empty() ? std::string() : "; got canopy trunk " + sub + did_you_mean(sub, {"show", "extract"}),
-        " (see canopy trunk show --help, canopy trunk extract --help)");
+    std::vector<std::string> subs, usages;  // the table's `trunk` commands
+    for (const auto& c : commands()) {
+      const std::string_view n = c.name;
+      if (n.substr(0, 6) != "trunk ") continue;
+      subs.emplace_back(n.substr(6));
+      usages.emplace_back(c.usage);
+    }
+    CANOPY_CHECK(std::find(subs.begin(), subs.end(), sub) != subs.end(), ConfigError,
+                 "usage: ", join(usages, ", or "),
+                 sub.empty() ? std::string() : "; got canopy trunk " + sub + did_you_mean(sub, subs),
+                 " (see canopy trunk ", join(subs, " --help, canopy trunk "), " --help)");
     name = "trunk " + sub;
     consumed = 2;
   }

@@ -263,6 +263,25 @@ def linking_torch_cpu_only():
         cpp_builder._get_torch_related_args = inner
 
 
+def image_inputs(channels, size):
+    """A compiled image trunk's inputs: (example, check inputs, dynamic shapes, canopy.inputs);
+    the batch is dynamic, the check's another size than the example's."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    return ((torch.randn(2, channels, size, size),), (torch.randn(5, channels, size, size),), ({0: batch},),
+            f"float32 N,{channels},{size},{size}")
+
+
+def text_inputs(most, low, high):
+    """A compiled text trunk's: token ids in [low, high) and a mask, any length up to `most`
+    (the check at half of it, one row padded); as image_inputs."""
+    ids = torch.randint(low, high, (4, most))
+    mask = torch.ones_like(ids)
+    mask[1, most // 2:] = 0
+    batch, tokens = torch.export.Dim("batch", min=1, max=65536), torch.export.Dim("tokens", min=2, max=most)
+    return ((ids, mask), (ids[:3, : most // 2].contiguous(), mask[:3, : most // 2].contiguous()),
+            ({0: batch, 1: tokens}, {0: batch, 1: tokens}), f"int64 N,T<={most}; int64 N,T<={most}")
+
+
 def as_tuple(out):
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
@@ -355,8 +374,6 @@ def extracted(args, tmp):
     import hashlib
     import json
     import subprocess
-    with open(args.name, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
     path = args.name
     if args.taps or args.expand:
         path = os.path.join(tmp, "extracted.pt")
@@ -374,7 +391,11 @@ def extracted(args, tmp):
         sys.exit(f"cannot load {path} as TorchScript: {str(e).splitlines()[0]}")
     meta = json.loads(extra["canopy/trunk.json"]) if extra["canopy/trunk.json"] else {}
     outputs = meta.get("outputs", ["output"])
-    source = f"{os.path.basename(meta.get('source', args.name))} (sha256 {meta.get('source_sha256', sha)})"
+    sha = meta.get("source_sha256")  # canopy hashed the file it extracted from
+    if sha is None:
+        with open(args.name, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+    source = f"{os.path.basename(meta.get('source', args.name))} (sha256 {sha})"
     if meta.get("expand"):
         source += f", expand {','.join(meta['expand'])}"
     return module.eval(), outputs, source
@@ -396,19 +417,11 @@ def export_file(args):
     with tempfile.TemporaryDirectory() as tmp:
         module, outputs, source = extracted(args, tmp)
     arguments = module.forward.schema.arguments[1:]
-    batch = torch.export.Dim("batch", min=1, max=65536)
     if len(arguments) == 1:
-        c, s = args.channels, args.size
-        example, check = (torch.randn(2, c, s, s),), (torch.randn(5, c, s, s),)
-        dynamic, inputs = ({0: batch},), f"float32 N,{c},{s},{s}"
+        example, check, dynamic, inputs = image_inputs(args.channels, args.size)
     elif len(arguments) == 2:
-        t = args.size
-        ids = torch.randint(1, 100, (4, t))  # ids any vocabulary has (the converter runs them)
-        mask = torch.ones_like(ids)
-        mask[1, t // 2:] = 0
-        tokens = torch.export.Dim("tokens", min=2, max=t)
-        example, check = (ids, mask), (ids[:3, : t // 2].contiguous(), mask[:3, : t // 2].contiguous())
-        dynamic, inputs = ({0: batch, 1: tokens}, {0: batch, 1: tokens}), f"int64 N,T<={t}; int64 N,T<={t}"
+        # ids below 100, which any vocabulary has (the converter runs the module on them)
+        example, check, dynamic, inputs = text_inputs(args.size, 1, 100)
     else:
         sys.exit(f"{args.name}: forward takes {len(arguments)} inputs ({', '.join(a.name for a in arguments)}); "
                  "a compiled trunk takes images (one) or token ids and an attention mask (two)")
@@ -467,14 +480,8 @@ def main(argv):
     net.eval()
     if args.name == "all_minilm_l6_v2":
         if args.format == "pt2":
-            t = args.size or 256
-            ids = torch.randint(1000, 5000, (4, t))
-            mask = torch.ones_like(ids)
-            mask[1, t // 2:] = 0
-            batch, tokens = torch.export.Dim("batch", min=1, max=65536), torch.export.Dim("tokens", min=2, max=t)
-            export_compiled(net, (ids, mask), ({0: batch, 1: tokens}, {0: batch, 1: tokens}),
-                            f"int64 N,T<={t}; int64 N,T<={t}", "output", args,
-                            (ids[:3, : t // 2].contiguous(), mask[:3, : t // 2].contiguous()))
+            example, check, dynamic, inputs = text_inputs(args.size or 256, 1000, 5000)
+            export_compiled(net, example, dynamic, inputs, "output", args, check)
             return
         export_text(net, args)
         return
@@ -488,9 +495,8 @@ def main(argv):
         size = args.size or 64
         if size % 32:
             sys.exit(f"--size: a multiple of 32, got {size}")
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        export_compiled(trunk, (torch.randn(2, 3, size, size),), ({0: batch},), f"float32 N,3,{size},{size}",
-                        args.tap, args, (torch.randn(5, 3, size, size),))
+        example, check, dynamic, inputs = image_inputs(3, size)
+        export_compiled(trunk, example, dynamic, inputs, args.tap, args, check)
         return
     example = torch.zeros(2, 3, 224, 224)
     with torch.no_grad():

@@ -108,8 +108,7 @@ def resnet(canopy, work):
           f"of values up to {float(np.abs(want).max()):.2f}")
 
 
-def mobilenet(canopy, work):
-    model, sha = scripted("mobilenet_v3_small", os.path.join(work, "mobilenet.pt"))
+def mobilenet(canopy, work, model, sha):
     out = os.path.join(work, "mobilenet")
     cfg = config(os.path.join(work, "mobilenet.ini"), os.path.join(work, "mobilenet.pt"), sha, out,
                  "expand = features\ntaps = features.12\nfreeze = first:10\nlr = 0.001")
@@ -150,9 +149,8 @@ def mobilenet(canopy, work):
           + ("" if r.returncode == 0 else ": " + r.stderr[-400:]))
 
 
-def compiled_own(canopy, work):
-    model, sha = scripted("mobilenet_v3_small", os.path.join(work, "own.pt"))
-    own = os.path.join(work, "own.pt")
+def compiled_own(canopy, work, model, sha):
+    own = os.path.join(work, "mobilenet.pt")
     extract = os.path.join(work, "own_features.pt")
     r = run(canopy, "trunk", "extract", own, "--set", f"trunk.sha256={sha}", "--set", "trunk.expand=features",
             "--set", "trunk.taps=features.6,features.12", "--output", extract)
@@ -198,7 +196,7 @@ def compiled_own(canopy, work):
           f"the .pt2's features are the TorchScript trunk's within 1e-3 + 1e-4 |a| ({ts.shape}, largest "
           f"difference {float(np.abs(ts - pt).max()):.1e} of values up to {float(np.abs(ts).max()):.2f})")
     r = run(canopy, "trunk", "show", pt2, "--set", f"trunk.sha256={pt2_sha}")
-    check(r.returncode == 0 and f"own.pt (sha256 {sha}), expand features" in r.stdout
+    check(r.returncode == 0 and f"mobilenet.pt (sha256 {sha}), expand features" in r.stdout
           and "features.12" in r.stdout,
           "trunk show names the package's source, its expand and its output" + ("" if r.returncode == 0 else ": " + r.stderr[-300:]))
 
@@ -232,8 +230,9 @@ def main():
     work = work_dir("canopy-torchvision-")
     print(f"torchvision {torchvision.__version__}, torch {torch.__version__}")
     resnet(canopy, work)
-    mobilenet(canopy, work)
-    compiled_own(canopy, work)
+    mobilenet_v3 = scripted("mobilenet_v3_small", os.path.join(work, "mobilenet.pt"))  # the file both read
+    mobilenet(canopy, work, *mobilenet_v3)
+    compiled_own(canopy, work, *mobilenet_v3)
     return finish()
 
 
