@@ -348,7 +348,7 @@ void add_trunk_keys(std::vector<Key<JobConfig>>& v) {
                             "where the trunk runs: auto (a GPU if present), cpu, cuda, cuda:N"));
   v.push_back(member_key<K>("trunk", "pooling", CANOPY_JOB(trunk.pooling),
                             "how tapped outputs become feature vectors")
-                  .one_of({"avg", "flatten", "none", "first_token", "masked_mean"}));
+                  .one_of({"avg", "avg_channels_last", "flatten", "none", "first_token", "masked_mean"}));
   v.push_back(member_key<K>("trunk", "taps", CANOPY_JOB(trunk.taps),
                             "blocks whose outputs are cached, concatenated; empty: the output"));
   v.push_back(

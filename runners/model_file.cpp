@@ -84,6 +84,8 @@ std::string head_source(torch::jit::Module& model, std::size_t i, const Exported
 std::string pool_source(const std::string& v, const std::string& pooling) {
   if (pooling == "avg")
     return detail::str_cat("(", v, ".flatten(2).mean(2) if ", v, ".dim() > 2 else ", v, ")");
+  if (pooling == "avg_channels_last")
+    return detail::str_cat("(", v, ".flatten(1, -2).mean(1) if ", v, ".dim() > 2 else ", v, ")");
   if (pooling == "flatten") return v + ".flatten(1)";
   if (pooling == "none") return v;
   if (pooling == "first_token") return v + ".select(1, 0)";

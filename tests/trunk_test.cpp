@@ -898,6 +898,43 @@ TEST(Expand, ABertsEncoderLayersAreBlocksAndCuts) {
   EXPECT_EQ(wrapped.split().below_cut, (std::vector<std::string>{"model.scale"}));
 }
 
+// A model laid out as torchvision's GoogLeNet (auxnet.pt, scripted; auxnet_traced.pt): an
+// auxiliary classifier runs in training mode only, on b1's output. Traced in eval mode it never
+// ran and has no forward, yet the trunk is shown; scripted, its branch reads below a cut at b2,
+// but the top's output does not need it, so the cut leaves it out with its call. A tap below
+// the cut makes the split impossible, naming the block the top reads.
+TEST(Top, ABranchTheCutsOutputDoesNotNeedIsLeftOutWithItsCalls) {
+  for (const char* name : {"auxnet.pt", "auxnet_traced.pt"}) {
+    SCOPED_TRACE(name);
+    REQUIRE_FIXTURE(name);
+    TrunkConfig c = tiny(fixture(name));
+    c.taps = {"b3"};
+    EXPECT_EQ(Trunk::load(c).blocks(), (std::vector<std::string>{"stem", "b1", "aux", "b2", "b3"}));
+    EXPECT_EQ(Trunk::load(c).tap_points(), (std::vector<std::string>{"stem", "b1", "b2", "b3"}));
+    EXPECT_NE(Trunk::load(c).show(1).find("aux "), std::string::npos) << "shown, forward or not";
+    torch::jit::Module m = torch::jit::load(fixture(name));
+    m.eval();
+    const at::Tensor x = at::randn({4, 3, 10, 10});
+    std::vector<at::Tensor> outs{x};
+    for (const char* b : {"stem", "b1", "b2", "b3"})
+      outs.push_back(m.attr(b).toModule().forward({outs.back()}).toTensor());
+    c.freeze.freeze = "first:4";
+    Trunk top = Trunk::load(c);
+    EXPECT_EQ(top.split().boundary, "b2");
+    EXPECT_EQ(top.split().top_blocks, (std::vector<std::string>{"b3"}));
+    std::int64_t in_top = 0;
+    for (const auto& p : m.attr("b3").toModule().parameters()) in_top += p.numel();
+    EXPECT_EQ(top.parameter_counts().second, in_top);
+    auto parts = top.encode_prefix({x});
+    for (auto& p : parts) p = p.clone();  // as read from a cache, not inference tensors
+    EXPECT_TRUE(at::allclose(parts[0], outs[3], 1e-5, 1e-5)) << "the cache holds b2's output";
+    EXPECT_TRUE(at::allclose(top.top_features(parts).detach(), outs[4].mean({2, 3}), 1e-5, 1e-5));
+    c.taps = {"b1", "b3"};
+    const std::string problem = Trunk::load(c).split().problem;
+    EXPECT_NE(problem.find("the top still reads the output of block b1 "), std::string::npos) << problem;
+  }
+}
+
 TEST(Expand, WhatCannotBeExpandedOrTrainedIsAClearError) {
   REQUIRE_FIXTURE("tvnet.pt");
   REQUIRE_CONVNET();
@@ -960,9 +997,69 @@ TEST(Pooling, FirstTokenAndMaskedMeanOverTokens) {
         Trunk::load(c).encode({ids, mask.slice(1, 0, 4)});
       },
       {"masked_mean needs the attention mask"}));
+  // avg_channels_last: the mean over every position, padded or not; avg, over the last
+  // dimension, which for tokens [N, T, D] is said at the first batch.
+  c.pooling = "avg_channels_last";
+  EXPECT_TRUE(at::allclose(Trunk::load(c).encode({ids, mask}), emb.index({ids}).mean(1), 1e-6, 1e-6));
+  c.pooling = "avg";
+  ::testing::internal::CaptureStderr();
+  EXPECT_EQ(Trunk::load(c).encode({ids, mask}).sizes(), (std::vector<std::int64_t>{3, 5}));
+  const std::string said = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(
+      said.find("features = avg of the output [N, 5, 4]: 5 per sample; avg averaged the output over its "
+                "last dimension: if it is tokens [N, T, D]"),
+      std::string::npos)
+      << said;
   c.pooling = "mean_tokens";
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Trunk::load(c); },
                                                 {"first_token or masked_mean", "'mean_tokens'"}));
+}
+
+// A trunk whose output is channels-last, [N, H, W, C], as Swin's stages are:
+// avg_channels_last averages over H and W, as avg does over a channels-first output; avg on
+// it is said to look wrong at the first batch, and avg_channels_last on a channels-first one.
+TEST(Pooling, AvgChannelsLastAveragesWhatLiesBetweenTheBatchAndTheChannels) {
+  testing::TempDir dir;
+  torch::jit::Module m("ChannelsLast");
+  m.register_attribute("training", c10::BoolType::get(), false);
+  m.register_parameter("w", at::randn({6, 3, 3, 3}), false);
+  m.define(R"JIT(
+def forward(self, x):
+    return torch.conv2d(x, self.w, None, [1, 1], [1, 1]).permute(0, 2, 3, 1)
+)JIT");
+  m.save(dir.file("nhwc.pt"));
+  TrunkConfig c = tiny(dir.file("nhwc.pt"));
+  const at::Tensor x = at::randn({2, 3, 8, 8});
+  const at::Tensor nchw = at::conv2d(x, m.attr("w").toTensor(), {}, 1, 1);
+  const auto encoded = [&](const std::string& pooling, std::string& said) {
+    c.pooling = pooling;
+    ::testing::internal::CaptureStderr();
+    const at::Tensor f = Trunk::load(c).encode(x);
+    said = ::testing::internal::GetCapturedStderr();
+    return f;
+  };
+  std::string said;
+  EXPECT_TRUE(at::allclose(encoded("avg_channels_last", said), nchw.mean({2, 3}), 1e-5, 1e-5));
+  EXPECT_NE(said.find("features = avg_channels_last of the output [N, 8, 8, 6]: 6 per sample\n"),
+            std::string::npos)
+      << said;
+  EXPECT_EQ(encoded("avg", said).sizes(), (std::vector<std::int64_t>{2, 8})) << "H numbers, not C";
+  EXPECT_NE(said.find("the output looks channels-last [N, H, W, C], as Swin's stages are"), std::string::npos)
+      << said;
+  // The same convolution channels-first, averaged as if its channels were last: said too.
+  torch::jit::Module first("ChannelsFirst");
+  first.register_attribute("training", c10::BoolType::get(), false);
+  first.register_parameter("w", m.attr("w").toTensor(), false);
+  first.define(R"JIT(
+def forward(self, x):
+    return torch.conv2d(x, self.w, None, [1, 1], [1, 1])
+)JIT");
+  first.save(dir.file("nchw.pt"));
+  c.path = dir.file("nchw.pt");
+  EXPECT_EQ(encoded("avg_channels_last", said).sizes(), (std::vector<std::int64_t>{2, 8}));
+  EXPECT_NE(said.find("the output looks channels-first [N, C, H, W]"), std::string::npos) << said;
+  EXPECT_TRUE(at::allclose(encoded("avg", said), nchw.mean({2, 3}), 1e-5, 1e-5));
+  EXPECT_EQ(said.find("looks"), std::string::npos) << said;
 }
 
 }  // namespace

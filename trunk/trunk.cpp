@@ -1,6 +1,7 @@
 #include "canopy/trunk/trunk.h"
 
 #include <algorithm>
+#include <atomic>
 #include <iomanip>
 #include <map>
 #include <optional>
@@ -40,7 +41,8 @@ namespace {
 constexpr const char* kTapsMethod = "canopy_taps";
 constexpr const char* kPrefixMethod = "canopy_prefix";
 constexpr const char* kTopMethod = "canopy_top";
-const std::set<std::string> kPoolings = {"avg", "flatten", "none", "first_token", "masked_mean"};
+const std::set<std::string> kPoolings = {"avg",  "avg_channels_last", "flatten",
+                                         "none", "first_token",       "masked_mean"};
 const std::map<std::string, at::ScalarType> kPrecisions = {
     {"float32", at::kFloat}, {"bfloat16", at::kBFloat16}, {"float16", at::kHalf}};
 
@@ -68,9 +70,12 @@ bool is_batchnorm(const torch::jit::Module& m) {
 }
 
 // Whether a BatchNorm module's forward passes training = false as a constant: a module
-// traced in eval mode, whose statistics no training mode can change.
+// traced in eval mode, whose statistics no training mode can change. A module the trace never
+// ran (GoogLeNet's aux1 in eval mode) has no forward.
 bool batchnorm_fixed_by_trace(const torch::jit::Module& m) {
-  for (torch::jit::Node* n : m.get_method("forward").graph()->nodes()) {
+  const auto forward = m.find_method("forward");
+  if (!forward) return false;
+  for (torch::jit::Node* n : forward->graph()->nodes()) {
     if (n->kind() == c10::aten::batch_norm && n->inputs().size() > 5) {
       const torch::jit::Node* training = n->input(5)->node();
       return training->kind() == c10::prim::Constant && training->hasAttribute(c10::attr::value) &&
@@ -162,21 +167,30 @@ std::map<std::string, torch::jit::Value*> call_values(const std::shared_ptr<torc
   return out;
 }
 
-// Dead code elimination that also drops submodule calls whose result nobody uses (the
-// default pass keeps every call, as it might have side effects; a trunk's blocks have none).
-void eliminate_dead_code(const std::shared_ptr<torch::jit::Graph>& g) {
-  for (bool changed = true; changed;) {
-    changed = false;
-    torch::jit::EliminateDeadCode(g);
-    for (auto it = g->nodes().rbegin(); it != g->nodes().rend(); ++it) {
-      torch::jit::Node* n = *it;
-      if (n->kind() == c10::prim::CallMethod && !n->hasUses()) {
-        n->destroy();
-        changed = true;
-        break;
-      }
+// Destroys the last submodule call in `b` (or in a block inside it) whose result nobody uses;
+// returns whether there was one.
+bool drop_unused_call(torch::jit::Block* b) {
+  for (auto it = b->nodes().rbegin(); it != b->nodes().rend(); ++it) {
+    torch::jit::Node* n = *it;
+    if (n->kind() == c10::prim::CallMethod && !n->hasUses()) {
+      n->destroy();
+      return true;
+    }
+    for (torch::jit::Block* inner : n->blocks()) {
+      if (drop_unused_call(inner)) return true;
     }
   }
+  return false;
+}
+
+// Dead code elimination that also drops submodule calls whose result nobody uses (the
+// default pass keeps every call, as it might have side effects; a trunk's blocks have none),
+// inside branches too: an if whose outputs nobody reads once the graph is cut (GoogLeNet's
+// auxiliary classifiers, run in training mode on an earlier block's output) goes with its calls.
+void eliminate_dead_code(const std::shared_ptr<torch::jit::Graph>& g) {
+  do {
+    torch::jit::EliminateDeadCode(g);
+  } while (drop_unused_call(g->block()));
 }
 
 void add_method(torch::jit::Module& module, const char* name, const std::shared_ptr<torch::jit::Graph>& g) {
@@ -278,12 +292,16 @@ std::shared_ptr<torch::jit::Graph> cut_graph(const torch::jit::Module& module,
   eliminate_dead_code(g);
   const auto at = std::find(blocks.begin(), blocks.end(), from);
   const std::set<std::string> upto(blocks.begin(), at == blocks.end() ? at : at + 1);
-  for (const auto& [name, value] : forward_calls(g)) {
-    if (upto.count(name)) {
-      problem = "the top still reads block " + name + " (a tap below the boundary, or a connection " +
-                "that skips it), so the prefix's output alone cannot feed it";
-      return nullptr;
-    }
+  // The prefix's blocks the top still needs: the last of them is the one it reads (the others
+  // feed it), which is what to name.
+  std::string read;
+  for (const auto& call : forward_calls(g)) {
+    if (upto.count(call.first)) read = call.first;
+  }
+  if (!read.empty()) {
+    problem = "the top still reads the output of block " + read + " (a tap below the boundary, or a " +
+              "connection that skips it), so the prefix's output alone cannot feed it";
+    return nullptr;
   }
   return g;
 }
@@ -323,6 +341,11 @@ at::Tensor pool(const at::Tensor& raw, const std::string& pooling, const std::ve
     CANOPY_CHECK(out.dim() >= 2, DataError, "trunk.pooling = avg needs ", what, " [N, C, ...], got ",
                  out.sizes());
     return out.dim() > 2 ? out.flatten(2).mean(2) : out;
+  }
+  if (pooling == "avg_channels_last") {
+    CANOPY_CHECK(out.dim() >= 2, DataError, "trunk.pooling = avg_channels_last needs ", what,
+                 " [N, ..., C], got ", out.sizes());
+    return out.dim() > 2 ? out.flatten(1, -2).mean(1) : out;
   }
   if (pooling == "flatten") return out.flatten(1);
   if (pooling == "none") {
@@ -762,8 +785,12 @@ struct Trunk::Impl {
 
   // The tapped outputs of a method's result, pooled and concatenated.
   at::Tensor pooled(const c10::IValue& result, const std::vector<at::Tensor>& inputs) const {
-    if (config.taps.empty())
-      return pool(one_tensor(result, "the trunk's output"), config.pooling, inputs, "the trunk's output");
+    if (config.taps.empty()) {
+      const at::Tensor out = one_tensor(result, "the trunk's output");
+      const at::Tensor features = pool(out, config.pooling, inputs, "the trunk's output");
+      describe_pooling({out}, {"the output"}, features);
+      return features;
+    }
     std::vector<at::Tensor> outs;
     const auto& elements = result.toTuple()->elements();
     for (std::size_t i = 0; i < elements.size(); ++i)
@@ -789,8 +816,49 @@ struct Trunk::Impl {
     for (std::size_t i = 0; i < outs.size(); ++i) {
       pooled.push_back(pool(outs[i], config.pooling, inputs, what + names[i]));
     }
-    return pooled.size() == 1 ? pooled[0] : at::cat(pooled, 1);
+    const at::Tensor features = pooled.size() == 1 ? pooled[0] : at::cat(pooled, 1);
+    describe_pooling(outs, names, features);
+    return features;
   }
+
+  // Said once, at the first batch: each output's shape and what the pooling made of them, with
+  // a hint where a shape suggests the other layout (a Swin stage's [N, H, W, C] averaged as if
+  // its channels came first gives H numbers per sample, not C), as nothing else would show it.
+  void describe_pooling(const std::vector<at::Tensor>& outs, const std::vector<std::string>& names,
+                        const at::Tensor& features) const {
+    if (described.exchange(true)) return;
+    std::ostringstream o;
+    o << "trunk: features = " << config.pooling << " of ";
+    std::string hints;
+    for (std::size_t i = 0; i < outs.size(); ++i) {
+      o << (i ? ", " : "") << names[i] << " [N";
+      for (std::int64_t d = 1; d < outs[i].dim(); ++d) o << ", " << outs[i].size(d);
+      o << "]";
+      hints += pooling_hint(outs[i], names[i]);
+    }
+    o << ": " << features.size(1) << " per sample" << hints;
+    log_info(o.str());
+  }
+
+  std::string pooling_hint(const at::Tensor& out, const std::string& name) const {
+    const auto s = out.sizes();
+    if (config.pooling == "avg" && out.dim() == 3)
+      return detail::str_cat("; avg averaged ", name,
+                             " over its last dimension: if it is tokens [N, T, D], as a ",
+                             "transformer's, pooling = first_token, masked_mean or avg_channels_last (the ",
+                             "mean over the tokens) gives D numbers per sample");
+    if (config.pooling == "avg" && out.dim() == 4 && s[1] == s[2] && s[3] != s[1])
+      return detail::str_cat(
+          "; ", name, " looks channels-last [N, H, W, C], as Swin's stages are: avg averaged ",
+          "it over W and C, leaving H numbers; pooling = avg_channels_last averages over H ",
+          "and W, leaving C");
+    if (config.pooling == "avg_channels_last" && out.dim() == 4 && s[2] == s[3] && s[1] != s[2])
+      return detail::str_cat(
+          "; ", name, " looks channels-first [N, C, H, W]: avg_channels_last averaged it ",
+          "over C and H, leaving W numbers; pooling = avg averages over H and W, leaving C");
+    return "";
+  }
+  mutable std::atomic<bool> described{false};  // describe_pooling has spoken
 
   std::vector<at::Tensor> prepare(const std::vector<at::Tensor>& inputs, bool optimised = false) const {
     CANOPY_CHECK(!inputs.empty(), DataError, "the trunk needs at least one input tensor, got none");
@@ -999,9 +1067,10 @@ void validate_trunk_config(const TrunkConfig& c) {
   CANOPY_CHECK(!c.path.empty(), ConfigError,
                "trunk.path is empty: give a TorchScript trunk (.pt) or a compiled one (.pt2); "
                "scripts/export_trunk.py makes both");
-  CANOPY_CHECK(kPoolings.count(c.pooling), ConfigError,
-               "trunk.pooling: expected avg, flatten, none, first_token or masked_mean, got '", c.pooling,
-               "'");
+  CANOPY_CHECK(
+      kPoolings.count(c.pooling), ConfigError,
+      "trunk.pooling: expected avg, avg_channels_last, flatten, none, first_token or masked_mean, got '",
+      c.pooling, "'");
   CANOPY_CHECK(kPrecisions.count(c.precision), ConfigError,
                "trunk.precision: expected float32, bfloat16 or float16, got '", c.precision, "'");
   CANOPY_CHECK(c.top_precision == "float32" || c.top_precision == "bfloat16", ConfigError,

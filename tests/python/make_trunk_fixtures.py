@@ -21,6 +21,13 @@ tvnet.pt (scripted) and tvnet_traced.pt (traced): written as torchvision writes 
     classifier = Linear(8, 5)
 forward hands its work to self._forward_impl: features, avgpool, flatten, classifier.
 
+auxnet.pt (scripted) and auxnet_traced.pt (traced): laid out as torchvision's GoogLeNet, with an
+auxiliary classifier that runs in training mode only, on an earlier block's output:
+    stem = Sequential(Conv2d(3, 8, 3), BatchNorm2d(8), ReLU()), b1 = Block(8),
+    aux  = Sequential(AdaptiveAvgPool2d(1), Flatten(), Linear(8, 5)), b2, b3 = Block(8)
+forward: stem, b1, aux (training mode only), b2, b3; scripted it returns (b3's output, aux's
+or None), traced (in eval mode, so aux never runs and has no forward) b3's output.
+
 bertnet_traced.pt (traced): a text trunk laid out as Hugging Face's BERT is, (input_ids [N, T],
 attention_mask [N, T]) -> [N, T, 16]:
     embeddings = Embedding(100, 16), times `scale` (a Parameter of the trunk itself, ones)
@@ -31,6 +38,7 @@ traced Hugging Face model returns a tuple, inside a wrapper (`model`) that retur
 """
 import os
 import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +127,26 @@ class TvNet(nn.Module):
         return self._forward_impl(x)
 
 
+class AuxNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b1 = Block(8)
+        self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+        self.b2 = Block(8)
+        self.b3 = Block(8)
+
+    def forward(self, x):
+        x = self.b1(self.stem(x))
+        aux: Optional[torch.Tensor] = None
+        if self.training:
+            aux = self.aux(x)
+        x = self.b3(self.b2(x))
+        if torch.jit.is_scripting():
+            return x, aux
+        return x
+
+
 class BertLayer(nn.Module):
     def __init__(self):
         super().__init__()
@@ -190,6 +218,10 @@ def main(out_dir):
     torch.jit.script(tv).save(os.path.join(out_dir, "tvnet.pt"))
     torch.jit.trace(tv, torch.randn(2, 3, 12, 12)).save(os.path.join(out_dir, "tvnet_traced.pt"))
     print(f"wrote {out_dir}/tvnet.pt, {out_dir}/tvnet_traced.pt")
+    aux = with_statistics(AuxNet())
+    torch.jit.script(aux).save(os.path.join(out_dir, "auxnet.pt"))
+    torch.jit.trace(aux, torch.randn(2, 3, 12, 12)).save(os.path.join(out_dir, "auxnet_traced.pt"))
+    print(f"wrote {out_dir}/auxnet.pt, {out_dir}/auxnet_traced.pt")
     ids, mask = torch.randint(0, 100, (2, 7)), torch.ones(2, 7, dtype=torch.long)
     torch.jit.trace(BertNet().eval(), (ids, mask)).save(os.path.join(out_dir, "bertnet_traced.pt"))
     print(f"wrote {out_dir}/bertnet_traced.pt")

@@ -18,6 +18,10 @@ BatchNorm statistics gathered on random images as a trained network has them.)
   cache holds the TorchScript trunk's features within the documented tolerance (1e-3 + 1e-4 |a|),
   and `trunk show` names its source; what cannot be extracted or compiled is refused, saying why
   (a .pt2, no --output, a misspelt subcommand, no --size, a GPU, a tap that does not exist)
+- Swin-T, whose stages are channels-last ([N, H, W, C]): tapped at `features` with
+  pooling = avg_channels_last, the cache and the exported file's features() hold Python's
+  features(x).mean((1, 2)); pooling = avg, which averages the dimensions after the second,
+  is said to look wrong for it, naming what to set
 
     test_torchvision.py --canopy build/runners/canopy
 """
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 import torchvision
 
-from support import FMNIST, check, finish, fmnist_test_inputs, work_dir
+from support import FMNIST, check, finish, fmnist_test_inputs, read_idx, work_dir
 
 SOURCE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -222,6 +226,45 @@ def compiled_own(canopy, work, model, sha):
     check(not os.path.exists(os.path.join(work, "bad.pt2")), "a refused compile writes no package")
 
 
+def swin(canopy, work):
+    model, sha = scripted("swin_t", os.path.join(work, "swin_t.pt"))
+    out = os.path.join(work, "swin")
+    cfg = config(os.path.join(work, "swin.ini"), os.path.join(work, "swin_t.pt"), sha, out,
+                 "taps = features\npooling = avg_channels_last")
+    r = run(canopy, "run", "--config", cfg)
+    check(r.returncode == 0 and "features = avg_channels_last of features [N, 2, 2, 768]: 768 per sample" in r.stderr,
+          "canopy run with Swin-T's channels-last stages averaged over H and W, saying so"
+          + ("" if r.returncode == 0 else ": " + r.stderr[-600:]))
+    if r.returncode != 0:
+        return
+    x, _ = fmnist_test_inputs(TEST, 64)
+    with torch.no_grad():
+        want = model.features(x).mean((1, 2)).numpy()
+    with h5py.File(os.path.join(out, "cache", "cache.h5"), "r") as h:
+        got = h["test/features"][:]
+    scale = max(1.0, float(np.abs(want).max()))
+    diff = float(np.abs(got - want).max())
+    check(got.shape == want.shape and diff < 1e-5 * scale,
+          f"the cache holds Python's features(x).mean((1, 2)): {got.shape}, largest difference {diff:.2e}")
+    model_path = os.path.join(work, "swin_model.pt")
+    r = run(canopy, "export", "--config", os.path.join(out, "config.ini"), "--output", model_path)
+    check(r.returncode == 0, "canopy export of the Swin run" + ("" if r.returncode == 0 else ": " + r.stderr[-400:]))
+    if r.returncode == 0:
+        images = torch.from_numpy(read_idx(f"{FMNIST}/t10k-images-idx3-ubyte.gz")[:8].copy())
+        with torch.no_grad():
+            exported = torch.jit.load(model_path).features(images).numpy()
+        diff = float(np.abs(exported - want[:8]).max())
+        check(exported.shape == (8, 768) and diff < 1e-4 * scale,
+              f"the exported file pools as the cache does: features() of 8 raw images, largest difference {diff:.2e}")
+    # Averaged as if its channels came first, a Swin stage gives H numbers: said, with what to set.
+    r = run(canopy, "cache", "--config", cfg, "--set", "trunk.pooling=avg", "--set", f"cache.path={out}/avg",
+            "--set", "data.train_limit=8", "--set", "data.test_limit=8")
+    check(r.returncode == 0 and "features = avg of features [N, 2, 2, 768]: 2 per sample; features looks "
+          "channels-last [N, H, W, C]" in r.stderr and "pooling = avg_channels_last averages over H and W" in r.stderr,
+          "pooling = avg on Swin's stages says they look channels-last"
+          + ("" if r.returncode == 0 else ": " + r.stderr[-400:]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--canopy", required=True)
@@ -233,6 +276,7 @@ def main():
     mobilenet_v3 = scripted("mobilenet_v3_small", os.path.join(work, "mobilenet.pt"))  # the file both read
     mobilenet(canopy, work, *mobilenet_v3)
     compiled_own(canopy, work, *mobilenet_v3)
+    swin(canopy, work)
     return finish()
 
 

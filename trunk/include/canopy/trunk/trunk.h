@@ -52,6 +52,8 @@ struct FreezePolicy {
 
 // How each tapped output becomes one feature vector per sample.
 //   avg          mean over every dimension after the first two ([N, C, ...] -> [N, C])
+//   avg_channels_last  mean over every dimension between the first and the last ([N, ..., C]
+//                -> [N, C]): Swin's stages [N, H, W, C], a ViT's tokens [N, T, D]
 //   flatten      [N, ...] -> [N, prod(...)]
 //   none         the output must already be [N, D]
 //   first_token  [N, T, D] -> [N, D]: the first position (BERT's [CLS])
