@@ -672,7 +672,12 @@ void trunk_file_options(po::options_description& d, po::positional_options_descr
 
 void trunk_show_options(po::options_description& d, po::positional_options_description& p) {
   trunk_file_options(d, p);
-  d.add_options()("depth", po::value<int>()->default_value(2)->value_name("N"), "module tree depth");
+  d.add_options()("depth", po::value<int>()->default_value(2)->value_name("N"), "module tree depth")(
+      "size", po::value<std::int64_t>()->value_name("S"),
+      "also run a batch of two SxS zero images (a text trunk: S tokens) and show each tap point's output "
+      "shape and its width under trunk.pooling")(
+      "channels", po::value<std::int64_t>()->value_name("C"),
+      "the images' channels for --size (default: the config's preprocess.channels, else 3)");
 }
 
 // The [trunk] of --config, or of a trunk file given alone with the keys --set gives.
@@ -690,7 +695,17 @@ int run_trunk_show_command(const po::variables_map& vm, const tasks::HeadRegistr
                            std::ostream&) {
   const int depth = vm["depth"].as<int>();
   CANOPY_CHECK(depth >= 0, ConfigError, "canopy trunk show: --depth must be >= 0, got ", depth);
-  out << trunk::Trunk::load(trunk_config_of(vm, "trunk show")).show(depth);
+  const trunk::Trunk trunk = trunk::Trunk::load(trunk_config_of(vm, "trunk show"));
+  out << trunk.show(depth);
+  if (vm.count("size")) {
+    std::int64_t channels = 3;
+    if (vm.count("channels")) {
+      channels = vm["channels"].as<std::int64_t>();
+    } else if (vm.count("config")) {
+      channels = config_from(vm, "trunk show").preprocess.channels;
+    }
+    out << trunk.show_outputs(vm["size"].as<std::int64_t>(), channels);
+  }
   return kExitOk;
 }
 
@@ -788,10 +803,12 @@ const std::vector<Command>& commands() {
          p.add("path", 1);
        },
        run_inspect_command},
-      {"trunk show", "canopy trunk show (--config FILE | TRUNK_FILE) [--set trunk.KEY=VALUE] [--depth N]",
+      {"trunk show",
+       "canopy trunk show (--config FILE | TRUNK_FILE) [--set trunk.KEY=VALUE] [--depth N] [--size S]",
        "load the trunk (hash checked first) and print its module tree, frozen/trainable state, BatchNorm "
-       "pinning, blocks and taps; runs no data. A trunk file alone (a model you exported) is shown with "
-       "the [trunk] keys given by --set (trunk.expand, trunk.freeze, trunk.taps, trunk.sha256, ...)",
+       "pinning, blocks and taps; runs no data, unless --size S asks for each tap point's output shape. A "
+       "trunk file alone (a model you exported) is shown with the [trunk] keys given by --set "
+       "(trunk.expand, trunk.freeze, trunk.taps, trunk.sha256, ...)",
        trunk_show_options, run_trunk_show_command},
       {"trunk extract",
        "canopy trunk extract (--config FILE | TRUNK_FILE) [--set trunk.KEY=VALUE] --output FILE",

@@ -763,6 +763,26 @@ TEST_F(EndToEnd, TrunkShowAndTokenizeFromTheCli) {
                     registry_, out, err),
             kExitOk)
       << err.str();
+  // --size: the output's shape and width for a batch of zero images; what cannot run is said.
+  out.str("");
+  EXPECT_EQ(run_cli({"trunk", "show", "--config", config_path_, "--size", "28"}, registry_, out, err),
+            kExitOk)
+      << err.str();
+  EXPECT_NE(out.str().find("outputs     at 28x28 (a batch of zero images [2, 3, 28, 28]), pooling avg:\n"
+                           "    (output)  [N, 32, 2, 2]         32 per sample\n"),
+            std::string::npos)
+      << out.str();
+  err.str("");
+  EXPECT_EQ(run_cli({"trunk", "show", "--config", config_path_, "--size", "0"}, registry_, out, err),
+            kExitUsage);
+  EXPECT_NE(err.str().find("--size and --channels must be > 0, got 0 and 3"), std::string::npos) << err.str();
+  err.str("");
+  EXPECT_EQ(run_cli({"trunk", "show", "--config", config_path_, "--size", "28", "--channels", "2"}, registry_,
+                    out, err),
+            kExitError);
+  EXPECT_NE(err.str().find("the trunk failed at 28x28 (a batch of zero images [2, 2, 28, 28]): "),
+            std::string::npos)
+      << err.str();
   EXPECT_EQ(run_cli({"trunk", "list"}, registry_, out, err), kExitUsage);
   err.str("");
   EXPECT_EQ(run_cli({"trunk", "show", "--config", config_path_, "--depth", "-1"}, registry_, out, err),

@@ -935,6 +935,40 @@ TEST(Top, ABranchTheCutsOutputDoesNotNeedIsLeftOutWithItsCalls) {
   }
 }
 
+// trunk show --size: every tap point's output shape for a batch of two, its width under the
+// pooling, and the output's; the trunk itself is left as it was (a copy runs, in eval mode).
+TEST(Expand, ShowOutputsGivesEachTapPointsShapeAndWidth) {
+  REQUIRE_FIXTURE("tvnet.pt");
+  TrunkConfig c = tiny(fixture("tvnet.pt"));
+  c.expand = {"features"};
+  c.freeze.freeze = "first:2";
+  c.taps = {"features.3"};
+  Trunk t = Trunk::load(c);
+  t.train(true);
+  const auto before = t.state_snapshot();
+  const std::string shown = t.show_outputs(10, 3);
+  EXPECT_NE(shown.find("outputs     at 10x10 (a batch of zero images [2, 3, 10, 10]), pooling avg:\n"
+                       "    features.0  [N, 8, 10, 10]        8 per sample\n"),
+            std::string::npos)
+      << shown;
+  for (const char* line : {"    avgpool     [N, 8, 1, 1]          8 per sample\n",
+                           "    classifier  [N, 5]                5 per sample\n",
+                           "    (output)    [N, 5]                5 per sample\n"})
+    EXPECT_NE(shown.find(line), std::string::npos) << line << shown;
+  const auto after = t.state_snapshot();
+  ASSERT_EQ(before.size(), after.size());
+  for (std::size_t i = 0; i < before.size(); ++i)
+    EXPECT_TRUE(testing::bitwise_equal(before[i].second, after[i].second)) << before[i].first;
+  c.pooling = "avg_channels_last";
+  c.freeze.freeze = "all";
+  const std::string last = Trunk::load(c).show_outputs(12, 3);
+  EXPECT_NE(
+      last.find("    features.1  [N, 8, 12, 12]        12 per sample (looks channels-first [N, C, H, W]: avg "
+                "gives 8)\n"),
+      std::string::npos)
+      << last;
+}
+
 TEST(Expand, WhatCannotBeExpandedOrTrainedIsAClearError) {
   REQUIRE_FIXTURE("tvnet.pt");
   REQUIRE_CONVNET();

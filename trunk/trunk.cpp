@@ -840,8 +840,19 @@ struct Trunk::Impl {
     log_info(o.str());
   }
 
-  std::string pooling_hint(const at::Tensor& out, const std::string& name) const {
+  // `brief`: in trunk show's table of outputs, the layout and what to set only.
+  std::string pooling_hint(const at::Tensor& out, const std::string& name, bool brief = false) const {
     const auto s = out.sizes();
+    if (brief) {
+      if (config.pooling == "avg" && out.dim() == 3)
+        return detail::str_cat(" (if tokens [N, T, D]: first_token, masked_mean or avg_channels_last give ",
+                               s[2], ")");
+      if (config.pooling == "avg" && out.dim() == 4 && s[1] == s[2] && s[3] != s[1])
+        return detail::str_cat(" (looks channels-last [N, H, W, C]: avg_channels_last gives ", s[3], ")");
+      if (config.pooling == "avg_channels_last" && out.dim() == 4 && s[2] == s[3] && s[1] != s[2])
+        return detail::str_cat(" (looks channels-first [N, C, H, W]: avg gives ", s[1], ")");
+      return "";
+    }
     if (config.pooling == "avg" && out.dim() == 3)
       return detail::str_cat("; avg averaged ", name,
                              " over its last dimension: if it is tokens [N, T, D], as a ",
@@ -1495,6 +1506,80 @@ std::vector<ModuleInfo> Trunk::modules() const {
     out.push_back(info);
   }
   return out;
+}
+
+std::string Trunk::show_outputs(std::int64_t size, std::int64_t channels) const {
+  const Impl& d = *impl_;
+  CANOPY_CHECK(!d.compiled, ConfigError, "canopy trunk show --size: '", d.config.path,
+               "' is a compiled package (.pt2): its outputs (", join(d.compiled_outputs, ", "),
+               ") were fixed when it was compiled; show its TorchScript source instead");
+  CANOPY_CHECK(size > 0 && channels > 0, ConfigError,
+               "canopy trunk show: --size and --channels must be > 0, got ", size, " and ", channels);
+  torch::jit::Module m = d.module.clone();
+  m.eval();
+  auto g = m.get_method("forward").graph()->copy();
+  std::vector<std::string> names;
+  std::vector<torch::jit::Value*> values;
+  for (const auto& [name, value] : forward_calls(g)) {
+    names.push_back(name);
+    values.push_back(value);
+  }
+  names.push_back("(output)");
+  values.push_back(g->outputs()[0]);
+  set_outputs(g, values, true);
+  eliminate_dead_code(g);
+  const std::size_t arity = g->inputs().size() - 1;
+  CANOPY_CHECK(arity == 1 || arity == 2, ConfigError, "canopy trunk show --size: the trunk's forward takes ",
+               arity,
+               " inputs; an image trunk takes one (images), a text trunk two (token ids, attention mask)");
+  const auto on = at::TensorOptions().device(d.device);
+  std::vector<at::Tensor> inputs;
+  std::string at;
+  if (arity == 1) {
+    inputs.push_back(at::zeros({2, channels, size, size}, on));
+    at = detail::str_cat(size, "x", size, " (a batch of zero images [2, ", channels, ", ", size, ", ", size,
+                         "])");
+  } else {
+    inputs.push_back(at::ones({2, size}, on.dtype(at::kLong)));
+    inputs.push_back(at::ones({2, size}, on.dtype(at::kLong)));
+    at = detail::str_cat(size, " tokens (id 1, none padded)");
+  }
+  torch::jit::GraphFunction fn("canopy_show_outputs", g, nullptr);
+  std::vector<c10::IValue> stack{m._ivalue()};
+  for (const auto& x : inputs) stack.emplace_back(x);
+  c10::IValue result;
+  try {
+    c10::NoGradGuard no_grad;
+    result = fn(stack);
+  } catch (const std::exception& e) {
+    throw DataError(detail::str_cat("canopy trunk show: the trunk failed at ", at, ": ", torch_error(e)));
+  }
+  const auto& elements = result.toTupleRef().elements();
+  std::size_t width = 0;
+  for (const auto& n : names) width = std::max(width, n.size());
+  std::ostringstream o;
+  o << "\n  outputs     at " << at << ", pooling " << d.config.pooling << ":\n";
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    o << "    " << std::left << std::setw(static_cast<int>(width) + 2) << names[i];
+    if (!elements[i].isTensor()) {
+      o << elements[i].type()->str() << ": not one tensor\n";
+      continue;
+    }
+    const at::Tensor& t = elements[i].toTensor();
+    std::ostringstream shape;
+    shape << "[N";
+    for (std::int64_t k = 1; k < t.dim(); ++k) shape << ", " << t.size(k);
+    shape << "]";
+    o << std::setw(22) << shape.str();
+    try {
+      o << pool(t, d.config.pooling, inputs, names[i]).size(1) << " per sample"
+        << d.pooling_hint(t, names[i], true);
+    } catch (const Error& e) {
+      o << "not pooled: " << e.what();
+    }
+    o << "\n";
+  }
+  return o.str();
 }
 
 // `trunk show`'s "trains" lines: heads only, or the top over the cached prefix and what the

@@ -256,6 +256,11 @@ def swin(canopy, work):
         diff = float(np.abs(exported - want[:8]).max())
         check(exported.shape == (8, 768) and diff < 1e-4 * scale,
               f"the exported file pools as the cache does: features() of 8 raw images, largest difference {diff:.2e}")
+    r = run(canopy, "trunk", "show", os.path.join(work, "swin_t.pt"), "--set", f"trunk.sha256={sha}", "--size", "64")
+    check(r.returncode == 0 and "    features  [N, 2, 2, 768]        2 per sample (looks channels-last [N, H, W, C]: "
+          "avg_channels_last gives 768)" in r.stdout and "    permute   [N, 768, 2, 2]        768 per sample" in r.stdout,
+          "trunk show --size 64 gives each tap point's shape, and says that features looks channels-last"
+          + ("" if r.returncode == 0 else ": " + r.stderr[-300:]))
     # Averaged as if its channels came first, a Swin stage gives H numbers: said, with what to set.
     r = run(canopy, "cache", "--config", cfg, "--set", "trunk.pooling=avg", "--set", f"cache.path={out}/avg",
             "--set", "data.train_limit=8", "--set", "data.test_limit=8")

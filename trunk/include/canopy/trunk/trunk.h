@@ -200,6 +200,12 @@ class Trunk {
   // A readable report: file, hash, policy, module tree to `max_depth` with parameter counts,
   // frozen/trainable, BatchNorm pinning, blocks and tap points. Runs nothing.
   std::string show(int max_depth = 2) const;
+  // What each tap point, and the trunk's output, gives for a batch of two: zero images
+  // [2, channels, size, size], or for a text trunk `size` tokens (id 1, none padded). Their
+  // shapes and widths under trunk.pooling, with the layout hints the first batch of a cache
+  // gives. Runs a copy of the trunk in eval mode, without gradients. ConfigError for a
+  // compiled (.pt2) trunk, whose outputs were fixed when it was compiled.
+  std::string show_outputs(std::int64_t size, std::int64_t channels) const;
 
  private:
   struct Impl;
