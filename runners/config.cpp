@@ -925,6 +925,7 @@ JobConfig job_config_from_values(const std::map<std::string, std::string>& value
     k.set(c, it->second, k.full_name() + " (in " + source + ")");
     used.insert(it->first);
   }
+  c.trunk.inputs = reads_texts(c) ? 2 : 1;
   c.tasks = tasks_from_values(values, source, used);
   std::vector<std::string> known;
   for (const auto& k : job_keys()) known.push_back(k.full_name());

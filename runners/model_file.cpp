@@ -99,11 +99,15 @@ std::string pool_source(const std::string& v, const std::string& pooling) {
 // gives: images, or token ids and an attention mask.
 torch::jit::Module file_trunk(const trunk::Trunk& trunk, bool texts) {
   torch::jit::Module m = trunk.script_module();
-  const std::size_t inputs = m.get_method("forward").graph()->inputs().size() - 1;
-  CANOPY_CHECK(
-      inputs == (texts ? 2U : 1U), ConfigError, "trunk '", trunk.config().path, "' takes ", inputs,
-      " inputs; a model file is written for an image trunk (one: images) or a text trunk (two: token "
-      "ids and attention mask)");
+  // The arguments past those canopy gives may have defaults (timm's attn_mask=None).
+  const auto& args = m.get_method("forward").function().getSchema().arguments();  // self first
+  std::size_t required = 0;
+  while (required + 1 < args.size() && !args[required + 1].default_value()) ++required;
+  const std::size_t given = texts ? 2U : 1U;
+  CANOPY_CHECK(required <= given && given < args.size(), ConfigError, "trunk '", trunk.config().path,
+               "' takes ", args.size() - 1, " inputs (", required,
+               " without a default); a model file is written for an image "
+               "trunk (one: images) or a text trunk (two: token ids and attention mask)");
   return m;
 }
 

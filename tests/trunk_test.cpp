@@ -935,6 +935,47 @@ TEST(Top, ABranchTheCutsOutputDoesNotNeedIsLeftOutWithItsCalls) {
   }
 }
 
+// A model laid out as timm's ViT (masknet.pt): forward(x, attn_mask=None, is_causal=False) runs
+// its blocks behind a branch on those arguments. canopy gives one input, so they take their
+// defaults, the branch folds, and `blocks` expands into tap points and cuts; its exported form
+// (script_module) takes one input too.
+TEST(Expand, ArgumentsCanopyDoesNotGiveTakeTheirDefaultsAndTheirBranchesFold) {
+  REQUIRE_FIXTURE("masknet.pt");
+  TrunkConfig c = tiny(fixture("masknet.pt"));
+  c.inputs = 1;
+  c.expand = {"blocks"};
+  c.taps = {"blocks.1"};
+  EXPECT_EQ(Trunk::load(c).tap_points(),
+            (std::vector<std::string>{"stem", "blocks.0", "blocks.1", "blocks.2"}));
+  torch::jit::Module m = torch::jit::load(fixture("masknet.pt"));
+  m.eval();
+  const at::Tensor x = at::randn({4, 3, 10, 10});
+  std::vector<at::Tensor> outs{m.attr("stem").toModule().forward({x}).toTensor()};
+  for (const char* b : {"0", "1", "2"})
+    outs.push_back(m.attr("blocks").toModule().attr(b).toModule().forward({outs.back()}).toTensor());
+  EXPECT_TRUE(at::allclose(Trunk::load(c).encode(x), outs[2].mean({2, 3}), 1e-5, 1e-5));
+  EXPECT_TRUE(at::allclose(
+      Trunk::load(c).script_module().run_method("canopy_taps", x).toTuple()->elements()[0].toTensor(),
+      outs[2], 1e-5, 1e-5))
+      << "the exported form's taps take the one input";
+  c.taps = {};
+  c.freeze.freeze = "first:2";
+  Trunk top = Trunk::load(c);
+  EXPECT_EQ(top.split().top_blocks, (std::vector<std::string>{"blocks.1", "blocks.2"}));
+  auto parts = top.encode_prefix({x});
+  for (auto& p : parts) p = p.clone();
+  EXPECT_TRUE(at::allclose(top.top_features(parts).detach(), outs[3].mean({2, 3}), 1e-5, 1e-5));
+  // A file alone (inputs = 0): the arguments without a default are what it is given.
+  TrunkConfig alone = tiny(fixture("masknet.pt"));
+  alone.expand = {"blocks"};
+  EXPECT_EQ(Trunk::load(alone).blocks(),
+            (std::vector<std::string>{"stem", "blocks.0", "blocks.1", "blocks.2"}));
+  // Given two inputs (a text job), attn_mask is one of them: the branch stays, and expand says so.
+  alone.inputs = 2;
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { Trunk::load(alone); },
+                                                {"trunk.expand: blocks not called by the trunk's forward"}));
+}
+
 // trunk show --size: every tap point's output shape for a batch of two, its width under the
 // pooling, and the output's; the trunk itself is left as it was (a copy runs, in eval mode).
 TEST(Expand, ShowOutputsGivesEachTapPointsShapeAndWidth) {

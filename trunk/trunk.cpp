@@ -17,6 +17,7 @@
 #include <torch/csrc/jit/ir/constants.h>
 #include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/passes/autocast.h>
+#include <torch/csrc/jit/passes/constant_propagation.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 #include <torch/csrc/jit/passes/frozen_graph_optimizations.h>
 #include <torch/csrc/jit/passes/graph_rewrite_helper.h>
@@ -125,14 +126,50 @@ std::vector<std::pair<std::string, torch::jit::Value*>> forward_calls(
   return out;
 }
 
+// forward's arguments past the first `passed` (0: past those without a default), which canopy
+// never gives, take their defaults for good: each becomes a constant of the graph and leaves
+// forward's signature, and the branches on them fold (timm's scripted ViT runs its blocks
+// behind `if attn_mask is not None or is_causal`, for arguments that default to None and
+// False). Returns their names, none when there are none or one of them has no default.
+std::vector<std::string> specialize_defaults(torch::jit::Module& module, std::size_t passed) {
+  auto& fn = torch::jit::toGraphFunction(module.get_method("forward").function());
+  const c10::FunctionSchema schema = fn.getSchema();
+  const auto& args = schema.arguments();  // self first
+  std::size_t keep = passed;
+  if (keep == 0) {
+    while (keep + 1 < args.size() && !args[keep + 1].default_value()) ++keep;
+  }
+  if (args.size() <= keep + 1) return {};
+  for (std::size_t k = keep + 1; k < args.size(); ++k) {
+    if (!args[k].default_value()) return {};
+  }
+  auto g = fn.graph();
+  std::vector<std::string> names;
+  {
+    torch::jit::WithInsertPoint guard(g->param_node()->next());
+    for (std::size_t k = args.size() - 1; k > keep; --k) {
+      g->inputs()[k]->replaceAllUsesWith(g->insertConstant(*args[k].default_value()));
+      g->eraseInput(k);
+      names.insert(names.begin(), args[k].name());
+    }
+  }
+  fn.setSchema(
+      schema.cloneWithArguments({args.begin(), args.begin() + static_cast<std::ptrdiff_t>(keep) + 1}));
+  torch::jit::ConstantPropagation(g);
+  return names;
+}
+
 // Inlines into `forward` the calls it makes to other methods of the trunk itself (torchvision's
 // scripted models hand their work to self._forward_impl) and to the `forward` of each module
 // in `expand`, so that the submodules those call become calls of `forward`: blocks and tap
 // points, as in a traced trunk. Repeated until none is left, so a method calling another, or
-// a module of `expand` inside another, is reached too. Returns the names in `expand` that
-// `forward` never called.
-std::vector<std::string> inline_calls(torch::jit::Module& module, const std::vector<std::string>& expand) {
-  const auto g = module.get_method("forward").graph();
+// a module of `expand` inside another, is reached too; first, forward's arguments past the
+// `passed` inputs take their defaults (specialize_defaults), and the inlined code's branches on
+// them fold as they come. Returns the names in `expand` that `forward` never called.
+std::vector<std::string> inline_calls(torch::jit::Module& module, const std::vector<std::string>& expand,
+                                      std::size_t passed) {
+  const bool fold = !specialize_defaults(module, passed).empty();
+  auto g = module.get_method("forward").graph();
   std::set<std::string> expanded;
   for (bool changed = true; changed;) {
     changed = false;
@@ -148,6 +185,7 @@ std::vector<std::string> inline_calls(torch::jit::Module& module, const std::vec
       // The callee's graph as written (its optimized graph has every call inlined).
       auto& callee = torch::jit::toGraphFunction(cls->getMethod(n->s(c10::attr::name)));
       torch::jit::inlineCallTo(n, &callee, callee.graph().get());
+      if (fold) torch::jit::ConstantPropagation(g);
       if (listed) expanded.insert(*name);
       changed = true;
       break;
@@ -623,7 +661,7 @@ struct Trunk::Impl {
       CANOPY_CHECK(it->second != "ModuleList", ConfigError, "trunk.expand: '", e,
                    "' is a ModuleList, whose items are blocks already");
     }
-    const auto missed = inline_calls(module, expand);
+    const auto missed = inline_calls(module, expand, config.inputs);
     if (missed.empty()) return;
     std::vector<std::string> called;
     for (const auto& call : forward_calls(module.get_method("forward").graph())) called.push_back(call.first);
@@ -1440,7 +1478,8 @@ torch::jit::Module Trunk::script_module() const {
   }
   clean.eval();
   if (!impl_->config.taps.empty()) {
-    inline_calls(clean, impl_->config.expand);  // as load did: the taps may be inside them
+    inline_calls(clean, impl_->config.expand,
+                 impl_->config.inputs);  // as load did: the taps may be inside them
     add_taps_method(clean, impl_->config.taps);
   }
   return clean;

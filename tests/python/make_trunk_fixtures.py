@@ -28,6 +28,11 @@ auxiliary classifier that runs in training mode only, on an earlier block's outp
 forward: stem, b1, aux (training mode only), b2, b3; scripted it returns (b3's output, aux's
 or None), traced (in eval mode, so aux never runs and has no forward) b3's output.
 
+masknet.pt (scripted): laid out as timm's ViT, whose forward(x, attn_mask=None, is_causal=False)
+hands its work to forward_features and runs its blocks one by one when given a mask or
+is_causal, else as one Sequential:
+    stem = Sequential(Conv2d(3, 8, 3), BatchNorm2d(8), ReLU()), blocks = Sequential(3 Block(8))
+
 bertnet_traced.pt (traced): a text trunk laid out as Hugging Face's BERT is, (input_ids [N, T],
 attention_mask [N, T]) -> [N, T, 16]:
     embeddings = Embedding(100, 16), times `scale` (a Parameter of the trunk itself, ones)
@@ -147,6 +152,27 @@ class AuxNet(nn.Module):
         return x
 
 
+class MaskNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(Block(8), Block(8), Block(8))
+
+    def forward_features(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        x = self.stem(x)
+        if attn_mask is not None or is_causal:
+            for blk in self.blocks:
+                x = blk(x)
+                if attn_mask is not None:
+                    x = x * attn_mask
+        else:
+            x = self.blocks(x)
+        return x
+
+    def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        return self.forward_features(x, attn_mask, is_causal)
+
+
 class BertLayer(nn.Module):
     def __init__(self):
         super().__init__()
@@ -222,6 +248,8 @@ def main(out_dir):
     torch.jit.script(aux).save(os.path.join(out_dir, "auxnet.pt"))
     torch.jit.trace(aux, torch.randn(2, 3, 12, 12)).save(os.path.join(out_dir, "auxnet_traced.pt"))
     print(f"wrote {out_dir}/auxnet.pt, {out_dir}/auxnet_traced.pt")
+    torch.jit.script(with_statistics(MaskNet())).save(os.path.join(out_dir, "masknet.pt"))
+    print(f"wrote {out_dir}/masknet.pt")
     ids, mask = torch.randint(0, 100, (2, 7)), torch.ones(2, 7, dtype=torch.long)
     torch.jit.trace(BertNet().eval(), (ids, mask)).save(os.path.join(out_dir, "bertnet_traced.pt"))
     print(f"wrote {out_dir}/bertnet_traced.pt")

@@ -79,6 +79,10 @@ struct TrunkConfig {
   // float32 (none) | bfloat16. Parameters, gradients and optimizer state stay float32.
   std::string top_precision = "float32";
   FreezePolicy freeze;
+  // How many inputs canopy gives forward: 1 (images) or 2 (token ids, attention mask), from
+  // the data source; 0 (a trunk file alone) those forward declares without a default. Its
+  // arguments past them take their defaults for good (timm's attn_mask=None, is_causal=False).
+  std::size_t inputs = 0;
 };
 
 void validate_trunk_config(const TrunkConfig& config);
