@@ -628,8 +628,11 @@ struct Trunk::Impl {
   // each) and tap points; trunk.taps must name tap points.
   void read_structure() {
     for (const auto& child : module.named_children()) add_block(child.value, child.name);
-    for (const auto& call : forward_calls(module.get_method("forward").graph()))
-      tap_points.push_back(call.first);
+    // A call returning None is no tap point: a traced nn.Identity (timm's norm_pre) is called
+    // with nothing and returns None, its input flowing past it.
+    for (const auto& call : forward_calls(module.get_method("forward").graph())) {
+      if (call.second->type()->kind() != c10::TypeKind::NoneType) tap_points.push_back(call.first);
+    }
     for (const auto& t : config.taps) {
       CANOPY_CHECK(std::find(tap_points.begin(), tap_points.end(), t) != tap_points.end(), ConfigError,
                    "trunk.taps: '", t, "' is not a tap point of '", config.path,
@@ -744,7 +747,12 @@ struct Trunk::Impl {
               : "the first block (" + blocks.front() + ") trains, so no frozen prefix is left";
       return;
     }
-    split.boundary = blocks[k - 1];
+    // The cut is the output of the last prefix block forward calls for a value: one it never
+    // calls (GoogLeNet's aux1, traced) or one returning None (a traced Identity) gives none.
+    std::size_t cut = k;
+    while (cut > 0 && std::find(tap_points.begin(), tap_points.end(), blocks[cut - 1]) == tap_points.end())
+      --cut;
+    split.boundary = blocks[(cut == 0 ? k : cut) - 1];
     add_split_methods(module, config.taps, split, blocks);
     if (split.problem.empty()) {
       freeze_unrun_blocks();

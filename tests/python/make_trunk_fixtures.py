@@ -24,9 +24,11 @@ forward hands its work to self._forward_impl: features, avgpool, flatten, classi
 auxnet.pt (scripted) and auxnet_traced.pt (traced): laid out as torchvision's GoogLeNet, with an
 auxiliary classifier that runs in training mode only, on an earlier block's output:
     stem = Sequential(Conv2d(3, 8, 3), BatchNorm2d(8), ReLU()), b1 = Block(8),
-    aux  = Sequential(AdaptiveAvgPool2d(1), Flatten(), Linear(8, 5)), b2, b3 = Block(8)
-forward: stem, b1, aux (training mode only), b2, b3; scripted it returns (b3's output, aux's
-or None), traced (in eval mode, so aux never runs and has no forward) b3's output.
+    aux  = Sequential(AdaptiveAvgPool2d(1), Flatten(), Linear(8, 5)), b2, b3 = Block(8),
+    drop = Identity()
+forward: stem, b1, aux (training mode only), b2, drop, b3; scripted it returns (b3's output,
+aux's or None), traced (in eval mode, so aux never runs and has no forward) b3's output; the
+trace calls drop with nothing and gets None, as timm's traced models call their Identity.
 
 masknet.pt (scripted): laid out as timm's ViT, whose forward(x, attn_mask=None, is_causal=False)
 hands its work to forward_features and runs its blocks one by one when given a mask or
@@ -139,6 +141,7 @@ class AuxNet(nn.Module):
         self.b1 = Block(8)
         self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
         self.b2 = Block(8)
+        self.drop = nn.Identity()
         self.b3 = Block(8)
 
     def forward(self, x):
@@ -146,7 +149,7 @@ class AuxNet(nn.Module):
         aux: Optional[torch.Tensor] = None
         if self.training:
             aux = self.aux(x)
-        x = self.b3(self.b2(x))
+        x = self.b3(self.drop(self.b2(x)))
         if torch.jit.is_scripting():
             return x, aux
         return x
