@@ -405,6 +405,15 @@ at::Tensor pool(const at::Tensor& raw, const std::string& pooling, const std::ve
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
+// A batch's shape with its first dimension as N: "[N, 2, 2, 768]".
+std::string batch_shape(const at::Tensor& t) {
+  std::ostringstream o;
+  o << "[N";
+  for (std::int64_t d = 1; d < t.dim(); ++d) o << ", " << t.size(d);
+  o << "]";
+  return o.str();
+}
+
 // 16-bit passes on a CPU without the instructions for them. LibTorch emulates float16 there
 // (caching the demo took 15x as long as float32 on an AMD EPYC Zen 4 without avx512_fp16):
 // refused. bfloat16 without avx512_bf16 or AMX is said, not refused (it may still win).
@@ -877,9 +886,7 @@ struct Trunk::Impl {
     o << "trunk: features = " << config.pooling << " of ";
     std::string hints;
     for (std::size_t i = 0; i < outs.size(); ++i) {
-      o << (i ? ", " : "") << names[i] << " [N";
-      for (std::int64_t d = 1; d < outs[i].dim(); ++d) o << ", " << outs[i].size(d);
-      o << "]";
+      o << (i ? ", " : "") << names[i] << " " << batch_shape(outs[i]);
       hints += pooling_hint(outs[i], names[i]);
     }
     o << ": " << features.size(1) << " per sample" << hints;
@@ -889,27 +896,30 @@ struct Trunk::Impl {
   // `brief`: in trunk show's table of outputs, the layout and what to set only.
   std::string pooling_hint(const at::Tensor& out, const std::string& name, bool brief = false) const {
     const auto s = out.sizes();
+    const bool tokens = config.pooling == "avg" && out.dim() == 3;
+    const bool last = config.pooling == "avg" && out.dim() == 4 && s[1] == s[2] && s[3] != s[1];
+    const bool first =
+        config.pooling == "avg_channels_last" && out.dim() == 4 && s[2] == s[3] && s[1] != s[2];
     if (brief) {
-      if (config.pooling == "avg" && out.dim() == 3)
+      if (tokens)
         return detail::str_cat(" (if tokens [N, T, D]: first_token, masked_mean or avg_channels_last give ",
                                s[2], ")");
-      if (config.pooling == "avg" && out.dim() == 4 && s[1] == s[2] && s[3] != s[1])
+      if (last)
         return detail::str_cat(" (looks channels-last [N, H, W, C]: avg_channels_last gives ", s[3], ")");
-      if (config.pooling == "avg_channels_last" && out.dim() == 4 && s[2] == s[3] && s[1] != s[2])
-        return detail::str_cat(" (looks channels-first [N, C, H, W]: avg gives ", s[1], ")");
+      if (first) return detail::str_cat(" (looks channels-first [N, C, H, W]: avg gives ", s[1], ")");
       return "";
     }
-    if (config.pooling == "avg" && out.dim() == 3)
+    if (tokens)
       return detail::str_cat("; avg averaged ", name,
                              " over its last dimension: if it is tokens [N, T, D], as a ",
                              "transformer's, pooling = first_token, masked_mean or avg_channels_last (the ",
                              "mean over the tokens) gives D numbers per sample");
-    if (config.pooling == "avg" && out.dim() == 4 && s[1] == s[2] && s[3] != s[1])
+    if (last)
       return detail::str_cat(
           "; ", name, " looks channels-last [N, H, W, C], as Swin's stages are: avg averaged ",
           "it over W and C, leaving H numbers; pooling = avg_channels_last averages over H ",
           "and W, leaving C");
-    if (config.pooling == "avg_channels_last" && out.dim() == 4 && s[2] == s[3] && s[1] != s[2])
+    if (first)
       return detail::str_cat(
           "; ", name, " looks channels-first [N, C, H, W]: avg_channels_last averaged it ",
           "over C and H, leaving W numbers; pooling = avg averages over H and W, leaving C");
@@ -1565,12 +1575,10 @@ std::string Trunk::show_outputs(std::int64_t size, std::int64_t channels) const 
   torch::jit::Module m = d.module.clone();
   m.eval();
   auto g = m.get_method("forward").graph()->copy();
-  std::vector<std::string> names;
+  std::vector<std::string> names = d.tap_points;
   std::vector<torch::jit::Value*> values;
-  for (const auto& [name, value] : forward_calls(g)) {
-    names.push_back(name);
-    values.push_back(value);
-  }
+  const auto calls = call_values(g);
+  for (const auto& name : names) values.push_back(calls.at(name));
   names.push_back("(output)");
   values.push_back(g->outputs()[0]);
   set_outputs(g, values, true);
@@ -1613,11 +1621,7 @@ std::string Trunk::show_outputs(std::int64_t size, std::int64_t channels) const 
       continue;
     }
     const at::Tensor& t = elements[i].toTensor();
-    std::ostringstream shape;
-    shape << "[N";
-    for (std::int64_t k = 1; k < t.dim(); ++k) shape << ", " << t.size(k);
-    shape << "]";
-    o << std::setw(22) << shape.str();
+    o << std::setw(22) << batch_shape(t);
     try {
       o << pool(t, d.config.pooling, inputs, names[i]).size(1) << " per sample"
         << d.pooling_hint(t, names[i], true);
