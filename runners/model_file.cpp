@@ -101,8 +101,7 @@ torch::jit::Module file_trunk(const trunk::Trunk& trunk, bool texts) {
   torch::jit::Module m = trunk.script_module();
   // The arguments past those canopy gives may have defaults (timm's attn_mask=None).
   const auto& args = m.get_method("forward").function().getSchema().arguments();  // self first
-  std::size_t required = 0;
-  while (required + 1 < args.size() && !args[required + 1].default_value()) ++required;
+  const std::size_t required = trunk::required_inputs(m);
   const std::size_t given = texts ? 2U : 1U;
   CANOPY_CHECK(required <= given && given < args.size(), ConfigError, "trunk '", trunk.config().path,
                "' takes ", args.size() - 1, " inputs (", required,

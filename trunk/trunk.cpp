@@ -135,10 +135,7 @@ std::vector<std::string> specialize_defaults(torch::jit::Module& module, std::si
   auto& fn = torch::jit::toGraphFunction(module.get_method("forward").function());
   const c10::FunctionSchema schema = fn.getSchema();
   const auto& args = schema.arguments();  // self first
-  std::size_t keep = passed;
-  if (keep == 0) {
-    while (keep + 1 < args.size() && !args[keep + 1].default_value()) ++keep;
-  }
+  const std::size_t keep = passed == 0 ? required_inputs(module) : passed;
   if (args.size() <= keep + 1) return {};
   for (std::size_t k = keep + 1; k < args.size(); ++k) {
     if (!args[k].default_value()) return {};
@@ -1129,6 +1126,13 @@ struct Trunk::Impl {
     }
   }
 };
+
+std::size_t required_inputs(const torch::jit::Module& module) {
+  const auto& args = module.get_method("forward").function().getSchema().arguments();  // self first
+  std::size_t required = 0;
+  while (required + 1 < args.size() && !args[required + 1].default_value()) ++required;
+  return required;
+}
 
 void validate_trunk_config(const TrunkConfig& c) {
   CANOPY_CHECK(!c.path.empty(), ConfigError,

@@ -86,6 +86,8 @@ struct TrunkConfig {
 };
 
 void validate_trunk_config(const TrunkConfig& config);
+// How many of `module`'s forward arguments (after self) have no default: what a call must give.
+std::size_t required_inputs(const torch::jit::Module& module);
 // A policy as logs, `trunk show` and the cache's description name it: "first:13", "all" or,
 // for train_only, "all but first:2" (with "; BatchNorm affine trainable" when set).
 std::string describe(const FreezePolicy& policy);
