@@ -27,6 +27,7 @@ find_package(Boost 1.71 REQUIRED COMPONENTS program_options)
 find_package(ZLIB REQUIRED)
 find_package(PNG REQUIRED)   # libpng-dev: image inputs
 find_package(JPEG REQUIRED)  # libjpeg-dev (libjpeg-turbo): image inputs
+find_package(WebP REQUIRED)  # libwebp-dev: image inputs (cmake/FindWebP.cmake)
 find_package(Threads REQUIRED)
 find_package(OpenSSL 3.0 REQUIRED COMPONENTS Crypto)  # libssl-dev: SHA-256
 # Open MPI (libopenmpi-dev): `mpirun -np K canopy ...` spreads the cache pass and training over

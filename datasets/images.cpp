@@ -3,6 +3,7 @@
 #include <jerror.h>
 #include <jpeglib.h>
 #include <png.h>
+#include <webp/decode.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -13,6 +14,7 @@
 #include <cstring>
 #include <fstream>
 #include <set>
+#include <string_view>
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -45,35 +47,77 @@ void check_pixels(const std::string& path, std::uint64_t width, std::uint64_t he
                "if the image is real");
 }
 
+struct PngError {
+  std::jmp_buf jump;
+  char message[256];
+};
+
+void png_error_exit(png_structp png, png_const_charp message) {
+  auto* err = static_cast<PngError*>(png_get_error_ptr(png));
+  std::snprintf(err->message, sizeof err->message, "%s", message);
+  std::longjmp(err->jump, 1);
+}
+
+// Warnings (an ancillary chunk's bad CRC, an unknown chunk, ...) are not errors, as in PIL.
+void png_warning_ignored(png_structp, png_const_charp) {}
+
+// The values stored, as PIL's Image.open(...).convert("RGB") reads them and torchvision's
+// ImageFolder gives them: palettes expanded, 1/2/4-bit grey scaled to 8 bits, alpha and tRNS
+// dropped (the colours kept, not composited), no gamma correction (a gAMA chunk is left
+// unapplied, as PIL leaves it), 16-bit samples reduced to their high byte (PIL's reading of
+// 16-bit RGB; its convert("RGB") of 16-bit grey clips at 255 instead, and would whiten a
+// depth map or an X-ray: canopy takes the high byte there too).
 at::Tensor decode_png(const std::string& path, std::int64_t max_pixels) {
-  png_image image;
-  std::memset(&image, 0, sizeof image);
-  image.version = PNG_IMAGE_VERSION;
-  CANOPY_CHECK(png_image_begin_read_from_file(&image, path.c_str()) != 0, DataError, "cannot decode PNG '",
-               path, "': ", image.message);
-  try {
-    check_pixels(path, image.width, image.height, max_pixels);
-  } catch (...) {
-    png_image_free(&image);
-    throw;
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  CANOPY_CHECK(f, DataError, "cannot open image '", path, "': ", std::strerror(errno));
+  PngError err;
+  err.message[0] = '\0';
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &err, png_error_exit, png_warning_ignored);
+  png_infop info = png ? png_create_info_struct(png) : nullptr;
+  if (!info) {
+    png_destroy_read_struct(png ? &png : nullptr, nullptr, nullptr);
+    std::fclose(f);
+    throw DataError(detail::str_cat("cannot decode PNG '", path, "': out of memory"));
   }
-  // 8-bit sRGB output, grey or RGB, with alpha when the file has it (dropped below, not
-  // composited: the colour values are kept as stored, as PIL's convert("RGB") does).
-  const bool color = (image.format & PNG_FORMAT_FLAG_COLOR) != 0;
-  const bool alpha = (image.format & PNG_FORMAT_FLAG_ALPHA) != 0;
-  image.format =
-      color ? (alpha ? PNG_FORMAT_RGBA : PNG_FORMAT_RGB) : (alpha ? PNG_FORMAT_GA : PNG_FORMAT_GRAY);
-  // In 64 bits: PNG_IMAGE_SIZE computes in 32 and wraps for images over 4 GiB (libpng then
-  // refuses them, after the wrapped buffer was allocated and zeroed).
-  std::vector<std::uint8_t> buffer(static_cast<std::size_t>(image.width) * image.height *
-                                   PNG_IMAGE_SAMPLE_CHANNELS(image.format));
-  if (png_image_finish_read(&image, nullptr, buffer.data(), 0, nullptr) == 0) {
-    const std::string message = image.message;
-    png_image_free(&image);
-    throw DataError(detail::str_cat("cannot decode PNG '", path, "': ", message));
+  // malloc'd: nothing with a destructor lives across setjmp.
+  std::uint8_t* volatile pixels = nullptr;
+  png_bytep* volatile rows = nullptr;
+  if (setjmp(err.jump)) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    std::fclose(f);
+    std::free(pixels);
+    std::free(rows);
+    throw DataError(detail::str_cat("cannot decode PNG '", path, "': ", err.message));
   }
-  const std::int64_t channels = PNG_IMAGE_SAMPLE_CHANNELS(image.format);
-  return to_chw(buffer.data(), image.height, image.width, channels, color ? 3 : 1);
+  png_init_io(png, f);
+  png_read_info(png, info);
+  const std::uint32_t width = png_get_image_width(png, info), height = png_get_image_height(png, info);
+  if (max_pixels > 0 && static_cast<std::uint64_t>(width) * height > static_cast<std::uint64_t>(max_pixels)) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    std::fclose(f);
+    check_pixels(path, width, height, max_pixels);
+  }
+  const int colour_type = png_get_color_type(png, info);
+  const bool colour = (colour_type & PNG_COLOR_MASK_COLOR) != 0;
+  if (png_get_bit_depth(png, info) == 16) png_set_strip_16(png);
+  if (colour_type == PNG_COLOR_TYPE_PALETTE)
+    png_set_palette_to_rgb(png);  // its tRNS becomes alpha: dropped below
+  if (colour_type == PNG_COLOR_TYPE_GRAY) png_set_expand_gray_1_2_4_to_8(png);
+  png_set_interlace_handling(png);
+  png_read_update_info(png, info);
+  const std::size_t row = png_get_rowbytes(png, info);
+  const std::int64_t channels = png_get_channels(png, info);
+  pixels = static_cast<std::uint8_t*>(std::malloc(row * height));
+  rows = static_cast<png_bytep*>(std::malloc(sizeof(png_bytep) * height));
+  if (!pixels || !rows) png_error(png, "out of memory");
+  for (std::uint32_t y = 0; y < height; ++y) rows[y] = pixels + row * y;
+  png_read_image(png, rows);
+  png_destroy_read_struct(&png, &info, nullptr);
+  std::fclose(f);
+  std::free(rows);
+  at::Tensor out = to_chw(pixels, height, width, channels, colour ? 3 : 1);
+  std::free(pixels);
+  return out;
 }
 
 struct JpegError {
@@ -160,27 +204,145 @@ at::Tensor decode_jpeg(const std::string& path, std::int64_t max_pixels) {
   return out;
 }
 
+at::Tensor decode_webp(const std::string& path, std::int64_t max_pixels) {
+  const std::string bytes = read_file(path);
+  const auto* data = reinterpret_cast<const std::uint8_t*>(bytes.data());
+  WebPBitstreamFeatures features;
+  const VP8StatusCode status = WebPGetFeatures(data, bytes.size(), &features);
+  CANOPY_CHECK(status == VP8_STATUS_OK, DataError, "cannot decode WebP '", path, "': ",
+               status == VP8_STATUS_NOT_ENOUGH_DATA ? "the file is cut short" : "not a valid WebP header");
+  CANOPY_CHECK(!features.has_animation, DataError, "WebP '", path,
+               "' is animated: canopy reads still images (save the frame you want as an image of its own)");
+  check_pixels(path, static_cast<std::uint64_t>(features.width), static_cast<std::uint64_t>(features.height),
+               max_pixels);
+  int w = 0, h = 0;
+  // RGB, alpha dropped with the colours kept as stored (PIL's convert("RGB") of its RGBA).
+  std::uint8_t* pixels = WebPDecodeRGB(data, bytes.size(), &w, &h);
+  CANOPY_CHECK(pixels != nullptr, DataError, "cannot decode WebP '", path,
+               "': the image data is damaged or cut short");
+  at::Tensor out = to_chw(pixels, h, w, 3, 3);
+  WebPFree(pixels);
+  return out;
+}
+
+// What a file that is none of the three is, from its first bytes ("" when unknown), to say so.
+std::string other_image_format(const unsigned char* m, std::size_t n) {
+  const auto starts = [&](std::string_view prefix, std::size_t at = 0) {
+    return n >= at + prefix.size() && std::memcmp(m + at, prefix.data(), prefix.size()) == 0;
+  };
+  using namespace std::string_view_literals;  // "\x00..."sv keeps its zero bytes
+  if (starts("BM"sv)) return "BMP";
+  if (starts("GIF8"sv)) return "GIF";
+  if (starts("II*\x00"sv) || starts("MM\x00*"sv)) return "TIFF";
+  if (starts("ftypavif"sv, 4) || starts("ftypavis"sv, 4)) return "AVIF";
+  for (const auto brand : {"ftypheic"sv, "ftypheix"sv, "ftyphevc"sv, "ftypmif1"sv, "ftypmsf1"sv})
+    if (starts(brand, 4)) return "HEIC";
+  if (starts("\xFF\x0A"sv) || starts("\x00\x00\x00\x0CJXL "sv)) return "JPEG XL";
+  if (n >= 2 && m[0] == 'P' && m[1] >= '1' && m[1] <= '6') return "PNM (Netpbm)";
+  return "";
+}
+
+const std::set<std::string>& readable_extensions() {
+  static const std::set<std::string> kReadable = {"png", "jpg", "jpeg", "webp"};
+  return kReadable;
+}
+
+// Image formats torchvision's ImageFolder or PIL takes that canopy does not decode: a class
+// folder holding them is refused, not read without them.
+const std::set<std::string>& unreadable_image_extensions() {
+  static const std::set<std::string> kUnreadable = {"bmp", "dib", "gif", "tif",  "tiff", "ppm",
+                                                    "pgm", "pbm", "pnm", "heic", "heif", "avif",
+                                                    "jxl", "jp2", "ico", "tga"};
+  return kUnreadable;
+}
+
+std::string extension_of(const std::string& name) {
+  const auto dot = name.rfind('.');
+  return dot == std::string::npos || dot == 0 ? "" : lower_ascii(name.substr(dot + 1));
+}
+
 }  // namespace
 
 bool is_hidden_entry(const std::string& name) { return !name.empty() && name[0] == '.'; }
 
 bool is_image_file_name(const std::string& name) {
-  const auto dot = name.rfind('.');
-  if (dot == std::string::npos) return false;
-  const std::string ext = lower_ascii(name.substr(dot + 1));
-  return ext == "png" || ext == "jpg" || ext == "jpeg";
+  return readable_extensions().count(extension_of(name)) > 0;
 }
 
 at::Tensor decode_image(const std::string& path, std::int64_t max_pixels) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   CANOPY_CHECK(f, DataError, "cannot open image '", path, "': ", std::strerror(errno));
-  unsigned char magic[8] = {0};
+  unsigned char magic[12] = {0};
   const std::size_t got = std::fread(magic, 1, sizeof magic, f);
   std::fclose(f);
-  if (got == 8 && png_sig_cmp(magic, 0, 8) == 0) return decode_png(path, max_pixels);
+  if (got >= 8 && png_sig_cmp(magic, 0, 8) == 0) return decode_png(path, max_pixels);
   if (got >= 3 && magic[0] == 0xFF && magic[1] == 0xD8 && magic[2] == 0xFF)
     return decode_jpeg(path, max_pixels);
-  throw DataError(detail::str_cat("image '", path, "' is neither PNG nor JPEG (", got, " byte(s) read)"));
+  if (got == 12 && std::memcmp(magic, "RIFF", 4) == 0 && std::memcmp(magic + 8, "WEBP", 4) == 0)
+    return decode_webp(path, max_pixels);
+  const std::string other = other_image_format(magic, got);
+  CANOPY_CHECK(other.empty(), DataError, "image '", path, "' is a ", other,
+               " file: canopy reads PNG, JPEG and WebP; convert it (in Python: "
+               "PIL.Image.open(path).convert(\"RGB\").save(new_path_ending_in_png))");
+  throw DataError(
+      detail::str_cat("image '", path, "' is neither PNG, JPEG nor WebP (", got, " byte(s) read)"));
+}
+
+ImageFiles find_image_files(const std::string& dir) {
+  CANOPY_CHECK(is_directory(dir), DataError, "image folder '", dir, "' is not a directory");
+  // torchvision's order: sorted(os.walk(dir, followlinks=True)), each folder's files sorted.
+  std::vector<std::pair<std::string, std::vector<std::string>>> folders;
+  ImageFiles out;
+  // Each folder with the real paths of the folders above it, to refuse a symlink loop.
+  std::vector<std::pair<std::string, std::vector<std::string>>> todo{{dir, {real_path(dir)}}};
+  while (!todo.empty()) {
+    auto [d, above] = std::move(todo.back());
+    todo.pop_back();
+    std::vector<std::string> files;
+    for (const auto& name : list_dir(d)) {
+      if (is_hidden_entry(name)) continue;
+      const std::string p = join_path(d, name);
+      if (is_directory(p)) {
+        const std::string real = real_path(p);
+        CANOPY_CHECK(std::find(above.begin(), above.end(), real) == above.end(), DataError, "image folder '",
+                     dir, "': '", p, "' leads back to '", real, "' above it (a symbolic link loop)");
+        auto chain = above;
+        chain.push_back(real);
+        todo.emplace_back(p, std::move(chain));
+        continue;
+      }
+      const std::string ext = extension_of(name);
+      if (readable_extensions().count(ext)) {
+        files.push_back(p);
+      } else if (unreadable_image_extensions().count(ext)) {
+        if (out.unreadable.empty()) out.first_unreadable = p;
+        ++out.unreadable["." + ext];
+      } else {
+        ++out.not_images[ext.empty() ? "" : "." + ext];
+      }
+    }
+    folders.emplace_back(d, std::move(files));
+  }
+  std::sort(folders.begin(), folders.end());
+  for (auto& [d, files] : folders) out.paths.insert(out.paths.end(), files.begin(), files.end());
+  return out;
+}
+
+std::string describe_counts(const std::map<std::string, std::int64_t>& counts) {
+  std::vector<std::string> parts;
+  for (const auto& [ext, n] : counts)
+    parts.push_back(detail::str_cat(n, " ", ext.empty() ? "without extension" : ext));
+  return join(parts, ", ");
+}
+
+void refuse_unreadable_images(const ImageFiles& files, const std::string& dir) {
+  std::int64_t n = 0;
+  for (const auto& kv : files.unreadable) n += kv.second;
+  CANOPY_CHECK(n == 0, DataError, "image folder '", dir, "' holds ", n, " image", n == 1 ? "" : "s",
+               " canopy does not decode (", describe_counts(files.unreadable),
+               "; the first: ", files.first_unreadable,
+               "): canopy reads PNG, JPEG and WebP (.png, .jpg, .jpeg, .webp); convert them (in Python: "
+               "PIL.Image.open(path).convert(\"RGB\").save(new_path_ending_in_png)) or move them out");
 }
 
 namespace {
@@ -276,21 +438,27 @@ ImageList read_image_folders(const std::string& dir, const std::string& class_di
     if (!is_hidden_entry(name) && is_directory(join_path(dir, name))) here.push_back(name);
   }
   std::sort(here.begin(), here.end());
+  const bool training = class_dir.empty() || class_dir == dir;
   for (const auto& cls : here) {
     const auto it = std::lower_bound(classes.begin(), classes.end(), cls);
     CANOPY_CHECK(it != classes.end() && *it == cls, DataError, "image folder '", join_path(dir, cls),
                  "' is a class that '", names_dir, "' lacks (its classes: ", join(classes, ", "), ")");
-    std::vector<std::string> files;
-    for (const auto& f : list_dir(join_path(dir, cls))) {
-      if (!is_hidden_entry(f) && is_image_file_name(f)) files.push_back(f);
-    }
-    std::sort(files.begin(), files.end());
-    for (const auto& f : files) {
-      out.paths.push_back(join_path(join_path(dir, cls), f));
+    ImageFiles files = find_image_files(join_path(dir, cls));
+    refuse_unreadable_images(files, join_path(dir, cls));
+    // As torchvision's ImageFolder refuses it: a head would learn a class it never saw.
+    CANOPY_CHECK(
+        !training || !files.paths.empty(), DataError, "class folder '", join_path(dir, cls),
+        "' holds no images (.png, .jpg, .jpeg, .webp)",
+        files.not_images.empty() ? "" : ", only other files (" + describe_counts(files.not_images) + ")",
+        ": a head would have a class it never saw; add its images or remove the folder");
+    for (auto& p : files.paths) {
+      out.paths.push_back(std::move(p));
       labels.push_back(it - classes.begin());
     }
+    for (const auto& [ext, n] : files.not_images) out.not_images[ext] += n;
   }
-  CANOPY_CHECK(!out.paths.empty(), DataError, "image folder '", dir, "' holds no .png, .jpg or .jpeg files");
+  CANOPY_CHECK(!out.paths.empty(), DataError, "image folder '", dir,
+               "' holds no .png, .jpg, .jpeg or .webp files");
   return out;
 }
 

@@ -590,6 +590,11 @@ InputData load_image_files(const JobConfig& config) {
   InputData data;
   for (const std::string split : {"train", "test"}) {
     datasets::ImageList list = read_image_list(config, split);
+    if (!list.not_images.empty()) {
+      log_info(detail::str_cat("image folder '", split == "train" ? config.data.train : config.data.test,
+                               "': left out files that are not images (",
+                               datasets::describe_counts(list.not_images), ")"));
+    }
     InputSplit s =
         image_file_split(list, kept_rows(list, config.data.source, limit_for(config.data, split)), config);
     if (split == "train") {
@@ -715,26 +720,15 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
   } else if (reads_image_files(config.data)) {
     std::vector<std::string> paths;
     if (is_directory(path)) {
-      std::vector<std::string> todo{path};
-      while (!todo.empty()) {
-        const std::string d = todo.back();
-        todo.pop_back();
-        for (const auto& name : list_dir(d)) {
-          if (datasets::is_hidden_entry(name)) continue;
-          const std::string p = join_path(d, name);
-          if (is_directory(p))
-            todo.push_back(p);
-          else if (datasets::is_image_file_name(name))
-            paths.push_back(p);
-        }
-      }
-      std::sort(paths.begin(), paths.end());
+      const datasets::ImageFiles files = datasets::find_image_files(path);
+      datasets::refuse_unreadable_images(files, path);
+      paths = files.paths;
     } else if (const auto table = datasets::table_format(path)) {
       paths = datasets::read_image_table_paths({path, *table});
     } else {
       paths.push_back(path);
     }
-    CANOPY_CHECK(!paths.empty(), DataError, "'", path, "' holds no .png, .jpg or .jpeg images");
+    CANOPY_CHECK(!paths.empty(), DataError, "'", path, "' holds no .png, .jpg, .jpeg or .webp images");
     keep_first(paths);
     set_image_file_inputs(s, std::move(paths), config);
   } else {
@@ -945,7 +939,12 @@ std::string describe_inputs(const JobConfig& c) {
         << ";test_limit=" << c.data.test_limit
         << ";train=" << (csv ? file_stamp(data_table(c.data, c.data.train).path) : c.data.train)
         << ";test=" << (csv ? file_stamp(data_table(c.data, c.data.test).path) : c.data.test)
-        << ";images_sha256=" << describe_image_files(c) << "\nlabels="
+        << ";images_sha256="
+        << describe_image_files(c)
+        // Since 2026-12-07 (before: libpng's simplified API, which applied a PNG's gamma and
+        // took 16-bit samples as linear light).
+        << ";decoded=as PIL's convert(\"RGB\") (PNG: stored values, no gamma; 16-bit: the high byte)"
+        << "\nlabels="
         << (c.data.source == "image-csv"    ? "the CSV's label columns" + lists_described(c.data)
             : c.data.source == "image-json" ? "the JSON manifest's label columns" + lists_described(c.data)
                                             : std::string("class (sorted folder names)"))

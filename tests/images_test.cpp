@@ -1,9 +1,10 @@
-// PNG and JPEG decoding against images encoded here with libpng and libjpeg, and the CSV
-// manifest and class-folder listings. The end-to-end check that an image set gives the same
+// PNG, JPEG and WebP decoding against images encoded here with libpng, libjpeg and libwebp,
+// and the CSV manifest and class-folder listings. The end-to-end check that an image set gives the same
 // features as the idx files it came from is in tests/python/test_images.py.
 #include <gtest/gtest.h>
 #include <jpeglib.h>
 #include <png.h>
+#include <webp/encode.h>
 
 #include <cstdio>
 #include <cstring>
@@ -36,6 +37,40 @@ void write_png(const std::string& path, const std::vector<std::uint8_t>& hwc, in
                  : c == 3 ? PNG_FORMAT_RGB
                           : PNG_FORMAT_RGBA;
   ASSERT_NE(png_image_write_to_file(&image, path.c_str(), 0, hwc.data(), 0, nullptr), 0) << image.message;
+}
+
+// A PNG as libpng's full API writes it: rows of samples as stored (16-bit big-endian), any
+// bit depth, colour type and interlacing, a gAMA chunk (gamma > 0), a palette and a tRNS.
+struct PngSpec {
+  int w = 0, h = 0, bit_depth = 8, colour_type = PNG_COLOR_TYPE_RGB;
+  bool adam7 = false;
+  double gamma = 0;
+  std::vector<png_color> palette;
+  std::vector<png_byte> trns;
+};
+void write_png_rows(const std::string& path, const PngSpec& spec, const std::vector<std::uint8_t>& data) {
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  ASSERT_NE(f, nullptr);
+  png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
+  png_infop info = png_create_info_struct(png);
+  ASSERT_EQ(setjmp(png_jmpbuf(png)), 0);
+  png_init_io(png, f);
+  png_set_IHDR(png, info, spec.w, spec.h, spec.bit_depth, spec.colour_type,
+               spec.adam7 ? PNG_INTERLACE_ADAM7 : PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,
+               PNG_FILTER_TYPE_DEFAULT);
+  if (spec.gamma > 0) png_set_gAMA(png, info, spec.gamma);
+  if (!spec.palette.empty())
+    png_set_PLTE(png, info, spec.palette.data(), static_cast<int>(spec.palette.size()));
+  if (!spec.trns.empty())
+    png_set_tRNS(png, info, spec.trns.data(), static_cast<int>(spec.trns.size()), nullptr);
+  png_write_info(png, info);
+  const std::size_t row = data.size() / spec.h;
+  std::vector<png_bytep> rows;
+  for (int y = 0; y < spec.h; ++y) rows.push_back(const_cast<std::uint8_t*>(data.data()) + row * y);
+  png_write_image(png, rows.data());
+  png_write_end(png, nullptr);
+  png_destroy_write_struct(&png, &info);
+  std::fclose(f);
 }
 
 void write_jpeg(const std::string& path, const std::vector<std::uint8_t>& hwc, int h, int w, int c) {
@@ -94,6 +129,119 @@ TEST(Images, PngDecodesExactlyInEveryColourType) {
   }
 }
 
+// The values stored, as PIL reads them (tests/python/test_images.py checks them against PIL
+// itself): no gamma applied, 16-bit samples' high byte, palettes and low bit depths expanded,
+// interlaced rows in place.
+TEST(Images, PngGivesTheStoredValuesAsPilReadsThem) {
+  testing::TempDir dir;
+  const int h = 7, w = 11;
+  std::vector<std::uint8_t> rgb16(h * w * 3 * 2), grey16(h * w * 2);
+  for (std::size_t i = 0; i < rgb16.size(); ++i) rgb16[i] = static_cast<std::uint8_t>(i * 37 + 11);
+  for (std::size_t i = 0; i < grey16.size(); ++i) grey16[i] = static_cast<std::uint8_t>(i * 53 + 5);
+  const auto high_bytes = [](const std::vector<std::uint8_t>& v) {
+    std::vector<std::uint8_t> out;
+    for (std::size_t i = 0; i < v.size(); i += 2) out.push_back(v[i]);
+    return out;
+  };
+  const auto px = picture(h, w, 3);
+  struct Case {
+    const char* what;
+    PngSpec spec;
+    std::vector<std::uint8_t> data, want;
+    int c;
+  };
+  // 2-bit grey: four pixels a byte, 0..3 scaled to 0, 85, 170, 255.
+  std::vector<std::uint8_t> grey2, grey2_want;
+  for (int y = 0; y < h; ++y) {
+    for (int x = 0; x < 12; x += 4) {
+      std::uint8_t b = 0;
+      for (int k = 0; k < 4; ++k) {
+        const int v = (x + k + y) % 4;
+        b = static_cast<std::uint8_t>(b | (v << (6 - 2 * k)));
+        if (x + k < w) grey2_want.push_back(static_cast<std::uint8_t>(v * 85));
+      }
+      grey2.push_back(b);
+    }
+  }
+  // A 4-entry palette with a tRNS: the colours, the transparency dropped.
+  const std::vector<png_color> palette = {{200, 10, 10}, {10, 200, 10}, {10, 10, 200}, {90, 90, 90}};
+  std::vector<std::uint8_t> indices, indexed_want;
+  for (int i = 0; i < h * w; ++i) {
+    indices.push_back(static_cast<std::uint8_t>(i % 4));
+    for (const auto v : {palette[i % 4].red, palette[i % 4].green, palette[i % 4].blue})
+      indexed_want.push_back(v);
+  }
+  const std::vector<Case> cases = {
+      {"8-bit RGB with gAMA 1.0 (linear light): no gamma applied",
+       {w, h, 8, PNG_COLOR_TYPE_RGB, false, 1.0, {}, {}},
+       px,
+       px,
+       3},
+      {"8-bit RGB with gAMA 1/1.8, interlaced",
+       {w, h, 8, PNG_COLOR_TYPE_RGB, true, 1 / 1.8, {}, {}},
+       px,
+       px,
+       3},
+      {"16-bit RGB: the high bytes",
+       {w, h, 16, PNG_COLOR_TYPE_RGB, false, 0, {}, {}},
+       rgb16,
+       high_bytes(rgb16),
+       3},
+      {"16-bit grey: the high bytes (PIL clips at 255)",
+       {w, h, 16, PNG_COLOR_TYPE_GRAY, false, 0, {}, {}},
+       grey16,
+       high_bytes(grey16),
+       1},
+      {"2-bit grey", {w, h, 2, PNG_COLOR_TYPE_GRAY, false, 0, {}, {}}, grey2, grey2_want, 1},
+      {"a palette with a tRNS",
+       {w, h, 8, PNG_COLOR_TYPE_PALETTE, false, 0, palette, {0, 128, 255, 7}},
+       indices,
+       indexed_want,
+       3},
+  };
+  for (const auto& k : cases) {
+    SCOPED_TRACE(k.what);
+    write_png_rows(dir.file("p.png"), k.spec, k.data);
+    const at::Tensor got = decode_image(dir.file("p.png"));
+    const at::Tensor want = chw(k.want, h, w, k.c, k.c);
+    ASSERT_EQ(got.sizes(), want.sizes());
+    EXPECT_TRUE(testing::bitwise_equal(got, want))
+        << (got.to(at::kInt) - want.to(at::kInt)).abs().max().item<int>();
+  }
+}
+
+// Lossless WebP gives its pixels back exactly (an RGBA one its colours, alpha dropped); lossy
+// WebP is close. Bitwise against PIL in tests/python/test_images.py.
+TEST(Images, WebPDecodes) {
+  testing::TempDir dir;
+  const int h = 21, w = 17;
+  const auto write = [&](const std::string& name, std::uint8_t* bytes, std::size_t n) {
+    ASSERT_GT(n, 0U);
+    std::ofstream(dir.file(name), std::ios::binary).write(reinterpret_cast<const char*>(bytes), n);
+    WebPFree(bytes);
+  };
+  const auto px = picture(h, w, 3), rgba = picture(h, w, 4);
+  std::uint8_t* out = nullptr;
+  write("lossless.webp", out, WebPEncodeLosslessRGB(px.data(), w, h, w * 3, &out));
+  write("alpha.webp", out, WebPEncodeLosslessRGBA(rgba.data(), w, h, w * 4, &out));
+  write("lossy.webp", out, WebPEncodeRGB(px.data(), w, h, w * 3, 90, &out));
+  EXPECT_TRUE(testing::bitwise_equal(decode_image(dir.file("lossless.webp")), chw(px, h, w, 3, 3)));
+  EXPECT_TRUE(testing::bitwise_equal(decode_image(dir.file("alpha.webp")), chw(rgba, h, w, 4, 3)));
+  const at::Tensor lossy = decode_image(dir.file("lossy.webp"));
+  ASSERT_EQ(lossy.sizes(), (at::IntArrayRef{3, h, w}));
+  EXPECT_LT((lossy.to(at::kFloat) - chw(px, h, w, 3, 3).to(at::kFloat)).abs().mean().item<double>(), 3.0);
+  // Told apart by content: a WebP named .png is read as WebP.
+  std::rename(dir.file("lossless.webp").c_str(), dir.file("l.png").c_str());
+  EXPECT_TRUE(testing::bitwise_equal(decode_image(dir.file("l.png")), chw(px, h, w, 3, 3)));
+  const std::string bytes = read_file(dir.file("l.png"));
+  std::ofstream(dir.file("cut.webp"), std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file("cut.webp")); },
+                                              {"cannot decode WebP", "cut.webp"}));
+  EXPECT_TRUE(
+      testing::throws_with<DataError>([&] { decode_image(dir.file("lossy.webp"), 100); },
+                                      {"lossy.webp", "17 x 21 = 357 pixels", "max_image_pixels = 100"}));
+}
+
 TEST(Images, JpegDecodesCloseToWhatWasEncoded) {
   testing::TempDir dir;
   for (int c : {1, 3}) {
@@ -115,7 +263,21 @@ TEST(Images, BrokenFilesAreClearErrors) {
   testing::TempDir dir;
   std::ofstream(dir.file("text.png")) << "not an image at all";
   EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file("text.png")); },
-                                              {"text.png", "neither PNG nor JPEG"}));
+                                              {"text.png", "neither PNG, JPEG nor WebP"}));
+  // Formats PIL reads and canopy does not are named, with the way to convert them.
+  for (const auto& [bytes, format] : std::vector<std::pair<std::string, std::string>>{
+           {"GIF89a\x01\x00\x01\x00", "a GIF file"},
+           {"BM\x3a\x00\x00\x00", "a BMP file"},
+           {std::string("II*\x00\x08\x00\x00\x00", 8), "a TIFF file"},
+           {std::string("\x00\x00\x00\x1c"
+                        "ftypheic",
+                        12),
+            "a HEIC file"}}) {
+    std::ofstream(dir.file("other.jpg"), std::ios::binary) << bytes;
+    EXPECT_TRUE(
+        testing::throws_with<DataError>([&] { decode_image(dir.file("other.jpg")); },
+                                        {"other.jpg", format, "canopy reads PNG, JPEG and WebP", "convert"}));
+  }
   EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file("none.png")); },
                                               {"cannot open", "none.png", "No such file or directory"}));
   for (const char* name : {"cut.png", "cut.jpg"}) {
@@ -278,6 +440,7 @@ TEST(Images, ClassFoldersNumberClassesBySortedName) {
                                                    dir.file("train/zebra/1.PNG")}));
   EXPECT_EQ(train.labels.at("class"), (std::vector<std::int64_t>{0, 0, 1}));
   EXPECT_EQ(train.class_names.at("class"), (std::vector<std::string>{"ant", "zebra"}));
+  EXPECT_EQ(train.not_images, (std::map<std::string, std::int64_t>{{".txt", 1}}));
   EXPECT_EQ(read_image_folders(dir.file("test"), dir.file("train")).labels.at("class"),
             (std::vector<std::int64_t>{0}));
   make_dirs(dir.file("test/bee"));
@@ -285,6 +448,48 @@ TEST(Images, ClassFoldersNumberClassesBySortedName) {
       [&] { read_image_folders(dir.file("test"), dir.file("train")); }, {"bee", "ant, zebra"}));
   EXPECT_TRUE(
       testing::throws_with<DataError>([&] { read_image_folders(dir.file("nope")); }, {"not a directory"}));
+  // A training class without images is refused, as torchvision's ImageFolder refuses it; a
+  // test split may lack a class.
+  make_dirs(dir.file("train/bee"));
+  std::ofstream(dir.file("train/bee/README")) << "x";
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { read_image_folders(dir.file("train")); },
+                                              {"class folder '" + dir.file("train/bee") + "' holds no images",
+                                               "only other files (1 without extension)"}));
+  make_dirs(dir.file("test/ant"));
+  std::ofstream(dir.file("train/bee/b.webp")) << "x";
+  EXPECT_EQ(read_image_folders(dir.file("test"), dir.file("train")).paths.size(), 1U);
+}
+
+// Sub-folders of a class are read, in torchvision's ImageFolder order (sorted(os.walk(...)):
+// a folder's files before its sub-folders' when its path sorts first), through symbolic links;
+// a link back up is refused, and so are images canopy does not decode, not left out.
+TEST(Images, ClassFoldersReadTheirSubFoldersInTorchvisionsOrder) {
+  testing::TempDir dir;
+  for (const char* d : {"train/cat/a", "train/cat/a b", "train/cat/a/z", "train/dog", "other"})
+    make_dirs(dir.file(d));
+  for (const char* f : {"train/cat/b.png", "train/cat/a/x.png", "train/cat/a b/y.jpg", "train/cat/a/z/q.webp",
+                        "train/cat/Z.png", "train/dog/k.png", "other/m.png"}) {
+    std::ofstream(dir.file(f)) << "x";
+  }
+  make_symlink(dir.file("other"), dir.file("train/dog/linked"));
+  const ImageList train = read_image_folders(dir.file("train"));
+  EXPECT_EQ(train.paths,
+            (std::vector<std::string>{dir.file("train/cat/Z.png"), dir.file("train/cat/b.png"),
+                                      dir.file("train/cat/a/x.png"), dir.file("train/cat/a b/y.jpg"),
+                                      dir.file("train/cat/a/z/q.webp"), dir.file("train/dog/k.png"),
+                                      dir.file("train/dog/linked/m.png")}));
+  EXPECT_EQ(train.labels.at("class"), (std::vector<std::int64_t>{0, 0, 0, 0, 0, 1, 1}));
+  make_symlink(dir.file("train/cat"), dir.file("train/cat/a/z/up"));
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { read_image_folders(dir.file("train")); },
+      {"'" + dir.file("train/cat/a/z/up") + "' leads back to", "a symbolic link loop"}));
+  remove_symlink(dir.file("train/cat/a/z/up"));
+  for (const char* f : {"train/dog/scan.TIFF", "train/dog/linked/anim.gif", "train/dog/old.gif"})
+    std::ofstream(dir.file(f)) << "x";
+  EXPECT_TRUE(testing::throws_with<DataError>(
+      [&] { read_image_folders(dir.file("train")); },
+      {"image folder '" + dir.file("train/dog") + "' holds 3 images canopy does not decode (2 .gif, 1 .tiff",
+       "the first: " + dir.file("train/dog/old.gif"), "PIL.Image.open(path).convert(\"RGB\")"}));
 }
 
 // The crop box is torchvision's RandomResizedCrop.get_params: cases worked by hand, and the

@@ -17,7 +17,12 @@ manifests and on the folders with the same tiny trunk; h5py reads the three cach
   * `canopy evaluate` over class folders and CSV manifests scores heads on the classes as
     training numbered them (a folder of two of the classes: as predict's answers);
   * CMYK JPEGs decode as PIL's Image.convert("RGB") decodes them: their cache equals, bitwise,
-    one of PNGs holding PIL's RGB pixels of the same files.
+    one of PNGs holding PIL's RGB pixels of the same files;
+  * so do the other kinds of PNG, JPEG and WebP files PIL writes (palettes with transparency,
+    grey with alpha, 1-bit, 16-bit, gamma chunks, progressive JPEG, lossy and lossless WebP,
+    with alpha), in class folders with sub-folders read in torchvision's ImageFolder order;
+    16-bit grey gives its high byte (PIL clips it at 255); an animated WebP and a GIF are
+    refused, naming the file.
 """
 import csv
 import io
@@ -294,6 +299,7 @@ def main():
     check(r.returncode == 1 and "latin.csv: row 5: the class name 'Caf\\xe9' is not UTF-8" in r.stderr,
           f"a Latin-1 class name in a CSV is refused, naming its row: {r.stderr.strip()[-200:]}")
     check_cmyk(canopy, work, trunk)
+    check_formats(canopy, work, trunk)
     return finish()
 
 
@@ -487,6 +493,127 @@ def check_cmyk(canopy, work, trunk):
                         "--progress", "quiet"], capture_output=True, text=True)
     check(r.returncode == 0 and p.returncode == 2 and "task 'id' would write a second column 'id' (id,path,c,id)"
           in p.stderr and p.stdout == "", f"predict refuses a task named id ({p.stderr.strip()[-120:]})")
+
+
+def write_png16(path, arr):
+    """A 16-bit PNG (grey [H, W, 1] or RGB [H, W, 3]), big-endian samples as PNG stores them."""
+    h, w, c = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0 if c == 1 else 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def check_formats(canopy, work, trunk):
+    """The PNG, JPEG and WebP files users have, as PIL writes them, against PIL's RGB pixels of
+    them, in class folders with sub-folders against torchvision's ImageFolder order."""
+    from PIL import Image, PngImagePlugin
+    from torchvision.datasets import ImageFolder
+    rng = np.random.default_rng(1)
+
+    def gamma(g):
+        info = PngImagePlugin.PngInfo()
+        info.add(b"gAMA", struct.pack(">I", round(g * 100000)))
+        return info
+
+    def write(path, kind):
+        img = Image.fromarray(rng.integers(0, 256, (29, 23, 3), dtype=np.uint8))  # odd sizes, every value
+        if kind == "palette+tRNS":
+            img.convert("P", palette=Image.ADAPTIVE, colors=64).save(path + ".png", transparency=3)
+        elif kind == "RGBA":
+            img = img.convert("RGBA")
+            img.putalpha(Image.fromarray(rng.integers(0, 256, (29, 23), dtype=np.uint8)))
+            img.save(path + ".png")
+        elif kind in ("LA", "1", "L"):
+            img.convert(kind).save(path + ".png")
+        elif kind == "gamma 1.0":
+            img.save(path + ".png", pnginfo=gamma(1.0))
+        elif kind == "gamma 1/1.8":
+            img.save(path + ".png", pnginfo=gamma(1 / 1.8))
+        elif kind == "RGB 16-bit":
+            write_png16(path + ".png", rng.integers(0, 65536, (29, 23, 3), dtype=np.uint16))
+        elif kind == "grey 16-bit":
+            write_png16(path + ".png", rng.integers(0, 65536, (29, 23, 1), dtype=np.uint16))
+        elif kind == "progressive JPEG":
+            img.save(path + ".jpg", quality=90, progressive=True)
+        elif kind == "grey JPEG":
+            img.convert("L").save(path + ".JPEG", quality=90)
+        elif kind == "JPEG 4:4:4":
+            img.save(path + ".jpg", quality=90, subsampling=0)
+        elif kind == "lossy WebP":
+            img.save(path + ".webp", quality=80)
+        elif kind == "lossless WebP":
+            img.save(path + ".webp", lossless=True)
+        elif kind == "lossy WebP with alpha":
+            img = img.convert("RGBA")
+            img.putalpha(Image.fromarray(rng.integers(0, 256, (29, 23), dtype=np.uint8)))
+            img.save(path + ".webp", quality=80)
+    kinds = ["palette+tRNS", "RGBA", "LA", "1", "L", "gamma 1.0", "gamma 1/1.8", "RGB 16-bit", "grey 16-bit",
+             "progressive JPEG", "grey JPEG", "JPEG 4:4:4", "lossy WebP", "lossless WebP", "lossy WebP with alpha"]
+    # Each kind in both classes, in the class folder or a sub-folder of it (or two deep).
+    for split in ("train", "test"):
+        for k, kind in enumerate(kinds):
+            for cls in ("c0", "c1"):
+                sub = ("", "sub", "sub/deeper", "a b")[k % 4]
+                folder = os.path.join(work, "formats", split, cls, sub)
+                os.makedirs(folder, exist_ok=True)
+                write(os.path.join(folder, f"{k:02d}"), kind)
+        with open(os.path.join(work, "formats", split, "c0", "notes.txt"), "w") as f:
+            f.write("not an image\n")
+    # PIL's RGB pixels of each, in ImageFolder's order (hidden entries and notes are not images).
+    for split in ("train", "test"):
+        samples = ImageFolder(os.path.join(work, "formats", split),
+                              is_valid_file=lambda p: p.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))).samples
+        check(len(samples) == 2 * len(kinds), f"{split}: every file is an ImageFolder sample ({len(samples)})")
+        for i, (path, cls) in enumerate(samples):
+            out = os.path.join(work, "formats-pil", split, f"c{cls}", f"{i:03d}.png")
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            img = Image.open(path)
+            if img.mode == "I;16":  # PIL's convert("RGB") clips 16-bit grey at 255; canopy takes the high byte
+                img = Image.fromarray((np.array(img) >> 8).astype(np.uint8))
+            img.convert("RGB").save(out)
+    feats = {}
+    for kind in ("formats", "formats-pil"):
+        data = f"source = image-folders\ntrain = {work}/{kind}/train\ntest = {work}/{kind}/test"
+        r = subprocess.run([canopy, "cache", "--config", config(work, trunk, kind + "-cache", data)],
+                           capture_output=True, text=True)
+        check(r.returncode == 0, f"canopy cache of the {kind} images ({r.stderr.strip()[-300:]})")
+        with h5py.File(f"{work}/{kind}-cache/cache.h5", "r") as h:
+            feats[kind] = {split: h[f"{split}/features"][:] for split in ("train", "test")}
+        if kind == "formats":
+            check(f"image folder '{work}/formats/train': left out files that are not images (1 .txt)" in r.stderr,
+                  f"the file that is no image is said to be left out ({r.stderr.strip()[-300:]})")
+    for split in ("train", "test"):
+        got, want = feats["formats"][split], feats["formats-pil"][split]
+        same = [bool(np.array_equal(g, w)) for g, w in zip(got, want)]
+        check(got.shape == want.shape and all(same),
+              f"{split}: {len(kinds)} kinds of PNG, JPEG and WebP file in sub-folders give, bitwise and in "
+              f"ImageFolder's order, the features of PIL's RGB pixels of them (rows differing: "
+              f"{[i for i, ok in enumerate(same) if not ok]})")
+    # Refused, naming the file: an animated WebP (PIL would read its first frame) and a GIF.
+    frames = [Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)) for _ in range(2)]
+    frames[0].save(f"{work}/anim.webp", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(f"{work}/still.gif")
+    with open(f"{work}/formats-cache.ini", "a") as f:
+        f.write(f"[train]\nout_dir = {work}/formats-out\nepochs = 1\n[task.c]\nhead = linear\n")
+    r = subprocess.run([canopy, "train", "--config", f"{work}/formats-cache.ini", "--progress", "quiet"],
+                       capture_output=True, text=True)
+    check(r.returncode == 0, f"a head trains on them ({r.stderr.strip()[-200:]})")
+    for path, said in ((f"{work}/anim.webp", "is animated"), (f"{work}/still.gif", "is a GIF file")):
+        r = subprocess.run([canopy, "predict", "--config", f"{work}/formats-cache.ini", "--input", path,
+                            "--progress", "quiet"], capture_output=True, text=True)
+        check(r.returncode == 1 and path in r.stderr and said in r.stderr and len(r.stdout.splitlines()) <= 1,
+              f"predict refuses {os.path.basename(path)}, saying it {said}, with no answer written "
+              f"({r.stdout.splitlines()[1:2]}, {r.stderr.strip()[-200:]})")
+    # A GIF among a class's images: the folder is refused, not read without it.
+    os.replace(f"{work}/still.gif", f"{work}/formats/test/c1/sub/still.gif")
+    r = subprocess.run([canopy, "evaluate", "--config", f"{work}/formats-cache.ini", "--input",
+                        f"{work}/formats/test", "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 1 and "holds 1 image canopy does not decode (1 .gif; the first: "
+          f"{work}/formats/test/c1/sub/still.gif)" in r.stderr, f"a class folder with a GIF is refused ({r.stderr.strip()[-300:]})")
 
 
 if __name__ == "__main__":

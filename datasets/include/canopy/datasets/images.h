@@ -1,4 +1,5 @@
-// Image files users actually have: PNG and JPEG decoding (libpng, libjpeg-turbo), and the
+// Image files users actually have: PNG, JPEG and WebP decoding (libpng, libjpeg-turbo,
+// libwebp) to the pixels PIL gives, and the
 // common ways to list a labelled image set — a CSV or JSON manifest and class folders.
 #pragma once
 
@@ -14,23 +15,45 @@
 
 namespace canopy::datasets {
 
-// Decodes a PNG or JPEG file (told apart by its first bytes, not its name) into uint8
-// [C, H, W] with C = 1 (grey) or 3 (RGB): palettes are expanded, 16-bit samples reduced to
-// 8, alpha dropped, CMYK JPEGs refused. A file that is neither, or is truncated or corrupt,
-// is a DataError naming it. So is an image of more than `max_pixels` pixels (width x height;
-// 0: no limit), checked from its header before any memory is taken for it: a few kilobytes of
-// PNG can declare gigabytes of pixels. The default is PIL's decompression-bomb limit.
+// Decodes a PNG, JPEG or WebP file (told apart by its first bytes, not its name) into uint8
+// [C, H, W] with C = 1 (grey) or 3 (RGB), the values PIL's Image.open(path).convert("RGB")
+// gives: palettes expanded, alpha dropped (colours kept as stored), a PNG's gamma not applied,
+// 16-bit samples reduced to their high byte (PIL clips 16-bit grey at 255 instead), CMYK JPEGs
+// converted as PIL converts them. A file that is none of them (a BMP, GIF, TIFF, ... is named
+// as such), an animated WebP, or a truncated or corrupt file is a DataError naming it. So is an image of more
+// than `max_pixels` pixels (width x height; 0: no limit), checked from its header before any memory is taken
+// for it: a few kilobytes of PNG can declare gigabytes of pixels. The default is PIL's decompression-bomb
+// limit.
 at::Tensor decode_image(const std::string& path, std::int64_t max_pixels = kDefaultMaxImagePixels);
 
-// Whether a file name ends in .png, .jpg or .jpeg (any case).
+// Whether a file name ends in .png, .jpg, .jpeg or .webp (any case).
 bool is_image_file_name(const std::string& name);
 // Whether a directory entry is hidden (its name starts with a dot): not data. A notebook's
 // .ipynb_checkpoints folder would be a class, macOS's ._name.jpg resource forks are not JPEGs.
 bool is_hidden_entry(const std::string& name);
 
+// The files under a folder and its sub-folders (symbolic links followed; hidden entries left
+// out), in torchvision's ImageFolder order: folders in sorted order of their paths
+// (sorted(os.walk(dir))), each one's files sorted by name.
+struct ImageFiles {
+  std::vector<std::string> paths;                  // .png, .jpg, .jpeg, .webp (any case)
+  std::map<std::string, std::int64_t> unreadable;  // images of formats canopy does not decode, per extension
+  std::string first_unreadable;                    // the first of them found
+  std::map<std::string, std::int64_t> not_images;  // other files, per extension (".txt"; "": none)
+};
+// A symbolic link leading back to a folder above it is a DataError, as is `dir` not a folder.
+ImageFiles find_image_files(const std::string& dir);
+// A DataError naming the images `files` holds that canopy does not decode (BMP, GIF, TIFF,
+// ...), how many of each and the first, and how to convert them; nothing when there are none.
+// A folder read without them would be a data set silently smaller than the user's.
+void refuse_unreadable_images(const ImageFiles& files, const std::string& dir);
+// "1 without extension, 2 .txt": counts per extension (from ImageFiles), for messages.
+std::string describe_counts(const std::map<std::string, std::int64_t>& counts);
+
 // A labelled list of image files.
 struct ImageList : LabelColumns {
-  std::vector<std::string> paths;  // absolute or relative to the cwd
+  std::vector<std::string> paths;                  // absolute or relative to the cwd
+  std::map<std::string, std::int64_t> not_images;  // class folders: other files left out, per extension
 };
 
 // A manifest: a CSV or JSON table (csv.h) with a column `path` (else `file_name`, as Hugging
@@ -47,10 +70,12 @@ inline ImageList read_image_csv(const std::string& csv, const std::string& name_
 // Only a manifest's paths (predict): a table of one column `path` (or `file_name`) will do.
 std::vector<std::string> read_image_table_paths(const TableFile& file);
 
-// Class folders: `dir/<class>/<image>`, every class a sub-directory, files with the
-// extensions .png, .jpg, .jpeg (any case) in sorted order. Classes are numbered in sorted
-// order of the folder names in `class_dir` (the training folder, so train and test agree).
-// One label source, "class".
+// Class folders: `dir/<class>/.../<image>`, every class a sub-directory, its images those
+// find_image_files finds under it (its sub-folders too, as torchvision's ImageFolder reads
+// them), in that order. Classes are numbered in sorted order of the folder names in
+// `class_dir` (the training folder, so train and test agree). One label source, "class".
+// Images canopy does not decode are refused (refuse_unreadable_images), and so is a training
+// class folder without images (a test split may lack a class).
 ImageList read_image_folders(const std::string& dir, const std::string& class_dir = "");
 
 }  // namespace canopy::datasets
