@@ -17,6 +17,7 @@
 #include <string_view>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/flip.h>
 #include <ATen/ops/from_blob.h>
 
 #include "canopy/core/error.h"
@@ -47,6 +48,37 @@ void check_pixels(const std::string& path, std::uint64_t width, std::uint64_t he
                "if the image is real");
 }
 
+// The orientation (1-8) TIFF-laid-out EXIF data records in its first IFD (tag 0x0112); 1
+// when it records none, or a value PIL's ImageOps.exif_transpose would not act on.
+int orientation_in_exif(const std::uint8_t* d, std::size_t n) {
+  if (n >= 6 && std::memcmp(d, "Exif\0\0", 6) == 0) {  // the APP1 header, kept by some WebP writers
+    d += 6;
+    n -= 6;
+  }
+  if (n < 8) return 1;
+  const bool le = d[0] == 'I' && d[1] == 'I';
+  if (!le && !(d[0] == 'M' && d[1] == 'M')) return 1;
+  const auto u16 = [&](std::size_t at) -> std::uint32_t {
+    return le ? d[at] | (d[at + 1] << 8) : (d[at] << 8) | d[at + 1];
+  };
+  const auto u32 = [&](std::size_t at) -> std::uint32_t {
+    return le ? u16(at) | (u16(at + 2) << 16) : (u16(at) << 16) | u16(at + 2);
+  };
+  if (u16(2) != 42) return 1;
+  const std::uint64_t ifd = u32(4);
+  if (ifd + 2 > n) return 1;
+  const std::uint32_t entries = u16(ifd);
+  for (std::uint32_t i = 0; i < entries; ++i) {
+    const std::uint64_t e = ifd + 2 + 12ULL * i;
+    if (e + 12 > n) break;
+    if (u16(e) != 0x0112) continue;
+    const std::uint32_t type = u16(e + 2);
+    const std::uint32_t v = type == 3 ? u16(e + 8) : type == 4 ? u32(e + 8) : 0;  // SHORT (as written), LONG
+    return v >= 1 && v <= 8 ? static_cast<int>(v) : 1;
+  }
+  return 1;
+}
+
 struct PngError {
   std::jmp_buf jump;
   char message[256];
@@ -67,7 +99,7 @@ void png_warning_ignored(png_structp, png_const_charp) {}
 // unapplied, as PIL leaves it), 16-bit samples reduced to their high byte (PIL's reading of
 // 16-bit RGB; its convert("RGB") of 16-bit grey clips at 255 instead, and would whiten a
 // depth map or an X-ray: canopy takes the high byte there too).
-at::Tensor decode_png(const std::string& path, std::int64_t max_pixels) {
+DecodedImage decode_png(const std::string& path, std::int64_t max_pixels) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   CANOPY_CHECK(f, DataError, "cannot open image '", path, "': ", std::strerror(errno));
   PngError err;
@@ -97,6 +129,10 @@ at::Tensor decode_png(const std::string& path, std::int64_t max_pixels) {
     std::fclose(f);
     check_pixels(path, width, height, max_pixels);
   }
+  int orientation = 1;
+  png_uint_32 exif_size = 0;
+  png_bytep exif = nullptr;
+  if (png_get_eXIf_1(png, info, &exif_size, &exif) != 0) orientation = orientation_in_exif(exif, exif_size);
   const int colour_type = png_get_color_type(png, info);
   const bool colour = (colour_type & PNG_COLOR_MASK_COLOR) != 0;
   if (png_get_bit_depth(png, info) == 16) png_set_strip_16(png);
@@ -117,7 +153,7 @@ at::Tensor decode_png(const std::string& path, std::int64_t max_pixels) {
   std::free(rows);
   at::Tensor out = to_chw(pixels, height, width, channels, colour ? 3 : 1);
   std::free(pixels);
-  return out;
+  return {out, orientation};
 }
 
 struct JpegError {
@@ -153,7 +189,7 @@ void cmyk_to_rgb(std::uint8_t* px, std::int64_t n) {
   }
 }
 
-at::Tensor decode_jpeg(const std::string& path, std::int64_t max_pixels) {
+DecodedImage decode_jpeg(const std::string& path, std::int64_t max_pixels) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   CANOPY_CHECK(f, DataError, "cannot open image '", path, "': ", std::strerror(errno));
   jpeg_decompress_struct cinfo;
@@ -171,7 +207,15 @@ at::Tensor decode_jpeg(const std::string& path, std::int64_t max_pixels) {
   }
   jpeg_create_decompress(&cinfo);
   jpeg_stdio_src(&cinfo, f);
+  jpeg_save_markers(&cinfo, JPEG_APP0 + 1, 0xFFFF);  // EXIF, for its orientation
   jpeg_read_header(&cinfo, TRUE);
+  int orientation = 1;
+  for (jpeg_saved_marker_ptr m = cinfo.marker_list; m; m = m->next) {
+    if (m->marker == JPEG_APP0 + 1 && m->data_length >= 6 && std::memcmp(m->data, "Exif\0\0", 6) == 0) {
+      orientation = orientation_in_exif(m->data, m->data_length);  // PIL reads the first
+      break;
+    }
+  }
   const bool grey = cinfo.jpeg_color_space == JCS_GRAYSCALE;
   // CMYK (and YCCK, which libjpeg turns into CMYK), as print and product photos have them.
   const bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
@@ -201,10 +245,23 @@ at::Tensor decode_jpeg(const std::string& path, std::int64_t max_pixels) {
   if (cmyk) cmyk_to_rgb(pixels, h * w);
   at::Tensor out = to_chw(pixels, h, w, c, cmyk ? 3 : c);
   std::free(pixels);
-  return out;
+  return {out, orientation};
 }
 
-at::Tensor decode_webp(const std::string& path, std::int64_t max_pixels) {
+// The orientation an extended WebP's EXIF chunk records (after the image data, so the whole
+// file is walked); 1 without one.
+int webp_orientation(const std::uint8_t* d, std::size_t n) {
+  for (std::size_t at = 12; at + 8 <= n;) {
+    const std::uint64_t size =
+        d[at + 4] | (d[at + 5] << 8) | (d[at + 6] << 16) | (std::uint64_t{d[at + 7]} << 24);
+    if (std::memcmp(d + at, "EXIF", 4) == 0)
+      return orientation_in_exif(d + at + 8, std::min<std::uint64_t>(size, n - at - 8));
+    at += 8 + size + (size & 1);
+  }
+  return 1;
+}
+
+DecodedImage decode_webp(const std::string& path, std::int64_t max_pixels) {
   const std::string bytes = read_file(path);
   const auto* data = reinterpret_cast<const std::uint8_t*>(bytes.data());
   WebPBitstreamFeatures features;
@@ -222,7 +279,7 @@ at::Tensor decode_webp(const std::string& path, std::int64_t max_pixels) {
                "': the image data is damaged or cut short");
   at::Tensor out = to_chw(pixels, h, w, 3, 3);
   WebPFree(pixels);
-  return out;
+  return {out, webp_orientation(data, bytes.size())};
 }
 
 // What a file that is none of the three is, from its first bytes ("" when unknown), to say so.
@@ -265,11 +322,38 @@ std::string extension_of(const std::string& name) {
 
 bool is_hidden_entry(const std::string& name) { return !name.empty() && name[0] == '.'; }
 
+at::Tensor decode_image(const std::string& path, std::int64_t max_pixels) {
+  return read_image(path, max_pixels).pixels;
+}
+
+at::Tensor apply_exif_orientation(const at::Tensor& chw, int orientation) {
+  // PIL's ImageOps.exif_transpose: 2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90
+  // clockwise, 7 transverse, 8 rotate 90 counter-clockwise.
+  switch (orientation) {
+    case 2:
+      return chw.flip({2});
+    case 3:
+      return chw.flip({1, 2});
+    case 4:
+      return chw.flip({1});
+    case 5:
+      return chw.transpose(1, 2).contiguous();
+    case 6:
+      return chw.transpose(1, 2).flip({2});
+    case 7:
+      return chw.transpose(1, 2).flip({1, 2});
+    case 8:
+      return chw.transpose(1, 2).flip({1});
+    default:
+      return chw;
+  }
+}
+
 bool is_image_file_name(const std::string& name) {
   return readable_extensions().count(extension_of(name)) > 0;
 }
 
-at::Tensor decode_image(const std::string& path, std::int64_t max_pixels) {
+DecodedImage read_image(const std::string& path, std::int64_t max_pixels) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   CANOPY_CHECK(f, DataError, "cannot open image '", path, "': ", std::strerror(errno));
   unsigned char magic[12] = {0};

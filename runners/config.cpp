@@ -272,6 +272,13 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
                   "from its header, before decoding it (PIL's decompression-bomb limit); 0: no limit")
                   .at_least(0)
                   .only_when([](const JobConfig& c) { return reads_image_files(c.data); }));
+  v.push_back(
+      member_key<K>("data", "exif_orientation", CANOPY_JOB(data.exif_orientation),
+                    "image-csv / image-json / image-folders: ignore (the pixels as stored, as torchvision's "
+                    "ImageFolder reads them) or apply (turned as the image's EXIF orientation says, as PIL's "
+                    "ImageOps.exif_transpose turns a photo taken sideways)")
+          .one_of({"ignore", "apply"})
+          .only_when([](const JobConfig& c) { return reads_image_files(c.data); }));
   v.push_back(member_key<K>(
                   "data", "train", CANOPY_JOB(data.train),
                   "image-csv, image-json: the training manifest (CSV; JSON lines or an array of records), or "

@@ -262,7 +262,7 @@ std::string features_signature(const JobConfig& config) {
                            config.trunk.optimize, "\n", config.data.source, "\n", config.data.text_attribute,
                            "\n", config.data.positive_value, "\n", config.data.train, "\n",
                            join(config.data.train_files, ","), "\n", join(config.data.test_files, ","), "\n",
-                           config.data.max_image_pixels);
+                           config.data.max_image_pixels, "\n", config.data.exif_orientation);
   });
 }
 

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -552,11 +553,20 @@ std::vector<std::int64_t> kept_rows(const datasets::ImageList& list, const std::
 // Image files, decoded and preprocessed one by one when the trunk needs them (they may
 // differ in size and channels).
 at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::vector<std::int64_t>& rows,
-                            const datasets::PreprocessConfig& pre, std::int64_t max_pixels) {
+                            const datasets::PreprocessConfig& pre, std::int64_t max_pixels, bool orient) {
+  static std::atomic<bool> said{false};
   std::vector<at::Tensor> out;
   for (const auto i : rows) {
-    const at::Tensor x =
-        datasets::preprocess_images(datasets::decode_image(paths[i], max_pixels).unsqueeze(0), pre);
+    datasets::DecodedImage image = datasets::read_image(paths[i], max_pixels);
+    if (orient) {
+      image.pixels = datasets::apply_exif_orientation(image.pixels, image.orientation);
+    } else if (image.orientation != 1 && !said.exchange(true)) {
+      log_info(detail::str_cat(
+          "image '", paths[i], "' records EXIF orientation ", image.orientation,
+          " (a viewer shows it turned); read as stored, as torchvision's ImageFolder reads it; "
+          "data.exif_orientation = apply turns such images as PIL's ImageOps.exif_transpose does"));
+    }
+    const at::Tensor x = datasets::preprocess_images(image.pixels.unsqueeze(0), pre);
     CANOPY_CHECK(out.empty() || x.sizes() == out[0].sizes(), DataError, "image '", paths[i], "' becomes ",
                  x.sizes(), " after preprocessing but '", paths[rows[0]], "' becomes ", out[0].sizes(),
                  "; set preprocess.resize to give every image one size");
@@ -568,9 +578,9 @@ at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::ve
 void set_image_file_inputs(InputSplit& s, std::vector<std::string> paths, const JobConfig& config) {
   s.rows = static_cast<std::int64_t>(paths.size());
   s.paths = std::make_shared<const std::vector<std::string>>(std::move(paths));
-  s.inputs = [paths = s.paths, pre = config.preprocess,
-              max_pixels = config.data.max_image_pixels](const std::vector<std::int64_t>& rows) {
-    return std::vector<at::Tensor>{load_image_batch(*paths, rows, pre, max_pixels)};
+  s.inputs = [paths = s.paths, pre = config.preprocess, max_pixels = config.data.max_image_pixels,
+              orient = config.data.exif_orientation == "apply"](const std::vector<std::int64_t>& rows) {
+    return std::vector<at::Tensor>{load_image_batch(*paths, rows, pre, max_pixels, orient)};
   };
 }
 
@@ -944,6 +954,8 @@ std::string describe_inputs(const JobConfig& c) {
         // Since 2026-12-07 (before: libpng's simplified API, which applied a PNG's gamma and
         // took 16-bit samples as linear light).
         << ";decoded=as PIL's convert(\"RGB\") (PNG: stored values, no gamma; 16-bit: the high byte)"
+        << (c.data.exif_orientation == "apply" ? ";exif_orientation=applied, as PIL's ImageOps.exif_transpose"
+                                               : "")
         << "\nlabels="
         << (c.data.source == "image-csv"    ? "the CSV's label columns" + lists_described(c.data)
             : c.data.source == "image-json" ? "the JSON manifest's label columns" + lists_described(c.data)

@@ -47,6 +47,7 @@ struct PngSpec {
   double gamma = 0;
   std::vector<png_color> palette;
   std::vector<png_byte> trns;
+  std::string exif;  // an eXIf chunk's bytes (TIFF-laid-out)
 };
 void write_png_rows(const std::string& path, const PngSpec& spec, const std::vector<std::uint8_t>& data) {
   std::FILE* f = std::fopen(path.c_str(), "wb");
@@ -63,6 +64,9 @@ void write_png_rows(const std::string& path, const PngSpec& spec, const std::vec
     png_set_PLTE(png, info, spec.palette.data(), static_cast<int>(spec.palette.size()));
   if (!spec.trns.empty())
     png_set_tRNS(png, info, spec.trns.data(), static_cast<int>(spec.trns.size()), nullptr);
+  if (!spec.exif.empty())
+    png_set_eXIf_1(png, info, static_cast<png_uint_32>(spec.exif.size()),
+                   reinterpret_cast<png_bytep>(const_cast<char*>(spec.exif.data())));
   png_write_info(png, info);
   const std::size_t row = data.size() / spec.h;
   std::vector<png_bytep> rows;
@@ -73,7 +77,19 @@ void write_png_rows(const std::string& path, const PngSpec& spec, const std::vec
   std::fclose(f);
 }
 
-void write_jpeg(const std::string& path, const std::vector<std::uint8_t>& hwc, int h, int w, int c) {
+// TIFF-laid-out EXIF data of one IFD entry, the orientation (a SHORT), in either byte order.
+std::string exif_orientation_bytes(int orientation, bool little_endian) {
+  const auto u16 = [&](int v) {
+    return little_endian ? std::string{static_cast<char>(v & 0xFF), static_cast<char>(v >> 8)}
+                         : std::string{static_cast<char>(v >> 8), static_cast<char>(v & 0xFF)};
+  };
+  const auto u32 = [&](int v) { return little_endian ? u16(v) + u16(0) : u16(0) + u16(v); };
+  return std::string(little_endian ? "II" : "MM") + u16(42) + u32(8) + u16(1) + u16(0x0112) + u16(3) +
+         u32(1) + u16(orientation) + u16(0) + u32(0);
+}
+
+void write_jpeg(const std::string& path, const std::vector<std::uint8_t>& hwc, int h, int w, int c,
+                const std::string& exif = "") {
   jpeg_compress_struct cinfo;
   jpeg_error_mgr jerr;
   cinfo.err = jpeg_std_error(&jerr);
@@ -87,6 +103,11 @@ void write_jpeg(const std::string& path, const std::vector<std::uint8_t>& hwc, i
   jpeg_set_defaults(&cinfo);
   jpeg_set_quality(&cinfo, 95, TRUE);
   jpeg_start_compress(&cinfo, TRUE);
+  if (!exif.empty()) {
+    const std::string app1 = std::string("Exif\0\0", 6) + exif;
+    jpeg_write_marker(&cinfo, JPEG_APP0 + 1, reinterpret_cast<const JOCTET*>(app1.data()),
+                      static_cast<unsigned>(app1.size()));
+  }
   while (cinfo.next_scanline < cinfo.image_height) {
     JSAMPROW row = const_cast<std::uint8_t*>(hwc.data()) + cinfo.next_scanline * w * c;
     jpeg_write_scanlines(&cinfo, &row, 1);
@@ -173,28 +194,28 @@ TEST(Images, PngGivesTheStoredValuesAsPilReadsThem) {
   }
   const std::vector<Case> cases = {
       {"8-bit RGB with gAMA 1.0 (linear light): no gamma applied",
-       {w, h, 8, PNG_COLOR_TYPE_RGB, false, 1.0, {}, {}},
+       {w, h, 8, PNG_COLOR_TYPE_RGB, false, 1.0, {}, {}, {}},
        px,
        px,
        3},
       {"8-bit RGB with gAMA 1/1.8, interlaced",
-       {w, h, 8, PNG_COLOR_TYPE_RGB, true, 1 / 1.8, {}, {}},
+       {w, h, 8, PNG_COLOR_TYPE_RGB, true, 1 / 1.8, {}, {}, {}},
        px,
        px,
        3},
       {"16-bit RGB: the high bytes",
-       {w, h, 16, PNG_COLOR_TYPE_RGB, false, 0, {}, {}},
+       {w, h, 16, PNG_COLOR_TYPE_RGB, false, 0, {}, {}, {}},
        rgb16,
        high_bytes(rgb16),
        3},
       {"16-bit grey: the high bytes (PIL clips at 255)",
-       {w, h, 16, PNG_COLOR_TYPE_GRAY, false, 0, {}, {}},
+       {w, h, 16, PNG_COLOR_TYPE_GRAY, false, 0, {}, {}, {}},
        grey16,
        high_bytes(grey16),
        1},
-      {"2-bit grey", {w, h, 2, PNG_COLOR_TYPE_GRAY, false, 0, {}, {}}, grey2, grey2_want, 1},
+      {"2-bit grey", {w, h, 2, PNG_COLOR_TYPE_GRAY, false, 0, {}, {}, {}}, grey2, grey2_want, 1},
       {"a palette with a tRNS",
-       {w, h, 8, PNG_COLOR_TYPE_PALETTE, false, 0, palette, {0, 128, 255, 7}},
+       {w, h, 8, PNG_COLOR_TYPE_PALETTE, false, 0, palette, {0, 128, 255, 7}, {}},
        indices,
        indexed_want,
        3},
@@ -240,6 +261,42 @@ TEST(Images, WebPDecodes) {
   EXPECT_TRUE(
       testing::throws_with<DataError>([&] { decode_image(dir.file("lossy.webp"), 100); },
                                       {"lossy.webp", "17 x 21 = 357 pixels", "max_image_pixels = 100"}));
+}
+
+// The orientation read from a JPEG's APP1 and a PNG's eXIf, in both byte orders, and the
+// pixels turned as PIL's ImageOps.exif_transpose turns them (worked by hand on a 2 x 3 image;
+// against PIL itself in tests/python/test_images.py).
+TEST(Images, ExifOrientationIsReadAndApplied) {
+  testing::TempDir dir;
+  const auto px = picture(8, 16, 3);
+  for (const bool le : {true, false}) {
+    for (const int o : {1, 3, 6, 8}) {
+      SCOPED_TRACE(std::string(le ? "II " : "MM ") + std::to_string(o));
+      write_jpeg(dir.file("o.jpg"), px, 8, 16, 3, exif_orientation_bytes(o, le));
+      EXPECT_EQ(read_image(dir.file("o.jpg")).orientation, o);
+      PngSpec spec{16, 8, 8, PNG_COLOR_TYPE_RGB, false, 0, {}, {}, exif_orientation_bytes(o, le)};
+      write_png_rows(dir.file("o.png"), spec, px);
+      const DecodedImage png = read_image(dir.file("o.png"));
+      EXPECT_EQ(png.orientation, o);
+      EXPECT_TRUE(testing::bitwise_equal(png.pixels, chw(px, 8, 16, 3, 3)));  // as stored
+    }
+  }
+  write_jpeg(dir.file("none.jpg"), px, 8, 16, 3);
+  EXPECT_EQ(read_image(dir.file("none.jpg")).orientation, 1);
+  write_jpeg(dir.file("bad.jpg"), px, 8, 16, 3, exif_orientation_bytes(9, true));  // no such orientation
+  EXPECT_EQ(read_image(dir.file("bad.jpg")).orientation, 1);
+  // [[a b c], [d e f]] as 1, 2, 3 / 4, 5, 6, one channel.
+  const at::Tensor img = at::arange(1, 7, at::kByte).reshape({1, 2, 3});
+  const std::map<int, std::vector<std::uint8_t>> want = {
+      {1, {1, 2, 3, 4, 5, 6}}, {2, {3, 2, 1, 6, 5, 4}}, {3, {6, 5, 4, 3, 2, 1}}, {4, {4, 5, 6, 1, 2, 3}},
+      {5, {1, 4, 2, 5, 3, 6}}, {6, {4, 1, 5, 2, 6, 3}}, {7, {6, 3, 5, 2, 4, 1}}, {8, {3, 6, 2, 5, 1, 4}}};
+  for (const auto& [o, values] : want) {
+    const at::Tensor got = apply_exif_orientation(img, o).contiguous();
+    EXPECT_EQ(got.size(1), o >= 5 ? 3 : 2) << o;
+    EXPECT_EQ(std::vector<std::uint8_t>(got.data_ptr<std::uint8_t>(), got.data_ptr<std::uint8_t>() + 6),
+              values)
+        << "orientation " << o;
+  }
 }
 
 TEST(Images, JpegDecodesCloseToWhatWasEncoded) {

@@ -22,7 +22,9 @@ manifests and on the folders with the same tiny trunk; h5py reads the three cach
     grey with alpha, 1-bit, 16-bit, gamma chunks, progressive JPEG, lossy and lossless WebP,
     with alpha), in class folders with sub-folders read in torchvision's ImageFolder order;
     16-bit grey gives its high byte (PIL clips it at 255); an animated WebP and a GIF are
-    refused, naming the file.
+    refused, naming the file;
+  * JPEG, PNG and WebP files recording each EXIF orientation give PIL's pixels as stored (and
+    a line saying so), and with data.exif_orientation = apply those of ImageOps.exif_transpose.
 """
 import csv
 import io
@@ -300,6 +302,7 @@ def main():
           f"a Latin-1 class name in a CSV is refused, naming its row: {r.stderr.strip()[-200:]}")
     check_cmyk(canopy, work, trunk)
     check_formats(canopy, work, trunk)
+    check_exif(canopy, work, trunk)
     return finish()
 
 
@@ -614,6 +617,45 @@ def check_formats(canopy, work, trunk):
                         f"{work}/formats/test", "--progress", "quiet"], capture_output=True, text=True)
     check(r.returncode == 1 and "holds 1 image canopy does not decode (1 .gif; the first: "
           f"{work}/formats/test/c1/sub/still.gif)" in r.stderr, f"a class folder with a GIF is refused ({r.stderr.strip()[-300:]})")
+
+
+def check_exif(canopy, work, trunk):
+    """Photos taken sideways: every EXIF orientation, in JPEG, PNG and WebP, against PIL."""
+    from PIL import Image, ImageOps
+    rng = np.random.default_rng(2)
+    for split in ("train", "test"):
+        for o in range(1, 9):
+            for fmt, kw in (("jpg", {"quality": 90}), ("png", {}), ("webp", {"lossless": True})):
+                cls = f"c{o % 2}"
+                for kind in ("exif", "stored", "turned"):
+                    os.makedirs(f"{work}/{kind}/{split}/{cls}", exist_ok=True)
+                exif = Image.Exif()
+                exif[0x0112] = o
+                path = f"{work}/exif/{split}/{cls}/{o}{fmt}.{fmt}"
+                Image.fromarray(rng.integers(0, 256, (29, 23, 3), dtype=np.uint8)).save(path, exif=exif, **kw)
+                img = Image.open(path)
+                check(img.getexif().get(0x0112) == o, f"PIL reads orientation {o} back from the {fmt} file")
+                img.convert("RGB").save(f"{work}/stored/{split}/{cls}/{o}{fmt}.png")
+                ImageOps.exif_transpose(img).convert("RGB").save(f"{work}/turned/{split}/{cls}/{o}{fmt}.png")
+    feats, logs = {}, {}
+    for name, kind, how in (("exif-ignore", "exif", "ignore"), ("exif-apply", "exif", "apply"),
+                            ("exif-stored", "stored", "ignore"), ("exif-turned", "turned", "ignore")):
+        data = (f"source = image-folders\ntrain = {work}/{kind}/train\ntest = {work}/{kind}/test\n"
+                f"exif_orientation = {how}")
+        r = subprocess.run([canopy, "cache", "--config", config(work, trunk, name, data)], capture_output=True,
+                           text=True)
+        check(r.returncode == 0, f"canopy cache {name} ({r.stderr.strip()[-300:]})")
+        logs[name] = r.stderr
+        with h5py.File(f"{work}/{name}/cache.h5", "r") as h:
+            feats[name] = np.concatenate([h[f"{s}/features"][:] for s in ("train", "test")])
+    check(np.array_equal(feats["exif-ignore"], feats["exif-stored"]),
+          "exif_orientation = ignore: PIL's pixels as stored (48 images, bitwise)")
+    check(np.array_equal(feats["exif-apply"], feats["exif-turned"]),
+          "exif_orientation = apply: PIL's ImageOps.exif_transpose of them (48 images, bitwise)")
+    check(not np.array_equal(feats["exif-apply"], feats["exif-ignore"]), "the two differ")
+    check("records EXIF orientation" in logs["exif-ignore"] and "data.exif_orientation = apply" in logs["exif-ignore"]
+          and "records EXIF orientation" not in logs["exif-apply"],
+          f"ignoring them is said once, with the key that turns them ({logs['exif-ignore'].count('EXIF orientation')})")
 
 
 if __name__ == "__main__":

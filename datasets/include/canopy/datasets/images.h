@@ -26,6 +26,19 @@ namespace canopy::datasets {
 // limit.
 at::Tensor decode_image(const std::string& path, std::int64_t max_pixels = kDefaultMaxImagePixels);
 
+// An image's pixels as stored (decode_image's) and the orientation its EXIF data records: 1
+// (upright, or no EXIF) to 8, from a JPEG's APP1, a PNG's eXIf chunk or a WebP's EXIF chunk,
+// as PIL's Image.getexif() reads it.
+struct DecodedImage {
+  at::Tensor pixels;
+  int orientation = 1;
+};
+DecodedImage read_image(const std::string& path, std::int64_t max_pixels = kDefaultMaxImagePixels);
+// [C, H, W] pixels turned as the EXIF orientation says a viewer shows them, as PIL's
+// ImageOps.exif_transpose turns them (6: rotated 90 degrees clockwise); 1 or an unknown value:
+// as they are.
+at::Tensor apply_exif_orientation(const at::Tensor& chw, int orientation);
+
 // Whether a file name ends in .png, .jpg, .jpeg or .webp (any case).
 bool is_image_file_name(const std::string& name);
 // Whether a directory entry is hidden (its name starts with a dot): not data. A notebook's

@@ -56,6 +56,10 @@ struct DataConfig {
   // image-csv / image-json / image-folders: an image of more pixels (width x height) is refused before it is
   // decoded (PIL's decompression-bomb limit by default); 0: no limit
   std::int64_t max_image_pixels = datasets::kDefaultMaxImagePixels;
+  // image-csv / image-json / image-folders: "ignore" reads an image's pixels as stored, as
+  // torchvision's ImageFolder does; "apply" turns them as their EXIF orientation says (a phone
+  // photo taken sideways), as PIL's ImageOps.exif_transpose does.
+  std::string exif_orientation = "ignore";
   // text-csv/-json, image-csv/-json: columns whose fields are lists of labels, and how they split
   // ("space": at runs of blanks; else one character). See datasets::ListColumns.
   std::vector<std::string> list_columns;
