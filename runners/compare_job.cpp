@@ -37,8 +37,14 @@ std::string describe_run(const JobConfig& c) {
   if (c.trunk.precision != "float32") out += ", precision " + c.trunk.precision;
   if (!c.trunk.expand.empty()) out += ", expand " + join(c.trunk.expand, ",");
   out += ", tap " + trunk::describe_taps(c.trunk) + ", " + c.trunk.pooling + " pooling";
-  if (!reads_text_data(c.data) && c.preprocess.resize > 0)
-    out += ", images " + std::to_string(c.preprocess.resize);
+  if (!reads_text_data(c.data)) {
+    const auto& p = c.preprocess;
+    if (p.resize_shorter > 0) out += ", images shorter side " + std::to_string(p.resize_shorter);
+    if (p.center_crop > 0)
+      out += (p.resize_shorter > 0 ? ", crop " : ", images crop ") + std::to_string(p.center_crop);
+    else if (p.resize > 0)
+      out += ", images " + std::to_string(p.resize);
+  }
   return out;
 }
 

@@ -326,6 +326,15 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
       member_key<K>("preprocess", "resize", CANOPY_JOB(preprocess.resize),
                     "images resized (bilinear, align_corners=false) to this height and width; 0: as they are")
           .at_least(0));
+  v.push_back(member_key<K>("preprocess", "resize_shorter", CANOPY_JOB(preprocess.resize_shorter),
+                            "or: the shorter side resized to this, the longer in proportion (int(S x long / "
+                            "short)), as torchvision's Resize(S); 0: off. With center_crop, the ImageNet "
+                            "evaluation's Resize(256) + CenterCrop(224)")
+                  .at_least(0));
+  v.push_back(member_key<K>("preprocess", "center_crop", CANOPY_JOB(preprocess.center_crop),
+                            "then the centre S x S kept, as torchvision's CenterCrop(S) keeps it (an image "
+                            "smaller than S padded with zeros); 0: off")
+                  .at_least(0));
   v.push_back(
       member_key<K>("preprocess", "antialias", CANOPY_JOB(preprocess.antialias),
                     "resize with antialiasing (F.interpolate(..., antialias=True), as torchvision's Resize "

@@ -569,7 +569,7 @@ at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::ve
     const at::Tensor x = datasets::preprocess_images(image.pixels.unsqueeze(0), pre);
     CANOPY_CHECK(out.empty() || x.sizes() == out[0].sizes(), DataError, "image '", paths[i], "' becomes ",
                  x.sizes(), " after preprocessing but '", paths[rows[0]], "' becomes ", out[0].sizes(),
-                 "; set preprocess.resize to give every image one size");
+                 "; set preprocess.resize, or preprocess.center_crop, to give every image one size");
     out.push_back(x);
   }
   return at::cat(out, 0);

@@ -129,18 +129,44 @@ std::string features_source(torch::jit::Module& model, const JobConfig& config, 
     model.register_buffer("pixel_mean", datasets::channel_values(p.mean, c));
     model.register_buffer("pixel_std", datasets::channel_values(p.std, c));
     inputs = "images: uint8 [N, H, W] or [N, C, H, W] (pixels 0-255";
-    inputs += p.resize > 0 ? detail::str_cat(", any size: resized to ", p.resize, "x", p.resize, ")")
-                           : std::string(", the size the heads were trained at)");
+    inputs += p.resize > 0 ? detail::str_cat(", any size: resized to ", p.resize, "x", p.resize)
+              : p.resize_shorter > 0
+                  ? detail::str_cat(", any size: the shorter side resized to ", p.resize_shorter)
+              : p.center_crop > 0 ? std::string(", any size")
+                                  : std::string(", the size the heads were trained at");
+    if (p.center_crop > 0)
+      inputs += detail::str_cat(", the centre ", p.center_crop, "x", p.center_crop, " kept");
+    inputs += ")";
     src << "def features(self, images: Tensor) -> Tensor:\n"
         << "    assert images.dtype == 0, \"images must be uint8 pixels (0-255)\"\n"
         << "    assert images.dim() == 3 or images.dim() == 4, \"images must be [N, H, W] or [N, C, H, W]\"\n"
         << "    x = images.float().div(255.0)\n"
         << "    if x.dim() == 3:\n"
         << "        x = x.unsqueeze(1)\n";
+    const std::string resize = p.antialias ? "_upsample_bilinear2d_aa" : "upsample_bilinear2d";
     if (p.resize > 0) {
       src << "    if x.size(2) != " << p.resize << " or x.size(3) != " << p.resize << ":\n"
-          << "        x = torch." << (p.antialias ? "_upsample_bilinear2d_aa" : "upsample_bilinear2d")
-          << "(x, [" << p.resize << ", " << p.resize << "], False, None, None)\n";
+          << "        x = torch." << resize << "(x, [" << p.resize << ", " << p.resize
+          << "], False, None, None)\n";
+    }
+    if (p.resize_shorter > 0) {  // datasets::shorter_side_size
+      const std::int64_t s = p.resize_shorter;
+      src << "    h = x.size(2)\n    w = x.size(3)\n"
+          << "    longer = int(" << s << " * max(h, w) / min(h, w))\n"
+          << "    nh = longer if w <= h else " << s << "\n"
+          << "    nw = " << s << " if w <= h else longer\n"
+          << "    if nh != h or nw != w:\n"
+          << "        x = torch." << resize << "(x, [nh, nw], False, None, None)\n";
+    }
+    if (p.center_crop > 0) {  // datasets::preprocess_images' center_crop, center_crop_offset
+      const std::int64_t k = p.center_crop;
+      src << "    ph = max(" << k << " - x.size(2), 0)\n    pw = max(" << k << " - x.size(3), 0)\n"
+          << "    if ph > 0 or pw > 0:\n"
+          << "        x = torch.constant_pad_nd(x, [pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2], 0.0)\n"
+          << "    dh = x.size(2) - " << k << "\n    dw = x.size(3) - " << k << "\n"
+          << "    top = dh // 2 + (1 if dh % 2 == 1 and (dh // 2) % 2 == 1 else 0)\n"
+          << "    left = dw // 2 + (1 if dw % 2 == 1 and (dw // 2) % 2 == 1 else 0)\n"
+          << "    x = x[:, :, top:top + " << k << ", left:left + " << k << "]\n";
     }
     if (c > 1) src << "    if x.size(1) == 1:\n        x = x.expand(-1, " << c << ", -1, -1)\n";
     src << "    assert x.size(1) == " << c << ", \"images must have 1 or " << c << " channels\"\n"

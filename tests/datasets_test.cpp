@@ -119,6 +119,48 @@ TEST(Preprocess, ResizesReplicatesAndNormalises) {
   EXPECT_NE(describe(c).find("resize=8"), std::string::npos);
 }
 
+// torchvision's Resize(S) sizes and CenterCrop offsets, worked by hand (against torchvision
+// itself in tests/python/test_images.py).
+TEST(Preprocess, ShorterSideAndCenterCropAreTorchvisions) {
+  using Size = std::pair<std::int64_t, std::int64_t>;
+  EXPECT_EQ(shorter_side_size(480, 640, 256), Size(256, 341));  // int(256 x 640 / 480) = int(341.33)
+  EXPECT_EQ(shorter_side_size(640, 480, 256), Size(341, 256));
+  EXPECT_EQ(shorter_side_size(100, 100, 256), Size(256, 256));
+  EXPECT_EQ(shorter_side_size(375, 500, 232), Size(232, 309));
+  // int(round((have - crop) / 2)), half to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, 58.5 -> 58.
+  for (const auto& [have, want] :
+       std::vector<Size>{{224, 0}, {256, 16}, {225, 0}, {227, 2}, {229, 2}, {341, 58}})
+    EXPECT_EQ(center_crop_offset(have, 224), want) << have;
+  PreprocessConfig c;
+  c.channels = 1;
+  c.mean = {0};
+  c.std = {1};
+  c.center_crop = 4;
+  // 5 x 7 values 0..34 (/255): rows from 0 (0.5 -> 0), columns from 2 (1.5 -> 2).
+  const at::Tensor img = at::arange(35, at::kByte).reshape({1, 5, 7});
+  at::Tensor x = preprocess_images(img, c).mul(255).round().to(at::kLong);
+  ASSERT_EQ(x.sizes(), (std::vector<std::int64_t>{1, 1, 4, 4}));
+  EXPECT_EQ(x[0][0][0][0].item<std::int64_t>(), 2);
+  EXPECT_EQ(x[0][0][3][3].item<std::int64_t>(), 3 * 7 + 5);
+  // Smaller than the crop: zeros around it, the odd one right and below (3 -> 6: 1 left, 2 right).
+  c.center_crop = 6;
+  x = preprocess_images(at::full({1, 3, 3}, 255, at::kByte), c);
+  ASSERT_EQ(x.sizes(), (std::vector<std::int64_t>{1, 1, 6, 6}));
+  EXPECT_EQ(x.sum().item<float>(), 9.0f);
+  EXPECT_EQ(x[0][0][1][1].item<float>(), 1.0f);
+  EXPECT_EQ(x[0][0][3][3].item<float>(), 1.0f);
+  EXPECT_EQ(x[0][0][4][4].item<float>(), 0.0f);
+  // The shorter side to 4, then the centre: 8 x 16 -> 4 x 8 -> 4 x 4.
+  c.resize_shorter = 4;
+  c.center_crop = 4;
+  EXPECT_EQ(preprocess_images(at::zeros({1, 8, 16}, at::kByte), c).sizes(),
+            (std::vector<std::int64_t>{1, 1, 4, 4}));
+  EXPECT_NE(describe(c).find("resize_shorter=4;center_crop=4"), std::string::npos) << describe(c);
+  c.resize = 8;
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { validate_preprocess_config(c); },
+                                                {"preprocess.resize = 8", "resize_shorter = 4", "set one"}));
+}
+
 CacheMeta test_meta(std::int64_t dim, StorageDtype dtype = StorageDtype::kFloat32) {
   CacheMeta m;
   m.fingerprint = "f";

@@ -24,7 +24,10 @@ manifests and on the folders with the same tiny trunk; h5py reads the three cach
     16-bit grey gives its high byte (PIL clips it at 255); an animated WebP and a GIF are
     refused, naming the file;
   * JPEG, PNG and WebP files recording each EXIF orientation give PIL's pixels as stored (and
-    a line saying so), and with data.exif_orientation = apply those of ImageOps.exif_transpose.
+    a line saying so), and with data.exif_orientation = apply those of ImageOps.exif_transpose;
+  * photos of many shapes under preprocess.resize_shorter + center_crop give the features of
+    torchvision's Resize(S) + CenterCrop(C) (v2, on float tensors, antialiased); the exported
+    model file's features() does the same to raw pixels.
 """
 import csv
 import io
@@ -303,6 +306,7 @@ def main():
     check_cmyk(canopy, work, trunk)
     check_formats(canopy, work, trunk)
     check_exif(canopy, work, trunk)
+    check_center_crop(canopy, work, trunk)
     return finish()
 
 
@@ -656,6 +660,56 @@ def check_exif(canopy, work, trunk):
     check("records EXIF orientation" in logs["exif-ignore"] and "data.exif_orientation = apply" in logs["exif-ignore"]
           and "records EXIF orientation" not in logs["exif-apply"],
           f"ignoring them is said once, with the key that turns them ({logs['exif-ignore'].count('EXIF orientation')})")
+
+
+def check_center_crop(canopy, work, trunk):
+    """Resize(S) + CenterCrop(C), the ImageNet evaluation's preprocessing, against torchvision."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+    from PIL import Image
+    rng = np.random.default_rng(4)
+    # Landscape, portrait, square, odd margins on both sides (x.5 offsets: Python's round, half
+    # to even), one already at the shorter size, one enlarged. (Padding: datasets_test.cpp.)
+    shapes = [(40, 60), (61, 45), (50, 50), (33, 70), (71, 37), (32, 47), (90, 20)]
+    paths = {}
+    for split in ("train", "test"):
+        paths[split] = []
+        for k, (h, w) in enumerate(shapes):
+            path = f"{work}/shapes-img/{split}/c{k % 2}/{k}.png"
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    samples = {split: sorted(f"{work}/shapes-img/{split}/c{k % 2}/{k}.png" for k in range(len(shapes)))
+               for split in ("train", "test")}
+    samples = {split: sorted(v, key=lambda p: (p.split("/")[-2], p)) for split, v in samples.items()}
+    data = f"source = image-folders\ntrain = {work}/shapes-img/train\ntest = {work}/shapes-img/test"
+    cfg = config(work, trunk, "shapes", data)
+    text = open(cfg).read().replace("resize = 32\n", "resize_shorter = 32\ncenter_crop = 28\nantialias = true\n")
+    text += f"[train]\nout_dir = {work}/shapes-out\nepochs = 1\n[task.c]\nhead = linear\n"
+    open(cfg, "w").write(text)
+    r = subprocess.run([canopy, "run", "--config", cfg, "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0, f"canopy run with resize_shorter = 32, center_crop = 28 ({r.stderr.strip()[-300:]})")
+    model = torch.jit.load(trunk).eval()
+    with h5py.File(f"{work}/shapes/cache.h5", "r") as h:
+        got = h["train/features"][:]
+    worst = 0.0
+    with torch.no_grad():
+        for i, path in enumerate(samples["train"]):
+            x = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).float().div(255)
+            x = TF.center_crop(TF.resize(x, [32], antialias=True), [28])
+            ref = model(((x - 0.5) / 0.5).unsqueeze(0)).mean((2, 3))[0].numpy()
+            worst = max(worst, float(np.abs(got[i] - ref).max()))
+    check(worst < 1e-5, f"the cache is torchvision's Resize(32) + CenterCrop(28) of {len(shapes)} shapes, "
+          f"to {worst:.1e}")
+    r = subprocess.run([canopy, "export", "--config", cfg, "--output", f"{work}/shapes-model.pt"],
+                       capture_output=True, text=True)
+    check(r.returncode == 0, f"canopy export ({r.stderr.strip()[-200:]})")
+    exported = torch.jit.load(f"{work}/shapes-model.pt")
+    worst = 0.0
+    with torch.no_grad():
+        for i, path in enumerate(samples["train"]):
+            pixels = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).unsqueeze(0)
+            worst = max(worst, float((exported.features(pixels)[0] - torch.from_numpy(got[i])).abs().max()))
+    check(worst < 1e-5, f"the model file's features() of the raw pixels is the cache's, to {worst:.1e}")
 
 
 if __name__ == "__main__":
