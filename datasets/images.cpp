@@ -374,15 +374,21 @@ DecodedImage read_image(const std::string& path, std::int64_t max_pixels) {
 
 ImageFiles find_image_files(const std::string& dir) {
   CANOPY_CHECK(is_directory(dir), DataError, "image folder '", dir, "' is not a directory");
-  // torchvision's order: sorted(os.walk(dir, followlinks=True)), each folder's files sorted.
-  std::vector<std::pair<std::string, std::vector<std::string>>> folders;
+  // torchvision's order: sorted(os.walk(dir, followlinks=True)), each folder's files sorted;
+  // with each folder, its files of formats canopy does not decode.
+  struct Folder {
+    std::string path;
+    std::vector<std::string> images, unreadable;
+    bool operator<(const Folder& o) const { return path < o.path; }
+  };
+  std::vector<Folder> folders;
   ImageFiles out;
   // Each folder with the real paths of the folders above it, to refuse a symlink loop.
   std::vector<std::pair<std::string, std::vector<std::string>>> todo{{dir, {real_path(dir)}}};
   while (!todo.empty()) {
     auto [d, above] = std::move(todo.back());
     todo.pop_back();
-    std::vector<std::string> files;
+    Folder folder{d, {}, {}};
     for (const auto& name : list_dir(d)) {
       if (is_hidden_entry(name)) continue;
       const std::string p = join_path(d, name);
@@ -397,18 +403,21 @@ ImageFiles find_image_files(const std::string& dir) {
       }
       const std::string ext = extension_of(name);
       if (readable_extensions().count(ext)) {
-        files.push_back(p);
+        folder.images.push_back(p);
       } else if (unreadable_image_extensions().count(ext)) {
-        if (out.unreadable.empty()) out.first_unreadable = p;
+        folder.unreadable.push_back(p);
         ++out.unreadable["." + ext];
       } else {
         ++out.not_images[ext.empty() ? "" : "." + ext];
       }
     }
-    folders.emplace_back(d, std::move(files));
+    folders.push_back(std::move(folder));
   }
   std::sort(folders.begin(), folders.end());
-  for (auto& [d, files] : folders) out.paths.insert(out.paths.end(), files.begin(), files.end());
+  for (auto& f : folders) {
+    out.paths.insert(out.paths.end(), f.images.begin(), f.images.end());
+    if (out.first_unreadable.empty() && !f.unreadable.empty()) out.first_unreadable = f.unreadable.front();
+  }
   return out;
 }
 

@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 #include <sstream>
+#include <variant>
 
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
@@ -50,14 +51,18 @@ at::Tensor ink_of(const at::Tensor& images) {
   return images.flatten(1).sum(1, false, at::kLong).to(at::kDouble) / (255.0 * pixels);
 }
 
-// `list` and `row`, when given, say where the path came from (a CSV manifest's row), for the
-// message when the file is not there.
-std::string file_stamp(const std::string& path, const std::string& list = "", std::size_t row = 0) {
+// A file's name, size and modification time; errno's value where it cannot be read.
+std::variant<std::string, int> try_file_stamp(const std::string& path) {
   struct stat st {};
-  CANOPY_CHECK(::stat(path.c_str(), &st) == 0, DataError, "cannot read data file '", path, "'",
-               list.empty() ? std::string() : detail::str_cat(" (row ", row, " of '", list, "')"), ": ",
-               std::strerror(errno));
+  if (::stat(path.c_str(), &st) != 0) return errno;
   return detail::str_cat(path.substr(path.find_last_of('/') + 1), ":", st.st_size, ":", st.st_mtim.tv_sec);
+}
+
+std::string file_stamp(const std::string& path) {
+  const auto stamp = try_file_stamp(path);
+  CANOPY_CHECK(std::holds_alternative<std::string>(stamp), DataError, "cannot read data file '", path,
+               "': ", std::strerror(std::get<int>(stamp)));
+  return std::get<std::string>(stamp);
 }
 
 // The input data is identified by each file's name, size and modification time (hashing
@@ -658,8 +663,27 @@ std::string describe_image_files(const JobConfig& c) {
     const std::string list = !reads_image_table(c.data)
                                  ? ""
                                  : data_table(c.data, split == "train" ? c.data.train : c.data.test).path;
-    for (std::size_t i = 0; i < paths.size(); ++i)
-      listing << paths[i] << "=" << file_stamp(paths[i], list, i + 1) << "\n";
+    // Every file checked before any is refused: a manifest written on another machine, or a
+    // folder of images moved, lacks many, and one error at a time would take a run each.
+    std::vector<std::string> unreadable;
+    std::size_t missing = 0;
+    for (std::size_t i = 0; i < paths.size(); ++i) {
+      const auto stamp = try_file_stamp(paths[i]);
+      if (const auto* s = std::get_if<std::string>(&stamp)) {
+        listing << paths[i] << "=" << *s << "\n";
+      } else if (++missing <= 3) {
+        unreadable.push_back(detail::str_cat(list.empty() ? "" : detail::str_cat("row ", i + 1, " "), "'",
+                                             paths[i], "': ", std::strerror(std::get<int>(stamp))));
+      }
+    }
+    CANOPY_CHECK(
+        missing == 0, DataError, missing, " of the ", paths.size(), " images ",
+        list.empty() ? "of " + split : "'" + list + "' lists", " cannot be read (", join(unreadable, "; "),
+        missing > unreadable.size() ? "; ..." : "", ")",
+        missing == paths.size() && !list.empty()
+            ? "; none can: a relative path is read from the manifest's folder, '" + parent_path(list) + "'"
+            : "",
+        list.empty() ? "" : "; fix the paths, or drop those rows");
   }
   return sha256_hex(listing.str());
 }

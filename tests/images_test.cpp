@@ -135,18 +135,22 @@ at::Tensor chw(const std::vector<std::uint8_t>& hwc, int h, int w, int c, int ke
   return t.slice(2, 0, keep).permute({2, 0, 1}).contiguous();
 }
 
+// decode_image(path) is `want`, bitwise; where it is not, the largest difference is said.
+void expect_decodes_to(const std::string& path, const at::Tensor& want) {
+  const at::Tensor got = decode_image(path);
+  ASSERT_EQ(got.sizes(), want.sizes());
+  EXPECT_TRUE(testing::bitwise_equal(got, want))
+      << (got.to(at::kInt) - want.to(at::kInt)).abs().max().item<int>();
+}
+
 TEST(Images, PngDecodesExactlyInEveryColourType) {
   testing::TempDir dir;
   for (int c : {1, 2, 3, 4}) {
     SCOPED_TRACE("channels " + std::to_string(c));
     const auto px = picture(9, 13, c);
     write_png(dir.file("p.png"), px, 9, 13, c);
-    const at::Tensor got = decode_image(dir.file("p.png"));
     const int keep = c <= 2 ? 1 : 3;  // alpha dropped, colour values kept as stored
-    const at::Tensor want = chw(px, 9, 13, c, keep);
-    ASSERT_EQ(got.sizes(), want.sizes());
-    EXPECT_TRUE(testing::bitwise_equal(got, want))
-        << (got.to(at::kInt) - want.to(at::kInt)).abs().max().item<int>();
+    expect_decodes_to(dir.file("p.png"), chw(px, 9, 13, c, keep));
   }
 }
 
@@ -223,11 +227,7 @@ TEST(Images, PngGivesTheStoredValuesAsPilReadsThem) {
   for (const auto& k : cases) {
     SCOPED_TRACE(k.what);
     write_png_rows(dir.file("p.png"), k.spec, k.data);
-    const at::Tensor got = decode_image(dir.file("p.png"));
-    const at::Tensor want = chw(k.want, h, w, k.c, k.c);
-    ASSERT_EQ(got.sizes(), want.sizes());
-    EXPECT_TRUE(testing::bitwise_equal(got, want))
-        << (got.to(at::kInt) - want.to(at::kInt)).abs().max().item<int>();
+    expect_decodes_to(dir.file("p.png"), chw(k.want, h, w, k.c, k.c));
   }
 }
 
@@ -246,14 +246,14 @@ TEST(Images, WebPDecodes) {
   write("lossless.webp", out, WebPEncodeLosslessRGB(px.data(), w, h, w * 3, &out));
   write("alpha.webp", out, WebPEncodeLosslessRGBA(rgba.data(), w, h, w * 4, &out));
   write("lossy.webp", out, WebPEncodeRGB(px.data(), w, h, w * 3, 90, &out));
-  EXPECT_TRUE(testing::bitwise_equal(decode_image(dir.file("lossless.webp")), chw(px, h, w, 3, 3)));
-  EXPECT_TRUE(testing::bitwise_equal(decode_image(dir.file("alpha.webp")), chw(rgba, h, w, 4, 3)));
+  expect_decodes_to(dir.file("lossless.webp"), chw(px, h, w, 3, 3));
+  expect_decodes_to(dir.file("alpha.webp"), chw(rgba, h, w, 4, 3));
   const at::Tensor lossy = decode_image(dir.file("lossy.webp"));
   ASSERT_EQ(lossy.sizes(), (at::IntArrayRef{3, h, w}));
   EXPECT_LT((lossy.to(at::kFloat) - chw(px, h, w, 3, 3).to(at::kFloat)).abs().mean().item<double>(), 3.0);
   // Told apart by content: a WebP named .png is read as WebP.
   std::rename(dir.file("lossless.webp").c_str(), dir.file("l.png").c_str());
-  EXPECT_TRUE(testing::bitwise_equal(decode_image(dir.file("l.png")), chw(px, h, w, 3, 3)));
+  expect_decodes_to(dir.file("l.png"), chw(px, h, w, 3, 3));
   const std::string bytes = read_file(dir.file("l.png"));
   std::ofstream(dir.file("cut.webp"), std::ios::binary) << bytes.substr(0, bytes.size() / 2);
   EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file("cut.webp")); },
@@ -483,15 +483,20 @@ TEST(Images, JsonManifestsAndFileNameColumns) {
       {"emptypath.jsonl:2: empty path"}));
 }
 
+// Files of one byte (listings read names, not contents) at paths under `dir`, folders made.
+void touch_files(const testing::TempDir& dir, std::initializer_list<const char*> paths) {
+  for (const char* p : paths) {
+    make_dirs(parent_path(dir.file(p)));
+    std::ofstream(dir.file(p)) << "x";
+  }
+}
+
 TEST(Images, ClassFoldersNumberClassesBySortedName) {
   testing::TempDir dir;
   // Hidden entries are left out: a notebook's checkpoints folder, macOS's ._ resource forks.
-  for (const char* d : {"train/zebra", "train/ant", "test/ant", "train/.ipynb_checkpoints", "test/.git"})
-    make_dirs(dir.file(d));
-  for (const char* f : {"train/zebra/1.PNG", "train/ant/b.jpg", "train/ant/a.jpeg", "train/ant/notes.txt",
-                        "train/ant/._a.jpeg", "train/.ipynb_checkpoints/c.png", "test/ant/x.png"}) {
-    std::ofstream(dir.file(f)) << "x";
-  }
+  make_dirs(dir.file("test/.git"));
+  touch_files(dir, {"train/zebra/1.PNG", "train/ant/b.jpg", "train/ant/a.jpeg", "train/ant/notes.txt",
+                    "train/ant/._a.jpeg", "train/.ipynb_checkpoints/c.png", "test/ant/x.png"});
   const ImageList train = read_image_folders(dir.file("train"));
   EXPECT_EQ(train.paths, (std::vector<std::string>{dir.file("train/ant/a.jpeg"), dir.file("train/ant/b.jpg"),
                                                    dir.file("train/zebra/1.PNG")}));
@@ -522,12 +527,8 @@ TEST(Images, ClassFoldersNumberClassesBySortedName) {
 // a link back up is refused, and so are images canopy does not decode, not left out.
 TEST(Images, ClassFoldersReadTheirSubFoldersInTorchvisionsOrder) {
   testing::TempDir dir;
-  for (const char* d : {"train/cat/a", "train/cat/a b", "train/cat/a/z", "train/dog", "other"})
-    make_dirs(dir.file(d));
-  for (const char* f : {"train/cat/b.png", "train/cat/a/x.png", "train/cat/a b/y.jpg", "train/cat/a/z/q.webp",
-                        "train/cat/Z.png", "train/dog/k.png", "other/m.png"}) {
-    std::ofstream(dir.file(f)) << "x";
-  }
+  touch_files(dir, {"train/cat/b.png", "train/cat/a/x.png", "train/cat/a b/y.jpg", "train/cat/a/z/q.webp",
+                    "train/cat/Z.png", "train/dog/k.png", "other/m.png"});
   make_symlink(dir.file("other"), dir.file("train/dog/linked"));
   const ImageList train = read_image_folders(dir.file("train"));
   EXPECT_EQ(train.paths,
@@ -541,8 +542,7 @@ TEST(Images, ClassFoldersReadTheirSubFoldersInTorchvisionsOrder) {
       [&] { read_image_folders(dir.file("train")); },
       {"'" + dir.file("train/cat/a/z/up") + "' leads back to", "a symbolic link loop"}));
   remove_symlink(dir.file("train/cat/a/z/up"));
-  for (const char* f : {"train/dog/scan.TIFF", "train/dog/linked/anim.gif", "train/dog/old.gif"})
-    std::ofstream(dir.file(f)) << "x";
+  touch_files(dir, {"train/dog/scan.TIFF", "train/dog/linked/anim.gif", "train/dog/old.gif"});
   EXPECT_TRUE(testing::throws_with<DataError>(
       [&] { read_image_folders(dir.file("train")); },
       {"image folder '" + dir.file("train/dog") + "' holds 3 images canopy does not decode (2 .gif, 1 .tiff",

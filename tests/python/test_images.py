@@ -32,6 +32,7 @@ manifests and on the folders with the same tiny trunk; h5py reads the three cach
 import csv
 import io
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -234,16 +235,29 @@ def main():
     check(r.returncode == 1 and "00000.png" in r.stderr and "cannot decode PNG" in r.stderr,
           f"a truncated PNG fails the run naming it (exit {r.returncode}: {r.stderr.strip()[-160:]})")
 
-    # An image the CSV lists but that is not there: named with its row and the system's reason.
+    # Images the CSV lists that are not there: all counted at once, the first three named with
+    # their rows and the system's reason.
     with open(os.path.join(work, "train.csv")) as f:
         rows = f.read().split("\n")
-    rows[3] = "folders/train/gone.png," + rows[3].split(",", 1)[1]
+    for k in (3, 5, 7, 9, 11):
+        rows[k] = f"folders/train/gone{k}.png," + rows[k].split(",", 1)[1]
     with open(os.path.join(work, "missing.csv"), "w") as f:
         f.write("\n".join(rows))
     r = subprocess.run([canopy, "cache", "--config", config(work, trunk, "missing", runs["csv"]), "--progress", "quiet",
                         "--set", f"data.train={work}/missing.csv"], capture_output=True, text=True)
-    check(r.returncode == 1 and "gone.png' (row 3 of '" in r.stderr and "No such file or directory" in r.stderr,
-          f"an image the CSV lists that is not there is named with its row ({r.stderr.strip()[-200:]})")
+    check(r.returncode == 1 and f"5 of the {TRAIN} images '{work}/missing.csv' lists cannot be read (row 3 '" in r.stderr
+          and "gone3.png': No such file or directory; row 5 '" in r.stderr and "gone7.png': No such file or directory; ...)"
+          in r.stderr and "gone9" not in r.stderr,
+          f"the images the CSV lists that are not there are counted, the first named with their rows "
+          f"({r.stderr.strip()[-300:]})")
+    # A manifest moved away from its images: none can be read, and where relative paths are read from is said.
+    os.makedirs(os.path.join(work, "moved"), exist_ok=True)
+    shutil.copy(os.path.join(work, "train.csv"), os.path.join(work, "moved", "train.csv"))
+    r = subprocess.run([canopy, "cache", "--config", config(work, trunk, "moved", runs["csv"]), "--progress", "quiet",
+                        "--set", f"data.train={work}/moved/train.csv"], capture_output=True, text=True)
+    check(r.returncode == 1 and f"{TRAIN} of the {TRAIN} images" in r.stderr
+          and f"none can: a relative path is read from the manifest's folder, '{work}/moved'" in r.stderr,
+          f"a manifest moved from its images says where its paths are read from ({r.stderr.strip()[-300:]})")
 
     # A PNG of a few hundred bytes whose header declares 60000 x 60000 pixels (a decompression
     # bomb) is refused from its header, as PIL refuses it, before memory is taken for it.
@@ -313,7 +327,6 @@ def main():
 def check_evaluate(canopy, work, trunk, runs):
     """canopy evaluate over class folders and CSV manifests numbers the classes as training did."""
     import json
-    import shutil
     reports = {}
     for name in ("folders", "csv", "json"):
         cfg = config(work, trunk, name, runs[name])

@@ -51,7 +51,7 @@ bool is_hidden_entry(const std::string& name);
 struct ImageFiles {
   std::vector<std::string> paths;                  // .png, .jpg, .jpeg, .webp (any case)
   std::map<std::string, std::int64_t> unreadable;  // images of formats canopy does not decode, per extension
-  std::string first_unreadable;                    // the first of them found
+  std::string first_unreadable;                    // the first of them, in that order
   std::map<std::string, std::int64_t> not_images;  // other files, per extension (".txt"; "": none)
 };
 // A symbolic link leading back to a folder above it is a DataError, as is `dir` not a folder.
