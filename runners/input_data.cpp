@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -28,6 +29,7 @@
 #include "canopy/core/progress.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
+#include "canopy/core/torch_team.h"
 #include "canopy/datasets/images.h"
 #include "canopy/datasets/mnist.h"
 #include "canopy/datasets/preprocess.h"
@@ -555,27 +557,41 @@ std::vector<std::int64_t> kept_rows(const datasets::ImageList& list, const std::
   return out;
 }
 
-// Image files, decoded and preprocessed one by one when the trunk needs them (they may
-// differ in size and channels).
+// Image files, decoded and preprocessed when the trunk needs them (they may differ in size and
+// channels), an image to each of LibTorch's threads: libjpeg, libpng and libwebp decode on one
+// thread each, and the ATen ops after them run serially inside the team.
 at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::vector<std::int64_t>& rows,
                             const datasets::PreprocessConfig& pre, std::int64_t max_pixels, bool orient) {
   static std::atomic<bool> said{false};
-  std::vector<at::Tensor> out;
-  for (const auto i : rows) {
-    datasets::DecodedImage image = datasets::read_image(paths[i], max_pixels);
-    if (orient) {
-      image.pixels = datasets::apply_exif_orientation(image.pixels, image.orientation);
-    } else if (image.orientation != 1 && !said.exchange(true)) {
+  const std::size_t n = rows.size();
+  std::vector<at::Tensor> out(n);
+  std::vector<int> orientation(n, 1);
+  std::vector<std::exception_ptr> failed(n);
+  on_every_torch_thread([&](int t, int threads) {
+    for (std::size_t k = static_cast<std::size_t>(t); k < n; k += static_cast<std::size_t>(threads)) {
+      try {
+        datasets::DecodedImage image = datasets::read_image(paths[rows[k]], max_pixels);
+        orientation[k] = image.orientation;
+        if (orient) image.pixels = datasets::apply_exif_orientation(image.pixels, image.orientation);
+        out[k] = datasets::preprocess_images(image.pixels.unsqueeze(0), pre);
+      } catch (...) {
+        failed[k] = std::current_exception();
+      }
+    }
+  });
+  // In row order: the first failure, the first turned image, the first size that differs.
+  for (std::size_t k = 0; k < n; ++k) {
+    if (failed[k]) std::rethrow_exception(failed[k]);
+    const std::string& path = paths[rows[k]];
+    if (!orient && orientation[k] != 1 && !said.exchange(true)) {
       log_info(detail::str_cat(
-          "image '", paths[i], "' records EXIF orientation ", image.orientation,
+          "image '", path, "' records EXIF orientation ", orientation[k],
           " (a viewer shows it turned); read as stored, as torchvision's ImageFolder reads it; "
           "data.exif_orientation = apply turns such images as PIL's ImageOps.exif_transpose does"));
     }
-    const at::Tensor x = datasets::preprocess_images(image.pixels.unsqueeze(0), pre);
-    CANOPY_CHECK(out.empty() || x.sizes() == out[0].sizes(), DataError, "image '", paths[i], "' becomes ",
-                 x.sizes(), " after preprocessing but '", paths[rows[0]], "' becomes ", out[0].sizes(),
+    CANOPY_CHECK(out[k].sizes() == out[0].sizes(), DataError, "image '", path, "' becomes ", out[k].sizes(),
+                 " after preprocessing but '", paths[rows[0]], "' becomes ", out[0].sizes(),
                  "; set preprocess.resize, or preprocess.center_crop, to give every image one size");
-    out.push_back(x);
   }
   return at::cat(out, 0);
 }
