@@ -349,10 +349,6 @@ at::Tensor apply_exif_orientation(const at::Tensor& chw, int orientation) {
   }
 }
 
-bool is_image_file_name(const std::string& name) {
-  return readable_extensions().count(extension_of(name)) > 0;
-}
-
 DecodedImage read_image(const std::string& path, std::int64_t max_pixels) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   CANOPY_CHECK(f, DataError, "cannot open image '", path, "': ", std::strerror(errno));

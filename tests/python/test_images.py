@@ -49,14 +49,17 @@ TRAIN, TEST = 60, 30
 
 
 def write_png(path, img):
-    """8-bit greyscale PNG, no filtering."""
-    h, w = img.shape
-    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
+    """A PNG, no filtering: grey [H, W] (or [H, W, 1]) or RGB [H, W, 3], 8-bit (uint8) or 16-bit
+    (uint16, big-endian samples as PNG stores them)."""
+    img = img.reshape(img.shape[0], img.shape[1], -1)
+    h, w, c = img.shape
+    bits = 16 if img.dtype == np.uint16 else 8
+    raw = b"".join(b"\x00" + img[y].astype(">u2" if bits == 16 else np.uint8).tobytes() for y in range(h))
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 0 if c == 1 else 2, 0, 0, 0))
                 + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
@@ -515,18 +518,6 @@ def check_cmyk(canopy, work, trunk):
           in p.stderr and p.stdout == "", f"predict refuses a task named id ({p.stderr.strip()[-120:]})")
 
 
-def write_png16(path, arr):
-    """A 16-bit PNG (grey [H, W, 1] or RGB [H, W, 3]), big-endian samples as PNG stores them."""
-    h, w, c = arr.shape
-    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0 if c == 1 else 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-
-
 def check_formats(canopy, work, trunk):
     """The PNG, JPEG and WebP files users have, as PIL writes them, against PIL's RGB pixels of
     them, in class folders with sub-folders against torchvision's ImageFolder order."""
@@ -554,9 +545,9 @@ def check_formats(canopy, work, trunk):
         elif kind == "gamma 1/1.8":
             img.save(path + ".png", pnginfo=gamma(1 / 1.8))
         elif kind == "RGB 16-bit":
-            write_png16(path + ".png", rng.integers(0, 65536, (29, 23, 3), dtype=np.uint16))
+            write_png(path + ".png", rng.integers(0, 65536, (29, 23, 3), dtype=np.uint16))
         elif kind == "grey 16-bit":
-            write_png16(path + ".png", rng.integers(0, 65536, (29, 23, 1), dtype=np.uint16))
+            write_png(path + ".png", rng.integers(0, 65536, (29, 23, 1), dtype=np.uint16))
         elif kind == "progressive JPEG":
             img.save(path + ".jpg", quality=90, progressive=True)
         elif kind == "grey JPEG":
@@ -684,16 +675,13 @@ def check_center_crop(canopy, work, trunk):
     # Landscape, portrait, square, odd margins on both sides (x.5 offsets: Python's round, half
     # to even), one already at the shorter size, one enlarged. (Padding: datasets_test.cpp.)
     shapes = [(40, 60), (61, 45), (50, 50), (33, 70), (71, 37), (32, 47), (90, 20)]
-    paths = {}
     for split in ("train", "test"):
-        paths[split] = []
         for k, (h, w) in enumerate(shapes):
             path = f"{work}/shapes-img/{split}/c{k % 2}/{k}.png"
             os.makedirs(os.path.dirname(path), exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    samples = {split: sorted(f"{work}/shapes-img/{split}/c{k % 2}/{k}.png" for k in range(len(shapes)))
-               for split in ("train", "test")}
-    samples = {split: sorted(v, key=lambda p: (p.split("/")[-2], p)) for split, v in samples.items()}
+    # The cache's training rows: class folder, then file name (one digit each: sorted paths).
+    train_rows = sorted(f"{work}/shapes-img/train/c{k % 2}/{k}.png" for k in range(len(shapes)))
     data = f"source = image-folders\ntrain = {work}/shapes-img/train\ntest = {work}/shapes-img/test"
     cfg = config(work, trunk, "shapes", data)
     text = open(cfg).read().replace("resize = 32\n", "resize_shorter = 32\ncenter_crop = 28\nantialias = true\n")
@@ -706,7 +694,7 @@ def check_center_crop(canopy, work, trunk):
         got = h["train/features"][:]
     worst = 0.0
     with torch.no_grad():
-        for i, path in enumerate(samples["train"]):
+        for i, path in enumerate(train_rows):
             x = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).float().div(255)
             x = TF.center_crop(TF.resize(x, [32], antialias=True), [28])
             ref = model(((x - 0.5) / 0.5).unsqueeze(0)).mean((2, 3))[0].numpy()
@@ -719,7 +707,7 @@ def check_center_crop(canopy, work, trunk):
     exported = torch.jit.load(f"{work}/shapes-model.pt")
     worst = 0.0
     with torch.no_grad():
-        for i, path in enumerate(samples["train"]):
+        for i, path in enumerate(train_rows):
             pixels = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).unsqueeze(0)
             worst = max(worst, float((exported.features(pixels)[0] - torch.from_numpy(got[i])).abs().max()))
     check(worst < 1e-5, f"the model file's features() of the raw pixels is the cache's, to {worst:.1e}")

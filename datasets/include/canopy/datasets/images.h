@@ -39,8 +39,6 @@ DecodedImage read_image(const std::string& path, std::int64_t max_pixels = kDefa
 // as they are.
 at::Tensor apply_exif_orientation(const at::Tensor& chw, int orientation);
 
-// Whether a file name ends in .png, .jpg, .jpeg or .webp (any case).
-bool is_image_file_name(const std::string& name);
 // Whether a directory entry is hidden (its name starts with a dot): not data. A notebook's
 // .ipynb_checkpoints folder would be a class, macOS's ._name.jpg resource forks are not JPEGs.
 bool is_hidden_entry(const std::string& name);
