@@ -4,15 +4,20 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
 #include "canopy/core/error.h"
+#include "canopy/core/progress.h"
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "gz_file.h"
@@ -24,8 +29,8 @@ namespace {
 // --- UTF-8 -------------------------------------------------------------------------
 // Decodes `s` into code points; an invalid byte becomes U+FFFD (which normalisation drops,
 // as the reference does for replacement characters).
-std::vector<char32_t> decode_utf8(const std::string& s) {
-  std::vector<char32_t> out;
+std::u32string decode_utf8(const std::string& s) {
+  std::u32string out;
   out.reserve(s.size());
   const auto* p = reinterpret_cast<const unsigned char*>(s.data());
   const std::size_t n = s.size();
@@ -195,30 +200,163 @@ char32_t strip_accent(char32_t c) {
   }
 }
 
-std::int64_t required_token(const std::unordered_map<std::string, std::int64_t>& vocab, const std::string& t,
-                            const std::string& path) {
-  const auto it = vocab.find(t);
-  CANOPY_CHECK(it != vocab.end(), DataError, "vocabulary '", path, "' has no ", t, " token");
-  return it->second;
+// Uppercase of the base letters strip_accent gives (a-z, Greek and Cyrillic lowercase).
+char32_t base_to_upper(char32_t c) {
+  if (in(c, 'a', 'z') || in(c, 0x3B1, 0x3C9) || in(c, 0x430, 0x44F)) return c - 32;
+  if (c == 0x456) return 0x406;
+  return c;
+}
+
+// NFD followed by removing nonspacing marks, for a letter of either case; 0 when it has none.
+char32_t strip_accent_any_case(char32_t c) {
+  if (c == 0x130) return 'I';
+  const char32_t lower = to_lower(c);
+  const char32_t base = strip_accent(lower);
+  if (base == 0) return 0;
+  return lower == c ? base : base_to_upper(base);
+}
+
+// Rust's \s and \w, as tokenizers' added-token matching reads them (\w approximated outside
+// the blocks text.h names: any character that is neither space, punctuation nor control).
+bool is_space(char32_t c) { return is_whitespace(c) || c == 0x0B || c == 0x0C || c == 0x85; }
+bool is_word_char(char32_t c) {
+  if (c < 0x80) return std::isalnum(static_cast<int>(c)) != 0 || c == '_';
+  return !is_space(c) && !is_punctuation(c) && !is_control(c);
+}
+
+// A stretch of text, or an added token's id.
+struct Piece {
+  std::u32string text;
+  std::int64_t id = -1;
+};
+
+// Splits `text` around the added tokens it holds, as tokenizers' AddedVocabulary::find_matches
+// does: leftmost-longest matches, not overlapping; a single_word token only between non-word
+// characters; lstrip and rstrip take the blanks beside a token into it.
+std::vector<Piece> split_added(const std::u32string& text,
+                               const std::vector<WordPieceTokenizer::AddedToken>& tokens) {
+  std::vector<Piece> out;
+  std::size_t done = 0;  // text before this is in `out`
+  std::size_t at = 0;    // where the next match may start
+  while (at < text.size() && !tokens.empty()) {
+    const WordPieceTokenizer::AddedToken* found = nullptr;
+    std::size_t start = at;
+    for (; start < text.size() && found == nullptr; ++start) {
+      for (const auto& t : tokens) {  // the longest first
+        if (!t.content.empty() && text.compare(start, t.content.size(), t.content) == 0) {
+          found = &t;
+          break;
+        }
+      }
+    }
+    if (found == nullptr) break;
+    --start;
+    std::size_t stop = start + found->content.size();
+    at = stop;
+    if (found->single_word &&
+        ((start > 0 && is_word_char(text[start - 1])) || (stop < text.size() && is_word_char(text[stop])))) {
+      continue;
+    }
+    if (found->lstrip) {
+      while (start > done && is_space(text[start - 1])) --start;
+    }
+    if (found->rstrip) {
+      while (stop < text.size() && is_space(text[stop])) ++stop;
+    }
+    if (done < start) out.push_back({text.substr(done, start - done)});
+    out.push_back({{}, found->id});
+    done = stop;
+    at = std::max(at, stop);
+  }
+  if (done < text.size()) out.push_back({text.substr(done)});
+  return out;
+}
+
+const nlohmann::json& member(const nlohmann::json& j, const char* key, const std::string& where,
+                             const std::string& path) {
+  CANOPY_CHECK(j.is_object() && j.contains(key), DataError, "tokenizer '", path, "': ", where, " has no '",
+               key, "'");
+  return j.at(key);
+}
+
+// The ids of a post-processor's special tokens before and after the text (a single sequence).
+void special_tokens(const nlohmann::json& p, const std::string& path, std::vector<std::int64_t>& before,
+                    std::vector<std::int64_t>& after) {
+  if (p.is_null()) return;
+  const std::string type = p.value("type", "");
+  if (type == "Sequence") {
+    for (const auto& q : member(p, "processors", "the Sequence post-processor", path)) {
+      if (q.value("type", "") != "ByteLevel") special_tokens(q, path, before, after);
+    }
+    return;
+  }
+  if (type == "BertProcessing" || type == "RobertaProcessing") {
+    before.push_back(member(p, "cls", type, path).at(1).get<std::int64_t>());
+    after.push_back(member(p, "sep", type, path).at(1).get<std::int64_t>());
+    return;
+  }
+  CANOPY_CHECK(type == "TemplateProcessing", DataError, "tokenizer '", path, "': post-processor '", type,
+               "' is not read (BertProcessing, RobertaProcessing and TemplateProcessing are)");
+  const nlohmann::json& specials = member(p, "special_tokens", type, path);
+  bool seen_text = false;
+  for (const auto& item : member(p, "single", type, path)) {
+    if (item.contains("Sequence")) {
+      CANOPY_CHECK(!seen_text, DataError, "tokenizer '", path, "': its template names the text twice");
+      seen_text = true;
+      continue;
+    }
+    const std::string name =
+        member(item, "SpecialToken", "a template item", path).at("id").get<std::string>();
+    CANOPY_CHECK(specials.contains(name), DataError, "tokenizer '", path, "': its template names '", name,
+                 "', which its special_tokens do not list");
+    for (const auto& id : specials.at(name).at("ids"))
+      (seen_text ? after : before).push_back(id.get<std::int64_t>());
+  }
 }
 
 }  // namespace
 
 void validate_tokenizer_config(const TokenizerConfig& c) {
-  CANOPY_CHECK(!c.vocab.empty(), ConfigError, "text.vocab is empty: give the trunk's vocab.txt");
+  CANOPY_CHECK(!c.vocab.empty() || !c.tokenizer.empty(), ConfigError,
+               "texts need a tokenizer: give text.tokenizer (the trunk's tokenizer.json) or text.vocab (its "
+               "vocab.txt)");
+  CANOPY_CHECK(c.vocab.empty() || c.tokenizer.empty(), ConfigError, "text.vocab ('", c.vocab,
+               "') and text.tokenizer ('", c.tokenizer,
+               "') are both given: give one (tokenizer.json says everything vocab.txt does, and more)");
   CANOPY_CHECK(c.max_length >= 3 && c.max_length <= 4096, ConfigError,
-               "text.max_length must be in [3, 4096] (it counts [CLS] and [SEP]), got ", c.max_length);
+               "text.max_length must be in [3, 4096] (it counts the special tokens around a text, [CLS] and "
+               "[SEP]), got ",
+               c.max_length);
 }
 
 std::string describe(const TokenizerConfig& c) {
+  if (!c.tokenizer.empty()) {
+    return detail::str_cat("tokenizer.json;sha256=", sha256_file(c.tokenizer), ";max_length=", c.max_length);
+  }
   return detail::str_cat("wordpiece;vocab_sha256=", sha256_file(c.vocab), ";lowercase=", c.lowercase ? 1 : 0,
                          ";max_length=", c.max_length, ";strip_accents=", c.lowercase ? 1 : 0);
 }
 
 WordPieceTokenizer::WordPieceTokenizer(const TokenizerConfig& config) : config_(config) {
   validate_tokenizer_config(config);
-  std::ifstream in(config.vocab);
-  CANOPY_CHECK(in, DataError, "cannot open vocabulary '", config.vocab, "': ", std::strerror(errno));
+  if (config.tokenizer.empty()) {
+    load_vocab_txt();
+  } else {
+    load_tokenizer_json();
+  }
+  const std::size_t specials = before_.size() + after_.size();
+  CANOPY_CHECK(config.max_length > static_cast<std::int64_t>(specials), ConfigError,
+               "text.max_length = ", config.max_length, " leaves no room for text: the tokenizer puts ",
+               specials, " special tokens around each one");
+  std::int64_t largest = -1;
+  for (const auto& [token, id] : vocab_) largest = std::max(largest, id);
+  vocab_size_ = largest + 1;
+}
+
+void WordPieceTokenizer::load_vocab_txt() {
+  const std::string& path = config_.vocab;
+  std::ifstream in(path);
+  CANOPY_CHECK(in, DataError, "cannot open vocabulary '", path, "': ", std::strerror(errno));
   std::string line;
   std::int64_t id = 0;
   // Not read_text_line: the reference (transformers' load_vocab) keeps a byte-order mark.
@@ -226,41 +364,179 @@ WordPieceTokenizer::WordPieceTokenizer(const TokenizerConfig& config) : config_(
     if (!line.empty() && line.back() == '\r') line.pop_back();
     vocab_.emplace(line, id++);  // a duplicate keeps its first id, as the reference does
   }
-  CANOPY_CHECK(id > 0, DataError, "vocabulary '", config.vocab, "' is empty");
-  cls_ = required_token(vocab_, "[CLS]", config.vocab);
-  sep_ = required_token(vocab_, "[SEP]", config.vocab);
-  unk_ = required_token(vocab_, "[UNK]", config.vocab);
-  pad_ = required_token(vocab_, "[PAD]", config.vocab);
+  CANOPY_CHECK(id > 0, DataError, "vocabulary '", path, "' is empty");
+  auto required = [&](const std::string& t) {
+    const auto it = vocab_.find(t);
+    CANOPY_CHECK(it != vocab_.end(), DataError, "vocabulary '", path, "' has no ", t, " token");
+    return it->second;
+  };
+  before_ = {required("[CLS]")};
+  after_ = {required("[SEP]")};
+  unk_ = required("[UNK]");
+  pad_ = required("[PAD]");
+  normalizer_.strip_accents = normalizer_.lowercase = config_.lowercase;
+  static std::atomic<bool> said{false};
+  if (vocab_.count("<s>") && vocab_.count("</s>") && !said.exchange(true)) {
+    const std::string beside = (std::filesystem::path(path).parent_path() / "tokenizer.json").string();
+    log_info(
+        detail::str_cat("vocabulary '", path,
+                        "' also holds <s> and </s>: models such as MPNet wrap a text in those, where a "
+                        "vocab.txt gives [CLS] ... [SEP]; text.tokenizer = the model's tokenizer.json says "
+                        "which",
+                        std::filesystem::exists(beside) ? " ('" + beside + "' is beside it)" : ""));
+  }
 }
 
-std::vector<std::string> WordPieceTokenizer::words(const std::string& text) const {
+void WordPieceTokenizer::load_tokenizer_json() {
+  const std::string& path = config_.tokenizer;
+  std::ifstream in(path);
+  CANOPY_CHECK(in, DataError, "cannot open tokenizer '", path, "': ", std::strerror(errno));
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(detail::str_cat("tokenizer '", path, "' is not JSON: ", e.what()));
+  }
+  try {
+    const nlohmann::json& model = member(j, "model", "the file", path);
+    const std::string type = model.value("type", "");
+    CANOPY_CHECK(
+        type == "WordPiece", DataError, "tokenizer '", path, "' is a ", type.empty() ? "?" : type,
+        " model: canopy reads WordPiece tokenizers (BERT, MiniLM, MPNet, bge, e5 and their kin), not BPE "
+        "(GPT-2, RoBERTa) or Unigram (T5, XLM-R) ones");
+    for (const auto& [token, id] : member(model, "vocab", "its model", path).items()) {
+      vocab_.emplace(token, id.get<std::int64_t>());
+    }
+    CANOPY_CHECK(!vocab_.empty(), DataError, "tokenizer '", path, "' has an empty vocabulary");
+    prefix_ = model.value("continuing_subword_prefix", std::string("##"));
+    max_chars_ = model.value("max_input_chars_per_word", std::size_t{100});
+    const std::string unk = model.value("unk_token", std::string("[UNK]"));
+
+    const nlohmann::json& n = j.value("normalizer", nlohmann::json());
+    normalizes_ = !n.is_null();
+    if (normalizes_) {
+      CANOPY_CHECK(n.value("type", "") == "BertNormalizer", DataError, "tokenizer '", path, "': normalizer '",
+                   n.value("type", ""), "' is not read (BertNormalizer is)");
+      normalizer_.clean_text = n.value("clean_text", true);
+      normalizer_.chinese_chars = n.value("handle_chinese_chars", true);
+      normalizer_.lowercase = n.value("lowercase", true);
+      const nlohmann::json& strip = n.value("strip_accents", nlohmann::json());
+      normalizer_.strip_accents = strip.is_null() ? normalizer_.lowercase : strip.get<bool>();
+    }
+    const bool lowercases = normalizes_ && normalizer_.lowercase;
+    CANOPY_CHECK(!config_.lowercase_given || config_.lowercase == lowercases, ConfigError,
+                 "text.lowercase = ", config_.lowercase ? "true" : "false", ", but tokenizer '", path, "' ",
+                 lowercases ? "lowercases" : "keeps case",
+                 ": leave text.lowercase out (a tokenizer.json says it itself)");
+    const nlohmann::json& pre = j.value("pre_tokenizer", nlohmann::json());
+    CANOPY_CHECK(pre.value("type", "") == "BertPreTokenizer", DataError, "tokenizer '", path,
+                 "': pre-tokenizer '", pre.is_null() ? "none" : pre.value("type", ""),
+                 "' is not read (BertPreTokenizer is)");
+
+    // Each added token's id as tokenizers gives it when it loads the file (the file's own "id"
+    // only warns there): the vocabulary's id of a token it holds, else the next after them.
+    const auto model_size = static_cast<std::int64_t>(vocab_.size());
+    std::int64_t largest_added = -1;
+    for (const auto& t : j.value("added_tokens", nlohmann::json::array())) {
+      AddedToken a;
+      const std::string content = member(t, "content", "an added token", path).get<std::string>();
+      const auto known = vocab_.find(content);
+      a.id = known != vocab_.end() ? known->second
+             : largest_added < 0   ? model_size
+                                   : std::max(largest_added + 1, model_size);
+      largest_added = std::max(largest_added, a.id);
+      a.single_word = t.value("single_word", false);
+      a.lstrip = t.value("lstrip", false);
+      a.rstrip = t.value("rstrip", false);
+      a.normalized = t.value("normalized", false);
+      vocab_.emplace(content, a.id);
+      a.content = decode_utf8(content);
+      if (a.normalized && normalizes_) a.content = normalize(a.content);
+      (a.normalized ? normalized_added_ : raw_added_).push_back(std::move(a));
+    }
+    for (auto* list : {&raw_added_, &normalized_added_}) {
+      std::stable_sort(list->begin(), list->end(), [](const AddedToken& a, const AddedToken& b) {
+        return a.content.size() > b.content.size();
+      });
+    }
+    const auto unk_it = vocab_.find(unk);
+    CANOPY_CHECK(unk_it != vocab_.end(), DataError, "tokenizer '", path, "': its unknown token '", unk,
+                 "' is not in its vocabulary");
+    unk_ = unk_it->second;
+    special_tokens(j.value("post_processor", nlohmann::json()), path, before_, after_);
+
+    const nlohmann::json& padding = j.value("padding", nlohmann::json());
+    if (padding.is_object() && padding.contains("pad_id")) {
+      pad_ = padding.at("pad_id").get<std::int64_t>();
+    } else {
+      const auto it = vocab_.count("[PAD]") ? vocab_.find("[PAD]") : vocab_.find("<pad>");
+      CANOPY_CHECK(it != vocab_.end(), DataError, "tokenizer '", path,
+                   "' names no padding token (no \"padding\", no [PAD] or <pad> token)");
+      pad_ = it->second;
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(
+        detail::str_cat("tokenizer '", path, "' is not a tokenizers file as canopy reads it: ", e.what()));
+  }
+}
+
+std::u32string WordPieceTokenizer::normalize(const std::u32string& text) const {
+  if (!normalizes_) return text;
+  const Normalizer& n = normalizer_;
+  std::u32string out;
+  out.reserve(text.size());
+  for (char32_t c : text) {
+    if (n.clean_text) {
+      if (c == 0 || c == 0xFFFD || is_control(c)) continue;
+      if (is_whitespace(c)) c = ' ';
+    }
+    if (n.chinese_chars && is_cjk(c)) {
+      out += U' ';
+      out += c;
+      out += U' ';
+      continue;
+    }
+    if (n.strip_accents) {
+      if (is_combining_mark(c)) continue;
+      if (const char32_t base = strip_accent_any_case(c)) c = base;
+    }
+    if (n.lowercase) {
+      if (c == 0x130 && !n.strip_accents) {  // İ lowercases to i + combining dot above
+        out += U'i';
+        c = 0x307;
+      } else {
+        c = to_lower(c);
+      }
+    }
+    out += c;
+  }
+  return out;
+}
+
+std::vector<std::string> WordPieceTokenizer::pre_tokenize(const std::u32string& normalized) const {
   std::vector<std::string> out;
   std::string cur;
   auto flush = [&] {
     if (!cur.empty()) out.push_back(std::move(cur));
     cur.clear();
   };
-  for (char32_t c : decode_utf8(text)) {
-    if (c == 0 || c == 0xFFFD || is_control(c)) continue;
+  for (const char32_t c : normalized) {
     if (is_whitespace(c)) {
       flush();
-      continue;
-    }
-    if (config_.lowercase) {
-      if (is_combining_mark(c)) continue;
-      c = to_lower(c);
-      if (const char32_t base = strip_accent(c)) c = base;
-    }
-    if (is_punctuation(c) || is_cjk(c)) {
+    } else if (is_punctuation(c)) {
       flush();
       append_utf8(cur, c);
       flush();
-      continue;
+    } else {
+      append_utf8(cur, c);
     }
-    append_utf8(cur, c);
   }
   flush();
   return out;
+}
+
+std::vector<std::string> WordPieceTokenizer::words(const std::string& text) const {
+  return pre_tokenize(normalize(decode_utf8(text)));
 }
 
 void WordPieceTokenizer::wordpiece(const std::string& word, std::vector<std::int64_t>& out) const {
@@ -269,7 +545,7 @@ void WordPieceTokenizer::wordpiece(const std::string& word, std::vector<std::int
   for (std::size_t i = 0; i < word.size(); ++i) {
     if ((static_cast<unsigned char>(word[i]) & 0xC0) != 0x80) starts.push_back(i);
   }
-  if (starts.size() > 100) {
+  if (starts.size() > max_chars_) {
     out.push_back(unk_);
     return;
   }
@@ -281,7 +557,7 @@ void WordPieceTokenizer::wordpiece(const std::string& word, std::vector<std::int
     std::int64_t found = -1;
     std::size_t e = starts.size() - 1;
     for (; e > s; --e) {
-      piece.assign(s > 0 ? "##" : "");
+      piece.assign(s > 0 ? prefix_ : "");
       piece.append(word, starts[s], starts[e] - starts[s]);
       const auto it = vocab_.find(piece);
       if (it != vocab_.end()) {
@@ -299,15 +575,34 @@ void WordPieceTokenizer::wordpiece(const std::string& word, std::vector<std::int
   }
 }
 
-std::vector<std::int64_t> WordPieceTokenizer::encode(const std::string& text) const {
-  std::vector<std::int64_t> ids{cls_};
-  const std::size_t limit = static_cast<std::size_t>(config_.max_length) - 1;
-  for (const auto& w : words(text)) {
+void WordPieceTokenizer::encode_stretch(const std::u32string& normalized, std::size_t limit,
+                                        std::vector<std::int64_t>& ids) const {
+  for (const auto& w : pre_tokenize(normalized)) {
     wordpiece(w, ids);
     if (ids.size() >= limit) break;
   }
+}
+
+std::vector<std::int64_t> WordPieceTokenizer::encode(const std::string& text) const {
+  std::vector<std::int64_t> ids(before_);
+  const std::size_t limit = static_cast<std::size_t>(config_.max_length) - after_.size();
+  for (const Piece& p : split_added(decode_utf8(text), raw_added_)) {
+    if (ids.size() >= limit) break;
+    if (p.id >= 0) {
+      ids.push_back(p.id);
+      continue;
+    }
+    for (const Piece& q : split_added(normalize(p.text), normalized_added_)) {
+      if (ids.size() >= limit) break;
+      if (q.id >= 0) {
+        ids.push_back(q.id);
+      } else {
+        encode_stretch(q.text, limit, ids);
+      }
+    }
+  }
   if (ids.size() > limit) ids.resize(limit);
-  ids.push_back(sep_);
+  ids.insert(ids.end(), after_.begin(), after_.end());
   return ids;
 }
 

@@ -338,12 +338,16 @@ int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&,
 
 int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out,
                          std::ostream&) {
-  CANOPY_CHECK(vm.count("vocab") && (vm.count("arff") != vm.count("input")), ConfigError,
-               "canopy tokenize: --vocab FILE and one of --arff FILE or --input FILE are required");
+  CANOPY_CHECK(
+      vm.count("vocab") + vm.count("tokenizer") == 1 && (vm.count("arff") != vm.count("input")), ConfigError,
+      "canopy tokenize: --tokenizer FILE (tokenizer.json) or --vocab FILE (vocab.txt), and one of --arff "
+      "FILE or --input FILE are required");
   datasets::TokenizerConfig tc;
-  tc.vocab = vm["vocab"].as<std::string>();
+  tc.vocab = vm.count("vocab") ? vm["vocab"].as<std::string>() : "";
+  tc.tokenizer = vm.count("tokenizer") ? vm["tokenizer"].as<std::string>() : "";
   tc.max_length = vm["max-length"].as<std::int64_t>();
   tc.lowercase = vm.count("cased") == 0;
+  tc.lowercase_given = vm.count("cased") > 0;
   const datasets::WordPieceTokenizer tokenizer(tc);
   const std::string attribute = vm["attribute"].as<std::string>();
   const std::string input = vm.count("input") ? vm["input"].as<std::string>() : "";
@@ -726,10 +730,11 @@ int run_trunk_extract_command(const po::variables_map& vm, const tasks::HeadRegi
 }
 
 void tokenize_options(po::options_description& d, po::positional_options_description&) {
-  d.add_options()("vocab", po::value<std::string>()->value_name("FILE"),
-                  "the WordPiece vocabulary (vocab.txt)")(
+  d.add_options()("tokenizer", po::value<std::string>()->value_name("FILE"),
+                  "the trunk's tokenizer.json (a WordPiece model)")(
+      "vocab", po::value<std::string>()->value_name("FILE"), "or: the WordPiece vocabulary (vocab.txt)")(
       "max-length", po::value<std::int64_t>()->default_value(256)->value_name("N"), "most tokens per text")(
-      "cased", "keep case (default: lowercase, as uncased models expect)")(
+      "cased", "--vocab: keep case (default: lowercase, as uncased models expect)")(
       "arff", po::value<std::string>()->value_name("FILE"), "texts from an ARFF string attribute")(
       "attribute", po::value<std::string>()->default_value("Text")->value_name("NAME"),
       "the ARFF attribute, or a table's text column")(

@@ -313,14 +313,29 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
                             "what separates the labels in a field of data.list_columns: space (any run of "
                             "blanks) or one character, such as | ; ,")
                   .only_when([](const JobConfig& c) { return !c.data.list_columns.empty(); }));
+  v.push_back(
+      member_key<K>("text", "tokenizer", CANOPY_JOB(text.tokenizer),
+                    "the trunk's Hugging Face tokenizer.json (a WordPiece model: BERT, MiniLM, MPNet, bge, "
+                    "e5): its normalizer, special tokens, added tokens and padding token as the file says",
+                    true)
+          .optional_in_dump()
+          .only_when(reads_texts));
   v.push_back(member_key<K>("text", "vocab", CANOPY_JOB(text.vocab),
-                            "WordPiece vocabulary (vocab.txt) for texts", true)
+                            "or: a WordPiece vocabulary (vocab.txt), texts wrapped in [CLS] ... [SEP]", true)
+                  .optional_in_dump()
                   .only_when(reads_texts));
-  v.push_back(member_key<K>("text", "lowercase", CANOPY_JOB(text.lowercase),
-                            "lowercase and strip accents (uncased models)")
-                  .only_when(reads_texts));
+  Key<K> lowercase =
+      member_key<K>("text", "lowercase", CANOPY_JOB(text.lowercase),
+                    "text.vocab: lowercase and strip accents (uncased models); a tokenizer.json "
+                    "says it itself")
+          .only_when([](const JobConfig& c) { return reads_texts(c) && c.text.tokenizer.empty(); });
+  lowercase.set = [set = lowercase.set](JobConfig& c, const std::string& value, const std::string& where) {
+    set(c, value, where);
+    c.text.lowercase_given = true;
+  };
+  v.push_back(std::move(lowercase));
   v.push_back(member_key<K>("text", "max_length", CANOPY_JOB(text.max_length),
-                            "most tokens per text, [CLS] and [SEP] included")
+                            "most tokens per text, the special tokens around it ([CLS], [SEP]) included")
                   .only_when(reads_texts));
   v.push_back(
       member_key<K>("preprocess", "resize", CANOPY_JOB(preprocess.resize),

@@ -93,6 +93,54 @@ TEST(WordPiece, BadVocabulariesAndSettingsAreClearErrors) {
       testing::throws_with<ConfigError>([&] { WordPieceTokenizer t(c); }, {"text.max_length", "got 2"}));
 }
 
+// A tokenizer.json as MPNet's is written: <s> ... </s> from its post-processor, <pad> from its
+// padding, <mask> an added token taking the blanks before it, [UNK] its model's unknown token.
+const char* kMpnetLike = R"({"version": "1.0", "truncation": null,
+  "padding": {"strategy": "BatchLongest", "pad_id": 1, "pad_token": "<pad>"},
+  "added_tokens": [
+    {"id": 0, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+    {"id": 1, "content": "<pad>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+    {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+    {"id": 9, "content": "<mask>", "single_word": false, "lstrip": true, "rstrip": false, "normalized": false, "special": true}],
+  "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
+  "pre_tokenizer": {"type": "BertPreTokenizer"},
+  "post_processor": {"type": "RobertaProcessing", "sep": ["</s>", 2], "cls": ["<s>", 0], "trim_offsets": true, "add_prefix_space": false},
+  "decoder": null,
+  "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##", "max_input_chars_per_word": 100,
+    "vocab": {"<s>": 0, "<pad>": 1, "</s>": 2, "[UNK]": 3, "hello": 4, "world": 5, "un": 6, "##aff": 7, "##able": 8}}})";
+
+TEST(WordPiece, ReadsATokenizersFileWithItsSpecialTokens) {
+  testing::TempDir dir;
+  TokenizerConfig c;
+  c.tokenizer = write(dir.file("tokenizer.json"), kMpnetLike);
+  c.max_length = 16;
+  const WordPieceTokenizer t(c);
+  EXPECT_EQ(t.encode("Hello   UNaffable world"), (Ids{0, 4, 6, 7, 8, 5, 2}))
+      << "<s> ... </s> around the text";
+  EXPECT_EQ(t.encode("hello <mask> world <s>"), (Ids{0, 4, 9, 5, 0, 2}))
+      << "added tokens matched in the raw text";
+  EXPECT_EQ(t.encode("hello<MASK>"), (Ids{0, 4, 3, 3, 3, 2})) << "not normalized: <MASK> is no <mask>";
+  EXPECT_EQ(t.pad_id(), 1);
+  EXPECT_EQ(t.vocab_size(), 10);
+  c.max_length = 4;
+  EXPECT_EQ(WordPieceTokenizer(c).encode("hello world hello"), (Ids{0, 4, 5, 2}));
+
+  c.max_length = 16;
+  c.lowercase = false;
+  c.lowercase_given = true;
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { WordPieceTokenizer u(c); },
+                                                {"text.lowercase = false", "lowercases"}));
+  c.lowercase_given = false;
+  std::string bpe = kMpnetLike;
+  bpe.replace(bpe.find(R"("type": "WordPiece")"), 19, R"("type": "BPE")");
+  c.tokenizer = write(dir.file("bpe.json"), bpe);
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { WordPieceTokenizer u(c); }, {"bpe.json", "BPE model"}));
+  c.tokenizer = write(dir.file("cut.json"), std::string(kMpnetLike).substr(0, 200));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { WordPieceTokenizer u(c); }, {"cut.json", "is not JSON"}));
+  c.vocab = "vocab.txt";
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { validate_tokenizer_config(c); }, {"both given"}));
+}
+
 TEST(Arff, ReadsStringAndNominalAttributesWithEscapes) {
   testing::TempDir dir;
   const std::string path =

@@ -3,10 +3,15 @@
 //
 // The tokenizer follows BERT's reference (Hugging Face `tokenizers`' BertNormalizer,
 // BertPreTokenizer and WordPiece): remove control characters, map whitespace to spaces,
-// put spaces around CJK ideographs, lowercase and strip accents (uncased models), split on
+// put spaces around CJK ideographs, strip accents and lowercase (uncased models), split on
 // whitespace and around every punctuation character, then greedy longest-match-first
 // WordPiece with "##" continuations, [UNK] for a word that cannot be covered or is longer
 // than 100 characters, and [CLS] ... [SEP] around the whole, truncated to max_length.
+// From a Hugging Face tokenizer.json (BERT, MiniLM, MPNet, bge, e5: the WordPiece family) it
+// takes every setting the file gives: the normalizer's switches, the continuation prefix, the
+// unknown token, the special tokens its post-processor puts around a text (MPNet's <s> ...
+// </s>), the padding token, and its added tokens, which are matched in the text first, as
+// `tokenizers` matches them ("[MASK]" in a text is one token).
 // Unicode coverage without an ICU dependency: lowercasing and accent stripping know
 // Latin-1, Latin Extended-A, Greek and Cyrillic; combining marks U+0300-U+036F are dropped;
 // punctuation and whitespace follow the Unicode categories for the Latin, General
@@ -24,8 +29,10 @@ namespace canopy::datasets {
 
 struct TokenizerConfig {
   std::string vocab;              // vocab.txt: one token per line, the line number is its id
-  bool lowercase = true;          // uncased models (and strip accents with it)
-  std::int64_t max_length = 256;  // tokens per text including [CLS] and [SEP]
+  std::string tokenizer;          // or a Hugging Face tokenizer.json (a WordPiece model)
+  bool lowercase = true;          // vocab.txt: uncased models (and strip accents with it)
+  bool lowercase_given = false;   // set in the config: a tokenizer.json must agree with it
+  std::int64_t max_length = 256;  // tokens per text including the special tokens around it
 };
 
 void validate_tokenizer_config(const TokenizerConfig& config);
@@ -36,20 +43,44 @@ class WordPieceTokenizer {
  public:
   explicit WordPieceTokenizer(const TokenizerConfig& config);
 
-  // Token ids of one text: [CLS] pieces... [SEP], at most max_length of them.
+  // Token ids of one text: [CLS] pieces... [SEP] (a tokenizer.json's special tokens), at most
+  // max_length of them.
   std::vector<std::int64_t> encode(const std::string& utf8_text) const;
   // The normalised, pre-tokenised words (before WordPiece), for inspection and tests.
   std::vector<std::string> words(const std::string& utf8_text) const;
 
   std::int64_t pad_id() const { return pad_; }
-  std::int64_t vocab_size() const { return static_cast<std::int64_t>(vocab_.size()); }
+  std::int64_t vocab_size() const { return vocab_size_; }
   const TokenizerConfig& config() const { return config_; }
 
+  // BertNormalizer's switches (vocab.txt: strip_accents and lowercase are text.lowercase).
+  struct Normalizer {
+    bool clean_text = true, chinese_chars = true, strip_accents = true, lowercase = true;
+  };
+  // A token matched in the text before the model runs (tokenizers' AddedToken).
+  struct AddedToken {
+    std::u32string content;  // normalized first where `normalized`
+    std::int64_t id = 0;
+    bool single_word = false, lstrip = false, rstrip = false, normalized = false;
+  };
+
  private:
+  void load_vocab_txt();
+  void load_tokenizer_json();
+  std::u32string normalize(const std::u32string& text) const;
+  std::vector<std::string> pre_tokenize(const std::u32string& normalized) const;
+  // Appends the ids of `text` (a stretch between added tokens), stopping past `limit` ids.
+  void encode_stretch(const std::u32string& text, std::size_t limit, std::vector<std::int64_t>& ids) const;
   void wordpiece(const std::string& word, std::vector<std::int64_t>& out) const;
   TokenizerConfig config_;
   std::unordered_map<std::string, std::int64_t> vocab_;
-  std::int64_t cls_ = 0, sep_ = 0, unk_ = 0, pad_ = 0;
+  Normalizer normalizer_;
+  bool normalizes_ = true;                                // false: the file has no normalizer
+  std::vector<AddedToken> raw_added_, normalized_added_;  // matched in the text, in the normalized text
+  std::vector<std::int64_t> before_, after_;              // the special tokens around a text
+  std::string prefix_ = "##";
+  std::size_t max_chars_ = 100;
+  std::int64_t unk_ = 0, pad_ = 0, vocab_size_ = 0;
 };
 
 // An ARFF file read whole: string attributes as text, nominal attributes as the index of

