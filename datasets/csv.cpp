@@ -69,7 +69,8 @@ std::string separator_hint(const std::vector<std::string>& fields, const std::st
   return "";
 }
 
-Csv read_csv(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header) {
+Csv read_csv(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header,
+             const std::size_t* as_written) {
   GzStream in(path, what);  // FILE.csv.gz, FILE.jsonl.gz: read through zlib
   Csv csv;
   csv.path = path;
@@ -84,12 +85,16 @@ Csv read_csv(const std::string& path, const std::string& what, const CsvHeaderCh
       first_line = line;
     }
     if (add_csv_line(line, fields, quoted)) continue;  // a quoted field goes on
-    for (auto& f : fields) f = trim(f);
     const std::string where = detail::str_cat(path, ":", start);
     if (csv.header.empty()) {
+      for (auto& f : fields) f = trim(f);
       check_header(fields, where, first_line);
+      if (as_written) csv.as_written = *as_written;
       csv.header = std::move(fields);
     } else {
+      for (std::size_t k = 0; k < fields.size(); ++k) {
+        if (k != csv.as_written) fields[k] = trim(fields[k]);
+      }
       CANOPY_CHECK(fields.size() == csv.header.size(), DataError, where, ": ", fields.size(),
                    " fields, the header has ", csv.header.size());
       csv.rows.push_back(std::move(fields));
@@ -107,10 +112,11 @@ Csv read_csv(const std::string& path, const std::string& what, const CsvHeaderCh
 namespace {
 
 // One record's value as a table field (csv.h: JSON tables).
-std::string json_field(const nlohmann::ordered_json& v, const std::string& key, const std::string& where) {
+std::string json_field(const nlohmann::ordered_json& v, const std::string& key, const std::string& where,
+                       bool as_written = false) {
   switch (v.type()) {
     case nlohmann::ordered_json::value_t::string:
-      return trim(v.get<std::string>());
+      return as_written ? v.get<std::string>() : trim(v.get<std::string>());
     case nlohmann::ordered_json::value_t::null:
       return "";
     case nlohmann::ordered_json::value_t::boolean:
@@ -147,7 +153,7 @@ std::string first_keys(const Csv& csv) {
 // Appends `record` (read at `where`) to `csv` as a row; the first one makes the header of its
 // keys of one value, csv.list_keys of those holding a list of values, csv.left_out of the rest.
 void add_json_record(const nlohmann::ordered_json& record, std::int64_t line, const std::string& where,
-                     const CsvHeaderCheck& check_header, Csv& csv) {
+                     const CsvHeaderCheck& check_header, const std::size_t* as_written, Csv& csv) {
   CANOPY_CHECK(record.is_object(), DataError, where,
                ": a record should be a JSON object {\"key\": value, ...}, got ", record.type_name());
   if (csv.header.empty()) {
@@ -162,6 +168,7 @@ void add_json_record(const nlohmann::ordered_json& record, std::int64_t line, co
                  nested.empty() ? "none at all" : join(nested, ", ") + ": lists or objects",
                  "); a table of texts has a text key");
     check_header(keys, where, join(keys, ","));
+    if (as_written) csv.as_written = *as_written;
     csv.header = std::move(keys);
   }
   const auto value_of = [&](const std::string& key) {
@@ -172,7 +179,9 @@ void add_json_record(const nlohmann::ordered_json& record, std::int64_t line, co
   };
   std::vector<std::string> fields;
   fields.reserve(csv.header.size());
-  for (const auto& key : csv.header) fields.push_back(json_field(*value_of(key), key, where));
+  for (const auto& key : csv.header) {
+    fields.push_back(json_field(*value_of(key), key, where, fields.size() == csv.as_written));
+  }
   for (const auto& key : csv.list_keys) {
     const auto it = value_of(key);
     CANOPY_CHECK(it->is_null() || is_list_of_values(*it), DataError, where, ": '", key, "' holds ",
@@ -209,7 +218,8 @@ std::string json_problem(const nlohmann::ordered_json::parse_error& e) {
 
 }  // namespace
 
-Csv read_json_table(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header) {
+Csv read_json_table(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header,
+                    const std::size_t* as_written) {
   GzStream in(path, what);  // FILE.csv.gz, FILE.jsonl.gz: read through zlib
   Csv csv;
   csv.path = path;
@@ -231,7 +241,8 @@ Csv read_json_table(const std::string& path, const std::string& what, const CsvH
                                         ", counting from this line)"));
       }
       for (std::size_t i = 0; i < array.size(); ++i)
-        add_json_record(array[i], n, detail::str_cat(path, ": record ", i + 1), check_header, csv);
+        add_json_record(array[i], n, detail::str_cat(path, ": record ", i + 1), check_header, as_written,
+                        csv);
       break;
     }
     nlohmann::ordered_json record;
@@ -244,7 +255,7 @@ Csv read_json_table(const std::string& path, const std::string& what, const CsvH
               ? " (a record spread over several lines is not read: write one per line)"
               : ""));
     }
-    add_json_record(record, n, where, check_header, csv);
+    add_json_record(record, n, where, check_header, as_written, csv);
   }
   CANOPY_CHECK(!csv.header.empty(), DataError, what, " '", path, "' is empty");
   return csv;
@@ -302,9 +313,10 @@ std::size_t column_after_lists(const Csv& csv, const std::string& name, const ch
   return static_cast<std::size_t>(it - csv.header.begin());
 }
 
-Csv read_table(const TableFile& file, const std::string& what, const CsvHeaderCheck& check_header) {
-  Csv csv = file.format == TableFormat::json ? read_json_table(file.path, what, check_header)
-                                             : read_csv(file.path, what, check_header);
+Csv read_table(const TableFile& file, const std::string& what, const CsvHeaderCheck& check_header,
+               const std::size_t* as_written) {
+  Csv csv = file.format == TableFormat::json ? read_json_table(file.path, what, check_header, as_written)
+                                             : read_csv(file.path, what, check_header, as_written);
   split_list_columns(csv, file.lists);
   return csv;
 }

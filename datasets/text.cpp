@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cctype>
 #include <cerrno>
@@ -11,8 +12,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <optional>
+#include <queue>
 #include <sstream>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -21,6 +25,7 @@
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "gz_file.h"
+#include "unicode_classes.h"
 
 namespace canopy::datasets {
 
@@ -224,6 +229,66 @@ bool is_word_char(char32_t c) {
   return !is_space(c) && !is_punctuation(c) && !is_control(c);
 }
 
+// --- byte-level BPE (GPT-2, RoBERTa) --------------------------------------------------------
+bool in_ranges(char32_t c, const unicode::CodeRange* begin, const unicode::CodeRange* end) {
+  const auto* it =
+      std::upper_bound(begin, end, c, [](char32_t v, const unicode::CodeRange& r) { return v < r.lo; });
+  return it != begin && c <= (it - 1)->hi;
+}
+bool is_letter(char32_t c) {
+  return in_ranges(c, std::begin(unicode::kLetters), std::end(unicode::kLetters));
+}
+bool is_number(char32_t c) {
+  return in_ranges(c, std::begin(unicode::kNumbers), std::end(unicode::kNumbers));
+}
+// Unicode's White_Space, the pattern's \s.
+bool is_white_space(char32_t c) {
+  return in(c, 0x09, 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 || in(c, 0x2000, 0x200A) ||
+         c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+// Where the match of GPT-2's pre-tokenizing pattern that starts at `i` ends:
+//   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+// (every character is a letter, a number, a space or another, so a match starts at every i).
+std::size_t gpt2_match(const std::u32string& t, std::size_t i) {
+  const std::size_t n = t.size();
+  if (t[i] == '\'' && i + 1 < n) {
+    const char32_t a = t[i + 1];
+    if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+    if (i + 2 < n) {
+      const char32_t b = t[i + 2];
+      if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+    }
+  }
+  const std::size_t s = t[i] == ' ' && i + 1 < n ? i + 1 : i;
+  auto other = [](char32_t c) { return !is_white_space(c) && !is_letter(c) && !is_number(c); };
+  for (bool (*cls)(char32_t) : {&is_letter, &is_number, +other}) {
+    if (!cls(t[s])) continue;
+    std::size_t j = s;
+    while (j < n && cls(t[j])) ++j;
+    return j;
+  }
+  std::size_t j = i;  // a space run: all of it at the end, else all but the blank before the next word
+  while (j < n && is_white_space(t[j])) ++j;
+  return j < n && j - i >= 2 ? j - 1 : j;
+}
+
+std::uint64_t merge_key(std::int64_t left, std::int64_t right) {
+  return static_cast<std::uint64_t>(left) << 32 | static_cast<std::uint32_t>(right);
+}
+
+// GPT-2's stand-ins for bytes: printable Latin-1 bytes are themselves, the others (controls,
+// space, soft hyphen...) U+0100 onwards in byte order; each as UTF-8.
+std::array<std::string, 256> byte_stand_ins() {
+  std::array<std::string, 256> out;
+  char32_t next = 256;
+  for (int b = 0; b < 256; ++b) {
+    const bool printable = in(b, '!', '~') || in(b, 0xA1, 0xAC) || in(b, 0xAE, 0xFF);
+    append_utf8(out[b], printable ? static_cast<char32_t>(b) : next++);
+  }
+  return out;
+}
+
 // A stretch of text, or an added token's id.
 struct Piece {
   std::u32string text;
@@ -234,12 +299,12 @@ struct Piece {
 // does: leftmost-longest matches, not overlapping; a single_word token only between non-word
 // characters; lstrip and rstrip take the blanks beside a token into it.
 std::vector<Piece> split_added(const std::u32string& text,
-                               const std::vector<WordPieceTokenizer::AddedToken>& tokens) {
+                               const std::vector<TextTokenizer::AddedToken>& tokens) {
   std::vector<Piece> out;
   std::size_t done = 0;  // text before this is in `out`
   std::size_t at = 0;    // where the next match may start
   while (at < text.size() && !tokens.empty()) {
-    const WordPieceTokenizer::AddedToken* found = nullptr;
+    const TextTokenizer::AddedToken* found = nullptr;
     std::size_t start = at;
     for (; start < text.size() && found == nullptr; ++start) {
       for (const auto& t : tokens) {  // the longest first
@@ -284,9 +349,10 @@ void special_tokens(const nlohmann::json& p, const std::string& path, std::vecto
                     std::vector<std::int64_t>& after) {
   if (p.is_null()) return;
   const std::string type = p.value("type", "");
+  if (type == "ByteLevel") return;  // offsets only (GPT-2's: nothing around a text)
   if (type == "Sequence") {
     for (const auto& q : member(p, "processors", "the Sequence post-processor", path)) {
-      if (q.value("type", "") != "ByteLevel") special_tokens(q, path, before, after);
+      special_tokens(q, path, before, after);
     }
     return;
   }
@@ -333,11 +399,14 @@ std::string describe(const TokenizerConfig& c) {
   if (!c.tokenizer.empty()) {
     return detail::str_cat("tokenizer.json;sha256=", sha256_file(c.tokenizer), ";max_length=", c.max_length);
   }
+  // hangul=jamo: accent stripping splits Hangul syllables as NFD does (since 2026-12-07), so a
+  // cache of Korean texts built before is rebuilt.
   return detail::str_cat("wordpiece;vocab_sha256=", sha256_file(c.vocab), ";lowercase=", c.lowercase ? 1 : 0,
-                         ";max_length=", c.max_length, ";strip_accents=", c.lowercase ? 1 : 0);
+                         ";max_length=", c.max_length, ";strip_accents=", c.lowercase ? 1 : 0,
+                         c.lowercase ? ";hangul=jamo" : "");
 }
 
-WordPieceTokenizer::WordPieceTokenizer(const TokenizerConfig& config) : config_(config) {
+TextTokenizer::TextTokenizer(const TokenizerConfig& config) : config_(config) {
   validate_tokenizer_config(config);
   if (config.tokenizer.empty()) {
     load_vocab_txt();
@@ -353,7 +422,7 @@ WordPieceTokenizer::WordPieceTokenizer(const TokenizerConfig& config) : config_(
   vocab_size_ = largest + 1;
 }
 
-void WordPieceTokenizer::load_vocab_txt() {
+void TextTokenizer::load_vocab_txt() {
   const std::string& path = config_.vocab;
   std::ifstream in(path);
   CANOPY_CHECK(in, DataError, "cannot open vocabulary '", path, "': ", std::strerror(errno));
@@ -387,7 +456,7 @@ void WordPieceTokenizer::load_vocab_txt() {
   }
 }
 
-void WordPieceTokenizer::load_tokenizer_json() {
+void TextTokenizer::load_tokenizer_json() {
   const std::string& path = config_.tokenizer;
   std::ifstream in(path);
   CANOPY_CHECK(in, DataError, "cannot open tokenizer '", path, "': ", std::strerror(errno));
@@ -400,17 +469,25 @@ void WordPieceTokenizer::load_tokenizer_json() {
   try {
     const nlohmann::json& model = member(j, "model", "the file", path);
     const std::string type = model.value("type", "");
-    CANOPY_CHECK(
-        type == "WordPiece", DataError, "tokenizer '", path, "' is a ", type.empty() ? "?" : type,
-        " model: canopy reads WordPiece tokenizers (BERT, MiniLM, MPNet, bge, e5 and their kin), not BPE "
-        "(GPT-2, RoBERTa) or Unigram (T5, XLM-R) ones");
-    for (const auto& [token, id] : member(model, "vocab", "its model", path).items()) {
-      vocab_.emplace(token, id.get<std::int64_t>());
+    CANOPY_CHECK(type == "WordPiece" || type == "BPE", DataError, "tokenizer '", path, "' is a ",
+                 type.empty() ? "?" : type,
+                 " model: canopy reads WordPiece tokenizers (BERT, MiniLM, MPNet, bge, e5 and their kin) and "
+                 "byte-level BPE ones (GPT-2, RoBERTa), not Unigram (T5, XLM-R) or WordLevel ones");
+    bpe_ = type == "BPE";
+    if (bpe_) {
+      load_byte_level_bpe(j, model);
+    } else {
+      for (const auto& [token, id] : member(model, "vocab", "its model", path).items()) {
+        vocab_.emplace(token, id.get<std::int64_t>());
+      }
+      CANOPY_CHECK(!vocab_.empty(), DataError, "tokenizer '", path, "' has an empty vocabulary");
+      prefix_ = model.value("continuing_subword_prefix", std::string("##"));
+      max_chars_ = model.value("max_input_chars_per_word", std::size_t{100});
+      const nlohmann::json& pre = j.value("pre_tokenizer", nlohmann::json());
+      CANOPY_CHECK(pre.value("type", "") == "BertPreTokenizer", DataError, "tokenizer '", path,
+                   "': pre-tokenizer '", pre.is_null() ? "none" : pre.value("type", ""),
+                   "' is not read (BertPreTokenizer is)");
     }
-    CANOPY_CHECK(!vocab_.empty(), DataError, "tokenizer '", path, "' has an empty vocabulary");
-    prefix_ = model.value("continuing_subword_prefix", std::string("##"));
-    max_chars_ = model.value("max_input_chars_per_word", std::size_t{100});
-    const std::string unk = model.value("unk_token", std::string("[UNK]"));
 
     const nlohmann::json& n = j.value("normalizer", nlohmann::json());
     normalizes_ = !n.is_null();
@@ -428,10 +505,6 @@ void WordPieceTokenizer::load_tokenizer_json() {
                  "text.lowercase = ", config_.lowercase ? "true" : "false", ", but tokenizer '", path, "' ",
                  lowercases ? "lowercases" : "keeps case",
                  ": leave text.lowercase out (a tokenizer.json says it itself)");
-    const nlohmann::json& pre = j.value("pre_tokenizer", nlohmann::json());
-    CANOPY_CHECK(pre.value("type", "") == "BertPreTokenizer", DataError, "tokenizer '", path,
-                 "': pre-tokenizer '", pre.is_null() ? "none" : pre.value("type", ""),
-                 "' is not read (BertPreTokenizer is)");
 
     // Each added token's id as tokenizers gives it when it loads the file (the file's own "id"
     // only warns there): the vocabulary's id of a token it holds, else the next after them.
@@ -459,10 +532,14 @@ void WordPieceTokenizer::load_tokenizer_json() {
         return a.content.size() > b.content.size();
       });
     }
-    const auto unk_it = vocab_.find(unk);
-    CANOPY_CHECK(unk_it != vocab_.end(), DataError, "tokenizer '", path, "': its unknown token '", unk,
-                 "' is not in its vocabulary");
-    unk_ = unk_it->second;
+    if (!bpe_) {
+      const std::string unk = model.value("unk_token", std::string("[UNK]"));
+      const auto unk_it = vocab_.find(unk);
+      CANOPY_CHECK(unk_it != vocab_.end(), DataError, "tokenizer '", path, "': its unknown token '", unk,
+                   "' is not in its vocabulary");
+      unk_ = unk_it->second;
+    }
+
     special_tokens(j.value("post_processor", nlohmann::json()), path, before_, after_);
 
     const nlohmann::json& padding = j.value("padding", nlohmann::json());
@@ -480,7 +557,130 @@ void WordPieceTokenizer::load_tokenizer_json() {
   }
 }
 
-std::u32string WordPieceTokenizer::normalize(const std::u32string& text) const {
+void TextTokenizer::load_byte_level_bpe(const nlohmann::json& j, const nlohmann::json& model) {
+  const std::string& path = config_.tokenizer;
+  CANOPY_CHECK(
+      model.value("dropout", nlohmann::json()).is_null() && !model.value("byte_fallback", false) &&
+          model.value("continuing_subword_prefix", nlohmann::json()).is_null() &&
+          model.value("end_of_word_suffix", nlohmann::json()).is_null(),
+      DataError, "tokenizer '", path,
+      "': a BPE model with dropout, byte_fallback, continuing_subword_prefix or end_of_word_suffix is "
+      "not read (byte-level BPE as GPT-2's and RoBERTa's is)");
+  const nlohmann::json& pre = j.value("pre_tokenizer", nlohmann::json());
+  const nlohmann::json* byte_level = &pre;
+  if (pre.value("type", "") == "Sequence" && pre.value("pretokenizers", nlohmann::json()).size() == 1) {
+    byte_level = &pre.at("pretokenizers").at(0);
+  }
+  CANOPY_CHECK(byte_level->value("type", "") == "ByteLevel", DataError, "tokenizer '", path,
+               "': a BPE model under pre-tokenizer '", pre.is_null() ? "none" : pre.value("type", ""),
+               "' is not read (ByteLevel is: GPT-2's, RoBERTa's)");
+  add_prefix_space_ = byte_level->value("add_prefix_space", true);
+  use_regex_ = byte_level->value("use_regex", true);
+  ignore_merges_ = model.value("ignore_merges", false);
+  fuse_unk_ = model.value("fuse_unk", false);
+  for (const auto& [token, id] : member(model, "vocab", "its model", path).items()) {
+    vocab_.emplace(token, id.get<std::int64_t>());
+  }
+  CANOPY_CHECK(!vocab_.empty(), DataError, "tokenizer '", path, "' has an empty vocabulary");
+  std::int64_t rank = 0;
+  for (const auto& m : member(model, "merges", "its model", path)) {
+    std::string left, right;
+    if (m.is_string()) {  // "a b", as older files write a merge
+      const std::string s = m.get<std::string>();
+      const std::size_t space = s.find(' ');
+      CANOPY_CHECK(space != std::string::npos && s.find(' ', space + 1) == std::string::npos, DataError,
+                   "tokenizer '", path, "': merge ", rank, " '", s, "' is not two tokens");
+      left = s.substr(0, space);
+      right = s.substr(space + 1);
+    } else {
+      left = m.at(0).get<std::string>();
+      right = m.at(1).get<std::string>();
+    }
+    for (const std::string& t : {left, right, left + right}) {
+      CANOPY_CHECK(vocab_.count(t), DataError, "tokenizer '", path, "': merge ", rank, " ('", left, "' '",
+                   right, "') names '", t, "', which its vocabulary does not hold");
+    }
+    merges_[merge_key(vocab_.at(left), vocab_.at(right))] = {rank++, vocab_.at(left + right)};
+  }
+  static const std::array<std::string, 256> stand_ins = byte_stand_ins();
+  byte_ids_.assign(256, -1);
+  for (std::size_t b = 0; b < 256; ++b) {
+    const auto it = vocab_.find(stand_ins[b]);
+    if (it != vocab_.end()) byte_ids_[b] = it->second;
+  }
+  const nlohmann::json& unk = model.value("unk_token", nlohmann::json());
+  has_unk_ = !unk.is_null();
+  if (has_unk_) {
+    const auto it = vocab_.find(unk.get<std::string>());
+    CANOPY_CHECK(it != vocab_.end(), DataError, "tokenizer '", path, "': its unknown token '",
+                 unk.get<std::string>(), "' is not in its vocabulary");
+    unk_ = it->second;
+  }
+}
+
+void TextTokenizer::byte_level_bpe(const std::string& utf8, std::vector<std::int64_t>& out) const {
+  if (ignore_merges_) {
+    static const std::array<std::string, 256> stand_ins = byte_stand_ins();
+    std::string whole;
+    for (const char b : utf8) whole += stand_ins[static_cast<unsigned char>(b)];
+    const auto it = vocab_.find(whole);
+    if (it != vocab_.end()) {
+      out.push_back(it->second);
+      return;
+    }
+  }
+  // tokenizers' Word::merge_all: the merge of lowest rank first (the leftmost of equal ones),
+  // symbols linked in a list, a heap of candidate merges; O(n log n) for a long word.
+  struct Symbol {
+    std::int64_t id;
+    std::ptrdiff_t prev, next;
+    bool gone = false;
+  };
+  // A byte the vocabulary lacks is the unknown token (one for a run of them with fuse_unk), or
+  // without one is dropped before merging, as tokenizers' BPE::merge_word does.
+  std::vector<Symbol> symbols;
+  symbols.reserve(utf8.size());
+  bool unknown_before = false;
+  for (const char byte : utf8) {
+    std::int64_t id = byte_ids_[static_cast<unsigned char>(byte)];
+    const bool unknown = id < 0;
+    if (unknown && (!has_unk_ || (fuse_unk_ && unknown_before))) continue;
+    unknown_before = unknown;
+    if (unknown) id = unk_;
+    const auto k = static_cast<std::ptrdiff_t>(symbols.size());
+    symbols.push_back({id, k - 1, -1});
+    if (k > 0) symbols[k - 1].next = k;
+  }
+  const auto n = static_cast<std::ptrdiff_t>(symbols.size());
+  using Candidate = std::tuple<std::int64_t, std::ptrdiff_t, std::int64_t>;  // rank, left symbol, merged id
+  std::priority_queue<Candidate, std::vector<Candidate>, std::greater<>> heap;
+  auto offer = [&](std::ptrdiff_t left) {
+    if (left < 0 || symbols[left].next < 0) return;
+    const Symbol& a = symbols[left];
+    const Symbol& b = symbols[a.next];
+    const auto it = merges_.find(merge_key(a.id, b.id));
+    if (it != merges_.end()) heap.emplace(it->second.first, left, it->second.second);
+  };
+  for (std::ptrdiff_t k = 0; k + 1 < n; ++k) offer(k);
+  while (!heap.empty()) {
+    const auto [rank, left, merged] = heap.top();
+    heap.pop();
+    Symbol& a = symbols[left];
+    if (a.gone || a.next < 0) continue;
+    const auto it = merges_.find(merge_key(a.id, symbols[a.next].id));
+    if (it == merges_.end() || it->second.second != merged) continue;
+    Symbol& b = symbols[a.next];
+    a.id = merged;
+    b.gone = true;
+    a.next = b.next;
+    if (b.next >= 0) symbols[b.next].prev = left;
+    offer(a.prev);
+    offer(left);
+  }
+  for (std::ptrdiff_t k = n > 0 ? 0 : -1; k >= 0; k = symbols[k].next) out.push_back(symbols[k].id);
+}
+
+std::u32string TextTokenizer::normalize(const std::u32string& text) const {
   if (!normalizes_) return text;
   const Normalizer& n = normalizer_;
   std::u32string out;
@@ -498,6 +698,13 @@ std::u32string WordPieceTokenizer::normalize(const std::u32string& text) const {
     }
     if (n.strip_accents) {
       if (is_combining_mark(c)) continue;
+      if (in(c, 0xAC00, 0xD7A3)) {  // a Hangul syllable: NFD gives its jamo (none of them a mark)
+        const char32_t k = c - 0xAC00;
+        out += static_cast<char32_t>(0x1100 + k / 588);
+        out += static_cast<char32_t>(0x1161 + k % 588 / 28);
+        if (k % 28 != 0) out += static_cast<char32_t>(0x11A7 + k % 28);
+        continue;
+      }
       if (const char32_t base = strip_accent_any_case(c)) c = base;
     }
     if (n.lowercase) {
@@ -513,7 +720,7 @@ std::u32string WordPieceTokenizer::normalize(const std::u32string& text) const {
   return out;
 }
 
-std::vector<std::string> WordPieceTokenizer::pre_tokenize(const std::u32string& normalized) const {
+std::vector<std::string> TextTokenizer::pre_tokenize(const std::u32string& normalized) const {
   std::vector<std::string> out;
   std::string cur;
   auto flush = [&] {
@@ -521,7 +728,7 @@ std::vector<std::string> WordPieceTokenizer::pre_tokenize(const std::u32string& 
     cur.clear();
   };
   for (const char32_t c : normalized) {
-    if (is_whitespace(c)) {
+    if (is_white_space(c)) {  // Rust's char::is_whitespace, as BertPreTokenizer splits
       flush();
     } else if (is_punctuation(c)) {
       flush();
@@ -535,11 +742,11 @@ std::vector<std::string> WordPieceTokenizer::pre_tokenize(const std::u32string& 
   return out;
 }
 
-std::vector<std::string> WordPieceTokenizer::words(const std::string& text) const {
+std::vector<std::string> TextTokenizer::words(const std::string& text) const {
   return pre_tokenize(normalize(decode_utf8(text)));
 }
 
-void WordPieceTokenizer::wordpiece(const std::string& word, std::vector<std::int64_t>& out) const {
+void TextTokenizer::wordpiece(const std::string& word, std::vector<std::int64_t>& out) const {
   // Boundaries of code points: pieces never split a character.
   std::vector<std::size_t> starts;
   for (std::size_t i = 0; i < word.size(); ++i) {
@@ -575,15 +782,29 @@ void WordPieceTokenizer::wordpiece(const std::string& word, std::vector<std::int
   }
 }
 
-void WordPieceTokenizer::encode_stretch(const std::u32string& normalized, std::size_t limit,
-                                        std::vector<std::int64_t>& ids) const {
+void TextTokenizer::encode_stretch(const std::u32string& normalized, std::size_t limit,
+                                   std::vector<std::int64_t>& ids) const {
+  if (bpe_) {
+    std::u32string t = normalized;
+    if (t.empty()) return;
+    if (add_prefix_space_ && t[0] != ' ') t.insert(t.begin(), U' ');
+    for (std::size_t i = 0; i < t.size() && ids.size() < limit;) {
+      const std::size_t j = use_regex_ ? gpt2_match(t, i) : t.size();
+      std::string word;
+      for (std::size_t k = i; k < j; ++k) append_utf8(word, t[k]);
+      byte_level_bpe(word, ids);
+      i = j;
+    }
+    return;
+  }
+
   for (const auto& w : pre_tokenize(normalized)) {
     wordpiece(w, ids);
     if (ids.size() >= limit) break;
   }
 }
 
-std::vector<std::int64_t> WordPieceTokenizer::encode(const std::string& text) const {
+std::vector<std::int64_t> TextTokenizer::encode(const std::string& text) const {
   std::vector<std::int64_t> ids(before_);
   const std::size_t limit = static_cast<std::size_t>(config_.max_length) - after_.size();
   for (const Piece& p : split_added(decode_utf8(text), raw_added_)) {
@@ -865,7 +1086,7 @@ Csv read_texts_csv(const TableFile& file, const std::string& column, std::size_t
     col = text_column_of(fields, column, where, line);
     name = fields[col];
   };
-  Csv csv = read_table(file, "table of texts", header);
+  Csv csv = read_table(file, "table of texts", header, &col);  // the texts as written: blanks count for BPE
   col = column_after_lists(csv, name, "text");
   CANOPY_CHECK(!csv.rows.empty(), DataError, "table of texts '", file.path, "' has ",
                file.format == TableFormat::json ? "no records" : "a header but no rows");

@@ -348,7 +348,7 @@ int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&
   tc.max_length = vm["max-length"].as<std::int64_t>();
   tc.lowercase = vm.count("cased") == 0;
   tc.lowercase_given = vm.count("cased") > 0;
-  const datasets::WordPieceTokenizer tokenizer(tc);
+  const datasets::TextTokenizer tokenizer(tc);
   const std::string attribute = vm["attribute"].as<std::string>();
   const std::string input = vm.count("input") ? vm["input"].as<std::string>() : "";
   const auto table = datasets::table_format(input);
@@ -731,7 +731,7 @@ int run_trunk_extract_command(const po::variables_map& vm, const tasks::HeadRegi
 
 void tokenize_options(po::options_description& d, po::positional_options_description&) {
   d.add_options()("tokenizer", po::value<std::string>()->value_name("FILE"),
-                  "the trunk's tokenizer.json (a WordPiece model)")(
+                  "the trunk's tokenizer.json (WordPiece or byte-level BPE)")(
       "vocab", po::value<std::string>()->value_name("FILE"), "or: the WordPiece vocabulary (vocab.txt)")(
       "max-length", po::value<std::int64_t>()->default_value(256)->value_name("N"), "most tokens per text")(
       "cased", "--vocab: keep case (default: lowercase, as uncased models expect)")(
@@ -822,8 +822,9 @@ const std::vector<Command>& commands() {
        "what scripts/export_trunk.py compiles into a .pt2 of your own trunk",
        trunk_extract_options, run_trunk_extract_command},
       {"tokenize", "canopy tokenize --vocab FILE (--arff FILE [--attribute NAME] | --input FILE) [options]",
-       "WordPiece token ids of texts as JSON lines {\"text\": ..., \"ids\": [...]}", tokenize_options,
-       run_tokenize_command},
+       "token ids of texts (a tokenizer.json's, WordPiece or byte-level BPE; a vocab.txt's) as JSON lines "
+       "{\"text\": ..., \"ids\": [...]}",
+       tokenize_options, run_tokenize_command},
       {"heads", "canopy heads", "list the head types that can be named in a config",
        [](po::options_description&, po::positional_options_description&) {}, run_heads_command},
       {"keys", "canopy keys",

@@ -315,8 +315,9 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
                   .only_when([](const JobConfig& c) { return !c.data.list_columns.empty(); }));
   v.push_back(
       member_key<K>("text", "tokenizer", CANOPY_JOB(text.tokenizer),
-                    "the trunk's Hugging Face tokenizer.json (a WordPiece model: BERT, MiniLM, MPNet, bge, "
-                    "e5): its normalizer, special tokens, added tokens and padding token as the file says",
+                    "the trunk's Hugging Face tokenizer.json (WordPiece: BERT, MiniLM, MPNet, bge, e5; "
+                    "byte-level BPE: RoBERTa, GPT-2): its normalizer, special tokens, added tokens and "
+                    "padding token as the file says",
                     true)
           .optional_in_dump()
           .only_when(reads_texts));

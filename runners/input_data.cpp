@@ -197,7 +197,7 @@ std::vector<at::Tensor> pad_tokens(const std::vector<std::vector<std::int64_t>>&
 
 // Texts: tokenized once; the trunk's inputs for a set of rows are their padded ids and mask.
 void set_text_inputs(InputSplit& s, const std::vector<std::string>& texts,
-                     const datasets::WordPieceTokenizer& tokenizer) {
+                     const datasets::TextTokenizer& tokenizer) {
   auto tokens = std::make_shared<std::vector<std::vector<std::int64_t>>>();
   tokens->reserve(texts.size());
   for (const auto& t : texts) {
@@ -264,7 +264,7 @@ void set_all_labels(InputSplit& s, const std::vector<std::string>& names,
 // order (the split also has all_labels when every file has a positive value). `declared`: the
 // values training's files declare (check_declared_values), recorded when it has none.
 InputSplit load_text_split(const JobConfig& config, const std::vector<std::string>& files, const char* key,
-                           std::int64_t limit, const datasets::WordPieceTokenizer& tokenizer, InputData& data,
+                           std::int64_t limit, const datasets::TextTokenizer& tokenizer, InputData& data,
                            std::vector<std::string>& names, DeclaredValues& declared) {
   CANOPY_CHECK(!files.empty(), ConfigError, key, " is empty: list label_name:path.arff entries");
   std::vector<std::string> texts;
@@ -452,7 +452,7 @@ std::optional<std::vector<std::int64_t>> all_labels_positives(const datasets::Te
 // A table of texts as a split: its first `limit` rows (all: 0), their labels (and all_labels
 // where `positives` says which class sets each bit), their token ids.
 InputSplit text_table_split(const datasets::TextTable& table, std::int64_t limit,
-                            const datasets::WordPieceTokenizer& tokenizer,
+                            const datasets::TextTokenizer& tokenizer,
                             const std::optional<std::vector<std::int64_t>>& positives, InputData& data) {
   auto n = static_cast<std::int64_t>(table.texts.size());
   if (limit > 0) n = std::min(n, limit);
@@ -469,7 +469,7 @@ InputSplit text_table_split(const datasets::TextTable& table, std::int64_t limit
 InputData load_text_tables(const JobConfig& config) {
   InputData data;
   data.unit = "doc";
-  const datasets::WordPieceTokenizer tokenizer(config.text);
+  const datasets::TextTokenizer tokenizer(config.text);
   const datasets::TextTable train =
       datasets::read_text_table(data_table(config.data, config.data.train), config.data.text_attribute);
   CANOPY_CHECK(!train.label_order.empty(), DataError, "'", config.data.train,
@@ -500,7 +500,7 @@ InputData load_text_tables(const JobConfig& config) {
 InputData load_texts(const JobConfig& config) {
   InputData data;
   data.unit = "doc";
-  const datasets::WordPieceTokenizer tokenizer(config.text);
+  const datasets::TextTokenizer tokenizer(config.text);
   DeclaredValues declared;
   std::vector<std::string> trained;  // the training split's label files' names
   for (const std::string split : {"train", "test"}) {
@@ -766,7 +766,7 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
         : table ? datasets::read_table_texts({path, *table}, config.data.text_attribute)
                 : datasets::read_text_lines(path);
     keep_first(texts);
-    set_text_inputs(s, texts, datasets::WordPieceTokenizer(config.text));
+    set_text_inputs(s, texts, datasets::TextTokenizer(config.text));
   } else if (reads_image_files(config.data)) {
     std::vector<std::string> paths;
     if (is_directory(path)) {
@@ -790,7 +790,7 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
 
 struct PredictLines::Impl {
   datasets::LineStream lines{0, "standard input"};
-  std::optional<datasets::WordPieceTokenizer> tokenizer;
+  std::optional<datasets::TextTokenizer> tokenizer;
 };
 
 PredictLines::PredictLines(const JobConfig& config) : config_(config), impl_(std::make_unique<Impl>()) {
@@ -839,9 +839,8 @@ InputData load_labelled_input(const JobConfig& config, const std::string& path, 
       check_declared_values(declared, name, header, label_column(header, name));
       trained.push_back(name);
     }
-    InputSplit s =
-        load_text_split(config, split(path, ','), "--input", limit, datasets::WordPieceTokenizer(config.text),
-                        data, data.label_sources, declared);
+    InputSplit s = load_text_split(config, split(path, ','), "--input", limit,
+                                   datasets::TextTokenizer(config.text), data, data.label_sources, declared);
     // all_labels has a bit per label file: it means what training's meant only when the input
     // names training's labels, in its order (a file left out would shift or drop bits).
     if (data.label_sources != trained) s.labels.erase("all_labels");
@@ -862,7 +861,7 @@ InputData load_labelled_input(const JobConfig& config, const std::string& path, 
     if (positives) data.label_sources.push_back("all_labels");
     record_label_classes(table, data);
     data.splits["input"] =
-        text_table_split(table, limit, datasets::WordPieceTokenizer(config.text), positives, data);
+        text_table_split(table, limit, datasets::TextTokenizer(config.text), positives, data);
     return data;
   }
   if (reads_image_files(config.data)) {

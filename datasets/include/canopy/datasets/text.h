@@ -7,8 +7,10 @@
 // whitespace and around every punctuation character, then greedy longest-match-first
 // WordPiece with "##" continuations, [UNK] for a word that cannot be covered or is longer
 // than 100 characters, and [CLS] ... [SEP] around the whole, truncated to max_length.
-// From a Hugging Face tokenizer.json (BERT, MiniLM, MPNet, bge, e5: the WordPiece family) it
-// takes every setting the file gives: the normalizer's switches, the continuation prefix, the
+// From a Hugging Face tokenizer.json it reads the WordPiece family (BERT, MiniLM, MPNet, bge,
+// e5) and byte-level BPE (GPT-2's and RoBERTa's: GPT-2's pre-tokenizing pattern with Unicode's
+// letters and numbers from unicode_classes.h, bytes as GPT-2's stand-in characters, merges by
+// rank), taking every setting the file gives: the normalizer's switches, the continuation prefix, the
 // unknown token, the special tokens its post-processor puts around a text (MPNet's <s> ...
 // </s>), the padding token, and its added tokens, which are matched in the text first, as
 // `tokenizers` matches them ("[MASK]" in a text is one token).
@@ -23,13 +25,15 @@
 #include <unordered_map>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "canopy/datasets/csv.h"
 
 namespace canopy::datasets {
 
 struct TokenizerConfig {
   std::string vocab;              // vocab.txt: one token per line, the line number is its id
-  std::string tokenizer;          // or a Hugging Face tokenizer.json (a WordPiece model)
+  std::string tokenizer;          // or a Hugging Face tokenizer.json (WordPiece or byte-level BPE)
   bool lowercase = true;          // vocab.txt: uncased models (and strip accents with it)
   bool lowercase_given = false;   // set in the config: a tokenizer.json must agree with it
   std::int64_t max_length = 256;  // tokens per text including the special tokens around it
@@ -39,9 +43,9 @@ void validate_tokenizer_config(const TokenizerConfig& config);
 // A canonical one-line description for the cache fingerprint (includes the vocabulary's hash).
 std::string describe(const TokenizerConfig& config);
 
-class WordPieceTokenizer {
+class TextTokenizer {
  public:
-  explicit WordPieceTokenizer(const TokenizerConfig& config);
+  explicit TextTokenizer(const TokenizerConfig& config);
 
   // Token ids of one text: [CLS] pieces... [SEP] (a tokenizer.json's special tokens), at most
   // max_length of them.
@@ -67,6 +71,8 @@ class WordPieceTokenizer {
  private:
   void load_vocab_txt();
   void load_tokenizer_json();
+  void load_byte_level_bpe(const nlohmann::json& j, const nlohmann::json& model);
+  void byte_level_bpe(const std::string& utf8, std::vector<std::int64_t>& out) const;
   std::u32string normalize(const std::u32string& text) const;
   std::vector<std::string> pre_tokenize(const std::u32string& normalized) const;
   // Appends the ids of `text` (a stretch between added tokens), stopping past `limit` ids.
@@ -81,6 +87,12 @@ class WordPieceTokenizer {
   std::string prefix_ = "##";
   std::size_t max_chars_ = 100;
   std::int64_t unk_ = 0, pad_ = 0, vocab_size_ = 0;
+  // Byte-level BPE: its merges (left id << 32 | right id -> rank, merged id), each byte's id
+  // (-1: not in the vocabulary) and its pre-tokenizer's switches.
+  bool bpe_ = false, has_unk_ = true, fuse_unk_ = false, add_prefix_space_ = false, use_regex_ = true,
+       ignore_merges_ = false;
+  std::unordered_map<std::uint64_t, std::pair<std::int64_t, std::int64_t>> merges_;
+  std::vector<std::int64_t> byte_ids_;
 };
 
 // An ARFF file read whole: string attributes as text, nominal attributes as the index of
