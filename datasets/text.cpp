@@ -221,12 +221,17 @@ char32_t strip_accent_any_case(char32_t c) {
   return lower == c ? base : base_to_upper(base);
 }
 
-// Rust's \s and \w, as tokenizers' added-token matching reads them (\w approximated outside
-// the blocks text.h names: any character that is neither space, punctuation nor control).
-bool is_space(char32_t c) { return is_whitespace(c) || c == 0x0B || c == 0x0C || c == 0x85; }
+// Unicode's White_Space: Rust's char::is_whitespace and the regular expressions' \s.
+bool is_white_space(char32_t c) {
+  return in(c, 0x09, 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 || in(c, 0x2000, 0x200A) ||
+         c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+// The regular expressions' \w, as tokenizers' added-token matching reads it (approximated
+// outside the blocks text.h names: any character that is neither space, punctuation nor control).
 bool is_word_char(char32_t c) {
   if (c < 0x80) return std::isalnum(static_cast<int>(c)) != 0 || c == '_';
-  return !is_space(c) && !is_punctuation(c) && !is_control(c);
+  return !is_white_space(c) && !is_punctuation(c) && !is_control(c);
 }
 
 // --- byte-level BPE (GPT-2, RoBERTa) --------------------------------------------------------
@@ -240,11 +245,6 @@ bool is_letter(char32_t c) {
 }
 bool is_number(char32_t c) {
   return in_ranges(c, std::begin(unicode::kNumbers), std::end(unicode::kNumbers));
-}
-// Unicode's White_Space, the pattern's \s.
-bool is_white_space(char32_t c) {
-  return in(c, 0x09, 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 || in(c, 0x2000, 0x200A) ||
-         c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
 }
 
 // Where the match of GPT-2's pre-tokenizing pattern that starts at `i` ends:
@@ -323,10 +323,10 @@ std::vector<Piece> split_added(const std::u32string& text,
       continue;
     }
     if (found->lstrip) {
-      while (start > done && is_space(text[start - 1])) --start;
+      while (start > done && is_white_space(text[start - 1])) --start;
     }
     if (found->rstrip) {
-      while (stop < text.size() && is_space(text[stop])) ++stop;
+      while (stop < text.size() && is_white_space(text[stop])) ++stop;
     }
     if (done < start) out.push_back({text.substr(done, start - done)});
     out.push_back({{}, found->id});
