@@ -25,6 +25,14 @@ def _say_kept():
         print(f"work folder kept for inspection: {path}", flush=True)
 
 
+def pinned_trunk_section(path, pooling="masked_mean"):
+    """A config's [trunk] section for the trunk file `path`, pinned by its SHA-256, on the CPU."""
+    import hashlib
+    with open(path, "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    return f"[trunk]\npath = {path}\nsha256 = {sha256}\ndevice = cpu\npooling = {pooling}\n"
+
+
 def arff_labels(path):
     """The class (last value) of every instance, as a numpy array: each Weka Reuters row ends in
     ',0' or ',1'."""

