@@ -951,11 +951,19 @@ struct Trunk::Impl {
       const bool small =
           inputs[0].dim() == 4 && (why.find("smaller than the kernel") != std::string::npos ||
                                    why.find("Kernel size can't be greater") != std::string::npos);
-      throw DataError(detail::str_cat("trunk '", config.path, "' failed on input of shape ", shapes.str(),
-                                      ": ", why,
-                                      small ? " (the images are too small for this trunk's convolutions: "
-                                              "preprocess.resize sets their size)"
-                                            : ""));
+      // Token ids past a transformer's position table (BERT's holds 512).
+      const bool long_texts = inputs[0].dim() == 2 && !inputs[0].is_floating_point() &&
+                              why.find("index out of range") != std::string::npos;
+      throw DataError(detail::str_cat(
+          "trunk '", config.path, "' failed on input of shape ", shapes.str(), ": ", why,
+          small
+              ? " (the images are too small for this trunk's convolutions: preprocess.resize sets their size)"
+          : long_texts
+              ? detail::str_cat(" (texts of ", inputs[0].size(1),
+                                " tokens: a transformer's position table may hold fewer, 512 for BERT-like "
+                                "models (max_position_embeddings in the model's config.json; RoBERTa and "
+                                "MPNet number from 2, so 514 holds 512); text.max_length cuts texts)")
+              : ""));
     }
   }
 

@@ -12,7 +12,8 @@
   * a text keeps the blanks at its ends (the stories' trailing line breaks, read back from JSON
     lines), as a byte-level BPE tokenizer reads them;
   * the cache built with the tokenizer.json equals, row for row, the one built with vocab.txt
-    (the same ids through the real trunk), and the run's card names the file's hash;
+    (the same ids through the real trunk), the run's card names the file's hash, and `canopy
+    predict` answers as the vocab.txt run does;
   * what canopy does not read is refused naming it (a Unigram tokenizer trained here, a pre-
     tokenizer of another kind, a file cut short), as is a config giving both files or a
     text.lowercase the file contradicts.
@@ -225,6 +226,20 @@ labels = grain
     card = open(os.path.join(work, "train_json", "heads", "grain.json")).read()
     real_sha = hashlib.sha256(open(real, "rb").read()).hexdigest()
     check(f"tokenizer.json;sha256={real_sha}" in card, "the head's card names the tokenizer file by its hash")
+    answers = {}
+    for tag in ("vocab", "json"):
+        r = subprocess.run([canopy, "predict", "--config", os.path.join(work, f"{tag}.ini"), "--input",
+                            f"{REUTERS}/ReutersGrain-test.arff", "--limit", "16", "--progress", "quiet"],
+                           capture_output=True, text=True)
+        answers[tag] = r.stdout if r.returncode == 0 else r.stderr[-300:]
+    check(len(answers["json"].splitlines()) == 17 and answers["json"] == answers["vocab"],
+          f"canopy predict through the tokenizer.json answers as through vocab.txt ({answers['json'].splitlines()[:2]})")
+
+    r = subprocess.run([canopy, "cache", "--config", os.path.join(work, "json.ini"), "--set", "text.max_length=1024",
+                        "--set", "data.train_limit=0", "--set", f"cache.path={work}/cache_long"],
+                       capture_output=True, text=True)
+    check(r.returncode == 1 and "position table" in r.stderr and "text.max_length cuts texts" in r.stderr,
+          f"texts longer than the trunk's 512 positions: {r.stderr.strip()[-300:]}")
 
     # --- refused, naming what --------------------------------------------------------------
     unigram = Tokenizer(models.Unigram())
