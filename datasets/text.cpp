@@ -389,6 +389,16 @@ void validate_tokenizer_config(const TokenizerConfig& c) {
   CANOPY_CHECK(c.vocab.empty() || c.tokenizer.empty(), ConfigError, "text.vocab ('", c.vocab,
                "') and text.tokenizer ('", c.tokenizer,
                "') are both given: give one (tokenizer.json says everything vocab.txt does, and more)");
+  for (const auto& [key, path, file] : {std::tuple{"text.tokenizer", &c.tokenizer, "tokenizer.json"},
+                                        std::tuple{"text.vocab", &c.vocab, "vocab.txt"}}) {
+    std::error_code ec;
+    if (path->empty() || !std::filesystem::is_directory(*path, ec)) continue;
+    const std::filesystem::path inside = std::filesystem::path(*path) / file;
+    throw ConfigError(detail::str_cat(key, " = '", *path, "' is a folder: give the file, ",
+                                      std::filesystem::exists(inside, ec)
+                                          ? detail::str_cat("'", inside.string(), "'")
+                                          : detail::str_cat("its ", file, " (the folder holds none)")));
+  }
   CANOPY_CHECK(c.max_length >= 3 && c.max_length <= 4096, ConfigError,
                "text.max_length must be in [3, 4096] (it counts the special tokens around a text, [CLS] and "
                "[SEP]), got ",

@@ -139,6 +139,10 @@ TEST(WordPiece, ReadsATokenizersFileWithItsSpecialTokens) {
   EXPECT_TRUE(testing::throws_with<DataError>([&] { TextTokenizer u(c); }, {"cut.json", "is not JSON"}));
   c.vocab = "vocab.txt";
   EXPECT_TRUE(testing::throws_with<ConfigError>([&] { validate_tokenizer_config(c); }, {"both given"}));
+  c.vocab.clear();
+  c.tokenizer = dir.path();  // the model's folder, holding tokenizer.json
+  EXPECT_TRUE(testing::throws_with<ConfigError>([&] { validate_tokenizer_config(c); },
+                                                {"text.tokenizer = '", "is a folder", "tokenizer.json'"}));
 }
 
 // Byte-level BPE as RoBERTa's file has it: "\u0120" (Ġ) stands for the space byte, merges by
