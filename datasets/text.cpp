@@ -279,14 +279,17 @@ std::uint64_t merge_key(std::int64_t left, std::int64_t right) {
 
 // GPT-2's stand-ins for bytes: printable Latin-1 bytes are themselves, the others (controls,
 // space, soft hyphen...) U+0100 onwards in byte order; each as UTF-8.
-std::array<std::string, 256> byte_stand_ins() {
-  std::array<std::string, 256> out;
-  char32_t next = 256;
-  for (int b = 0; b < 256; ++b) {
-    const bool printable = in(b, '!', '~') || in(b, 0xA1, 0xAC) || in(b, 0xAE, 0xFF);
-    append_utf8(out[b], printable ? static_cast<char32_t>(b) : next++);
-  }
-  return out;
+const std::array<std::string, 256>& byte_stand_ins() {
+  static const std::array<std::string, 256> table = [] {
+    std::array<std::string, 256> out;
+    char32_t next = 256;
+    for (int b = 0; b < 256; ++b) {
+      const bool printable = in(b, '!', '~') || in(b, 0xA1, 0xAC) || in(b, 0xAE, 0xFF);
+      append_utf8(out[b], printable ? static_cast<char32_t>(b) : next++);
+    }
+    return out;
+  }();
+  return table;
 }
 
 // A stretch of text, or an added token's id.
@@ -612,7 +615,7 @@ void TextTokenizer::load_byte_level_bpe(const nlohmann::json& j, const nlohmann:
     }
     merges_[merge_key(vocab_.at(left), vocab_.at(right))] = {rank++, vocab_.at(left + right)};
   }
-  static const std::array<std::string, 256> stand_ins = byte_stand_ins();
+  const std::array<std::string, 256>& stand_ins = byte_stand_ins();
   byte_ids_.assign(256, -1);
   for (std::size_t b = 0; b < 256; ++b) {
     const auto it = vocab_.find(stand_ins[b]);
@@ -630,7 +633,7 @@ void TextTokenizer::load_byte_level_bpe(const nlohmann::json& j, const nlohmann:
 
 void TextTokenizer::byte_level_bpe(const std::string& utf8, std::vector<std::int64_t>& out) const {
   if (ignore_merges_) {
-    static const std::array<std::string, 256> stand_ins = byte_stand_ins();
+    const std::array<std::string, 256>& stand_ins = byte_stand_ins();
     std::string whole;
     for (const char b : utf8) whole += stand_ins[static_cast<unsigned char>(b)];
     const auto it = vocab_.find(whole);

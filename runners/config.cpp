@@ -250,8 +250,8 @@ Key<Cfg> or_balanced(Key<Cfg> k, Flag flag) {
 bool reads_idx(const JobConfig& c) { return c.data.source == "fashion-mnist" || c.data.source == "mnist"; }
 bool reads_texts(const JobConfig& c) { return reads_text_data(c.data); }
 
-// [data], [text], [preprocess]: what the samples are and how they are prepared.
-void add_input_keys(std::vector<Key<JobConfig>>& v) {
+// [data]: where the samples come from and how tables and images are read.
+void add_data_keys(std::vector<Key<JobConfig>>& v) {
   using K = JobConfig;
   v.push_back(member_key<K>("data", "source", CANOPY_JOB(data.source), "where the samples come from")
                   .one_of({"fashion-mnist", "mnist", "arff", "text-csv", "text-json", "image-csv",
@@ -313,6 +313,11 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
                             "what separates the labels in a field of data.list_columns: space (any run of "
                             "blanks) or one character, such as | ; ,")
                   .only_when([](const JobConfig& c) { return !c.data.list_columns.empty(); }));
+}
+
+// [text]: the tokenizer.
+void add_text_keys(std::vector<Key<JobConfig>>& v) {
+  using K = JobConfig;
   v.push_back(
       member_key<K>("text", "tokenizer", CANOPY_JOB(text.tokenizer),
                     "the trunk's Hugging Face tokenizer.json (WordPiece: BERT, MiniLM, MPNet, bge, e5; "
@@ -338,6 +343,11 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(member_key<K>("text", "max_length", CANOPY_JOB(text.max_length),
                             "most tokens per text, the special tokens around it ([CLS], [SEP]) included")
                   .only_when(reads_texts));
+}
+
+// [preprocess]: what is done to an image before the trunk sees it.
+void add_preprocess_keys(std::vector<Key<JobConfig>>& v) {
+  using K = JobConfig;
   v.push_back(
       member_key<K>("preprocess", "resize", CANOPY_JOB(preprocess.resize),
                     "images resized (bilinear, align_corners=false) to this height and width; 0: as they are")
@@ -363,6 +373,13 @@ void add_input_keys(std::vector<Key<JobConfig>>& v) {
                             "subtracted after scaling pixels to [0, 1]: one value or one per channel"));
   v.push_back(member_key<K>("preprocess", "std", CANOPY_JOB(preprocess.std),
                             "then divided by: one value or one per channel"));
+}
+
+// [data], [text], [preprocess]: what the samples are and how they are prepared.
+void add_input_keys(std::vector<Key<JobConfig>>& v) {
+  add_data_keys(v);
+  add_text_keys(v);
+  add_preprocess_keys(v);
 }
 
 void add_top_keys(std::vector<Key<JobConfig>>& v);
