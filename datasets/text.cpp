@@ -469,6 +469,69 @@ void TextTokenizer::load_vocab_txt() {
   }
 }
 
+// BertNormalizer's switches (none: the file has no normalizer); text.lowercase must agree.
+void TextTokenizer::read_normalizer(const nlohmann::json& n) {
+  const std::string& path = config_.tokenizer;
+  normalizes_ = !n.is_null();
+  if (normalizes_) {
+    CANOPY_CHECK(n.value("type", "") == "BertNormalizer", DataError, "tokenizer '", path, "': normalizer '",
+                 n.value("type", ""), "' is not read (BertNormalizer is)");
+    normalizer_.clean_text = n.value("clean_text", true);
+    normalizer_.chinese_chars = n.value("handle_chinese_chars", true);
+    normalizer_.lowercase = n.value("lowercase", true);
+    const nlohmann::json& strip = n.value("strip_accents", nlohmann::json());
+    normalizer_.strip_accents = strip.is_null() ? normalizer_.lowercase : strip.get<bool>();
+  }
+  const bool lowercases = normalizes_ && normalizer_.lowercase;
+  CANOPY_CHECK(!config_.lowercase_given || config_.lowercase == lowercases, ConfigError,
+               "text.lowercase = ", config_.lowercase ? "true" : "false", ", but tokenizer '", path, "' ",
+               lowercases ? "lowercases" : "keeps case",
+               ": leave text.lowercase out (a tokenizer.json says it itself)");
+}
+
+void TextTokenizer::read_added_tokens(const nlohmann::json& tokens) {
+  const std::string& path = config_.tokenizer;
+  // Each added token's id as tokenizers gives it when it loads the file (the file's own "id"
+  // only warns there): the vocabulary's id of a token it holds, else the next after them.
+  const auto model_size = static_cast<std::int64_t>(vocab_.size());
+  std::int64_t largest_added = -1;
+  for (const auto& t : tokens) {
+    AddedToken a;
+    const std::string content = member(t, "content", "an added token", path).get<std::string>();
+    const auto known = vocab_.find(content);
+    a.id = known != vocab_.end() ? known->second
+           : largest_added < 0   ? model_size
+                                 : std::max(largest_added + 1, model_size);
+    largest_added = std::max(largest_added, a.id);
+    a.single_word = t.value("single_word", false);
+    a.lstrip = t.value("lstrip", false);
+    a.rstrip = t.value("rstrip", false);
+    a.normalized = t.value("normalized", false);
+    vocab_.emplace(content, a.id);
+    a.content = decode_utf8(content);
+    if (a.normalized && normalizes_) a.content = normalize(a.content);
+    (a.normalized ? normalized_added_ : raw_added_).push_back(std::move(a));
+  }
+  for (auto* list : {&raw_added_, &normalized_added_}) {
+    std::stable_sort(list->begin(), list->end(), [](const AddedToken& a, const AddedToken& b) {
+      return a.content.size() > b.content.size();
+    });
+  }
+}
+
+// The padding id: the file's "padding", else its [PAD] or <pad> token.
+void TextTokenizer::read_padding(const nlohmann::json& padding) {
+  const std::string& path = config_.tokenizer;
+  if (padding.is_object() && padding.contains("pad_id")) {
+    pad_ = padding.at("pad_id").get<std::int64_t>();
+  } else {
+    const auto it = vocab_.count("[PAD]") ? vocab_.find("[PAD]") : vocab_.find("<pad>");
+    CANOPY_CHECK(it != vocab_.end(), DataError, "tokenizer '", path,
+                 "' names no padding token (no \"padding\", no [PAD] or <pad> token)");
+    pad_ = it->second;
+  }
+}
+
 void TextTokenizer::load_tokenizer_json() {
   const std::string& path = config_.tokenizer;
   std::ifstream in(path);
@@ -502,49 +565,9 @@ void TextTokenizer::load_tokenizer_json() {
                    "' is not read (BertPreTokenizer is)");
     }
 
-    const nlohmann::json& n = j.value("normalizer", nlohmann::json());
-    normalizes_ = !n.is_null();
-    if (normalizes_) {
-      CANOPY_CHECK(n.value("type", "") == "BertNormalizer", DataError, "tokenizer '", path, "': normalizer '",
-                   n.value("type", ""), "' is not read (BertNormalizer is)");
-      normalizer_.clean_text = n.value("clean_text", true);
-      normalizer_.chinese_chars = n.value("handle_chinese_chars", true);
-      normalizer_.lowercase = n.value("lowercase", true);
-      const nlohmann::json& strip = n.value("strip_accents", nlohmann::json());
-      normalizer_.strip_accents = strip.is_null() ? normalizer_.lowercase : strip.get<bool>();
-    }
-    const bool lowercases = normalizes_ && normalizer_.lowercase;
-    CANOPY_CHECK(!config_.lowercase_given || config_.lowercase == lowercases, ConfigError,
-                 "text.lowercase = ", config_.lowercase ? "true" : "false", ", but tokenizer '", path, "' ",
-                 lowercases ? "lowercases" : "keeps case",
-                 ": leave text.lowercase out (a tokenizer.json says it itself)");
+    read_normalizer(j.value("normalizer", nlohmann::json()));
 
-    // Each added token's id as tokenizers gives it when it loads the file (the file's own "id"
-    // only warns there): the vocabulary's id of a token it holds, else the next after them.
-    const auto model_size = static_cast<std::int64_t>(vocab_.size());
-    std::int64_t largest_added = -1;
-    for (const auto& t : j.value("added_tokens", nlohmann::json::array())) {
-      AddedToken a;
-      const std::string content = member(t, "content", "an added token", path).get<std::string>();
-      const auto known = vocab_.find(content);
-      a.id = known != vocab_.end() ? known->second
-             : largest_added < 0   ? model_size
-                                   : std::max(largest_added + 1, model_size);
-      largest_added = std::max(largest_added, a.id);
-      a.single_word = t.value("single_word", false);
-      a.lstrip = t.value("lstrip", false);
-      a.rstrip = t.value("rstrip", false);
-      a.normalized = t.value("normalized", false);
-      vocab_.emplace(content, a.id);
-      a.content = decode_utf8(content);
-      if (a.normalized && normalizes_) a.content = normalize(a.content);
-      (a.normalized ? normalized_added_ : raw_added_).push_back(std::move(a));
-    }
-    for (auto* list : {&raw_added_, &normalized_added_}) {
-      std::stable_sort(list->begin(), list->end(), [](const AddedToken& a, const AddedToken& b) {
-        return a.content.size() > b.content.size();
-      });
-    }
+    read_added_tokens(j.value("added_tokens", nlohmann::json::array()));
     if (!bpe_) {
       const std::string unk = model.value("unk_token", std::string("[UNK]"));
       const auto unk_it = vocab_.find(unk);
@@ -555,15 +578,7 @@ void TextTokenizer::load_tokenizer_json() {
 
     special_tokens(j.value("post_processor", nlohmann::json()), path, before_, after_);
 
-    const nlohmann::json& padding = j.value("padding", nlohmann::json());
-    if (padding.is_object() && padding.contains("pad_id")) {
-      pad_ = padding.at("pad_id").get<std::int64_t>();
-    } else {
-      const auto it = vocab_.count("[PAD]") ? vocab_.find("[PAD]") : vocab_.find("<pad>");
-      CANOPY_CHECK(it != vocab_.end(), DataError, "tokenizer '", path,
-                   "' names no padding token (no \"padding\", no [PAD] or <pad> token)");
-      pad_ = it->second;
-    }
+    read_padding(j.value("padding", nlohmann::json()));
   } catch (const nlohmann::json::exception& e) {
     throw DataError(
         detail::str_cat("tokenizer '", path, "' is not a tokenizers file as canopy reads it: ", e.what()));

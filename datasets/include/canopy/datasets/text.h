@@ -71,6 +71,9 @@ class TextTokenizer {
  private:
   void load_vocab_txt();
   void load_tokenizer_json();
+  void read_normalizer(const nlohmann::json& normalizer);
+  void read_added_tokens(const nlohmann::json& tokens);
+  void read_padding(const nlohmann::json& padding);
   void load_byte_level_bpe(const nlohmann::json& j, const nlohmann::json& model);
   void byte_level_bpe(const std::string& utf8, std::vector<std::int64_t>& out) const;
   std::u32string normalize(const std::u32string& text) const;
