@@ -25,57 +25,20 @@
 #include "canopy/core/sha256.h"
 #include "canopy/core/strings.h"
 #include "gz_file.h"
+#include "sentencepiece.h"
 #include "unicode_classes.h"
+#include "utf8.h"
 
 namespace canopy::datasets {
 
+struct TextTokenizer::SentencePiece {
+  std::vector<spm::NormalizeStep> steps;
+  bool pre_tokenizes = false;  // false: the file has no pre-tokenizer
+  spm::Metaspace metaspace;
+  spm::Unigram model;
+};
+
 namespace {
-
-// --- UTF-8 -------------------------------------------------------------------------
-// Decodes `s` into code points; an invalid byte becomes U+FFFD (which normalisation drops,
-// as the reference does for replacement characters).
-std::u32string decode_utf8(const std::string& s) {
-  std::u32string out;
-  out.reserve(s.size());
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  const std::size_t n = s.size();
-  for (std::size_t i = 0; i < n;) {
-    const unsigned c = p[i];
-    int len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
-    char32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
-    bool ok = len > 0 && i + len <= n;
-    for (int k = 1; ok && k < len; ++k) {
-      ok = (p[i + k] & 0xC0) == 0x80;
-      cp = (cp << 6) | (p[i + k] & 0x3F);
-    }
-    if (!ok) {
-      out.push_back(0xFFFD);
-      ++i;
-      continue;
-    }
-    out.push_back(cp);
-    i += len;
-  }
-  return out;
-}
-
-void append_utf8(std::string& out, char32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
 
 // --- character classes (Unicode categories, for the blocks named in text.h) ---------------
 bool in(char32_t c, char32_t lo, char32_t hi) { return c >= lo && c <= hi; }
@@ -219,12 +182,6 @@ char32_t strip_accent_any_case(char32_t c) {
   const char32_t base = strip_accent(lower);
   if (base == 0) return 0;
   return lower == c ? base : base_to_upper(base);
-}
-
-// Unicode's White_Space: Rust's char::is_whitespace and the regular expressions' \s.
-bool is_white_space(char32_t c) {
-  return in(c, 0x09, 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 || in(c, 0x2000, 0x200A) ||
-         c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
 }
 
 // The regular expressions' \w, as tokenizers' added-token matching reads it (approximated
@@ -489,11 +446,11 @@ void TextTokenizer::read_normalizer(const nlohmann::json& n) {
                ": leave text.lowercase out (a tokenizer.json says it itself)");
 }
 
-void TextTokenizer::read_added_tokens(const nlohmann::json& tokens) {
+void TextTokenizer::read_added_tokens(const nlohmann::json& tokens, std::int64_t model_size) {
   const std::string& path = config_.tokenizer;
   // Each added token's id as tokenizers gives it when it loads the file (the file's own "id"
-  // only warns there): the vocabulary's id of a token it holds, else the next after them.
-  const auto model_size = static_cast<std::int64_t>(vocab_.size());
+  // only warns there): the vocabulary's id of a token it holds, else the next after them
+  // (`model_size`: the model's own vocabulary).
   std::int64_t largest_added = -1;
   for (const auto& t : tokens) {
     AddedToken a;
@@ -545,12 +502,17 @@ void TextTokenizer::load_tokenizer_json() {
   try {
     const nlohmann::json& model = member(j, "model", "the file", path);
     const std::string type = model.value("type", "");
-    CANOPY_CHECK(type == "WordPiece" || type == "BPE", DataError, "tokenizer '", path, "' is a ",
-                 type.empty() ? "?" : type,
-                 " model: canopy reads WordPiece tokenizers (BERT, MiniLM, MPNet, bge, e5 and their kin) and "
-                 "byte-level BPE ones (GPT-2, RoBERTa), not Unigram (T5, XLM-R) or WordLevel ones");
+    CANOPY_CHECK(type == "WordPiece" || type == "BPE" || type == "Unigram", DataError, "tokenizer '", path,
+                 "' is a ", type.empty() ? "?" : type,
+                 " model: canopy reads WordPiece tokenizers (BERT, MiniLM, MPNet, bge, e5 and their kin), "
+                 "byte-level BPE ones (GPT-2, RoBERTa) and SentencePiece Unigram ones (XLM-R, "
+                 "multilingual-e5, T5), not WordLevel ones");
     bpe_ = type == "BPE";
-    if (bpe_) {
+    std::int64_t model_size = 0;
+    if (type == "Unigram") {
+      load_unigram(j, model);
+      model_size = static_cast<std::int64_t>(spm_->model.size());
+    } else if (bpe_) {
       load_byte_level_bpe(j, model);
     } else {
       for (const auto& [token, id] : member(model, "vocab", "its model", path).items()) {
@@ -565,10 +527,13 @@ void TextTokenizer::load_tokenizer_json() {
                    "' is not read (BertPreTokenizer is)");
     }
 
-    read_normalizer(j.value("normalizer", nlohmann::json()));
+    if (!spm_) {
+      model_size = static_cast<std::int64_t>(vocab_.size());
+      read_normalizer(j.value("normalizer", nlohmann::json()));
+    }
 
-    read_added_tokens(j.value("added_tokens", nlohmann::json::array()));
-    if (!bpe_) {
+    read_added_tokens(j.value("added_tokens", nlohmann::json::array()), model_size);
+    if (!bpe_ && !spm_) {
       const std::string unk = model.value("unk_token", std::string("[UNK]"));
       const auto unk_it = vocab_.find(unk);
       CANOPY_CHECK(unk_it != vocab_.end(), DataError, "tokenizer '", path, "': its unknown token '", unk,
@@ -646,6 +611,22 @@ void TextTokenizer::load_byte_level_bpe(const nlohmann::json& j, const nlohmann:
   }
 }
 
+void TextTokenizer::load_unigram(const nlohmann::json& j, const nlohmann::json& model) {
+  const std::string& path = config_.tokenizer;
+  CANOPY_CHECK(
+      !config_.lowercase_given, ConfigError, "text.lowercase = ", config_.lowercase ? "true" : "false",
+      " does not apply to tokenizer '", path,
+      "' (a SentencePiece Unigram model: its normalizer says what it folds): leave text.lowercase out");
+  const nlohmann::json& pre = j.value("pre_tokenizer", nlohmann::json());
+  auto parts = std::make_shared<SentencePiece>(SentencePiece{
+      spm::read_normalizer(j.value("normalizer", nlohmann::json()), path), !pre.is_null(),
+      pre.is_null() ? spm::Metaspace{} : spm::read_metaspace(pre, path), spm::Unigram(model, path)});
+  normalizes_ = !parts->steps.empty();
+  vocab_ = parts->model.ids();
+  unk_ = parts->model.unk_id();
+  spm_ = std::move(parts);
+}
+
 void TextTokenizer::byte_level_bpe(const std::string& utf8, std::vector<std::int64_t>& out) const {
   if (ignore_merges_) {
     const std::array<std::string, 256>& stand_ins = byte_stand_ins();
@@ -710,6 +691,7 @@ void TextTokenizer::byte_level_bpe(const std::string& utf8, std::vector<std::int
 
 std::u32string TextTokenizer::normalize(const std::u32string& text) const {
   if (!normalizes_) return text;
+  if (spm_) return spm::normalize(spm_->steps, text);
   const Normalizer& n = normalizer_;
   std::u32string out;
   out.reserve(text.size());
@@ -771,7 +753,10 @@ std::vector<std::string> TextTokenizer::pre_tokenize(const std::u32string& norma
 }
 
 std::vector<std::string> TextTokenizer::words(const std::string& text) const {
-  return pre_tokenize(normalize(decode_utf8(text)));
+  const std::u32string normalized = normalize(decode_utf8(text));
+  if (!spm_) return pre_tokenize(normalized);
+  if (spm_->pre_tokenizes) return spm_->metaspace.pieces(normalized, true);
+  return {to_utf8(normalized)};
 }
 
 void TextTokenizer::wordpiece(const std::string& word, std::vector<std::int64_t>& out) const {
@@ -810,8 +795,19 @@ void TextTokenizer::wordpiece(const std::string& word, std::vector<std::int64_t>
   }
 }
 
-void TextTokenizer::encode_stretch(const std::u32string& normalized, std::size_t limit,
+void TextTokenizer::encode_stretch(const std::u32string& normalized, bool starts_text, std::size_t limit,
                                    std::vector<std::int64_t>& ids) const {
+  if (spm_) {
+    if (!spm_->pre_tokenizes) {
+      spm_->model.encode(to_utf8(normalized), ids);
+      return;
+    }
+    for (const std::string& piece : spm_->metaspace.pieces(normalized, starts_text)) {
+      spm_->model.encode(piece, ids);
+      if (ids.size() >= limit) break;
+    }
+    return;
+  }
   if (bpe_) {
     std::u32string t = normalized;
     if (t.empty()) return;
@@ -835,10 +831,14 @@ void TextTokenizer::encode_stretch(const std::u32string& normalized, std::size_t
 std::vector<std::int64_t> TextTokenizer::encode(const std::string& text) const {
   std::vector<std::int64_t> ids(before_);
   const std::size_t limit = static_cast<std::size_t>(config_.max_length) - after_.size();
+  // The stretch that starts the text (tokenizers' Metaspace with prepend_scheme "first" marks
+  // only that one): the first piece, unless an added token comes first.
+  bool first = true;
   for (const Piece& p : split_added(decode_utf8(text), raw_added_)) {
     if (ids.size() >= limit) break;
     if (p.id >= 0) {
       ids.push_back(p.id);
+      first = false;
       continue;
     }
     for (const Piece& q : split_added(normalize(p.text), normalized_added_)) {
@@ -846,9 +846,11 @@ std::vector<std::int64_t> TextTokenizer::encode(const std::string& text) const {
       if (q.id >= 0) {
         ids.push_back(q.id);
       } else {
-        encode_stretch(q.text, limit, ids);
+        encode_stretch(q.text, first, limit, ids);
       }
+      first = false;
     }
+    first = false;
   }
   if (ids.size() > limit) ids.resize(limit);
   ids.insert(ids.end(), after_.begin(), after_.end());

@@ -731,7 +731,7 @@ int run_trunk_extract_command(const po::variables_map& vm, const tasks::HeadRegi
 
 void tokenize_options(po::options_description& d, po::positional_options_description&) {
   d.add_options()("tokenizer", po::value<std::string>()->value_name("FILE"),
-                  "the trunk's tokenizer.json (WordPiece or byte-level BPE)")(
+                  "the trunk's tokenizer.json (WordPiece, byte-level BPE or Unigram)")(
       "vocab", po::value<std::string>()->value_name("FILE"), "or: the WordPiece vocabulary (vocab.txt)")(
       "max-length", po::value<std::int64_t>()->default_value(256)->value_name("N"), "most tokens per text")(
       "cased", "--vocab: keep case (default: lowercase, as uncased models expect)")(
@@ -822,7 +822,8 @@ const std::vector<Command>& commands() {
        "what scripts/export_trunk.py compiles into a .pt2 of your own trunk",
        trunk_extract_options, run_trunk_extract_command},
       {"tokenize", "canopy tokenize --vocab FILE (--arff FILE [--attribute NAME] | --input FILE) [options]",
-       "token ids of texts (a tokenizer.json's, WordPiece or byte-level BPE; a vocab.txt's) as JSON lines "
+       "token ids of texts (a tokenizer.json's, WordPiece, byte-level BPE or Unigram; a vocab.txt's) as JSON "
+       "lines "
        "{\"text\": ..., \"ids\": [...]}",
        tokenize_options, run_tokenize_command},
       {"heads", "canopy heads", "list the head types that can be named in a config",

@@ -321,8 +321,8 @@ void add_text_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(
       member_key<K>("text", "tokenizer", CANOPY_JOB(text.tokenizer),
                     "the trunk's Hugging Face tokenizer.json (WordPiece: BERT, MiniLM, MPNet, bge, e5; "
-                    "byte-level BPE: RoBERTa, GPT-2): its normalizer, special tokens, added tokens and "
-                    "padding token as the file says",
+                    "byte-level BPE: RoBERTa, GPT-2; SentencePiece Unigram: XLM-R, multilingual-e5, T5): its "
+                    "normalizer, special tokens, added tokens and padding token as the file says",
                     true)
           .optional_in_dump()
           .only_when(reads_texts));

@@ -7,12 +7,14 @@
 #include <zlib.h>
 
 #include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/datasets/text.h"
+#include "sentencepiece.h"  // datasets/ (private to the module)
 #include "support/test_support.h"
 
 namespace canopy::datasets {
@@ -175,6 +177,102 @@ TEST(ByteLevelBpe, ReadsARobertaLikeFile) {
   EXPECT_EQ(t.encode("h\xc3\xa9"), (Ids{0, 3, 2}))
       << "bytes the vocabulary lacks, without an unknown token, go";
   EXPECT_EQ(t.pad_id(), 1) << "<pad>";
+}
+
+// A Unigram model worked by hand ("\xe2\x96\x81" is SentencePiece's space, U+2581): ids
+// <unk>=0 <s>=1 </s>=2 <pad>=3 then the pieces; the normalizer strips the end's blanks and makes
+// a run of spaces one U+2581, as transformers' conversion writes it.
+const char* kUnigram = R"({
+  "normalizer": {"type": "Sequence", "normalizers": [
+    {"type": "Strip", "strip_left": false, "strip_right": true},
+    {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": "\u2581"}]},
+  "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": true},
+  "post_processor": {"type": "TemplateProcessing",
+    "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+               {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+    "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]},
+                       "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}},
+  "model": {"type": "Unigram", "unk_id": 0, "byte_fallback": true, "vocab": [
+    ["<unk>", 0.0], ["<s>", 0.0], ["</s>", 0.0], ["<pad>", 0.0],
+    ["\u2581", -2.0], ["a", -3.0], ["b", -3.0], ["ab", -4.0], ["\u2581ab", -5.0], ["c", -3.0],
+    ["abc", -8.5], ["<0x78>", -1.0]]}
+})";
+
+TEST(Unigram, TakesTheBestScoringPiecesOfAHandWorkedModel) {
+  testing::TempDir dir;
+  TokenizerConfig c;
+  c.tokenizer = write(dir.file("tokenizer.json"), kUnigram);
+  const TextTokenizer t(c);
+  EXPECT_EQ(t.encode("ab c"), (Ids{1, 8, 4, 9, 2})) << "\xe2\x96\x81"
+                                                       "ab (-5) beats \xe2\x96\x81 + ab (-6)";
+  EXPECT_EQ(t.encode("abc"), (Ids{1, 8, 9, 2})) << "\xe2\x96\x81"
+                                                   "ab + c (-8) beats \xe2\x96\x81 + abc (-10.5)";
+  EXPECT_EQ(t.encode("ab  c  "), (Ids{1, 8, 4, 9, 2})) << "the end stripped, a run of spaces one";
+  EXPECT_EQ(t.encode("yz"), (Ids{1, 4, 0, 2})) << "unknown characters fused into one <unk>";
+  EXPECT_EQ(t.encode("xx"), (Ids{1, 4, 11, 11, 2})) << "byte fallback: <0x78> twice";
+  EXPECT_EQ(t.encode("xy"), (Ids{1, 4, 0, 2})) << "no <0x79>: the whole unknown stretch is <unk>";
+  EXPECT_EQ(t.words("ab c"), (std::vector<std::string>{"\xe2\x96\x81"
+                                                       "ab",
+                                                       "\xe2\x96\x81"
+                                                       "c"}));
+  EXPECT_EQ(t.pad_id(), 3) << "<pad>";
+  c.max_length = 4;
+  EXPECT_EQ(TextTokenizer(c).encode("ab c ab"), (Ids{1, 8, 4, 2})) << "cut to max_length with </s> kept";
+}
+
+TEST(Unigram, RefusesWhatItDoesNotReadNamingIt) {
+  testing::TempDir dir;
+  TokenizerConfig c;
+  auto refused = [&](const std::string& from, const std::string& to, const std::string& words) {
+    std::string text = kUnigram;
+    const std::size_t at = text.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    c.tokenizer = write(dir.file("changed.json"), text.replace(at, from.size(), to));
+    try {
+      TextTokenizer{c};
+      ADD_FAILURE() << "not refused: " << to;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
+    }
+  };
+  refused(R"({"type": "Strip", "strip_left": false, "strip_right": true})", R"({"type": "Lowercase"})",
+          "normalizer 'Lowercase' is not read");
+  refused(R"({"Regex": " {2,}"})", R"({"Regex": "\\s+"})", "regular expression '\\s+' is not read");
+  refused(R"("type": "Metaspace")", R"("type": "Whitespace")", "pre-tokenizer 'Whitespace' is not read");
+  refused(R"("unk_id": 0)", R"("unk_id": null)", "has no unknown token");
+  c.tokenizer = write(dir.file("tokenizer.json"), kUnigram);
+  c.lowercase_given = true;
+  EXPECT_THROW(TextTokenizer{c}, ConfigError) << "text.lowercase does not apply";
+}
+
+// UAX #29's own cases (Debian's unicode-data, which the set-up installs): "÷" marks a break,
+// "×" none.
+TEST(Grapheme, ClustersAsTheUnicodeTestFileSays) {
+  const char* path = "/usr/share/unicode/auxiliary/GraphemeBreakTest.txt";
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << path << " is missing: apt-get install unicode-data (scripts/setup does)";
+  std::string line;
+  int cases = 0, wrong = 0;
+  while (std::getline(in, line)) {
+    line = line.substr(0, line.find('#'));
+    if (line.find("\xc3\xb7") == std::string::npos) continue;
+    std::u32string text;
+    std::vector<std::size_t> breaks;  // where each cluster ends
+    std::istringstream words(line);
+    for (std::string w; words >> w;) {
+      if (w == "\xc3\xb7") {
+        if (!text.empty()) breaks.push_back(text.size());
+      } else if (w != "\xc3\x97") {
+        text += static_cast<char32_t>(std::stoul(w, nullptr, 16));
+      }
+    }
+    std::vector<std::size_t> found;
+    for (std::size_t i = 0; i < text.size(); i = found.back()) found.push_back(spm::grapheme_end(text, i));
+    ++cases;
+    if (found != breaks && ++wrong <= 5) ADD_FAILURE() << "case " << cases << ": " << line;
+  }
+  EXPECT_GE(cases, 600);  // Unicode 15.0 has 602
+  EXPECT_EQ(wrong, 0) << "of " << cases;
 }
 
 TEST(Arff, ReadsStringAndNominalAttributesWithEscapes) {

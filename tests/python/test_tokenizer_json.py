@@ -14,7 +14,7 @@
   * the cache built with the tokenizer.json equals, row for row, the one built with vocab.txt
     (the same ids through the real trunk), the run's card names the file's hash, and `canopy
     predict` answers as the vocab.txt run does;
-  * what canopy does not read is refused naming it (a Unigram tokenizer trained here, a pre-
+  * what canopy does not read is refused naming it (a WordLevel tokenizer trained here, a pre-
     tokenizer of another kind, a file cut short), as is a config giving both files or a
     text.lowercase the file contradicts.
 """
@@ -242,12 +242,12 @@ labels = grain
           f"texts longer than the trunk's 512 positions: {r.stderr.strip()[-300:]}")
 
     # --- refused, naming what --------------------------------------------------------------
-    unigram = Tokenizer(models.Unigram())
-    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
-    unigram.train_from_iterator(stories[:200], trainers.UnigramTrainer(
-        vocab_size=300, special_tokens=["<unk>"], unk_token="<unk>", show_progress=False))
-    unigram_path = os.path.join(work, "unigram.json")
-    unigram.save(unigram_path)
+    word_level = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level.train_from_iterator(stories[:200], trainers.WordLevelTrainer(
+        vocab_size=300, special_tokens=["<unk>"], show_progress=False))
+    word_level_path = os.path.join(work, "wordlevel.json")
+    word_level.save(word_level_path)
     other_pre = copy.deepcopy(base)
     other_pre["pre_tokenizer"] = {"type": "Whitespace"}
     other_path = os.path.join(work, "whitespace.json")
@@ -256,7 +256,7 @@ labels = grain
     cut = os.path.join(work, "cut.json")
     with open(real, "rb") as f, open(cut, "wb") as g:
         g.write(f.read()[:5000])
-    for path, words in ((unigram_path, ["unigram.json", "Unigram model", "WordPiece"]),
+    for path, words in ((word_level_path, ["wordlevel.json", "WordLevel model", "WordPiece"]),
                         (other_path, ["whitespace.json", "pre-tokenizer 'Whitespace'", "BertPreTokenizer"]),
                         (cut, ["cut.json", "is not JSON"])):
         r = subprocess.run([canopy, "tokenize", "--tokenizer", path, "--input", special], capture_output=True, text=True)

@@ -8,9 +8,10 @@
 // WordPiece with "##" continuations, [UNK] for a word that cannot be covered or is longer
 // than 100 characters, and [CLS] ... [SEP] around the whole, truncated to max_length.
 // From a Hugging Face tokenizer.json it reads the WordPiece family (BERT, MiniLM, MPNet, bge,
-// e5) and byte-level BPE (GPT-2's and RoBERTa's: GPT-2's pre-tokenizing pattern with Unicode's
+// e5), byte-level BPE (GPT-2's and RoBERTa's: GPT-2's pre-tokenizing pattern with Unicode's
 // letters and numbers from unicode_classes.h, bytes as GPT-2's stand-in characters, merges by
-// rank), taking every setting the file gives: the normalizer's switches, the continuation prefix, the
+// rank) and SentencePiece's Unigram (XLM-R, multilingual-e5, T5: sentencepiece.h), taking every
+// setting the file gives: the normalizer's switches, the continuation prefix, the
 // unknown token, the special tokens its post-processor puts around a text (MPNet's <s> ...
 // </s>), the padding token, and its added tokens, which are matched in the text first, as
 // `tokenizers` matches them ("[MASK]" in a text is one token).
@@ -21,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -33,7 +35,7 @@ namespace canopy::datasets {
 
 struct TokenizerConfig {
   std::string vocab;              // vocab.txt: one token per line, the line number is its id
-  std::string tokenizer;          // or a Hugging Face tokenizer.json (WordPiece or byte-level BPE)
+  std::string tokenizer;          // or a Hugging Face tokenizer.json (WordPiece, byte-level BPE, Unigram)
   bool lowercase = true;          // vocab.txt: uncased models (and strip accents with it)
   bool lowercase_given = false;   // set in the config: a tokenizer.json must agree with it
   std::int64_t max_length = 256;  // tokens per text including the special tokens around it
@@ -72,14 +74,17 @@ class TextTokenizer {
   void load_vocab_txt();
   void load_tokenizer_json();
   void read_normalizer(const nlohmann::json& normalizer);
-  void read_added_tokens(const nlohmann::json& tokens);
+  void read_added_tokens(const nlohmann::json& tokens, std::int64_t model_size);
   void read_padding(const nlohmann::json& padding);
   void load_byte_level_bpe(const nlohmann::json& j, const nlohmann::json& model);
+  void load_unigram(const nlohmann::json& j, const nlohmann::json& model);
   void byte_level_bpe(const std::string& utf8, std::vector<std::int64_t>& out) const;
   std::u32string normalize(const std::u32string& text) const;
   std::vector<std::string> pre_tokenize(const std::u32string& normalized) const;
-  // Appends the ids of `text` (a stretch between added tokens), stopping past `limit` ids.
-  void encode_stretch(const std::u32string& text, std::size_t limit, std::vector<std::int64_t>& ids) const;
+  // Appends the ids of `text` (a stretch between added tokens; `starts_text`: the text's first),
+  // stopping past `limit` ids.
+  void encode_stretch(const std::u32string& text, bool starts_text, std::size_t limit,
+                      std::vector<std::int64_t>& ids) const;
   void wordpiece(const std::string& word, std::vector<std::int64_t>& out) const;
   TokenizerConfig config_;
   std::unordered_map<std::string, std::int64_t> vocab_;
@@ -96,6 +101,9 @@ class TextTokenizer {
        ignore_merges_ = false;
   std::unordered_map<std::uint64_t, std::pair<std::int64_t, std::int64_t>> merges_;
   std::vector<std::int64_t> byte_ids_;
+  // A Unigram tokenizer.json: its normalizer steps, pre-tokenizer and model (sentencepiece.h).
+  struct SentencePiece;
+  std::shared_ptr<const SentencePiece> spm_;
 };
 
 // An ARFF file read whole: string attributes as text, nominal attributes as the index of
