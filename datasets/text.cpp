@@ -366,14 +366,18 @@ void validate_tokenizer_config(const TokenizerConfig& c) {
 }
 
 std::string describe(const TokenizerConfig& c) {
+  // The prompt as a JSON string (one line, its blanks visible), only when there is one: caches
+  // built before text.prompt keep their fingerprint.
+  const std::string prompt = c.prompt.empty() ? "" : ";prompt=" + nlohmann::json(c.prompt).dump();
   if (!c.tokenizer.empty()) {
-    return detail::str_cat("tokenizer.json;sha256=", sha256_file(c.tokenizer), ";max_length=", c.max_length);
+    return detail::str_cat("tokenizer.json;sha256=", sha256_file(c.tokenizer), ";max_length=", c.max_length,
+                           prompt);
   }
   // hangul=jamo: accent stripping splits Hangul syllables as NFD does (since 2026-12-07), so a
   // cache of Korean texts built before is rebuilt.
   return detail::str_cat("wordpiece;vocab_sha256=", sha256_file(c.vocab), ";lowercase=", c.lowercase ? 1 : 0,
                          ";max_length=", c.max_length, ";strip_accents=", c.lowercase ? 1 : 0,
-                         c.lowercase ? ";hangul=jamo" : "");
+                         c.lowercase ? ";hangul=jamo" : "", prompt);
 }
 
 TextTokenizer::TextTokenizer(const TokenizerConfig& config) : config_(config) {
@@ -387,6 +391,13 @@ TextTokenizer::TextTokenizer(const TokenizerConfig& config) : config_(config) {
   CANOPY_CHECK(config.max_length > static_cast<std::int64_t>(specials), ConfigError,
                "text.max_length = ", config.max_length, " leaves no room for text: the tokenizer puts ",
                specials, " special tokens around each one");
+  if (!config.prompt.empty()) {
+    const std::size_t prompt_tokens = encode("").size() - specials;  // the prompt alone, cut to max_length
+    CANOPY_CHECK(prompt_tokens + specials < static_cast<std::size_t>(config.max_length), ConfigError,
+                 "text.prompt '", config.prompt, "' fills text.max_length = ", config.max_length,
+                 ": its tokens (", prompt_tokens, " or more) and the ", specials,
+                 " special tokens leave no room for the text");
+  }
   std::int64_t largest = -1;
   for (const auto& [token, id] : vocab_) largest = std::max(largest, id);
   vocab_size_ = largest + 1;
@@ -828,7 +839,10 @@ void TextTokenizer::encode_stretch(const std::u32string& normalized, bool starts
   }
 }
 
-std::vector<std::int64_t> TextTokenizer::encode(const std::string& text) const {
+std::vector<std::int64_t> TextTokenizer::encode(const std::string& utf8_text) const {
+  std::string prompted;
+  if (!config_.prompt.empty()) prompted = config_.prompt + utf8_text;
+  const std::string& text = config_.prompt.empty() ? utf8_text : prompted;
   std::vector<std::int64_t> ids(before_);
   const std::size_t limit = static_cast<std::size_t>(config_.max_length) - after_.size();
   // The stretch that starts the text (tokenizers' Metaspace with prepend_scheme "first" marks

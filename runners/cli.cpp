@@ -348,6 +348,7 @@ int run_tokenize_command(const po::variables_map& vm, const tasks::HeadRegistry&
   tc.max_length = vm["max-length"].as<std::int64_t>();
   tc.lowercase = vm.count("cased") == 0;
   tc.lowercase_given = vm.count("cased") > 0;
+  tc.prompt = vm.count("prompt") ? vm["prompt"].as<std::string>() : "";
   const datasets::TextTokenizer tokenizer(tc);
   const std::string attribute = vm["attribute"].as<std::string>();
   const std::string input = vm.count("input") ? vm["input"].as<std::string>() : "";
@@ -735,6 +736,8 @@ void tokenize_options(po::options_description& d, po::positional_options_descrip
       "vocab", po::value<std::string>()->value_name("FILE"), "or: the WordPiece vocabulary (vocab.txt)")(
       "max-length", po::value<std::int64_t>()->default_value(256)->value_name("N"), "most tokens per text")(
       "cased", "--vocab: keep case (default: lowercase, as uncased models expect)")(
+      "prompt", po::value<std::string>()->value_name("TEXT"),
+      "put before every text, as text.prompt does (e5's \"query: \")")(
       "arff", po::value<std::string>()->value_name("FILE"), "texts from an ARFF string attribute")(
       "attribute", po::value<std::string>()->default_value("Text")->value_name("NAME"),
       "the ARFF attribute, or a table's text column")(

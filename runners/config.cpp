@@ -343,6 +343,19 @@ void add_text_keys(std::vector<Key<JobConfig>>& v) {
   v.push_back(member_key<K>("text", "max_length", CANOPY_JOB(text.max_length),
                             "most tokens per text, the special tokens around it ([CLS], [SEP]) included")
                   .only_when(reads_texts));
+  Key<K> prompt = member_key<K>("text", "prompt", CANOPY_JOB(text.prompt),
+                                "put before every text, as sentence-transformers' encode(prompt=...) puts "
+                                "it: the prompt a model was trained with (e5's \"query: \" or \"passage: \", "
+                                "nomic-embed's \"classification: \"), in double quotes to keep its blanks; "
+                                "empty: none")
+                      .optional_in_dump()
+                      .only_when(reads_texts);
+  prompt.set = [set = prompt.set](JobConfig& c, const std::string& value, const std::string& where) {
+    // An INI value loses its blanks at the ends; in double quotes it keeps them.
+    const bool quoted = value.size() >= 2 && value.front() == '"' && value.back() == '"';
+    set(c, quoted ? value.substr(1, value.size() - 2) : value, where);
+  };
+  v.push_back(std::move(prompt));
 }
 
 // [preprocess]: what is done to an image before the trunk sees it.

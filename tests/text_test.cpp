@@ -179,6 +179,24 @@ TEST(ByteLevelBpe, ReadsARobertaLikeFile) {
   EXPECT_EQ(t.pad_id(), 1) << "<pad>";
 }
 
+TEST(WordPiece, PutsThePromptBeforeEveryText) {
+  testing::TempDir dir;
+  TokenizerConfig c = config(dir);
+  const TextTokenizer plain(c);
+  c.prompt = "hello , ";
+  const TextTokenizer prompted(c);
+  EXPECT_EQ(prompted.encode("world"), plain.encode("hello , world"));
+  EXPECT_EQ(prompted.encode("world"), (Ids{2, 7, 8, 9, 3}));
+  EXPECT_EQ(describe(plain.config()).find("prompt"), std::string::npos)
+      << "caches without one keep their fingerprint";
+  EXPECT_NE(describe(prompted.config()).find(";prompt=\"hello , \""), std::string::npos)
+      << describe(prompted.config());
+  c.max_length = 5;
+  EXPECT_EQ(TextTokenizer(c).encode("world"), (Ids{2, 7, 8, 9, 3}));
+  c.max_length = 4;
+  EXPECT_THROW(TextTokenizer{c}, ConfigError) << "the prompt and [CLS] [SEP] fill max_length";
+}
+
 // A Unigram model worked by hand ("\xe2\x96\x81" is SentencePiece's space, U+2581): ids
 // <unk>=0 <s>=1 </s>=2 <pad>=3 then the pieces; the normalizer strips the end's blanks and makes
 // a run of spaces one U+2581, as transformers' conversion writes it.

@@ -12,12 +12,16 @@ paraphrase-multilingual, T5) against Hugging Face `tokenizers` loading the same 
     on every sentence, on their NFD, NFKD and upper-case forms and on 3 000 random strings of
     combining marks, joiners, controls, CR LF, Hangul jamo, flags, emoji, fullwidth forms and
     ligatures (the grapheme clusters the charsmap is applied to), cut at two lengths;
+  * a cache through a trunk holds its masked mean over `tokenizers`' ids padded with the file's
+    <pad>, and with `text.prompt = "query: "` (e5's) over the ids of the prompted texts, the
+    head's card naming the prompt;
   * the grapheme clusters canopy finds are UAX #29's on every case of the Unicode Character
     Database's GraphemeBreakTest.txt (tests/text_test.cpp reads it too; here through the
     charsmap: a cluster's first character mapped alone changes the whole cluster);
   * what canopy does not read is refused naming it: another normalizer (NFKC, Lowercase), a
     Replace regular expression other than a run, another pre-tokenizer, a model without an
-    unknown token, a damaged charsmap, and text.lowercase given with such a file.
+    unknown token, a damaged charsmap, text.lowercase given with such a file, and a prompt that
+    fills text.max_length.
 """
 import argparse
 import base64
@@ -207,14 +211,20 @@ head = linear
 labels = grain
 """)
     # The MiniLM trunk reads these ids as its own (the model is not the tokenizer's): what is
-    # checked is canopy's path from a Unigram tokenizer.json to the cached rows.
-    r = subprocess.run([canopy, "run", "--config", config, "--progress", "quiet"], capture_output=True, text=True)
-    check(r.returncode == 0, "canopy run with an XLM-R-like tokenizer.json" + ("" if r.returncode == 0 else ": " + r.stderr[-600:]))
-    if r.returncode == 0:
+    # checked is canopy's path from a Unigram tokenizer.json to the cached rows; then the same
+    # with e5's prompt put before every text (in double quotes: its blank kept).
+    for tag, prompt in (("plain", ""), ("prompt", "query: ")):
+        r = subprocess.run([canopy, "run", "--config", config, "--progress", "quiet", "--set",
+                            f"cache.path={work}/cache_{tag}", "--set", f"train.out_dir={work}/train_{tag}", "--set",
+                            f'text.prompt="{prompt}"'], capture_output=True, text=True)
+        check(r.returncode == 0, f"canopy run with an XLM-R-like tokenizer.json, prompt {prompt!r}"
+              + ("" if r.returncode == 0 else ": " + r.stderr[-600:]))
+        if r.returncode != 0:
+            continue
         reference = Tokenizer.from_file(xlmr)
         reference.no_padding()
         reference.enable_truncation(max_length=96)
-        enc = [reference.encode(t).ids for t in stories[:48]]
+        enc = [reference.encode(prompt + t).ids for t in stories[:48]]
         width = max(len(e) for e in enc)
         pad = reference.token_to_id("<pad>")
         ids = torch.tensor([e + [pad] * (width - len(e)) for e in enc])
@@ -222,11 +232,14 @@ labels = grain
         with torch.no_grad():
             states = torch.jit.load(TRUNK).eval()(ids, mask)
             want = ((states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy()
-        with h5py.File(os.path.join(work, "cache", "cache.h5"), "r") as h5:
+        with h5py.File(os.path.join(work, f"cache_{tag}", "cache.h5"), "r") as h5:
             got = h5["train/features"][...]
         diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
-        check(diff < 1e-4 and pad == 1, f"the cache holds the trunk's masked mean over tokenizers' ids, padded with "
-              f"<pad> = {pad} (48 stories, max diff {diff:.2e})")
+        check(diff < 1e-4 and pad == 1, f"prompt {prompt!r}: the cache holds the trunk's masked mean over tokenizers' "
+              f"ids of the prompted texts, padded with <pad> = {pad} (48 stories, max diff {diff:.2e})")
+        card = open(os.path.join(work, f"train_{tag}", "heads", "grain.json")).read()
+        check(('prompt=\\"query: \\"' in card) == bool(prompt), f"prompt {prompt!r}: the head's card names it "
+              f"(or no prompt): {'prompt=' in card}")
 
     # --- refused, naming what --------------------------------------------------------------
     sentences_file = os.path.join(work, "sentences.txt")
@@ -260,6 +273,10 @@ labels = grain
                            text=True)
         check(r.returncode == 1 and all(w in r.stderr for w in words) and r.stdout == "",
               f"{os.path.basename(path)} refused naming {words}: {r.stderr.strip()[-200:]}")
+    r = subprocess.run([canopy, "tokenize", "--tokenizer", xlmr, "--max-length", "8", "--prompt",
+                        "query: a prompt longer than eight tokens", "--input", sentences_file], capture_output=True, text=True)
+    check(r.returncode == 2 and "leave no room for the text" in r.stderr and r.stdout == "",
+          f"a prompt filling max_length refused: {r.stderr.strip()}")
     r = subprocess.run([canopy, "tokenize", "--tokenizer", xlmr, "--cased", "--input", sentences_file],
                        capture_output=True, text=True)
     check(r.returncode == 2 and "does not apply" in r.stderr, f"--cased with a Unigram tokenizer.json: {r.stderr.strip()}")

@@ -39,6 +39,7 @@ struct TokenizerConfig {
   bool lowercase = true;          // vocab.txt: uncased models (and strip accents with it)
   bool lowercase_given = false;   // set in the config: a tokenizer.json must agree with it
   std::int64_t max_length = 256;  // tokens per text including the special tokens around it
+  std::string prompt;             // put before every text (e5's "query: "), as sentence-transformers does
 };
 
 void validate_tokenizer_config(const TokenizerConfig& config);
