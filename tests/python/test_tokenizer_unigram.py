@@ -20,7 +20,8 @@ paraphrase-multilingual, T5) against Hugging Face `tokenizers` loading the same 
     charsmap: a cluster's first character mapped alone changes the whole cluster);
   * what canopy does not read is refused naming it: another normalizer (NFKC, Lowercase), a
     Replace regular expression other than a run, another pre-tokenizer, a model without an
-    unknown token, a damaged charsmap, text.lowercase given with such a file, and a prompt that
+    unknown token, a damaged charsmap (its trie larger than it; bits flipped at random: refused
+    as damaged or read, never a crash), text.lowercase given with such a file, and a prompt that
     fills text.max_length.
 """
 import argparse
@@ -40,7 +41,7 @@ import torch
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from support import check, finish, pinned_trunk_section, work_dir
+from support import check, finish, grain_stories_config, work_dir
 
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 REUTERS = os.path.join(HOME, "data", "reuters")
@@ -183,33 +184,7 @@ def main():
 
     # --- a cache through a trunk: the ids tokenizers gives, padded with the file's <pad> ----
     xlmr = os.path.join(work, "xlmr_like.json")
-    config = os.path.join(work, "run.ini")
-    with open(config, "w") as f:
-        f.write(f"""
-[data]
-source = arff
-train_files = grain:{REUTERS}/ReutersGrain-train.arff
-test_files = grain:{REUTERS}/ReutersGrain-test.arff
-train_limit = 48
-test_limit = 16
-
-[text]
-tokenizer = {xlmr}
-max_length = 96
-
-{pinned_trunk_section(TRUNK)}
-[cache]
-path = {work}/cache
-batch_size = 16
-
-[train]
-out_dir = {work}/train
-epochs = 1
-
-[task.grain]
-head = linear
-labels = grain
-""")
+    config = grain_stories_config(os.path.join(work, "run.ini"), work, "xlmr", f"tokenizer = {xlmr}", TRUNK)
     # The MiniLM trunk reads these ids as its own (the model is not the tokenizer's): what is
     # checked is canopy's path from a Unigram tokenizer.json to the cached rows; then the same
     # with e5's prompt put before every text (in double quotes: its blank kept).
@@ -273,6 +248,22 @@ labels = grain
                            text=True)
         check(r.returncode == 1 and all(w in r.stderr for w in words) and r.stdout == "",
               f"{os.path.basename(path)} refused naming {words}: {r.stderr.strip()[-200:]}")
+    # A charsmap with flipped bits (it has no checksum): refused as damaged where its replacements
+    # stop being UTF-8 or its trie leads outside it, else read as it now says; never a crash.
+    rnd = random.Random(11)
+    outcomes = []
+    original = base64.b64decode(files["xlmr_today"]["normalizer"]["normalizers"][0]["precompiled_charsmap"])
+    for k in range(16):
+        blob = bytearray(original)
+        for _ in range(rnd.choice([1, 8, 64])):
+            i = rnd.randrange(len(blob))
+            blob[i] ^= 1 << rnd.randrange(8)
+        path = changed(f"flipped{k}", lambda c: c["normalizer"]["normalizers"][0].update(
+            precompiled_charsmap=base64.b64encode(bytes(blob)).decode()))
+        r = subprocess.run([canopy, "tokenize", "--tokenizer", path, "--input", all_texts, "--attribute", "text"],
+                           capture_output=True, text=True)
+        outcomes.append(r.returncode if r.returncode != 1 or "charsmap is damaged" in r.stderr else "other error")
+    check(set(outcomes) <= {0, 1}, f"16 charsmaps with flipped bits: read or refused as damaged, no crash ({outcomes})")
     r = subprocess.run([canopy, "tokenize", "--tokenizer", xlmr, "--max-length", "8", "--prompt",
                         "query: a prompt longer than eight tokens", "--input", sentences_file], capture_output=True, text=True)
     check(r.returncode == 2 and "leave no room for the text" in r.stderr and r.stdout == "",
