@@ -40,148 +40,73 @@ struct TextTokenizer::SentencePiece {
 
 namespace {
 
-// --- character classes (Unicode categories, for the blocks named in text.h) ---------------
+// --- character classes: tokenizers' BERT rules (unicode_classes.h) -----------------------------
 bool in(char32_t c, char32_t lo, char32_t hi) { return c >= lo && c <= hi; }
 
-// Other (Cc, Cf) except \t \n \r: removed by normalisation.
+bool in_ranges(char32_t c, const unicode::CodeRange* begin, const unicode::CodeRange* end) {
+  const auto* it =
+      std::upper_bound(begin, end, c, [](char32_t v, const unicode::CodeRange& r) { return v < r.lo; });
+  return it != begin && c <= (it - 1)->hi;
+}
+
+// BertNormalizer's control characters, removed by clean_text: unicode_categories' "other" (Cc Cf
+// Co Cs, as Unicode 8.0 has them) except \t \n \r.
 bool is_control(char32_t c) {
   if (c == '\t' || c == '\n' || c == '\r') return false;
-  return c < 0x20 || in(c, 0x7F, 0x9F) || c == 0xAD || in(c, 0x600, 0x605) || c == 0x61C || c == 0x6DD ||
-         c == 0x70F || in(c, 0x200B, 0x200F) || in(c, 0x202A, 0x202E) || in(c, 0x2060, 0x2064) ||
-         in(c, 0x2066, 0x206F) || c == 0xFEFF || in(c, 0xFFF9, 0xFFFB) || in(c, 0xD800, 0xDFFF) ||
-         in(c, 0xE000, 0xF8FF);
+  return in_ranges(c, std::begin(unicode::kOther8), std::end(unicode::kOther8));
 }
 
-bool is_whitespace(char32_t c) {
-  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == 0xA0 || c == 0x1680 ||
-         in(c, 0x2000, 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
-}
-
+// BertPreTokenizer's punctuation: ASCII's, and Unicode's P* (Unicode 8.0).
 bool is_punctuation(char32_t c) {
-  if (in(c, 33, 47) || in(c, 58, 64) || in(c, 91, 96) || in(c, 123, 126)) return true;  // ASCII, as BERT
-  switch (c) {
-    case 0xA1:
-    case 0xA7:
-    case 0xAB:
-    case 0xB6:
-    case 0xB7:
-    case 0xBB:
-    case 0xBF:
-    case 0x37E:
-    case 0x387:
-    case 0x303D:
-    case 0x30FB:
-    case 0x3030:
-      return true;
-    default:
-      break;
-  }
-  return in(c, 0x2010, 0x2027) || in(c, 0x2030, 0x2043) || in(c, 0x2045, 0x2051) || in(c, 0x2053, 0x205E) ||
-         in(c, 0x3001, 0x3003) || in(c, 0x3008, 0x3011) || in(c, 0x3014, 0x301F) || in(c, 0xFF01, 0xFF03) ||
-         in(c, 0xFF05, 0xFF0A) || in(c, 0xFF0C, 0xFF0F) || in(c, 0xFF1A, 0xFF1B) || in(c, 0xFF1F, 0xFF20) ||
-         in(c, 0xFF3B, 0xFF3D) || c == 0xFF3F || c == 0xFF5B || c == 0xFF5D || in(c, 0xFF5F, 0xFF65);
+  if (in(c, 33, 47) || in(c, 58, 64) || in(c, 91, 96) || in(c, 123, 126)) return true;
+  return in_ranges(c, std::begin(unicode::kPunctuation8), std::end(unicode::kPunctuation8));
 }
 
+// BertNormalizer's Chinese characters (tokenizers' ranges: its CJK Extension E starts at U+2B920).
 bool is_cjk(char32_t c) {
   return in(c, 0x4E00, 0x9FFF) || in(c, 0x3400, 0x4DBF) || in(c, 0x20000, 0x2A6DF) ||
-         in(c, 0x2A700, 0x2B73F) || in(c, 0x2B740, 0x2B81F) || in(c, 0x2B820, 0x2CEAF) ||
+         in(c, 0x2A700, 0x2B73F) || in(c, 0x2B740, 0x2B81F) || in(c, 0x2B920, 0x2CEAF) ||
          in(c, 0xF900, 0xFAFF) || in(c, 0x2F800, 0x2FA1F);
 }
 
-bool is_combining_mark(char32_t c) { return in(c, 0x300, 0x36F); }
+// Nonspacing marks (Mn, Unicode 8.0): what strip_accents removes after NFD.
+bool is_nonspacing_mark(char32_t c) {
+  return in_ranges(c, std::begin(unicode::kNonspacingMarks8), std::end(unicode::kNonspacingMarks8));
+}
 
+// Rust's char::to_lowercase where it is one character (U+0130, the one of two, is the caller's).
 char32_t to_lower(char32_t c) {
-  if (c == 0x130) return 'i';  // İ lowercases to i + combining dot above, which is then stripped
-  if (in(c, 'A', 'Z') || (in(c, 0xC0, 0xDE) && c != 0xD7)) return c + 32;
-  if (in(c, 0x100, 0x137) || in(c, 0x14A, 0x177)) return (c % 2 == 0) ? c + 1 : c;  // pairs: upper even
-  if (in(c, 0x139, 0x148) || in(c, 0x179, 0x17E)) return (c % 2 == 1) ? c + 1 : c;  // pairs: upper odd
-  if (c == 0x178) return 0xFF;
-  if (in(c, 0x391, 0x3AB) && c != 0x3A2) return c + 32;
-  if (c == 0x386) return 0x3AC;
-  if (in(c, 0x388, 0x38A)) return c + 37;
-  if (c == 0x38C) return 0x3CC;
-  if (in(c, 0x38E, 0x38F)) return c + 63;
-  if (in(c, 0x410, 0x42F)) return c + 32;
-  if (in(c, 0x400, 0x40F)) return c + 80;
-  return c;
+  if (c < 0x80) return in(c, 'A', 'Z') ? c + 32 : c;
+  const auto* begin = std::begin(unicode::kLowercase);
+  const auto* end = std::end(unicode::kLowercase);
+  const auto* it =
+      std::lower_bound(begin, end, c, [](const unicode::CasePair& p, char32_t v) { return p.upper < v; });
+  return it != end && it->upper == c ? it->lower : c;
 }
 
-// The base letter of a lowercase letter whose canonical decomposition is letter + marks
-// (what NFD followed by removing nonspacing marks leaves); 0 when it has none.
-char32_t strip_accent(char32_t c) {
-  static const char kLatin1[] = "aaaaaa_ceeeeiiii_nooooo__uuuuy__";  // U+00E0..U+00FF
-  if (in(c, 0xE0, 0xFF)) {
-    const char b = c == 0xFF ? 'y' : kLatin1[c - 0xE0];
-    return b == '_' ? 0 : static_cast<char32_t>(b);
+// strip_accents on one character: its NFD (Hangul syllables into their jamo), nonspacing marks
+// removed, appended to `out`. Canonical reordering of marks is not done: the marks it would
+// reorder are removed.
+void append_stripped(char32_t c, std::u32string& out) {
+  if (in(c, 0xAC00, 0xD7A3)) {
+    const char32_t k = c - 0xAC00;
+    out += static_cast<char32_t>(0x1100 + k / 588);
+    out += static_cast<char32_t>(0x1161 + k % 588 / 28);
+    if (k % 28 != 0) out += static_cast<char32_t>(0x11A7 + k % 28);
+    return;
   }
-  if (in(c, 0x100, 0x17F)) {
-    struct Range {
-      char32_t lo, hi;
-      char base;
-    };
-    static const Range kExtA[] = {
-        {0x100, 0x105, 'a'}, {0x106, 0x10D, 'c'}, {0x10E, 0x10F, 'd'}, {0x112, 0x11B, 'e'},
-        {0x11C, 0x123, 'g'}, {0x124, 0x125, 'h'}, {0x128, 0x130, 'i'}, {0x134, 0x135, 'j'},
-        {0x136, 0x137, 'k'}, {0x139, 0x13E, 'l'}, {0x143, 0x148, 'n'}, {0x14C, 0x151, 'o'},
-        {0x154, 0x159, 'r'}, {0x15A, 0x161, 's'}, {0x162, 0x165, 't'}, {0x168, 0x173, 'u'},
-        {0x174, 0x175, 'w'}, {0x176, 0x178, 'y'}, {0x179, 0x17E, 'z'}};
-    for (const auto& r : kExtA) {
-      if (in(c, r.lo, r.hi)) return static_cast<char32_t>(r.base);
-    }
-    return 0;
+  const auto* begin = std::begin(unicode::kDecompositions);
+  const auto* end = std::end(unicode::kDecompositions);
+  const auto* it =
+      std::lower_bound(begin, end, c, [](const unicode::Decomposition& d, char32_t v) { return d.cp < v; });
+  if (it == end || it->cp != c) {
+    if (!is_nonspacing_mark(c)) out += c;
+    return;
   }
-  switch (c) {
-    case 0x3AC:
-      return 0x3B1;
-    case 0x3AD:
-      return 0x3B5;
-    case 0x3AE:
-      return 0x3B7;
-    case 0x3AF:
-    case 0x3CA:
-    case 0x390:
-      return 0x3B9;
-    case 0x3CC:
-      return 0x3BF;
-    case 0x3CD:
-    case 0x3CB:
-    case 0x3B0:
-      return 0x3C5;
-    case 0x3CE:
-      return 0x3C9;
-    case 0x450:
-    case 0x451:
-      return 0x435;
-    case 0x439:
-    case 0x45D:
-      return 0x438;
-    case 0x453:
-      return 0x433;
-    case 0x457:
-      return 0x456;
-    case 0x45C:
-      return 0x43A;
-    case 0x45E:
-      return 0x443;
-    default:
-      return 0;
+  for (const char32_t part : it->nfd) {
+    if (part == 0) break;
+    if (!is_nonspacing_mark(part)) out += part;
   }
-}
-
-// Uppercase of the base letters strip_accent gives (a-z, Greek and Cyrillic lowercase).
-char32_t base_to_upper(char32_t c) {
-  if (in(c, 'a', 'z') || in(c, 0x3B1, 0x3C9) || in(c, 0x430, 0x44F)) return c - 32;
-  if (c == 0x456) return 0x406;
-  return c;
-}
-
-// NFD followed by removing nonspacing marks, for a letter of either case; 0 when it has none.
-char32_t strip_accent_any_case(char32_t c) {
-  if (c == 0x130) return 'I';
-  const char32_t lower = to_lower(c);
-  const char32_t base = strip_accent(lower);
-  if (base == 0) return 0;
-  return lower == c ? base : base_to_upper(base);
 }
 
 // The regular expressions' \w, as tokenizers' added-token matching reads it (approximated
@@ -192,11 +117,6 @@ bool is_word_char(char32_t c) {
 }
 
 // --- byte-level BPE (GPT-2, RoBERTa) --------------------------------------------------------
-bool in_ranges(char32_t c, const unicode::CodeRange* begin, const unicode::CodeRange* end) {
-  const auto* it =
-      std::upper_bound(begin, end, c, [](char32_t v, const unicode::CodeRange& r) { return v < r.lo; });
-  return it != begin && c <= (it - 1)->hi;
-}
 bool is_letter(char32_t c) {
   return in_ranges(c, std::begin(unicode::kLetters), std::end(unicode::kLetters));
 }
@@ -362,15 +282,16 @@ std::string describe(const TokenizerConfig& c) {
   // The prompt as a JSON string (one line, its blanks visible), only when there is one: caches
   // built before text.prompt keep their fingerprint.
   const std::string prompt = c.prompt.empty() ? "" : ";prompt=" + nlohmann::json(c.prompt).dump();
+  // unicode=all: BERT's rules (controls, punctuation, accents, case) know every script since
+  // 2026-12-08, where they knew Latin, Greek and Cyrillic: a cache built before is rebuilt.
   if (!c.tokenizer.empty()) {
     return detail::str_cat("tokenizer.json;sha256=", sha256_file(c.tokenizer), ";max_length=", c.max_length,
-                           prompt);
+                           ";unicode=all", prompt);
   }
-  // hangul=jamo: accent stripping splits Hangul syllables as NFD does (since 2026-12-07), so a
-  // cache of Korean texts built before is rebuilt.
+  // hangul=jamo: accent stripping splits Hangul syllables as NFD does (since 2026-12-07).
   return detail::str_cat("wordpiece;vocab_sha256=", sha256_file(c.vocab), ";lowercase=", c.lowercase ? 1 : 0,
                          ";max_length=", c.max_length, ";strip_accents=", c.lowercase ? 1 : 0,
-                         c.lowercase ? ";hangul=jamo" : "", prompt);
+                         c.lowercase ? ";hangul=jamo" : "", ";unicode=all", prompt);
 }
 
 TextTokenizer::TextTokenizer(const TokenizerConfig& config) : config_(config) {
@@ -696,40 +617,35 @@ void TextTokenizer::byte_level_bpe(const std::string& utf8, std::vector<std::int
 std::u32string TextTokenizer::normalize(const std::u32string& text) const {
   if (!normalizes_) return text;
   if (spm_) return spm::normalize(spm_->steps, text);
+  // BertNormalizer, its steps character by character: clean_text, Chinese characters spaced,
+  // strip_accents, lowercase.
   const Normalizer& n = normalizer_;
-  std::u32string out;
+  std::u32string out, stripped;
   out.reserve(text.size());
   for (char32_t c : text) {
     if (n.clean_text) {
       if (c == 0 || c == 0xFFFD || is_control(c)) continue;
-      if (is_whitespace(c)) c = ' ';
+      if (is_white_space(c)) c = ' ';
     }
-    if (n.chinese_chars && is_cjk(c)) {
-      out += U' ';
-      out += c;
-      out += U' ';
-      continue;
-    }
+    const bool spaced = n.chinese_chars && is_cjk(c);
+    if (spaced) out += U' ';
+    stripped.clear();
     if (n.strip_accents) {
-      if (is_combining_mark(c)) continue;
-      if (in(c, 0xAC00, 0xD7A3)) {  // a Hangul syllable: NFD gives its jamo (none of them a mark)
-        const char32_t k = c - 0xAC00;
-        out += static_cast<char32_t>(0x1100 + k / 588);
-        out += static_cast<char32_t>(0x1161 + k % 588 / 28);
-        if (k % 28 != 0) out += static_cast<char32_t>(0x11A7 + k % 28);
-        continue;
-      }
-      if (const char32_t base = strip_accent_any_case(c)) c = base;
+      append_stripped(c, stripped);
+    } else {
+      stripped += c;
     }
-    if (n.lowercase) {
-      if (c == 0x130 && !n.strip_accents) {  // İ lowercases to i + combining dot above
+    for (const char32_t s : stripped) {
+      if (!n.lowercase) {
+        out += s;
+      } else if (s == 0x130) {  // İ lowercases to i + combining dot above (kept: no strip_accents here)
         out += U'i';
-        c = 0x307;
+        out += static_cast<char32_t>(0x307);
       } else {
-        c = to_lower(c);
+        out += to_lower(s);
       }
     }
-    out += c;
+    if (spaced) out += U' ';
   }
   return out;
 }

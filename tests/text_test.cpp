@@ -179,6 +179,34 @@ TEST(ByteLevelBpe, ReadsARobertaLikeFile) {
   EXPECT_EQ(t.pad_id(), 1) << "<pad>";
 }
 
+// BERT's rules know every script (tests/python/test_tokenizer_json.py holds them to tokenizers on
+// random strings of many): here one case of each rule, uncased.
+TEST(WordPiece, BertRulesKnowEveryScript) {
+  testing::TempDir dir;
+  const TextTokenizer t(config(dir));
+  using Words = std::vector<std::string>;
+  EXPECT_EQ(t.words("\xef\xbc\xa8\xef\xbc\xa5 Ti\xe1\xba\xbfng"),
+            (Words{"\xef\xbd\x88\xef\xbd\x85", "tieng"}))
+      << "fullwidth letters lowercased; Vietnamese accents stripped (NFD)";
+  EXPECT_EQ(t.words("\xd9\x82\xd9\x8e\xd9\x85\xd9\x92\xd8\xad"), (Words{"\xd9\x82\xd9\x85\xd8\xad"}))
+      << "Arabic vowel marks (nonspacing) removed";
+  EXPECT_EQ(t.words("a\xd5\x9a"
+                    "b"),
+            (Words{"a", "\xd5\x9a", "b"}))
+      << "Armenian apostrophe: punctuation";
+  EXPECT_EQ(t.words("a\xe2\xb9\x92"
+                    "b"),
+            (Words{"a\xe2\xb9\x92"
+                   "b"}))
+      << "U+2E52 (Unicode 13) is not punctuation in tokenizers' Unicode 8.0 categories";
+  EXPECT_EQ(t.words("\xef\xa4\x80"), (Words{"\xe8\xb1\x88"}))
+      << "a compatibility ideograph: spaced, then NFD";
+  EXPECT_EQ(t.words("a\xd8\x9c"
+                    "b"),
+            (Words{"ab"}))
+      << "U+061C (a format character) removed";
+}
+
 TEST(WordPiece, PutsThePromptBeforeEveryText) {
   testing::TempDir dir;
   TokenizerConfig c = config(dir);

@@ -23,7 +23,9 @@ import copy
 import hashlib
 import json
 import os
+import random
 import subprocess
+import unicodedata
 
 import h5py
 import numpy as np
@@ -50,6 +52,27 @@ SPECIAL_SENTENCES = [
     "emoji \U0001f600\U0001f44d\U0001f3fd numbers 12345 \u0664\u0665 \u2167 \u00bd mixed abc123def \u0915\u093f "
     "\u0e20\u0e32\u0e29\u0e32 \ud55c\uad6d\uc5b4 \u05e2\u05d1\u05e8\u05d9\u05ea",
 ]
+
+
+def script_texts(n=1500, seed=1):
+    """The sentences in 46 languages, their NFD and upper-case forms, and `n` random strings of
+    characters from many scripts' blocks (Latin Extended, Greek Extended, Cyrillic, Armenian,
+    Georgian, Cherokee, fullwidth forms, Hebrew and Arabic marks, Devanagari, Deseret, combining
+    marks, compatibility ideographs): what BERT's rules (controls, punctuation, accents, case)
+    must read as tokenizers does, script by script."""
+    with open(os.path.join(HERE, "data", "multilingual_sentences.txt"), encoding="utf-8") as f:
+        sentences = f.read().splitlines()
+    rnd = random.Random(seed)
+    blocks = [(0x41, 0x5B), (0xC0, 0x250), (0x1E00, 0x1F00), (0x1F00, 0x2000), (0x370, 0x400), (0x400, 0x530),
+              (0x531, 0x587), (0x10A0, 0x10FF), (0xFF01, 0xFF5F), (0x591, 0x5C8), (0x610, 0x670), (0x900, 0x97F),
+              (0x300, 0x370), (0x2C00, 0x2C60), (0xA640, 0xA6A0), (0x13A0, 0x13F6), (0xAB70, 0xABBF),
+              (0x10400, 0x10450), (0x2000, 0x2070), (0x3000, 0x3040), (0xF900, 0xFA2E), (0x2E00, 0x2E56),
+              (0xE000, 0xE010), (0x1F300, 0x1F9FF), (0x1100, 0x11FF), (0xAC00, 0xAC40)]
+    pool = [chr(rnd.randrange(lo, hi)) for lo, hi in blocks for _ in range(12)] + [" "] * 40 + [
+        "\u0130", "\u03a3", "\u1e9e", "\u2126", "\u212a", "\u212b", "\u0f73", "\u0344", "\u1f80", "\u0958",
+        "\ufb2a", "\u00ad", "\u200b", "\u061c", "\ufeff", "\x0b", "\x85"]
+    return (sentences + [unicodedata.normalize("NFD", t) for t in sentences] + [t.upper() for t in sentences]
+            + ["".join(rnd.choice(pool) for _ in range(rnd.randint(1, 30))) for _ in range(n)])
 
 
 def variants(base):
@@ -152,8 +175,10 @@ def main():
             [canopy, "tokenize", "--vocab", VOCAB] + list(args), check=True, capture_output=True, text=True).stdout.splitlines()]
 
     stories = texts_of("--arff", os.path.join(REUTERS, "ReutersGrain-train.arff"))
+    scripts = script_texts()
     texts = (stories + texts_of("--arff", os.path.join(REUTERS, "ReutersGrain-test.arff"))
-             + texts_of("--input", os.path.join(HERE, "data", "tokenizer_sentences.txt")) + SPECIAL_SENTENCES)
+             + texts_of("--input", os.path.join(HERE, "data", "tokenizer_sentences.txt")) + SPECIAL_SENTENCES
+             + scripts)
     all_texts = os.path.join(work, "texts.jsonl")  # one file: a story's line breaks kept
     with open(all_texts, "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
@@ -167,7 +192,7 @@ def main():
             reference.enable_truncation(max_length=max_length)
             r = subprocess.run([canopy, "tokenize", "--tokenizer", path, "--max-length", str(max_length), "--input",
                                 all_texts, "--attribute", "text"], capture_output=True, text=True)
-            rows = [json.loads(line) for line in r.stdout.splitlines()]
+            rows = [json.loads(line) for line in r.stdout.split("\n") if line]  # not splitlines: U+2028 is in texts
             same = 0
             first_bad = r.stderr.strip()[-300:] if r.returncode != 0 else None
             for text, row in zip(texts, rows):
@@ -176,7 +201,8 @@ def main():
                 if ref != row["ids"] and first_bad is None:
                     first_bad = (text[:60], [reference.id_to_token(i) for i in ref][:24],
                                  [reference.id_to_token(i) for i in row["ids"]][:24])
-            check(len(rows) == len(texts) == 1554 + 604 + 7 + len(SPECIAL_SENTENCES) and same == len(texts),
+            check(len(rows) == len(texts) == 1554 + 604 + 7 + len(SPECIAL_SENTENCES) + len(scripts)
+                  and same == len(texts),
                   f"{name}, max_length {max_length}: {same} of {len(texts)} texts tokenized as tokenizers does"
                   + (f"; first difference {first_bad}" if first_bad else ""))
 

@@ -15,10 +15,9 @@
 // unknown token, the special tokens its post-processor puts around a text (MPNet's <s> ...
 // </s>), the padding token, and its added tokens, which are matched in the text first, as
 // `tokenizers` matches them ("[MASK]" in a text is one token).
-// Unicode coverage without an ICU dependency: lowercasing and accent stripping know
-// Latin-1, Latin Extended-A, Greek and Cyrillic; combining marks U+0300-U+036F are dropped;
-// punctuation and whitespace follow the Unicode categories for the Latin, General
-// Punctuation and CJK punctuation blocks. Other scripts pass through unchanged.
+// Unicode without an ICU dependency, every script, from tables generated into
+// unicode_classes.h: controls, punctuation and nonspacing marks as tokenizers' BERT rules have
+// them (Unicode 8.0's categories), lowercase and canonical decompositions (Unicode 14.0).
 #pragma once
 
 #include <cstdint>
