@@ -53,12 +53,13 @@ bool in_ranges(char32_t c, const unicode::CodeRange* begin, const unicode::CodeR
 // Co Cs, as Unicode 8.0 has them) except \t \n \r.
 bool is_control(char32_t c) {
   if (c == '\t' || c == '\n' || c == '\r') return false;
+  if (c < 0x80) return c < 0x20 || c == 0x7F;
   return in_ranges(c, std::begin(unicode::kOther8), std::end(unicode::kOther8));
 }
 
 // BertPreTokenizer's punctuation: ASCII's, and Unicode's P* (Unicode 8.0).
 bool is_punctuation(char32_t c) {
-  if (in(c, 33, 47) || in(c, 58, 64) || in(c, 91, 96) || in(c, 123, 126)) return true;
+  if (c < 0x80) return in(c, 33, 47) || in(c, 58, 64) || in(c, 91, 96) || in(c, 123, 126);
   return in_ranges(c, std::begin(unicode::kPunctuation8), std::end(unicode::kPunctuation8));
 }
 
@@ -71,7 +72,8 @@ bool is_cjk(char32_t c) {
 
 // Nonspacing marks (Mn, Unicode 8.0): what strip_accents removes after NFD.
 bool is_nonspacing_mark(char32_t c) {
-  return in_ranges(c, std::begin(unicode::kNonspacingMarks8), std::end(unicode::kNonspacingMarks8));
+  return c >= 0x300 &&
+         in_ranges(c, std::begin(unicode::kNonspacingMarks8), std::end(unicode::kNonspacingMarks8));
 }
 
 // Rust's char::to_lowercase where it is one character (U+0130, the one of two, is the caller's).
@@ -88,6 +90,10 @@ char32_t to_lower(char32_t c) {
 // removed, appended to `out`. Canonical reordering of marks is not done: the marks it would
 // reorder are removed.
 void append_stripped(char32_t c, std::u32string& out) {
+  if (c < 0xC0) {  // nothing below À decomposes or is a mark
+    out += c;
+    return;
+  }
   if (in(c, 0xAC00, 0xD7A3)) {
     const char32_t k = c - 0xAC00;
     out += static_cast<char32_t>(0x1100 + k / 588);
@@ -110,7 +116,7 @@ void append_stripped(char32_t c, std::u32string& out) {
 }
 
 // The regular expressions' \w, as tokenizers' added-token matching reads it (approximated
-// outside the blocks text.h names: any character that is neither space, punctuation nor control).
+// outside ASCII: any character that is neither space, punctuation nor control, so symbols too).
 bool is_word_char(char32_t c) {
   if (c < 0x80) return std::isalnum(static_cast<int>(c)) != 0 || c == '_';
   return !is_white_space(c) && !is_punctuation(c) && !is_control(c);

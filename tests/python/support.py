@@ -33,6 +33,39 @@ def pinned_trunk_section(path, pooling="masked_mean"):
     return f"[trunk]\npath = {path}\nsha256 = {sha256}\ndevice = cpu\npooling = {pooling}\n"
 
 
+def same_ids_as_tokenizers(canopy, work, name, content, texts, texts_path, max_lengths, echoed=False):
+    """Writes `content` (a tokenizer.json) to {work}/{name}.json and checks, at each of
+    `max_lengths`, that `canopy tokenize` of `texts_path` (JSON lines of `texts`, field "text")
+    gives Hugging Face tokenizers' ids for every text (and, with `echoed`, the text as read)."""
+    import json
+    import os
+    import subprocess
+    from tokenizers import Tokenizer
+    path = os.path.join(work, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(content, f, ensure_ascii=False)
+    reference = Tokenizer.from_file(path)
+    reference.no_padding()
+    for max_length in max_lengths:
+        reference.enable_truncation(max_length=max_length)
+        r = subprocess.run([canopy, "tokenize", "--tokenizer", path, "--max-length", str(max_length), "--input",
+                            texts_path, "--attribute", "text"], capture_output=True, text=True)
+        rows = [json.loads(line) for line in r.stdout.split("\n") if line]  # not splitlines: U+2028 is in texts
+        same = 0
+        first_bad = r.stderr.strip()[-300:] if r.returncode != 0 else None
+        for text, row in zip(texts, rows):
+            ref = reference.encode(text).ids
+            ok = ref == row["ids"] and (not echoed or text == row["text"])
+            same += ok
+            if not ok and first_bad is None:
+                first_bad = (text[:40], [reference.id_to_token(i) for i in ref][:16],
+                             [reference.id_to_token(i) for i in row["ids"]][:16])
+        check(len(rows) == len(texts) and same == len(texts),
+              f"{name}, max_length {max_length}: {same} of {len(texts)} texts tokenized as tokenizers does"
+              + (f"; first difference {first_bad!r}" if first_bad else ""))
+    return path
+
+
 def grain_stories_config(path, work, tag, text_lines, trunk):
     """A config of 48 training and 16 test Reuters grain stories through the text trunk `trunk`
     ([text] holding `text_lines` and max_length 96), cached to {work}/cache_{tag}, one linear head

