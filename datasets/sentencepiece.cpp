@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "canopy/core/error.h"
+#include "canopy/core/strings.h"
 #include "unicode_classes.h"
 #include "utf8.h"
 
@@ -25,10 +26,6 @@ const nlohmann::json& member(const nlohmann::json& j, const char* key, const std
 namespace spm {
 
 namespace {
-
-std::size_t utf8_length(unsigned char lead) {
-  return lead < 0x80 ? 1 : (lead >> 5) == 0x6 ? 2 : (lead >> 4) == 0xE ? 3 : 4;
-}
 
 std::string base64_decode(const std::string& text, const std::string& where) {
   auto value = [&](char c) -> int {
@@ -197,7 +194,7 @@ Charsmap::Charsmap(std::string blob, const std::string& where) : where_(where) {
   units_.resize(trie_bytes / 4);
   for (std::size_t k = 0; k < units_.size(); ++k) units_[k] = u32(4 + 4 * k);
   replacements_ = blob.substr(4 + trie_bytes);
-  CANOPY_CHECK(to_utf8(decode_utf8(replacements_)) == replacements_, DataError, where,
+  CANOPY_CHECK(!first_invalid_utf8(replacements_), DataError, where,
                " is damaged: its replacements are not UTF-8");
 }
 
@@ -422,7 +419,9 @@ void Unigram::encode(const std::string& piece, std::vector<std::int64_t>& ids) c
     if (b.start < 0 || candidate > b.score) b = {candidate, id, static_cast<std::ptrdiff_t>(start)};
   };
   for (std::size_t start = 0; start < n;) {
-    const std::size_t char_len = std::min(utf8_length(static_cast<unsigned char>(piece[start])), n - start);
+    // A byte that begins no character (not in what to_utf8 writes) counts as one.
+    const int lead = std::max(1, utf8_length(static_cast<unsigned char>(piece[start])));
+    const std::size_t char_len = std::min(static_cast<std::size_t>(lead), n - start);
     bool single = false;
     std::uint32_t node = 0;
     for (std::size_t k = start; k < n; ++k) {

@@ -9,6 +9,11 @@ namespace canopy::datasets {
 // --- UTF-8 -------------------------------------------------------------------------
 // Decodes `s` into code points; an invalid byte becomes U+FFFD (which normalisation drops,
 // as the reference does for replacement characters).
+// The length of the UTF-8 character a byte begins (0: the byte begins none).
+inline int utf8_length(unsigned char lead) {
+  return lead < 0x80 ? 1 : (lead >> 5) == 0x6 ? 2 : (lead >> 4) == 0xE ? 3 : (lead >> 3) == 0x1E ? 4 : 0;
+}
+
 inline std::u32string decode_utf8(const std::string& s) {
   std::u32string out;
   out.reserve(s.size());
@@ -16,7 +21,7 @@ inline std::u32string decode_utf8(const std::string& s) {
   const std::size_t n = s.size();
   for (std::size_t i = 0; i < n;) {
     const unsigned c = p[i];
-    int len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    const int len = utf8_length(static_cast<unsigned char>(c));
     char32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
     bool ok = len > 0 && i + len <= n;
     for (int k = 1; ok && k < len; ++k) {

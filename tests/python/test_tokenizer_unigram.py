@@ -41,13 +41,12 @@ import torch
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from support import check, finish, grain_stories_config, same_ids_as_tokenizers, work_dir
+from support import (canopy_texts, check, finish, grain_stories_config, multilingual_sentences, same_ids_as_tokenizers,
+                     work_dir)
 
 HOME = os.environ.get("CANOPY_HOME", os.path.expanduser("~/.cache/canopy"))
 REUTERS = os.path.join(HOME, "data", "reuters")
-VOCAB = os.path.join(HOME, "trunks", "all_minilm_l6_v2.vocab.txt")
 TRUNK = os.path.join(HOME, "trunks", "all_minilm_l6_v2.pt")
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Code points that make grapheme clusters and that a charsmap maps.
 POOL = (
@@ -123,13 +122,8 @@ def main():
     canopy = ap.parse_args().canopy
     work = work_dir("canopy-unigram-")
 
-    def texts_of(*args):
-        return [json.loads(line)["text"] for line in subprocess.run(
-            [canopy, "tokenize", "--vocab", VOCAB] + list(args), check=True, capture_output=True, text=True).stdout.splitlines()]
-
-    stories = texts_of("--arff", os.path.join(REUTERS, "ReutersGrain-train.arff"))
-    with open(os.path.join(HERE, "data", "multilingual_sentences.txt"), encoding="utf-8") as f:
-        sentences = f.read().splitlines()
+    stories = canopy_texts(canopy, "--arff", os.path.join(REUTERS, "ReutersGrain-train.arff"))
+    sentences = multilingual_sentences()
     forms = sentences + [unicodedata.normalize(form, s) for form in ("NFD", "NFKD") for s in sentences] + [
         s.upper() for s in sentences]
     training = stories + sentences * 20
