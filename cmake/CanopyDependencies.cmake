@@ -28,6 +28,8 @@ find_package(ZLIB REQUIRED)
 find_package(PNG REQUIRED)   # libpng-dev: image inputs
 find_package(JPEG REQUIRED)  # libjpeg-dev (libjpeg-turbo): image inputs
 find_package(WebP REQUIRED)  # libwebp-dev: image inputs (cmake/FindWebP.cmake)
+find_package(TIFF REQUIRED)  # libtiff-dev: image inputs
+find_package(GIF REQUIRED)   # libgif-dev (giflib): image inputs
 find_package(Threads REQUIRED)
 find_package(OpenSSL 3.0 REQUIRED COMPONENTS Crypto)  # libssl-dev: SHA-256
 # Open MPI (libopenmpi-dev): `mpirun -np K canopy ...` spreads the cache pass and training over

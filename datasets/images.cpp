@@ -4,6 +4,7 @@
 #include <jpeglib.h>
 #include <png.h>
 #include <webp/decode.h>
+#include <webp/demux.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -13,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <set>
 #include <string_view>
 
@@ -24,21 +26,20 @@
 #include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
 #include "canopy/datasets/csv.h"
+#include "image_formats.h"
 
 namespace canopy::datasets {
 
-namespace {
+namespace decoders {
 
-// [H, W, C] interleaved bytes -> uint8 [C, H, W], keeping the first `keep` channels, in
-// memory of its own (clone, not contiguous(): a one-channel view already counts as
-// contiguous and would still point into `data`).
 at::Tensor to_chw(const std::uint8_t* data, std::int64_t h, std::int64_t w, std::int64_t c,
                   std::int64_t keep) {
+  // clone, not contiguous(): a one-channel view already counts as contiguous and would still
+  // point into `data`.
   at::Tensor hwc = at::from_blob(const_cast<std::uint8_t*>(data), {h, w, c}, at::kByte);
   return hwc.slice(2, 0, keep).permute({2, 0, 1}).clone(at::MemoryFormat::Contiguous);
 }
 
-// An image of more pixels than `max_pixels` (0: no limit) is refused before it is decoded.
 void check_pixels(const std::string& path, std::uint64_t width, std::uint64_t height,
                   std::int64_t max_pixels) {
   CANOPY_CHECK(max_pixels <= 0 || width * height <= static_cast<std::uint64_t>(max_pixels), DataError,
@@ -47,6 +48,27 @@ void check_pixels(const std::string& path, std::uint64_t width, std::uint64_t he
                " (a guard against decompression bombs, as in PIL); raise it, or set 0 for no limit, "
                "if the image is real");
 }
+
+void cmyk_to_rgb(std::uint8_t* px, std::int64_t n, bool inverted) {
+  const auto muldiv255 = [](int a, int b) {
+    const int t = a * b + 128;
+    return ((t >> 8) + t) >> 8;
+  };
+  for (std::int64_t i = 0; i < n; ++i, px += 4) {
+    const int nk = inverted ? px[3] : 255 - px[3];  // 255 - K
+    for (int ch = 0; ch < 3; ++ch) {
+      const int c = inverted ? 255 - px[ch] : px[ch];
+      px[ch] = static_cast<std::uint8_t>(nk - muldiv255(c, nk));
+    }
+  }
+}
+
+}  // namespace decoders
+
+namespace {
+
+using decoders::check_pixels;
+using decoders::to_chw;
 
 // The orientation (1-8) TIFF-laid-out EXIF data records in its first IFD (tag 0x0112); 1
 // when it records none, or a value PIL's ImageOps.exif_transpose would not act on.
@@ -174,21 +196,6 @@ void jpeg_warning(j_common_ptr cinfo, int level) {
   if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF) jpeg_error_exit(cinfo);
 }
 
-// CMYK pixels (4 bytes each, as libjpeg gives them) to RGB in their first 3 bytes, as PIL's
-// JPEG reader and Image.convert("RGB") make them: the values read inverted, as Adobe writes
-// them (PIL's "CMYK;I", which it assumes for every CMYK JPEG), then each channel
-// (255 - K) - C (255 - K) / 255, rounded as PIL's MULDIV255.
-void cmyk_to_rgb(std::uint8_t* px, std::int64_t n) {
-  const auto muldiv255 = [](int a, int b) {
-    const int t = a * b + 128;
-    return ((t >> 8) + t) >> 8;
-  };
-  for (std::int64_t i = 0; i < n; ++i, px += 4) {
-    const int nk = px[3];  // 255 - K, with K stored inverted
-    for (int ch = 0; ch < 3; ++ch) px[ch] = static_cast<std::uint8_t>(nk - muldiv255(255 - px[ch], nk));
-  }
-}
-
 DecodedImage decode_jpeg(const std::string& path, std::int64_t max_pixels) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   CANOPY_CHECK(f, DataError, "cannot open image '", path, "': ", std::strerror(errno));
@@ -242,7 +249,9 @@ DecodedImage decode_jpeg(const std::string& path, std::int64_t max_pixels) {
   const std::int64_t h = cinfo.output_height, w = cinfo.output_width, c = cinfo.output_components;
   jpeg_destroy_decompress(&cinfo);
   std::fclose(f);
-  if (cmyk) cmyk_to_rgb(pixels, h * w);
+  if (cmyk)
+    decoders::cmyk_to_rgb(pixels, h * w,
+                          /*inverted=*/true);  // PIL's "CMYK;I", which it assumes for every CMYK JPEG
   at::Tensor out = to_chw(pixels, h, w, c, cmyk ? 3 : c);
   std::free(pixels);
   return {out, orientation};
@@ -268,10 +277,25 @@ DecodedImage decode_webp(const std::string& path, std::int64_t max_pixels) {
   const VP8StatusCode status = WebPGetFeatures(data, bytes.size(), &features);
   CANOPY_CHECK(status == VP8_STATUS_OK, DataError, "cannot decode WebP '", path, "': ",
                status == VP8_STATUS_NOT_ENOUGH_DATA ? "the file is cut short" : "not a valid WebP header");
-  CANOPY_CHECK(!features.has_animation, DataError, "WebP '", path,
-               "' is animated: canopy reads still images (save the frame you want as an image of its own)");
   check_pixels(path, static_cast<std::uint64_t>(features.width), static_cast<std::uint64_t>(features.height),
                max_pixels);
+  if (features.has_animation) {
+    // The first frame on the canvas, as PIL reads an animated WebP (libwebp's animation
+    // decoder, RGBA; the colours kept as stored).
+    WebPAnimDecoderOptions options;
+    WebPAnimDecoderOptionsInit(&options);
+    options.color_mode = MODE_RGBA;
+    const WebPData in{data, bytes.size()};
+    std::unique_ptr<WebPAnimDecoder, void (*)(WebPAnimDecoder*)> decoder(WebPAnimDecoderNew(&in, &options),
+                                                                         WebPAnimDecoderDelete);
+    WebPAnimInfo info;
+    std::uint8_t* frame = nullptr;
+    int timestamp = 0;
+    CANOPY_CHECK(decoder && WebPAnimDecoderGetInfo(decoder.get(), &info) &&
+                     WebPAnimDecoderGetNext(decoder.get(), &frame, &timestamp),
+                 DataError, "cannot decode WebP '", path, "': its first frame is damaged or cut short");
+    return {to_chw(frame, info.canvas_height, info.canvas_width, 4, 3), webp_orientation(data, bytes.size())};
+  }
   int w = 0, h = 0;
   // RGB, alpha dropped with the colours kept as stored (PIL's convert("RGB") of its RGBA).
   std::uint8_t* pixels = WebPDecodeRGB(data, bytes.size(), &w, &h);
@@ -282,35 +306,32 @@ DecodedImage decode_webp(const std::string& path, std::int64_t max_pixels) {
   return {out, webp_orientation(data, bytes.size())};
 }
 
-// What a file that is none of the three is, from its first bytes ("" when unknown), to say so.
+// What a file that is none of the formats read is, from its first bytes ("" when unknown), to say so.
 std::string other_image_format(const unsigned char* m, std::size_t n) {
   const auto starts = [&](std::string_view prefix, std::size_t at = 0) {
     return n >= at + prefix.size() && std::memcmp(m + at, prefix.data(), prefix.size()) == 0;
   };
   using namespace std::string_view_literals;  // "\x00..."sv keeps its zero bytes
-  if (starts("BM"sv)) return "BMP";
-  if (starts("GIF8"sv)) return "GIF";
-  if (starts("II*\x00"sv) || starts("MM\x00*"sv)) return "TIFF";
   if (starts("ftypavif"sv, 4) || starts("ftypavis"sv, 4)) return "AVIF";
   for (const auto brand : {"ftypheic"sv, "ftypheix"sv, "ftyphevc"sv, "ftypmif1"sv, "ftypmsf1"sv})
     if (starts(brand, 4)) return "HEIC";
   if (starts("\xFF\x0A"sv) || starts("\x00\x00\x00\x0CJXL "sv)) return "JPEG XL";
-  if (n >= 2 && m[0] == 'P' && m[1] >= '1' && m[1] <= '6') return "PNM (Netpbm)";
   return "";
 }
 
+// torchvision's ImageFolder's extensions (IMG_EXTENSIONS), any case: what a class folder's
+// images are.
 const std::set<std::string>& readable_extensions() {
-  static const std::set<std::string> kReadable = {"png", "jpg", "jpeg", "webp"};
+  static const std::set<std::string> kReadable = {"png", "jpg",  "jpeg", "webp", "bmp",
+                                                  "tif", "tiff", "ppm",  "pgm"};
   return kReadable;
 }
 
-// Image formats torchvision's ImageFolder or PIL takes that canopy does not decode: a class
-// folder holding them is refused, not read without them.
-const std::set<std::string>& unreadable_image_extensions() {
-  static const std::set<std::string> kUnreadable = {"bmp", "dib", "gif", "tif",  "tiff", "ppm",
-                                                    "pgm", "pbm", "pnm", "heic", "heif", "avif",
-                                                    "jxl", "jp2", "ico", "tga"};
-  return kUnreadable;
+// Other images, which ImageFolder leaves out of a class folder: left out too, and said.
+const std::set<std::string>& left_out_image_extensions() {
+  static const std::set<std::string> kLeftOut = {"gif",  "pbm", "pnm", "dib", "heic", "heif",
+                                                 "avif", "jxl", "jp2", "ico", "tga"};
+  return kLeftOut;
 }
 
 std::string extension_of(const std::string& name) {
@@ -360,12 +381,22 @@ DecodedImage read_image(const std::string& path, std::int64_t max_pixels) {
     return decode_jpeg(path, max_pixels);
   if (got == 12 && std::memcmp(magic, "RIFF", 4) == 0 && std::memcmp(magic + 8, "WEBP", 4) == 0)
     return decode_webp(path, max_pixels);
+  const auto starts = [&](const char* prefix, std::size_t n) {
+    return got >= n && std::memcmp(magic, prefix, n) == 0;
+  };
+  if (starts("BM", 2)) return decoders::decode_bmp(path, max_pixels);
+  if (starts("GIF8", 4)) return decoders::decode_gif(path, max_pixels);
+  if (starts("II*\0", 4) || starts("MM\0*", 4) || starts("II+\0", 4) || starts("MM\0+", 4))  // + : BigTIFF
+    return decoders::decode_tiff(path, max_pixels);
+  if (got >= 2 && magic[0] == 'P' && magic[1] != 0 && std::strchr("0123456fy", magic[1]))
+    return decoders::decode_netpbm(path, max_pixels);
   const std::string other = other_image_format(magic, got);
-  CANOPY_CHECK(other.empty(), DataError, "image '", path, "' is a ", other,
-               " file: canopy reads PNG, JPEG and WebP; convert it (in Python: "
+  CANOPY_CHECK(other.empty(), DataError, "image '", path, "' is ",
+               std::strchr("AEIOU", other[0]) ? "an " : "a ", other,
+               " file: canopy reads PNG, JPEG, WebP, BMP, GIF, TIFF and Netpbm; convert it (in Python: "
                "PIL.Image.open(path).convert(\"RGB\").save(new_path_ending_in_png))");
-  throw DataError(
-      detail::str_cat("image '", path, "' is neither PNG, JPEG nor WebP (", got, " byte(s) read)"));
+  throw DataError(detail::str_cat("image '", path, "' is none of PNG, JPEG, WebP, BMP, GIF, TIFF or Netpbm (",
+                                  got, " byte(s) read)"));
 }
 
 ImageFiles find_image_files(const std::string& dir) {
@@ -374,7 +405,7 @@ ImageFiles find_image_files(const std::string& dir) {
   // with each folder, its files of formats canopy does not decode.
   struct Folder {
     std::string path;
-    std::vector<std::string> images, unreadable;
+    std::vector<std::string> images, left_out;
     bool operator<(const Folder& o) const { return path < o.path; }
   };
   std::vector<Folder> folders;
@@ -400,9 +431,9 @@ ImageFiles find_image_files(const std::string& dir) {
       const std::string ext = extension_of(name);
       if (readable_extensions().count(ext)) {
         folder.images.push_back(p);
-      } else if (unreadable_image_extensions().count(ext)) {
-        folder.unreadable.push_back(p);
-        ++out.unreadable["." + ext];
+      } else if (left_out_image_extensions().count(ext)) {
+        folder.left_out.push_back(p);
+        ++out.left_out_images["." + ext];
       } else {
         ++out.not_images[ext.empty() ? "" : "." + ext];
       }
@@ -412,7 +443,7 @@ ImageFiles find_image_files(const std::string& dir) {
   std::sort(folders.begin(), folders.end());
   for (auto& f : folders) {
     out.paths.insert(out.paths.end(), f.images.begin(), f.images.end());
-    if (out.first_unreadable.empty() && !f.unreadable.empty()) out.first_unreadable = f.unreadable.front();
+    if (out.first_left_out.empty() && !f.left_out.empty()) out.first_left_out = f.left_out.front();
   }
   return out;
 }
@@ -424,14 +455,15 @@ std::string describe_counts(const std::map<std::string, std::int64_t>& counts) {
   return join(parts, ", ");
 }
 
-void refuse_unreadable_images(const ImageFiles& files, const std::string& dir) {
-  std::int64_t n = 0;
-  for (const auto& kv : files.unreadable) n += kv.second;
-  CANOPY_CHECK(n == 0, DataError, "image folder '", dir, "' holds ", n, " image", n == 1 ? "" : "s",
-               " canopy does not decode (", describe_counts(files.unreadable),
-               "; the first: ", files.first_unreadable,
-               "): canopy reads PNG, JPEG and WebP (.png, .jpg, .jpeg, .webp); convert them (in Python: "
-               "PIL.Image.open(path).convert(\"RGB\").save(new_path_ending_in_png)) or move them out");
+std::string describe_left_out_images(const std::map<std::string, std::int64_t>& counts,
+                                     const std::string& first) {
+  if (counts.empty()) return "";
+  return detail::str_cat(
+      "left out images torchvision's ImageFolder leaves out too (", describe_counts(counts),
+      "; the first: ", first,
+      "): a folder's images are its .png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .ppm and "
+      ".pgm files; list the others in a manifest (data.source = image-csv) to read GIF, PBM "
+      "and PNM files");
 }
 
 namespace {
@@ -533,11 +565,13 @@ ImageList read_image_folders(const std::string& dir, const std::string& class_di
     CANOPY_CHECK(it != classes.end() && *it == cls, DataError, "image folder '", join_path(dir, cls),
                  "' is a class that '", names_dir, "' lacks (its classes: ", join(classes, ", "), ")");
     ImageFiles files = find_image_files(join_path(dir, cls));
-    refuse_unreadable_images(files, join_path(dir, cls));
     // As torchvision's ImageFolder refuses it: a head would learn a class it never saw.
     CANOPY_CHECK(
         !training || !files.paths.empty(), DataError, "class folder '", join_path(dir, cls),
-        "' holds no images (.png, .jpg, .jpeg, .webp)",
+        "' holds no images (.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .ppm, .pgm)",
+        files.left_out_images.empty()
+            ? ""
+            : ", only images ImageFolder leaves out (" + describe_counts(files.left_out_images) + ")",
         files.not_images.empty() ? "" : ", only other files (" + describe_counts(files.not_images) + ")",
         ": a head would have a class it never saw; add its images or remove the folder");
     for (auto& p : files.paths) {
@@ -545,9 +579,11 @@ ImageList read_image_folders(const std::string& dir, const std::string& class_di
       labels.push_back(it - classes.begin());
     }
     for (const auto& [ext, n] : files.not_images) out.not_images[ext] += n;
+    for (const auto& [ext, n] : files.left_out_images) out.left_out_images[ext] += n;
+    if (out.first_left_out.empty()) out.first_left_out = files.first_left_out;
   }
   CANOPY_CHECK(!out.paths.empty(), DataError, "image folder '", dir,
-               "' holds no .png, .jpg, .jpeg or .webp files");
+               "' holds no .png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .ppm or .pgm files");
   return out;
 }
 

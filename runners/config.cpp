@@ -273,10 +273,12 @@ void add_data_keys(std::vector<Key<JobConfig>>& v) {
                   .at_least(0)
                   .only_when([](const JobConfig& c) { return reads_image_files(c.data); }));
   v.push_back(
-      member_key<K>("data", "exif_orientation", CANOPY_JOB(data.exif_orientation),
-                    "image-csv / image-json / image-folders: ignore (the pixels as stored, as torchvision's "
-                    "ImageFolder reads them) or apply (turned as the image's EXIF orientation says, as PIL's "
-                    "ImageOps.exif_transpose turns a photo taken sideways)")
+      member_key<K>(
+          "data", "exif_orientation", CANOPY_JOB(data.exif_orientation),
+          "image-csv / image-json / image-folders: ignore (the pixels as stored, as torchvision's "
+          "ImageFolder reads them) or apply (turned as the image's EXIF orientation says, as PIL's "
+          "ImageOps.exif_transpose turns a photo taken sideways); a TIFF is turned as its Orientation tag "
+          "says either way, as PIL loads it")
           .one_of({"ignore", "apply"})
           .only_when([](const JobConfig& c) { return reads_image_files(c.data); }));
   v.push_back(member_key<K>(

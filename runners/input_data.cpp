@@ -617,15 +617,22 @@ InputSplit image_file_split(const datasets::ImageList& list, const std::vector<s
   return s;
 }
 
+// What reading class folders left out, in the log: files that are not images, and images of
+// kinds torchvision's ImageFolder leaves out.
+void log_left_out(const datasets::ImageList& list, const std::string& where) {
+  if (!list.not_images.empty())
+    log_info(detail::str_cat("image folder '", where, "': left out files that are not images (",
+                             datasets::describe_counts(list.not_images), ")"));
+  if (!list.left_out_images.empty())
+    log_info(detail::str_cat("image folder '", where, "': ",
+                             datasets::describe_left_out_images(list.left_out_images, list.first_left_out)));
+}
+
 InputData load_image_files(const JobConfig& config) {
   InputData data;
   for (const std::string split : {"train", "test"}) {
     datasets::ImageList list = read_image_list(config, split);
-    if (!list.not_images.empty()) {
-      log_info(detail::str_cat("image folder '", split == "train" ? config.data.train : config.data.test,
-                               "': left out files that are not images (",
-                               datasets::describe_counts(list.not_images), ")"));
-    }
+    log_left_out(list, split == "train" ? config.data.train : config.data.test);
     InputSplit s =
         image_file_split(list, kept_rows(list, config.data.source, limit_for(config.data, split)), config);
     if (split == "train") {
@@ -771,14 +778,18 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
     std::vector<std::string> paths;
     if (is_directory(path)) {
       const datasets::ImageFiles files = datasets::find_image_files(path);
-      datasets::refuse_unreadable_images(files, path);
+      if (!files.left_out_images.empty())
+        log_info(detail::str_cat(
+            "'", path,
+            "': ", datasets::describe_left_out_images(files.left_out_images, files.first_left_out)));
       paths = files.paths;
     } else if (const auto table = datasets::table_format(path)) {
       paths = datasets::read_image_table_paths({path, *table});
     } else {
       paths.push_back(path);
     }
-    CANOPY_CHECK(!paths.empty(), DataError, "'", path, "' holds no .png, .jpg, .jpeg or .webp images");
+    CANOPY_CHECK(!paths.empty(), DataError, "'", path,
+                 "' holds no .png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .ppm or .pgm images");
     keep_first(paths);
     set_image_file_inputs(s, std::move(paths), config);
   } else {
@@ -871,6 +882,7 @@ InputData load_labelled_input(const JobConfig& config, const std::string& path, 
             ? datasets::read_image_table(input_table(config.data, path),
                                          data_table(config.data, config.data.train))
             : datasets::read_image_folders(path, config.data.train);
+    log_left_out(list, path);
     data.label_sources = list.label_order;
     record_label_classes(list, data);
     data.splits["input"] = image_file_split(list, kept_rows(list, config.data.source, limit), config);

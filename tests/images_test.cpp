@@ -319,21 +319,34 @@ TEST(Images, JpegDecodesCloseToWhatWasEncoded) {
 TEST(Images, BrokenFilesAreClearErrors) {
   testing::TempDir dir;
   std::ofstream(dir.file("text.png")) << "not an image at all";
-  EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file("text.png")); },
-                                              {"text.png", "neither PNG, JPEG nor WebP"}));
+  EXPECT_TRUE(
+      testing::throws_with<DataError>([&] { decode_image(dir.file("text.png")); },
+                                      {"text.png", "none of PNG, JPEG, WebP, BMP, GIF, TIFF or Netpbm"}));
   // Formats PIL reads and canopy does not are named, with the way to convert them.
-  for (const auto& [bytes, format] : std::vector<std::pair<std::string, std::string>>{
-           {"GIF89a\x01\x00\x01\x00", "a GIF file"},
-           {"BM\x3a\x00\x00\x00", "a BMP file"},
-           {std::string("II*\x00\x08\x00\x00\x00", 8), "a TIFF file"},
-           {std::string("\x00\x00\x00\x1c"
-                        "ftypheic",
-                        12),
-            "a HEIC file"}}) {
+  for (const auto& [bytes, format] :
+       std::vector<std::pair<std::string, std::string>>{{std::string("\x00\x00\x00\x1c"
+                                                                     "ftypheic",
+                                                                     12),
+                                                         "a HEIC file"},
+                                                        {std::string("\x00\x00\x00\x1c"
+                                                                     "ftypavif",
+                                                                     12),
+                                                         "an AVIF file"}}) {
     std::ofstream(dir.file("other.jpg"), std::ios::binary) << bytes;
+    EXPECT_TRUE(testing::throws_with<DataError>(
+        [&] { decode_image(dir.file("other.jpg")); },
+        {"other.jpg", format, "canopy reads PNG, JPEG, WebP, BMP, GIF, TIFF and Netpbm", "convert"}));
+  }
+  // BMP, GIF, TIFF and Netpbm headers too short to hold an image: each decoder's own error.
+  for (const auto& [bytes, said] : std::vector<std::pair<std::string, std::string>>{
+           {"GIF89a\x01\x00\x01\x00", "cannot decode GIF"},
+           {"BM\x3a\x00\x00\x00", "cannot decode BMP"},
+           {std::string("II*\x00\x08\x00\x00\x00", 8), "cannot decode TIFF"},
+           {"P6\n3 2\n255\n\x01\x02", "cannot decode Netpbm image"}}) {
+    std::ofstream(dir.file("short.png"), std::ios::binary) << bytes;
     EXPECT_TRUE(
-        testing::throws_with<DataError>([&] { decode_image(dir.file("other.jpg")); },
-                                        {"other.jpg", format, "canopy reads PNG, JPEG and WebP", "convert"}));
+        testing::throws_with<DataError>([&] { decode_image(dir.file("short.png")); }, {"short.png", said}))
+        << said;
   }
   EXPECT_TRUE(testing::throws_with<DataError>([&] { decode_image(dir.file("none.png")); },
                                               {"cannot open", "none.png", "No such file or directory"}));
@@ -524,7 +537,7 @@ TEST(Images, ClassFoldersNumberClassesBySortedName) {
 
 // Sub-folders of a class are read, in torchvision's ImageFolder order (sorted(os.walk(...)):
 // a folder's files before its sub-folders' when its path sorts first), through symbolic links;
-// a link back up is refused, and so are images canopy does not decode, not left out.
+// a link back up is refused.
 TEST(Images, ClassFoldersReadTheirSubFoldersInTorchvisionsOrder) {
   testing::TempDir dir;
   touch_files(dir, {"train/cat/b.png", "train/cat/a/x.png", "train/cat/a b/y.jpg", "train/cat/a/z/q.webp",
@@ -542,11 +555,23 @@ TEST(Images, ClassFoldersReadTheirSubFoldersInTorchvisionsOrder) {
       [&] { read_image_folders(dir.file("train")); },
       {"'" + dir.file("train/cat/a/z/up") + "' leads back to", "a symbolic link loop"}));
   remove_symlink(dir.file("train/cat/a/z/up"));
-  touch_files(dir, {"train/dog/scan.TIFF", "train/dog/linked/anim.gif", "train/dog/old.gif"});
-  EXPECT_TRUE(testing::throws_with<DataError>(
-      [&] { read_image_folders(dir.file("train")); },
-      {"image folder '" + dir.file("train/dog") + "' holds 3 images canopy does not decode (2 .gif, 1 .tiff",
-       "the first: " + dir.file("train/dog/old.gif"), "PIL.Image.open(path).convert(\"RGB\")"}));
+  // ImageFolder's other extensions are images; a GIF or HEIC, which it leaves out, is left out
+  // and counted.
+  touch_files(dir, {"train/dog/scan.TIFF", "train/dog/m.bmp", "train/dog/n.pgm", "train/dog/o.ppm",
+                    "train/dog/linked/anim.gif", "train/dog/old.gif", "train/dog/phone.heic"});
+  const ImageList more = read_image_folders(dir.file("train"));
+  EXPECT_EQ(std::vector<std::string>(more.paths.begin() + 5, more.paths.end()),
+            (std::vector<std::string>{dir.file("train/dog/k.png"), dir.file("train/dog/m.bmp"),
+                                      dir.file("train/dog/n.pgm"), dir.file("train/dog/o.ppm"),
+                                      dir.file("train/dog/scan.TIFF"), dir.file("train/dog/linked/m.png")}));
+  EXPECT_EQ(more.left_out_images, (std::map<std::string, std::int64_t>{{".gif", 2}, {".heic", 1}}));
+  EXPECT_EQ(more.first_left_out, dir.file("train/dog/old.gif"));
+  EXPECT_EQ(
+      describe_left_out_images(more.left_out_images, more.first_left_out),
+      "left out images torchvision's ImageFolder leaves out too (2 .gif, 1 .heic; the first: " +
+          dir.file("train/dog/old.gif") +
+          "): a folder's images are its .png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .ppm and .pgm files; "
+          "list the others in a manifest (data.source = image-csv) to read GIF, PBM and PNM files");
 }
 
 // The crop box is torchvision's RandomResizedCrop.get_params: cases worked by hand, and the

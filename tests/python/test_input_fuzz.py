@@ -5,6 +5,8 @@ through the real binary. Small data sets are written at test time, all from Fash
   * idx files, plain and gzip (40 training, 20 test images);
   * PNG files in class folders (grey, RGB, RGBA and palette; every fifth one 40x33);
   * JPEG files in class folders (grey and RGB, a third of them progressive);
+  * BMP, TIFF (uncompressed, LZW, Deflate, PackBits, JPEG) and Netpbm (P4, P5, P6) files in
+    class folders, and GIF files in a CSV manifest (class folders leave GIFs out, as ImageFolder);
   * a CSV manifest of the PNGs (path, class, class name), and a JSON lines one (file_name,
     class, class name, a list of tags);
   * an ARFF file with quoted texts, escapes and comments (read by `canopy tokenize --arff`);
@@ -44,7 +46,12 @@ import support
 from support import FMNIST, check, finish, read_idx, run_measured, tiny_conv_trunk, work_dir
 
 TRAIN, TEST = 40, 20
-KINDS = ("idx", "idxgz", "png", "jpg", "csv", "csvtags", "imagejson", "arff", "textcsv", "textjson", "textcsvgz")
+KINDS = ("idx", "idxgz", "png", "jpg", "bmp", "tif", "gif", "ppm", "csv", "csvtags", "imagejson", "arff", "textcsv",
+         "textjson", "textcsvgz")
+# How each image format's files are written: PIL modes in turn, and save options.
+MODES = {"png": ("L", "RGB", "RGBA", "P"), "jpg": ("L", "RGB"), "bmp": ("L", "RGB", "P", "1"),
+         "tif": ("L", "RGB", "P", "1", "RGBA"), "gif": ("L", "P"), "ppm": ("L", "RGB", "1")}
+TIFF_COMPRESSIONS = ("raw", "tiff_lzw", "tiff_adobe_deflate", "packbits", "jpeg")
 
 
 def idx_bytes(a):
@@ -65,7 +72,7 @@ def write_inputs(base):
                 f.write(idx_bytes(a))
             with open(f"{base}/idxgz/{prefix}-{kind}-ubyte.gz", "wb") as f:
                 f.write(gzip.compress(idx_bytes(a), mtime=0))
-    for ext in ("png", "jpg"):
+    for ext in MODES:
         for split in ("train", "test"):
             rows = ["path,class,name"]
             tagged = ["path,tags,class"]  # tags as a column of labels separated by | (data.list_columns)
@@ -73,14 +80,18 @@ def write_inputs(base):
             for i, (img, y) in enumerate(zip(images[split], labels[split])):
                 folder = f"{base}/{ext}/{split}/c{y}"
                 os.makedirs(folder, exist_ok=True)
-                mode = ("L", "RGB", "RGBA", "P")[i % 4] if ext == "png" else ("L", "RGB")[i % 2]
+                mode = MODES[ext][i % len(MODES[ext])]
                 pil = Image.fromarray(img).convert(mode)
                 if i % 5 == 0:
                     pil = pil.resize((40, 33))
-                pil.save(f"{folder}/{i}.{ext}", **({"quality": 90, "progressive": i % 3 == 0} if ext == "jpg" else {}))
-                rows.append(f"{split}/c{y}/{i}.{ext},{y},name{y}")
-                tagged.append(f"{split}/c{y}/{i}.{ext},{' | '.join(['a', 'b'][:i % 3])},{y}")
-                records.append(json.dumps({"class": int(y), "file_name": f"{split}/c{y}/{i}.{ext}",
+                options = {"jpg": {"quality": 90, "progressive": i % 3 == 0},
+                           "tif": {"compression": TIFF_COMPRESSIONS[i % len(TIFF_COMPRESSIONS)]
+                                   if mode in ("L", "RGB") else TIFF_COMPRESSIONS[i % 4]}}.get(ext, {})
+                name = f"{i}.{ext}"  # a .ppm holds P4, P5 or P6 as the mode says: read by content
+                pil.save(f"{folder}/{name}", **options)
+                rows.append(f"{split}/c{y}/{name},{y},name{y}")
+                tagged.append(f"{split}/c{y}/{name},{' | '.join(['a', 'b'][:i % 3])},{y}")
+                records.append(json.dumps({"class": int(y), "file_name": f"{split}/c{y}/{name}",
                                            "name": f"name{y}", "tags": ["a", "b"][:i % 3]}) + "\n")
             with open(f"{base}/{ext}/{split}.csv", "w") as f:
                 f.write("\n".join(rows) + "\n")
@@ -116,6 +127,10 @@ def job(folder, kind, trunk):
             "idxgz": f"source = fashion-mnist\ndir = {folder}/idxgz",
             "png": f"source = image-folders\ntrain = {folder}/png/train\ntest = {folder}/png/test",
             "jpg": f"source = image-folders\ntrain = {folder}/jpg/train\ntest = {folder}/jpg/test",
+            "bmp": f"source = image-folders\ntrain = {folder}/bmp/train\ntest = {folder}/bmp/test",
+            "tif": f"source = image-folders\ntrain = {folder}/tif/train\ntest = {folder}/tif/test",
+            "ppm": f"source = image-folders\ntrain = {folder}/ppm/train\ntest = {folder}/ppm/test",
+            "gif": f"source = image-csv\ntrain = {folder}/gif/train.csv\ntest = {folder}/gif/test.csv",
             "csv": f"source = image-csv\ntrain = {folder}/png/train.csv\ntest = {folder}/png/test.csv",
             "csvtags": f"source = image-csv\ntrain = {folder}/png/train_tags.csv\ntest = {folder}/png/test_tags.csv\n"
                        "list_columns = tags\nlist_separator = |",
@@ -128,7 +143,8 @@ def job(folder, kind, trunk):
 
 
 def targets(folder, kind):
-    sub = {"idxgz": "idxgz", "idx": "idx", "png": "png", "jpg": "jpg", "csv": "png", "csvtags": "png", "imagejson": "png",
+    sub = {"idxgz": "idxgz", "idx": "idx", "png": "png", "jpg": "jpg", "bmp": "bmp", "tif": "tif", "gif": "gif",
+           "ppm": "ppm", "csv": "png", "csvtags": "png", "imagejson": "png",
            "arff": "arff",
            "textcsv": "arff", "textjson": "arff", "textcsvgz": "arff"}[kind]
     out = []
@@ -139,7 +155,9 @@ def targets(folder, kind):
                       "arff": name.endswith(".arff"), "textcsv": name.endswith(".csv"),
                       "textjson": name.endswith(".jsonl"), "imagejson": name.endswith(".jsonl"),
                       "textcsvgz": name.endswith(".csv.gz"),
-                      "png": name.endswith(".png"), "jpg": name.endswith(".jpg")}.get(kind, True)
+                      "png": name.endswith(".png"), "jpg": name.endswith(".jpg"), "bmp": name.endswith(".bmp"),
+                      "tif": name.endswith(".tif"), "gif": name.endswith(".gif"),
+                      "ppm": name.endswith(".ppm")}.get(kind, True)
             if wanted:
                 out.append(os.path.join(root, name))
     return sorted(out)

@@ -1,6 +1,6 @@
-// Image files users actually have: PNG, JPEG and WebP decoding (libpng, libjpeg-turbo,
-// libwebp) to the pixels PIL gives, and the
-// common ways to list a labelled image set — a CSV or JSON manifest and class folders.
+// Image files users actually have: PNG, JPEG, WebP, BMP, GIF, TIFF and Netpbm decoding
+// (libpng, libjpeg-turbo, libwebp, giflib, libtiff; BMP and Netpbm canopy's own) to the pixels
+// PIL gives, and the common ways to list a labelled image set — a CSV or JSON manifest and class folders.
 #pragma once
 
 #include <cstdint>
@@ -15,15 +15,16 @@
 
 namespace canopy::datasets {
 
-// Decodes a PNG, JPEG or WebP file (told apart by its first bytes, not its name) into uint8
-// [C, H, W] with C = 1 (grey) or 3 (RGB), the values PIL's Image.open(path).convert("RGB")
-// gives: palettes expanded, alpha dropped (colours kept as stored), a PNG's gamma not applied,
-// 16-bit samples reduced to their high byte (PIL clips 16-bit grey at 255 instead), CMYK JPEGs
-// converted as PIL converts them. A file that is none of them (a BMP, GIF, TIFF, ... is named
-// as such), an animated WebP, or a truncated or corrupt file is a DataError naming it. So is an image of more
-// than `max_pixels` pixels (width x height; 0: no limit), checked from its header before any memory is taken
-// for it: a few kilobytes of PNG can declare gigabytes of pixels. The default is PIL's decompression-bomb
-// limit.
+// Decodes a PNG, JPEG, WebP, BMP, GIF, TIFF or Netpbm file (told apart by its first bytes, not
+// its name) into uint8 [C, H, W] with C = 1 (grey) or 3 (RGB), the values PIL's
+// Image.open(path).convert("RGB") gives: palettes expanded, alpha dropped (colours kept as
+// stored), a PNG's gamma not applied, 16-bit samples reduced to their high byte (PIL clips
+// 16-bit grey at 255 instead), CMYK converted as PIL converts it, an animated GIF's or WebP's
+// first frame, a TIFF's first page turned as its Orientation tag says. Another format (HEIC,
+// AVIF, ... is named as such) or a truncated or corrupt file is a DataError naming it. So is an
+// image of more than `max_pixels` pixels (width x height; 0: no limit), checked from its header
+// before any memory is taken for it: a few kilobytes of PNG can declare gigabytes of pixels.
+// The default is PIL's decompression-bomb limit.
 at::Tensor decode_image(const std::string& path, std::int64_t max_pixels = kDefaultMaxImagePixels);
 
 // An image's pixels as stored (decode_image's) and the orientation its EXIF data records: 1
@@ -47,24 +48,28 @@ bool is_hidden_entry(const std::string& name);
 // out), in torchvision's ImageFolder order: folders in sorted order of their paths
 // (sorted(os.walk(dir))), each one's files sorted by name.
 struct ImageFiles {
-  std::vector<std::string> paths;                  // .png, .jpg, .jpeg, .webp (any case)
-  std::map<std::string, std::int64_t> unreadable;  // images of formats canopy does not decode, per extension
-  std::string first_unreadable;                    // the first of them, in that order
-  std::map<std::string, std::int64_t> not_images;  // other files, per extension (".txt"; "": none)
+  std::vector<std::string>
+      paths;  // ImageFolder's: .png .jpg .jpeg .webp .bmp .tif .tiff .ppm .pgm (any case)
+  std::map<std::string, std::int64_t> left_out_images;  // other images (.gif, .heic, ...), per extension
+  std::string first_left_out;                           // the first of them, in that order
+  std::map<std::string, std::int64_t> not_images;       // other files, per extension (".txt"; "": none)
 };
 // A symbolic link leading back to a folder above it is a DataError, as is `dir` not a folder.
 ImageFiles find_image_files(const std::string& dir);
-// A DataError naming the images `files` holds that canopy does not decode (BMP, GIF, TIFF,
-// ...), how many of each and the first, and how to convert them; nothing when there are none.
-// A folder read without them would be a data set silently smaller than the user's.
-void refuse_unreadable_images(const ImageFiles& files, const std::string& dir);
+// A line for the log naming the images a folder holds that ImageFolder leaves out (GIF, HEIC,
+// ...), how many of each and the first; "" when there are none. canopy leaves them out too, so
+// that a cache's row i stays the data set's sample i in Python.
+std::string describe_left_out_images(const std::map<std::string, std::int64_t>& counts,
+                                     const std::string& first);
 // "1 without extension, 2 .txt": counts per extension (from ImageFiles), for messages.
 std::string describe_counts(const std::map<std::string, std::int64_t>& counts);
 
 // A labelled list of image files.
 struct ImageList : LabelColumns {
-  std::vector<std::string> paths;                  // absolute or relative to the cwd
-  std::map<std::string, std::int64_t> not_images;  // class folders: other files left out, per extension
+  std::vector<std::string> paths;                       // absolute or relative to the cwd
+  std::map<std::string, std::int64_t> not_images;       // class folders: other files left out, per extension
+  std::map<std::string, std::int64_t> left_out_images;  // class folders: images ImageFolder leaves out
+  std::string first_left_out;
 };
 
 // A manifest: a CSV or JSON table (csv.h) with a column `path` (else `file_name`, as Hugging
@@ -85,8 +90,8 @@ std::vector<std::string> read_image_table_paths(const TableFile& file);
 // find_image_files finds under it (its sub-folders too, as torchvision's ImageFolder reads
 // them), in that order. Classes are numbered in sorted order of the folder names in
 // `class_dir` (the training folder, so train and test agree). One label source, "class".
-// Images canopy does not decode are refused (refuse_unreadable_images), and so is a training
-// class folder without images (a test split may lack a class).
+// Images of kinds ImageFolder leaves out are left out (and counted); a training class folder
+// without images is refused (a test split may lack a class).
 ImageList read_image_folders(const std::string& dir, const std::string& class_dir = "");
 
 }  // namespace canopy::datasets
