@@ -11,6 +11,8 @@
 #include <memory>
 #include <vector>
 
+#include <ATen/ops/empty.h>
+
 #include "canopy/core/error.h"
 #include "canopy/core/fs.h"
 #include "canopy/core/strings.h"
@@ -38,11 +40,15 @@ struct Indexed {
   std::vector<std::uint8_t> palette;  // RGB triples; empty: grey, the index is the value
   at::Tensor to_pixels() const {
     if (palette.empty()) return to_chw(index.data(), height, width, 1, 1);
-    std::array<std::uint8_t, 768> table{};  // past the palette's end: black, as PIL
-    std::copy_n(palette.begin(), std::min<std::size_t>(palette.size(), table.size()), table.begin());
-    std::vector<std::uint8_t> rgb(index.size() * 3);
-    for (std::size_t i = 0; i < index.size(); ++i) std::copy_n(&table[index[i] * 3], 3, &rgb[i * 3]);
-    return to_chw(rgb.data(), height, width, 3, 3);
+    std::array<std::array<std::uint8_t, 256>, 3>
+        table{};  // per channel; past the palette's end: black, as PIL
+    for (std::size_t i = 0; i < std::min<std::size_t>(palette.size() / 3, 256); ++i)
+      for (int c = 0; c < 3; ++c) table[c][i] = palette[i * 3 + c];
+    at::Tensor out = at::empty({3, height, width}, at::kByte);
+    std::uint8_t* planes = out.data_ptr<std::uint8_t>();
+    for (int c = 0; c < 3; ++c)
+      for (std::size_t i = 0; i < index.size(); ++i) planes[c * index.size() + i] = table[c][index[i]];
+    return out;
   }
 };
 
@@ -219,29 +225,29 @@ DecodedImage decode_bmp(const std::string& path, std::int64_t max_pixels) {
       for (std::uint32_t i = 0; i < std::min<std::uint32_t>(colours, 256); ++i)
         for (int ch = 2; ch >= 0; --ch) img.palette.push_back(b[palette_at + std::size_t{i} * padding + ch]);
     }
-    std::vector<std::uint8_t> rows;
+    img.index.resize(static_cast<std::size_t>(width * height));
     if (rle) {
       if (offset > b.size()) throw fail("its pixel data starts at ", offset, ", past the end of the file");
-      rows = decode_bmp_rle(path, b, offset, width, height, compression == 2);
+      const std::vector<std::uint8_t> rows = decode_bmp_rle(path, b, offset, width, height, compression == 2);
+      for (std::int64_t y = 0; y < height; ++y)  // the file's rows run bottom up unless top_down
+        std::copy_n(&rows[(top_down ? y : height - 1 - y) * width], width, &img.index[y * width]);
     } else {
       const std::size_t stride = ((width * bits + 31) >> 3) & ~std::size_t{3};
       if (offset > b.size() || (b.size() - offset) / stride < static_cast<std::size_t>(height))
         throw fail("the file is cut short: ", height, " rows of ", stride, " bytes from byte ", offset, ", ",
                    b.size(), " bytes in all");
-      rows.resize(static_cast<std::size_t>(width * height));
       for (std::int64_t y = 0; y < height; ++y) {
         const auto* row = reinterpret_cast<const std::uint8_t*>(b.data() + offset + y * stride);
-        for (std::int64_t x = 0; x < width; ++x) {
-          const std::uint32_t v = bits == 8   ? row[x]
-                                  : bits == 4 ? (row[x / 2] >> (x % 2 ? 0 : 4)) & 0x0F
-                                              : (row[x / 8] >> (7 - x % 8)) & 1;
-          rows[y * width + x] = static_cast<std::uint8_t>(v);
+        std::uint8_t* out = &img.index[(top_down ? y : height - 1 - y) * width];
+        if (bits == 8) {
+          std::memcpy(out, row, static_cast<std::size_t>(width));
+          continue;
         }
+        for (std::int64_t x = 0; x < width; ++x)
+          out[x] = static_cast<std::uint8_t>(bits == 4 ? (row[x / 2] >> (x % 2 ? 0 : 4)) & 0x0F
+                                                       : (row[x / 8] >> (7 - x % 8)) & 1);
       }
     }
-    img.index.resize(rows.size());
-    for (std::int64_t y = 0; y < height; ++y)  // the file's rows run bottom up unless top_down
-      std::copy_n(&rows[(top_down ? y : height - 1 - y) * width], width, &img.index[y * width]);
     if (grey && colours <= 2)  // PIL's "1": 0 black, anything else white
       for (auto& v : img.index) v = v ? 255 : 0;
     return {img.to_pixels(), 1};
@@ -265,6 +271,10 @@ DecodedImage decode_bmp(const std::string& path, std::int64_t max_pixels) {
       ++width_bits[ch];
     }
   }
+  if (width_bits == std::array<int, 3>{8, 8, 8})  // each channel a byte of the pixel: no unpacking
+    return {planes_from_rows(reinterpret_cast<const std::uint8_t*>(b.data() + offset), height, width, bytes,
+                             stride, {shift[0] / 8, shift[1] / 8, shift[2] / 8}, 3, !top_down),
+            1};
   std::vector<std::uint8_t> rgb(static_cast<std::size_t>(width * height * 3));
   for (std::int64_t y = 0; y < height; ++y) {
     const auto* row =
@@ -356,6 +366,11 @@ DecodedImage decode_netpbm(const std::string& path, std::int64_t max_pixels) {
             (static_cast<std::uint8_t>(b[at + y * stride + x / 8]) >> (7 - x % 8)) & 1 ? 0 : 255;
   } else if (kind >= '5') {
     const std::size_t in = maxval < 256 ? 1 : 2;
+    if (maxval == 255 && (b.size() - at) >= count)  // the samples are the values
+      return {planes_from_rows(reinterpret_cast<const std::uint8_t*>(b.data() + at), height, width,
+                               static_cast<std::size_t>(channels), static_cast<std::size_t>(width * channels),
+                               {0, 1, 2}, channels, false),
+              1};
     if ((b.size() - at) / in < count)
       throw fail("the file is cut short: ", count, " samples of ", in, " byte(s) expected");
     for (std::size_t i = 0; i < count; ++i) {
@@ -463,9 +478,8 @@ DecodedImage decode_gif(const std::string& path, std::int64_t max_pixels) {
       for (int i = 0; i < map->ColorCount; ++i)
         img.palette.insert(img.palette.end(),
                            {map->Colors[i].Red, map->Colors[i].Green, map->Colors[i].Blue});
-    std::vector<GifPixelType> line(static_cast<std::size_t>(frame.Width));
     // Interlaced rows arrive in four passes: every 8th from 0, every 8th from 4, every 4th
-    // from 2, every 2nd from 1.
+    // from 2, every 2nd from 1. Each is decoded into its place on the canvas.
     static constexpr int kStart[4] = {0, 4, 2, 1}, kStep[4] = {8, 8, 4, 2};
     std::vector<int> order;
     if (frame.Interlace) {
@@ -474,11 +488,10 @@ DecodedImage decode_gif(const std::string& path, std::int64_t max_pixels) {
     } else {
       for (int y = 0; y < frame.Height; ++y) order.push_back(y);
     }
-    for (const int y : order) {
-      if (frame.Width > 0 && DGifGetLine(gif.get(), line.data(), frame.Width) == GIF_ERROR)
+    for (const int y : order)
+      if (frame.Width > 0 && DGifGetLine(gif.get(), &img.index[(frame.Top + y) * img.width + frame.Left],
+                                         frame.Width) == GIF_ERROR)
         throw fail(gif->Error);
-      std::copy(line.begin(), line.end(), &img.index[(frame.Top + y) * img.width + frame.Left]);
-    }
     return {img.to_pixels(), 1};
   }
 }
@@ -508,6 +521,14 @@ int tiff_error(TIFF*, void* user, const char* module, const char* fmt, va_list a
 }
 
 int tiff_warning(TIFF*, void*, const char*, const char*, va_list) { return 1; }  // as PIL: not errors
+
+// Whether the sample after the colour ones is an associated (premultiplied) alpha.
+bool associated_alpha(TIFF* tif, std::uint16_t spp, std::uint16_t colours) {
+  std::uint16_t count = 0;
+  std::uint16_t* types = nullptr;
+  return spp == colours + 1 && colours < 4 && TIFFGetField(tif, TIFFTAG_EXTRASAMPLES, &count, &types) &&
+         count == 1 && types[0] == EXTRASAMPLE_ASSOCALPHA;
+}
 
 }  // namespace
 
@@ -633,6 +654,10 @@ DecodedImage decode_tiff(const std::string& path, std::int64_t max_pixels) {
       for (std::uint32_t x = 0; x < width; ++x)
         img.index[std::size_t{y} * width + x] = static_cast<std::uint8_t>(sample(y, x, 0));
     pixels = img.to_pixels();
+  } else if (bits == 8 && planar != PLANARCONFIG_SEPARATE && photometric != PHOTOMETRIC_MINISWHITE &&
+             photometric != PHOTOMETRIC_SEPARATED && !associated_alpha(tif.get(), spp, needed)) {
+    // The samples are the values: straight from the rows.
+    pixels = planes_from_rows(raw.data(), h, w, spp, row_bytes, {0, 1, 2}, grey ? 1 : 3, false);
   } else {
     const std::int64_t channels = grey ? 1 : photometric == PHOTOMETRIC_RGB ? 3 : 4;
     std::vector<std::uint8_t> px(static_cast<std::size_t>(w * h * channels));
@@ -649,11 +674,7 @@ DecodedImage decode_tiff(const std::string& path, std::int64_t max_pixels) {
         }
     // An associated (premultiplied) alpha is divided out, as PIL reads it ("RGBa", "La"): each
     // colour v * 255 / alpha, rounded down and clipped; 0 where alpha is 0.
-    std::uint16_t extra_count = 0;
-    std::uint16_t* extra_types = nullptr;
-    if (spp == needed + 1 && needed < 4 && bits == 8 &&
-        TIFFGetField(tif.get(), TIFFTAG_EXTRASAMPLES, &extra_count, &extra_types) && extra_count == 1 &&
-        extra_types[0] == EXTRASAMPLE_ASSOCALPHA)
+    if (bits == 8 && associated_alpha(tif.get(), spp, needed))
       for (std::uint32_t y = 0; y < height; ++y)
         for (std::uint32_t x = 0; x < width; ++x) {
           const std::uint32_t a = sample(y, x, needed);

@@ -3,6 +3,7 @@
 // to canopy::datasets: read_image (canopy/datasets/images.h) tells the formats apart.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
 
@@ -16,6 +17,12 @@ namespace canopy::datasets::decoders {
 // `keep` channels.
 at::Tensor to_chw(const std::uint8_t* data, std::int64_t h, std::int64_t w, std::int64_t c,
                   std::int64_t keep);
+// The same from rows as a file holds them: `stride` bytes apart, the last row first when
+// `bottom_up`, `step` bytes a pixel, output channel k taken from the pixel's byte order[k]
+// (k < channels, at most 3).
+at::Tensor planes_from_rows(const std::uint8_t* data, std::int64_t h, std::int64_t w, std::size_t step,
+                            std::size_t stride, const std::array<int, 3>& order, std::int64_t channels,
+                            bool bottom_up);
 // A DataError when width x height is more than `max_pixels` (0: no limit).
 void check_pixels(const std::string& path, std::uint64_t width, std::uint64_t height,
                   std::int64_t max_pixels);

@@ -34,10 +34,29 @@ namespace decoders {
 
 at::Tensor to_chw(const std::uint8_t* data, std::int64_t h, std::int64_t w, std::int64_t c,
                   std::int64_t keep) {
-  // clone, not contiguous(): a one-channel view already counts as contiguous and would still
-  // point into `data`.
-  at::Tensor hwc = at::from_blob(const_cast<std::uint8_t*>(data), {h, w, c}, at::kByte);
-  return hwc.slice(2, 0, keep).permute({2, 0, 1}).clone(at::MemoryFormat::Contiguous);
+  return planes_from_rows(data, h, w, static_cast<std::size_t>(c), static_cast<std::size_t>(w * c), {0, 1, 2},
+                          keep, false);
+}
+
+at::Tensor planes_from_rows(const std::uint8_t* data, std::int64_t h, std::int64_t w, std::size_t step,
+                            std::size_t stride, const std::array<int, 3>& order, std::int64_t channels,
+                            bool bottom_up) {
+  at::Tensor out = at::empty({channels, h, w}, at::kByte);
+  std::uint8_t* planes = out.data_ptr<std::uint8_t>();
+  const std::size_t plane = static_cast<std::size_t>(h * w);
+  for (std::int64_t c = 0; c < channels; ++c) {
+    std::uint8_t* dst = planes + c * plane;
+    for (std::int64_t y = 0; y < h; ++y, dst += w) {
+      const std::uint8_t* src =
+          data + static_cast<std::size_t>(bottom_up ? h - 1 - y : y) * stride + order[c];
+      if (step == 1) {
+        std::memcpy(dst, src, static_cast<std::size_t>(w));
+      } else {
+        for (std::int64_t x = 0; x < w; ++x) dst[x] = src[x * step];
+      }
+    }
+  }
+  return out;
 }
 
 void check_pixels(const std::string& path, std::uint64_t width, std::uint64_t height,
