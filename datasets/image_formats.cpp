@@ -40,8 +40,8 @@ struct Indexed {
   std::vector<std::uint8_t> palette;  // RGB triples; empty: grey, the index is the value
   at::Tensor to_pixels() const {
     if (palette.empty()) return to_chw(index.data(), height, width, 1, 1);
-    std::array<std::array<std::uint8_t, 256>, 3>
-        table{};  // per channel; past the palette's end: black, as PIL
+    // Per channel; past the palette's end: black, as PIL.
+    std::array<std::array<std::uint8_t, 256>, 3> table{};
     for (std::size_t i = 0; i < std::min<std::size_t>(palette.size() / 3, 256); ++i)
       for (int c = 0; c < 3; ++c) table[c][i] = palette[i * 3 + c];
     at::Tensor out = at::empty({3, height, width}, at::kByte);
@@ -331,9 +331,9 @@ DecodedImage decode_netpbm(const std::string& path, std::int64_t max_pixels) {
         if (t.empty()) continue;
         break;
       }
-      if (c == '#') {
+      if (c == '#') {  // to the end of its line (the line's end consumed)
         while (at < b.size() && b[at] != '\r' && b[at] != '\n') ++at;
-        ++at;
+        if (at < b.size()) ++at;
         continue;
       }
       t += c;

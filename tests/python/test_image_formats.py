@@ -439,6 +439,9 @@ def write_files(d):
     refused["bad_cut.tif"] = "cannot decode TIFF"
     pnm(f"{d}/bad_cut.pgm", "P5", 255, g8.tobytes()[:100])
     refused["bad_cut.pgm"] = "cut short"
+    with open(f"{d}/bad_comment_to_the_end.pgm", "wb") as f:  # the header's last token runs into a comment
+        f.write(f"P5\n{W} {H}\n255#a comment and no data".encode())
+    refused["bad_comment_to_the_end.pgm"] = "cut short"
     pnm(f"{d}/bad_over_maxval.ppm", "P3", 7, b"9 " * (3 * W * H))
     refused["bad_over_maxval.ppm"] = "sample 9 is above maxval 7"
     with open(f"{d}/bad_float.pfm", "wb") as f:
