@@ -37,6 +37,7 @@
 #include "canopy/runners/config.h"
 #include "canopy/runners/evaluate_job.h"
 #include "canopy/runners/fusion_choice.h"
+#include "canopy/runners/input_data.h"
 #include "canopy/runners/model_file.h"
 #include "canopy/runners/predict_job.h"
 #include "canopy/runners/run_inspect.h"
@@ -295,6 +296,17 @@ int run_export_command(const po::variables_map& vm, const tasks::HeadRegistry& r
   // On stderr, as predict's "wrote": the file may be the standard output (--output /dev/stdout).
   err << format_model_file(written);
   return kExitOk;
+}
+
+int run_check_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out,
+                      std::ostream&) {
+  JobConfig config = config_from(vm, "check");
+  fit_threads(config);
+  const std::int64_t shown = vm["list"].as<std::int64_t>();
+  CANOPY_CHECK(shown >= 0, ConfigError, "canopy check: --list must be 0 (all) or more, got ", shown);
+  const ImageCheck check = check_image_files(config, parse_progress(vm["progress"].as<std::string>()), shown);
+  out << check.report;
+  return check.ok ? kExitOk : kExitError;
 }
 
 int run_inspect_command(const po::variables_map& vm, const tasks::HeadRegistry&, std::ostream& out,
@@ -763,6 +775,17 @@ const std::vector<Command>& commands() {
       job_command("train", "canopy train --config FILE [options]",
                   "train every task's head concurrently on the cached features", false, true),
       job_command("run", "canopy run --config FILE [options]", "cache (if needed), then train", true, true),
+      {"check", "canopy check --config FILE [--list N] [options]",
+       "decode every image file a cache job would read (both splits, limits applied) and preprocess it, "
+       "ahead of the trunk pass: every file that cannot be read, the kinds and sizes, whether the trunk gets "
+       "one shape",
+       [](po::options_description& d, po::positional_options_description&) {
+         add_config_options(d);
+         d.add_options()("list", po::value<std::int64_t>()->default_value(20)->value_name("N"),
+                         "name the first N files that cannot be read, per split; 0: all");
+         add_progress_option(d);
+       },
+       run_check_command},
       {"predict", "canopy predict --config FILE --input FILE [options]",
        "run the trunk and every trained head on new inputs (idx images, image files, texts) in one pass",
        predict_options, run_predict_command},

@@ -6,8 +6,10 @@
 #include <atomic>
 #include <cstring>
 #include <exception>
+#include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <variant>
 
@@ -1018,6 +1020,130 @@ std::string describe_inputs(const JobConfig& c) {
         << "labels=class;ink=mean pixel intensity/255 (float64, with its train mean and std)\n";
   }
   return out.str();
+}
+
+ImageCheck check_image_files(const JobConfig& config, ProgressStyle style, std::int64_t shown) {
+  CANOPY_CHECK(reads_image_files(config.data), ConfigError,
+               "canopy check: data.source = ", config.data.source,
+               " holds no image files; canopy check decodes those of data.source = image-csv, image-json or "
+               "image-folders ahead of the trunk pass");
+  ImageCheck result;
+  std::ostringstream out;
+  const bool orient = config.data.exif_orientation == "apply";
+  for (const std::string split : {"train", "test"}) {
+    const datasets::ImageList list = read_image_list(config, split);
+    log_left_out(list, split == "train" ? config.data.train : config.data.test);
+    const std::vector<std::int64_t> rows = kept_rows(list, config.data.source, limit_for(config.data, split));
+    struct Seen {
+      std::string error;
+      std::int64_t channels = 0, height = 0, width = 0;
+      int orientation = 1;
+      std::vector<std::int64_t> shape;  // after preprocessing
+    };
+    const std::size_t n = rows.size();
+    std::vector<Seen> seen(n);
+    {
+      Progress progress("check " + split, static_cast<std::int64_t>(n), "img", style);
+      constexpr std::size_t kChunk = 256;
+      for (std::size_t begin = 0; begin < n; begin += kChunk) {
+        const std::size_t end = std::min(n, begin + kChunk);
+        on_every_torch_thread([&](int t, int threads) {
+          for (std::size_t k = begin + static_cast<std::size_t>(t); k < end;
+               k += static_cast<std::size_t>(threads)) {
+            Seen& s = seen[k];
+            try {
+              datasets::DecodedImage image =
+                  datasets::read_image(list.paths[rows[k]], config.data.max_image_pixels);
+              s.orientation = image.orientation;
+              s.channels = image.pixels.size(0);
+              s.height = image.pixels.size(1);
+              s.width = image.pixels.size(2);
+              if (orient) image.pixels = datasets::apply_exif_orientation(image.pixels, image.orientation);
+              s.shape =
+                  datasets::preprocess_images(image.pixels.unsqueeze(0), config.preprocess).sizes().vec();
+            } catch (const std::exception& e) {
+              s.error = e.what();
+            }
+          }
+        });
+        progress.advance(static_cast<std::int64_t>(end - begin));
+      }
+    }
+    // What was read: kinds by extension, colour or grey, the stored sizes, the shapes the
+    // trunk would get (one is needed), the files that cannot be read.
+    std::map<std::string, std::int64_t> kinds, shapes;
+    std::map<std::string, std::string> first_of_shape;
+    std::int64_t grey = 0, turned = 0, min_w = 0, max_w = 0, min_h = 0, max_h = 0, read = 0;
+    std::set<std::pair<std::int64_t, std::int64_t>> sizes;
+    std::vector<std::size_t> failed;
+    for (std::size_t k = 0; k < n; ++k) {
+      const std::string& path = list.paths[rows[k]];
+      const auto dot = path.rfind('.');
+      const auto slash = path.rfind('/');
+      ++kinds[dot == std::string::npos || (slash != std::string::npos && dot < slash)
+                  ? "without extension"
+                  : lower_ascii(path.substr(dot))];
+      const Seen& s = seen[k];
+      if (!s.error.empty()) {
+        failed.push_back(k);
+        continue;
+      }
+      min_w = read ? std::min(min_w, s.width) : s.width;
+      max_w = read ? std::max(max_w, s.width) : s.width;
+      min_h = read ? std::min(min_h, s.height) : s.height;
+      max_h = read ? std::max(max_h, s.height) : s.height;
+      ++read;
+      grey += s.channels == 1;
+      turned += s.orientation != 1;
+      sizes.emplace(s.width, s.height);
+      std::ostringstream shape;
+      shape << at::IntArrayRef(s.shape).slice(1);
+      if (shapes[shape.str()]++ == 0) first_of_shape[shape.str()] = path;
+    }
+    std::vector<std::string> kind_counts;
+    for (const auto& [kind, count] : kinds) kind_counts.push_back(detail::str_cat(count, " ", kind));
+    out << split << ": " << n << " image" << (n == 1 ? "" : "s") << " (" << join(kind_counts, ", ") << ")";
+    if (read > 0) {
+      out << ", " << read - grey << " in colour, " << grey << " grey; stored " << min_w << " x " << min_h;
+      if (sizes.size() > 1) out << " to " << max_w << " x " << max_h << " (" << sizes.size() << " sizes)";
+      out << "\n";
+      if (shapes.size() == 1) {
+        out << "  the trunk gets " << shapes.begin()->first << " from each ("
+            << describe_preprocessing(config) << ")\n";
+      } else {
+        result.ok = false;
+        std::vector<std::string> parts;
+        for (const auto& [shape, count] : shapes)
+          parts.push_back(
+              detail::str_cat(shape, " from ", count, " (the first: ", first_of_shape[shape], ")"));
+        out << "  PROBLEM: the images become " << shapes.size()
+            << " shapes after preprocessing: " << join(parts, "; ")
+            << "; the cache needs one: set preprocess.resize, or preprocess.center_crop\n";
+      }
+      if (turned > 0)
+        out << "  " << turned << " record an EXIF orientation other than upright: "
+            << (orient ? "turned as it says (data.exif_orientation = apply)"
+                       : "read as stored, as torchvision's ImageFolder reads them (data.exif_orientation = "
+                         "apply turns them)")
+            << "\n";
+    } else {
+      out << "\n";
+    }
+    if (!failed.empty()) {
+      result.ok = false;
+      out << "  PROBLEM: " << failed.size() << " cannot be read"
+          << (shown > 0 && static_cast<std::int64_t>(failed.size()) > shown
+                  ? detail::str_cat(" (the first ", shown, "; --list 0 names all)")
+                  : "")
+          << ":\n";
+      for (std::size_t i = 0; i < failed.size() && (shown <= 0 || static_cast<std::int64_t>(i) < shown); ++i)
+        out << "    " << seen[failed[i]].error << "\n";
+    }
+  }
+  out << (result.ok ? "check: every image reads, and the trunk gets one shape from each split\n"
+                    : "check: FAILED: a cache job over this config would stop where a PROBLEM line says\n");
+  result.report = out.str();
+  return result;
 }
 
 }  // namespace canopy::runners

@@ -24,7 +24,9 @@ each file's decoded pixels are compared, exactly, with PIL's Image.open(path).co
     refused, naming the file;
   * a class folder of every kind, with GIF, PBM and HEIC files among them: the cache's rows and
     classes are torchvision ImageFolder's samples, in its order, with its loader's pixels; the
-    images ImageFolder leaves out are left out and counted in the log.
+    images ImageFolder leaves out are left out and counted in the log;
+  * `canopy check` over that folder: every image reads, one shape; with three damaged files and
+    an image of another size added, all four are named at once, exit 1.
 """
 import csv
 import os
@@ -516,6 +518,7 @@ def check_class_folders(canopy, work, trunk, d, names):
     import shutil
 
     import h5py
+    from PIL import Image
     from torchvision.datasets import ImageFolder
     root = os.path.join(work, "folders")
     same_size = [n for n in names if not any(f"orientation{o}" in n for o in range(5, 9))]
@@ -551,6 +554,29 @@ def check_class_folders(canopy, work, trunk, d, names):
     said = f"left out images torchvision's ImageFolder leaves out too ({n_gif} .gif, 1 .heic, {n_pbm} .pbm; the first: "
     check(said in r.stderr, f"the images ImageFolder leaves out are counted in the log ({said}...)"
           + ("" if said in r.stderr else f": {r.stderr.strip()[-400:]}"))
+
+    # canopy check decodes them all ahead of a trunk pass: none fails; then every damaged file
+    # and an image of another size are named at once, not one per failed cache job.
+    ini = os.path.join(work, "folders-cache.ini")
+    r = subprocess.run([canopy, "check", "--config", ini, "--progress", "quiet"], capture_output=True, text=True)
+    check(r.returncode == 0 and f"train: {len(folder.samples)} images (" in r.stdout
+          and f"the trunk gets [3, {H}, {W}] from each" in r.stdout and "check: every image reads" in r.stdout,
+          f"canopy check: every image of the class folders reads, one shape ({r.stdout.strip()[-300:]})")
+    broken = []
+    for n in ("pil_rgb.bmp", "tif_rgb.tif", "pnm_p6.ppm"):
+        with open(os.path.join(d, n), "rb") as f:
+            data = f.read()
+        path = os.path.join(root, "dog", "broken_" + n)
+        with open(path, "wb") as f:
+            f.write(data[:len(data) // 3])
+        broken.append(path)
+    Image.new("RGB", (W + 1, H)).save(os.path.join(root, "bee", "wider.png"))
+    r = subprocess.run([canopy, "check", "--config", ini, "--progress", "quiet", "--list", "0"],
+                       capture_output=True, text=True)
+    check(r.returncode == 1 and all(f"'{p}'" in r.stdout for p in broken) and "PROBLEM: 3 cannot be read" in r.stdout
+          and f"from 1 (the first: {os.path.join(root, 'bee', 'wider.png')})" in r.stdout
+          and "check: FAILED" in r.stdout,
+          f"canopy check names the 3 damaged files and the image of another size at once, exit 1 ({r.stdout[-500:]})")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "canopy/core/progress.h"
 #include "canopy/runners/config.h"
 
 namespace canopy::runners {
@@ -111,6 +112,17 @@ std::int64_t largest_batch_that_passes(const InputSplit& in, std::int64_t batch,
 // grows beyond one pass's, as freed blocks kept for reuse fragment, and a smaller batch costs
 // the trunk pass little), lowered to a divisor of `shard_rows` as the config requires; >= 1.
 std::int64_t advised_batch_size(std::int64_t passes, std::int64_t shard_rows);
+
+// canopy check: every image file a cache job over `config` would read (both splits, their
+// limits applied), decoded and preprocessed as the trunk pass would, ahead of it, on every
+// LibTorch thread. The report says per split how many images of which kinds and sizes, the
+// files that cannot be read (all of them, the first `shown` named; 0: all) and whether the
+// preprocessed images share one shape, as the cache needs. ok: nothing the cache would fail on.
+struct ImageCheck {
+  bool ok = true;
+  std::string report;
+};
+ImageCheck check_image_files(const JobConfig& config, ProgressStyle style, std::int64_t shown);
 
 // The fingerprint lines for the inputs: data files (name, size, mtime), limits, and the
 // preprocessing (images) or tokenizer (texts), plus what the labels are.
