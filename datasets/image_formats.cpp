@@ -121,62 +121,80 @@ std::vector<std::uint8_t> decode_bmp_rle(const std::string& path, const std::str
   return data;
 }
 
-}  // namespace
+// A DataError for `path`, "cannot decode <format> '<path>': <what>".
+template <typename... Args>
+DataError decode_error(const char* format, const std::string& path, const Args&... what) {
+  return DataError(canopy::detail::str_cat("cannot decode ", format, " '", path, "': ", what...));
+}
 
-DecodedImage decode_bmp(const std::string& path, std::int64_t max_pixels) {
-  const std::string b = read_file(path);
-  const auto fail = [&](const auto&... what) {
-    return DataError(canopy::detail::str_cat("cannot decode BMP '", path, "': ", what...));
-  };
+// Sides are signed 32-bit numbers in BMP and read as such in Netpbm: more is a damaged header
+// (and would overflow width x height where data.max_image_pixels = 0).
+void check_sides(const char* format, const std::string& path, std::int64_t width, std::int64_t height,
+                 std::int64_t max_pixels) {
+  if (width <= 0 || height <= 0 || width > 0x7FFFFFFF || height > 0x7FFFFFFF)
+    throw decode_error(format, path, "its size is ", width, " x ", height);
+  check_pixels(path, static_cast<std::uint64_t>(width), static_cast<std::uint64_t>(height), max_pixels);
+}
+
+// What a BMP's headers say, as PIL's BmpImagePlugin reads them.
+struct BmpLayout {
+  std::size_t offset = 0;      // of the pixel data
+  std::size_t palette_at = 0;  // of the palette, after the headers (and a V3 header's masks)
+  std::int64_t width = 0, height = 0;
+  std::uint32_t bits = 0, compression = 0, colours = 0, padding = 4;  // palette entry bytes
+  bool top_down = false;
+  std::array<std::uint32_t, 4> masks{};  // r, g, b, a
+  std::size_t stride() const { return ((width * bits + 31) >> 3) & ~std::size_t{3}; }
+};
+
+BmpLayout read_bmp_layout(const std::string& path, const std::string& b) {
+  const auto fail = [&](const auto&... what) { return decode_error("BMP", path, what...); };
   if (b.size() < 18) throw fail("the file is cut short (", b.size(), " bytes)");
-  std::size_t offset = le32(b, 10);
+  BmpLayout l;
+  l.offset = le32(b, 10);
   const std::uint32_t header = le32(b, 14);
   if (header != 12 && header != 40 && header != 52 && header != 56 && header != 64 && header != 108 &&
       header != 124)
     throw fail("its header of ", header, " bytes is none of the BMP versions (12, 40, 52, 56, 64, 108, 124)");
   if (b.size() < 14 + header) throw fail("the file is cut short in its header");
-  std::int64_t width = 0, height = 0;
-  std::uint32_t bits = 0, compression = 0, colours = 0, padding = 4;
-  bool top_down = false;
-  std::array<std::uint32_t, 4> masks{};  // r, g, b, a
-  std::size_t palette_at = 14 + header;
+  l.palette_at = 14 + header;
   if (header == 12) {  // OS/2 1.x
-    width = le16(b, 18);
-    height = le16(b, 20);
-    bits = le16(b, 24);
-    padding = 3;
+    l.width = le16(b, 18);
+    l.height = le16(b, 20);
+    l.bits = le16(b, 24);
+    l.padding = 3;
   } else {
-    top_down = static_cast<std::uint8_t>(b[25]) == 0xFF;  // a negative height, as PIL tells it
-    width = le32(b, 18);
-    height = top_down ? (std::int64_t{1} << 32) - le32(b, 22) : le32(b, 22);
-    bits = le16(b, 28);
-    compression = le32(b, 30);
-    colours = le32(b, 46);
-    if (compression == 3) {
+    l.top_down = static_cast<std::uint8_t>(b[25]) == 0xFF;  // a negative height, as PIL tells it
+    l.width = le32(b, 18);
+    l.height = l.top_down ? (std::int64_t{1} << 32) - le32(b, 22) : le32(b, 22);
+    l.bits = le16(b, 28);
+    l.compression = le32(b, 30);
+    l.colours = le32(b, 46);
+    if (l.compression == 3) {
       if (header >= 52) {
-        for (std::uint32_t i = 0; i < (header >= 56 ? 4U : 3U); ++i) masks[i] = le32(b, 54 + 4 * i);
+        for (std::uint32_t i = 0; i < (header >= 56 ? 4U : 3U); ++i) l.masks[i] = le32(b, 54 + 4 * i);
       } else {  // the three masks follow a 40-byte header
         if (b.size() < 66) throw fail("the file is cut short in its colour masks");
-        for (int i = 0; i < 3; ++i) masks[i] = le32(b, 54 + 4 * i);
-        palette_at += 12;
+        for (int i = 0; i < 3; ++i) l.masks[i] = le32(b, 54 + 4 * i);
+        l.palette_at += 12;
       }
     }
   }
-  if (colours == 0) colours = bits < 32 ? 1U << bits : 0;
-  if (offset == 14 + header && bits <= 8) offset += std::size_t{padding} * colours;
-  if (bits != 1 && bits != 4 && bits != 8 && bits != 16 && bits != 24 && bits != 32)
-    throw fail(bits, " bits per pixel: PIL and canopy read 1, 4, 8, 16, 24 and 32");
-  // Sides are signed 32-bit numbers in a BMP (a negative height: rows top down).
-  if (width <= 0 || height <= 0 || width > 0x7FFFFFFF || height > 0x7FFFFFFF)
-    throw fail("its size is ", width, " x ", height);
-  check_pixels(path, width, height, max_pixels);
+  if (l.colours == 0) l.colours = l.bits < 32 ? 1U << l.bits : 0;
+  if (l.offset == 14 + header && l.bits <= 8) l.offset += std::size_t{l.padding} * l.colours;
+  if (l.bits != 1 && l.bits != 4 && l.bits != 8 && l.bits != 16 && l.bits != 24 && l.bits != 32)
+    throw fail(l.bits, " bits per pixel: PIL and canopy read 1, 4, 8, 16, 24 and 32");
+  return l;
+}
 
-  // How a 16-, 24- or 32-bit pixel's bits make its red, green and blue, as PIL supports them.
-  bool rle = false;
-  if (compression == 3) {
-    const std::array<std::uint32_t, 3> rgb{masks[0], masks[1], masks[2]};
+// The compression and, for 16-, 24- and 32-bit pixels, the masks that make red, green and
+// blue, as PIL supports them (its masks for uncompressed pixels filled in).
+void check_bmp_compression(const std::string& path, BmpLayout& l) {
+  const auto fail = [&](const auto&... what) { return decode_error("BMP", path, what...); };
+  if (l.compression == 3) {
+    const std::array<std::uint32_t, 3> rgb{l.masks[0], l.masks[1], l.masks[2]};
     bool known = false;
-    if (bits == 32) {
+    if (l.bits == 32) {
       static const std::array<std::array<std::uint32_t, 4>, 8> kLayouts{{
           {0xFF0000, 0xFF00, 0xFF, 0x0},
           {0xFF000000, 0xFF0000, 0xFF00, 0x0},
@@ -187,81 +205,93 @@ DecodedImage decode_bmp(const std::string& path, std::int64_t max_pixels) {
           {0xFF000000, 0xFF00, 0xFF, 0xFF0000},
           {0x0, 0x0, 0x0, 0x0},
       }};
-      known = std::find(kLayouts.begin(), kLayouts.end(), masks) != kLayouts.end();
-      if (masks == std::array<std::uint32_t, 4>{}) masks = {0xFF0000, 0xFF00, 0xFF, 0};  // PIL: BGRA
-    } else if (bits == 24) {
+      known = std::find(kLayouts.begin(), kLayouts.end(), l.masks) != kLayouts.end();
+      if (l.masks == std::array<std::uint32_t, 4>{}) l.masks = {0xFF0000, 0xFF00, 0xFF, 0};  // PIL: BGRA
+    } else if (l.bits == 24) {
       known = rgb == std::array<std::uint32_t, 3>{0xFF0000, 0xFF00, 0xFF};
-    } else if (bits == 16) {
+    } else if (l.bits == 16) {
       known = rgb == std::array<std::uint32_t, 3>{0xF800, 0x7E0, 0x1F} ||
               rgb == std::array<std::uint32_t, 3>{0x7C00, 0x3E0, 0x1F};
     }
     if (!known)
-      throw fail("its colour masks (red ", hex(masks[0]), ", green ", hex(masks[1]), ", blue ", hex(masks[2]),
-                 ", alpha ", hex(masks[3]), ") are not a layout PIL reads, for ", bits, " bits per pixel");
-  } else if (compression == 1 || compression == 2) {
-    if (bits > 8) throw fail("RLE compression of ", bits, "-bit pixels");
-    rle = true;
-  } else if (compression != 0) {
-    throw fail("compression ", compression, " (",
-               compression == 4   ? "JPEG"
-               : compression == 5 ? "PNG"
-                                  : "unknown",
+      throw fail("its colour masks (red ", hex(l.masks[0]), ", green ", hex(l.masks[1]), ", blue ",
+                 hex(l.masks[2]), ", alpha ", hex(l.masks[3]), ") are not a layout PIL reads, for ", l.bits,
+                 " bits per pixel");
+  } else if (l.compression == 1 || l.compression == 2) {
+    if (l.bits > 8) throw fail("RLE compression of ", l.bits, "-bit pixels");
+  } else if (l.compression != 0) {
+    throw fail("compression ", l.compression, " (",
+               l.compression == 4   ? "JPEG"
+               : l.compression == 5 ? "PNG"
+                                    : "unknown",
                "): PIL and canopy read uncompressed, RLE and bit-field BMPs");
-  } else if (bits == 16) {
-    masks = {0x7C00, 0x3E0, 0x1F, 0};
+  } else if (l.bits == 16) {
+    l.masks = {0x7C00, 0x3E0, 0x1F, 0};
   } else {
-    masks = {0xFF0000, 0xFF00, 0xFF, 0};
+    l.masks = {0xFF0000, 0xFF00, 0xFF, 0};
   }
+}
 
-  if (bits <= 8) {
-    if (colours == 0 || colours > 65536) throw fail("a palette of ", colours, " colours");
-    Indexed img;
-    img.width = width;
-    img.height = height;
-    const bool grey = is_grey_ramp(b, palette_at, colours, padding);
-    if (!grey) {
-      if (palette_at + std::size_t{padding} * colours > b.size())
-        throw fail("the file is cut short in its palette");
-      for (std::uint32_t i = 0; i < std::min<std::uint32_t>(colours, 256); ++i)
-        for (int ch = 2; ch >= 0; --ch) img.palette.push_back(b[palette_at + std::size_t{i} * padding + ch]);
-    }
-    img.index.resize(static_cast<std::size_t>(width * height));
-    if (rle) {
-      if (offset > b.size()) throw fail("its pixel data starts at ", offset, ", past the end of the file");
-      const std::vector<std::uint8_t> rows = decode_bmp_rle(path, b, offset, width, height, compression == 2);
-      for (std::int64_t y = 0; y < height; ++y)  // the file's rows run bottom up unless top_down
-        std::copy_n(&rows[(top_down ? y : height - 1 - y) * width], width, &img.index[y * width]);
-    } else {
-      const std::size_t stride = ((width * bits + 31) >> 3) & ~std::size_t{3};
-      if (offset > b.size() || (b.size() - offset) / stride < static_cast<std::size_t>(height))
-        throw fail("the file is cut short: ", height, " rows of ", stride, " bytes from byte ", offset, ", ",
-                   b.size(), " bytes in all");
-      for (std::int64_t y = 0; y < height; ++y) {
-        const auto* row = reinterpret_cast<const std::uint8_t*>(b.data() + offset + y * stride);
-        std::uint8_t* out = &img.index[(top_down ? y : height - 1 - y) * width];
-        if (bits == 8) {
-          std::memcpy(out, row, static_cast<std::size_t>(width));
-          continue;
-        }
-        for (std::int64_t x = 0; x < width; ++x)
-          out[x] = static_cast<std::uint8_t>(bits == 4 ? (row[x / 2] >> (x % 2 ? 0 : 4)) & 0x0F
-                                                       : (row[x / 8] >> (7 - x % 8)) & 1);
+// The uncompressed rows must all be in the file.
+void check_bmp_rows(const std::string& path, const std::string& b, const BmpLayout& l) {
+  if (l.offset > b.size() || (b.size() - l.offset) / l.stride() < static_cast<std::size_t>(l.height))
+    throw decode_error("BMP", path, "the file is cut short: ", l.height, " rows of ", l.stride(),
+                       " bytes from byte ", l.offset, ", ", b.size(), " bytes in all");
+}
+
+// 1-, 4- and 8-bit pixels (uncompressed or RLE): indices through the palette, or grey.
+at::Tensor bmp_palette_pixels(const std::string& path, const std::string& b, const BmpLayout& l) {
+  if (l.colours == 0 || l.colours > 65536)
+    throw decode_error("BMP", path, "a palette of ", l.colours, " colours");
+  Indexed img;
+  img.width = l.width;
+  img.height = l.height;
+  const bool grey = is_grey_ramp(b, l.palette_at, l.colours, l.padding);
+  if (!grey) {
+    if (l.palette_at + std::size_t{l.padding} * l.colours > b.size())
+      throw decode_error("BMP", path, "the file is cut short in its palette");
+    for (std::uint32_t i = 0; i < std::min<std::uint32_t>(l.colours, 256); ++i)
+      for (int ch = 2; ch >= 0; --ch)
+        img.palette.push_back(b[l.palette_at + std::size_t{i} * l.padding + ch]);
+  }
+  const std::int64_t width = l.width, height = l.height;
+  // The file's rows run bottom up unless top_down.
+  const auto row_of = [&](std::int64_t y) { return l.top_down ? y : height - 1 - y; };
+  img.index.resize(static_cast<std::size_t>(width * height));
+  if (l.compression == 1 || l.compression == 2) {
+    if (l.offset > b.size())
+      throw decode_error("BMP", path, "its pixel data starts at ", l.offset, ", past the end of the file");
+    const std::vector<std::uint8_t> rows =
+        decode_bmp_rle(path, b, l.offset, width, height, l.compression == 2);
+    for (std::int64_t y = 0; y < height; ++y)
+      std::copy_n(&rows[row_of(y) * width], width, &img.index[y * width]);
+  } else {
+    check_bmp_rows(path, b, l);
+    for (std::int64_t y = 0; y < height; ++y) {
+      const auto* row = reinterpret_cast<const std::uint8_t*>(b.data() + l.offset + y * l.stride());
+      std::uint8_t* out = &img.index[row_of(y) * width];
+      if (l.bits == 8) {
+        std::memcpy(out, row, static_cast<std::size_t>(width));
+        continue;
       }
+      for (std::int64_t x = 0; x < width; ++x)
+        out[x] = static_cast<std::uint8_t>(l.bits == 4 ? (row[x / 2] >> (x % 2 ? 0 : 4)) & 0x0F
+                                                       : (row[x / 8] >> (7 - x % 8)) & 1);
     }
-    if (grey && colours <= 2)  // PIL's "1": 0 black, anything else white
-      for (auto& v : img.index) v = v ? 255 : 0;
-    return {img.to_pixels(), 1};
   }
+  if (grey && l.colours <= 2)  // PIL's "1": 0 black, anything else white
+    for (auto& v : img.index) v = v ? 255 : 0;
+  return img.to_pixels();
+}
 
-  const std::size_t stride = ((width * bits + 31) >> 3) & ~std::size_t{3}, bytes = bits / 8;
-  if (offset > b.size() || (b.size() - offset) / stride < static_cast<std::size_t>(height))
-    throw fail("the file is cut short: ", height, " rows of ", stride, " bytes from byte ", offset, ", ",
-               b.size(), " bytes in all");
-  // A channel from its mask: 8-bit masks are the byte; 5- and 6-bit ones are scaled as PIL's
-  // BGR;15 and BGR;16 unpackers scale them (v * 255 / max, rounded down).
+// 16-, 24- and 32-bit pixels: each channel by its mask. 8-bit masks are the byte; 5- and 6-bit
+// ones are scaled as PIL's BGR;15 and BGR;16 unpackers scale them (v * 255 / max, rounded down).
+at::Tensor bmp_rgb_pixels(const std::string& path, const std::string& b, const BmpLayout& l) {
+  check_bmp_rows(path, b, l);
+  const std::size_t stride = l.stride(), bytes = l.bits / 8;
   std::array<int, 3> shift{}, width_bits{};
   for (int ch = 0; ch < 3; ++ch) {
-    std::uint32_t m = masks[ch];
+    std::uint32_t m = l.masks[ch];
     while (m && !(m & 1)) {
       m >>= 1;
       ++shift[ch];
@@ -271,16 +301,15 @@ DecodedImage decode_bmp(const std::string& path, std::int64_t max_pixels) {
       ++width_bits[ch];
     }
   }
+  const auto* data = reinterpret_cast<const std::uint8_t*>(b.data() + l.offset);
   if (width_bits == std::array<int, 3>{8, 8, 8})  // each channel a byte of the pixel: no unpacking
-    return {planes_from_rows(reinterpret_cast<const std::uint8_t*>(b.data() + offset), height, width, bytes,
-                             stride, {shift[0] / 8, shift[1] / 8, shift[2] / 8}, 3, !top_down),
-            1};
-  std::vector<std::uint8_t> rgb(static_cast<std::size_t>(width * height * 3));
-  for (std::int64_t y = 0; y < height; ++y) {
-    const auto* row =
-        reinterpret_cast<const std::uint8_t*>(b.data() + offset + (top_down ? y : height - 1 - y) * stride);
-    std::uint8_t* out = &rgb[y * width * 3];
-    for (std::int64_t x = 0; x < width; ++x, row += bytes, out += 3) {
+    return planes_from_rows(data, l.height, l.width, bytes, stride,
+                            {shift[0] / 8, shift[1] / 8, shift[2] / 8}, 3, !l.top_down);
+  std::vector<std::uint8_t> rgb(static_cast<std::size_t>(l.width * l.height * 3));
+  for (std::int64_t y = 0; y < l.height; ++y) {
+    const std::uint8_t* row = data + (l.top_down ? y : l.height - 1 - y) * stride;
+    std::uint8_t* out = &rgb[y * l.width * 3];
+    for (std::int64_t x = 0; x < l.width; ++x, row += bytes, out += 3) {
       std::uint32_t v = 0;
       for (std::size_t i = 0; i < bytes; ++i) v |= std::uint32_t{row[i]} << (8 * i);
       for (int ch = 0; ch < 3; ++ch) {
@@ -289,7 +318,17 @@ DecodedImage decode_bmp(const std::string& path, std::int64_t max_pixels) {
       }
     }
   }
-  return {to_chw(rgb.data(), height, width, 3, 3), 1};
+  return to_chw(rgb.data(), l.height, l.width, 3, 3);
+}
+
+}  // namespace
+
+DecodedImage decode_bmp(const std::string& path, std::int64_t max_pixels) {
+  const std::string b = read_file(path);
+  BmpLayout layout = read_bmp_layout(path, b);
+  check_sides("BMP", path, layout.width, layout.height, max_pixels);
+  check_bmp_compression(path, layout);
+  return {layout.bits <= 8 ? bmp_palette_pixels(path, b, layout) : bmp_rgb_pixels(path, b, layout), 1};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -307,13 +346,44 @@ std::uint32_t scale_sample(std::uint32_t v, std::uint32_t maxval, std::uint32_t 
       out_max, static_cast<std::uint32_t>(std::nearbyint(static_cast<double>(v) / maxval * out_max)));
 }
 
+// A plain (P1-P3) file's samples from `at` into `px`: numbers in text, comments anywhere; a
+// PBM's digits need no blank between them (1 black, 0 white); others through `to_byte`.
+template <typename ToByte>
+void read_plain_samples(const std::string& path, const std::string& b, std::size_t at, char kind,
+                        std::int64_t maxval, const ToByte& to_byte, std::vector<std::uint8_t>& px) {
+  const auto fail = [&](const auto&... what) { return decode_error("Netpbm image", path, what...); };
+  const std::size_t count = px.size();
+  std::size_t i = 0;
+  while (i < count && at < b.size()) {
+    const char c = b[at];
+    if (is_pnm_space(c)) {
+      ++at;
+    } else if (c == '#') {
+      while (at < b.size() && b[at] != '\r' && b[at] != '\n') ++at;
+    } else if (kind == '1') {
+      if (c != '0' && c != '1') throw fail("'", c, "' in a plain PBM's data (0 or 1 expected)");
+      px[i++] = c == '1' ? 0 : 255;
+      ++at;
+    } else {
+      std::size_t end = at;
+      while (end < b.size() && b[end] >= '0' && b[end] <= '9' && end - at <= 10) ++end;
+      if (end == at || end - at > 10 || (end < b.size() && !is_pnm_space(b[end]) && b[end] != '#'))
+        throw fail("'", b.substr(at, std::min<std::size_t>(12, b.size() - at)),
+                   "' in its data is not a sample");
+      const std::int64_t v = std::stoll(b.substr(at, end - at));
+      if (v > maxval) throw fail("sample ", v, " is above maxval ", maxval);
+      px[i++] = to_byte(static_cast<std::uint32_t>(v));
+      at = end;
+    }
+  }
+  if (i < count) throw fail("the file is cut short: ", i, " of ", count, " samples");
+}
+
 }  // namespace
 
 DecodedImage decode_netpbm(const std::string& path, std::int64_t max_pixels) {
   const std::string b = read_file(path);
-  const auto fail = [&](const auto&... what) {
-    return DataError(canopy::detail::str_cat("cannot decode Netpbm image '", path, "': ", what...));
-  };
+  const auto fail = [&](const auto&... what) { return decode_error("Netpbm image", path, what...); };
   std::size_t at = 0;
   std::string magic;
   while (at < b.size() && magic.size() < 6 && !is_pnm_space(b[at])) magic += b[at++];
@@ -347,14 +417,16 @@ DecodedImage decode_netpbm(const std::string& path, std::int64_t max_pixels) {
   const bool bitmap = kind == '1' || kind == '4';
   const std::int64_t maxval = bitmap ? 1 : token();
   if (!bitmap && (maxval <= 0 || maxval >= 65536)) throw fail("maxval ", maxval, " is outside 1 to 65535");
-  if (width <= 0 || height <= 0 || width > 0x7FFFFFFF || height > 0x7FFFFFFF)
-    throw fail("its size is ", width, " x ", height);
-  check_pixels(path, width, height, max_pixels);
+  check_sides("Netpbm image", path, width, height, max_pixels);
   const std::int64_t channels = kind == '3' || kind == '6' ? 3 : 1;
   const std::size_t count = static_cast<std::size_t>(width * height * channels);
   // Grey above 8 bits is PIL's 32-bit "I" image (scaled to 0-65535), whose convert("RGB")
   // clips at 255: canopy takes its high byte, as for a 16-bit PNG.
   const bool wide_grey = channels == 1 && maxval > 255;
+  const auto to_byte = [&](std::uint32_t v) {
+    return static_cast<std::uint8_t>(wide_grey ? scale_sample(v, maxval, 65535) >> 8
+                                               : scale_sample(v, maxval, 255));
+  };
   std::vector<std::uint8_t> px(count);
   if (kind == '4') {
     const std::size_t stride = static_cast<std::size_t>((width + 7) / 8);
@@ -376,35 +448,10 @@ DecodedImage decode_netpbm(const std::string& path, std::int64_t max_pixels) {
     for (std::size_t i = 0; i < count; ++i) {
       const auto* d = reinterpret_cast<const std::uint8_t*>(b.data() + at + i * in);
       const std::uint32_t v = in == 1 ? d[0] : (d[0] << 8) | d[1];
-      px[i] = static_cast<std::uint8_t>(wide_grey ? scale_sample(v, maxval, 65535) >> 8
-                                                  : scale_sample(v, maxval, 255));
+      px[i] = to_byte(v);
     }
-  } else {  // plain: numbers in text, comments anywhere; a PBM's digits need no blank between them
-    std::size_t i = 0;
-    while (i < count && at < b.size()) {
-      const char c = b[at];
-      if (is_pnm_space(c)) {
-        ++at;
-      } else if (c == '#') {
-        while (at < b.size() && b[at] != '\r' && b[at] != '\n') ++at;
-      } else if (kind == '1') {
-        if (c != '0' && c != '1') throw fail("'", c, "' in a plain PBM's data (0 or 1 expected)");
-        px[i++] = c == '1' ? 0 : 255;
-        ++at;
-      } else {
-        std::size_t end = at;
-        while (end < b.size() && b[end] >= '0' && b[end] <= '9' && end - at <= 10) ++end;
-        if (end == at || end - at > 10 || (end < b.size() && !is_pnm_space(b[end]) && b[end] != '#'))
-          throw fail("'", b.substr(at, std::min<std::size_t>(12, b.size() - at)),
-                     "' in its data is not a sample");
-        const std::int64_t v = std::stoll(b.substr(at, end - at));
-        if (v > maxval) throw fail("sample ", v, " is above maxval ", maxval);
-        px[i++] = static_cast<std::uint8_t>(wide_grey ? scale_sample(v, maxval, 65535) >> 8
-                                                      : scale_sample(v, maxval, 255));
-        at = end;
-      }
-    }
-    if (i < count) throw fail("the file is cut short: ", i, " of ", count, " samples");
+  } else {
+    read_plain_samples(path, b, at, kind, maxval, to_byte, px);
   }
   return {to_chw(px.data(), height, width, channels, channels), 1};
 }
@@ -446,8 +493,7 @@ DecodedImage decode_gif(const std::string& path, std::int64_t max_pixels) {
   for (;;) {
     GifRecordType type = UNDEFINED_RECORD_TYPE;
     if (DGifGetRecordType(gif.get(), &type) == GIF_ERROR) throw fail(gif->Error);
-    if (type == TERMINATE_RECORD_TYPE)
-      throw DataError(canopy::detail::str_cat("cannot decode GIF '", path, "': it holds no image"));
+    if (type == TERMINATE_RECORD_TYPE) throw decode_error("GIF", path, "it holds no image");
     if (type == EXTENSION_RECORD_TYPE) {
       int code = 0;
       GifByteType* block = nullptr;
@@ -530,164 +576,192 @@ bool associated_alpha(TIFF* tif, std::uint16_t spp, std::uint16_t colours) {
          count == 1 && types[0] == EXTRASAMPLE_ASSOCALPHA;
 }
 
-}  // namespace
-
-DecodedImage decode_tiff(const std::string& path, std::int64_t max_pixels) {
-  TiffMessages messages;
-  std::unique_ptr<TIFFOpenOptions, void (*)(TIFFOpenOptions*)> options(TIFFOpenOptionsAlloc(),
-                                                                       TIFFOpenOptionsFree);
-  TIFFOpenOptionsSetErrorHandlerExtR(options.get(), tiff_error, &messages);
-  TIFFOpenOptionsSetWarningHandlerExtR(options.get(), tiff_warning, &messages);
-  const auto fail = [&](const auto&... what) {
-    return DataError(canopy::detail::str_cat("cannot decode TIFF '", path, "': ", what...));
-  };
-  const auto libtiff_fail = [&](const char* doing) {
-    return fail(doing, messages.first_error.empty() ? "" : ": ", messages.first_error);
-  };
-  std::unique_ptr<TIFF, TiffCloser> tif(TIFFOpenExt(path.c_str(), "rm", options.get()));
-  if (!tif) throw libtiff_fail("not readable");
+// What a TIFF's first page holds, checked against what canopy reads.
+struct TiffLayout {
   std::uint32_t width = 0, height = 0;
-  std::uint16_t spp = 1, bits = 1, format = SAMPLEFORMAT_UINT, photometric = 0, planar = PLANARCONFIG_CONTIG;
-  std::uint16_t compression = COMPRESSION_NONE, orientation = ORIENTATION_TOPLEFT;
-  TIFFGetField(tif.get(), TIFFTAG_IMAGEWIDTH, &width);
-  TIFFGetField(tif.get(), TIFFTAG_IMAGELENGTH, &height);
-  TIFFGetFieldDefaulted(tif.get(), TIFFTAG_SAMPLESPERPIXEL, &spp);
-  TIFFGetFieldDefaulted(tif.get(), TIFFTAG_BITSPERSAMPLE, &bits);
-  TIFFGetFieldDefaulted(tif.get(), TIFFTAG_SAMPLEFORMAT, &format);
-  TIFFGetFieldDefaulted(tif.get(), TIFFTAG_PLANARCONFIG, &planar);
-  TIFFGetFieldDefaulted(tif.get(), TIFFTAG_COMPRESSION, &compression);
-  TIFFGetFieldDefaulted(tif.get(), TIFFTAG_ORIENTATION, &orientation);
-  if (!TIFFGetField(tif.get(), TIFFTAG_PHOTOMETRIC, &photometric))
-    throw fail("it has no PhotometricInterpretation tag");
-  if (width == 0 || height == 0) throw fail("its size is ", width, " x ", height);
-  check_pixels(path, width, height, max_pixels);
+  std::uint16_t spp = 1, bits = 1, photometric = 0, planar = PLANARCONFIG_CONTIG;
+  std::uint16_t orientation = ORIENTATION_TOPLEFT;
+  std::uint16_t colours = 0;  // samples that make the colour: 1 grey or palette, 3 RGB, 4 CMYK
+  bool grey = false, premultiplied = false;
+  bool separate() const { return planar == PLANARCONFIG_SEPARATE; }
+  std::uint16_t planes() const { return separate() ? spp : 1; }
+  std::size_t per_pixel() const { return separate() ? 1 : spp; }  // samples per pixel in a plane
+  std::size_t row_bytes(std::uint32_t columns) const {
+    return (std::size_t{columns} * per_pixel() * bits + 7) / 8;
+  }
+};
+
+// A TIFF opened with its errors kept (libtiff's handlers, per handle), for messages.
+struct TiffFile {
+  std::string path;
+  TiffMessages messages;
+  std::unique_ptr<TIFF, TiffCloser> tif;
+  template <typename... Args>
+  DataError fail(const Args&... what) const {
+    return decode_error("TIFF", path, what...);
+  }
+  DataError libtiff_fail(const std::string& doing) const {
+    return fail(doing, messages.first_error.empty() ? "" : ": ", messages.first_error);
+  }
+};
+
+TiffLayout read_tiff_layout(const TiffFile& f, std::int64_t max_pixels) {
+  TIFF* tif = f.tif.get();
+  TiffLayout l;
+  std::uint16_t format = SAMPLEFORMAT_UINT, compression = COMPRESSION_NONE;
+  TIFFGetField(tif, TIFFTAG_IMAGEWIDTH, &l.width);
+  TIFFGetField(tif, TIFFTAG_IMAGELENGTH, &l.height);
+  TIFFGetFieldDefaulted(tif, TIFFTAG_SAMPLESPERPIXEL, &l.spp);
+  TIFFGetFieldDefaulted(tif, TIFFTAG_BITSPERSAMPLE, &l.bits);
+  TIFFGetFieldDefaulted(tif, TIFFTAG_SAMPLEFORMAT, &format);
+  TIFFGetFieldDefaulted(tif, TIFFTAG_PLANARCONFIG, &l.planar);
+  TIFFGetFieldDefaulted(tif, TIFFTAG_COMPRESSION, &compression);
+  TIFFGetFieldDefaulted(tif, TIFFTAG_ORIENTATION, &l.orientation);
+  if (!TIFFGetField(tif, TIFFTAG_PHOTOMETRIC, &l.photometric))
+    throw f.fail("it has no PhotometricInterpretation tag");
+  if (l.width == 0 || l.height == 0) throw f.fail("its size is ", l.width, " x ", l.height);
+  check_pixels(f.path, l.width, l.height, max_pixels);
   const std::string convert =
       " (in Python: PIL.Image.open(path).convert(\"RGB\").save(new_path_ending_in_png) where PIL reads it)";
   if (format != SAMPLEFORMAT_UINT)
-    throw fail(format == SAMPLEFORMAT_IEEEFP ? "floating-point" : "signed",
-               " samples: canopy reads unsigned ones; convert it", convert);
-  if (photometric == PHOTOMETRIC_YCBCR && compression == COMPRESSION_JPEG) {
-    TIFFSetField(tif.get(), TIFFTAG_JPEGCOLORMODE, JPEGCOLORMODE_RGB);  // as PIL: libjpeg makes RGB
-    photometric = PHOTOMETRIC_RGB;
+    throw f.fail(format == SAMPLEFORMAT_IEEEFP ? "floating-point" : "signed",
+                 " samples: canopy reads unsigned ones; convert it", convert);
+  if (l.photometric == PHOTOMETRIC_YCBCR && compression == COMPRESSION_JPEG) {
+    TIFFSetField(tif, TIFFTAG_JPEGCOLORMODE, JPEGCOLORMODE_RGB);  // as PIL: libjpeg makes RGB
+    l.photometric = PHOTOMETRIC_RGB;
   }
   // What each pixel's samples are: grey (1 and an ignored alpha), RGB (3 and an alpha), a
   // palette index, CMYK.
-  const bool grey = photometric == PHOTOMETRIC_MINISWHITE || photometric == PHOTOMETRIC_MINISBLACK;
-  const std::uint16_t needed = grey || photometric == PHOTOMETRIC_PALETTE ? 1
-                               : photometric == PHOTOMETRIC_RGB           ? 3
-                               : photometric == PHOTOMETRIC_SEPARATED     ? 4
-                                                                          : 0;
-  if (needed == 0)
-    throw fail("photometric interpretation ", photometric,
-               photometric == PHOTOMETRIC_YCBCR ? " (YCbCr without JPEG compression)" : "",
-               ": canopy reads grey, RGB, palette and CMYK TIFFs; convert it", convert);
-  if (spp < needed || spp > needed + 1)
-    throw fail(spp, " samples per pixel for photometric interpretation ", photometric, " (", needed, " or ",
-               needed + 1, " expected",
-               spp > 4 ? "; a multispectral image? canopy reads grey, RGB, palette and CMYK" : "", ")");
+  l.grey = l.photometric == PHOTOMETRIC_MINISWHITE || l.photometric == PHOTOMETRIC_MINISBLACK;
+  l.colours = l.grey || l.photometric == PHOTOMETRIC_PALETTE ? 1
+              : l.photometric == PHOTOMETRIC_RGB             ? 3
+              : l.photometric == PHOTOMETRIC_SEPARATED       ? 4
+                                                             : 0;
+  if (l.colours == 0)
+    throw f.fail("photometric interpretation ", l.photometric,
+                 l.photometric == PHOTOMETRIC_YCBCR ? " (YCbCr without JPEG compression)" : "",
+                 ": canopy reads grey, RGB, palette and CMYK TIFFs; convert it", convert);
+  if (l.spp < l.colours || l.spp > l.colours + 1)
+    throw f.fail(l.spp, " samples per pixel for photometric interpretation ", l.photometric, " (", l.colours,
+                 " or ", l.colours + 1, " expected",
+                 l.spp > 4 ? "; a multispectral image? canopy reads grey, RGB, palette and CMYK" : "", ")");
   const bool bits_ok =
-      bits == 8 ||
-      (bits == 16 && photometric != PHOTOMETRIC_PALETTE && photometric != PHOTOMETRIC_SEPARATED) ||
-      ((bits == 1 || bits == 2 || bits == 4) && needed == 1);
-  if (!bits_ok) throw fail(bits, " bits per sample for photometric interpretation ", photometric, convert);
+      l.bits == 8 ||
+      (l.bits == 16 && l.photometric != PHOTOMETRIC_PALETTE && l.photometric != PHOTOMETRIC_SEPARATED) ||
+      ((l.bits == 1 || l.bits == 2 || l.bits == 4) && l.colours == 1);
+  if (!bits_ok)
+    throw f.fail(l.bits, " bits per sample for photometric interpretation ", l.photometric, convert);
+  l.premultiplied = l.bits == 8 && associated_alpha(tif, l.spp, l.colours);
+  return l;
+}
 
-  // The samples as stored, unpacked: [plane][row][column * samples_in_plane] of `bits` each,
-  // rows whole bytes.
-  const std::uint16_t planes = planar == PLANARCONFIG_SEPARATE ? spp : 1;
-  const std::size_t per_pixel = planar == PLANARCONFIG_SEPARATE ? 1 : spp;
-  const std::size_t row_bytes = (std::size_t{width} * per_pixel * bits + 7) / 8;
-  std::vector<std::uint8_t> raw(row_bytes * height * planes);
-  if (TIFFIsTiled(tif.get())) {
-    std::uint32_t tw = 0, th = 0;
-    TIFFGetField(tif.get(), TIFFTAG_TILEWIDTH, &tw);
-    TIFFGetField(tif.get(), TIFFTAG_TILELENGTH, &th);
-    const tmsize_t tile_size = TIFFTileSize(tif.get());
-    if (tw == 0 || th == 0 || tile_size <= 0) throw libtiff_fail("its tiles");
-    const std::size_t tile_row = (std::size_t{tw} * per_pixel * bits + 7) / 8;
-    std::vector<std::uint8_t> tile(static_cast<std::size_t>(tile_size));
-    for (std::uint16_t p = 0; p < planes; ++p)
-      for (std::uint32_t y0 = 0; y0 < height; y0 += th)
-        for (std::uint32_t x0 = 0; x0 < width; x0 += tw) {
-          if (TIFFReadTile(tif.get(), tile.data(), x0, y0, 0, p) < 0) throw libtiff_fail("reading a tile");
-          // Whole bytes of the tile's columns: tiles are multiples of 16 pixels wide, so a
-          // tile's first column starts a byte at any bit depth.
-          const std::size_t from = std::size_t{x0} * per_pixel * bits / 8;
-          const std::size_t n = std::min(tile_row, row_bytes - from);
-          for (std::uint32_t y = y0; y < std::min(height, y0 + th); ++y)
-            std::memcpy(&raw[(p * height + y) * row_bytes + from], &tile[(y - y0) * tile_row], n);
-        }
-  } else {
-    for (std::uint16_t p = 0; p < planes; ++p)
-      for (std::uint32_t y = 0; y < height; ++y)
-        if (TIFFReadScanline(tif.get(), &raw[(p * height + y) * row_bytes], y, p) < 0)
-          throw libtiff_fail(canopy::detail::str_cat("reading row ", y).c_str());
+// The samples as stored, unpacked by libtiff: [plane][row][column * samples in a plane] of
+// `bits` each, rows whole bytes; strips or tiles.
+std::vector<std::uint8_t> read_tiff_samples(const TiffFile& f, const TiffLayout& l) {
+  TIFF* tif = f.tif.get();
+  const std::size_t row_bytes = l.row_bytes(l.width);
+  std::vector<std::uint8_t> raw(row_bytes * l.height * l.planes());
+  if (!TIFFIsTiled(tif)) {
+    for (std::uint16_t p = 0; p < l.planes(); ++p)
+      for (std::uint32_t y = 0; y < l.height; ++y)
+        if (TIFFReadScanline(tif, &raw[(p * l.height + y) * row_bytes], y, p) < 0)
+          throw f.libtiff_fail(canopy::detail::str_cat("reading row ", y));
+    return raw;
   }
+  std::uint32_t tw = 0, th = 0;
+  TIFFGetField(tif, TIFFTAG_TILEWIDTH, &tw);
+  TIFFGetField(tif, TIFFTAG_TILELENGTH, &th);
+  const tmsize_t tile_size = TIFFTileSize(tif);
+  if (tw == 0 || th == 0 || tile_size <= 0) throw f.libtiff_fail("its tiles");
+  const std::size_t tile_row = l.row_bytes(tw);
+  std::vector<std::uint8_t> tile(static_cast<std::size_t>(tile_size));
+  for (std::uint16_t p = 0; p < l.planes(); ++p)
+    for (std::uint32_t y0 = 0; y0 < l.height; y0 += th)
+      for (std::uint32_t x0 = 0; x0 < l.width; x0 += tw) {
+        if (TIFFReadTile(tif, tile.data(), x0, y0, 0, p) < 0) throw f.libtiff_fail("reading a tile");
+        // Whole bytes of the tile's columns: tiles are multiples of 16 pixels wide, so a
+        // tile's first column starts a byte at any bit depth.
+        const std::size_t from = std::size_t{x0} * l.per_pixel() * l.bits / 8;
+        const std::size_t n = std::min(tile_row, row_bytes - from);
+        for (std::uint32_t y = y0; y < std::min(l.height, y0 + th); ++y)
+          std::memcpy(&raw[(p * l.height + y) * row_bytes + from], &tile[(y - y0) * tile_row], n);
+      }
+  return raw;
+}
+
+// The samples to PIL's pixels: palette, straight from the rows, or converted one by one.
+at::Tensor tiff_pixels(const TiffFile& f, const TiffLayout& l, const std::vector<std::uint8_t>& raw) {
+  const std::size_t row_bytes = l.row_bytes(l.width);
   const auto sample = [&](std::uint32_t y, std::uint32_t x, std::uint16_t s) -> std::uint32_t {
-    const std::size_t plane = planar == PLANARCONFIG_SEPARATE ? s : 0;
-    const std::size_t index = planar == PLANARCONFIG_SEPARATE ? x : std::size_t{x} * spp + s;
-    const std::uint8_t* row = &raw[(plane * height + y) * row_bytes];
-    if (bits == 8) return row[index];
-    if (bits == 16) {  // native byte order, libtiff swapped it
+    const std::size_t plane = l.separate() ? s : 0;
+    const std::size_t index = l.separate() ? x : std::size_t{x} * l.spp + s;
+    const std::uint8_t* row = &raw[(plane * l.height + y) * row_bytes];
+    if (l.bits == 8) return row[index];
+    if (l.bits == 16) {  // native byte order, libtiff swapped it
       std::uint16_t v = 0;
       std::memcpy(&v, row + index * 2, 2);
       return v;
     }
-    const std::size_t bit = index * bits;
-    return (row[bit / 8] >> (8 - bits - bit % 8)) & ((1U << bits) - 1);
+    const std::size_t bit = index * l.bits;
+    return (row[bit / 8] >> (8 - l.bits - bit % 8)) & ((1U << l.bits) - 1);
   };
-
-  const std::int64_t w = width, h = height;
-  at::Tensor pixels;
-  if (photometric == PHOTOMETRIC_PALETTE) {
+  const std::int64_t w = l.width, h = l.height;
+  if (l.photometric == PHOTOMETRIC_PALETTE) {
     std::uint16_t *red = nullptr, *green = nullptr, *blue = nullptr;
-    if (!TIFFGetField(tif.get(), TIFFTAG_COLORMAP, &red, &green, &blue))
-      throw fail("a palette image without a colour map");
+    if (!TIFFGetField(f.tif.get(), TIFFTAG_COLORMAP, &red, &green, &blue))
+      throw f.fail("a palette image without a colour map");
     Indexed img;
     img.width = w;
     img.height = h;
-    for (std::uint32_t i = 0; i < (1U << bits); ++i)  // PIL keeps each 16-bit entry's high byte
+    for (std::uint32_t i = 0; i < (1U << l.bits); ++i)  // PIL keeps each 16-bit entry's high byte
       img.palette.insert(img.palette.end(),
                          {static_cast<std::uint8_t>(red[i] >> 8), static_cast<std::uint8_t>(green[i] >> 8),
                           static_cast<std::uint8_t>(blue[i] >> 8)});
     img.index.resize(static_cast<std::size_t>(w * h));
-    for (std::uint32_t y = 0; y < height; ++y)
-      for (std::uint32_t x = 0; x < width; ++x)
-        img.index[std::size_t{y} * width + x] = static_cast<std::uint8_t>(sample(y, x, 0));
-    pixels = img.to_pixels();
-  } else if (bits == 8 && planar != PLANARCONFIG_SEPARATE && photometric != PHOTOMETRIC_MINISWHITE &&
-             photometric != PHOTOMETRIC_SEPARATED && !associated_alpha(tif.get(), spp, needed)) {
-    // The samples are the values: straight from the rows.
-    pixels = planes_from_rows(raw.data(), h, w, spp, row_bytes, {0, 1, 2}, grey ? 1 : 3, false);
-  } else {
-    const std::int64_t channels = grey ? 1 : photometric == PHOTOMETRIC_RGB ? 3 : 4;
-    std::vector<std::uint8_t> px(static_cast<std::size_t>(w * h * channels));
-    const std::uint32_t max = (1U << bits) - 1;
-    for (std::uint32_t y = 0; y < height; ++y)
-      for (std::uint32_t x = 0; x < width; ++x)
-        for (std::int64_t c = 0; c < channels; ++c) {
-          const std::uint32_t v = sample(y, x, static_cast<std::uint16_t>(c));
-          // 16 bits: the high byte (PIL: of RGB; it clips 16-bit grey at 255); fewer than 8:
-          // scaled to 0-255.
-          std::uint32_t out = bits == 16 ? v >> 8 : bits == 8 ? v : v * 255 / max;
-          if (photometric == PHOTOMETRIC_MINISWHITE) out = 255 - out;
-          px[(std::size_t{y} * width + x) * channels + c] = static_cast<std::uint8_t>(out);
-        }
-    // An associated (premultiplied) alpha is divided out, as PIL reads it ("RGBa", "La"): each
-    // colour v * 255 / alpha, rounded down and clipped; 0 where alpha is 0.
-    if (bits == 8 && associated_alpha(tif.get(), spp, needed))
-      for (std::uint32_t y = 0; y < height; ++y)
-        for (std::uint32_t x = 0; x < width; ++x) {
-          const std::uint32_t a = sample(y, x, needed);
-          for (std::int64_t c = 0; c < channels; ++c) {
-            auto& v = px[(std::size_t{y} * width + x) * channels + c];
-            v = static_cast<std::uint8_t>(a == 0 ? 0 : std::min<std::uint32_t>(255, v * 255U / a));
-          }
-        }
-    if (channels == 4) cmyk_to_rgb(px.data(), w * h, /*inverted=*/false);
-    pixels = to_chw(px.data(), h, w, channels, std::min<std::int64_t>(channels, 3));
+    for (std::uint32_t y = 0; y < l.height; ++y)
+      for (std::uint32_t x = 0; x < l.width; ++x)
+        img.index[std::size_t{y} * l.width + x] = static_cast<std::uint8_t>(sample(y, x, 0));
+    return img.to_pixels();
   }
+  if (l.bits == 8 && !l.separate() && l.photometric != PHOTOMETRIC_MINISWHITE &&
+      l.photometric != PHOTOMETRIC_SEPARATED && !l.premultiplied)  // the samples are the values
+    return planes_from_rows(raw.data(), h, w, l.spp, row_bytes, {0, 1, 2}, l.grey ? 1 : 3, false);
+  const std::int64_t channels = l.colours;
+  std::vector<std::uint8_t> px(static_cast<std::size_t>(w * h * channels));
+  const std::uint32_t max = (1U << l.bits) - 1;
+  for (std::uint32_t y = 0; y < l.height; ++y)
+    for (std::uint32_t x = 0; x < l.width; ++x) {
+      // An associated (premultiplied) alpha is divided out, as PIL reads it ("RGBa", "La"):
+      // each colour v * 255 / alpha, rounded down and clipped; 0 where alpha is 0.
+      const std::uint32_t alpha = l.premultiplied ? sample(y, x, l.colours) : 255;
+      for (std::int64_t c = 0; c < channels; ++c) {
+        const std::uint32_t v = sample(y, x, static_cast<std::uint16_t>(c));
+        // 16 bits: the high byte (PIL: of RGB; it clips 16-bit grey at 255); fewer than 8:
+        // scaled to 0-255.
+        std::uint32_t out = l.bits == 16 ? v >> 8 : l.bits == 8 ? v : v * 255 / max;
+        if (l.photometric == PHOTOMETRIC_MINISWHITE) out = 255 - out;
+        if (l.premultiplied) out = alpha == 0 ? 0 : std::min<std::uint32_t>(255, out * 255U / alpha);
+        px[(std::size_t{y} * l.width + x) * channels + c] = static_cast<std::uint8_t>(out);
+      }
+    }
+  if (channels == 4) cmyk_to_rgb(px.data(), w * h, /*inverted=*/false);
+  return to_chw(px.data(), h, w, channels, std::min<std::int64_t>(channels, 3));
+}
+
+}  // namespace
+
+DecodedImage decode_tiff(const std::string& path, std::int64_t max_pixels) {
+  TiffFile f{path, {}, nullptr};
+  std::unique_ptr<TIFFOpenOptions, void (*)(TIFFOpenOptions*)> options(TIFFOpenOptionsAlloc(),
+                                                                       TIFFOpenOptionsFree);
+  TIFFOpenOptionsSetErrorHandlerExtR(options.get(), tiff_error, &f.messages);
+  TIFFOpenOptionsSetWarningHandlerExtR(options.get(), tiff_warning, &f.messages);
+  f.tif.reset(TIFFOpenExt(path.c_str(), "rm", options.get()));
+  if (!f.tif) throw f.libtiff_fail("not readable");
+  const TiffLayout layout = read_tiff_layout(f, max_pixels);
+  const at::Tensor pixels = tiff_pixels(f, layout, read_tiff_samples(f, layout));
   // Orientation 1-8 as EXIF's (the tag is EXIF's 0x0112): PIL turns the image at load.
-  return {apply_exif_orientation(pixels, orientation), 1};
+  return {apply_exif_orientation(pixels, layout.orientation), 1};
 }
 
 }  // namespace canopy::datasets::decoders

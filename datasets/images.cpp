@@ -339,10 +339,14 @@ std::string other_image_format(const unsigned char* m, std::size_t n) {
 }
 
 // torchvision's ImageFolder's extensions (IMG_EXTENSIONS), any case: what a class folder's
-// images are.
+// images are; in the order messages name them.
+const std::vector<std::string>& folder_extensions() {
+  static const std::vector<std::string> kFolder = {"png", "jpg",  "jpeg", "webp", "bmp",
+                                                   "tif", "tiff", "ppm",  "pgm"};
+  return kFolder;
+}
 const std::set<std::string>& readable_extensions() {
-  static const std::set<std::string> kReadable = {"png", "jpg",  "jpeg", "webp", "bmp",
-                                                  "tif", "tiff", "ppm",  "pgm"};
+  static const std::set<std::string> kReadable(folder_extensions().begin(), folder_extensions().end());
   return kReadable;
 }
 
@@ -353,14 +357,16 @@ const std::set<std::string>& left_out_image_extensions() {
   return kLeftOut;
 }
 
-std::string extension_of(const std::string& name) {
-  const auto dot = name.rfind('.');
-  return dot == std::string::npos || dot == 0 ? "" : lower_ascii(name.substr(dot + 1));
-}
-
 }  // namespace
 
 bool is_hidden_entry(const std::string& name) { return !name.empty() && name[0] == '.'; }
+
+std::string file_extension(const std::string& path) {
+  const auto slash = path.rfind('/');
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  const auto dot = name.rfind('.');
+  return dot == std::string::npos || dot == 0 ? "" : lower_ascii(name.substr(dot + 1));
+}
 
 at::Tensor decode_image(const std::string& path, std::int64_t max_pixels) {
   return read_image(path, max_pixels).pixels;
@@ -447,7 +453,7 @@ ImageFiles find_image_files(const std::string& dir) {
         todo.emplace_back(p, std::move(chain));
         continue;
       }
-      const std::string ext = extension_of(name);
+      const std::string ext = file_extension(name);
       if (readable_extensions().count(ext)) {
         folder.images.push_back(p);
       } else if (left_out_image_extensions().count(ext)) {
@@ -467,6 +473,14 @@ ImageFiles find_image_files(const std::string& dir) {
   return out;
 }
 
+std::string folder_image_extensions(const std::string& last_joiner) {
+  std::vector<std::string> dotted;
+  for (const auto& e : folder_extensions()) dotted.push_back("." + e);
+  const std::string last = dotted.back();
+  dotted.pop_back();
+  return join(dotted, ", ") + " " + last_joiner + " " + last;
+}
+
 std::string describe_counts(const std::map<std::string, std::int64_t>& counts) {
   std::vector<std::string> parts;
   for (const auto& [ext, n] : counts)
@@ -477,12 +491,11 @@ std::string describe_counts(const std::map<std::string, std::int64_t>& counts) {
 std::string describe_left_out_images(const std::map<std::string, std::int64_t>& counts,
                                      const std::string& first) {
   if (counts.empty()) return "";
-  return detail::str_cat(
-      "left out images torchvision's ImageFolder leaves out too (", describe_counts(counts),
-      "; the first: ", first,
-      "): a folder's images are its .png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .ppm and "
-      ".pgm files; list the others in a manifest (data.source = image-csv) to read GIF, PBM "
-      "and PNM files");
+  return detail::str_cat("left out images torchvision's ImageFolder leaves out too (",
+                         describe_counts(counts), "; the first: ", first, "): a folder's images are its ",
+                         folder_image_extensions("and"),
+                         " files; list the others in a manifest (data.source = image-csv) to read GIF, PBM "
+                         "and PNM files");
 }
 
 namespace {
@@ -587,7 +600,7 @@ ImageList read_image_folders(const std::string& dir, const std::string& class_di
     // As torchvision's ImageFolder refuses it: a head would learn a class it never saw.
     CANOPY_CHECK(
         !training || !files.paths.empty(), DataError, "class folder '", join_path(dir, cls),
-        "' holds no images (.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .ppm, .pgm)",
+        "' holds no images (", folder_image_extensions("or"), ")",
         files.left_out_images.empty()
             ? ""
             : ", only images ImageFolder leaves out (" + describe_counts(files.left_out_images) + ")",
@@ -601,8 +614,8 @@ ImageList read_image_folders(const std::string& dir, const std::string& class_di
     for (const auto& [ext, n] : files.left_out_images) out.left_out_images[ext] += n;
     if (out.first_left_out.empty()) out.first_left_out = files.first_left_out;
   }
-  CANOPY_CHECK(!out.paths.empty(), DataError, "image folder '", dir,
-               "' holds no .png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .ppm or .pgm files");
+  CANOPY_CHECK(!out.paths.empty(), DataError, "image folder '", dir, "' holds no ",
+               folder_image_extensions("or"), " files");
   return out;
 }
 

@@ -7,13 +7,13 @@
 namespace canopy::datasets {
 
 // --- UTF-8 -------------------------------------------------------------------------
-// Decodes `s` into code points; an invalid byte becomes U+FFFD (which normalisation drops,
-// as the reference does for replacement characters).
 // The length of the UTF-8 character a byte begins (0: the byte begins none).
 inline int utf8_length(unsigned char lead) {
   return lead < 0x80 ? 1 : (lead >> 5) == 0x6 ? 2 : (lead >> 4) == 0xE ? 3 : (lead >> 3) == 0x1E ? 4 : 0;
 }
 
+// Decodes `s` into code points; an invalid byte becomes U+FFFD (which normalisation drops,
+// as the reference does for replacement characters).
 inline std::u32string decode_utf8(const std::string& s) {
   std::u32string out;
   out.reserve(s.size());

@@ -559,6 +559,26 @@ std::vector<std::int64_t> kept_rows(const datasets::ImageList& list, const std::
   return out;
 }
 
+// An image file as the trunk gets it: decoded, turned as its EXIF orientation says when
+// `orient`, preprocessed to [1, C, H, W]; with its stored size and orientation.
+struct PreparedImage {
+  at::Tensor input;
+  std::int64_t channels = 0, height = 0, width = 0;  // as stored
+  int orientation = 1;
+};
+PreparedImage prepare_image(const std::string& path, const datasets::PreprocessConfig& pre,
+                            std::int64_t max_pixels, bool orient) {
+  datasets::DecodedImage image = datasets::read_image(path, max_pixels);
+  PreparedImage out;
+  out.channels = image.pixels.size(0);
+  out.height = image.pixels.size(1);
+  out.width = image.pixels.size(2);
+  out.orientation = image.orientation;
+  if (orient) image.pixels = datasets::apply_exif_orientation(image.pixels, image.orientation);
+  out.input = datasets::preprocess_images(image.pixels.unsqueeze(0), pre);
+  return out;
+}
+
 // Image files, decoded and preprocessed when the trunk needs them (they may differ in size and
 // channels), an image to each of LibTorch's threads: libjpeg, libpng and libwebp decode on one
 // thread each, and the ATen ops after them run serially inside the team.
@@ -572,10 +592,9 @@ at::Tensor load_image_batch(const std::vector<std::string>& paths, const std::ve
   on_every_torch_thread([&](int t, int threads) {
     for (std::size_t k = static_cast<std::size_t>(t); k < n; k += static_cast<std::size_t>(threads)) {
       try {
-        datasets::DecodedImage image = datasets::read_image(paths[rows[k]], max_pixels);
+        PreparedImage image = prepare_image(paths[rows[k]], pre, max_pixels, orient);
         orientation[k] = image.orientation;
-        if (orient) image.pixels = datasets::apply_exif_orientation(image.pixels, image.orientation);
-        out[k] = datasets::preprocess_images(image.pixels.unsqueeze(0), pre);
+        out[k] = std::move(image.input);
       } catch (...) {
         failed[k] = std::current_exception();
       }
@@ -790,8 +809,8 @@ InputSplit load_predict_input(const JobConfig& config, const std::string& path, 
     } else {
       paths.push_back(path);
     }
-    CANOPY_CHECK(!paths.empty(), DataError, "'", path,
-                 "' holds no .png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .ppm or .pgm images");
+    CANOPY_CHECK(!paths.empty(), DataError, "'", path, "' holds no ", datasets::folder_image_extensions("or"),
+                 " images");
     keep_first(paths);
     set_image_file_inputs(s, std::move(paths), config);
   } else {
@@ -1022,6 +1041,117 @@ std::string describe_inputs(const JobConfig& c) {
   return out.str();
 }
 
+namespace {
+
+// One image as canopy check saw it: what prepare_image gave, or why it could not.
+struct CheckedImage {
+  std::string error;
+  PreparedImage image;
+};
+
+// Every row's image prepared as the trunk pass would, on every LibTorch thread, in chunks that
+// the progress line follows.
+std::vector<CheckedImage> prepare_every_image(const std::vector<std::string>& paths,
+                                              const std::vector<std::int64_t>& rows, const JobConfig& config,
+                                              const std::string& split, ProgressStyle style) {
+  const std::size_t n = rows.size();
+  std::vector<CheckedImage> seen(n);
+  Progress progress("check " + split, static_cast<std::int64_t>(n), "img", style);
+  constexpr std::size_t kChunk = 256;
+  for (std::size_t begin = 0; begin < n; begin += kChunk) {
+    const std::size_t end = std::min(n, begin + kChunk);
+    on_every_torch_thread([&](int t, int threads) {
+      for (std::size_t k = begin + static_cast<std::size_t>(t); k < end;
+           k += static_cast<std::size_t>(threads)) {
+        try {
+          seen[k].image = prepare_image(paths[rows[k]], config.preprocess, config.data.max_image_pixels,
+                                        config.data.exif_orientation == "apply");
+        } catch (const std::exception& e) {
+          seen[k].error = e.what();
+        }
+      }
+    });
+    progress.advance(static_cast<std::int64_t>(end - begin));
+  }
+  return seen;
+}
+
+// A split's part of canopy check's report: kinds by extension, colour or grey, the stored
+// sizes, the shapes the trunk would get (one is needed), the files that cannot be read.
+// False when the cache job would stop.
+bool describe_checked_split(const std::string& split, const std::vector<std::string>& paths,
+                            const std::vector<std::int64_t>& rows, const std::vector<CheckedImage>& seen,
+                            const JobConfig& config, std::int64_t shown, std::ostream& out) {
+  std::map<std::string, std::int64_t> kinds, shapes;
+  std::map<std::string, std::string> first_of_shape;
+  std::int64_t grey = 0, turned = 0, min_w = 0, max_w = 0, min_h = 0, max_h = 0, read = 0;
+  std::set<std::pair<std::int64_t, std::int64_t>> sizes;
+  std::vector<const std::string*> failed;
+  for (std::size_t k = 0; k < rows.size(); ++k) {
+    const std::string& path = paths[rows[k]];
+    const std::string ext = datasets::file_extension(path);
+    ++kinds[ext.empty() ? "" : "." + ext];
+    if (!seen[k].error.empty()) {
+      failed.push_back(&seen[k].error);
+      continue;
+    }
+    const PreparedImage& s = seen[k].image;
+    min_w = read ? std::min(min_w, s.width) : s.width;
+    max_w = read ? std::max(max_w, s.width) : s.width;
+    min_h = read ? std::min(min_h, s.height) : s.height;
+    max_h = read ? std::max(max_h, s.height) : s.height;
+    ++read;
+    grey += s.channels == 1;
+    turned += s.orientation != 1;
+    sizes.emplace(s.width, s.height);
+    std::ostringstream shape;
+    shape << s.input.sizes().slice(1);
+    if (shapes[shape.str()]++ == 0) first_of_shape[shape.str()] = path;
+  }
+  bool ok = true;
+  out << split << ": " << rows.size() << " image" << (rows.size() == 1 ? "" : "s") << " ("
+      << datasets::describe_counts(kinds) << ")";
+  if (read > 0) {
+    out << ", " << read - grey << " in colour, " << grey << " grey; stored " << min_w << " x " << min_h;
+    if (sizes.size() > 1) out << " to " << max_w << " x " << max_h << " (" << sizes.size() << " sizes)";
+    out << "\n";
+    if (shapes.size() == 1) {
+      out << "  the trunk gets " << shapes.begin()->first << " from each (" << describe_preprocessing(config)
+          << ")\n";
+    } else {
+      ok = false;
+      std::vector<std::string> parts;
+      for (const auto& [shape, count] : shapes)
+        parts.push_back(detail::str_cat(shape, " from ", count, " (the first: ", first_of_shape[shape], ")"));
+      out << "  PROBLEM: the images become " << shapes.size()
+          << " shapes after preprocessing: " << join(parts, "; ")
+          << "; the cache needs one: set preprocess.resize, or preprocess.center_crop\n";
+    }
+    if (turned > 0)
+      out << "  " << turned << " record an EXIF orientation other than upright: "
+          << (config.data.exif_orientation == "apply"
+                  ? "turned as it says (data.exif_orientation = apply)"
+                  : "read as stored, as torchvision's ImageFolder reads them (data.exif_orientation = apply "
+                    "turns them)")
+          << "\n";
+  } else {
+    out << "\n";
+  }
+  if (!failed.empty()) {
+    ok = false;
+    out << "  PROBLEM: " << failed.size() << " cannot be read"
+        << (shown > 0 && static_cast<std::int64_t>(failed.size()) > shown
+                ? detail::str_cat(" (the first ", shown, "; --list 0 names all)")
+                : "")
+        << ":\n";
+    for (std::size_t i = 0; i < failed.size() && (shown <= 0 || static_cast<std::int64_t>(i) < shown); ++i)
+      out << "    " << *failed[i] << "\n";
+  }
+  return ok;
+}
+
+}  // namespace
+
 ImageCheck check_image_files(const JobConfig& config, ProgressStyle style, std::int64_t shown) {
   CANOPY_CHECK(reads_image_files(config.data), ConfigError,
                "canopy check: data.source = ", config.data.source,
@@ -1029,116 +1159,12 @@ ImageCheck check_image_files(const JobConfig& config, ProgressStyle style, std::
                "image-folders ahead of the trunk pass");
   ImageCheck result;
   std::ostringstream out;
-  const bool orient = config.data.exif_orientation == "apply";
   for (const std::string split : {"train", "test"}) {
     const datasets::ImageList list = read_image_list(config, split);
     log_left_out(list, split == "train" ? config.data.train : config.data.test);
     const std::vector<std::int64_t> rows = kept_rows(list, config.data.source, limit_for(config.data, split));
-    struct Seen {
-      std::string error;
-      std::int64_t channels = 0, height = 0, width = 0;
-      int orientation = 1;
-      std::vector<std::int64_t> shape;  // after preprocessing
-    };
-    const std::size_t n = rows.size();
-    std::vector<Seen> seen(n);
-    {
-      Progress progress("check " + split, static_cast<std::int64_t>(n), "img", style);
-      constexpr std::size_t kChunk = 256;
-      for (std::size_t begin = 0; begin < n; begin += kChunk) {
-        const std::size_t end = std::min(n, begin + kChunk);
-        on_every_torch_thread([&](int t, int threads) {
-          for (std::size_t k = begin + static_cast<std::size_t>(t); k < end;
-               k += static_cast<std::size_t>(threads)) {
-            Seen& s = seen[k];
-            try {
-              datasets::DecodedImage image =
-                  datasets::read_image(list.paths[rows[k]], config.data.max_image_pixels);
-              s.orientation = image.orientation;
-              s.channels = image.pixels.size(0);
-              s.height = image.pixels.size(1);
-              s.width = image.pixels.size(2);
-              if (orient) image.pixels = datasets::apply_exif_orientation(image.pixels, image.orientation);
-              s.shape =
-                  datasets::preprocess_images(image.pixels.unsqueeze(0), config.preprocess).sizes().vec();
-            } catch (const std::exception& e) {
-              s.error = e.what();
-            }
-          }
-        });
-        progress.advance(static_cast<std::int64_t>(end - begin));
-      }
-    }
-    // What was read: kinds by extension, colour or grey, the stored sizes, the shapes the
-    // trunk would get (one is needed), the files that cannot be read.
-    std::map<std::string, std::int64_t> kinds, shapes;
-    std::map<std::string, std::string> first_of_shape;
-    std::int64_t grey = 0, turned = 0, min_w = 0, max_w = 0, min_h = 0, max_h = 0, read = 0;
-    std::set<std::pair<std::int64_t, std::int64_t>> sizes;
-    std::vector<std::size_t> failed;
-    for (std::size_t k = 0; k < n; ++k) {
-      const std::string& path = list.paths[rows[k]];
-      const auto dot = path.rfind('.');
-      const auto slash = path.rfind('/');
-      ++kinds[dot == std::string::npos || (slash != std::string::npos && dot < slash)
-                  ? "without extension"
-                  : lower_ascii(path.substr(dot))];
-      const Seen& s = seen[k];
-      if (!s.error.empty()) {
-        failed.push_back(k);
-        continue;
-      }
-      min_w = read ? std::min(min_w, s.width) : s.width;
-      max_w = read ? std::max(max_w, s.width) : s.width;
-      min_h = read ? std::min(min_h, s.height) : s.height;
-      max_h = read ? std::max(max_h, s.height) : s.height;
-      ++read;
-      grey += s.channels == 1;
-      turned += s.orientation != 1;
-      sizes.emplace(s.width, s.height);
-      std::ostringstream shape;
-      shape << at::IntArrayRef(s.shape).slice(1);
-      if (shapes[shape.str()]++ == 0) first_of_shape[shape.str()] = path;
-    }
-    std::vector<std::string> kind_counts;
-    for (const auto& [kind, count] : kinds) kind_counts.push_back(detail::str_cat(count, " ", kind));
-    out << split << ": " << n << " image" << (n == 1 ? "" : "s") << " (" << join(kind_counts, ", ") << ")";
-    if (read > 0) {
-      out << ", " << read - grey << " in colour, " << grey << " grey; stored " << min_w << " x " << min_h;
-      if (sizes.size() > 1) out << " to " << max_w << " x " << max_h << " (" << sizes.size() << " sizes)";
-      out << "\n";
-      if (shapes.size() == 1) {
-        out << "  the trunk gets " << shapes.begin()->first << " from each ("
-            << describe_preprocessing(config) << ")\n";
-      } else {
-        result.ok = false;
-        std::vector<std::string> parts;
-        for (const auto& [shape, count] : shapes)
-          parts.push_back(
-              detail::str_cat(shape, " from ", count, " (the first: ", first_of_shape[shape], ")"));
-        out << "  PROBLEM: the images become " << shapes.size()
-            << " shapes after preprocessing: " << join(parts, "; ")
-            << "; the cache needs one: set preprocess.resize, or preprocess.center_crop\n";
-      }
-      if (turned > 0)
-        out << "  " << turned << " record an EXIF orientation other than upright: "
-            << (orient ? "turned as it says (data.exif_orientation = apply)"
-                       : "read as stored, as torchvision's ImageFolder reads them (data.exif_orientation = "
-                         "apply turns them)")
-            << "\n";
-    } else {
-      out << "\n";
-    }
-    if (!failed.empty()) {
-      result.ok = false;
-      out << "  PROBLEM: " << failed.size() << " cannot be read"
-          << (shown > 0 && static_cast<std::int64_t>(failed.size()) > shown
-                  ? detail::str_cat(" (the first ", shown, "; --list 0 names all)")
-                  : "")
-          << ":\n";
-      for (std::size_t i = 0; i < failed.size() && (shown <= 0 || static_cast<std::int64_t>(i) < shown); ++i)
-        out << "    " << seen[failed[i]].error << "\n";
-    }
+    const std::vector<CheckedImage> seen = prepare_every_image(list.paths, rows, config, split, style);
+    result.ok = describe_checked_split(split, list.paths, rows, seen, config, shown, out) && result.ok;
   }
   out << (result.ok ? "check: every image reads, and the trunk gets one shape from each split\n"
                     : "check: FAILED: a cache job over this config would stop where a PROBLEM line says\n");

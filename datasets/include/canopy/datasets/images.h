@@ -44,6 +44,10 @@ at::Tensor apply_exif_orientation(const at::Tensor& chw, int orientation);
 // .ipynb_checkpoints folder would be a class, macOS's ._name.jpg resource forks are not JPEGs.
 bool is_hidden_entry(const std::string& name);
 
+// A file's extension, lower-case and without its dot ("jpg" for "a/b.JPG"); "" when its name
+// has none (or is a hidden file's: ".bashrc").
+std::string file_extension(const std::string& path);
+
 // The files under a folder and its sub-folders (symbolic links followed; hidden entries left
 // out), in torchvision's ImageFolder order: folders in sorted order of their paths
 // (sorted(os.walk(dir))), each one's files sorted by name.
@@ -61,6 +65,9 @@ ImageFiles find_image_files(const std::string& dir);
 // that a cache's row i stays the data set's sample i in Python.
 std::string describe_left_out_images(const std::map<std::string, std::int64_t>& counts,
                                      const std::string& first);
+// The extensions a class folder's images have, as messages name them: ".png, .jpg, ... .ppm
+// and .pgm" with `last_joiner` "and".
+std::string folder_image_extensions(const std::string& last_joiner);
 // "1 without extension, 2 .txt": counts per extension (from ImageFiles), for messages.
 std::string describe_counts(const std::map<std::string, std::int64_t>& counts);
 
